@@ -1,0 +1,457 @@
+"""
+The configuration: a TOML file turned into frozen, typed settings.
+
+Every error in a file is collected and reported at once, each naming its key
+and the file, so that a typo never starts a half-configured server.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet.endpoints import serverFromString
+from twisted.internet.testing import MemoryReactor
+
+LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
+CLEARTEXT_POLICIES = ("never", "loopback", "always")
+TLS_POLICIES = ("none", "may", "encrypt", "verify")
+
+DEFAULT_CONFIG = """\
+# The embedded default: loopback only, unprivileged ports, data in ./data.
+[server]
+hostname = "localhost"
+domains = ["example.test"]
+data_dir = "data"
+
+[listen]
+smtp = ["tcp:2525:interface=127.0.0.1"]
+submission = ["tcp:2587:interface=127.0.0.1"]
+submissions = ["tcp:2465:interface=127.0.0.1"]
+pop3 = ["tcp:2110:interface=127.0.0.1"]
+pop3s = ["tcp:2995:interface=127.0.0.1"]
+imap = ["tcp:2143:interface=127.0.0.1"]
+imaps = ["tcp:2993:interface=127.0.0.1"]
+"""
+
+
+class ConfigError(Exception):
+    """The configuration is unusable; ``errors`` lists every problem found."""
+
+    def __init__(self, path: str, errors: list[str]) -> None:
+        self.path = path
+        self.errors = errors
+        lines = "\n".join(f"  {e}" for e in errors)
+        super().__init__(f"{path}: {len(errors)} error(s) in the configuration:\n{lines}")
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    hostname: str
+    domains: tuple[str, ...]
+    data_dir: Path
+
+
+@dataclass(frozen=True)
+class TLSConfig:
+    certificate: Path | None
+    key: Path | None
+
+
+@dataclass(frozen=True)
+class LimitsConfig:
+    max_message_size: int
+    max_recipients: int
+    max_errors: int
+    timeout: int
+    max_received_headers: int
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    passwd_file: Path
+    cleartext: str  # never | loopback | always
+    failure_delay: float
+    max_failures: int  # per client address, within failure_window
+    failure_window: int
+
+
+@dataclass(frozen=True)
+class IMAPConfig:
+    max_literal_size: int
+    idle_timeout: int
+    special_folders: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class RelayConfig:
+    port: int
+    smarthost: str | None
+    smarthost_username: str | None
+    smarthost_password: str | None
+    smarthost_tls: str
+    tls_policy: Mapping[str, str]
+    max_lifetime: int
+    delay_warning: int
+    retry_min: int
+    retry_max: int
+    per_destination_concurrency: int
+    connect_timeout: int
+
+
+@dataclass(frozen=True)
+class DNSConfig:
+    nameservers: tuple[tuple[str, int], ...]  # empty: the system's resolv.conf
+
+
+@dataclass(frozen=True)
+class Config:
+    path: str
+    server: ServerConfig
+    listen: Mapping[str, tuple[str, ...]]
+    tls: TLSConfig
+    limits: LimitsConfig
+    auth: AuthConfig
+    imap: IMAPConfig
+    relay: RelayConfig
+    dns: DNSConfig
+    raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.server.data_dir / "mail"
+
+    @property
+    def index_dir(self) -> Path:
+        return self.server.data_dir / "index"
+
+    @property
+    def queue_dir(self) -> Path:
+        return self.server.data_dir / "queue"
+
+    @property
+    def spool_dir(self) -> Path:
+        return self.server.data_dir / "tmp"
+
+    def is_local_domain(self, domain: str) -> bool:
+        return domain.lower().rstrip(".") in self.server.domains
+
+
+# --- validators: each returns the converted value or raises ValueError -------
+
+
+def _str(v: Any) -> str:
+    if not isinstance(v, str):
+        raise ValueError(f"must be a string, not {_tname(v)}")
+    return v
+
+
+def _nonempty_str(v: Any) -> str:
+    s = _str(v)
+    if not s.strip():
+        raise ValueError("must not be empty")
+    return s
+
+
+def _int(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
+    def check(v: Any) -> int:
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"must be an integer, not {_tname(v)}")
+        if v < minimum or (maximum is not None and v > maximum):
+            hi = "" if maximum is None else f" and at most {maximum}"
+            raise ValueError(f"must be at least {minimum}{hi}, not {v}")
+        return v
+
+    return check
+
+
+def _duration(v: Any) -> int:
+    """Seconds, as an integer or a string such as "90s", "5m", "4h", "5d"."""
+    if isinstance(v, int) and not isinstance(v, bool):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return v
+    if isinstance(v, str):
+        units = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+        s = v.strip().lower()
+        if s and s[-1] in units and s[:-1].isdigit():
+            return int(s[:-1]) * units[s[-1]]
+        if s.isdigit():
+            return int(s)
+    raise ValueError(f"must be a duration like 300, \"5m\", \"4h\" or \"5d\", not {v!r}")
+
+
+def _float(minimum: float = 0.0) -> Callable[[Any], float]:
+    def check(v: Any) -> float:
+        if isinstance(v, bool) or not isinstance(v, int | float):
+            raise ValueError(f"must be a number, not {_tname(v)}")
+        if v < minimum:
+            raise ValueError(f"must be at least {minimum}")
+        return float(v)
+
+    return check
+
+
+def _choice(*choices: str) -> Callable[[Any], str]:
+    def check(v: Any) -> str:
+        if v not in choices:
+            raise ValueError(f"must be one of {', '.join(map(repr, choices))}, not {v!r}")
+        return v
+
+    return check
+
+
+def _str_list(v: Any) -> tuple[str, ...]:
+    if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+        raise ValueError("must be a list of strings")
+    return tuple(v)
+
+
+def _domain(v: str) -> str:
+    d = v.strip().lower().rstrip(".")
+    if not d or any(c in d for c in " @/\\\x00") or ".." in d:
+        raise ValueError(f"{v!r} is not a domain name")
+    return d
+
+
+def _domains(v: Any) -> tuple[str, ...]:
+    return tuple(_domain(d) for d in _str_list(v))
+
+
+def _endpoint(v: str) -> str:
+    try:
+        serverFromString(MemoryReactor(), v)
+    except Exception as e:
+        raise ValueError(f"{v!r} is not a valid server endpoint: {e}")
+    return v
+
+
+def _endpoints(v: Any) -> tuple[str, ...]:
+    return tuple(_endpoint(s) for s in _str_list(v))
+
+
+def _hostport(default_port: int) -> Callable[[str], tuple[str, int]]:
+    def check(v: str) -> tuple[str, int]:
+        host, port = v, default_port
+        if v.startswith("["):  # [::1]:53
+            end = v.find("]")
+            if end < 0:
+                raise ValueError(f"{v!r}: unbalanced [")
+            host, rest = v[1:end], v[end + 1 :]
+            if rest:
+                if not rest.startswith(":") or not rest[1:].isdigit():
+                    raise ValueError(f"{v!r} is not host:port")
+                port = int(rest[1:])
+        elif v.count(":") == 1:
+            host, p = v.split(":")
+            if not p.isdigit():
+                raise ValueError(f"{v!r}: port must be a number")
+            port = int(p)
+        if not host or not 0 < port < 65536:
+            raise ValueError(f"{v!r} is not host:port")
+        return host, port
+
+    return check
+
+
+def _nameservers(v: Any) -> tuple[tuple[str, int], ...]:
+    out = []
+    for s in _str_list(v):
+        host, port = _hostport(53)(s)
+        try:
+            ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(f"{s!r}: a name server must be an IP address")
+        out.append((host, port))
+    return tuple(out)
+
+
+def _tls_policy(v: Any) -> dict[str, str]:
+    if not isinstance(v, dict):
+        raise ValueError("must be a table of domain = policy")
+    out = {}
+    for k, p in v.items():
+        if p not in TLS_POLICIES:
+            raise ValueError(f"{k!r}: policy must be one of {', '.join(TLS_POLICIES)}")
+        out[_domain(k)] = p
+    return out
+
+
+def _tname(v: Any) -> str:
+    return {
+        str: "a string",
+        int: "an integer",
+        float: "a number",
+        bool: "a boolean",
+        list: "a list",
+        dict: "a table",
+    }.get(type(v), type(v).__name__)
+
+
+_MiB = 1024 * 1024
+
+# section -> key -> (validator, default); a default of REQUIRED must be given.
+_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
+    "server": {
+        "hostname": (_nonempty_str, "localhost"),
+        "domains": (_domains, ["example.test"]),
+        "data_dir": (_nonempty_str, "data"),
+    },
+    "listen": {name: (_endpoints, []) for name in LISTENERS},
+    "tls": {
+        "certificate": (_nonempty_str, None),
+        "key": (_nonempty_str, None),
+    },
+    "limits": {
+        "max_message_size": (_int(1024), 50 * _MiB),
+        "max_recipients": (_int(1), 1000),
+        "max_errors": (_int(1), 10),
+        "timeout": (_duration, 300),
+        "max_received_headers": (_int(1), 50),
+    },
+    "auth": {
+        "passwd_file": (_nonempty_str, "passwd"),
+        "cleartext": (_choice(*CLEARTEXT_POLICIES), "loopback"),
+        "failure_delay": (_float(0.0), 2.0),
+        "max_failures": (_int(1), 10),
+        "failure_window": (_duration, 600),
+    },
+    "imap": {
+        "max_literal_size": (_int(1024), 50 * _MiB),
+        "idle_timeout": (_duration, 1800),
+        "special_folders": (_str_list, ["Sent", "Drafts", "Trash", "Junk", "Archive"]),
+    },
+    "relay": {
+        "port": (_int(1, 65535), 25),
+        "smarthost": (_nonempty_str, None),
+        "smarthost_username": (_nonempty_str, None),
+        "smarthost_password": (_str, None),
+        "smarthost_tls": (_choice(*TLS_POLICIES), "may"),
+        "tls_policy": (_tls_policy, {}),
+        "max_lifetime": (_duration, 5 * 86400),
+        "delay_warning": (_duration, 4 * 3600),
+        "retry_min": (_duration, 300),
+        "retry_max": (_duration, 3600),
+        "per_destination_concurrency": (_int(1), 5),
+        "connect_timeout": (_duration, 30),
+    },
+    "dns": {
+        "nameservers": (_nameservers, []),
+    },
+}
+
+
+def _validate(raw: Mapping[str, Any], errors: list[str]) -> dict[str, dict[str, Any]]:
+    out: dict[str, dict[str, Any]] = {}
+    for section in raw:
+        if section not in _SCHEMA:
+            errors.append(f"[{section}]: unknown section (known: {', '.join(_SCHEMA)})")
+        elif not isinstance(raw[section], dict):
+            errors.append(f"[{section}]: must be a table")
+    for section, keys in _SCHEMA.items():
+        given = raw.get(section, {})
+        if not isinstance(given, dict):
+            given = {}
+        values: dict[str, Any] = {}
+        for key in given:
+            if key not in keys:
+                errors.append(f"{section}.{key}: unknown key (known: {', '.join(keys)})")
+        for key, (check, default) in keys.items():
+            if key in given:
+                try:
+                    values[key] = check(given[key])
+                except ValueError as e:
+                    errors.append(f"{section}.{key}: {e}")
+                    values[key] = None if default is None else check(default)
+            else:
+                values[key] = None if default is None else check(default)
+        out[section] = values
+    return out
+
+
+def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Config:
+    """Parse TOML text into a L{Config}; raise L{ConfigError} listing every problem."""
+    errors: list[str] = []
+    try:
+        raw = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise ConfigError(path, [f"not valid TOML: {e}"])
+    v = _validate(raw, errors)
+    base = base_dir if base_dir is not None else Path.cwd()
+
+    def rel(p: str | None, under: Path) -> Path | None:
+        if p is None:
+            return None
+        q = Path(os.path.expanduser(p))
+        return q if q.is_absolute() else (under / q)
+
+    data_dir = rel(v["server"]["data_dir"], base)
+    assert data_dir is not None
+    data_dir = data_dir.absolute()
+    tls = v["tls"]
+    if (tls["certificate"] is None) != (tls["key"] is None):
+        errors.append("tls: give both certificate and key, or neither for a self-signed one")
+    if not v["server"]["domains"]:
+        errors.append("server.domains: at least one local domain is needed")
+    relay = v["relay"]
+    if relay["smarthost"] is not None:
+        try:
+            _hostport(25)(relay["smarthost"])
+        except ValueError as e:
+            errors.append(f"relay.smarthost: {e}")
+    if (relay["smarthost_username"] is None) != (relay["smarthost_password"] is None):
+        errors.append("relay: give both smarthost_username and smarthost_password, or neither")
+    if relay["retry_min"] > relay["retry_max"]:
+        errors.append("relay.retry_min: must not exceed relay.retry_max")
+    if errors:
+        raise ConfigError(path, errors)
+
+    return Config(
+        path=path,
+        server=ServerConfig(
+            hostname=v["server"]["hostname"],
+            domains=v["server"]["domains"],
+            data_dir=data_dir,
+        ),
+        listen={name: v["listen"][name] for name in LISTENERS},
+        tls=TLSConfig(
+            certificate=rel(tls["certificate"], base),
+            key=rel(tls["key"], base),
+        ),
+        limits=LimitsConfig(**v["limits"]),
+        auth=AuthConfig(
+            passwd_file=rel(v["auth"]["passwd_file"], data_dir),  # type: ignore[arg-type]
+            cleartext=v["auth"]["cleartext"],
+            failure_delay=v["auth"]["failure_delay"],
+            max_failures=v["auth"]["max_failures"],
+            failure_window=v["auth"]["failure_window"],
+        ),
+        imap=IMAPConfig(
+            max_literal_size=v["imap"]["max_literal_size"],
+            idle_timeout=v["imap"]["idle_timeout"],
+            special_folders=v["imap"]["special_folders"],
+        ),
+        relay=RelayConfig(**relay),
+        dns=DNSConfig(nameservers=v["dns"]["nameservers"]),
+        raw=raw,
+    )
+
+
+def load(path: str | os.PathLike[str] | None) -> Config:
+    """Load the config file at C{path}, or the embedded default when None."""
+    if path is None:
+        return parse(DEFAULT_CONFIG, "<default>", Path.cwd())
+    p = Path(path)
+    try:
+        text = p.read_text(encoding="utf-8")
+    except OSError as e:
+        raise ConfigError(str(p), [f"cannot read: {e.strerror}"])
+    except UnicodeDecodeError as e:
+        raise ConfigError(str(p), [f"not UTF-8: {e}"])
+    return parse(text, str(p), p.absolute().parent)

@@ -1,0 +1,171 @@
+"""
+The seams between mailsrv's parts.
+
+Users are named by their full address, ``local@domain`` with the domain in
+lower case. Folder names are IMAP names with ``/`` as hierarchy delimiter;
+``INBOX`` is the user's inbox (matched case-insensitively).
+
+Every method that touches the disk returns a Deferred: the store runs disk
+work off the reactor thread, ordered per folder.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from zope.interface import Attribute, Interface
+
+# IMAP system flags, as stored.
+SEEN = "\\Seen"
+ANSWERED = "\\Answered"
+FLAGGED = "\\Flagged"
+DELETED = "\\Deleted"
+DRAFT = "\\Draft"
+SYSTEM_FLAGS = frozenset({SEEN, ANSWERED, FLAGGED, DELETED, DRAFT})
+
+
+@dataclass(frozen=True, slots=True)
+class MessageInfo:
+    """What the index knows of one message in a folder."""
+
+    uid: int
+    size: int  # octets of the message with CRLF line ends (RFC822.SIZE, POP3 size)
+    flags: frozenset[str]  # system flags and keywords; never \\Recent
+    internal_date: float  # seconds since the epoch
+
+
+@dataclass(frozen=True, slots=True)
+class FolderChanges:
+    """What L{IFolder.refresh} found changed since the session's last look."""
+
+    added: tuple[MessageInfo, ...] = ()
+    expunged: tuple[int, ...] = ()  # UIDs, in the order they were in the folder
+    flags: tuple[MessageInfo, ...] = ()  # messages whose flags changed
+    uid_validity_changed: bool = False
+
+    def __bool__(self) -> bool:
+        return bool(self.added or self.expunged or self.flags or self.uid_validity_changed)
+
+
+class IMessageSource(Interface):
+    """
+    The bytes of one message waiting to be stored: LF line ends, no mbox
+    quoting, no ``From `` line. Spooled on disk or held in memory.
+    """
+
+    size = Attribute("int: the number of bytes open() yields")
+
+    def open():
+        """Return a new binary file object positioned at the start."""
+
+
+class IFolder(Interface):
+    """
+    One session's view of a folder. It holds the list of messages the session
+    has been shown; it changes only when the session calls L{refresh}, which
+    reports what others changed meanwhile (so IMAP can send EXISTS, EXPUNGE and
+    FETCH, and POP3 can keep its snapshot).
+    """
+
+    user = Attribute("str: the owner's address")
+    name = Attribute("str: the folder's name (INBOX for the inbox)")
+    uid_validity = Attribute("int: UIDVALIDITY, changes only when UIDs were lost")
+    uid_next = Attribute("int: the UID the next message will get")
+    read_only = Attribute("bool: opened read-only (EXAMINE)")
+
+    def messages():
+        """Return the session's list of L{MessageInfo}, in folder order (seq = index + 1)."""
+
+    def refresh():
+        """
+        Catch up with the disk and with other sessions. Fires with
+        L{FolderChanges}; afterwards L{messages} shows the new state.
+        """
+
+    def open_message(uid):
+        """
+        Return a binary file object reading message C{uid} with CRLF line
+        ends, exactly C{size} octets, streamed from disk. Raise KeyError if
+        the message is gone.
+        """
+
+    def read_headers(uid):
+        """Return the message's header block (CRLF, up to and including the blank line)."""
+
+    def set_flags(changes):
+        """
+        C{changes} maps UID to the new full set of flags. Fires when stored;
+        other sessions see the change at their next refresh.
+        """
+
+    def append(source, flags=frozenset(), internal_date=None):
+        """Append an L{IMessageSource} durably; fires with the new UID."""
+
+    def expunge(uids):
+        """
+        Remove the messages with these UIDs from the folder, durably. Fires
+        with the UIDs actually removed, in folder order.
+        """
+
+    def add_listener(callback):
+        """Call C{callback()} (on the reactor thread) whenever the folder changes."""
+
+    def remove_listener(callback):
+        """Stop calling C{callback}."""
+
+    def close():
+        """End the session's use of the folder (release files, listeners)."""
+
+
+class IMailStore(Interface):
+    """All users' folders."""
+
+    def deliver(user, source, sender, folder="INBOX"):
+        """
+        Append an L{IMessageSource} to a user's folder for SMTP: durably (fsync)
+        before the Deferred fires. Concurrent deliveries to one folder share a
+        lock and an fsync. C{sender} is the envelope sender ('' for <>), used
+        in the mbox ``From `` line. Fires with None.
+        """
+
+    def list_folders(user):
+        """Fire with a sorted list of (name, selectable) pairs, INBOX included."""
+
+    def create_folder(user, name):
+        """Create a folder (and the hierarchy above it). Fails with FolderError if it exists or is invalid."""
+
+    def delete_folder(user, name):
+        """Delete a folder and its messages. INBOX cannot be deleted."""
+
+    def rename_folder(user, old, new):
+        """Rename a folder (with its children); renaming INBOX moves its messages."""
+
+    def open_folder(user, name, read_only=False):
+        """Fire with an L{IFolder}, or fail with FolderError(NO_SUCH_FOLDER)."""
+
+    def folder_status(user, name):
+        """Fire with a dict: messages, uid_next, uid_validity, unseen."""
+
+
+class FolderError(Exception):
+    """A folder operation that cannot be done; ``str()`` is safe to show a client."""
+
+
+class IPasswordDatabase(Interface):
+    """The users who own mailboxes, and their hashed passwords."""
+
+    def has_user(address):
+        """Return whether C{address} is a known user (sync; cached file read)."""
+
+    def verify(address, password):
+        """Fire with True or False; hashing runs off the reactor thread."""
+
+
+class IOutboundQueue(Interface):
+    """The on-disk queue of mail for remote recipients."""
+
+    def enqueue(sender, recipients, source):
+        """
+        Store a message and its envelope durably (fsync, atomic rename) for
+        delivery to C{recipients} (a list of addresses). Fires with the queue id.
+        """

@@ -1,0 +1,133 @@
+"""
+Build the running server from a L{Config}: the disk thread pool, the store,
+the password file and portal, and one listening service per endpoint.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from twisted.application import service, strports
+from twisted.cred.portal import Portal
+from twisted.internet import ssl
+from twisted.logger import Logger
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+
+from mailsrv.config import IMPLICIT_TLS, Config
+from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
+
+log = Logger()
+
+
+@dataclass
+class ServerContext:
+    """Everything a protocol factory needs, built once and passed down."""
+
+    config: Config
+    reactor: Any
+    threadpool: ThreadPool
+    store: IMailStore
+    passwords: IPasswordDatabase
+    portal: Portal
+    tls: ssl.CertificateOptions
+    queue: IOutboundQueue | None = None
+    services: service.MultiService | None = None
+
+
+class ThreadPoolService(service.Service):
+    """Start and stop the disk thread pool with the application."""
+
+    def __init__(self, pool: ThreadPool) -> None:
+        self.pool = pool
+
+    def startService(self) -> None:
+        super().startService()
+        self.pool.start()
+
+    def stopService(self) -> None:
+        super().stopService()
+        self.pool.stop()
+
+
+def build_context(config: Config, reactor: Any, parent: service.MultiService) -> ServerContext:
+    from mailsrv import tls
+    from mailsrv.auth.checkers import PasswordChecker
+    from mailsrv.auth.passwd import PasswordFile
+    from mailsrv.auth.realm import MailRealm
+    from mailsrv.store.mbox import MboxMailStore
+
+    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
+    ThreadPoolService(pool).setServiceParent(parent)
+    for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
+        d.mkdir(parents=True, exist_ok=True)
+    store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
+    passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
+    realm = MailRealm()
+    portal = Portal(realm, [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
+    ctx = ServerContext(
+        config=config,
+        reactor=reactor,
+        threadpool=pool,
+        store=store,
+        passwords=passwords,
+        portal=portal,
+        tls=tls.server_options(config),
+        services=parent,
+    )
+    return ctx
+
+
+def _factories(ctx: ServerContext) -> dict[str, Any]:
+    """Listener name -> protocol factory, for the protocols that exist."""
+    out: dict[str, Any] = {}
+    from mailsrv.smtp.server import smtp_factory
+
+    out["smtp"] = smtp_factory(ctx, submission=False)
+    out["submission"] = smtp_factory(ctx, submission=True)
+    out["submissions"] = smtp_factory(ctx, submission=True, implicit_tls=True)
+    from mailsrv.pop3 import pop3_factory
+
+    out["pop3"] = pop3_factory(ctx)
+    out["pop3s"] = pop3_factory(ctx, implicit_tls=True)
+    try:
+        from mailsrv.imap.server import imap_factory
+    except ImportError:
+        pass
+    else:
+        out["imap"] = imap_factory(ctx)
+        out["imaps"] = imap_factory(ctx, implicit_tls=True)
+    return out
+
+
+def build_service(config: Config, reactor: Any = None) -> service.MultiService:
+    """The whole server as one MultiService."""
+    if reactor is None:
+        from twisted.internet import reactor as _reactor
+
+        reactor = _reactor
+    top = service.MultiService()
+    ctx = build_context(config, reactor, top)
+    try:
+        from mailsrv.outbound.service import outbound_service
+    except ImportError:
+        pass
+    else:
+        outbound_service(ctx).setServiceParent(top)
+    factories = _factories(ctx)
+    for name, endpoints in config.listen.items():
+        if not endpoints:
+            continue
+        if name not in factories:
+            log.warn("no server for listener {name}; not listening on {endpoints}",
+                     name=name, endpoints=endpoints)
+            continue
+        factory = factories[name]
+        if name in IMPLICIT_TLS:
+            factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
+        for description in endpoints:
+            svc = strports.service(description, factory, reactor=reactor)
+            svc.setName(f"{name} {description}")
+            svc.setServiceParent(top)
+    return top

@@ -1,0 +1,118 @@
+"""
+Message sources: the bytes of a message on their way into the store or the
+queue, held in memory while small and spilled to a file in the spool folder
+when large, so that memory does not grow with message size.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from pathlib import Path
+
+from zope.interface import implementer
+
+from mailsrv.interfaces import IMessageSource
+
+SPILL_AT = 256 * 1024
+
+
+@implementer(IMessageSource)
+class BytesSource:
+    """A message held in memory."""
+
+    def __init__(self, data: bytes) -> None:
+        self._data = data
+        self.size = len(data)
+
+    def open(self):
+        return io.BytesIO(self._data)
+
+
+@implementer(IMessageSource)
+class SpooledSource:
+    """
+    A message written piece by piece (SMTP DATA lines, an IMAP literal),
+    in memory up to C{spill_at} bytes, then in an unnamed file under
+    C{spool_dir}. Call L{finish} once written, L{discard} when done with it.
+    """
+
+    def __init__(self, spool_dir: Path | str | None = None, spill_at: int = SPILL_AT) -> None:
+        self._spool_dir = None if spool_dir is None else str(spool_dir)
+        self._spill_at = spill_at
+        self._buffer: list[bytes] = []
+        self._buffered = 0
+        self._file = None
+        self.size = 0
+
+    def write(self, data: bytes) -> None:
+        self.size += len(data)
+        if self._file is not None:
+            self._file.write(data)
+            return
+        self._buffer.append(data)
+        self._buffered += len(data)
+        if self._buffered > self._spill_at:
+            if self._spool_dir is not None:
+                os.makedirs(self._spool_dir, exist_ok=True)
+            self._file = tempfile.TemporaryFile(dir=self._spool_dir, prefix="spool-")
+            self._file.writelines(self._buffer)
+            self._buffer = []
+
+    def finish(self) -> None:
+        if self._file is not None:
+            self._file.flush()
+
+    @property
+    def in_memory(self) -> bool:
+        return self._file is None
+
+    def open(self):
+        if self._file is None:
+            return io.BytesIO(b"".join(self._buffer))
+        # pread-based, so concurrent readers keep their own offsets.
+        return io.BufferedReader(_Reader(self._file), 64 * 1024)
+
+    def discard(self) -> None:
+        self._buffer = []
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+
+
+class _Reader(io.RawIOBase):
+    """Reads a spool file with pread, so several readers can share it."""
+
+    def __init__(self, f) -> None:
+        self._fd = f.fileno()
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        data = os.pread(self._fd, len(b), self._pos)
+        n = len(data)
+        b[:n] = data
+        self._pos += n
+        return n
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        if whence == 0:
+            self._pos = offset
+        elif whence == 1:
+            self._pos += offset
+        else:
+            self._pos = os.fstat(self._fd).st_size + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def close(self) -> None:
+        # The spool owns the descriptor.
+        super().close()

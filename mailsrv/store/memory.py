@@ -1,0 +1,262 @@
+"""
+An in-memory twin of the mbox store, for tests of the protocols: the same
+L{IMailStore}/L{IFolder} contract, no disk.
+"""
+
+from __future__ import annotations
+
+import io
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+from twisted.internet import defer
+from zope.interface import implementer
+
+from mailsrv.interfaces import FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
+from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, normalize_user
+
+
+@dataclass
+class _Message:
+    info: MessageInfo
+    data: bytes  # LF line ends
+
+
+@dataclass
+class _FolderState:
+    uid_validity: int
+    uid_next: int = 1
+    messages: list[_Message] = field(default_factory=list)
+    listeners: list[Callable[[], None]] = field(default_factory=list)
+    generation: int = 0
+
+    def notify(self) -> None:
+        self.generation += 1
+        for cb in list(self.listeners):
+            cb()
+
+
+def _crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+def _read_source(source) -> bytes:
+    with source.open() as f:
+        return f.read()
+
+
+@implementer(IMailStore)
+class MemoryMailStore:
+    """All folders in a dict; UIDVALIDITY from a counter."""
+
+    def __init__(self, clock: Callable[[], float] = time.time) -> None:
+        self._clock = clock
+        self._folders: dict[tuple[str, str], _FolderState] = {}
+        self._validity = int(clock())
+
+    def _state(self, user: str, name: str, create: bool = False) -> _FolderState:
+        user = normalize_user(user)
+        name = canonical_folder(name)
+        key = (user, name)
+        if key not in self._folders:
+            if not (create or name == INBOX):
+                raise FolderError("No such folder")
+            self._validity += 1
+            self._folders[key] = _FolderState(uid_validity=self._validity)
+        return self._folders[key]
+
+    def _add(self, state: _FolderState, data: bytes, flags: frozenset[str], date: float) -> int:
+        uid = state.uid_next
+        state.uid_next += 1
+        size = len(_crlf(data))
+        state.messages.append(_Message(MessageInfo(uid, size, frozenset(flags), date), data))
+        state.notify()
+        return uid
+
+    def deliver(self, user, source, sender, folder=INBOX):
+        try:
+            state = self._state(user, folder)
+            self._add(state, _read_source(source), frozenset(), self._clock())
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def list_folders(self, user):
+        user = normalize_user(user)
+        self._state(user, INBOX)
+        names = {n for (u, n) in self._folders if u == user}
+        parents = set()
+        for n in names:
+            parts = n.split(DELIMITER)
+            for i in range(1, len(parts)):
+                parents.add(DELIMITER.join(parts[:i]))
+        out = [(n, True) for n in names] + [(p, False) for p in parents - names]
+        return defer.succeed(sorted(out))
+
+    def create_folder(self, user, name):
+        try:
+            user = normalize_user(user)
+            name = canonical_folder(name)
+            if name.startswith(INBOX + DELIMITER):
+                raise FolderError("INBOX cannot have sub-folders")
+            if (user, name) in self._folders or name == INBOX:
+                raise FolderError("Folder already exists")
+            self._state(user, name, create=True)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def delete_folder(self, user, name):
+        try:
+            user = normalize_user(user)
+            name = canonical_folder(name)
+            if name == INBOX:
+                raise FolderError("INBOX cannot be deleted")
+            state = self._folders.pop((user, name), None)
+            if state is None:
+                raise FolderError("No such folder")
+            state.messages.clear()
+            state.notify()
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def rename_folder(self, user, old, new):
+        try:
+            user = normalize_user(user)
+            old, new = canonical_folder(old), canonical_folder(new)
+            if (user, new) in self._folders:
+                raise FolderError("Target folder exists")
+            if old == INBOX:
+                src = self._state(user, INBOX)
+                dst = self._state(user, new, create=True)
+                for m in src.messages:
+                    self._add(dst, m.data, m.info.flags, m.info.internal_date)
+                src.messages.clear()
+                src.notify()
+            else:
+                moved = [
+                    k
+                    for k in self._folders
+                    if k[0] == user and (k[1] == old or k[1].startswith(old + DELIMITER))
+                ]
+                if not moved:
+                    raise FolderError("No such folder")
+                for k in moved:
+                    self._folders[(user, new + k[1][len(old) :])] = self._folders.pop(k)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(None)
+
+    def open_folder(self, user, name, read_only=False):
+        try:
+            user = normalize_user(user)
+            name = canonical_folder(name)
+            state = self._state(user, name)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(MemoryFolder(self, state, user, name, read_only))
+
+    def folder_status(self, user, name):
+        try:
+            state = self._state(user, name)
+        except Exception:
+            return defer.fail()
+        return defer.succeed(
+            {
+                "messages": len(state.messages),
+                "uid_next": state.uid_next,
+                "uid_validity": state.uid_validity,
+                "unseen": sum(1 for m in state.messages if "\\Seen" not in m.info.flags),
+            }
+        )
+
+
+@implementer(IFolder)
+class MemoryFolder:
+    """A session's view of one in-memory folder."""
+
+    def __init__(self, store, state, user, name, read_only):
+        self._store = store
+        self._state = state
+        self.user = user
+        self.name = name
+        self.read_only = read_only
+        self._view: list[MessageInfo] = [m.info for m in state.messages]
+        self._listeners: list[Callable[[], None]] = []
+
+    @property
+    def uid_validity(self):
+        return self._state.uid_validity
+
+    @property
+    def uid_next(self):
+        return self._state.uid_next
+
+    def messages(self):
+        return list(self._view)
+
+    def refresh(self):
+        current = {m.info.uid: m.info for m in self._state.messages}
+        old = {i.uid: i for i in self._view}
+        expunged = tuple(u for u in old if u not in current)
+        added = tuple(i for u, i in current.items() if u not in old)
+        flags = tuple(i for u, i in current.items() if u in old and old[u].flags != i.flags)
+        self._view = [m.info for m in self._state.messages]
+        return defer.succeed(FolderChanges(added=added, expunged=expunged, flags=flags))
+
+    def _find(self, uid) -> _Message:
+        for m in self._state.messages:
+            if m.info.uid == uid:
+                return m
+        raise KeyError(uid)
+
+    def open_message(self, uid):
+        return io.BytesIO(_crlf(self._find(uid).data))
+
+    def read_headers(self, uid):
+        data = _crlf(self._find(uid).data)
+        end = data.find(b"\r\n\r\n")
+        return data if end < 0 else data[: end + 4]
+
+    def set_flags(self, changes):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        for m in self._state.messages:
+            if m.info.uid in changes:
+                m.info = replace(m.info, flags=frozenset(changes[m.info.uid]))
+        self._view = [
+            replace(i, flags=frozenset(changes[i.uid])) if i.uid in changes else i
+            for i in self._view
+        ]
+        self._state.notify()
+        return defer.succeed(None)
+
+    def append(self, source, flags=frozenset(), internal_date=None):
+        date = self._store._clock() if internal_date is None else internal_date
+        return defer.succeed(self._store._add(self._state, _read_source(source), frozenset(flags), date))
+
+    def expunge(self, uids):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        wanted = set(uids)
+        removed = tuple(m.info.uid for m in self._state.messages if m.info.uid in wanted)
+        self._state.messages = [m for m in self._state.messages if m.info.uid not in wanted]
+        self._view = [i for i in self._view if i.uid not in wanted]
+        if removed:
+            self._state.notify()
+        return defer.succeed(list(removed))
+
+    def add_listener(self, callback):
+        self._listeners.append(callback)
+        self._state.listeners.append(callback)
+
+    def remove_listener(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+            self._state.listeners.remove(callback)
+
+    def close(self):
+        for cb in list(self._listeners):
+            self.remove_listener(cb)

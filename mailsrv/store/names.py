@@ -1,0 +1,80 @@
+"""Folder and user names: validation, and where they live on disk."""
+
+from __future__ import annotations
+
+import unicodedata
+from pathlib import Path
+
+from mailsrv.interfaces import FolderError
+
+INBOX = "INBOX"
+DELIMITER = "/"
+MAX_NAME = 512
+
+
+def canonical_folder(name: str) -> str:
+    """
+    Return the canonical form of an IMAP folder name, or raise L{FolderError}.
+
+    INBOX is matched case-insensitively (RFC 3501 5.1). Names that would
+    leave the user's directory, or that no file system should hold, are
+    refused: empty components, ``.`` and ``..``, a leading ``/``, NUL and
+    other control characters, and names beginning with a dot (reserved for
+    the store's own files).
+    """
+    if not isinstance(name, str) or not name:
+        raise FolderError("Folder name is empty")
+    if len(name.encode("utf-8", "surrogatepass")) > MAX_NAME:
+        raise FolderError("Folder name is too long")
+    if name.startswith(DELIMITER) or name.endswith(DELIMITER):
+        raise FolderError("Folder name must not begin or end with /")
+    parts = name.split(DELIMITER)
+    for part in parts:
+        if not part:
+            raise FolderError("Folder name has an empty level")
+        if part in (".", "..") or part.startswith("."):
+            raise FolderError("Folder name levels must not begin with a dot")
+        if any(unicodedata.category(c) in ("Cc", "Cs") or c == "\\" for c in part):
+            raise FolderError("Folder name contains a control character")
+    if parts[0].upper() == INBOX:
+        if len(parts) == 1:
+            return INBOX
+        parts[0] = INBOX
+    return DELIMITER.join(parts)
+
+
+def split_user(address: str) -> tuple[str, str]:
+    """Split C{local@domain} into its parts, domain lower-cased; ValueError if unusable."""
+    if not isinstance(address, str) or address.count("@") < 1:
+        raise ValueError(f"not an address: {address!r}")
+    local, _, domain = address.rpartition("@")
+    domain = domain.lower().rstrip(".")
+    if (
+        not local
+        or not domain
+        or local in (".", "..")
+        or local.startswith(".")
+        or any(c in local for c in "/\\\x00")
+        or any(ord(c) < 32 or ord(c) == 127 for c in local + domain)
+        or any(c in domain for c in "/\\@")
+        or domain.startswith(".")
+    ):
+        raise ValueError(f"not a usable mailbox address: {address!r}")
+    return local, domain
+
+
+def normalize_user(address: str) -> str:
+    """Return C{local@domain} with the domain in lower case."""
+    local, domain = split_user(address)
+    return f"{local}@{domain}"
+
+
+def user_dir(mail_dir: Path, address: str) -> Path:
+    """C{<mail_dir>/<domain>/<local>}: the user's folders live here."""
+    local, domain = split_user(address)
+    return mail_dir / domain / local
+
+
+def folder_path(mail_dir: Path, address: str, name: str) -> Path:
+    """The mbox file holding folder C{name} of C{address}."""
+    return user_dir(mail_dir, address).joinpath(*canonical_folder(name).split(DELIMITER))

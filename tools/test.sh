@@ -1,0 +1,8 @@
+#!/usr/bin/env bash
+# Install mailsrv with its test dependencies into .venv and run the whole test suite.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python3 -m venv .venv
+.venv/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+.venv/bin/pip install -q -e '.[test]' --config-settings editable_mode=compat
+.venv/bin/python -m pytest -q "$@"
