@@ -32,6 +32,7 @@ class ServerContext:
     passwords: IPasswordDatabase
     portal: Portal
     tls: ssl.CertificateOptions
+    throttle: Any = None  # mailsrv.auth.throttle.LoginThrottle
     queue: IOutboundQueue | None = None
     services: service.MultiService | None = None
 
@@ -56,6 +57,7 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
     from mailsrv.auth.checkers import PasswordChecker
     from mailsrv.auth.passwd import PasswordFile
     from mailsrv.auth.realm import MailRealm
+    from mailsrv.auth.throttle import LoginThrottle
     from mailsrv.store.mbox import MboxMailStore
 
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
@@ -74,6 +76,7 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
         passwords=passwords,
         portal=portal,
         tls=tls.server_options(config),
+        throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
         services=parent,
     )
     return ctx
