@@ -1,0 +1,61 @@
+"""The cred checker: full address and password against the password database."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.cred.checkers import ICredentialsChecker
+from twisted.cred.credentials import IUsernamePassword
+from twisted.cred.error import UnauthorizedLogin
+from twisted.internet import defer, task
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.interfaces import IPasswordDatabase
+from mailsrv.store.names import normalize_user
+
+FAILED = "Authentication failed"
+
+
+@implementer(ICredentialsChecker)
+class PasswordChecker:
+    """
+    Check L{IUsernamePassword} credentials; the avatar id is the normalized
+    address (str). Every failure waits C{failure_delay} seconds on C{clock}
+    and fails with the same L{UnauthorizedLogin}, whether the user is unknown
+    or the password wrong.
+    """
+
+    credentialInterfaces = (IUsernamePassword,)
+    log = Logger()
+
+    def __init__(self, passwords: IPasswordDatabase, clock: Any, failure_delay: float) -> None:
+        self._passwords = passwords
+        self._clock = clock
+        self._delay = failure_delay
+
+    def requestAvatarId(self, credentials: Any) -> defer.Deferred:
+        username = credentials.username
+        password = credentials.password
+        try:
+            if isinstance(username, bytes):
+                username = username.decode("utf-8")
+            address = normalize_user(username)
+        except (UnicodeDecodeError, ValueError):
+            # Same cost as a real check, so the answer's timing tells nothing.
+            d = self._passwords.verify("nobody@invalid", password)
+            d.addCallback(lambda _: False)
+            address = ""
+        else:
+            d = defer.maybeDeferred(self._passwords.verify, address, password)
+        d.addCallback(self._decide, address)
+        return d
+
+    def _decide(self, ok: bool, address: str) -> Any:
+        if ok:
+            return address
+        return task.deferLater(self._clock, self._delay, _fail)
+
+
+def _fail() -> None:
+    raise UnauthorizedLogin(FAILED)

@@ -1,0 +1,168 @@
+"""The password file: format, atomic replacement, mode, reload, verify off the reactor."""
+
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+from argon2 import PasswordHasher
+from argon2.profiles import CHEAPEST
+from twisted.internet import defer
+from zope.interface.verify import verifyObject
+
+from mailsrv.auth.passwd import PasswordFile, parse_lines
+from mailsrv.interfaces import IPasswordDatabase
+
+
+def cheap() -> PasswordHasher:
+    return PasswordHasher.from_parameters(CHEAPEST)
+
+
+def result(d: defer.Deferred):
+    out = []
+    d.addBoth(out.append)
+    assert out, "Deferred did not fire"
+    return out[0]
+
+
+@pytest.fixture
+def pf(tmp_path):
+    return PasswordFile(tmp_path / "sub" / "passwd", hasher=cheap())
+
+
+def test_interface(pf):
+    verifyObject(IPasswordDatabase, pf)
+
+
+def test_add_writes_argon2id_line_mode_0600(pf):
+    assert pf.add_user("Alice@Example.TEST", "s3cret") == "Alice@example.test"
+    text = pf.path.read_text()
+    lines = text.splitlines()
+    assert len(lines) == 1
+    address, h = lines[0].split(":", 1)
+    assert address == "Alice@example.test"
+    assert h.startswith("$argon2id$")
+    assert "s3cret" not in text
+    assert stat.S_IMODE(os.stat(pf.path).st_mode) == 0o600
+    # no temp files left behind
+    assert sorted(p.name for p in pf.path.parent.iterdir()) == ["passwd", "passwd.lock"]
+
+
+def test_verify_and_has_user(pf):
+    pf.add_user("alice@example.test", "s3cret")
+    assert pf.has_user("alice@EXAMPLE.test")
+    assert not pf.has_user("ALICE@example.test")  # local part is case-preserved
+    assert not pf.has_user("bob@example.test")
+    assert not pf.has_user("not an address")
+    assert result(pf.verify("alice@Example.Test", "s3cret")) is True
+    assert result(pf.verify("alice@example.test", b"s3cret")) is True
+    assert result(pf.verify("alice@example.test", "wrong")) is False
+    assert result(pf.verify("bob@example.test", "s3cret")) is False
+    assert result(pf.verify("garbage", "s3cret")) is False
+
+
+def test_unknown_user_is_checked_against_a_dummy_hash(pf):
+    calls = []
+
+    class Spy(PasswordHasher):
+        def verify(self, h, p):
+            calls.append(h)
+            return super().verify(h, p)
+
+    pf._hasher = Spy.from_parameters(CHEAPEST)
+    assert result(pf.verify("bob@example.test", "x")) is False
+    assert len(calls) == 1 and calls[0].startswith("$argon2id$")
+
+
+def test_add_existing_passwd_del(pf):
+    pf.add_user("alice@example.test", "one")
+    with pytest.raises(KeyError):
+        pf.add_user("alice@example.test", "two")
+    pf.set_password("alice@example.test", "two")
+    assert result(pf.verify("alice@example.test", "two")) is True
+    assert result(pf.verify("alice@example.test", "one")) is False
+    with pytest.raises(KeyError):
+        pf.set_password("bob@example.test", "x")
+    pf.add_user("bob@example.test", "b")
+    assert pf.users() == ["alice@example.test", "bob@example.test"]
+    pf.delete_user("alice@example.test")
+    assert pf.users() == ["bob@example.test"]
+    with pytest.raises(KeyError):
+        pf.delete_user("alice@example.test")
+
+
+def test_bad_addresses_refused(pf):
+    for bad in ["nolocal", "@example.test", "a:b@example.test", "a b@example.test", "../x@example.test"]:
+        with pytest.raises(ValueError):
+            pf.add_user(bad, "x")
+    assert not pf.path.exists()
+
+
+def test_reload_when_file_replaced(pf, tmp_path):
+    pf.add_user("alice@example.test", "a")
+    assert pf.users() == ["alice@example.test"]
+    other = PasswordFile(pf.path, hasher=cheap())  # another process: the CLI
+    other.add_user("bob@example.test", "b")
+    assert pf.has_user("bob@example.test")
+    other.delete_user("alice@example.test")
+    assert not pf.has_user("alice@example.test")
+    pf.path.unlink()
+    assert pf.users() == []
+
+
+def test_comments_unknown_fields_and_dovecot_scheme_kept(pf):
+    h = cheap().hash("pw")
+    pf.path.parent.mkdir(parents=True)
+    pf.path.write_text(f"# users\n\ncarol@example.test:{{ARGON2ID}}{h}:1000:1000::/home/c\nbroken line\n")
+    assert pf.users() == ["carol@example.test"]
+    assert result(pf.verify("carol@example.test", "pw")) is True
+    pf.add_user("dave@example.test", "d")
+    lines = pf.path.read_text().splitlines()
+    assert lines[0] == "# users"
+    assert lines[2] == f"carol@example.test:{{ARGON2ID}}{h}:1000:1000::/home/c"
+    assert lines[3] == "broken line"
+    assert lines[4].startswith("dave@example.test:$argon2id$")
+
+
+def test_parse_lines_reports_bad_lines():
+    users, bad = parse_lines("a@b.c:$h\nnocolon\nx@y.z:\n:$h\n")
+    assert users == {"a@b.c": "$h"}
+    assert bad == [2, 3, 4]
+
+
+def test_crash_during_write_leaves_old_file(pf, monkeypatch):
+    pf.add_user("alice@example.test", "a")
+    before = pf.path.read_bytes()
+
+    def boom(fd):
+        raise OSError("disk on fire")
+
+    monkeypatch.setattr(os, "fsync", boom)
+    with pytest.raises(OSError):
+        pf.add_user("bob@example.test", "b")
+    monkeypatch.undo()
+    assert pf.path.read_bytes() == before
+    assert sorted(p.name for p in pf.path.parent.iterdir()) == ["passwd", "passwd.lock"]
+
+
+def test_verify_runs_in_threadpool(tmp_path):
+    from twisted.internet.testing import MemoryReactor
+
+    class Pool:
+        def __init__(self):
+            self.calls = []
+
+        def callInThreadWithCallback(self, onResult, f, *a, **kw):
+            self.calls.append(f)
+            onResult(True, f(*a, **kw))
+
+    class R(MemoryReactor):
+        def callFromThread(self, f, *a, **kw):
+            f(*a, **kw)
+
+    pool = Pool()
+    pf = PasswordFile(tmp_path / "passwd", R(), pool, hasher=cheap())
+    pf.add_user("alice@example.test", "a")
+    assert result(pf.verify("alice@example.test", "a")) is True
+    assert len(pool.calls) == 1
