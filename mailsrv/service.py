@@ -35,6 +35,7 @@ class ServerContext:
     throttle: Any = None  # mailsrv.auth.throttle.LoginThrottle
     queue: IOutboundQueue | None = None
     services: service.MultiService | None = None
+    pop3_locks: Any = None  # mailsrv.pop3.MaildropLocks, shared by pop3 and pop3s
 
 
 class ThreadPoolService(service.Service):

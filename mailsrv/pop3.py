@@ -1,0 +1,780 @@
+"""
+The POP3 server: Twisted's L{pop3.POP3} over our store.
+
+RFC 1939 (POP3), RFC 2449 (CAPA, response codes), RFC 2595 (STLS),
+RFC 3206 (SYS and AUTH response codes), RFC 5034 (SASL AUTH), RFC 4616 (PLAIN).
+
+Twisted's server lacks STLS, names PIPELINING wrongly, advertises joke
+capabilities, does not block pipelined commands during a login, byte-stuffs
+only inside each chunk and writes a message in many small pieces; this
+subclass keeps its line handling, timeouts and command blocking and
+replaces the commands.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Callable
+from functools import partial
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import LoginDenied, LoginFailed
+from twisted.internet import defer, interfaces, protocol, task, threads
+from twisted.logger import Logger
+from twisted.mail import pop3
+from twisted.mail.interfaces import IMailboxPOP3
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.interfaces import IFolder, IMailStore, MessageInfo
+from mailsrv.store.names import INBOX, normalize_user
+
+IMPLEMENTATION = b"mailsrv"
+MAX_LINE = 8192  # RFC 2449 4: 255 octets for commands; SASL responses need more
+WHOLE_MESSAGE = 256 * 1024  # messages up to this size are read and sent in one piece
+CHUNK = 64 * 1024
+MAX_PIPELINED = 64  # stop reading while this many commands wait
+
+# Replies, worded like Dovecot's where clients may match on them.
+GREETING = b"+OK mailsrv ready."
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed."
+PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections."
+THROTTLED = b"-ERR [AUTH] Too many failed logins from your address, try again later."
+IN_USE = b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
+SYS_TEMP = b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information."
+TOO_MANY_ERRORS = b"-ERR Too many invalid commands."
+TIMED_OUT = b"-ERR Disconnected for inactivity."
+NO_SUCH_MESSAGE = b"-ERR There's no message %d."
+DELETED = b"-ERR Message is deleted."
+GONE = b"-ERR Message no longer exists."
+
+
+_RETRY = object()
+
+
+class MaildropInUse(LoginDenied):
+    """Another POP3 session holds this maildrop (RFC 2449 8.1.1 IN-USE)."""
+
+
+class MaildropLocks:
+    """
+    Which maildrops have a POP3 session, so that a second one is refused.
+    One object is shared by the pop3 and pop3s listeners.
+    """
+
+    def __init__(self) -> None:
+        self._held: set[str] = set()
+
+    def acquire(self, user: str) -> bool:
+        if user in self._held:
+            return False
+        self._held.add(user)
+        return True
+
+    def release(self, user: str) -> None:
+        self._held.discard(user)
+
+    def held(self, user: str) -> bool:
+        return user in self._held
+
+
+def uidl(info: MessageInfo, uid_validity: int) -> bytes:
+    """The unique-id listing of a message: Dovecot's C{%08Xu%08Xv}, stable while UIDs are."""
+    return b"%08X%08X" % (info.uid, uid_validity)
+
+
+def dot_stuff(data: bytes, at_line_start: bool = True) -> bytes:
+    """RFC 1939 3: double a leading '.' on each line of CRLF text."""
+    if at_line_start and data.startswith(b"."):
+        data = b"." + data
+    return data.replace(b"\r\n.", b"\r\n..")
+
+
+def terminator(last: bytes) -> bytes:
+    """The end of a multi-line reply after data ending in C{last}."""
+    return b".\r\n" if last.endswith(b"\r\n") else b"\r\n.\r\n"
+
+
+def top_of(data: bytes, lines: int) -> bytes:
+    """The header block and the first C{lines} body lines of a CRLF message (RFC 1939 7 TOP)."""
+    end = data.find(b"\r\n\r\n")
+    if end < 0:
+        return data
+    pos = end + 4
+    for _ in range(lines):
+        nl = data.find(b"\r\n", pos)
+        if nl < 0:
+            return data
+        pos = nl + 2
+    return data[:pos]
+
+
+@implementer(IMailboxPOP3)
+class Maildrop:
+    """
+    One POP3 session's maildrop: the INBOX as it was at login, with the
+    messages marked for deletion. Mail delivered later is neither shown nor
+    touched; QUIT expunges the marked messages by UID.
+    """
+
+    log = Logger()
+
+    def __init__(self, folder: IFolder, release: Callable[[], None]) -> None:
+        self.folder = folder
+        self.user: str = folder.user
+        self.uid_validity: int = folder.uid_validity
+        self.infos: list[MessageInfo] = folder.messages()
+        self.deleted: set[int] = set()  # 0-based indexes
+        self._release: Callable[[], None] | None = release
+        self._busy: defer.Deferred | None = None
+
+    # --- our API --------------------------------------------------------------
+
+    def info(self, index: int) -> MessageInfo:
+        """The message at 0-based C{index}; IndexError if none, KeyError if deleted."""
+        if index < 0:
+            raise IndexError(index)
+        info = self.infos[index]
+        if index in self.deleted:
+            raise KeyError(index)
+        return info
+
+    def live(self) -> list[tuple[int, MessageInfo]]:
+        """(1-based number, info) of the messages not marked deleted."""
+        return [(i + 1, m) for i, m in enumerate(self.infos) if i not in self.deleted]
+
+    def commit(self) -> defer.Deferred:
+        """Expunge the marked messages (the UPDATE state); fires with the UIDs removed."""
+        uids = [self.infos[i].uid for i in sorted(self.deleted)]
+        if not uids:
+            return defer.succeed([])
+        d = defer.maybeDeferred(self.folder.expunge, uids)
+        self._busy = d
+
+        def done(result: Any) -> Any:
+            self._busy = None
+            return result
+
+        return d.addBoth(done)
+
+    def logout(self) -> None:
+        """End the session: close the folder and free the maildrop, after any expunge."""
+        if self._busy is not None:
+            self._busy.addBoth(lambda r: (self._close(), r)[1])
+        else:
+            self._close()
+
+    def _close(self) -> None:
+        release, self._release = self._release, None
+        if release is None:
+            return
+        try:
+            self.folder.close()
+        finally:
+            release()
+
+    # --- twisted.mail's IMailboxPOP3 ------------------------------------------
+
+    def listMessages(self, index: int | None = None) -> Any:
+        if index is None:
+            return [0 if i in self.deleted else m.size for i, m in enumerate(self.infos)]
+        try:
+            return self.info(index).size
+        except KeyError:
+            return 0
+        except IndexError:
+            raise ValueError(index)
+
+    def getMessage(self, index: int) -> Any:
+        try:
+            return self.folder.open_message(self.info(index).uid)
+        except (IndexError, KeyError):
+            raise ValueError(index)
+
+    def getUidl(self, index: int) -> bytes:
+        try:
+            return uidl(self.info(index), self.uid_validity)
+        except (IndexError, KeyError):
+            raise ValueError(index)
+
+    def deleteMessage(self, index: int) -> None:
+        try:
+            self.info(index)
+        except (IndexError, KeyError):
+            raise ValueError(index)
+        self.deleted.add(index)
+
+    def undeleteMessages(self) -> None:
+        self.deleted.clear()
+
+    def sync(self) -> defer.Deferred:
+        return self.commit()
+
+
+def open_maildrop(store: IMailStore, locks: MaildropLocks, user: str) -> defer.Deferred:
+    """The realm's POP3 avatar factory: lock the user's maildrop and open the INBOX."""
+    user = normalize_user(user)
+    if not locks.acquire(user):
+        return defer.fail(MaildropInUse("maildrop in use"))
+    d = defer.maybeDeferred(store.open_folder, user, INBOX)
+
+    def opened(folder: IFolder) -> Maildrop:
+        return Maildrop(folder, partial(locks.release, user))
+
+    def failed(f: Failure) -> Failure:
+        locks.release(user)
+        return f
+
+    return d.addCallbacks(opened, failed)
+
+
+@implementer(interfaces.IPushProducer)
+class _Throttle:
+    """A push producer that only records whether the transport wants us to wait."""
+
+    def __init__(self) -> None:
+        self._waiting: defer.Deferred | None = None
+        self.paused = False
+        self.stopped = False
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        d, self._waiting = self._waiting, None
+        if d is not None:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    def ready(self) -> defer.Deferred:
+        """Fire when the transport is ready for more."""
+        if not self.paused:
+            return defer.succeed(None)
+        self._waiting = defer.Deferred()
+        return self._waiting
+
+
+class POP3Server(pop3.POP3):
+    """
+    A POP3 session. Commands arriving while one is in progress (a login, a
+    message being sent, the expunge at QUIT) wait their turn (RFC 2449 6.6
+    PIPELINING).
+    """
+
+    log = Logger()
+    AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"STLS", b"QUIT", b"NOOP"]
+
+    def __init__(self, ctx: Any, locks: MaildropLocks, implicit_tls: bool = False) -> None:
+        self.ctx = ctx
+        self.locks = locks
+        self.implicit_tls = implicit_tls
+        self.timeOut = ctx.config.limits.timeout
+        self.max_errors = ctx.config.limits.max_errors
+        self.errors = 0
+        self._buffer = b""
+        self._discarding = False  # the rest of an over-long line
+        self._tls_started = False  # ignore the rest of the packet that carried STLS
+        self._closed = False
+        self._sasl: Callable[[bytes], None] | None = None
+        self._prefetched: tuple[int, defer.Deferred] | None = None
+        self.mbox: Maildrop | None = None  # type: ignore[assignment]
+
+    # --- plumbing ---------------------------------------------------------------
+
+    def callLater(self, period: float, func: Callable[[], Any]) -> Any:
+        return self.ctx.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        # Each reply is one write; Nagle's algorithm would only delay it.
+        set_no_delay = getattr(self.transport, "setTcpNoDelay", None)
+        if set_no_delay is not None:
+            try:
+                set_no_delay(True)
+            except Exception:  # not a TCP socket underneath
+                pass
+        self.peer = peer_host(self.transport)
+        self.transport.write(GREETING + b"\r\n")
+        self.setTimeout(self.timeOut)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self._closed = True
+        self._prefetched = None
+        super().connectionLost(reason)
+
+    def timeoutConnection(self) -> None:
+        self.log.info("pop3 timeout for {user} from {client}",
+                      user=self.mbox.user if self.mbox else None, client=self.peer)
+        self.send(TIMED_OUT)
+        self.transport.loseConnection()
+
+    def send(self, *lines: bytes) -> None:
+        """Write reply lines (each without CRLF) in one write."""
+        if not self._closed:
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+
+    def ok(self, text: bytes = b"") -> None:
+        self.send(b"+OK " + text if text else b"+OK")
+
+    def error(self, text: bytes) -> None:
+        """Send C{-ERR text}."""
+        self.send(text if text.startswith(b"-ERR") else b"-ERR " + text)
+
+    def bad(self, text: bytes) -> None:
+        """Send C{-ERR text} for a client error; too many of them end the session."""
+        self.error(text)
+        self.errors += 1
+        if self.errors >= self.max_errors and not self._closed:
+            self.send(TOO_MANY_ERRORS)
+            self.log.info("pop3 dropping {client}: too many invalid commands", client=self.peer)
+            self.transport.loseConnection()
+
+    def dataReceived(self, data: bytes) -> None:
+        """Split lines on LF (a CR before it is dropped); over-long lines get -ERR."""
+        self._tls_started = False
+        buf = self._buffer + data
+        start = 0
+        while not self._closed and not self.transport.disconnecting:
+            nl = buf.find(b"\n", start)
+            if nl < 0:
+                break
+            line = buf[start:nl]
+            start = nl + 1
+            if self._discarding:
+                self._discarding = False
+                continue
+            if line.endswith(b"\r"):
+                line = line[:-1]
+            if len(line) > MAX_LINE:
+                self.bad(b"Line too long.")
+                continue
+            self.lineReceived(line)
+            if self._tls_started:
+                # RFC 2595 4: anything after STLS in the same packet was sent in
+                # the clear and must not be taken as coming over TLS.
+                buf, start = b"", 0
+                break
+        self._buffer = buf[start:]
+        if len(self._buffer) > MAX_LINE:
+            self._buffer = b""
+            if not self._discarding:
+                self._discarding = True
+                self.bad(b"Line too long.")
+
+    def lineReceived(self, line: bytes) -> None:
+        self.resetTimeout()
+        if self._sasl is not None:
+            handler, self._sasl = self._sasl, None
+            handler(line)
+            return
+        command, _, rest = line.partition(b" ")
+        self.processCommand(command, rest)
+
+    def processCommand(self, command: bytes, *args: bytes) -> Any:
+        if self.blocked is not None:
+            self.blocked.append((command, args))
+            if len(self.blocked) == MAX_PIPELINED:
+                self.transport.pauseProducing()
+            return None
+        rest = args[0] if args else b""
+        try:
+            name = command.upper().decode("ascii")
+        except UnicodeDecodeError:
+            name = ""
+        f = getattr(self, "pop3_" + name, None) if name.isalpha() else None
+        if f is None or (self.mbox is None and name.encode() not in self.AUTH_CMDS):
+            return self.bad(b"Unknown command.")
+        try:
+            return f(rest)
+        except Exception:
+            self.log.failure("pop3 {command} failed", command=name)
+            self.send(SYS_TEMP)
+            return None
+
+    def _unblock(self, _: Any) -> None:
+        waiting = self.blocked
+        if waiting is not None and len(waiting) >= MAX_PIPELINED and not self._closed:
+            self.transport.resumeProducing()
+        super()._unblock(_)
+
+    def _long(self, d: defer.Deferred) -> defer.Deferred:
+        """Hold further commands until C{d} fires; the idle timeout keeps running."""
+        self.blocked = []
+        d.addErrback(self._unexpected)
+        d.addCallback(self._unblock)
+        return d
+
+    def _unexpected(self, f: Failure) -> None:
+        self.log.failure("pop3 session error for {client}", f, client=self.peer)
+        self.send(SYS_TEMP)
+
+    def _message_number(self, arg: bytes) -> int | None:
+        """The 0-based index of a message number argument, or None after an -ERR."""
+        arg = arg.strip()
+        try:
+            n = int(arg)
+        except ValueError:
+            self.bad(b"Invalid message number: " + arg[:40])
+            return None
+        try:
+            self.mbox.info(n - 1)  # type: ignore[union-attr]
+        except IndexError:
+            self.error(NO_SUCH_MESSAGE % n)
+            return None
+        except KeyError:
+            self.error(DELETED)
+            return None
+        return n - 1
+
+    # --- AUTHORIZATION state (RFC 1939 4, RFC 2449, RFC 2595, RFC 5034) ---------
+
+    def _cleartext_ok(self) -> bool:
+        return cleartext_allowed(self.ctx.config.auth.cleartext, self.transport)
+
+    def _can_stls(self) -> bool:
+        return (
+            self.mbox is None
+            and not is_tls(self.transport)
+            and interfaces.ITLSTransport.providedBy(self.transport)
+            and self.ctx.tls is not None
+        )
+
+    def capabilities(self) -> list[bytes]:
+        """The RFC 2449 capability list for the current state."""
+        caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
+        if self.mbox is None:
+            if self._cleartext_ok():
+                caps += [b"USER", b"SASL PLAIN"]
+            if self._can_stls():
+                caps.append(b"STLS")
+        caps.append(b"IMPLEMENTATION " + IMPLEMENTATION)
+        return caps
+
+    listCapabilities = capabilities
+
+    def pop3_CAPA(self, rest: bytes) -> None:
+        self.send(b"+OK", *self.capabilities(), b".")
+
+    def pop3_NOOP(self, rest: bytes) -> None:
+        self.ok()
+
+    def pop3_STLS(self, rest: bytes) -> None:
+        if self.mbox is not None:
+            return self.bad(b"Unknown command.")
+        if is_tls(self.transport):
+            return self.error(b"TLS is already active.")
+        if not self._can_stls():
+            return self.error(b"TLS support isn't enabled.")
+        self.ok(b"Begin TLS negotiation now.")
+        self.transport.startTLS(self.ctx.tls)
+        self._tls_started = True
+        self._userIs = None
+
+    def pop3_USER(self, rest: bytes) -> None:
+        if self.mbox is not None:
+            return self.bad(b"Unknown command.")
+        if not self._cleartext_ok():
+            return self.error(PLAINTEXT_DISALLOWED)
+        if not rest.strip():
+            return self.bad(b"USER: no user name given.")
+        self._userIs = rest.strip()
+        self.ok()
+
+    def pop3_PASS(self, rest: bytes) -> None:
+        if self.mbox is not None:
+            return self.bad(b"Unknown command.")
+        if not self._cleartext_ok():
+            return self.error(PLAINTEXT_DISALLOWED)
+        user, self._userIs = self._userIs, None
+        if user is None:
+            return self.bad(b"No username given.")
+        self._login(user, rest)
+
+    def pop3_AUTH(self, rest: bytes) -> None:
+        if self.mbox is not None:
+            return self.bad(b"Unknown command.")
+        mechanism, _, initial = rest.strip().partition(b" ")
+        if not mechanism:
+            mechs = [b"PLAIN"] if self._cleartext_ok() else []
+            return self.send(b"+OK", *mechs, b".")
+        if mechanism.upper() != b"PLAIN":
+            return self.error(b"Unsupported authentication mechanism.")
+        if not self._cleartext_ok():
+            return self.error(PLAINTEXT_DISALLOWED)
+        if initial:
+            return self._auth_plain(b"" if initial == b"=" else initial)
+        self._sasl = self._auth_plain
+        self.send(b"+ ")
+
+    def _auth_plain(self, response: bytes) -> None:
+        """RFC 4616: [authzid] NUL authcid NUL passwd, base64 (RFC 5034 4)."""
+        if response.strip() == b"*":
+            return self.error(b"Authentication aborted by client.")  # RFC 5034 4
+        try:
+            decoded = base64.b64decode(response.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            return self.bad(b"Invalid base64 data in continued response.")
+        parts = decoded.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            return self.bad(b"Invalid SASL PLAIN response.")
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:
+            return self.bad(AUTH_FAILED)  # no proxy logins
+        self._login(authcid, password)
+
+    def _login(self, user: bytes, password: bytes) -> None:
+        """Check the password (throttled, delayed on failure) and open the maildrop."""
+        name = user.decode("utf-8", "replace")
+        throttle = self.ctx.throttle
+        if throttle is not None and throttle.blocked(self.peer):
+            self.log.info("pop3 login {user} from {client}: throttled", user=name, client=self.peer)
+            d = task.deferLater(self.ctx.reactor, self.ctx.config.auth.failure_delay,
+                                self.error, THROTTLED)
+            self._long(d)
+            return
+        d = self.ctx.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
+        d.addCallbacks(self._logged_in, self._login_failed, (name,), None, (name,))
+        self._long(d)
+
+    def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: str) -> None:
+        _, maildrop, logout = result
+        if self._closed:  # the client left while we were checking
+            logout()
+            return
+        self.mbox = maildrop
+        self._onLogout = logout
+        self.log.info("pop3 login {user} from {client}: ok, {count} messages",
+                      user=maildrop.user, client=self.peer, count=len(maildrop.infos))
+        self.ok(b"Logged in.")
+
+    def _login_failed(self, f: Failure, name: str) -> None:
+        if f.check(MaildropInUse):
+            self.log.info("pop3 login {user} from {client}: in use", user=name, client=self.peer)
+            self.error(IN_USE)
+        elif f.check(LoginFailed, LoginDenied):
+            self.log.info("pop3 login {user} from {client}: failed", user=name, client=self.peer)
+            if self.ctx.throttle is not None:
+                self.ctx.throttle.failed(self.peer)
+            self.bad(AUTH_FAILED)
+        else:
+            self.log.failure("pop3 login {user} from {client}: error", f,
+                             user=name, client=self.peer)
+            self.send(SYS_TEMP)
+
+    # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
+
+    def pop3_STAT(self, rest: bytes) -> None:
+        live = self.mbox.live()
+        self.ok(b"%d %d" % (len(live), sum(m.size for _, m in live)))
+
+    def pop3_LIST(self, rest: bytes) -> None:
+        if rest.strip():
+            i = self._message_number(rest)
+            if i is not None:
+                self.ok(b"%d %d" % (i + 1, self.mbox.infos[i].size))
+            return
+        live = self.mbox.live()
+        lines = [b"%d %d" % (n, m.size) for n, m in live]
+        self.send(b"+OK %d messages:" % len(live), *lines, b".")
+
+    def pop3_UIDL(self, rest: bytes) -> None:
+        v = self.mbox.uid_validity
+        if rest.strip():
+            i = self._message_number(rest)
+            if i is not None:
+                self.ok(b"%d %s" % (i + 1, uidl(self.mbox.infos[i], v)))
+            return
+        lines = [b"%d %s" % (n, uidl(m, v)) for n, m in self.mbox.live()]
+        self.send(b"+OK", *lines, b".")
+
+    def pop3_DELE(self, rest: bytes) -> None:
+        i = self._message_number(rest)
+        if i is not None:
+            self.mbox.deleteMessage(i)
+            self.ok(b"Marked to be deleted.")
+
+    def pop3_RSET(self, rest: bytes) -> None:
+        self.mbox.undeleteMessages()
+        self.ok()
+
+    def pop3_RETR(self, rest: bytes) -> Any:
+        i = self._message_number(rest)
+        if i is None:
+            return None
+        info = self.mbox.infos[i]
+        if info.size > WHOLE_MESSAGE:
+            return self._long(self._stream(info))
+        d = self._read(info, None)
+        d.addCallback(self._send_whole, b"+OK %d octets" % info.size)
+        d.addCallback(lambda _: self._prefetch(i + 1))
+        return self._long(d)
+
+    def pop3_TOP(self, rest: bytes) -> Any:
+        number, _, count = rest.strip().partition(b" ")
+        try:
+            lines = int(count)
+            if lines < 0:
+                raise ValueError
+        except ValueError:
+            return self.bad(b"Invalid number of lines: " + count[:40])
+        i = self._message_number(number)
+        if i is None:
+            return None
+        d = self._read(self.mbox.infos[i], lines)
+        d.addCallback(self._send_whole, b"+OK")
+        return self._long(d)
+
+    def pop3_QUIT(self, rest: bytes) -> Any:
+        if self.mbox is None:
+            self.ok(b"Logging out.")
+            self.transport.loseConnection()
+            return None
+        deleting = len(self.mbox.deleted)
+        d = self.mbox.commit()
+
+        def done(removed: list[int]) -> None:
+            self.log.info("pop3 logout {user} from {client}: {count} deleted",
+                          user=self.mbox.user, client=self.peer, count=len(removed))
+            self.ok(b"Logging out, messages deleted." if deleting else b"Logging out.")
+            self.transport.loseConnection()
+
+        def failed(f: Failure) -> None:
+            # RFC 1939 6: -ERR when some deleted messages were not removed.
+            self.log.failure("pop3 expunge for {user} failed", f, user=self.mbox.user)
+            self.send(SYS_TEMP)
+            self.transport.loseConnection()
+
+        d.addCallbacks(done, failed)
+        return self._long(d)
+
+    # --- sending messages ---------------------------------------------------------
+
+    def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return threads.deferToThreadPool(self.ctx.reactor, self.ctx.threadpool, f, *args)
+
+    def _read(self, info: MessageInfo, top: int | None) -> defer.Deferred:
+        """Fire with the message's CRLF bytes (or its TOP part); None if it is gone."""
+        if top is None and self._prefetched is not None:
+            uid, d = self._prefetched
+            self._prefetched = None
+            if uid == info.uid:
+                return d.addCallback(lambda r: self._read(info, None) if r is _RETRY else r)
+        try:
+            fp = self.mbox.folder.open_message(info.uid)
+        except KeyError:
+            return defer.succeed(None)
+        return self._in_thread(_read_file, fp, info.size, top)
+
+    def _prefetch(self, index: int) -> None:
+        """Start reading the message a sequential download will ask for next."""
+        self._prefetched = None
+        mbox = self.mbox
+        if self._closed or mbox is None or index >= len(mbox.infos) or index in mbox.deleted:
+            return
+        info = mbox.infos[index]
+        if info.size > WHOLE_MESSAGE:
+            return
+        d = self._read(info, None)
+        d.addErrback(lambda f: _RETRY)  # read again when asked for, and report then
+        self._prefetched = (info.uid, d)
+
+    def _send_whole(self, data: bytes | None, first: bytes) -> None:
+        """The status line, the stuffed message and the terminator, in one write."""
+        if data is None:
+            return self.error(GONE)
+        if not self._closed:
+            self.transport.write(first + b"\r\n" + dot_stuff(data) + terminator(data))
+        return None
+
+    @defer.inlineCallbacks
+    def _stream(self, info: MessageInfo) -> Any:
+        """Send a large message chunk by chunk, reading each off the reactor thread."""
+        try:
+            fp = self.mbox.folder.open_message(info.uid)
+        except KeyError:
+            self.error(GONE)
+            return
+        producer = _Throttle()
+        self.transport.registerProducer(producer, True)
+        try:
+            head = b"+OK %d octets\r\n" % info.size
+            tail = b"\r\n"
+            left = info.size
+            while left > 0:
+                chunk = yield self._in_thread(fp.read, min(CHUNK, left))
+                if not chunk or producer.stopped or self._closed:
+                    break
+                left -= len(chunk)
+                out = dot_stuff(tail + chunk, at_line_start=False)[len(tail):]
+                tail = (tail + chunk)[-2:]
+                self.transport.write(head + out)
+                head = b""
+                self.resetTimeout()
+                yield producer.ready()
+            if left > 0 and not self._closed:
+                # The message shrank under us: the client cannot trust what it got.
+                self.log.error("pop3 {user}: message {uid} truncated on disk",
+                               user=self.mbox.user, uid=info.uid)
+                self.transport.loseConnection()
+                return
+            if not self._closed:
+                self.transport.write(terminator(tail))
+        finally:
+            if not self._closed:
+                self.transport.unregisterProducer()
+            yield self._in_thread(fp.close)
+
+
+def _read_file(fp: Any, size: int, top: int | None) -> bytes:
+    """Read a message (in a pool thread); for TOP, stop once enough lines are in."""
+    try:
+        if top is None:
+            return fp.read(size)
+        data = b""
+        while True:
+            chunk = fp.read(CHUNK)
+            data += chunk
+            if not chunk:
+                break
+            cut = top_of(data, top)
+            if len(cut) < len(data):
+                return cut
+        return top_of(data, top)
+    finally:
+        fp.close()
+
+
+class POP3Factory(protocol.ServerFactory):
+    """Builds L{POP3Server} sessions sharing one context and one set of maildrop locks."""
+
+    noisy = False
+
+    def __init__(self, ctx: Any, locks: MaildropLocks, implicit_tls: bool = False) -> None:
+        self.ctx = ctx
+        self.locks = locks
+        self.implicit_tls = implicit_tls
+
+    def buildProtocol(self, addr: Any) -> POP3Server:
+        p = POP3Server(self.ctx, self.locks, self.implicit_tls)
+        p.factory = self
+        return p
+
+
+def pop3_factory(ctx: Any, implicit_tls: bool = False) -> POP3Factory:
+    """
+    The POP3 factory for a listener; service.py wraps it in TLS for pop3s.
+    The first call registers the POP3 avatar with the realm and puts the
+    maildrop locks on C{ctx.pop3_locks}, shared by every listener.
+    """
+    locks = getattr(ctx, "pop3_locks", None)
+    if locks is None:
+        locks = MaildropLocks()
+        ctx.pop3_locks = locks
+        ctx.portal.realm.register(IMailboxPOP3, partial(open_maildrop, ctx.store, locks))
+    return POP3Factory(ctx, locks, implicit_tls)
