@@ -9,7 +9,7 @@ from zope.interface.verify import verifyObject
 
 from mailsrv.pop3 import Maildrop, dot_stuff, terminator, top_of, uidl
 
-from .pop3_support import (
+from .test_pop3_support import (
     ALICE,
     PASSWORD,
     REMOTE,

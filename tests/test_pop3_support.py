@@ -1,4 +1,4 @@
-"""Shared fixtures for the POP3 tests: a context on the in-memory store, a fake pool."""
+"""Support for the POP3 tests (no tests here): a context on the in-memory store, a fake pool."""
 
 from __future__ import annotations
 
