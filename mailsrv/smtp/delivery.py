@@ -1,0 +1,375 @@
+"""
+Where accepted mail goes: the recipient and sender policy of the MX and of
+submission (Twisted's L{IMessageDelivery}), and the message being received
+(L{IMessage}), streamed into a spool and handed to the store and the queue.
+"""
+
+from __future__ import annotations
+
+import io
+import re
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv import replies
+from mailsrv.interfaces import IMessageSource
+from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.smtp import received
+from mailsrv.spool import SpooledSource
+
+# RFC 5322 3.6.8 field-name: printable ASCII except ':'.
+_FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
+
+
+def _address(value: Any) -> str:
+    """Our addresses are str; accept Twisted's Address/User too."""
+    if isinstance(value, str):
+        return value
+    return str(value)
+
+
+def _domain(address: str) -> str:
+    return address.rpartition("@")[2].lower()
+
+
+@implementer(IMessageSource)
+class PrefixedSource:
+    """An L{IMessageSource} that reads C{prefix} and then another source."""
+
+    def __init__(self, prefix: bytes, inner: IMessageSource) -> None:
+        self._prefix = prefix
+        self._inner = inner
+        self.size = len(prefix) + inner.size
+
+    def open(self):
+        return io.BufferedReader(_ChainReader(self._prefix, self._inner), 64 * 1024)
+
+
+class _ChainReader(io.RawIOBase):
+    def __init__(self, prefix: bytes, inner: IMessageSource) -> None:
+        self._prefix = prefix
+        self._inner_source = inner
+        self._inner: Any = None
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, b) -> int:
+        if self._prefix:
+            n = min(len(b), len(self._prefix))
+            b[:n] = self._prefix[:n]
+            self._prefix = self._prefix[n:]
+            return n
+        if self._inner is None:
+            self._inner = self._inner_source.open()
+        data = self._inner.read(len(b))
+        b[: len(data)] = data
+        return len(data)
+
+    def close(self) -> None:
+        if self._inner is not None:
+            self._inner.close()
+        super().close()
+
+
+@implementer(smtp.IMessage)
+class IncomingMessage:
+    """
+    One message in DATA, for all its recipients: lines are counted against
+    the size limit, scanned for trace and origination headers, and written
+    to a L{SpooledSource}. At the end the message goes to the store for
+    every local recipient and to the outbound queue for the others.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        ctx: Any,
+        *,
+        queue_id: str,
+        sender: str,
+        recipients: list[str],
+        trace: bytes,
+        submission: bool,
+        client: str,
+    ) -> None:
+        self.ctx = ctx
+        self.queue_id = queue_id
+        self.sender = sender
+        self.recipients = recipients
+        self.submission = submission
+        self.client = client
+        self.octets = 0
+        self.error: Reply | None = None
+        self._max_size = ctx.config.limits.max_message_size
+        self._max_received = ctx.config.limits.max_received_headers
+        self._source = SpooledSource(ctx.config.spool_dir)
+        self._in_headers = True
+        self._in_field = False
+        self._received = 0
+        self._seen: set[bytes] = set()
+        self._source.write(trace)
+
+    # IMessage
+
+    def lineReceived(self, line: bytes) -> None:
+        """One line of the message, dot-unstuffed, without its CRLF."""
+        self.octets += len(line) + 2
+        if self.error is not None:
+            return
+        if self.octets > self._max_size:
+            # RFC 1870 6.3: keep reading, refuse after the final dot.
+            self.fail(replies.MESSAGE_TOO_BIG)
+            return
+        if self._in_headers:
+            self._header_line(line)
+            if self.error is not None:
+                return
+        self._source.write(line + b"\n")
+
+    def eomReceived(self) -> defer.Deferred:
+        """Deliver; fire once every copy is durable, or fail with L{SMTPReplyError}."""
+        if self.error is not None:
+            return defer.fail(SMTPReplyError(self.error))
+        if self._in_headers:
+            self._end_headers(blank_line_follows=False)
+        self._source.finish()
+        return self._deliver()
+
+    def connectionLost(self) -> None:
+        """The client went away in DATA: forget the message."""
+        self._source.discard()
+
+    # what the protocol adds
+
+    def fail(self, reply: Reply) -> None:
+        """Refuse the message with C{reply} after the final dot; stop keeping it."""
+        if self.error is None:
+            self.error = reply
+            self._source.discard()
+
+    @property
+    def size(self) -> int:
+        return self._source.size
+
+    # headers
+
+    def _header_line(self, line: bytes) -> None:
+        if line[:1] in (b" ", b"\t") and self._in_field:
+            return  # RFC 5322 2.2.3 folded continuation
+        name, colon, _ = line.partition(b":")
+        name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
+        if colon and _FIELD_NAME.fullmatch(name):
+            self._in_field = True
+            lname = name.lower()
+            self._seen.add(lname)
+            if lname == b"received":
+                self._received += 1
+                if self._received > self._max_received:
+                    self.fail(replies.TOO_MANY_HOPS)  # RFC 5321 6.3
+            return
+        self._end_headers(blank_line_follows=(line == b""))
+
+    def _end_headers(self, blank_line_follows: bool) -> None:
+        self._in_headers = False
+        if self.submission:
+            # RFC 6409 8.2, 8.3: the MSA may add Date and Message-ID.
+            now = self.ctx.reactor.seconds()
+            if b"date" not in self._seen:
+                self._source.write(f"Date: {received.rfc5322_date(now)}\n".encode())
+            if b"message-id" not in self._seen:
+                mid = received.message_id(now, self.ctx.config.server.hostname)
+                self._source.write(f"Message-ID: {mid}\n".encode())
+        if not blank_line_follows:
+            self._source.write(b"\n")
+
+    # delivery
+
+    def _deliver(self) -> defer.Deferred:
+        is_local = self.ctx.config.is_local_domain
+        local = [r for r in self.recipients if is_local(_domain(r))]
+        remote = [r for r in self.recipients if not is_local(_domain(r))]
+        attempts: list[defer.Deferred] = []
+        labels: list[str] = []
+        if local:
+            copy = PrefixedSource(received.return_path(self.sender), self._source)
+            for rcpt in local:
+                attempts.append(defer.maybeDeferred(self.ctx.store.deliver, rcpt, copy, self.sender))
+                labels.append(rcpt)
+        if remote:
+            if self.ctx.queue is None:
+                attempts.append(defer.fail(RuntimeError("no outbound queue")))
+            else:
+                attempts.append(
+                    defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, remote, self._source)
+                )
+            labels.append("queue:" + ",".join(remote))
+        d = defer.DeferredList(attempts, consumeErrors=True)
+        d.addCallback(self._delivered, labels)
+        d.addBoth(self._cleanup)
+        return d
+
+    def _delivered(self, results: list[tuple[bool, Any]], labels: list[str]) -> str | None:
+        failed = [(label, r) for label, (ok, r) in zip(labels, results, strict=True) if not ok]
+        done = [label for label, (ok, _) in zip(labels, results, strict=True) if ok]
+        for label, failure in failed:
+            self.log.failure(
+                "delivery of {queue_id} to {target} failed",
+                failure=failure,
+                queue_id=self.queue_id,
+                target=label,
+            )
+        if failed:
+            if done:
+                self.log.warn(
+                    "{queue_id}: delivered to {done} before a failure; the client's retry "
+                    "will deliver it again there",
+                    queue_id=self.queue_id,
+                    done=done,
+                )
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+        outbound = None
+        if self.recipients and labels and labels[-1].startswith("queue:"):
+            outbound = results[-1][1]
+        self.log.info(
+            "accepted {queue_id} from=<{sender}> to={recipients} size={size} client={client}"
+            " queued={outbound}",
+            queue_id=self.queue_id,
+            sender=self.sender,
+            recipients=",".join(f"<{r}>" for r in self.recipients),
+            size=self.octets,
+            client=self.client,
+            outbound=outbound,
+        )
+        return self.queue_id
+
+    def _cleanup(self, result: Any) -> Any:
+        self._source.discard()
+        return result
+
+
+class _Recipient:
+    """What L{IMessageDelivery.validateTo} returns: builds a one-recipient message."""
+
+    def __init__(self, delivery: BaseDelivery, address: str) -> None:
+        self.delivery = delivery
+        self.address = address
+
+    def __call__(self) -> IncomingMessage:
+        return self.delivery.new_message(self.delivery.sender or "", [self.address], b"", "unknown")
+
+
+@implementer(smtp.IMessageDelivery)
+class BaseDelivery:
+    """The sender and recipient policy shared by the MX and submission."""
+
+    submission = False
+
+    def __init__(self, ctx: Any, user: str | None = None) -> None:
+        self.ctx = ctx
+        self.user = user
+        self.sender: str | None = None
+
+    def receivedHeader(self, helo, origin, recipients) -> bytes:
+        """A plain C{Received:} field for Twisted's own DATA path (ours adds more)."""
+        name, ip = helo if helo else (b"", b"")
+        now = self.ctx.reactor.seconds()
+        rcpts = [_address(r) for r in recipients]
+        return received.received_header(
+            helo=(name or b"").decode("ascii", "replace"),
+            client_ip=(ip or b"").decode("ascii", "replace") if isinstance(ip, bytes) else str(ip),
+            client_name=None,
+            hostname=self.ctx.config.server.hostname,
+            protocol="ESMTP",
+            queue_id=received.new_queue_id(now),
+            recipient=rcpts[0] if len(rcpts) == 1 else None,
+            tls_info=None,
+            now=now,
+        ).rstrip(b"\n")
+
+    def validateFrom(self, helo, origin):
+        """Accept C{origin} or raise L{SMTPReplyError}; returns the address."""
+        self.sender = _address(origin)
+        return origin
+
+    def validateTo(self, user):
+        """Accept a recipient (a callable making its message) or raise L{SMTPReplyError}."""
+        address = _address(user)
+        self.check_recipient(address)
+        return _Recipient(self, address)
+
+    def check_recipient(self, address: str) -> None:
+        raise NotImplementedError
+
+    def _check_local_user(self, address: str) -> None:
+        if not self.ctx.passwords.has_user(address):
+            raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
+
+    def new_message(
+        self, sender: str, recipients: list[str], trace: bytes, client: str, queue_id: str | None = None
+    ) -> IncomingMessage:
+        """Start receiving a message for C{recipients}."""
+        if queue_id is None:
+            queue_id = received.new_queue_id(self.ctx.reactor.seconds())
+        return IncomingMessage(
+            self.ctx,
+            queue_id=queue_id,
+            sender=sender,
+            recipients=recipients,
+            trace=trace,
+            submission=self.submission,
+            client=client,
+        )
+
+
+class InboundDelivery(BaseDelivery):
+    """The MX: mail for local users only, from anyone; never a relay."""
+
+    def check_recipient(self, address: str) -> None:
+        if not self.ctx.config.is_local_domain(_domain(address)):
+            raise SMTPReplyError(replies.RELAY_DENIED)  # never an open relay
+        self._check_local_user(address)
+
+
+class SubmissionDelivery(BaseDelivery):
+    """
+    The avatar of an authenticated submission client (RFC 6409): mail from
+    its own address, to anyone; local recipients must exist.
+    """
+
+    submission = True
+
+    def __init__(self, ctx: Any, user: str) -> None:
+        super().__init__(ctx, user)
+
+    def validateFrom(self, helo, origin):
+        address = _address(origin)
+        if not address or not _same_address(address, self.user or ""):
+            raise SMTPReplyError(replies.SENDER_NOT_OWNED)  # RFC 6409 6.1
+        self.sender = address
+        return origin
+
+    def check_recipient(self, address: str) -> None:
+        if self.ctx.config.is_local_domain(_domain(address)):
+            self._check_local_user(address)
+        elif self.ctx.queue is None:
+            raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
+
+
+def _same_address(a: str, b: str) -> bool:
+    la, _, da = a.rpartition("@")
+    lb, _, db = b.rpartition("@")
+    return la == lb and da.lower().rstrip(".") == db.lower().rstrip(".")
+
+
+def describe_failure(failure: Failure) -> Reply:
+    """The reply for a failed delivery: the error's own, or 451 4.3.0."""
+    if failure.check(SMTPReplyError):
+        return failure.value.reply
+    return replies.LOCAL_ERROR

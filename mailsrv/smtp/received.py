@@ -1,0 +1,113 @@
+"""
+Trace and origination headers written at delivery: C{Return-Path:},
+C{Received:} (RFC 5321 4.4), and the C{Date:} and C{Message-ID:} that
+submission adds when a client left them out (RFC 6409 8.2, 8.3).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import secrets
+import time
+from datetime import UTC, datetime
+from email.utils import format_datetime
+
+_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
+
+
+def new_queue_id(now: float) -> str:
+    """A short id, unique enough to find a message in the log (Postfix style)."""
+    n = int(now * 1_000_000) << 20 | secrets.randbits(20)
+    out = []
+    for _ in range(12):
+        n, r = divmod(n, len(_ID_ALPHABET))
+        out.append(_ID_ALPHABET[r])
+    return "".join(reversed(out))
+
+
+def rfc5322_date(now: float) -> str:
+    """The date-time of RFC 5322 3.3, in UTC."""
+    return format_datetime(datetime.fromtimestamp(now, UTC))
+
+
+def message_id(now: float, hostname: str) -> str:
+    """A new C{<...@hostname>} Message-ID (RFC 5322 3.6.4)."""
+    stamp = time.strftime("%Y%m%d%H%M%S", time.gmtime(now))
+    return f"<{stamp}.{os.getpid()}.{secrets.token_hex(8)}@{hostname}>"
+
+
+def _clean(text: str, limit: int = 255) -> str:
+    """Printable ASCII without the characters that would break the header's comments."""
+    out = "".join(c if 32 < ord(c) < 127 and c not in "()\\" else "?" for c in text)
+    return out[:limit] or "unknown"
+
+
+def address_literal(ip: str) -> str:
+    """RFC 5321 4.1.3 address literal: C{[192.0.2.1]} or C{[IPv6:2001:db8::1]}."""
+    try:
+        addr = ipaddress.ip_address(ip.split("%")[0])
+    except ValueError:
+        return f"[{_clean(ip)}]"
+    if addr.version == 6:
+        return f"[IPv6:{addr.compressed}]"
+    return f"[{addr}]"
+
+
+def with_protocol(esmtp: bool, tls: bool, authenticated: bool) -> str:
+    """The C{with} keyword of RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
+    if not esmtp:
+        return "SMTP"
+    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+
+
+def received_header(
+    *,
+    helo: str,
+    client_ip: str,
+    client_name: str | None,
+    hostname: str,
+    protocol: str,
+    queue_id: str,
+    recipient: str | None,
+    tls_info: str | None,
+    now: float,
+) -> bytes:
+    """
+    Return a C{Received:} field, folded, with LF line ends (RFC 5321 4.4).
+    C{recipient} is named only for a single-recipient message, as Postfix
+    does, so that Bcc recipients stay hidden.
+    """
+    lines = [f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} {address_literal(client_ip)})"]
+    if tls_info:
+        lines.append(f"\t({tls_info})")
+    lines.append(f"\tby {hostname} (mailsrv) with {protocol} id {queue_id}")
+    date = rfc5322_date(now)
+    if recipient is not None:
+        lines.append(f"\tfor <{recipient}>; {date}")
+    else:
+        lines[-1] += ";"
+        lines.append(f"\t{date}")
+    return ("\n".join(lines) + "\n").encode("ascii", "replace")
+
+
+def return_path(sender: str) -> bytes:
+    """The C{Return-Path:} field added at final delivery (RFC 5321 4.4)."""
+    return f"Return-Path: <{sender}>\n".encode("ascii", "replace")
+
+
+def tls_description(transport) -> str | None:
+    """
+    Postfix's C{using TLSv1.3 with cipher X (256/256 bits)} for a TLS
+    connection, or None when the transport is not encrypted or does not say.
+    """
+    try:
+        conn = transport.getHandle()
+        version = conn.get_protocol_version_name()
+        cipher = conn.get_cipher_name()
+        bits = conn.get_cipher_bits()
+    except Exception:
+        return None
+    if not version or not cipher:
+        return None
+    return f"using {version} with cipher {cipher} ({bits}/{bits} bits)"

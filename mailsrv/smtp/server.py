@@ -1,0 +1,664 @@
+"""
+The ESMTP server for the MX (port 25) and for submission (587 with
+STARTTLS, 465 with implicit TLS): Twisted's L{smtp.ESMTP} with the
+extensions, limits, replies and policy a mail server needs.
+
+Twisted's ESMTP advertises only AUTH and STARTTLS, ignores MAIL
+parameters, drops the connection on a long line, and runs pipelined
+commands before the replies to earlier ones are known. This subclass reads
+lines itself, one command at a time, and answers with RFC 3463 codes.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from typing import Any
+
+from twisted.cred.credentials import UsernamePassword
+from twisted.cred.error import LoginFailed, UnauthorizedLogin
+from twisted.internet import defer, protocol
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+
+from mailsrv import replies
+from mailsrv.auth.policy import cleartext_allowed, is_tls
+from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.smtp import received
+from mailsrv.smtp.address import (
+    AddressError,
+    ArgumentError,
+    parse_mail_from,
+    parse_rcpt_to,
+)
+from mailsrv.smtp.delivery import (
+    BaseDelivery,
+    InboundDelivery,
+    IncomingMessage,
+    SubmissionDelivery,
+)
+
+COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+
+# RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
+MAX_COMMAND = 510
+# RFC 4954 4: AUTH lines may be up to 12288 octets.
+MAX_AUTH_LINE = 12288
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
+MAX_TEXT_LINE = 998
+# Input held while a command's reply is pending, before reading pauses.
+MAX_PENDING = 64 * 1024
+
+# Postfix's smtpd_forbidden_commands: a web client, not a mail client.
+FORBIDDEN = frozenset({b"CONNECT", b"GET", b"POST", b"HEAD", b"PUT"})
+
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
+AUTH_BAD_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode response")
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")  # RFC 2920 3.1
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+BYE = Reply(221, "2.0.0", "Bye")
+HELP = Reply(214, "2.0.0", "See RFC 5321")
+
+_VERBS = frozenset(
+    {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY",
+     b"EXPN", b"HELP", b"STARTTLS", b"AUTH"}
+)
+
+_B64_USERNAME = base64.b64encode(b"Username:")
+_B64_PASSWORD = base64.b64encode(b"Password:")
+
+
+class SMTPServer(smtp.ESMTP):
+    """One SMTP session on the MX or on submission."""
+
+    log = Logger()
+
+    def __init__(self, context: Any, submission: bool = False, implicit_tls: bool = False) -> None:
+        super().__init__(chal={}, contextFactory=None if implicit_tls else context.tls)
+        self.context = context
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+        self.timeout = context.config.limits.timeout
+        self.portal = context.portal
+        self.host = context.config.server.hostname.encode("ascii", "replace")
+        self._buffer = b""
+        self._pos = 0
+        self._discarding = False
+        self._draining = False
+        self._waiting = False
+        self._paused_transport = False
+        self._errors = 0
+        self._client_ip = "unknown"
+        self._helo_name: str | None = None
+        self._esmtp = False
+        self._user: str | None = None
+        self._delivery: BaseDelivery | None = None
+        self._logout: Any = None
+        self._sender: str | None = None
+        self._recipients: list[str] = []
+        self._message: IncomingMessage | None = None
+        self._auth_step: Any = None
+
+    # connection
+
+    def callLater(self, period, func):
+        """TimeoutMixin's timer, on the reactor we were given."""
+        return self.context.reactor.callLater(period, func)
+
+    def connectionMade(self) -> None:
+        try:
+            self.transport.setTcpNoDelay(True)  # replies are written in pieces
+        except (AttributeError, NotImplementedError, OSError):
+            pass
+        self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
+        if not self.submission:
+            self._delivery = InboundDelivery(self.context)
+        super().connectionMade()  # 220 greeting, idle timer
+        self.canStartTLS = self.canStartTLS and not self.implicit_tls
+
+    def greeting(self) -> bytes:
+        return self.host + b" ESMTP mailsrv"
+
+    def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self.setTimeout(None)
+        if self._message is not None:
+            self._message.connectionLost()
+            self._message = None
+        self._do_logout()
+
+    def timeoutConnection(self) -> None:
+        self._reply(replies.TIMEOUT)  # RFC 5321 4.5.3.2.7
+        self.log.info("timeout, closing connection from {client}", client=self._client_ip)
+        self.transport.loseConnection()
+
+    @property
+    def tls_active(self) -> bool:
+        """Whether this session is encrypted (implicit TLS or STARTTLS)."""
+        return self.implicit_tls or self.startedTLS or is_tls(self.transport)
+
+    def _auth_allowed(self) -> bool:
+        if self.tls_active:
+            return True
+        return cleartext_allowed(self.context.config.auth.cleartext, self.transport)
+
+    # input: lines, one command at a time
+
+    def dataReceived(self, data: bytes) -> None:
+        self.resetTimeout()
+        if self._pos:
+            self._buffer = self._buffer[self._pos :]
+            self._pos = 0
+        self._buffer += data
+        if not self._draining:
+            self._drain()
+
+    def _line_limit(self) -> int:
+        return MAX_TEXT_LINE if self.mode == DATA else MAX_AUTH_LINE
+
+    def _drain(self) -> None:
+        self._draining = True
+        try:
+            while not self._waiting and not self.transport.disconnecting:
+                end = self._buffer.find(b"\r\n", self._pos)
+                limit = self._line_limit()
+                if end < 0:
+                    if len(self._buffer) - self._pos > limit:
+                        # An over-long line: drop it as it comes; keep a CR
+                        # that may start the CRLF.
+                        self._discarding = True
+                        tail = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
+                        self._buffer, self._pos = tail, 0
+                    break
+                line = self._buffer[self._pos : end]
+                self._pos = end + 2
+                if self._discarding or len(line) > limit:
+                    self._discarding = False
+                    self._line_too_long()
+                else:
+                    self._line(line)
+            if self._waiting and len(self._buffer) - self._pos > MAX_PENDING:
+                if not self._paused_transport:
+                    self._paused_transport = True
+                    self.transport.pauseProducing()
+        finally:
+            self._draining = False
+
+    def _line(self, line: bytes) -> None:
+        if self.mode == DATA:
+            if line[:1] == b".":
+                if line == b".":
+                    self._end_data()
+                    return
+                line = line[1:]  # RFC 5321 4.5.2
+            message = self._message
+            assert message is not None
+            message.lineReceived(line)
+        elif self.mode == AUTH:
+            self._auth_line(line)
+        else:
+            self._command(line)
+
+    def _line_too_long(self) -> None:
+        if self.mode == DATA:
+            if self._message is not None:
+                self._message.fail(replies.LINE_TOO_LONG)  # answered after the dot
+            return
+        self.mode = COMMAND
+        self._auth_step = None
+        self._reply(replies.LINE_TOO_LONG)
+
+    def _wait(self, d: defer.Deferred) -> None:
+        """Read no further command until C{d} has fired (RFC 2920 3.1: in order)."""
+        self._waiting = True
+        self.setTimeout(None)
+
+        def done(result: Any) -> None:
+            self._waiting = False
+            if isinstance(result, Failure):
+                self.log.failure("unexpected error in SMTP session", failure=result)
+            if not self.transport.disconnecting:
+                self.setTimeout(self.timeout)
+            if self._paused_transport:
+                self._paused_transport = False
+                self.transport.resumeProducing()
+            if not self._draining:
+                self._drain()
+
+        d.addBoth(done)
+
+    def _command(self, line: bytes) -> None:
+        parts = line.strip().split(None, 1)
+        verb = parts[0].upper() if parts else b""
+        rest = parts[1] if len(parts) > 1 else b""
+        if len(line) > MAX_COMMAND and verb != b"AUTH":
+            self._reply(replies.LINE_TOO_LONG)
+            return
+        if verb in FORBIDDEN:
+            self.log.info("web request from {client}, closing", client=self._client_ip)
+            self._reply(replies.TOO_MANY_ERRORS)
+            self.transport.loseConnection()
+            return
+        if verb not in _VERBS:
+            self._reply(replies.SYNTAX_ERROR)
+            return
+        method = getattr(self, "do_" + verb.decode(), None) or getattr(self, "ext_" + verb.decode())
+        result = method(rest)
+        if isinstance(result, defer.Deferred):
+            self._wait(result)
+
+    # output
+
+    def _reply(self, reply: Reply, text: str | None = None) -> None:
+        """Send C{reply}; count it if it is an error and drop the client after too many."""
+        body = text or reply.text
+        if reply.enhanced:
+            body = f"{reply.enhanced} {body}"
+        self.sendCode(reply.code, body.encode("utf-8", "replace"))
+        self._count(reply.code)
+
+    def _reply_error(self, error: SMTPReplyError) -> None:
+        self.sendCode(error.code, str(error.resp).encode("utf-8", "replace"))
+        self._count(error.code)
+
+    def _count(self, code: int) -> None:
+        if code < 500 or code == replies.MESSAGE_TOO_BIG.code:
+            return
+        self._errors += 1
+        if self._errors >= self.context.config.limits.max_errors:
+            self.log.info("too many errors from {client}, closing", client=self._client_ip)
+            self.sendCode(
+                replies.TOO_MANY_ERRORS.code,
+                replies.TOO_MANY_ERRORS.line(),
+            )
+            self.transport.loseConnection()
+
+    # session
+
+    def _reset_transaction(self) -> None:
+        self._sender = None
+        self._recipients = []
+
+    def _do_logout(self) -> None:
+        logout, self._logout = self._logout, None
+        if logout is not None:
+            try:
+                logout()
+            except Exception:
+                self.log.failure("logout failed")
+
+    def do_HELO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=False)
+
+    def do_EHLO(self, rest: bytes) -> None:
+        self._greet(rest, esmtp=True)
+
+    def _greet(self, rest: bytes, esmtp: bool) -> None:
+        name = rest.strip()
+        if not name or len(name.split()) != 1:
+            self._reply(replies.BAD_ARGUMENTS, "HELO/EHLO requires a domain name")
+            return
+        self._helo_name = name.decode("ascii", "replace")
+        self._helo = (name, self._client_ip.encode("ascii", "replace"))
+        self._esmtp = esmtp
+        self._reset_transaction()
+        greeting = self.host + b" Hello " + name
+        if not esmtp:
+            self.sendCode(250, greeting)
+            return
+        self.sendCode(250, b"\n".join([greeting] + self.extension_lines()))
+
+    def extension_lines(self) -> list[bytes]:
+        """The EHLO keywords on offer in the current state (RFC 5321 4.1.1.1)."""
+        out = [
+            b"PIPELINING",  # RFC 2920
+            b"SIZE %d" % self.context.config.limits.max_message_size,  # RFC 1870
+            b"8BITMIME",  # RFC 6152
+            b"ENHANCEDSTATUSCODES",  # RFC 2034
+        ]
+        if self.canStartTLS and not self.tls_active:
+            out.append(b"STARTTLS")  # RFC 3207
+        if self.submission and self._user is None and self._auth_allowed():
+            out.append(b"AUTH PLAIN LOGIN")  # RFC 4954
+        return out
+
+    def do_NOOP(self, rest: bytes) -> None:
+        self._reply(replies.OK)
+
+    def do_RSET(self, rest: bytes) -> None:
+        self._reset_transaction()
+        self._reply(replies.OK)
+
+    def do_QUIT(self, rest: bytes) -> None:
+        self._reply(BYE)
+        self.transport.loseConnection()
+
+    def do_VRFY(self, rest: bytes) -> None:
+        self._reply(CANNOT_VRFY)  # RFC 5321 3.5.3: no address harvesting
+
+    def do_EXPN(self, rest: bytes) -> None:
+        self._reply(NOT_IMPLEMENTED)
+
+    def do_HELP(self, rest: bytes) -> None:
+        self._reply(HELP)
+
+    # the transaction
+
+    def do_MAIL(self, rest: bytes) -> defer.Deferred | None:
+        if self._helo_name is None:
+            self._reply(replies.BAD_SEQUENCE, "Send HELO/EHLO first")
+            return None
+        if self._sender is not None:
+            self._reply(replies.BAD_SEQUENCE, "Nested MAIL command")
+            return None
+        if self.submission and self._user is None:
+            self._reply(replies.AUTH_REQUIRED)  # RFC 4954 6
+            return None
+        try:
+            arg = parse_mail_from(rest)
+        except AddressError:
+            self._reply(replies.BAD_SENDER_SYNTAX)
+            return None
+        except ArgumentError:
+            self._reply(replies.BAD_ARGUMENTS)
+            return None
+        if arg.params and not self._esmtp:
+            self._reply(replies.BAD_PARAMETER)  # RFC 1869 6: only after EHLO
+            return None
+        for key, value in arg.params.items():
+            if key == "SIZE":  # RFC 1870 6
+                if value is None or not value.isdigit():
+                    self._reply(replies.BAD_ARGUMENTS)
+                    return None
+                if int(value) > self.context.config.limits.max_message_size:
+                    self._reply(replies.MESSAGE_TOO_BIG)
+                    return None
+            elif key == "BODY":  # RFC 6152 2
+                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                    self._reply(replies.BAD_ARGUMENTS)
+                    return None
+            elif key == "AUTH" and self.submission:  # RFC 4954 5: accepted, not trusted
+                pass
+            else:
+                self._reply(replies.BAD_PARAMETER)
+                return None
+        delivery = self._delivery
+        assert delivery is not None
+        d = defer.maybeDeferred(delivery.validateFrom, self._helo, arg.address)
+        d.addCallbacks(self._sender_ok, self._sender_refused, callbackArgs=(arg.address,))
+        return d
+
+    def _sender_ok(self, _: Any, address: str) -> None:
+        self._sender = address
+        self._recipients = []
+        self._reply(replies.SENDER_OK)
+
+    def _sender_refused(self, failure: Failure) -> None:
+        self._refused(failure, "sender")
+
+    def _refused(self, failure: Failure, what: str) -> None:
+        if failure.check(SMTPReplyError):
+            self._reply_error(failure.value)
+        else:
+            self.log.failure("checking a {what} failed", failure=failure, what=what)
+            self._reply(replies.LOCAL_ERROR)
+
+    def do_RCPT(self, rest: bytes) -> defer.Deferred | None:
+        if self._sender is None:
+            self._reply(replies.BAD_SEQUENCE, "Need MAIL before RCPT")
+            return None
+        try:
+            arg = parse_rcpt_to(rest, self.context.config.server.domains[0])
+        except AddressError:
+            self._reply(replies.BAD_DESTINATION_SYNTAX)
+            return None
+        except ArgumentError:
+            self._reply(replies.BAD_ARGUMENTS)
+            return None
+        if arg.params:
+            self._reply(replies.BAD_PARAMETER)
+            return None
+        if arg.address in self._recipients:
+            self._reply(replies.RECIPIENT_OK)
+            return None
+        if len(self._recipients) >= self.context.config.limits.max_recipients:
+            self._reply(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
+            return None
+        delivery = self._delivery
+        assert delivery is not None
+        d = defer.maybeDeferred(delivery.validateTo, arg.address)
+        d.addCallbacks(self._recipient_ok, self._recipient_refused, callbackArgs=(arg.address,))
+        return d
+
+    def _recipient_ok(self, _: Any, address: str) -> None:
+        if self._sender is None:
+            return  # the transaction was reset meanwhile
+        self._recipients.append(address)
+        self._reply(replies.RECIPIENT_OK)
+
+    def _recipient_refused(self, failure: Failure) -> None:
+        self._refused(failure, "recipient")
+
+    def do_DATA(self, rest: bytes) -> None:
+        if self._sender is None:
+            self._reply(replies.BAD_SEQUENCE, "Need MAIL command")
+            return
+        if not self._recipients:
+            self._reply(NO_VALID_RECIPIENTS)
+            return
+        if rest.strip():
+            self._reply(replies.BAD_ARGUMENTS)
+            return
+        delivery = self._delivery
+        assert delivery is not None
+        now = self.context.reactor.seconds()
+        queue_id = received.new_queue_id(now)
+        trace = received.received_header(
+            helo=self._helo_name or "unknown",
+            client_ip=self._client_ip,
+            client_name=None,
+            hostname=self.context.config.server.hostname,
+            protocol=received.with_protocol(self._esmtp, self.tls_active, self._user is not None),
+            queue_id=queue_id,
+            recipient=self._recipients[0] if len(self._recipients) == 1 else None,
+            tls_info=received.tls_description(self.transport) if self.tls_active else None,
+            now=now,
+        )
+        self._message = delivery.new_message(
+            self._sender, list(self._recipients), trace, self._client_ip, queue_id
+        )
+        self._reset_transaction()
+        self.mode = DATA
+        self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")
+
+    def _end_data(self) -> None:
+        self.mode = COMMAND
+        message, self._message = self._message, None
+        assert message is not None
+        d = message.eomReceived()
+        d.addCallbacks(self._accepted, self._not_accepted)
+        self._wait(d)
+
+    def _accepted(self, queue_id: str) -> None:
+        self._reply(replies.QUEUED, f"Ok: queued as {queue_id}")
+
+    def _not_accepted(self, failure: Failure) -> None:
+        self._refused(failure, "message")
+
+    # RFC 3207 STARTTLS
+
+    def ext_STARTTLS(self, rest: bytes) -> None:
+        if rest.strip():
+            self._reply(replies.BAD_ARGUMENTS)
+        elif self.tls_active:
+            self._reply(replies.BAD_SEQUENCE, "TLS already active")
+        elif not self.canStartTLS:
+            self._reply(TLS_UNAVAILABLE)
+        else:
+            self._reply(TLS_READY)
+            # RFC 3207 4.2: forget everything, including commands the client
+            # sent after STARTTLS in the clear (CVE-2011-0411).
+            self._buffer, self._pos = b"", 0
+            self._helo_name = None
+            self._helo = (None, self._client_ip.encode("ascii", "replace"))
+            self._esmtp = False
+            self._reset_transaction()
+            if self._user is not None:
+                self._user = None
+                self._delivery = None
+                self._do_logout()
+            self.transport.startTLS(self.context.tls)
+            self.startedTLS = True
+
+    # RFC 4954 AUTH
+
+    def ext_AUTH(self, rest: bytes) -> None:
+        if not self.submission:
+            self._reply(AUTH_NOT_ENABLED)  # the MX takes no logins, like Postfix's default
+            return
+        if self._helo_name is None:
+            self._reply(replies.BAD_SEQUENCE, "Send EHLO first")
+            return
+        if self._user is not None:
+            self._reply(replies.BAD_SEQUENCE, "Already authenticated")
+            return
+        if self._sender is not None:
+            self._reply(replies.BAD_SEQUENCE, "AUTH not permitted during a mail transaction")
+            return
+        if not self._auth_allowed():
+            self._reply(replies.ENCRYPTION_REQUIRED)
+            return
+        parts = rest.split(None, 1)
+        mechanism = parts[0].upper() if parts else b""
+        if mechanism not in (b"PLAIN", b"LOGIN"):
+            self._reply(AUTH_BAD_MECHANISM)
+            return
+        throttle = self.context.throttle
+        if throttle is not None and throttle.blocked(self._client_ip):
+            self.log.warn("login refused for {client}: too many failures", client=self._client_ip)
+            self._reply(AUTH_THROTTLED)
+            return
+        initial = parts[1] if len(parts) > 1 else None
+        if mechanism == b"PLAIN":
+            self._auth_step = self._auth_plain
+            if initial is None:
+                self.mode = AUTH
+                self.sendCode(334, b"")
+                return
+        else:
+            self._auth_step = self._auth_login_user
+            if initial is None:
+                self.mode = AUTH
+                self.sendCode(334, _B64_USERNAME)
+                return
+        self.mode = AUTH
+        self._auth_line(b"" if initial == b"=" else initial)
+
+    def _auth_line(self, line: bytes) -> defer.Deferred | None:
+        if line.strip() == b"*":
+            self.mode = COMMAND
+            self._reply(AUTH_ABORTED)
+            return None
+        try:
+            decoded = base64.b64decode(line.strip(), validate=True)
+        except (binascii.Error, ValueError):
+            self.mode = COMMAND
+            self._reply(AUTH_BAD_RESPONSE)
+            return None
+        return self._auth_step(decoded)
+
+    def _auth_plain(self, response: bytes) -> None:
+        parts = response.split(b"\0")
+        if len(parts) != 3 or not parts[1]:
+            self.mode = COMMAND
+            self._reply(AUTH_BAD_RESPONSE)
+            return
+        authzid, authcid, password = parts
+        if authzid and authzid != authcid:  # RFC 4616 2: no proxy logins
+            self.mode = COMMAND
+            self._auth_failed_for(authcid)
+            return
+        self._login(authcid, password)
+
+    def _auth_login_user(self, response: bytes) -> None:
+        self._login_user = response
+        self._auth_step = self._auth_login_password
+        self.sendCode(334, _B64_PASSWORD)
+
+    def _auth_login_password(self, response: bytes) -> None:
+        self._login(self._login_user, response)
+
+    def _login(self, username: bytes, password: bytes) -> None:
+        self.mode = COMMAND
+        self._auth_step = None
+        d = self.portal.login(UsernamePassword(username, password), None, smtp.IMessageDelivery)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
+        self._wait(d)
+
+    def _logged_in(self, result: tuple[Any, Any, Any]) -> None:
+        _, avatar, logout = result
+        user = getattr(avatar, "user", None)
+        self._delivery = avatar
+        self._user = user
+        self._logout = logout
+        if self.context.throttle is not None:
+            self.context.throttle.succeeded(self._client_ip)
+        self.log.info("smtp login {user} from {client}: ok", user=user, client=self._client_ip)
+        self._reply(AUTH_OK)
+
+    def _login_failed(self, failure: Failure, username: bytes) -> None:
+        if failure.check(UnauthorizedLogin, LoginFailed):
+            self._auth_failed_for(username)
+        else:
+            self.log.failure("login failed", failure=failure)
+            self._reply(replies.AUTH_TEMP_FAIL)
+
+    def _auth_failed_for(self, username: bytes) -> None:
+        if self.context.throttle is not None:
+            self.context.throttle.failed(self._client_ip)
+        self.log.warn(
+            "smtp login {user} from {client}: failed",
+            user=username.decode("utf-8", "replace"),
+            client=self._client_ip,
+        )
+        self._reply(replies.AUTH_FAILED)
+
+
+class SMTPFactory(smtp.SMTPFactory):
+    """Builds L{SMTPServer} sessions for one listener."""
+
+    def __init__(self, context: Any, submission: bool, implicit_tls: bool) -> None:
+        super().__init__(context.portal)
+        self.context = context
+        self.submission = submission
+        self.implicit_tls = implicit_tls
+        self.domain = context.config.server.hostname.encode("ascii", "replace")
+
+    def buildProtocol(self, addr) -> SMTPServer:
+        p = SMTPServer(self.context, self.submission, self.implicit_tls)
+        p.factory = self
+        return p
+
+
+def register_avatars(context: Any) -> None:
+    """Serve L{SubmissionDelivery} avatars for logins on the submission listeners."""
+    realm = getattr(context.portal, "realm", None)
+    if realm is not None and hasattr(realm, "register"):
+        realm.register(smtp.IMessageDelivery, lambda user: SubmissionDelivery(context, user))
+
+
+def smtp_factory(context: Any, submission: bool = False, implicit_tls: bool = False) -> SMTPFactory:
+    """The protocol factory for the MX (C{submission=False}) or a submission listener."""
+    if submission:
+        register_avatars(context)
+    return SMTPFactory(context, submission, implicit_tls)
+
+
+__all__ = ["SMTPServer", "SMTPFactory", "smtp_factory", "register_avatars"]
