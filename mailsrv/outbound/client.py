@@ -1,0 +1,363 @@
+"""
+One SMTP session to one remote host, on Twisted's ESMTPClient: EHLO,
+STARTTLS when offered (or required), AUTH for a smarthost, MAIL FROM, one
+RCPT per recipient, DATA streamed from the queue file. Ends with a
+L{SessionResult} saying what happened to each recipient.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+from twisted.internet import defer, protocol
+from twisted.internet.interfaces import IPushProducer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.mail import smtp
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv.outbound.mx import Hop
+
+BODY_CHUNK = 64 * 1024
+COMMAND_TIMEOUT = 300  # RFC 5321 4.5.3.2: 5 minutes for most replies
+
+_ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+# Stages of a session, in order; a failure before MAIL means "try the next host".
+CONNECT, GREETING, STARTTLS, AUTH, MAIL, RCPT, DATA, DOT, DONE = (
+    "connect", "greeting", "starttls", "auth", "mail", "rcpt", "data", "end of data", "done",
+)
+_STAGE_COMMAND = {
+    GREETING: "initial greeting", STARTTLS: "STARTTLS", AUTH: "AUTH", MAIL: "MAIL FROM",
+    RCPT: "RCPT TO", DATA: "DATA", DOT: "end of DATA",
+}
+
+
+@dataclass(frozen=True)
+class RemoteReply:
+    """A remote server's reply, or our own reason when it gave none (code 0)."""
+
+    code: int
+    text: str
+    command: str = ""  # the command it answered, for the DSN ("in reply to ...")
+
+    @property
+    def accepted(self) -> bool:
+        return 200 <= self.code < 300
+
+    @property
+    def permanent(self) -> bool:
+        return 500 <= self.code < 600
+
+    @property
+    def status(self) -> str:
+        """The RFC 3463 status: the one in the reply text, or derived from the code."""
+        m = _ENHANCED.match(self.text.encode("utf-8", "replace"))
+        if m and m.group(1).decode() == str(self.code)[0]:
+            return m.group(0).decode()
+        if self.accepted:
+            return "2.0.0"
+        return "5.0.0" if self.permanent else "4.0.0"
+
+    def __str__(self) -> str:
+        text = " ".join(self.text.split())
+        if self.code:
+            return f"{self.code} {text}"
+        return text
+
+
+@dataclass
+class SessionResult:
+    """What one session did: a reply per recipient, and how it ended."""
+
+    hop: Hop
+    replies: dict[str, RemoteReply] = field(default_factory=dict)
+    stage: str = CONNECT
+    tls: bool = False
+    tls_failed: bool = False  # the TLS handshake failed (a plain-text retry may work)
+
+    @property
+    def before_transaction(self) -> bool:
+        """The session failed before MAIL FROM: another host may do better."""
+        return self.stage in (CONNECT, GREETING, STARTTLS, AUTH)
+
+
+def _text(resp: Any) -> str:
+    if isinstance(resp, bytes):
+        return resp.decode("utf-8", "replace")
+    return str(resp or "")
+
+
+@implementer(IPushProducer)
+class _BodySender:
+    """
+    Streams the queued message to the transport: reads chunks in the thread
+    pool (never the whole message), converts LF to CRLF and dot-stuffs
+    (RFC 5321 4.5.2) across chunk boundaries, and honours back-pressure.
+    """
+
+    def __init__(self, f: Any, transport: Any, reactor: Any, pool: Any,
+                 on_chunk: Callable[[], None]) -> None:
+        self._f = f
+        self._transport = transport
+        self._reactor = reactor
+        self._pool = pool
+        self._on_chunk = on_chunk
+        self._paused = False
+        self._reading = False
+        self._stopped = False
+        self._line_start = True
+        self.last = b"\n"
+        self.done: defer.Deferred = defer.Deferred()
+
+    def start(self) -> defer.Deferred:
+        self._transport.registerProducer(self, True)
+        self._read()
+        return self.done
+
+    def _read(self) -> None:
+        if self._stopped or self._paused or self._reading:
+            return
+        self._reading = True
+        if self._pool is None:
+            d = defer.maybeDeferred(self._f.read, BODY_CHUNK)
+        else:
+            d = deferToThreadPool(self._reactor, self._pool, self._f.read, BODY_CHUNK)
+        d.addCallbacks(self._got, self._failed)
+
+    def transform(self, chunk: bytes) -> bytes:
+        chunk = chunk.replace(b"\n", b"\r\n")
+        if self._line_start and chunk.startswith(b"."):
+            chunk = b"." + chunk
+        chunk = chunk.replace(b"\r\n.", b"\r\n..")
+        self._line_start = chunk.endswith(b"\n")
+        return chunk
+
+    def _got(self, chunk: bytes) -> None:
+        self._reading = False
+        if self._stopped:
+            return
+        if not chunk:
+            self._transport.unregisterProducer()
+            self._stopped = True
+            self.done.callback(self.last)
+            return
+        data = self.transform(chunk)
+        self.last = data[-1:]
+        self._on_chunk()
+        self._transport.write(data)
+        self._read()
+
+    def _failed(self, f: Failure) -> None:
+        self._reading = False
+        if not self._stopped:
+            self._stopped = True
+            self._transport.unregisterProducer()
+            self.done.errback(f)
+
+    def pauseProducing(self) -> None:
+        self._paused = True
+
+    def resumeProducing(self) -> None:
+        self._paused = False
+        self._read()
+
+    def stopProducing(self) -> None:
+        if not self._stopped:
+            self._stopped = True
+            self.done.errback(Failure(ConnectionError("connection closed while sending the message")))
+
+
+class RelayClient(smtp.ESMTPClient):
+    """Twisted's ESMTP client, reporting per-recipient results to a L{Session}."""
+
+    debug = False
+
+    def __init__(self, session: Session, identity: bytes, context: Any, secret: bytes | None,
+                 username: bytes | None) -> None:
+        super().__init__(secret, context, identity)
+        self.session = session
+        self.result = SessionResult(session.hop)
+        self.requireTransportSecurity = session.require_tls
+        self.requireAuthentication = secret is not None
+        self.heloFallback = not (session.require_tls or secret is not None)
+        self._sent_from = False
+        if secret is not None and username is not None:
+            # Strongest first; the server's AUTH list decides (RFC 4954).
+            self.registerAuthenticator(smtp.CramMD5ClientAuthenticator(username))
+            self.registerAuthenticator(smtp.LOGINAuthenticator(username))
+            self.registerAuthenticator(smtp.PLAINAuthenticator(username))
+
+    # --- stage tracking ---------------------------------------------------
+
+    def connectionMade(self) -> None:
+        self.result.stage = GREETING
+        super().connectionMade()
+
+    def esmtpState_starttls(self, code: int, resp: bytes) -> None:
+        self.result.stage = STARTTLS
+        super().esmtpState_starttls(code, resp)
+        self.result.tls = self._tlsMode
+
+    def authenticate(self, code: int, resp: bytes, items: dict) -> None:
+        if self.secret:
+            self.result.stage = AUTH
+        super().authenticate(code, resp, items)
+
+    def smtpState_from(self, code: int, resp: bytes) -> None:
+        if not self._sent_from:
+            self.result.stage = MAIL
+        super().smtpState_from(code, resp)
+
+    def smtpState_to(self, code: int, resp: bytes) -> None:
+        self.result.stage = RCPT
+        return super().smtpState_to(code, resp)
+
+    def smtpState_toOrData(self, code: int, resp: bytes) -> None:
+        super().smtpState_toOrData(code, resp)
+        if self._okresponse == self.smtpState_data:
+            self.result.stage = DATA
+
+    # --- the transaction --------------------------------------------------
+
+    def getMailFrom(self) -> str | None:
+        if self._sent_from:
+            return None
+        self._sent_from = True
+        return self.session.sender
+
+    def getMailTo(self) -> Sequence[str]:
+        return list(self.session.recipients)
+
+    def getMailData(self) -> Any:
+        return self.session.message
+
+    def smtpState_data(self, code: int, resp: bytes) -> None:
+        sender = _BodySender(self.session.message, self.transport, self.session.reactor,
+                             self.session.pool, self.resetTimeout)
+
+        def sent(last: bytes) -> None:
+            self.result.stage = DOT
+            self.finishedFileTransfer(last)
+
+        def failed(f: Failure) -> None:
+            if self.result.stage != DONE:
+                self.transport.loseConnection()
+
+        sender.start().addCallbacks(sent, failed)
+        self._expected = smtp.SUCCESS
+        self._okresponse = self.smtpState_msgSent
+
+    def smtpState_msgSent(self, code: int, resp: Any) -> None:
+        stage = self.result.stage
+        reply = RemoteReply(code, _text(resp), _STAGE_COMMAND.get(stage, stage))
+        for addr, rcode, rresp in self.toAddressesResult:
+            addr = addr.decode() if isinstance(addr, bytes) else str(addr)
+            if not (200 <= rcode < 300):
+                self.result.replies[addr] = RemoteReply(rcode, _text(rresp), "RCPT TO")
+        for addr in self.session.recipients:
+            if addr not in self.result.replies and stage in (MAIL, DATA, DOT):
+                self.result.replies[addr] = reply
+        self.result.stage = DONE if stage == DOT else stage
+        self.toAddressesResult = []
+        self._from = None
+        self.session.finish(self.result)
+        self._disconnectFromServer()
+
+    def sendError(self, exc: Exception) -> None:
+        code = getattr(exc, "code", -1)
+        resp = getattr(exc, "resp", None) or str(exc)
+        stage = self.result.stage
+        if isinstance(exc, smtp.TLSRequiredError):
+            text = "TLS is required, but was not offered by host"
+            reply = RemoteReply(0, f"4.7.4 {text}", "EHLO")
+        elif code is not None and code > 0:
+            reply = RemoteReply(code, _text(resp), _STAGE_COMMAND.get(stage, stage))
+        else:
+            reply = RemoteReply(0, f"4.4.2 {_text(resp)}", _STAGE_COMMAND.get(stage, stage))
+        if isinstance(exc, smtp.AUTHDeclinedError | smtp.AuthenticationError | smtp.AUTHRequiredError) \
+                and reply.permanent:
+            # A refused login is our configuration's fault: retry, do not bounce.
+            reply = RemoteReply(0, f"4.7.0 {str(reply)}", "AUTH")
+        for addr in self.session.recipients:
+            self.result.replies.setdefault(addr, reply)
+        self.session.finish(self.result)
+        super().sendError(exc)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        super().connectionLost(reason)
+        if self.session.finished:
+            return
+        stage = self.result.stage
+        if stage == STARTTLS:
+            self.result.tls_failed = True
+        why = reason.getErrorMessage() if reason is not None else "connection lost"
+        reply = RemoteReply(0, f"4.4.2 lost connection with {self.session.hop.host} while "
+                               f"sending {_STAGE_COMMAND.get(stage, stage)}: {why}", "")
+        for addr in self.session.recipients:
+            self.result.replies.setdefault(addr, reply)
+        self.session.finish(self.result)
+
+
+class Session(protocol.ClientFactory):
+    """
+    One attempt to hand C{recipients} of a message to one L{Hop}; C{result}
+    fires with the L{SessionResult} (it never fails).
+    """
+
+    log = Logger()
+
+    def __init__(self, *, reactor: Any, pool: Any, hop: Hop, helo: str, sender: str,
+                 recipients: Sequence[str], message: Any, tls_context: Any = None,
+                 require_tls: bool = False, username: str | None = None,
+                 password: str | None = None, timeout: float = COMMAND_TIMEOUT) -> None:
+        self.reactor = reactor
+        self.pool = pool
+        self.hop = hop
+        self.helo = helo.encode("idna") if not helo.isascii() else helo.encode()
+        self.sender = sender
+        self.recipients = list(recipients)
+        self.message = message
+        self.tls_context = tls_context
+        self.require_tls = require_tls
+        self.username = username
+        self.password = password
+        self.timeout = timeout
+        self.finished = False
+        self.result: defer.Deferred = defer.Deferred()
+        self.protocol_instance: RelayClient | None = None
+
+    def buildProtocol(self, addr: Any) -> RelayClient:
+        p = RelayClient(
+            self,
+            self.helo,
+            self.tls_context,
+            None if self.password is None else self.password.encode(),
+            None if self.username is None else self.username.encode(),
+        )
+        p.factory = self
+        p.timeout = self.timeout
+        p.callLater = self.reactor.callLater  # TimeoutMixin: the clock we were given
+        self.protocol_instance = p
+        return p
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        result = SessionResult(self.hop, stage=CONNECT)
+        reply = RemoteReply(0, f"4.4.1 connect to {self.hop}: {reason.getErrorMessage()}", "")
+        for addr in self.recipients:
+            result.replies[addr] = reply
+        self.finish(result)
+
+    def finish(self, result: SessionResult) -> None:
+        if not self.finished:
+            self.finished = True
+            self.result.callback(result)
+
+    def connect(self, connect_timeout: float) -> defer.Deferred:
+        """Connect and run the session; fires with the L{SessionResult}."""
+        self.reactor.connectTCP(self.hop.address, self.hop.port, self, timeout=connect_timeout)
+        return self.result

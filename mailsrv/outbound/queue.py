@@ -1,0 +1,307 @@
+"""
+The outbound queue on disk: one message file and one envelope file (JSON)
+per queued message, under the queue folder.
+
+    <queue_dir>/<id>.msg    the message, LF line ends, headers included
+    <queue_dir>/<id>.env    the envelope: sender, recipients and their states
+    <queue_dir>/tmp/        files being written
+    <queue_dir>/flush       present: the running relayer retries everything now
+
+Every file is written under tmp/, fsynced, renamed into place, and the folder
+fsynced; the envelope is renamed last, so an envelope on disk always has its
+message. The envelope is rewritten the same way after every delivery attempt,
+so a recipient confirmed by a remote server is never sent to again.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import secrets
+import shutil
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.interfaces import IMessageSource, IOutboundQueue
+
+PENDING = "pending"
+SENT = "sent"
+FAILED = "failed"
+
+MSG_SUFFIX = ".msg"
+ENV_SUFFIX = ".env"
+FLUSH_FILE = "flush"
+_COPY_CHUNK = 256 * 1024
+
+
+@dataclass
+class Recipient:
+    """One recipient of a queued message and where its delivery stands."""
+
+    address: str
+    state: str = PENDING  # pending | sent | failed
+    attempts: int = 0
+    status: str = ""  # RFC 3463 enhanced status of the last result, e.g. 5.1.1
+    reply: str = ""  # the remote server's reply (code and text), or our reason
+    remote: str = ""  # the remote host that gave it
+    last_attempt: float = 0.0
+    notified: bool = False  # a failure DSN has been sent for it
+
+
+@dataclass
+class Envelope:
+    """The envelope of a queued message: what the relayer needs, as stored."""
+
+    id: str
+    sender: str  # '' for the null sender <>
+    recipients: list[Recipient]
+    created: float
+    next_attempt: float
+    attempts: int = 0
+    last_error: str = ""
+    warned: bool = False  # the "delayed" DSN has been sent
+    size: int = 0
+
+    def pending(self) -> list[Recipient]:
+        return [r for r in self.recipients if r.state == PENDING]
+
+    def to_json(self) -> bytes:
+        return json.dumps({"version": 1, **asdict(self)}, indent=1, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: bytes) -> Envelope:
+        raw = json.loads(data)
+        raw.pop("version", None)
+        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
+        return cls(**raw)
+
+
+def new_queue_id(now: float) -> str:
+    """A unique id that sorts by arrival: microseconds in hex, then randomness."""
+    return f"{int(now * 1_000_000):014X}{secrets.token_hex(3).upper()}"
+
+
+def _valid_id(queue_id: str) -> bool:
+    return bool(queue_id) and all(c in "0123456789ABCDEF" for c in queue_id)
+
+
+def _checked(queue_id: str) -> str:
+    if not _valid_id(queue_id):
+        raise FileNotFoundError(f"not a queue id: {queue_id!r}")
+    return queue_id
+
+
+class QueueStore:
+    """
+    The blocking file operations of the queue. Every method here runs in a
+    thread pool (L{OutboundQueue} sees to that) or in the admin command.
+    """
+
+    def __init__(self, queue_dir: Path | str) -> None:
+        self.dir = Path(queue_dir)
+        self.tmp_dir = self.dir / "tmp"
+
+    def ensure(self) -> None:
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+
+    def message_path(self, queue_id: str) -> Path:
+        return self.dir / (_checked(queue_id) + MSG_SUFFIX)
+
+    def envelope_path(self, queue_id: str) -> Path:
+        return self.dir / (_checked(queue_id) + ENV_SUFFIX)
+
+    def _fsync_dir(self) -> None:
+        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+    def _write_file(self, final: Path, write: Callable[[Any], None]) -> None:
+        tmp = self.tmp_dir / f"{final.name}.{secrets.token_hex(4)}"
+        try:
+            with open(tmp, "wb") as f:
+                write(f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+    def store(self, envelope: Envelope, source: IMessageSource) -> None:
+        """Write the message, then its envelope, durably."""
+        self.ensure()
+
+        def copy(out: Any) -> None:
+            with source.open() as f:
+                shutil.copyfileobj(f, out, _COPY_CHUNK)
+
+        self._write_file(self.message_path(envelope.id), copy)
+        self._write_file(self.envelope_path(envelope.id), lambda f: f.write(envelope.to_json()))
+        self._fsync_dir()
+
+    def save_envelope(self, envelope: Envelope) -> bool:
+        """
+        Rewrite an envelope durably. Returns False (and writes nothing) when
+        the message has been removed meanwhile, e.g. by ``queue delete``.
+        """
+        if not self.message_path(envelope.id).exists():
+            return False
+        self._write_file(self.envelope_path(envelope.id), lambda f: f.write(envelope.to_json()))
+        self._fsync_dir()
+        return True
+
+    def load_envelope(self, queue_id: str) -> Envelope:
+        return Envelope.from_json(self.envelope_path(queue_id).read_bytes())
+
+    def remove(self, queue_id: str) -> bool:
+        """Remove a message: the envelope first, so no envelope is left without its message."""
+        if not _valid_id(queue_id):
+            return False
+        found = False
+        for p in (self.envelope_path(queue_id), self.message_path(queue_id)):
+            try:
+                p.unlink()
+                found = True
+            except FileNotFoundError:
+                pass
+        if found:
+            self._fsync_dir()
+        return found
+
+    def ids(self) -> list[str]:
+        """The ids of every message with an envelope, oldest first."""
+        try:
+            names = os.listdir(self.dir)
+        except FileNotFoundError:
+            return []
+        out = [n[: -len(ENV_SUFFIX)] for n in names if n.endswith(ENV_SUFFIX)]
+        return sorted(i for i in out if _valid_id(i))
+
+    def scan(self) -> tuple[list[Envelope], list[str]]:
+        """
+        Load every envelope; return them and the ids whose envelope is
+        unreadable. Messages without an envelope (a crash before the envelope's
+        rename, so never acknowledged) and stale temp files are removed.
+        """
+        self.ensure()
+        envelopes, bad = [], []
+        names = set(os.listdir(self.dir))
+        for queue_id in self.ids():
+            try:
+                envelopes.append(self.load_envelope(queue_id))
+            except (OSError, ValueError, TypeError, KeyError):
+                bad.append(queue_id)
+        for n in names:
+            if n.endswith(MSG_SUFFIX) and (n[: -len(MSG_SUFFIX)] + ENV_SUFFIX) not in names:
+                (self.dir / n).unlink(missing_ok=True)
+        for n in os.listdir(self.tmp_dir):
+            (self.tmp_dir / n).unlink(missing_ok=True)
+        return envelopes, bad
+
+    def take_flush_request(self) -> bool:
+        """Whether ``queue flush`` asked for a retry now; consumes the request."""
+        try:
+            (self.dir / FLUSH_FILE).unlink()
+            return True
+        except FileNotFoundError:
+            return False
+
+    def request_flush(self) -> None:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        (self.dir / FLUSH_FILE).touch()
+
+
+@implementer(IOutboundQueue)
+class OutboundQueue:
+    """
+    The queue as the SMTP server sees it: L{enqueue} stores a message durably
+    in the thread pool and then tells the listeners (the relayer) about it.
+    """
+
+    log = Logger()
+
+    def __init__(self, queue_dir: Path | str, reactor: Any, threadpool: Any) -> None:
+        self.store = QueueStore(queue_dir)
+        self._reactor = reactor
+        self._pool = threadpool
+        self._listeners: list[Callable[[Envelope], None]] = []
+
+    def _in_pool(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
+        return deferToThreadPool(self._reactor, self._pool, f, *args)
+
+    def add_listener(self, callback: Callable[[Envelope], None]) -> None:
+        """Call C{callback(envelope)} after each message is queued."""
+        self._listeners.append(callback)
+
+    def remove_listener(self, callback: Callable[[Envelope], None]) -> None:
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+
+    def enqueue(self, sender: str, recipients: Iterable[str], source: IMessageSource) -> defer.Deferred:
+        """Store the message and its envelope durably; fire with the queue id."""
+        now = self._reactor.seconds()
+        rcpts = list(dict.fromkeys(recipients))  # once each, in order
+        if not rcpts:
+            return defer.fail(ValueError("no recipients"))
+        envelope = Envelope(
+            id=new_queue_id(time.time()),
+            sender=sender or "",
+            recipients=[Recipient(r) for r in rcpts],
+            created=now,
+            next_attempt=now,
+            size=source.size,
+        )
+        d = self._in_pool(self.store.store, envelope, source)
+
+        def stored(_: None) -> str:
+            self.log.info(
+                "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} (queue active)",
+                queue_id=envelope.id,
+                sender=envelope.sender,
+                size=envelope.size,
+                nrcpt=len(rcpts),
+            )
+            for cb in list(self._listeners):
+                try:
+                    cb(envelope)
+                except Exception:
+                    self.log.failure("queue listener failed for {queue_id}", queue_id=envelope.id)
+            return envelope.id
+
+        return d.addCallback(stored)
+
+    def save(self, envelope: Envelope) -> defer.Deferred:
+        """Rewrite an envelope durably; fires with False if the message is gone."""
+        return self._in_pool(self.store.save_envelope, envelope)
+
+    def remove(self, queue_id: str) -> defer.Deferred:
+        return self._in_pool(self.store.remove, queue_id)
+
+    def scan(self) -> defer.Deferred:
+        return self._in_pool(self.store.scan)
+
+    def poll(self) -> defer.Deferred:
+        """Fire with (ids on disk, whether ``queue flush`` asked for a retry now)."""
+        return self._in_pool(lambda: (self.store.ids(), self.store.take_flush_request()))
+
+
+@implementer(IMessageSource)
+class FileSource:
+    """A queued message file as an L{IMessageSource} (for local delivery and DSNs)."""
+
+    def __init__(self, path: Path | str, size: int) -> None:
+        self.path = Path(path)
+        self.size = size
+
+    def open(self) -> Any:
+        return open(self.path, "rb")

@@ -1,0 +1,441 @@
+"""
+The relayer: takes due messages from the queue, groups their pending
+recipients by destination, runs one SMTP session per group (at most
+C{per_destination_concurrency} at a time per destination), records each
+recipient's result durably, schedules retries and sends DSNs.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer, ssl, task
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+
+from mailsrv.config import Config
+from mailsrv.outbound import dsn
+from mailsrv.outbound.client import RemoteReply, Session, SessionResult
+from mailsrv.outbound.errors import DeliveryError
+from mailsrv.outbound.mx import Hop, MXResolver
+from mailsrv.outbound.queue import (
+    FAILED,
+    PENDING,
+    SENT,
+    Envelope,
+    FileSource,
+    OutboundQueue,
+    Recipient,
+)
+from mailsrv.outbound.schedule import RetrySchedule
+from mailsrv.spool import BytesSource
+
+RECIPIENTS_PER_SESSION = 50  # like Postfix's smtp_destination_recipient_limit
+SMARTHOST = "[smarthost]"
+
+
+def recipient_domain(address: str) -> str:
+    return address.rpartition("@")[2].rstrip(".").lower()
+
+
+class Relayer:
+    """Delivers the queue; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        queue: OutboundQueue,
+        reactor: Any,
+        threadpool: Any,
+        resolver: MXResolver,
+        store: Any = None,
+        passwords: Any = None,
+        schedule: RetrySchedule | None = None,
+        scan_interval: float = 5.0,
+        trust_root: Any = None,
+    ) -> None:
+        self.config = config
+        self.queue = queue
+        self.reactor = reactor
+        self.pool = threadpool
+        self.resolver = resolver
+        self.store = store
+        self.passwords = passwords
+        self.schedule = schedule or RetrySchedule.from_config(config.relay)
+        self.scan_interval = scan_interval
+        self.trust_root = trust_root
+        self.entries: dict[str, Envelope] = {}
+        self._active: dict[str, defer.Deferred] = {}
+        self._locks: dict[str, defer.DeferredLock] = {}
+        self._semaphores: dict[str, defer.DeferredSemaphore] = {}
+        self._sessions: set[Session] = set()
+        self._timer: Any = None
+        self._poller: task.LoopingCall | None = None
+        self._running = False
+        self._may_context = ssl.CertificateOptions(verify=False)
+
+    # --- life cycle -------------------------------------------------------
+
+    @defer.inlineCallbacks
+    def start(self):
+        """Load every envelope on disk and resume delivery."""
+        self._running = True
+        envelopes, bad = yield self.queue.scan()
+        for queue_id in bad:
+            self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
+        for env in envelopes:
+            self.entries.setdefault(env.id, env)
+        self.log.info("relayer started with {n} queued message(s)", n=len(self.entries))
+        self.queue.add_listener(self._queued)
+        self._poller = task.LoopingCall(self._poll)
+        self._poller.clock = self.reactor
+        self._poller.start(self.scan_interval, now=False).addErrback(
+            lambda f: self.log.failure("queue poll stopped", f)
+        )
+        self._schedule()
+
+    def stop(self) -> defer.Deferred:
+        """Stop starting deliveries, abort open sessions, wait for their results to be saved."""
+        self._running = False
+        self.queue.remove_listener(self._queued)
+        if self._poller is not None and self._poller.running:
+            self._poller.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        for s in list(self._sessions):
+            p = s.protocol_instance
+            if p is not None and p.transport is not None:
+                p.transport.abortConnection()
+        return defer.DeferredList(list(self._active.values()), consumeErrors=True)
+
+    # --- scheduling -------------------------------------------------------
+
+    def _queued(self, env: Envelope) -> None:
+        if env.id not in self.entries:
+            self.entries[env.id] = env
+            self._schedule()
+
+    def flush(self) -> None:
+        """Retry every queued message now."""
+        now = self.reactor.seconds()
+        for env in self.entries.values():
+            if env.id not in self._active:
+                env.next_attempt = now
+        self._schedule()
+
+    def _poll(self) -> defer.Deferred:
+        """Notice ``queue flush`` and ``queue delete`` done by the admin command."""
+        d = self.queue.poll()
+
+        def polled(result: tuple[list[str], bool]) -> Any:
+            ids, flush = result
+            on_disk = set(ids)
+            for queue_id in list(self.entries):
+                if queue_id not in on_disk and queue_id not in self._active:
+                    self.log.info("{queue_id}: removed from the queue by the administrator",
+                                  queue_id=queue_id)
+                    del self.entries[queue_id]
+            if flush:
+                self.log.info("queue flush requested")
+                self.flush()
+
+        return d.addCallback(polled).addErrback(
+            lambda f: self.log.failure("queue poll failed", f)
+        )
+
+    def _schedule(self) -> None:
+        if not self._running:
+            return
+        now = self.reactor.seconds()
+        for env in list(self.entries.values()):
+            if env.id not in self._active and env.next_attempt <= now:
+                self._start(env)
+        idle = [e.next_attempt for e in self.entries.values() if e.id not in self._active]
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+        self._timer = None
+        if idle:
+            self._timer = self.reactor.callLater(max(0.0, min(idle) - now), self._schedule)
+
+    def _start(self, env: Envelope) -> None:
+        d = self._attempt(env)
+        self._active[env.id] = d
+
+        def done(_: Any) -> None:
+            self._active.pop(env.id, None)
+            self._schedule()
+
+        d.addErrback(lambda f: self.log.failure("{queue_id}: delivery attempt failed",
+                                                f, queue_id=env.id))
+        d.addBoth(done)
+
+    # --- one delivery attempt of one message -------------------------------
+
+    @defer.inlineCallbacks
+    def _attempt(self, env: Envelope):
+        groups: dict[str, list[Recipient]] = defaultdict(list)
+        local: list[Recipient] = []
+        for r in env.pending():
+            domain = recipient_domain(r.address)
+            if self.config.is_local_domain(domain) and self.store is not None:
+                local.append(r)
+            elif self.config.relay.smarthost:
+                groups[SMARTHOST].append(r)
+            else:
+                groups[domain].append(r)
+        jobs = []
+        if local:
+            jobs.append(self._deliver_local(env, local))
+        for domain, rcpts in groups.items():
+            for i in range(0, len(rcpts), RECIPIENTS_PER_SESSION):
+                jobs.append(self._deliver_remote(env, domain, rcpts[i : i + RECIPIENTS_PER_SESSION]))
+        results = yield defer.DeferredList(jobs, consumeErrors=True)
+        for ok, value in results:
+            if not ok:
+                self.log.failure("{queue_id}: delivery job failed", value, queue_id=env.id)
+        yield self._finish_round(env)
+
+    def _lock(self, env: Envelope) -> defer.DeferredLock:
+        return self._locks.setdefault(env.id, defer.DeferredLock())
+
+    def _save(self, env: Envelope) -> defer.Deferred:
+        """Rewrite the envelope durably, one write at a time per message."""
+        return self._lock(env).run(self.queue.save, env)
+
+    def _in_pool(self, f: Any, *args: Any) -> defer.Deferred:
+        return deferToThreadPool(self.reactor, self.pool, f, *args)
+
+    def _record(self, env: Envelope, r: Recipient, reply: RemoteReply, remote: str,
+                relay: str) -> None:
+        now = self.reactor.seconds()
+        r.attempts += 1
+        r.last_attempt = now
+        r.reply = str(reply)
+        r.remote = remote
+        r.status = reply.status
+        if reply.accepted:
+            r.state, result = SENT, "sent"
+        elif reply.permanent:
+            r.state, result = FAILED, "bounced"
+        else:
+            result = "deferred"
+        env.last_error = "" if reply.accepted else r.reply
+        self.log.info(
+            "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
+            "status={result} ({reply})",
+            queue_id=env.id, rcpt=r.address, relay=relay, delay=now - env.created,
+            status=r.status, result=result, reply=str(reply),
+        )
+
+    @defer.inlineCallbacks
+    def _deliver_local(self, env: Envelope, rcpts: Sequence[Recipient]):
+        source = FileSource(self.queue.store.message_path(env.id), env.size)
+        for r in rcpts:
+            if self.passwords is not None and not self.passwords.has_user(r.address):
+                reply = RemoteReply(550, "5.1.1 User unknown in local recipient table")
+                self._record(env, r, reply, "", "local")
+                continue
+            try:
+                yield self.store.deliver(r.address, source, env.sender)
+            except Exception as e:
+                self._record(env, r, RemoteReply(451, f"4.3.0 local delivery failed: {e}"), "",
+                             "local")
+            else:
+                self._record(env, r, RemoteReply(250, "2.0.0 delivered to mailbox"), "", "local")
+        yield self._save(env)
+
+    def _tls_for(self, domain: str, hop: Hop) -> tuple[Any, bool]:
+        """The STARTTLS context and whether TLS is required, by policy."""
+        if domain == SMARTHOST:
+            policy = self.config.relay.smarthost_tls
+        else:
+            policy = self.config.relay.tls_policy.get(domain, "may")
+        if policy == "none":
+            return None, False
+        if policy == "verify":
+            trust = self.trust_root if self.trust_root is not None else ssl.platformTrust()
+            return ssl.optionsForClientTLS(hop.host, trustRoot=trust), True
+        return self._may_context, policy == "encrypt"
+
+    def _hops(self, domain: str) -> defer.Deferred:
+        if domain == SMARTHOST:
+            host, port = _split_hostport(self.config.relay.smarthost or "", 25)
+            return self.resolver.host_hops(host, port)
+        return self.resolver.resolve(domain)
+
+    @defer.inlineCallbacks
+    def _deliver_remote(self, env: Envelope, domain: str, rcpts: Sequence[Recipient]):
+        sem = self._semaphores.setdefault(
+            domain, defer.DeferredSemaphore(self.config.relay.per_destination_concurrency)
+        )
+        yield sem.acquire()
+        try:
+            if not self._running:
+                return
+            try:
+                hops = yield self._hops(domain)
+            except DeliveryError as e:
+                code = 550 if e.permanent else 450
+                reply = RemoteReply(code, f"{e.status} {e.text}")
+                for r in rcpts:
+                    self._record(env, r, reply, "", "none")
+                    r.reply = e.text
+                yield self._save(env)
+                return
+            result = yield self._try_hops(env, domain, hops, [r.address for r in rcpts])
+            by_addr = {r.address: r for r in rcpts}
+            for addr, r in by_addr.items():
+                reply = result.replies.get(addr) or RemoteReply(0, "4.4.2 no reply")
+                remote = result.hop.host if reply.code else ""
+                self._record(env, r, reply, remote, str(result.hop))
+        finally:
+            sem.release()
+        yield self._save(env)
+
+    @defer.inlineCallbacks
+    def _try_hops(self, env: Envelope, domain: str, hops: Sequence[Hop], addrs: list[str]):
+        """Run a session with each hop in turn until one gets as far as MAIL FROM."""
+        path = self.queue.store.message_path(env.id)
+        f = yield self._in_pool(open, path, "rb")
+        result: SessionResult | None = None
+        try:
+            for hop in hops:
+                context, required = self._tls_for(domain, hop)
+                for ctx in (context, None):
+                    yield self._in_pool(f.seek, 0)
+                    result = yield self._session(env, hop, addrs, f, ctx, required, domain)
+                    # Opportunistic TLS whose handshake failed: try once more in plain text.
+                    if not (result.tls_failed and ctx is not None and not required):
+                        break
+                if not self._running or not result.before_transaction:
+                    break
+        finally:
+            yield self._in_pool(f.close)
+        assert result is not None
+        return result
+
+    def _session(self, env: Envelope, hop: Hop, addrs: list[str], f: Any, context: Any,
+                 required: bool, domain: str) -> defer.Deferred:
+        relay = self.config.relay
+        smarthost = domain == SMARTHOST
+        s = Session(
+            reactor=self.reactor,
+            pool=self.pool,
+            hop=hop,
+            helo=self.config.server.hostname,
+            sender=env.sender,
+            recipients=addrs,
+            message=f,
+            tls_context=context,
+            require_tls=required,
+            username=relay.smarthost_username if smarthost else None,
+            password=relay.smarthost_password if smarthost else None,
+        )
+        self._sessions.add(s)
+        d = s.connect(relay.connect_timeout)
+
+        def done(result: SessionResult) -> SessionResult:
+            self._sessions.discard(s)
+            return result
+
+        return d.addBoth(done)
+
+    # --- after a round: retries, expiry, DSNs -----------------------------
+
+    @defer.inlineCallbacks
+    def _finish_round(self, env: Envelope):
+        now = self.reactor.seconds()
+        env.attempts += 1
+        pending = env.pending()
+        if pending and self._running:
+            nxt = self.schedule.next_attempt(env.attempts, env.created, now)
+            if nxt is None:
+                for r in pending:
+                    r.state = FAILED
+                    r.status = "5.4.7"  # RFC 3463: delivery time expired
+                    r.reply = f"message expired after {self.schedule.max_lifetime:.0f}s in the " \
+                              f"queue; last error: {r.reply or 'none'}"
+                    r.remote = ""
+                    self.log.info("{queue_id}: to=<{rcpt}>, status=expired ({reply})",
+                                  queue_id=env.id, rcpt=r.address, reply=r.reply)
+                pending = []
+            else:
+                env.next_attempt = nxt
+                if self.schedule.should_warn(env.created, now, env.warned):
+                    yield self._notify(env, pending, dsn.DELAYED,
+                                       env.created + self.schedule.max_lifetime)
+                    env.warned = True
+        failed = [r for r in env.recipients if r.state == FAILED and not r.notified]
+        if failed:
+            yield self._notify(env, failed, dsn.FAILED, None)
+            for r in failed:
+                r.notified = True
+        if pending:
+            yield self._save(env)
+        else:
+            yield self._lock(env).run(self.queue.remove, env.id)
+            self.entries.pop(env.id, None)
+            self._locks.pop(env.id, None)
+            self.log.info("{queue_id}: removed", queue_id=env.id)
+
+    @defer.inlineCallbacks
+    def _notify(self, env: Envelope, rcpts: Sequence[Recipient], action: str,
+                retry_until: float | None):
+        """Send a DSN to the envelope sender; never for mail from <> (no bounce of a bounce)."""
+        who = ", ".join(r.address for r in rcpts)
+        if not env.sender:
+            self.log.info("{queue_id}: not sending a {action} DSN for <{rcpts}>: the sender "
+                          "is <> (a bounce is never bounced); dropped",
+                          queue_id=env.id, action=action, rcpts=who)
+            return
+        path = self.queue.store.message_path(env.id)
+
+        def headers() -> bytes:
+            with open(path, "rb") as f:
+                return dsn.read_headers(f)
+
+        original = yield self._in_pool(headers)
+        report = dsn.build_dsn(
+            hostname=self.config.server.hostname,
+            envelope=env,
+            recipients=rcpts,
+            action=action,
+            original_headers=original,
+            now=self.reactor.seconds(),
+            retry_until=retry_until,
+        )
+        source = BytesSource(report)
+        sender = env.sender
+        try:
+            if self.config.is_local_domain(recipient_domain(sender)) and self.store is not None:
+                if self.passwords is not None and not self.passwords.has_user(sender):
+                    self.log.warn("{queue_id}: {action} DSN for unknown local sender <{sender}> "
+                                  "dropped", queue_id=env.id, action=action, sender=sender)
+                    return
+                yield self.store.deliver(sender, source, "")
+                where = "mailbox"
+            else:
+                where = yield self.queue.enqueue("", [sender], source)
+        except Exception as e:
+            self.log.error("{queue_id}: could not send the {action} DSN to <{sender}>: {why}",
+                           queue_id=env.id, action=action, sender=sender, why=str(e))
+            raise
+        self.log.info("{queue_id}: sender {action} notification to <{sender}> ({where}) "
+                      "for <{rcpts}>", queue_id=env.id, action=action, sender=sender,
+                      where=where, rcpts=who)
+
+
+def _split_hostport(value: str, default: int) -> tuple[str, int]:
+    if value.startswith("["):
+        host, _, rest = value[1:].partition("]")
+        return host, int(rest[1:]) if rest.startswith(":") else default
+    if value.count(":") == 1:
+        host, port = value.split(":")
+        return host, int(port)
+    return value, default

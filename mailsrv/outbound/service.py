@@ -1,0 +1,63 @@
+"""The outbound part of the server: the queue the SMTP server fills, and the relayer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer
+
+from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
+from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.outbound.relayer import Relayer
+
+
+class OutboundService(service.Service):
+    """Starts the relayer (resuming the queue on disk) and stops it cleanly."""
+
+    name = "outbound"
+
+    def __init__(self, relayer: Relayer) -> None:
+        self.relayer = relayer
+
+    def startService(self) -> None:
+        super().startService()
+        self._started = self.relayer.start()
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        d = self._started
+        return d.addBoth(lambda _: self.relayer.stop())
+
+
+def outbound_service(
+    ctx: Any,
+    *,
+    resolver: Any = None,
+    trust_root: Any = None,
+    scan_interval: float = 5.0,
+) -> OutboundService:
+    """
+    Build the queue (set as C{ctx.queue}) and the relayer's service.
+    C{resolver} replaces the DNS resolver built from C{[dns] nameservers};
+    C{trust_root} the platform's CAs for the "verify" TLS policy (tests).
+    """
+    config = ctx.config
+    queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
+    queue.store.ensure()
+    ctx.queue = queue
+    if resolver is None:
+        resolver = make_resolver(config.dns.nameservers, ctx.reactor)
+    mx = MXResolver(resolver, config.relay.port, listening_addresses(config.listen.get("smtp", ())))
+    relayer = Relayer(
+        config=config,
+        queue=queue,
+        reactor=ctx.reactor,
+        threadpool=ctx.threadpool,
+        resolver=mx,
+        store=ctx.store,
+        passwords=ctx.passwords,
+        scan_interval=scan_interval,
+        trust_root=trust_root,
+    )
+    return OutboundService(relayer)
