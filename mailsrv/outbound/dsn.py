@@ -149,5 +149,5 @@ def build_dsn(
     report.attach(headers)
 
     out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(linesep="\n")).flatten(report)
+    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(linesep="\n", max_line_length=None)).flatten(report)
     return out.getvalue()

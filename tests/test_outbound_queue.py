@@ -1,0 +1,165 @@
+"""The queue on disk: durable enqueue, envelopes that survive a new Queue object, admin commands."""
+
+from __future__ import annotations
+
+import argparse
+import io
+import os
+
+from twisted.internet import defer
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+from zope.interface.verify import verifyObject
+
+from mailsrv.config import parse
+from mailsrv.interfaces import IMessageSource, IOutboundQueue
+from mailsrv.outbound import admin
+from mailsrv.outbound.queue import (
+    FAILED,
+    PENDING,
+    SENT,
+    Envelope,
+    FileSource,
+    OutboundQueue,
+    QueueStore,
+)
+from mailsrv.spool import BytesSource, SpooledSource
+
+MESSAGE = b"From: a@example.test\nTo: b@remote.test\nSubject: hi\n\nbody\n.\nline\n"
+
+
+class QueueTests(unittest.TestCase):
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.pool = ThreadPool(1, 2, name="test-queue")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.dir = self.mktemp()
+        self.queue = OutboundQueue(self.dir, reactor, self.pool)
+
+    def test_interfaces(self):
+        verifyObject(IOutboundQueue, self.queue)
+        verifyObject(IMessageSource, FileSource(__file__, 1))
+
+    @defer.inlineCallbacks
+    def test_enqueue_is_on_disk_when_it_fires(self):
+        seen = []
+        self.queue.add_listener(seen.append)
+        qid = yield self.queue.enqueue("a@example.test", ["b@remote.test", "c@remote.test",
+                                                         "b@remote.test"], BytesSource(MESSAGE))
+        store = QueueStore(self.dir)
+        with open(store.message_path(qid), "rb") as f:
+            self.assertEqual(f.read(), MESSAGE)
+        env = store.load_envelope(qid)
+        self.assertEqual(env.sender, "a@example.test")
+        self.assertEqual([r.address for r in env.recipients], ["b@remote.test", "c@remote.test"])
+        self.assertEqual({r.state for r in env.recipients}, {PENDING})
+        self.assertEqual(env.size, len(MESSAGE))
+        self.assertEqual([e.id for e in seen], [qid])
+        self.assertEqual(os.listdir(os.path.join(self.dir, "tmp")), [])
+
+    @defer.inlineCallbacks
+    def test_large_spooled_message_is_copied_whole(self):
+        src = SpooledSource(self.mktemp(), spill_at=1024)
+        data = b"".join(b"line %d of a long message\n" % i for i in range(20000))
+        src.write(data)
+        src.finish()
+        qid = yield self.queue.enqueue("", ["x@remote.test"], src)
+        with open(QueueStore(self.dir).message_path(qid), "rb") as f:
+            self.assertEqual(f.read(), data)
+        self.assertEqual(QueueStore(self.dir).load_envelope(qid).sender, "")
+
+    @defer.inlineCallbacks
+    def test_recipient_state_survives_a_new_queue_object(self):
+        qid = yield self.queue.enqueue("a@example.test", ["b@remote.test", "c@remote.test"],
+                                       BytesSource(MESSAGE))
+        envs, bad = yield self.queue.scan()
+        (env,) = envs
+        env.recipients[0].state = SENT
+        env.recipients[1].state = FAILED
+        env.recipients[1].reply = "550 5.1.1 no such user"
+        env.attempts = 3
+        saved = yield self.queue.save(env)
+        self.assertTrue(saved)
+
+        again = OutboundQueue(self.dir, self.reactor, self.pool)
+        envs, bad = yield again.scan()
+        self.assertEqual(bad, [])
+        (env2,) = envs
+        self.assertEqual(env2.id, qid)
+        self.assertEqual([r.state for r in env2.recipients], [SENT, FAILED])
+        self.assertEqual(env2.recipients[1].reply, "550 5.1.1 no such user")
+        self.assertEqual(env2.attempts, 3)
+        self.assertEqual(env2, env)
+
+    @defer.inlineCallbacks
+    def test_scan_drops_orphans_and_save_after_delete_writes_nothing(self):
+        qid = yield self.queue.enqueue("a@example.test", ["b@remote.test"], BytesSource(MESSAGE))
+        store = QueueStore(self.dir)
+        # A crash between the message's rename and the envelope's: never acknowledged.
+        orphan = store.message_path("00000000000001ABCDEF")
+        orphan.write_bytes(b"x")
+        (store.tmp_dir / "half-written").write_bytes(b"x")
+        envs, bad = yield self.queue.scan()
+        self.assertEqual([e.id for e in envs], [qid])
+        self.assertFalse(orphan.exists())
+        self.assertEqual(os.listdir(store.tmp_dir), [])
+        self.assertTrue(store.remove(qid))
+        saved = yield self.queue.save(envs[0])
+        self.assertFalse(saved)
+        self.assertEqual(store.ids(), [])
+        self.assertFalse(store.remove(qid))
+        self.assertFalse(store.remove("../../etc/passwd"))
+
+    def test_envelope_json_round_trip(self):
+        env = Envelope("0A", "s@x", [], 1.5, 2.5)
+        self.assertEqual(Envelope.from_json(env.to_json()), env)
+
+
+class AdminTests(unittest.TestCase):
+    def setUp(self):
+        self.data = self.mktemp()
+        self.config = parse(f'[server]\ndata_dir = "{self.data}"\n')
+        self.store = QueueStore(self.config.queue_dir)
+
+    def run_cmd(self, *argv):
+        parser = argparse.ArgumentParser()
+        sub = parser.add_subparsers()
+        admin.add_queue_commands(sub)
+        args = parser.parse_args(["queue", *argv])
+        out = io.StringIO()
+        return getattr(args, admin.HANDLER)(args, self.config, out), out.getvalue()
+
+    def test_list_show_flush_delete(self):
+        code, out = self.run_cmd("list")
+        self.assertEqual((code, out.strip()), (0, "Mail queue is empty"))
+        env = Envelope("0ABC", "a@example.test", [], 100.0, 100.0, size=len(MESSAGE))
+        from mailsrv.outbound.queue import Recipient
+
+        env.recipients = [Recipient("b@remote.test"), Recipient("c@remote.test", state=SENT)]
+        env.last_error = "451 4.3.0 try later"
+        self.store.store(env, BytesSource(MESSAGE))
+        code, out = self.run_cmd("list")
+        self.assertEqual(code, 0)
+        self.assertIn("0ABC", out)
+        self.assertIn("b@remote.test", out)
+        self.assertNotIn("c@remote.test", out)  # already delivered
+        self.assertIn("451 4.3.0 try later", out)
+        code, out = self.run_cmd("show", "0abc")
+        self.assertEqual(code, 0)
+        self.assertIn('"sender": "a@example.test"', out)
+        self.assertIn("Subject: hi", out)
+        self.assertNotIn("body", out)
+        code, out = self.run_cmd("flush")
+        self.assertEqual(code, 0)
+        self.assertTrue(self.store.take_flush_request())
+        self.assertFalse(self.store.take_flush_request())
+        code, out = self.run_cmd("delete", "0ABC")
+        self.assertEqual(code, 0)
+        self.assertEqual(self.store.ids(), [])
+        code, _ = self.run_cmd("delete", "0ABC")
+        self.assertEqual(code, 1)
+        code, _ = self.run_cmd("show", "0ABC")
+        self.assertEqual(code, 1)
