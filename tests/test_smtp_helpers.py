@@ -166,8 +166,8 @@ class Session:
         return self.send(line + b"\r\n")
 
     def codes(self, data: str | bytes) -> list[str]:
-        """Send, return the first 9 characters of each final reply line (code + enhanced)."""
-        return [line[:9] for line in self.send(data) if line[3:4] == " "]
+        """Send; return the code and enhanced code of each final reply line."""
+        return [" ".join(line.split(" ", 2)[:2]) for line in self.send(data) if line[3:4] == " "]
 
     def close(self) -> None:
         self.proto.connectionLost(None)
