@@ -1,0 +1,171 @@
+"""
+The per-folder index: an sqlite3 database (WAL) beside, not inside, the mail
+directory. It holds UIDVALIDITY, UIDNEXT, which state of the mbox file it
+describes (size, mtime_ns, inode), and per message its UID, offsets, CRLF
+size, flags, internal date and a fingerprint to recognise it after another
+program rewrote the file. Blocking; used from the disk threads only, one
+thread at a time per folder.
+"""
+
+from __future__ import annotations
+
+import os
+import sqlite3
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from urllib.parse import quote, unquote
+
+from twisted.logger import Logger
+
+SCHEMA_VERSION = 1
+SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal")
+
+Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp)
+
+
+def index_base(index_dir: Path, domain: str, local: str, name: str) -> Path:
+    """C{<index_dir>/<domain>/<local>/<quoted name>} (add a suffix from L{SUFFIXES})."""
+    return index_dir / domain / local / quote(name, safe="")
+
+
+def name_of(filename: str) -> str | None:
+    """The folder name an index file belongs to, or None."""
+    for suffix in SUFFIXES:
+        if filename.endswith(suffix):
+            return unquote(filename[: -len(suffix)])
+    return None
+
+
+def remove_index(base: Path) -> None:
+    """Delete a folder's index files."""
+    for suffix in SUFFIXES:
+        try:
+            os.unlink(str(base) + suffix)
+        except FileNotFoundError:
+            pass
+
+
+def flags_text(flags: Iterable[str]) -> str:
+    return " ".join(sorted(flags))
+
+
+class FolderIndex:
+    """One folder's index database."""
+
+    log = Logger()
+
+    def __init__(self, base: Path, new_validity: Callable[[], int]) -> None:
+        self.path = Path(str(base) + ".sqlite")
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.fresh = False
+        try:
+            self._open(new_validity)
+        except sqlite3.DatabaseError as e:
+            self.log.warn("index {path} unusable ({error}); rebuilding", path=str(self.path),
+                          error=str(e))
+            try:
+                self._db.close()
+            except Exception:
+                pass
+            remove_index(base)
+            self._open(new_validity)
+
+    def _open(self, new_validity: Callable[[], int]) -> None:
+        self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
+        db = self._db
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=FULL")  # a committed UID assignment survives power loss
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS msgs (uid INTEGER PRIMARY KEY, from_off INTEGER,"
+                " start INTEGER, stop INTEGER, size INTEGER, flags TEXT, idate REAL,"
+                " crc INTEGER, fp INTEGER)"
+            )
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if not meta:
+                self.fresh = True
+                meta = {"version": SCHEMA_VERSION, "uid_validity": new_validity(),
+                        "uid_next": 1, "size": -1, "mtime_ns": -1, "ino": -1}
+                db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
+            elif int(meta.get("version", 0)) != SCHEMA_VERSION:
+                raise sqlite3.DatabaseError("unknown index version")
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+        self.uid_validity = int(meta["uid_validity"])
+        self.uid_next = int(meta["uid_next"])
+        size, mtime, ino = int(meta["size"]), int(meta["mtime_ns"]), int(meta["ino"])
+        self.covered: tuple[int, int, int] | None = None if size < 0 else (size, mtime, ino)
+
+    def rows(self) -> list[Row]:
+        """All messages, in UID (= file) order."""
+        return self._db.execute(
+            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp FROM msgs ORDER BY uid"
+        ).fetchall()
+
+    def _set_meta(self, uid_next: int, covered: tuple[int, int, int]) -> None:
+        self._db.executemany(
+            "UPDATE meta SET value = ? WHERE key = ?",
+            [(uid_next, "uid_next"), (covered[0], "size"), (covered[1], "mtime_ns"),
+             (covered[2], "ino")],
+        )
+
+    def _tx(self, fn) -> None:
+        db = self._db
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            fn(db)
+            db.execute("COMMIT")
+        except BaseException:
+            db.execute("ROLLBACK")
+            raise
+
+    def replace_all(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
+        """Make the index describe exactly C{rows}, in one transaction."""
+
+        def fn(db):
+            db.execute("DELETE FROM msgs")
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._set_meta(uid_next, covered)
+
+        self._tx(fn)
+        self.uid_next, self.covered = uid_next, covered
+
+    def add(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
+        """Record messages appended at the end of the file."""
+
+        def fn(db):
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            self._set_meta(uid_next, covered)
+
+        self._tx(fn)
+        self.uid_next, self.covered = uid_next, covered
+
+    def rewrite(self, removed: list[int], moved: list[tuple[int, int, int, int]],
+                covered: tuple[int, int, int]) -> None:
+        """After an expunge: drop C{removed} UIDs, move others ((from, start, stop, uid))."""
+
+        def fn(db):
+            db.executemany("DELETE FROM msgs WHERE uid = ?", [(u,) for u in removed])
+            db.executemany("UPDATE msgs SET from_off = ?, start = ?, stop = ? WHERE uid = ?", moved)
+            self._set_meta(self.uid_next, covered)
+
+        self._tx(fn)
+        self.covered = covered
+
+    def set_covered(self, covered: tuple[int, int, int]) -> None:
+        self._tx(lambda db: self._set_meta(self.uid_next, covered))
+        self.covered = covered
+
+    def set_flags(self, changes: list[tuple[str, int]]) -> None:
+        """C{changes}: (flags text, uid) pairs, stored in one transaction."""
+        self._tx(lambda db: db.executemany("UPDATE msgs SET flags = ? WHERE uid = ?", changes))
+
+    def close(self) -> None:
+        try:
+            self._db.close()
+        except sqlite3.Error:
+            pass

@@ -1,0 +1,1168 @@
+"""
+The mbox message store: one mboxrd file per folder under the mail directory,
+an sqlite index per folder under the index directory (see
+L{mailsrv.store.index}), dotlock + fcntl locking (L{mailsrv.store.locking}).
+
+Disk work runs on the thread pool, ordered per folder by a serial queue.
+Deliveries that arrive while a write to the same folder is in progress are
+written together under one lock and one fsync (group commit). The index is
+brought up to date lazily, when a folder is opened or refreshed: unchanged
+files are not read, grown files are scanned from the old end, rewritten files
+are rescanned and their messages matched to the old index by fingerprint, so
+UIDs and flags survive edits by mutt or procmail.
+"""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+import threading
+import time
+import zlib
+from array import array
+from bisect import bisect_left
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
+from mailsrv.store import mboxfmt
+from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
+from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
+from mailsrv.store.names import (
+    DELIMITER,
+    INBOX,
+    canonical_folder,
+    folder_path,
+    normalize_user,
+    split_user,
+    user_dir,
+)
+
+IDLE_STATES = 16  # folders kept loaded with no session open
+RESERVED_SUFFIXES = (".lock",)
+
+
+# -- in-memory state -----------------------------------------------------
+
+
+class _FileHandle:
+    """A read-only fd on one mbox inode; closed when the last reader lets go."""
+
+    __slots__ = ("fd", "ino")
+
+    def __init__(self, path: Path) -> None:
+        self.fd = os.open(path, os.O_RDONLY)
+        self.ino = os.fstat(self.fd).st_ino
+
+    def __del__(self) -> None:
+        try:
+            os.close(self.fd)
+        except OSError:
+            pass
+
+
+@dataclass
+class _Snapshot:
+    """What a folder holds, as parallel arrays in file (= UID) order."""
+
+    uids: array
+    from_offs: array
+    starts: array
+    ends: array
+    crcs: array
+    fps: array
+    infos: list[MessageInfo]
+    handle: _FileHandle | None
+
+    @classmethod
+    def empty(cls, handle: _FileHandle | None = None) -> _Snapshot:
+        return cls(array("q"), array("q"), array("q"), array("q"), array("q"), array("q"), [],
+                   handle)
+
+    def find(self, uid: int) -> int:
+        i = bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return i
+        raise KeyError(uid)
+
+
+@dataclass
+class _Update:
+    """What a disk job found; installed on the reactor thread."""
+
+    snap: _Snapshot
+    uid_validity: int
+    uid_next: int
+    changed: bool
+    append_only: bool = False
+    result: Any = None
+    size: int = -1  # file size the snapshot covers
+
+
+class _SerialQueue:
+    """Runs jobs (functions returning Deferreds) one after another."""
+
+    def __init__(self) -> None:
+        self._tail: defer.Deferred = defer.succeed(None)
+        self.pending = 0
+
+    def run(self, fn: Callable[[], Any]) -> defer.Deferred:
+        self.pending += 1
+        out: defer.Deferred = defer.Deferred()
+
+        def start(_):
+            inner = defer.maybeDeferred(fn)
+
+            def finish(r):
+                self.pending -= 1
+                if isinstance(r, Failure):
+                    out.errback(r)
+                else:
+                    out.callback(r)
+                return None
+
+            return inner.addBoth(finish)
+
+        self._tail.addCallback(start)
+        return out
+
+
+class _FolderState:
+    """One folder, shared by every session on it in this process."""
+
+    def __init__(self, store: MboxMailStore, user: str, name: str) -> None:
+        local, domain = split_user(user)
+        self.user = user
+        self.name = name
+        self.path = folder_path(store.mail_dir, user, name)
+        self.index_base = index_base(store.index_dir, domain, local, name)
+        self.journal = Path(str(self.index_base) + ".journal")
+        self.queue = _SerialQueue()
+        self.index: FolderIndex | None = None  # used on the disk threads only
+        self.snap: _Snapshot | None = None
+        self.uid_validity = 0
+        self.uid_next = 1
+        self.listeners: list[Callable[[], None]] = []
+        self.sessions = 0
+        self.version = 0
+        self.mutation_version = 0  # last change other than an append
+        self.pending: list[tuple[Any, str, float, defer.Deferred]] = []
+        self.batch_scheduled = False
+        self.detached = False
+        self.announced_size = -1  # listeners were told of our appends up to here
+
+
+# -- the store -------------------------------------------------------------
+
+
+@implementer(IMailStore)
+class MboxMailStore:
+    """All users' folders as mbox files under C{mail_dir}, indexes under C{index_dir}."""
+
+    log = Logger()
+
+    def __init__(self, mail_dir: Path, index_dir: Path, reactor: Any, threadpool: Any,
+                 lock_timeout: float = DEFAULT_TIMEOUT,
+                 clock: Callable[[], float] = time.time) -> None:
+        self.mail_dir = Path(mail_dir)
+        self.index_dir = Path(index_dir)
+        self._reactor = reactor
+        self._pool = threadpool
+        self.lock_timeout = lock_timeout
+        self._clock = clock
+        self._states: dict[tuple[str, str], _FolderState] = {}
+        self._idle: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self._validity_lock = threading.Lock()
+        self._last_validity = 0
+
+    # -- plumbing
+
+    def _in_thread(self, fn, *args) -> defer.Deferred:
+        return deferToThreadPool(self._reactor, self._pool, fn, *args)
+
+    def _state(self, user: str, name: str) -> _FolderState:
+        user = normalize_user(user)
+        name = canonical_folder(name)
+        key = (user, name)
+        st = self._states.get(key)
+        if st is None:
+            st = self._states[key] = _FolderState(self, user, name)
+        self._idle.pop(key, None)
+        return st
+
+    def _job(self, st: _FolderState, fn: Callable[[], Any]) -> defer.Deferred:
+        """Run C{fn} (reactor thread, returns a Deferred) in the folder's queue."""
+        d = st.queue.run(fn)
+        d.addBoth(self._after_job, st)
+        return d
+
+    def _after_job(self, result, st: _FolderState):
+        self._maybe_idle(st)
+        return result
+
+    def _maybe_idle(self, st: _FolderState) -> None:
+        if st.sessions or st.queue.pending or st.pending:
+            return
+        key = (st.user, st.name)
+        if self._states.get(key) is not st:
+            return
+        if st.snap is None or st.detached:
+            self._drop(key)
+            return
+        self._idle[key] = None
+        self._idle.move_to_end(key)
+        while len(self._idle) > IDLE_STATES:
+            old, _ = self._idle.popitem(last=False)
+            self._drop(old)
+
+    def _drop(self, key: tuple[str, str]) -> None:
+        self._idle.pop(key, None)
+        st = self._states.pop(key, None)
+        if st is not None and st.index is not None:
+            index, st.index = st.index, None
+            st.queue.run(lambda: self._in_thread(index.close))
+
+    def _notify(self, st: _FolderState) -> None:
+        for cb in list(st.listeners):
+            try:
+                cb()
+            except Exception:
+                self.log.failure("folder listener failed")
+
+    def new_validity(self) -> int:
+        """A fresh UIDVALIDITY: the time, but never the same twice in this process."""
+        with self._validity_lock:
+            v = max(int(self._clock()), self._last_validity + 1) & 0xFFFFFFFF
+            self._last_validity = v
+            return v
+
+    # -- disk side: syncing the index with the file (threads only)
+
+    def _open_index(self, st: _FolderState) -> FolderIndex:
+        if st.index is None:
+            st.index = FolderIndex(st.index_base, self.new_validity)
+        return st.index
+
+    def _load(self, st: _FolderState, idx: FolderIndex) -> _Snapshot:
+        """The snapshot the index describes (no file access)."""
+        if st.snap is not None:
+            return st.snap
+        rows = idx.rows()
+        snap = _Snapshot.empty()
+        fcache: dict[str, frozenset[str]] = {}
+        infos = snap.infos
+        for uid, from_off, start, stop, size, flags, idate, crc, fp in rows:
+            fs = fcache.get(flags)
+            if fs is None:
+                fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
+            infos.append(MessageInfo(uid, size, fs, idate))
+        if rows:
+            cols = list(zip(*rows, strict=True))
+            snap.uids = array("q", cols[0])
+            snap.from_offs = array("q", cols[1])
+            snap.starts = array("q", cols[2])
+            snap.ends = array("q", cols[3])
+            snap.crcs = array("q", cols[7])
+            snap.fps = array("q", cols[8])
+        return snap
+
+    def _sync(self, st: _FolderState, create: bool = False) -> _Update:
+        """Bring the index up to date with the file; lock only if the file changed."""
+        if st.detached:
+            raise FolderError("Folder was renamed or deleted")
+        idx = self._open_index(st)
+        snap = self._load(st, idx)
+        try:
+            s = os.stat(st.path)
+        except FileNotFoundError:
+            if not (create or st.name == INBOX):
+                raise FolderError("No such folder")
+            st.path.parent.mkdir(parents=True, exist_ok=True)
+            s = None
+        if s is not None and not _is_file(s):
+            raise FolderError("No such folder")
+        if (s is not None and idx.covered == _covered(s) and snap.handle is not None
+                and snap.handle.ino == s.st_ino):
+            return _Update(snap, idx.uid_validity, idx.uid_next, False)
+        with MboxLock(st.path, self.lock_timeout, create=True) as lk:
+            return self._sync_locked(st, lk.fd, snap)
+
+    def _sync_locked(self, st: _FolderState, fd: int, snap: _Snapshot,
+                     new_flags: list[tuple[frozenset[str], float | None]] | None = None
+                     ) -> _Update:
+        """With the mbox locked: recover a broken append, then index what changed."""
+        idx = self._open_index(st)
+        self._recover(st, fd)
+        s = os.fstat(fd)
+        covered = _covered(s)
+        handle = snap.handle
+        if handle is None or handle.ino != s.st_ino:
+            handle = _FileHandle(st.path)
+        if idx.covered == covered:
+            if handle is snap.handle:
+                return _Update(snap, idx.uid_validity, idx.uid_next, False)
+            snap = replace(snap, handle=handle)
+            return _Update(snap, idx.uid_validity, idx.uid_next, False)
+        old = idx.covered
+        size = s.st_size
+        tail_from = -1
+        if old is not None and old[2] == s.st_ino and size > old[0]:
+            if not snap.uids:
+                tail_from = old[0] if old[0] == 0 else -1
+            elif _intact_tail(fd, snap, old[0]):
+                tail_from = old[0]
+        if tail_from >= 0:
+            res = mboxfmt.scan(fd, tail_from, size)
+            rows = []
+            uid = idx.uid_next
+            new = _copy_snapshot(snap, handle)
+            for i in range(len(res.starts)):
+                flags, date = res.flags[i], res.dates[i]
+                if new_flags and i < len(new_flags):
+                    flags = new_flags[i][0]
+                    if new_flags[i][1] is not None:
+                        date = new_flags[i][1]
+                rows.append((uid, res.from_offs[i], res.starts[i], res.ends[i], res.sizes[i],
+                             flags_text(flags), date, res.crcs[i], res.fps[i]))
+                _append_row(new, rows[-1], flags)
+                uid += 1
+            idx.add(rows, uid, covered)
+            return _Update(new, idx.uid_validity, uid, bool(rows), append_only=True, size=size)
+        # Rewritten by someone else (or a crash between expunge's rename and commit):
+        # rescan, and keep UIDs and flags of the messages we recognise.
+        self.log.info("rescanning {path}: changed outside the index", path=str(st.path))
+        res = mboxfmt.scan(fd, 0, size)
+        by_fp: dict[int, list[int]] = {}
+        for j, fp in enumerate(snap.fps):
+            by_fp.setdefault(fp, []).append(j)
+        rows = []
+        new = _Snapshot.empty(handle)
+        uid_next = idx.uid_next
+        last = -1
+        renumber = False
+        for i in range(len(res.starts)):
+            match = -1
+            cands = by_fp.get(res.fps[i])
+            while cands:
+                j = cands.pop(0)
+                if j > last:
+                    match = j
+                    break
+            if match >= 0:
+                last = match
+                info = snap.infos[match]
+                flags, date = info.flags, info.internal_date
+                if renumber:
+                    uid, uid_next = uid_next, uid_next + 1
+                else:
+                    uid = info.uid
+            else:
+                flags, date = res.flags[i], res.dates[i]
+                uid, uid_next = uid_next, uid_next + 1
+                renumber = True  # UIDs must keep ascending in file order
+            row = (uid, res.from_offs[i], res.starts[i], res.ends[i], res.sizes[i],
+                   flags_text(flags), date, res.crcs[i], res.fps[i])
+            rows.append(row)
+            _append_row(new, row, flags)
+        idx.replace_all(rows, uid_next, covered)
+        return _Update(new, idx.uid_validity, uid_next, True)
+
+    def _recover(self, st: _FolderState, fd: int) -> None:
+        """Truncate away an append that a crash left half written (journal says where)."""
+        try:
+            text = st.journal.read_text()
+        except FileNotFoundError:
+            return
+        try:
+            ino, pre, post = (int(x) for x in text.split())
+        except ValueError:
+            ino = pre = post = -1
+        s = os.fstat(fd)
+        if s.st_ino == ino and pre < s.st_size < post:
+            self.log.warn("truncating partial append to {path} from {size} to {pre}",
+                          path=str(st.path), size=s.st_size, pre=pre)
+            os.ftruncate(fd, pre)
+            os.fsync(fd)
+        _unlink(st.journal)
+
+    def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> None:
+        st.journal.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            mboxfmt.write_all(fd, b"%d %d %d\n" % (ino, pre, post))
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def _append_locked(self, st: _FolderState, fd: int,
+                       items: list[tuple[Any, str, float]]) -> int:
+        """Append messages in one write and one fsync; on any error truncate back. Returns the new size."""
+        prepared = []
+        total = 0
+        for source, sender, when in items:
+            line = mboxfmt.from_line(sender, when)
+            pieces, qlen = mboxfmt.quoted_message(source)
+            prepared.append((line, pieces, source))
+            total += len(line) + qlen + 1
+        s = os.fstat(fd)
+        pre = s.st_size
+        pad = b""
+        if pre > 0:
+            tail = os.pread(fd, 2, pre - 2 if pre >= 2 else 0)
+            if tail == b"\n" and pre == 1:
+                pad = b""
+            elif not tail.endswith(b"\n"):
+                pad = b"\n\n"
+            elif tail != b"\n\n":
+                pad = b"\n"
+        total += len(pad)
+        self._write_journal(st, s.st_ino, pre, pre + total)
+        try:
+            os.lseek(fd, pre, os.SEEK_SET)
+            written = 0
+            buf = [pad]
+            buffered = len(pad)
+            for line, pieces, source in prepared:
+                buf.append(line)
+                buffered += len(line)
+                if pieces is None:
+                    written += mboxfmt.write_all(fd, b"".join(buf))
+                    buf, buffered = [], 0
+                    written += mboxfmt.write_quoted(fd, source)
+                else:
+                    buf.extend(pieces)
+                    buffered += sum(len(p) for p in pieces)
+                buf.append(b"\n")
+                buffered += 1
+                if buffered >= 4 * 1024 * 1024:
+                    written += mboxfmt.write_all(fd, b"".join(buf))
+                    buf, buffered = [], 0
+            if buf:
+                written += mboxfmt.write_all(fd, b"".join(buf))
+            if written != total:
+                raise OSError(errno.EIO, "message changed while being stored")
+            os.fsync(fd)
+        except BaseException:
+            try:
+                os.ftruncate(fd, pre)
+                os.fsync(fd)
+            except OSError:
+                self.log.failure("could not truncate {path} after a failed append",
+                                 path=str(st.path))
+                raise
+            _unlink(st.journal)
+            raise
+        _unlink(st.journal)
+        return pre + total
+
+    # -- deliver (group commit)
+
+    def deliver(self, user, source, sender, folder=INBOX):
+        try:
+            st = self._state(user, folder)
+        except Exception:
+            return defer.fail()
+        d: defer.Deferred = defer.Deferred()
+        st.pending.append((source, sender or "", self._clock(), d))
+        if not st.batch_scheduled:
+            st.batch_scheduled = True
+            self._job(st, lambda: self._flush(st))
+        return d
+
+    def _flush(self, st: _FolderState) -> defer.Deferred:
+        items, st.pending = st.pending, []
+        st.batch_scheduled = False
+        d = self._in_thread(self._deliver_batch, st, [(s, f, w) for s, f, w, _ in items])
+
+        def done(result):
+            if isinstance(result, Failure):
+                if result.check(FolderError):
+                    self.log.info("delivery to {user} {folder} refused: {error}",
+                                  user=st.user, folder=st.name, error=str(result.value))
+                else:
+                    self.log.error("delivery to {user} {folder} failed: {error}",
+                                   user=st.user, folder=st.name, error=repr(result.value))
+                for *_, dd in items:
+                    dd.errback(result)
+                return None
+            st.announced_size = max(st.announced_size, result)
+            self._notify(st)
+            for *_, dd in items:
+                dd.callback(None)
+            return None
+
+        return d.addBoth(done)
+
+    def _deliver_batch(self, st: _FolderState, items) -> int:
+        if st.name != INBOX and not st.path.is_file():
+            raise FolderError("No such folder")
+        if st.name == INBOX:
+            st.path.parent.mkdir(parents=True, exist_ok=True)
+        with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
+            self._recover(st, lk.fd)
+            return self._append_locked(st, lk.fd, items)
+
+    # -- folders
+
+    def _install(self, upd: _Update, st: _FolderState) -> _Update:
+        first = st.snap is None
+        st.snap = upd.snap
+        validity_changed = st.uid_validity != upd.uid_validity
+        st.uid_validity = upd.uid_validity
+        st.uid_next = upd.uid_next
+        if upd.changed or validity_changed:
+            st.version += 1
+            if not upd.append_only:
+                st.mutation_version = st.version
+            announced = upd.append_only and 0 <= upd.size <= st.announced_size
+            if not first and not announced:
+                self._notify(st)
+        return upd
+
+    def _sync_job(self, st: _FolderState) -> defer.Deferred:
+        return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
+
+    def open_folder(self, user, name, read_only=False):
+        try:
+            st = self._state(user, name)
+        except Exception:
+            return defer.fail()
+
+        def opened(_):
+            if st.detached:
+                raise FolderError("No such folder")
+            return MboxFolder(self, st, read_only)
+
+        return self._sync_job(st).addCallback(opened)
+
+    def folder_status(self, user, name):
+        try:
+            st = self._state(user, name)
+        except Exception:
+            return defer.fail()
+
+        def status(_):
+            snap = st.snap
+            assert snap is not None
+            return {
+                "messages": len(snap.infos),
+                "uid_next": st.uid_next,
+                "uid_validity": st.uid_validity,
+                "unseen": sum(1 for i in snap.infos if SEEN not in i.flags),
+            }
+
+        return self._sync_job(st).addCallback(status)
+
+    def list_folders(self, user):
+        try:
+            user = normalize_user(user)
+        except Exception:
+            return defer.fail()
+        return self._in_thread(self._list_folders, user)
+
+    def _list_folders(self, user: str) -> list[tuple[str, bool]]:
+        root = user_dir(self.mail_dir, user)
+        out = {INBOX: True}
+        for dirpath, dirnames, filenames in os.walk(root):
+            rel = os.path.relpath(dirpath, root)
+            prefix = "" if rel == "." else rel.replace(os.sep, DELIMITER) + DELIMITER
+            dirnames[:] = [d for d in dirnames if not d.startswith(".")]
+            for d in dirnames:
+                out.setdefault(prefix + d, False)
+            for f in filenames:
+                if f.startswith(".") or f.endswith(RESERVED_SUFFIXES):
+                    continue
+                try:
+                    out[canonical_folder(prefix + f)] = True
+                except FolderError:
+                    continue
+        return sorted(out.items())
+
+    def _check_new_name(self, name: str) -> str:
+        name = canonical_folder(name)
+        if name == INBOX:
+            raise FolderError("Folder already exists")
+        if name.startswith(INBOX + DELIMITER):
+            raise FolderError("INBOX cannot have sub-folders")
+        if any(part.endswith(RESERVED_SUFFIXES) for part in name.split(DELIMITER)):
+            raise FolderError("Folder names must not end with .lock")
+        return name
+
+    def create_folder(self, user, name):
+        try:
+            user = normalize_user(user)
+            name = self._check_new_name(name)
+            st = self._state(user, name)
+        except Exception:
+            return defer.fail()
+
+        def job():
+            return self._in_thread(self._create, st)
+
+        return self._job(st, job)
+
+    def _create(self, st: _FolderState) -> None:
+        root = user_dir(self.mail_dir, st.user)
+        path = st.path
+        if os.path.lexists(path):
+            raise FolderError("Folder already exists")
+        parent = path.parent
+        for p in [parent, *parent.parents]:
+            if p == root or root not in p.parents and p != root:
+                break
+            if p.exists() and not p.is_dir():
+                raise FolderError("A mailbox cannot have sub-folders here")
+        parent.mkdir(parents=True, exist_ok=True)
+        if st.index is not None:
+            st.index.close()
+            st.index = None
+        st.snap = None
+        remove_index(st.index_base)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        os.fsync(fd)
+        os.close(fd)
+        _fsync_dir(parent)
+
+    def delete_folder(self, user, name):
+        try:
+            user = normalize_user(user)
+            name = canonical_folder(name)
+            if name == INBOX:
+                raise FolderError("INBOX cannot be deleted")
+            st = self._state(user, name)
+        except Exception:
+            return defer.fail()
+
+        def job():
+            return self._in_thread(self._delete, st).addCallback(deleted)
+
+        def deleted(_):
+            st.snap = _Snapshot.empty()
+            st.version += 1
+            st.mutation_version = st.version
+            st.detached = True
+            self._notify(st)
+            self._states.pop((st.user, st.name), None)
+            self._idle.pop((st.user, st.name), None)
+
+        return self._job(st, job)
+
+    def _delete(self, st: _FolderState) -> None:
+        path = st.path
+        if path.is_dir() and not path.is_symlink():
+            try:
+                path.rmdir()
+            except OSError:
+                raise FolderError("Folder has sub-folders")
+            self._prune(st.user, path.parent)
+            return
+        if not path.is_file():
+            raise FolderError("No such folder")
+        with MboxLock(path, self.lock_timeout):
+            os.unlink(path)
+            _fsync_dir(path.parent)
+        if st.index is not None:
+            st.index.close()
+            st.index = None
+        remove_index(st.index_base)
+        self._prune(st.user, path.parent)
+
+    def _prune(self, user: str, d: Path) -> None:
+        """Remove empty directories from C{d} up to (not including) the user's directory."""
+        root = user_dir(self.mail_dir, user)
+        while d != root and root in d.parents:
+            try:
+                d.rmdir()
+            except OSError:
+                return
+            d = d.parent
+
+    def rename_folder(self, user, old, new):
+        try:
+            user = normalize_user(user)
+            old = canonical_folder(old)
+            new = self._check_new_name(new)
+            st = self._state(user, old)
+        except Exception:
+            return defer.fail()
+        if old == INBOX:
+            return self._job(
+                st, lambda: self._in_thread(self._rename_inbox, st, new).addCallback(
+                    self._install, st))
+        affected = [s for (u, n), s in list(self._states.items())
+                    if u == user and (n == old or n.startswith(old + DELIMITER))]
+        for s in affected:
+            s.detached = True
+            self._states.pop((s.user, s.name), None)
+            self._idle.pop((s.user, s.name), None)
+        for (u, n) in list(self._states):
+            if u == user and (n == new or n.startswith(new + DELIMITER)):
+                self._drop((u, n))
+
+        def job():
+            return self._in_thread(self._rename, user, old, new, affected)
+
+        return self._job(st, job)
+
+    def _rename(self, user: str, old: str, new: str, affected: list[_FolderState]) -> None:
+        src = folder_path(self.mail_dir, user, old)
+        dst = folder_path(self.mail_dir, user, new)
+        if not os.path.lexists(src):
+            raise FolderError("No such folder")
+        if os.path.lexists(dst):
+            raise FolderError("Target folder exists")
+        root = user_dir(self.mail_dir, user)
+        for p in dst.parents:
+            if p == root:
+                break
+            if p.exists() and not p.is_dir():
+                raise FolderError("A mailbox cannot have sub-folders here")
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        for s in affected:
+            if s.index is not None:
+                s.index.close()
+                s.index = None
+        try:
+            os.rename(src, dst)
+        except OSError as e:
+            raise FolderError(f"Cannot rename: {e.strerror}")
+        _fsync_dir(dst.parent)
+        local, domain = split_user(user)
+        idir = self.index_dir / domain / local
+        if idir.is_dir():
+            for f in os.listdir(idir):
+                n = name_of(f)
+                if n is None or not (n == old or n.startswith(old + DELIMITER)):
+                    continue
+                suffix = f[len(str(index_base(idir, "", "", n).name)):]
+                target = index_base(self.index_dir, domain, local, new + n[len(old):])
+                os.replace(idir / f, str(target) + suffix)
+        self._prune(user, src.parent)
+
+    def _rename_inbox(self, st: _FolderState, new: str) -> _Update:
+        """RFC 3501 6.3.5: move INBOX's messages to a new folder, leave INBOX empty."""
+        dst = folder_path(self.mail_dir, st.user, new)
+        if os.path.lexists(dst):
+            raise FolderError("Target folder exists")
+        upd = self._sync(st, create=True)
+        snap = upd.snap
+        local, domain = split_user(st.user)
+        with MboxLock(st.path, self.lock_timeout, create=True) as lk:
+            upd = self._sync_locked(st, lk.fd, snap)
+            snap = upd.snap
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(f".{dst.name}.rename.{os.getpid()}")
+            size = os.fstat(lk.fd).st_size
+            out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+            try:
+                _copy_range(lk.fd, out, 0, size)
+                os.fsync(out)
+            finally:
+                os.close(out)
+            base = index_base(self.index_dir, domain, local, new)
+            remove_index(base)
+            idx = FolderIndex(base, self.new_validity)
+            rows = [(n + 1, snap.from_offs[i], snap.starts[i], snap.ends[i], info.size,
+                     flags_text(info.flags), info.internal_date, snap.crcs[i], snap.fps[i])
+                    for n, (i, info) in enumerate(enumerate(snap.infos))]
+            os.rename(tmp, dst)
+            _fsync_dir(dst.parent)
+            idx.replace_all(rows, len(rows) + 1, _covered(os.stat(dst)))
+            idx.close()
+            os.ftruncate(lk.fd, 0)
+            os.fsync(lk.fd)
+            handle = _FileHandle(st.path)
+            idx_in = self._open_index(st)
+            idx_in.replace_all([], idx_in.uid_next, _covered(os.fstat(lk.fd)))
+        return _Update(_Snapshot.empty(handle), idx_in.uid_validity, idx_in.uid_next, True)
+
+
+# -- a session's view ----------------------------------------------------------
+
+
+@implementer(IFolder)
+class MboxFolder:
+    """A session's view of one mbox folder."""
+
+    log = Logger()
+
+    def __init__(self, store: MboxMailStore, state: _FolderState, read_only: bool) -> None:
+        self._store = store
+        self._st = state
+        self.user = state.user
+        self.name = state.name
+        self.read_only = read_only
+        assert state.snap is not None
+        self._view: list[MessageInfo] = list(state.snap.infos)
+        self._exact: int | None = state.version
+        self._validity = state.uid_validity
+        self._listeners: list[Callable[[], None]] = []
+        self._closed = False
+        state.sessions += 1
+
+    @property
+    def uid_validity(self) -> int:
+        return self._st.uid_validity
+
+    @property
+    def uid_next(self) -> int:
+        return self._st.uid_next
+
+    def messages(self) -> list[MessageInfo]:
+        return list(self._view)
+
+    def refresh(self) -> defer.Deferred:
+        st = self._st
+        if st.detached:
+            return defer.succeed(FolderChanges())
+        return self._store._sync_job(st).addCallback(lambda _: self._catch_up())
+
+    def _catch_up(self) -> FolderChanges:
+        st = self._st
+        assert st.snap is not None
+        new = st.snap.infos
+        old = self._view
+        validity_changed = st.uid_validity != self._validity
+        self._validity = st.uid_validity
+        if self._exact == st.version and not validity_changed:
+            return FolderChanges()
+        if validity_changed:
+            changes = FolderChanges(added=tuple(new), expunged=tuple(i.uid for i in old),
+                                    uid_validity_changed=True)
+        elif self._exact is not None and self._exact >= st.mutation_version:
+            changes = FolderChanges(added=tuple(new[len(old):]))
+        else:
+            changes = _diff(old, new)
+        self._view = list(new)
+        self._exact = st.version
+        return changes
+
+    def _locate(self, uid: int) -> tuple[_Snapshot, int]:
+        snap = self._st.snap
+        if snap is None or snap.handle is None:
+            raise KeyError(uid)
+        return snap, snap.find(uid)
+
+    def open_message(self, uid):
+        snap, i = self._locate(uid)
+        fd = snap.handle.fd
+        from_off, start, end = snap.from_offs[i], snap.starts[i], snap.ends[i]
+        if end - from_off <= mboxfmt.SMALL_MESSAGE:
+            data = os.pread(fd, end - from_off, from_off)
+            if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
+                raise KeyError(uid)  # the file changed under us; refresh() will tell
+            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off:]))
+        line = os.pread(fd, start - from_off, from_off)
+        if zlib.crc32(line) != snap.crcs[i]:
+            raise KeyError(uid)
+        return io.BufferedReader(mboxfmt.MessageReader(snap.handle, start, end), 64 * 1024)
+
+    def read_headers(self, uid):
+        snap, i = self._locate(uid)
+        fd = snap.handle.fd
+        start, end = snap.starts[i], snap.ends[i]
+        want = 8192
+        while True:
+            data = os.pread(fd, min(want, end - start), start)
+            cut = data.find(b"\n\n")
+            if cut >= 0:
+                data = data[: cut + 2]
+                break
+            if start + len(data) >= end or want >= mboxfmt.HEADER_LIMIT:
+                data = data[: data.rfind(b"\n") + 1] if start + len(data) < end else data
+                break
+            want *= 4
+        crlf = mboxfmt.to_crlf(data)
+        cut = crlf.find(b"\r\n\r\n")
+        return crlf if cut < 0 else crlf[: cut + 4]
+
+    def set_flags(self, changes):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        changes = {int(u): frozenset(f) for u, f in changes.items()}
+        st = self._st
+        store = self._store
+
+        def job():
+            snap = st.snap
+            assert snap is not None
+            pairs = []
+            for uid, flags in changes.items():
+                try:
+                    snap.find(uid)
+                except KeyError:
+                    continue
+                pairs.append((flags_text(flags), uid))
+            if not pairs:
+                return None
+            idx = st.index
+
+            def write():
+                (idx or store._open_index(st)).set_flags(pairs)
+
+            return store._in_thread(write).addCallback(lambda _: apply(snap))
+
+        def apply(snap: _Snapshot):
+            for uid, flags in changes.items():
+                try:
+                    i = snap.find(uid)
+                except KeyError:
+                    continue
+                snap.infos[i] = replace(snap.infos[i], flags=flags)
+            st.version += 1
+            st.mutation_version = st.version
+            store._notify(st)
+
+        self._view = [replace(i, flags=changes[i.uid]) if i.uid in changes else i
+                      for i in self._view]
+        self._exact = None
+        return store._job(st, job)
+
+    def append(self, source, flags=frozenset(), internal_date=None):
+        st = self._st
+        store = self._store
+        when = store._clock() if internal_date is None else internal_date
+
+        def work() -> _Update:
+            upd = store._sync(st)
+            with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
+                upd2 = store._sync_locked(st, lk.fd, upd.snap)
+                before = len(upd2.snap.uids)
+                store._append_locked(st, lk.fd, [(source, "", when)])
+                upd3 = store._sync_locked(st, lk.fd, upd2.snap,
+                                          new_flags=[(frozenset(flags), internal_date)])
+            if len(upd3.snap.uids) <= before:
+                raise OSError(errno.EIO, "appended message not found")
+            upd3.changed = True
+            upd3.append_only = upd2.append_only or not upd2.changed
+            upd3.result = upd3.snap.uids[before]
+            return upd3
+
+        def job():
+            return store._in_thread(work).addCallback(store._install, st).addCallback(
+                lambda u: u.result)
+
+        return store._job(st, job)
+
+    def expunge(self, uids):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        wanted = set(uids)
+        st = self._st
+        store = self._store
+
+        def job():
+            return store._in_thread(store_expunge, store, st, wanted).addCallback(installed)
+
+        def installed(upd: _Update):
+            store._install(upd, st)
+            removed = upd.result
+            gone = set(removed)
+            self._view = [i for i in self._view if i.uid not in gone]
+            self._exact = None
+            return list(removed)
+
+        return store._job(st, job)
+
+    def add_listener(self, callback):
+        self._listeners.append(callback)
+        self._st.listeners.append(callback)
+
+    def remove_listener(self, callback):
+        if callback in self._listeners:
+            self._listeners.remove(callback)
+            self._st.listeners.remove(callback)
+
+    def close(self):
+        if self._closed:
+            return
+        self._closed = True
+        for cb in list(self._listeners):
+            self.remove_listener(cb)
+        self._st.sessions -= 1
+        self._store._maybe_idle(self._st)
+
+
+def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _Update:
+    """Rewrite the folder without the messages in C{wanted} (disk thread)."""
+    upd = store._sync(st)
+    with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
+        upd = store._sync_locked(st, lk.fd, upd.snap)
+        snap = upd.snap
+        drop = [i for i, u in enumerate(snap.uids) if u in wanted]
+        if not drop:
+            upd.result = []
+            return upd
+        fd = lk.fd
+        size = os.fstat(fd).st_size
+        d = st.path.parent
+        for f in os.listdir(d):
+            if f.startswith(f".{st.path.name}.expunge."):
+                _unlink(d / f)
+        tmp = d / f".{st.path.name}.expunge.{os.getpid()}"
+        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        n = len(snap.uids)
+        dropset = set(drop)
+        new = _Snapshot.empty()
+        moved = []
+        try:
+            pos_out = 0
+            # Bytes before the first message (if any) are kept as they are.
+            first = snap.from_offs[0] if n else size
+            runs: list[tuple[int, int]] = [(0, first)] if first else []
+            shift = 0
+            for i in range(n):
+                a = snap.from_offs[i]
+                b = snap.from_offs[i + 1] if i + 1 < n else size
+                if i in dropset:
+                    shift += b - a
+                    continue
+                if runs and runs[-1][1] == a:
+                    runs[-1] = (runs[-1][0], b)
+                else:
+                    runs.append((a, b))
+                uid = snap.uids[i]
+                new.uids.append(uid)
+                new.from_offs.append(a - shift)
+                new.starts.append(snap.starts[i] - shift)
+                new.ends.append(snap.ends[i] - shift)
+                new.crcs.append(snap.crcs[i])
+                new.fps.append(snap.fps[i])
+                new.infos.append(snap.infos[i])
+                if shift:
+                    moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
+            for a, b in runs:
+                _copy_range(fd, out, a, b, pos_out)
+                pos_out += b - a
+            # A dropped last message leaves its predecessor without the blank line.
+            if new.uids and drop[-1] == n - 1:
+                last_end = new.ends[-1]
+                if pos_out == last_end:
+                    os.pwrite(out, b"\n", pos_out)
+            os.fsync(out)
+        except BaseException:
+            os.close(out)
+            _unlink(tmp)
+            raise
+        os.close(out)
+        os.rename(tmp, st.path)
+        _fsync_dir(d)
+        new.handle = _FileHandle(st.path)
+        removed = [snap.uids[i] for i in drop]
+        idx = store._open_index(st)
+        idx.rewrite(removed, moved, _covered(os.fstat(new.handle.fd)))
+    store.log.info("expunged {count} from {user} {folder}", count=len(removed), user=st.user,
+                   folder=st.name)
+    return _Update(new, idx.uid_validity, idx.uid_next, True, result=removed)
+
+
+# -- helpers ---------------------------------------------------------------------
+
+
+def _covered(s: os.stat_result) -> tuple[int, int, int]:
+    return (s.st_size, s.st_mtime_ns, s.st_ino)
+
+
+def _is_file(s: os.stat_result) -> bool:
+    return stat.S_ISREG(s.st_mode)
+
+
+def _intact_tail(fd: int, snap: _Snapshot, old_size: int) -> bool:
+    """Did the file only grow? The old end starts a From line; the last From line is unchanged."""
+    a = snap.from_offs[-1]
+    line = os.pread(fd, snap.starts[-1] - a, a)
+    if zlib.crc32(line) != snap.crcs[-1]:
+        return False
+    return os.pread(fd, 6, old_size - 1) == b"\nFrom "
+
+
+def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
+    return _Snapshot(array("q", snap.uids), array("q", snap.from_offs), array("q", snap.starts),
+                     array("q", snap.ends), array("q", snap.crcs), array("q", snap.fps),
+                     list(snap.infos), handle)
+
+
+def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
+    uid, from_off, start, stop, size, _, date, crc, fp = row
+    snap.uids.append(uid)
+    snap.from_offs.append(from_off)
+    snap.starts.append(start)
+    snap.ends.append(stop)
+    snap.crcs.append(crc)
+    snap.fps.append(fp)
+    snap.infos.append(MessageInfo(uid, size, frozenset(flags), date))
+
+
+def _diff(old: list[MessageInfo], new: list[MessageInfo]) -> FolderChanges:
+    """Changes from C{old} to C{new}, both in ascending UID order."""
+    added, expunged, flags = [], [], []
+    i = j = 0
+    lo, ln = len(old), len(new)
+    while i < lo and j < ln:
+        a, b = old[i], new[j]
+        if a is b:
+            i += 1
+            j += 1
+        elif a.uid == b.uid:
+            if a.flags != b.flags:
+                flags.append(b)
+            i += 1
+            j += 1
+        elif a.uid < b.uid:
+            expunged.append(a.uid)
+            i += 1
+        else:
+            added.append(b)
+            j += 1
+    expunged.extend(x.uid for x in old[i:])
+    added.extend(new[j:])
+    return FolderChanges(added=tuple(added), expunged=tuple(expunged), flags=tuple(flags))
+
+
+def _copy_range(src: int, dst: int, a: int, b: int, out_pos: int | None = None) -> None:
+    """Copy bytes C{[a, b)} of C{src} to C{dst} (at C{out_pos}, or its file position)."""
+    pos = a
+    while pos < b:
+        n = min(b - pos, 16 * 1024 * 1024)
+        try:
+            if out_pos is None:
+                done = os.copy_file_range(src, dst, n, pos)
+            else:
+                done = os.copy_file_range(src, dst, n, pos, out_pos + (pos - a))
+        except OSError as e:
+            if e.errno not in (errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP):
+                raise
+            data = os.pread(src, n, pos)
+            if out_pos is None:
+                done = mboxfmt.write_all(dst, data)
+            else:
+                done = os.pwrite(dst, data, out_pos + (pos - a))
+        if done <= 0:
+            raise OSError(errno.EIO, "short copy")
+        pos += done
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _unlink(p: Path) -> None:
+    try:
+        os.unlink(p)
+    except FileNotFoundError:
+        pass

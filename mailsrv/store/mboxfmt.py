@@ -1,0 +1,416 @@
+"""
+The mbox file format (mboxrd): ``From `` separator lines, quoting of body
+lines that look like separators, a fast scanner that finds the messages of a
+file, and readers that stream one message back with CRLF line ends.
+
+Pure functions over file descriptors; no Twisted, no locking (see
+L{mailsrv.store.locking}), so they run on the disk threads.
+"""
+
+from __future__ import annotations
+
+import calendar
+import hashlib
+import io
+import os
+import re
+import time
+import zlib
+from array import array
+from dataclasses import dataclass, field
+
+from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN
+
+CHUNK = 8 * 1024 * 1024  # scanner read size
+READ_CHUNK = 64 * 1024  # message reader read size
+SMALL_MESSAGE = 256 * 1024  # open_message reads these whole
+HEADER_LIMIT = 256 * 1024  # bytes searched for the end of a header block
+
+# mboxrd: a line matching ^>*From  gets one more '>' when written, loses one when read.
+_QUOTE = re.compile(rb"^(>*From )", re.M)
+_UNQUOTE = re.compile(rb"^>(>*From )", re.M)
+_QUOTED = re.compile(rb"^>+From ", re.M)
+_HEADERS = re.compile(rb"^(message-id|status|x-status):[ \t]*([^\r\n]*)", re.M | re.I)
+_ASCTIME = re.compile(
+    rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) +(\d{1,2}) +(\d{1,2}):(\d\d)(?::(\d\d))? +(?:[A-Z]{3,4} +)?(\d{4})"
+)
+_MONTHS = {m: i for i, m in enumerate(
+    (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"), 1)}
+_SENDER_BAD = re.compile(r"[\s\x00-\x1f\x7f]")
+
+
+# -- writing -------------------------------------------------------------
+
+
+def from_line(sender: str, when: float) -> bytes:
+    """The ``From `` separator line for a message: envelope sender and asctime date (UTC)."""
+    sender = _SENDER_BAD.sub("_", sender or "") or "MAILER-DAEMON"
+    date = time.strftime("%a %b %e %H:%M:%S %Y", time.gmtime(when))
+    return f"From {sender} {date}\n".encode("utf-8", "surrogateescape")
+
+
+def quote_lines(chunk: bytes) -> bytes:
+    """Quote a run of whole lines for mbox: CRLF to LF, and mboxrd ``>From`` quoting."""
+    if b"\r\n" in chunk:
+        chunk = chunk.replace(b"\r\n", b"\n")
+    if b"From " in chunk:
+        chunk = _QUOTE.sub(rb">\1", chunk)
+    return chunk
+
+
+def iter_lines_chunks(f, size: int = READ_CHUNK):
+    """Yield pieces of binary file C{f}, each ending at a line end (the last may not)."""
+    carry = b""
+    while True:
+        data = f.read(size)
+        if not data:
+            if carry:
+                yield carry
+            return
+        data = carry + data if carry else data
+        cut = data.rfind(b"\n") + 1
+        if cut == 0:
+            carry = data
+            continue
+        carry = data[cut:]
+        yield data[:cut]
+
+
+def quoted_message(source) -> tuple[list[bytes] | None, int]:
+    """
+    Return (pieces, length) of an L{IMessageSource} in mbox form, ending with a
+    newline. Small messages are returned whole; for large ones C{pieces} is None
+    and L{write_quoted} streams them (the length is counted in a first pass).
+    """
+    total = 0
+    pieces: list[bytes] | None = [] if source.size <= SMALL_MESSAGE else None
+    last = b"\n"
+    with source.open() as f:
+        for piece in iter_lines_chunks(f):
+            q = quote_lines(piece)
+            total += len(q)
+            last = q[-1:] or last
+            if pieces is not None:
+                pieces.append(q)
+    if total and last != b"\n":
+        total += 1
+        if pieces is not None:
+            pieces.append(b"\n")
+    return pieces, total
+
+
+def write_quoted(fd: int, source) -> int:
+    """Stream a large source into C{fd} in mbox form; return the bytes written."""
+    total = 0
+    last = b"\n"
+    buf: list[bytes] = []
+    buffered = 0
+    with source.open() as f:
+        for piece in iter_lines_chunks(f):
+            q = quote_lines(piece)
+            last = q[-1:] or last
+            buf.append(q)
+            buffered += len(q)
+            if buffered >= 1024 * 1024:
+                total += write_all(fd, b"".join(buf))
+                buf, buffered = [], 0
+    if total + buffered and last != b"\n":
+        buf.append(b"\n")
+    if buf:
+        total += write_all(fd, b"".join(buf))
+    return total
+
+
+def write_all(fd: int, data: bytes) -> int:
+    """os.write until everything is written."""
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.write(fd, view[done:])
+    return done
+
+
+# -- reading -------------------------------------------------------------
+
+
+def to_crlf(data: bytes) -> bytes:
+    """Unquote whole mbox lines and give them CRLF line ends."""
+    if b"From " in data:
+        data = _UNQUOTE.sub(rb"\1", data)
+    if b"\r\n" in data:
+        data = data.replace(b"\r\n", b"\n")
+    return data.replace(b"\n", b"\r\n")
+
+
+def read_range(fd: int, start: int, end: int) -> bytes:
+    """pread C{[start, end)} completely."""
+    data = os.pread(fd, end - start, start)
+    if len(data) == end - start:
+        return data
+    parts = [data]
+    pos = start + len(data)
+    while pos < end:
+        more = os.pread(fd, end - pos, pos)
+        if not more:
+            raise OSError("mbox file is shorter than its index")
+        parts.append(more)
+        pos += len(more)
+    return b"".join(parts)
+
+
+class MessageReader(io.RawIOBase):
+    """
+    Streams the bytes C{[start, end)} of an mbox file with CRLF line ends and
+    mboxrd unquoting, reading with pread so many readers can share one fd.
+    C{handle} is kept referenced so the fd stays open while reading.
+    """
+
+    def __init__(self, handle, start: int, end: int) -> None:
+        super().__init__()
+        self._handle = handle
+        self._fd = handle.fd
+        self._pos = start
+        self._end = end
+        self._carry = b""
+        self._out = b""
+
+    def readable(self) -> bool:
+        return True
+
+    def _fill(self) -> bool:
+        while not self._out:
+            if self._pos >= self._end and not self._carry:
+                return False
+            if self._pos < self._end:
+                n = min(READ_CHUNK, self._end - self._pos)
+                data = os.pread(self._fd, n, self._pos)
+                if not data:
+                    raise OSError("mbox file is shorter than its index")
+                self._pos += len(data)
+                data = self._carry + data if self._carry else data
+                if self._pos < self._end:
+                    cut = data.rfind(b"\n") + 1
+                    self._carry = data[cut:]
+                    data = data[:cut]
+                else:
+                    self._carry = b""
+            else:
+                data, self._carry = self._carry, b""
+            self._out = to_crlf(data) if data else b""
+        return True
+
+    def readinto(self, b) -> int:
+        if not self._fill():
+            return 0
+        n = min(len(b), len(self._out))
+        b[:n] = self._out[:n]
+        self._out = self._out[n:]
+        return n
+
+    def read(self, size: int = -1) -> bytes:
+        if size is None or size < 0:
+            return self.readall()
+        if not self._fill():
+            return b""
+        data, self._out = self._out[:size], self._out[size:]
+        return data
+
+    def readall(self) -> bytes:
+        parts = []
+        while self._fill():
+            parts.append(self._out)
+            self._out = b""
+        return b"".join(parts)
+
+    def close(self) -> None:
+        self._handle = None
+        super().close()
+
+
+# -- scanning ------------------------------------------------------------
+
+
+def parse_from_date(line: bytes) -> float:
+    """The date of a ``From `` line (asctime, taken as UTC); 0.0 if there is none."""
+    m = _ASCTIME.search(line)
+    if m is None:
+        return 0.0
+    mon, day, hh, mm, ss, year = m.groups()
+    try:
+        return float(calendar.timegm(
+            (int(year), _MONTHS[mon], int(day), int(hh), int(mm), int(ss or 0), 0, 0, 0)))
+    except (ValueError, OverflowError):
+        return 0.0
+
+
+def status_flags(status: bytes, x_status: bytes) -> frozenset[str]:
+    """System flags from mutt/Dovecot ``Status:``/``X-Status:`` header values."""
+    out = set()
+    if b"R" in status:
+        out.add(SEEN)
+    for ch, flag in ((b"A", ANSWERED), (b"F", FLAGGED), (b"D", DELETED), (b"T", DRAFT)):
+        if ch in x_status:
+            out.add(flag)
+    return frozenset(out)
+
+
+def fingerprint(from_line_bytes: bytes, message_id: bytes, body_len: int) -> int:
+    """A 63-bit hash identifying a message across rewrites of the file by other programs."""
+    h = hashlib.blake2b(digest_size=8)
+    h.update(from_line_bytes)
+    h.update(b"\0")
+    h.update(message_id)
+    h.update(b"\0%d" % body_len)
+    return int.from_bytes(h.digest(), "big") >> 1
+
+
+@dataclass
+class ScanResult:
+    """Messages found by L{scan}, as parallel arrays, in file order."""
+
+    from_offs: array = field(default_factory=lambda: array("q"))
+    starts: array = field(default_factory=lambda: array("q"))
+    ends: array = field(default_factory=lambda: array("q"))
+    sizes: array = field(default_factory=lambda: array("q"))
+    crcs: array = field(default_factory=lambda: array("q"))
+    fps: list = field(default_factory=list)
+    dates: list = field(default_factory=list)
+    flags: list = field(default_factory=list)  # from Status:/X-Status:
+    end: int = 0  # file offset the scan covered
+
+
+class _Partial:
+    """A message whose end has not been seen yet."""
+
+    __slots__ = ("from_off", "start", "nl", "crlf", "quoted", "line", "mid", "status",
+                 "xstatus", "header_end", "tail")
+
+    def __init__(self, from_off: int, start: int, line: bytes) -> None:
+        self.from_off = from_off
+        self.start = start
+        self.line = line
+        self.nl = self.crlf = self.quoted = 0
+        self.mid = self.status = self.xstatus = b""
+        self.header_end = -1
+        self.tail = b""  # the last 4 bytes counted
+
+
+def _parse_headers(rec: _Partial, buf: bytes, pos: int, limit: int, base: int) -> None:
+    """Find the header block's end and the interesting headers in C{buf[pos:limit]}."""
+    limit = min(limit, pos + HEADER_LIMIT)
+    if buf.startswith(b"\n", pos):
+        hend = pos + 1
+    elif buf.startswith(b"\r\n", pos):
+        hend = pos + 2
+    else:
+        a = buf.find(b"\n\n", pos, limit)
+        b = buf.find(b"\n\r\n", pos, a if a >= 0 else limit)
+        hend = b + 3 if b >= 0 else (a + 2 if a >= 0 else -1)
+    for m in _HEADERS.finditer(buf, pos, hend if hend >= 0 else limit):
+        name = m.group(1).lower()
+        if name == b"message-id":
+            rec.mid = m.group(2).strip()
+        elif name == b"status":
+            rec.status = m.group(2)
+        else:
+            rec.xstatus = m.group(2)
+    rec.header_end = base + hend if hend >= 0 else -2
+
+
+def _headers_complete(buf: bytes, pos: int, blen: int) -> bool:
+    return (buf.startswith(b"\n", pos) or buf.startswith(b"\r\n", pos)
+            or buf.find(b"\n\n", pos, pos + HEADER_LIMIT) >= 0
+            or buf.find(b"\n\r\n", pos, pos + HEADER_LIMIT) >= 0
+            or blen - pos >= HEADER_LIMIT)
+
+
+def _count(rec: _Partial, buf: bytes, a: int, b: int) -> None:
+    if b <= a:
+        return
+    rec.nl += buf.count(b"\n", a, b)
+    rec.crlf += buf.count(b"\r\n", a, b)
+    if buf.find(b">From ", a, b) >= 0:
+        rec.quoted += sum(1 for _ in _QUOTED.finditer(buf, a, b))
+    rec.tail = (rec.tail + buf[max(a, b - 4):b])[-4:]
+
+
+def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
+    end, nl, crlf = content_end, rec.nl, rec.crlf
+    # The blank line before the next From line (or at the end of the file) is the separator.
+    if end - rec.start >= 2 and rec.tail.endswith(b"\n\n"):
+        end, nl = end - 1, nl - 1
+    elif end - rec.start >= 4 and rec.tail == b"\r\n\r\n":
+        end, nl, crlf = end - 2, nl - 1, crlf - 1
+    size = (end - rec.start) + nl - crlf - rec.quoted
+    header_end = rec.header_end if rec.header_end >= 0 else end
+    body_len = max(0, end - min(header_end, end))
+    res.from_offs.append(rec.from_off)
+    res.starts.append(rec.start)
+    res.ends.append(end)
+    res.sizes.append(size)
+    res.crcs.append(zlib.crc32(rec.line))
+    res.fps.append(fingerprint(rec.line, rec.mid, body_len))
+    res.dates.append(parse_from_date(rec.line))
+    res.flags.append(status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus)
+                     else _NOFLAGS)
+
+
+def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
+    """
+    Find the messages in C{[offset, file_end)} of an mbox file; C{offset} must
+    be at a line start (normally a ``From `` line). A message ends where a line
+    beginning with ``From `` starts; one blank line before it is the separator.
+    Bytes before the first ``From `` line are skipped. Reads C{chunk} bytes at a
+    time: memory does not grow with the file.
+    """
+    res = ScanResult(end=offset)
+    cur: _Partial | None = None
+    buf = b""
+    base = offset  # file offset of buf[0]; buf always starts at a line start
+    read_pos = offset
+    while True:
+        n = min(chunk, file_end - read_pos)
+        data = os.pread(fd, n, read_pos) if n > 0 else b""
+        read_pos += len(data)
+        eof = not data or read_pos >= file_end
+        buf = buf + data if buf else data
+        blen = len(buf)
+        limit = blen if eof else buf.rfind(b"\n") + 1  # whole lines only
+        pos = 0
+        keep = -1  # where to keep buf from, if a message's headers are not complete
+        while pos < limit:
+            if buf.startswith(b"From ", pos):
+                sep = pos
+            else:
+                i = buf.find(b"\nFrom ", pos, limit + 5)
+                sep = i + 1 if 0 <= i and i + 1 < limit else -1
+            if sep < 0:
+                if cur is not None:
+                    _count(cur, buf, pos, limit)
+                pos = limit
+                break
+            if cur is not None:
+                _count(cur, buf, pos, sep)
+                _finish(res, cur, base + sep)
+                cur = None
+            eol = buf.find(b"\n", sep, limit)
+            start = eol + 1 if eol >= 0 else limit
+            if not eof and not _headers_complete(buf, start, blen):
+                keep = sep
+                break
+            cur = _Partial(base + sep, base + start, buf[sep:start])
+            _parse_headers(cur, buf, start, blen, base)
+            pos = start
+        if eof:
+            if cur is not None:
+                _count(cur, buf, pos, blen)
+                _finish(res, cur, base + blen)
+            res.end = base + blen
+            return res
+        if keep < 0:
+            keep = pos
+        buf = buf[keep:]
+        base += keep
+
+
+_NOFLAGS: frozenset[str] = frozenset()

@@ -1,0 +1,293 @@
+"""
+The store contract: one suite of tests run against every L{IMailStore}
+(the in-memory twin and the mbox store), so the two cannot drift apart.
+
+Disk work runs synchronously here (L{SyncReactor}, L{SyncThreadPool}), so the
+Deferreds have fired by the time a call returns.
+"""
+
+from __future__ import annotations
+
+from twisted.python.failure import Failure
+from zope.interface.verify import verifyObject
+
+from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore
+from mailsrv.spool import BytesSource
+
+USER = "alice@example.test"
+NOW = 1_700_000_000.0
+
+MSG1 = b"From: bob@example.test\nSubject: one\nMessage-ID: <1@x>\n\nHello\nFrom the start\n>From quoted\n"
+MSG2 = b"From: carol@example.test\nSubject: two\n\nSecond body\n"
+MSG3 = b"Subject: three\n\n\xe9t\xe9 8-bit\n\n"
+
+
+def crlf(data: bytes) -> bytes:
+    return data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+
+
+class SyncThreadPool:
+    """Runs 'threaded' work at once, in the calling thread."""
+
+    def callInThreadWithCallback(self, on_result, func, *args, **kwargs):
+        try:
+            result = func(*args, **kwargs)
+        except BaseException:
+            on_result(False, Failure())
+        else:
+            on_result(True, result)
+
+
+class SyncReactor:
+    def callFromThread(self, f, *args, **kwargs):
+        f(*args, **kwargs)
+
+
+class StoreContract:
+    """Mixin for a SynchronousTestCase; subclasses define make_store()."""
+
+    def make_store(self):
+        raise NotImplementedError
+
+    def setUp(self):
+        self.store = self.make_store()
+
+    # helpers
+    def ok(self, d):
+        return self.successResultOf(d)
+
+    def deliver(self, data, user=USER, folder="INBOX", sender="bob@example.test"):
+        return self.ok(self.store.deliver(user, BytesSource(data), sender, folder))
+
+    def open(self, name="INBOX", user=USER, read_only=False):
+        f = self.ok(self.store.open_folder(user, name, read_only))
+        self.addCleanup(f.close)
+        return f
+
+    def fails(self, d, exc=FolderError):
+        return self.failureResultOf(d, exc)
+
+    # tests
+    def test_interfaces(self):
+        verifyObject(IMailStore, self.store)
+        verifyObject(IFolder, self.open())
+
+    def test_empty_inbox(self):
+        f = self.open()
+        self.assertEqual(f.messages(), [])
+        self.assertEqual(f.uid_next, 1)
+        self.assertEqual(f.name, "INBOX")
+        self.assertEqual(f.user, USER)
+        self.assertIsInstance(f.uid_validity, int)
+        self.assertGreater(f.uid_validity, 0)
+
+    def test_deliver_and_read(self):
+        for m in (MSG1, MSG2, MSG3):
+            self.assertIsNone(self.deliver(m))
+        f = self.open("inbox")
+        msgs = f.messages()
+        self.assertEqual([m.uid for m in msgs], [1, 2, 3])
+        self.assertEqual(f.uid_next, 4)
+        for info, data in zip(msgs, (MSG1, MSG2, MSG3), strict=True):
+            self.assertEqual(info.size, len(crlf(data)))
+            self.assertEqual(info.flags, frozenset())
+            self.assertAlmostEqual(info.internal_date, NOW, delta=1)
+            with f.open_message(info.uid) as fh:
+                self.assertEqual(fh.read(), crlf(data))
+        self.assertEqual(f.read_headers(1),
+                         b"From: bob@example.test\r\nSubject: one\r\nMessage-ID: <1@x>\r\n\r\n")
+        self.assertEqual(f.read_headers(3), b"Subject: three\r\n\r\n")
+        self.assertRaises(KeyError, f.open_message, 99)
+
+    def test_crlf_source(self):
+        self.deliver(b"Subject: crlf\r\n\r\nline\r\n")
+        f = self.open()
+        with f.open_message(1) as fh:
+            self.assertEqual(fh.read(), b"Subject: crlf\r\n\r\nline\r\n")
+        self.assertEqual(f.messages()[0].size, len(b"Subject: crlf\r\n\r\nline\r\n"))
+
+    def test_view_changes_only_on_refresh(self):
+        f = self.open()
+        self.deliver(MSG1)
+        self.assertEqual(f.messages(), [])
+        changes = self.ok(f.refresh())
+        self.assertEqual([i.uid for i in changes.added], [1])
+        self.assertEqual(changes.expunged, ())
+        self.assertEqual([m.uid for m in f.messages()], [1])
+        self.assertFalse(self.ok(f.refresh()))
+
+    def test_flags(self):
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        a = self.open()
+        b = self.open()
+        self.assertIsNone(self.ok(a.set_flags({1: {SEEN, "$Label1"}})))
+        self.assertEqual(a.messages()[0].flags, frozenset({SEEN, "$Label1"}))
+        self.assertEqual(b.messages()[0].flags, frozenset())
+        self.assertFalse(self.ok(a.refresh()))
+        changes = self.ok(b.refresh())
+        self.assertEqual([(i.uid, i.flags) for i in changes.flags],
+                         [(1, frozenset({SEEN, "$Label1"}))])
+        self.assertEqual(b.messages()[0].flags, frozenset({SEEN, "$Label1"}))
+        self.ok(a.set_flags({1: set(), 2: {DELETED}}))
+        c = self.open()
+        self.assertEqual([m.flags for m in c.messages()], [frozenset(), frozenset({DELETED})])
+        status = self.ok(self.store.folder_status(USER, "INBOX"))
+        self.assertEqual(status["unseen"], 2)
+
+    def test_expunge(self):
+        for m in (MSG1, MSG2, MSG3):
+            self.deliver(m)
+        a = self.open()
+        b = self.open()
+        removed = self.ok(a.expunge([3, 1, 42]))
+        self.assertEqual(removed, [1, 3])
+        self.assertEqual([m.uid for m in a.messages()], [2])
+        self.assertEqual([m.uid for m in b.messages()], [1, 2, 3])
+        changes = self.ok(b.refresh())
+        self.assertEqual(changes.expunged, (1, 3))
+        self.assertRaises(KeyError, b.open_message, 1)
+        with b.open_message(2) as fh:
+            self.assertEqual(fh.read(), crlf(MSG2))
+        self.assertEqual(self.ok(a.expunge([])), [])
+        # A UID is never reused.
+        self.ok(a.expunge([2]))
+        self.deliver(MSG1)
+        self.ok(a.refresh())
+        self.assertEqual([m.uid for m in a.messages()], [4])
+        self.assertEqual(a.uid_next, 5)
+
+    def test_expunge_keeps_flags(self):
+        for m in (MSG1, MSG2, MSG3):
+            self.deliver(m)
+        f = self.open()
+        self.ok(f.set_flags({2: {SEEN}, 3: {"$Junk"}}))
+        self.ok(f.expunge([1]))
+        g = self.open()
+        self.assertEqual([(m.uid, m.flags) for m in g.messages()],
+                         [(2, frozenset({SEEN})), (3, frozenset({"$Junk"}))])
+        with g.open_message(3) as fh:
+            self.assertEqual(fh.read(), crlf(MSG3))
+
+    def test_append(self):
+        self.ok(self.store.create_folder(USER, "Sent"))
+        f = self.open("Sent")
+        uid = self.ok(f.append(BytesSource(MSG2), {SEEN, "$Sent"}, 1_600_000_000.0))
+        self.assertEqual(uid, 1)
+        uid2 = self.ok(f.append(BytesSource(MSG1)))
+        self.assertEqual(uid2, 2)
+        changes = self.ok(f.refresh())
+        self.assertEqual([i.uid for i in changes.added], [1, 2])
+        info = f.messages()[0]
+        self.assertEqual(info.flags, frozenset({SEEN, "$Sent"}))
+        self.assertAlmostEqual(info.internal_date, 1_600_000_000.0, delta=1)
+        self.assertEqual(info.size, len(crlf(MSG2)))
+        with f.open_message(2) as fh:
+            self.assertEqual(fh.read(), crlf(MSG1))
+
+    def test_read_only(self):
+        self.deliver(MSG1)
+        f = self.open(read_only=True)
+        self.assertTrue(f.read_only)
+        self.fails(f.set_flags({1: {SEEN}}))
+        self.fails(f.expunge([1]))
+
+    def test_listeners(self):
+        f = self.open()
+        calls = []
+        cb = lambda: calls.append(1)  # noqa: E731
+        f.add_listener(cb)
+        self.deliver(MSG1)
+        self.assertEqual(len(calls), 1)
+        self.ok(f.refresh())
+        self.ok(f.set_flags({1: {SEEN}}))
+        self.assertEqual(len(calls), 2)
+        self.ok(f.expunge([1]))
+        self.assertEqual(len(calls), 3)
+        f.remove_listener(cb)
+        self.deliver(MSG1)
+        self.assertEqual(len(calls), 3)
+
+    def test_folders(self):
+        self.assertEqual(self.ok(self.store.list_folders(USER)), [("INBOX", True)])
+        self.ok(self.store.create_folder(USER, "Archive/2024"))
+        self.ok(self.store.create_folder(USER, "Sent"))
+        self.assertEqual(self.ok(self.store.list_folders(USER)),
+                         [("Archive", False), ("Archive/2024", True), ("INBOX", True),
+                          ("Sent", True)])
+        self.fails(self.store.create_folder(USER, "Sent"))
+        self.fails(self.store.create_folder(USER, "inbox"))
+        self.fails(self.store.create_folder(USER, "INBOX/sub"))
+        for bad in ("../x", "/abs", "a//b", ".hidden", "a\x00b", ""):
+            self.fails(self.store.create_folder(USER, bad))
+        self.fails(self.store.open_folder(USER, "Nope"))
+        self.fails(self.store.folder_status(USER, "Nope"))
+        self.failureResultOf(self.store.deliver(USER, BytesSource(MSG1), "", "Nope"))
+        self.deliver(MSG1, folder="Sent")
+        self.assertEqual(self.ok(self.store.folder_status(USER, "Sent"))["messages"], 1)
+        self.ok(self.store.delete_folder(USER, "Sent"))
+        self.fails(self.store.delete_folder(USER, "Sent"))
+        self.fails(self.store.delete_folder(USER, "INBOX"))
+        self.fails(self.store.open_folder(USER, "Sent"))
+        self.ok(self.store.delete_folder(USER, "Archive/2024"))
+        self.assertEqual(self.ok(self.store.list_folders(USER)), [("INBOX", True)])
+        # A re-created folder gets a new UIDVALIDITY.
+        self.ok(self.store.create_folder(USER, "Sent"))
+        self.assertEqual(self.ok(self.store.folder_status(USER, "Sent"))["messages"], 0)
+
+    def test_recreated_folder_new_validity(self):
+        self.ok(self.store.create_folder(USER, "X"))
+        v1 = self.ok(self.store.folder_status(USER, "X"))["uid_validity"]
+        self.ok(self.store.delete_folder(USER, "X"))
+        self.ok(self.store.create_folder(USER, "X"))
+        v2 = self.ok(self.store.folder_status(USER, "X"))["uid_validity"]
+        self.assertNotEqual(v1, v2)
+
+    def test_rename(self):
+        self.ok(self.store.create_folder(USER, "A/B"))
+        self.deliver(MSG1, folder="A/B")
+        st = self.ok(self.store.folder_status(USER, "A/B"))
+        self.ok(self.store.rename_folder(USER, "A", "C"))
+        self.assertEqual(self.ok(self.store.list_folders(USER)),
+                         [("C", False), ("C/B", True), ("INBOX", True)])
+        st2 = self.ok(self.store.folder_status(USER, "C/B"))
+        self.assertEqual(st2, st)
+        f = self.open("C/B")
+        with f.open_message(1) as fh:
+            self.assertEqual(fh.read(), crlf(MSG1))
+        self.fails(self.store.rename_folder(USER, "Nope", "Z"))
+        self.ok(self.store.create_folder(USER, "D"))
+        self.fails(self.store.rename_folder(USER, "D", "C/B"))
+
+    def test_rename_inbox(self):
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        f = self.open()
+        self.ok(f.set_flags({2: {SEEN}}))
+        self.ok(self.store.rename_folder(USER, "INBOX", "Old"))
+        g = self.open("Old")
+        self.assertEqual([(m.size, m.flags) for m in g.messages()],
+                         [(len(crlf(MSG1)), frozenset()), (len(crlf(MSG2)), frozenset({SEEN}))])
+        with g.open_message(g.messages()[1].uid) as fh:
+            self.assertEqual(fh.read(), crlf(MSG2))
+        changes = self.ok(f.refresh())
+        self.assertEqual(changes.expunged, (1, 2))
+        self.assertEqual(self.ok(self.store.folder_status(USER, "INBOX"))["messages"], 0)
+        self.deliver(MSG3)
+        self.ok(f.refresh())
+        self.assertEqual([m.uid for m in f.messages()], [3])
+
+    def test_status(self):
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        f = self.open()
+        self.ok(f.set_flags({1: {SEEN}}))
+        status = self.ok(self.store.folder_status(USER, "INBOX"))
+        self.assertEqual(status, {"messages": 2, "uid_next": 3, "uid_validity": f.uid_validity,
+                                  "unseen": 1})
+
+    def test_users_apart(self):
+        self.deliver(MSG1, user="bob@Example.TEST")
+        self.assertEqual(len(self.open(user="bob@example.test").messages()), 1)
+        self.assertEqual(self.open().messages(), [])
+        self.fails(self.store.open_folder("not-an-address", "INBOX"), Exception)
