@@ -24,6 +24,7 @@ from mailsrv.outbound.queue import (
     QueueStore,
 )
 from mailsrv.spool import BytesSource, SpooledSource
+from tests.test_outbound_support import temp_dir
 
 MESSAGE = b"From: a@example.test\nTo: b@remote.test\nSubject: hi\n\nbody\n.\nline\n"
 
@@ -36,7 +37,7 @@ class QueueTests(unittest.TestCase):
         self.pool = ThreadPool(1, 2, name="test-queue")
         self.pool.start()
         self.addCleanup(self.pool.stop)
-        self.dir = self.mktemp()
+        self.dir = str(temp_dir(self) / "queue")
         self.queue = OutboundQueue(self.dir, reactor, self.pool)
 
     def test_interfaces(self):
@@ -62,7 +63,7 @@ class QueueTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_large_spooled_message_is_copied_whole(self):
-        src = SpooledSource(self.mktemp(), spill_at=1024)
+        src = SpooledSource(temp_dir(self), spill_at=1024)
         data = b"".join(b"line %d of a long message\n" % i for i in range(20000))
         src.write(data)
         src.finish()
@@ -102,6 +103,7 @@ class QueueTests(unittest.TestCase):
         orphan = store.message_path("00000000000001ABCDEF")
         orphan.write_bytes(b"x")
         (store.tmp_dir / "half-written").write_bytes(b"x")
+        store.cleanup()
         envs, bad = yield self.queue.scan()
         self.assertEqual([e.id for e in envs], [qid])
         self.assertFalse(orphan.exists())
@@ -120,7 +122,7 @@ class QueueTests(unittest.TestCase):
 
 class AdminTests(unittest.TestCase):
     def setUp(self):
-        self.data = self.mktemp()
+        self.data = temp_dir(self) / "data"
         self.config = parse(f'[server]\ndata_dir = "{self.data}"\n')
         self.store = QueueStore(self.config.queue_dir)
 

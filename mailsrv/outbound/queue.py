@@ -188,25 +188,29 @@ class QueueStore:
         return sorted(i for i in out if _valid_id(i))
 
     def scan(self) -> tuple[list[Envelope], list[str]]:
-        """
-        Load every envelope; return them and the ids whose envelope is
-        unreadable. Messages without an envelope (a crash before the envelope's
-        rename, so never acknowledged) and stale temp files are removed.
-        """
+        """Load every envelope; return them and the ids whose envelope is unreadable."""
         self.ensure()
         envelopes, bad = [], []
-        names = set(os.listdir(self.dir))
         for queue_id in self.ids():
             try:
                 envelopes.append(self.load_envelope(queue_id))
             except (OSError, ValueError, TypeError, KeyError):
                 bad.append(queue_id)
+        return envelopes, bad
+
+    def cleanup(self) -> None:
+        """
+        At start-up, before anything is queued: remove messages without an
+        envelope (a crash before the envelope's rename, so never acknowledged)
+        and half-written temp files.
+        """
+        self.ensure()
+        names = set(os.listdir(self.dir))
         for n in names:
             if n.endswith(MSG_SUFFIX) and (n[: -len(MSG_SUFFIX)] + ENV_SUFFIX) not in names:
                 (self.dir / n).unlink(missing_ok=True)
         for n in os.listdir(self.tmp_dir):
             (self.tmp_dir / n).unlink(missing_ok=True)
-        return envelopes, bad
 
     def take_flush_request(self) -> bool:
         """Whether ``queue flush`` asked for a retry now; consumes the request."""

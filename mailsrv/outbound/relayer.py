@@ -225,7 +225,8 @@ class Relayer:
             r.state, result = FAILED, "bounced"
         else:
             result = "deferred"
-        env.last_error = "" if reply.accepted else r.reply
+        if not reply.accepted:
+            env.last_error = r.reply
         self.log.info(
             "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
             "status={result} ({reply})",

@@ -44,7 +44,7 @@ def outbound_service(
     """
     config = ctx.config
     queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
-    queue.store.ensure()
+    queue.store.cleanup()  # start-up: nothing is being queued yet
     ctx.queue = queue
     if resolver is None:
         resolver = make_resolver(config.dns.nameservers, ctx.reactor)
