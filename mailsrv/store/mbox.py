@@ -15,6 +15,7 @@ UIDs and flags survive edits by mutt or procmail.
 from __future__ import annotations
 
 import errno
+import fcntl
 import io
 import os
 import stat
@@ -241,9 +242,28 @@ class MboxMailStore:
                 self.log.failure("folder listener failed")
 
     def new_validity(self) -> int:
-        """A fresh UIDVALIDITY: the time, but never the same twice in this process."""
+        """
+        A fresh UIDVALIDITY (disk thread): the time, but always above the last one
+        handed out, which is kept in C{<index_dir>/uidvalidity} (as Dovecot does).
+        """
+        path = self.index_dir / "uidvalidity"
         with self._validity_lock:
-            v = max(int(self._clock()), self._last_validity + 1) & 0xFFFFFFFF
+            self.index_dir.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                try:
+                    last = int(os.pread(fd, 32, 0).decode("ascii").strip() or 0)
+                except ValueError:
+                    last = 0
+                v = max(int(time.time()), last + 1, self._last_validity + 1)
+                if v > 0xFFFFFFFF:  # RFC 3501 2.3.1.1: a non-zero 32-bit number
+                    v = 1
+                os.ftruncate(fd, 0)
+                os.pwrite(fd, b"%d\n" % v, 0)
+                os.fsync(fd)
+            finally:
+                os.close(fd)
             self._last_validity = v
             return v
 
