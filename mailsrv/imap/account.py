@@ -1,0 +1,440 @@
+"""
+The IMAP avatar: Twisted's L{imap4.IAccount} over our L{IMailStore}, its
+subscription list (a small file per user, written atomically), and the
+L{imap4.IMailbox}/L{imap4.IMessage} adapters over one session's L{IFolder}.
+
+The server drives these with Deferreds throughout; the adapters keep the
+session's state of a selected folder (the message list it has shown the
+client, the messages recent to it).
+"""
+
+from __future__ import annotations
+
+import bisect
+import email.utils
+import io
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer
+from twisted.logger import Logger
+from twisted.mail import imap4
+from zope.interface import implementer
+
+from mailsrv.interfaces import (
+    DELETED,
+    SEEN,
+    SYSTEM_FLAGS,
+    FolderError,
+    IFolder,
+    IMailStore,
+    MessageInfo,
+)
+from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, split_user
+
+RECENT = "\\Recent"
+
+# RFC 6154 2: the attribute each special folder carries.
+SPECIAL_USE = {
+    "sent": "\\Sent",
+    "drafts": "\\Drafts",
+    "trash": "\\Trash",
+    "junk": "\\Junk",
+    "spam": "\\Junk",
+    "archive": "\\Archive",
+}
+
+Runner = Callable[..., defer.Deferred]
+
+
+def subscriptions_path(data_dir: Path, address: str) -> Path:
+    """C{<data_dir>/imap/<domain>/<local>.subscriptions}."""
+    local, domain = split_user(address)
+    return data_dir / "imap" / domain / f"{local}.subscriptions"
+
+
+class Subscriptions:
+    """A user's subscribed folder names, one per line in UTF-8."""
+
+    def __init__(self, path: Path, run: Runner) -> None:
+        self.path = path
+        self._run = run
+        self.names: set[str] = set()
+        self.existed = False
+
+    def load(self) -> defer.Deferred:
+        def read() -> tuple[bool, set[str]]:
+            try:
+                text = self.path.read_text("utf-8")
+            except FileNotFoundError:
+                return False, set()
+            return True, {line for line in text.splitlines() if line}
+
+        def loaded(result: tuple[bool, set[str]]) -> None:
+            self.existed, self.names = result
+
+        return self._run(read).addCallback(loaded)
+
+    def save(self) -> defer.Deferred:
+        data = "".join(n + "\n" for n in sorted(self.names)).encode("utf-8")
+        return self._run(_atomic_write, self.path, data)
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    """Temp file, fsync, rename, fsync the directory."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@implementer(imap4.IMailboxInfo)
+class FolderInfo:
+    """A LIST entry: the folder's attributes."""
+
+    def __init__(self, flags: list[str]) -> None:
+        self._flags = flags
+
+    def getFlags(self) -> list[str]:
+        return list(self._flags)
+
+    def getHierarchicalDelimiter(self) -> str:
+        return DELIMITER
+
+
+@implementer(imap4.IAccount, imap4.INamespacePresenter)
+class Account:
+    """One logged-in user's folders."""
+
+    log = Logger()
+
+    def __init__(
+        self,
+        address: str,
+        store: IMailStore,
+        subscriptions: Subscriptions,
+        special_folders: Iterable[str] = (),
+    ) -> None:
+        self.address = address
+        self.store = store
+        self.subscriptions = subscriptions
+        self.special_folders = tuple(special_folders)
+        self.logged_out = False
+
+    def prepare(self) -> defer.Deferred:
+        """At login: load subscriptions, create the special folders that are missing."""
+
+        @defer.inlineCallbacks
+        def go():
+            yield self.subscriptions.load()
+            existing = {n for n, _ in (yield self.store.list_folders(self.address))}
+            for name in self.special_folders:
+                if name not in existing:
+                    try:
+                        yield self.store.create_folder(self.address, name)
+                    except FolderError:
+                        pass
+            if not self.subscriptions.existed:
+                self.subscriptions.names = {INBOX, *self.special_folders}
+                yield self.subscriptions.save()
+            return self
+
+        return go()
+
+    def special_use(self, name: str) -> str | None:
+        if name in self.special_folders:
+            return SPECIAL_USE.get(name.lower())
+        return None
+
+    # IAccount, with Deferreds
+    def addMailbox(self, name: str, mbox: Any = None) -> defer.Deferred:
+        return self.create(name)
+
+    def create(self, pathspec: str) -> defer.Deferred:
+        return defer.maybeDeferred(self.store.create_folder, self.address, pathspec.rstrip(DELIMITER))
+
+    def select(self, name: str, readwrite: int = 1) -> defer.Deferred:
+        d = defer.maybeDeferred(self.store.open_folder, self.address, name, not readwrite)
+        return d.addCallback(SessionMailbox)
+
+    def delete(self, name: str) -> defer.Deferred:
+        return defer.maybeDeferred(self.store.delete_folder, self.address, name)
+
+    def rename(self, oldname: str, newname: str) -> defer.Deferred:
+        d = defer.maybeDeferred(self.store.rename_folder, self.address, oldname, newname)
+
+        def renamed(_: Any) -> Any:
+            old = canonical_folder(oldname)
+            new = canonical_folder(newname)
+            subs = self.subscriptions.names
+            moved = {n for n in subs if n == old or n.startswith(old + DELIMITER)}
+            if not moved or old == INBOX:
+                return None
+            self.subscriptions.names = (subs - moved) | {new + n[len(old) :] for n in moved}
+            return self.subscriptions.save()
+
+        return d.addCallback(renamed)
+
+    def isSubscribed(self, name: str) -> bool:
+        return name in self.subscriptions.names
+
+    def subscribe(self, name: str) -> defer.Deferred:
+        try:
+            name = canonical_folder(name)
+        except FolderError:
+            return defer.fail()
+        self.subscriptions.names.add(name)
+        return self.subscriptions.save()
+
+    def unsubscribe(self, name: str) -> defer.Deferred:
+        try:
+            name = canonical_folder(name)
+        except FolderError:
+            name = name
+        if name not in self.subscriptions.names:
+            return defer.fail(FolderError("Not subscribed"))
+        self.subscriptions.names.discard(name)
+        return self.subscriptions.save()
+
+    def listMailboxes(self, ref: str, wildcard: str) -> defer.Deferred:
+        """Fire with (name, L{FolderInfo}) for every folder matching C{ref + wildcard}."""
+        pattern = list_pattern(ref + wildcard)
+
+        def listed(folders: list[tuple[str, bool]]) -> list[tuple[str, FolderInfo]]:
+            names = [n for n, _ in folders]
+            out = []
+            for name, selectable in folders:
+                if not pattern.match(name):
+                    continue
+                flags = []
+                if not selectable:
+                    flags.append("\\Noselect")
+                prefix = name + DELIMITER
+                i = bisect.bisect_right(names, prefix)
+                has_children = i < len(names) and names[i].startswith(prefix)
+                has_children = has_children or any(n.startswith(prefix) for n in names)
+                flags.append("\\HasChildren" if has_children else "\\HasNoChildren")
+                use = self.special_use(name)
+                if use:
+                    flags.append(use)
+                out.append((name, FolderInfo(flags)))
+            return out
+
+        return defer.maybeDeferred(self.store.list_folders, self.address).addCallback(listed)
+
+    # INamespacePresenter (RFC 2342)
+    def getPersonalNamespaces(self) -> list[list[str]]:
+        return [["", DELIMITER]]
+
+    def getSharedNamespaces(self) -> None:
+        return None
+
+    def getOtherNamespaces(self) -> None:
+        return None
+
+    def getUserNamespaces(self) -> None:
+        return None
+
+    def logout(self) -> None:
+        self.logged_out = True
+
+
+def list_pattern(pattern: str) -> re.Pattern[str]:
+    """RFC 3501 6.3.8: ``*`` matches anything, ``%`` anything but the delimiter; INBOX any case."""
+    if pattern[:5].upper() == INBOX and (len(pattern) == 5 or pattern[5] == DELIMITER):
+        pattern = INBOX + pattern[5:]
+    out = []
+    for c in pattern:
+        if c == "*":
+            out.append(".*")
+        elif c == "%":
+            out.append("[^" + re.escape(DELIMITER) + "]*")
+        else:
+            out.append(re.escape(c))
+    return re.compile("".join(out) + r"\Z", re.S)
+
+
+@implementer(imap4.IMailbox, imap4.ICloseableMailbox)
+class SessionMailbox:
+    """
+    The selected folder of one session: L{IFolder} plus what the client has
+    been told (its message list, in sequence order) and what is recent to it.
+    """
+
+    def __init__(self, folder: IFolder) -> None:
+        self.folder = folder
+        self.infos: list[MessageInfo] = list(folder.messages())
+        self.uids: list[int] = [i.uid for i in self.infos]
+        self.recent: set[int] = set()
+        self.listeners: list[Any] = []
+
+    # bookkeeping used by the server
+    def seq_of(self, uid: int) -> int | None:
+        i = bisect.bisect_left(self.uids, uid)
+        if i < len(self.uids) and self.uids[i] == uid:
+            return i + 1
+        return None
+
+    def reload(self) -> None:
+        self.infos = list(self.folder.messages())
+        self.uids = [i.uid for i in self.infos]
+
+    def keywords(self) -> list[str]:
+        seen: set[str] = set()
+        for info in self.infos:
+            seen.update(info.flags)
+        return sorted(seen - SYSTEM_FLAGS)
+
+    def flags_of(self, info: MessageInfo) -> list[str]:
+        flags = sorted(info.flags)
+        if info.uid in self.recent:
+            flags.append(RECENT)
+        return flags
+
+    # IMailboxInfo / IMailbox
+    def getFlags(self) -> list[str]:
+        return sorted(SYSTEM_FLAGS) + self.keywords()
+
+    def getHierarchicalDelimiter(self) -> str:
+        return DELIMITER
+
+    def getUIDValidity(self) -> int:
+        return self.folder.uid_validity
+
+    def getUIDNext(self) -> int:
+        return self.folder.uid_next
+
+    def getUID(self, message: int) -> int:
+        return self.uids[message - 1]
+
+    def getMessageCount(self) -> int:
+        return len(self.infos)
+
+    def getRecentCount(self) -> int:
+        return len(self.recent)
+
+    def getUnseenCount(self) -> int:
+        return sum(1 for i in self.infos if SEEN not in i.flags)
+
+    def isWriteable(self) -> bool:
+        return not self.folder.read_only
+
+    def destroy(self) -> None:
+        raise imap4.MailboxException("Use DELETE on the account")
+
+    def requestStatus(self, names: Iterable[str]) -> dict[str, int]:
+        values = {
+            "MESSAGES": self.getMessageCount(),
+            "RECENT": self.getRecentCount(),
+            "UIDNEXT": self.getUIDNext(),
+            "UIDVALIDITY": self.getUIDValidity(),
+            "UNSEEN": self.getUnseenCount(),
+        }
+        return {n: values[n.upper()] for n in names if n.upper() in values}
+
+    def addListener(self, listener: Any) -> None:
+        self.listeners.append(listener)
+
+    def removeListener(self, listener: Any) -> None:
+        if listener in self.listeners:
+            self.listeners.remove(listener)
+
+    def addMessage(self, message: Any, flags: Iterable[str] = (), date: Any = None) -> defer.Deferred:
+        from mailsrv.spool import BytesSource
+
+        data = message.read() if hasattr(message, "read") else bytes(message)
+        when = None
+        if date:
+            parsed = email.utils.parsedate_tz(date if isinstance(date, str) else date.decode())
+            when = None if parsed is None else email.utils.mktime_tz(parsed)
+        source = BytesSource(data.replace(b"\r\n", b"\n"))
+        return defer.maybeDeferred(self.folder.append, source, frozenset(flags), when)
+
+    def expunge(self) -> defer.Deferred:
+        uids = [i.uid for i in self.infos if DELETED in i.flags]
+        return defer.maybeDeferred(self.folder.expunge, uids)
+
+    def fetch(self, messages: Any, uid: int) -> list[tuple[int, FolderMessage]]:
+        out = []
+        for seq, info in enumerate(self.infos, 1):
+            if (info.uid if uid else seq) in messages:
+                out.append((seq, FolderMessage(self.folder, info)))
+        return out
+
+    def store(self, messages: Any, flags: Iterable[str], mode: int, uid: int) -> defer.Deferred:
+        new = frozenset(flags) - {RECENT}
+        changes = {}
+        for seq, info in enumerate(self.infos, 1):
+            if (info.uid if uid else seq) in messages:
+                if mode > 0:
+                    changes[info.uid] = info.flags | new
+                elif mode < 0:
+                    changes[info.uid] = info.flags - new
+                else:
+                    changes[info.uid] = new
+        return defer.maybeDeferred(self.folder.set_flags, changes).addCallback(
+            lambda _: {self.seq_of(u): sorted(f) for u, f in changes.items()}
+        )
+
+    def close(self) -> None:
+        self.folder.close()
+
+
+@implementer(imap4.IMessage)
+class FolderMessage:
+    """One message of a folder, for Twisted's IMessage users; small messages only."""
+
+    def __init__(self, folder: IFolder, info: MessageInfo) -> None:
+        self._folder = folder
+        self._info = info
+
+    def getUID(self) -> int:
+        return self._info.uid
+
+    def getFlags(self) -> list[str]:
+        return sorted(self._info.flags)
+
+    def getInternalDate(self) -> str:
+        return email.utils.formatdate(self._info.internal_date)
+
+    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
+        from mailsrv.imap.mime import split_header_fields
+
+        block = self._folder.read_headers(self._info.uid)
+        wanted = {n.lower().encode() for n in names}
+        out: dict[str, str] = {}
+        for name, raw in split_header_fields(block):
+            if not name or (names and (name in wanted) == negate):
+                continue
+            key = name.decode("latin-1")
+            out.setdefault(key, raw.split(b":", 1)[1].strip().decode("utf-8", "replace"))
+        return out
+
+    def getBodyFile(self) -> io.BytesIO:
+        f = self._folder.open_message(self._info.uid)
+        try:
+            data = f.read()
+        finally:
+            f.close()
+        end = data.find(b"\r\n\r\n")
+        return io.BytesIO(b"" if end < 0 else data[end + 4 :])
+
+    def getSize(self) -> int:
+        return self._info.size
+
+    def isMultipart(self) -> bool:
+        return False
+
+    def getSubPart(self, part: int) -> Any:
+        raise IndexError(part)

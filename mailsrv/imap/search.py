@@ -1,0 +1,356 @@
+"""
+IMAP SEARCH (RFC 3501 6.4.4): the search keys parsed into a tree, and the
+tree evaluated against a folder's messages. Keys that need only the index
+(flags, sizes, dates, UIDs) never touch the disk; header keys read only the
+header block; BODY and TEXT read the message.
+"""
+
+from __future__ import annotations
+
+import calendar
+import email.header
+import email.parser
+import email.policy
+import email.utils
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from mailsrv.imap.mime import header_values, split_header_fields
+from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN, MessageInfo
+
+
+class SearchError(Exception):
+    """The search program is malformed (answered with BAD)."""
+
+
+class BadCharset(Exception):
+    """RFC 3501 6.4.4: NO [BADCHARSET]."""
+
+
+@dataclass(frozen=True)
+class Literal:
+    """A string that came as a quoted string or a literal (not an atom)."""
+
+    value: bytes
+
+
+_MONTHS = {m: i for i, m in enumerate(
+    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+
+
+def tokenize(line: bytes) -> list[Any]:
+    """Split search text into "(", ")", atoms (bytes) and L{Literal} strings."""
+    out: list[Any] = []
+    i, n = 0, len(line)
+    while i < n:
+        c = line[i : i + 1]
+        if c in (b" ", b"\t"):
+            i += 1
+        elif c in (b"(", b")"):
+            out.append(c.decode())
+            i += 1
+        elif c == b'"':
+            buf = bytearray()
+            i += 1
+            while i < n and line[i : i + 1] != b'"':
+                if line[i : i + 1] == b"\\" and i + 1 < n:
+                    i += 1
+                buf += line[i : i + 1]
+                i += 1
+            if i >= n:
+                raise SearchError("Unbalanced quotes")
+            i += 1
+            out.append(Literal(bytes(buf)))
+        else:
+            j = i
+            while j < n and line[j : j + 1] not in (b" ", b"(", b")", b'"'):
+                j += 1
+            out.append(line[i:j])
+            i = j
+    return out
+
+
+def _date(tok: Any) -> tuple[int, int, int]:
+    raw = tok.value if isinstance(tok, Literal) else tok
+    try:
+        d, m, y = raw.decode("ascii").split("-")
+        return int(y), _MONTHS[m.lower()], int(d)
+    except (ValueError, KeyError, AttributeError, UnicodeDecodeError):
+        raise SearchError(f"Bad date {raw!r}")
+
+
+def _string(tok: Any, charset: str) -> str:
+    raw = tok.value if isinstance(tok, Literal) else tok
+    if not isinstance(raw, bytes) or raw in ("(", ")"):
+        raise SearchError("Missing string")
+    try:
+        return raw.decode(charset).casefold()
+    except (UnicodeDecodeError, LookupError):
+        raise BadCharset(charset)
+
+
+_FLAG_KEYS = {
+    "ANSWERED": (ANSWERED, True), "UNANSWERED": (ANSWERED, False),
+    "DELETED": (DELETED, True), "UNDELETED": (DELETED, False),
+    "DRAFT": (DRAFT, True), "UNDRAFT": (DRAFT, False),
+    "FLAGGED": (FLAGGED, True), "UNFLAGGED": (FLAGGED, False),
+    "SEEN": (SEEN, True), "UNSEEN": (SEEN, False),
+}
+
+
+def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
+    """Parse tokens into a tree: ("and", [...]), ("or", a, b), ("not", a), (key, args...)."""
+    if charset.lower() in ("us-ascii", "ascii"):
+        charset = "ascii"
+    elif charset.lower() not in ("utf-8", "utf8"):
+        raise BadCharset(charset)
+    pos = 0
+
+    def take() -> Any:
+        nonlocal pos
+        if pos >= len(tokens):
+            raise SearchError("Missing search key")
+        tok = tokens[pos]
+        pos += 1
+        return tok
+
+    def one() -> tuple:
+        tok = take()
+        if tok == "(":
+            items = []
+            while pos < len(tokens) and tokens[pos] != ")":
+                items.append(one())
+            if take() != ")":
+                raise SearchError("Unbalanced parentheses")
+            if not items:
+                raise SearchError("Empty parentheses")
+            return ("and", items)
+        if tok == ")":
+            raise SearchError("Unbalanced parentheses")
+        if isinstance(tok, Literal):
+            raise SearchError("Unexpected string")
+        key = tok.decode("ascii", "replace").upper()
+        if key[:1].isdigit() or key[:1] == "*":
+            return ("seqset", tok)
+        if key in ("ALL", "NEW", "OLD", "RECENT") or key in _FLAG_KEYS:
+            return (key,)
+        if key in ("BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"):
+            return (key, _string(take(), charset))
+        if key == "HEADER":
+            name = _string(take(), "ascii")
+            return (key, name.encode(), _string(take(), charset))
+        if key in ("KEYWORD", "UNKEYWORD"):
+            t = take()
+            return (key, (t.value if isinstance(t, Literal) else t).decode("utf-8", "replace"))
+        if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
+            return (key, _date(take()))
+        if key in ("LARGER", "SMALLER"):
+            t = take()
+            try:
+                return (key, int(t.value if isinstance(t, Literal) else t))
+            except (ValueError, TypeError):
+                raise SearchError("Bad number")
+        if key == "UID":
+            return (key, take())
+        if key == "NOT":
+            return ("not", one())
+        if key == "OR":
+            return ("or", one(), one())
+        raise SearchError(f"Unknown search key {key}")
+
+    items = []
+    while pos < len(tokens):
+        items.append(one())
+    if not items:
+        raise SearchError("Missing search key")
+    return ("and", items)
+
+
+def needs(tree: tuple) -> set[str]:
+    """Which of "headers" and "body" the tree needs read from disk."""
+    out: set[str] = set()
+    kind = tree[0]
+    if kind in ("and",):
+        for t in tree[1]:
+            out |= needs(t)
+    elif kind == "or":
+        out |= needs(tree[1]) | needs(tree[2])
+    elif kind == "not":
+        out |= needs(tree[1])
+    elif kind in ("BCC", "CC", "FROM", "SUBJECT", "TO", "HEADER", "SENTBEFORE", "SENTON", "SENTSINCE"):
+        out.add("headers")
+    elif kind in ("BODY", "TEXT"):
+        out.add("body")
+    return out
+
+
+def _decode_header(value: bytes) -> str:
+    text = value.decode("utf-8", "replace")
+    try:
+        return str(email.header.make_header(email.header.decode_header(text))).casefold()
+    except Exception:
+        return text.casefold()
+
+
+def _day(ts: float) -> tuple[int, int, int]:
+    t = time.gmtime(ts)
+    return t.tm_year, t.tm_mon, t.tm_mday
+
+
+def _sent_day(headers: dict[bytes, bytes]) -> tuple[int, int, int] | None:
+    raw = headers.get(b"date")
+    if not raw:
+        return None
+    parsed = email.utils.parsedate_tz(raw.decode("latin-1"))
+    if parsed is None:
+        return None
+    return parsed[0], parsed[1], parsed[2]
+
+
+def _body_text(data: bytes) -> str:
+    """The decoded text of a message's parts, for BODY/TEXT search."""
+    if len(data) > 20 * 1024 * 1024:
+        return data.decode("utf-8", "replace").casefold()
+    try:
+        msg = email.parser.BytesParser(policy=email.policy.compat32).parsebytes(data)
+        chunks = []
+        for part in msg.walk():
+            if part.is_multipart():
+                continue
+            payload = part.get_payload(decode=True)
+            if not isinstance(payload, bytes):
+                continue
+            charset = part.get_content_charset() or "utf-8"
+            try:
+                chunks.append(payload.decode(charset, "replace"))
+            except LookupError:
+                chunks.append(payload.decode("utf-8", "replace"))
+        body_start = data.find(b"\r\n\r\n")
+        raw = data[body_start + 4 :] if body_start >= 0 else b""
+        chunks.append(raw.decode("utf-8", "replace"))
+        return "\n".join(chunks).casefold()
+    except Exception:
+        return data.decode("utf-8", "replace").casefold()
+
+
+class Matcher:
+    """Evaluate a search tree for one message at a time."""
+
+    def __init__(
+        self,
+        tree: tuple,
+        last_seq: int,
+        last_uid: int,
+        recent: set[int],
+        parse_set: Callable[[bytes, int], Any],
+    ) -> None:
+        self.tree = tree
+        self.last_seq = last_seq
+        self.last_uid = last_uid
+        self.recent = recent
+        self._sets: dict[tuple[bytes, int], Any] = {}
+        self._parse_set = parse_set
+
+    def _set(self, raw: bytes, last: int) -> Any:
+        key = (raw, last)
+        if key not in self._sets:
+            try:
+                self._sets[key] = self._parse_set(raw, last)
+            except Exception:
+                raise SearchError("Bad message set")
+        return self._sets[key]
+
+    def match(
+        self,
+        seq: int,
+        info: MessageInfo,
+        headers: Callable[[], bytes],
+        body: Callable[[], bytes],
+    ) -> bool:
+        cache: dict[str, Any] = {}
+
+        def hdr_block() -> bytes:
+            if "block" not in cache:
+                cache["block"] = headers()
+            return cache["block"]
+
+        def hvals() -> dict[bytes, bytes]:
+            if "vals" not in cache:
+                cache["vals"] = header_values(hdr_block())
+            return cache["vals"]
+
+        def field(name: bytes) -> str:
+            parts = [raw.split(b":", 1)[1] for n, raw in split_header_fields(hdr_block()) if n == name]
+            return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
+
+        def text() -> str:
+            if "body" not in cache:
+                cache["body"] = _body_text(body())
+            return cache["body"]
+
+        def ev(t: tuple) -> bool:
+            k = t[0]
+            if k == "and":
+                return all(ev(x) for x in t[1])
+            if k == "or":
+                return ev(t[1]) or ev(t[2])
+            if k == "not":
+                return not ev(t[1])
+            if k == "ALL":
+                return True
+            if k in _FLAG_KEYS:
+                flag, want = _FLAG_KEYS[k]
+                return (flag in info.flags) == want
+            if k == "RECENT":
+                return info.uid in self.recent
+            if k == "NEW":
+                return info.uid in self.recent and SEEN not in info.flags
+            if k == "OLD":
+                return info.uid not in self.recent
+            if k == "KEYWORD":
+                return t[1] in info.flags
+            if k == "UNKEYWORD":
+                return t[1] not in info.flags
+            if k == "LARGER":
+                return info.size > t[1]
+            if k == "SMALLER":
+                return info.size < t[1]
+            if k == "seqset":
+                return seq in self._set(t[1], self.last_seq)
+            if k == "UID":
+                raw = t[1].value if isinstance(t[1], Literal) else t[1]
+                return info.uid in self._set(raw, self.last_uid)
+            if k in ("BEFORE", "ON", "SINCE"):
+                day = _day(info.internal_date)
+                return _cmp(k, day, t[1])
+            if k in ("SENTBEFORE", "SENTON", "SENTSINCE"):
+                day = _sent_day(hvals())
+                return day is not None and _cmp(k[4:], day, t[1])
+            if k in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
+                return t[1] in field(k.lower().encode())
+            if k == "HEADER":
+                name = t[1].lower()
+                if not t[2]:
+                    return any(n == name for n, _ in split_header_fields(hdr_block()))
+                return t[2] in field(name)
+            if k == "BODY":
+                return t[1] in text()
+            if k == "TEXT":
+                return t[1] in text() or t[1] in _decode_header(hdr_block())
+            raise SearchError(f"Unknown key {k}")
+
+        return ev(self.tree)
+
+
+def _cmp(kind: str, day: tuple[int, int, int], ref: tuple[int, int, int]) -> bool:
+    if kind == "BEFORE":
+        return day < ref
+    if kind == "ON":
+        return day == ref
+    return day >= ref
+
+
+def epoch_of(day: tuple[int, int, int]) -> float:
+    return float(calendar.timegm((day[0], day[1], day[2], 0, 0, 0)))
