@@ -57,7 +57,7 @@ class RemoteReply:
     def status(self) -> str:
         """The RFC 3463 status: the one in the reply text, or derived from the code."""
         m = _ENHANCED.match(self.text.encode("utf-8", "replace"))
-        if m and m.group(1).decode() == str(self.code)[0]:
+        if m and (self.code == 0 or m.group(1).decode() == str(self.code)[0]):
             return m.group(0).decode()
         if self.accepted:
             return "2.0.0"

@@ -1,0 +1,125 @@
+"""The SMTP client session on a StringTransport: bytes sent, per-recipient results."""
+
+from __future__ import annotations
+
+import io
+
+from twisted.internet.testing import MemoryReactorClock, StringTransport
+from twisted.python.failure import Failure
+
+from mailsrv.outbound import client
+from mailsrv.outbound.client import RemoteReply, Session, _BodySender
+from mailsrv.outbound.mx import Hop
+
+HOP = Hop("mx.remote.test", "192.0.2.1", 25)
+
+
+def _session(message=b"Subject: x\n\nhello\n.dot\n", recipients=("a@r.test", "b@r.test")):
+    reactor = MemoryReactorClock()
+    s = Session(reactor=reactor, pool=None, hop=HOP, helo="mail.example.test",
+                sender="alice@example.test", recipients=list(recipients),
+                message=io.BytesIO(message))
+    results = []
+    s.result.addCallback(results.append)
+    p = s.buildProtocol(None)
+    t = StringTransport()
+    p.makeConnection(t)
+    return s, p, t, results
+
+
+def _feed(p, t, *lines):
+    for line in lines:
+        p.dataReceived(line + b"\r\n")
+    out = t.value()
+    t.clear()
+    return out
+
+
+def test_transform_dot_stuffs_across_chunks():
+    sender = _BodySender(None, None, None, None, lambda: None)
+    chunks = [b".first\nsecond\n", b".third\n.", b"\n", b"x\n.", b"..\n"]
+    out = b"".join(sender.transform(c) for c in chunks)
+    assert out == b"..first\r\nsecond\r\n..third\r\n..\r\nx\r\n....\r\n"
+
+
+def test_transaction_with_mixed_recipient_replies(monkeypatch):
+    monkeypatch.setattr(client, "BODY_CHUNK", 7)  # many chunks, boundaries inside lines
+    s, p, t, results = _session(recipients=("a@r.test", "b@r.test", "c@r.test"))
+    assert _feed(p, t, b"220 mx.remote.test ESMTP") == b"EHLO mail.example.test\r\n"
+    assert _feed(p, t, b"250-mx.remote.test", b"250 8BITMIME") == b"MAIL FROM:<alice@example.test>\r\n"
+    assert _feed(p, t, b"250 2.1.0 ok") == b"RCPT TO:<a@r.test>\r\n"
+    assert _feed(p, t, b"250 2.1.5 ok") == b"RCPT TO:<b@r.test>\r\n"
+    assert _feed(p, t, b"550 5.1.1 no such user") == b"RCPT TO:<c@r.test>\r\n"
+    assert _feed(p, t, b"451 4.3.0 try later") == b"DATA\r\n"
+    body = _feed(p, t, b"354 go ahead")
+    assert body == b"Subject: x\r\n\r\nhello\r\n..dot\r\n.\r\n"
+    assert _feed(p, t, b"250 2.0.0 queued as X") == b"QUIT\r\n"
+    (r,) = results
+    assert r.stage == client.DONE
+    assert r.replies["a@r.test"] == RemoteReply(250, "2.0.0 queued as X", "end of DATA")
+    assert r.replies["b@r.test"].status == "5.1.1" and r.replies["b@r.test"].permanent
+    assert str(r.replies["c@r.test"]) == "451 4.3.0 try later"
+    assert not r.replies["c@r.test"].permanent and not r.replies["c@r.test"].accepted
+
+
+def test_null_sender_and_all_recipients_refused():
+    s, p, t, results = _session(recipients=("a@r.test",))
+    s.sender = ""
+    _feed(p, t, b"220 hi")
+    assert _feed(p, t, b"250 hi") == b"MAIL FROM:<>\r\n"
+    _feed(p, t, b"250 ok")
+    assert _feed(p, t, b"550 5.7.1 go away") == b"QUIT\r\n"
+    assert results[0].replies["a@r.test"] == RemoteReply(550, "5.7.1 go away", "RCPT TO")
+
+
+def test_greeting_refused_means_try_the_next_host():
+    s, p, t, results = _session()
+    _feed(p, t, b"554 5.7.1 no service")
+    (r,) = results
+    assert r.before_transaction
+    assert r.replies["a@r.test"].code == 554
+
+
+def test_mail_from_refused_applies_to_every_recipient():
+    s, p, t, results = _session()
+    _feed(p, t, b"220 hi", b"250 hi")
+    _feed(p, t, b"553 5.7.1 sender refused")
+    (r,) = results
+    assert not r.before_transaction
+    assert {str(x) for x in r.replies.values()} == {"553 5.7.1 sender refused"}
+
+
+def test_connection_lost_mid_data_is_temporary():
+    s, p, t, results = _session()
+    _feed(p, t, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"250 ok")
+    _feed(p, t, b"354 go")
+    p.connectionLost(Failure(ConnectionError("reset")))
+    (r,) = results
+    reply = r.replies["a@r.test"]
+    assert reply.code == 0 and reply.status == "4.4.2"
+    assert "lost connection with mx.remote.test while sending end of DATA" in reply.text
+
+
+def test_ehlo_refused_falls_back_to_helo():
+    s, p, t, results = _session()
+    _feed(p, t, b"220 hi")
+    assert _feed(p, t, b"502 what") == b"HELO mail.example.test\r\n"
+    assert _feed(p, t, b"250 hi") == b"MAIL FROM:<alice@example.test>\r\n"
+
+
+def test_tls_required_but_not_offered():
+    s, p, t, results = _session()
+    p.requireTransportSecurity = True
+    p.heloFallback = False
+    _feed(p, t, b"220 hi")
+    _feed(p, t, b"250-hi", b"250 PIPELINING")
+    (r,) = results
+    assert r.before_transaction
+    assert r.replies["a@r.test"].status == "4.7.4"
+
+
+def test_timeout_is_temporary():
+    s, p, t, results = _session()
+    s.reactor.advance(client.COMMAND_TIMEOUT + 1)
+    (r,) = results
+    assert r.replies["a@r.test"].status == "4.4.2"

@@ -1,0 +1,108 @@
+"""The relayer on a fake clock: back-off, the one "delayed" warning, expiry and its bounce."""
+
+from __future__ import annotations
+
+import email
+
+from twisted.internet import defer
+from twisted.internet.testing import MemoryReactorClock
+from twisted.trial import unittest
+
+from mailsrv.config import parse
+from mailsrv.outbound.errors import DeliveryError
+from mailsrv.outbound.queue import OutboundQueue, QueueStore
+from mailsrv.outbound.relayer import Relayer
+from mailsrv.spool import BytesSource
+from mailsrv.store.memory import MemoryMailStore
+from tests.test_outbound_support import temp_dir
+
+
+class DownResolver:
+    """Every lookup fails temporarily, like a DNS server that does not answer."""
+
+    def __init__(self):
+        self.calls = []
+
+    def resolve(self, domain):
+        self.calls.append(domain)
+        return defer.fail(DeliveryError(False, "4.4.3", f"MX lookup for {domain} timed out"))
+
+
+class Passwords:
+    def has_user(self, address):
+        return address == "alice@example.test"
+
+
+class RelayerClockTests(unittest.TestCase):
+    def setUp(self):
+        self.clock = MemoryReactorClock()
+        self.data = temp_dir(self) / "data"
+        self.config = parse(f"""
+[server]
+hostname = "mail.example.test"
+data_dir = "{self.data}"
+[relay]
+retry_min = "5m"
+retry_max = "1h"
+max_lifetime = "1d"
+delay_warning = "4h"
+""")
+        self.queue = OutboundQueue(self.config.queue_dir, self.clock, None)
+        self.resolver = DownResolver()
+        self.store = MemoryMailStore(clock=self.clock.seconds)
+        self.relayer = Relayer(config=self.config, queue=self.queue, reactor=self.clock,
+                               threadpool=None, resolver=self.resolver, store=self.store,
+                               passwords=Passwords())
+
+    def inbox(self):
+        folder = self.successResultOf(self.store.open_folder("alice@example.test", "INBOX"))
+        return [email.message_from_bytes(folder.open_message(i.uid).read())
+                for i in folder.messages()]
+
+    def test_backoff_warning_and_expiry(self):
+        self.successResultOf(self.relayer.start())
+        qid = self.successResultOf(self.queue.enqueue(
+            "alice@example.test", ["bob@remote.test", "carol@remote.test"],
+            BytesSource(b"Subject: hi\n\nbody\n")))
+        self.assertEqual(self.resolver.calls, ["remote.test"])  # at once, both in one group
+        times = [0.0]
+        warned_at = None
+        while QueueStore(self.config.queue_dir).ids():
+            n = len(self.resolver.calls)
+            self.clock.advance(60)
+            if len(self.resolver.calls) > n:
+                times.append(self.clock.seconds())
+            if warned_at is None and self.inbox():
+                warned_at = self.clock.seconds()
+            self.assertLess(self.clock.seconds(), 2 * 86400)
+        gaps = [b - a for a, b in zip(times, times[1:])]
+        self.assertEqual(gaps[:5], [300, 600, 1200, 2400, 3600])
+        self.assertTrue(all(g <= 3600 for g in gaps))
+        self.assertEqual(times[-1], 86400)  # the last attempt at the end of the lifetime
+        self.assertEqual(warned_at, 15300)  # the first attempt after 4 hours (4h15m)
+
+        delayed, failed = self.inbox()
+        self.assertEqual(delayed["Subject"], "Delayed Mail (still being retried)")
+        blocks = delayed.get_payload(1).get_payload()[1:]
+        self.assertEqual([b["Action"] for b in blocks], ["delayed", "delayed"])
+        self.assertEqual(blocks[0]["Status"], "4.4.3")
+        self.assertEqual(failed["Subject"], "Undelivered Mail Returned to Sender")
+        blocks = failed.get_payload(1).get_payload()[1:]
+        self.assertEqual([b["Final-Recipient"] for b in blocks],
+                         ["rfc822; bob@remote.test", "rfc822; carol@remote.test"])
+        self.assertEqual({b["Status"] for b in blocks}, {"5.4.7"})
+        self.assertIn("timed out", blocks[0]["Diagnostic-Code"])
+        self.assertNotIn(qid, self.relayer.entries)
+        self.successResultOf(self.relayer.stop())
+        self.assertEqual(self.clock.getDelayedCalls(), [])
+
+    def test_flush_request_retries_now(self):
+        self.successResultOf(self.relayer.start())
+        self.successResultOf(self.queue.enqueue("alice@example.test", ["bob@remote.test"],
+                                                BytesSource(b"\n")))
+        self.clock.advance(10)
+        self.assertEqual(len(self.resolver.calls), 1)
+        QueueStore(self.config.queue_dir).request_flush()
+        self.clock.advance(5)  # the next scan of the queue folder
+        self.assertEqual(len(self.resolver.calls), 2)
+        self.successResultOf(self.relayer.stop())
