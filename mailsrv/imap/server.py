@@ -463,6 +463,7 @@ class IMAPServer(imap4.IMAP4Server):
             and self.parseState == "command"
             and not self.paused
             and not self._lost
+            and not self.transport.disconnecting
         ):
             self.pauseProducing()  # one command at a time; the rest wait in the buffer
 
@@ -724,7 +725,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._auth_tag = tag
         self.parseState = "auth_plain"
-        self.sendContinuationRequest(b"")
+        self.sendLine(b"+ ")  # RFC 4954 4: an empty challenge
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)
 
