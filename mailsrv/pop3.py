@@ -21,7 +21,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginDenied, LoginFailed
-from twisted.internet import defer, interfaces, protocol, task, threads
+from twisted.internet import defer, interfaces, protocol, task, tcp, threads
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
@@ -37,6 +37,8 @@ MAX_LINE = 8192  # RFC 2449 4: 255 octets for commands; SASL responses need more
 WHOLE_MESSAGE = 256 * 1024  # messages up to this size are read and sent in one piece
 CHUNK = 64 * 1024
 MAX_PIPELINED = 64  # stop reading while this many commands wait
+READ_AHEAD = 32  # RETR reads up to this many following messages in one trip to the pool
+READ_AHEAD_BYTES = 1024 * 1024
 
 # Replies, worded like Dovecot's where clients may match on them.
 GREETING = b"+OK mailsrv ready."
@@ -50,9 +52,6 @@ TIMED_OUT = b"-ERR Disconnected for inactivity."
 NO_SUCH_MESSAGE = b"-ERR There's no message %d."
 DELETED = b"-ERR Message is deleted."
 GONE = b"-ERR Message no longer exists."
-
-
-_RETRY = object()
 
 
 class MaildropInUse(LoginDenied):
@@ -283,7 +282,10 @@ class POP3Server(pop3.POP3):
         self._tls_started = False  # ignore the rest of the packet that carried STLS
         self._closed = False
         self._sasl: Callable[[bytes], None] | None = None
-        self._prefetched: tuple[int, defer.Deferred] | None = None
+        # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
+        self._cache: dict[int, bytes] = {}
+        self._batch: set[int] = set()
+        self._batch_waiters: list[tuple[int, defer.Deferred]] = []
         self.mbox: Maildrop | None = None  # type: ignore[assignment]
 
     # --- plumbing ---------------------------------------------------------------
@@ -305,7 +307,7 @@ class POP3Server(pop3.POP3):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
-        self._prefetched = None
+        self._cache.clear()
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
@@ -610,9 +612,15 @@ class POP3Server(pop3.POP3):
         info = self.mbox.infos[i]
         if info.size > WHOLE_MESSAGE:
             return self._long(self._stream(info))
-        d = self._read(info, None)
-        d.addCallback(self._send_whole, b"+OK %d octets" % info.size)
-        d.addCallback(lambda _: self._prefetch(i + 1))
+        first = b"+OK %d octets" % info.size
+        data = self._cache.pop(i, None)
+        if data is not None:  # read ahead: answer at once
+            self._send_whole(data, first)
+            self._read_ahead(i)
+            return None
+        d = self._read(i)
+        d.addCallback(self._send_whole, first)
+        d.addCallback(lambda _: self._read_ahead(i))
         return self._long(d)
 
     def pop3_TOP(self, rest: bytes) -> Any:
@@ -626,7 +634,7 @@ class POP3Server(pop3.POP3):
         i = self._message_number(number)
         if i is None:
             return None
-        d = self._read(self.mbox.infos[i], lines)
+        d = self._read_now([i], lines).addCallback(lambda got: got.get(i))
         d.addCallback(self._send_whole, b"+OK")
         return self._long(d)
 
@@ -658,31 +666,71 @@ class POP3Server(pop3.POP3):
     def _in_thread(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         return threads.deferToThreadPool(self.ctx.reactor, self.ctx.threadpool, f, *args)
 
-    def _read(self, info: MessageInfo, top: int | None) -> defer.Deferred:
-        """Fire with the message's CRLF bytes (or its TOP part); None if it is gone."""
-        if top is None and self._prefetched is not None:
-            uid, d = self._prefetched
-            self._prefetched = None
-            if uid == info.uid:
-                return d.addCallback(lambda r: self._read(info, None) if r is _RETRY else r)
-        try:
-            fp = self.mbox.folder.open_message(info.uid)
-        except KeyError:
-            return defer.succeed(None)
-        return self._in_thread(_read_file, fp, info.size, top)
+    def _read(self, index: int) -> defer.Deferred:
+        """Fire with message C{index}'s CRLF bytes, or None if it is gone."""
+        data = self._cache.pop(index, None)
+        if data is not None:
+            return defer.succeed(data)
+        if index in self._batch:
+            d = defer.Deferred()
+            self._batch_waiters.append((index, d))
+            return d
+        return self._read_now([index], None).addCallback(lambda got: got.get(index))
 
-    def _prefetch(self, index: int) -> None:
-        """Start reading the message a sequential download will ask for next."""
-        self._prefetched = None
+    def _read_now(self, indexes: list[int], top: int | None) -> defer.Deferred:
+        """Read messages in one trip to the pool; fire with index -> bytes (gone ones left out)."""
+        files = []
+        for i in indexes:
+            info = self.mbox.infos[i]
+            try:
+                files.append((i, self.mbox.folder.open_message(info.uid), info.size))
+            except KeyError:
+                pass
+        if not files:
+            return defer.succeed({})
+        return self._in_thread(_read_files, files, top)
+
+    def _read_ahead(self, index: int) -> None:
+        """
+        After RETR C{index}, read the messages a sequential download asks for
+        next, several per trip to the pool, so that most RETRs find their
+        message already in memory.
+        """
         mbox = self.mbox
-        if self._closed or mbox is None or index >= len(mbox.infos) or index in mbox.deleted:
+        for i in [i for i in self._cache if i <= index]:
+            del self._cache[i]
+        if self._closed or mbox is None or self._batch:
             return
-        info = mbox.infos[index]
-        if info.size > WHOLE_MESSAGE:
+        ahead = range(index + 1, min(index + 1 + READ_AHEAD // 4, len(mbox.infos)))
+        if all(i in self._cache or i in mbox.deleted for i in ahead):
             return
-        d = self._read(info, None)
-        d.addErrback(lambda f: _RETRY)  # read again when asked for, and report then
-        self._prefetched = (info.uid, d)
+        wanted, total = [], 0
+        for i in range(index + 1, len(mbox.infos)):
+            size = mbox.infos[i].size
+            if i in self._cache or i in mbox.deleted:
+                continue
+            if size > WHOLE_MESSAGE or len(wanted) >= READ_AHEAD or total + size > READ_AHEAD_BYTES:
+                break
+            wanted.append(i)
+            total += size
+        if not wanted:
+            return
+        self._batch = set(wanted)
+        d = self._read_now(wanted, None)
+        d.addBoth(self._batch_done)
+
+    def _batch_done(self, result: dict[int, bytes] | Failure) -> None:
+        self._batch = set()
+        waiters, self._batch_waiters = self._batch_waiters, []
+        if isinstance(result, Failure):
+            # Read each again on its own, so that its RETR reports the error.
+            for i, d in waiters:
+                self._read(i).chainDeferred(d)
+            return
+        if not self._closed:
+            self._cache.update(result)
+        for i, d in waiters:
+            d.callback(self._cache.pop(i, None))
 
     def _send_whole(self, data: bytes | None, first: bytes) -> None:
         """The status line, the stuffed message and the terminator, in one write."""
@@ -690,7 +738,18 @@ class POP3Server(pop3.POP3):
             return self.error(GONE)
         if not self._closed:
             self.transport.write(first + b"\r\n" + dot_stuff(data) + terminator(data))
+            self._flush()
         return None
+
+    def _flush(self) -> None:
+        """
+        Hand buffered output to the socket now rather than on the reactor's
+        next turn: the client is waiting for this reply, and the bookkeeping
+        after it (read-ahead, queued commands) can overlap with its reading.
+        """
+        t = self.transport
+        if isinstance(t, tcp.Connection) and t.connected and not t.disconnecting:
+            t.doWrite()  # an error here is seen again, and handled, by the reactor
 
     @defer.inlineCallbacks
     def _stream(self, info: MessageInfo) -> Any:
@@ -731,23 +790,28 @@ class POP3Server(pop3.POP3):
             yield self._in_thread(fp.close)
 
 
-def _read_file(fp: Any, size: int, top: int | None) -> bytes:
-    """Read a message (in a pool thread); for TOP, stop once enough lines are in."""
+def _read_files(files: list[tuple[int, Any, int]], top: int | None) -> dict[int, bytes]:
+    """Read messages (in a pool thread): index -> bytes; for TOP, only enough lines."""
+    out = {}
     try:
-        if top is None:
-            return fp.read(size)
-        data = b""
-        while True:
-            chunk = fp.read(CHUNK)
-            data += chunk
-            if not chunk:
-                break
-            cut = top_of(data, top)
-            if len(cut) < len(data):
-                return cut
-        return top_of(data, top)
+        for index, fp, size in files:
+            out[index] = fp.read(size) if top is None else _read_top(fp, top)
     finally:
-        fp.close()
+        for _, fp, _ in files:
+            fp.close()
+    return out
+
+
+def _read_top(fp: Any, top: int) -> bytes:
+    data = b""
+    while True:
+        chunk = fp.read(CHUNK)
+        data += chunk
+        if not chunk:
+            return top_of(data, top)
+        cut = top_of(data, top)
+        if len(cut) < len(data):
+            return cut
 
 
 class POP3Factory(protocol.ServerFactory):

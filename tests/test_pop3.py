@@ -87,8 +87,8 @@ def test_retr_byte_stuffed_with_exact_size(ctx):
     assert len(writes) == 1
 
 
-def test_retr_reads_off_the_reactor_and_prefetches_next(ctx):
-    for i in range(3, 6):
+def test_retr_reads_off_the_reactor_and_reads_ahead(ctx):
+    for i in range(3, 41):
         deliver(ctx, b"Subject: %d\n\nbody\n" % i)
     s = Session(ctx)
     s.take()
@@ -97,17 +97,24 @@ def test_retr_reads_off_the_reactor_and_prefetches_next(ctx):
     pool.hold = []
     s.proto.dataReceived(b"RETR 1\r\nSTAT\r\n")
     assert s.take() == b""  # nothing until the read is done; STAT waits its turn
-    pool.run_held()  # RETR 1's read; that starts the read of 2
+    pool.run_held()  # RETR 1's read; that starts reading the next ones in one batch
     out = s.take()
     assert out.startswith(b"+OK %d octets\r\n" % len(crlf(MSG1)))
-    assert out.endswith(b".\r\n+OK 5 %d\r\n" % sum(m.size for _, m in s.proto.mbox.live()))
-    assert len(pool.hold) == 1  # the prefetch of message 2
+    assert out.endswith(b".\r\n+OK 40 %d\r\n" % sum(m.size for _, m in s.proto.mbox.live()))
+    assert len(pool.hold) == 1  # messages 2..33 in one trip
+    s.proto.dataReceived(b"RETR 2\r\n")
+    assert s.take() == b""  # waits for the batch it is in
     pool.run_held()
+    assert s.take().startswith(b"+OK %d octets\r\nSubject: two" % len(crlf(MSG2)))
     calls = pool.calls
-    assert s.cmd("RETR 2").startswith(b"+OK %d octets" % len(crlf(MSG2)))  # served from it
-    assert pool.calls == calls + 1  # and message 3 is being prefetched
-    pool.hold = None
+    for i in range(3, 30):
+        assert s.cmd(f"RETR {i}").startswith(b"+OK"), i
+        pool.run_held()
+    assert s.cmd("RETR 40").startswith(b"+OK")  # out of order: read on its own
     pool.run_held()
+    assert pool.calls - calls <= 3
+    assert len(s.proto._cache) <= 32
+    pool.hold = None
 
 
 def test_top(ctx):

@@ -1,0 +1,149 @@
+"""
+POP3 over real loopback sockets: Python's poplib (in a thread) against the
+server on the real reactor, in clear text, after STLS and over implicit TLS.
+"""
+
+from __future__ import annotations
+
+import poplib
+import ssl
+import tempfile
+import time
+from pathlib import Path
+
+from twisted.internet import defer, threads
+from twisted.protocols.tls import TLSMemoryBIOFactory
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from mailsrv import tls
+from mailsrv.pop3 import POP3Factory, POP3Server
+
+from .test_pop3_support import ALICE, PASSWORD, deliver, make_ctx
+
+
+class _Watched(POP3Server):
+    def connectionLost(self, reason=None):
+        super().connectionLost(reason)
+        self.factory.lost.append(self)
+        waiting, self.factory.waiting = self.factory.waiting, []
+        for d in waiting:
+            d.callback(None)
+
+
+class POP3LoopbackTests(unittest.TestCase):
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.tmp = Path(tempfile.mkdtemp())
+        self.ctx = make_ctx(self.tmp, cleartext="never")
+        self.ctx.reactor = reactor
+        self.pool = ThreadPool(1, 4, name="test-pop3-disk")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.ctx.threadpool = self.pool
+        self.ctx.passwords._reactor = reactor
+        self.ctx.passwords._pool = self.pool
+        self.ctx.portal.checkers[next(iter(self.ctx.portal.checkers))]._clock = reactor
+        self.ctx.tls = tls.server_options(self.ctx.config)
+        self.clients = ThreadPool(1, 2, name="test-pop3-client")
+        self.clients.start()
+        self.addCleanup(self.clients.stop)
+        from mailsrv.pop3 import pop3_factory
+
+        base = pop3_factory(self.ctx)
+        self.factory = POP3Factory(self.ctx, base.locks)
+        self.factory.protocol = _Watched
+        self.factory.buildProtocol = self._build
+        self.factory.lost, self.factory.waiting, self.built = [], [], 0
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        tls_factory = TLSMemoryBIOFactory(self.ctx.tls, False, self.factory)
+        self.tls_port = reactor.listenTCP(0, tls_factory, interface="127.0.0.1")
+        self.addCleanup(self.tls_port.stopListening)
+        self.client_tls = ssl.create_default_context()
+        self.client_tls.check_hostname = False
+        self.client_tls.verify_mode = ssl.CERT_NONE
+
+    def _build(self, addr):
+        p = _Watched(self.ctx, self.factory.locks)
+        p.factory = self.factory
+        self.built += 1
+        return p
+
+    def in_client(self, f, *args):
+        return threads.deferToThreadPool(self.reactor, self.clients, f, *args)
+
+    @defer.inlineCallbacks
+    def all_closed(self):
+        while len(self.factory.lost) < self.built:
+            d = defer.Deferred()
+            self.factory.waiting.append(d)
+            yield d
+
+    @defer.inlineCallbacks
+    def test_retr_many_and_quit_deletes(self):
+        n = 500
+        for i in range(n):
+            deliver(self.ctx, b"Subject: %d\n\n%s.leading dot\n" % (i, (b"x" * 76 + b"\n") * 50))
+        port = self.port.getHost().port
+
+        def client():
+            p = poplib.POP3("127.0.0.1", port, timeout=30)
+            p.stls(self.client_tls)  # cleartext = never: TLS first
+            p.user(ALICE)
+            p.pass_(PASSWORD)
+            count, size = p.stat()
+            got = []
+            start = time.perf_counter()
+            for i in range(1, count + 1):
+                _, lines, octets = p.retr(i)
+                got.append((lines, octets))
+            elapsed = time.perf_counter() - start
+            for i in range(1, count + 1, 2):
+                p.dele(i)
+            p.quit()
+            return count, size, got, elapsed
+
+        count, size, got, elapsed = yield self.in_client(client)
+        self.assertEqual(count, n)
+        for i, (lines, octets) in enumerate(got):
+            self.assertEqual(lines[0], b"Subject: %d" % i)
+            self.assertEqual(lines[-1], b".leading dot")  # poplib un-stuffs
+            self.assertEqual(len(lines), 53)
+            self.assertEqual(octets, sum(len(x) + 2 for x in lines))  # poplib counts unstuffed
+        self.assertEqual(sum(len(b"\r\n".join(lines)) + 2 for lines, _ in got), size)
+        left = self.ctx.store._folders[(ALICE, "INBOX")].messages
+        self.assertEqual(len(left), n // 2)
+        self.assertTrue(left[0].data.startswith(b"Subject: 1\n"))
+        yield self.all_closed()
+
+    @defer.inlineCallbacks
+    def test_cleartext_refused_then_implicit_tls(self):
+        deliver(self.ctx, b"Subject: hi\n\nhello\n")
+        port, tls_port = self.port.getHost().port, self.tls_port.getHost().port
+
+        def client():
+            p = poplib.POP3("127.0.0.1", port, timeout=30)
+            caps = p.capa()
+            try:
+                p.user(ALICE)
+            except poplib.error_proto as e:
+                refused = e.args[0]
+            p.quit()
+            s = poplib.POP3_SSL("127.0.0.1", tls_port, context=self.client_tls, timeout=30)
+            s.user(ALICE)
+            s.pass_(PASSWORD)
+            stat = s.stat()
+            msg = s.retr(1)[1]
+            s.quit()
+            return caps, refused, stat, msg
+
+        caps, refused, stat, msg = yield self.in_client(client)
+        self.assertIn("STLS", caps)
+        self.assertNotIn("USER", caps)
+        self.assertTrue(refused.startswith(b"-ERR [AUTH] Plaintext authentication disallowed"))
+        self.assertEqual(stat[0], 1)
+        self.assertEqual(msg, [b"Subject: hi", b"", b"hello"])
+        yield self.all_closed()
