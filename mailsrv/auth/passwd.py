@@ -37,9 +37,12 @@ class PasswordFileError(Exception):
 
 def check_address(address: str) -> str:
     """Return the normalized address, or raise ValueError if it cannot be a login name."""
-    if ":" in address or any(c.isspace() for c in address):
-        raise ValueError(f"not a usable mailbox address: {address!r}")
-    return normalize_user(address)
+    try:
+        if ":" in address or any(c.isspace() for c in address):
+            raise ValueError(address)
+        return normalize_user(address)
+    except ValueError:
+        raise ValueError(f"not a usable mailbox address: {address!r} (give local@domain)")
 
 
 def parse_lines(text: str) -> tuple[dict[str, str], list[int]]:
