@@ -643,3 +643,38 @@ def test_prefixed_source_reads_across_the_join():
     with src.open() as f:
         assert f.read(20) == b"Return-Path: <>\nxxxx"
         assert len(f.read()) == 100_000 - 4
+
+
+# --- DATA in any chunking ----------------------------------------------------------
+
+from hypothesis import given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+_body_line = st.one_of(
+    st.sampled_from([b"", b".", b"..", b".x", b"From x", b">From y", b"Subject: s", b" folded"]),
+    st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(
+    headers=st.lists(st.sampled_from([b"Subject: a", b"X-A: b", b"\tcont", b"Received: x"]), max_size=4),
+    body=st.lists(_body_line, max_size=30),
+    cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
+)
+def test_data_arrives_the_same_in_any_chunking(headers, body, cuts):
+    s = mx()
+    s.send("MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    lines = [b"X-First: 1"] + headers + [b""] + body
+    wire = b"".join((b"." + line if line.startswith(b".") else line) + b"\r\n" for line in lines)
+    wire += b".\r\nNOOP\r\n"
+    replies_seen = []
+    pos = 0
+    for cut in cuts:
+        replies_seen += s.send(wire[pos : pos + cut])
+        pos += cut
+    replies_seen += s.send(wire[pos:])
+    assert [r[:9] for r in replies_seen] == ["250 2.0.0", "250 2.0.0"]
+    [msg] = read_inbox(s.ctx, ALICE)
+    stored = msg.partition(b" +0000\n")[2]  # after Return-Path and Received
+    assert stored == b"".join(line + b"\n" for line in lines)

@@ -133,6 +133,21 @@ class IncomingMessage:
                 return
         self._source.write(line + b"\n")
 
+    def body_received(self, data: bytes, octets: int) -> None:
+        """Body lines in bulk, unstuffed, LF line ends; C{octets} as received."""
+        self.octets += octets
+        if self.error is not None:
+            return
+        if self.octets > self._max_size:
+            self.fail(replies.MESSAGE_TOO_BIG)
+            return
+        self._source.write(data)
+
+    @property
+    def in_headers(self) -> bool:
+        """Whether the header block is still being read."""
+        return self._in_headers
+
     def eomReceived(self) -> defer.Deferred:
         """Deliver; fire once every copy is durable, or fail with L{SMTPReplyError}."""
         if self.error is not None:

@@ -167,6 +167,8 @@ class SMTPServer(smtp.ESMTP):
         self._draining = True
         try:
             while not self._waiting and not self.transport.disconnecting:
+                if self.mode == DATA and self._data_block():
+                    continue
                 end = self._buffer.find(b"\r\n", self._pos)
                 limit = self._line_limit()
                 if end < 0:
@@ -190,6 +192,33 @@ class SMTPServer(smtp.ESMTP):
                     self.transport.pauseProducing()
         finally:
             self._draining = False
+
+    def _data_block(self) -> bool:
+        """
+        Take the complete body lines in the buffer at once (the fast path
+        for DATA); False when the line-by-line path must handle what is
+        there: headers, the final dot, an over-long line, a partial line.
+        """
+        message = self._message
+        if message is None or message.in_headers or self._discarding:
+            return False
+        buf, pos = self._buffer, self._pos
+        if buf.startswith(b".\r\n", pos):
+            return False
+        end = buf.find(b"\r\n.\r\n", pos)
+        end = buf.rfind(b"\r\n", pos) if end < 0 else end
+        if end <= pos:
+            return False
+        block = buf[pos : end + 2]
+        if max(map(len, block.split(b"\r\n"))) > MAX_TEXT_LINE:
+            return False
+        self._pos = end + 2
+        octets = len(block)
+        if block[:1] == b".":
+            block = block[1:]
+        block = block.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")  # RFC 5321 4.5.2
+        message.body_received(block, octets)
+        return True
 
     def _line(self, line: bytes) -> None:
         if self.mode == DATA:
@@ -633,6 +662,8 @@ class SMTPServer(smtp.ESMTP):
 
 class SMTPFactory(smtp.SMTPFactory):
     """Builds L{SMTPServer} sessions for one listener."""
+
+    noisy = False
 
     def __init__(self, context: Any, submission: bool, implicit_tls: bool) -> None:
         super().__init__(context.portal)
