@@ -315,3 +315,95 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
         yield task.deferLater(self.reactor, 0.3, lambda: None)
         self.assertEqual(self.tempfail.rcpt_counts["t@tempfail.test"], 1)
         self.assertEqual(self.queue_ids(), [])
+
+
+class SmarthostAndConcurrency(unittest.TestCase):
+    """Everything through one smarthost with AUTH; the per-destination connection limit."""
+
+    timeout = 60
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.tmp = temp_dir(self)
+        self.relay = Receiver("accept")
+        self.slow = Receiver("slow")
+        self.port, ports = listen_all(reactor, {
+            "127.0.0.2": (self.relay, None, ("relayuser", "s3cret")),
+            "127.0.0.3": (self.slow, None),
+        })
+        for p in ports:
+            self.addCleanup(p.stopListening)
+        dns_port = start_dns(reactor, [("slow.test", A("127.0.0.3"))])
+        self.addCleanup(dns_port.stopListening)
+        self.dns_port = dns_port.getHost().port
+        self.pool = ThreadPool(1, 4, name="test-outbound")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.store = MemoryMailStore()
+
+    def start(self, relay_lines):
+        config = parse(f"""
+[server]
+hostname = "mail.example.test"
+data_dir = "{self.tmp / 'data'}"
+[relay]
+port = {self.port}
+retry_min = 1
+retry_max = 1
+{relay_lines}
+""")
+        ctx = ServerContext(config=config, reactor=self.reactor, threadpool=self.pool,
+                            store=self.store, passwords=Passwords(()), portal=None, tls=None)
+        resolver = client.Resolver(servers=[("127.0.0.1", self.dns_port)], reactor=self.reactor)
+        svc = outbound_service(ctx, resolver=resolver, scan_interval=0.1)
+        svc.startService()
+        self.addCleanup(lambda: svc.running and svc.stopService())
+        return ctx
+
+    @defer.inlineCallbacks
+    def wait_empty(self):
+        store = QueueStore(self.tmp / "data" / "queue")
+        deadline = self.reactor.seconds() + 20
+        while store.ids():
+            self.assertLess(self.reactor.seconds(), deadline)
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+
+    @defer.inlineCallbacks
+    def test_smarthost_with_auth(self):
+        ctx = self.start(f'smarthost = "127.0.0.2:{self.port}"\n'
+                         'smarthost_username = "relayuser"\nsmarthost_password = "s3cret"\n')
+        yield ctx.queue.enqueue("alice@example.test", ["x@anywhere.example", "y@slow.test"],
+                                BytesSource(MESSAGE))
+        yield self.wait_empty()
+        (m,) = self.relay.messages
+        self.assertEqual(sorted(m.recipients), ["x@anywhere.example", "y@slow.test"])
+        self.assertEqual(m.auth, "relayuser")
+        self.assertEqual(self.slow.messages, [])
+
+    @defer.inlineCallbacks
+    def test_per_destination_concurrency(self):
+        ctx = self.start("per_destination_concurrency = 2\n")
+        for i in range(6):
+            yield ctx.queue.enqueue("alice@example.test", [f"u{i}@slow.test"],
+                                    BytesSource(MESSAGE))
+        yield self.wait_empty()
+        self.assertEqual(len(self.slow.messages), 6)
+        self.assertEqual(self.slow.max_active, 2)
+
+    @defer.inlineCallbacks
+    def test_smarthost_refusing_our_login_defers(self):
+        ctx = self.start(f'smarthost = "127.0.0.2:{self.port}"\n'
+                         'smarthost_username = "relayuser"\nsmarthost_password = "wrong"\n')
+        qid = yield ctx.queue.enqueue("alice@example.test", ["x@anywhere.example"],
+                                      BytesSource(MESSAGE))
+        store = QueueStore(self.tmp / "data" / "queue")
+        deadline = self.reactor.seconds() + 10
+        while store.load_envelope(qid).attempts < 1:
+            self.assertLess(self.reactor.seconds(), deadline)
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+        (r,) = store.load_envelope(qid).recipients
+        self.assertEqual((r.state, r.status), (PENDING, "4.7.0"))
+        self.assertIn("535", r.reply)
+        self.assertEqual(self.relay.messages, [])

@@ -75,7 +75,7 @@ delay_warning = "4h"
             if warned_at is None and self.inbox():
                 warned_at = self.clock.seconds()
             self.assertLess(self.clock.seconds(), 2 * 86400)
-        gaps = [b - a for a, b in zip(times, times[1:])]
+        gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
         self.assertEqual(gaps[:5], [300, 600, 1200, 2400, 3600])
         self.assertTrue(all(g <= 3600 for g in gaps))
         self.assertEqual(times[-1], 86400)  # the last attempt at the end of the lifetime

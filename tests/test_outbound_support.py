@@ -7,14 +7,19 @@ number at different loopback addresses (the relayer has one [relay] port).
 
 from __future__ import annotations
 
+import shutil
 import socket
+import tempfile
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer, error, protocol
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import IRealm, Portal
+from twisted.internet import defer, error, protocol, task
 from twisted.internet.interfaces import ISSLTransport
-from twisted.mail import smtp
+from twisted.mail import imap4, smtp
 from twisted.names import authority, dns, server
 from zope.interface import implementer
 
@@ -55,17 +60,21 @@ class Received:
     data: bytes
     tls: bool
     helo: bytes
+    auth: str | None = None
 
 
 @dataclass
 class Receiver:
     """What one receiver saw; C{behaviour} decides how it answers."""
 
-    behaviour: str  # accept | tempfail | reject | drop
+    behaviour: str  # accept | tempfail | reject | drop | slow
     messages: list[Received] = field(default_factory=list)
     rcpt_counts: Counter = field(default_factory=Counter)
     connections: int = 0
     drops: int = 0
+    active: int = 0
+    max_active: int = 0
+    reactor: Any = None  # for "slow"
 
     def delivered(self, rcpt: str) -> int:
         return sum(m.recipients.count(rcpt) for m in self.messages)
@@ -88,6 +97,9 @@ class _Message:
 
     def eomReceived(self) -> defer.Deferred:
         self.proto.deliveries.append(self)
+        r = self.proto.receiver
+        if r.behaviour == "slow":
+            return task.deferLater(r.reactor, 0.1, lambda: b"queued")
         return defer.succeed(b"queued")
 
     def connectionLost(self) -> None:
@@ -124,9 +136,16 @@ class _ReceiverProtocol(smtp.ESMTP):
 
     def connectionMade(self) -> None:
         super().connectionMade()
-        self.receiver.connections += 1
+        r = self.receiver
+        r.connections += 1
+        r.active += 1
+        r.max_active = max(r.max_active, r.active)
         self.deliveries: list[_Message] = []
         self._current: _Message | None = None
+
+    def connectionLost(self, reason: Any) -> None:
+        self.receiver.active -= 1
+        super().connectionLost(reason)
 
     def message_for(self, addr: str) -> _Message:
         # One IMessage per recipient is Twisted's contract; keep one record per transaction.
@@ -143,7 +162,8 @@ class _ReceiverProtocol(smtp.ESMTP):
         for m in self.deliveries:
             self.receiver.messages.append(Received(
                 m.sender, list(m.rcpts), b"\n".join(m.lines) + b"\n",
-                ISSLTransport.providedBy(self.transport), self._helo[0] if self._helo else b""))
+                ISSLTransport.providedBy(self.transport), self._helo[0] if self._helo else b"",
+                getattr(self, "auth_user", None)))
         self.deliveries = []
         super()._messageHandled(resultList)
 
@@ -163,31 +183,53 @@ class _Noop:
 class ReceiverFactory(protocol.ServerFactory):
     noisy = False
 
-    def __init__(self, receiver: Receiver, tls: Any = None) -> None:
+    def __init__(self, receiver: Receiver, tls: Any = None,
+                 auth: tuple[str, str] | None = None) -> None:
         self.receiver = receiver
         self.tls = tls
+        self.auth = auth
 
     def buildProtocol(self, addr: Any) -> _ReceiverProtocol:
-        p = _ReceiverProtocol(contextFactory=self.tls)
+        chal = None
+        if self.auth is not None:
+            chal = {b"LOGIN": imap4.LOGINCredentials, b"PLAIN": imap4.PLAINCredentials}
+        p = _ReceiverProtocol(chal=chal, contextFactory=self.tls)
         p.factory = self
         p.receiver = self.receiver
         p.host = b"receiver.test"
         p.delivery = _Delivery(p)
         p.timeout = 30
+        if self.auth is not None:
+            user, password = self.auth
+            checker = InMemoryUsernamePasswordDatabaseDontUse(**{user: password.encode()})
+            p.portal = Portal(_Realm(p), [checker])
         return p
 
 
-def listen_all(reactor: Any, plan: dict[str, tuple[Receiver, Any]]) -> tuple[int, list[Any]]:
+@implementer(IRealm)
+class _Realm:
+    def __init__(self, proto: _ReceiverProtocol) -> None:
+        self.proto = proto
+
+    def requestAvatar(self, avatar_id: Any, mind: Any, *interfaces: Any) -> Any:
+        self.proto.auth_user = avatar_id.decode() if isinstance(avatar_id, bytes) else avatar_id
+        return smtp.IMessageDelivery, self.proto.delivery, lambda: None
+
+
+def listen_all(reactor: Any, plan: dict[str, tuple[Any, ...]]) -> tuple[int, list[Any]]:
     """
     Listen with each receiver on its address, all on one port number.
-    C{plan} maps address -> (receiver, tls options or None). Returns (port, ports).
+    C{plan} maps address -> (receiver, tls options or None[, (user, password)]).
+    Returns (port, ports).
     """
     for _ in range(20):
         ports: list[Any] = []
         try:
             number = 0
-            for address, (receiver, tls) in plan.items():
-                p = reactor.listenTCP(number, ReceiverFactory(receiver, tls), interface=address)
+            for address, (receiver, tls, *auth) in plan.items():
+                receiver.reactor = reactor
+                factory = ReceiverFactory(receiver, tls, auth[0] if auth else None)
+                p = reactor.listenTCP(number, factory, interface=address)
                 ports.append(p)
                 number = p.getHost().port
             return number, ports
@@ -208,10 +250,6 @@ def ipv6_loopback() -> bool:
 
 def temp_dir(case: Any) -> Any:
     """A fresh folder outside the work tree, removed when the test ends."""
-    import shutil
-    import tempfile
-    from pathlib import Path
-
     path = Path(tempfile.mkdtemp(prefix="mailsrv-outbound-"))
     case.addCleanup(shutil.rmtree, path, True)
     return path

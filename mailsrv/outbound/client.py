@@ -245,8 +245,8 @@ class RelayClient(smtp.ESMTPClient):
             self.finishedFileTransfer(last)
 
         def failed(f: Failure) -> None:
-            if self.result.stage != DONE:
-                self.transport.loseConnection()
+            if self.result.stage != DONE and self.transport is not None:
+                self.transport.loseConnection()  # type: ignore[misc]
 
         sender.start().addCallbacks(sent, failed)
         self._expected = smtp.SUCCESS
@@ -310,6 +310,7 @@ class Session(protocol.ClientFactory):
     """
 
     log = Logger()
+    noisy = False
 
     def __init__(self, *, reactor: Any, pool: Any, hop: Hop, helo: str, sender: str,
                  recipients: Sequence[str], message: Any, tls_context: Any = None,
@@ -340,8 +341,8 @@ class Session(protocol.ClientFactory):
             None if self.username is None else self.username.encode(),
         )
         p.factory = self
-        p.timeout = self.timeout
-        p.callLater = self.reactor.callLater  # TimeoutMixin: the clock we were given
+        p.timeout = self.timeout  # type: ignore[assignment]
+        p.callLater = self.reactor.callLater  # type: ignore[method-assign]  # our clock
         self.protocol_instance = p
         return p
 

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import email.utils
 import io
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from email.generator import BytesGenerator
 from email.message import Message
 from email.mime.base import MIMEBase
@@ -26,11 +26,11 @@ def _date(ts: float) -> str:
     return email.utils.formatdate(ts, localtime=False, usegmt=True)
 
 
-def read_headers(f: io.BufferedIOBase | io.RawIOBase | object, limit: int = HEADERS_LIMIT) -> bytes:
+def read_headers(f: Iterable[bytes], limit: int = HEADERS_LIMIT) -> bytes:
     """The header block of a message file (LF), up to the blank line, at most C{limit} bytes."""
     out = []
     total = 0
-    for line in f:  # type: ignore[attr-defined]
+    for line in f:
         if line in (b"\n", b"\r\n"):
             break
         out.append(line)
@@ -134,7 +134,9 @@ def build_dsn(
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Queue-ID"] = envelope.id
     per_message["Arrival-Date"] = _date(envelope.created)
-    status.set_payload([per_message] + [_recipient_block(r, action, retry_until) for r in recipients])
+    blocks: list[Message | str] = [per_message]
+    blocks += [_recipient_block(r, action, retry_until) for r in recipients]
+    status.set_payload(blocks)
     report.attach(status)
 
     headers = MIMEBase("text", "rfc822-headers")

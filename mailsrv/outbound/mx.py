@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.names import client, dns, error
 from twisted.logger import Logger
+from twisted.names import client, dns, error
 
 from mailsrv.outbound.errors import DeliveryError
 
@@ -228,8 +228,8 @@ class MXResolver:
         lookups = yield defer.DeferredList(
             [self._addresses(name) for _, name in ordered], consumeErrors=True
         )
-        hops: list[Hop] = []
-        for (pref, name), (ok, value) in zip(ordered, lookups):
+        hops = []
+        for (pref, name), (ok, value) in zip(ordered, lookups, strict=False):
             if ok:
                 hops.extend(Hop(name, a, self._port, pref) for a in value)
             else:

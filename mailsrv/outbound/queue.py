@@ -21,7 +21,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -137,7 +137,7 @@ class QueueStore:
             tmp.unlink(missing_ok=True)
             raise
 
-    def store(self, envelope: Envelope, source: IMessageSource) -> None:
+    def store(self, envelope: Envelope, source: Any) -> None:
         """Write the message, then its envelope, durably."""
         self.ensure()
 
@@ -254,7 +254,7 @@ class OutboundQueue:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
-    def enqueue(self, sender: str, recipients: Iterable[str], source: IMessageSource) -> defer.Deferred:
+    def enqueue(self, sender: str, recipients: Iterable[str], source: Any) -> defer.Deferred:
         """Store the message and its envelope durably; fire with the queue id."""
         now = self._reactor.seconds()
         rcpts = list(dict.fromkeys(recipients))  # once each, in order

@@ -22,7 +22,6 @@ from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import Hop, MXResolver
 from mailsrv.outbound.queue import (
     FAILED,
-    PENDING,
     SENT,
     Envelope,
     FileSource,
@@ -34,6 +33,7 @@ from mailsrv.spool import BytesSource
 
 RECIPIENTS_PER_SESSION = 50  # like Postfix's smtp_destination_recipient_limit
 SMARTHOST = "[smarthost]"
+STOP_GRACE = 5.0  # seconds stopService waits for attempts under way
 
 
 def recipient_domain(address: str) -> str:
@@ -112,7 +112,17 @@ class Relayer:
             p = s.protocol_instance
             if p is not None and p.transport is not None:
                 p.transport.abortConnection()
-        return defer.DeferredList(list(self._active.values()), consumeErrors=True)
+        # Wait for the attempts under way to record their results, but not for
+        # a DNS query to time out: those recipients simply stay pending.
+        done: defer.Deferred = defer.Deferred()
+
+        def fire(_: Any = None) -> None:
+            if not done.called:
+                done.callback(None)
+
+        timer = self.reactor.callLater(STOP_GRACE, fire)
+        defer.DeferredList(list(self._active.values()), consumeErrors=True).addBoth(fire)
+        return done.addBoth(lambda _: timer.cancel() if timer.active() else None)
 
     # --- scheduling -------------------------------------------------------
 
@@ -316,7 +326,7 @@ class Relayer:
                     # Opportunistic TLS whose handshake failed: try once more in plain text.
                     if not (result.tls_failed and ctx is not None and not required):
                         break
-                if not self._running or not result.before_transaction:
+                if not self._running or (result is not None and not result.before_transaction):
                     break
         finally:
             yield self._in_pool(f.close)

@@ -15,10 +15,9 @@ from mailsrv.outbound.relayer import Relayer
 class OutboundService(service.Service):
     """Starts the relayer (resuming the queue on disk) and stops it cleanly."""
 
-    name = "outbound"
-
     def __init__(self, relayer: Relayer) -> None:
         self.relayer = relayer
+        self.setName("outbound")
 
     def startService(self) -> None:
         super().startService()
