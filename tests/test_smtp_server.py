@@ -678,3 +678,23 @@ def test_data_arrives_the_same_in_any_chunking(headers, body, cuts):
     [msg] = read_inbox(s.ctx, ALICE)
     stored = msg.partition(b" +0000\n")[2]  # after Return-Path and Received
     assert stored == b"".join(line + b"\n" for line in lines)
+
+
+def test_reading_pauses_while_a_reply_is_pending_and_much_input_waits():
+    s, store = _slow_session()
+    s.send("EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    assert s.transport.producerState == "producing"
+    s.send(b"NOOP\r\n" * 20000)
+    assert s.transport.producerState == "paused"
+    store.release()
+    assert s.transport.producerState == "producing"
+    assert s.codes(b"") == ["250 2.0.0"] + ["250 2.0.0"] * 20000
+
+
+def test_connection_lost_while_the_store_works_leaves_no_timer():
+    s, store = _slow_session(timeout=60)
+    s.send("EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n")
+    s.close()
+    store.release()
+    assert s.ctx.reactor.getDelayedCalls() == []
+    assert len(read_inbox(s.ctx, ALICE)) == 1  # received in full: delivered all the same

@@ -95,6 +95,7 @@ class SMTPServer(smtp.ESMTP):
         self._draining = False
         self._waiting = False
         self._paused_transport = False
+        self._lost = False
         self._errors = 0
         self._client_ip = "unknown"
         self._helo_name: str | None = None
@@ -128,6 +129,7 @@ class SMTPServer(smtp.ESMTP):
         return self.host + b" ESMTP mailsrv"
 
     def connectionLost(self, reason=protocol.connectionDone) -> None:
+        self._lost = True
         self.setTimeout(None)
         if self._message is not None:
             self._message.connectionLost()
@@ -253,6 +255,8 @@ class SMTPServer(smtp.ESMTP):
             self._waiting = False
             if isinstance(result, Failure):
                 self.log.failure("unexpected error in SMTP session", failure=result)
+            if self._lost:
+                return
             if not self.transport.disconnecting:
                 self.setTimeout(self.timeout)
             if self._paused_transport:
