@@ -100,11 +100,11 @@ class FolderIndex:
         size, mtime, ino = int(meta["size"]), int(meta["mtime_ns"]), int(meta["ino"])
         self.covered: tuple[int, int, int] | None = None if size < 0 else (size, mtime, ino)
 
-    def rows(self) -> list[Row]:
-        """All messages, in UID (= file) order."""
+    def rows(self):
+        """All messages, in UID (= file) order (an iterator)."""
         return self._db.execute(
             "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp FROM msgs ORDER BY uid"
-        ).fetchall()
+        )
 
     def _set_meta(self, uid_next: int, covered: tuple[int, int, int]) -> None:
         self._db.executemany(
@@ -123,7 +123,7 @@ class FolderIndex:
             db.execute("ROLLBACK")
             raise
 
-    def replace_all(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
+    def replace_all(self, rows: Iterable[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
         """Make the index describe exactly C{rows}, in one transaction."""
 
         def fn(db):

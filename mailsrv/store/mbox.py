@@ -278,23 +278,24 @@ class MboxMailStore:
         """The snapshot the index describes (no file access)."""
         if st.snap is not None:
             return st.snap
-        rows = idx.rows()
         snap = _Snapshot.empty()
         fcache: dict[str, frozenset[str]] = {}
         infos = snap.infos
-        for uid, from_off, start, stop, size, flags, idate, crc, fp in rows:
+        add_info = infos.append
+        uids, froms, starts, ends = (snap.uids.append, snap.from_offs.append,
+                                     snap.starts.append, snap.ends.append)
+        crcs, fps = snap.crcs.append, snap.fps.append
+        for uid, from_off, start, stop, size, flags, idate, crc, fp in idx.rows():
             fs = fcache.get(flags)
             if fs is None:
                 fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
-            infos.append(MessageInfo(uid, size, fs, idate))
-        if rows:
-            cols = list(zip(*rows, strict=True))
-            snap.uids = array("q", cols[0])
-            snap.from_offs = array("q", cols[1])
-            snap.starts = array("q", cols[2])
-            snap.ends = array("q", cols[3])
-            snap.crcs = array("q", cols[7])
-            snap.fps = array("q", cols[8])
+            add_info(MessageInfo(uid, size, fs, idate))
+            uids(uid)
+            froms(from_off)
+            starts(start)
+            ends(stop)
+            crcs(crc)
+            fps(fp)
         return snap
 
     def _sync(self, st: _FolderState, create: bool = False) -> _Update:
@@ -363,6 +364,8 @@ class MboxMailStore:
         # rescan, and keep UIDs and flags of the messages we recognise.
         self.log.info("rescanning {path}: changed outside the index", path=str(st.path))
         res = mboxfmt.scan(fd, 0, size)
+        if not snap.uids:
+            return self._index_all_new(idx, res, handle, covered)
         by_fp: dict[int, list[int]] = {}
         for j, fp in enumerate(snap.fps):
             by_fp.setdefault(fp, []).append(j)
@@ -397,6 +400,20 @@ class MboxMailStore:
             _append_row(new, row, flags)
         idx.replace_all(rows, uid_next, covered)
         return _Update(new, idx.uid_validity, uid_next, True)
+
+    def _index_all_new(self, idx: FolderIndex, res: mboxfmt.ScanResult,
+                       handle: _FileHandle, covered: tuple[int, int, int]) -> _Update:
+        """Index a scanned file none of whose messages were known: all get new UIDs."""
+        n = len(res.starts)
+        first = idx.uid_next
+        uids = array("q", range(first, first + n))
+        texts = [flags_text(f) if f else "" for f in res.flags]
+        idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
+                            res.crcs, res.fps), first + n, covered)
+        infos = list(map(MessageInfo, uids, res.sizes, res.flags, res.dates))
+        snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs,
+                         array("q", res.fps), infos, handle)
+        return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
     def _recover(self, st: _FolderState, fd: int) -> None:
         """Truncate away an append that a crash left half written (journal says where)."""
