@@ -17,7 +17,9 @@ from mailsrv.smtp.address import (
     parse_rcpt_to,
 )
 
-atext = st.sampled_from("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-")
+atext = st.sampled_from(
+    "abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789!#$%&'*+/=?^_`{|}~-"
+)
 atom = st.text(atext, min_size=1, max_size=10)
 dot_string = st.lists(atom, min_size=1, max_size=4).map(".".join).filter(lambda s: len(s) <= 64)
 label = st.from_regex(r"\A[a-z0-9]([a-z0-9-]{0,10}[a-z0-9])?\Z").filter(lambda s: not s.isdigit())
@@ -71,9 +73,24 @@ def test_domain_literals(path):
 @pytest.mark.parametrize(
     "path",
     [
-        b"", b"a", b"@b", b"a@", b"a@b@c", b"a..b@c", b".a@c", b"a.@c", b"a b@c",
-        b"a@-b.c", b"a@b-.c", b"a@b..c", b"a@1.2.3.4", b"\xc3\xa9@c", b"a@\xc3\xa9",
-        b"a" * 65 + b"@c", b"a@" + b"b" * 64, b"a@b\x00c",
+        b"",
+        b"a",
+        b"@b",
+        b"a@",
+        b"a@b@c",
+        b"a..b@c",
+        b".a@c",
+        b"a.@c",
+        b"a b@c",
+        b"a@-b.c",
+        b"a@b-.c",
+        b"a@b..c",
+        b"a@1.2.3.4",
+        b"\xc3\xa9@c",
+        b"a@\xc3\xa9",
+        b"a" * 65 + b"@c",
+        b"a@" + b"b" * 64,
+        b"a@b\x00c",
     ],
 )
 def test_bad_mailboxes(path):
@@ -89,7 +106,10 @@ def test_quoted_local_part_and_source_route():
 
 def test_params():
     assert parse_params(b" SIZE=100  BODY=8BITMIME auth=<> x-flag") == {
-        "SIZE": "100", "BODY": "8BITMIME", "AUTH": "<>", "X-FLAG": None,
+        "SIZE": "100",
+        "BODY": "8BITMIME",
+        "AUTH": "<>",
+        "X-FLAG": None,
     }
     for bad in (b"=1", b"SIZE=", b"S_IZE=1", b"SIZE=a=b", b"SIZE=1 size=2"):
         with pytest.raises(ArgumentError):

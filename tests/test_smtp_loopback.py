@@ -107,8 +107,15 @@ class SMTPLoopbackTests(unittest.TestCase):
         """Send like an MX client: STARTTLS when offered, no AUTH."""
         result: defer.Deferred = defer.Deferred()
         factory = smtp.ESMTPSenderFactory(
-            None, None, sender, rcpts, BytesIO(data), result, retries=0,
-            contextFactory=_client_tls(), requireAuthentication=False,
+            None,
+            None,
+            sender,
+            rcpts,
+            BytesIO(data),
+            result,
+            retries=0,
+            contextFactory=_client_tls(),
+            requireAuthentication=False,
             requireTransportSecurity=False,
         )
         factory.domain = b"client.test"
@@ -124,7 +131,9 @@ class SMTPLoopbackTests(unittest.TestCase):
         self.assertEqual(n, 2)
         for user in (ALICE, BOB):
             [msg] = read_inbox(ctx, user)
-            self.assertTrue(msg.startswith(b"Return-Path: <x@remote.test>\nReceived: from client.test"))
+            self.assertTrue(
+                msg.startswith(b"Return-Path: <x@remote.test>\nReceived: from client.test")
+            )
             self.assertTrue(msg.endswith(b"\n\n" + body.split(b"\n\n", 1)[1]))
         # TCP_NODELAY on the accepted connection
         self.assertTrue(factory.sessions[0].nodelay)
@@ -134,7 +143,10 @@ class SMTPLoopbackTests(unittest.TestCase):
         ctx = make_context(self.tmp, reactor=self.reactor)
         factory, port = self.listen(ctx)
         n, results = yield self.send(
-            port, "x@remote.test", [ALICE, "nobody@example.test", "y@remote.test"], b"Subject: x\n\nb\n"
+            port,
+            "x@remote.test",
+            [ALICE, "nobody@example.test", "y@remote.test"],
+            b"Subject: x\n\nb\n",
         )
         self.assertEqual(n, 1)
         codes = {addr: code for addr, code, _ in results}
@@ -154,9 +166,14 @@ class SMTPLoopbackTests(unittest.TestCase):
         factory, port = self.listen(ctx, submission=True)
         result = defer.Deferred()
         sender = smtp.ESMTPSenderFactory(
-            ALICE.encode(), PASSWORD.encode(), ALICE, [BOB, "carol@remote.test"],
-            BytesIO(b"Subject: over TLS\n\nsecret\n"), result,
-            contextFactory=_client_tls(), requireAuthentication=True,
+            ALICE.encode(),
+            PASSWORD.encode(),
+            ALICE,
+            [BOB, "carol@remote.test"],
+            BytesIO(b"Subject: over TLS\n\nsecret\n"),
+            result,
+            contextFactory=_client_tls(),
+            requireAuthentication=True,
             requireTransportSecurity=True,
         )
         self.reactor.connectTCP("127.0.0.1", port, sender)
@@ -178,8 +195,15 @@ class SMTPLoopbackTests(unittest.TestCase):
         factory, port = self.listen(ctx, submission=True)
         result = defer.Deferred()
         sender = smtp.ESMTPSenderFactory(
-            ALICE.encode(), PASSWORD.encode(), BOB, [BOB], BytesIO(b"x\n"), result,
-            contextFactory=_client_tls(), requireTransportSecurity=True, retries=0,
+            ALICE.encode(),
+            PASSWORD.encode(),
+            BOB,
+            [BOB],
+            BytesIO(b"x\n"),
+            result,
+            contextFactory=_client_tls(),
+            requireTransportSecurity=True,
+            retries=0,
         )
         self.reactor.connectTCP("127.0.0.1", port, sender)
         err = yield self.assertFailure(result, smtp.SMTPDeliveryError)
@@ -192,8 +216,14 @@ class SMTPLoopbackTests(unittest.TestCase):
         factory, port = self.listen(ctx, submission=True, implicit_tls=True)
         result = defer.Deferred()
         sender = smtp.ESMTPSenderFactory(
-            ALICE.encode(), PASSWORD.encode(), ALICE, [BOB], BytesIO(b"Subject: 465\n\nhi\n"),
-            result, requireAuthentication=True, requireTransportSecurity=False,
+            ALICE.encode(),
+            PASSWORD.encode(),
+            ALICE,
+            [BOB],
+            BytesIO(b"Subject: 465\n\nhi\n"),
+            result,
+            requireAuthentication=True,
+            requireTransportSecurity=False,
         )
         endpoint = wrapClientTLS(_client_tls(), TCP4ClientEndpoint(self.reactor, "127.0.0.1", port))
         yield endpoint.connect(sender)
@@ -207,14 +237,23 @@ class SMTPLoopbackTests(unittest.TestCase):
     def test_garbage_and_long_lines_over_a_socket(self):
         ctx = make_context(self.tmp, reactor=self.reactor, max_errors=3)
         factory, port = self.listen(ctx)
-        client = _LineClient(b"EHLO c\r\nNOOP " + b"x" * 5000 + b"\r\nNOOP\r\nfoo\r\nbar\r\nbaz\r\nNOOP\r\n")
+        client = _LineClient(
+            b"EHLO c\r\nNOOP " + b"x" * 5000 + b"\r\nNOOP\r\nfoo\r\nbar\r\nbaz\r\nNOOP\r\n"
+        )
         yield protocol.ClientCreator(self.reactor, lambda: client).connectTCP("127.0.0.1", port)
         received = yield client.done
         codes = [line[:9] for line in received.split(b"\r\n") if line[3:4] == b" "]
         self.assertEqual(
             codes,
-            [b"220 mx.ex", b"250 START", b"500 5.5.6", b"250 2.0.0", b"500 5.5.2", b"500 5.5.2",
-             b"421 4.7.0"],
+            [
+                b"220 mx.ex",
+                b"250 START",
+                b"500 5.5.6",
+                b"250 2.0.0",
+                b"500 5.5.2",
+                b"500 5.5.2",
+                b"421 4.7.0",
+            ],
         )
 
     @defer.inlineCallbacks
@@ -233,12 +272,16 @@ class SMTPLoopbackTests(unittest.TestCase):
         factory, port = self.listen(ctx)
         count = 40
         sends = [
-            self.send(port, f"s{i}@remote.test", [ALICE], f"Subject: n{i}\n\nmessage {i}\n".encode())
+            self.send(
+                port, f"s{i}@remote.test", [ALICE], f"Subject: n{i}\n\nmessage {i}\n".encode()
+            )
             for i in range(count)
         ]
         results = yield defer.gatherResults(sends)
         self.assertEqual([n for n, _ in results], [1] * count)
-        box = mailbox.mbox(str(data_dir / "mail" / "example.test" / "alice" / "INBOX"), create=False)
+        box = mailbox.mbox(
+            str(data_dir / "mail" / "example.test" / "alice" / "INBOX"), create=False
+        )
         subjects = sorted(m["Subject"] for m in box)
         box.close()
         self.assertEqual(subjects, sorted(f"n{i}" for i in range(count)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import base64
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.mail import smtp
 from zope.interface.verify import verifyObject
@@ -17,6 +19,7 @@ from mailsrv.smtp.delivery import (
     SubmissionDelivery,
 )
 from mailsrv.spool import BytesSource
+
 from .test_smtp_helpers import PASSWORD, Session, make_context, read_inbox
 
 ALICE = "alice@example.test"
@@ -229,8 +232,11 @@ def test_message_is_stored_with_trace_headers():
         b"MAIL FROM:<sender@remote.test> BODY=8BITMIME\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
         b"Subject: hello\r\n\r\n..leading dot\r\n\r\n8bit \xc3\xa9\xff\r\nFrom me\r\n.\r\n"
     )
-    assert lines[:3] == ["250 2.1.0 Sender OK", "250 2.1.5 Recipient OK",
-                         "354 End data with <CR><LF>.<CR><LF>"]
+    assert lines[:3] == [
+        "250 2.1.0 Sender OK",
+        "250 2.1.5 Recipient OK",
+        "354 End data with <CR><LF>.<CR><LF>",
+    ]
     assert lines[3].startswith("250 2.0.0 Ok: queued as ")
     queue_id = lines[3].rsplit(" ", 1)[1]
     [msg] = read_inbox(s.ctx, ALICE)
@@ -324,7 +330,8 @@ def test_mail_loop_is_refused():
     hops = "".join(f"Received: from hop{i}\r\n\tby x; date\r\n" for i in range(4))
     codes = s.codes(
         "MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
-        + hops + "Subject: loop\r\n\r\nReceived: in the body is fine\r\n.\r\n"
+        + hops
+        + "Subject: loop\r\n\r\nReceived: in the body is fine\r\n.\r\n"
     )
     assert codes[-1] == "554 5.4.6"
     assert read_inbox(s.ctx, ALICE) == []
@@ -528,7 +535,9 @@ def test_submission_keeps_existing_date_and_message_id():
 
 def test_mx_never_adds_date_or_message_id():
     s = mx()
-    s.send("MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n\r\nb\r\n.\r\n")
+    s.send(
+        "MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nSubject: x\r\n\r\nb\r\n.\r\n"
+    )
     [msg] = read_inbox(s.ctx, ALICE)
     assert b"Date:" not in msg and b"Message-ID" not in msg
 
@@ -647,8 +656,6 @@ def test_prefixed_source_reads_across_the_join():
 
 # --- DATA in any chunking ----------------------------------------------------------
 
-from hypothesis import given, settings  # noqa: E402
-from hypothesis import strategies as st  # noqa: E402
 
 _body_line = st.one_of(
     st.sampled_from([b"", b".", b"..", b".x", b"From x", b">From y", b"Subject: s", b" folded"]),
@@ -658,7 +665,9 @@ _body_line = st.one_of(
 
 @settings(max_examples=150, deadline=None)
 @given(
-    headers=st.lists(st.sampled_from([b"Subject: a", b"X-A: b", b"\tcont", b"Received: x"]), max_size=4),
+    headers=st.lists(
+        st.sampled_from([b"Subject: a", b"X-A: b", b"\tcont", b"Received: x"]), max_size=4
+    ),
     body=st.lists(_body_line, max_size=30),
     cuts=st.lists(st.integers(min_value=1, max_value=50), max_size=20),
 )

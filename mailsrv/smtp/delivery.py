@@ -41,7 +41,7 @@ def _domain(address: str) -> str:
 class PrefixedSource:
     """An L{IMessageSource} that reads C{prefix} and then another source."""
 
-    def __init__(self, prefix: bytes, inner: IMessageSource) -> None:
+    def __init__(self, prefix: bytes, inner: Any) -> None:
         self._prefix = prefix
         self._inner = inner
         self.size = len(prefix) + inner.size
@@ -51,7 +51,7 @@ class PrefixedSource:
 
 
 class _ChainReader(io.RawIOBase):
-    def __init__(self, prefix: bytes, inner: IMessageSource) -> None:
+    def __init__(self, prefix: bytes, inner: Any) -> None:
         self._prefix = prefix
         self._inner_source = inner
         self._inner: Any = None
@@ -215,7 +215,9 @@ class IncomingMessage:
         if local:
             copy = PrefixedSource(received.return_path(self.sender), self._source)
             for rcpt in local:
-                attempts.append(defer.maybeDeferred(self.ctx.store.deliver, rcpt, copy, self.sender))
+                attempts.append(
+                    defer.maybeDeferred(self.ctx.store.deliver, rcpt, copy, self.sender)
+                )
                 labels.append(rcpt)
         if remote:
             if self.ctx.queue is None:
@@ -327,7 +329,12 @@ class BaseDelivery:
             raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
 
     def new_message(
-        self, sender: str, recipients: list[str], trace: bytes, client: str, queue_id: str | None = None
+        self,
+        sender: str,
+        recipients: list[str],
+        trace: bytes,
+        client: str,
+        queue_id: str | None = None,
     ) -> IncomingMessage:
         """Start receiving a message for C{recipients}."""
         if queue_id is None:

@@ -82,7 +82,9 @@ def received_header(
     C{recipient} is named only for a single-recipient message, as Postfix
     does, so that Bcc recipients stay hidden.
     """
-    lines = [f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} {address_literal(client_ip)})"]
+    lines = [
+        f"Received: from {_clean(helo)} ({_clean(client_name or 'unknown')} {address_literal(client_ip)})"
+    ]
     if tls_info:
         lines.append(f"\t({tls_info})")
     lines.append(f"\tby {hostname} (mailsrv) with {protocol} id {queue_id}")

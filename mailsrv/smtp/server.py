@@ -68,8 +68,21 @@ BYE = Reply(221, "2.0.0", "Bye")
 HELP = Reply(214, "2.0.0", "See RFC 5321")
 
 _VERBS = frozenset(
-    {b"HELO", b"EHLO", b"MAIL", b"RCPT", b"DATA", b"RSET", b"NOOP", b"QUIT", b"VRFY",
-     b"EXPN", b"HELP", b"STARTTLS", b"AUTH"}
+    {
+        b"HELO",
+        b"EHLO",
+        b"MAIL",
+        b"RCPT",
+        b"DATA",
+        b"RSET",
+        b"NOOP",
+        b"QUIT",
+        b"VRFY",
+        b"EXPN",
+        b"HELP",
+        b"STARTTLS",
+        b"AUTH",
+    }
 )
 
 _B64_USERNAME = base64.b64encode(b"Username:")
@@ -80,6 +93,8 @@ class SMTPServer(smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
     log = Logger()
+    transport: Any
+    portal: Any
 
     def __init__(self, context: Any, submission: bool = False, implicit_tls: bool = False) -> None:
         super().__init__(chal={}, contextFactory=None if implicit_tls else context.tls)
