@@ -39,6 +39,7 @@ CHUNK = 64 * 1024
 MAX_PIPELINED = 64  # stop reading while this many commands wait
 READ_AHEAD = 32  # RETR reads up to this many following messages in one trip to the pool
 READ_AHEAD_BYTES = 1024 * 1024
+DIRECT_SEND = True
 
 # Replies, worded like Dovecot's where clients may match on them.
 GREETING = b"+OK mailsrv ready."
@@ -737,9 +738,39 @@ class POP3Server(pop3.POP3):
         if data is None:
             return self.error(GONE)
         if not self._closed:
-            self.transport.write(first + b"\r\n" + dot_stuff(data) + terminator(data))
-            self._flush()
+            self._send_now(first + b"\r\n" + dot_stuff(data) + terminator(data))
         return None
+
+    def _send_now(self, data: bytes) -> None:
+        """
+        Write a reply the client is waiting for straight to the socket when
+        nothing else is queued, rather than on the reactor's next turn: the
+        client is idle until it arrives, and the bookkeeping after it
+        (read-ahead, queued commands) then overlaps with the client's reading.
+        What the socket does not take goes through the transport as usual.
+        """
+        t = self.transport
+        if (
+            DIRECT_SEND
+            and type(t) is tcp.Server
+            and not t.TLS
+            and t.connected
+            and not t.disconnecting
+            and t.producer is None
+            and not t.dataBuffer
+            and not t._tempDataBuffer
+        ):
+            try:
+                sent = t.socket.send(data)
+            except (BlockingIOError, InterruptedError):
+                sent = 0
+            except OSError:
+                sent = 0  # the reactor meets the error again on its next write and closes
+            if sent < len(data):
+                t.write(data[sent:] if sent else data)
+            return
+        t.write(data)
+        self._flush()
 
     def _flush(self) -> None:
         """

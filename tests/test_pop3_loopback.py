@@ -82,8 +82,16 @@ class POP3LoopbackTests(unittest.TestCase):
             self.factory.waiting.append(d)
             yield d
 
-    @defer.inlineCallbacks
     def test_retr_many_and_quit_deletes(self):
+        return self.retr_many_and_quit_deletes(use_tls=True)
+
+    def test_retr_many_in_clear_text(self):
+        # Loopback may log in without TLS; replies then go straight to the socket.
+        self.ctx.config = make_ctx(self.tmp / "clear", cleartext="loopback").config
+        return self.retr_many_and_quit_deletes(use_tls=False)
+
+    @defer.inlineCallbacks
+    def retr_many_and_quit_deletes(self, use_tls):
         n = 500
         for i in range(n):
             deliver(self.ctx, b"Subject: %d\n\n%s.leading dot\n" % (i, (b"x" * 76 + b"\n") * 50))
@@ -91,7 +99,8 @@ class POP3LoopbackTests(unittest.TestCase):
 
         def client():
             p = poplib.POP3("127.0.0.1", port, timeout=30)
-            p.stls(self.client_tls)  # cleartext = never: TLS first
+            if use_tls:
+                p.stls(self.client_tls)  # cleartext = never: TLS first
             p.user(ALICE)
             p.pass_(PASSWORD)
             count, size = p.stat()
