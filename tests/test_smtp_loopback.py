@@ -285,3 +285,28 @@ class SMTPLoopbackTests(unittest.TestCase):
         subjects = sorted(m["Subject"] for m in box)
         box.close()
         self.assertEqual(subjects, sorted(f"n{i}" for i in range(count)))
+
+    @defer.inlineCallbacks
+    def test_large_message_spills_to_the_spool_and_arrives_whole(self):
+        from mailsrv.store.mbox import MboxMailStore
+
+        pool = ThreadPool(minthreads=1, maxthreads=4, name="smtp-test-disk")
+        pool.start()
+        self.addCleanup(pool.stop)
+        (self.tmp / "mail").mkdir()
+        (self.tmp / "index").mkdir()
+        store = MboxMailStore(self.tmp / "mail", self.tmp / "index", self.reactor, pool)
+        ctx = make_context(self.tmp, reactor=self.reactor, store=store, threadpool=pool)
+        factory, port = self.listen(ctx)
+        body = b"".join(b"%07d " % i + b"x" * 90 + b"\n" for i in range(20000))  # ~2 MB
+        body += b"From the middle\n.dot\n\xff\xfe binary-ish\n"
+        n, _ = yield self.send(port, "big@remote.test", [ALICE, BOB], b"Subject: big\n\n" + body)
+        self.assertEqual(n, 2)
+        for user in (ALICE, BOB):
+            folder = yield store.open_folder(user, "INBOX")
+            [info] = folder.messages()
+            with folder.open_message(info.uid) as f:
+                data = f.read().replace(b"\r\n", b"\n")
+            folder.close()
+            self.assertTrue(data.endswith(b"\nSubject: big\n\n" + body))
+        self.assertEqual(list((self.tmp / "tmp").glob("*")), [])
