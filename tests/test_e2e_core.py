@@ -85,7 +85,7 @@ def test_smtp_in_pop3_out_byte_for_byte(server):
     assert len(msgs) == 1
     assert msgs[0].get_from().startswith("bob@remote.test ")
     raw = msgs[0].as_bytes()
-    assert b"\n>From quoted once\n" in raw  # Python's mailbox reads mboxo: quoting shows
+    assert b"\n>>From quoted once\n" in raw  # Python reads mboxo: the quoting shows
     disk = server.inbox(ALICE).read_bytes()
     assert disk.startswith(b"From bob@remote.test ")
     assert b"\n>From the start of a line\n" in disk
