@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
-from mailsrv.interfaces import IFolder, IMailStore, MessageInfo
+from mailsrv.interfaces import SEEN, IFolder, IMailStore, MessageInfo
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -128,6 +128,7 @@ class Maildrop:
         self.uid_validity: int = folder.uid_validity
         self.infos: list[MessageInfo] = folder.messages()
         self.deleted: set[int] = set()  # 0-based indexes
+        self.retrieved: set[int] = set()  # 0-based indexes of messages sent by RETR
         self._release: Callable[[], None] | None = release
         self._busy: defer.Deferred | None = None
 
@@ -147,11 +148,16 @@ class Maildrop:
         return [(i + 1, m) for i, m in enumerate(self.infos) if i not in self.deleted]
 
     def commit(self) -> defer.Deferred:
-        """Expunge the marked messages (the UPDATE state); fires with the UIDs removed."""
+        """
+        The UPDATE state: expunge the marked messages, then flag the retrieved
+        ones \\Seen (as Dovecot does, so IMAP shows them read). Fires with the
+        UIDs removed.
+        """
         uids = [self.infos[i].uid for i in sorted(self.deleted)]
-        if not uids:
-            return defer.succeed([])
-        d = defer.maybeDeferred(self.folder.expunge, uids)
+        seen = {self.infos[i].uid for i in self.retrieved if i not in self.deleted}
+        d = defer.maybeDeferred(self.folder.expunge, uids) if uids else defer.succeed([])
+        if seen:
+            d.addCallback(self._mark_seen, seen)
         self._busy = d
 
         def done(result: Any) -> Any:
@@ -159,6 +165,20 @@ class Maildrop:
             return result
 
         return d.addBoth(done)
+
+    def _mark_seen(self, removed: list[int], uids: set[int]) -> defer.Deferred:
+        def changes(_: Any) -> Any:
+            # Flags as they are now: an IMAP session may have changed them meanwhile.
+            new = {m.uid: m.flags | {SEEN} for m in self.folder.messages()
+                   if m.uid in uids and SEEN not in m.flags}
+            return self.folder.set_flags(new) if new else None
+
+        def failed(f: Failure) -> None:
+            # The deletions are done; a flag is not worth an -ERR.
+            self.log.failure("pop3 could not flag messages seen for {user}", f, user=self.user)
+
+        d = defer.maybeDeferred(self.folder.refresh).addCallback(changes)
+        return d.addErrback(failed).addCallback(lambda _: removed)
 
     def logout(self) -> None:
         """End the session: close the folder and free the maildrop, after any expunge."""
@@ -611,6 +631,7 @@ class POP3Server(pop3.POP3):
         if i is None:
             return None
         info = self.mbox.infos[i]
+        self.mbox.retrieved.add(i)
         if info.size > WHOLE_MESSAGE:
             return self._long(self._stream(info))
         first = b"+OK %d octets" % info.size

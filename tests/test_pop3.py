@@ -428,3 +428,37 @@ def test_helpers():
     from mailsrv.interfaces import MessageInfo
 
     assert uidl(MessageInfo(10, 1, frozenset(), 0), 0x5F00AB) == b"0000000A005F00AB"
+
+
+def test_quit_flags_retrieved_messages_seen(ctx):
+    s = Session(ctx)
+    s.take()
+    s.login()
+    assert s.cmd("RETR 1").startswith(b"+OK")
+    assert s.cmd("TOP 2 0").startswith(b"+OK")  # TOP is not reading the message
+    # Meanwhile an IMAP session flags message 1; that change must survive.
+    other = []
+    ctx.store.open_folder(ALICE, "INBOX").addCallback(other.append)
+    other[0].set_flags({1: {"\\Flagged"}})
+    assert s.cmd("QUIT").startswith(b"+OK")
+    flags = {m.info.uid: m.info.flags for m in ctx.store._folders[(ALICE, "INBOX")].messages}
+    assert flags == {1: frozenset({"\\Seen", "\\Flagged"}), 2: frozenset()}
+
+
+def test_no_flags_without_quit_and_none_for_deleted(ctx):
+    s = Session(ctx)
+    s.take()
+    s.login()
+    s.cmd("RETR 1")
+    s.cmd("RETR 2")
+    s.close()
+    state = ctx.store._folders[(ALICE, "INBOX")]
+    assert all(not m.info.flags for m in state.messages)
+    s = Session(ctx)
+    s.take()
+    s.login()
+    s.cmd("RETR 1")
+    s.cmd("RETR 2")
+    s.cmd("DELE 1")
+    assert s.cmd("QUIT") == b"+OK Logging out, messages deleted.\r\n"
+    assert [(m.info.uid, m.info.flags) for m in state.messages] == [(2, frozenset({"\\Seen"}))]
