@@ -439,9 +439,11 @@ class SMTPServer(smtp.ESMTP):
                 return None
         delivery = self._delivery
         assert delivery is not None
-        d = defer.maybeDeferred(delivery.validateFrom, self._helo, arg.address)
-        d.addCallbacks(self._sender_ok, self._sender_refused, callbackArgs=(arg.address,))
-        return d
+        return self._check(
+            lambda: delivery.validateFrom(self._helo, arg.address),
+            lambda _: self._sender_ok(_, arg.address),
+            self._sender_refused,
+        )
 
     def _sender_ok(self, _: Any, address: str) -> None:
         self._sender = address
@@ -481,9 +483,24 @@ class SMTPServer(smtp.ESMTP):
             return None
         delivery = self._delivery
         assert delivery is not None
-        d = defer.maybeDeferred(delivery.validateTo, arg.address)
-        d.addCallbacks(self._recipient_ok, self._recipient_refused, callbackArgs=(arg.address,))
-        return d
+        return self._check(
+            lambda: delivery.validateTo(arg.address),
+            lambda _: self._recipient_ok(_, arg.address),
+            self._recipient_refused,
+        )
+
+    def _check(self, check: Any, ok: Any, refused: Any) -> defer.Deferred | None:
+        """Run a policy check that may answer now or later (a Deferred)."""
+        try:
+            result = check()
+        except Exception:
+            refused(Failure())
+            return None
+        if isinstance(result, defer.Deferred):
+            result.addCallbacks(ok, refused)
+            return result
+        ok(result)
+        return None
 
     def _recipient_ok(self, _: Any, address: str) -> None:
         if self._sender is None:
