@@ -29,7 +29,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
-from mailsrv.interfaces import SEEN, IFolder, IMailStore, MessageInfo
+from mailsrv.interfaces import SEEN, MessageInfo
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -122,8 +122,8 @@ class Maildrop:
 
     log = Logger()
 
-    def __init__(self, folder: IFolder, release: Callable[[], None]) -> None:
-        self.folder = folder
+    def __init__(self, folder: Any, release: Callable[[], None]) -> None:
+        self.folder = folder  # IFolder
         self.user: str = folder.user
         self.uid_validity: int = folder.uid_validity
         self.infos: list[MessageInfo] = folder.messages()
@@ -155,7 +155,9 @@ class Maildrop:
         """
         uids = [self.infos[i].uid for i in sorted(self.deleted)]
         seen = {self.infos[i].uid for i in self.retrieved if i not in self.deleted}
-        d = defer.maybeDeferred(self.folder.expunge, uids) if uids else defer.succeed([])
+        d: defer.Deferred = (
+            defer.maybeDeferred(self.folder.expunge, uids) if uids else defer.succeed([])
+        )
         if seen:
             d.addCallback(self._mark_seen, seen)
         self._busy = d
@@ -183,9 +185,13 @@ class Maildrop:
     def logout(self) -> None:
         """End the session: close the folder and free the maildrop, after any expunge."""
         if self._busy is not None:
-            self._busy.addBoth(lambda r: (self._close(), r)[1])
+            self._busy.addBoth(self._close_after)
         else:
             self._close()
+
+    def _close_after(self, result: Any) -> Any:
+        self._close()
+        return result
 
     def _close(self) -> None:
         release, self._release = self._release, None
@@ -234,14 +240,14 @@ class Maildrop:
         return self.commit()
 
 
-def open_maildrop(store: IMailStore, locks: MaildropLocks, user: str) -> defer.Deferred:
+def open_maildrop(store: Any, locks: MaildropLocks, user: str) -> defer.Deferred:
     """The realm's POP3 avatar factory: lock the user's maildrop and open the INBOX."""
     user = normalize_user(user)
     if not locks.acquire(user):
         return defer.fail(MaildropInUse("maildrop in use"))
     d = defer.maybeDeferred(store.open_folder, user, INBOX)
 
-    def opened(folder: IFolder) -> Maildrop:
+    def opened(folder: Any) -> Maildrop:
         return Maildrop(folder, partial(locks.release, user))
 
     def failed(f: Failure) -> Failure:
@@ -290,6 +296,12 @@ class POP3Server(pop3.POP3):
 
     log = Logger()
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"STLS", b"QUIT", b"NOOP"]
+    transport: Any  # TCP, TLS or (in tests) a StringTransport
+    factory: Any
+    mbox: Any  # the Maildrop once logged in, else None
+    blocked: list[tuple[bytes, tuple[bytes, ...]]] | None  # type: ignore[assignment]
+    _userIs: bytes | None  # type: ignore[assignment]
+    _onLogout: Callable[[], Any] | None  # type: ignore[assignment]
 
     def __init__(self, ctx: Any, locks: MaildropLocks, implicit_tls: bool = False) -> None:
         self.ctx = ctx
@@ -307,7 +319,7 @@ class POP3Server(pop3.POP3):
         self._cache: dict[int, bytes] = {}
         self._batch: set[int] = set()
         self._batch_waiters: list[tuple[int, defer.Deferred]] = []
-        self.mbox: Maildrop | None = None  # type: ignore[assignment]
+        self.mbox = None
 
     # --- plumbing ---------------------------------------------------------------
 
@@ -694,7 +706,7 @@ class POP3Server(pop3.POP3):
         if data is not None:
             return defer.succeed(data)
         if index in self._batch:
-            d = defer.Deferred()
+            d: defer.Deferred = defer.Deferred()
             self._batch_waiters.append((index, d))
             return d
         return self._read_now([index], None).addCallback(lambda got: got.get(index))
@@ -726,7 +738,8 @@ class POP3Server(pop3.POP3):
         ahead = range(index + 1, min(index + 1 + READ_AHEAD // 4, len(mbox.infos)))
         if all(i in self._cache or i in mbox.deleted for i in ahead):
             return
-        wanted, total = [], 0
+        wanted: list[int] = []
+        total = 0
         for i in range(index + 1, len(mbox.infos)):
             size = mbox.infos[i].size
             if i in self._cache or i in mbox.deleted:

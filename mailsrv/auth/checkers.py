@@ -11,7 +11,6 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.interfaces import IPasswordDatabase
 from mailsrv.store.names import normalize_user
 
 FAILED = "Authentication failed"
@@ -29,7 +28,8 @@ class PasswordChecker:
     credentialInterfaces = (IUsernamePassword,)
     log = Logger()
 
-    def __init__(self, passwords: IPasswordDatabase, clock: Any, failure_delay: float) -> None:
+    def __init__(self, passwords: Any, clock: Any, failure_delay: float) -> None:
+        """C{passwords} provides L{IPasswordDatabase}; C{clock} delays the failures."""
         self._passwords = passwords
         self._clock = clock
         self._delay = failure_delay
@@ -47,7 +47,7 @@ class PasswordChecker:
             d.addCallback(lambda _: False)
             address = ""
         else:
-            d = defer.maybeDeferred(self._passwords.verify, address, password)
+            d = self._passwords.verify(address, password)
         d.addCallback(self._decide, address)
         return d
 

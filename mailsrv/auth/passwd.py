@@ -160,6 +160,7 @@ class PasswordFile:
             if self._dummy is None:
                 self._dummy = self._hasher.hash("dummy password for unknown users")
             stored = self._dummy
+        ok: bool
         try:
             ok = self._hasher.verify(stored, password)
         except (VerifyMismatchError, VerificationError, InvalidHashError):
