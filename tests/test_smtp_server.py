@@ -707,3 +707,57 @@ def test_connection_lost_while_the_store_works_leaves_no_timer():
     store.release()
     assert s.ctx.reactor.getDelayedCalls() == []
     assert len(read_inbox(s.ctx, ALICE)) == 1  # received in full: delivered all the same
+
+
+class PickyStore:
+    """Stores for everyone but C{broken}."""
+
+    def __init__(self, inner, broken):
+        self.inner = inner
+        self.broken = broken
+
+    def deliver(self, user, source, sender, folder="INBOX"):
+        if user == self.broken:
+            return defer.fail(OSError("bad disk"))
+        return self.inner.deliver(user, source, sender, folder)
+
+    def __getattr__(self, name):
+        return getattr(self.inner, name)
+
+
+def test_partial_local_failure_queues_the_rest_instead_of_a_451():
+    from mailsrv.store.memory import MemoryMailStore
+
+    s = Session(make_context(store=PickyStore(MemoryMailStore(), "bob@example.test")))
+    codes = s.codes(
+        "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\n"
+        "RCPT TO:<bob@example.test>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+    )
+    assert codes[-1] == "250 2.0.0"
+    assert len(read_inbox(s.ctx, ALICE)) == 1
+    [(sender, rcpts, data)] = s.ctx.queue.queued
+    assert (sender, rcpts) == ("a@r.test", ["bob@example.test"])
+    assert data.startswith(b"Return-Path: <a@r.test>\nReceived: ")
+
+
+def test_partial_local_failure_without_a_queue_is_451():
+    from mailsrv.store.memory import MemoryMailStore
+
+    ctx = make_context(store=PickyStore(MemoryMailStore(), "bob@example.test"), queue=None)
+    s = Session(ctx)
+    codes = s.codes(
+        "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\n"
+        "RCPT TO:<bob@example.test>\r\nDATA\r\nSubject: x\r\n\r\nbody\r\n.\r\n"
+    )
+    assert codes[-1] == "451 4.3.0"
+
+
+def test_all_local_deliveries_failing_is_451_not_queued():
+    from mailsrv.store.memory import MemoryMailStore
+
+    s = Session(make_context(store=PickyStore(MemoryMailStore(), ALICE)))
+    codes = s.codes(
+        "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\nx\r\n.\r\n"
+    )
+    assert codes[-1] == "451 4.3.0"
+    assert s.ctx.queue.queued == []

@@ -232,7 +232,7 @@ class IncomingMessage:
         d.addBoth(self._cleanup)
         return d
 
-    def _delivered(self, results: list[tuple[bool, Any]], labels: list[str]) -> str | None:
+    def _delivered(self, results: list[tuple[bool, Any]], labels: list[str]) -> Any:
         failed = [(label, r) for label, (ok, r) in zip(labels, results, strict=True) if not ok]
         done = [label for label, (ok, _) in zip(labels, results, strict=True) if ok]
         for label, failure in failed:
@@ -243,6 +243,11 @@ class IncomingMessage:
                 target=label,
             )
         if failed:
+            retry = [label for label, _ in failed if not label.startswith("queue:")]
+            if done and len(retry) == len(failed) and self.ctx.queue is not None:
+                # Some copies are stored already: a 451 would make the client
+                # send them again. Queue the rest; the relayer retries locally.
+                return self._queue_local_retry(retry, results, labels)
             if done:
                 self.log.warn(
                     "{queue_id}: delivered to {done} before a failure; the client's retry "
@@ -252,8 +257,39 @@ class IncomingMessage:
                 )
             raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
         outbound = None
-        if self.recipients and labels and labels[-1].startswith("queue:"):
+        if labels and labels[-1].startswith("queue:"):
             outbound = results[-1][1]
+        return self._log_accepted(outbound)
+
+    def _queue_local_retry(
+        self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
+    ) -> defer.Deferred:
+        copy = PrefixedSource(received.return_path(self.sender), self._source)
+        d = defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, retry, copy)
+
+        def queued(retry_id: str) -> str:
+            self.log.warn(
+                "{queue_id}: local delivery to {rcpts} failed; queued as {retry_id} for retry",
+                queue_id=self.queue_id,
+                rcpts=retry,
+                retry_id=retry_id,
+            )
+            outbound = results[-1][1] if labels[-1].startswith("queue:") else None
+            return self._log_accepted(outbound)
+
+        def not_queued(failure: Failure) -> None:
+            self.log.failure(
+                "{queue_id}: queueing {rcpts} for retry failed; the client's retry will "
+                "deliver it again to the others",
+                failure=failure,
+                queue_id=self.queue_id,
+                rcpts=retry,
+            )
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+
+        return d.addCallbacks(queued, not_queued)
+
+    def _log_accepted(self, outbound: Any) -> str:
         self.log.info(
             "accepted {queue_id} from=<{sender}> to={recipients} size={size} client={client}"
             " queued={outbound}",
