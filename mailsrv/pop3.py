@@ -299,7 +299,7 @@ class POP3Server(pop3.POP3):
     transport: Any  # TCP, TLS or (in tests) a StringTransport
     factory: Any
     mbox: Any  # the Maildrop once logged in, else None
-    blocked: list[tuple[bytes, tuple[bytes, ...]]] | None  # type: ignore[assignment]
+    blocked: list[bytes] | None  # type: ignore[assignment]  # lines waiting their turn
     _userIs: bytes | None  # type: ignore[assignment]
     _onLogout: Callable[[], Any] | None  # type: ignore[assignment]
 
@@ -404,6 +404,14 @@ class POP3Server(pop3.POP3):
 
     def lineReceived(self, line: bytes) -> None:
         self.resetTimeout()
+        if self.blocked is not None:
+            self.blocked.append(line)
+            if len(self.blocked) == MAX_PIPELINED:
+                self.transport.pauseProducing()
+            return
+        self._handle(line)
+
+    def _handle(self, line: bytes) -> None:
         if self._sasl is not None:
             handler, self._sasl = self._sasl, None
             handler(line)
@@ -412,11 +420,6 @@ class POP3Server(pop3.POP3):
         self.processCommand(command, rest)
 
     def processCommand(self, command: bytes, *args: bytes) -> Any:
-        if self.blocked is not None:
-            self.blocked.append((command, args))
-            if len(self.blocked) == MAX_PIPELINED:
-                self.transport.pauseProducing()
-            return None
         rest = args[0] if args else b""
         try:
             name = command.upper().decode("ascii")
@@ -433,10 +436,16 @@ class POP3Server(pop3.POP3):
             return None
 
     def _unblock(self, _: Any) -> None:
-        waiting = self.blocked
-        if waiting is not None and len(waiting) >= MAX_PIPELINED and not self._closed:
+        """Run the lines that waited, until one of them starts another long operation."""
+        lines, self.blocked = self.blocked or [], None
+        if len(lines) >= MAX_PIPELINED and not self._closed:
             self.transport.resumeProducing()
-        super()._unblock(_)
+        while lines and self.blocked is None and not self._closed:
+            self._handle(lines.pop(0))
+            if self._tls_started:
+                lines.clear()  # RFC 2595 4: sent in the clear before the handshake
+        if self.blocked is not None:
+            self.blocked.extend(lines)
 
     def _long(self, d: defer.Deferred) -> defer.Deferred:
         """Hold further commands until C{d} fires; the idle timeout keeps running."""

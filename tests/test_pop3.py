@@ -462,3 +462,34 @@ def test_no_flags_without_quit_and_none_for_deleted(ctx):
     s.cmd("DELE 1")
     assert s.cmd("QUIT") == b"+OK Logging out, messages deleted.\r\n"
     assert [(m.info.uid, m.info.flags) for m in state.messages] == [(2, frozenset({"\\Seen"}))]
+
+
+def test_pipelined_lines_wait_for_a_login_in_order(ctx):
+    s = Session(ctx)
+    s.take()
+    data = (f"USER {ALICE}\r\nPASS wrong\r\nAUTH PLAIN\r\n{plain('', ALICE, PASSWORD)}\r\n"
+            "STAT\r\n").encode()
+    assert s.send(data) == b"+OK\r\n"
+    ctx.reactor.advance(2)
+    assert s.take() == (b"-ERR [AUTH] Authentication failed.\r\n+ \r\n+OK Logged in.\r\n"
+                        b"+OK 2 %d\r\n" % (len(crlf(MSG1)) + len(crlf(MSG2))))
+
+
+def test_stls_behind_a_login_drops_what_followed_it(ctx):
+    s = Session(ctx)
+    s.take()
+    s.send(f"USER {ALICE}\r\nPASS wrong\r\nSTLS\r\nUSER evil@example.test\r\nNOOP\r\n".encode())
+    ctx.reactor.advance(2)
+    assert s.take() == b"-ERR [AUTH] Authentication failed.\r\n+OK Begin TLS negotiation now.\r\n"
+    assert s.proto._userIs is None
+    assert s.cmd("NOOP") == b"+OK\r\n"
+
+
+def test_a_flood_of_pipelined_commands_pauses_reading(ctx):
+    s = Session(ctx)
+    s.take()
+    s.send(f"USER {ALICE}\r\nPASS wrong\r\n".encode() + b"NOOP\r\n" * 100)
+    assert s.transport.producerState == "paused"
+    ctx.reactor.advance(2)
+    assert s.transport.producerState == "producing"
+    assert s.take().count(b"+OK\r\n") == 100
