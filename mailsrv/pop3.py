@@ -315,6 +315,7 @@ class POP3Server(pop3.POP3):
         self._tls_started = False  # ignore the rest of the packet that carried STLS
         self._closed = False
         self._sasl: Callable[[bytes], None] | None = None
+        self._method = ""
         # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
         self._cache: dict[int, bytes] = {}
         self._batch: set[int] = set()
@@ -538,7 +539,7 @@ class POP3Server(pop3.POP3):
         user, self._userIs = self._userIs, None
         if user is None:
             return self.bad(b"No username given.")
-        self._login(user, rest)
+        self._login(user, rest, b"USER")
 
     def pop3_AUTH(self, rest: bytes) -> None:
         if self.mbox is not None:
@@ -569,15 +570,16 @@ class POP3Server(pop3.POP3):
             return self.bad(b"Invalid SASL PLAIN response.")
         authzid, authcid, password = parts
         if authzid and authzid != authcid:
-            return self.bad(AUTH_FAILED)  # no proxy logins
-        self._login(authcid, password)
+            password = b""  # no logins as someone else: fails like a wrong password
+        self._login(authcid, password, b"PLAIN")
 
-    def _login(self, user: bytes, password: bytes) -> None:
+    def _login(self, user: bytes, password: bytes, method: bytes) -> None:
         """Check the password (throttled, delayed on failure) and open the maildrop."""
         name = user.decode("utf-8", "replace")
+        self._method = method.decode()
         throttle = self.ctx.throttle
         if throttle is not None and throttle.blocked(self.peer):
-            self.log.info("pop3 login {user} from {client}: throttled", user=name, client=self.peer)
+            self._log_login(name, "throttled")
             d = task.deferLater(self.ctx.reactor, self.ctx.config.auth.failure_delay,
                                 self.error, THROTTLED)
             self._long(d)
@@ -593,20 +595,29 @@ class POP3Server(pop3.POP3):
             return
         self.mbox = maildrop
         self._onLogout = logout
-        self.log.info("pop3 login {user} from {client}: ok, {count} messages",
-                      user=maildrop.user, client=self.peer, count=len(maildrop.infos))
+        self._log_login(maildrop.user, "ok", count=len(maildrop.infos))
         self.ok(b"Logged in.")
+
+    def _log_login(self, user: str, result: str, count: int | None = None) -> None:
+        """The one line per login an administrator greps for (never the password)."""
+        self.log.info(
+            "pop3 login {user} from {client}: {result} (method={method}, tls={tls}, "
+            "messages={count})",
+            user=user, client=self.peer, result=result, method=self._method,
+            tls=is_tls(self.transport), count=count,
+        )
 
     def _login_failed(self, f: Failure, name: str) -> None:
         if f.check(MaildropInUse):
-            self.log.info("pop3 login {user} from {client}: in use", user=name, client=self.peer)
+            self._log_login(name, "in use")
             self.error(IN_USE)
         elif f.check(LoginFailed, LoginDenied):
-            self.log.info("pop3 login {user} from {client}: failed", user=name, client=self.peer)
+            self._log_login(name, "failed")
             if self.ctx.throttle is not None:
                 self.ctx.throttle.failed(self.peer)
             self.bad(AUTH_FAILED)
         else:
+            self._log_login(name, "error")
             self.log.failure("pop3 login {user} from {client}: error", f,
                              user=name, client=self.peer)
             self.send(SYS_TEMP)
