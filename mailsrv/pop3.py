@@ -833,6 +833,8 @@ class POP3Server(pop3.POP3):
         after it (read-ahead, queued commands) can overlap with its reading.
         """
         t = self.transport
+        if not isinstance(t, tcp.Connection):
+            t = getattr(t, "transport", None)  # implicit TLS: the socket under the TLS layer
         if isinstance(t, tcp.Connection) and t.connected and not t.disconnecting:
             t.doWrite()  # an error here is seen again, and handled, by the reactor
 
@@ -851,7 +853,16 @@ class POP3Server(pop3.POP3):
             tail = b"\r\n"
             left = info.size
             while left > 0:
-                chunk = yield self._in_thread(fp.read, min(CHUNK, left))
+                try:
+                    chunk = yield self._in_thread(fp.read, min(CHUNK, left))
+                except Exception:
+                    if head:  # nothing sent yet: the client gets an -ERR
+                        raise
+                    # Half a message is out: only closing tells the client it is incomplete.
+                    self.log.failure("pop3 {user}: reading message {uid} failed",
+                                     user=self.mbox.user, uid=info.uid)
+                    self.transport.loseConnection()
+                    return
                 if not chunk or producer.stopped or self._closed:
                     break
                 left -= len(chunk)

@@ -496,3 +496,41 @@ def test_a_flood_of_pipelined_commands_pauses_reading(ctx):
     ctx.reactor.advance(2)
     assert s.transport.producerState == "producing"
     assert s.take().count(b"+OK\r\n") == 100
+
+
+class _FailingFile:
+    """Gives one chunk of a big message, then a disk error."""
+
+    def __init__(self, fail_at_first: bool = False):
+        self.reads = 0
+        self.fail_at_first = fail_at_first
+        self.closed = False
+
+    def read(self, n):
+        self.reads += 1
+        if self.fail_at_first or self.reads > 1:
+            raise OSError("I/O error")
+        return b"x" * (n - 2) + b"\r\n"
+
+    def close(self):
+        self.closed = True
+
+
+@pytest.mark.parametrize("at_first", [True, False])
+def test_disk_error_while_streaming(ctx, at_first):
+    deliver(ctx, b"Subject: big\n\n" + b"y" * 300_000 + b"\n")
+    s = Session(ctx)
+    s.take()
+    s.login()
+    f = _FailingFile(at_first)
+    s.proto.mbox.folder.open_message = lambda uid: f
+    out = s.cmd("RETR 3")
+    assert f.closed
+    if at_first:  # nothing sent yet: an -ERR, and the session goes on
+        assert out == b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n"
+        assert not s.transport.disconnecting
+        assert s.cmd("NOOP") == b"+OK\r\n"
+    else:  # half a message went out: only closing can tell the client
+        assert out.startswith(b"+OK 3")
+        assert not out.endswith(b".\r\n")
+        assert s.transport.disconnecting
