@@ -166,3 +166,27 @@ def test_verify_runs_in_threadpool(tmp_path):
     pf.add_user("alice@example.test", "a")
     assert result(pf.verify("alice@example.test", "a")) is True
     assert len(pool.calls) == 1
+
+
+def test_at_most_two_checks_at_once(tmp_path):
+    from twisted.internet.testing import MemoryReactor
+
+    class Pool:
+        def __init__(self):
+            self.held = []
+
+        def callInThreadWithCallback(self, onResult, f, *a, **kw):
+            self.held.append(lambda: onResult(True, f(*a, **kw)))
+
+    class R(MemoryReactor):
+        def callFromThread(self, f, *a, **kw):
+            f(*a, **kw)
+
+    pool = Pool()
+    pf = PasswordFile(tmp_path / "passwd", R(), pool, hasher=cheap())
+    pf.add_user("alice@example.test", "a")
+    results = [pf.verify("alice@example.test", "a" if i % 2 else "b") for i in range(5)]
+    assert len(pool.held) == 2
+    while pool.held:
+        pool.held.pop(0)()
+    assert [result(d) for d in results] == [False, True, False, True, False]

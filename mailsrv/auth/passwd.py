@@ -29,6 +29,9 @@ from mailsrv.interfaces import IPasswordDatabase
 from mailsrv.store.names import normalize_user
 
 DOVECOT_SCHEME = "{ARGON2ID}"
+# Each check takes ~0.1 s of CPU and 64 MiB: a flood of logins must not take
+# every thread of the pool the mailboxes' disk work shares.
+MAX_CONCURRENT_CHECKS = 2
 
 
 class PasswordFileError(Exception):
@@ -94,6 +97,7 @@ class PasswordFile:
         self._users: dict[str, str] = {}
         self._key: tuple[int, ...] | None = None
         self._dummy: str | None = None
+        self._checks = defer.DeferredSemaphore(MAX_CONCURRENT_CHECKS)
 
     # --- reading ---------------------------------------------------------
 
@@ -147,7 +151,7 @@ class PasswordFile:
             stored = self._current().get(normalize_user(address))
         except ValueError:
             stored = None
-        return self._in_thread(self._verify_sync, stored, password)
+        return self._checks.run(self._in_thread, self._verify_sync, stored, password)
 
     def _in_thread(self, f: Any, *args: Any) -> defer.Deferred:
         if self._pool is None or self._reactor is None:
