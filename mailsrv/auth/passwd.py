@@ -160,9 +160,9 @@ class PasswordFile:
 
     def _verify_sync(self, stored: str | None, password: str | bytes) -> bool:
         real = stored is not None
+        if self._dummy is None:  # made at the first check, whoever asks: no timing tell
+            self._dummy = self._hasher.hash("dummy password for unknown users")
         if stored is None:
-            if self._dummy is None:
-                self._dummy = self._hasher.hash("dummy password for unknown users")
             stored = self._dummy
         ok: bool
         try:
