@@ -319,6 +319,7 @@ class POP3Server(pop3.POP3):
         # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
         self._cache: dict[int, bytes] = {}
         self._batch: set[int] = set()
+        self._ahead_until = 0  # messages below this index were read ahead (or skipped)
         self._batch_waiters: list[tuple[int, defer.Deferred]] = []
         self.mbox = None
 
@@ -751,16 +752,17 @@ class POP3Server(pop3.POP3):
         message already in memory.
         """
         mbox = self.mbox
-        for i in [i for i in self._cache if i <= index]:
-            del self._cache[i]
         if self._closed or mbox is None or self._batch:
             return
-        ahead = range(index + 1, min(index + 1 + READ_AHEAD // 4, len(mbox.infos)))
-        if all(i in self._cache or i in mbox.deleted for i in ahead):
-            return
+        if index + READ_AHEAD // 4 < self._ahead_until:
+            return  # enough is read already
+        if len(self._cache) > READ_AHEAD:  # the client skipped around: drop what it passed
+            for i in [i for i in self._cache if i <= index]:
+                del self._cache[i]
         wanted: list[int] = []
         total = 0
-        for i in range(index + 1, len(mbox.infos)):
+        start = max(index + 1, self._ahead_until)
+        for i in range(start, len(mbox.infos)):
             size = mbox.infos[i].size
             if i in self._cache or i in mbox.deleted:
                 continue
@@ -770,6 +772,7 @@ class POP3Server(pop3.POP3):
             total += size
         if not wanted:
             return
+        self._ahead_until = wanted[-1] + 1
         self._batch = set(wanted)
         d = self._read_now(wanted, None)
         d.addBoth(self._batch_done)
