@@ -37,8 +37,10 @@ MAX_LINE = 8192  # RFC 2449 4: 255 octets for commands; SASL responses need more
 WHOLE_MESSAGE = 256 * 1024  # messages up to this size are read and sent in one piece
 CHUNK = 64 * 1024
 MAX_PIPELINED = 64  # stop reading while this many commands wait
-READ_AHEAD = 32  # RETR reads up to this many following messages in one trip to the pool
-READ_AHEAD_BYTES = 1024 * 1024
+READ_AHEAD = 48  # messages held ready ahead of a sequential RETR download
+READ_AHEAD_MAX_SIZE = 64 * 1024  # larger ones are read when asked for (<= 3 MB ahead)
+OPEN_PER_RETR = 2  # messages opened ahead after each RETR
+READ_BATCH = 16  # messages read per trip to the pool
 DIRECT_SEND = True
 
 # Replies, worded like Dovecot's where clients may match on them.
@@ -318,8 +320,9 @@ class POP3Server(pop3.POP3):
         self._method = ""
         # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
         self._cache: dict[int, bytes] = {}
-        self._batch: set[int] = set()
-        self._ahead_until = 0  # messages below this index were read ahead (or skipped)
+        self._opened: list[tuple[int, Any, int]] = []  # (index, file, size) not yet read
+        self._batch: set[int] = set()  # indexes being read in the pool
+        self._ahead_until = 0  # the next index to open ahead
         self._batch_waiters: list[tuple[int, defer.Deferred]] = []
         self.mbox = None
 
@@ -343,6 +346,9 @@ class POP3Server(pop3.POP3):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self._cache.clear()
+        opened, self._opened = self._opened, []
+        for _, fp, _ in opened:
+            fp.close()
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
@@ -726,6 +732,8 @@ class POP3Server(pop3.POP3):
         data = self._cache.pop(index, None)
         if data is not None:
             return defer.succeed(data)
+        if any(i == index for i, _, _ in self._opened):
+            self._submit()
         if index in self._batch:
             d: defer.Deferred = defer.Deferred()
             self._batch_waiters.append((index, d))
@@ -747,39 +755,53 @@ class POP3Server(pop3.POP3):
 
     def _read_ahead(self, index: int) -> None:
         """
-        After RETR C{index}, read the messages a sequential download asks for
-        next, several per trip to the pool, so that most RETRs find their
-        message already in memory.
+        After RETR C{index}, get the messages a sequential download asks for
+        next: open a couple per RETR (cheap, and done while the client reads
+        its reply) and read them in batches, one trip to the pool per batch,
+        so that most RETRs find their message in memory.
         """
         mbox = self.mbox
-        if self._closed or mbox is None or self._batch:
+        if self._closed or mbox is None:
             return
-        if index + READ_AHEAD // 4 < self._ahead_until:
-            return  # enough is read already
+        if self._ahead_until <= index:  # the first RETR, or the client jumped ahead
+            self._ahead_until = index + 1
         if len(self._cache) > READ_AHEAD:  # the client skipped around: drop what it passed
             for i in [i for i in self._cache if i <= index]:
                 del self._cache[i]
-        wanted: list[int] = []
-        total = 0
-        start = max(index + 1, self._ahead_until)
-        for i in range(start, len(mbox.infos)):
-            size = mbox.infos[i].size
-            if i in self._cache or i in mbox.deleted:
+        limit = min(len(mbox.infos), index + 1 + READ_AHEAD)
+        opened = 0
+        while opened < OPEN_PER_RETR and self._ahead_until < limit:
+            i = self._ahead_until
+            info = mbox.infos[i]
+            if info.size > READ_AHEAD_MAX_SIZE:
+                break  # read when asked for
+            self._ahead_until += 1
+            if i in mbox.deleted or i in self._cache:
                 continue
-            if size > WHOLE_MESSAGE or len(wanted) >= READ_AHEAD or total + size > READ_AHEAD_BYTES:
-                break
-            wanted.append(i)
-            total += size
-        if not wanted:
-            return
-        self._ahead_until = wanted[-1] + 1
-        self._batch = set(wanted)
-        d = self._read_now(wanted, None)
-        d.addBoth(self._batch_done)
+            try:
+                fp = mbox.folder.open_message(info.uid)
+            except KeyError:
+                continue
+            self._opened.append((i, fp, info.size))
+            opened += 1
+        if self._opened and (
+            len(self._opened) >= READ_BATCH
+            or self._opened[0][0] <= index + READ_BATCH  # needed soon
+        ):
+            self._submit()
 
-    def _batch_done(self, result: dict[int, bytes] | Failure) -> None:
-        self._batch = set()
-        waiters, self._batch_waiters = self._batch_waiters, []
+    def _submit(self) -> None:
+        """Read the opened messages in one trip to the pool."""
+        files, self._opened = self._opened, []
+        indexes = {i for i, _, _ in files}
+        self._batch |= indexes
+        d = self._in_thread(_read_files, files, None)
+        d.addBoth(self._batch_done, indexes)
+
+    def _batch_done(self, result: dict[int, bytes] | Failure, indexes: set[int]) -> None:
+        self._batch -= indexes
+        waiters = [(i, d) for i, d in self._batch_waiters if i in indexes]
+        self._batch_waiters = [(i, d) for i, d in self._batch_waiters if i not in indexes]
         if isinstance(result, Failure):
             # Read each again on its own, so that its RETR reports the error.
             for i, d in waiters:
