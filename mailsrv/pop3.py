@@ -360,7 +360,7 @@ class POP3Server(pop3.POP3):
     def send(self, *lines: bytes) -> None:
         """Write reply lines (each without CRLF) in one write."""
         if not self._closed:
-            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+            self._send_now(b"".join(line + b"\r\n" for line in lines))
 
     def ok(self, text: bytes = b"") -> None:
         self.send(b"+OK " + text if text else b"+OK")
