@@ -190,3 +190,20 @@ def test_at_most_two_checks_at_once(tmp_path):
     while pool.held:
         pool.held.pop(0)()
     assert [result(d) for d in results] == [False, True, False, True, False]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root can give files away")
+def test_root_keeps_the_servers_ownership(pf):
+    pf.add_user("alice@example.test", "a")
+    os.chown(pf.path, 5000, 5001)
+    pf.add_user("bob@example.test", "b")
+    st = os.stat(pf.path)
+    assert (st.st_uid, st.st_gid) == (5000, 5001)
+    assert stat.S_IMODE(st.st_mode) == 0o600
+    other = pf.path.parent.parent / "fresh"
+    other.mkdir()
+    os.chown(other, 5002, 5003)
+    fresh = PasswordFile(other / "passwd", hasher=cheap())
+    fresh.add_user("carol@example.test", "c")
+    st = os.stat(fresh.path)
+    assert (st.st_uid, st.st_gid) == (5002, 5003)

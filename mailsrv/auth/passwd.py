@@ -206,6 +206,7 @@ class PasswordFile:
         fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
         try:
             os.fchmod(fd, 0o600)
+            _keep_owner(fd, self.path)
             with os.fdopen(fd, "w", encoding="utf-8") as f:
                 f.write(text)
                 f.flush()
@@ -249,6 +250,21 @@ class PasswordFile:
                 raise KeyError(address)
             del users[address]
         return address
+
+
+def _keep_owner(fd: int, path: Path) -> None:
+    """
+    When root runs the admin command, give the new file the owner of the old
+    one (or of its folder), so that a server running as another user can
+    still read it.
+    """
+    if os.geteuid() != 0:
+        return
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        st = os.stat(path.parent)
+    os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _render(lines: list[str], before: dict[str, str], after: dict[str, str]) -> str:
