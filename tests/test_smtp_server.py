@@ -761,3 +761,24 @@ def test_all_local_deliveries_failing_is_451_not_queued():
     )
     assert codes[-1] == "451 4.3.0"
     assert s.ctx.queue.queued == []
+
+
+def test_rejections_are_logged_without_the_body():
+    from twisted.logger import globalLogPublisher
+
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        s = mx(max_message_size=1024)
+        s.send(
+            "MAIL FROM:<a@r.test>\r\nRCPT TO:<x@remote.test>\r\nRCPT TO:<alice@example.test>\r\n"
+        )
+        s.send("DATA\r\nSubject: secret-subject\r\n\r\n" + "secret-body\r\n" * 200 + ".\r\n")
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    from twisted.logger import formatEvent
+
+    text = "\n".join(formatEvent(e) for e in seen)
+    assert "reject recipient <x@remote.test> from 192.0.2.7: 554 5.7.1 Relay access denied" in text
+    assert "reject message " in text and "552 5.3.4" in text
+    assert "secret" not in text

@@ -442,7 +442,7 @@ class SMTPServer(smtp.ESMTP):
         return self._check(
             lambda: delivery.validateFrom(self._helo, arg.address),
             lambda _: self._sender_ok(_, arg.address),
-            self._sender_refused,
+            lambda f: self._refused(f, "sender", arg.address),
         )
 
     def _sender_ok(self, _: Any, address: str) -> None:
@@ -450,12 +450,18 @@ class SMTPServer(smtp.ESMTP):
         self._recipients = []
         self._reply(replies.SENDER_OK)
 
-    def _sender_refused(self, failure: Failure) -> None:
-        self._refused(failure, "sender")
-
-    def _refused(self, failure: Failure, what: str) -> None:
+    def _refused(self, failure: Failure, what: str, address: str | None = None) -> None:
         if failure.check(SMTPReplyError):
-            self._reply_error(failure.value)
+            error = failure.value
+            self.log.info(
+                "reject {what} <{address}> from {client}: {reply}; sender=<{sender}>",
+                what=what,
+                address=address,
+                client=self._client_ip,
+                reply=f"{error.code} {error.resp}",
+                sender=self._sender,
+            )
+            self._reply_error(error)
         else:
             self.log.failure("checking a {what} failed", failure=failure, what=what)
             self._reply(replies.LOCAL_ERROR)
@@ -486,7 +492,7 @@ class SMTPServer(smtp.ESMTP):
         return self._check(
             lambda: delivery.validateTo(arg.address),
             lambda _: self._recipient_ok(_, arg.address),
-            self._recipient_refused,
+            lambda f: self._refused(f, "recipient", arg.address),
         )
 
     def _check(self, check: Any, ok: Any, refused: Any) -> defer.Deferred | None:
@@ -507,9 +513,6 @@ class SMTPServer(smtp.ESMTP):
             return  # the transaction was reset meanwhile
         self._recipients.append(address)
         self._reply(replies.RECIPIENT_OK)
-
-    def _recipient_refused(self, failure: Failure) -> None:
-        self._refused(failure, "recipient")
 
     def do_DATA(self, rest: bytes) -> None:
         if self._sender is None:
@@ -548,14 +551,14 @@ class SMTPServer(smtp.ESMTP):
         message, self._message = self._message, None
         assert message is not None
         d = message.eomReceived()
-        d.addCallbacks(self._accepted, self._not_accepted)
+        d.addCallbacks(self._accepted, self._not_accepted, errbackArgs=(message,))
         self._wait(d)
 
     def _accepted(self, queue_id: str) -> None:
         self._reply(replies.QUEUED, f"Ok: queued as {queue_id}")
 
-    def _not_accepted(self, failure: Failure) -> None:
-        self._refused(failure, "message")
+    def _not_accepted(self, failure: Failure, message: IncomingMessage) -> None:
+        self._refused(failure, f"message {message.queue_id}", message.sender)
 
     # RFC 3207 STARTTLS
 
