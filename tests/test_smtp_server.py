@@ -497,6 +497,8 @@ def test_auth_plain_and_sender_must_be_the_user():
     assert s.codes("MAIL FROM:<bob@example.test>\r\n") == ["553 5.7.1"]
     assert s.codes("MAIL FROM:<>\r\n") == ["553 5.7.1"]
     assert s.codes("MAIL FROM:<alice@Example.TEST> AUTH=<>\r\n") == ["250 2.1.0"]
+    s.cmd("RSET")
+    assert s.codes("MAIL FROM:<Alice@example.test>\r\n") == ["250 2.1.0"]
 
 
 def test_submission_delivers_locally_and_queues_remote_mail_with_date_and_message_id():
@@ -782,3 +784,14 @@ def test_rejections_are_logged_without_the_body():
     assert "reject recipient <x@remote.test> from 192.0.2.7: 554 5.7.1 Relay access denied" in text
     assert "reject message " in text and "552 5.3.4" in text
     assert "secret" not in text
+
+
+def test_starttls_after_a_loopback_login_forgets_the_login():
+    s = Session(make_context(), submission=True, peer="127.0.0.1", starttls=True)
+    s.cmd("EHLO c")
+    assert s.codes(f"AUTH PLAIN {plain()}\r\n") == ["235 2.7.0"]
+    assert s.codes("STARTTLS\r\n") == ["220 2.0.0"]
+    s.proto.startedTLS = True
+    s.cmd("EHLO c")
+    assert s.codes("MAIL FROM:<alice@example.test>\r\n") == ["530 5.7.0"]
+    assert s.codes(f"AUTH PLAIN {plain()}\r\n") == ["235 2.7.0"]

@@ -421,9 +421,8 @@ class SubmissionDelivery(BaseDelivery):
 
 
 def _same_address(a: str, b: str) -> bool:
-    la, _, da = a.rpartition("@")
-    lb, _, db = b.rpartition("@")
-    return la == lb and da.lower().rstrip(".") == db.lower().rstrip(".")
+    """Case-insensitive, as Postfix's smtpd_sender_login_maps lookups are."""
+    return a.lower().rstrip(".") == b.lower().rstrip(".")
 
 
 def describe_failure(failure: Failure) -> Reply:
