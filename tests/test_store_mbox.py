@@ -264,6 +264,30 @@ class IndexTests(_Base):
         self.assertEqual(len(uids), 4)
         self.assertEqual(self.read(f, uids[1]), b"Subject: new\r\n\r\nnew\r\n")
 
+    def test_append_after_foreign_tail(self):
+        # Another program left no blank line (or no newline) at the end.
+        for tail in (b"no blank\n", b"no newline"):
+            self.deliver(b"Subject: a\nMessage-ID: <a@x>\n\nbody\n")
+            f = self.open()
+            with open(self.inbox, "ab") as fh:
+                fh.write(b"From x Mon Jan  1 00:00:00 2024\nSubject: ext\n\n" + tail)
+            self.ok(f.refresh())
+            uids = [m.uid for m in f.messages()]
+            uid = self.ok(f.append(BytesSource(b"Subject: app\n\nx\n"), {SEEN}, 1e9))
+            self.ok(f.refresh())
+            now = [m.uid for m in f.messages()]
+            self.assertEqual(now[0], uids[0])
+            if tail.endswith(b"\n"):  # the ext message did not change: no rescan
+                self.assertEqual(now[:-1], uids)
+            last = f.messages()[-1]
+            self.assertEqual((last.uid, last.flags, last.internal_date),
+                             (uid, frozenset({SEEN}), 1e9))
+            self.assertEqual(self.read(f, uid), b"Subject: app\r\n\r\nx\r\n")
+            self.assertEqual(self.read(f, f.messages()[-2].uid),
+                             b"Subject: ext\r\n\r\n" + tail.rstrip(b"\n") + b"\r\n")
+            f.close()
+            self.inbox.unlink()
+
     def test_file_removed_externally(self):
         self.deliver(b"Subject: a\n\nbody\n")
         f = self.open()
@@ -327,6 +351,30 @@ class CrashTests(_Base):
         self.assertEqual([m.uid for m in self.open().messages()], [1])
         self.flushLoggedErrors()
 
+    def test_unreadable_source_fails_alone(self):
+        class Unreadable:
+            size = 10
+
+            def open(self):
+                raise OSError(5, "I/O error")
+
+        pool = _ManualPool()
+        store = MboxMailStore(self.root / "m2", self.root / "i2", SyncReactor(), pool)
+        ds = [store.deliver(USER, BytesSource(b"S: 1\n\nx\n"), ""),
+              store.deliver(USER, BytesSource(b"S: 2\n\nx\n"), ""),
+              store.deliver(USER, Unreadable(), ""),
+              store.deliver(USER, BytesSource(b"S: 3\n\nx\n"), "")]
+        pool.run()
+        self.assertIsNone(self.ok(ds[0]))
+        self.assertIsNone(self.ok(ds[1]))
+        self.failureResultOf(ds[2], OSError)
+        self.assertIsNone(self.ok(ds[3]))
+        self.assertEqual(pool.batches, 2)
+        d = store.open_folder(USER, "INBOX")
+        pool.run()
+        self.assertEqual(len(self.ok(d).messages()), 3)
+        self.flushLoggedErrors()
+
     def test_leftover_expunge_temp_ignored(self):
         self.deliver(b"Subject: a\n\nbody\n")
         tmp = self.inbox.with_name(".INBOX.expunge.99999")
@@ -339,6 +387,24 @@ class CrashTests(_Base):
 
     def test_folder_name_reserved(self):
         self.failureResultOf(self.store.create_folder(USER, "foo.lock"), FolderError)
+
+
+class _ManualPool(SyncThreadPool):
+    """Runs the queued work when told, so deliveries pile up into one batch."""
+
+    def __init__(self):
+        self.work = []
+        self.batches = 0
+
+    def callInThreadWithCallback(self, on_result, func, *args, **kwargs):
+        self.work.append((on_result, func, args, kwargs))
+
+    def run(self):
+        while self.work:
+            item = self.work.pop(0)
+            if getattr(item[1], "__name__", "") == "_deliver_batch":
+                self.batches += 1
+            super().callInThreadWithCallback(item[0], item[1], *item[2], **item[3])
 
 
 class _Broken(io.BytesIO):

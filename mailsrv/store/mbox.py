@@ -302,22 +302,26 @@ class MboxMailStore:
         """Bring the index up to date with the file; lock only if the file changed."""
         if st.detached:
             raise FolderError("Folder was renamed or deleted")
-        idx = self._open_index(st)
-        snap = self._load(st, idx)
+        create = create or st.name == INBOX
         try:
             s = os.stat(st.path)
         except FileNotFoundError:
-            if not (create or st.name == INBOX):
+            if not create:
                 raise FolderError("No such folder")
             st.path.parent.mkdir(parents=True, exist_ok=True)
             s = None
         if s is not None and not _is_file(s):
             raise FolderError("No such folder")
+        idx = self._open_index(st)
+        snap = self._load(st, idx)
         if (s is not None and idx.covered == _covered(s) and snap.handle is not None
                 and snap.handle.ino == s.st_ino):
             return _Update(snap, idx.uid_validity, idx.uid_next, False)
-        with MboxLock(st.path, self.lock_timeout, create=True) as lk:
-            return self._sync_locked(st, lk.fd, snap)
+        try:
+            with MboxLock(st.path, self.lock_timeout, create=create) as lk:
+                return self._sync_locked(st, lk.fd, snap)
+        except FileNotFoundError:
+            raise FolderError("No such folder")
 
     def _sync_locked(self, st: _FolderState, fd: int, snap: _Snapshot,
                      new_flags: list[tuple[frozenset[str], float | None]] | None = None
@@ -341,8 +345,8 @@ class MboxMailStore:
         if old is not None and old[2] == s.st_ino and size > old[0]:
             if not snap.uids:
                 tail_from = old[0] if old[0] == 0 else -1
-            elif _intact_tail(fd, snap, old[0]):
-                tail_from = old[0]
+            else:
+                tail_from = _intact_tail(fd, snap, old[0])
         if tail_from >= 0:
             res = mboxfmt.scan(fd, tail_from, size)
             rows = []
@@ -392,6 +396,11 @@ class MboxMailStore:
                     uid = info.uid
             else:
                 flags, date = res.flags[i], res.dates[i]
+                k = i - (len(res.starts) - len(new_flags or ()))
+                if new_flags and k >= 0:  # our own append, at the end
+                    flags = new_flags[k][0]
+                    if new_flags[k][1] is not None:
+                        date = new_flags[k][1]
                 uid, uid_next = uid_next, uid_next + 1
                 renumber = True  # UIDs must keep ascending in file order
             row = (uid, res.from_offs[i], res.starts[i], res.ends[i], res.sizes[i],
@@ -409,7 +418,7 @@ class MboxMailStore:
         uids = array("q", range(first, first + n))
         texts = [flags_text(f) if f else "" for f in res.flags]
         idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
-                            res.crcs, res.fps), first + n, covered)
+                            res.crcs, res.fps, strict=True), first + n, covered)
         infos = list(map(MessageInfo, uids, res.sizes, res.flags, res.dates))
         snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs,
                          array("q", res.fps), infos, handle)
@@ -442,16 +451,26 @@ class MboxMailStore:
         finally:
             os.close(fd)
 
-    def _append_locked(self, st: _FolderState, fd: int,
-                       items: list[tuple[Any, str, float]]) -> int:
-        """Append messages in one write and one fsync; on any error truncate back. Returns the new size."""
+    @staticmethod
+    def _prepare(items: list[tuple[Any, str, float]]) -> tuple[list, dict[int, BaseException]]:
+        """Quote each message (before locking); a source that cannot be read fails alone."""
         prepared = []
-        total = 0
-        for source, sender, when in items:
-            line = mboxfmt.from_line(sender, when)
-            pieces, qlen = mboxfmt.quoted_message(source)
-            prepared.append((line, pieces, source))
-            total += len(line) + qlen + 1
+        errors: dict[int, BaseException] = {}
+        for i, (source, sender, when) in enumerate(items):
+            try:
+                pieces, qlen = mboxfmt.quoted_message(source)
+            except Exception as e:
+                errors[i] = e
+                continue
+            prepared.append((mboxfmt.from_line(sender, when), pieces, source, qlen))
+        return prepared, errors
+
+    def _append_locked(self, st: _FolderState, fd: int, prepared: list) -> int:
+        """
+        Append prepared messages in one write and one fsync; on any error truncate
+        back to the old end. Returns the new size.
+        """
+        total = sum(len(line) + qlen + 1 for line, _, _, qlen in prepared)
         s = os.fstat(fd)
         pre = s.st_size
         pad = b""
@@ -470,7 +489,7 @@ class MboxMailStore:
             written = 0
             buf = [pad]
             buffered = len(pad)
-            for line, pieces, source in prepared:
+            for line, pieces, source, _ in prepared:
                 buf.append(line)
                 buffered += len(line)
                 if pieces is None:
@@ -523,6 +542,16 @@ class MboxMailStore:
         d = self._in_thread(self._deliver_batch, st, [(s, f, w) for s, f, w, _ in items])
 
         def done(result):
+            if not isinstance(result, Failure):
+                size, errors = result
+                for i, err in errors.items():
+                    self.log.error("delivery to {user} {folder} failed: {error}",
+                                   user=st.user, folder=st.name, error=repr(err))
+                    items[i][3].errback(Failure(err))
+                items[:] = [it for i, it in enumerate(items) if i not in errors]
+                if not items:
+                    return None
+                result = size
             if isinstance(result, Failure):
                 if result.check(FolderError):
                     self.log.info("delivery to {user} {folder} refused: {error}",
@@ -541,14 +570,20 @@ class MboxMailStore:
 
         return d.addBoth(done)
 
-    def _deliver_batch(self, st: _FolderState, items) -> int:
+    def _deliver_batch(self, st: _FolderState, items) -> tuple[int, dict[int, BaseException]]:
         if st.name != INBOX and not st.path.is_file():
             raise FolderError("No such folder")
         if st.name == INBOX:
             st.path.parent.mkdir(parents=True, exist_ok=True)
-        with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
-            self._recover(st, lk.fd)
-            return self._append_locked(st, lk.fd, items)
+        prepared, errors = self._prepare(items)
+        if not prepared:
+            return -1, errors
+        try:
+            with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
+                self._recover(st, lk.fd)
+                return self._append_locked(st, lk.fd, prepared), errors
+        except FileNotFoundError:
+            raise FolderError("No such folder")
 
     # -- folders
 
@@ -862,7 +897,8 @@ class MboxFolder:
     def refresh(self) -> defer.Deferred:
         st = self._st
         if st.detached:
-            return defer.succeed(FolderChanges())
+            # Deleted (everything is gone) or renamed (the view stays as it was).
+            return defer.succeed(self._catch_up())
         return self._store._sync_job(st).addCallback(lambda _: self._catch_up())
 
     def _catch_up(self) -> FolderChanges:
@@ -976,7 +1012,10 @@ class MboxFolder:
             with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
                 upd2 = store._sync_locked(st, lk.fd, upd.snap)
                 before = len(upd2.snap.uids)
-                store._append_locked(st, lk.fd, [(source, "", when)])
+                prepared, errors = store._prepare([(source, "", when)])
+                if errors:
+                    raise errors[0]
+                store._append_locked(st, lk.fd, prepared)
                 upd3 = store._sync_locked(st, lk.fd, upd2.snap,
                                           new_flags=[(frozenset(flags), internal_date)])
             if len(upd3.snap.uids) <= before:
@@ -1115,13 +1154,22 @@ def _is_file(s: os.stat_result) -> bool:
     return stat.S_ISREG(s.st_mode)
 
 
-def _intact_tail(fd: int, snap: _Snapshot, old_size: int) -> bool:
-    """Did the file only grow? The old end starts a From line; the last From line is unchanged."""
+def _intact_tail(fd: int, snap: _Snapshot, old_size: int) -> int:
+    """
+    Where to scan from if the file only grew: the old end (or just after a blank
+    line appended there) starts a From line, and the last From line is unchanged.
+    -1 if the file must be rescanned.
+    """
     a = snap.from_offs[-1]
     line = os.pread(fd, snap.starts[-1] - a, a)
     if zlib.crc32(line) != snap.crcs[-1]:
-        return False
-    return os.pread(fd, 6, old_size - 1) == b"\nFrom "
+        return -1
+    probe = os.pread(fd, 7, old_size - 1)
+    if probe.startswith(b"\nFrom "):
+        return old_size
+    if probe == b"\n\nFrom ":
+        return old_size + 1
+    return -1
 
 
 def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:

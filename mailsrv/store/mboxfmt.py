@@ -29,8 +29,6 @@ HEADER_LIMIT = 256 * 1024  # bytes searched for the end of a header block
 # mboxrd: a line matching ^>*From  gets one more '>' when written, loses one when read.
 _QUOTE = re.compile(rb"^(>*From )", re.M)
 _UNQUOTE = re.compile(rb"^>(>*From )", re.M)
-_QUOTED = re.compile(rb"^>+From ", re.M)
-_HEADERS = re.compile(rb"^(message-id|status|x-status):[ \t]*([^\r\n]*)", re.M | re.I)
 _ASCTIME = re.compile(
     rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) +(\d{1,2}) +(\d{1,2}):(\d\d)(?::(\d\d))? +(?:[A-Z]{3,4} +)?(\d{4})"
 )
@@ -420,7 +418,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
         pos = 0
         keep = -1  # where to keep buf from, if a message's headers are not complete
 
-        def count(rec: _Partial, a: int, b: int) -> None:
+        def count(rec: _Partial, a: int, b: int, buf=buf, has_cr=has_cr, quoted=quoted) -> None:
             if b <= a:
                 return
             rec.nl += buf.count(b"\n", a, b)
