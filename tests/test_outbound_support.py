@@ -93,9 +93,14 @@ class _Message:
         r = self.proto.receiver
         if r.behaviour == "drop" and r.drops == 0 and len(self.lines) == 2:
             r.drops += 1
+            self.dropped = True
             self.proto.transport.abortConnection()
 
+    dropped = False
+
     def eomReceived(self) -> defer.Deferred:
+        if self.dropped:  # the rest of the buffer is still parsed: this one never counts
+            return defer.succeed(b"")
         self.proto.deliveries.append(self)
         r = self.proto.receiver
         if r.behaviour == "slow":

@@ -150,6 +150,10 @@ class _BodySender:
         self.last = data[-1:]
         self._on_chunk()
         self._transport.write(data)
+        if len(chunk) < BODY_CHUNK:
+            # A buffered read of a regular file is short only at its end.
+            self._got(b"")
+            return
         self._read()
 
     def _failed(self, f: Failure) -> None:
@@ -196,6 +200,10 @@ class RelayClient(smtp.ESMTPClient):
 
     def connectionMade(self) -> None:
         self.result.stage = GREETING
+        # Each command, and the body's last chunk then "." are separate writes:
+        # with Nagle's algorithm on, the second waits for the peer's delayed ACK.
+        if hasattr(self.transport, "setTcpNoDelay"):
+            self.transport.setTcpNoDelay(True)  # type: ignore[union-attr]
         super().connectionMade()
 
     def esmtpState_starttls(self, code: int, resp: bytes) -> None:

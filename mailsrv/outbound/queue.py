@@ -163,8 +163,13 @@ class QueueStore:
     def load_envelope(self, queue_id: str) -> Envelope:
         return Envelope.from_json(self.envelope_path(queue_id).read_bytes())
 
-    def remove(self, queue_id: str) -> bool:
-        """Remove a message: the envelope first, so no envelope is left without its message."""
+    def remove(self, queue_id: str, sync: bool = True) -> bool:
+        """
+        Remove a message: the envelope first, so no envelope is left without
+        its message. With C{sync} False the folder is not fsynced, as Postfix
+        does for delivered mail: a kill -9 cannot undo the removal, only a
+        crash of the whole machine could, and that means at worst a duplicate.
+        """
         if not _valid_id(queue_id):
             return False
         found = False
@@ -174,7 +179,7 @@ class QueueStore:
                 found = True
             except FileNotFoundError:
                 pass
-        if found:
+        if found and sync:
             self._fsync_dir()
         return found
 
@@ -291,8 +296,8 @@ class OutboundQueue:
         """Rewrite an envelope durably; fires with False if the message is gone."""
         return self._in_pool(self.store.save_envelope, envelope)
 
-    def remove(self, queue_id: str) -> defer.Deferred:
-        return self._in_pool(self.store.remove, queue_id)
+    def remove(self, queue_id: str, sync: bool = True) -> defer.Deferred:
+        return self._in_pool(self.store.remove, queue_id, sync)
 
     def scan(self) -> defer.Deferred:
         return self._in_pool(self.store.scan)

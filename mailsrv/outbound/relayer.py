@@ -7,6 +7,8 @@ recipient's result durably, schedules retries and sends DSNs.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from collections import defaultdict
 from collections.abc import Sequence
 from typing import Any
@@ -22,6 +24,7 @@ from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import Hop, MXResolver
 from mailsrv.outbound.queue import (
     FAILED,
+    PENDING,
     SENT,
     Envelope,
     FileSource,
@@ -75,6 +78,8 @@ class Relayer:
         self._semaphores: dict[str, defer.DeferredSemaphore] = {}
         self._sessions: set[Session] = set()
         self._timer: Any = None
+        self._due: list[tuple[float, int, str]] = []  # heap of (next attempt, seq, id)
+        self._seq = itertools.count()
         self._poller: task.LoopingCall | None = None
         self._running = False
         self._may_context = ssl.CertificateOptions(verify=False)
@@ -89,7 +94,9 @@ class Relayer:
         for queue_id in bad:
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in envelopes:
-            self.entries.setdefault(env.id, env)
+            if env.id not in self.entries:
+                self.entries[env.id] = env
+                self._push(env)
         self.log.info("relayer started with {n} queued message(s)", n=len(self.entries))
         self.queue.add_listener(self._queued)
         self._poller = task.LoopingCall(self._poll)
@@ -126,17 +133,22 @@ class Relayer:
 
     # --- scheduling -------------------------------------------------------
 
+    def _push(self, env: Envelope) -> None:
+        heapq.heappush(self._due, (env.next_attempt, next(self._seq), env.id))
+
     def _queued(self, env: Envelope) -> None:
         if env.id not in self.entries:
             self.entries[env.id] = env
+            self._push(env)
             self._schedule()
 
     def flush(self) -> None:
         """Retry every queued message now."""
         now = self.reactor.seconds()
         for env in self.entries.values():
-            if env.id not in self._active:
+            if env.id not in self._active and env.next_attempt > now:
                 env.next_attempt = now
+                self._push(env)
         self._schedule()
 
     def _poll(self) -> defer.Deferred:
@@ -160,18 +172,25 @@ class Relayer:
         )
 
     def _schedule(self) -> None:
+        """Start every message that is due; wake up when the next one is."""
         if not self._running:
             return
         now = self.reactor.seconds()
-        for env in list(self.entries.values()):
-            if env.id not in self._active and env.next_attempt <= now:
-                self._start(env)
-        idle = [e.next_attempt for e in self.entries.values() if e.id not in self._active]
+        while self._due and self._due[0][0] <= now:
+            when, _, queue_id = heapq.heappop(self._due)
+            env = self.entries.get(queue_id)
+            # Entries left behind by a reschedule or a removal are skipped.
+            if env is None or queue_id in self._active or env.next_attempt != when:
+                continue
+            self._start(env)
+        if not self._due:
+            return
+        wake = self._due[0][0]
         if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= wake:
+                return
             self._timer.cancel()
-        self._timer = None
-        if idle:
-            self._timer = self.reactor.callLater(max(0.0, min(idle) - now), self._schedule)
+        self._timer = self.reactor.callLater(max(0.0, wake - now), self._schedule)
 
     def _start(self, env: Envelope) -> None:
         d = self._attempt(env)
@@ -179,6 +198,8 @@ class Relayer:
 
         def done(_: Any) -> None:
             self._active.pop(env.id, None)
+            if env.id in self.entries:
+                self._push(env)
             self._schedule()
 
         d.addErrback(lambda f: self.log.failure("{queue_id}: delivery attempt failed",
@@ -261,7 +282,7 @@ class Relayer:
                              "local")
             else:
                 self._record(env, r, RemoteReply(250, "2.0.0 delivered to mailbox"), "", "local")
-        yield self._save(env)
+        yield self._checkpoint(env, rcpts)
 
     def _tls_for(self, domain: str, hop: Hop) -> tuple[Any, bool]:
         """The STARTTLS context and whether TLS is required, by policy."""
@@ -299,7 +320,7 @@ class Relayer:
                 for r in rcpts:
                     self._record(env, r, reply, "", "none")
                     r.reply = e.text
-                yield self._save(env)
+                yield self._checkpoint(env, rcpts)
                 return
             result = yield self._try_hops(env, domain, hops, [r.address for r in rcpts])
             by_addr = {r.address: r for r in rcpts}
@@ -309,7 +330,18 @@ class Relayer:
                 self._record(env, r, reply, remote, str(result.hop))
         finally:
             sem.release()
-        yield self._save(env)
+        yield self._checkpoint(env, rcpts)
+
+    def _checkpoint(self, env: Envelope, rcpts: Sequence[Recipient]) -> defer.Deferred:
+        """
+        After one session: if some of its recipients are now done while others
+        of the message are still pending, record it durably, so that a restart
+        never sends to them again. Otherwise the end of the round (a rewrite,
+        or the DSN then the removal) is the record.
+        """
+        if env.pending() and any(r.state != PENDING for r in rcpts):
+            return self._save(env)
+        return defer.succeed(None)
 
     @defer.inlineCallbacks
     def _try_hops(self, env: Envelope, domain: str, hops: Sequence[Hop], addrs: list[str]):
@@ -321,7 +353,8 @@ class Relayer:
             for hop in hops:
                 context, required = self._tls_for(domain, hop)
                 for ctx in (context, None):
-                    yield self._in_pool(f.seek, 0)
+                    if result is not None:
+                        yield self._in_pool(f.seek, 0)
                     result = yield self._session(env, hop, addrs, f, ctx, required, domain)
                     # Opportunistic TLS whose handshake failed: try once more in plain text.
                     if not (result.tls_failed and ctx is not None and not required):
@@ -329,7 +362,7 @@ class Relayer:
                 if not self._running or (result is not None and not result.before_transaction):
                     break
         finally:
-            yield self._in_pool(f.close)
+            f.close()  # a read-only file: nothing to flush, does not block
         assert result is not None
         return result
 
@@ -392,7 +425,7 @@ class Relayer:
         if pending:
             yield self._save(env)
         else:
-            yield self._lock(env).run(self.queue.remove, env.id)
+            yield self._lock(env).run(self.queue.remove, env.id, False)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)
             self.log.info("{queue_id}: removed", queue_id=env.id)
