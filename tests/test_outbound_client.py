@@ -123,3 +123,14 @@ def test_timeout_is_temporary():
     s.reactor.advance(client.COMMAND_TIMEOUT + 1)
     (r,) = results
     assert r.replies["a@r.test"].status == "4.4.2"
+
+
+def test_failed_starttls_is_marked_for_a_plain_text_retry():
+    s, p, t, results = _session()
+    s.tls_context = p.context = object()  # offered and wanted, but this transport cannot do TLS
+    _feed(p, t, b"220 hi")
+    assert _feed(p, t, b"250-hi", b"250 STARTTLS") == b"STARTTLS\r\n"
+    _feed(p, t, b"220 go ahead")
+    (r,) = results
+    assert r.tls_failed and r.before_transaction
+    assert not r.replies["a@r.test"].permanent

@@ -291,6 +291,8 @@ class RelayClient(smtp.ESMTPClient):
                 and reply.permanent:
             # A refused login is our configuration's fault: retry, do not bounce.
             reply = RemoteReply(0, f"4.7.0 {str(reply)}", "AUTH")
+        if isinstance(exc, smtp.TLSError) or stage == STARTTLS:
+            self.result.tls_failed = True
         for addr in self.session.recipients:
             self.result.replies.setdefault(addr, reply)
         self.session.finish(self.result)

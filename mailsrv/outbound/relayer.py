@@ -237,10 +237,13 @@ class Relayer:
 
     def _save(self, env: Envelope) -> defer.Deferred:
         """Rewrite the envelope durably, one write at a time per message."""
-        return self._lock(env).run(self.queue.save, env)
+        return self._lock(env).run(self._in_pool, self.queue.store.save_envelope, env)
 
     def _in_pool(self, f: Any, *args: Any) -> defer.Deferred:
-        if self.pool is None:  # tests on a fake clock: run in line
+        if self.pool is None or not self._running:
+            # A fake clock in tests; or shutting down, when the thread pool
+            # stops beside us: the results of the last sessions are still
+            # written, blocking the reactor briefly.
             return defer.maybeDeferred(f, *args)
         return deferToThreadPool(self.reactor, self.pool, f, *args)
 
@@ -425,7 +428,7 @@ class Relayer:
         if pending:
             yield self._save(env)
         else:
-            yield self._lock(env).run(self.queue.remove, env.id, False)
+            yield self._lock(env).run(self._in_pool, self.queue.store.remove, env.id, False)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)
             self.log.info("{queue_id}: removed", queue_id=env.id)
