@@ -211,8 +211,29 @@ def section_bytes(
     if rng is None:
         return None, None
     if sec.text.startswith("HEADER."):
-        with folder.open_message(uid) as f:
-            f.seek(rng[0])
-            block = f.read(rng[1] - rng[0])
+        block = read_range(folder, uid, rng[0], rng[1])
         return mime.select_fields(block, list(sec.fields), sec.text.endswith(".NOT")), None
     return None, rng
+
+
+def skip(f: Any, n: int) -> None:
+    """Move a message file forward C{n} octets (it may not be seekable)."""
+    try:
+        if f.seekable():
+            f.seek(n, 1)
+            return
+    except (OSError, AttributeError, ValueError):
+        pass
+    while n > 0:
+        chunk = f.read(min(n, 1 << 20))
+        if not chunk:
+            return
+        n -= len(chunk)
+
+
+def read_range(folder: Any, uid: int, start: int, end: int) -> bytes:
+    """Octets C{start} to C{end} of a message, padded with spaces if it is short."""
+    with folder.open_message(uid) as f:
+        skip(f, start)
+        data = f.read(end - start)
+    return data.ljust(end - start, b" ")

@@ -181,7 +181,6 @@ class Part:
     children: list[Part] = field(default_factory=list)
     message: Part | None = None  # the encapsulated message of message/rfc822
     envelope: bytes = b""  # ENVELOPE of a message (top level or message/rfc822)
-    recount: bool = False  # lines still to be counted (a multipart without parts)
 
     @property
     def size(self) -> int:
@@ -194,21 +193,28 @@ class _Lines:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self.pos = 0
+        self.count = 0  # lines read
         self._back: tuple[int, bytes] | None = None
 
     def next(self) -> tuple[int, bytes]:
         if self._back is not None:
             item, self._back = self._back, None
             self.pos = item[0] + len(item[1])
+            if item[1]:
+                self.count += 1
             return item
         start = self.pos
         line = self._f.readline(_MAX_LINE)
         self.pos += len(line)
+        if line:
+            self.count += 1
         return start, line
 
     def push(self, item: tuple[int, bytes]) -> None:
         self._back = item
         self.pos = item[0]
+        if item[1]:
+            self.count -= 1
 
 
 def _delimiter(line: bytes, boundaries: list[bytes]) -> bytes | None:
@@ -245,6 +251,7 @@ def _parse_entity(r: _Lines, boundaries: list[bytes], default: bytes, depth: int
         if line in (b"\r\n", b"\n"):
             break
     part.body_start = r.pos
+    first_body_line = r.count
     h = part.headers = header_values(bytes(header))
     ctype, params = parse_params(h.get(b"content-type", default))
     if b"/" not in ctype:
@@ -257,7 +264,8 @@ def _parse_entity(r: _Lines, boundaries: list[bytes], default: bytes, depth: int
     if part.mtype == b"multipart" and boundary and depth < 50:
         _parse_multipart(r, part, boundaries, boundary, depth)
         if not part.children:  # no parts at all: serve it as text
-            part.mtype, part.subtype, part.recount = b"text", b"plain", True
+            part.mtype, part.subtype = b"text", b"plain"
+            part.lines = r.count - first_body_line
         return part
     elif (
         part.mtype == b"message"
@@ -269,6 +277,7 @@ def _parse_entity(r: _Lines, boundaries: list[bytes], default: bytes, depth: int
         inner.envelope = _envelope_from_values(inner.headers)
         part.message = inner
         part.body_end = inner.body_end
+        part.lines = r.count - first_body_line
         return part
     _parse_leaf(r, part, boundaries)
     return part
@@ -365,33 +374,11 @@ def _parse_multipart(
 
 
 def scan(f: BinaryIO) -> Part:
-    """Scan a message (CRLF line ends) from C{f} and return its top-level L{Part}."""
+    """Scan a message (CRLF line ends) from C{f}, read once from the start; return its L{Part}."""
     r = _Lines(f)
     root = _parse_entity(r, [], b"text/plain", 0)
     root.envelope = _envelope_from_values(root.headers)
-    _fix_lines(root, f)
     return root
-
-
-def _fix_lines(part: Part, f: BinaryIO) -> None:
-    """Finish line counts: message/rfc822 counts include the encapsulated header."""
-    if part.recount:
-        f.seek(part.body_start)
-        left, part.lines = part.size, 0
-        while left > 0:
-            chunk = f.read(min(left, 1 << 20))
-            if not chunk:
-                break
-            left -= len(chunk)
-            part.lines += chunk.count(b"\n")
-    if part.message is not None:
-        inner = part.message
-        f.seek(inner.header_start)
-        header = f.read(inner.body_start - inner.header_start)
-        part.lines = header.count(b"\n") + inner.lines
-        _fix_lines(inner, f)
-    for c in part.children:
-        _fix_lines(c, f)
 
 
 # --- BODY / BODYSTRUCTURE ----------------------------------------------------

@@ -41,7 +41,9 @@ from mailsrv.imap.fetch import (
     Stream,
     internal_date,
     parse_fetch,
+    read_range,
     section_bytes,
+    skip,
 )
 from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs, parse, tokenize
 from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
@@ -344,10 +346,7 @@ def _prepare_batch(
                     elif data is not None:
                         fields.append(label + b" {%d}\r\n" % len(data) + data)
                     elif rng[1] - rng[0] < STREAM_AT:
-                        with folder.open_message(info.uid) as f:
-                            f.seek(rng[0])
-                            data = f.read(rng[1] - rng[0])
-                        data = data.ljust(rng[1] - rng[0], b" ")
+                        data = read_range(folder, info.uid, rng[0], rng[1])
                         fields.append(label + b" {%d}\r\n" % len(data) + data)
                     else:
                         fields.append(label + b" {%d}\r\n" % (rng[1] - rng[0]))
@@ -1212,7 +1211,15 @@ class IMAPServer(imap4.IMAP4Server):
                 yield mbox.folder.set_flags(changes)
                 mbox.reload()
                 seen_now = set(changes)
-        missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)
+        try:
+            missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)
+        except Exception:
+            # Part of a response may be on the wire: the session cannot go on.
+            self.log.failure("FETCH failed mid-response; closing the connection")
+            if not self._lost:
+                self.sendLine(b"* BYE Internal error")
+                self.transport.loseConnection()
+            return
         if self._lost:
             return
         if missing:
@@ -1312,7 +1319,7 @@ class IMAPServer(imap4.IMAP4Server):
             f = None
         try:
             if f is not None:
-                yield self._run(f.seek, s.start)
+                yield self._run(skip, f, s.start)
             while left > 0 and f is not None:
                 chunk = yield self._run(f.read, min(left, 256 * 1024))
                 if not chunk or self._lost:

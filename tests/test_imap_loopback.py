@@ -1,0 +1,272 @@
+"""
+End-to-end IMAP: Python's imaplib (in a thread) against the server on the
+trial reactor over real loopback, on the mbox store; and, when installed,
+mbsync against a real twistd.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import mailbox
+import os
+import re
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+
+from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+from twisted.cred.portal import Portal
+from twisted.internet import defer, task, threads
+from twisted.mail import imap4
+from twisted.python.threadpool import ThreadPool
+from twisted.trial import unittest
+
+from mailsrv.auth.realm import MailRealm
+from mailsrv.imap.server import IMAPServerFactory, account_factory
+from mailsrv.spool import BytesSource
+from mailsrv.store.mbox import MboxMailStore
+from tests.test_imap_harness import PASSWORD, USER, make_config
+
+MESSAGE = (
+    b"From: Ann <ann@example.test>\nTo: alice@example.test\nSubject: loopback %d\n"
+    b"Date: Mon, 1 Jan 2024 10:00:00 +0000\n\nFrom the start of a line\nbody %d\n"
+)
+
+
+class ImaplibLoopbackTest(unittest.TestCase):
+    """imaplib against the server on 127.0.0.1, mbox store on disk."""
+
+    timeout = 60
+
+    def setUp(self) -> None:
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.tmp = Path(tempfile.mkdtemp(prefix="imaptest-"))
+        self.addCleanup(shutil.rmtree, self.tmp, True)
+        self.pool = ThreadPool(minthreads=1, maxthreads=4, name="imap-test")
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
+        self.config = make_config(self.tmp)
+        self.store = MboxMailStore(self.config.mail_dir, self.config.index_dir, reactor, self.pool)
+
+        def run(f, *a, **kw):
+            return threads.deferToThreadPool(reactor, self.pool, f, *a, **kw)
+
+        realm = MailRealm()
+        realm.register(imap4.IAccount, account_factory(self.config, self.store, run))
+        portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD})])
+        self.factory = IMAPServerFactory(
+            config=self.config, store=self.store, portal=portal, reactor=reactor, run=run
+        )
+        self.protocols: list = []
+        build = self.factory.buildProtocol
+
+        def tracked(addr):
+            p = build(addr)
+            self.protocols.append(p)
+            return p
+
+        self.factory.buildProtocol = tracked
+        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
+    @defer.inlineCallbacks
+    def _settle(self):
+        """Wait until every server connection has seen its client go."""
+        for _ in range(400):
+            if all(p._lost for p in self.protocols):
+                break
+            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        # let the store finish closing folders
+        yield task.deferLater(self.reactor, 0.05, lambda: None)
+
+    @defer.inlineCallbacks
+    def _deliver(self, n: int) -> defer.Deferred:
+        for i in range(n):
+            yield self.store.deliver(USER, BytesSource(MESSAGE % (i, i)), "ann@example.test")
+
+    @defer.inlineCallbacks
+    def test_imaplib_session(self):
+        yield self._deliver(3)
+        port = self.port.getHost().port
+
+        def client() -> dict:
+            seen: dict = {}
+            m = imaplib.IMAP4("127.0.0.1", port)
+            try:
+                m.login(USER, PASSWORD.decode())
+                typ, data = m.select("INBOX")
+                assert typ == "OK" and data == [b"3"], data
+                typ, data = m.uid("FETCH", "1:*", "(FLAGS RFC822.SIZE ENVELOPE)")
+                assert typ == "OK" and len([d for d in data if isinstance(d, bytes)]) == 3, data
+                typ, data = m.uid("FETCH", "2", "(RFC822.SIZE BODY.PEEK[])")
+                size = int(re.search(rb"RFC822.SIZE (\d+)", data[0][0]).group(1))
+                body = data[0][1]
+                assert len(body) == size, (len(body), size)
+                assert body == (MESSAGE % (1, 1)).replace(b"\n", b"\r\n")
+                typ, data = m.search(None, "SUBJECT", '"loopback 2"')
+                assert data == [b"3"], data
+                m.store("1", "+FLAGS", "(\\Seen \\Flagged)")
+                typ, data = m.append("Sent", "(\\Seen)", None, b"Subject: sent\r\n\r\nhi\r\n")
+                assert typ == "OK" and b"APPENDUID" in data[0], data
+                typ, data = m.uid("COPY", "1:2", "Archive")
+                assert typ == "OK", data
+                typ, data = m.uid("MOVE", "3", "Trash")
+                assert typ == "OK", data
+                m.create("Projects/2024")
+                typ, data = m.list()
+                seen["list"] = data
+                m.store("1", "+FLAGS", "(\\Deleted)")
+                typ, data = m.expunge()
+                seen["expunge"] = data
+                typ, data = m.status("Archive", "(MESSAGES UIDNEXT)")
+                seen["status"] = data
+                m.close()
+            finally:
+                m.logout()
+            return seen
+
+        seen = yield threads.deferToThread(client)
+        yield self._settle()
+        names = b"\n".join(seen["list"])
+        for name in (b"INBOX", b"Sent", b"Trash", b"Archive", b"Projects/2024"):
+            self.assertIn(b'"/" ' + name, names)
+        self.assertEqual(seen["expunge"], [b"3", b"1"])  # MOVE's EXPUNGE, then ours
+        self.assertEqual(seen["status"], [b"Archive (MESSAGES 2 UIDNEXT 3)"])
+        # What is on disk is valid mbox, readable by Python's mailbox module.
+        base = self.config.mail_dir / "example.test" / "alice"
+        inbox = mailbox.mbox(str(base / "INBOX"), create=False)
+        self.assertEqual([m["Subject"] for m in inbox], ["loopback 1"])
+        archive = mailbox.mbox(str(base / "Archive"), create=False)
+        subjects = [m["Subject"] for m in archive]
+        self.assertEqual(subjects, ["loopback 0", "loopback 1"])
+        self.assertIn(b"From the start of a line", archive.get_bytes(0))
+        trash = mailbox.mbox(str(base / "Trash"), create=False)
+        self.assertEqual([m["Subject"] for m in trash], ["loopback 2"])
+
+    @defer.inlineCallbacks
+    def test_idle_sees_delivery_and_big_fetch_streams(self):
+        big = b"Subject: big\n\n" + (b"x" * 75 + b"\n") * 40000  # ~3 MB
+        yield self.store.deliver(USER, BytesSource(big), "ann@example.test")
+        port = self.port.getHost().port
+        delivered = defer.Deferred()
+
+        def client() -> list:
+            m = imaplib.IMAP4("127.0.0.1", port)
+            try:
+                m.login(USER, PASSWORD.decode())
+                m.select("INBOX")
+                typ, data = m.fetch("1", "(BODY.PEEK[] BODYSTRUCTURE)")
+                assert len(data[0][1]) == len(big.replace(b"\n", b"\r\n")), len(data[0][1])
+                assert b'("TEXT" "PLAIN" NIL NIL NIL "7BIT"' in data[1] or b"40000" in data[0][0] + data[1]
+                tag = m._new_tag()
+                m.send(tag + b" IDLE\r\n")
+                assert m.readline().startswith(b"+")
+                self.reactor.callFromThread(delivered.callback, None)
+                line = m.readline()
+                m.send(b"DONE\r\n")
+                rest = m.readline()
+                return [line, rest]
+            finally:
+                m.logout()
+
+        d = threads.deferToThread(client)
+        yield delivered
+        yield self._deliver(1)
+        line, rest = yield d
+        yield self._settle()
+        self.assertEqual(line, b"* 2 EXISTS\r\n")
+        self.assertTrue(rest.startswith(b"* 1 RECENT") or b"OK IDLE" in rest, rest)
+
+
+MBSYNCRC = """\
+IMAPAccount test
+Host 127.0.0.1
+Port {port}
+User {user}
+Pass {password}
+SSLType None
+AuthMechs LOGIN
+
+IMAPStore remote
+Account test
+
+MaildirStore local
+Path {local}/
+Inbox {local}/INBOX
+SubFolders Verbatim
+
+Channel sync
+Far :remote:
+Near :local:
+Patterns *
+Create Both
+Expunge Both
+SyncState *
+"""
+
+
+class MbsyncTest(unittest.TestCase):
+    """mbsync (isync) two-way sync of a folder tree against a real twistd."""
+
+    def setUp(self) -> None:
+        if shutil.which("mbsync") is None:
+            raise unittest.SkipTest("mbsync is not installed")
+
+    def test_two_way_sync(self):
+        from tests.e2e import PASSWORD as E2E_PASSWORD
+        from tests.e2e import MailServer
+
+        base = Path(tempfile.mkdtemp(prefix="mbsync-"))
+        self.addCleanup(shutil.rmtree, base, True)
+        server = MailServer(base)
+        server.start()
+        self.addCleanup(server.stop)
+        user = "carol@example.test"
+        server.add_user(user)
+        local = base / "maildir"
+        local.mkdir()
+        rc = base / "mbsyncrc"
+        rc.write_text(
+            MBSYNCRC.format(port=server.ports["imap"], user=user, password=E2E_PASSWORD, local=local)
+        )
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+        m.login(user, E2E_PASSWORD)
+        m.create("Lists/python")
+        for i in range(3):
+            m.append("INBOX", None, None, b"Subject: remote %d\r\n\r\nbody\r\n" % i)
+        m.append("Lists/python", "(\\Seen)", None, b"Subject: list mail\r\n\r\nbody\r\n")
+        m.logout()
+
+        def sync() -> str:
+            r = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True,
+                               timeout=120)
+            self.assertEqual(r.returncode, 0, r.stdout + r.stderr + server.output())
+            return r.stdout
+
+        sync()
+        self.assertEqual(len(os.listdir(local / "INBOX" / "cur")) + len(os.listdir(local / "INBOX" / "new")), 3)
+        self.assertTrue((local / "Lists" / "python").exists())
+        self.assertTrue((local / "Sent").exists())
+        # local changes: a new message in a new folder, one message deleted
+        newdir = local / "Local"
+        for sub in ("cur", "new", "tmp"):
+            (newdir / sub).mkdir(parents=True)
+        (newdir / "new" / "1.local").write_bytes(b"Subject: from local\n\nlocal body\n")
+        victim = sorted(os.listdir(local / "INBOX" / "cur") + os.listdir(local / "INBOX" / "new"))[0]
+        for sub in ("cur", "new"):
+            if (local / "INBOX" / sub / victim).exists():
+                (local / "INBOX" / sub / victim).unlink()
+        sync()
+        sync()  # a second run finds nothing to do and must still succeed
+        m = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
+        m.login(user, E2E_PASSWORD)
+        typ, data = m.select("Local")
+        self.assertEqual(data, [b"1"])
+        typ, data = m.select("INBOX")
+        self.assertEqual(data, [b"2"])
+        m.logout()
+        inbox = mailbox.mbox(str(server.inbox(user)), create=False)
+        self.assertEqual(len(inbox), 2)
