@@ -186,7 +186,7 @@ IMAPAccount test
 Host 127.0.0.1
 Port {port}
 User {user}
-Pass {password}
+Pass "{password}"
 SSLType None
 AuthMechs LOGIN
 
