@@ -310,3 +310,42 @@ class SMTPLoopbackTests(unittest.TestCase):
             folder.close()
             self.assertTrue(data.endswith(b"\nSubject: big\n\n" + body))
         self.assertEqual(list((self.tmp / "tmp").glob("*")), [])
+
+    @defer.inlineCallbacks
+    def test_a_client_that_does_not_read_is_not_buffered_without_bound(self):
+        from twisted.internet import task
+
+        ctx = make_context(self.tmp, reactor=self.reactor)
+        factory, port = self.listen(ctx)
+        count = 200_000  # 1.2 MB of commands, 3.4 MB of replies
+
+        class Flooder(protocol.Protocol):
+            received = b""
+
+            def connectionMade(self):
+                self.transport.pauseProducing()  # read nothing for now
+                self.transport.write(b"NOOP\r\n" * count + b"QUIT\r\n")
+
+            def dataReceived(self, data):
+                self.received += data
+
+            def connectionLost(self, reason):
+                self.done.callback(None)
+
+        client = Flooder()
+        client.done = defer.Deferred()
+        yield protocol.ClientCreator(self.reactor, lambda: client).connectTCP("127.0.0.1", port)
+        for _ in range(200):
+            if factory.sessions and factory.sessions[0]._paused_transport:
+                break
+            yield task.deferLater(self.reactor, 0.02, lambda: None)
+        session = factory.sessions[0]
+        self.assertTrue(session._paused_transport)
+        self.assertTrue(session._write_blocked)
+        server_out = session.transport
+        buffered = len(server_out.dataBuffer) + server_out._tempDataLen
+        self.assertLess(buffered, 1_000_000)
+        client.transport.resumeProducing()
+        yield client.done
+        self.assertEqual(client.received.count(b"250 2.0.0 OK\r\n"), count)
+        self.assertTrue(client.received.endswith(b"221 2.0.0 Bye\r\n"))

@@ -795,3 +795,17 @@ def test_starttls_after_a_loopback_login_forgets_the_login():
     s.cmd("EHLO c")
     assert s.codes("MAIL FROM:<alice@example.test>\r\n") == ["530 5.7.0"]
     assert s.codes(f"AUTH PLAIN {plain()}\r\n") == ["235 2.7.0"]
+
+
+def test_a_client_that_does_not_read_replies_stops_being_read():
+    s = mx()
+    assert s.transport.producer is s.proto
+    s.proto.pauseProducing()  # what the transport does when its write buffer is full
+    assert s.transport.producerState == "producing"
+    assert s.send(b"NOOP\r\n" * 1000) == []
+    assert s.transport.producerState == "producing"
+    assert s.send(b"NOOP\r\n" * 20000) == []
+    assert s.transport.producerState == "paused"  # 126 kB unread: stop reading
+    s.proto.resumeProducing()
+    assert s.transport.producerState == "producing"
+    assert s.codes(b"") == ["250 2.0.0"] * 21000

@@ -110,6 +110,7 @@ class SMTPServer(smtp.ESMTP):
         self._draining = False
         self._waiting = False
         self._paused_transport = False
+        self._write_blocked = False
         self._lost = False
         self._errors = 0
         self._client_ip = "unknown"
@@ -137,6 +138,8 @@ class SMTPServer(smtp.ESMTP):
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
+        # Stop reading while the client does not read our replies.
+        self.transport.registerProducer(self, True)
         super().connectionMade()  # 220 greeting, idle timer
         self.canStartTLS = self.canStartTLS and not self.implicit_tls
 
@@ -183,7 +186,7 @@ class SMTPServer(smtp.ESMTP):
     def _drain(self) -> None:
         self._draining = True
         try:
-            while not self._waiting and not self.transport.disconnecting:
+            while not (self._waiting or self._write_blocked or self.transport.disconnecting):
                 if self.mode == DATA and self._data_block():
                     continue
                 end = self._buffer.find(b"\r\n", self._pos)
@@ -203,12 +206,37 @@ class SMTPServer(smtp.ESMTP):
                     self._line_too_long()
                 else:
                     self._line(line)
-            if self._waiting and len(self._buffer) - self._pos > MAX_PENDING:
-                if not self._paused_transport:
-                    self._paused_transport = True
-                    self.transport.pauseProducing()
         finally:
             self._draining = False
+        self._update_reading()
+
+    def _update_reading(self) -> None:
+        """Read from the socket only while there is room for what it brings."""
+        pending = len(self._buffer) - self._pos
+        # Not at once when writes block: a TLS layer still has to read its
+        # handshake before it sends what it holds.
+        pause = pending > MAX_PENDING and (self._waiting or self._write_blocked)
+        if pause != self._paused_transport and not self._lost:
+            self._paused_transport = pause
+            if pause:
+                self.transport.pauseProducing()
+            else:
+                self.transport.resumeProducing()
+
+    # IPushProducer, for the transport: our replies fill / leave its buffer
+
+    def pauseProducing(self) -> None:
+        self._write_blocked = True
+        self._update_reading()
+
+    def resumeProducing(self) -> None:
+        self._write_blocked = False
+        self._update_reading()
+        if not self._draining and not self._lost:
+            self._drain()
+
+    def stopProducing(self) -> None:
+        pass
 
     def _data_block(self) -> bool:
         """
@@ -274,9 +302,6 @@ class SMTPServer(smtp.ESMTP):
                 return
             if not self.transport.disconnecting:
                 self.setTimeout(self.timeout)
-            if self._paused_transport:
-                self._paused_transport = False
-                self.transport.resumeProducing()
             if not self._draining:
                 self._drain()
 
