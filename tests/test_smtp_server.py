@@ -809,3 +809,22 @@ def test_a_client_that_does_not_read_replies_stops_being_read():
     s.proto.resumeProducing()
     assert s.transport.producerState == "producing"
     assert s.codes(b"") == ["250 2.0.0"] * 21000
+
+
+def test_a_client_that_reads_nothing_is_aborted_at_the_timeout():
+    ctx = make_context(timeout=60)
+    s = Session(ctx)
+    s.proto.pauseProducing()  # its replies pile up unread
+    ctx.reactor.advance(61)
+    assert s.take() == []
+    assert s.transport.disconnecting
+
+
+def test_after_421_a_stuck_client_is_aborted_at_the_timeout():
+    ctx = make_context(timeout=60, max_errors=1)
+    s = Session(ctx)
+    assert s.codes("bad\r\n") == ["500 5.5.2", "421 4.7.0"]
+    aborted = []
+    s.transport.abortConnection = lambda: aborted.append(True)
+    ctx.reactor.advance(61)
+    assert aborted == [True]

@@ -155,6 +155,11 @@ class SMTPServer(smtp.ESMTP):
         self._do_logout()
 
     def timeoutConnection(self) -> None:
+        if self.transport.disconnecting or self._write_blocked:
+            # The client reads nothing, not even our goodbye: drop it.
+            self.log.info("client {client} stopped reading, dropping", client=self._client_ip)
+            self.transport.abortConnection()
+            return
         self._reply(replies.TIMEOUT)  # RFC 5321 4.5.3.2.7
         self.log.info("timeout, closing connection from {client}", client=self._client_ip)
         self.transport.loseConnection()
