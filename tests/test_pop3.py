@@ -209,7 +209,7 @@ def test_wrong_user_and_wrong_password_same_answer_after_delay(ctx):
         ctx.reactor.advance(0.01)
         answers.append(s.take())
         s.close()
-    assert answers == [b"-ERR [AUTH] Authentication failed.\r\n+OK\r\n"] * 3
+    assert answers == [b"-ERR [AUTH] Authentication failed\r\n+OK\r\n"] * 3
 
 
 def test_throttle_after_repeated_failures(ctx):
@@ -219,7 +219,7 @@ def test_throttle_after_repeated_failures(ctx):
         s.cmd(f"USER {ALICE}")
         s.cmd("PASS nope")
         ctx.reactor.advance(2)
-        assert s.take() == b"-ERR [AUTH] Authentication failed.\r\n"
+        assert s.take() == b"-ERR [AUTH] Authentication failed\r\n"
     calls = ctx.threadpool.calls
     s.cmd(f"USER {ALICE}")
     s.cmd(f"PASS {PASSWORD}")
@@ -244,7 +244,7 @@ def test_auth_plain(ctx):
     # No logins as someone else: refused like a wrong password, after the delay.
     assert s.cmd("AUTH PLAIN " + plain("bob@example.test", ALICE, PASSWORD)) == b""
     ctx.reactor.advance(2)
-    assert s.take() == b"-ERR [AUTH] Authentication failed.\r\n"
+    assert s.take() == b"-ERR [AUTH] Authentication failed\r\n"
     assert s.cmd("AUTH PLAIN") == b"+ \r\n"
     assert s.cmd(plain("", ALICE, PASSWORD)) == b"+OK Logged in.\r\n"
     s.close()
@@ -257,7 +257,7 @@ def test_auth_plain(ctx):
     s.take()
     s.cmd("AUTH PLAIN " + plain("", ALICE, "bad"))
     ctx.reactor.advance(2)
-    assert s.take() == b"-ERR [AUTH] Authentication failed.\r\n"
+    assert s.take() == b"-ERR [AUTH] Authentication failed\r\n"
 
 
 def test_cleartext_refused_from_remote_without_tls(ctx):
@@ -265,7 +265,7 @@ def test_cleartext_refused_from_remote_without_tls(ctx):
     s.take()
     caps = lines(s.cmd("CAPA"))
     assert b"USER" not in caps and b"SASL PLAIN" not in caps and b"STLS" in caps
-    refusal = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections.\r\n"
+    refusal = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections\r\n"
     assert s.cmd(f"USER {ALICE}") == refusal
     assert s.cmd(f"PASS {PASSWORD}") == refusal
     assert s.cmd("AUTH PLAIN " + plain("", ALICE, PASSWORD)) == refusal
@@ -485,7 +485,7 @@ def test_pipelined_lines_wait_for_a_login_in_order(ctx):
             "STAT\r\n").encode()
     assert s.send(data) == b"+OK\r\n"
     ctx.reactor.advance(2)
-    assert s.take() == (b"-ERR [AUTH] Authentication failed.\r\n+ \r\n+OK Logged in.\r\n"
+    assert s.take() == (b"-ERR [AUTH] Authentication failed\r\n+ \r\n+OK Logged in.\r\n"
                         b"+OK 2 %d\r\n" % (len(crlf(MSG1)) + len(crlf(MSG2))))
 
 
@@ -494,7 +494,7 @@ def test_stls_behind_a_login_drops_what_followed_it(ctx):
     s.take()
     s.send(f"USER {ALICE}\r\nPASS wrong\r\nSTLS\r\nUSER evil@example.test\r\nNOOP\r\n".encode())
     ctx.reactor.advance(2)
-    assert s.take() == b"-ERR [AUTH] Authentication failed.\r\n+OK Begin TLS negotiation now.\r\n"
+    assert s.take() == b"-ERR [AUTH] Authentication failed\r\n+OK Begin TLS negotiation now.\r\n"
     assert s.proto._userIs is None
     assert s.cmd("NOOP") == b"+OK\r\n"
 
