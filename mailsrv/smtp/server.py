@@ -702,6 +702,9 @@ class SMTPServer(smtp.ESMTP):
 
     def _logged_in(self, result: tuple[Any, Any, Any]) -> None:
         _, avatar, logout = result
+        if self._lost:
+            logout()
+            return
         user = getattr(avatar, "user", None)
         self._delivery = avatar
         self._user = user
