@@ -6,6 +6,7 @@ server on the real reactor, in clear text, after STLS and over implicit TLS.
 from __future__ import annotations
 
 import poplib
+import shutil
 import ssl
 import tempfile
 import time
@@ -37,6 +38,7 @@ class POP3LoopbackTests(unittest.TestCase):
 
         self.reactor = reactor
         self.tmp = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.tmp, True)
         self.ctx = make_ctx(self.tmp, cleartext="never")
         self.ctx.reactor = reactor
         self.pool = ThreadPool(1, 4, name="test-pop3-disk")
