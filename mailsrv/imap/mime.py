@@ -18,6 +18,7 @@ from typing import BinaryIO
 # RFC 3501 9: atom-specials that force a quoted string.
 _ATOM_SAFE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|}~]+$")
 _MAX_LINE = 64 * 1024
+_LITERAL_ONLY = re.compile(rb"[\r\n\0\x7f-\xff]")
 
 
 # --- IMAP string output ------------------------------------------------------
@@ -29,9 +30,11 @@ def nstring(value: bytes | str | None) -> bytes:
         return b"NIL"
     if isinstance(value, str):
         value = value.encode("utf-8", "surrogateescape")
-    if b"\r" in value or b"\n" in value or b"\0" in value or any(c > 126 for c in value):
+    if _LITERAL_ONLY.search(value):
         return b"{%d}\r\n%s" % (len(value), value)
-    return b'"' + value.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'
+    if b"\\" in value or b'"' in value:
+        value = value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
+    return b'"' + value + b'"'
 
 
 def astring(value: bytes | str) -> bytes:
@@ -66,13 +69,22 @@ def split_header_fields(block: bytes) -> list[tuple[bytes, bytes]]:
     return out
 
 
+_FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
+
+
 def header_values(block: bytes) -> dict[bytes, bytes]:
     """The first value of each field, unfolded and stripped, keyed by lower-case name."""
+    end = block.find(b"\n\r\n")
+    if end < 0:
+        end = block.find(b"\n\n")
+    if end >= 0:
+        block = block[: end + 1]
     out: dict[bytes, bytes] = {}
-    for name, raw in split_header_fields(block):
-        if name and name not in out:
-            value = raw.split(b":", 1)[1]
-            out[name] = b" ".join(value.split()) if b"\n" in value.rstrip() else value.strip()
+    for m in _FIELD_RE.finditer(block):
+        name = m.group(1).lower()
+        if name not in out:
+            value = m.group(2)
+            out[name] = b" ".join(value.split()) if b"\n" in value else value.strip()
     return out
 
 
@@ -87,12 +99,44 @@ def _text(value: bytes) -> str:
     return value.decode("utf-8", "surrogateescape")
 
 
+_ITEM_RE = re.compile(r'(?:"[^"]*"|[^,"])+')
+_HARD = re.compile(r'[():;\\\[]')
+
+
+def _parse_addresses(text: str) -> list[tuple[str, str]]:
+    """
+    (name, address) pairs. The common shapes (``a@b``, ``Name <a@b>``,
+    ``"Name, Jr" <a@b>``, lists of them) are split here; anything with
+    comments, groups, routes or escapes goes to the stdlib parser.
+    """
+    if _HARD.search(text):
+        return email.utils.getaddresses([text])
+    out = []
+    for item in _ITEM_RE.findall(text):
+        lt = item.find("<")
+        if lt >= 0:
+            gt = item.find(">", lt)
+            if gt < 0:
+                return email.utils.getaddresses([text])
+            name = item[:lt].strip()
+            if name.startswith('"') and name.endswith('"') and len(name) > 1:
+                name = name[1:-1]
+            out.append((name, item[lt + 1 : gt].strip()))
+        else:
+            addr = item.strip()
+            if addr:
+                if '"' in addr or " " in addr:
+                    return email.utils.getaddresses([text])
+                out.append(("", addr))
+    return out
+
+
 def _address_list(value: bytes | None) -> bytes:
     """RFC 3501 7.4.2: a parenthesised list of (name adl mailbox host), or NIL."""
     if value is None:
         return b"NIL"
     try:
-        pairs = email.utils.getaddresses([_text(value)])
+        pairs = _parse_addresses(_text(value))
     except Exception:
         return b"NIL"
     items = []
@@ -114,9 +158,24 @@ def _address_list(value: bytes | None) -> bytes:
     return b"(" + b"".join(items) + b")" if items else b"NIL"
 
 
+_ENVELOPE_FIELDS_RE = re.compile(
+    rb"^(date|subject|from|sender|reply-to|to|cc|bcc|in-reply-to|message-id)[ \t]*:"
+    rb"(.*(?:\r?\n[ \t].*)*)",
+    re.M | re.I,
+)
+
+
 def envelope(block: bytes) -> bytes:
     """The ENVELOPE structure for a header block (RFC 3501 7.4.2)."""
-    return _envelope_from_values(header_values(block))
+    end = block.find(b"\n\r\n")
+    if end >= 0:
+        block = block[: end + 1]
+    h: dict[bytes, bytes] = {}
+    for name, value in _ENVELOPE_FIELDS_RE.findall(block):
+        name = name.lower()
+        if name not in h:
+            h[name] = b" ".join(value.split()) if b"\n" in value else value.strip()
+    return _envelope_from_values(h)
 
 
 def parse_params(value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:

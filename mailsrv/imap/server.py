@@ -1237,6 +1237,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.transport.registerProducer(flow, True)
         missing = 0
         key = (self._user, mbox.folder.name, mbox.folder.uid_validity)
+        pending: Any = None
         try:
             if not req.needs_disk:
                 for start in range(0, len(seqs), 2000):
@@ -1256,17 +1257,25 @@ class IMAPServer(imap4.IMAP4Server):
                 return missing
             need_structure = req.needs_structure
             batch = 200 if need_structure or req.sections else 500
-            for start in range(0, len(seqs), batch):
+            its = items
+            if seen_now and "FLAGS" not in items:
+                its = items + ["FLAGS"]
+
+            def submit(start: int) -> tuple[list[Any], defer.Deferred]:
                 job = []
                 for seq in seqs[start : start + batch]:
                     info = mbox.infos[seq - 1]
                     env = factory.envelopes.get(key + (info.uid,))
                     root = factory.structures.get(key + (info.uid,)) if need_structure else None
                     job.append((seq, info, _flag_list(mbox.flags_of(info)), env, root))
-                its = items
-                if seen_now and "FLAGS" not in items:
-                    its = items + ["FLAGS"]
-                results = yield self._run(_prepare_batch, mbox.folder, job, its, need_structure)
+                return job, self._run(_prepare_batch, mbox.folder, job, its, need_structure)
+
+            # The next batch is read while this one is written.
+            pending = submit(0) if seqs else None
+            for start in range(0, len(seqs), batch):
+                job, d = pending
+                results = yield d
+                pending = submit(start + batch) if start + batch < len(seqs) else None
                 if self._lost:
                     return missing
                 buf: list[bytes] = []
@@ -1294,6 +1303,8 @@ class IMAPServer(imap4.IMAP4Server):
                     return missing
             return missing
         finally:
+            if pending is not None:
+                pending[1].addErrback(lambda _: None)  # abandoned read-ahead
             if not self._lost:
                 self.transport.unregisterProducer()
 
