@@ -134,3 +134,38 @@ def test_failed_starttls_is_marked_for_a_plain_text_retry():
     (r,) = results
     assert r.tls_failed and r.before_transaction
     assert not r.replies["a@r.test"].permanent
+
+
+def test_connection_kept_for_the_next_message_then_closed_when_idle():
+    cache = client.ConnectionCache(idle_time=2.0)
+    s, p, t, results = _session(recipients=("a@r.test",))
+    s.cache, p.cache = cache, cache
+    cache.key_for(p, "k")
+    t.connected = True
+    _feed(p, t, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"354 go")
+    assert _feed(p, t, b"250 2.0.0 queued") == b"RSET\r\n"
+    assert results[0].replies["a@r.test"].accepted
+    _feed(p, t, b"250 2.0.0 reset")
+    assert cache.take("other") is None
+    kept = cache.take("k")
+    assert kept is p
+
+    second = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
+                     sender="bob@example.test", recipients=["c@r.test"],
+                     message=io.BytesIO(b"\n"), cache=cache, cache_key="k")
+    got = []
+    second.run_on(kept).addCallback(got.append)
+    assert t.value() == b"MAIL FROM:<bob@example.test>\r\n"
+    t.clear()
+    # The server had closed it meanwhile: a stale connection, to retry on a new one.
+    p.connectionLost(Failure(ConnectionError("reset")))
+    assert got[0].stale_connection
+
+    s3, p3, t3, _ = _session(recipients=("a@r.test",))
+    s3.cache, p3.cache = cache, cache
+    cache.key_for(p3, "k")
+    _feed(p3, t3, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"354 go", b"250 ok")
+    _feed(p3, t3, b"250 reset")
+    s3.reactor.advance(2.0)
+    assert t3.value() == b"QUIT\r\n"  # idle too long
+    assert cache.take("k") is None

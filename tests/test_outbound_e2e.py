@@ -391,6 +391,7 @@ retry_max = 1
         yield self.wait_empty()
         self.assertEqual(len(self.slow.messages), 6)
         self.assertEqual(self.slow.max_active, 2)
+        self.assertLess(self.slow.connections, 6)  # idle connections were reused
 
     @defer.inlineCallbacks
     def test_smarthost_refusing_our_login_defers(self):

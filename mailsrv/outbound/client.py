@@ -79,6 +79,13 @@ class SessionResult:
     stage: str = CONNECT
     tls: bool = False
     tls_failed: bool = False  # the TLS handshake failed (a plain-text retry may work)
+    reused: bool = False  # ran on a connection kept from an earlier message
+
+    @property
+    def stale_connection(self) -> bool:
+        """A kept connection that turned out to be closed: retry on a new one."""
+        return self.reused and self.stage == MAIL and all(
+            r.code == 0 for r in self.replies.values())
 
     @property
     def before_transaction(self) -> bool:
@@ -274,7 +281,45 @@ class RelayClient(smtp.ESMTPClient):
         self.toAddressesResult = []
         self._from = None
         self.session.finish(self.result)
+        if self.cache is not None and self.result.stage in (RCPT, DONE):
+            # Keep the connection for the next message to this destination
+            # (RFC 5321 4.1.1.5: RSET, then a new transaction).
+            self.sendLine(b"RSET")
+            self._expected = smtp.SUCCESS
+            self._okresponse = self._rset_done
+            self._failresponse = lambda code, resp: self._disconnectFromServer()
+        else:
+            self._disconnectFromServer()
+
+    # --- connection reuse ---------------------------------------------------
+
+    cache: ConnectionCache | None = None
+    _idle_call: Any = None
+
+    def _rset_done(self, code: int, resp: bytes) -> None:
+        assert self.cache is not None
+        self._idle_call = self.session.reactor.callLater(self.cache.idle_time, self.quit_idle)
+        self.cache.park(self)
+
+    def quit_idle(self) -> None:
+        """Close an idle connection (the cache's time is up, or we are stopping)."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        if self.cache is not None:
+            self.cache.forget(self)
         self._disconnectFromServer()
+
+    def start_transaction(self, session: Session) -> None:
+        """Run C{session}'s transaction on this idle connection."""
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        self._idle_call = None
+        session.protocol_instance = self
+        self.session = session
+        self.result = SessionResult(session.hop, stage=MAIL, tls=self._tlsMode, reused=True)
+        self._sent_from = False
+        self.smtpState_from(250, b"")
 
     def sendError(self, exc: Exception) -> None:
         code = getattr(exc, "code", -1)
@@ -300,6 +345,10 @@ class RelayClient(smtp.ESMTPClient):
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         super().connectionLost(reason)
+        if self._idle_call is not None and self._idle_call.active():
+            self._idle_call.cancel()
+        if self.cache is not None:
+            self.cache.forget(self)
         if self.session.finished:
             return
         stage = self.result.stage
@@ -325,7 +374,8 @@ class Session(protocol.ClientFactory):
     def __init__(self, *, reactor: Any, pool: Any, hop: Hop, helo: str, sender: str,
                  recipients: Sequence[str], message: Any, tls_context: Any = None,
                  require_tls: bool = False, username: str | None = None,
-                 password: str | None = None, timeout: float = COMMAND_TIMEOUT) -> None:
+                 password: str | None = None, timeout: float = COMMAND_TIMEOUT,
+                 cache: ConnectionCache | None = None, cache_key: Any = None) -> None:
         self.reactor = reactor
         self.pool = pool
         self.hop = hop
@@ -338,9 +388,16 @@ class Session(protocol.ClientFactory):
         self.username = username
         self.password = password
         self.timeout = timeout
+        self.cache = cache
+        self.cache_key = cache_key
         self.finished = False
         self.result: defer.Deferred = defer.Deferred()
         self.protocol_instance: RelayClient | None = None
+
+    def run_on(self, client: RelayClient) -> defer.Deferred:
+        """Run the transaction on an idle kept connection; fires with the L{SessionResult}."""
+        client.start_transaction(self)
+        return self.result
 
     def buildProtocol(self, addr: Any) -> RelayClient:
         p = RelayClient(
@@ -351,6 +408,9 @@ class Session(protocol.ClientFactory):
             None if self.username is None else self.username.encode(),
         )
         p.factory = self
+        p.cache = self.cache
+        if self.cache is not None:
+            self.cache.key_for(p, self.cache_key)
         p.timeout = self.timeout  # type: ignore[assignment]
         p.callLater = self.reactor.callLater  # type: ignore[method-assign]  # our clock
         self.protocol_instance = p
@@ -372,3 +432,51 @@ class Session(protocol.ClientFactory):
         """Connect and run the session; fires with the L{SessionResult}."""
         self.reactor.connectTCP(self.hop.address, self.hop.port, self, timeout=connect_timeout)
         return self.result
+
+
+class ConnectionCache:
+    """
+    Idle connections kept for a short while after a transaction, so that the
+    next message to the same destination skips connect, EHLO and STARTTLS
+    (like Postfix's connection cache, 2 s by default). Keyed by whatever the
+    caller says makes two sessions interchangeable (destination, address,
+    TLS policy, credentials).
+    """
+
+    def __init__(self, idle_time: float = 2.0, per_key: int = 5) -> None:
+        self.idle_time = idle_time
+        self.per_key = per_key
+        self._idle: dict[Any, list[RelayClient]] = {}
+        self._keys: dict[RelayClient, Any] = {}
+
+    def key_for(self, client: RelayClient, key: Any) -> None:
+        self._keys[client] = key
+
+    def park(self, client: RelayClient) -> None:
+        key = self._keys.get(client)
+        idle = self._idle.setdefault(key, [])
+        if key is None or len(idle) >= self.per_key:
+            client.quit_idle()
+            return
+        idle.append(client)
+
+    def take(self, key: Any) -> RelayClient | None:
+        """An idle connected client for C{key}, or None."""
+        idle = self._idle.get(key)
+        while idle:
+            client = idle.pop()
+            if client.transport is not None and getattr(client.transport, "connected", False):
+                return client
+        return None
+
+    def forget(self, client: RelayClient) -> None:
+        key = self._keys.pop(client, None)
+        idle = self._idle.get(key)
+        if idle and client in idle:
+            idle.remove(client)
+
+    def close_all(self) -> None:
+        for idle in list(self._idle.values()):
+            for client in list(idle):
+                client.quit_idle()
+        self._idle.clear()

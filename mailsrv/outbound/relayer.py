@@ -19,7 +19,7 @@ from twisted.logger import Logger
 
 from mailsrv.config import Config
 from mailsrv.outbound import dsn
-from mailsrv.outbound.client import RemoteReply, Session, SessionResult
+from mailsrv.outbound.client import ConnectionCache, RemoteReply, Session, SessionResult
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import Hop, MXResolver
 from mailsrv.outbound.queue import (
@@ -37,6 +37,7 @@ from mailsrv.spool import BytesSource
 RECIPIENTS_PER_SESSION = 50  # like Postfix's smtp_destination_recipient_limit
 SMARTHOST = "[smarthost]"
 STOP_GRACE = 5.0  # seconds stopService waits for attempts under way
+CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection is kept for the next message
 
 
 def recipient_domain(address: str) -> str:
@@ -83,6 +84,8 @@ class Relayer:
         self._poller: task.LoopingCall | None = None
         self._running = False
         self._may_context = ssl.CertificateOptions(verify=False)
+        self._connections = ConnectionCache(
+            CONNECTION_CACHE_TIME, config.relay.per_destination_concurrency)
 
     # --- life cycle -------------------------------------------------------
 
@@ -115,6 +118,7 @@ class Relayer:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
+        self._connections.close_all()
         for s in list(self._sessions):
             p = s.protocol_instance
             if p is not None and p.transport is not None:
@@ -359,6 +363,10 @@ class Relayer:
                     if result is not None:
                         yield self._in_pool(f.seek, 0)
                     result = yield self._session(env, hop, addrs, f, ctx, required, domain)
+                    if result.stale_connection:
+                        yield self._in_pool(f.seek, 0)
+                        result = yield self._session(env, hop, addrs, f, ctx, required, domain,
+                                                     reuse=False)
                     # Opportunistic TLS whose handshake failed: try once more in plain text.
                     if not (result.tls_failed and ctx is not None and not required):
                         break
@@ -370,9 +378,13 @@ class Relayer:
         return result
 
     def _session(self, env: Envelope, hop: Hop, addrs: list[str], f: Any, context: Any,
-                 required: bool, domain: str) -> defer.Deferred:
+                 required: bool, domain: str, reuse: bool = True) -> defer.Deferred:
         relay = self.config.relay
         smarthost = domain == SMARTHOST
+        # Sessions are interchangeable when they go to the same address for the
+        # same destination under the same TLS requirement.
+        key = (domain, hop.host, hop.address, hop.port, context is None, required)
+        kept = self._connections.take(key) if reuse else None
         s = Session(
             reactor=self.reactor,
             pool=self.pool,
@@ -385,9 +397,11 @@ class Relayer:
             require_tls=required,
             username=relay.smarthost_username if smarthost else None,
             password=relay.smarthost_password if smarthost else None,
+            cache=self._connections,
+            cache_key=key,
         )
         self._sessions.add(s)
-        d = s.connect(relay.connect_timeout)
+        d = s.run_on(kept) if kept is not None else s.connect(relay.connect_timeout)
 
         def done(result: SessionResult) -> SessionResult:
             self._sessions.discard(s)
