@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import poplib
 import shutil
+import socket
 import ssl
 import tempfile
 import time
@@ -24,6 +25,12 @@ from .test_pop3_support import ALICE, PASSWORD, deliver, make_ctx
 
 
 class _Watched(POP3Server):
+    def connectionMade(self):
+        super().connectionMade()
+        tcp = getattr(self.transport, "transport", None) or self.transport  # under TLS
+        sock = tcp.getHandle()
+        self.factory.nodelay.append(sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+
     def connectionLost(self, reason=None):
         super().connectionLost(reason)
         self.factory.lost.append(self)
@@ -59,6 +66,7 @@ class POP3LoopbackTests(unittest.TestCase):
         self.factory.protocol = _Watched
         self.factory.buildProtocol = self._build
         self.factory.lost, self.factory.waiting, self.built = [], [], 0
+        self.factory.nodelay = []
         self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
         self.addCleanup(self.port.stopListening)
         tls_factory = TLSMemoryBIOFactory(self.ctx.tls, False, self.factory)
@@ -119,9 +127,10 @@ class POP3LoopbackTests(unittest.TestCase):
 
         count, size, got, elapsed = yield self.in_client(client)
         self.assertEqual(count, n)
-        # Replies held back by Nagle's algorithm cost ~40 ms each (20 s here); a
-        # loose bound that a loaded machine still meets catches that.
+        # A loose floor that a loaded machine still meets (about 0.1 s when idle);
+        # replies held back by Nagle's algorithm would cost ~40 ms each (20 s).
         self.assertLess(elapsed, 8.0)
+        self.assertTrue(self.factory.nodelay and all(self.factory.nodelay))
         for i, (lines, octets) in enumerate(got):
             self.assertEqual(lines[0], b"Subject: %d" % i)
             self.assertEqual(lines[-1], b".leading dot")  # poplib un-stuffs
@@ -160,4 +169,6 @@ class POP3LoopbackTests(unittest.TestCase):
         self.assertTrue(refused.startswith(b"-ERR [AUTH] Plaintext authentication disallowed"))
         self.assertEqual(stat[0], 1)
         self.assertEqual(msg, [b"Subject: hi", b"", b"hello"])
+        self.assertEqual(len(self.factory.nodelay), 2)
+        self.assertTrue(all(self.factory.nodelay))  # pop3s too, under the TLS layer
         yield self.all_closed()
