@@ -39,7 +39,9 @@ class _Watched(POP3Server):
             d.callback(None)
 
 
-class POP3LoopbackTests(unittest.TestCase):
+class _Server(unittest.TestCase):
+    """A POP3 server on 127.0.0.1 (plain and implicit TLS) and a thread for poplib."""
+
     def setUp(self):
         from twisted.internet import reactor
 
@@ -91,6 +93,10 @@ class POP3LoopbackTests(unittest.TestCase):
             d = defer.Deferred()
             self.factory.waiting.append(d)
             yield d
+
+
+class POP3LoopbackTests(_Server):
+    """On the in-memory store."""
 
     def test_retr_many_and_quit_deletes(self):
         return self.retr_many_and_quit_deletes(use_tls=True)
@@ -171,4 +177,79 @@ class POP3LoopbackTests(unittest.TestCase):
         self.assertEqual(msg, [b"Subject: hi", b"", b"hello"])
         self.assertEqual(len(self.factory.nodelay), 2)
         self.assertTrue(all(self.factory.nodelay))  # pop3s too, under the TLS layer
+        yield self.all_closed()
+
+
+class POP3MboxTests(_Server):
+    """The same server on the real mbox store: what QUIT leaves on disk."""
+
+    def setUp(self):
+        super().setUp()
+        from mailsrv.store.mbox import MboxMailStore
+
+        self.ctx.store = MboxMailStore(self.tmp / "mail", self.tmp / "index", self.reactor,
+                                       self.pool)
+        self.ctx.config = make_ctx(self.tmp / "clear", cleartext="loopback").config
+        # The realm's POP3 factory was bound to the old store: register again.
+        from functools import partial
+
+        from twisted.mail.interfaces import IMailboxPOP3
+
+        from mailsrv.pop3 import open_maildrop
+
+        self.ctx.portal.realm.register(
+            IMailboxPOP3, partial(open_maildrop, self.ctx.store, self.factory.locks))
+
+    @defer.inlineCallbacks
+    def test_delivery_during_session_survives_quit(self):
+        import mailbox
+
+        from mailsrv.spool import BytesSource
+
+        store = self.ctx.store
+        for i in range(20):
+            yield store.deliver(ALICE, BytesSource(b"Subject: %d\n\nbody %d\n>From x\n" % (i, i)),
+                                "s@remote.test")
+        port = self.port.getHost().port
+        reactor = self.reactor
+
+        def client():
+            p = poplib.POP3("127.0.0.1", port, timeout=30)
+            p.user(ALICE)
+            p.pass_(PASSWORD)
+            count = p.stat()[0]
+            uidls = p.uidl()[1]
+            bodies = [p.retr(i)[1] for i in range(1, count + 1)]
+            for i in range(1, count + 1, 2):
+                p.dele(i)
+            # Mail arrives while the session is open.
+            threads.blockingCallFromThread(
+                reactor, store.deliver, ALICE, BytesSource(b"Subject: late\n\nlate\n"), "s@x.test")
+            count_after = p.stat()[0]
+            p.quit()
+            return count, uidls, bodies, count_after
+
+        count, uidls, bodies, count_after = yield self.in_client(client)
+        self.assertEqual(count, 20)
+        self.assertEqual(count_after, 10)  # the snapshot: 20 - 10 marked, none added
+        self.assertEqual(bodies[3][-1], b">From x")  # mboxrd unquoted once
+        self.assertEqual(len(set(uidls)), 20)
+        yield self.all_closed()
+        box = mailbox.mbox(str(self.tmp / "mail" / "example.test" / "alice" / "INBOX"))
+        subjects = [m["Subject"] for m in box]
+        box.close()
+        self.assertEqual(subjects, [str(i) for i in range(1, 20, 2)] + ["late"])
+
+        def again():
+            p = poplib.POP3("127.0.0.1", port, timeout=30)
+            p.user(ALICE)
+            p.pass_(PASSWORD)
+            u = p.uidl()[1]
+            p.quit()
+            return u
+
+        after = yield self.in_client(again)
+        # The survivors keep their UIDLs.
+        kept = {line.split()[1] for line in uidls[1::2]}
+        self.assertEqual({line.split()[1] for line in after[:-1]}, kept)
         yield self.all_closed()
