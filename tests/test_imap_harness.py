@@ -42,7 +42,9 @@ class Harness:
         self.clock = task.Clock()
         self.store = store if store is not None else MemoryMailStore(clock=lambda: 1_700_000_000.0)
         realm = MailRealm()
-        checker = InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD, "bob@example.test": b"pw"})
+        checker = InMemoryUsernamePasswordDatabaseDontUse(
+            **{USER: PASSWORD, "bob@example.test": b"pw"}
+        )
         self.portal = Portal(realm, [checker])
         realm.register(
             __import__("twisted.mail.imap4", fromlist=["IAccount"]).IAccount,

@@ -160,7 +160,10 @@ class ImaplibLoopbackTest(unittest.TestCase):
                 m.select("INBOX")
                 typ, data = m.fetch("1", "(BODY.PEEK[] BODYSTRUCTURE)")
                 assert len(data[0][1]) == len(big.replace(b"\n", b"\r\n")), len(data[0][1])
-                assert b'("TEXT" "PLAIN" NIL NIL NIL "7BIT"' in data[1] or b"40000" in data[0][0] + data[1]
+                assert (
+                    b'("TEXT" "PLAIN" NIL NIL NIL "7BIT"' in data[1]
+                    or b"40000" in data[0][0] + data[1]
+                )
                 tag = m._new_tag()
                 m.send(tag + b" IDLE\r\n")
                 assert m.readline().startswith(b"+")
@@ -230,7 +233,9 @@ class MbsyncTest(unittest.TestCase):
         local.mkdir()
         rc = base / "mbsyncrc"
         rc.write_text(
-            MBSYNCRC.format(port=server.ports["imap"], user=user, password=E2E_PASSWORD, local=local)
+            MBSYNCRC.format(
+                port=server.ports["imap"], user=user, password=E2E_PASSWORD, local=local
+            )
         )
         m = imaplib.IMAP4("127.0.0.1", server.ports["imap"])
         m.login(user, E2E_PASSWORD)
@@ -241,13 +246,16 @@ class MbsyncTest(unittest.TestCase):
         m.logout()
 
         def sync() -> str:
-            r = subprocess.run(["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True,
-                               timeout=120)
+            r = subprocess.run(
+                ["mbsync", "-c", str(rc), "-a"], capture_output=True, text=True, timeout=120
+            )
             self.assertEqual(r.returncode, 0, r.stdout + r.stderr + server.output())
             return r.stdout
 
         sync()
-        self.assertEqual(len(os.listdir(local / "INBOX" / "cur")) + len(os.listdir(local / "INBOX" / "new")), 3)
+        self.assertEqual(
+            len(os.listdir(local / "INBOX" / "cur")) + len(os.listdir(local / "INBOX" / "new")), 3
+        )
         self.assertTrue((local / "Lists" / "python").exists())
         self.assertTrue((local / "Sent").exists())
         # local changes: a new message in a new folder, one message deleted
@@ -255,7 +263,9 @@ class MbsyncTest(unittest.TestCase):
         for sub in ("cur", "new", "tmp"):
             (newdir / sub).mkdir(parents=True)
         (newdir / "new" / "1.local").write_bytes(b"Subject: from local\n\nlocal body\n")
-        victim = sorted(os.listdir(local / "INBOX" / "cur") + os.listdir(local / "INBOX" / "new"))[0]
+        victim = sorted(os.listdir(local / "INBOX" / "cur") + os.listdir(local / "INBOX" / "new"))[
+            0
+        ]
         for sub in ("cur", "new"):
             if (local / "INBOX" / sub / victim).exists():
                 (local / "INBOX" / sub / victim).unlink()

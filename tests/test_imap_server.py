@@ -40,7 +40,16 @@ def logged_in(h):
 def test_greeting_capabilities(h):
     c = h.connect()
     assert c.greeting.startswith(b"* OK [CAPABILITY IMAP4rev1")
-    for cap in (b"LITERAL+", b"UIDPLUS", b"MOVE", b"IDLE", b"SPECIAL-USE", b"ID", b"ENABLE", b"AUTH=PLAIN"):
+    for cap in (
+        b"LITERAL+",
+        b"UIDPLUS",
+        b"MOVE",
+        b"IDLE",
+        b"SPECIAL-USE",
+        b"ID",
+        b"ENABLE",
+        b"AUTH=PLAIN",
+    ):
         assert cap in c.greeting
 
 
@@ -131,7 +140,9 @@ def test_select_examine_and_status(h):
     assert b"e OK [READ-ONLY]" in out
     assert c.cmd(b"s STORE 1 +FLAGS (\\Seen)").startswith(b"s NO [READ-ONLY]")
     out = c.cmd(b"st STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY RECENT)")
-    assert re.search(rb"\* STATUS INBOX \(MESSAGES 2 UNSEEN 2 UIDNEXT 3 UIDVALIDITY \d+ RECENT 0\)", out)
+    assert re.search(
+        rb"\* STATUS INBOX \(MESSAGES 2 UNSEEN 2 UIDNEXT 3 UIDVALIDITY \d+ RECENT 0\)", out
+    )
     assert c.cmd(b"st STATUS Nope (MESSAGES)").startswith(b"st NO [NONEXISTENT]")
     assert c.cmd(b"x SELECT Nope").startswith(b"x NO")
 
@@ -169,7 +180,10 @@ def test_fetch_summary_and_size_matches_body(h):
     out = c.cmd(b"f FETCH 1 (UID FLAGS RFC822.SIZE INTERNALDATE ENVELOPE)")
     size = int(re.search(rb"RFC822.SIZE (\d+)", out).group(1))
     assert size == len(SIMPLE.replace(b"\n", b"\r\n"))
-    assert b'ENVELOPE ("Mon, 1 Jan 2024 10:00:00 +0000" "Hello there" (("Ann Example" NIL "ann" "example.test"))' in out
+    assert (
+        b'ENVELOPE ("Mon, 1 Jan 2024 10:00:00 +0000" "Hello there" (("Ann Example" NIL "ann" "example.test"))'
+        in out
+    )
     assert b'INTERNALDATE "14-Nov-2023 22:13:20 +0000"' in out
     out = c.cmd(b"g FETCH 1 BODY.PEEK[]")
     assert b"BODY[] {%d}\r\n" % size in out
@@ -194,20 +208,29 @@ def test_fetch_sections_of_multipart(h):
     assert b'("TEXT" "PLAIN" ("charset" "utf-8") NIL NIL "7BIT" 10 1' in out
     assert b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT"' in out
     assert b'"ALTERNATIVE"' in out and b'"MIXED"' in out
-    out = c.cmd(b"f FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.HEADER] BODY.PEEK[2.TEXT] BODY.PEEK[3.1] BODY.PEEK[1.MIME])")
+    out = c.cmd(
+        b"f FETCH 1 (BODY.PEEK[1] BODY.PEEK[2.HEADER] BODY.PEEK[2.TEXT] BODY.PEEK[3.1] BODY.PEEK[1.MIME])"
+    )
     assert b"BODY[1] {10}\r\nfirst part" in out
     assert b"BODY[2.HEADER] {40}\r\nSubject: inner\r\nFrom: d@example.test\r\n\r\n" in out
     assert b"BODY[2.TEXT] {10}\r\ninner body" in out
     assert b"BODY[3.1] {8}\r\n<p>x</p>" in out
     assert b"BODY[1.MIME] {43}\r\nContent-Type: text/plain; charset=utf-8\r\n\r\n" in out
-    out = c.cmd(b"f FETCH 1 (BODY.PEEK[HEADER.FIELDS.NOT (From MIME-Version Content-Type)] BODY.PEEK[]<0.4>)")
-    assert b"BODY[HEADER.FIELDS.NOT (From MIME-Version Content-Type)] {18}\r\nSubject: parts\r\n\r\n" in out
+    out = c.cmd(
+        b"f FETCH 1 (BODY.PEEK[HEADER.FIELDS.NOT (From MIME-Version Content-Type)] BODY.PEEK[]<0.4>)"
+    )
+    assert (
+        b"BODY[HEADER.FIELDS.NOT (From MIME-Version Content-Type)] {18}\r\nSubject: parts\r\n\r\n"
+        in out
+    )
     assert b"BODY[]<0> {4}\r\nFrom" in out
     assert b"BODY[9] NIL" in c.cmd(b"f FETCH 1 BODY.PEEK[9]")
 
 
 def test_fetch_broken_mime_never_crashes(h):
-    broken = b"Content-Type: multipart/mixed; boundary=\"Z\"\n\n--Z\nContent-Type: text/plain\n\nno end"
+    broken = (
+        b'Content-Type: multipart/mixed; boundary="Z"\n\n--Z\nContent-Type: text/plain\n\nno end'
+    )
     h.deliver(broken)
     h.deliver(b"Content-Type: multipart/mixed\n\nno boundary\n")
     h.deliver(b"garbage without header end")
@@ -248,7 +271,7 @@ def test_expunge_close_and_uid_expunge(h):
 def test_search_keys(h):
     h.deliver(SIMPLE)
     h.deliver(MULTI)
-    h.deliver("Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\nFrom: x@example.test\n\nbody\n".encode())
+    h.deliver(b"Subject: =?utf-8?q?Gr=C3=BC=C3=9Fe?=\nFrom: x@example.test\n\nbody\n")
     c = logged_in(h)
     c.select()
     c.cmd(b"s STORE 2 +FLAGS (\\Flagged)")
@@ -327,7 +350,9 @@ def test_copy_and_move_with_copyuid(h):
     assert re.match(rb"c OK \[COPYUID \d+ 1:2 1:2\] COPY completed", out), out
     assert c.cmd(b"c COPY 1 Nope").startswith(b"c NO [TRYCREATE]")
     out = c.cmd(b"m UID MOVE 2 Trash")
-    assert re.search(rb"\* OK \[COPYUID \d+ 2 1\] Moved\r\n\* 2 EXPUNGE\r\nm OK MOVE completed", out), out
+    assert re.search(
+        rb"\* OK \[COPYUID \d+ 2 1\] Moved\r\n\* 2 EXPUNGE\r\nm OK MOVE completed", out
+    ), out
     c.select("Archive")
     out = c.cmd(b"f FETCH 2 (FLAGS RFC822.SIZE)")
     assert b"\\Flagged" in out
@@ -395,3 +420,68 @@ def test_interfaces_verified(h):
     verifyObject(imap4.IMessage, msg)
     assert msg.getHeaders(False, "subject") == {"subject": "Hello there"}
     assert msg.getBodyFile().read() == b"hello\r\nworld\r\n"
+
+
+class _SlowTransport:
+    """Wraps a StringTransport: pauses the registered producer past a buffer limit."""
+
+
+def test_big_fetch_streams_with_flow_control(h):
+    big = b"Subject: big\n\n" + (b"y" * 99 + b"\n") * 20000  # 2 MB
+    h.deliver(big)
+    c = logged_in(h)
+    c.select()
+    t = c.transport
+    writes = []
+    original = t.write
+
+    def write(data):
+        writes.append(len(data))
+        original(data)
+        if t.producer is not None and len(t.value()) > 300_000:
+            t.producer.pauseProducing()
+
+    t.write = write
+    out = c.cmd(b"f FETCH 1 BODY.PEEK[]")
+    assert b"f OK" not in out and 300_000 <= len(out) < 700_000
+    assert max(writes) <= 256 * 1024 + 100  # never one huge write
+    # the session is not stuck: resuming delivers the rest
+    while t.producer is not None:
+        t.producer.resumeProducing()
+        out += c.read()
+    out += c.read()
+    expected = big.replace(b"\n", b"\r\n")
+    assert out.startswith(b"* 1 FETCH (BODY[] {%d}\r\n" % len(expected))
+    assert expected in out and out.endswith(b")\r\nf OK FETCH completed\r\n")
+
+
+def test_idle_times_out(h):
+    c = logged_in(h)
+    c.select()
+    c.cmd(b"i IDLE")
+    h.clock.advance(h.config.imap.idle_timeout + 1)
+    assert b"* BYE" in c.read()
+    assert c.transport.disconnecting
+
+
+def test_unauthenticated_timeout(h):
+    c = h.connect()
+    h.clock.advance(h.config.limits.timeout + 1)
+    assert b"* BYE" in c.read()
+
+
+def test_utf7_names_and_rename_inbox(h):
+    h.deliver(SIMPLE)
+    c = logged_in(h)
+    assert c.cmd(b"c CREATE &AMk-t&AOk-").startswith(b"c OK")  # "été"
+    assert b'"/" &AMk-t&AOk-' in c.cmd(b'l LIST "" "*"')
+    assert c.cmd(b"r RENAME INBOX Old").startswith(b"r OK")
+    assert b"MESSAGES 1" in c.cmd(b"s STATUS Old (MESSAGES)")
+    assert b"MESSAGES 0" in c.cmd(b"s STATUS INBOX (MESSAGES)")
+    assert c.cmd(b"s STATUS INBOX (BOGUS)").startswith(b"s BAD")
+
+
+def test_starttls_not_offered_without_tls_transport(h):
+    c = h.connect()
+    assert b"STARTTLS" not in c.greeting
+    assert c.cmd(b"t STARTTLS").startswith(b"t BAD")

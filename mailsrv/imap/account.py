@@ -162,7 +162,9 @@ class Account:
         return self.create(name)
 
     def create(self, pathspec: str) -> defer.Deferred:
-        return defer.maybeDeferred(self.store.create_folder, self.address, pathspec.rstrip(DELIMITER))
+        return defer.maybeDeferred(
+            self.store.create_folder, self.address, pathspec.rstrip(DELIMITER)
+        )
 
     def select(self, name: str, readwrite: int = 1) -> defer.Deferred:
         d = defer.maybeDeferred(self.store.open_folder, self.address, name, not readwrite)
@@ -350,7 +352,9 @@ class SessionMailbox:
         if listener in self.listeners:
             self.listeners.remove(listener)
 
-    def addMessage(self, message: Any, flags: Iterable[str] = (), date: Any = None) -> defer.Deferred:
+    def addMessage(
+        self, message: Any, flags: Iterable[str] = (), date: Any = None
+    ) -> defer.Deferred:
         from mailsrv.spool import BytesSource
 
         data = message.read() if hasattr(message, "read") else bytes(message)

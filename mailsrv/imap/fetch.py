@@ -65,9 +65,7 @@ _MACROS = {
     "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
 }
 _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "UID", "BODY"}
-_SECTION_RE = re.compile(
-    rb"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.I
-)
+_SECTION_RE = re.compile(rb"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.I)
 _ATOM_RE = re.compile(rb"[A-Za-z0-9.]+")
 
 
@@ -174,7 +172,12 @@ def internal_date(ts: float) -> bytes:
     """RFC 3501 date-time, in UTC: "17-Jul-1996 09:44:25 +0000"."""
     t = time.gmtime(ts)
     return b'"%02d-%s-%04d %02d:%02d:%02d +0000"' % (
-        t.tm_mday, _MONTHS[t.tm_mon - 1].encode(), t.tm_year, t.tm_hour, t.tm_min, t.tm_sec
+        t.tm_mday,
+        _MONTHS[t.tm_mon - 1].encode(),
+        t.tm_year,
+        t.tm_hour,
+        t.tm_min,
+        t.tm_sec,
     )
 
 

@@ -100,7 +100,7 @@ def _text(value: bytes) -> str:
 
 
 _ITEM_RE = re.compile(r'(?:"[^"]*"|[^,"])+')
-_HARD = re.compile(r'[():;\\\[]')
+_HARD = re.compile(r"[():;\\\[]")
 
 
 def _parse_addresses(text: str) -> list[tuple[str, str]]:
@@ -397,7 +397,10 @@ def _parse_multipart(
         d = _delimiter(item[1], inner)
         if d == boundary:
             break
-        if d is not None:  # a parent's boundary, or our close before any part
+        if d == boundary + b"--":  # closed before any part
+            _epilogue(r, part, boundaries, item)
+            return
+        if d is not None:  # a parent's boundary
             r.push(item)
             part.body_end = max(part.body_start, item[0] - last_eol)
             return
@@ -417,7 +420,11 @@ def _parse_multipart(
         r.push(item)  # a parent's boundary ends us too
         part.body_end = child.body_end
         return
-    # Epilogue: up to a parent's delimiter or the end.
+    _epilogue(r, part, boundaries, item)
+
+
+def _epilogue(r: _Lines, part: Part, boundaries: list[bytes], item: tuple[int, bytes]) -> None:
+    """After the close delimiter: up to a parent's delimiter or the end."""
     last_eol = _eol_len(item[1])
     part.body_end = r.pos
     while True:
@@ -436,6 +443,9 @@ def scan(f: BinaryIO) -> Part:
     """Scan a message (CRLF line ends) from C{f}, read once from the start; return its L{Part}."""
     r = _Lines(f)
     root = _parse_entity(r, [], b"text/plain", 0)
+    while r.next()[1]:  # whatever follows belongs to the message too
+        pass
+    root.body_end = r.pos
     root.envelope = _envelope_from_values(root.headers)
     return root
 

@@ -36,8 +36,12 @@ class Literal:
     value: bytes
 
 
-_MONTHS = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+    )
+}
 
 
 def tokenize(line: bytes) -> list[Any]:
@@ -92,11 +96,16 @@ def _string(tok: Any, charset: str) -> str:
 
 
 _FLAG_KEYS = {
-    "ANSWERED": (ANSWERED, True), "UNANSWERED": (ANSWERED, False),
-    "DELETED": (DELETED, True), "UNDELETED": (DELETED, False),
-    "DRAFT": (DRAFT, True), "UNDRAFT": (DRAFT, False),
-    "FLAGGED": (FLAGGED, True), "UNFLAGGED": (FLAGGED, False),
-    "SEEN": (SEEN, True), "UNSEEN": (SEEN, False),
+    "ANSWERED": (ANSWERED, True),
+    "UNANSWERED": (ANSWERED, False),
+    "DELETED": (DELETED, True),
+    "UNDELETED": (DELETED, False),
+    "DRAFT": (DRAFT, True),
+    "UNDRAFT": (DRAFT, False),
+    "FLAGGED": (FLAGGED, True),
+    "UNFLAGGED": (FLAGGED, False),
+    "SEEN": (SEEN, True),
+    "UNSEEN": (SEEN, False),
 }
 
 
@@ -179,7 +188,17 @@ def needs(tree: tuple) -> set[str]:
         out |= needs(tree[1]) | needs(tree[2])
     elif kind == "not":
         out |= needs(tree[1])
-    elif kind in ("BCC", "CC", "FROM", "SUBJECT", "TO", "HEADER", "SENTBEFORE", "SENTON", "SENTSINCE"):
+    elif kind in (
+        "BCC",
+        "CC",
+        "FROM",
+        "SUBJECT",
+        "TO",
+        "HEADER",
+        "SENTBEFORE",
+        "SENTON",
+        "SENTSINCE",
+    ):
         out.add("headers")
     elif kind in ("BODY", "TEXT"):
         out.add("body")
@@ -282,7 +301,9 @@ class Matcher:
             return cache["vals"]
 
         def field(name: bytes) -> str:
-            parts = [raw.split(b":", 1)[1] for n, raw in split_header_fields(hdr_block()) if n == name]
+            parts = [
+                raw.split(b":", 1)[1] for n, raw in split_header_fields(hdr_block()) if n == name
+            ]
             return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
 
         def text() -> str:

@@ -17,7 +17,6 @@ import calendar
 import functools
 import inspect
 import re
-import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from typing import Any
@@ -51,8 +50,12 @@ from mailsrv.spool import SpooledSource
 from mailsrv.store.names import DELIMITER, INBOX
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
-_MONTHS = {m: i for i, m in enumerate(
-    ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1)}
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        ["jan", "feb", "mar", "apr", "may", "jun", "jul", "aug", "sep", "oct", "nov", "dec"], 1
+    )
+}
 _STATES = ("unauth", "auth", "select", "logout")
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
@@ -301,11 +304,6 @@ def _prepare_batch(
             segments: list[Any] = []
             fields: list[bytes] = []
 
-            def flush_fields() -> None:
-                if fields:
-                    segments.append(b" ".join(fields))
-                    fields.clear()
-
             for item in items:
                 if item == "UID":
                     fields.append(b"UID %d" % info.uid)
@@ -350,10 +348,11 @@ def _prepare_batch(
                         fields.append(label + b" {%d}\r\n" % len(data) + data)
                     else:
                         fields.append(label + b" {%d}\r\n" % (rng[1] - rng[0]))
-                        flush_fields()
+                        segments.append(b" ".join(fields))
+                        fields.clear()
                         segments.append(Stream(info.uid, rng[0], rng[1]))
-                        segments.append(b"")
-            flush_fields()
+            if fields:
+                segments.append(b" ".join(fields))
             # Join: fields are separated by spaces; a stream is followed by a space
             # only if more fields follow.
             body = bytearray(b"* %d FETCH (" % seq)
@@ -788,7 +787,9 @@ class IMAPServer(imap4.IMAP4Server):
             else:
                 self.log.failure("imap login error", failure)
                 if not self._lost:
-                    self.sendNegativeResponse(tag, b"[UNAVAILABLE] Temporary authentication failure")
+                    self.sendNegativeResponse(
+                        tag, b"[UNAVAILABLE] Temporary authentication failure"
+                    )
 
         d.addCallbacks(ok, failed)
 
@@ -946,8 +947,10 @@ class IMAPServer(imap4.IMAP4Server):
     @_command
     def do_STATUS(self, tag: bytes, name: bytes, names: list[Any]) -> Any:
         folder = _mailbox_name(name)
-        wanted = [n.decode("ascii", "replace").upper() if isinstance(n, bytes) else str(n).upper()
-                  for n in names]
+        wanted = [
+            n.decode("ascii", "replace").upper() if isinstance(n, bytes) else str(n).upper()
+            for n in names
+        ]
         bad = [n for n in wanted if n not in _STATUS_ITEMS]
         if bad or not wanted:
             self.sendBadResponse(tag, b"Unknown STATUS item")
@@ -996,8 +999,9 @@ class IMAPServer(imap4.IMAP4Server):
                     target.close()
         finally:
             source.discard()
-        self.log.info("imap append {user} {folder} uid {uid}", user=self._user,
-                      folder=folder_name, uid=uid)
+        self.log.info(
+            "imap append {user} {folder} uid {uid}", user=self._user, folder=folder_name, uid=uid
+        )
         if selected:
             yield self._sync()
         self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (validity, uid))
@@ -1229,7 +1233,11 @@ class IMAPServer(imap4.IMAP4Server):
 
     @defer.inlineCallbacks
     def _fetch_loop(
-        self, mbox: SessionMailbox, seqs: list[int], items: list[Any], req: FetchRequest,
+        self,
+        mbox: SessionMailbox,
+        seqs: list[int],
+        items: list[Any],
+        req: FetchRequest,
         seen_now: set[int],
     ) -> Any:
         factory = self.factory
@@ -1279,7 +1287,7 @@ class IMAPServer(imap4.IMAP4Server):
                 if self._lost:
                     return missing
                 buf: list[bytes] = []
-                for (seq, info, *_), result in zip(job, results):
+                for (_seq, info, *_), result in zip(job, results, strict=True):
                     if result is None:
                         missing += 1
                         continue
@@ -1308,7 +1316,9 @@ class IMAPServer(imap4.IMAP4Server):
             if not self._lost:
                 self.transport.unregisterProducer()
 
-    def _simple_fetch(self, seq: int, info: MessageInfo, items: list[Any], mbox: SessionMailbox) -> bytes:
+    def _simple_fetch(
+        self, seq: int, info: MessageInfo, items: list[Any], mbox: SessionMailbox
+    ) -> bytes:
         fields = []
         for item in items:
             if item == "UID":
@@ -1347,7 +1357,9 @@ class IMAPServer(imap4.IMAP4Server):
                 f.close()
 
     @_command
-    def do_STORE(self, tag: bytes, messages: SeqSet, mode: bytes, flags: list[bytes], uid: int = 0) -> Any:
+    def do_STORE(
+        self, tag: bytes, messages: SeqSet, mode: bytes, flags: list[bytes], uid: int = 0
+    ) -> Any:
         mbox = self.mbox
         m = mode.upper()
         silent = m.endswith(b".SILENT")
@@ -1377,14 +1389,23 @@ class IMAPServer(imap4.IMAP4Server):
             for seq in seqs:
                 info = mbox.infos[seq - 1]
                 extra = b" UID %d" % info.uid if uid else b""
-                out.append(b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, _flag_list(mbox.flags_of(info)), extra))
+                out.append(
+                    b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, _flag_list(mbox.flags_of(info)), extra)
+                )
             self.transport.write(b"".join(out))
         self.sendPositiveResponse(tag, b"STORE completed")
 
-    select_STORE = (do_STORE, arg_seqset, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_flaglist)
+    select_STORE = (
+        do_STORE,
+        arg_seqset,
+        imap4.IMAP4Server.arg_atom,
+        imap4.IMAP4Server.arg_flaglist,
+    )
 
     @_command
-    def do_COPY(self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0, move: bool = False) -> Any:
+    def do_COPY(
+        self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0, move: bool = False
+    ) -> Any:
         mbox = self.mbox
         if move and not mbox.isWriteable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
@@ -1444,8 +1465,13 @@ class IMAPServer(imap4.IMAP4Server):
         tree = parse(tokens, charset)
         snapshot = list(enumerate(mbox.infos, 1))
         last_uid = mbox.uids[-1] if mbox.uids else 0
-        matcher = Matcher(tree, len(snapshot), last_uid, set(mbox.recent),
-                          lambda raw, last: _Contains(SeqSet(raw), last))
+        matcher = Matcher(
+            tree,
+            len(snapshot),
+            last_uid,
+            set(mbox.recent),
+            lambda raw, last: _Contains(SeqSet(raw), last),
+        )
         folder = mbox.folder
 
         def run() -> list[int]:
@@ -1453,7 +1479,8 @@ class IMAPServer(imap4.IMAP4Server):
             for seq, info in snapshot:
                 try:
                     if matcher.match(
-                        seq, info,
+                        seq,
+                        info,
                         lambda u=info.uid: folder.read_headers(u),
                         lambda u=info.uid: _read_all(folder, u),
                     ):

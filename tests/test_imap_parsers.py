@@ -1,0 +1,105 @@
+"""Properties of the IMAP parsers: MIME structure, FETCH and SEARCH syntax."""
+
+from __future__ import annotations
+
+import io
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from mailsrv.imap import mime
+from mailsrv.imap.fetch import FetchSyntaxError, parse_fetch
+from mailsrv.imap.search import BadCharset, SearchError, parse, tokenize
+
+_lines = st.lists(
+    st.one_of(
+        st.sampled_from(
+            [
+                b"--A",
+                b"--A--",
+                b"--B",
+                b"--B--",
+                b"",
+                b"Content-Type: multipart/mixed; boundary=A",
+                b'Content-Type: multipart/alternative; boundary="B"',
+                b"Content-Type: message/rfc822",
+                b"Content-Type: text/plain",
+                b"Subject: x",
+                b"From: a@b",
+                b" folded",
+                b"body text",
+            ]
+        ),
+        st.binary(max_size=40).map(lambda b: b.replace(b"\r", b"").replace(b"\n", b"")),
+    ),
+    max_size=60,
+)
+
+
+def _walk(part):
+    yield part
+    for c in part.children:
+        yield from _walk(c)
+    if part.message is not None:
+        yield from _walk(part.message)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_lines)
+def test_scan_never_fails_and_ranges_stay_inside(lines):
+    data = b"".join(line + b"\r\n" for line in lines)
+    root = mime.scan(io.BytesIO(data))
+    assert root.body_end == len(data)
+    for part in _walk(root):
+        assert 0 <= part.header_start <= part.body_start <= part.body_end <= len(data)
+        assert part.lines >= 0
+    mime.body_structure(root, True)
+    mime.body_structure(root, False)
+    for path in ([], [1], [1, 1], [2], [2, 1], [3]):
+        for text in ("", "MIME", "HEADER", "TEXT"):
+            rng = mime.section_range(root, path, text)
+            if rng is not None:
+                assert 0 <= rng[0] <= rng[1] <= len(data)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_fetch_parser_raises_only_syntax_errors(line):
+    try:
+        parse_fetch(line)
+    except FetchSyntaxError:
+        pass
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=80))
+def test_search_parser_raises_only_search_errors(line):
+    try:
+        parse(tokenize(line))
+    except (SearchError, BadCharset):
+        pass
+
+
+def test_fetch_macros_and_sections():
+    req = parse_fetch(b"FAST")
+    assert req.simple == ["FLAGS", "INTERNALDATE", "RFC822.SIZE"] and not req.needs_disk
+    req = parse_fetch(b"(UID BODY.PEEK[1.2.MIME] BODY[HEADER.FIELDS (A B)]<5.10> RFC822)")
+    names = [s.name for s in req.sections]
+    assert names == [b"BODY[1.2.MIME]", b"BODY[HEADER.FIELDS (A B)]", b"RFC822"]
+    assert req.sections[1].partial == (5, 10) and req.marks_seen
+    for bad in (b"(FLAGS", b"BODY[0]", b"BODY[FOO]", b"NOPE", b"()"):
+        with pytest.raises(FetchSyntaxError):
+            parse_fetch(bad)
+
+
+def test_envelope_address_shapes():
+    env = mime.envelope(
+        b'From: "Doe, John" <j@d.test>\r\nTo: a@b.test, Ann <ann@c.test>\r\n'
+        b"Cc: undisclosed-recipients:;\r\nSubject: =?utf-8?q?x?=\r\n\r\n"
+    )
+    assert env == (
+        b'(NIL "=?utf-8?q?x?=" (("Doe, John" NIL "j" "d.test")) (("Doe, John" NIL "j" "d.test")) '
+        b'(("Doe, John" NIL "j" "d.test")) ((NIL NIL "a" "b.test")("Ann" NIL "ann" "c.test")) '
+        b"NIL NIL NIL NIL)"
+    )
