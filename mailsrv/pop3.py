@@ -5,10 +5,12 @@ RFC 1939 (POP3), RFC 2449 (CAPA, response codes), RFC 2595 (STLS),
 RFC 3206 (SYS and AUTH response codes), RFC 5034 (SASL AUTH), RFC 4616 (PLAIN).
 
 Twisted's server lacks STLS, names PIPELINING wrongly, advertises joke
-capabilities, does not block pipelined commands during a login, byte-stuffs
-only inside each chunk and writes a message in many small pieces; this
-subclass keeps its line handling, timeouts and command blocking and
-replaces the commands.
+capabilities, does not hold pipelined commands during a login, byte-stuffs
+only inside each chunk and sends a message in pieces over several reactor
+turns. This subclass keeps its timeouts, its logout-on-disconnect and the
+IMailboxPOP3 avatar contract, and replaces the command handling: each reply
+is one write, handed to the socket at once, and a sequential download finds
+its next messages already read (off the reactor thread).
 """
 
 from __future__ import annotations
@@ -41,7 +43,7 @@ READ_AHEAD = 48  # messages held ready ahead of a sequential RETR download
 READ_AHEAD_MAX_SIZE = 64 * 1024  # larger ones are read when asked for (<= 3 MB ahead)
 OPEN_PER_RETR = 2  # messages opened ahead after each RETR
 READ_BATCH = 16  # messages read per trip to the pool
-DIRECT_SEND = True
+DIRECT_SEND = True  # replies straight to the socket when nothing is queued (_send_now)
 
 # Replies, worded like Dovecot's where clients may match on them.
 GREETING = b"+OK mailsrv ready."
