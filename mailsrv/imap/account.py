@@ -29,8 +29,6 @@ from mailsrv.interfaces import (
     SEEN,
     SYSTEM_FLAGS,
     FolderError,
-    IFolder,
-    IMailStore,
     MessageInfo,
 )
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, split_user
@@ -122,7 +120,7 @@ class Account:
     def __init__(
         self,
         address: str,
-        store: IMailStore,
+        store: Any,
         subscriptions: Subscriptions,
         special_folders: Iterable[str] = (),
     ) -> None:
@@ -274,7 +272,7 @@ class SessionMailbox:
     been told (its message list, in sequence order) and what is recent to it.
     """
 
-    def __init__(self, folder: IFolder) -> None:
+    def __init__(self, folder: Any) -> None:
         self.folder = folder
         self.infos: list[MessageInfo] = list(folder.messages())
         self.uids: list[int] = [i.uid for i in self.infos]
@@ -399,7 +397,7 @@ class SessionMailbox:
 class FolderMessage:
     """One message of a folder, for Twisted's IMessage users; small messages only."""
 
-    def __init__(self, folder: IFolder, info: MessageInfo) -> None:
+    def __init__(self, folder: Any, info: MessageInfo) -> None:
         self._folder = folder
         self._info = info
 

@@ -347,8 +347,8 @@ class Matcher:
                 day = _day(info.internal_date)
                 return _cmp(k, day, t[1])
             if k in ("SENTBEFORE", "SENTON", "SENTSINCE"):
-                day = _sent_day(hvals())
-                return day is not None and _cmp(k[4:], day, t[1])
+                sent = _sent_day(hvals())
+                return sent is not None and _cmp(k[4:], sent, t[1])
             if k in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
                 return t[1] in field(k.lower().encode())
             if k == "HEADER":

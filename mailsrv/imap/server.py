@@ -323,8 +323,10 @@ def _prepare_batch(
                             env = new_env = mime.envelope(header)
                     fields.append(b"ENVELOPE " + env)
                 elif item == "BODYSTRUCTURE":
+                    assert root is not None
                     fields.append(b"BODYSTRUCTURE " + mime.body_structure(root, True))
                 elif item == "BODY":
+                    assert root is not None
                     fields.append(b"BODY " + mime.body_structure(root, False))
                 elif isinstance(item, Section):
                     if header is None and item.text and not item.path and item.text != "MIME":
@@ -343,6 +345,8 @@ def _prepare_batch(
                         fields.append(label + b" NIL")
                     elif data is not None:
                         fields.append(label + b" {%d}\r\n" % len(data) + data)
+                    elif rng is None:
+                        raise AssertionError("unreachable")
                     elif rng[1] - rng[0] < STREAM_AT:
                         data = read_range(folder, info.uid, rng[0], rng[1])
                         fields.append(label + b" {%d}\r\n" % len(data) + data)
@@ -383,6 +387,11 @@ class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection."""
 
     log = Logger()
+    transport: Any
+    callLater: Any
+    _pendingLiteral: Any = None
+    mbox: Any = None  # the selected SessionMailbox
+    account: Any = None  # the logged-in Account
     IDENT = b"mailsrv IMAP4rev1 ready"
     MAX_LENGTH = 64 * 1024
     _literalStringLimit = 64 * 1024
@@ -413,7 +422,7 @@ class IMAPServer(imap4.IMAP4Server):
         super().connectionMade()
         self.log.info("imap connection from {peer}", peer=peer_host(self.transport))
 
-    def connectionLost(self, reason: Any) -> None:
+    def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
         self._close_mailbox()
         super().connectionLost(reason)
@@ -682,7 +691,7 @@ class IMAPServer(imap4.IMAP4Server):
             yield self._sync()
         self.sendPositiveResponse(tag, b"NOOP completed")
 
-    unauth_NOOP = auth_NOOP = select_NOOP = (do_NOOP,)
+    unauth_NOOP = auth_NOOP = select_NOOP = (do_NOOP,)  # type: ignore[assignment]
 
     # --- not authenticated ----------------------------------------------------
 
@@ -696,7 +705,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
 
-    unauth_STARTTLS = (do_STARTTLS,)
+    unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
     def do_LOGIN(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         if not self._cleartext_ok():
@@ -706,7 +715,7 @@ class IMAPServer(imap4.IMAP4Server):
             return
         self._login(tag, user, passwd)
 
-    unauth_LOGIN = (do_LOGIN, arg_astring, arg_finalastring)
+    unauth_LOGIN = (do_LOGIN, arg_astring, arg_finalastring)  # type: ignore[assignment]
 
     def do_AUTHENTICATE(self, tag: bytes, line: bytes | None) -> None:
         mech, _, initial = (line or b"").strip().partition(b" ")
@@ -725,7 +734,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.parseState = "auth_plain"
         self.sendLine(b"+ ")  # RFC 4954 4: an empty challenge
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)  # type: ignore[assignment]
 
     def parse_auth_plain(self, line: bytes) -> None:
         self.parseState = "command"
@@ -807,7 +816,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b'NAMESPACE (("" "/")) NIL NIL')
         self.sendPositiveResponse(tag, b"NAMESPACE completed")
 
-    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)
+    auth_NAMESPACE = select_NAMESPACE = (do_NAMESPACE,)  # type: ignore[assignment]
 
     def _close_mailbox(self) -> None:
         mbox, self.mbox = self.mbox, None
@@ -852,8 +861,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_EXAMINE(self, tag: bytes, name: bytes) -> None:
         self.do_SELECT(tag, name, False)
 
-    auth_SELECT = select_SELECT = (do_SELECT, arg_astring)
-    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, arg_astring)
+    auth_SELECT = select_SELECT = (do_SELECT, arg_astring)  # type: ignore[assignment]
+    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, arg_astring)  # type: ignore[assignment]
 
     @_command
     def do_CREATE(self, tag: bytes, name: bytes) -> Any:
@@ -864,7 +873,7 @@ class IMAPServer(imap4.IMAP4Server):
         yield self.account.create(folder)
         self.sendPositiveResponse(tag, b"CREATE completed")
 
-    auth_CREATE = select_CREATE = (do_CREATE, arg_finalastring)
+    auth_CREATE = select_CREATE = (do_CREATE, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_DELETE(self, tag: bytes, name: bytes) -> Any:
@@ -878,7 +887,7 @@ class IMAPServer(imap4.IMAP4Server):
         yield self.account.delete(folder)
         self.sendPositiveResponse(tag, b"DELETE completed")
 
-    auth_DELETE = select_DELETE = (do_DELETE, arg_finalastring)
+    auth_DELETE = select_DELETE = (do_DELETE, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_RENAME(self, tag: bytes, old: bytes, new: bytes) -> Any:
@@ -889,21 +898,21 @@ class IMAPServer(imap4.IMAP4Server):
         yield self.account.rename(src, dst)
         self.sendPositiveResponse(tag, b"RENAME completed")
 
-    auth_RENAME = select_RENAME = (do_RENAME, arg_astring, arg_finalastring)
+    auth_RENAME = select_RENAME = (do_RENAME, arg_astring, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_SUBSCRIBE(self, tag: bytes, name: bytes) -> Any:
         yield self.account.subscribe(_mailbox_name(name))
         self.sendPositiveResponse(tag, b"SUBSCRIBE completed")
 
-    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, arg_finalastring)
+    auth_SUBSCRIBE = select_SUBSCRIBE = (do_SUBSCRIBE, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_UNSUBSCRIBE(self, tag: bytes, name: bytes) -> Any:
         yield self.account.unsubscribe(_mailbox_name(name))
         self.sendPositiveResponse(tag, b"UNSUBSCRIBE completed")
 
-    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, arg_finalastring)
+    auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, lsub: bool = False) -> Any:
@@ -941,8 +950,8 @@ class IMAPServer(imap4.IMAP4Server):
     def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
         self.do_LIST(tag, ref, pattern, True)
 
-    auth_LIST = select_LIST = (do_LIST, arg_astring, arg_finalastring)
-    auth_LSUB = select_LSUB = (do_LSUB, arg_astring, arg_finalastring)
+    auth_LIST = select_LIST = (do_LIST, arg_astring, arg_finalastring)  # type: ignore[assignment]
+    auth_LSUB = select_LSUB = (do_LSUB, arg_astring, arg_finalastring)  # type: ignore[assignment]
 
     @_command
     def do_STATUS(self, tag: bytes, name: bytes, names: list[Any]) -> Any:
@@ -971,7 +980,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"STATUS " + _encode_name(folder) + b" (" + items + b")")
         self.sendPositiveResponse(tag, b"STATUS completed")
 
-    auth_STATUS = select_STATUS = (do_STATUS, arg_astring, imap4.IMAP4Server.arg_plist)
+    auth_STATUS = select_STATUS = (do_STATUS, arg_astring, imap4.IMAP4Server.arg_plist)  # type: ignore[assignment]
 
     @_command
     def do_APPEND(
@@ -1006,7 +1015,7 @@ class IMAPServer(imap4.IMAP4Server):
             yield self._sync()
         self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (validity, uid))
 
-    auth_APPEND = select_APPEND = (
+    auth_APPEND = select_APPEND = (  # type: ignore[assignment]
         do_APPEND,
         arg_astring,
         imap4.IMAP4Server.opt_plist,
@@ -1049,7 +1058,7 @@ class IMAPServer(imap4.IMAP4Server):
         else:
             self.sendBadResponse(tag, b"Expected DONE")
 
-    auth_IDLE = select_IDLE = (do_IDLE,)
+    auth_IDLE = select_IDLE = (do_IDLE,)  # type: ignore[assignment]
 
     # --- changes by others -------------------------------------------------
 
@@ -1195,7 +1204,7 @@ class IMAPServer(imap4.IMAP4Server):
     def do_FETCH(self, tag: bytes, messages: SeqSet, req: FetchRequest, uid: int = 0) -> None:
         self._fetch(tag, messages, req, uid)
 
-    select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)
+    select_FETCH = (do_FETCH, arg_seqset, arg_fetchatt)  # type: ignore[assignment]
 
     @_command
     def _fetch(self, tag: bytes, messages: SeqSet, req: FetchRequest, uid: int = 0) -> Any:
@@ -1395,7 +1404,7 @@ class IMAPServer(imap4.IMAP4Server):
             self.transport.write(b"".join(out))
         self.sendPositiveResponse(tag, b"STORE completed")
 
-    select_STORE = (
+    select_STORE = (  # type: ignore[assignment]
         do_STORE,
         arg_seqset,
         imap4.IMAP4Server.arg_atom,
@@ -1456,7 +1465,7 @@ class IMAPServer(imap4.IMAP4Server):
     def do_MOVE(self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0) -> None:
         self.do_COPY(tag, messages, name, uid, True)
 
-    select_COPY = (do_COPY, arg_seqset, arg_finalastring)
+    select_COPY = (do_COPY, arg_seqset, arg_finalastring)  # type: ignore[assignment]
     select_MOVE = (do_MOVE, arg_seqset, arg_finalastring)
 
     @_command
@@ -1481,8 +1490,8 @@ class IMAPServer(imap4.IMAP4Server):
                     if matcher.match(
                         seq,
                         info,
-                        lambda u=info.uid: folder.read_headers(u),
-                        lambda u=info.uid: _read_all(folder, u),
+                        functools.partial(folder.read_headers, info.uid),
+                        functools.partial(_read_all, folder, info.uid),
                     ):
                         hits.append(info.uid if uid else seq)
                 except KeyError:
@@ -1496,7 +1505,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendUntaggedResponse(b"SEARCH" + b"".join(b" %d" % h for h in hits))
         self.sendPositiveResponse(tag, b"SEARCH completed")
 
-    select_SEARCH = (do_SEARCH, opt_charset, arg_searchkeys)
+    select_SEARCH = (do_SEARCH, opt_charset, arg_searchkeys)  # type: ignore[assignment]
 
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()
@@ -1510,7 +1519,7 @@ class IMAPServer(imap4.IMAP4Server):
             raise imap4.IllegalClientResponse("Invalid UID command")
         self.dispatchCommand(tag, command, line, uid=1)
 
-    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)
+    select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)  # type: ignore[assignment]
 
 
 def _read_all(folder: Any, uid: int) -> bytes:
@@ -1520,19 +1529,13 @@ def _read_all(folder: Any, uid: int) -> bytes:
 
 def _uid_set(uids: list[int]) -> bytes:
     """Compress UIDs (in the order given) into an RFC 4315 uid-set, keeping order."""
-    out = []
-    start = prev = None
+    runs: list[list[int]] = []
     for u in uids:
-        if start is None:
-            start = prev = u
-        elif u == prev + 1:
-            prev = u
+        if runs and u == runs[-1][1] + 1:
+            runs[-1][1] = u
         else:
-            out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-            start = prev = u
-    if start is not None:
-        out.append(b"%d" % start if start == prev else b"%d:%d" % (start, prev))
-    return b",".join(out)
+            runs.append([u, u])
+    return b",".join(b"%d" % a if a == b else b"%d:%d" % (a, b) for a, b in runs)
 
 
 class IMAPServerFactory(protocol.Factory):
