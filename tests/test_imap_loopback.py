@@ -42,6 +42,8 @@ class ImaplibLoopbackTest(unittest.TestCase):
     def setUp(self) -> None:
         from twisted.internet import reactor
 
+        from mailsrv.tls import server_options
+
         self.reactor = reactor
         self.tmp = Path(tempfile.mkdtemp(prefix="imaptest-"))
         self.addCleanup(shutil.rmtree, self.tmp, True)
@@ -57,8 +59,14 @@ class ImaplibLoopbackTest(unittest.TestCase):
         realm = MailRealm()
         realm.register(imap4.IAccount, account_factory(self.config, self.store, run))
         portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD})])
+        self.tls = server_options(self.config)
         self.factory = IMAPServerFactory(
-            config=self.config, store=self.store, portal=portal, reactor=reactor, run=run
+            config=self.config,
+            store=self.store,
+            portal=portal,
+            reactor=reactor,
+            run=run,
+            tls=self.tls,
         )
         self.protocols: list = []
         build = self.factory.buildProtocol
@@ -182,6 +190,59 @@ class ImaplibLoopbackTest(unittest.TestCase):
         yield self._settle()
         self.assertEqual(line, b"* 2 EXISTS\r\n")
         self.assertTrue(rest.startswith(b"* 1 RECENT") or b"OK IDLE" in rest, rest)
+
+
+    @defer.inlineCallbacks
+    def test_starttls_and_implicit_tls(self):
+        import ssl
+
+        from twisted.protocols.tls import TLSMemoryBIOFactory
+
+        implicit = IMAPServerFactory(
+            config=self.config,
+            store=self.store,
+            portal=self.factory.portal,
+            reactor=self.reactor,
+            run=self.factory.run,
+            tls=self.tls,
+            implicit_tls=True,
+        )
+        build = implicit.buildProtocol
+
+        def tracked(addr):
+            p = build(addr)
+            self.protocols.append(p)
+            return p
+
+        implicit.buildProtocol = tracked
+        tls_port = self.reactor.listenTCP(
+            0, TLSMemoryBIOFactory(self.tls, False, implicit), interface="127.0.0.1"
+        )
+        self.addCleanup(tls_port.stopListening)
+        port = self.port.getHost().port
+        ctx = ssl.create_default_context()
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+
+        def client() -> tuple:
+            m = imaplib.IMAP4("127.0.0.1", port)
+            before = m.capabilities
+            m.starttls(ssl_context=ctx)
+            after = m.capability()[1][0]
+            m.login(USER, PASSWORD.decode())
+            m.logout()
+            s = imaplib.IMAP4_SSL("127.0.0.1", tls_port.getHost().port, ssl_context=ctx)
+            caps = s.capabilities
+            s.login(USER, PASSWORD.decode())
+            s.logout()
+            return before, after, caps
+
+        before, after, caps = yield threads.deferToThread(client)
+        yield self._settle()
+        self.assertIn("STARTTLS", before)
+        self.assertNotIn(b"STARTTLS", after)
+        self.assertIn(b"AUTH=PLAIN", after)
+        self.assertNotIn("STARTTLS", caps)
 
 
 MBSYNCRC = """\
