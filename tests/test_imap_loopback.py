@@ -191,7 +191,6 @@ class ImaplibLoopbackTest(unittest.TestCase):
         self.assertEqual(line, b"* 2 EXISTS\r\n")
         self.assertTrue(rest.startswith(b"* 1 RECENT") or b"OK IDLE" in rest, rest)
 
-
     @defer.inlineCallbacks
     def test_starttls_and_implicit_tls(self):
         import ssl

@@ -485,3 +485,17 @@ def test_starttls_not_offered_without_tls_transport(h):
     c = h.connect()
     assert b"STARTTLS" not in c.greeting
     assert c.cmd(b"t STARTTLS").startswith(b"t BAD")
+
+
+def test_search_body_of_big_message_streams(h, monkeypatch):
+    import mailsrv.imap.server as server
+
+    monkeypatch.setattr(server, "SEARCH_WHOLE_UP_TO", 1000)
+    big = b"Subject: big\n\n" + b"abcdefghij\n" * 300_000 + b"Needle In Haystack\n"
+    h.deliver(big)
+    h.deliver(SIMPLE)
+    c = logged_in(h)
+    c.select()
+    assert c.cmd(b"s SEARCH BODY haystack").startswith(b"* SEARCH 1\r\n")
+    assert c.cmd(b"s SEARCH TEXT hello").startswith(b"* SEARCH 2\r\n")
+    assert c.cmd(b"s SEARCH TEXT NEEDLE").startswith(b"* SEARCH 1\r\n")

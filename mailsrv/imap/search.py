@@ -286,8 +286,13 @@ class Matcher:
         seq: int,
         info: MessageInfo,
         headers: Callable[[], bytes],
-        body: Callable[[], bytes],
+        body: Callable[[], Any],
     ) -> bool:
+        """
+        C{headers()} returns the header block; C{body()} returns the whole
+        message as bytes, or for a big message an iterable of chunks, searched
+        as raw text without loading it whole.
+        """
         cache: dict[str, Any] = {}
 
         def hdr_block() -> bytes:
@@ -306,10 +311,14 @@ class Matcher:
             ]
             return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
 
-        def text() -> str:
+        def in_body(needle: str) -> bool:
             if "body" not in cache:
-                cache["body"] = _body_text(body())
-            return cache["body"]
+                data = body()
+                cache["body"] = _body_text(data) if isinstance(data, bytes) else data
+            got = cache["body"]
+            if isinstance(got, str):
+                return needle in got
+            return _search_chunks(got, needle)
 
         def ev(t: tuple) -> bool:
             k = t[0]
@@ -357,12 +366,24 @@ class Matcher:
                     return any(n == name for n, _ in split_header_fields(hdr_block()))
                 return t[2] in field(name)
             if k == "BODY":
-                return t[1] in text()
+                return in_body(t[1])
             if k == "TEXT":
-                return t[1] in text() or t[1] in _decode_header(hdr_block())
+                return in_body(t[1]) or t[1] in _decode_header(hdr_block())
             raise SearchError(f"Unknown key {k}")
 
         return ev(self.tree)
+
+
+def _search_chunks(chunks_factory: Callable[[], Any], needle: str) -> bool:
+    """Case-insensitive search of raw message text, chunk by chunk, with overlap."""
+    keep = max(1, len(needle.encode("utf-8")) * 4)
+    tail = ""
+    for chunk in chunks_factory():
+        text = tail + chunk.decode("utf-8", "replace").casefold()
+        if needle in text:
+            return True
+        tail = text[-keep:]
+    return False
 
 
 def _cmp(kind: str, day: tuple[int, int, int], ref: tuple[int, int, int]) -> bool:

@@ -1491,7 +1491,7 @@ class IMAPServer(imap4.IMAP4Server):
                         seq,
                         info,
                         functools.partial(folder.read_headers, info.uid),
-                        functools.partial(_read_all, folder, info.uid),
+                        functools.partial(_search_body, folder, info),
                     ):
                         hits.append(info.uid if uid else seq)
                 except KeyError:
@@ -1520,6 +1520,25 @@ class IMAPServer(imap4.IMAP4Server):
         self.dispatchCommand(tag, command, line, uid=1)
 
     select_UID = (do_UID, imap4.IMAP4Server.arg_atom, imap4.IMAP4Server.arg_line)  # type: ignore[assignment]
+
+
+SEARCH_WHOLE_UP_TO = 4 * 1024 * 1024
+
+
+def _search_body(folder: Any, info: MessageInfo) -> Any:
+    """The message for BODY/TEXT search: bytes if small, else a chunk-iterator factory."""
+    if info.size <= SEARCH_WHOLE_UP_TO:
+        return _read_all(folder, info.uid)
+
+    def chunks() -> Any:
+        with folder.open_message(info.uid) as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return
+                yield chunk
+
+    return chunks
 
 
 def _read_all(folder: Any, uid: int) -> bytes:
