@@ -192,6 +192,37 @@ class ImaplibLoopbackTest(unittest.TestCase):
         self.assertTrue(rest.startswith(b"* 1 RECENT") or b"OK IDLE" in rest, rest)
 
     @defer.inlineCallbacks
+    def test_two_sessions_see_each_others_changes(self):
+        yield self._deliver(3)
+        port = self.port.getHost().port
+
+        def client() -> list:
+            a = imaplib.IMAP4("127.0.0.1", port)
+            b = imaplib.IMAP4("127.0.0.1", port)
+            try:
+                for m in (a, b):
+                    m.login(USER, PASSWORD.decode())
+                    m.select("INBOX")
+                a.store("2", "+FLAGS", "(\\Flagged)")
+                a.store("3", "+FLAGS", "(\\Deleted)")
+                a.expunge()
+                a.append("INBOX", None, None, b"Subject: new\r\n\r\nx\r\n")
+                b.noop()
+                out = [b.response("FETCH"), b.response("EXPUNGE"), b.response("EXISTS")]
+                out.append(b.fetch("1:*", "(FLAGS)")[1])
+                return out
+            finally:
+                a.logout()
+                b.logout()
+
+        fetch, expunge, exists, flags = yield threads.deferToThread(client)
+        yield self._settle()
+        self.assertIn(b"2 (FLAGS (\\Flagged))", fetch[1])
+        self.assertEqual(expunge[1], [b"3"])
+        self.assertEqual(exists[1][-1], b"3")
+        self.assertEqual(len(flags), 3)
+
+    @defer.inlineCallbacks
     def test_starttls_and_implicit_tls(self):
         import ssl
 
