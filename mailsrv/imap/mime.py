@@ -11,6 +11,7 @@ Malformed MIME is served as well as it can be, never raised.
 from __future__ import annotations
 
 import email.utils
+import functools
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
@@ -131,6 +132,7 @@ def _parse_addresses(text: str) -> list[tuple[str, str]]:
     return out
 
 
+@functools.lru_cache(maxsize=8192)  # correspondents repeat across a folder
 def _address_list(value: bytes | None) -> bytes:
     """RFC 3501 7.4.2: a parenthesised list of (name adl mailbox host), or NIL."""
     if value is None:
