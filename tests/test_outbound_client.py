@@ -143,9 +143,8 @@ def test_connection_kept_for_the_next_message_then_closed_when_idle():
     cache.key_for(p, "k")
     t.connected = True
     _feed(p, t, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"354 go")
-    assert _feed(p, t, b"250 2.0.0 queued") == b"RSET\r\n"
+    assert _feed(p, t, b"250 2.0.0 queued") == b""  # kept open, nothing sent
     assert results[0].replies["a@r.test"].accepted
-    _feed(p, t, b"250 2.0.0 reset")
     assert cache.take("other") is None
     kept = cache.take("k")
     assert kept is p
@@ -165,7 +164,18 @@ def test_connection_kept_for_the_next_message_then_closed_when_idle():
     s3.cache, p3.cache = cache, cache
     cache.key_for(p3, "k")
     _feed(p3, t3, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"354 go", b"250 ok")
-    _feed(p3, t3, b"250 reset")
     s3.reactor.advance(2.0)
     assert t3.value() == b"QUIT\r\n"  # idle too long
     assert cache.take("k") is None
+
+
+def test_a_reply_while_idle_gives_the_connection_up():
+    cache = client.ConnectionCache(idle_time=2.0)
+    s, p, t, results = _session(recipients=("a@r.test",))
+    s.cache, p.cache = cache, cache
+    cache.key_for(p, "k")
+    t.connected = True
+    _feed(p, t, b"220 hi", b"250 hi", b"250 ok", b"250 ok", b"354 go", b"250 ok")
+    assert _feed(p, t, b"421 4.4.2 idle timeout") == b"QUIT\r\n"
+    assert cache.take("k") is None
+    assert p._idle_call is None  # the idle timer is gone too

@@ -280,15 +280,14 @@ class RelayClient(smtp.ESMTPClient):
         self.result.stage = DONE if stage == DOT else stage
         self.toAddressesResult = []
         self._from = None
-        self.session.finish(self.result)
-        if self.cache is not None and self.result.stage in (RCPT, DONE):
-            # Keep the connection for the next message to this destination
-            # (RFC 5321 4.1.1.5: RSET, then a new transaction).
-            self.sendLine(b"RSET")
-            self._expected = smtp.SUCCESS
-            self._okresponse = self._rset_done
-            self._failresponse = lambda code, resp: self._disconnectFromServer()
+        if self.cache is not None and self.result.stage == DONE:
+            # The transaction is complete (RFC 5321 3.3): keep the connection for
+            # the next message to this destination, parked before the result is
+            # reported, so the next session finds it instead of connecting anew.
+            self._park()
+            self.session.finish(self.result)
         else:
+            self.session.finish(self.result)
             self._disconnectFromServer()
 
     # --- connection reuse ---------------------------------------------------
@@ -296,8 +295,11 @@ class RelayClient(smtp.ESMTPClient):
     cache: ConnectionCache | None = None
     _idle_call: Any = None
 
-    def _rset_done(self, code: int, resp: bytes) -> None:
+    def _park(self) -> None:
         assert self.cache is not None
+        # A reply while idle (a 421 before the server closes): give the connection up.
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = lambda code, resp: self.quit_idle()
         self._idle_call = self.session.reactor.callLater(self.cache.idle_time, self.quit_idle)
         self.cache.park(self)
 

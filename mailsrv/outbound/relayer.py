@@ -337,6 +337,8 @@ class Relayer:
                 self._record(env, r, reply, remote, str(result.hop))
         finally:
             sem.release()
+            if sem.tokens == sem.limit and not sem.waiting:
+                self._semaphores.pop(domain, None)  # idle: do not keep one per domain ever seen
         yield self._checkpoint(env, rcpts)
 
     def _checkpoint(self, env: Envelope, rcpts: Sequence[Recipient]) -> defer.Deferred:
