@@ -1277,6 +1277,7 @@ class IMAPServer(imap4.IMAP4Server):
             its = items
             if seen_now and "FLAGS" not in items:
                 its = items + ["FLAGS"]
+            memory_only = not need_structure and not req.sections
 
             def submit(start: int) -> tuple[list[Any], defer.Deferred]:
                 job = []
@@ -1285,6 +1286,11 @@ class IMAPServer(imap4.IMAP4Server):
                     env = factory.envelopes.get(key + (info.uid,))
                     root = factory.structures.get(key + (info.uid,)) if need_structure else None
                     job.append((seq, info, _flag_list(mbox.flags_of(info)), env, root))
+                if memory_only and all(j[3] is not None for j in job):
+                    # Everything is cached: format here, no trip to a thread.
+                    return job, factory.cooperate().addCallback(
+                        lambda _: _prepare_batch(mbox.folder, job, its, False)
+                    )
                 return job, self._run(_prepare_batch, mbox.folder, job, its, need_structure)
 
             # The next batch is read while this one is written.
