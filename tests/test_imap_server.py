@@ -136,8 +136,9 @@ def test_select_examine_and_status(h):
     out = c.select()
     assert b"* 2 EXISTS" in out and b"[UIDNEXT 3]" in out and b"[READ-WRITE]" in out
     assert b"[UNSEEN 1]" in out
+    assert b"[PERMANENTFLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen \\*)]" in out
     out = c.cmd(b"e EXAMINE INBOX")
-    assert b"e OK [READ-ONLY]" in out
+    assert b"e OK [READ-ONLY]" in out and b"[PERMANENTFLAGS ()]" in out
     assert c.cmd(b"s STORE 1 +FLAGS (\\Seen)").startswith(b"s NO [READ-ONLY]")
     out = c.cmd(b"st STATUS INBOX (MESSAGES UNSEEN UIDNEXT UIDVALIDITY RECENT)")
     assert re.search(

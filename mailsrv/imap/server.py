@@ -845,8 +845,9 @@ class IMAPServer(imap4.IMAP4Server):
         flags = mbox.getFlags()
         first_unseen = next((i for i, m in enumerate(mbox.infos, 1) if SEEN not in m.flags), None)
         self.sendUntaggedResponse(b"FLAGS " + _flag_list(flags))
+        permanent = [*flags, "\\*"] if mbox.isWriteable() else []
         self.sendUntaggedResponse(
-            b"OK [PERMANENTFLAGS " + _flag_list([*flags, "\\*"]) + b"] Flags permitted"
+            b"OK [PERMANENTFLAGS " + _flag_list(permanent) + b"] Flags permitted"
         )
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
         self.sendUntaggedResponse(b"0 RECENT")
