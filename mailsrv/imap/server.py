@@ -1591,7 +1591,7 @@ class IMAPServerFactory(protocol.Factory):
         self.throttle = throttle
         self.implicit_tls = implicit_tls
         self.spool_dir = config.spool_dir
-        self.envelopes = _BoundedCache(200_000)
+        self.envelopes = _BoundedCache(100_000)  # ~45 MB at most
         self.structures = _BoundedCache(5_000)
         self.cooperate = cooperate or (lambda: task.deferLater(reactor, 0, lambda: None))
 
