@@ -288,6 +288,18 @@ class IndexTests(_Base):
             f.close()
             self.inbox.unlink()
 
+    def test_many_folders_open_and_idle(self):
+        first = self.open()
+        self.deliver(b"Subject: a\n\nbody\n")
+        self.ok(first.refresh())
+        for i in range(40):
+            self.ok(self.store.create_folder(USER, f"F{i}"))
+            self.ok(self.store.folder_status(USER, f"F{i}"))
+            self.ok(self.store.open_folder(USER, f"F{i}")).close()
+        self.assertLessEqual(len(self.store._states), 20)
+        self.ok(first.set_flags({1: {SEEN}}))
+        self.assertEqual(self.open(self.new_store()).messages()[0].flags, frozenset({SEEN}))
+
     def test_file_removed_externally(self):
         self.deliver(b"Subject: a\n\nbody\n")
         f = self.open()

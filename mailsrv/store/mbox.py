@@ -229,8 +229,11 @@ class MboxMailStore:
 
     def _drop(self, key: tuple[str, str]) -> None:
         self._idle.pop(key, None)
-        st = self._states.pop(key, None)
-        if st is not None and st.index is not None:
+        st = self._states.get(key)
+        if st is None or st.sessions or st.queue.pending or st.pending:
+            return
+        del self._states[key]
+        if st.index is not None:
             index, st.index = st.index, None
             st.queue.run(lambda: self._in_thread(index.close))
 
@@ -882,6 +885,7 @@ class MboxFolder:
         self._listeners: list[Callable[[], None]] = []
         self._closed = False
         state.sessions += 1
+        store._idle.pop((state.user, state.name), None)
 
     @property
     def uid_validity(self) -> int:
