@@ -41,6 +41,27 @@ time.sleep(float(sys.argv[2]))
 os.close(fd)
 """
 
+FCNTL_THEN_DOTLOCK = """
+import fcntl, os, sys, time
+fd = os.open(sys.argv[1], os.O_RDWR | os.O_APPEND)
+fcntl.lockf(fd, fcntl.LOCK_EX)
+print("locked", flush=True)
+time.sleep(float(sys.argv[2]))
+lock = sys.argv[1] + ".lock"
+for _ in range(300):  # as Postfix local(8): fcntl first, then the dotlock, with retries
+    try:
+        os.close(os.open(lock, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+        break
+    except FileExistsError:
+        time.sleep(0.01)
+else:
+    sys.exit("no dotlock")
+os.write(fd, b"From postfix Mon Jan  1 00:00:00 2024\\nSubject: postfix\\n\\nhi\\n\\n")
+os.fsync(fd)
+os.unlink(lock)
+os.close(fd)
+"""
+
 HOLD_MAILBOX = """
 import mailbox, sys, time
 box = mailbox.mbox(sys.argv[1])
@@ -140,6 +161,9 @@ class ThreadedTests(TestCase):
 
     def test_waits_for_python_mailbox(self):
         return self.lock_waits(HOLD_MAILBOX, expect_extra=1)
+
+    def test_fcntl_first_locker_is_not_starved(self):
+        return self.lock_waits(FCNTL_THEN_DOTLOCK, expect_extra=1)
 
     @defer.inlineCallbacks
     def test_lock_timeout_fails_delivery(self):

@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import fcntl
 import os
+import random
 import socket
 import struct
 import time
@@ -16,6 +17,7 @@ from pathlib import Path
 
 STALE_AFTER = 300.0  # seconds; a dotlock this old is broken (Dovecot, mutt: 5 minutes)
 DEFAULT_TIMEOUT = 60.0
+FCNTL_SLICE = 0.25  # seconds to wait for fcntl while holding the dotlock
 
 
 class LockTimeout(OSError):
@@ -146,28 +148,45 @@ class MboxLock:
 
     def __enter__(self) -> MboxLock:
         deadline = time.monotonic() + self.timeout
-        self._dotlock = acquire_dotlock(self.path, deadline)
-        try:
-            flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
-            while True:
-                fd = os.open(self.path, flags, 0o600)
-                try:
-                    acquire_fcntl(fd, deadline)
-                    if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
-                        self.fd = fd
-                        return self
-                except FileNotFoundError:
-                    if not self.create:
-                        os.close(fd)
-                        raise
-                except BaseException:
-                    os.close(fd)
-                    raise
-                os.close(fd)
-        except BaseException:
+        while True:
+            self._dotlock = acquire_dotlock(self.path, deadline)
+            try:
+                if self._lock_file(min(deadline, time.monotonic() + FCNTL_SLICE)):
+                    return self
+            except BaseException:
+                release_dotlock(self._dotlock)
+                self._dotlock = None
+                raise
+            # Someone that takes fcntl first (Postfix, mutt) holds the file: let go of
+            # the dotlock so they can finish, then try again.
             release_dotlock(self._dotlock)
             self._dotlock = None
-            raise
+            if time.monotonic() >= deadline:
+                raise LockTimeout(errno.EAGAIN, f"mbox is fcntl-locked by another process: {self.path}")
+            time.sleep(random.uniform(0.01, 0.05))
+
+    def _lock_file(self, deadline: float) -> bool:
+        """Open the mbox and fcntl-lock it; False if still locked at C{deadline}."""
+        flags = os.O_RDWR | (os.O_CREAT if self.create else 0)
+        while True:
+            fd = os.open(self.path, flags, 0o600)
+            try:
+                acquire_fcntl(fd, deadline)
+                if os.fstat(fd).st_ino == os.stat(self.path).st_ino:
+                    self.fd = fd
+                    return True
+            except LockTimeout:
+                os.close(fd)
+                return False
+            except FileNotFoundError:
+                os.close(fd)
+                if not self.create:
+                    raise
+                continue
+            except BaseException:
+                os.close(fd)
+                raise
+            os.close(fd)  # renamed over while we waited: lock the new file
 
     def __exit__(self, *exc) -> None:
         if self.fd >= 0:
