@@ -133,8 +133,8 @@ class ScannerTests(SynchronousTestCase):
             r = mboxfmt.scan(fd, 0, len(data), chunk)
         finally:
             os.close(fd)
-        return (list(r.from_offs), list(r.starts), list(r.ends), list(r.sizes), r.fps, r.flags,
-                r.dates, r.end)
+        return (list(r.from_offs), list(r.starts), list(r.ends), list(r.sizes), list(r.fps),
+                r.flags, list(r.dates), r.end)
 
     @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
     @given(st.lists(st.lists(st.sampled_from(

@@ -423,8 +423,8 @@ class MboxMailStore:
         idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
                             res.crcs, res.fps, strict=True), first + n, covered)
         infos = list(map(MessageInfo, uids, res.sizes, res.flags, res.dates))
-        snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs,
-                         array("q", res.fps), infos, handle)
+        snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos,
+                         handle)
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
     def _recover(self, st: _FolderState, fd: int) -> None:

@@ -229,7 +229,7 @@ class MessageReader(io.RawIOBase):
 
 
 _DAY_CACHE: dict[bytes, int] = {}
-_HMS_CACHE: dict[bytes, int] = {}
+_HM_CACHE: dict[bytes, int] = {}
 
 
 def parse_from_date(line: bytes) -> float:
@@ -238,19 +238,19 @@ def parse_from_date(line: bytes) -> float:
     t = line[-25:-1]
     if len(t) == 24 and t[13] == 0x3A and t[16] == 0x3A and t[19] == 0x20:
         day = t[4:10] + t[20:24]
-        hms = t[11:19]
+        hm = t[11:16]
         base = _DAY_CACHE.get(day)
-        sec = _HMS_CACHE.get(hms)
+        sec = _HM_CACHE.get(hm)
         try:
             if base is None:
                 base = calendar.timegm((int(t[20:24]), _MONTHS[t[4:7]], int(t[8:10]), 0, 0, 0,
                                         0, 0, 0))
-                if len(_DAY_CACHE) > 100000:
+                if len(_DAY_CACHE) > 10000:
                     _DAY_CACHE.clear()
                 _DAY_CACHE[day] = base
             if sec is None:
-                sec = _HMS_CACHE[hms] = int(t[11:13]) * 3600 + int(t[14:16]) * 60 + int(t[17:19])
-            return float(base + sec)
+                sec = _HM_CACHE[hm] = int(t[11:13]) * 3600 + int(t[14:16]) * 60
+            return float(base + sec + int(t[17:19]))
         except (KeyError, ValueError, OverflowError):
             pass
     m = _ASCTIME.search(line)
@@ -292,8 +292,8 @@ class ScanResult:
     ends: array = field(default_factory=lambda: array("q"))
     sizes: array = field(default_factory=lambda: array("q"))
     crcs: array = field(default_factory=lambda: array("q"))
-    fps: list = field(default_factory=list)
-    dates: list = field(default_factory=list)
+    fps: array = field(default_factory=lambda: array("q"))
+    dates: array = field(default_factory=lambda: array("d"))
     flags: list = field(default_factory=list)  # from Status:/X-Status:
     end: int = 0  # file offset the scan covered
 
