@@ -258,6 +258,11 @@ class StoreContract:
         self.fails(self.store.rename_folder(USER, "Nope", "Z"))
         self.ok(self.store.create_folder(USER, "D"))
         self.fails(self.store.rename_folder(USER, "D", "C/B"))
+        # A failed rename leaves open sessions working.
+        self.ok(f.set_flags({1: {SEEN}}))
+        self.fails(self.store.rename_folder(USER, "C/B", "D"))
+        self.ok(f.set_flags({1: {DELETED}}))
+        self.assertEqual(self.open("C/B").messages()[0].flags, frozenset({DELETED}))
 
     def test_rename_inbox(self):
         self.deliver(MSG1)

@@ -387,6 +387,26 @@ class CrashTests(_Base):
         self.assertEqual(len(self.ok(d).messages()), 3)
         self.flushLoggedErrors()
 
+    def test_expunge_disk_full_leaves_folder_alone(self):
+        from mailsrv.store import mbox
+
+        for i in range(3):
+            self.deliver(b"Subject: %d\n\nbody\n" % i)
+        f = self.open()
+        before = self.inbox.read_bytes()
+
+        def full(*args, **kwargs):
+            raise OSError(28, "No space left on device")
+
+        self.patch(mbox, "_copy_range", full)
+        self.failureResultOf(f.expunge([2]), OSError)
+        self.assertEqual(self.inbox.read_bytes(), before)
+        self.assertEqual([p.name for p in self.inbox.parent.iterdir()], ["INBOX"])
+        self.assertEqual([m.uid for m in f.messages()], [1, 2, 3])
+        self.patch(mbox, "_copy_range", _real_copy_range)
+        self.assertEqual(self.ok(f.expunge([2])), [2])
+        self.assertEqual([m.uid for m in self.open(self.new_store()).messages()], [1, 3])
+
     def test_leftover_expunge_temp_ignored(self):
         self.deliver(b"Subject: a\n\nbody\n")
         tmp = self.inbox.with_name(".INBOX.expunge.99999")
@@ -399,6 +419,9 @@ class CrashTests(_Base):
 
     def test_folder_name_reserved(self):
         self.failureResultOf(self.store.create_folder(USER, "foo.lock"), FolderError)
+
+
+from mailsrv.store.mbox import _copy_range as _real_copy_range  # noqa: E402
 
 
 class _ManualPool(SyncThreadPool):

@@ -777,16 +777,20 @@ class MboxMailStore:
                     self._install, st))
         affected = [s for (u, n), s in list(self._states.items())
                     if u == user and (n == old or n.startswith(old + DELIMITER))]
-        for s in affected:
-            s.detached = True
-            self._states.pop((s.user, s.name), None)
-            self._idle.pop((s.user, s.name), None)
-        for (u, n) in list(self._states):
-            if u == user and (n == new or n.startswith(new + DELIMITER)):
-                self._drop((u, n))
+
+        def renamed(_):
+            # Sessions on the old names keep their view; new opens use the new names.
+            for s in affected:
+                s.detached = True
+                if self._states.get((s.user, s.name)) is s:
+                    del self._states[(s.user, s.name)]
+                self._idle.pop((s.user, s.name), None)
+            for (u, n) in list(self._states):
+                if u == user and (n == new or n.startswith(new + DELIMITER)):
+                    self._drop((u, n))
 
         def job():
-            return self._in_thread(self._rename, user, old, new, affected)
+            return self._in_thread(self._rename, user, old, new, affected).addCallback(renamed)
 
         return self._job(st, job)
 

@@ -322,7 +322,7 @@ def _header_end(buf: bytes, pos: int, limit: int, has_cr: bool) -> int:
         return pos + 2
     a = buf.find(b"\n\n", pos, limit)
     if has_cr:
-        b = buf.find(b"\n\r\n", pos, a if a >= 0 else limit)
+        b = buf.find(b"\n\r\n", pos, a + 1 if a >= 0 else limit)
         if b >= 0:
             return b + 3
     return a + 2 if a >= 0 else -1
