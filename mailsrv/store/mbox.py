@@ -576,17 +576,34 @@ class MboxMailStore:
     def _deliver_batch(self, st: _FolderState, items) -> tuple[int, dict[int, BaseException]]:
         if st.name != INBOX and not st.path.is_file():
             raise FolderError("No such folder")
-        if st.name == INBOX:
-            st.path.parent.mkdir(parents=True, exist_ok=True)
         prepared, errors = self._prepare(items)
         if not prepared:
             return -1, errors
+        created = not st.path.exists()
+        if created:
+            self._make_dirs(st.path.parent)
         try:
             with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
                 self._recover(st, lk.fd)
-                return self._append_locked(st, lk.fd, prepared), errors
+                size = self._append_locked(st, lk.fd, prepared)
+                if created:
+                    _fsync_dir(st.path.parent)  # the new file's name is durable too
+                return size, errors
         except FileNotFoundError:
             raise FolderError("No such folder")
+
+    def _make_dirs(self, d: Path) -> None:
+        """mkdir -p, fsyncing each directory that gained an entry."""
+        missing = []
+        while not d.exists() and d != d.parent:
+            missing.append(d)
+            d = d.parent
+        for m in reversed(missing):
+            try:
+                m.mkdir()
+            except FileExistsError:
+                pass
+            _fsync_dir(m.parent)
 
     # -- folders
 
@@ -698,7 +715,7 @@ class MboxMailStore:
                 break
             if p.exists() and not p.is_dir():
                 raise FolderError("A mailbox cannot have sub-folders here")
-        parent.mkdir(parents=True, exist_ok=True)
+        self._make_dirs(parent)
         if st.index is not None:
             st.index.close()
             st.index = None
