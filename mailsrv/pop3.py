@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginDenied, LoginFailed
-from twisted.internet import defer, interfaces, protocol, task, tcp, threads
+from twisted.internet import defer, interfaces, protocol, task, threads
 from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
@@ -43,7 +43,6 @@ READ_AHEAD = 48  # messages held ready ahead of a sequential RETR download
 READ_AHEAD_MAX_SIZE = 64 * 1024  # larger ones are read when asked for (<= 3 MB ahead)
 OPEN_PER_RETR = 2  # messages opened ahead after each RETR
 READ_BATCH = 16  # messages read per trip to the pool
-DIRECT_SEND = True  # replies straight to the socket when nothing is queued (_send_now)
 
 # Replies, worded like Dovecot's where clients may match on them.
 GREETING = b"+OK mailsrv ready."
@@ -362,7 +361,7 @@ class POP3Server(pop3.POP3):
     def send(self, *lines: bytes) -> None:
         """Write reply lines (each without CRLF) in one write."""
         if not self._closed:
-            self._send_now(b"".join(line + b"\r\n" for line in lines))
+            self.transport.write(b"".join(line + b"\r\n" for line in lines))
 
     def ok(self, text: bytes = b"") -> None:
         self.send(b"+OK " + text if text else b"+OK")
@@ -819,51 +818,8 @@ class POP3Server(pop3.POP3):
         if data is None:
             return self.error(GONE)
         if not self._closed:
-            self._send_now(first + b"\r\n" + dot_stuff(data) + terminator(data))
+            self.transport.write(first + b"\r\n" + dot_stuff(data) + terminator(data))
         return None
-
-    def _send_now(self, data: bytes) -> None:
-        """
-        Write a reply the client is waiting for straight to the socket when
-        nothing else is queued, rather than on the reactor's next turn: the
-        client is idle until it arrives, and the bookkeeping after it
-        (read-ahead, queued commands) then overlaps with the client's reading.
-        What the socket does not take goes through the transport as usual.
-        """
-        t = self.transport
-        if (
-            DIRECT_SEND
-            and type(t) is tcp.Server
-            and not t.TLS
-            and t.connected
-            and not t.disconnecting
-            and t.producer is None
-            and not t.dataBuffer
-            and not t._tempDataBuffer
-        ):
-            try:
-                sent = t.socket.send(data)
-            except (BlockingIOError, InterruptedError):
-                sent = 0
-            except OSError:
-                sent = 0  # the reactor meets the error again on its next write and closes
-            if sent < len(data):
-                t.write(data[sent:] if sent else data)
-            return
-        t.write(data)
-        self._flush()
-
-    def _flush(self) -> None:
-        """
-        Hand buffered output to the socket now rather than on the reactor's
-        next turn: the client is waiting for this reply, and the bookkeeping
-        after it (read-ahead, queued commands) can overlap with its reading.
-        """
-        t = self.transport
-        if not isinstance(t, tcp.Connection):
-            t = getattr(t, "transport", None)  # implicit TLS: the socket under the TLS layer
-        if isinstance(t, tcp.Connection) and t.connected and not t.disconnecting:
-            t.doWrite()  # an error here is seen again, and handled, by the reactor
 
     @defer.inlineCallbacks
     def _stream(self, info: MessageInfo) -> Any:
