@@ -34,6 +34,16 @@ DOVECOT_SCHEME = "{ARGON2ID}"
 MAX_CONCURRENT_CHECKS = 2
 
 
+def default_hasher() -> PasswordHasher:
+    """
+    argon2id with OWASP's recommended parameters (19 MiB, 2 passes, 1 lane):
+    strong against offline guessing, yet a login costs tens of milliseconds
+    and 19 MiB, so a burst of logins neither stalls the disk pool nor
+    balloons memory. Hashes keep their parameters, so older ones still verify.
+    """
+    return PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
+
+
 class PasswordFileError(Exception):
     """The password file cannot be read or changed; the text is for the administrator."""
 
@@ -93,7 +103,7 @@ class PasswordFile:
         self.path = Path(path)
         self._reactor = reactor
         self._pool = threadpool
-        self._hasher = hasher if hasher is not None else PasswordHasher()
+        self._hasher = hasher if hasher is not None else default_hasher()
         self._users: dict[str, str] = {}
         self._key: tuple[int, ...] | None = None
         self._dummy: str | None = None
