@@ -11,6 +11,11 @@ Every file is written under tmp/, fsynced, renamed into place, and the folder
 fsynced; the envelope is renamed last, so an envelope on disk always has its
 message. The envelope is rewritten the same way after every delivery attempt,
 so a recipient confirmed by a remote server is never sent to again.
+
+Group commit: the writes of messages queued at the same time run as one batch
+in the thread pool, with one fsync of the folder for the whole batch, and
+their Deferreds fire together once it is done (one thread hop and one reactor
+wake-up per batch instead of per message).
 """
 
 from __future__ import annotations
@@ -28,9 +33,11 @@ from typing import Any
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
+from mailsrv.spool import BytesSource
 
 PENDING = "pending"
 SENT = "sent"
@@ -40,6 +47,9 @@ MSG_SUFFIX = ".msg"
 ENV_SUFFIX = ".env"
 FLUSH_FILE = "flush"
 _COPY_CHUNK = 256 * 1024
+MAX_BATCHES = 2  # batches of queue writes in the thread pool at once
+RECENT_MESSAGE_MAX = 64 * 1024  # messages kept in memory for the relayer's first attempt
+RECENT_TOTAL_MAX = 16 * 1024 * 1024
 
 
 @dataclass
@@ -140,24 +150,75 @@ class QueueStore:
     def store(self, envelope: Envelope, source: Any) -> None:
         """Write the message, then its envelope, durably."""
         self.ensure()
+        self._store_files(envelope, source)
+        self._fsync_dir()
+
+    def _store_files(self, envelope: Envelope, source: Any) -> None:
+        """Write and fsync both files, renamed into place; the folder is not fsynced."""
 
         def copy(out: Any) -> None:
+            if isinstance(source, bytes):
+                out.write(source)
+                return
             with source.open() as f:
                 shutil.copyfileobj(f, out, _COPY_CHUNK)
 
         self._write_file(self.message_path(envelope.id), copy)
         self._write_file(self.envelope_path(envelope.id), lambda f: f.write(envelope.to_json()))
-        self._fsync_dir()
+
+    def run_batch(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+        """
+        Run queued writes in order: ("store", (envelope, source or bytes)),
+        ("save", (envelope,)), ("remove", (queue_id, sync)). The folder is
+        fsynced once at the end for all of them (group commit); a job's result
+        is (True, value) or (False, exception), and a job that needed the
+        folder's fsync fails if that fsync does.
+        """
+        self.ensure()
+        results: list[tuple[bool, Any]] = []
+        need_sync: list[int] = []
+        for i, (kind, args) in enumerate(jobs):
+            try:
+                if kind == "store":
+                    self._store_files(*args)
+                    value: Any = None
+                    need_sync.append(i)
+                elif kind == "save":
+                    value = self._save_file(*args)
+                    if value:
+                        need_sync.append(i)
+                elif kind == "remove":
+                    queue_id, sync = args
+                    value = self.remove(queue_id, sync=False)
+                    if value and sync:
+                        need_sync.append(i)
+                else:
+                    raise ValueError(f"unknown queue job {kind!r}")
+                results.append((True, value))
+            except Exception as e:
+                results.append((False, e))
+        if need_sync:
+            try:
+                self._fsync_dir()
+            except Exception as e:
+                for i in need_sync:
+                    results[i] = (False, e)
+        return results
 
     def save_envelope(self, envelope: Envelope) -> bool:
         """
         Rewrite an envelope durably. Returns False (and writes nothing) when
         the message has been removed meanwhile, e.g. by ``queue delete``.
         """
+        if not self._save_file(envelope):
+            return False
+        self._fsync_dir()
+        return True
+
+    def _save_file(self, envelope: Envelope) -> bool:
         if not self.message_path(envelope.id).exists():
             return False
         self._write_file(self.envelope_path(envelope.id), lambda f: f.write(envelope.to_json()))
-        self._fsync_dir()
         return True
 
     def load_envelope(self, queue_id: str) -> Envelope:
@@ -239,12 +300,56 @@ class OutboundQueue:
 
     log = Logger()
 
-    def __init__(self, queue_dir: Path | str, reactor: Any, threadpool: Any) -> None:
+    def __init__(self, queue_dir: Path | str, reactor: Any, threadpool: Any,
+                 max_batches: int = MAX_BATCHES) -> None:
         """C{threadpool} runs the disk work; None runs it in line (unit tests only)."""
         self.store = QueueStore(queue_dir)
         self._reactor = reactor
         self._pool = threadpool
         self._listeners: list[Callable[[Envelope], None]] = []
+        self._jobs: list[tuple[str, tuple[Any, ...], defer.Deferred]] = []
+        self._batches = 0
+        self._max_batches = max_batches
+        # The bytes of small messages just queued, for the relayer's first
+        # attempt (it need not read them back from the disk).
+        self._recent: dict[str, bytes] = {}
+        self._recent_bytes = 0
+
+    def _submit(self, kind: str, *args: Any) -> defer.Deferred:
+        """Run one write in the next batch; fires with its result."""
+        d: defer.Deferred = defer.Deferred()
+        self._jobs.append((kind, args, d))
+        if self._batches < self._max_batches:
+            self._run_batch()
+        return d
+
+    def _run_batch(self) -> None:
+        jobs, self._jobs = self._jobs, []
+        if not jobs:
+            return
+        self._batches += 1
+        d = self._in_pool(self.store.run_batch, [(kind, args) for kind, args, _ in jobs])
+
+        def done(results: Any) -> None:
+            self._batches -= 1
+            if isinstance(results, Failure):
+                results = [(False, results)] * len(jobs)
+            for (_, _, job_d), (ok, value) in zip(jobs, results, strict=True):
+                if ok:
+                    job_d.callback(value)
+                else:
+                    job_d.errback(value if isinstance(value, Failure) else Failure(value))
+            if self._jobs and self._batches < self._max_batches:
+                self._run_batch()
+
+        d.addBoth(done)
+
+    def take_recent(self, queue_id: str) -> bytes | None:
+        """The message's bytes if it was queued lately and is small (once), else None."""
+        data = self._recent.pop(queue_id, None)
+        if data is not None:
+            self._recent_bytes -= len(data)
+        return data
 
     def _in_pool(self, f: Callable[..., Any], *args: Any) -> defer.Deferred:
         if self._pool is None:  # tests on a fake clock: run in line
@@ -273,9 +378,18 @@ class OutboundQueue:
             next_attempt=now,
             size=source.size,
         )
-        d = self._in_pool(self.store.store, envelope, source)
+        data: Any = source
+        if (isinstance(source, BytesSource) or getattr(source, "in_memory", False)) \
+                and source.size <= RECENT_MESSAGE_MAX:
+            with source.open() as f:  # in memory: no disk to wait for
+                data = f.read()
+        d = self._submit("store", envelope, data)
 
         def stored(_: None) -> str:
+            if isinstance(data, bytes) and \
+                    self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
+                self._recent[envelope.id] = data
+                self._recent_bytes += len(data)
             self.log.info(
                 "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} (queue active)",
                 queue_id=envelope.id,
@@ -294,10 +408,12 @@ class OutboundQueue:
 
     def save(self, envelope: Envelope) -> defer.Deferred:
         """Rewrite an envelope durably; fires with False if the message is gone."""
-        return self._in_pool(self.store.save_envelope, envelope)
+        return self._submit("save", envelope)
 
     def remove(self, queue_id: str, sync: bool = True) -> defer.Deferred:
-        return self._in_pool(self.store.remove, queue_id, sync)
+        """Remove a message (see L{QueueStore.remove}); fires with whether it was there."""
+        self.take_recent(queue_id)
+        return self._submit("remove", queue_id, sync)
 
     def scan(self) -> defer.Deferred:
         return self._in_pool(self.store.scan)

@@ -8,6 +8,7 @@ recipient's result durably, schedules retries and sends DSNs.
 from __future__ import annotations
 
 import heapq
+import io
 import itertools
 from collections import defaultdict
 from collections.abc import Sequence
@@ -241,7 +242,14 @@ class Relayer:
 
     def _save(self, env: Envelope) -> defer.Deferred:
         """Rewrite the envelope durably, one write at a time per message."""
-        return self._lock(env).run(self._in_pool, self.queue.store.save_envelope, env)
+        return self._lock(env).run(self._queue_write, "save", env)
+
+    def _queue_write(self, kind: str, *args: Any) -> defer.Deferred:
+        """A save or removal, in the queue's next batch (or in line when stopping)."""
+        if self.pool is None or not self._running:
+            f = self.queue.store.save_envelope if kind == "save" else self.queue.store.remove
+            return defer.maybeDeferred(f, *args)
+        return self.queue.save(*args) if kind == "save" else self.queue.remove(*args)
 
     def _in_pool(self, f: Any, *args: Any) -> defer.Deferred:
         if self.pool is None or not self._running:
@@ -355,20 +363,31 @@ class Relayer:
     @defer.inlineCallbacks
     def _try_hops(self, env: Envelope, domain: str, hops: Sequence[Hop], addrs: list[str]):
         """Run a session with each hop in turn until one gets as far as MAIL FROM."""
-        path = self.queue.store.message_path(env.id)
-        f = yield self._in_pool(open, path, "rb")
+        data = self.queue.take_recent(env.id)
+        if data is not None:  # queued just now: the bytes are still in memory
+            f: Any = io.BytesIO(data)
+            pool = None
+        else:
+            path = self.queue.store.message_path(env.id)
+            f = yield self._in_pool(open, path, "rb")
+            pool = self.pool
         result: SessionResult | None = None
+
+        def rewind() -> Any:
+            return f.seek(0) if pool is None else self._in_pool(f.seek, 0)
+
         try:
             for hop in hops:
                 context, required = self._tls_for(domain, hop)
                 for ctx in (context, None):
                     if result is not None:
-                        yield self._in_pool(f.seek, 0)
-                    result = yield self._session(env, hop, addrs, f, ctx, required, domain)
+                        yield rewind()
+                    result = yield self._session(env, hop, addrs, f, ctx, required, domain,
+                                                 pool=pool)
                     if result.stale_connection:
-                        yield self._in_pool(f.seek, 0)
+                        yield rewind()
                         result = yield self._session(env, hop, addrs, f, ctx, required, domain,
-                                                     reuse=False)
+                                                     reuse=False, pool=pool)
                     # Opportunistic TLS whose handshake failed: try once more in plain text.
                     if not (result.tls_failed and ctx is not None and not required):
                         break
@@ -380,7 +399,9 @@ class Relayer:
         return result
 
     def _session(self, env: Envelope, hop: Hop, addrs: list[str], f: Any, context: Any,
-                 required: bool, domain: str, reuse: bool = True) -> defer.Deferred:
+                 required: bool, domain: str, reuse: bool = True,
+                 pool: Any = None) -> defer.Deferred:
+        """One session; C{pool} reads C{f} (None: C{f} is in memory, read in line)."""
         relay = self.config.relay
         smarthost = domain == SMARTHOST
         # Sessions are interchangeable when they go to the same address for the
@@ -389,7 +410,7 @@ class Relayer:
         kept = self._connections.take(key) if reuse else None
         s = Session(
             reactor=self.reactor,
-            pool=self.pool,
+            pool=pool,
             hop=hop,
             helo=self.config.server.hostname,
             sender=env.sender,
@@ -444,7 +465,8 @@ class Relayer:
         if pending:
             yield self._save(env)
         else:
-            yield self._lock(env).run(self._in_pool, self.queue.store.remove, env.id, False)
+            self.queue.take_recent(env.id)
+            yield self._lock(env).run(self._queue_write, "remove", env.id, False)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)
             self.log.info("{queue_id}: removed", queue_id=env.id)
