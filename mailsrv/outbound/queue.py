@@ -20,6 +20,7 @@ wake-up per batch instead of per message).
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import secrets
@@ -94,9 +95,12 @@ class Envelope:
         return cls(**raw)
 
 
+_sequence = itertools.count(secrets.randbits(24))
+
+
 def new_queue_id(now: float) -> str:
-    """A unique id that sorts by arrival: microseconds in hex, then randomness."""
-    return f"{int(now * 1_000_000):014X}{secrets.token_hex(3).upper()}"
+    """A unique id that sorts by arrival: microseconds in hex, then a counter from a random start."""
+    return f"{int(now * 1_000_000):014X}{next(_sequence) & 0xFFFFFF:06X}"
 
 
 def _valid_id(queue_id: str) -> bool:
@@ -136,7 +140,7 @@ class QueueStore:
             os.close(fd)
 
     def _write_file(self, final: Path, write: Callable[[Any], None]) -> None:
-        tmp = self.tmp_dir / f"{final.name}.{secrets.token_hex(4)}"
+        tmp = self.tmp_dir / f"{final.name}.{os.getpid()}.{next(_sequence)}"
         try:
             with open(tmp, "wb") as f:
                 write(f)
