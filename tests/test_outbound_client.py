@@ -179,3 +179,83 @@ def test_a_reply_while_idle_gives_the_connection_up():
     assert _feed(p, t, b"421 4.4.2 idle timeout") == b"QUIT\r\n"
     assert cache.take("k") is None
     assert p._idle_call is None  # the idle timer is gone too
+
+
+def _pipelined_session(recipients=("a@r.test", "b@r.test", "c@r.test")):
+    s, p, t, results = _session(recipients=recipients)
+    _feed(p, t, b"220 mx.remote.test ESMTP")
+    sent = _feed(p, t, b"250-mx.remote.test", b"250-PIPELINING", b"250 8BITMIME")
+    return s, p, t, results, sent
+
+
+def test_pipelining_sends_mail_rcpt_data_in_one_write():
+    s, p, t, results, sent = _pipelined_session()
+    assert sent == (b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@r.test>\r\n"
+                    b"RCPT TO:<b@r.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n")
+    body = _feed(p, t, b"250 2.1.0 ok", b"250 2.1.5 ok", b"550 5.1.1 no such user",
+                 b"451 4.3.0 try later", b"354 go ahead")
+    assert body == b"Subject: x\r\n\r\nhello\r\n..dot\r\n.\r\n"
+    assert _feed(p, t, b"250 2.0.0 queued as X") == b"QUIT\r\n"
+    (r,) = results
+    assert r.stage == client.DONE
+    assert r.replies["a@r.test"] == RemoteReply(250, "2.0.0 queued as X", "end of DATA")
+    assert r.replies["b@r.test"] == RemoteReply(550, "5.1.1 no such user", "RCPT TO")
+    assert r.replies["c@r.test"] == RemoteReply(451, "4.3.0 try later", "RCPT TO")
+
+
+def test_pipelining_mail_refused_is_every_recipients_reply():
+    s, p, t, results, sent = _pipelined_session(recipients=("a@r.test", "b@r.test"))
+    out = _feed(p, t, b"553 5.7.1 sender refused", b"503 5.5.1 need MAIL",
+                b"503 5.5.1 need MAIL", b"503 5.5.1 need RCPT")
+    assert b"MAIL" not in out and b"." not in out  # no body, the session ends
+    (r,) = results
+    assert r.stage == client.MAIL and not r.before_transaction
+    for rcpt in ("a@r.test", "b@r.test"):
+        assert r.replies[rcpt] == RemoteReply(553, "5.7.1 sender refused", "MAIL FROM")
+
+
+def test_pipelining_every_recipient_refused_sends_no_body():
+    s, p, t, results, sent = _pipelined_session(recipients=("a@r.test",))
+    out = _feed(p, t, b"250 ok", b"550 5.1.1 no such user", b"554 5.5.1 no valid recipients")
+    assert b"Subject" not in out
+    (r,) = results
+    assert r.replies["a@r.test"] == RemoteReply(550, "5.1.1 no such user", "RCPT TO")
+
+
+def test_pipelining_data_refused_is_the_accepted_recipients_reply():
+    s, p, t, results, sent = _pipelined_session(recipients=("a@r.test", "b@r.test"))
+    out = _feed(p, t, b"250 ok", b"250 ok", b"550 5.1.1 unknown", b"451 4.3.0 disk full")
+    assert b"Subject" not in out
+    (r,) = results
+    assert r.replies["a@r.test"] == RemoteReply(451, "4.3.0 disk full", "DATA")
+    assert r.replies["b@r.test"] == RemoteReply(550, "5.1.1 unknown", "RCPT TO")
+
+
+def test_pipelining_on_a_kept_connection():
+    cache = client.ConnectionCache(idle_time=2.0)
+    s, p, t, results = _session(recipients=("a@r.test",))
+    s.cache, p.cache = cache, cache
+    cache.key_for(p, "k")
+    t.connected = True
+    _feed(p, t, b"220 hi", b"250-hi", b"250 PIPELINING")
+    assert _feed(p, t, b"250 ok", b"250 ok", b"354 go").endswith(b"\r\n.\r\n")
+    assert _feed(p, t, b"250 2.0.0 queued") == b""
+    kept = cache.take("k")
+    assert kept is p and results[0].replies["a@r.test"].accepted
+    second = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
+                     sender="bob@example.test", recipients=["c@r.test"],
+                     message=io.BytesIO(b"x\n"), cache=cache, cache_key="k")
+    got = []
+    second.run_on(kept).addCallback(got.append)
+    assert _feed(p, t) == b"MAIL FROM:<bob@example.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n"
+    assert _feed(p, t, b"250 ok", b"250 ok", b"354 go") == b"x\r\n.\r\n"
+    _feed(p, t, b"250 2.0.0 queued")
+    assert got[0].stage == client.DONE and got[0].replies["c@r.test"].accepted
+    # A kept connection the server closed while the group was on its way: stale, retried.
+    third = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
+                    sender="bob@example.test", recipients=["d@r.test"],
+                    message=io.BytesIO(b"x\n"), cache=cache, cache_key="k")
+    got3 = []
+    third.run_on(cache.take("k")).addCallback(got3.append)
+    p.connectionLost(Failure(ConnectionError("reset")))
+    assert got3[0].stale_connection

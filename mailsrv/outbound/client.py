@@ -223,10 +223,73 @@ class RelayClient(smtp.ESMTPClient):
             self.result.stage = AUTH
         super().authenticate(code, resp, items)
 
+    def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
+        # RFC 2920: the server's EHLO (again after STARTTLS) says whether it pipelines.
+        self._pipelining = any(
+            line.split(None, 1)[0].upper() == b"PIPELINING"
+            for line in resp.splitlines() if line.strip())
+        super().esmtpState_serverConfig(code, resp)
+
     def smtpState_from(self, code: int, resp: bytes) -> None:
         if not self._sent_from:
             self.result.stage = MAIL
+            if self._pipelining:
+                self._pipeline()
+                return
         super().smtpState_from(code, resp)
+
+    # --- RFC 2920 PIPELINING: MAIL, every RCPT and DATA in one write ---------
+
+    _pipelining = False
+
+    def _pipeline(self) -> None:
+        sender = self.getMailFrom()
+        if sender is None:
+            self._disconnectFromServer()
+            return
+        self._from = sender
+        rcpts = self.getMailTo()
+        self.toAddressesResult = []
+        self.successAddresses = []
+        self._mail_reply: tuple[int, bytes] | None = None
+        self._awaiting = [(b"MAIL", None)] + [(b"RCPT", r) for r in rcpts] + [(b"DATA", None)]
+        lines = [b"MAIL FROM:" + smtp.quoteaddr(sender)]
+        lines += [b"RCPT TO:" + smtp.quoteaddr(r) for r in rcpts]
+        lines.append(b"DATA")
+        self.transport.write(b"".join(line + b"\r\n" for line in lines))  # type: ignore[union-attr]
+        self._expected = range(0, 1000)
+        self._okresponse = self._failresponse = self._pipelined_reply
+
+    def _pipelined_reply(self, code: int, resp: bytes) -> None:
+        """The replies to a pipelined group, in order (RFC 2920 3.1)."""
+        command, rcpt = self._awaiting.pop(0)
+        if command == b"MAIL":
+            self._mail_reply = (code, resp)
+            if code == 250:
+                self.result.stage = RCPT
+            return
+        if command == b"RCPT":
+            self.toAddressesResult.append((rcpt, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(rcpt)
+            return
+        # DATA, the last of the group: every reply is in.
+        assert self._mail_reply is not None
+        mail_code, mail_resp = self._mail_reply
+        if mail_code != 250:
+            # MAIL refused: its reply is every recipient's; the RCPT and DATA
+            # replies only say there was no transaction.
+            self.toAddressesResult = []
+            self.smtpTransferFailed(mail_code, mail_resp)
+        elif not self.successAddresses:
+            # RFC 2920 3.1: DATA must then fail; any 354 is ended by the disconnect.
+            self.smtpState_msgSent(code, "No recipients accepted")
+        else:
+            self.result.stage = DATA
+            if code == 354:
+                self.smtpState_data(code, resp)
+            else:
+                self.smtpTransferFailed(code, resp)
 
     def smtpState_to(self, code: int, resp: bytes) -> None:
         self.result.stage = RCPT
