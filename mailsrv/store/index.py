@@ -134,15 +134,33 @@ class FolderIndex:
         self._tx(fn)
         self.uid_next, self.covered = uid_next, covered
 
-    def add(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
-        """Record messages appended at the end of the file."""
+    def add(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int],
+            durable: bool = True) -> None:
+        """
+        Record messages appended at the end of the file. C{durable=False} commits
+        without waiting for the disk (synchronous=NORMAL): for messages already
+        fsynced in the mbox, whose rows the tail scan rebuilds if a crash loses
+        them. A later durable commit makes this one durable too (one WAL).
+        """
 
         def fn(db):
             db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
 
-        self._tx(fn)
+        if durable:
+            self._tx(fn)
+        else:
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            try:
+                self._tx(fn)
+            finally:
+                self._db.execute("PRAGMA synchronous=FULL")
         self.uid_next, self.covered = uid_next, covered
+
+    def last_row(self) -> tuple[int, int, int] | None:
+        """(from_off, start, crc) of the last message, or None if there is none."""
+        return self._db.execute(
+            "SELECT from_off, start, crc FROM msgs ORDER BY uid DESC LIMIT 1").fetchone()
 
     def rewrite(self, removed: list[int], moved: list[tuple[int, int, int, int]],
                 covered: tuple[int, int, int]) -> None:

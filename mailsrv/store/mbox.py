@@ -5,8 +5,10 @@ L{mailsrv.store.index}), dotlock + fcntl locking (L{mailsrv.store.locking}).
 
 Disk work runs on the thread pool, ordered per folder by a serial queue.
 Deliveries that arrive while a write to the same folder is in progress are
-written together under one lock and one fsync (group commit). The index is
-brought up to date lazily, when a folder is opened or refreshed: unchanged
+written together under one lock and one fsync (group commit); after the fsync
+the same job records them in the index with their UIDs (one transaction that
+does not wait for the disk: a lost one is redone by the tail scan). Changes by
+other programs are found when a folder is opened or refreshed: unchanged
 files are not read, grown files are scanned from the old end, rewritten files
 are rescanned and their messages matched to the old index by fingerprint, so
 UIDs and flags survive edits by mutt or procmail.
@@ -109,6 +111,17 @@ class _Update:
     append_only: bool = False
     result: Any = None
     size: int = -1  # file size the snapshot covers
+
+
+@dataclass
+class _Indexed:
+    """Rows a delivery added to the index; applied to the folder state on the reactor."""
+
+    snap: _Snapshot | None  # the state's snapshot the rows extend (None: not loaded)
+    rows: list[tuple]
+    flags: list[frozenset[str]]
+    uid_next: int
+    handle: _FileHandle | None  # a handle for a snapshot that had none
 
 
 class _SerialQueue:
@@ -218,7 +231,7 @@ class MboxMailStore:
         key = (st.user, st.name)
         if self._states.get(key) is not st:
             return
-        if st.snap is None or st.detached:
+        if (st.snap is None and st.index is None) or st.detached:
             self._drop(key)
             return
         self._idle[key] = None
@@ -349,7 +362,7 @@ class MboxMailStore:
             if not snap.uids:
                 tail_from = old[0] if old[0] == 0 else -1
             else:
-                tail_from = _intact_tail(fd, snap, old[0])
+                tail_from = _intact_tail(fd, _last(snap), old[0])
         if tail_from >= 0:
             res = mboxfmt.scan(fd, tail_from, size)
             rows = []
@@ -546,7 +559,9 @@ class MboxMailStore:
 
         def done(result):
             if not isinstance(result, Failure):
-                size, errors = result
+                size, errors, indexed = result
+                if indexed is not None:
+                    self._apply_indexed(st, indexed)
                 for i, err in errors.items():
                     self.log.error("delivery to {user} {folder} failed: {error}",
                                    user=st.user, folder=st.name, error=repr(err))
@@ -573,24 +588,90 @@ class MboxMailStore:
 
         return d.addBoth(done)
 
-    def _deliver_batch(self, st: _FolderState, items) -> tuple[int, dict[int, BaseException]]:
+    def _deliver_batch(self, st: _FolderState, items
+                       ) -> tuple[int, dict[int, BaseException], _Indexed | None]:
         if st.name != INBOX and not st.path.is_file():
             raise FolderError("No such folder")
         prepared, errors = self._prepare(items)
         if not prepared:
-            return -1, errors
+            return -1, errors, None
         created = not st.path.exists()
         if created:
             self._make_dirs(st.path.parent)
         try:
             with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
                 self._recover(st, lk.fd)
+                before = os.fstat(lk.fd)
                 size = self._append_locked(st, lk.fd, prepared)
                 if created:
                     _fsync_dir(st.path.parent)  # the new file's name is durable too
-                return size, errors
+                return size, errors, self._index_delivered(st, lk.fd, before)
         except FileNotFoundError:
             raise FolderError("No such folder")
+
+    def _index_delivered(self, st: _FolderState, fd: int,
+                         before: os.stat_result) -> _Indexed | None:
+        """
+        With the mbox locked and the append fsynced: record the new messages (and
+        any another program appended since the index was last brought up to date)
+        in the index, with new UIDs, in one transaction that does not wait for
+        the disk. None if the index does not describe the file up to the old end
+        (a rewrite by another program, or no index yet): then the next open scans.
+        A failure here does not fail the delivery (the messages are safe in the mbox).
+        """
+        try:
+            idx = self._open_index(st)
+            snap = st.snap
+            after = os.fstat(fd)
+            old = idx.covered
+            if snap is not None and snap.uids and (snap.handle is None
+                                                   or snap.handle.ino != after.st_ino):
+                return None
+            if old is None:
+                if before.st_size != 0:
+                    return None
+                tail_from = 0
+            elif old == _covered(before):  # nobody touched the file since it was indexed
+                tail_from = 0 if old[0] == 0 else _tail_start(fd, old[0])
+            elif old[2] != after.st_ino or before.st_size <= old[0]:
+                return None
+            else:
+                last = (_last(snap) if snap is not None and snap.uids
+                        else None if snap is not None else idx.last_row())
+                if last is None:
+                    tail_from = 0 if old[0] == 0 else -1
+                else:
+                    tail_from = _intact_tail(fd, last, old[0])
+            if tail_from < 0:
+                return None
+            res = mboxfmt.scan(fd, tail_from, after.st_size)
+            first = idx.uid_next
+            n = len(res.starts)
+            rows = list(zip(range(first, first + n), res.from_offs, res.starts, res.ends,
+                            res.sizes, [flags_text(f) if f else "" for f in res.flags],
+                            res.dates, res.crcs, res.fps, strict=True))
+            handle = None
+            if snap is not None and (snap.handle is None or snap.handle.ino != after.st_ino):
+                handle = _FileHandle(st.path)
+            idx.add(rows, first + n, _covered(after), durable=False)
+            return _Indexed(snap, rows, res.flags, first + n, handle)
+        except Exception:
+            self.log.failure("indexing delivered messages in {path} failed; the next open "
+                             "scans them", path=str(st.path))
+            return None
+
+    def _apply_indexed(self, st: _FolderState, ix: _Indexed) -> None:
+        """Extend the folder's loaded state with rows a delivery indexed (reactor thread)."""
+        st.uid_next = ix.uid_next
+        snap = st.snap
+        if snap is None or snap is not ix.snap:
+            return
+        if ix.handle is not None:
+            snap.handle = ix.handle
+        for row, flags in zip(ix.rows, ix.flags, strict=True):
+            _append_row(snap, row, flags)
+        if ix.rows:
+            st.version += 1
 
     def _make_dirs(self, d: Path) -> None:
         """mkdir -p, fsyncing each directory that gained an entry."""
@@ -1179,22 +1260,32 @@ def _is_file(s: os.stat_result) -> bool:
     return stat.S_ISREG(s.st_mode)
 
 
-def _intact_tail(fd: int, snap: _Snapshot, old_size: int) -> int:
+def _intact_tail(fd: int, last: tuple[int, int, int], old_size: int) -> int:
     """
     Where to scan from if the file only grew: the old end (or just after a blank
-    line appended there) starts a From line, and the last From line is unchanged.
+    line appended there) starts a From line, and the last From line (C{last}:
+    its offset, the content start after it, its crc) is unchanged.
     -1 if the file must be rescanned.
     """
-    a = snap.from_offs[-1]
-    line = os.pread(fd, snap.starts[-1] - a, a)
-    if zlib.crc32(line) != snap.crcs[-1]:
+    a, start, crc = last
+    line = os.pread(fd, start - a, a)
+    if zlib.crc32(line) != crc:
         return -1
+    return _tail_start(fd, old_size)
+
+
+def _tail_start(fd: int, old_size: int) -> int:
+    """Where the messages appended after C{old_size} start (a From line), or -1."""
     probe = os.pread(fd, 7, old_size - 1)
     if probe.startswith(b"\nFrom "):
         return old_size
     if probe == b"\n\nFrom ":
         return old_size + 1
     return -1
+
+
+def _last(snap: _Snapshot) -> tuple[int, int, int]:
+    return snap.from_offs[-1], snap.starts[-1], snap.crcs[-1]
 
 
 def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
