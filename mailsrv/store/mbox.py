@@ -32,7 +32,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from twisted.internet import defer
+from twisted.internet import defer, task
+from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.python.failure import Failure
@@ -53,6 +54,7 @@ from mailsrv.store.names import (
 )
 
 IDLE_STATES = 16  # folders kept loaded with no session open
+POLL_INTERVAL = 5.0  # seconds between stat()s of a folder someone listens to (IMAP IDLE)
 RESERVED_SUFFIXES = (".lock",)
 
 
@@ -175,6 +177,7 @@ class _FolderState:
         self.batch_scheduled = False
         self.detached = False
         self.announced_size = -1  # listeners were told of our appends up to here
+        self.poller: task.LoopingCall | None = None  # looks for other programs' changes
 
 
 # -- the store -------------------------------------------------------------
@@ -188,13 +191,15 @@ class MboxMailStore:
 
     def __init__(self, mail_dir: Path, index_dir: Path, reactor: Any, threadpool: Any,
                  lock_timeout: float = DEFAULT_TIMEOUT,
-                 clock: Callable[[], float] = time.time) -> None:
+                 clock: Callable[[], float] = time.time,
+                 poll_interval: float = POLL_INTERVAL) -> None:
         self.mail_dir = Path(mail_dir)
         self.index_dir = Path(index_dir)
         self._reactor = reactor
         self._pool = threadpool
         self.lock_timeout = lock_timeout
         self._clock = clock
+        self.poll_interval = poll_interval
         self._states: dict[tuple[str, str], _FolderState] = {}
         self._idle: OrderedDict[tuple[str, str], None] = OrderedDict()
         self._validity_lock = threading.Lock()
@@ -249,6 +254,44 @@ class MboxMailStore:
         if st.index is not None:
             index, st.index = st.index, None
             st.queue.run(lambda: self._in_thread(index.close))
+
+    # -- watching for other programs' changes while someone listens
+
+    def _listeners_changed(self, st: _FolderState) -> None:
+        """Poll a folder while it has listeners (reactor thread)."""
+        if st.listeners and st.poller is None and not st.detached:
+            if not IReactorTime.providedBy(self._reactor) or self.poll_interval <= 0:
+                return
+            st.poller = task.LoopingCall(self._poll, st)
+            st.poller.clock = self._reactor
+            st.poller.start(self.poll_interval, now=False)
+        elif (not st.listeners or st.detached) and st.poller is not None:
+            poller, st.poller = st.poller, None
+            if poller.running:
+                poller.stop()
+
+    def _poll(self, st: _FolderState) -> None:
+        """
+        One look at a listened-to folder: a stat() compared with what the index
+        covers; if another program (procmail, mutt) changed the file, the sync
+        reindexes it and tells the listeners (L{_install}). Skipped while other
+        work on the folder is queued (that work syncs anyway).
+        """
+        if st.detached:
+            self._listeners_changed(st)
+            return
+        if st.queue.pending or st.snap is None:
+            return
+
+        def failed(f: Failure) -> None:
+            if f.check(FolderError):
+                self.log.info("polling {user} {folder}: {error}", user=st.user, folder=st.name,
+                              error=str(f.value))
+            else:
+                self.log.failure("polling {user} {folder} failed", f, user=st.user,
+                                 folder=st.name)
+
+        self._sync_job(st).addErrback(failed)
 
     def _notify(self, st: _FolderState) -> None:
         for cb in list(st.listeners):
@@ -825,6 +868,7 @@ class MboxMailStore:
             st.version += 1
             st.mutation_version = st.version
             st.detached = True
+            self._listeners_changed(st)
             self._notify(st)
             self._states.pop((st.user, st.name), None)
             self._idle.pop((st.user, st.name), None)
@@ -880,6 +924,7 @@ class MboxMailStore:
             # Sessions on the old names keep their view; new opens use the new names.
             for s in affected:
                 s.detached = True
+                self._listeners_changed(s)
                 if self._states.get((s.user, s.name)) is s:
                     del self._states[(s.user, s.name)]
                 self._idle.pop((s.user, s.name), None)
@@ -1160,11 +1205,13 @@ class MboxFolder:
     def add_listener(self, callback):
         self._listeners.append(callback)
         self._st.listeners.append(callback)
+        self._store._listeners_changed(self._st)
 
     def remove_listener(self, callback):
         if callback in self._listeners:
             self._listeners.remove(callback)
             self._st.listeners.remove(callback)
+            self._store._listeners_changed(self._st)
 
     def close(self):
         if self._closed:
