@@ -7,6 +7,8 @@ import shutil
 import sqlite3
 from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import SEEN
@@ -90,6 +92,28 @@ class DeliverIndexesTests(SynchronousTestCase):
         fresh = self.open(self.new_store("index2"))
         self.assertEqual(len(fresh.messages()), 7)
         self.assertEqual(_rows(self.root / "index"), _rows(self.root / "index2"))
+
+    @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
+    @given(hst.lists(hst.lists(hst.lists(hst.sampled_from(
+        [b"From ", b">From ", b"x", b"\n", b"\r\n", b"\r", b"\n\n", b"Message-ID: <a>\n",
+         b"Status: RO\n", b"X-Status: AF\n", b"\xe9"]), max_size=30).map(b"".join),
+        min_size=1, max_size=4), min_size=1, max_size=4))
+    def test_rows_equal_a_full_scan_property(self, batches):
+        root = Path(self.mktemp())
+        pool = _ManualPool()
+        store = MboxMailStore(root / "mail", root / "index", SyncReactor(), pool,
+                              clock=lambda: NOW)
+        ds = []
+        for batch in batches:
+            ds += [store.deliver(USER, BytesSource(b), "s@x") for b in batch]
+            pool.run()
+        for d in ds:
+            self.assertIsNone(self.ok(d))
+        cold = MboxMailStore(root / "mail", root / "index2", SyncReactor(), SyncThreadPool())
+        f = self.ok(cold.open_folder(USER, "INBOX"))
+        f.close()
+        self.assertEqual(len(f.messages()), sum(map(len, batches)))
+        self.assertEqual(_rows(root / "index"), _rows(root / "index2"))
 
     def test_open_session_sees_deliveries_at_refresh(self):
         self.deliver(b"Subject: a\n\nbody\n")
