@@ -256,7 +256,8 @@ class RelayClient(smtp.ESMTPClient):
         lines = [b"MAIL FROM:" + smtp.quoteaddr(sender)]
         lines += [b"RCPT TO:" + smtp.quoteaddr(r) for r in rcpts]
         lines.append(b"DATA")
-        self.transport.write(b"".join(line + b"\r\n" for line in lines))  # type: ignore[union-attr]
+        transport: Any = self.transport
+        transport.write(b"".join(line + b"\r\n" for line in lines))
         self._expected = range(0, 1000)
         self._okresponse = self._failresponse = self._pipelined_reply
 
