@@ -394,13 +394,9 @@ class OutboundQueue:
                     self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
                 self._recent[envelope.id] = data
                 self._recent_bytes += len(data)
-            self.log.info(
-                "{queue_id}: from=<{sender}> size={size} nrcpt={nrcpt} (queue active)",
-                queue_id=envelope.id,
-                sender=envelope.sender,
-                size=envelope.size,
-                nrcpt=len(rcpts),
-            )
+            # No line of its own: the caller's names the queue id (the SMTP
+            # server's "accepted ... queued=ID", the relayer's DSN line), and
+            # each line costs the reactor as much as a reply.
             for cb in list(self._listeners):
                 try:
                     cb(envelope)

@@ -30,9 +30,16 @@ def new_queue_id(now: float) -> str:
     return "".join(reversed(out))
 
 
+_last_date: tuple[int, str] = (-1, "")
+
+
 def rfc5322_date(now: float) -> str:
-    """The date-time of RFC 5322 3.3, in UTC."""
-    return format_datetime(datetime.fromtimestamp(now, UTC))
+    """The date-time of RFC 5322 3.3, in UTC (to the second; the last one is kept)."""
+    global _last_date
+    second = int(now)
+    if _last_date[0] != second:
+        _last_date = (second, format_datetime(datetime.fromtimestamp(second, UTC)))
+    return _last_date[1]
 
 
 def message_id(now: float, hostname: str) -> str:
