@@ -6,6 +6,7 @@ submission adds when a client left them out (RFC 6409 8.2, 8.3).
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import itertools
 import os
@@ -54,6 +55,7 @@ def _clean(text: str, limit: int = 255) -> str:
     return out[:limit] or "unknown"
 
 
+@functools.lru_cache(maxsize=1024)
 def address_literal(ip: str) -> str:
     """RFC 5321 4.1.3 address literal: C{[192.0.2.1]} or C{[IPv6:2001:db8::1]}."""
     try:
