@@ -257,8 +257,10 @@ def main() -> int:
     ms.configure()
     for u in ("alice", "pop10k", "imap10k", "big100k"):
         ms.add_user(u)
-    sh("bash", str(PEERS / "postfix-start.sh"), capture_output=True)
-    sh("bash", str(PEERS / "dovecot-start.sh"), capture_output=True)
+    # The daemons keep the output they inherit open: hand them a file, not a pipe.
+    with open(WORK / "peers.log", "ab") as log:
+        sh("bash", str(PEERS / "postfix-start.sh"), stdout=log, stderr=log)
+        sh("bash", str(PEERS / "dovecot-start.sh"), stdout=log, stderr=log)
     ms.start()
     rows: list = []
     try:
@@ -273,8 +275,9 @@ def main() -> int:
     finally:
         ms.stop()
         if not a.keep:
-            subprocess.run(["bash", str(PEERS / "dovecot-stop.sh")], capture_output=True)
-            subprocess.run(["bash", str(PEERS / "postfix-stop.sh")], capture_output=True)
+            with open(WORK / "peers.log", "ab") as log:
+                for script in ("dovecot-stop.sh", "postfix-stop.sh"):
+                    subprocess.run(["bash", str(PEERS / script)], stdout=log, stderr=log)
     print(f"| measure (median of {a.repeat}) | mailsrv | peer | ratio (>1: mailsrv better) | peer |")
     print("|---|---|---|---|---|")
     for label, us, peer, r, who in rows:
