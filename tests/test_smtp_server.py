@@ -307,12 +307,23 @@ def test_long_command_line_gets_500_and_the_session_goes_on():
     assert s.codes("\r\nNOOP\r\n") == ["500 5.5.6", "250 2.0.0"]
 
 
-def test_long_text_line_refuses_the_message_after_the_dot():
+def test_long_text_line_is_stored_unchanged():
     s = mx()
     s.send("MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
     assert s.send(b"Subject: x\r\n\r\n" + b"z" * 1200 + b"\r\nmore\r\n") == []
-    for _ in range(10):
-        assert s.send(b"z" * 5000) == []
+    assert s.send(b"y" * 50000) == []
+    assert s.codes("\r\n.\r\nNOOP\r\n") == ["250 2.0.0", "250 2.0.0"]
+    [msg] = read_inbox(s.ctx, ALICE)
+    assert msg.endswith(b"\n\n" + b"z" * 1200 + b"\nmore\n" + b"y" * 50000 + b"\n")
+
+
+def test_endless_text_line_refuses_the_message_after_the_dot():
+    s = mx()
+    s.send("MAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n")
+    assert s.send(b"Subject: x\r\n\r\n") == []
+    for _ in range(30):
+        assert s.send(b"z" * 50000) == []
+    assert len(s.proto._buffer) < 2 * 1024 * 1024
     assert s.codes("\r\n.\r\nNOOP\r\n") == ["500 5.5.6", "250 2.0.0"]
     assert read_inbox(s.ctx, ALICE) == []
 

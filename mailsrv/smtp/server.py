@@ -45,8 +45,12 @@ COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
 MAX_COMMAND = 510
 # RFC 4954 4: AUTH lines may be up to 12288 octets.
 MAX_AUTH_LINE = 12288
-# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF.
+# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF. Real
+# senders exceed it (long HTML lines); like Postfix, such mail is taken, but
+# stored unchanged rather than split. Only a line past this bound, which no
+# mail program writes, refuses the message: it keeps a session's buffer bounded.
 MAX_TEXT_LINE = 998
+MAX_DATA_LINE = 1024 * 1024
 # Input held while a command's reply is pending, before reading pauses.
 MAX_PENDING = 64 * 1024
 
@@ -186,7 +190,7 @@ class SMTPServer(smtp.ESMTP):
             self._drain()
 
     def _line_limit(self) -> int:
-        return MAX_TEXT_LINE if self.mode == DATA else MAX_AUTH_LINE
+        return MAX_DATA_LINE if self.mode == DATA else MAX_AUTH_LINE
 
     def _drain(self) -> None:
         self._draining = True
@@ -260,7 +264,7 @@ class SMTPServer(smtp.ESMTP):
         if end <= pos:
             return False
         block = buf[pos : end + 2]
-        if max(map(len, block.split(b"\r\n"))) > MAX_TEXT_LINE:
+        if len(block) > MAX_DATA_LINE and max(map(len, block.split(b"\r\n"))) > MAX_DATA_LINE:
             return False
         self._pos = end + 2
         octets = len(block)
