@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN
 
-CHUNK = 4 * 1024 * 1024  # scanner read size
+CHUNK = 1 * 1024 * 1024  # scanner read size
 READ_CHUNK = 64 * 1024  # message reader read size
 SMALL_MESSAGE = 256 * 1024  # open_message reads these whole
 HEADER_LIMIT = 256 * 1024  # bytes searched for the end of a header block
