@@ -7,6 +7,7 @@ L{SessionResult} saying what happened to each recipient.
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +27,13 @@ BODY_CHUNK = 64 * 1024
 COMMAND_TIMEOUT = 300  # RFC 5321 4.5.3.2: 5 minutes for most replies
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
+
+
+@functools.lru_cache(maxsize=4096)
+def _quoted(address: str) -> bytes:
+    """C{smtp.quoteaddr}, memoised: its email.utils parse cost ~10 us per address per message."""
+    return smtp.quoteaddr(address)
+
 
 # Stages of a session, in order; a failure before MAIL means "try the next host".
 CONNECT, GREETING, STARTTLS, AUTH, MAIL, RCPT, DATA, DOT, DONE = (
@@ -253,8 +261,8 @@ class RelayClient(smtp.ESMTPClient):
         self.successAddresses = []
         self._mail_reply: tuple[int, bytes] | None = None
         self._awaiting = [(b"MAIL", None)] + [(b"RCPT", r) for r in rcpts] + [(b"DATA", None)]
-        lines = [b"MAIL FROM:" + smtp.quoteaddr(sender)]
-        lines += [b"RCPT TO:" + smtp.quoteaddr(r) for r in rcpts]
+        lines = [b"MAIL FROM:" + _quoted(sender)]
+        lines += [b"RCPT TO:" + _quoted(r) for r in rcpts]
         lines.append(b"DATA")
         transport: Any = self.transport
         transport.write(b"".join(line + b"\r\n" for line in lines))

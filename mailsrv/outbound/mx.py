@@ -5,6 +5,7 @@ over twisted.names.
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import random
 import socket
@@ -122,6 +123,15 @@ def is_null_mx(records: list[tuple[int, str]]) -> bool:
     return any(name in ("", ".") for _, name in records)
 
 
+@functools.lru_cache(maxsize=256)
+def _is_ip_literal(name: str) -> bool:
+    try:
+        ipaddress.ip_address(name)
+    except ValueError:
+        return False
+    return True
+
+
 class MXResolver:
     """Turns a domain into the ordered list of L{Hop}s to try."""
 
@@ -146,16 +156,15 @@ class MXResolver:
             f.trap(error.DNSNameError)
             raise DeliveryError(False, "4.4.3", f"Host not found: {host}")
 
+        if _is_ip_literal(host):  # e.g. a smarthost given as an address: no lookup, no generator
+            return defer.succeed(hops([host]))
         return self._addresses(host).addCallbacks(hops, not_found)
 
     @defer.inlineCallbacks
     def _addresses(self, name: str):  # -> Deferred[list[str]]
         """AAAA then A addresses of C{name}; DNSNameError if the name does not exist."""
-        try:
-            ipaddress.ip_address(name)
+        if _is_ip_literal(name):
             return [name]
-        except ValueError:
-            pass
         results = yield defer.DeferredList(
             [self._resolver.lookupIPV6Address(name), self._resolver.lookupAddress(name)],
             consumeErrors=True,

@@ -264,7 +264,7 @@ class Relayer:
         now = self.reactor.seconds()
         r.attempts += 1
         r.last_attempt = now
-        r.reply = str(reply)
+        r.reply = text = str(reply)
         r.remote = remote
         r.status = reply.status
         if reply.accepted:
@@ -279,7 +279,7 @@ class Relayer:
             "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
             "status={result} ({reply})",
             queue_id=env.id, rcpt=r.address, relay=relay, delay=now - env.created,
-            status=r.status, result=result, reply=str(reply),
+            status=r.status, result=result, reply=text,
         )
 
     @defer.inlineCallbacks
