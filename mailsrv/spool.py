@@ -10,6 +10,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
+from typing import IO
 
 from zope.interface import implementer
 
@@ -43,7 +44,7 @@ class SpooledSource:
         self._spill_at = spill_at
         self._buffer: list[bytes] = []
         self._buffered = 0
-        self._file = None
+        self._file: IO[bytes] | None = None
         self.size = 0
 
     def write(self, data: bytes) -> None:
@@ -56,8 +57,9 @@ class SpooledSource:
         if self._buffered > self._spill_at:
             if self._spool_dir is not None:
                 os.makedirs(self._spool_dir, exist_ok=True)
-            self._file = tempfile.TemporaryFile(dir=self._spool_dir, prefix="spool-")
-            self._file.writelines(self._buffer)
+            f = tempfile.TemporaryFile(dir=self._spool_dir, prefix="spool-")
+            f.writelines(self._buffer)
+            self._file = f
             self._buffer = []
 
     def finish(self) -> None:

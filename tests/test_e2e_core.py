@@ -12,7 +12,6 @@ import smtplib
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 
