@@ -146,6 +146,15 @@ class Maildrop:
             raise KeyError(index)
         return info
 
+    def numbered(self, column: str) -> Any:
+        """(1-based number, C{uid} or C{size}) of the messages not marked deleted (an iterator)."""
+        infos = self.infos
+        values = getattr(infos, column + "s", None)  # an InfoList's array: no MessageInfo made
+        if values is None:
+            values = [getattr(m, column) for m in infos]
+        deleted = self.deleted
+        return ((i + 1, v) for i, v in enumerate(values) if not deleted or i not in deleted)
+
     def live(self) -> list[tuple[int, MessageInfo]]:
         """(1-based number, info) of the messages not marked deleted."""
         return [(i + 1, m) for i, m in enumerate(self.infos) if i not in self.deleted]
@@ -633,8 +642,22 @@ class POP3Server(pop3.POP3):
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
 
     def pop3_STAT(self, rest: bytes) -> None:
-        live = self.mbox.live()
-        self.ok(b"%d %d" % (len(live), sum(m.size for _, m in live)))
+        count = total = 0
+        for _n, size in self.mbox.numbered("size"):
+            count += 1
+            total += size
+        self.ok(b"%d %d" % (count, total))
+
+    def _send_listing(self, first: bytes, lines: Any) -> None:
+        """A multi-line reply of C{lines} (an iterator), written in pieces of a few thousand."""
+        piece = [first]
+        for line in lines:
+            piece.append(line)
+            if len(piece) >= 4096:
+                self.send(*piece)
+                piece = []
+        piece.append(b".")
+        self.send(*piece)
 
     def pop3_LIST(self, rest: bytes) -> None:
         if rest.strip():
@@ -642,9 +665,9 @@ class POP3Server(pop3.POP3):
             if i is not None:
                 self.ok(b"%d %d" % (i + 1, self.mbox.infos[i].size))
             return
-        live = self.mbox.live()
-        lines = [b"%d %d" % (n, m.size) for n, m in live]
-        self.send(b"+OK %d messages:" % len(live), *lines, b".")
+        count = len(self.mbox.infos) - len(self.mbox.deleted)
+        self._send_listing(b"+OK %d messages:" % count,
+                           (b"%d %d" % nv for nv in self.mbox.numbered("size")))
 
     def pop3_UIDL(self, rest: bytes) -> None:
         v = self.mbox.uid_validity
@@ -653,8 +676,8 @@ class POP3Server(pop3.POP3):
             if i is not None:
                 self.ok(b"%d %s" % (i + 1, uidl(self.mbox.infos[i], v)))
             return
-        lines = [b"%d %s" % (n, uidl(m, v)) for n, m in self.mbox.live()]
-        self.send(b"+OK", *lines, b".")
+        self._send_listing(b"+OK", (b"%d %08X%08X" % (n, uid, v)
+                                    for n, uid in self.mbox.numbered("uid")))
 
     def pop3_DELE(self, rest: bytes) -> None:
         i = self._message_number(rest)

@@ -15,7 +15,7 @@ import email.utils
 import io
 import os
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +31,7 @@ from mailsrv.interfaces import (
     FolderError,
     MessageInfo,
 )
+from mailsrv.store.infos import InfoList, flag_sets, uids_of
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, split_user
 
 RECENT = "\\Recent"
@@ -265,6 +266,11 @@ def list_pattern(pattern: str) -> re.Pattern[str]:
     return re.compile("".join(out) + r"\Z", re.S)
 
 
+def _own_list(infos: Sequence[MessageInfo]) -> Sequence[MessageInfo]:
+    """A copy of C{infos} no one else changes (an InfoList from the mbox store already is one)."""
+    return infos if isinstance(infos, InfoList) else list(infos)
+
+
 @implementer(imap4.IMailbox, imap4.ICloseableMailbox)
 class SessionMailbox:
     """
@@ -274,8 +280,8 @@ class SessionMailbox:
 
     def __init__(self, folder: Any) -> None:
         self.folder = folder
-        self.infos: list[MessageInfo] = list(folder.messages())
-        self.uids: list[int] = [i.uid for i in self.infos]
+        self.infos: Sequence[MessageInfo] = _own_list(folder.messages())
+        self.uids: Sequence[int] = uids_of(self.infos)
         self.recent: set[int] = set()
         self.listeners: list[Any] = []
 
@@ -287,13 +293,13 @@ class SessionMailbox:
         return None
 
     def reload(self) -> None:
-        self.infos = list(self.folder.messages())
-        self.uids = [i.uid for i in self.infos]
+        self.infos = _own_list(self.folder.messages())
+        self.uids = uids_of(self.infos)
 
     def keywords(self) -> list[str]:
         seen: set[str] = set()
-        for info in self.infos:
-            seen.update(info.flags)
+        for flags in set(flag_sets(self.infos)):
+            seen.update(flags)
         return sorted(seen - SYSTEM_FLAGS)
 
     def flags_of(self, info: MessageInfo) -> list[str]:
@@ -325,7 +331,7 @@ class SessionMailbox:
         return len(self.recent)
 
     def getUnseenCount(self) -> int:
-        return sum(1 for i in self.infos if SEEN not in i.flags)
+        return sum(1 for f in flag_sets(self.infos) if SEEN not in f)
 
     def isWriteable(self) -> bool:
         return not self.folder.read_only

@@ -47,6 +47,7 @@ from mailsrv.imap.fetch import (
 from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs, parse, tokenize
 from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
 from mailsrv.spool import SpooledSource
+from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
@@ -843,7 +844,9 @@ class IMAPServer(imap4.IMAP4Server):
         self.mbox = mbox
         mbox.folder.add_listener(self._folder_changed)
         flags = mbox.getFlags()
-        first_unseen = next((i for i, m in enumerate(mbox.infos, 1) if SEEN not in m.flags), None)
+        first_unseen = next(
+            (i for i, f in enumerate(flag_sets(mbox.infos), 1) if SEEN not in f), None
+        )
         self.sendUntaggedResponse(b"FLAGS " + _flag_list(flags))
         permanent = [*flags, "\\*"] if mbox.isWriteable() else []
         self.sendUntaggedResponse(

@@ -41,6 +41,7 @@ from zope.interface import implementer
 
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
 from mailsrv.store import mboxfmt
+from mailsrv.store.infos import InfoList, flag_sets
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
 from mailsrv.store.names import (
@@ -87,13 +88,13 @@ class _Snapshot:
     ends: array
     crcs: array
     fps: array
-    infos: list[MessageInfo]
+    infos: InfoList
     handle: _FileHandle | None
 
     @classmethod
     def empty(cls, handle: _FileHandle | None = None) -> _Snapshot:
-        return cls(array("q"), array("q"), array("q"), array("q"), array("q"), array("q"), [],
-                   handle)
+        return cls(array("q"), array("q"), array("q"), array("q"), array("q"), array("q"),
+                   InfoList(), handle)
 
     def find(self, uid: int) -> int:
         i = bisect_left(self.uids, uid)
@@ -340,7 +341,8 @@ class MboxMailStore:
         snap = _Snapshot.empty()
         fcache: dict[str, frozenset[str]] = {}
         infos = snap.infos
-        add_info = infos.append
+        i_uids, i_sizes, i_dates, i_flags = (infos.uids.append, infos.sizes.append,
+                                             infos.dates.append, infos.flag_sets.append)
         uids, froms, starts, ends = (snap.uids.append, snap.from_offs.append,
                                      snap.starts.append, snap.ends.append)
         crcs, fps = snap.crcs.append, snap.fps.append
@@ -348,7 +350,10 @@ class MboxMailStore:
             fs = fcache.get(flags)
             if fs is None:
                 fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
-            add_info(MessageInfo(uid, size, fs, idate))
+            i_uids(uid)
+            i_sizes(size)
+            i_dates(idate)
+            i_flags(fs)
             uids(uid)
             froms(from_off)
             starts(start)
@@ -478,7 +483,8 @@ class MboxMailStore:
         texts = [flags_text(f) if f else "" for f in res.flags]
         idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
                             res.crcs, res.fps, strict=True), first + n, covered)
-        infos = list(map(MessageInfo, uids, res.sizes, res.flags, res.dates))
+        # Its own UID array: the snapshot's grows by appends the InfoList does not see.
+        infos = InfoList(array("q", uids), res.sizes, res.dates, res.flags)
         snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos,
                          handle)
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
@@ -775,7 +781,7 @@ class MboxMailStore:
                 "messages": len(snap.infos),
                 "uid_next": st.uid_next,
                 "uid_validity": st.uid_validity,
-                "unseen": sum(1 for i in snap.infos if SEEN not in i.flags),
+                "unseen": sum(1 for f in snap.infos.flag_sets if SEEN not in f),
             }
 
         return self._sync_job(st).addCallback(status)
@@ -1026,7 +1032,7 @@ class MboxFolder:
         self.name = state.name
         self.read_only = read_only
         assert state.snap is not None
-        self._view: list[MessageInfo] = list(state.snap.infos)
+        self._view: InfoList = state.snap.infos.copy()
         self._exact: int | None = state.version
         self._validity = state.uid_validity
         self._listeners: list[Callable[[], None]] = []
@@ -1042,8 +1048,9 @@ class MboxFolder:
     def uid_next(self) -> int:
         return self._st.uid_next
 
-    def messages(self) -> list[MessageInfo]:
-        return list(self._view)
+    def messages(self) -> InfoList:
+        """The session's view (an L{InfoList}: a list of L{MessageInfo} made on demand)."""
+        return self._view.copy()
 
     def refresh(self) -> defer.Deferred:
         st = self._st
@@ -1068,7 +1075,7 @@ class MboxFolder:
             changes = FolderChanges(added=tuple(new[len(old):]))
         else:
             changes = _diff(old, new)
-        self._view = list(new)
+        self._view = new.copy()
         self._exact = st.version
         return changes
 
@@ -1143,13 +1150,17 @@ class MboxFolder:
                     i = snap.find(uid)
                 except KeyError:
                     continue
-                snap.infos[i] = replace(snap.infos[i], flags=flags)
+                snap.infos.set_flags(i, flags)
             st.version += 1
             st.mutation_version = st.version
             store._notify(st)
 
-        self._view = [replace(i, flags=changes[i.uid]) if i.uid in changes else i
-                      for i in self._view]
+        view = self._view.copy()
+        for uid, flags in changes.items():
+            i = bisect_left(view.uids, uid)
+            if i < len(view.uids) and view.uids[i] == uid:
+                view.set_flags(i, flags)
+        self._view = view
         self._exact = None
         return store._job(st, job)
 
@@ -1196,7 +1207,7 @@ class MboxFolder:
             store._install(upd, st)
             removed = upd.result
             gone = set(removed)
-            self._view = [i for i in self._view if i.uid not in gone]
+            self._view = InfoList.of(i for i in self._view if i.uid not in gone)
             self._exact = None
             return list(removed)
 
@@ -1338,7 +1349,7 @@ def _last(snap: _Snapshot) -> tuple[int, int, int]:
 def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
     return _Snapshot(array("q", snap.uids), array("q", snap.from_offs), array("q", snap.starts),
                      array("q", snap.ends), array("q", snap.crcs), array("q", snap.fps),
-                     list(snap.infos), handle)
+                     snap.infos.copy(), handle)
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
