@@ -106,3 +106,35 @@ delay_warning = "4h"
         self.clock.advance(5)  # the next scan of the queue folder
         self.assertEqual(len(self.resolver.calls), 2)
         self.successResultOf(self.relayer.stop())
+
+
+class RecordLogTests(unittest.TestCase):
+    """The per-attempt line: built once as text, its named fields kept for other observers."""
+
+    def test_line_text_and_fields(self):
+        from twisted.logger import formatEvent, globalLogPublisher
+
+        from mailsrv.outbound.client import RemoteReply
+        from mailsrv.outbound.queue import Envelope, Recipient
+
+        clock = MemoryReactorClock()
+        clock.advance(1000.0)
+        config = parse(f"""
+[server]
+hostname = "mail.example.test"
+data_dir = "{temp_dir(self) / 'data'}"
+""")
+        relayer = Relayer(config=config, queue=OutboundQueue(config.queue_dir, clock, None),
+                          reactor=clock, threadpool=None, resolver=DownResolver())
+        env = Envelope("Q1", "a@example.test", [Recipient("x@remote.test")], 998.5, 1000.0)
+        seen: list[dict] = []
+        globalLogPublisher.addObserver(seen.append)
+        self.addCleanup(globalLogPublisher.removeObserver, seen.append)
+        relayer._record(env, env.recipients[0], RemoteReply(250, "2.0.0 Ok {x}"), "mx",
+                        "mx[127.0.0.1]:25")
+        [event] = [e for e in seen if e.get("queue_id") == "Q1"]
+        self.assertEqual(formatEvent(event),
+                         "Q1: to=<x@remote.test>, relay=mx[127.0.0.1]:25, delay=1.50, "
+                         "dsn=2.0.0, status=sent (250 2.0.0 Ok {x})")
+        self.assertEqual((event["rcpt"], event["result"], event["status"], event["delay"]),
+                         ("x@remote.test", "sent", "2.0.0", 1.5))

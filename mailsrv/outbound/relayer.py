@@ -264,7 +264,7 @@ class Relayer:
         now = self.reactor.seconds()
         r.attempts += 1
         r.last_attempt = now
-        r.reply = text = str(reply)
+        r.reply = reply_text = str(reply)
         r.remote = remote
         r.status = reply.status
         if reply.accepted:
@@ -275,11 +275,16 @@ class Relayer:
             result = "deferred"
         if not reply.accepted:
             env.last_error = r.reply
+        delay = now - env.created
+        # One line per recipient and attempt, built with an f-string: far cheaper
+        # than twisted.logger's per-field formatting in the text observer; the
+        # named fields stay in the event.
         self.log.info(
-            "{queue_id}: to=<{rcpt}>, relay={relay}, delay={delay:.2f}, dsn={status}, "
-            "status={result} ({reply})",
-            queue_id=env.id, rcpt=r.address, relay=relay, delay=now - env.created,
-            status=r.status, result=result, reply=text,
+            "{text}",
+            text=f"{env.id}: to=<{r.address}>, relay={relay}, delay={delay:.2f}, "
+                 f"dsn={r.status}, status={result} ({reply_text})",
+            queue_id=env.id, rcpt=r.address, relay=relay, delay=delay,
+            status=r.status, result=result, reply=reply_text,
         )
 
     @defer.inlineCallbacks

@@ -290,12 +290,17 @@ class IncomingMessage:
         return d.addCallbacks(queued, not_queued)
 
     def _log_accepted(self, outbound: Any) -> str:
+        recipients = ",".join(f"<{r}>" for r in self.recipients)
+        # One line per message: the text is built here with an f-string (~1 us)
+        # rather than by twisted.logger's formatter in the text observer (~6 us
+        # a field); the named fields stay in the event for other observers.
         self.log.info(
-            "accepted {queue_id} from=<{sender}> to={recipients} size={size} client={client}"
-            " queued={outbound}",
+            "{text}",
+            text=f"accepted {self.queue_id} from=<{self.sender}> to={recipients} "
+                 f"size={self.octets} client={self.client} queued={outbound}",
             queue_id=self.queue_id,
             sender=self.sender,
-            recipients=",".join(f"<{r}>" for r in self.recipients),
+            recipients=recipients,
             size=self.octets,
             client=self.client,
             outbound=outbound,
