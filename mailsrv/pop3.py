@@ -41,6 +41,7 @@ CHUNK = 64 * 1024
 MAX_PIPELINED = 64  # stop reading while this many commands wait
 READ_AHEAD = 48  # messages held ready ahead of a sequential RETR download
 READ_AHEAD_MAX_SIZE = 64 * 1024  # larger ones are read when asked for (<= 3 MB ahead)
+LISTING_PIECE = 2048  # LIST/UIDL lines per write (~50 KB)
 OPEN_PER_RETR = 2  # messages opened ahead after each RETR
 READ_BATCH = 16  # messages read per trip to the pool
 
@@ -649,15 +650,35 @@ class POP3Server(pop3.POP3):
         self.ok(b"%d %d" % (count, total))
 
     def _send_listing(self, first: bytes, lines: Any) -> None:
-        """A multi-line reply of C{lines} (an iterator), written in pieces of a few thousand."""
-        piece = [first]
-        for line in lines:
-            piece.append(line)
-            if len(piece) >= 4096:
-                self.send(*piece)
-                piece = []
-        piece.append(b".")
-        self.send(*piece)
+        """
+        A multi-line reply of C{lines} (an iterator), written a piece at a time as
+        the client reads (a 100,000-message UIDL is not built in memory at once);
+        later pipelined commands wait for it.
+        """
+        d = self._write_listing(first, lines)
+        if not d.called:
+            self._long(d)
+
+    @defer.inlineCallbacks
+    def _write_listing(self, first: bytes, lines: Any) -> Any:
+        producer = _Throttle()
+        self.transport.registerProducer(producer, True)
+        try:
+            piece = [first]
+            for line in lines:
+                piece.append(line)
+                if len(piece) >= LISTING_PIECE:
+                    self.send(*piece)
+                    piece = []
+                    if producer.paused:
+                        yield producer.ready()
+                    if producer.stopped or self._closed:
+                        return
+            piece.append(b".")
+            self.send(*piece)
+        finally:
+            if not self._closed:
+                self.transport.unregisterProducer()
 
     def pop3_LIST(self, rest: bytes) -> None:
         if rest.strip():
