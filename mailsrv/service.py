@@ -5,6 +5,8 @@ the password file and portal, and one listening service per endpoint.
 
 from __future__ import annotations
 
+import os
+import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +21,29 @@ from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 
 log = Logger()
+
+M_ARENA_MAX = -8  # glibc mallopt parameter
+
+
+def tune_malloc() -> None:
+    """
+    glibc: one malloc arena for all threads (call before any thread starts).
+    By default each thread that mallocs gets its own arena, and memory freed
+    there stays in the RSS: the 19 MiB an argon2id check takes (one per login,
+    in whichever pool thread runs it) is kept once per thread that ever ran one
+    (a 100k INBOX server grew to 110 MB, not 91, after a few logins). Python
+    holds the GIL for nearly all its allocations, so one arena costs no speed.
+    MALLOC_ARENA_MAX in the environment still wins.
+    """
+    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
+        return
+    try:
+        import ctypes
+
+        mallopt = ctypes.CDLL(None).mallopt
+    except (OSError, AttributeError):
+        return
+    mallopt(M_ARENA_MAX, 1)
 
 
 @dataclass
@@ -61,6 +86,7 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
     from mailsrv.auth.throttle import LoginThrottle
     from mailsrv.store.mbox import MboxMailStore
 
+    tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
     ThreadPoolService(pool).setServiceParent(parent)
     for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
