@@ -75,6 +75,7 @@ class FolderIndex:
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
         db.execute("PRAGMA synchronous=FULL")  # a committed UID assignment survives power loss
+        db.execute("PRAGMA cache_size=-512")  # KiB; reads and appends are sequential (default 2 MB)
         db.execute("BEGIN IMMEDIATE")
         try:
             db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value)")
