@@ -71,6 +71,35 @@ def test_user_pass_stat_list_uidl(ctx):
     assert s.cmd("NOOP") == b"+OK\r\n"
 
 
+def test_uidl_written_as_the_client_reads(ctx, monkeypatch):
+    """A long listing goes out a piece at a time; a pipelined command waits for its end."""
+    import mailsrv.pop3
+
+    monkeypatch.setattr(mailsrv.pop3, "LISTING_PIECE", 2)
+    for n in range(3):
+        deliver(ctx, b"Subject: %d\n\nx\n" % n)
+    s = Session(ctx)
+    s.take()
+    s.login()
+    v = s.proto.mbox.uid_validity
+    t = s.transport
+    write = t.write
+
+    def write_then_full(data):
+        write(data)
+        if t.producer is not None:
+            t.producer.pauseProducing()  # as a transport whose buffer is full does
+
+    t.write = write_then_full
+    assert s.send(b"UIDL\r\nNOOP\r\n") == b"+OK\r\n1 00000001%08X\r\n" % v
+    t.write = write
+    t.producer.resumeProducing()
+    rest = b"".join(b"%d %08X%08X\r\n" % (n, n, v) for n in range(2, 6))
+    assert s.take() == rest + b".\r\n+OK\r\n"
+    assert t.producer is None
+    assert s.cmd("STAT").startswith(b"+OK 5 ")
+
+
 def test_retr_byte_stuffed_with_exact_size(ctx):
     s = Session(ctx)
     s.take()
