@@ -370,7 +370,7 @@ class SessionMailbox:
         return defer.maybeDeferred(self.folder.append, source, frozenset(flags), when)
 
     def expunge(self) -> defer.Deferred:
-        uids = [i.uid for i in self.infos if DELETED in i.flags]
+        uids = [u for u, f in zip(self.uids, flag_sets(self.infos), strict=True) if DELETED in f]
         return defer.maybeDeferred(self.folder.expunge, uids)
 
     def fetch(self, messages: Any, uid: int) -> list[tuple[int, FolderMessage]]:

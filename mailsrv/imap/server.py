@@ -1138,7 +1138,7 @@ class IMAPServer(imap4.IMAP4Server):
     def do_CLOSE(self, tag: bytes) -> Any:
         mbox = self.mbox
         if mbox.isWriteable():
-            uids = [i.uid for i in mbox.infos if DELETED in i.flags]
+            uids = _deleted_uids(mbox)
             if uids:
                 yield mbox.folder.expunge(uids)
         self._close_mailbox()
@@ -1170,7 +1170,7 @@ class IMAPServer(imap4.IMAP4Server):
         if not mbox.isWriteable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
-        uids = [i.uid for i in mbox.infos if DELETED in i.flags]
+        uids = _deleted_uids(mbox)
         if uid_set is not None:
             last = mbox.uids[-1] if mbox.uids else 0
             uids = [u for u in uids if uid_set.contains(u, last)]
@@ -1482,11 +1482,11 @@ class IMAPServer(imap4.IMAP4Server):
     def do_SEARCH(self, tag: bytes, charset: str, tokens: list[Any], uid: int = 0) -> Any:
         mbox = self.mbox
         tree = parse(tokens, charset)
-        snapshot = list(enumerate(mbox.infos, 1))
+        infos = mbox.infos  # replaced, never changed, by a reload: safe to walk in a thread
         last_uid = mbox.uids[-1] if mbox.uids else 0
         matcher = Matcher(
             tree,
-            len(snapshot),
+            len(infos),
             last_uid,
             set(mbox.recent),
             lambda raw, last: _Contains(SeqSet(raw), last),
@@ -1495,7 +1495,7 @@ class IMAPServer(imap4.IMAP4Server):
 
         def run() -> list[int]:
             hits = []
-            for seq, info in snapshot:
+            for seq, info in enumerate(infos, 1):
                 try:
                     if matcher.match(
                         seq,
@@ -1554,6 +1554,11 @@ def _search_body(folder: Any, info: MessageInfo) -> Any:
 def _read_all(folder: Any, uid: int) -> bytes:
     with folder.open_message(uid) as f:
         return f.read()
+
+
+def _deleted_uids(mbox: SessionMailbox) -> list[int]:
+    """UIDs of the messages flagged \\Deleted (without making a MessageInfo for each)."""
+    return [u for u, f in zip(mbox.uids, flag_sets(mbox.infos), strict=True) if DELETED in f]
 
 
 def _uid_set(uids: list[int]) -> bytes:
