@@ -82,19 +82,22 @@ class _FileHandle:
 class _Snapshot:
     """What a folder holds, as parallel arrays in file (= UID) order."""
 
-    uids: array
     from_offs: array
     starts: array
     ends: array
     crcs: array
     fps: array
-    infos: InfoList
+    infos: InfoList  # UIDs, sizes, dates, flags
     handle: _FileHandle | None
+
+    @property
+    def uids(self) -> array:
+        """The UIDs (the InfoList's array: grows with C{infos.append})."""
+        return self.infos.uids
 
     @classmethod
     def empty(cls, handle: _FileHandle | None = None) -> _Snapshot:
-        return cls(array("q"), array("q"), array("q"), array("q"), array("q"), array("q"),
-                   InfoList(), handle)
+        return cls(array("q"), array("q"), array("q"), array("q"), array("q"), InfoList(), handle)
 
     def find(self, uid: int) -> int:
         i = bisect_left(self.uids, uid)
@@ -343,8 +346,7 @@ class MboxMailStore:
         infos = snap.infos
         i_uids, i_sizes, i_dates, i_flags = (infos.uids.append, infos.sizes.append,
                                              infos.dates.append, infos.flag_sets.append)
-        uids, froms, starts, ends = (snap.uids.append, snap.from_offs.append,
-                                     snap.starts.append, snap.ends.append)
+        froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
         crcs, fps = snap.crcs.append, snap.fps.append
         for uid, from_off, start, stop, size, flags, idate, crc, fp in idx.rows():
             fs = fcache.get(flags)
@@ -354,7 +356,6 @@ class MboxMailStore:
             i_sizes(size)
             i_dates(idate)
             i_flags(fs)
-            uids(uid)
             froms(from_off)
             starts(start)
             ends(stop)
@@ -483,10 +484,8 @@ class MboxMailStore:
         texts = [flags_text(f) if f else "" for f in res.flags]
         idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
                             res.crcs, res.fps, strict=True), first + n, covered)
-        # Its own UID array: the snapshot's grows by appends the InfoList does not see.
-        infos = InfoList(array("q", uids), res.sizes, res.dates, res.flags)
-        snap = _Snapshot(uids, res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos,
-                         handle)
+        infos = InfoList(uids, res.sizes, res.dates, res.flags)
+        snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle)
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
     def _recover(self, st: _FolderState, fd: int) -> None:
@@ -1273,7 +1272,6 @@ def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _
                 else:
                     runs.append((a, b))
                 uid = snap.uids[i]
-                new.uids.append(uid)
                 new.from_offs.append(a - shift)
                 new.starts.append(snap.starts[i] - shift)
                 new.ends.append(snap.ends[i] - shift)
@@ -1347,14 +1345,12 @@ def _last(snap: _Snapshot) -> tuple[int, int, int]:
 
 
 def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
-    return _Snapshot(array("q", snap.uids), array("q", snap.from_offs), array("q", snap.starts),
-                     array("q", snap.ends), array("q", snap.crcs), array("q", snap.fps),
-                     snap.infos.copy(), handle)
+    return _Snapshot(array("q", snap.from_offs), array("q", snap.starts), array("q", snap.ends),
+                     array("q", snap.crcs), array("q", snap.fps), snap.infos.copy(), handle)
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
     uid, from_off, start, stop, size, _, date, crc, fp = row
-    snap.uids.append(uid)
     snap.from_offs.append(from_off)
     snap.starts.append(start)
     snap.ends.append(stop)
