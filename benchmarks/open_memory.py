@@ -13,6 +13,7 @@ an mbox made by ../shared/peers/gen_mbox.py in place as the INBOX of one user
 - VmHWM after IMAP LOGIN + SELECT INBOX (cold: full scan + index build), and its time,
 - VmHWM after --warm more LOGIN + SELECT + LOGOUT (warm: index present), and their time,
 - VmHWM after POP3 USER/PASS + STAT + UIDL + QUIT, and its time,
+- VmHWM of a restarted server after LOGIN + SELECT (folder loaded from the index),
 - and VmRSS at each of these points (what stays).
 
 A LOGIN verifies an argon2id hash (mailsrv.auth.passwd: 19 MiB, freed after),
@@ -103,6 +104,11 @@ def one_run(work: Path, mbox: Path, warm: int) -> dict[str, float]:
         r["warm_hwm"], r["warm_rss"] = status(pid)["VmHWM"], status(pid)["VmRSS"]
         r["pop3_s"], _ = pop3_stat_uidl(server.ports["pop3"])
         r["pop3_hwm"], r["pop3_rss"] = status(pid)["VmHWM"], status(pid)["VmRSS"]
+    with server:  # a fresh server, the index kept: the folder is loaded from the index
+        pid = server.proc.pid
+        time.sleep(1.0)
+        r["load_s"], _ = imap_select(server.ports["imap"])
+        r["load_hwm"], r["load_rss"] = status(pid)["VmHWM"], status(pid)["VmRSS"]
     return r
 
 
@@ -131,14 +137,15 @@ def main() -> None:
 
         print(f"INBOX: {int(runs[0]['messages'])} messages, {mbox.stat().st_size / 1e6:.0f} MB; "
               f"median of {args.runs} fresh servers (max in brackets)")
-        print(f"{'VmRSS idle':34} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]")
+        print(f"{"VmRSS idle":40} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]")
         for label, key in (("after cold SELECT", "cold"), (f"after {args.warm} warm SELECTs", "warm"),
-                           ("after POP3 STAT+UIDL", "pop3")):
+                           ("after POP3 STAT+UIDL", "pop3"),
+                           ("restarted, SELECT from the index", "load")):
             hwm, rss = key + "_hwm", key + "_rss"
-            print(f"{'VmHWM ' + label:34} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
+            print(f"{"VmHWM " + label:40} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
                   f"   (VmRSS {med(rss):.1f} MB)")
-        print(f"IMAP LOGIN->SELECT cold {med('cold_s'):.2f} s, warm {med('warm_s'):.3f} s; "
-              f"POP3 LOGIN->UIDL {med('pop3_s'):.2f} s")
+        print(f"IMAP LOGIN->SELECT cold {med('cold_s'):.2f} s, warm {med('warm_s'):.3f} s, "
+              f"from the index {med('load_s'):.2f} s; POP3 LOGIN->UIDL {med('pop3_s'):.2f} s")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
