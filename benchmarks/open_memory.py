@@ -137,12 +137,12 @@ def main() -> None:
 
         print(f"INBOX: {int(runs[0]['messages'])} messages, {mbox.stat().st_size / 1e6:.0f} MB; "
               f"median of {args.runs} fresh servers (max in brackets)")
-        print(f"{"VmRSS idle":40} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]")
+        print(f"{'VmRSS idle':40} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]")
         for label, key in (("after cold SELECT", "cold"), (f"after {args.warm} warm SELECTs", "warm"),
                            ("after POP3 STAT+UIDL", "pop3"),
                            ("restarted, SELECT from the index", "load")):
             hwm, rss = key + "_hwm", key + "_rss"
-            print(f"{"VmHWM " + label:40} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
+            print(f"{'VmHWM ' + label:40} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
                   f"   (VmRSS {med(rss):.1f} MB)")
         print(f"IMAP LOGIN->SELECT cold {med('cold_s'):.2f} s, warm {med('warm_s'):.3f} s, "
               f"from the index {med('load_s'):.2f} s; POP3 LOGIN->UIDL {med('pop3_s'):.2f} s")
