@@ -103,3 +103,13 @@ def test_envelope_address_shapes():
         b'(("Doe, John" NIL "j" "d.test")) ((NIL NIL "a" "b.test")("Ann" NIL "ann" "c.test")) '
         b"NIL NIL NIL NIL)"
     )
+
+
+def test_search_number_list_in_pieces():
+    from array import array
+
+    from mailsrv.imap.server import _number_list
+
+    assert _number_list([]) == b""
+    assert _number_list(array("q", [1, 22, 333, 4]), piece=2) == b" 1 22 333 4"
+    assert _number_list(list(range(1, 6)), piece=3) == b" 1 2 3 4 5"
