@@ -500,3 +500,19 @@ def test_search_body_of_big_message_streams(h, monkeypatch):
     assert c.cmd(b"s SEARCH BODY haystack").startswith(b"* SEARCH 1\r\n")
     assert c.cmd(b"s SEARCH TEXT hello").startswith(b"* SEARCH 2\r\n")
     assert c.cmd(b"s SEARCH TEXT NEEDLE").startswith(b"* SEARCH 1\r\n")
+
+
+def test_fetch_overlapping_and_uid_sets_each_message_once_in_order(h):
+    for n in range(6):
+        h.deliver(b"Subject: %d\n\nx\n" % n)
+    c = logged_in(h)
+    c.select()
+
+    def seqs(out: bytes) -> list[int]:
+        return [int(line.split()[1]) for line in out.split(b"\r\n") if line.startswith(b"* ")]
+
+    assert seqs(c.cmd(b"f FETCH 5,1:2,2,6:4 FLAGS")) == [1, 2, 4, 5, 6]
+    assert seqs(c.cmd(b"f FETCH 1:* FLAGS")) == [1, 2, 3, 4, 5, 6]
+    assert seqs(c.cmd(b"f UID FETCH 2:3,7:*,1 FLAGS")) == [1, 2, 3, 6]
+    assert seqs(c.cmd(b"f UID FETCH 100:* FLAGS")) == [6]  # RFC 3501 6.4.8: * is the last
+    assert seqs(c.cmd(b"f UID FETCH 100:150,7:8 FLAGS")) == []

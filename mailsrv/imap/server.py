@@ -1185,26 +1185,37 @@ class IMAPServer(imap4.IMAP4Server):
 
     select_EXPUNGE = (do_EXPUNGE,)
 
-    def _resolve(self, messages: SeqSet, uid: bool) -> list[int]:
-        """Sequence numbers (ascending) named by a set of sequence numbers or UIDs."""
+    def _resolve(self, messages: SeqSet, uid: bool) -> Sequence[int]:
+        """
+        Sequence numbers (ascending, each once) named by a set of sequence numbers
+        or UIDs: a C{range} when they are contiguous (C{1:*} on 100k messages makes
+        no list), else a list.
+        """
         mbox = self.mbox
         uids = mbox.uids
+        spans: list[tuple[int, int]] = []  # [first, last] sequence numbers
         if uid:
             if not uids:
                 return []
-            found: set[int] = set()
             for lo, hi in messages.ranges(uids[-1]):
                 i = bisect.bisect_left(uids, lo)
                 j = bisect.bisect_right(uids, hi)
-                found.update(range(i + 1, j + 1))
-            return sorted(found)
-        count = len(uids)
-        if messages.max_number() > count:
-            raise imap4.IllegalClientResponse("Invalid message sequence number")
-        found = set()
-        for lo, hi in messages.ranges(count):
-            found.update(range(lo, hi + 1))
-        return sorted(found)
+                if j > i:
+                    spans.append((i + 1, j))
+        else:
+            count = len(uids)
+            if messages.max_number() > count:
+                raise imap4.IllegalClientResponse("Invalid message sequence number")
+            spans = [(lo, hi) for lo, hi in messages.ranges(count) if lo <= hi]
+        merged: list[list[int]] = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        if len(merged) == 1:
+            return range(merged[0][0], merged[0][1] + 1)
+        return [n for lo, hi in merged for n in range(lo, hi + 1)]
 
     def do_FETCH(self, tag: bytes, messages: SeqSet, req: FetchRequest, uid: int = 0) -> None:
         self._fetch(tag, messages, req, uid)
@@ -1249,7 +1260,7 @@ class IMAPServer(imap4.IMAP4Server):
     def _fetch_loop(
         self,
         mbox: SessionMailbox,
-        seqs: list[int],
+        seqs: Sequence[int],
         items: list[Any],
         req: FetchRequest,
         seen_now: set[int],
