@@ -58,7 +58,7 @@ class InfoList(Sequence):
             return (self.uids == other.uids and self.sizes == other.sizes
                     and self.dates == other.dates and self.flag_sets == other.flag_sets)
         if isinstance(other, (list, tuple)):
-            return len(other) == len(self) and all(a == b for a, b in zip(self, other))
+            return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented
 
     __hash__ = None  # type: ignore[assignment]

@@ -27,7 +27,7 @@ import zlib
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -41,8 +41,8 @@ from zope.interface import implementer
 
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
 from mailsrv.store import mboxfmt
-from mailsrv.store.infos import InfoList, flag_sets
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
+from mailsrv.store.infos import InfoList
 from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
 from mailsrv.store.names import (
     DELIMITER,
@@ -1359,7 +1359,7 @@ def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
     snap.infos.append(MessageInfo(uid, size, frozenset(flags), date))
 
 
-def _diff(old: list[MessageInfo], new: list[MessageInfo]) -> FolderChanges:
+def _diff(old: Sequence[MessageInfo], new: Sequence[MessageInfo]) -> FolderChanges:
     """Changes from C{old} to C{new}, both in ascending UID order."""
     added, expunged, flags = [], [], []
     i = j = 0
