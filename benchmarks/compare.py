@@ -84,8 +84,19 @@ class Mailsrv:
         )
 
     def add_user(self, local: str) -> None:
-        sh(sys.executable, "-m", "mailsrv", "--config", str(self.conf), "user", "add",
-           f"{local}@{DOMAIN}", input=PASS + "\n", text=True, capture_output=True)
+        sh(
+            sys.executable,
+            "-m",
+            "mailsrv",
+            "--config",
+            str(self.conf),
+            "user",
+            "add",
+            f"{local}@{DOMAIN}",
+            input=PASS + "\n",
+            text=True,
+            capture_output=True,
+        )
 
     def inbox(self, local: str) -> Path:
         return self.data / "mail" / DOMAIN / local / "INBOX"
@@ -96,9 +107,18 @@ class Mailsrv:
     def start(self) -> None:
         log = open(WORK / "twistd.out", "ab")
         self.proc = subprocess.Popen(
-            [TWISTD, "--nodaemon", "--pidfile=", f"--logfile={WORK / 'server.log'}",
-             "mailsrv", "--config", str(self.conf)],
-            cwd=WORK, stdout=log, stderr=subprocess.STDOUT,
+            [
+                TWISTD,
+                "--nodaemon",
+                "--pidfile=",
+                f"--logfile={WORK / 'server.log'}",
+                "mailsrv",
+                "--config",
+                str(self.conf),
+            ],
+            cwd=WORK,
+            stdout=log,
+            stderr=subprocess.STDOUT,
         )
         log.close()
         grp = CG_ROOT / "refpeer-mailsrv"
@@ -132,8 +152,17 @@ class Mailsrv:
 
 def gen(path: Path, n: int, size: int = 4096, chown: str | None = None) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = [sys.executable, str(PEERS / "gen_mbox.py"), str(path), "-n", str(n), "-s", str(size),
-            "--to", f"{path.name}@{DOMAIN}"]
+    args = [
+        sys.executable,
+        str(PEERS / "gen_mbox.py"),
+        str(path),
+        "-n",
+        str(n),
+        "-s",
+        str(size),
+        "--to",
+        f"{path.name}@{DOMAIN}",
+    ]
     if chown:
         args += ["--chown", chown]
     sh(*args, capture_output=True)
@@ -159,38 +188,105 @@ def ratio(a, b) -> str:
 
 def bench_smtp(ms: Mailsrv, repeat: int, out: list) -> None:
     args = ["-m", "2000", "-s", "10", "-l", "4096", "--repeat", str(repeat), "--pause", "2"]
-    pf = json_lines(sh(sys.executable, str(PEERS / "smtp_bench.py"), "--server", "127.0.0.1:2525",
-                       "--to", f"alice@{DOMAIN}", "--mbox", str(REF / "mail" / "alice"),
-                       "--cgroup", "postfix", *args, capture_output=True, text=True).stdout)[-1]
-    us = json_lines(sh(sys.executable, str(PEERS / "smtp_bench.py"), "--server",
-                       f"127.0.0.1:{ms.ports['smtp']}", "--to", f"alice@{DOMAIN}",
-                       "--mbox", str(ms.inbox("alice")), "--cgroup", "mailsrv", *args,
-                       capture_output=True, text=True).stdout)[-1]
-    for k, label in (("median_accept_msgs_per_s", "SMTP accept msg/s (10 conns, 2000 x 4 KB)"),
-                     ("median_e2e_msgs_per_s", "SMTP end-to-end msg/s (fsynced in mbox)")):
+    pf = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "smtp_bench.py"),
+            "--server",
+            "127.0.0.1:2525",
+            "--to",
+            f"alice@{DOMAIN}",
+            "--mbox",
+            str(REF / "mail" / "alice"),
+            "--cgroup",
+            "postfix",
+            *args,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )[-1]
+    us = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "smtp_bench.py"),
+            "--server",
+            f"127.0.0.1:{ms.ports['smtp']}",
+            "--to",
+            f"alice@{DOMAIN}",
+            "--mbox",
+            str(ms.inbox("alice")),
+            "--cgroup",
+            "mailsrv",
+            *args,
+            capture_output=True,
+            text=True,
+        ).stdout
+    )[-1]
+    for k, label in (
+        ("median_accept_msgs_per_s", "SMTP accept msg/s (10 conns, 2000 x 4 KB)"),
+        ("median_e2e_msgs_per_s", "SMTP end-to-end msg/s (fsynced in mbox)"),
+    ):
         out.append((label, us.get(k), pf.get(k), ratio(us.get(k), pf.get(k)), "Postfix"))
-    out.append(("SMTP server CPU ms/msg", us.get("median_server_cpu_ms_per_msg"),
-                pf.get("median_server_cpu_ms_per_msg"),
-                ratio(pf.get("median_server_cpu_ms_per_msg"), us.get("median_server_cpu_ms_per_msg")),
-                "Postfix"))
+    out.append(
+        (
+            "SMTP server CPU ms/msg",
+            us.get("median_server_cpu_ms_per_msg"),
+            pf.get("median_server_cpu_ms_per_msg"),
+            ratio(pf.get("median_server_cpu_ms_per_msg"), us.get("median_server_cpu_ms_per_msg")),
+            "Postfix",
+        )
+    )
 
 
 def bench_pop3(ms: Mailsrv, repeat: int, out: list) -> None:
     src = REF / "mail" / "pop10k"
     gen(src, 10000, chown="5000:5000")
     copy_mbox(src, ms.inbox("pop10k"), ms.index("pop10k"))
-    dc = json_lines(sh(sys.executable, str(PEERS / "pop3_bench.py"), "127.0.0.1", "1110", "pop10k",
-                       PASS, "--repeat", str(repeat), "--reset-index",
-                       str(REF / "dovecot" / "index" / "pop10k"), "--cgroup", "dovecot",
-                       capture_output=True, text=True).stdout)
-    us = json_lines(sh(sys.executable, str(PEERS / "pop3_bench.py"), "127.0.0.1",
-                       str(ms.ports["pop3"]), f"pop10k@{DOMAIN}", PASS, "--repeat", str(repeat),
-                       "--reset-index", str(ms.index("pop10k")), "--cgroup", "mailsrv",
-                       capture_output=True, text=True).stdout)
-    out.append(("POP3 10k: login+STAT, index cold (s)", us[0]["login_s"] + us[0]["stat_s"],
-                dc[0]["login_s"] + dc[0]["stat_s"],
-                ratio(dc[0]["login_s"] + dc[0]["stat_s"], us[0]["login_s"] + us[0]["stat_s"]),
-                "Dovecot"))
+    dc = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "pop3_bench.py"),
+            "127.0.0.1",
+            "1110",
+            "pop10k",
+            PASS,
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(REF / "dovecot" / "index" / "pop10k"),
+            "--cgroup",
+            "dovecot",
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    us = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "pop3_bench.py"),
+            "127.0.0.1",
+            str(ms.ports["pop3"]),
+            f"pop10k@{DOMAIN}",
+            PASS,
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(ms.index("pop10k")),
+            "--cgroup",
+            "mailsrv",
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    out.append(
+        (
+            "POP3 10k: login+STAT, index cold (s)",
+            us[0]["login_s"] + us[0]["stat_s"],
+            dc[0]["login_s"] + dc[0]["stat_s"],
+            ratio(dc[0]["login_s"] + dc[0]["stat_s"], us[0]["login_s"] + us[0]["stat_s"]),
+            "Dovecot",
+        )
+    )
     u, d = med(us, "retr_s", slice(1, None)), med(dc, "retr_s", slice(1, None))
     out.append(("POP3 10k: RETR all, warm (s)", u, d, ratio(d, u), "Dovecot"))
     u, d = med(us, "total_s", slice(1, None)), med(dc, "total_s", slice(1, None))
@@ -203,17 +299,52 @@ def bench_open(ms: Mailsrv, repeat: int, out: list) -> None:
     copy_mbox(src, ms.inbox("big100k"), ms.index("big100k"))
     ms.stop()
     ms.start()  # a fresh process, so its peak RSS is this test's
-    dc = json_lines(sh(sys.executable, str(PEERS / "imap_bench.py"), "127.0.0.1", "1143", "big100k",
-                       PASS, "--mode", "open", "--repeat", str(repeat), "--reset-index",
-                       str(REF / "dovecot" / "index" / "big100k"), capture_output=True,
-                       text=True).stdout)
-    us = json_lines(sh(sys.executable, str(PEERS / "imap_bench.py"), "127.0.0.1",
-                       str(ms.ports["imap"]), f"big100k@{DOMAIN}", PASS, "--mode", "open",
-                       "--repeat", str(repeat), "--reset-index", str(ms.index("big100k")),
-                       capture_output=True, text=True).stdout)
+    dc = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "imap_bench.py"),
+            "127.0.0.1",
+            "1143",
+            "big100k",
+            PASS,
+            "--mode",
+            "open",
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(REF / "dovecot" / "index" / "big100k"),
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    us = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "imap_bench.py"),
+            "127.0.0.1",
+            str(ms.ports["imap"]),
+            f"big100k@{DOMAIN}",
+            PASS,
+            "--mode",
+            "open",
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(ms.index("big100k")),
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     key = "login_to_select_s"
-    out.append(("Open 100k/417 MB INBOX (IMAP LOGIN->SELECT), cold (s)", us[0][key], dc[0][key],
-                ratio(dc[0][key], us[0][key]), "Dovecot"))
+    out.append(
+        (
+            "Open 100k/417 MB INBOX (IMAP LOGIN->SELECT), cold (s)",
+            us[0][key],
+            dc[0][key],
+            ratio(dc[0][key], us[0][key]),
+            "Dovecot",
+        )
+    )
     u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
     out.append(("Open 100k INBOX, warm (s)", u, d, ratio(d, u), "Dovecot"))
     out.append(("mailsrv peak RSS during the 100k opens (MB)", ms.peak_rss_mb(), None, "-", ""))
@@ -223,23 +354,64 @@ def bench_imap(ms: Mailsrv, repeat: int, out: list) -> None:
     src = REF / "mail" / "imap10k"
     gen(src, 10000, chown="5000:5000")
     copy_mbox(src, ms.inbox("imap10k"), ms.index("imap10k"))
-    dc = json_lines(sh(sys.executable, str(PEERS / "imap_bench.py"), "127.0.0.1", "1143", "imap10k",
-                       PASS, "--mode", "full", "--bodies", "bulk", "--repeat", str(repeat),
-                       "--reset-index", str(REF / "dovecot" / "index" / "imap10k"),
-                       capture_output=True, text=True).stdout)
-    us = json_lines(sh(sys.executable, str(PEERS / "imap_bench.py"), "127.0.0.1",
-                       str(ms.ports["imap"]), f"imap10k@{DOMAIN}", PASS, "--mode", "full",
-                       "--bodies", "bulk", "--repeat", str(repeat), "--reset-index",
-                       str(ms.index("imap10k")), capture_output=True, text=True).stdout)
+    dc = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "imap_bench.py"),
+            "127.0.0.1",
+            "1143",
+            "imap10k",
+            PASS,
+            "--mode",
+            "full",
+            "--bodies",
+            "bulk",
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(REF / "dovecot" / "index" / "imap10k"),
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
+    us = json_lines(
+        sh(
+            sys.executable,
+            str(PEERS / "imap_bench.py"),
+            "127.0.0.1",
+            str(ms.ports["imap"]),
+            f"imap10k@{DOMAIN}",
+            PASS,
+            "--mode",
+            "full",
+            "--bodies",
+            "bulk",
+            "--repeat",
+            str(repeat),
+            "--reset-index",
+            str(ms.index("imap10k")),
+            capture_output=True,
+            text=True,
+        ).stdout
+    )
     for key in ("login_to_select_s", "envelope_fetch_s", "bodies_s"):
-        out.append((f"IMAP 10k {key}, cold", us[0][key], dc[0][key], ratio(dc[0][key], us[0][key]),
-                    "Dovecot"))
+        out.append(
+            (
+                f"IMAP 10k {key}, cold",
+                us[0][key],
+                dc[0][key],
+                ratio(dc[0][key], us[0][key]),
+                "Dovecot",
+            )
+        )
         u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
         out.append((f"IMAP 10k {key}, warm", u, d, ratio(d, u), "Dovecot"))
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--only", default="smtp,pop3,open,imap")
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--keep", action="store_true", help="leave the peers running")
@@ -248,7 +420,10 @@ def main() -> int:
         print("needs root: the peers run as a private Postfix and Dovecot", file=sys.stderr)
         return 2
     if not shutil.which("postfix") or not shutil.which("dovecot"):
-        print("install the peers: apt-get install postfix dovecot-imapd dovecot-pop3d", file=sys.stderr)
+        print(
+            "install the peers: apt-get install postfix dovecot-imapd dovecot-pop3d",
+            file=sys.stderr,
+        )
         return 2
     only = set(a.only.split(","))
     if WORK.exists():
@@ -264,8 +439,12 @@ def main() -> int:
     ms.start()
     rows: list = []
     try:
-        for name, fn in (("smtp", bench_smtp), ("pop3", bench_pop3), ("open", bench_open),
-                         ("imap", bench_imap)):
+        for name, fn in (
+            ("smtp", bench_smtp),
+            ("pop3", bench_pop3),
+            ("open", bench_open),
+            ("imap", bench_imap),
+        ):
             if name in only:
                 print(f"... {name}", file=sys.stderr, flush=True)
                 try:
@@ -278,7 +457,9 @@ def main() -> int:
             with open(WORK / "peers.log", "ab") as log:
                 for script in ("dovecot-stop.sh", "postfix-stop.sh"):
                     subprocess.run(["bash", str(PEERS / script)], stdout=log, stderr=log)
-    print(f"| measure (median of {a.repeat}) | mailsrv | peer | ratio (>1: mailsrv better) | peer |")
+    print(
+        f"| measure (median of {a.repeat}) | mailsrv | peer | ratio (>1: mailsrv better) | peer |"
+    )
     print("|---|---|---|---|---|")
     for label, us, peer, r, who in rows:
         fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731

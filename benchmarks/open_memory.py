@@ -113,7 +113,9 @@ def one_run(work: Path, mbox: Path, warm: int) -> dict[str, float]:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=100000)
     ap.add_argument("-s", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=3)
@@ -124,8 +126,11 @@ def main() -> None:
     try:
         mbox = Path(args.mbox) if args.mbox else work / "gen.mbox"
         if not mbox.exists():
-            subprocess.run([sys.executable, str(GEN), str(mbox), "-n", str(args.n), "-s", str(args.s)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, str(GEN), str(mbox), "-n", str(args.n), "-s", str(args.s)],
+                check=True,
+                capture_output=True,
+            )
         if mbox.stat().st_dev != work.stat().st_dev:
             shutil.copyfile(mbox, work / "gen.mbox")
             mbox = work / "gen.mbox"
@@ -135,17 +140,28 @@ def main() -> None:
         def med(k: str) -> float:
             return statistics.median(r[k] for r in runs)
 
-        print(f"INBOX: {int(runs[0]['messages'])} messages, {mbox.stat().st_size / 1e6:.0f} MB; "
-              f"median of {args.runs} fresh servers (max in brackets)")
-        print(f"{'VmRSS idle':40} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]")
-        for label, key in (("after cold SELECT", "cold"), (f"after {args.warm} warm SELECTs", "warm"),
-                           ("after POP3 STAT+UIDL", "pop3"),
-                           ("restarted, SELECT from the index", "load")):
+        print(
+            f"INBOX: {int(runs[0]['messages'])} messages, {mbox.stat().st_size / 1e6:.0f} MB; "
+            f"median of {args.runs} fresh servers (max in brackets)"
+        )
+        print(
+            f"{'VmRSS idle':40} {med('idle_rss'):6.1f} MB  [{max(r['idle_rss'] for r in runs):.1f}]"
+        )
+        for label, key in (
+            ("after cold SELECT", "cold"),
+            (f"after {args.warm} warm SELECTs", "warm"),
+            ("after POP3 STAT+UIDL", "pop3"),
+            ("restarted, SELECT from the index", "load"),
+        ):
             hwm, rss = key + "_hwm", key + "_rss"
-            print(f"{'VmHWM ' + label:40} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
-                  f"   (VmRSS {med(rss):.1f} MB)")
-        print(f"IMAP LOGIN->SELECT cold {med('cold_s'):.2f} s, warm {med('warm_s'):.3f} s, "
-              f"from the index {med('load_s'):.2f} s; POP3 LOGIN->UIDL {med('pop3_s'):.2f} s")
+            print(
+                f"{'VmHWM ' + label:40} {med(hwm):6.1f} MB  [{max(r[hwm] for r in runs):.1f}]"
+                f"   (VmRSS {med(rss):.1f} MB)"
+            )
+        print(
+            f"IMAP LOGIN->SELECT cold {med('cold_s'):.2f} s, warm {med('warm_s'):.3f} s, "
+            f"from the index {med('load_s'):.2f} s; POP3 LOGIN->UIDL {med('pop3_s'):.2f} s"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

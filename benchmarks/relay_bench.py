@@ -92,8 +92,10 @@ def cpu_seconds(pid: int) -> float:
 
 
 def make_message(size: int, n: int) -> bytes:
-    head = (f"From: bench@example.test\r\nTo: x@remote.test\r\nSubject: bench {n}\r\n"
-            f"Message-ID: <bench{n}.{time.time()}@example.test>\r\n\r\n").encode()
+    head = (
+        f"From: bench@example.test\r\nTo: x@remote.test\r\nSubject: bench {n}\r\n"
+        f"Message-ID: <bench{n}.{time.time()}@example.test>\r\n\r\n"
+    ).encode()
     line = b"abcdefghijklmnopqrstuvwxyz0123456789 the quick brown fox jumps over it\r\n"
     body = (line * (size // len(line) + 1))[: max(0, size - len(head))]
     return head + body
@@ -169,13 +171,30 @@ per_destination_concurrency = 10
         sink_args = [SMTP_SINK, "-h", "sink.test"]
         if os.geteuid() == 0:
             sink_args += ["-u", "nobody"]
-        sink = subprocess.Popen(sink_args + [f"127.0.0.1:{self.sink_port}", "1024"],
-                                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        sink = subprocess.Popen(
+            sink_args + [f"127.0.0.1:{self.sink_port}", "1024"],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         self.procs.append(sink)
         py = sys.executable
-        subprocess.run([py, "-m", "mailsrv", "--config", str(self.config), "user", "add",
-                        "bench@example.test"], input=PASSWORD + "\n", text=True, check=True,
-                       cwd=ROOT, capture_output=True)
+        subprocess.run(
+            [
+                py,
+                "-m",
+                "mailsrv",
+                "--config",
+                str(self.config),
+                "user",
+                "add",
+                "bench@example.test",
+            ],
+            input=PASSWORD + "\n",
+            text=True,
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+        )
         wait_port(self.sink_port)
         self.start_server()
 
@@ -184,9 +203,19 @@ per_destination_concurrency = 10
         # The log to our own file: twistd's --logfile rotates at 1 MB.
         with open(self.log, "ab") as log:
             self.server = subprocess.Popen(
-                [twistd, "--nodaemon", "--pidfile=", "--logfile=-", "mailsrv",
-                 "--config", str(self.config)],
-                cwd=self.base, stdout=log, stderr=subprocess.STDOUT)
+                [
+                    twistd,
+                    "--nodaemon",
+                    "--pidfile=",
+                    "--logfile=-",
+                    "mailsrv",
+                    "--config",
+                    str(self.config),
+                ],
+                cwd=self.base,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+            )
         self.procs.append(self.server)
         wait_port(self.submission)
 
@@ -216,8 +245,14 @@ per_destination_concurrency = 10
         now = time.time()
         for k in range(a.messages):
             data = make_message(a.size, k).replace(b"\r\n", b"\n")
-            env = Envelope(new_queue_id(time.time()), "bench@example.test",
-                           [Recipient("x@remote.test")], now, now, size=len(data))
+            env = Envelope(
+                new_queue_id(time.time()),
+                "bench@example.test",
+                [Recipient("x@remote.test")],
+                now,
+                now,
+                size=len(data),
+            )
             store.store(env, BytesSource(data))
 
     def run_relay_only(self, a: argparse.Namespace) -> dict:
@@ -233,8 +268,11 @@ per_destination_concurrency = 10
         cpu0 = cpu_seconds(self.server.pid)
         e2e = wait_count(counter, a.messages, t0)
         cpu = cpu_seconds(self.server.pid) - cpu0
-        return {"server": "mailsrv relayer only", "e2e_msg_s": a.messages / e2e,
-                "cpu_ms_per_msg": 1000 * cpu / a.messages}
+        return {
+            "server": "mailsrv relayer only",
+            "e2e_msg_s": a.messages / e2e,
+            "cpu_ms_per_msg": 1000 * cpu / a.messages,
+        }
 
     def run(self, a: argparse.Namespace) -> dict:
         if a.relay_only:
@@ -245,8 +283,12 @@ per_destination_concurrency = 10
         accept = drive(self.submission, a.messages, a.sessions, a.size, login=True)
         e2e = wait_count(counter, a.messages, t0)
         cpu = cpu_seconds(self.server.pid) - cpu0
-        return {"server": "mailsrv", "accept_msg_s": a.messages / accept,
-                "e2e_msg_s": a.messages / e2e, "cpu_ms_per_msg": 1000 * cpu / a.messages}
+        return {
+            "server": "mailsrv",
+            "accept_msg_s": a.messages / accept,
+            "e2e_msg_s": a.messages / e2e,
+            "cpu_ms_per_msg": 1000 * cpu / a.messages,
+        }
 
 
 class Postfix:
@@ -259,14 +301,16 @@ class Postfix:
         self.started = []
         for name in ("sink", "postfix"):
             if not self._running(name):
-                subprocess.run([str(PEERS / f"{name}-start.sh")], check=True,
-                               capture_output=True)
+                subprocess.run([str(PEERS / f"{name}-start.sh")], check=True, capture_output=True)
                 self.started.append(name)
         wait_port(self.port)
 
     def _running(self, name: str) -> bool:
-        pidfile = Path("/tmp/ref/sink/pid") if name == "sink" else \
-            Path("/tmp/ref/postfix/spool/pid/master.pid")
+        pidfile = (
+            Path("/tmp/ref/sink/pid")
+            if name == "sink"
+            else Path("/tmp/ref/postfix/spool/pid/master.pid")
+        )
         try:
             os.kill(int(pidfile.read_text().strip()), 0)
             return True
@@ -282,8 +326,11 @@ class Postfix:
         t0 = time.monotonic()
         accept = drive(self.port, a.messages, a.sessions, a.size, login=False)
         e2e = wait_count(counter, a.messages, t0)
-        return {"server": "postfix", "accept_msg_s": a.messages / accept,
-                "e2e_msg_s": a.messages / e2e}
+        return {
+            "server": "postfix",
+            "accept_msg_s": a.messages / accept,
+            "e2e_msg_s": a.messages / e2e,
+        }
 
 
 def main() -> int:
@@ -293,8 +340,11 @@ def main() -> int:
     ap.add_argument("-l", "--size", type=int, default=4096)
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--postfix", action="store_true", help="also measure the reference Postfix")
-    ap.add_argument("--relay-only", action="store_true",
-                    help="mailsrv: queue the messages on disk first, time only the relayer")
+    ap.add_argument(
+        "--relay-only",
+        action="store_true",
+        help="mailsrv: queue the messages on disk first, time only the relayer",
+    )
     a = ap.parse_args()
     targets = [Mailsrv()] + ([Postfix()] if a.postfix else [])
     results: dict[str, list[dict]] = {}
@@ -308,8 +358,11 @@ def main() -> int:
         finally:
             target.stop()
     for server, runs in results.items():
-        summary = {k: round(statistics.median(r[k] for r in runs), 2)  # type: ignore[type-var]
-                   for k in runs[0] if k != "server"}
+        summary = {
+            k: round(statistics.median(r[k] for r in runs), 2)  # type: ignore[type-var]
+            for k in runs[0]
+            if k != "server"
+        }
         print(f"{server}: median of {len(runs)}: {json.dumps(summary)}")
     return 0
 

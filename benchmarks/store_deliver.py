@@ -20,8 +20,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=2000)
     ap.add_argument("-c", type=int, default=10)
     args = ap.parse_args()
@@ -52,8 +53,10 @@ def main() -> None:
             t0 = time.perf_counter()
             await defer.gatherResults([defer.ensureDeferred(caller()) for _ in range(args.c)])
             dt = time.perf_counter() - t0
-            print(f"{args.n} x {len(body)} B, {args.c} concurrent: {dt:.2f} s, "
-                  f"{args.n / dt:.0f} msg/s (fsync per batch)")
+            print(
+                f"{args.n} x {len(body)} B, {args.c} concurrent: {dt:.2f} s, "
+                f"{args.n / dt:.0f} msg/s (fsync per batch)"
+            )
         finally:
             pool.stop()
             shutil.rmtree(root, ignore_errors=True)

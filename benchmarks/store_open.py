@@ -94,9 +94,11 @@ def fill(root: str, n: int, size: int, callers: int) -> None:
                 nonlocal sent
                 while sent < n:
                     sent += 1
-                    msg = (b"From: a%d@example.test\nTo: %s\nSubject: message %d\n"
-                           b"Message-ID: <%d.bench@example.test>\n\n" % (
-                               sent % 97, USER.encode(), sent, sent)) + body
+                    msg = (
+                        b"From: a%d@example.test\nTo: %s\nSubject: message %d\n"
+                        b"Message-ID: <%d.bench@example.test>\n\n"
+                        % (sent % 97, USER.encode(), sent, sent)
+                    ) + body
                     await store.deliver(USER, BytesSource(msg), f"a{sent % 97}@example.test")
 
             t0 = time.perf_counter()
@@ -110,20 +112,28 @@ def fill(root: str, n: int, size: int, callers: int) -> None:
 
 
 def run_child(root: Path, read_all: bool = False) -> dict:
-    out = subprocess.run([sys.executable, __file__, "--child", str(root)]
-                         + (["--read-all"] if read_all else []),
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [sys.executable, __file__, "--child", str(root)] + (["--read-all"] if read_all else []),
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     return json.loads(out.strip().splitlines()[-1])
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("-n", type=int, default=100000)
     ap.add_argument("-s", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--mbox", help="use this mbox instead of generating one")
-    ap.add_argument("--deliver", action="store_true",
-                    help="fill the INBOX through MboxMailStore.deliver instead")
+    ap.add_argument(
+        "--deliver",
+        action="store_true",
+        help="fill the INBOX through MboxMailStore.deliver instead",
+    )
     ap.add_argument("-c", type=int, default=20, help="concurrent callers with --deliver")
     ap.add_argument("--child")
     ap.add_argument("--fill")
@@ -145,8 +155,11 @@ def main() -> None:
     try:
         src = Path(args.mbox) if args.mbox else work / "gen.mbox"
         if not args.mbox:
-            subprocess.run([sys.executable, str(GEN), str(src), "-n", str(args.n), "-s", str(args.s)],
-                           check=True, capture_output=True)
+            subprocess.run(
+                [sys.executable, str(GEN), str(src), "-n", str(args.n), "-s", str(args.s)],
+                check=True,
+                capture_output=True,
+            )
         inbox = work / "mail" / "example.test" / "bench" / "INBOX"
         inbox.parent.mkdir(parents=True)
         try:
@@ -165,20 +178,40 @@ def main() -> None:
             return statistics.median(r[k] for r in rs)
 
         print(f"mbox: {cold[0]['messages']} messages, {size_mb:.0f} MB; median of {args.runs}")
-        print(f"cold open (no index, full scan + index build): {med(cold, 'open_s'):.2f} s, "
-              f"peak RSS {max(r['maxrss_mb'] for r in cold):.0f} MB")
-        print(f"warm open (index present):                    {med(warm, 'open_s'):.2f} s, "
-              f"peak RSS {max(r['maxrss_mb'] for r in warm):.0f} MB")
-        print(f"read first 10,000 messages (open_message):    {med(warm, 'read10k_s'):.2f} s "
-              f"({10000 / med(warm, 'read10k_s'):.0f} msg/s)")
+        print(
+            f"cold open (no index, full scan + index build): {med(cold, 'open_s'):.2f} s, "
+            f"peak RSS {max(r['maxrss_mb'] for r in cold):.0f} MB"
+        )
+        print(
+            f"warm open (index present):                    {med(warm, 'open_s'):.2f} s, "
+            f"peak RSS {max(r['maxrss_mb'] for r in warm):.0f} MB"
+        )
+        print(
+            f"read first 10,000 messages (open_message):    {med(warm, 'read10k_s'):.2f} s "
+            f"({10000 / med(warm, 'read10k_s'):.0f} msg/s)"
+        )
     finally:
         shutil.rmtree(work, ignore_errors=True)
 
 
 def deliver_then_open(work: Path, args: argparse.Namespace) -> None:
-    out = subprocess.run([sys.executable, __file__, "--fill", str(work), "-n", str(args.n),
-                          "-s", str(args.s), "-c", str(args.c)],
-                         check=True, capture_output=True, text=True).stdout
+    out = subprocess.run(
+        [
+            sys.executable,
+            __file__,
+            "--fill",
+            str(work),
+            "-n",
+            str(args.n),
+            "-s",
+            str(args.s),
+            "-c",
+            str(args.c),
+        ],
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout
     filled = json.loads(out.strip().splitlines()[-1])
     inbox = work / "mail" / "example.test" / "bench" / "INBOX"
     size_mb = inbox.stat().st_size / 1e6
@@ -191,11 +224,15 @@ def deliver_then_open(work: Path, args: argparse.Namespace) -> None:
         shutil.copytree(saved, index)  # each run sees the index exactly as delivery left it
         runs.append(run_child(work))
     opened = runs[0]["messages"]
-    print(f"filled by deliver(): {opened} messages, {size_mb:.0f} MB, {args.c} concurrent "
-          f"callers: {filled['fill_s']:.1f} s ({filled['rate']:.0f} msg/s)")
-    print(f"first open after delivery, median of {args.runs}: "
-          f"{statistics.median(r['open_s'] for r in runs):.2f} s, "
-          f"peak RSS {max(r['maxrss_mb'] for r in runs):.0f} MB")
+    print(
+        f"filled by deliver(): {opened} messages, {size_mb:.0f} MB, {args.c} concurrent "
+        f"callers: {filled['fill_s']:.1f} s ({filled['rate']:.0f} msg/s)"
+    )
+    print(
+        f"first open after delivery, median of {args.runs}: "
+        f"{statistics.median(r['open_s'] for r in runs):.2f} s, "
+        f"peak RSS {max(r['maxrss_mb'] for r in runs):.0f} MB"
+    )
 
 
 if __name__ == "__main__":

@@ -29,8 +29,9 @@ class CommandError(Exception):
 class _IO:
     """Where a command reads and writes, so that tests can pass their own."""
 
-    def __init__(self, stdin: TextIO, stdout: TextIO, stderr: TextIO,
-                 getpass_: Callable[[str], str]) -> None:
+    def __init__(
+        self, stdin: TextIO, stdout: TextIO, stderr: TextIO, getpass_: Callable[[str], str]
+    ) -> None:
         self.stdin = stdin
         self.stdout = stdout
         self.stderr = stderr
@@ -124,7 +125,9 @@ def build_parser() -> argparse.ArgumentParser:
         description="Administer a mailsrv server (run the server with: twistd -n mailsrv).",
     )
     parser.add_argument(
-        "-c", "--config", metavar="FILE",
+        "-c",
+        "--config",
+        metavar="FILE",
         help="the TOML configuration file (default: the embedded default)",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
@@ -134,7 +137,8 @@ def build_parser() -> argparse.ArgumentParser:
     sub = user.add_subparsers(dest="user_command", metavar="{add,list,del,passwd}")
     sub.required = True
     add = sub.add_parser(
-        "add", help="add a user; the password is read from standard input or prompted for")
+        "add", help="add a user; the password is read from standard input or prompted for"
+    )
     add.add_argument("address", help="local@domain, the domain one of server.domains")
     add.set_defaults(**{HANDLER: _user_add})
     sub.add_parser("list", help="list the users").set_defaults(**{HANDLER: _user_list})
@@ -192,8 +196,9 @@ def main(
         return 130
 
 
-def _call_external(handler: Callable[..., int], args: argparse.Namespace, config: Config,
-                   io: _IO) -> Any:
+def _call_external(
+    handler: Callable[..., int], args: argparse.Namespace, config: Config, io: _IO
+) -> Any:
     """Another part's subcommand: C{handler(args, config) -> int}, its output to our stdout."""
     with contextlib.redirect_stdout(io.stdout):
         return handler(args, config)

@@ -183,7 +183,7 @@ def _duration(v: Any) -> int:
             return int(s[:-1]) * units[s[-1]]
         if s.isdigit():
             return int(s)
-    raise ValueError(f"must be a duration like 300, \"5m\", \"4h\" or \"5d\", not {v!r}")
+    raise ValueError(f'must be a duration like 300, "5m", "4h" or "5d", not {v!r}')
 
 
 def _float(minimum: float = 0.0) -> Callable[[Any], float]:

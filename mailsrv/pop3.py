@@ -184,8 +184,11 @@ class Maildrop:
     def _mark_seen(self, removed: list[int], uids: set[int]) -> defer.Deferred:
         def changes(_: Any) -> Any:
             # Flags as they are now: an IMAP session may have changed them meanwhile.
-            new = {m.uid: m.flags | {SEEN} for m in self.folder.messages()
-                   if m.uid in uids and SEEN not in m.flags}
+            new = {
+                m.uid: m.flags | {SEEN}
+                for m in self.folder.messages()
+                if m.uid in uids and SEEN not in m.flags
+            }
             return self.folder.set_flags(new) if new else None
 
         def failed(f: Failure) -> None:
@@ -363,8 +366,11 @@ class POP3Server(pop3.POP3):
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
-        self.log.info("pop3 timeout for {user} from {client}",
-                      user=self.mbox.user if self.mbox else None, client=self.peer)
+        self.log.info(
+            "pop3 timeout for {user} from {client}",
+            user=self.mbox.user if self.mbox else None,
+            client=self.peer,
+        )
         self.send(TIMED_OUT)
         self.transport.loseConnection()
 
@@ -598,8 +604,9 @@ class POP3Server(pop3.POP3):
         throttle = self.ctx.throttle
         if throttle is not None and throttle.blocked(self.peer):
             self._log_login(name, "throttled")
-            d = task.deferLater(self.ctx.reactor, self.ctx.config.auth.failure_delay,
-                                self.error, THROTTLED)
+            d = task.deferLater(
+                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
+            )
             self._long(d)
             return
         d = self.ctx.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
@@ -621,8 +628,12 @@ class POP3Server(pop3.POP3):
         self.log.info(
             "pop3 login {user} from {client}: {result} (method={method}, tls={tls}, "
             "messages={count})",
-            user=user, client=self.peer, result=result, method=self._method,
-            tls=is_tls(self.transport), count=count,
+            user=user,
+            client=self.peer,
+            result=result,
+            method=self._method,
+            tls=is_tls(self.transport),
+            count=count,
         )
 
     def _login_failed(self, f: Failure, name: str) -> None:
@@ -636,8 +647,9 @@ class POP3Server(pop3.POP3):
             self.bad(AUTH_FAILED)
         else:
             self._log_login(name, "error")
-            self.log.failure("pop3 login {user} from {client}: error", f,
-                             user=name, client=self.peer)
+            self.log.failure(
+                "pop3 login {user} from {client}: error", f, user=name, client=self.peer
+            )
             self.send(SYS_TEMP)
 
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
@@ -687,8 +699,9 @@ class POP3Server(pop3.POP3):
                 self.ok(b"%d %d" % (i + 1, self.mbox.infos[i].size))
             return
         count = len(self.mbox.infos) - len(self.mbox.deleted)
-        self._send_listing(b"+OK %d messages:" % count,
-                           (b"%d %d" % nv for nv in self.mbox.numbered("size")))
+        self._send_listing(
+            b"+OK %d messages:" % count, (b"%d %d" % nv for nv in self.mbox.numbered("size"))
+        )
 
     def pop3_UIDL(self, rest: bytes) -> None:
         v = self.mbox.uid_validity
@@ -697,8 +710,9 @@ class POP3Server(pop3.POP3):
             if i is not None:
                 self.ok(b"%d %s" % (i + 1, uidl(self.mbox.infos[i], v)))
             return
-        self._send_listing(b"+OK", (b"%d %08X%08X" % (n, uid, v)
-                                    for n, uid in self.mbox.numbered("uid")))
+        self._send_listing(
+            b"+OK", (b"%d %08X%08X" % (n, uid, v) for n, uid in self.mbox.numbered("uid"))
+        )
 
     def pop3_DELE(self, rest: bytes) -> None:
         i = self._message_number(rest)
@@ -753,8 +767,12 @@ class POP3Server(pop3.POP3):
         d = self.mbox.commit()
 
         def done(removed: list[int]) -> None:
-            self.log.info("pop3 logout {user} from {client}: {count} deleted",
-                          user=self.mbox.user, client=self.peer, count=len(removed))
+            self.log.info(
+                "pop3 logout {user} from {client}: {count} deleted",
+                user=self.mbox.user,
+                client=self.peer,
+                count=len(removed),
+            )
             self.ok(b"Logging out, messages deleted." if deleting else b"Logging out.")
             self.transport.loseConnection()
 
@@ -886,14 +904,17 @@ class POP3Server(pop3.POP3):
                     if head:  # nothing sent yet: the client gets an -ERR
                         raise
                     # Half a message is out: only closing tells the client it is incomplete.
-                    self.log.failure("pop3 {user}: reading message {uid} failed",
-                                     user=self.mbox.user, uid=info.uid)
+                    self.log.failure(
+                        "pop3 {user}: reading message {uid} failed",
+                        user=self.mbox.user,
+                        uid=info.uid,
+                    )
                     self.transport.loseConnection()
                     return
                 if not chunk or producer.stopped or self._closed:
                     break
                 left -= len(chunk)
-                out = dot_stuff(tail + chunk, at_line_start=False)[len(tail):]
+                out = dot_stuff(tail + chunk, at_line_start=False)[len(tail) :]
                 tail = (tail + chunk)[-2:]
                 self.transport.write(head + out)
                 head = b""
@@ -901,8 +922,11 @@ class POP3Server(pop3.POP3):
                 yield producer.ready()
             if left > 0 and not self._closed:
                 # The message shrank under us: the client cannot trust what it got.
-                self.log.error("pop3 {user}: message {uid} truncated on disk",
-                               user=self.mbox.user, uid=info.uid)
+                self.log.error(
+                    "pop3 {user}: message {uid} truncated on disk",
+                    user=self.mbox.user,
+                    uid=info.uid,
+                )
                 self.transport.loseConnection()
                 return
             if not self._closed:

@@ -48,7 +48,9 @@ BAD_ARGUMENTS = Reply(501, "5.5.4", "Syntax error in parameters or arguments")
 BAD_SEQUENCE = Reply(503, "5.5.1", "Bad sequence of commands")
 BAD_PARAMETER = Reply(555, "5.5.4", "MAIL FROM/RCPT TO parameter not recognized")
 AUTH_REQUIRED = Reply(530, "5.7.0", "Authentication required")
-ENCRYPTION_REQUIRED = Reply(538, "5.7.11", "Encryption required for requested authentication mechanism")
+ENCRYPTION_REQUIRED = Reply(
+    538, "5.7.11", "Encryption required for requested authentication mechanism"
+)
 AUTH_FAILED = Reply(535, "5.7.8", "Authentication credentials invalid")
 NO_SUCH_USER = Reply(550, "5.1.1", "No such user here")
 BAD_DESTINATION_SYNTAX = Reply(501, "5.1.3", "Bad recipient address syntax")

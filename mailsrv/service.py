@@ -150,8 +150,11 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         if not endpoints:
             continue
         if name not in factories:
-            log.warn("no server for listener {name}; not listening on {endpoints}",
-                     name=name, endpoints=endpoints)
+            log.warn(
+                "no server for listener {name}; not listening on {endpoints}",
+                name=name,
+                endpoints=endpoints,
+            )
             continue
         factory = factories[name]
         if name in IMPLICIT_TLS:

@@ -70,8 +70,11 @@ def server_options(config: Config) -> ssl.CertificateOptions:
     if cert_path is None or key_path is None:
         cert_path, key_path = self_signed_paths(config)
         if not (cert_path.exists() and key_path.exists()):
-            log.info("generating a self-signed certificate for {host} in {path}",
-                     host=config.server.hostname, path=str(cert_path.parent))
+            log.info(
+                "generating a self-signed certificate for {host} in {path}",
+                host=config.server.hostname,
+                path=str(cert_path.parent),
+            )
             generate_self_signed(config.server.hostname, cert_path, key_path)
     pem = cert_path.read_bytes() + b"\n" + key_path.read_bytes()
     cert = ssl.PrivateCertificate.loadPEM(pem)

@@ -70,9 +70,13 @@ class MailServer:
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         self.proc = subprocess.Popen(
             [
-                TWISTD, "--nodaemon", "--pidfile=",
+                TWISTD,
+                "--nodaemon",
+                "--pidfile=",
                 f"--logfile={self.base / 'server.log'}",
-                "mailsrv", "--config", str(self.config_path),
+                "mailsrv",
+                "--config",
+                str(self.config_path),
             ],
             cwd=str(self.base),
             stdout=log,

@@ -94,8 +94,10 @@ class StoreContract:
             self.assertAlmostEqual(info.internal_date, NOW, delta=1)
             with f.open_message(info.uid) as fh:
                 self.assertEqual(fh.read(), crlf(data))
-        self.assertEqual(f.read_headers(1),
-                         b"From: bob@example.test\r\nSubject: one\r\nMessage-ID: <1@x>\r\n\r\n")
+        self.assertEqual(
+            f.read_headers(1),
+            b"From: bob@example.test\r\nSubject: one\r\nMessage-ID: <1@x>\r\n\r\n",
+        )
         self.assertEqual(f.read_headers(3), b"Subject: three\r\n\r\n")
         self.assertRaises(KeyError, f.open_message, 99)
 
@@ -126,8 +128,9 @@ class StoreContract:
         self.assertEqual(b.messages()[0].flags, frozenset())
         self.assertFalse(self.ok(a.refresh()))
         changes = self.ok(b.refresh())
-        self.assertEqual([(i.uid, i.flags) for i in changes.flags],
-                         [(1, frozenset({SEEN, "$Label1"}))])
+        self.assertEqual(
+            [(i.uid, i.flags) for i in changes.flags], [(1, frozenset({SEEN, "$Label1"}))]
+        )
         self.assertEqual(b.messages()[0].flags, frozenset({SEEN, "$Label1"}))
         self.ok(a.set_flags({1: set(), 2: {DELETED}}))
         c = self.open()
@@ -164,8 +167,10 @@ class StoreContract:
         self.ok(f.set_flags({2: {SEEN}, 3: {"$Junk"}}))
         self.ok(f.expunge([1]))
         g = self.open()
-        self.assertEqual([(m.uid, m.flags) for m in g.messages()],
-                         [(2, frozenset({SEEN})), (3, frozenset({"$Junk"}))])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in g.messages()],
+            [(2, frozenset({SEEN})), (3, frozenset({"$Junk"}))],
+        )
         with g.open_message(3) as fh:
             self.assertEqual(fh.read(), crlf(MSG3))
 
@@ -212,9 +217,10 @@ class StoreContract:
         self.assertEqual(self.ok(self.store.list_folders(USER)), [("INBOX", True)])
         self.ok(self.store.create_folder(USER, "Archive/2024"))
         self.ok(self.store.create_folder(USER, "Sent"))
-        self.assertEqual(self.ok(self.store.list_folders(USER)),
-                         [("Archive", False), ("Archive/2024", True), ("INBOX", True),
-                          ("Sent", True)])
+        self.assertEqual(
+            self.ok(self.store.list_folders(USER)),
+            [("Archive", False), ("Archive/2024", True), ("INBOX", True), ("Sent", True)],
+        )
         self.fails(self.store.create_folder(USER, "Sent"))
         self.fails(self.store.create_folder(USER, "inbox"))
         self.fails(self.store.create_folder(USER, "INBOX/sub"))
@@ -248,8 +254,9 @@ class StoreContract:
         self.deliver(MSG1, folder="A/B")
         st = self.ok(self.store.folder_status(USER, "A/B"))
         self.ok(self.store.rename_folder(USER, "A", "C"))
-        self.assertEqual(self.ok(self.store.list_folders(USER)),
-                         [("C", False), ("C/B", True), ("INBOX", True)])
+        self.assertEqual(
+            self.ok(self.store.list_folders(USER)), [("C", False), ("C/B", True), ("INBOX", True)]
+        )
         st2 = self.ok(self.store.folder_status(USER, "C/B"))
         self.assertEqual(st2, st)
         f = self.open("C/B")
@@ -271,8 +278,10 @@ class StoreContract:
         self.ok(f.set_flags({2: {SEEN}}))
         self.ok(self.store.rename_folder(USER, "INBOX", "Old"))
         g = self.open("Old")
-        self.assertEqual([(m.size, m.flags) for m in g.messages()],
-                         [(len(crlf(MSG1)), frozenset()), (len(crlf(MSG2)), frozenset({SEEN}))])
+        self.assertEqual(
+            [(m.size, m.flags) for m in g.messages()],
+            [(len(crlf(MSG1)), frozenset()), (len(crlf(MSG2)), frozenset({SEEN}))],
+        )
         with g.open_message(g.messages()[1].uid) as fh:
             self.assertEqual(fh.read(), crlf(MSG2))
         changes = self.ok(f.refresh())
@@ -288,8 +297,9 @@ class StoreContract:
         f = self.open()
         self.ok(f.set_flags({1: {SEEN}}))
         status = self.ok(self.store.folder_status(USER, "INBOX"))
-        self.assertEqual(status, {"messages": 2, "uid_next": 3, "uid_validity": f.uid_validity,
-                                  "unseen": 1})
+        self.assertEqual(
+            status, {"messages": 2, "uid_next": 3, "uid_validity": f.uid_validity, "unseen": 1}
+        )
 
     def test_users_apart(self):
         self.deliver(MSG1, user="bob@Example.TEST")

@@ -79,8 +79,12 @@ def main() -> None:
                 if mid % 2 == 0 or rnd.random() < 0.3:
                     gone.append((info.uid, mid))
             d = folder.expunge([u for u, _ in gone])
-            d.addCallback(lambda _, g=gone: (
-                out.write("expunged " + " ".join(str(m) for _, m in g) + "\n"), out.flush()))
+            d.addCallback(
+                lambda _, g=gone: (
+                    out.write("expunged " + " ".join(str(m) for _, m in g) + "\n"),
+                    out.flush(),
+                )
+            )
             pool.run()
             folder.close()
 

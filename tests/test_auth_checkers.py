@@ -56,8 +56,12 @@ def test_success_is_immediate_and_normalized(setup):
 
 @pytest.mark.parametrize(
     "user,password",
-    [(b"alice@example.test", b"wrong"), (b"bob@example.test", b"s3cret"),
-     (b"garbage", b"x"), (b"\xff@example.test", b"x")],
+    [
+        (b"alice@example.test", b"wrong"),
+        (b"bob@example.test", b"s3cret"),
+        (b"garbage", b"x"),
+        (b"\xff@example.test", b"x"),
+    ],
 )
 def test_failures_delayed_and_identical(setup, user, password):
     clock, pw, checker = setup
@@ -93,11 +97,11 @@ def test_realm_register_and_logout():
     realm = MailRealm()
     realm.register(IThing, Avatar)
     realm.register(IOther, lambda who: defer.succeed(object()))
-    (iface, avatar, logout), = outcome(realm.requestAvatar("a@b.c", None, IThing))
+    ((iface, avatar, logout),) = outcome(realm.requestAvatar("a@b.c", None, IThing))
     assert iface is IThing and avatar.who == "a@b.c"
     logout()
     assert avatar.out
-    (iface, avatar, logout), = outcome(realm.requestAvatar(b"a@b.c", None, IOther))
+    ((iface, avatar, logout),) = outcome(realm.requestAvatar(b"a@b.c", None, IOther))
     assert iface is IOther
     assert logout() is None
     (f,) = outcome(realm.requestAvatar("a@b.c", None, Interface))
@@ -109,6 +113,7 @@ def test_portal_login_end_to_end(setup):
     realm = MailRealm()
     realm.register(IThing, Avatar)
     portal = Portal(realm, [checker])
-    (iface, avatar, logout), = outcome(
-        portal.login(UsernamePassword(b"alice@example.test", b"s3cret"), None, IThing))
+    ((iface, avatar, logout),) = outcome(
+        portal.login(UsernamePassword(b"alice@example.test", b"s3cret"), None, IThing)
+    )
     assert avatar.who == "alice@example.test"

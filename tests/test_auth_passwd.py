@@ -93,7 +93,13 @@ def test_add_existing_passwd_del(pf):
 
 
 def test_bad_addresses_refused(pf):
-    for bad in ["nolocal", "@example.test", "a:b@example.test", "a b@example.test", "../x@example.test"]:
+    for bad in [
+        "nolocal",
+        "@example.test",
+        "a:b@example.test",
+        "a b@example.test",
+        "../x@example.test",
+    ]:
         with pytest.raises(ValueError):
             pf.add_user(bad, "x")
     assert not pf.path.exists()
@@ -114,7 +120,9 @@ def test_reload_when_file_replaced(pf, tmp_path):
 def test_comments_unknown_fields_and_dovecot_scheme_kept(pf):
     h = cheap().hash("pw")
     pf.path.parent.mkdir(parents=True)
-    pf.path.write_text(f"# users\n\ncarol@example.test:{{ARGON2ID}}{h}:1000:1000::/home/c\nbroken line\n")
+    pf.path.write_text(
+        f"# users\n\ncarol@example.test:{{ARGON2ID}}{h}:1000:1000::/home/c\nbroken line\n"
+    )
     assert pf.users() == ["carol@example.test"]
     assert result(pf.verify("carol@example.test", "pw")) is True
     pf.add_user("dave@example.test", "d")

@@ -50,7 +50,10 @@ def verify(path: Path, address: str, password: str) -> bool:
 def test_user_add_list_passwd_del(cfg, tmp_path):
     passwd = tmp_path / "data" / "passwd"
     assert run("--config", cfg, "user", "add", "Alice@Example.TEST", stdin="pw one\n") == (
-        0, "added Alice@example.test\n", "")
+        0,
+        "added Alice@example.test\n",
+        "",
+    )
     assert stat.S_IMODE(os.stat(passwd).st_mode) == 0o600
     assert passwd.read_text().startswith("Alice@example.test:$argon2id$")
     assert "pw one" not in passwd.read_text()
@@ -144,16 +147,30 @@ def test_running_server_sees_new_user_without_restart(cfg, tmp_path):
 
 def test_console_command_in_a_subprocess(cfg, tmp_path):
     cmd = [sys.executable, "-m", "mailsrv", "--config", str(cfg), "user"]
-    r = subprocess.run(cmd + ["add", "sub@example.test"], input="secret\n", capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        cmd + ["add", "sub@example.test"],
+        input="secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert (r.returncode, r.stdout, r.stderr) == (0, "added sub@example.test\n", "")
     r = subprocess.run(cmd + ["list"], capture_output=True, text=True, timeout=60)
     assert r.stdout == "sub@example.test\n"
-    r = subprocess.run(cmd + ["add", "x@nowhere.test"], input="secret\n", capture_output=True,
-                       text=True, timeout=60)
+    r = subprocess.run(
+        cmd + ["add", "x@nowhere.test"],
+        input="secret\n",
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert r.returncode == 1 and "not a local domain" in r.stderr
     script = Path(sys.executable).with_name("mailsrv")
     if script.exists():  # the console script from pyproject
-        r = subprocess.run([str(script), "-c", str(cfg), "user", "list"], capture_output=True,
-                           text=True, timeout=60)
+        r = subprocess.run(
+            [str(script), "-c", str(cfg), "user", "list"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
         assert r.stdout == "sub@example.test\n"

@@ -55,12 +55,12 @@ def test_every_error_reported_at_once_with_key_and_file(tmp_path):
     f.write_text(
         "[server]\n"
         'hostnme = "x"\n'
-        "domains = \"example.test\"\n"
+        'domains = "example.test"\n'
         "[listen]\n"
         'smtp = ["tcpx:25"]\n'
         "[limits]\n"
         'max_message_size = "big"\n'
-        "timeout = \"5 minutes\"\n"
+        'timeout = "5 minutes"\n'
         "[bogus]\n"
         "x = 1\n"
     )

@@ -81,8 +81,9 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(last, "fsync-dir")
         store = QueueStore(self.dir)
         for qid in results.values():
-            self.assertLess(self.events.index(f"rename {qid}.msg"),
-                            self.events.index(f"rename {qid}.env"))
+            self.assertLess(
+                self.events.index(f"rename {qid}.msg"), self.events.index(f"rename {qid}.env")
+            )
             with open(store.message_path(qid), "rb") as f:
                 self.assertEqual(f.read(), MESSAGE)
             self.assertEqual([r.state for r in store.load_envelope(qid).recipients], [PENDING])
@@ -109,8 +110,10 @@ class GroupCommitTests(unittest.TestCase):
             raise OSError("EIO")
 
         self.queue.store._fsync_dir = broken
-        ds = [self.queue.enqueue("a@example.test", [f"r{i}@remote.test"], BytesSource(MESSAGE))
-              for i in range(3)]
+        ds = [
+            self.queue.enqueue("a@example.test", [f"r{i}@remote.test"], BytesSource(MESSAGE))
+            for i in range(3)
+        ]
         while self.queue.held:
             self.queue.run_next()
         for d in ds:
@@ -142,7 +145,7 @@ class GroupCommitTests(unittest.TestCase):
         store = self.queue.store
         pending = self.queue.enqueue("a@example.test", ["s@remote.test"], BytesSource(MESSAGE))
         _, args, _ = self.queue.held.pop(0)
-        (kind, (env, data)), = args[0]
+        ((kind, (env, data)),) = args[0]
         store._write_file(store.message_path(env.id), lambda f: f.write(data))
         (store.tmp_dir / f"{env.id}.env.1234").write_bytes(b"{half")
         self.assertNoResult(pending)

@@ -16,9 +16,15 @@ HOP = Hop("mx.remote.test", "192.0.2.1", 25)
 
 def _session(message=b"Subject: x\n\nhello\n.dot\n", recipients=("a@r.test", "b@r.test")):
     reactor = MemoryReactorClock()
-    s = Session(reactor=reactor, pool=None, hop=HOP, helo="mail.example.test",
-                sender="alice@example.test", recipients=list(recipients),
-                message=io.BytesIO(message))
+    s = Session(
+        reactor=reactor,
+        pool=None,
+        hop=HOP,
+        helo="mail.example.test",
+        sender="alice@example.test",
+        recipients=list(recipients),
+        message=io.BytesIO(message),
+    )
     results = []
     s.result.addCallback(results.append)
     p = s.buildProtocol(None)
@@ -46,7 +52,9 @@ def test_transaction_with_mixed_recipient_replies(monkeypatch):
     monkeypatch.setattr(client, "BODY_CHUNK", 7)  # many chunks, boundaries inside lines
     s, p, t, results = _session(recipients=("a@r.test", "b@r.test", "c@r.test"))
     assert _feed(p, t, b"220 mx.remote.test ESMTP") == b"EHLO mail.example.test\r\n"
-    assert _feed(p, t, b"250-mx.remote.test", b"250 8BITMIME") == b"MAIL FROM:<alice@example.test>\r\n"
+    assert (
+        _feed(p, t, b"250-mx.remote.test", b"250 8BITMIME") == b"MAIL FROM:<alice@example.test>\r\n"
+    )
     assert _feed(p, t, b"250 2.1.0 ok") == b"RCPT TO:<a@r.test>\r\n"
     assert _feed(p, t, b"250 2.1.5 ok") == b"RCPT TO:<b@r.test>\r\n"
     assert _feed(p, t, b"550 5.1.1 no such user") == b"RCPT TO:<c@r.test>\r\n"
@@ -149,9 +157,17 @@ def test_connection_kept_for_the_next_message_then_closed_when_idle():
     kept = cache.take("k")
     assert kept is p
 
-    second = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
-                     sender="bob@example.test", recipients=["c@r.test"],
-                     message=io.BytesIO(b"\n"), cache=cache, cache_key="k")
+    second = Session(
+        reactor=s.reactor,
+        pool=None,
+        hop=HOP,
+        helo="mail.example.test",
+        sender="bob@example.test",
+        recipients=["c@r.test"],
+        message=io.BytesIO(b"\n"),
+        cache=cache,
+        cache_key="k",
+    )
     got = []
     second.run_on(kept).addCallback(got.append)
     assert t.value() == b"MAIL FROM:<bob@example.test>\r\n"
@@ -190,10 +206,19 @@ def _pipelined_session(recipients=("a@r.test", "b@r.test", "c@r.test")):
 
 def test_pipelining_sends_mail_rcpt_data_in_one_write():
     s, p, t, results, sent = _pipelined_session()
-    assert sent == (b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@r.test>\r\n"
-                    b"RCPT TO:<b@r.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n")
-    body = _feed(p, t, b"250 2.1.0 ok", b"250 2.1.5 ok", b"550 5.1.1 no such user",
-                 b"451 4.3.0 try later", b"354 go ahead")
+    assert sent == (
+        b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<a@r.test>\r\n"
+        b"RCPT TO:<b@r.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n"
+    )
+    body = _feed(
+        p,
+        t,
+        b"250 2.1.0 ok",
+        b"250 2.1.5 ok",
+        b"550 5.1.1 no such user",
+        b"451 4.3.0 try later",
+        b"354 go ahead",
+    )
     assert body == b"Subject: x\r\n\r\nhello\r\n..dot\r\n.\r\n"
     assert _feed(p, t, b"250 2.0.0 queued as X") == b"QUIT\r\n"
     (r,) = results
@@ -205,8 +230,14 @@ def test_pipelining_sends_mail_rcpt_data_in_one_write():
 
 def test_pipelining_mail_refused_is_every_recipients_reply():
     s, p, t, results, sent = _pipelined_session(recipients=("a@r.test", "b@r.test"))
-    out = _feed(p, t, b"553 5.7.1 sender refused", b"503 5.5.1 need MAIL",
-                b"503 5.5.1 need MAIL", b"503 5.5.1 need RCPT")
+    out = _feed(
+        p,
+        t,
+        b"553 5.7.1 sender refused",
+        b"503 5.5.1 need MAIL",
+        b"503 5.5.1 need MAIL",
+        b"503 5.5.1 need RCPT",
+    )
     assert b"MAIL" not in out and b"." not in out  # no body, the session ends
     (r,) = results
     assert r.stage == client.MAIL and not r.before_transaction
@@ -242,9 +273,17 @@ def test_pipelining_on_a_kept_connection():
     assert _feed(p, t, b"250 2.0.0 queued") == b""
     kept = cache.take("k")
     assert kept is p and results[0].replies["a@r.test"].accepted
-    second = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
-                     sender="bob@example.test", recipients=["c@r.test"],
-                     message=io.BytesIO(b"x\n"), cache=cache, cache_key="k")
+    second = Session(
+        reactor=s.reactor,
+        pool=None,
+        hop=HOP,
+        helo="mail.example.test",
+        sender="bob@example.test",
+        recipients=["c@r.test"],
+        message=io.BytesIO(b"x\n"),
+        cache=cache,
+        cache_key="k",
+    )
     got = []
     second.run_on(kept).addCallback(got.append)
     assert _feed(p, t) == b"MAIL FROM:<bob@example.test>\r\nRCPT TO:<c@r.test>\r\nDATA\r\n"
@@ -252,9 +291,17 @@ def test_pipelining_on_a_kept_connection():
     _feed(p, t, b"250 2.0.0 queued")
     assert got[0].stage == client.DONE and got[0].replies["c@r.test"].accepted
     # A kept connection the server closed while the group was on its way: stale, retried.
-    third = Session(reactor=s.reactor, pool=None, hop=HOP, helo="mail.example.test",
-                    sender="bob@example.test", recipients=["d@r.test"],
-                    message=io.BytesIO(b"x\n"), cache=cache, cache_key="k")
+    third = Session(
+        reactor=s.reactor,
+        pool=None,
+        hop=HOP,
+        helo="mail.example.test",
+        sender="bob@example.test",
+        recipients=["d@r.test"],
+        message=io.BytesIO(b"x\n"),
+        cache=cache,
+        cache_key="k",
+    )
     got3 = []
     third.run_on(cache.take("k")).addCallback(got3.append)
     p.connectionLost(Failure(ConnectionError("reset")))

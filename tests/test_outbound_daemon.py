@@ -41,21 +41,27 @@ class DaemonRelay(unittest.TestCase):
         self.accept = Receiver("accept")
         self.tempfail = Receiver("tempfail")
         self.reject = Receiver("reject")
-        self.relay_port, ports = listen_all(reactor, {
-            "127.0.0.2": (self.accept, None),
-            "127.0.0.3": (self.tempfail, None),
-            "127.0.0.4": (self.reject, None),
-        })
+        self.relay_port, ports = listen_all(
+            reactor,
+            {
+                "127.0.0.2": (self.accept, None),
+                "127.0.0.3": (self.tempfail, None),
+                "127.0.0.4": (self.reject, None),
+            },
+        )
         for p in ports:
             self.addCleanup(p.stopListening)
-        dns_port = start_dns(reactor, [
-            ("accept.test", MX(10, b"mx.accept.test")),
-            ("mx.accept.test", A("127.0.0.2")),
-            ("tempfail.test", MX(10, b"mx.tempfail.test")),
-            ("mx.tempfail.test", A("127.0.0.3")),
-            ("reject.test", MX(10, b"mx.reject.test")),
-            ("mx.reject.test", A("127.0.0.4")),
-        ])
+        dns_port = start_dns(
+            reactor,
+            [
+                ("accept.test", MX(10, b"mx.accept.test")),
+                ("mx.accept.test", A("127.0.0.2")),
+                ("tempfail.test", MX(10, b"mx.tempfail.test")),
+                ("mx.tempfail.test", A("127.0.0.3")),
+                ("reject.test", MX(10, b"mx.reject.test")),
+                ("mx.reject.test", A("127.0.0.4")),
+            ],
+        )
         self.addCleanup(dns_port.stopListening)
         extra = (
             "[dns]\n"
@@ -110,8 +116,9 @@ class DaemonRelay(unittest.TestCase):
         yield self.start_server()
         refused = yield self.submit(["ok@accept.test", "r@reject.test"])
         self.assertEqual(refused, {})
-        yield self.wait_for(lambda: self.accept.delivered("ok@accept.test") == 1,
-                            what="relayed message")
+        yield self.wait_for(
+            lambda: self.accept.delivered("ok@accept.test") == 1, what="relayed message"
+        )
         yield self.wait_for(lambda: len(self.inbox()) == 1, what="the bounce")
         (m,) = self.accept.messages
         self.assertEqual(m.sender, "alice@example.test")
@@ -124,17 +131,23 @@ class DaemonRelay(unittest.TestCase):
         self.assertEqual(status[1]["Final-Recipient"], "rfc822; r@reject.test")
         self.assertEqual(status[1]["Status"], "5.1.1")
         self.assertEqual(status[1]["Remote-MTA"], "dns; mx.reject.test")
-        yield self.wait_for(lambda: "Mail queue is empty" in self.server.cli("queue", "list").stdout,
-                            what="an empty queue")
+        yield self.wait_for(
+            lambda: "Mail queue is empty" in self.server.cli("queue", "list").stdout,
+            what="an empty queue",
+        )
 
     @defer.inlineCallbacks
     def test_kill_9_and_restart_resume_without_resending(self):
         yield threads.deferToThread(self.server.add_user, "alice@example.test")
         yield self.start_server()
         yield self.submit(["ok@accept.test", "t@tempfail.test"])
-        yield self.wait_for(lambda: self.tempfail.rcpt_counts["t@tempfail.test"] == 1
-                            and self.accept.delivered("ok@accept.test") == 1,
-                            what="the first attempt")
+        yield self.wait_for(
+            lambda: (
+                self.tempfail.rcpt_counts["t@tempfail.test"] == 1
+                and self.accept.delivered("ok@accept.test") == 1
+            ),
+            what="the first attempt",
+        )
 
         def deferred_in_queue():
             out = self.server.cli("queue", "list").stdout
@@ -148,10 +161,14 @@ class DaemonRelay(unittest.TestCase):
         yield threads.deferToThread(self.server.start)
         result = yield threads.deferToThread(self.server.cli, "queue", "flush")
         self.assertEqual(result.returncode, 0)
-        yield self.wait_for(lambda: self.tempfail.delivered("t@tempfail.test") == 1,
-                            what="delivery after the restart")
-        yield self.wait_for(lambda: "Mail queue is empty" in self.server.cli("queue", "list").stdout,
-                            what="an empty queue")
+        yield self.wait_for(
+            lambda: self.tempfail.delivered("t@tempfail.test") == 1,
+            what="delivery after the restart",
+        )
+        yield self.wait_for(
+            lambda: "Mail queue is empty" in self.server.cli("queue", "list").stdout,
+            what="an empty queue",
+        )
         self.assertEqual(self.accept.delivered("ok@accept.test"), 1)
         self.assertEqual(self.tempfail.delivered("t@tempfail.test"), 1)
         self.assertEqual(self.inbox(), [])

@@ -13,14 +13,36 @@ HEADERS = b"From: Alice <alice@example.test>\nTo: bob@remote.test\nSubject: Lunc
 
 
 def _envelope():
-    r1 = Recipient("bob@remote.test", "failed", 1, "5.1.1", "550 5.1.1 <bob@remote.test>: no such user",
-                   "mx.remote.test", 1_700_000_100.0)
-    r2 = Recipient("carol@null.test", "failed", 1, "5.1.10",
-                   "Domain null.test does not accept mail (null MX, RFC 7505)", "", 1_700_000_100.0)
-    r3 = Recipient("dave@remote.test", "pending", 1, "4.2.0", "450 4.2.0 mailbox busy",
-                   "mx.remote.test", 1_700_000_100.0)
-    return Envelope("0123ABCD", "alice@example.test", [r1, r2, r3], 1_700_000_000.0,
-                    1_700_000_000.0)
+    r1 = Recipient(
+        "bob@remote.test",
+        "failed",
+        1,
+        "5.1.1",
+        "550 5.1.1 <bob@remote.test>: no such user",
+        "mx.remote.test",
+        1_700_000_100.0,
+    )
+    r2 = Recipient(
+        "carol@null.test",
+        "failed",
+        1,
+        "5.1.10",
+        "Domain null.test does not accept mail (null MX, RFC 7505)",
+        "",
+        1_700_000_100.0,
+    )
+    r3 = Recipient(
+        "dave@remote.test",
+        "pending",
+        1,
+        "4.2.0",
+        "450 4.2.0 mailbox busy",
+        "mx.remote.test",
+        1_700_000_100.0,
+    )
+    return Envelope(
+        "0123ABCD", "alice@example.test", [r1, r2, r3], 1_700_000_000.0, 1_700_000_000.0
+    )
 
 
 def _parse(data: bytes):
@@ -30,8 +52,14 @@ def _parse(data: bytes):
 
 def test_failed_dsn_structure():
     env = _envelope()
-    data = build_dsn(hostname="mail.example.test", envelope=env, recipients=env.recipients[:2],
-                     action=FAILED, original_headers=HEADERS, now=1_700_000_200.0)
+    data = build_dsn(
+        hostname="mail.example.test",
+        envelope=env,
+        recipients=env.recipients[:2],
+        action=FAILED,
+        original_headers=HEADERS,
+        now=1_700_000_200.0,
+    )
     msg = _parse(data)
     assert msg.get_content_type() == "multipart/report"
     assert msg.get_param("report-type") == "delivery-status"
@@ -41,7 +69,10 @@ def test_failed_dsn_structure():
     human, status, headers = msg.get_payload()
     assert human.get_content_type() == "text/plain"
     text = human.get_payload(decode=True).decode()
-    assert "<bob@remote.test>: host mx.remote.test said: 550 5.1.1 <bob@remote.test>: no such user" in text
+    assert (
+        "<bob@remote.test>: host mx.remote.test said: 550 5.1.1 <bob@remote.test>: no such user"
+        in text
+    )
     assert "<carol@null.test>: Domain null.test does not accept mail (null MX" in text
     assert "dave@remote.test" not in text
 
@@ -65,9 +96,15 @@ def test_failed_dsn_structure():
 
 def test_delayed_dsn():
     env = _envelope()
-    data = build_dsn(hostname="mail.example.test", envelope=env, recipients=[env.recipients[2]],
-                     action=DELAYED, original_headers=HEADERS, now=1_700_014_400.0,
-                     retry_until=1_700_432_000.0)
+    data = build_dsn(
+        hostname="mail.example.test",
+        envelope=env,
+        recipients=[env.recipients[2]],
+        action=DELAYED,
+        original_headers=HEADERS,
+        now=1_700_014_400.0,
+        retry_until=1_700_432_000.0,
+    )
     msg = _parse(data)
     assert msg["Subject"].startswith("Delayed Mail")
     human, status, _ = msg.get_payload()
@@ -81,8 +118,14 @@ def test_delayed_dsn():
 def test_multiline_reply_and_8bit_headers_stay_well_formed():
     env = _envelope()
     env.recipients[0].reply = "550-5.7.1 first line\n550 5.7.1 second line"
-    data = build_dsn(hostname="h", envelope=env, recipients=env.recipients[:1], action=FAILED,
-                     original_headers="Subject: Grüße\n".encode(), now=0.0)
+    data = build_dsn(
+        hostname="h",
+        envelope=env,
+        recipients=env.recipients[:1],
+        action=FAILED,
+        original_headers="Subject: Grüße\n".encode(),
+        now=0.0,
+    )
     msg = _parse(data)
     _, bob = msg.get_payload(1).get_payload()
     assert bob["Diagnostic-Code"] == "smtp; 550-5.7.1 first line 550 5.7.1 second line"

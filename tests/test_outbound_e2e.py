@@ -131,8 +131,15 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
 """)
 
     def start(self, config):
-        ctx = ServerContext(config=config, reactor=self.reactor, threadpool=self.pool,
-                            store=self.store, passwords=self.passwords, portal=None, tls=None)
+        ctx = ServerContext(
+            config=config,
+            reactor=self.reactor,
+            threadpool=self.pool,
+            store=self.store,
+            passwords=self.passwords,
+            portal=None,
+            tls=None,
+        )
         resolver = client.Resolver(servers=[("127.0.0.1", self.dns_port)], reactor=self.reactor)
         svc = outbound_service(ctx, resolver=resolver, trust_root=self.trust, scan_interval=0.1)
         svc.startService()
@@ -170,13 +177,27 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
         self.assertEqual(msg.get_param("report-type"), "delivery-status")
         human, status, headers = msg.get_payload()
         per_message, *rcpts = status.get_payload()
-        return human.get_payload(), per_message, {b["Final-Recipient"][8:]: b for b in rcpts}, headers
+        return (
+            human.get_payload(),
+            per_message,
+            {b["Final-Recipient"][8:]: b for b in rcpts},
+            headers,
+        )
 
     @defer.inlineCallbacks
     def test_every_kind_of_destination(self):
         ctx, _ = self.start(self.config())
-        rcpts = ["a1@accept.test", "a2@accept.test", "t@tempfail.test", "r@reject.test",
-                 "d@drop.test", "x@amx.test", "n@null.test", "b@backup.test", "l@loop.test"]
+        rcpts = [
+            "a1@accept.test",
+            "a2@accept.test",
+            "t@tempfail.test",
+            "r@reject.test",
+            "d@drop.test",
+            "x@amx.test",
+            "n@null.test",
+            "b@backup.test",
+            "l@loop.test",
+        ]
         if self.have_v6:
             rcpts.append("six@v6.test")
         qid = yield ctx.queue.enqueue("alice@example.test", rcpts, BytesSource(MESSAGE))
@@ -223,8 +244,9 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
         self.assertEqual(r["Action"], "failed")
         self.assertEqual(r["Status"], "5.1.1")
         self.assertEqual(r["Remote-MTA"], "dns; mx.reject.test")
-        self.assertEqual(r["Diagnostic-Code"],
-                         "smtp; 550 5.1.1 <r@reject.test>: Recipient address rejected")
+        self.assertEqual(
+            r["Diagnostic-Code"], "smtp; 550 5.1.1 <r@reject.test>: Recipient address rejected"
+        )
         self.assertIn("<r@reject.test>: host mx.reject.test said: 550 5.1.1", human)
         self.assertEqual(blocks["n@null.test"]["Status"], "5.1.10")
         self.assertEqual(blocks["l@loop.test"]["Status"], "5.4.6")
@@ -236,10 +258,10 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
         ctx, _ = self.start(self.config())
         yield ctx.queue.enqueue("bob@accept.test", ["r@reject.test"], BytesSource(MESSAGE))
         yield ctx.queue.enqueue("", ["r2@reject.test"], BytesSource(MESSAGE))
-        yield ctx.queue.enqueue("nosuchuser@accept.test", ["r3@reject.test"],
-                                BytesSource(MESSAGE))
-        yield self.wait_for(lambda: not self.queue_ids()
-                            and self.accept.rcpt_counts["nosuchuser@accept.test"] == 1)
+        yield ctx.queue.enqueue("nosuchuser@accept.test", ["r3@reject.test"], BytesSource(MESSAGE))
+        yield self.wait_for(
+            lambda: not self.queue_ids() and self.accept.rcpt_counts["nosuchuser@accept.test"] == 1
+        )
         yield task.deferLater(self.reactor, 0.3, lambda: None)
         self.assertEqual(self.queue_ids(), [])
         (dsn,) = self.accept.messages
@@ -258,14 +280,17 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
     def test_restart_resumes_the_queue_without_resending(self):
         config = self.config(retry_min=3600, retry_max=3600)
         ctx, svc = self.start(config)
-        qid = yield ctx.queue.enqueue("alice@example.test", ["ok@accept.test", "t@tempfail.test"],
-                                      BytesSource(MESSAGE))
+        qid = yield ctx.queue.enqueue(
+            "alice@example.test", ["ok@accept.test", "t@tempfail.test"], BytesSource(MESSAGE)
+        )
         store = QueueStore(self.data / "queue")
         yield self.wait_for(lambda: store.load_envelope(qid).attempts == 1)
         yield svc.stopService()
         env = store.load_envelope(qid)
-        self.assertEqual([(r.address, r.state) for r in env.recipients],
-                         [("ok@accept.test", SENT), ("t@tempfail.test", PENDING)])
+        self.assertEqual(
+            [(r.address, r.state) for r in env.recipients],
+            [("ok@accept.test", SENT), ("t@tempfail.test", PENDING)],
+        )
         self.assertEqual(env.recipients[1].status, "4.3.0")
         self.assertIn("451 4.3.0 Greylisted", env.last_error)
         self.assertGreaterEqual(env.next_attempt - env.created, 3000)
@@ -286,8 +311,10 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
     def test_tls_policies(self):
         ctx, _ = self.start(self.config(retry_min=3600, retry_max=3600))
         qid = yield ctx.queue.enqueue(
-            "alice@example.test", ["v@verify.test", "w@badverify.test", "e@encrypt.test"],
-            BytesSource(MESSAGE))
+            "alice@example.test",
+            ["v@verify.test", "w@badverify.test", "e@encrypt.test"],
+            BytesSource(MESSAGE),
+        )
         store = QueueStore(self.data / "queue")
         yield self.wait_for(lambda: store.load_envelope(qid).attempts == 1)
         (m,) = self.accept.messages
@@ -304,8 +331,9 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
     @defer.inlineCallbacks
     def test_admin_delete_removes_a_deferred_message(self):
         ctx, svc = self.start(self.config(retry_min=3600, retry_max=3600))
-        qid = yield ctx.queue.enqueue("alice@example.test", ["t@tempfail.test"],
-                                      BytesSource(MESSAGE))
+        qid = yield ctx.queue.enqueue(
+            "alice@example.test", ["t@tempfail.test"], BytesSource(MESSAGE)
+        )
         store = QueueStore(self.data / "queue")
         yield self.wait_for(lambda: store.load_envelope(qid).attempts == 1)
         self.assertTrue(store.remove(qid))
@@ -329,10 +357,13 @@ class SmarthostAndConcurrency(unittest.TestCase):
         self.tmp = temp_dir(self)
         self.relay = Receiver("accept")
         self.slow = Receiver("slow")
-        self.port, ports = listen_all(reactor, {
-            "127.0.0.2": (self.relay, None, ("relayuser", "s3cret")),
-            "127.0.0.3": (self.slow, None),
-        })
+        self.port, ports = listen_all(
+            reactor,
+            {
+                "127.0.0.2": (self.relay, None, ("relayuser", "s3cret")),
+                "127.0.0.3": (self.slow, None),
+            },
+        )
         for p in ports:
             self.addCleanup(p.stopListening)
         dns_port = start_dns(reactor, [("slow.test", A("127.0.0.3"))])
@@ -347,15 +378,22 @@ class SmarthostAndConcurrency(unittest.TestCase):
         config = parse(f"""
 [server]
 hostname = "mail.example.test"
-data_dir = "{self.tmp / 'data'}"
+data_dir = "{self.tmp / "data"}"
 [relay]
 port = {self.port}
 retry_min = 1
 retry_max = 1
 {relay_lines}
 """)
-        ctx = ServerContext(config=config, reactor=self.reactor, threadpool=self.pool,
-                            store=self.store, passwords=Passwords(()), portal=None, tls=None)
+        ctx = ServerContext(
+            config=config,
+            reactor=self.reactor,
+            threadpool=self.pool,
+            store=self.store,
+            passwords=Passwords(()),
+            portal=None,
+            tls=None,
+        )
         resolver = client.Resolver(servers=[("127.0.0.1", self.dns_port)], reactor=self.reactor)
         svc = outbound_service(ctx, resolver=resolver, scan_interval=0.1)
         svc.startService()
@@ -372,10 +410,13 @@ retry_max = 1
 
     @defer.inlineCallbacks
     def test_smarthost_with_auth(self):
-        ctx = self.start(f'smarthost = "127.0.0.2:{self.port}"\n'
-                         'smarthost_username = "relayuser"\nsmarthost_password = "s3cret"\n')
-        yield ctx.queue.enqueue("alice@example.test", ["x@anywhere.example", "y@slow.test"],
-                                BytesSource(MESSAGE))
+        ctx = self.start(
+            f'smarthost = "127.0.0.2:{self.port}"\n'
+            'smarthost_username = "relayuser"\nsmarthost_password = "s3cret"\n'
+        )
+        yield ctx.queue.enqueue(
+            "alice@example.test", ["x@anywhere.example", "y@slow.test"], BytesSource(MESSAGE)
+        )
         yield self.wait_empty()
         (m,) = self.relay.messages
         self.assertEqual(sorted(m.recipients), ["x@anywhere.example", "y@slow.test"])
@@ -386,8 +427,7 @@ retry_max = 1
     def test_per_destination_concurrency(self):
         ctx = self.start("per_destination_concurrency = 2\n")
         for i in range(6):
-            yield ctx.queue.enqueue("alice@example.test", [f"u{i}@slow.test"],
-                                    BytesSource(MESSAGE))
+            yield ctx.queue.enqueue("alice@example.test", [f"u{i}@slow.test"], BytesSource(MESSAGE))
         yield self.wait_empty()
         self.assertEqual(len(self.slow.messages), 6)
         self.assertEqual(self.slow.max_active, 2)
@@ -395,10 +435,13 @@ retry_max = 1
 
     @defer.inlineCallbacks
     def test_smarthost_refusing_our_login_defers(self):
-        ctx = self.start(f'smarthost = "127.0.0.2:{self.port}"\n'
-                         'smarthost_username = "relayuser"\nsmarthost_password = "wrong"\n')
-        qid = yield ctx.queue.enqueue("alice@example.test", ["x@anywhere.example"],
-                                      BytesSource(MESSAGE))
+        ctx = self.start(
+            f'smarthost = "127.0.0.2:{self.port}"\n'
+            'smarthost_username = "relayuser"\nsmarthost_password = "wrong"\n'
+        )
+        qid = yield ctx.queue.enqueue(
+            "alice@example.test", ["x@anywhere.example"], BytesSource(MESSAGE)
+        )
         store = QueueStore(self.tmp / "data" / "queue")
         deadline = self.reactor.seconds() + 10
         while store.load_envelope(qid).attempts < 1:

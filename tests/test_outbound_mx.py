@@ -26,8 +26,10 @@ class FakeResolver:
             return defer.fail(error.DNSServerError(name))
         if name not in self.names:
             return defer.fail(error.DNSNameError(name))
-        answers = [dns.RRHeader(name, qtype, payload=payload_of(v))
-                   for v in self.records.get((name, qtype), [])]
+        answers = [
+            dns.RRHeader(name, qtype, payload=payload_of(v))
+            for v in self.records.get((name, qtype), [])
+        ]
         return defer.succeed((answers, [], []))
 
     def lookupMailExchange(self, name):
@@ -139,9 +141,9 @@ def test_address_literal():
 
 
 def test_listening_addresses():
-    assert listening_addresses(["tcp:2525:interface=127.0.0.2", "tcp:port=25",
-                                r"tcp6:25:interface=\:\:1", "unix:/tmp/x"]) == {
-        ("127.0.0.2", 2525), ("0.0.0.0", 25), ("::1", 25)}
+    assert listening_addresses(
+        ["tcp:2525:interface=127.0.0.2", "tcp:port=25", r"tcp6:25:interface=\:\:1", "unix:/tmp/x"]
+    ) == {("127.0.0.2", 2525), ("0.0.0.0", 25), ("::1", 25)}
 
 
 def test_ipv6_text_form():

@@ -48,8 +48,11 @@ class QueueTests(unittest.TestCase):
     def test_enqueue_is_on_disk_when_it_fires(self):
         seen = []
         self.queue.add_listener(seen.append)
-        qid = yield self.queue.enqueue("a@example.test", ["b@remote.test", "c@remote.test",
-                                                         "b@remote.test"], BytesSource(MESSAGE))
+        qid = yield self.queue.enqueue(
+            "a@example.test",
+            ["b@remote.test", "c@remote.test", "b@remote.test"],
+            BytesSource(MESSAGE),
+        )
         store = QueueStore(self.dir)
         with open(store.message_path(qid), "rb") as f:
             self.assertEqual(f.read(), MESSAGE)
@@ -74,8 +77,9 @@ class QueueTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_recipient_state_survives_a_new_queue_object(self):
-        qid = yield self.queue.enqueue("a@example.test", ["b@remote.test", "c@remote.test"],
-                                       BytesSource(MESSAGE))
+        qid = yield self.queue.enqueue(
+            "a@example.test", ["b@remote.test", "c@remote.test"], BytesSource(MESSAGE)
+        )
         envs, bad = yield self.queue.scan()
         (env,) = envs
         env.recipients[0].state = SENT

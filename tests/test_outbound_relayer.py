@@ -50,20 +50,31 @@ delay_warning = "4h"
         self.queue = OutboundQueue(self.config.queue_dir, self.clock, None)
         self.resolver = DownResolver()
         self.store = MemoryMailStore(clock=self.clock.seconds)
-        self.relayer = Relayer(config=self.config, queue=self.queue, reactor=self.clock,
-                               threadpool=None, resolver=self.resolver, store=self.store,
-                               passwords=Passwords())
+        self.relayer = Relayer(
+            config=self.config,
+            queue=self.queue,
+            reactor=self.clock,
+            threadpool=None,
+            resolver=self.resolver,
+            store=self.store,
+            passwords=Passwords(),
+        )
 
     def inbox(self):
         folder = self.successResultOf(self.store.open_folder("alice@example.test", "INBOX"))
-        return [email.message_from_bytes(folder.open_message(i.uid).read())
-                for i in folder.messages()]
+        return [
+            email.message_from_bytes(folder.open_message(i.uid).read()) for i in folder.messages()
+        ]
 
     def test_backoff_warning_and_expiry(self):
         self.successResultOf(self.relayer.start())
-        qid = self.successResultOf(self.queue.enqueue(
-            "alice@example.test", ["bob@remote.test", "carol@remote.test"],
-            BytesSource(b"Subject: hi\n\nbody\n")))
+        qid = self.successResultOf(
+            self.queue.enqueue(
+                "alice@example.test",
+                ["bob@remote.test", "carol@remote.test"],
+                BytesSource(b"Subject: hi\n\nbody\n"),
+            )
+        )
         self.assertEqual(self.resolver.calls, ["remote.test"])  # at once, both in one group
         times = [0.0]
         warned_at = None
@@ -88,8 +99,10 @@ delay_warning = "4h"
         self.assertEqual(blocks[0]["Status"], "4.4.3")
         self.assertEqual(failed["Subject"], "Undelivered Mail Returned to Sender")
         blocks = failed.get_payload(1).get_payload()[1:]
-        self.assertEqual([b["Final-Recipient"] for b in blocks],
-                         ["rfc822; bob@remote.test", "rfc822; carol@remote.test"])
+        self.assertEqual(
+            [b["Final-Recipient"] for b in blocks],
+            ["rfc822; bob@remote.test", "rfc822; carol@remote.test"],
+        )
         self.assertEqual({b["Status"] for b in blocks}, {"5.4.7"})
         self.assertIn("timed out", blocks[0]["Diagnostic-Code"])
         self.assertNotIn(qid, self.relayer.entries)
@@ -98,8 +111,9 @@ delay_warning = "4h"
 
     def test_flush_request_retries_now(self):
         self.successResultOf(self.relayer.start())
-        self.successResultOf(self.queue.enqueue("alice@example.test", ["bob@remote.test"],
-                                                BytesSource(b"\n")))
+        self.successResultOf(
+            self.queue.enqueue("alice@example.test", ["bob@remote.test"], BytesSource(b"\n"))
+        )
         self.clock.advance(10)
         self.assertEqual(len(self.resolver.calls), 1)
         QueueStore(self.config.queue_dir).request_flush()
@@ -122,19 +136,29 @@ class RecordLogTests(unittest.TestCase):
         config = parse(f"""
 [server]
 hostname = "mail.example.test"
-data_dir = "{temp_dir(self) / 'data'}"
+data_dir = "{temp_dir(self) / "data"}"
 """)
-        relayer = Relayer(config=config, queue=OutboundQueue(config.queue_dir, clock, None),
-                          reactor=clock, threadpool=None, resolver=DownResolver())
+        relayer = Relayer(
+            config=config,
+            queue=OutboundQueue(config.queue_dir, clock, None),
+            reactor=clock,
+            threadpool=None,
+            resolver=DownResolver(),
+        )
         env = Envelope("Q1", "a@example.test", [Recipient("x@remote.test")], 998.5, 1000.0)
         seen: list[dict] = []
         globalLogPublisher.addObserver(seen.append)
         self.addCleanup(globalLogPublisher.removeObserver, seen.append)
-        relayer._record(env, env.recipients[0], RemoteReply(250, "2.0.0 Ok {x}"), "mx",
-                        "mx[127.0.0.1]:25")
+        relayer._record(
+            env, env.recipients[0], RemoteReply(250, "2.0.0 Ok {x}"), "mx", "mx[127.0.0.1]:25"
+        )
         [event] = [e for e in seen if e.get("queue_id") == "Q1"]
-        self.assertEqual(formatEvent(event),
-                         "Q1: to=<x@remote.test>, relay=mx[127.0.0.1]:25, delay=1.50, "
-                         "dsn=2.0.0, status=sent (250 2.0.0 Ok {x})")
-        self.assertEqual((event["rcpt"], event["result"], event["status"], event["delay"]),
-                         ("x@remote.test", "sent", "2.0.0", 1.5))
+        self.assertEqual(
+            formatEvent(event),
+            "Q1: to=<x@remote.test>, relay=mx[127.0.0.1]:25, delay=1.50, "
+            "dsn=2.0.0, status=sent (250 2.0.0 Ok {x})",
+        )
+        self.assertEqual(
+            (event["rcpt"], event["result"], event["status"], event["delay"]),
+            ("x@remote.test", "sent", "2.0.0", 1.5),
+        )

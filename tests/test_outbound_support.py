@@ -34,9 +34,19 @@ class MemoryAuthority(authority.FileAuthority):
 
     def loadFile(self, filename: str) -> None:
         origin = self._origin.encode()
-        self.soa = (origin, dns.Record_SOA(mname=b"ns." + origin, rname=b"root." + origin,
-                                           serial=1, refresh=60, retry=60, expire=60,
-                                           minimum=1, ttl=1))
+        self.soa = (
+            origin,
+            dns.Record_SOA(
+                mname=b"ns." + origin,
+                rname=b"root." + origin,
+                serial=1,
+                refresh=60,
+                retry=60,
+                expire=60,
+                minimum=1,
+                ttl=1,
+            ),
+        )
         self.records = {origin: [self.soa[1]]}
         for name, rec in self._given:
             self.records.setdefault(name.encode().lower(), []).append(rec)
@@ -165,10 +175,16 @@ class _ReceiverProtocol(smtp.ESMTP):
 
     def _messageHandled(self, resultList: Any) -> None:
         for m in self.deliveries:
-            self.receiver.messages.append(Received(
-                m.sender, list(m.rcpts), b"\n".join(m.lines) + b"\n",
-                ISSLTransport.providedBy(self.transport), self._helo[0] if self._helo else b"",
-                getattr(self, "auth_user", None)))
+            self.receiver.messages.append(
+                Received(
+                    m.sender,
+                    list(m.rcpts),
+                    b"\n".join(m.lines) + b"\n",
+                    ISSLTransport.providedBy(self.transport),
+                    self._helo[0] if self._helo else b"",
+                    getattr(self, "auth_user", None),
+                )
+            )
         self.deliveries = []
         super()._messageHandled(resultList)
 
@@ -188,8 +204,9 @@ class _Noop:
 class ReceiverFactory(protocol.ServerFactory):
     noisy = False
 
-    def __init__(self, receiver: Receiver, tls: Any = None,
-                 auth: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self, receiver: Receiver, tls: Any = None, auth: tuple[str, str] | None = None
+    ) -> None:
         self.receiver = receiver
         self.tls = tls
         self.auth = auth

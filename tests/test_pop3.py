@@ -45,8 +45,15 @@ def test_greeting_and_capa(ctx):
     caps = lines(s.cmd("CAPA"))
     assert caps[0] == b"+OK" and caps[-1] == b"."
     assert set(caps[1:-1]) == {
-        b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING", b"USER",
-        b"SASL PLAIN", b"STLS", b"IMPLEMENTATION mailsrv",
+        b"TOP",
+        b"UIDL",
+        b"RESP-CODES",
+        b"AUTH-RESP-CODE",
+        b"PIPELINING",
+        b"USER",
+        b"SASL PLAIN",
+        b"STLS",
+        b"IMPLEMENTATION mailsrv",
     }
     assert s.login().startswith(b"+OK")
     caps = lines(s.cmd("capa"))
@@ -106,7 +113,9 @@ def test_retr_byte_stuffed_with_exact_size(ctx):
     s.login()
     reply = s.cmd("RETR 1")
     body = crlf(MSG1)
-    assert reply == (b"+OK %d octets\r\n" % len(body)) + body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    assert (
+        reply == (b"+OK %d octets\r\n" % len(body)) + body.replace(b"\r\n.", b"\r\n..") + b".\r\n"
+    )
     assert b"\r\n..dot line\r\n...two dots\r\n" in reply
     # The whole reply went out in one write, not status + chunks + terminator.
     s.proto.transport.io.seek(0)
@@ -329,7 +338,10 @@ def test_stls_errors_and_injection(ctx):
     s = Session(ctx, peer=REMOTE)
     s.take()
     # RFC 2595: commands sent in clear text after STLS in the same packet are dropped.
-    assert s.send(b"STLS\r\nUSER evil@example.test\r\nNOOP\r\n") == b"+OK Begin TLS negotiation now.\r\n"
+    assert (
+        s.send(b"STLS\r\nUSER evil@example.test\r\nNOOP\r\n")
+        == b"+OK Begin TLS negotiation now.\r\n"
+    )
     assert s.proto._userIs is None
     assert s.cmd("NOOP") == b"+OK\r\n"
     s = Session(ctx)
@@ -510,12 +522,15 @@ def test_no_flags_without_quit_and_none_for_deleted(ctx):
 def test_pipelined_lines_wait_for_a_login_in_order(ctx):
     s = Session(ctx)
     s.take()
-    data = (f"USER {ALICE}\r\nPASS wrong\r\nAUTH PLAIN\r\n{plain('', ALICE, PASSWORD)}\r\n"
-            "STAT\r\n").encode()
+    data = (
+        f"USER {ALICE}\r\nPASS wrong\r\nAUTH PLAIN\r\n{plain('', ALICE, PASSWORD)}\r\nSTAT\r\n"
+    ).encode()
     assert s.send(data) == b"+OK\r\n"
     ctx.reactor.advance(2)
-    assert s.take() == (b"-ERR [AUTH] Authentication failed\r\n+ \r\n+OK Logged in.\r\n"
-                        b"+OK 2 %d\r\n" % (len(crlf(MSG1)) + len(crlf(MSG2))))
+    assert s.take() == (
+        b"-ERR [AUTH] Authentication failed\r\n+ \r\n+OK Logged in.\r\n"
+        b"+OK 2 %d\r\n" % (len(crlf(MSG1)) + len(crlf(MSG2)))
+    )
 
 
 def test_stls_behind_a_login_drops_what_followed_it(ctx):
@@ -567,7 +582,10 @@ def test_disk_error_while_streaming(ctx, at_first):
     out = s.cmd("RETR 3")
     assert f.closed
     if at_first:  # nothing sent yet: an -ERR, and the session goes on
-        assert out == b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n"
+        assert (
+            out
+            == b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information.\r\n"
+        )
         assert not s.transport.disconnecting
         assert s.cmd("NOOP") == b"+OK\r\n"
     else:  # half a message went out: only closing can tell the client

@@ -187,8 +187,9 @@ class POP3MboxTests(_Server):
         super().setUp()
         from mailsrv.store.mbox import MboxMailStore
 
-        self.ctx.store = MboxMailStore(self.tmp / "mail", self.tmp / "index", self.reactor,
-                                       self.pool)
+        self.ctx.store = MboxMailStore(
+            self.tmp / "mail", self.tmp / "index", self.reactor, self.pool
+        )
         self.ctx.config = make_ctx(self.tmp / "clear", cleartext="loopback").config
         # The realm's POP3 factory was bound to the old store: register again.
         from functools import partial
@@ -198,7 +199,8 @@ class POP3MboxTests(_Server):
         from mailsrv.pop3 import open_maildrop
 
         self.ctx.portal.realm.register(
-            IMailboxPOP3, partial(open_maildrop, self.ctx.store, self.factory.locks))
+            IMailboxPOP3, partial(open_maildrop, self.ctx.store, self.factory.locks)
+        )
 
     @defer.inlineCallbacks
     def test_delivery_during_session_survives_quit(self):
@@ -208,8 +210,9 @@ class POP3MboxTests(_Server):
 
         store = self.ctx.store
         for i in range(20):
-            yield store.deliver(ALICE, BytesSource(b"Subject: %d\n\nbody %d\n>From x\n" % (i, i)),
-                                "s@remote.test")
+            yield store.deliver(
+                ALICE, BytesSource(b"Subject: %d\n\nbody %d\n>From x\n" % (i, i)), "s@remote.test"
+            )
         port = self.port.getHost().port
         reactor = self.reactor
 
@@ -224,7 +227,8 @@ class POP3MboxTests(_Server):
                 p.dele(i)
             # Mail arrives while the session is open.
             threads.blockingCallFromThread(
-                reactor, store.deliver, ALICE, BytesSource(b"Subject: late\n\nlate\n"), "s@x.test")
+                reactor, store.deliver, ALICE, BytesSource(b"Subject: late\n\nlate\n"), "s@x.test"
+            )
             count_after = p.stat()[0]
             p.quit()
             return count, uidls, bodies, count_after

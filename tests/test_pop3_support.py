@@ -86,7 +86,9 @@ def make_ctx(tmp: Path, cleartext: str = "loopback", **limits) -> SimpleNamespac
     clock = Clock()
     pool = SyncPool()
     store = MemoryMailStore(clock=lambda: 1_700_000_000.0)
-    passwords = PasswordFile(tmp / "passwd", clock, pool, hasher=PasswordHasher.from_parameters(CHEAPEST))
+    passwords = PasswordFile(
+        tmp / "passwd", clock, pool, hasher=PasswordHasher.from_parameters(CHEAPEST)
+    )
     passwords.add_user(ALICE, PASSWORD)
     passwords.add_user("bob@example.test", "bobpw")
     portal = Portal(MailRealm(), [PasswordChecker(passwords, clock, cfg.auth.failure_delay)])

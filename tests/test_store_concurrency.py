@@ -114,9 +114,13 @@ class ThreadedTests(TestCase):
         self.assertEqual(sum(batches), n + 1)
         self.assertLess(len(batches), n // 4)  # batched: far fewer fsyncs than messages
         got = yield defer.ensureDeferred(self.read_all())
-        self.assertEqual(sorted(got), sorted(
-            (b"Subject: %d\r\n\r\n" % i + b"From line %d\r\n" % i * (1 + i % 300))
-            for i in range(n)))
+        self.assertEqual(
+            sorted(got),
+            sorted(
+                (b"Subject: %d\r\n\r\n" % i + b"From line %d\r\n" % i * (1 + i % 300))
+                for i in range(n)
+            ),
+        )
         self.assertEqual(len(set(got)), n)
 
     @defer.inlineCallbacks
@@ -126,16 +130,18 @@ class ThreadedTests(TestCase):
         self.addCleanup(folder.close)
         calls = []
         folder.add_listener(lambda: calls.append(1))
-        yield defer.gatherResults([
-            self.store.deliver(USER, BytesSource(b"S: %d\n\nx\n" % i), "") for i in range(20)])
+        yield defer.gatherResults(
+            [self.store.deliver(USER, BytesSource(b"S: %d\n\nx\n" % i), "") for i in range(20)]
+        )
         self.assertGreaterEqual(len(calls), 1)
         changes = yield folder.refresh()
         self.assertEqual([i.uid for i in changes.added], list(range(2, 22)))
 
     def hold(self, script, seconds, path=None):
         path = path or self.inbox
-        proc = subprocess.Popen([sys.executable, "-c", script, str(path), str(seconds)],
-                                stdout=subprocess.PIPE)
+        proc = subprocess.Popen(
+            [sys.executable, "-c", script, str(path), str(seconds)], stdout=subprocess.PIPE
+        )
         self.addCleanup(proc.wait)
         self.addCleanup(proc.stdout.close)
         self.assertEqual(proc.stdout.readline(), b"locked\n")
@@ -178,8 +184,12 @@ class ThreadedTests(TestCase):
     @defer.inlineCallbacks
     def test_stale_dotlock_of_dead_process_is_broken(self):
         yield self.store.deliver(USER, BytesSource(b"S: first\n\nx\n"), "")
-        proc = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
-                              capture_output=True, text=True, check=True)
+        proc = subprocess.run(
+            [sys.executable, "-c", "import os; print(os.getpid())"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         dead = int(proc.stdout)
         lock = Path(str(self.inbox) + ".lock")
         import socket

@@ -20,5 +20,10 @@ class MboxStoreContractTests(StoreContract, SynchronousTestCase):
         from pathlib import Path
 
         self.root = Path(root)
-        return MboxMailStore(self.root / "mail", self.root / "index", SyncReactor(),
-                             SyncThreadPool(), clock=lambda: NOW)
+        return MboxMailStore(
+            self.root / "mail",
+            self.root / "index",
+            SyncReactor(),
+            SyncThreadPool(),
+            clock=lambda: NOW,
+        )

@@ -33,9 +33,19 @@ class KillTests(SynchronousTestCase):
 
     def run_and_kill(self, root: Path, mode: str, first: int, seed: int) -> tuple[set, set]:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "tests.store_crash_worker", str(root), mode, str(first),
-             str(seed)],
-            cwd=REPO, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+            [
+                sys.executable,
+                "-m",
+                "tests.store_crash_worker",
+                str(root),
+                mode,
+                str(first),
+                str(seed),
+            ],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         try:
             line = proc.stdout.readline()  # wait for the first durable message
             self.assertTrue(line.startswith(b"ack "), line)

@@ -40,8 +40,13 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.store = self.new_store()
 
     def new_store(self, index: str = "index", pool=None) -> MboxMailStore:
-        return MboxMailStore(self.root / "mail", self.root / index, SyncReactor(),
-                             pool or SyncThreadPool(), clock=lambda: NOW)
+        return MboxMailStore(
+            self.root / "mail",
+            self.root / index,
+            SyncReactor(),
+            pool or SyncThreadPool(),
+            clock=lambda: NOW,
+        )
 
     def ok(self, d):
         return self.successResultOf(d)
@@ -94,15 +99,38 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.assertEqual(_rows(self.root / "index"), _rows(self.root / "index2"))
 
     @settings(max_examples=40, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(hst.lists(hst.lists(hst.lists(hst.sampled_from(
-        [b"From ", b">From ", b"x", b"\n", b"\r\n", b"\r", b"\n\n", b"Message-ID: <a>\n",
-         b"Status: RO\n", b"X-Status: AF\n", b"\xe9"]), max_size=30).map(b"".join),
-        min_size=1, max_size=4), min_size=1, max_size=4))
+    @given(
+        hst.lists(
+            hst.lists(
+                hst.lists(
+                    hst.sampled_from(
+                        [
+                            b"From ",
+                            b">From ",
+                            b"x",
+                            b"\n",
+                            b"\r\n",
+                            b"\r",
+                            b"\n\n",
+                            b"Message-ID: <a>\n",
+                            b"Status: RO\n",
+                            b"X-Status: AF\n",
+                            b"\xe9",
+                        ]
+                    ),
+                    max_size=30,
+                ).map(b"".join),
+                min_size=1,
+                max_size=4,
+            ),
+            min_size=1,
+            max_size=4,
+        )
+    )
     def test_rows_equal_a_full_scan_property(self, batches):
         root = Path(self.mktemp())
         pool = _ManualPool()
-        store = MboxMailStore(root / "mail", root / "index", SyncReactor(), pool,
-                              clock=lambda: NOW)
+        store = MboxMailStore(root / "mail", root / "index", SyncReactor(), pool, clock=lambda: NOW)
         ds = []
         for batch in batches:
             ds += [store.deliver(USER, BytesSource(b), "s@x") for b in batch]
@@ -130,8 +158,10 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.patch(mboxfmt, "scan", _no_scan)
         changes = self.ok(f.refresh())
         self.assertEqual([m.uid for m in changes.added], [2, 3])
-        self.assertEqual([(m.uid, m.flags) for m in f.messages()],
-                         [(1, frozenset({SEEN})), (2, frozenset()), (3, frozenset())])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in f.messages()],
+            [(1, frozenset({SEEN})), (2, frozenset()), (3, frozenset())],
+        )
         with f.open_message(3) as fh:
             self.assertEqual(fh.read(), b"Subject: c\r\n\r\nbody\r\n")
         self.assertEqual(len(calls), 2)  # the refresh found nothing it had to announce again
@@ -157,7 +187,9 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.patch(mboxfmt, "scan", _no_scan)
         f = self.open(self.new_store())
         with f.open_message(2) as fh:
-            self.assertEqual(fh.read(), b"Subject: ext\r\nMessage-ID: <e@x>\r\n\r\nFrom outside\r\n")
+            self.assertEqual(
+                fh.read(), b"Subject: ext\r\nMessage-ID: <e@x>\r\n\r\nFrom outside\r\n"
+            )
         with f.open_message(3) as fh:
             self.assertEqual(fh.read(), b"Subject: b\r\nMessage-ID: <b@x>\r\n\r\nbody\r\n")
 
@@ -175,8 +207,10 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.deliver(b"Subject: new\nMessage-ID: <n@x>\n\nbody\n")
         changes = self.ok(f.refresh())
         self.assertEqual(changes.expunged, (2,))
-        self.assertEqual([(m.uid, m.flags) for m in f.messages()],
-                         [(1, frozenset()), (3, frozenset({SEEN})), (4, frozenset())])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in f.messages()],
+            [(1, frozenset()), (3, frozenset({SEEN})), (4, frozenset())],
+        )
         g = self.open(self.new_store())
         self.assertEqual([m.uid for m in g.messages()], [1, 3, 4])
 
@@ -206,8 +240,10 @@ class DeliverIndexesTests(SynchronousTestCase):
         self.assertEqual(len(_rows(self.root / "index")), 1)
         g = self.open(self.new_store())
         self.assertEqual((g.uid_validity, g.uid_next), (validity, 4))
-        self.assertEqual([(m.uid, m.flags) for m in g.messages()],
-                         [(1, frozenset({SEEN})), (2, frozenset()), (3, frozenset())])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in g.messages()],
+            [(1, frozenset({SEEN})), (2, frozenset()), (3, frozenset())],
+        )
         with g.open_message(3) as fh:
             self.assertEqual(fh.read(), b"Subject: c\r\nMessage-ID: <c@x>\r\n\r\nbody c\r\n")
 

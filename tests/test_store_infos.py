@@ -38,9 +38,17 @@ def test_copies_do_not_see_later_changes_either_way():
     assert other[2].size == 31 and other[1].flags == frozenset()
 
 
-@given(st.lists(st.tuples(st.integers(1, 2**40), st.integers(0, 2**40),
-                          st.sampled_from([frozenset(), frozenset({SEEN}), frozenset({"a", "b"})]),
-                          st.floats(0, 2e9)), max_size=30))
+@given(
+    st.lists(
+        st.tuples(
+            st.integers(1, 2**40),
+            st.integers(0, 2**40),
+            st.sampled_from([frozenset(), frozenset({SEEN}), frozenset({"a", "b"})]),
+            st.floats(0, 2e9),
+        ),
+        max_size=30,
+    )
+)
 def test_round_trip(rows):
     infos = [MessageInfo(*r) for r in rows]
     packed = InfoList.of(infos)

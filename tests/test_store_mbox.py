@@ -17,8 +17,10 @@ from mailsrv.store import mboxfmt
 from mailsrv.store.mbox import MboxMailStore
 from tests.store_contract import NOW, USER, SyncReactor, SyncThreadPool, crlf
 
-TRICKY = (b"Subject: tricky\nMessage-ID: <t@x>\n\nFrom x\n>From x\n>>From x\n"
-          b"From\n>From\nFrom  two spaces\n\xff\xfe\x80 8-bit \xe9\n\n\nend\n")
+TRICKY = (
+    b"Subject: tricky\nMessage-ID: <t@x>\n\nFrom x\n>From x\n>>From x\n"
+    b"From\n>From\nFrom  two spaces\n\xff\xfe\x80 8-bit \xe9\n\n\nend\n"
+)
 
 
 class _Base(SynchronousTestCase):
@@ -28,8 +30,13 @@ class _Base(SynchronousTestCase):
         self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
 
     def new_store(self):
-        return MboxMailStore(self.root / "mail", self.root / "index", SyncReactor(),
-                             SyncThreadPool(), clock=lambda: NOW)
+        return MboxMailStore(
+            self.root / "mail",
+            self.root / "index",
+            SyncReactor(),
+            SyncThreadPool(),
+            clock=lambda: NOW,
+        )
 
     def ok(self, d):
         return self.successResultOf(d)
@@ -55,7 +62,8 @@ class FormatTests(_Base):
         self.assertEqual(
             data,
             b"From bob@example.test Tue Nov 14 22:13:20 2023\nSubject: a\n\nbody\n\n"
-            b"From MAILER-DAEMON Tue Nov 14 22:13:20 2023\nSubject: b\n\nbody\n\n")
+            b"From MAILER-DAEMON Tue Nov 14 22:13:20 2023\nSubject: b\n\nbody\n\n",
+        )
 
     def test_mboxrd_round_trip(self):
         self.deliver(TRICKY)
@@ -84,8 +92,7 @@ class FormatTests(_Base):
         self.assertEqual(self.read(f, 2), b"Subject: y\r\n\r\nnext\r\n")
 
     def test_large_message_streams(self):
-        body = b"".join(b"line %d From here\nFrom %d\n>From %d\n" % (i, i, i)
-                        for i in range(60000))
+        body = b"".join(b"line %d From here\nFrom %d\n>From %d\n" % (i, i, i) for i in range(60000))
         data = b"Subject: big\n\n" + body
         self.assertGreater(len(data), mboxfmt.SMALL_MESSAGE)
         self.deliver(data)
@@ -106,9 +113,30 @@ class FormatTests(_Base):
         self.assertEqual(self.read(f, 2), b"Subject: after\r\n\r\nok\r\n")
 
     @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.lists(st.lists(st.sampled_from(
-        [b"From ", b">", b">From ", b"From", b"x", b" ", b"\xe9", b"\x00", b"\n", b"Subject: s",
-         b"\n\n"]), max_size=30).map(b"".join), min_size=1, max_size=5))
+    @given(
+        st.lists(
+            st.lists(
+                st.sampled_from(
+                    [
+                        b"From ",
+                        b">",
+                        b">From ",
+                        b"From",
+                        b"x",
+                        b" ",
+                        b"\xe9",
+                        b"\x00",
+                        b"\n",
+                        b"Subject: s",
+                        b"\n\n",
+                    ]
+                ),
+                max_size=30,
+            ).map(b"".join),
+            min_size=1,
+            max_size=5,
+        )
+    )
     def test_round_trip_property(self, bodies):
         root = Path(self.mktemp())
         store = MboxMailStore(root / "m", root / "i", SyncReactor(), SyncThreadPool())
@@ -133,14 +161,40 @@ class ScannerTests(SynchronousTestCase):
             r = mboxfmt.scan(fd, 0, len(data), chunk)
         finally:
             os.close(fd)
-        return (list(r.from_offs), list(r.starts), list(r.ends), list(r.sizes), list(r.fps),
-                r.flags, list(r.dates), r.end)
+        return (
+            list(r.from_offs),
+            list(r.starts),
+            list(r.ends),
+            list(r.sizes),
+            list(r.fps),
+            r.flags,
+            list(r.dates),
+            r.end,
+        )
 
     @settings(max_examples=100, deadline=None, suppress_health_check=list(HealthCheck))
-    @given(st.lists(st.lists(st.sampled_from(
-        [b"From ", b"\nFrom ", b">", b"x", b"\n", b"\r\n", b"\n\n", b"Message-ID: <a>\n",
-         b"Status: RO\n"]), max_size=40).map(b"".join), max_size=6),
-        st.integers(min_value=1, max_value=64))
+    @given(
+        st.lists(
+            st.lists(
+                st.sampled_from(
+                    [
+                        b"From ",
+                        b"\nFrom ",
+                        b">",
+                        b"x",
+                        b"\n",
+                        b"\r\n",
+                        b"\n\n",
+                        b"Message-ID: <a>\n",
+                        b"Status: RO\n",
+                    ]
+                ),
+                max_size=40,
+            ).map(b"".join),
+            max_size=6,
+        ),
+        st.integers(min_value=1, max_value=64),
+    )
     def test_chunk_size_does_not_matter(self, parts, chunk):
         data = b"".join(b"From a@b Mon Jan  1 00:00:00 2024\n" + p + b"\n" for p in parts)
         self.assertEqual(self.scan_all(data, chunk), self.scan_all(data, 1 << 20))
@@ -167,8 +221,10 @@ class IndexTests(_Base):
         validity = f.uid_validity
         f.close()
         g = self.open(self.new_store())
-        self.assertEqual([(m.uid, m.flags) for m in g.messages()],
-                         [(2, frozenset({SEEN, "$Work"})), (3, frozenset())])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in g.messages()],
+            [(2, frozenset({SEEN, "$Work"})), (3, frozenset())],
+        )
         self.assertEqual((g.uid_validity, g.uid_next), (validity, 4))
         self.assertEqual(self.read(g, 3), b"Subject: 2\r\n\r\nbody\r\n")
 
@@ -208,9 +264,10 @@ class IndexTests(_Base):
         changes = self.ok(f.refresh())
         self.assertEqual([i.uid for i in changes.added], [2, 3])
         msgs = f.messages()
-        self.assertEqual([(m.uid, m.flags) for m in msgs],
-                         [(1, frozenset({SEEN})), (2, frozenset({SEEN, ANSWERED})),
-                          (3, frozenset())])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in msgs],
+            [(1, frozenset({SEEN})), (2, frozenset({SEEN, ANSWERED})), (3, frozenset())],
+        )
         self.assertEqual(self.read(f, 3), b"Subject: raw\r\n\r\nFrom quoted\r\n")
         self.assertEqual(msgs[2].internal_date, 1704067200.0)
 
@@ -229,9 +286,15 @@ class IndexTests(_Base):
         changes = self.ok(f.refresh())
         self.assertEqual(changes.expunged, (3,))
         self.assertEqual(changes.added, ())
-        self.assertEqual([(m.uid, m.flags) for m in f.messages()],
-                         [(1, frozenset()), (2, frozenset({SEEN})), (4, frozenset({"$Label"})),
-                          (5, frozenset({SEEN}))])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in f.messages()],
+            [
+                (1, frozenset()),
+                (2, frozenset({SEEN})),
+                (4, frozenset({"$Label"})),
+                (5, frozenset({SEEN})),
+            ],
+        )
         self.assertEqual(self.read(f, 4), b"Subject: 3\r\nMessage-ID: <3@x>\r\n\r\nbody 3\r\n")
         g = self.open(self.new_store())
         self.assertEqual([m.uid for m in g.messages()], [1, 2, 4, 5])
@@ -280,11 +343,14 @@ class IndexTests(_Base):
             if tail.endswith(b"\n"):  # the ext message did not change: no rescan
                 self.assertEqual(now[:-1], uids)
             last = f.messages()[-1]
-            self.assertEqual((last.uid, last.flags, last.internal_date),
-                             (uid, frozenset({SEEN}), 1e9))
+            self.assertEqual(
+                (last.uid, last.flags, last.internal_date), (uid, frozenset({SEEN}), 1e9)
+            )
             self.assertEqual(self.read(f, uid), b"Subject: app\r\n\r\nx\r\n")
-            self.assertEqual(self.read(f, f.messages()[-2].uid),
-                             b"Subject: ext\r\n\r\n" + tail.rstrip(b"\n") + b"\r\n")
+            self.assertEqual(
+                self.read(f, f.messages()[-2].uid),
+                b"Subject: ext\r\n\r\n" + tail.rstrip(b"\n") + b"\r\n",
+            )
             f.close()
             self.inbox.unlink()
 
@@ -372,10 +438,12 @@ class CrashTests(_Base):
 
         pool = _ManualPool()
         store = MboxMailStore(self.root / "m2", self.root / "i2", SyncReactor(), pool)
-        ds = [store.deliver(USER, BytesSource(b"S: 1\n\nx\n"), ""),
-              store.deliver(USER, BytesSource(b"S: 2\n\nx\n"), ""),
-              store.deliver(USER, Unreadable(), ""),
-              store.deliver(USER, BytesSource(b"S: 3\n\nx\n"), "")]
+        ds = [
+            store.deliver(USER, BytesSource(b"S: 1\n\nx\n"), ""),
+            store.deliver(USER, BytesSource(b"S: 2\n\nx\n"), ""),
+            store.deliver(USER, Unreadable(), ""),
+            store.deliver(USER, BytesSource(b"S: 3\n\nx\n"), ""),
+        ]
         pool.run()
         self.assertIsNone(self.ok(ds[0]))
         self.assertIsNone(self.ok(ds[1]))

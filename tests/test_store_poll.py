@@ -30,8 +30,9 @@ class PollTests(SynchronousTestCase):
         self.root = Path(self.mktemp())
         self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
         self.clock = ClockReactor()
-        self.store = MboxMailStore(self.root / "mail", self.root / "index", self.clock,
-                                   SyncThreadPool(), clock=lambda: NOW)
+        self.store = MboxMailStore(
+            self.root / "mail", self.root / "index", self.clock, SyncThreadPool(), clock=lambda: NOW
+        )
 
     def ok(self, d):
         return self.successResultOf(d)
@@ -81,8 +82,9 @@ class PollTests(SynchronousTestCase):
         self.assertEqual(calls, [1])
         changes = self.ok(f.refresh())
         self.assertEqual(changes.expunged, (1,))
-        self.assertEqual([(m.uid, m.flags) for m in f.messages()],
-                         [(2, frozenset()), (3, frozenset({SEEN}))])
+        self.assertEqual(
+            [(m.uid, m.flags) for m in f.messages()], [(2, frozenset()), (3, frozenset({SEEN}))]
+        )
 
     def test_own_deliveries_are_announced_once(self):
         f = self.open()
@@ -143,8 +145,9 @@ class PollTests(SynchronousTestCase):
 def test_imap_idle_sees_external_append(tmp_path):
     """An IMAP session in IDLE on the mbox store gets EXISTS for a procmail append."""
     clock = ClockReactor()
-    store = MboxMailStore(tmp_path / "mail", tmp_path / "index", clock, SyncThreadPool(),
-                          clock=lambda: NOW)
+    store = MboxMailStore(
+        tmp_path / "mail", tmp_path / "index", clock, SyncThreadPool(), clock=lambda: NOW
+    )
     h = Harness(tmp_path, store=store)
     h.deliver(b"Subject: a\n\nbody\n")
     c = h.connect()

@@ -131,11 +131,13 @@ class PasswordFile:
                     return self._users  # keep the last good copy
                 users, bad = parse_lines(text)
                 for n in bad:
-                    self.log.warn("{path}:{line}: not address:hash, ignored",
-                                  path=str(self.path), line=n)
+                    self.log.warn(
+                        "{path}:{line}: not address:hash, ignored", path=str(self.path), line=n
+                    )
                 self._users = users
-                self.log.info("loaded {count} users from {path}",
-                              count=len(users), path=str(self.path))
+                self.log.info(
+                    "loaded {count} users from {path}", count=len(users), path=str(self.path)
+                )
             self._key = key
         return self._users
 

@@ -57,8 +57,7 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
             except (OSError, ValueError, TypeError, KeyError) as e:
                 print(f"{queue_id:<21} (unreadable envelope: {e})", file=out)
                 continue
-            print(f"{env.id:<21} {env.size:>8} {_when(env.created):<19}  <{env.sender}>",
-                  file=out)
+            print(f"{env.id:<21} {env.size:>8} {_when(env.created):<19}  <{env.sender}>", file=out)
             if env.last_error:
                 print(f"{'':<52}({env.last_error})", file=out)
             for r in env.recipients:
@@ -88,8 +87,10 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
         return 0
     if cmd == "flush":
         store.request_flush()
-        print("flush requested: a running server retries every queued message within seconds",
-              file=out)
+        print(
+            "flush requested: a running server retries every queued message within seconds",
+            file=out,
+        )
         return 0
     if cmd == "delete":
         status = 0

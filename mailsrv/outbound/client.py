@@ -37,11 +37,24 @@ def _quoted(address: str) -> bytes:
 
 # Stages of a session, in order; a failure before MAIL means "try the next host".
 CONNECT, GREETING, STARTTLS, AUTH, MAIL, RCPT, DATA, DOT, DONE = (
-    "connect", "greeting", "starttls", "auth", "mail", "rcpt", "data", "end of data", "done",
+    "connect",
+    "greeting",
+    "starttls",
+    "auth",
+    "mail",
+    "rcpt",
+    "data",
+    "end of data",
+    "done",
 )
 _STAGE_COMMAND = {
-    GREETING: "initial greeting", STARTTLS: "STARTTLS", AUTH: "AUTH", MAIL: "MAIL FROM",
-    RCPT: "RCPT TO", DATA: "DATA", DOT: "end of DATA",
+    GREETING: "initial greeting",
+    STARTTLS: "STARTTLS",
+    AUTH: "AUTH",
+    MAIL: "MAIL FROM",
+    RCPT: "RCPT TO",
+    DATA: "DATA",
+    DOT: "end of DATA",
 }
 
 
@@ -92,8 +105,9 @@ class SessionResult:
     @property
     def stale_connection(self) -> bool:
         """A kept connection that turned out to be closed: retry on a new one."""
-        return self.reused and self.stage == MAIL and all(
-            r.code == 0 for r in self.replies.values())
+        return (
+            self.reused and self.stage == MAIL and all(r.code == 0 for r in self.replies.values())
+        )
 
     @property
     def before_transaction(self) -> bool:
@@ -115,8 +129,9 @@ class _BodySender:
     (RFC 5321 4.5.2) across chunk boundaries, and honours back-pressure.
     """
 
-    def __init__(self, f: Any, transport: Any, reactor: Any, pool: Any,
-                 on_chunk: Callable[[], None]) -> None:
+    def __init__(
+        self, f: Any, transport: Any, reactor: Any, pool: Any, on_chunk: Callable[[], None]
+    ) -> None:
         self._f = f
         self._transport = transport
         self._reactor = reactor
@@ -188,7 +203,9 @@ class _BodySender:
     def stopProducing(self) -> None:
         if not self._stopped:
             self._stopped = True
-            self.done.errback(Failure(ConnectionError("connection closed while sending the message")))
+            self.done.errback(
+                Failure(ConnectionError("connection closed while sending the message"))
+            )
 
 
 class RelayClient(smtp.ESMTPClient):
@@ -196,8 +213,14 @@ class RelayClient(smtp.ESMTPClient):
 
     debug = False
 
-    def __init__(self, session: Session, identity: bytes, context: Any, secret: bytes | None,
-                 username: bytes | None) -> None:
+    def __init__(
+        self,
+        session: Session,
+        identity: bytes,
+        context: Any,
+        secret: bytes | None,
+        username: bytes | None,
+    ) -> None:
         super().__init__(secret, context, identity)
         self.session = session
         self.result = SessionResult(session.hop)
@@ -235,7 +258,9 @@ class RelayClient(smtp.ESMTPClient):
         # RFC 2920: the server's EHLO (again after STARTTLS) says whether it pipelines.
         self._pipelining = any(
             line.split(None, 1)[0].upper() == b"PIPELINING"
-            for line in resp.splitlines() if line.strip())
+            for line in resp.splitlines()
+            if line.strip()
+        )
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
@@ -324,8 +349,13 @@ class RelayClient(smtp.ESMTPClient):
         return self.session.message
 
     def smtpState_data(self, code: int, resp: bytes) -> None:
-        sender = _BodySender(self.session.message, self.transport, self.session.reactor,
-                             self.session.pool, self.resetTimeout)
+        sender = _BodySender(
+            self.session.message,
+            self.transport,
+            self.session.reactor,
+            self.session.pool,
+            self.resetTimeout,
+        )
 
         def sent(last: bytes) -> None:
             self.result.stage = DOT
@@ -406,8 +436,12 @@ class RelayClient(smtp.ESMTPClient):
             reply = RemoteReply(code, _text(resp), _STAGE_COMMAND.get(stage, stage))
         else:
             reply = RemoteReply(0, f"4.4.2 {_text(resp)}", _STAGE_COMMAND.get(stage, stage))
-        if isinstance(exc, smtp.AUTHDeclinedError | smtp.AuthenticationError | smtp.AUTHRequiredError) \
-                and reply.permanent:
+        if (
+            isinstance(
+                exc, smtp.AUTHDeclinedError | smtp.AuthenticationError | smtp.AUTHRequiredError
+            )
+            and reply.permanent
+        ):
             # A refused login is our configuration's fault: retry, do not bounce.
             reply = RemoteReply(0, f"4.7.0 {str(reply)}", "AUTH")
         if isinstance(exc, smtp.TLSError) or stage == STARTTLS:
@@ -429,8 +463,12 @@ class RelayClient(smtp.ESMTPClient):
         if stage == STARTTLS:
             self.result.tls_failed = True
         why = reason.getErrorMessage() if reason is not None else "connection lost"
-        reply = RemoteReply(0, f"4.4.2 lost connection with {self.session.hop.host} while "
-                               f"sending {_STAGE_COMMAND.get(stage, stage)}: {why}", "")
+        reply = RemoteReply(
+            0,
+            f"4.4.2 lost connection with {self.session.hop.host} while "
+            f"sending {_STAGE_COMMAND.get(stage, stage)}: {why}",
+            "",
+        )
         for addr in self.session.recipients:
             self.result.replies.setdefault(addr, reply)
         self.session.finish(self.result)
@@ -445,11 +483,24 @@ class Session(protocol.ClientFactory):
     log = Logger()
     noisy = False
 
-    def __init__(self, *, reactor: Any, pool: Any, hop: Hop, helo: str, sender: str,
-                 recipients: Sequence[str], message: Any, tls_context: Any = None,
-                 require_tls: bool = False, username: str | None = None,
-                 password: str | None = None, timeout: float = COMMAND_TIMEOUT,
-                 cache: ConnectionCache | None = None, cache_key: Any = None) -> None:
+    def __init__(
+        self,
+        *,
+        reactor: Any,
+        pool: Any,
+        hop: Hop,
+        helo: str,
+        sender: str,
+        recipients: Sequence[str],
+        message: Any,
+        tls_context: Any = None,
+        require_tls: bool = False,
+        username: str | None = None,
+        password: str | None = None,
+        timeout: float = COMMAND_TIMEOUT,
+        cache: ConnectionCache | None = None,
+        cache_key: Any = None,
+    ) -> None:
         self.reactor = reactor
         self.pool = pool
         self.hop = hop

@@ -40,8 +40,13 @@ def read_headers(f: Iterable[bytes], limit: int = HEADERS_LIMIT) -> bytes:
     return b"".join(out)
 
 
-def _human_text(hostname: str, action: str, envelope: Envelope, rcpts: Sequence[Recipient],
-                retry_until: float | None) -> str:
+def _human_text(
+    hostname: str,
+    action: str,
+    envelope: Envelope,
+    rcpts: Sequence[Recipient],
+    retry_until: float | None,
+) -> str:
     lines = [f"This is the mail system at host {hostname}.", ""]
     if action == FAILED:
         lines += [
@@ -151,5 +156,7 @@ def build_dsn(
     report.attach(headers)
 
     out = io.BytesIO()
-    BytesGenerator(out, mangle_from_=False, policy=compat32.clone(linesep="\n", max_line_length=None)).flatten(report)
+    BytesGenerator(
+        out, mangle_from_=False, policy=compat32.clone(linesep="\n", max_line_length=None)
+    ).flatten(report)
     return out.getvalue()

@@ -137,8 +137,9 @@ class MXResolver:
 
     log = Logger()
 
-    def __init__(self, resolver: Any, port: int, own: set[tuple[str, int]],
-                 rng: random.Random | None = None) -> None:
+    def __init__(
+        self, resolver: Any, port: int, own: set[tuple[str, int]], rng: random.Random | None = None
+    ) -> None:
         self._resolver = resolver
         self._port = port
         self._own = own
@@ -183,8 +184,12 @@ class MXResolver:
         if not out and failures and all(f.check(error.DNSNameError) for f in failures):
             raise error.DNSNameError(name)
         if not out and failures:
-            raise DeliveryError(False, "4.4.3", f"Host lookup failed for {name}: "
-                                f"{failures[0].getErrorMessage() or failures[0].type.__name__}")
+            raise DeliveryError(
+                False,
+                "4.4.3",
+                f"Host lookup failed for {name}: "
+                f"{failures[0].getErrorMessage() or failures[0].type.__name__}",
+            )
         return list(dict.fromkeys(out))
 
     @defer.inlineCallbacks
@@ -212,8 +217,9 @@ class MXResolver:
         except (error.DomainError, error.AuthoritativeDomainError):
             records: list[tuple[int, str]] = []
         except Exception as e:
-            raise DeliveryError(False, "4.4.3", f"MX lookup for {domain} failed: "
-                                f"{type(e).__name__} {e}")
+            raise DeliveryError(
+                False, "4.4.3", f"MX lookup for {domain} failed: {type(e).__name__} {e}"
+            )
         else:
             records = [
                 (rr.payload.preference, str(rr.payload.name).rstrip(".").lower() or ".")
@@ -221,8 +227,9 @@ class MXResolver:
                 if rr.type == dns.MX
             ]
         if records and is_null_mx(records):
-            raise DeliveryError(True, "5.1.10",
-                                f"Domain {domain} does not accept mail (null MX, RFC 7505)")
+            raise DeliveryError(
+                True, "5.1.10", f"Domain {domain} does not accept mail (null MX, RFC 7505)"
+            )
         if not records:
             # RFC 5321 5.1: no MX, the domain itself is the implicit MX.
             try:
@@ -242,8 +249,12 @@ class MXResolver:
             if ok:
                 hops.extend(Hop(name, a, self._port, pref) for a in value)
             else:
-                self.log.warn("MX host {host} of {domain} does not resolve: {why}",
-                              host=name, domain=domain, why=value.getErrorMessage())
+                self.log.warn(
+                    "MX host {host} of {domain} does not resolve: {why}",
+                    host=name,
+                    domain=domain,
+                    why=value.getErrorMessage(),
+                )
         if not hops:
             raise DeliveryError(False, "4.4.3", f"No MX host of {domain} has an address")
         return self._drop_self(domain, hops)

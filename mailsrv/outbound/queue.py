@@ -304,8 +304,9 @@ class OutboundQueue:
 
     log = Logger()
 
-    def __init__(self, queue_dir: Path | str, reactor: Any, threadpool: Any,
-                 max_batches: int = MAX_BATCHES) -> None:
+    def __init__(
+        self, queue_dir: Path | str, reactor: Any, threadpool: Any, max_batches: int = MAX_BATCHES
+    ) -> None:
         """C{threadpool} runs the disk work; None runs it in line (unit tests only)."""
         self.store = QueueStore(queue_dir)
         self._reactor = reactor
@@ -383,15 +384,15 @@ class OutboundQueue:
             size=source.size,
         )
         data: Any = source
-        if (isinstance(source, BytesSource) or getattr(source, "in_memory", False)) \
-                and source.size <= RECENT_MESSAGE_MAX:
+        if (
+            isinstance(source, BytesSource) or getattr(source, "in_memory", False)
+        ) and source.size <= RECENT_MESSAGE_MAX:
             with source.open() as f:  # in memory: no disk to wait for
                 data = f.read()
         d = self._submit("store", envelope, data)
 
         def stored(_: None) -> str:
-            if isinstance(data, bytes) and \
-                    self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
+            if isinstance(data, bytes) and self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
                 self._recent[envelope.id] = data
                 self._recent_bytes += len(data)
             # No line of its own: the caller's names the queue id (the SMTP

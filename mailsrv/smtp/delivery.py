@@ -297,7 +297,7 @@ class IncomingMessage:
         self.log.info(
             "{text}",
             text=f"accepted {self.queue_id} from=<{self.sender}> to={recipients} "
-                 f"size={self.octets} client={self.client} queued={outbound}",
+            f"size={self.octets} client={self.client} queued={outbound}",
             queue_id=self.queue_id,
             sender=self.sender,
             recipients=recipients,

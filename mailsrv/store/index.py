@@ -61,8 +61,9 @@ class FolderIndex:
         try:
             self._open(new_validity)
         except sqlite3.DatabaseError as e:
-            self.log.warn("index {path} unusable ({error}); rebuilding", path=str(self.path),
-                          error=str(e))
+            self.log.warn(
+                "index {path} unusable ({error}); rebuilding", path=str(self.path), error=str(e)
+            )
             try:
                 self._db.close()
             except Exception:
@@ -87,8 +88,14 @@ class FolderIndex:
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
                 self.fresh = True
-                meta = {"version": SCHEMA_VERSION, "uid_validity": new_validity(),
-                        "uid_next": 1, "size": -1, "mtime_ns": -1, "ino": -1}
+                meta = {
+                    "version": SCHEMA_VERSION,
+                    "uid_validity": new_validity(),
+                    "uid_next": 1,
+                    "size": -1,
+                    "mtime_ns": -1,
+                    "ino": -1,
+                }
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
             elif int(meta.get("version", 0)) != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError("unknown index version")
@@ -110,8 +117,12 @@ class FolderIndex:
     def _set_meta(self, uid_next: int, covered: tuple[int, int, int]) -> None:
         self._db.executemany(
             "UPDATE meta SET value = ? WHERE key = ?",
-            [(uid_next, "uid_next"), (covered[0], "size"), (covered[1], "mtime_ns"),
-             (covered[2], "ino")],
+            [
+                (uid_next, "uid_next"),
+                (covered[0], "size"),
+                (covered[1], "mtime_ns"),
+                (covered[2], "ino"),
+            ],
         )
 
     def _tx(self, fn) -> None:
@@ -124,7 +135,9 @@ class FolderIndex:
             db.execute("ROLLBACK")
             raise
 
-    def replace_all(self, rows: Iterable[Row], uid_next: int, covered: tuple[int, int, int]) -> None:
+    def replace_all(
+        self, rows: Iterable[Row], uid_next: int, covered: tuple[int, int, int]
+    ) -> None:
         """Make the index describe exactly C{rows}, in one transaction."""
 
         def fn(db):
@@ -135,8 +148,9 @@ class FolderIndex:
         self._tx(fn)
         self.uid_next, self.covered = uid_next, covered
 
-    def add(self, rows: list[Row], uid_next: int, covered: tuple[int, int, int],
-            durable: bool = True) -> None:
+    def add(
+        self, rows: list[Row], uid_next: int, covered: tuple[int, int, int], durable: bool = True
+    ) -> None:
         """
         Record messages appended at the end of the file. C{durable=False} commits
         without waiting for the disk (synchronous=NORMAL): for messages already
@@ -161,10 +175,15 @@ class FolderIndex:
     def last_row(self) -> tuple[int, int, int] | None:
         """(from_off, start, crc) of the last message, or None if there is none."""
         return self._db.execute(
-            "SELECT from_off, start, crc FROM msgs ORDER BY uid DESC LIMIT 1").fetchone()
+            "SELECT from_off, start, crc FROM msgs ORDER BY uid DESC LIMIT 1"
+        ).fetchone()
 
-    def rewrite(self, removed: list[int], moved: list[tuple[int, int, int, int]],
-                covered: tuple[int, int, int]) -> None:
+    def rewrite(
+        self,
+        removed: list[int],
+        moved: list[tuple[int, int, int, int]],
+        covered: tuple[int, int, int],
+    ) -> None:
         """After an expunge: drop C{removed} UIDs, move others ((from, start, stop, uid))."""
 
         def fn(db):

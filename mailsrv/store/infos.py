@@ -20,9 +20,14 @@ class InfoList(Sequence):
 
     __slots__ = ("uids", "sizes", "dates", "flag_sets", "_shared")
 
-    def __init__(self, uids: array | None = None, sizes: array | None = None,
-                 dates: array | None = None, flag_sets: list | None = None,
-                 shared: bool = False) -> None:
+    def __init__(
+        self,
+        uids: array | None = None,
+        sizes: array | None = None,
+        dates: array | None = None,
+        flag_sets: list | None = None,
+        shared: bool = False,
+    ) -> None:
         self.uids = array("q") if uids is None else uids
         self.sizes = array("q") if sizes is None else sizes
         self.dates = array("d") if dates is None else dates
@@ -55,8 +60,12 @@ class InfoList(Sequence):
 
     def __eq__(self, other: object) -> bool:
         if isinstance(other, InfoList):
-            return (self.uids == other.uids and self.sizes == other.sizes
-                    and self.dates == other.dates and self.flag_sets == other.flag_sets)
+            return (
+                self.uids == other.uids
+                and self.sizes == other.sizes
+                and self.dates == other.dates
+                and self.flag_sets == other.flag_sets
+            )
         if isinstance(other, (list, tuple)):
             return len(other) == len(self) and all(a == b for a, b in zip(self, other, strict=True))
         return NotImplemented

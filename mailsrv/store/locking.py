@@ -162,7 +162,9 @@ class MboxLock:
             release_dotlock(self._dotlock)
             self._dotlock = None
             if time.monotonic() >= deadline:
-                raise LockTimeout(errno.EAGAIN, f"mbox is fcntl-locked by another process: {self.path}")
+                raise LockTimeout(
+                    errno.EAGAIN, f"mbox is fcntl-locked by another process: {self.path}"
+                )
             time.sleep(random.uniform(0.01, 0.05))
 
     def _lock_file(self, deadline: float) -> bool:

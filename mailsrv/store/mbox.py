@@ -193,10 +193,16 @@ class MboxMailStore:
 
     log = Logger()
 
-    def __init__(self, mail_dir: Path, index_dir: Path, reactor: Any, threadpool: Any,
-                 lock_timeout: float = DEFAULT_TIMEOUT,
-                 clock: Callable[[], float] = time.time,
-                 poll_interval: float = POLL_INTERVAL) -> None:
+    def __init__(
+        self,
+        mail_dir: Path,
+        index_dir: Path,
+        reactor: Any,
+        threadpool: Any,
+        lock_timeout: float = DEFAULT_TIMEOUT,
+        clock: Callable[[], float] = time.time,
+        poll_interval: float = POLL_INTERVAL,
+    ) -> None:
         self.mail_dir = Path(mail_dir)
         self.index_dir = Path(index_dir)
         self._reactor = reactor
@@ -289,11 +295,14 @@ class MboxMailStore:
 
         def failed(f: Failure) -> None:
             if f.check(FolderError):
-                self.log.info("polling {user} {folder}: {error}", user=st.user, folder=st.name,
-                              error=str(f.value))
+                self.log.info(
+                    "polling {user} {folder}: {error}",
+                    user=st.user,
+                    folder=st.name,
+                    error=str(f.value),
+                )
             else:
-                self.log.failure("polling {user} {folder} failed", f, user=st.user,
-                                 folder=st.name)
+                self.log.failure("polling {user} {folder} failed", f, user=st.user, folder=st.name)
 
         self._sync_job(st).addErrback(failed)
 
@@ -344,8 +353,12 @@ class MboxMailStore:
         snap = _Snapshot.empty()
         fcache: dict[str, frozenset[str]] = {}
         infos = snap.infos
-        i_uids, i_sizes, i_dates, i_flags = (infos.uids.append, infos.sizes.append,
-                                             infos.dates.append, infos.flag_sets.append)
+        i_uids, i_sizes, i_dates, i_flags = (
+            infos.uids.append,
+            infos.sizes.append,
+            infos.dates.append,
+            infos.flag_sets.append,
+        )
         froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
         crcs, fps = snap.crcs.append, snap.fps.append
         for uid, from_off, start, stop, size, flags, idate, crc, fp in idx.rows():
@@ -379,8 +392,12 @@ class MboxMailStore:
             raise FolderError("No such folder")
         idx = self._open_index(st)
         snap = self._load(st, idx)
-        if (s is not None and idx.covered == _covered(s) and snap.handle is not None
-                and snap.handle.ino == s.st_ino):
+        if (
+            s is not None
+            and idx.covered == _covered(s)
+            and snap.handle is not None
+            and snap.handle.ino == s.st_ino
+        ):
             return _Update(snap, idx.uid_validity, idx.uid_next, False)
         try:
             with MboxLock(st.path, self.lock_timeout, create=create) as lk:
@@ -388,9 +405,13 @@ class MboxMailStore:
         except FileNotFoundError:
             raise FolderError("No such folder")
 
-    def _sync_locked(self, st: _FolderState, fd: int, snap: _Snapshot,
-                     new_flags: list[tuple[frozenset[str], float | None]] | None = None
-                     ) -> _Update:
+    def _sync_locked(
+        self,
+        st: _FolderState,
+        fd: int,
+        snap: _Snapshot,
+        new_flags: list[tuple[frozenset[str], float | None]] | None = None,
+    ) -> _Update:
         """With the mbox locked: recover a broken append, then index what changed."""
         idx = self._open_index(st)
         self._recover(st, fd)
@@ -423,8 +444,19 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                rows.append((uid, res.from_offs[i], res.starts[i], res.ends[i], res.sizes[i],
-                             flags_text(flags), date, res.crcs[i], res.fps[i]))
+                rows.append(
+                    (
+                        uid,
+                        res.from_offs[i],
+                        res.starts[i],
+                        res.ends[i],
+                        res.sizes[i],
+                        flags_text(flags),
+                        date,
+                        res.crcs[i],
+                        res.fps[i],
+                    )
+                )
                 _append_row(new, rows[-1], flags)
                 uid += 1
             idx.add(rows, uid, covered)
@@ -468,22 +500,50 @@ class MboxMailStore:
                         date = new_flags[k][1]
                 uid, uid_next = uid_next, uid_next + 1
                 renumber = True  # UIDs must keep ascending in file order
-            row = (uid, res.from_offs[i], res.starts[i], res.ends[i], res.sizes[i],
-                   flags_text(flags), date, res.crcs[i], res.fps[i])
+            row = (
+                uid,
+                res.from_offs[i],
+                res.starts[i],
+                res.ends[i],
+                res.sizes[i],
+                flags_text(flags),
+                date,
+                res.crcs[i],
+                res.fps[i],
+            )
             rows.append(row)
             _append_row(new, row, flags)
         idx.replace_all(rows, uid_next, covered)
         return _Update(new, idx.uid_validity, uid_next, True)
 
-    def _index_all_new(self, idx: FolderIndex, res: mboxfmt.ScanResult,
-                       handle: _FileHandle, covered: tuple[int, int, int]) -> _Update:
+    def _index_all_new(
+        self,
+        idx: FolderIndex,
+        res: mboxfmt.ScanResult,
+        handle: _FileHandle,
+        covered: tuple[int, int, int],
+    ) -> _Update:
         """Index a scanned file none of whose messages were known: all get new UIDs."""
         n = len(res.starts)
         first = idx.uid_next
         uids = array("q", range(first, first + n))
         texts = [flags_text(f) if f else "" for f in res.flags]
-        idx.replace_all(zip(uids, res.from_offs, res.starts, res.ends, res.sizes, texts, res.dates,
-                            res.crcs, res.fps, strict=True), first + n, covered)
+        idx.replace_all(
+            zip(
+                uids,
+                res.from_offs,
+                res.starts,
+                res.ends,
+                res.sizes,
+                texts,
+                res.dates,
+                res.crcs,
+                res.fps,
+                strict=True,
+            ),
+            first + n,
+            covered,
+        )
         infos = InfoList(uids, res.sizes, res.dates, res.flags)
         snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle)
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
@@ -500,8 +560,12 @@ class MboxMailStore:
             ino = pre = post = -1
         s = os.fstat(fd)
         if s.st_ino == ino and pre < s.st_size < post:
-            self.log.warn("truncating partial append to {path} from {size} to {pre}",
-                          path=str(st.path), size=s.st_size, pre=pre)
+            self.log.warn(
+                "truncating partial append to {path} from {size} to {pre}",
+                path=str(st.path),
+                size=s.st_size,
+                pre=pre,
+            )
             os.ftruncate(fd, pre)
             os.fsync(fd)
         _unlink(st.journal)
@@ -578,8 +642,9 @@ class MboxMailStore:
                 os.ftruncate(fd, pre)
                 os.fsync(fd)
             except OSError:
-                self.log.failure("could not truncate {path} after a failed append",
-                                 path=str(st.path))
+                self.log.failure(
+                    "could not truncate {path} after a failed append", path=str(st.path)
+                )
                 raise
             _unlink(st.journal)
             raise
@@ -611,8 +676,12 @@ class MboxMailStore:
                 if indexed is not None:
                     self._apply_indexed(st, indexed)
                 for i, err in errors.items():
-                    self.log.error("delivery to {user} {folder} failed: {error}",
-                                   user=st.user, folder=st.name, error=repr(err))
+                    self.log.error(
+                        "delivery to {user} {folder} failed: {error}",
+                        user=st.user,
+                        folder=st.name,
+                        error=repr(err),
+                    )
                     items[i][3].errback(Failure(err))
                 items[:] = [it for i, it in enumerate(items) if i not in errors]
                 if not items:
@@ -620,11 +689,19 @@ class MboxMailStore:
                 result = size
             if isinstance(result, Failure):
                 if result.check(FolderError):
-                    self.log.info("delivery to {user} {folder} refused: {error}",
-                                  user=st.user, folder=st.name, error=str(result.value))
+                    self.log.info(
+                        "delivery to {user} {folder} refused: {error}",
+                        user=st.user,
+                        folder=st.name,
+                        error=str(result.value),
+                    )
                 else:
-                    self.log.error("delivery to {user} {folder} failed: {error}",
-                                   user=st.user, folder=st.name, error=repr(result.value))
+                    self.log.error(
+                        "delivery to {user} {folder} failed: {error}",
+                        user=st.user,
+                        folder=st.name,
+                        error=repr(result.value),
+                    )
                 for *_, dd in items:
                     dd.errback(result)
                 return None
@@ -636,8 +713,9 @@ class MboxMailStore:
 
         return d.addBoth(done)
 
-    def _deliver_batch(self, st: _FolderState, items
-                       ) -> tuple[int, dict[int, BaseException], _Indexed | None]:
+    def _deliver_batch(
+        self, st: _FolderState, items
+    ) -> tuple[int, dict[int, BaseException], _Indexed | None]:
         if st.name != INBOX and not st.path.is_file():
             raise FolderError("No such folder")
         prepared, errors = self._prepare(items)
@@ -657,8 +735,9 @@ class MboxMailStore:
         except FileNotFoundError:
             raise FolderError("No such folder")
 
-    def _index_delivered(self, st: _FolderState, fd: int,
-                         before: os.stat_result) -> _Indexed | None:
+    def _index_delivered(
+        self, st: _FolderState, fd: int, before: os.stat_result
+    ) -> _Indexed | None:
         """
         With the mbox locked and the append fsynced: record the new messages (and
         any another program appended since the index was last brought up to date)
@@ -672,8 +751,11 @@ class MboxMailStore:
             snap = st.snap
             after = os.fstat(fd)
             old = idx.covered
-            if snap is not None and snap.uids and (snap.handle is None
-                                                   or snap.handle.ino != after.st_ino):
+            if (
+                snap is not None
+                and snap.uids
+                and (snap.handle is None or snap.handle.ino != after.st_ino)
+            ):
                 return None
             if old is None:
                 if before.st_size != 0:
@@ -684,8 +766,13 @@ class MboxMailStore:
             elif old[2] != after.st_ino or before.st_size <= old[0]:
                 return None
             else:
-                last = (_last(snap) if snap is not None and snap.uids
-                        else None if snap is not None else idx.last_row())
+                last = (
+                    _last(snap)
+                    if snap is not None and snap.uids
+                    else None
+                    if snap is not None
+                    else idx.last_row()
+                )
                 if last is None:
                     tail_from = 0 if old[0] == 0 else -1
                 else:
@@ -695,17 +782,30 @@ class MboxMailStore:
             res = mboxfmt.scan(fd, tail_from, after.st_size)
             first = idx.uid_next
             n = len(res.starts)
-            rows = list(zip(range(first, first + n), res.from_offs, res.starts, res.ends,
-                            res.sizes, [flags_text(f) if f else "" for f in res.flags],
-                            res.dates, res.crcs, res.fps, strict=True))
+            rows = list(
+                zip(
+                    range(first, first + n),
+                    res.from_offs,
+                    res.starts,
+                    res.ends,
+                    res.sizes,
+                    [flags_text(f) if f else "" for f in res.flags],
+                    res.dates,
+                    res.crcs,
+                    res.fps,
+                    strict=True,
+                )
+            )
             handle = None
             if snap is not None and (snap.handle is None or snap.handle.ino != after.st_ino):
                 handle = _FileHandle(st.path)
             idx.add(rows, first + n, _covered(after), durable=False)
             return _Indexed(snap, rows, res.flags, first + n, handle)
         except Exception:
-            self.log.failure("indexing delivered messages in {path} failed; the next open "
-                             "scans them", path=str(st.path))
+            self.log.failure(
+                "indexing delivered messages in {path} failed; the next open scans them",
+                path=str(st.path),
+            )
             return None
 
     def _apply_indexed(self, st: _FolderState, ix: _Indexed) -> None:
@@ -920,10 +1020,14 @@ class MboxMailStore:
             return defer.fail()
         if old == INBOX:
             return self._job(
-                st, lambda: self._in_thread(self._rename_inbox, st, new).addCallback(
-                    self._install, st))
-        affected = [s for (u, n), s in list(self._states.items())
-                    if u == user and (n == old or n.startswith(old + DELIMITER))]
+                st,
+                lambda: self._in_thread(self._rename_inbox, st, new).addCallback(self._install, st),
+            )
+        affected = [
+            s
+            for (u, n), s in list(self._states.items())
+            if u == user and (n == old or n.startswith(old + DELIMITER))
+        ]
 
         def renamed(_):
             # Sessions on the old names keep their view; new opens use the new names.
@@ -933,7 +1037,7 @@ class MboxMailStore:
                 if self._states.get((s.user, s.name)) is s:
                     del self._states[(s.user, s.name)]
                 self._idle.pop((s.user, s.name), None)
-            for (u, n) in list(self._states):
+            for u, n in list(self._states):
                 if u == user and (n == new or n.startswith(new + DELIMITER)):
                     self._drop((u, n))
 
@@ -972,8 +1076,8 @@ class MboxMailStore:
                 n = name_of(f)
                 if n is None or not (n == old or n.startswith(old + DELIMITER)):
                     continue
-                suffix = f[len(str(index_base(idir, "", "", n).name)):]
-                target = index_base(self.index_dir, domain, local, new + n[len(old):])
+                suffix = f[len(str(index_base(idir, "", "", n).name)) :]
+                target = index_base(self.index_dir, domain, local, new + n[len(old) :])
                 os.replace(idir / f, str(target) + suffix)
         self._prune(user, src.parent)
 
@@ -1000,9 +1104,20 @@ class MboxMailStore:
             base = index_base(self.index_dir, domain, local, new)
             remove_index(base)
             idx = FolderIndex(base, self.new_validity)
-            rows = [(n + 1, snap.from_offs[i], snap.starts[i], snap.ends[i], info.size,
-                     flags_text(info.flags), info.internal_date, snap.crcs[i], snap.fps[i])
-                    for n, (i, info) in enumerate(enumerate(snap.infos))]
+            rows = [
+                (
+                    n + 1,
+                    snap.from_offs[i],
+                    snap.starts[i],
+                    snap.ends[i],
+                    info.size,
+                    flags_text(info.flags),
+                    info.internal_date,
+                    snap.crcs[i],
+                    snap.fps[i],
+                )
+                for n, (i, info) in enumerate(enumerate(snap.infos))
+            ]
             os.rename(tmp, dst)
             _fsync_dir(dst.parent)
             idx.replace_all(rows, len(rows) + 1, _covered(os.stat(dst)))
@@ -1068,10 +1183,11 @@ class MboxFolder:
         if self._exact == st.version and not validity_changed:
             return FolderChanges()
         if validity_changed:
-            changes = FolderChanges(added=tuple(new), expunged=tuple(i.uid for i in old),
-                                    uid_validity_changed=True)
+            changes = FolderChanges(
+                added=tuple(new), expunged=tuple(i.uid for i in old), uid_validity_changed=True
+            )
         elif self._exact is not None and self._exact >= st.mutation_version:
-            changes = FolderChanges(added=tuple(new[len(old):]))
+            changes = FolderChanges(added=tuple(new[len(old) :]))
         else:
             changes = _diff(old, new)
         self._view = new.copy()
@@ -1092,7 +1208,7 @@ class MboxFolder:
             data = os.pread(fd, end - from_off, from_off)
             if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
                 raise KeyError(uid)  # the file changed under us; refresh() will tell
-            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off:]))
+            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :]))
         line = os.pread(fd, start - from_off, from_off)
         if zlib.crc32(line) != snap.crcs[i]:
             raise KeyError(uid)
@@ -1177,8 +1293,9 @@ class MboxFolder:
                 if errors:
                     raise errors[0]
                 store._append_locked(st, lk.fd, prepared)
-                upd3 = store._sync_locked(st, lk.fd, upd2.snap,
-                                          new_flags=[(frozenset(flags), internal_date)])
+                upd3 = store._sync_locked(
+                    st, lk.fd, upd2.snap, new_flags=[(frozenset(flags), internal_date)]
+                )
             if len(upd3.snap.uids) <= before:
                 raise OSError(errno.EIO, "appended message not found")
             upd3.changed = True
@@ -1187,8 +1304,11 @@ class MboxFolder:
             return upd3
 
         def job():
-            return store._in_thread(work).addCallback(store._install, st).addCallback(
-                lambda u: u.result)
+            return (
+                store._in_thread(work)
+                .addCallback(store._install, st)
+                .addCallback(lambda u: u.result)
+            )
 
         return store._job(st, job)
 
@@ -1300,8 +1420,9 @@ def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _
         removed = [snap.uids[i] for i in drop]
         idx = store._open_index(st)
         idx.rewrite(removed, moved, _covered(os.fstat(new.handle.fd)))
-    store.log.info("expunged {count} from {user} {folder}", count=len(removed), user=st.user,
-                   folder=st.name)
+    store.log.info(
+        "expunged {count} from {user} {folder}", count=len(removed), user=st.user, folder=st.name
+    )
     return _Update(new, idx.uid_validity, idx.uid_next, True, result=removed)
 
 
@@ -1345,8 +1466,15 @@ def _last(snap: _Snapshot) -> tuple[int, int, int]:
 
 
 def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
-    return _Snapshot(array("q", snap.from_offs), array("q", snap.starts), array("q", snap.ends),
-                     array("q", snap.crcs), array("q", snap.fps), snap.infos.copy(), handle)
+    return _Snapshot(
+        array("q", snap.from_offs),
+        array("q", snap.starts),
+        array("q", snap.ends),
+        array("q", snap.crcs),
+        array("q", snap.fps),
+        snap.infos.copy(),
+        handle,
+    )
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:

@@ -32,8 +32,26 @@ _UNQUOTE = re.compile(rb"^>(>*From )", re.M)
 _ASCTIME = re.compile(
     rb"(Jan|Feb|Mar|Apr|May|Jun|Jul|Aug|Sep|Oct|Nov|Dec) +(\d{1,2}) +(\d{1,2}):(\d\d)(?::(\d\d))? +(?:[A-Z]{3,4} +)?(\d{4})"
 )
-_MONTHS = {m: i for i, m in enumerate(
-    (b"Jan", b"Feb", b"Mar", b"Apr", b"May", b"Jun", b"Jul", b"Aug", b"Sep", b"Oct", b"Nov", b"Dec"), 1)}
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        (
+            b"Jan",
+            b"Feb",
+            b"Mar",
+            b"Apr",
+            b"May",
+            b"Jun",
+            b"Jul",
+            b"Aug",
+            b"Sep",
+            b"Oct",
+            b"Nov",
+            b"Dec",
+        ),
+        1,
+    )
+}
 _SENDER_BAD = re.compile(r"[\s\x00-\x1f\x7f]")
 
 
@@ -243,8 +261,9 @@ def parse_from_date(line: bytes) -> float:
         sec = _HM_CACHE.get(hm)
         try:
             if base is None:
-                base = calendar.timegm((int(t[20:24]), _MONTHS[t[4:7]], int(t[8:10]), 0, 0, 0,
-                                        0, 0, 0))
+                base = calendar.timegm(
+                    (int(t[20:24]), _MONTHS[t[4:7]], int(t[8:10]), 0, 0, 0, 0, 0, 0)
+                )
                 if len(_DAY_CACHE) > 10000:
                     _DAY_CACHE.clear()
                 _DAY_CACHE[day] = base
@@ -258,8 +277,11 @@ def parse_from_date(line: bytes) -> float:
         return 0.0
     mon, day_s, hh, mm, ss, year = m.groups()
     try:
-        return float(calendar.timegm(
-            (int(year), _MONTHS[mon], int(day_s), int(hh), int(mm), int(ss or 0), 0, 0, 0)))
+        return float(
+            calendar.timegm(
+                (int(year), _MONTHS[mon], int(day_s), int(hh), int(mm), int(ss or 0), 0, 0, 0)
+            )
+        )
     except (ValueError, OverflowError):
         return 0.0
 
@@ -301,8 +323,19 @@ class ScanResult:
 class _Partial:
     """A message whose end has not been seen yet."""
 
-    __slots__ = ("from_off", "start", "nl", "crlf", "quoted", "line", "mid", "status",
-                 "xstatus", "header_end", "tail")
+    __slots__ = (
+        "from_off",
+        "start",
+        "nl",
+        "crlf",
+        "quoted",
+        "line",
+        "mid",
+        "status",
+        "xstatus",
+        "header_end",
+        "tail",
+    )
 
     def __init__(self, from_off: int, start: int, line: bytes) -> None:
         self.from_off = from_off
@@ -334,15 +367,15 @@ def _parse_headers(rec: _Partial, buf: bytes, pos: int, hend: int) -> None:
     i = block.find(b"\nmessage-id:")
     if i >= 0:
         j = block.find(b"\n", i + 12)
-        rec.mid = buf[pos + i + 11:pos + j - 1].strip() if j >= 0 else b""
+        rec.mid = buf[pos + i + 11 : pos + j - 1].strip() if j >= 0 else b""
     i = block.find(b"\nstatus:")
     if i >= 0:
         j = block.find(b"\n", i + 8)
-        rec.status = buf[pos + i + 7:pos + j - 1].upper() if j >= 0 else b""
+        rec.status = buf[pos + i + 7 : pos + j - 1].upper() if j >= 0 else b""
     i = block.find(b"\nx-status:")
     if i >= 0:
         j = block.find(b"\n", i + 10)
-        rec.xstatus = buf[pos + i + 9:pos + j - 1].upper() if j >= 0 else b""
+        rec.xstatus = buf[pos + i + 9 : pos + j - 1].upper() if j >= 0 else b""
 
 
 def _quoted_lines(buf: bytes, limit: int) -> list[int]:
@@ -375,8 +408,9 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.crcs.append(line_crc)
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
-    res.flags.append(status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus)
-                     else _NOFLAGS)
+    res.flags.append(
+        status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus) else _NOFLAGS
+    )
 
 
 _SEP = re.compile(rb"\nFrom ")
@@ -426,7 +460,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                 rec.crlf += buf.count(b"\r\n", a, b)
             if quoted:
                 rec.quoted += bisect_left(quoted, b) - bisect_left(quoted, a)
-            rec.tail = (rec.tail + buf[max(a, b - 4):b])[-4:] if b - a < 4 else buf[b - 4:b]
+            rec.tail = (rec.tail + buf[max(a, b - 4) : b])[-4:] if b - a < 4 else buf[b - 4 : b]
 
         nseps = len(seps)
         for k in range(nseps):
@@ -459,7 +493,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                 if i >= 0:
                     j = block.find(b"\n", i + 12)
                     if j >= 0:
-                        mid = buf[start + i + 11:start + j - 1].strip()
+                        mid = buf[start + i + 11 : start + j - 1].strip()
                 if b"status:" in block:
                     rec = _Partial(0, 0, b"")
                     _parse_headers(rec, buf, start, hend)

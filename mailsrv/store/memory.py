@@ -235,7 +235,9 @@ class MemoryFolder:
 
     def append(self, source, flags=frozenset(), internal_date=None):
         date = self._store._clock() if internal_date is None else internal_date
-        return defer.succeed(self._store._add(self._state, _read_source(source), frozenset(flags), date))
+        return defer.succeed(
+            self._store._add(self._state, _read_source(source), frozenset(flags), date)
+        )
 
     def expunge(self, uids):
         if self.read_only:
