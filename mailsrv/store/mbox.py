@@ -463,10 +463,11 @@ class MboxMailStore:
             return _Update(new, idx.uid_validity, uid, bool(rows), append_only=True, size=size)
         # Rewritten by someone else (or a crash between expunge's rename and commit):
         # rescan, and keep UIDs and flags of the messages we recognise.
+        if not snap.uids:  # nothing indexed yet: a first look, not a surprise
+            self.log.info("indexing {path} ({size} bytes)", path=str(st.path), size=size)
+            return self._index_all_new(idx, mboxfmt.scan(fd, 0, size), handle, covered)
         self.log.info("rescanning {path}: changed outside the index", path=str(st.path))
         res = mboxfmt.scan(fd, 0, size)
-        if not snap.uids:
-            return self._index_all_new(idx, res, handle, covered)
         by_fp: dict[int, list[int]] = {}
         for j, fp in enumerate(snap.fps):
             by_fp.setdefault(fp, []).append(j)
