@@ -186,55 +186,86 @@ def ratio(a, b) -> str:
     return f"{a / b:.2f}x"
 
 
+def peer_script(script: str, *args: object) -> list[dict]:
+    """Run one of the peers' client scripts; its JSON lines."""
+    out = sh(sys.executable, str(PEERS / script), *map(str, args), capture_output=True, text=True)
+    return json_lines(out.stdout)
+
+
+def mailsrv_and_dovecot(
+    ms: Mailsrv, script: str, proto: str, user: str, *args: object
+) -> tuple[list[dict], list[dict]]:
+    """The same client script against mailsrv and Dovecot, each index cold for run 1."""
+    ours = peer_script(
+        script,
+        "127.0.0.1",
+        ms.ports[proto],
+        f"{user}@{DOMAIN}",
+        PASS,
+        *args,
+        "--reset-index",
+        ms.index(user),
+        "--cgroup",
+        "mailsrv",
+    )
+    peer = peer_script(
+        script,
+        "127.0.0.1",
+        {"pop3": 1110, "imap": 1143}[proto],
+        user,
+        PASS,
+        *args,
+        "--reset-index",
+        REF / "dovecot" / "index" / user,
+        "--cgroup",
+        "dovecot",
+    )
+    return ours, peer
+
+
+def cold_and_warm(out: list, label: str, us: list[dict], dc: list[dict], key: str) -> None:
+    """Run 1 (index cold) and the median of the later runs, as time rows (lower is better)."""
+    out.append(
+        (f"{label}, cold (s)", us[0][key], dc[0][key], ratio(dc[0][key], us[0][key]), "Dovecot")
+    )
+    u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
+    out.append((f"{label}, warm (s)", u, d, ratio(d, u), "Dovecot"))
+
+
 def bench_smtp(ms: Mailsrv, repeat: int, out: list) -> None:
-    args = ["-m", "2000", "-s", "10", "-l", "4096", "--repeat", str(repeat), "--pause", "2"]
-    pf = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "smtp_bench.py"),
-            "--server",
-            "127.0.0.1:2525",
-            "--to",
-            f"alice@{DOMAIN}",
-            "--mbox",
-            str(REF / "mail" / "alice"),
-            "--cgroup",
-            "postfix",
-            *args,
-            capture_output=True,
-            text=True,
-        ).stdout
+    args = ("-m", 2000, "-s", 10, "-l", 4096, "--repeat", repeat, "--pause", 2)
+    pf = peer_script(
+        "smtp_bench.py",
+        "--server",
+        "127.0.0.1:2525",
+        "--to",
+        f"alice@{DOMAIN}",
+        "--mbox",
+        REF / "mail" / "alice",
+        "--cgroup",
+        "postfix",
+        *args,
     )[-1]
-    us = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "smtp_bench.py"),
-            "--server",
-            f"127.0.0.1:{ms.ports['smtp']}",
-            "--to",
-            f"alice@{DOMAIN}",
-            "--mbox",
-            str(ms.inbox("alice")),
-            "--cgroup",
-            "mailsrv",
-            *args,
-            capture_output=True,
-            text=True,
-        ).stdout
+    us = peer_script(
+        "smtp_bench.py",
+        "--server",
+        f"127.0.0.1:{ms.ports['smtp']}",
+        "--to",
+        f"alice@{DOMAIN}",
+        "--mbox",
+        ms.inbox("alice"),
+        "--cgroup",
+        "mailsrv",
+        *args,
     )[-1]
     for k, label in (
         ("median_accept_msgs_per_s", "SMTP accept msg/s (10 conns, 2000 x 4 KB)"),
         ("median_e2e_msgs_per_s", "SMTP end-to-end msg/s (fsynced in mbox)"),
     ):
         out.append((label, us.get(k), pf.get(k), ratio(us.get(k), pf.get(k)), "Postfix"))
+    k = "median_server_cpu_ms_per_msg"
     out.append(
-        (
-            "SMTP server CPU ms/msg",
-            us.get("median_server_cpu_ms_per_msg"),
-            pf.get("median_server_cpu_ms_per_msg"),
-            ratio(pf.get("median_server_cpu_ms_per_msg"), us.get("median_server_cpu_ms_per_msg")),
-            "Postfix",
-        )
+        ("SMTP server CPU ms/msg", us.get(k), pf.get(k), ratio(pf.get(k), us.get(k)), "Postfix")
     )
 
 
@@ -242,55 +273,13 @@ def bench_pop3(ms: Mailsrv, repeat: int, out: list) -> None:
     src = REF / "mail" / "pop10k"
     gen(src, 10000, chown="5000:5000")
     copy_mbox(src, ms.inbox("pop10k"), ms.index("pop10k"))
-    dc = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "pop3_bench.py"),
-            "127.0.0.1",
-            "1110",
-            "pop10k",
-            PASS,
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(REF / "dovecot" / "index" / "pop10k"),
-            "--cgroup",
-            "dovecot",
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    us = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "pop3_bench.py"),
-            "127.0.0.1",
-            str(ms.ports["pop3"]),
-            f"pop10k@{DOMAIN}",
-            PASS,
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(ms.index("pop10k")),
-            "--cgroup",
-            "mailsrv",
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    out.append(
-        (
-            "POP3 10k: login+STAT, index cold (s)",
-            us[0]["login_s"] + us[0]["stat_s"],
-            dc[0]["login_s"] + dc[0]["stat_s"],
-            ratio(dc[0]["login_s"] + dc[0]["stat_s"], us[0]["login_s"] + us[0]["stat_s"]),
-            "Dovecot",
-        )
-    )
-    u, d = med(us, "retr_s", slice(1, None)), med(dc, "retr_s", slice(1, None))
-    out.append(("POP3 10k: RETR all, warm (s)", u, d, ratio(d, u), "Dovecot"))
-    u, d = med(us, "total_s", slice(1, None)), med(dc, "total_s", slice(1, None))
-    out.append(("POP3 10k: whole session, warm (s)", u, d, ratio(d, u), "Dovecot"))
+    us, dc = mailsrv_and_dovecot(ms, "pop3_bench.py", "pop3", "pop10k", "--repeat", repeat)
+    for rows in (us, dc):
+        for r in rows:
+            r["login_stat_s"] = r["login_s"] + r["stat_s"]
+    cold_and_warm(out, "POP3 10k: login+STAT", us, dc, "login_stat_s")
+    cold_and_warm(out, "POP3 10k: RETR of all", us, dc, "retr_s")
+    cold_and_warm(out, "POP3 10k: whole session", us, dc, "total_s")
 
 
 def bench_open(ms: Mailsrv, repeat: int, out: list) -> None:
@@ -299,54 +288,10 @@ def bench_open(ms: Mailsrv, repeat: int, out: list) -> None:
     copy_mbox(src, ms.inbox("big100k"), ms.index("big100k"))
     ms.stop()
     ms.start()  # a fresh process, so its peak RSS is this test's
-    dc = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "imap_bench.py"),
-            "127.0.0.1",
-            "1143",
-            "big100k",
-            PASS,
-            "--mode",
-            "open",
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(REF / "dovecot" / "index" / "big100k"),
-            capture_output=True,
-            text=True,
-        ).stdout
+    us, dc = mailsrv_and_dovecot(
+        ms, "imap_bench.py", "imap", "big100k", "--mode", "open", "--repeat", repeat
     )
-    us = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "imap_bench.py"),
-            "127.0.0.1",
-            str(ms.ports["imap"]),
-            f"big100k@{DOMAIN}",
-            PASS,
-            "--mode",
-            "open",
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(ms.index("big100k")),
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    key = "login_to_select_s"
-    out.append(
-        (
-            "Open 100k/417 MB INBOX (IMAP LOGIN->SELECT), cold (s)",
-            us[0][key],
-            dc[0][key],
-            ratio(dc[0][key], us[0][key]),
-            "Dovecot",
-        )
-    )
-    u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
-    out.append(("Open 100k INBOX, warm (s)", u, d, ratio(d, u), "Dovecot"))
+    cold_and_warm(out, "Open 100k/417 MB INBOX (IMAP LOGIN->SELECT)", us, dc, "login_to_select_s")
     out.append(("mailsrv peak RSS during the 100k opens (MB)", ms.peak_rss_mb(), None, "-", ""))
 
 
@@ -354,58 +299,20 @@ def bench_imap(ms: Mailsrv, repeat: int, out: list) -> None:
     src = REF / "mail" / "imap10k"
     gen(src, 10000, chown="5000:5000")
     copy_mbox(src, ms.inbox("imap10k"), ms.index("imap10k"))
-    dc = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "imap_bench.py"),
-            "127.0.0.1",
-            "1143",
-            "imap10k",
-            PASS,
-            "--mode",
-            "full",
-            "--bodies",
-            "bulk",
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(REF / "dovecot" / "index" / "imap10k"),
-            capture_output=True,
-            text=True,
-        ).stdout
-    )
-    us = json_lines(
-        sh(
-            sys.executable,
-            str(PEERS / "imap_bench.py"),
-            "127.0.0.1",
-            str(ms.ports["imap"]),
-            f"imap10k@{DOMAIN}",
-            PASS,
-            "--mode",
-            "full",
-            "--bodies",
-            "bulk",
-            "--repeat",
-            str(repeat),
-            "--reset-index",
-            str(ms.index("imap10k")),
-            capture_output=True,
-            text=True,
-        ).stdout
+    us, dc = mailsrv_and_dovecot(
+        ms,
+        "imap_bench.py",
+        "imap",
+        "imap10k",
+        "--mode",
+        "full",
+        "--bodies",
+        "bulk",
+        "--repeat",
+        repeat,
     )
     for key in ("login_to_select_s", "envelope_fetch_s", "bodies_s"):
-        out.append(
-            (
-                f"IMAP 10k {key}, cold",
-                us[0][key],
-                dc[0][key],
-                ratio(dc[0][key], us[0][key]),
-                "Dovecot",
-            )
-        )
-        u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
-        out.append((f"IMAP 10k {key}, warm", u, d, ratio(d, u), "Dovecot"))
+        cold_and_warm(out, f"IMAP 10k {key}", us, dc, key)
 
 
 def main() -> int:
