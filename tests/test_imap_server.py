@@ -269,6 +269,25 @@ def test_expunge_close_and_uid_expunge(h):
     assert b"MESSAGES 0" in c.cmd(b"st STATUS INBOX (MESSAGES)")
 
 
+def test_expunge_and_close_honour_flags_cleared_by_another_session(h):
+    for _ in range(3):
+        h.deliver(SIMPLE)
+    a = logged_in(h)
+    a.select()
+    b = logged_in(h)
+    b.select()
+    a.cmd(b"s STORE 1:2 +FLAGS.SILENT (\\Deleted)")
+    b.cmd(b"s UID STORE 1 -FLAGS.SILENT (\\Deleted)")
+    out = a.cmd(b"x EXPUNGE")
+    assert out == b"* 1 FETCH (FLAGS ())\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
+    a.cmd(b"s UID STORE 3 +FLAGS.SILENT (\\Deleted)")
+    b.cmd(b"n NOOP")
+    b.cmd(b"s UID STORE 3 -FLAGS.SILENT (\\Deleted)")
+    assert a.cmd(b"c CLOSE") == b"c OK CLOSE completed\r\n"
+    out = b.cmd(b"f UID FETCH 1:* (FLAGS)")
+    assert b"UID 1 " in out and b"UID 3 " in out and b"UID 2 " not in out
+
+
 def test_search_keys(h):
     h.deliver(SIMPLE)
     h.deliver(MULTI)

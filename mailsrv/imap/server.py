@@ -1139,6 +1139,10 @@ class IMAPServer(imap4.IMAP4Server):
     def do_CLOSE(self, tag: bytes) -> Any:
         mbox = self.mbox
         if mbox.isWriteable():
+            # RFC 3501 6.4.2: what is \Deleted now, not what this session last saw
+            # (another session may have cleared the flag); no untagged EXPUNGE here.
+            yield mbox.folder.refresh()
+            mbox.reload()
             uids = _deleted_uids(mbox)
             if uids:
                 yield mbox.folder.expunge(uids)
@@ -1171,6 +1175,11 @@ class IMAPServer(imap4.IMAP4Server):
         if not mbox.isWriteable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
+        # RFC 3501 6.4.3: catch up first, so a \Deleted flag another session has
+        # since cleared does not get its message removed.
+        yield self._sync()
+        if mbox is not self.mbox or self._lost or self.transport.disconnecting:
+            return  # e.g. UIDVALIDITY changed: the UIDs seen no longer name the same mail
         uids = _deleted_uids(mbox)
         if uid_set is not None:
             last = mbox.uids[-1] if mbox.uids else 0
