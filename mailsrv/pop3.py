@@ -31,7 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
-from mailsrv.interfaces import SEEN, MessageInfo
+from mailsrv.interfaces import SEEN, FolderError, MessageInfo
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -168,8 +168,18 @@ class Maildrop:
         """
         uids = [self.infos[i].uid for i in sorted(self.deleted)]
         seen = {self.infos[i].uid for i in self.retrieved if i not in self.deleted}
+
+        def expunge(_: Any) -> Any:
+            # A rebuilt index renumbers the folder: the UIDs of the login no
+            # longer name the messages DELE'd, so remove nothing (RFC 1939 6: -ERR).
+            if self.folder.uid_validity != self.uid_validity:
+                raise FolderError("UIDVALIDITY changed since login")
+            return self.folder.expunge(uids)
+
         d: defer.Deferred = (
-            defer.maybeDeferred(self.folder.expunge, uids) if uids else defer.succeed([])
+            defer.maybeDeferred(self.folder.refresh).addCallback(expunge)
+            if uids
+            else defer.succeed([])
         )
         if seen:
             d.addCallback(self._mark_seen, seen)

@@ -206,6 +206,29 @@ def test_dele_rset_quit_expunges_by_uid(ctx):
     assert s2.proto.mbox.getUidl(1).startswith(b"00000003")
 
 
+def test_quit_removes_nothing_when_uidvalidity_changed_since_login(ctx):
+    import dataclasses
+
+    s = Session(ctx)
+    s.take()
+    s.login()
+    assert s.cmd("DELE 1") == b"+OK Marked to be deleted.\r\n"
+    # Meanwhile the first message goes and the index is rebuilt: MSG2 becomes UID 1.
+    state = s.proto.mbox.folder._state
+    state.messages = [
+        dataclasses.replace(m, info=dataclasses.replace(m.info, uid=n))
+        for n, m in enumerate(state.messages[1:], 1)
+    ]
+    state.uid_validity += 1
+    state.uid_next = len(state.messages) + 1
+    assert s.cmd("QUIT").startswith(b"-ERR")
+    s.close()
+    s2 = Session(ctx)
+    s2.take()
+    s2.login()
+    assert b"Subject: two" in s2.cmd("RETR 1")
+
+
 def test_disconnect_without_quit_deletes_nothing_and_frees_the_maildrop(ctx):
     s = Session(ctx)
     s.take()
