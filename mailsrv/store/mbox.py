@@ -444,19 +444,7 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                rows.append(
-                    (
-                        uid,
-                        res.from_offs[i],
-                        res.starts[i],
-                        res.ends[i],
-                        res.sizes[i],
-                        flags_text(flags),
-                        date,
-                        res.crcs[i],
-                        res.fps[i],
-                    )
-                )
+                rows.append(_scan_row(res, i, uid, flags, date))
                 _append_row(new, rows[-1], flags)
                 uid += 1
             idx.add(rows, uid, covered)
@@ -501,17 +489,7 @@ class MboxMailStore:
                         date = new_flags[k][1]
                 uid, uid_next = uid_next, uid_next + 1
                 renumber = True  # UIDs must keep ascending in file order
-            row = (
-                uid,
-                res.from_offs[i],
-                res.starts[i],
-                res.ends[i],
-                res.sizes[i],
-                flags_text(flags),
-                date,
-                res.crcs[i],
-                res.fps[i],
-            )
+            row = _scan_row(res, i, uid, flags, date)
             rows.append(row)
             _append_row(new, row, flags)
         idx.replace_all(rows, uid_next, covered)
@@ -1132,6 +1110,21 @@ class MboxMailStore:
 
 
 # -- a session's view ----------------------------------------------------------
+
+
+def _scan_row(res: Any, i: int, uid: int, flags: frozenset[str], date: float) -> tuple:
+    """The index row for the C{i}th message a scan found, under C{uid}."""
+    return (
+        uid,
+        res.from_offs[i],
+        res.starts[i],
+        res.ends[i],
+        res.sizes[i],
+        flags_text(flags),
+        date,
+        res.crcs[i],
+        res.fps[i],
+    )
 
 
 @implementer(IFolder)
