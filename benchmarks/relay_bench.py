@@ -25,6 +25,7 @@ import argparse
 import json
 import os
 import re
+import resource
 import shutil
 import signal
 import smtplib
@@ -42,6 +43,7 @@ PEERS = Path("/work/shared/peers")
 SMTP_SINK = "/usr/sbin/smtp-sink"
 PASSWORD = "bench password"
 SENT = r"status=sent"
+CLIENT_CPU = 0.0  # seconds of CPU the last drive() took (the client's own threads)
 
 
 def free_port() -> int:
@@ -85,10 +87,32 @@ class LogCounter:
         return self.n
 
 
-def cpu_seconds(pid: int) -> float:
+def cpu_seconds(pid: int, which: str = "both") -> float:
+    """User plus system CPU of a process (or only "user" or "system")."""
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    user, system = int(fields[11]), int(fields[12])
+    ticks = {"both": user + system, "user": user, "system": system}[which]
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def children(pid: int) -> list[int]:
+    try:
+        with open(f"/proc/{pid}/task/{pid}/children") as f:
+            return [int(c) for c in f.read().split()]
+    except OSError:
+        return []
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """CPU of a process and its children (the relay process), as far as they still run."""
+    total = cpu_seconds(pid)
+    for c in children(pid):
+        try:
+            total += cpu_seconds(c)
+        except OSError:
+            pass
+    return total
 
 
 def make_message(size: int, n: int) -> bytes:
@@ -120,6 +144,8 @@ def drive(port: int, messages: int, sessions: int, size: int, login: bool) -> fl
             errors.append(e)
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(sessions)]
+    global CLIENT_CPU
+    ru0 = resource.getrusage(resource.RUSAGE_SELF)
     for t in threads:
         t.start()
     time.sleep(0.5)  # every session connected (and logged in) before the clock starts
@@ -127,9 +153,12 @@ def drive(port: int, messages: int, sessions: int, size: int, login: bool) -> fl
     start.set()
     for t in threads:
         t.join()
+    elapsed = time.monotonic() - t0
+    ru1 = resource.getrusage(resource.RUSAGE_SELF)
+    CLIENT_CPU = (ru1.ru_utime + ru1.ru_stime) - (ru0.ru_utime + ru0.ru_stime)
     if errors:
         raise RuntimeError(f"{len(errors)} client error(s), first: {errors[0]!r}")
-    return time.monotonic() - t0
+    return elapsed
 
 
 def wait_count(counter: LogCounter, n: int, t0: float, timeout: float = 600) -> float:
@@ -143,7 +172,8 @@ def wait_count(counter: LogCounter, n: int, t0: float, timeout: float = 600) -> 
 class Mailsrv:
     """A private mailsrv relaying through a private smtp-sink."""
 
-    def __init__(self) -> None:
+    def __init__(self, profile: str | None = None) -> None:
+        self.profile = profile
         self.base = Path(tempfile.mkdtemp(prefix="relaybench-"))
         self.sink_port = free_port()
         self.submission = free_port()
@@ -208,6 +238,11 @@ per_destination_concurrency = 10
                     "--nodaemon",
                     "--pidfile=",
                     "--logfile=-",
+                    *(
+                        [f"--profile={self.profile}", "--profiler=cprofile", "--savestats"]
+                        if self.profile
+                        else []
+                    ),
                     "mailsrv",
                     "--config",
                     str(self.config),
@@ -279,15 +314,23 @@ per_destination_concurrency = 10
             return self.run_relay_only(a)
         counter = LogCounter(self.log, SENT)
         cpu0 = cpu_seconds(self.server.pid)
+        sys0 = cpu_seconds(self.server.pid, "system")
+        tree0 = tree_cpu_seconds(self.server.pid)
         t0 = time.monotonic()
         accept = drive(self.submission, a.messages, a.sessions, a.size, login=True)
         e2e = wait_count(counter, a.messages, t0)
         cpu = cpu_seconds(self.server.pid) - cpu0
+        system = cpu_seconds(self.server.pid, "system") - sys0
+        tree = tree_cpu_seconds(self.server.pid) - tree0
         return {
             "server": "mailsrv",
             "accept_msg_s": a.messages / accept,
             "e2e_msg_s": a.messages / e2e,
-            "cpu_ms_per_msg": 1000 * cpu / a.messages,
+            "cpu_ms_per_msg": 1000 * tree / a.messages,
+            "server_cpu_ms_per_msg": 1000 * cpu / a.messages,
+            "server_sys_ms_per_msg": 1000 * system / a.messages,
+            "relay_cpu_ms_per_msg": 1000 * (tree - cpu) / a.messages,
+            "client_cpu_ms_per_msg": 1000 * CLIENT_CPU / a.messages,
         }
 
 
@@ -330,6 +373,7 @@ class Postfix:
             "server": "postfix",
             "accept_msg_s": a.messages / accept,
             "e2e_msg_s": a.messages / e2e,
+            "client_cpu_ms_per_msg": 1000 * CLIENT_CPU / a.messages,
         }
 
 
@@ -345,8 +389,11 @@ def main() -> int:
         action="store_true",
         help="mailsrv: queue the messages on disk first, time only the relayer",
     )
+    ap.add_argument(
+        "--profile", metavar="FILE", help="mailsrv: run twistd under cProfile, stats to FILE"
+    )
     a = ap.parse_args()
-    targets = [Mailsrv()] + ([Postfix()] if a.postfix else [])
+    targets = [Mailsrv(a.profile)] + ([Postfix()] if a.postfix else [])
     results: dict[str, list[dict]] = {}
     for target in targets:
         target.start()

@@ -121,6 +121,10 @@ class Config:
     relay: RelayConfig
     dns: DNSConfig
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
+    # The TOML text and the folder relative paths are taken from: what the
+    # relay process needs to build the very same settings.
+    source: str = field(repr=False, default="")
+    base_dir: Path | None = None
 
     @property
     def mail_dir(self) -> Path:
@@ -443,6 +447,8 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         relay=RelayConfig(**relay),
         dns=DNSConfig(nameservers=v["dns"]["nameservers"]),
         raw=raw,
+        source=text,
+        base_dir=base,
     )
 
 

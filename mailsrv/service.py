@@ -139,12 +139,10 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         reactor = _reactor
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
-    try:
-        from mailsrv.outbound.service import outbound_service
-    except ImportError:
-        pass
-    else:
-        outbound_service(ctx).setServiceParent(top)
+    # The relayer runs in a process of its own, beside this one.
+    from mailsrv.outbound.process import relay_process_service
+
+    relay_process_service(ctx).setServiceParent(top)
     factories = _factories(ctx)
     for name, endpoints in config.listen.items():
         if not endpoints:

@@ -6,6 +6,7 @@ per queued message, under the queue folder.
     <queue_dir>/<id>.env    the envelope: sender, recipients and their states
     <queue_dir>/tmp/        files being written
     <queue_dir>/flush       present: the running relayer retries everything now
+    <queue_dir>/relay.lock  locked (flock) by the one process that relays
 
 Every file is written under tmp/, fsynced, renamed into place, and the folder
 fsynced; the envelope is renamed last, so an envelope on disk always has its
@@ -20,6 +21,7 @@ wake-up per batch instead of per message).
 
 from __future__ import annotations
 
+import fcntl
 import itertools
 import json
 import os
@@ -47,6 +49,7 @@ FAILED = "failed"
 MSG_SUFFIX = ".msg"
 ENV_SUFFIX = ".env"
 FLUSH_FILE = "flush"
+RELAY_LOCK = "relay.lock"
 _COPY_CHUNK = 256 * 1024
 MAX_BATCHES = 2  # batches of queue writes in the thread pool at once
 RECENT_MESSAGE_MAX = 64 * 1024  # messages kept in memory for the relayer's first attempt
@@ -282,6 +285,24 @@ class QueueStore:
         for n in os.listdir(self.tmp_dir):
             (self.tmp_dir / n).unlink(missing_ok=True)
 
+    def try_lock_relay(self) -> int | None:
+        """
+        Take the relayer's lock without waiting: a descriptor (close it to
+        let go), or None while another process holds it. One relayer per
+        queue: two would send the same messages.
+        """
+        self.ensure()
+        fd = os.open(self.dir / RELAY_LOCK, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        return fd
+
     def take_flush_request(self) -> bool:
         """Whether ``queue flush`` asked for a retry now; consumes the request."""
         try:
@@ -311,7 +332,7 @@ class OutboundQueue:
         self.store = QueueStore(queue_dir)
         self._reactor = reactor
         self._pool = threadpool
-        self._listeners: list[Callable[[Envelope], None]] = []
+        self._listeners: list[Callable[[Envelope], Any]] = []
         self._jobs: list[tuple[str, tuple[Any, ...], defer.Deferred]] = []
         self._batches = 0
         self._max_batches = max_batches
@@ -349,6 +370,12 @@ class OutboundQueue:
 
         d.addBoth(done)
 
+    def remember(self, queue_id: str, data: bytes) -> None:
+        """Keep a just-queued message's bytes for the relayer's first attempt, if room."""
+        if queue_id not in self._recent and self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
+            self._recent[queue_id] = data
+            self._recent_bytes += len(data)
+
     def take_recent(self, queue_id: str) -> bytes | None:
         """The message's bytes if it was queued lately and is small (once), else None."""
         data = self._recent.pop(queue_id, None)
@@ -361,11 +388,11 @@ class OutboundQueue:
             return defer.maybeDeferred(f, *args)
         return deferToThreadPool(self._reactor, self._pool, f, *args)
 
-    def add_listener(self, callback: Callable[[Envelope], None]) -> None:
+    def add_listener(self, callback: Callable[[Envelope], Any]) -> None:
         """Call C{callback(envelope)} after each message is queued."""
         self._listeners.append(callback)
 
-    def remove_listener(self, callback: Callable[[Envelope], None]) -> None:
+    def remove_listener(self, callback: Callable[[Envelope], Any]) -> None:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
@@ -392,9 +419,8 @@ class OutboundQueue:
         d = self._submit("store", envelope, data)
 
         def stored(_: None) -> str:
-            if isinstance(data, bytes) and self._recent_bytes + len(data) <= RECENT_TOTAL_MAX:
-                self._recent[envelope.id] = data
-                self._recent_bytes += len(data)
+            if isinstance(data, bytes):
+                self.remember(envelope.id, data)
             # No line of its own: the caller's names the queue id (the SMTP
             # server's "accepted ... queued=ID", the relayer's DSN line), and
             # each line costs the reactor as much as a reply.

@@ -38,6 +38,7 @@ from mailsrv.spool import BytesSource
 RECIPIENTS_PER_SESSION = 50  # like Postfix's smtp_destination_recipient_limit
 SMARTHOST = "[smarthost]"
 STOP_GRACE = 5.0  # seconds stopService waits for attempts under way
+FINISHED_KEPT = 10_000  # ids of removed messages remembered
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection is kept for the next message
 
 
@@ -82,6 +83,10 @@ class Relayer:
         self._timer: Any = None
         self._due: list[tuple[float, int, str]] = []  # heap of (next attempt, seq, id)
         self._seq = itertools.count()
+        # Ids of messages done and removed lately: a late notice of one of them
+        # (the relay process hears of a message it may have found on disk first)
+        # must not start it again.
+        self._finished: dict[str, None] = {}
         self._poller: task.LoopingCall | None = None
         self._running = False
         self._may_context = ssl.CertificateOptions(verify=False)
@@ -103,7 +108,7 @@ class Relayer:
                 self.entries[env.id] = env
                 self._push(env)
         self.log.info("relayer started with {n} queued message(s)", n=len(self.entries))
-        self.queue.add_listener(self._queued)
+        self.queue.add_listener(self.queued)
         self._poller = task.LoopingCall(self._poll)
         self._poller.clock = self.reactor
         self._poller.start(self.scan_interval, now=False).addErrback(
@@ -114,7 +119,7 @@ class Relayer:
     def stop(self) -> defer.Deferred:
         """Stop starting deliveries, abort open sessions, wait for their results to be saved."""
         self._running = False
-        self.queue.remove_listener(self._queued)
+        self.queue.remove_listener(self.queued)
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         if self._timer is not None and self._timer.active():
@@ -143,11 +148,14 @@ class Relayer:
     def _push(self, env: Envelope) -> None:
         heapq.heappush(self._due, (env.next_attempt, next(self._seq), env.id))
 
-    def _queued(self, env: Envelope) -> None:
-        if env.id not in self.entries:
-            self.entries[env.id] = env
-            self._push(env)
-            self._schedule()
+    def queued(self, env: Envelope) -> bool:
+        """A message was queued: deliver it (False: it is known already, or done)."""
+        if env.id in self.entries or env.id in self._finished:
+            return False
+        self.entries[env.id] = env
+        self._push(env)
+        self._schedule()
+        return True
 
     def flush(self) -> None:
         """Retry every queued message now."""
@@ -503,6 +511,9 @@ class Relayer:
             yield self._lock(env).run(self._queue_write, "remove", env.id, False)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)
+            self._finished[env.id] = None
+            if len(self._finished) > FINISHED_KEPT:
+                del self._finished[next(iter(self._finished))]
             self.log.info("{queue_id}: removed", queue_id=env.id)
 
     @defer.inlineCallbacks

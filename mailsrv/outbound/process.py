@@ -1,0 +1,245 @@
+"""
+The relayer in a process of its own, as Postfix runs its qmgr and smtp
+apart from smtpd: the server takes mail in on one core while the relay
+process delivers the queue on another.
+
+The server spawns ``python -m mailsrv.outbound.worker``, gives it the
+settings, tells it of each message it queues, stores the local deliveries it
+asks for (only the server writes mailboxes and their indexes) and writes its
+log events into the server's own log. If the relay process dies it is started
+again after a back-off; the queue on disk is the only state they share, so
+nothing is lost meanwhile. At shutdown the server asks it to stop and waits
+for the attempts under way to be recorded.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.application import service
+from twisted.internet import defer, error, protocol
+from twisted.logger import InvalidLogLevelError, Logger, LogLevel
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+
+from mailsrv.outbound import ipc
+from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
+from mailsrv.spool import BytesSource
+
+RESTART_MIN = 1.0  # seconds before a relay process that died is started again
+RESTART_MAX = 60.0
+STABLE_AFTER = 60.0  # a process that ran this long resets the back-off
+STOP_TIMEOUT = 15.0  # then the relay process is killed
+
+
+class ServerSide(amp.AMP):
+    """The server's end of the pipes: local deliveries and log events."""
+
+    log = Logger()
+
+    def __init__(self, store: Any, queue_dir: Path) -> None:
+        super().__init__()
+        self.store = store
+        self.queue_dirs = {os.path.normpath(queue_dir), os.path.normpath(queue_dir / "tmp")}
+        self._loggers: dict[str, Logger] = {}
+
+    @ipc.DeliverLocal.responder
+    def deliver_local(
+        self,
+        recipient: str,
+        sender: str,
+        size: int,
+        path: str | None = None,
+        data: bytes | None = None,
+    ) -> defer.Deferred:
+        source: Any
+        if data is not None:
+            source = BytesSource(data)
+        elif path is not None and os.path.dirname(os.path.normpath(path)) in self.queue_dirs:
+            source = FileSource(path, size)
+        else:
+            return defer.fail(ipc.LocalDeliveryFailed(f"not a queue file: {path!r}"))
+        if self.store is None:
+            return defer.fail(ipc.LocalDeliveryFailed("no local mailboxes"))
+
+        def failed(f: Failure) -> None:
+            raise ipc.LocalDeliveryFailed(str(f.value) or f.type.__name__)
+
+        return self.store.deliver(recipient, source, sender).addCallbacks(lambda _: {}, failed)
+
+    @ipc.Log.responder
+    def log_event(self, namespace: str, level: str, text: str) -> dict:
+        logger = self._loggers.get(namespace)
+        if logger is None:
+            logger = self._loggers[namespace] = Logger(namespace=namespace)
+        try:
+            lvl = LogLevel.levelWithName(level)
+        except InvalidLogLevelError:
+            lvl = LogLevel.info
+        logger.emit(lvl, "{text}", text=text)
+        return {}
+
+
+class RelayProcessProtocol(protocol.ProcessProtocol):
+    """One run of the relay process: its pipes carry AMP."""
+
+    def __init__(self, amp_protocol: ServerSide) -> None:
+        self.amp = amp_protocol
+        self.ended: defer.Deferred = defer.Deferred()
+        self.reason: Failure | None = None
+
+    def connectionMade(self) -> None:
+        assert self.transport is not None
+        self.transport.closeStdin()  # nothing to read on its standard input
+        self.amp.makeConnection(ipc.PipeTransport(self.transport))
+
+    def childDataReceived(self, childFD: int, data: bytes) -> None:
+        if childFD == ipc.CHILD_OUT:
+            self.amp.dataReceived(data)
+
+    def childConnectionLost(self, childFD: int) -> None:
+        if childFD == ipc.CHILD_OUT:
+            self.amp.connectionLost(Failure(error.ConnectionDone("relay process closed its pipe")))
+
+    def processEnded(self, reason: Failure) -> None:
+        self.reason = reason
+        self.ended.callback(reason)
+
+
+class RelayProcessService(service.Service):
+    """Runs the relay process while the server runs; see the module docstring."""
+
+    log = Logger()
+
+    def __init__(self, ctx: Any, queue: OutboundQueue, argv: list[str] | None = None) -> None:
+        self.ctx = ctx
+        self.config = ctx.config
+        self.reactor = ctx.reactor
+        self.queue = queue
+        self.argv = argv or [sys.executable, "-m", "mailsrv.outbound.worker"]
+        self.proto: RelayProcessProtocol | None = None
+        self._restart: Any = None
+        self._delay = RESTART_MIN
+        self._started_at = 0.0
+        self.setName("outbound")
+
+    def startService(self) -> None:
+        super().startService()
+        self.queue.add_listener(self.queued)
+        self._spawn()
+
+    def _spawn(self) -> None:
+        self._restart = None
+        if not self.running:
+            return
+        proto = RelayProcessProtocol(ServerSide(self.ctx.store, self.config.queue_dir))
+        try:
+            self.reactor.spawnProcess(
+                proto,
+                self.argv[0],
+                self.argv,
+                env=os.environ.copy(),
+                childFDs={0: "w", 1: 1, 2: 2, ipc.CHILD_IN: "w", ipc.CHILD_OUT: "r"},
+            )
+        except OSError as e:
+            self.log.error("cannot start the relay process: {why}", why=str(e))
+            self._again()
+            return
+        self.proto = proto
+        self._started_at = self.reactor.seconds()
+        proto.ended.addCallback(self._ended, proto)
+        base = self.config.base_dir or Path.cwd()
+        d = proto.amp.callRemote(
+            ipc.Start, config=self.config.source, path=self.config.path, base=str(base)
+        )
+        d.addErrback(self._start_failed, proto)
+
+    def _start_failed(self, f: Failure, proto: RelayProcessProtocol) -> None:
+        if proto.reason is None and proto.transport is not None:
+            # Still running: it could not use the settings.
+            self.log.failure("the relay process did not start", f)
+            proto.transport.signalProcess("TERM")
+
+    def _ended(self, reason: Failure, proto: RelayProcessProtocol) -> None:
+        if proto is self.proto:
+            self.proto = None
+        if not self.running:
+            self.log.info("relay process stopped")
+            return
+        if self.reactor.seconds() - self._started_at >= STABLE_AFTER:
+            self._delay = RESTART_MIN
+        self.log.error(
+            "relay process ended ({why}); starting it again in {delay:.0f}s",
+            why=reason.getErrorMessage(),
+            delay=self._delay,
+        )
+        self._again()
+
+    def _again(self) -> None:
+        self._restart = self.reactor.callLater(self._delay, self._spawn)
+        self._delay = min(self._delay * 2, RESTART_MAX)
+
+    def queued(self, env: Envelope) -> None:
+        """The server queued a message: tell the relay process (it reads the disk otherwise)."""
+        data = self.queue.take_recent(env.id)
+        proto = self.proto
+        if proto is None or proto.amp.transport is None:
+            return  # it finds the message on disk when it starts
+        envelope = env.to_json()
+        try:
+            proto.amp.callRemote(
+                ipc.Queued,
+                queue_id=env.id,
+                envelope=envelope if ipc.fits(envelope) else None,
+                data=data if ipc.fits(data) else None,
+            )
+        except Exception:  # the pipe is gone: the next process scans the disk
+            self.log.failure("could not tell the relay process of {queue_id}", queue_id=env.id)
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        self.queue.remove_listener(self.queued)
+        if self._restart is not None and self._restart.active():
+            self._restart.cancel()
+        self._restart = None
+        proto = self.proto
+        if proto is None:
+            return defer.succeed(None)
+        ended = proto.ended
+
+        def kill() -> None:
+            self.log.warn("relay process did not stop in {t:.0f}s; killing it", t=STOP_TIMEOUT)
+            try:
+                if proto.transport is not None:
+                    proto.transport.signalProcess("KILL")
+            except error.ProcessExitedAlready:
+                pass
+
+        timer = self.reactor.callLater(STOP_TIMEOUT, kill)
+        stopped = defer.maybeDeferred(proto.amp.callRemote, ipc.Stop)
+
+        # Once it has recorded its last results, closing its pipe lets it exit.
+        def close(_: Any) -> None:
+            if proto.amp.transport is not None:
+                proto.amp.transport.loseConnection()
+
+        stopped.addBoth(close)
+        return ended.addBoth(lambda _: timer.cancel() if timer.active() else None)
+
+
+def relay_process_service(ctx: Any) -> RelayProcessService:
+    """Build the queue the SMTP server fills (set as C{ctx.queue}) and the relay process."""
+    queue = OutboundQueue(ctx.config.queue_dir, ctx.reactor, ctx.threadpool)
+    lock = queue.store.try_lock_relay()
+    if lock is not None:
+        # No relay process is left from an earlier run (it would hold the
+        # lock while it finishes): half-written files can go.
+        try:
+            queue.store.cleanup()
+        finally:
+            os.close(lock)
+    ctx.queue = queue
+    return RelayProcessService(ctx, queue)

@@ -1,0 +1,258 @@
+"""
+The relay process (``python -m mailsrv.outbound.worker``), started by the
+server (L{mailsrv.outbound.process}): it runs the L{Relayer} over the queue
+folder and speaks AMP with the server on descriptors 3 and 4.
+
+It holds the queue's relay lock while it relays, so a process left from an
+earlier run finishes before a new one starts. It stops when the server says
+Stop, when the server's pipe closes (the server is gone) or on SIGTERM; it
+ignores SIGINT, which a terminal sends to the whole process group: the
+server then stops it in order.
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import signal
+import sys
+from pathlib import Path
+from typing import Any
+
+from twisted.internet import defer, error, protocol, stdio
+from twisted.internet.threads import deferToThreadPool
+from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, globalLogBeginner
+from twisted.protocols import amp
+from twisted.python.failure import Failure
+from twisted.python.threadpool import ThreadPool
+from zope.interface import implementer
+
+from mailsrv.config import parse
+from mailsrv.outbound import ipc
+from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
+
+LOCK_RETRY = 0.5  # seconds between tries for the relay lock
+
+
+class ServerMailboxes:
+    """
+    The server's mailboxes as the relay process reaches them: only the server
+    writes mailboxes (and their indexes), so local deliveries go through it.
+    """
+
+    def __init__(self, proto: RelaySide, pool: ThreadPool, queue: OutboundQueue) -> None:
+        self.proto = proto
+        self.pool = pool
+        self.queue = queue
+
+    def deliver(self, user: str, source: Any, sender: str) -> defer.Deferred:
+        if isinstance(source, FileSource):
+            return self.proto.callRemote(
+                ipc.DeliverLocal,
+                recipient=user,
+                sender=sender or "",
+                size=source.size,
+                path=str(source.path),
+            )
+        return self._deliver_bytes(user, source, sender)
+
+    @defer.inlineCallbacks
+    def _deliver_bytes(self, user: str, source: Any, sender: str):
+        """A message made here (a DSN): in the command when it fits, else in a queue file."""
+        with source.open() as f:  # in memory
+            data = f.read()
+        if ipc.fits(data):
+            yield self.proto.callRemote(
+                ipc.DeliverLocal, recipient=user, sender=sender or "", size=len(data), data=data
+            )
+            return
+        path = yield deferToThreadPool(self.proto.reactor, self.pool, self._write_temp, data)
+        try:
+            yield self.proto.callRemote(
+                ipc.DeliverLocal, recipient=user, sender=sender or "", size=len(data), path=path
+            )
+        finally:
+            yield deferToThreadPool(self.proto.reactor, self.pool, Path(path).unlink, True)
+
+    def _write_temp(self, data: bytes) -> str:
+        self.queue.store.ensure()
+        path = self.queue.store.tmp_dir / f"local.{os.getpid()}.{secrets.token_hex(8)}"
+        path.write_bytes(data)
+        return str(path)
+
+
+class RelaySide(amp.AMP):
+    """The relay process's end of the pipes."""
+
+    log = Logger()
+
+    def __init__(self, reactor: Any) -> None:
+        super().__init__()
+        self.reactor = reactor
+        self.relayer: Any = None
+        self.queue: OutboundQueue | None = None
+        self.pool: ThreadPool | None = None
+        self._lock_fd: int | None = None
+        self._lock_call: Any = None
+        self._waiting_said = False
+        self._started: defer.Deferred | None = None
+        self._stop_waiters: list[defer.Deferred] = []
+        self._stopped = False
+
+    # --- commands from the server -----------------------------------------
+
+    @ipc.Start.responder
+    def start(self, config: str, path: str, base: str) -> dict:
+        from mailsrv.auth.passwd import PasswordFile
+        from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
+        from mailsrv.outbound.relayer import Relayer
+
+        if self.relayer is not None:
+            raise RuntimeError("already started")
+        settings = parse(config, path, Path(base))
+        self.pool = pool = ThreadPool(minthreads=1, maxthreads=4, name="mailsrv-relay")
+        pool.start()
+        self.queue = OutboundQueue(settings.queue_dir, self.reactor, pool)
+        mx = MXResolver(
+            make_resolver(settings.dns.nameservers, self.reactor),
+            settings.relay.port,
+            listening_addresses(settings.listen.get("smtp", ())),
+        )
+        self.relayer = Relayer(
+            config=settings,
+            queue=self.queue,
+            reactor=self.reactor,
+            threadpool=pool,
+            resolver=mx,
+            store=ServerMailboxes(self, pool, self.queue),
+            passwords=PasswordFile(settings.auth.passwd_file, self.reactor, pool),
+        )
+        self._take_lock()
+        return {}
+
+    def _take_lock(self) -> None:
+        self._lock_call = None
+        if self._stop_waiters or self._stopped or self.queue is None:
+            return
+        fd = self.queue.store.try_lock_relay()
+        if fd is None:
+            if not self._waiting_said:
+                self._waiting_said = True
+                self.log.warn("waiting for the relay process of an earlier run to finish")
+            self._lock_call = self.reactor.callLater(LOCK_RETRY, self._take_lock)
+            return
+        self._lock_fd = fd
+        self._started = self.relayer.start()
+
+    @ipc.Queued.responder
+    def queued(
+        self, queue_id: str, envelope: bytes | None = None, data: bytes | None = None
+    ) -> dict:
+        if self.relayer is None or self.queue is None:
+            return {}
+        if envelope is not None:
+            self._add(Envelope.from_json(envelope), data)
+        else:  # too big for one command: read it from the disk
+            assert self.pool is not None
+            d = deferToThreadPool(self.reactor, self.pool, self.queue.store.load_envelope, queue_id)
+            d.addCallback(self._add, data)
+            d.addErrback(
+                lambda f: self.log.failure("cannot read queued {queue_id}", f, queue_id=queue_id)
+            )
+        return {}
+
+    def _add(self, env: Envelope, data: bytes | None) -> None:
+        assert self.queue is not None
+        if data is not None:
+            self.queue.remember(env.id, data)
+        if not self.relayer.queued(env) and data is not None:
+            self.queue.take_recent(env.id)  # known already: do not keep the bytes
+
+    @ipc.Stop.responder
+    def stop(self) -> defer.Deferred:
+        return self.shutdown().addCallback(lambda _: {})
+
+    # --- stopping -----------------------------------------------------------
+
+    def shutdown(self) -> defer.Deferred:
+        """Stop relaying: the attempts under way record their results; then let go of the lock."""
+        d: defer.Deferred = defer.Deferred()
+        if self._stopped:
+            d.callback(None)
+            return d
+        self._stop_waiters.append(d)
+        if len(self._stop_waiters) > 1:
+            return d  # stopping already
+        if self._lock_call is not None and self._lock_call.active():
+            self._lock_call.cancel()
+        if self._started is not None:
+            stopping = self._started.addBoth(lambda _: self.relayer.stop())
+        else:
+            stopping = defer.succeed(None)
+
+        def release(_: Any) -> None:
+            if self._lock_fd is not None:
+                os.close(self._lock_fd)
+                self._lock_fd = None
+            if self.pool is not None and self.pool.started:
+                self.pool.stop()
+            self._stopped = True
+            waiters, self._stop_waiters = self._stop_waiters, []
+            for w in waiters:
+                w.callback(None)
+
+        stopping.addBoth(release)
+        return d
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        """The server closed the pipe (after Stop, or because it is gone): exit."""
+        super().connectionLost(reason)
+        self.shutdown().addBoth(lambda _: self._exit())
+
+    def _exit(self) -> None:
+        try:
+            self.reactor.stop()
+        except error.ReactorNotRunning:  # stopping already (SIGTERM)
+            pass
+
+
+@implementer(ILogObserver)
+class LogForwarder:
+    """A log observer that sends each event to the server, which writes it to its log."""
+
+    def __init__(self, proto: RelaySide) -> None:
+        self.proto = proto
+
+    def __call__(self, event: dict) -> None:
+        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
+        level = event.get("log_level", LogLevel.info)
+        namespace = event.get("log_namespace", "mailsrv.outbound.worker")
+        if self.proto.transport is not None:
+            try:
+                self.proto.callRemote(
+                    ipc.Log, namespace=namespace, level=level.name, text=ipc.clip(text)
+                )
+                return
+            except Exception:  # the pipe is gone: standard error is inherited
+                pass
+        sys.stderr.write(f"mailsrv relay process: [{namespace}#{level.name}] {text}\n")
+
+
+def main() -> None:
+    from mailsrv.service import tune_malloc
+
+    tune_malloc()
+    from twisted.internet import reactor
+
+    proto = RelaySide(reactor)
+    stdio.StandardIO(  # type: ignore[call-arg]
+        proto, stdin=ipc.CHILD_IN, stdout=ipc.CHILD_OUT, reactor=reactor
+    )
+    globalLogBeginner.beginLoggingTo([LogForwarder(proto)], redirectStandardIO=False)
+    reactor.addSystemEventTrigger("before", "shutdown", proto.shutdown)
+    reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
+    reactor.run()
+
+
+if __name__ == "__main__":
+    main()
