@@ -76,17 +76,17 @@ class GroupCommitTests(unittest.TestCase):
         self.queue.run_next()
         self.assertEqual(sorted(results), [0, 1, 2, 3, 4])
         self.assertEqual(self.events.count("fsync-dir"), 2)
-        # Every rename of a batch comes before its folder fsync, envelopes after their messages.
+        # Every rename of a batch comes before its folder fsync: one queue file
+        # per message, holding the envelope and the message.
         last = self.events[-1]
         self.assertEqual(last, "fsync-dir")
         store = QueueStore(self.dir)
         for qid in results.values():
-            self.assertLess(
-                self.events.index(f"rename {qid}.msg"), self.events.index(f"rename {qid}.env")
-            )
-            with open(store.message_path(qid), "rb") as f:
-                self.assertEqual(f.read(), MESSAGE)
-            self.assertEqual([r.state for r in store.load_envelope(qid).recipients], [PENDING])
+            self.assertLess(self.events.index(f"rename {qid}.msg"), len(self.events) - 1)
+            self.assertNotIn(f"rename {qid}.env", self.events)
+            env = store.load_envelope(qid)
+            self.assertEqual(store.read_message(env), MESSAGE)
+            self.assertEqual([r.state for r in env.recipients], [PENDING])
         self.assertEqual(os.listdir(store.tmp_dir), [])
 
     def test_a_failed_write_fails_only_its_own_message(self):
@@ -137,8 +137,9 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(QueueStore(self.dir).ids(), [])
 
     def test_crash_mid_batch_keeps_acknowledged_and_drops_half_written(self):
-        # Batch 1 is acknowledged; batch 2 dies after one message file was renamed
-        # but before its envelope: that message was never acknowledged.
+        # Batch 1 is acknowledged; batch 2 dies while its queue file is half
+        # written under tmp/: that message was never acknowledged. A removal
+        # cut short left a newer envelope without its queue file.
         d = self.queue.enqueue("a@example.test", ["r@remote.test"], BytesSource(MESSAGE))
         self.queue.run_next()
         acked = self.successResultOf(d)
@@ -146,8 +147,8 @@ class GroupCommitTests(unittest.TestCase):
         pending = self.queue.enqueue("a@example.test", ["s@remote.test"], BytesSource(MESSAGE))
         _, args, _ = self.queue.held.pop(0)
         ((kind, (env, data)),) = args[0]
-        store._write_file(store.message_path(env.id), lambda f: f.write(data))
-        (store.tmp_dir / f"{env.id}.env.1234").write_bytes(b"{half")
+        (store.tmp_dir / f"{env.id}.msg.1234.5").write_bytes(b"MAILSRV-QUEUE 1 200\n{half")
+        store.envelope_path("00000000000001ABCDEF").write_bytes(env.to_json())
         self.assertNoResult(pending)
         # Restart.
         again = QueueStore(self.dir)
@@ -155,6 +156,7 @@ class GroupCommitTests(unittest.TestCase):
         envs, bad = again.scan()
         self.assertEqual(([e.id for e in envs], bad), ([acked], []))
         self.assertFalse(again.message_path(env.id).exists())
+        self.assertFalse(again.envelope_path("00000000000001ABCDEF").exists())
         self.assertEqual(os.listdir(again.tmp_dir), [])
 
 

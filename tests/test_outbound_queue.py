@@ -54,9 +54,10 @@ class QueueTests(unittest.TestCase):
             BytesSource(MESSAGE),
         )
         store = QueueStore(self.dir)
-        with open(store.message_path(qid), "rb") as f:
-            self.assertEqual(f.read(), MESSAGE)
         env = store.load_envelope(qid)
+        self.assertEqual(store.read_message(env), MESSAGE)
+        with store.message_source(env).open() as f:
+            self.assertEqual(f.read(), MESSAGE)
         self.assertEqual(env.sender, "a@example.test")
         self.assertEqual([r.address for r in env.recipients], ["b@remote.test", "c@remote.test"])
         self.assertEqual({r.state for r in env.recipients}, {PENDING})
@@ -71,9 +72,10 @@ class QueueTests(unittest.TestCase):
         src.write(data)
         src.finish()
         qid = yield self.queue.enqueue("", ["x@remote.test"], src)
-        with open(QueueStore(self.dir).message_path(qid), "rb") as f:
-            self.assertEqual(f.read(), data)
-        self.assertEqual(QueueStore(self.dir).load_envelope(qid).sender, "")
+        store = QueueStore(self.dir)
+        env = store.load_envelope(qid)
+        self.assertEqual(store.read_message(env), data)
+        self.assertEqual(env.sender, "")
 
     @defer.inlineCallbacks
     def test_recipient_state_survives_a_new_queue_object(self):
@@ -103,13 +105,19 @@ class QueueTests(unittest.TestCase):
     def test_scan_drops_orphans_and_save_after_delete_writes_nothing(self):
         qid = yield self.queue.enqueue("a@example.test", ["b@remote.test"], BytesSource(MESSAGE))
         store = QueueStore(self.dir)
-        # A crash between the message's rename and the envelope's: never acknowledged.
-        orphan = store.message_path("00000000000001ABCDEF")
-        orphan.write_bytes(b"x")
+        # A crash during a removal: a newer envelope without its queue file.
+        orphan = store.envelope_path("00000000000001ABCDEF")
+        orphan.write_bytes(b"{}")
         (store.tmp_dir / "half-written").write_bytes(b"x")
+        # Not a queue file at all: reported, left for the administrator.
+        store.message_path("00000000000002ABCDEF").write_bytes(b"x")
+        store.message_path("00000000000003ABCDEF").write_bytes(b"MAILSRV-QUEUE 1 99\n{}")
         store.cleanup()
         envs, bad = yield self.queue.scan()
         self.assertEqual([e.id for e in envs], [qid])
+        self.assertEqual(bad, ["00000000000002ABCDEF", "00000000000003ABCDEF"])
+        store.remove("00000000000002ABCDEF")
+        store.remove("00000000000003ABCDEF")
         self.assertFalse(orphan.exists())
         self.assertEqual(os.listdir(store.tmp_dir), [])
         self.assertTrue(store.remove(qid))

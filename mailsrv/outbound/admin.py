@@ -78,7 +78,7 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
         from mailsrv.outbound.dsn import read_headers
 
         try:
-            with open(store.message_path(env.id), "rb") as f:
+            with store.open_message(env) as f:
                 headers = read_headers(f)
         except OSError:
             headers = b""

@@ -48,6 +48,7 @@ class Queued(amp.Command):
     arguments = [
         (b"queue_id", amp.Unicode()),
         (b"envelope", amp.String(optional=True)),  # JSON, when it fits
+        (b"offset", amp.Integer(optional=True)),  # where the message starts in its file
         (b"data", amp.String(optional=True)),  # the message, when it fits
     ]
     requiresAnswer = False
@@ -68,6 +69,7 @@ class DeliverLocal(amp.Command):
         (b"sender", amp.Unicode()),
         (b"size", amp.Integer()),
         (b"path", amp.Unicode(optional=True)),  # a file under the queue folder
+        (b"offset", amp.Integer(optional=True)),  # where the message starts in it
         (b"data", amp.String(optional=True)),  # or the message itself
     ]
     response = []  # type: ignore[var-annotated]

@@ -53,13 +53,14 @@ class ServerSide(amp.AMP):
         sender: str,
         size: int,
         path: str | None = None,
+        offset: int | None = None,
         data: bytes | None = None,
     ) -> defer.Deferred:
         source: Any
         if data is not None:
             source = BytesSource(data)
         elif path is not None and os.path.dirname(os.path.normpath(path)) in self.queue_dirs:
-            source = FileSource(path, size)
+            source = FileSource(path, size, offset or 0)
         else:
             return defer.fail(ipc.LocalDeliveryFailed(f"not a queue file: {path!r}"))
         if self.store is None:
@@ -194,6 +195,7 @@ class RelayProcessService(service.Service):
                 ipc.Queued,
                 queue_id=env.id,
                 envelope=envelope if ipc.fits(envelope) else None,
+                offset=env.offset,
                 data=data if ipc.fits(data) else None,
             )
         except Exception:  # the pipe is gone: the next process scans the disk

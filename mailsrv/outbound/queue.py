@@ -1,17 +1,24 @@
 """
-The outbound queue on disk: one message file and one envelope file (JSON)
-per queued message, under the queue folder.
+The outbound queue on disk: one queue file per message, holding its
+envelope and the message, under the queue folder.
 
-    <queue_dir>/<id>.msg    the message, LF line ends, headers included
-    <queue_dir>/<id>.env    the envelope: sender, recipients and their states
+    <queue_dir>/<id>.msg    the queue file: a line "MAILSRV-QUEUE 1 <n>", the
+                            envelope as n bytes of JSON and a newline, then
+                            the message (LF line ends, headers included)
+    <queue_dir>/<id>.env    a newer envelope (JSON), written after an attempt
+                            that left some recipients pending; it replaces
+                            the one in the queue file
     <queue_dir>/tmp/        files being written
     <queue_dir>/flush       present: the running relayer retries everything now
     <queue_dir>/relay.lock  locked (flock) by the one process that relays
 
 Every file is written under tmp/, fsynced, renamed into place, and the folder
-fsynced; the envelope is renamed last, so an envelope on disk always has its
-message. The envelope is rewritten the same way after every delivery attempt,
-so a recipient confirmed by a remote server is never sent to again.
+fsynced: a queue file on disk is whole, and queuing a message costs one file
+and one fsync. After an attempt that leaves recipients pending the envelope
+is rewritten the same way, so a recipient confirmed by a remote server is
+never sent to again. Removal unlinks the queue file first, so a crash can
+leave only a stray newer envelope (removed at start-up), never a queue file
+whose old envelope would send again.
 
 Group commit: the writes of messages queued at the same time run as one batch
 in the thread pool, with one fsync of the folder for the whole batch, and
@@ -29,7 +36,7 @@ import secrets
 import shutil
 import time
 from collections.abc import Callable, Iterable
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -83,19 +90,47 @@ class Envelope:
     last_error: str = ""
     warned: bool = False  # the "delayed" DSN has been sent
     size: int = 0
+    # Where the message starts in its queue file (not stored: the file's
+    # first line gives it).
+    offset: int = field(default=0, compare=False)
 
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
 
     def to_json(self) -> bytes:
-        return json.dumps({"version": 1, **asdict(self)}, indent=1, sort_keys=True).encode()
+        raw: dict[str, Any] = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        raw["version"] = 1
+        raw["recipients"] = [vars(r) for r in self.recipients]
+        return json.dumps(raw, separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes) -> Envelope:
+    def from_json(cls, data: bytes, offset: int = 0) -> Envelope:
         raw = json.loads(data)
+        if not isinstance(raw, dict):
+            raise ValueError("an envelope is a JSON object")
         raw.pop("version", None)
+        raw.pop("offset", None)
         raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-        return cls(**raw)
+        return cls(**raw, offset=offset)
+
+
+_ENVELOPE_FIELDS = (
+    "id",
+    "sender",
+    "created",
+    "next_attempt",
+    "attempts",
+    "last_error",
+    "warned",
+    "size",
+)
+QUEUE_MAGIC = b"MAILSRV-QUEUE 1 "
+HEADER_MAX = 64  # the first line is short
+
+
+def queue_file_head(envelope_json: bytes) -> bytes:
+    """The start of a queue file: its first line and the envelope, up to the message."""
+    return b"%s%d\n%s\n" % (QUEUE_MAGIC, len(envelope_json), envelope_json)
 
 
 _sequence = itertools.count(secrets.randbits(24))
@@ -155,15 +190,17 @@ class QueueStore:
             raise
 
     def store(self, envelope: Envelope, source: Any) -> None:
-        """Write the message, then its envelope, durably."""
+        """Write the queue file (envelope and message) durably."""
         self.ensure()
-        self._store_files(envelope, source)
+        self._store_file(envelope, source)
         self._fsync_dir()
 
-    def _store_files(self, envelope: Envelope, source: Any) -> None:
-        """Write and fsync both files, renamed into place; the folder is not fsynced."""
+    def _store_file(self, envelope: Envelope, source: Any) -> None:
+        """Write and fsync the queue file, renamed into place; the folder is not fsynced."""
+        head = queue_file_head(envelope.to_json())
 
         def copy(out: Any) -> None:
+            out.write(head)
             if isinstance(source, bytes):
                 out.write(source)
                 return
@@ -171,7 +208,7 @@ class QueueStore:
                 shutil.copyfileobj(f, out, _COPY_CHUNK)
 
         self._write_file(self.message_path(envelope.id), copy)
-        self._write_file(self.envelope_path(envelope.id), lambda f: f.write(envelope.to_json()))
+        envelope.offset = len(head)
 
     def run_batch(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
         """
@@ -187,7 +224,7 @@ class QueueStore:
         for i, (kind, args) in enumerate(jobs):
             try:
                 if kind == "store":
-                    self._store_files(*args)
+                    self._store_file(*args)
                     value: Any = None
                     need_sync.append(i)
                 elif kind == "save":
@@ -229,19 +266,52 @@ class QueueStore:
         return True
 
     def load_envelope(self, queue_id: str) -> Envelope:
-        return Envelope.from_json(self.envelope_path(queue_id).read_bytes())
+        """The message's envelope: the newer one if an attempt wrote it, else the queue file's."""
+        with open(self.message_path(queue_id), "rb") as f:
+            line = f.readline(HEADER_MAX)
+            if not line.startswith(QUEUE_MAGIC) or not line.endswith(b"\n"):
+                raise ValueError(f"{queue_id}: not a queue file")
+            length = int(line[len(QUEUE_MAGIC) :])
+            offset = len(line) + length + 1
+            try:
+                newer = self.envelope_path(queue_id).read_bytes()
+            except FileNotFoundError:
+                data = f.read(length + 1)
+                if len(data) != length + 1 or not data.endswith(b"\n"):
+                    raise ValueError(f"{queue_id}: queue file cut short")
+                return Envelope.from_json(data[:-1], offset)
+        return Envelope.from_json(newer, offset)
+
+    def open_message(self, envelope: Envelope) -> Any:
+        """The message's queue file, positioned where the message starts."""
+        f = open(self.message_path(envelope.id), "rb")
+        try:
+            f.seek(envelope.offset)
+        except BaseException:
+            f.close()
+            raise
+        return f
+
+    def message_source(self, envelope: Envelope) -> FileSource:
+        """The message as an L{IMessageSource}."""
+        return FileSource(self.message_path(envelope.id), envelope.size, envelope.offset)
+
+    def read_message(self, envelope: Envelope) -> bytes:
+        with self.open_message(envelope) as f:
+            return f.read()
 
     def remove(self, queue_id: str, sync: bool = True) -> bool:
         """
-        Remove a message: the envelope first, so no envelope is left without
-        its message. With C{sync} False the folder is not fsynced, as Postfix
-        does for delivered mail: a kill -9 cannot undo the removal, only a
-        crash of the whole machine could, and that means at worst a duplicate.
+        Remove a message: the queue file first, so a crash never leaves it
+        with an older envelope than the last one written. With C{sync} False
+        the folder is not fsynced, as Postfix does for delivered mail: a kill
+        -9 cannot undo the removal, only a crash of the whole machine could,
+        and that means at worst a duplicate.
         """
         if not _valid_id(queue_id):
             return False
         found = False
-        for p in (self.envelope_path(queue_id), self.message_path(queue_id)):
+        for p in (self.message_path(queue_id), self.envelope_path(queue_id)):
             try:
                 p.unlink()
                 found = True
@@ -252,12 +322,12 @@ class QueueStore:
         return found
 
     def ids(self) -> list[str]:
-        """The ids of every message with an envelope, oldest first."""
+        """The ids of every queued message, oldest first."""
         try:
             names = os.listdir(self.dir)
         except FileNotFoundError:
             return []
-        out = [n[: -len(ENV_SUFFIX)] for n in names if n.endswith(ENV_SUFFIX)]
+        out = [n[: -len(MSG_SUFFIX)] for n in names if n.endswith(MSG_SUFFIX)]
         return sorted(i for i in out if _valid_id(i))
 
     def scan(self) -> tuple[list[Envelope], list[str]]:
@@ -273,14 +343,14 @@ class QueueStore:
 
     def cleanup(self) -> None:
         """
-        At start-up, before anything is queued: remove messages without an
-        envelope (a crash before the envelope's rename, so never acknowledged)
-        and half-written temp files.
+        At start-up, before anything is queued or relayed: remove half-written
+        temp files (never acknowledged) and newer envelopes left without their
+        queue file (a crash during a removal).
         """
         self.ensure()
         names = set(os.listdir(self.dir))
         for n in names:
-            if n.endswith(MSG_SUFFIX) and (n[: -len(MSG_SUFFIX)] + ENV_SUFFIX) not in names:
+            if n.endswith(ENV_SUFFIX) and (n[: -len(ENV_SUFFIX)] + MSG_SUFFIX) not in names:
                 (self.dir / n).unlink(missing_ok=True)
         for n in os.listdir(self.tmp_dir):
             (self.tmp_dir / n).unlink(missing_ok=True)
@@ -452,11 +522,22 @@ class OutboundQueue:
 
 @implementer(IMessageSource)
 class FileSource:
-    """A queued message file as an L{IMessageSource} (for local delivery and DSNs)."""
+    """
+    A message in a file, from C{offset} to the end, as an L{IMessageSource}
+    (a queue file, for local delivery and DSNs).
+    """
 
-    def __init__(self, path: Path | str, size: int) -> None:
+    def __init__(self, path: Path | str, size: int, offset: int = 0) -> None:
         self.path = Path(path)
         self.size = size
+        self.offset = offset
 
     def open(self) -> Any:
-        return open(self.path, "rb")
+        f = open(self.path, "rb")
+        if self.offset:
+            try:
+                f.seek(self.offset)
+            except BaseException:
+                f.close()
+                raise
+        return f

@@ -28,7 +28,6 @@ from mailsrv.outbound.queue import (
     PENDING,
     SENT,
     Envelope,
-    FileSource,
     OutboundQueue,
     Recipient,
 )
@@ -307,7 +306,7 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _deliver_local(self, env: Envelope, rcpts: Sequence[Recipient]):
-        source = FileSource(self.queue.store.message_path(env.id), env.size)
+        source = self.queue.store.message_source(env)
         for r in rcpts:
             if self.passwords is not None and not self.passwords.has_user(r.address):
                 reply = RemoteReply(550, "5.1.1 User unknown in local recipient table")
@@ -392,13 +391,13 @@ class Relayer:
             f: Any = io.BytesIO(data)
             pool = None
         else:
-            path = self.queue.store.message_path(env.id)
-            f = yield self._in_pool(open, path, "rb")
+            f = yield self._in_pool(self.queue.store.open_message, env)
             pool = self.pool
         result: SessionResult | None = None
+        start = 0 if data is not None else env.offset
 
         def rewind() -> Any:
-            return f.seek(0) if pool is None else self._in_pool(f.seek, 0)
+            return f.seek(start) if pool is None else self._in_pool(f.seek, start)
 
         try:
             for hop in hops:
@@ -531,10 +530,9 @@ class Relayer:
                 rcpts=who,
             )
             return
-        path = self.queue.store.message_path(env.id)
 
         def headers() -> bytes:
-            with open(path, "rb") as f:
+            with self.queue.store.open_message(env) as f:
                 return dsn.read_headers(f)
 
         original = yield self._in_pool(headers)

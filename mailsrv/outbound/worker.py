@@ -53,6 +53,7 @@ class ServerMailboxes:
                 sender=sender or "",
                 size=source.size,
                 path=str(source.path),
+                offset=source.offset,
             )
         return self._deliver_bytes(user, source, sender)
 
@@ -146,12 +147,16 @@ class RelaySide(amp.AMP):
 
     @ipc.Queued.responder
     def queued(
-        self, queue_id: str, envelope: bytes | None = None, data: bytes | None = None
+        self,
+        queue_id: str,
+        envelope: bytes | None = None,
+        offset: int | None = None,
+        data: bytes | None = None,
     ) -> dict:
         if self.relayer is None or self.queue is None:
             return {}
-        if envelope is not None:
-            self._add(Envelope.from_json(envelope), data)
+        if envelope is not None and offset is not None:
+            self._add(Envelope.from_json(envelope, offset), data)
         else:  # too big for one command: read it from the disk
             assert self.pool is not None
             d = deferToThreadPool(self.reactor, self.pool, self.queue.store.load_envelope, queue_id)
