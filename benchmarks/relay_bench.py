@@ -172,8 +172,9 @@ def wait_count(counter: LogCounter, n: int, t0: float, timeout: float = 600) -> 
 class Mailsrv:
     """A private mailsrv relaying through a private smtp-sink."""
 
-    def __init__(self, profile: str | None = None) -> None:
+    def __init__(self, profile: str | None = None, profile_relay: str | None = None) -> None:
         self.profile = profile
+        self.profile_relay = profile_relay
         self.base = Path(tempfile.mkdtemp(prefix="relaybench-"))
         self.sink_port = free_port()
         self.submission = free_port()
@@ -248,6 +249,10 @@ per_destination_concurrency = 10
                     str(self.config),
                 ],
                 cwd=self.base,
+                env=dict(
+                    os.environ,
+                    **({"MAILSRV_RELAY_PROFILE": self.profile_relay} if self.profile_relay else {}),
+                ),
                 stdout=log,
                 stderr=subprocess.STDOUT,
             )
@@ -392,8 +397,11 @@ def main() -> int:
     ap.add_argument(
         "--profile", metavar="FILE", help="mailsrv: run twistd under cProfile, stats to FILE"
     )
+    ap.add_argument(
+        "--profile-relay", metavar="FILE", help="mailsrv: run the relay process under cProfile"
+    )
     a = ap.parse_args()
-    targets = [Mailsrv(a.profile)] + ([Postfix()] if a.postfix else [])
+    targets = [Mailsrv(a.profile, a.profile_relay)] + ([Postfix()] if a.postfix else [])
     results: dict[str, list[dict]] = {}
     for target in targets:
         target.start()

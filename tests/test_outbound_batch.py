@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import os
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
-from mailsrv.outbound.queue import PENDING, OutboundQueue, QueueStore
+from mailsrv.outbound.queue import LAZY_DELAY, PENDING, OutboundQueue, QueueStore
 from mailsrv.spool import BytesSource
 from tests.test_outbound_support import temp_dir
 
@@ -46,7 +46,8 @@ class HeldPoolQueue(OutboundQueue):
 class GroupCommitTests(unittest.TestCase):
     def setUp(self):
         self.dir = temp_dir(self) / "queue"
-        self.queue = HeldPoolQueue(self.dir, _Clock(), threadpool=object(), max_batches=1)
+        self.clock = _clock()
+        self.queue = HeldPoolQueue(self.dir, self.clock, threadpool=object(), max_batches=1)
         self.events: list[str] = []
         store = self.queue.store
         real_fsync_dir, real_replace = store._fsync_dir, os.replace
@@ -136,6 +137,26 @@ class GroupCommitTests(unittest.TestCase):
         self.assertTrue(self.successResultOf(removed))
         self.assertEqual(QueueStore(self.dir).ids(), [])
 
+    def test_removals_of_delivered_mail_wait_briefly_to_share_a_batch(self):
+        ids = []
+        for i in range(3):
+            d = self.queue.enqueue("a@example.test", [f"r{i}@remote.test"], BytesSource(MESSAGE))
+            while self.queue.held:
+                self.queue.run_next()
+            ids.append(self.successResultOf(d))
+        removed = [self.queue.remove(qid, sync=False) for qid in ids]
+        self.assertEqual(self.queue.held, [])  # nothing yet: waiting for company
+        self.clock.advance(LAZY_DELAY)
+        self.assertEqual(len(self.queue.held), 1)  # all three in one batch
+        self.queue.run_next()
+        self.assertEqual([self.successResultOf(d) for d in removed], [True, True, True])
+        self.assertEqual(QueueStore(self.dir).ids(), [])
+        # An administrator's removal (synced) does not wait.
+        d = self.queue.enqueue("a@example.test", ["s@remote.test"], BytesSource(MESSAGE))
+        self.queue.run_next()
+        self.queue.remove(self.successResultOf(d))
+        self.assertEqual(len(self.queue.held), 1)
+
     def test_crash_mid_batch_keeps_acknowledged_and_drops_half_written(self):
         # Batch 1 is acknowledged; batch 2 dies while its queue file is half
         # written under tmp/: that message was never acknowledged. A removal
@@ -160,6 +181,7 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(os.listdir(again.tmp_dir), [])
 
 
-class _Clock:
-    def seconds(self) -> float:
-        return 1_000_000.0
+def _clock() -> task.Clock:
+    clock = task.Clock()
+    clock.advance(1_000_000)
+    return clock

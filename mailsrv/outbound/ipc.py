@@ -4,16 +4,22 @@ pair of pipes (the child's descriptors 3 and 4), and the adapter that lets
 an AMP protocol speak through a L{ProcessProtocol}'s pipes.
 
     server -> relay   Start    the settings (TOML text), once
-                      Queued   a message was queued: its envelope and, when
-                               small, its bytes (no answer)
+                      Queued   messages were queued: for each its id and,
+                               when they fit, its envelope and bytes (no answer)
                       Stop     finish the attempts under way, then exit
     relay -> server   DeliverLocal  store a queued message (or a DSN) in a
                                local mailbox; only the server writes mailboxes
-                      Log      one log event, already formatted (no answer)
+                      Log      log events, already formatted (no answer)
+
+Queued and Log carry many items each: a L{Batcher} gathers the items of one
+reactor turn and sends them as a JSON list in as few commands as fit (an AMP
+value holds at most 64 KiB), so a busy server pays one command per turn, not
+one per message or log line.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 from twisted.internet.address import _ProcessAddress
@@ -28,13 +34,6 @@ def fits(value: bytes | str | None) -> bool:
     return value is not None and len(value) <= MAX_VALUE
 
 
-def clip(text: str) -> str:
-    """Text cut to fit in one AMP value once encoded."""
-    if len(text.encode("utf-8", "replace")) <= MAX_VALUE:
-        return text
-    return text.encode("utf-8", "replace")[: MAX_VALUE - 20].decode("utf-8", "ignore") + " [cut]"
-
-
 class Start(amp.Command):
     arguments = [
         (b"config", amp.Unicode()),
@@ -45,12 +44,9 @@ class Start(amp.Command):
 
 
 class Queued(amp.Command):
-    arguments = [
-        (b"queue_id", amp.Unicode()),
-        (b"envelope", amp.String(optional=True)),  # JSON, when it fits
-        (b"offset", amp.Integer(optional=True)),  # where the message starts in its file
-        (b"data", amp.String(optional=True)),  # the message, when it fits
-    ]
+    # A JSON list of [queue id, envelope JSON or null, offset, message or null]
+    # (the message's bytes as Latin-1 text).
+    arguments = [(b"items", amp.String())]
     requiresAnswer = False
 
 
@@ -77,12 +73,58 @@ class DeliverLocal(amp.Command):
 
 
 class Log(amp.Command):
-    arguments = [
-        (b"namespace", amp.Unicode()),
-        (b"level", amp.Unicode()),
-        (b"text", amp.Unicode()),
-    ]
+    arguments = [(b"items", amp.String())]  # a JSON list of [namespace, level, text]
     requiresAnswer = False
+
+
+class Batcher:
+    """
+    Gathers the items (JSON-able lists) of one reactor turn and hands them to
+    C{send} as few JSON lists of at most L{MAX_VALUE} bytes. C{shrink(item)}
+    gives a smaller form of an item too big to go alone, or None to drop it.
+    """
+
+    def __init__(self, reactor: Any, send: Any, shrink: Any) -> None:
+        self.reactor = reactor
+        self.send = send
+        self.shrink = shrink
+        self.items: list[bytes] = []
+        self.size = 0
+        self._call: Any = None
+
+    def add(self, item: list[Any]) -> None:
+        encoded = _encode(item)
+        while len(encoded) + 2 > MAX_VALUE:
+            smaller = self.shrink(item)
+            if smaller is None:
+                return
+            item, encoded = smaller, _encode(smaller)
+        if self.size + len(encoded) + 2 > MAX_VALUE:
+            self.flush()
+        self.items.append(encoded)
+        self.size += len(encoded) + 1
+        if self._call is None:
+            self._call = self.reactor.callLater(0, self.flush)
+
+    def flush(self) -> None:
+        if self._call is not None and self._call.active():
+            self._call.cancel()
+        self._call = None
+        if self.items:
+            payload = b"[" + b",".join(self.items) + b"]"
+            self.items, self.size = [], 0
+            self.send(payload)
+
+
+def _encode(item: list[Any]) -> bytes:
+    return json.dumps(item, ensure_ascii=False, separators=(",", ":")).encode("utf-8")
+
+
+def decode(payload: bytes) -> list[Any]:
+    items = json.loads(payload)
+    if not isinstance(items, list):
+        raise ValueError("a batch is a JSON list")
+    return items
 
 
 class PipeTransport:

@@ -33,6 +33,7 @@ RESTART_MIN = 1.0  # seconds before a relay process that died is started again
 RESTART_MAX = 60.0
 STABLE_AFTER = 60.0  # a process that ran this long resets the back-off
 STOP_TIMEOUT = 15.0  # then the relay process is killed
+PROFILE_ENV = "MAILSRV_RELAY_PROFILE"  # a file: run the relay process under cProfile
 
 
 class ServerSide(amp.AMP):
@@ -72,25 +73,47 @@ class ServerSide(amp.AMP):
         return self.store.deliver(recipient, source, sender).addCallbacks(lambda _: {}, failed)
 
     @ipc.Log.responder
-    def log_event(self, namespace: str, level: str, text: str) -> dict:
-        logger = self._loggers.get(namespace)
-        if logger is None:
-            logger = self._loggers[namespace] = Logger(namespace=namespace)
-        try:
-            lvl = LogLevel.levelWithName(level)
-        except InvalidLogLevelError:
-            lvl = LogLevel.info
-        logger.emit(lvl, "{text}", text=text)
+    def log_events(self, items: bytes) -> dict:
+        for namespace, level, text in ipc.decode(items):
+            logger = self._loggers.get(namespace)
+            if logger is None:
+                logger = self._loggers[namespace] = Logger(namespace=namespace)
+            try:
+                lvl = LogLevel.levelWithName(level)
+            except InvalidLogLevelError:
+                lvl = LogLevel.info
+            logger.emit(lvl, "{text}", text=text)
         return {}
+
+
+def _shrink_queued(item: list[Any]) -> list[Any] | None:
+    """A notice without the message's bytes, then without its envelope: the disk has both."""
+    queue_id, envelope, offset, data = item
+    if data is not None:
+        return [queue_id, envelope, offset, None]
+    if envelope is not None:
+        return [queue_id, None, offset, None]
+    return None
 
 
 class RelayProcessProtocol(protocol.ProcessProtocol):
     """One run of the relay process: its pipes carry AMP."""
 
-    def __init__(self, amp_protocol: ServerSide) -> None:
+    log = Logger()
+
+    def __init__(self, amp_protocol: ServerSide, reactor: Any) -> None:
         self.amp = amp_protocol
         self.ended: defer.Deferred = defer.Deferred()
         self.reason: Failure | None = None
+        self.notices = ipc.Batcher(reactor, self._send_notices, _shrink_queued)
+
+    def _send_notices(self, items: bytes) -> None:
+        if self.amp.transport is None:
+            return  # gone: the next relay process finds the messages on disk
+        try:
+            self.amp.callRemote(ipc.Queued, items=items)
+        except Exception:
+            self.log.failure("could not tell the relay process of queued mail")
 
     def connectionMade(self) -> None:
         assert self.transport is not None
@@ -121,6 +144,9 @@ class RelayProcessService(service.Service):
         self.reactor = ctx.reactor
         self.queue = queue
         self.argv = argv or [sys.executable, "-m", "mailsrv.outbound.worker"]
+        profile = os.environ.get(PROFILE_ENV)
+        if profile and argv is None:  # benchmarks/relay_bench.py --profile-relay
+            self.argv = [sys.executable, "-m", "cProfile", "-o", profile] + self.argv[1:]
         self.proto: RelayProcessProtocol | None = None
         self._restart: Any = None
         self._delay = RESTART_MIN
@@ -136,7 +162,9 @@ class RelayProcessService(service.Service):
         self._restart = None
         if not self.running:
             return
-        proto = RelayProcessProtocol(ServerSide(self.ctx.store, self.config.queue_dir))
+        proto = RelayProcessProtocol(
+            ServerSide(self.ctx.store, self.config.queue_dir), self.reactor
+        )
         try:
             self.reactor.spawnProcess(
                 proto,
@@ -189,17 +217,14 @@ class RelayProcessService(service.Service):
         proto = self.proto
         if proto is None or proto.amp.transport is None:
             return  # it finds the message on disk when it starts
-        envelope = env.to_json()
-        try:
-            proto.amp.callRemote(
-                ipc.Queued,
-                queue_id=env.id,
-                envelope=envelope if ipc.fits(envelope) else None,
-                offset=env.offset,
-                data=data if ipc.fits(data) else None,
-            )
-        except Exception:  # the pipe is gone: the next process scans the disk
-            self.log.failure("could not tell the relay process of {queue_id}", queue_id=env.id)
+        proto.notices.add(
+            [
+                env.id,
+                env.to_json().decode("utf-8"),
+                env.offset,
+                None if data is None else data.decode("latin-1"),
+            ]
+        )
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
@@ -221,6 +246,7 @@ class RelayProcessService(service.Service):
                 pass
 
         timer = self.reactor.callLater(STOP_TIMEOUT, kill)
+        proto.notices.flush()
         stopped = defer.maybeDeferred(proto.amp.callRemote, ipc.Stop)
 
         # Once it has recorded its last results, closing its pipe lets it exit.

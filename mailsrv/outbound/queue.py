@@ -59,6 +59,7 @@ FLUSH_FILE = "flush"
 RELAY_LOCK = "relay.lock"
 _COPY_CHUNK = 256 * 1024
 MAX_BATCHES = 2  # batches of queue writes in the thread pool at once
+LAZY_DELAY = 0.01  # seconds a removal of delivered mail waits for company
 RECENT_MESSAGE_MAX = 64 * 1024  # messages kept in memory for the relayer's first attempt
 RECENT_TOTAL_MAX = 16 * 1024 * 1024
 
@@ -406,18 +407,37 @@ class OutboundQueue:
         self._jobs: list[tuple[str, tuple[Any, ...], defer.Deferred]] = []
         self._batches = 0
         self._max_batches = max_batches
+        self._lazy_call: Any = None
         # The bytes of small messages just queued, for the relayer's first
         # attempt (it need not read them back from the disk).
         self._recent: dict[str, bytes] = {}
         self._recent_bytes = 0
 
-    def _submit(self, kind: str, *args: Any) -> defer.Deferred:
-        """Run one write in the next batch; fires with its result."""
+    def _submit(self, kind: str, *args: Any, lazy: bool = False) -> defer.Deferred:
+        """
+        Run one write in the next batch; fires with its result. A C{lazy} job
+        waits up to L{LAZY_DELAY} for others to share its batch (one thread
+        hop for several removals of delivered mail, which nobody waits for).
+        """
         d: defer.Deferred = defer.Deferred()
         self._jobs.append((kind, args, d))
-        if self._batches < self._max_batches:
+        if lazy and self._pool is not None:
+            if self._lazy_call is None:
+                self._lazy_call = self._reactor.callLater(LAZY_DELAY, self._run_lazy)
+        elif self._batches < self._max_batches:
             self._run_batch()
         return d
+
+    def _run_lazy(self) -> None:
+        self._lazy_call = None
+        if self._batches < self._max_batches:
+            self._run_batch()
+
+    def flush_lazy(self) -> None:
+        """Start the waiting lazy jobs now (when stopping)."""
+        if self._lazy_call is not None:
+            self._lazy_call.cancel()
+            self._run_lazy()
 
     def _run_batch(self) -> None:
         jobs, self._jobs = self._jobs, []
@@ -510,7 +530,7 @@ class OutboundQueue:
     def remove(self, queue_id: str, sync: bool = True) -> defer.Deferred:
         """Remove a message (see L{QueueStore.remove}); fires with whether it was there."""
         self.take_recent(queue_id)
-        return self._submit("remove", queue_id, sync)
+        return self._submit("remove", queue_id, sync, lazy=not sync)
 
     def scan(self) -> defer.Deferred:
         return self._in_pool(self.store.scan)

@@ -125,6 +125,7 @@ class Relayer:
             self._timer.cancel()
         self._timer = None
         self._connections.close_all()
+        self.queue.flush_lazy()
         for s in list(self._sessions):
             p = s.protocol_instance
             abort = getattr(getattr(p, "transport", None), "abortConnection", None)

@@ -98,6 +98,7 @@ class RelaySide(amp.AMP):
         self._waiting_said = False
         self._started: defer.Deferred | None = None
         self._stop_waiters: list[defer.Deferred] = []
+        self.before_exit: Any = lambda: None  # sends what is still to be said
         self._stopped = False
 
     # --- commands from the server -----------------------------------------
@@ -146,25 +147,23 @@ class RelaySide(amp.AMP):
         self._started = self.relayer.start()
 
     @ipc.Queued.responder
-    def queued(
-        self,
-        queue_id: str,
-        envelope: bytes | None = None,
-        offset: int | None = None,
-        data: bytes | None = None,
-    ) -> dict:
+    def queued(self, items: bytes) -> dict:
         if self.relayer is None or self.queue is None:
             return {}
-        if envelope is not None and offset is not None:
-            self._add(Envelope.from_json(envelope, offset), data)
-        else:  # too big for one command: read it from the disk
+        for queue_id, envelope, offset, data in ipc.decode(items):
+            message = None if data is None else data.encode("latin-1")
+            if envelope is not None:
+                self._add(Envelope.from_json(envelope.encode("utf-8"), offset), message)
+                continue
+            # Too big to send: read it from the disk.
             assert self.pool is not None
             d = deferToThreadPool(self.reactor, self.pool, self.queue.store.load_envelope, queue_id)
-            d.addCallback(self._add, data)
-            d.addErrback(
-                lambda f: self.log.failure("cannot read queued {queue_id}", f, queue_id=queue_id)
-            )
+            d.addCallback(self._add, None)
+            d.addErrback(self._unreadable, queue_id)
         return {}
+
+    def _unreadable(self, f: Failure, queue_id: str) -> None:
+        self.log.failure("cannot read queued {queue_id}", f, queue_id=queue_id)
 
     def _add(self, env: Envelope, data: bytes | None) -> None:
         assert self.queue is not None
@@ -202,6 +201,7 @@ class RelaySide(amp.AMP):
             if self.pool is not None and self.pool.started:
                 self.pool.stop()
             self._stopped = True
+            self.before_exit()
             waiters, self._stop_waiters = self._stop_waiters, []
             for w in waiters:
                 w.callback(None)
@@ -221,26 +221,39 @@ class RelaySide(amp.AMP):
             pass
 
 
+def _shrink_log(item: list[Any]) -> list[Any] | None:
+    namespace, level, text = item
+    if len(text) < 200:
+        return None
+    return [namespace, level, text[: len(text) // 2] + " [cut]"]
+
+
 @implementer(ILogObserver)
 class LogForwarder:
-    """A log observer that sends each event to the server, which writes it to its log."""
+    """
+    A log observer that sends the events to the server, which writes them to
+    its log, a turn's events in one command.
+    """
 
-    def __init__(self, proto: RelaySide) -> None:
+    def __init__(self, proto: RelaySide, reactor: Any) -> None:
         self.proto = proto
+        self.batch = ipc.Batcher(reactor, self._send, _shrink_log)
 
     def __call__(self, event: dict) -> None:
         text = eventAsText(event, includeTimestamp=False, includeSystem=False)
         level = event.get("log_level", LogLevel.info)
         namespace = event.get("log_namespace", "mailsrv.outbound.worker")
+        self.batch.add([namespace, level.name, text])
+
+    def _send(self, items: bytes) -> None:
         if self.proto.transport is not None:
             try:
-                self.proto.callRemote(
-                    ipc.Log, namespace=namespace, level=level.name, text=ipc.clip(text)
-                )
+                self.proto.callRemote(ipc.Log, items=items)
                 return
             except Exception:  # the pipe is gone: standard error is inherited
                 pass
-        sys.stderr.write(f"mailsrv relay process: [{namespace}#{level.name}] {text}\n")
+        for namespace, level, text in ipc.decode(items):
+            sys.stderr.write(f"mailsrv relay process: [{namespace}#{level}] {text}\n")
 
 
 def main() -> None:
@@ -250,10 +263,12 @@ def main() -> None:
     from twisted.internet import reactor
 
     proto = RelaySide(reactor)
+    forwarder = LogForwarder(proto, reactor)
+    proto.before_exit = forwarder.batch.flush
     stdio.StandardIO(  # type: ignore[call-arg]
         proto, stdin=ipc.CHILD_IN, stdout=ipc.CHILD_OUT, reactor=reactor
     )
-    globalLogBeginner.beginLoggingTo([LogForwarder(proto)], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", proto.shutdown)
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()
