@@ -9,7 +9,8 @@ an AMP protocol speak through a L{ProcessProtocol}'s pipes.
                       Stop     finish the attempts under way, then exit
     relay -> server   DeliverLocal  store a queued message (or a DSN) in a
                                local mailbox; only the server writes mailboxes
-                      Log      log events, already formatted (no answer)
+                      Log      log events, already formatted (no answer),
+                               unless it writes them itself (Start's log_direct)
 
 Queued and Log carry many items each: a L{Batcher} gathers the items of one
 reactor turn and sends them as a JSON list in as few commands as fit (an AMP
@@ -39,6 +40,10 @@ class Start(amp.Command):
         (b"config", amp.Unicode()),
         (b"path", amp.Unicode()),
         (b"base", amp.Unicode()),
+        # True: the server's log is twistd's text log on standard output, which
+        # the relay process shares: it writes its own lines there (the server
+        # need not format them). False: it sends them in Log commands.
+        (b"log_direct", amp.Boolean(optional=True)),
     ]
     response = []  # type: ignore[var-annotated]
 

@@ -21,7 +21,13 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
-from twisted.logger import InvalidLogLevelError, Logger, LogLevel
+from twisted.logger import (
+    FileLogObserver,
+    InvalidLogLevelError,
+    Logger,
+    LogLevel,
+    globalLogPublisher,
+)
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 
@@ -182,7 +188,11 @@ class RelayProcessService(service.Service):
         proto.ended.addCallback(self._ended, proto)
         base = self.config.base_dir or Path.cwd()
         d = proto.amp.callRemote(
-            ipc.Start, config=self.config.source, path=self.config.path, base=str(base)
+            ipc.Start,
+            config=self.config.source,
+            path=self.config.path,
+            base=str(base),
+            log_direct=logs_to_stdout(),
         )
         d.addErrback(self._start_failed, proto)
 
@@ -256,6 +266,24 @@ class RelayProcessService(service.Service):
 
         stopped.addBoth(close)
         return ended.addBoth(lambda _: timer.cancel() if timer.active() else None)
+
+
+def logs_to_stdout() -> bool:
+    """
+    Whether this process's only log observer is twistd's text log on standard
+    output (``twistd -n``, systemd): the relay process, which inherits that
+    descriptor, then writes its lines there itself, in the same format. With
+    any other set-up (a log file twistd rotates, syslog, several observers)
+    its events come here and go through this process's observers.
+    """
+    observers = list(getattr(globalLogPublisher, "_observers", ()))
+    if len(observers) != 1 or not isinstance(observers[0], FileLogObserver):
+        return False
+    out = getattr(observers[0], "_outFile", None)
+    try:
+        return out is not None and out.fileno() == 1
+    except (AttributeError, OSError, ValueError):
+        return False
 
 
 def relay_process_service(ctx: Any) -> RelayProcessService:

@@ -21,7 +21,15 @@ from typing import Any
 
 from twisted.internet import defer, error, protocol, stdio
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import ILogObserver, Logger, LogLevel, eventAsText, globalLogBeginner
+from twisted.logger import (
+    ILogObserver,
+    Logger,
+    LogLevel,
+    eventAsText,
+    globalLogBeginner,
+    globalLogPublisher,
+    textFileLogObserver,
+)
 from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
@@ -99,12 +107,13 @@ class RelaySide(amp.AMP):
         self._started: defer.Deferred | None = None
         self._stop_waiters: list[defer.Deferred] = []
         self.before_exit: Any = lambda: None  # sends what is still to be said
+        self.log_to_stdout: Any = lambda: None  # write log lines to standard output
         self._stopped = False
 
     # --- commands from the server -----------------------------------------
 
     @ipc.Start.responder
-    def start(self, config: str, path: str, base: str) -> dict:
+    def start(self, config: str, path: str, base: str, log_direct: bool = False) -> dict:
         from mailsrv.auth.passwd import PasswordFile
         from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
         from mailsrv.outbound.relayer import Relayer
@@ -112,6 +121,8 @@ class RelaySide(amp.AMP):
         if self.relayer is not None:
             raise RuntimeError("already started")
         settings = parse(config, path, Path(base))
+        if log_direct:
+            self.log_to_stdout()
         self.pool = pool = ThreadPool(minthreads=1, maxthreads=4, name="mailsrv-relay")
         pool.start()
         self.queue = OutboundQueue(settings.queue_dir, self.reactor, pool)
@@ -265,6 +276,13 @@ def main() -> None:
     proto = RelaySide(reactor)
     forwarder = LogForwarder(proto, reactor)
     proto.before_exit = forwarder.batch.flush
+
+    def log_to_stdout() -> None:
+        forwarder.batch.flush()
+        globalLogPublisher.addObserver(textFileLogObserver(sys.stdout))
+        globalLogPublisher.removeObserver(forwarder)
+
+    proto.log_to_stdout = log_to_stdout
     stdio.StandardIO(  # type: ignore[call-arg]
         proto, stdin=ipc.CHILD_IN, stdout=ipc.CHILD_OUT, reactor=reactor
     )
