@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.auth.policy import cleartext_allowed, is_tls
+from mailsrv.eager import send_now
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
@@ -337,6 +338,22 @@ class SMTPServer(smtp.ESMTP):
             self._wait(result)
 
     # output
+
+    def sendCode(self, code: int, message: bytes = b"") -> None:
+        """
+        Send a reply (every line of it) as one write: at once when no
+        further command waits in the input, else with the replies to the
+        commands that follow (PIPELINING: one segment for the lot).
+        """
+        lines = message.splitlines() or [b""]
+        prefix = b"%03d-" % code
+        out = [prefix + line for line in lines[:-1]]
+        out.append(b"%03d %s" % (code, lines[-1]))
+        data = b"\r\n".join(out) + b"\r\n"
+        if self._draining and self._buffer.find(b"\r\n", self._pos) >= 0:
+            self.transport.write(data)
+        else:
+            send_now(self.transport, data)
 
     def _reply(self, reply: Reply, text: str | None = None) -> None:
         """Send C{reply}; count it if it is an error and drop the client after too many."""
