@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo
 from mailsrv.store.names import INBOX, normalize_user
 
@@ -387,7 +388,7 @@ class POP3Server(pop3.POP3):
     def send(self, *lines: bytes) -> None:
         """Write reply lines (each without CRLF) in one write."""
         if not self._closed:
-            self.transport.write(b"".join(line + b"\r\n" for line in lines))
+            send_now(self.transport, b"".join(line + b"\r\n" for line in lines))
 
     def ok(self, text: bytes = b"") -> None:
         self.send(b"+OK " + text if text else b"+OK")
@@ -890,7 +891,7 @@ class POP3Server(pop3.POP3):
         if data is None:
             return self.error(GONE)
         if not self._closed:
-            self.transport.write(first + b"\r\n" + dot_stuff(data) + terminator(data))
+            send_now(self.transport, first + b"\r\n" + dot_stuff(data) + terminator(data))
         return None
 
     @defer.inlineCallbacks

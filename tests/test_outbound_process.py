@@ -17,7 +17,6 @@ import ssl as stdlib_ssl
 from pathlib import Path
 from types import SimpleNamespace
 
-import pytest
 from twisted.internet import defer, error, task, threads
 from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import LogLevel, formatEvent, globalLogPublisher
@@ -38,11 +37,6 @@ A, MX = dns.Record_A, dns.Record_MX
 WORKER = "mailsrv.outbound.worker"
 # twistd stops in order on SIGTERM, then ends itself with that signal again.
 STOPPED_BY_SIGTERM = (0, -signal.SIGTERM)
-RESTART_BUG = (
-    "RelayProcessProtocol.processEnded passes its Failure reason to ended.callback(), so the "
-    "Deferred takes its errback path and RelayProcessService._ended (added with addCallback) "
-    "never runs: a relay process that dies is never started again"
-)
 
 
 def message(rcpt: str, subject: str) -> str:
@@ -207,7 +201,6 @@ class RelayProcessEndToEnd(unittest.TestCase):
         self.assertEqual(relay_pids(self.server.proc.pid), [pid])
         self.assertNotIn("relay process ended", self.log_text())
 
-    @pytest.mark.xfail(strict=True, reason=RESTART_BUG)
     @defer.inlineCallbacks
     def test_kill_9_of_the_relay_process_starts_a_new_one_and_nothing_is_lost(self):
         yield self.start_server()
@@ -600,7 +593,6 @@ class RelayProcessServiceTests(unittest.TestCase):
         self.assertIn(b"Start", b"".join(d for _, d in p.written))
         self.assertEqual(self.queue.listeners, [self.service.queued])
 
-    @pytest.mark.xfail(strict=True, reason=RESTART_BUG)
     def test_a_relay_process_that_dies_is_started_again_after_a_pause(self):
         first = self.start()
         first.end(error.ProcessTerminated(signal=9))

@@ -135,8 +135,8 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
             self.amp.connectionLost(Failure(error.ConnectionDone("relay process closed its pipe")))
 
     def processEnded(self, reason: Failure) -> None:
-        self.reason = reason
-        self.ended.callback(reason)
+        self.reason = reason  # ProcessDone or ProcessTerminated: a Failure either way
+        self.ended.callback(None)
 
 
 class RelayProcessService(service.Service):
@@ -202,7 +202,9 @@ class RelayProcessService(service.Service):
             self.log.failure("the relay process did not start", f)
             proto.transport.signalProcess("TERM")
 
-    def _ended(self, reason: Failure, proto: RelayProcessProtocol) -> None:
+    def _ended(self, _: None, proto: RelayProcessProtocol) -> None:
+        reason = proto.reason
+        assert reason is not None
         if proto is self.proto:
             self.proto = None
         if not self.running:
