@@ -42,8 +42,12 @@ def wait_for_port(host: str, port: int, timeout: float = 20.0, proc=None) -> Non
 class MailServer:
     """A mailsrv daemon for one test; call stop() (or kill()) when done."""
 
-    def __init__(self, base: Path, domains=("example.test",), extra: str = "") -> None:
+    def __init__(
+        self, base: Path, domains=("example.test",), extra: str = "", log_to_stdout: bool = False
+    ) -> None:
+        """C{log_to_stdout}: twistd logs to its standard output (twistd.log), not server.log."""
         self.base = base
+        self.log_to_stdout = log_to_stdout
         self.data = base / "data"
         self.ports = {name: free_port() for name in SERVICES}
         self.config_path = base / "mailsrv.toml"
@@ -73,7 +77,7 @@ class MailServer:
                 TWISTD,
                 "--nodaemon",
                 "--pidfile=",
-                f"--logfile={self.base / 'server.log'}",
+                "--logfile=-" if self.log_to_stdout else f"--logfile={self.base / 'server.log'}",
                 "mailsrv",
                 "--config",
                 str(self.config_path),

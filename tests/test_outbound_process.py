@@ -177,6 +177,28 @@ class RelayProcessEndToEnd(unittest.TestCase):
     # -- the tests -----------------------------------------------------------
 
     @defer.inlineCallbacks
+    def test_log_on_standard_output_gets_the_relay_process_lines_too(self):
+        # twistd -n logging to standard output (systemd's way): the relay
+        # process shares the descriptor and writes its lines there itself.
+        self.server.log_to_stdout = True
+        self.log_text = lambda: self.server.log_path.read_text(errors="replace")
+        yield self.start_server()
+        refused = yield self.submit("ok@accept.test")
+        self.assertEqual(refused, {})
+        yield self.wait_for(lambda: "removed" in self.log_text(), what="the removal line")
+        lines = self.log_text().splitlines()
+        (sent,) = [x for x in lines if "status=sent" in x]
+        (accepted,) = [x for x in lines if " accepted " in x]
+        # Both processes' lines in twistd's format: time stamp, [namespace#level], text.
+        self.assertRegex(
+            sent, r"^\d{4}-\d\d-\d\dT\S+ \[mailsrv\.outbound\.relayer\.Relayer#info\] "
+        )
+        self.assertRegex(accepted, r"^\d{4}-\d\d-\d\dT\S+ \[mailsrv\.smtp\.")
+        self.assertIn("to=<ok@accept.test>", sent)
+        self.assertEqual(self.accept.delivered("ok@accept.test"), 1)
+        self.assertFalse((self.server.base / "server.log").exists())
+
+    @defer.inlineCallbacks
     def test_relay_process_log_lines_reach_the_server_log(self):
         yield self.start_server()
         pid = yield self.wait_for(self.the_relay_process, what="the relay process")
