@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
-from twisted.internet import ssl
+from twisted.internet import defer, ssl
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -63,19 +63,26 @@ class ServerContext:
     pop3_locks: Any = None  # mailsrv.pop3.MaildropLocks, shared by pop3 and pop3s
 
 
-class ThreadPoolService(service.Service):
-    """Start and stop the disk thread pool with the application."""
+class ThreadPoolService(service.MultiService):
+    """
+    The disk thread pool and the services that use it: the pool starts
+    before them and stops only once every one of them has stopped (the
+    listeners' last deliveries and the relay process's last local
+    deliveries still need it).
+    """
 
     def __init__(self, pool: ThreadPool) -> None:
+        super().__init__()
         self.pool = pool
 
     def startService(self) -> None:
-        super().startService()
         self.pool.start()
+        super().startService()
 
-    def stopService(self) -> None:
-        super().stopService()
-        self.pool.stop()
+    def stopService(self) -> defer.Deferred:
+        d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self.pool.stop())
+        return d
 
 
 def build_context(config: Config, reactor: Any, parent: service.MultiService) -> ServerContext:
@@ -88,7 +95,8 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
 
     tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
-    ThreadPoolService(pool).setServiceParent(parent)
+    users = ThreadPoolService(pool)
+    users.setServiceParent(parent)
     for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
         d.mkdir(parents=True, exist_ok=True)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
@@ -104,7 +112,7 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
         portal=portal,
         tls=tls.server_options(config),
         throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
-        services=parent,
+        services=users,
     )
     return ctx
 
@@ -139,10 +147,12 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         reactor = _reactor
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
+    users = ctx.services  # everything below stops before the disk thread pool
+    assert users is not None
     # The relayer runs in a process of its own, beside this one.
     from mailsrv.outbound.process import relay_process_service
 
-    relay_process_service(ctx).setServiceParent(top)
+    relay_process_service(ctx).setServiceParent(users)
     factories = _factories(ctx)
     for name, endpoints in config.listen.items():
         if not endpoints:
@@ -160,5 +170,5 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         for description in endpoints:
             svc = strports.service(description, factory, reactor=reactor)
             svc.setName(f"{name} {description}")
-            svc.setServiceParent(top)
+            svc.setServiceParent(users)
     return top

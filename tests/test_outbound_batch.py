@@ -60,8 +60,15 @@ class GroupCommitTests(unittest.TestCase):
             self.events.append("rename " + os.path.basename(dst))
             real_replace(src, dst)
 
+        real_link = os.link
+
+        def link(src, dst):
+            self.events.append("rename " + os.path.basename(dst))
+            real_link(src, dst)
+
         store._fsync_dir = fsync_dir
         self.patch(os, "replace", replace)
+        self.patch(os, "link", link)
 
     def test_concurrent_enqueues_share_one_folder_fsync(self):
         results: dict[int, str] = {}

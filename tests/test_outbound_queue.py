@@ -22,6 +22,7 @@ from mailsrv.outbound.queue import (
     FileSource,
     OutboundQueue,
     QueueStore,
+    Recipient,
 )
 from mailsrv.spool import BytesSource, SpooledSource
 from tests.test_outbound_support import temp_dir
@@ -126,6 +127,17 @@ class QueueTests(unittest.TestCase):
         self.assertEqual(store.ids(), [])
         self.assertFalse(store.remove(qid))
         self.assertFalse(store.remove("../../etc/passwd"))
+
+    def test_a_new_queue_file_never_replaces_one_with_the_same_id(self):
+        store = QueueStore(self.dir)
+        first = Envelope("00000000000001ABCDEF", "a@example.test", [Recipient("b@x.test")], 1, 1)
+        store.store(first, MESSAGE)
+        clash = Envelope("00000000000001ABCDEF", "c@example.test", [Recipient("d@x.test")], 2, 2)
+        self.assertRaises(FileExistsError, store.store, clash, b"other\n")
+        env = store.load_envelope(first.id)
+        self.assertEqual(env.sender, "a@example.test")
+        self.assertEqual(store.read_message(env), MESSAGE)
+        self.assertEqual(os.listdir(store.tmp_dir), [])
 
     def test_envelope_json_round_trip(self):
         env = Envelope("0A", "s@x", [], 1.5, 2.5)

@@ -1,13 +1,12 @@
 """
-Failure modes of the relay process and the queue found in review: a bounce
-that cannot be sent is retried with no pause, the disk thread pool stops
-before the relay process has finished with it, and the server writes into a
-relay process's pipe that is already gone.
+Failure modes of the relay process and the queue: a bounce that cannot be
+sent waits for the back-off before its next try, the disk thread pool
+outlives the relay process, and nothing is written into a relay process's
+pipe that is already gone.
 """
 
 from __future__ import annotations
 
-import pytest
 from twisted.internet import defer, error, task
 from twisted.internet.testing import MemoryReactorClock
 from twisted.protocols import amp
@@ -87,11 +86,6 @@ retry_max = "1h"
         # Each failed round logs the failure; that is expected here.
         self.addCleanup(self.flushLoggedErrors, ipc.LocalDeliveryFailed)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="Relayer._finish_round: a DSN that cannot be sent leaves next_attempt in the "
-        "past, and _start's done() starts the message again at once",
-    )
     def test_a_bounce_that_cannot_be_delivered_waits_before_the_next_try(self):
         self.successResultOf(
             self.queue.enqueue("alice@example.test", ["bob@gone.test"], BytesSource(b"\n"))
@@ -122,11 +116,6 @@ data_dir = "{data}"
         if self.pool_service.pool.started:
             self.pool_service.pool.stop()
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="MultiService stops every child at once: ThreadPoolService joins the disk pool "
-        "while the relay process still sends DeliverLocal, whose store.deliver then never fires",
-    )
     def test_the_disk_pool_outlives_the_relay_process(self):
         (child,) = self.reactor.spawned
         child.answer(b"1")  # Start
@@ -167,11 +156,6 @@ class _HeldMailboxes:
 
 
 class DeadPipeTests(unittest.TestCase):
-    @pytest.mark.xfail(
-        strict=True,
-        reason="RelayProcessProtocol ignores childConnectionLost(CHILD_IN): PipeTransport.write "
-        "then raises KeyError from Process.writeToChild (an unhandled error in the log)",
-    )
     def test_an_answer_for_a_relay_process_that_died_is_dropped_quietly(self):
         tmp = temp_dir(self)
         mailboxes = _HeldMailboxes()

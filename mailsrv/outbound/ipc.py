@@ -141,7 +141,9 @@ class PipeTransport:
         self.process = process
 
     def write(self, data: bytes) -> None:
-        if not self.disconnecting:
+        # Once the child's end is closed (it died, or we closed it) there is
+        # no one to write to: what would go is dropped, as on a lost connection.
+        if not self.disconnecting and CHILD_IN in getattr(self.process, "pipes", {CHILD_IN: 1}):
             self.process.writeToChild(CHILD_IN, data)
 
     def writeSequence(self, data: list[bytes]) -> None:

@@ -64,6 +64,10 @@ class ServerSide(amp.AMP):
         data: bytes | None = None,
     ) -> defer.Deferred:
         source: Any
+        if self.transport is None or getattr(self.transport, "disconnecting", False):
+            # The answer could not reach the relay process, which would then
+            # count the delivery as failed and make it again next time.
+            return defer.fail(ipc.LocalDeliveryFailed("the server is stopping"))
         if data is not None:
             source = BytesSource(data)
         elif path is not None and os.path.dirname(os.path.normpath(path)) in self.queue_dirs:
@@ -131,6 +135,9 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
             self.amp.dataReceived(data)
 
     def childConnectionLost(self, childFD: int) -> None:
+        pipe = self.amp.transport
+        if childFD == ipc.CHILD_IN and isinstance(pipe, ipc.PipeTransport):
+            pipe.disconnecting = True  # nothing more can be written
         if childFD == ipc.CHILD_OUT:
             self.amp.connectionLost(Failure(error.ConnectionDone("relay process closed its pipe")))
 

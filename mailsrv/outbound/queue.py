@@ -178,14 +178,23 @@ class QueueStore:
         finally:
             os.close(fd)
 
-    def _write_file(self, final: Path, write: Callable[[Any], None]) -> None:
+    def _write_file(self, final: Path, write: Callable[[Any], None], replace: bool = True) -> None:
+        """
+        Write a file under tmp/, fsync it and rename it into place. With
+        C{replace} False an existing file is never overwritten (a new queue
+        file whose id is taken, however unlikely: FileExistsError).
+        """
         tmp = self.tmp_dir / f"{final.name}.{os.getpid()}.{next(_sequence)}"
         try:
             with open(tmp, "wb") as f:
                 write(f)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, final)
+            if replace:
+                os.replace(tmp, final)
+            else:
+                os.link(tmp, final)
+                os.unlink(tmp)
         except BaseException:
             tmp.unlink(missing_ok=True)
             raise
@@ -208,7 +217,7 @@ class QueueStore:
             with source.open() as f:
                 shutil.copyfileobj(f, out, _COPY_CHUNK)
 
-        self._write_file(self.message_path(envelope.id), copy)
+        self._write_file(self.message_path(envelope.id), copy, replace=False)
         envelope.offset = len(head)
 
     def run_batch(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:

@@ -17,6 +17,7 @@ from typing import Any
 from twisted.internet import defer, ssl, task
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
 from mailsrv.config import Config
 from mailsrv.outbound import dsn
@@ -179,6 +180,8 @@ class Relayer:
                         "{queue_id}: removed from the queue by the administrator", queue_id=queue_id
                     )
                     del self.entries[queue_id]
+                    self._locks.pop(queue_id, None)
+                    self.queue.take_recent(queue_id)
             if flush:
                 self.log.info("queue flush requested")
                 self.flush()
@@ -210,15 +213,21 @@ class Relayer:
         d = self._attempt(env)
         self._active[env.id] = d
 
+        def failed(f: Failure) -> None:
+            self.log.failure("{queue_id}: delivery attempt failed", f, queue_id=env.id)
+            # Whatever went wrong, the message waits for the back-off before
+            # its next try: never a loop that starts it again at once.
+            now = self.reactor.seconds()
+            if env.next_attempt <= now:
+                env.next_attempt = now + self.schedule.delay(max(env.attempts, 1))
+
         def done(_: Any) -> None:
             self._active.pop(env.id, None)
             if env.id in self.entries:
                 self._push(env)
             self._schedule()
 
-        d.addErrback(
-            lambda f: self.log.failure("{queue_id}: delivery attempt failed", f, queue_id=env.id)
-        )
+        d.addErrback(failed)
         d.addBoth(done)
 
     # --- one delivery attempt of one message -------------------------------
@@ -471,6 +480,7 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _finish_round(self, env: Envelope):
+        self.queue.take_recent(env.id)  # the bytes served the first attempt only
         now = self.reactor.seconds()
         env.attempts += 1
         pending = env.pending()
@@ -495,19 +505,31 @@ class Relayer:
             else:
                 env.next_attempt = nxt
                 if self.schedule.should_warn(env.created, now, env.warned):
-                    yield self._notify(
-                        env, pending, dsn.DELAYED, env.created + self.schedule.max_lifetime
-                    )
-                    env.warned = True
+                    try:
+                        yield self._notify(
+                            env, pending, dsn.DELAYED, env.created + self.schedule.max_lifetime
+                        )
+                    except Exception:
+                        pass  # logged; the warning is tried again after the next attempt
+                    else:
+                        env.warned = True
         failed = [r for r in env.recipients if r.state == FAILED and not r.notified]
         if failed:
-            yield self._notify(env, failed, dsn.FAILED, None)
+            try:
+                yield self._notify(env, failed, dsn.FAILED, None)
+            except Exception as e:
+                # Logged. The message stays, and the DSN is tried again after
+                # the back-off, not at once (that would spin while, say, the
+                # sender's disk is full).
+                env.next_attempt = now + self.schedule.delay(env.attempts)
+                env.last_error = f"the DSN to <{env.sender}> could not be sent: {e}"
+                yield self._save(env)
+                return
             for r in failed:
                 r.notified = True
         if pending:
             yield self._save(env)
         else:
-            self.queue.take_recent(env.id)
             yield self._lock(env).run(self._queue_write, "remove", env.id, False)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)

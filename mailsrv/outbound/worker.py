@@ -156,6 +156,13 @@ class RelaySide(amp.AMP):
             return
         self._lock_fd = fd
         self._started = self.relayer.start()
+        self._started.addErrback(self._start_failed)
+
+    def _start_failed(self, f: Failure) -> None:
+        """The queue could not be read: exit, so that the server starts a new relay process."""
+        self.log.failure("the relayer could not start", f)
+        if self.transport is not None:
+            self.transport.loseConnection()  # then connectionLost: shut down and exit
 
     @ipc.Queued.responder
     def queued(self, items: bytes) -> dict:
