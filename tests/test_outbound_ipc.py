@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import os
+from pathlib import Path
 
 from twisted.internet import task
 from twisted.logger import FileLogObserver, LogPublisher, textFileLogObserver
@@ -91,3 +92,58 @@ class LogModeTests(unittest.TestCase):
         self.assertFalse(self._with_observers([textFileLogObserver(real), lambda event: None]))
         self.assertFalse(self._with_observers([lambda event: None]))
         self.assertFalse(self._with_observers([FileLogObserver(io.BytesIO(), str)]))
+
+
+class _Writer:
+    """The pipe to the relay process, as an IConsumer."""
+
+    producer = None
+
+    def registerProducer(self, producer, streaming):
+        self.producer = producer
+
+
+class _Process:
+    def __init__(self) -> None:
+        self.pipes = {0: object(), ipc.CHILD_IN: _Writer()}
+
+    def closeStdin(self) -> None:
+        pass
+
+    def writeToChild(self, fd, data) -> None:
+        pass
+
+    def closeChildFD(self, fd) -> None:
+        pass
+
+
+class BacklogTests(unittest.TestCase):
+    def test_notices_shrink_then_stop_while_the_relay_process_lags(self):
+        from twisted.internet.testing import MemoryReactorClock
+
+        self.patch(process, "BACKLOG_NOTICES", 2)
+        proto = process.RelayProcessProtocol(
+            process.ServerSide(None, Path(self.mktemp())), MemoryReactorClock()
+        )
+        pipe = _Process()
+        proto.makeConnection(pipe)
+        sent: list = []
+        self.patch(proto.notices, "add", sent.append)
+        writer = pipe.pipes[ipc.CHILD_IN]
+        self.assertIs(writer.producer, proto)
+        proto.notice(["A", "{}", 40, "bytes"])
+        writer.producer.pauseProducing()  # its pipe is full
+        for name in "BCD":
+            proto.notice([name, "{}", 40, "bytes"])
+        writer.producer.resumeProducing()  # it caught up
+        proto.notice(["E", "{}", 40, "bytes"])
+        self.assertEqual(
+            sent,
+            [
+                ["A", "{}", 40, "bytes"],
+                ["B", "{}", 40, None],  # without the message: it reads the disk
+                ["C", "{}", 40, None],
+                # D: no notice at all; the relay process finds it in the queue folder
+                ["E", "{}", 40, "bytes"],
+            ],
+        )

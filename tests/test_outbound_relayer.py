@@ -10,7 +10,7 @@ from twisted.trial import unittest
 
 from mailsrv.config import parse
 from mailsrv.outbound.errors import DeliveryError
-from mailsrv.outbound.queue import OutboundQueue, QueueStore
+from mailsrv.outbound.queue import Envelope, OutboundQueue, QueueStore, Recipient, new_queue_id
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
@@ -119,6 +119,25 @@ delay_warning = "4h"
         QueueStore(self.config.queue_dir).request_flush()
         self.clock.advance(5)  # the next scan of the queue folder
         self.assertEqual(len(self.resolver.calls), 2)
+        self.successResultOf(self.relayer.stop())
+
+    def test_a_message_nobody_announced_is_found_in_the_queue_folder(self):
+        # Written by another process (the server) whose notice never came.
+        self.successResultOf(self.relayer.start())
+        store = QueueStore(self.config.queue_dir)
+        env = Envelope(
+            new_queue_id(1.0), "alice@example.test", [Recipient("bob@remote.test")], 0.0, 0.0
+        )
+        store.store(env, b"Subject: found\n\nbody\n")
+        # A broken file beside it is reported once and left alone.
+        store.message_path("00000000000001ABCDEF").write_bytes(b"garbage")
+        self.assertEqual(self.resolver.calls, [])
+        self.clock.advance(5)  # the next scan of the queue folder
+        self.assertEqual(len(self.resolver.calls), 1)
+        self.assertIn(env.id, self.relayer.entries)
+        self.assertEqual(self.relayer._unreadable, {"00000000000001ABCDEF"})
+        self.clock.advance(5)
+        self.assertEqual(len(self.resolver.calls), 1)  # not started twice
         self.successResultOf(self.relayer.stop())
 
 

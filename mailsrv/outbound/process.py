@@ -21,6 +21,7 @@ from typing import Any
 
 from twisted.application import service
 from twisted.internet import defer, error, protocol
+from twisted.internet.interfaces import IPushProducer
 from twisted.logger import (
     FileLogObserver,
     InvalidLogLevelError,
@@ -30,6 +31,7 @@ from twisted.logger import (
 )
 from twisted.protocols import amp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
@@ -39,6 +41,7 @@ RESTART_MIN = 1.0  # seconds before a relay process that died is started again
 RESTART_MAX = 60.0
 STABLE_AFTER = 60.0  # a process that ran this long resets the back-off
 STOP_TIMEOUT = 15.0  # then the relay process is killed
+BACKLOG_NOTICES = 10_000  # notices (without bytes) sent while the relay process lags
 PROFILE_ENV = "MAILSRV_RELAY_PROFILE"  # a file: run the relay process under cProfile
 
 
@@ -106,6 +109,7 @@ def _shrink_queued(item: list[Any]) -> list[Any] | None:
     return None
 
 
+@implementer(IPushProducer)
 class RelayProcessProtocol(protocol.ProcessProtocol):
     """One run of the relay process: its pipes carry AMP."""
 
@@ -116,6 +120,8 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
         self.ended: defer.Deferred = defer.Deferred()
         self.reason: Failure | None = None
         self.notices = ipc.Batcher(reactor, self._send_notices, _shrink_queued)
+        self.backlog = False  # the relay process is not keeping up with its pipe
+        self.backlog_notices = 0
 
     def _send_notices(self, items: bytes) -> None:
         if self.amp.transport is None:
@@ -129,6 +135,34 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
         assert self.transport is not None
         self.transport.closeStdin()  # nothing to read on its standard input
         self.amp.makeConnection(ipc.PipeTransport(self.transport))
+        # The pipe tells us when the relay process does not keep up with it
+        # (its buffer fills): notices then go without the messages' bytes,
+        # and after BACKLOG_NOTICES of those, not at all until it catches up
+        # (it finds the messages in the queue folder at its next look).
+        writer = getattr(self.transport, "pipes", {}).get(ipc.CHILD_IN)
+        if hasattr(writer, "registerProducer"):  # Twisted's pipe writer, an IConsumer
+            writer.registerProducer(self, True)
+
+    def notice(self, item: list[Any]) -> None:
+        """Tell the relay process of a queued message, as far as its pipe allows."""
+        if self.backlog:
+            self.backlog_notices += 1
+            if self.backlog_notices > BACKLOG_NOTICES:
+                return
+            item = item[:3] + [None]
+        self.notices.add(item)
+
+    # IPushProducer, for the pipe to the relay process
+
+    def pauseProducing(self) -> None:
+        self.backlog = True
+
+    def resumeProducing(self) -> None:
+        self.backlog = False
+        self.backlog_notices = 0
+
+    def stopProducing(self) -> None:
+        self.backlog = True
 
     def childDataReceived(self, childFD: int, data: bytes) -> None:
         if childFD == ipc.CHILD_OUT:
@@ -235,8 +269,8 @@ class RelayProcessService(service.Service):
         data = self.queue.take_recent(env.id)
         proto = self.proto
         if proto is None or proto.amp.transport is None:
-            return  # it finds the message on disk when it starts
-        proto.notices.add(
+            return  # it finds the message in the queue folder when it starts
+        proto.notice(
             [
                 env.id,
                 env.to_json().decode("utf-8"),

@@ -87,6 +87,7 @@ class Relayer:
         # (the relay process hears of a message it may have found on disk first)
         # must not start it again.
         self._finished: dict[str, None] = {}
+        self._unreadable: set[str] = set()  # logged once, then left to the administrator
         self._poller: task.LoopingCall | None = None
         self._running = False
         self._may_context = ssl.CertificateOptions(verify=False)
@@ -102,6 +103,7 @@ class Relayer:
         self._running = True
         envelopes, bad = yield self.queue.scan()
         for queue_id in bad:
+            self._unreadable.add(queue_id)
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in envelopes:
             if env.id not in self.entries:
@@ -168,12 +170,24 @@ class Relayer:
         self._schedule()
 
     def _poll(self) -> defer.Deferred:
-        """Notice ``queue flush`` and ``queue delete`` done by the admin command."""
+        """
+        Notice ``queue flush`` and ``queue delete`` done by the admin command,
+        and messages on disk nobody told us of (a notice from the server lost
+        or held back: they are an optimisation, the queue folder is the truth).
+        """
         d = self.queue.poll()
 
         def polled(result: tuple[list[str], bool]) -> Any:
             ids, flush = result
             on_disk = set(ids)
+            unknown = [
+                i
+                for i in ids
+                if i not in self.entries
+                and i not in self._finished
+                and i not in self._active
+                and i not in self._unreadable
+            ]
             for queue_id in list(self.entries):
                 if queue_id not in on_disk and queue_id not in self._active:
                     self.log.info(
@@ -185,8 +199,32 @@ class Relayer:
             if flush:
                 self.log.info("queue flush requested")
                 self.flush()
+            if unknown:
+                return self._in_pool(self._load, unknown).addCallback(self._found)
+            return None
 
         return d.addCallback(polled).addErrback(lambda f: self.log.failure("queue poll failed", f))
+
+    def _load(self, ids: list[str]) -> tuple[list[Envelope], list[str]]:
+        """In a thread: the envelopes of C{ids}; the ids that are there but unreadable."""
+        found, bad = [], []
+        for queue_id in ids:
+            try:
+                found.append(self.queue.store.load_envelope(queue_id))
+            except FileNotFoundError:
+                pass  # delivered and removed meanwhile
+            except (OSError, ValueError, TypeError, KeyError):
+                bad.append(queue_id)
+        return found, bad
+
+    def _found(self, result: tuple[list[Envelope], list[str]]) -> None:
+        found, bad = result
+        for queue_id in bad:
+            self._unreadable.add(queue_id)
+            self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
+        for env in found:
+            if self.queued(env):
+                self.log.info("{queue_id}: found in the queue folder", queue_id=env.id)
 
     def _schedule(self) -> None:
         """Start every message that is due; wake up when the next one is."""
