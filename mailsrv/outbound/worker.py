@@ -40,6 +40,7 @@ from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 
 LOCK_RETRY = 0.5  # seconds between tries for the relay lock
+RELAY_NICE = 5  # a lower CPU priority than the server's
 
 
 class ServerMailboxes:
@@ -278,6 +279,12 @@ def main() -> None:
     from mailsrv.service import tune_malloc
 
     tune_malloc()
+    # Clients first: on a busy host the server answers SMTP, POP3 and IMAP
+    # before this process relays mail that is safe on disk already.
+    try:
+        os.nice(RELAY_NICE)
+    except OSError:
+        pass
     from twisted.internet import reactor
 
     proto = RelaySide(reactor)
