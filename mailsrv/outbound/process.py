@@ -139,9 +139,10 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
         # (its buffer fills): notices then go without the messages' bytes,
         # and after BACKLOG_NOTICES of those, not at all until it catches up
         # (it finds the messages in the queue folder at its next look).
-        writer = getattr(self.transport, "pipes", {}).get(ipc.CHILD_IN)
-        if hasattr(writer, "registerProducer"):  # Twisted's pipe writer, an IConsumer
-            writer.registerProducer(self, True)
+        writer: Any = getattr(self.transport, "pipes", {}).get(ipc.CHILD_IN)
+        register = getattr(writer, "registerProducer", None)  # Twisted's pipe writer
+        if register is not None:
+            register(self, True)
 
     def notice(self, item: list[Any]) -> None:
         """Tell the relay process of a queued message, as far as its pipe allows."""
