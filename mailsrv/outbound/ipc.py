@@ -132,6 +132,22 @@ def decode(payload: bytes) -> list[Any]:
     return items
 
 
+class QuietAMP(amp.AMP):
+    """
+    AMP without its own "connection established/lost" log lines, which name
+    pipe objects: the server logs the relay process's start and end itself.
+    """
+
+    def makeConnection(self, transport: Any) -> None:
+        self._transportPeer = transport.getPeer()
+        self._transportHost = transport.getHost()
+        amp.BinaryBoxProtocol.makeConnection(self, transport)
+
+    def connectionLost(self, reason: Any = None) -> None:
+        amp.BinaryBoxProtocol.connectionLost(self, reason)
+        self.transport = None
+
+
 class PipeTransport:
     """A child process's pipes as the transport of the server's AMP protocol."""
 

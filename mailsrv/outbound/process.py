@@ -29,7 +29,6 @@ from twisted.logger import (
     LogLevel,
     globalLogPublisher,
 )
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
@@ -45,7 +44,7 @@ BACKLOG_NOTICES = 10_000  # notices (without bytes) sent while the relay process
 PROFILE_ENV = "MAILSRV_RELAY_PROFILE"  # a file: run the relay process under cProfile
 
 
-class ServerSide(amp.AMP):
+class ServerSide(ipc.QuietAMP):
     """The server's end of the pipes: local deliveries and log events."""
 
     log = Logger()
@@ -227,6 +226,9 @@ class RelayProcessService(service.Service):
             return
         self.proto = proto
         self._started_at = self.reactor.seconds()
+        self.log.info(
+            "relay process started (pid {pid})", pid=getattr(proto.transport, "pid", None)
+        )
         proto.ended.addCallback(self._ended, proto)
         base = self.config.base_dir or Path.cwd()
         d = proto.amp.callRemote(

@@ -30,7 +30,6 @@ from twisted.logger import (
     globalLogPublisher,
     textFileLogObserver,
 )
-from twisted.protocols import amp
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
@@ -91,7 +90,7 @@ class ServerMailboxes:
         return str(path)
 
 
-class RelaySide(amp.AMP):
+class RelaySide(ipc.QuietAMP):
     """The relay process's end of the pipes."""
 
     log = Logger()
