@@ -1,4 +1,9 @@
-"""The outbound part of the server: the queue the SMTP server fills, and the relayer."""
+"""
+The outbound part of the server inside one process: the queue the SMTP
+server fills and the relayer beside it. The daemon runs the relayer in a
+process of its own instead (L{mailsrv.outbound.process}); this in-process
+form serves tests and programs that embed the server.
+"""
 
 from __future__ import annotations
 
