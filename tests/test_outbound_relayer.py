@@ -141,6 +141,65 @@ delay_warning = "4h"
         self.successResultOf(self.relayer.stop())
 
 
+class _HeldMailboxes:
+    """Local deliveries that wait until the test lets them finish."""
+
+    def __init__(self):
+        self.pending: list[tuple[str, defer.Deferred]] = []
+
+    def deliver(self, user, source, sender):
+        d: defer.Deferred = defer.Deferred()
+        self.pending.append((user, d))
+        return d
+
+
+class _AllLocal:
+    def has_user(self, address):
+        return True
+
+
+class LocalCheckpointTests(unittest.TestCase):
+    def test_each_local_copy_is_recorded_before_the_next(self):
+        clock = MemoryReactorClock()
+        config = parse(f"""
+[server]
+hostname = "mail.example.test"
+data_dir = "{temp_dir(self) / "data"}"
+""")
+        queue = OutboundQueue(config.queue_dir, clock, None)
+        mailboxes = _HeldMailboxes()
+        relayer = Relayer(
+            config=config,
+            queue=queue,
+            reactor=clock,
+            threadpool=None,
+            resolver=DownResolver(),
+            store=mailboxes,
+            passwords=_AllLocal(),
+        )
+        self.successResultOf(relayer.start())
+        qid = self.successResultOf(
+            queue.enqueue(
+                "x@remote.test",
+                ["a@example.test", "b@example.test", "c@example.test"],
+                BytesSource(b"Subject: hi\n\nbody\n"),
+            )
+        )
+        store = QueueStore(config.queue_dir)
+        ((user, d),) = mailboxes.pending
+        self.assertEqual(user, "a@example.test")
+        d.callback(None)
+        # a's copy is on disk as sent before b's delivery begins: a crash now
+        # would not deliver it again.
+        self.assertEqual([u for u, _ in mailboxes.pending[1:]], ["b@example.test"])
+        states = [r.state for r in store.load_envelope(qid).recipients]
+        self.assertEqual(states, ["sent", "pending", "pending"])
+        mailboxes.pending[1][1].callback(None)
+        mailboxes.pending[2][1].callback(None)
+        self.assertEqual(store.ids(), [])  # all three done: removed
+        self.successResultOf(relayer.stop())
+
+
 class RecordLogTests(unittest.TestCase):
     """The per-attempt line: built once as text, its named fields kept for other observers."""
 

@@ -368,6 +368,9 @@ class Relayer:
                 )
             else:
                 self._record(env, r, RemoteReply(250, "2.0.0 delivered to mailbox"), "", "local")
+                # Recorded before the next mailbox: a crash in between must not
+                # deliver this copy again.
+                yield self._checkpoint(env, [r])
         yield self._checkpoint(env, rcpts)
 
     def _tls_for(self, domain: str, hop: Hop) -> tuple[Any, bool]:
