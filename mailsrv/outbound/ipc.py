@@ -49,8 +49,8 @@ class Start(amp.Command):
 
 
 class Queued(amp.Command):
-    # A JSON list of [queue id, envelope JSON or null, offset, message or null]
-    # (the message's bytes as Latin-1 text).
+    # A JSON list of [queue id, envelope (object) or null, offset, message or
+    # null] (the message's bytes as Latin-1 text).
     arguments = [(b"items", amp.String())]
     requiresAnswer = False
 

@@ -276,7 +276,7 @@ class RelayProcessService(service.Service):
         proto.notice(
             [
                 env.id,
-                env.to_json().decode("utf-8"),
+                env.to_dict(),
                 env.offset,
                 None if data is None else data.decode("latin-1"),
             ]

@@ -98,21 +98,29 @@ class Envelope:
     def pending(self) -> list[Recipient]:
         return [r for r in self.recipients if r.state == PENDING]
 
-    def to_json(self) -> bytes:
+    def to_dict(self) -> dict[str, Any]:
+        """The envelope as plain JSON-able data (what L{to_json} writes)."""
         raw: dict[str, Any] = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
         raw["version"] = 1
-        raw["recipients"] = [vars(r) for r in self.recipients]
-        return json.dumps(raw, separators=(",", ":"), sort_keys=True).encode()
+        raw["recipients"] = [dict(vars(r)) for r in self.recipients]
+        return raw
+
+    def to_json(self) -> bytes:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
 
     @classmethod
-    def from_json(cls, data: bytes, offset: int = 0) -> Envelope:
-        raw = json.loads(data)
+    def from_dict(cls, raw: Any, offset: int = 0) -> Envelope:
         if not isinstance(raw, dict):
             raise ValueError("an envelope is a JSON object")
+        raw = dict(raw)
         raw.pop("version", None)
         raw.pop("offset", None)
         raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
         return cls(**raw, offset=offset)
+
+    @classmethod
+    def from_json(cls, data: bytes, offset: int = 0) -> Envelope:
+        return cls.from_dict(json.loads(data), offset)
 
 
 _ENVELOPE_FIELDS = (

@@ -171,7 +171,7 @@ class RelaySide(ipc.QuietAMP):
         for queue_id, envelope, offset, data in ipc.decode(items):
             message = None if data is None else data.encode("latin-1")
             if envelope is not None:
-                self._add(Envelope.from_json(envelope.encode("utf-8"), offset), message)
+                self._add(Envelope.from_dict(envelope, offset), message)
                 continue
             # Too big to send: read it from the disk.
             assert self.pool is not None
