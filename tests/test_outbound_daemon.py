@@ -16,7 +16,13 @@ from twisted.names import dns
 from twisted.trial import unittest
 
 from tests.e2e import PASSWORD, MailServer
-from tests.test_outbound_support import Receiver, listen_all, start_dns, temp_dir
+from tests.test_outbound_support import (
+    Receiver,
+    daemon_relay_config,
+    listen_all,
+    start_dns,
+    temp_dir,
+)
 
 A, MX = dns.Record_A, dns.Record_MX
 
@@ -63,15 +69,7 @@ class DaemonRelay(unittest.TestCase):
             ],
         )
         self.addCleanup(dns_port.stopListening)
-        extra = (
-            "[dns]\n"
-            f'nameservers = ["127.0.0.1:{dns_port.getHost().port}"]\n'
-            "[relay]\n"
-            f"port = {self.relay_port}\n"
-            'retry_min = "1h"\n'
-            'retry_max = "1h"\n'
-        )
-        self.server = MailServer(self.tmp, extra=extra)
+        self.server = MailServer(self.tmp, extra=daemon_relay_config(dns_port, self.relay_port))
 
     @defer.inlineCallbacks
     def start_server(self):

@@ -30,7 +30,13 @@ from mailsrv.outbound import ipc
 from mailsrv.outbound.process import RESTART_MIN, STOP_TIMEOUT, RelayProcessService, ServerSide
 from mailsrv.store.memory import MemoryMailStore
 from tests.e2e import PASSWORD, MailServer
-from tests.test_outbound_support import Receiver, listen_all, start_dns, temp_dir
+from tests.test_outbound_support import (
+    Receiver,
+    daemon_relay_config,
+    listen_all,
+    start_dns,
+    temp_dir,
+)
 
 A, MX = dns.Record_A, dns.Record_MX
 
@@ -99,15 +105,7 @@ class RelayProcessEndToEnd(unittest.TestCase):
             [("accept.test", MX(10, b"mx.accept.test")), ("mx.accept.test", A("127.0.0.2"))],
         )
         self.addCleanup(dns_port.stopListening)
-        extra = (
-            "[dns]\n"
-            f'nameservers = ["127.0.0.1:{dns_port.getHost().port}"]\n'
-            "[relay]\n"
-            f"port = {self.relay_port}\n"
-            'retry_min = "1h"\n'
-            'retry_max = "1h"\n'
-        )
-        self.server = MailServer(self.tmp, extra=extra)
+        self.server = MailServer(self.tmp, extra=daemon_relay_config(dns_port, self.relay_port))
         self.queue_dir = self.server.data / "queue"
         self.seen_relay_pids: set[int] = set()
 

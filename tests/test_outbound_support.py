@@ -270,6 +270,18 @@ def ipv6_loopback() -> bool:
         return False
 
 
+def daemon_relay_config(dns_port: Any, relay_port: int) -> str:
+    """Config lines for a daemon that relays through the test's DNS server and receivers."""
+    return (
+        "[dns]\n"
+        f'nameservers = ["127.0.0.1:{dns_port.getHost().port}"]\n'
+        "[relay]\n"
+        f"port = {relay_port}\n"
+        'retry_min = "1h"\n'
+        'retry_max = "1h"\n'
+    )
+
+
 def temp_dir(case: Any) -> Any:
     """A fresh folder outside the work tree, removed when the test ends."""
     path = Path(tempfile.mkdtemp(prefix="mailsrv-outbound-"))
