@@ -85,6 +85,20 @@ class ThreadPoolService(service.MultiService):
         return d
 
 
+class GoodbyeService(service.Service):
+    """
+    At shutdown, tells the open sessions the server is stopping (SMTP's
+    421) and waits for them to close, before the disk thread pool stops.
+    """
+
+    def __init__(self, factories: list[Any]) -> None:
+        self.factories = factories
+
+    def stopService(self) -> defer.Deferred:
+        super().stopService()
+        return defer.DeferredList([f.shut_down() for f in self.factories])
+
+
 def build_context(config: Config, reactor: Any, parent: service.MultiService) -> ServerContext:
     from mailsrv import tls
     from mailsrv.auth.checkers import PasswordChecker
@@ -154,6 +168,9 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
 
     relay_process_service(ctx).setServiceParent(users)
     factories = _factories(ctx)
+    GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
+        users
+    )
     for name, endpoints in config.listen.items():
         if not endpoints:
             continue

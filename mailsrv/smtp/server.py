@@ -117,6 +117,8 @@ class SMTPServer(smtp.ESMTP):
         self._paused_transport = False
         self._write_blocked = False
         self._lost = False
+        self._shutting_down = False
+        self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
         self._errors = 0
         self._client_ip = "unknown"
         self._helo_name: str | None = None
@@ -145,6 +147,9 @@ class SMTPServer(smtp.ESMTP):
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
         self.transport.registerProducer(self, True)
+        sessions = getattr(self.factory, "open_sessions", None)
+        if sessions is not None:
+            sessions.add(self)
         super().connectionMade()  # 220 greeting, idle timer
         self.canStartTLS = self.canStartTLS and not self.implicit_tls
 
@@ -158,6 +163,28 @@ class SMTPServer(smtp.ESMTP):
             self._message.connectionLost()
             self._message = None
         self._do_logout()
+        sessions = getattr(self.factory, "open_sessions", None)
+        if sessions is not None:
+            sessions.discard(self)
+        if not self.ended.called:
+            self.ended.callback(None)
+
+    def shut_down(self) -> None:
+        """
+        The server is stopping: say 421 and close (RFC 5321 3.8), now, or
+        once the command under way has been answered (a message being
+        stored gets its 250 first). A message half sent is dropped; the
+        client sends it again later.
+        """
+        self._shutting_down = True
+        if not self._waiting:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        if self._lost or self.transport.disconnecting:
+            return
+        self._reply(replies.SHUTTING_DOWN)
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         if self.transport.disconnecting or self._write_blocked:
@@ -309,6 +336,9 @@ class SMTPServer(smtp.ESMTP):
             if isinstance(result, Failure):
                 self.log.failure("unexpected error in SMTP session", failure=result)
             if self._lost:
+                return
+            if self._shutting_down:
+                self._goodbye()
                 return
             if not self.transport.disconnecting:
                 self.setTimeout(self.timeout)
@@ -753,6 +783,9 @@ class SMTPServer(smtp.ESMTP):
         self._reply(replies.AUTH_FAILED)
 
 
+SHUTDOWN_GRACE = 10.0  # seconds sessions have to finish a command at shutdown
+
+
 class SMTPFactory(smtp.SMTPFactory):
     """Builds L{SMTPServer} sessions for one listener."""
 
@@ -764,11 +797,34 @@ class SMTPFactory(smtp.SMTPFactory):
         self.submission = submission
         self.implicit_tls = implicit_tls
         self.domain = context.config.server.hostname.encode("ascii", "replace")
+        self.open_sessions: set[SMTPServer] = set()
 
     def buildProtocol(self, addr) -> SMTPServer:
         p = SMTPServer(self.context, self.submission, self.implicit_tls)
         p.factory = self
         return p
+
+    def shut_down(self, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
+        """
+        Tell every open session the server is stopping (421); fire once they
+        have all closed, cutting those still open after C{grace} seconds.
+        """
+        sessions = list(self.open_sessions)
+        for p in sessions:
+            p.shut_down()
+        if not sessions:
+            return defer.succeed(None)
+        reactor = self.context.reactor
+
+        def cut() -> None:
+            for p in list(self.open_sessions):
+                abort = getattr(p.transport, "abortConnection", None)
+                if abort is not None:
+                    abort()
+
+        timer = reactor.callLater(grace, cut)
+        d = defer.DeferredList([p.ended for p in sessions])
+        return d.addBoth(lambda _: timer.cancel() if timer.active() else None)
 
 
 def register_avatars(context: Any) -> None:
