@@ -13,6 +13,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
+from OpenSSL import crypto
 from twisted.internet import ssl
 from twisted.logger import Logger
 
@@ -76,6 +77,20 @@ def server_options(config: Config) -> ssl.CertificateOptions:
                 path=str(cert_path.parent),
             )
             generate_self_signed(config.server.hostname, cert_path, key_path)
-    pem = cert_path.read_bytes() + b"\n" + key_path.read_bytes()
-    cert = ssl.PrivateCertificate.loadPEM(pem)
-    return cert.options()
+    return load_options(cert_path, key_path)
+
+
+def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+    """
+    Options that send every certificate in C{cert_path}: the server's, then
+    the intermediates, as in the C{fullchain.pem} an ACME client writes
+    (RFC 8446 4.4.2: the sender's certificate first, then the ones that
+    certify it). Clients that trust only the root need the intermediates.
+    """
+    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    return ssl.CertificateOptions(
+        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+        certificate=crypto.X509.from_cryptography(certs[0]),
+        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+    )
