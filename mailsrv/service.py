@@ -12,13 +12,14 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
+from mailsrv.tls import ServerTLS
 
 log = Logger()
 
@@ -56,7 +57,7 @@ class ServerContext:
     store: IMailStore
     passwords: IPasswordDatabase
     portal: Portal
-    tls: ssl.CertificateOptions
+    tls: ServerTLS
     throttle: Any = None  # mailsrv.auth.throttle.LoginThrottle
     queue: IOutboundQueue | None = None
     services: service.MultiService | None = None
@@ -161,6 +162,9 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         reactor = _reactor
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
+    from mailsrv.hangup import HangupService
+
+    HangupService(ctx.tls, reactor).setServiceParent(top)
     users = ctx.services  # everything below stops before the disk thread pool
     assert users is not None
     # The relayer runs in a process of its own, beside this one.

@@ -1,6 +1,7 @@
 """
 The server's TLS certificate: the configured PEM files, or a self-signed
-certificate generated once in the data folder.
+certificate generated once in the data folder; read again on demand
+(SIGHUP), since ACME clients renew the files in place.
 """
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import datetime
 import os
 from pathlib import Path
+from typing import Any
 
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
@@ -15,7 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 from OpenSSL import crypto
 from twisted.internet import ssl
+from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailsrv.config import Config
 
@@ -65,8 +69,36 @@ def _write_atomic(path: Path, data: bytes, mode: int) -> None:
     os.replace(tmp, path)
 
 
-def server_options(config: Config) -> ssl.CertificateOptions:
-    """The server-side TLS options for every listener (STARTTLS and implicit TLS)."""
+def server_options(config: Config) -> ServerTLS:
+    """The server-side TLS settings for every listener (STARTTLS and implicit TLS)."""
+    return ServerTLS(config)
+
+
+@implementer(IOpenSSLServerConnectionCreator, IOpenSSLContextFactory)
+class ServerTLS:
+    """
+    The server side of TLS, shared by every listener: the certificate and key
+    read at start, and read again by L{reload}; connections made after a
+    reload use the new ones, connections already open keep theirs.
+    """
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.certificate_path, self.options = _load(config)
+
+    def reload(self) -> Path:
+        """Read the files again; return the certificate file. On error the old ones stay."""
+        self.certificate_path, self.options = _load(self.config)
+        return self.certificate_path
+
+    def getContext(self) -> Any:
+        return self.options.getContext()
+
+    def serverConnectionForTLS(self, tlsProtocol: Any) -> Any:
+        return self.options.serverConnectionForTLS(tlsProtocol)
+
+
+def _load(config: Config) -> tuple[Path, ssl.CertificateOptions]:
     cert_path, key_path = config.tls.certificate, config.tls.key
     if cert_path is None or key_path is None:
         cert_path, key_path = self_signed_paths(config)
@@ -77,7 +109,7 @@ def server_options(config: Config) -> ssl.CertificateOptions:
                 path=str(cert_path.parent),
             )
             generate_self_signed(config.server.hostname, cert_path, key_path)
-    return load_options(cert_path, key_path)
+    return cert_path, load_options(cert_path, key_path)
 
 
 def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
@@ -89,8 +121,10 @@ def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
     """
     certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
     key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    return ssl.CertificateOptions(
+    options = ssl.CertificateOptions(
         privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
         certificate=crypto.X509.from_cryptography(certs[0]),
         extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
     )
+    options.getContext()  # a key that does not match the certificate fails here, not later
+    return options
