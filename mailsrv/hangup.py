@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from mailsrv.startup import StartupError
 from mailsrv.tls import ServerTLS
 
 
@@ -46,10 +47,11 @@ class HangupService(service.Service):
         try:
             path = self.tls.reload()
         except Exception as e:
+            why = str(e) if isinstance(e, StartupError) else f"{type(e).__name__}: {e}"
             self.log.error(
                 "SIGHUP: cannot reload the TLS certificate ({why}); still using the one "
                 "read before",
-                why=f"{type(e).__name__}: {e}",
+                why=why,
             )
             return
         self.log.info(

@@ -106,14 +106,14 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
     from mailsrv.auth.passwd import PasswordFile
     from mailsrv.auth.realm import MailRealm
     from mailsrv.auth.throttle import LoginThrottle
+    from mailsrv.startup import make_data_dirs
     from mailsrv.store.mbox import MboxMailStore
 
     tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
     users = ThreadPoolService(pool)
     users.setServiceParent(parent)
-    for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    make_data_dirs(config)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     realm = MailRealm()

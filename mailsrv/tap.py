@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 from twisted.python import usage
 
 from mailsrv.config import ConfigError, load
@@ -18,10 +20,24 @@ class Options(usage.Options):
         try:
             self["settings"] = load(self["config"])
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            # One line per problem, and not after twistd's usage text: the
+            # command line is fine, the file is not.
+            for line in str(e).splitlines():
+                print(f"mailsrv: {line}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def makeService(options: Options):
     from mailsrv.service import build_service
+    from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 
-    return build_service(options["settings"])
+    config = options["settings"]
+    try:
+        server = build_service(config)
+    except StartupError as e:
+        print(f"mailsrv: cannot start: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    guard = StartupGuard(config)
+    server.setServiceParent(guard)
+    report_startup_errors()
+    return guard

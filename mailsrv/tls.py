@@ -15,13 +15,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
-from OpenSSL import crypto
+from OpenSSL import SSL, crypto
 from twisted.internet import ssl
 from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerConnectionCreator
 from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.config import Config
+from mailsrv.startup import StartupError, os_reason
 
 log = Logger()
 
@@ -108,23 +109,54 @@ def _load(config: Config) -> tuple[Path, ssl.CertificateOptions]:
                 host=config.server.hostname,
                 path=str(cert_path.parent),
             )
-            generate_self_signed(config.server.hostname, cert_path, key_path)
-    return cert_path, load_options(cert_path, key_path)
+            try:
+                generate_self_signed(config.server.hostname, cert_path, key_path)
+            except OSError as e:
+                raise StartupError(
+                    config.path, "server.data_dir", config.server.data_dir, os_reason(e)
+                )
+        keys = ("server.data_dir (self-signed certificate)",) * 2
+    else:
+        keys = ("tls.certificate", "tls.key")
+    return cert_path, load_options(cert_path, key_path, config.path, keys)
 
 
-def load_options(cert_path: Path, key_path: Path) -> ssl.CertificateOptions:
+def load_options(
+    cert_path: Path,
+    key_path: Path,
+    source: str = "<config>",
+    keys: tuple[str, str] = ("tls.certificate", "tls.key"),
+) -> ssl.CertificateOptions:
     """
     Options that send every certificate in C{cert_path}: the server's, then
     the intermediates, as in the C{fullchain.pem} an ACME client writes
     (RFC 8446 4.4.2: the sender's certificate first, then the ones that
     certify it). Clients that trust only the root need the intermediates.
+
+    A file that cannot be used raises L{StartupError} naming its key in the
+    config file C{source}.
     """
-    certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
-    key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
-    options = ssl.CertificateOptions(
-        privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
-        certificate=crypto.X509.from_cryptography(certs[0]),
-        extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
-    )
-    options.getContext()  # a key that does not match the certificate fails here, not later
+    cert_key, key_key = keys
+    try:
+        certs = x509.load_pem_x509_certificates(cert_path.read_bytes())
+    except OSError as e:
+        raise StartupError(source, cert_key, cert_path, os_reason(e, cert_path))
+    except ValueError:
+        raise StartupError(source, cert_key, cert_path, "no PEM certificate in it")
+    try:
+        key = serialization.load_pem_private_key(key_path.read_bytes(), password=None)
+    except OSError as e:
+        raise StartupError(source, key_key, key_path, os_reason(e, key_path))
+    except (ValueError, TypeError):
+        raise StartupError(source, key_key, key_path, "no unencrypted PEM private key in it")
+    try:
+        options = ssl.CertificateOptions(
+            privateKey=crypto.PKey.from_cryptography_key(key),  # type: ignore[arg-type]
+            certificate=crypto.X509.from_cryptography(certs[0]),
+            extraCertChain=[crypto.X509.from_cryptography(c) for c in certs[1:]],
+        )
+        options.getContext()  # a key that does not match the certificate fails here
+    except (SSL.Error, TypeError, ValueError) as e:
+        reason = f"does not go with the certificate {cert_path} ({e})"
+        raise StartupError(source, key_key, key_path, reason)
     return options
