@@ -492,6 +492,32 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
     )
 
 
+SYSTEM_CONFIG = Path("/etc/mailsrv/mailsrv.toml")
+CONFIG_ENV = "MAILSRV_CONFIG"
+
+
+def find_config(
+    option: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    system: Path = SYSTEM_CONFIG,
+) -> tuple[Path | None, str]:
+    """
+    The config file both ``twistd mailsrv`` and ``mailsrv`` use, and where
+    that choice came from: the C{--config} option, else the C{MAILSRV_CONFIG}
+    environment variable, else C{/etc/mailsrv/mailsrv.toml} when it exists,
+    else None for the built-in default (its relative paths are relative to
+    the current folder).
+    """
+    if option is not None:
+        return Path(option), "--config"
+    env = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if env:
+        return Path(env), CONFIG_ENV
+    if system.exists():
+        return system, str(system)
+    return None, "built-in default"
+
+
 def load(path: str | os.PathLike[str] | None) -> Config:
     """Load the config file at C{path}, or the embedded default when None."""
     if path is None:

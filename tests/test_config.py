@@ -154,3 +154,13 @@ def test_listen_ports_between_1_and_65535():
             parse(f'[listen]\nsmtp = ["{bad}"]\n', "m.toml")
         (line,) = str(e.value).splitlines()
         assert line.startswith("m.toml: listen.smtp: ") and bad in line and "65535" in line
+
+
+def test_find_config_order(tmp_path):
+    system = tmp_path / "system.toml"
+    env = {"MAILSRV_CONFIG": "/env.toml"}
+    assert config.find_config("/opt.toml", env, system) == (Path("/opt.toml"), "--config")
+    assert config.find_config(None, env, system) == (Path("/env.toml"), "MAILSRV_CONFIG")
+    assert config.find_config(None, {}, system) == (None, "built-in default")
+    system.write_text("")
+    assert config.find_config(None, {"MAILSRV_CONFIG": ""}, system) == (system, str(system))
