@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from cryptography import x509
+from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
@@ -99,11 +100,50 @@ class ServerTLS:
         return self.options.serverConnectionForTLS(tlsProtocol)
 
 
+def _stale_self_signed(cert_path: Path, hostname: str) -> bool:
+    """
+    Whether the certificate in data_dir/tls is one mailsrv made (self-signed)
+    for another hostname, to be made again. One that is not self-signed was
+    put there by someone else: it is kept, with a warning if the name differs.
+    """
+    try:
+        cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    except (OSError, ValueError):
+        return False  # reported when loaded, naming the file
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        names = [n.lower() for n in san.get_values_for_type(x509.DNSName)]
+    except x509.ExtensionNotFound:
+        names = []
+    if hostname.lower() in names:
+        return False
+    try:
+        cert.verify_directly_issued_by(cert)
+    except (ValueError, TypeError, InvalidSignature):
+        log.warn(
+            "the certificate {path} is for {names}, not server.hostname {host}; "
+            "mailsrv did not make it and leaves it as it is",
+            path=str(cert_path),
+            names=", ".join(names) or cert.subject.rfc4514_string(),
+            host=hostname,
+        )
+        return False
+    log.info(
+        "the self-signed certificate {path} is for {names}, not server.hostname {host}",
+        path=str(cert_path),
+        names=", ".join(names) or cert.subject.rfc4514_string(),
+        host=hostname,
+    )
+    return True
+
+
 def _load(config: Config) -> tuple[Path, ssl.CertificateOptions]:
     cert_path, key_path = config.tls.certificate, config.tls.key
     if cert_path is None or key_path is None:
         cert_path, key_path = self_signed_paths(config)
-        if not (cert_path.exists() and key_path.exists()):
+        if not (cert_path.exists() and key_path.exists()) or _stale_self_signed(
+            cert_path, config.server.hostname
+        ):
             log.info(
                 "generating a self-signed certificate for {host} in {path}",
                 host=config.server.hostname,
