@@ -13,6 +13,7 @@ import contextlib
 import getpass
 import sys
 from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -119,6 +120,14 @@ def _user_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml's)."""
+    try:
+        return metadata.version("mailsrv")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``mailsrv [--config FILE] user|queue ...``."""
     parser = argparse.ArgumentParser(
@@ -134,6 +143,7 @@ def build_parser() -> argparse.ArgumentParser:
             "when it exists, else the built-in default, as twistd mailsrv finds it)"
         ),
     )
+    parser.add_argument("--version", action="version", version=f"mailsrv {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 

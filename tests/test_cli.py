@@ -221,3 +221,14 @@ def test_console_command_in_a_subprocess(cfg, tmp_path):
             timeout=60,
         )
         assert r.stdout == "sub@example.test\n"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert run("--version")[0] == 0
+    assert capsys.readouterr().out == f"mailsrv {version('mailsrv')}\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "mailsrv", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (r.returncode, r.stdout) == (0, f"mailsrv {version('mailsrv')}\n")
