@@ -12,11 +12,13 @@ import argparse
 import contextlib
 import getpass
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from importlib import metadata
+from pathlib import Path
 from typing import Any, TextIO
 
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
-from mailsrv.config import Config, ConfigError, load
+from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.store.names import split_user, user_dir
 
 HANDLER = "handler"  # the argparse default naming a subcommand's handler(args, config) -> int
@@ -78,7 +80,7 @@ def _user_add(args: argparse.Namespace, config: Config, io: _IO) -> int:
         passwords.add_user(address, password)
     except KeyError:
         raise CommandError(f"{address} already exists")
-    print(f"added {address}", file=io.stdout)
+    print(f"added {address} to {config.auth.passwd_file}", file=io.stdout)
     return 0
 
 
@@ -95,7 +97,7 @@ def _user_passwd(args: argparse.Namespace, config: Config, io: _IO) -> int:
         passwords.set_password(address, password)
     except KeyError:
         raise CommandError(f"no such user: {address}")
-    print(f"changed the password of {address}", file=io.stdout)
+    print(f"changed the password of {address} in {config.auth.passwd_file}", file=io.stdout)
     return 0
 
 
@@ -118,6 +120,14 @@ def _user_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
     return 0
 
 
+def _version() -> str:
+    """The installed package's version (pyproject.toml's)."""
+    try:
+        return metadata.version("mailsrv")
+    except metadata.PackageNotFoundError:
+        return "(not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line: ``mailsrv [--config FILE] user|queue ...``."""
     parser = argparse.ArgumentParser(
@@ -128,8 +138,12 @@ def build_parser() -> argparse.ArgumentParser:
         "-c",
         "--config",
         metavar="FILE",
-        help="the TOML configuration file (default: the embedded default)",
+        help=(
+            f"the TOML configuration file (default: ${CONFIG_ENV}, else {SYSTEM_CONFIG} "
+            "when it exists, else the built-in default, as twistd mailsrv finds it)"
+        ),
     )
+    parser.add_argument("--version", action="version", version=f"mailsrv {_version()}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND")
     commands.required = True
 
@@ -164,6 +178,8 @@ def main(
     stdout: TextIO | None = None,
     stderr: TextIO | None = None,
     getpass_: Callable[[str], str] = getpass.getpass,
+    environ: Mapping[str, str] | None = None,
+    system_config: Path = SYSTEM_CONFIG,
 ) -> int:
     """Run the admin command; return the exit code."""
     io = _IO(stdin or sys.stdin, stdout or sys.stdout, stderr or sys.stderr, getpass_)
@@ -172,11 +188,19 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
+    path, _ = find_config(args.config, environ, system_config)
     try:
-        config = load(args.config)
+        config = load(path)
     except ConfigError as e:
-        print(f"mailsrv: {e}", file=io.stderr)
+        for line in str(e).splitlines():
+            print(f"mailsrv: {line}", file=io.stderr)
         return 2
+    if path is None:
+        print(
+            f"mailsrv: no configuration file (no --config, ${CONFIG_ENV} or {system_config}): "
+            f"the built-in default, data in {config.server.data_dir}",
+            file=io.stderr,
+        )
     handler: Callable[..., int] = getattr(args, HANDLER)
     try:
         if handler in (_user_add, _user_del, _user_list, _user_passwd):

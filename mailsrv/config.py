@@ -41,13 +41,16 @@ imaps = ["tcp:2993:interface=127.0.0.1"]
 
 
 class ConfigError(Exception):
-    """The configuration is unusable; ``errors`` lists every problem found."""
+    """
+    The configuration is unusable; ``errors`` lists every problem found, and
+    the text has one line per problem, each naming the file, the key and the
+    value.
+    """
 
     def __init__(self, path: str, errors: list[str]) -> None:
         self.path = path
         self.errors = errors
-        lines = "\n".join(f"  {e}" for e in errors)
-        super().__init__(f"{path}: {len(errors)} error(s) in the configuration:\n{lines}")
+        super().__init__("\n".join(f"{path}: {e}" for e in errors))
 
 
 @dataclass(frozen=True)
@@ -236,7 +239,44 @@ def _endpoint(v: str) -> str:
         serverFromString(_ParseOnly(), v)
     except Exception as e:
         raise ValueError(f"{v!r} is not a valid server endpoint: {e}")
+    port = endpoint_port(v)
+    if port is not None and not 0 < port < 65536:
+        raise ValueError(f"{v!r}: the port must be between 1 and 65535, not {port}")
     return v
+
+
+def _endpoint_fields(description: str) -> list[str]:
+    """The colon-separated fields of an endpoint string (a backslash escapes a colon)."""
+    fields, current, escaped = [], "", False
+    for ch in description:
+        if escaped:
+            current, escaped = current + ch, False
+        elif ch == "\\":
+            escaped = True
+        elif ch == ":":
+            fields.append(current)
+            current = ""
+        else:
+            current += ch
+    fields.append(current)
+    return fields
+
+
+def endpoint_port(description: str) -> int | None:
+    """
+    The port a C{tcp:}, C{tcp6:} or C{ssl:} server endpoint listens on (the
+    first positional argument, or C{port=}); None for other kinds.
+    """
+    kind, *args = _endpoint_fields(description)
+    if kind.lower() not in ("tcp", "tcp6", "ssl"):
+        return None
+    named = dict(a.split("=", 1) for a in args if "=" in a)
+    positional = [a for a in args if "=" not in a]
+    value = named.get("port", positional[0] if positional else None)
+    try:
+        return None if value is None else int(value)
+    except ValueError:
+        return None
 
 
 def _endpoints(v: Any) -> tuple[str, ...]:
@@ -450,6 +490,32 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         source=text,
         base_dir=base,
     )
+
+
+SYSTEM_CONFIG = Path("/etc/mailsrv/mailsrv.toml")
+CONFIG_ENV = "MAILSRV_CONFIG"
+
+
+def find_config(
+    option: str | os.PathLike[str] | None,
+    environ: Mapping[str, str] | None = None,
+    system: Path = SYSTEM_CONFIG,
+) -> tuple[Path | None, str]:
+    """
+    The config file both ``twistd mailsrv`` and ``mailsrv`` use, and where
+    that choice came from: the C{--config} option, else the C{MAILSRV_CONFIG}
+    environment variable, else C{/etc/mailsrv/mailsrv.toml} when it exists,
+    else None for the built-in default (its relative paths are relative to
+    the current folder).
+    """
+    if option is not None:
+        return Path(option), "--config"
+    env = (os.environ if environ is None else environ).get(CONFIG_ENV)
+    if env:
+        return Path(env), CONFIG_ENV
+    if system.exists():
+        return system, str(system)
+    return None, "built-in default"
 
 
 def load(path: str | os.PathLike[str] | None) -> Config:

@@ -12,13 +12,14 @@ from typing import Any
 
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
-from twisted.internet import defer, ssl
+from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
+from mailsrv.tls import ServerTLS
 
 log = Logger()
 
@@ -56,7 +57,7 @@ class ServerContext:
     store: IMailStore
     passwords: IPasswordDatabase
     portal: Portal
-    tls: ssl.CertificateOptions
+    tls: ServerTLS
     throttle: Any = None  # mailsrv.auth.throttle.LoginThrottle
     queue: IOutboundQueue | None = None
     services: service.MultiService | None = None
@@ -105,14 +106,14 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
     from mailsrv.auth.passwd import PasswordFile
     from mailsrv.auth.realm import MailRealm
     from mailsrv.auth.throttle import LoginThrottle
+    from mailsrv.startup import make_data_dirs
     from mailsrv.store.mbox import MboxMailStore
 
     tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
     users = ThreadPoolService(pool)
     users.setServiceParent(parent)
-    for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
-        d.mkdir(parents=True, exist_ok=True)
+    make_data_dirs(config)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     realm = MailRealm()
@@ -161,6 +162,9 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         reactor = _reactor
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
+    from mailsrv.hangup import HangupService
+
+    HangupService(ctx.tls, reactor).setServiceParent(top)
     users = ctx.services  # everything below stops before the disk thread pool
     assert users is not None
     # The relayer runs in a process of its own, beside this one.

@@ -2,26 +2,68 @@
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+from twisted.logger import Logger
 from twisted.python import usage
 
-from mailsrv.config import ConfigError, load
+from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+
+log = Logger()
 
 
 class Options(usage.Options):
     """Command line of ``twistd mailsrv``."""
 
     optParameters = [
-        ["config", "c", None, "The TOML configuration file (default: the embedded safe default)."],
+        [
+            "config",
+            "c",
+            None,
+            "The TOML configuration file (default: $MAILSRV_CONFIG, else "
+            "/etc/mailsrv/mailsrv.toml when it exists, else the built-in default).",
+        ],
     ]
 
+    def __init__(
+        self, environ: Mapping[str, str] | None = None, system_config: Path = SYSTEM_CONFIG
+    ) -> None:
+        super().__init__()
+        self.environ = environ
+        self.system_config = system_config
+
     def postOptions(self) -> None:
+        path, origin = find_config(self["config"], self.environ, self.system_config)
+        self["config_origin"] = origin
         try:
-            self["settings"] = load(self["config"])
+            self["settings"] = load(path)
         except ConfigError as e:
-            raise usage.UsageError(str(e))
+            # One line per problem, and not after twistd's usage text: the
+            # command line is fine, the file is not.
+            for line in str(e).splitlines():
+                print(f"mailsrv: {line}", file=sys.stderr)
+            raise SystemExit(2)
 
 
 def makeService(options: Options):
     from mailsrv.service import build_service
+    from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 
-    return build_service(options["settings"])
+    config = options["settings"]
+    log.info(
+        "configuration: {path} (from {origin}); data in {data_dir}",
+        path=config.path,
+        origin=options["config_origin"],
+        data_dir=str(config.server.data_dir),
+    )
+    try:
+        server = build_service(config)
+    except StartupError as e:
+        print(f"mailsrv: cannot start: {e}", file=sys.stderr)
+        raise SystemExit(1)
+    guard = StartupGuard(config)
+    server.setServiceParent(guard)
+    report_startup_errors()
+    return guard

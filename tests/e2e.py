@@ -43,11 +43,20 @@ class MailServer:
     """A mailsrv daemon for one test; call stop() (or kill()) when done."""
 
     def __init__(
-        self, base: Path, domains=("example.test",), extra: str = "", log_to_stdout: bool = False
+        self,
+        base: Path,
+        domains=("example.test",),
+        extra: str = "",
+        log_to_stdout: bool = False,
+        config_in_env: bool = False,
     ) -> None:
-        """C{log_to_stdout}: twistd logs to its standard output (twistd.log), not server.log."""
+        """
+        C{log_to_stdout}: twistd logs to its standard output (twistd.log), not server.log.
+        C{config_in_env}: the config file is named by MAILSRV_CONFIG, not --config.
+        """
         self.base = base
         self.log_to_stdout = log_to_stdout
+        self.config_in_env = config_in_env
         self.data = base / "data"
         self.ports = {name: free_port() for name in SERVICES}
         self.config_path = base / "mailsrv.toml"
@@ -72,6 +81,10 @@ class MailServer:
     def start(self) -> MailServer:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
+        config = ["--config", str(self.config_path)]
+        if self.config_in_env:
+            env["MAILSRV_CONFIG"] = str(self.config_path)
+            config = []
         self.proc = subprocess.Popen(
             [
                 TWISTD,
@@ -79,8 +92,7 @@ class MailServer:
                 "--pidfile=",
                 "--logfile=-" if self.log_to_stdout else f"--logfile={self.base / 'server.log'}",
                 "mailsrv",
-                "--config",
-                str(self.config_path),
+                *config,
             ],
             cwd=str(self.base),
             stdout=log,

@@ -28,7 +28,8 @@ def cfg(tmp_path) -> Path:
     return p
 
 
-def run(*argv, stdin="", tty_answers=None):
+def run(*argv, stdin="", tty_answers=None, **where):
+    """C{where}: C{environ} and C{system_config}, to find the config file."""
     out, err = io.StringIO(), io.StringIO()
     answers = list(tty_answers or [])
     code = main(
@@ -37,6 +38,7 @@ def run(*argv, stdin="", tty_answers=None):
         stdout=out,
         stderr=err,
         getpass_=lambda prompt: answers.pop(0),
+        **where,
     )
     return code, out.getvalue(), err.getvalue()
 
@@ -51,7 +53,7 @@ def test_user_add_list_passwd_del(cfg, tmp_path):
     passwd = tmp_path / "data" / "passwd"
     assert run("--config", cfg, "user", "add", "Alice@Example.TEST", stdin="pw one\n") == (
         0,
-        "added Alice@example.test\n",
+        f"added Alice@example.test to {cfg.parent / '..' / 'data' / 'passwd'}\n",
         "",
     )
     assert stat.S_IMODE(os.stat(passwd).st_mode) == 0o600
@@ -115,8 +117,52 @@ def test_config_errors_exit_2(tmp_path):
 
 def test_default_config_when_none_given(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    assert run("user", "add", "x@example.test", stdin="pw\n")[0] == 0
+    code, out, err = run(
+        "user", "add", "x@example.test", stdin="pw\n", environ={}, system_config=tmp_path / "no"
+    )
+    assert code == 0
     assert (tmp_path / "data" / "passwd").read_text().startswith("x@example.test:")
+    assert out == f"added x@example.test to {tmp_path / 'data' / 'passwd'}\n"
+    assert "built-in default" in err and str(tmp_path / "data") in err
+
+
+def test_config_named_by_environment_from_another_folder(cfg, tmp_path, monkeypatch):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    monkeypatch.setenv("MAILSRV_CONFIG", str(cfg))
+    code, out, err = run("user", "add", "a@example.test", stdin="pw\n")
+    passwd = tmp_path / "data" / "passwd"
+    named = cfg.parent / ".." / "data" / "passwd"  # as the config gives it
+    assert (code, out, err) == (0, f"added a@example.test to {named}\n", "")
+    assert verify(passwd, "a@example.test", "pw") is True
+    assert not (elsewhere / "data").exists()
+
+
+def test_config_found_in_order(tmp_path, monkeypatch):
+    """--config, else MAILSRV_CONFIG, else the system file when it exists, else the default."""
+    monkeypatch.chdir(tmp_path)
+    configs = {}
+    for name in ("option", "env", "system"):
+        configs[name] = tmp_path / name / "mailsrv.toml"
+        configs[name].parent.mkdir()
+        configs[name].write_text('[server]\ndata_dir = "data"\n')
+    env = {"MAILSRV_CONFIG": str(configs["env"])}
+
+    def added_to(*args, **where) -> str:
+        code, out, _ = run(*args, "user", "add", "u@example.test", stdin="pw\n", **where)
+        assert code == 0
+        return out.split(" to ", 1)[1].strip()
+
+    system = configs["system"]
+    assert added_to("-c", configs["option"], environ=env, system_config=system) == str(
+        tmp_path / "option" / "data" / "passwd"
+    )
+    assert added_to(environ=env, system_config=system) == str(tmp_path / "env/data/passwd")
+    assert added_to(environ={}, system_config=system) == str(tmp_path / "system/data/passwd")
+    assert added_to(environ={"MAILSRV_CONFIG": ""}, system_config=tmp_path / "none") == str(
+        tmp_path / "data" / "passwd"
+    )
 
 
 def test_usage_errors(cfg, capsys):
@@ -154,7 +200,8 @@ def test_console_command_in_a_subprocess(cfg, tmp_path):
         text=True,
         timeout=60,
     )
-    assert (r.returncode, r.stdout, r.stderr) == (0, "added sub@example.test\n", "")
+    passwd = cfg.parent / ".." / "data" / "passwd"
+    assert (r.returncode, r.stdout, r.stderr) == (0, f"added sub@example.test to {passwd}\n", "")
     r = subprocess.run(cmd + ["list"], capture_output=True, text=True, timeout=60)
     assert r.stdout == "sub@example.test\n"
     r = subprocess.run(
@@ -174,3 +221,14 @@ def test_console_command_in_a_subprocess(cfg, tmp_path):
             timeout=60,
         )
         assert r.stdout == "sub@example.test\n"
+
+
+def test_version(capsys):
+    from importlib.metadata import version
+
+    assert run("--version")[0] == 0
+    assert capsys.readouterr().out == f"mailsrv {version('mailsrv')}\n"
+    r = subprocess.run(
+        [sys.executable, "-m", "mailsrv", "--version"], capture_output=True, text=True, timeout=60
+    )
+    assert (r.returncode, r.stdout) == (0, f"mailsrv {version('mailsrv')}\n")

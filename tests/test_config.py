@@ -142,3 +142,25 @@ def test_parse_never_crashes_on_garbage(text):
 def test_duration_strings(n, unit):
     mult = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}[unit]
     assert config._duration(f"{n}{unit}") == n * mult
+
+
+def test_listen_ports_between_1_and_65535():
+    assert config.endpoint_port("tcp:2525:interface=127.0.0.1") == 2525
+    assert config.endpoint_port("tcp6:port=993:interface=\\:\\:1") == 993
+    assert config.endpoint_port("unix:/run/mailsrv.sock") is None
+    parse('[listen]\nsmtp = ["tcp:65535"]\nimaps = ["tcp:1:interface=127.0.0.1"]\n')
+    for bad in ("tcp:99999", "tcp:0:interface=127.0.0.1", "tcp:port=70000"):
+        with pytest.raises(ConfigError) as e:
+            parse(f'[listen]\nsmtp = ["{bad}"]\n', "m.toml")
+        (line,) = str(e.value).splitlines()
+        assert line.startswith("m.toml: listen.smtp: ") and bad in line and "65535" in line
+
+
+def test_find_config_order(tmp_path):
+    system = tmp_path / "system.toml"
+    env = {"MAILSRV_CONFIG": "/env.toml"}
+    assert config.find_config("/opt.toml", env, system) == (Path("/opt.toml"), "--config")
+    assert config.find_config(None, env, system) == (Path("/env.toml"), "MAILSRV_CONFIG")
+    assert config.find_config(None, {}, system) == (None, "built-in default")
+    system.write_text("")
+    assert config.find_config(None, {"MAILSRV_CONFIG": ""}, system) == (system, str(system))

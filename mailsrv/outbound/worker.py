@@ -277,6 +277,10 @@ class LogForwarder:
 def main() -> None:
     from mailsrv.service import tune_malloc
 
+    # A terminal's hang-up reaches the whole process group; the server
+    # decides what SIGHUP means and stops this process when it stops.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
     tune_malloc()
     # Clients first: on a busy host the server answers SMTP, POP3 and IMAP
     # before this process relays mail that is safe on disk already.

@@ -1,0 +1,110 @@
+"""
+Why the server cannot start, said in one line that names the setting, its
+value and the config file, instead of a traceback; and the start-up checks
+that find such problems before a client would.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from types import TracebackType
+from typing import Any
+
+from twisted.application import service
+from twisted.internet.error import CannotListenError
+from twisted.logger import Logger
+
+from mailsrv.config import Config, endpoint_port
+
+
+class StartupError(Exception):
+    """A setting the server cannot start with: C{key} = C{value} in the file C{path}."""
+
+    def __init__(self, path: str, key: str, value: object, reason: str) -> None:
+        super().__init__(path, key, value, reason)
+        self.path = path
+        self.key = key
+        self.value = value
+        self.reason = reason
+
+    def __str__(self) -> str:
+        where = "the built-in default configuration" if self.path == "<default>" else self.path
+        return f'{self.key} = "{self.value}" in {where}: {self.reason}'
+
+
+def os_reason(e: OSError, value: object = None) -> str:
+    """An OS error as an administrator reads it: the text, and the file unless it is C{value}."""
+    text = e.strerror or str(e)
+    if e.filename and str(e.filename) != str(value):
+        return f"{text}: {e.filename}"
+    return text
+
+
+def make_data_dirs(config: Config) -> None:
+    """Create the data folders and check that this process can write there."""
+    folders = (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir)
+    try:
+        for d in folders:
+            d.mkdir(parents=True, exist_ok=True)
+        # Root passes permission checks, not a read-only file system: try.
+        fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=config.spool_dir)
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as e:
+        data_dir = config.server.data_dir
+        raise StartupError(config.path, "server.data_dir", data_dir, os_reason(e, data_dir))
+
+
+class StartupGuard(service.MultiService):
+    """
+    The server's top service: a listener that cannot listen (port in use,
+    no permission for a port below 1024) ends start-up with a L{StartupError}
+    naming its C{listen} key, instead of a traceback.
+    """
+
+    log = Logger()
+
+    def __init__(self, config: Config) -> None:
+        super().__init__()
+        self.config = config
+
+    def privilegedStartService(self) -> None:
+        try:
+            super().privilegedStartService()
+        except CannotListenError as e:
+            error = self.listen_error(e)
+            from mailsrv.outbound.process import logs_to_stdout
+
+            if not logs_to_stdout():  # else the line on standard error is enough
+                self.log.critical("cannot start: {error}", error=str(error))
+            raise error from None
+
+    def listen_error(self, e: CannotListenError) -> StartupError:
+        socket_error = e.socketError
+        reason = os_reason(socket_error) if isinstance(socket_error, OSError) else str(socket_error)
+        for name, descriptions in self.config.listen.items():
+            for description in descriptions:
+                if endpoint_port(description) == e.port:
+                    return StartupError(self.config.path, f"listen.{name}", description, reason)
+        return StartupError(self.config.path, "listen", f"{e.interface}:{e.port}", reason)
+
+
+def report_startup_errors() -> None:
+    """
+    Make a L{StartupError} that ends the process print one line on standard
+    error, not a traceback. twistd lets an error of the start-up propagate
+    (after removing its pid file and telling a daemon's parent), so the
+    process's last word is the place for it.
+    """
+    previous = sys.excepthook
+
+    def hook(kind: type[BaseException], value: BaseException, tb: TracebackType | None) -> Any:
+        if isinstance(value, StartupError):
+            err = sys.__stderr__ or sys.stderr
+            print(f"mailsrv: cannot start: {value}", file=err, flush=True)
+            return None
+        return previous(kind, value, tb)
+
+    sys.excepthook = hook
