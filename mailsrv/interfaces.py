@@ -154,6 +154,13 @@ class FolderError(Exception):
 class IPasswordDatabase(Interface):
     """The users who own mailboxes, and their hashed passwords."""
 
+    def lookup(address):
+        """
+        Return the stored spelling of C{address}, its local part matched in any
+        case, or None if no such user (sync; cached file read). The stored
+        spelling names the user everywhere: avatars, mailboxes, logs.
+        """
+
     def has_user(address):
         """Return whether C{address} is a known user (sync; cached file read)."""
 

@@ -19,8 +19,9 @@ FAILED = "Authentication failed"
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
-    Check L{IUsernamePassword} credentials; the avatar id is the normalized
-    address (str). Every failure waits C{failure_delay} seconds on C{clock}
+    Check L{IUsernamePassword} credentials; the avatar id is the user's
+    address as the password database stores it (str), whatever the case of
+    the local part the client typed. Every failure waits C{failure_delay} seconds on C{clock}
     and fails with the same L{UnauthorizedLogin}, whether the user is unknown
     or the password wrong.
     """
@@ -45,15 +46,16 @@ class PasswordChecker:
             # Same cost as a real check, so the answer's timing tells nothing.
             d = self._passwords.verify("nobody@invalid", password)
             d.addCallback(lambda _: False)
-            address = ""
+            stored = None
         else:
-            d = self._passwords.verify(address, password)
-        d.addCallback(self._decide, address)
+            stored = self._passwords.lookup(address)
+            d = self._passwords.verify(address if stored is None else stored, password)
+        d.addCallback(self._decide, stored)
         return d
 
-    def _decide(self, ok: bool, address: str) -> Any:
-        if ok:
-            return address
+    def _decide(self, ok: bool, stored: str | None) -> Any:
+        if ok and stored is not None:
+            return stored
         return task.deferLater(self._clock, self._delay, _fail)
 
 

@@ -357,17 +357,22 @@ class BaseDelivery:
         return origin
 
     def validateTo(self, user):
-        """Accept a recipient (a callable making its message) or raise L{SMTPReplyError}."""
-        address = _address(user)
-        self.check_recipient(address)
-        return _Recipient(self, address)
+        """
+        Accept a recipient or raise L{SMTPReplyError}. The callable returned
+        makes its message; its C{address} is the one to deliver to (a local
+        user's stored spelling, whatever the case the client sent).
+        """
+        return _Recipient(self, self.check_recipient(_address(user)))
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
+        """Return the address to deliver to, or raise L{SMTPReplyError}."""
         raise NotImplementedError
 
-    def _check_local_user(self, address: str) -> None:
-        if not self.ctx.passwords.has_user(address):
+    def _check_local_user(self, address: str) -> str:
+        stored = self.ctx.passwords.lookup(address)
+        if stored is None:
             raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
+        return stored
 
     def new_message(
         self,
@@ -394,10 +399,10 @@ class BaseDelivery:
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
         if not self.ctx.config.is_local_domain(_domain(address)):
             raise SMTPReplyError(replies.RELAY_DENIED)  # never an open relay
-        self._check_local_user(address)
+        return self._check_local_user(address)
 
 
 class SubmissionDelivery(BaseDelivery):
@@ -418,11 +423,12 @@ class SubmissionDelivery(BaseDelivery):
         self.sender = address
         return origin
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
         if self.ctx.config.is_local_domain(_domain(address)):
-            self._check_local_user(address)
-        elif self.ctx.queue is None:
+            return self._check_local_user(address)
+        if self.ctx.queue is None:
             raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
+        return address
 
 
 def _same_address(a: str, b: str) -> bool:

@@ -589,10 +589,13 @@ class SMTPServer(smtp.ESMTP):
         ok(result)
         return None
 
-    def _recipient_ok(self, _: Any, address: str) -> None:
+    def _recipient_ok(self, accepted: Any, address: str) -> None:
         if self._sender is None:
             return  # the transaction was reset meanwhile
-        self._recipients.append(address)
+        # A local user's stored spelling: Alice@ and alice@ are one mailbox.
+        address = getattr(accepted, "address", address)
+        if address not in self._recipients:
+            self._recipients.append(address)
         self._reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:
