@@ -32,7 +32,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.eager import send_now
-from mailsrv.interfaces import SEEN, FolderError, MessageInfo
+from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -658,9 +658,12 @@ class POP3Server(pop3.POP3):
             self.bad(AUTH_FAILED)
         else:
             self._log_login(name, "error")
-            self.log.failure(
-                "pop3 login {user} from {client}: error", f, user=name, client=self.peer
-            )
+            if f.check(PasswordDatabaseError):
+                self.log.error("pop3 login from {client}: {error}", client=self.peer, error=f.value)
+            else:
+                self.log.failure(
+                    "pop3 login {user} from {client}: error", f, user=name, client=self.peer
+                )
             self.send(SYS_TEMP)
 
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------

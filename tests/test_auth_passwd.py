@@ -11,7 +11,7 @@ from argon2.profiles import CHEAPEST
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from mailsrv.auth.passwd import PasswordFile, parse_lines
+from mailsrv.auth.passwd import PasswordFile, PasswordFileError, parse_lines
 from mailsrv.interfaces import IPasswordDatabase
 
 
@@ -238,3 +238,25 @@ def test_two_spellings_in_the_file_resolve_to_the_first(pf):
     pf.path.write_text(f"Carol@example.test:{h}\ncarol@example.test:{h}\n")
     assert pf.lookup("CAROL@example.test") == "Carol@example.test"
     assert pf.lookup("carol@example.test") == "Carol@example.test"
+
+
+def test_unreadable_file_is_an_error_not_an_empty_table(pf):
+    pf.path.parent.mkdir(parents=True)
+    pf.path.mkdir()  # the server cannot read it (root is not stopped by chmod 000)
+    with pytest.raises(PasswordFileError):
+        pf.lookup("alice@example.test")
+    with pytest.raises(PasswordFileError):
+        pf.has_user("alice@example.test")
+    assert isinstance(result(pf.verify("alice@example.test", "s3cret")).value, PasswordFileError)
+
+
+def test_a_missing_file_is_no_users(pf):
+    assert pf.lookup("alice@example.test") is None
+
+
+def test_unreadable_later_keeps_the_last_good_copy(pf):
+    pf.add_user("alice@example.test", "s3cret")
+    assert pf.lookup("alice@example.test") == "alice@example.test"
+    os.rename(pf.path, pf.path.with_name("moved"))
+    pf.path.mkdir()
+    assert pf.lookup("alice@example.test") == "alice@example.test"

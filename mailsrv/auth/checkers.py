@@ -11,6 +11,7 @@ from twisted.internet import defer, task
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.store.names import normalize_user
 
 FAILED = "Authentication failed"
@@ -23,7 +24,9 @@ class PasswordChecker:
     address as the password database stores it (str), whatever the case of
     the local part the client typed. Every failure waits C{failure_delay} seconds on C{clock}
     and fails with the same L{UnauthorizedLogin}, whether the user is unknown
-    or the password wrong.
+    or the password wrong. If the password database cannot be read, the
+    login fails at once with its L{PasswordDatabaseError}, which the
+    protocols answer as a temporary failure.
     """
 
     credentialInterfaces = (IUsernamePassword,)
@@ -48,7 +51,10 @@ class PasswordChecker:
             d.addCallback(lambda _: False)
             stored = None
         else:
-            stored = self._passwords.lookup(address)
+            try:
+                stored = self._passwords.lookup(address)
+            except PasswordDatabaseError:
+                return defer.fail()  # a temporary failure, not a wrong password
             d = self._passwords.verify(address if stored is None else stored, password)
         d.addCallback(self._decide, stored)
         return d

@@ -31,7 +31,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.interfaces import IPasswordDatabase
+from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.store.names import normalize_user, split_user
 
 DOVECOT_SCHEME = "{ARGON2ID}"
@@ -50,7 +50,7 @@ def default_hasher() -> PasswordHasher:
     return PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 
 
-class PasswordFileError(Exception):
+class PasswordFileError(PasswordDatabaseError):
     """The password file cannot be read or changed; the text is for the administrator."""
 
 
@@ -130,6 +130,7 @@ class PasswordFile:
         self._users: dict[str, str] = {}
         self._folded: dict[str, str] = {}  # lookup_key -> stored address
         self._key: tuple[int, ...] | None = None
+        self._loaded = False
         self._dummy: str | None = None
         self._checks = defer.DeferredSemaphore(MAX_CONCURRENT_CHECKS)
 
@@ -139,32 +140,34 @@ class PasswordFile:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return None
+            return None  # no users yet
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _current(self) -> dict[str, str]:
-        key = self._stat_key()
-        if key != self._key:
-            if key is None:
-                self._users = {}
-                self._folded = {}
-            else:
-                try:
-                    text = self.path.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    self.log.error("cannot read {path}: {error}", path=str(self.path), error=str(e))
-                    return self._users  # keep the last good copy
-                users, bad = parse_lines(text)
-                for n in bad:
-                    self.log.warn(
-                        "{path}:{line}: not address:hash, ignored", path=str(self.path), line=n
-                    )
-                self._users = users
-                self._folded = self._fold(users)
-                self.log.info(
-                    "loaded {count} users from {path}", count=len(users), path=str(self.path)
-                )
-            self._key = key
+        """
+        The users, re-read if the file changed. If it cannot be read, the last
+        good copy is kept; without one, L{PasswordFileError}: a local problem
+        the caller answers as temporary, never as "no such user".
+        """
+        try:
+            key = self._stat_key()
+            if self._loaded and key == self._key:
+                return self._users
+            text = "" if key is None else self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            self.log.error("cannot read {path}: {error}", path=str(self.path), error=str(e))
+            if self._loaded:
+                return self._users  # keep the last good copy
+            raise PasswordFileError(f"{self.path}: cannot read: {e}") from e
+        users, bad = parse_lines(text)
+        for n in bad:
+            self.log.warn("{path}:{line}: not address:hash, ignored", path=str(self.path), line=n)
+        self._users = users
+        self._folded = self._fold(users)
+        if key is not None:
+            self.log.info("loaded {count} users from {path}", count=len(users), path=str(self.path))
+        self._key = key
+        self._loaded = True
         return self._users
 
     def _fold(self, users: dict[str, str]) -> dict[str, str]:
@@ -184,7 +187,10 @@ class PasswordFile:
         return folded
 
     def lookup(self, address: str) -> str | None:
-        """The stored spelling of C{address} (local part matched in any case), or None."""
+        """
+        The stored spelling of C{address} (local part matched in any case), or
+        None. L{PasswordFileError} if the file cannot be read.
+        """
         try:
             key = lookup_key(address)
         except ValueError:
@@ -193,7 +199,7 @@ class PasswordFile:
         return self._folded.get(key)
 
     def has_user(self, address: str) -> bool:
-        """Whether C{address} is a known user (local part in any case)."""
+        """Whether C{address} is a known user (local part in any case); see L{lookup}."""
         return self.lookup(address) is not None
 
     def users(self) -> list[str]:
@@ -204,9 +210,13 @@ class PasswordFile:
         """
         Fire with whether C{password} is C{address}'s. An unknown user costs
         the same as a wrong password: the password is checked against a dummy
-        hash made with the same parameters.
+        hash made with the same parameters. Fails with L{PasswordFileError} if
+        the file cannot be read.
         """
-        canonical = self.lookup(address)
+        try:
+            canonical = self.lookup(address)
+        except PasswordFileError:
+            return defer.fail()
         stored = None if canonical is None else self._users.get(canonical)
         return self._checks.run(self._in_thread, self._verify_sync, stored, password)
 

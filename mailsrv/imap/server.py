@@ -46,7 +46,14 @@ from mailsrv.imap.fetch import (
     skip,
 )
 from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs, parse, tokenize
-from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
+from mailsrv.interfaces import (
+    DELETED,
+    SEEN,
+    SYSTEM_FLAGS,
+    FolderError,
+    MessageInfo,
+    PasswordDatabaseError,
+)
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
@@ -796,7 +803,12 @@ class IMAPServer(imap4.IMAP4Server):
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             else:
-                self.log.failure("imap login error", failure)
+                if failure.check(PasswordDatabaseError):
+                    self.log.error(
+                        "imap login from {host}: {error}", host=host, error=failure.value
+                    )
+                else:
+                    self.log.failure("imap login error", failure)
                 if not self._lost:
                     self.sendNegativeResponse(
                         tag, b"[UNAVAILABLE] Temporary authentication failure"

@@ -17,7 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies
-from mailsrv.interfaces import IMessageSource
+from mailsrv.interfaces import IMessageSource, PasswordDatabaseError
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.spool import SpooledSource
@@ -369,7 +369,11 @@ class BaseDelivery:
         raise NotImplementedError
 
     def _check_local_user(self, address: str) -> str:
-        stored = self.ctx.passwords.lookup(address)
+        try:
+            stored = self.ctx.passwords.lookup(address)
+        except PasswordDatabaseError as e:
+            # A local problem: "try again", never "no such user".
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause=str(e))
         if stored is None:
             raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
         return stored

@@ -25,6 +25,7 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.auth.policy import cleartext_allowed, is_tls
 from mailsrv.eager import send_now
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
@@ -771,6 +772,11 @@ class SMTPServer(smtp.ESMTP):
     def _login_failed(self, failure: Failure, username: bytes) -> None:
         if failure.check(UnauthorizedLogin, LoginFailed):
             self._auth_failed_for(username)
+        elif failure.check(PasswordDatabaseError):
+            self.log.error(
+                "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
+            )
+            self._reply(replies.AUTH_TEMP_FAIL)
         else:
             self.log.failure("login failed", failure=failure)
             self._reply(replies.AUTH_TEMP_FAIL)
