@@ -31,6 +31,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
 from mailsrv.store.names import INBOX, normalize_user
@@ -612,15 +613,12 @@ class POP3Server(pop3.POP3):
         """Check the password (throttled, delayed on failure) and open the maildrop."""
         name = user.decode("utf-8", "replace")
         self._method = method.decode()
+        credentials = UsernamePassword(user, password)
         throttle = self.ctx.throttle
-        if throttle is not None and throttle.blocked(self.peer):
-            self._log_login(name, "throttled")
-            d = task.deferLater(
-                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
-            )
-            self._long(d)
-            return
-        d = self.ctx.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
+        if throttle is None:
+            d = self.ctx.portal.login(credentials, None, IMailboxPOP3)
+        else:
+            d = throttle.login(self.ctx.portal, self.peer, credentials, None, IMailboxPOP3)
         d.addCallbacks(self._logged_in, self._login_failed, (name,), None, (name,))
         self._long(d)
 
@@ -647,14 +645,19 @@ class POP3Server(pop3.POP3):
             count=count,
         )
 
-    def _login_failed(self, f: Failure, name: str) -> None:
+    def _login_failed(self, f: Failure, name: str) -> defer.Deferred | None:
         if f.check(MaildropInUse):
             self._log_login(name, "in use")
             self.error(IN_USE)
+        elif f.check(LoginThrottled):
+            self._log_login(name, "throttled")
+            # Refused without a check; answered after the failure delay all the
+            # same, so that a pipelined list of guesses is not answered at once.
+            return task.deferLater(
+                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
+            )
         elif f.check(LoginFailed, LoginDenied):
             self._log_login(name, "failed")
-            if self.ctx.throttle is not None:
-                self.ctx.throttle.failed(self.peer)
             self.bad(AUTH_FAILED)
         else:
             self._log_login(name, "error")
@@ -665,6 +668,7 @@ class POP3Server(pop3.POP3):
                     "pop3 login {user} from {client}: error", f, user=name, client=self.peer
                 )
             self.send(SYS_TEMP)
+        return None
 
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
 

@@ -31,6 +31,7 @@ from twisted.mail import imap4
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.imap import mime
 from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
 from mailsrv.imap.fetch import (
@@ -771,20 +772,17 @@ class IMAPServer(imap4.IMAP4Server):
     def _login(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         host = peer_host(self.transport)
         throttle = self.factory.throttle
-        if throttle is not None and throttle.blocked(host):
-            self.log.info("imap login refused for {host}: too many failures", host=host)
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins; try later")
-            return
         creds = credentials.UsernamePassword(user, passwd)
-        d = self.factory.portal.login(creds, None, imap4.IAccount)
+        if throttle is None:
+            d = self.factory.portal.login(creds, None, imap4.IAccount)
+        else:
+            d = throttle.login(self.factory.portal, host, creds, None, imap4.IAccount)
 
         def ok(result: tuple[Any, Any, Any]) -> None:
             _, avatar, logout = result
             if self._lost:
                 logout()
                 return
-            if throttle is not None:
-                throttle.succeeded(host)
             self.account = avatar
             self._onLogout = logout
             self._user = avatar.address
@@ -796,9 +794,13 @@ class IMAPServer(imap4.IMAP4Server):
             )
 
         def failed(failure: Any) -> None:
-            if failure.check(UnauthorizedLogin):
-                if throttle is not None:
-                    throttle.failed(host)
+            if failure.check(LoginThrottled):
+                self.log.info("imap login refused for {host}: too many failures", host=host)
+                if not self._lost:
+                    self.sendNegativeResponse(
+                        tag, b"[UNAVAILABLE] Too many failed logins; try later"
+                    )
+            elif failure.check(UnauthorizedLogin):
                 self.log.info("imap login failed from {host}", host=host)
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")

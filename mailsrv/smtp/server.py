@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.auth.policy import cleartext_allowed, is_tls
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.replies import Reply, SMTPReplyError
@@ -693,11 +694,6 @@ class SMTPServer(smtp.ESMTP):
         if mechanism not in (b"PLAIN", b"LOGIN"):
             self._reply(AUTH_BAD_MECHANISM)
             return
-        throttle = self.context.throttle
-        if throttle is not None and throttle.blocked(self._client_ip):
-            self.log.warn("login refused for {client}: too many failures", client=self._client_ip)
-            self._reply(AUTH_THROTTLED)
-            return
         initial = parts[1] if len(parts) > 1 else None
         if mechanism == b"PLAIN":
             self._auth_step = self._auth_plain
@@ -751,7 +747,14 @@ class SMTPServer(smtp.ESMTP):
     def _login(self, username: bytes, password: bytes) -> None:
         self.mode = COMMAND
         self._auth_step = None
-        d = self.portal.login(UsernamePassword(username, password), None, smtp.IMessageDelivery)
+        credentials = UsernamePassword(username, password)
+        throttle = self.context.throttle
+        if throttle is None:
+            d = self.portal.login(credentials, None, smtp.IMessageDelivery)
+        else:
+            d = throttle.login(
+                self.portal, self._client_ip, credentials, None, smtp.IMessageDelivery
+            )
         d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
         self._wait(d)
 
@@ -764,14 +767,15 @@ class SMTPServer(smtp.ESMTP):
         self._delivery = avatar
         self._user = user
         self._logout = logout
-        if self.context.throttle is not None:
-            self.context.throttle.succeeded(self._client_ip)
         self.log.info("smtp login {user} from {client}: ok", user=user, client=self._client_ip)
         self._reply(AUTH_OK)
 
     def _login_failed(self, failure: Failure, username: bytes) -> None:
         if failure.check(UnauthorizedLogin, LoginFailed):
             self._auth_failed_for(username)
+        elif failure.check(LoginThrottled):
+            self.log.warn("login refused for {client}: too many failures", client=self._client_ip)
+            self._reply(AUTH_THROTTLED)
         elif failure.check(PasswordDatabaseError):
             self.log.error(
                 "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
@@ -782,8 +786,6 @@ class SMTPServer(smtp.ESMTP):
             self._reply(replies.AUTH_TEMP_FAIL)
 
     def _auth_failed_for(self, username: bytes) -> None:
-        if self.context.throttle is not None:
-            self.context.throttle.failed(self._client_ip)
         self.log.warn(
             "smtp login {user} from {client}: failed",
             user=username.decode("utf-8", "replace"),
