@@ -24,7 +24,6 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.internet import defer, interfaces, protocol, task, threads
-from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
@@ -34,6 +33,7 @@ from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -126,7 +126,7 @@ class Maildrop:
     touched; QUIT expunges the marked messages by UID.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, folder: Any, release: Callable[[], None]) -> None:
         self.folder = folder  # IFolder
@@ -322,7 +322,7 @@ class POP3Server(pop3.POP3):
     PIPELINING).
     """
 
-    log = Logger()
+    log = SafeLogger()
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"STLS", b"QUIT", b"NOOP"]
     transport: Any  # TCP, TLS or (in tests) a StringTransport
     factory: Any
@@ -611,7 +611,7 @@ class POP3Server(pop3.POP3):
 
     def _login(self, user: bytes, password: bytes, method: bytes) -> None:
         """Check the password (throttled, delayed on failure) and open the maildrop."""
-        name = user.decode("utf-8", "replace")
+        name = user  # as sent; the logger escapes it
         self._method = method.decode()
         credentials = UsernamePassword(user, password)
         throttle = self.ctx.throttle
@@ -622,7 +622,7 @@ class POP3Server(pop3.POP3):
         d.addCallbacks(self._logged_in, self._login_failed, (name,), None, (name,))
         self._long(d)
 
-    def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: str) -> None:
+    def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: bytes) -> None:
         _, maildrop, logout = result
         if self._closed:  # the client left while we were checking
             logout()
@@ -632,7 +632,7 @@ class POP3Server(pop3.POP3):
         self._log_login(maildrop.user, "ok", count=len(maildrop.infos))
         self.ok(b"Logged in.")
 
-    def _log_login(self, user: str, result: str, count: int | None = None) -> None:
+    def _log_login(self, user: str | bytes, result: str, count: int | None = None) -> None:
         """The one line per login an administrator greps for (never the password)."""
         self.log.info(
             "pop3 login {user} from {client}: {result} (method={method}, tls={tls}, "
@@ -645,7 +645,7 @@ class POP3Server(pop3.POP3):
             count=count,
         )
 
-    def _login_failed(self, f: Failure, name: str) -> defer.Deferred | None:
+    def _login_failed(self, f: Failure, name: bytes) -> defer.Deferred | None:
         if f.check(MaildropInUse):
             self._log_login(name, "in use")
             self.error(IN_USE)

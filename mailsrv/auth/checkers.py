@@ -8,10 +8,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.interfaces import PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import normalize_user
 
 FAILED = "Authentication failed"
@@ -30,7 +30,7 @@ class PasswordChecker:
     """
 
     credentialInterfaces = (IUsernamePassword,)
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, passwords: Any, clock: Any, failure_delay: float) -> None:
         """C{passwords} provides L{IPasswordDatabase}; C{clock} delays the failures."""

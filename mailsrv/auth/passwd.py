@@ -28,10 +28,10 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import normalize_user, split_user
 
 DOVECOT_SCHEME = "{ARGON2ID}"
@@ -114,7 +114,7 @@ class PasswordFile:
     whether to re-read); hashing and verifying run in C{threadpool}.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,

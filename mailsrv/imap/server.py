@@ -26,7 +26,6 @@ from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
@@ -55,6 +54,7 @@ from mailsrv.interfaces import (
     MessageInfo,
     PasswordDatabaseError,
 )
+from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
@@ -396,7 +396,7 @@ def _prepare_batch(
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection."""
 
-    log = Logger()
+    log = SafeLogger()
     transport: Any
     callLater: Any
     _pendingLiteral: Any = None
@@ -795,13 +795,17 @@ class IMAPServer(imap4.IMAP4Server):
 
         def failed(failure: Any) -> None:
             if failure.check(LoginThrottled):
-                self.log.info("imap login refused for {host}: too many failures", host=host)
+                self.log.info(
+                    "imap login {user} from {host}: refused, too many failures",
+                    user=user,
+                    host=host,
+                )
                 if not self._lost:
                     self.sendNegativeResponse(
                         tag, b"[UNAVAILABLE] Too many failed logins; try later"
                     )
             elif failure.check(UnauthorizedLogin):
-                self.log.info("imap login failed from {host}", host=host)
+                self.log.info("imap login {user} from {host}: failed", user=user, host=host)
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             else:

@@ -11,13 +11,13 @@ import re
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies
 from mailsrv.interfaces import IMessageSource, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.spool import SpooledSource
@@ -86,7 +86,7 @@ class IncomingMessage:
     every local recipient and to the outbound queue for the others.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,

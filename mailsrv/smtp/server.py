@@ -18,7 +18,6 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
@@ -27,6 +26,7 @@ from mailsrv.auth.policy import cleartext_allowed, is_tls
 from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
 from mailsrv.interfaces import PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
@@ -99,7 +99,7 @@ _B64_PASSWORD = base64.b64encode(b"Password:")
 class SMTPServer(smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
-    log = Logger()
+    log = SafeLogger()
     transport: Any
     portal: Any
 
@@ -788,7 +788,7 @@ class SMTPServer(smtp.ESMTP):
     def _auth_failed_for(self, username: bytes) -> None:
         self.log.warn(
             "smtp login {user} from {client}: failed",
-            user=username.decode("utf-8", "replace"),
+            user=username,
             client=self._client_ip,
         )
         self._reply(replies.AUTH_FAILED)
