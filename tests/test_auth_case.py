@@ -78,11 +78,18 @@ class CaseInsensitiveLookupTests(unittest.TestCase):
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"AUTH PLAIN " + plain("ALICE@EXAMPLE.TEST") + b"\r\n", SMTP_REPLY),
                 (b"MAIL FROM:<Alice@Example.Test>\r\n", SMTP_REPLY),
+                (b"RCPT TO:<alice@example.test>\r\n", SMTP_REPLY),
+                (b"DATA\r\n", SMTP_REPLY),
+                (MESSAGE, SMTP_REPLY),
                 (b"QUIT\r\n", SMTP_REPLY),
             ],
         )
         self.assertTrue(answers[1].startswith(b"235 2.7.0"), answers)
         self.assertTrue(answers[2].startswith(b"250 2.1.0"), answers)
+        self.assertTrue(answers[5].startswith(b"250 2.0.0"), answers)
+        # The envelope sender is the user's stored spelling: bounces reach the same mbox.
+        mbox = self.server.inbox("alice@example.test").read_bytes()
+        self.assertIn(b"\nReturn-Path: <alice@example.test>\n", b"\n" + mbox)
 
     @defer.inlineCallbacks
     def test_pop3_and_imap_logins_in_another_case_see_the_same_mbox(self):

@@ -352,7 +352,10 @@ class BaseDelivery:
         ).rstrip(b"\n")
 
     def validateFrom(self, helo, origin):
-        """Accept C{origin} or raise L{SMTPReplyError}; returns the address."""
+        """
+        Accept C{origin} or raise L{SMTPReplyError}; returns the address.
+        C{sender} is then the envelope sender to use.
+        """
         self.sender = _address(origin)
         return origin
 
@@ -424,7 +427,8 @@ class SubmissionDelivery(BaseDelivery):
         address = _address(origin)
         if not address or not _same_address(address, self.user or ""):
             raise SMTPReplyError(replies.SENDER_NOT_OWNED)  # RFC 6409 6.1
-        self.sender = address
+        # The user's stored spelling: bounces reach the user's own mailbox.
+        self.sender = self.user
         return origin
 
     def check_recipient(self, address: str) -> str:

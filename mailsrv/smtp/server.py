@@ -529,7 +529,8 @@ class SMTPServer(smtp.ESMTP):
         )
 
     def _sender_ok(self, _: Any, address: str) -> None:
-        self._sender = address
+        sender = getattr(self._delivery, "sender", None)
+        self._sender = address if sender is None else sender
         self._recipients = []
         self._reply(replies.SENDER_OK)
 
