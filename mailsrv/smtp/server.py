@@ -775,7 +775,11 @@ class SMTPServer(smtp.ESMTP):
         if failure.check(UnauthorizedLogin, LoginFailed):
             self._auth_failed_for(username)
         elif failure.check(LoginThrottled):
-            self.log.warn("login refused for {client}: too many failures", client=self._client_ip)
+            self.log.warn(
+                "smtp login {user} from {client}: refused, too many failures",
+                user=username,
+                client=self._client_ip,
+            )
             self._reply(AUTH_THROTTLED)
         elif failure.check(PasswordDatabaseError):
             self.log.error(
