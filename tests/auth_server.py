@@ -8,6 +8,7 @@ store, disk thread pool) listening for SMTP, submission, POP3 and IMAP on
 from __future__ import annotations
 
 import re
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -40,11 +41,12 @@ def imap_tagged(tag: bytes) -> re.Pattern[bytes]:
 class RealServer:
     """
     The server's own context and protocol factories on the given reactor,
-    data in a temporary folder; C{stop()} when done.
+    data in a temporary folder (removed by C{stop()}); C{stop()} when done.
     """
 
     def __init__(self, reactor, base: Path | None = None, **auth: object) -> None:
         self.reactor = reactor
+        self._own_base = base is None
         self.base = Path(tempfile.mkdtemp(prefix="auth-test-")) if base is None else base
         cert, key = cert_paths()
         settings = {"failure_delay": 0.05, "max_failures": 5, **auth}
@@ -90,6 +92,8 @@ class RealServer:
         for port in self._listening:
             yield port.stopListening()
         yield self.top.stopService()
+        if self._own_base:
+            shutil.rmtree(self.base, ignore_errors=True)
 
 
 class Dialog(protocol.Protocol):
