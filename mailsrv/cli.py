@@ -107,7 +107,7 @@ def _user_del(args: argparse.Namespace, config: Config, io: _IO) -> int:
     except ValueError as e:
         raise CommandError(str(e))
     try:
-        PasswordFile(config.auth.passwd_file).delete_user(address)
+        address = PasswordFile(config.auth.passwd_file).delete_user(address)
     except KeyError:
         raise CommandError(f"no such user: {address}")
     print(f"deleted {address}; mail kept in {user_dir(config.mail_dir, address)}", file=io.stdout)

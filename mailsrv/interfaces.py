@@ -154,11 +154,27 @@ class FolderError(Exception):
 class IPasswordDatabase(Interface):
     """The users who own mailboxes, and their hashed passwords."""
 
+    def lookup(address):
+        """
+        Return the stored spelling of C{address}, its local part matched in any
+        case, or None if no such user (sync; cached file read). The stored
+        spelling names the user everywhere: avatars, mailboxes, logs. Raises
+        L{PasswordDatabaseError} if the users cannot be read.
+        """
+
     def has_user(address):
         """Return whether C{address} is a known user (sync; cached file read)."""
 
     def verify(address, password):
         """Fire with True or False; hashing runs off the reactor thread."""
+
+
+class PasswordDatabaseError(Exception):
+    """
+    Raised (or failed with) by L{IPasswordDatabase} when the users cannot be
+    read: a local problem, answered as temporary (SMTP 451 4.3.0 or 454
+    4.7.0), never as "no such user" or "wrong password".
+    """
 
 
 class IOutboundQueue(Interface):

@@ -24,15 +24,16 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginDenied, LoginFailed
 from twisted.internet import defer, interfaces, protocol, task, threads
-from twisted.logger import Logger
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
-from mailsrv.interfaces import SEEN, FolderError, MessageInfo
+from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -125,7 +126,7 @@ class Maildrop:
     touched; QUIT expunges the marked messages by UID.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, folder: Any, release: Callable[[], None]) -> None:
         self.folder = folder  # IFolder
@@ -321,7 +322,7 @@ class POP3Server(pop3.POP3):
     PIPELINING).
     """
 
-    log = Logger()
+    log = SafeLogger()
     AUTH_CMDS = [b"CAPA", b"USER", b"PASS", b"AUTH", b"STLS", b"QUIT", b"NOOP"]
     transport: Any  # TCP, TLS or (in tests) a StringTransport
     factory: Any
@@ -610,21 +611,18 @@ class POP3Server(pop3.POP3):
 
     def _login(self, user: bytes, password: bytes, method: bytes) -> None:
         """Check the password (throttled, delayed on failure) and open the maildrop."""
-        name = user.decode("utf-8", "replace")
+        name = user  # as sent; the logger escapes it
         self._method = method.decode()
+        credentials = UsernamePassword(user, password)
         throttle = self.ctx.throttle
-        if throttle is not None and throttle.blocked(self.peer):
-            self._log_login(name, "throttled")
-            d = task.deferLater(
-                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
-            )
-            self._long(d)
-            return
-        d = self.ctx.portal.login(UsernamePassword(user, password), None, IMailboxPOP3)
+        if throttle is None:
+            d = self.ctx.portal.login(credentials, None, IMailboxPOP3)
+        else:
+            d = throttle.login(self.ctx.portal, self.peer, credentials, None, IMailboxPOP3)
         d.addCallbacks(self._logged_in, self._login_failed, (name,), None, (name,))
         self._long(d)
 
-    def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: str) -> None:
+    def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: bytes) -> None:
         _, maildrop, logout = result
         if self._closed:  # the client left while we were checking
             logout()
@@ -634,7 +632,7 @@ class POP3Server(pop3.POP3):
         self._log_login(maildrop.user, "ok", count=len(maildrop.infos))
         self.ok(b"Logged in.")
 
-    def _log_login(self, user: str, result: str, count: int | None = None) -> None:
+    def _log_login(self, user: str | bytes, result: str, count: int | None = None) -> None:
         """The one line per login an administrator greps for (never the password)."""
         self.log.info(
             "pop3 login {user} from {client}: {result} (method={method}, tls={tls}, "
@@ -647,21 +645,30 @@ class POP3Server(pop3.POP3):
             count=count,
         )
 
-    def _login_failed(self, f: Failure, name: str) -> None:
+    def _login_failed(self, f: Failure, name: bytes) -> defer.Deferred | None:
         if f.check(MaildropInUse):
             self._log_login(name, "in use")
             self.error(IN_USE)
+        elif f.check(LoginThrottled):
+            self._log_login(name, "throttled")
+            # Refused without a check; answered after the failure delay all the
+            # same, so that a pipelined list of guesses is not answered at once.
+            return task.deferLater(
+                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
+            )
         elif f.check(LoginFailed, LoginDenied):
             self._log_login(name, "failed")
-            if self.ctx.throttle is not None:
-                self.ctx.throttle.failed(self.peer)
             self.bad(AUTH_FAILED)
         else:
             self._log_login(name, "error")
-            self.log.failure(
-                "pop3 login {user} from {client}: error", f, user=name, client=self.peer
-            )
+            if f.check(PasswordDatabaseError):
+                self.log.error("pop3 login from {client}: {error}", client=self.peer, error=f.value)
+            else:
+                self.log.failure(
+                    "pop3 login {user} from {client}: error", f, user=name, client=self.peer
+                )
             self.send(SYS_TEMP)
+        return None
 
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
 

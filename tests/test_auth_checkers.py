@@ -20,6 +20,9 @@ class FakePasswords:
         self.users = users
         self.asked = []
 
+    def lookup(self, address):
+        return address if address in self.users else None
+
     def has_user(self, address):
         return address in self.users
 

@@ -11,7 +11,7 @@ from argon2.profiles import CHEAPEST
 from twisted.internet import defer
 from zope.interface.verify import verifyObject
 
-from mailsrv.auth.passwd import PasswordFile, parse_lines
+from mailsrv.auth.passwd import PasswordFile, PasswordFileError, parse_lines
 from mailsrv.interfaces import IPasswordDatabase
 
 
@@ -52,7 +52,10 @@ def test_add_writes_argon2id_line_mode_0600(pf):
 def test_verify_and_has_user(pf):
     pf.add_user("alice@example.test", "s3cret")
     assert pf.has_user("alice@EXAMPLE.test")
-    assert not pf.has_user("ALICE@example.test")  # local part is case-preserved
+    assert pf.has_user("ALICE@example.test")  # local part matched in any case
+    assert pf.lookup("ALICE@EXAMPLE.test") == "alice@example.test"
+    assert pf.lookup("bob@example.test") is None
+    assert result(pf.verify("ALICE@example.test", "s3cret")) is True
     assert not pf.has_user("bob@example.test")
     assert not pf.has_user("not an address")
     assert result(pf.verify("alice@Example.Test", "s3cret")) is True
@@ -215,3 +218,45 @@ def test_root_keeps_the_servers_ownership(pf):
     fresh.add_user("carol@example.test", "c")
     st = os.stat(fresh.path)
     assert (st.st_uid, st.st_gid) == (5002, 5003)
+
+
+def test_one_user_whatever_the_case(pf):
+    assert pf.add_user("Bob@example.test", "one") == "Bob@example.test"
+    with pytest.raises(KeyError) as e:
+        pf.add_user("bob@EXAMPLE.test", "two")
+    assert e.value.args == ("Bob@example.test",)
+    assert pf.users() == ["Bob@example.test"]
+    assert pf.set_password("BOB@example.test", "three") == "Bob@example.test"
+    assert result(pf.verify("bob@example.test", "three")) is True
+    assert pf.delete_user("bOB@example.test") == "Bob@example.test"
+    assert pf.users() == []
+
+
+def test_two_spellings_in_the_file_resolve_to_the_first(pf):
+    h = pf.hash_password("pw")
+    pf.path.parent.mkdir(parents=True, exist_ok=True)
+    pf.path.write_text(f"Carol@example.test:{h}\ncarol@example.test:{h}\n")
+    assert pf.lookup("CAROL@example.test") == "Carol@example.test"
+    assert pf.lookup("carol@example.test") == "Carol@example.test"
+
+
+def test_unreadable_file_is_an_error_not_an_empty_table(pf):
+    pf.path.parent.mkdir(parents=True)
+    pf.path.mkdir()  # the server cannot read it (root is not stopped by chmod 000)
+    with pytest.raises(PasswordFileError):
+        pf.lookup("alice@example.test")
+    with pytest.raises(PasswordFileError):
+        pf.has_user("alice@example.test")
+    assert isinstance(result(pf.verify("alice@example.test", "s3cret")).value, PasswordFileError)
+
+
+def test_a_missing_file_is_no_users(pf):
+    assert pf.lookup("alice@example.test") is None
+
+
+def test_unreadable_later_keeps_the_last_good_copy(pf):
+    pf.add_user("alice@example.test", "s3cret")
+    assert pf.lookup("alice@example.test") == "alice@example.test"
+    os.rename(pf.path, pf.path.with_name("moved"))
+    pf.path.mkdir()
+    assert pf.lookup("alice@example.test") == "alice@example.test"

@@ -45,6 +45,9 @@ class Passwords:
     def __init__(self, users: dict[str, str]) -> None:
         self.users = users
 
+    def lookup(self, address: str) -> str | None:
+        return address if address in self.users else None
+
     def has_user(self, address: str) -> bool:
         return address in self.users
 

@@ -8,9 +8,10 @@ from twisted.cred.checkers import ICredentialsChecker
 from twisted.cred.credentials import IUsernamePassword
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, task
-from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsrv.interfaces import PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import normalize_user
 
 FAILED = "Authentication failed"
@@ -19,14 +20,17 @@ FAILED = "Authentication failed"
 @implementer(ICredentialsChecker)
 class PasswordChecker:
     """
-    Check L{IUsernamePassword} credentials; the avatar id is the normalized
-    address (str). Every failure waits C{failure_delay} seconds on C{clock}
+    Check L{IUsernamePassword} credentials; the avatar id is the user's
+    address as the password database stores it (str), whatever the case of
+    the local part the client typed. Every failure waits C{failure_delay} seconds on C{clock}
     and fails with the same L{UnauthorizedLogin}, whether the user is unknown
-    or the password wrong.
+    or the password wrong. If the password database cannot be read, the
+    login fails at once with its L{PasswordDatabaseError}, which the
+    protocols answer as a temporary failure.
     """
 
     credentialInterfaces = (IUsernamePassword,)
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, passwords: Any, clock: Any, failure_delay: float) -> None:
         """C{passwords} provides L{IPasswordDatabase}; C{clock} delays the failures."""
@@ -45,15 +49,19 @@ class PasswordChecker:
             # Same cost as a real check, so the answer's timing tells nothing.
             d = self._passwords.verify("nobody@invalid", password)
             d.addCallback(lambda _: False)
-            address = ""
+            stored = None
         else:
-            d = self._passwords.verify(address, password)
-        d.addCallback(self._decide, address)
+            try:
+                stored = self._passwords.lookup(address)
+            except PasswordDatabaseError:
+                return defer.fail()  # a temporary failure, not a wrong password
+            d = self._passwords.verify(address if stored is None else stored, password)
+        d.addCallback(self._decide, stored)
         return d
 
-    def _decide(self, ok: bool, address: str) -> Any:
-        if ok:
-            return address
+    def _decide(self, ok: bool, stored: str | None) -> Any:
+        if ok and stored is not None:
+            return stored
         return task.deferLater(self._clock, self._delay, _fail)
 
 

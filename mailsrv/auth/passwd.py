@@ -7,6 +7,12 @@ mode 0600 and replaced atomically (temp file, fsync, rename, fsync of the
 folder), so a crash leaves either the old or the new file, never half of one.
 The server notices a new file by its inode, size and mtime, so that
 ``mailsrv user add`` takes effect without a restart.
+
+Local parts are looked up case-insensitively, as Postfix's and Dovecot's
+lookups are (the domain is always lower-cased): ``Alice@example.test`` finds
+the user stored as ``alice@example.test``, and every lookup answers with the
+stored spelling, which names the user's mailbox on disk. Two users whose
+addresses differ only in case cannot be added.
 """
 
 from __future__ import annotations
@@ -22,11 +28,11 @@ from typing import Any
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
 from twisted.internet import defer, threads
-from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.interfaces import IPasswordDatabase
-from mailsrv.store.names import normalize_user
+from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
+from mailsrv.store.names import normalize_user, split_user
 
 DOVECOT_SCHEME = "{ARGON2ID}"
 # Each check takes ~0.1 s of CPU and 64 MiB: a flood of logins must not take
@@ -44,7 +50,7 @@ def default_hasher() -> PasswordHasher:
     return PasswordHasher(time_cost=2, memory_cost=19 * 1024, parallelism=1)
 
 
-class PasswordFileError(Exception):
+class PasswordFileError(PasswordDatabaseError):
     """The password file cannot be read or changed; the text is for the administrator."""
 
 
@@ -56,6 +62,23 @@ def check_address(address: str) -> str:
         return normalize_user(address)
     except ValueError:
         raise ValueError(f"not a usable mailbox address: {address!r} (give local@domain)")
+
+
+def lookup_key(address: str) -> str:
+    """The case-folded form two spellings of one user share; ValueError if unusable."""
+    local, domain = split_user(address)
+    return f"{local.lower()}@{domain}"
+
+
+def _find(users: dict[str, str], address: str) -> str | None:
+    """The stored spelling of C{address} in C{users}, or None."""
+    if address in users:
+        return address
+    key = lookup_key(address)
+    for stored in users:
+        if lookup_key(stored) == key:
+            return stored
+    return None
 
 
 def parse_lines(text: str) -> tuple[dict[str, str], list[int]]:
@@ -91,7 +114,7 @@ class PasswordFile:
     whether to re-read); hashing and verifying run in C{threadpool}.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,
@@ -105,7 +128,9 @@ class PasswordFile:
         self._pool = threadpool
         self._hasher = hasher if hasher is not None else default_hasher()
         self._users: dict[str, str] = {}
+        self._folded: dict[str, str] = {}  # lookup_key -> stored address
         self._key: tuple[int, ...] | None = None
+        self._loaded = False
         self._dummy: str | None = None
         self._checks = defer.DeferredSemaphore(MAX_CONCURRENT_CHECKS)
 
@@ -115,39 +140,67 @@ class PasswordFile:
         try:
             st = os.stat(self.path)
         except FileNotFoundError:
-            return None
+            return None  # no users yet
         return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
     def _current(self) -> dict[str, str]:
-        key = self._stat_key()
-        if key != self._key:
-            if key is None:
-                self._users = {}
-            else:
-                try:
-                    text = self.path.read_text(encoding="utf-8")
-                except (OSError, UnicodeDecodeError) as e:
-                    self.log.error("cannot read {path}: {error}", path=str(self.path), error=str(e))
-                    return self._users  # keep the last good copy
-                users, bad = parse_lines(text)
-                for n in bad:
-                    self.log.warn(
-                        "{path}:{line}: not address:hash, ignored", path=str(self.path), line=n
-                    )
-                self._users = users
-                self.log.info(
-                    "loaded {count} users from {path}", count=len(users), path=str(self.path)
-                )
-            self._key = key
+        """
+        The users, re-read if the file changed. If it cannot be read, the last
+        good copy is kept; without one, L{PasswordFileError}: a local problem
+        the caller answers as temporary, never as "no such user".
+        """
+        try:
+            key = self._stat_key()
+            if self._loaded and key == self._key:
+                return self._users
+            text = "" if key is None else self.path.read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            self.log.error("cannot read {path}: {error}", path=str(self.path), error=str(e))
+            if self._loaded:
+                return self._users  # keep the last good copy
+            raise PasswordFileError(f"{self.path}: cannot read: {e}") from e
+        users, bad = parse_lines(text)
+        for n in bad:
+            self.log.warn("{path}:{line}: not address:hash, ignored", path=str(self.path), line=n)
+        self._users = users
+        self._folded = self._fold(users)
+        if key is not None:
+            self.log.info("loaded {count} users from {path}", count=len(users), path=str(self.path))
+        self._key = key
+        self._loaded = True
         return self._users
 
-    def has_user(self, address: str) -> bool:
-        """Whether C{address} is a known user."""
+    def _fold(self, users: dict[str, str]) -> dict[str, str]:
+        folded: dict[str, str] = {}
+        for address in users:
+            key = lookup_key(address)
+            if key in folded:
+                self.log.warn(
+                    "{path}: {address} and {other} differ only in case; "
+                    "logins and mail for either go to {other}",
+                    path=str(self.path),
+                    address=address,
+                    other=folded[key],
+                )
+                continue
+            folded[key] = address
+        return folded
+
+    def lookup(self, address: str) -> str | None:
+        """
+        The stored spelling of C{address} (local part matched in any case), or
+        None. L{PasswordFileError} if the file cannot be read.
+        """
         try:
-            address = normalize_user(address)
+            key = lookup_key(address)
         except ValueError:
-            return False
-        return address in self._current()
+            return None
+        self._current()
+        return self._folded.get(key)
+
+    def has_user(self, address: str) -> bool:
+        """Whether C{address} is a known user (local part in any case); see L{lookup}."""
+        return self.lookup(address) is not None
 
     def users(self) -> list[str]:
         """All addresses, sorted."""
@@ -157,12 +210,14 @@ class PasswordFile:
         """
         Fire with whether C{password} is C{address}'s. An unknown user costs
         the same as a wrong password: the password is checked against a dummy
-        hash made with the same parameters.
+        hash made with the same parameters. Fails with L{PasswordFileError} if
+        the file cannot be read.
         """
         try:
-            stored = self._current().get(normalize_user(address))
-        except ValueError:
-            stored = None
+            canonical = self.lookup(address)
+        except PasswordFileError:
+            return defer.fail()
+        stored = None if canonical is None else self._users.get(canonical)
         return self._checks.run(self._in_thread, self._verify_sync, stored, password)
 
     def _in_thread(self, f: Any, *args: Any) -> defer.Deferred:
@@ -235,33 +290,39 @@ class PasswordFile:
             os.close(dfd)
 
     def add_user(self, address: str, password: str) -> str:
-        """Add a user (blocking); return the normalized address. KeyError if present."""
+        """
+        Add a user (blocking); return the normalized address. KeyError (with
+        the stored spelling) if the user exists, in whatever case.
+        """
         address = check_address(address)
         hashed = self.hash_password(password)
         with self._locked() as users:
-            if address in users:
-                raise KeyError(address)
+            existing = _find(users, address)
+            if existing is not None:
+                raise KeyError(existing)
             users[address] = hashed
         return address
 
     def set_password(self, address: str, password: str) -> str:
-        """Change a user's password (blocking). KeyError if unknown."""
+        """Change a user's password (blocking); return the stored spelling. KeyError if unknown."""
         address = check_address(address)
         hashed = self.hash_password(password)
         with self._locked() as users:
-            if address not in users:
+            stored = _find(users, address)
+            if stored is None:
                 raise KeyError(address)
-            users[address] = hashed
-        return address
+            users[stored] = hashed
+        return stored
 
     def delete_user(self, address: str) -> str:
-        """Remove a user (blocking). KeyError if unknown."""
+        """Remove a user (blocking); return the stored spelling. KeyError if unknown."""
         address = normalize_user(address)
         with self._locked() as users:
-            if address not in users:
+            stored = _find(users, address)
+            if stored is None:
                 raise KeyError(address)
-            del users[address]
-        return address
+            del users[stored]
+        return stored
 
 
 def _keep_owner(fd: int, path: Path) -> None:

@@ -26,11 +26,11 @@ from twisted.cred import credentials
 from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
-from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.imap import mime
 from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
 from mailsrv.imap.fetch import (
@@ -46,7 +46,15 @@ from mailsrv.imap.fetch import (
     skip,
 )
 from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs, parse, tokenize
-from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
+from mailsrv.interfaces import (
+    DELETED,
+    SEEN,
+    SYSTEM_FLAGS,
+    FolderError,
+    MessageInfo,
+    PasswordDatabaseError,
+)
+from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
@@ -388,7 +396,7 @@ def _prepare_batch(
 class IMAPServer(imap4.IMAP4Server):
     """One IMAP connection."""
 
-    log = Logger()
+    log = SafeLogger()
     transport: Any
     callLater: Any
     _pendingLiteral: Any = None
@@ -764,20 +772,17 @@ class IMAPServer(imap4.IMAP4Server):
     def _login(self, tag: bytes, user: bytes, passwd: bytes) -> None:
         host = peer_host(self.transport)
         throttle = self.factory.throttle
-        if throttle is not None and throttle.blocked(host):
-            self.log.info("imap login refused for {host}: too many failures", host=host)
-            self.sendNegativeResponse(tag, b"[UNAVAILABLE] Too many failed logins; try later")
-            return
         creds = credentials.UsernamePassword(user, passwd)
-        d = self.factory.portal.login(creds, None, imap4.IAccount)
+        if throttle is None:
+            d = self.factory.portal.login(creds, None, imap4.IAccount)
+        else:
+            d = throttle.login(self.factory.portal, host, creds, None, imap4.IAccount)
 
         def ok(result: tuple[Any, Any, Any]) -> None:
             _, avatar, logout = result
             if self._lost:
                 logout()
                 return
-            if throttle is not None:
-                throttle.succeeded(host)
             self.account = avatar
             self._onLogout = logout
             self._user = avatar.address
@@ -789,14 +794,27 @@ class IMAPServer(imap4.IMAP4Server):
             )
 
         def failed(failure: Any) -> None:
-            if failure.check(UnauthorizedLogin):
-                if throttle is not None:
-                    throttle.failed(host)
-                self.log.info("imap login failed from {host}", host=host)
+            if failure.check(LoginThrottled):
+                self.log.info(
+                    "imap login {user} from {host}: refused, too many failures",
+                    user=user,
+                    host=host,
+                )
+                if not self._lost:
+                    self.sendNegativeResponse(
+                        tag, b"[UNAVAILABLE] Too many failed logins; try later"
+                    )
+            elif failure.check(UnauthorizedLogin):
+                self.log.info("imap login {user} from {host}: failed", user=user, host=host)
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             else:
-                self.log.failure("imap login error", failure)
+                if failure.check(PasswordDatabaseError):
+                    self.log.error(
+                        "imap login from {host}: {error}", host=host, error=failure.value
+                    )
+                else:
+                    self.log.failure("imap login error", failure)
                 if not self._lost:
                     self.sendNegativeResponse(
                         tag, b"[UNAVAILABLE] Temporary authentication failure"

@@ -11,13 +11,13 @@ import re
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies
-from mailsrv.interfaces import IMessageSource
+from mailsrv.interfaces import IMessageSource, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.spool import SpooledSource
@@ -86,7 +86,7 @@ class IncomingMessage:
     every local recipient and to the outbound queue for the others.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,
@@ -352,22 +352,34 @@ class BaseDelivery:
         ).rstrip(b"\n")
 
     def validateFrom(self, helo, origin):
-        """Accept C{origin} or raise L{SMTPReplyError}; returns the address."""
+        """
+        Accept C{origin} or raise L{SMTPReplyError}; returns the address.
+        C{sender} is then the envelope sender to use.
+        """
         self.sender = _address(origin)
         return origin
 
     def validateTo(self, user):
-        """Accept a recipient (a callable making its message) or raise L{SMTPReplyError}."""
-        address = _address(user)
-        self.check_recipient(address)
-        return _Recipient(self, address)
+        """
+        Accept a recipient or raise L{SMTPReplyError}. The callable returned
+        makes its message; its C{address} is the one to deliver to (a local
+        user's stored spelling, whatever the case the client sent).
+        """
+        return _Recipient(self, self.check_recipient(_address(user)))
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
+        """Return the address to deliver to, or raise L{SMTPReplyError}."""
         raise NotImplementedError
 
-    def _check_local_user(self, address: str) -> None:
-        if not self.ctx.passwords.has_user(address):
+    def _check_local_user(self, address: str) -> str:
+        try:
+            stored = self.ctx.passwords.lookup(address)
+        except PasswordDatabaseError as e:
+            # A local problem: "try again", never "no such user".
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause=str(e))
+        if stored is None:
             raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
+        return stored
 
     def new_message(
         self,
@@ -394,10 +406,10 @@ class BaseDelivery:
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
         if not self.ctx.config.is_local_domain(_domain(address)):
             raise SMTPReplyError(replies.RELAY_DENIED)  # never an open relay
-        self._check_local_user(address)
+        return self._check_local_user(address)
 
 
 class SubmissionDelivery(BaseDelivery):
@@ -415,14 +427,16 @@ class SubmissionDelivery(BaseDelivery):
         address = _address(origin)
         if not address or not _same_address(address, self.user or ""):
             raise SMTPReplyError(replies.SENDER_NOT_OWNED)  # RFC 6409 6.1
-        self.sender = address
+        # The user's stored spelling: bounces reach the user's own mailbox.
+        self.sender = self.user
         return origin
 
-    def check_recipient(self, address: str) -> None:
+    def check_recipient(self, address: str) -> str:
         if self.ctx.config.is_local_domain(_domain(address)):
-            self._check_local_user(address)
-        elif self.ctx.queue is None:
+            return self._check_local_user(address)
+        if self.ctx.queue is None:
             raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
+        return address
 
 
 def _same_address(a: str, b: str) -> bool:

@@ -18,13 +18,15 @@ from typing import Any
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, protocol
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.auth.policy import cleartext_allowed, is_tls
+from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.eager import send_now
+from mailsrv.interfaces import PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
@@ -97,7 +99,7 @@ _B64_PASSWORD = base64.b64encode(b"Password:")
 class SMTPServer(smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
-    log = Logger()
+    log = SafeLogger()
     transport: Any
     portal: Any
 
@@ -527,7 +529,8 @@ class SMTPServer(smtp.ESMTP):
         )
 
     def _sender_ok(self, _: Any, address: str) -> None:
-        self._sender = address
+        sender = getattr(self._delivery, "sender", None)
+        self._sender = address if sender is None else sender
         self._recipients = []
         self._reply(replies.SENDER_OK)
 
@@ -589,10 +592,13 @@ class SMTPServer(smtp.ESMTP):
         ok(result)
         return None
 
-    def _recipient_ok(self, _: Any, address: str) -> None:
+    def _recipient_ok(self, accepted: Any, address: str) -> None:
         if self._sender is None:
             return  # the transaction was reset meanwhile
-        self._recipients.append(address)
+        # A local user's stored spelling: Alice@ and alice@ are one mailbox.
+        address = getattr(accepted, "address", address)
+        if address not in self._recipients:
+            self._recipients.append(address)
         self._reply(replies.RECIPIENT_OK)
 
     def do_DATA(self, rest: bytes) -> None:
@@ -689,11 +695,6 @@ class SMTPServer(smtp.ESMTP):
         if mechanism not in (b"PLAIN", b"LOGIN"):
             self._reply(AUTH_BAD_MECHANISM)
             return
-        throttle = self.context.throttle
-        if throttle is not None and throttle.blocked(self._client_ip):
-            self.log.warn("login refused for {client}: too many failures", client=self._client_ip)
-            self._reply(AUTH_THROTTLED)
-            return
         initial = parts[1] if len(parts) > 1 else None
         if mechanism == b"PLAIN":
             self._auth_step = self._auth_plain
@@ -747,7 +748,14 @@ class SMTPServer(smtp.ESMTP):
     def _login(self, username: bytes, password: bytes) -> None:
         self.mode = COMMAND
         self._auth_step = None
-        d = self.portal.login(UsernamePassword(username, password), None, smtp.IMessageDelivery)
+        credentials = UsernamePassword(username, password)
+        throttle = self.context.throttle
+        if throttle is None:
+            d = self.portal.login(credentials, None, smtp.IMessageDelivery)
+        else:
+            d = throttle.login(
+                self.portal, self._client_ip, credentials, None, smtp.IMessageDelivery
+            )
         d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
         self._wait(d)
 
@@ -760,24 +768,32 @@ class SMTPServer(smtp.ESMTP):
         self._delivery = avatar
         self._user = user
         self._logout = logout
-        if self.context.throttle is not None:
-            self.context.throttle.succeeded(self._client_ip)
         self.log.info("smtp login {user} from {client}: ok", user=user, client=self._client_ip)
         self._reply(AUTH_OK)
 
     def _login_failed(self, failure: Failure, username: bytes) -> None:
         if failure.check(UnauthorizedLogin, LoginFailed):
             self._auth_failed_for(username)
+        elif failure.check(LoginThrottled):
+            self.log.warn(
+                "smtp login {user} from {client}: refused, too many failures",
+                user=username,
+                client=self._client_ip,
+            )
+            self._reply(AUTH_THROTTLED)
+        elif failure.check(PasswordDatabaseError):
+            self.log.error(
+                "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
+            )
+            self._reply(replies.AUTH_TEMP_FAIL)
         else:
             self.log.failure("login failed", failure=failure)
             self._reply(replies.AUTH_TEMP_FAIL)
 
     def _auth_failed_for(self, username: bytes) -> None:
-        if self.context.throttle is not None:
-            self.context.throttle.failed(self._client_ip)
         self.log.warn(
             "smtp login {user} from {client}: failed",
-            user=username.decode("utf-8", "replace"),
+            user=username,
             client=self._client_ip,
         )
         self._reply(replies.AUTH_FAILED)

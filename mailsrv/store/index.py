@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote, unquote
 
-from twisted.logger import Logger
+from mailsrv.logsafe import SafeLogger
 
 SCHEMA_VERSION = 1
 SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal")
@@ -52,7 +52,7 @@ def flags_text(flags: Iterable[str]) -> str:
 class FolderIndex:
     """One folder's index database."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, base: Path, new_validity: Callable[[], int]) -> None:
         self.path = Path(str(base) + ".sqlite")

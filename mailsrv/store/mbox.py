@@ -35,11 +35,11 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
+from mailsrv.logsafe import SafeLogger
 from mailsrv.store import mboxfmt
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.infos import InfoList
@@ -191,7 +191,7 @@ class _FolderState:
 class MboxMailStore:
     """All users' folders as mbox files under C{mail_dir}, indexes under C{index_dir}."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,
@@ -1131,7 +1131,7 @@ def _scan_row(res: Any, i: int, uid: int, flags: frozenset[str], date: float) ->
 class MboxFolder:
     """A session's view of one mbox folder."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, store: MboxMailStore, state: _FolderState, read_only: bool) -> None:
         self._store = store

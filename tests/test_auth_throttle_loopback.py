@@ -1,0 +1,156 @@
+"""
+The login throttle on a real server over loopback: SMTP AUTH, POP3 and IMAP
+share one rule. Thirty wrong passwords sent at once from one address get at
+most max_failures checks; a success on another account forgives nothing.
+"""
+
+from __future__ import annotations
+
+import base64
+
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from .auth_server import (
+    IMAP_GREETING,
+    PASSWORD,
+    POP3_REPLY,
+    SMTP_REPLY,
+    RealServer,
+    converse,
+    imap_tagged,
+)
+
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
+MAX_FAILURES = 5
+PARALLEL = 30
+
+
+def _plain(user: str, password: str) -> bytes:
+    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
+
+
+# protocol -> (listener, greeting, steps for one login, index of the login's answer,
+#              {outcome: prefix of the answer})
+def _smtp(user, password):
+    steps = [
+        (b"EHLO client.test\r\n", SMTP_REPLY),
+        (b"AUTH PLAIN " + _plain(user, password) + b"\r\n", SMTP_REPLY),
+        (b"QUIT\r\n", SMTP_REPLY),
+    ]
+    return "submission", SMTP_REPLY, steps, 1
+
+
+def _pop3(user, password):
+    steps = [
+        (b"USER " + user.encode() + b"\r\n", POP3_REPLY),
+        (b"PASS " + password.encode() + b"\r\n", POP3_REPLY),
+        (b"QUIT\r\n", POP3_REPLY),
+    ]
+    return "pop3", POP3_REPLY, steps, 1
+
+
+def _imap(user, password):
+    steps = [
+        (b'a1 LOGIN "' + user.encode() + b'" "' + password.encode() + b'"\r\n', imap_tagged(b"a1")),
+        (b"a2 LOGOUT\r\n", imap_tagged(b"a2")),
+    ]
+    return "imap", IMAP_GREETING, steps, 0
+
+
+ANSWERS = {
+    "smtp": (_smtp, {"ok": b"235 ", "failed": b"535 ", "throttled": b"454 4.7.0 Too many"}),
+    "pop3": (
+        _pop3,
+        {
+            "ok": b"+OK Logged in",
+            "failed": b"-ERR [AUTH] Authentication failed",
+            "throttled": b"-ERR [AUTH] Too many failed logins",
+        },
+    ),
+    "imap": (
+        _imap,
+        {
+            "ok": b"a1 OK",
+            "failed": b"a1 NO [AUTHENTICATIONFAILED]",
+            "throttled": b"a1 NO [UNAVAILABLE] Too many failed logins",
+        },
+    ),
+}
+
+
+class _ThrottleOverLoopback:
+    """One protocol's logins against the server's real throttle and password file."""
+
+    protocol = ""
+    timeout = 60
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.server = RealServer(reactor, max_failures=MAX_FAILURES)
+        self.addCleanup(self.server.stop)
+        self.server.add_user(ALICE)
+        self.server.add_user(BOB)
+        self.checked: list[str] = []
+        passwords = self.server.ctx.passwords
+        real_verify = passwords.verify
+
+        def counting_verify(address, password):
+            self.checked.append(address)
+            return real_verify(address, password)
+
+        passwords.verify = counting_verify
+
+    @defer.inlineCallbacks
+    def login(self, user: str, password: str):
+        """Log in once; fire with "ok", "failed" or "throttled"."""
+        script, outcomes = ANSWERS[self.protocol]
+        listener, greeting, steps, index = script(user, password)
+        answers = yield converse(self.reactor, self.server.ports[listener], greeting, steps)
+        for name, prefix in outcomes.items():
+            if answers[index].startswith(prefix):
+                return name
+        raise AssertionError(f"unexpected answer {answers[index]!r} in {answers!r}")
+
+    @defer.inlineCallbacks
+    def test_parallel_wrong_passwords_reach_the_check_max_failures_times(self):
+        results = yield defer.gatherResults(
+            [self.login(ALICE, f"wrong {i}") for i in range(PARALLEL)]
+        )
+        self.assertEqual(len(self.checked), MAX_FAILURES)
+        self.assertEqual(results.count("failed"), MAX_FAILURES)
+        self.assertEqual(results.count("throttled"), PARALLEL - MAX_FAILURES)
+        # and now even the right password is refused from this address
+        self.assertEqual((yield self.login(ALICE, PASSWORD)), "throttled")
+
+    @defer.inlineCallbacks
+    def test_a_success_on_another_account_forgives_nothing(self):
+        for _ in range(MAX_FAILURES - 1):
+            self.assertEqual((yield self.login(ALICE, "wrong")), "failed")
+        self.assertEqual((yield self.login(BOB, PASSWORD)), "ok")
+        self.assertEqual((yield self.login(ALICE, "wrong")), "failed")
+        self.assertEqual((yield self.login(ALICE, PASSWORD)), "throttled")
+        self.assertEqual((yield self.login(BOB, PASSWORD)), "throttled")
+
+    @defer.inlineCallbacks
+    def test_a_success_forgives_the_accounts_own_failures(self):
+        for _ in range(MAX_FAILURES - 1):
+            self.assertEqual((yield self.login(ALICE, "wrong")), "failed")
+        self.assertEqual((yield self.login("Alice@example.test", PASSWORD)), "ok")
+        for _ in range(MAX_FAILURES - 1):
+            self.assertEqual((yield self.login(ALICE, "wrong")), "failed")
+
+
+class SMTPThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
+    protocol = "smtp"
+
+
+class POP3ThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
+    protocol = "pop3"
+
+
+class IMAPThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
+    protocol = "imap"
