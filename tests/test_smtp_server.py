@@ -12,10 +12,10 @@ from twisted.mail import smtp
 from zope.interface.verify import verifyObject
 
 from mailsrv.interfaces import IMessageSource
+from mailsrv.localdelivery import ReturnPathSource
 from mailsrv.smtp.delivery import (
     InboundDelivery,
     IncomingMessage,
-    PrefixedSource,
     SubmissionDelivery,
 )
 from mailsrv.spool import BytesSource
@@ -642,7 +642,7 @@ def test_interfaces():
         ctx, queue_id="X", sender="", recipients=[ALICE], trace=b"", submission=False, client="c"
     )
     assert verifyObject(smtp.IMessage, msg)
-    assert verifyObject(IMessageSource, PrefixedSource(b"a", BytesSource(b"b")))
+    assert verifyObject(IMessageSource, ReturnPathSource("a@r.test", BytesSource(b"b")))
 
 
 def test_twisted_delivery_path_still_works():
@@ -659,12 +659,18 @@ def test_twisted_delivery_path_still_works():
     assert read_inbox(ctx, ALICE)[0].endswith(b"Subject: t\n\nbody\n")
 
 
-def test_prefixed_source_reads_across_the_join():
-    src = PrefixedSource(b"Return-Path: <>\n", BytesSource(b"x" * 100_000))
+def test_return_path_source_reads_across_the_join():
+    src = ReturnPathSource("", BytesSource(b"x" * 100_000))
     assert src.size == 16 + 100_000
     with src.open() as f:
         assert f.read(20) == b"Return-Path: <>\nxxxx"
         assert len(f.read()) == 100_000 - 4
+
+
+def test_return_path_source_replaces_one_at_the_top():
+    src = ReturnPathSource("a@r.test", BytesSource(b"Return-Path: <old>\n\t<x>\nSubject: s\n\nb\n"))
+    with src.open() as f:
+        assert f.read() == b"Return-Path: <a@r.test>\nSubject: s\n\nb\n"
 
 
 # --- DATA in any chunking ----------------------------------------------------------
@@ -750,7 +756,7 @@ def test_partial_local_failure_queues_the_rest_instead_of_a_451():
     assert len(read_inbox(s.ctx, ALICE)) == 1
     [(sender, rcpts, data)] = s.ctx.queue.queued
     assert (sender, rcpts) == ("a@r.test", ["bob@example.test"])
-    assert data.startswith(b"Return-Path: <a@r.test>\nReceived: ")
+    assert data.startswith(b"Received: ")  # the relayer's local delivery adds Return-Path
 
 
 def test_partial_local_failure_without_a_queue_is_451():
