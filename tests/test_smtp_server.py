@@ -845,3 +845,20 @@ def test_after_421_a_stuck_client_is_aborted_at_the_timeout():
     s.transport.abortConnection = lambda: aborted.append(True)
     ctx.reactor.advance(61)
     assert aborted == [True]
+
+
+def test_bare_cr_or_lf_in_a_header_or_body_line_is_refused():
+    """RFC 5321 2.3.8, line by line (headers) and in bulk (body), in any chunking."""
+    for data in (
+        "Subject: x\nBcc: y\r\n\r\nbody\r\n",
+        "Subject: x\r\n\r\nbody\rmore\r\n",
+        "Subject: x\r\n\r\nbody\r\n\n.\r\n",
+    ):
+        s = Session(make_context())
+        codes = s.codes(
+            "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+            + data
+            + ".\r\nNOOP\r\n"
+        )
+        assert codes[-2:] == ["550 5.6.0", "250 2.0.0"], (data, codes)
+        assert read_inbox(s.ctx, ALICE) == []

@@ -296,6 +296,9 @@ class SMTPServer(smtp.ESMTP):
             return False
         self._pos = end + 2
         octets = len(block)
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            message.fail(replies.BARE_NEWLINE)
         if block[:1] == b".":
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")  # RFC 5321 4.5.2
@@ -311,6 +314,8 @@ class SMTPServer(smtp.ESMTP):
                 line = line[1:]  # RFC 5321 4.5.2
             message = self._message
             assert message is not None
+            if b"\r" in line or b"\n" in line:
+                message.fail(replies.BARE_NEWLINE)
             message.lineReceived(line)
         elif self.mode == AUTH:
             self._auth_line(line)
