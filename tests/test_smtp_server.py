@@ -862,3 +862,20 @@ def test_bare_cr_or_lf_in_a_header_or_body_line_is_refused():
         )
         assert codes[-2:] == ["550 5.6.0", "250 2.0.0"], (data, codes)
         assert read_inbox(s.ctx, ALICE) == []
+
+
+def test_a_spool_file_that_cannot_be_written_is_452_and_the_session_goes_on(monkeypatch):
+    """A full disk at the spool's file (/dev/full: every write is ENOSPC)."""
+    import mailsrv.spool
+
+    monkeypatch.setattr(
+        mailsrv.spool.tempfile, "TemporaryFile", lambda **kw: open("/dev/full", "w+b")
+    )
+    s = Session(make_context())
+    body = ("y" * 78 + "\r\n") * 5000  # past SPILL_AT: written to a file
+    codes = s.codes(
+        "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        "Subject: big\r\n\r\n" + body + ".\r\nNOOP\r\n"
+    )
+    assert codes[-2:] == ["452 4.3.1", "250 2.0.0"]
+    assert read_inbox(s.ctx, ALICE) == []

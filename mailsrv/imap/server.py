@@ -47,7 +47,7 @@ from mailsrv.imap.fetch import (
 )
 from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs, parse, tokenize
 from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
-from mailsrv.spool import SpooledSource
+from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
@@ -547,6 +547,9 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
         elif failure.check(BadCharset):
             self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        elif disk_full(failure.value):
+            self.log.error("IMAP command {tag}: {error}", tag=tag, error=str(failure.value))
+            self.sendNegativeResponse(tag, b"[OVERQUOTA] Not enough disk space")  # RFC 5530
         else:
             self.log.failure("IMAP command {tag} failed", failure, tag=tag)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
@@ -993,6 +996,8 @@ class IMAPServer(imap4.IMAP4Server):
     ) -> Any:
         source, _ = message if isinstance(message, tuple) else (message, b"")
         try:
+            if source.error is not None:
+                raise source.error  # the literal could not be spooled
             folder_name = _mailbox_name(name)
             flag_set = self._parse_flags(flags or [])
             when = None if date is None else _parse_date_time(date)

@@ -18,7 +18,7 @@ from zope.interface import implementer
 from mailsrv import localdelivery, replies
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
-from mailsrv.spool import SpooledSource
+from mailsrv.spool import SpooledSource, disk_full
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -112,6 +112,13 @@ class IncomingMessage:
         if self._in_headers:
             self._end_headers(blank_line_follows=False)
         self._source.finish()
+        if self._source.error is not None:
+            self.log.error(
+                "{queue_id}: cannot spool the message: {error}",
+                queue_id=self.queue_id,
+                error=str(self._source.error),
+            )
+            return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
         return self._deliver()
 
     def connectionLost(self) -> None:
@@ -216,7 +223,10 @@ class IncomingMessage:
                     queue_id=self.queue_id,
                     done=done,
                 )
-            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+            reply = replies.LOCAL_ERROR
+            if any(disk_full(f.value) for _, f in failed):
+                reply = replies.STORAGE_FULL  # RFC 3463 4.3.1
+            raise SMTPReplyError(reply, cause="delivery failed")
         outbound = None
         if labels and labels[-1].startswith("queue:"):
             outbound = results[-1][1]
@@ -246,7 +256,8 @@ class IncomingMessage:
                 queue_id=self.queue_id,
                 rcpts=retry,
             )
-            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+            reply = replies.STORAGE_FULL if disk_full(failure.value) else replies.LOCAL_ERROR
+            raise SMTPReplyError(reply, cause="delivery failed")
 
         return d.addCallbacks(queued, not_queued)
 
@@ -384,6 +395,11 @@ class SubmissionDelivery(BaseDelivery):
             self._check_local_user(address)
         elif self.ctx.queue is None:
             raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
+
+
+def _disk_error_reply(error: OSError) -> Reply:
+    """452 4.3.1 for a full disk (RFC 3463), else 451 4.3.0."""
+    return replies.STORAGE_FULL if disk_full(error) else replies.LOCAL_ERROR
 
 
 def _same_address(a: str, b: str) -> bool:
