@@ -16,6 +16,20 @@ from pathlib import Path
 from typing import BinaryIO
 
 
+def make_dirs(path: Path | str, mode: int = 0o700) -> None:
+    """C{mkdir -p} where every folder made has C{mode} (the parents too, unlike L{Path.mkdir})."""
+    path = Path(path)
+    missing = []
+    while not path.is_dir() and path != path.parent:
+        missing.append(path)
+        path = path.parent
+    for d in reversed(missing):
+        try:
+            d.mkdir(mode)
+        except FileExistsError:
+            pass
+
+
 def fsync_dir(path: Path | str) -> None:
     """Make the entries of folder C{path} (a rename, a new file) durable."""
     fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)

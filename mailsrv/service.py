@@ -17,6 +17,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailsrv.atomic import make_dirs
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 
@@ -112,7 +113,7 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
     users = ThreadPoolService(pool)
     users.setServiceParent(parent)
     for d in (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir):
-        d.mkdir(parents=True, exist_ok=True)
+        make_dirs(d)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     realm = MailRealm()

@@ -15,7 +15,7 @@ from cryptography.x509.oid import NameOID
 from twisted.internet import ssl
 from twisted.logger import Logger
 
-from mailsrv.atomic import write_atomic
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.config import Config
 
 log = Logger()
@@ -43,14 +43,14 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(cert_path.parent)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
     write_atomic(key_path, key_bytes, 0o600)
-    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
 
 
 def server_options(config: Config) -> ssl.CertificateOptions:

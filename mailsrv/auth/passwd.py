@@ -24,7 +24,7 @@ from twisted.internet import defer, threads
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.atomic import write_atomic
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.interfaces import IPasswordDatabase
 from mailsrv.store.names import normalize_user
 
@@ -192,7 +192,7 @@ class PasswordFile:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, str]]:
         """Hold the lock beside the file while reading, changing and writing the user table."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

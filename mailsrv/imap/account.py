@@ -23,7 +23,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
-from mailsrv.atomic import write_atomic
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.interfaces import (
     DELETED,
     SEEN,
@@ -83,7 +83,7 @@ class Subscriptions:
 
 
 def _save(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(path.parent)
     write_atomic(path, data)
 
 

@@ -46,7 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv.atomic import fsync_dir, write_atomic
+from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
 from mailsrv.spool import BytesSource
 
@@ -172,7 +172,7 @@ class QueueStore:
         self.tmp_dir = self.dir / "tmp"
 
     def ensure(self) -> None:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.tmp_dir)
 
     def message_path(self, queue_id: str) -> Path:
         return self.dir / (_checked(queue_id) + MSG_SUFFIX)
@@ -384,7 +384,7 @@ class QueueStore:
             return False
 
     def request_flush(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         (self.dir / FLUSH_FILE).touch()
 
 

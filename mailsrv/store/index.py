@@ -17,6 +17,8 @@ from urllib.parse import quote, unquote
 
 from twisted.logger import Logger
 
+from mailsrv.atomic import make_dirs
+
 SCHEMA_VERSION = 1
 SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal")
 
@@ -56,7 +58,7 @@ class FolderIndex:
 
     def __init__(self, base: Path, new_validity: Callable[[], int]) -> None:
         self.path = Path(str(base) + ".sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self.fresh = False
         try:
             self._open(new_validity)
@@ -72,6 +74,12 @@ class FolderIndex:
             self._open(new_validity)
 
     def _open(self, new_validity: Callable[[], int]) -> None:
+        # sqlite gives its -wal and -shm files the database's mode: 0600 from the start.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
