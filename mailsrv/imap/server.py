@@ -31,6 +31,7 @@ from twisted.mail import imap4
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import mime
 from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
 from mailsrv.imap.fetch import (
@@ -52,6 +53,9 @@ from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
+# Literal octets that restart the idle timer: a literal must arrive at 16 KiB
+# per idle timeout (55 bytes/s with the default 5 minutes) or better.
+LITERAL_PROGRESS = 16 * 1024
 _MONTHS = {
     m: i
     for i, m in enumerate(
@@ -385,7 +389,7 @@ def _prepare_batch(
     return out
 
 
-class IMAPServer(imap4.IMAP4Server):
+class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
     """One IMAP connection."""
 
     log = Logger()
@@ -413,6 +417,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._sync_d: defer.Deferred | None = None
         self._sync_again = False
         self._user: str | None = None
+        self._literal_progress = 0  # literal bytes since the idle timer last restarted
 
     # --- connection --------------------------------------------------------
 
@@ -422,10 +427,13 @@ class IMAPServer(imap4.IMAP4Server):
         except Exception:
             pass  # not TCP (tests), or TLS wrapping without the method
         super().connectionMade()
+        if self.factory.implicit_tls:
+            self.start_handshake_deadline(self.timeOut)
         self.log.info("imap connection from {peer}", peer=peer_host(self.transport))
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
+        self.handshake_over()
         self._close_mailbox()
         super().connectionLost(reason)
         pending = self._pendingLiteral
@@ -633,7 +641,12 @@ class IMAPServer(imap4.IMAP4Server):
         return d
 
     def rawDataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        # A literal keeps the session alive only while it makes progress: one
+        # trickled a byte at a time times out like an idle session.
+        self._literal_progress += len(data)
+        if self._literal_progress >= LITERAL_PROGRESS:
+            self._literal_progress = 0
+            self.resetTimeout()
         passon = self._pendingLiteral.write(data)
         if passon is not None:
             self.setLineMode(passon)
@@ -709,6 +722,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
+        self.start_handshake_deadline(self.timeOut)
 
     unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
