@@ -7,8 +7,10 @@ task.Clock, and one run of the real daemon with a short timeout.
 
 from __future__ import annotations
 
+import concurrent.futures
 import select
 import socket
+import ssl
 import time
 
 from twisted.internet.interfaces import IHandshakeListener, ITLSTransport
@@ -241,5 +243,57 @@ def test_daemon_cuts_silent_tls_clients_and_trickled_lines(tmp_path):
         for sock in socks.values():
             sock.close()
         assert all(t is not None and t < 8 for t in took.values()), (took, srv.output())
+    finally:
+        srv.stop()
+
+
+def _tls_session_lasts(
+    port: int, starttls: bytes, ready: bytes, noop: bytes, seconds: float
+) -> bool:
+    """A client that completes its handshake, then sends C{noop} every second for C{seconds}."""
+    ctx = ssl.create_default_context()
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_NONE
+    raw = socket.create_connection(("127.0.0.1", port), timeout=5)
+    if starttls:
+        _talk(raw, b"", b"\r\n")  # the greeting
+        _talk(raw, starttls, ready)
+    with ctx.wrap_socket(raw) as s:
+        s.settimeout(5)
+        if not starttls:
+            s.recv(4096)  # the greeting
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            s.sendall(noop)
+            if not s.recv(4096):
+                return False
+            time.sleep(1)
+    return True
+
+
+def test_daemon_keeps_tls_sessions_whose_handshake_is_done(tmp_path):
+    srv = MailServer(tmp_path, extra='[limits]\ntimeout = "2s"\n')
+    srv.start()
+    try:
+        p = srv.ports
+        cases = {
+            "submissions": (p["submissions"], b"", b"", b"NOOP\r\n"),
+            "pop3s": (p["pop3s"], b"", b"", b"NOOP\r\n"),
+            "imaps": (p["imaps"], b"", b"", b"a NOOP\r\n"),
+            "submission": (
+                p["submission"],
+                b"EHLO c\r\nSTARTTLS\r\n",
+                b"220 2.0.0 Ready to start TLS\r\n",
+                b"NOOP\r\n",
+            ),
+            "pop3": (p["pop3"], b"STLS\r\n", b"negotiation now.\r\n", b"NOOP\r\n"),
+            "imap": (p["imap"], b"a STARTTLS\r\n", b"negotiation now\r\n", b"a NOOP\r\n"),
+        }
+        with concurrent.futures.ThreadPoolExecutor(len(cases)) as pool:
+            futures = {
+                name: pool.submit(_tls_session_lasts, *args, 4.5) for name, args in cases.items()
+            }
+            lasted = {name: f.result() for name, f in futures.items()}
+        assert all(lasted.values()), (lasted, srv.output())
     finally:
         srv.stop()
