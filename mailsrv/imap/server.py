@@ -1010,8 +1010,9 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
     ) -> Any:
         source, _ = message if isinstance(message, tuple) else (message, b"")
         try:
-            if source.error is not None:
-                raise source.error  # the literal could not be spooled
+            error = getattr(source, "error", None)
+            if error is not None:
+                raise error  # the literal could not be spooled (a full disk)
             folder_name = _mailbox_name(name)
             flag_set = self._parse_flags(flags or [])
             when = None if date is None else _parse_date_time(date)
