@@ -9,6 +9,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -22,7 +23,9 @@ _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def disk_full(error: BaseException | None) -> bool:
-    """Whether C{error} says the disk (or the user's quota) is full."""
+    """Whether C{error} says the disk (or the user's quota) is full: a file's or an index's."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
     return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 

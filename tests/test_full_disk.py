@@ -86,8 +86,8 @@ def _submission(srv: MailServer) -> smtplib.SMTP:
 
 def test_a_full_disk(full_server):
     """
-    IMAP: SELECT, FETCH and EXAMINE work, APPEND (spooled or not) is NO
-    [OVERQUOTA] and the session goes on. POP3: login and RETR work. SMTP:
+    IMAP: SELECT, FETCH (with or without PEEK) and EXAMINE work, APPEND
+    (spooled or not) and STORE are NO [OVERQUOTA] and the session goes on. POP3: login and RETR work. SMTP:
     DATA (spooled or not) is 452 4.3.1 and the session goes on; once there
     is room again mail is taken.
     """
@@ -105,6 +105,10 @@ def _imap(full_server):
         assert (typ, data) == ("OK", [b"2"]), full_server.output()
         typ, data = m.fetch("2", "(BODY.PEEK[])")
         assert typ == "OK" and b"body 1" in data[0][1]
+        typ, data = m.fetch("1", "(BODY[])")  # read, though \Seen cannot be stored
+        assert typ == "OK" and b"body 0" in data[0][1], (typ, data)
+        typ, data = m.store("2", "+FLAGS", "(\\Flagged)")
+        assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]"), (typ, data)
         for message in (BIG, b"Subject: small\r\n\r\nhi\r\n"):
             typ, data = m.append("INBOX", None, None, message)
             assert typ == "NO" and data[0].startswith(b"[OVERQUOTA]"), (typ, data)

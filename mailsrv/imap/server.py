@@ -1266,9 +1266,16 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
                 if SEEN not in info.flags:
                     changes[info.uid] = info.flags | {SEEN}
             if changes:
-                yield mbox.folder.set_flags(changes)
+                try:
+                    yield mbox.folder.set_flags(changes)
+                except Exception as e:
+                    if not disk_full(e):
+                        raise
+                    # The message is still read on a full disk, only not marked \Seen.
+                    self.log.warn("FETCH: cannot set \\Seen: {error}", error=str(e))
+                else:
+                    seen_now = set(changes)
                 mbox.reload()
-                seen_now = set(changes)
         try:
             missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)
         except Exception:

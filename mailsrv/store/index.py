@@ -109,7 +109,8 @@ class FolderIndex:
                 raise sqlite3.DatabaseError("unknown index version")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
         self.uid_validity = int(meta["uid_validity"])
         self.uid_next = int(meta["uid_next"])
@@ -140,7 +141,8 @@ class FolderIndex:
             fn(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     def replace_all(
