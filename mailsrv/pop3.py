@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
@@ -315,7 +316,7 @@ class _Throttle:
         return self._waiting
 
 
-class POP3Server(pop3.POP3):
+class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     """
     A POP3 session. Commands arriving while one is in progress (a login, a
     message being sent, the expunge at QUIT) wait their turn (RFC 2449 6.6
@@ -368,9 +369,12 @@ class POP3Server(pop3.POP3):
         self.peer = peer_host(self.transport)
         self.transport.write(GREETING + b"\r\n")
         self.setTimeout(self.timeOut)
+        if self.implicit_tls:
+            self.start_handshake_deadline(self.timeOut)
 
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
+        self.handshake_over()
         self._cache.clear()
         opened, self._opened = self._opened, []
         for _, fp, _ in opened:
@@ -554,6 +558,7 @@ class POP3Server(pop3.POP3):
             return self.error(b"TLS support isn't enabled.")
         self.ok(b"Begin TLS negotiation now.")
         self.transport.startTLS(self.ctx.tls)
+        self.start_handshake_deadline(self.timeOut)
         self._tls_started = True
         self._userIs = None
 

@@ -60,6 +60,10 @@ SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticate
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop detected")
 TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+# RFC 5321 2.3.8: CR and LF only as CRLF. A bare one can end DATA early at a
+# lenient next hop and smuggle a second message (like Postfix's
+# smtpd_forbid_bare_newline = reject).
+BARE_NEWLINE = Reply(550, "5.6.0", "Message contains a bare CR or LF")
 
 
 class SMTPReplyError(smtp.SMTPServerError):

@@ -6,8 +6,10 @@ when large, so that memory does not grow with message size.
 
 from __future__ import annotations
 
+import errno
 import io
 import os
+import sqlite3
 import tempfile
 from pathlib import Path
 from typing import IO
@@ -17,6 +19,14 @@ from zope.interface import implementer
 from mailsrv.interfaces import IMessageSource
 
 SPILL_AT = 256 * 1024
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT})
+
+
+def disk_full(error: BaseException | None) -> bool:
+    """Whether C{error} says the disk (or the user's quota) is full: a file's or an index's."""
+    if isinstance(error, sqlite3.Error):
+        return getattr(error, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
+    return isinstance(error, OSError) and error.errno in _DISK_FULL
 
 
 @implementer(IMessageSource)
@@ -37,6 +47,10 @@ class SpooledSource:
     A message written piece by piece (SMTP DATA lines, an IMAP literal),
     in memory up to C{spill_at} bytes, then in an unnamed file under
     C{spool_dir}. Call L{finish} once written, L{discard} when done with it.
+
+    Writing never raises: a file error (a full disk) is kept in C{error}, the
+    message is dropped and later writes are ignored, so the protocol reads
+    the rest of the message and then refuses it with a reply.
     """
 
     def __init__(self, spool_dir: Path | str | None = None, spill_at: int = SPILL_AT) -> None:
@@ -46,25 +60,38 @@ class SpooledSource:
         self._buffered = 0
         self._file: IO[bytes] | None = None
         self.size = 0
+        self.error: OSError | None = None
 
     def write(self, data: bytes) -> None:
-        self.size += len(data)
-        if self._file is not None:
-            self._file.write(data)
+        if self.error is not None:
             return
-        self._buffer.append(data)
-        self._buffered += len(data)
-        if self._buffered > self._spill_at:
-            if self._spool_dir is not None:
-                os.makedirs(self._spool_dir, exist_ok=True)
-            f = tempfile.TemporaryFile(dir=self._spool_dir, prefix="spool-")
-            f.writelines(self._buffer)
-            self._file = f
-            self._buffer = []
+        self.size += len(data)
+        try:
+            if self._file is not None:
+                self._file.write(data)
+                return
+            self._buffer.append(data)
+            self._buffered += len(data)
+            if self._buffered > self._spill_at:
+                if self._spool_dir is not None:
+                    os.makedirs(self._spool_dir, mode=0o700, exist_ok=True)
+                f = tempfile.TemporaryFile(dir=self._spool_dir, prefix="spool-")
+                self._file = f
+                f.writelines(self._buffer)
+                self._buffer = []
+        except OSError as e:
+            self._failed(e)
 
     def finish(self) -> None:
-        if self._file is not None:
-            self._file.flush()
+        if self._file is not None and self.error is None:
+            try:
+                self._file.flush()
+            except OSError as e:
+                self._failed(e)
+
+    def _failed(self, error: OSError) -> None:
+        self.error = error
+        self.discard()
 
     @property
     def in_memory(self) -> bool:
@@ -79,8 +106,11 @@ class SpooledSource:
     def discard(self) -> None:
         self._buffer = []
         if self._file is not None:
-            self._file.close()
-            self._file = None
+            f, self._file = self._file, None
+            try:
+                f.close()
+            except OSError:
+                pass  # a full disk: what it could not write is not wanted
 
 
 class _Reader(io.RawIOBase):

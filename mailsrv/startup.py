@@ -16,6 +16,7 @@ from twisted.application import service
 from twisted.internet.error import CannotListenError
 from twisted.logger import Logger
 
+from mailsrv.atomic import make_dirs
 from mailsrv.config import Config, endpoint_port
 
 
@@ -47,7 +48,7 @@ def make_data_dirs(config: Config) -> None:
     folders = (config.server.data_dir, config.mail_dir, config.index_dir, config.spool_dir)
     try:
         for d in folders:
-            d.mkdir(parents=True, exist_ok=True)
+            make_dirs(d)
         # Root passes permission checks, not a read-only file system: try.
         fd, probe = tempfile.mkstemp(prefix=".write-check-", dir=config.spool_dir)
         os.close(fd)

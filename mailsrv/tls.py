@@ -7,7 +7,6 @@ certificate generated once in the data folder; read again on demand
 from __future__ import annotations
 
 import datetime
-import os
 from pathlib import Path
 from typing import Any
 
@@ -22,6 +21,7 @@ from twisted.internet.interfaces import IOpenSSLContextFactory, IOpenSSLServerCo
 from twisted.logger import Logger
 from zope.interface import implementer
 
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.config import Config
 from mailsrv.startup import StartupError, os_reason
 
@@ -50,25 +50,14 @@ def generate_self_signed(hostname: str, cert_path: Path, key_path: Path) -> None
         .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
         .sign(key, hashes.SHA256())
     )
-    cert_path.parent.mkdir(parents=True, exist_ok=True)
+    make_dirs(cert_path.parent)
     key_bytes = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     )
-    _write_atomic(key_path, key_bytes, 0o600)
-    _write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o644)
-
-
-def _write_atomic(path: Path, data: bytes, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
-    try:
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
+    write_atomic(key_path, key_bytes, 0o600)
+    write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM), 0o600)
 
 
 def server_options(config: Config) -> ServerTLS:

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import io
 
+from twisted.internet import defer, protocol
 from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
+from twisted.trial import unittest
 
 from mailsrv.outbound import client
 from mailsrv.outbound.client import RemoteReply, Session, _BodySender
@@ -306,3 +308,88 @@ def test_pipelining_on_a_kept_connection():
     third.run_on(cache.take("k")).addCallback(got3.append)
     p.connectionLost(Failure(ConnectionError("reset")))
     assert got3[0].stale_connection
+
+
+def test_transform_never_emits_a_bare_cr_or_lf():
+    """Whatever the queue file holds, only CRLF goes out (RFC 5321 2.3.8), dot-stuffed."""
+    sender = _BodySender(None, None, None, None, lambda: None)
+    chunks = [b"part 3\r", b".\nMAIL FROM:<x>\r\n", b"a\rb\r", b"\r\n.\r", b"end"]
+    out = b"".join(sender.transform(c) for c in chunks) + sender.flush()
+    assert out == b"part 3\r\n..\r\nMAIL FROM:<x>\r\na\r\nb\r\n\r\n..\r\nend"
+
+
+class _RawSink(protocol.Protocol):
+    """A minimal SMTP receiver that keeps every byte it is sent."""
+
+    def __init__(self, seen: list[bytes], closed: defer.Deferred) -> None:
+        self.seen = seen
+        self.closed = closed
+        self.buffer = b""
+        self.in_data = False
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        self.closed.callback(None)
+
+    def connectionMade(self) -> None:
+        self.transport.write(b"220 sink ESMTP\r\n")
+
+    def dataReceived(self, data: bytes) -> None:
+        self.seen.append(data)
+        self.buffer += data
+        while True:
+            if self.in_data:
+                end = self.buffer.find(b"\r\n.\r\n")
+                if end < 0:
+                    return
+                self.buffer = self.buffer[end + 5 :]
+                self.in_data = False
+                self.transport.write(b"250 2.0.0 ok\r\n")
+                continue
+            end = self.buffer.find(b"\r\n")
+            if end < 0:
+                return
+            line, self.buffer = self.buffer[:end], self.buffer[end + 2 :]
+            verb = line[:4].upper()
+            if verb == b"DATA":
+                self.in_data = True
+                self.transport.write(b"354 go on\r\n")
+            elif verb == b"QUIT":
+                self.transport.write(b"221 bye\r\n")
+                self.transport.loseConnection()
+            else:
+                self.transport.write(b"250 ok\r\n")
+
+
+class BareNewlineOnTheWire(unittest.TestCase):
+    """The relay client against a raw loopback sink: no bare CR or LF on the wire."""
+
+    @defer.inlineCallbacks
+    def test_queue_file_with_bare_cr_and_lf(self):
+        from twisted.internet import reactor
+
+        seen: list[bytes] = []
+        closed: defer.Deferred = defer.Deferred()
+        factory = protocol.ServerFactory.forProtocol(lambda: _RawSink(seen, closed))
+        port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        message = (
+            b"Subject: x\n\npart 1\npart 3\r.\r\nMAIL FROM:<alice@example.test>\n"
+            b"RCPT TO:<victim@remote.test>\nDATA\nsmuggled\r\n.\r\nlone\rCR\r"
+        )
+        s = Session(
+            reactor=reactor,
+            pool=None,
+            hop=Hop("sink", "127.0.0.1", port.getHost().port),
+            helo="mail.example.test",
+            sender="alice@example.test",
+            recipients=["bob@remote.test"],
+            message=io.BytesIO(message),
+        )
+        result = yield s.connect(5)
+        self.assertEqual(result.replies["bob@remote.test"].code, 250)
+        yield closed  # after QUIT
+        wire = b"".join(seen)
+        self.assertNotIn(b"\r", wire.replace(b"\r\n", b""))
+        self.assertNotIn(b"\n", wire.replace(b"\r\n", b""))
+        self.assertEqual(wire.count(b"\r\n.\r\n"), 1, wire)  # one message ends, once
+        self.assertIn(b"\r\npart 3\r\n..\r\nMAIL FROM:<alice@example.test>\r\n", wire)

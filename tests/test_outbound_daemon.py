@@ -170,3 +170,53 @@ class DaemonRelay(unittest.TestCase):
         self.assertEqual(self.accept.delivered("ok@accept.test"), 1)
         self.assertEqual(self.tempfail.delivered("t@tempfail.test"), 1)
         self.assertEqual(self.inbox(), [])
+
+    @defer.inlineCallbacks
+    def test_queued_local_deliveries_get_one_return_path(self):
+        """
+        A bounce to a local sender arrives with Return-Path: <> first; a submitted
+        copy whose local delivery is retried from the queue arrives with the
+        sender's; neither ever has two (a client's own Return-Path is dropped).
+        """
+        yield threads.deferToThread(self.server.add_user, "alice@example.test")
+        yield threads.deferToThread(self.server.add_user, "bob@example.test")
+        bob = self.server.inbox("bob@example.test")
+        (bob / "blocked").mkdir(parents=True)  # a folder where bob's mbox goes: delivery fails
+        yield self.start_server()
+
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.server.ports["submission"], timeout=30) as s:
+                s.starttls(context=stdlib_ssl._create_unverified_context())
+                s.login("alice@example.test", PASSWORD)
+                return s.sendmail(
+                    "alice@example.test",
+                    ["alice@example.test", "bob@example.test", "r@reject.test"],
+                    "Return-Path: <forged@elsewhere.test>\r\n" + MESSAGE,
+                )
+
+        refused = yield threads.deferToThread(send)
+        self.assertEqual(refused, {})
+        yield self.wait_for(lambda: len(self.inbox()) == 2, what="alice's copy and the bounce")
+
+        def raw(path):
+            box = mailbox.mbox(str(path), create=False)
+            try:
+                return [box.get_bytes(k) for k in box.keys()]
+            finally:
+                box.close()
+
+        own, bounce = sorted(raw(self.server.inbox("alice@example.test")), key=len)
+        self.assertTrue(bounce.startswith(b"Return-Path: <>\n"), bounce[:200])
+        self.assertIn(b"multipart/report", bounce)
+        self.assertTrue(own.startswith(b"Return-Path: <alice@example.test>\n"), own[:200])
+        for message in (own, bounce):
+            self.assertEqual(message.lower().count(b"\nreturn-path:"), 0, message[:300])
+
+        (bob / "blocked").rmdir()
+        bob.rmdir()
+        yield threads.deferToThread(self.server.cli, "queue", "flush")
+        yield self.wait_for(lambda: bob.exists() and len(raw(bob)) == 1, what="bob's copy")
+        (copy,) = raw(bob)
+        self.assertTrue(copy.startswith(b"Return-Path: <alice@example.test>\n"), copy[:200])
+        self.assertEqual(copy.lower().count(b"return-path:"), 1, copy[:300])
+        self.assertIn(b"Subject: relay test\n", copy)

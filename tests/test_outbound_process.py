@@ -422,7 +422,10 @@ class ServerSideTests(unittest.TestCase):
     def test_deliver_with_data_stores_the_message(self):
         data = b"Subject: hi\n\nbody\n"
         self.assertEqual(self.successResultOf(self.deliver(size=len(data), data=data)), {})
-        self.assertEqual(self.inbox("bob@example.test"), [b"Subject: hi\r\n\r\nbody\r\n"])
+        self.assertEqual(
+            self.inbox("bob@example.test"),
+            [b"Return-Path: <alice@example.test>\r\nSubject: hi\r\n\r\nbody\r\n"],
+        )
 
     def test_deliver_from_a_file_in_the_queue_folder(self):
         for folder in (self.queue_dir, self.queue_dir / "tmp"):
@@ -430,7 +433,8 @@ class ServerSideTests(unittest.TestCase):
             path.write_bytes(b"Subject: from disk\n\nbody\n")
             self.successResultOf(self.deliver(size=path.stat().st_size, path=str(path)))
         self.assertEqual(
-            self.inbox("bob@example.test"), [b"Subject: from disk\r\n\r\nbody\r\n"] * 2
+            self.inbox("bob@example.test"),
+            [b"Return-Path: <alice@example.test>\r\nSubject: from disk\r\n\r\nbody\r\n"] * 2,
         )
 
     def test_deliver_refuses_a_path_outside_the_queue_folder(self):

@@ -349,3 +349,40 @@ class SMTPLoopbackTests(unittest.TestCase):
         yield client.done
         self.assertEqual(client.received.count(b"250 2.0.0 OK\r\n"), count)
         self.assertTrue(client.received.endswith(b"221 2.0.0 Bye\r\n"))
+
+    @defer.inlineCallbacks
+    def test_bare_cr_or_lf_in_data_is_refused(self):
+        """
+        RFC 5321 2.3.8: a bare CR or LF in DATA (here hiding a second message
+        behind "\\r.\\r\\n", which a lenient next hop would take as the end) is
+        refused with 550 5.6.0 on submission and on the MX; the session goes on.
+        """
+        import base64
+
+        for submission, rcpt, body in (
+            (True, b"carol@remote.test", b"part 3\r.\r\nMAIL FROM:<alice@example.test>\r\n"),
+            (False, ALICE.encode(), b"a bare\nLF\r\n"),
+        ):
+            ctx = make_context(self.tmp, reactor=self.reactor)
+            factory, port = self.listen(ctx, submission=submission)
+            login = base64.b64encode(b"\0" + ALICE.encode() + b"\0" + PASSWORD.encode())
+            client = _LineClient(
+                b"EHLO c\r\n"
+                + (b"AUTH PLAIN " + login + b"\r\n" if submission else b"")
+                + b"MAIL FROM:<alice@example.test>\r\nRCPT TO:<"
+                + rcpt
+                + b">\r\nDATA\r\nSubject: x\r\n\r\npart 1\r\n"
+                + body
+                + b"RCPT TO:<victim@remote.test>\r\nDATA\r\nsmuggled\r\n.\r\nNOOP\r\nQUIT\r\n"
+            )
+            yield protocol.ClientCreator(self.reactor, lambda c=client: c).connectTCP(
+                "127.0.0.1", port
+            )
+            received = yield client.done
+            codes = [line[:9] for line in received.split(b"\r\n") if line[3:4] == b" "]
+            self.assertEqual(
+                codes[-4:], [b"354 End d", b"550 5.6.0", b"250 2.0.0", b"221 2.0.0"], received
+            )
+            self.assertIn(b"bare CR or LF", received)
+            self.assertEqual(ctx.queue.queued, [])
+            self.assertEqual(read_inbox(ctx, ALICE), [])

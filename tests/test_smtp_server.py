@@ -12,10 +12,10 @@ from twisted.mail import smtp
 from zope.interface.verify import verifyObject
 
 from mailsrv.interfaces import IMessageSource
+from mailsrv.localdelivery import ReturnPathSource
 from mailsrv.smtp.delivery import (
     InboundDelivery,
     IncomingMessage,
-    PrefixedSource,
     SubmissionDelivery,
 )
 from mailsrv.spool import BytesSource
@@ -642,7 +642,7 @@ def test_interfaces():
         ctx, queue_id="X", sender="", recipients=[ALICE], trace=b"", submission=False, client="c"
     )
     assert verifyObject(smtp.IMessage, msg)
-    assert verifyObject(IMessageSource, PrefixedSource(b"a", BytesSource(b"b")))
+    assert verifyObject(IMessageSource, ReturnPathSource("a@r.test", BytesSource(b"b")))
 
 
 def test_twisted_delivery_path_still_works():
@@ -659,12 +659,18 @@ def test_twisted_delivery_path_still_works():
     assert read_inbox(ctx, ALICE)[0].endswith(b"Subject: t\n\nbody\n")
 
 
-def test_prefixed_source_reads_across_the_join():
-    src = PrefixedSource(b"Return-Path: <>\n", BytesSource(b"x" * 100_000))
+def test_return_path_source_reads_across_the_join():
+    src = ReturnPathSource("", BytesSource(b"x" * 100_000))
     assert src.size == 16 + 100_000
     with src.open() as f:
         assert f.read(20) == b"Return-Path: <>\nxxxx"
         assert len(f.read()) == 100_000 - 4
+
+
+def test_return_path_source_replaces_one_at_the_top():
+    src = ReturnPathSource("a@r.test", BytesSource(b"Return-Path: <old>\n\t<x>\nSubject: s\n\nb\n"))
+    with src.open() as f:
+        assert f.read() == b"Return-Path: <a@r.test>\nSubject: s\n\nb\n"
 
 
 # --- DATA in any chunking ----------------------------------------------------------
@@ -750,7 +756,7 @@ def test_partial_local_failure_queues_the_rest_instead_of_a_451():
     assert len(read_inbox(s.ctx, ALICE)) == 1
     [(sender, rcpts, data)] = s.ctx.queue.queued
     assert (sender, rcpts) == ("a@r.test", ["bob@example.test"])
-    assert data.startswith(b"Return-Path: <a@r.test>\nReceived: ")
+    assert data.startswith(b"Received: ")  # the relayer's local delivery adds Return-Path
 
 
 def test_partial_local_failure_without_a_queue_is_451():
@@ -839,3 +845,37 @@ def test_after_421_a_stuck_client_is_aborted_at_the_timeout():
     s.transport.abortConnection = lambda: aborted.append(True)
     ctx.reactor.advance(61)
     assert aborted == [True]
+
+
+def test_bare_cr_or_lf_in_a_header_or_body_line_is_refused():
+    """RFC 5321 2.3.8, line by line (headers) and in bulk (body), in any chunking."""
+    for data in (
+        "Subject: x\nBcc: y\r\n\r\nbody\r\n",
+        "Subject: x\r\n\r\nbody\rmore\r\n",
+        "Subject: x\r\n\r\nbody\r\n\n.\r\n",
+    ):
+        s = Session(make_context())
+        codes = s.codes(
+            "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+            + data
+            + ".\r\nNOOP\r\n"
+        )
+        assert codes[-2:] == ["550 5.6.0", "250 2.0.0"], (data, codes)
+        assert read_inbox(s.ctx, ALICE) == []
+
+
+def test_a_spool_file_that_cannot_be_written_is_452_and_the_session_goes_on(monkeypatch):
+    """A full disk at the spool's file (/dev/full: every write is ENOSPC)."""
+    import mailsrv.spool
+
+    monkeypatch.setattr(
+        mailsrv.spool.tempfile, "TemporaryFile", lambda **kw: open("/dev/full", "w+b")
+    )
+    s = Session(make_context())
+    body = ("y" * 78 + "\r\n") * 5000  # past SPILL_AT: written to a file
+    codes = s.codes(
+        "EHLO c\r\nMAIL FROM:<a@r.test>\r\nRCPT TO:<alice@example.test>\r\nDATA\r\n"
+        "Subject: big\r\n\r\n" + body + ".\r\nNOOP\r\n"
+    )
+    assert codes[-2:] == ["452 4.3.1", "250 2.0.0"]
+    assert read_inbox(s.ctx, ALICE) == []

@@ -20,7 +20,6 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -30,6 +29,7 @@ from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatc
 from twisted.internet import defer, threads
 from zope.interface import implementer
 
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import normalize_user, split_user
@@ -247,7 +247,7 @@ class PasswordFile:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[dict[str, str]]:
         """Hold the lock beside the file while reading, changing and writing the user table."""
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
@@ -269,25 +269,7 @@ class PasswordFile:
 
     def _write(self, text: str) -> None:
         """Replace the file atomically: temp file (0600), fsync, rename, fsync folder."""
-        folder = self.path.parent
-        fd, tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp", dir=folder)
-        try:
-            os.fchmod(fd, 0o600)
-            _keep_owner(fd, self.path)
-            with os.fdopen(fd, "w", encoding="utf-8") as f:
-                f.write(text)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            with contextlib.suppress(OSError):
-                os.unlink(tmp)
-            raise
-        dfd = os.open(folder, os.O_RDONLY)
-        try:
-            os.fsync(dfd)
-        finally:
-            os.close(dfd)
+        write_atomic(self.path, text.encode("utf-8"), 0o600, keep_owner=True)
 
     def add_user(self, address: str, password: str) -> str:
         """
@@ -323,21 +305,6 @@ class PasswordFile:
                 raise KeyError(address)
             del users[stored]
         return stored
-
-
-def _keep_owner(fd: int, path: Path) -> None:
-    """
-    When root runs the admin command, give the new file the owner of the old
-    one (or of its folder), so that a server running as another user can
-    still read it.
-    """
-    if os.geteuid() != 0:
-        return
-    try:
-        st = os.stat(path)
-    except FileNotFoundError:
-        st = os.stat(path.parent)
-    os.fchown(fd, st.st_uid, st.st_gid)
 
 
 def _render(lines: list[str], before: dict[str, str], after: dict[str, str]) -> str:

@@ -13,7 +13,6 @@ from __future__ import annotations
 import bisect
 import email.utils
 import io
-import os
 import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
+from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.interfaces import (
     DELETED,
     SEEN,
@@ -79,23 +79,12 @@ class Subscriptions:
 
     def save(self) -> defer.Deferred:
         data = "".join(n + "\n" for n in sorted(self.names)).encode("utf-8")
-        return self._run(_atomic_write, self.path, data)
+        return self._run(_save, self.path, data)
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    """Temp file, fsync, rename, fsync the directory."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    fd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+def _save(path: Path, data: bytes) -> None:
+    make_dirs(path.parent)
+    write_atomic(path, data)
 
 
 @implementer(imap4.IMailboxInfo)

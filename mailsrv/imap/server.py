@@ -31,6 +31,7 @@ from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import mime
 from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
 from mailsrv.imap.fetch import (
@@ -55,11 +56,14 @@ from mailsrv.interfaces import (
     PasswordDatabaseError,
 )
 from mailsrv.logsafe import SafeLogger
-from mailsrv.spool import SpooledSource
+from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
+# Literal octets that restart the idle timer: a literal must arrive at 16 KiB
+# per idle timeout (55 bytes/s with the default 5 minutes) or better.
+LITERAL_PROGRESS = 16 * 1024
 _MONTHS = {
     m: i
     for i, m in enumerate(
@@ -393,7 +397,7 @@ def _prepare_batch(
     return out
 
 
-class IMAPServer(imap4.IMAP4Server):
+class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
     """One IMAP connection."""
 
     log = SafeLogger()
@@ -421,6 +425,7 @@ class IMAPServer(imap4.IMAP4Server):
         self._sync_d: defer.Deferred | None = None
         self._sync_again = False
         self._user: str | None = None
+        self._literal_progress = 0  # literal bytes since the idle timer last restarted
 
     # --- connection --------------------------------------------------------
 
@@ -430,10 +435,13 @@ class IMAPServer(imap4.IMAP4Server):
         except Exception:
             pass  # not TCP (tests), or TLS wrapping without the method
         super().connectionMade()
+        if self.factory.implicit_tls:
+            self.start_handshake_deadline(self.timeOut)
         self.log.info("imap connection from {peer}", peer=peer_host(self.transport))
 
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
+        self.handshake_over()
         self._close_mailbox()
         super().connectionLost(reason)
         pending = self._pendingLiteral
@@ -555,6 +563,9 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
         elif failure.check(BadCharset):
             self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        elif disk_full(failure.value):
+            self.log.error("IMAP command {tag}: {error}", tag=tag, error=str(failure.value))
+            self.sendNegativeResponse(tag, b"[OVERQUOTA] Not enough disk space")  # RFC 5530
         else:
             self.log.failure("IMAP command {tag} failed", failure, tag=tag)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
@@ -638,7 +649,12 @@ class IMAPServer(imap4.IMAP4Server):
         return d
 
     def rawDataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        # A literal keeps the session alive only while it makes progress: one
+        # trickled a byte at a time times out like an idle session.
+        self._literal_progress += len(data)
+        if self._literal_progress >= LITERAL_PROGRESS:
+            self._literal_progress = 0
+            self.resetTimeout()
         passon = self._pendingLiteral.write(data)
         if passon is not None:
             self.setLineMode(passon)
@@ -714,6 +730,7 @@ class IMAPServer(imap4.IMAP4Server):
         self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
         self.transport.startTLS(self.ctx)
         self.startedTLS = True
+        self.start_handshake_deadline(self.timeOut)
 
     unauth_STARTTLS = (do_STARTTLS,)  # type: ignore[assignment]
 
@@ -1011,6 +1028,9 @@ class IMAPServer(imap4.IMAP4Server):
     ) -> Any:
         source, _ = message if isinstance(message, tuple) else (message, b"")
         try:
+            error = getattr(source, "error", None)
+            if error is not None:
+                raise error  # the literal could not be spooled (a full disk)
             folder_name = _mailbox_name(name)
             flag_set = self._parse_flags(flags or [])
             when = None if date is None else _parse_date_time(date)
@@ -1264,9 +1284,16 @@ class IMAPServer(imap4.IMAP4Server):
                 if SEEN not in info.flags:
                     changes[info.uid] = info.flags | {SEEN}
             if changes:
-                yield mbox.folder.set_flags(changes)
+                try:
+                    yield mbox.folder.set_flags(changes)
+                except Exception as e:
+                    if not disk_full(e):
+                        raise
+                    # The message is still read on a full disk, only not marked \Seen.
+                    self.log.warn("FETCH: cannot set \\Seen: {error}", error=str(e))
+                else:
+                    seen_now = set(changes)
                 mbox.reload()
-                seen_now = set(changes)
         try:
             missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)
         except Exception:

@@ -141,6 +141,7 @@ class _BodySender:
         self._reading = False
         self._stopped = False
         self._line_start = True
+        self._held_cr = False
         self.last = b"\n"
         self.done: defer.Deferred = defer.Deferred()
 
@@ -160,26 +161,52 @@ class _BodySender:
         d.addCallbacks(self._got, self._failed)
 
     def transform(self, chunk: bytes) -> bytes:
-        chunk = chunk.replace(b"\n", b"\r\n")
+        """
+        The next piece of the message as sent: only CRLF line ends (RFC 5321
+        2.3.8), whatever the queue file holds (a CR, an LF or a CRLF each end
+        a line), dot-stuffed (RFC 5321 4.5.2). A CR at the end of C{chunk}
+        waits for the next one (it may start a CRLF); L{flush} sends it.
+        """
+        if self._held_cr:
+            chunk = b"\r" + chunk
+        self._held_cr = chunk.endswith(b"\r")
+        if self._held_cr:
+            chunk = chunk[:-1]
+        if not chunk:
+            return b""
+        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
         if self._line_start and chunk.startswith(b"."):
             chunk = b"." + chunk
         chunk = chunk.replace(b"\r\n.", b"\r\n..")
         self._line_start = chunk.endswith(b"\n")
         return chunk
 
+    def flush(self) -> bytes:
+        """What L{transform} still holds, at the end of the message."""
+        if not self._held_cr:
+            return b""
+        self._held_cr = False
+        self._line_start = True
+        return b"\r\n"
+
     def _got(self, chunk: bytes) -> None:
         self._reading = False
         if self._stopped:
             return
         if not chunk:
+            tail = self.flush()
+            if tail:
+                self._transport.write(tail)
+                self.last = tail[-1:]
             self._transport.unregisterProducer()
             self._stopped = True
             self.done.callback(self.last)
             return
         data = self.transform(chunk)
-        self.last = data[-1:]
+        if data:
+            self.last = data[-1:]
+            self._transport.write(data)
         self._on_chunk()
-        self._transport.write(data)
         if len(chunk) < BODY_CHUNK:
             # A buffered read of a regular file is short only at its end.
             self._got(b"")

@@ -32,6 +32,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv import localdelivery
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 from mailsrv.spool import BytesSource
@@ -82,7 +83,8 @@ class ServerSide(ipc.QuietAMP):
         def failed(f: Failure) -> None:
             raise ipc.LocalDeliveryFailed(str(f.value) or f.type.__name__)
 
-        return self.store.deliver(recipient, source, sender).addCallbacks(lambda _: {}, failed)
+        d = localdelivery.deliver(self.store, recipient, source, sender)
+        return d.addCallbacks(lambda _: {}, failed)
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:

@@ -46,6 +46,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
 from mailsrv.spool import BytesSource
 
@@ -171,7 +172,7 @@ class QueueStore:
         self.tmp_dir = self.dir / "tmp"
 
     def ensure(self) -> None:
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.tmp_dir)
 
     def message_path(self, queue_id: str) -> Path:
         return self.dir / (_checked(queue_id) + MSG_SUFFIX)
@@ -180,11 +181,7 @@ class QueueStore:
         return self.dir / (_checked(queue_id) + ENV_SUFFIX)
 
     def _fsync_dir(self) -> None:
-        fd = os.open(self.dir, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        fsync_dir(self.dir)
 
     def _write_file(self, final: Path, write: Callable[[Any], None], replace: bool = True) -> None:
         """
@@ -192,20 +189,7 @@ class QueueStore:
         C{replace} False an existing file is never overwritten (a new queue
         file whose id is taken, however unlikely: FileExistsError).
         """
-        tmp = self.tmp_dir / f"{final.name}.{os.getpid()}.{next(_sequence)}"
-        try:
-            with open(tmp, "wb") as f:
-                write(f)
-                f.flush()
-                os.fsync(f.fileno())
-            if replace:
-                os.replace(tmp, final)
-            else:
-                os.link(tmp, final)
-                os.unlink(tmp)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
+        write_atomic(final, write, tmp_dir=self.tmp_dir, replace=replace, sync_dir=False)
 
     def store(self, envelope: Envelope, source: Any) -> None:
         """Write the queue file (envelope and message) durably."""
@@ -400,7 +384,7 @@ class QueueStore:
             return False
 
     def request_flush(self) -> None:
-        self.dir.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.dir)
         (self.dir / FLUSH_FILE).touch()
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from twisted.application import service
 from twisted.internet import defer
 
+from mailsrv.localdelivery import LocalDelivery
 from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
@@ -59,7 +60,7 @@ def outbound_service(
         reactor=ctx.reactor,
         threadpool=ctx.threadpool,
         resolver=mx,
-        store=ctx.store,
+        store=None if ctx.store is None else LocalDelivery(ctx.store),
         passwords=ctx.passwords,
         scan_interval=scan_interval,
         trust_root=trust_root,

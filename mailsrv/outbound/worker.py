@@ -34,6 +34,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailsrv.atomic import write_atomic
 from mailsrv.config import parse
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
@@ -86,7 +87,7 @@ class ServerMailboxes:
     def _write_temp(self, data: bytes) -> str:
         self.queue.store.ensure()
         path = self.queue.store.tmp_dir / f"local.{os.getpid()}.{secrets.token_hex(8)}"
-        path.write_bytes(data)
+        write_atomic(path, data, sync_dir=False)  # 0600, like every file the server writes
         return str(path)
 
 

@@ -6,7 +6,6 @@ submission (Twisted's L{IMessageDelivery}), and the message being received
 
 from __future__ import annotations
 
-import io
 import re
 from typing import Any
 
@@ -15,12 +14,12 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv import replies
-from mailsrv.interfaces import IMessageSource, PasswordDatabaseError
+from mailsrv import localdelivery, replies
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
-from mailsrv.spool import SpooledSource
+from mailsrv.spool import SpooledSource, disk_full
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -35,46 +34,6 @@ def _address(value: Any) -> str:
 
 def _domain(address: str) -> str:
     return address.rpartition("@")[2].lower()
-
-
-@implementer(IMessageSource)
-class PrefixedSource:
-    """An L{IMessageSource} that reads C{prefix} and then another source."""
-
-    def __init__(self, prefix: bytes, inner: Any) -> None:
-        self._prefix = prefix
-        self._inner = inner
-        self.size = len(prefix) + inner.size
-
-    def open(self):
-        return io.BufferedReader(_ChainReader(self._prefix, self._inner), 64 * 1024)
-
-
-class _ChainReader(io.RawIOBase):
-    def __init__(self, prefix: bytes, inner: Any) -> None:
-        self._prefix = prefix
-        self._inner_source = inner
-        self._inner: Any = None
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self._prefix:
-            n = min(len(b), len(self._prefix))
-            b[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        if self._inner is None:
-            self._inner = self._inner_source.open()
-        data = self._inner.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        if self._inner is not None:
-            self._inner.close()
-        super().close()
 
 
 @implementer(smtp.IMessage)
@@ -112,6 +71,7 @@ class IncomingMessage:
         self._source = SpooledSource(ctx.config.spool_dir)
         self._in_headers = True
         self._in_field = False
+        self._dropping = False  # in a header field that is not kept
         self._received = 0
         self._seen: set[bytes] = set()
         self._source.write(trace)
@@ -127,10 +87,8 @@ class IncomingMessage:
             # RFC 1870 6.3: keep reading, refuse after the final dot.
             self.fail(replies.MESSAGE_TOO_BIG)
             return
-        if self._in_headers:
-            self._header_line(line)
-            if self.error is not None:
-                return
+        if self._in_headers and not self._header_line(line):
+            return
         self._source.write(line + b"\n")
 
     def body_received(self, data: bytes, octets: int) -> None:
@@ -155,6 +113,13 @@ class IncomingMessage:
         if self._in_headers:
             self._end_headers(blank_line_follows=False)
         self._source.finish()
+        if self._source.error is not None:
+            self.log.error(
+                "{queue_id}: cannot spool the message: {error}",
+                queue_id=self.queue_id,
+                error=str(self._source.error),
+            )
+            return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
         return self._deliver()
 
     def connectionLost(self) -> None:
@@ -175,21 +140,26 @@ class IncomingMessage:
 
     # headers
 
-    def _header_line(self, line: bytes) -> None:
+    def _header_line(self, line: bytes) -> bool:
+        """Note a header line; whether it is kept."""
         if line[:1] in (b" ", b"\t") and self._in_field:
-            return  # RFC 5322 2.2.3 folded continuation
+            return not self._dropping  # RFC 5322 2.2.3 folded continuation
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
         if colon and _FIELD_NAME.fullmatch(name):
             self._in_field = True
             lname = name.lower()
             self._seen.add(lname)
+            # RFC 5321 4.4: Return-Path is added at final delivery only; one
+            # from the client is dropped, as Postfix's message_drop_headers does.
+            self._dropping = lname == b"return-path"
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
                     self.fail(replies.TOO_MANY_HOPS)  # RFC 5321 6.3
-            return
+            return self.error is None and not self._dropping
         self._end_headers(blank_line_follows=(line == b""))
+        return True
 
     def _end_headers(self, blank_line_follows: bool) -> None:
         self._in_headers = False
@@ -213,10 +183,9 @@ class IncomingMessage:
         attempts: list[defer.Deferred] = []
         labels: list[str] = []
         if local:
-            copy = PrefixedSource(received.return_path(self.sender), self._source)
             for rcpt in local:
                 attempts.append(
-                    defer.maybeDeferred(self.ctx.store.deliver, rcpt, copy, self.sender)
+                    localdelivery.deliver(self.ctx.store, rcpt, self._source, self.sender)
                 )
                 labels.append(rcpt)
         if remote:
@@ -255,7 +224,10 @@ class IncomingMessage:
                     queue_id=self.queue_id,
                     done=done,
                 )
-            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+            reply = replies.LOCAL_ERROR
+            if any(disk_full(f.value) for _, f in failed):
+                reply = replies.STORAGE_FULL  # RFC 3463 4.3.1
+            raise SMTPReplyError(reply, cause="delivery failed")
         outbound = None
         if labels and labels[-1].startswith("queue:"):
             outbound = results[-1][1]
@@ -264,8 +236,8 @@ class IncomingMessage:
     def _queue_local_retry(
         self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
     ) -> defer.Deferred:
-        copy = PrefixedSource(received.return_path(self.sender), self._source)
-        d = defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, retry, copy)
+        # The relayer's local delivery adds the Return-Path field.
+        d = defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, retry, self._source)
 
         def queued(retry_id: str) -> str:
             self.log.warn(
@@ -285,7 +257,8 @@ class IncomingMessage:
                 queue_id=self.queue_id,
                 rcpts=retry,
             )
-            raise SMTPReplyError(replies.LOCAL_ERROR, cause="delivery failed")
+            reply = replies.STORAGE_FULL if disk_full(failure.value) else replies.LOCAL_ERROR
+            raise SMTPReplyError(reply, cause="delivery failed")
 
         return d.addCallbacks(queued, not_queued)
 
@@ -437,6 +410,11 @@ class SubmissionDelivery(BaseDelivery):
         if self.ctx.queue is None:
             raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
         return address
+
+
+def _disk_error_reply(error: OSError) -> Reply:
+    """452 4.3.1 for a full disk (RFC 3463), else 451 4.3.0."""
+    return replies.STORAGE_FULL if disk_full(error) else replies.LOCAL_ERROR
 
 
 def _same_address(a: str, b: str) -> bool:

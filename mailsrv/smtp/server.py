@@ -24,6 +24,7 @@ from twisted.python.failure import Failure
 from mailsrv import replies
 from mailsrv.auth.policy import cleartext_allowed, is_tls
 from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
@@ -96,7 +97,7 @@ _B64_USERNAME = base64.b64encode(b"Username:")
 _B64_PASSWORD = base64.b64encode(b"Password:")
 
 
-class SMTPServer(smtp.ESMTP):
+class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
     log = SafeLogger()
@@ -154,6 +155,8 @@ class SMTPServer(smtp.ESMTP):
             sessions.add(self)
         super().connectionMade()  # 220 greeting, idle timer
         self.canStartTLS = self.canStartTLS and not self.implicit_tls
+        if self.implicit_tls:
+            self.start_handshake_deadline(self.timeout)
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailsrv"
@@ -161,6 +164,7 @@ class SMTPServer(smtp.ESMTP):
     def connectionLost(self, reason=protocol.connectionDone) -> None:
         self._lost = True
         self.setTimeout(None)
+        self.handshake_over()
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
@@ -211,7 +215,8 @@ class SMTPServer(smtp.ESMTP):
     # input: lines, one command at a time
 
     def dataReceived(self, data: bytes) -> None:
-        self.resetTimeout()
+        # No resetTimeout here: a line that trickles in a byte at a time must
+        # not keep the session alive. The timer restarts at each whole line.
         if self._pos:
             self._buffer = self._buffer[self._pos :]
             self._pos = 0
@@ -240,6 +245,7 @@ class SMTPServer(smtp.ESMTP):
                     break
                 line = self._buffer[self._pos : end]
                 self._pos = end + 2
+                self.resetTimeout()
                 if self._discarding or len(line) > limit:
                     self._discarding = False
                     self._line_too_long()
@@ -296,8 +302,12 @@ class SMTPServer(smtp.ESMTP):
         block = buf[pos : end + 2]
         if len(block) > MAX_DATA_LINE and max(map(len, block.split(b"\r\n"))) > MAX_DATA_LINE:
             return False
+        self.resetTimeout()
         self._pos = end + 2
         octets = len(block)
+        crlf = block.count(b"\r\n")
+        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
+            message.fail(replies.BARE_NEWLINE)
         if block[:1] == b".":
             block = block[1:]
         block = block.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")  # RFC 5321 4.5.2
@@ -313,6 +323,8 @@ class SMTPServer(smtp.ESMTP):
                 line = line[1:]  # RFC 5321 4.5.2
             message = self._message
             assert message is not None
+            if b"\r" in line or b"\n" in line:
+                message.fail(replies.BARE_NEWLINE)
             message.lineReceived(line)
         elif self.mode == AUTH:
             self._auth_line(line)
@@ -671,6 +683,7 @@ class SMTPServer(smtp.ESMTP):
                 self._do_logout()
             self.transport.startTLS(self.context.tls)
             self.startedTLS = True
+            self.start_handshake_deadline(self.timeout)
 
     # RFC 4954 AUTH
 

@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterable
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from mailsrv.atomic import make_dirs
 from mailsrv.logsafe import SafeLogger
 
 SCHEMA_VERSION = 1
@@ -56,7 +57,7 @@ class FolderIndex:
 
     def __init__(self, base: Path, new_validity: Callable[[], int]) -> None:
         self.path = Path(str(base) + ".sqlite")
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(self.path.parent)
         self.fresh = False
         try:
             self._open(new_validity)
@@ -72,6 +73,12 @@ class FolderIndex:
             self._open(new_validity)
 
     def _open(self, new_validity: Callable[[], int]) -> None:
+        # sqlite gives its -wal and -shm files the database's mode: 0600 from the start.
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
         self._db = sqlite3.connect(str(self.path), check_same_thread=False, isolation_level=None)
         db = self._db
         db.execute("PRAGMA journal_mode=WAL")
@@ -101,7 +108,8 @@ class FolderIndex:
                 raise sqlite3.DatabaseError("unknown index version")
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
         self.uid_validity = int(meta["uid_validity"])
         self.uid_next = int(meta["uid_next"])
@@ -132,7 +140,8 @@ class FolderIndex:
             fn(db)
             db.execute("COMMIT")
         except BaseException:
-            db.execute("ROLLBACK")
+            if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
+                db.execute("ROLLBACK")
             raise
 
     def replace_all(

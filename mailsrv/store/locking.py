@@ -15,9 +15,13 @@ import struct
 import time
 from pathlib import Path
 
+from twisted.logger import Logger
+
 STALE_AFTER = 300.0  # seconds; a dotlock this old is broken (Dovecot, mutt: 5 minutes)
 DEFAULT_TIMEOUT = 60.0
 FCNTL_SLICE = 0.25  # seconds to wait for fcntl while holding the dotlock
+
+log = Logger()
 
 
 class LockTimeout(OSError):
@@ -56,26 +60,46 @@ def _dotlock_is_stale(lock: Path, now: float) -> bool:
     return False
 
 
-def acquire_dotlock(path: Path, deadline: float) -> Path:
-    """Create C{path}.lock (temp file, link(), check link count); wait until C{deadline}."""
+def _write_temp(tmp: Path) -> None:
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    try:
+        os.write(fd, f"{os.getpid()}:{_hostname()}\n".encode())
+    except BaseException:
+        os.close(fd)
+        os.unlink(tmp)
+        raise
+    os.close(fd)
+
+
+def acquire_dotlock(path: Path, deadline: float) -> Path | None:
+    """
+    Create C{path}.lock (temp file, link(), check link count); wait until
+    C{deadline}. None when the disk is too full for a dotlock and nobody holds
+    one: then nobody else can make one either, and fcntl alone guards the
+    file, so that mail can still be read.
+    """
     lock = path.with_name(path.name + ".lock")
     tmp = path.with_name(f".{path.name}.lk.{_hostname()}.{os.getpid()}.{time.monotonic_ns()}")
     delay = 0.005
     while True:
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         try:
-            os.write(fd, f"{os.getpid()}:{_hostname()}\n".encode())
-        finally:
-            os.close(fd)
-        try:
+            _write_temp(tmp)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            if not lock.exists() or _dotlock_is_stale(lock, time.time()):
+                log.warn("no room for a dotlock on {path}: fcntl lock only", path=str(path))
+                return None
+        else:
             try:
-                os.link(tmp, lock)
-            except FileExistsError:
-                pass
-            if os.stat(tmp).st_nlink == 2:
-                return lock
-        finally:
-            os.unlink(tmp)
+                try:
+                    os.link(tmp, lock)
+                except FileExistsError:
+                    pass
+                if os.stat(tmp).st_nlink == 2:
+                    return lock
+            finally:
+                os.unlink(tmp)
         now = time.time()
         if _dotlock_is_stale(lock, now):
             try:
@@ -154,13 +178,11 @@ class MboxLock:
                 if self._lock_file(min(deadline, time.monotonic() + FCNTL_SLICE)):
                     return self
             except BaseException:
-                release_dotlock(self._dotlock)
-                self._dotlock = None
+                self._release_dotlock()
                 raise
             # Someone that takes fcntl first (Postfix, mutt) holds the file: let go of
             # the dotlock so they can finish, then try again.
-            release_dotlock(self._dotlock)
-            self._dotlock = None
+            self._release_dotlock()
             if time.monotonic() >= deadline:
                 raise LockTimeout(
                     errno.EAGAIN, f"mbox is fcntl-locked by another process: {self.path}"
@@ -194,6 +216,9 @@ class MboxLock:
         if self.fd >= 0:
             os.close(self.fd)  # releases the fcntl lock
             self.fd = -1
+        self._release_dotlock()
+
+    def _release_dotlock(self) -> None:
         if self._dotlock is not None:
             release_dotlock(self._dotlock)
             self._dotlock = None

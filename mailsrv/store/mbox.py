@@ -38,6 +38,7 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.atomic import make_dirs
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
 from mailsrv.logsafe import SafeLogger
 from mailsrv.store import mboxfmt
@@ -320,7 +321,7 @@ class MboxMailStore:
         """
         path = self.index_dir / "uidvalidity"
         with self._validity_lock:
-            self.index_dir.mkdir(parents=True, exist_ok=True)
+            make_dirs(self.index_dir)
             fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX)
@@ -386,7 +387,7 @@ class MboxMailStore:
         except FileNotFoundError:
             if not create:
                 raise FolderError("No such folder")
-            st.path.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(st.path.parent)
             s = None
         if s is not None and not _is_file(s):
             raise FolderError("No such folder")
@@ -550,7 +551,7 @@ class MboxMailStore:
         _unlink(st.journal)
 
     def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> None:
-        st.journal.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(st.journal.parent)
         fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             mboxfmt.write_all(fd, b"%d %d %d\n" % (ino, pre, post))
@@ -808,7 +809,7 @@ class MboxMailStore:
             d = d.parent
         for m in reversed(missing):
             try:
-                m.mkdir()
+                m.mkdir(0o700)
             except FileExistsError:
                 pass
             _fsync_dir(m.parent)
@@ -1038,7 +1039,7 @@ class MboxMailStore:
                 break
             if p.exists() and not p.is_dir():
                 raise FolderError("A mailbox cannot have sub-folders here")
-        dst.parent.mkdir(parents=True, exist_ok=True)
+        make_dirs(dst.parent)
         for s in affected:
             if s.index is not None:
                 s.index.close()
@@ -1071,7 +1072,7 @@ class MboxMailStore:
         with MboxLock(st.path, self.lock_timeout, create=True) as lk:
             upd = self._sync_locked(st, lk.fd, snap)
             snap = upd.snap
-            dst.parent.mkdir(parents=True, exist_ok=True)
+            make_dirs(dst.parent)
             tmp = dst.with_name(f".{dst.name}.rename.{os.getpid()}")
             size = os.fstat(lk.fd).st_size
             out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
