@@ -113,3 +113,14 @@ def test_search_number_list_in_pieces():
     assert _number_list([]) == b""
     assert _number_list(array("q", [1, 22, 333, 4]), piece=2) == b" 1 22 333 4"
     assert _number_list(list(range(1, 6)), piece=3) == b" 1 2 3 4 5"
+
+
+def test_search_nesting_limit():
+    from mailsrv.imap.search import MAX_NESTING
+
+    deepest = b"(" * (MAX_NESTING - 1) + b"ALL" + b")" * (MAX_NESTING - 1)
+    assert parse(tokenize(deepest))[0] == "and"
+    with pytest.raises(SearchError):
+        parse(tokenize(b"(" + deepest + b")"))
+    with pytest.raises(SearchError):
+        parse(tokenize(b"NOT " * MAX_NESTING + b"ALL"))

@@ -108,6 +108,10 @@ _FLAG_KEYS = {
     "UNSEEN": (SEEN, False),
 }
 
+# How deep parentheses, NOT and OR may nest. RFC 3501 sets no limit; real
+# clients stay within a few levels, and the tree is evaluated recursively.
+MAX_NESTING = 64
+
 
 def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
     """Parse tokens into a tree: ("and", [...]), ("or", a, b), ("not", a), (key, args...)."""
@@ -116,6 +120,7 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
     elif charset.lower() not in ("utf-8", "utf8"):
         raise BadCharset(charset)
     pos = 0
+    depth = 0
 
     def take() -> Any:
         nonlocal pos
@@ -126,7 +131,16 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
         return tok
 
     def one() -> tuple:
-        tok = take()
+        nonlocal depth
+        depth += 1
+        try:
+            return key_of(take())
+        finally:
+            depth -= 1
+
+    def key_of(tok: Any) -> tuple:
+        if depth > MAX_NESTING:
+            raise SearchError("Search keys nested too deeply")
         if tok == "(":
             items = []
             while pos < len(tokens) and tokens[pos] != ")":
