@@ -6,6 +6,8 @@ the server for the others.
 
 from __future__ import annotations
 
+import time
+
 from twisted.internet import defer
 
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
@@ -44,3 +46,51 @@ class SearchNestingTest(LoopbackIMAPCase):
             self.assertNotIn(b"SERVERBUG", out[name])
         self.assertTrue(out["shallow"].startswith(b"u OK"), out["shallow"])
         self.assertEqual(self.failures, [])
+
+
+class ListPatternTest(LoopbackIMAPCase):
+    """RFC 3501 6.3.8: LIST wildcards cost the same however many there are."""
+
+    @defer.inlineCallbacks
+    def test_many_stars_answer_at_once_and_others_are_served(self):
+        port = self.port_number
+        long_name = b"a" * 40
+
+        def client() -> dict[str, object]:
+            c = RawClient(port)
+            try:
+                c.login()
+                assert c.cmd(b"c", b"CREATE " + long_name)[-1].startswith(b"c OK")
+                start = time.monotonic()
+                # A regular expression backtracks C(40+9, 9) ways here before failing.
+                c.send(b'l LIST "" "' + b"*" * 9 + b'b"\r\n')
+                try:
+                    other = RawClient(port, timeout=2)
+                    greeting = other.greeting
+                    other.close()
+                except OSError as e:
+                    greeting = repr(e).encode()
+                greeting_after = time.monotonic() - start
+                listed = c.read_until(b"l")
+                list_after = time.monotonic() - start
+                star = c.cmd(b"m", b'LIST "" "*' + long_name[-3:] + b'"')
+                return {
+                    "greeting": greeting,
+                    "greeting_after": greeting_after,
+                    "listed": listed,
+                    "list_after": list_after,
+                    "star": star,
+                }
+            finally:
+                c.close()
+
+        out = yield self.in_thread(client)
+        yield self.settle()
+        self.assertTrue(out["greeting"].startswith(b"* OK"), out["greeting"])
+        self.assertLess(out["greeting_after"], 2.0)
+        self.assertEqual(out["listed"], [b"l OK LIST completed\r\n"])
+        self.assertLess(out["list_after"], 2.0)
+        self.assertEqual(
+            out["star"],
+            [b'* LIST (\\HasNoChildren) "/" ' + long_name + b"\r\n", b"m OK LIST completed\r\n"],
+        )

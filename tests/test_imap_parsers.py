@@ -124,3 +124,35 @@ def test_search_nesting_limit():
         parse(tokenize(b"(" + deepest + b")"))
     with pytest.raises(SearchError):
         parse(tokenize(b"NOT " * MAX_NESTING + b"ALL"))
+
+
+def _reference_list_regex(pattern: str):
+    """The plain translation of a LIST pattern to a regular expression (backtracking)."""
+    import re
+
+    out = []
+    for c in pattern:
+        out.append(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c))
+    return re.compile("".join(out), re.S)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pattern=st.text(alphabet="ab/*%", max_size=12),
+    name=st.text(alphabet="ab/", max_size=12),
+)
+def test_list_pattern_agrees_with_reference(pattern, name):
+    from mailsrv.imap.listmatch import ListPattern
+
+    expected = _reference_list_regex(pattern).fullmatch(name) is not None
+    assert ListPattern(pattern).match(name) == expected
+
+
+def test_list_pattern_inbox_any_case_and_many_stars():
+    from mailsrv.imap.listmatch import ListPattern
+
+    assert ListPattern("inbox").match("INBOX")
+    assert ListPattern("Inbox/%").match("INBOX/x")
+    assert not ListPattern("inboxes").match("INBOX")
+    assert not ListPattern("*" * 5000 + "b").match("a" * 500)
+    assert ListPattern("%" * 50 + "*" + "%" * 50 + "b").match("a/" * 200 + "b")

@@ -14,7 +14,6 @@ import bisect
 import email.utils
 import io
 import os
-import re
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -24,6 +23,7 @@ from twisted.logger import Logger
 from twisted.mail import imap4
 from zope.interface import implementer
 
+from mailsrv.imap.listmatch import ListPattern
 from mailsrv.interfaces import (
     DELETED,
     SEEN,
@@ -251,19 +251,9 @@ class Account:
         self.logged_out = True
 
 
-def list_pattern(pattern: str) -> re.Pattern[str]:
+def list_pattern(pattern: str) -> ListPattern:
     """RFC 3501 6.3.8: ``*`` matches anything, ``%`` anything but the delimiter; INBOX any case."""
-    if pattern[:5].upper() == INBOX and (len(pattern) == 5 or pattern[5] == DELIMITER):
-        pattern = INBOX + pattern[5:]
-    out = []
-    for c in pattern:
-        if c == "*":
-            out.append(".*")
-        elif c == "%":
-            out.append("[^" + re.escape(DELIMITER) + "]*")
-        else:
-            out.append(re.escape(c))
-    return re.compile("".join(out) + r"\Z", re.S)
+    return ListPattern(pattern)
 
 
 def _own_list(infos: Sequence[MessageInfo]) -> Sequence[MessageInfo]:
