@@ -28,8 +28,12 @@ from tests.test_imap_harness import PASSWORD, USER, make_config
 class RawClient:
     """A blocking IMAP client that sends raw lines and reads until the tagged answer."""
 
-    def __init__(self, port: int, timeout: float = 10.0) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=timeout)
+    def __init__(self, port: int, timeout: float = 10.0, rcvbuf: int = 0) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        if rcvbuf:
+            self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+        self.sock.settimeout(timeout)
+        self.sock.connect(("127.0.0.1", port))
         self.file = self.sock.makefile("rb")
         self.greeting = self.file.readline()
 

@@ -6,9 +6,10 @@ the server for the others.
 
 from __future__ import annotations
 
+import socket
 import time
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
 
@@ -94,3 +95,65 @@ class ListPatternTest(LoopbackIMAPCase):
             out["star"],
             [b'* LIST (\\HasNoChildren) "/" ' + long_name + b"\r\n", b"m OK LIST completed\r\n"],
         )
+
+
+class BigListTest(LoopbackIMAPCase):
+    """A big LIST is sent as its client reads, and meanwhile other clients are served."""
+
+    @defer.inlineCallbacks
+    def test_other_clients_served_during_big_list(self):
+        home = self.config.mail_dir / "example.test" / "alice"
+        stem = "a-folder-with-a-name-long-enough-that-two-thousand-of-them-fill-the-buffers-" * 2
+        for i in range(2000):
+            d = home / f"d{i // 100:02d}"
+            d.mkdir(parents=True, exist_ok=True)
+            (d / f"{stem}{i:04d}").touch()
+        port = self.port_number
+        reactor = self.reactor
+
+        def server_side(proto) -> tuple[bytes | None, bool]:
+            """The server's view of A: the command under way, and whether A's writes wait."""
+            return threads.blockingCallFromThread(
+                reactor, lambda: defer.succeed((proto._busy, proto.transport.producerPaused))
+            )
+
+        def shrink_send_buffer(proto) -> None:
+            # Small kernel buffers: the response cannot all be queued while A does not read.
+            proto.transport.getHandle().setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 16384)
+
+        def client() -> dict[str, object]:
+            a = RawClient(port, rcvbuf=16384)
+            b = RawClient(port)
+            try:
+                a.login()
+                b.login()
+                proto_a = self.protocols[0]
+                threads.blockingCallFromThread(
+                    reactor, lambda: defer.succeed(shrink_send_buffer(proto_a))
+                )
+                a.send(b'l LIST "" "*"\r\n')  # and A does not read its answer yet
+                deadline = time.monotonic() + 10
+                while server_side(proto_a) != (b"l", True) and time.monotonic() < deadline:
+                    time.sleep(0.01)
+                waiting = server_side(proto_a)
+                noop = b.cmd(b"n", b"NOOP")
+                during = server_side(proto_a)
+                listed = a.read_until(b"l")
+                return {"waiting": waiting, "noop": noop, "during": during, "listed": listed}
+            finally:
+                a.close()
+                b.close()
+
+        out = yield self.in_thread(client)
+        yield self.settle()
+        self.assertEqual(out["waiting"], (b"l", True))  # A's LIST waits for A to read
+        self.assertEqual(out["noop"], [b"n OK NOOP completed\r\n"])
+        self.assertEqual(out["during"][0], b"l")  # B was served while A's LIST was under way
+        listed = out["listed"]
+        self.assertEqual(listed[-1], b"l OK LIST completed\r\n")
+        self.assertIn(b'* LIST (\\HasNoChildren) "/" d19/' + stem.encode() + b"1999\r\n", listed)
+        self.assertIn(b'* LIST (\\Noselect \\HasChildren) "/" d07\r\n', listed)
+        special = len(self.config.imap.special_folders)
+        count = len([x for x in listed if x.startswith(b"* LIST")])
+        self.assertEqual(count, 2000 + 20 + 1 + special)  # folders, directories, INBOX
+        self.assertEqual(self.failures, [])

@@ -16,10 +16,11 @@ import bisect
 import calendar
 import functools
 import inspect
+import itertools
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from twisted.cred import credentials
@@ -32,7 +33,13 @@ from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.imap import mime
-from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
+from mailsrv.imap.account import (
+    Account,
+    SessionMailbox,
+    Subscriptions,
+    list_pattern,
+    subscriptions_path,
+)
 from mailsrv.imap.fetch import (
     STREAM_AT,
     FetchRequest,
@@ -59,6 +66,7 @@ _MONTHS = {
     )
 }
 _STATES = ("unauth", "auth", "select", "logout")
+_LIST_PIECE = 500  # LIST/LSUB lines written at a time
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
 
@@ -258,6 +266,19 @@ def _parse_date_time(raw: bytes) -> float:
     if m.group(7) == b"-":
         offset = -offset
     return calendar.timegm((year, mon, day, hh, mm, ss)) - offset
+
+
+def _list_lines(
+    cmd: bytes, boxes: Iterable[tuple[str, Any]], subscribed: set[str] | None
+) -> Iterator[bytes]:
+    """The untagged LIST (or, given the subscriptions, LSUB) responses, without "* "."""
+    for name, info in boxes:
+        flags = info.getFlags()
+        if subscribed is not None:
+            if name not in subscribed:
+                continue
+            flags = [f for f in flags if f == "\\Noselect"]
+        yield cmd + b" " + _flag_list(flags) + b' "/" ' + _encode_name(name)
 
 
 def _flag_list(flags: Iterable[str]) -> bytes:
@@ -933,23 +954,30 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendPositiveResponse(tag, b"LIST completed")
             return
         boxes = yield self.account.listMailboxes(ref_s, pat_s)
-        for name, info in boxes:
-            if lsub and not self.account.isSubscribed(name):
-                continue
-            flags = info.getFlags()
-            if lsub:
-                flags = [f for f in flags if f == "\\Noselect"]
-            self.sendUntaggedResponse(
-                cmd + b" " + _flag_list(flags) + b' "/" ' + _encode_name(name)
-            )
+        if self._lost:
+            return
+        subscribed = self.account.subscriptions.names
+        lines: Iterable[bytes] = _list_lines(cmd, boxes, subscribed if lsub else None)
         if lsub:
-            from mailsrv.imap.account import list_pattern
-
+            # RFC 3501 6.3.9: subscribed names that no longer exist are listed too.
             existing = {n for n, _ in boxes}
             rx = list_pattern(ref_s + pat_s)
-            for name in sorted(self.account.subscriptions.names - existing):
-                if rx.match(name):
-                    self.sendUntaggedResponse(b'LSUB () "/" ' + _encode_name(name))
+            gone = [n for n in sorted(subscribed - existing) if rx.match(n)]
+            lines = itertools.chain(lines, (b'LSUB () "/" ' + _encode_name(n) for n in gone))
+        # Tens of thousands of lines go out a piece at a time, as the client reads.
+        flow = _Flow()
+        self.transport.registerProducer(flow, True)
+        try:
+            it = iter(lines)
+            while piece := list(itertools.islice(it, _LIST_PIECE)):
+                self.transport.write(b"".join(b"* " + line + b"\r\n" for line in piece))
+                yield flow.wait()
+                if self._lost or flow.stopped:
+                    return
+                yield self.factory.cooperate()
+        finally:
+            if not self._lost:
+                self.transport.unregisterProducer()
         self.sendPositiveResponse(tag, cmd + b" completed")
 
     def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
@@ -1644,7 +1672,7 @@ def account_factory(
 
     def make(address: str) -> defer.Deferred:
         subs = Subscriptions(subscriptions_path(config.server.data_dir, address), run)
-        return Account(address, store, subs, config.imap.special_folders).prepare()
+        return Account(address, store, subs, config.imap.special_folders, run).prepare()
 
     return make
 
