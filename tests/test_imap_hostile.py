@@ -103,7 +103,8 @@ class BigListTest(LoopbackIMAPCase):
     @defer.inlineCallbacks
     def test_other_clients_served_during_big_list(self):
         home = self.config.mail_dir / "example.test" / "alice"
-        stem = "a-folder-with-a-name-long-enough-that-two-thousand-of-them-fill-the-buffers-" * 2
+        stem = "a-folder-with-a-name-long-enough-that-two-thousand-of-them-fill-the-buffers-"
+        stem += "x" * 60
         for i in range(2000):
             d = home / f"d{i // 100:02d}"
             d.mkdir(parents=True, exist_ok=True)
@@ -156,4 +157,58 @@ class BigListTest(LoopbackIMAPCase):
         special = len(self.config.imap.special_folders)
         count = len([x for x in listed if x.startswith(b"* LIST")])
         self.assertEqual(count, 2000 + 20 + 1 + special)  # folders, directories, INBOX
+        self.assertEqual(self.failures, [])
+
+
+class InternalErrorInputsTest(LoopbackIMAPCase):
+    """Inputs that reached an internal error: each now gets a plain BAD or NO."""
+
+    @defer.inlineCallbacks
+    def test_each_input_gets_a_plain_answer(self):
+        port = self.port_number
+
+        def client() -> dict[str, list[bytes]]:
+            c = RawClient(port)
+            try:
+                c.login()
+                out = {}
+                c.cmd(b"c", b"CREATE Empty")
+                c.cmd(b"s", b"SELECT Empty")
+                out["store-star-empty"] = c.cmd(b"a", b"STORE * +FLAGS (\\Seen)")
+                out["fetch-star-empty"] = c.cmd(b"b", b"FETCH * FLAGS")
+                out["uid-fetch-empty"] = c.cmd(b"b2", b"UID FETCH 1:* FLAGS")
+                for i in range(2):
+                    c.send(b"p APPEND INBOX {12+}\r\nSubject: %d\r\n\r\n" % i)
+                    c.read_until(b"p")
+                c.cmd(b"s", b"SELECT INBOX")
+                out["move-to-self"] = c.cmd(b"m", b"MOVE 1:* INBOX")
+                out["fetch-after-move"] = c.cmd(b"f", b"FETCH * (UID FLAGS)")
+                out["create-long"] = c.cmd(b"k", b"CREATE " + b"y" * 200)
+                out["status-nesting"] = c.cmd(b"t", b"STATUS INBOX (MESSAGES (()")
+                out["store-no-list"] = c.cmd(b"u", b"STORE 1 FLAGS")
+                # a failed SELECT leaves no folder selected (RFC 3501 6.3.1)
+                out["select-long"] = c.cmd(b"l", b"SELECT " + b"x" * 300)
+                out["noop"] = c.cmd(b"n", b"NOOP")
+                return out
+            finally:
+                c.close()
+
+        out = yield self.in_thread(client)
+        yield self.settle()
+        self.assertEqual(out["store-star-empty"], [b"a BAD Invalid message sequence number\r\n"])
+        self.assertEqual(out["fetch-star-empty"], [b"b BAD Invalid message sequence number\r\n"])
+        self.assertEqual(out["uid-fetch-empty"], [b"b2 OK FETCH completed\r\n"])
+        # RFC 6851 4.3: the copies the MOVE made are announced before it completes.
+        self.assertIn(b"* 2 EXISTS\r\n", out["move-to-self"])
+        self.assertEqual(out["move-to-self"][-1], b"m OK MOVE completed\r\n")
+        self.assertEqual(
+            out["fetch-after-move"],
+            [b"* 2 FETCH (UID 4 FLAGS (\\Recent))\r\n", b"f OK FETCH completed\r\n"],
+        )
+        self.assertEqual(out["select-long"], [b"l NO [CANNOT] Mailbox name is too long\r\n"])
+        self.assertEqual(out["create-long"], [b"k NO [CANNOT] Mailbox name is too long\r\n"])
+        self.assertFalse((self.config.mail_dir / "example.test" / "alice" / ("y" * 200)).exists())
+        for key, tag in (("status-nesting", b"t"), ("store-no-list", b"u")):
+            self.assertEqual(out[key], [tag + b" BAD Syntax error in arguments\r\n"])
+        self.assertEqual(out["noop"], [b"n OK NOOP completed\r\n"])
         self.assertEqual(self.failures, [])

@@ -29,6 +29,7 @@ from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
 from twisted.logger import Logger
 from twisted.mail import imap4
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
@@ -56,7 +57,7 @@ from mailsrv.imap.search import BadCharset, Literal, Matcher, SearchError, needs
 from mailsrv.interfaces import DELETED, SEEN, SYSTEM_FLAGS, FolderError, MessageInfo
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
-from mailsrv.store.names import DELIMITER, INBOX
+from mailsrv.store.names import DELIMITER, INBOX, fits_on_disk
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
 _MONTHS = {
@@ -242,6 +243,9 @@ def _mailbox_name(raw: bytes | str) -> str:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise FolderError("Invalid mailbox name")
+    if not fits_on_disk(name):
+        # RFC 5530 3: CANNOT, "the operation violates some invariant of the server".
+        raise FolderError("[CANNOT] Mailbox name is too long")
     if name.upper() == INBOX:
         return INBOX
     if name[:6].upper() == INBOX + DELIMITER:
@@ -527,7 +531,65 @@ class IMAPServer(imap4.IMAP4Server):
             else:
                 self.sendBadResponse(tag, b"Unknown command")
             return
-        super().dispatchCommand(tag, cmd, rest, uid)
+        handler, *parsers = self.lookupCommand(cmd)
+        self._dispatch_args(tag, handler, [self, tag], parsers, rest, uid)
+
+    def _dispatch_args(
+        self, tag: bytes, handler: Any, args: list[Any], parsers: list[Any], line: Any, uid: Any
+    ) -> None:
+        """
+        Parse a command's arguments one parser at a time (a parser may wait
+        for a literal), then run the command. Twisted's own loop answers a
+        parser's unexpected exception with its text and logs it as a server
+        error; here any parser failure is the client's syntax error: a BAD.
+        """
+        for i, parser in enumerate(parsers):
+            if not callable(parser):
+                args.append(parser)
+                continue
+            d = defer.maybeDeferred(parser, self, line)
+            d.addCallbacks(
+                self._arg_parsed,
+                self._arg_failed,
+                callbackArgs=(tag, handler, args, parsers[i + 1 :], uid),
+                errbackArgs=(tag,),
+            )
+            return
+        if line:
+            raise imap4.IllegalClientResponse("Too many arguments")
+        if uid is not None:
+            handler(*args, uid=uid)
+        else:
+            handler(*args)
+
+    def _arg_parsed(
+        self,
+        result: tuple[Any, Any],
+        tag: bytes,
+        handler: Any,
+        args: list[Any],
+        parsers: list[Any],
+        uid: Any,
+    ) -> None:
+        arg, rest = result
+        args.append(arg)
+        try:
+            self._dispatch_args(tag, handler, args, parsers, rest, uid)
+        except imap4.IllegalClientResponse as e:
+            self.sendBadResponse(tag, b"Illegal syntax: " + str(e).encode("utf-8", "replace"))
+        except Exception:
+            self._command_failed(Failure(), tag)
+
+    def _arg_failed(self, failure: Failure, tag: bytes) -> None:
+        if self._lost:
+            return
+        if failure.check(imap4.IllegalClientResponse):
+            self.sendBadResponse(
+                tag, b"Illegal syntax: " + str(failure.value).encode("utf-8", "replace")
+            )
+            return
+        self.log.info("imap arguments refused: {error}", error=failure.getErrorMessage()[:200])
+        self.sendBadResponse(tag, b"Syntax error in arguments")
 
     def lookupCommand(self, cmd: bytes) -> Any:
         try:
@@ -1241,7 +1303,9 @@ class IMAPServer(imap4.IMAP4Server):
                     spans.append((i + 1, j))
         else:
             count = len(uids)
-            if messages.max_number() > count:
+            # RFC 3501 9: BAD for a number past the last message, "including "*"
+            # if the selected mailbox is empty".
+            if messages.max_number() > count or not count:
                 raise imap4.IllegalClientResponse("Invalid message sequence number")
             spans = [(lo, hi) for lo, hi in messages.ranges(count) if lo <= hi]
         merged: list[list[int]] = []
@@ -1515,6 +1579,8 @@ class IMAPServer(imap4.IMAP4Server):
             mbox.reload()
             if out:
                 self.transport.write(out)
+            if folder_name == mbox.folder.name:
+                yield self._sync()  # the copies: EXISTS before the client may name them
             self.sendPositiveResponse(tag, b"MOVE completed")
             return
         if folder_name == mbox.folder.name:
