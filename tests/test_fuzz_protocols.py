@@ -84,6 +84,27 @@ IMAP_CORPUS = [
     b"CAPABILITY",
     b"UNSELECT",
     b"CLOSE",
+    b'LIST "" "INBOX*"',
+    b'LIST "" {lit:Work/*}',
+    b"STATUS {lit:INBOX} (UNSEEN)",
+    b"SELECT Empty",
+    b"EXAMINE Work/Projects",
+    b"FETCH 1:* (BODY.PEEK[1.1] BODY.PEEK[2.HEADER] BODY.PEEK[HEADER.FIELDS.NOT (TO)])",
+    b"FETCH 1 (BODY[]<0.5> RFC822 RFC822.TEXT FAST)",
+    b"FETCH 1:2 ALL",
+    b"FETCH 2 FULL",
+    b"UID FETCH 1:4294967295 (UID BODY.PEEK[TEXT]<2.3>)",
+    b"FETCH 1,2:3 (BODY[1]<0.0>)",
+    b"SEARCH KEYWORD $Label1 UNKEYWORD x SENTBEFORE 1-Feb-2025 SMALLER 100000",
+    b"SEARCH CHARSET US-ASCII TEXT {lit:hello}",
+    b"STORE 1 +FLAGS.SILENT (\\Deleted)",
+    b"UID STORE 1:* FLAGS.SILENT ()",
+    b"CREATE INBOX/x",
+    b"DELETE Work",
+    b"RENAME Work/Projects Work/Projects2",
+    b"RENAME Work/Projects2 Work/Projects",
+    b"APPEND INBOX {999999999}",
+    b"APPEND Work/Projects (\\Flagged $Label1) {lit:Subject: y\r\n\r\nz\r\n}",
 ]
 
 HUGE = [
@@ -249,6 +270,7 @@ def setup_mail(srv: MailServer) -> None:
             [
                 b'LOGIN %s "%s"' % (USER.encode(), PASSWORD.encode()),
                 b"CREATE Work/Projects",
+                b"CREATE Empty",
                 *(b"APPEND INBOX " + literal(MESSAGE % (n, n)) for n in range(3)),
             ]
         ):

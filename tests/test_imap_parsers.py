@@ -156,3 +156,21 @@ def test_list_pattern_inbox_any_case_and_many_stars():
     assert not ListPattern("inboxes").match("INBOX")
     assert not ListPattern("*" * 5000 + "b").match("a" * 500)
     assert ListPattern("%" * 50 + "*" + "%" * 50 + "b").match("a/" * 200 + "b")
+
+
+def test_search_header_over_lines_without_a_field_name():
+    from mailsrv.imap.search import Matcher
+    from mailsrv.interfaces import MessageInfo
+
+    block = b"Subject: hello\r\ngarbage without a colon\r\n: no name\r\n\r\n"
+    info = MessageInfo(1, 100, frozenset(), 0.0)
+
+    def search(program: bytes) -> bool:
+        tree = parse(tokenize(program))
+        m = Matcher(tree, 1, 1, set(), lambda raw, last: range(1, last + 1))
+        return m.match(1, info, lambda: block, lambda: block)
+
+    assert not search(b'HEADER "" garbage')
+    assert not search(b'HEADER "" ""')
+    assert search(b"HEADER Subject hello")
+    assert not search(b"HEADER Subject nothere")

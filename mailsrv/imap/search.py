@@ -320,8 +320,11 @@ class Matcher:
             return cache["vals"]
 
         def field(name: bytes) -> str:
+            # A line without a field name (no colon) is no field (RFC 5322 2.2).
             parts = [
-                raw.split(b":", 1)[1] for n, raw in split_header_fields(hdr_block()) if n == name
+                raw.partition(b":")[2]
+                for n, raw in split_header_fields(hdr_block())
+                if n and n == name
             ]
             return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
 
@@ -376,6 +379,8 @@ class Matcher:
                 return t[1] in field(k.lower().encode())
             if k == "HEADER":
                 name = t[1].lower()
+                if not name:
+                    return False
                 if not t[2]:
                     return any(n == name for n, _ in split_header_fields(hdr_block()))
                 return t[2] in field(name)
