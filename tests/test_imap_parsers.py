@@ -174,3 +174,9 @@ def test_search_header_over_lines_without_a_field_name():
     assert not search(b'HEADER "" ""')
     assert search(b"HEADER Subject hello")
     assert not search(b"HEADER Subject nothere")
+
+
+@pytest.mark.parametrize("key", [b"KEYWORD", b"UNKEYWORD", b"UID", b"LARGER", b"HEADER x"])
+def test_search_key_argument_is_not_a_parenthesis(key):
+    with pytest.raises(SearchError):
+        parse(tokenize(key + b"( $Label1)"))

@@ -130,6 +130,13 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
         pos += 1
         return tok
 
+    def value() -> Any:
+        """A key's argument: an atom or a string, not a parenthesis."""
+        tok = take()
+        if tok in ("(", ")"):
+            raise SearchError("Missing argument")
+        return tok
+
     def one() -> tuple:
         nonlocal depth
         depth += 1
@@ -165,18 +172,18 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
             name = _string(take(), "ascii")
             return (key, name.encode(), _string(take(), charset))
         if key in ("KEYWORD", "UNKEYWORD"):
-            t = take()
+            t = value()
             return (key, (t.value if isinstance(t, Literal) else t).decode("utf-8", "replace"))
         if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
             return (key, _date(take()))
         if key in ("LARGER", "SMALLER"):
-            t = take()
+            t = value()
             try:
                 return (key, int(t.value if isinstance(t, Literal) else t))
             except (ValueError, TypeError):
                 raise SearchError("Bad number")
         if key == "UID":
-            return (key, take())
+            return (key, value())
         if key == "NOT":
             return ("not", one())
         if key == "OR":
