@@ -180,3 +180,35 @@ def test_search_header_over_lines_without_a_field_name():
 def test_search_key_argument_is_not_a_parenthesis(key):
     with pytest.raises(SearchError):
         parse(tokenize(key + b"( $Label1)"))
+
+
+_SEARCH_WORDS = st.sampled_from(
+    [b"(", b")", b"NOT", b"OR", b"ALL", b"KEYWORD", b"UNKEYWORD", b"UID", b"LARGER", b"SMALLER"]
+    + [b"HEADER", b"SUBJECT", b"BODY", b"TEXT", b"FROM", b"SENTON", b"SINCE", b"SEEN", b"NEW"]
+    + [b'""', b"x", b"Subject", b"1:*", b"*", b"2,4:3", b"0", b"1-Jan-2024", b"$L", b'"a b"']
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_SEARCH_WORDS, min_size=1, max_size=12))
+def test_search_programs_parse_and_match_or_raise_search_errors(words):
+    """Any program of search words either fails to parse with a SearchError or evaluates."""
+    from mailsrv.imap.search import Matcher
+    from mailsrv.interfaces import MessageInfo
+
+    block = b"Subject: a b\r\nno colon here\r\n: empty name\r\nDate: bad\r\n\r\n"
+    info = MessageInfo(3, 100, frozenset({"$L"}), 0.0)
+    try:
+        tree = parse(tokenize(b" ".join(words)))
+    except SearchError:
+        return
+
+    def seqset(raw, last):
+        if not isinstance(raw, bytes) or not raw[:1].isdigit() and raw != b"*":
+            raise ValueError(raw)
+        return range(1, last + 1)
+
+    try:
+        Matcher(tree, 5, 7, set(), seqset).match(2, info, lambda: block, lambda: block)
+    except SearchError:
+        pass
