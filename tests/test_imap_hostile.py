@@ -212,3 +212,40 @@ class InternalErrorInputsTest(LoopbackIMAPCase):
             self.assertEqual(out[key], [tag + b" BAD Syntax error in arguments\r\n"])
         self.assertEqual(out["noop"], [b"n OK NOOP completed\r\n"])
         self.assertEqual(self.failures, [])
+
+
+class UnderAMailboxTest(LoopbackIMAPCase):
+    """A name below a mailbox (a file on disk), e.g. INBOX/x, names nothing that can exist."""
+
+    @defer.inlineCallbacks
+    def test_names_below_a_mailbox(self):
+        port = self.port_number
+
+        def client() -> dict[str, list[bytes]]:
+            c = RawClient(port)
+            try:
+                c.login()
+                out = {}
+                c.cmd(b"c", b"CREATE Work")
+                c.cmd(b"a", b"APPEND INBOX {1+}\r\nx")
+                out["select"] = c.cmd(b"s", b"SELECT INBOX/x")
+                out["status"] = c.cmd(b"t", b"STATUS Work/x (MESSAGES)")
+                out["rename-inbox"] = c.cmd(b"r", b"RENAME INBOX Work/y/INBOX")
+                c.cmd(b"s2", b"SELECT INBOX")
+                out["copy"] = c.cmd(b"k", b"COPY 1 Work/x")
+                out["move"] = c.cmd(b"m", b"MOVE 1 INBOX/x")
+                out["append"] = c.cmd(b"p", b"APPEND Work/x {1+}\r\ny")
+                return out
+            finally:
+                c.close()
+
+        out = yield self.in_thread(client)
+        yield self.settle()
+        for key, answer in out.items():
+            self.assertEqual(len(answer), 1, (key, answer))
+            self.assertIn(b" NO ", answer[0], (key, answer))
+            self.assertNotIn(b"SERVERBUG", answer[0], (key, answer))
+        self.assertEqual(self.failures, [])
+        home = self.config.mail_dir / "example.test" / "alice"
+        self.assertTrue((home / "INBOX").is_file())
+        self.assertEqual((home / "Work").read_bytes(), b"")

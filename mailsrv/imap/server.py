@@ -630,6 +630,10 @@ class IMAPServer(imap4.IMAP4Server):
             self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
         elif failure.check(BadCharset):
             self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        elif failure.check(NotADirectoryError, FileExistsError):
+            # The store met a mailbox (a file) where the name needs a directory.
+            self.log.info("imap command {tag}: {error}", tag=tag, error=failure.value)
+            self.sendNegativeResponse(tag, b"[CANNOT] A mailbox cannot have sub-folders here")
         else:
             self.log.failure("IMAP command {tag} failed", failure, tag=tag)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
