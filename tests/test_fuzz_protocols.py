@@ -107,6 +107,10 @@ IMAP_CORPUS = [
     b"RENAME Work/Projects Work/Projects2",
     b"RENAME Work/Projects2 Work/Projects",
     b"APPEND INBOX {999999999}",
+    b"SELECT INBOX/x",
+    b"STATUS Work/Projects/x (MESSAGES)",
+    b"RENAME INBOX Work/Projects/y",
+    b'CREATE "&Jjo-/&-"',
     b"APPEND Work/Projects (\\Flagged $Label1) {lit:Subject: y\r\n\r\nz\r\n}",
 ]
 
