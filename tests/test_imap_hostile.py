@@ -249,3 +249,33 @@ class UnderAMailboxTest(LoopbackIMAPCase):
         home = self.config.mail_dir / "example.test" / "alice"
         self.assertTrue((home / "INBOX").is_file())
         self.assertEqual((home / "Work").read_bytes(), b"")
+
+
+class ConcurrentSubscriptionsTest(LoopbackIMAPCase):
+    """Two sessions of one user change subscriptions at once: each change is saved, none fails."""
+
+    @defer.inlineCallbacks
+    def test_two_sessions_subscribe_at_once(self):
+        port = self.port_number
+
+        def client() -> list[list[bytes]]:
+            a, b = RawClient(port), RawClient(port)
+            try:
+                a.login()
+                b.login()
+                for c in (a, b):
+                    c.send(b"".join(b"s%d SUBSCRIBE Box%d\r\n" % (i, i % 3) for i in range(40)))
+                return [a.read_until(b"s39"), b.read_until(b"s39")]
+            finally:
+                a.close()
+                b.close()
+
+        answers = yield self.in_thread(client)
+        yield self.settle()
+        for lines in answers:
+            self.assertEqual(len(lines), 40)
+            self.assertTrue(all(b" OK SUBSCRIBE completed" in line for line in lines), lines)
+        self.assertEqual(self.failures, [])
+        subs = self.tmp / "imap" / "example.test" / "alice.subscriptions"
+        self.assertIn("Box2\n", subs.read_text())
+        self.assertEqual([p.name for p in subs.parent.iterdir()], ["alice.subscriptions"])
