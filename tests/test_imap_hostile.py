@@ -279,3 +279,42 @@ class ConcurrentSubscriptionsTest(LoopbackIMAPCase):
         subs = self.tmp / "imap" / "example.test" / "alice.subscriptions"
         self.assertIn("Box2\n", subs.read_text())
         self.assertEqual([p.name for p in subs.parent.iterdir()], ["alice.subscriptions"])
+
+
+class SelectedFolderGoneTest(LoopbackIMAPCase):
+    """The folder a session has selected is deleted or renamed by another session meanwhile."""
+
+    @defer.inlineCallbacks
+    def test_selected_folder_deleted_and_renamed_meanwhile(self):
+        port = self.port_number
+
+        def client() -> list[list[bytes]]:
+            a, b = RawClient(port), RawClient(port)
+            try:
+                a.login()
+                b.login()
+                out = []
+                for i in range(6):
+                    name = b"Box%d" % i
+                    b.cmd(b"c", b"CREATE " + name)
+                    b.cmd(b"p", b"APPEND " + name + b" {1+}\r\nx")
+                    a.cmd(b"s", b"SELECT " + name)
+                    # The other session's change and this one's NOOP at the same moment.
+                    change = b"DELETE " + name if i % 2 else b"RENAME " + name + b" Old" + name
+                    b.send(b"d " + change + b"\r\n")
+                    a.send(b"n NOOP\r\n")
+                    b.read_until(b"d")
+                    out.append(a.read_until(b"n"))
+                    out.append(a.cmd(b"f", b"FETCH 1:* FLAGS"))
+                return out
+            finally:
+                a.close()
+                b.close()
+
+        answers = yield self.in_thread(client)
+        yield self.settle()
+        for lines in answers:
+            self.assertTrue(lines, answers)
+            self.assertNotIn(b"SERVERBUG", b"".join(lines))
+            self.assertNotIn(b"BYE", b"".join(lines))
+        self.assertEqual(self.failures, [])

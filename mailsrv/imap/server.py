@@ -1190,6 +1190,11 @@ class IMAPServer(imap4.IMAP4Server):
             return
         try:
             changes = yield mbox.folder.refresh()
+        except FolderError as e:
+            # Deleted or renamed by another session meanwhile: the session keeps
+            # the view it has; what it can no longer read is reported as such.
+            self.log.info("refresh of {folder}: {error}", folder=mbox.folder.name, error=e)
+            return
         except Exception:
             self.log.failure("refresh failed")
             return
