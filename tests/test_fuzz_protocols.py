@@ -8,9 +8,10 @@ The server must answer each command plainly (never ``[SERVERBUG]``, "Server
 error" or "Internal error"), must stay up, and its log must hold no traceback.
 
 Seeded: ``MAILSRV_FUZZ_SEED`` picks the run (default fixed, so CI is
-repeatable), ``MAILSRV_FUZZ_SECONDS`` its time budget; each session draws from
-its own ``Random(f"{seed}:{session}")``, so a failure names the seed and the
-session that reproduce it, with the transcript.
+repeatable), ``MAILSRV_FUZZ_SECONDS`` the time budget of all three tests; each session
+draws from its own ``Random``, so a failure names the seed and the session
+that reproduce it, with the transcript (sessions run three at a time also
+depend on how they interleave).
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import random
 import re
 import socket
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
@@ -27,7 +29,7 @@ from tests.e2e import PASSWORD, MailServer
 
 USER = "fuzz@example.test"
 SEED = os.environ.get("MAILSRV_FUZZ_SEED", "20261206")
-BUDGET = float(os.environ.get("MAILSRV_FUZZ_SECONDS", "8"))
+BUDGET = float(os.environ.get("MAILSRV_FUZZ_SECONDS", "12"))
 # How long an answer may take before the session counts as stalled (a mutated
 # literal can leave the server waiting for octets that never come) and ends.
 STALL = 0.3
@@ -261,6 +263,7 @@ def server(tmp_path_factory):
     srv = MailServer(tmp_path_factory.mktemp("fuzz"))
     srv.start()
     srv.add_user(USER)
+    setup_mail(srv)
     yield srv
     srv.stop()
 
@@ -297,17 +300,17 @@ def setup_mail(srv: MailServer) -> None:
         s.close()
 
 
-def test_mutated_imap_sessions(server):
-    since = log_size(server)
-    setup_mail(server)
-    port = server.ports["imap"]
-    deadline = time.monotonic() + BUDGET
-    session = 0
-    commands = 0
+def imap_sessions(port: int, name: str, deadline: float) -> tuple[int, int, str | None]:
+    """
+    Mutated IMAP sessions until C{deadline}; session C{n} draws from
+    C{Random(f"{SEED}:{name}{n}")}. Returns (sessions, commands, the first
+    forbidden answer with the end of its transcript, or None).
+    """
+    session = commands = 0
     while time.monotonic() < deadline:
-        rng = random.Random(f"{SEED}:{session}")
+        rng = random.Random(f"{SEED}:{name}{session}")
         transcript: list[bytes] = []
-        where = f"seed {SEED} session {session}"
+        where = f"seed {SEED} session {name}{session}"
         s = Session(port, transcript)
         try:
             assert (s.line(5) or b"").startswith(b"* OK"), where
@@ -324,21 +327,46 @@ def test_mutated_imap_sessions(server):
                 out = imap_command(s, b"t%d" % n, cmd)
                 commands += 1
                 bad = forbidden(out or [])
-                assert bad is None, f"{where}: {bad!r}\n" + "\n".join(
-                    t.decode("latin-1") for t in transcript[-12:]
-                )
+                if bad is not None:
+                    tail = "\n".join(t.decode("latin-1") for t in transcript[-12:])
+                    return session, commands, f"{where}: {bad!r}\n{tail}"
                 if out is None or s.closed:
                     break
         finally:
             s.close()
         session += 1
-    # The server is still up and serving, and logged no traceback.
+    return session, commands, None
+
+
+def assert_serving(port: int) -> None:
     s = Session(port, [])
     try:
         assert (s.line(5) or b"").startswith(b"* OK")
     finally:
         s.close()
-    assert session > 5 and commands > 100, (session, commands)
+
+
+def test_mutated_imap_sessions(server):
+    since = log_size(server)
+    port = server.ports["imap"]
+    sessions, commands, bad = imap_sessions(port, "", time.monotonic() + BUDGET * 0.5)
+    assert bad is None, bad
+    assert_serving(port)
+    assert sessions > 5 and commands > 100, (sessions, commands)
+    problems = server_problems(server, since)
+    assert not problems, problems + "\n" + server.output()
+
+
+def test_concurrent_mutated_imap_sessions(server):
+    """Three at a time: sessions of one user race on the same folders and files."""
+    since = log_size(server)
+    port = server.ports["imap"]
+    deadline = time.monotonic() + BUDGET * 0.3
+    with ThreadPoolExecutor(3) as pool:
+        results = list(pool.map(lambda k: imap_sessions(port, f"c{k}-", deadline), range(3)))
+    for _, _, bad in results:
+        assert bad is None, bad
+    assert_serving(port)
     problems = server_problems(server, since)
     assert not problems, problems + "\n" + server.output()
 
@@ -391,7 +419,7 @@ def line_session(port: int, greeting: bytes, lines: list[bytes], where: str) -> 
 
 def test_mutated_pop3_and_smtp_sessions(server):
     since = log_size(server)
-    deadline = time.monotonic() + BUDGET / 3
+    deadline = time.monotonic() + BUDGET * 0.2
     session = 0
     while time.monotonic() < deadline:
         rng = random.Random(f"{SEED}:pop3smtp:{session}")
