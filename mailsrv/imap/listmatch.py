@@ -59,6 +59,7 @@ class ListPattern:
         self._prefix = "".join(elements[:first])
         self._plain = first == len(elements)
         self._tail = elements[first] if first == len(elements) - 1 else None
+        self._min_length = wild.count(False)  # each literal character takes one of the name
 
     def _closure(self, states: int) -> int:
         # A wildcard may match nothing; after collapsing no two are adjacent,
@@ -69,7 +70,7 @@ class ListPattern:
         """Whether C{name} matches the whole pattern."""
         if self._plain:
             return name == self._prefix
-        if not name.startswith(self._prefix):
+        if len(name) < self._min_length or not name.startswith(self._prefix):
             return False
         if self._tail == _STAR:
             return True
