@@ -113,3 +113,102 @@ def test_search_number_list_in_pieces():
     assert _number_list([]) == b""
     assert _number_list(array("q", [1, 22, 333, 4]), piece=2) == b" 1 22 333 4"
     assert _number_list(list(range(1, 6)), piece=3) == b" 1 2 3 4 5"
+
+
+def test_search_nesting_limit():
+    from mailsrv.imap.search import MAX_NESTING
+
+    deepest = b"(" * (MAX_NESTING - 1) + b"ALL" + b")" * (MAX_NESTING - 1)
+    assert parse(tokenize(deepest))[0] == "and"
+    with pytest.raises(SearchError):
+        parse(tokenize(b"(" + deepest + b")"))
+    with pytest.raises(SearchError):
+        parse(tokenize(b"NOT " * MAX_NESTING + b"ALL"))
+
+
+def _reference_list_regex(pattern: str):
+    """The plain translation of a LIST pattern to a regular expression (backtracking)."""
+    import re
+
+    out = []
+    for c in pattern:
+        out.append(".*" if c == "*" else "[^/]*" if c == "%" else re.escape(c))
+    return re.compile("".join(out), re.S)
+
+
+@settings(max_examples=400, deadline=None)
+@given(
+    pattern=st.text(alphabet="ab/*%", max_size=12),
+    name=st.text(alphabet="ab/", max_size=12),
+)
+def test_list_pattern_agrees_with_reference(pattern, name):
+    from mailsrv.imap.listmatch import ListPattern
+
+    expected = _reference_list_regex(pattern).fullmatch(name) is not None
+    assert ListPattern(pattern).match(name) == expected
+
+
+def test_list_pattern_inbox_any_case_and_many_stars():
+    from mailsrv.imap.listmatch import ListPattern
+
+    assert ListPattern("inbox").match("INBOX")
+    assert ListPattern("Inbox/%").match("INBOX/x")
+    assert not ListPattern("inboxes").match("INBOX")
+    assert not ListPattern("*" * 5000 + "b").match("a" * 500)
+    assert ListPattern("%" * 50 + "*" + "%" * 50 + "b").match("a/" * 200 + "b")
+
+
+def test_search_header_over_lines_without_a_field_name():
+    from mailsrv.imap.search import Matcher
+    from mailsrv.interfaces import MessageInfo
+
+    block = b"Subject: hello\r\ngarbage without a colon\r\n: no name\r\n\r\n"
+    info = MessageInfo(1, 100, frozenset(), 0.0)
+
+    def search(program: bytes) -> bool:
+        tree = parse(tokenize(program))
+        m = Matcher(tree, 1, 1, set(), lambda raw, last: range(1, last + 1))
+        return m.match(1, info, lambda: block, lambda: block)
+
+    assert not search(b'HEADER "" garbage')
+    assert not search(b'HEADER "" ""')
+    assert search(b"HEADER Subject hello")
+    assert not search(b"HEADER Subject nothere")
+
+
+@pytest.mark.parametrize("key", [b"KEYWORD", b"UNKEYWORD", b"UID", b"LARGER", b"HEADER x"])
+def test_search_key_argument_is_not_a_parenthesis(key):
+    with pytest.raises(SearchError):
+        parse(tokenize(key + b"( $Label1)"))
+
+
+_SEARCH_WORDS = st.sampled_from(
+    [b"(", b")", b"NOT", b"OR", b"ALL", b"KEYWORD", b"UNKEYWORD", b"UID", b"LARGER", b"SMALLER"]
+    + [b"HEADER", b"SUBJECT", b"BODY", b"TEXT", b"FROM", b"SENTON", b"SINCE", b"SEEN", b"NEW"]
+    + [b'""', b"x", b"Subject", b"1:*", b"*", b"2,4:3", b"0", b"1-Jan-2024", b"$L", b'"a b"']
+)
+
+
+@settings(max_examples=500, deadline=None)
+@given(st.lists(_SEARCH_WORDS, min_size=1, max_size=12))
+def test_search_programs_parse_and_match_or_raise_search_errors(words):
+    """Any program of search words either fails to parse with a SearchError or evaluates."""
+    from mailsrv.imap.search import Matcher
+    from mailsrv.interfaces import MessageInfo
+
+    block = b"Subject: a b\r\nno colon here\r\n: empty name\r\nDate: bad\r\n\r\n"
+    info = MessageInfo(3, 100, frozenset({"$L"}), 0.0)
+    try:
+        tree = parse(tokenize(b" ".join(words)))
+    except SearchError:
+        return
+
+    def seqset(raw, last):
+        if not isinstance(raw, bytes) or not raw[:1].isdigit() and raw != b"*":
+            raise ValueError(raw)
+        return range(1, last + 1)
+
+    try:
+        Matcher(tree, 5, 7, set(), seqset).match(2, info, lambda: block, lambda: block)
+    except SearchError:
+        pass

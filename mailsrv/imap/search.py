@@ -108,6 +108,10 @@ _FLAG_KEYS = {
     "UNSEEN": (SEEN, False),
 }
 
+# How deep parentheses, NOT and OR may nest. RFC 3501 sets no limit; real
+# clients stay within a few levels, and the tree is evaluated recursively.
+MAX_NESTING = 64
+
 
 def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
     """Parse tokens into a tree: ("and", [...]), ("or", a, b), ("not", a), (key, args...)."""
@@ -116,6 +120,7 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
     elif charset.lower() not in ("utf-8", "utf8"):
         raise BadCharset(charset)
     pos = 0
+    depth = 0
 
     def take() -> Any:
         nonlocal pos
@@ -125,8 +130,24 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
         pos += 1
         return tok
 
-    def one() -> tuple:
+    def value() -> Any:
+        """A key's argument: an atom or a string, not a parenthesis."""
         tok = take()
+        if tok in ("(", ")"):
+            raise SearchError("Missing argument")
+        return tok
+
+    def one() -> tuple:
+        nonlocal depth
+        depth += 1
+        try:
+            return key_of(take())
+        finally:
+            depth -= 1
+
+    def key_of(tok: Any) -> tuple:
+        if depth > MAX_NESTING:
+            raise SearchError("Search keys nested too deeply")
         if tok == "(":
             items = []
             while pos < len(tokens) and tokens[pos] != ")":
@@ -151,18 +172,18 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
             name = _string(take(), "ascii")
             return (key, name.encode(), _string(take(), charset))
         if key in ("KEYWORD", "UNKEYWORD"):
-            t = take()
+            t = value()
             return (key, (t.value if isinstance(t, Literal) else t).decode("utf-8", "replace"))
         if key in ("BEFORE", "ON", "SINCE", "SENTBEFORE", "SENTON", "SENTSINCE"):
             return (key, _date(take()))
         if key in ("LARGER", "SMALLER"):
-            t = take()
+            t = value()
             try:
                 return (key, int(t.value if isinstance(t, Literal) else t))
             except (ValueError, TypeError):
                 raise SearchError("Bad number")
         if key == "UID":
-            return (key, take())
+            return (key, value())
         if key == "NOT":
             return ("not", one())
         if key == "OR":
@@ -306,8 +327,11 @@ class Matcher:
             return cache["vals"]
 
         def field(name: bytes) -> str:
+            # A line without a field name (no colon) is no field (RFC 5322 2.2).
             parts = [
-                raw.split(b":", 1)[1] for n, raw in split_header_fields(hdr_block()) if n == name
+                raw.partition(b":")[2]
+                for n, raw in split_header_fields(hdr_block())
+                if n and n == name
             ]
             return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
 
@@ -362,6 +386,8 @@ class Matcher:
                 return t[1] in field(k.lower().encode())
             if k == "HEADER":
                 name = t[1].lower()
+                if not name:
+                    return False
                 if not t[2]:
                     return any(n == name for n, _ in split_header_fields(hdr_block()))
                 return t[2] in field(name)

@@ -16,10 +16,11 @@ import bisect
 import calendar
 import functools
 import inspect
+import itertools
 import re
 from array import array
 from collections import OrderedDict
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from twisted.cred import credentials
@@ -27,13 +28,20 @@ from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
 from twisted.mail import imap4
+from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
 from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import mime
-from mailsrv.imap.account import Account, SessionMailbox, Subscriptions, subscriptions_path
+from mailsrv.imap.account import (
+    Account,
+    SessionMailbox,
+    Subscriptions,
+    list_pattern,
+    subscriptions_path,
+)
 from mailsrv.imap.fetch import (
     STREAM_AT,
     FetchRequest,
@@ -58,7 +66,7 @@ from mailsrv.interfaces import (
 from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.infos import flag_sets
-from mailsrv.store.names import DELIMITER, INBOX
+from mailsrv.store.names import DELIMITER, INBOX, fits_on_disk
 
 _LITERAL_RE = re.compile(rb"\{(\d{1,18})(\+?)\}$")
 # Literal octets that restart the idle timer: a literal must arrive at 16 KiB
@@ -71,6 +79,7 @@ _MONTHS = {
     )
 }
 _STATES = ("unauth", "auth", "select", "logout")
+_LIST_PIECE = 500  # LIST/LSUB lines written at a time
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
 
@@ -246,6 +255,9 @@ def _mailbox_name(raw: bytes | str) -> str:
             name = raw.decode("utf-8")
         except UnicodeDecodeError:
             raise FolderError("Invalid mailbox name")
+    if not fits_on_disk(name):
+        # RFC 5530 3: CANNOT, "the operation violates some invariant of the server".
+        raise FolderError("[CANNOT] Mailbox name is too long")
     if name.upper() == INBOX:
         return INBOX
     if name[:6].upper() == INBOX + DELIMITER:
@@ -270,6 +282,19 @@ def _parse_date_time(raw: bytes) -> float:
     if m.group(7) == b"-":
         offset = -offset
     return calendar.timegm((year, mon, day, hh, mm, ss)) - offset
+
+
+def _list_lines(
+    cmd: bytes, boxes: Iterable[tuple[str, Any]], subscribed: set[str] | None
+) -> Iterator[bytes]:
+    """The untagged LIST (or, given the subscriptions, LSUB) responses, without "* "."""
+    for name, info in boxes:
+        flags = info.getFlags()
+        if subscribed is not None:
+            if name not in subscribed:
+                continue
+            flags = [f for f in flags if f == "\\Noselect"]
+        yield cmd + b" " + _flag_list(flags) + b' "/" ' + _encode_name(name)
 
 
 def _flag_list(flags: Iterable[str]) -> bytes:
@@ -522,7 +547,65 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             else:
                 self.sendBadResponse(tag, b"Unknown command")
             return
-        super().dispatchCommand(tag, cmd, rest, uid)
+        handler, *parsers = self.lookupCommand(cmd)
+        self._dispatch_args(tag, handler, [self, tag], parsers, rest, uid)
+
+    def _dispatch_args(
+        self, tag: bytes, handler: Any, args: list[Any], parsers: list[Any], line: Any, uid: Any
+    ) -> None:
+        """
+        Parse a command's arguments one parser at a time (a parser may wait
+        for a literal), then run the command. Twisted's own loop answers a
+        parser's unexpected exception with its text and logs it as a server
+        error; here any parser failure is the client's syntax error: a BAD.
+        """
+        for i, parser in enumerate(parsers):
+            if not callable(parser):
+                args.append(parser)
+                continue
+            d = defer.maybeDeferred(parser, self, line)
+            d.addCallbacks(
+                self._arg_parsed,
+                self._arg_failed,
+                callbackArgs=(tag, handler, args, parsers[i + 1 :], uid),
+                errbackArgs=(tag,),
+            )
+            return
+        if line:
+            raise imap4.IllegalClientResponse("Too many arguments")
+        if uid is not None:
+            handler(*args, uid=uid)
+        else:
+            handler(*args)
+
+    def _arg_parsed(
+        self,
+        result: tuple[Any, Any],
+        tag: bytes,
+        handler: Any,
+        args: list[Any],
+        parsers: list[Any],
+        uid: Any,
+    ) -> None:
+        arg, rest = result
+        args.append(arg)
+        try:
+            self._dispatch_args(tag, handler, args, parsers, rest, uid)
+        except imap4.IllegalClientResponse as e:
+            self.sendBadResponse(tag, b"Illegal syntax: " + str(e).encode("utf-8", "replace"))
+        except Exception:
+            self._command_failed(Failure(), tag)
+
+    def _arg_failed(self, failure: Failure, tag: bytes) -> None:
+        if self._lost:
+            return
+        if failure.check(imap4.IllegalClientResponse):
+            self.sendBadResponse(
+                tag, b"Illegal syntax: " + str(failure.value).encode("utf-8", "replace")
+            )
+            return
+        self.log.info("imap arguments refused: {error}", error=failure.getErrorMessage()[:200])
+        self.sendBadResponse(tag, b"Syntax error in arguments")
 
     def lookupCommand(self, cmd: bytes) -> Any:
         try:
@@ -566,6 +649,10 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         elif disk_full(failure.value):
             self.log.error("IMAP command {tag}: {error}", tag=tag, error=str(failure.value))
             self.sendNegativeResponse(tag, b"[OVERQUOTA] Not enough disk space")  # RFC 5530
+        elif failure.check(NotADirectoryError, FileExistsError):
+            # The store met a mailbox (a file) where the name needs a directory.
+            self.log.info("imap command {tag}: {error}", tag=tag, error=failure.value)
+            self.sendNegativeResponse(tag, b"[CANNOT] A mailbox cannot have sub-folders here")
         else:
             self.log.failure("IMAP command {tag} failed", failure, tag=tag)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
@@ -968,23 +1055,30 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             self.sendPositiveResponse(tag, b"LIST completed")
             return
         boxes = yield self.account.listMailboxes(ref_s, pat_s)
-        for name, info in boxes:
-            if lsub and not self.account.isSubscribed(name):
-                continue
-            flags = info.getFlags()
-            if lsub:
-                flags = [f for f in flags if f == "\\Noselect"]
-            self.sendUntaggedResponse(
-                cmd + b" " + _flag_list(flags) + b' "/" ' + _encode_name(name)
-            )
+        if self._lost:
+            return
+        subscribed = self.account.subscriptions.names
+        lines: Iterable[bytes] = _list_lines(cmd, boxes, subscribed if lsub else None)
         if lsub:
-            from mailsrv.imap.account import list_pattern
-
+            # RFC 3501 6.3.9: subscribed names that no longer exist are listed too.
             existing = {n for n, _ in boxes}
             rx = list_pattern(ref_s + pat_s)
-            for name in sorted(self.account.subscriptions.names - existing):
-                if rx.match(name):
-                    self.sendUntaggedResponse(b'LSUB () "/" ' + _encode_name(name))
+            gone = [n for n in sorted(subscribed - existing) if rx.match(n)]
+            lines = itertools.chain(lines, (b'LSUB () "/" ' + _encode_name(n) for n in gone))
+        # Tens of thousands of lines go out a piece at a time, as the client reads.
+        flow = _Flow()
+        self.transport.registerProducer(flow, True)
+        try:
+            it = iter(lines)
+            while piece := list(itertools.islice(it, _LIST_PIECE)):
+                self.transport.write(b"".join(b"* " + line + b"\r\n" for line in piece))
+                yield flow.wait()
+                if self._lost or flow.stopped:
+                    return
+                yield self.factory.cooperate()
+        finally:
+            if not self._lost:
+                self.transport.unregisterProducer()
         self.sendPositiveResponse(tag, cmd + b" completed")
 
     def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
@@ -1134,6 +1228,11 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             return
         try:
             changes = yield mbox.folder.refresh()
+        except FolderError as e:
+            # Deleted or renamed by another session meanwhile: the session keeps
+            # the view it has; what it can no longer read is reported as such.
+            self.log.info("refresh of {folder}: {error}", folder=mbox.folder.name, error=e)
+            return
         except Exception:
             self.log.failure("refresh failed")
             return
@@ -1251,7 +1350,9 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
                     spans.append((i + 1, j))
         else:
             count = len(uids)
-            if messages.max_number() > count:
+            # RFC 3501 9: BAD for a number past the last message, "including "*"
+            # if the selected mailbox is empty".
+            if messages.max_number() > count or not count:
                 raise imap4.IllegalClientResponse("Invalid message sequence number")
             spans = [(lo, hi) for lo, hi in messages.ranges(count) if lo <= hi]
         merged: list[list[int]] = []
@@ -1532,6 +1633,8 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             mbox.reload()
             if out:
                 self.transport.write(out)
+            if folder_name == mbox.folder.name:
+                yield self._sync()  # the copies: EXISTS before the client may name them
             self.sendPositiveResponse(tag, b"MOVE completed")
             return
         if folder_name == mbox.folder.name:
@@ -1689,7 +1792,7 @@ def account_factory(
 
     def make(address: str) -> defer.Deferred:
         subs = Subscriptions(subscriptions_path(config.server.data_dir, address), run)
-        return Account(address, store, subs, config.imap.special_folders).prepare()
+        return Account(address, store, subs, config.imap.special_folders, run).prepare()
 
     return make
 

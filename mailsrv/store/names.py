@@ -4,12 +4,30 @@ from __future__ import annotations
 
 import unicodedata
 from pathlib import Path
+from urllib.parse import quote
 
 from mailsrv.interfaces import FolderError
 
 INBOX = "INBOX"
 DELIMITER = "/"
 MAX_NAME = 512
+# The longest name of one file (Linux NAME_MAX). Each folder level is a file
+# or directory; a folder's index files are named by the whole name quoted
+# (store/index.py), plus a suffix (".sqlite-journal", SQLite's, is 15;
+# room is left for its other temporary files); a dotlock
+# takes a temporary file ".<level>.lk.<host>.<pid>.<ns>" beside the mbox
+# (store/locking.py), up to 98 more than the level.
+NAME_MAX = 255
+_INDEX_SUFFIX_MAX = 20
+_DOTLOCK_EXTRA_MAX = 100
+
+
+def fits_on_disk(name: str) -> bool:
+    """Whether every file the store keeps for folder C{name} has a name the file system takes."""
+    raw = name.encode("utf-8", "surrogatepass")
+    if len(quote(raw, safe="")) + _INDEX_SUFFIX_MAX > NAME_MAX:
+        return False
+    return all(len(level) + _DOTLOCK_EXTRA_MAX <= NAME_MAX for level in raw.split(b"/"))
 
 
 def canonical_folder(name: str) -> str:
@@ -19,8 +37,9 @@ def canonical_folder(name: str) -> str:
     INBOX is matched case-insensitively (RFC 3501 5.1). Names that would
     leave the user's directory, or that no file system should hold, are
     refused: empty components, ``.`` and ``..``, a leading ``/``, NUL and
-    other control characters, and names beginning with a dot (reserved for
-    the store's own files).
+    other control characters, names beginning with a dot (reserved for
+    the store's own files), and names too long for the file system's file
+    names (L{fits_on_disk}).
     """
     if not isinstance(name, str) or not name:
         raise FolderError("Folder name is empty")
@@ -36,6 +55,8 @@ def canonical_folder(name: str) -> str:
             raise FolderError("Folder name levels must not begin with a dot")
         if any(unicodedata.category(c) in ("Cc", "Cs") or c == "\\" for c in part):
             raise FolderError("Folder name contains a control character")
+    if not fits_on_disk(name):
+        raise FolderError("Folder name is too long")
     if parts[0].upper() == INBOX:
         if len(parts) == 1:
             return INBOX
