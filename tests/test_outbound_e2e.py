@@ -41,6 +41,9 @@ class Passwords:
     def __init__(self, users):
         self.users = set(users)
 
+    def lookup(self, address):
+        return address if address in self.users else None
+
     def has_user(self, address):
         return address in self.users
 

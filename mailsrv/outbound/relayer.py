@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.config import Config
+from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.outbound import dsn
 from mailsrv.outbound.client import ConnectionCache, RemoteReply, Session, SessionResult
 from mailsrv.outbound.errors import DeliveryError
@@ -60,7 +61,7 @@ class Relayer:
         threadpool: Any,
         resolver: MXResolver,
         store: Any = None,
-        passwords: Any = None,
+        passwords: IPasswordDatabase | None = None,
         schedule: RetrySchedule | None = None,
         scan_interval: float = 5.0,
         trust_root: Any = None,
@@ -356,12 +357,19 @@ class Relayer:
     def _deliver_local(self, env: Envelope, rcpts: Sequence[Recipient]):
         source = self.queue.store.message_source(env)
         for r in rcpts:
-            if self.passwords is not None and not self.passwords.has_user(r.address):
+            try:
+                mailbox = self._local_user(r.address)
+            except PasswordDatabaseError:
+                # A local problem (logged by the user database): try again later.
+                reply = RemoteReply(451, "4.3.0 local user database unavailable")
+                self._record(env, r, reply, "", "local")
+                continue
+            if mailbox is None:
                 reply = RemoteReply(550, "5.1.1 User unknown in local recipient table")
                 self._record(env, r, reply, "", "local")
                 continue
             try:
-                yield self.store.deliver(r.address, source, env.sender)
+                yield self.store.deliver(mailbox, source, env.sender)
             except Exception as e:
                 self._record(
                     env, r, RemoteReply(451, f"4.3.0 local delivery failed: {e}"), "", "local"
@@ -372,6 +380,16 @@ class Relayer:
                 # deliver this copy again.
                 yield self._checkpoint(env, [r])
         yield self._checkpoint(env, rcpts)
+
+    def _local_user(self, address: str) -> str | None:
+        """
+        The stored spelling of local user C{address}, which names the mailbox
+        (whatever the case it was queued in), or None if there is no such user.
+        L{PasswordDatabaseError} if the users cannot be read.
+        """
+        if self.passwords is None:
+            return address
+        return self.passwords.lookup(address)
 
     def _tls_for(self, domain: str, hop: Hop) -> tuple[Any, bool]:
         """The STARTTLS context and whether TLS is required, by policy."""
@@ -613,7 +631,8 @@ class Relayer:
         sender = env.sender
         try:
             if self.config.is_local_domain(recipient_domain(sender)) and self.store is not None:
-                if self.passwords is not None and not self.passwords.has_user(sender):
+                mailbox = self._local_user(sender)
+                if mailbox is None:
                     self.log.warn(
                         "{queue_id}: {action} DSN for unknown local sender <{sender}> dropped",
                         queue_id=env.id,
@@ -621,7 +640,7 @@ class Relayer:
                         sender=sender,
                     )
                     return
-                yield self.store.deliver(sender, source, "")
+                yield self.store.deliver(mailbox, source, "")
                 where = "mailbox"
             else:
                 where = yield self.queue.enqueue("", [sender], source)
