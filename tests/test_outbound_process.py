@@ -97,12 +97,20 @@ class RelayProcessEndToEnd(unittest.TestCase):
         self.reactor = reactor
         self.tmp = temp_dir(self)
         self.accept = Receiver("accept")
-        self.relay_port, ports = listen_all(reactor, {"127.0.0.2": (self.accept, None)})
+        self.hostile = Receiver("hostile")
+        self.relay_port, ports = listen_all(
+            reactor, {"127.0.0.2": (self.accept, None), "127.0.0.3": (self.hostile, None)}
+        )
         for p in ports:
             self.addCleanup(p.stopListening)
         dns_port = start_dns(
             reactor,
-            [("accept.test", MX(10, b"mx.accept.test")), ("mx.accept.test", A("127.0.0.2"))],
+            [
+                ("accept.test", MX(10, b"mx.accept.test")),
+                ("mx.accept.test", A("127.0.0.2")),
+                ("hostile.test", MX(10, b"mx.hostile.test")),
+                ("mx.hostile.test", A("127.0.0.3")),
+            ],
         )
         self.addCleanup(dns_port.stopListening)
         self.server = MailServer(self.tmp, extra=daemon_relay_config(dns_port, self.relay_port))
@@ -220,6 +228,26 @@ class RelayProcessEndToEnd(unittest.TestCase):
         # The same process relayed it: nothing restarted.
         self.assertEqual(relay_pids(self.server.proc.pid), [pid])
         self.assertNotIn("relay process ended", self.log_text())
+
+    @defer.inlineCallbacks
+    def test_a_remote_reply_with_line_breaks_is_one_escaped_line_in_the_server_log(self):
+        yield self.start_server()
+        refused = yield self.submit("x@hostile.test")
+        self.assertEqual(refused, {})
+        yield self.wait_for(lambda: "status=bounced" in self.log_text(), what="the bounce line")
+        yield self.wait_for(self.queue_empty, what="an empty queue")
+        text = self.log_text()
+        self.assertEqual(self.hostile.rcpt_counts["x@hostile.test"], 1)
+        # Forwarded by the relay process, written by the server: one line, the
+        # control character escaped, no line of the remote server's making.
+        self.assertNotIn("\x1b", text)
+        self.assertFalse([x for x in text.splitlines() if x.startswith("2026-01-01T00:00:00")])
+        (line,) = [x for x in text.splitlines() if "status=bounced" in x]
+        self.assertIn("[mailsrv.outbound.relayer.Relayer#info]", line)
+        self.assertIn(
+            "(550 5.1.1 no such user 2026-01-01T00:00:00 [forged#info] \\x1b[2Jhello)", line
+        )
+        self.assertEqual(text.count("[2Jhello"), 1)
 
     @defer.inlineCallbacks
     def test_kill_9_of_the_relay_process_starts_a_new_one_and_nothing_is_lost(self):

@@ -61,6 +61,9 @@ def start_dns(reactor: Any, records: list[tuple[str, Any]], origin: str = "test"
     return reactor.listenUDP(0, udp, interface="127.0.0.1")
 
 
+HOSTILE_REPLY = "5.1.1 no such user\r\n2026-01-01T00:00:00 [forged#info] \x1b[2Jhello"
+
+
 @dataclass
 class Received:
     """One message a receiver accepted."""
@@ -77,7 +80,7 @@ class Received:
 class Receiver:
     """What one receiver saw; C{behaviour} decides how it answers."""
 
-    behaviour: str  # accept | tempfail | reject | drop | slow
+    behaviour: str  # accept | tempfail | reject | hostile | drop | slow
     messages: list[Received] = field(default_factory=list)
     rcpt_counts: Counter = field(default_factory=Counter)
     connections: int = 0
@@ -138,6 +141,10 @@ class _Delivery:
         addr = str(user.dest)
         r = self.proto.receiver
         r.rcpt_counts[addr] += 1
+        if r.behaviour == "hostile":
+            # A reply whose text would forge log lines and drive a terminal:
+            # Twisted sends it as a multi-line reply (the CR ends a line).
+            raise smtp.SMTPServerError(550, HOSTILE_REPLY)
         if r.behaviour == "reject" or addr.startswith("nosuchuser@"):
             raise smtp.SMTPServerError(550, f"5.1.1 <{addr}>: Recipient address rejected")
         if r.behaviour == "tempfail" and r.rcpt_counts[addr] == 1:

@@ -16,11 +16,11 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.internet.interfaces import IPushProducer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.mx import Hop
 
 BODY_CHUNK = 64 * 1024
@@ -507,7 +507,7 @@ class Session(protocol.ClientFactory):
     fires with the L{SessionResult} (it never fails).
     """
 
-    log = Logger()
+    log = SafeLogger()
     noisy = False
 
     def __init__(

@@ -14,9 +14,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.logger import Logger
 from twisted.names import client, dns, error
 
+from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.errors import DeliveryError
 
 
@@ -135,7 +135,7 @@ def _is_ip_literal(name: str) -> bool:
 class MXResolver:
     """Turns a domain into the ordered list of L{Hop}s to try."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self, resolver: Any, port: int, own: set[tuple[str, int]], rng: random.Random | None = None

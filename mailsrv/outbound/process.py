@@ -33,6 +33,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import localdelivery
+from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 from mailsrv.spool import BytesSource
@@ -48,7 +49,7 @@ PROFILE_ENV = "MAILSRV_RELAY_PROFILE"  # a file: run the relay process under cPr
 class ServerSide(ipc.QuietAMP):
     """The server's end of the pipes: local deliveries and log events."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, store: Any, queue_dir: Path) -> None:
         super().__init__()
@@ -88,6 +89,9 @@ class ServerSide(ipc.QuietAMP):
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:
+        # The texts come formatted from the relay process's SafeLoggers, their
+        # fields escaped there: a plain Logger passes them on as they are (a
+        # SafeLogger would escape the escapes' backslashes again).
         for namespace, level, text in ipc.decode(items):
             logger = self._loggers.get(namespace)
             if logger is None:
@@ -114,7 +118,7 @@ def _shrink_queued(item: list[Any]) -> list[Any] | None:
 class RelayProcessProtocol(protocol.ProcessProtocol):
     """One run of the relay process: its pipes carry AMP."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, amp_protocol: ServerSide, reactor: Any) -> None:
         self.amp = amp_protocol
@@ -185,7 +189,7 @@ class RelayProcessProtocol(protocol.ProcessProtocol):
 class RelayProcessService(service.Service):
     """Runs the relay process while the server runs; see the module docstring."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, ctx: Any, queue: OutboundQueue, argv: list[str] | None = None) -> None:
         self.ctx = ctx

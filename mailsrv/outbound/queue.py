@@ -42,12 +42,12 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
+from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import BytesSource
 
 PENDING = "pending"
@@ -395,7 +395,7 @@ class OutboundQueue:
     in the thread pool and then tells the listeners (the relayer) about it.
     """
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self, queue_dir: Path | str, reactor: Any, threadpool: Any, max_batches: int = MAX_BATCHES

@@ -16,11 +16,11 @@ from typing import Any
 
 from twisted.internet import defer, ssl, task
 from twisted.internet.threads import deferToThreadPool
-from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.config import Config
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import dsn
 from mailsrv.outbound.client import ConnectionCache, RemoteReply, Session, SessionResult
 from mailsrv.outbound.errors import DeliveryError
@@ -50,7 +50,7 @@ def recipient_domain(address: str) -> str:
 class Relayer:
     """Delivers the queue; see the module docstring."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(
         self,

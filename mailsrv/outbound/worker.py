@@ -23,7 +23,6 @@ from twisted.internet import defer, error, protocol, stdio
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import (
     ILogObserver,
-    Logger,
     LogLevel,
     eventAsText,
     globalLogBeginner,
@@ -36,6 +35,7 @@ from zope.interface import implementer
 
 from mailsrv.atomic import write_atomic
 from mailsrv.config import parse
+from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 
@@ -94,7 +94,7 @@ class ServerMailboxes:
 class RelaySide(ipc.QuietAMP):
     """The relay process's end of the pipes."""
 
-    log = Logger()
+    log = SafeLogger()
 
     def __init__(self, reactor: Any) -> None:
         super().__init__()
