@@ -1022,6 +1022,11 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         if dst == INBOX:
             self.sendNegativeResponse(tag, b"Cannot rename to INBOX")
             return
+        if src != INBOX and (dst == src or dst.startswith(src + DELIMITER)):
+            # RFC 3501 6.3.5: a mailbox cannot become its own inferior (INBOX
+            # can: its messages move, its inferiors stay). RFC 5530 3: CANNOT.
+            self.sendNegativeResponse(tag, b"[CANNOT] Cannot rename a mailbox into itself")
+            return
         yield self.account.rename(src, dst)
         self.sendPositiveResponse(tag, b"RENAME completed")
 
