@@ -64,3 +64,62 @@ class RenameIntoItselfTests(LoopbackIMAPCase):
             answers, [b"T0 OK RENAME completed", b"T1 NO INBOX cannot have sub-folders"]
         )
         self.assertEqual(self.failures, [])
+
+
+class AppendDateTimeTests(LoopbackIMAPCase):
+    MESSAGE = b"Subject: dated\r\n\r\nhi\r\n"
+
+    def appends(self, dates: list[bytes]) -> tuple[list[bytes], list[bytes]]:
+        """
+        APPEND the message with each date (LITERAL+), each in a session of its
+        own (a client that keeps sending bad commands is dropped); the
+        answers, then INBOX's internal dates.
+        """
+        answers = []
+        for i, date in enumerate(dates):
+            c = RawClient(self.port_number)
+            try:
+                c.login()
+                tag = b"A%d" % i
+                c.send(b'%s APPEND INBOX "%s" {%d+}\r\n' % (tag, date, len(self.MESSAGE)))
+                c.send(self.MESSAGE + b"\r\n")
+                answers.append(_tagged(c.read_until(tag)))
+            finally:
+                c.close()
+        c = RawClient(self.port_number)
+        try:
+            c.login()
+            c.cmd(b"S", b"SELECT INBOX")
+            fetched = c.cmd(b"F", b"FETCH 1:* (INTERNALDATE)")[:-1]
+            return answers, [x.split(b'"')[1] for x in fetched]
+        finally:
+            c.close()
+
+    @defer.inlineCallbacks
+    def test_an_impossible_date_time_is_bad_and_nothing_is_stored(self):
+        bad = [
+            b"99-Jan-2026 10:00:00 +0000",
+            b"31-Feb-2026 25:61:61 +9999",
+            b"29-Feb-2026 10:00:00 +0000",  # not a leap year
+            b"31-Apr-2026 10:00:00 +0000",
+            b" 0-Jan-2026 10:00:00 +0000",
+            b"01-Jan-0000 10:00:00 +0000",
+            b"01-Jan-2026 24:00:00 +0000",
+            b"01-Jan-2026 10:60:00 +0000",
+            b"01-Jan-2026 10:00:61 +0000",
+            b"01-Jan-2026 10:00:00 +0160",
+            b"01-Jan-2026 10:00:00 -2400",
+        ]
+        good = [b"29-Feb-2024 23:59:60 +0000", b" 1-Jan-2026 00:00:00 -1200"]
+        answers, dates = yield self.in_thread(self.appends, bad + good)
+        self.assertEqual(
+            answers[: len(bad)], [b"A%d BAD Bad date-time" % i for i in range(len(bad))]
+        )
+        self.assertEqual(
+            [a.split(b" [")[0] for a in answers[len(bad) :]],
+            [b"A%d OK" % (len(bad) + i) for i in range(len(good))],
+        )
+        # Only the two good ones were stored, each with its own date (the
+        # leap second counts as the next second; the zone is converted).
+        self.assertEqual(dates, [b"01-Mar-2024 00:00:00 +0000", b"01-Jan-2026 12:00:00 +0000"])
+        self.assertEqual(self.failures, [])

@@ -270,7 +270,11 @@ def _encode_name(name: str) -> bytes:
 
 
 def _parse_date_time(raw: bytes) -> float:
-    """RFC 3501 date-time ``"dd-Mon-yyyy hh:mm:ss +zzzz"`` to seconds since the epoch."""
+    """
+    RFC 3501 date-time ``"dd-Mon-yyyy hh:mm:ss +zzzz"`` to seconds since the
+    epoch; L{imap4.IllegalClientResponse} (a BAD) for a malformed or impossible
+    one, such as 31-Feb or 25:61:61 or a zone of +9999.
+    """
     m = re.match(
         rb"^\s?(\d{1,2})-([A-Za-z]{3})-(\d{4}) (\d\d):(\d\d):(\d\d) ([+-])(\d\d)(\d\d)$", raw
     )
@@ -278,7 +282,18 @@ def _parse_date_time(raw: bytes) -> float:
         raise imap4.IllegalClientResponse("Bad date-time")
     day, mon, year = int(m.group(1)), _MONTHS[m.group(2).decode().lower()], int(m.group(3))
     hh, mm, ss = int(m.group(4)), int(m.group(5)), int(m.group(6))
-    offset = (int(m.group(8)) * 60 + int(m.group(9))) * 60
+    zone_h, zone_m = int(m.group(8)), int(m.group(9))
+    if (
+        year < 1  # RFC 3501 date-year is 4DIGIT; there was no year 0
+        or not 1 <= day <= calendar.monthrange(year, mon)[1]
+        or hh > 23
+        or mm > 59
+        or ss > 60  # RFC 5322 3.3: 60 for a leap second
+        or zone_h > 23
+        or zone_m > 59
+    ):
+        raise imap4.IllegalClientResponse("Bad date-time")
+    offset = (zone_h * 60 + zone_m) * 60
     if m.group(7) == b"-":
         offset = -offset
     return calendar.timegm((year, mon, day, hh, mm, ss)) - offset
