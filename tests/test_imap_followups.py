@@ -123,3 +123,50 @@ class AppendDateTimeTests(LoopbackIMAPCase):
         # leap second counts as the next second; the zone is converted).
         self.assertEqual(dates, [b"01-Mar-2024 00:00:00 +0000", b"01-Jan-2026 12:00:00 +0000"])
         self.assertEqual(self.failures, [])
+
+
+class SubscriptionsOfTwoSessionsTests(LoopbackIMAPCase):
+    """Two sessions of one user change the subscriptions: every change survives."""
+
+    def lsub(self, c: RawClient, tag: bytes) -> list[bytes]:
+        lines = c.cmd(tag, b'LSUB "" "*"')
+        self.assertTrue(lines[-1].startswith(tag + b" OK"), lines)
+        return sorted(x.rstrip(b"\r\n").rsplit(b" ", 1)[1] for x in lines[:-1])
+
+    @defer.inlineCallbacks
+    def test_changes_of_two_sessions_all_survive(self):
+        port = self.port_number
+
+        def client() -> tuple[list[bytes], list[bytes], list[bytes]]:
+            a, b = RawClient(port), RawClient(port)
+            try:
+                a.login()
+                b.login()  # both have read the subscriptions now
+                # At once: each session subscribes names of its own.
+                for c, prefix in ((a, b"A"), (b, b"B")):
+                    c.send(b"".join(b"s%d SUBSCRIBE %s%d\r\n" % (i, prefix, i) for i in range(20)))
+                for c in (a, b):
+                    lines = c.read_until(b"s19")
+                    assert len(lines) == 20 and all(b"OK SUBSCRIBE" in x for x in lines), lines
+                # One session unsubscribes what the other subscribed.
+                answer = a.cmd(b"u", b"UNSUBSCRIBE B7")
+                seen_by_a = self.lsub(a, b"l")
+                seen_by_b = self.lsub(b, b"l")
+                return answer, seen_by_a, seen_by_b
+            finally:
+                a.close()
+                b.close()
+
+        answer, seen_by_a, seen_by_b = yield self.in_thread(client)
+        self.assertEqual(_tagged(answer), b"u OK UNSUBSCRIBE completed")
+        expected = sorted(
+            [b"INBOX"]
+            + [b"A%d" % i for i in range(20)]
+            + [b"B%d" % i for i in range(20) if i != 7]
+            + [n.encode() for n in self.config.imap.special_folders]
+        )
+        self.assertEqual(seen_by_a, expected)
+        self.assertEqual(seen_by_b, expected)
+        subs = self.tmp / "imap" / "example.test" / "alice.subscriptions"
+        self.assertEqual(sorted(subs.read_text().encode().splitlines()), expected)
+        self.assertEqual(self.failures, [])

@@ -12,7 +12,9 @@ from __future__ import annotations
 
 import bisect
 import email.utils
+import fcntl
 import io
+import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,7 +58,15 @@ def subscriptions_path(data_dir: Path, address: str) -> Path:
 
 
 class Subscriptions:
-    """A user's subscribed folder names, one per line in UTF-8."""
+    """
+    A user's subscribed folder names, one per line in UTF-8.
+
+    Every session of the user has one of these, with the names as last read
+    or written. A change is a read-modify-write of the file under an
+    exclusive lock on a file beside it (``<local>.subscriptions.lock``), in
+    the thread pool: two sessions that change the list at once both see
+    their change kept, whichever saves last.
+    """
 
     def __init__(self, path: Path, run: Runner) -> None:
         self.path = path
@@ -65,26 +75,49 @@ class Subscriptions:
         self.existed = False
 
     def load(self) -> defer.Deferred:
-        def read() -> tuple[bool, set[str]]:
-            try:
-                text = self.path.read_text("utf-8")
-            except FileNotFoundError:
-                return False, set()
-            return True, {line for line in text.splitlines() if line}
+        """Read the names from the file (none if there is no file yet)."""
 
-        def loaded(result: tuple[bool, set[str]]) -> None:
-            self.existed, self.names = result
+        def loaded(result: set[str] | None) -> None:
+            self.existed = result is not None
+            self.names = result or set()
 
-        return self._run(read).addCallback(loaded)
+        return self._run(_read, self.path).addCallback(loaded)
 
-    def save(self) -> defer.Deferred:
-        data = "".join(n + "\n" for n in sorted(self.names)).encode("utf-8")
-        return self._run(_save, self.path, data)
+    def update(self, change: Callable[[set[str] | None], set[str]]) -> defer.Deferred:
+        """
+        Replace the names with C{change(names)}, C{names} as in the file now
+        (None if there is no file). C{change} runs in the thread pool under the
+        user's lock and may raise (L{FolderError}) to change nothing.
+        """
+
+        def done(names: set[str]) -> set[str]:
+            self.existed, self.names = True, names
+            return names
+
+        return self._run(_update, self.path, change).addCallback(done)
 
 
-def _save(path: Path, data: bytes) -> None:
+def _read(path: Path) -> set[str] | None:
+    try:
+        text = path.read_text("utf-8")
+    except FileNotFoundError:
+        return None
+    return {line for line in text.splitlines() if line}
+
+
+def _update(path: Path, change: Callable[[set[str] | None], set[str]]) -> set[str]:
+    """In a thread: read, change and write the subscriptions file under the user's lock."""
     make_dirs(path.parent)
-    write_atomic(path, data)
+    fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        old = _read(path)
+        new = change(None if old is None else set(old))
+        if new != (set() if old is None else old):
+            write_atomic(path, "".join(n + "\n" for n in sorted(new)).encode("utf-8"))
+        return new
+    finally:
+        os.close(fd)  # and the lock with it
 
 
 @implementer(imap4.IMailboxInfo)
@@ -136,8 +169,9 @@ class Account:
                     except FolderError:
                         pass
             if not self.subscriptions.existed:
-                self.subscriptions.names = {INBOX, *self.special_folders}
-                yield self.subscriptions.save()
+                defaults = {INBOX, *self.special_folders}
+                # Another session may have written the file meanwhile: it stays.
+                yield self.subscriptions.update(lambda names: defaults if names is None else names)
             return self
 
         return go()
@@ -164,17 +198,21 @@ class Account:
         return defer.maybeDeferred(self.store.delete_folder, self.address, name)
 
     def rename(self, oldname: str, newname: str) -> defer.Deferred:
+        try:
+            old, new = canonical_folder(oldname), canonical_folder(newname)
+        except FolderError:
+            return defer.fail()
         d = defer.maybeDeferred(self.store.rename_folder, self.address, oldname, newname)
 
-        def renamed(_: Any) -> Any:
-            old = canonical_folder(oldname)
-            new = canonical_folder(newname)
-            subs = self.subscriptions.names
+        def move(subs: set[str] | None) -> set[str]:
+            subs = subs or set()
             moved = {n for n in subs if n == old or n.startswith(old + DELIMITER)}
-            if not moved or old == INBOX:
+            return (subs - moved) | {new + n[len(old) :] for n in moved}
+
+        def renamed(_: Any) -> Any:
+            if old == INBOX:  # its messages moved; the name INBOX stays
                 return None
-            self.subscriptions.names = (subs - moved) | {new + n[len(old) :] for n in moved}
-            return self.subscriptions.save()
+            return self.subscriptions.update(move)
 
         return d.addCallback(renamed)
 
@@ -186,18 +224,20 @@ class Account:
             name = canonical_folder(name)
         except FolderError:
             return defer.fail()
-        self.subscriptions.names.add(name)
-        return self.subscriptions.save()
+        return self.subscriptions.update(lambda names: (names or set()) | {name})
 
     def unsubscribe(self, name: str) -> defer.Deferred:
         try:
             name = canonical_folder(name)
         except FolderError:
             name = name
-        if name not in self.subscriptions.names:
-            return defer.fail(FolderError("Not subscribed"))
-        self.subscriptions.names.discard(name)
-        return self.subscriptions.save()
+
+        def remove(names: set[str] | None) -> set[str]:
+            if not names or name not in names:
+                raise FolderError("Not subscribed")
+            return names - {name}
+
+        return self.subscriptions.update(remove)
 
     def listMailboxes(self, ref: str, wildcard: str) -> defer.Deferred:
         """Fire with (name, L{FolderInfo}) for every folder matching C{ref + wildcard}."""

@@ -1075,6 +1075,10 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             self.sendPositiveResponse(tag, b"LIST completed")
             return
         boxes = yield self.account.listMailboxes(ref_s, pat_s)
+        if lsub and not self._lost:
+            # As the file has them now: other sessions of the user may have
+            # changed them since this one last read or wrote it.
+            yield self.account.subscriptions.load()
         if self._lost:
             return
         subscribed = self.account.subscriptions.names
