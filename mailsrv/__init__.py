@@ -1,3 +1,9 @@
 """mailsrv: a mail server on Twisted (ESMTP, submission, POP3, IMAP4) over mbox files."""
 
-__version__ = "0.1.0"
+from importlib import metadata
+
+try:
+    # pyproject.toml is the one place the version is written.
+    __version__ = metadata.version("mailsrv")
+except metadata.PackageNotFoundError:  # a source tree that was not installed
+    __version__ = "0+unknown"

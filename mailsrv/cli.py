@@ -13,10 +13,10 @@ import contextlib
 import getpass
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any, TextIO
 
+import mailsrv
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.store.names import split_user, user_dir
@@ -122,10 +122,7 @@ def _user_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
 
 def _version() -> str:
     """The installed package's version (pyproject.toml's)."""
-    try:
-        return metadata.version("mailsrv")
-    except metadata.PackageNotFoundError:
-        return "(not installed)"
+    return mailsrv.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:

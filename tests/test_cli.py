@@ -232,3 +232,31 @@ def test_version(capsys):
         [sys.executable, "-m", "mailsrv", "--version"], capture_output=True, text=True, timeout=60
     )
     assert (r.returncode, r.stdout) == (0, f"mailsrv {version('mailsrv')}\n")
+
+
+def test_version_has_one_source(monkeypatch):
+    # The package's __version__ is the installed metadata's (pyproject.toml),
+    # not a copy of it: what the metadata says, __version__ and --version say.
+    import importlib
+    from importlib import metadata
+
+    import mailsrv
+
+    real = metadata.version
+    monkeypatch.setattr(
+        metadata, "version", lambda name: "9.8.7" if name == "mailsrv" else real(name)
+    )
+    try:
+        importlib.reload(mailsrv)
+        assert mailsrv.__version__ == "9.8.7"
+    finally:
+        monkeypatch.undo()
+        importlib.reload(mailsrv)
+    assert mailsrv.__version__ == real("mailsrv")
+    r = subprocess.run(
+        [str(Path(sys.executable).with_name("mailsrv")), "--version"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (r.returncode, r.stdout) == (0, f"mailsrv {real('mailsrv')}\n")
