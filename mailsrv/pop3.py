@@ -23,7 +23,7 @@ from typing import Any
 
 from twisted.cred.credentials import UsernamePassword
 from twisted.cred.error import LoginDenied, LoginFailed
-from twisted.internet import defer, interfaces, protocol, task, threads
+from twisted.internet import defer, interfaces, protocol, threads
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
@@ -650,17 +650,13 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             count=count,
         )
 
-    def _login_failed(self, f: Failure, name: bytes) -> defer.Deferred | None:
+    def _login_failed(self, f: Failure, name: bytes) -> None:
         if f.check(MaildropInUse):
             self._log_login(name, "in use")
             self.error(IN_USE)
         elif f.check(LoginThrottled):
             self._log_login(name, "throttled")
-            # Refused without a check; answered after the failure delay all the
-            # same, so that a pipelined list of guesses is not answered at once.
-            return task.deferLater(
-                self.ctx.reactor, self.ctx.config.auth.failure_delay, self.error, THROTTLED
-            )
+            self.error(THROTTLED)  # at once, as SMTP and IMAP do: see mailsrv.auth.throttle
         elif f.check(LoginFailed, LoginDenied):
             self._log_login(name, "failed")
             self.bad(AUTH_FAILED)
@@ -673,7 +669,6 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
                     "pop3 login {user} from {client}: error", f, user=name, client=self.peer
                 )
             self.send(SYS_TEMP)
-        return None
 
     # --- TRANSACTION state (RFC 1939 5) -----------------------------------------
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import base64
 
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from .auth_server import (
@@ -80,17 +80,21 @@ ANSWERS = {
 }
 
 
-class _ThrottleOverLoopback:
+class _LoginsOverLoopback:
     """One protocol's logins against the server's real throttle and password file."""
 
     protocol = ""
     timeout = 60
+    max_failures = MAX_FAILURES
+    failure_delay = 0.05
 
     def setUp(self):
         from twisted.internet import reactor
 
         self.reactor = reactor
-        self.server = RealServer(reactor, max_failures=MAX_FAILURES)
+        self.server = RealServer(
+            reactor, max_failures=self.max_failures, failure_delay=self.failure_delay
+        )
         self.addCleanup(self.server.stop)
         self.server.add_user(ALICE)
         self.server.add_user(BOB)
@@ -115,6 +119,8 @@ class _ThrottleOverLoopback:
                 return name
         raise AssertionError(f"unexpected answer {answers[index]!r} in {answers!r}")
 
+
+class _ThrottleOverLoopback(_LoginsOverLoopback):
     @defer.inlineCallbacks
     def test_parallel_wrong_passwords_reach_the_check_max_failures_times(self):
         results = yield defer.gatherResults(
@@ -144,6 +150,44 @@ class _ThrottleOverLoopback:
             self.assertEqual((yield self.login(ALICE, "wrong")), "failed")
 
 
+class _RefusedAtOnceOverLoopback(_LoginsOverLoopback):
+    """
+    The one rule for when a login is answered: a checked wrong password after
+    the failure delay, a login the throttle refuses (no check) at once.
+    """
+
+    max_failures = 1
+    failure_delay = 6.0
+
+    def setUp(self):
+        super().setUp()
+        # Checks finish only when the test lets them: an attempt stays unfinished.
+        self.held: list[defer.Deferred] = []
+        passwords = self.server.ctx.passwords
+        verify = passwords.verify
+
+        def held_verify(address, password):
+            gate: defer.Deferred = defer.Deferred()
+            self.held.append(gate)
+            return verify(address, password).addCallback(lambda ok: gate.addCallback(lambda _: ok))
+
+        passwords.verify = held_verify
+
+    @defer.inlineCallbacks
+    def test_a_refused_login_is_answered_at_once(self):
+        owner = self.login(ALICE, PASSWORD)
+        while not self.held:  # its attempt is reserved, its check under way
+            yield task.deferLater(self.reactor, 0.01, lambda: None)
+        # Unfinished, it counts as a failure: the next login is refused
+        # without a check, and answered at once, not after the failure delay.
+        start = self.reactor.seconds()
+        self.assertEqual((yield self.login(ALICE, PASSWORD)), "throttled")
+        self.assertLess(self.reactor.seconds() - start, self.failure_delay / 3)
+        self.assertEqual(self.checked, [ALICE])
+        self.held[0].callback(None)
+        self.assertEqual((yield owner), "ok")
+
+
 class SMTPThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
     protocol = "smtp"
 
@@ -153,4 +197,16 @@ class POP3ThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
 
 
 class IMAPThrottleTests(_ThrottleOverLoopback, unittest.TestCase):
+    protocol = "imap"
+
+
+class SMTPRefusedAtOnceTests(_RefusedAtOnceOverLoopback, unittest.TestCase):
+    protocol = "smtp"
+
+
+class POP3RefusedAtOnceTests(_RefusedAtOnceOverLoopback, unittest.TestCase):
+    protocol = "pop3"
+
+
+class IMAPRefusedAtOnceTests(_RefusedAtOnceOverLoopback, unittest.TestCase):
     protocol = "imap"

@@ -23,6 +23,20 @@ user out by guessing wrong on purpose (Dovecot has none either). Guessing
 from many addresses is slowed by each address's own limit and the delay
 before each failure is answered.
 
+When it is answered, the same in all three protocols: a password that was
+checked and found wrong is answered after C{failure_delay}
+(L{mailsrv.auth.checkers.PasswordChecker}); a login refused here, without a
+check, is answered at once (SMTP 454 4.7.0, POP3 -ERR [AUTH], IMAP NO
+[UNAVAILABLE]). The delay is what makes each guess cost the guesser time,
+and it only has a point where a guess was checked. A refused login tests no
+password, so a guesser gains nothing from its answer and loses nothing by
+waiting for it (he opens more connections instead): delaying it would cost
+him nothing, while each delayed answer would hold a timer and a connection
+(a descriptor and its buffers) on the server for the length of the delay,
+which a flood of refused logins would turn into a way to pin the server's
+resources. What keeps costing the guesser is that every refused guess is
+wasted until the window has passed.
+
 A pure function of the clock's time, so tests advance a task.Clock.
 """
 
