@@ -456,22 +456,25 @@ class CrashTests(_Base):
         self.flushLoggedErrors()
 
     def test_expunge_disk_full_leaves_folder_alone(self):
-        from mailsrv.store import mbox
+        from mailsrv.store import rewrite
 
         for i in range(3):
             self.deliver(b"Subject: %d\n\nbody\n" % i)
         f = self.open()
         before = self.inbox.read_bytes()
+        real = rewrite._write_all
 
         def full(*args, **kwargs):
             raise OSError(28, "No space left on device")
 
-        self.patch(mbox, "_copy_range", full)
+        self.patch(rewrite, "_write_all", full)  # the journal cannot be written
         self.failureResultOf(f.expunge([2]), OSError)
         self.assertEqual(self.inbox.read_bytes(), before)
         self.assertEqual([p.name for p in self.inbox.parent.iterdir()], ["INBOX"])
+        self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
         self.assertEqual([m.uid for m in f.messages()], [1, 2, 3])
-        self.patch(mbox, "_copy_range", _real_copy_range)
+        self.assertEqual(self.read(f, 3), crlf(b"Subject: 2\n\nbody\n"))
+        self.patch(rewrite, "_write_all", real)
         self.assertEqual(self.ok(f.expunge([2])), [2])
         self.assertEqual([m.uid for m in self.open(self.new_store()).messages()], [1, 3])
 
@@ -487,9 +490,6 @@ class CrashTests(_Base):
 
     def test_folder_name_reserved(self):
         self.failureResultOf(self.store.create_folder(USER, "foo.lock"), FolderError)
-
-
-from mailsrv.store.mbox import _copy_range as _real_copy_range  # noqa: E402
 
 
 class _ManualPool(SyncThreadPool):

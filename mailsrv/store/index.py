@@ -18,7 +18,7 @@ from urllib.parse import quote, unquote
 from twisted.logger import Logger
 
 SCHEMA_VERSION = 1
-SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal")
+SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal", ".rewrite", ".rewrite-save")
 
 Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp)
 

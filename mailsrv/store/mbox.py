@@ -12,6 +12,15 @@ other programs are found when a folder is opened or refreshed: unchanged
 files are not read, grown files are scanned from the old end, rewritten files
 are rescanned and their messages matched to the old index by fingerprint, so
 UIDs and flags survive edits by mutt or procmail.
+
+Expunge rewrites the file in place with a journal (L{mailsrv.store.rewrite}):
+the inode never changes, so other programs' appends are never lost. Sessions
+read through a L{_FileHandle} per file layout; an in-place rewrite relocates
+the old layout's handle instead of waiting for its readers (see
+L{rewrite.Relocation}): a session with a stale snapshot, or a message being
+streamed, keeps reading the right bytes while and after they move, without
+holding up the rewrite; bytes of expunged messages read as gone (KeyError),
+except for messages being streamed, whose rest is copied aside first.
 """
 
 from __future__ import annotations
@@ -23,6 +32,7 @@ import os
 import stat
 import threading
 import time
+import weakref
 import zlib
 from array import array
 from bisect import bisect_left
@@ -40,7 +50,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
-from mailsrv.store import mboxfmt
+from mailsrv.store import mboxfmt, rewrite
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.infos import InfoList
 from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
@@ -63,13 +73,56 @@ RESERVED_SUFFIXES = (".lock",)
 
 
 class _FileHandle:
-    """A read-only fd on one mbox inode; closed when the last reader lets go."""
+    """
+    A read-only fd on one mbox inode, as laid out when a snapshot was taken;
+    closed when the last reader lets go. After an in-place rewrite of the file
+    (L{mailsrv.store.rewrite}) its reads follow the bytes to their new place
+    (C{relocation}); C{readers} are the messages being streamed from this inode
+    (shared by the handles of all its layouts).
+    """
 
-    __slots__ = ("fd", "ino")
+    __slots__ = ("fd", "ino", "lock", "relocation", "readers", "__weakref__")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readers: weakref.WeakSet | None = None) -> None:
         self.fd = os.open(path, os.O_RDONLY)
         self.ino = os.fstat(self.fd).st_ino
+        self.lock = threading.Lock()
+        self.relocation: rewrite.Relocation | None = None
+        self.readers: weakref.WeakSet = weakref.WeakSet() if readers is None else readers
+
+    def pread(self, n: int, off: int) -> bytes:
+        """Up to C{n} bytes at C{off} in this layout (fewer at the end of the file)."""
+        parts = []
+        while n > 0:
+            nxt = None
+            with self.lock:
+                rel = self.relocation
+                if rel is None or off + n <= rel.first:
+                    parts.append(os.pread(self.fd, n, off))
+                    break
+                if rel.broken:
+                    raise rewrite.MessageGone(off)
+                if off < rel.first:
+                    piece = rel.first - off
+                    data = os.pread(self.fd, piece, off)
+                else:
+                    i = rel.run_at(off)
+                    if i < 0:
+                        raise rewrite.MessageGone(off)
+                    piece = min(n, rel.ends[i] - off)
+                    if off >= rel.frontier:  # not moved yet: still in place
+                        data = os.pread(self.fd, piece, off)
+                    else:
+                        piece = min(piece, rel.frontier - off)
+                        nxt = rel.next, off - (rel.srcs[i] - rel.dsts[i])
+            if nxt is not None:
+                data = nxt[0].pread(piece, nxt[1])
+            parts.append(data)
+            if len(data) < piece:
+                break
+            off += piece
+            n -= piece
+        return b"".join(parts)
 
     def __del__(self) -> None:
         try:
@@ -170,6 +223,7 @@ class _FolderState:
         self.journal = Path(str(self.index_base) + ".journal")
         self.queue = _SerialQueue()
         self.index: FolderIndex | None = None  # used on the disk threads only
+        self.reload = False  # disk threads: the index changed under C{snap} (a recovered rewrite)
         self.snap: _Snapshot | None = None
         self.uid_validity = 0
         self.uid_next = 1
@@ -348,8 +402,9 @@ class MboxMailStore:
 
     def _load(self, st: _FolderState, idx: FolderIndex) -> _Snapshot:
         """The snapshot the index describes (no file access)."""
-        if st.snap is not None:
+        if st.snap is not None and not st.reload:
             return st.snap
+        st.reload = False
         snap = _Snapshot.empty()
         fcache: dict[str, frozenset[str]] = {}
         infos = snap.infos
@@ -394,6 +449,7 @@ class MboxMailStore:
         snap = self._load(st, idx)
         if (
             s is not None
+            and not st.reload
             and idx.covered == _covered(s)
             and snap.handle is not None
             and snap.handle.ino == s.st_ino
@@ -415,6 +471,8 @@ class MboxMailStore:
         """With the mbox locked: recover a broken append, then index what changed."""
         idx = self._open_index(st)
         self._recover(st, fd)
+        if st.reload:
+            snap = self._load(st, idx)
         s = os.fstat(fd)
         covered = _covered(s)
         handle = snap.handle
@@ -528,7 +586,12 @@ class MboxMailStore:
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
     def _recover(self, st: _FolderState, fd: int) -> None:
-        """Truncate away an append that a crash left half written (journal says where)."""
+        """
+        With the mbox locked, before anything reads it: finish a rewrite that a
+        crash interrupted, and truncate away an append that a crash left half
+        written (each journal says where).
+        """
+        self._recover_rewrite(st, fd)
         try:
             text = st.journal.read_text()
         except FileNotFoundError:
@@ -548,6 +611,44 @@ class MboxMailStore:
             os.ftruncate(fd, pre)
             os.fsync(fd)
         _unlink(st.journal)
+
+    def _recover_rewrite(self, st: _FolderState, fd: int) -> None:
+        """Finish an in-place rewrite the journal describes; the index follows."""
+        journal = rewrite.Journal(st.index_base)
+        found = journal.read()
+        if found is None:
+            journal.remove()
+            return
+        plan, progress, stage = found
+        s = os.fstat(fd)
+        if s.st_ino != plan.ino:
+            self.log.warn(
+                "dropping the rewrite journal of {path}: the file was replaced", path=str(st.path)
+            )
+            journal.remove()
+            return
+        self.log.warn(
+            "finishing an interrupted rewrite of {path} (run {run}, {done} bytes done)",
+            path=str(st.path),
+            run=progress[0],
+            done=progress[1],
+        )
+        journal.reopen()
+        try:
+            rewrite.finish(fd, plan, journal, progress, stage)
+            self._rewrite_index(st, fd, plan)
+        finally:
+            journal.close()
+        journal.remove()
+        st.reload = True
+
+    def _rewrite_index(self, st: _FolderState, fd: int, plan: rewrite.Plan) -> None:
+        """Tell the index what a finished rewrite did (idempotent)."""
+        s = os.fstat(fd)
+        covered = _covered(s)
+        if s.st_size != plan.indexed_size:  # another program appended since: the tail scan finds it
+            covered = (plan.indexed_size, -1, s.st_ino)
+        self._open_index(st).rewrite(plan.removed, plan.moved, covered)
 
     def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> None:
         st.journal.parent.mkdir(parents=True, exist_ok=True)
@@ -725,6 +826,8 @@ class MboxMailStore:
         (a rewrite by another program, or no index yet): then the next open scans.
         A failure here does not fail the delivery (the messages are safe in the mbox).
         """
+        if st.reload:  # a recovered rewrite moved the messages under st.snap
+            return None
         try:
             idx = self._open_index(st)
             snap = st.snap
@@ -1196,25 +1299,27 @@ class MboxFolder:
 
     def open_message(self, uid):
         snap, i = self._locate(uid)
-        fd = snap.handle.fd
+        handle = snap.handle
         from_off, start, end = snap.from_offs[i], snap.starts[i], snap.ends[i]
         if end - from_off <= mboxfmt.SMALL_MESSAGE:
-            data = os.pread(fd, end - from_off, from_off)
+            data = handle.pread(end - from_off, from_off)
             if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
                 raise KeyError(uid)  # the file changed under us; refresh() will tell
             return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :]))
-        line = os.pread(fd, start - from_off, from_off)
+        line = handle.pread(start - from_off, from_off)
         if zlib.crc32(line) != snap.crcs[i]:
             raise KeyError(uid)
-        return io.BufferedReader(mboxfmt.MessageReader(snap.handle, start, end), 64 * 1024)
+        reader = mboxfmt.MessageReader(handle, start, end)
+        handle.readers.add(reader)
+        return io.BufferedReader(reader, 64 * 1024)
 
     def read_headers(self, uid):
         snap, i = self._locate(uid)
-        fd = snap.handle.fd
+        handle = snap.handle
         start, end = snap.starts[i], snap.ends[i]
         want = 8192
         while True:
-            data = os.pread(fd, min(want, end - start), start)
+            data = handle.pread(min(want, end - start), start)
             cut = data.find(b"\n\n")
             if cut >= 0:
                 data = data[: cut + 2]
@@ -1348,7 +1453,7 @@ class MboxFolder:
 
 
 def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _Update:
-    """Rewrite the folder without the messages in C{wanted} (disk thread)."""
+    """Rewrite the folder in place without the messages in C{wanted} (disk thread)."""
     upd = store._sync(st)
     with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
         upd = store._sync_locked(st, lk.fd, upd.snap)
@@ -1357,67 +1462,128 @@ def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _
         if not drop:
             upd.result = []
             return upd
-        fd = lk.fd
-        size = os.fstat(fd).st_size
         d = st.path.parent
-        for f in os.listdir(d):
+        for f in os.listdir(d):  # temporary files of the rename-based rewrite of old versions
             if f.startswith(f".{st.path.name}.expunge."):
                 _unlink(d / f)
-        tmp = d / f".{st.path.name}.expunge.{os.getpid()}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        n = len(snap.uids)
-        dropset = set(drop)
-        new = _Snapshot.empty()
-        moved = []
-        try:
-            pos_out = 0
-            # Bytes before the first message (if any) are kept as they are.
-            first = snap.from_offs[0] if n else size
-            runs: list[tuple[int, int]] = [(0, first)] if first else []
-            shift = 0
-            for i in range(n):
-                a = snap.from_offs[i]
-                b = snap.from_offs[i + 1] if i + 1 < n else size
-                if i in dropset:
-                    shift += b - a
-                    continue
-                if runs and runs[-1][1] == a:
-                    runs[-1] = (runs[-1][0], b)
-                else:
-                    runs.append((a, b))
-                uid = snap.uids[i]
-                new.from_offs.append(a - shift)
-                new.starts.append(snap.starts[i] - shift)
-                new.ends.append(snap.ends[i] - shift)
-                new.crcs.append(snap.crcs[i])
-                new.fps.append(snap.fps[i])
-                new.infos.append(snap.infos[i])
-                if shift:
-                    moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
-            for a, b in runs:
-                _copy_range(fd, out, a, b, pos_out)
-                pos_out += b - a
-            # A dropped last message leaves its predecessor without the blank line.
-            if new.uids and drop[-1] == n - 1:
-                last_end = new.ends[-1]
-                if pos_out == last_end:
-                    os.pwrite(out, b"\n", pos_out)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            _unlink(tmp)
-            raise
-        os.close(out)
-        os.rename(tmp, st.path)
-        _fsync_dir(d)
-        new.handle = _FileHandle(st.path)
-        removed = [snap.uids[i] for i in drop]
+        s = os.fstat(lk.fd)
+        plan, new = _expunge_plan(snap, drop, s.st_size, s.st_ino)
+        _rewrite_in_place(store, st, lk.fd, snap, plan)
+        new.handle = snap.handle.relocation.next  # type: ignore[union-attr]
         idx = store._open_index(st)
-        idx.rewrite(removed, moved, _covered(os.fstat(new.handle.fd)))
     store.log.info(
-        "expunged {count} from {user} {folder}", count=len(removed), user=st.user, folder=st.name
+        "expunged {count} from {user} {folder}",
+        count=len(plan.removed),
+        user=st.user,
+        folder=st.name,
     )
-    return _Update(new, idx.uid_validity, idx.uid_next, True, result=removed)
+    return _Update(new, idx.uid_validity, idx.uid_next, True, result=plan.removed)
+
+
+def _expunge_plan(
+    snap: _Snapshot, drop: list[int], size: int, ino: int
+) -> tuple[rewrite.Plan, _Snapshot]:
+    """The in-place rewrite that drops messages C{drop} (indexes), and the snapshot after it."""
+    n = len(snap.uids)
+    k = drop[0]  # messages before the first dropped one stay where they are
+    new = _Snapshot(
+        snap.from_offs[:k],
+        snap.starts[:k],
+        snap.ends[:k],
+        snap.crcs[:k],
+        snap.fps[:k],
+        snap.infos[:k],
+        None,
+    )
+    dropset = set(drop)
+    runs: list[tuple[int, int, int]] = []
+    moved = []
+    shift = 0
+    for i in range(k, n):
+        a = snap.from_offs[i]
+        b = snap.from_offs[i + 1] if i + 1 < n else size
+        if i in dropset:
+            shift += b - a
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b, runs[-1][2])
+        else:
+            runs.append((a, b, a - shift))
+        uid = snap.uids[i]
+        new.from_offs.append(a - shift)
+        new.starts.append(snap.starts[i] - shift)
+        new.ends.append(snap.ends[i] - shift)
+        new.crcs.append(snap.crcs[i])
+        new.fps.append(snap.fps[i])
+        new.infos.append(snap.infos[i])
+        moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
+    new_size = size - shift
+    tail = b""
+    # A dropped last message leaves its predecessor without the blank line.
+    if new.uids and drop[-1] == n - 1 and new.ends[-1] == new_size:
+        tail = b"\n"
+    plan = rewrite.Plan(
+        ino,
+        size,
+        new_size + len(tail),
+        runs,
+        new_size,
+        tail,
+        [snap.uids[i] for i in drop],
+        moved,
+    )
+    return plan, new
+
+
+def _rewrite_in_place(
+    store: MboxMailStore, st: _FolderState, fd: int, snap: _Snapshot, plan: rewrite.Plan
+) -> None:
+    """
+    Carry out C{plan} on the locked mbox C{fd} and update the index, with the
+    journal that lets the next open finish it after a crash. The snapshot's
+    read handle is relocated (see L{rewrite.Relocation}): readers with the old
+    offsets keep reading the right bytes, and the new layout's handle is its
+    C{relocation.next}. Messages being streamed from a part of the file that
+    goes away are set aside first.
+    """
+    old = snap.handle
+    assert old is not None and old.ino == os.fstat(fd).st_ino
+    first = snap.from_offs[snap.find(plan.removed[0])]
+    rel = rewrite.Relocation(plan.runs, first, _FileHandle(st.path, old.readers))
+    for reader in list(old.readers):
+        source, pos, end = reader.remaining()
+        if pos < end and (source is not old or not rel.keeps(pos, end)):
+            reader.spill()
+    journal = rewrite.Journal(st.index_base)
+    try:
+        journal.begin(plan)
+    except BaseException:
+        journal.remove()  # nothing moved yet
+        raise
+    with old.lock:
+        old.relocation = rel
+
+    def advanced(src: int) -> None:
+        rel.frontier = src
+
+    try:
+        rewrite.move(fd, plan, journal, guard=lambda: old.lock, advanced=advanced)
+        with old.lock:
+            rel.frontier = plan.old_size
+        store._rewrite_index(st, fd, plan)
+    except BaseException:
+        rel.broken = True
+        journal.close()
+        st.reload = True  # the next sync locks, finishes the rewrite and reloads the index
+        store.log.failure(
+            "rewriting {path} failed; finishing it from the journal", path=str(st.path)
+        )
+        try:
+            store._recover_rewrite(st, fd)
+        except Exception:
+            store.log.failure("finishing the rewrite of {path} failed", path=str(st.path))
+        raise
+    journal.remove()
 
 
 # -- helpers ---------------------------------------------------------------------

@@ -13,6 +13,8 @@ import calendar
 import io
 import os
 import re
+import tempfile
+import threading
 import time
 import zlib
 from array import array
@@ -25,6 +27,7 @@ CHUNK = 1 * 1024 * 1024  # scanner read size
 READ_CHUNK = 64 * 1024  # message reader read size
 SMALL_MESSAGE = 256 * 1024  # open_message reads these whole
 HEADER_LIMIT = 256 * 1024  # bytes searched for the end of a header block
+SPILL_IN_MEMORY = 4 * 1024 * 1024  # a reader's rest set aside in memory up to this size
 
 # mboxrd: a line matching ^>*From  gets one more '>' when written, loses one when read.
 _QUOTE = re.compile(rb"^(>*From )", re.M)
@@ -177,18 +180,49 @@ def read_range(fd: int, start: int, end: int) -> bytes:
 class MessageReader(io.RawIOBase):
     """
     Streams the bytes C{[start, end)} of an mbox file with CRLF line ends and
-    mboxrd unquoting, reading with pread so many readers can share one fd.
-    C{handle} is kept referenced so the fd stays open while reading.
+    mboxrd unquoting. C{source} has C{pread(n, offset)} (a read handle of the
+    store, shared by many readers), and stays referenced while reading.
+    L{spill} copies the bytes still to be read aside, for a rewrite that is
+    about to overwrite them.
     """
 
-    def __init__(self, handle, start: int, end: int) -> None:
+    def __init__(self, source, start: int, end: int) -> None:
         super().__init__()
-        self._handle = handle
-        self._fd = handle.fd
+        self._source = source
         self._pos = start
         self._end = end
         self._carry = b""
         self._out = b""
+        self._lock = threading.Lock()
+
+    def remaining(self) -> tuple[object, int, int]:
+        """(source, position, end) of the bytes not read yet."""
+        with self._lock:
+            return self._source, self._pos, self._end
+
+    def spill(self) -> None:
+        """Read the rest now into memory or an unnamed temporary file, and go on from there."""
+        with self._lock:
+            pos, end = self._pos, self._end
+            if pos >= end or isinstance(self._source, _Spilled):
+                return
+            if end - pos <= SPILL_IN_MEMORY:
+                self._source = _Spilled(self._source.pread(end - pos, pos), pos)
+                return
+            f = tempfile.TemporaryFile()
+            try:
+                at = pos
+                while at < end:
+                    data = self._source.pread(min(CHUNK, end - at), at)
+                    if not data:
+                        raise OSError("mbox file is shorter than its index")
+                    f.write(data)
+                    at += len(data)
+                f.flush()
+            except BaseException:
+                f.close()
+                raise
+            self._source = _Spilled(f, pos)
 
     def readable(self) -> bool:
         return True
@@ -199,10 +233,11 @@ class MessageReader(io.RawIOBase):
                 return False
             if self._pos < self._end:
                 n = min(READ_CHUNK, self._end - self._pos)
-                data = os.pread(self._fd, n, self._pos)
+                with self._lock:
+                    data = self._source.pread(n, self._pos)
+                    self._pos += len(data)
                 if not data:
                     raise OSError("mbox file is shorter than its index")
-                self._pos += len(data)
                 data = self._carry + data if self._carry else data
                 if self._pos < self._end:
                     cut = data.rfind(b"\n") + 1
@@ -239,8 +274,22 @@ class MessageReader(io.RawIOBase):
         return b"".join(parts)
 
     def close(self) -> None:
-        self._handle = None
+        self._source = None
         super().close()
+
+
+class _Spilled:
+    """Bytes of a message set aside (L{MessageReader.spill}), read by file offset."""
+
+    def __init__(self, data, base: int) -> None:
+        self._data = data  # bytes, or a temporary file
+        self._base = base
+
+    def pread(self, n: int, off: int) -> bytes:
+        at = off - self._base
+        if isinstance(self._data, bytes):
+            return self._data[at : at + n]
+        return os.pread(self._data.fileno(), n, at)
 
 
 # -- scanning ------------------------------------------------------------
