@@ -143,11 +143,15 @@ class FormatTests(_Base):
         bodies = [b if b.endswith(b"\n") else b + b"\n" for b in bodies]
         for b in bodies:
             self.ok(store.deliver(USER, BytesSource(b), "s@x"))
-        for s in (store, MboxMailStore(root / "m", root / "i2", SyncReactor(), SyncThreadPool())):
+        # With the index, our messages read back exactly; a store without it
+        # cannot know who wrote them and reads them as mboxo (as they are).
+        cold = MboxMailStore(root / "m", root / "i2", SyncReactor(), SyncThreadPool())
+        as_is = [crlf(mboxfmt.quote_lines(b)) for b in bodies]
+        for s, want in ((store, [crlf(b) for b in bodies]), (cold, as_is)):
             f = self.ok(s.open_folder(USER, "INBOX"))
             got = [self.read(f, i.uid) for i in f.messages()]
-            self.assertEqual(got, [crlf(b) for b in bodies])
-            self.assertEqual([i.size for i in f.messages()], [len(crlf(b)) for b in bodies])
+            self.assertEqual(got, want)
+            self.assertEqual([i.size for i in f.messages()], [len(w) for w in want])
             f.close()
 
 
@@ -268,7 +272,8 @@ class IndexTests(_Base):
             [(m.uid, m.flags) for m in msgs],
             [(1, frozenset({SEEN})), (2, frozenset({SEEN, ANSWERED})), (3, frozenset())],
         )
-        self.assertEqual(self.read(f, 3), b"Subject: raw\r\n\r\nFrom quoted\r\n")
+        # written by another program (mboxo): ">From" is served as it is
+        self.assertEqual(self.read(f, 3), b"Subject: raw\r\n\r\n>From quoted\r\n")
         self.assertEqual(msgs[2].internal_date, 1704067200.0)
 
     def test_external_rewrite_keeps_uids_and_flags(self):

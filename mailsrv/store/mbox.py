@@ -38,7 +38,7 @@ from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -142,6 +142,7 @@ class _Snapshot:
     fps: array
     infos: InfoList  # UIDs, sizes, dates, flags
     handle: _FileHandle | None
+    rds: array = field(default_factory=lambda: array("b"))  # 1: mboxrd-quoted (ours), 0: mboxo
 
     @property
     def uids(self) -> array:
@@ -415,8 +416,8 @@ class MboxMailStore:
             infos.flag_sets.append,
         )
         froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
-        crcs, fps = snap.crcs.append, snap.fps.append
-        for uid, from_off, start, stop, size, flags, idate, crc, fp in idx.rows():
+        crcs, fps, rds = snap.crcs.append, snap.fps.append, snap.rds.append
+        for uid, from_off, start, stop, size, flags, idate, crc, fp, rd in idx.rows():
             fs = fcache.get(flags)
             if fs is None:
                 fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
@@ -429,6 +430,7 @@ class MboxMailStore:
             ends(stop)
             crcs(crc)
             fps(fp)
+            rds(rd)
         return snap
 
     def _sync(self, st: _FolderState, create: bool = False) -> _Update:
@@ -467,10 +469,26 @@ class MboxMailStore:
         fd: int,
         snap: _Snapshot,
         new_flags: list[tuple[frozenset[str], float | None]] | None = None,
+        ours: Sequence[tuple[int, int]] = (),
     ) -> _Update:
-        """With the mbox locked: recover a broken append, then index what changed."""
+        """
+        With the mbox locked: recover a broken append or rewrite, then index what
+        changed. C{ours}: byte ranges we just appended (read mboxrd, L{_quoting}).
+        """
+        ranges = [*self._recover(st, fd), *ours]
+        upd = self._index_changes(st, fd, snap, new_flags, _in_ranges(ranges))
+        _unlink(st.journal)  # the appends it lists are indexed now
+        return upd
+
+    def _index_changes(
+        self,
+        st: _FolderState,
+        fd: int,
+        snap: _Snapshot,
+        new_flags: list[tuple[frozenset[str], float | None]] | None,
+        is_ours: Callable[[int], bool],
+    ) -> _Update:
         idx = self._open_index(st)
-        self._recover(st, fd)
         if st.reload:
             snap = self._load(st, idx)
         s = os.fstat(fd)
@@ -502,7 +520,7 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                rows.append(_scan_row(res, i, uid, flags, date))
+                rows.append(_scan_row(res, i, uid, flags, date, is_ours(res.from_offs[i])))
                 _append_row(new, rows[-1], flags)
                 uid += 1
             idx.add(rows, uid, covered)
@@ -511,7 +529,8 @@ class MboxMailStore:
         # rescan, and keep UIDs and flags of the messages we recognise.
         if not snap.uids:  # nothing indexed yet: a first look, not a surprise
             self.log.info("indexing {path} ({size} bytes)", path=str(st.path), size=size)
-            return self._index_all_new(idx, mboxfmt.scan(fd, 0, size), handle, covered)
+            res = mboxfmt.scan(fd, 0, size)
+            return self._index_all_new(idx, res, handle, covered, is_ours)
         self.log.info("rescanning {path}: changed outside the index", path=str(st.path))
         res = mboxfmt.scan(fd, 0, size)
         by_fp: dict[int, list[int]] = {}
@@ -534,6 +553,7 @@ class MboxMailStore:
                 last = match
                 info = snap.infos[match]
                 flags, date = info.flags, info.internal_date
+                rd = bool(snap.rds[match])
                 if renumber:
                     uid, uid_next = uid_next, uid_next + 1
                 else:
@@ -541,13 +561,14 @@ class MboxMailStore:
             else:
                 flags, date = res.flags[i], res.dates[i]
                 k = i - (len(res.starts) - len(new_flags or ()))
+                rd = is_ours(res.from_offs[i])
                 if new_flags and k >= 0:  # our own append, at the end
                     flags = new_flags[k][0]
                     if new_flags[k][1] is not None:
                         date = new_flags[k][1]
                 uid, uid_next = uid_next, uid_next + 1
                 renumber = True  # UIDs must keep ascending in file order
-            row = _scan_row(res, i, uid, flags, date)
+            row = _scan_row(res, i, uid, flags, date, rd)
             rows.append(row)
             _append_row(new, row, flags)
         idx.replace_all(rows, uid_next, covered)
@@ -559,58 +580,72 @@ class MboxMailStore:
         res: mboxfmt.ScanResult,
         handle: _FileHandle,
         covered: tuple[int, int, int],
+        is_ours: Callable[[int], bool],
     ) -> _Update:
         """Index a scanned file none of whose messages were known: all get new UIDs."""
         n = len(res.starts)
         first = idx.uid_next
         uids = array("q", range(first, first + n))
         texts = [flags_text(f) if f else "" for f in res.flags]
+        rds, sizes = _quoting(res, is_ours)
         idx.replace_all(
             zip(
                 uids,
                 res.from_offs,
                 res.starts,
                 res.ends,
-                res.sizes,
+                sizes,
                 texts,
                 res.dates,
                 res.crcs,
                 res.fps,
+                rds,
                 strict=True,
             ),
             first + n,
             covered,
         )
-        infos = InfoList(uids, res.sizes, res.dates, res.flags)
-        snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle)
+        infos = InfoList(uids, sizes, res.dates, res.flags)
+        snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds)
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
-    def _recover(self, st: _FolderState, fd: int) -> None:
+    def _recover(self, st: _FolderState, fd: int) -> list[tuple[int, int]]:
         """
         With the mbox locked, before anything reads it: finish a rewrite that a
         crash interrupted, and truncate away an append that a crash left half
-        written (each journal says where).
+        written (each journal says where). Returns the byte ranges of our
+        complete appends that the index may not know yet (the append journal
+        lists them until they are indexed): the messages there are ours.
         """
         self._recover_rewrite(st, fd)
         try:
-            text = st.journal.read_text()
+            lines = st.journal.read_bytes().split(b"\n")
         except FileNotFoundError:
-            return
-        try:
-            ino, pre, post = (int(x) for x in text.split())
-        except ValueError:
-            ino = pre = post = -1
+            return []
         s = os.fstat(fd)
-        if s.st_ino == ino and pre < s.st_size < post:
-            self.log.warn(
-                "truncating partial append to {path} from {size} to {pre}",
-                path=str(st.path),
-                size=s.st_size,
-                pre=pre,
-            )
-            os.ftruncate(fd, pre)
-            os.fsync(fd)
-        _unlink(st.journal)
+        covered = self._open_index(st).covered
+        indexed = covered[0] if covered is not None and covered[2] == s.st_ino else 0
+        ranges = []
+        for n, line in enumerate(lines):
+            try:
+                ino, pre, post = (int(x) for x in line.split())
+            except ValueError:
+                continue
+            if ino != s.st_ino:
+                continue
+            if post <= s.st_size:
+                if pre >= indexed:
+                    ranges.append((pre, post))
+            elif pre < s.st_size and n >= len(lines) - 2:  # the last append, cut short
+                self.log.warn(
+                    "truncating partial append to {path} from {size} to {pre}",
+                    path=str(st.path),
+                    size=s.st_size,
+                    pre=pre,
+                )
+                os.ftruncate(fd, pre)
+                os.fsync(fd)
+        return ranges
 
     def _recover_rewrite(self, st: _FolderState, fd: int) -> None:
         """Finish an in-place rewrite the journal describes; the index follows."""
@@ -650,14 +685,26 @@ class MboxMailStore:
             covered = (plan.indexed_size, -1, s.st_ino)
         self._open_index(st).rewrite(plan.removed, plan.moved, covered)
 
-    def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> None:
+    def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> int:
+        """
+        Add an append to the journal (one line: inode, old end, new end); returns
+        the journal's length before, to take the line back with L{_unwrite_journal}.
+        """
         st.journal.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
+            length = os.fstat(fd).st_size
             mboxfmt.write_all(fd, b"%d %d %d\n" % (ino, pre, post))
             os.fdatasync(fd)
         finally:
             os.close(fd)
+        return length
+
+    def _unwrite_journal(self, st: _FolderState, length: int) -> None:
+        if length == 0:
+            _unlink(st.journal)
+        else:
+            os.truncate(st.journal, length)
 
     @staticmethod
     def _prepare(items: list[tuple[Any, str, float]]) -> tuple[list, dict[int, BaseException]]:
@@ -676,7 +723,8 @@ class MboxMailStore:
     def _append_locked(self, st: _FolderState, fd: int, prepared: list) -> int:
         """
         Append prepared messages in one write and one fsync; on any error truncate
-        back to the old end. Returns the new size.
+        back to the old end. Returns the new size. The append stays in the journal
+        (L{_recover}) until the caller has indexed it and unlinks the journal.
         """
         total = sum(len(line) + qlen + 1 for line, _, _, qlen in prepared)
         s = os.fstat(fd)
@@ -691,7 +739,7 @@ class MboxMailStore:
             elif tail != b"\n\n":
                 pad = b"\n"
         total += len(pad)
-        self._write_journal(st, s.st_ino, pre, pre + total)
+        jlen = self._write_journal(st, s.st_ino, pre, pre + total)
         try:
             os.lseek(fd, pre, os.SEEK_SET)
             written = 0
@@ -726,10 +774,9 @@ class MboxMailStore:
                     "could not truncate {path} after a failed append", path=str(st.path)
                 )
                 raise
-            _unlink(st.journal)
+            self._unwrite_journal(st, jlen)
             raise
-        _unlink(st.journal)
-        return pre + total
+        return pre + total  # the journal keeps the range until the index has the messages
 
     # -- deliver (group commit)
 
@@ -806,17 +853,20 @@ class MboxMailStore:
             self._make_dirs(st.path.parent)
         try:
             with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
-                self._recover(st, lk.fd)
+                earlier = self._recover(st, lk.fd)
                 before = os.fstat(lk.fd)
                 size = self._append_locked(st, lk.fd, prepared)
                 if created:
                     _fsync_dir(st.path.parent)  # the new file's name is durable too
-                return size, errors, self._index_delivered(st, lk.fd, before)
+                indexed = self._index_delivered(st, lk.fd, before, earlier)
+                if indexed is not None:
+                    _unlink(st.journal)
+                return size, errors, indexed
         except FileNotFoundError:
             raise FolderError("No such folder")
 
     def _index_delivered(
-        self, st: _FolderState, fd: int, before: os.stat_result
+        self, st: _FolderState, fd: int, before: os.stat_result, earlier: list[tuple[int, int]]
     ) -> _Indexed | None:
         """
         With the mbox locked and the append fsynced: record the new messages (and
@@ -864,17 +914,20 @@ class MboxMailStore:
             res = mboxfmt.scan(fd, tail_from, after.st_size)
             first = idx.uid_next
             n = len(res.starts)
+            # ours: this append, and earlier ones not indexed yet; not what others appended
+            rds, sizes = _quoting(res, _in_ranges([*earlier, (before.st_size, after.st_size)]))
             rows = list(
                 zip(
                     range(first, first + n),
                     res.from_offs,
                     res.starts,
                     res.ends,
-                    res.sizes,
+                    sizes,
                     [flags_text(f) if f else "" for f in res.flags],
                     res.dates,
                     res.crcs,
                     res.fps,
+                    rds,
                     strict=True,
                 )
             )
@@ -1197,6 +1250,7 @@ class MboxMailStore:
                     info.internal_date,
                     snap.crcs[i],
                     snap.fps[i],
+                    snap.rds[i],
                 )
                 for n, (i, info) in enumerate(enumerate(snap.infos))
             ]
@@ -1215,19 +1269,50 @@ class MboxMailStore:
 # -- a session's view ----------------------------------------------------------
 
 
-def _scan_row(res: Any, i: int, uid: int, flags: frozenset[str], date: float) -> tuple:
-    """The index row for the C{i}th message a scan found, under C{uid}."""
+def _scan_row(
+    res: mboxfmt.ScanResult, i: int, uid: int, flags: frozenset[str], date: float, rd: bool
+) -> tuple:
+    """
+    The index row for the C{i}th message a scan found, under C{uid}; C{rd}:
+    we wrote it, mboxrd-quoted (see L{_quoting}).
+    """
     return (
         uid,
         res.from_offs[i],
         res.starts[i],
         res.ends[i],
-        res.sizes[i],
+        res.size(i, rd),
         flags_text(flags),
         date,
         res.crcs[i],
         res.fps[i],
+        int(rd),
     )
+
+
+def _in_ranges(ranges: Sequence[tuple[int, int]]) -> Callable[[int], bool]:
+    """Whether a file offset lies in one of C{ranges} ([start, end) pairs)."""
+    return lambda off: any(a <= off < b for a, b in ranges)
+
+
+def _quoting(res: mboxfmt.ScanResult, is_ours: Callable[[int], bool]) -> tuple[array, array]:
+    """
+    (rds, sizes) for the messages a scan found; C{is_ours(from_off)}: we wrote
+    the message (an append whose range the journal or the caller knows).
+
+    mboxrd or mboxo: a line ">From " in an mbox is "From " quoted by mboxrd
+    (which mailsrv writes: unquoting gives back exactly what was sent) but
+    ">From " itself to an mboxo writer (procmail, Postfix local, mutt,
+    Python's mailbox; Dovecot and mutt never unquote when reading). The file
+    does not say which. So the index records, per message, who wrote it:
+    what mailsrv appended is read mboxrd, what another program wrote is read
+    as it is, as mutt and Dovecot read it. A message keeps its reading for
+    life (matched by fingerprint after a rewrite by another program), so
+    its size and bytes under a UID never change.
+    """
+    rds = array("b", (1 if is_ours(off) else 0 for off in res.from_offs))
+    sizes = array("q", (res.size(i, bool(rd)) for i, rd in enumerate(rds)))
+    return rds, sizes
 
 
 @implementer(IFolder)
@@ -1305,11 +1390,11 @@ class MboxFolder:
             data = handle.pread(end - from_off, from_off)
             if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
                 raise KeyError(uid)  # the file changed under us; refresh() will tell
-            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :]))
+            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :], bool(snap.rds[i])))
         line = handle.pread(start - from_off, from_off)
         if zlib.crc32(line) != snap.crcs[i]:
             raise KeyError(uid)
-        reader = mboxfmt.MessageReader(handle, start, end)
+        reader = mboxfmt.MessageReader(handle, start, end, bool(snap.rds[i]))
         handle.readers.add(reader)
         return io.BufferedReader(reader, 64 * 1024)
 
@@ -1328,7 +1413,7 @@ class MboxFolder:
                 data = data[: data.rfind(b"\n") + 1] if start + len(data) < end else data
                 break
             want *= 4
-        crlf = mboxfmt.to_crlf(data)
+        crlf = mboxfmt.to_crlf(data, bool(snap.rds[i]))
         cut = crlf.find(b"\r\n\r\n")
         return crlf if cut < 0 else crlf[: cut + 4]
 
@@ -1391,9 +1476,14 @@ class MboxFolder:
                 prepared, errors = store._prepare([(source, "", when)])
                 if errors:
                     raise errors[0]
-                store._append_locked(st, lk.fd, prepared)
+                pre = os.fstat(lk.fd).st_size
+                post = store._append_locked(st, lk.fd, prepared)
                 upd3 = store._sync_locked(
-                    st, lk.fd, upd2.snap, new_flags=[(frozenset(flags), internal_date)]
+                    st,
+                    lk.fd,
+                    upd2.snap,
+                    new_flags=[(frozenset(flags), internal_date)],
+                    ours=[(pre, post)],
                 )
             if len(upd3.snap.uids) <= before:
                 raise OSError(errno.EIO, "appended message not found")
@@ -1494,6 +1584,7 @@ def _expunge_plan(
         snap.fps[:k],
         snap.infos[:k],
         None,
+        snap.rds[:k],
     )
     dropset = set(drop)
     runs: list[tuple[int, int, int]] = []
@@ -1515,6 +1606,7 @@ def _expunge_plan(
         new.ends.append(snap.ends[i] - shift)
         new.crcs.append(snap.crcs[i])
         new.fps.append(snap.fps[i])
+        new.rds.append(snap.rds[i])
         new.infos.append(snap.infos[i])
         moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
     new_size = size - shift
@@ -1634,11 +1726,13 @@ def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
         array("q", snap.fps),
         snap.infos.copy(),
         handle,
+        array("b", snap.rds),
     )
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
-    uid, from_off, start, stop, size, _, date, crc, fp = row
+    uid, from_off, start, stop, size, _, date, crc, fp, rd = row
+    snap.rds.append(rd)
     snap.from_offs.append(from_off)
     snap.starts.append(start)
     snap.ends.append(stop)

@@ -1,6 +1,7 @@
 """
-The mbox file format (mboxrd): ``From `` separator lines, quoting of body
-lines that look like separators, a fast scanner that finds the messages of a
+The mbox file format: ``From `` separator lines, quoting of body lines that
+look like separators (mboxrd when we write; other programs' mboxo is read as
+it is), a fast scanner that finds the messages of a
 file, and readers that stream one message back with CRLF line ends.
 
 Pure functions over file descriptors; no Twisted, no locking (see
@@ -152,9 +153,9 @@ def write_all(fd: int, data: bytes) -> int:
 # -- reading -------------------------------------------------------------
 
 
-def to_crlf(data: bytes) -> bytes:
-    """Unquote whole mbox lines and give them CRLF line ends."""
-    if b"From " in data:
+def to_crlf(data: bytes, unquote: bool = True) -> bytes:
+    """Give whole mbox lines CRLF line ends, and unquote them (mboxrd) if C{unquote}."""
+    if unquote and b"From " in data:
         data = _UNQUOTE.sub(rb"\1", data)
     if b"\r\n" in data:
         data = data.replace(b"\r\n", b"\n")
@@ -186,9 +187,10 @@ class MessageReader(io.RawIOBase):
     about to overwrite them.
     """
 
-    def __init__(self, source, start: int, end: int) -> None:
+    def __init__(self, source, start: int, end: int, unquote: bool = True) -> None:
         super().__init__()
         self._source = source
+        self._unquote = unquote
         self._pos = start
         self._end = end
         self._carry = b""
@@ -247,7 +249,7 @@ class MessageReader(io.RawIOBase):
                     self._carry = b""
             else:
                 data, self._carry = self._carry, b""
-            self._out = to_crlf(data) if data else b""
+            self._out = to_crlf(data, self._unquote) if data else b""
         return True
 
     def readinto(self, b) -> int:
@@ -361,12 +363,17 @@ class ScanResult:
     from_offs: array = field(default_factory=lambda: array("q"))
     starts: array = field(default_factory=lambda: array("q"))
     ends: array = field(default_factory=lambda: array("q"))
-    sizes: array = field(default_factory=lambda: array("q"))
+    sizes: array = field(default_factory=lambda: array("q"))  # read as mboxrd
+    quoted: array = field(default_factory=lambda: array("q"))  # lines matching ^>+From
     crcs: array = field(default_factory=lambda: array("q"))
     fps: array = field(default_factory=lambda: array("q"))
     dates: array = field(default_factory=lambda: array("d"))
     flags: list = field(default_factory=list)  # from Status:/X-Status:
     end: int = 0  # file offset the scan covered
+
+    def size(self, i: int, mboxrd: bool) -> int:
+        """The CRLF size of message C{i}, read as mboxrd (one '>' less per quoted line) or not."""
+        return self.sizes[i] if mboxrd else self.sizes[i] + self.quoted[i]
 
 
 class _Partial:
@@ -454,6 +461,7 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.starts.append(rec.start)
     res.ends.append(end)
     res.sizes.append((end - rec.start) + nl - crlf - rec.quoted)
+    res.quoted.append(rec.quoted)
     res.crcs.append(line_crc)
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
@@ -482,6 +490,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
     a_from, a_start, a_end = res.from_offs.append, res.starts.append, res.ends.append
     a_size, a_crc, a_fp = res.sizes.append, res.crcs.append, res.fps.append
     a_date, a_flags = res.dates.append, res.flags.append
+    a_quoted = res.quoted.append
     crc32 = zlib.crc32
     while True:
         n = min(chunk, file_end - read_pos)
@@ -551,6 +560,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                 a_start(base + start)
                 a_end(base + end)
                 a_size(end - start + nl - q)
+                a_quoted(q)
                 a_crc(line_crc)
                 a_fp((crc32(mid, line_crc) << 31) | ((end - min(hend, end)) & 0x7FFFFFFF))
                 a_date(parse_from_date(line))
