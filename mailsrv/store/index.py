@@ -3,7 +3,9 @@ The per-folder index: an sqlite3 database (WAL) beside, not inside, the mail
 directory. It holds UIDVALIDITY, UIDNEXT, which state of the mbox file it
 describes (size, mtime_ns, inode), and per message its UID, offsets, CRLF
 size, flags, internal date and a fingerprint to recognise it after another
-program rewrote the file, and whether it was written mboxrd-quoted (by us:
+program rewrote the file, the flags its Status:/X-Status: headers said when
+it was last read (to notice when another program changes them), and whether
+it was written mboxrd-quoted (by us:
 read with one '>' less on ^>+From lines) or by another program (mboxo: read as
 it is). Blocking; used from the disk threads only, one
 thread at a time per folder.
@@ -22,7 +24,7 @@ from twisted.logger import Logger
 SCHEMA_VERSION = 1
 SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal", ".rewrite", ".rewrite-save")
 
-Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp, rd)
+Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp, rd, dflags)
 
 
 def index_base(index_dir: Path, domain: str, local: str, name: str) -> Path:
@@ -85,11 +87,13 @@ class FolderIndex:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS msgs (uid INTEGER PRIMARY KEY, from_off INTEGER,"
                 " start INTEGER, stop INTEGER, size INTEGER, flags TEXT, idate REAL,"
-                " crc INTEGER, fp INTEGER, rd INTEGER NOT NULL DEFAULT 1)"
+                " crc INTEGER, fp INTEGER, rd INTEGER NOT NULL DEFAULT 1, dflags TEXT)"
             )
             cols = [r[1] for r in db.execute("PRAGMA table_info(msgs)")]
             if "rd" not in cols:  # an index from before the column: its rows were read as mboxrd
                 db.execute("ALTER TABLE msgs ADD COLUMN rd INTEGER NOT NULL DEFAULT 1")
+            if "dflags" not in cols:  # NULL: what the file says is not known
+                db.execute("ALTER TABLE msgs ADD COLUMN dflags TEXT")
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
                 self.fresh = True
@@ -116,7 +120,7 @@ class FolderIndex:
     def rows(self):
         """All messages, in UID (= file) order (an iterator)."""
         return self._db.execute(
-            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp, rd"
+            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dflags"
             " FROM msgs ORDER BY uid"
         )
 
@@ -148,7 +152,7 @@ class FolderIndex:
 
         def fn(db):
             db.execute("DELETE FROM msgs")
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
 
         self._tx(fn)
@@ -165,7 +169,7 @@ class FolderIndex:
         """
 
         def fn(db):
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
 
         if durable:

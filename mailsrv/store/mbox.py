@@ -143,6 +143,8 @@ class _Snapshot:
     infos: InfoList  # UIDs, sizes, dates, flags
     handle: _FileHandle | None
     rds: array = field(default_factory=lambda: array("b"))  # 1: mboxrd-quoted (ours), 0: mboxo
+    # The flags the file's Status:/X-Status: said when last read (None: not known)
+    dflags: list = field(default_factory=list)
 
     @property
     def uids(self) -> array:
@@ -417,7 +419,8 @@ class MboxMailStore:
         )
         froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
         crcs, fps, rds = snap.crcs.append, snap.fps.append, snap.rds.append
-        for uid, from_off, start, stop, size, flags, idate, crc, fp, rd in idx.rows():
+        dflags = snap.dflags.append
+        for uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dfl in idx.rows():
             fs = fcache.get(flags)
             if fs is None:
                 fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
@@ -431,6 +434,13 @@ class MboxMailStore:
             crcs(crc)
             fps(fp)
             rds(rd)
+            if dfl is None:
+                dflags(None)
+            else:
+                dfs = fcache.get(dfl)
+                if dfs is None:
+                    dfs = fcache[dfl] = frozenset(dfl.split()) if dfl else frozenset()
+                dflags(dfs)
         return snap
 
     def _sync(self, st: _FolderState, create: bool = False) -> _Update:
@@ -554,6 +564,10 @@ class MboxMailStore:
                 info = snap.infos[match]
                 flags, date = info.flags, info.internal_date
                 rd = bool(snap.rds[match])
+                on_disk = snap.dflags[match]
+                if on_disk is not None and on_disk != res.flags[i]:
+                    # another program (mutt) changed Status:/X-Status: since we read them
+                    flags = (flags - mboxfmt.STATUS_FLAGS) | res.flags[i]
                 if renumber:
                     uid, uid_next = uid_next, uid_next + 1
                 else:
@@ -600,13 +614,16 @@ class MboxMailStore:
                 res.crcs,
                 res.fps,
                 rds,
+                texts,
                 strict=True,
             ),
             first + n,
             covered,
         )
         infos = InfoList(uids, sizes, res.dates, res.flags)
-        snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds)
+        snap = _Snapshot(
+            res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds, res.flags
+        )
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
     def _recover(self, st: _FolderState, fd: int) -> list[tuple[int, int]]:
@@ -916,6 +933,7 @@ class MboxMailStore:
             n = len(res.starts)
             # ours: this append, and earlier ones not indexed yet; not what others appended
             rds, sizes = _quoting(res, _in_ranges([*earlier, (before.st_size, after.st_size)]))
+            texts = [flags_text(f) if f else "" for f in res.flags]
             rows = list(
                 zip(
                     range(first, first + n),
@@ -923,11 +941,12 @@ class MboxMailStore:
                     res.starts,
                     res.ends,
                     sizes,
-                    [flags_text(f) if f else "" for f in res.flags],
+                    texts,
                     res.dates,
                     res.crcs,
                     res.fps,
                     rds,
+                    texts,
                     strict=True,
                 )
             )
@@ -1251,6 +1270,7 @@ class MboxMailStore:
                     snap.crcs[i],
                     snap.fps[i],
                     snap.rds[i],
+                    None if snap.dflags[i] is None else flags_text(snap.dflags[i]),
                 )
                 for n, (i, info) in enumerate(enumerate(snap.infos))
             ]
@@ -1287,6 +1307,7 @@ def _scan_row(
         res.crcs[i],
         res.fps[i],
         int(rd),
+        flags_text(res.flags[i]),
     )
 
 
@@ -1585,6 +1606,7 @@ def _expunge_plan(
         snap.infos[:k],
         None,
         snap.rds[:k],
+        snap.dflags[:k],
     )
     dropset = set(drop)
     runs: list[tuple[int, int, int]] = []
@@ -1607,6 +1629,7 @@ def _expunge_plan(
         new.crcs.append(snap.crcs[i])
         new.fps.append(snap.fps[i])
         new.rds.append(snap.rds[i])
+        new.dflags.append(snap.dflags[i])
         new.infos.append(snap.infos[i])
         moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
     new_size = size - shift
@@ -1727,12 +1750,14 @@ def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
         snap.infos.copy(),
         handle,
         array("b", snap.rds),
+        list(snap.dflags),
     )
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
-    uid, from_off, start, stop, size, _, date, crc, fp, rd = row
+    uid, from_off, start, stop, size, _, date, crc, fp, rd, dflags = row
     snap.rds.append(rd)
+    snap.dflags.append(None if dflags is None else frozenset(dflags.split()))
     snap.from_offs.append(from_off)
     snap.starts.append(start)
     snap.ends.append(stop)

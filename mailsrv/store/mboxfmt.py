@@ -337,6 +337,9 @@ def parse_from_date(line: bytes) -> float:
         return 0.0
 
 
+STATUS_FLAGS = frozenset({SEEN, ANSWERED, FLAGGED, DELETED, DRAFT})  # what the headers can say
+
+
 def status_flags(status: bytes, x_status: bytes) -> frozenset[str]:
     """System flags from mutt/Dovecot ``Status:``/``X-Status:`` header values."""
     out = set()

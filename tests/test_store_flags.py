@@ -1,0 +1,180 @@
+"""
+Flags that another program (mutt, Python's mailbox) writes as Status: and
+X-Status: headers reach mailsrv's sessions under the same UIDs, also for
+messages mailsrv had indexed already. Checked through the store, and over
+IMAP from a real daemon with the real mutt flagging a message.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import mailbox
+import os
+import re
+import shutil
+import smtplib
+import subprocess
+import tempfile
+from pathlib import Path
+
+import pytest
+from twisted.trial.unittest import SynchronousTestCase
+
+from mailsrv.interfaces import ANSWERED, DELETED, FLAGGED, SEEN
+from mailsrv.spool import BytesSource
+from mailsrv.store.mbox import MboxMailStore
+from tests.e2e import PASSWORD, MailServer
+from tests.store_contract import NOW, USER, SyncReactor, SyncThreadPool
+
+MUTT = shutil.which("mutt")
+SCRIPT = shutil.which("script")
+needs_mutt = pytest.mark.skipif(
+    MUTT is None or SCRIPT is None, reason="mutt (and script, for its terminal) not installed"
+)
+
+MUTTRC = """set mbox_type=mbox
+set mark_old=yes
+set move=no
+set confirmappend=no
+set quit=yes
+set delete=no
+set wait_key=no
+set check_new=no
+set resolve=no
+"""
+
+
+def mutt(tmp: Path, mbox: Path, keys: str) -> None:
+    """Run the real mutt on C{mbox}, typing C{keys} (under a pseudo-terminal, via script)."""
+    home = (tmp / "mutt-home").resolve()
+    home.mkdir(exist_ok=True)
+    rc = home / "muttrc"
+    # Point every folder mutt looks at on start into its home: a missing one
+    # makes it beep and drop the keys pushed so far.
+    rc.write_text(
+        MUTTRC
+        + f"set folder={home}\nset spoolfile={mbox.resolve()}\nset mbox={home}/mbox\n"
+        + f"set record={home}/sent\nset postponed={home}/postponed\n"
+    )
+    cmd = f"{MUTT} -n -F {rc} -f {mbox.resolve()} -e 'push \"{keys}\"'"
+    env = dict(os.environ, TERM="vt100", HOME=str(home))
+    subprocess.run(
+        [SCRIPT, "-qec", cmd, "/dev/null"],
+        env=env,
+        cwd=home,
+        check=True,
+        timeout=60,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+def message(i: int) -> bytes:
+    return b"Subject: m%d\nMessage-ID: <%d@flags>\n\nbody %d\n" % (i, i, i)
+
+
+class ForeignFlagTests(SynchronousTestCase):
+    def setUp(self):
+        # in the system's temporary directory, like the other e2e tests with mutt
+        self.root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.store = MboxMailStore(
+            self.root / "mail",
+            self.root / "index",
+            SyncReactor(),
+            SyncThreadPool(),
+            clock=lambda: NOW,
+        )
+        self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
+        for i in (1, 2, 3):
+            self.successResultOf(self.store.deliver(USER, BytesSource(message(i)), "s@x"))
+        self.folder = self.successResultOf(self.store.open_folder(USER, "INBOX"))
+        self.addCleanup(self.folder.close)
+        self.successResultOf(self.folder.set_flags({1: {SEEN, "$Label1"}}))
+
+    def flags(self):
+        return {m.uid: m.flags for m in self.folder.messages()}
+
+    def check_sizes(self):
+        for m in self.folder.messages():
+            with self.folder.open_message(m.uid) as fh:
+                self.assertEqual(len(fh.read()), m.size)
+
+    def test_python_mailbox_sets_status_headers(self):
+        box = mailbox.mbox(str(self.inbox))
+        box.lock()
+        for key in box.keys():
+            msg = box[key]
+            if msg["Subject"] == "m2":
+                msg.set_flags("RF")  # Status: R, X-Status: F
+            elif msg["Subject"] == "m3":
+                msg.set_flags("OAD")
+            box[key] = msg
+        box.flush()
+        box.unlock()
+        box.close()
+        changes = self.successResultOf(self.folder.refresh())
+        self.assertEqual(changes.expunged, ())
+        self.assertEqual(changes.added, ())
+        self.assertEqual(sorted(i.uid for i in changes.flags), [2, 3])
+        self.assertEqual(
+            self.flags(),
+            {1: {SEEN, "$Label1"}, 2: {SEEN, FLAGGED}, 3: {ANSWERED, DELETED}},
+        )
+        self.check_sizes()
+        # a later rewrite that leaves the headers alone keeps what sessions set since
+        self.successResultOf(self.folder.set_flags({2: {SEEN}}))
+        box = mailbox.mbox(str(self.inbox))
+        box.lock()
+        key = box.keys()[0]
+        box[key] = box[key]
+        box.flush()
+        box.unlock()
+        box.close()
+        self.successResultOf(self.folder.refresh())
+        self.assertEqual(self.flags()[2], {SEEN})
+
+    @needs_mutt
+    def test_mutt_flags_a_message(self):
+        mutt(self.root, self.inbox, "2<enter><set-flag>!<clear-flag>N<sync-mailbox><quit>")
+        text = self.inbox.read_bytes()
+        self.assertIn(b"X-Status: F", text)
+        changes = self.successResultOf(self.folder.refresh())
+        self.assertEqual([i.uid for i in changes.flags], [2])
+        self.assertEqual(self.flags(), {1: {SEEN, "$Label1"}, 2: {SEEN, FLAGGED}, 3: set()})
+        self.check_sizes()
+
+
+@needs_mutt
+def test_imap_sees_flags_mutt_wrote(tmp_path):
+    alice = "alice@example.test"
+    with MailServer(tmp_path) as srv:
+        srv.add_user(alice)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            for i in (1, 2, 3):
+                s.sendmail("bob@example.test", [alice], message(i).replace(b"\n", b"\r\n"))
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(alice, PASSWORD)
+            imap.select("INBOX")
+            imap.uid("STORE", "1", "+FLAGS", r"(\Seen)")
+            mutt(
+                tmp_path,
+                srv.inbox(alice),
+                "3<enter><set-flag>!<sync-mailbox><quit>",
+            )
+            imap.noop()
+            typ, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+            assert typ == "OK"
+        finally:
+            imap.logout()
+    got = {}
+    for item in data:
+        text = item.decode() if isinstance(item, bytes) else item[0].decode()
+        uid, flags = re.search(r"UID (\d+)", text), re.search(r"FLAGS \(([^)]*)\)", text)
+        if uid is None:  # the untagged FETCH the NOOP brought (imaplib keeps it here)
+            continue
+        got[int(uid.group(1))] = set(flags.group(1).split())
+    assert got[1] == {r"\Seen"}
+    assert got[2] == set()
+    assert got[3] == {r"\Flagged"}
