@@ -95,12 +95,21 @@ class ForeignFlagTests(SynchronousTestCase):
     def flags(self):
         return {m.uid: m.flags for m in self.folder.messages()}
 
-    def check_sizes(self):
+    def contents(self):
+        """uid -> (size, bytes, header block) as sessions see them."""
+        out = {}
         for m in self.folder.messages():
             with self.folder.open_message(m.uid) as fh:
-                self.assertEqual(len(fh.read()), m.size)
+                data = fh.read()
+            self.assertEqual(len(data), m.size)
+            out[m.uid] = (m.size, data, self.folder.read_headers(m.uid))
+        return out
+
+    def check_sizes(self):
+        self.contents()
 
     def test_python_mailbox_sets_status_headers(self):
+        before = self.contents()
         box = mailbox.mbox(str(self.inbox))
         box.lock()
         for key in box.keys():
@@ -121,7 +130,8 @@ class ForeignFlagTests(SynchronousTestCase):
             self.flags(),
             {1: {SEEN, "$Label1"}, 2: {SEEN, FLAGGED}, 3: {ANSWERED, DELETED}},
         )
-        self.check_sizes()
+        self.assertIn(b"X-Status: F", self.inbox.read_bytes())
+        self.assertEqual(self.contents(), before)  # Status:/X-Status: are not shown
         # a later rewrite that leaves the headers alone keeps what sessions set since
         self.successResultOf(self.folder.set_flags({2: {SEEN}}))
         box = mailbox.mbox(str(self.inbox))
@@ -136,13 +146,17 @@ class ForeignFlagTests(SynchronousTestCase):
 
     @needs_mutt
     def test_mutt_flags_a_message(self):
+        before = self.contents()
         mutt(self.root, self.inbox, "2<enter><set-flag>!<clear-flag>N<sync-mailbox><quit>")
         text = self.inbox.read_bytes()
         self.assertIn(b"X-Status: F", text)
         changes = self.successResultOf(self.folder.refresh())
         self.assertEqual([i.uid for i in changes.flags], [2])
         self.assertEqual(self.flags(), {1: {SEEN, "$Label1"}, 2: {SEEN, FLAGGED}, 3: set()})
-        self.check_sizes()
+        # mutt added Status:, X-Status:, Content-Length: and Lines: to every message;
+        # sessions see the same bytes and sizes under the same UIDs
+        self.assertIn(b"Content-Length: ", text)
+        self.assertEqual(self.contents(), before)
 
 
 @needs_mutt
@@ -178,3 +192,46 @@ def test_imap_sees_flags_mutt_wrote(tmp_path):
     assert got[1] == {r"\Seen"}
     assert got[2] == set()
     assert got[3] == {r"\Flagged"}
+
+
+class HiddenFieldTests(SynchronousTestCase):
+    """The mbox bookkeeping fields are left out of what sessions read, and of the sizes."""
+
+    HEAD = (
+        b"Subject: h\nStatus: RO\nX-Keywords: $a\n $b\nMessage-ID: <h@x>\n"
+        b"Content-Length: 12\nLines: 1\nX-UID: 7\nX-Status: F\nX-Other: kept\n\n"
+    )
+    SHOWN = b"Subject: h\r\nMessage-ID: <h@x>\r\nX-Other: kept\r\n\r\n"
+
+    def test_small_large_and_crlf_messages(self):
+        root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, root, True)
+        inbox = root / "mail" / "example.test" / "alice" / "INBOX"
+        inbox.parent.mkdir(parents=True)
+        big = b"x" * 100 + b"\n"
+        bodies = [b"small\n", big * 4000]
+        store = MboxMailStore(
+            root / "mail", root / "index", SyncReactor(), SyncThreadPool(), clock=lambda: NOW
+        )
+        self.successResultOf(store.deliver(USER, BytesSource(self.HEAD + big * 4000), "s@x"))
+        with open(inbox, "ab") as fh:  # as another program writes them
+            for body in bodies:
+                fh.write(b"From a@x Mon Jan  1 00:00:00 2024\n" + self.HEAD + body + b"\n")
+            fh.write(
+                b"From a@x Mon Jan  1 00:00:00 2024\n"
+                + self.HEAD.replace(b"\n", b"\r\n")
+                + b"crlf\r\n\r\n"
+            )
+        f = self.successResultOf(store.open_folder(USER, "INBOX"))
+        self.addCleanup(f.close)
+        want = [b"small\r\n", big.replace(b"\n", b"\r\n") * 4000, b"crlf\r\n"]
+        want.insert(0, want[1])
+        msgs = f.messages()
+        self.assertEqual(len(msgs), 4)
+        self.assertEqual(msgs[0].flags, {SEEN, FLAGGED})
+        for m, body in zip(msgs, want, strict=True):
+            with f.open_message(m.uid) as fh:
+                data = fh.read()
+            self.assertTrue(data == self.SHOWN + body, f"uid {m.uid}: {data[:120]!r}")
+            self.assertEqual(m.size, len(data))
+            self.assertEqual(f.read_headers(m.uid), self.SHOWN)

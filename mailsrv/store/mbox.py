@@ -530,7 +530,8 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                rows.append(_scan_row(res, i, uid, flags, date, is_ours(res.from_offs[i])))
+                fmt = _fmt(is_ours(res.from_offs[i]))
+                rows.append(_scan_row(res, i, uid, flags, date, fmt))
                 _append_row(new, rows[-1], flags)
                 uid += 1
             idx.add(rows, uid, covered)
@@ -563,7 +564,7 @@ class MboxMailStore:
                 last = match
                 info = snap.infos[match]
                 flags, date = info.flags, info.internal_date
-                rd = bool(snap.rds[match])
+                rd = snap.rds[match]
                 on_disk = snap.dflags[match]
                 if on_disk is not None and on_disk != res.flags[i]:
                     # another program (mutt) changed Status:/X-Status: since we read them
@@ -575,7 +576,7 @@ class MboxMailStore:
             else:
                 flags, date = res.flags[i], res.dates[i]
                 k = i - (len(res.starts) - len(new_flags or ()))
-                rd = is_ours(res.from_offs[i])
+                rd = _fmt(is_ours(res.from_offs[i]))
                 if new_flags and k >= 0:  # our own append, at the end
                     flags = new_flags[k][0]
                     if new_flags[k][1] is not None:
@@ -1290,23 +1291,20 @@ class MboxMailStore:
 
 
 def _scan_row(
-    res: mboxfmt.ScanResult, i: int, uid: int, flags: frozenset[str], date: float, rd: bool
+    res: mboxfmt.ScanResult, i: int, uid: int, flags: frozenset[str], date: float, fmt: int
 ) -> tuple:
-    """
-    The index row for the C{i}th message a scan found, under C{uid}; C{rd}:
-    we wrote it, mboxrd-quoted (see L{_quoting}).
-    """
+    """The index row for the C{i}th message a scan found, under C{uid}, read as C{fmt}."""
     return (
         uid,
         res.from_offs[i],
         res.starts[i],
         res.ends[i],
-        res.size(i, rd),
+        res.size(i, fmt),
         flags_text(flags),
         date,
         res.crcs[i],
         res.fps[i],
-        int(rd),
+        fmt,
         flags_text(res.flags[i]),
     )
 
@@ -1329,11 +1327,18 @@ def _quoting(res: mboxfmt.ScanResult, is_ours: Callable[[int], bool]) -> tuple[a
     what mailsrv appended is read mboxrd, what another program wrote is read
     as it is, as mutt and Dovecot read it. A message keeps its reading for
     life (matched by fingerprint after a rewrite by another program), so
-    its size and bytes under a UID never change.
+    its size and bytes under a UID never change. The index column C{rd}
+    holds the reading as bits (L{mboxfmt.READ_MBOXRD}, L{mboxfmt.HIDE_FIELDS});
+    rows from before hidden fields have neither or only the first.
     """
-    rds = array("b", (1 if is_ours(off) else 0 for off in res.from_offs))
-    sizes = array("q", (res.size(i, bool(rd)) for i, rd in enumerate(rds)))
+    rds = array("b", (_fmt(is_ours(off)) for off in res.from_offs))
+    sizes = array("q", (res.size(i, fmt) for i, fmt in enumerate(rds)))
     return rds, sizes
+
+
+def _fmt(ours: bool) -> int:
+    """How a newly found message is read: mboxrd if ours; mbox bookkeeping fields hidden."""
+    return (mboxfmt.READ_MBOXRD if ours else 0) | mboxfmt.HIDE_FIELDS
 
 
 @implementer(IFolder)
@@ -1411,11 +1416,22 @@ class MboxFolder:
             data = handle.pread(end - from_off, from_off)
             if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
                 raise KeyError(uid)  # the file changed under us; refresh() will tell
-            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :], bool(snap.rds[i])))
+            fmt = snap.rds[i]
+            data = data[start - from_off :]
+            if fmt & mboxfmt.HIDE_FIELDS:
+                data = mboxfmt.hide_fields(data)
+            return io.BytesIO(mboxfmt.to_crlf(data, bool(fmt & mboxfmt.READ_MBOXRD)))
         line = handle.pread(start - from_off, from_off)
         if zlib.crc32(line) != snap.crcs[i]:
             raise KeyError(uid)
-        reader = mboxfmt.MessageReader(handle, start, end, bool(snap.rds[i]))
+        fmt = snap.rds[i]
+        reader = mboxfmt.MessageReader(
+            handle,
+            start,
+            end,
+            unquote=bool(fmt & mboxfmt.READ_MBOXRD),
+            hide=bool(fmt & mboxfmt.HIDE_FIELDS),
+        )
         handle.readers.add(reader)
         return io.BufferedReader(reader, 64 * 1024)
 
@@ -1434,9 +1450,14 @@ class MboxFolder:
                 data = data[: data.rfind(b"\n") + 1] if start + len(data) < end else data
                 break
             want *= 4
-        crlf = mboxfmt.to_crlf(data, bool(snap.rds[i]))
+        crlf = mboxfmt.to_crlf(data, bool(snap.rds[i] & mboxfmt.READ_MBOXRD))
         cut = crlf.find(b"\r\n\r\n")
-        return crlf if cut < 0 else crlf[: cut + 4]
+        if cut < 0:
+            return crlf
+        block = crlf[: cut + 4]
+        if snap.rds[i] & mboxfmt.HIDE_FIELDS:
+            block = mboxfmt.strip_hidden(block)[0]
+        return block
 
     def set_flags(self, changes):
         if self.read_only:

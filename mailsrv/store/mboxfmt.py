@@ -187,10 +187,13 @@ class MessageReader(io.RawIOBase):
     about to overwrite them.
     """
 
-    def __init__(self, source, start: int, end: int, unquote: bool = True) -> None:
+    def __init__(
+        self, source, start: int, end: int, unquote: bool = True, hide: bool = False
+    ) -> None:
         super().__init__()
         self._source = source
         self._unquote = unquote
+        self._hide = hide  # leave out the HIDDEN_FIELDS (read with the first fill)
         self._pos = start
         self._end = end
         self._carry = b""
@@ -230,6 +233,17 @@ class MessageReader(io.RawIOBase):
         return True
 
     def _fill(self) -> bool:
+        if self._hide:
+            self._hide = False
+            with self._lock:
+                head = self._source.pread(min(HEADER_LIMIT, self._end - self._pos), self._pos)
+            hend = _header_end(head, 0, len(head), b"\r" in head)
+            if hend >= 0:
+                with self._lock:
+                    self._pos += hend
+                self._out = to_crlf(strip_hidden(head[:hend])[0], self._unquote)
+                if self._out:
+                    return True
         while not self._out:
             if self._pos >= self._end and not self._carry:
                 return False
@@ -337,7 +351,77 @@ def parse_from_date(line: bytes) -> float:
         return 0.0
 
 
+READ_MBOXRD = 1  # a message's reading (L{ScanResult.size}): unquote one '>'
+HIDE_FIELDS = 2  # ... and leave out the HIDDEN_FIELDS
 STATUS_FLAGS = frozenset({SEEN, ANSWERED, FLAGGED, DELETED, DRAFT})  # what the headers can say
+
+# Header fields that mbox programs keep their own bookkeeping in: mutt writes
+# Status:, X-Status:, Content-Length: and Lines: when it rewrites a message,
+# Dovecot X-Keywords:, X-UID:, X-IMAP(base):, and mailsrv Status:/X-Status:.
+# Sessions do not see them (Dovecot hides the same ones but Lines:), so a
+# message's size and bytes stay the same while its flags are written.
+HIDDEN_FIELDS = frozenset(
+    {
+        b"status",
+        b"x-status",
+        b"x-keywords",
+        b"x-uid",
+        b"x-imap",
+        b"x-imapbase",
+        b"content-length",
+        b"lines",
+    }
+)
+_HIDDEN_HINTS = (b"status:", b"x-keywords", b"x-uid", b"x-imap", b"content-length", b"lines")
+
+
+def may_hide(lower_block: bytes) -> bool:
+    """Whether a lower-cased header block may hold a hidden field (a quick test)."""
+    return any(h in lower_block for h in _HIDDEN_HINTS)
+
+
+def strip_hidden(block: bytes) -> tuple[bytes, int]:
+    """
+    The header block C{block} (raw mbox lines) without the L{HIDDEN_FIELDS}
+    (and their continuation lines), and the CRLF size of what was left out.
+    """
+    out = []
+    removed = 0
+    skipping = False
+    pos = 0
+    n = len(block)
+    while pos < n:
+        eol = block.find(b"\n", pos)
+        nxt = n if eol < 0 else eol + 1
+        line = block[pos:nxt]
+        pos = nxt
+        if skipping and line[:1] in (b" ", b"\t"):
+            removed += _crlf_len(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        skipping = bool(colon) and name.rstrip().lower() in HIDDEN_FIELDS
+        if skipping:
+            removed += _crlf_len(line)
+        else:
+            out.append(line)
+    return (block if not removed else b"".join(out)), removed
+
+
+def _crlf_len(line: bytes) -> int:
+    if line.endswith(b"\r\n"):
+        return len(line)
+    if line.endswith(b"\n"):
+        return len(line) + 1
+    return len(line)
+
+
+def hide_fields(data: bytes) -> bytes:
+    """A message's raw mbox bytes without the hidden fields of its header block."""
+    hend = _header_end(data, 0, min(len(data), HEADER_LIMIT), b"\r" in data)
+    if hend < 0:
+        return data
+    block, removed = strip_hidden(data[:hend])
+    return block + data[hend:] if removed else data
 
 
 def status_flags(status: bytes, x_status: bytes) -> frozenset[str]:
@@ -366,17 +450,27 @@ class ScanResult:
     from_offs: array = field(default_factory=lambda: array("q"))
     starts: array = field(default_factory=lambda: array("q"))
     ends: array = field(default_factory=lambda: array("q"))
-    sizes: array = field(default_factory=lambda: array("q"))  # read as mboxrd
+    sizes: array = field(default_factory=lambda: array("q"))  # read as mboxrd, all fields
     quoted: array = field(default_factory=lambda: array("q"))  # lines matching ^>+From
+    hidden: array = field(default_factory=lambda: array("q"))  # CRLF size of hidden fields
     crcs: array = field(default_factory=lambda: array("q"))
     fps: array = field(default_factory=lambda: array("q"))
     dates: array = field(default_factory=lambda: array("d"))
     flags: list = field(default_factory=list)  # from Status:/X-Status:
     end: int = 0  # file offset the scan covered
 
-    def size(self, i: int, mboxrd: bool) -> int:
-        """The CRLF size of message C{i}, read as mboxrd (one '>' less per quoted line) or not."""
-        return self.sizes[i] if mboxrd else self.sizes[i] + self.quoted[i]
+    def size(self, i: int, fmt: int) -> int:
+        """
+        The CRLF size of message C{i} as sessions see it: C{fmt & READ_MBOXRD},
+        one '>' less per quoted line; C{fmt & HIDE_FIELDS}, without the
+        L{HIDDEN_FIELDS}.
+        """
+        size = self.sizes[i]
+        if not fmt & READ_MBOXRD:
+            size += self.quoted[i]
+        if fmt & HIDE_FIELDS:
+            size -= self.hidden[i]
+        return size
 
 
 class _Partial:
@@ -394,6 +488,7 @@ class _Partial:
         "xstatus",
         "header_end",
         "tail",
+        "hidden",
     )
 
     def __init__(self, from_off: int, start: int, line: bytes) -> None:
@@ -404,6 +499,7 @@ class _Partial:
         self.mid = self.status = self.xstatus = b""
         self.header_end = -1
         self.tail = b""  # the last 4 bytes counted
+        self.hidden = 0
 
 
 def _header_end(buf: bytes, pos: int, limit: int, has_cr: bool) -> int:
@@ -465,6 +561,8 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.ends.append(end)
     res.sizes.append((end - rec.start) + nl - crlf - rec.quoted)
     res.quoted.append(rec.quoted)
+    # fields are hidden only from a header block that ends inside the message
+    res.hidden.append(rec.hidden if 0 <= rec.header_end <= end else 0)
     res.crcs.append(line_crc)
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
@@ -493,7 +591,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
     a_from, a_start, a_end = res.from_offs.append, res.starts.append, res.ends.append
     a_size, a_crc, a_fp = res.sizes.append, res.crcs.append, res.fps.append
     a_date, a_flags = res.dates.append, res.flags.append
-    a_quoted = res.quoted.append
+    a_quoted, a_hidden = res.quoted.append, res.hidden.append
     crc32 = zlib.crc32
     while True:
         n = min(chunk, file_end - read_pos)
@@ -555,15 +653,19 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                     j = block.find(b"\n", i + 12)
                     if j >= 0:
                         mid = buf[start + i + 11 : start + j - 1].strip()
+                hid = 0
                 if b"status:" in block:
                     rec = _Partial(0, 0, b"")
                     _parse_headers(rec, buf, start, hend)
                     status, xstatus = rec.status, rec.xstatus
+                if hend <= end and may_hide(block):
+                    hid = strip_hidden(buf[start:hend])[1]
                 a_from(base + sep)
                 a_start(base + start)
                 a_end(base + end)
                 a_size(end - start + nl - q)
                 a_quoted(q)
+                a_hidden(hid)
                 a_crc(line_crc)
                 a_fp((crc32(mid, line_crc) << 31) | ((end - min(hend, end)) & 0x7FFFFFFF))
                 a_date(parse_from_date(line))
@@ -574,6 +676,8 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
             hstop = hend if hend >= 0 else min(blen, start + HEADER_LIMIT)
             _parse_headers(cur, buf, start, hstop)
             cur.header_end = base + hend if hend >= 0 else -2
+            if hend >= 0 and may_hide(buf[start:hend].lower()):
+                cur.hidden = strip_hidden(buf[start:hend])[1]
             pos = start
         else:
             if cur is not None:
