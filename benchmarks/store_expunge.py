@@ -8,7 +8,8 @@ Builds an INBOX of about --mb megabytes (messages of --size bytes) once,
 indexes it, then for each position (first, middle, near the end) and run:
 copies the mbox and its index afresh, opens the folder and times the
 expunge of that one message (the lock is held for nearly all of it: the
-rewrite, the fsyncs and the index update). Prints the median per position.
+rewrite, the fsyncs and the index update), and the writing of its new flags
+into its Status: header when the session leaves. Prints the median per position.
 Run it with PYTHONPATH pointing at another checkout to compare versions.
 """
 
@@ -91,6 +92,21 @@ def main() -> None:
                 times.append(time.perf_counter() - t0)
                 folder.close()
             print(f"expunge {label:13s} (uid {uid:6d}): {statistics.median(times) * 1000:8.1f} ms")
+        if not hasattr(MboxMailStore, "write_flags"):
+            return
+        for label, uid in (("first", 1), ("middle", n // 2), ("near the end", n - 10)):
+            times = []
+            for _ in range(args.runs):
+                root = Path(tmp) / "run"
+                shutil.rmtree(root, ignore_errors=True)
+                shutil.copytree(base, root)
+                store = MboxMailStore(root / "mail", root / "index", Reactor(), Pool())
+                folder = result(store.open_folder(USER, "INBOX"))
+                result(folder.set_flags({uid: {"\\Seen"}}))
+                t0 = time.perf_counter()
+                folder.close()  # the last session leaves: Status: RO is written
+                times.append(time.perf_counter() - t0)
+            print(f"flags   {label:13s} (uid {uid:6d}): {statistics.median(times) * 1000:8.1f} ms")
 
 
 if __name__ == "__main__":

@@ -15,12 +15,13 @@ import shutil
 import smtplib
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailsrv.interfaces import ANSWERED, DELETED, FLAGGED, SEEN
+from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN
 from mailsrv.spool import BytesSource
 from mailsrv.store.mbox import MboxMailStore
 from tests.e2e import PASSWORD, MailServer
@@ -235,3 +236,133 @@ class HiddenFieldTests(SynchronousTestCase):
             self.assertTrue(data == self.SHOWN + body, f"uid {m.uid}: {data[:120]!r}")
             self.assertEqual(m.size, len(data))
             self.assertEqual(f.read_headers(m.uid), self.SHOWN)
+
+
+class WriteFlagsTests(SynchronousTestCase):
+    """Flags sessions set reach the messages' Status:/X-Status: when the last session leaves."""
+
+    def setUp(self):
+        self.root = Path(tempfile.mkdtemp())
+        self.addCleanup(shutil.rmtree, self.root, True)
+        self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
+        self.store = self.new_store()
+        for i in range(1, 7):
+            self.successResultOf(self.store.deliver(USER, BytesSource(message(i)), "s@x"))
+
+    def new_store(self):
+        return MboxMailStore(
+            self.root / "mail",
+            self.root / "index",
+            SyncReactor(),
+            SyncThreadPool(),
+            clock=lambda: NOW,
+        )
+
+    def open(self, store=None):
+        return self.successResultOf((store or self.store).open_folder(USER, "INBOX"))
+
+    def seen_by_sessions(self, store=None):
+        f = self.open(store)
+        out = {}
+        for m in f.messages():
+            with f.open_message(m.uid) as fh:
+                data = fh.read()
+            self.assertEqual(len(data), m.size)
+            out[m.uid] = (m.flags, data, f.read_headers(m.uid))
+        f.close()
+        return out
+
+    def file_flags(self):
+        box = mailbox.mbox(str(self.inbox))
+        try:
+            return {m["Subject"]: m.get_flags() for m in box}
+        finally:
+            box.close()
+
+    def test_written_when_the_last_session_leaves(self):
+        before = self.seen_by_sessions()
+        f, g = self.open(), self.open()
+        flags = {1: {SEEN}, 2: {SEEN, ANSWERED, FLAGGED}, 4: {DRAFT, DELETED, "$Work"}}
+        self.successResultOf(f.set_flags(flags))
+        f.close()
+        self.assertEqual(set(self.file_flags().values()), {""})  # g is still there
+        g.close()
+        self.assertEqual(
+            self.file_flags(),
+            {"m1": "RO", "m2": "ROAF", "m3": "", "m4": "OTD", "m5": "", "m6": ""},
+        )
+        after = self.seen_by_sessions(self.new_store())
+        self.assertEqual(
+            {u: v[1:] for u, v in after.items()}, {u: v[1:] for u, v in before.items()}
+        )
+        self.assertEqual({u: v[0] for u, v in after.items() if v[0]}, flags)
+        # and back: shorter header blocks, the bytes after them move down
+        f = self.open()
+        self.successResultOf(f.set_flags({2: set(), 4: {"$Work"}, 6: {FLAGGED}}))
+        f.close()
+        self.assertEqual(
+            self.file_flags(),
+            {"m1": "RO", "m2": "O", "m3": "", "m4": "O", "m5": "", "m6": "OF"},
+        )
+        again = self.seen_by_sessions(self.new_store())
+        self.assertEqual(
+            {u: v[1:] for u, v in again.items()}, {u: v[1:] for u, v in before.items()}
+        )
+        self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+    @needs_mutt
+    def test_mutt_sees_them(self):
+        f = self.open()
+        self.successResultOf(f.set_flags({1: {SEEN}, 3: {SEEN}, 5: {SEEN, FLAGGED}}))
+        f.close()
+        # mutt deletes the messages it sees as read: 1, 3 and 5
+        keys = ":set delete=yes<enter><delete-pattern>~R<enter><sync-mailbox><quit>"
+        mutt(self.root, self.inbox, keys)
+        box = mailbox.mbox(str(self.inbox))
+        self.assertEqual(sorted(m["Subject"] for m in box), ["m2", "m4", "m6"])
+        box.close()
+        got = self.seen_by_sessions(self.new_store())
+        self.assertEqual(sorted(got), [2, 4, 6])
+
+
+def _fetch(imap, what: str) -> dict[int, bytes]:
+    typ, data = imap.uid("FETCH", "1:*", f"(UID {what})")
+    assert typ == "OK"
+    out = {}
+    for item in data:
+        if isinstance(item, tuple):
+            uid = int(re.search(rb"UID (\d+)", item[0]).group(1))
+            out[uid] = item[0] + item[1]
+    return out
+
+
+def test_imap_flags_reach_the_file_after_logout(tmp_path):
+    alice = "alice@example.test"
+    with MailServer(tmp_path) as srv:
+        srv.add_user(alice)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            for i in (1, 2, 3):
+                s.sendmail("bob@example.test", [alice], message(i).replace(b"\n", b"\r\n"))
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        imap.login(alice, PASSWORD)
+        imap.select("INBOX")
+        before = _fetch(imap, "RFC822.SIZE BODY.PEEK[]")
+        imap.uid("STORE", "1", "+FLAGS", r"(\Seen)")
+        imap.uid("STORE", "2", "+FLAGS", r"(\Flagged \Answered)")
+        imap.logout()
+        inbox = srv.inbox(alice)
+        deadline = time.monotonic() + 20
+        while b"X-Status" not in inbox.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        box = mailbox.mbox(str(inbox))
+        written = {m["Subject"]: m.get_flags() for m in box}
+        box.close()
+        assert written == {"m1": "RO", "m2": "OAF", "m3": ""}
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(alice, PASSWORD)
+            imap.select("INBOX")
+            after = _fetch(imap, "RFC822.SIZE BODY.PEEK[]")
+        finally:
+            imap.logout()
+    assert after == before  # same UIDs, sizes and bytes

@@ -19,7 +19,7 @@ from pathlib import Path
 
 from twisted.trial.unittest import SynchronousTestCase
 
-from mailsrv.interfaces import FLAGGED, SEEN
+from mailsrv.interfaces import ANSWERED, DRAFT, FLAGGED, SEEN
 from mailsrv.spool import BytesSource
 from mailsrv.store import mboxfmt, rewrite
 from mailsrv.store.locking import acquire_dotlock, release_dotlock
@@ -197,6 +197,50 @@ class ReaderTests(_Base):
         got = self.contents(self.open(self.new_store()))
         self.assertEqual(sorted(got), sorted(set(want) - dropped))
 
+    def test_stale_snapshot_reads_during_flag_writes(self):
+        store = self.new_store()
+        self.fill(store, range(1, 13))
+        f = self.open(store)
+        want = self.contents(f)
+        self.successResultOf(f.set_flags({2: {SEEN, FLAGGED}, 5: {SEEN}, 9: {ANSWERED}}))
+        st = store._states[(USER, "INBOX")]
+        stale = st.snap
+        changed = {2, 5, 9}
+        checks = []
+        real_fdatasync = os.fdatasync
+
+        class Os:
+            def __getattr__(self, name):
+                return getattr(os, name)
+
+            def fdatasync(_, fd):
+                real_fdatasync(fd)
+                checks.append(check_all())
+
+        def check_all():
+            for uid, (_, _, data) in want.items():
+                i = stale.find(uid)
+                reader = mboxfmt.MessageReader(
+                    stale.handle, stale.starts[i], stale.ends[i], hide=True
+                )
+                if uid in changed and stale.handle.relocation is not None:
+                    self.assertRaises(KeyError, reader.read)  # its header block was replaced
+                else:
+                    self.assertTrue(reader.read() == data, f"uid {uid} reads wrong bytes")
+            return True
+
+        self.patch(rewrite, "os", Os())
+        st.sessions -= 1  # as if the session had left: the flags are written now
+        self.successResultOf(store.write_flags(st))
+        st.sessions += 1
+        self.assertGreater(len(checks), 20)
+        self.assertIn(b"X-Status: A", self.inbox.read_bytes())
+        g = self.open(self.new_store())
+        self.assertEqual(
+            self.contents(g), {u: (m, fl, d) for u, (m, fl, d) in self.contents(f).items()}
+        )
+        self.assertEqual(set(self.contents(g)), set(want))
+
     def test_message_being_streamed_survives_expunges(self):
         big = b"Subject: m0\nMessage-ID: <big@rw>\n\n" + b"".join(
             b"line %d of a big one\nFrom x\n" % k for k in range(40000)
@@ -283,6 +327,20 @@ class KillTests(_Base):
         self.want = self.contents(f)
         f.close()
 
+    # flags whose Status:/X-Status: grow (2, 9) and shrink (1, 7): both passes
+    new_flags = {1: set(), 2: {SEEN, ANSWERED}, 7: {DRAFT}, 9: {FLAGGED}}
+
+    def change(self, store) -> None:
+        """What the child does: expunge, or (flags mode) set flags and leave the folder."""
+        f = self.successResultOf(store.open_folder(USER, "INBOX"))
+        if self.mode == "flags":
+            self.successResultOf(f.set_flags(self.new_flags))
+            f.close()  # the last session leaves: the flags are written into the file
+        else:
+            self.successResultOf(f.expunge(sorted(self.dropped)))
+
+    mode = "expunge"
+
     def expunge_in_child(self, at: int, segment: int) -> int:
         """Fork; the child expunges with kill -9 at step C{at}. Returns its wait status."""
         pid = os.fork()
@@ -291,9 +349,7 @@ class KillTests(_Base):
             try:
                 rewrite.SEGMENT = segment
                 rewrite.os = _KillingOs(at)  # type: ignore[attr-defined]
-                store = self.new_store()
-                f = self.successResultOf(store.open_folder(USER, "INBOX"))
-                self.successResultOf(f.expunge(sorted(self.dropped)))
+                self.change(self.new_store())
                 code = 0
             finally:
                 os._exit(code)
@@ -304,8 +360,10 @@ class KillTests(_Base):
         return status
 
     def check(self, label: str) -> bool:
-        """The folder after recovery; True if the expunge happened."""
+        """The folder after recovery; True if the expunge (or flag write) happened."""
         self.patch(rewrite, "os", _KillingOs(0))
+        if self.mode == "flags":
+            return self.check_flags(label)
         store = self.new_store()
         got = self.contents(self.open(store))
         kept = {u: (m, fl) for u, (m, fl, _) in self.want.items() if u not in self.dropped}
@@ -321,20 +379,37 @@ class KillTests(_Base):
         self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [], label)
         return done
 
+    def check_flags(self, label: str) -> bool:
+        got = self.contents(self.open(self.new_store()))
+        want = {u: (m, set(self.new_flags.get(u, fl)), d) for u, (m, fl, d) in self.want.items()}
+        self.assertEqual(set(got), set(want), label)
+        for u, (m, fl, d) in want.items():
+            self.assertEqual(got[u][:2], (m, fl), f"{label}: uid {u}")
+            self.assertTrue(got[u][2] == d, f"{label}: uid {u} reads other bytes")
+        box = mailbox.mbox(str(self.inbox), create=False)
+        written = {m["Subject"]: m.get_flags() for m in box}
+        box.close()
+        self.assertEqual(len(written), len(want), f"{label}: mbox has other messages")
+        self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [], label)
+        return written["m2"] == "ROA" and written["m1"] == "O"
+
     def reset(self):
         if self.root.exists():
             shutil.rmtree(self.root)
         shutil.copytree(self.pristine, self.root)
 
-    def kill_everywhere(self, segment: int, stride: int = 1) -> None:
+    def kill_everywhere(self, segment: int, stride: int = 1, points: int = 0) -> None:
+        """Kill at every C{stride}th step (about C{points} of them, if given) and the last ones."""
         self.reset()
         counter = _KillingOs(0)
         self.patch(rewrite, "os", counter)
         self.patch(rewrite, "SEGMENT", segment)
-        self.successResultOf(self.open(self.new_store()).expunge(sorted(self.dropped)))
+        self.change(self.new_store())
         self.assertTrue(self.check("no kill"))
         steps = counter.count
         self.assertGreater(steps, 10)
+        if points:
+            stride = max(1, steps // points)
         outcomes = set()
         for at in sorted({*range(1, steps + 1, stride), *range(steps - 12, steps + 1)}):
             self.reset()
@@ -349,6 +424,14 @@ class KillTests(_Base):
 
     def test_kill_at_every_step_segments_within_shift(self):
         self.kill_everywhere(segment=200, stride=7)
+
+    def test_kill_at_every_step_of_a_flag_write(self):
+        self.mode = "flags"
+        self.kill_everywhere(segment=3000, points=90)
+
+    def test_kill_at_every_step_of_a_flag_write_small_segments(self):
+        self.mode = "flags"
+        self.kill_everywhere(segment=500, points=90)
 
     def test_append_by_another_program_after_a_kill(self):
         self.reset()

@@ -193,12 +193,18 @@ class FolderIndex:
         removed: list[int],
         moved: list[tuple[int, int, int, int]],
         covered: tuple[int, int, int],
+        dflags: list[tuple[str, int]] | None = None,
     ) -> None:
-        """After an expunge: drop C{removed} UIDs, move others ((from, start, stop, uid))."""
+        """
+        After a rewrite of the file: drop C{removed} UIDs, move others ((from,
+        start, stop, uid)), record what Status:/X-Status: now say ((text, uid)).
+        """
 
         def fn(db):
             db.executemany("DELETE FROM msgs WHERE uid = ?", [(u,) for u in removed])
             db.executemany("UPDATE msgs SET from_off = ?, start = ?, stop = ? WHERE uid = ?", moved)
+            if dflags:
+                db.executemany("UPDATE msgs SET dflags = ? WHERE uid = ?", dflags)
             self._set_meta(self.uid_next, covered)
 
         self._tx(fn)

@@ -21,6 +21,12 @@ L{rewrite.Relocation}): a session with a stale snapshot, or a message being
 streamed, keeps reading the right bytes while and after they move, without
 holding up the rewrite; bytes of expunged messages read as gone (KeyError),
 except for messages being streamed, whose rest is copied aside first.
+
+Flags live in the index; when the last session leaves a folder, those that
+sessions changed are written into the messages' Status:/X-Status: headers
+(L{store_write_flags}), the same in-place rewrite; flags another program
+wrote there are taken over at the next rescan. Sessions never see those
+header fields (L{mboxfmt.HIDDEN_FIELDS}), so writing them changes no size.
 """
 
 from __future__ import annotations
@@ -110,11 +116,15 @@ class _FileHandle:
                     if i < 0:
                         raise rewrite.MessageGone(off)
                     piece = min(n, rel.ends[i] - off)
-                    if off >= rel.frontier:  # not moved yet: still in place
-                        data = os.pread(self.fd, piece, off)
-                    else:
+                    if rel.up:  # moved from the frontier on
+                        if off < rel.frontier:
+                            piece = min(piece, rel.frontier - off)
+                    elif off < rel.frontier:  # moved below the frontier
                         piece = min(piece, rel.frontier - off)
+                    if rel.moved(off):
                         nxt = rel.next, off - (rel.srcs[i] - rel.dsts[i])
+                    else:  # not moved yet: still in place
+                        data = os.pread(self.fd, piece, off)
             if nxt is not None:
                 data = nxt[0].pread(piece, nxt[1])
             parts.append(data)
@@ -227,6 +237,7 @@ class _FolderState:
         self.queue = _SerialQueue()
         self.index: FolderIndex | None = None  # used on the disk threads only
         self.reload = False  # disk threads: the index changed under C{snap} (a recovered rewrite)
+        self.dirty: set[int] = set()  # UIDs whose flags sessions changed, not yet in the file
         self.snap: _Snapshot | None = None
         self.uid_validity = 0
         self.uid_next = 1
@@ -670,7 +681,8 @@ class MboxMailStore:
         journal = rewrite.Journal(st.index_base)
         found = journal.read()
         if found is None:
-            journal.remove()
+            if journal.path.exists() or journal.save_path.exists():
+                journal.remove()  # a plan cut short: nothing moved yet
             return
         plan, progress, stage = found
         s = os.fstat(fd)
@@ -701,7 +713,7 @@ class MboxMailStore:
         covered = _covered(s)
         if s.st_size != plan.indexed_size:  # another program appended since: the tail scan finds it
             covered = (plan.indexed_size, -1, s.st_ino)
-        self._open_index(st).rewrite(plan.removed, plan.moved, covered)
+        self._open_index(st).rewrite(plan.removed, plan.moved, covered, plan.dflags)
 
     def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> int:
         """
@@ -1005,6 +1017,30 @@ class MboxMailStore:
             if not first and not announced:
                 self._notify(st)
         return upd
+
+    def write_flags(self, st: _FolderState) -> defer.Deferred:
+        """
+        Write the flags sessions changed into the messages' Status:/X-Status:
+        headers (as mutt and Dovecot keep them), in the folder's queue. Done
+        lazily, when the last session leaves the folder (sessions do not see
+        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back.
+        """
+
+        def job():
+            if st.sessions or st.detached or not st.dirty:
+                return None
+            uids, st.dirty = st.dirty, set()
+
+            def failed(f: Failure) -> None:
+                st.dirty |= uids  # the index has them; the next time writes them
+                self.log.failure(
+                    "writing flags into {user} {folder} failed", f, user=st.user, folder=st.name
+                )
+
+            d = self._in_thread(store_write_flags, self, st, uids)
+            return d.addCallback(self._install, st).addErrback(failed)
+
+        return self._job(st, job)
 
     def _sync_job(self, st: _FolderState) -> defer.Deferred:
         return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
@@ -1492,6 +1528,7 @@ class MboxFolder:
                 except KeyError:
                     continue
                 snap.infos.set_flags(i, flags)
+                st.dirty.add(uid)
             st.version += 1
             st.mutation_version = st.version
             store._notify(st)
@@ -1581,6 +1618,8 @@ class MboxFolder:
         for cb in list(self._listeners):
             self.remove_listener(cb)
         self._st.sessions -= 1
+        if not self._st.sessions and self._st.dirty:
+            self._store.write_flags(self._st)  # the last session left: lazily, now
         self._store._maybe_idle(self._st)
 
 
@@ -1600,7 +1639,7 @@ def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _
                 _unlink(d / f)
         s = os.fstat(lk.fd)
         plan, new = _expunge_plan(snap, drop, s.st_size, s.st_ino)
-        _rewrite_in_place(store, st, lk.fd, snap, plan)
+        _rewrite_in_place(store, st, lk.fd, snap, plan, snap.from_offs[drop[0]])
         new.handle = snap.handle.relocation.next  # type: ignore[union-attr]
         idx = store._open_index(st)
     store.log.info(
@@ -1672,7 +1711,12 @@ def _expunge_plan(
 
 
 def _rewrite_in_place(
-    store: MboxMailStore, st: _FolderState, fd: int, snap: _Snapshot, plan: rewrite.Plan
+    store: MboxMailStore,
+    st: _FolderState,
+    fd: int,
+    snap: _Snapshot,
+    plan: rewrite.Plan,
+    first: int,
 ) -> None:
     """
     Carry out C{plan} on the locked mbox C{fd} and update the index, with the
@@ -1684,8 +1728,7 @@ def _rewrite_in_place(
     """
     old = snap.handle
     assert old is not None and old.ino == os.fstat(fd).st_ino
-    first = snap.from_offs[snap.find(plan.removed[0])]
-    rel = rewrite.Relocation(plan.runs, first, _FileHandle(st.path, old.readers))
+    rel = rewrite.Relocation(plan.runs, first, _FileHandle(st.path, old.readers), plan.up)
     for reader in list(old.readers):
         source, pos, end = reader.remaining()
         if pos < end and (source is not old or not rel.keeps(pos, end)):
@@ -1705,7 +1748,7 @@ def _rewrite_in_place(
     try:
         rewrite.move(fd, plan, journal, guard=lambda: old.lock, advanced=advanced)
         with old.lock:
-            rel.frontier = plan.old_size
+            rel.complete()
         store._rewrite_index(st, fd, plan)
     except BaseException:
         rel.broken = True
@@ -1720,6 +1763,121 @@ def _rewrite_in_place(
             store.log.failure("finishing the rewrite of {path} failed", path=str(st.path))
         raise
     journal.remove()
+
+
+def store_write_flags(store: MboxMailStore, st: _FolderState, uids: set[int]) -> _Update:
+    """
+    Rewrite, in place, the Status:/X-Status: headers of messages C{uids} whose
+    flags differ from what the file says (disk thread): first the header
+    blocks that shrink or keep their length (the bytes after them move down),
+    then those that grow (the bytes move up), each a journaled rewrite.
+    """
+    upd = store._sync(st)
+    with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
+        upd = store._sync_locked(st, lk.fd, upd.snap)
+        snap = upd.snap
+        count = 0
+        for up in (False, True):
+            size = os.fstat(lk.fd).st_size
+            planned = _status_plan(snap, lk.fd, uids, size, os.fstat(lk.fd).st_ino, up)
+            if planned is None:
+                continue
+            plan, new, first = planned
+            _rewrite_in_place(store, st, lk.fd, snap, plan, first)
+            new.handle = snap.handle.relocation.next  # type: ignore[union-attr]
+            snap = new
+            count += len(plan.dflags)
+        idx = store._open_index(st)
+    if count:
+        store.log.info(
+            "wrote flags of {count} into {user} {folder}",
+            count=count,
+            user=st.user,
+            folder=st.name,
+        )
+    return _Update(snap, idx.uid_validity, idx.uid_next, False)
+
+
+def _status_plan(
+    snap: _Snapshot, fd: int, uids: set[int], size: int, ino: int, up: bool
+) -> tuple[rewrite.Plan, _Snapshot, int] | None:
+    """
+    The rewrite that gives messages C{uids} the Status:/X-Status: of their
+    flags, for those whose header block grows (C{up}) or does not; the
+    snapshot after it; and the offset from which the file changes.
+    """
+    changes = []  # (index, header start, header end, new block)
+    for uid in sorted(uids):
+        try:
+            i = snap.find(uid)
+        except KeyError:
+            continue
+        if not snap.rds[i] & mboxfmt.HIDE_FIELDS:
+            continue  # indexed before the fields were hidden: writing would change its size
+        want = snap.infos.flag_sets[i] & mboxfmt.STATUS_FLAGS
+        if snap.dflags[i] == want:
+            continue
+        start, end = snap.starts[i], snap.ends[i]
+        head = os.pread(fd, min(mboxfmt.HEADER_LIMIT, end - start), start)
+        hend = mboxfmt.header_end(head)
+        if hend < 0:
+            continue
+        block = mboxfmt.with_status(head[:hend], want)
+        grows = len(block) > hend
+        if block != head[:hend] and grows == up:
+            changes.append((i, start, start + hend, block))
+    if not changes:
+        return None
+    runs: list[tuple[int, int, int]] = []
+    literals: list[bytes] = []
+    shift = 0
+    prev = changes[0][1]
+    for _, h0, h1, block in changes:
+        if h0 > prev:
+            runs.append((prev, h0, prev + shift))
+        literals.append(block)
+        runs.append((-len(literals), 0, h0 + shift))
+        shift += len(block) - (h1 - h0)
+        prev = h1
+    if size > prev:
+        runs.append((prev, size, prev + shift))
+    # the snapshot and index rows after it: offsets move by the changes before them
+    k = changes[0][0]
+    new = _Snapshot(
+        snap.from_offs[:k],
+        snap.starts[:k],
+        snap.ends[:k],
+        snap.crcs[:k],
+        snap.fps[:k],
+        snap.infos.copy(),
+        None,
+        array("b", snap.rds),
+        list(snap.dflags),
+    )
+    moved = []
+    dflags = []
+    by_index = {c[0]: c for c in changes}
+    d = 0
+    for j in range(k, len(snap.uids)):
+        c = by_index.get(j)
+        grow = 0 if c is None else len(c[3]) - (c[2] - c[1])
+        a, b, e = snap.from_offs[j] + d, snap.starts[j] + d, snap.ends[j] + d + grow
+        new.from_offs.append(a)
+        new.starts.append(b)
+        new.ends.append(e)
+        new.crcs.append(snap.crcs[j])
+        new.fps.append(snap.fps[j])
+        uid = snap.uids[j]
+        moved.append((a, b, e, uid))
+        if c is not None:
+            want = snap.infos.flag_sets[j] & mboxfmt.STATUS_FLAGS
+            new.dflags[j] = want
+            dflags.append((flags_text(want), uid))
+        d += grow
+    plan = rewrite.Plan(
+        ino, size, size + shift, runs, moved=moved, up=up, literals=literals, dflags=dflags
+    )
+    return plan, new, changes[0][1]
 
 
 # -- helpers ---------------------------------------------------------------------

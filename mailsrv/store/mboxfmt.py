@@ -415,6 +415,44 @@ def _crlf_len(line: bytes) -> int:
     return len(line)
 
 
+def header_end(data: bytes) -> int:
+    """Where the header block at the start of C{data} ends (after its blank line), or -1."""
+    return _header_end(data, 0, min(len(data), HEADER_LIMIT), b"\r" in data)
+
+
+def with_status(block: bytes, flags: frozenset[str]) -> bytes:
+    """
+    Header block C{block} (with its blank line) with Status: and X-Status:
+    saying C{flags}, as mutt writes them (R: \\Seen, O: not new; X-Status:
+    A \\Answered, F \\Flagged, T \\Draft, D \\Deleted).
+    """
+    nl = b"\r\n" if block.endswith(b"\r\n") else b"\n"
+    body = block[: -len(nl)]
+    out = []
+    skipping = False
+    pos = 0
+    while pos < len(body):
+        eol = body.find(b"\n", pos)
+        nxt = len(body) if eol < 0 else eol + 1
+        line = body[pos:nxt]
+        pos = nxt
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        name, colon, _ = line.partition(b":")
+        skipping = bool(colon) and name.rstrip().lower() in (b"status", b"x-status")
+        if not skipping:
+            out.append(line)
+    out.append(b"Status: " + (b"R" if SEEN in flags else b"") + b"O" + nl)
+    letters = b"".join(
+        ch
+        for ch, flag in ((b"A", ANSWERED), (b"F", FLAGGED), (b"T", DRAFT), (b"D", DELETED))
+        if flag in flags
+    )
+    if letters:
+        out.append(b"X-Status: " + letters + nl)
+    return b"".join(out) + nl
+
+
 def hide_fields(data: bytes) -> bytes:
     """A message's raw mbox bytes without the hidden fields of its header block."""
     hend = _header_end(data, 0, min(len(data), HEADER_LIMIT), b"\r" in data)

@@ -24,7 +24,16 @@ Then one line is added (and fdatasynced) per step done:
     x OLD NEW    after a crash, another program appended OLD..NEW: one more
                  run moves those bytes down behind the others
     t            every run is done; the file is about to be truncated
+    g            (moving up) the file is about to grow to C{new_size}, before
+                 any byte moves; what another program appends later lands
+                 after all we write, and stays
     f            the file is complete (tail written, truncated, fsynced)
+
+A plan moves bytes either all down (an expunge; header blocks that shrink)
+or all up (header blocks that grow); then C{runs} are done from the last
+one, each from its end, and the bytes at risk are the last W - k of a
+segment. A run C{(-1 - n, 0, dst)} writes C{literals[n]} (a new header
+block) at C{dst}: its place holds only bytes already moved or replaced.
 
 After a C{t} line, a file that is no longer C{old_size} long was truncated
 already (whatever follows C{new_size} was appended since, and stays): only
@@ -89,6 +98,9 @@ class Plan:
     removed: list[int] = field(default_factory=list)  # UIDs gone from the index
     moved: list[tuple[int, int, int, int]] = field(default_factory=list)  # (from, start, stop, uid)
     indexed_size: int = -1  # how much of the new file the index describes (-1: new_size)
+    up: bool = False  # the bytes move up (the file grows): runs are done from the last one
+    literals: list[bytes] = field(default_factory=list)  # runs (-1 - n, 0, dst) write literals[n]
+    dflags: list[tuple[str, int]] = field(default_factory=list)  # (flags text, uid) written
 
     def __post_init__(self) -> None:
         if self.indexed_size < 0:
@@ -106,6 +118,9 @@ class Plan:
                 "removed": self.removed,
                 "moved": self.moved,
                 "indexed_size": self.indexed_size,
+                "up": self.up,
+                "literals": [b.hex() for b in self.literals],
+                "dflags": self.dflags,
             },
             separators=(",", ":"),
         ).encode("ascii")
@@ -123,6 +138,9 @@ class Plan:
             [int(u) for u in d["removed"]],
             [(int(a), int(b), int(c), int(u)) for a, b, c, u in d["moved"]],
             int(d["indexed_size"]),
+            bool(d.get("up", False)),
+            [bytes.fromhex(h) for h in d.get("literals", [])],
+            [(str(t), int(u)) for t, u in d.get("dflags", [])],
         )
 
     def extend(self, old_size: int, size: int) -> None:
@@ -186,7 +204,8 @@ class Journal:
     def read(self) -> tuple[Plan, tuple[int, int], str] | None:
         """
         (plan, progress, stage) from the journal, or None if there is none usable;
-        the stage is "" (moving), "t" (truncating) or "f" (file done).
+        the stage is "" (moving), "g" (grown, moving up), "t" (truncating) or
+        "f" (file done).
         """
         try:
             text = self.path.read_bytes()
@@ -207,7 +226,7 @@ class Journal:
                 progress = (int(words[1]), int(words[2]))
             elif words[:1] == [b"x"] and len(words) == 3:
                 plan.extend(int(words[1]), int(words[2]))
-            elif words in ([b"t"], [b"f"]):
+            elif words in ([b"g"], [b"t"], [b"f"]):
                 stage = words[0].decode()
         return plan, progress, stage
 
@@ -233,40 +252,68 @@ def move(
     guard: Callable[[], AbstractContextManager] = nullcontext,
     advanced: Callable[[int], None] = lambda src: None,
     truncate: bool = True,
+    grown: bool = False,
 ) -> None:
     """
-    Carry out C{plan} on the mbox C{fd} from C{progress} on, recording each step
-    in the (begun) journal, up to and including the C{f} line. Each segment is
-    written inside C{guard()}, which then gets C{advanced(src)}: the source
-    offset below which every kept byte is at its destination.
+    Carry out C{plan} on the mbox C{fd} from C{progress} (step, bytes done) on,
+    recording each step in the (begun) journal, up to and including the C{f}
+    line. Each segment is written inside C{guard()}, which then gets
+    C{advanced(src)}: the source offset below which (moving down), or from
+    which on (moving up), every kept byte is at its destination.
     """
     runs = plan.runs
-    start_run, start_done = progress
-    for i in range(start_run, len(runs)):
-        src, end, dst = runs[i]
-        k = src - dst
-        done = start_done if i == start_run else 0
-        while src + done < end:
-            w = min(SEGMENT, end - src - done)
+    order = list(range(len(runs)))
+    if plan.up:
+        order.reverse()
+    start_step, start_done = progress
+    if plan.up and not grown:
+        # the file grows to its new size before a byte moves (zeros at the end for now):
+        # another program's append can then only land after everything we write
+        journal.mark(b"g\n")
+        if os.fstat(fd).st_size < plan.new_size:
+            os.ftruncate(fd, plan.new_size)
+    for step in range(start_step, len(order)):
+        src, end, dst = runs[order[step]]
+        done = start_done if step == start_step else 0
+        if src < 0:  # new bytes (a header block): written whole, idempotent
+            if not done:
+                with guard():
+                    _pwrite_all(fd, plan.literals[-1 - src], dst)
+                os.fdatasync(fd)
+                journal.mark(b"p %d 1\n" % step)
+            continue
+        if src == dst:
+            continue
+        n = end - src
+        k = abs(dst - src)
+        while done < n:
+            w = min(SEGMENT, n - done)
+            # moving down, segments go up from the start of the run, and the first
+            # w - k source bytes of a segment are overwritten while it is copied;
+            # moving up, they go down from its end, and it is the last w - k
+            lo = src + done if not plan.up else end - done - w
             risk = w - k
             if risk > 0:
-                saved = journal.saved(i, done, risk)
+                keep_at = 0 if not plan.up else w - risk
+                saved = journal.saved(step, done, risk)
                 if saved is None:
-                    data = read_range(fd, src + done, src + done + w)
-                    journal.save(i, done, data[:risk])
-                else:  # a segment cut short: its first bytes are only in the save file
-                    data = saved + read_range(fd, src + done + risk, src + done + w)
+                    data = read_range(fd, lo, lo + w)
+                    journal.save(step, done, data[keep_at : keep_at + risk])
+                elif not plan.up:  # a segment cut short: those bytes are only saved
+                    data = saved + read_range(fd, lo + risk, lo + w)
+                else:
+                    data = read_range(fd, lo, lo + w - risk) + saved
             else:
-                data = read_range(fd, src + done, src + done + w)
+                data = read_range(fd, lo, lo + w)
             with guard():
-                _pwrite_all(fd, data, dst + done)
-                advanced(src + done + w)
+                _pwrite_all(fd, data, lo + (dst - src))
+                advanced(lo + w if not plan.up else lo)
             os.fdatasync(fd)
             done += w
-            journal.mark(b"p %d %d\n" % (i, done))
+            journal.mark(b"p %d %d\n" % (step, done))
     if plan.tail:
         _pwrite_all(fd, plan.tail, plan.tail_at)
-    if truncate:
+    if truncate and not plan.up:
         journal.mark(b"t\n")
         os.ftruncate(fd, plan.new_size)
     os.fsync(fd)
@@ -282,12 +329,16 @@ def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], sta
         return
     size = os.fstat(fd).st_size
     truncate = True
-    if stage == "t":
+    grown = stage == "g"
+    if grown:
+        if size < plan.new_size:  # killed between the mark and the truncate
+            os.ftruncate(fd, plan.new_size)
+    elif stage == "t":
         truncate = size == plan.old_size
     elif size > plan.old_size:
         journal.mark(b"x %d %d\n" % (plan.old_size, size))
         plan.extend(plan.old_size, size)
-    move(fd, plan, journal, progress, truncate=truncate)
+    move(fd, plan, journal, progress, truncate=truncate, grown=grown)
 
 
 class Relocation:
@@ -305,14 +356,26 @@ class Relocation:
     reader that was streaming one had its remaining bytes copied aside first.
     """
 
-    def __init__(self, runs: list[tuple[int, int, int]], first: int, next_handle) -> None:
+    def __init__(
+        self, runs: list[tuple[int, int, int]], first: int, next_handle, up: bool = False
+    ) -> None:
+        runs = [r for r in runs if r[0] >= 0]  # new header blocks replace what was there
         self.srcs = [r[0] for r in runs]
         self.ends = [r[1] for r in runs]
         self.dsts = [r[2] for r in runs]
         self.first = first  # bytes below this offset stay where they are
-        self.frontier = first
+        self.up = up  # moving up, the frontier comes down from the end
+        self.frontier = self.ends[-1] if up and runs else first
         self.next = next_handle
         self.broken = False  # the rewrite failed: nothing after C{first} can be trusted
+
+    def complete(self) -> None:
+        """Every kept byte is at its new place."""
+        self.frontier = -1 if self.up else (self.ends[-1] if self.ends else self.first)
+
+    def moved(self, off: int) -> bool:
+        """Whether the kept byte at C{off} is at its new place already."""
+        return off >= self.frontier if self.up else off < self.frontier
 
     def run_at(self, off: int) -> int:
         """Index of the run holding offset C{off}; -1 if it was dropped."""
