@@ -152,3 +152,80 @@ def test_pop3_retr_of_procmail_and_smtp_mail(tmp_path):
     smtp_body = got[0].split(b"\r\n\r\n", 1)[1]
     assert smtp_body == crlf(BODY).split(b"\r\n\r\n", 1)[1]
     assert got[1] == crlf(BODY_AFTER_MBOXO)
+
+
+def _same_inode_rewrite(path: Path, drop_subject: bytes) -> None:
+    """What mutt's sync does: dotlock + fcntl, rewrite the same inode without one message."""
+    import fcntl
+    import time
+
+    from mailsrv.store.locking import acquire_dotlock, release_dotlock
+
+    lock = acquire_dotlock(path, time.monotonic() + 10)
+    try:
+        with open(path, "r+b") as fh:
+            fcntl.lockf(fh, fcntl.LOCK_EX)
+            data = fh.read()
+            parts = data.split(b"\n\nFrom ")
+            parts = [p if i == 0 else b"From " + p for i, p in enumerate(parts)]
+            parts = [p if p.endswith(b"\n") else p + b"\n\n" for p in parts]
+            kept = [p for p in parts if b"Subject: %s\n" % drop_subject not in p]
+            fh.seek(0)
+            fh.write(b"".join(kept))
+            fh.truncate()
+    finally:
+        release_dotlock(lock)
+
+
+def _msg(i: int, n: int) -> bytes:
+    body = b"".join(b"message %d line %d\n" % (i, k) for k in range(n))
+    return b"Subject: m%d\nMessage-ID: <%d@t>\n\n%s" % (i, i, body)
+
+
+class OursAfterRewritesTests(SynchronousTestCase):
+    """Which messages are ours survives another program rewriting the file in place."""
+
+    def setUp(self):
+        self.root = Path(self.mktemp())
+        self.store = MboxMailStore(
+            self.root / "mail",
+            self.root / "index",
+            SyncReactor(),
+            SyncThreadPool(),
+            clock=lambda: NOW,
+        )
+        self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
+
+    def deliver(self, data: bytes) -> None:
+        self.successResultOf(self.store.deliver(USER, BytesSource(data), "s@x"))
+
+    def read_all(self) -> dict[bytes, bytes]:
+        f = self.successResultOf(self.store.open_folder(USER, "INBOX"))
+        out = {}
+        for info in f.messages():
+            with f.open_message(info.uid) as fh:
+                data = fh.read()
+            self.assertEqual(len(data), info.size)
+            out[data.split(b"\r\n", 1)[0]] = data
+        f.close()
+        return out
+
+    def test_no_mail_truncated_after_a_rewrite(self):
+        self.deliver(_msg(1, 3))
+        self.deliver(_msg(2, 3))
+        _same_inode_rewrite(self.inbox, b"m2")  # the index no longer describes the file
+        self.deliver(_msg(3, 400))  # so the delivery is not indexed at once
+        _same_inode_rewrite(self.inbox, b"m1")  # the file shrinks under the old append's place
+        self.deliver(_msg(4, 3))
+        got = self.read_all()
+        self.assertEqual(sorted(got), [b"Subject: m3", b"Subject: m4"])
+        self.assertTrue(got[b"Subject: m3"] == crlf(_msg(3, 400)), "m3 was cut")
+
+    def test_our_message_stays_mboxrd_after_a_rewrite(self):
+        ours = b"Subject: m3\nMessage-ID: <3@t>\n\nhello\nFrom the start of a line\nbye\n"
+        self.deliver(_msg(1, 400))
+        self.deliver(_msg(2, 3))
+        _same_inode_rewrite(self.inbox, b"m2")
+        self.deliver(ours)  # not indexed at once
+        _same_inode_rewrite(self.inbox, b"m1")  # m3 moves to where m1 was
+        self.assertEqual(self.read_all(), {b"Subject: m3": crlf(ours)})

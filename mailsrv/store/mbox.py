@@ -496,8 +496,9 @@ class MboxMailStore:
         With the mbox locked: recover a broken append or rewrite, then index what
         changed. C{ours}: byte ranges we just appended (read mboxrd, L{_quoting}).
         """
-        ranges = [*self._recover(st, fd), *ours]
-        upd = self._index_changes(st, fd, snap, new_flags, _in_ranges(ranges))
+        found = self._recover(st, fd)
+        is_ours = _Ours([*found.ranges, *ours], found.fps)
+        upd = self._index_changes(st, fd, snap, new_flags, is_ours)
         _unlink(st.journal)  # the appends it lists are indexed now
         return upd
 
@@ -507,7 +508,7 @@ class MboxMailStore:
         fd: int,
         snap: _Snapshot,
         new_flags: list[tuple[frozenset[str], float | None]] | None,
-        is_ours: Callable[[int], bool],
+        is_ours: _Ours,
     ) -> _Update:
         idx = self._open_index(st)
         if st.reload:
@@ -541,7 +542,7 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                fmt = _fmt(is_ours(res.from_offs[i]))
+                fmt = _fmt(is_ours(res.from_offs[i], res.fps[i]))
                 rows.append(_scan_row(res, i, uid, flags, date, fmt))
                 _append_row(new, rows[-1], flags)
                 uid += 1
@@ -587,7 +588,7 @@ class MboxMailStore:
             else:
                 flags, date = res.flags[i], res.dates[i]
                 k = i - (len(res.starts) - len(new_flags or ()))
-                rd = _fmt(is_ours(res.from_offs[i]))
+                rd = _fmt(is_ours(res.from_offs[i], res.fps[i]))
                 if new_flags and k >= 0:  # our own append, at the end
                     flags = new_flags[k][0]
                     if new_flags[k][1] is not None:
@@ -606,7 +607,7 @@ class MboxMailStore:
         res: mboxfmt.ScanResult,
         handle: _FileHandle,
         covered: tuple[int, int, int],
-        is_ours: Callable[[int], bool],
+        is_ours: _Ours,
     ) -> _Update:
         """Index a scanned file none of whose messages were known: all get new UIDs."""
         n = len(res.starts)
@@ -638,34 +639,56 @@ class MboxMailStore:
         )
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
-    def _recover(self, st: _FolderState, fd: int) -> list[tuple[int, int]]:
+    def _recover(self, st: _FolderState, fd: int) -> _Ours:
         """
         With the mbox locked, before anything reads it: finish a rewrite that a
         crash interrupted, and truncate away an append that a crash left half
-        written (each journal says where). Returns the byte ranges of our
-        complete appends that the index may not know yet (the append journal
-        lists them until they are indexed): the messages there are ours.
+        written. Returns what the append journal knows of our messages that the
+        index may not have yet (L{_Ours}).
+
+        The append journal (C{<folder>.journal}) has lines
+            a INO PRE POST CRC LEN HEAD   an append under way: the file was PRE
+                                          long, LEN bytes before it had CRC, and
+                                          it starts with the bytes HEAD (hex)
+            o FP FP ...                   fingerprints of our messages whose
+                                          append completed, not indexed yet
+        An C{a} line is trusted only if the bytes around PRE are still those:
+        another program (mutt) may have rewritten the file since.
         """
         self._recover_rewrite(st, fd)
         try:
-            lines = st.journal.read_bytes().split(b"\n")
+            lines = st.journal.read_bytes().split(b"\n")[:-1]
         except FileNotFoundError:
-            return []
+            return _Ours()
         s = os.fstat(fd)
-        covered = self._open_index(st).covered
-        indexed = covered[0] if covered is not None and covered[2] == s.st_ino else 0
-        ranges = []
-        for n, line in enumerate(lines):
+        ours = _Ours()
+        for line in lines:
+            words = line.split()
+            if words[:1] == [b"o"]:
+                ours.fps.update(int(w) for w in words[1:])
+                continue
             try:
-                ino, pre, post = (int(x) for x in line.split())
+                if words[:1] == [b"a"] and len(words) == 7:
+                    ino, pre, post, crc, length = (int(w) for w in words[1:6])
+                    head = bytes.fromhex(words[6].decode())
+                elif len(words) == 3:  # an older version's line: no check possible
+                    ino, pre, post = (int(w) for w in words)
+                    crc = length = -1
+                    head = b""
+                else:
+                    continue
             except ValueError:
                 continue
-            if ino != s.st_ino:
+            if ino != s.st_ino or pre > s.st_size:
                 continue
-            if post <= s.st_size:
-                if pre >= indexed:
-                    ranges.append((pre, post))
-            elif pre < s.st_size and n >= len(lines) - 2:  # the last append, cut short
+            if length >= 0:
+                before = os.pread(fd, length, pre - length)
+                seen = os.pread(fd, min(len(head), s.st_size - pre), pre)
+                if zlib.crc32(before) != crc or not head.startswith(seen):
+                    continue  # the file changed under this line: not ours any more
+            if s.st_size >= post:
+                ours.ranges.append((pre, post))
+            elif pre < s.st_size:  # cut short by a crash
                 self.log.warn(
                     "truncating partial append to {path} from {size} to {pre}",
                     path=str(st.path),
@@ -674,7 +697,20 @@ class MboxMailStore:
                 )
                 os.ftruncate(fd, pre)
                 os.fsync(fd)
-        return ranges
+        return ours
+
+    def _keep_ours(self, st: _FolderState, fd: int, ours: _Ours) -> None:
+        """
+        The index did not take our appended messages: rewrite the journal so it
+        names them by fingerprint (offsets go stale when another program
+        rewrites the file), for the scan that will index them.
+        """
+        fps = set(ours.fps)
+        for a, b in ours.ranges:
+            fps.update(mboxfmt.scan(fd, a, b).fps)
+        tmp = st.journal.with_name(st.journal.name + ".tmp")
+        tmp.write_bytes(b"o " + b" ".join(b"%d" % fp for fp in sorted(fps)) + b"\n")
+        os.replace(tmp, st.journal)
 
     def _recover_rewrite(self, st: _FolderState, fd: int) -> None:
         """Finish an in-place rewrite the journal describes; the index follows."""
@@ -715,20 +751,25 @@ class MboxMailStore:
             covered = (plan.indexed_size, -1, s.st_ino)
         self._open_index(st).rewrite(plan.removed, plan.moved, covered, plan.dflags)
 
-    def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> int:
+    def _write_journal(
+        self, st: _FolderState, fd: int, ino: int, pre: int, post: int, head: bytes
+    ) -> int:
         """
-        Add an append to the journal (one line: inode, old end, new end); returns
-        the journal's length before, to take the line back with L{_unwrite_journal}.
+        Add an append under way to the journal (L{_recover}); returns the
+        journal's length before, to take the line back with L{_unwrite_journal}.
         """
+        length = min(pre, 256)
+        crc = zlib.crc32(os.pread(fd, length, pre - length))
         st.journal.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        jfd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         try:
-            length = os.fstat(fd).st_size
-            mboxfmt.write_all(fd, b"%d %d %d\n" % (ino, pre, post))
-            os.fdatasync(fd)
+            before = os.fstat(jfd).st_size
+            line = b"a %d %d %d %d %d %s\n" % (ino, pre, post, crc, length, head.hex().encode())
+            mboxfmt.write_all(jfd, line)
+            os.fdatasync(jfd)
         finally:
-            os.close(fd)
-        return length
+            os.close(jfd)
+        return before
 
     def _unwrite_journal(self, st: _FolderState, length: int) -> None:
         if length == 0:
@@ -769,7 +810,7 @@ class MboxMailStore:
             elif tail != b"\n\n":
                 pad = b"\n"
         total += len(pad)
-        jlen = self._write_journal(st, s.st_ino, pre, pre + total)
+        jlen = self._write_journal(st, fd, s.st_ino, pre, pre + total, pad + prepared[0][0])
         try:
             os.lseek(fd, pre, os.SEEK_SET)
             written = 0
@@ -888,15 +929,18 @@ class MboxMailStore:
                 size = self._append_locked(st, lk.fd, prepared)
                 if created:
                     _fsync_dir(st.path.parent)  # the new file's name is durable too
-                indexed = self._index_delivered(st, lk.fd, before, earlier)
+                ours = _Ours([*earlier.ranges, (before.st_size, size)], earlier.fps)
+                indexed = self._index_delivered(st, lk.fd, before, ours)
                 if indexed is not None:
                     _unlink(st.journal)
+                else:
+                    self._keep_ours(st, lk.fd, ours)
                 return size, errors, indexed
         except FileNotFoundError:
             raise FolderError("No such folder")
 
     def _index_delivered(
-        self, st: _FolderState, fd: int, before: os.stat_result, earlier: list[tuple[int, int]]
+        self, st: _FolderState, fd: int, before: os.stat_result, ours: _Ours
     ) -> _Indexed | None:
         """
         With the mbox locked and the append fsynced: record the new messages (and
@@ -945,7 +989,7 @@ class MboxMailStore:
             first = idx.uid_next
             n = len(res.starts)
             # ours: this append, and earlier ones not indexed yet; not what others appended
-            rds, sizes = _quoting(res, _in_ranges([*earlier, (before.st_size, after.st_size)]))
+            rds, sizes = _quoting(res, ours)
             texts = [flags_text(f) if f else "" for f in res.flags]
             rows = list(
                 zip(
@@ -1345,14 +1389,24 @@ def _scan_row(
     )
 
 
-def _in_ranges(ranges: Sequence[tuple[int, int]]) -> Callable[[int], bool]:
-    """Whether a file offset lies in one of C{ranges} ([start, end) pairs)."""
-    return lambda off: any(a <= off < b for a, b in ranges)
-
-
-def _quoting(res: mboxfmt.ScanResult, is_ours: Callable[[int], bool]) -> tuple[array, array]:
+class _Ours:
     """
-    (rds, sizes) for the messages a scan found; C{is_ours(from_off)}: we wrote
+    Which messages a scan finds are ours (we appended them: mboxrd): those
+    starting in C{ranges} (appends whose place is known to be still right)
+    or whose fingerprint is in C{fps}.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]] = (), fps: set[int] | None = None):
+        self.ranges = list(ranges)
+        self.fps: set[int] = set() if fps is None else fps
+
+    def __call__(self, off: int, fp: int) -> bool:
+        return fp in self.fps or any(a <= off < b for a, b in self.ranges)
+
+
+def _quoting(res: mboxfmt.ScanResult, is_ours: _Ours) -> tuple[array, array]:
+    """
+    (rds, sizes) for the messages a scan found; C{is_ours(from_off, fp)}: we wrote
     the message (an append whose range the journal or the caller knows).
 
     mboxrd or mboxo: a line ">From " in an mbox is "From " quoted by mboxrd
@@ -1367,7 +1421,9 @@ def _quoting(res: mboxfmt.ScanResult, is_ours: Callable[[int], bool]) -> tuple[a
     holds the reading as bits (L{mboxfmt.READ_MBOXRD}, L{mboxfmt.HIDE_FIELDS});
     rows from before hidden fields have neither or only the first.
     """
-    rds = array("b", (_fmt(is_ours(off)) for off in res.from_offs))
+    rds = array(
+        "b", (_fmt(is_ours(off, fp)) for off, fp in zip(res.from_offs, res.fps, strict=True))
+    )
     sizes = array("q", (res.size(i, fmt) for i, fmt in enumerate(rds)))
     return rds, sizes
 
