@@ -459,3 +459,109 @@ class KillTests(_Base):
                 sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped),
                 f"step {at}",
             )
+
+
+class _Recording(_KillingOs):
+    """L{_KillingOs} that also notes at which step each write happens."""
+
+    def __init__(self, at: int) -> None:
+        super().__init__(at)
+        object.__setattr__(self, "writes", [])
+
+    def write(self, fd, data):
+        self.writes.append((self.count + 1, bytes(data)))
+        return _KillingOs.write(self, fd, data)
+
+
+class SecondKillTests(KillTests):
+    """Kills during recovery, and another program appending between kill and recovery."""
+
+    # only the tests below (KillTests' own run there)
+    test_kill_at_every_step_small_segments = None
+    test_kill_at_every_step_segments_within_shift = None
+    test_kill_at_every_step_of_a_flag_write = None
+    test_kill_at_every_step_of_a_flag_write_small_segments = None
+    test_append_by_another_program_after_a_kill = None
+
+    def recover_in_child(self, at: int) -> int:
+        """Fork; the child opens the folder (finishing the rewrite), killed at step C{at}."""
+        pid = os.fork()
+        if pid == 0:  # pragma: no cover (the child)
+            try:
+                rewrite.SEGMENT = 3000
+                rewrite.os = _KillingOs(at)  # type: ignore[attr-defined]
+                self.successResultOf(self.new_store().open_folder(USER, "INBOX"))
+            finally:
+                os._exit(0)
+        _, status = os.waitpid(pid, 0)
+        lock = self.inbox.with_name("INBOX.lock")
+        if lock.exists():
+            os.utime(lock, (time.time() - 3600, time.time() - 3600))
+        return status
+
+    def test_kill_while_a_journal_line_is_written_then_during_recovery(self):
+        self.reset()
+        rec = _Recording(0)
+        self.patch(rewrite, "os", rec)
+        self.patch(rewrite, "SEGMENT", 3000)
+        self.change(self.new_store())
+        p_lines = [n for n, data in rec.writes if data.startswith(b"p ")]
+        for first in p_lines[:2]:
+            for second in range(1, 25, 2):
+                self.reset()
+                self.assertTrue(os.WIFSIGNALED(self.expunge_in_child(first, 3000)))
+                self.recover_in_child(second)
+                self.assertTrue(self.check(f"kills at {first} then {second}"))
+
+    def append_other(self, data: bytes) -> None:
+        lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
+        try:
+            with open(self.inbox, "ab") as fh:
+                fcntl.lockf(fh, fcntl.LOCK_EX)
+                fh.write(data)
+        finally:
+            release_dotlock(lock)
+
+    def test_append_after_a_kill_around_the_truncate(self):
+        counter = _KillingOs(0)
+        self.reset()
+        self.patch(rewrite, "os", counter)
+        self.patch(rewrite, "SEGMENT", 3000)
+        self.change(self.new_store())
+        steps = counter.count
+        kept = sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped)
+        seen = set()
+        for at in range(steps, 0, -1):
+            self.reset()
+            self.assertTrue(os.WIFSIGNALED(self.expunge_in_child(at, 3000)))
+            (journal,) = list((self.root / "index").rglob("INBOX.rewrite")) or [None]
+            if journal is None:
+                continue
+            text = journal.read_bytes()
+            stages = [ln[:1] for ln in text.split(b"\n")[1:-1]]
+            if b"t" not in stages or b"f" in stages:
+                continue
+            plan = rewrite.Plan.from_json(text.split(b"\n")[0])
+            if b"t" not in stages or b"f" in stages:
+                continue
+            truncated = self.inbox.stat().st_size == plan.new_size
+            if truncated in seen:
+                continue
+            seen.add(truncated)
+            # another program appends: exactly as many bytes as the expunge removed
+            n = plan.old_size - plan.new_size
+            head = b"From x Mon Jan  1 00:00:00 2024\nSubject: m99\nMessage-ID: <99@rw>\n\n"
+            self.append_other(head + b"x" * (n - len(head) - 2) + b"\n\n")
+            store = self.new_store()
+            f = self.open(store)
+            mids = []
+            for info in f.messages():
+                with f.open_message(info.uid) as fh:
+                    data = fh.read()
+                mid = int(data.split(b"\r\n", 1)[0].split(b"m", 1)[1])
+                if mid != 99:
+                    self.assertTrue(data == crlf(message(mid)), f"step {at}: {mid} damaged")
+                mids.append(mid)
+            self.assertEqual(sorted(mids[:-1]), kept, f"step {at} (truncated: {truncated})")
+            self.assertEqual(mids[-1], 99, f"step {at} (truncated: {truncated})")
+        self.assertEqual(seen, {True, False})

@@ -23,7 +23,7 @@ Then one line is added (and fdatasynced) per step done:
                  have all runs before it (the mbox was fdatasynced before)
     x OLD NEW    after a crash, another program appended OLD..NEW: one more
                  run moves those bytes down behind the others
-    t            every run is done; the file is about to be truncated
+    t CRC LEN    every run is done; the file is about to be truncated
     g            (moving up) the file is about to grow to C{new_size}, before
                  any byte moves; what another program appends later lands
                  after all we write, and stays
@@ -35,12 +35,13 @@ one, each from its end, and the bytes at risk are the last W - k of a
 segment. A run C{(-1 - n, 0, dst)} writes C{literals[n]} (a new header
 block) at C{dst}: its place holds only bytes already moved or replaced.
 
-After a C{t} line, a file that is no longer C{old_size} long was truncated
-already (whatever follows C{new_size} was appended since, and stays): only
-a kill in the instant between writing C{t} and the truncate call, followed
-by another program appending before the next open, is misread (the stale
-bytes after C{new_size} would stay). Without C{t}, a file longer than
-C{old_size} was appended to (C{x}).
+The C{t} line holds the crc and length of (up to 64 of) the bytes after
+C{new_size} before the truncate: if they are still there after a kill, the
+file was not truncated yet (and what another program appended after
+C{old_size} moves down, C{x}); if not, it was, and whatever follows
+C{new_size} was appended since and stays. Without C{t}, a file longer than
+C{old_size} was appended to (C{x}). A line a kill cut short is cut off
+before more are added (L{Journal.reopen}).
 
 Copying in ascending order never touches a source byte of a later run
 (C{dst + len} of every run is at most the next run's C{dst}, which is at most
@@ -101,6 +102,8 @@ class Plan:
     up: bool = False  # the bytes move up (the file grows): runs are done from the last one
     literals: list[bytes] = field(default_factory=list)  # runs (-1 - n, 0, dst) write literals[n]
     dflags: list[tuple[str, int]] = field(default_factory=list)  # (flags text, uid) written
+    # from the journal's t line: the crc and length of the bytes after new_size then
+    t_check: tuple[int, int] | None = None
 
     def __post_init__(self) -> None:
         if self.indexed_size < 0:
@@ -170,7 +173,14 @@ class Journal:
         _fsync_dir(self.path.parent)
 
     def reopen(self) -> None:
-        self._fd = os.open(self.path, os.O_WRONLY | os.O_APPEND)
+        """Open to add lines, after cutting a line a kill left half written."""
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        size = os.fstat(self._fd).st_size
+        tail = os.pread(self._fd, min(size, 4096), max(0, size - 4096))
+        cut = size - (len(tail) - tail.rfind(b"\n") - 1)
+        if cut != size:
+            os.ftruncate(self._fd, cut)
+            os.fsync(self._fd)
 
     def mark(self, line: bytes) -> None:
         _write_all(self._fd, line)
@@ -222,12 +232,22 @@ class Journal:
         stage = ""
         for ln in lines[1:-1]:  # the last piece has no newline: incomplete
             words = ln.split()
-            if words[:1] == [b"p"] and len(words) == 3:
-                progress = (int(words[1]), int(words[2]))
-            elif words[:1] == [b"x"] and len(words) == 3:
-                plan.extend(int(words[1]), int(words[2]))
-            elif words in ([b"g"], [b"t"], [b"f"]):
-                stage = words[0].decode()
+            try:
+                if words[:1] == [b"p"] and len(words) == 3:
+                    progress = (int(words[1]), int(words[2]))
+                elif words[:1] == [b"x"] and len(words) == 3:
+                    plan.extend(int(words[1]), int(words[2]))
+                elif words[:1] == [b"t"] and len(words) == 3:
+                    stage = "t"
+                    plan.t_check = (int(words[1]), int(words[2]))
+                elif words in ([b"g"], [b"t"], [b"f"]):
+                    stage = words[0].decode()
+                else:
+                    raise ValueError(ln)
+            except ValueError:
+                # lines are only ever added whole (L{reopen}): this is damage, and going
+                # on from an older line could copy bytes that were overwritten since
+                raise OSError(f"rewrite journal {self.path} is damaged: {ln!r}")
         return plan, progress, stage
 
     def close(self) -> None:
@@ -314,7 +334,11 @@ def move(
     if plan.tail:
         _pwrite_all(fd, plan.tail, plan.tail_at)
     if truncate and not plan.up:
-        journal.mark(b"t\n")
+        # what the bytes after the new end are now, to tell after a kill whether
+        # the truncate happened (another program may have appended since)
+        n = max(0, min(64, os.fstat(fd).st_size - plan.new_size))
+        crc = zlib.crc32(os.pread(fd, n, plan.new_size))
+        journal.mark(b"t %d %d\n" % (crc, n))
         os.ftruncate(fd, plan.new_size)
     os.fsync(fd)
     journal.mark(b"f\n")
@@ -334,7 +358,12 @@ def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], sta
         if size < plan.new_size:  # killed between the mark and the truncate
             os.ftruncate(fd, plan.new_size)
     elif stage == "t":
-        truncate = size == plan.old_size
+        crc, n = plan.t_check or (0, 0)
+        if n == 0 or zlib.crc32(os.pread(fd, n, plan.new_size)) != crc:
+            truncate = False  # truncated already: what follows the new end was appended since
+        elif size > plan.old_size:  # not truncated, and another program appended meanwhile
+            journal.mark(b"x %d %d\n" % (plan.old_size, size))
+            plan.extend(plan.old_size, size)
     elif size > plan.old_size:
         journal.mark(b"x %d %d\n" % (plan.old_size, size))
         plan.extend(plan.old_size, size)
