@@ -565,3 +565,41 @@ class SecondKillTests(KillTests):
             self.assertEqual(sorted(mids[:-1]), kept, f"step {at} (truncated: {truncated})")
             self.assertEqual(mids[-1], 99, f"step {at} (truncated: {truncated})")
         self.assertEqual(seen, {True, False})
+
+    def test_file_rewritten_by_another_program_after_a_kill(self):
+        """A journal about a file that mutt rewrote since is dropped; the file is rescanned."""
+
+        def drop_m1(data: bytes) -> bytes:
+            start = data.index(b"\nFrom ", 10) + 1
+            return data[start:]
+
+        def mark_m1_read(data: bytes) -> bytes:
+            return data.replace(b"Subject: m1\n", b"Subject: m1\nStatus: RO\n", 1)
+
+        for edit, gone in ((drop_m1, {1}), (mark_m1_read, set())):
+            # the last kill after which the mbox is still untouched (the plan is written)
+            at = 0
+            for k in range(1, 12):
+                self.reset()
+                before = self.inbox.read_bytes()
+                self.expunge_in_child(k, 3000)
+                journal = list((self.root / "index").rglob("INBOX.rewrite"))
+                if journal and self.inbox.read_bytes() == before:
+                    at = k
+            self.assertGreater(at, 0)
+            self.reset()
+            self.expunge_in_child(at, 3000)
+            lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
+            try:
+                with open(self.inbox, "r+b") as fh:  # mutt: the same inode
+                    fcntl.lockf(fh, fcntl.LOCK_EX)
+                    data = edit(fh.read())
+                    fh.seek(0)
+                    fh.write(data)
+                    fh.truncate()
+            finally:
+                release_dotlock(lock)
+            got = self.contents(self.open(self.new_store()))  # opens, reads every message intact
+            want = {u: m for u, (m, _, _) in self.want.items() if u not in gone}
+            self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
+            self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])

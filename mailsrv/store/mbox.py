@@ -728,6 +728,16 @@ class MboxMailStore:
             )
             journal.remove()
             return
+        if not rewrite.still_valid(fd, plan, progress, stage):
+            self.log.warn(
+                "dropping the rewrite journal of {path}: the file was rewritten since;"
+                " rescanning it",
+                path=str(st.path),
+            )
+            journal.remove()
+            self._open_index(st).set_covered((-1, -1, -1))  # matches no file: rescan
+            st.reload = True
+            return
         self.log.warn(
             "finishing an interrupted rewrite of {path} (run {run}, {done} bytes done)",
             path=str(st.path),
@@ -1789,6 +1799,7 @@ def _rewrite_in_place(
         source, pos, end = reader.remaining()
         if pos < end and (source is not old or not rel.keeps(pos, end)):
             reader.spill()
+    plan.checks = rewrite.run_checks(fd, plan)
     journal = rewrite.Journal(st.index_base)
     try:
         journal.begin(plan)

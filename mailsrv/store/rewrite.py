@@ -84,6 +84,7 @@ from pathlib import Path
 from mailsrv.store.mboxfmt import read_range
 
 SEGMENT = 8 * 1024 * 1024  # bytes moved between two progress records
+CHECK = 64  # bytes at the start of each run whose crc the plan keeps
 
 
 @dataclass
@@ -102,6 +103,9 @@ class Plan:
     up: bool = False  # the bytes move up (the file grows): runs are done from the last one
     literals: list[bytes] = field(default_factory=list)  # runs (-1 - n, 0, dst) write literals[n]
     dflags: list[tuple[str, int]] = field(default_factory=list)  # (flags text, uid) written
+    # per run, the crc of its first (up to CHECK) bytes, to tell that the file is still
+    # the one the plan is about (another program may rewrite it in place after a kill)
+    checks: list[int] = field(default_factory=list)
     # from the journal's t line: the crc and length of the bytes after new_size then
     t_check: tuple[int, int] | None = None
 
@@ -124,6 +128,7 @@ class Plan:
                 "up": self.up,
                 "literals": [b.hex() for b in self.literals],
                 "dflags": self.dflags,
+                "checks": self.checks,
             },
             separators=(",", ":"),
         ).encode("ascii")
@@ -144,6 +149,7 @@ class Plan:
             bool(d.get("up", False)),
             [bytes.fromhex(h) for h in d.get("literals", [])],
             [(str(t), int(u)) for t, u in d.get("dflags", [])],
+            [int(c) for c in d.get("checks", [])],
         )
 
     def extend(self, old_size: int, size: int) -> None:
@@ -152,6 +158,8 @@ class Plan:
             return
         dst = self.new_size
         self.runs.append((old_size, size, dst))
+        if self.checks:
+            self.checks.append(-1)  # not checked: appended after the plan
         self.new_size = dst + size - old_size
         self.old_size = size
 
@@ -342,6 +350,46 @@ def move(
         os.ftruncate(fd, plan.new_size)
     os.fsync(fd)
     journal.mark(b"f\n")
+
+
+def run_checks(fd: int, plan: Plan) -> list[int]:
+    """The crc of the first bytes of each run (of each new block), before anything moves."""
+    out = []
+    for src, end, _ in plan.runs:
+        if src < 0:
+            out.append(zlib.crc32(plan.literals[-1 - src][:CHECK]))
+        else:
+            out.append(zlib.crc32(os.pread(fd, min(CHECK, end - src), src)))
+    return out
+
+
+def still_valid(fd: int, plan: Plan, progress: tuple[int, int], stage: str) -> bool:
+    """
+    Whether the file is still the one C{plan} is about, as far as C{progress}:
+    every run done has its first bytes at its destination, every run not begun
+    at its source. A program that rewrote the file in place after a kill (mutt,
+    once the dead process's dotlock was stale) makes this false: then the
+    journal must be dropped and the file rescanned, not "finished".
+    """
+    if not plan.checks:
+        return True
+    order = list(range(len(plan.runs)))
+    if plan.up:
+        order.reverse()
+    current = len(order) if stage == "f" or stage == "t" else progress[0]
+    for step, i in enumerate(order):
+        src, end, dst = plan.runs[i]
+        check = plan.checks[i] if i < len(plan.checks) else -1
+        if check < 0 or current <= step <= current + 1:
+            continue  # appended after the plan, or maybe half moved (the step after a
+            # completed one may have begun before its first progress line)
+        n = len(plan.literals[-1 - src][:CHECK]) if src < 0 else min(CHECK, end - src)
+        if src < 0 and step > current:
+            continue  # a new block not written yet: nothing to see
+        at = dst if step < current or src < 0 else src
+        if zlib.crc32(os.pread(fd, n, at)) != check:
+            return False
+    return True
 
 
 def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], stage: str) -> None:
