@@ -178,6 +178,8 @@ class Journal:
         self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         _write_all(self._fd, plan.to_json() + b"\n")
         os.fdatasync(self._fd)
+        # the save file's name too is made durable now, with the journal's
+        os.close(os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
         _fsync_dir(self.path.parent)
 
     def reopen(self) -> None:
