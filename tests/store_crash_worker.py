@@ -1,7 +1,8 @@
 """
 A process that stores mail in a loop until it is killed (kill -9), for
 tests/test_store_crash.py. Prints "ack <id>" once a delivery has fired (so it is
-durable) and "expunged <id> ..." once an expunge has fired.
+durable), "expunging <id> ..." before an expunge starts (a kill may leave those
+messages there or not) and "expunged <id> ..." once it has fired.
 
     python -m tests.store_crash_worker ROOT MODE FIRST_ID SEED
 """
@@ -78,6 +79,8 @@ def main() -> None:
                 mid = int(subject.split(b"m", 1)[1])
                 if mid % 2 == 0 or rnd.random() < 0.3:
                     gone.append((info.uid, mid))
+            out.write("expunging " + " ".join(str(m) for _, m in gone) + "\n")
+            out.flush()
             d = folder.expunge([u for u, _ in gone])
             d.addCallback(
                 lambda _, g=gone: (

@@ -3,7 +3,11 @@ The per-folder index: an sqlite3 database (WAL) beside, not inside, the mail
 directory. It holds UIDVALIDITY, UIDNEXT, which state of the mbox file it
 describes (size, mtime_ns, inode), and per message its UID, offsets, CRLF
 size, flags, internal date and a fingerprint to recognise it after another
-program rewrote the file. Blocking; used from the disk threads only, one
+program rewrote the file, the flags its Status:/X-Status: headers said when
+it was last read (to notice when another program changes them), and whether
+it was written mboxrd-quoted (by us:
+read with one '>' less on ^>+From lines) or by another program (mboxo: read as
+it is). Blocking; used from the disk threads only, one
 thread at a time per folder.
 """
 
@@ -19,9 +23,9 @@ from mailsrv.atomic import make_dirs
 from mailsrv.logsafe import SafeLogger
 
 SCHEMA_VERSION = 1
-SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal")
+SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal", ".rewrite", ".rewrite-save")
 
-Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp)
+Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp, rd, dflags)
 
 
 def index_base(index_dir: Path, domain: str, local: str, name: str) -> Path:
@@ -90,8 +94,13 @@ class FolderIndex:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS msgs (uid INTEGER PRIMARY KEY, from_off INTEGER,"
                 " start INTEGER, stop INTEGER, size INTEGER, flags TEXT, idate REAL,"
-                " crc INTEGER, fp INTEGER)"
+                " crc INTEGER, fp INTEGER, rd INTEGER NOT NULL DEFAULT 1, dflags TEXT)"
             )
+            cols = [r[1] for r in db.execute("PRAGMA table_info(msgs)")]
+            if "rd" not in cols:  # an index from before the column: its rows were read as mboxrd
+                db.execute("ALTER TABLE msgs ADD COLUMN rd INTEGER NOT NULL DEFAULT 1")
+            if "dflags" not in cols:  # NULL: what the file says is not known
+                db.execute("ALTER TABLE msgs ADD COLUMN dflags TEXT")
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
                 self.fresh = True
@@ -119,7 +128,8 @@ class FolderIndex:
     def rows(self):
         """All messages, in UID (= file) order (an iterator)."""
         return self._db.execute(
-            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp FROM msgs ORDER BY uid"
+            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dflags"
+            " FROM msgs ORDER BY uid"
         )
 
     def _set_meta(self, uid_next: int, covered: tuple[int, int, int]) -> None:
@@ -151,7 +161,7 @@ class FolderIndex:
 
         def fn(db):
             db.execute("DELETE FROM msgs")
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
 
         self._tx(fn)
@@ -168,7 +178,7 @@ class FolderIndex:
         """
 
         def fn(db):
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
 
         if durable:
@@ -192,12 +202,18 @@ class FolderIndex:
         removed: list[int],
         moved: list[tuple[int, int, int, int]],
         covered: tuple[int, int, int],
+        dflags: list[tuple[str, int]] | None = None,
     ) -> None:
-        """After an expunge: drop C{removed} UIDs, move others ((from, start, stop, uid))."""
+        """
+        After a rewrite of the file: drop C{removed} UIDs, move others ((from,
+        start, stop, uid)), record what Status:/X-Status: now say ((text, uid)).
+        """
 
         def fn(db):
             db.executemany("DELETE FROM msgs WHERE uid = ?", [(u,) for u in removed])
             db.executemany("UPDATE msgs SET from_off = ?, start = ?, stop = ? WHERE uid = ?", moved)
+            if dflags:
+                db.executemany("UPDATE msgs SET dflags = ? WHERE uid = ?", dflags)
             self._set_meta(self.uid_next, covered)
 
         self._tx(fn)

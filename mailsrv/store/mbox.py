@@ -12,6 +12,21 @@ other programs are found when a folder is opened or refreshed: unchanged
 files are not read, grown files are scanned from the old end, rewritten files
 are rescanned and their messages matched to the old index by fingerprint, so
 UIDs and flags survive edits by mutt or procmail.
+
+Expunge rewrites the file in place with a journal (L{mailsrv.store.rewrite}):
+the inode never changes, so other programs' appends are never lost. Sessions
+read through a L{_FileHandle} per file layout; an in-place rewrite relocates
+the old layout's handle instead of waiting for its readers (see
+L{rewrite.Relocation}): a session with a stale snapshot, or a message being
+streamed, keeps reading the right bytes while and after they move, without
+holding up the rewrite; bytes of expunged messages read as gone (KeyError),
+except for messages being streamed, whose rest is copied aside first.
+
+Flags live in the index; when the last session leaves a folder, those that
+sessions changed are written into the messages' Status:/X-Status: headers
+(L{store_write_flags}), the same in-place rewrite; flags another program
+wrote there are taken over at the next rescan. Sessions never see those
+header fields (L{mboxfmt.HIDDEN_FIELDS}), so writing them changes no size.
 """
 
 from __future__ import annotations
@@ -23,12 +38,13 @@ import os
 import stat
 import threading
 import time
+import weakref
 import zlib
 from array import array
 from bisect import bisect_left
 from collections import OrderedDict
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -38,10 +54,10 @@ from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv.atomic import make_dirs
+from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
 from mailsrv.logsafe import SafeLogger
-from mailsrv.store import mboxfmt
+from mailsrv.store import mboxfmt, rewrite
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.infos import InfoList
 from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
@@ -64,13 +80,60 @@ RESERVED_SUFFIXES = (".lock",)
 
 
 class _FileHandle:
-    """A read-only fd on one mbox inode; closed when the last reader lets go."""
+    """
+    A read-only fd on one mbox inode, as laid out when a snapshot was taken;
+    closed when the last reader lets go. After an in-place rewrite of the file
+    (L{mailsrv.store.rewrite}) its reads follow the bytes to their new place
+    (C{relocation}); C{readers} are the messages being streamed from this inode
+    (shared by the handles of all its layouts).
+    """
 
-    __slots__ = ("fd", "ino")
+    __slots__ = ("fd", "ino", "lock", "relocation", "readers", "__weakref__")
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, readers: weakref.WeakSet | None = None) -> None:
         self.fd = os.open(path, os.O_RDONLY)
         self.ino = os.fstat(self.fd).st_ino
+        self.lock = threading.Lock()
+        self.relocation: rewrite.Relocation | None = None
+        self.readers: weakref.WeakSet = weakref.WeakSet() if readers is None else readers
+
+    def pread(self, n: int, off: int) -> bytes:
+        """Up to C{n} bytes at C{off} in this layout (fewer at the end of the file)."""
+        parts = []
+        while n > 0:
+            nxt = None
+            with self.lock:
+                rel = self.relocation
+                if rel is None or off + n <= rel.first:
+                    parts.append(os.pread(self.fd, n, off))
+                    break
+                if rel.broken:
+                    raise rewrite.MessageGone(off)
+                if off < rel.first:
+                    piece = rel.first - off
+                    data = os.pread(self.fd, piece, off)
+                else:
+                    i = rel.run_at(off)
+                    if i < 0:
+                        raise rewrite.MessageGone(off)
+                    piece = min(n, rel.ends[i] - off)
+                    if rel.up:  # moved from the frontier on
+                        if off < rel.frontier:
+                            piece = min(piece, rel.frontier - off)
+                    elif off < rel.frontier:  # moved below the frontier
+                        piece = min(piece, rel.frontier - off)
+                    if rel.moved(off):
+                        nxt = rel.next, off - (rel.srcs[i] - rel.dsts[i])
+                    else:  # not moved yet: still in place
+                        data = os.pread(self.fd, piece, off)
+            if nxt is not None:
+                data = nxt[0].pread(piece, nxt[1])
+            parts.append(data)
+            if len(data) < piece:
+                break
+            off += piece
+            n -= piece
+        return b"".join(parts)
 
     def __del__(self) -> None:
         try:
@@ -90,6 +153,9 @@ class _Snapshot:
     fps: array
     infos: InfoList  # UIDs, sizes, dates, flags
     handle: _FileHandle | None
+    rds: array = field(default_factory=lambda: array("b"))  # 1: mboxrd-quoted (ours), 0: mboxo
+    # The flags the file's Status:/X-Status: said when last read (None: not known)
+    dflags: list = field(default_factory=list)
 
     @property
     def uids(self) -> array:
@@ -171,6 +237,8 @@ class _FolderState:
         self.journal = Path(str(self.index_base) + ".journal")
         self.queue = _SerialQueue()
         self.index: FolderIndex | None = None  # used on the disk threads only
+        self.reload = False  # disk threads: the index changed under C{snap} (a recovered rewrite)
+        self.dirty: set[int] = set()  # UIDs whose flags sessions changed, not yet in the file
         self.snap: _Snapshot | None = None
         self.uid_validity = 0
         self.uid_next = 1
@@ -349,8 +417,9 @@ class MboxMailStore:
 
     def _load(self, st: _FolderState, idx: FolderIndex) -> _Snapshot:
         """The snapshot the index describes (no file access)."""
-        if st.snap is not None:
+        if st.snap is not None and not st.reload:
             return st.snap
+        st.reload = False
         snap = _Snapshot.empty()
         fcache: dict[str, frozenset[str]] = {}
         infos = snap.infos
@@ -361,8 +430,9 @@ class MboxMailStore:
             infos.flag_sets.append,
         )
         froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
-        crcs, fps = snap.crcs.append, snap.fps.append
-        for uid, from_off, start, stop, size, flags, idate, crc, fp in idx.rows():
+        crcs, fps, rds = snap.crcs.append, snap.fps.append, snap.rds.append
+        dflags = snap.dflags.append
+        for uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dfl in idx.rows():
             fs = fcache.get(flags)
             if fs is None:
                 fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
@@ -375,6 +445,14 @@ class MboxMailStore:
             ends(stop)
             crcs(crc)
             fps(fp)
+            rds(rd)
+            if dfl is None:
+                dflags(None)
+            else:
+                dfs = fcache.get(dfl)
+                if dfs is None:
+                    dfs = fcache[dfl] = frozenset(dfl.split()) if dfl else frozenset()
+                dflags(dfs)
         return snap
 
     def _sync(self, st: _FolderState, create: bool = False) -> _Update:
@@ -395,6 +473,7 @@ class MboxMailStore:
         snap = self._load(st, idx)
         if (
             s is not None
+            and not st.reload
             and idx.covered == _covered(s)
             and snap.handle is not None
             and snap.handle.ino == s.st_ino
@@ -412,10 +491,29 @@ class MboxMailStore:
         fd: int,
         snap: _Snapshot,
         new_flags: list[tuple[frozenset[str], float | None]] | None = None,
+        ours: Sequence[tuple[int, int]] = (),
     ) -> _Update:
-        """With the mbox locked: recover a broken append, then index what changed."""
+        """
+        With the mbox locked: recover a broken append or rewrite, then index what
+        changed. C{ours}: byte ranges we just appended (read mboxrd, L{_quoting}).
+        """
+        found = self._recover(st, fd)
+        is_ours = _Ours([*found.ranges, *ours], found.fps)
+        upd = self._index_changes(st, fd, snap, new_flags, is_ours)
+        _unlink(st.journal)  # the appends it lists are indexed now
+        return upd
+
+    def _index_changes(
+        self,
+        st: _FolderState,
+        fd: int,
+        snap: _Snapshot,
+        new_flags: list[tuple[frozenset[str], float | None]] | None,
+        is_ours: _Ours,
+    ) -> _Update:
         idx = self._open_index(st)
-        self._recover(st, fd)
+        if st.reload:
+            snap = self._load(st, idx)
         s = os.fstat(fd)
         covered = _covered(s)
         handle = snap.handle
@@ -445,7 +543,8 @@ class MboxMailStore:
                     flags = new_flags[i][0]
                     if new_flags[i][1] is not None:
                         date = new_flags[i][1]
-                rows.append(_scan_row(res, i, uid, flags, date))
+                fmt = _fmt(is_ours(res.from_offs[i], res.fps[i]))
+                rows.append(_scan_row(res, i, uid, flags, date, fmt))
                 _append_row(new, rows[-1], flags)
                 uid += 1
             idx.add(rows, uid, covered)
@@ -454,7 +553,8 @@ class MboxMailStore:
         # rescan, and keep UIDs and flags of the messages we recognise.
         if not snap.uids:  # nothing indexed yet: a first look, not a surprise
             self.log.info("indexing {path} ({size} bytes)", path=str(st.path), size=size)
-            return self._index_all_new(idx, mboxfmt.scan(fd, 0, size), handle, covered)
+            res = mboxfmt.scan(fd, 0, size)
+            return self._index_all_new(idx, res, handle, covered, is_ours)
         self.log.info("rescanning {path}: changed outside the index", path=str(st.path))
         res = mboxfmt.scan(fd, 0, size)
         by_fp: dict[int, list[int]] = {}
@@ -477,6 +577,11 @@ class MboxMailStore:
                 last = match
                 info = snap.infos[match]
                 flags, date = info.flags, info.internal_date
+                rd = snap.rds[match]
+                on_disk = snap.dflags[match]
+                if on_disk is not None and on_disk != res.flags[i]:
+                    # another program (mutt) changed Status:/X-Status: since we read them
+                    flags = (flags - mboxfmt.STATUS_FLAGS) | res.flags[i]
                 if renumber:
                     uid, uid_next = uid_next, uid_next + 1
                 else:
@@ -484,13 +589,14 @@ class MboxMailStore:
             else:
                 flags, date = res.flags[i], res.dates[i]
                 k = i - (len(res.starts) - len(new_flags or ()))
+                rd = _fmt(is_ours(res.from_offs[i], res.fps[i]))
                 if new_flags and k >= 0:  # our own append, at the end
                     flags = new_flags[k][0]
                     if new_flags[k][1] is not None:
                         date = new_flags[k][1]
                 uid, uid_next = uid_next, uid_next + 1
                 renumber = True  # UIDs must keep ascending in file order
-            row = _scan_row(res, i, uid, flags, date)
+            row = _scan_row(res, i, uid, flags, date, rd)
             rows.append(row)
             _append_row(new, row, flags)
         idx.replace_all(rows, uid_next, covered)
@@ -502,62 +608,183 @@ class MboxMailStore:
         res: mboxfmt.ScanResult,
         handle: _FileHandle,
         covered: tuple[int, int, int],
+        is_ours: _Ours,
     ) -> _Update:
         """Index a scanned file none of whose messages were known: all get new UIDs."""
         n = len(res.starts)
         first = idx.uid_next
         uids = array("q", range(first, first + n))
         texts = [flags_text(f) if f else "" for f in res.flags]
+        rds, sizes = _quoting(res, is_ours)
         idx.replace_all(
             zip(
                 uids,
                 res.from_offs,
                 res.starts,
                 res.ends,
-                res.sizes,
+                sizes,
                 texts,
                 res.dates,
                 res.crcs,
                 res.fps,
+                rds,
+                texts,
                 strict=True,
             ),
             first + n,
             covered,
         )
-        infos = InfoList(uids, res.sizes, res.dates, res.flags)
-        snap = _Snapshot(res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle)
+        infos = InfoList(uids, sizes, res.dates, res.flags)
+        snap = _Snapshot(
+            res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds, res.flags
+        )
         return _Update(snap, idx.uid_validity, first + n, True, size=covered[0])
 
-    def _recover(self, st: _FolderState, fd: int) -> None:
-        """Truncate away an append that a crash left half written (journal says where)."""
-        try:
-            text = st.journal.read_text()
-        except FileNotFoundError:
-            return
-        try:
-            ino, pre, post = (int(x) for x in text.split())
-        except ValueError:
-            ino = pre = post = -1
-        s = os.fstat(fd)
-        if s.st_ino == ino and pre < s.st_size < post:
-            self.log.warn(
-                "truncating partial append to {path} from {size} to {pre}",
-                path=str(st.path),
-                size=s.st_size,
-                pre=pre,
-            )
-            os.ftruncate(fd, pre)
-            os.fsync(fd)
-        _unlink(st.journal)
+    def _recover(self, st: _FolderState, fd: int) -> _Ours:
+        """
+        With the mbox locked, before anything reads it: finish a rewrite that a
+        crash interrupted, and truncate away an append that a crash left half
+        written. Returns what the append journal knows of our messages that the
+        index may not have yet (L{_Ours}).
 
-    def _write_journal(self, st: _FolderState, ino: int, pre: int, post: int) -> None:
-        make_dirs(st.journal.parent)
-        fd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        The append journal (C{<folder>.journal}) has lines
+            a INO PRE POST CRC LEN HEAD   an append under way: the file was PRE
+                                          long, LEN bytes before it had CRC, and
+                                          it starts with the bytes HEAD (hex)
+            o FP FP ...                   fingerprints of our messages whose
+                                          append completed, not indexed yet
+        An C{a} line is trusted only if the bytes around PRE are still those:
+        another program (mutt) may have rewritten the file since.
+        """
+        self._recover_rewrite(st, fd)
         try:
-            mboxfmt.write_all(fd, b"%d %d %d\n" % (ino, pre, post))
-            os.fdatasync(fd)
+            lines = st.journal.read_bytes().split(b"\n")[:-1]
+        except FileNotFoundError:
+            return _Ours()
+        s = os.fstat(fd)
+        ours = _Ours()
+        for line in lines:
+            words = line.split()
+            if words[:1] == [b"o"]:
+                ours.fps.update(int(w) for w in words[1:])
+                continue
+            try:
+                if words[:1] == [b"a"] and len(words) == 7:
+                    ino, pre, post, crc, length = (int(w) for w in words[1:6])
+                    head = bytes.fromhex(words[6].decode())
+                elif len(words) == 3:  # an older version's line: no check possible
+                    ino, pre, post = (int(w) for w in words)
+                    crc = length = -1
+                    head = b""
+                else:
+                    continue
+            except ValueError:
+                continue
+            if ino != s.st_ino or pre > s.st_size:
+                continue
+            if length >= 0:
+                before = os.pread(fd, length, pre - length)
+                seen = os.pread(fd, min(len(head), s.st_size - pre), pre)
+                if zlib.crc32(before) != crc or not head.startswith(seen):
+                    continue  # the file changed under this line: not ours any more
+            if s.st_size >= post:
+                ours.ranges.append((pre, post))
+            elif pre < s.st_size:  # cut short by a crash
+                self.log.warn(
+                    "truncating partial append to {path} from {size} to {pre}",
+                    path=str(st.path),
+                    size=s.st_size,
+                    pre=pre,
+                )
+                os.ftruncate(fd, pre)
+                os.fsync(fd)
+        return ours
+
+    def _keep_ours(self, st: _FolderState, fd: int, ours: _Ours) -> None:
+        """
+        The index did not take our appended messages: rewrite the journal so it
+        names them by fingerprint (offsets go stale when another program
+        rewrites the file), for the scan that will index them.
+        """
+        fps = set(ours.fps)
+        for a, b in ours.ranges:
+            fps.update(mboxfmt.scan(fd, a, b).fps)
+        write_atomic(st.journal, b"o " + b" ".join(b"%d" % fp for fp in sorted(fps)) + b"\n")
+
+    def _recover_rewrite(self, st: _FolderState, fd: int) -> None:
+        """Finish an in-place rewrite the journal describes; the index follows."""
+        journal = rewrite.Journal(st.index_base)
+        found = journal.read()
+        if found is None:
+            if journal.path.exists() or journal.save_path.exists():
+                journal.remove()  # a plan cut short: nothing moved yet
+            return
+        plan, progress, stage = found
+        s = os.fstat(fd)
+        if s.st_ino != plan.ino:
+            self.log.warn(
+                "dropping the rewrite journal of {path}: the file was replaced", path=str(st.path)
+            )
+            journal.remove()
+            return
+        if not rewrite.still_valid(fd, plan, progress, stage):
+            self.log.warn(
+                "dropping the rewrite journal of {path}: the file was rewritten since;"
+                " rescanning it",
+                path=str(st.path),
+            )
+            journal.remove()
+            self._open_index(st).set_covered((-1, -1, -1))  # matches no file: rescan
+            st.reload = True
+            return
+        self.log.warn(
+            "finishing an interrupted rewrite of {path} (run {run}, {done} bytes done)",
+            path=str(st.path),
+            run=progress[0],
+            done=progress[1],
+        )
+        journal.reopen()
+        try:
+            rewrite.finish(fd, plan, journal, progress, stage)
+            self._rewrite_index(st, fd, plan)
         finally:
-            os.close(fd)
+            journal.close()
+        journal.remove()
+        st.reload = True
+
+    def _rewrite_index(self, st: _FolderState, fd: int, plan: rewrite.Plan) -> None:
+        """Tell the index what a finished rewrite did (idempotent)."""
+        s = os.fstat(fd)
+        covered = _covered(s)
+        if s.st_size != plan.indexed_size:  # another program appended since: the tail scan finds it
+            covered = (plan.indexed_size, -1, s.st_ino)
+        self._open_index(st).rewrite(plan.removed, plan.moved, covered, plan.dflags)
+
+    def _write_journal(
+        self, st: _FolderState, fd: int, ino: int, pre: int, post: int, head: bytes
+    ) -> int:
+        """
+        Add an append under way to the journal (L{_recover}); returns the
+        journal's length before, to take the line back with L{_unwrite_journal}.
+        """
+        length = min(pre, 256)
+        crc = zlib.crc32(os.pread(fd, length, pre - length))
+        make_dirs(st.journal.parent)
+        jfd = os.open(st.journal, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        try:
+            before = os.fstat(jfd).st_size
+            line = b"a %d %d %d %d %d %s\n" % (ino, pre, post, crc, length, head.hex().encode())
+            mboxfmt.write_all(jfd, line)
+            os.fdatasync(jfd)
+        finally:
+            os.close(jfd)
+        return before
+
+    def _unwrite_journal(self, st: _FolderState, length: int) -> None:
+        if length == 0:
+            _unlink(st.journal)
+        else:
+            os.truncate(st.journal, length)
 
     @staticmethod
     def _prepare(items: list[tuple[Any, str, float]]) -> tuple[list, dict[int, BaseException]]:
@@ -576,7 +803,8 @@ class MboxMailStore:
     def _append_locked(self, st: _FolderState, fd: int, prepared: list) -> int:
         """
         Append prepared messages in one write and one fsync; on any error truncate
-        back to the old end. Returns the new size.
+        back to the old end. Returns the new size. The append stays in the journal
+        (L{_recover}) until the caller has indexed it and unlinks the journal.
         """
         total = sum(len(line) + qlen + 1 for line, _, _, qlen in prepared)
         s = os.fstat(fd)
@@ -591,7 +819,7 @@ class MboxMailStore:
             elif tail != b"\n\n":
                 pad = b"\n"
         total += len(pad)
-        self._write_journal(st, s.st_ino, pre, pre + total)
+        jlen = self._write_journal(st, fd, s.st_ino, pre, pre + total, pad + prepared[0][0])
         try:
             os.lseek(fd, pre, os.SEEK_SET)
             written = 0
@@ -626,10 +854,9 @@ class MboxMailStore:
                     "could not truncate {path} after a failed append", path=str(st.path)
                 )
                 raise
-            _unlink(st.journal)
+            self._unwrite_journal(st, jlen)
             raise
-        _unlink(st.journal)
-        return pre + total
+        return pre + total  # the journal keeps the range until the index has the messages
 
     # -- deliver (group commit)
 
@@ -706,17 +933,23 @@ class MboxMailStore:
             self._make_dirs(st.path.parent)
         try:
             with MboxLock(st.path, self.lock_timeout, create=st.name == INBOX) as lk:
-                self._recover(st, lk.fd)
+                earlier = self._recover(st, lk.fd)
                 before = os.fstat(lk.fd)
                 size = self._append_locked(st, lk.fd, prepared)
                 if created:
-                    _fsync_dir(st.path.parent)  # the new file's name is durable too
-                return size, errors, self._index_delivered(st, lk.fd, before)
+                    fsync_dir(st.path.parent)  # the new file's name is durable too
+                ours = _Ours([*earlier.ranges, (before.st_size, size)], earlier.fps)
+                indexed = self._index_delivered(st, lk.fd, before, ours)
+                if indexed is not None:
+                    _unlink(st.journal)
+                else:
+                    self._keep_ours(st, lk.fd, ours)
+                return size, errors, indexed
         except FileNotFoundError:
             raise FolderError("No such folder")
 
     def _index_delivered(
-        self, st: _FolderState, fd: int, before: os.stat_result
+        self, st: _FolderState, fd: int, before: os.stat_result, ours: _Ours
     ) -> _Indexed | None:
         """
         With the mbox locked and the append fsynced: record the new messages (and
@@ -726,6 +959,8 @@ class MboxMailStore:
         (a rewrite by another program, or no index yet): then the next open scans.
         A failure here does not fail the delivery (the messages are safe in the mbox).
         """
+        if st.reload:  # a recovered rewrite moved the messages under st.snap
+            return None
         try:
             idx = self._open_index(st)
             snap = st.snap
@@ -762,17 +997,22 @@ class MboxMailStore:
             res = mboxfmt.scan(fd, tail_from, after.st_size)
             first = idx.uid_next
             n = len(res.starts)
+            # ours: this append, and earlier ones not indexed yet; not what others appended
+            rds, sizes = _quoting(res, ours)
+            texts = [flags_text(f) if f else "" for f in res.flags]
             rows = list(
                 zip(
                     range(first, first + n),
                     res.from_offs,
                     res.starts,
                     res.ends,
-                    res.sizes,
-                    [flags_text(f) if f else "" for f in res.flags],
+                    sizes,
+                    texts,
                     res.dates,
                     res.crcs,
                     res.fps,
+                    rds,
+                    texts,
                     strict=True,
                 )
             )
@@ -812,7 +1052,7 @@ class MboxMailStore:
                 m.mkdir(0o700)
             except FileExistsError:
                 pass
-            _fsync_dir(m.parent)
+            fsync_dir(m.parent)
 
     # -- folders
 
@@ -830,6 +1070,30 @@ class MboxMailStore:
             if not first and not announced:
                 self._notify(st)
         return upd
+
+    def write_flags(self, st: _FolderState) -> defer.Deferred:
+        """
+        Write the flags sessions changed into the messages' Status:/X-Status:
+        headers (as mutt and Dovecot keep them), in the folder's queue. Done
+        lazily, when the last session leaves the folder (sessions do not see
+        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back.
+        """
+
+        def job():
+            if st.sessions or st.detached or not st.dirty:
+                return None
+            uids, st.dirty = st.dirty, set()
+
+            def failed(f: Failure) -> None:
+                st.dirty |= uids  # the index has them; the next time writes them
+                self.log.failure(
+                    "writing flags into {user} {folder} failed", f, user=st.user, folder=st.name
+                )
+
+            d = self._in_thread(store_write_flags, self, st, uids)
+            return d.addCallback(self._install, st).addErrback(failed)
+
+        return self._job(st, job)
 
     def _sync_job(self, st: _FolderState) -> defer.Deferred:
         return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
@@ -933,7 +1197,7 @@ class MboxMailStore:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
         os.fsync(fd)
         os.close(fd)
-        _fsync_dir(parent)
+        fsync_dir(parent)
 
     def delete_folder(self, user, name):
         try:
@@ -973,7 +1237,7 @@ class MboxMailStore:
             raise FolderError("No such folder")
         with MboxLock(path, self.lock_timeout):
             os.unlink(path)
-            _fsync_dir(path.parent)
+            fsync_dir(path.parent)
         if st.index is not None:
             st.index.close()
             st.index = None
@@ -1048,7 +1312,7 @@ class MboxMailStore:
             os.rename(src, dst)
         except OSError as e:
             raise FolderError(f"Cannot rename: {e.strerror}")
-        _fsync_dir(dst.parent)
+        fsync_dir(dst.parent)
         local, domain = split_user(user)
         idir = self.index_dir / domain / local
         if idir.is_dir():
@@ -1095,11 +1359,13 @@ class MboxMailStore:
                     info.internal_date,
                     snap.crcs[i],
                     snap.fps[i],
+                    snap.rds[i],
+                    None if snap.dflags[i] is None else flags_text(snap.dflags[i]),
                 )
                 for n, (i, info) in enumerate(enumerate(snap.infos))
             ]
             os.rename(tmp, dst)
-            _fsync_dir(dst.parent)
+            fsync_dir(dst.parent)
             idx.replace_all(rows, len(rows) + 1, _covered(os.stat(dst)))
             idx.close()
             os.ftruncate(lk.fd, 0)
@@ -1113,19 +1379,67 @@ class MboxMailStore:
 # -- a session's view ----------------------------------------------------------
 
 
-def _scan_row(res: Any, i: int, uid: int, flags: frozenset[str], date: float) -> tuple:
-    """The index row for the C{i}th message a scan found, under C{uid}."""
+def _scan_row(
+    res: mboxfmt.ScanResult, i: int, uid: int, flags: frozenset[str], date: float, fmt: int
+) -> tuple:
+    """The index row for the C{i}th message a scan found, under C{uid}, read as C{fmt}."""
     return (
         uid,
         res.from_offs[i],
         res.starts[i],
         res.ends[i],
-        res.sizes[i],
+        res.size(i, fmt),
         flags_text(flags),
         date,
         res.crcs[i],
         res.fps[i],
+        fmt,
+        flags_text(res.flags[i]),
     )
+
+
+class _Ours:
+    """
+    Which messages a scan finds are ours (we appended them: mboxrd): those
+    starting in C{ranges} (appends whose place is known to be still right)
+    or whose fingerprint is in C{fps}.
+    """
+
+    def __init__(self, ranges: Sequence[tuple[int, int]] = (), fps: set[int] | None = None):
+        self.ranges = list(ranges)
+        self.fps: set[int] = set() if fps is None else fps
+
+    def __call__(self, off: int, fp: int) -> bool:
+        return fp in self.fps or any(a <= off < b for a, b in self.ranges)
+
+
+def _quoting(res: mboxfmt.ScanResult, is_ours: _Ours) -> tuple[array, array]:
+    """
+    (rds, sizes) for the messages a scan found; C{is_ours(from_off, fp)}: we wrote
+    the message (an append whose range the journal or the caller knows).
+
+    mboxrd or mboxo: a line ">From " in an mbox is "From " quoted by mboxrd
+    (which mailsrv writes: unquoting gives back exactly what was sent) but
+    ">From " itself to an mboxo writer (procmail, Postfix local, mutt,
+    Python's mailbox; Dovecot and mutt never unquote when reading). The file
+    does not say which. So the index records, per message, who wrote it:
+    what mailsrv appended is read mboxrd, what another program wrote is read
+    as it is, as mutt and Dovecot read it. A message keeps its reading for
+    life (matched by fingerprint after a rewrite by another program), so
+    its size and bytes under a UID never change. The index column C{rd}
+    holds the reading as bits (L{mboxfmt.READ_MBOXRD}, L{mboxfmt.HIDE_FIELDS});
+    rows from before hidden fields have neither or only the first.
+    """
+    rds = array(
+        "b", (_fmt(is_ours(off, fp)) for off, fp in zip(res.from_offs, res.fps, strict=True))
+    )
+    sizes = array("q", (res.size(i, fmt) for i, fmt in enumerate(rds)))
+    return rds, sizes
+
+
+def _fmt(ours: bool) -> int:
+    """How a newly found message is read: mboxrd if ours; mbox bookkeeping fields hidden."""
+    return (mboxfmt.READ_MBOXRD if ours else 0) | mboxfmt.HIDE_FIELDS
 
 
 @implementer(IFolder)
@@ -1197,25 +1511,38 @@ class MboxFolder:
 
     def open_message(self, uid):
         snap, i = self._locate(uid)
-        fd = snap.handle.fd
+        handle = snap.handle
         from_off, start, end = snap.from_offs[i], snap.starts[i], snap.ends[i]
         if end - from_off <= mboxfmt.SMALL_MESSAGE:
-            data = os.pread(fd, end - from_off, from_off)
+            data = handle.pread(end - from_off, from_off)
             if len(data) != end - from_off or zlib.crc32(data[: start - from_off]) != snap.crcs[i]:
                 raise KeyError(uid)  # the file changed under us; refresh() will tell
-            return io.BytesIO(mboxfmt.to_crlf(data[start - from_off :]))
-        line = os.pread(fd, start - from_off, from_off)
+            fmt = snap.rds[i]
+            data = data[start - from_off :]
+            if fmt & mboxfmt.HIDE_FIELDS:
+                data = mboxfmt.hide_fields(data)
+            return io.BytesIO(mboxfmt.to_crlf(data, bool(fmt & mboxfmt.READ_MBOXRD)))
+        line = handle.pread(start - from_off, from_off)
         if zlib.crc32(line) != snap.crcs[i]:
             raise KeyError(uid)
-        return io.BufferedReader(mboxfmt.MessageReader(snap.handle, start, end), 64 * 1024)
+        fmt = snap.rds[i]
+        reader = mboxfmt.MessageReader(
+            handle,
+            start,
+            end,
+            unquote=bool(fmt & mboxfmt.READ_MBOXRD),
+            hide=bool(fmt & mboxfmt.HIDE_FIELDS),
+        )
+        handle.readers.add(reader)
+        return io.BufferedReader(reader, 64 * 1024)
 
     def read_headers(self, uid):
         snap, i = self._locate(uid)
-        fd = snap.handle.fd
+        handle = snap.handle
         start, end = snap.starts[i], snap.ends[i]
         want = 8192
         while True:
-            data = os.pread(fd, min(want, end - start), start)
+            data = handle.pread(min(want, end - start), start)
             cut = data.find(b"\n\n")
             if cut >= 0:
                 data = data[: cut + 2]
@@ -1224,9 +1551,14 @@ class MboxFolder:
                 data = data[: data.rfind(b"\n") + 1] if start + len(data) < end else data
                 break
             want *= 4
-        crlf = mboxfmt.to_crlf(data)
+        crlf = mboxfmt.to_crlf(data, bool(snap.rds[i] & mboxfmt.READ_MBOXRD))
         cut = crlf.find(b"\r\n\r\n")
-        return crlf if cut < 0 else crlf[: cut + 4]
+        if cut < 0:
+            return crlf
+        block = crlf[: cut + 4]
+        if snap.rds[i] & mboxfmt.HIDE_FIELDS:
+            block = mboxfmt.strip_hidden(block)[0]
+        return block
 
     def set_flags(self, changes):
         if self.read_only:
@@ -1261,6 +1593,7 @@ class MboxFolder:
                 except KeyError:
                     continue
                 snap.infos.set_flags(i, flags)
+                st.dirty.add(uid)
             st.version += 1
             st.mutation_version = st.version
             store._notify(st)
@@ -1287,9 +1620,14 @@ class MboxFolder:
                 prepared, errors = store._prepare([(source, "", when)])
                 if errors:
                     raise errors[0]
-                store._append_locked(st, lk.fd, prepared)
+                pre = os.fstat(lk.fd).st_size
+                post = store._append_locked(st, lk.fd, prepared)
                 upd3 = store._sync_locked(
-                    st, lk.fd, upd2.snap, new_flags=[(frozenset(flags), internal_date)]
+                    st,
+                    lk.fd,
+                    upd2.snap,
+                    new_flags=[(frozenset(flags), internal_date)],
+                    ours=[(pre, post)],
                 )
             if len(upd3.snap.uids) <= before:
                 raise OSError(errno.EIO, "appended message not found")
@@ -1345,11 +1683,13 @@ class MboxFolder:
         for cb in list(self._listeners):
             self.remove_listener(cb)
         self._st.sessions -= 1
+        if not self._st.sessions and self._st.dirty:
+            self._store.write_flags(self._st)  # the last session left: lazily, now
         self._store._maybe_idle(self._st)
 
 
 def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _Update:
-    """Rewrite the folder without the messages in C{wanted} (disk thread)."""
+    """Rewrite the folder in place without the messages in C{wanted} (disk thread)."""
     upd = store._sync(st)
     with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
         upd = store._sync_locked(st, lk.fd, upd.snap)
@@ -1358,67 +1698,252 @@ def store_expunge(store: MboxMailStore, st: _FolderState, wanted: set[int]) -> _
         if not drop:
             upd.result = []
             return upd
-        fd = lk.fd
-        size = os.fstat(fd).st_size
         d = st.path.parent
-        for f in os.listdir(d):
+        for f in os.listdir(d):  # temporary files of the rename-based rewrite of old versions
             if f.startswith(f".{st.path.name}.expunge."):
                 _unlink(d / f)
-        tmp = d / f".{st.path.name}.expunge.{os.getpid()}"
-        out = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-        n = len(snap.uids)
-        dropset = set(drop)
-        new = _Snapshot.empty()
-        moved = []
-        try:
-            pos_out = 0
-            # Bytes before the first message (if any) are kept as they are.
-            first = snap.from_offs[0] if n else size
-            runs: list[tuple[int, int]] = [(0, first)] if first else []
-            shift = 0
-            for i in range(n):
-                a = snap.from_offs[i]
-                b = snap.from_offs[i + 1] if i + 1 < n else size
-                if i in dropset:
-                    shift += b - a
-                    continue
-                if runs and runs[-1][1] == a:
-                    runs[-1] = (runs[-1][0], b)
-                else:
-                    runs.append((a, b))
-                uid = snap.uids[i]
-                new.from_offs.append(a - shift)
-                new.starts.append(snap.starts[i] - shift)
-                new.ends.append(snap.ends[i] - shift)
-                new.crcs.append(snap.crcs[i])
-                new.fps.append(snap.fps[i])
-                new.infos.append(snap.infos[i])
-                if shift:
-                    moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
-            for a, b in runs:
-                _copy_range(fd, out, a, b, pos_out)
-                pos_out += b - a
-            # A dropped last message leaves its predecessor without the blank line.
-            if new.uids and drop[-1] == n - 1:
-                last_end = new.ends[-1]
-                if pos_out == last_end:
-                    os.pwrite(out, b"\n", pos_out)
-            os.fsync(out)
-        except BaseException:
-            os.close(out)
-            _unlink(tmp)
-            raise
-        os.close(out)
-        os.rename(tmp, st.path)
-        _fsync_dir(d)
-        new.handle = _FileHandle(st.path)
-        removed = [snap.uids[i] for i in drop]
+        s = os.fstat(lk.fd)
+        plan, new = _expunge_plan(snap, drop, s.st_size, s.st_ino)
+        _rewrite_in_place(store, st, lk.fd, snap, plan, snap.from_offs[drop[0]])
+        new.handle = snap.handle.relocation.next  # type: ignore[union-attr]
         idx = store._open_index(st)
-        idx.rewrite(removed, moved, _covered(os.fstat(new.handle.fd)))
     store.log.info(
-        "expunged {count} from {user} {folder}", count=len(removed), user=st.user, folder=st.name
+        "expunged {count} from {user} {folder}",
+        count=len(plan.removed),
+        user=st.user,
+        folder=st.name,
     )
-    return _Update(new, idx.uid_validity, idx.uid_next, True, result=removed)
+    return _Update(new, idx.uid_validity, idx.uid_next, True, result=plan.removed)
+
+
+def _expunge_plan(
+    snap: _Snapshot, drop: list[int], size: int, ino: int
+) -> tuple[rewrite.Plan, _Snapshot]:
+    """The in-place rewrite that drops messages C{drop} (indexes), and the snapshot after it."""
+    n = len(snap.uids)
+    k = drop[0]  # messages before the first dropped one stay where they are
+    new = _Snapshot(
+        snap.from_offs[:k],
+        snap.starts[:k],
+        snap.ends[:k],
+        snap.crcs[:k],
+        snap.fps[:k],
+        snap.infos[:k],
+        None,
+        snap.rds[:k],
+        snap.dflags[:k],
+    )
+    dropset = set(drop)
+    runs: list[tuple[int, int, int]] = []
+    moved = []
+    shift = 0
+    for i in range(k, n):
+        a = snap.from_offs[i]
+        b = snap.from_offs[i + 1] if i + 1 < n else size
+        if i in dropset:
+            shift += b - a
+            continue
+        if runs and runs[-1][1] == a:
+            runs[-1] = (runs[-1][0], b, runs[-1][2])
+        else:
+            runs.append((a, b, a - shift))
+        uid = snap.uids[i]
+        new.from_offs.append(a - shift)
+        new.starts.append(snap.starts[i] - shift)
+        new.ends.append(snap.ends[i] - shift)
+        new.crcs.append(snap.crcs[i])
+        new.fps.append(snap.fps[i])
+        new.rds.append(snap.rds[i])
+        new.dflags.append(snap.dflags[i])
+        new.infos.append(snap.infos[i])
+        moved.append((a - shift, snap.starts[i] - shift, snap.ends[i] - shift, uid))
+    new_size = size - shift
+    tail = b""
+    # A dropped last message leaves its predecessor without the blank line.
+    if new.uids and drop[-1] == n - 1 and new.ends[-1] == new_size:
+        tail = b"\n"
+    plan = rewrite.Plan(
+        ino,
+        size,
+        new_size + len(tail),
+        runs,
+        new_size,
+        tail,
+        [snap.uids[i] for i in drop],
+        moved,
+    )
+    return plan, new
+
+
+def _rewrite_in_place(
+    store: MboxMailStore,
+    st: _FolderState,
+    fd: int,
+    snap: _Snapshot,
+    plan: rewrite.Plan,
+    first: int,
+) -> None:
+    """
+    Carry out C{plan} on the locked mbox C{fd} and update the index, with the
+    journal that lets the next open finish it after a crash. The snapshot's
+    read handle is relocated (see L{rewrite.Relocation}): readers with the old
+    offsets keep reading the right bytes, and the new layout's handle is its
+    C{relocation.next}. Messages being streamed from a part of the file that
+    goes away are set aside first.
+    """
+    old = snap.handle
+    assert old is not None and old.ino == os.fstat(fd).st_ino
+    rel = rewrite.Relocation(plan.runs, first, _FileHandle(st.path, old.readers), plan.up)
+    for reader in list(old.readers):
+        source, pos, end = reader.remaining()
+        if pos < end and (source is not old or not rel.keeps(pos, end)):
+            reader.spill()
+    plan.checks = rewrite.run_checks(fd, plan)
+    journal = rewrite.Journal(st.index_base)
+    try:
+        journal.begin(plan)
+    except BaseException:
+        journal.remove()  # nothing moved yet
+        raise
+    with old.lock:
+        old.relocation = rel
+
+    def advanced(src: int) -> None:
+        rel.frontier = src
+
+    try:
+        rewrite.move(fd, plan, journal, guard=lambda: old.lock, advanced=advanced)
+        with old.lock:
+            rel.complete()
+        store._rewrite_index(st, fd, plan)
+    except BaseException:
+        rel.broken = True
+        journal.close()
+        st.reload = True  # the next sync locks, finishes the rewrite and reloads the index
+        store.log.failure(
+            "rewriting {path} failed; finishing it from the journal", path=str(st.path)
+        )
+        try:
+            store._recover_rewrite(st, fd)
+        except Exception:
+            store.log.failure("finishing the rewrite of {path} failed", path=str(st.path))
+        raise
+    journal.remove()
+
+
+def store_write_flags(store: MboxMailStore, st: _FolderState, uids: set[int]) -> _Update:
+    """
+    Rewrite, in place, the Status:/X-Status: headers of messages C{uids} whose
+    flags differ from what the file says (disk thread): first the header
+    blocks that shrink or keep their length (the bytes after them move down),
+    then those that grow (the bytes move up), each a journaled rewrite.
+    """
+    upd = store._sync(st)
+    with MboxLock(st.path, store.lock_timeout, create=st.name == INBOX) as lk:
+        upd = store._sync_locked(st, lk.fd, upd.snap)
+        snap = upd.snap
+        count = 0
+        for up in (False, True):
+            size = os.fstat(lk.fd).st_size
+            planned = _status_plan(snap, lk.fd, uids, size, os.fstat(lk.fd).st_ino, up)
+            if planned is None:
+                continue
+            plan, new, first = planned
+            _rewrite_in_place(store, st, lk.fd, snap, plan, first)
+            new.handle = snap.handle.relocation.next  # type: ignore[union-attr]
+            snap = new
+            count += len(plan.dflags)
+        idx = store._open_index(st)
+    if count:
+        store.log.info(
+            "wrote flags of {count} into {user} {folder}",
+            count=count,
+            user=st.user,
+            folder=st.name,
+        )
+    return _Update(snap, idx.uid_validity, idx.uid_next, False)
+
+
+def _status_plan(
+    snap: _Snapshot, fd: int, uids: set[int], size: int, ino: int, up: bool
+) -> tuple[rewrite.Plan, _Snapshot, int] | None:
+    """
+    The rewrite that gives messages C{uids} the Status:/X-Status: of their
+    flags, for those whose header block grows (C{up}) or does not; the
+    snapshot after it; and the offset from which the file changes.
+    """
+    changes = []  # (index, header start, header end, new block)
+    for uid in sorted(uids):
+        try:
+            i = snap.find(uid)
+        except KeyError:
+            continue
+        if not snap.rds[i] & mboxfmt.HIDE_FIELDS:
+            continue  # indexed before the fields were hidden: writing would change its size
+        want = snap.infos.flag_sets[i] & mboxfmt.STATUS_FLAGS
+        if snap.dflags[i] == want:
+            continue
+        start, end = snap.starts[i], snap.ends[i]
+        head = os.pread(fd, min(mboxfmt.HEADER_LIMIT, end - start), start)
+        hend = mboxfmt.header_end(head)
+        if hend < 0:
+            continue
+        block = mboxfmt.with_status(head[:hend], want)
+        grows = len(block) > hend
+        if block != head[:hend] and grows == up:
+            changes.append((i, start, start + hend, block))
+    if not changes:
+        return None
+    runs: list[tuple[int, int, int]] = []
+    literals: list[bytes] = []
+    shift = 0
+    prev = changes[0][1]
+    for _, h0, h1, block in changes:
+        if h0 > prev:
+            runs.append((prev, h0, prev + shift))
+        literals.append(block)
+        runs.append((-len(literals), 0, h0 + shift))
+        shift += len(block) - (h1 - h0)
+        prev = h1
+    if size > prev:
+        runs.append((prev, size, prev + shift))
+    # the snapshot and index rows after it: offsets move by the changes before them
+    k = changes[0][0]
+    new = _Snapshot(
+        snap.from_offs[:k],
+        snap.starts[:k],
+        snap.ends[:k],
+        snap.crcs[:k],
+        snap.fps[:k],
+        snap.infos.copy(),
+        None,
+        array("b", snap.rds),
+        list(snap.dflags),
+    )
+    moved = []
+    dflags = []
+    by_index = {c[0]: c for c in changes}
+    d = 0
+    for j in range(k, len(snap.uids)):
+        c = by_index.get(j)
+        grow = 0 if c is None else len(c[3]) - (c[2] - c[1])
+        a, b, e = snap.from_offs[j] + d, snap.starts[j] + d, snap.ends[j] + d + grow
+        new.from_offs.append(a)
+        new.starts.append(b)
+        new.ends.append(e)
+        new.crcs.append(snap.crcs[j])
+        new.fps.append(snap.fps[j])
+        uid = snap.uids[j]
+        moved.append((a, b, e, uid))
+        if c is not None:
+            want = snap.infos.flag_sets[j] & mboxfmt.STATUS_FLAGS
+            new.dflags[j] = want
+            dflags.append((flags_text(want), uid))
+        d += grow
+    plan = rewrite.Plan(
+        ino, size, size + shift, runs, moved=moved, up=up, literals=literals, dflags=dflags
+    )
+    return plan, new, changes[0][1]
 
 
 # -- helpers ---------------------------------------------------------------------
@@ -1469,11 +1994,15 @@ def _copy_snapshot(snap: _Snapshot, handle: _FileHandle | None) -> _Snapshot:
         array("q", snap.fps),
         snap.infos.copy(),
         handle,
+        array("b", snap.rds),
+        list(snap.dflags),
     )
 
 
 def _append_row(snap: _Snapshot, row: tuple, flags: frozenset[str]) -> None:
-    uid, from_off, start, stop, size, _, date, crc, fp = row
+    uid, from_off, start, stop, size, _, date, crc, fp, rd, dflags = row
+    snap.rds.append(rd)
+    snap.dflags.append(None if dflags is None else frozenset(dflags.split()))
     snap.from_offs.append(from_off)
     snap.starts.append(start)
     snap.ends.append(stop)
@@ -1529,14 +2058,6 @@ def _copy_range(src: int, dst: int, a: int, b: int, out_pos: int | None = None) 
         if done <= 0:
             raise OSError(errno.EIO, "short copy")
         pos += done
-
-
-def _fsync_dir(d: Path) -> None:
-    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _unlink(p: Path) -> None:

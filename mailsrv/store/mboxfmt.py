@@ -1,6 +1,7 @@
 """
-The mbox file format (mboxrd): ``From `` separator lines, quoting of body
-lines that look like separators, a fast scanner that finds the messages of a
+The mbox file format: ``From `` separator lines, quoting of body lines that
+look like separators (mboxrd when we write; other programs' mboxo is read as
+it is), a fast scanner that finds the messages of a
 file, and readers that stream one message back with CRLF line ends.
 
 Pure functions over file descriptors; no Twisted, no locking (see
@@ -13,6 +14,8 @@ import calendar
 import io
 import os
 import re
+import tempfile
+import threading
 import time
 import zlib
 from array import array
@@ -25,6 +28,7 @@ CHUNK = 1 * 1024 * 1024  # scanner read size
 READ_CHUNK = 64 * 1024  # message reader read size
 SMALL_MESSAGE = 256 * 1024  # open_message reads these whole
 HEADER_LIMIT = 256 * 1024  # bytes searched for the end of a header block
+SPILL_IN_MEMORY = 4 * 1024 * 1024  # a reader's rest set aside in memory up to this size
 
 # mboxrd: a line matching ^>*From  gets one more '>' when written, loses one when read.
 _QUOTE = re.compile(rb"^(>*From )", re.M)
@@ -149,9 +153,9 @@ def write_all(fd: int, data: bytes) -> int:
 # -- reading -------------------------------------------------------------
 
 
-def to_crlf(data: bytes) -> bytes:
-    """Unquote whole mbox lines and give them CRLF line ends."""
-    if b"From " in data:
+def to_crlf(data: bytes, unquote: bool = True) -> bytes:
+    """Give whole mbox lines CRLF line ends, and unquote them (mboxrd) if C{unquote}."""
+    if unquote and b"From " in data:
         data = _UNQUOTE.sub(rb"\1", data)
     if b"\r\n" in data:
         data = data.replace(b"\r\n", b"\n")
@@ -177,32 +181,79 @@ def read_range(fd: int, start: int, end: int) -> bytes:
 class MessageReader(io.RawIOBase):
     """
     Streams the bytes C{[start, end)} of an mbox file with CRLF line ends and
-    mboxrd unquoting, reading with pread so many readers can share one fd.
-    C{handle} is kept referenced so the fd stays open while reading.
+    mboxrd unquoting. C{source} has C{pread(n, offset)} (a read handle of the
+    store, shared by many readers), and stays referenced while reading.
+    L{spill} copies the bytes still to be read aside, for a rewrite that is
+    about to overwrite them.
     """
 
-    def __init__(self, handle, start: int, end: int) -> None:
+    def __init__(
+        self, source, start: int, end: int, unquote: bool = True, hide: bool = False
+    ) -> None:
         super().__init__()
-        self._handle = handle
-        self._fd = handle.fd
+        self._source = source
+        self._unquote = unquote
+        self._hide = hide  # leave out the HIDDEN_FIELDS (read with the first fill)
         self._pos = start
         self._end = end
         self._carry = b""
         self._out = b""
+        self._lock = threading.Lock()
+
+    def remaining(self) -> tuple[object, int, int]:
+        """(source, position, end) of the bytes not read yet."""
+        with self._lock:
+            return self._source, self._pos, self._end
+
+    def spill(self) -> None:
+        """Read the rest now into memory or an unnamed temporary file, and go on from there."""
+        with self._lock:
+            pos, end = self._pos, self._end
+            if pos >= end or isinstance(self._source, _Spilled):
+                return
+            if end - pos <= SPILL_IN_MEMORY:
+                self._source = _Spilled(self._source.pread(end - pos, pos), pos)
+                return
+            f = tempfile.TemporaryFile()
+            try:
+                at = pos
+                while at < end:
+                    data = self._source.pread(min(CHUNK, end - at), at)
+                    if not data:
+                        raise OSError("mbox file is shorter than its index")
+                    f.write(data)
+                    at += len(data)
+                f.flush()
+            except BaseException:
+                f.close()
+                raise
+            self._source = _Spilled(f, pos)
 
     def readable(self) -> bool:
         return True
 
     def _fill(self) -> bool:
+        if self._hide:
+            self._hide = False
+            with self._lock:
+                head = self._source.pread(min(HEADER_LIMIT, self._end - self._pos), self._pos)
+            hend = _header_end(head, 0, len(head), b"\r" in head)
+            if hend >= 0:
+                with self._lock:
+                    self._pos += hend
+                self._out = to_crlf(strip_hidden(head[:hend])[0], self._unquote)
+                if self._out:
+                    return True
         while not self._out:
             if self._pos >= self._end and not self._carry:
                 return False
             if self._pos < self._end:
                 n = min(READ_CHUNK, self._end - self._pos)
-                data = os.pread(self._fd, n, self._pos)
+                with self._lock:
+                    data = self._source.pread(n, self._pos)
+                    self._pos += len(data)
                 if not data:
                     raise OSError("mbox file is shorter than its index")
-                self._pos += len(data)
                 data = self._carry + data if self._carry else data
                 if self._pos < self._end:
                     cut = data.rfind(b"\n") + 1
@@ -212,7 +263,7 @@ class MessageReader(io.RawIOBase):
                     self._carry = b""
             else:
                 data, self._carry = self._carry, b""
-            self._out = to_crlf(data) if data else b""
+            self._out = to_crlf(data, self._unquote) if data else b""
         return True
 
     def readinto(self, b) -> int:
@@ -239,8 +290,22 @@ class MessageReader(io.RawIOBase):
         return b"".join(parts)
 
     def close(self) -> None:
-        self._handle = None
+        self._source = None
         super().close()
+
+
+class _Spilled:
+    """Bytes of a message set aside (L{MessageReader.spill}), read by file offset."""
+
+    def __init__(self, data, base: int) -> None:
+        self._data = data  # bytes, or a temporary file
+        self._base = base
+
+    def pread(self, n: int, off: int) -> bytes:
+        at = off - self._base
+        if isinstance(self._data, bytes):
+            return self._data[at : at + n]
+        return os.pread(self._data.fileno(), n, at)
 
 
 # -- scanning ------------------------------------------------------------
@@ -286,6 +351,117 @@ def parse_from_date(line: bytes) -> float:
         return 0.0
 
 
+READ_MBOXRD = 1  # a message's reading (L{ScanResult.size}): unquote one '>'
+HIDE_FIELDS = 2  # ... and leave out the HIDDEN_FIELDS
+STATUS_FLAGS = frozenset({SEEN, ANSWERED, FLAGGED, DELETED, DRAFT})  # what the headers can say
+
+# Header fields that mbox programs keep their own bookkeeping in: mutt writes
+# Status:, X-Status:, Content-Length: and Lines: when it rewrites a message,
+# Dovecot X-Keywords:, X-UID:, X-IMAP(base):, and mailsrv Status:/X-Status:.
+# Sessions do not see them (Dovecot hides the same ones but Lines:), so a
+# message's size and bytes stay the same while its flags are written.
+HIDDEN_FIELDS = frozenset(
+    {
+        b"status",
+        b"x-status",
+        b"x-keywords",
+        b"x-uid",
+        b"x-imap",
+        b"x-imapbase",
+        b"content-length",
+        b"lines",
+    }
+)
+_HIDDEN_HINTS = (b"status:", b"x-keywords", b"x-uid", b"x-imap", b"content-length", b"lines")
+
+
+def may_hide(lower_block: bytes) -> bool:
+    """Whether a lower-cased header block may hold a hidden field (a quick test)."""
+    return any(h in lower_block for h in _HIDDEN_HINTS)
+
+
+def strip_hidden(block: bytes) -> tuple[bytes, int]:
+    """
+    The header block C{block} (raw mbox lines) without the L{HIDDEN_FIELDS}
+    (and their continuation lines), and the CRLF size of what was left out.
+    """
+    out = []
+    removed = 0
+    skipping = False
+    pos = 0
+    n = len(block)
+    while pos < n:
+        eol = block.find(b"\n", pos)
+        nxt = n if eol < 0 else eol + 1
+        line = block[pos:nxt]
+        pos = nxt
+        if skipping and line[:1] in (b" ", b"\t"):
+            removed += _crlf_len(line)
+            continue
+        name, colon, _ = line.partition(b":")
+        skipping = bool(colon) and name.rstrip().lower() in HIDDEN_FIELDS
+        if skipping:
+            removed += _crlf_len(line)
+        else:
+            out.append(line)
+    return (block if not removed else b"".join(out)), removed
+
+
+def _crlf_len(line: bytes) -> int:
+    if line.endswith(b"\r\n"):
+        return len(line)
+    if line.endswith(b"\n"):
+        return len(line) + 1
+    return len(line)
+
+
+def header_end(data: bytes) -> int:
+    """Where the header block at the start of C{data} ends (after its blank line), or -1."""
+    return _header_end(data, 0, min(len(data), HEADER_LIMIT), b"\r" in data)
+
+
+def with_status(block: bytes, flags: frozenset[str]) -> bytes:
+    """
+    Header block C{block} (with its blank line) with Status: and X-Status:
+    saying C{flags}, as mutt writes them (R: \\Seen, O: not new; X-Status:
+    A \\Answered, F \\Flagged, T \\Draft, D \\Deleted).
+    """
+    nl = b"\r\n" if block.endswith(b"\r\n") else b"\n"
+    body = block[: -len(nl)]
+    out = []
+    skipping = False
+    pos = 0
+    while pos < len(body):
+        eol = body.find(b"\n", pos)
+        nxt = len(body) if eol < 0 else eol + 1
+        line = body[pos:nxt]
+        pos = nxt
+        if skipping and line[:1] in (b" ", b"\t"):
+            continue
+        name, colon, _ = line.partition(b":")
+        skipping = bool(colon) and name.rstrip().lower() in (b"status", b"x-status")
+        if not skipping:
+            out.append(line)
+    out.append(b"Status: " + (b"R" if SEEN in flags else b"") + b"O" + nl)
+    letters = b"".join(
+        ch
+        for ch, flag in ((b"A", ANSWERED), (b"F", FLAGGED), (b"T", DRAFT), (b"D", DELETED))
+        if flag in flags
+    )
+    if letters:
+        out.append(b"X-Status: " + letters + nl)
+    return b"".join(out) + nl
+
+
+def hide_fields(data: bytes) -> bytes:
+    """A message's raw mbox bytes without the hidden fields of its header block."""
+    hend = _header_end(data, 0, min(len(data), HEADER_LIMIT), b"\r" in data)
+    if hend < 0:
+        return data
+    block, removed = strip_hidden(data[:hend])
+    return block + data[hend:] if removed else data
+
+
 def status_flags(status: bytes, x_status: bytes) -> frozenset[str]:
     """System flags from mutt/Dovecot ``Status:``/``X-Status:`` header values."""
     out = set()
@@ -312,12 +488,27 @@ class ScanResult:
     from_offs: array = field(default_factory=lambda: array("q"))
     starts: array = field(default_factory=lambda: array("q"))
     ends: array = field(default_factory=lambda: array("q"))
-    sizes: array = field(default_factory=lambda: array("q"))
+    sizes: array = field(default_factory=lambda: array("q"))  # read as mboxrd, all fields
+    quoted: array = field(default_factory=lambda: array("q"))  # lines matching ^>+From
+    hidden: array = field(default_factory=lambda: array("q"))  # CRLF size of hidden fields
     crcs: array = field(default_factory=lambda: array("q"))
     fps: array = field(default_factory=lambda: array("q"))
     dates: array = field(default_factory=lambda: array("d"))
     flags: list = field(default_factory=list)  # from Status:/X-Status:
     end: int = 0  # file offset the scan covered
+
+    def size(self, i: int, fmt: int) -> int:
+        """
+        The CRLF size of message C{i} as sessions see it: C{fmt & READ_MBOXRD},
+        one '>' less per quoted line; C{fmt & HIDE_FIELDS}, without the
+        L{HIDDEN_FIELDS}.
+        """
+        size = self.sizes[i]
+        if not fmt & READ_MBOXRD:
+            size += self.quoted[i]
+        if fmt & HIDE_FIELDS:
+            size -= self.hidden[i]
+        return size
 
 
 class _Partial:
@@ -335,6 +526,7 @@ class _Partial:
         "xstatus",
         "header_end",
         "tail",
+        "hidden",
     )
 
     def __init__(self, from_off: int, start: int, line: bytes) -> None:
@@ -345,6 +537,7 @@ class _Partial:
         self.mid = self.status = self.xstatus = b""
         self.header_end = -1
         self.tail = b""  # the last 4 bytes counted
+        self.hidden = 0
 
 
 def _header_end(buf: bytes, pos: int, limit: int, has_cr: bool) -> int:
@@ -405,6 +598,9 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.starts.append(rec.start)
     res.ends.append(end)
     res.sizes.append((end - rec.start) + nl - crlf - rec.quoted)
+    res.quoted.append(rec.quoted)
+    # fields are hidden only from a header block that ends inside the message
+    res.hidden.append(rec.hidden if 0 <= rec.header_end <= end else 0)
     res.crcs.append(line_crc)
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
@@ -433,6 +629,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
     a_from, a_start, a_end = res.from_offs.append, res.starts.append, res.ends.append
     a_size, a_crc, a_fp = res.sizes.append, res.crcs.append, res.fps.append
     a_date, a_flags = res.dates.append, res.flags.append
+    a_quoted, a_hidden = res.quoted.append, res.hidden.append
     crc32 = zlib.crc32
     while True:
         n = min(chunk, file_end - read_pos)
@@ -494,14 +691,19 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                     j = block.find(b"\n", i + 12)
                     if j >= 0:
                         mid = buf[start + i + 11 : start + j - 1].strip()
+                hid = 0
                 if b"status:" in block:
                     rec = _Partial(0, 0, b"")
                     _parse_headers(rec, buf, start, hend)
                     status, xstatus = rec.status, rec.xstatus
+                if hend <= end and may_hide(block):
+                    hid = strip_hidden(buf[start:hend])[1]
                 a_from(base + sep)
                 a_start(base + start)
                 a_end(base + end)
                 a_size(end - start + nl - q)
+                a_quoted(q)
+                a_hidden(hid)
                 a_crc(line_crc)
                 a_fp((crc32(mid, line_crc) << 31) | ((end - min(hend, end)) & 0x7FFFFFFF))
                 a_date(parse_from_date(line))
@@ -512,6 +714,8 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
             hstop = hend if hend >= 0 else min(blen, start + HEADER_LIMIT)
             _parse_headers(cur, buf, start, hstop)
             cur.header_end = base + hend if hend >= 0 else -2
+            if hend >= 0 and may_hide(buf[start:hend].lower()):
+                cur.hidden = strip_hidden(buf[start:hend])[1]
             pos = start
         else:
             if cur is not None:

@@ -1,0 +1,506 @@
+"""
+Rewriting an mbox file in place, crash-safe: the kept bytes move down over
+the dropped ones, the file is truncated, and the inode stays the same.
+
+Why in place: mutt, procmail and others open the mbox for appending before
+they lock it, and never check afterwards that the name still leads to the
+same inode. A rewrite that renamed a new file over the mbox would let their
+write land in the old, unlinked inode, and the mail would be lost although
+they report success. Writing into the same inode (as Dovecot's mbox does),
+their O_APPEND write lands at the new end, after we let go of the lock.
+
+The plan (L{Plan}) is a list of runs C{(src, end, dst)}: the bytes
+C{[src, end)} move to C{dst}, with C{dst < src}, runs in ascending order and
+their destinations too (the file keeps its order); then C{tail} is written at
+C{tail_at} and the file is truncated to C{new_size}.
+
+The journal, C{<index base>.rewrite}, says how to finish after a kill -9 at
+any moment. Its first line is the plan as JSON (with the inode and the old
+size, and what the index must be told); it is fsynced before a byte moves.
+Then one line is added (and fdatasynced) per step done:
+
+    p I DONE     run I has its first DONE bytes at their destination, and so
+                 have all runs before it (the mbox was fdatasynced before)
+    x OLD NEW    after a crash, another program appended OLD..NEW: one more
+                 run moves those bytes down behind the others
+    t CRC LEN    every run is done; the file is about to be truncated
+    g            (moving up) the file is about to grow to C{new_size}, before
+                 any byte moves; what another program appends later lands
+                 after all we write, and stays
+    f            the file is complete (tail written, truncated, fsynced)
+
+A plan moves bytes either all down (an expunge; header blocks that shrink)
+or all up (header blocks that grow); then C{runs} are done from the last
+one, each from its end, and the bytes at risk are the last W - k of a
+segment. A run C{(-1 - n, 0, dst)} writes C{literals[n]} (a new header
+block) at C{dst}: its place holds only bytes already moved or replaced.
+
+The C{t} line holds the crc and length of (up to 64 of) the bytes after
+C{new_size} before the truncate: if they are still there after a kill, the
+file was not truncated yet (and what another program appended after
+C{old_size} moves down, C{x}); if not, it was, and whatever follows
+C{new_size} was appended since and stays. Without C{t}, a file longer than
+C{old_size} was appended to (C{x}). A line a kill cut short is cut off
+before more are added (L{Journal.reopen}).
+
+Copying in ascending order never touches a source byte of a later run
+(C{dst + len} of every run is at most the next run's C{dst}, which is at most
+its C{src}), nor the part of the same run after the segment being copied. But
+a segment of W bytes moved down by k = src - dst, with W > k, overwrites the
+first W - k of its own source bytes while it is copied: were the copy cut
+short, they would be lost, and redoing the segment would copy garbage. So
+those W - k bytes are first saved in C{<index base>.rewrite-save} (run,
+offset, length and crc in its first line), fdatasynced, and only then is the
+segment written.
+
+The invariant: whenever the journal says C{p I DONE}, the source bytes of run
+I from DONE on, and all later runs, are intact in the file, except at most
+the first W - k bytes of the segment that starts at DONE, and then those are
+in the save file with a matching header and crc. Recovery (L{finish}, under
+the mbox lock, before anything reads the file) therefore redoes that segment
+from the save file (if it matches) and the file (for the rest), and goes on;
+redoing a segment that was already written writes the same bytes again. A
+journal whose first line is incomplete means nothing moved yet: it is deleted.
+A journal for another inode (the file was replaced since) is deleted too.
+
+Only after C{f} does the index learn the new offsets (one sqlite
+transaction); the journal goes last, so a crash between the two redoes the
+index update, which is idempotent.
+
+Readers of the folder (L{Relocation}) do not block a rewrite; see there.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from bisect import bisect_right
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from mailsrv.atomic import make_dirs
+from mailsrv.store.mboxfmt import read_range
+
+SEGMENT = 8 * 1024 * 1024  # bytes moved between two progress records
+CHECK = 64  # bytes at the start of each run whose crc the plan keeps
+
+
+@dataclass
+class Plan:
+    """What an in-place rewrite does to the file, and then to the index."""
+
+    ino: int
+    old_size: int
+    new_size: int
+    runs: list[tuple[int, int, int]]  # (src, end, dst)
+    tail_at: int = -1
+    tail: bytes = b""
+    removed: list[int] = field(default_factory=list)  # UIDs gone from the index
+    moved: list[tuple[int, int, int, int]] = field(default_factory=list)  # (from, start, stop, uid)
+    indexed_size: int = -1  # how much of the new file the index describes (-1: new_size)
+    up: bool = False  # the bytes move up (the file grows): runs are done from the last one
+    literals: list[bytes] = field(default_factory=list)  # runs (-1 - n, 0, dst) write literals[n]
+    dflags: list[tuple[str, int]] = field(default_factory=list)  # (flags text, uid) written
+    # per run, the crc of its first (up to CHECK) bytes, to tell that the file is still
+    # the one the plan is about (another program may rewrite it in place after a kill)
+    checks: list[int] = field(default_factory=list)
+    # from the journal's t line: the crc and length of the bytes after new_size then
+    t_check: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if self.indexed_size < 0:
+            self.indexed_size = self.new_size
+
+    def to_json(self) -> bytes:
+        return json.dumps(
+            {
+                "ino": self.ino,
+                "old_size": self.old_size,
+                "new_size": self.new_size,
+                "runs": self.runs,
+                "tail_at": self.tail_at,
+                "tail": self.tail.hex(),
+                "removed": self.removed,
+                "moved": self.moved,
+                "indexed_size": self.indexed_size,
+                "up": self.up,
+                "literals": [b.hex() for b in self.literals],
+                "dflags": self.dflags,
+                "checks": self.checks,
+            },
+            separators=(",", ":"),
+        ).encode("ascii")
+
+    @classmethod
+    def from_json(cls, text: bytes) -> Plan:
+        d = json.loads(text)
+        return cls(
+            int(d["ino"]),
+            int(d["old_size"]),
+            int(d["new_size"]),
+            [(int(a), int(b), int(c)) for a, b, c in d["runs"]],
+            int(d["tail_at"]),
+            bytes.fromhex(d["tail"]),
+            [int(u) for u in d["removed"]],
+            [(int(a), int(b), int(c), int(u)) for a, b, c, u in d["moved"]],
+            int(d["indexed_size"]),
+            bool(d.get("up", False)),
+            [bytes.fromhex(h) for h in d.get("literals", [])],
+            [(str(t), int(u)) for t, u in d.get("dflags", [])],
+            [int(c) for c in d.get("checks", [])],
+        )
+
+    def extend(self, old_size: int, size: int) -> None:
+        """Bytes another program appended after a crash move down behind the others."""
+        if size <= old_size:
+            return
+        dst = self.new_size
+        self.runs.append((old_size, size, dst))
+        if self.checks:
+            self.checks.append(-1)  # not checked: appended after the plan
+        self.new_size = dst + size - old_size
+        self.old_size = size
+
+
+class Journal:
+    """The C{.rewrite} journal and its C{-save} file for one folder."""
+
+    def __init__(self, base: Path) -> None:
+        self.path = Path(str(base) + ".rewrite")
+        self.save_path = Path(str(base) + ".rewrite-save")
+        self._fd = -1
+
+    def begin(self, plan: Plan) -> None:
+        """Write the plan and make it durable (before any byte moves)."""
+        make_dirs(self.path.parent)
+        self._fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        _write_all(self._fd, plan.to_json() + b"\n")
+        os.fdatasync(self._fd)
+        # the save file's name too is made durable now, with the journal's
+        os.close(os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600))
+        _fsync_dir(self.path.parent)
+
+    def reopen(self) -> None:
+        """Open to add lines, after cutting a line a kill left half written."""
+        self._fd = os.open(self.path, os.O_RDWR | os.O_APPEND)
+        size = os.fstat(self._fd).st_size
+        tail = os.pread(self._fd, min(size, 4096), max(0, size - 4096))
+        cut = size - (len(tail) - tail.rfind(b"\n") - 1)
+        if cut != size:
+            os.ftruncate(self._fd, cut)
+            os.fsync(self._fd)
+
+    def mark(self, line: bytes) -> None:
+        _write_all(self._fd, line)
+        os.fdatasync(self._fd)
+
+    def save(self, run: int, done: int, data: bytes) -> None:
+        fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            head = b"%d %d %d %d\n" % (run, done, len(data), zlib.crc32(data))
+            _write_all(fd, head + data)
+            os.fdatasync(fd)
+        finally:
+            os.close(fd)
+
+    def saved(self, run: int, done: int, length: int) -> bytes | None:
+        """The bytes saved for the segment at (C{run}, C{done}), if complete."""
+        try:
+            with open(self.save_path, "rb") as f:
+                head = f.readline()
+                data = f.read(length + 1)
+        except FileNotFoundError:
+            return None
+        try:
+            r, d, n, crc = (int(x) for x in head.split())
+        except ValueError:
+            return None
+        if (r, d, n) != (run, done, length) or len(data) != length or zlib.crc32(data) != crc:
+            return None
+        return data
+
+    def read(self) -> tuple[Plan, tuple[int, int], str] | None:
+        """
+        (plan, progress, stage) from the journal, or None if there is none usable;
+        the stage is "" (moving), "g" (grown, moving up), "t" (truncating) or
+        "f" (file done).
+        """
+        try:
+            text = self.path.read_bytes()
+        except FileNotFoundError:
+            return None
+        lines = text.split(b"\n")
+        if len(lines) < 2:
+            return None  # the plan itself is incomplete: nothing moved
+        try:
+            plan = Plan.from_json(lines[0])
+        except (ValueError, KeyError, TypeError):
+            return None
+        progress = (0, 0)
+        stage = ""
+        for ln in lines[1:-1]:  # the last piece has no newline: incomplete
+            words = ln.split()
+            try:
+                if words[:1] == [b"p"] and len(words) == 3:
+                    progress = (int(words[1]), int(words[2]))
+                elif words[:1] == [b"x"] and len(words) == 3:
+                    plan.extend(int(words[1]), int(words[2]))
+                elif words[:1] == [b"t"] and len(words) == 3:
+                    stage = "t"
+                    plan.t_check = (int(words[1]), int(words[2]))
+                elif words in ([b"g"], [b"t"], [b"f"]):
+                    stage = words[0].decode()
+                else:
+                    raise ValueError(ln)
+            except ValueError:
+                # lines are only ever added whole (L{reopen}): this is damage, and going
+                # on from an older line could copy bytes that were overwritten since
+                raise OSError(f"rewrite journal {self.path} is damaged: {ln!r}")
+        return plan, progress, stage
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+    def remove(self) -> None:
+        self.close()
+        for p in (self.path, self.save_path):
+            try:
+                os.unlink(p)
+            except FileNotFoundError:
+                pass
+
+
+def move(
+    fd: int,
+    plan: Plan,
+    journal: Journal,
+    progress: tuple[int, int] = (0, 0),
+    guard: Callable[[], AbstractContextManager] = nullcontext,
+    advanced: Callable[[int], None] = lambda src: None,
+    truncate: bool = True,
+    grown: bool = False,
+) -> None:
+    """
+    Carry out C{plan} on the mbox C{fd} from C{progress} (step, bytes done) on,
+    recording each step in the (begun) journal, up to and including the C{f}
+    line. Each segment is written inside C{guard()}, which then gets
+    C{advanced(src)}: the source offset below which (moving down), or from
+    which on (moving up), every kept byte is at its destination.
+    """
+    runs = plan.runs
+    order = list(range(len(runs)))
+    if plan.up:
+        order.reverse()
+    start_step, start_done = progress
+    if plan.up and not grown:
+        # the file grows to its new size before a byte moves (zeros at the end for now):
+        # another program's append can then only land after everything we write
+        journal.mark(b"g\n")
+        if os.fstat(fd).st_size < plan.new_size:
+            os.ftruncate(fd, plan.new_size)
+    for step in range(start_step, len(order)):
+        src, end, dst = runs[order[step]]
+        done = start_done if step == start_step else 0
+        if src < 0:  # new bytes (a header block): written whole, idempotent
+            if not done:
+                with guard():
+                    _pwrite_all(fd, plan.literals[-1 - src], dst)
+                os.fdatasync(fd)
+                journal.mark(b"p %d 1\n" % step)
+            continue
+        if src == dst:
+            continue
+        n = end - src
+        k = abs(dst - src)
+        while done < n:
+            w = min(SEGMENT, n - done)
+            # moving down, segments go up from the start of the run, and the first
+            # w - k source bytes of a segment are overwritten while it is copied;
+            # moving up, they go down from its end, and it is the last w - k
+            lo = src + done if not plan.up else end - done - w
+            risk = w - k
+            if risk > 0:
+                keep_at = 0 if not plan.up else w - risk
+                saved = journal.saved(step, done, risk)
+                if saved is None:
+                    data = read_range(fd, lo, lo + w)
+                    journal.save(step, done, data[keep_at : keep_at + risk])
+                elif not plan.up:  # a segment cut short: those bytes are only saved
+                    data = saved + read_range(fd, lo + risk, lo + w)
+                else:
+                    data = read_range(fd, lo, lo + w - risk) + saved
+            else:
+                data = read_range(fd, lo, lo + w)
+            with guard():
+                _pwrite_all(fd, data, lo + (dst - src))
+                advanced(lo + w if not plan.up else lo)
+            os.fdatasync(fd)
+            done += w
+            journal.mark(b"p %d %d\n" % (step, done))
+    if plan.tail:
+        _pwrite_all(fd, plan.tail, plan.tail_at)
+    if truncate and not plan.up:
+        # what the bytes after the new end are now, to tell after a kill whether
+        # the truncate happened (another program may have appended since)
+        n = max(0, min(64, os.fstat(fd).st_size - plan.new_size))
+        crc = zlib.crc32(os.pread(fd, n, plan.new_size))
+        journal.mark(b"t %d %d\n" % (crc, n))
+        os.ftruncate(fd, plan.new_size)
+    os.fsync(fd)
+    journal.mark(b"f\n")
+
+
+def run_checks(fd: int, plan: Plan) -> list[int]:
+    """The crc of the first bytes of each run (of each new block), before anything moves."""
+    out = []
+    for src, end, _ in plan.runs:
+        if src < 0:
+            out.append(zlib.crc32(plan.literals[-1 - src][:CHECK]))
+        else:
+            out.append(zlib.crc32(os.pread(fd, min(CHECK, end - src), src)))
+    return out
+
+
+def still_valid(fd: int, plan: Plan, progress: tuple[int, int], stage: str) -> bool:
+    """
+    Whether the file is still the one C{plan} is about, as far as C{progress}:
+    every run done has its first bytes at its destination, every run not begun
+    at its source. A program that rewrote the file in place after a kill (mutt,
+    once the dead process's dotlock was stale) makes this false: then the
+    journal must be dropped and the file rescanned, not "finished".
+    """
+    if not plan.checks:
+        return True
+    order = list(range(len(plan.runs)))
+    if plan.up:
+        order.reverse()
+    current = len(order) if stage == "f" or stage == "t" else progress[0]
+    for step, i in enumerate(order):
+        src, end, dst = plan.runs[i]
+        check = plan.checks[i] if i < len(plan.checks) else -1
+        if check < 0 or current <= step <= current + 1:
+            continue  # appended after the plan, or maybe half moved (the step after a
+            # completed one may have begun before its first progress line)
+        n = len(plan.literals[-1 - src][:CHECK]) if src < 0 else min(CHECK, end - src)
+        if src < 0 and step > current:
+            continue  # a new block not written yet: nothing to see
+        at = dst if step < current or src < 0 else src
+        if zlib.crc32(os.pread(fd, n, at)) != check:
+            return False
+    return True
+
+
+def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], stage: str) -> None:
+    """
+    Finish an interrupted rewrite (the mbox locked, the journal reopened): take
+    in what another program appended since, then go on from C{progress}.
+    """
+    if stage == "f":
+        return
+    size = os.fstat(fd).st_size
+    truncate = True
+    grown = stage == "g"
+    if grown:
+        if size < plan.new_size:  # killed between the mark and the truncate
+            os.ftruncate(fd, plan.new_size)
+    elif stage == "t":
+        crc, n = plan.t_check or (0, 0)
+        if n == 0 or zlib.crc32(os.pread(fd, n, plan.new_size)) != crc:
+            truncate = False  # truncated already: what follows the new end was appended since
+        elif size > plan.old_size:  # not truncated, and another program appended meanwhile
+            journal.mark(b"x %d %d\n" % (plan.old_size, size))
+            plan.extend(plan.old_size, size)
+    elif size > plan.old_size:
+        journal.mark(b"x %d %d\n" % (plan.old_size, size))
+        plan.extend(plan.old_size, size)
+    move(fd, plan, journal, progress, truncate=truncate, grown=grown)
+
+
+class Relocation:
+    """
+    Where the bytes of a file layout went when an in-place rewrite moved them:
+    attached to the read handle of the old layout when the rewrite starts, so
+    that every reader that still uses the old offsets (a session's stale
+    snapshot, a message being streamed by POP3 RETR or IMAP FETCH) reads the
+    right bytes at every moment: below C{frontier} a kept byte is read at its
+    new place (through C{next}, the new layout's handle), from C{frontier} on
+    at its old place, which the rewrite has not touched yet. The rewrite moves
+    the frontier together with each segment it writes, under the handle's lock,
+    which readers hold for each read: a reader waits for at most one segment.
+    Bytes of dropped messages are gone (L{MessageGone}) from the start; a
+    reader that was streaming one had its remaining bytes copied aside first.
+    """
+
+    def __init__(
+        self, runs: list[tuple[int, int, int]], first: int, next_handle, up: bool = False
+    ) -> None:
+        runs = [r for r in runs if r[0] >= 0]  # new header blocks replace what was there
+        self.srcs = [r[0] for r in runs]
+        self.ends = [r[1] for r in runs]
+        self.dsts = [r[2] for r in runs]
+        self.first = first  # bytes below this offset stay where they are
+        self.up = up  # moving up, the frontier comes down from the end
+        self.frontier = self.ends[-1] if up and runs else first
+        self.next = next_handle
+        self.broken = False  # the rewrite failed: nothing after C{first} can be trusted
+
+    def complete(self) -> None:
+        """Every kept byte is at its new place."""
+        self.frontier = -1 if self.up else (self.ends[-1] if self.ends else self.first)
+
+    def moved(self, off: int) -> bool:
+        """Whether the kept byte at C{off} is at its new place already."""
+        return off >= self.frontier if self.up else off < self.frontier
+
+    def run_at(self, off: int) -> int:
+        """Index of the run holding offset C{off}; -1 if it was dropped."""
+        i = bisect_right(self.srcs, off) - 1
+        if i < 0 or off >= self.ends[i]:
+            return -1
+        return i
+
+    def keeps(self, a: int, b: int) -> bool:
+        """Whether the bytes C{[a, b)} are all kept (unchanged or moved)."""
+        if b <= self.first:
+            return True
+        if a < self.first:
+            a = self.first
+        while a < b:
+            i = self.run_at(a)
+            if i < 0:
+                return False
+            a = self.ends[i]
+        return True
+
+
+class MessageGone(KeyError):
+    """The bytes asked for belonged to a message that an expunge removed."""
+
+
+def _pwrite_all(fd: int, data: bytes, off: int) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.pwrite(fd, view[done:], off + done)
+
+
+# This module does its own os-level writes and fsyncs (not mailsrv.atomic's), so that the kill
+# tests, which replace this module's os, can stop it at every step.
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    done = 0
+    while done < len(data):
+        done += os.write(fd, view[done:])
+
+
+def _fsync_dir(d: Path) -> None:
+    fd = os.open(d, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
