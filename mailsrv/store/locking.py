@@ -179,8 +179,9 @@ class MboxLock:
     locking, the fd is checked to still be the file at C{path} (someone may have
     renamed a new file over it) and reopened if not. C{fd} is O_RDWR.
 
-    C{reader}: the holder only reads the file (indexes it to serve SELECT,
-    EXAMINE, FETCH, a POP3 login), so it may fall back to fcntl alone when no
+    C{reader}: the holder reads the file (indexes it to serve SELECT, EXAMINE,
+    FETCH, a POP3 login; at most it cuts off an append of its own that a
+    crash left half written), so it may fall back to fcntl alone when no
     dotlock can be created at all; writers get the ENOSPC error instead.
     """
 
