@@ -1,13 +1,22 @@
 """
 Support for end-to-end tests: a real ``twistd -n mailsrv`` in a subprocess,
 on loopback ports chosen free, with its config and data in a temporary folder.
+
+The server is ready when its log says that every listener listens: nothing
+probes its ports by connecting before then. (A probe to a port nobody
+listens on yet can connect to itself, and the port it leaves in TIME_WAIT
+is one the server then cannot bind.) A port chosen free can still be taken
+by another process before the server binds it: the server then exits
+("Address already in use"), and is started again on other free ports.
 """
 
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -18,6 +27,11 @@ PASSWORD = "correct horse battery staple"
 # The twistd script installed beside this Python (the venv's), as an administrator runs it.
 TWISTD = str(Path(sys.executable).with_name("twistd"))
 SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+# Twisted's tcp.Port logs this once its socket listens.
+LISTENING = re.compile(r" starting on (\d+)$", re.MULTILINE)
+PORT_TAKEN = "Address already in use"
+START_ATTEMPTS = 5
+START_TIMEOUT = 60.0
 
 
 def free_port(host: str = "127.0.0.1") -> int:
@@ -26,17 +40,55 @@ def free_port(host: str = "127.0.0.1") -> int:
         return s.getsockname()[1]
 
 
+def free_ports(n: int, host: str = "127.0.0.1") -> list[int]:
+    """C{n} different ports that are free now."""
+    sockets = [socket.socket() for _ in range(n)]
+    try:
+        for s in sockets:
+            s.bind((host, 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def wait_for_port(host: str, port: int, timeout: float = 20.0, proc=None) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"server exited with {proc.returncode} before listening")
         try:
-            with socket.create_connection((host, port), timeout=1):
-                return
+            with socket.create_connection((host, port), timeout=1) as s:
+                # No TIME_WAIT left behind that would keep the server from binding.
+                s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+                if s.getsockname() != s.getpeername():  # not connected to itself
+                    return
         except OSError:
-            time.sleep(0.05)
+            pass
+        time.sleep(0.05)
     raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def _listen(port: int) -> str:
+    return f"tcp:{port}:interface=127.0.0.1"
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
+
+
+def _read_from(path: Path, offset: int) -> str:
+    """What C{path} holds from C{offset} on; all of it if it was rotated meanwhile."""
+    try:
+        with open(path, "rb") as f:
+            if os.fstat(f.fileno()).st_size >= offset:
+                f.seek(offset)
+            return f.read().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
 
 
 class MailServer:
@@ -58,11 +110,9 @@ class MailServer:
         self.log_to_stdout = log_to_stdout
         self.config_in_env = config_in_env
         self.data = base / "data"
-        self.ports = {name: free_port() for name in SERVICES}
+        self.ports = dict(zip(SERVICES, free_ports(len(SERVICES)), strict=True))
         self.config_path = base / "mailsrv.toml"
-        listen = "\n".join(
-            f'{name} = ["tcp:{port}:interface=127.0.0.1"]' for name, port in self.ports.items()
-        )
+        listen = "\n".join(f'{name} = ["{_listen(port)}"]' for name, port in self.ports.items())
         doms = ", ".join(f'"{d}"' for d in domains)
         self.config_path.write_text(
             "[server]\n"
@@ -79,6 +129,24 @@ class MailServer:
     # -- process control -------------------------------------------------------
 
     def start(self) -> MailServer:
+        """
+        Start the server and return once every listener listens, on other
+        free ports if one was taken meanwhile (C{ports} is updated in place).
+        """
+        for attempt in range(START_ATTEMPTS):
+            offsets = {p: _size(p) for p in (self.log_path, self.base / "server.log")}
+            self._spawn()
+            try:
+                if self._wait_listening(offsets):
+                    return self
+            except Exception:
+                self.kill()
+                raise RuntimeError(f"server did not start:\n{self.output()}")
+            if attempt < START_ATTEMPTS - 1:
+                self._choose_other_ports()
+        raise RuntimeError(f"server did not start, ports taken:\n{self.output()}")
+
+    def _spawn(self) -> None:
         log = open(self.log_path, "ab")
         env = dict(os.environ, PYTHONUNBUFFERED="1")
         config = ["--config", str(self.config_path)]
@@ -100,13 +168,37 @@ class MailServer:
             env=env,
         )
         log.close()
-        try:
-            for name in ("smtp", "pop3", "imap"):
-                wait_for_port("127.0.0.1", self.ports[name], proc=self.proc)
-        except Exception:
-            self.kill()
-            raise RuntimeError(f"server did not start:\n{self.output()}")
-        return self
+
+    def _wait_listening(self, offsets: dict[Path, int]) -> bool:
+        """
+        Wait until the log (read from C{offsets}) says every port listens:
+        True; False if the server exited because a port was taken.
+        """
+        assert self.proc is not None
+        wanted = set(self.ports.values())
+        deadline = time.monotonic() + START_TIMEOUT
+        while True:
+            exited = self.proc.poll() is not None  # before reading: no line is missed
+            text = "".join(_read_from(p, offset) for p, offset in offsets.items())
+            if wanted <= {int(port) for port in LISTENING.findall(text)}:
+                return True
+            if exited:
+                if PORT_TAKEN in text:
+                    self.proc.wait()
+                    return False
+                raise RuntimeError(f"server exited with {self.proc.returncode} before listening")
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"not all of {sorted(wanted)} listening after {START_TIMEOUT}s")
+            time.sleep(0.02)
+
+    def _choose_other_ports(self) -> None:
+        """New free ports for every listener, in C{ports} and the config file."""
+        text = self.config_path.read_text()
+        for name, port in zip(SERVICES, free_ports(len(SERVICES)), strict=True):
+            line = f'{name} = ["{_listen(port)}"]'
+            text = re.sub(rf"^{name} = \[.*\]$", line, text, count=1, flags=re.MULTILINE)
+            self.ports[name] = port
+        self.config_path.write_text(text)
 
     def stop(self, timeout: float = 15.0) -> int | None:
         if self.proc is None or self.proc.poll() is not None:

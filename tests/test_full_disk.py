@@ -25,13 +25,17 @@ BIG = b"Subject: big\r\n\r\n" + (b"y" * 78 + b"\r\n") * 5000  # 400 KB: spooled 
 
 
 @contextlib.contextmanager
-def tmpfs(path: Path, size: str = "8m"):
-    """A tmpfs of C{size} at C{path}, unmounted afterwards; skips when it cannot be made."""
+def tmpfs(path: Path, size: str = "8m", inodes: int | None = None):
+    """
+    A tmpfs of C{size} (and C{inodes} files, if given) at C{path}, unmounted
+    afterwards; skips when it cannot be made.
+    """
     path.mkdir()
     if os.geteuid() != 0:
         pytest.skip("mounting a small tmpfs needs root")
+    options = f"size={size},mode=0700" + ("" if inodes is None else f",nr_inodes={inodes}")
     r = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(path)],
         capture_output=True,
         text=True,
     )

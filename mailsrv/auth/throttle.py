@@ -37,12 +37,25 @@ which a flood of refused logins would turn into a way to pin the server's
 resources. What keeps costing the guesser is that every refused guess is
 wasted until the window has passed.
 
+IPv6 clients are counted by their /64, as one client: an end site gets a
+/64 at least (RFC 6177), so a client could otherwise take a new address
+for each guess. Dovecot's auth penalty groups IPv6 clients too (by /48).
+
+The memory kept is bounded: at most C{max_failures} failures per client,
+each 16 bytes (when, and a keyed 8-byte hash of the account), for at most
+MAX_TRACKED clients; clients whose failures have all expired are swept out
+once per window, so a spray of addresses that never return is forgotten.
+
 A pure function of the clock's time, so tests advance a task.Clock.
 """
 
 from __future__ import annotations
 
-from collections import Counter, deque
+import hashlib
+import ipaddress
+import os
+import struct
+from collections import Counter
 from collections.abc import Callable
 from typing import Any
 
@@ -52,6 +65,11 @@ from twisted.python.failure import Failure
 
 MAX_TRACKED = 100_000  # client addresses kept; bounds memory under a spray of addresses
 MAX_ACCOUNT_LENGTH = 320  # RFC 5321 4.5.3.1: 64 + 1 + 255, with room
+IPV6_PREFIX = 64  # RFC 6177: the least an end site is given
+
+# One failure: when (clock seconds) and the account's hash. A client's
+# failures are these packed end to end, oldest first.
+_FAILURE = struct.Struct("=dQ")
 
 SUCCEEDED, FAILED, ABANDONED = "succeeded", "failed", "abandoned"
 
@@ -65,6 +83,19 @@ def account_key(username: str | bytes) -> str:
     if isinstance(username, bytes):
         username = username.decode("utf-8", "replace")
     return username.strip().lower().rstrip(".")[:MAX_ACCOUNT_LENGTH]
+
+
+def client_key(host: str) -> str:
+    """The client address failures are counted for: an IPv6 one by its /64."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network((ip, IPV6_PREFIX), strict=False))
+    return host
 
 
 class LoginAttempt:
@@ -102,8 +133,10 @@ class LoginThrottle:
         self._clock = clock
         self._max = max_failures
         self._window = window
-        self._failures: dict[str, deque[tuple[float, str]]] = {}  # host -> (when, account)
-        self._pending: Counter[str] = Counter()  # host -> attempts being checked
+        self._failures: dict[str, bytes] = {}  # client -> its failures (_FAILURE, packed)
+        self._pending: Counter[str] = Counter()  # client -> attempts being checked
+        self._hash_key = os.urandom(16)  # account hashes that cannot be aimed at one another
+        self._next_sweep = clock.seconds() + window
 
     # --- the entry point ---------------------------------------------------------
 
@@ -139,50 +172,101 @@ class LoginThrottle:
         """Reserve a login attempt by C{host} for C{username}, or None if refused."""
         if self.blocked(host):
             return None
-        self._pending[host] += 1
-        return LoginAttempt(host, account_key(username), self._ended)
+        client = client_key(host)
+        self._pending[client] += 1
+        return LoginAttempt(client, account_key(username), self._ended)
 
     def blocked(self, host: str) -> bool:
         """Whether C{host} must be refused without a check."""
-        return len(self._recent(host)) + self._pending[host] >= self._max
+        client = client_key(host)
+        return self._recent(client) + self._pending[client] >= self._max
+
+    def tracked(self) -> tuple[int, int]:
+        """How many clients and failures are kept: what bounds the memory used."""
+        return len(self._failures), sum(len(p) for p in self._failures.values()) // _FAILURE.size
 
     # --- bookkeeping -------------------------------------------------------------
 
-    def _recent(self, host: str) -> deque[tuple[float, str]]:
-        q = self._failures.get(host)
-        if q is None:
-            return deque()
-        cutoff = self._clock.seconds() - self._window
-        while q and q[0][0] <= cutoff:
-            q.popleft()
-        if not q:
-            del self._failures[host]
-        return q
+    def _account_hash(self, account: str) -> int:
+        digest = hashlib.blake2b(
+            account.encode("utf-8", "surrogatepass"), digest_size=8, key=self._hash_key
+        ).digest()
+        return int.from_bytes(digest, "little")
+
+    def _recent(self, client: str) -> int:
+        """How many failures C{client} has within the window (dropping older ones)."""
+        packed = self._failures.get(client)
+        if packed is None:
+            return 0
+        packed = _unexpired(packed, self._clock.seconds() - self._window)
+        if packed:
+            self._failures[client] = packed
+        else:
+            del self._failures[client]
+        return len(packed) // _FAILURE.size
 
     def _ended(self, attempt: LoginAttempt, outcome: str) -> None:
-        host = attempt.host
-        self._pending[host] -= 1
-        if self._pending[host] <= 0:
-            del self._pending[host]
+        client = attempt.host
+        self._pending[client] -= 1
+        if self._pending[client] <= 0:
+            del self._pending[client]
         if outcome == FAILED:
-            self._failed(host, attempt.account)
+            self._failed(client, attempt.account)
         elif outcome == SUCCEEDED:
-            self._succeeded(host, attempt.account)
+            self._succeeded(client, attempt.account)
 
-    def _failed(self, host: str, account: str) -> None:
-        self._recent(host)
-        self._failures.setdefault(host, deque()).append((self._clock.seconds(), account))
+    def _failed(self, client: str, account: str) -> None:
+        now = self._clock.seconds()
+        self._sweep(now)
+        self._recent(client)
+        packed = self._failures.get(client, b"") + _FAILURE.pack(now, self._account_hash(account))
+        if len(packed) > self._max * _FAILURE.size:
+            # Never more than the limit: the oldest beyond it cannot change a decision.
+            packed = packed[len(packed) - self._max * _FAILURE.size :]
+        self._failures[client] = packed
         if len(self._failures) > MAX_TRACKED:
-            for h in list(self._failures)[: MAX_TRACKED // 2]:
-                del self._failures[h]
+            for c in list(self._failures)[: MAX_TRACKED // 2]:
+                del self._failures[c]
 
-    def _succeeded(self, host: str, account: str) -> None:
-        """Forget C{host}'s failures against C{account}; keep those against others."""
-        q = self._failures.get(host)
-        if q is None:
+    def _succeeded(self, client: str, account: str) -> None:
+        """Forget C{client}'s failures against C{account}; keep those against others."""
+        packed = self._failures.get(client)
+        if packed is None:
             return
-        kept = deque(e for e in q if e[1] != account)
+        mine = self._account_hash(account)
+        kept = b"".join(
+            packed[i : i + _FAILURE.size]
+            for i in range(0, len(packed), _FAILURE.size)
+            if _FAILURE.unpack_from(packed, i)[1] != mine
+        )
         if kept:
-            self._failures[host] = kept
+            self._failures[client] = kept
         else:
-            del self._failures[host]
+            del self._failures[client]
+
+    def _sweep(self, now: float) -> None:
+        """
+        Once per window, forget the clients whose failures have all expired.
+        A client looked at is either forgotten or has failed since the last
+        sweep, so the cost is amortised over the failures recorded.
+        """
+        if now < self._next_sweep:
+            return
+        self._next_sweep = now + self._window
+        cutoff = now - self._window
+        size = _FAILURE.size
+        gone = [
+            c
+            for c, p in self._failures.items()
+            if _FAILURE.unpack_from(p, len(p) - size)[0] <= cutoff
+        ]
+        for c in gone:
+            del self._failures[c]
+
+
+def _unexpired(packed: bytes, cutoff: float) -> bytes:
+    """C{packed} failures without those at or before C{cutoff} (they come oldest first)."""
+    i = 0
+    while i < len(packed) and _FAILURE.unpack_from(packed, i)[0] <= cutoff:
+        i += _FAILURE.size
+    return packed[i:] if i else packed

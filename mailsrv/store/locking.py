@@ -61,9 +61,24 @@ def _dotlock_is_stale(lock: Path, now: float) -> bool:
 
 
 def _write_temp(tmp: Path) -> None:
+    """
+    Create the temporary lock file. Only its inode is needed: the "pid:host"
+    line that lets a dead holder's lock be broken at once is written if it
+    fits, and the file is left empty on a disk with no free blocks (an empty
+    dotlock is what Postfix's dot_lockfile and mutt_dotlock make and accept;
+    it is broken after STALE_AFTER).
+    """
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     try:
-        os.write(fd, f"{os.getpid()}:{_hostname()}\n".encode())
+        content = f"{os.getpid()}:{_hostname()}\n".encode()
+        try:
+            written = os.write(fd, content)
+        except OSError as e:
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+                raise
+            written = -1
+        if written != len(content):
+            os.ftruncate(fd, 0)  # never a partial line that reads as another pid
     except BaseException:
         os.close(fd)
         os.unlink(tmp)
@@ -71,12 +86,14 @@ def _write_temp(tmp: Path) -> None:
     os.close(fd)
 
 
-def acquire_dotlock(path: Path, deadline: float) -> Path | None:
+def acquire_dotlock(path: Path, deadline: float, reader: bool = False) -> Path | None:
     """
     Create C{path}.lock (temp file, link(), check link count); wait until
-    C{deadline}. None when the disk is too full for a dotlock and nobody holds
-    one: then nobody else can make one either, and fcntl alone guards the
-    file, so that mail can still be read.
+    C{deadline}. Taking it needs an inode but no data block, so it works on a
+    disk whose blocks are full. When even the inode cannot be made (ENOSPC on
+    create: nobody else can make a dotlock either) and nobody holds one, a
+    C{reader} gets None: fcntl alone then guards the file, so that mail can
+    still be read. Anyone else gets the ENOSPC error.
     """
     lock = path.with_name(path.name + ".lock")
     tmp = path.with_name(f".{path.name}.lk.{_hostname()}.{os.getpid()}.{time.monotonic_ns()}")
@@ -85,10 +102,10 @@ def acquire_dotlock(path: Path, deadline: float) -> Path | None:
         try:
             _write_temp(tmp)
         except OSError as e:
-            if e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            if e.errno != errno.ENOSPC or not reader:
                 raise
-            if not lock.exists() or _dotlock_is_stale(lock, time.time()):
-                log.warn("no room for a dotlock on {path}: fcntl lock only", path=str(path))
+            if not lock.exists():
+                log.warn("no inode left for a dotlock on {path}: fcntl lock only", path=str(path))
                 return None
         else:
             try:
@@ -161,19 +178,31 @@ class MboxLock:
     An exclusive lock on an mbox file: dotlock, then fcntl on a fresh fd. After
     locking, the fd is checked to still be the file at C{path} (someone may have
     renamed a new file over it) and reopened if not. C{fd} is O_RDWR.
+
+    C{reader}: the holder reads the file (indexes it to serve SELECT, EXAMINE,
+    FETCH, a POP3 login; at most it cuts off an append of its own that a
+    crash left half written), so it may fall back to fcntl alone when no
+    dotlock can be created at all; writers get the ENOSPC error instead.
     """
 
-    def __init__(self, path: Path, timeout: float = DEFAULT_TIMEOUT, create: bool = False) -> None:
+    def __init__(
+        self,
+        path: Path,
+        timeout: float = DEFAULT_TIMEOUT,
+        create: bool = False,
+        reader: bool = False,
+    ) -> None:
         self.path = path
         self.timeout = timeout
         self.create = create
+        self.reader = reader
         self.fd = -1
         self._dotlock: Path | None = None
 
     def __enter__(self) -> MboxLock:
         deadline = time.monotonic() + self.timeout
         while True:
-            self._dotlock = acquire_dotlock(self.path, deadline)
+            self._dotlock = acquire_dotlock(self.path, deadline, self.reader)
             try:
                 if self._lock_file(min(deadline, time.monotonic() + FCNTL_SLICE)):
                     return self

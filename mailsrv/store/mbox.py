@@ -480,7 +480,7 @@ class MboxMailStore:
         ):
             return _Update(snap, idx.uid_validity, idx.uid_next, False)
         try:
-            with MboxLock(st.path, self.lock_timeout, create=create) as lk:
+            with MboxLock(st.path, self.lock_timeout, create=create, reader=True) as lk:
                 return self._sync_locked(st, lk.fd, snap)
         except FileNotFoundError:
             raise FolderError("No such folder")
