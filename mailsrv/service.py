@@ -163,6 +163,7 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
     from mailsrv.hangup import HangupService
+    from mailsrv.startup import GatedEndpoint, RecoveryService, StartGate
 
     HangupService(ctx.tls, reactor).setServiceParent(top)
     users = ctx.services  # everything below stops before the disk thread pool
@@ -175,6 +176,8 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
         users
     )
+    gate = StartGate()
+    RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in config.listen.items():
         if not endpoints:
             continue
@@ -190,6 +193,7 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
             factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
         for description in endpoints:
             svc = strports.service(description, factory, reactor=reactor)
+            svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
     return top

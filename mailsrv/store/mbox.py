@@ -1095,6 +1095,75 @@ class MboxMailStore:
 
         return self._job(st, job)
 
+    def recover_pending(self) -> defer.Deferred:
+        """
+        Finish every in-place rewrite a crash interrupted (its journal,
+        C{<folder>.rewrite}, is still in the index directory), so that other
+        programs (mutt, procmail) see whole files again without waiting for a
+        session to open the folder. Logs one line per folder finished; a
+        folder that cannot be recovered is logged and left for its next open.
+        Never fails; fires with the number of folders finished.
+        """
+        d = self._in_thread(self._pending_rewrites)
+
+        def failed(f: Failure) -> list[tuple[str, str]]:
+            self.log.failure("looking for interrupted rewrites failed", f)
+            return []
+
+        return d.addErrback(failed).addCallback(self._recover_folders)
+
+    def _pending_rewrites(self) -> list[tuple[str, str]]:
+        """(user, folder) of every rewrite journal under the index directory (disk thread)."""
+        out = []
+        for path in sorted(self.index_dir.glob("*/*/*" + rewrite.JOURNAL_SUFFIX)):
+            name = name_of(path.name)
+            try:
+                user = normalize_user(f"{path.parent.name}@{path.parent.parent.name}")
+                folder = canonical_folder(name or "")
+            except (ValueError, FolderError):
+                self.log.warn("ignoring the stray rewrite journal {path}", path=str(path))
+                continue
+            out.append((user, folder))
+        return out
+
+    def _recover_folders(self, folders: list[tuple[str, str]]) -> defer.Deferred:
+        def one(user: str, name: str) -> defer.Deferred:
+            st = self._state(user, name)
+            d = self._job(
+                st,
+                lambda: self._in_thread(self._finish_rewrite, st).addCallback(self._install, st),
+            )
+
+            def done(_) -> int:
+                self.log.info(
+                    "finished the interrupted rewrite of {user} {folder}", user=user, folder=name
+                )
+                return 1
+
+            def failed(f: Failure) -> int:
+                self.log.failure(
+                    "finishing the interrupted rewrite of {user} {folder} failed; left for"
+                    " its next open",
+                    f,
+                    user=user,
+                    folder=name,
+                )
+                return 0
+
+            return d.addCallbacks(done, failed)
+
+        d = defer.gatherResults([one(user, name) for user, name in folders])
+        return d.addCallback(sum)
+
+    def _finish_rewrite(self, st: _FolderState) -> _Update:
+        """Lock the folder's file and recover it, whatever its size and date say (disk thread)."""
+        if st.detached:
+            raise FolderError("Folder was renamed or deleted")
+        idx = self._open_index(st)
+        snap = self._load(st, idx)
+        with MboxLock(st.path, self.lock_timeout) as lk:
+            return self._sync_locked(st, lk.fd, snap)
+
     def _sync_job(self, st: _FolderState) -> defer.Deferred:
         return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
 
