@@ -153,6 +153,13 @@ class IMailStore(Interface):
         folders recovered.
         """
 
+    def write_back(timeout):
+        """
+        At shutdown, before the disk thread pool stops: write to the files
+        what the store holds elsewhere only (flags sessions changed), waiting
+        at most C{timeout} seconds. Never fails.
+        """
+
 
 class FolderError(Exception):
     """A folder operation that cannot be done; ``str()`` is safe to show a client."""

@@ -7,15 +7,18 @@ file after the server stops, even with the sessions still open.
 
 from __future__ import annotations
 
+import imaplib
 import mailbox
 import os
+import signal
+import smtplib
 import time
 from pathlib import Path
 
 from mailsrv.spool import BytesSource
 from mailsrv.store import rewrite
 from mailsrv.store.mbox import MboxMailStore
-from tests.e2e import MailServer
+from tests.e2e import PASSWORD, MailServer
 from tests.store_contract import NOW, USER, SyncReactor, SyncThreadPool
 from tests.test_store_rewrite import _KillingOs, message
 
@@ -92,3 +95,28 @@ def test_interrupted_rewrite_is_finished_at_start_up(tmp_path):
         assert "finished the interrupted rewrite of alice@example.test INBOX" in srv.output()
     finally:
         srv.stop()
+
+
+def test_flags_are_written_at_shutdown_with_the_session_open(tmp_path):
+    srv = MailServer(tmp_path)
+    srv.start()
+    try:
+        srv.add_user(USER)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            s.sendmail("bob@remote.test", [USER], message(1).replace(b"\n", b"\r\n"))
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        imap.login(USER, PASSWORD)
+        assert imap.select("INBOX")[0] == "OK"
+        assert imap.store("1", "+FLAGS", r"(\Flagged)")[0] == "OK"
+        assert imap.noop()[0] == "OK"
+        box = mailbox.mbox(str(srv.inbox(USER)), create=False)
+        assert "F" not in box[0].get_flags()  # not yet: a session is on the folder
+        box.close()
+    finally:
+        # SIGTERM, the IMAP session still open; twistd ends by the signal once stopped
+        assert srv.stop() in (0, -signal.SIGTERM), srv.output()
+    imap.sock.close()
+    box = mailbox.mbox(str(srv.inbox(USER)), create=False)
+    assert "F" in box[0].get_flags(), srv.output()
+    assert box[0]["X-Status"] == "F"
+    box.close()

@@ -1071,16 +1071,17 @@ class MboxMailStore:
                 self._notify(st)
         return upd
 
-    def write_flags(self, st: _FolderState) -> defer.Deferred:
+    def write_flags(self, st: _FolderState, force: bool = False) -> defer.Deferred:
         """
         Write the flags sessions changed into the messages' Status:/X-Status:
         headers (as mutt and Dovecot keep them), in the folder's queue. Done
         lazily, when the last session leaves the folder (sessions do not see
-        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back.
+        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back,
+        unless C{force} (at shutdown, L{write_back}).
         """
 
         def job():
-            if st.sessions or st.detached or not st.dirty:
+            if (st.sessions and not force) or st.detached or not st.dirty:
                 return None
             uids, st.dirty = st.dirty, set()
 
@@ -1163,6 +1164,51 @@ class MboxMailStore:
         snap = self._load(st, idx)
         with MboxLock(st.path, self.lock_timeout) as lk:
             return self._sync_locked(st, lk.fd, snap)
+
+    def write_back(self, timeout: float) -> defer.Deferred:
+        """
+        At shutdown, before the thread pool stops: write the flags sessions
+        changed into every folder's file (L{write_flags}), also where sessions
+        are still open, after the work already queued there. Waits at most
+        C{timeout} seconds, then logs the folders left. Never fails.
+        """
+        states = [
+            st for st in self._states.values() if (st.dirty or st.queue.pending) and not st.detached
+        ]
+        if not states:
+            return defer.succeed(None)
+        left = {(st.user, st.name) for st in states}
+        out: defer.Deferred = defer.Deferred()
+
+        def one(st: _FolderState) -> defer.Deferred:
+            def done(_) -> None:
+                left.discard((st.user, st.name))
+
+            return self.write_flags(st, force=True).addBoth(done)
+
+        def finish(_=None) -> None:
+            if out.called:
+                return
+            if left:
+                self.log.warn(
+                    "shutdown: flags of {count} folders not written after {timeout}s: {folders}",
+                    count=len(left),
+                    timeout=timeout,
+                    folders=", ".join(f"{u} {n}" for u, n in sorted(left)),
+                )
+            out.callback(None)
+
+        defer.DeferredList([one(st) for st in states]).addBoth(finish)
+        if not out.called and IReactorTime.providedBy(self._reactor):
+            call = self._reactor.callLater(timeout, finish)
+
+            def stop_timer(result):
+                if call.active():
+                    call.cancel()
+                return result
+
+            out.addBoth(stop_timer)
+        return out
 
     def _sync_job(self, st: _FolderState) -> defer.Deferred:
         return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
