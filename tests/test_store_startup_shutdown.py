@@ -125,3 +125,14 @@ class StartShutdownTests(SynchronousTestCase):
 
 def folder_file(store: MboxMailStore) -> Path:
     return store.mail_dir / "example.test" / "alice" / "INBOX"
+
+    def test_recovery_leaves_a_journal_whose_folder_is_gone(self):
+        base = self.store.index_dir / "example.test" / "alice"
+        base.mkdir(parents=True)
+        (base / "Gone.rewrite").write_bytes(b'{"ino": 1}\n')
+        self.assertEqual(self.successResultOf(self.store.recover_pending()), 0)
+        self.assertTrue(
+            any("cannot finish the interrupted rewrite" in line for line in self.logged),
+            self.logged,
+        )
+        self.assertEqual(sorted(p.name for p in base.iterdir()), ["Gone.rewrite"])

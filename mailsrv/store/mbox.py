@@ -1148,6 +1148,15 @@ class MboxMailStore:
                 return 1
 
             def failed(f: Failure) -> int:
+                if f.check(FolderError):
+                    self.log.warn(
+                        "cannot finish the interrupted rewrite of {user} {folder}: {error};"
+                        " left for its next open",
+                        user=user,
+                        folder=name,
+                        error=str(f.value),
+                    )
+                    return 0
                 self.log.failure(
                     "finishing the interrupted rewrite of {user} {folder} failed; left for"
                     " its next open",
@@ -1166,10 +1175,15 @@ class MboxMailStore:
         """Lock the folder's file and recover it, whatever its size and date say (disk thread)."""
         if st.detached:
             raise FolderError("Folder was renamed or deleted")
-        idx = self._open_index(st)
-        snap = self._load(st, idx)
-        with MboxLock(st.path, self.lock_timeout) as lk:
-            return self._sync_locked(st, lk.fd, snap)
+        try:
+            if not _is_file(os.stat(st.path)):
+                raise FolderError("No such folder")
+            idx = self._open_index(st)
+            snap = self._load(st, idx)
+            with MboxLock(st.path, self.lock_timeout) as lk:
+                return self._sync_locked(st, lk.fd, snap)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FolderError("No such folder")
 
     def write_back(self, timeout: float) -> defer.Deferred:
         """
