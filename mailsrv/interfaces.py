@@ -146,6 +146,20 @@ class IMailStore(Interface):
     def folder_status(user, name):
         """Fire with a dict: messages, uid_next, uid_validity, unseen."""
 
+    def recover_pending():
+        """
+        At start-up: finish the work a crash left half done in any folder, so
+        other programs see whole files. Never fails; fires with the number of
+        folders recovered.
+        """
+
+    def write_back(timeout):
+        """
+        At shutdown, before the disk thread pool stops: write to the files
+        what the store holds elsewhere only (flags sessions changed), waiting
+        at most C{timeout} seconds. Never fails.
+        """
+
 
 class FolderError(Exception):
     """A folder operation that cannot be done; ``str()`` is safe to show a client."""

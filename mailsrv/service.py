@@ -24,6 +24,7 @@ from mailsrv.tls import ServerTLS
 log = Logger()
 
 M_ARENA_MAX = -8  # glibc mallopt parameter
+WRITE_BACK_TIMEOUT = 10.0  # seconds the store may take at shutdown for its last writes
 
 
 def tune_malloc() -> None:
@@ -69,12 +70,14 @@ class ThreadPoolService(service.MultiService):
     The disk thread pool and the services that use it: the pool starts
     before them and stops only once every one of them has stopped (the
     listeners' last deliveries and the relay process's last local
-    deliveries still need it).
+    deliveries still need it) and the store has made its last writes
+    (flags of sessions still open, L{IMailStore.write_back}).
     """
 
-    def __init__(self, pool: ThreadPool) -> None:
+    def __init__(self, pool: ThreadPool, store: IMailStore | None = None) -> None:
         super().__init__()
         self.pool = pool
+        self.store = store
 
     def startService(self) -> None:
         self.pool.start()
@@ -82,8 +85,15 @@ class ThreadPoolService(service.MultiService):
 
     def stopService(self) -> defer.Deferred:
         d = defer.maybeDeferred(super().stopService)
+        d.addBoth(lambda _: self._write_back())
         d.addBoth(lambda _: self.pool.stop())
         return d
+
+    def _write_back(self) -> defer.Deferred | None:
+        """Once no session can change anything more: the store's last writes."""
+        if self.store is None:
+            return None
+        return defer.maybeDeferred(self.store.write_back, WRITE_BACK_TIMEOUT)
 
 
 class GoodbyeService(service.Service):
@@ -111,10 +121,10 @@ def build_context(config: Config, reactor: Any, parent: service.MultiService) ->
 
     tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
-    users = ThreadPoolService(pool)
-    users.setServiceParent(parent)
     make_data_dirs(config)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
+    users = ThreadPoolService(pool, store)
+    users.setServiceParent(parent)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     realm = MailRealm()
     portal = Portal(realm, [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
@@ -163,6 +173,7 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     top = service.MultiService()
     ctx = build_context(config, reactor, top)
     from mailsrv.hangup import HangupService
+    from mailsrv.startup import GatedEndpoint, RecoveryService, StartGate
 
     HangupService(ctx.tls, reactor).setServiceParent(top)
     users = ctx.services  # everything below stops before the disk thread pool
@@ -175,6 +186,8 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
         users
     )
+    gate = StartGate()
+    RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in config.listen.items():
         if not endpoints:
             continue
@@ -190,6 +203,7 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
             factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
         for description in endpoints:
             svc = strports.service(description, factory, reactor=reactor)
+            svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
     return top

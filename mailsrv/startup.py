@@ -13,11 +13,15 @@ from types import TracebackType
 from typing import Any
 
 from twisted.application import service
+from twisted.internet import defer
 from twisted.internet.error import CannotListenError
+from twisted.internet.interfaces import IPushProducer, IStreamServerEndpoint
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailsrv.atomic import make_dirs
 from mailsrv.config import Config, endpoint_port
+from mailsrv.interfaces import IMailStore
 
 
 class StartupError(Exception):
@@ -56,6 +60,69 @@ def make_data_dirs(config: Config) -> None:
     except OSError as e:
         data_dir = config.server.data_dir
         raise StartupError(config.path, "server.data_dir", data_dir, os_reason(e, data_dir))
+
+
+class StartGate:
+    """
+    Holds the listening ports unread until start-up work is done: they are
+    bound at the usual time (a port below 1024 before privileges are dropped,
+    a port in use still ends start-up at once), but connections wait in the
+    kernel's backlog and no session starts before L{open}.
+    """
+
+    def __init__(self) -> None:
+        self.is_open = False
+        self._held: list[IPushProducer] = []
+
+    def hold(self, port: Any) -> Any:
+        """Pause C{port} (an L{IListeningPort}) until the gate opens."""
+        producer = IPushProducer(port, None)
+        if not self.is_open and producer is not None:
+            producer.pauseProducing()
+            self._held.append(producer)
+        return port
+
+    def open(self) -> None:
+        """Let the held ports accept connections (those not stopped meanwhile)."""
+        self.is_open = True
+        held, self._held = self._held, []
+        for producer in held:
+            producer.resumeProducing()
+
+
+@implementer(IStreamServerEndpoint)
+class GatedEndpoint:
+    """An endpoint whose listening port waits for a L{StartGate}."""
+
+    def __init__(self, endpoint: IStreamServerEndpoint, gate: StartGate) -> None:
+        self.endpoint = endpoint
+        self.gate = gate
+
+    def listen(self, protocolFactory: Any) -> defer.Deferred:
+        return self.endpoint.listen(protocolFactory).addCallback(self.gate.hold)
+
+
+class RecoveryService(service.Service):
+    """
+    At start-up, before the listeners accept (L{StartGate}): finish the mbox
+    rewrites a crash interrupted (L{IMailStore.recover_pending}), on the
+    store's thread pool, so other programs see whole files at once.
+    """
+
+    log = Logger()
+
+    def __init__(self, store: IMailStore, gate: StartGate) -> None:
+        self.store = store
+        self.gate = gate
+
+    def startService(self) -> None:
+        super().startService()
+        d = defer.maybeDeferred(self.store.recover_pending)
+
+        def failed(f: Any) -> None:
+            self.log.failure("start-up recovery failed", f)
+
+        d.addErrback(failed).addBoth(lambda _: self.gate.open())
 
 
 class StartupGuard(service.MultiService):

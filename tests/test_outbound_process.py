@@ -584,6 +584,10 @@ class _ProcessReactor(MemoryReactorClock):
     def __init__(self) -> None:
         super().__init__()
         self.spawned: list[_FakeProcess] = []
+        self.from_threads: list = []  # results of the disk pool's work, never delivered
+
+    def callFromThread(self, f, *args, **kw) -> None:
+        self.from_threads.append((f, args, kw))  # list.append: safe from any thread
 
     def spawnProcess(self, proto, executable, args, env=None, childFDs=None, **kw):
         process = _FakeProcess(proto, args, childFDs)

@@ -664,10 +664,6 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         elif disk_full(failure.value):
             self.log.error("IMAP command {tag}: {error}", tag=tag, error=str(failure.value))
             self.sendNegativeResponse(tag, b"[OVERQUOTA] Not enough disk space")  # RFC 5530
-        elif failure.check(NotADirectoryError, FileExistsError):
-            # The store met a mailbox (a file) where the name needs a directory.
-            self.log.info("imap command {tag}: {error}", tag=tag, error=failure.value)
-            self.sendNegativeResponse(tag, b"[CANNOT] A mailbox cannot have sub-folders here")
         else:
             self.log.failure("IMAP command {tag} failed", failure, tag=tag)
             self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")

@@ -51,12 +51,14 @@ from typing import Any
 from twisted.internet import defer, task
 from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
+from twisted.logger import Logger
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import SEEN, FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
 from mailsrv.logsafe import SafeLogger
+from mailsrv.spool import disk_full
 from mailsrv.store import mboxfmt, rewrite
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.infos import InfoList
@@ -74,6 +76,7 @@ from mailsrv.store.names import (
 IDLE_STATES = 16  # folders kept loaded with no session open
 POLL_INTERVAL = 5.0  # seconds between stat()s of a folder someone listens to (IMAP IDLE)
 RESERVED_SUFFIXES = (".lock",)
+SUB_FOLDERS_REFUSED = "A mailbox cannot have sub-folders here"
 
 
 # -- in-memory state -----------------------------------------------------
@@ -465,8 +468,11 @@ class MboxMailStore:
         except FileNotFoundError:
             if not create:
                 raise FolderError("No such folder")
-            make_dirs(st.path.parent)
+            with self._refused("open", st.user, st.name):
+                make_dirs(st.path.parent)
             s = None
+        except NotADirectoryError:  # a level above is a mailbox (a file)
+            raise FolderError("No such folder")
         if s is not None and not _is_file(s):
             raise FolderError("No such folder")
         idx = self._open_index(st)
@@ -1071,16 +1077,17 @@ class MboxMailStore:
                 self._notify(st)
         return upd
 
-    def write_flags(self, st: _FolderState) -> defer.Deferred:
+    def write_flags(self, st: _FolderState, force: bool = False) -> defer.Deferred:
         """
         Write the flags sessions changed into the messages' Status:/X-Status:
         headers (as mutt and Dovecot keep them), in the folder's queue. Done
         lazily, when the last session leaves the folder (sessions do not see
-        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back.
+        those fields, L{mboxfmt.HIDDEN_FIELDS}); skipped if one came back,
+        unless C{force} (at shutdown, L{write_back}).
         """
 
         def job():
-            if st.sessions or st.detached or not st.dirty:
+            if (st.sessions and not force) or st.detached or not st.dirty:
                 return None
             uids, st.dirty = st.dirty, set()
 
@@ -1094,6 +1101,134 @@ class MboxMailStore:
             return d.addCallback(self._install, st).addErrback(failed)
 
         return self._job(st, job)
+
+    def recover_pending(self) -> defer.Deferred:
+        """
+        Finish every in-place rewrite a crash interrupted (its journal,
+        C{<folder>.rewrite}, is still in the index directory), so that other
+        programs (mutt, procmail) see whole files again without waiting for a
+        session to open the folder. Logs one line per folder finished; a
+        folder that cannot be recovered is logged and left for its next open.
+        Never fails; fires with the number of folders finished.
+        """
+        d = self._in_thread(self._pending_rewrites)
+
+        def failed(f: Failure) -> list[tuple[str, str]]:
+            self.log.failure("looking for interrupted rewrites failed", f)
+            return []
+
+        return d.addErrback(failed).addCallback(self._recover_folders)
+
+    def _pending_rewrites(self) -> list[tuple[str, str]]:
+        """(user, folder) of every rewrite journal under the index directory (disk thread)."""
+        out = []
+        for path in sorted(self.index_dir.glob("*/*/*" + rewrite.JOURNAL_SUFFIX)):
+            name = name_of(path.name)
+            try:
+                user = normalize_user(f"{path.parent.name}@{path.parent.parent.name}")
+                folder = canonical_folder(name or "")
+            except (ValueError, FolderError):
+                self.log.warn("ignoring the stray rewrite journal {path}", path=str(path))
+                continue
+            out.append((user, folder))
+        return out
+
+    def _recover_folders(self, folders: list[tuple[str, str]]) -> defer.Deferred:
+        def one(user: str, name: str) -> defer.Deferred:
+            st = self._state(user, name)
+            d = self._job(
+                st,
+                lambda: self._in_thread(self._finish_rewrite, st).addCallback(self._install, st),
+            )
+
+            def done(_) -> int:
+                self.log.info(
+                    "finished the interrupted rewrite of {user} {folder}", user=user, folder=name
+                )
+                return 1
+
+            def failed(f: Failure) -> int:
+                if f.check(FolderError):
+                    self.log.warn(
+                        "cannot finish the interrupted rewrite of {user} {folder}: {error};"
+                        " left for its next open",
+                        user=user,
+                        folder=name,
+                        error=str(f.value),
+                    )
+                    return 0
+                self.log.failure(
+                    "finishing the interrupted rewrite of {user} {folder} failed; left for"
+                    " its next open",
+                    f,
+                    user=user,
+                    folder=name,
+                )
+                return 0
+
+            return d.addCallbacks(done, failed)
+
+        d = defer.gatherResults([one(user, name) for user, name in folders])
+        return d.addCallback(sum)
+
+    def _finish_rewrite(self, st: _FolderState) -> _Update:
+        """Lock the folder's file and recover it, whatever its size and date say (disk thread)."""
+        if st.detached:
+            raise FolderError("Folder was renamed or deleted")
+        try:
+            if not _is_file(os.stat(st.path)):
+                raise FolderError("No such folder")
+            idx = self._open_index(st)
+            snap = self._load(st, idx)
+            with MboxLock(st.path, self.lock_timeout) as lk:
+                return self._sync_locked(st, lk.fd, snap)
+        except (FileNotFoundError, NotADirectoryError):
+            raise FolderError("No such folder")
+
+    def write_back(self, timeout: float) -> defer.Deferred:
+        """
+        At shutdown, before the thread pool stops: write the flags sessions
+        changed into every folder's file (L{write_flags}), also where sessions
+        are still open, after the work already queued there. Waits at most
+        C{timeout} seconds, then logs the folders left. Never fails.
+        """
+        states = [
+            st for st in self._states.values() if (st.dirty or st.queue.pending) and not st.detached
+        ]
+        if not states:
+            return defer.succeed(None)
+        left = {(st.user, st.name) for st in states}
+        out: defer.Deferred = defer.Deferred()
+
+        def one(st: _FolderState) -> defer.Deferred:
+            def done(_) -> None:
+                left.discard((st.user, st.name))
+
+            return self.write_flags(st, force=True).addBoth(done)
+
+        def finish(_=None) -> None:
+            if out.called:
+                return
+            if left:
+                self.log.warn(
+                    "shutdown: flags of {count} folders not written after {timeout}s: {folders}",
+                    count=len(left),
+                    timeout=timeout,
+                    folders=", ".join(f"{u} {n}" for u, n in sorted(left)),
+                )
+            out.callback(None)
+
+        defer.DeferredList([one(st) for st in states]).addBoth(finish)
+        if not out.called and IReactorTime.providedBy(self._reactor):
+            call = self._reactor.callLater(timeout, finish)
+
+            def stop_timer(result):
+                if call.active():
+                    call.cancel()
+                return result
+
+            out.addBoth(stop_timer)
+        return out
 
     def _sync_job(self, st: _FolderState) -> defer.Deferred:
         return self._job(st, lambda: self._in_thread(self._sync, st).addCallback(self._install, st))
@@ -1178,23 +1313,25 @@ class MboxMailStore:
         return self._job(st, job)
 
     def _create(self, st: _FolderState) -> None:
-        root = user_dir(self.mail_dir, st.user)
+        with self._refused("create", st.user, st.name):
+            self._create_file(st)
+
+    def _create_file(self, st: _FolderState) -> None:
         path = st.path
         if os.path.lexists(path):
             raise FolderError("Folder already exists")
         parent = path.parent
-        for p in [parent, *parent.parents]:
-            if p == root or root not in p.parents and p != root:
-                break
-            if p.exists() and not p.is_dir():
-                raise FolderError("A mailbox cannot have sub-folders here")
+        self._check_parents(st.user, path)
         self._make_dirs(parent)
         if st.index is not None:
             st.index.close()
             st.index = None
         st.snap = None
         remove_index(st.index_base)
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        except FileExistsError:
+            raise FolderError("Folder already exists")
         os.fsync(fd)
         os.close(fd)
         fsync_dir(parent)
@@ -1225,6 +1362,10 @@ class MboxMailStore:
         return self._job(st, job)
 
     def _delete(self, st: _FolderState) -> None:
+        with self._refused("delete", st.user, st.name):
+            self._delete_file(st)
+
+    def _delete_file(self, st: _FolderState) -> None:
         path = st.path
         if path.is_dir() and not path.is_symlink():
             try:
@@ -1290,28 +1431,37 @@ class MboxMailStore:
 
         return self._job(st, job)
 
+    def _refused(self, action: str, user: str, name: str) -> _Refused:
+        """OS errors of C{action} on a folder as a L{FolderError}; the cause is logged."""
+        return _Refused(self.log, action, user, name)
+
+    def _check_parents(self, user: str, path: Path) -> None:
+        """Refuse a folder below a mailbox file (the levels above it must be directories)."""
+        root = user_dir(self.mail_dir, user)
+        for p in path.parents:
+            if p == root or root not in p.parents:
+                break
+            if p.exists() and not p.is_dir():
+                raise FolderError(SUB_FOLDERS_REFUSED)
+
     def _rename(self, user: str, old: str, new: str, affected: list[_FolderState]) -> None:
+        with self._refused("rename", user, old):
+            self._rename_files(user, old, new, affected)
+
+    def _rename_files(self, user: str, old: str, new: str, affected: list[_FolderState]) -> None:
         src = folder_path(self.mail_dir, user, old)
         dst = folder_path(self.mail_dir, user, new)
         if not os.path.lexists(src):
             raise FolderError("No such folder")
         if os.path.lexists(dst):
             raise FolderError("Target folder exists")
-        root = user_dir(self.mail_dir, user)
-        for p in dst.parents:
-            if p == root:
-                break
-            if p.exists() and not p.is_dir():
-                raise FolderError("A mailbox cannot have sub-folders here")
+        self._check_parents(user, dst)
         make_dirs(dst.parent)
         for s in affected:
             if s.index is not None:
                 s.index.close()
                 s.index = None
-        try:
-            os.rename(src, dst)
-        except OSError as e:
-            raise FolderError(f"Cannot rename: {e.strerror}")
+        os.rename(src, dst)
         fsync_dir(dst.parent)
         local, domain = split_user(user)
         idir = self.index_dir / domain / local
@@ -1327,9 +1477,14 @@ class MboxMailStore:
 
     def _rename_inbox(self, st: _FolderState, new: str) -> _Update:
         """RFC 3501 6.3.5: move INBOX's messages to a new folder, leave INBOX empty."""
+        with self._refused("rename", st.user, st.name):
+            return self._move_inbox(st, new)
+
+    def _move_inbox(self, st: _FolderState, new: str) -> _Update:
         dst = folder_path(self.mail_dir, st.user, new)
         if os.path.lexists(dst):
             raise FolderError("Target folder exists")
+        self._check_parents(st.user, dst)
         upd = self._sync(st, create=True)
         snap = upd.snap
         local, domain = split_user(st.user)
@@ -1374,6 +1529,37 @@ class MboxMailStore:
             idx_in = self._open_index(st)
             idx_in.replace_all([], idx_in.uid_next, _covered(os.fstat(lk.fd)))
         return _Update(_Snapshot.empty(handle), idx_in.uid_validity, idx_in.uid_next, True)
+
+
+class _Refused:
+    """
+    Turns an OS error of a folder operation (disk thread) into a
+    L{FolderError} with a plain text for the client, and logs the cause. A
+    full disk stays an OS error: the protocols answer it with their own codes.
+    """
+
+    def __init__(self, log: Logger, action: str, user: str, name: str) -> None:
+        self.log = log
+        self.action = action
+        self.user = user
+        self.name = name
+
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, kind: Any, e: BaseException | None, tb: Any) -> None:
+        if not isinstance(e, OSError) or disk_full(e):
+            return
+        self.log.warn(
+            "cannot {action} {user} {folder}: {error}",
+            action=self.action,
+            user=self.user,
+            folder=self.name,
+            error=str(e),
+        )
+        if isinstance(e, (NotADirectoryError, FileExistsError)):
+            raise FolderError(SUB_FOLDERS_REFUSED) from None
+        raise FolderError(f"Cannot {self.action} the folder") from None
 
 
 # -- a session's view ----------------------------------------------------------

@@ -172,6 +172,12 @@ class MemoryMailStore:
             }
         )
 
+    def recover_pending(self):
+        return defer.succeed(0)  # nothing survives a crash in memory
+
+    def write_back(self, timeout):
+        return defer.succeed(None)  # nothing to write
+
 
 @implementer(IFolder)
 class MemoryFolder:

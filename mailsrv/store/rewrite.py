@@ -86,6 +86,7 @@ from mailsrv.store.mboxfmt import read_range
 
 SEGMENT = 8 * 1024 * 1024  # bytes moved between two progress records
 CHECK = 64  # bytes at the start of each run whose crc the plan keeps
+JOURNAL_SUFFIX = ".rewrite"  # after the folder's index base
 
 
 @dataclass
@@ -169,7 +170,7 @@ class Journal:
     """The C{.rewrite} journal and its C{-save} file for one folder."""
 
     def __init__(self, base: Path) -> None:
-        self.path = Path(str(base) + ".rewrite")
+        self.path = Path(str(base) + JOURNAL_SUFFIX)
         self.save_path = Path(str(base) + ".rewrite-save")
         self._fd = -1
 
