@@ -999,7 +999,13 @@ class MboxMailStore:
             n = len(res.starts)
             # ours: this append, and earlier ones not indexed yet; not what others appended
             rds, sizes = _quoting(res, ours)
+            # A delivered message starts with no flags, whatever its header says;
+            # what others appended keeps the flags its Status:/X-Status: give.
             texts = [flags_text(f) if f else "" for f in res.flags]
+            flags = [
+                mboxfmt.NO_FLAGS if rd & mboxfmt.READ_MBOXRD else f
+                for f, rd in zip(res.flags, rds, strict=True)
+            ]
             rows = list(
                 zip(
                     range(first, first + n),
@@ -1007,7 +1013,7 @@ class MboxMailStore:
                     res.starts,
                     res.ends,
                     sizes,
-                    texts,
+                    [flags_text(f) if f else "" for f in flags],
                     res.dates,
                     res.crcs,
                     res.fps,
@@ -1020,7 +1026,7 @@ class MboxMailStore:
             if snap is not None and (snap.handle is None or snap.handle.ino != after.st_ino):
                 handle = _FileHandle(st.path)
             idx.add(rows, first + n, _covered(after), durable=False)
-            return _Indexed(snap, rows, res.flags, first + n, handle)
+            return _Indexed(snap, rows, flags, first + n, handle)
         except Exception:
             self.log.failure(
                 "indexing delivered messages in {path} failed; the next open scans them",

@@ -96,18 +96,48 @@ def iter_lines_chunks(f, size: int = READ_CHUNK):
         yield data[:cut]
 
 
+def mbox_pieces(f):
+    """
+    Yield binary file C{f} in mbox form (L{quote_lines}), in pieces of whole
+    lines, without the L{HIDDEN_FIELDS} of its header block: a message we
+    store carries no bookkeeping of its sender's, so neither we nor mutt take
+    flags from it (Dovecot's mbox save drops them too). The header block ends
+    where the scanner says (L{header_end}); if it does not end within
+    L{HEADER_LIMIT}, the whole lines in that reach are taken as header.
+    """
+    chunks = (quote_lines(piece) for piece in iter_lines_chunks(f))
+    head = b""
+    exhausted = True
+    hend = -1
+    for q in chunks:
+        head += q
+        hend = header_end(head)
+        if hend >= 0 or len(head) >= HEADER_LIMIT:
+            exhausted = False
+            break
+    if hend >= 0:
+        cut = hend
+    elif exhausted and len(head) <= HEADER_LIMIT:
+        cut = len(head)
+    else:
+        cut = head.rfind(b"\n", 0, HEADER_LIMIT) + 1
+    if head:
+        yield strip_hidden(head[:cut])[0] + head[cut:]
+    yield from chunks
+
+
 def quoted_message(source) -> tuple[list[bytes] | None, int]:
     """
-    Return (pieces, length) of an L{IMessageSource} in mbox form, ending with a
-    newline. Small messages are returned whole; for large ones C{pieces} is None
-    and L{write_quoted} streams them (the length is counted in a first pass).
+    Return (pieces, length) of an L{IMessageSource} in mbox form (L{mbox_pieces}),
+    ending with a newline. Small messages are returned whole; for large ones
+    C{pieces} is None and L{write_quoted} streams them (the length is counted
+    in a first pass).
     """
     total = 0
     pieces: list[bytes] | None = [] if source.size <= SMALL_MESSAGE else None
     last = b"\n"
     with source.open() as f:
-        for piece in iter_lines_chunks(f):
-            q = quote_lines(piece)
+        for q in mbox_pieces(f):
             total += len(q)
             last = q[-1:] or last
             if pieces is not None:
@@ -126,8 +156,7 @@ def write_quoted(fd: int, source) -> int:
     buf: list[bytes] = []
     buffered = 0
     with source.open() as f:
-        for piece in iter_lines_chunks(f):
-            q = quote_lines(piece)
+        for q in mbox_pieces(f):
             last = q[-1:] or last
             buf.append(q)
             buffered += len(q)
@@ -605,7 +634,7 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
     res.flags.append(
-        status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus) else _NOFLAGS
+        status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus) else NO_FLAGS
     )
 
 
@@ -707,7 +736,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                 a_crc(line_crc)
                 a_fp((crc32(mid, line_crc) << 31) | ((end - min(hend, end)) & 0x7FFFFFFF))
                 a_date(parse_from_date(line))
-                a_flags(status_flags(status, xstatus) if (status or xstatus) else _NOFLAGS)
+                a_flags(status_flags(status, xstatus) if (status or xstatus) else NO_FLAGS)
                 pos = nxt
                 continue
             cur = _Partial(base + sep, base + start, buf[sep:start])
@@ -733,4 +762,4 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
         base += keep
 
 
-_NOFLAGS: frozenset[str] = frozenset()
+NO_FLAGS: frozenset[str] = frozenset()

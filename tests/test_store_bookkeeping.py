@@ -1,0 +1,113 @@
+"""
+What the mbox bookkeeping fields (Status:, X-Status:, X-Keywords:, X-UID:,
+X-IMAP:, X-IMAPbase:, Content-Length:, Lines:) do to mail that arrives: a
+sender's own copies of them are dropped as the message is written, so they
+set no flags (in mailsrv or in mutt); and the header block a session reads
+is the one the scanner found, so BODY[HEADER] + BODY[TEXT] == BODY[].
+Checked over SMTP and IMAP against the real daemon.
+"""
+
+from __future__ import annotations
+
+import imaplib
+import mailbox
+import re
+import smtplib
+
+from tests.e2e import PASSWORD, MailServer
+
+ALICE = "alice@example.test"
+
+# A sender's bookkeeping: with it a naive store would index \Seen \Deleted \Flagged.
+FORGED = (
+    b"Subject: invoice\r\n"
+    b"Status: RO\r\n"
+    b"X-Status: DF\r\n"
+    b"X-Keywords: $Junk\r\n"
+    b"  $More\r\n"
+    b"Message-ID: <forged@x>\r\n"
+    b"X-UID: 99\r\n"
+    b"Content-Length: 3\r\n"
+    b"Lines: 1\r\n"
+    b"X-IMAPbase: 1 2\r\n"
+    b"X-Other: kept\r\n"
+    b"\r\n"
+    b"From the body, quoted in the file\r\n"
+    b">From already quoted\r\n"
+    b"Status: RO stays: a body line\r\n"
+)
+SHOWN = (
+    b"Subject: invoice\r\n"
+    b"Message-ID: <forged@x>\r\n"
+    b"X-Other: kept\r\n"
+    b"\r\n"
+    b"From the body, quoted in the file\r\n"
+    b">From already quoted\r\n"
+    b"Status: RO stays: a body line\r\n"
+)
+_BOOKKEEPING = re.compile(
+    rb"(?im)^(status|x-status|x-keywords|x-uid|x-imap|x-imapbase|content-length|lines)\s*:"
+)
+
+
+def _fetch(imap, uid: str, what: str) -> tuple[str, list[bytes]]:
+    """The FETCH response's text (flags, size) and its literals in order."""
+    typ, data = imap.uid("FETCH", uid, f"({what})")
+    assert typ == "OK", data
+    text, literals = [], []
+    for item in data:
+        if isinstance(item, tuple):
+            text.append(item[0].decode())
+            literals.append(item[1])
+        else:
+            text.append(item.decode())
+    return " ".join(text), literals
+
+
+def _flags(text: str) -> set[str]:
+    return set(re.search(r"FLAGS \(([^)]*)\)", text).group(1).split())
+
+
+def _headers_of_file(path) -> list[bytes]:
+    """Each message's header block as the file holds it (what mutt reads)."""
+    data = path.read_bytes()
+    return [m.split(b"\n\n", 1)[0] for m in re.split(rb"(?m)^From ", data)[1:]]
+
+
+def test_sender_sets_no_flags_over_smtp_and_append(tmp_path):
+    with MailServer(tmp_path) as srv:
+        srv.add_user(ALICE)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            s.sendmail("bob@example.test", [ALICE], FORGED)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(ALICE, PASSWORD)
+            typ, _ = imap.append("INBOX", r"(\Flagged)", None, FORGED)
+            assert typ == "OK"
+            imap.select("INBOX")
+            smtp_text, smtp_lits = _fetch(imap, "1", "FLAGS RFC822.SIZE BODY.PEEK[]")
+            app_text, app_lits = _fetch(imap, "2", "FLAGS RFC822.SIZE BODY.PEEK[]")
+        finally:
+            imap.logout()
+        inbox = srv.inbox(ALICE)
+        heads = _headers_of_file(inbox)
+        box = mailbox.mbox(str(inbox))
+        mutt_view = [m.get_flags() for m in box]
+        box.close()
+        raw = inbox.read_bytes()
+    assert _flags(smtp_text) == set()
+    assert _flags(app_text) == {r"\Flagged"}
+    for text, lits in ((smtp_text, smtp_lits), (app_text, app_lits)):
+        body = lits[0]
+        assert int(re.search(r"RFC822.SIZE (\d+)", text).group(1)) == len(body)
+        assert body.endswith(SHOWN), body
+    # the file does not carry the sender's bookkeeping either (mutt reads no flags)
+    assert len(heads) == 2
+    for head in heads:
+        assert _BOOKKEEPING.search(head) is None, head
+        assert b"X-Other: kept" in head
+    assert mutt_view == ["", ""]
+    # mboxrd quoting of the body as before
+    assert raw.count(b"\n>From the body, quoted in the file\n") == 2
+    assert raw.count(b"\n>>From already quoted\n") == 2
+    assert raw.count(b"\nStatus: RO stays: a body line\n") == 2
