@@ -111,3 +111,55 @@ def test_sender_sets_no_flags_over_smtp_and_append(tmp_path):
     assert raw.count(b"\n>From the body, quoted in the file\n") == 2
     assert raw.count(b"\n>>From already quoted\n") == 2
     assert raw.count(b"\nStatus: RO stays: a body line\n") == 2
+
+
+_PAD = b"".join(b"X-Pad-%d: %s\r\n" % (k, b"p" * 70) for k in range(3700))  # ~300 KB
+ODD_HEADERS = [
+    # the header block ends after 256 KB (the scanner's reach): no end of header is seen
+    b"Subject: big header\r\n" + _PAD + b"Status: RO\r\n\r\nbody text here\r\n",
+    # no header fields at all: the blank line comes first; the rest is body
+    b"\r\nStatus: RO\r\nX-Status: D\r\nbody after\r\n\r\nsecond paragraph\r\n",
+    # a header and no body
+    b"Subject: only a header\r\nX-Other: 1\r\n",
+]
+
+
+def test_header_and_text_make_up_the_message(tmp_path):
+    with MailServer(tmp_path) as srv:
+        srv.add_user(ALICE)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(ALICE, PASSWORD)
+            for data in ODD_HEADERS:
+                assert imap.append("INBOX", None, None, data)[0] == "OK"
+            # the same written by another program (mboxo, its bookkeeping kept in the file)
+            with open(srv.inbox(ALICE), "ab") as fh:
+                for data in ODD_HEADERS:
+                    fh.write(
+                        b"From a@x Mon Jan  1 00:00:00 2024\n"
+                        + data.replace(b"\r\n", b"\n")
+                        + b"\n"
+                    )
+            imap.select("INBOX")
+            got = {}
+            for uid in range(1, 2 * len(ODD_HEADERS) + 1):
+                got[uid] = _fetch(
+                    imap,
+                    str(uid),
+                    "RFC822.SIZE BODY.PEEK[] BODY.PEEK[HEADER] BODY.PEEK[TEXT] RFC822.HEADER",
+                )
+        finally:
+            imap.logout()
+    for uid, (text, (full, header, body, rfc822_header)) in got.items():
+        assert int(re.search(r"RFC822.SIZE (\d+)", text).group(1)) == len(full), uid
+        assert header + body == full, (uid, header[-60:], body[:60])
+        assert rfc822_header == header, uid
+    # no header fields: BODY[HEADER] is the blank line, the body lines are not taken for fields
+    for uid in (2, 5):
+        full, header, body, _ = got[uid][1]
+        assert header == b"\r\n"
+        assert body == ODD_HEADERS[1][2:]
+    # a header and no body: all of it is header
+    for uid in (3, 6):
+        assert got[uid][1][1] == ODD_HEADERS[2]
+        assert got[uid][1][2] == b""
