@@ -367,3 +367,75 @@ def test_imap_flags_reach_the_file_after_logout(tmp_path):
         finally:
             imap.logout()
     assert after == before  # same UIDs, sizes and bytes
+
+
+def _set_file_flags(inbox: Path, flags: dict[str, str]) -> None:
+    """Rewrite the folder with Python's mailbox (as mutt does): Subject -> mbox flag letters."""
+    box = mailbox.mbox(str(inbox))
+    box.lock()
+    try:
+        for key in box.keys():
+            msg = box[key]
+            if msg["Subject"] in flags:
+                msg.set_flags(flags[msg["Subject"]])
+                box[key] = msg
+        box.flush()
+    finally:
+        box.unlock()
+        box.close()
+
+
+class FlagMergeTests(SynchronousTestCase):
+    """
+    A change of Status:/X-Status: by another program is merged flag by flag
+    with what sessions set since the file last said anything: what the file
+    gained is added, what it lost is taken away, the rest stays; \\Deleted
+    (and \\Draft) a file change only adds.
+    """
+
+    setUp = WriteFlagsTests.setUp
+    new_store = WriteFlagsTests.new_store
+    open = WriteFlagsTests.open
+    file_flags = WriteFlagsTests.file_flags
+
+    def test_sessions_changes_since_the_last_write_stay(self):
+        f = self.open()
+        self.successResultOf(f.set_flags({1: {DELETED}, 3: {SEEN, ANSWERED}}))
+        f.close()  # written: m1 X-Status: D, m3 Status: RO X-Status: A
+        self.assertEqual(self.file_flags()["m1"], "OD")
+        g = self.open()  # stays open: what it sets is not written yet
+        self.successResultOf(g.set_flags({1: set(), 2: {FLAGGED}, 3: {SEEN, ANSWERED, "$k"}}))
+        # the user reads m1 and m2 in mutt, and marks m3 unread
+        _set_file_flags(self.inbox, {"m1": "ROD", "m2": "RO", "m3": "OA"})
+        self.successResultOf(g.refresh())
+        flags = {m.uid: m.flags for m in g.messages()}
+        self.assertEqual(flags[1], {SEEN})  # undeleted over IMAP: stays undeleted
+        self.assertEqual(flags[2], {SEEN, FLAGGED})  # \Flagged set over IMAP stays
+        self.assertEqual(flags[3], {ANSWERED, "$k"})
+        g.close()
+
+    def test_a_d_lost_in_a_rewrite_is_not_an_undelete(self):
+        f = self.open()
+        self.successResultOf(f.set_flags({5: {SEEN, DELETED}, 6: {DRAFT}}))
+        f.close()
+        self.assertEqual(self.file_flags()["m5"], "ROD")
+        # mutt rewrites the folder from a view it read before X-Status: D was there
+        _set_file_flags(self.inbox, {"m5": "RO", "m6": "O", "m4": "RO"})
+        g = self.open()
+        flags = {m.uid: m.flags for m in g.messages()}
+        self.assertEqual(flags[5], {SEEN, DELETED})
+        self.assertEqual(flags[6], {DRAFT})
+        self.assertEqual(flags[4], {SEEN})
+        g.close()
+
+    @needs_mutt
+    def test_mutt_reads_a_message_a_session_deleted(self):
+        f = self.open()  # stays open: the flags are in the index only
+        self.successResultOf(f.set_flags({1: {DELETED, FLAGGED}, 2: {FLAGGED}}))
+        mutt(self.root, self.inbox, "<display-message><exit><sync-mailbox><quit>")
+        self.assertEqual(self.file_flags()["m1"], "RO")
+        self.successResultOf(f.refresh())
+        flags = {m.uid: m.flags for m in f.messages()}
+        self.assertEqual(flags[1], {SEEN, DELETED, FLAGGED})
+        self.assertEqual(flags[2], {FLAGGED})
+        f.close()

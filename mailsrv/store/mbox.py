@@ -581,7 +581,7 @@ class MboxMailStore:
                 on_disk = snap.dflags[match]
                 if on_disk is not None and on_disk != res.flags[i]:
                     # another program (mutt) changed Status:/X-Status: since we read them
-                    flags = (flags - mboxfmt.STATUS_FLAGS) | res.flags[i]
+                    flags = mboxfmt.merge_file_flags(flags, on_disk, res.flags[i])
                 if renumber:
                     uid, uid_next = uid_next, uid_next + 1
                 else:
