@@ -439,3 +439,51 @@ class FlagMergeTests(SynchronousTestCase):
         self.assertEqual(flags[1], {SEEN, DELETED, FLAGGED})
         self.assertEqual(flags[2], {FLAGGED})
         f.close()
+
+
+ALICE = "alice@example.test"
+
+
+def test_imap_changes_survive_a_mutt_rewrite(tmp_path):
+    with MailServer(tmp_path) as srv:
+        srv.add_user(ALICE)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            for i in (1, 2):
+                s.sendmail("bob@example.test", [ALICE], message(i).replace(b"\n", b"\r\n"))
+        inbox = srv.inbox(ALICE)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        imap.login(ALICE, PASSWORD)
+        imap.select("INBOX")
+        imap.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
+        imap.logout()
+        deadline = time.monotonic() + 20
+        while b"X-Status: D" not in inbox.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(ALICE, PASSWORD)
+            imap.select("INBOX")
+            # the user undeletes m1 and flags m2 over IMAP (not written: the session stays) ...
+            imap.uid("STORE", "1", "-FLAGS", r"(\Deleted)")
+            imap.uid("STORE", "2", "+FLAGS", r"(\Flagged)")
+            # ... and reads both in mutt, which writes Status: RO and keeps X-Status: D
+            _set_file_flags(inbox, {"m1": "ROD", "m2": "RO"})
+            imap.noop()
+            typ, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+            assert typ == "OK"
+            typ, gone = imap.expunge()
+            assert typ == "OK"
+        finally:
+            imap.logout()
+        box = mailbox.mbox(str(inbox))
+        left = sorted(m["Subject"] for m in box)
+        box.close()
+    got = {}
+    for item in data:
+        text = item.decode() if isinstance(item, bytes) else item[0].decode()
+        uid, flags = re.search(r"UID (\d+)", text), re.search(r"FLAGS \(([^)]*)\)", text)
+        if uid is not None:
+            got[int(uid.group(1))] = set(flags.group(1).split())
+    assert got == {1: {r"\Seen"}, 2: {r"\Seen", r"\Flagged"}}
+    assert gone == [None]
+    assert left == ["m1", "m2"]
