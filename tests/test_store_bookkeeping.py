@@ -12,9 +12,18 @@ from __future__ import annotations
 import imaplib
 import mailbox
 import re
+import shutil
 import smtplib
+import tempfile
+from pathlib import Path
 
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as hst
+
+from mailsrv.spool import BytesSource
+from mailsrv.store.mbox import MboxMailStore
 from tests.e2e import PASSWORD, MailServer
+from tests.store_contract import NOW, USER, SyncReactor, SyncThreadPool
 
 ALICE = "alice@example.test"
 
@@ -163,3 +172,57 @@ def test_header_and_text_make_up_the_message(tmp_path):
     for uid in (3, 6):
         assert got[uid][1][1] == ODD_HEADERS[2]
         assert got[uid][1][2] == b""
+
+
+_PIECES = [
+    b"Status: RO\r\n",
+    b"X-Status: DF\n",
+    b"status :R\n",
+    b" folded\n",
+    b"Lines: 3\n",
+    b"Subject: s\n",
+    b"From x\n",
+    b">From y\n",
+    b"\n",
+    b"\r\n",
+    b"\r",
+    b"body",
+    b"\n\n",
+]
+
+
+@settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
+@given(hst.lists(hst.lists(hst.sampled_from(_PIECES), max_size=25).map(b"".join), max_size=4))
+def test_delivered_messages_read_consistently(messages):
+    """Whatever a delivered message holds: no flags, and size, header and text agree."""
+    root = Path(tempfile.mkdtemp())
+    try:
+        store = MboxMailStore(
+            root / "mail", root / "index", SyncReactor(), SyncThreadPool(), clock=lambda: NOW
+        )
+        for data in messages:
+            d = store.deliver(USER, BytesSource(data), "s@x")
+            assert d.called
+        for cold in (False, True):
+            if cold:  # the same file indexed afresh, as another program's
+                store = MboxMailStore(
+                    root / "mail",
+                    root / "index2",
+                    SyncReactor(),
+                    SyncThreadPool(),
+                    clock=lambda: NOW,
+                )
+            out: list = []
+            store.open_folder(USER, "INBOX").addBoth(out.append)
+            folder = out[0]
+            infos = folder.messages()
+            assert len(infos) == len(messages)
+            for info in infos:
+                assert info.flags == frozenset()
+                with folder.open_message(info.uid) as fh:
+                    full = fh.read()
+                assert len(full) == info.size
+                assert full.startswith(folder.read_headers(info.uid))
+            folder.close()
+    finally:
+        shutil.rmtree(root, True)
