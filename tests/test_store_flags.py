@@ -229,7 +229,8 @@ class HiddenFieldTests(SynchronousTestCase):
         want.insert(0, want[1])
         msgs = f.messages()
         self.assertEqual(len(msgs), 4)
-        self.assertEqual(msgs[0].flags, {SEEN, FLAGGED})
+        self.assertEqual(msgs[0].flags, set())  # delivered: the sender's Status: is dropped
+        self.assertEqual([m.flags for m in msgs[1:]], [{SEEN, FLAGGED}] * 3)
         for m, body in zip(msgs, want, strict=True):
             with f.open_message(m.uid) as fh:
                 data = fh.read()
@@ -366,3 +367,123 @@ def test_imap_flags_reach_the_file_after_logout(tmp_path):
         finally:
             imap.logout()
     assert after == before  # same UIDs, sizes and bytes
+
+
+def _set_file_flags(inbox: Path, flags: dict[str, str]) -> None:
+    """Rewrite the folder with Python's mailbox (as mutt does): Subject -> mbox flag letters."""
+    box = mailbox.mbox(str(inbox))
+    box.lock()
+    try:
+        for key in box.keys():
+            msg = box[key]
+            if msg["Subject"] in flags:
+                msg.set_flags(flags[msg["Subject"]])
+                box[key] = msg
+        box.flush()
+    finally:
+        box.unlock()
+        box.close()
+
+
+class FlagMergeTests(SynchronousTestCase):
+    """
+    A change of Status:/X-Status: by another program is merged flag by flag
+    with what sessions set since the file last said anything: what the file
+    gained is added, what it lost is taken away, the rest stays; \\Deleted
+    (and \\Draft) a file change only adds.
+    """
+
+    setUp = WriteFlagsTests.setUp
+    new_store = WriteFlagsTests.new_store
+    open = WriteFlagsTests.open
+    file_flags = WriteFlagsTests.file_flags
+
+    def test_sessions_changes_since_the_last_write_stay(self):
+        f = self.open()
+        self.successResultOf(f.set_flags({1: {DELETED}, 3: {SEEN, ANSWERED}}))
+        f.close()  # written: m1 X-Status: D, m3 Status: RO X-Status: A
+        self.assertEqual(self.file_flags()["m1"], "OD")
+        g = self.open()  # stays open: what it sets is not written yet
+        self.successResultOf(g.set_flags({1: set(), 2: {FLAGGED}, 3: {SEEN, ANSWERED, "$k"}}))
+        # the user reads m1 and m2 in mutt, and marks m3 unread
+        _set_file_flags(self.inbox, {"m1": "ROD", "m2": "RO", "m3": "OA"})
+        self.successResultOf(g.refresh())
+        flags = {m.uid: m.flags for m in g.messages()}
+        self.assertEqual(flags[1], {SEEN})  # undeleted over IMAP: stays undeleted
+        self.assertEqual(flags[2], {SEEN, FLAGGED})  # \Flagged set over IMAP stays
+        self.assertEqual(flags[3], {ANSWERED, "$k"})
+        g.close()
+
+    def test_a_d_lost_in_a_rewrite_is_not_an_undelete(self):
+        f = self.open()
+        self.successResultOf(f.set_flags({5: {SEEN, DELETED}, 6: {DRAFT}}))
+        f.close()
+        self.assertEqual(self.file_flags()["m5"], "ROD")
+        # mutt rewrites the folder from a view it read before X-Status: D was there
+        _set_file_flags(self.inbox, {"m5": "RO", "m6": "O", "m4": "RO"})
+        g = self.open()
+        flags = {m.uid: m.flags for m in g.messages()}
+        self.assertEqual(flags[5], {SEEN, DELETED})
+        self.assertEqual(flags[6], {DRAFT})
+        self.assertEqual(flags[4], {SEEN})
+        g.close()
+
+    @needs_mutt
+    def test_mutt_reads_a_message_a_session_deleted(self):
+        f = self.open()  # stays open: the flags are in the index only
+        self.successResultOf(f.set_flags({1: {DELETED, FLAGGED}, 2: {FLAGGED}}))
+        mutt(self.root, self.inbox, "<display-message><exit><sync-mailbox><quit>")
+        self.assertEqual(self.file_flags()["m1"], "RO")
+        self.successResultOf(f.refresh())
+        flags = {m.uid: m.flags for m in f.messages()}
+        self.assertEqual(flags[1], {SEEN, DELETED, FLAGGED})
+        self.assertEqual(flags[2], {FLAGGED})
+        f.close()
+
+
+ALICE = "alice@example.test"
+
+
+def test_imap_changes_survive_a_mutt_rewrite(tmp_path):
+    with MailServer(tmp_path) as srv:
+        srv.add_user(ALICE)
+        with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+            for i in (1, 2):
+                s.sendmail("bob@example.test", [ALICE], message(i).replace(b"\n", b"\r\n"))
+        inbox = srv.inbox(ALICE)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        imap.login(ALICE, PASSWORD)
+        imap.select("INBOX")
+        imap.uid("STORE", "1", "+FLAGS", r"(\Deleted)")
+        imap.logout()
+        deadline = time.monotonic() + 20
+        while b"X-Status: D" not in inbox.read_bytes() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        imap = imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=30)
+        try:
+            imap.login(ALICE, PASSWORD)
+            imap.select("INBOX")
+            # the user undeletes m1 and flags m2 over IMAP (not written: the session stays) ...
+            imap.uid("STORE", "1", "-FLAGS", r"(\Deleted)")
+            imap.uid("STORE", "2", "+FLAGS", r"(\Flagged)")
+            # ... and reads both in mutt, which writes Status: RO and keeps X-Status: D
+            _set_file_flags(inbox, {"m1": "ROD", "m2": "RO"})
+            imap.noop()
+            typ, data = imap.uid("FETCH", "1:*", "(FLAGS)")
+            assert typ == "OK"
+            typ, gone = imap.expunge()
+            assert typ == "OK"
+        finally:
+            imap.logout()
+        box = mailbox.mbox(str(inbox))
+        left = sorted(m["Subject"] for m in box)
+        box.close()
+    got = {}
+    for item in data:
+        text = item.decode() if isinstance(item, bytes) else item[0].decode()
+        uid, flags = re.search(r"UID (\d+)", text), re.search(r"FLAGS \(([^)]*)\)", text)
+        if uid is not None:
+            got[int(uid.group(1))] = set(flags.group(1).split())
+    assert got == {1: {r"\Seen"}, 2: {r"\Seen", r"\Flagged"}}
+    assert gone == [None]
+    assert left == ["m1", "m2"]

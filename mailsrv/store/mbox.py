@@ -587,7 +587,7 @@ class MboxMailStore:
                 on_disk = snap.dflags[match]
                 if on_disk is not None and on_disk != res.flags[i]:
                     # another program (mutt) changed Status:/X-Status: since we read them
-                    flags = (flags - mboxfmt.STATUS_FLAGS) | res.flags[i]
+                    flags = mboxfmt.merge_file_flags(flags, on_disk, res.flags[i])
                 if renumber:
                     uid, uid_next = uid_next, uid_next + 1
                 else:
@@ -1005,7 +1005,13 @@ class MboxMailStore:
             n = len(res.starts)
             # ours: this append, and earlier ones not indexed yet; not what others appended
             rds, sizes = _quoting(res, ours)
+            # A delivered message starts with no flags, whatever its header says;
+            # what others appended keeps the flags its Status:/X-Status: give.
             texts = [flags_text(f) if f else "" for f in res.flags]
+            flags = [
+                mboxfmt.NO_FLAGS if rd & mboxfmt.READ_MBOXRD else f
+                for f, rd in zip(res.flags, rds, strict=True)
+            ]
             rows = list(
                 zip(
                     range(first, first + n),
@@ -1013,7 +1019,7 @@ class MboxMailStore:
                     res.starts,
                     res.ends,
                     sizes,
-                    texts,
+                    [flags_text(f) if f else "" for f in flags],
                     res.dates,
                     res.crcs,
                     res.fps,
@@ -1026,7 +1032,7 @@ class MboxMailStore:
             if snap is not None and (snap.handle is None or snap.handle.ino != after.st_ino):
                 handle = _FileHandle(st.path)
             idx.add(rows, first + n, _covered(after), durable=False)
-            return _Indexed(snap, rows, res.flags, first + n, handle)
+            return _Indexed(snap, rows, flags, first + n, handle)
         except Exception:
             self.log.failure(
                 "indexing delivered messages in {path} failed; the next open scans them",
@@ -1723,28 +1729,34 @@ class MboxFolder:
         return io.BufferedReader(reader, 64 * 1024)
 
     def read_headers(self, uid):
+        """
+        The header block as L{open_message} serves it: up to where the scanner
+        says it ends (L{mboxfmt.header_end}, within L{mboxfmt.HEADER_LIMIT}),
+        so that it is a prefix of the message and BODY[TEXT] starts after it.
+        A message with no end of header within that reach has no hidden fields:
+        all of it is header if it is that short, else its whole lines up to there.
+        """
         snap, i = self._locate(uid)
         handle = snap.handle
         start, end = snap.starts[i], snap.ends[i]
+        fmt = snap.rds[i]
+        reach = min(end - start, mboxfmt.HEADER_LIMIT)
         want = 8192
         while True:
-            data = handle.pread(min(want, end - start), start)
-            cut = data.find(b"\n\n")
-            if cut >= 0:
-                data = data[: cut + 2]
-                break
-            if start + len(data) >= end or want >= mboxfmt.HEADER_LIMIT:
-                data = data[: data.rfind(b"\n") + 1] if start + len(data) < end else data
+            data = handle.pread(min(want, reach), start)
+            hend = mboxfmt.header_end(data)
+            if hend >= 0 or want >= reach:
                 break
             want *= 4
-        crlf = mboxfmt.to_crlf(data, bool(snap.rds[i] & mboxfmt.READ_MBOXRD))
-        cut = crlf.find(b"\r\n\r\n")
-        if cut < 0:
-            return crlf
-        block = crlf[: cut + 4]
-        if snap.rds[i] & mboxfmt.HIDE_FIELDS:
-            block = mboxfmt.strip_hidden(block)[0]
-        return block
+        if hend >= 0:
+            block = data[:hend]
+            if fmt & mboxfmt.HIDE_FIELDS:
+                block = mboxfmt.strip_hidden(block)[0]
+        elif reach < end - start:
+            block = data[: data.rfind(b"\n") + 1]
+        else:
+            block = data
+        return mboxfmt.to_crlf(block, bool(fmt & mboxfmt.READ_MBOXRD))
 
     def set_flags(self, changes):
         if self.read_only:

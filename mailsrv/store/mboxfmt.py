@@ -96,18 +96,48 @@ def iter_lines_chunks(f, size: int = READ_CHUNK):
         yield data[:cut]
 
 
+def mbox_pieces(f):
+    """
+    Yield binary file C{f} in mbox form (L{quote_lines}), in pieces of whole
+    lines, without the L{HIDDEN_FIELDS} of its header block: a message we
+    store carries no bookkeeping of its sender's, so neither we nor mutt take
+    flags from it (Dovecot's mbox save drops them too). The header block ends
+    where the scanner says (L{header_end}); if it does not end within
+    L{HEADER_LIMIT}, the whole lines in that reach are taken as header.
+    """
+    chunks = (quote_lines(piece) for piece in iter_lines_chunks(f))
+    head = b""
+    exhausted = True
+    hend = -1
+    for q in chunks:
+        head += q
+        hend = header_end(head)
+        if hend >= 0 or len(head) >= HEADER_LIMIT:
+            exhausted = False
+            break
+    if hend >= 0:
+        cut = hend
+    elif exhausted and len(head) <= HEADER_LIMIT:
+        cut = len(head)
+    else:
+        cut = head.rfind(b"\n", 0, HEADER_LIMIT) + 1
+    if head:
+        yield strip_hidden(head[:cut])[0] + head[cut:]
+    yield from chunks
+
+
 def quoted_message(source) -> tuple[list[bytes] | None, int]:
     """
-    Return (pieces, length) of an L{IMessageSource} in mbox form, ending with a
-    newline. Small messages are returned whole; for large ones C{pieces} is None
-    and L{write_quoted} streams them (the length is counted in a first pass).
+    Return (pieces, length) of an L{IMessageSource} in mbox form (L{mbox_pieces}),
+    ending with a newline. Small messages are returned whole; for large ones
+    C{pieces} is None and L{write_quoted} streams them (the length is counted
+    in a first pass).
     """
     total = 0
     pieces: list[bytes] | None = [] if source.size <= SMALL_MESSAGE else None
     last = b"\n"
     with source.open() as f:
-        for piece in iter_lines_chunks(f):
-            q = quote_lines(piece)
+        for q in mbox_pieces(f):
             total += len(q)
             last = q[-1:] or last
             if pieces is not None:
@@ -126,8 +156,7 @@ def write_quoted(fd: int, source) -> int:
     buf: list[bytes] = []
     buffered = 0
     with source.open() as f:
-        for piece in iter_lines_chunks(f):
-            q = quote_lines(piece)
+        for q in mbox_pieces(f):
             last = q[-1:] or last
             buf.append(q)
             buffered += len(q)
@@ -473,6 +502,32 @@ def status_flags(status: bytes, x_status: bytes) -> frozenset[str]:
     return frozenset(out)
 
 
+# Flags a change of the file never takes away: mutt writes no D or T into
+# X-Status: when it rewrites a message, so their going is no sign of a user's wish.
+STICKY_FLAGS = frozenset({DELETED, DRAFT})
+
+
+def merge_file_flags(
+    ours: frozenset[str], old_disk: frozenset[str], new_disk: frozenset[str]
+) -> frozenset[str]:
+    """
+    A message's flags after another program (mutt) changed its Status:/X-Status:
+    from C{old_disk} (what the file said when we last read or wrote it) to
+    C{new_disk}: C{ours} with what the file gained added and what it lost taken
+    away, flag by flag, so changes sessions made since the last write stay.
+
+    \\Deleted and \\Draft are only ever added this way, never taken away: mutt
+    does not carry X-Status: D or T through its own rewrite of a message (it
+    drops a D another program wrote when it syncs an older view of the
+    folder, and purges what it deletes), so a lost D is not an undelete, and
+    a message must not come back for a client's EXPUNGE on that account
+    either way; a user undeletes over IMAP.
+    """
+    added = new_disk - old_disk
+    removed = old_disk - new_disk - STICKY_FLAGS
+    return (ours - removed) | added
+
+
 def fingerprint(line_crc: int, message_id: bytes, body_len: int) -> int:
     """
     A 63-bit value identifying a message across rewrites of the file by other
@@ -605,7 +660,7 @@ def _finish(res: ScanResult, rec: _Partial, content_end: int) -> None:
     res.fps.append(fingerprint(line_crc, rec.mid, max(0, end - min(header_end, end))))
     res.dates.append(parse_from_date(rec.line))
     res.flags.append(
-        status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus) else _NOFLAGS
+        status_flags(rec.status, rec.xstatus) if (rec.status or rec.xstatus) else NO_FLAGS
     )
 
 
@@ -707,7 +762,7 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
                 a_crc(line_crc)
                 a_fp((crc32(mid, line_crc) << 31) | ((end - min(hend, end)) & 0x7FFFFFFF))
                 a_date(parse_from_date(line))
-                a_flags(status_flags(status, xstatus) if (status or xstatus) else _NOFLAGS)
+                a_flags(status_flags(status, xstatus) if (status or xstatus) else NO_FLAGS)
                 pos = nxt
                 continue
             cur = _Partial(base + sep, base + start, buf[sep:start])
@@ -733,4 +788,4 @@ def scan(fd: int, offset: int, file_end: int, chunk: int = CHUNK) -> ScanResult:
         base += keep
 
 
-_NOFLAGS: frozenset[str] = frozenset()
+NO_FLAGS: frozenset[str] = frozenset()
