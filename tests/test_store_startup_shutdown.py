@@ -122,11 +122,7 @@ class StartShutdownTests(SynchronousTestCase):
         self.assertIn(b"X-Status: F\n", folder_file(self.store).read_bytes())
         self.assertEqual(self.clock.getDelayedCalls(), [])
 
-
-def folder_file(store: MboxMailStore) -> Path:
-    return store.mail_dir / "example.test" / "alice" / "INBOX"
-
-    def test_recovery_leaves_a_journal_whose_folder_is_gone(self):
+    def test_recovery_removes_a_journal_whose_folder_is_gone(self):
         base = self.store.index_dir / "example.test" / "alice"
         base.mkdir(parents=True)
         (base / "Gone.rewrite").write_bytes(b'{"ino": 1}\n')
@@ -135,4 +131,9 @@ def folder_file(store: MboxMailStore) -> Path:
             any("cannot finish the interrupted rewrite" in line for line in self.logged),
             self.logged,
         )
-        self.assertEqual(sorted(p.name for p in base.iterdir()), ["Gone.rewrite"])
+        # it would otherwise be met again at every start
+        self.assertEqual(sorted(p.name for p in base.iterdir()), [])
+
+
+def folder_file(store: MboxMailStore) -> Path:
+    return store.mail_dir / "example.test" / "alice" / "INBOX"

@@ -1184,6 +1184,12 @@ class MboxMailStore:
         try:
             if not _is_file(os.stat(st.path)):
                 raise FolderError("No such folder")
+        except (FileNotFoundError, NotADirectoryError):
+            # Nothing left to finish: a journal of a folder that is gone would
+            # only be met again at every start.
+            rewrite.Journal(st.index_base).remove()
+            raise FolderError("No such folder; its rewrite journal is removed")
+        try:
             idx = self._open_index(st)
             snap = self._load(st, idx)
             with MboxLock(st.path, self.lock_timeout) as lk:
