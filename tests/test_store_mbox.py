@@ -61,8 +61,10 @@ class FormatTests(_Base):
         data = self.inbox.read_bytes()
         self.assertEqual(
             data,
-            b"From bob@example.test Tue Nov 14 22:13:20 2023\nSubject: a\n\nbody\n\n"
-            b"From MAILER-DAEMON Tue Nov 14 22:13:20 2023\nSubject: b\n\nbody\n\n",
+            b"From bob@example.test Tue Nov 14 22:13:20 2023\nSubject: a\n"
+            b"X-Keywords:" + b" " * 30 + b"\n\nbody\n\n"
+            b"From MAILER-DAEMON Tue Nov 14 22:13:20 2023\nSubject: b\n"
+            b"X-Keywords:" + b" " * 30 + b"\n\nbody\n\n",
         )
 
     def test_mboxrd_round_trip(self):

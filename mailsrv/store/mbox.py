@@ -2092,7 +2092,7 @@ def _status_plan(
         hend = mboxfmt.header_end(head)
         if hend < 0:
             continue
-        block = mboxfmt.with_status(head[:hend], want)
+        block = mboxfmt.with_status_fitted(head[:hend], want)
         grows = len(block) > hend
         if block != head[:hend] and grows == up:
             changes.append((i, start, start + hend, block))
@@ -2111,6 +2111,16 @@ def _status_plan(
         prev = h1
     if size > prev:
         runs.append((prev, size, prev + shift))
+    dflags = []
+    if shift == 0 and all(len(c[3]) == c[2] - c[1] for c in changes):
+        # every block keeps its length (padding): no offset changes, only those headers
+        new = _copy_snapshot(snap, None)
+        for j, _, _, _ in changes:
+            want = snap.infos.flag_sets[j] & mboxfmt.STATUS_FLAGS
+            new.dflags[j] = want
+            dflags.append((flags_text(want), snap.uids[j]))
+        plan = rewrite.Plan(ino, size, size, runs, literals=literals, dflags=dflags)
+        return plan, new, changes[0][1]
     # the snapshot and index rows after it: offsets move by the changes before them
     k = changes[0][0]
     new = _Snapshot(
@@ -2125,7 +2135,6 @@ def _status_plan(
         list(snap.dflags),
     )
     moved = []
-    dflags = []
     by_index = {c[0]: c for c in changes}
     d = 0
     for j in range(k, len(snap.uids)):

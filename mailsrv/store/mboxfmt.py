@@ -122,7 +122,10 @@ def mbox_pieces(f):
     else:
         cut = head.rfind(b"\n", 0, HEADER_LIMIT) + 1
     if head:
-        yield strip_hidden(head[:cut])[0] + head[cut:]
+        block = strip_hidden(head[:cut])[0]
+        if hend >= 0:
+            block = with_padding(block)
+        yield block + head[cut:]
     yield from chunks
 
 
@@ -480,6 +483,66 @@ def with_status(block: bytes, flags: frozenset[str]) -> bytes:
     if letters:
         out.append(b"X-Status: " + letters + nl)
     return b"".join(out) + nl
+
+
+# A blank X-Keywords: field of this many spaces goes into the header of every
+# message we store, before its blank line, as Dovecot pads its mbox headers:
+# writing flags later (Status: RO, X-Status: AFTD, 26 bytes) takes the bytes
+# from the padding and gives them back, so the header keeps its length and no
+# byte after it moves. Sessions do not see the field (L{HIDDEN_FIELDS}), and
+# mutt and Python's mailbox read no flag or label from an empty X-Keywords:.
+PADDING = 30
+_PAD_NAME = b"X-Keywords:"
+
+
+def with_padding(block: bytes, pad: int | None = None) -> bytes:
+    """Header block C{block} (with its blank line) with a padding field of C{pad} spaces."""
+    if pad is None:
+        pad = PADDING
+    nl = b"\r\n" if block.endswith(b"\r\n") else b"\n"
+    if len(block) <= len(nl):
+        return block  # no header at all: the message starts with its blank line
+    return block[: -len(nl)] + _PAD_NAME + b" " * pad + nl + nl
+
+
+def _without_padding(block: bytes) -> tuple[bytes, bool]:
+    """
+    C{block} without its padding field (an X-Keywords: of only spaces, one
+    line), and whether it may take one: not if it holds an X-Keywords: with
+    keywords (another program's), which a second field would confuse.
+    """
+    lines = block.splitlines(keepends=True)
+    out = []
+    ok = True
+    for n, line in enumerate(lines):
+        name, colon, value = line.partition(b":")
+        if colon and name.rstrip().lower() == b"x-keywords":
+            follows = lines[n + 1][:1] if n + 1 < len(lines) else b""
+            if value.strip(b" \r\n") or follows in (b" ", b"\t"):
+                ok = False
+            else:
+                continue
+        out.append(line)
+    return b"".join(out), ok
+
+
+def with_status_fitted(block: bytes, flags: frozenset[str]) -> bytes:
+    """
+    L{with_status}, keeping the length of C{block} whenever the padding field
+    allows (it gives up or takes back the bytes Status:/X-Status: need), so the
+    block is overwritten in place; a block that has to grow (another
+    program's message, without padding) gets L{PADDING} too, so that the
+    next write fits.
+    """
+    bare, may_pad = _without_padding(block)
+    core = with_status(bare, flags)
+    if not may_pad:
+        return core
+    nl = b"\r\n" if core.endswith(b"\r\n") else b"\n"
+    room = len(block) - len(core) - len(_PAD_NAME) - len(nl)
+    if room >= 0:
+        return with_padding(core, room)
+    return with_padding(core)
 
 
 def hide_fields(data: bytes) -> bytes:
