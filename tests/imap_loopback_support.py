@@ -68,9 +68,13 @@ class RawClient:
 
 
 class LoopbackIMAPCase(unittest.TestCase):
-    """The IMAP server on 127.0.0.1 (trial reactor), mbox store in a temporary folder."""
+    """
+    The IMAP server on 127.0.0.1 (trial reactor), mbox store in a temporary folder;
+    with C{with_tls}, STARTTLS offered with the config's certificate (C{self.tls}).
+    """
 
     timeout = 60
+    with_tls = False
 
     def setUp(self) -> None:
         from twisted.internet import reactor
@@ -90,8 +94,18 @@ class LoopbackIMAPCase(unittest.TestCase):
         realm = MailRealm()
         realm.register(imap4.IAccount, account_factory(self.config, self.store, run))
         portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD})])
+        self.tls = None
+        if self.with_tls:
+            from mailsrv.tls import server_options
+
+            self.tls = server_options(self.config)
         self.factory = IMAPServerFactory(
-            config=self.config, store=self.store, portal=portal, reactor=reactor, run=run
+            config=self.config,
+            store=self.store,
+            portal=portal,
+            reactor=reactor,
+            run=run,
+            tls=self.tls,
         )
         self.protocols: list = []
         build = self.factory.buildProtocol

@@ -15,18 +15,13 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
-from twisted.cred.portal import Portal
-from twisted.internet import defer, task, threads
-from twisted.mail import imap4
-from twisted.python.threadpool import ThreadPool
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
-from mailsrv.auth.realm import MailRealm
-from mailsrv.imap.server import IMAPServerFactory, account_factory
+from mailsrv.imap.server import IMAPServerFactory
 from mailsrv.spool import BytesSource
-from mailsrv.store.mbox import MboxMailStore
-from tests.test_imap_harness import PASSWORD, USER, make_config
+from tests.imap_loopback_support import LoopbackIMAPCase
+from tests.test_imap_harness import PASSWORD, USER
 
 MESSAGE = (
     b"From: Ann <ann@example.test>\nTo: alice@example.test\nSubject: loopback %d\n"
@@ -34,61 +29,10 @@ MESSAGE = (
 )
 
 
-class ImaplibLoopbackTest(unittest.TestCase):
+class ImaplibLoopbackTest(LoopbackIMAPCase):
     """imaplib against the server on 127.0.0.1, mbox store on disk."""
 
-    timeout = 60
-
-    def setUp(self) -> None:
-        from twisted.internet import reactor
-
-        from mailsrv.tls import server_options
-
-        self.reactor = reactor
-        self.tmp = Path(tempfile.mkdtemp(prefix="imaptest-"))
-        self.addCleanup(shutil.rmtree, self.tmp, True)
-        self.pool = ThreadPool(minthreads=1, maxthreads=4, name="imap-test")
-        self.pool.start()
-        self.addCleanup(self.pool.stop)
-        self.config = make_config(self.tmp)
-        self.store = MboxMailStore(self.config.mail_dir, self.config.index_dir, reactor, self.pool)
-
-        def run(f, *a, **kw):
-            return threads.deferToThreadPool(reactor, self.pool, f, *a, **kw)
-
-        realm = MailRealm()
-        realm.register(imap4.IAccount, account_factory(self.config, self.store, run))
-        portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD})])
-        self.tls = server_options(self.config)
-        self.factory = IMAPServerFactory(
-            config=self.config,
-            store=self.store,
-            portal=portal,
-            reactor=reactor,
-            run=run,
-            tls=self.tls,
-        )
-        self.protocols: list = []
-        build = self.factory.buildProtocol
-
-        def tracked(addr):
-            p = build(addr)
-            self.protocols.append(p)
-            return p
-
-        self.factory.buildProtocol = tracked
-        self.port = reactor.listenTCP(0, self.factory, interface="127.0.0.1")
-        self.addCleanup(self.port.stopListening)
-
-    @defer.inlineCallbacks
-    def _settle(self):
-        """Wait until every server connection has seen its client go."""
-        for _ in range(400):
-            if all(p._lost for p in self.protocols):
-                break
-            yield task.deferLater(self.reactor, 0.01, lambda: None)
-        # let the store finish closing folders
-        yield task.deferLater(self.reactor, 0.05, lambda: None)
+    with_tls = True
 
     @defer.inlineCallbacks
     def _deliver(self, n: int) -> defer.Deferred:
@@ -137,7 +81,7 @@ class ImaplibLoopbackTest(unittest.TestCase):
             return seen
 
         seen = yield threads.deferToThread(client)
-        yield self._settle()
+        yield self.settle()
         names = b"\n".join(seen["list"])
         for name in (b"INBOX", b"Sent", b"Trash", b"Archive", b"Projects/2024"):
             self.assertIn(b'"/" ' + name, names)
@@ -187,7 +131,7 @@ class ImaplibLoopbackTest(unittest.TestCase):
         yield delivered
         yield self._deliver(1)
         line, rest = yield d
-        yield self._settle()
+        yield self.settle()
         self.assertEqual(line, b"* 2 EXISTS\r\n")
         self.assertTrue(rest.startswith(b"* 1 RECENT") or b"OK IDLE" in rest, rest)
 
@@ -216,7 +160,7 @@ class ImaplibLoopbackTest(unittest.TestCase):
                 b.logout()
 
         fetch, expunge, exists, flags = yield threads.deferToThread(client)
-        yield self._settle()
+        yield self.settle()
         self.assertIn(b"2 (FLAGS (\\Flagged))", fetch[1])
         self.assertEqual(expunge[1], [b"3"])
         self.assertEqual(exists[1][-1], b"3")
@@ -268,7 +212,7 @@ class ImaplibLoopbackTest(unittest.TestCase):
             return before, after, caps
 
         before, after, caps = yield threads.deferToThread(client)
-        yield self._settle()
+        yield self.settle()
         self.assertIn("STARTTLS", before)
         self.assertNotIn(b"STARTTLS", after)
         self.assertIn(b"AUTH=PLAIN", after)
