@@ -24,35 +24,12 @@ import tempfile
 import time
 from pathlib import Path
 
+from store_inline import Pool, Reactor, result  # benchmarks/ is on sys.path
+
 from mailsrv.store import mboxfmt
 from mailsrv.store.mbox import MboxMailStore
 
 USER = "bench@example.test"
-
-
-class Pool:
-    def callInThreadWithCallback(self, on_result, func, *args, **kwargs):
-        try:
-            r = func(*args, **kwargs)
-        except BaseException:
-            from twisted.python.failure import Failure
-
-            on_result(False, Failure())
-        else:
-            on_result(True, r)
-
-
-class Reactor:
-    def callFromThread(self, f, *args, **kwargs):
-        f(*args, **kwargs)
-
-
-def result(d):
-    out = []
-    d.addBoth(out.append)
-    if hasattr(out[0], "raiseException"):
-        out[0].raiseException()
-    return out[0]
 
 
 def build(root: Path, count: int, size: int) -> None:
