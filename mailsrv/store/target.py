@@ -1,0 +1,99 @@
+"""
+The mail store as a delivery target (L{IDeliveryTarget}): routed mail for
+local mailboxes (L{mailsrv.routing.Mailbox}) is stored through it, each copy
+with its C{Return-Path:} field first (L{mailsrv.localdelivery}), using only
+the store's public L{IMailStore.deliver}.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv import replies
+from mailsrv.interfaces import FolderError, IDelivery, IDeliveryTarget, IMailStore
+from mailsrv.localdelivery import ReturnPathSource
+from mailsrv.replies import ReplyError
+from mailsrv.routing import INBOX, Mailbox
+from mailsrv.store.names import canonical_folder, split_user
+
+
+@implementer(IDeliveryTarget)
+class MailboxTarget:
+    """The local mailboxes of an L{IMailStore}."""
+
+    def __init__(self, store: IMailStore) -> None:
+        self.store = store
+
+    def start(self, sender: str) -> MailboxDelivery:
+        return MailboxDelivery(self.store, sender or "")
+
+
+@implementer(IDelivery)
+class MailboxDelivery:
+    """
+    One message for some local mailboxes. The store writes a copy durably
+    when asked to, so nothing is written before L{commit}: L{abort} only
+    forgets. At commit the copies are stored side by side; concurrent
+    deliveries to one folder share the store's lock and fsync.
+    """
+
+    def __init__(self, store: IMailStore, sender: str) -> None:
+        self.store = store
+        self.sender = sender
+        self.recipients: dict[Mailbox, None] = {}
+        self.source: Any = None
+        self.state = "open"
+
+    def add_recipient(self, recipient: Mailbox) -> None:
+        self._check_open()
+        if not isinstance(recipient, Mailbox):
+            raise TypeError(f"not a local mailbox: {recipient!r}")
+        try:
+            split_user(recipient.user)
+            canonical_folder(recipient.folder)
+        except (ValueError, FolderError) as e:
+            raise ReplyError(replies.MAILBOX_NAME_NOT_ALLOWED, cause=str(e)) from None
+        self.recipients[recipient] = None
+
+    def body(self, source: Any) -> None:
+        self._check_open()
+        self.source = source
+
+    def commit(self) -> defer.Deferred:
+        self._check_open()
+        self.state = "committed"
+        if not self.recipients:
+            return defer.succeed(None)
+        if self.source is None:
+            return defer.fail(ValueError("commit before body"))
+        copies = [self._store(r) for r in self.recipients]
+        if len(copies) == 1:
+            return copies[0].addCallback(lambda _: None)
+        return defer.DeferredList(copies, consumeErrors=True).addCallback(_first_failure)
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+            self.source = None
+
+    def _store(self, r: Mailbox) -> defer.Deferred:
+        source = ReturnPathSource(self.sender, self.source)
+        if r.folder == INBOX:
+            return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender)
+        return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender, r.folder)
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"delivery already {self.state}")
+
+
+def _first_failure(results: list[tuple[bool, Any]]) -> Failure | None:
+    """None once every copy is stored, else the first copy's failure."""
+    for ok, value in results:
+        if not ok:
+            return value
+    return None
