@@ -5,8 +5,10 @@ error type that carries a reply to the client while keeping the cause of the
 failure apart, for the log only (as maddy's C{exterrors.SMTPError} and mox's
 C{smtpserver} errors do).
 
-Each constant names the RFC 5321 section its code comes from and the RFC
-3463 section (or the RFC that registered it) of its enhanced code. The
+Each constant names the RFC 5321 section its code comes from (or the
+section of the RFC that defines the command: RFC 3207 STARTTLS, RFC 4954
+AUTH) and the RFC 3463 section (or the RFC that registered it) of its
+enhanced code. The
 enhanced code goes first in the reply text (RFC 2034 3).
 """
 
@@ -120,6 +122,39 @@ TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
 # only as CRLF. A bare one can end DATA early at a lenient next hop and smuggle
 # a second message (like Postfix's smtpd_forbid_bare_newline = reject).
 BARE_NEWLINE = Reply(550, "5.6.0", "Message contains a bare CR or LF")
+
+
+# --- the SMTP server's own: session, AUTH, STARTTLS --------------------------------
+# 220 (RFC 3207 4), 2.0.0 (RFC 3463 3.1)
+TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
+# 221 service closing transmission channel (RFC 5321 4.2.2), 2.0.0 (RFC 3463 3.1)
+BYE = Reply(221, "2.0.0", "Bye")
+# 214 help message (RFC 5321 4.2.2), 2.0.0 (RFC 3463 3.1)
+HELP = Reply(214, "2.0.0", "See RFC 5321")
+# 252 cannot VRFY user (RFC 5321 3.5.3, 4.2.2), 2.0.0 (RFC 3463 3.1)
+CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
+# 235 and 2.7.0 (RFC 4954 6)
+AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
+# 454 temporary authentication failure (RFC 4954 6), 4.7.0 (RFC 3463 3.8)
+AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
+# 454 TLS not available for a temporary reason (RFC 3207 4), 4.7.0 (RFC 3463 3.8)
+TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
+# 503 bad sequence of commands (RFC 5321 4.2.2; RFC 4954 4), 5.5.1 invalid command
+# (RFC 3463 3.6)
+AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
+# 501 for an exchange the client cancelled with "*" (RFC 4954 4), 5.7.0 other security
+# status (RFC 3463 3.8)
+AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
+# 504 command parameter not implemented (RFC 5321 4.2.2; RFC 4954 4), 5.5.4 invalid
+# command arguments (RFC 3463 3.6)
+AUTH_BAD_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
+# 501 for a response that is not base64 (RFC 4954 4), 5.5.2 syntax error (RFC 3463 3.6)
+AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode response")
+# 502 command not implemented (RFC 5321 4.2.2), 5.5.1 invalid command (RFC 3463 3.6)
+NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
+# 554 after DATA with no valid recipient (RFC 5321 3.3; RFC 2920 3.1), 5.5.1 invalid
+# command (RFC 3463 3.6)
+NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")
 
 
 class ReplyError(smtp.SMTPServerError):
