@@ -7,6 +7,7 @@ the store's public L{IMailStore.deliver}.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 from twisted.internet import defer
@@ -52,11 +53,9 @@ class MailboxDelivery:
         self._check_open()
         if not isinstance(recipient, Mailbox):
             raise TypeError(f"not a local mailbox: {recipient!r}")
-        try:
-            split_user(recipient.user)
-            canonical_folder(recipient.folder)
-        except (ValueError, FolderError) as e:
-            raise ReplyError(replies.MAILBOX_NAME_NOT_ALLOWED, cause=str(e)) from None
+        problem = _unusable(recipient.user, recipient.folder)
+        if problem is not None:
+            raise ReplyError(replies.MAILBOX_NAME_NOT_ALLOWED, cause=problem)
         self.recipients[recipient] = None
 
     def body(self, source: Any) -> None:
@@ -70,9 +69,10 @@ class MailboxDelivery:
             return defer.succeed(None)
         if self.source is None:
             return defer.fail(ValueError("commit before body"))
+        if len(self.recipients) == 1:
+            [only] = self.recipients
+            return self._store(only)  # IMailStore.deliver fires with None
         copies = [self._store(r) for r in self.recipients]
-        if len(copies) == 1:
-            return copies[0].addCallback(lambda _: None)
         return defer.DeferredList(copies, consumeErrors=True).addCallback(_first_failure)
 
     def abort(self) -> None:
@@ -89,6 +89,21 @@ class MailboxDelivery:
     def _check_open(self) -> None:
         if self.state != "open":
             raise RuntimeError(f"delivery already {self.state}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _unusable(user: str, folder: str) -> str | None:
+    """
+    Why no mailbox can be named C{user}, C{folder}, or None. A pure function
+    of the names, remembered: the same few users get mail again and again.
+    """
+    try:
+        split_user(user)
+        if folder != INBOX:
+            canonical_folder(folder)
+    except (ValueError, FolderError) as e:
+        return str(e)
+    return None
 
 
 def _first_failure(results: list[tuple[bool, Any]]) -> Failure | None:
