@@ -15,7 +15,7 @@ from zope.interface import implementer
 from mailsrv import replies
 from mailsrv.interfaces import IDelivery, IDeliveryTarget, IOutboundQueue
 from mailsrv.replies import ReplyError
-from mailsrv.routing import Relay
+from mailsrv.routing import Relay, Route
 
 
 @implementer(IDeliveryTarget)
@@ -43,7 +43,7 @@ class QueueDelivery:
         self.source: Any = None
         self.state = "open"
 
-    def add_recipient(self, recipient: Relay) -> None:
+    def add_recipient(self, recipient: Route) -> None:
         self._check_open()
         if not isinstance(recipient, Relay):
             raise TypeError(f"not a relayed recipient: {recipient!r}")

@@ -210,7 +210,9 @@ class IncomingMessage:
         d.addBoth(self._cleanup)
         return d
 
-    def _commit(self, target: Any, routes: Sequence[routing.Route]) -> defer.Deferred:
+    def _commit(
+        self, target: MailboxTarget | QueueTarget, routes: Sequence[routing.Route]
+    ) -> defer.Deferred:
         """Deliver the message to C{routes} through C{target}, in its two phases."""
         delivery = target.start(self.sender)
         try:

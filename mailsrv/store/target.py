@@ -18,7 +18,7 @@ from mailsrv import replies
 from mailsrv.interfaces import FolderError, IDelivery, IDeliveryTarget, IMailStore
 from mailsrv.localdelivery import ReturnPathSource
 from mailsrv.replies import ReplyError
-from mailsrv.routing import INBOX, Mailbox
+from mailsrv.routing import INBOX, Mailbox, Route
 from mailsrv.store.names import canonical_folder, split_user
 
 
@@ -49,7 +49,7 @@ class MailboxDelivery:
         self.source: Any = None
         self.state = "open"
 
-    def add_recipient(self, recipient: Mailbox) -> None:
+    def add_recipient(self, recipient: Route) -> None:
         self._check_open()
         if not isinstance(recipient, Mailbox):
             raise TypeError(f"not a local mailbox: {recipient!r}")
