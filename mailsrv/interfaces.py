@@ -199,3 +199,44 @@ class IOutboundQueue(Interface):
         Store a message and its envelope durably (fsync, atomic rename) for
         delivery to C{recipients} (a list of addresses). Fires with the queue id.
         """
+
+
+class IDeliveryTarget(Interface):
+    """
+    Where routed mail is finally put (a local mailbox, the outbound queue),
+    in two phases as in maddy's C{module.DeliveryTarget}: L{start} a
+    delivery, add its recipients, give it the body, then commit or abort.
+    Nothing is written before L{IDelivery.commit}, so an aborted delivery
+    leaves nothing behind.
+    """
+
+    def start(sender):
+        """
+        Begin delivering a message from envelope sender C{sender} ('' for <>).
+        Return an L{IDelivery}.
+        """
+
+
+class IDelivery(Interface):
+    """One message on its way into an L{IDeliveryTarget}."""
+
+    def add_recipient(recipient):
+        """
+        Add a recipient: a routing decision of the kind this target takes
+        (L{mailsrv.routing.Mailbox} for the store, L{mailsrv.routing.Relay}
+        for the queue). Raise L{mailsrv.replies.ReplyError} if the target
+        refuses it; a recipient added twice counts once.
+        """
+
+    def body(source):
+        """Give the message, an L{IMessageSource}; it must stay readable until commit fires."""
+
+    def commit():
+        """
+        Deliver to every recipient added: fire once every copy is durable
+        (fsync), with a reference for the log (the queue id) or None, or
+        fail. With no recipient, deliver nothing and fire with None.
+        """
+
+    def abort():
+        """Give up before commit: nothing is written, nothing is left behind."""

@@ -26,6 +26,8 @@ from typing import Any
 from twisted.internet.address import _ProcessAddress
 from twisted.protocols import amp
 
+from mailsrv.replies import LOCAL_ERROR, ReplyError
+
 CHILD_IN = 3  # the relay process reads commands here
 CHILD_OUT = 4  # and writes its own here
 MAX_VALUE = 65_000  # an AMP value holds at most 65,535 bytes
@@ -60,8 +62,19 @@ class Stop(amp.Command):
     response = []  # type: ignore[var-annotated]
 
 
-class LocalDeliveryFailed(Exception):
-    """The server could not store the message; the text says why."""
+class LocalDeliveryFailed(ReplyError):
+    """
+    The server could not store the message: a local error (451 4.3.0), its
+    cause the text that crosses the pipe (AMP sends C{str()} of the error and
+    builds it again from that text on the other side) for the relay
+    process's log and its record of the attempt.
+    """
+
+    def __init__(self, cause: str) -> None:
+        super().__init__(LOCAL_ERROR, cause=cause)
+
+    def __str__(self) -> str:
+        return str(self.cause)
 
 
 class DeliverLocal(amp.Command):

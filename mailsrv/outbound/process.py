@@ -32,11 +32,13 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv import localdelivery
+from mailsrv import routing
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
+from mailsrv.replies import cause_of
 from mailsrv.spool import BytesSource
+from mailsrv.store.target import MailboxTarget
 
 RESTART_MIN = 1.0  # seconds before a relay process that died is started again
 RESTART_MAX = 60.0
@@ -82,10 +84,19 @@ class ServerSide(ipc.QuietAMP):
             return defer.fail(ipc.LocalDeliveryFailed("no local mailboxes"))
 
         def failed(f: Failure) -> None:
-            raise ipc.LocalDeliveryFailed(str(f.value) or f.type.__name__)
+            raise ipc.LocalDeliveryFailed(cause_of(f.value))
 
-        d = localdelivery.deliver(self.store, recipient, source, sender)
-        return d.addCallbacks(lambda _: {}, failed)
+        route = routing.queued_mailbox(recipient)
+        if not isinstance(route, routing.Mailbox):
+            return defer.fail(ipc.LocalDeliveryFailed(f"not routed to a mailbox: {route}"))
+        delivery = MailboxTarget(self.store).start(sender)
+        try:
+            delivery.add_recipient(route)
+            delivery.body(source)
+        except Exception:
+            delivery.abort()
+            return defer.fail().addErrback(failed)
+        return delivery.commit().addCallbacks(lambda _: {}, failed)
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:

@@ -7,6 +7,7 @@ submission (Twisted's L{IMessageDelivery}), and the message being received
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -14,12 +15,13 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv import localdelivery, replies
-from mailsrv.interfaces import PasswordDatabaseError
+from mailsrv import replies, routing
 from mailsrv.logsafe import SafeLogger
+from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
 from mailsrv.spool import SpooledSource, disk_full
+from mailsrv.store.target import MailboxTarget
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -32,17 +34,15 @@ def _address(value: Any) -> str:
     return str(value)
 
 
-def _domain(address: str) -> str:
-    return address.rpartition("@")[2].lower()
-
-
 @implementer(smtp.IMessage)
 class IncomingMessage:
     """
     One message in DATA, for all its recipients: lines are counted against
     the size limit, scanned for trace and origination headers, and written
-    to a L{SpooledSource}. At the end the message goes to the store for
-    every local recipient and to the outbound queue for the others.
+    to a L{SpooledSource}. At the end the message goes where the routing
+    step sent each recipient (C{routes}, decided at RCPT): through the
+    store's delivery target for each local mailbox, and through the queue's
+    for the others.
     """
 
     log = SafeLogger()
@@ -57,11 +57,17 @@ class IncomingMessage:
         trace: bytes,
         submission: bool,
         client: str,
+        routes: Sequence[routing.Route] | None = None,
     ) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
         self.sender = sender
         self.recipients = recipients
+        if routes is None:
+            router = _router(ctx)
+            routes = [router.route(r, may_relay=submission) for r in recipients]
+        self.routes = routes  # where each recipient goes, decided by the routing step
+        self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
         self.octets = 0
@@ -177,29 +183,46 @@ class IncomingMessage:
     # delivery
 
     def _deliver(self) -> defer.Deferred:
-        is_local = self.ctx.config.is_local_domain
-        local = [r for r in self.recipients if is_local(_domain(r))]
-        remote = [r for r in self.recipients if not is_local(_domain(r))]
+        """Deliver by route: one delivery per local mailbox, one queue file for the rest."""
+        refused = [r for r in self.routes if isinstance(r, routing.Refused)]
+        if refused:
+            return defer.fail(SMTPReplyError(refused[0].reply, cause=refused[0].cause))
         attempts: list[defer.Deferred] = []
         labels: list[str] = []
-        if local:
-            for rcpt in local:
-                attempts.append(
-                    localdelivery.deliver(self.ctx.store, rcpt, self._source, self.sender)
-                )
-                labels.append(rcpt)
-        if remote:
+        self._mailboxes.clear()
+        relayed: list[routing.Relay] = []
+        mailboxes = MailboxTarget(self.ctx.store)
+        for route in self.routes:
+            if isinstance(route, routing.Mailbox):
+                attempts.append(self._commit(mailboxes, [route]))
+                labels.append(route.user)
+                self._mailboxes[route.user] = route
+            elif isinstance(route, routing.Relay):
+                relayed.append(route)
+        if relayed:
             if self.ctx.queue is None:
                 attempts.append(defer.fail(RuntimeError("no outbound queue")))
             else:
-                attempts.append(
-                    defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, remote, self._source)
-                )
-            labels.append("queue:" + ",".join(remote))
+                attempts.append(self._commit(QueueTarget(self.ctx.queue), relayed))
+            labels.append("queue:" + ",".join(r.address for r in relayed))
         d = defer.DeferredList(attempts, consumeErrors=True)
         d.addCallback(self._delivered, labels)
         d.addBoth(self._cleanup)
         return d
+
+    def _commit(
+        self, target: MailboxTarget | QueueTarget, routes: Sequence[routing.Route]
+    ) -> defer.Deferred:
+        """Deliver the message to C{routes} through C{target}, in its two phases."""
+        delivery = target.start(self.sender)
+        try:
+            for route in routes:
+                delivery.add_recipient(route)
+            delivery.body(self._source)
+        except Exception:
+            delivery.abort()
+            return defer.fail()
+        return delivery.commit()
 
     def _delivered(self, results: list[tuple[bool, Any]], labels: list[str]) -> Any:
         failed = [(label, r) for label, (ok, r) in zip(labels, results, strict=True) if not ok]
@@ -237,7 +260,8 @@ class IncomingMessage:
         self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
     ) -> defer.Deferred:
         # The relayer's local delivery adds the Return-Path field.
-        d = defer.maybeDeferred(self.ctx.queue.enqueue, self.sender, retry, self._source)
+        relays = [routing.retry_via_queue(self._mailboxes[user]) for user in retry]
+        d = self._commit(QueueTarget(self.ctx.queue), relays)
 
         def queued(retry_id: str) -> str:
             self.log.warn(
@@ -301,11 +325,14 @@ class BaseDelivery:
     """The sender and recipient policy shared by the MX and submission."""
 
     submission = False
+    may_relay = False  # whether mail for other domains is taken (to the queue)
 
     def __init__(self, ctx: Any, user: str | None = None) -> None:
         self.ctx = ctx
         self.user = user
         self.sender: str | None = None
+        self.router = _router(ctx)
+        self._routes: dict[str, routing.Route] = {}  # this transaction's, by address
 
     def receivedHeader(self, helo, origin, recipients) -> bytes:
         """A plain C{Received:} field for Twisted's own DATA path (ours adds more)."""
@@ -330,6 +357,7 @@ class BaseDelivery:
         C{sender} is then the envelope sender to use.
         """
         self.sender = _address(origin)
+        self._routes.clear()
         return origin
 
     def validateTo(self, user):
@@ -341,18 +369,15 @@ class BaseDelivery:
         return _Recipient(self, self.check_recipient(_address(user)))
 
     def check_recipient(self, address: str) -> str:
-        """Return the address to deliver to, or raise L{SMTPReplyError}."""
-        raise NotImplementedError
-
-    def _check_local_user(self, address: str) -> str:
-        try:
-            stored = self.ctx.passwords.lookup(address)
-        except PasswordDatabaseError as e:
-            # A local problem: "try again", never "no such user".
-            raise SMTPReplyError(replies.LOCAL_ERROR, cause=str(e))
-        if stored is None:
-            raise SMTPReplyError(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
-        return stored
+        """
+        Route C{address} (L{routing.Router}): return the address to deliver
+        to, or raise L{SMTPReplyError} with the reply the routing step gave.
+        """
+        route = self.router.route(address, may_relay=self.may_relay)
+        if isinstance(route, routing.Refused):
+            raise SMTPReplyError(route.reply, cause=route.cause)
+        self._routes[route.address] = route
+        return route.address
 
     def new_message(
         self,
@@ -365,6 +390,10 @@ class BaseDelivery:
         """Start receiving a message for C{recipients}."""
         if queue_id is None:
             queue_id = received.new_queue_id(self.ctx.reactor.seconds())
+        routes = [
+            self._routes.get(r) or self.router.route(r, may_relay=self.may_relay)
+            for r in recipients
+        ]
         return IncomingMessage(
             self.ctx,
             queue_id=queue_id,
@@ -373,16 +402,12 @@ class BaseDelivery:
             trace=trace,
             submission=self.submission,
             client=client,
+            routes=routes,
         )
 
 
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
-
-    def check_recipient(self, address: str) -> str:
-        if not self.ctx.config.is_local_domain(_domain(address)):
-            raise SMTPReplyError(replies.RELAY_DENIED)  # never an open relay
-        return self._check_local_user(address)
 
 
 class SubmissionDelivery(BaseDelivery):
@@ -392,6 +417,7 @@ class SubmissionDelivery(BaseDelivery):
     """
 
     submission = True
+    may_relay = True
 
     def __init__(self, ctx: Any, user: str) -> None:
         super().__init__(ctx, user)
@@ -402,14 +428,15 @@ class SubmissionDelivery(BaseDelivery):
             raise SMTPReplyError(replies.SENDER_NOT_OWNED)  # RFC 6409 6.1
         # The user's stored spelling: bounces reach the user's own mailbox.
         self.sender = self.user
+        self._routes.clear()
         return origin
 
-    def check_recipient(self, address: str) -> str:
-        if self.ctx.config.is_local_domain(_domain(address)):
-            return self._check_local_user(address)
-        if self.ctx.queue is None:
-            raise SMTPReplyError(replies.LOCAL_ERROR, "Relaying is not available, try again later")
-        return address
+
+def _router(ctx: Any) -> routing.Router:
+    """The routing step for this server."""
+    return routing.Router(
+        is_local_domain=ctx.config.is_local_domain, passwords=ctx.passwords, queue=ctx.queue
+    )
 
 
 def _disk_error_reply(error: OSError) -> Reply:

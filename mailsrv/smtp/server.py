@@ -28,7 +28,23 @@ from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
-from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.replies import (
+    AUTH_ABORTED,
+    AUTH_BAD_MECHANISM,
+    AUTH_BAD_RESPONSE,
+    AUTH_NOT_ENABLED,
+    AUTH_OK,
+    AUTH_THROTTLED,
+    BYE,
+    CANNOT_VRFY,
+    HELP,
+    NO_VALID_RECIPIENTS,
+    NOT_IMPLEMENTED,
+    TLS_READY,
+    TLS_UNAVAILABLE,
+    Reply,
+    SMTPReplyError,
+)
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -60,20 +76,6 @@ MAX_PENDING = 64 * 1024
 
 # Postfix's smtpd_forbidden_commands: a web client, not a mail client.
 FORBIDDEN = frozenset({b"CONNECT", b"GET", b"POST", b"HEAD", b"PUT"})
-
-AUTH_THROTTLED = Reply(454, "4.7.0", "Too many failed logins, try again later")
-AUTH_NOT_ENABLED = Reply(503, "5.5.1", "Authentication not enabled")
-AUTH_ABORTED = Reply(501, "5.7.0", "Authentication aborted")
-AUTH_BAD_MECHANISM = Reply(504, "5.5.4", "Unrecognized authentication type")
-AUTH_BAD_RESPONSE = Reply(501, "5.5.2", "Cannot decode response")
-AUTH_OK = Reply(235, "2.7.0", "Authentication successful")
-NOT_IMPLEMENTED = Reply(502, "5.5.1", "Command not implemented")
-NO_VALID_RECIPIENTS = Reply(554, "5.5.1", "No valid recipients")  # RFC 2920 3.1
-TLS_READY = Reply(220, "2.0.0", "Ready to start TLS")
-TLS_UNAVAILABLE = Reply(454, "4.7.0", "TLS not available")
-CANNOT_VRFY = Reply(252, "2.0.0", "Cannot VRFY user, but will accept message and attempt delivery")
-BYE = Reply(221, "2.0.0", "Bye")
-HELP = Reply(214, "2.0.0", "See RFC 5321")
 
 _VERBS = frozenset(
     {

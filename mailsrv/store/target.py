@@ -1,0 +1,114 @@
+"""
+The mail store as a delivery target (L{IDeliveryTarget}): routed mail for
+local mailboxes (L{mailsrv.routing.Mailbox}) is stored through it, each copy
+with its C{Return-Path:} field first (L{mailsrv.localdelivery}), using only
+the store's public L{IMailStore.deliver}.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+from twisted.internet import defer
+from twisted.python.failure import Failure
+from zope.interface import implementer
+
+from mailsrv import replies
+from mailsrv.interfaces import FolderError, IDelivery, IDeliveryTarget, IMailStore
+from mailsrv.localdelivery import ReturnPathSource
+from mailsrv.replies import ReplyError
+from mailsrv.routing import INBOX, Mailbox, Route
+from mailsrv.store.names import canonical_folder, split_user
+
+
+@implementer(IDeliveryTarget)
+class MailboxTarget:
+    """The local mailboxes of an L{IMailStore}."""
+
+    def __init__(self, store: IMailStore) -> None:
+        self.store = store
+
+    def start(self, sender: str) -> MailboxDelivery:
+        return MailboxDelivery(self.store, sender or "")
+
+
+@implementer(IDelivery)
+class MailboxDelivery:
+    """
+    One message for some local mailboxes. The store writes a copy durably
+    when asked to, so nothing is written before L{commit}: L{abort} only
+    forgets. At commit the copies are stored side by side; concurrent
+    deliveries to one folder share the store's lock and fsync.
+    """
+
+    def __init__(self, store: IMailStore, sender: str) -> None:
+        self.store = store
+        self.sender = sender
+        self.recipients: dict[Mailbox, None] = {}
+        self.source: Any = None
+        self.state = "open"
+
+    def add_recipient(self, recipient: Route) -> None:
+        self._check_open()
+        if not isinstance(recipient, Mailbox):
+            raise TypeError(f"not a local mailbox: {recipient!r}")
+        problem = _unusable(recipient.user, recipient.folder)
+        if problem is not None:
+            raise ReplyError(replies.MAILBOX_NAME_NOT_ALLOWED, cause=problem)
+        self.recipients[recipient] = None
+
+    def body(self, source: Any) -> None:
+        self._check_open()
+        self.source = source
+
+    def commit(self) -> defer.Deferred:
+        self._check_open()
+        self.state = "committed"
+        if not self.recipients:
+            return defer.succeed(None)
+        if self.source is None:
+            return defer.fail(ValueError("commit before body"))
+        if len(self.recipients) == 1:
+            [only] = self.recipients
+            return self._store(only)  # IMailStore.deliver fires with None
+        copies = [self._store(r) for r in self.recipients]
+        return defer.DeferredList(copies, consumeErrors=True).addCallback(_first_failure)
+
+    def abort(self) -> None:
+        if self.state == "open":
+            self.state = "aborted"
+            self.source = None
+
+    def _store(self, r: Mailbox) -> defer.Deferred:
+        source = ReturnPathSource(self.sender, self.source)
+        if r.folder == INBOX:
+            return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender)
+        return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender, r.folder)
+
+    def _check_open(self) -> None:
+        if self.state != "open":
+            raise RuntimeError(f"delivery already {self.state}")
+
+
+@functools.lru_cache(maxsize=4096)
+def _unusable(user: str, folder: str) -> str | None:
+    """
+    Why no mailbox can be named C{user}, C{folder}, or None. A pure function
+    of the names, remembered: the same few users get mail again and again.
+    """
+    try:
+        split_user(user)
+        if folder != INBOX:
+            canonical_folder(folder)
+    except (ValueError, FolderError) as e:
+        return str(e)
+    return None
+
+
+def _first_failure(results: list[tuple[bool, Any]]) -> Failure | None:
+    """None once every copy is stored, else the first copy's failure."""
+    for ok, value in results:
+        if not ok:
+            return value
+    return None
