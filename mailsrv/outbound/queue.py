@@ -35,7 +35,7 @@ import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -161,6 +161,36 @@ def _checked(queue_id: str) -> str:
     return queue_id
 
 
+@dataclass(frozen=True)
+class StoreMessage:
+    """A queue job: write a new queue file (the envelope and the message, an
+    L{IMessageSource} or its bytes). Its value is None."""
+
+    envelope: Envelope
+    source: Any
+
+
+@dataclass(frozen=True)
+class SaveEnvelope:
+    """A queue job: rewrite a message's envelope. Its value is False (and
+    nothing is written) when the message has been removed meanwhile."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class RemoveMessage:
+    """A queue job: remove a message (see L{QueueStore.remove}); C{sync} False
+    leaves the folder's fsync out. Its value is whether the message was there."""
+
+    queue_id: str
+    sync: bool = True
+
+
+QueueJob = StoreMessage | SaveEnvelope | RemoveMessage
+"""A write L{QueueStore.run_batch} runs in a batch."""
+
+
 class QueueStore:
     """
     The blocking file operations of the queue. Every method here runs in a
@@ -212,34 +242,22 @@ class QueueStore:
         self._write_file(self.message_path(envelope.id), copy, replace=False)
         envelope.offset = len(head)
 
-    def run_batch(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+    def run_batch(self, jobs: Sequence[QueueJob]) -> list[tuple[bool, Any]]:
         """
-        Run queued writes in order: ("store", (envelope, source or bytes)),
-        ("save", (envelope,)), ("remove", (queue_id, sync)). The folder is
-        fsynced once at the end for all of them (group commit); a job's result
-        is (True, value) or (False, exception), and a job that needed the
-        folder's fsync fails if that fsync does.
+        Run queued writes in order (L{StoreMessage}, L{SaveEnvelope},
+        L{RemoveMessage}). The folder is fsynced once at the end for all of
+        them (group commit); a job's result is (True, value) or (False,
+        exception), and a job that needed the folder's fsync fails if that
+        fsync does. A job of any other type fails with TypeError.
         """
         self.ensure()
         results: list[tuple[bool, Any]] = []
         need_sync: list[int] = []
-        for i, (kind, args) in enumerate(jobs):
+        for i, job in enumerate(jobs):
             try:
-                if kind == "store":
-                    self._store_file(*args)
-                    value: Any = None
+                value, sync = self._run_job(job)
+                if sync:
                     need_sync.append(i)
-                elif kind == "save":
-                    value = self._save_file(*args)
-                    if value:
-                        need_sync.append(i)
-                elif kind == "remove":
-                    queue_id, sync = args
-                    value = self.remove(queue_id, sync=False)
-                    if value and sync:
-                        need_sync.append(i)
-                else:
-                    raise ValueError(f"unknown queue job {kind!r}")
                 results.append((True, value))
             except Exception as e:
                 results.append((False, e))
@@ -250,6 +268,20 @@ class QueueStore:
                 for i in need_sync:
                     results[i] = (False, e)
         return results
+
+    def _run_job(self, job: QueueJob) -> tuple[Any, bool]:
+        """Run one job of a batch: its value, and whether it needs the folder's fsync."""
+        match job:
+            case StoreMessage(envelope, source):
+                self._store_file(envelope, source)
+                return None, True
+            case SaveEnvelope(envelope):
+                saved = self._save_file(envelope)
+                return saved, saved
+            case RemoveMessage(queue_id, sync):
+                found = self.remove(queue_id, sync=False)
+                return found, found and sync
+        raise TypeError(f"not a queue job: {job!r}")
 
     def save_envelope(self, envelope: Envelope) -> bool:
         """
@@ -405,7 +437,7 @@ class OutboundQueue:
         self._reactor = reactor
         self._pool = threadpool
         self._listeners: list[Callable[[Envelope], Any]] = []
-        self._jobs: list[tuple[str, tuple[Any, ...], defer.Deferred]] = []
+        self._jobs: list[tuple[QueueJob, defer.Deferred]] = []
         self._batches = 0
         self._max_batches = max_batches
         self._lazy_call: Any = None
@@ -414,14 +446,14 @@ class OutboundQueue:
         self._recent: dict[str, bytes] = {}
         self._recent_bytes = 0
 
-    def _submit(self, kind: str, *args: Any, lazy: bool = False) -> defer.Deferred:
+    def _submit(self, job: QueueJob, lazy: bool = False) -> defer.Deferred:
         """
         Run one write in the next batch; fires with its result. A C{lazy} job
         waits up to L{LAZY_DELAY} for others to share its batch (one thread
         hop for several removals of delivered mail, which nobody waits for).
         """
         d: defer.Deferred = defer.Deferred()
-        self._jobs.append((kind, args, d))
+        self._jobs.append((job, d))
         if lazy and self._pool is not None:
             if self._lazy_call is None:
                 self._lazy_call = self._reactor.callLater(LAZY_DELAY, self._run_lazy)
@@ -445,13 +477,13 @@ class OutboundQueue:
         if not jobs:
             return
         self._batches += 1
-        d = self._in_pool(self.store.run_batch, [(kind, args) for kind, args, _ in jobs])
+        d = self._in_pool(self.store.run_batch, [job for job, _ in jobs])
 
         def done(results: Any) -> None:
             self._batches -= 1
             if isinstance(results, Failure):
                 results = [(False, results)] * len(jobs)
-            for (_, _, job_d), (ok, value) in zip(jobs, results, strict=True):
+            for (_, job_d), (ok, value) in zip(jobs, results, strict=True):
                 if ok:
                     job_d.callback(value)
                 else:
@@ -507,7 +539,7 @@ class OutboundQueue:
         ) and source.size <= RECENT_MESSAGE_MAX:
             with source.open() as f:  # in memory: no disk to wait for
                 data = f.read()
-        d = self._submit("store", envelope, data)
+        d = self._submit(StoreMessage(envelope, data))
 
         def stored(_: None) -> str:
             if isinstance(data, bytes):
@@ -526,12 +558,12 @@ class OutboundQueue:
 
     def save(self, envelope: Envelope) -> defer.Deferred:
         """Rewrite an envelope durably; fires with False if the message is gone."""
-        return self._submit("save", envelope)
+        return self._submit(SaveEnvelope(envelope))
 
     def remove(self, queue_id: str, sync: bool = True) -> defer.Deferred:
         """Remove a message (see L{QueueStore.remove}); fires with whether it was there."""
         self.take_recent(queue_id)
-        return self._submit("remove", queue_id, sync, lazy=not sync)
+        return self._submit(RemoveMessage(queue_id, sync), lazy=not sync)
 
     def scan(self) -> defer.Deferred:
         return self._in_pool(self.store.scan)
@@ -539,6 +571,49 @@ class OutboundQueue:
     def poll(self) -> defer.Deferred:
         """Fire with (ids on disk, whether ``queue flush`` asked for a retry now)."""
         return self._in_pool(lambda: (self.store.ids(), self.store.take_flush_request()))
+
+    # --- blocking calls, for a thread (or for start-up and shutdown) --------
+    # What the relayer, the relay process and the server need of the disk
+    # layer, so that none of them reaches through the queue to it.
+
+    def cleanup(self) -> None:
+        """At start-up, before anything is queued or relayed: see L{QueueStore.cleanup}."""
+        self.store.cleanup()
+
+    def try_lock_relay(self) -> int | None:
+        """Take the relayer's lock without waiting: see L{QueueStore.try_lock_relay}."""
+        return self.store.try_lock_relay()
+
+    def load_envelope(self, queue_id: str) -> Envelope:
+        """The message's envelope as last written (FileNotFoundError: it is gone)."""
+        return self.store.load_envelope(queue_id)
+
+    def open_message(self, envelope: Envelope) -> Any:
+        """The message's queue file, positioned where the message starts."""
+        return self.store.open_message(envelope)
+
+    def message_source(self, envelope: Envelope) -> FileSource:
+        """The message as an L{IMessageSource} (opens nothing yet)."""
+        return self.store.message_source(envelope)
+
+    def save_in_line(self, envelope: Envelope) -> bool:
+        """L{save} outside any batch, blocking (when the thread pool is gone)."""
+        return self.store.save_envelope(envelope)
+
+    def remove_in_line(self, queue_id: str, sync: bool = True) -> bool:
+        """L{remove} outside any batch, blocking (when the thread pool is gone)."""
+        return self.store.remove(queue_id, sync)
+
+    def write_temp(self, data: bytes, prefix: str) -> Path:
+        """
+        C{data} in a new file under the queue's tmp/ (mode 0600, not synced),
+        for another process to read; the caller removes it, and start-up
+        removes any left behind.
+        """
+        self.store.ensure()
+        path = self.store.tmp_dir / f"{prefix}.{os.getpid()}.{secrets.token_hex(8)}"
+        write_atomic(path, data, sync_dir=False)
+        return path
 
 
 @implementer(IMessageSource)

@@ -211,7 +211,7 @@ class Relayer:
         found, bad = [], []
         for queue_id in ids:
             try:
-                found.append(self.queue.store.load_envelope(queue_id))
+                found.append(self.queue.load_envelope(queue_id))
             except FileNotFoundError:
                 pass  # delivered and removed meanwhile
             except (OSError, ValueError, TypeError, KeyError):
@@ -302,14 +302,19 @@ class Relayer:
 
     def _save(self, env: Envelope) -> defer.Deferred:
         """Rewrite the envelope durably, one write at a time per message."""
-        return self._lock(env).run(self._queue_write, "save", env)
+        return self._lock(env).run(self._queue_save, env)
 
-    def _queue_write(self, kind: str, *args: Any) -> defer.Deferred:
-        """A save or removal, in the queue's next batch (or in line when stopping)."""
+    def _queue_save(self, env: Envelope) -> defer.Deferred:
+        """A save, in the queue's next batch (or in line when stopping)."""
         if self.pool is None or not self._running:
-            f = self.queue.store.save_envelope if kind == "save" else self.queue.store.remove
-            return defer.maybeDeferred(f, *args)
-        return self.queue.save(*args) if kind == "save" else self.queue.remove(*args)
+            return defer.maybeDeferred(self.queue.save_in_line, env)
+        return self.queue.save(env)
+
+    def _queue_remove(self, queue_id: str) -> defer.Deferred:
+        """A removal of delivered mail (not synced), in the queue's next batch (or in line)."""
+        if self.pool is None or not self._running:
+            return defer.maybeDeferred(self.queue.remove_in_line, queue_id, False)
+        return self.queue.remove(queue_id, False)
 
     def _in_pool(self, f: Any, *args: Any) -> defer.Deferred:
         if self.pool is None or not self._running:
@@ -355,7 +360,7 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _deliver_local(self, env: Envelope, rcpts: Sequence[Recipient]):
-        source = self.queue.store.message_source(env)
+        source = self.queue.message_source(env)
         for r in rcpts:
             try:
                 mailbox = self._local_user(r.address)
@@ -460,7 +465,7 @@ class Relayer:
             f: Any = io.BytesIO(data)
             pool = None
         else:
-            f = yield self._in_pool(self.queue.store.open_message, env)
+            f = yield self._in_pool(self.queue.open_message, env)
             pool = self.pool
         result: SessionResult | None = None
         start = 0 if data is not None else env.offset
@@ -589,7 +594,7 @@ class Relayer:
         if pending:
             yield self._save(env)
         else:
-            yield self._lock(env).run(self._queue_write, "remove", env.id, False)
+            yield self._lock(env).run(self._queue_remove, env.id)
             self.entries.pop(env.id, None)
             self._locks.pop(env.id, None)
             self._finished[env.id] = None
@@ -614,7 +619,7 @@ class Relayer:
             return
 
         def headers() -> bytes:
-            with self.queue.store.open_message(env) as f:
+            with self.queue.open_message(env) as f:
                 return dsn.read_headers(f)
 
         original = yield self._in_pool(headers)

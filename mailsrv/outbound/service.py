@@ -49,7 +49,7 @@ def outbound_service(
     """
     config = ctx.config
     queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
-    queue.store.cleanup()  # start-up: nothing is being queued yet
+    queue.cleanup()  # start-up: nothing is being queued yet
     ctx.queue = queue
     if resolver is None:
         resolver = make_resolver(config.dns.nameservers, ctx.reactor)

@@ -13,7 +13,6 @@ server then stops it in order.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -33,7 +32,6 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailsrv.atomic import write_atomic
 from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
@@ -85,10 +83,7 @@ class ServerMailboxes:
             yield deferToThreadPool(self.proto.reactor, self.pool, Path(path).unlink, True)
 
     def _write_temp(self, data: bytes) -> str:
-        self.queue.store.ensure()
-        path = self.queue.store.tmp_dir / f"local.{os.getpid()}.{secrets.token_hex(8)}"
-        write_atomic(path, data, sync_dir=False)  # 0600, like every file the server writes
-        return str(path)
+        return str(self.queue.write_temp(data, "local"))  # 0600, like every file the server writes
 
 
 class RelaySide(ipc.QuietAMP):
@@ -148,7 +143,7 @@ class RelaySide(ipc.QuietAMP):
         self._lock_call = None
         if self._stop_waiters or self._stopped or self.queue is None:
             return
-        fd = self.queue.store.try_lock_relay()
+        fd = self.queue.try_lock_relay()
         if fd is None:
             if not self._waiting_said:
                 self._waiting_said = True
@@ -176,7 +171,7 @@ class RelaySide(ipc.QuietAMP):
                 continue
             # Too big to send: read it from the disk.
             assert self.pool is not None
-            d = deferToThreadPool(self.reactor, self.pool, self.queue.store.load_envelope, queue_id)
+            d = deferToThreadPool(self.reactor, self.pool, self.queue.load_envelope, queue_id)
             d.addCallback(self._add, None)
             d.addErrback(self._unreadable, queue_id)
         return {}
