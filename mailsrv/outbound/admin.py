@@ -16,7 +16,8 @@ import json
 import sys
 from typing import Any, TextIO
 
-from mailsrv.outbound.queue import PENDING, QueueStore
+from mailsrv.outbound.envelope import PENDING
+from mailsrv.outbound.queue import QueueStore
 
 HANDLER = "handler"
 

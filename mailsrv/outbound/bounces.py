@@ -15,8 +15,9 @@ from twisted.internet import defer
 
 from mailsrv.config import Config
 from mailsrv.outbound import dsn
+from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.local import LocalRecipients, recipient_domain
-from mailsrv.outbound.queue import Envelope, OutboundQueue, Recipient
+from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.results import Results, relayer_logger
 from mailsrv.spool import BytesSource
 

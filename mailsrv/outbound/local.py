@@ -19,7 +19,8 @@ from twisted.protocols import amp
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.outbound import ipc
 from mailsrv.outbound.client import RemoteReply
-from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue, Recipient
+from mailsrv.outbound.envelope import Envelope, Recipient
+from mailsrv.outbound.queue import FileSource, OutboundQueue
 from mailsrv.outbound.results import Results
 
 

@@ -30,8 +30,9 @@ from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import dsn
 from mailsrv.outbound.bounces import Bounces
 from mailsrv.outbound.client import RemoteReply
+from mailsrv.outbound.envelope import FAILED, Envelope, Recipient
 from mailsrv.outbound.local import LocalRecipients, recipient_domain
-from mailsrv.outbound.queue import FAILED, Envelope, OutboundQueue, Recipient
+from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.remote import SMARTHOST, RemoteDelivery
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DueMessages, RetrySchedule

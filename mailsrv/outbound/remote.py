@@ -16,9 +16,10 @@ from twisted.internet import defer, ssl
 
 from mailsrv.config import Config
 from mailsrv.outbound.client import ConnectionCache, RemoteReply, Session, SessionResult
+from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import Hop, MXResolver
-from mailsrv.outbound.queue import Envelope, OutboundQueue, Recipient
+from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DestinationLimits
 

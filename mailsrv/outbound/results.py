@@ -19,7 +19,8 @@ from twisted.internet.threads import deferToThreadPool
 
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.client import RemoteReply
-from mailsrv.outbound.queue import FAILED, PENDING, SENT, Envelope, OutboundQueue, Recipient
+from mailsrv.outbound.envelope import FAILED, PENDING, SENT, Envelope, Recipient
+from mailsrv.outbound.queue import OutboundQueue
 
 # Every part of the relayer logs under the namespace its lines have always
 # had, which administrators grep for ("[mailsrv.outbound.relayer.Relayer#info]").

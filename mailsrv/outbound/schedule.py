@@ -20,7 +20,7 @@ from twisted.logger import Logger
 from twisted.python.failure import Failure
 
 from mailsrv.config import RelayConfig
-from mailsrv.outbound.queue import Envelope
+from mailsrv.outbound.envelope import Envelope
 
 FINISHED_KEPT = 10_000  # ids of removed messages remembered
 

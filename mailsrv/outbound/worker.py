@@ -37,8 +37,9 @@ from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.build import build_relayer
+from mailsrv.outbound.envelope import Envelope
 from mailsrv.outbound.local import ServerMailboxes
-from mailsrv.outbound.queue import Envelope, OutboundQueue
+from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.service import tune_malloc
 
