@@ -5,13 +5,16 @@ the config, and a relayer built for a test delivering local and remote mail.
 
 from __future__ import annotations
 
+import ast
 import email
+from pathlib import Path
 
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.trial import unittest
 
+import mailsrv.outbound
 from mailsrv.config import parse
 from mailsrv.outbound.build import build_relayer, mx_resolver
 from mailsrv.outbound.errors import DeliveryError
@@ -139,3 +142,21 @@ port = 2525
         self.assertEqual((f.value.permanent, f.value.status), (True, "5.4.6"))
         (hop,) = self.successResultOf(mx.resolve("ok.test"))
         self.assertEqual((hop.host, hop.address, hop.port), ("mx.ok.test", "127.0.0.2", 2525))
+
+
+class ModuleLevelImportsTests(unittest.TestCase):
+    def test_no_outbound_module_imports_inside_a_function_but_the_reactor(self):
+        found = []
+        for path in sorted(Path(mailsrv.outbound.__file__).parent.glob("*.py")):
+            for func in ast.walk(ast.parse(path.read_text())):
+                if not isinstance(func, ast.FunctionDef | ast.AsyncFunctionDef):
+                    continue
+                for node in ast.walk(func):
+                    if isinstance(node, ast.Import | ast.ImportFrom):
+                        names = [a.name for a in node.names]
+                        if (getattr(node, "module", None), names) != (
+                            "twisted.internet",
+                            ["reactor"],
+                        ):
+                            found.append(f"{path.name}:{node.lineno} {names}")
+        self.assertEqual(found, [])
