@@ -368,6 +368,7 @@ class OutboundQueue:
         self, queue_dir: Path | str, reactor: Any, threadpool: Any, max_batches: int = MAX_BATCHES
     ) -> None:
         """C{threadpool} runs the disk work; None runs it in line (unit tests only)."""
+        # The disk layer, for this class only: others use the calls below.
         self.store = QueueStore(queue_dir)
         self._reactor = reactor
         self._pool = threadpool
