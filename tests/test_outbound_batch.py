@@ -174,7 +174,8 @@ class GroupCommitTests(unittest.TestCase):
         store = self.queue.store
         pending = self.queue.enqueue("a@example.test", ["s@remote.test"], BytesSource(MESSAGE))
         _, args, _ = self.queue.held.pop(0)
-        ((kind, (env, data)),) = args[0]
+        (job,) = args[0]
+        env = job.envelope
         (store.tmp_dir / f"{env.id}.msg.1234.5").write_bytes(b"MAILSRV-QUEUE 1 200\n{half")
         store.envelope_path("00000000000001ABCDEF").write_bytes(env.to_json())
         self.assertNoResult(pending)

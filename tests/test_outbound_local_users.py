@@ -17,9 +17,9 @@ from twisted.trial import unittest
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
 from mailsrv.localdelivery import LocalDelivery
+from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import PENDING, OutboundQueue, QueueStore
-from mailsrv.outbound.relayer import Relayer
 from mailsrv.spool import BytesSource
 from mailsrv.store.mbox import MboxMailStore
 from tests.test_outbound_support import temp_dir
@@ -56,13 +56,13 @@ retry_max = 1
         PasswordFile(self.passwd).add_user("alice@example.test", "secret password")
         store = MboxMailStore(self.config.mail_dir, self.config.index_dir, reactor, self.pool)
         self.queue = OutboundQueue(self.config.queue_dir, reactor, self.pool)
-        self.relayer = Relayer(
-            config=self.config,
+        self.relayer = build_relayer(
+            self.config,
             queue=self.queue,
             reactor=reactor,
             threadpool=self.pool,
             resolver=_RefusingResolver(),
-            store=LocalDelivery(store),
+            mailboxes=LocalDelivery(store),
             passwords=PasswordFile(self.passwd, reactor, self.pool),
             scan_interval=0.05,
         )

@@ -9,9 +9,9 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from mailsrv.config import parse
+from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import Envelope, OutboundQueue, QueueStore, Recipient, new_queue_id
-from mailsrv.outbound.relayer import Relayer
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
 from tests.test_outbound_support import temp_dir
@@ -53,13 +53,13 @@ delay_warning = "4h"
         self.queue = OutboundQueue(self.config.queue_dir, self.clock, None)
         self.resolver = DownResolver()
         self.store = MemoryMailStore(clock=self.clock.seconds)
-        self.relayer = Relayer(
-            config=self.config,
+        self.relayer = build_relayer(
+            self.config,
             queue=self.queue,
             reactor=self.clock,
             threadpool=None,
             resolver=self.resolver,
-            store=self.store,
+            mailboxes=self.store,
             passwords=Passwords(),
         )
 
@@ -174,13 +174,13 @@ data_dir = "{temp_dir(self) / "data"}"
 """)
         queue = OutboundQueue(config.queue_dir, clock, None)
         mailboxes = _HeldMailboxes()
-        relayer = Relayer(
-            config=config,
+        relayer = build_relayer(
+            config,
             queue=queue,
             reactor=clock,
             threadpool=None,
             resolver=DownResolver(),
-            store=mailboxes,
+            mailboxes=mailboxes,
             passwords=_AllLocal(),
         )
         self.successResultOf(relayer.start())
@@ -222,8 +222,8 @@ class RecordLogTests(unittest.TestCase):
 hostname = "mail.example.test"
 data_dir = "{temp_dir(self) / "data"}"
 """)
-        relayer = Relayer(
-            config=config,
+        relayer = build_relayer(
+            config,
             queue=OutboundQueue(config.queue_dir, clock, None),
             reactor=clock,
             threadpool=None,

@@ -14,10 +14,10 @@ from twisted.trial import unittest
 
 from mailsrv.config import parse
 from mailsrv.outbound import ipc
+from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.process import RelayProcessProtocol, ServerSide
 from mailsrv.outbound.queue import OutboundQueue
-from mailsrv.outbound.relayer import Relayer
 from mailsrv.service import ThreadPoolService, build_service
 from mailsrv.spool import BytesSource
 from tests.test_outbound_process import _ProcessReactor
@@ -75,13 +75,13 @@ retry_max = "1h"
 """)
         self.queue = OutboundQueue(self.config.queue_dir, self.clock, None)
         self.mailboxes = _FailingMailboxes(self.clock)
-        self.relayer = Relayer(
-            config=self.config,
+        self.relayer = build_relayer(
+            self.config,
             queue=self.queue,
             reactor=self.clock,
             threadpool=None,
             resolver=_RefusingResolver(),
-            store=self.mailboxes,
+            mailboxes=self.mailboxes,
             passwords=_Passwords(),
         )
         self.successResultOf(self.relayer.start())

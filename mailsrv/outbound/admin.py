@@ -16,7 +16,9 @@ import json
 import sys
 from typing import Any, TextIO
 
-from mailsrv.outbound.queue import PENDING, QueueStore
+from mailsrv.outbound.dsn import read_headers
+from mailsrv.outbound.envelope import PENDING
+from mailsrv.outbound.queue import QueueStore
 
 HANDLER = "handler"
 
@@ -75,8 +77,6 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
             print(f"{args.queue_id}: unreadable envelope: {e}", file=sys.stderr)
             return 1
         print(json.dumps(json.loads(env.to_json()), indent=2, sort_keys=True), file=out)
-        from mailsrv.outbound.dsn import read_headers
-
         try:
             with store.open_message(env) as f:
                 headers = read_headers(f)

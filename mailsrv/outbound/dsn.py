@@ -15,7 +15,7 @@ from email.mime.multipart import MIMEMultipart
 from email.mime.text import MIMEText
 from email.policy import compat32
 
-from mailsrv.outbound.queue import Envelope, Recipient
+from mailsrv.outbound.envelope import Envelope, Recipient
 
 FAILED = "failed"
 DELAYED = "delayed"

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.names import client, dns, error
+from twisted.names import cache, client, dns, error, resolve
 
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.errors import DeliveryError
@@ -35,8 +35,6 @@ class Hop:
 
 def make_resolver(nameservers: Iterable[tuple[str, int]], reactor: Any) -> Any:
     """The resolver for MX lookups: the given servers, or the system's resolv.conf."""
-    from twisted.names import cache, resolve
-
     servers = list(nameservers)
     if servers:
         upstream = client.Resolver(servers=servers, reactor=reactor)

@@ -352,12 +352,12 @@ def logs_to_stdout() -> bool:
 def relay_process_service(ctx: Any) -> RelayProcessService:
     """Build the queue the SMTP server fills (set as C{ctx.queue}) and the relay process."""
     queue = OutboundQueue(ctx.config.queue_dir, ctx.reactor, ctx.threadpool)
-    lock = queue.store.try_lock_relay()
+    lock = queue.try_lock_relay()
     if lock is not None:
         # No relay process is left from an earlier run (it would hold the
         # lock while it finishes): half-written files can go.
         try:
-            queue.store.cleanup()
+            queue.cleanup()
         finally:
             os.close(lock)
     ctx.queue = queue

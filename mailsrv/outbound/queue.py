@@ -29,14 +29,12 @@ wake-up per batch instead of per message).
 from __future__ import annotations
 
 import fcntl
-import itertools
-import json
 import os
 import secrets
 import shutil
 import time
-from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -48,11 +46,25 @@ from zope.interface import implementer
 from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
 from mailsrv.logsafe import SafeLogger
+from mailsrv.outbound.envelope import FAILED, PENDING, SENT, Envelope, Recipient, new_queue_id
 from mailsrv.spool import BytesSource
 
-PENDING = "pending"
-SENT = "sent"
-FAILED = "failed"
+# The envelope's names, long imported from here.
+__all__ = [
+    "FAILED",
+    "PENDING",
+    "SENT",
+    "Envelope",
+    "FileSource",
+    "OutboundQueue",
+    "QueueJob",
+    "QueueStore",
+    "Recipient",
+    "RemoveMessage",
+    "SaveEnvelope",
+    "StoreMessage",
+    "new_queue_id",
+]
 
 MSG_SUFFIX = ".msg"
 ENV_SUFFIX = ".env"
@@ -65,75 +77,6 @@ RECENT_MESSAGE_MAX = 64 * 1024  # messages kept in memory for the relayer's firs
 RECENT_TOTAL_MAX = 16 * 1024 * 1024
 
 
-@dataclass
-class Recipient:
-    """One recipient of a queued message and where its delivery stands."""
-
-    address: str
-    state: str = PENDING  # pending | sent | failed
-    attempts: int = 0
-    status: str = ""  # RFC 3463 enhanced status of the last result, e.g. 5.1.1
-    reply: str = ""  # the remote server's reply (code and text), or our reason
-    remote: str = ""  # the remote host that gave it
-    last_attempt: float = 0.0
-    notified: bool = False  # a failure DSN has been sent for it
-
-
-@dataclass
-class Envelope:
-    """The envelope of a queued message: what the relayer needs, as stored."""
-
-    id: str
-    sender: str  # '' for the null sender <>
-    recipients: list[Recipient]
-    created: float
-    next_attempt: float
-    attempts: int = 0
-    last_error: str = ""
-    warned: bool = False  # the "delayed" DSN has been sent
-    size: int = 0
-    # Where the message starts in its queue file (not stored: the file's
-    # first line gives it).
-    offset: int = field(default=0, compare=False)
-
-    def pending(self) -> list[Recipient]:
-        return [r for r in self.recipients if r.state == PENDING]
-
-    def to_dict(self) -> dict[str, Any]:
-        """The envelope as plain JSON-able data (what L{to_json} writes)."""
-        raw: dict[str, Any] = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
-        raw["version"] = 1
-        raw["recipients"] = [dict(vars(r)) for r in self.recipients]
-        return raw
-
-    def to_json(self) -> bytes:
-        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True).encode()
-
-    @classmethod
-    def from_dict(cls, raw: Any, offset: int = 0) -> Envelope:
-        if not isinstance(raw, dict):
-            raise ValueError("an envelope is a JSON object")
-        raw = dict(raw)
-        raw.pop("version", None)
-        raw.pop("offset", None)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-        return cls(**raw, offset=offset)
-
-    @classmethod
-    def from_json(cls, data: bytes, offset: int = 0) -> Envelope:
-        return cls.from_dict(json.loads(data), offset)
-
-
-_ENVELOPE_FIELDS = (
-    "id",
-    "sender",
-    "created",
-    "next_attempt",
-    "attempts",
-    "last_error",
-    "warned",
-    "size",
-)
 QUEUE_MAGIC = b"MAILSRV-QUEUE 1 "
 HEADER_MAX = 64  # the first line is short
 
@@ -141,14 +84,6 @@ HEADER_MAX = 64  # the first line is short
 def queue_file_head(envelope_json: bytes) -> bytes:
     """The start of a queue file: its first line and the envelope, up to the message."""
     return b"%s%d\n%s\n" % (QUEUE_MAGIC, len(envelope_json), envelope_json)
-
-
-_sequence = itertools.count(secrets.randbits(24))
-
-
-def new_queue_id(now: float) -> str:
-    """A unique id that sorts by arrival: microseconds in hex, then a counter from a random start."""
-    return f"{int(now * 1_000_000):014X}{next(_sequence) & 0xFFFFFF:06X}"
 
 
 def _valid_id(queue_id: str) -> bool:
@@ -159,6 +94,36 @@ def _checked(queue_id: str) -> str:
     if not _valid_id(queue_id):
         raise FileNotFoundError(f"not a queue id: {queue_id!r}")
     return queue_id
+
+
+@dataclass(frozen=True)
+class StoreMessage:
+    """A queue job: write a new queue file (the envelope and the message, an
+    L{IMessageSource} or its bytes). Its value is None."""
+
+    envelope: Envelope
+    source: Any
+
+
+@dataclass(frozen=True)
+class SaveEnvelope:
+    """A queue job: rewrite a message's envelope. Its value is False (and
+    nothing is written) when the message has been removed meanwhile."""
+
+    envelope: Envelope
+
+
+@dataclass(frozen=True)
+class RemoveMessage:
+    """A queue job: remove a message (see L{QueueStore.remove}); C{sync} False
+    leaves the folder's fsync out. Its value is whether the message was there."""
+
+    queue_id: str
+    sync: bool = True
+
+
+QueueJob = StoreMessage | SaveEnvelope | RemoveMessage
+"""A write L{QueueStore.run_batch} runs in a batch."""
 
 
 class QueueStore:
@@ -212,34 +177,22 @@ class QueueStore:
         self._write_file(self.message_path(envelope.id), copy, replace=False)
         envelope.offset = len(head)
 
-    def run_batch(self, jobs: list[tuple[str, tuple[Any, ...]]]) -> list[tuple[bool, Any]]:
+    def run_batch(self, jobs: Sequence[QueueJob]) -> list[tuple[bool, Any]]:
         """
-        Run queued writes in order: ("store", (envelope, source or bytes)),
-        ("save", (envelope,)), ("remove", (queue_id, sync)). The folder is
-        fsynced once at the end for all of them (group commit); a job's result
-        is (True, value) or (False, exception), and a job that needed the
-        folder's fsync fails if that fsync does.
+        Run queued writes in order (L{StoreMessage}, L{SaveEnvelope},
+        L{RemoveMessage}). The folder is fsynced once at the end for all of
+        them (group commit); a job's result is (True, value) or (False,
+        exception), and a job that needed the folder's fsync fails if that
+        fsync does. A job of any other type fails with TypeError.
         """
         self.ensure()
         results: list[tuple[bool, Any]] = []
         need_sync: list[int] = []
-        for i, (kind, args) in enumerate(jobs):
+        for i, job in enumerate(jobs):
             try:
-                if kind == "store":
-                    self._store_file(*args)
-                    value: Any = None
+                value, sync = self._run_job(job)
+                if sync:
                     need_sync.append(i)
-                elif kind == "save":
-                    value = self._save_file(*args)
-                    if value:
-                        need_sync.append(i)
-                elif kind == "remove":
-                    queue_id, sync = args
-                    value = self.remove(queue_id, sync=False)
-                    if value and sync:
-                        need_sync.append(i)
-                else:
-                    raise ValueError(f"unknown queue job {kind!r}")
                 results.append((True, value))
             except Exception as e:
                 results.append((False, e))
@@ -250,6 +203,20 @@ class QueueStore:
                 for i in need_sync:
                     results[i] = (False, e)
         return results
+
+    def _run_job(self, job: QueueJob) -> tuple[Any, bool]:
+        """Run one job of a batch: its value, and whether it needs the folder's fsync."""
+        match job:
+            case StoreMessage(envelope, source):
+                self._store_file(envelope, source)
+                return None, True
+            case SaveEnvelope(envelope):
+                saved = self._save_file(envelope)
+                return saved, saved
+            case RemoveMessage(queue_id, sync):
+                found = self.remove(queue_id, sync=False)
+                return found, found and sync
+        raise TypeError(f"not a queue job: {job!r}")
 
     def save_envelope(self, envelope: Envelope) -> bool:
         """
@@ -401,11 +368,12 @@ class OutboundQueue:
         self, queue_dir: Path | str, reactor: Any, threadpool: Any, max_batches: int = MAX_BATCHES
     ) -> None:
         """C{threadpool} runs the disk work; None runs it in line (unit tests only)."""
+        # The disk layer, for this class only: others use the calls below.
         self.store = QueueStore(queue_dir)
         self._reactor = reactor
         self._pool = threadpool
         self._listeners: list[Callable[[Envelope], Any]] = []
-        self._jobs: list[tuple[str, tuple[Any, ...], defer.Deferred]] = []
+        self._jobs: list[tuple[QueueJob, defer.Deferred]] = []
         self._batches = 0
         self._max_batches = max_batches
         self._lazy_call: Any = None
@@ -414,14 +382,14 @@ class OutboundQueue:
         self._recent: dict[str, bytes] = {}
         self._recent_bytes = 0
 
-    def _submit(self, kind: str, *args: Any, lazy: bool = False) -> defer.Deferred:
+    def _submit(self, job: QueueJob, lazy: bool = False) -> defer.Deferred:
         """
         Run one write in the next batch; fires with its result. A C{lazy} job
         waits up to L{LAZY_DELAY} for others to share its batch (one thread
         hop for several removals of delivered mail, which nobody waits for).
         """
         d: defer.Deferred = defer.Deferred()
-        self._jobs.append((kind, args, d))
+        self._jobs.append((job, d))
         if lazy and self._pool is not None:
             if self._lazy_call is None:
                 self._lazy_call = self._reactor.callLater(LAZY_DELAY, self._run_lazy)
@@ -445,13 +413,13 @@ class OutboundQueue:
         if not jobs:
             return
         self._batches += 1
-        d = self._in_pool(self.store.run_batch, [(kind, args) for kind, args, _ in jobs])
+        d = self._in_pool(self.store.run_batch, [job for job, _ in jobs])
 
         def done(results: Any) -> None:
             self._batches -= 1
             if isinstance(results, Failure):
                 results = [(False, results)] * len(jobs)
-            for (_, _, job_d), (ok, value) in zip(jobs, results, strict=True):
+            for (_, job_d), (ok, value) in zip(jobs, results, strict=True):
                 if ok:
                     job_d.callback(value)
                 else:
@@ -507,7 +475,7 @@ class OutboundQueue:
         ) and source.size <= RECENT_MESSAGE_MAX:
             with source.open() as f:  # in memory: no disk to wait for
                 data = f.read()
-        d = self._submit("store", envelope, data)
+        d = self._submit(StoreMessage(envelope, data))
 
         def stored(_: None) -> str:
             if isinstance(data, bytes):
@@ -526,12 +494,12 @@ class OutboundQueue:
 
     def save(self, envelope: Envelope) -> defer.Deferred:
         """Rewrite an envelope durably; fires with False if the message is gone."""
-        return self._submit("save", envelope)
+        return self._submit(SaveEnvelope(envelope))
 
     def remove(self, queue_id: str, sync: bool = True) -> defer.Deferred:
         """Remove a message (see L{QueueStore.remove}); fires with whether it was there."""
         self.take_recent(queue_id)
-        return self._submit("remove", queue_id, sync, lazy=not sync)
+        return self._submit(RemoveMessage(queue_id, sync), lazy=not sync)
 
     def scan(self) -> defer.Deferred:
         return self._in_pool(self.store.scan)
@@ -539,6 +507,49 @@ class OutboundQueue:
     def poll(self) -> defer.Deferred:
         """Fire with (ids on disk, whether ``queue flush`` asked for a retry now)."""
         return self._in_pool(lambda: (self.store.ids(), self.store.take_flush_request()))
+
+    # --- blocking calls, for a thread (or for start-up and shutdown) --------
+    # What the relayer, the relay process and the server need of the disk
+    # layer, so that none of them reaches through the queue to it.
+
+    def cleanup(self) -> None:
+        """At start-up, before anything is queued or relayed: see L{QueueStore.cleanup}."""
+        self.store.cleanup()
+
+    def try_lock_relay(self) -> int | None:
+        """Take the relayer's lock without waiting: see L{QueueStore.try_lock_relay}."""
+        return self.store.try_lock_relay()
+
+    def load_envelope(self, queue_id: str) -> Envelope:
+        """The message's envelope as last written (FileNotFoundError: it is gone)."""
+        return self.store.load_envelope(queue_id)
+
+    def open_message(self, envelope: Envelope) -> Any:
+        """The message's queue file, positioned where the message starts."""
+        return self.store.open_message(envelope)
+
+    def message_source(self, envelope: Envelope) -> FileSource:
+        """The message as an L{IMessageSource} (opens nothing yet)."""
+        return self.store.message_source(envelope)
+
+    def save_in_line(self, envelope: Envelope) -> bool:
+        """L{save} outside any batch, blocking (when the thread pool is gone)."""
+        return self.store.save_envelope(envelope)
+
+    def remove_in_line(self, queue_id: str, sync: bool = True) -> bool:
+        """L{remove} outside any batch, blocking (when the thread pool is gone)."""
+        return self.store.remove(queue_id, sync)
+
+    def write_temp(self, data: bytes, prefix: str) -> Path:
+        """
+        C{data} in a new file under the queue's tmp/ (mode 0600, not synced),
+        for another process to read; the caller removes it, and start-up
+        removes any left behind.
+        """
+        self.store.ensure()
+        path = self.store.tmp_dir / f"{prefix}.{os.getpid()}.{secrets.token_hex(8)}"
+        write_atomic(path, data, sync_dir=False)
+        return path
 
 
 @implementer(IMessageSource)

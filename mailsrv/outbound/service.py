@@ -13,7 +13,7 @@ from twisted.application import service
 from twisted.internet import defer
 
 from mailsrv.localdelivery import LocalDelivery
-from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
+from mailsrv.outbound.build import build_relayer, mx_resolver
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
 
@@ -49,18 +49,15 @@ def outbound_service(
     """
     config = ctx.config
     queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
-    queue.store.cleanup()  # start-up: nothing is being queued yet
+    queue.cleanup()  # start-up: nothing is being queued yet
     ctx.queue = queue
-    if resolver is None:
-        resolver = make_resolver(config.dns.nameservers, ctx.reactor)
-    mx = MXResolver(resolver, config.relay.port, listening_addresses(config.listen.get("smtp", ())))
-    relayer = Relayer(
-        config=config,
+    relayer = build_relayer(
+        config,
         queue=queue,
         reactor=ctx.reactor,
         threadpool=ctx.threadpool,
-        resolver=mx,
-        store=None if ctx.store is None else LocalDelivery(ctx.store),
+        resolver=mx_resolver(config, ctx.reactor, resolver),
+        mailboxes=None if ctx.store is None else LocalDelivery(ctx.store),
         passwords=ctx.passwords,
         scan_interval=scan_interval,
         trust_root=trust_root,

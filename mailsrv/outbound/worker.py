@@ -13,7 +13,6 @@ server then stops it in order.
 from __future__ import annotations
 
 import os
-import secrets
 import signal
 import sys
 from pathlib import Path
@@ -33,62 +32,19 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
-from mailsrv.atomic import write_atomic
+from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
-from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
+from mailsrv.outbound.build import build_relayer
+from mailsrv.outbound.envelope import Envelope
+from mailsrv.outbound.local import ServerMailboxes
+from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.outbound.relayer import Relayer
+from mailsrv.service import tune_malloc
 
 LOCK_RETRY = 0.5  # seconds between tries for the relay lock
 RELAY_NICE = 5  # a lower CPU priority than the server's
-
-
-class ServerMailboxes:
-    """
-    The server's mailboxes as the relay process reaches them: only the server
-    writes mailboxes (and their indexes), so local deliveries go through it.
-    """
-
-    def __init__(self, proto: RelaySide, pool: ThreadPool, queue: OutboundQueue) -> None:
-        self.proto = proto
-        self.pool = pool
-        self.queue = queue
-
-    def deliver(self, user: str, source: Any, sender: str) -> defer.Deferred:
-        if isinstance(source, FileSource):
-            return self.proto.callRemote(
-                ipc.DeliverLocal,
-                recipient=user,
-                sender=sender or "",
-                size=source.size,
-                path=str(source.path),
-                offset=source.offset,
-            )
-        return self._deliver_bytes(user, source, sender)
-
-    @defer.inlineCallbacks
-    def _deliver_bytes(self, user: str, source: Any, sender: str):
-        """A message made here (a DSN): in the command when it fits, else in a queue file."""
-        with source.open() as f:  # in memory
-            data = f.read()
-        if ipc.fits(data):
-            yield self.proto.callRemote(
-                ipc.DeliverLocal, recipient=user, sender=sender or "", size=len(data), data=data
-            )
-            return
-        path = yield deferToThreadPool(self.proto.reactor, self.pool, self._write_temp, data)
-        try:
-            yield self.proto.callRemote(
-                ipc.DeliverLocal, recipient=user, sender=sender or "", size=len(data), path=path
-            )
-        finally:
-            yield deferToThreadPool(self.proto.reactor, self.pool, Path(path).unlink, True)
-
-    def _write_temp(self, data: bytes) -> str:
-        self.queue.store.ensure()
-        path = self.queue.store.tmp_dir / f"local.{os.getpid()}.{secrets.token_hex(8)}"
-        write_atomic(path, data, sync_dir=False)  # 0600, like every file the server writes
-        return str(path)
 
 
 class RelaySide(ipc.QuietAMP):
@@ -99,7 +55,7 @@ class RelaySide(ipc.QuietAMP):
     def __init__(self, reactor: Any) -> None:
         super().__init__()
         self.reactor = reactor
-        self.relayer: Any = None
+        self.relayer: Relayer | None = None
         self.queue: OutboundQueue | None = None
         self.pool: ThreadPool | None = None
         self._lock_fd: int | None = None
@@ -115,10 +71,6 @@ class RelaySide(ipc.QuietAMP):
 
     @ipc.Start.responder
     def start(self, config: str, path: str, base: str, log_direct: bool = False) -> dict:
-        from mailsrv.auth.passwd import PasswordFile
-        from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
-        from mailsrv.outbound.relayer import Relayer
-
         if self.relayer is not None:
             raise RuntimeError("already started")
         settings = parse(config, path, Path(base))
@@ -127,18 +79,12 @@ class RelaySide(ipc.QuietAMP):
         self.pool = pool = ThreadPool(minthreads=1, maxthreads=4, name="mailsrv-relay")
         pool.start()
         self.queue = OutboundQueue(settings.queue_dir, self.reactor, pool)
-        mx = MXResolver(
-            make_resolver(settings.dns.nameservers, self.reactor),
-            settings.relay.port,
-            listening_addresses(settings.listen.get("smtp", ())),
-        )
-        self.relayer = Relayer(
-            config=settings,
+        self.relayer = build_relayer(
+            settings,
             queue=self.queue,
             reactor=self.reactor,
             threadpool=pool,
-            resolver=mx,
-            store=ServerMailboxes(self, pool, self.queue),
+            mailboxes=ServerMailboxes(self, self.reactor, pool, self.queue),
             passwords=PasswordFile(settings.auth.passwd_file, self.reactor, pool),
         )
         self._take_lock()
@@ -146,9 +92,9 @@ class RelaySide(ipc.QuietAMP):
 
     def _take_lock(self) -> None:
         self._lock_call = None
-        if self._stop_waiters or self._stopped or self.queue is None:
+        if self._stop_waiters or self._stopped or self.queue is None or self.relayer is None:
             return
-        fd = self.queue.store.try_lock_relay()
+        fd = self.queue.try_lock_relay()
         if fd is None:
             if not self._waiting_said:
                 self._waiting_said = True
@@ -176,7 +122,7 @@ class RelaySide(ipc.QuietAMP):
                 continue
             # Too big to send: read it from the disk.
             assert self.pool is not None
-            d = deferToThreadPool(self.reactor, self.pool, self.queue.store.load_envelope, queue_id)
+            d = deferToThreadPool(self.reactor, self.pool, self.queue.load_envelope, queue_id)
             d.addCallback(self._add, None)
             d.addErrback(self._unreadable, queue_id)
         return {}
@@ -185,7 +131,7 @@ class RelaySide(ipc.QuietAMP):
         self.log.failure("cannot read queued {queue_id}", f, queue_id=queue_id)
 
     def _add(self, env: Envelope, data: bytes | None) -> None:
-        assert self.queue is not None
+        assert self.queue is not None and self.relayer is not None
         if data is not None:
             self.queue.remember(env.id, data)
         if not self.relayer.queued(env) and data is not None:
@@ -208,8 +154,9 @@ class RelaySide(ipc.QuietAMP):
             return d  # stopping already
         if self._lock_call is not None and self._lock_call.active():
             self._lock_call.cancel()
-        if self._started is not None:
-            stopping = self._started.addBoth(lambda _: self.relayer.stop())
+        relayer = self.relayer
+        if self._started is not None and relayer is not None:
+            stopping = self._started.addBoth(lambda _: relayer.stop())
         else:
             stopping = defer.succeed(None)
 
@@ -276,8 +223,6 @@ class LogForwarder:
 
 
 def main() -> None:
-    from mailsrv.service import tune_malloc
-
     # A terminal's hang-up reaches the whole process group; the server
     # decides what SIGHUP means and stops this process when it stops.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)

@@ -1,0 +1,108 @@
+"""
+Bounces: the delivery status notifications (RFC 3464) the relayer sends to
+a message's envelope sender when recipients failed for good or are delayed.
+L{mailsrv.outbound.dsn} builds the report; this sends it, into the sender's
+mailbox when the sender is local, else through the queue. A message from
+the null sender <> is never bounced (RFC 5321 4.5.5: no bounce of a bounce).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+
+from mailsrv.config import Config
+from mailsrv.outbound import dsn
+from mailsrv.outbound.envelope import Envelope, Recipient
+from mailsrv.outbound.local import LocalRecipients, recipient_domain
+from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.outbound.results import Results, relayer_logger
+from mailsrv.spool import BytesSource
+
+
+class Bounces:
+    """Sends DSNs to envelope senders; see the module docstring."""
+
+    def __init__(
+        self,
+        *,
+        config: Config,
+        queue: OutboundQueue,
+        reactor: Any,
+        results: Results,
+        local: LocalRecipients | None,
+    ) -> None:
+        """C{local} None: no local mailboxes here, every DSN goes through the queue."""
+        self.config = config
+        self.queue = queue
+        self.reactor = reactor
+        self.results = results
+        self.local = local
+        self.log = relayer_logger(self)
+
+    @defer.inlineCallbacks
+    def notify(
+        self, env: Envelope, rcpts: Sequence[Recipient], action: str, retry_until: float | None
+    ):
+        """Send a DSN to the envelope sender; never for mail from <> (no bounce of a bounce)."""
+        who = ", ".join(r.address for r in rcpts)
+        if not env.sender:
+            self.log.info(
+                "{queue_id}: not sending a {action} DSN for <{rcpts}>: the sender "
+                "is <> (a bounce is never bounced); dropped",
+                queue_id=env.id,
+                action=action,
+                rcpts=who,
+            )
+            return
+
+        def headers() -> bytes:
+            with self.queue.open_message(env) as f:
+                return dsn.read_headers(f)
+
+        original = yield self.results.in_pool(headers)
+        report = dsn.build_dsn(
+            hostname=self.config.server.hostname,
+            envelope=env,
+            recipients=rcpts,
+            action=action,
+            original_headers=original,
+            now=self.reactor.seconds(),
+            retry_until=retry_until,
+        )
+        source = BytesSource(report)
+        sender = env.sender
+        try:
+            if self.config.is_local_domain(recipient_domain(sender)) and self.local is not None:
+                mailbox = self.local.user(sender)
+                if mailbox is None:
+                    self.log.warn(
+                        "{queue_id}: {action} DSN for unknown local sender <{sender}> dropped",
+                        queue_id=env.id,
+                        action=action,
+                        sender=sender,
+                    )
+                    return
+                yield self.local.mailboxes.deliver(mailbox, source, "")
+                where = "mailbox"
+            else:
+                where = yield self.queue.enqueue("", [sender], source)
+        except Exception as e:
+            self.log.error(
+                "{queue_id}: could not send the {action} DSN to <{sender}>: {why}",
+                queue_id=env.id,
+                action=action,
+                sender=sender,
+                why=str(e),
+            )
+            raise
+        self.log.info(
+            "{queue_id}: sender {action} notification to <{sender}> ({where}) for <{rcpts}>",
+            queue_id=env.id,
+            action=action,
+            sender=sender,
+            where=where,
+            rcpts=who,
+        )

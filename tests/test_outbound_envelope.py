@@ -1,0 +1,49 @@
+"""The envelope of a queued message: its JSON form, its pending recipients, its id."""
+
+from __future__ import annotations
+
+import json
+
+from twisted.trial import unittest
+
+from mailsrv.outbound import queue
+from mailsrv.outbound.envelope import FAILED, PENDING, SENT, Envelope, Recipient, new_queue_id
+
+
+class EnvelopeTests(unittest.TestCase):
+    def test_json_round_trip_keeps_everything_but_the_offset(self):
+        env = Envelope(
+            "0ABC",
+            "a@example.test",
+            [Recipient("b@x.test", state=SENT, attempts=2, status="2.0.0"), Recipient("c@x.test")],
+            100.5,
+            160.0,
+            attempts=2,
+            last_error="451 4.3.0 later",
+            size=42,
+            offset=77,
+        )
+        raw = json.loads(env.to_json())
+        self.assertEqual(raw["version"], 1)
+        self.assertNotIn("offset", raw)
+        again = Envelope.from_json(env.to_json(), offset=77)
+        self.assertEqual(again, env)
+        self.assertEqual(again.offset, 77)
+        self.assertEqual([r.address for r in again.pending()], ["c@x.test"])
+        self.assertRaises(ValueError, Envelope.from_dict, ["not", "an", "object"])
+
+    def test_pending_recipients(self):
+        env = Envelope("0A", "", [Recipient("a", state=s) for s in (PENDING, SENT, FAILED)], 1, 1)
+        self.assertEqual([r.address for r in env.pending()], ["a"])
+        self.assertEqual(env.pending()[0].state, PENDING)
+
+    def test_ids_are_hex_and_sort_by_arrival(self):
+        ids = [new_queue_id(t) for t in (1.0, 1.000001, 2.0)]
+        self.assertEqual(ids, sorted(ids))
+        self.assertEqual(len(set(ids)), 3)
+        self.assertTrue(all(len(i) == 20 and set(i) <= set("0123456789ABCDEF") for i in ids))
+
+    def test_the_queue_module_still_offers_the_envelope(self):
+        self.assertIs(queue.Envelope, Envelope)
+        self.assertIs(queue.Recipient, Recipient)
+        self.assertIs(queue.new_queue_id, new_queue_id)
