@@ -11,22 +11,17 @@ lines itself, one command at a time, and answers with RFC 3463 codes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
+from mailsrv.auth import sasl
 from mailsrv.auth.policy import cleartext_allowed, is_tls
-from mailsrv.auth.throttle import LoginThrottled
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
-from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.smtp import received
@@ -93,9 +88,6 @@ _VERBS = frozenset(
     }
 )
 
-_B64_USERNAME = base64.b64encode(b"Username:")
-_B64_PASSWORD = base64.b64encode(b"Password:")
-
 
 class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
@@ -111,6 +103,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.implicit_tls = implicit_tls
         self.timeout = context.config.limits.timeout
         self.portal = context.portal
+        self._authenticator = sasl.authenticator(context)
         self.host = context.config.server.hostname.encode("ascii", "replace")
         self._buffer = b""
         self._pos = 0
@@ -704,72 +697,45 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             self._reply(replies.ENCRYPTION_REQUIRED)
             return
         parts = rest.split(None, 1)
-        mechanism = parts[0].upper() if parts else b""
-        if mechanism not in (b"PLAIN", b"LOGIN"):
+        try:
+            exchange = sasl.Exchange(parts[0] if parts else b"")
+        except sasl.UnknownMechanism:
             self._reply(AUTH_BAD_MECHANISM)
             return
-        initial = parts[1] if len(parts) > 1 else None
-        if mechanism == b"PLAIN":
-            self._auth_step = self._auth_plain
-            if initial is None:
-                self.mode = AUTH
-                self.sendCode(334, b"")
-                return
-        else:
-            self._auth_step = self._auth_login_user
-            if initial is None:
-                self.mode = AUTH
-                self.sendCode(334, _B64_USERNAME)
-                return
+        self._auth_step = exchange
         self.mode = AUTH
-        self._auth_line(b"" if initial == b"=" else initial)
+        self._auth_answer(lambda: exchange.start(parts[1] if len(parts) > 1 else None))
 
-    def _auth_line(self, line: bytes) -> defer.Deferred | None:
-        if line.strip() == b"*":
-            self.mode = COMMAND
-            self._reply(AUTH_ABORTED)
-            return None
+    def _auth_line(self, line: bytes) -> None:
+        exchange = self._auth_step
+        assert exchange is not None
+        self._auth_answer(lambda: exchange.respond(line))
+
+    def _auth_answer(self, step: Any) -> None:
+        """Run one step of the SASL exchange: a 334 challenge, an error, or the login."""
         try:
-            decoded = base64.b64decode(line.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self.mode = COMMAND
-            self._reply(AUTH_BAD_RESPONSE)
-            return None
-        return self._auth_step(decoded)
-
-    def _auth_plain(self, response: bytes) -> None:
-        parts = response.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self.mode = COMMAND
+            answer = step()
+        except sasl.Cancelled:
+            self._auth_done()
+            self._reply(AUTH_ABORTED)
+            return
+        except sasl.SASLError:
+            self._auth_done()
             self._reply(AUTH_BAD_RESPONSE)
             return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:  # RFC 4616 2: no proxy logins
-            self.mode = COMMAND
-            self._auth_failed_for(authcid)
-            return
-        self._login(authcid, password)
+        if isinstance(answer, sasl.Credentials):
+            self._auth_done()
+            self._login(answer)
+        else:
+            self.sendCode(334, answer)
 
-    def _auth_login_user(self, response: bytes) -> None:
-        self._login_user = response
-        self._auth_step = self._auth_login_password
-        self.sendCode(334, _B64_PASSWORD)
-
-    def _auth_login_password(self, response: bytes) -> None:
-        self._login(self._login_user, response)
-
-    def _login(self, username: bytes, password: bytes) -> None:
+    def _auth_done(self) -> None:
         self.mode = COMMAND
         self._auth_step = None
-        credentials = UsernamePassword(username, password)
-        throttle = self.context.throttle
-        if throttle is None:
-            d = self.portal.login(credentials, None, smtp.IMessageDelivery)
-        else:
-            d = throttle.login(
-                self.portal, self._client_ip, credentials, None, smtp.IMessageDelivery
-            )
-        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
+
+    def _login(self, credentials: sasl.Credentials) -> None:
+        d = self._authenticator.login(self._client_ip, credentials, smtp.IMessageDelivery)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(credentials.authcid,))
         self._wait(d)
 
     def _logged_in(self, result: tuple[Any, Any, Any]) -> None:
@@ -785,16 +751,17 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._reply(AUTH_OK)
 
     def _login_failed(self, failure: Failure, username: bytes) -> None:
-        if failure.check(UnauthorizedLogin, LoginFailed):
+        result = sasl.outcome(failure)
+        if result == sasl.FAILED:
             self._auth_failed_for(username)
-        elif failure.check(LoginThrottled):
+        elif result == sasl.THROTTLED:
             self.log.warn(
                 "smtp login {user} from {client}: refused, too many failures",
                 user=username,
                 client=self._client_ip,
             )
             self._reply(AUTH_THROTTLED)
-        elif failure.check(PasswordDatabaseError):
+        elif result == sasl.UNAVAILABLE:
             self.log.error(
                 "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
             )
