@@ -20,18 +20,19 @@ from functools import partial
 from typing import Any
 
 from twisted.cred.error import LoginDenied
-from twisted.internet import defer, interfaces, protocol, threads
+from twisted.internet import defer, protocol, threads
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth import sasl
-from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.policy import is_tls, peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo
 from mailsrv.logsafe import SafeLogger
+from mailsrv.session import BadCommands, OutputFlow, TLSGate
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -283,36 +284,6 @@ def open_maildrop(store: Any, locks: MaildropLocks, user: str) -> defer.Deferred
     return d.addCallbacks(opened, failed)
 
 
-@implementer(interfaces.IPushProducer)
-class _Throttle:
-    """A push producer that only records whether the transport wants us to wait."""
-
-    def __init__(self) -> None:
-        self._waiting: defer.Deferred | None = None
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        d, self._waiting = self._waiting, None
-        if d is not None:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    def ready(self) -> defer.Deferred:
-        """Fire when the transport is ready for more."""
-        if not self.paused:
-            return defer.succeed(None)
-        self._waiting = defer.Deferred()
-        return self._waiting
-
-
 class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     """
     A POP3 session. Commands arriving while one is in progress (a login, a
@@ -335,8 +306,8 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         self.implicit_tls = implicit_tls
         self._authenticator = sasl.authenticator(ctx)
         self.timeOut = ctx.config.limits.timeout
-        self.max_errors = ctx.config.limits.max_errors
-        self.errors = 0
+        self._bad = BadCommands(ctx.config.limits.max_errors)
+        self._tls = TLSGate(ctx.tls, ctx.config.auth.cleartext, implicit_tls)
         self._buffer = b""
         self._discarding = False  # the rest of an over-long line
         self._tls_started = False  # ignore the rest of the packet that carried STLS
@@ -365,6 +336,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             except Exception:  # not a TCP socket underneath
                 pass
         self.peer = peer_host(self.transport)
+        self._tls.connected(self.transport)
         self.transport.write(GREETING + b"\r\n")
         self.setTimeout(self.timeOut)
         if self.implicit_tls:
@@ -403,8 +375,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def bad(self, text: bytes) -> None:
         """Send C{-ERR text} for a client error; too many of them end the session."""
         self.error(text)
-        self.errors += 1
-        if self.errors >= self.max_errors and not self._closed:
+        if self._bad.bad() and not self._closed:
             self.send(TOO_MANY_ERRORS)
             self.log.info("pop3 dropping {client}: too many invalid commands", client=self.peer)
             self.transport.loseConnection()
@@ -518,15 +489,10 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     # --- AUTHORIZATION state (RFC 1939 4, RFC 2449, RFC 2595, RFC 5034) ---------
 
     def _cleartext_ok(self) -> bool:
-        return cleartext_allowed(self.ctx.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     def _can_stls(self) -> bool:
-        return (
-            self.mbox is None
-            and not is_tls(self.transport)
-            and interfaces.ITLSTransport.providedBy(self.transport)
-            and self.ctx.tls is not None
-        )
+        return self.mbox is None and self._tls.can_start()
 
     def capabilities(self) -> list[bytes]:
         """The RFC 2449 capability list for the current state."""
@@ -550,12 +516,12 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def pop3_STLS(self, rest: bytes) -> None:
         if self.mbox is not None:
             return self.bad(b"Unknown command.")
-        if is_tls(self.transport):
+        if self._tls.active():
             return self.error(b"TLS is already active.")
         if not self._can_stls():
             return self.error(b"TLS support isn't enabled.")
         self.ok(b"Begin TLS negotiation now.")
-        self.transport.startTLS(self.ctx.tls)
+        self._tls.start()
         self.start_handshake_deadline(self.timeOut)
         self._tls_started = True
         self._userIs = None
@@ -685,7 +651,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
 
     @defer.inlineCallbacks
     def _write_listing(self, first: bytes, lines: Any) -> Any:
-        producer = _Throttle()
+        producer = OutputFlow()
         self.transport.registerProducer(producer, True)
         try:
             piece = [first]
@@ -695,7 +661,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
                     self.send(*piece)
                     piece = []
                     if producer.paused:
-                        yield producer.ready()
+                        yield producer.wait()
                     if producer.stopped or self._closed:
                         return
             piece.append(b".")
@@ -903,7 +869,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         except KeyError:
             self.error(GONE)
             return
-        producer = _Throttle()
+        producer = OutputFlow()
         self.transport.registerProducer(producer, True)
         try:
             head = b"+OK %d octets\r\n" % info.size
@@ -931,7 +897,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
                 self.transport.write(head + out)
                 head = b""
                 self.resetTimeout()
-                yield producer.ready()
+                yield producer.wait()
             if left > 0 and not self._closed:
                 # The message shrank under us: the client cannot trust what it got.
                 self.log.error(

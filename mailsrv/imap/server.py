@@ -30,7 +30,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.auth import sasl
-from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
+from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import mime
 from mailsrv.imap.account import (
@@ -61,6 +61,7 @@ from mailsrv.interfaces import (
     MessageInfo,
 )
 from mailsrv.logsafe import SafeLogger
+from mailsrv.session import BadCommands, TLSGate
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX, fits_on_disk
@@ -456,7 +457,8 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         self.POSTAUTH_TIMEOUT = max(30 * 60, factory.config.limits.timeout)
         self._busy: bytes | None = None
         self._current_tag: bytes | None = None
-        self._bad_count = 0
+        self._bad = BadCommands(factory.config.limits.max_errors)
+        self._tls = TLSGate(factory.tls, factory.config.auth.cleartext, factory.implicit_tls)
         self._lost = False
         self._discarding: bytes | None = None
         self._idle_tag: bytes | None = None
@@ -472,6 +474,7 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass  # not TCP (tests), or TLS wrapping without the method
+        self._tls.connected(self.transport)
         super().connectionMade()
         if self.factory.implicit_tls:
             self.start_handshake_deadline(self.timeOut)
@@ -491,16 +494,10 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         self.transport.loseConnection()
 
     def _can_starttls(self) -> bool:
-        return (
-            not self.factory.implicit_tls
-            and not self.startedTLS
-            and self.ctx is not None
-            and self.canStartTLS
-            and not is_tls(self.transport)
-        )
+        return self._tls.can_start()
 
     def _cleartext_ok(self) -> bool:
-        return cleartext_allowed(self.factory.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     def listCapabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
@@ -637,13 +634,12 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             message = message.encode("utf-8")
         super()._respond(state, tag, message)
         if state == b"BAD":
-            self._bad_count += 1
-            if self._bad_count >= self.factory.config.limits.max_errors and not self._lost:
+            if self._bad.bad() and not self._lost:
                 self.sendLine(b"* BYE Too many invalid commands")
                 self.transport.loseConnection()
                 return
         elif tag and state in (b"OK", b"NO"):
-            self._bad_count = 0
+            self._bad.good()
         if tag and tag != b"*" and tag == self._busy and state in (b"OK", b"NO", b"BAD"):
             self._busy = None
             if self.paused and not self._lost:
@@ -827,7 +823,7 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         # RFC 3501 6.2.1: nothing sent before the handshake counts afterwards.
         self.clearLineBuffer()
         self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
-        self.transport.startTLS(self.ctx)
+        self._tls.start()
         self.startedTLS = True
         self.start_handshake_deadline(self.timeOut)
 

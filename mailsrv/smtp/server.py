@@ -19,11 +19,11 @@ from twisted.python.failure import Failure
 
 from mailsrv import replies
 from mailsrv.auth import sasl
-from mailsrv.auth.policy import cleartext_allowed, is_tls
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.session import BadCommands, TLSGate
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -115,7 +115,8 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._lost = False
         self._shutting_down = False
         self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
-        self._errors = 0
+        self._bad = BadCommands(context.config.limits.max_errors)
+        self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
         self._client_ip = "unknown"
         self._helo_name: str | None = None
         self._esmtp = False
@@ -139,6 +140,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         except (AttributeError, NotImplementedError, OSError):
             pass
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
+        self._tls.connected(self.transport)
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -147,7 +149,6 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         if sessions is not None:
             sessions.add(self)
         super().connectionMade()  # 220 greeting, idle timer
-        self.canStartTLS = self.canStartTLS and not self.implicit_tls
         if self.implicit_tls:
             self.start_handshake_deadline(self.timeout)
 
@@ -198,12 +199,10 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     @property
     def tls_active(self) -> bool:
         """Whether this session is encrypted (implicit TLS or STARTTLS)."""
-        return self.implicit_tls or self.startedTLS or is_tls(self.transport)
+        return self._tls.active()
 
     def _auth_allowed(self) -> bool:
-        if self.tls_active:
-            return True
-        return cleartext_allowed(self.context.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     # input: lines, one command at a time
 
@@ -407,8 +406,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     def _count(self, code: int) -> None:
         if code < 500 or code == replies.MESSAGE_TOO_BIG.code:
             return
-        self._errors += 1
-        if self._errors >= self.context.config.limits.max_errors:
+        if self._bad.bad():
             self.log.info("too many errors from {client}, closing", client=self._client_ip)
             self.sendCode(
                 replies.TOO_MANY_ERRORS.code,
@@ -459,7 +457,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             b"8BITMIME",  # RFC 6152
             b"ENHANCEDSTATUSCODES",  # RFC 2034
         ]
-        if self.canStartTLS and not self.tls_active:
+        if self._tls.can_start():
             out.append(b"STARTTLS")  # RFC 3207
         if self.submission and self._user is None and self._auth_allowed():
             out.append(b"AUTH PLAIN LOGIN")  # RFC 4954
@@ -659,7 +657,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             self._reply(replies.BAD_ARGUMENTS)
         elif self.tls_active:
             self._reply(replies.BAD_SEQUENCE, "TLS already active")
-        elif not self.canStartTLS:
+        elif not self._tls.can_start():
             self._reply(TLS_UNAVAILABLE)
         else:
             self._reply(TLS_READY)
@@ -674,7 +672,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
                 self._user = None
                 self._delivery = None
                 self._do_logout()
-            self.transport.startTLS(self.context.tls)
+            self._tls.start()
             self.startedTLS = True
             self.start_handshake_deadline(self.timeout)
 
