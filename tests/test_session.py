@@ -1,32 +1,16 @@
-"""
-The session mechanics the three protocols share (mailsrv.session), alone on
-StringTransport and task.Clock, and the same rule seen through each protocol.
-"""
+"""The session mechanics the three protocols share (mailsrv.session), alone on a StringTransport."""
 
 from __future__ import annotations
 
-from twisted.internet import address, interfaces
+from twisted.internet import interfaces
 from twisted.internet.testing import StringTransport
-from zope.interface import alsoProvides, implementer
 from zope.interface.verify import verifyObject
 
 from mailsrv.session import BadCommands, OutputFlow, TLSGate
 
-LOOPBACK = address.IPv4Address("TCP", "127.0.0.1", 40000)
-REMOTE = address.IPv4Address("TCP", "192.0.2.1", 1234)
+from .test_pop3_support import LOOPBACK, REMOTE, TLSStringTransport
+
 OPTIONS = object()
-
-
-@implementer(interfaces.ITLSTransport)
-class TLSStringTransport(StringTransport):
-    """A StringTransport that can pretend to start TLS."""
-
-    started_with = None
-
-    def startTLS(self, ctx, normal=True):
-        self.started_with = ctx
-        alsoProvides(self, interfaces.ISSLTransport)
-
 
 # --- BadCommands --------------------------------------------------------------------
 
@@ -57,7 +41,7 @@ def test_starttls_on_a_remote_connection():
     g = gate(transport)
     assert not g.active() and g.can_start() and not g.password_allowed()
     g.start()
-    assert transport.started_with is OPTIONS
+    assert transport.tls_started_with is OPTIONS
     assert g.active() and not g.can_start() and g.password_allowed()
 
 
