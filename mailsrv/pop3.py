@@ -15,26 +15,24 @@ its next messages already read (off the reactor thread).
 
 from __future__ import annotations
 
-import base64
-import binascii
 from collections.abc import Callable
 from functools import partial
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import LoginDenied, LoginFailed
-from twisted.internet import defer, interfaces, protocol, threads
+from twisted.cred.error import LoginDenied
+from twisted.internet import defer, protocol, threads
 from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
-from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.auth import sasl
+from mailsrv.auth.policy import is_tls, peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
-from mailsrv.interfaces import SEEN, FolderError, MessageInfo, PasswordDatabaseError
+from mailsrv.interfaces import SEEN, FolderError, MessageInfo
 from mailsrv.logsafe import SafeLogger
+from mailsrv.session import BadCommands, OutputFlow, TLSGate
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -286,36 +284,6 @@ def open_maildrop(store: Any, locks: MaildropLocks, user: str) -> defer.Deferred
     return d.addCallbacks(opened, failed)
 
 
-@implementer(interfaces.IPushProducer)
-class _Throttle:
-    """A push producer that only records whether the transport wants us to wait."""
-
-    def __init__(self) -> None:
-        self._waiting: defer.Deferred | None = None
-        self.paused = False
-        self.stopped = False
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        d, self._waiting = self._waiting, None
-        if d is not None:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    def ready(self) -> defer.Deferred:
-        """Fire when the transport is ready for more."""
-        if not self.paused:
-            return defer.succeed(None)
-        self._waiting = defer.Deferred()
-        return self._waiting
-
-
 class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     """
     A POP3 session. Commands arriving while one is in progress (a login, a
@@ -336,9 +304,10 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         self.ctx = ctx
         self.locks = locks
         self.implicit_tls = implicit_tls
+        self._authenticator = sasl.authenticator(ctx)
         self.timeOut = ctx.config.limits.timeout
-        self.max_errors = ctx.config.limits.max_errors
-        self.errors = 0
+        self._bad = BadCommands(ctx.config.limits.max_errors)
+        self._tls = TLSGate(ctx.tls, ctx.config.auth.cleartext, implicit_tls)
         self._buffer = b""
         self._discarding = False  # the rest of an over-long line
         self._tls_started = False  # ignore the rest of the packet that carried STLS
@@ -367,6 +336,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             except Exception:  # not a TCP socket underneath
                 pass
         self.peer = peer_host(self.transport)
+        self._tls.connected(self.transport)
         self.transport.write(GREETING + b"\r\n")
         self.setTimeout(self.timeOut)
         if self.implicit_tls:
@@ -405,8 +375,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def bad(self, text: bytes) -> None:
         """Send C{-ERR text} for a client error; too many of them end the session."""
         self.error(text)
-        self.errors += 1
-        if self.errors >= self.max_errors and not self._closed:
+        if self._bad.bad() and not self._closed:
             self.send(TOO_MANY_ERRORS)
             self.log.info("pop3 dropping {client}: too many invalid commands", client=self.peer)
             self.transport.loseConnection()
@@ -520,22 +489,17 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     # --- AUTHORIZATION state (RFC 1939 4, RFC 2449, RFC 2595, RFC 5034) ---------
 
     def _cleartext_ok(self) -> bool:
-        return cleartext_allowed(self.ctx.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     def _can_stls(self) -> bool:
-        return (
-            self.mbox is None
-            and not is_tls(self.transport)
-            and interfaces.ITLSTransport.providedBy(self.transport)
-            and self.ctx.tls is not None
-        )
+        return self.mbox is None and self._tls.can_start()
 
     def capabilities(self) -> list[bytes]:
         """The RFC 2449 capability list for the current state."""
         caps = [b"TOP", b"UIDL", b"RESP-CODES", b"AUTH-RESP-CODE", b"PIPELINING"]
         if self.mbox is None:
             if self._cleartext_ok():
-                caps += [b"USER", b"SASL PLAIN"]
+                caps += [b"USER", b"SASL " + b" ".join(sasl.MECHANISMS)]
             if self._can_stls():
                 caps.append(b"STLS")
         caps.append(b"IMPLEMENTATION " + IMPLEMENTATION)
@@ -552,12 +516,12 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def pop3_STLS(self, rest: bytes) -> None:
         if self.mbox is not None:
             return self.bad(b"Unknown command.")
-        if is_tls(self.transport):
+        if self._tls.active():
             return self.error(b"TLS is already active.")
         if not self._can_stls():
             return self.error(b"TLS support isn't enabled.")
         self.ok(b"Begin TLS negotiation now.")
-        self.transport.startTLS(self.ctx.tls)
+        self._tls.start()
         self.start_handshake_deadline(self.timeOut)
         self._tls_started = True
         self._userIs = None
@@ -580,51 +544,46 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         user, self._userIs = self._userIs, None
         if user is None:
             return self.bad(b"No username given.")
-        self._login(user, rest, b"USER")
+        self._login(sasl.Credentials(b"", user, rest), b"USER")
 
     def pop3_AUTH(self, rest: bytes) -> None:
         if self.mbox is not None:
             return self.bad(b"Unknown command.")
         mechanism, _, initial = rest.strip().partition(b" ")
         if not mechanism:
-            mechs = [b"PLAIN"] if self._cleartext_ok() else []
+            mechs = list(sasl.MECHANISMS) if self._cleartext_ok() else []
             return self.send(b"+OK", *mechs, b".")
-        if mechanism.upper() != b"PLAIN":
+        try:
+            exchange = sasl.Exchange(mechanism)
+        except sasl.UnknownMechanism:
             return self.error(b"Unsupported authentication mechanism.")
         if not self._cleartext_ok():
             return self.error(PLAINTEXT_DISALLOWED)
-        if initial:
-            return self._auth_plain(b"" if initial == b"=" else initial)
-        self._sasl = self._auth_plain
-        self.send(b"+ ")
+        self._sasl_step(exchange, lambda: exchange.start(initial or None))
 
-    def _auth_plain(self, response: bytes) -> None:
-        """RFC 4616: [authzid] NUL authcid NUL passwd, base64 (RFC 5034 4)."""
-        if response.strip() == b"*":
-            return self.error(b"Authentication aborted by client.")  # RFC 5034 4
+    def _sasl_step(self, exchange: sasl.Exchange, step: Callable[[], Any]) -> None:
+        """RFC 5034 4: one step of a SASL exchange: a C{+} challenge, an error, or the login."""
         try:
-            decoded = base64.b64decode(response.strip(), validate=True)
-        except (binascii.Error, ValueError):
+            answer = step()
+        except sasl.Cancelled:
+            return self.error(b"Authentication aborted by client.")  # RFC 5034 4
+        except sasl.BadBase64:
             return self.bad(b"Invalid base64 data in continued response.")
-        parts = decoded.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            return self.bad(b"Invalid SASL PLAIN response.")
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:
-            password = b""  # no logins as someone else: fails like a wrong password
-        self._login(authcid, password, b"PLAIN")
+        except sasl.SASLError:
+            return self.bad(b"Invalid SASL " + exchange.mechanism + b" response.")
+        if isinstance(answer, sasl.Credentials):
+            return self._login(answer, exchange.mechanism)
+        self._sasl = lambda line: self._sasl_step(exchange, lambda: exchange.respond(line))
+        self.send(b"+ " + answer)
 
-    def _login(self, user: bytes, password: bytes, method: bytes) -> None:
+    def _login(self, credentials: sasl.Credentials, method: bytes) -> None:
         """Check the password (throttled, delayed on failure) and open the maildrop."""
-        name = user  # as sent; the logger escapes it
+        name = credentials.authcid  # as sent; the logger escapes it
         self._method = method.decode()
-        credentials = UsernamePassword(user, password)
-        throttle = self.ctx.throttle
-        if throttle is None:
-            d = self.ctx.portal.login(credentials, None, IMailboxPOP3)
-        else:
-            d = throttle.login(self.ctx.portal, self.peer, credentials, None, IMailboxPOP3)
-        d.addCallbacks(self._logged_in, self._login_failed, (name,), None, (name,))
+        d = self._authenticator.login(self.peer, credentials, IMailboxPOP3)
+        d.addCallbacks(
+            self._logged_in, self._login_failed, callbackArgs=(name,), errbackArgs=(name,)
+        )
         self._long(d)
 
     def _logged_in(self, result: tuple[Any, Maildrop, Callable[[], None]], name: bytes) -> None:
@@ -651,18 +610,19 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         )
 
     def _login_failed(self, f: Failure, name: bytes) -> None:
+        result = sasl.outcome(f)
         if f.check(MaildropInUse):
             self._log_login(name, "in use")
             self.error(IN_USE)
-        elif f.check(LoginThrottled):
+        elif result == sasl.THROTTLED:
             self._log_login(name, "throttled")
             self.error(THROTTLED)  # at once, as SMTP and IMAP do: see mailsrv.auth.throttle
-        elif f.check(LoginFailed, LoginDenied):
+        elif result == sasl.FAILED:
             self._log_login(name, "failed")
             self.bad(AUTH_FAILED)
         else:
             self._log_login(name, "error")
-            if f.check(PasswordDatabaseError):
+            if result == sasl.UNAVAILABLE:
                 self.log.error("pop3 login from {client}: {error}", client=self.peer, error=f.value)
             else:
                 self.log.failure(
@@ -691,7 +651,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
 
     @defer.inlineCallbacks
     def _write_listing(self, first: bytes, lines: Any) -> Any:
-        producer = _Throttle()
+        producer = OutputFlow()
         self.transport.registerProducer(producer, True)
         try:
             piece = [first]
@@ -701,7 +661,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
                     self.send(*piece)
                     piece = []
                     if producer.paused:
-                        yield producer.ready()
+                        yield producer.wait()
                     if producer.stopped or self._closed:
                         return
             piece.append(b".")
@@ -909,7 +869,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         except KeyError:
             self.error(GONE)
             return
-        producer = _Throttle()
+        producer = OutputFlow()
         self.transport.registerProducer(producer, True)
         try:
             head = b"+OK %d octets\r\n" % info.size
@@ -937,7 +897,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
                 self.transport.write(head + out)
                 head = b""
                 self.resetTimeout()
-                yield producer.ready()
+                yield producer.wait()
             if left > 0 and not self._closed:
                 # The message shrank under us: the client cannot trust what it got.
                 self.log.error(

@@ -2,11 +2,13 @@
 Support for the login tests (no tests here): the server's real parts built
 by L{mailsrv.service.build_context} (password file, checker, throttle, mbox
 store, disk thread pool) listening for SMTP, submission, POP3 and IMAP on
-127.0.0.1, and a scripted client that speaks one step at a time.
+127.0.0.1, a scripted client that speaks one step at a time, and
+L{RealServerCase}, the set-up the login tests share.
 """
 
 from __future__ import annotations
 
+import base64
 import re
 import shutil
 import tempfile
@@ -25,6 +27,8 @@ from mailsrv.service import _factories, build_context
 from .test_smtp_helpers import cert_paths
 
 PASSWORD = "correct horse"
+ALICE = "alice@example.test"
+BOB = "bob@example.test"
 LISTENERS = ("smtp", "submission", "pop3", "imap")
 
 # What ends a server's answer to one step.
@@ -36,6 +40,29 @@ IMAP_GREETING = re.compile(rb"^\* OK[^\n]*\n")
 def imap_tagged(tag: bytes) -> re.Pattern[bytes]:
     """The end of the answer to the IMAP command tagged C{tag}."""
     return re.compile(rb"(?:^|\n)" + re.escape(tag) + rb" [^\n]*\n")
+
+
+def imap_continued(tag: bytes) -> re.Pattern[bytes]:
+    """The end of the answer to C{tag}'s command or to one of its lines: C{+ } or tagged."""
+    return re.compile(rb"(?:^|\n)(?:\+ |" + re.escape(tag) + rb" )[^\n]*\n")
+
+
+# What a listener greets with, for L{converse}.
+GREETINGS = {
+    "smtp": SMTP_REPLY,
+    "submission": SMTP_REPLY,
+    "pop3": POP3_REPLY,
+    "imap": IMAP_GREETING,
+}
+
+
+def _bytes(value: str | bytes) -> bytes:
+    return value.encode() if isinstance(value, str) else value
+
+
+def plain(user: str | bytes, password: str | bytes = PASSWORD, authzid: str | bytes = b"") -> bytes:
+    """A SASL PLAIN message (RFC 4616), base64-encoded."""
+    return base64.b64encode(_bytes(authzid) + b"\0" + _bytes(user) + b"\0" + _bytes(password))
 
 
 class RealServer:
@@ -136,3 +163,43 @@ def converse(reactor, port: int, greeting, steps) -> defer.Deferred:
     d = connectProtocol(TCP4ClientEndpoint(reactor, "127.0.0.1", port), dialog)
     d.addCallback(lambda _: dialog.done)
     return d
+
+
+class RealServerCase:
+    """
+    Mixin for a trial TestCase: a L{RealServer} on the global reactor for
+    each test, with C{users} added, and C{self.converse(listener, steps)}.
+    """
+
+    timeout = 30
+    users: tuple[str, ...] = (ALICE,)
+
+    def auth_settings(self) -> dict:
+        """The [auth] settings of the server (a subclass may override)."""
+        return {}
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.server = RealServer(reactor, **self.auth_settings())
+        self.addCleanup(self.server.stop)  # type: ignore[attr-defined]
+        for user in self.users:
+            self.server.add_user(user)
+
+    def count_checks(self) -> list[str]:
+        """From now on, the address of each password check the server makes, in order."""
+        checked: list[str] = []
+        passwords = self.server.ctx.passwords
+        verify = passwords.verify
+
+        def counting_verify(address, password):
+            checked.append(address)
+            return verify(address, password)
+
+        passwords.verify = counting_verify
+        return checked
+
+    def converse(self, listener: str, steps) -> defer.Deferred:
+        """Run C{steps} on a new connection to C{listener}; fire with each step's answer."""
+        return converse(self.reactor, self.server.ports[listener], GREETINGS[listener], steps)

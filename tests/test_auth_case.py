@@ -6,7 +6,6 @@ the password file spells it, and that spelling names the one mailbox.
 
 from __future__ import annotations
 
-import base64
 import io
 
 from twisted.internet import defer
@@ -15,41 +14,24 @@ from twisted.trial import unittest
 from mailsrv.cli import main
 
 from .auth_server import (
-    IMAP_GREETING,
     PASSWORD,
     POP3_REPLY,
     SMTP_REPLY,
-    RealServer,
-    converse,
+    RealServerCase,
     imap_tagged,
+    plain,
 )
 
 MESSAGE = b"Subject: case\r\n\r\nhello\r\n.\r\n"
 
 
-def plain(user: str, password: str = PASSWORD) -> bytes:
-    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-
-
-class CaseInsensitiveLookupTests(unittest.TestCase):
+class CaseInsensitiveLookupTests(RealServerCase, unittest.TestCase):
     """Over SMTP, submission, POP3 and IMAP on loopback, mbox store on disk."""
-
-    timeout = 30
-
-    def setUp(self):
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.server = RealServer(reactor)
-        self.addCleanup(self.server.stop)
-        self.server.add_user("alice@example.test")
 
     @defer.inlineCallbacks
     def test_rcpt_in_another_case_reaches_the_stored_users_mbox(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["smtp"],
-            SMTP_REPLY,
+        answers = yield self.converse(
+            "smtp",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"MAIL FROM:<bob@remote.test>\r\n", SMTP_REPLY),
@@ -70,10 +52,8 @@ class CaseInsensitiveLookupTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_smtp_auth_in_another_case(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["submission"],
-            SMTP_REPLY,
+        answers = yield self.converse(
+            "submission",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"AUTH PLAIN " + plain("ALICE@EXAMPLE.TEST") + b"\r\n", SMTP_REPLY),
@@ -93,10 +73,8 @@ class CaseInsensitiveLookupTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_pop3_and_imap_logins_in_another_case_see_the_same_mbox(self):
-        yield converse(
-            self.reactor,
-            self.server.ports["smtp"],
-            SMTP_REPLY,
+        yield self.converse(
+            "smtp",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"MAIL FROM:<bob@remote.test>\r\n", SMTP_REPLY),
@@ -106,10 +84,8 @@ class CaseInsensitiveLookupTests(unittest.TestCase):
                 (b"QUIT\r\n", SMTP_REPLY),
             ],
         )
-        pop = yield converse(
-            self.reactor,
-            self.server.ports["pop3"],
-            POP3_REPLY,
+        pop = yield self.converse(
+            "pop3",
             [
                 (b"USER ALICE@EXAMPLE.TEST\r\n", POP3_REPLY),
                 (b"PASS " + PASSWORD.encode() + b"\r\n", POP3_REPLY),
@@ -119,10 +95,8 @@ class CaseInsensitiveLookupTests(unittest.TestCase):
         )
         self.assertTrue(pop[1].startswith(b"+OK Logged in."), pop)
         self.assertTrue(pop[2].startswith(b"+OK 1 "), pop)
-        imap = yield converse(
-            self.reactor,
-            self.server.ports["imap"],
-            IMAP_GREETING,
+        imap = yield self.converse(
+            "imap",
             [
                 (
                     b'a1 LOGIN Alice@Example.Test "' + PASSWORD.encode() + b'"\r\n',

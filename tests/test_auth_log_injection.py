@@ -17,13 +17,12 @@ from twisted.trial import unittest
 from mailsrv.logsafe import escape
 
 from .auth_server import (
-    IMAP_GREETING,
     PASSWORD,
     POP3_REPLY,
     SMTP_REPLY,
-    RealServer,
-    converse,
+    RealServerCase,
     imap_tagged,
+    plain,
 )
 
 # A forged second line for SASL PLAIN, where NUL separates the fields ...
@@ -37,8 +36,8 @@ FORGED_USER = b"bob\r\tFORGED-3\x00\xfe@example.test"
 ESCAPED_USER = "bob\\r\\tFORGED-3\\x00\\xfe@example.test"
 
 
-def _plain(user: bytes, password: bytes = b"wrong") -> bytes:
-    return base64.b64encode(b"\0" + user + b"\0" + password)
+def _plain(user: bytes) -> bytes:
+    return plain(user, b"wrong")
 
 
 def test_escape():
@@ -52,16 +51,12 @@ def test_escape():
     assert escape("plain text") == "plain text"
 
 
-class LogInjectionTests(unittest.TestCase):
-    timeout = 30
+class LogInjectionTests(RealServerCase, unittest.TestCase):
+    def auth_settings(self) -> dict:
+        return {"max_failures": 100}
 
     def setUp(self):
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.server = RealServer(reactor, max_failures=100)
-        self.addCleanup(self.server.stop)
-        self.server.add_user("alice@example.test")
+        super().setUp()
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -84,10 +79,8 @@ class LogInjectionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_smtp_auth_plain_and_login(self):
-        yield converse(
-            self.reactor,
-            self.server.ports["submission"],
-            SMTP_REPLY,
+        yield self.converse(
+            "submission",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"AUTH PLAIN " + _plain(FORGED) + b"\r\n", SMTP_REPLY),
@@ -101,10 +94,8 @@ class LogInjectionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_pop3_user_and_auth_plain(self):
-        yield converse(
-            self.reactor,
-            self.server.ports["pop3"],
-            POP3_REPLY,
+        yield self.converse(
+            "pop3",
             [
                 (b"USER " + FORGED_USER + b"\r\n", POP3_REPLY),
                 (b"PASS wrong\r\n", POP3_REPLY),
@@ -117,10 +108,8 @@ class LogInjectionTests(unittest.TestCase):
 
     @defer.inlineCallbacks
     def test_imap_login_and_authenticate(self):
-        yield converse(
-            self.reactor,
-            self.server.ports["imap"],
-            IMAP_GREETING,
+        yield self.converse(
+            "imap",
             [
                 (
                     b"a1 LOGIN {%d+}\r\n%s wrong\r\n" % (len(FORGED_NUL), FORGED_NUL),
@@ -137,10 +126,8 @@ class LogInjectionTests(unittest.TestCase):
     def test_imap_mailbox_names(self):
         name = b"a&ICg-b"  # modified UTF-7 for "a\u2028b": a line separator
         message = b"Subject: x\r\n\r\nx\r\n"
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["imap"],
-            IMAP_GREETING,
+        answers = yield self.converse(
+            "imap",
             [
                 (
                     b'a1 LOGIN alice@example.test "' + PASSWORD.encode() + b'"\r\n',

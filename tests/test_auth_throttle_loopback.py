@@ -6,40 +6,33 @@ most max_failures checks; a success on another account forgives nothing.
 
 from __future__ import annotations
 
-import base64
-
 from twisted.internet import defer, task
 from twisted.trial import unittest
 
 from .auth_server import (
-    IMAP_GREETING,
+    ALICE,
+    BOB,
     PASSWORD,
     POP3_REPLY,
     SMTP_REPLY,
-    RealServer,
-    converse,
+    RealServerCase,
     imap_tagged,
+    plain,
 )
 
-ALICE = "alice@example.test"
-BOB = "bob@example.test"
 MAX_FAILURES = 5
 PARALLEL = 30
 
 
-def _plain(user: str, password: str) -> bytes:
-    return base64.b64encode(b"\0" + user.encode() + b"\0" + password.encode())
-
-
-# protocol -> (listener, greeting, steps for one login, index of the login's answer,
-#              {outcome: prefix of the answer})
+# protocol -> (listener, steps for one login, index of the login's answer),
+#             {outcome: prefix of the answer}
 def _smtp(user, password):
     steps = [
         (b"EHLO client.test\r\n", SMTP_REPLY),
-        (b"AUTH PLAIN " + _plain(user, password) + b"\r\n", SMTP_REPLY),
+        (b"AUTH PLAIN " + plain(user, password) + b"\r\n", SMTP_REPLY),
         (b"QUIT\r\n", SMTP_REPLY),
     ]
-    return "submission", SMTP_REPLY, steps, 1
+    return "submission", steps, 1
 
 
 def _pop3(user, password):
@@ -48,7 +41,7 @@ def _pop3(user, password):
         (b"PASS " + password.encode() + b"\r\n", POP3_REPLY),
         (b"QUIT\r\n", POP3_REPLY),
     ]
-    return "pop3", POP3_REPLY, steps, 1
+    return "pop3", steps, 1
 
 
 def _imap(user, password):
@@ -56,7 +49,7 @@ def _imap(user, password):
         (b'a1 LOGIN "' + user.encode() + b'" "' + password.encode() + b'"\r\n', imap_tagged(b"a1")),
         (b"a2 LOGOUT\r\n", imap_tagged(b"a2")),
     ]
-    return "imap", IMAP_GREETING, steps, 0
+    return "imap", steps, 0
 
 
 ANSWERS = {
@@ -80,40 +73,28 @@ ANSWERS = {
 }
 
 
-class _LoginsOverLoopback:
+class _LoginsOverLoopback(RealServerCase):
     """One protocol's logins against the server's real throttle and password file."""
 
     protocol = ""
     timeout = 60
+    users = (ALICE, BOB)
     max_failures = MAX_FAILURES
     failure_delay = 0.05
 
+    def auth_settings(self) -> dict:
+        return {"max_failures": self.max_failures, "failure_delay": self.failure_delay}
+
     def setUp(self):
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.server = RealServer(
-            reactor, max_failures=self.max_failures, failure_delay=self.failure_delay
-        )
-        self.addCleanup(self.server.stop)
-        self.server.add_user(ALICE)
-        self.server.add_user(BOB)
-        self.checked: list[str] = []
-        passwords = self.server.ctx.passwords
-        real_verify = passwords.verify
-
-        def counting_verify(address, password):
-            self.checked.append(address)
-            return real_verify(address, password)
-
-        passwords.verify = counting_verify
+        super().setUp()
+        self.checked = self.count_checks()
 
     @defer.inlineCallbacks
     def login(self, user: str, password: str):
         """Log in once; fire with "ok", "failed" or "throttled"."""
         script, outcomes = ANSWERS[self.protocol]
-        listener, greeting, steps, index = script(user, password)
-        answers = yield converse(self.reactor, self.server.ports[listener], greeting, steps)
+        listener, steps, index = script(user, password)
+        answers = yield self.converse(listener, steps)
         for name, prefix in outcomes.items():
             if answers[index].startswith(prefix):
                 return name

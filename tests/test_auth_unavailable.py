@@ -13,45 +13,32 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from .auth_server import (
-    IMAP_GREETING,
+    ALICE,
     PASSWORD,
     POP3_REPLY,
     SMTP_REPLY,
-    RealServer,
-    converse,
+    RealServerCase,
     imap_tagged,
+    plain,
 )
 
-ALICE = "alice@example.test"
-PLAIN = base64.b64encode(b"\0" + ALICE.encode() + b"\0" + PASSWORD.encode())
+PLAIN = plain(ALICE)
 
 
-class _Unreadable:
+class _Unreadable(RealServerCase):
     """A real user exists, but the server cannot read the password file."""
 
-    timeout = 30
-
     def setUp(self):
-        from twisted.internet import reactor
-
-        self.reactor = reactor
-        self.server = RealServer(reactor, **self.auth_settings())
-        self.addCleanup(self.server.stop)
-        self.server.add_user(ALICE)
+        super().setUp()
         self.break_passwd(self.server.config.auth.passwd_file)
-
-    def auth_settings(self) -> dict:
-        return {}
 
     def break_passwd(self, path) -> None:
         raise NotImplementedError
 
     @defer.inlineCallbacks
     def test_rcpt_is_451(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["smtp"],
-            SMTP_REPLY,
+        answers = yield self.converse(
+            "smtp",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"MAIL FROM:<bob@remote.test>\r\n", SMTP_REPLY),
@@ -63,10 +50,8 @@ class _Unreadable:
 
     @defer.inlineCallbacks
     def test_smtp_auth_is_454(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["submission"],
-            SMTP_REPLY,
+        answers = yield self.converse(
+            "submission",
             [
                 (b"EHLO client.test\r\n", SMTP_REPLY),
                 (b"AUTH PLAIN " + PLAIN + b"\r\n", SMTP_REPLY),
@@ -81,10 +66,8 @@ class _Unreadable:
 
     @defer.inlineCallbacks
     def test_pop3_login_is_sys_temp(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["pop3"],
-            POP3_REPLY,
+        answers = yield self.converse(
+            "pop3",
             [
                 (b"USER alice@example.test\r\n", POP3_REPLY),
                 (b"PASS " + PASSWORD.encode() + b"\r\n", POP3_REPLY),
@@ -97,10 +80,8 @@ class _Unreadable:
 
     @defer.inlineCallbacks
     def test_imap_login_is_unavailable(self):
-        answers = yield converse(
-            self.reactor,
-            self.server.ports["imap"],
-            IMAP_GREETING,
+        answers = yield self.converse(
+            "imap",
             [
                 (
                     b'a1 LOGIN alice@example.test "' + PASSWORD.encode() + b'"\r\n',

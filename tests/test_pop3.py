@@ -51,7 +51,7 @@ def test_greeting_and_capa(ctx):
         b"AUTH-RESP-CODE",
         b"PIPELINING",
         b"USER",
-        b"SASL PLAIN",
+        b"SASL PLAIN LOGIN",
         b"STLS",
         b"IMPLEMENTATION mailsrv",
     }
@@ -295,7 +295,7 @@ def test_throttle_after_repeated_failures(ctx):
 def test_auth_plain(ctx):
     s = Session(ctx)
     s.take()
-    assert s.cmd("AUTH") == b"+OK\r\nPLAIN\r\n.\r\n"
+    assert s.cmd("AUTH") == b"+OK\r\nPLAIN\r\nLOGIN\r\n.\r\n"
     assert s.cmd("AUTH CRAM-MD5") == b"-ERR Unsupported authentication mechanism.\r\n"
     assert s.cmd("AUTH PLAIN") == b"+ \r\n"
     assert s.cmd("*") == b"-ERR Authentication aborted by client.\r\n"
@@ -324,7 +324,7 @@ def test_cleartext_refused_from_remote_without_tls(ctx):
     s = Session(ctx, peer=REMOTE)
     s.take()
     caps = lines(s.cmd("CAPA"))
-    assert b"USER" not in caps and b"SASL PLAIN" not in caps and b"STLS" in caps
+    assert b"USER" not in caps and b"SASL PLAIN LOGIN" not in caps and b"STLS" in caps
     refusal = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections\r\n"
     assert s.cmd(f"USER {ALICE}") == refusal
     assert s.cmd(f"PASS {PASSWORD}") == refusal

@@ -23,16 +23,14 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
-from twisted.cred import credentials
-from twisted.cred.error import UnauthorizedLogin
 from twisted.internet import defer, protocol, task, threads
 from twisted.internet.interfaces import IPushProducer
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv.auth.policy import cleartext_allowed, is_tls, peer_host
-from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.auth import sasl
+from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import mime
 from mailsrv.imap.account import (
@@ -61,9 +59,9 @@ from mailsrv.interfaces import (
     SYSTEM_FLAGS,
     FolderError,
     MessageInfo,
-    PasswordDatabaseError,
 )
 from mailsrv.logsafe import SafeLogger
+from mailsrv.session import BadCommands, TLSGate
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX, fits_on_disk
@@ -445,6 +443,7 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
     callLater: Any
     _pendingLiteral: Any = None
     mbox: Any = None  # the selected SessionMailbox
+    _auth_exchange: Any = None  # the SASL exchange an AUTHENTICATE continues
     account: Any = None  # the logged-in Account
     IDENT = b"mailsrv IMAP4rev1 ready"
     MAX_LENGTH = 64 * 1024
@@ -458,7 +457,8 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         self.POSTAUTH_TIMEOUT = max(30 * 60, factory.config.limits.timeout)
         self._busy: bytes | None = None
         self._current_tag: bytes | None = None
-        self._bad_count = 0
+        self._bad = BadCommands(factory.config.limits.max_errors)
+        self._tls = TLSGate(factory.tls, factory.config.auth.cleartext, factory.implicit_tls)
         self._lost = False
         self._discarding: bytes | None = None
         self._idle_tag: bytes | None = None
@@ -474,6 +474,7 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             self.transport.setTcpNoDelay(True)
         except Exception:
             pass  # not TCP (tests), or TLS wrapping without the method
+        self._tls.connected(self.transport)
         super().connectionMade()
         if self.factory.implicit_tls:
             self.start_handshake_deadline(self.timeOut)
@@ -493,16 +494,10 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         self.transport.loseConnection()
 
     def _can_starttls(self) -> bool:
-        return (
-            not self.factory.implicit_tls
-            and not self.startedTLS
-            and self.ctx is not None
-            and self.canStartTLS
-            and not is_tls(self.transport)
-        )
+        return self._tls.can_start()
 
     def _cleartext_ok(self) -> bool:
-        return cleartext_allowed(self.factory.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     def listCapabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
@@ -511,7 +506,10 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
-            caps.append(b"AUTH=PLAIN" if self._cleartext_ok() else b"LOGINDISABLED")
+            if self._cleartext_ok():
+                caps += [b"AUTH=" + m for m in sasl.MECHANISMS]
+            else:
+                caps.append(b"LOGINDISABLED")
         return caps
 
     # --- the command loop ---------------------------------------------------
@@ -636,13 +634,12 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             message = message.encode("utf-8")
         super()._respond(state, tag, message)
         if state == b"BAD":
-            self._bad_count += 1
-            if self._bad_count >= self.factory.config.limits.max_errors and not self._lost:
+            if self._bad.bad() and not self._lost:
                 self.sendLine(b"* BYE Too many invalid commands")
                 self.transport.loseConnection()
                 return
         elif tag and state in (b"OK", b"NO"):
-            self._bad_count = 0
+            self._bad.good()
         if tag and tag != b"*" and tag == self._busy and state in (b"OK", b"NO", b"BAD"):
             self._busy = None
             if self.paused and not self._lost:
@@ -826,7 +823,7 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
         # RFC 3501 6.2.1: nothing sent before the handshake counts afterwards.
         self.clearLineBuffer()
         self.sendPositiveResponse(tag, b"Begin TLS negotiation now")
-        self.transport.startTLS(self.ctx)
+        self._tls.start()
         self.startedTLS = True
         self.start_handshake_deadline(self.timeOut)
 
@@ -838,13 +835,15 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
                 tag, b"[PRIVACYREQUIRED] Plaintext authentication disallowed without TLS"
             )
             return
-        self._login(tag, user, passwd)
+        self._login(tag, sasl.Credentials(b"", user, passwd))
 
     unauth_LOGIN = (do_LOGIN, arg_astring, arg_finalastring)  # type: ignore[assignment]
 
     def do_AUTHENTICATE(self, tag: bytes, line: bytes | None) -> None:
         mech, _, initial = (line or b"").strip().partition(b" ")
-        if mech.upper() != b"PLAIN":
+        try:
+            exchange = sasl.Exchange(mech)
+        except sasl.UnknownMechanism:
             self.sendNegativeResponse(tag, b"Unsupported authentication mechanism")
             return
         if not self._cleartext_ok():
@@ -852,46 +851,40 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
                 tag, b"[PRIVACYREQUIRED] Plaintext authentication disallowed without TLS"
             )
             return
-        if initial:
-            self._auth_plain(tag, initial.strip())
-            return
-        self._auth_tag = tag
-        self.parseState = "auth_plain"
-        self.sendLine(b"+ ")  # RFC 4954 4: an empty challenge
+        self._sasl_step(tag, exchange, lambda: exchange.start(initial.strip() or None))
 
     unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)  # type: ignore[assignment]
 
-    def parse_auth_plain(self, line: bytes) -> None:
-        self.parseState = "command"
-        tag = self._auth_tag
-        if line.strip() == b"*":
+    def _sasl_step(self, tag: bytes, exchange: sasl.Exchange, step: Callable[[], Any]) -> None:
+        """One step of a SASL exchange: a C{+} challenge (RFC 3501 6.2.2), a BAD, or the login."""
+        try:
+            answer = step()
+        except sasl.Cancelled:
             self.sendBadResponse(tag, b"Authentication cancelled")
             return
-        self._auth_plain(tag, line.strip())
-
-    def _auth_plain(self, tag: bytes, coded: bytes) -> None:
-        import base64
-        import binascii
-
-        try:
-            raw = b"" if coded == b"=" else base64.b64decode(coded, validate=True)
-            authz, authn, password = raw.split(b"\0")
-        except (binascii.Error, ValueError):
-            self.sendBadResponse(tag, b"Malformed AUTHENTICATE PLAIN response")
+        except sasl.SASLError:
+            self.sendBadResponse(
+                tag, b"Malformed AUTHENTICATE " + exchange.mechanism + b" response"
+            )
             return
-        if authz and authz != authn:
-            self.sendNegativeResponse(tag, b"[AUTHORIZATIONFAILED] Proxy login not allowed")
+        if isinstance(answer, sasl.Credentials):
+            self._login(tag, answer)
             return
-        self._login(tag, authn, password)
+        self._auth_tag = tag
+        self._auth_exchange = exchange
+        self.parseState = "auth_sasl"
+        self.sendLine(b"+ " + answer)
 
-    def _login(self, tag: bytes, user: bytes, passwd: bytes) -> None:
+    def parse_auth_sasl(self, line: bytes) -> None:
+        self.parseState = "command"
+        exchange = self._auth_exchange
+        self._auth_exchange = None
+        self._sasl_step(self._auth_tag, exchange, lambda: exchange.respond(line))
+
+    def _login(self, tag: bytes, creds: sasl.Credentials) -> None:
         host = peer_host(self.transport)
-        throttle = self.factory.throttle
-        creds = credentials.UsernamePassword(user, passwd)
-        if throttle is None:
-            d = self.factory.portal.login(creds, None, imap4.IAccount)
-        else:
-            d = throttle.login(self.factory.portal, host, creds, None, imap4.IAccount)
+        user = creds.authcid
+        d = self.factory.authenticator.login(host, creds, imap4.IAccount)
 
         def ok(result: tuple[Any, Any, Any]) -> None:
             _, avatar, logout = result
@@ -909,7 +902,8 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
             )
 
         def failed(failure: Any) -> None:
-            if failure.check(LoginThrottled):
+            result = sasl.outcome(failure)
+            if result == sasl.THROTTLED:
                 self.log.info(
                     "imap login {user} from {host}: refused, too many failures",
                     user=user,
@@ -919,12 +913,12 @@ class IMAPServer(HandshakeDeadlineMixin, imap4.IMAP4Server):
                     self.sendNegativeResponse(
                         tag, b"[UNAVAILABLE] Too many failed logins; try later"
                     )
-            elif failure.check(UnauthorizedLogin):
+            elif result == sasl.FAILED:
                 self.log.info("imap login {user} from {host}: failed", user=user, host=host)
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             else:
-                if failure.check(PasswordDatabaseError):
+                if result == sasl.UNAVAILABLE:
                     self.log.error(
                         "imap login from {host}: {error}", host=host, error=failure.value
                     )
@@ -1793,6 +1787,9 @@ class IMAPServerFactory(protocol.Factory):
         self.run = run
         self.tls = None if implicit_tls else tls
         self.throttle = throttle
+        self.authenticator = sasl.Authenticator(
+            portal, throttle, reactor, config.auth.failure_delay
+        )
         self.implicit_tls = implicit_tls
         self.spool_dir = config.spool_dir
         self.envelopes = _BoundedCache(100_000)  # ~45 MB at most

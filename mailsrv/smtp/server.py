@@ -11,22 +11,16 @@ lines itself, one command at a time, and answers with RFC 3463 codes.
 
 from __future__ import annotations
 
-import base64
-import binascii
 from typing import Any
 
-from twisted.cred.credentials import UsernamePassword
-from twisted.cred.error import LoginFailed, UnauthorizedLogin
 from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
 from mailsrv import replies
-from mailsrv.auth.policy import cleartext_allowed, is_tls
-from mailsrv.auth.throttle import LoginThrottled
+from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
-from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import (
     AUTH_ABORTED,
@@ -45,6 +39,7 @@ from mailsrv.replies import (
     Reply,
     SMTPReplyError,
 )
+from mailsrv.session import BadCommands, TLSGate
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -95,9 +90,6 @@ _VERBS = frozenset(
     }
 )
 
-_B64_USERNAME = base64.b64encode(b"Username:")
-_B64_PASSWORD = base64.b64encode(b"Password:")
-
 
 class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
@@ -113,6 +105,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.implicit_tls = implicit_tls
         self.timeout = context.config.limits.timeout
         self.portal = context.portal
+        self._authenticator = sasl.authenticator(context)
         self.host = context.config.server.hostname.encode("ascii", "replace")
         self._buffer = b""
         self._pos = 0
@@ -124,7 +117,8 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._lost = False
         self._shutting_down = False
         self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
-        self._errors = 0
+        self._bad = BadCommands(context.config.limits.max_errors)
+        self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
         self._client_ip = "unknown"
         self._helo_name: str | None = None
         self._esmtp = False
@@ -148,6 +142,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         except (AttributeError, NotImplementedError, OSError):
             pass
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
+        self._tls.connected(self.transport)
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -156,7 +151,6 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         if sessions is not None:
             sessions.add(self)
         super().connectionMade()  # 220 greeting, idle timer
-        self.canStartTLS = self.canStartTLS and not self.implicit_tls
         if self.implicit_tls:
             self.start_handshake_deadline(self.timeout)
 
@@ -207,12 +201,10 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     @property
     def tls_active(self) -> bool:
         """Whether this session is encrypted (implicit TLS or STARTTLS)."""
-        return self.implicit_tls or self.startedTLS or is_tls(self.transport)
+        return self._tls.active()
 
     def _auth_allowed(self) -> bool:
-        if self.tls_active:
-            return True
-        return cleartext_allowed(self.context.config.auth.cleartext, self.transport)
+        return self._tls.password_allowed()
 
     # input: lines, one command at a time
 
@@ -416,8 +408,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
     def _count(self, code: int) -> None:
         if code < 500 or code == replies.MESSAGE_TOO_BIG.code:
             return
-        self._errors += 1
-        if self._errors >= self.context.config.limits.max_errors:
+        if self._bad.bad():
             self.log.info("too many errors from {client}, closing", client=self._client_ip)
             self.sendCode(
                 replies.TOO_MANY_ERRORS.code,
@@ -468,7 +459,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             b"8BITMIME",  # RFC 6152
             b"ENHANCEDSTATUSCODES",  # RFC 2034
         ]
-        if self.canStartTLS and not self.tls_active:
+        if self._tls.can_start():
             out.append(b"STARTTLS")  # RFC 3207
         if self.submission and self._user is None and self._auth_allowed():
             out.append(b"AUTH PLAIN LOGIN")  # RFC 4954
@@ -668,7 +659,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             self._reply(replies.BAD_ARGUMENTS)
         elif self.tls_active:
             self._reply(replies.BAD_SEQUENCE, "TLS already active")
-        elif not self.canStartTLS:
+        elif not self._tls.can_start():
             self._reply(TLS_UNAVAILABLE)
         else:
             self._reply(TLS_READY)
@@ -683,7 +674,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
                 self._user = None
                 self._delivery = None
                 self._do_logout()
-            self.transport.startTLS(self.context.tls)
+            self._tls.start()
             self.startedTLS = True
             self.start_handshake_deadline(self.timeout)
 
@@ -706,72 +697,45 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             self._reply(replies.ENCRYPTION_REQUIRED)
             return
         parts = rest.split(None, 1)
-        mechanism = parts[0].upper() if parts else b""
-        if mechanism not in (b"PLAIN", b"LOGIN"):
+        try:
+            exchange = sasl.Exchange(parts[0] if parts else b"")
+        except sasl.UnknownMechanism:
             self._reply(AUTH_BAD_MECHANISM)
             return
-        initial = parts[1] if len(parts) > 1 else None
-        if mechanism == b"PLAIN":
-            self._auth_step = self._auth_plain
-            if initial is None:
-                self.mode = AUTH
-                self.sendCode(334, b"")
-                return
-        else:
-            self._auth_step = self._auth_login_user
-            if initial is None:
-                self.mode = AUTH
-                self.sendCode(334, _B64_USERNAME)
-                return
+        self._auth_step = exchange
         self.mode = AUTH
-        self._auth_line(b"" if initial == b"=" else initial)
+        self._auth_answer(lambda: exchange.start(parts[1] if len(parts) > 1 else None))
 
-    def _auth_line(self, line: bytes) -> defer.Deferred | None:
-        if line.strip() == b"*":
-            self.mode = COMMAND
-            self._reply(AUTH_ABORTED)
-            return None
+    def _auth_line(self, line: bytes) -> None:
+        exchange = self._auth_step
+        assert exchange is not None
+        self._auth_answer(lambda: exchange.respond(line))
+
+    def _auth_answer(self, step: Any) -> None:
+        """Run one step of the SASL exchange: a 334 challenge, an error, or the login."""
         try:
-            decoded = base64.b64decode(line.strip(), validate=True)
-        except (binascii.Error, ValueError):
-            self.mode = COMMAND
-            self._reply(AUTH_BAD_RESPONSE)
-            return None
-        return self._auth_step(decoded)
-
-    def _auth_plain(self, response: bytes) -> None:
-        parts = response.split(b"\0")
-        if len(parts) != 3 or not parts[1]:
-            self.mode = COMMAND
+            answer = step()
+        except sasl.Cancelled:
+            self._auth_done()
+            self._reply(AUTH_ABORTED)
+            return
+        except sasl.SASLError:
+            self._auth_done()
             self._reply(AUTH_BAD_RESPONSE)
             return
-        authzid, authcid, password = parts
-        if authzid and authzid != authcid:  # RFC 4616 2: no proxy logins
-            self.mode = COMMAND
-            self._auth_failed_for(authcid)
-            return
-        self._login(authcid, password)
+        if isinstance(answer, sasl.Credentials):
+            self._auth_done()
+            self._login(answer)
+        else:
+            self.sendCode(334, answer)
 
-    def _auth_login_user(self, response: bytes) -> None:
-        self._login_user = response
-        self._auth_step = self._auth_login_password
-        self.sendCode(334, _B64_PASSWORD)
-
-    def _auth_login_password(self, response: bytes) -> None:
-        self._login(self._login_user, response)
-
-    def _login(self, username: bytes, password: bytes) -> None:
+    def _auth_done(self) -> None:
         self.mode = COMMAND
         self._auth_step = None
-        credentials = UsernamePassword(username, password)
-        throttle = self.context.throttle
-        if throttle is None:
-            d = self.portal.login(credentials, None, smtp.IMessageDelivery)
-        else:
-            d = throttle.login(
-                self.portal, self._client_ip, credentials, None, smtp.IMessageDelivery
-            )
-        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(username,))
+
+    def _login(self, credentials: sasl.Credentials) -> None:
+        d = self._authenticator.login(self._client_ip, credentials, smtp.IMessageDelivery)
+        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(credentials.authcid,))
         self._wait(d)
 
     def _logged_in(self, result: tuple[Any, Any, Any]) -> None:
@@ -787,16 +751,17 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._reply(AUTH_OK)
 
     def _login_failed(self, failure: Failure, username: bytes) -> None:
-        if failure.check(UnauthorizedLogin, LoginFailed):
+        result = sasl.outcome(failure)
+        if result == sasl.FAILED:
             self._auth_failed_for(username)
-        elif failure.check(LoginThrottled):
+        elif result == sasl.THROTTLED:
             self.log.warn(
                 "smtp login {user} from {client}: refused, too many failures",
                 user=username,
                 client=self._client_ip,
             )
             self._reply(AUTH_THROTTLED)
-        elif failure.check(PasswordDatabaseError):
+        elif result == sasl.UNAVAILABLE:
             self.log.error(
                 "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
             )
