@@ -508,7 +508,7 @@ def test_starttls_not_offered_without_tls_transport(h):
 
 
 def test_search_body_of_big_message_streams(h, monkeypatch):
-    import mailsrv.imap.server as server
+    import mailsrv.imap.commands.selected as server
 
     monkeypatch.setattr(server, "SEARCH_WHOLE_UP_TO", 1000)
     big = b"Subject: big\n\n" + b"abcdefghij\n" * 300_000 + b"Needle In Haystack\n"
