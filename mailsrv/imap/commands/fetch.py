@@ -68,7 +68,7 @@ class FetchCommand(CommandBase):
         if uid and "UID" not in items:
             items.insert(0, "UID")
         seen_now: set[int] = set()
-        if req.marks_seen and mbox.isWriteable():
+        if req.marks_seen and mbox.is_writeable():
             changes = {}
             for seq in seqs:
                 info = mbox.infos[seq - 1]

@@ -45,23 +45,23 @@ class MailboxCommands(CommandBase):
             return
         self.mbox = mbox
         mbox.folder.add_listener(self._folder_changed)
-        flags = mbox.getFlags()
+        flags = mbox.defined_flags()
         first_unseen = next(
             (i for i, f in enumerate(flag_sets(mbox.infos), 1) if SEEN not in f), None
         )
         self.sendUntaggedResponse(b"FLAGS " + flag_list(flags))
-        permanent = [*flags, "\\*"] if mbox.isWriteable() else []
+        permanent = [*flags, "\\*"] if mbox.is_writeable() else []
         self.sendUntaggedResponse(
             b"OK [PERMANENTFLAGS " + flag_list(permanent) + b"] Flags permitted"
         )
-        self.sendUntaggedResponse(b"%d EXISTS" % mbox.getMessageCount())
+        self.sendUntaggedResponse(b"%d EXISTS" % mbox.message_count())
         self.sendUntaggedResponse(b"0 RECENT")
         if first_unseen is not None:
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
-        self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.getUIDValidity())
-        self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.getUIDNext())
+        self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
+        self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.uid_next())
         self.state = twistedcompat.SELECTED
-        mode = b"[READ-WRITE]" if mbox.isWriteable() else b"[READ-ONLY]"
+        mode = b"[READ-WRITE]" if mbox.is_writeable() else b"[READ-ONLY]"
         self.sendPositiveResponse(tag, mode + (b" SELECT" if rw else b" EXAMINE") + b" completed")
 
     def do_EXAMINE(self, tag: bytes, name: bytes) -> None:

@@ -50,7 +50,7 @@ class SelectedCommands(CommandBase):
     @command
     def do_CLOSE(self, tag: bytes) -> Any:
         mbox = self.mbox
-        if mbox.isWriteable():
+        if mbox.is_writeable():
             # RFC 3501 6.4.2: what is \Deleted now, not what this session last saw
             # (another session may have cleared the flag); no untagged EXPUNGE here.
             yield mbox.folder.refresh()
@@ -74,7 +74,7 @@ class SelectedCommands(CommandBase):
     @command
     def do_EXPUNGE(self, tag: bytes, uids_named: SeqSet | None = None) -> Any:
         mbox = self.mbox
-        if not mbox.isWriteable():
+        if not mbox.is_writeable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
         # RFC 3501 6.4.3: catch up first, so a \Deleted flag another session has
@@ -109,7 +109,7 @@ class SelectedCommands(CommandBase):
             return
         new = parse_flags(flags)
         seqs = resolve(messages, mbox.uids, bool(uid))
-        if not mbox.isWriteable():
+        if not mbox.is_writeable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
         changes = {}
@@ -147,7 +147,7 @@ class SelectedCommands(CommandBase):
         self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0, move: bool = False
     ) -> Any:
         mbox = self.mbox
-        if move and not mbox.isWriteable():
+        if move and not mbox.is_writeable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
         folder_name = mailbox_name(name)
