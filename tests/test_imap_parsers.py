@@ -108,7 +108,7 @@ def test_envelope_address_shapes():
 def test_search_number_list_in_pieces():
     from array import array
 
-    from mailsrv.imap.server import _number_list
+    from mailsrv.imap.responses import number_list as _number_list
 
     assert _number_list([]) == b""
     assert _number_list(array("q", [1, 22, 333, 4]), piece=2) == b" 1 22 333 4"

@@ -1,19 +1,17 @@
 """
 The IMAP avatar: Twisted's L{imap4.IAccount} over our L{IMailStore}, its
-subscription list (a small file per user, written atomically), and the
-L{imap4.IMailbox}/L{imap4.IMessage} adapters over one session's L{IFolder}.
+subscription list (a small file per user, written atomically), and
+L{SessionMailbox}, one session's view of its selected L{IFolder}.
 
-The server drives these with Deferreds throughout; the adapters keep the
-session's state of a selected folder (the message list it has shown the
-client, the messages recent to it).
+The server drives these with Deferreds throughout. The selected folder is
+not an L{imap4.IMailbox}: Twisted's commands that would read one are all
+replaced (L{mailsrv.imap.commands}), so it keeps only what they use.
 """
 
 from __future__ import annotations
 
 import bisect
-import email.utils
 import fcntl
-import io
 import os
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
@@ -27,8 +25,6 @@ from zope.interface import implementer
 from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.imap.listmatch import ListPattern
 from mailsrv.interfaces import (
-    DELETED,
-    SEEN,
     SYSTEM_FLAGS,
     FolderError,
     MessageInfo,
@@ -134,9 +130,13 @@ class FolderInfo:
         return DELIMITER
 
 
-@implementer(imap4.IAccount, imap4.INamespacePresenter)
+@implementer(imap4.IAccount)
 class Account:
-    """One logged-in user's folders."""
+    """
+    One logged-in user's folders. An L{imap4.IAccount} because that is the
+    avatar interface the IMAP login asks the portal for (addMailbox and
+    isSubscribed are there for the interface only).
+    """
 
     log = Logger()
 
@@ -250,19 +250,6 @@ class Account:
 
         return defer.maybeDeferred(self.store.list_folders, self.address).addCallback(listed)
 
-    # INamespacePresenter (RFC 2342)
-    def getPersonalNamespaces(self) -> list[list[str]]:
-        return [["", DELIMITER]]
-
-    def getSharedNamespaces(self) -> None:
-        return None
-
-    def getOtherNamespaces(self) -> None:
-        return None
-
-    def getUserNamespaces(self) -> None:
-        return None
-
     def logout(self) -> None:
         self.logged_out = True
 
@@ -306,7 +293,6 @@ def _own_list(infos: Sequence[MessageInfo]) -> Sequence[MessageInfo]:
     return infos if isinstance(infos, InfoList) else list(infos)
 
 
-@implementer(imap4.IMailbox, imap4.ICloseableMailbox)
 class SessionMailbox:
     """
     The selected folder of one session: L{IFolder} plus what the client has
@@ -318,9 +304,7 @@ class SessionMailbox:
         self.infos: Sequence[MessageInfo] = _own_list(folder.messages())
         self.uids: Sequence[int] = uids_of(self.infos)
         self.recent: set[int] = set()
-        self.listeners: list[Any] = []
 
-    # bookkeeping used by the server
     def seq_of(self, uid: int) -> int | None:
         i = bisect.bisect_left(self.uids, uid)
         if i < len(self.uids) and self.uids[i] == uid:
@@ -343,141 +327,24 @@ class SessionMailbox:
             flags.append(RECENT)
         return flags
 
-    # IMailboxInfo / IMailbox
-    def getFlags(self) -> list[str]:
+    def defined_flags(self) -> list[str]:
+        """The flags of the FLAGS response at SELECT: the system flags and the keywords in use."""
         return sorted(SYSTEM_FLAGS) + self.keywords()
 
-    def getHierarchicalDelimiter(self) -> str:
-        return DELIMITER
+    def uid_validity(self) -> int:
+        return self.folder.uid_validity  # type: ignore[no-any-return]
 
-    def getUIDValidity(self) -> int:
-        return self.folder.uid_validity
+    def uid_next(self) -> int:
+        return self.folder.uid_next  # type: ignore[no-any-return]
 
-    def getUIDNext(self) -> int:
-        return self.folder.uid_next
-
-    def getUID(self, message: int) -> int:
-        return self.uids[message - 1]
-
-    def getMessageCount(self) -> int:
+    def message_count(self) -> int:
         return len(self.infos)
 
-    def getRecentCount(self) -> int:
+    def recent_count(self) -> int:
         return len(self.recent)
 
-    def getUnseenCount(self) -> int:
-        return sum(1 for f in flag_sets(self.infos) if SEEN not in f)
-
-    def isWriteable(self) -> bool:
+    def is_writeable(self) -> bool:
         return not self.folder.read_only
-
-    def destroy(self) -> None:
-        raise imap4.MailboxException("Use DELETE on the account")
-
-    def requestStatus(self, names: Iterable[str]) -> dict[str, int]:
-        values = {
-            "MESSAGES": self.getMessageCount(),
-            "RECENT": self.getRecentCount(),
-            "UIDNEXT": self.getUIDNext(),
-            "UIDVALIDITY": self.getUIDValidity(),
-            "UNSEEN": self.getUnseenCount(),
-        }
-        return {n: values[n.upper()] for n in names if n.upper() in values}
-
-    def addListener(self, listener: Any) -> None:
-        self.listeners.append(listener)
-
-    def removeListener(self, listener: Any) -> None:
-        if listener in self.listeners:
-            self.listeners.remove(listener)
-
-    def addMessage(
-        self, message: Any, flags: Iterable[str] = (), date: Any = None
-    ) -> defer.Deferred:
-        from mailsrv.spool import BytesSource
-
-        data = message.read() if hasattr(message, "read") else bytes(message)
-        when = None
-        if date:
-            parsed = email.utils.parsedate_tz(date if isinstance(date, str) else date.decode())
-            when = None if parsed is None else email.utils.mktime_tz(parsed)
-        source = BytesSource(data.replace(b"\r\n", b"\n"))
-        return defer.maybeDeferred(self.folder.append, source, frozenset(flags), when)
-
-    def expunge(self) -> defer.Deferred:
-        uids = [u for u, f in zip(self.uids, flag_sets(self.infos), strict=True) if DELETED in f]
-        return defer.maybeDeferred(self.folder.expunge, uids)
-
-    def fetch(self, messages: Any, uid: int) -> list[tuple[int, FolderMessage]]:
-        out = []
-        for seq, info in enumerate(self.infos, 1):
-            if (info.uid if uid else seq) in messages:
-                out.append((seq, FolderMessage(self.folder, info)))
-        return out
-
-    def store(self, messages: Any, flags: Iterable[str], mode: int, uid: int) -> defer.Deferred:
-        new = frozenset(flags) - {RECENT}
-        changes = {}
-        for seq, info in enumerate(self.infos, 1):
-            if (info.uid if uid else seq) in messages:
-                if mode > 0:
-                    changes[info.uid] = info.flags | new
-                elif mode < 0:
-                    changes[info.uid] = info.flags - new
-                else:
-                    changes[info.uid] = new
-        return defer.maybeDeferred(self.folder.set_flags, changes).addCallback(
-            lambda _: {self.seq_of(u): sorted(f) for u, f in changes.items()}
-        )
 
     def close(self) -> None:
         self.folder.close()
-
-
-@implementer(imap4.IMessage)
-class FolderMessage:
-    """One message of a folder, for Twisted's IMessage users; small messages only."""
-
-    def __init__(self, folder: Any, info: MessageInfo) -> None:
-        self._folder = folder
-        self._info = info
-
-    def getUID(self) -> int:
-        return self._info.uid
-
-    def getFlags(self) -> list[str]:
-        return sorted(self._info.flags)
-
-    def getInternalDate(self) -> str:
-        return email.utils.formatdate(self._info.internal_date)
-
-    def getHeaders(self, negate: bool, *names: str) -> dict[str, str]:
-        from mailsrv.imap.mime import split_header_fields
-
-        block = self._folder.read_headers(self._info.uid)
-        wanted = {n.lower().encode() for n in names}
-        out: dict[str, str] = {}
-        for name, raw in split_header_fields(block):
-            if not name or (names and (name in wanted) == negate):
-                continue
-            key = name.decode("latin-1")
-            out.setdefault(key, raw.split(b":", 1)[1].strip().decode("utf-8", "replace"))
-        return out
-
-    def getBodyFile(self) -> io.BytesIO:
-        f = self._folder.open_message(self._info.uid)
-        try:
-            data = f.read()
-        finally:
-            f.close()
-        end = data.find(b"\r\n\r\n")
-        return io.BytesIO(b"" if end < 0 else data[end + 4 :])
-
-    def getSize(self) -> int:
-        return self._info.size
-
-    def isMultipart(self) -> bool:
-        return False
-
-    def getSubPart(self, part: int) -> Any:
-        raise IndexError(part)

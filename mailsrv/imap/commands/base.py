@@ -1,0 +1,189 @@
+"""
+What the IMAP command handlers share: the L{command} wrapper that runs a
+handler and answers its failure, flow control for long responses, and the
+selected mailbox's bookkeeping (closing it, catching up with changes made by
+other sessions and telling the client: EXPUNGE, FETCH FLAGS, EXISTS).
+
+The command groups are mixins over Twisted's L{imap4.IMAP4Server}: Twisted
+supplies the line and literal machinery and the dispatch by state, and
+every command it implements, but CAPABILITY and LOGOUT, is replaced so that
+store calls are asynchronous and responses byte-exact.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+from collections.abc import Callable, Iterable
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.interfaces import IPushProducer
+from twisted.mail import imap4
+from zope.interface import implementer
+
+from mailsrv.imap.fetch import FetchSyntaxError
+from mailsrv.imap.responses import expunge_lines, flag_list
+from mailsrv.imap.search import BadCharset, SearchError
+from mailsrv.interfaces import FolderError
+from mailsrv.logsafe import SafeLogger
+from mailsrv.spool import disk_full
+
+
+@implementer(IPushProducer)
+class Flow:
+    """Flow control for a long response: wait() until the transport wants more."""
+
+    def __init__(self) -> None:
+        self.paused = False
+        self.stopped = False
+        self._waiting: list[defer.Deferred] = []
+
+    def pauseProducing(self) -> None:
+        self.paused = True
+
+    def resumeProducing(self) -> None:
+        self.paused = False
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def stopProducing(self) -> None:
+        self.stopped = True
+        self.resumeProducing()
+
+    def wait(self) -> defer.Deferred:
+        if not self.paused:
+            return defer.succeed(None)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+
+def command(fn: Callable[..., Any]) -> Callable[..., None]:
+    """Run a command handler (a generator: inlineCallbacks) and answer its failures."""
+    gen = inspect.isgeneratorfunction(fn)
+    run = defer.inlineCallbacks(fn) if gen else fn
+
+    @functools.wraps(fn)
+    def wrapper(self: CommandBase, tag: bytes, *args: Any, **kw: Any) -> None:
+        pending = self._sync_d
+        if pending is not None:
+            d = pending.addBoth(lambda _: None).addCallback(lambda _: run(self, tag, *args, **kw))
+        else:
+            d = defer.maybeDeferred(run, self, tag, *args, **kw)
+        d.addErrback(self._command_failed, tag)
+
+    return wrapper
+
+
+class CommandBase(imap4.IMAP4Server):
+    """
+    The state of one IMAP session that the command groups share (set up by
+    L{mailsrv.imap.server.IMAPServer}), and the helpers they call.
+    """
+
+    log = SafeLogger()
+    transport: Any
+    callLater: Any
+    factory: Any  # the IMAPServerFactory
+    mbox: Any = None  # the selected SessionMailbox
+    account: Any = None  # the logged-in Account
+    _lost: bool
+    _user: str | None
+    _current_tag: bytes | None
+    _idle_tag: bytes | None
+    _sync_d: defer.Deferred | None
+    _sync_again: bool
+
+    def _command_failed(self, failure: Any, tag: bytes) -> None:
+        if self._lost:
+            return
+        if failure.check(FolderError):
+            self.sendNegativeResponse(tag, str(failure.value).encode("utf-8", "replace"))
+        elif failure.check(imap4.IllegalClientResponse, SearchError, FetchSyntaxError):
+            self.sendBadResponse(tag, str(failure.value).encode("utf-8", "replace"))
+        elif failure.check(BadCharset):
+            self.sendNegativeResponse(tag, b"[BADCHARSET (UTF-8 US-ASCII)] Unsupported charset")
+        elif disk_full(failure.value):
+            self.log.error("IMAP command {tag}: {error}", tag=tag, error=str(failure.value))
+            self.sendNegativeResponse(tag, b"[OVERQUOTA] Not enough disk space")  # RFC 5530
+        else:
+            self.log.failure("IMAP command {tag} failed", failure, tag=tag)
+            self.sendNegativeResponse(tag, b"[SERVERBUG] Internal error")
+
+    def _run(self, f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
+        return self.factory.run(f, *args, **kw)  # type: ignore[no-any-return]
+
+    def _close_mailbox(self) -> None:
+        mbox, self.mbox = self.mbox, None
+        if mbox is not None:
+            try:
+                mbox.folder.remove_listener(self._folder_changed)
+                mbox.close()
+            except Exception:
+                self.log.failure("closing folder")
+
+    def _expunged_lines(self, removed: Iterable[int]) -> bytes:
+        return expunge_lines(self.mbox.uids, removed)
+
+    # --- changes by others -------------------------------------------------
+
+    def _folder_changed(self) -> None:
+        if self._idle_tag is not None and not self._lost:
+            self._start_sync()
+
+    def _start_sync(self) -> None:
+        if self._sync_d is not None:
+            self._sync_again = True
+            return
+        d = self._sync()
+        if not d.called:
+            self._sync_d = d
+
+            def done(_: Any) -> None:
+                self._sync_d = None
+                if self._sync_again:
+                    self._sync_again = False
+                    if self._idle_tag is not None:
+                        self._start_sync()
+
+            d.addBoth(done)
+
+    @defer.inlineCallbacks
+    def _sync(self) -> Any:
+        """Catch up with the folder; tell the client what changed (EXPUNGE, FETCH, EXISTS)."""
+        mbox = self.mbox
+        if mbox is None:
+            return
+        try:
+            changes = yield mbox.folder.refresh()
+        except FolderError as e:
+            # Deleted or renamed by another session meanwhile: the session keeps
+            # the view it has; what it can no longer read is reported as such.
+            self.log.info("refresh of {folder}: {error}", folder=mbox.folder.name, error=e)
+            return
+        except Exception:
+            self.log.failure("refresh failed")
+            return
+        if mbox is not self.mbox or self._lost:
+            return
+        if changes.uid_validity_changed:
+            self.sendLine(b"* BYE [UIDVALIDITY changed] Mailbox changed; reconnect")
+            self.transport.loseConnection()
+            return
+        lines = [expunge_lines(mbox.uids, changes.expunged)]
+        mbox.reload()
+        for info in changes.added:
+            mbox.recent.add(info.uid)
+        for info in changes.flags:
+            seq = mbox.seq_of(info.uid)
+            if seq is not None:
+                lines.append(b"* %d FETCH (FLAGS %s)\r\n" % (seq, flag_list(mbox.flags_of(info))))
+        if changes.added or changes.expunged:
+            lines.append(b"* %d EXISTS\r\n" % mbox.message_count())
+        if changes.added:
+            lines.append(b"* %d RECENT\r\n" % mbox.recent_count())
+        out = b"".join(lines)
+        if out:
+            self.transport.write(out)

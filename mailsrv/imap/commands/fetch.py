@@ -1,0 +1,228 @@
+"""
+FETCH (RFC 3501 6.4.5): marks what is read \\Seen, then writes the responses
+as the client reads them. Items held in memory are formatted on the reactor
+thread; the rest is prepared in batches in the thread pool (the next batch
+read while this one is written) and large section octets are streamed from
+the file. Envelopes and MIME structures are cached across sessions.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Sequence
+from typing import Any
+
+from twisted.internet import defer
+
+from mailsrv.imap.account import SessionMailbox
+from mailsrv.imap.commands.base import CommandBase, Flow, command
+from mailsrv.imap.fetch import FetchRequest, Stream, skip
+from mailsrv.imap.fetchitems import (
+    MessageFetch,
+    prepare_batch,
+    simple_formatters,
+    simple_response,
+)
+from mailsrv.imap.parsing import CommandParser, SeqSet, resolve
+from mailsrv.imap.responses import flag_list
+from mailsrv.interfaces import SEEN
+from mailsrv.spool import disk_full
+
+
+class BoundedCache:
+    """A least-recently-used map with a size bound (envelopes, MIME structures)."""
+
+    def __init__(self, limit: int) -> None:
+        self._limit = limit
+        self._data: OrderedDict[Any, Any] = OrderedDict()
+
+    def get(self, key: Any) -> Any:
+        value = self._data.get(key)
+        if value is not None:
+            self._data.move_to_end(key)
+        return value
+
+    def put(self, key: Any, value: Any) -> None:
+        self._data[key] = value
+        self._data.move_to_end(key)
+        while len(self._data) > self._limit:
+            self._data.popitem(last=False)
+
+    def __len__(self) -> int:
+        return len(self._data)
+
+
+class FetchCommand(CommandBase):
+    """FETCH and UID FETCH."""
+
+    def do_FETCH(self, tag: bytes, messages: SeqSet, req: FetchRequest, uid: int = 0) -> None:
+        self._fetch(tag, messages, req, uid)
+
+    select_FETCH = (do_FETCH, CommandParser.arg_seqset, CommandParser.arg_fetchatt)  # type: ignore[assignment]
+
+    @command
+    def _fetch(self, tag: bytes, messages: SeqSet, req: FetchRequest, uid: int = 0) -> Any:
+        mbox = self.mbox
+        seqs = resolve(messages, mbox.uids, bool(uid))
+        items: list[Any] = list(req.order)
+        if uid and "UID" not in items:
+            items.insert(0, "UID")
+        seen_now: set[int] = set()
+        if req.marks_seen and mbox.is_writeable():
+            changes = {}
+            for seq in seqs:
+                info = mbox.infos[seq - 1]
+                if SEEN not in info.flags:
+                    changes[info.uid] = info.flags | {SEEN}
+            if changes:
+                try:
+                    yield mbox.folder.set_flags(changes)
+                except Exception as e:
+                    if not disk_full(e):
+                        raise
+                    # The message is still read on a full disk, only not marked \Seen.
+                    self.log.warn("FETCH: cannot set \\Seen: {error}", error=str(e))
+                else:
+                    seen_now = set(changes)
+                mbox.reload()
+        try:
+            missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)
+        except Exception:
+            # Part of a response may be on the wire: the session cannot go on.
+            self.log.failure("FETCH failed mid-response; closing the connection")
+            if not self._lost:
+                self.sendLine(b"* BYE Internal error")
+                self.transport.loseConnection()
+            return
+        if self._lost:
+            return
+        if missing:
+            self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages no longer exist")
+        else:
+            self.sendPositiveResponse(tag, b"FETCH completed")
+
+    @defer.inlineCallbacks
+    def _fetch_loop(
+        self,
+        mbox: SessionMailbox,
+        seqs: Sequence[int],
+        items: list[Any],
+        req: FetchRequest,
+        seen_now: set[int],
+    ) -> Any:
+        factory = self.factory
+        flow = Flow()
+        self.transport.registerProducer(flow, True)
+        missing = 0
+        key = (self._user, mbox.folder.name, mbox.folder.uid_validity)
+        pending: Any = None
+        try:
+            if not req.needs_disk:
+                plain = simple_formatters(items)
+                with_flags = simple_formatters(items + ["FLAGS"])
+                has_flags = "FLAGS" in items
+                m: MessageFetch | None = None  # one for all: these formatters keep nothing in it
+                for start in range(0, len(seqs), 2000):
+                    out = []
+                    for seq in seqs[start : start + 2000]:
+                        info = mbox.infos[seq - 1]
+                        fields, flags = plain, b""
+                        if has_flags:
+                            flags = flag_list(mbox.flags_of(info))
+                        elif info.uid in seen_now:
+                            fields, flags = with_flags, flag_list(mbox.flags_of(info))
+                        if m is None:
+                            m = MessageFetch(None, info, flags)
+                        else:
+                            m.info, m.flags = info, flags
+                        out.append(simple_response(seq, m, fields))
+                    self.transport.write(b"".join(out))
+                    yield flow.wait()
+                    if self._lost or flow.stopped:
+                        return missing
+                    if start + 2000 < len(seqs):
+                        yield factory.cooperate()
+                return missing
+            need_structure = req.needs_structure
+            batch = 200 if need_structure or req.sections else 500
+            its = items
+            if seen_now and "FLAGS" not in items:
+                its = items + ["FLAGS"]
+            memory_only = not need_structure and not req.sections
+
+            def submit(start: int) -> tuple[list[Any], defer.Deferred]:
+                job = []
+                for seq in seqs[start : start + batch]:
+                    info = mbox.infos[seq - 1]
+                    env = factory.envelopes.get(key + (info.uid,))
+                    root = factory.structures.get(key + (info.uid,)) if need_structure else None
+                    job.append((seq, info, flag_list(mbox.flags_of(info)), env, root))
+                if memory_only and all(j[3] is not None for j in job):
+                    # Everything is cached: format here, no trip to a thread.
+                    return job, factory.cooperate().addCallback(
+                        lambda _: prepare_batch(mbox.folder, job, its, False)
+                    )
+                return job, self._run(prepare_batch, mbox.folder, job, its, need_structure)
+
+            # The next batch is read while this one is written.
+            pending = submit(0) if seqs else None
+            for start in range(0, len(seqs), batch):
+                job, d = pending
+                results = yield d
+                pending = submit(start + batch) if start + batch < len(seqs) else None
+                if self._lost:
+                    return missing
+                buf: list[bytes] = []
+                for (_seq, info, *_), result in zip(job, results, strict=True):
+                    if result is None:
+                        missing += 1
+                        continue
+                    pieces, new_env, new_root = result
+                    if new_env is not None:
+                        factory.envelopes.put(key + (info.uid,), new_env)
+                    if new_root is not None:
+                        factory.structures.put(key + (info.uid,), new_root)
+                    for piece in pieces:
+                        if isinstance(piece, Stream):
+                            self.transport.write(b"".join(buf))
+                            buf = []
+                            yield self._stream(mbox.folder, piece, flow)
+                            if self._lost or flow.stopped:
+                                return missing
+                        else:
+                            buf.append(piece)
+                self.transport.write(b"".join(buf))
+                yield flow.wait()
+                if self._lost or flow.stopped:
+                    return missing
+            return missing
+        finally:
+            if pending is not None:
+                pending[1].addErrback(lambda _: None)  # abandoned read-ahead
+            if not self._lost:
+                self.transport.unregisterProducer()
+
+    @defer.inlineCallbacks
+    def _stream(self, folder: Any, s: Stream, flow: Flow) -> Any:
+        left = s.end - s.start
+        try:
+            f = yield self._run(folder.open_message, s.uid)
+        except KeyError:
+            f = None
+        try:
+            if f is not None:
+                yield self._run(skip, f, s.start)
+            while left > 0 and f is not None:
+                chunk = yield self._run(f.read, min(left, 256 * 1024))
+                if not chunk or self._lost:
+                    break
+                self.transport.write(chunk)
+                left -= len(chunk)
+                yield flow.wait()
+                if flow.stopped:
+                    return
+            if left > 0 and not self._lost:
+                self.transport.write(b" " * left)  # keep the literal's promised length
+        finally:
+            if f is not None:
+                f.close()

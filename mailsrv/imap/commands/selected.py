@@ -1,0 +1,301 @@
+"""
+Commands on the selected mailbox (RFC 3501 6.4) but FETCH: CHECK, CLOSE,
+UNSELECT (RFC 3691), EXPUNGE, STORE, COPY, MOVE (RFC 6851), SEARCH and UID,
+with UIDPLUS's COPYUID and UID EXPUNGE (RFC 4315).
+"""
+
+from __future__ import annotations
+
+import functools
+from array import array
+from typing import Any
+
+from twisted.internet import defer
+from twisted.mail import imap4
+
+from mailsrv.imap import twistedcompat
+from mailsrv.imap.account import SessionMailbox
+from mailsrv.imap.commands.base import CommandBase, command
+from mailsrv.imap.parsing import (
+    CommandParser,
+    SeqSet,
+    SeqSetMembers,
+    mailbox_name,
+    parse_flags,
+    resolve,
+)
+from mailsrv.imap.responses import flag_list, number_list, uid_set
+from mailsrv.imap.search import Matcher, needs, parse
+from mailsrv.interfaces import DELETED, FolderError, MessageInfo
+from mailsrv.spool import SpooledSource
+from mailsrv.store.infos import flag_sets
+
+# A message up to this size is searched (BODY, TEXT) whole, a bigger one in chunks.
+SEARCH_WHOLE_UP_TO = 4 * 1024 * 1024
+
+arg_seqset = CommandParser.arg_seqset
+arg_finalastring = CommandParser.arg_finalastring
+
+
+class SelectedCommands(CommandBase):
+    """CHECK, CLOSE, UNSELECT, EXPUNGE, STORE, COPY, MOVE, SEARCH, UID."""
+
+    @command
+    def do_CHECK(self, tag: bytes) -> Any:
+        yield self._sync()
+        self.sendPositiveResponse(tag, b"CHECK completed")
+
+    select_CHECK = (do_CHECK,)
+
+    @command
+    def do_CLOSE(self, tag: bytes) -> Any:
+        mbox = self.mbox
+        if mbox.is_writeable():
+            # RFC 3501 6.4.2: what is \Deleted now, not what this session last saw
+            # (another session may have cleared the flag); no untagged EXPUNGE here.
+            yield mbox.folder.refresh()
+            mbox.reload()
+            uids = _deleted_uids(mbox)
+            if uids:
+                yield mbox.folder.expunge(uids)
+        self._close_mailbox()
+        self.state = twistedcompat.AUTH
+        self.sendPositiveResponse(tag, b"CLOSE completed")
+
+    select_CLOSE = (do_CLOSE,)
+
+    def do_UNSELECT(self, tag: bytes) -> None:
+        self._close_mailbox()
+        self.state = twistedcompat.AUTH
+        self.sendPositiveResponse(tag, b"UNSELECT completed")
+
+    select_UNSELECT = (do_UNSELECT,)
+
+    @command
+    def do_EXPUNGE(self, tag: bytes, uids_named: SeqSet | None = None) -> Any:
+        mbox = self.mbox
+        if not mbox.is_writeable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+        # RFC 3501 6.4.3: catch up first, so a \Deleted flag another session has
+        # since cleared does not get its message removed.
+        yield self._sync()
+        if mbox is not self.mbox or self._lost or self.transport.disconnecting:
+            return  # e.g. UIDVALIDITY changed: the UIDs seen no longer name the same mail
+        uids = _deleted_uids(mbox)
+        if uids_named is not None:
+            last = mbox.uids[-1] if mbox.uids else 0
+            uids = [u for u in uids if uids_named.contains(u, last)]
+        removed = yield mbox.folder.expunge(uids) if uids else defer.succeed([])
+        out = self._expunged_lines(removed)
+        mbox.reload()
+        if out:
+            self.transport.write(out)
+        yield self._sync()
+        self.sendPositiveResponse(tag, b"EXPUNGE completed")
+
+    select_EXPUNGE = (do_EXPUNGE,)
+
+    @command
+    def do_STORE(
+        self, tag: bytes, messages: SeqSet, mode: bytes, flags: list[bytes], uid: int = 0
+    ) -> Any:
+        mbox = self.mbox
+        m = mode.upper()
+        silent = m.endswith(b".SILENT")
+        base = m[: -len(b".SILENT")] if silent else m
+        if base not in (b"FLAGS", b"+FLAGS", b"-FLAGS"):
+            self.sendBadResponse(tag, b"Invalid STORE mode")
+            return
+        new = parse_flags(flags)
+        seqs = resolve(messages, mbox.uids, bool(uid))
+        if not mbox.is_writeable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+        changes = {}
+        for seq in seqs:
+            info = mbox.infos[seq - 1]
+            if base == b"+FLAGS":
+                changes[info.uid] = info.flags | new
+            elif base == b"-FLAGS":
+                changes[info.uid] = info.flags - new
+            else:
+                changes[info.uid] = frozenset(new)
+        if changes:
+            yield mbox.folder.set_flags(changes)
+            mbox.reload()
+        if not silent:
+            out = []
+            for seq in seqs:
+                info = mbox.infos[seq - 1]
+                extra = b" UID %d" % info.uid if uid else b""
+                out.append(
+                    b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, flag_list(mbox.flags_of(info)), extra)
+                )
+            self.transport.write(b"".join(out))
+        self.sendPositiveResponse(tag, b"STORE completed")
+
+    select_STORE = (  # type: ignore[assignment]
+        do_STORE,
+        arg_seqset,
+        twistedcompat.arg_atom,
+        twistedcompat.arg_flaglist,
+    )
+
+    @command
+    def do_COPY(
+        self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0, move: bool = False
+    ) -> Any:
+        mbox = self.mbox
+        if move and not mbox.is_writeable():
+            self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
+            return
+        folder_name = mailbox_name(name)
+        seqs = resolve(messages, mbox.uids, bool(uid))
+        try:
+            target = yield self.factory.store.open_folder(self._user, folder_name)
+        except FolderError:
+            self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
+            return
+        src_uids, dst_uids = [], []
+        try:
+            for seq in seqs:
+                info = mbox.infos[seq - 1]
+                try:
+                    source = yield self._run(
+                        _crlf_to_lf_source, mbox.folder, info.uid, self.factory.spool_dir
+                    )
+                except KeyError:
+                    continue
+                try:
+                    new_uid = yield target.append(source, info.flags, info.internal_date)
+                finally:
+                    source.discard()
+                src_uids.append(info.uid)
+                dst_uids.append(new_uid)
+            validity = target.uid_validity
+        finally:
+            target.close()
+        code = b""
+        if src_uids:
+            code = b"[COPYUID %d %s %s] " % (validity, uid_set(src_uids), uid_set(dst_uids))
+        if move:
+            if code:
+                self.sendUntaggedResponse(b"OK " + code + b"Moved")
+            removed = yield mbox.folder.expunge(src_uids) if src_uids else defer.succeed([])
+            out = self._expunged_lines(removed)
+            mbox.reload()
+            if out:
+                self.transport.write(out)
+            if folder_name == mbox.folder.name:
+                yield self._sync()  # the copies: EXISTS before the client may name them
+            self.sendPositiveResponse(tag, b"MOVE completed")
+            return
+        if folder_name == mbox.folder.name:
+            yield self._sync()
+        self.sendPositiveResponse(tag, code + b"COPY completed")
+
+    def do_MOVE(self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0) -> None:
+        self.do_COPY(tag, messages, name, uid, True)
+
+    select_COPY = (do_COPY, arg_seqset, arg_finalastring)  # type: ignore[assignment]
+    select_MOVE = (do_MOVE, arg_seqset, arg_finalastring)
+
+    @command
+    def do_SEARCH(self, tag: bytes, charset: str, tokens: list[Any], uid: int = 0) -> Any:
+        mbox = self.mbox
+        tree = parse(tokens, charset)
+        infos = mbox.infos  # replaced, never changed, by a reload: safe to walk in a thread
+        last_uid = mbox.uids[-1] if mbox.uids else 0
+        matcher = Matcher(
+            tree,
+            len(infos),
+            last_uid,
+            set(mbox.recent),
+            lambda raw, last: SeqSetMembers(SeqSet(raw), last),
+        )
+        folder = mbox.folder
+
+        def run() -> array:
+            hits = array("q")  # 8 bytes a hit, not an int object each
+            for seq, info in enumerate(infos, 1):
+                try:
+                    if matcher.match(
+                        seq,
+                        info,
+                        functools.partial(folder.read_headers, info.uid),
+                        functools.partial(_search_body, folder, info),
+                    ):
+                        hits.append(info.uid if uid else seq)
+                except KeyError:
+                    continue
+            return hits
+
+        if needs(tree):
+            hits = yield self._run(run)
+        else:
+            hits = run()
+        self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
+        self.sendPositiveResponse(tag, b"SEARCH completed")
+
+    select_SEARCH = (do_SEARCH, CommandParser.opt_charset, CommandParser.arg_searchkeys)  # type: ignore[assignment]
+
+    def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
+        command = command.upper()
+        if command == b"EXPUNGE":
+            seqset, rest = self.arg_seqset(line)
+            if rest:
+                raise imap4.IllegalClientResponse("Too many arguments")
+            self.do_EXPUNGE(tag, seqset)
+            return
+        if command not in (b"COPY", b"FETCH", b"STORE", b"SEARCH", b"MOVE"):
+            raise imap4.IllegalClientResponse("Invalid UID command")
+        self.dispatchCommand(tag, command, line, uid=1)
+
+    select_UID = (do_UID, twistedcompat.arg_atom, twistedcompat.arg_line)  # type: ignore[assignment]
+
+
+def _crlf_to_lf_source(folder: Any, uid: int, spool_dir: Any) -> SpooledSource:
+    """Copy a stored message (CRLF) into a new spooled source (LF). Runs in a thread."""
+    source = SpooledSource(spool_dir)
+    carry = b""
+    with folder.open_message(uid) as f:
+        while True:
+            chunk = f.read(256 * 1024)
+            if not chunk:
+                break
+            chunk = carry + chunk
+            carry = b""
+            if chunk.endswith(b"\r"):
+                chunk, carry = chunk[:-1], b"\r"
+            source.write(chunk.replace(b"\r\n", b"\n"))
+    if carry:
+        source.write(carry)
+    source.finish()
+    return source
+
+
+def _search_body(folder: Any, info: MessageInfo) -> Any:
+    """The message for BODY/TEXT search: bytes if small, else a chunk-iterator factory."""
+    if info.size <= SEARCH_WHOLE_UP_TO:
+        return _read_all(folder, info.uid)
+
+    def chunks() -> Any:
+        with folder.open_message(info.uid) as f:
+            while True:
+                chunk = f.read(1 << 20)
+                if not chunk:
+                    return
+                yield chunk
+
+    return chunks
+
+
+def _read_all(folder: Any, uid: int) -> bytes:
+    with folder.open_message(uid) as f:
+        return f.read()
+
+
+def _deleted_uids(mbox: SessionMailbox) -> list[int]:
+    """UIDs of the messages flagged \\Deleted (without making a MessageInfo for each)."""
+    return [u for u, f in zip(mbox.uids, flag_sets(mbox.infos), strict=True) if DELETED in f]
