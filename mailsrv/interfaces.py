@@ -65,6 +65,13 @@ class IFolder(Interface):
     has been shown; it changes only when the session calls L{refresh}, which
     reports what others changed meanwhile (so IMAP can send EXISTS, EXPUNGE and
     FETCH, and POP3 can keep its snapshot).
+
+    Threads: the attributes and the methods marked "reactor thread" are cheap
+    and in memory, and are called on the reactor thread. Those that return a
+    Deferred are called on the reactor thread too and do their disk work in
+    the store's thread pool. L{open_message} and L{read_headers} read message
+    bytes from the disk and block: call them (and read the files they return)
+    in a pool thread, never on the reactor thread.
     """
 
     user = Attribute("str: the owner's address")
@@ -74,47 +81,68 @@ class IFolder(Interface):
     read_only = Attribute("bool: opened read-only (EXAMINE)")
 
     def messages():
-        """Return the session's list of L{MessageInfo}, in folder order (seq = index + 1)."""
+        """
+        Return the session's list of L{MessageInfo}, in folder order (seq =
+        index + 1). Reactor thread: in memory.
+        """
 
     def refresh():
         """
         Catch up with the disk and with other sessions. Fires with
-        L{FolderChanges}; afterwards L{messages} shows the new state.
+        L{FolderChanges}; afterwards L{messages} shows the new state. Reactor
+        thread; returns a Deferred, the disk work (a stat, a scan of what
+        changed) runs in the pool.
         """
 
     def open_message(uid):
         """
         Return a binary file object reading message C{uid} with CRLF line
         ends, exactly C{size} octets, streamed from disk. Raise KeyError if
-        the message is gone.
+        the message is gone. Pool thread only: opening reads the disk (a
+        small message whole), and so does reading the file.
         """
 
     def read_headers(uid):
-        """Return the message's header block (CRLF, up to and including the blank line)."""
+        """
+        Return the message's header block (CRLF, up to and including the blank
+        line). Pool thread only: reads the disk. Raise KeyError if it is gone.
+        """
 
     def set_flags(changes):
         """
         C{changes} maps UID to the new full set of flags. Fires when stored;
-        other sessions see the change at their next refresh.
+        other sessions see the change at their next refresh. Reactor thread;
+        the session's view changes at once, the index is written in the pool.
         """
 
     def append(source, flags=frozenset(), internal_date=None):
-        """Append an L{IMessageSource} durably; fires with the new UID."""
+        """
+        Append an L{IMessageSource} durably; fires with the new UID. Reactor
+        thread; the append runs in the pool.
+        """
 
     def expunge(uids):
         """
         Remove the messages with these UIDs from the folder, durably. Fires
-        with the UIDs actually removed, in folder order.
+        with the UIDs actually removed, in folder order. Reactor thread; the
+        rewrite runs in the pool.
         """
 
     def add_listener(callback):
-        """Call C{callback()} (on the reactor thread) whenever the folder changes."""
+        """
+        Call C{callback()} (on the reactor thread) whenever the folder changes.
+        Reactor thread: in memory (the store may start polling the file).
+        """
 
     def remove_listener(callback):
-        """Stop calling C{callback}."""
+        """Stop calling C{callback}. Reactor thread: in memory."""
 
     def close():
-        """End the session's use of the folder (release files, listeners)."""
+        """
+        End the session's use of the folder (release files, listeners).
+        Reactor thread; work it leads to (writing changed flags into the
+        file) is queued in the pool.
+        """
 
 
 class IMailStore(Interface):

@@ -43,7 +43,7 @@ MAX_PIPELINED = 64  # stop reading while this many commands wait
 READ_AHEAD = 48  # messages held ready ahead of a sequential RETR download
 READ_AHEAD_MAX_SIZE = 64 * 1024  # larger ones are read when asked for (<= 3 MB ahead)
 LISTING_PIECE = 2048  # LIST/UIDL lines per write (~50 KB)
-OPEN_PER_RETR = 2  # messages opened ahead after each RETR
+OPEN_PER_RETR = 2  # messages chosen to read ahead after each RETR
 READ_BATCH = 16  # messages read per trip to the pool
 
 # Replies, worded like Dovecot's where clients may match on them.
@@ -316,7 +316,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         self._method = ""
         # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
         self._cache: dict[int, bytes] = {}
-        self._opened: list[tuple[int, Any, int]] = []  # (index, file, size) not yet read
+        self._opened: list[tuple[int, int, int]] = []  # (index, uid, size) to read ahead
         self._batch: set[int] = set()  # indexes being read in the pool
         self._ahead_until = 0  # the next index to open ahead
         self._batch_waiters: list[tuple[int, defer.Deferred]] = []
@@ -346,9 +346,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         self._closed = True
         self.handshake_over()
         self._cache.clear()
-        opened, self._opened = self._opened, []
-        for _, fp, _ in opened:
-            fp.close()
+        self._opened = []
         super().connectionLost(reason)
 
     def timeoutConnection(self) -> None:
@@ -783,23 +781,16 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
 
     def _read_now(self, indexes: list[int], top: int | None) -> defer.Deferred:
         """Read messages in one trip to the pool; fire with index -> bytes (gone ones left out)."""
-        files = []
-        for i in indexes:
-            info = self.mbox.infos[i]
-            try:
-                files.append((i, self.mbox.folder.open_message(info.uid), info.size))
-            except KeyError:
-                pass
-        if not files:
-            return defer.succeed({})
-        return self._in_thread(_read_files, files, top)
+        infos = self.mbox.infos
+        wanted = [(i, infos[i].uid, infos[i].size) for i in indexes]
+        return self._in_thread(_read_files, self.mbox.folder, wanted, top)
 
     def _read_ahead(self, index: int) -> None:
         """
         After RETR C{index}, get the messages a sequential download asks for
-        next: open a couple per RETR (cheap, and done while the client reads
-        its reply) and read them in batches, one trip to the pool per batch,
-        so that most RETRs find their message in memory.
+        next: choose a couple per RETR and read them in batches, one trip to
+        the pool per batch (the message bytes are never read on the reactor
+        thread), so that most RETRs find their message in memory.
         """
         mbox = self.mbox
         if self._closed or mbox is None:
@@ -819,11 +810,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             self._ahead_until += 1
             if i in mbox.deleted or i in self._cache:
                 continue
-            try:
-                fp = mbox.folder.open_message(info.uid)
-            except KeyError:
-                continue
-            self._opened.append((i, fp, info.size))
+            self._opened.append((i, info.uid, info.size))
             opened += 1
         if self._opened and (
             len(self._opened) >= READ_BATCH
@@ -832,11 +819,11 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             self._submit()
 
     def _submit(self) -> None:
-        """Read the opened messages in one trip to the pool."""
-        files, self._opened = self._opened, []
-        indexes = {i for i, _, _ in files}
+        """Read the messages chosen to read ahead in one trip to the pool."""
+        wanted, self._opened = self._opened, []
+        indexes = {i for i, _, _ in wanted}
         self._batch |= indexes
-        d = self._in_thread(_read_files, files, None)
+        d = self._in_thread(_read_files, self.mbox.folder, wanted, None)
         d.addBoth(self._batch_done, indexes)
 
     def _batch_done(self, result: dict[int, bytes] | Failure, indexes: set[int]) -> None:
@@ -865,9 +852,12 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def _stream(self, info: MessageInfo) -> Any:
         """Send a large message chunk by chunk, reading each off the reactor thread."""
         try:
-            fp = self.mbox.folder.open_message(info.uid)
+            fp = yield self._in_thread(self.mbox.folder.open_message, info.uid)
         except KeyError:
             self.error(GONE)
+            return
+        if self._closed:
+            yield self._in_thread(fp.close)
             return
         producer = OutputFlow()
         self.transport.registerProducer(producer, True)
@@ -915,14 +905,22 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             yield self._in_thread(fp.close)
 
 
-def _read_files(files: list[tuple[int, Any, int]], top: int | None) -> dict[int, bytes]:
-    """Read messages (in a pool thread): index -> bytes; for TOP, only enough lines."""
+def _read_files(
+    folder: Any, wanted: list[tuple[int, int, int]], top: int | None
+) -> dict[int, bytes]:
+    """
+    Open and read messages (in a pool thread: opening reads message bytes too):
+    index -> bytes, messages gone left out; for TOP, only enough lines.
+    """
     out = {}
-    try:
-        for index, fp, size in files:
+    for index, uid, size in wanted:
+        try:
+            fp = folder.open_message(uid)
+        except KeyError:
+            continue
+        try:
             out[index] = fp.read(size) if top is None else _read_top(fp, top)
-    finally:
-        for _, fp, _ in files:
+        finally:
             fp.close()
     return out
 

@@ -98,7 +98,7 @@ class GroupCommitTests(unittest.TestCase):
         self.assertEqual(os.listdir(store.tmp_dir), [])
 
     def test_a_failed_write_fails_only_its_own_message(self):
-        self.queue._max_batches = 2
+        self.queue = HeldPoolQueue(self.dir, self.clock, threadpool=object(), max_batches=2)
         held_first = self.queue.enqueue("a@example.test", ["x@remote.test"], BytesSource(MESSAGE))
         good = self.queue.enqueue("a@example.test", ["y@remote.test"], BytesSource(MESSAGE))
         bad = self.queue.enqueue("a@example.test", ["z@remote.test"], _BrokenSource())

@@ -17,7 +17,7 @@ from twisted.trial.unittest import TestCase
 
 from mailsrv.spool import BytesSource, SpooledSource
 from mailsrv.store.locking import LockTimeout
-from mailsrv.store.mbox import MboxMailStore
+from mailsrv.store.mbox import MboxMailStore, deliver
 
 USER = "alice@example.test"
 
@@ -95,13 +95,13 @@ class ThreadedTests(TestCase):
     @defer.inlineCallbacks
     def test_group_commit(self):
         batches = []
-        real = self.store._deliver_batch
+        real = deliver.deliver_batch
 
         def counting(st, items):
             batches.append(len(items))
             return real(st, items)
 
-        self.store._deliver_batch = counting
+        self.patch(deliver, "deliver_batch", counting)
         n = 300
         ds = []
         for i in range(n):

@@ -70,7 +70,7 @@ class DeliverIndexesTests(SynchronousTestCase):
 
     def crash(self, store: MboxMailStore) -> None:
         """Drop a store without letting it finish anything (close its index connections)."""
-        for st in store._states.values():
+        for st in store.states.loaded.values():
             if st.index is not None:
                 st.index.close()
                 st.index = None

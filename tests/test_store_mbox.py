@@ -369,7 +369,7 @@ class IndexTests(_Base):
             self.ok(self.store.create_folder(USER, f"F{i}"))
             self.ok(self.store.folder_status(USER, f"F{i}"))
             self.ok(self.store.open_folder(USER, f"F{i}")).close()
-        self.assertLessEqual(len(self.store._states), 20)
+        self.assertLessEqual(len(self.store.states.loaded), 20)
         self.ok(first.set_flags({1: {SEEN}}))
         self.assertEqual(self.open(self.new_store()).messages()[0].flags, frozenset({SEEN}))
 
@@ -512,7 +512,7 @@ class _ManualPool(SyncThreadPool):
     def run(self):
         while self.work:
             item = self.work.pop(0)
-            if getattr(item[1], "__name__", "") == "_deliver_batch":
+            if getattr(item[1], "__name__", "") == "deliver_batch":
                 self.batches += 1
             super().callInThreadWithCallback(item[0], item[1], *item[2], **item[3])
 

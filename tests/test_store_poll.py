@@ -10,8 +10,7 @@ from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import SEEN
 from mailsrv.spool import BytesSource
-from mailsrv.store import mbox
-from mailsrv.store.mbox import POLL_INTERVAL, MboxMailStore
+from mailsrv.store.mbox import POLL_INTERVAL, MboxMailStore, scan
 from tests.store_contract import NOW, USER, SyncThreadPool
 from tests.test_imap_harness import Harness
 
@@ -103,8 +102,8 @@ class PollTests(SynchronousTestCase):
         def no_lock(*args, **kwargs):
             raise AssertionError("locked an unchanged mbox")
 
-        self.patch(mbox, "MboxLock", no_lock)
-        self.patch(mbox.mboxfmt, "scan", no_lock)
+        self.patch(scan, "MboxLock", no_lock)
+        self.patch(scan.mboxfmt, "scan", no_lock)
         self.clock.advance(POLL_INTERVAL * 5)
 
     def test_poller_runs_only_while_someone_listens(self):

@@ -116,7 +116,7 @@ class ProcmailTests(SynchronousTestCase):
         f = self.successResultOf(store.open_folder(USER, "INBOX"))
         validity = f.uid_validity
         f.close()
-        store._states.clear()  # let go of the index
+        store.states.loaded.clear()  # let go of the index
         path = self.root / "index" / "example.test" / "alice" / "INBOX.sqlite"
         db = sqlite3.connect(path)
         db.execute("ALTER TABLE msgs DROP COLUMN rd")

@@ -167,7 +167,8 @@ class ReaderTests(_Base):
         self.fill(store, range(1, 13))
         f = self.open(store)
         want = self.contents(f)
-        stale = store._states[(USER, "INBOX")].snap  # what a session on another thread still sees
+        # what a session on another thread still sees
+        stale = store.states.loaded[(USER, "INBOX")].snap
         dropped = {3, 4, 9}
         checks = []
         real_fdatasync = os.fdatasync
@@ -208,7 +209,7 @@ class ReaderTests(_Base):
         f = self.open(store)
         want = self.contents(f)
         self.successResultOf(f.set_flags({2: {SEEN, FLAGGED}, 5: {SEEN}, 9: {ANSWERED}}))
-        st = store._states[(USER, "INBOX")]
+        st = store.states.loaded[(USER, "INBOX")]
         stale = st.snap
         changed = {2, 5, 9}
         checks = []

@@ -40,10 +40,10 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
-from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.atomic import fsync_dir, make_dirs, write_atomic
+from mailsrv.groupcommit import GroupCommit
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.envelope import FAILED, PENDING, SENT, Envelope, Recipient, new_queue_id
@@ -373,10 +373,9 @@ class OutboundQueue:
         self._reactor = reactor
         self._pool = threadpool
         self._listeners: list[Callable[[Envelope], Any]] = []
-        self._jobs: list[tuple[QueueJob, defer.Deferred]] = []
-        self._batches = 0
-        self._max_batches = max_batches
-        self._lazy_call: Any = None
+        self._commits: GroupCommit[QueueJob] = GroupCommit(
+            self._run_batch, max_batches=max_batches, clock=reactor, lazy_delay=LAZY_DELAY
+        )
         # The bytes of small messages just queued, for the relayer's first
         # attempt (it need not read them back from the disk).
         self._recent: dict[str, bytes] = {}
@@ -388,46 +387,15 @@ class OutboundQueue:
         waits up to L{LAZY_DELAY} for others to share its batch (one thread
         hop for several removals of delivered mail, which nobody waits for).
         """
-        d: defer.Deferred = defer.Deferred()
-        self._jobs.append((job, d))
-        if lazy and self._pool is not None:
-            if self._lazy_call is None:
-                self._lazy_call = self._reactor.callLater(LAZY_DELAY, self._run_lazy)
-        elif self._batches < self._max_batches:
-            self._run_batch()
-        return d
-
-    def _run_lazy(self) -> None:
-        self._lazy_call = None
-        if self._batches < self._max_batches:
-            self._run_batch()
+        return self._commits.submit(job, lazy=lazy and self._pool is not None)
 
     def flush_lazy(self) -> None:
         """Start the waiting lazy jobs now (when stopping)."""
-        if self._lazy_call is not None:
-            self._lazy_call.cancel()
-            self._run_lazy()
+        self._commits.flush_lazy()
 
-    def _run_batch(self) -> None:
-        jobs, self._jobs = self._jobs, []
-        if not jobs:
-            return
-        self._batches += 1
-        d = self._in_pool(self.store.run_batch, [job for job, _ in jobs])
-
-        def done(results: Any) -> None:
-            self._batches -= 1
-            if isinstance(results, Failure):
-                results = [(False, results)] * len(jobs)
-            for (_, job_d), (ok, value) in zip(jobs, results, strict=True):
-                if ok:
-                    job_d.callback(value)
-                else:
-                    job_d.errback(value if isinstance(value, Failure) else Failure(value))
-            if self._jobs and self._batches < self._max_batches:
-                self._run_batch()
-
-        d.addBoth(done)
+    def _run_batch(self, take: Callable[[], list[QueueJob]]) -> defer.Deferred:
+        """One batch of writes in the thread pool: one (ok, value) per job (L{GroupCommit})."""
+        return self._in_pool(self.store.run_batch, take())
 
     def remember(self, queue_id: str, data: bytes) -> None:
         """Keep a just-queued message's bytes for the relayer's first attempt, if room."""
