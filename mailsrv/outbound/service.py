@@ -14,7 +14,6 @@ from twisted.internet import defer
 
 from mailsrv.localdelivery import LocalDelivery
 from mailsrv.outbound.mx import MXResolver, listening_addresses, make_resolver
-from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
 
 
@@ -43,14 +42,13 @@ def outbound_service(
     scan_interval: float = 5.0,
 ) -> OutboundService:
     """
-    Build the queue (set as C{ctx.queue}) and the relayer's service.
+    Build the relayer's service, working through C{ctx.queue}.
     C{resolver} replaces the DNS resolver built from C{[dns] nameservers};
     C{trust_root} the platform's CAs for the "verify" TLS policy (tests).
     """
     config = ctx.config
-    queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
+    queue = ctx.queue
     queue.store.cleanup()  # start-up: nothing is being queued yet
-    ctx.queue = queue
     if resolver is None:
         resolver = make_resolver(config.dns.nameservers, ctx.reactor)
     mx = MXResolver(resolver, config.relay.port, listening_addresses(config.listen.get("smtp", ())))
