@@ -2,9 +2,24 @@
 """
 Measure mailsrv side by side with Postfix and Dovecot on this machine, on the
 same mbox data, with the peers' own client scripts (../shared/peers/), and
-print medians with ratios (mailsrv / peer for rates; peer / mailsrv for times).
+print every figure and ratio as median [min-max] over the rounds
+(ratio > 1: mailsrv better; mailsrv / peer for rates, peer / mailsrv for times).
 
-    sudo .venv/bin/python benchmarks/compare.py [--only smtp,pop3,open,imap] [--repeat 3]
+    sudo .venv/bin/python benchmarks/compare.py [--only smtp,pop3,open,imap] [--repeat 5]
+
+The method, so that a noisy moment on a shared machine does not fall on one
+server's runs only:
+- Runs alternate between the servers: each round runs mailsrv and the peer
+  back to back, and the order flips every round (even rounds mailsrv first,
+  odd rounds the peer first).
+- Every round repeats the cold run: both servers get the pristine mbox file
+  again (a new file, as another program would write it), their index is
+  deleted and mailsrv restarts, so "cold" is a median of --repeat runs, not
+  one. The warm run follows the cold one, on the same file and index.
+- Each ratio is taken within a round (the two runs next to each other), and
+  the ratios' median [min-max] is printed beside the figures'.
+The load average is printed at the start, at each round and at the end; every
+run's own JSON line goes to /tmp/mailsrv-bench/runs.jsonl.
 
 Needs root (the peers run as a private Postfix and Dovecot) and Debian's postfix,
 dovecot-imapd and dovecot-pop3d packages. Everything listens on 127.0.0.1 only;
@@ -23,16 +38,20 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 PEERS = (ROOT.parent / "shared" / "peers").resolve()
 REF = Path("/tmp/ref")
 WORK = Path("/tmp/mailsrv-bench")
+PRISTINE = WORK / "pristine"
 DOMAIN = "example.test"
 PASS = "pass"
+PEER_UID = PEER_GID = 5000  # the peers' mailbox owner (ref-env.sh)
 CG_ROOT = Path("/sys/fs/cgroup/cpuacct")
 TWISTD = str(Path(sys.executable).with_name("twistd"))
+SMTP_PAUSE = 2.0  # seconds between two SMTP runs: the last one's deliveries settle
 
 
 def free_port() -> int:
@@ -63,6 +82,11 @@ def json_lines(out: str) -> list[dict]:
         if line.startswith("{"):
             rows.append(json.loads(line))
     return rows
+
+
+def load() -> str:
+    """The load averages (1, 5, 15 min), as uptime prints them."""
+    return ", ".join(f"{v:.2f}" for v in os.getloadavg())
 
 
 class Mailsrv:
@@ -150,169 +174,213 @@ class Mailsrv:
         self.proc = None
 
 
-def gen(path: Path, n: int, size: int = 4096, chown: str | None = None) -> None:
+def gen(path: Path, n: int, size: int = 4096) -> None:
+    """A pristine mbox of C{n} messages for the user named like the file."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    args = [
-        sys.executable,
-        str(PEERS / "gen_mbox.py"),
-        str(path),
-        "-n",
-        str(n),
-        "-s",
-        str(size),
-        "--to",
-        f"{path.name}@{DOMAIN}",
-    ]
-    if chown:
-        args += ["--chown", chown]
-    sh(*args, capture_output=True)
+    args = [str(PEERS / "gen_mbox.py"), str(path), "-n", str(n), "-s", str(size)]
+    sh(sys.executable, *args, "--to", f"{path.name}@{DOMAIN}", capture_output=True)
 
 
-def copy_mbox(src: Path, dst: Path, index: Path) -> None:
+def put_mbox(src: Path, dst: Path, index: Path, owner: tuple[int, int] | None = None) -> None:
+    """
+    C{dst} becomes a new file with C{src}'s bytes (written beside it and
+    renamed over it, as another program would replace a mailbox) and the
+    index C{index} goes: the next open is index-cold.
+    """
     dst.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(src, dst)
+    tmp = dst.with_name(dst.name + ".bench-tmp")
+    shutil.copyfile(src, tmp)
+    if owner:
+        os.chown(tmp, *owner)
+    os.replace(tmp, dst)
     if index.exists():
         shutil.rmtree(index)
 
 
-def med(rows: list[dict], key: str, which=slice(None)) -> float | None:
-    vals = [r[key] for r in rows[which] if r.get(key) is not None]
-    return statistics.median(vals) if vals else None
-
-
-def ratio(a, b) -> str:
-    if not a or not b:
+def spread(vals: list, ratio: bool = False) -> str:
+    """median [min-max] (ratios: 1.23x [1.01-1.40]), or "-" without values."""
+    vals = [v for v in vals if v is not None]
+    if not vals:
         return "-"
-    return f"{a / b:.2f}x"
+
+    def f(v: float) -> str:
+        if ratio:
+            return f"{v:.2f}"
+        return f"{v:.3f}" if abs(v) < 10 else f"{v:.0f}"
+
+    x = "x" if ratio else ""
+    if len(vals) == 1:
+        return f(vals[0]) + x
+    return f"{f(statistics.median(vals))}{x} [{f(min(vals))}-{f(max(vals))}]"
 
 
-def peer_script(script: str, *args: object) -> list[dict]:
-    """Run one of the peers' client scripts; its JSON lines."""
-    out = sh(sys.executable, str(PEERS / script), *map(str, args), capture_output=True, text=True)
-    return json_lines(out.stdout)
+def ratios(ours: list, peers: list, higher_is_better: bool) -> list[float]:
+    """One ratio per round (> 1: mailsrv better)."""
+    out = []
+    for u, p in zip(ours, peers, strict=True):
+        if u and p:
+            out.append(u / p if higher_is_better else p / u)
+    return out
 
 
-def mailsrv_and_dovecot(
-    ms: Mailsrv, script: str, proto: str, user: str, *args: object
-) -> tuple[list[dict], list[dict]]:
-    """The same client script against mailsrv and Dovecot, each index cold for run 1."""
-    ours = peer_script(
-        script,
-        "127.0.0.1",
-        ms.ports[proto],
-        f"{user}@{DOMAIN}",
-        PASS,
-        *args,
-        "--reset-index",
-        ms.index(user),
-        "--cgroup",
-        "mailsrv",
-    )
-    peer = peer_script(
-        script,
-        "127.0.0.1",
-        {"pop3": 1110, "imap": 1143}[proto],
-        user,
-        PASS,
-        *args,
-        "--reset-index",
-        REF / "dovecot" / "index" / user,
-        "--cgroup",
-        "dovecot",
-    )
-    return ours, peer
+class Table:
+    """The figures of every round, by measure; printed as median [min-max]."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, dict] = {}
+
+    def add(self, label: str, peer: str, ours: float | None, theirs: float | None, hib: bool):
+        row = self.rows.setdefault(label, {"peer": peer, "us": [], "them": [], "hib": hib})
+        row["us"].append(ours)
+        row["them"].append(theirs)
+
+    def note(self, label: str) -> None:
+        self.rows.setdefault(label, {"peer": "", "us": [], "them": [], "hib": True})
+
+    def print(self, repeat: int) -> None:
+        print(
+            f"| measure (median [min-max] of {repeat} rounds) | mailsrv | peer "
+            "| ratio per round (>1: mailsrv better) | peer |"
+        )
+        print("|---|---|---|---|---|")
+        for label, r in self.rows.items():
+            rs = ratios(r["us"], r["them"], r["hib"])
+            ratio = spread(rs, ratio=True)
+            print(f"| {label} | {spread(r['us'])} | {spread(r['them'])} | {ratio} | {r['peer']} |")
 
 
-def cold_and_warm(out: list, label: str, us: list[dict], dc: list[dict], key: str) -> None:
-    """Run 1 (index cold) and the median of the later runs, as time rows (lower is better)."""
-    out.append(
-        (f"{label}, cold (s)", us[0][key], dc[0][key], ratio(dc[0][key], us[0][key]), "Dovecot")
-    )
-    u, d = med(us, key, slice(1, None)), med(dc, key, slice(1, None))
-    out.append((f"{label}, warm (s)", u, d, ratio(d, u), "Dovecot"))
+class Bench:
+    """One comparison: rounds of mailsrv and peer runs, alternated."""
 
+    def __init__(self, ms: Mailsrv, table: Table, raw) -> None:
+        self.ms = ms
+        self.table = table
+        self.raw = raw
 
-def bench_smtp(ms: Mailsrv, repeat: int, out: list) -> None:
-    args = ("-m", 2000, "-s", 10, "-l", 4096, "--repeat", repeat, "--pause", 2)
-    pf = peer_script(
-        "smtp_bench.py",
-        "--server",
-        "127.0.0.1:2525",
-        "--to",
-        f"alice@{DOMAIN}",
-        "--mbox",
-        REF / "mail" / "alice",
-        "--cgroup",
-        "postfix",
-        *args,
-    )[-1]
-    us = peer_script(
-        "smtp_bench.py",
-        "--server",
-        f"127.0.0.1:{ms.ports['smtp']}",
-        "--to",
-        f"alice@{DOMAIN}",
-        "--mbox",
-        ms.inbox("alice"),
-        "--cgroup",
-        "mailsrv",
-        *args,
-    )[-1]
-    for k, label in (
-        ("median_accept_msgs_per_s", "SMTP accept msg/s (10 conns, 2000 x 4 KB)"),
-        ("median_e2e_msgs_per_s", "SMTP end-to-end msg/s (fsynced in mbox)"),
-    ):
-        out.append((label, us.get(k), pf.get(k), ratio(us.get(k), pf.get(k)), "Postfix"))
-    k = "median_server_cpu_ms_per_msg"
-    out.append(
-        ("SMTP server CPU ms/msg", us.get(k), pf.get(k), ratio(pf.get(k), us.get(k)), "Postfix")
-    )
-
-
-def bench_pop3(ms: Mailsrv, repeat: int, out: list) -> None:
-    src = REF / "mail" / "pop10k"
-    gen(src, 10000, chown="5000:5000")
-    copy_mbox(src, ms.inbox("pop10k"), ms.index("pop10k"))
-    us, dc = mailsrv_and_dovecot(ms, "pop3_bench.py", "pop3", "pop10k", "--repeat", repeat)
-    for rows in (us, dc):
+    def peer_script(self, script: str, *args: object) -> list[dict]:
+        """Run one of the peers' client scripts; its JSON lines (also kept in runs.jsonl)."""
+        out = sh(
+            sys.executable, str(PEERS / script), *map(str, args), capture_output=True, text=True
+        )
+        rows = json_lines(out.stdout)
         for r in rows:
-            r["login_stat_s"] = r["login_s"] + r["stat_s"]
-    cold_and_warm(out, "POP3 10k: login+STAT", us, dc, "login_stat_s")
-    cold_and_warm(out, "POP3 10k: RETR of all", us, dc, "retr_s")
-    cold_and_warm(out, "POP3 10k: whole session", us, dc, "total_s")
+            self.raw.write(json.dumps(dict(r, script=script, load=load())) + "\n")
+        self.raw.flush()
+        return rows
+
+    def alternate(self, rnd: int, ours: Callable[[], dict], theirs: Callable[[], dict]):
+        """Both runs of a round, mailsrv first in even rounds: (ours, theirs)."""
+        if rnd % 2 == 0:
+            u = ours()
+            return u, theirs()
+        t = theirs()
+        return ours(), t
 
 
-def bench_open(ms: Mailsrv, repeat: int, out: list) -> None:
-    src = REF / "mail" / "big100k"
-    gen(src, 100000, chown="5000:5000")
-    copy_mbox(src, ms.inbox("big100k"), ms.index("big100k"))
-    ms.stop()
-    ms.start()  # a fresh process, so its peak RSS is this test's
-    us, dc = mailsrv_and_dovecot(
-        ms, "imap_bench.py", "imap", "big100k", "--mode", "open", "--repeat", repeat
+def smtp_round(b: Bench, rnd: int) -> None:
+    args = ("-m", 2000, "-s", 10, "-l", 4096, "--repeat", 1)
+
+    def run(port: int, mbox: Path, cgroup: str) -> dict:
+        time.sleep(SMTP_PAUSE)
+        return b.peer_script(
+            "smtp_bench.py",
+            "--server",
+            f"127.0.0.1:{port}",
+            "--to",
+            f"alice@{DOMAIN}",
+            "--mbox",
+            mbox,
+            "--cgroup",
+            cgroup,
+            *args,
+        )[0]
+
+    us, pf = b.alternate(
+        rnd,
+        lambda: run(b.ms.ports["smtp"], b.ms.inbox("alice"), "mailsrv"),
+        lambda: run(2525, REF / "mail" / "alice", "postfix"),
     )
-    cold_and_warm(out, "Open 100k/417 MB INBOX (IMAP LOGIN->SELECT)", us, dc, "login_to_select_s")
-    out.append(("mailsrv peak RSS during the 100k opens (MB)", ms.peak_rss_mb(), None, "-", ""))
+    t = b.table
+    k = "accept_msgs_per_s"
+    t.add("SMTP accept msg/s (10 conns, 2000 x 4 KB)", "Postfix", us.get(k), pf.get(k), True)
+    k = "e2e_msgs_per_s"
+    t.add("SMTP end-to-end msg/s (fsynced in mbox)", "Postfix", us.get(k), pf.get(k), True)
+    k = "server_cpu_ms_per_msg"
+    t.add("SMTP server CPU ms/msg", "Postfix", us.get(k), pf.get(k), False)
 
 
-def bench_imap(ms: Mailsrv, repeat: int, out: list) -> None:
-    src = REF / "mail" / "imap10k"
-    gen(src, 10000, chown="5000:5000")
-    copy_mbox(src, ms.inbox("imap10k"), ms.index("imap10k"))
-    us, dc = mailsrv_and_dovecot(
-        ms,
-        "imap_bench.py",
-        "imap",
-        "imap10k",
-        "--mode",
-        "full",
-        "--bodies",
-        "bulk",
-        "--repeat",
-        repeat,
+def cold_and_warm(
+    b: Bench, rnd: int, user: str, script: str, proto: str, *args: object
+) -> tuple[tuple[dict, dict], tuple[dict, dict]]:
+    """
+    Both servers on the pristine mbox of C{user} with no index (mailsrv
+    restarted), then once more warm: ((ours, theirs) cold, (ours, theirs) warm).
+    """
+    src = PRISTINE / user
+    b.ms.stop()
+    put_mbox(src, b.ms.inbox(user), b.ms.index(user))
+    b.ms.start()
+    dovecot_index = REF / "dovecot" / "index" / user
+    put_mbox(src, REF / "mail" / user, dovecot_index, (PEER_UID, PEER_GID))
+
+    def ours() -> dict:
+        port = b.ms.ports[proto]
+        return b.peer_script(
+            script, "127.0.0.1", port, f"{user}@{DOMAIN}", PASS, *args, "--cgroup", "mailsrv"
+        )[0]
+
+    def theirs() -> dict:
+        port = {"pop3": 1110, "imap": 1143}[proto]
+        return b.peer_script(script, "127.0.0.1", port, user, PASS, *args, "--cgroup", "dovecot")[0]
+
+    cold = b.alternate(rnd, ours, theirs)
+    warm = b.alternate(rnd, ours, theirs)
+    return cold, warm
+
+
+def add_cold_warm(b: Bench, label: str, cold, warm, key: str) -> None:
+    """Time rows (lower is better) for a cold and a warm pair of runs."""
+    b.table.add(f"{label}, cold (s)", "Dovecot", cold[0].get(key), cold[1].get(key), False)
+    b.table.add(f"{label}, warm (s)", "Dovecot", warm[0].get(key), warm[1].get(key), False)
+
+
+def pop3_round(b: Bench, rnd: int) -> None:
+    cold, warm = cold_and_warm(b, rnd, "pop10k", "pop3_bench.py", "pop3", "--repeat", 1)
+    for r in (*cold, *warm):
+        r["login_stat_s"] = r["login_s"] + r["stat_s"]
+    add_cold_warm(b, "POP3 10k: login+STAT", cold, warm, "login_stat_s")
+    add_cold_warm(b, "POP3 10k: RETR of all", cold, warm, "retr_s")
+    add_cold_warm(b, "POP3 10k: whole session", cold, warm, "total_s")
+
+
+def open_round(b: Bench, rnd: int) -> None:
+    cold, warm = cold_and_warm(
+        b, rnd, "big100k", "imap_bench.py", "imap", "--mode", "open", "--repeat", 1
     )
-    for key in ("login_to_select_s", "envelope_fetch_s", "bodies_s"):
-        cold_and_warm(out, f"IMAP 10k {key}", us, dc, key)
+    add_cold_warm(b, "Open 100k/417 MB INBOX (IMAP LOGIN->SELECT)", cold, warm, "login_to_select_s")
+    # mailsrv restarted for this round's cold run: its peak is this round's
+    label = "mailsrv peak RSS through a cold and a warm 100k open (MB)"
+    b.table.add(label, "", b.ms.peak_rss_mb(), None, True)
+
+
+def imap_round(b: Bench, rnd: int) -> None:
+    args = ("--mode", "full", "--bodies", "bulk", "--repeat", 1)
+    cold, warm = cold_and_warm(b, rnd, "imap10k", "imap_bench.py", "imap", *args)
+    for key, label in (
+        ("login_to_select_s", "IMAP 10k: LOGIN->SELECT"),
+        ("envelope_fetch_s", "IMAP 10k: UID FETCH 1:* (FLAGS RFC822.SIZE ENVELOPE)"),
+        ("bodies_s", "IMAP 10k: all bodies (42 MB) in one FETCH"),
+    ):
+        add_cold_warm(b, label, cold, warm, key)
+
+
+BENCHES: dict[str, tuple[Callable[[Bench, int], None], tuple[tuple[str, int], ...]]] = {
+    # name: (one round, pristine mboxes it needs: (user, messages))
+    "smtp": (smtp_round, ()),
+    "pop3": (pop3_round, (("pop10k", 10000),)),
+    "open": (open_round, (("big100k", 100000),)),
+    "imap": (imap_round, (("imap10k", 10000),)),
+}
 
 
 def main() -> int:
@@ -320,7 +388,7 @@ def main() -> int:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     ap.add_argument("--only", default="smtp,pop3,open,imap")
-    ap.add_argument("--repeat", type=int, default=3)
+    ap.add_argument("--repeat", type=int, default=5, help="rounds (each: both servers, cold+warm)")
     ap.add_argument("--keep", action="store_true", help="leave the peers running")
     a = ap.parse_args()
     if os.geteuid() != 0:
@@ -332,45 +400,44 @@ def main() -> int:
             file=sys.stderr,
         )
         return 2
-    only = set(a.only.split(","))
+    if not 1 <= a.repeat <= 20:
+        print("--repeat: 1 to 20 rounds", file=sys.stderr)
+        return 2
+    only = [n for n in BENCHES if n in a.only.split(",")]
+    print(f"load average at start: {load()}", file=sys.stderr, flush=True)
     if WORK.exists():
         shutil.rmtree(WORK)
     ms = Mailsrv()
     ms.configure()
     for u in ("alice", "pop10k", "imap10k", "big100k"):
         ms.add_user(u)
+    for name in only:
+        for user, n in BENCHES[name][1]:
+            gen(PRISTINE / user, n)
     # The daemons keep the output they inherit open: hand them a file, not a pipe.
     with open(WORK / "peers.log", "ab") as log:
         sh("bash", str(PEERS / "postfix-start.sh"), stdout=log, stderr=log)
         sh("bash", str(PEERS / "dovecot-start.sh"), stdout=log, stderr=log)
     ms.start()
-    rows: list = []
+    table = Table()
     try:
-        for name, fn in (
-            ("smtp", bench_smtp),
-            ("pop3", bench_pop3),
-            ("open", bench_open),
-            ("imap", bench_imap),
-        ):
-            if name in only:
-                print(f"... {name}", file=sys.stderr, flush=True)
-                try:
-                    fn(ms, a.repeat, rows)
-                except Exception as e:  # keep the other figures
-                    rows.append((f"{name}: FAILED {e!r}"[:200], None, None, "-", ""))
+        with open(WORK / "runs.jsonl", "w") as raw:
+            bench = Bench(ms, table, raw)
+            for name in only:
+                for rnd in range(a.repeat):
+                    print(f"... {name} round {rnd + 1}, load {load()}", file=sys.stderr, flush=True)
+                    try:
+                        BENCHES[name][0](bench, rnd)
+                    except Exception as e:  # keep the other figures
+                        table.note(f"{name} round {rnd + 1}: FAILED {e!r}"[:200])
     finally:
         ms.stop()
         if not a.keep:
             with open(WORK / "peers.log", "ab") as log:
                 for script in ("dovecot-stop.sh", "postfix-stop.sh"):
                     subprocess.run(["bash", str(PEERS / script)], stdout=log, stderr=log)
-    print(
-        f"| measure (median of {a.repeat}) | mailsrv | peer | ratio (>1: mailsrv better) | peer |"
-    )
-    print("|---|---|---|---|---|")
-    for label, us, peer, r, who in rows:
-        fmt = lambda v: "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))  # noqa: E731
-        print(f"| {label} | {fmt(us)} | {fmt(peer)} | {r} | {who} |")
+    print(f"load average at the end: {load()}", file=sys.stderr, flush=True)
+    table.print(a.repeat)
     return 0
 
 

@@ -395,6 +395,11 @@ class Postfix:
         }
 
 
+def spread(vals: list[float]) -> str:
+    """median [min-max] of C{vals}."""
+    return f"{statistics.median(vals):.2f} [{min(vals):.2f}-{max(vals):.2f}]"
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("-m", "--messages", type=int, default=2000)
@@ -421,10 +426,12 @@ def main() -> int:
         for target in targets:
             target.start()
             started.append(target)
-        # Runs alternate between the servers, so that a noisy moment on this
-        # shared machine does not fall on one server's runs only.
-        for _ in range(a.repeat):
-            for target in targets:
+        # Runs alternate between the servers, and the order flips every
+        # round, so that a noisy moment on this shared machine does not fall
+        # on one server's runs only.
+        for rnd in range(a.repeat):
+            print(f"round {rnd + 1}, load average {os.getloadavg()}", file=sys.stderr, flush=True)
+            for target in targets if rnd % 2 == 0 else targets[::-1]:
                 r = target.run(a)
                 print(json.dumps(r), flush=True)
                 results.setdefault(r["server"], []).append(r)
@@ -432,12 +439,17 @@ def main() -> int:
         for target in reversed(started):
             target.stop()
     for server, runs in results.items():
-        summary = {
-            k: round(statistics.median(r[k] for r in runs), 2)  # type: ignore[type-var]
-            for k in runs[0]
-            if k != "server"
+        summary = {k: spread([r[k] for r in runs]) for k in runs[0] if k != "server"}
+        print(f"{server}: median [min-max] of {len(runs)}: {json.dumps(summary)}")
+    if "mailsrv" in results and "postfix" in results:
+        # one ratio per round, from the two runs next to each other (> 1: mailsrv better)
+        pairs = list(zip(results["mailsrv"], results["postfix"], strict=True))
+        ratios = {
+            "accept": spread([m["accept_msg_s"] / p["accept_msg_s"] for m, p in pairs]),
+            "end_to_end": spread([m["e2e_msg_s"] / p["e2e_msg_s"] for m, p in pairs]),
+            "cpu_per_msg": spread([p["cpu_ms_per_msg"] / m["cpu_ms_per_msg"] for m, p in pairs]),
         }
-        print(f"{server}: median of {len(runs)}: {json.dumps(summary)}")
+        print(f"mailsrv / postfix per round, median [min-max]: {json.dumps(ratios)}")
     return 0
 
 

@@ -956,12 +956,9 @@ class POP3Factory(protocol.ServerFactory):
 def pop3_factory(ctx: Any, implicit_tls: bool = False) -> POP3Factory:
     """
     The POP3 factory for a listener; service.py wraps it in TLS for pop3s.
-    The first call registers the POP3 avatar with the realm and puts the
-    maildrop locks on C{ctx.pop3_locks}, shared by every listener.
+    Registers the POP3 avatar with the realm, with the maildrop locks of
+    C{ctx.pop3_locks}, shared by every listener.
     """
-    locks = getattr(ctx, "pop3_locks", None)
-    if locks is None:
-        locks = MaildropLocks()
-        ctx.pop3_locks = locks
-        ctx.portal.realm.register(IMailboxPOP3, partial(open_maildrop, ctx.store, locks))
+    locks = ctx.pop3_locks
+    ctx.portal.realm.register(IMailboxPOP3, partial(open_maildrop, ctx.store, locks))
     return POP3Factory(ctx, locks, implicit_tls)

@@ -1,68 +1,69 @@
 """
-Build the running server from a L{Config}: the disk thread pool, the store,
-the password file and portal, and one listening service per endpoint.
+The composition root: builds, once, from a L{Config}, every part the
+protocols share (the disk thread pool, the store, the password file and
+portal, the login throttle, the outbound queue, TLS, the POP3 maildrop
+locks) into one frozen L{ServerContext}, then one listening service per
+endpoint around it. Nothing is added to the context afterwards: a factory
+reads it, and anything shared is built here.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
-from typing import Any
+from dataclasses import dataclass, field
+from typing import Any, cast
 
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
+from twisted.internet.interfaces import IReactorCore, IReactorTime
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailsrv.auth.checkers import PasswordChecker
+from mailsrv.auth.passwd import PasswordFile
+from mailsrv.auth.realm import MailRealm
+from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
+from mailsrv.hangup import HangupService
+from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
-from mailsrv.tls import ServerTLS
+from mailsrv.malloc import tune_malloc
+from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.pop3 import MaildropLocks, pop3_factory
+from mailsrv.smtp.server import smtp_factory
+from mailsrv.startup import GatedEndpoint, RecoveryService, StartGate, make_data_dirs
+from mailsrv.store.mbox import MboxMailStore
+from mailsrv.tls import ServerTLS, server_options
 
 log = Logger()
 
-M_ARENA_MAX = -8  # glibc mallopt parameter
 WRITE_BACK_TIMEOUT = 10.0  # seconds the store may take at shutdown for its last writes
+DISK_THREADS = 8  # the store's and the password file's thread pool
 
 
-def tune_malloc() -> None:
-    """
-    glibc: one malloc arena for all threads (call before any thread starts).
-    By default each thread that mallocs gets its own arena, and memory freed
-    there stays in the RSS: the 19 MiB an argon2id check takes (one per login,
-    in whichever pool thread runs it) is kept once per thread that ever ran one
-    (a 100k INBOX server grew to 110 MB, not 91, after a few logins). Python
-    holds the GIL for nearly all its allocations, so one arena costs no speed.
-    MALLOC_ARENA_MAX in the environment still wins.
-    """
-    if not sys.platform.startswith("linux") or "MALLOC_ARENA_MAX" in os.environ:
-        return
-    try:
-        import ctypes
-
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return
-    mallopt(M_ARENA_MAX, 1)
-
-
-@dataclass
+@dataclass(frozen=True)
 class ServerContext:
-    """Everything a protocol factory needs, built once and passed down."""
+    """
+    Everything a protocol factory needs, built once by L{build_context} and
+    passed down; frozen, so that no factory can add to it or change it.
+    Tests build their own with fakes; the defaults are what a test may leave
+    out (no login throttle, no outbound queue).
+    """
 
     config: Config
-    reactor: Any
+    # The running reactor: also IReactorCore, IReactorTCP, IReactorProcess
+    # and IReactorFromThreads (a task.Clock or MemoryReactorClock in tests).
+    reactor: IReactorTime
     threadpool: ThreadPool
     store: IMailStore
     passwords: IPasswordDatabase
     portal: Portal
     tls: ServerTLS
-    throttle: Any = None  # mailsrv.auth.throttle.LoginThrottle
+    throttle: LoginThrottle | None = None
     queue: IOutboundQueue | None = None
-    services: service.MultiService | None = None
-    pop3_locks: Any = None  # mailsrv.pop3.MaildropLocks, shared by pop3 and pop3s
+    # Which maildrops have a POP3 session, shared by the pop3 and pop3s listeners.
+    pop3_locks: MaildropLocks = field(default_factory=MaildropLocks)
 
 
 class ThreadPoolService(service.MultiService):
@@ -110,77 +111,60 @@ class GoodbyeService(service.Service):
         return defer.DeferredList([f.shut_down() for f in self.factories])
 
 
-def build_context(config: Config, reactor: Any, parent: service.MultiService) -> ServerContext:
-    from mailsrv import tls
-    from mailsrv.auth.checkers import PasswordChecker
-    from mailsrv.auth.passwd import PasswordFile
-    from mailsrv.auth.realm import MailRealm
-    from mailsrv.auth.throttle import LoginThrottle
-    from mailsrv.startup import make_data_dirs
-    from mailsrv.store.mbox import MboxMailStore
-
+def build_context(config: Config, reactor: Any) -> ServerContext:
+    """Every part the protocols share, built once from C{config}."""
     tune_malloc()
-    pool = ThreadPool(minthreads=1, maxthreads=8, name="mailsrv-disk")
+    pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mailsrv-disk")
     make_data_dirs(config)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
-    users = ThreadPoolService(pool, store)
-    users.setServiceParent(parent)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
-    realm = MailRealm()
-    portal = Portal(realm, [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
-    ctx = ServerContext(
+    portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
+    server_tls = server_options(config)
+    return ServerContext(
         config=config,
         reactor=reactor,
         threadpool=pool,
         store=store,
         passwords=passwords,
         portal=portal,
-        tls=tls.server_options(config),
+        tls=server_tls,
         throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
-        services=users,
+        queue=open_queue(config, reactor, pool),
+        pop3_locks=MaildropLocks(),
     )
-    return ctx
 
 
 def _factories(ctx: ServerContext) -> dict[str, Any]:
-    """Listener name -> protocol factory, for the protocols that exist."""
-    out: dict[str, Any] = {}
-    from mailsrv.smtp.server import smtp_factory
-
-    out["smtp"] = smtp_factory(ctx, submission=False)
-    out["submission"] = smtp_factory(ctx, submission=True)
-    out["submissions"] = smtp_factory(ctx, submission=True, implicit_tls=True)
-    from mailsrv.pop3 import pop3_factory
-
-    out["pop3"] = pop3_factory(ctx)
-    out["pop3s"] = pop3_factory(ctx, implicit_tls=True)
-    try:
-        from mailsrv.imap.server import imap_factory
-    except ImportError:
-        pass
-    else:
-        out["imap"] = imap_factory(ctx)
-        out["imaps"] = imap_factory(ctx, implicit_tls=True)
-    return out
+    """Listener name -> protocol factory."""
+    return {
+        "smtp": smtp_factory(ctx, submission=False),
+        "submission": smtp_factory(ctx, submission=True),
+        "submissions": smtp_factory(ctx, submission=True, implicit_tls=True),
+        "pop3": pop3_factory(ctx),
+        "pop3s": pop3_factory(ctx, implicit_tls=True),
+        "imap": imap_factory(ctx),
+        "imaps": imap_factory(ctx, implicit_tls=True),
+    }
 
 
 def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     """The whole server as one MultiService."""
     if reactor is None:
+        # The global reactor only when none is given: importing it installs
+        # the default reactor, which twistd chooses before it gets here.
         from twisted.internet import reactor as _reactor
 
         reactor = _reactor
+    return serve(build_context(config, reactor))
+
+
+def serve(ctx: ServerContext) -> service.MultiService:
+    """The services of a server built as C{ctx}: the relay process and the listeners."""
     top = service.MultiService()
-    ctx = build_context(config, reactor, top)
-    from mailsrv.hangup import HangupService
-    from mailsrv.startup import GatedEndpoint, RecoveryService, StartGate
-
-    HangupService(ctx.tls, reactor).setServiceParent(top)
-    users = ctx.services  # everything below stops before the disk thread pool
-    assert users is not None
+    users = ThreadPoolService(ctx.threadpool, ctx.store)
+    users.setServiceParent(top)  # everything in users stops before the disk thread pool
+    HangupService(ctx.tls, ctx.reactor).setServiceParent(top)
     # The relayer runs in a process of its own, beside this one.
-    from mailsrv.outbound.process import relay_process_service
-
     relay_process_service(ctx).setServiceParent(users)
     factories = _factories(ctx)
     GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
@@ -188,7 +172,7 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
     )
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
-    for name, endpoints in config.listen.items():
+    for name, endpoints in ctx.config.listen.items():
         if not endpoints:
             continue
         if name not in factories:
@@ -202,8 +186,19 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
         if name in IMPLICIT_TLS:
             factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
         for description in endpoints:
-            svc = strports.service(description, factory, reactor=reactor)
+            svc = strports.service(description, factory, reactor=cast(IReactorCore, ctx.reactor))
             svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
     return top
+
+
+__all__ = [
+    "ServerContext",
+    "ThreadPoolService",
+    "GoodbyeService",
+    "build_context",
+    "build_service",
+    "serve",
+    "tune_malloc",  # the relay process's import; mailsrv.malloc is its home
+]

@@ -22,6 +22,7 @@ from zope.interface import implementer
 from mailsrv.atomic import make_dirs
 from mailsrv.config import Config, endpoint_port
 from mailsrv.interfaces import IMailStore
+from mailsrv.outbound.process import logs_to_stdout
 
 
 class StartupError(Exception):
@@ -143,8 +144,6 @@ class StartupGuard(service.MultiService):
             super().privilegedStartService()
         except CannotListenError as e:
             error = self.listen_error(e)
-            from mailsrv.outbound.process import logs_to_stdout
-
             if not logs_to_stdout():  # else the line on standard error is enough
                 self.log.critical("cannot start: {error}", error=str(error))
             raise error from None

@@ -10,6 +10,8 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+from mailsrv.service import build_service
+from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 
 log = Logger()
 
@@ -47,10 +49,8 @@ class Options(usage.Options):
             raise SystemExit(2)
 
 
-def makeService(options: Options):
-    from mailsrv.service import build_service
-    from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
-
+def makeService(options: Options) -> StartupGuard:
+    """The server for twistd: the services L{build_service} builds, under a L{StartupGuard}."""
     config = options["settings"]
     log.info(
         "configuration: {path} (from {origin}); data in {data_dir}",

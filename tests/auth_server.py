@@ -22,7 +22,7 @@ from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 
 from mailsrv import config as configmod
 from mailsrv.auth.passwd import PasswordFile
-from mailsrv.service import _factories, build_context
+from mailsrv.service import ThreadPoolService, _factories, build_context
 
 from .test_smtp_helpers import cert_paths
 
@@ -93,7 +93,8 @@ class RealServer:
         ]
         self.config = configmod.parse("\n".join(lines) + "\n", "<test>", self.base)
         self.top = service.MultiService()
-        self.ctx = build_context(self.config, reactor, self.top)
+        self.ctx = build_context(self.config, reactor)
+        ThreadPoolService(self.ctx.threadpool, self.ctx.store).setServiceParent(self.top)
         self.top.startService()
         factories = _factories(self.ctx)
         self.ports = {}

@@ -15,7 +15,7 @@ from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mailsrv.config import parse
-from mailsrv.outbound.queue import PENDING, SENT, QueueStore
+from mailsrv.outbound.queue import PENDING, SENT, OutboundQueue, QueueStore
 from mailsrv.outbound.service import outbound_service
 from mailsrv.service import ServerContext
 from mailsrv.spool import BytesSource
@@ -142,6 +142,7 @@ tls_policy = {{ "verify.test" = "verify", "badverify.test" = "verify", "encrypt.
             passwords=self.passwords,
             portal=None,
             tls=None,
+            queue=OutboundQueue(config.queue_dir, self.reactor, self.pool),
         )
         resolver = client.Resolver(servers=[("127.0.0.1", self.dns_port)], reactor=self.reactor)
         svc = outbound_service(ctx, resolver=resolver, trust_root=self.trust, scan_interval=0.1)
@@ -396,6 +397,7 @@ retry_max = 1
             passwords=Passwords(()),
             portal=None,
             tls=None,
+            queue=OutboundQueue(config.queue_dir, self.reactor, self.pool),
         )
         resolver = client.Resolver(servers=[("127.0.0.1", self.dns_port)], reactor=self.reactor)
         svc = outbound_service(ctx, resolver=resolver, scan_interval=0.1)

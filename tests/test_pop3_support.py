@@ -18,7 +18,7 @@ from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
-from mailsrv.pop3 import pop3_factory
+from mailsrv.pop3 import MaildropLocks, pop3_factory
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
 
@@ -101,7 +101,7 @@ def make_ctx(tmp: Path, cleartext: str = "loopback", **limits) -> SimpleNamespac
         portal=portal,
         tls=object(),
         throttle=LoginThrottle(clock, cfg.auth.max_failures, cfg.auth.failure_window),
-        pop3_locks=None,
+        pop3_locks=MaildropLocks(),
     )
 
 

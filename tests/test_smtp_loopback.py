@@ -162,7 +162,9 @@ class SMTPLoopbackTests(unittest.TestCase):
         ctx = make_context(self.tmp, reactor=self.reactor)
         from dataclasses import replace
 
-        ctx.config = replace(ctx.config, auth=replace(ctx.config.auth, cleartext="never"))
+        ctx = replace(
+            ctx, config=replace(ctx.config, auth=replace(ctx.config.auth, cleartext="never"))
+        )
         factory, port = self.listen(ctx, submission=True)
         result = defer.Deferred()
         sender = smtp.ESMTPSenderFactory(

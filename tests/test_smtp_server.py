@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 
 import pytest
 from hypothesis import given, settings
@@ -102,7 +103,7 @@ def test_submission_offers_auth_only_where_passwords_may_pass():
 
 def test_cleartext_never_refuses_auth_even_on_loopback():
     ctx = make_context()
-    ctx.config = _with_cleartext(ctx.config, "never")
+    ctx = dataclasses.replace(ctx, config=_with_cleartext(ctx.config, "never"))
     s = Session(ctx, submission=True, peer="127.0.0.1")
     assert not any("AUTH" in line for line in s.cmd("EHLO c"))
     assert s.codes(f"AUTH PLAIN {plain()}\r\n") == ["538 5.7.11"]

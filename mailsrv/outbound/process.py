@@ -349,9 +349,9 @@ def logs_to_stdout() -> bool:
         return False
 
 
-def relay_process_service(ctx: Any) -> RelayProcessService:
-    """Build the queue the SMTP server fills (set as C{ctx.queue}) and the relay process."""
-    queue = OutboundQueue(ctx.config.queue_dir, ctx.reactor, ctx.threadpool)
+def open_queue(config: Any, reactor: Any, threadpool: Any) -> OutboundQueue:
+    """The queue the SMTP server fills and the relay process works through."""
+    queue = OutboundQueue(config.queue_dir, reactor, threadpool)
     lock = queue.try_lock_relay()
     if lock is not None:
         # No relay process is left from an earlier run (it would hold the
@@ -360,5 +360,9 @@ def relay_process_service(ctx: Any) -> RelayProcessService:
             queue.cleanup()
         finally:
             os.close(lock)
-    ctx.queue = queue
-    return RelayProcessService(ctx, queue)
+    return queue
+
+
+def relay_process_service(ctx: Any) -> RelayProcessService:
+    """The relay process, working through C{ctx.queue} (from L{open_queue})."""
+    return RelayProcessService(ctx, ctx.queue)

@@ -14,7 +14,6 @@ from twisted.internet import defer
 
 from mailsrv.localdelivery import LocalDelivery
 from mailsrv.outbound.build import build_relayer, mx_resolver
-from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
 
 
@@ -43,14 +42,13 @@ def outbound_service(
     scan_interval: float = 5.0,
 ) -> OutboundService:
     """
-    Build the queue (set as C{ctx.queue}) and the relayer's service.
+    Build the relayer's service, working through C{ctx.queue}.
     C{resolver} replaces the DNS resolver built from C{[dns] nameservers};
     C{trust_root} the platform's CAs for the "verify" TLS policy (tests).
     """
     config = ctx.config
-    queue = OutboundQueue(config.queue_dir, ctx.reactor, ctx.threadpool)
+    queue = ctx.queue
     queue.cleanup()  # start-up: nothing is being queued yet
-    ctx.queue = queue
     relayer = build_relayer(
         config,
         queue=queue,

@@ -35,13 +35,13 @@ from zope.interface import implementer
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
+from mailsrv.malloc import tune_malloc
 from mailsrv.outbound import ipc
 from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.envelope import Envelope
 from mailsrv.outbound.local import ServerMailboxes
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.relayer import Relayer
-from mailsrv.service import tune_malloc
 
 LOCK_RETRY = 0.5  # seconds between tries for the relay lock
 RELAY_NICE = 5  # a lower CPU priority than the server's
