@@ -108,6 +108,7 @@ class MboxFolder:
     def open_message(self, uid):
         snap, i = self._locate(uid)
         handle = snap.handle
+        assert handle is not None  # a snapshot that holds messages has its file open
         from_off, start, end = snap.from_offs[i], snap.starts[i], snap.ends[i]
         if end - from_off <= mboxfmt.SMALL_MESSAGE:
             data = handle.pread(end - from_off, from_off)
@@ -142,6 +143,7 @@ class MboxFolder:
         """
         snap, i = self._locate(uid)
         handle = snap.handle
+        assert handle is not None  # a snapshot that holds messages has its file open
         start, end = snap.starts[i], snap.ends[i]
         fmt = snap.rds[i]
         reach = min(end - start, mboxfmt.HEADER_LIMIT)
