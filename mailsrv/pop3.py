@@ -32,7 +32,7 @@ from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.interfaces import SEEN, FolderError, MessageInfo
 from mailsrv.logsafe import SafeLogger
-from mailsrv.session import BadCommands, OutputFlow, TLSGate
+from mailsrv.session import BadCommands, IdleClose, OutputFlow, TLSGate
 from mailsrv.store.names import INBOX, normalize_user
 
 IMPLEMENTATION = b"mailsrv"
@@ -308,6 +308,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
         self.timeOut = ctx.config.limits.timeout
         self._bad = BadCommands(ctx.config.limits.max_errors)
         self._tls = TLSGate(ctx.tls, ctx.config.auth.cleartext, implicit_tls)
+        self._idle = IdleClose(ctx.reactor)
         self._buffer = b""
         self._discarding = False  # the rest of an over-long line
         self._tls_started = False  # ignore the rest of the packet that carried STLS
@@ -345,6 +346,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
     def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
         self._closed = True
         self.handshake_over()
+        self._idle.connection_lost()
         self._cache.clear()
         self._opened = []
         super().connectionLost(reason)
@@ -355,8 +357,7 @@ class POP3Server(HandshakeDeadlineMixin, pop3.POP3):
             user=self.mbox.user if self.mbox else None,
             client=self.peer,
         )
-        self.send(TIMED_OUT)
-        self.transport.loseConnection()
+        self._idle.expire(self.transport, lambda: self.send(TIMED_OUT))
 
     def send(self, *lines: bytes) -> None:
         """Write reply lines (each without CRLF) in one write."""

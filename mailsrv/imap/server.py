@@ -34,7 +34,7 @@ from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
-from mailsrv.session import BadCommands, TLSGate
+from mailsrv.session import BadCommands, IdleClose, TLSGate
 
 # Literal octets that restart the idle timer: a literal must arrive at 16 KiB
 # per idle timeout (55 bytes/s with the default 5 minutes) or better.
@@ -80,6 +80,7 @@ class IMAPServer(
         self._current_tag: bytes | None = None
         self._bad = BadCommands(factory.config.limits.max_errors)
         self._tls = TLSGate(factory.tls, factory.config.auth.cleartext, factory.implicit_tls)
+        self._idle = IdleClose(factory.reactor)
         self._lost = False
         self._discarding: bytes | None = None
         self._idle_tag: bytes | None = None
@@ -104,6 +105,7 @@ class IMAPServer(
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
         self.handshake_over()
+        self._idle.connection_lost()
         self._close_mailbox()
         super().connectionLost(reason)
         pending = twistedcompat.pending_literal(self)
@@ -111,8 +113,9 @@ class IMAPServer(
             pending.source.discard()
 
     def timeoutConnection(self) -> None:
-        self.sendLine(b"* BYE Autologout; connection idle too long")
-        self.transport.loseConnection()
+        self._idle.expire(
+            self.transport, lambda: self.sendLine(b"* BYE Autologout; connection idle too long")
+        )
 
     def _can_starttls(self) -> bool:
         return self._tls.can_start()

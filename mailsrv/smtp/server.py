@@ -39,7 +39,7 @@ from mailsrv.replies import (
     Reply,
     SMTPReplyError,
 )
-from mailsrv.session import BadCommands, TLSGate
+from mailsrv.session import BadCommands, IdleClose, TLSGate
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -119,6 +119,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
         self._bad = BadCommands(context.config.limits.max_errors)
         self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
+        self._idle = IdleClose(context.reactor)
         self._client_ip = "unknown"
         self._helo_name: str | None = None
         self._esmtp = False
@@ -161,6 +162,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._lost = True
         self.setTimeout(None)
         self.handshake_over()
+        self._idle.connection_lost()
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
@@ -189,14 +191,13 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        if self.transport.disconnecting or self._write_blocked:
-            # The client reads nothing, not even our goodbye: drop it.
+        if not self._idle.expire(self.transport, self._timed_out, self._write_blocked):
+            # The client reads nothing, not even our goodbye: dropped.
             self.log.info("client {client} stopped reading, dropping", client=self._client_ip)
-            self.transport.abortConnection()
-            return
+
+    def _timed_out(self) -> None:
         self._reply(replies.TIMEOUT)  # RFC 5321 4.5.3.2.7
         self.log.info("timeout, closing connection from {client}", client=self._client_ip)
-        self.transport.loseConnection()
 
     @property
     def tls_active(self) -> bool:
