@@ -2,16 +2,19 @@
 Session mechanics the SMTP, POP3 and IMAP servers share, each a small
 object a protocol holds (composition, not another base class under
 Twisted's servers): the bad-command counter that drops a client sending
-nothing but errors, the STARTTLS gate, and flow control for long replies.
-Each protocol keeps its own words on the wire; only the rules live here.
+nothing but errors, the STARTTLS gate, flow control for long replies, and
+how a session idle too long is closed. Each protocol keeps its own words on
+the wire; only the rules live here.
 
-The idle timeout is Twisted's L{twisted.protocols.policies.TimeoutMixin}
-in all three, on the reactor the server was given, and the TLS handshake
-deadline is L{mailsrv.deadline.HandshakeDeadlineMixin}.
+The idle timer is Twisted's L{twisted.protocols.policies.TimeoutMixin} in
+all three, on the reactor the server was given; at its end each calls
+L{IdleClose}. The TLS handshake deadline is
+L{mailsrv.deadline.HandshakeDeadlineMixin}.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from twisted.internet import defer
@@ -121,3 +124,50 @@ class OutputFlow:
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
+
+
+# Seconds a session closed for idleness has to read its goodbye and go.
+GOODBYE_GRACE = 10.0
+
+
+class IdleClose:
+    """
+    How a session that was idle too long ends: the protocol's goodbye (SMTP
+    421, RFC 5321 4.5.3.2.7; POP3 C{-ERR}, RFC 1939 3; IMAP C{* BYE}, RFC
+    3501 5.4), then a clean close. A clean close waits until the client has
+    read everything written, so a client that has stopped reading would hold
+    the connection open for ever: it is aborted at once when output is
+    already backed up (or a close is already under way), and C{grace}
+    seconds after the goodbye if it is still open then.
+    """
+
+    def __init__(self, clock: Any, grace: float = GOODBYE_GRACE) -> None:
+        """C{clock}: the reactor the server was given (an IReactorTime)."""
+        self.clock = clock
+        self.grace = grace
+        self._cut: Any = None
+
+    def expire(self, transport: Any, goodbye: Callable[[], None], backed_up: bool = False) -> bool:
+        """
+        Close C{transport} of a session idle too long: C{goodbye()} writes the
+        protocol's farewell. False when the connection was aborted at once,
+        without a goodbye.
+        """
+        if transport.disconnecting or backed_up:
+            transport.abortConnection()
+            return False
+        goodbye()
+        transport.loseConnection()
+        if self._cut is None:
+            self._cut = self.clock.callLater(self.grace, self._abort, transport)
+        return True
+
+    def _abort(self, transport: Any) -> None:
+        self._cut = None
+        transport.abortConnection()
+
+    def connection_lost(self) -> None:
+        """The connection is gone: nothing left to abort."""
+        cut, self._cut = self._cut, None
+        if cut is not None and cut.active():
+            cut.cancel()

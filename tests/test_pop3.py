@@ -80,9 +80,9 @@ def test_user_pass_stat_list_uidl(ctx):
 
 def test_uidl_written_as_the_client_reads(ctx, monkeypatch):
     """A long listing goes out a piece at a time; a pipelined command waits for its end."""
-    import mailsrv.pop3
+    import mailsrv.pop3.transaction
 
-    monkeypatch.setattr(mailsrv.pop3, "LISTING_PIECE", 2)
+    monkeypatch.setattr(mailsrv.pop3.transaction, "LISTING_PIECE", 2)
     for n in range(3):
         deliver(ctx, b"Subject: %d\n\nx\n" % n)
     s = Session(ctx)

@@ -23,6 +23,7 @@ from twisted.mail import imap4
 from mailsrv.auth import sasl
 from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
+from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import Account, Subscriptions, subscriptions_path
 from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import GeneralCommands
@@ -31,8 +32,9 @@ from mailsrv.imap.commands.mailboxes import MailboxCommands
 from mailsrv.imap.commands.selected import SelectedCommands
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
+from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
-from mailsrv.session import BadCommands, TLSGate
+from mailsrv.session import BadCommands, IdleClose, TLSGate
 
 # Literal octets that restart the idle timer: a literal must arrive at 16 KiB
 # per idle timeout (55 bytes/s with the default 5 minutes) or better.
@@ -51,6 +53,7 @@ class IMAPServer(
     FetchCommand,
     IdleCommand,
     CommandParser,
+    ResponseHook,
     imap4.IMAP4Server,
 ):
     """
@@ -61,7 +64,6 @@ class IMAPServer(
     log = SafeLogger()
     transport: Any
     callLater: Any
-    _pendingLiteral: Any = None
     mbox: Any = None  # the selected SessionMailbox
     _auth_exchange: Any = None  # the SASL exchange an AUTHENTICATE continues
     account: Any = None  # the logged-in Account
@@ -78,6 +80,7 @@ class IMAPServer(
         self._current_tag: bytes | None = None
         self._bad = BadCommands(factory.config.limits.max_errors)
         self._tls = TLSGate(factory.tls, factory.config.auth.cleartext, factory.implicit_tls)
+        self._idle = IdleClose(factory.reactor)
         self._lost = False
         self._discarding: bytes | None = None
         self._idle_tag: bytes | None = None
@@ -102,15 +105,17 @@ class IMAPServer(
     def connectionLost(self, reason: Any = None) -> None:
         self._lost = True
         self.handshake_over()
+        self._idle.connection_lost()
         self._close_mailbox()
         super().connectionLost(reason)
-        pending = self._pendingLiteral
+        pending = twistedcompat.pending_literal(self)
         if isinstance(pending, _SpoolLiteral):
             pending.source.discard()
 
     def timeoutConnection(self) -> None:
-        self.sendLine(b"* BYE Autologout; connection idle too long")
-        self.transport.loseConnection()
+        self._idle.expire(
+            self.transport, lambda: self.sendLine(b"* BYE Autologout; connection idle too long")
+        )
 
     def _can_starttls(self) -> bool:
         return self._tls.can_start()
@@ -142,7 +147,7 @@ class IMAPServer(
         super().lineReceived(line)
         if (
             self._busy is not None
-            and self.parseState == "command"
+            and self.parseState == PARSE_COMMAND
             and not self.paused
             and not self._lost
             and not self.transport.disconnecting
@@ -155,8 +160,7 @@ class IMAPServer(
         if end >= 0:
             self._current_tag = self._busy = tag
             self.sendBadResponse(tag, b"Command line too long")
-            self._buffer = line[end + 2 :]
-            if self._buffer:
+            if twistedcompat.set_unread(self, line[end + 2 :]):
                 self.callLater(0, self.dataReceived, b"")
         else:
             self._discarding = tag
@@ -171,10 +175,7 @@ class IMAPServer(
             self.log.failure("IMAP command failed")
             self.sendBadResponse(self._current_tag, b"Internal server error")
 
-    def _respond(self, state: bytes, tag: bytes | None, message: bytes | str | None) -> None:
-        if isinstance(message, str):
-            message = message.encode("utf-8")
-        super()._respond(state, tag, message)
+    def responded(self, state: bytes, tag: bytes | None) -> None:
         if state == b"BAD":
             if self._bad.bad() and not self._lost:
                 self.sendLine(b"* BYE Too many invalid commands")
@@ -198,7 +199,7 @@ class IMAPServer(
         if self._literal_progress >= LITERAL_PROGRESS:
             self._literal_progress = 0
             self.resetTimeout()
-        passon = self._pendingLiteral.write(data)
+        passon = twistedcompat.pending_literal(self).write(data)
         if passon is not None:
             self.setLineMode(passon)
 
@@ -241,7 +242,7 @@ class IMAPServer(
             return
         self._sasl_step(tag, exchange, lambda: exchange.start(initial.strip() or None))
 
-    unauth_AUTHENTICATE = (do_AUTHENTICATE, imap4.IMAP4Server.arg_line)  # type: ignore[assignment]
+    unauth_AUTHENTICATE = (do_AUTHENTICATE, twistedcompat.arg_line)  # type: ignore[assignment]
 
     def _sasl_step(self, tag: bytes, exchange: sasl.Exchange, step: Callable[[], Any]) -> None:
         """One step of a SASL exchange: a C{+} challenge (RFC 3501 6.2.2), a BAD, or the login."""
@@ -264,7 +265,7 @@ class IMAPServer(
         self.sendLine(b"+ " + answer)
 
     def parse_auth_sasl(self, line: bytes) -> None:
-        self.parseState = "command"
+        self.parseState = PARSE_COMMAND
         exchange = self._auth_exchange
         self._auth_exchange = None
         self._sasl_step(self._auth_tag, exchange, lambda: exchange.respond(line))
@@ -280,7 +281,7 @@ class IMAPServer(
                 logout()
                 return
             self.account = avatar
-            self._onLogout = logout
+            twistedcompat.set_logout(self, logout)
             self._user = avatar.address
             self.state = "auth"
             self.setTimeout(self.POSTAUTH_TIMEOUT)

@@ -5,14 +5,9 @@ reason it is needed. The rest of C{mailsrv.imap} goes through this module,
 so a Twisted release that changes one of these breaks one place, and
 C{tests/test_imap_twistedcompat.py} says which.
 
-The connection code that stays in C{server.py} (the command loop, login,
-STARTTLS, the idle timeout and the bad-command counter, about to become
-helpers shared with SMTP and POP3) still uses a few directly: it overrides
-C{_respond} (every response passes through it: it counts BADs and releases
-the next pipelined command), sets C{_onLogout} (Twisted's C{connectionLost}
-calls the avatar's logout through it), reads C{_pendingLiteral} (the literal
-receiver, in C{rawDataReceived} and C{connectionLost}) and C{_buffer}
-(LineReceiver's unread octets, in C{lineLengthExceeded}).
+Nothing else in C{mailsrv.imap} names a private member of Twisted's
+classes; C{tests/test_imap_twistedcompat.py} checks that by reading the
+source.
 """
 
 from __future__ import annotations
@@ -70,3 +65,51 @@ def set_pending_literal(proto: Any, receiver: Any) -> None:
     """
     proto.parseState = PARSE_LITERAL
     proto._pendingLiteral = receiver
+
+
+class ResponseHook(imap4.IMAP4Server):
+    """
+    A mixin that tells the server of every status response it sends.
+    Twisted's IMAP4Server writes each one (tagged, and the untagged ones it
+    queued) through its private C{_respond}, and has no public hook: the
+    server needs one to count BADs (the bad-command limit) and to release
+    the next pipelined command once the current one is answered.
+    """
+
+    def _respond(self, state: bytes, tag: bytes | None, message: bytes | str | None) -> None:
+        if isinstance(message, str):
+            message = message.encode("utf-8")
+        super()._respond(state, tag, message)
+        self.responded(state, tag)
+
+    def responded(self, state: bytes, tag: bytes | None) -> None:
+        """A status response C{state} (OK, NO, BAD, ...) went out for C{tag} (None: untagged)."""
+
+
+def set_logout(proto: Any, logout: Any) -> None:
+    """
+    Call C{logout} (the avatar's, from the portal) when the connection ends.
+    Twisted's IMAP4Server.connectionLost calls it through the private
+    C{_onLogout}, which its own LOGIN sets; our login is our own.
+    """
+    proto._onLogout = logout
+
+
+def pending_literal(proto: Any) -> Any:
+    """
+    The receiver of the literal being read (see L{set_pending_literal}), or
+    None: Twisted keeps it in the private C{_pendingLiteral}, which our raw
+    mode reads (to count literal progress) and connectionLost reads (to
+    discard a spooled literal).
+    """
+    return getattr(proto, "_pendingLiteral", None)
+
+
+def set_unread(proto: Any, data: bytes) -> bytes:
+    """
+    Replace the octets LineReceiver has read but not yet split into lines
+    (its private C{_buffer}) with C{data}, and return them: after an
+    over-long command line, what follows its CRLF is read as usual.
+    """
+    proto._buffer = data
+    return data

@@ -7,6 +7,10 @@ Twisted's ESMTP advertises only AUTH and STARTTLS, ignores MAIL
 parameters, drops the connection on a long line, and runs pipelined
 commands before the replies to earlier ones are known. This subclass reads
 lines itself, one command at a time, and answers with RFC 3463 codes.
+
+This module is the ESMTP protocol (the session, its commands and the mail
+transaction) and the listener's factory; the reading of lines is
+L{mailsrv.smtp.lines}, the AUTH command L{mailsrv.smtp.auth}.
 """
 
 from __future__ import annotations
@@ -23,12 +27,6 @@ from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import (
-    AUTH_ABORTED,
-    AUTH_BAD_MECHANISM,
-    AUTH_BAD_RESPONSE,
-    AUTH_NOT_ENABLED,
-    AUTH_OK,
-    AUTH_THROTTLED,
     BYE,
     CANNOT_VRFY,
     HELP,
@@ -39,7 +37,7 @@ from mailsrv.replies import (
     Reply,
     SMTPReplyError,
 )
-from mailsrv.session import BadCommands, TLSGate
+from mailsrv.session import BadCommands, IdleClose, TLSGate
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -47,27 +45,19 @@ from mailsrv.smtp.address import (
     parse_mail_from,
     parse_rcpt_to,
 )
+from mailsrv.smtp.auth import AuthCommand
 from mailsrv.smtp.delivery import (
     BaseDelivery,
     InboundDelivery,
     IncomingMessage,
     SubmissionDelivery,
 )
+from mailsrv.smtp.lines import LineReader
 
-COMMAND, DATA, AUTH = smtp.COMMAND, smtp.DATA, smtp.AUTH
+COMMAND, DATA = smtp.COMMAND, smtp.DATA
 
 # RFC 5321 4.5.3.1.4: a command line is at most 512 octets with its CRLF.
 MAX_COMMAND = 510
-# RFC 4954 4: AUTH lines may be up to 12288 octets.
-MAX_AUTH_LINE = 12288
-# RFC 5321 4.5.3.1.6: a text line is at most 1000 octets with its CRLF. Real
-# senders exceed it (long HTML lines); like Postfix, such mail is taken, but
-# stored unchanged rather than split. Only a line past this bound, which no
-# mail program writes, refuses the message: it keeps a session's buffer bounded.
-MAX_TEXT_LINE = 998
-MAX_DATA_LINE = 1024 * 1024
-# Input held while a command's reply is pending, before reading pauses.
-MAX_PENDING = 64 * 1024
 
 # Postfix's smtpd_forbidden_commands: a web client, not a mail client.
 FORBIDDEN = frozenset({b"CONNECT", b"GET", b"POST", b"HEAD", b"PUT"})
@@ -91,7 +81,7 @@ _VERBS = frozenset(
 )
 
 
-class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
+class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
     log = SafeLogger()
@@ -119,6 +109,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
         self._bad = BadCommands(context.config.limits.max_errors)
         self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
+        self._idle = IdleClose(context.reactor)
         self._client_ip = "unknown"
         self._helo_name: str | None = None
         self._esmtp = False
@@ -161,6 +152,7 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self._lost = True
         self.setTimeout(None)
         self.handshake_over()
+        self._idle.connection_lost()
         if self._message is not None:
             self._message.connectionLost()
             self._message = None
@@ -189,14 +181,13 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
         self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
-        if self.transport.disconnecting or self._write_blocked:
-            # The client reads nothing, not even our goodbye: drop it.
+        if not self._idle.expire(self.transport, self._timed_out, self._write_blocked):
+            # The client reads nothing, not even our goodbye: dropped.
             self.log.info("client {client} stopped reading, dropping", client=self._client_ip)
-            self.transport.abortConnection()
-            return
+
+    def _timed_out(self) -> None:
         self._reply(replies.TIMEOUT)  # RFC 5321 4.5.3.2.7
         self.log.info("timeout, closing connection from {client}", client=self._client_ip)
-        self.transport.loseConnection()
 
     @property
     def tls_active(self) -> bool:
@@ -205,155 +196,6 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
 
     def _auth_allowed(self) -> bool:
         return self._tls.password_allowed()
-
-    # input: lines, one command at a time
-
-    def dataReceived(self, data: bytes) -> None:
-        # No resetTimeout here: a line that trickles in a byte at a time must
-        # not keep the session alive. The timer restarts at each whole line.
-        if self._pos:
-            self._buffer = self._buffer[self._pos :]
-            self._pos = 0
-        self._buffer += data
-        if not self._draining:
-            self._drain()
-
-    def _line_limit(self) -> int:
-        return MAX_DATA_LINE if self.mode == DATA else MAX_AUTH_LINE
-
-    def _drain(self) -> None:
-        self._draining = True
-        try:
-            while not (self._waiting or self._write_blocked or self.transport.disconnecting):
-                if self.mode == DATA and self._data_block():
-                    continue
-                end = self._buffer.find(b"\r\n", self._pos)
-                limit = self._line_limit()
-                if end < 0:
-                    if len(self._buffer) - self._pos > limit:
-                        # An over-long line: drop it as it comes; keep a CR
-                        # that may start the CRLF.
-                        self._discarding = True
-                        tail = self._buffer[-1:] if self._buffer.endswith(b"\r") else b""
-                        self._buffer, self._pos = tail, 0
-                    break
-                line = self._buffer[self._pos : end]
-                self._pos = end + 2
-                self.resetTimeout()
-                if self._discarding or len(line) > limit:
-                    self._discarding = False
-                    self._line_too_long()
-                else:
-                    self._line(line)
-        finally:
-            self._draining = False
-        self._update_reading()
-
-    def _update_reading(self) -> None:
-        """Read from the socket only while there is room for what it brings."""
-        pending = len(self._buffer) - self._pos
-        # Not at once when writes block: a TLS layer still has to read its
-        # handshake before it sends what it holds.
-        pause = pending > MAX_PENDING and (self._waiting or self._write_blocked)
-        if pause != self._paused_transport and not self._lost:
-            self._paused_transport = pause
-            if pause:
-                self.transport.pauseProducing()
-            else:
-                self.transport.resumeProducing()
-
-    # IPushProducer, for the transport: our replies fill / leave its buffer
-
-    def pauseProducing(self) -> None:
-        self._write_blocked = True
-        self._update_reading()
-
-    def resumeProducing(self) -> None:
-        self._write_blocked = False
-        self._update_reading()
-        if not self._draining and not self._lost:
-            self._drain()
-
-    def stopProducing(self) -> None:
-        pass
-
-    def _data_block(self) -> bool:
-        """
-        Take the complete body lines in the buffer at once (the fast path
-        for DATA); False when the line-by-line path must handle what is
-        there: headers, the final dot, an over-long line, a partial line.
-        """
-        message = self._message
-        if message is None or message.in_headers or self._discarding:
-            return False
-        buf, pos = self._buffer, self._pos
-        if buf.startswith(b".\r\n", pos):
-            return False
-        end = buf.find(b"\r\n.\r\n", pos)
-        end = buf.rfind(b"\r\n", pos) if end < 0 else end
-        if end <= pos:
-            return False
-        block = buf[pos : end + 2]
-        if len(block) > MAX_DATA_LINE and max(map(len, block.split(b"\r\n"))) > MAX_DATA_LINE:
-            return False
-        self.resetTimeout()
-        self._pos = end + 2
-        octets = len(block)
-        crlf = block.count(b"\r\n")
-        if block.count(b"\r") != crlf or block.count(b"\n") != crlf:
-            message.fail(replies.BARE_NEWLINE)
-        if block[:1] == b".":
-            block = block[1:]
-        block = block.replace(b"\r\n.", b"\r\n").replace(b"\r\n", b"\n")  # RFC 5321 4.5.2
-        message.body_received(block, octets)
-        return True
-
-    def _line(self, line: bytes) -> None:
-        if self.mode == DATA:
-            if line[:1] == b".":
-                if line == b".":
-                    self._end_data()
-                    return
-                line = line[1:]  # RFC 5321 4.5.2
-            message = self._message
-            assert message is not None
-            if b"\r" in line or b"\n" in line:
-                message.fail(replies.BARE_NEWLINE)
-            message.lineReceived(line)
-        elif self.mode == AUTH:
-            self._auth_line(line)
-        else:
-            self._command(line)
-
-    def _line_too_long(self) -> None:
-        if self.mode == DATA:
-            if self._message is not None:
-                self._message.fail(replies.LINE_TOO_LONG)  # answered after the dot
-            return
-        self.mode = COMMAND
-        self._auth_step = None
-        self._reply(replies.LINE_TOO_LONG)
-
-    def _wait(self, d: defer.Deferred) -> None:
-        """Read no further command until C{d} has fired (RFC 2920 3.1: in order)."""
-        self._waiting = True
-        self.setTimeout(None)
-
-        def done(result: Any) -> None:
-            self._waiting = False
-            if isinstance(result, Failure):
-                self.log.failure("unexpected error in SMTP session", failure=result)
-            if self._lost:
-                return
-            if self._shutting_down:
-                self._goodbye()
-                return
-            if not self.transport.disconnecting:
-                self.setTimeout(self.timeout)
-            if not self._draining:
-                self._drain()
-
-        d.addBoth(done)
 
     def _command(self, line: bytes) -> None:
         parts = line.strip().split(None, 1)
@@ -677,106 +519,6 @@ class SMTPServer(HandshakeDeadlineMixin, smtp.ESMTP):
             self._tls.start()
             self.startedTLS = True
             self.start_handshake_deadline(self.timeout)
-
-    # RFC 4954 AUTH
-
-    def ext_AUTH(self, rest: bytes) -> None:
-        if not self.submission:
-            self._reply(AUTH_NOT_ENABLED)  # the MX takes no logins, like Postfix's default
-            return
-        if self._helo_name is None:
-            self._reply(replies.BAD_SEQUENCE, "Send EHLO first")
-            return
-        if self._user is not None:
-            self._reply(replies.BAD_SEQUENCE, "Already authenticated")
-            return
-        if self._sender is not None:
-            self._reply(replies.BAD_SEQUENCE, "AUTH not permitted during a mail transaction")
-            return
-        if not self._auth_allowed():
-            self._reply(replies.ENCRYPTION_REQUIRED)
-            return
-        parts = rest.split(None, 1)
-        try:
-            exchange = sasl.Exchange(parts[0] if parts else b"")
-        except sasl.UnknownMechanism:
-            self._reply(AUTH_BAD_MECHANISM)
-            return
-        self._auth_step = exchange
-        self.mode = AUTH
-        self._auth_answer(lambda: exchange.start(parts[1] if len(parts) > 1 else None))
-
-    def _auth_line(self, line: bytes) -> None:
-        exchange = self._auth_step
-        assert exchange is not None
-        self._auth_answer(lambda: exchange.respond(line))
-
-    def _auth_answer(self, step: Any) -> None:
-        """Run one step of the SASL exchange: a 334 challenge, an error, or the login."""
-        try:
-            answer = step()
-        except sasl.Cancelled:
-            self._auth_done()
-            self._reply(AUTH_ABORTED)
-            return
-        except sasl.SASLError:
-            self._auth_done()
-            self._reply(AUTH_BAD_RESPONSE)
-            return
-        if isinstance(answer, sasl.Credentials):
-            self._auth_done()
-            self._login(answer)
-        else:
-            self.sendCode(334, answer)
-
-    def _auth_done(self) -> None:
-        self.mode = COMMAND
-        self._auth_step = None
-
-    def _login(self, credentials: sasl.Credentials) -> None:
-        d = self._authenticator.login(self._client_ip, credentials, smtp.IMessageDelivery)
-        d.addCallbacks(self._logged_in, self._login_failed, errbackArgs=(credentials.authcid,))
-        self._wait(d)
-
-    def _logged_in(self, result: tuple[Any, Any, Any]) -> None:
-        _, avatar, logout = result
-        if self._lost:
-            logout()
-            return
-        user = getattr(avatar, "user", None)
-        self._delivery = avatar
-        self._user = user
-        self._logout = logout
-        self.log.info("smtp login {user} from {client}: ok", user=user, client=self._client_ip)
-        self._reply(AUTH_OK)
-
-    def _login_failed(self, failure: Failure, username: bytes) -> None:
-        result = sasl.outcome(failure)
-        if result == sasl.FAILED:
-            self._auth_failed_for(username)
-        elif result == sasl.THROTTLED:
-            self.log.warn(
-                "smtp login {user} from {client}: refused, too many failures",
-                user=username,
-                client=self._client_ip,
-            )
-            self._reply(AUTH_THROTTLED)
-        elif result == sasl.UNAVAILABLE:
-            self.log.error(
-                "smtp login from {client}: {error}", client=self._client_ip, error=failure.value
-            )
-            self._reply(replies.AUTH_TEMP_FAIL)
-        else:
-            self.log.failure("login failed", failure=failure)
-            self._reply(replies.AUTH_TEMP_FAIL)
-
-    def _auth_failed_for(self, username: bytes) -> None:
-        self.log.warn(
-            "smtp login {user} from {client}: failed",
-            user=username,
-            client=self._client_ip,
-        )
-        self._reply(replies.AUTH_FAILED)
 
 
 SHUTDOWN_GRACE = 10.0  # seconds sessions have to finish a command at shutdown

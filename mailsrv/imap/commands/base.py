@@ -1,8 +1,9 @@
 """
 What the IMAP command handlers share: the L{command} wrapper that runs a
-handler and answers its failure, flow control for long responses, and the
-selected mailbox's bookkeeping (closing it, catching up with changes made by
-other sessions and telling the client: EXPUNGE, FETCH FLAGS, EXISTS).
+handler and answers its failure, and the selected mailbox's bookkeeping
+(closing it, catching up with changes made by other sessions and telling
+the client: EXPUNGE, FETCH FLAGS, EXISTS). Flow control for long responses
+is L{mailsrv.session.OutputFlow}, shared with SMTP and POP3.
 
 The command groups are mixins over Twisted's L{imap4.IMAP4Server}: Twisted
 supplies the line and literal machinery and the dispatch by state, and
@@ -18,9 +19,7 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 from twisted.internet import defer
-from twisted.internet.interfaces import IPushProducer
 from twisted.mail import imap4
-from zope.interface import implementer
 
 from mailsrv.imap.fetch import FetchSyntaxError
 from mailsrv.imap.responses import expunge_lines, flag_list
@@ -28,36 +27,6 @@ from mailsrv.imap.search import BadCharset, SearchError
 from mailsrv.interfaces import FolderError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import disk_full
-
-
-@implementer(IPushProducer)
-class Flow:
-    """Flow control for a long response: wait() until the transport wants more."""
-
-    def __init__(self) -> None:
-        self.paused = False
-        self.stopped = False
-        self._waiting: list[defer.Deferred] = []
-
-    def pauseProducing(self) -> None:
-        self.paused = True
-
-    def resumeProducing(self) -> None:
-        self.paused = False
-        waiting, self._waiting = self._waiting, []
-        for d in waiting:
-            d.callback(None)
-
-    def stopProducing(self) -> None:
-        self.stopped = True
-        self.resumeProducing()
-
-    def wait(self) -> defer.Deferred:
-        if not self.paused:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
-        self._waiting.append(d)
-        return d
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., None]:

@@ -15,7 +15,7 @@ from typing import Any
 from twisted.internet import defer
 
 from mailsrv.imap.account import SessionMailbox
-from mailsrv.imap.commands.base import CommandBase, Flow, command
+from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.fetch import FetchRequest, Stream, skip
 from mailsrv.imap.fetchitems import (
     MessageFetch,
@@ -26,6 +26,7 @@ from mailsrv.imap.fetchitems import (
 from mailsrv.imap.parsing import CommandParser, SeqSet, resolve
 from mailsrv.imap.responses import flag_list
 from mailsrv.interfaces import SEEN
+from mailsrv.session import OutputFlow
 from mailsrv.spool import disk_full
 
 
@@ -111,7 +112,7 @@ class FetchCommand(CommandBase):
         seen_now: set[int],
     ) -> Any:
         factory = self.factory
-        flow = Flow()
+        flow = OutputFlow()
         self.transport.registerProducer(flow, True)
         missing = 0
         key = (self._user, mbox.folder.name, mbox.folder.uid_validity)
@@ -203,7 +204,7 @@ class FetchCommand(CommandBase):
                 self.transport.unregisterProducer()
 
     @defer.inlineCallbacks
-    def _stream(self, folder: Any, s: Stream, flow: Flow) -> Any:
+    def _stream(self, folder: Any, s: Stream, flow: OutputFlow) -> Any:
         left = s.end - s.start
         try:
             f = yield self._run(folder.open_message, s.uid)

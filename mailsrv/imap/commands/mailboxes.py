@@ -12,10 +12,11 @@ from typing import Any
 
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import list_pattern
-from mailsrv.imap.commands.base import CommandBase, Flow, command
+from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import encode_name, flag_list, list_lines
 from mailsrv.interfaces import SEEN, FolderError
+from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
@@ -154,7 +155,7 @@ class MailboxCommands(CommandBase):
             gone = [n for n in sorted(subscribed - existing) if rx.match(n)]
             lines = itertools.chain(lines, (b'LSUB () "/" ' + encode_name(n) for n in gone))
         # Tens of thousands of lines go out a piece at a time, as the client reads.
-        flow = Flow()
+        flow = OutputFlow()
         self.transport.registerProducer(flow, True)
         try:
             it = iter(lines)

@@ -1,0 +1,13 @@
+"""The POP3 server's replies, worded like Dovecot's where clients may match on them."""
+
+GREETING = b"+OK mailsrv ready."
+AUTH_FAILED = b"-ERR [AUTH] Authentication failed"
+PLAINTEXT_DISALLOWED = b"-ERR [AUTH] Plaintext authentication disallowed on non-secure connections"
+THROTTLED = b"-ERR [AUTH] Too many failed logins from your address, try again later."
+IN_USE = b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
+SYS_TEMP = b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information."
+TOO_MANY_ERRORS = b"-ERR Too many invalid commands."
+TIMED_OUT = b"-ERR Disconnected for inactivity."
+NO_SUCH_MESSAGE = b"-ERR There's no message %d."
+DELETED = b"-ERR Message is deleted."
+GONE = b"-ERR Message no longer exists."
