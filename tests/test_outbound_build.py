@@ -160,3 +160,14 @@ class ModuleLevelImportsTests(unittest.TestCase):
                         ):
                             found.append(f"{path.name}:{node.lineno} {names}")
         self.assertEqual(found, [])
+
+
+class RoutingDecisionsTests(unittest.TestCase):
+    def test_no_outbound_module_decides_local_or_remote_but_the_routing_step(self):
+        """The relayer asks L{mailsrv.routing}; only the builder hands it the local domains."""
+        found = []
+        for path in sorted(Path(mailsrv.outbound.__file__).parent.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in ("is_local_domain", "lookup"):
+                    found.append(f"{path.name} {ast.unparse(node)}")
+        self.assertEqual(found, ["build.py config.is_local_domain"])
