@@ -3,8 +3,8 @@ Bounces: the delivery status notifications (RFC 3464) the relayer sends to
 a message's envelope sender when recipients failed for good or are delayed.
 L{mailsrv.outbound.dsn} builds the report; this sends it, into the sender's
 mailbox when the routing step routes the sender to one, else through the
-queue. A message from
-the null sender <> is never bounced (RFC 5321 4.5.5: no bounce of a bounce).
+queue. A message from the null sender <> is never bounced (RFC 5321 4.5.5:
+no bounce of a bounce).
 """
 
 from __future__ import annotations
