@@ -1,94 +1,65 @@
 """
-Final delivery into a local mailbox, the one place where it happens for SMTP
-mail, whether the copy comes straight from an SMTP session or from the queue
-(a bounce, a retried local delivery): the copy gets its C{Return-Path:} field
-first (RFC 5321 4.4), exactly one, and goes to the store.
+Final delivery into a local mailbox of a message from the queue (a bounce,
+a retried local delivery) for the in-process relayer: each copy goes
+through the store's delivery target (L{mailsrv.store.target}), which gives
+it its C{Return-Path:} field (RFC 5321 4.4) and is the one caller of
+L{IMailStore.deliver}. The relay process's copies take the same path in the
+server (L{mailsrv.outbound.process}).
 """
 
 from __future__ import annotations
 
-import io
 from typing import Any
 
 from twisted.internet import defer
-from zope.interface import implementer
+from twisted.python.failure import Failure
 
-from mailsrv.interfaces import IMessageSource
-from mailsrv.smtp.received import return_path
+from mailsrv import routing
+from mailsrv.interfaces import IDeliveryTarget, IMailStore
+from mailsrv.replies import ReplyError
+from mailsrv.returnpath import ReturnPathSource
+from mailsrv.store.target import MailboxTarget
 
-# A Return-Path field already at the top of a queued copy (written by an
-# earlier version that queued local retries with it) is looked for this far.
-_HEAD = 8192
+__all__ = ["LocalDelivery", "ReturnPathSource", "deliver"]
 
 
-def deliver(store: Any, user: str, source: Any, sender: str) -> defer.Deferred:
-    """Store C{source} in C{user}'s INBOX for SMTP, with C{Return-Path: <sender>} first."""
-    return defer.maybeDeferred(store.deliver, user, ReturnPathSource(sender, source), sender)
+def deliver(
+    target: IDeliveryTarget, route: routing.Route, source: Any, sender: str
+) -> defer.Deferred:
+    """
+    Deliver C{source} from C{sender} to C{route} (a L{routing.Mailbox})
+    through C{target}: fires once the copy is durable, or fails, and then
+    nothing was written.
+    """
+    delivery = target.start(sender)
+    try:
+        delivery.add_recipient(route)
+        delivery.body(source)
+    except Exception:
+        delivery.abort()
+        return defer.fail()
+    return delivery.commit()
 
 
 class LocalDelivery:
     """
-    The local mailboxes as the queue's relayer reaches them: what it gives
-    L{deliver} gets its Return-Path field.
+    The local mailboxes as the in-process relayer reaches them
+    (L{mailsrv.outbound.local.Mailboxes}): a copy for C{user}'s INBOX.
     """
 
-    def __init__(self, store: Any) -> None:
-        self.store = store
+    def __init__(self, store: IMailStore) -> None:
+        self.target = MailboxTarget(store)
 
     def deliver(self, user: str, source: Any, sender: str) -> defer.Deferred:
-        return deliver(self.store, user, source, sender)
+        d = deliver(self.target, routing.queued_mailbox(user), source, sender)
+        return d.addErrback(_as_store_error)
 
 
-@implementer(IMessageSource)
-class ReturnPathSource:
+def _as_store_error(failure: Failure) -> Failure:
     """
-    A message as finally delivered: C{Return-Path: <sender>}, then the
-    message without a Return-Path field of its own at its top.
+    A name no mailbox can have, refused by the target, fails as the store
+    itself fails for it: a ValueError saying why (what the relayer records).
     """
-
-    def __init__(self, sender: str, inner: Any) -> None:
-        self._field = return_path(sender)
-        self._inner = inner
-        self.size = len(self._field) + inner.size  # at most: a field may be dropped
-
-    def open(self):
-        f = self._inner.open()
-        head = _without_return_path(f.read(_HEAD))
-        return io.BufferedReader(_ChainReader(self._field + head, f), 64 * 1024)
-
-
-def _without_return_path(head: bytes) -> bytes:
-    """C{head} without the Return-Path fields (and their folded lines) at its start."""
-    while head[:12].lower() == b"return-path:":
-        end = head.find(b"\n")
-        while end >= 0 and head[end + 1 : end + 2] in (b" ", b"\t"):
-            end = head.find(b"\n", end + 1)
-        if end < 0:
-            break  # longer than we looked at: leave it
-        head = head[end + 1 :]
-    return head
-
-
-class _ChainReader(io.RawIOBase):
-    """Reads C{prefix}, then the file C{inner}."""
-
-    def __init__(self, prefix: bytes, inner: Any) -> None:
-        self._prefix = prefix
-        self._inner = inner
-
-    def readable(self) -> bool:
-        return True
-
-    def readinto(self, b) -> int:
-        if self._prefix:
-            n = min(len(b), len(self._prefix))
-            b[:n] = self._prefix[:n]
-            self._prefix = self._prefix[n:]
-            return n
-        data = self._inner.read(len(b))
-        b[: len(data)] = data
-        return len(data)
-
-    def close(self) -> None:
-        self._inner.close()
-        super().close()
+    if failure.check(ReplyError) and failure.value.cause:
+        raise ValueError(failure.value.cause)
+    return failure

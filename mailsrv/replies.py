@@ -118,6 +118,12 @@ MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum messag
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop detected")
 # 554 transaction failed (RFC 5321 4.2.2), 5.0.0 other (RFC 3463 3.1)
 TRANSACTION_FAILED = Reply(554, "5.0.0", "Transaction failed")
+# The relayer's wording of the routing step's refusals of a queued recipient, as its
+# records, log lines and DSNs give them (Postfix's words for the first):
+# 550 (RFC 5321 4.2.2, 3.3), 5.1.1 bad destination mailbox address (RFC 3463 3.2)
+QUEUED_NO_SUCH_USER = Reply(550, "5.1.1", "User unknown in local recipient table")
+# 451 (RFC 5321 4.2.2), 4.3.0 other mail system status (RFC 3463 3.4): try again later
+QUEUED_USERS_UNAVAILABLE = Reply(451, "4.3.0", "local user database unavailable")
 # 550 (RFC 5321 4.2.2), 5.6.0 other media error (RFC 3463 3.7). RFC 5321 2.3.8: CR and LF
 # only as CRLF. A bare one can end DATA early at a lenient next hop and smuggle
 # a second message (like Postfix's smtpd_forbid_bare_newline = reject).

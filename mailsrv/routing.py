@@ -11,9 +11,12 @@ message, where it goes. A recipient is routed to
     cause for the log only).
 
 Its callers: SMTP intake (L{mailsrv.smtp.delivery}: at RCPT, for the MX and
-for submission; the message is then delivered by route) and the server's
-end of the relay process's local deliveries (L{mailsrv.outbound.process}),
-which store what the relayer found local.
+for submission; the message is then delivered by route), the relayer
+(L{mailsrv.outbound.relayer}, L{mailsrv.outbound.bounces}: L{Router.route_queued}
+for each queued recipient and each DSN's sender: a mailbox here, another
+server, or a refusal recorded as the attempt's result) and the server's end
+of the relay process's local deliveries (L{mailsrv.outbound.process}),
+which store what the relayer routed to a mailbox.
 
 Where the next features plug in, all inside L{Router.route}, so both callers
 get them at once:
@@ -38,7 +41,7 @@ from dataclasses import dataclass
 
 from mailsrv import replies
 from mailsrv.interfaces import IOutboundQueue, IPasswordDatabase, PasswordDatabaseError
-from mailsrv.replies import Reply
+from mailsrv.replies import Reply, ReplyError
 
 INBOX = "INBOX"
 
@@ -109,6 +112,21 @@ class Router:
             return Refused(replies.RELAY_UNAVAILABLE, cause="no outbound queue")
         return Relay(address)
 
+    def route_queued(self, address: str) -> Route:
+        """
+        Where a queued recipient (or the sender a DSN goes back to) goes when
+        the relayer delivers it: as L{route} for a client that may relay (the
+        message was taken for it already), its refusals in the queue's words
+        (L{replies.QUEUED_NO_SUCH_USER}, L{replies.QUEUED_USERS_UNAVAILABLE}),
+        which its records and DSNs show.
+        """
+        route = self.route(address, may_relay=True)
+        if isinstance(route, Refused):
+            reply = _QUEUED_WORDING.get(route.reply)
+            if reply is not None:
+                return Refused(reply, route.cause)
+        return route
+
     def _local_user(self, address: str) -> Route:
         try:
             stored = self.passwords.lookup(address)
@@ -120,11 +138,33 @@ class Router:
         return Mailbox(stored)
 
 
+_QUEUED_WORDING = {
+    replies.NO_SUCH_USER: replies.QUEUED_NO_SUCH_USER,
+    replies.LOCAL_ERROR: replies.QUEUED_USERS_UNAVAILABLE,
+}
+
+
+class RefusedError(ReplyError):
+    """
+    A L{Refused} route raised where a refusal travels as an error (a DSN
+    that cannot go to its sender now); C{str()} is the cause, for the log and
+    the queue's record, as L{ReplyError.cause} is.
+    """
+
+    def __init__(self, refused: Refused) -> None:
+        super().__init__(refused.reply, cause=refused.cause)
+        self.refused = refused
+
+    def __str__(self) -> str:
+        return self.cause or str(self.reply)
+
+
 def queued_mailbox(user: str) -> Route:
     """
-    Where a queued message for local user C{user} goes when the relayer
-    delivers it (a retried local delivery, a DSN): the relay process found
-    the user itself and names it by its stored spelling.
+    Where a queued message for local user C{user} goes when the server
+    stores it for the relayer (a retried local delivery, a DSN): the relayer
+    routed it to this user's mailbox (L{Router.route_queued}) and names the
+    user by its stored spelling.
     """
     return Mailbox(user)
 

@@ -13,15 +13,18 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.names import dns
 from twisted.trial import unittest
+from zope.interface.verify import verifyObject
 
 import mailsrv.outbound
 from mailsrv.config import parse
-from mailsrv.outbound.build import build_relayer, mx_resolver
+from mailsrv.interfaces import IPasswordDatabase
+from mailsrv.outbound.build import build_relayer, mx_resolver, queued_router
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import MXResolver
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.outbound.relayer import Relayer
 from mailsrv.outbound.schedule import RetrySchedule
+from mailsrv.routing import Mailbox, Relay
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
 from tests.test_outbound_support import MemoryAuthority, temp_dir
@@ -160,3 +163,27 @@ class ModuleLevelImportsTests(unittest.TestCase):
                         ):
                             found.append(f"{path.name}:{node.lineno} {names}")
         self.assertEqual(found, [])
+
+
+class RoutingDecisionsTests(unittest.TestCase):
+    def test_the_relayers_router(self):
+        queue = OutboundQueue(temp_dir(self) / "q", MemoryReactorClock(), None)
+        config = parse('[server]\ndomains = ["example.test"]')
+        local = queued_router(config, queue=queue, passwords=None, local=True)
+        passwords = local.passwords
+        self.assertTrue(verifyObject(IPasswordDatabase, passwords))  # every address a user
+        self.assertEqual(passwords.lookup("Bob@example.test"), "Bob@example.test")
+        self.assertTrue(passwords.has_user("bob@example.test"))
+        self.assertFalse(self.successResultOf(passwords.verify("bob@example.test", "x")))
+        self.assertEqual(local.route_queued("Bob@example.test"), Mailbox("Bob@example.test"))
+        remote = queued_router(config, queue=queue, passwords=None, local=False)
+        self.assertEqual(remote.route_queued("Bob@example.test"), Relay("Bob@example.test"))
+
+    def test_no_outbound_module_decides_local_or_remote_but_the_routing_step(self):
+        """The relayer asks L{mailsrv.routing}; only the builder hands it the local domains."""
+        found = []
+        for path in sorted(Path(mailsrv.outbound.__file__).parent.glob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text())):
+                if isinstance(node, ast.Attribute) and node.attr in ("is_local_domain", "lookup"):
+                    found.append(f"{path.name} {ast.unparse(node)}")
+        self.assertEqual(found, ["build.py config.is_local_domain"])

@@ -11,6 +11,7 @@ from twisted.trial import unittest
 
 from mailsrv.outbound import client
 from mailsrv.outbound.client import RemoteReply, Session, _BodySender
+from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.mx import Hop
 
 HOP = Hop("mx.remote.test", "192.0.2.1", 25)
@@ -147,7 +148,7 @@ def test_failed_starttls_is_marked_for_a_plain_text_retry():
 
 
 def test_connection_kept_for_the_next_message_then_closed_when_idle():
-    cache = client.ConnectionCache(idle_time=2.0)
+    cache = ConnectionCache(idle_time=2.0)
     s, p, t, results = _session(recipients=("a@r.test",))
     s.cache, p.cache = cache, cache
     cache.key_for(p, "k")
@@ -188,7 +189,7 @@ def test_connection_kept_for_the_next_message_then_closed_when_idle():
 
 
 def test_a_reply_while_idle_gives_the_connection_up():
-    cache = client.ConnectionCache(idle_time=2.0)
+    cache = ConnectionCache(idle_time=2.0)
     s, p, t, results = _session(recipients=("a@r.test",))
     s.cache, p.cache = cache, cache
     cache.key_for(p, "k")
@@ -265,7 +266,7 @@ def test_pipelining_data_refused_is_the_accepted_recipients_reply():
 
 
 def test_pipelining_on_a_kept_connection():
-    cache = client.ConnectionCache(idle_time=2.0)
+    cache = ConnectionCache(idle_time=2.0)
     s, p, t, results = _session(recipients=("a@r.test",))
     s.cache, p.cache = cache, cache
     cache.key_for(p, "k")

@@ -13,16 +13,19 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.trial import unittest
 
+from mailsrv import replies
 from mailsrv.config import parse
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.outbound import dsn
 from mailsrv.outbound.bounces import Bounces
+from mailsrv.outbound.build import queued_router
 from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.local import LocalRecipients, recipient_domain
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.outbound.remote import RemoteDelivery, split_hostport
 from mailsrv.outbound.results import LOG_NAMESPACE, Results
+from mailsrv.routing import Mailbox, Refused
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
 from tests.test_outbound_support import temp_dir
@@ -57,8 +60,9 @@ data_dir = "{temp_dir(self) / "data"}"
         self.results.running = True
         self.mailboxes = MemoryMailStore(clock=self.clock.seconds)
         self.local = LocalRecipients(
-            queue=self.queue, mailboxes=self.mailboxes, passwords=_Users(), results=self.results
+            queue=self.queue, mailboxes=self.mailboxes, results=self.results
         )
+        self.router = queued_router(self.config, queue=self.queue, passwords=_Users(), local=True)
         self.events: list[dict] = []
         globalLogPublisher.addObserver(self.events.append)
         self.addCleanup(globalLogPublisher.removeObserver, self.events.append)
@@ -126,7 +130,8 @@ class LocalRecipientsTests(_PartsCase):
         env = self.queued(
             "x@remote.test", ["Alice@example.test", "nobody@example.test", "z@broken.test"]
         )
-        self.successResultOf(self.local.deliver(env, env.recipients))
+        routed = [(r, self.router.route_queued(r.address)) for r in env.recipients]
+        self.successResultOf(self.local.deliver(env, routed))
         alice, nobody, broken = env.recipients
         self.assertEqual((alice.state, alice.reply), ("sent", "250 2.0.0 delivered to mailbox"))
         self.assertEqual(
@@ -142,13 +147,12 @@ class LocalRecipientsTests(_PartsCase):
         self.assertEqual([r.state for r in on_disk.recipients], ["sent", "failed", "pending"])
 
     def test_user_and_domain(self):
-        self.assertEqual(self.local.user("ALICE@example.test"), "alice@example.test")
-        self.assertIsNone(self.local.user("bob@example.test"))
+        route = self.router.route_queued
+        self.assertEqual(route("ALICE@example.test"), Mailbox("alice@example.test"))
+        self.assertEqual(route("bob@example.test"), Refused(replies.QUEUED_NO_SUCH_USER))
         self.assertEqual(recipient_domain("Bob@Example.TEST."), "example.test")
-        anyone = LocalRecipients(
-            queue=self.queue, mailboxes=self.mailboxes, passwords=None, results=self.results
-        )
-        self.assertEqual(anyone.user("Bob@example.test"), "Bob@example.test")
+        anyone = queued_router(self.config, queue=self.queue, passwords=None, local=True)
+        self.assertEqual(anyone.route_queued("Bob@example.test"), Mailbox("Bob@example.test"))
 
 
 class _Resolver:
@@ -222,6 +226,9 @@ class BouncesTests(_PartsCase):
             reactor=self.clock,
             results=self.results,
             local=self.local if local else None,
+            router=self.router
+            if local
+            else queued_router(self.config, queue=self.queue, passwords=_Users(), local=False),
         )
 
     def test_a_local_sender_gets_the_dsn_in_the_mailbox(self):

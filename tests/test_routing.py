@@ -3,15 +3,30 @@
 from __future__ import annotations
 
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from mailsrv import replies, routing
 from mailsrv.auth.passwd import PasswordFile
-from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.config import parse
+from mailsrv.localdelivery import LocalDelivery
+from mailsrv.outbound.build import build_relayer
+from mailsrv.outbound.errors import DeliveryError
+from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.routing import Mailbox, Refused, Relay, Router
-from tests.test_smtp_helpers import USERS, Session, _result, make_context, read_inbox
+from mailsrv.spool import BytesSource
+from mailsrv.store.memory import MemoryMailStore
+from tests.test_smtp_helpers import (
+    USERS,
+    Passwords,
+    Session,
+    _result,
+    make_context,
+    read_inbox,
+)
 
 ALICE = USERS[0]
 
@@ -131,3 +146,92 @@ def test_smtp_intake_delivers_where_the_routing_step_says():
     assert data.startswith(b"Return-Path: <carol@remote.test>\r\nReceived: ")
     assert data.endswith(b"Subject: routed\r\n\r\nbody\r\n")
     assert read_inbox(ctx, ALICE) == []
+
+
+# --- the relayer takes its decisions from the routing step too ---------------------------
+
+
+def test_a_queued_recipient_is_routed_as_for_a_client_that_may_relay(passwd, tmp_path):
+    r = router(passwd, tmp_path)
+    assert r.route_queued("alice.smith@example.test") == Mailbox("Alice.Smith@example.test")
+    assert r.route_queued("dave@remote.test") == Relay("dave@remote.test")
+
+
+def test_a_queued_recipients_refusals_are_in_the_queues_words(passwd, tmp_path):
+    route = router(passwd, tmp_path).route_queued("carol@example.test")
+    assert route == Refused(replies.QUEUED_NO_SUCH_USER)
+    assert str(route.reply) == "550 5.1.1 User unknown in local recipient table"
+    passwd.unlink()
+    passwd.mkdir()  # it cannot be read
+    route = router(passwd, tmp_path).route_queued("alice.smith@example.test")
+    assert isinstance(route, Refused) and route.cause
+    assert str(route.reply) == "451 4.3.0 local user database unavailable"
+    # Raised, as a DSN that cannot reach its sender now is: the cause is what is logged.
+    error = routing.RefusedError(route)
+    assert str(error) == route.cause and error.reply == route.reply and not error.permanent
+
+
+def test_other_refusals_keep_their_reply(passwd, tmp_path):
+    route = router(passwd, tmp_path, queue=False).route_queued("dave@remote.test")
+    assert route == Refused(replies.RELAY_UNAVAILABLE, cause="no outbound queue")
+    assert str(routing.RefusedError(route)) == "no outbound queue"
+
+
+class _QueuedPolicyRouter(Router):
+    """What a later routing feature does to queued mail: an alias, a policy refusal."""
+
+    def route(self, address, *, may_relay):
+        if address == "sales@example.test":
+            return Mailbox(ALICE)
+        if address.startswith("blocked@"):
+            return Refused(replies.Reply(550, "5.7.1", "Refused by policy"), cause="block list")
+        return super().route(address, may_relay=may_relay)
+
+
+class _DownResolver:
+    def __init__(self):
+        self.asked = []
+
+    def resolve(self, domain):
+        self.asked.append(domain)
+        return defer.fail(DeliveryError(False, "4.4.3", f"MX lookup for {domain} timed out"))
+
+
+def test_the_relayer_delivers_where_the_routing_step_says(tmp_path):
+    clock = MemoryReactorClock()
+    config = parse(f"""
+[server]
+hostname = "mail.example.test"
+domains = ["example.test"]
+data_dir = "{tmp_path / "data"}"
+""")
+    queue = OutboundQueue(config.queue_dir, clock, None)
+    store = MemoryMailStore(clock=clock.seconds)
+    resolver = _DownResolver()
+    relayer = build_relayer(
+        config,
+        queue=queue,
+        reactor=clock,
+        threadpool=None,
+        resolver=resolver,
+        mailboxes=LocalDelivery(store),
+        router=_QueuedPolicyRouter(
+            is_local_domain=config.is_local_domain, passwords=Passwords({}), queue=queue
+        ),
+    )
+    _result(relayer.start())
+    qid = _result(
+        queue.enqueue(
+            "",
+            ["sales@example.test", "blocked@example.test", "bob@remote.test"],
+            BytesSource(b"Subject: routed\n\nbody\n"),
+        )
+    )
+    [data] = read_inbox(SimpleNamespace(store=store), ALICE)  # the alias, into alice's INBOX
+    assert data.startswith(b"Return-Path: <>\nSubject: routed\n")
+    env = QueueStore(config.queue_dir).load_envelope(qid)
+    sales, blocked, bob = env.recipients
+    assert (sales.state, sales.reply) == ("sent", "250 2.0.0 delivered to mailbox")
+    assert (blocked.state, blocked.reply) == ("failed", "550 5.7.1 Refused by policy")
+    assert bob.state == "pending" and resolver.asked == ["remote.test"]
+    _result(relayer.stop())

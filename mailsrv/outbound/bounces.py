@@ -2,8 +2,9 @@
 Bounces: the delivery status notifications (RFC 3464) the relayer sends to
 a message's envelope sender when recipients failed for good or are delayed.
 L{mailsrv.outbound.dsn} builds the report; this sends it, into the sender's
-mailbox when the sender is local, else through the queue. A message from
-the null sender <> is never bounced (RFC 5321 4.5.5: no bounce of a bounce).
+mailbox when the routing step routes the sender to one, else through the
+queue. A message from the null sender <> is never bounced (RFC 5321 4.5.5:
+no bounce of a bounce).
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mailsrv import routing
 from mailsrv.config import Config
 from mailsrv.outbound import dsn
 from mailsrv.outbound.envelope import Envelope, Recipient
-from mailsrv.outbound.local import LocalRecipients, recipient_domain
+from mailsrv.outbound.local import LocalRecipients
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.results import Results, relayer_logger
 from mailsrv.spool import BytesSource
@@ -33,13 +35,18 @@ class Bounces:
         reactor: Any,
         results: Results,
         local: LocalRecipients | None,
+        router: routing.Router,
     ) -> None:
-        """C{local} None: no local mailboxes here, every DSN goes through the queue."""
+        """
+        C{local} None: no local mailboxes here, every DSN goes through the
+        queue. C{router}: the routing step, which says where the sender is.
+        """
         self.config = config
         self.queue = queue
         self.reactor = reactor
         self.results = results
         self.local = local
+        self.router = router
         self.log = relayer_logger(self)
 
     @defer.inlineCallbacks
@@ -75,17 +82,20 @@ class Bounces:
         source = BytesSource(report)
         sender = env.sender
         try:
-            if self.config.is_local_domain(recipient_domain(sender)) and self.local is not None:
-                mailbox = self.local.user(sender)
-                if mailbox is None:
-                    self.log.warn(
-                        "{queue_id}: {action} DSN for unknown local sender <{sender}> dropped",
-                        queue_id=env.id,
-                        action=action,
-                        sender=sender,
-                    )
-                    return
-                yield self.local.mailboxes.deliver(mailbox, source, "")
+            route = self.router.route_queued(sender)  # the one routing step
+            if isinstance(route, routing.Refused):
+                if not route.reply.permanent:
+                    raise routing.RefusedError(route)  # a local problem: try again later
+                self.log.warn(
+                    "{queue_id}: {action} DSN for unknown local sender <{sender}> dropped",
+                    queue_id=env.id,
+                    action=action,
+                    sender=sender,
+                )
+                return
+            if isinstance(route, routing.Mailbox):
+                assert self.local is not None  # the router has local domains only with it
+                yield self.local.mailboxes.deliver(route.user, source, "")
                 where = "mailbox"
             else:
                 where = yield self.queue.enqueue("", [sender], source)

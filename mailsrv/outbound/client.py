@@ -2,7 +2,8 @@
 One SMTP session to one remote host, on Twisted's ESMTPClient: EHLO,
 STARTTLS when offered (or required), AUTH for a smarthost, MAIL FROM, one
 RCPT per recipient, DATA streamed from the queue file. Ends with a
-L{SessionResult} saying what happened to each recipient.
+L{SessionResult} saying what happened to each recipient. Idle connections
+wait for the next message in L{mailsrv.outbound.connections}.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.logsafe import SafeLogger
+from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.mx import Hop
 
 BODY_CHUNK = 64 * 1024
@@ -423,7 +425,7 @@ class RelayClient(smtp.ESMTPClient):
 
     # --- connection reuse ---------------------------------------------------
 
-    cache: ConnectionCache | None = None
+    cache: ConnectionCache[RelayClient] | None = None
     _idle_call: Any = None
 
     def _park(self) -> None:
@@ -527,7 +529,7 @@ class Session(protocol.ClientFactory):
         username: str | None = None,
         password: str | None = None,
         timeout: float = COMMAND_TIMEOUT,
-        cache: ConnectionCache | None = None,
+        cache: ConnectionCache[RelayClient] | None = None,
         cache_key: Any = None,
     ) -> None:
         self.reactor = reactor
@@ -586,51 +588,3 @@ class Session(protocol.ClientFactory):
         """Connect and run the session; fires with the L{SessionResult}."""
         self.reactor.connectTCP(self.hop.address, self.hop.port, self, timeout=connect_timeout)
         return self.result
-
-
-class ConnectionCache:
-    """
-    Idle connections kept for a short while after a transaction, so that the
-    next message to the same destination skips connect, EHLO and STARTTLS
-    (like Postfix's connection cache, 2 s by default). Keyed by whatever the
-    caller says makes two sessions interchangeable (destination, address,
-    TLS policy, credentials).
-    """
-
-    def __init__(self, idle_time: float = 2.0, per_key: int = 5) -> None:
-        self.idle_time = idle_time
-        self.per_key = per_key
-        self._idle: dict[Any, list[RelayClient]] = {}
-        self._keys: dict[RelayClient, Any] = {}
-
-    def key_for(self, client: RelayClient, key: Any) -> None:
-        self._keys[client] = key
-
-    def park(self, client: RelayClient) -> None:
-        key = self._keys.get(client)
-        idle = self._idle.setdefault(key, [])
-        if key is None or len(idle) >= self.per_key:
-            client.quit_idle()
-            return
-        idle.append(client)
-
-    def take(self, key: Any) -> RelayClient | None:
-        """An idle connected client for C{key}, or None."""
-        idle = self._idle.get(key)
-        while idle:
-            client = idle.pop()
-            if client.transport is not None and getattr(client.transport, "connected", False):
-                return client
-        return None
-
-    def forget(self, client: RelayClient) -> None:
-        key = self._keys.pop(client, None)
-        idle = self._idle.get(key)
-        if idle and client in idle:
-            idle.remove(client)
-
-    def close_all(self) -> None:
-        for idle in list(self._idle.values()):
-            for client in list(idle):
-                client.quit_idle()
-        self._idle.clear()

@@ -1,9 +1,10 @@
 """
 Local delivery from the queue: the recipients of a queued message (and the
-senders of DSNs) that are users of this server get their copy in their
-mailbox. Only the server process writes mailboxes (one writer per file), so
-the relay process hands each copy to it over AMP (L{ServerMailboxes},
-C{DeliverLocal}); the in-process relayer gives it to the store directly.
+senders of DSNs) that the routing step (L{mailsrv.routing.Router.route_queued})
+sends to a mailbox here get their copy in it. Only the server process writes
+mailboxes (one writer per file), so the relay process hands each copy to it
+over AMP (L{ServerMailboxes}, C{DeliverLocal}); the in-process relayer gives
+it to the store's delivery target (L{mailsrv.localdelivery.LocalDelivery}).
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.protocols import amp
 
-from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
+from mailsrv import routing
 from mailsrv.outbound import ipc
 from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import Envelope, Recipient
@@ -29,6 +30,10 @@ def recipient_domain(address: str) -> str:
     return address.rpartition("@")[2].rstrip(".").lower()
 
 
+# What the relayer hands local delivery: a mailbox here, or a refusal.
+LocalRoute = routing.Mailbox | routing.Refused
+
+
 class Mailboxes(Protocol):
     """Where local copies go: C{deliver} stores C{source} in C{user}'s INBOX."""
 
@@ -38,38 +43,28 @@ class Mailboxes(Protocol):
 class LocalRecipients:
     """Delivers to the local users among a message's recipients; see the module docstring."""
 
-    def __init__(
-        self,
-        *,
-        queue: OutboundQueue,
-        mailboxes: Mailboxes,
-        passwords: IPasswordDatabase | None,
-        results: Results,
-    ) -> None:
-        """C{passwords} None: every local address is a user of that spelling (tests)."""
+    def __init__(self, *, queue: OutboundQueue, mailboxes: Mailboxes, results: Results) -> None:
         self.queue = queue
         self.mailboxes = mailboxes
-        self.passwords = passwords
         self.results = results
 
     @defer.inlineCallbacks
-    def deliver(self, env: Envelope, rcpts: Sequence[Recipient]):
-        """Deliver C{env} to the local C{rcpts}, each recorded before the next."""
+    def deliver(self, env: Envelope, routed: Sequence[tuple[Recipient, LocalRoute]]):
+        """
+        Deliver C{env} to its recipients the routing step did not send to
+        another server: a mailbox gets its copy, a refusal is the result;
+        each recorded before the next.
+        """
         source = self.queue.message_source(env)
-        for r in rcpts:
-            try:
-                mailbox = self.user(r.address)
-            except PasswordDatabaseError:
-                # A local problem (logged by the user database): try again later.
-                reply = RemoteReply(451, "4.3.0 local user database unavailable")
-                self.results.record(env, r, reply, "", "local")
-                continue
-            if mailbox is None:
-                reply = RemoteReply(550, "5.1.1 User unknown in local recipient table")
+        for r, route in routed:
+            if isinstance(route, routing.Refused):
+                # No such user (bounced), or a local problem such as an
+                # unreadable user database (logged by it): try again later.
+                reply = RemoteReply(route.reply.code, route.reply.line().decode())
                 self.results.record(env, r, reply, "", "local")
                 continue
             try:
-                yield self.mailboxes.deliver(mailbox, source, env.sender)
+                yield self.mailboxes.deliver(route.user, source, env.sender)
             except Exception as e:
                 self.results.record(
                     env, r, RemoteReply(451, f"4.3.0 local delivery failed: {e}"), "", "local"
@@ -81,17 +76,7 @@ class LocalRecipients:
                 # Recorded before the next mailbox: a crash in between must not
                 # deliver this copy again.
                 yield self.results.checkpoint(env, [r])
-        yield self.results.checkpoint(env, rcpts)
-
-    def user(self, address: str) -> str | None:
-        """
-        The stored spelling of local user C{address}, which names the mailbox
-        (whatever the case it was queued in), or None if there is no such user.
-        L{PasswordDatabaseError} if the users cannot be read.
-        """
-        if self.passwords is None:
-            return address
-        return self.passwords.lookup(address)
+        yield self.results.checkpoint(env, [r for r, _ in routed])
 
 
 class ServerMailboxes:

@@ -32,7 +32,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv import routing
+from mailsrv import localdelivery, routing
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
@@ -89,14 +89,9 @@ class ServerSide(ipc.QuietAMP):
         route = routing.queued_mailbox(recipient)
         if not isinstance(route, routing.Mailbox):
             return defer.fail(ipc.LocalDeliveryFailed(f"not routed to a mailbox: {route}"))
-        delivery = MailboxTarget(self.store).start(sender)
-        try:
-            delivery.add_recipient(route)
-            delivery.body(source)
-        except Exception:
-            delivery.abort()
-            return defer.fail().addErrback(failed)
-        return delivery.commit().addCallbacks(lambda _: {}, failed)
+        return localdelivery.deliver(MailboxTarget(self.store), route, source, sender).addCallbacks(
+            lambda _: {}, failed
+        )
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:

@@ -8,6 +8,8 @@ Its parts, as mox splits its ``queue/``:
 - L{mailsrv.outbound.schedule}: when (the retry schedule, the messages due,
   the sessions at once per destination);
 - L{mailsrv.outbound.remote}: remote recipients, MX lookup and SMTP sessions;
+- L{mailsrv.routing}: where each recipient goes (a mailbox here, another
+  server, or refused), the same routing step as SMTP intake's;
 - L{mailsrv.outbound.local}: local recipients, into the server's mailboxes;
 - L{mailsrv.outbound.bounces}: DSNs to the sender;
 - L{mailsrv.outbound.results}: each result logged and written back.
@@ -25,13 +27,14 @@ from typing import Any
 
 from twisted.internet import defer, task
 
+from mailsrv import routing
 from mailsrv.config import Config
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import dsn
 from mailsrv.outbound.bounces import Bounces
 from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import FAILED, Envelope, Recipient
-from mailsrv.outbound.local import LocalRecipients, recipient_domain
+from mailsrv.outbound.local import LocalRecipients, LocalRoute, recipient_domain
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.remote import SMARTHOST, RemoteDelivery
 from mailsrv.outbound.results import Results
@@ -57,12 +60,15 @@ class Relayer:
         results: Results,
         remote: RemoteDelivery,
         local: LocalRecipients | None,
+        router: routing.Router,
         bounces: Bounces,
         schedule: RetrySchedule,
         scan_interval: float = 5.0,
     ) -> None:
         """
         C{local} None: no local mailboxes here, every recipient is remote.
+        C{router}: the routing step, which says where each queued recipient
+        goes (without C{local}, it knows no local domain).
         C{scan_interval}: seconds between looks at the queue folder.
         """
         self.config = config
@@ -71,6 +77,7 @@ class Relayer:
         self.results = results
         self.remote = remote
         self.local = local
+        self.router = router
         self.bounces = bounces
         self.schedule = schedule
         self.scan_interval = scan_interval
@@ -194,18 +201,18 @@ class Relayer:
     @defer.inlineCallbacks
     def _attempt(self, env: Envelope):
         groups: dict[str, list[Recipient]] = defaultdict(list)
-        local: list[Recipient] = []
+        local: list[tuple[Recipient, LocalRoute]] = []
         for r in env.pending():
-            domain = recipient_domain(r.address)
-            if self.config.is_local_domain(domain) and self.local is not None:
-                local.append(r)
+            route = self.router.route_queued(r.address)  # the one routing step
+            if not isinstance(route, routing.Relay):
+                local.append((r, route))  # a mailbox here, or refused
             elif self.config.relay.smarthost:
                 groups[SMARTHOST].append(r)
             else:
-                groups[domain].append(r)
+                groups[recipient_domain(route.address)].append(r)
         jobs = []
         if local:
-            assert self.local is not None
+            assert self.local is not None  # the router has local domains only with it
             jobs.append(self.local.deliver(env, local))
         for domain, rcpts in groups.items():
             for i in range(0, len(rcpts), RECIPIENTS_PER_SESSION):

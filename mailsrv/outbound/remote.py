@@ -15,7 +15,8 @@ from typing import Any
 from twisted.internet import defer, ssl
 
 from mailsrv.config import Config
-from mailsrv.outbound.client import ConnectionCache, RemoteReply, Session, SessionResult
+from mailsrv.outbound.client import RelayClient, RemoteReply, Session, SessionResult
+from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.mx import Hop, MXResolver
@@ -50,7 +51,7 @@ class RemoteDelivery:
         self.limits = DestinationLimits(config.relay.per_destination_concurrency)
         self._sessions: set[Session] = set()
         self._may_context = ssl.CertificateOptions(verify=False)
-        self._connections = ConnectionCache(
+        self._connections: ConnectionCache[RelayClient] = ConnectionCache(
             CONNECTION_CACHE_TIME, config.relay.per_destination_concurrency
         )
 

@@ -384,13 +384,17 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
     def _refused(self, failure: Failure, what: str, address: str | None = None) -> None:
         if failure.check(SMTPReplyError):
             error = failure.value
+            line = "reject {what} <{address}> from {client}: {reply}; sender=<{sender}>"
+            if error.cause:
+                line += " ({cause})"  # for the log only: the client is told the reply
             self.log.info(
-                "reject {what} <{address}> from {client}: {reply}; sender=<{sender}>",
+                line,
                 what=what,
                 address=address,
                 client=self._client_ip,
                 reply=f"{error.code} {error.resp}",
                 sender=self._sender,
+                cause=error.cause,
             )
             self._reply_error(error)
         else:

@@ -1,7 +1,7 @@
 """
 The mail store as a delivery target (L{IDeliveryTarget}): routed mail for
 local mailboxes (L{mailsrv.routing.Mailbox}) is stored through it, each copy
-with its C{Return-Path:} field first (L{mailsrv.localdelivery}), using only
+with its C{Return-Path:} field first (L{mailsrv.returnpath}), using only
 the store's public L{IMailStore.deliver}.
 """
 
@@ -16,8 +16,8 @@ from zope.interface import implementer
 
 from mailsrv import replies
 from mailsrv.interfaces import FolderError, IDelivery, IDeliveryTarget, IMailStore
-from mailsrv.localdelivery import ReturnPathSource
 from mailsrv.replies import ReplyError
+from mailsrv.returnpath import ReturnPathSource
 from mailsrv.routing import INBOX, Mailbox, Route
 from mailsrv.store.names import canonical_folder, split_user
 
