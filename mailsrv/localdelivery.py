@@ -60,6 +60,7 @@ def _as_store_error(failure: Failure) -> Failure:
     A name no mailbox can have, refused by the target, fails as the store
     itself fails for it: a ValueError saying why (what the relayer records).
     """
-    if failure.check(ReplyError) and failure.value.cause:
-        raise ValueError(failure.value.cause)
+    error = failure.value
+    if isinstance(error, ReplyError) and error.cause:
+        raise ValueError(error.cause)
     return failure

@@ -84,7 +84,7 @@ class ServerSide(ipc.QuietAMP):
             return defer.fail(ipc.LocalDeliveryFailed("no local mailboxes"))
 
         def failed(f: Failure) -> None:
-            raise ipc.LocalDeliveryFailed(cause_of(f.value))
+            raise ipc.LocalDeliveryFailed(cause_of(f.value) if f.value else f.getErrorMessage())
 
         route = routing.queued_mailbox(recipient)
         if not isinstance(route, routing.Mailbox):

@@ -451,6 +451,6 @@ def _same_address(a: str, b: str) -> bool:
 
 def describe_failure(failure: Failure) -> Reply:
     """The reply for a failed delivery: the error's own, or 451 4.3.0."""
-    if failure.check(SMTPReplyError):
+    if isinstance(failure.value, SMTPReplyError):
         return failure.value.reply
     return replies.LOCAL_ERROR

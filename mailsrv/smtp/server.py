@@ -382,8 +382,8 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._reply(replies.SENDER_OK)
 
     def _refused(self, failure: Failure, what: str, address: str | None = None) -> None:
-        if failure.check(SMTPReplyError):
-            error = failure.value
+        error = failure.value
+        if isinstance(error, SMTPReplyError):
             line = "reject {what} <{address}> from {client}: {reply}; sender=<{sender}>"
             if error.cause:
                 line += " ({cause})"  # for the log only: the client is told the reply
