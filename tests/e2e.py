@@ -80,6 +80,38 @@ def _size(path: Path) -> int:
         return 0
 
 
+def _alive(pid: int) -> bool:
+    """Whether C{pid} runs (a zombie, dead but not yet reaped, does not)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
+
+
+def _children(pid: int) -> dict[int, bytes]:
+    """The live child processes of C{pid} (the server's relay process), with their command lines."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        fields = stat.rsplit(")", 1)[1].split()
+        if int(fields[1]) == pid and fields[0] != "Z":
+            found[int(entry.name)] = _cmdline(int(entry.name))
+    return found
+
+
 def _read_from(path: Path, offset: int) -> str:
     """What C{path} holds from C{offset} on; all of it if it was rotated meanwhile."""
     try:
@@ -92,7 +124,16 @@ def _read_from(path: Path, offset: int) -> str:
 
 
 class MailServer:
-    """A mailsrv daemon for one test; call stop() (or kill()) when done."""
+    """
+    A mailsrv daemon for one test. Use it as a context manager, or call
+    close() in a finally/addCleanup: that stops the server and whatever it
+    started (its relay process), by pid. stop() and kill() stop the server
+    alone, for tests that watch its relay process go by itself.
+    """
+
+    # How long close() lets the server's children (the relay process) end by
+    # themselves once the server is gone, before it kills them.
+    child_grace = 10.0
 
     def __init__(
         self,
@@ -125,6 +166,7 @@ class MailServer:
         )
         self.log_path = base / "twistd.log"
         self.proc: subprocess.Popen | None = None
+        self.children: dict[int, bytes] = {}  # seen at stop()/kill(): pid -> command line
 
     # -- process control -------------------------------------------------------
 
@@ -139,8 +181,11 @@ class MailServer:
             try:
                 if self._wait_listening(offsets):
                     return self
-            except Exception:
+            except BaseException as e:
                 self.kill()
+                self.reap()
+                if not isinstance(e, Exception):
+                    raise
                 raise RuntimeError(f"server did not start:\n{self.output()}")
             if attempt < START_ATTEMPTS - 1:
                 self._choose_other_ports()
@@ -201,8 +246,10 @@ class MailServer:
         self.config_path.write_text(text)
 
     def stop(self, timeout: float = 15.0) -> int | None:
+        """SIGTERM, and SIGKILL after C{timeout}: the server's exit status (None if killed)."""
         if self.proc is None or self.proc.poll() is not None:
             return None if self.proc is None else self.proc.returncode
+        self._note_children()
         self.proc.send_signal(signal.SIGTERM)
         try:
             return self.proc.wait(timeout)
@@ -212,8 +259,43 @@ class MailServer:
 
     def kill(self) -> None:
         if self.proc is not None and self.proc.poll() is None:
+            self._note_children()
             self.proc.send_signal(signal.SIGKILL)
             self.proc.wait(10)
+
+    def close(self) -> None:
+        """Stop the server, then the processes it started (L{reap}): nothing is left running."""
+        try:
+            self.stop()
+        finally:
+            self.reap()
+
+    def reap(self) -> None:
+        """
+        Wait up to C{child_grace} for the server's children seen at stop() or
+        kill() to end (the relay process does once its pipe closes), then kill,
+        by pid, those still running the same command line.
+        """
+        deadline = time.monotonic() + self.child_grace
+        left = dict(self.children)
+        while left:
+            left = {p: c for p, c in left.items() if _alive(p) and _cmdline(p) == c}
+            if not left or time.monotonic() > deadline:
+                break
+            time.sleep(0.05)
+        for pid in left:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while any(_alive(p) for p in left) and time.monotonic() < deadline:
+            time.sleep(0.01)  # a killed process takes a moment to end
+        self.children = {}
+
+    def _note_children(self) -> None:
+        assert self.proc is not None
+        self.children.update(_children(self.proc.pid))
 
     def output(self) -> str:
         text = ""
@@ -245,4 +327,4 @@ class MailServer:
         return self.start()
 
     def __exit__(self, *exc) -> None:
-        self.stop()
+        self.close()

@@ -37,11 +37,9 @@ BODY = (
 
 @pytest.fixture
 def server(tmp_path):
-    srv = MailServer(tmp_path)
-    srv.start()
-    srv.add_user(ALICE)
-    yield srv
-    srv.stop()
+    with MailServer(tmp_path) as srv:  # stopped even if adding the user fails
+        srv.add_user(ALICE)
+        yield srv
 
 
 def send(port, rcpts, data: bytes, sender="bob@remote.test"):

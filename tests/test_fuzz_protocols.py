@@ -31,8 +31,19 @@ USER = "fuzz@example.test"
 SEED = os.environ.get("MAILSRV_FUZZ_SEED", "20261206")
 BUDGET = float(os.environ.get("MAILSRV_FUZZ_SECONDS", "12"))
 # How long an answer may take before the session counts as stalled (a mutated
-# literal can leave the server waiting for octets that never come) and ends.
+# literal can leave the server waiting for octets that never come) and ends: at
+# least STALL, more on a loaded machine (STALL_LOGINS times the session's own
+# LOGIN round trip, its baseline).
 STALL = 0.3
+STALL_LOGINS = 3
+# How long a valid step may take (greeting, LOGIN, set-up commands): it must
+# succeed, and on a loaded machine it can take seconds.
+PATIENCE = 30.0
+# The least work the single-session test does, past its time budget if the
+# machine is slow (up to MAX_OVERRUN times the budget).
+MIN_SESSIONS = 6
+MIN_COMMANDS = 101
+MAX_OVERRUN = 5
 FORBIDDEN = (b"SERVERBUG", b"Server error", b"Internal error", b"Internal server error")
 MESSAGE = (
     b"From: Ann <ann@example.test>\r\nTo: fuzz@example.test\r\nSubject: fuzz %d\r\n"
@@ -193,7 +204,7 @@ class Session:
     """A raw client; reads with a short timeout (a mutated literal may leave the server waiting)."""
 
     def __init__(self, port: int, transcript: list[bytes]) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=PATIENCE)
         self.buf = b""
         self.transcript = transcript
         self.closed = False
@@ -224,8 +235,11 @@ class Session:
         self.sock.close()
 
 
-def imap_command(s: Session, tag: bytes, cmd: bytes) -> list[bytes] | None:
-    """Send a command (its literals each after the server's go-ahead); its answer, or None."""
+def imap_command(s: Session, tag: bytes, cmd: bytes, timeout: float = STALL) -> list[bytes] | None:
+    """
+    Send a command (its literals each after the server's go-ahead); its
+    answer, or None if a line of it takes longer than C{timeout}.
+    """
     pieces = re.split(rb"(\{\d+\+?\}\r\n)", cmd)
     out: list[bytes] = []
     data = tag + b" " + pieces[0]
@@ -234,7 +248,7 @@ def imap_command(s: Session, tag: bytes, cmd: bytes) -> list[bytes] | None:
         s.send(data + marker[:-2] + b"\r\n")
         data = b""
         if not marker.endswith(b"+}\r\n"):
-            line = s.line(STALL)
+            line = s.line(timeout)
             if line is None:
                 return None
             out.append(line)
@@ -243,7 +257,7 @@ def imap_command(s: Session, tag: bytes, cmd: bytes) -> list[bytes] | None:
         data = rest
     s.send(data + b"\r\n")
     while True:
-        line = s.line(STALL)
+        line = s.line(timeout)
         if line is None:
             return None
         out.append(line)
@@ -260,12 +274,11 @@ def forbidden(lines: list[bytes]) -> bytes | None:
 
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    srv = MailServer(tmp_path_factory.mktemp("fuzz"))
-    srv.start()
-    srv.add_user(USER)
-    setup_mail(srv)
-    yield srv
-    srv.stop()
+    # The with block stops the server and its relay process even if set-up fails.
+    with MailServer(tmp_path_factory.mktemp("fuzz")) as srv:
+        srv.add_user(USER)
+        setup_mail(srv)
+        yield srv
 
 
 def log_size(srv: MailServer) -> int:
@@ -285,7 +298,7 @@ def server_problems(srv: MailServer, since: int) -> str:
 def setup_mail(srv: MailServer) -> None:
     s = Session(srv.ports["imap"], [])
     try:
-        s.line(5)
+        s.line(PATIENCE)
         for i, cmd in enumerate(
             [
                 b'LOGIN %s "%s"' % (USER.encode(), PASSWORD.encode()),
@@ -294,37 +307,50 @@ def setup_mail(srv: MailServer) -> None:
                 *(b"APPEND INBOX " + literal(MESSAGE % (n, n)) for n in range(3)),
             ]
         ):
-            out = imap_command(s, b"p%d" % i, cmd)
+            out = imap_command(s, b"p%d" % i, cmd, PATIENCE)
             assert out and b"OK" in out[-1], out
     finally:
         s.close()
 
 
-def imap_sessions(port: int, name: str, deadline: float) -> tuple[int, int, str | None]:
+def imap_sessions(
+    port: int, name: str, deadline: float, at_least: tuple[int, int] = (0, 0), cap: float = 0.0
+) -> tuple[int, int, str | None]:
     """
-    Mutated IMAP sessions until C{deadline}; session C{n} draws from
+    Mutated IMAP sessions until C{deadline}, and on until C{at_least}
+    (sessions, commands) are done or C{cap} passes; session C{n} draws from
     C{Random(f"{SEED}:{name}{n}")}. Returns (sessions, commands, the first
     forbidden answer with the end of its transcript, or None).
     """
     session = commands = 0
-    while time.monotonic() < deadline:
+
+    def more() -> bool:
+        now = time.monotonic()
+        if now < deadline:
+            return True
+        return now < cap and (session < at_least[0] or commands < at_least[1])
+
+    while more():
         rng = random.Random(f"{SEED}:{name}{session}")
         transcript: list[bytes] = []
         where = f"seed {SEED} session {name}{session}"
         s = Session(port, transcript)
         try:
-            assert (s.line(5) or b"").startswith(b"* OK"), where
+            assert (s.line(PATIENCE) or b"").startswith(b"* OK"), where
             login = b'LOGIN %s "%s"' % (USER.encode(), PASSWORD.encode())
-            assert (imap_command(s, b"l", login) or [b""])[-1].startswith(b"l OK"), where
+            started = time.monotonic()
+            answer = imap_command(s, b"l", login, PATIENCE)
+            stall = max(STALL, STALL_LOGINS * (time.monotonic() - started))
+            assert (answer or [b""])[-1].startswith(b"l OK"), where
             if rng.random() < 0.8:
-                imap_command(s, b"s", b"SELECT INBOX")
+                imap_command(s, b"s", b"SELECT INBOX", PATIENCE)
             for n in range(40):
                 cmd = rng.choice(IMAP_CORPUS)
                 mutated = rng.random() < 0.7
                 cmd = expand(cmd, rng, wrong_sizes=mutated and rng.random() < 0.2)
                 if mutated:
                     cmd = mutate(cmd, rng)
-                out = imap_command(s, b"t%d" % n, cmd)
+                out = imap_command(s, b"t%d" % n, cmd, stall)
                 commands += 1
                 bad = forbidden(out or [])
                 if bad is not None:
@@ -341,7 +367,7 @@ def imap_sessions(port: int, name: str, deadline: float) -> tuple[int, int, str 
 def assert_serving(port: int) -> None:
     s = Session(port, [])
     try:
-        assert (s.line(5) or b"").startswith(b"* OK")
+        assert (s.line(PATIENCE) or b"").startswith(b"* OK")
     finally:
         s.close()
 
@@ -349,10 +375,17 @@ def assert_serving(port: int) -> None:
 def test_mutated_imap_sessions(server):
     since = log_size(server)
     port = server.ports["imap"]
-    sessions, commands, bad = imap_sessions(port, "", time.monotonic() + BUDGET * 0.5)
+    start = time.monotonic()
+    sessions, commands, bad = imap_sessions(
+        port,
+        "",
+        start + BUDGET * 0.5,
+        at_least=(MIN_SESSIONS, MIN_COMMANDS),
+        cap=start + BUDGET * 0.5 * MAX_OVERRUN,
+    )
     assert bad is None, bad
     assert_serving(port)
-    assert sessions > 5 and commands > 100, (sessions, commands)
+    assert sessions >= MIN_SESSIONS and commands >= MIN_COMMANDS, (sessions, commands)
     problems = server_problems(server, since)
     assert not problems, problems + "\n" + server.output()
 
@@ -404,7 +437,7 @@ def line_session(port: int, greeting: bytes, lines: list[bytes], where: str) -> 
     transcript: list[bytes] = []
     s = Session(port, transcript)
     try:
-        assert (s.line(5) or b"").startswith(greeting), where
+        assert (s.line(PATIENCE) or b"").startswith(greeting), where
         for cmd in lines:
             s.send(cmd + b"\r\n")
             while True:

@@ -28,9 +28,8 @@ def served(tmp_path_factory):
         base,
         extra=f'[tls]\ncertificate = "{chain.fullchain}"\nkey = "{chain.key}"\n',
     )
-    srv.start()
-    yield srv, chain
-    srv.stop()
+    with srv:
+        yield srv, chain
 
 
 def client_context(chain) -> ssl.SSLContext:
