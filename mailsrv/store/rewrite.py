@@ -513,13 +513,13 @@ def _move_batch(
         at, buf = -1, bytearray()
         for dst, d in pieces:  # adjacent pieces go out in one write
             if buf and dst != at + len(buf):
-                _pwrite_all(fd, bytes(buf), at)
+                _pwrite_all(fd, buf, at)
                 buf = bytearray()
             if not buf:
                 at = dst
             buf += d
         if buf:
-            _pwrite_all(fd, bytes(buf), at)
+            _pwrite_all(fd, buf, at)
         if copies:
             advanced(min(c[0] for c in copies) if plan.up else max(c[1] for c in copies))
     os.fdatasync(fd)
