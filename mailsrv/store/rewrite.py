@@ -473,7 +473,7 @@ def _move_batch(
     """
     Carry out steps C{step} to C{last} - 1 as one: every source byte the
     batch's writes may cover (those within the span of its destinations) is
-    saved first, with the batch's extent, then all are written, synced, and
+    saved first (if there are any), with the batch's extent, then all are written, synced, and
     one progress line says the last step is done. Redoing a batch cut short
     takes those bytes from the save file and the others (which no write of
     the batch touches, nor any later step's) from the file.
@@ -495,7 +495,8 @@ def _move_batch(
             for d, (src, _, _), (a, b) in zip(datas, copies, risky, strict=True)
             if b > a
         )
-        journal.save(step, 0, blob, last)
+        if length:  # nothing at risk: any batch redone from here reads intact sources
+            journal.save(step, 0, blob, last)
     else:  # a batch cut short: the bytes within its destinations are only saved
         at = 0
         for (src, end, _), (a, b) in zip(copies, risky, strict=True):
