@@ -470,32 +470,58 @@ class KillTests(_Base):
         self.padded = False
         self.kill_everywhere(segment=500, points=90)
 
+    def test_kill_at_every_step_of_a_flag_write_of_every_message(self):
+        # every header block changes and segments hold several messages: the small steps
+        # are done in batches (the bytes they may cover saved first, one sync each)
+        self.mode = "flags"
+        self.padded = False
+        self.new_flags = {u: {SEEN, ANSWERED} for u in range(2, 16)} | {1: set()}
+        self.kill_everywhere(segment=40000, points=90)
+
     def test_append_by_another_program_after_a_kill(self):
+        self.append_after_kills(3000, lambda steps: (steps // 3, steps // 2, steps - 4))
+
+    def test_append_by_another_program_after_a_kill_in_a_batch(self):
+        # segments that hold several kept runs, and an append longer than what the
+        # expunge removes: the batch cut short is redone as it was begun (its saved
+        # bytes are those of its own runs), without the run the append adds
+        self.append_after_kills(200_000, lambda steps: range(1, steps + 1), big=True)
+
+    def append_after_kills(self, segment: int, points, big: bool = False) -> None:
+        """Kill the expunge at C{points(steps)}, append as another program does, reopen."""
         self.reset()
         counter = _KillingOs(0)
         self.patch(rewrite, "os", counter)
-        self.patch(rewrite, "SEGMENT", 3000)
+        self.patch(rewrite, "SEGMENT", segment)
         self.successResultOf(self.open(self.new_store()).expunge(sorted(self.dropped)))
         steps = counter.count
-        for at in (steps // 3, steps // 2, steps - 4):
+        other = message(99)
+        if big:
+            removed = self.pristine_inbox().stat().st_size - self.inbox.stat().st_size
+            other += b"".join(b"more %d\n" % i for i in range(removed // 6))
+        for at in points(steps):
             self.reset()
-            self.assertTrue(os.WIFSIGNALED(self.expunge_in_child(at, 3000)))
+            self.assertTrue(os.WIFSIGNALED(self.expunge_in_child(at, segment)))
             lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
             try:
                 with open(self.inbox, "ab") as fh:
                     fcntl.lockf(fh, fcntl.LOCK_EX)
-                    fh.write(b"From x Mon Jan  1 00:00:00 2024\n" + message(99) + b"\n")
+                    fh.write(b"From x Mon Jan  1 00:00:00 2024\n" + other + b"\n")
             finally:
                 release_dotlock(lock)
-            store = self.new_store()
-            got = self.contents(self.open(store))
-            mids = [m for m, _, _ in got.values()]
+            f = self.open(self.new_store())
+            mids = []
+            for info in f.messages():
+                with f.open_message(info.uid) as fh:
+                    data = fh.read()
+                mid = int(data.split(b"\r\n", 1)[0].split(b"m", 1)[1])
+                want = crlf(other if mid == 99 else message(mid))
+                self.assertTrue(data == want, f"step {at}: message {mid} is damaged")
+                mids.append(mid)
             self.assertEqual(mids[-1], 99, f"step {at}")
-            self.assertEqual(
-                sorted(mids[:-1]),
-                sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped),
-                f"step {at}",
-            )
+            kept = sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped)
+            if sorted(mids[:-1]) != kept:  # killed before the journal's plan was complete
+                self.assertEqual(sorted(mids[:-1]), sorted(m for m, _, _ in self.want.values()))
 
 
 def _messages(mbox: Path) -> list[bytes]:

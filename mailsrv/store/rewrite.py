@@ -67,7 +67,18 @@ Only after C{f} does the index learn the new offsets (one sqlite
 transaction); the journal goes last, so a crash between the two redoes the
 index update, which is idempotent.
 
+Many small runs (a flag write that grows every header block of a file another
+program wrote) are done in batches of whole steps (L{batch_end}): the source
+bytes within the span a batch writes are saved (with the batch's extent in
+the save file's first line), then the batch is written, synced, and one
+C{p} line records its last step. So a rewrite costs about one pass over the
+bytes after its first change and a few syncs per L{SEGMENT}, not per run.
+A batch cut short is redone as it was begun, whatever runs were added since.
+
 Readers of the folder (L{Relocation}) do not block a rewrite; see there.
+
+(Longer than most modules: the kill tests replace this module's C{os} to stop
+a rewrite at every write and sync, so every step of the engine lives here.)
 """
 
 from __future__ import annotations
@@ -198,10 +209,15 @@ class Journal:
         _write_all(self._fd, line)
         os.fdatasync(self._fd)
 
-    def save(self, run: int, done: int, data: bytes) -> None:
+    def save(self, run: int, done: int, data: bytes, last: int = -1) -> None:
+        """
+        Save the bytes at risk of the segment at (C{run}, C{done}); for a batch
+        of whole steps (L{batch_end}), C{last} is the step after it.
+        """
         fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            head = b"%d %d %d %d\n" % (run, done, len(data), zlib.crc32(data))
+            head = b"%d %d %d %d" % (run, done, len(data), zlib.crc32(data))
+            head += b" %d\n" % last if last >= 0 else b"\n"
             _write_all(fd, head + data)
             os.fdatasync(fd)
         finally:
@@ -216,12 +232,31 @@ class Journal:
         except FileNotFoundError:
             return None
         try:
-            r, d, n, crc = (int(x) for x in head.split())
+            r, d, n, crc = (int(x) for x in head.split()[:4])
         except ValueError:
             return None
         if (r, d, n) != (run, done, length) or len(data) != length or zlib.crc32(data) != crc:
             return None
         return data
+
+    def batch_saved(self, step: int) -> int:
+        """
+        The step after the batch that begins at C{step}, if its bytes at risk
+        were saved (then part of it may have been written); C{step + 1} if the
+        first segment of step C{step} alone was; -1 if neither.
+        """
+        try:
+            with open(self.save_path, "rb") as f:
+                words = f.readline().split()
+        except FileNotFoundError:
+            return -1
+        if len(words) not in (4, 5) or words[1] != b"0":
+            return -1
+        try:
+            r, last = int(words[0]), int(words[4]) if len(words) == 5 else step + 1
+        except ValueError:
+            return -1
+        return last if r == step else -1
 
     def read(self) -> tuple[Plan, tuple[int, int], str] | None:
         """
@@ -289,60 +324,35 @@ def move(
     """
     Carry out C{plan} on the mbox C{fd} from C{progress} (step, bytes done) on,
     recording each step in the (begun) journal, up to and including the C{f}
-    line. Each segment is written inside C{guard()}, which then gets
-    C{advanced(src)}: the source offset below which (moving down), or from
-    which on (moving up), every kept byte is at its destination.
+    line. Each segment (or batch of small steps, L{batch_end}) is written
+    inside C{guard()}, which then gets C{advanced(src)}: the source offset
+    below which (moving down), or from which on (moving up), every kept byte
+    is at its destination.
     """
-    runs = plan.runs
-    order = list(range(len(runs)))
-    if plan.up:
-        order.reverse()
-    start_step, start_done = progress
+    order = _order(plan)
+    step, done = _resume(plan, order, progress)
     if plan.up and not grown:
         # the file grows to its new size before a byte moves (zeros at the end for now):
         # another program's append can then only land after everything we write
         journal.mark(b"g\n")
         if os.fstat(fd).st_size < plan.new_size:
             os.ftruncate(fd, plan.new_size)
-    for step in range(start_step, len(order)):
-        src, end, dst = runs[order[step]]
-        done = start_done if step == start_step else 0
-        if src < 0:  # new bytes (a header block): written whole, idempotent
-            if not done:
-                with guard():
-                    _pwrite_all(fd, plan.literals[-1 - src], dst)
-                os.fdatasync(fd)
-                journal.mark(b"p %d 1\n" % step)
-            continue
-        if src == dst:
-            continue
-        n = end - src
-        k = abs(dst - src)
-        while done < n:
-            w = min(SEGMENT, n - done)
-            # moving down, segments go up from the start of the run, and the first
-            # w - k source bytes of a segment are overwritten while it is copied;
-            # moving up, they go down from its end, and it is the last w - k
-            lo = src + done if not plan.up else end - done - w
-            risk = w - k
-            if risk > 0:
-                keep_at = 0 if not plan.up else w - risk
-                saved = journal.saved(step, done, risk)
-                if saved is None:
-                    data = read_range(fd, lo, lo + w)
-                    journal.save(step, done, data[keep_at : keep_at + risk])
-                elif not plan.up:  # a segment cut short: those bytes are only saved
-                    data = saved + read_range(fd, lo + risk, lo + w)
-                else:
-                    data = read_range(fd, lo, lo + w - risk) + saved
-            else:
-                data = read_range(fd, lo, lo + w)
-            with guard():
-                _pwrite_all(fd, data, lo + (dst - src))
-                advanced(lo + w if not plan.up else lo)
-            os.fdatasync(fd)
-            done += w
-            journal.mark(b"p %d %d\n" % (step, done))
+    while step < len(order):
+        last = -1
+        if done == 0:
+            # a batch cut short is redone as it was begun (another program's append,
+            # a run more, must not change which steps it holds)
+            last = journal.batch_saved(step)
+            if last < 0:
+                last = batch_end(plan, order, step)
+            last = min(last, len(order))
+        if last > step + 1:
+            _move_batch(fd, plan, journal, order, step, last, guard, advanced)
+            step = last
+        else:
+            _move_step(fd, plan, journal, step, order[step], done, guard, advanced)
+            step += 1
+        done = 0
     if plan.tail:
         _pwrite_all(fd, plan.tail, plan.tail_at)
     if truncate and not plan.up:
@@ -356,6 +366,168 @@ def move(
     journal.mark(b"f\n")
 
 
+def _order(plan: Plan) -> list[int]:
+    """The runs in the order they are done: ascending, or from the last one moving up."""
+    order = list(range(len(plan.runs)))
+    if plan.up:
+        order.reverse()
+    return order
+
+
+def _work(plan: Plan, i: int) -> int:
+    """How many bytes run C{i} writes (none if it stays where it is)."""
+    src, end, dst = plan.runs[i]
+    if src < 0:
+        return len(plan.literals[-1 - src])
+    return 0 if src == dst else end - src
+
+
+def _resume(plan: Plan, order: list[int], progress: tuple[int, int]) -> tuple[int, int]:
+    """The step to go on with after C{progress}: the next one if that one is done."""
+    step, done = progress
+    if step < len(order) and done > 0:
+        src, end, _ = plan.runs[order[step]]
+        if done >= (1 if src < 0 else end - src):
+            return step + 1, 0
+    return step, done
+
+
+def batch_end(plan: Plan, order: list[int], step: int) -> int:
+    """
+    The step after the batch that begins at C{step}: whole steps that write
+    at most L{SEGMENT} bytes together are done as one (one save, one write,
+    one sync, one progress line), so that a rewrite of many small runs (a
+    flag write that grows every header block) costs syncs per segment of
+    the file, not per message. A batch of one step is done segment by segment.
+    """
+    total = 0
+    j = step
+    while j < len(order):
+        total += _work(plan, order[j])
+        if total > SEGMENT:
+            break
+        j += 1
+    return j
+
+
+def _move_step(
+    fd: int,
+    plan: Plan,
+    journal: Journal,
+    step: int,
+    i: int,
+    done: int,
+    guard: Callable[[], AbstractContextManager],
+    advanced: Callable[[int], None],
+) -> None:
+    """Carry out run C{i} (step C{step}) from C{done} on, segment by segment."""
+    src, end, dst = plan.runs[i]
+    if src < 0:  # new bytes (a header block): written whole, idempotent
+        if not done:
+            with guard():
+                _pwrite_all(fd, plan.literals[-1 - src], dst)
+            os.fdatasync(fd)
+            journal.mark(b"p %d 1\n" % step)
+        return
+    if src == dst:
+        return
+    n = end - src
+    k = abs(dst - src)
+    while done < n:
+        w = min(SEGMENT, n - done)
+        # moving down, segments go up from the start of the run, and the first
+        # w - k source bytes of a segment are overwritten while it is copied;
+        # moving up, they go down from its end, and it is the last w - k
+        lo = src + done if not plan.up else end - done - w
+        risk = w - k
+        if risk > 0:
+            keep_at = 0 if not plan.up else w - risk
+            saved = journal.saved(step, done, risk)
+            if saved is None:
+                data = read_range(fd, lo, lo + w)
+                journal.save(step, done, data[keep_at : keep_at + risk])
+            elif not plan.up:  # a segment cut short: those bytes are only saved
+                data = saved + read_range(fd, lo + risk, lo + w)
+            else:
+                data = read_range(fd, lo, lo + w - risk) + saved
+        else:
+            data = read_range(fd, lo, lo + w)
+        with guard():
+            _pwrite_all(fd, data, lo + (dst - src))
+            advanced(lo + w if not plan.up else lo)
+        os.fdatasync(fd)
+        done += w
+        journal.mark(b"p %d %d\n" % (step, done))
+
+
+def _move_batch(
+    fd: int,
+    plan: Plan,
+    journal: Journal,
+    order: list[int],
+    step: int,
+    last: int,
+    guard: Callable[[], AbstractContextManager],
+    advanced: Callable[[int], None],
+) -> None:
+    """
+    Carry out steps C{step} to C{last} - 1 as one: every source byte the
+    batch's writes may cover (those within the span of its destinations) is
+    saved first (if there are any), with the batch's extent, then all are written, synced, and
+    one progress line says the last step is done. Redoing a batch cut short
+    takes those bytes from the save file and the others (which no write of
+    the batch touches, nor any later step's) from the file.
+    """
+    runs = [plan.runs[order[t]] for t in range(step, last)]
+    copies = [(src, end, dst) for src, end, dst in runs if src >= 0 and src != dst and end > src]
+    spans = [(dst, dst + _work(plan, order[t])) for t, (_, _, dst) in enumerate(runs, step)]
+    spans = [(a, b) for a, b in spans if b > a]
+    lo = min((a for a, _ in spans), default=0)
+    hi = max((b for _, b in spans), default=0)
+    risky = [(max(src, lo), min(end, hi)) for src, end, _ in copies]
+    length = sum(max(0, b - a) for a, b in risky)
+    saved = journal.saved(step, 0, length)
+    datas = []
+    if saved is None:
+        datas = [read_range(fd, src, end) for src, end, _ in copies]
+        blob = b"".join(
+            d[a - src : b - src]
+            for d, (src, _, _), (a, b) in zip(datas, copies, risky, strict=True)
+            if b > a
+        )
+        if length:  # nothing at risk: any batch redone from here reads intact sources
+            journal.save(step, 0, blob, last)
+    else:  # a batch cut short: the bytes within its destinations are only saved
+        at = 0
+        for (src, end, _), (a, b) in zip(copies, risky, strict=True):
+            if b > a:
+                piece = saved[at : at + b - a]
+                at += b - a
+                datas.append(read_range(fd, src, a) + piece + read_range(fd, b, end))
+            else:
+                datas.append(read_range(fd, src, end))
+    pieces = sorted(
+        [(dst, d) for (_, _, dst), d in zip(copies, datas, strict=True)]
+        + [(dst, plan.literals[-1 - src]) for src, _, dst in runs if src < 0]
+    )
+    with guard():
+        at, buf = -1, bytearray()
+        for dst, d in pieces:  # adjacent pieces go out in one write
+            if buf and dst != at + len(buf):
+                _pwrite_all(fd, buf, at)
+                buf = bytearray()
+            if not buf:
+                at = dst
+            buf += d
+        if buf:
+            _pwrite_all(fd, buf, at)
+        if copies:
+            advanced(min(c[0] for c in copies) if plan.up else max(c[1] for c in copies))
+    os.fdatasync(fd)
+    src, end, _ = runs[-1]
+    journal.mark(b"p %d %d\n" % (last - 1, 1 if src < 0 else end - src))
+
+
 def run_checks(fd: int, plan: Plan) -> list[int]:
     """The crc of the first bytes of each run (of each new block), before anything moves."""
     out = []
@@ -367,7 +539,9 @@ def run_checks(fd: int, plan: Plan) -> list[int]:
     return out
 
 
-def still_valid(fd: int, plan: Plan, progress: tuple[int, int], stage: str) -> bool:
+def still_valid(
+    fd: int, plan: Plan, progress: tuple[int, int], stage: str, journal: Journal | None = None
+) -> bool:
     """
     Whether the file is still the one C{plan} is about, as far as C{progress}:
     every run done has its first bytes at its destination, every run not begun
@@ -377,16 +551,18 @@ def still_valid(fd: int, plan: Plan, progress: tuple[int, int], stage: str) -> b
     """
     if not plan.checks:
         return True
-    order = list(range(len(plan.runs)))
-    if plan.up:
-        order.reverse()
+    order = _order(plan)
     current = len(order) if stage == "f" or stage == "t" else progress[0]
+    # steps maybe half moved: the step after a completed one may have begun before its
+    # first progress line, and so may every step of a batch whose bytes were saved
+    half = current + 1
+    if journal is not None and current < len(order):
+        half = max(half, journal.batch_saved(_resume(plan, order, progress)[0]) - 1)
     for step, i in enumerate(order):
         src, end, dst = plan.runs[i]
         check = plan.checks[i] if i < len(plan.checks) else -1
-        if check < 0 or current <= step <= current + 1:
-            continue  # appended after the plan, or maybe half moved (the step after a
-            # completed one may have begun before its first progress line)
+        if check < 0 or current <= step <= half:
+            continue  # appended after the plan, or maybe half moved
         n = len(plan.literals[-1 - src][:CHECK]) if src < 0 else min(CHECK, end - src)
         if src < 0 and step > current:
             continue  # a new block not written yet: nothing to see

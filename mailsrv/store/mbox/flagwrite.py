@@ -67,9 +67,10 @@ def store_write_flags(st: FolderState, uids: set[int]) -> Update:
         upd = scan.sync_locked(st, lk.fd, upd.snap)
         snap = upd.snap
         count = 0
+        blocks = _new_blocks(snap, lk.fd, uids)
         for up in (False, True):
             size = os.fstat(lk.fd).st_size
-            planned = _status_plan(snap, lk.fd, uids, size, os.fstat(lk.fd).st_ino, up)
+            planned = _status_plan(snap, blocks, size, os.fstat(lk.fd).st_ino, up)
             if planned is None:
                 continue
             plan, new, first = planned
@@ -88,15 +89,13 @@ def store_write_flags(st: FolderState, uids: set[int]) -> Update:
     return Update(snap, idx.uid_validity, idx.uid_next, False)
 
 
-def _status_plan(
-    snap: Snapshot, fd: int, uids: set[int], size: int, ino: int, up: bool
-) -> tuple[rewrite.Plan, Snapshot, int] | None:
+def _new_blocks(snap: Snapshot, fd: int, uids: set[int]) -> dict[int, tuple[int, bytes]]:
     """
-    The rewrite that gives messages C{uids} the Status:/X-Status: of their
-    flags, for those whose header block grows (C{up}) or does not; the
-    snapshot after it; and the offset from which the file changes.
+    For each message of C{uids} whose Status:/X-Status: must change: the
+    length of its header block now, and the block with its flags' fields
+    (read and built once for both passes: the first leaves the others' headers as they are).
     """
-    changes = []  # (index, header start, header end, new block)
+    out = {}
     for uid in sorted(uids):
         try:
             i = snap.find(uid)
@@ -113,9 +112,31 @@ def _status_plan(
         if hend < 0:
             continue
         block = mboxfmt.with_status_fitted(head[:hend], want)
-        grows = len(block) > hend
-        if block != head[:hend] and grows == up:
-            changes.append((i, start, start + hend, block))
+        if block != head[:hend]:
+            out[uid] = (hend, block)
+    return out
+
+
+def _status_plan(
+    snap: Snapshot, blocks: dict[int, tuple[int, bytes]], size: int, ino: int, up: bool
+) -> tuple[rewrite.Plan, Snapshot, int] | None:
+    """
+    The rewrite that gives the messages of C{blocks} (L{_new_blocks}) their new
+    header blocks, for those whose block grows (C{up}) or does not; the
+    snapshot after it; and the offset from which the file changes.
+    """
+    changes = []  # (index, header start, header end, new block)
+    for uid in sorted(blocks):
+        hend, block = blocks[uid]
+        try:
+            i = snap.find(uid)
+        except KeyError:
+            continue
+        want = snap.infos.flag_sets[i] & mboxfmt.STATUS_FLAGS
+        if snap.dflags[i] == want or (len(block) > hend) != up:
+            continue
+        start = snap.starts[i]
+        changes.append((i, start, start + hend, block))
     if not changes:
         return None
     runs: list[tuple[int, int, int]] = []

@@ -84,7 +84,7 @@ def recover_rewrite(st: FolderState, fd: int) -> None:
         log.warn("dropping the rewrite journal of {path}: the file was replaced", path=str(st.path))
         journal.remove()
         return
-    if not rewrite.still_valid(fd, plan, progress, stage):
+    if not rewrite.still_valid(fd, plan, progress, stage, journal):
         log.warn(
             "dropping the rewrite journal of {path}: the file was rewritten since; rescanning it",
             path=str(st.path),
