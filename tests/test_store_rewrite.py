@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import ANSWERED, DRAFT, FLAGGED, SEEN
@@ -671,3 +672,54 @@ class SecondKillTests(KillTests):
             want = {u: m for u, (m, _, _) in self.want.items() if u not in gone}
             self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+
+def _drop_m1(data: bytes) -> bytes:
+    """What mutt writes when m1 is deleted: the file from the second message on."""
+    return data[data.index(b"\nFrom ", 10) + 1 :]
+
+
+class BatchReviewTests(KillTests):
+    """Kills inside a batch of small steps, then another program acts before recovery."""
+
+    def rewrite_in_place_by_other(self, edit) -> None:
+        lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
+        try:
+            with open(self.inbox, "r+b") as fh:  # mutt: the same inode
+                fcntl.lockf(fh, fcntl.LOCK_EX)
+                data = edit(fh.read())
+                fh.seek(0)
+                fh.write(data)
+                fh.truncate()
+        finally:
+            release_dotlock(lock)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="still_valid skips the check of every step of a saved batch: with a file "
+        "smaller than SEGMENT that is every step, so a rewrite by mutt after the kill goes "
+        "unseen and recovery writes the saved bytes over mutt's file",
+    )
+    def test_file_rewritten_by_another_program_after_a_kill_in_a_batch(self):
+        segment = 1 << 20  # the whole expunge is one batch
+        save = self.root / "index"
+        at = 0
+        for k in range(1, 12):  # the last kill after which the mbox is still untouched
+            self.reset()
+            before = self.inbox.read_bytes()
+            self.expunge_in_child(k, segment)
+            saves = [p for p in save.rglob("INBOX.rewrite-save") if p.stat().st_size]
+            if saves and self.inbox.read_bytes() == before:
+                at = k
+        self.assertGreater(at, 0)  # the batch's bytes saved, nothing written yet
+        self.reset()
+        self.expunge_in_child(at, segment)
+        self.rewrite_in_place_by_other(_drop_m1)
+        got = self.contents(self.open(self.new_store()))  # every message reads intact
+        want = {u: m for u, (m, _, _) in self.want.items() if u != 1}
+        self.assertEqual({u: m for u, (m, _, _) in got.items()}, want)
+        self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+
+for _name in [n for n in dir(KillTests) if n.startswith("test_")]:
+    setattr(BatchReviewTests, _name, None)  # only its own tests run there
