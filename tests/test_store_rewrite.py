@@ -720,11 +720,6 @@ class BatchReviewTests(KillTests):
         self.assertEqual({u: m for u, (m, _, _) in got.items()}, want)
         self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="a kill between the journal's g line and the growth, then an append: "
-        "recovery takes the appended bytes for the growth and moves bytes over them",
-    )
     def test_append_after_a_kill_around_the_growth(self):
         # header blocks that grow only (the bytes move up): another program appends after a
         # kill at every step, the one between the g line and the growth too
