@@ -679,7 +679,7 @@ def _drop_m1(data: bytes) -> bytes:
     return data[data.index(b"\nFrom ", 10) + 1 :]
 
 
-class BatchReviewTests(KillTests):
+class BatchReviewTests(SecondKillTests):
     """Kills inside a batch of small steps, then another program acts before recovery."""
 
     def rewrite_in_place_by_other(self, edit) -> None:
@@ -723,6 +723,49 @@ class BatchReviewTests(KillTests):
             self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
 
+    @pytest.mark.xfail(
+        strict=True,
+        reason="the x line written in recovery after the t line extends new_size, and the "
+        "next recovery checks the t line's bytes at the extended new_size: it takes the "
+        "file for truncated and leaves the old bytes after the new end",
+    )
+    def test_appends_around_the_truncate_and_a_kill_in_recovery(self):
+        self.patch(rewrite, "SEGMENT", 3000)  # as recover_in_child has it
+        self.reset()
+        counter = _KillingOs(0)
+        self.patch(rewrite, "os", counter)
+        self.change(self.new_store())
+        kept = sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped)
+        other = b"From x Mon Jan  1 00:00:00 2024\n" + message(99) + b"\n"
+        tried = 0
+        for at in range(counter.count, 0, -1):
+            self.reset()
+            self.expunge_in_child(at, rewrite.SEGMENT)
+            (journal,) = list((self.root / "index").rglob("INBOX.rewrite")) or [None]
+            if journal is None or b"\nt " not in journal.read_bytes():
+                continue
+            size = self.pristine_inbox().stat().st_size
+            if b"\nf\n" in journal.read_bytes() or self.inbox.stat().st_size < size:
+                continue  # only a kill before the truncate
+            for second in range(1, 8):
+                self.reset()
+                self.expunge_in_child(at, rewrite.SEGMENT)
+                self.rewrite_in_place_by_other(lambda d: d + other)
+                self.recover_in_child(second)
+                self.rewrite_in_place_by_other(lambda d: d + other)
+                self.patch(rewrite, "os", _KillingOs(0))
+                f = self.open(self.new_store())
+                mids = []
+                for info in f.messages():
+                    with f.open_message(info.uid) as fh:
+                        data = fh.read()
+                    mid = int(data.split(b"\r\n", 1)[0].split(b"m", 1)[1])
+                    self.assertTrue(data == crlf(message(mid)), f"{at}, {second}: m{mid}")
+                    mids.append(mid)
+                self.assertEqual(mids, [*kept, 99, 99], f"kills at {at} then {second}")
+                tried += 1
+        self.assertGreater(tried, 0)
+
     def test_append_after_a_kill_around_the_growth(self):
         # header blocks that grow only (the bytes move up): another program appends after a
         # kill at every step, the one between the g line and the growth too
@@ -749,5 +792,5 @@ class BatchReviewTests(KillTests):
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [], f"step {at}")
 
 
-for _name in [n for n in dir(KillTests) if n.startswith("test_")]:
+for _name in [n for n in dir(SecondKillTests) if n.startswith("test_")]:
     setattr(BatchReviewTests, _name, None)  # only its own tests run there
