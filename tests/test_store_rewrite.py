@@ -723,12 +723,6 @@ class BatchReviewTests(SecondKillTests):
             self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="the x line written in recovery after the t line extends new_size, and the "
-        "next recovery checks the t line's bytes at the extended new_size: it takes the "
-        "file for truncated and leaves the old bytes after the new end",
-    )
     def test_appends_around_the_truncate_and_a_kill_in_recovery(self):
         self.patch(rewrite, "SEGMENT", 3000)  # as recover_in_child has it
         self.reset()

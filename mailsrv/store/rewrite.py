@@ -284,6 +284,12 @@ class Journal:
                     progress = (int(words[1]), int(words[2]))
                 elif words[:1] == [b"x"] and len(words) == 3:
                     plan.extend(int(words[1]), int(words[2]))
+                    if stage == "t":
+                        # written after the t line found the file not truncated: the
+                        # run it adds moves first, and a new t line (about the new
+                        # new_size) comes before the truncate
+                        stage = ""
+                        plan.t_check = None
                 elif words[:1] == [b"t"] and len(words) == 3:
                     stage = "t"
                     plan.t_check = (int(words[1]), int(words[2]))
