@@ -17,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import ANSWERED, DRAFT, FLAGGED, SEEN
@@ -673,3 +674,119 @@ class SecondKillTests(KillTests):
             want = {u: m for u, (m, _, _) in self.want.items() if u not in gone}
             self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+
+def _drop_m1(data: bytes) -> bytes:
+    """What mutt writes when m1 is deleted: the file from the second message on."""
+    return data[data.index(b"\nFrom ", 10) + 1 :]
+
+
+class BatchReviewTests(SecondKillTests):
+    """Kills inside a batch of small steps, then another program acts before recovery."""
+
+    def rewrite_in_place_by_other(self, edit) -> None:
+        lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
+        try:
+            with open(self.inbox, "r+b") as fh:  # mutt: the same inode
+                fcntl.lockf(fh, fcntl.LOCK_EX)
+                data = edit(fh.read())
+                fh.seek(0)
+                fh.write(data)
+                fh.truncate()
+        finally:
+            release_dotlock(lock)
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="still_valid skips the check of every step of a saved batch: with a file "
+        "smaller than SEGMENT that is every step, so a rewrite by mutt after the kill goes "
+        "unseen and recovery writes the saved bytes over mutt's file",
+    )
+    def test_file_rewritten_by_another_program_after_a_kill_in_a_batch(self):
+        def mark_m3_read(data: bytes) -> bytes:  # the file grows: taken for an append
+            return data.replace(b"Subject: m3\n", b"Subject: m3\nStatus: RO\n", 1)
+
+        segment = 1 << 20  # the whole expunge is one batch
+        at = 0
+        for k in range(1, 12):  # the last kill after which the mbox is still untouched
+            self.reset()
+            before = self.inbox.read_bytes()
+            self.expunge_in_child(k, segment)
+            saves = [p for p in self.root.rglob("INBOX.rewrite-save") if p.stat().st_size]
+            if saves and self.inbox.read_bytes() == before:
+                at = k
+        self.assertGreater(at, 0)  # the batch's bytes saved, nothing written yet
+        for edit, gone in ((mark_m3_read, set()), (_drop_m1, {1})):
+            self.reset()
+            self.expunge_in_child(at, segment)
+            self.rewrite_in_place_by_other(edit)
+            got = self.contents(self.open(self.new_store()))  # every message reads intact
+            want = {u: m for u, (m, _, _) in self.want.items() if u not in gone}
+            self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
+            self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+    def test_appends_around_the_truncate_and_a_kill_in_recovery(self):
+        self.patch(rewrite, "SEGMENT", 3000)  # as recover_in_child has it
+        self.reset()
+        counter = _KillingOs(0)
+        self.patch(rewrite, "os", counter)
+        self.change(self.new_store())
+        kept = sorted(m for u, (m, _, _) in self.want.items() if u not in self.dropped)
+        other = b"From x Mon Jan  1 00:00:00 2024\n" + message(99) + b"\n"
+        tried = 0
+        for at in range(counter.count, 0, -1):
+            self.reset()
+            self.expunge_in_child(at, rewrite.SEGMENT)
+            (journal,) = list((self.root / "index").rglob("INBOX.rewrite")) or [None]
+            if journal is None or b"\nt " not in journal.read_bytes():
+                continue
+            size = self.pristine_inbox().stat().st_size
+            if b"\nf\n" in journal.read_bytes() or self.inbox.stat().st_size < size:
+                continue  # only a kill before the truncate
+            for second in range(1, 8):
+                self.reset()
+                self.expunge_in_child(at, rewrite.SEGMENT)
+                self.rewrite_in_place_by_other(lambda d: d + other)
+                self.recover_in_child(second)
+                self.rewrite_in_place_by_other(lambda d: d + other)
+                self.patch(rewrite, "os", _KillingOs(0))
+                f = self.open(self.new_store())
+                mids = []
+                for info in f.messages():
+                    with f.open_message(info.uid) as fh:
+                        data = fh.read()
+                    mid = int(data.split(b"\r\n", 1)[0].split(b"m", 1)[1])
+                    self.assertTrue(data == crlf(message(mid)), f"{at}, {second}: m{mid}")
+                    mids.append(mid)
+                self.assertEqual(mids, [*kept, 99, 99], f"kills at {at} then {second}")
+                tried += 1
+        self.assertGreater(tried, 0)
+
+    def test_append_after_a_kill_around_the_growth(self):
+        # header blocks that grow only (the bytes move up): another program appends after a
+        # kill at every step, the one between the g line and the growth too
+        self.mode = "flags"
+        self.padded = False
+        self.new_flags = {2: {SEEN, ANSWERED}, 9: {FLAGGED}}
+        self.reset()
+        counter = _KillingOs(0)
+        self.patch(rewrite, "os", counter)
+        self.change(self.new_store())
+        for at in range(1, counter.count + 1):
+            self.reset()
+            self.assertTrue(os.WIFSIGNALED(self.expunge_in_child(at, rewrite.SEGMENT)))
+            lock = acquire_dotlock(self.inbox, time.monotonic() + 10)
+            try:
+                with open(self.inbox, "ab") as fh:
+                    fcntl.lockf(fh, fcntl.LOCK_EX)
+                    fh.write(b"From x Mon Jan  1 00:00:00 2024\n" + message(99) + b"\n")
+            finally:
+                release_dotlock(lock)
+            got = self.contents(self.open(self.new_store()))  # every message reads intact
+            mids = [m for m, _, _ in got.values()]
+            self.assertEqual(mids, [m for m, _, _ in self.want.values()] + [99], f"step {at}")
+            self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [], f"step {at}")
+
+
+for _name in [n for n in dir(SecondKillTests) if n.startswith("test_")]:
+    setattr(BatchReviewTests, _name, None)  # only its own tests run there

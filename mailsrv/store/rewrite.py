@@ -24,9 +24,9 @@ Then one line is added (and fdatasynced) per step done:
     x OLD NEW    after a crash, another program appended OLD..NEW: one more
                  run moves those bytes down behind the others
     t CRC LEN    every run is done; the file is about to be truncated
-    g            (moving up) the file is about to grow to C{new_size}, before
-                 any byte moves; what another program appends later lands
-                 after all we write, and stays
+    g            (moving up) the file was grown to C{new_size} (and synced),
+                 before any byte moves; what another program appends later
+                 lands after all we write, and stays
     f            the file is complete (tail written, truncated, fsynced)
 
 A plan moves bytes either all down (an expunge; header blocks that shrink)
@@ -284,6 +284,12 @@ class Journal:
                     progress = (int(words[1]), int(words[2]))
                 elif words[:1] == [b"x"] and len(words) == 3:
                     plan.extend(int(words[1]), int(words[2]))
+                    if stage == "t":
+                        # written after the t line found the file not truncated: the
+                        # run it adds moves first, and a new t line (about the new
+                        # new_size) comes before the truncate
+                        stage = ""
+                        plan.t_check = None
                 elif words[:1] == [b"t"] and len(words) == 3:
                     stage = "t"
                     plan.t_check = (int(words[1]), int(words[2]))
@@ -333,10 +339,13 @@ def move(
     step, done = _resume(plan, order, progress)
     if plan.up and not grown:
         # the file grows to its new size before a byte moves (zeros at the end for now):
-        # another program's append can then only land after everything we write
-        journal.mark(b"g\n")
+        # another program's append can then only land after everything we write. The
+        # growth is durable before the g line says so: a file not grown after a kill
+        # is one whose bytes after old_size were appended (L{finish})
         if os.fstat(fd).st_size < plan.new_size:
             os.ftruncate(fd, plan.new_size)
+            os.fsync(fd)
+        journal.mark(b"g\n")
     while step < len(order):
         last = -1
         if done == 0:
@@ -583,7 +592,7 @@ def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], sta
     truncate = True
     grown = stage == "g"
     if grown:
-        if size < plan.new_size:  # killed between the mark and the truncate
+        if size < plan.new_size:  # a journal whose g line came before the growth
             os.ftruncate(fd, plan.new_size)
     elif stage == "t":
         crc, n = plan.t_check or (0, 0)
@@ -592,10 +601,27 @@ def finish(fd: int, plan: Plan, journal: Journal, progress: tuple[int, int], sta
         elif size > plan.old_size:  # not truncated, and another program appended meanwhile
             journal.mark(b"x %d %d\n" % (plan.old_size, size))
             plan.extend(plan.old_size, size)
-    elif size > plan.old_size:
+    elif size > plan.old_size and not (plan.up and _grown(fd, plan, size)):
         journal.mark(b"x %d %d\n" % (plan.old_size, size))
         plan.extend(plan.old_size, size)
     move(fd, plan, journal, progress, truncate=truncate, grown=grown)
+
+
+def _grown(fd: int, plan: Plan, size: int) -> bool:
+    """
+    Whether the file was grown (moving up) before a kill cut short the g line:
+    zeros from C{old_size} to C{new_size}, where an append would have put its
+    From line.
+    """
+    if size < plan.new_size:
+        return False
+    at = plan.old_size
+    while at < plan.new_size:
+        chunk = os.pread(fd, min(SEGMENT, plan.new_size - at), at)
+        if not chunk or chunk.count(0) != len(chunk):
+            return False
+        at += len(chunk)
+    return True
 
 
 class Relocation:
