@@ -15,9 +15,9 @@ import signal
 import subprocess
 import sys
 import time
+import zlib
 from pathlib import Path
 
-import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import ANSWERED, DRAFT, FLAGGED, SEEN
@@ -696,26 +696,45 @@ class BatchReviewTests(SecondKillTests):
         finally:
             release_dotlock(lock)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="still_valid skips the check of every step of a saved batch: with a file "
-        "smaller than SEGMENT that is every step, so a rewrite by mutt after the kill goes "
-        "unseen and recovery writes the saved bytes over mutt's file",
-    )
-    def test_file_rewritten_by_another_program_after_a_kill_in_a_batch(self):
-        def mark_m3_read(data: bytes) -> bytes:  # the file grows: taken for an append
-            return data.replace(b"Subject: m3\n", b"Subject: m3\nStatus: RO\n", 1)
-
-        segment = 1 << 20  # the whole expunge is one batch
+    def kill_after_the_batch_save(self, segment: int) -> int:
+        """The last kill after which the batch's bytes are saved and the mbox is untouched."""
         at = 0
-        for k in range(1, 12):  # the last kill after which the mbox is still untouched
+        for k in range(1, 12):
             self.reset()
             before = self.inbox.read_bytes()
             self.expunge_in_child(k, segment)
             saves = [p for p in self.root.rglob("INBOX.rewrite-save") if p.stat().st_size]
             if saves and self.inbox.read_bytes() == before:
                 at = k
-        self.assertGreater(at, 0)  # the batch's bytes saved, nothing written yet
+        self.assertGreater(at, 0)
+        return at
+
+    def test_batch_save_file_of_the_older_format_is_refused(self):
+        # the older format saved only the source bytes within the span, with the header
+        # "STEP 0 LEN CRC LAST": it cannot show that the file is unchanged, so recovery
+        # refuses it rather than writing over a file another program may have rewritten
+        segment = 1 << 20
+        at = self.kill_after_the_batch_save(segment)
+        self.reset()
+        self.expunge_in_child(at, segment)
+        (save,) = list(self.root.rglob("INBOX.rewrite-save"))
+        words = save.read_bytes().split(b"\n", 1)[0].split()
+        self.assertEqual(words[0], b"b")  # the new format: b STEP LAST LO LEN CRC NEWCRC
+        data = b"x" * 100
+        save.write_bytes(b"%s 0 100 %d %s\n" % (words[1], zlib.crc32(data), words[2]) + data)
+        before = self.inbox.read_bytes()
+        err = self.failureResultOf(self.new_store().open_folder(USER, "INBOX"), OSError)
+        self.assertIn("older version", str(err.value))
+        self.assertEqual(self.inbox.read_bytes(), before)
+        self.assertTrue(save.exists())
+        self.flushLoggedErrors()
+
+    def test_file_rewritten_by_another_program_after_a_kill_in_a_batch(self):
+        def mark_m3_read(data: bytes) -> bytes:  # the file grows: taken for an append
+            return data.replace(b"Subject: m3\n", b"Subject: m3\nStatus: RO\n", 1)
+
+        segment = 1 << 20  # the whole expunge is one batch
+        at = self.kill_after_the_batch_save(segment)
         for edit, gone in ((mark_m3_read, set()), (_drop_m1, {1})):
             self.reset()
             self.expunge_in_child(at, segment)

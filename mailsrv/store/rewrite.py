@@ -68,12 +68,18 @@ transaction); the journal goes last, so a crash between the two redoes the
 index update, which is idempotent.
 
 Many small runs (a flag write that grows every header block of a file another
-program wrote) are done in batches of whole steps (L{batch_end}): the source
-bytes within the span a batch writes are saved (with the batch's extent in
-the save file's first line), then the batch is written, synced, and one
-C{p} line records its last step. So a rewrite costs about one pass over the
-bytes after its first change and a few syncs per L{SEGMENT}, not per run.
-A batch cut short is redone as it was begun, whatever runs were added since.
+program wrote) are done in batches of whole steps (L{batch_end}): the whole
+span a batch writes is saved as it was (the save file's first line, C{b STEP
+LAST LO LEN CRC NEWCRC}, has the batch's extent and the crc of what it writes
+there), then the batch is written, synced, and one C{p} line records its last
+step. So a rewrite costs about one pass over the bytes after its first change
+and a few syncs per L{SEGMENT}, not per run. A batch cut short is redone as it
+was begun, whatever runs were added since, and only if the file is still what
+the batch left (L{still_valid}): each byte of the span is its saved or its new
+value, and the bytes the redo would write have the saved crc. A save file of
+the older format (C{STEP 0 LEN CRC LAST}, source bytes only) for the batch
+being resumed cannot show that: recovery refuses it (an error naming the
+file) and the folder does not open; nothing is written.
 
 Readers of the folder (L{Relocation}) do not block a rewrite; see there.
 
@@ -209,15 +215,22 @@ class Journal:
         _write_all(self._fd, line)
         os.fdatasync(self._fd)
 
-    def save(self, run: int, done: int, data: bytes, last: int = -1) -> None:
+    def save(self, run: int, done: int, data: bytes) -> None:
+        """Save the bytes at risk of the segment at (C{run}, C{done})."""
+        self._save(b"%d %d %d %d\n" % (run, done, len(data), zlib.crc32(data)), data)
+
+    def save_batch(self, step: int, last: int, lo: int, old: bytes, new_crc: int) -> None:
         """
-        Save the bytes at risk of the segment at (C{run}, C{done}); for a batch
-        of whole steps (L{batch_end}), C{last} is the step after it.
+        Save the bytes C{old} of C{[lo, lo + len(old))}, the whole span the batch
+        of steps C{step} to C{last} - 1 writes (L{batch_end}), as they were before
+        it, with the crc of what the batch writes there (L{still_valid}).
         """
+        head = b"b %d %d %d %d %d %d\n" % (step, last, lo, len(old), zlib.crc32(old), new_crc)
+        self._save(head, old)
+
+    def _save(self, head: bytes, data: bytes) -> None:
         fd = os.open(self.save_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            head = b"%d %d %d %d" % (run, done, len(data), zlib.crc32(data))
-            head += b" %d\n" % last if last >= 0 else b"\n"
             _write_all(fd, head + data)
             os.fdatasync(fd)
         finally:
@@ -241,22 +254,54 @@ class Journal:
 
     def batch_saved(self, step: int) -> int:
         """
-        The step after the batch that begins at C{step}, if its bytes at risk
-        were saved (then part of it may have been written); C{step + 1} if the
-        first segment of step C{step} alone was; -1 if neither.
+        The step after the batch that begins at C{step}, if its save file was
+        begun (then part of it may have been written, if the save is complete:
+        L{batch}); C{step + 1} if the first segment of step C{step} alone was
+        saved; -1 if neither.
         """
+        words = self._head()
+        try:
+            if len(words) == 7 and words[0] == b"b":
+                return int(words[2]) if int(words[1]) == step else -1
+            if len(words) == 5 and words[1] == b"0" and int(words[0]) == step:
+                # a batch saved by the version before the whole span was saved: its
+                # saved bytes cannot show whether the file was rewritten since
+                raise OSError(
+                    f"rewrite save file {self.save_path} is of an older version (a batch "
+                    "cut short): finish the rewrite with that version, or restore the "
+                    "mbox from a backup and remove the rewrite journal"
+                )
+            if len(words) == 4 and words[1] == b"0":
+                return step + 1 if int(words[0]) == step else -1
+        except ValueError:
+            pass
+        return -1
+
+    def batch(self, step: int, lo: int, length: int) -> tuple[bytes, int] | None:
+        """
+        The bytes saved for the batch that begins at C{step} (of the span at
+        C{lo}, C{length} long), and the crc of what it writes there, if complete.
+        """
+        words = self._head()
         try:
             with open(self.save_path, "rb") as f:
-                words = f.readline().split()
-        except FileNotFoundError:
-            return -1
-        if len(words) not in (4, 5) or words[1] != b"0":
-            return -1
+                f.readline()
+                data = f.read(length + 1)
+            if len(words) != 7 or words[0] != b"b":
+                return None
+            s, _, a, n, crc, new_crc = (int(x) for x in words[1:])
+        except (FileNotFoundError, ValueError):
+            return None
+        if (s, a, n) != (step, lo, length) or len(data) != n or zlib.crc32(data) != crc:
+            return None
+        return data, new_crc
+
+    def _head(self) -> list[bytes]:
         try:
-            r, last = int(words[0]), int(words[4]) if len(words) == 5 else step + 1
-        except ValueError:
-            return -1
-        return last if r == step else -1
+            with open(self.save_path, "rb") as f:
+                return f.readline().split()
+        except FileNotFoundError:
+            return []
 
     def read(self) -> tuple[Plan, tuple[int, int], str] | None:
         """
@@ -480,45 +525,22 @@ def _move_batch(
     advanced: Callable[[int], None],
 ) -> None:
     """
-    Carry out steps C{step} to C{last} - 1 as one: every source byte the
-    batch's writes may cover (those within the span of its destinations) is
-    saved first (if there are any), with the batch's extent, then all are written, synced, and
-    one progress line says the last step is done. Redoing a batch cut short
-    takes those bytes from the save file and the others (which no write of
-    the batch touches, nor any later step's) from the file.
+    Carry out steps C{step} to C{last} - 1 as one: the whole span the batch
+    writes is saved first, as it was, with the batch's extent and the crc of
+    what the batch writes there; then all is written, synced, and one
+    progress line says the last step is done. Redoing a batch cut short
+    takes the bytes within the span from the save file and the others (which
+    no write of the batch touches, nor any later step's) from the file.
     """
-    runs = [plan.runs[order[t]] for t in range(step, last)]
-    copies = [(src, end, dst) for src, end, dst in runs if src >= 0 and src != dst and end > src]
-    spans = [(dst, dst + _work(plan, order[t])) for t, (_, _, dst) in enumerate(runs, step)]
-    spans = [(a, b) for a, b in spans if b > a]
-    lo = min((a for a, _ in spans), default=0)
-    hi = max((b for _, b in spans), default=0)
-    risky = [(max(src, lo), min(end, hi)) for src, end, _ in copies]
-    length = sum(max(0, b - a) for a, b in risky)
-    saved = journal.saved(step, 0, length)
-    datas = []
-    if saved is None:
-        datas = [read_range(fd, src, end) for src, end, _ in copies]
-        blob = b"".join(
-            d[a - src : b - src]
-            for d, (src, _, _), (a, b) in zip(datas, copies, risky, strict=True)
-            if b > a
-        )
-        if length:  # nothing at risk: any batch redone from here reads intact sources
-            journal.save(step, 0, blob, last)
-    else:  # a batch cut short: the bytes within its destinations are only saved
-        at = 0
-        for (src, end, _), (a, b) in zip(copies, risky, strict=True):
-            if b > a:
-                piece = saved[at : at + b - a]
-                at += b - a
-                datas.append(read_range(fd, src, a) + piece + read_range(fd, b, end))
-            else:
-                datas.append(read_range(fd, src, end))
-    pieces = sorted(
-        [(dst, d) for (_, _, dst), d in zip(copies, datas, strict=True)]
-        + [(dst, plan.literals[-1 - src]) for src, _, dst in runs if src < 0]
-    )
+    runs, lo, hi = _batch_extent(plan, order, step, last)
+    found = journal.batch(step, lo, hi - lo)
+    if found is None:
+        old = read_range(fd, lo, hi)
+        pieces = _batch_pieces(plan, runs, _reader(fd, lo, old))
+        if hi > lo:  # nothing written: any batch redone from here reads intact sources
+            journal.save_batch(step, last, lo, old, zlib.crc32(_overlay(old, lo, pieces)))
+    else:  # a batch cut short: the bytes within its span are only saved
+        pieces = _batch_pieces(plan, runs, _reader(fd, lo, found[0]))
     with guard():
         at, buf = -1, bytearray()
         for dst, d in pieces:  # adjacent pieces go out in one write
@@ -530,11 +552,62 @@ def _move_batch(
             buf += d
         if buf:
             _pwrite_all(fd, buf, at)
+        copies = [r for r in runs if r[0] >= 0 and r[0] != r[2] and r[1] > r[0]]
         if copies:
             advanced(min(c[0] for c in copies) if plan.up else max(c[1] for c in copies))
     os.fdatasync(fd)
     src, end, _ = runs[-1]
     journal.mark(b"p %d %d\n" % (last - 1, 1 if src < 0 else end - src))
+
+
+def _batch_extent(
+    plan: Plan, order: list[int], step: int, last: int
+) -> tuple[list[tuple[int, int, int]], int, int]:
+    """The runs of the batch of steps C{step} to C{last} - 1, and the span it writes."""
+    runs = [plan.runs[order[t]] for t in range(step, last)]
+    spans = [(dst, dst + _work(plan, order[t])) for t, (_, _, dst) in enumerate(runs, step)]
+    spans = [(a, b) for a, b in spans if b > a]
+    lo = min((a for a, _ in spans), default=0)
+    hi = max((b for _, b in spans), default=0)
+    return runs, lo, hi
+
+
+def _reader(fd: int, lo: int, old: bytes) -> Callable[[int, int], bytes]:
+    """
+    Reads C{[a, b)} of the file as a batch found it: within the span at C{lo}
+    from C{old} (its saved bytes), elsewhere from the file.
+    """
+    hi = lo + len(old)
+
+    def read(a: int, b: int) -> bytes:
+        parts = []
+        if a < lo:
+            parts.append(read_range(fd, a, min(b, lo)))
+        if b > lo and a < hi:
+            parts.append(old[max(a, lo) - lo : min(b, hi) - lo])
+        if b > hi:
+            parts.append(read_range(fd, max(a, hi), b))
+        return b"".join(parts)
+
+    return read
+
+
+def _batch_pieces(
+    plan: Plan, runs: list[tuple[int, int, int]], old: Callable[[int, int], bytes]
+) -> list[tuple[int, bytes]]:
+    """What a batch writes: (destination, bytes), in ascending order."""
+    return sorted(
+        [(dst, old(src, end)) for src, end, dst in runs if src >= 0 and src != dst and end > src]
+        + [(dst, plan.literals[-1 - src]) for src, _, dst in runs if src < 0]
+    )
+
+
+def _overlay(old: bytes, lo: int, pieces: list[tuple[int, bytes]]) -> bytearray:
+    """The span at C{lo} (C{old} before) as the batch of C{pieces} leaves it."""
+    new = bytearray(old)
+    for dst, d in pieces:
+        new[dst - lo : dst - lo + len(d)] = d
+    return new
 
 
 def run_checks(fd: int, plan: Plan) -> list[int]:
@@ -566,7 +639,14 @@ def still_valid(
     # first progress line, and so may every step of a batch whose bytes were saved
     half = current + 1
     if journal is not None and current < len(order):
-        half = max(half, journal.batch_saved(_resume(plan, order, progress)[0]) - 1)
+        first = _resume(plan, order, progress)[0]
+        last = min(journal.batch_saved(first), len(order))
+        if last > first + 1:
+            intact = _batch_intact(fd, plan, order, first, last, journal)
+            if intact is False:
+                return False
+            if intact:
+                half = max(half, last - 1)
     for step, i in enumerate(order):
         src, end, dst = plan.runs[i]
         check = plan.checks[i] if i < len(plan.checks) else -1
@@ -578,6 +658,50 @@ def still_valid(
         at = dst if step < current or src < 0 else src
         if zlib.crc32(os.pread(fd, n, at)) != check:
             return False
+    return True
+
+
+def _batch_intact(
+    fd: int, plan: Plan, order: list[int], step: int, last: int, journal: Journal
+) -> bool | None:
+    """
+    Whether the batch of steps C{step} to C{last} - 1, saved and maybe cut
+    short, may be redone over the file: each byte of its span is either the one
+    it had (saved) or the one the batch writes, what a redo would write is what
+    was to be written (the crc in the save file: the bytes it reads outside the
+    span are unchanged), and each step's first bytes are what the plan found.
+    None if its save was cut short (then nothing of the batch was written).
+    """
+    runs, lo, hi = _batch_extent(plan, order, step, last)
+    found = journal.batch(step, lo, hi - lo)
+    if found is None:
+        return None
+    old, new_crc = found
+    read = _reader(fd, lo, old)
+    try:
+        new = _overlay(old, lo, _batch_pieces(plan, runs, read))
+    except OSError:  # the file is shorter than what the batch reads
+        return False
+    if zlib.crc32(new) != new_crc:
+        return False
+    for t in range(step, last):
+        i = order[t]
+        src, end, _ = plan.runs[i]
+        check = plan.checks[i] if i < len(plan.checks) else -1
+        if src >= 0 and check >= 0 and zlib.crc32(read(src, min(end, src + CHECK))) != check:
+            return False
+    now = os.pread(fd, hi - lo, lo)
+    if len(now) != hi - lo:
+        return False
+    block = 4096
+    for a in range(0, hi - lo, block):
+        b = a + block
+        part = now[a:b]
+        if part == new[a:b] or part == old[a:b]:
+            continue
+        for j in range(a, min(b, hi - lo)):  # a write cut short within the block
+            if now[j] != new[j] and now[j] != old[j]:
+                return False
     return True
 
 
