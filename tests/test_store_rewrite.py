@@ -18,6 +18,7 @@ import time
 import zlib
 from pathlib import Path
 
+import pytest
 from twisted.trial.unittest import SynchronousTestCase
 
 from mailsrv.interfaces import ANSWERED, DRAFT, FLAGGED, SEEN
@@ -743,6 +744,28 @@ class BatchReviewTests(SecondKillTests):
             want = {u: m for u, (m, _, _) in self.want.items() if u not in gone}
             self.assertEqual({u: m for u, (m, _, _) in got.items()}, want, edit.__name__)
             self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
+
+    @pytest.mark.xfail(
+        strict=True,
+        reason="a dropped last message that another program rewrote longer after the kill "
+        "lies outside every run and the batch's span: the growth is taken for an append, and "
+        "the last bytes of that message are moved behind the kept ones as an x run",
+    )
+    def test_dropped_last_message_rewritten_by_another_program_after_a_kill(self):
+        def mark_m15_read(data: bytes) -> bytes:  # the file grows: taken for an append
+            return data.replace(b"Subject: m15\n", b"Subject: m15\nStatus: RO\n", 1)
+
+        self.dropped = {2, 5, 6, 11, 15}  # the last message goes
+        segment = 1 << 20  # the whole expunge is one batch
+        at = self.kill_after_the_batch_save(segment)
+        self.reset()
+        self.expunge_in_child(at, segment)
+        self.rewrite_in_place_by_other(mark_m15_read)
+        got = self.contents(self.open(self.new_store()))  # every message reads intact
+        self.assertEqual(
+            {u: m for u, (m, _, _) in got.items()}, {u: m for u, (m, _, _) in self.want.items()}
+        )
+        self.assertEqual(list((self.root / "index").rglob("*.rewrite*")), [])
 
     def test_appends_around_the_truncate_and_a_kill_in_recovery(self):
         self.patch(rewrite, "SEGMENT", 3000)  # as recover_in_child has it
