@@ -1,0 +1,1 @@
+"""Addresses: aliases, virtual domains, forwarding."""
