@@ -1,0 +1,1 @@
+"""Addresses: aliases, and the rewriting rules the routing step applies to a recipient."""
