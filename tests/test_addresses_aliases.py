@@ -54,9 +54,26 @@ def test_targets_need_commas_between_them(tmp_path):
 
 
 def test_quoted_names_and_targets(tmp_path):
-    t = table(tmp_path, '"sales": "alice", "x,y"@example.net, bob\n')
-    assert t.entries[("sales", None)] == ("alice", "x,y@example.net", "bob")
+    t = table(
+        tmp_path,
+        '"sales": "alice", "x,y"@example.net, "john doe@example.net", bob, "a:b"\n"a:b": carol\n',
+    )
+    # A quoted target keeps its quotes where RFC 5321 4.1.2 needs them, and only there.
+    assert t.entries[("sales", None)] == (
+        "alice",
+        '"x,y"@example.net',
+        '"john doe"@example.net',
+        "bob",
+        '"a:b"',
+    )
     assert t.problems == []
+    assert t.expand("sales@example.test", is_user).recipients == (
+        "alice@example.test",
+        '"x,y"@example.net',
+        '"john doe"@example.net',
+        "bob@example.test",
+        "carol@example.test",
+    )
 
 
 def test_include_relative_to_the_aliases_folder(tmp_path):
@@ -64,7 +81,7 @@ def test_include_relative_to_the_aliases_folder(tmp_path):
     (tmp_path / "lists" / "staff").write_text("# staff\nalice, bob\ncarol@example.test\n")
     t = table(tmp_path, "staff: :include:lists/staff, dave@example.net\n")
     parsed = parse_aliases(tmp_path / "aliases")
-    assert parsed.files == [tmp_path / "aliases", tmp_path / "lists" / "staff"]
+    assert list(parsed.files) == [tmp_path / "aliases", tmp_path / "lists" / "staff"]
     assert t.entries[("staff", None)] == ("alice", "bob", "carol@example.test", "dave@example.net")
     assert t.expand("staff@example.test", is_user).recipients == (
         "alice@example.test",
@@ -223,6 +240,17 @@ def test_reload_only_when_a_file_changed(tmp_path):
     os.replace(other, tmp_path / "aliases")
     assert t.maybe_reload() is True
     assert t.entries[("staff", None)] == ("dave",)
+
+
+def test_an_aliases_file_that_vanishes_keeps_the_aliases_read_before(tmp_path):
+    t = table(tmp_path, "sales: alice\n")
+    (tmp_path / "aliases").unlink()
+    assert t.maybe_reload() is True
+    assert t.entries == {("sales", None): ("alice",)}
+    assert t.problems[-1].endswith("keeping the aliases read before")
+    (tmp_path / "aliases").write_text("sales: bob\n")
+    assert t.maybe_reload() is True
+    assert t.entries == {("sales", None): ("bob",)} and t.problems == []
 
 
 def test_missing_file_is_a_problem_and_appearing_file_is_read(tmp_path):

@@ -61,26 +61,50 @@ def normalise_domain(domain: str) -> str:
 
 
 def split_address(address: str) -> tuple[str, str | None]:
-    """C{local@domain} -> (local, normalised domain); a bare local part -> (local, None)."""
-    address = _unquote(address.strip())
+    """
+    C{local@domain} -> (local, normalised domain); a bare local part ->
+    (local, None). A quoted local part (C{"a b"@example.net}) is unquoted.
+    """
+    address = address.strip()
+    whole = address.startswith('"') and address.endswith('"') and address.count('"') == 2
+    if whole:
+        address = address[1:-1]  # aliases(5): a whole name or target may be quoted
+        if "@" not in address:
+            if not address:
+                raise AliasSyntaxError("empty local part")
+            return address, None
     local, at, domain = address.rpartition("@")
     if not at:
         local, dom = address, None
     else:
         dom = normalise_domain(domain)
-    local = _unquote(local)
+    quoted = whole or (len(local) >= 2 and local[0] == local[-1] == '"')
+    if quoted and not whole:
+        local = local[1:-1].replace('\\"', '"').replace("\\\\", "\\")
     if not local:
         raise AliasSyntaxError(f"empty local part in {address!r}")
-    if any(c.isspace() or c in ",:" for c in local) and not address.startswith('"'):
+    if not quoted and any(c in _SPECIALS for c in local):
         raise AliasSyntaxError(f"bad address {address!r}")
     return local, dom
 
 
-def _unquote(text: str) -> str:
-    """aliases(5): a name or target may be quoted to hold special characters."""
-    if len(text) >= 2 and text[0] == text[-1] == '"':
-        return text[1:-1].replace('\\"', '"')
-    return text
+#: Characters a local part may hold only when quoted (RFC 5321 4.1.2 Atom vs Quoted-string).
+_SPECIALS = frozenset(' \t"(),:;<>@[\\]')
+
+
+def format_address(local: str, domain: str | None) -> str:
+    """
+    C{local@domain}, the local part quoted when RFC 5321 4.1.2 requires it
+    (a character outside atext, or dots where a Dot-string cannot have them).
+    """
+    if (
+        any(c in _SPECIALS for c in local)
+        or local.startswith(".")
+        or local.endswith(".")
+        or ".." in local
+    ):
+        local = '"' + local.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return local if domain is None else f"{local}@{domain}"
 
 
 def _split_unquoted(text: str, separators: str) -> list[str]:
@@ -132,13 +156,28 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
         yield start, " ".join(parts)
 
 
+#: (inode, size, modification time) of a file, None when it cannot be found.
+FileSignature = tuple[int, int, int] | None
+
+
+def _signature(path: Path) -> FileSignature:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return (st.st_ino, st.st_size, st.st_mtime_ns)
+
+
 @dataclass
 class ParsedAliases:
     """What one read of an aliases file gave: entries, problems, and the files it read."""
 
     entries: dict[AliasKey, tuple[str, ...]] = field(default_factory=dict)
     problems: list[str] = field(default_factory=list)
-    files: list[Path] = field(default_factory=list)
+    #: False when the aliases file itself could not be read.
+    readable: bool = True
+    #: Each file read, with its signature taken just before it was read.
+    files: dict[Path, FileSignature] = field(default_factory=dict)
 
 
 class _Parser:
@@ -150,7 +189,7 @@ class _Parser:
 
     def _read(self, path: Path) -> str:
         if path not in self.result.files:
-            self.result.files.append(path)
+            self.result.files[path] = _signature(path)
         return path.read_text(encoding="utf-8")
 
     def parse(self) -> ParsedAliases:
@@ -158,11 +197,12 @@ class _Parser:
             text = self._read(self.path)
         except (OSError, UnicodeDecodeError) as e:
             self.result.problems.append(f"{self.path}: cannot read: {e}")
+            self.result.readable = False
             return self.result
         for number, line in _logical_lines(text):
             where = f"{self.path}:{number}"
             try:
-                key, targets = self._entry(line, where)
+                key, targets = self._entry(line)
             except AliasSyntaxError as e:
                 self.result.problems.append(f"{where}: {e}; entry skipped")
                 continue
@@ -175,19 +215,19 @@ class _Parser:
             self.result.entries[key] = targets
         return self.result
 
-    def _entry(self, line: str, where: str) -> tuple[AliasKey, tuple[str, ...]]:
+    def _entry(self, line: str) -> tuple[AliasKey, tuple[str, ...]]:
         if line[0].isspace():
             raise AliasSyntaxError("continuation line with no entry before it")
         name, colon, rest = _split_first_colon(line)
         if not colon:
             raise AliasSyntaxError("no ':' after the name")
         local, domain = split_address(name)
-        targets = self._targets(rest, where, depth=0, chain=(self.path,))
+        targets = self._targets(rest, depth=0, chain=(self.path,))
         if not targets:
             raise AliasSyntaxError(f"alias {name.strip()!r} has no targets")
         return (local.casefold(), domain), tuple(targets)
 
-    def _targets(self, text: str, where: str, depth: int, chain: tuple[Path, ...]) -> list[str]:
+    def _targets(self, text: str, depth: int, chain: tuple[Path, ...]) -> list[str]:
         """The targets of one right-hand side, C{:include:} files expanded in place."""
         out: list[str] = []
         for raw in _split_unquoted(text, ","):
@@ -195,16 +235,14 @@ class _Parser:
             if not target:
                 continue
             if target.startswith(INCLUDE):
-                out.extend(self._include(target[len(INCLUDE) :].strip(), where, depth, chain))
+                out.extend(self._include(target[len(INCLUDE) :].strip(), depth, chain))
                 continue
-            bare = _unquote(target)
-            if bare.startswith(("|", "/")):
+            if target.lstrip('"').startswith(("|", "/")):
                 raise AliasSyntaxError(f"command and file targets are not supported: {target!r}")
-            local, domain = split_address(target)
-            out.append(local if domain is None else f"{local}@{domain}")
+            out.append(format_address(*split_address(target)))
         return out
 
-    def _include(self, name: str, where: str, depth: int, chain: tuple[Path, ...]) -> list[str]:
+    def _include(self, name: str, depth: int, chain: tuple[Path, ...]) -> list[str]:
         """aliases(5) C{:include:/file}: the targets listed in that file (relative to ours)."""
         if not name:
             raise AliasSyntaxError(":include: without a file name")
@@ -220,7 +258,7 @@ class _Parser:
         out: list[str] = []
         for number, line in _logical_lines(text):
             try:
-                out.extend(self._targets(line, where, depth + 1, chain + (path,)))
+                out.extend(self._targets(line, depth + 1, chain + (path,)))
             except AliasSyntaxError as e:
                 raise AliasSyntaxError(f"{path}:{number}: {e}")
         return out
@@ -256,17 +294,6 @@ class Expansion:
     error: str | None = None
 
 
-FileSignature = tuple[int, int, int] | None
-
-
-def _signature(path: Path) -> FileSignature:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 class AliasTable:
     """
     The aliases of a file, kept in memory for L{expand}, and re-read by
@@ -280,13 +307,19 @@ class AliasTable:
         self.entries: dict[AliasKey, tuple[str, ...]] = {}
         self.problems: list[str] = []
         self._signatures: dict[Path, FileSignature] = {}
+        self._loaded = False
         self.reload()
 
     def reload(self) -> list[str]:
         """Read the file again; returns the problems found (also kept in C{problems})."""
         parsed = parse_aliases(self.path)
-        files = parsed.files or [self.path]
-        self._signatures = {p: _signature(p) for p in files}
+        self._signatures = parsed.files
+        if not parsed.readable and self._loaded:
+            # A file being replaced (or briefly unreadable) must not make every
+            # alias unknown: keep what was read last.
+            self.problems = parsed.problems + [f"{self.path}: keeping the aliases read before"]
+            return self.problems
+        self._loaded = parsed.readable
         self.entries = parsed.entries
         self.problems = parsed.problems
         return self.problems
@@ -342,9 +375,8 @@ class AliasTable:
                 return Expansion(error=f"aliases nest deeper than {MAX_EXPANSION_DEPTH}")
             inner = path | {key}
             for target in reversed(targets):
-                t_local, at, t_domain = target.rpartition("@")
-                if not at:
-                    t_local, t_domain = target, domain
+                t_local, t_dom = split_address(target)
+                t_domain = domain if t_dom is None else t_dom
                 itself = (t_local.casefold(), t_domain) == key
                 stack.append((t_local, t_domain, depth + 1, inner, itself))
         return Expansion(tuple(recipients.values()), tuple(unknown.values()))
@@ -361,7 +393,7 @@ class AliasTable:
         is_local = domain in self.local_domains
         # RFC 5321 2.4: only the local domain may treat local parts as case-insensitive.
         key = (local.casefold() if is_local else local, domain)
-        address = f"{local}@{domain}"
+        address = format_address(local, domain)
         if key in recipients or key in unknown:
             return
         if not is_local or is_local_user(address):
