@@ -195,6 +195,22 @@ def test_depth_limit(tmp_path):
     assert t.expand(f"a{2}@example.test", is_user).recipients == ("alice@example.test",)
 
 
+def test_fan_out_without_a_cycle_is_bounded(tmp_path):
+    # 10 levels of 10 targets each, all reaching the same alias: no loop, 10**10 paths.
+    levels = "".join(f"l{i}: " + ", ".join([f"l{i + 1}"] * 10) + "\n" for i in range(10))
+    t = table(tmp_path, levels + "l10: alice\n")
+    e = t.expand("l0@example.test", is_user)
+    assert e.recipients == () and e.error is not None and "more than" in e.error
+
+
+def test_quoted_targets_with_specials_expand_through_aliases(tmp_path):
+    t = table(tmp_path, 'top: "we ird", "x y"@example.test\n"we ird": bob\n')
+    assert t.problems == []
+    e = t.expand("top@example.test", is_user)
+    assert e.recipients == ("bob@example.test",)
+    assert e.unknown == ('"x y"@example.test',)
+
+
 def test_idn_domains_compare_in_one_form(tmp_path):
     t = table(
         tmp_path,
@@ -283,3 +299,13 @@ def test_ten_thousand_aliases_are_one_dict_lookup_per_hop(tmp_path):
     assert e.recipients == ("alice@example.test", "remote3@remote.example")
     # alias9999, user99, list3, alice: a full and a bare-name lookup each; remote3: one.
     assert CountingDict.gets <= 9
+
+
+def test_format_address_quotes_only_when_needed_and_round_trips():
+    assert aliases.format_address("alice", "example.test") == "alice@example.test"
+    assert aliases.format_address("a.b+c", None) == "a.b+c"
+    for local in ['we"ird', "x y", "back\\slash", ".dot", "a..b", "a:b"]:
+        formatted = aliases.format_address(local, "example.net")
+        assert formatted.startswith('"')
+        assert aliases._split_parsed(formatted) == (local, "example.net")
+        assert aliases.split_address(formatted) == (local, "example.net")

@@ -35,6 +35,9 @@ import idna
 MAX_INCLUDE_DEPTH = 5
 #: How many alias hops an expansion may take before it gives up.
 MAX_EXPANSION_DEPTH = 20
+#: How many addresses one expansion may visit (aliases that fan out again and
+#: again grow without a cycle; Postfix bounds this as virtual_alias_expansion_limit).
+MAX_EXPANSION_STEPS = 10_000
 INCLUDE = ":include:"
 
 #: (local part, domain) with the local part case-folded; domain None = every local domain.
@@ -90,6 +93,18 @@ def split_address(address: str) -> tuple[str, str | None]:
 
 #: Characters a local part may hold only when quoted (RFC 5321 4.1.2 Atom vs Quoted-string).
 _SPECIALS = frozenset(' \t"(),:;<>@[\\]')
+
+
+def _split_parsed(target: str) -> tuple[str, str | None]:
+    """Split a target L{format_address} wrote (its domain is already normalised)."""
+    if target.endswith('"'):
+        return target[1:-1].replace('\\"', '"').replace("\\\\", "\\"), None
+    local, at, domain = target.rpartition("@")
+    if not at:
+        return target, None
+    if local.endswith('"'):
+        local = local[1:-1].replace('\\"', '"').replace("\\\\", "\\")
+    return local, domain
 
 
 def format_address(local: str, domain: str | None) -> str:
@@ -362,7 +377,13 @@ class AliasTable:
         stack: list[tuple[str, str, int, frozenset[tuple[str, str]], bool]] = [
             (local, domain, 0, frozenset(), False)
         ]
+        steps = 0
         while stack:
+            steps += 1
+            if steps > MAX_EXPANSION_STEPS:
+                return Expansion(
+                    error=f"aliases expand to more than {MAX_EXPANSION_STEPS} addresses"
+                )
             local, domain, depth, path, as_is = stack.pop()
             key = (local.casefold(), domain)
             targets = None if as_is else self.lookup(local, domain)
@@ -375,7 +396,7 @@ class AliasTable:
                 return Expansion(error=f"aliases nest deeper than {MAX_EXPANSION_DEPTH}")
             inner = path | {key}
             for target in reversed(targets):
-                t_local, t_dom = split_address(target)
+                t_local, t_dom = _split_parsed(target)
                 t_domain = domain if t_dom is None else t_dom
                 itself = (t_local.casefold(), t_domain) == key
                 stack.append((t_local, t_domain, depth + 1, inner, itself))
