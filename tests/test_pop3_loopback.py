@@ -11,15 +11,18 @@ import socket
 import ssl
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 
 from twisted.internet import defer, threads
+from twisted.mail.interfaces import IMailboxPOP3
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 from twisted.trial import unittest
 
 from mailsrv import tls
-from mailsrv.pop3 import POP3Factory, POP3Server
+from mailsrv.pop3 import POP3Factory, POP3Server, open_maildrop
+from mailsrv.store.mbox import MboxMailStore
 
 from .test_pop3_support import ALICE, PASSWORD, deliver, make_ctx
 
@@ -180,27 +183,23 @@ class POP3LoopbackTests(_Server):
         yield self.all_closed()
 
 
-class POP3MboxTests(_Server):
-    """The same server on the real mbox store: what QUIT leaves on disk."""
+class MboxServer(_Server):
+    """The same server on the real mbox store."""
 
     def setUp(self):
         super().setUp()
-        from mailsrv.store.mbox import MboxMailStore
-
         self.ctx.store = MboxMailStore(
             self.tmp / "mail", self.tmp / "index", self.reactor, self.pool
         )
         self.ctx.config = make_ctx(self.tmp / "clear", cleartext="loopback").config
         # The realm's POP3 factory was bound to the old store: register again.
-        from functools import partial
-
-        from twisted.mail.interfaces import IMailboxPOP3
-
-        from mailsrv.pop3 import open_maildrop
-
         self.ctx.portal.realm.register(
             IMailboxPOP3, partial(open_maildrop, self.ctx.store, self.factory.locks)
         )
+
+
+class POP3MboxTests(MboxServer):
+    """What QUIT leaves on disk."""
 
     @defer.inlineCallbacks
     def test_delivery_during_session_survives_quit(self):

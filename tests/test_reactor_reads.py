@@ -9,19 +9,16 @@ from __future__ import annotations
 
 import poplib
 import threading
-from functools import partial
 
 from twisted.internet import defer
-from twisted.mail.interfaces import IMailboxPOP3
 
-from mailsrv.pop3 import WHOLE_MESSAGE, open_maildrop
+from mailsrv.pop3 import WHOLE_MESSAGE
 from mailsrv.spool import BytesSource
-from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.mbox.state import FileHandle
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
 from tests.test_imap_harness import USER
-from tests.test_pop3_loopback import _Server
-from tests.test_pop3_support import ALICE, PASSWORD, make_ctx
+from tests.test_pop3_loopback import MboxServer
+from tests.test_pop3_support import ALICE, PASSWORD
 
 SMALL = b"Subject: small %d\n\n" + b"a small body line\n" * 20
 BIG = b"Subject: big\n\n" + (b"x" * 76 + b"\n") * (WHOLE_MESSAGE // 77 + 100)
@@ -48,17 +45,7 @@ class ReadThreads:
         case.assertEqual(self.on_reactor, [], "message bytes read on the reactor thread")
 
 
-class POP3ReadsTest(_Server):
-    def setUp(self):
-        super().setUp()
-        self.ctx.store = MboxMailStore(
-            self.tmp / "mail", self.tmp / "index", self.reactor, self.pool
-        )
-        self.ctx.config = make_ctx(self.tmp / "clear", cleartext="loopback").config
-        self.ctx.portal.realm.register(
-            IMailboxPOP3, partial(open_maildrop, self.ctx.store, self.factory.locks)
-        )
-
+class POP3ReadsTest(MboxServer):
     @defer.inlineCallbacks
     def test_retr_and_top_read_off_the_reactor_thread(self):
         store = self.ctx.store
