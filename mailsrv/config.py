@@ -17,6 +17,8 @@ from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 
+from mailsrv.addresses.aliases import normalise_domain
+
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
 CLEARTEXT_POLICIES = ("never", "loopback", "always")
@@ -113,6 +115,19 @@ class DNSConfig:
 
 
 @dataclass(frozen=True)
+class AddressesConfig:
+    """The [addresses] section: aliases, domain aliases, catch-alls, SRS, lists."""
+
+    aliases: Path  # the aliases file (relative to the config file's folder)
+    recipient_delimiter: str  # each character separates a local part from its detail; '' none
+    postmaster: str | None  # who gets postmaster@ and abuse@ of every local domain
+    catch_all: Mapping[str, str]  # local domain -> address for its unknown local parts
+    domain_aliases: Mapping[str, str]  # alias domain -> local domain
+    srs_domain: str  # the domain of the SRS addresses forwarded mail is sent from
+    lists: Mapping[str, str]  # list alias address -> its List-Id field value ('' none)
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -123,6 +138,7 @@ class Config:
     imap: IMAPConfig
     relay: RelayConfig
     dns: DNSConfig
+    addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -146,7 +162,26 @@ class Config:
         return self.server.data_dir / "tmp"
 
     def is_local_domain(self, domain: str) -> bool:
-        return domain.lower().rstrip(".") in self.server.domains
+        """Whether mail for C{domain} is ours: a domain of ours or an alias of one."""
+        d = _local_form(domain)
+        return d in self.server.domains or (
+            self.addresses is not None and d in self.addresses.domain_aliases
+        )
+
+    def is_user_domain(self, domain: str) -> bool:
+        """Whether users may have addresses in C{domain} (not a domain alias)."""
+        return _local_form(domain) in self.server.domains
+
+
+def _local_form(domain: str) -> str:
+    """A domain as the config keeps it: lower-case A-labels (UTS-46), no final dot."""
+    d = domain.lower().rstrip(".")
+    if d.isascii() and not d.startswith("xn--") and ".xn--" not in d:
+        return d  # the common case, without the idna call
+    try:
+        return normalise_domain(d)
+    except ValueError:
+        return d
 
 
 # --- validators: each returns the converted value or raises ValueError -------
@@ -223,7 +258,56 @@ def _domain(v: str) -> str:
     d = v.strip().lower().rstrip(".")
     if not d or any(c in d for c in " @/\\\x00") or ".." in d:
         raise ValueError(f"{v!r} is not a domain name")
-    return d
+    try:
+        return normalise_domain(d)  # one form for IDNs: A-labels (UTS-46)
+    except ValueError as e:
+        raise ValueError(f"{v!r} is not a domain name: {e}")
+
+
+def _address(v: Any) -> str:
+    """local@domain, the domain in the config's form."""
+    s = _nonempty_str(v).strip()
+    local, at, domain = s.rpartition("@")
+    if not at or not local or any(c.isspace() or ord(c) < 32 for c in local):
+        raise ValueError(f"{v!r} is not an address (local@domain)")
+    return f"{local}@{_domain(domain)}"
+
+
+def _address_table(v: Any) -> dict[str, str]:
+    """A table of domain = address."""
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of "domain" = "address"')
+    return {_domain(k): _address(a) for k, a in v.items()}
+
+
+def _domain_table(v: Any) -> dict[str, str]:
+    """A table of domain = domain."""
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of "alias domain" = "domain"')
+    return {_domain(k): _domain(_str(d)) for k, d in v.items()}
+
+
+def _list_table(v: Any) -> dict[str, str]:
+    """A table of list address = List-Id value ("" for none)."""
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of "list@domain" = "List-Id value"')
+    out = {}
+    for k, value in v.items():
+        list_id = _str(value).strip()
+        if any(ord(c) < 32 for c in list_id) or (list_id and "<" not in list_id):
+            raise ValueError(
+                f'{k!r}: the List-Id must look like "Name <id.example.test>" (RFC 2919), '
+                f"or be empty, not {value!r}"
+            )
+        out[_address(k)] = list_id
+    return out
+
+
+def _delimiter(v: Any) -> str:
+    s = _str(v)
+    if any(c.isspace() or c in '@"\\' or ord(c) < 32 for c in s):
+        raise ValueError(f"{v!r}: a delimiter cannot be a space, '@', a quote or a backslash")
+    return s
 
 
 def _domains(v: Any) -> tuple[str, ...]:
@@ -391,6 +475,15 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "dns": {
         "nameservers": (_nameservers, []),
     },
+    "addresses": {
+        "aliases": (_nonempty_str, "aliases"),
+        "recipient_delimiter": (_delimiter, "+"),
+        "postmaster": (_address, None),
+        "catch_all": (_address_table, {}),
+        "domain_aliases": (_domain_table, {}),
+        "srs_domain": (_domain, None),
+        "lists": (_list_table, {}),
+    },
 }
 
 
@@ -456,6 +549,18 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         errors.append("relay: give both smarthost_username and smarthost_password, or neither")
     if relay["retry_min"] > relay["retry_max"]:
         errors.append("relay.retry_min: must not exceed relay.retry_max")
+    addresses = v["addresses"]
+    domains = v["server"]["domains"]
+    for alias, target in addresses["domain_aliases"].items():
+        if alias in domains:
+            errors.append(f"addresses.domain_aliases: {alias} is a domain of server.domains")
+        elif target not in domains:
+            errors.append(
+                f"addresses.domain_aliases: {alias} = {target}: {target} is not in server.domains"
+            )
+    for domain in addresses["catch_all"]:
+        if domain not in domains and domain not in addresses["domain_aliases"]:
+            errors.append(f"addresses.catch_all: {domain} is not a local domain")
     if errors:
         raise ConfigError(path, errors)
 
@@ -486,10 +591,26 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         ),
         relay=RelayConfig(**relay),
         dns=DNSConfig(nameservers=v["dns"]["nameservers"]),
+        addresses=AddressesConfig(
+            aliases=rel(addresses["aliases"], base),  # type: ignore[arg-type]
+            recipient_delimiter=addresses["recipient_delimiter"],
+            postmaster=addresses["postmaster"],
+            catch_all=addresses["catch_all"],
+            domain_aliases=addresses["domain_aliases"],
+            srs_domain=addresses["srs_domain"] or _srs_default(v["server"]["hostname"]),
+            lists=addresses["lists"],
+        ),
         raw=raw,
         source=text,
         base_dir=base,
     )
+
+
+def _srs_default(hostname: str) -> str:
+    try:
+        return _domain(hostname)
+    except ValueError:
+        return hostname.lower()
 
 
 SYSTEM_CONFIG = Path("/etc/mailsrv/mailsrv.toml")

@@ -112,8 +112,18 @@ MAILBOX_NAME_NOT_ALLOWED = Reply(553, "5.1.3", "Mailbox name not allowed")
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 # 553 mailbox name not allowed (RFC 5321 4.2.2; RFC 6409 6.1), 5.7.1 (RFC 3463 3.8)
 SENDER_NOT_OWNED = Reply(553, "5.7.1", "Sender address not owned by authenticated user")
+# 550 (RFC 5321 4.3.2 lists no 553 after DATA), 5.7.1 (RFC 3463 3.8; RFC 6409
+# 8: the MSA checks what the user may claim): a From: address the user may
+# not use.
+FROM_NOT_OWNED = Reply(550, "5.7.1", "From: address not owned by authenticated user")
 # 552 (RFC 5321 4.2.2; RFC 1870 6.3), 5.3.4 message too big for system (RFC 3463 3.4)
 MESSAGE_TOO_BIG = Reply(552, "5.3.4", "Message size exceeds fixed maximum message size")
+# 550 (RFC 5321 4.2.2; 554 is not a RCPT reply, 4.3.2), 5.4.6 routing loop
+# detected (RFC 3463 3.5): the aliases of an address loop or nest too deep.
+ALIAS_LOOP = Reply(550, "5.4.6", "Alias expansion loop or too deep")
+# 550 (RFC 5321 4.2.2), 5.1.1 bad destination mailbox address (RFC 3463 3.2):
+# an SRS address whose hash is not ours, or whose time stamp is too old.
+BAD_SRS_ADDRESS = Reply(550, "5.1.1", "Invalid or expired SRS address")
 # 554 (RFC 5321 6.3: loops), 5.4.6 routing loop detected (RFC 3463 3.5)
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop detected")
 # 554 transaction failed (RFC 5321 4.2.2), 5.0.0 other (RFC 3463 3.1)

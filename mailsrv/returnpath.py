@@ -37,6 +37,19 @@ class ReturnPathSource:
         return io.BufferedReader(_ChainReader(self._field + head, f), 64 * 1024)
 
 
+@implementer(IMessageSource)
+class PrefixSource:
+    """A message with header fields put before it (C{fields}: whole lines, LF line ends)."""
+
+    def __init__(self, fields: bytes, inner: Any) -> None:
+        self._fields = fields
+        self._inner = inner
+        self.size = len(fields) + inner.size
+
+    def open(self):
+        return io.BufferedReader(_ChainReader(self._fields, self._inner.open()), 64 * 1024)
+
+
 def _without_return_path(head: bytes) -> bytes:
     """C{head} without the Return-Path fields (and their folded lines) at its start."""
     while head[:12].lower() == b"return-path:":

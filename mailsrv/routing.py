@@ -18,15 +18,18 @@ server, or a refusal recorded as the attempt's result) and the server's end
 of the relay process's local deliveries (L{mailsrv.outbound.process}),
 which store what the relayer routed to a mailbox.
 
-Where the next features plug in, all inside L{Router.route}, so both callers
-get them at once:
+The address rules (L{mailsrv.addresses.resolver}: aliases, domain aliases,
+sub-addressing, postmaster and abuse, catch-alls, SRS) are part of this
+step: one address may stand for several routes (L{Router.resolve}); each
+copy forwarded to another server is marked (L{Relay.forwarded}) to be sent
+with an SRS sender, and each copy through a list alias names its list
+(C{mailing_list}), which the duplicate-mail defences let through.
 
-  - aliases and forwarding: rewrite the address (to one or more addresses,
-    local or remote) before the local-user lookup; a route then becomes a
-    list of routes;
-  - Sieve (fileinto, reject): choose L{Mailbox.folder}, or give L{Refused},
-    after the user is known; for the relayer's local deliveries in
-    L{queued_mailbox};
+Where the next features plug in, all inside L{Router.resolve}, so every
+caller gets them at once:
+
+  - Sieve (fileinto, reject, redirect): choose L{Mailbox.folder}, give
+    L{Refused}, or add routes, after the user is known;
   - policy verdicts (block lists, quotas, DNSBL): give L{Refused} with the
     policy's reply, before or after the lookup.
 
@@ -40,7 +43,9 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailsrv import replies
+from mailsrv.addresses.resolver import AddressRules
 from mailsrv.interfaces import IOutboundQueue, IPasswordDatabase, PasswordDatabaseError
+from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, ReplyError
 
 INBOX = "INBOX"
@@ -48,10 +53,16 @@ INBOX = "INBOX"
 
 @dataclass(frozen=True, slots=True)
 class Mailbox:
-    """Store the message in C{user}'s C{folder}."""
+    """
+    Store the message in C{user}'s C{folder}; with a C{detail} (the
+    sub-address of C{alice+lists@}), in the folder of that name when it
+    exists.
+    """
 
     user: str  # the stored spelling of the user's address
     folder: str = INBOX
+    detail: str | None = None
+    mailing_list: str | None = None  # the list alias it was reached through
 
     @property
     def address(self) -> str:
@@ -61,9 +72,15 @@ class Mailbox:
 
 @dataclass(frozen=True, slots=True)
 class Relay:
-    """Queue the message for C{address}, at another server."""
+    """
+    Queue the message for C{address}, at another server; C{forwarded}: it
+    was sent to one of our addresses and goes on (an alias, a returning SRS
+    bounce), so the copy gets an SRS envelope sender.
+    """
 
     address: str
+    forwarded: bool = False
+    mailing_list: str | None = None  # the list alias it was reached through
 
 
 @dataclass(frozen=True, slots=True)
@@ -75,6 +92,8 @@ class Refused:
 
 
 Route = Mailbox | Relay | Refused
+#: What one recipient address stands for: its routes, or a refusal.
+Resolution = tuple[Mailbox | Relay, ...] | Refused
 
 
 def domain_of(address: str) -> str:
@@ -84,8 +103,11 @@ def domain_of(address: str) -> str:
 class Router:
     """
     The routing decisions for one server: which domains are local, who the
-    local users are, whether there is an outbound queue to relay through.
+    local users are, the address rules (None: users only), whether there is
+    an outbound queue to relay through.
     """
+
+    log = SafeLogger()
 
     def __init__(
         self,
@@ -93,24 +115,71 @@ class Router:
         is_local_domain: Callable[[str], bool],
         passwords: IPasswordDatabase,
         queue: IOutboundQueue | None,
+        addresses: AddressRules | None = None,
     ) -> None:
         self.is_local_domain = is_local_domain
         self.passwords = passwords
         self.queue = queue
+        self.addresses = addresses
+
+    def resolve(self, address: str, *, may_relay: bool) -> Resolution:
+        """
+        Where mail for C{address} goes: its routes (several for an alias), or
+        a refusal. C{may_relay}: the client may send to other domains (an
+        authenticated submission client); the MX may not, and is never an
+        open relay. Mail to one of our addresses that the rules forward to
+        another server (an alias, a returning SRS bounce) goes there whoever
+        sent it.
+        """
+        rules = self.addresses
+        if rules is None:
+            route = self._plain(address, may_relay)
+            return route if isinstance(route, Refused) else (route,)
+        domain = domain_of(address)
+        if not (rules.is_local_domain(domain) or rules.is_srs_address(address)):
+            return self._remote(address, may_relay)
+        result = rules.resolve(address, self.passwords)
+        if result.temporary is not None:
+            return Refused(replies.LOCAL_ERROR, cause=result.temporary)
+        if result.error is not None:
+            self.log.warn("<{address}> refused: {why}", address=address, why=result.error)
+            reply = replies.BAD_SRS_ADDRESS if result.error_kind == "srs" else replies.ALIAS_LOOP
+            if result.error_kind == "syntax":
+                reply = replies.NO_SUCH_USER
+            return Refused(reply, cause=result.error)
+        if result.unknown and result.finals:
+            self.log.warn(
+                "<{address}>: alias members that are nobody, skipped: {unknown}",
+                address=address,
+                unknown=", ".join(result.unknown),
+            )
+        if not result.finals:
+            return Refused(replies.NO_SUCH_USER)  # RFC 5321 3.3, 550 5.1.1
+        routes: list[Mailbox | Relay] = []
+        for f in result.finals:
+            if f.local:
+                routes.append(Mailbox(f.address, INBOX, f.detail, f.mailing_list))
+            elif self.queue is None:
+                return Refused(replies.RELAY_UNAVAILABLE, cause="no outbound queue")
+            else:
+                routes.append(Relay(f.address, f.forwarded, f.mailing_list))
+        return tuple(routes)
 
     def route(self, address: str, *, may_relay: bool) -> Route:
         """
-        Where mail for C{address} goes. C{may_relay}: the client may send to
-        other domains (an authenticated submission client); the MX may not,
-        and is never an open relay.
+        Where mail for C{address} goes when it stands for one route (a user,
+        another server): as L{resolve}, the one route. An address that stands
+        for several (an alias with several members) is a local error here:
+        callers that can take several use L{resolve}.
         """
-        if self.is_local_domain(domain_of(address)):
-            return self._local_user(address)
-        if not may_relay:
-            return Refused(replies.RELAY_DENIED)
-        if self.queue is None:
-            return Refused(replies.RELAY_UNAVAILABLE, cause="no outbound queue")
-        return Relay(address)
+        resolution = self.resolve(address, may_relay=may_relay)
+        if isinstance(resolution, Refused):
+            return resolution
+        if len(resolution) == 1:
+            return resolution[0]
+        return Refused(
+            replies.LOCAL_ERROR, cause=f"{address} stands for {len(resolution)} recipients"
+        )
 
     def route_queued(self, address: str) -> Route:
         """
@@ -118,14 +187,61 @@ class Router:
         the relayer delivers it: as L{route} for a client that may relay (the
         message was taken for it already), its refusals in the queue's words
         (L{replies.QUEUED_NO_SUCH_USER}, L{replies.QUEUED_USERS_UNAVAILABLE}),
-        which its records and DSNs show.
+        which its records and DSNs show. Queued recipients are final (intake
+        followed the aliases): a local user is that user, not an alias of the
+        same name again.
         """
+        if self.addresses is not None and self.is_local_domain(domain_of(address)):
+            try:
+                stored = self.passwords.lookup(address)
+            except PasswordDatabaseError as e:
+                return Refused(replies.QUEUED_USERS_UNAVAILABLE, cause=str(e))
+            if stored is not None:
+                return Mailbox(stored)
         route = self.route(address, may_relay=True)
         if isinstance(route, Refused):
             reply = _QUEUED_WORDING.get(route.reply)
             if reply is not None:
                 return Refused(reply, route.cause)
+        elif isinstance(route, Mailbox) and route.detail is not None:
+            return Mailbox(route.user)  # the queue keeps addresses only: the INBOX
         return route
+
+    def owned_by(self, address: str, user: str) -> bool:
+        """
+        Whether the logged-in C{user} may use C{address} as sender (envelope
+        and C{From:}): the user's own address, or one of ours that reaches
+        only that user.
+        """
+        if self.addresses is None:
+            return address.lower().rstrip(".") == user.lower().rstrip(".")
+        return self.addresses.owned_by(address, user, self.passwords)
+
+    def forward_sender(self, sender: str) -> str:
+        """The envelope sender of a copy forwarded to another server (SRS)."""
+        if self.addresses is None:
+            return sender
+        return self.addresses.forward_sender(sender)
+
+    def list_id(self, mailing_list: str | None) -> str | None:
+        """The List-Id field value for copies through C{mailing_list}, or None."""
+        if self.addresses is None:
+            return None
+        return self.addresses.list_id(mailing_list)
+
+    def _remote(self, address: str, may_relay: bool) -> Resolution:
+        if not may_relay:
+            return Refused(replies.RELAY_DENIED)
+        if self.queue is None:
+            return Refused(replies.RELAY_UNAVAILABLE, cause="no outbound queue")
+        return (Relay(address),)
+
+    def _plain(self, address: str, may_relay: bool) -> Route:
+        """Users only, no address rules."""
+        if self.is_local_domain(domain_of(address)):
+            return self._local_user(address)
+        remote = self._remote(address, may_relay)
+        return remote if isinstance(remote, Refused) else remote[0]
 
     def _local_user(self, address: str) -> Route:
         try:

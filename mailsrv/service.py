@@ -20,6 +20,7 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailsrv.addresses.resolver import AddressRules, AliasWatcher, address_rules
 from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
@@ -64,6 +65,8 @@ class ServerContext:
     queue: IOutboundQueue | None = None
     # Which maildrops have a POP3 session, shared by the pop3 and pop3s listeners.
     pop3_locks: MaildropLocks = field(default_factory=MaildropLocks)
+    # The address rules (aliases, domain aliases, SRS...); None: users only.
+    addresses: AddressRules | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -131,7 +134,23 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
+        addresses=_address_rules(config, reactor),
     )
+
+
+def _address_rules(config: Config, reactor: Any) -> AddressRules:
+    """The address rules, their problems logged (an aliases file's bad lines)."""
+    rules = address_rules(config, reactor)
+    table = rules.aliases
+    if table is not None:
+        for problem in table.problems:
+            log.warn("aliases: {problem}", problem=problem)
+    if config.addresses.postmaster is None:
+        log.warn(
+            "[addresses] postmaster is not set: mail to postmaster@ and abuse@ of the "
+            "local domains is refused unless an alias or a user takes it (RFC 5321 4.5.1)"
+        )
+    return rules
 
 
 def _factories(ctx: ServerContext) -> dict[str, Any]:
@@ -164,6 +183,8 @@ def serve(ctx: ServerContext) -> service.MultiService:
     users = ThreadPoolService(ctx.threadpool, ctx.store)
     users.setServiceParent(top)  # everything in users stops before the disk thread pool
     HangupService(ctx.tls, ctx.reactor).setServiceParent(top)
+    if ctx.addresses is not None and ctx.addresses.aliases is not None:
+        AliasWatcher(ctx.addresses.aliases, ctx.reactor, ctx.threadpool).setServiceParent(users)
     # The relayer runs in a process of its own, beside this one.
     relay_process_service(ctx).setServiceParent(users)
     factories = _factories(ctx)

@@ -269,9 +269,11 @@ def test_an_aliases_file_that_vanishes_keeps_the_aliases_read_before(tmp_path):
     assert t.entries == {("sales", None): ("bob",)} and t.problems == []
 
 
-def test_missing_file_is_a_problem_and_appearing_file_is_read(tmp_path):
+def test_missing_file_means_no_aliases_and_appearing_file_is_read(tmp_path):
+    # The default config names an aliases file that a new installation has not
+    # written yet: no aliases, no problem; the file is read once it appears.
     t = AliasTable(tmp_path / "aliases", DOMAINS)
-    assert t.entries == {} and "cannot read" in t.problems[0]
+    assert t.entries == {} and t.problems == []
     assert t.maybe_reload() is False
     (tmp_path / "aliases").write_text("sales: alice\n")
     assert t.maybe_reload() is True

@@ -16,7 +16,7 @@ from zope.interface.verify import verifyObject
 import mailsrv
 from mailsrv.interfaces import IMessageSource
 from mailsrv.outbound.queue import FileSource
-from mailsrv.returnpath import ReturnPathSource
+from mailsrv.returnpath import PrefixSource, ReturnPathSource
 from mailsrv.spool import BytesSource, SpooledSource
 
 MESSAGE = b"Subject: contract\nFrom: a@r.test\n\n" + b"line of the body\n" * 500  # 8.5 kB
@@ -43,7 +43,9 @@ SOURCES: dict[str, Callable[[Path], Any]] = {
     "SpooledSource on disk": lambda tmp: _spooled(tmp, spill_at=1024),
     "FileSource at an offset": _file,
     "ReturnPathSource": lambda tmp: ReturnPathSource("a@r.test", BytesSource(MESSAGE)),
+    "PrefixSource": lambda tmp: PrefixSource(LIST_ID, _spooled(tmp, spill_at=1024)),
 }
+LIST_ID = b"List-Id: Staff <staff.example.test>\n"
 
 
 def _read(source: Any) -> bytes:
@@ -81,6 +83,8 @@ def test_the_bytes_are_the_message(source):
     data = _read(source)
     if isinstance(source, ReturnPathSource):
         assert data == b"Return-Path: <a@r.test>\n" + MESSAGE
+    elif isinstance(source, PrefixSource):
+        assert data == LIST_ID + MESSAGE
     else:
         assert data == MESSAGE
 

@@ -210,6 +210,11 @@ class _Parser:
     def parse(self) -> ParsedAliases:
         try:
             text = self._read(self.path)
+        except FileNotFoundError:
+            # No aliases file: no aliases, not a problem (it is watched and
+            # read once it appears); one that vanishes keeps those read before.
+            self.result.readable = False
+            return self.result
         except (OSError, UnicodeDecodeError) as e:
             self.result.problems.append(f"{self.path}: cannot read: {e}")
             self.result.readable = False
@@ -327,12 +332,22 @@ class AliasTable:
 
     def reload(self) -> list[str]:
         """Read the file again; returns the problems found (also kept in C{problems})."""
-        parsed = parse_aliases(self.path)
+        return self.install(parse_aliases(self.path))
+
+    def changed(self) -> bool:
+        """Whether a file read last time changed since (reads the disk)."""
+        return not all(_signature(p) == sig for p, sig in self._signatures.items())
+
+    def install(self, parsed: ParsedAliases) -> list[str]:
+        """Use the aliases C{parsed} (from L{parse_aliases}) from now on."""
         self._signatures = parsed.files
         if not parsed.readable and self._loaded:
             # A file being replaced (or briefly unreadable) must not make every
             # alias unknown: keep what was read last.
-            self.problems = parsed.problems + [f"{self.path}: keeping the aliases read before"]
+            gone = [] if parsed.problems else [f"{self.path}: cannot read: no such file"]
+            self.problems = (
+                parsed.problems + gone + [f"{self.path}: keeping the aliases read before"]
+            )
             return self.problems
         self._loaded = parsed.readable
         self.entries = parsed.entries
@@ -341,7 +356,7 @@ class AliasTable:
 
     def maybe_reload(self) -> bool:
         """Re-read if any file read last time changed; True when it did."""
-        if all(_signature(p) == sig for p, sig in self._signatures.items()):
+        if not self.changed():
             return False
         self.reload()
         return True

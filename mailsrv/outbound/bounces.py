@@ -98,7 +98,9 @@ class Bounces:
                 yield self.local.mailboxes.deliver(route.user, source, "")
                 where = "mailbox"
             else:
-                where = yield self.queue.enqueue("", [sender], source)
+                # Where routing sends it: the sender, or the original sender
+                # behind an SRS address of ours.
+                where = yield self.queue.enqueue("", [route.address], source)
         except Exception as e:
             self.log.error(
                 "{queue_id}: could not send the {action} DSN to <{sender}>: {why}",

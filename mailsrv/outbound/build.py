@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import defer
 from zope.interface import implementer
 
+from mailsrv.addresses.resolver import AddressRules
 from mailsrv.config import Config
 from mailsrv.interfaces import IPasswordDatabase
 from mailsrv.outbound.bounces import Bounces
@@ -43,6 +44,7 @@ def queued_router(
     queue: OutboundQueue,
     passwords: IPasswordDatabase | None,
     local: bool,
+    addresses: AddressRules | None = None,
 ) -> Router:
     """
     The routing step as the relayer asks it (L{Router.route_queued}): the
@@ -55,6 +57,7 @@ def queued_router(
         is_local_domain=config.is_local_domain if local else _no_local_domain,
         passwords=_EveryAddress() if passwords is None else passwords,
         queue=queue,
+        addresses=addresses if local else None,
     )
 
 
@@ -86,6 +89,7 @@ def build_relayer(
     mailboxes: Mailboxes | None = None,
     passwords: IPasswordDatabase | None = None,
     router: Router | None = None,
+    addresses: AddressRules | None = None,
     schedule: RetrySchedule | None = None,
     scan_interval: float = 5.0,
     trust_root: Any = None,
@@ -97,7 +101,8 @@ def build_relayer(
     L{mx_resolver}). C{mailboxes} take the local recipients' copies (None:
     no local delivery, every recipient is remote); C{passwords} give a local
     address's user (None: the address as it is); C{router}, the routing
-    step, defaults to L{queued_router}'s. C{schedule} defaults to
+    step, defaults to L{queued_router}'s (with the address rules
+    C{addresses}, None: users only). C{schedule} defaults to
     C{[relay]}'s; C{trust_root} replaces the platform's CAs for the "verify"
     TLS policy (tests).
     """
@@ -110,7 +115,13 @@ def build_relayer(
     if mailboxes is not None:
         local = LocalRecipients(queue=queue, mailboxes=mailboxes, results=results)
     if router is None:
-        router = queued_router(config, queue=queue, passwords=passwords, local=local is not None)
+        router = queued_router(
+            config,
+            queue=queue,
+            passwords=passwords,
+            local=local is not None,
+            addresses=addresses,
+        )
     return Relayer(
         config=config,
         queue=queue,

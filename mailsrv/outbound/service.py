@@ -57,6 +57,7 @@ def outbound_service(
         resolver=mx_resolver(config, ctx.reactor, resolver),
         mailboxes=None if ctx.store is None else LocalDelivery(ctx.store),
         passwords=ctx.passwords,
+        addresses=getattr(ctx, "addresses", None),
         scan_interval=scan_interval,
         trust_root=trust_root,
     )

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailsrv.addresses.resolver import AliasWatcher, address_rules
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
@@ -56,6 +57,7 @@ class RelaySide(ipc.QuietAMP):
         super().__init__()
         self.reactor = reactor
         self.relayer: Relayer | None = None
+        self.aliases: AliasWatcher | None = None
         self.queue: OutboundQueue | None = None
         self.pool: ThreadPool | None = None
         self._lock_fd: int | None = None
@@ -79,6 +81,10 @@ class RelaySide(ipc.QuietAMP):
         self.pool = pool = ThreadPool(minthreads=1, maxthreads=4, name="mailsrv-relay")
         pool.start()
         self.queue = OutboundQueue(settings.queue_dir, self.reactor, pool)
+        addresses = address_rules(settings, self.reactor)
+        if addresses.aliases is not None:
+            self.aliases = AliasWatcher(addresses.aliases, self.reactor, pool)
+            self.aliases.startService()
         self.relayer = build_relayer(
             settings,
             queue=self.queue,
@@ -86,6 +92,7 @@ class RelaySide(ipc.QuietAMP):
             threadpool=pool,
             mailboxes=ServerMailboxes(self, self.reactor, pool, self.queue),
             passwords=PasswordFile(settings.auth.passwd_file, self.reactor, pool),
+            addresses=addresses,
         )
         self._take_lock()
         return {}
@@ -154,6 +161,8 @@ class RelaySide(ipc.QuietAMP):
             return d  # stopping already
         if self._lock_call is not None and self._lock_call.active():
             self._lock_call.cancel()
+        if self.aliases is not None and self.aliases.running:
+            self.aliases.stopService()
         relayer = self.relayer
         if self._started is not None and relayer is not None:
             stopping = self._started.addBoth(lambda _: relayer.stop())

@@ -6,6 +6,7 @@ submission (Twisted's L{IMessageDelivery}), and the message being received
 
 from __future__ import annotations
 
+import email.utils
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -19,9 +20,13 @@ from mailsrv import replies, routing
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
+from mailsrv.returnpath import PrefixSource
 from mailsrv.smtp import received
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.target import MailboxTarget
+
+# How much of a From: field is kept for the send-as check.
+_MAX_FROM = 16 * 1024
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -58,15 +63,22 @@ class IncomingMessage:
         submission: bool,
         client: str,
         routes: Sequence[routing.Route] | None = None,
+        user: str | None = None,
+        router: routing.Router | None = None,
     ) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
         self.sender = sender
         self.recipients = recipients
+        self.router = router if router is not None else _router(ctx)
         if routes is None:
-            router = _router(ctx)
-            routes = [router.route(r, may_relay=submission) for r in recipients]
+            routes = [
+                route
+                for r in recipients
+                for route in _routes(self.router.resolve(r, may_relay=submission))
+            ]
         self.routes = routes  # where each recipient goes, decided by the routing step
+        self.user = user  # the logged-in user of a submission client
         self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
@@ -80,6 +92,8 @@ class IncomingMessage:
         self._dropping = False  # in a header field that is not kept
         self._received = 0
         self._seen: set[bytes] = set()
+        self._from: bytearray | None = None  # the From: field, for the send-as check
+        self._in_from = False
         self._source.write(trace)
 
     # IMessage
@@ -149,6 +163,8 @@ class IncomingMessage:
     def _header_line(self, line: bytes) -> bool:
         """Note a header line; whether it is kept."""
         if line[:1] in (b" ", b"\t") and self._in_field:
+            if self._in_from:
+                self._note_from(line)
             return not self._dropping  # RFC 5322 2.2.3 folded continuation
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
@@ -159,6 +175,9 @@ class IncomingMessage:
             # RFC 5321 4.4: Return-Path is added at final delivery only; one
             # from the client is dropped, as Postfix's message_drop_headers does.
             self._dropping = lname == b"return-path"
+            self._in_from = lname == b"from" and self.user is not None
+            if self._in_from:
+                self._note_from(line.partition(b":")[2])
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
@@ -167,8 +186,17 @@ class IncomingMessage:
         self._end_headers(blank_line_follows=(line == b""))
         return True
 
+    def _note_from(self, data: bytes) -> None:
+        if self._from is None:
+            self._from = bytearray()
+        if len(self._from) < _MAX_FROM:
+            self._from += data + b" "
+
     def _end_headers(self, blank_line_follows: bool) -> None:
         self._in_headers = False
+        self._in_from = False
+        if self.user is not None and self._from is not None:
+            self._check_from(bytes(self._from))
         if self.submission:
             # RFC 6409 8.2, 8.3: the MSA may add Date and Message-ID.
             now = self.ctx.reactor.seconds()
@@ -180,45 +208,92 @@ class IncomingMessage:
         if not blank_line_follows:
             self._source.write(b"\n")
 
+    def _check_from(self, value: bytes) -> None:
+        """
+        A submission client may put in C{From:} only addresses it may send
+        as (L{routing.Router.owned_by}), as it may in MAIL FROM.
+        """
+        text = value.decode("utf-8", "replace")
+        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
+        if not addresses:
+            return  # a group with no address, or nothing parseable: nothing claimed
+        assert self.user is not None
+        for address in addresses:
+            if not self.router.owned_by(address, self.user):
+                self.fail(replies.FROM_NOT_OWNED)
+                self.log.info(
+                    "{queue_id}: From: <{address}> is not an address of {user}",
+                    queue_id=self.queue_id,
+                    address=address,
+                    user=self.user,
+                )
+                return
+
     # delivery
 
     def _deliver(self) -> defer.Deferred:
-        """Deliver by route: one delivery per local mailbox, one queue file for the rest."""
+        """
+        Deliver by route: one delivery per local mailbox (each user once,
+        however many recipients reach it), and one queue file per kind of
+        relayed copy (as sent; forwarded with an SRS sender; through a list).
+        """
         refused = [r for r in self.routes if isinstance(r, routing.Refused)]
         if refused:
             return defer.fail(SMTPReplyError(refused[0].reply, cause=refused[0].cause))
         attempts: list[defer.Deferred] = []
         labels: list[str] = []
         self._mailboxes.clear()
-        relayed: list[routing.Relay] = []
+        users: set[str] = set()
+        relayed: dict[tuple[bool, str | None], dict[str, routing.Relay]] = {}
         mailboxes = MailboxTarget(self.ctx.store)
         for route in self.routes:
             if isinstance(route, routing.Mailbox):
-                attempts.append(self._commit(mailboxes, [route]))
+                key = route.user.casefold()
+                if key in users:
+                    continue  # one copy for a user reached twice
+                users.add(key)
+                source = self._source_for(route.mailing_list)
+                attempts.append(self._commit(mailboxes, [route], source, self.sender))
                 labels.append(route.user)
                 self._mailboxes[route.user] = route
             elif isinstance(route, routing.Relay):
-                relayed.append(route)
-        if relayed:
+                group = relayed.setdefault((route.forwarded, route.mailing_list), {})
+                group.setdefault(route.address, route)
+        for (forwarded, mailing_list), group in relayed.items():
+            routes = list(group.values())
             if self.ctx.queue is None:
                 attempts.append(defer.fail(RuntimeError("no outbound queue")))
             else:
-                attempts.append(self._commit(QueueTarget(self.ctx.queue), relayed))
-            labels.append("queue:" + ",".join(r.address for r in relayed))
+                sender = self.router.forward_sender(self.sender) if forwarded else self.sender
+                source = self._source_for(mailing_list)
+                target = QueueTarget(self.ctx.queue)
+                attempts.append(self._commit(target, routes, source, sender))
+            labels.append("queue:" + ",".join(r.address for r in routes))
         d = defer.DeferredList(attempts, consumeErrors=True)
         d.addCallback(self._delivered, labels)
         d.addBoth(self._cleanup)
         return d
 
+    def _source_for(self, mailing_list: str | None) -> Any:
+        """The message as a copy through C{mailing_list} is sent: with its List-Id."""
+        list_id = self.router.list_id(mailing_list)
+        if list_id is None or b"list-id" in self._seen:
+            return self._source
+        return PrefixSource(f"List-Id: {list_id}\n".encode(), self._source)  # RFC 2919
+
     def _commit(
-        self, target: MailboxTarget | QueueTarget, routes: Sequence[routing.Route]
+        self,
+        target: MailboxTarget | QueueTarget,
+        routes: Sequence[routing.Route],
+        source: Any = None,
+        sender: str | None = None,
     ) -> defer.Deferred:
         """Deliver the message to C{routes} through C{target}, in its two phases."""
-        delivery = target.start(self.sender)
+        delivery = target.start(self.sender if sender is None else sender)
         try:
             for route in routes:
                 delivery.add_recipient(route)
-            delivery.body(self._source)
+            delivery.body(self._source if source is None else source)
         except Exception:
             delivery.abort()
             return defer.fail()
@@ -251,10 +326,7 @@ class IncomingMessage:
             if any(disk_full(f.value) for _, f in failed):
                 reply = replies.STORAGE_FULL  # RFC 3463 4.3.1
             raise SMTPReplyError(reply, cause="delivery failed")
-        outbound = None
-        if labels and labels[-1].startswith("queue:"):
-            outbound = results[-1][1]
-        return self._log_accepted(outbound)
+        return self._log_accepted(_queue_ids(results, labels))
 
     def _queue_local_retry(
         self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
@@ -270,8 +342,7 @@ class IncomingMessage:
                 rcpts=retry,
                 retry_id=retry_id,
             )
-            outbound = results[-1][1] if labels[-1].startswith("queue:") else None
-            return self._log_accepted(outbound)
+            return self._log_accepted(_queue_ids(results, labels))
 
         def not_queued(failure: Failure) -> None:
             self.log.failure(
@@ -332,7 +403,7 @@ class BaseDelivery:
         self.user = user
         self.sender: str | None = None
         self.router = _router(ctx)
-        self._routes: dict[str, routing.Route] = {}  # this transaction's, by address
+        self._routes: dict[str, routing.Resolution] = {}  # this transaction's, by address
 
     def receivedHeader(self, helo, origin, recipients) -> bytes:
         """A plain C{Received:} field for Twisted's own DATA path (ours adds more)."""
@@ -371,13 +442,17 @@ class BaseDelivery:
     def check_recipient(self, address: str) -> str:
         """
         Route C{address} (L{routing.Router}): return the address to deliver
-        to, or raise L{SMTPReplyError} with the reply the routing step gave.
+        to (a single local user's stored spelling; else C{address}), or
+        raise L{SMTPReplyError} with the reply the routing step gave.
         """
-        route = self.router.route(address, may_relay=self.may_relay)
-        if isinstance(route, routing.Refused):
-            raise SMTPReplyError(route.reply, cause=route.cause)
-        self._routes[route.address] = route
-        return route.address
+        resolution = self.router.resolve(address, may_relay=self.may_relay)
+        if isinstance(resolution, routing.Refused):
+            raise SMTPReplyError(resolution.reply, cause=resolution.cause)
+        if len(resolution) == 1 and isinstance(resolution[0], routing.Mailbox):
+            if resolution[0].detail is None:
+                address = resolution[0].user
+        self._routes[address] = resolution
+        return address
 
     def new_message(
         self,
@@ -391,8 +466,11 @@ class BaseDelivery:
         if queue_id is None:
             queue_id = received.new_queue_id(self.ctx.reactor.seconds())
         routes = [
-            self._routes.get(r) or self.router.route(r, may_relay=self.may_relay)
+            route
             for r in recipients
+            for route in _routes(
+                self._routes.get(r) or self.router.resolve(r, may_relay=self.may_relay)
+            )
         ]
         return IncomingMessage(
             self.ctx,
@@ -403,6 +481,8 @@ class BaseDelivery:
             submission=self.submission,
             client=client,
             routes=routes,
+            user=self.user if self.submission else None,
+            router=self.router,
         )
 
 
@@ -424,10 +504,11 @@ class SubmissionDelivery(BaseDelivery):
 
     def validateFrom(self, helo, origin):
         address = _address(origin)
-        if not address or not _same_address(address, self.user or ""):
-            raise SMTPReplyError(replies.SENDER_NOT_OWNED)  # RFC 6409 6.1
+        # RFC 6409 6.1: the user's own address, or one of ours that reaches only it.
+        if not address or not self.router.owned_by(address, self.user or ""):
+            raise SMTPReplyError(replies.SENDER_NOT_OWNED)
         # The user's stored spelling: bounces reach the user's own mailbox.
-        self.sender = self.user
+        self.sender = self.user if _same_address(address, self.user or "") else address
         self._routes.clear()
         return origin
 
@@ -435,8 +516,26 @@ class SubmissionDelivery(BaseDelivery):
 def _router(ctx: Any) -> routing.Router:
     """The routing step for this server."""
     return routing.Router(
-        is_local_domain=ctx.config.is_local_domain, passwords=ctx.passwords, queue=ctx.queue
+        is_local_domain=ctx.config.is_local_domain,
+        passwords=ctx.passwords,
+        queue=ctx.queue,
+        addresses=getattr(ctx, "addresses", None),
     )
+
+
+def _routes(resolution: routing.Resolution) -> Sequence[routing.Route]:
+    """A resolution as a list of routes (a refusal is one)."""
+    return [resolution] if isinstance(resolution, routing.Refused) else resolution
+
+
+def _queue_ids(results: list[tuple[bool, Any]], labels: list[str]) -> str | None:
+    """The ids of the queue files written for a message, for its log line."""
+    ids = [
+        str(value)
+        for label, (ok, value) in zip(labels, results, strict=True)
+        if ok and label.startswith("queue:")
+    ]
+    return ",".join(ids) or None
 
 
 def _disk_error_reply(error: OSError) -> Reply:

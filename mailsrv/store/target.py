@@ -82,9 +82,23 @@ class MailboxDelivery:
 
     def _store(self, r: Mailbox) -> defer.Deferred:
         source = ReturnPathSource(self.sender, self.source)
-        if r.folder == INBOX:
-            return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender)
-        return defer.maybeDeferred(self.store.deliver, r.user, source, self.sender, r.folder)
+        if r.detail is not None and r.folder == INBOX and _unusable(r.user, r.detail) is None:
+            # Sub-addressing: alice+lists@ is filed in "lists" when alice has
+            # such a folder (the store refuses a folder that does not exist,
+            # and never makes one), else in the INBOX.
+            d = self._deliver(r.user, source, r.detail)
+
+            def no_such_folder(f: Failure) -> defer.Deferred:
+                f.trap(FolderError)
+                return self._deliver(r.user, source, r.folder)
+
+            return d.addErrback(no_such_folder)
+        return self._deliver(r.user, source, r.folder)
+
+    def _deliver(self, user: str, source: Any, folder: str) -> defer.Deferred:
+        if folder == INBOX:
+            return defer.maybeDeferred(self.store.deliver, user, source, self.sender)
+        return defer.maybeDeferred(self.store.deliver, user, source, self.sender, folder)
 
     def _check_open(self) -> None:
         if self.state != "open":
