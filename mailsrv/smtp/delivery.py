@@ -70,6 +70,7 @@ class IncomingMessage:
         self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
+        self.smtputf8 = False  # received with SMTPUTF8 (RFC 6531): kept in the queue
         self.octets = 0
         self.error: Reply | None = None
         self._max_size = ctx.config.limits.max_message_size
@@ -203,7 +204,8 @@ class IncomingMessage:
             if self.ctx.queue is None:
                 attempts.append(defer.fail(RuntimeError("no outbound queue")))
             else:
-                attempts.append(self._commit(QueueTarget(self.ctx.queue), relayed))
+                target = QueueTarget(self.ctx.queue, smtputf8=self.smtputf8)
+                attempts.append(self._commit(target, relayed))
             labels.append("queue:" + ",".join(r.address for r in relayed))
         d = defer.DeferredList(attempts, consumeErrors=True)
         d.addCallback(self._delivered, labels)
