@@ -98,7 +98,10 @@ class Bounces:
                 yield self.local.mailboxes.deliver(route.user, source, "")
                 where = "mailbox"
             else:
-                where = yield self.queue.enqueue("", [sender], source)
+                # RFC 6533: a DSN naming a UTF-8 address needs SMTPUTF8 on its way.
+                where = yield self.queue.enqueue(
+                    "", [sender], source, smtputf8=dsn.is_international(env, rcpts)
+                )
         except Exception as e:
             self.log.error(
                 "{queue_id}: could not send the {action} DSN to <{sender}>: {why}",

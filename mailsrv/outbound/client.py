@@ -4,6 +4,12 @@ STARTTLS when offered (or required), AUTH for a smarthost, MAIL FROM, one
 RCPT per recipient, DATA streamed from the queue file. Ends with a
 L{SessionResult} saying what happened to each recipient. Idle connections
 wait for the next message in L{mailsrv.outbound.connections}.
+
+SMTPUTF8 (RFC 6531): a message that needs it (a UTF-8 local part in its
+envelope, or a UTF-8 header received with SMTPUTF8) goes with
+C{MAIL FROM:<...> SMTPUTF8} to a server that offers it; to one that does not,
+the recipients that need it fail permanently (RFC 6531 3.4: no downgrade
+here), and the others go in ASCII, domains as A-labels (RFC 6531 3.2).
 """
 
 from __future__ import annotations
@@ -21,6 +27,7 @@ from twisted.mail import smtp
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
+from mailsrv.addresses.domains import DomainError, ascii_address, needs_smtputf8
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.mx import Hop
@@ -74,6 +81,8 @@ class RemoteReply:
 
     @property
     def permanent(self) -> bool:
+        if self.code == 0:  # our own reason: its status says (5.6.7: never deliverable)
+            return self.status.startswith("5.")
         return 500 <= self.code < 600
 
     @property
@@ -285,20 +294,96 @@ class RelayClient(smtp.ESMTPClient):
 
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
         # RFC 2920: the server's EHLO (again after STARTTLS) says whether it pipelines.
-        self._pipelining = any(
-            line.split(None, 1)[0].upper() == b"PIPELINING"
-            for line in resp.splitlines()
-            if line.strip()
-        )
+        keywords = {line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()}
+        self._pipelining = b"PIPELINING" in keywords
+        self._offers_utf8 = b"SMTPUTF8" in keywords  # RFC 6531 3.1
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Twisted's, with the SMTPUTF8 plan first and our paths (L{_path})."""
         if not self._sent_from:
             self.result.stage = MAIL
+            if not self._plan_smtputf8():
+                return
             if self._pipelining:
                 self._pipeline()
                 return
-        super().smtpState_from(code, resp)
+        self._from = self.getMailFrom()
+        self._failresponse = self.smtpTransferFailed
+        if self._from is not None:
+            self.sendLine(self._mail_from_line(self._from))
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+        else:
+            self._disconnectFromServer()
+
+    # --- RFC 6531 SMTPUTF8 ------------------------------------------------
+
+    _offers_utf8 = False  # the server's EHLO offered SMTPUTF8
+    _utf8 = False  # this transaction uses it
+    _to: list[str] | None = None  # the recipients sent in this transaction
+
+    def _plan_smtputf8(self) -> bool:
+        """
+        Decide whether this transaction uses SMTPUTF8; fail the recipients
+        that need it if the server does not offer it (RFC 6531 3.4). False:
+        none is left to send, the session is over.
+        """
+        session = self.session
+        self._utf8 = False
+        self._to = list(session.recipients)
+        whole = needs_smtputf8(session.sender) or session.utf8_header
+        needing = self._to if whole else [a for a in self._to if needs_smtputf8(a)]
+        if not needing:
+            return True  # ASCII throughout, domains as A-labels
+        if self._offers_utf8:
+            self._utf8 = True
+            return True
+        if needs_smtputf8(session.sender) or any(needs_smtputf8(a) for a in needing):
+            # RFC 6531 3.7.4.1 X.6.7: non-ASCII addresses not permitted.
+            status, what = "5.6.7", "a UTF-8 address"
+        else:
+            # X.6.9 (RFC 6531): a UTF-8 header message that cannot be transferred.
+            status, what = "5.6.9", "a UTF-8 header"
+        reply = RemoteReply(
+            0,
+            f"{status} the next hop {session.hop.host} does not support SMTPUTF8 "
+            f"(RFC 6531), which this message needs for {what}",
+            "EHLO",
+        )
+        for addr in needing:
+            self.result.replies[addr] = reply
+        self._to = [a for a in self._to if a not in self.result.replies]
+        if self._to:
+            return True
+        self.result.stage = DONE  # no transaction: the connection stays usable
+        if self.cache is not None:
+            self._park()
+            self.session.finish(self.result)
+        else:
+            self.session.finish(self.result)
+            self._disconnectFromServer()
+        return False
+
+    def _path(self, address: str) -> bytes:
+        """
+        C{<address>} as sent: UTF-8 in an SMTPUTF8 transaction, else with
+        the domain as A-labels (RFC 6531 3.2).
+        """
+        if self._utf8:
+            return b"<" + address.encode("utf-8") + b">"
+        if not address.isascii():
+            try:
+                address = ascii_address(address)
+            except DomainError:
+                pass  # not IDNA2008: sent as it is, the server decides
+            if not address.isascii():
+                return b"<" + address.encode("utf-8") + b">"
+        return _quoted(address)
+
+    def _mail_from_line(self, sender: str) -> bytes:
+        line = b"MAIL FROM:" + self._path(sender)
+        return line + b" SMTPUTF8" if self._utf8 else line  # RFC 6531 3.4
 
     # --- RFC 2920 PIPELINING: MAIL, every RCPT and DATA in one write ---------
 
@@ -315,8 +400,8 @@ class RelayClient(smtp.ESMTPClient):
         self.successAddresses = []
         self._mail_reply: tuple[int, bytes] | None = None
         self._awaiting = [(b"MAIL", None)] + [(b"RCPT", r) for r in rcpts] + [(b"DATA", None)]
-        lines = [b"MAIL FROM:" + _quoted(sender)]
-        lines += [b"RCPT TO:" + _quoted(r) for r in rcpts]
+        lines = [self._mail_from_line(sender)]
+        lines += [b"RCPT TO:" + self._path(r) for r in rcpts]
         lines.append(b"DATA")
         transport: Any = self.transport
         transport.write(b"".join(line + b"\r\n" for line in lines))
@@ -361,9 +446,23 @@ class RelayClient(smtp.ESMTPClient):
         return super().smtpState_to(code, resp)
 
     def smtpState_toOrData(self, code: int, resp: bytes) -> None:
-        super().smtpState_toOrData(code, resp)
-        if self._okresponse == self.smtpState_data:
-            self.result.stage = DATA
+        """Twisted's, with our paths (L{_path}) in RCPT TO."""
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+                self.result.stage = DATA
+            else:
+                self.smtpState_msgSent(code, "No recipients accepted")
+        else:
+            self.sendLine(b"RCPT TO:" + self._path(self.lastAddress))
 
     # --- the transaction --------------------------------------------------
 
@@ -374,7 +473,7 @@ class RelayClient(smtp.ESMTPClient):
         return self.session.sender
 
     def getMailTo(self) -> Sequence[str]:
-        return list(self.session.recipients)
+        return list(self.session.recipients if self._to is None else self._to)
 
     def getMailData(self) -> Any:
         return self.session.message
@@ -531,7 +630,12 @@ class Session(protocol.ClientFactory):
         timeout: float = COMMAND_TIMEOUT,
         cache: ConnectionCache[RelayClient] | None = None,
         cache_key: Any = None,
+        utf8_header: bool = False,
     ) -> None:
+        """
+        C{utf8_header}: the message's header holds UTF-8 and it was received
+        with SMTPUTF8, so it needs a next hop that offers SMTPUTF8 (RFC 6532).
+        """
         self.reactor = reactor
         self.pool = pool
         self.hop = hop
@@ -546,6 +650,7 @@ class Session(protocol.ClientFactory):
         self.timeout = timeout
         self.cache = cache
         self.cache_key = cache_key
+        self.utf8_header = utf8_header
         self.finished = False
         self.result: defer.Deferred = defer.Deferred()
         self.protocol_instance: RelayClient | None = None
