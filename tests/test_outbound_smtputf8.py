@@ -11,7 +11,7 @@ from mailsrv.outbound.client import Session
 from mailsrv.outbound.dsn import FAILED, build_dsn
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.mx import Hop
-from mailsrv.outbound.remote import header_has_utf8
+from mailsrv.outbound.smtputf8 import header_has_utf8
 
 HOP = Hop("mx.remote.test", "192.0.2.1", 25)
 

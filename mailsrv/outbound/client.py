@@ -3,7 +3,8 @@ One SMTP session to one remote host, on Twisted's ESMTPClient: EHLO,
 STARTTLS when offered (or required), AUTH for a smarthost, MAIL FROM, one
 RCPT per recipient, DATA streamed from the queue file. Ends with a
 L{SessionResult} saying what happened to each recipient. Idle connections
-wait for the next message in L{mailsrv.outbound.connections}.
+wait for the next message in L{mailsrv.outbound.connections}; the message is
+streamed by L{mailsrv.outbound.body}.
 
 SMTPUTF8 (RFC 6531): a message that needs it (a UTF-8 local part in its
 envelope, or a UTF-8 header received with SMTPUTF8) goes with
@@ -14,34 +15,24 @@ here), and the others go in ASCII, domains as A-labels (RFC 6531 3.2).
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.threads import deferToThreadPool
 from twisted.mail import smtp
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
-from mailsrv.addresses.domains import DomainError, ascii_address, needs_smtputf8
 from mailsrv.logsafe import SafeLogger
+from mailsrv.outbound import smtputf8
+from mailsrv.outbound.body import _BodySender
 from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.mx import Hop
 
-BODY_CHUNK = 64 * 1024
 COMMAND_TIMEOUT = 300  # RFC 5321 4.5.3.2: 5 minutes for most replies
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-@functools.lru_cache(maxsize=4096)
-def _quoted(address: str) -> bytes:
-    """C{smtp.quoteaddr}, memoised: its email.utils parse cost ~10 us per address per message."""
-    return smtp.quoteaddr(address)
 
 
 # Stages of a session, in order; a failure before MAIL means "try the next host".
@@ -132,120 +123,6 @@ def _text(resp: Any) -> str:
     return str(resp or "")
 
 
-@implementer(IPushProducer)
-class _BodySender:
-    """
-    Streams the queued message to the transport: reads chunks in the thread
-    pool (never the whole message), converts LF to CRLF and dot-stuffs
-    (RFC 5321 4.5.2) across chunk boundaries, and honours back-pressure.
-    """
-
-    def __init__(
-        self, f: Any, transport: Any, reactor: Any, pool: Any, on_chunk: Callable[[], None]
-    ) -> None:
-        self._f = f
-        self._transport = transport
-        self._reactor = reactor
-        self._pool = pool
-        self._on_chunk = on_chunk
-        self._paused = False
-        self._reading = False
-        self._stopped = False
-        self._line_start = True
-        self._held_cr = False
-        self.last = b"\n"
-        self.done: defer.Deferred = defer.Deferred()
-
-    def start(self) -> defer.Deferred:
-        self._transport.registerProducer(self, True)
-        self._read()
-        return self.done
-
-    def _read(self) -> None:
-        if self._stopped or self._paused or self._reading:
-            return
-        self._reading = True
-        if self._pool is None:
-            d = defer.maybeDeferred(self._f.read, BODY_CHUNK)
-        else:
-            d = deferToThreadPool(self._reactor, self._pool, self._f.read, BODY_CHUNK)
-        d.addCallbacks(self._got, self._failed)
-
-    def transform(self, chunk: bytes) -> bytes:
-        """
-        The next piece of the message as sent: only CRLF line ends (RFC 5321
-        2.3.8), whatever the queue file holds (a CR, an LF or a CRLF each end
-        a line), dot-stuffed (RFC 5321 4.5.2). A CR at the end of C{chunk}
-        waits for the next one (it may start a CRLF); L{flush} sends it.
-        """
-        if self._held_cr:
-            chunk = b"\r" + chunk
-        self._held_cr = chunk.endswith(b"\r")
-        if self._held_cr:
-            chunk = chunk[:-1]
-        if not chunk:
-            return b""
-        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        if self._line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        chunk = chunk.replace(b"\r\n.", b"\r\n..")
-        self._line_start = chunk.endswith(b"\n")
-        return chunk
-
-    def flush(self) -> bytes:
-        """What L{transform} still holds, at the end of the message."""
-        if not self._held_cr:
-            return b""
-        self._held_cr = False
-        self._line_start = True
-        return b"\r\n"
-
-    def _got(self, chunk: bytes) -> None:
-        self._reading = False
-        if self._stopped:
-            return
-        if not chunk:
-            tail = self.flush()
-            if tail:
-                self._transport.write(tail)
-                self.last = tail[-1:]
-            self._transport.unregisterProducer()
-            self._stopped = True
-            self.done.callback(self.last)
-            return
-        data = self.transform(chunk)
-        if data:
-            self.last = data[-1:]
-            self._transport.write(data)
-        self._on_chunk()
-        if len(chunk) < BODY_CHUNK:
-            # A buffered read of a regular file is short only at its end.
-            self._got(b"")
-            return
-        self._read()
-
-    def _failed(self, f: Failure) -> None:
-        self._reading = False
-        if not self._stopped:
-            self._stopped = True
-            self._transport.unregisterProducer()
-            self.done.errback(f)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._read()
-
-    def stopProducing(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            self.done.errback(
-                Failure(ConnectionError("connection closed while sending the message"))
-            )
-
-
 class RelayClient(smtp.ESMTPClient):
     """Twisted's ESMTP client, reporting per-recipient results to a L{Session}."""
 
@@ -325,35 +202,16 @@ class RelayClient(smtp.ESMTPClient):
 
     def _plan_smtputf8(self) -> bool:
         """
-        Decide whether this transaction uses SMTPUTF8; fail the recipients
-        that need it if the server does not offer it (RFC 6531 3.4). False:
-        none is left to send, the session is over.
+        Decide whether this transaction uses SMTPUTF8 (L{smtputf8.plan}); fail
+        the recipients that need it where it is not offered. False: none is
+        left to send, the session is over.
         """
-        session = self.session
-        self._utf8 = False
-        self._to = list(session.recipients)
-        whole = needs_smtputf8(session.sender) or session.utf8_header
-        needing = self._to if whole else [a for a in self._to if needs_smtputf8(a)]
-        if not needing:
-            return True  # ASCII throughout, domains as A-labels
-        if self._offers_utf8:
-            self._utf8 = True
-            return True
-        if needs_smtputf8(session.sender) or any(needs_smtputf8(a) for a in needing):
-            # RFC 6531 3.7.4.1 X.6.7: non-ASCII addresses not permitted.
-            status, what = "5.6.7", "a UTF-8 address"
-        else:
-            # X.6.9 (RFC 6531): a UTF-8 header message that cannot be transferred.
-            status, what = "5.6.9", "a UTF-8 header"
-        reply = RemoteReply(
-            0,
-            f"{status} the next hop {session.hop.host} does not support SMTPUTF8 "
-            f"(RFC 6531), which this message needs for {what}",
-            "EHLO",
-        )
-        for addr in needing:
-            self.result.replies[addr] = reply
-        self._to = [a for a in self._to if a not in self.result.replies]
+        s = self.session
+        plan = smtputf8.plan(s.sender, s.recipients, s.utf8_header, self._offers_utf8, s.hop.host)
+        self._utf8 = plan.utf8
+        for addr, why in plan.refused.items():
+            self.result.replies[addr] = RemoteReply(0, why, "EHLO")
+        self._to = [a for a in s.recipients if a not in plan.refused]
         if self._to:
             return True
         self.result.stage = DONE  # no transaction: the connection stays usable
@@ -366,20 +224,7 @@ class RelayClient(smtp.ESMTPClient):
         return False
 
     def _path(self, address: str) -> bytes:
-        """
-        C{<address>} as sent: UTF-8 in an SMTPUTF8 transaction, else with
-        the domain as A-labels (RFC 6531 3.2).
-        """
-        if self._utf8:
-            return b"<" + address.encode("utf-8") + b">"
-        if not address.isascii():
-            try:
-                address = ascii_address(address)
-            except DomainError:
-                pass  # not IDNA2008: sent as it is, the server decides
-            if not address.isascii():
-                return b"<" + address.encode("utf-8") + b">"
-        return _quoted(address)
+        return smtputf8.path(address, self._utf8)
 
     def _mail_from_line(self, sender: str) -> bytes:
         line = b"MAIL FROM:" + self._path(sender)

@@ -23,6 +23,7 @@ from mailsrv.outbound.mx import Hop, MXResolver
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DestinationLimits
+from mailsrv.outbound.smtputf8 import header_has_utf8
 
 SMARTHOST = "[smarthost]"  # the destination of every remote recipient when a smarthost is set
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection is kept for the next message
@@ -214,36 +215,6 @@ class RemoteDelivery:
             return result
 
         return d.addBoth(done)
-
-
-HEADER_SCAN_MAX = 1024 * 1024  # a header longer than this is taken to hold UTF-8
-
-
-def header_has_utf8(f: Any, start: int) -> bool:
-    """
-    Whether the header of the message in C{f} (from C{start}) holds
-    non-ASCII bytes (RFC 6532); C{f} is left at C{start}. Blocking: for a
-    message received with SMTPUTF8 only.
-    """
-    f.seek(start)
-    seen = b""
-    try:
-        while len(seen) < HEADER_SCAN_MAX:
-            chunk = f.read(64 * 1024)
-            if not chunk:
-                return not seen.isascii()
-            scan = seen[-3:] + chunk
-            seen += chunk
-            end = min(
-                (i for i in (scan.find(b"\n\n"), scan.find(b"\r\n\r\n")) if i >= 0),
-                default=-1,
-            )
-            if end >= 0:
-                header = seen[: len(seen) - len(scan) + end]
-                return not header.isascii()
-        return True
-    finally:
-        f.seek(start)
 
 
 def split_hostport(value: str, default: int) -> tuple[str, int]:

@@ -12,7 +12,9 @@ import re
 import unicodedata
 from dataclasses import dataclass, field
 
+from mailsrv import replies
 from mailsrv.addresses.domains import DomainError, ascii_domain, needs_smtputf8
+from mailsrv.replies import Reply
 
 # RFC 5321 4.5.3.1.1-3: size limits on the parts of a path.
 MAX_LOCAL_PART = 64
@@ -168,6 +170,32 @@ def parse_params(text: bytes) -> dict[str, str | None]:
             raise ArgumentError(f"duplicate parameter {name}")
         out[name] = value.decode("ascii") if eq else None
     return out
+
+
+def mail_parameters_refusal(
+    params: dict[str, str | None], max_size: int, submission: bool
+) -> Reply | None:
+    """
+    The reply refusing MAIL's parameters (those we offer, with their values
+    checked), or None if they are all right.
+    """
+    for key, value in params.items():
+        if key == "SIZE":  # RFC 1870 6
+            if value is None or not value.isdigit():
+                return replies.BAD_ARGUMENTS
+            if int(value) > max_size:
+                return replies.MESSAGE_TOO_BIG
+        elif key == "BODY":  # RFC 6152 2
+            if value is None or value.upper() not in ("7BIT", "8BITMIME"):
+                return replies.BAD_ARGUMENTS
+        elif key == "AUTH" and submission:  # RFC 4954 5: accepted, not trusted
+            pass
+        elif key == "SMTPUTF8":  # RFC 6531 3.4: no value
+            if value is not None:
+                return replies.BAD_ARGUMENTS
+        else:
+            return replies.BAD_PARAMETER  # RFC 5321 4.1.1.11: 555
+    return None
 
 
 def _split(pattern: re.Pattern[bytes], arg: bytes) -> tuple[bytes, bytes]:

@@ -43,6 +43,7 @@ from mailsrv.smtp.address import (
     AddressError,
     ArgumentError,
     NonASCIIAddressError,
+    mail_parameters_refusal,
     parse_mail_from,
     parse_rcpt_to,
 )
@@ -357,27 +358,12 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if arg.params and not self._esmtp:
             self._reply(replies.BAD_PARAMETER)  # RFC 1869 6: only after EHLO
             return None
-        for key, value in arg.params.items():
-            if key == "SIZE":  # RFC 1870 6
-                if value is None or not value.isdigit():
-                    self._reply(replies.BAD_ARGUMENTS)
-                    return None
-                if int(value) > self.context.config.limits.max_message_size:
-                    self._reply(replies.MESSAGE_TOO_BIG)
-                    return None
-            elif key == "BODY":  # RFC 6152 2
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self._reply(replies.BAD_ARGUMENTS)
-                    return None
-            elif key == "AUTH" and self.submission:  # RFC 4954 5: accepted, not trusted
-                pass
-            elif key == "SMTPUTF8":  # RFC 6531 3.4: no value
-                if value is not None:
-                    self._reply(replies.BAD_ARGUMENTS)
-                    return None
-            else:
-                self._reply(replies.BAD_PARAMETER)
-                return None
+        refusal = mail_parameters_refusal(
+            arg.params, self.context.config.limits.max_message_size, self.submission
+        )
+        if refusal is not None:
+            self._reply(refusal)
+            return None
         delivery = self._delivery
         assert delivery is not None
         return self._check(
