@@ -108,6 +108,11 @@ BAD_SENDER_SYNTAX = Reply(501, "5.1.7", "Bad sender address syntax")
 # 553 mailbox name not allowed (RFC 5321 4.2.2), 5.1.3 bad destination mailbox address syntax
 # (RFC 3463 3.2): an address no mailbox or queue envelope can hold
 MAILBOX_NAME_NOT_ALLOWED = Reply(553, "5.1.3", "Mailbox name not allowed")
+# 553 mailbox name not allowed (RFC 5321 4.2.2), 5.6.7 (media status, RFC 3463 3.7) non-ASCII
+# addresses not permitted for that sender/recipient (RFC 6531 3.7.4.1): UTF-8 without SMTPUTF8
+NON_ASCII_SENDER = Reply(553, "5.6.7", "Non-ASCII addresses not permitted for that sender")
+# 553 (RFC 5321 4.2.2), 5.6.7 (RFC 3463 3.7; RFC 6531 3.7.4.1): the same for RCPT
+NON_ASCII_RECIPIENT = Reply(553, "5.6.7", "Non-ASCII addresses not permitted for that recipient")
 # 554 (RFC 5321 4.2.2; relaying: 3.6.2), 5.7.1 delivery not authorized (RFC 3463 3.8)
 RELAY_DENIED = Reply(554, "5.7.1", "Relay access denied")
 # 553 mailbox name not allowed (RFC 5321 4.2.2; RFC 6409 6.1), 5.7.1 (RFC 3463 3.8)

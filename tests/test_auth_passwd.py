@@ -260,3 +260,29 @@ def test_unreadable_later_keeps_the_last_good_copy(pf):
     os.rename(pf.path, pf.path.with_name("moved"))
     pf.path.mkdir()
     assert pf.lookup("alice@example.test") == "alice@example.test"
+
+
+def test_utf8_local_parts_and_idn_domains_are_one_user(pf):
+    import unicodedata
+
+    from mailsrv.store.names import user_dir
+
+    # RFC 6531: a UTF-8 local part; the IDN domain is stored as A-labels (RFC 5890).
+    assert pf.add_user("jösé@Bücher.example", "pw") == "jösé@xn--bcher-kva.example"
+    assert "jösé@xn--bcher-kva.example:" in pf.path.read_text(encoding="utf-8")
+    for spelling in (
+        "jösé@bücher.example",
+        "JÖSÉ@xn--bcher-kva.example",
+        unicodedata.normalize("NFD", "jösé@bücher.example"),  # decomposed: the same name (NFC)
+    ):
+        assert pf.lookup(spelling) == "jösé@xn--bcher-kva.example"
+    assert result(pf.verify("Jösé@BÜCHER.example", "pw")) is True
+    with pytest.raises(KeyError):
+        pf.add_user("JÖSÉ@bücher.example", "again")
+    # One folder on disk, named by the stored spelling.
+    assert user_dir(pf.path.parent, "JÖSÉ@bücher.example".lower()) == (
+        pf.path.parent / "xn--bcher-kva.example" / "jösé"
+    )
+    for bad in ("a@bü_cher.example", "a\udcff@example.test", "jö sé@example.test"):
+        with pytest.raises(ValueError):
+            pf.add_user(bad, "pw")

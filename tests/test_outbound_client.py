@@ -9,6 +9,7 @@ from twisted.internet.testing import MemoryReactorClock, StringTransport
 from twisted.python.failure import Failure
 from twisted.trial import unittest
 
+from mailsrv.outbound import body as body_module
 from mailsrv.outbound import client
 from mailsrv.outbound.client import RemoteReply, Session, _BodySender
 from mailsrv.outbound.connections import ConnectionCache
@@ -52,7 +53,7 @@ def test_transform_dot_stuffs_across_chunks():
 
 
 def test_transaction_with_mixed_recipient_replies(monkeypatch):
-    monkeypatch.setattr(client, "BODY_CHUNK", 7)  # many chunks, boundaries inside lines
+    monkeypatch.setattr(body_module, "BODY_CHUNK", 7)  # many chunks, boundaries inside lines
     s, p, t, results = _session(recipients=("a@r.test", "b@r.test", "c@r.test"))
     assert _feed(p, t, b"220 mx.remote.test ESMTP") == b"EHLO mail.example.test\r\n"
     assert (

@@ -47,3 +47,14 @@ class EnvelopeTests(unittest.TestCase):
         self.assertIs(queue.Envelope, Envelope)
         self.assertIs(queue.Recipient, Recipient)
         self.assertIs(queue.new_queue_id, new_queue_id)
+
+
+class SMTPUTF8FlagTests(unittest.TestCase):
+    def test_the_flag_is_stored_and_old_envelopes_without_it_load(self):
+        env = Envelope("0ABC", "jösé@example.test", [Recipient("b@x.test")], 1.0, 1.0)
+        env.smtputf8 = True
+        raw = json.loads(env.to_json())
+        self.assertIs(raw["smtputf8"], True)
+        self.assertEqual(Envelope.from_json(env.to_json()), env)
+        del raw["smtputf8"]  # a queue file written before the field existed
+        self.assertIs(Envelope.from_dict(raw).smtputf8, False)

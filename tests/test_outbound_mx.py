@@ -148,3 +148,16 @@ def test_listening_addresses():
 
 def test_ipv6_text_form():
     assert socket.inet_pton(socket.AF_INET6, resolve("plain6.test")[0].address)
+
+
+def test_a_u_label_domain_is_looked_up_as_its_a_labels():
+    # RFC 5890 2.3.2.1: the DNS holds A-labels only.
+    records = {
+        ("xn--bcher-kva.example", dns.MX): [(10, "mx.xn--bcher-kva.example")],
+        ("mx.xn--bcher-kva.example", dns.A): ["192.0.2.5"],
+    }
+    hops = resolve("Bücher.example", records=records)
+    assert hops == [Hop("mx.xn--bcher-kva.example", "192.0.2.5", 25, 10)]
+    with pytest.raises(DeliveryError) as e:
+        resolve("bü_cher.example", records=records)
+    assert e.value.permanent and e.value.status == "5.1.2"

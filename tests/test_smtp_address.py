@@ -11,6 +11,7 @@ from mailsrv.smtp.address import (
     AddressError,
     ArgumentError,
     DomainLiteralError,
+    NonASCIIAddressError,
     parse_mail_from,
     parse_mailbox,
     parse_params,
@@ -42,7 +43,19 @@ def test_parsers_never_crash(data):
         except (AddressError, ArgumentError):
             continue
         assert "\r" not in arg.address and "\n" not in arg.address
-        assert arg.address.isascii()
+        assert arg.address.isascii() or arg.smtputf8  # UTF-8 only with SMTPUTF8
+
+
+@given(st.binary(max_size=60))
+def test_utf8_parsing_never_crashes_and_keeps_domains_ascii(data):
+    try:
+        address = parse_mailbox(data, utf8=True)
+    except AddressError:
+        return
+    local, _, dom = address.rpartition("@")
+    assert local and dom
+    assert all(32 < ord(c) < 127 for c in dom)  # A-labels (RFC 5890)
+    assert not any(ord(c) < 32 or 0x7F <= ord(c) < 0xA0 for c in local)
 
 
 @given(st.binary(max_size=60))
@@ -148,8 +161,53 @@ def test_received_header():
     )
 
 
+def test_utf8_local_parts_and_u_label_domains_with_smtputf8():
+    # RFC 6531 3.3: UTF8-non-ascii in the local part, U-labels in the domain;
+    # the domain comes back as lower-case A-labels, the local part as sent.
+    arg = parse_mail_from("FROM:<Jösé@Bücher.example> SMTPUTF8".encode())
+    assert arg.address == "Jösé@xn--bcher-kva.example"
+    assert arg.smtputf8 and arg.needs_smtputf8
+    assert parse_mailbox('"jö sé"@example.test'.encode(), utf8=True) == '"jö sé"@example.test'
+    assert parse_mailbox("用户@例子.测试".encode(), utf8=True) == "用户@xn--fsqu00a.xn--0zwm56d"
+    rcpt = parse_rcpt_to("TO:<a@bücher.example>".encode(), "x.test", utf8=True)
+    assert rcpt.address == "a@xn--bcher-kva.example" and not rcpt.needs_smtputf8
+    # Without SMTPUTF8 the same paths are refused as non-ASCII (RFC 6531 3.7.4.1).
+    with pytest.raises(NonASCIIAddressError):
+        parse_mail_from("FROM:<jösé@example.test>".encode())
+    with pytest.raises(NonASCIIAddressError):
+        parse_rcpt_to("TO:<a@bücher.example>".encode(), "x.test")
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        b"j\xf6s\xe9@example.test",  # Latin-1, not UTF-8
+        b"\xc3@example.test",  # a truncated sequence
+        b"a@b\xc3\xbc_cher.example",  # not IDNA2008
+        b"a@xn--b\xc3\xbc.example",
+        "a\u0085b@example.test".encode(),  # a C1 control
+        "a\u200bb@example.test".encode(),  # a format character
+        "é".encode() * 33 + b"@example.test",  # 66 octets: RFC 5321 4.5.3.1.1 counts octets
+        "a b@exämple.test".encode(),
+    ],
+)
+def test_bad_utf8_mailboxes(path):
+    with pytest.raises(AddressError) as e:
+        parse_mailbox(path, utf8=True)
+    assert not isinstance(e.value, NonASCIIAddressError)
+
+
+def test_invalid_utf8_without_smtputf8_is_a_syntax_error():
+    with pytest.raises(AddressError) as e:
+        parse_mailbox(b"j\xf6s@example.test")
+    assert not isinstance(e.value, NonASCIIAddressError)
+
+
 def test_with_protocol():
     assert received.with_protocol(False, True, True) == "SMTP"
+    # RFC 6531 3.7.3
+    assert received.with_protocol(True, False, False, smtputf8=True) == "UTF8SMTP"
+    assert received.with_protocol(True, True, True, smtputf8=True) == "UTF8SMTPSA"
     assert received.with_protocol(True, False, False) == "ESMTP"
     assert received.with_protocol(True, True, False) == "ESMTPS"
     assert received.with_protocol(True, False, True) == "ESMTPA"

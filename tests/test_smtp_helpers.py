@@ -63,13 +63,15 @@ class FakeQueue:
 
     def __init__(self) -> None:
         self.queued: list[tuple[str, list[str], bytes]] = []
+        self.smtputf8: list[bool] = []  # each queued message's SMTPUTF8 flag
         self.fail = False
 
-    def enqueue(self, sender, recipients, source):
+    def enqueue(self, sender, recipients, source, *, smtputf8=False):
         if self.fail:
             return defer.fail(OSError("disk full"))
         with source.open() as f:
             self.queued.append((sender, list(recipients), f.read()))
+        self.smtputf8.append(smtputf8)
         return defer.succeed(f"Q{len(self.queued)}")
 
 

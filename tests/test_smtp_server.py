@@ -60,6 +60,7 @@ def test_greeting_and_ehlo_on_the_mx():
         "250-PIPELINING",
         "250-SIZE 52428800",
         "250-8BITMIME",
+        "250-SMTPUTF8",
         "250 ENHANCEDSTATUSCODES",
     ]
 
@@ -160,7 +161,8 @@ def test_simple_commands():
         ("<a@remote.test> BODY=8BITMIME", "250 2.1.0"),
         ("<a@remote.test> BODY=7bit SIZE=10", "250 2.1.0"),
         ("<a@remote.test> BODY=BINARYMIME", "501 5.5.4"),
-        ("<a@remote.test> SMTPUTF8", "555 5.5.4"),
+        ("<a@remote.test> SMTPUTF8", "250 2.1.0"),
+        ("<a@remote.test> SMTPUTF8=yes", "501 5.5.4"),
         ("<a@remote.test> RET=HDRS", "555 5.5.4"),
         ("<a@remote.test> AUTH=<>", "555 5.5.4"),
         ("<a@remote.test> SIZE=1 SIZE=2", "501 5.5.4"),

@@ -29,7 +29,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import idna
+from mailsrv.addresses.domains import DomainError, normalise_domain
 
 #: How deep C{:include:} files may nest (an include loop stops here too).
 MAX_INCLUDE_DEPTH = 5
@@ -48,19 +48,12 @@ class AliasSyntaxError(ValueError):
     """One entry or target of an aliases file that cannot be used (the message says why)."""
 
 
-def normalise_domain(domain: str) -> str:
-    """
-    A domain in the one form used for comparison: lower-case ASCII (A-labels),
-    mapped with UTS-46 (the C{idna} package) so C{Bücher.example} and
-    C{xn--bcher-kva.example} compare equal.
-    """
-    domain = domain.strip().rstrip(".")
-    if not domain:
-        raise AliasSyntaxError("empty domain")
+def _domain(domain: str) -> str:
+    """L{normalise_domain}, its error reported as an aliases file's."""
     try:
-        return idna.encode(domain, uts46=True).decode("ascii").lower()
-    except idna.IDNAError as e:
-        raise AliasSyntaxError(f"bad domain {domain!r}: {e}")
+        return normalise_domain(domain)
+    except DomainError as e:
+        raise AliasSyntaxError(str(e)) from None
 
 
 def split_address(address: str) -> tuple[str, str | None]:
@@ -80,7 +73,7 @@ def split_address(address: str) -> tuple[str, str | None]:
     if not at:
         local, dom = address, None
     else:
-        dom = normalise_domain(domain)
+        dom = _domain(domain)
     quoted = whole or (len(local) >= 2 and local[0] == local[-1] == '"')
     if quoted and not whole:
         local = local[1:-1].replace('\\"', '"').replace("\\\\", "\\")
@@ -323,7 +316,7 @@ class AliasTable:
 
     def __init__(self, path: Path, local_domains: Iterable[str]) -> None:
         self.path = Path(path)
-        self.local_domains = frozenset(normalise_domain(d) for d in local_domains)
+        self.local_domains = frozenset(_domain(d) for d in local_domains)
         self.entries: dict[AliasKey, tuple[str, ...]] = {}
         self.problems: list[str] = []
         self._signatures: dict[Path, FileSignature] = {}

@@ -13,6 +13,11 @@ lookups are (the domain is always lower-cased): ``Alice@example.test`` finds
 the user stored as ``alice@example.test``, and every lookup answers with the
 stored spelling, which names the user's mailbox on disk. Two users whose
 addresses differ only in case cannot be added.
+
+Local parts may be UTF-8 (RFC 6531, ``jösé@example.test``; kept in Unicode
+NFC), and an internationalised domain is stored as A-labels
+(``xn--bcher-kva.example``), so a user is found whether a client writes
+the domain with U-labels or A-labels.
 """
 
 from __future__ import annotations

@@ -99,8 +99,11 @@ class Bounces:
                 where = "mailbox"
             else:
                 # Where routing sends it: the sender, or the original sender
-                # behind an SRS address of ours.
-                where = yield self.queue.enqueue("", [route.address], source)
+                # behind an SRS address of ours. RFC 6533: a DSN naming a UTF-8
+                # address needs SMTPUTF8 on its way.
+                where = yield self.queue.enqueue(
+                    "", [route.address], source, smtputf8=dsn.is_international(env, rcpts)
+                )
         except Exception as e:
             self.log.error(
                 "{queue_id}: could not send the {action} DSN to <{sender}>: {why}",

@@ -3,38 +3,36 @@ One SMTP session to one remote host, on Twisted's ESMTPClient: EHLO,
 STARTTLS when offered (or required), AUTH for a smarthost, MAIL FROM, one
 RCPT per recipient, DATA streamed from the queue file. Ends with a
 L{SessionResult} saying what happened to each recipient. Idle connections
-wait for the next message in L{mailsrv.outbound.connections}.
+wait for the next message in L{mailsrv.outbound.connections}; the message is
+streamed by L{mailsrv.outbound.body}.
+
+SMTPUTF8 (RFC 6531): a message that needs it (a UTF-8 local part in its
+envelope, or a UTF-8 header received with SMTPUTF8) goes with
+C{MAIL FROM:<...> SMTPUTF8} to a server that offers it; to one that does not,
+the recipients that need it fail permanently (RFC 6531 3.4: no downgrade
+here), and the others go in ASCII, domains as A-labels (RFC 6531 3.2).
 """
 
 from __future__ import annotations
 
-import functools
 import re
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from twisted.internet import defer, protocol
-from twisted.internet.interfaces import IPushProducer
-from twisted.internet.threads import deferToThreadPool
 from twisted.mail import smtp
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsrv.logsafe import SafeLogger
+from mailsrv.outbound import smtputf8
+from mailsrv.outbound.body import _BodySender
 from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.mx import Hop
 
-BODY_CHUNK = 64 * 1024
 COMMAND_TIMEOUT = 300  # RFC 5321 4.5.3.2: 5 minutes for most replies
 
 _ENHANCED = re.compile(rb"^([245])\.(\d{1,3})\.(\d{1,3})\b")
-
-
-@functools.lru_cache(maxsize=4096)
-def _quoted(address: str) -> bytes:
-    """C{smtp.quoteaddr}, memoised: its email.utils parse cost ~10 us per address per message."""
-    return smtp.quoteaddr(address)
 
 
 # Stages of a session, in order; a failure before MAIL means "try the next host".
@@ -74,6 +72,8 @@ class RemoteReply:
 
     @property
     def permanent(self) -> bool:
+        if self.code == 0:  # our own reason: its status says (5.6.7: never deliverable)
+            return self.status.startswith("5.")
         return 500 <= self.code < 600
 
     @property
@@ -121,120 +121,6 @@ def _text(resp: Any) -> str:
     if isinstance(resp, bytes):
         return resp.decode("utf-8", "replace")
     return str(resp or "")
-
-
-@implementer(IPushProducer)
-class _BodySender:
-    """
-    Streams the queued message to the transport: reads chunks in the thread
-    pool (never the whole message), converts LF to CRLF and dot-stuffs
-    (RFC 5321 4.5.2) across chunk boundaries, and honours back-pressure.
-    """
-
-    def __init__(
-        self, f: Any, transport: Any, reactor: Any, pool: Any, on_chunk: Callable[[], None]
-    ) -> None:
-        self._f = f
-        self._transport = transport
-        self._reactor = reactor
-        self._pool = pool
-        self._on_chunk = on_chunk
-        self._paused = False
-        self._reading = False
-        self._stopped = False
-        self._line_start = True
-        self._held_cr = False
-        self.last = b"\n"
-        self.done: defer.Deferred = defer.Deferred()
-
-    def start(self) -> defer.Deferred:
-        self._transport.registerProducer(self, True)
-        self._read()
-        return self.done
-
-    def _read(self) -> None:
-        if self._stopped or self._paused or self._reading:
-            return
-        self._reading = True
-        if self._pool is None:
-            d = defer.maybeDeferred(self._f.read, BODY_CHUNK)
-        else:
-            d = deferToThreadPool(self._reactor, self._pool, self._f.read, BODY_CHUNK)
-        d.addCallbacks(self._got, self._failed)
-
-    def transform(self, chunk: bytes) -> bytes:
-        """
-        The next piece of the message as sent: only CRLF line ends (RFC 5321
-        2.3.8), whatever the queue file holds (a CR, an LF or a CRLF each end
-        a line), dot-stuffed (RFC 5321 4.5.2). A CR at the end of C{chunk}
-        waits for the next one (it may start a CRLF); L{flush} sends it.
-        """
-        if self._held_cr:
-            chunk = b"\r" + chunk
-        self._held_cr = chunk.endswith(b"\r")
-        if self._held_cr:
-            chunk = chunk[:-1]
-        if not chunk:
-            return b""
-        chunk = chunk.replace(b"\r\n", b"\n").replace(b"\r", b"\n").replace(b"\n", b"\r\n")
-        if self._line_start and chunk.startswith(b"."):
-            chunk = b"." + chunk
-        chunk = chunk.replace(b"\r\n.", b"\r\n..")
-        self._line_start = chunk.endswith(b"\n")
-        return chunk
-
-    def flush(self) -> bytes:
-        """What L{transform} still holds, at the end of the message."""
-        if not self._held_cr:
-            return b""
-        self._held_cr = False
-        self._line_start = True
-        return b"\r\n"
-
-    def _got(self, chunk: bytes) -> None:
-        self._reading = False
-        if self._stopped:
-            return
-        if not chunk:
-            tail = self.flush()
-            if tail:
-                self._transport.write(tail)
-                self.last = tail[-1:]
-            self._transport.unregisterProducer()
-            self._stopped = True
-            self.done.callback(self.last)
-            return
-        data = self.transform(chunk)
-        if data:
-            self.last = data[-1:]
-            self._transport.write(data)
-        self._on_chunk()
-        if len(chunk) < BODY_CHUNK:
-            # A buffered read of a regular file is short only at its end.
-            self._got(b"")
-            return
-        self._read()
-
-    def _failed(self, f: Failure) -> None:
-        self._reading = False
-        if not self._stopped:
-            self._stopped = True
-            self._transport.unregisterProducer()
-            self.done.errback(f)
-
-    def pauseProducing(self) -> None:
-        self._paused = True
-
-    def resumeProducing(self) -> None:
-        self._paused = False
-        self._read()
-
-    def stopProducing(self) -> None:
-        if not self._stopped:
-            self._stopped = True
-            self.done.errback(
-                Failure(ConnectionError("connection closed while sending the message"))
-            )
 
 
 class RelayClient(smtp.ESMTPClient):
@@ -285,20 +171,64 @@ class RelayClient(smtp.ESMTPClient):
 
     def esmtpState_serverConfig(self, code: int, resp: bytes) -> None:
         # RFC 2920: the server's EHLO (again after STARTTLS) says whether it pipelines.
-        self._pipelining = any(
-            line.split(None, 1)[0].upper() == b"PIPELINING"
-            for line in resp.splitlines()
-            if line.strip()
-        )
+        keywords = {line.split(None, 1)[0].upper() for line in resp.splitlines() if line.strip()}
+        self._pipelining = b"PIPELINING" in keywords
+        self._offers_utf8 = b"SMTPUTF8" in keywords  # RFC 6531 3.1
         super().esmtpState_serverConfig(code, resp)
 
     def smtpState_from(self, code: int, resp: bytes) -> None:
+        """Twisted's, with the SMTPUTF8 plan first and our paths (L{_path})."""
         if not self._sent_from:
             self.result.stage = MAIL
+            if not self._plan_smtputf8():
+                return
             if self._pipelining:
                 self._pipeline()
                 return
-        super().smtpState_from(code, resp)
+        self._from = self.getMailFrom()
+        self._failresponse = self.smtpTransferFailed
+        if self._from is not None:
+            self.sendLine(self._mail_from_line(self._from))
+            self._expected = [250]
+            self._okresponse = self.smtpState_to
+        else:
+            self._disconnectFromServer()
+
+    # --- RFC 6531 SMTPUTF8 ------------------------------------------------
+
+    _offers_utf8 = False  # the server's EHLO offered SMTPUTF8
+    _utf8 = False  # this transaction uses it
+    _to: list[str] | None = None  # the recipients sent in this transaction
+
+    def _plan_smtputf8(self) -> bool:
+        """
+        Decide whether this transaction uses SMTPUTF8 (L{smtputf8.plan}); fail
+        the recipients that need it where it is not offered. False: none is
+        left to send, the session is over.
+        """
+        s = self.session
+        plan = smtputf8.plan(s.sender, s.recipients, s.utf8_header, self._offers_utf8, s.hop.host)
+        self._utf8 = plan.utf8
+        for addr, why in plan.refused.items():
+            self.result.replies[addr] = RemoteReply(0, why, "EHLO")
+        self._to = [a for a in s.recipients if a not in plan.refused]
+        if self._to:
+            return True
+        self.result.stage = DONE  # no transaction: the connection stays usable
+        if self.cache is not None:
+            self._park()
+            self.session.finish(self.result)
+        else:
+            self.session.finish(self.result)
+            self._disconnectFromServer()
+        return False
+
+    def _path(self, address: str) -> bytes:
+        return smtputf8.path(address, self._utf8)
+
+    def _mail_from_line(self, sender: str) -> bytes:
+        line = b"MAIL FROM:" + self._path(sender)
+        return line + b" SMTPUTF8" if self._utf8 else line  # RFC 6531 3.4
 
     # --- RFC 2920 PIPELINING: MAIL, every RCPT and DATA in one write ---------
 
@@ -315,8 +245,8 @@ class RelayClient(smtp.ESMTPClient):
         self.successAddresses = []
         self._mail_reply: tuple[int, bytes] | None = None
         self._awaiting = [(b"MAIL", None)] + [(b"RCPT", r) for r in rcpts] + [(b"DATA", None)]
-        lines = [b"MAIL FROM:" + _quoted(sender)]
-        lines += [b"RCPT TO:" + _quoted(r) for r in rcpts]
+        lines = [self._mail_from_line(sender)]
+        lines += [b"RCPT TO:" + self._path(r) for r in rcpts]
         lines.append(b"DATA")
         transport: Any = self.transport
         transport.write(b"".join(line + b"\r\n" for line in lines))
@@ -361,9 +291,23 @@ class RelayClient(smtp.ESMTPClient):
         return super().smtpState_to(code, resp)
 
     def smtpState_toOrData(self, code: int, resp: bytes) -> None:
-        super().smtpState_toOrData(code, resp)
-        if self._okresponse == self.smtpState_data:
-            self.result.stage = DATA
+        """Twisted's, with our paths (L{_path}) in RCPT TO."""
+        if self.lastAddress is not None:
+            self.toAddressesResult.append((self.lastAddress, code, resp))
+            if code in smtp.SUCCESS:
+                self.successAddresses.append(self.lastAddress)
+        try:
+            self.lastAddress = next(self.toAddresses)
+        except StopIteration:
+            if self.successAddresses:
+                self.sendLine(b"DATA")
+                self._expected = [354]
+                self._okresponse = self.smtpState_data
+                self.result.stage = DATA
+            else:
+                self.smtpState_msgSent(code, "No recipients accepted")
+        else:
+            self.sendLine(b"RCPT TO:" + self._path(self.lastAddress))
 
     # --- the transaction --------------------------------------------------
 
@@ -374,7 +318,7 @@ class RelayClient(smtp.ESMTPClient):
         return self.session.sender
 
     def getMailTo(self) -> Sequence[str]:
-        return list(self.session.recipients)
+        return list(self.session.recipients if self._to is None else self._to)
 
     def getMailData(self) -> Any:
         return self.session.message
@@ -531,7 +475,12 @@ class Session(protocol.ClientFactory):
         timeout: float = COMMAND_TIMEOUT,
         cache: ConnectionCache[RelayClient] | None = None,
         cache_key: Any = None,
+        utf8_header: bool = False,
     ) -> None:
+        """
+        C{utf8_header}: the message's header holds UTF-8 and it was received
+        with SMTPUTF8, so it needs a next hop that offers SMTPUTF8 (RFC 6532).
+        """
         self.reactor = reactor
         self.pool = pool
         self.hop = hop
@@ -546,6 +495,7 @@ class Session(protocol.ClientFactory):
         self.timeout = timeout
         self.cache = cache
         self.cache_key = cache_key
+        self.utf8_header = utf8_header
         self.finished = False
         self.result: defer.Deferred = defer.Deferred()
         self.protocol_instance: RelayClient | None = None

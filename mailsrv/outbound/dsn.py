@@ -1,6 +1,9 @@
 """
 Delivery status notifications: the RFC 3464 report sent from <> to the
-envelope sender when recipients fail for good or are delayed.
+envelope sender when recipients fail for good or are delayed. When the
+sender or a recipient has a UTF-8 address (received with SMTPUTF8), the
+report is the international one of RFC 6533: message/global-delivery-status
+with C{utf-8} address types, and UTF-8 in its header fields (RFC 6532).
 """
 
 from __future__ import annotations
@@ -81,9 +84,45 @@ def _one_line(text: str) -> str:
     return " ".join(text.split())
 
 
+def _raw(text: str) -> str:
+    """
+    C{text} to be written as raw UTF-8 in a header field (RFC 6532 3.2), not
+    as an RFC 2047 encoded-word, which has no place in an address: the
+    compat32 generator writes surrogate-escaped bytes back as they were.
+    """
+    return text.encode("utf-8").decode("ascii", "surrogateescape")
+
+
+class _Generator(BytesGenerator):
+    """
+    The stdlib's generator, which knows message/delivery-status but not
+    RFC 6533's message/global-delivery-status: that part's text (UTF-8,
+    surrogate-escaped) is written as it is.
+    """
+
+    def _handle_message_global_delivery_status(self, msg: Message) -> None:
+        raw = msg.get_payload(decode=True)  # the bytes, as set (8bit: not decoded)
+        assert isinstance(raw, bytes)
+        self.write(raw.decode("ascii", "surrogateescape"))
+
+
+def _block_text(block: Message) -> str:
+    """One block of fields as text (surrogate-escaped UTF-8 kept), with its blank line."""
+    return "".join(f"{name}: {value}\n" for name, value in block.raw_items())
+
+
+def is_international(envelope: Envelope, recipients: Sequence[Recipient]) -> bool:
+    """Whether the DSN names a UTF-8 address, and so is an RFC 6533 one."""
+    return not envelope.sender.isascii() or not all(r.address.isascii() for r in recipients)
+
+
 def _recipient_block(r: Recipient, action: str, retry_until: float | None) -> Message:
     block = Message()
-    block["Final-Recipient"] = f"rfc822; {_one_line(r.address)}"
+    if r.address.isascii():
+        block["Final-Recipient"] = f"rfc822; {_one_line(r.address)}"
+    else:
+        # RFC 6533 3: the utf-8 address type, as UTF-8 in a global DSN.
+        block["Final-Recipient"] = _raw(f"utf-8; {_one_line(r.address)}")
     block["Action"] = action
     status = r.status or ("5.0.0" if action == FAILED else "4.0.0")
     block["Status"] = status
@@ -118,9 +157,12 @@ def build_dsn(
     """
     if action not in (FAILED, DELAYED):
         raise ValueError(f"unknown DSN action {action!r}")
-    report = MIMEMultipart("report", report_type="delivery-status")
+    international = is_international(envelope, recipients)
+    # RFC 6533 6.2: message/global-delivery-status, named by the report type.
+    kind = "global-delivery-status" if international else "delivery-status"
+    report = MIMEMultipart("report", report_type=kind)
     report["From"] = f"Mail Delivery System <MAILER-DAEMON@{hostname}>"
-    report["To"] = envelope.sender
+    report["To"] = _raw(envelope.sender)
     if action == FAILED:
         report["Subject"] = "Undelivered Mail Returned to Sender"
     else:
@@ -134,14 +176,19 @@ def build_dsn(
     report.attach(MIMEText(text, "plain", "us-ascii" if text.isascii() else "utf-8"))
 
     # RFC 3464 2.2: per-message fields, then one block per recipient.
-    status = MIMEBase("message", "delivery-status")
+    status = MIMEBase("message", kind)
     per_message = Message()
     per_message["Reporting-MTA"] = f"dns; {hostname}"
     per_message["X-Queue-ID"] = envelope.id
     per_message["Arrival-Date"] = _date(envelope.created)
     blocks: list[Message | str] = [per_message]
     blocks += [_recipient_block(r, action, retry_until) for r in recipients]
-    status.set_payload(blocks)
+    if international:
+        # The generator knows message/delivery-status only: the blocks as text.
+        status.set_payload("\n".join(_block_text(b) for b in blocks if isinstance(b, Message)))
+        status["Content-Transfer-Encoding"] = "8bit"  # RFC 6533 6.2
+    else:
+        status.set_payload(blocks)
     report.attach(status)
 
     headers = MIMEBase("text", "rfc822-headers")
@@ -156,7 +203,7 @@ def build_dsn(
     report.attach(headers)
 
     out = io.BytesIO()
-    BytesGenerator(
+    _Generator(
         out, mangle_from_=False, policy=compat32.clone(linesep="\n", max_line_length=None)
     ).flatten(report)
     return out.getvalue()

@@ -44,6 +44,9 @@ class Envelope:
     last_error: str = ""
     warned: bool = False  # the "delayed" DSN has been sent
     size: int = 0
+    # Received with SMTPUTF8 (RFC 6531 3.4): the message may need a next hop
+    # that offers it. Absent from older queue files: False.
+    smtputf8: bool = False
     # Where the message starts in its queue file (not stored: the file's
     # first line gives it).
     offset: int = field(default=0, compare=False)
@@ -85,6 +88,7 @@ _ENVELOPE_FIELDS = (
     "last_error",
     "warned",
     "size",
+    "smtputf8",
 )
 
 

@@ -16,6 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.names import cache, client, dns, error, resolve
 
+from mailsrv.addresses.domains import DomainError, ascii_domain
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.errors import DeliveryError
 
@@ -195,9 +196,16 @@ class MXResolver:
         """
         Fire with the L{Hop}s to try in order, or fail with L{DeliveryError}:
         permanent for a domain that does not exist, a null MX (RFC 7505) or a
-        loop back to this server; temporary for DNS trouble.
+        loop back to this server; temporary for DNS trouble. A domain with
+        U-labels is looked up as its A-labels (RFC 5890 2.3.2.1: the DNS holds
+        only those).
         """
         domain = domain.rstrip(".").lower()
+        if not domain.isascii():
+            try:
+                domain = ascii_domain(domain)
+            except DomainError:
+                raise DeliveryError(True, "5.1.2", f"Bad domain name {domain}: not IDNA2008")
         if domain.startswith("[") and domain.endswith("]"):  # RFC 5321 4.1.3 address literal
             literal = domain[1:-1]
             if literal.lower().startswith("ipv6:"):

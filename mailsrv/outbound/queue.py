@@ -423,8 +423,13 @@ class OutboundQueue:
         if callback in self._listeners:
             self._listeners.remove(callback)
 
-    def enqueue(self, sender: str, recipients: Iterable[str], source: Any) -> defer.Deferred:
-        """Store the message and its envelope durably; fire with the queue id."""
+    def enqueue(
+        self, sender: str, recipients: Iterable[str], source: Any, *, smtputf8: bool = False
+    ) -> defer.Deferred:
+        """
+        Store the message and its envelope durably; fire with the queue id.
+        C{smtputf8}: received with SMTPUTF8 (RFC 6531), kept in the envelope.
+        """
         now = self._reactor.seconds()
         rcpts = list(dict.fromkeys(recipients))  # once each, in order
         if not rcpts:
@@ -436,6 +441,7 @@ class OutboundQueue:
             created=now,
             next_attempt=now,
             size=source.size,
+            smtputf8=smtputf8,
         )
         data: Any = source
         if (

@@ -23,6 +23,7 @@ from mailsrv.outbound.mx import Hop, MXResolver
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DestinationLimits
+from mailsrv.outbound.smtputf8 import header_has_utf8
 
 SMARTHOST = "[smarthost]"  # the destination of every remote recipient when a smarthost is set
 CONNECTION_CACHE_TIME = 2.0  # seconds an idle connection is kept for the next message
@@ -127,18 +128,33 @@ class RemoteDelivery:
             return f.seek(start) if pool is None else self.results.in_pool(f.seek, start)
 
         try:
+            utf8_header = False
+            if env.smtputf8:  # RFC 6532: a UTF-8 header needs SMTPUTF8 at the next hop
+                if pool is None:
+                    utf8_header = header_has_utf8(f, start)
+                else:
+                    utf8_header = yield self.results.in_pool(header_has_utf8, f, start)
             for hop in hops:
                 context, required = self._tls_for(domain, hop)
                 for ctx in (context, None):
                     if result is not None:
                         yield rewind()
                     result = yield self._session(
-                        env, hop, addrs, f, ctx, required, domain, pool=pool
+                        env, hop, addrs, f, ctx, required, domain, pool=pool, utf8=utf8_header
                     )
                     if result.stale_connection:
                         yield rewind()
                         result = yield self._session(
-                            env, hop, addrs, f, ctx, required, domain, reuse=False, pool=pool
+                            env,
+                            hop,
+                            addrs,
+                            f,
+                            ctx,
+                            required,
+                            domain,
+                            reuse=False,
+                            pool=pool,
+                            utf8=utf8_header,
                         )
                     # Opportunistic TLS whose handshake failed: try once more in plain text.
                     if not (result.tls_failed and ctx is not None and not required):
@@ -163,8 +179,12 @@ class RemoteDelivery:
         domain: str,
         reuse: bool = True,
         pool: Any = None,
+        utf8: bool = False,
     ) -> defer.Deferred:
-        """One session; C{pool} reads C{f} (None: C{f} is in memory, read in line)."""
+        """
+        One session; C{pool} reads C{f} (None: C{f} is in memory, read in line).
+        C{utf8}: the message has a UTF-8 header that needs SMTPUTF8.
+        """
         relay = self.config.relay
         smarthost = domain == SMARTHOST
         # Sessions are interchangeable when they go to the same address for the
@@ -185,6 +205,7 @@ class RemoteDelivery:
             password=relay.smarthost_password if smarthost else None,
             cache=self._connections,
             cache_key=key,
+            utf8_header=utf8,
         )
         self._sessions.add(s)
         d = s.run_on(kept) if kept is not None else s.connect(relay.connect_timeout)

@@ -20,13 +20,17 @@ from mailsrv.routing import Relay, Route
 
 @implementer(IDeliveryTarget)
 class QueueTarget:
-    """An L{IOutboundQueue}."""
+    """
+    An L{IOutboundQueue}. C{smtputf8}: the messages were received with
+    SMTPUTF8 (RFC 6531), which their queue envelopes keep for the relayer.
+    """
 
-    def __init__(self, queue: IOutboundQueue) -> None:
+    def __init__(self, queue: IOutboundQueue, *, smtputf8: bool = False) -> None:
         self.queue = queue
+        self.smtputf8 = smtputf8
 
     def start(self, sender: str) -> QueueDelivery:
-        return QueueDelivery(self.queue, sender or "")
+        return QueueDelivery(self.queue, sender or "", smtputf8=self.smtputf8)
 
 
 @implementer(IDelivery)
@@ -36,9 +40,10 @@ class QueueDelivery:
     rename) only at L{commit}, so L{abort} leaves nothing behind.
     """
 
-    def __init__(self, queue: IOutboundQueue, sender: str) -> None:
+    def __init__(self, queue: IOutboundQueue, sender: str, *, smtputf8: bool = False) -> None:
         self.queue = queue
         self.sender = sender
+        self.smtputf8 = smtputf8
         self.recipients: dict[str, None] = {}
         self.source: Any = None
         self.state = "open"
@@ -67,7 +72,11 @@ class QueueDelivery:
         if self.source is None:
             return defer.fail(ValueError("commit before body"))
         return defer.maybeDeferred(
-            self.queue.enqueue, self.sender, list(self.recipients), self.source
+            self.queue.enqueue,
+            self.sender,
+            list(self.recipients),
+            self.source,
+            smtputf8=self.smtputf8,
         )
 
     def abort(self) -> None:

@@ -82,6 +82,7 @@ class IncomingMessage:
         self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
+        self.smtputf8 = False  # received with SMTPUTF8 (RFC 6531): kept in the queue
         self.octets = 0
         self.error: Reply | None = None
         self._max_size = ctx.config.limits.max_message_size
@@ -266,7 +267,7 @@ class IncomingMessage:
             else:
                 sender = self.router.forward_sender(self.sender) if forwarded else self.sender
                 source = self._source_for(mailing_list)
-                target = QueueTarget(self.ctx.queue)
+                target = QueueTarget(self.ctx.queue, smtputf8=self.smtputf8)
                 attempts.append(self._commit(target, routes, source, sender))
             labels.append("queue:" + ",".join(r.address for r in routes))
         d = defer.DeferredList(attempts, consumeErrors=True)

@@ -67,11 +67,16 @@ def address_literal(ip: str) -> str:
     return f"[{addr}]"
 
 
-def with_protocol(esmtp: bool, tls: bool, authenticated: bool) -> str:
-    """The C{with} keyword of RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA."""
+def with_protocol(esmtp: bool, tls: bool, authenticated: bool, smtputf8: bool = False) -> str:
+    """
+    The C{with} keyword of RFC 3848: SMTP, ESMTP, ESMTPS, ESMTPA, ESMTPSA;
+    UTF8SMTP, UTF8SMTPS, UTF8SMTPA, UTF8SMTPSA for a transaction with
+    SMTPUTF8 (RFC 6531 3.7.3).
+    """
     if not esmtp:
         return "SMTP"
-    return "ESMTP" + ("S" if tls else "") + ("A" if authenticated else "")
+    base = "UTF8SMTP" if smtputf8 else "ESMTP"
+    return base + ("S" if tls else "") + ("A" if authenticated else "")
 
 
 def received_header(
@@ -103,12 +108,16 @@ def received_header(
     else:
         lines[-1] += ";"
         lines.append(f"\t{date}")
-    return ("\n".join(lines) + "\n").encode("ascii", "replace")
+    # UTF-8 only in a UTF-8 address, which only SMTPUTF8 lets in (RFC 6532 3.7).
+    return ("\n".join(lines) + "\n").encode("utf-8", "replace")
 
 
 def return_path(sender: str) -> bytes:
-    """The C{Return-Path:} field added at final delivery (RFC 5321 4.4)."""
-    return f"Return-Path: <{sender}>\n".encode("ascii", "replace")
+    """
+    The C{Return-Path:} field added at final delivery (RFC 5321 4.4); a UTF-8
+    sender (received with SMTPUTF8) stays UTF-8 (RFC 6532 3.7).
+    """
+    return f"Return-Path: <{sender}>\n".encode("utf-8", "replace")
 
 
 def tls_description(transport) -> str | None:

@@ -42,6 +42,8 @@ from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
     ArgumentError,
+    NonASCIIAddressError,
+    mail_parameters_refusal,
     parse_mail_from,
     parse_rcpt_to,
 )
@@ -117,6 +119,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._delivery: BaseDelivery | None = None
         self._logout: Any = None
         self._sender: str | None = None
+        self._smtputf8 = False  # this transaction's MAIL had SMTPUTF8 (RFC 6531 3.4)
         self._recipients: list[str] = []
         self._message: IncomingMessage | None = None
         self._auth_step: Any = None
@@ -262,6 +265,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
 
     def _reset_transaction(self) -> None:
         self._sender = None
+        self._smtputf8 = False
         self._recipients = []
 
     def _do_logout(self) -> None:
@@ -299,6 +303,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             b"PIPELINING",  # RFC 2920
             b"SIZE %d" % self.context.config.limits.max_message_size,  # RFC 1870
             b"8BITMIME",  # RFC 6152
+            b"SMTPUTF8",  # RFC 6531
             b"ENHANCEDSTATUSCODES",  # RFC 2034
         ]
         if self._tls.can_start():
@@ -341,6 +346,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             return None
         try:
             arg = parse_mail_from(rest)
+        except NonASCIIAddressError:
+            self._reply(replies.NON_ASCII_SENDER)
+            return None
         except AddressError:
             self._reply(replies.BAD_SENDER_SYNTAX)
             return None
@@ -350,34 +358,24 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if arg.params and not self._esmtp:
             self._reply(replies.BAD_PARAMETER)  # RFC 1869 6: only after EHLO
             return None
-        for key, value in arg.params.items():
-            if key == "SIZE":  # RFC 1870 6
-                if value is None or not value.isdigit():
-                    self._reply(replies.BAD_ARGUMENTS)
-                    return None
-                if int(value) > self.context.config.limits.max_message_size:
-                    self._reply(replies.MESSAGE_TOO_BIG)
-                    return None
-            elif key == "BODY":  # RFC 6152 2
-                if value is None or value.upper() not in ("7BIT", "8BITMIME"):
-                    self._reply(replies.BAD_ARGUMENTS)
-                    return None
-            elif key == "AUTH" and self.submission:  # RFC 4954 5: accepted, not trusted
-                pass
-            else:
-                self._reply(replies.BAD_PARAMETER)
-                return None
+        refusal = mail_parameters_refusal(
+            arg.params, self.context.config.limits.max_message_size, self.submission
+        )
+        if refusal is not None:
+            self._reply(refusal)
+            return None
         delivery = self._delivery
         assert delivery is not None
         return self._check(
             lambda: delivery.validateFrom(self._helo, arg.address),
-            lambda _: self._sender_ok(_, arg.address),
+            lambda _: self._sender_ok(_, arg.address, arg.smtputf8),
             lambda f: self._refused(f, "sender", arg.address),
         )
 
-    def _sender_ok(self, _: Any, address: str) -> None:
+    def _sender_ok(self, _: Any, address: str, smtputf8: bool = False) -> None:
         sender = getattr(self._delivery, "sender", None)
         self._sender = address if sender is None else sender
+        self._smtputf8 = smtputf8
         self._recipients = []
         self._reply(replies.SENDER_OK)
 
@@ -406,7 +404,10 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             self._reply(replies.BAD_SEQUENCE, "Need MAIL before RCPT")
             return None
         try:
-            arg = parse_rcpt_to(rest, self.context.config.server.domains[0])
+            arg = parse_rcpt_to(rest, self.context.config.server.domains[0], self._smtputf8)
+        except NonASCIIAddressError:
+            self._reply(replies.NON_ASCII_RECIPIENT)
+            return None
         except AddressError:
             self._reply(replies.BAD_DESTINATION_SYNTAX)
             return None
@@ -471,7 +472,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             client_ip=self._client_ip,
             client_name=None,
             hostname=self.context.config.server.hostname,
-            protocol=received.with_protocol(self._esmtp, self.tls_active, self._user is not None),
+            protocol=received.with_protocol(
+                self._esmtp, self.tls_active, self._user is not None, self._smtputf8
+            ),
             queue_id=queue_id,
             recipient=self._recipients[0] if len(self._recipients) == 1 else None,
             tls_info=received.tls_description(self.transport) if self.tls_active else None,
@@ -480,6 +483,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._message = delivery.new_message(
             self._sender, list(self._recipients), trace, self._client_ip, queue_id
         )
+        # Kept with the message through to the queue (RFC 6531 3.4: the next hop
+        # must offer SMTPUTF8 for it).
+        self._message.smtputf8 = self._smtputf8
         self._reset_transaction()
         self.mode = DATA
         self.sendCode(354, b"End data with <CR><LF>.<CR><LF>")

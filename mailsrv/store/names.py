@@ -6,6 +6,7 @@ import unicodedata
 from pathlib import Path
 from urllib.parse import quote
 
+from mailsrv.addresses.domains import ascii_domain, normalise_local
 from mailsrv.interfaces import FolderError
 
 INBOX = "INBOX"
@@ -65,11 +66,19 @@ def canonical_folder(name: str) -> str:
 
 
 def split_user(address: str) -> tuple[str, str]:
-    """Split C{local@domain} into its parts, domain lower-cased; ValueError if unusable."""
+    """
+    Split C{local@domain} into its parts; ValueError if unusable. The domain
+    comes back in lower-case A-labels (an IDN is one user whether written
+    with U-labels or A-labels, RFC 5890), a UTF-8 local part in Unicode NFC
+    (RFC 6530 10.1), so each user has one name, and one folder on disk.
+    """
     if not isinstance(address, str) or address.count("@") < 1:
         raise ValueError(f"not an address: {address!r}")
     local, _, domain = address.rpartition("@")
-    domain = domain.lower().rstrip(".")
+    if any(unicodedata.category(c) == "Cs" for c in address):
+        raise ValueError(f"not a usable mailbox address: {address!r}")  # not UTF-8
+    local = normalise_local(local)
+    domain = ascii_domain(domain.rstrip("."))
     if (
         not local
         or not domain
@@ -85,7 +94,7 @@ def split_user(address: str) -> tuple[str, str]:
 
 
 def normalize_user(address: str) -> str:
-    """Return C{local@domain} with the domain in lower case."""
+    """Return C{local@domain} as L{split_user} gives its parts."""
     local, domain = split_user(address)
     return f"{local}@{domain}"
 
