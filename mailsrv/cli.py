@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 import mailsrv
-from mailsrv.addresses.aliases import AliasTable
+from mailsrv.addresses.aliases import AliasSyntaxError, AliasTable, format_address, split_address
 from mailsrv.addresses.edit import AliasEditError, add_alias, delete_alias, list_aliases
 from mailsrv.addresses.resolver import (
     ALIAS_CHECK_INTERVAL,
@@ -208,6 +208,10 @@ def _alias_show(args: argparse.Namespace, config: Config, io: _IO) -> int:
     address = args.address.strip()
     rules = _rules(config)
     _, at, domain = address.rpartition("@")
+    try:
+        split_address(address)
+    except AliasSyntaxError as e:
+        raise CommandError(f"{address!r} is not an address: {e}")
     if not at:
         raise CommandError(f"{address!r} is not an address (local@domain)")
     if not rules.is_local_domain(domain) and not rules.is_srs_address(address):
@@ -228,7 +232,8 @@ def _alias_show(args: argparse.Namespace, config: Config, io: _IO) -> int:
         note = f" ({', '.join(notes)})" if notes else ""
         print(f"{final.address}{note}", file=io.stdout)
     if not result.finals:
-        others = [u for u in result.unknown if u.casefold() != address.casefold()]
+        itself = format_address(*split_address(address)).casefold()
+        others = [u for u in result.unknown if u.casefold() != itself]
         if not others:
             raise CommandError(f"{address}: no such user or alias")
         raise CommandError(f"{address}: no recipients: no such user or alias: {', '.join(others)}")
