@@ -193,20 +193,24 @@ class _WallClock:
         return time.time()
 
 
-def _rules(config: Config) -> AddressRules:
+def _rules(config: Config, io: _IO) -> AddressRules:
     """
     The server's address rules. Without an SRS secret yet, the rules without
-    SRS: a look must not create the server's secret (as another user).
+    SRS: a look must not create the server's secret (as another user); with
+    one this command cannot read, the same, and a warning.
     """
     if (config.server.data_dir / SECRET_FILE).exists():
-        return address_rules(config, _WallClock())
+        try:
+            return address_rules(config, _WallClock())
+        except SRSSecretError as e:
+            print(f"mailsrv: warning: {e}: SRS addresses are not checked", file=io.stderr)
     table = AliasTable(config.addresses.aliases, config.server.domains)
     return AddressRules(AddressSettings.from_config(config), aliases=table)
 
 
 def _alias_show(args: argparse.Namespace, config: Config, io: _IO) -> int:
     address = args.address.strip()
-    rules = _rules(config)
+    rules = _rules(config, io)
     _, at, domain = address.rpartition("@")
     try:
         split_address(address)
@@ -367,9 +371,6 @@ def main(
         return 1
     except OSError as e:
         print(f"mailsrv: {e.filename or ''}: {e.strerror}", file=io.stderr)
-        return 1
-    except SRSSecretError as e:
-        print(f"mailsrv: {e}", file=io.stderr)
         return 1
     except KeyboardInterrupt:
         print("", file=io.stderr)

@@ -432,3 +432,23 @@ def test_show_user_of_an_idn_domain_added_with_its_u_label(tmp_path):
         "jöhn@bücher.example\n",
         "",
     )
+
+
+def test_add_through_a_symbolic_link_keeps_the_link(cfg, aliases, tmp_path):
+    real = tmp_path / "shared" / "aliases"
+    real.parent.mkdir()
+    real.write_text("a: alice\n")
+    aliases.symlink_to(real)
+    assert run("-c", cfg, "alias", "add", "b", "bob")[0] == 0
+    assert aliases.is_symlink()
+    assert real.read_text() == "a: alice\nb: bob\n"
+    assert (real.parent / "aliases.lock").exists()
+
+
+def test_show_with_an_unusable_srs_secret_warns_and_goes_on(cfg, tmp_path):
+    add_users(cfg, "alice@example.test")
+    (tmp_path / "data" / SECRET_FILE).write_bytes(b"")
+    code, out, err = run("-c", cfg, "alias", "show", "alice@example.test")
+    assert (code, out) == (0, "alice@example.test\n")
+    assert err.startswith("mailsrv: warning: the SRS secret ")
+    assert err.endswith(": SRS addresses are not checked\n")

@@ -191,8 +191,10 @@ def _body(line: str) -> tuple[str, str]:
 def _locked(path: Path) -> Iterator[list[str]]:
     """
     Hold the lock beside C{path} while its lines are read, changed by the
-    caller and, when changed, written back atomically.
+    caller and, when changed, written back atomically. A symbolic link is
+    followed: the file it names is replaced, the link kept.
     """
+    path = Path(os.path.realpath(path))
     make_dirs(path.parent, 0o755)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
