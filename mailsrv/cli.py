@@ -156,8 +156,28 @@ def _alias_add(args: argparse.Namespace, config: Config, io: _IO) -> int:
             f"{what} {name}: {', '.join(result.added)} in {path}; {_reread_note()}",
             file=io.stdout,
         )
+    if result.created:
+        _note_shadowed_users(config, name, io)
     _report_problems(list_aliases(path).problems, io)
     return 0
+
+
+def _note_shadowed_users(config: Config, name: str, io: _IO) -> None:
+    """An alias comes before a user of the same address: say so when it hides one."""
+    local, domain = split_address(name)
+    domains = config.server.domains if domain is None else (domain,)
+    passwords = PasswordFile(config.auth.passwd_file)
+    for d in domains:
+        try:
+            user = passwords.lookup(format_address(local, d))
+        except PasswordFileError:
+            return  # the alias is written; this note is only a courtesy
+        if user is not None:
+            print(
+                f"mailsrv: note: mail for the user {user} now follows this alias "
+                f"(name {local} among the targets to keep it delivering to the user too)",
+                file=io.stderr,
+            )
 
 
 def _alias_del(args: argparse.Namespace, config: Config, io: _IO) -> int:

@@ -452,3 +452,17 @@ def test_show_with_an_unusable_srs_secret_warns_and_goes_on(cfg, tmp_path):
     assert (code, out) == (0, "alice@example.test\n")
     assert err.startswith("mailsrv: warning: the SRS secret ")
     assert err.endswith(": SRS addresses are not checked\n")
+
+
+def test_add_says_when_an_alias_hides_a_user(cfg, aliases):
+    add_users(cfg, "alice@example.test")
+    code, _, err = run("-c", cfg, "alias", "add", "Alice", "bob@remote.test")
+    assert code == 0
+    assert err == (
+        "mailsrv: note: mail for the user alice@example.test now follows this alias "
+        "(name Alice among the targets to keep it delivering to the user too)\n"
+    )
+    assert run("-c", cfg, "alias", "add", "alice", "alice")[2] == ""  # not a new alias
+    assert run("-c", cfg, "alias", "show", "alice@example.test")[1] == (
+        "bob@remote.test (forwarded)\nalice@example.test\n"
+    )
