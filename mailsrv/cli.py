@@ -1,6 +1,7 @@
 """
-The ``mailsrv`` admin command: mailbox owners (``user``) and, when the
-outbound part is installed, the mail queue (``queue``).
+The ``mailsrv`` admin command: mailbox owners (``user``), the aliases file
+(``alias``) and, when the outbound part is installed, the mail queue
+(``queue``).
 
 Exit codes: 0 done, 1 refused (unknown user, bad address, ...), 2 bad
 command line or configuration.
@@ -12,11 +13,22 @@ import argparse
 import contextlib
 import getpass
 import sys
+import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
 import mailsrv
+from mailsrv.addresses.aliases import AliasSyntaxError, AliasTable, format_address, split_address
+from mailsrv.addresses.edit import AliasEditError, add_alias, delete_alias, list_aliases
+from mailsrv.addresses.resolver import (
+    ALIAS_CHECK_INTERVAL,
+    AddressRules,
+    AddressSettings,
+    Resolved,
+    address_rules,
+)
+from mailsrv.addresses.srs import SECRET_FILE, SRSSecretError
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.store.names import split_user, user_dir
@@ -120,13 +132,147 @@ def _user_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
     return 0
 
 
+def _reread_note() -> str:
+    return f"the running server reads it again within {ALIAS_CHECK_INTERVAL:g} seconds"
+
+
+def _report_problems(problems: Sequence[str], io: _IO) -> None:
+    for problem in problems:
+        print(f"mailsrv: warning: {problem}", file=io.stderr)
+
+
+def _alias_add(args: argparse.Namespace, config: Config, io: _IO) -> int:
+    path = config.addresses.aliases
+    try:
+        result = add_alias(path, args.name, args.targets, config.is_local_domain)
+    except AliasEditError as e:
+        raise CommandError(str(e))
+    name = args.name.strip()
+    if result.already:
+        print(f"{name} already has {', '.join(result.already)}", file=io.stdout)
+    if result.added:
+        what = "added alias" if result.created else "added to alias"
+        print(
+            f"{what} {name}: {', '.join(result.added)} in {path}; {_reread_note()}",
+            file=io.stdout,
+        )
+    if result.created:
+        _note_shadowed_users(config, name, io)
+    _report_problems(list_aliases(path).problems, io)
+    return 0
+
+
+def _note_shadowed_users(config: Config, name: str, io: _IO) -> None:
+    """An alias comes before a user of the same address: say so when it hides one."""
+    local, domain = split_address(name)
+    domains = config.server.domains if domain is None else (domain,)
+    passwords = PasswordFile(config.auth.passwd_file)
+    for d in domains:
+        try:
+            user = passwords.lookup(format_address(local, d))
+        except PasswordFileError:
+            return  # the alias is written; this note is only a courtesy
+        if user is not None:
+            print(
+                f"mailsrv: note: mail for the user {user} now follows this alias "
+                f"(name {local} among the targets to keep it delivering to the user too)",
+                file=io.stderr,
+            )
+
+
+def _alias_del(args: argparse.Namespace, config: Config, io: _IO) -> int:
+    path = config.addresses.aliases
+    try:
+        delete_alias(path, args.name, config.is_local_domain)
+    except AliasEditError as e:
+        raise CommandError(str(e))
+    print(f"deleted alias {args.name.strip()} from {path}; {_reread_note()}", file=io.stdout)
+    _report_problems(list_aliases(path).problems, io)
+    return 0
+
+
+def _alias_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
+    path = config.addresses.aliases
+    try:
+        listing = list_aliases(path)
+    except AliasEditError as e:
+        raise CommandError(str(e))
+    if not listing.exists:
+        print(f"mailsrv: no aliases file at {path} (mailsrv alias add makes it)", file=io.stderr)
+    for line in listing.entries:
+        print(line, file=io.stdout)
+    _report_problems(listing.problems, io)
+    return 0
+
+
+class _WallClock:
+    """The one reactor method the address rules use (SRS time stamps)."""
+
+    @staticmethod
+    def seconds() -> float:
+        return time.time()
+
+
+def _rules(config: Config, io: _IO) -> AddressRules:
+    """
+    The server's address rules. Without an SRS secret yet, the rules without
+    SRS: a look must not create the server's secret (as another user); with
+    one this command cannot read, the same, and a warning.
+    """
+    if (config.server.data_dir / SECRET_FILE).exists():
+        try:
+            return address_rules(config, _WallClock())
+        except SRSSecretError as e:
+            print(f"mailsrv: warning: {e}: SRS addresses are not checked", file=io.stderr)
+    table = AliasTable(config.addresses.aliases, config.server.domains)
+    return AddressRules(AddressSettings.from_config(config), aliases=table)
+
+
+def _alias_show(args: argparse.Namespace, config: Config, io: _IO) -> int:
+    address = args.address.strip()
+    rules = _rules(config, io)
+    _, at, domain = address.rpartition("@")
+    try:
+        split_address(address)
+    except AliasSyntaxError as e:
+        raise CommandError(f"{address!r} is not an address: {e}")
+    if not at:
+        raise CommandError(f"{address!r} is not an address (local@domain)")
+    if not rules.is_local_domain(domain) and not rules.is_srs_address(address):
+        raise CommandError(f"{domain} is not a local domain of this server")
+    result: Resolved = rules.resolve(address, PasswordFile(config.auth.passwd_file))
+    if result.temporary:
+        raise CommandError(result.temporary)
+    if result.error:
+        raise CommandError(f"{address}: {result.error}")
+    for final in result.finals:
+        notes = []
+        if not final.local:
+            notes.append("forwarded")
+        if final.detail:
+            notes.append(f"filed in folder {final.detail!r} if it exists")
+        if final.mailing_list:
+            notes.append(f"list {final.mailing_list}")
+        note = f" ({', '.join(notes)})" if notes else ""
+        print(f"{final.address}{note}", file=io.stdout)
+    if not result.finals:
+        itself = format_address(*split_address(address)).casefold()
+        others = [u for u in result.unknown if u.casefold() != itself]
+        if not others:
+            raise CommandError(f"{address}: no such user or alias")
+        raise CommandError(f"{address}: no recipients: no such user or alias: {', '.join(others)}")
+    for unknown in result.unknown:
+        print(f"mailsrv: skipped {unknown}: no such user or alias", file=io.stderr)
+    return 0
+
+
 def _version() -> str:
     """The installed package's version (pyproject.toml's)."""
     return mailsrv.__version__
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The command line: ``mailsrv [--config FILE] user|queue ...``."""
+    """The command line: ``mailsrv [--config FILE] user|alias|queue ...``."""
     parser = argparse.ArgumentParser(
         prog="mailsrv",
         description="Administer a mailsrv server (run the server with: twistd -n mailsrv).",
@@ -159,6 +305,40 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = sub.add_parser("passwd", help="change a user's password")
     passwd.add_argument("address")
     passwd.set_defaults(**{HANDLER: _user_passwd})
+
+    alias = commands.add_parser(
+        "alias",
+        help="manage the aliases file ([addresses] aliases; the server re-reads it)",
+    )
+    sub = alias.add_subparsers(dest="alias_command", metavar="{add,del,list,show}")
+    sub.required = True
+    add = sub.add_parser(
+        "add",
+        help="add an alias, or add targets to an existing one",
+        description=(
+            "Add NAME: TARGET, ... to the aliases file. An existing NAME gets the targets it "
+            "does not have yet, appended to its entry."
+        ),
+    )
+    add.add_argument(
+        "name", help="a bare name (every local domain) or an address in a local domain"
+    )
+    add.add_argument(
+        "targets",
+        nargs="+",
+        metavar="TARGET",
+        help="a local part, a user, another alias, an external address, or :include:FILE",
+    )
+    add.set_defaults(**{HANDLER: _alias_add})
+    delete = sub.add_parser("del", aliases=["delete"], help="remove an alias")
+    delete.add_argument("name")
+    delete.set_defaults(**{HANDLER: _alias_del})
+    sub.add_parser("list", help="list the aliases and the file's problems").set_defaults(
+        **{HANDLER: _alias_list}
+    )
+    show = sub.add_parser("show", help="the final recipients of an address")
+    show.add_argument("address")
+    show.set_defaults(**{HANDLER: _alias_show})
 
     try:
         from mailsrv.outbound.admin import add_queue_commands
@@ -200,7 +380,7 @@ def main(
         )
     handler: Callable[..., int] = getattr(args, HANDLER)
     try:
-        if handler in (_user_add, _user_del, _user_list, _user_passwd):
+        if handler in _OWN_HANDLERS:
             return handler(args, config, io)
         return _call_external(handler, args, config, io)
     except CommandError as e:
@@ -215,6 +395,20 @@ def main(
     except KeyboardInterrupt:
         print("", file=io.stderr)
         return 130
+
+
+_OWN_HANDLERS = frozenset(
+    {
+        _user_add,
+        _user_del,
+        _user_list,
+        _user_passwd,
+        _alias_add,
+        _alias_del,
+        _alias_list,
+        _alias_show,
+    }
+)
 
 
 def _call_external(

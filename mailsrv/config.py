@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ipaddress
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -17,7 +18,7 @@ from typing import Any
 
 from twisted.internet.endpoints import serverFromString
 
-from mailsrv.addresses.aliases import normalise_domain
+from mailsrv.addresses.aliases import normalise_domain, split_address
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
@@ -270,7 +271,12 @@ def _address(v: Any) -> str:
     local, at, domain = s.rpartition("@")
     if not at or not local or any(c.isspace() or ord(c) < 32 for c in local):
         raise ValueError(f"{v!r} is not an address (local@domain)")
-    return f"{local}@{_domain(domain)}"
+    domain = _domain(domain)
+    try:
+        split_address(s)  # RFC 5321 4.1.2: '@', '<', ',' ... only in a quoted local part
+    except ValueError:
+        raise ValueError(f"{v!r} is not an address (local@domain)")
+    return f"{local}@{domain}"
 
 
 def _address_table(v: Any) -> dict[str, str]:
@@ -294,13 +300,17 @@ def _list_table(v: Any) -> dict[str, str]:
     out = {}
     for k, value in v.items():
         list_id = _str(value).strip()
-        if any(ord(c) < 32 for c in list_id) or (list_id and "<" not in list_id):
+        if any(ord(c) < 32 for c in list_id) or (list_id and not _LIST_ID.fullmatch(list_id)):
             raise ValueError(
                 f'{k!r}: the List-Id must look like "Name <id.example.test>" (RFC 2919), '
                 f"or be empty, not {value!r}"
             )
         out[_address(k)] = list_id
     return out
+
+
+#: RFC 2919 2: [phrase] "<" list-label "." list-id-namespace ">".
+_LIST_ID = re.compile(r"[^<>]*<[^<>@\s.]+(\.[^<>@\s.]+)+>")
 
 
 def _delimiter(v: Any) -> str:
@@ -559,8 +569,19 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
                 f"addresses.domain_aliases: {alias} = {target}: {target} is not in server.domains"
             )
     for domain in addresses["catch_all"]:
-        if domain not in domains and domain not in addresses["domain_aliases"]:
+        if domain in addresses["domain_aliases"]:
+            # Every address of an alias domain is rewritten to the domain it
+            # stands for, whose catch-all then applies: this one never would.
+            errors.append(
+                f"addresses.catch_all: {domain} is a domain alias of "
+                f"{addresses['domain_aliases'][domain]}: set the catch-all of that domain"
+            )
+        elif domain not in domains:
             errors.append(f"addresses.catch_all: {domain} is not a local domain")
+    local_domains = set(domains) | set(addresses["domain_aliases"])
+    for address in addresses["lists"]:
+        if address.rpartition("@")[2] not in local_domains:
+            errors.append(f"addresses.lists: {address} is not in a local domain")
     if errors:
         raise ConfigError(path, errors)
 

@@ -164,3 +164,189 @@ def test_find_config_order(tmp_path):
     assert config.find_config(None, {}, system) == (None, "built-in default")
     system.write_text("")
     assert config.find_config(None, {"MAILSRV_CONFIG": ""}, system) == (system, str(system))
+
+
+# --- [addresses] ----------------------------------------------------------------
+
+_DOMAINS = (
+    '[server]\nhostname = "Mail.Example.TEST"\ndomains = ["example.test", "Bücher.example"]\n'
+)
+
+
+def _addresses(text: str, path: str = "m.toml"):
+    return parse(_DOMAINS + "[addresses]\n" + text, path, Path("/etc/mailsrv"))
+
+
+def _error(text: str) -> str:
+    with pytest.raises(ConfigError) as e:
+        _addresses(text)
+    (line,) = str(e.value).splitlines()
+    assert line.startswith("m.toml: addresses.")
+    return line[len("m.toml: ") :]
+
+
+def test_addresses_defaults():
+    a = _addresses("").addresses
+    assert a.aliases == Path("/etc/mailsrv/aliases")  # beside the config file
+    assert a.recipient_delimiter == "+"
+    assert a.postmaster is None
+    assert (a.catch_all, a.domain_aliases, a.lists) == ({}, {}, {})
+    assert a.srs_domain == "mail.example.test"  # server.hostname, lower-case
+    assert load(None).addresses.aliases == Path.cwd() / "aliases"
+
+
+def test_addresses_good_values(tmp_path):
+    f = tmp_path / "conf" / "m.toml"
+    f.parent.mkdir()
+    f.write_text(
+        _DOMAINS
+        + "[addresses]\n"
+        + 'aliases = "maps/aliases"\n'
+        + 'recipient_delimiter = "+-"\n'
+        + 'postmaster = "Admin@EXAMPLE.test"\n'
+        + 'catch_all = { "Example.TEST" = "alice@example.test", "bücher.example" = "b@x.test" }\n'
+        + 'domain_aliases = { "Example.ORG" = "example.test", "bücher.org" = "BÜCHER.example" }\n'
+        + 'srs_domain = "Fwd.Example.TEST."\n'
+        + 'lists = { "Team@Example.TEST" = "  Team <team.example.test> ", "all@example.org" = "" }\n'
+    )
+    a = load(f).addresses
+    assert a.aliases == tmp_path / "conf" / "maps" / "aliases"  # relative to the config's folder
+    assert a.recipient_delimiter == "+-"
+    assert a.postmaster == "Admin@example.test"  # the domain in one form, the local part kept
+    assert a.catch_all == {
+        "example.test": "alice@example.test",
+        "xn--bcher-kva.example": "b@x.test",
+    }
+    assert a.domain_aliases == {
+        "example.org": "example.test",
+        "xn--bcher-kva.org": "xn--bcher-kva.example",
+    }
+    assert a.srs_domain == "fwd.example.test"
+    assert a.lists == {"Team@example.test": "Team <team.example.test>", "all@example.org": ""}
+    assert _addresses('recipient_delimiter = ""').addresses.recipient_delimiter == ""  # none
+    assert _addresses('aliases = "/var/lib/mailsrv/aliases"').addresses.aliases == Path(
+        "/var/lib/mailsrv/aliases"
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "error"),
+    [
+        ('postmaster = "alice"', "addresses.postmaster: 'alice' is not an address (local@domain)"),
+        (
+            'postmaster = "al ice@example.test"',
+            "addresses.postmaster: 'al ice@example.test' is not an address (local@domain)",
+        ),
+        (
+            'postmaster = "a@b@example.test"',
+            "addresses.postmaster: 'a@b@example.test' is not an address (local@domain)",
+        ),
+        (
+            'postmaster = "alice@exa mple.test"',
+            "addresses.postmaster: 'exa mple.test' is not a domain name",
+        ),
+        ('postmaster = ""', "addresses.postmaster: must not be empty"),
+        (
+            'catch_all = { "example.test" = "nobody" }',
+            "addresses.catch_all: 'nobody' is not an address (local@domain)",
+        ),
+        (
+            'catch_all = "a@example.test"',
+            'addresses.catch_all: must be a table of "domain" = "address"',
+        ),
+        (
+            'catch_all = { "remote.test" = "a@example.test" }',
+            "addresses.catch_all: remote.test is not a local domain",
+        ),
+        (
+            'domain_aliases = { "example.org" = "example.test" }\n'
+            'catch_all = { "example.org" = "a@example.test" }',
+            "addresses.catch_all: example.org is a domain alias of example.test: "
+            "set the catch-all of that domain",
+        ),
+        (
+            'domain_aliases = { "example.org" = "remote.test" }',
+            "addresses.domain_aliases: example.org = remote.test: remote.test is not in server.domains",
+        ),
+        (
+            'domain_aliases = { "bücher.example" = "example.test" }',
+            "addresses.domain_aliases: xn--bcher-kva.example is a domain of server.domains",
+        ),
+        (
+            'domain_aliases = { "example.org" = "bad domain" }',
+            "addresses.domain_aliases: 'bad domain' is not a domain name",
+        ),
+        (
+            'lists = { "team@example.test" = "Team" }',
+            "addresses.lists: 'team@example.test': the List-Id must look like "
+            "\"Name <id.example.test>\" (RFC 2919), or be empty, not 'Team'",
+        ),
+        (
+            'lists = { "team@example.test" = "<" }',
+            "addresses.lists: 'team@example.test': the List-Id must look like "
+            "\"Name <id.example.test>\" (RFC 2919), or be empty, not '<'",
+        ),
+        (
+            'lists = { "team@example.test" = "Team <team>" }',
+            "addresses.lists: 'team@example.test': the List-Id must look like "
+            "\"Name <id.example.test>\" (RFC 2919), or be empty, not 'Team <team>'",
+        ),
+        (
+            'lists = { "team@example.test" = "Team <a.b>\\r\\nBcc: x" }',
+            "addresses.lists: 'team@example.test': the List-Id must look like "
+            "\"Name <id.example.test>\" (RFC 2919), or be empty, not 'Team <a.b>\\r\\nBcc: x'",
+        ),
+        (
+            'lists = { "team" = "Team <team.example.test>" }',
+            "addresses.lists: 'team' is not an address (local@domain)",
+        ),
+        (
+            'lists = { "team@remote.test" = "Team <team.example.test>" }',
+            "addresses.lists: team@remote.test is not in a local domain",
+        ),
+        (
+            'recipient_delimiter = " "',
+            "addresses.recipient_delimiter: ' ': a delimiter cannot be a space, '@', a quote "
+            "or a backslash",
+        ),
+        (
+            'recipient_delimiter = "+@"',
+            "addresses.recipient_delimiter: '+@': a delimiter cannot be a space, '@', a quote "
+            "or a backslash",
+        ),
+        (
+            "recipient_delimiter = 1",
+            "addresses.recipient_delimiter: must be a string, not an integer",
+        ),
+        ('srs_domain = "bad domain"', "addresses.srs_domain: 'bad domain' is not a domain name"),
+        ('aliases = ""', "addresses.aliases: must not be empty"),
+    ],
+)
+def test_addresses_errors(text, error):
+    assert _error(text) == error
+
+
+def test_addresses_unknown_key_and_every_error_at_once():
+    with pytest.raises(ConfigError) as e:
+        _addresses('alias = "x"\npostmaster = "x"\ncatch_all = { "remote.test" = "a@b.test" }\n')
+    assert e.value.errors == [
+        "addresses.alias: unknown key (known: aliases, recipient_delimiter, postmaster, "
+        "catch_all, domain_aliases, srs_domain, lists)",
+        "addresses.postmaster: 'x' is not an address (local@domain)",
+        "addresses.catch_all: remote.test is not a local domain",
+    ]
+
+
+def test_idn_domains_in_one_form():
+    c = _addresses('domain_aliases = { "Bücher.org" = "xn--bcher-kva.example" }')
+    assert c.server.domains == ("example.test", "xn--bcher-kva.example")  # A-labels
+    for form in (
+        "bücher.example",
+        "BÜCHER.example.",
+        "xn--bcher-kva.example",
+        "XN--BCHER-KVA.EXAMPLE",
+    ):
+        assert c.is_local_domain(form), form
+        assert c.is_user_domain(form), form
+    assert c.is_local_domain("bücher.org") and not c.is_user_domain("bücher.org")
+    assert not c.is_local_domain("bucher.example")
