@@ -57,6 +57,7 @@ INCLUDE_MEMBERS = 20
 LIST_LOCAL, LIST_REMOTE = 10, 2
 BATCH = 100  # RCPTs per transaction: each RCPT of a transaction names another address
 QUIET = 5.0  # reload: seconds of RCPTs before the aliases file is replaced
+BATCHES = 5  # in process: the best of this many batches of calls
 PARSE_WINDOW = 0.5  # reload: the window before the new alias was taken
 
 #: In-process cases: name -> address (the aliases these name exist in every aliases file made here).
@@ -195,13 +196,21 @@ def make_router(base: Path, n_users: int, n_aliases: int | None, rules: bool) ->
 
 
 def time_calls(resolve: Callable, address: str, calls: int, refused: bool) -> float:
-    """µs per call of C{resolve(address)}; C{refused}: whether it is to be refused."""
+    """
+    CPU µs per call of C{resolve(address)} (this thread's CPU time: on a
+    shared machine, time spent waiting for a core is not the routing step's),
+    the best of L{BATCHES} batches; C{refused}: whether it is to be refused.
+    """
     result = resolve(address, may_relay=False)  # warm: the password file is read once
     assert hasattr(result, "reply") == refused, f"{address}: {result}"
-    t0 = time.perf_counter()
-    for _ in range(calls):
-        resolve(address, may_relay=False)
-    return (time.perf_counter() - t0) / calls * 1e6
+    per_batch = max(1, calls // BATCHES)
+    best = float("inf")
+    for _ in range(BATCHES):
+        t0 = time.thread_time_ns()
+        for _ in range(per_batch):
+            resolve(address, may_relay=False)
+        best = min(best, (time.thread_time_ns() - t0) / per_batch / 1e3)
+    return best
 
 
 def run_inproc(a: argparse.Namespace, base: Path) -> dict:
@@ -227,9 +236,9 @@ def run_inproc(a: argparse.Namespace, base: Path) -> dict:
     aliases_file = base / "full" / "aliases"
     parse_ms = []
     for _ in range(a.repeat):
-        t0 = time.perf_counter()
+        t0 = time.thread_time_ns()
         parsed = parse_aliases(aliases_file)
-        parse_ms.append((time.perf_counter() - t0) * 1e3)
+        parse_ms.append((time.thread_time_ns() - t0) / 1e6)
         assert len(parsed.entries) == a.aliases and not parsed.problems, parsed.problems[:3]
     out = {
         "resolve_us": {n: {c: spread(v) for c, v in cases.items()} for n, cases in results.items()},
@@ -534,6 +543,8 @@ def steady_rcpts(
 
 
 def run_reload(a: argparse.Namespace, base: Path) -> dict:
+    from mailsrv.addresses.resolver import ALIAS_CHECK_INTERVAL
+
     srv = Mailsrv(base / "reload", a, a.aliases)
     stats: dict[str, list[float]] = {}
     try:
@@ -549,7 +560,9 @@ def run_reload(a: argparse.Namespace, base: Path) -> dict:
             # and logs the same line.)
             probe = Client(srv.port)
             probe.command("MAIL FROM:<sender@elsewhere.example.net>")
-            time.sleep(QUIET)
+            # The watcher looks every ALIAS_CHECK_INTERVAL: writes at different
+            # points of its period.
+            time.sleep(QUIET + (n * 1.7) % ALIAS_CHECK_INTERVAL)
             t_write = time.perf_counter()
             write_aliases(srv.aliases, a.users, a.aliases, extra=f"reload{n}: user0001\n")
             while probe.command(f"RCPT TO:<reload{n}@example.test>") != 250:
