@@ -22,7 +22,8 @@ C{virtual_alias_maps}, local(8) and C{recipient_delimiter} do):
 
 An address at C{srs_domain} with the form of an SRS address is a bounce
 coming back to mail we forwarded: it is verified (hash and time stamp) and
-stands for the original sender; a forged or expired one is refused.
+stands for the original sender; a forged or expired one is refused. This
+comes before every other rule, as the SRS domain may be a local domain too.
 
 Resolution is synchronous and reads only memory (the alias table, the
 password file's cache): it runs on the reactor thread at RCPT time. The
@@ -174,17 +175,19 @@ class AddressRules:
                     error_kind="loop",
                 )
             local, domain, depth, path, as_is, rewritten, mlist = stack.pop()
-            if domain not in self._local:
-                srs = self._srs_original(local, domain)
-                if srs is None:
-                    key = (False, format_address(local, domain))
-                    finals.setdefault(key, Final(key[1], False, None, rewritten, mlist))
-                    continue
-                if isinstance(srs, Resolved):
-                    return srs
-                targets: tuple[str, ...] = (srs,)
-                detail = None
-                stored = None
+            # SRS first: the SRS domain may be one of our mail domains too
+            # (postsrsd's usual set-up), whose other rules (a catch-all) must
+            # not take a forged SRS address.
+            srs = self._srs_original(local, domain)
+            if isinstance(srs, Resolved):
+                return srs
+            targets: tuple[str, ...]
+            if srs is not None:
+                targets, stored, detail = (srs,), None, None
+            elif domain not in self._local:
+                key = (False, format_address(local, domain))
+                finals.setdefault(key, Final(key[1], False, None, rewritten, mlist))
+                continue
             else:
                 try:
                     targets, stored, detail = self._step(local, domain, as_is, passwords)
