@@ -94,6 +94,7 @@ class IncomingMessage:
         self._seen: set[bytes] = set()
         self._from: bytearray | None = None  # the From: field, for the send-as check
         self._in_from = False
+        self._trace_size = len(trace)
         self._source.write(trace)
 
     # IMessage
@@ -245,6 +246,7 @@ class IncomingMessage:
         self._mailboxes.clear()
         users: set[str] = set()
         relayed: dict[tuple[bool, str | None], dict[str, routing.Relay]] = {}
+        addresses: set[str] = set()  # each address at another server once, in any group
         mailboxes = MailboxTarget(self.ctx.store)
         for route in self.routes:
             if isinstance(route, routing.Mailbox):
@@ -257,8 +259,12 @@ class IncomingMessage:
                 labels.append(route.user)
                 self._mailboxes[route.user] = route
             elif isinstance(route, routing.Relay):
+                key = _relay_key(route.address)
+                if key in addresses:
+                    continue  # one copy for an address reached twice (the first route's)
+                addresses.add(key)
                 group = relayed.setdefault((route.forwarded, route.mailing_list), {})
-                group.setdefault(route.address, route)
+                group[route.address] = route
         for (forwarded, mailing_list), group in relayed.items():
             routes = list(group.values())
             if self.ctx.queue is None:
@@ -279,7 +285,9 @@ class IncomingMessage:
         list_id = self.router.list_id(mailing_list)
         if list_id is None or b"list-id" in self._seen:
             return self._source
-        return PrefixSource(f"List-Id: {list_id}\n".encode(), self._source)  # RFC 2919
+        # RFC 2919; below our Received field, which stays with the trace block.
+        field = f"List-Id: {list_id}\n".encode()
+        return PrefixSource(field, self._source, after=self._trace_size)
 
     def _commit(
         self,
@@ -331,16 +339,28 @@ class IncomingMessage:
     def _queue_local_retry(
         self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
     ) -> defer.Deferred:
-        # The relayer's local delivery adds the Return-Path field.
-        relays = [routing.retry_via_queue(self._mailboxes[user]) for user in retry]
-        d = self._commit(QueueTarget(self.ctx.queue), relays)
+        # The relayer's local delivery adds the Return-Path field. Each copy
+        # as it was to be stored: one queue file per list (its List-Id).
+        by_list: dict[str | None, list[routing.Relay]] = {}
+        for user in retry:
+            route = self._mailboxes[user]
+            by_list.setdefault(route.mailing_list, []).append(routing.retry_via_queue(route))
+        target = QueueTarget(self.ctx.queue)
+        d = defer.gatherResults(
+            [
+                self._commit(target, relays, self._source_for(mailing_list))
+                for mailing_list, relays in by_list.items()
+            ],
+            consumeErrors=True,
+        )
+        d.addErrback(_first_error)
 
-        def queued(retry_id: str) -> str:
+        def queued(retry_ids: list[str]) -> str:
             self.log.warn(
                 "{queue_id}: local delivery to {rcpts} failed; queued as {retry_id} for retry",
                 queue_id=self.queue_id,
                 rcpts=retry,
-                retry_id=retry_id,
+                retry_id=",".join(retry_ids),
             )
             return self._log_accepted(_queue_ids(results, labels))
 
@@ -449,7 +469,11 @@ class BaseDelivery:
         if isinstance(resolution, routing.Refused):
             raise SMTPReplyError(resolution.reply, cause=resolution.cause)
         if len(resolution) == 1 and isinstance(resolution[0], routing.Mailbox):
-            if resolution[0].detail is None:
+            # The user's own address in another case is that user's: one
+            # recipient, however it was spelt. An alias (or a domain alias) of
+            # the user stays as given: the Received field's "for" and the log
+            # name what the client sent, and do not disclose where it leads.
+            if _same_address(address, resolution[0].user):
                 address = resolution[0].user
         self._routes[address] = resolution
         return address
@@ -536,6 +560,23 @@ def _queue_ids(results: list[tuple[bool, Any]], labels: list[str]) -> str | None
         if ok and label.startswith("queue:")
     ]
     return ",".join(ids) or None
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first of several attempts (L{defer.gatherResults})."""
+    failure.trap(defer.FirstError)
+    assert isinstance(failure.value, defer.FirstError)
+    return failure.value.subFailure
+
+
+def _relay_key(address: str) -> str:
+    """
+    An address at another server as duplicates are found: the domain in
+    any case, the local part as it is (RFC 5321 2.4: only its own server
+    may treat it as case-insensitive).
+    """
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower().rstrip('.')}"
 
 
 def _disk_error_reply(error: OSError) -> Reply:
