@@ -41,6 +41,7 @@ USERS = (
     "carol@other.test",
     "alice@other.test",
     f"erik@{IDN}",
+    "frida@bücher.example",  # the domain as its U-labels
 )
 
 
@@ -352,6 +353,14 @@ def test_idn_domains_compare_in_one_form(tmp_path):
     for domain in ("bücher.example", "BÜCHER.example", IDN, IDN.upper()):
         assert s.finals(f"erik@{domain}") == (user(f"erik@{IDN}"),), domain
         assert s.finals(f"info@{domain}") == (user(f"erik@{IDN}"),), domain
+
+
+def test_a_user_stored_with_the_u_labels_of_its_domain_is_found(tmp_path):
+    s = Setup(tmp_path, "books@bücher.example: frida\n")
+    for domain in ("bücher.example", IDN, "BÜCHER.example"):
+        assert s.finals(f"Frida@{domain}") == (user("frida@bücher.example"),), domain
+        assert s.finals(f"books@{domain}") == (user("frida@bücher.example"),), domain
+    assert s.owned_by(f"frida@{IDN}", "frida@bücher.example")
 
 
 # --- the aliases file is watched -------------------------------------------------------
