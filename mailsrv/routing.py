@@ -214,7 +214,7 @@ class Router:
         """
         Whether the logged-in C{user} may use C{address} as sender (envelope
         and C{From:}): the user's own address, or one of ours that reaches
-        only that user.
+        only that user. L{PasswordDatabaseError} when that cannot be known now.
         """
         if self.addresses is None:
             return address.lower().rstrip(".") == user.lower().rstrip(".")

@@ -24,6 +24,7 @@ from mailsrv.addresses.aliases import AliasTable
 from mailsrv.addresses.resolver import AddressRules, AddressSettings
 from mailsrv.addresses.srs import SRSRewriter
 from mailsrv.config import parse
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.localdelivery import LocalDelivery
 from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
@@ -385,6 +386,33 @@ def test_a_from_field_with_the_users_addresses_is_taken(tmp_path, field):
     replies = send(srv.submission(), ALICE, [BOB], f"{field}\n\nhi\n")
     assert replies[-1].startswith("250 2.0.0 ")
     assert len(srv.inbox(BOB)) == 1
+
+
+class _BreakablePasswords(Passwords):
+    """Passwords whose lookups fail (the file cannot be read) once C{broken}."""
+
+    broken = False
+
+    def lookup(self, address):
+        if self.broken:
+            raise PasswordDatabaseError("cannot read the password file")
+        return super().lookup(address)
+
+
+def test_a_sender_that_cannot_be_checked_now_is_tried_again_later(tmp_path):
+    # The user database cannot be read: "try again" (451), never "not yours" (5xx).
+    srv = Server(tmp_path)
+    passwords = _BreakablePasswords({ALICE: PASSWORD, BOB: PASSWORD})
+    srv.ctx = dataclasses.replace(srv.ctx, passwords=passwords)
+    s = srv.submission()
+    passwords.broken = True
+    assert s.codes("MAIL FROM:<me@example.test>\r\n") == ["451 4.3.0"]
+    assert s.cmd(f"MAIL FROM:<{ALICE}>") == ["250 2.1.0 Sender OK"]
+    assert s.cmd("RCPT TO:<dave@remote.test>") == ["250 2.1.5 Recipient OK"]
+    s.cmd("DATA")
+    [reply] = s.send("From: me@example.test\r\n\r\nhi\r\n.\r\n")
+    assert reply.startswith("451 4.3.0 ")
+    assert srv.queued() == []
 
 
 def test_submission_forwards_through_an_alias_with_the_users_sender(tmp_path):

@@ -304,6 +304,9 @@ class AddressRules:
         Whether the logged-in C{user} may send as C{address}: it is the user's
         own address, or an address of our domains that reaches only that user
         (an alias, a sub-address, a domain alias of it).
+
+        @raise PasswordDatabaseError: the users cannot be read now (a local
+            problem: "try again", not "not yours").
         """
         if address.casefold() == user.casefold():
             return True
@@ -311,7 +314,9 @@ class AddressRules:
         if not at or not self.is_local_domain(domain) or self.is_srs_address(address):
             return False
         result = self.resolve(address, passwords)
-        if result.error or result.temporary or result.unknown or not result.finals:
+        if result.temporary is not None:
+            raise PasswordDatabaseError(result.temporary)
+        if result.error or result.unknown or not result.finals:
             return False
         return all(f.local and f.address.casefold() == user.casefold() for f in result.finals)
 

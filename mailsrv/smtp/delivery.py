@@ -17,6 +17,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies, routing
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
@@ -220,7 +221,18 @@ class IncomingMessage:
             return  # a group with no address, or nothing parseable: nothing claimed
         assert self.user is not None
         for address in addresses:
-            if not self.router.owned_by(address, self.user):
+            try:
+                owned = self.router.owned_by(address, self.user)
+            except PasswordDatabaseError as e:
+                self.fail(replies.LOCAL_ERROR)  # "try again", not "not yours"
+                self.log.warn(
+                    "{queue_id}: cannot check From: <{address}>: {why}",
+                    queue_id=self.queue_id,
+                    address=address,
+                    why=str(e),
+                )
+                return
+            if not owned:
                 self.fail(replies.FROM_NOT_OWNED)
                 self.log.info(
                     "{queue_id}: From: <{address}> is not an address of {user}",
@@ -529,7 +541,11 @@ class SubmissionDelivery(BaseDelivery):
     def validateFrom(self, helo, origin):
         address = _address(origin)
         # RFC 6409 6.1: the user's own address, or one of ours that reaches only it.
-        if not address or not self.router.owned_by(address, self.user or ""):
+        try:
+            owned = bool(address) and self.router.owned_by(address, self.user or "")
+        except PasswordDatabaseError as e:
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause=str(e))  # "try again"
+        if not owned:
             raise SMTPReplyError(replies.SENDER_NOT_OWNED)
         # The user's stored spelling: bounces reach the user's own mailbox.
         self.sender = self.user if _same_address(address, self.user or "") else address
