@@ -108,6 +108,15 @@ def test_a_bare_name_is_in_every_local_domain_and_a_bare_target_in_the_same_doma
     assert result.finals == () and result.unknown == ("carol@example.test",)
 
 
+def test_a_quoted_local_part_is_the_local_part_it_quotes(tmp_path):
+    # RFC 5321 4.1.2: RCPT TO:<"john doe"@example.test> names the alias "john doe".
+    s = Setup(tmp_path, '"john doe": alice\n')
+    assert s.finals('"john doe"@example.test') == (user("alice@example.test"),)
+    assert s.finals('"john\\ doe"@example.test') == (user("alice@example.test"),)
+    assert s.finals('"alice"@example.test') == (user("alice@example.test"),)
+    assert s.resolve('""@example.test').error_kind == "syntax"
+
+
 def test_a_full_address_applies_to_its_domain_only(tmp_path):
     s = Setup(tmp_path, "info@other.test: bob@example.test\n")
     assert s.finals("info@other.test") == (user("bob@example.test"),)

@@ -48,6 +48,7 @@ staff: alice, bob, carol@remote.test
 quiet: bob, carol@remote.test
 loop1: loop2
 loop2: loop1
+"john doe": bob
 """
 LISTS = {"staff@example.test": "Staff <staff.example.test>", "quiet@example.test": ""}
 
@@ -137,6 +138,7 @@ def test_rcpt_takes_aliases_and_refuses_unknown_addresses_without_backscatter(tm
     assert s.cmd("MAIL FROM:<carol@origin.test>") == ["250 2.1.0 Sender OK"]
     assert s.cmd("RCPT TO:<sales@example.test>") == ["250 2.1.5 Recipient OK"]
     assert s.cmd("RCPT TO:<Me@Example.test>") == ["250 2.1.5 Recipient OK"]
+    assert s.cmd('RCPT TO:<"john doe"@example.test>') == ["250 2.1.5 Recipient OK"]
     assert s.codes("RCPT TO:<nobody@example.test>\r\n") == ["550 5.1.1"]
     assert s.codes("RCPT TO:<nobody+x@example.test>\r\n") == ["550 5.1.1"]
     assert s.codes("RCPT TO:<someone@remote.test>\r\n") == ["554 5.7.1"]  # never a relay

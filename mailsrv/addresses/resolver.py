@@ -32,6 +32,7 @@ alias table is re-read off the reactor by L{AliasWatcher}.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -61,6 +62,8 @@ from mailsrv.addresses.srs import (
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 
+#: RFC 5321 4.1.2 quoted-pairSMTP.
+_QUOTED_PAIR = re.compile(r"\\(.)")
 #: Local parts that exist in every local domain (RFC 5321 4.5.1, RFC 2142).
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
 #: How often the aliases file is looked at for changes (seconds).
@@ -158,6 +161,12 @@ class AddressRules:
         local, at, domain = address.rpartition("@")
         if not at or not local:
             return Resolved(error=f"not an address: {address!r}", error_kind="syntax")
+        if len(local) >= 2 and local[0] == local[-1] == '"':
+            # RFC 5321 4.1.2: "john doe" is the Quoted-string form of the local
+            # part john doe (and "alice" of alice); the rules name the part.
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+            if not local:
+                return Resolved(error=f"not an address: {address!r}", error_kind="syntax")
         domain = fast_domain(domain)
         finals: dict[tuple[bool, str], Final] = {}
         unknown: dict[str, None] = {}
