@@ -6,7 +6,6 @@ submission (Twisted's L{IMessageDelivery}), and the message being received
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -23,11 +22,9 @@ from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.returnpath import PrefixSource
 from mailsrv.smtp import received
+from mailsrv.smtp.sendas import FromField
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.target import MailboxTarget
-
-# How much of a From: field is kept for the send-as check.
-_MAX_FROM = 16 * 1024
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -93,7 +90,7 @@ class IncomingMessage:
         self._dropping = False  # in a header field that is not kept
         self._received = 0
         self._seen: set[bytes] = set()
-        self._from: bytearray | None = None  # the From: field, for the send-as check
+        self._from = FromField()  # for the send-as check
         self._in_from = False
         self._trace_size = len(trace)
         self._source.write(trace)
@@ -166,7 +163,7 @@ class IncomingMessage:
         """Note a header line; whether it is kept."""
         if line[:1] in (b" ", b"\t") and self._in_field:
             if self._in_from:
-                self._note_from(line)
+                self._from.add(line)
             return not self._dropping  # RFC 5322 2.2.3 folded continuation
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
@@ -179,7 +176,7 @@ class IncomingMessage:
             self._dropping = lname == b"return-path"
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
-                self._note_from(line.partition(b":")[2])
+                self._from.add(line.partition(b":")[2])
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
@@ -188,17 +185,11 @@ class IncomingMessage:
         self._end_headers(blank_line_follows=(line == b""))
         return True
 
-    def _note_from(self, data: bytes) -> None:
-        if self._from is None:
-            self._from = bytearray()
-        if len(self._from) < _MAX_FROM:
-            self._from += data + b" "
-
     def _end_headers(self, blank_line_follows: bool) -> None:
         self._in_headers = False
         self._in_from = False
-        if self.user is not None and self._from is not None:
-            self._check_from(bytes(self._from))
+        if self.user is not None:
+            self._check_from()
         if self.submission:
             # RFC 6409 8.2, 8.3: the MSA may add Date and Message-ID.
             now = self.ctx.reactor.seconds()
@@ -210,37 +201,18 @@ class IncomingMessage:
         if not blank_line_follows:
             self._source.write(b"\n")
 
-    def _check_from(self, value: bytes) -> None:
-        """
-        A submission client may put in C{From:} only addresses it may send
-        as (L{routing.Router.owned_by}), as it may in MAIL FROM.
-        """
-        text = value.decode("utf-8", "replace")
-        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
-        if not addresses:
-            return  # a group with no address, or nothing parseable: nothing claimed
+    def _check_from(self) -> None:
+        """A submission client may claim in C{From:} only its own addresses."""
         assert self.user is not None
-        for address in addresses:
-            try:
-                owned = self.router.owned_by(address, self.user)
-            except PasswordDatabaseError as e:
-                self.fail(replies.LOCAL_ERROR)  # "try again", not "not yours"
-                self.log.warn(
-                    "{queue_id}: cannot check From: <{address}>: {why}",
-                    queue_id=self.queue_id,
-                    address=address,
-                    why=str(e),
-                )
-                return
-            if not owned:
-                self.fail(replies.FROM_NOT_OWNED)
-                self.log.info(
-                    "{queue_id}: From: <{address}> is not an address of {user}",
-                    queue_id=self.queue_id,
-                    address=address,
-                    user=self.user,
-                )
-                return
+        claim = self._from.check(self.router, self.user)
+        if claim is not None:
+            self.fail(claim.reply)
+            self.log.info(
+                "{queue_id}: From: <{address}> refused: {why}",
+                queue_id=self.queue_id,
+                address=claim.address,
+                why=claim.cause,
+            )
 
     # delivery
 
