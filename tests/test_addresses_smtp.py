@@ -31,7 +31,9 @@ from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.routing import Mailbox, Relay
 from mailsrv.spool import BytesSource
+from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.memory import MemoryMailStore
+from tests.store_contract import SyncReactor, SyncThreadPool
 
 from .test_smtp_helpers import PASSWORD, Passwords, Session, _result, make_context, read_inbox
 
@@ -296,6 +298,21 @@ def test_a_sub_address_is_filed_in_its_folder_when_there_is_one(tmp_path):
     folder.close()
     [data] = srv.inbox(ALICE)
     assert b"for <alice+other@example.test>" in data
+
+
+@pytest.mark.parametrize("detail", ["lists", "Lists", "inbox", "nope", ".x", "a/b"])
+def test_a_sub_address_on_the_mbox_store(tmp_path, detail):
+    # The mbox store refuses a folder that does not exist: the INBOX then.
+    srv = Server(tmp_path)
+    store = MboxMailStore(tmp_path / "mail", tmp_path / "index", SyncReactor(), SyncThreadPool())
+    srv.ctx = dataclasses.replace(srv.ctx, store=store)
+    _result(store.create_folder(ALICE, "lists"))
+    replies = send(srv.mx(), "carol@origin.test", [f"alice+{detail}@example.test"], MESSAGE)
+    assert replies[-1].startswith("250 2.0.0 ")
+    lists = _result(store.open_folder(ALICE, "lists"))
+    assert len(lists.messages()) == (detail == "lists")
+    lists.close()
+    assert len(srv.inbox(ALICE)) == (detail != "lists")
 
 
 def test_a_list_alias_adds_its_list_id_to_every_copy(tmp_path):
