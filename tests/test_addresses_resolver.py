@@ -213,6 +213,25 @@ def test_the_catch_all_takes_unknown_addresses_of_its_domain_only(tmp_path):
     assert Setup(tmp_path).resolve("whoever@other.test").finals == ()
 
 
+def test_the_catch_all_of_an_alias_domain_takes_what_the_rewrite_does_not(tmp_path):
+    # The config accepts a catch-all for a domain alias: the addresses of
+    # example.org that are nobody in example.test are its.
+    s = Setup(
+        tmp_path,
+        "sales: bob\n",
+        domain_aliases={"example.org": "example.test", "example.net": "example.test"},
+        catch_all={"example.org": "archive@example.test", "example.test": "admin@example.test"},
+    )
+    assert s.finals("alice@example.org") == (user("alice@example.test"),)
+    assert s.finals("sales@example.org") == (user("bob@example.test"),)
+    assert s.finals("alice+x@example.org") == (user("alice@example.test", "x"),)
+    assert s.finals("whoever@example.org") == (user("archive@example.test"),)
+    assert s.finals("whoever+x@example.org") == (user("archive@example.test"),)
+    # Without its own, the catch-all of the domain it stands for.
+    assert s.finals("whoever@example.net") == (user("admin@example.test"),)
+    assert s.finals("whoever@example.test") == (user("admin@example.test"),)
+
+
 # --- expansion: duplicates, loops, depth, unknown members ------------------------------
 
 
