@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
+import errno
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -35,7 +36,15 @@ from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.memory import MemoryMailStore
 from tests.store_contract import SyncReactor, SyncThreadPool
 
-from .test_smtp_helpers import PASSWORD, Passwords, Session, _result, make_context, read_inbox
+from .test_smtp_helpers import (
+    PASSWORD,
+    FakeQueue,
+    Passwords,
+    Session,
+    _result,
+    make_context,
+    read_inbox,
+)
 
 ALICE, BOB = "alice@example.test", "bob@example.test"
 SRS_DOMAIN = "mx.example.test"
@@ -547,3 +556,17 @@ def test_a_list_copy_retried_through_the_queue_keeps_its_list_id(tmp_path, event
     assert data.count(b"List-Id: Staff <staff.example.test>\n") == 1
     [accepted] = [line for line in logged(events) if line.startswith("accepted ")]
     assert queued[("carol@remote.test",)][0].id in accepted
+
+
+class _FullQueue(FakeQueue):
+    def enqueue(self, sender, recipients, source):
+        return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
+
+
+def test_a_local_retry_that_cannot_be_queued_is_tried_again_by_the_client(tmp_path):
+    srv = Server(tmp_path)
+    store = _BobsMailboxFails(clock=srv.reactor.seconds)
+    srv.ctx = dataclasses.replace(srv.ctx, store=store, queue=_FullQueue())
+    replies = send(srv.mx(), "carol@origin.test", ["both@example.test"], MESSAGE)
+    # RFC 3463 4.3.1: the disk is full; alice's copy is there already.
+    assert replies[-1] == "452 4.3.1 Insufficient system storage"
