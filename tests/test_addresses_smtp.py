@@ -356,6 +356,20 @@ def test_a_message_with_its_own_list_id_keeps_it(tmp_path):
         assert data.count(b"List-Id:") == 1 and b"List-Id: Theirs" in data
 
 
+def test_the_accepted_line_names_every_queue_file(tmp_path, events):
+    # Forwarded copies and list copies are queue files of their own.
+    srv = Server(tmp_path)
+    replies = send(
+        srv.mx(), "carol@origin.test", ["outside@example.test", "staff@example.test"], MESSAGE
+    )
+    assert replies[-1].startswith("250 2.0.0 ")
+    queued = srv.queued()
+    assert sorted(len(env.recipients) for env, _ in queued) == [1, 2]
+    [accepted] = [line for line in logged(events) if line.startswith("accepted ")]
+    for env, _ in queued:
+        assert env.id in accepted
+
+
 def test_a_list_with_no_list_id_adds_none(tmp_path):
     srv = Server(tmp_path)
     send(srv.mx(), "carol@origin.test", ["quiet@example.test"], MESSAGE)
