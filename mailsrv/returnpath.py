@@ -39,15 +39,22 @@ class ReturnPathSource:
 
 @implementer(IMessageSource)
 class PrefixSource:
-    """A message with header fields put before it (C{fields}: whole lines, LF line ends)."""
+    """
+    A message with header fields put in its header (C{fields}: whole lines,
+    LF line ends): after its first C{after} bytes (the trace fields this
+    server wrote, which RFC 5322 3.6.7 keeps in one block at the top).
+    """
 
-    def __init__(self, fields: bytes, inner: Any) -> None:
+    def __init__(self, fields: bytes, inner: Any, after: int = 0) -> None:
         self._fields = fields
         self._inner = inner
+        self._after = after
         self.size = len(fields) + inner.size
 
     def open(self):
-        return io.BufferedReader(_ChainReader(self._fields, self._inner.open()), 64 * 1024)
+        f = self._inner.open()
+        head = f.read(self._after) if self._after else b""
+        return io.BufferedReader(_ChainReader(head + self._fields, f), 64 * 1024)
 
 
 def _without_return_path(head: bytes) -> bytes:

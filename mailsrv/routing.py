@@ -169,7 +169,9 @@ class Router:
         """
         Where mail for C{address} goes when it stands for one route (a user,
         another server): as L{resolve}, the one route. An address that stands
-        for several (an alias with several members) is a local error here:
+        for several (an alias with several members) is not one recipient, for
+        good (a queued message, or a DSN to a forged sender that is one of our
+        list aliases, would otherwise wait in the queue until it expires):
         callers that can take several use L{resolve}.
         """
         resolution = self.resolve(address, may_relay=may_relay)
@@ -178,7 +180,8 @@ class Router:
         if len(resolution) == 1:
             return resolution[0]
         return Refused(
-            replies.LOCAL_ERROR, cause=f"{address} stands for {len(resolution)} recipients"
+            replies.NO_SUCH_USER,
+            cause=f"{address} stands for {len(resolution)} recipients, not one",
         )
 
     def route_queued(self, address: str) -> Route:
@@ -189,7 +192,7 @@ class Router:
         (L{replies.QUEUED_NO_SUCH_USER}, L{replies.QUEUED_USERS_UNAVAILABLE}),
         which its records and DSNs show. Queued recipients are final (intake
         followed the aliases): a local user is that user, not an alias of the
-        same name again.
+        same name again; one that stands for several is refused (L{route}).
         """
         if self.addresses is not None and self.is_local_domain(domain_of(address)):
             try:
@@ -211,7 +214,7 @@ class Router:
         """
         Whether the logged-in C{user} may use C{address} as sender (envelope
         and C{From:}): the user's own address, or one of ours that reaches
-        only that user.
+        only that user. L{PasswordDatabaseError} when that cannot be known now.
         """
         if self.addresses is None:
             return address.lower().rstrip(".") == user.lower().rstrip(".")

@@ -18,11 +18,13 @@ C{virtual_alias_maps}, local(8) and C{recipient_delimiter} do):
      when that folder exists (L{mailsrv.store.target});
   5. C{postmaster} and C{abuse} (RFC 5321 4.5.1, RFC 2142): the configured
      C{postmaster} address;
-  6. the domain's catch-all, when one is configured.
+  6. the domain's catch-all, when one is configured (for an address a
+     domain alias led to, the alias domain's own catch-all comes first).
 
 An address at C{srs_domain} with the form of an SRS address is a bounce
 coming back to mail we forwarded: it is verified (hash and time stamp) and
-stands for the original sender; a forged or expired one is refused.
+stands for the original sender; a forged or expired one is refused. This
+comes before every other rule, as the SRS domain may be a local domain too.
 
 Resolution is synchronous and reads only memory (the alias table, the
 password file's cache): it runs on the reactor thread at RCPT time. The
@@ -31,10 +33,12 @@ alias table is re-read off the reactor by L{AliasWatcher}.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+import idna
 from twisted.application import internet
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -59,6 +63,8 @@ from mailsrv.addresses.srs import (
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 
+#: RFC 5321 4.1.2 quoted-pairSMTP.
+_QUOTED_PAIR = re.compile(r"\\(.)")
 #: Local parts that exist in every local domain (RFC 5321 4.5.1, RFC 2142).
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
 #: How often the aliases file is looked at for changes (seconds).
@@ -129,6 +135,10 @@ class AddressSettings:
         )
 
 
+#: One address to visit in L{AddressRules.resolve}.
+_Visit = tuple[str, str, int, frozenset, bool, bool, "str | None", "str | None"]
+
+
 class AddressRules:
     """The address rules of one server; see the module docstring."""
 
@@ -156,15 +166,20 @@ class AddressRules:
         local, at, domain = address.rpartition("@")
         if not at or not local:
             return Resolved(error=f"not an address: {address!r}", error_kind="syntax")
+        if len(local) >= 2 and local[0] == local[-1] == '"':
+            # RFC 5321 4.1.2: "john doe" is the Quoted-string form of the local
+            # part john doe (and "alice" of alice); the rules name the part.
+            local = _QUOTED_PAIR.sub(r"\1", local[1:-1])
+            if not local:
+                return Resolved(error=f"not an address: {address!r}", error_kind="syntax")
         domain = fast_domain(domain)
         finals: dict[tuple[bool, str], Final] = {}
         unknown: dict[str, None] = {}
         # Depth-first, in the order listed: (local, domain, depth, the keys of
         # the rules on the way here, skip the aliases file, reached through a
-        # rewrite, the list alias on the way).
-        stack: list[tuple[str, str, int, frozenset, bool, bool, str | None]] = [
-            (local, domain, 0, frozenset(), False, False, None)
-        ]
+        # rewrite, the list alias on the way, the catch-all of the domain alias
+        # that led here).
+        stack: list[_Visit] = [(local, domain, 0, frozenset(), False, False, None, None)]
         steps = 0
         while stack:
             steps += 1
@@ -173,21 +188,26 @@ class AddressRules:
                     error=f"aliases expand to more than {MAX_EXPANSION_STEPS} addresses",
                     error_kind="loop",
                 )
-            local, domain, depth, path, as_is, rewritten, mlist = stack.pop()
-            if domain not in self._local:
-                srs = self._srs_original(local, domain)
-                if srs is None:
-                    key = (False, format_address(local, domain))
-                    finals.setdefault(key, Final(key[1], False, None, rewritten, mlist))
-                    continue
-                if isinstance(srs, Resolved):
-                    return srs
-                targets: tuple[str, ...] = (srs,)
-                detail = None
-                stored = None
+            local, domain, depth, path, as_is, rewritten, mlist, catch_all = stack.pop()
+            # SRS first: the SRS domain may be one of our mail domains too
+            # (postsrsd's usual set-up), whose other rules (a catch-all) must
+            # not take a forged SRS address.
+            srs = self._srs_original(local, domain)
+            if isinstance(srs, Resolved):
+                return srs
+            targets: tuple[str, ...]
+            then_catch_all = None  # for the targets: the catch-all of a domain alias
+            if srs is not None:
+                targets, stored, detail = (srs,), None, None
+            elif domain not in self._local:
+                key = (False, format_address(local, domain))
+                finals.setdefault(key, Final(key[1], False, None, rewritten, mlist))
+                continue
             else:
                 try:
-                    targets, stored, detail = self._step(local, domain, as_is, passwords)
+                    targets, stored, detail, then_catch_all = self._step(
+                        local, domain, as_is, passwords, catch_all
+                    )
                 except PasswordDatabaseError as e:
                     return Resolved(temporary=str(e))
             if stored is not None:
@@ -219,43 +239,54 @@ class AddressRules:
                     t_local, t_dom = target, None
                 t_domain = domain if t_dom is None else fast_domain(t_dom)
                 itself = (t_local.casefold(), t_domain) == node
-                stack.append((t_local, t_domain, depth + 1, inner, itself, True, mlist))
+                stack.append(
+                    (t_local, t_domain, depth + 1, inner, itself, True, mlist, then_catch_all)
+                )
         return Resolved(tuple(finals.values()), tuple(unknown))
 
     def _step(
-        self, local: str, domain: str, as_is: bool, passwords: IPasswordDatabase
-    ) -> tuple[tuple[str, ...], str | None, str | None]:
+        self,
+        local: str,
+        domain: str,
+        as_is: bool,
+        passwords: IPasswordDatabase,
+        catch_all: str | None = None,
+    ) -> tuple[tuple[str, ...], str | None, str | None, str | None]:
         """
         One rule applied to C{local@domain} (a local domain): (targets, None,
-        None) for a rewrite, ((), stored user, detail) for a user, ((), None,
-        None) for nobody.
+        None, X) for a rewrite, ((), stored user, detail, None) for a user,
+        ((), None, None, None) for nobody. C{catch_all}: the one to use
+        instead of the domain's (that of the domain alias the address was
+        rewritten from); X, the one the targets are to use (the catch-all of
+        a domain alias, whose own unknown addresses are its).
         """
         s = self.settings
         if not as_is and self.aliases is not None:
             targets = self.aliases.lookup(local, domain)
             if targets is not None:
-                return targets, None, None
+                return targets, None, None, None
         alias_of = s.domain_aliases.get(domain)
         if alias_of is not None:
-            return (format_address(local, alias_of),), None, None
-        stored = passwords.lookup(format_address(local, domain))
+            return (format_address(local, alias_of),), None, None, s.catch_all.get(domain)
+        stored = _lookup_user(local, domain, passwords)
         if stored is not None:
-            return (), stored, None
+            return (), stored, None, None
         base, detail = self._split_detail(local)
         if detail is not None and base:
             if self.aliases is not None:
                 targets = self.aliases.lookup(base, domain)
                 if targets is not None:
-                    return targets, None, None
-            stored = passwords.lookup(format_address(base, domain))
+                    return targets, None, None, None
+            stored = _lookup_user(base, domain, passwords)
             if stored is not None:
-                return (), stored, detail or None
+                return (), stored, detail or None, None
         if s.postmaster is not None and (base or local).casefold() in ROLE_ACCOUNTS:
-            return (s.postmaster,), None, None
-        catch_all = s.catch_all.get(domain)
+            return (s.postmaster,), None, None, None
+        if catch_all is None:
+            catch_all = s.catch_all.get(domain)
         if catch_all is not None:
-            return (catch_all,), None, None
-        return (), None, None
+            return (catch_all,), None, None, None
+        return (), None, None, None
 
     def _split_detail(self, local: str) -> tuple[str, str | None]:
         """C{alice+lists} -> (alice, lists): at the first delimiter character."""
@@ -300,6 +331,9 @@ class AddressRules:
         Whether the logged-in C{user} may send as C{address}: it is the user's
         own address, or an address of our domains that reaches only that user
         (an alias, a sub-address, a domain alias of it).
+
+        @raise PasswordDatabaseError: the users cannot be read now (a local
+            problem: "try again", not "not yours").
         """
         if address.casefold() == user.casefold():
             return True
@@ -307,7 +341,9 @@ class AddressRules:
         if not at or not self.is_local_domain(domain) or self.is_srs_address(address):
             return False
         result = self.resolve(address, passwords)
-        if result.error or result.temporary or result.unknown or not result.finals:
+        if result.temporary is not None:
+            raise PasswordDatabaseError(result.temporary)
+        if result.error or result.unknown or not result.finals:
             return False
         return all(f.local and f.address.casefold() == user.casefold() for f in result.finals)
 
@@ -339,6 +375,22 @@ class AddressRules:
         if mailing_list is None:
             return None
         return self.settings.lists.get(mailing_list) or None
+
+
+def _lookup_user(local: str, domain: str, passwords: IPasswordDatabase) -> str | None:
+    """
+    The stored spelling of the user C{local@domain} (C{domain} in A-labels),
+    who may be stored with the domain in either IDN form (RFC 5890 2.3.2.1:
+    U-labels and A-labels name the same domain).
+    """
+    stored = passwords.lookup(format_address(local, domain))
+    if stored is None and "xn--" in domain:
+        try:
+            unicode = idna.decode(domain)
+        except idna.IDNAError:
+            return None
+        stored = passwords.lookup(format_address(local, unicode))
+    return stored
 
 
 class AliasWatcher(internet.TimerService):

@@ -6,7 +6,6 @@ submission (Twisted's L{IMessageDelivery}), and the message being received
 
 from __future__ import annotations
 
-import email.utils
 import re
 from collections.abc import Sequence
 from typing import Any
@@ -17,16 +16,15 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies, routing
+from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.returnpath import PrefixSource
 from mailsrv.smtp import received
+from mailsrv.smtp.sendas import FromField
 from mailsrv.spool import SpooledSource, disk_full
 from mailsrv.store.target import MailboxTarget
-
-# How much of a From: field is kept for the send-as check.
-_MAX_FROM = 16 * 1024
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
 _FIELD_NAME = re.compile(rb"[\x21-\x39\x3b-\x7e]+")
@@ -93,8 +91,9 @@ class IncomingMessage:
         self._dropping = False  # in a header field that is not kept
         self._received = 0
         self._seen: set[bytes] = set()
-        self._from: bytearray | None = None  # the From: field, for the send-as check
+        self._from = FromField()  # for the send-as check
         self._in_from = False
+        self._trace_size = len(trace)
         self._source.write(trace)
 
     # IMessage
@@ -165,7 +164,7 @@ class IncomingMessage:
         """Note a header line; whether it is kept."""
         if line[:1] in (b" ", b"\t") and self._in_field:
             if self._in_from:
-                self._note_from(line)
+                self._from.add(line)
             return not self._dropping  # RFC 5322 2.2.3 folded continuation
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
@@ -178,7 +177,7 @@ class IncomingMessage:
             self._dropping = lname == b"return-path"
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
-                self._note_from(line.partition(b":")[2])
+                self._from.add(line.partition(b":")[2])
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
@@ -187,17 +186,11 @@ class IncomingMessage:
         self._end_headers(blank_line_follows=(line == b""))
         return True
 
-    def _note_from(self, data: bytes) -> None:
-        if self._from is None:
-            self._from = bytearray()
-        if len(self._from) < _MAX_FROM:
-            self._from += data + b" "
-
     def _end_headers(self, blank_line_follows: bool) -> None:
         self._in_headers = False
         self._in_from = False
-        if self.user is not None and self._from is not None:
-            self._check_from(bytes(self._from))
+        if self.user is not None:
+            self._check_from()
         if self.submission:
             # RFC 6409 8.2, 8.3: the MSA may add Date and Message-ID.
             now = self.ctx.reactor.seconds()
@@ -209,26 +202,18 @@ class IncomingMessage:
         if not blank_line_follows:
             self._source.write(b"\n")
 
-    def _check_from(self, value: bytes) -> None:
-        """
-        A submission client may put in C{From:} only addresses it may send
-        as (L{routing.Router.owned_by}), as it may in MAIL FROM.
-        """
-        text = value.decode("utf-8", "replace")
-        addresses = [a for _, a in email.utils.getaddresses([text]) if a]
-        if not addresses:
-            return  # a group with no address, or nothing parseable: nothing claimed
+    def _check_from(self) -> None:
+        """A submission client may claim in C{From:} only its own addresses."""
         assert self.user is not None
-        for address in addresses:
-            if not self.router.owned_by(address, self.user):
-                self.fail(replies.FROM_NOT_OWNED)
-                self.log.info(
-                    "{queue_id}: From: <{address}> is not an address of {user}",
-                    queue_id=self.queue_id,
-                    address=address,
-                    user=self.user,
-                )
-                return
+        claim = self._from.check(self.router, self.user)
+        if claim is not None:
+            self.fail(claim.reply)
+            self.log.info(
+                "{queue_id}: From: <{address}> refused: {why}",
+                queue_id=self.queue_id,
+                address=claim.address,
+                why=claim.cause,
+            )
 
     # delivery
 
@@ -246,6 +231,7 @@ class IncomingMessage:
         self._mailboxes.clear()
         users: set[str] = set()
         relayed: dict[tuple[bool, str | None], dict[str, routing.Relay]] = {}
+        addresses: set[str] = set()  # each address at another server once, in any group
         mailboxes = MailboxTarget(self.ctx.store)
         for route in self.routes:
             if isinstance(route, routing.Mailbox):
@@ -258,8 +244,12 @@ class IncomingMessage:
                 labels.append(route.user)
                 self._mailboxes[route.user] = route
             elif isinstance(route, routing.Relay):
+                key = _relay_key(route.address)
+                if key in addresses:
+                    continue  # one copy for an address reached twice (the first route's)
+                addresses.add(key)
                 group = relayed.setdefault((route.forwarded, route.mailing_list), {})
-                group.setdefault(route.address, route)
+                group[route.address] = route
         for (forwarded, mailing_list), group in relayed.items():
             routes = list(group.values())
             if self.ctx.queue is None:
@@ -280,7 +270,9 @@ class IncomingMessage:
         list_id = self.router.list_id(mailing_list)
         if list_id is None or b"list-id" in self._seen:
             return self._source
-        return PrefixSource(f"List-Id: {list_id}\n".encode(), self._source)  # RFC 2919
+        # RFC 2919; below our Received field, which stays with the trace block.
+        field = f"List-Id: {list_id}\n".encode()
+        return PrefixSource(field, self._source, after=self._trace_size)
 
     def _commit(
         self,
@@ -332,16 +324,28 @@ class IncomingMessage:
     def _queue_local_retry(
         self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
     ) -> defer.Deferred:
-        # The relayer's local delivery adds the Return-Path field.
-        relays = [routing.retry_via_queue(self._mailboxes[user]) for user in retry]
-        d = self._commit(QueueTarget(self.ctx.queue), relays)
+        # The relayer's local delivery adds the Return-Path field. Each copy
+        # as it was to be stored: one queue file per list (its List-Id).
+        by_list: dict[str | None, list[routing.Relay]] = {}
+        for user in retry:
+            route = self._mailboxes[user]
+            by_list.setdefault(route.mailing_list, []).append(routing.retry_via_queue(route))
+        target = QueueTarget(self.ctx.queue)
+        d = defer.gatherResults(
+            [
+                self._commit(target, relays, self._source_for(mailing_list))
+                for mailing_list, relays in by_list.items()
+            ],
+            consumeErrors=True,
+        )
+        d.addErrback(_first_error)
 
-        def queued(retry_id: str) -> str:
+        def queued(retry_ids: list[str]) -> str:
             self.log.warn(
                 "{queue_id}: local delivery to {rcpts} failed; queued as {retry_id} for retry",
                 queue_id=self.queue_id,
                 rcpts=retry,
-                retry_id=retry_id,
+                retry_id=",".join(retry_ids),
             )
             return self._log_accepted(_queue_ids(results, labels))
 
@@ -450,7 +454,11 @@ class BaseDelivery:
         if isinstance(resolution, routing.Refused):
             raise SMTPReplyError(resolution.reply, cause=resolution.cause)
         if len(resolution) == 1 and isinstance(resolution[0], routing.Mailbox):
-            if resolution[0].detail is None:
+            # The user's own address in another case is that user's: one
+            # recipient, however it was spelt. An alias (or a domain alias) of
+            # the user stays as given: the Received field's "for" and the log
+            # name what the client sent, and do not disclose where it leads.
+            if _same_address(address, resolution[0].user):
                 address = resolution[0].user
         self._routes[address] = resolution
         return address
@@ -506,7 +514,11 @@ class SubmissionDelivery(BaseDelivery):
     def validateFrom(self, helo, origin):
         address = _address(origin)
         # RFC 6409 6.1: the user's own address, or one of ours that reaches only it.
-        if not address or not self.router.owned_by(address, self.user or ""):
+        try:
+            owned = bool(address) and self.router.owned_by(address, self.user or "")
+        except PasswordDatabaseError as e:
+            raise SMTPReplyError(replies.LOCAL_ERROR, cause=str(e))  # "try again"
+        if not owned:
             raise SMTPReplyError(replies.SENDER_NOT_OWNED)
         # The user's stored spelling: bounces reach the user's own mailbox.
         self.sender = self.user if _same_address(address, self.user or "") else address
@@ -537,6 +549,23 @@ def _queue_ids(results: list[tuple[bool, Any]], labels: list[str]) -> str | None
         if ok and label.startswith("queue:")
     ]
     return ",".join(ids) or None
+
+
+def _first_error(failure: Failure) -> Failure:
+    """The failure of the first of several attempts (L{defer.gatherResults})."""
+    failure.trap(defer.FirstError)
+    assert isinstance(failure.value, defer.FirstError)
+    return failure.value.subFailure
+
+
+def _relay_key(address: str) -> str:
+    """
+    An address at another server as duplicates are found: the domain in
+    any case, the local part as it is (RFC 5321 2.4: only its own server
+    may treat it as case-insensitive).
+    """
+    local, _, domain = address.rpartition("@")
+    return f"{local}@{domain.lower().rstrip('.')}"
 
 
 def _disk_error_reply(error: OSError) -> Reply:
