@@ -135,7 +135,9 @@ class RemoteWorld:
         return len(list(self.records.glob("*.json")))
 
 
-def wait_until(predicate: Any, timeout: float, what: str, details: Any = lambda: "") -> Any:
+def wait_until(
+    predicate: Any, timeout: float, what: str, details: Any = lambda: "", every: float = 0.05
+) -> Any:
     """Poll C{predicate} until it returns something true; fail after C{timeout} seconds."""
     deadline = time.monotonic() + timeout
     while True:
@@ -144,7 +146,7 @@ def wait_until(predicate: Any, timeout: float, what: str, details: Any = lambda:
             return value
         if time.monotonic() > deadline:
             raise AssertionError(f"timed out after {timeout}s waiting for {what}\n{details()}")
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 # --- the child process ---------------------------------------------------------
