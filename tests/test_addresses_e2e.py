@@ -232,6 +232,19 @@ class TestForwarding:
         assert b"carol's mailbox is full." in t.data
         assert parse(t.data).get_content_type() == "multipart/report"
 
+    def test_srs_address_in_another_case_still_reaches_the_sender(
+        self, server: MailServer, world: RemoteWorld, forwarded: Transaction
+    ) -> None:
+        """A relay on the way back lower-cased the address: hashes compare without case."""
+        mark = world.mark()
+        data = message("lower-case srs", sender="MAILER-DAEMON@remote1.test")
+        assert mx_send(server, "", [forwarded.sender.lower()], data) == {}
+        (t,) = wait_until(
+            lambda: arrived(world, mark, domain="sender.test"), WAIT, "the bounce", server.output
+        )
+        assert (t.sender, t.recipients) == ("", [DAVE])
+        assert b"\nSubject: lower-case srs\n" in t.data
+
     def test_forged_srs_address_is_refused_at_rcpt(
         self, server: MailServer, world: RemoteWorld, forwarded: Transaction
     ) -> None:
