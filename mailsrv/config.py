@@ -569,14 +569,9 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
                 f"addresses.domain_aliases: {alias} = {target}: {target} is not in server.domains"
             )
     for domain in addresses["catch_all"]:
-        if domain in addresses["domain_aliases"]:
-            # Every address of an alias domain is rewritten to the domain it
-            # stands for, whose catch-all then applies: this one never would.
-            errors.append(
-                f"addresses.catch_all: {domain} is a domain alias of "
-                f"{addresses['domain_aliases'][domain]}: set the catch-all of that domain"
-            )
-        elif domain not in domains:
+        # A domain alias may have its own catch-all: it takes the addresses
+        # that are nobody in the domain the alias stands for.
+        if domain not in domains and domain not in addresses["domain_aliases"]:
             errors.append(f"addresses.catch_all: {domain} is not a local domain")
     local_domains = set(domains) | set(addresses["domain_aliases"])
     for address in addresses["lists"]:

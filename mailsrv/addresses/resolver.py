@@ -38,7 +38,6 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-import idna
 from twisted.application import internet
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
@@ -268,7 +267,7 @@ class AddressRules:
         alias_of = s.domain_aliases.get(domain)
         if alias_of is not None:
             return (format_address(local, alias_of),), None, None, s.catch_all.get(domain)
-        stored = _lookup_user(local, domain, passwords)
+        stored = passwords.lookup(format_address(local, domain))
         if stored is not None:
             return (), stored, None, None
         base, detail = self._split_detail(local)
@@ -277,7 +276,7 @@ class AddressRules:
                 targets = self.aliases.lookup(base, domain)
                 if targets is not None:
                     return targets, None, None, None
-            stored = _lookup_user(base, domain, passwords)
+            stored = passwords.lookup(format_address(base, domain))
             if stored is not None:
                 return (), stored, detail or None, None
         if s.postmaster is not None and (base or local).casefold() in ROLE_ACCOUNTS:
@@ -375,22 +374,6 @@ class AddressRules:
         if mailing_list is None:
             return None
         return self.settings.lists.get(mailing_list) or None
-
-
-def _lookup_user(local: str, domain: str, passwords: IPasswordDatabase) -> str | None:
-    """
-    The stored spelling of the user C{local@domain} (C{domain} in A-labels),
-    who may be stored with the domain in either IDN form (RFC 5890 2.3.2.1:
-    U-labels and A-labels name the same domain).
-    """
-    stored = passwords.lookup(format_address(local, domain))
-    if stored is None and "xn--" in domain:
-        try:
-            unicode = idna.decode(domain)
-        except idna.IDNAError:
-            return None
-        stored = passwords.lookup(format_address(local, unicode))
-    return stored
 
 
 class AliasWatcher(internet.TimerService):
