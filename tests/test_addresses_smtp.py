@@ -370,6 +370,18 @@ def test_the_accepted_line_names_every_queue_file(tmp_path, events):
         assert env.id in accepted
 
 
+def test_a_list_is_one_queue_file_per_remote_domain(tmp_path):
+    # Each remote domain of a list is queued (and retried, and bounced) on its own.
+    srv = Server(tmp_path, aliases="big: alice, a@one.test, b@one.test, c@two.test\n")
+    srv.rules.settings = dataclasses.replace(
+        srv.rules.settings, lists={"big@example.test": "Big <big.example.test>"}
+    )
+    send(srv.mx(), "carol@origin.test", ["big@example.test"], MESSAGE)
+    queued = sorted(sorted(r.address for r in env.recipients) for env, _ in srv.queued())
+    assert queued == [["a@one.test", "b@one.test"], ["c@two.test"]]
+    assert len(srv.inbox(ALICE)) == 1
+
+
 def test_a_list_with_no_list_id_adds_none(tmp_path):
     srv = Server(tmp_path)
     send(srv.mx(), "carol@origin.test", ["quiet@example.test"], MESSAGE)

@@ -393,12 +393,14 @@ class AliasWatcher(internet.TimerService):
         reactor: Any,
         pool: Any,
         interval: float = ALIAS_CHECK_INTERVAL,
+        process: str = "server",
     ) -> None:
         super().__init__(interval, self.check)
         self.clock = reactor
         self.table = table
         self.reactor = reactor
         self.pool = pool
+        self.process = process  # which process reads: the server or the relay process
         self._running: defer.Deferred | None = None
 
     def check(self) -> None:
@@ -427,9 +429,10 @@ class AliasWatcher(internet.TimerService):
             return
         problems = self.table.install(parsed)
         self.log.info(
-            "aliases: read {path}: {n} entries",
+            "aliases: read {path}: {n} entries (by the {process})",
             path=str(self.table.path),
             n=len(self.table.entries),
+            process=self.process,
         )
         for problem in problems:
             self.log.warn("aliases: {problem}", problem=problem)

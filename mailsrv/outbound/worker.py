@@ -83,7 +83,9 @@ class RelaySide(ipc.QuietAMP):
         self.queue = OutboundQueue(settings.queue_dir, self.reactor, pool)
         addresses = address_rules(settings, self.reactor)
         if addresses.aliases is not None:
-            self.aliases = AliasWatcher(addresses.aliases, self.reactor, pool)
+            self.aliases = AliasWatcher(
+                addresses.aliases, self.reactor, pool, process="relay process"
+            )
             self.aliases.startService()
         self.relayer = build_relayer(
             settings,

@@ -221,7 +221,8 @@ class IncomingMessage:
         """
         Deliver by route: one delivery per local mailbox (each user once,
         however many recipients reach it), and one queue file per kind of
-        relayed copy (as sent; forwarded with an SRS sender; through a list).
+        relayed copy (as sent; forwarded with an SRS sender; through a list,
+        one per remote domain).
         """
         refused = [r for r in self.routes if isinstance(r, routing.Refused)]
         if refused:
@@ -230,7 +231,9 @@ class IncomingMessage:
         labels: list[str] = []
         self._mailboxes.clear()
         users: set[str] = set()
-        relayed: dict[tuple[bool, str | None], dict[str, routing.Relay]] = {}
+        # (forwarded, list, domain) -> its copies: a list's copies are one
+        # queue file per remote domain (each domain retried on its own).
+        relayed: dict[tuple[bool, str | None, str | None], dict[str, routing.Relay]] = {}
         addresses: set[str] = set()  # each address at another server once, in any group
         mailboxes = MailboxTarget(self.ctx.store)
         for route in self.routes:
@@ -248,9 +251,10 @@ class IncomingMessage:
                 if key in addresses:
                     continue  # one copy for an address reached twice (the first route's)
                 addresses.add(key)
-                group = relayed.setdefault((route.forwarded, route.mailing_list), {})
+                domain = routing.domain_of(route.address) if route.mailing_list else None
+                group = relayed.setdefault((route.forwarded, route.mailing_list, domain), {})
                 group[route.address] = route
-        for (forwarded, mailing_list), group in relayed.items():
+        for (forwarded, mailing_list, _), group in relayed.items():
             routes = list(group.values())
             if self.ctx.queue is None:
                 attempts.append(defer.fail(RuntimeError("no outbound queue")))
