@@ -21,6 +21,7 @@ from mailsrv.outbound.service import outbound_service
 from mailsrv.service import ServerContext
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
+from tests.test_outbound_e2e import Passwords
 from tests.test_outbound_support import start_dns, temp_dir
 
 JOSE = "jösé@example.test"
@@ -74,17 +75,6 @@ class _RawSMTP(LineReceiver):
             self.transport.loseConnection()
         else:
             self.sendLine(b"250 ok")
-
-
-class Passwords:
-    def __init__(self, users):
-        self.users = set(users)
-
-    def lookup(self, address):
-        return address if address in self.users else None
-
-    def has_user(self, address):
-        return address in self.users
 
 
 class SMTPUTF8OutTests(unittest.TestCase):
