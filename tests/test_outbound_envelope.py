@@ -58,3 +58,33 @@ class SMTPUTF8FlagTests(unittest.TestCase):
         self.assertEqual(Envelope.from_json(env.to_json()), env)
         del raw["smtputf8"]  # a queue file written before the field existed
         self.assertIs(Envelope.from_dict(raw).smtputf8, False)
+
+
+class CompatibilityTests(unittest.TestCase):
+    # The keys the version before SMTPUTF8 wrote, and all it can read back
+    # (it builds its Envelope from the keys as they are).
+    BEFORE = {
+        "id",
+        "sender",
+        "recipients",
+        "created",
+        "next_attempt",
+        "attempts",
+        "last_error",
+        "warned",
+        "size",
+        "version",
+    }
+
+    def test_an_ordinary_envelope_is_what_the_version_before_can_read(self):
+        env = Envelope("0ABC", "a@example.test", [Recipient("b@x.test")], 1.0, 1.0)
+        self.assertEqual(set(json.loads(env.to_json())), self.BEFORE)
+
+    def test_keys_of_a_later_version_are_kept_when_the_envelope_is_written_again(self):
+        env = Envelope("0ABC", "a@example.test", [Recipient("b@x.test")], 1.0, 1.0)
+        raw = json.loads(env.to_json())
+        raw["held"] = True  # a later version's key
+        again = Envelope.from_dict(raw)
+        again.attempts = 2
+        written = json.loads(again.to_json())
+        self.assertEqual((written["held"], written["attempts"]), (True, 2))

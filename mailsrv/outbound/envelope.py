@@ -45,8 +45,13 @@ class Envelope:
     warned: bool = False  # the "delayed" DSN has been sent
     size: int = 0
     # Received with SMTPUTF8 (RFC 6531 3.4): the message may need a next hop
-    # that offers it. Absent from older queue files: False.
+    # that offers it. Absent from older queue files: False; written only when
+    # True, so that a queue file of an ordinary message stays readable by the
+    # version before (which knows no such key).
     smtputf8: bool = False
+    # Keys this version does not know (written by a later one): kept as they
+    # are and written back, never dropped.
+    extra: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
     # Where the message starts in its queue file (not stored: the file's
     # first line gives it).
     offset: int = field(default=0, compare=False)
@@ -56,7 +61,10 @@ class Envelope:
 
     def to_dict(self) -> dict[str, Any]:
         """The envelope as plain JSON-able data (what L{to_json} writes)."""
-        raw: dict[str, Any] = {name: getattr(self, name) for name in _ENVELOPE_FIELDS}
+        raw: dict[str, Any] = dict(self.extra)
+        raw.update((name, getattr(self, name)) for name in _ENVELOPE_FIELDS)
+        if not self.smtputf8:
+            del raw["smtputf8"]
         raw["version"] = 1
         raw["recipients"] = [dict(vars(r)) for r in self.recipients]
         return raw
@@ -71,8 +79,13 @@ class Envelope:
         raw = dict(raw)
         raw.pop("version", None)
         raw.pop("offset", None)
-        raw["recipients"] = [Recipient(**r) for r in raw["recipients"]]
-        return cls(**raw, offset=offset)
+        raw.pop("extra", None)
+        known = {name: raw.pop(name) for name in (*_ENVELOPE_FIELDS, "recipients") if name in raw}
+        known["recipients"] = [
+            Recipient(**{k: v for k, v in r.items() if k in _RECIPIENT_FIELDS})
+            for r in known["recipients"]
+        ]
+        return cls(**known, extra=raw, offset=offset)
 
     @classmethod
     def from_json(cls, data: bytes, offset: int = 0) -> Envelope:
@@ -90,6 +103,9 @@ _ENVELOPE_FIELDS = (
     "size",
     "smtputf8",
 )
+
+
+_RECIPIENT_FIELDS = frozenset(Recipient.__dataclass_fields__)
 
 
 _sequence = itertools.count(secrets.randbits(24))
