@@ -19,6 +19,7 @@ from typing import Any
 from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
+from mailsrv.addresses.domains import ascii_domain
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
@@ -260,7 +261,10 @@ def _domain(v: str) -> str:
     if not d or any(c in d for c in " @/\\\x00") or ".." in d:
         raise ValueError(f"{v!r} is not a domain name")
     try:
-        return normalise_domain(d)  # one form for IDNs: A-labels (UTS-46)
+        # One form for IDNs: A-labels (UTS-46). An ASCII name is only
+        # lower-cased: names such as mail_1.lan, which IDNA2008 refuses,
+        # worked before and still do.
+        return ascii_domain(d)
     except ValueError as e:
         raise ValueError(f"{v!r} is not a domain name: {e}")
 

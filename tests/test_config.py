@@ -344,3 +344,12 @@ def test_idn_domains_in_one_form():
         assert c.is_user_domain(form), form
     assert c.is_local_domain("bücher.org") and not c.is_user_domain("bücher.org")
     assert not c.is_local_domain("bucher.example")
+
+
+def test_an_ascii_domain_that_idna2008_refuses_still_works():
+    # Names such as mail_1.lan or ab--cd.test (not valid IDNA2008) were taken
+    # before domains were compared as A-labels; they are only lower-cased.
+    c = parse('[server]\nhostname = "mail_1.lan"\ndomains = ["Mail_1.lan", "ab--cd.test"]\n')
+    assert c.server.domains == ("mail_1.lan", "ab--cd.test")
+    assert c.addresses.srs_domain == "mail_1.lan"
+    assert c.is_local_domain("MAIL_1.LAN.")
