@@ -42,6 +42,8 @@ USERS = (
     "alice@other.test",
     f"erik@{IDN}",
     "frida@bücher.example",  # the domain as its U-labels
+    "straße@example.test",  # two users, told apart as the password file does
+    "strasse@example.test",
 )
 
 
@@ -475,3 +477,16 @@ def test_a_bad_line_in_a_changed_file_is_skipped_and_the_rest_applied(tmp_path, 
     assert s.finals("sales@example.test") == (user("bob@example.test"),)
     assert len(s.table.problems) == 1 and ":2:" in s.table.problems[0]
     watcher.stopService()
+
+
+def test_users_the_password_file_tells_apart_stay_apart(tmp_path):
+    # casefold() would make straße and strasse one: the password file does not.
+    s = Setup(tmp_path, "two: straße, strasse\n")
+    assert s.finals("two@example.test") == (
+        user("straße@example.test"),
+        user("strasse@example.test"),
+    )
+    assert s.finals("STRASSE@example.test") == (user("strasse@example.test"),)
+    assert not s.owned_by("strasse@example.test", "straße@example.test")
+    assert not s.owned_by("straße@example.test", "strasse@example.test")
+    assert s.owned_by("Straße@example.test", "straße@example.test")

@@ -31,6 +31,7 @@ from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.routing import Mailbox, Relay
+from mailsrv.smtp.delivery import IncomingMessage
 from mailsrv.spool import BytesSource
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.memory import MemoryMailStore
@@ -596,3 +597,24 @@ def test_a_local_retry_that_cannot_be_queued_is_tried_again_by_the_client(tmp_pa
     replies = send(srv.mx(), "carol@origin.test", ["both@example.test"], MESSAGE)
     # RFC 3463 4.3.1: the disk is full; alice's copy is there already.
     assert replies[-1] == "452 4.3.1 Insufficient system storage"
+
+
+def test_two_users_a_looser_comparison_would_merge_each_get_a_copy(tmp_path):
+    # The password file tells straße@ from strasse@; so does delivery.
+    srv = Server(tmp_path)
+    users = ["straße@example.test", "strasse@example.test"]
+    message = IncomingMessage(
+        srv.ctx,
+        queue_id="X",
+        sender="carol@origin.test",
+        recipients=users,
+        trace=b"",
+        submission=False,
+        client="c",
+        routes=[Mailbox(u) for u in users],
+    )
+    for line in (b"Subject: two users", b"", b"body"):
+        message.lineReceived(line)
+    assert _result(message.eomReceived()) == "X"
+    for u in users:
+        assert len(read_inbox(srv.ctx, u)) == 1, u

@@ -238,7 +238,7 @@ class _Parser:
         targets = self._targets(rest, depth=0, chain=(self.path,))
         if not targets:
             raise AliasSyntaxError(f"alias {name.strip()!r} has no targets")
-        return (local.casefold(), domain), tuple(targets)
+        return (local.lower(), domain), tuple(targets)
 
     def _targets(self, text: str, depth: int, chain: tuple[Path, ...]) -> list[str]:
         """The targets of one right-hand side, C{:include:} files expanded in place."""
@@ -359,7 +359,7 @@ class AliasTable:
         The targets of C{local@domain}: its own entry first (any domain), else
         a bare name's when the domain is local.
         """
-        folded = local.casefold()
+        folded = local.lower()
         targets = self.entries.get((folded, domain))
         if targets is None and domain in self.local_domains:
             targets = self.entries.get((folded, None))
@@ -393,7 +393,7 @@ class AliasTable:
                     error=f"aliases expand to more than {MAX_EXPANSION_STEPS} addresses"
                 )
             local, domain, depth, path, as_is = stack.pop()
-            key = (local.casefold(), domain)
+            key = (local.lower(), domain)
             targets = None if as_is else self.lookup(local, domain)
             if targets is not None and key in path:
                 return Expansion(error=f"alias loop at {local}@{domain}")
@@ -406,7 +406,7 @@ class AliasTable:
             for target in reversed(targets):
                 t_local, t_dom = _split_parsed(target)
                 t_domain = domain if t_dom is None else t_dom
-                itself = (t_local.casefold(), t_domain) == key
+                itself = (t_local.lower(), t_domain) == key
                 stack.append((t_local, t_domain, depth + 1, inner, itself))
         return Expansion(tuple(recipients.values()), tuple(unknown.values()))
 
@@ -421,7 +421,7 @@ class AliasTable:
         """Record a final recipient once (local parts of local users compare case-insensitively)."""
         is_local = domain in self.local_domains
         # RFC 5321 2.4: only the local domain may treat local parts as case-insensitive.
-        key = (local.casefold() if is_local else local, domain)
+        key = (local.lower() if is_local else local, domain)
         address = format_address(local, domain)
         if key in recipients or key in unknown:
             return

@@ -96,7 +96,7 @@ def _check(path: Path, entry: Entry) -> None:
     entry.name = name.strip()
     try:
         local, domain = split_address(name)
-        entry.key = (local.casefold(), domain)
+        entry.key = (local.lower(), domain)
         entry.targets = [t.strip() for t in _split_unquoted(rest, ",") if t.strip()]
         if not colon:
             raise AliasSyntaxError("no ':' after the name")
@@ -128,7 +128,7 @@ def check_name(name: str, is_local_domain: Callable[[str], bool]) -> tuple[str, 
             f"{domain} is not a local domain of this server: an alias is a name "
             "(every local domain) or an address in a local domain"
         )
-    return written, (local.casefold(), domain)
+    return written, (local.lower(), domain)
 
 
 def _target_key(path: Path, target: str) -> tuple[str, ...]:
@@ -137,7 +137,7 @@ def _target_key(path: Path, target: str) -> tuple[str, ...]:
         file = Path(target[len(INCLUDE) :].strip())
         return ("include", str(file if file.is_absolute() else path.parent / file))
     local, domain = split_address(target)
-    return ("address", format_address(local.casefold(), domain))
+    return ("address", format_address(local.lower(), domain))
 
 
 def check_targets(path: Path, targets: list[str]) -> list[str]:
@@ -311,7 +311,7 @@ def list_aliases(path: Path) -> Listing:
         if entry.problem is not None or entry.key is None or entry.key in seen:
             continue
         seen.add(entry.key)
-        out.append((entry.name.casefold(), f"{entry.name}: {', '.join(entry.targets)}"))
+        out.append((entry.name.lower(), f"{entry.name}: {', '.join(entry.targets)}"))
     return Listing(
         tuple(line for _, line in sorted(out)), tuple(parse_aliases(path).problems), True
     )

@@ -211,13 +211,13 @@ class AddressRules:
                     return Resolved(temporary=str(e))
             if stored is not None:
                 finals.setdefault(
-                    (True, stored.casefold()), Final(stored, True, detail, False, mlist)
+                    (True, stored), Final(stored, True, detail, False, mlist)
                 )
                 continue
             if not targets:
                 unknown[format_address(local, domain)] = None
                 continue
-            node = (local.casefold(), domain)
+            node = (local.lower(), domain)
             if node in path:
                 return Resolved(
                     error=f"alias loop at {format_address(local, domain)}", error_kind="loop"
@@ -237,7 +237,7 @@ class AddressRules:
                 except AliasSyntaxError:
                     t_local, t_dom = target, None
                 t_domain = domain if t_dom is None else fast_domain(t_dom)
-                itself = (t_local.casefold(), t_domain) == node
+                itself = (t_local.lower(), t_domain) == node
                 stack.append(
                     (t_local, t_domain, depth + 1, inner, itself, True, mlist, then_catch_all)
                 )
@@ -279,7 +279,7 @@ class AddressRules:
             stored = passwords.lookup(format_address(base, domain))
             if stored is not None:
                 return (), stored, detail or None, None
-        if s.postmaster is not None and (base or local).casefold() in ROLE_ACCOUNTS:
+        if s.postmaster is not None and (base or local).lower() in ROLE_ACCOUNTS:
             return (s.postmaster,), None, None, None
         if catch_all is None:
             catch_all = s.catch_all.get(domain)
@@ -334,7 +334,10 @@ class AddressRules:
         @raise PasswordDatabaseError: the users cannot be read now (a local
             problem: "try again", not "not yours").
         """
-        if address.casefold() == user.casefold():
+        # Users are told apart as the password file does (its stored spelling,
+        # L{mailsrv.auth.passwd.lookup_key}), never by a looser comparison:
+        # straße@ and strasse@ may be two users.
+        if address == user:
             return True
         _, at, domain = address.rpartition("@")
         if not at or not self.is_local_domain(domain) or self.is_srs_address(address):
@@ -344,7 +347,8 @@ class AddressRules:
             raise PasswordDatabaseError(result.temporary)
         if result.error or result.unknown or not result.finals:
             return False
-        return all(f.local and f.address.casefold() == user.casefold() for f in result.finals)
+        me = passwords.lookup(user) or user
+        return all(f.local and f.address == me for f in result.finals)
 
     def forward_sender(self, sender: str) -> str:
         """

@@ -238,7 +238,7 @@ class IncomingMessage:
         mailboxes = MailboxTarget(self.ctx.store)
         for route in self.routes:
             if isinstance(route, routing.Mailbox):
-                key = route.user.casefold()
+                key = route.user  # the stored spelling: one per user
                 if key in users:
                     continue  # one copy for a user reached twice
                 users.add(key)
