@@ -417,6 +417,13 @@ def test_an_alias_reaching_others_too_is_not(tmp_path):
         "From: Alice <alice@example.test>, Bob <bob@example.test>",
         "From: both@example.test",
         "From: Alice <alice@example.test>,\n grp: bob@example.test;",
+        # Fields that do not parse, hiding an address a mail program shows:
+        "From: (\\) bob@example.test",
+        "From: ,(,bob@example.test",
+        "From: =?utf-8?q?bob=40example.test?= <alice@example.test>",
+        '"bob@example.test" <alice@example.test>'.join(["From: ", ""]),
+        # Longer than is kept: refused whole, never cut.
+        "From: (" + "\n ".join(["A" * 990] * 18) + " ) bob@example.test",
     ],
 )
 def test_a_from_field_naming_another_is_refused_after_the_dot(tmp_path, field):

@@ -210,9 +210,7 @@ class AddressRules:
                 except PasswordDatabaseError as e:
                     return Resolved(temporary=str(e))
             if stored is not None:
-                finals.setdefault(
-                    (True, stored), Final(stored, True, detail, False, mlist)
-                )
+                finals.setdefault((True, stored), Final(stored, True, detail, False, mlist))
                 continue
             if not targets:
                 unknown[format_address(local, domain)] = None
