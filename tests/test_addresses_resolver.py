@@ -7,6 +7,8 @@ the aliases file watched and re-read off the reactor.
 
 from __future__ import annotations
 
+import os
+import time
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +18,7 @@ from twisted.python.failure import Failure
 
 from mailsrv.addresses.aliases import MAX_EXPANSION_DEPTH, AliasTable
 from mailsrv.addresses.resolver import (
+    SETTLE_TIME,
     AddressRules,
     AddressSettings,
     AliasWatcher,
@@ -432,6 +435,36 @@ class HeldReactor(Clock):
             f(*args, **kwargs)
 
 
+def written_earlier(path: Path, text: str, ago: float = 10.0) -> None:
+    """Write C{path} as an editor did C{ago} seconds ago (it is whole by now)."""
+    path.write_text(text)
+    then = time.time() - ago
+    os.utime(path, (then, then))
+
+
+def test_a_file_being_written_is_taken_only_once_left_alone(tmp_path):
+    # An editor that rewrites in place: the first look may see half the file,
+    # whose missing aliases would be refused (550) until the next look.
+    s = Setup(tmp_path, "sales: alice\nsupport: bob\n")
+    reactor, pool = HeldReactor(), HeldPool()
+    watcher = AliasWatcher(s.table, reactor, pool, interval=5.0)
+    watcher.startService()
+    pool.run()
+    reactor.run()
+    s.aliases_path.write_text("sales: alice\n")  # half way: support not written yet
+    reactor.advance(5.0)
+    pool.run()
+    reactor.run()
+    assert s.finals("support@example.test") == (user("bob@example.test"),)  # not taken
+    written_earlier(s.aliases_path, "sales: alice\nsupport: carol@other.test\n")
+    reactor.advance(SETTLE_TIME)  # looked at again shortly, not at the next interval
+    pool.run()
+    reactor.run()
+    assert s.finals("support@example.test") == (user("carol@other.test"),)
+    watcher.stopService()
+    assert not reactor.getDelayedCalls()
+
+
 def test_the_aliases_file_is_re_read_on_the_pool_and_swapped_on_the_reactor(tmp_path):
     s = Setup(tmp_path, "sales: alice\n")
     reactor, pool = HeldReactor(), HeldPool()
@@ -441,7 +474,7 @@ def test_the_aliases_file_is_re_read_on_the_pool_and_swapped_on_the_reactor(tmp_
     reactor.run()
     assert s.finals("sales@example.test") == (user("alice@example.test"),)
 
-    s.aliases_path.write_text("sales: bob\n# a longer file\n")
+    written_earlier(s.aliases_path, "sales: bob\n# a longer file\n")
     reactor.advance(5.0)
     assert len(pool.work) == 1  # the read is the pool's work...
     assert s.finals("sales@example.test") == (user("alice@example.test"),)
@@ -470,7 +503,7 @@ def test_a_bad_line_in_a_changed_file_is_skipped_and_the_rest_applied(tmp_path, 
     watcher.startService()
     pool.run()
     reactor.run()
-    s.aliases_path.write_text("sales: bob\n" + problem)
+    written_earlier(s.aliases_path, "sales: bob\n" + problem)
     reactor.advance(5.0)
     pool.run()
     reactor.run()

@@ -188,6 +188,20 @@ class ParsedAliases:
     files: dict[Path, FileSignature] = field(default_factory=dict)
 
 
+def settled(parsed: ParsedAliases, now: float, quiet: float) -> bool:
+    """
+    Whether the files C{parsed} read were whole when read: none changed
+    while it was read, and none had been written to in the last C{quiet}
+    seconds before (an editor that rewrites a file in place may be half way).
+    """
+    for path, before in parsed.files.items():
+        if _signature(path) != before:
+            return False
+        if before is not None and 0 <= now - before[2] / 1e9 < quiet:
+            return False
+    return True
+
+
 class _Parser:
     """One read of an aliases file and the C{:include:} files it names."""
 

@@ -34,6 +34,7 @@ alias table is re-read off the reactor by L{AliasWatcher}.
 from __future__ import annotations
 
 import re
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -51,6 +52,7 @@ from mailsrv.addresses.aliases import (
     format_address,
     normalise_domain,
     parse_aliases,
+    settled,
 )
 from mailsrv.addresses.srs import (
     SECRET_FILE,
@@ -68,6 +70,9 @@ _QUOTED_PAIR = re.compile(r"\\(.)")
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
 #: How often the aliases file is looked at for changes (seconds).
 ALIAS_CHECK_INTERVAL = 5.0
+#: How long a changed aliases file must be left alone before it is taken.
+SETTLE_TIME = 1.0
+_UNSETTLED = object()
 
 
 def fast_domain(domain: str) -> str:
@@ -404,6 +409,12 @@ class AliasWatcher(internet.TimerService):
         self.pool = pool
         self.process = process  # which process reads: the server or the relay process
         self._running: defer.Deferred | None = None
+        self._again: Any = None  # the look after a file that was being written
+
+    def stopService(self) -> Any:
+        if self._again is not None and self._again.active():
+            self._again.cancel()
+        return super().stopService()
 
     def check(self) -> None:
         """
@@ -424,10 +435,19 @@ class AliasWatcher(internet.TimerService):
     def _read_if_changed(self) -> Any:
         if not self.table.changed():
             return None
-        return parse_aliases(self.table.path)
+        parsed = parse_aliases(self.table.path)
+        if not settled(parsed, time.time(), SETTLE_TIME):
+            return _UNSETTLED
+        return parsed
 
     def _install(self, parsed: Any) -> None:
         if parsed is None:
+            return
+        if parsed is _UNSETTLED:
+            # Being written: a half-written file would make the aliases past
+            # its end unknown (550 for their mail). Look again shortly.
+            if self.running and (self._again is None or not self._again.active()):
+                self._again = self.reactor.callLater(SETTLE_TIME, self.check)
             return
         problems = self.table.install(parsed)
         self.log.info(
