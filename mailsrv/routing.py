@@ -43,7 +43,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from mailsrv import replies
-from mailsrv.addresses.resolver import AddressRules
+from mailsrv.addresses.resolver import AddressRules, ExpansionBudget
 from mailsrv.interfaces import IOutboundQueue, IPasswordDatabase, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.replies import Reply, ReplyError
@@ -122,14 +122,17 @@ class Router:
         self.queue = queue
         self.addresses = addresses
 
-    def resolve(self, address: str, *, may_relay: bool) -> Resolution:
+    def resolve(
+        self, address: str, *, may_relay: bool, budget: ExpansionBudget | None = None
+    ) -> Resolution:
         """
         Where mail for C{address} goes: its routes (several for an alias), or
         a refusal. C{may_relay}: the client may send to other domains (an
         authenticated submission client); the MX may not, and is never an
         open relay. Mail to one of our addresses that the rules forward to
         another server (an alias, a returning SRS bounce) goes there whoever
-        sent it.
+        sent it. C{budget}: what the client's transaction may still spend on
+        alias expansion (L{ExpansionBudget}); past it, 452 4.5.3.
         """
         rules = self.addresses
         if rules is None:
@@ -138,9 +141,11 @@ class Router:
         domain = domain_of(address)
         if not (rules.is_local_domain(domain) or rules.is_srs_address(address)):
             return self._remote(address, may_relay)
-        result = rules.resolve(address, self.passwords)
+        result = rules.resolve(address, self.passwords, budget)
         if result.temporary is not None:
             return Refused(replies.LOCAL_ERROR, cause=result.temporary)
+        if result.error_kind == "budget":
+            return Refused(replies.TOO_MANY_RECIPIENTS, cause=result.error)  # RFC 5321 4.5.3.1.10
         if result.error is not None:
             self.log.warn("<{address}> refused: {why}", address=address, why=result.error)
             reply = replies.BAD_SRS_ADDRESS if result.error_kind == "srs" else replies.ALIAS_LOOP

@@ -625,3 +625,17 @@ def test_two_users_a_looser_comparison_would_merge_each_get_a_copy(tmp_path):
     assert _result(message.eomReceived()) == "X"
     for u in users:
         assert len(read_inbox(srv.ctx, u)) == 1, u
+
+
+def test_a_transaction_stops_expanding_big_aliases_past_its_budget(tmp_path):
+    # Each RCPT of a big alias costs reactor time; a transaction of many of them
+    # is told 452 4.5.3 (RFC 5321 4.5.3.1.10) once it has spent its budget.
+    members = ", ".join(f"m{i}@remote.test" for i in range(9_000))
+    srv = Server(tmp_path, aliases=f"big: alice, {members}\n")
+    s = srv.mx()
+    assert s.cmd("MAIL FROM:<carol@origin.test>")[0].startswith("250 ")
+    codes = [s.cmd(f"RCPT TO:<big+{i}@example.test>")[0][:9] for i in range(7)]
+    assert codes == ["250 2.1.5"] * 5 + ["452 4.5.3"] * 2
+    assert s.cmd("RSET")[0].startswith("250 ")
+    assert s.cmd("MAIL FROM:<carol@origin.test>")[0].startswith("250 ")
+    assert s.cmd("RCPT TO:<big@example.test>")[0].startswith("250 ")

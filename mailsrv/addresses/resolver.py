@@ -68,6 +68,8 @@ from mailsrv.logsafe import SafeLogger
 _QUOTED_PAIR = re.compile(r"\\(.)")
 #: Local parts that exist in every local domain (RFC 5321 4.5.1, RFC 2142).
 ROLE_ACCOUNTS = frozenset({"postmaster", "abuse"})
+#: How many expansion steps one SMTP transaction may spend (L{ExpansionBudget}).
+MAX_TRANSACTION_STEPS = 50_000
 #: How often the aliases file is looked at for changes (seconds).
 ALIAS_CHECK_INTERVAL = 5.0
 #: How long a changed aliases file must be left alone before it is taken.
@@ -109,8 +111,26 @@ class Resolved:
     finals: tuple[Final, ...] = ()
     unknown: tuple[str, ...] = ()
     error: str | None = None
-    error_kind: str = ""  # "loop" | "srs" | "syntax"
+    error_kind: str = ""  # "loop" | "srs" | "syntax" | "budget"
     temporary: str | None = None
+    steps: int = 0  # the addresses visited: the cost of the resolution
+
+
+@dataclass
+class ExpansionBudget:
+    """
+    The expansion steps one SMTP transaction may still spend on the reactor
+    thread: each RCPT of a big alias costs up to L{MAX_EXPANSION_STEPS}
+    (about 3 us each); a transaction of many such RCPTs stops at
+    L{MAX_TRANSACTION_STEPS} with 452 4.5.3 instead of holding the reactor
+    for seconds.
+    """
+
+    remaining: int = 0
+
+    @classmethod
+    def for_transaction(cls) -> ExpansionBudget:
+        return cls(MAX_TRANSACTION_STEPS)
 
 
 @dataclass(frozen=True)
@@ -165,8 +185,29 @@ class AddressRules:
 
     # --- resolution ----------------------------------------------------------
 
-    def resolve(self, address: str, passwords: IPasswordDatabase) -> Resolved:
-        """The final recipients of C{address} (any domain); see the module docstring."""
+    def resolve(
+        self, address: str, passwords: IPasswordDatabase, budget: ExpansionBudget | None = None
+    ) -> Resolved:
+        """
+        The final recipients of C{address} (any domain); see the module
+        docstring. C{budget}: the steps the caller may still spend (those
+        spent are taken from it); beyond it, an error of kind "budget".
+        """
+        limit = MAX_EXPANSION_STEPS
+        if budget is not None and budget.remaining < limit:
+            limit = budget.remaining
+        result = self._resolve(address, passwords, limit)
+        if budget is not None:
+            budget.remaining = max(0, budget.remaining - result.steps)
+            if result.error_kind == "loop" and result.steps > limit and limit < MAX_EXPANSION_STEPS:
+                return Resolved(
+                    error="the transaction's recipients expand to too many addresses",
+                    error_kind="budget",
+                    steps=result.steps,
+                )
+        return result
+
+    def _resolve(self, address: str, passwords: IPasswordDatabase, limit: int) -> Resolved:
         local, at, domain = address.rpartition("@")
         if not at or not local:
             return Resolved(error=f"not an address: {address!r}", error_kind="syntax")
@@ -187,10 +228,11 @@ class AddressRules:
         steps = 0
         while stack:
             steps += 1
-            if steps > MAX_EXPANSION_STEPS:
+            if steps > limit:
                 return Resolved(
-                    error=f"aliases expand to more than {MAX_EXPANSION_STEPS} addresses",
+                    error=f"aliases expand to more than {limit} addresses",
                     error_kind="loop",
+                    steps=steps,
                 )
             local, domain, depth, path, as_is, rewritten, mlist, catch_all = stack.pop()
             # SRS first: the SRS domain may be one of our mail domains too
@@ -244,7 +286,7 @@ class AddressRules:
                 stack.append(
                     (t_local, t_domain, depth + 1, inner, itself, True, mlist, then_catch_all)
                 )
-        return Resolved(tuple(finals.values()), tuple(unknown))
+        return Resolved(tuple(finals.values()), tuple(unknown), steps=steps)
 
     def _step(
         self,

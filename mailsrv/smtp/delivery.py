@@ -16,6 +16,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv import replies, routing
+from mailsrv.addresses.resolver import ExpansionBudget
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
@@ -413,6 +414,8 @@ class BaseDelivery:
         self.sender: str | None = None
         self.router = _router(ctx)
         self._routes: dict[str, routing.Resolution] = {}  # this transaction's, by address
+        # What this transaction may still spend on alias expansion (reactor time).
+        self._budget = ExpansionBudget.for_transaction()
 
     def receivedHeader(self, helo, origin, recipients) -> bytes:
         """A plain C{Received:} field for Twisted's own DATA path (ours adds more)."""
@@ -438,6 +441,7 @@ class BaseDelivery:
         """
         self.sender = _address(origin)
         self._routes.clear()
+        self._budget = ExpansionBudget.for_transaction()
         return origin
 
     def validateTo(self, user):
@@ -454,7 +458,7 @@ class BaseDelivery:
         to (a single local user's stored spelling; else C{address}), or
         raise L{SMTPReplyError} with the reply the routing step gave.
         """
-        resolution = self.router.resolve(address, may_relay=self.may_relay)
+        resolution = self.router.resolve(address, may_relay=self.may_relay, budget=self._budget)
         if isinstance(resolution, routing.Refused):
             raise SMTPReplyError(resolution.reply, cause=resolution.cause)
         if len(resolution) == 1 and isinstance(resolution[0], routing.Mailbox):
@@ -527,6 +531,7 @@ class SubmissionDelivery(BaseDelivery):
         # The user's stored spelling: bounces reach the user's own mailbox.
         self.sender = self.user if _same_address(address, self.user or "") else address
         self._routes.clear()
+        self._budget = ExpansionBudget.for_transaction()
         return origin
 
 
