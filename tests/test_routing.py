@@ -114,10 +114,10 @@ def test_a_failed_local_copy_is_retried_through_the_queue():
 class _PolicyRouter(Router):
     """What a later routing feature does: file into a folder, refuse with a policy reply."""
 
-    def resolve(self, address, *, may_relay):
+    def resolve(self, address, *, may_relay, budget=None):
         if address.startswith("blocked@"):
             return Refused(replies.Reply(550, "5.7.1", "Refused by policy"), cause="block list")
-        routes = super().resolve(address, may_relay=may_relay)
+        routes = super().resolve(address, may_relay=may_relay, budget=budget)
         if isinstance(routes, Refused):
             return routes
         return tuple(Mailbox(r.user, "Lists") if isinstance(r, Mailbox) else r for r in routes)

@@ -113,7 +113,7 @@ class Resolved:
     error: str | None = None
     error_kind: str = ""  # "loop" | "srs" | "syntax" | "budget"
     temporary: str | None = None
-    steps: int = 0  # the addresses visited: the cost of the resolution
+    steps: int = field(default=0, compare=False)  # the addresses visited: its cost
 
 
 @dataclass
