@@ -523,3 +523,11 @@ def test_users_the_password_file_tells_apart_stay_apart(tmp_path):
     assert not s.owned_by("strasse@example.test", "straße@example.test")
     assert not s.owned_by("straße@example.test", "strasse@example.test")
     assert s.owned_by("Straße@example.test", "straße@example.test")
+
+
+def test_a_sub_address_never_files_into_a_special_use_folder(tmp_path):
+    # No sender may put mail in the user's Sent, Drafts or Trash (RFC 6154 roles).
+    s = Setup(tmp_path, protected_folders=frozenset({"sent", "drafts", "trash"}))
+    assert s.finals("alice+Sent@example.test") == (user("alice@example.test"),)
+    assert s.finals("alice+TRASH@example.test") == (user("alice@example.test"),)
+    assert s.finals("alice+lists@example.test") == (user("alice@example.test", "lists"),)

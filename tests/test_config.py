@@ -353,3 +353,10 @@ def test_an_ascii_domain_that_idna2008_refuses_still_works():
     assert c.server.domains == ("mail_1.lan", "ab--cd.test")
     assert c.addresses.srs_domain == "mail_1.lan"
     assert c.is_local_domain("MAIL_1.LAN.")
+
+
+def test_the_special_use_folders_are_closed_to_sub_addresses():
+    from mailsrv.addresses.resolver import AddressSettings
+
+    settings = AddressSettings.from_config(parse(""))
+    assert {"sent", "drafts", "trash", "junk"} <= settings.protected_folders

@@ -144,6 +144,9 @@ class AddressSettings:
     domain_aliases: Mapping[str, str] = field(default_factory=dict)
     srs_domain: str | None = None
     lists: Mapping[str, str] = field(default_factory=dict)
+    # Folders a sub-address never files into (lower case): the special-use
+    # ones (RFC 6154), so that no sender can put mail in Sent, Drafts or Trash.
+    protected_folders: frozenset[str] = frozenset()
 
     @classmethod
     def from_config(cls, config: Any) -> AddressSettings:
@@ -156,6 +159,7 @@ class AddressSettings:
             domain_aliases=dict(a.domain_aliases),
             srs_domain=a.srs_domain,
             lists={k.lower(): v for k, v in a.lists.items()},
+            protected_folders=frozenset(f.lower() for f in config.imap.special_folders),
         )
 
 
@@ -323,6 +327,8 @@ class AddressRules:
                     return targets, None, None, None
             stored = passwords.lookup(format_address(base, domain))
             if stored is not None:
+                if detail.lower() in s.protected_folders:
+                    detail = ""  # a special-use folder: the INBOX
                 return (), stored, detail or None, None
         if s.postmaster is not None and (base or local).lower() in ROLE_ACCOUNTS:
             return (s.postmaster,), None, None, None
