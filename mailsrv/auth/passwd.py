@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -250,8 +250,8 @@ class PasswordFile:
         return self._hasher.hash(password)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, str]]:
-        """Hold the lock beside the file while reading, changing and writing the user table."""
+    def _lock(self) -> Iterator[str]:
+        """Hold the lock beside the file; yield the file's text (empty if there is none)."""
         make_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -263,14 +263,20 @@ class PasswordFile:
                 text = ""
             except (OSError, UnicodeDecodeError) as e:
                 raise PasswordFileError(f"{self.path}: cannot read: {e}")
+            yield text
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, str]]:
+        """Hold the lock beside the file while reading, changing and writing the user table."""
+        with self._lock() as text:
             lines = text.splitlines()
             users, _ = parse_lines(text)
             before = dict(users)
             yield users
             if users != before:
                 self._write(_render(lines, before, users))
-        finally:
-            os.close(fd)
 
     def _write(self, text: str) -> None:
         """Replace the file atomically: temp file (0600), fsync, rename, fsync folder."""
@@ -310,6 +316,29 @@ class PasswordFile:
                 raise KeyError(address)
             del users[stored]
         return stored
+
+    def respell(self, spellings: Mapping[str, str]) -> list[int]:
+        """
+        Under the file's lock (blocking): write the address of each line
+        whose address field is a key of C{spellings} as its value instead,
+        the rest of the line kept; return the numbers of the lines changed. For
+        the start-up upgrade of addresses stored as an older version wrote
+        them (L{mailsrv.store.upgrade}).
+        """
+        with self._lock() as text:
+            lines = text.splitlines()
+            changed = []
+            for n, line in enumerate(lines, 1):
+                s = line.strip()
+                fields = s.split(":")
+                if s.startswith("#") or len(fields) < 2 or fields[0] not in spellings:
+                    continue
+                fields[0] = spellings[fields[0]]
+                lines[n - 1] = ":".join(fields)
+                changed.append(n)
+            if changed:
+                self._write("".join(f"{line}\n" for line in lines))
+        return changed
 
 
 def _render(lines: list[str], before: dict[str, str], after: dict[str, str]) -> str:
