@@ -16,14 +16,15 @@ import shlex
 from pathlib import Path
 
 import pytest
+from twisted.logger import capturedLogs, formatEvent
 
-from mailsrv.auth.passwd import default_hasher
+from mailsrv.auth.passwd import PasswordFile, default_hasher
 from mailsrv.imap.account import subscriptions_path
 from mailsrv.spool import BytesSource
 from mailsrv.store.index import index_base
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.names import user_dir
-from mailsrv.store.upgrade import user_paths
+from mailsrv.store.upgrade import upgrade_user_names, user_paths
 from tests.e2e import PASSWORD, MailServer
 from tests.store_contract import NOW, SyncReactor, SyncThreadPool
 from tests.test_startup_errors import assert_one_line, run_twistd
@@ -196,3 +197,49 @@ def test_the_upgrade_knows_every_path_named_by_a_user(tmp_path):
         subs,
         subs.with_name(subs.name + ".lock"),
     ]
+
+
+def test_the_admin_command_leaves_two_spellings_of_one_user_alone(tmp_path):
+    """Rewriting the file would keep one hash for two users: the command refuses, the file stays."""
+    srv = MailServer(tmp_path, domains=DOMAINS)
+    write_passwd(srv.data, ANNA_OLD, "bob@example.test", ANNA_NEW)
+    before = (srv.data / "passwd").read_bytes()
+    for args in (("user", "add", "carol@example.test"), ("user", "del", "bob@example.test")):
+        r = srv.cli(*args, stdin=PASSWORD + "\n", check=False)
+        assert r.returncode != 0, r
+        assert f"line 1 ({ANNA_OLD}) and line 3 ({ANNA_NEW})" in r.stderr
+    assert (srv.data / "passwd").read_bytes() == before
+
+
+def upgrade(data: Path) -> list[str]:
+    """Run the upgrade in this process; the log lines it wrote."""
+    with capturedLogs() as events:
+        upgrade_user_names(data, PasswordFile(data / "passwd"))
+    return [formatEvent(e) for e in events]
+
+
+def test_a_move_cut_short_is_finished_at_the_next_start(tmp_path):
+    data = tmp_path / "data"
+    old_layout(data)
+    # The mail folder was moved, then the process died before the index's turn.
+    (data / "mail/xn--bcher-kva.example").mkdir()
+    os.rename(data / "mail/bücher.example/anna", data / "mail/xn--bcher-kva.example/anna")
+    logged = upgrade(data)
+    assert not (data / "index/bücher.example").exists()
+    assert (data / "index/xn--bcher-kva.example/anna").is_dir()
+    assert (
+        data / "imap/xn--bcher-kva.example/anna.subscriptions"
+    ).read_text() == "Archive\nINBOX\n"
+    assert len([line for line in logged if line.startswith("moved ")]) == 3  # index, imap, José
+    assert upgrade(data) == []  # nothing left to do
+    assert (data / "passwd").read_text("utf-8").startswith(ANNA_NEW + ":")
+
+
+def test_an_address_the_new_rules_refuse_is_reported_with_its_folders(tmp_path):
+    data = tmp_path / "data"
+    write_passwd(data, "anna@\u2603.example")  # a symbol: not IDNA2008
+    kept = data / "mail/\u2603.example/anna"
+    kept.mkdir(parents=True)
+    (logged,) = upgrade(data)
+    assert "passwd:1: anna@\u2603.example is no longer a usable address" in logged
+    assert str(kept) in logged and kept.is_dir()

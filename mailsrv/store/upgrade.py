@@ -20,7 +20,8 @@ the server uses and an older version would find the moved folders.
 Two lines that were two users and are now one (``anna@bücher.example`` and
 ``anna@xn--bcher-kva.example``; ``jose\\u0301@…`` and ``josé@…``) are
 refused (L{SpellingCollision}) before anything is moved: the server would
-give one user the other's mail.
+give one user the other's mail. The password file's own writer refuses such
+a file too (one hash would be kept for both): the admin edits it by hand.
 
 Everything here runs once, before the reactor: it is blocking disk work.
 """
@@ -32,12 +33,15 @@ import shlex
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from twisted.logger import Logger
 
 from mailsrv.atomic import fsync_dir, make_dirs
-from mailsrv.auth.passwd import PasswordFile, lookup_key
 from mailsrv.store.names import split_user
+
+if TYPE_CHECKING:  # the password file checks its lines with this module
+    from mailsrv.auth.passwd import PasswordFile
 
 log = Logger()
 
@@ -119,7 +123,8 @@ def passwd_entries(text: str) -> list[Entry]:
 
 def find_collisions(entries: Iterable[Entry]) -> list[SpellingCollision]:
     """
-    Lines that name one user now (the same login, L{lookup_key}) but were
+    Lines that name one user now (the same login: NFC local part in any
+    case, A-label domain; L{mailsrv.auth.passwd.lookup_key}) but were
     different users before: what the older version told apart. Lines that
     were one user already (the same address twice, or in another case) are
     the password file's own business, as they always were.
@@ -127,9 +132,10 @@ def find_collisions(entries: Iterable[Entry]) -> list[SpellingCollision]:
     groups: dict[str, list[Entry]] = {}
     for e in entries:
         try:
-            key = lookup_key(e.address)
+            local, domain = split_user(e.address)
         except ValueError:
             continue
+        key = f"{local.lower()}@{domain}"
         groups.setdefault(key, []).append(e)
     found = []
     for group in groups.values():
