@@ -33,7 +33,13 @@ from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.pop3 import MaildropLocks, pop3_factory
 from mailsrv.smtp.server import smtp_factory
-from mailsrv.startup import GatedEndpoint, RecoveryService, StartGate, make_data_dirs
+from mailsrv.startup import (
+    GatedEndpoint,
+    RecoveryService,
+    StartGate,
+    make_data_dirs,
+    upgrade_data,
+)
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.tls import ServerTLS, server_options
 
@@ -119,6 +125,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
     tune_malloc()
     pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mailsrv-disk")
     make_data_dirs(config)
+    upgrade_data(config)
     store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])

@@ -20,9 +20,11 @@ from twisted.logger import Logger
 from zope.interface import implementer
 
 from mailsrv.atomic import make_dirs
+from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import Config, endpoint_port
 from mailsrv.interfaces import IMailStore
 from mailsrv.outbound.process import logs_to_stdout
+from mailsrv.store.upgrade import SpellingCollision, upgrade_user_names
 
 
 class StartupError(Exception):
@@ -61,6 +63,24 @@ def make_data_dirs(config: Config) -> None:
     except OSError as e:
         data_dir = config.server.data_dir
         raise StartupError(config.path, "server.data_dir", data_dir, os_reason(e, data_dir))
+
+
+def upgrade_data(config: Config) -> None:
+    """
+    Before the store opens anything: move each user's folders from the name
+    an older version gave them to today's (L{mailsrv.store.upgrade}). Two
+    password-file lines that are now one user, or a move the system refuses,
+    end start-up: serving an empty mailbox would hide the user's mail.
+    """
+    passwd = config.auth.passwd_file
+    try:
+        upgrade_user_names(config.server.data_dir, PasswordFile(passwd))
+    except SpellingCollision as e:
+        raise StartupError(config.path, "auth.passwd_file", passwd, str(e))
+    except OSError as e:
+        data_dir = config.server.data_dir
+        reason = f"moving a user's folders to their new name: {os_reason(e, data_dir)}"
+        raise StartupError(config.path, "server.data_dir", data_dir, reason)
 
 
 class StartGate:

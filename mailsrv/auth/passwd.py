@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,7 @@ from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.interfaces import IPasswordDatabase, PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.store.names import normalize_user, split_user
+from mailsrv.store.upgrade import find_collisions, passwd_entries
 
 DOVECOT_SCHEME = "{ARGON2ID}"
 # Each check takes ~0.1 s of CPU and 64 MiB: a flood of logins must not take
@@ -250,8 +251,8 @@ class PasswordFile:
         return self._hasher.hash(password)
 
     @contextlib.contextmanager
-    def _locked(self) -> Iterator[dict[str, str]]:
-        """Hold the lock beside the file while reading, changing and writing the user table."""
+    def _lock(self) -> Iterator[str]:
+        """Hold the lock beside the file; yield the file's text (empty if there is none)."""
         make_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
@@ -263,14 +264,25 @@ class PasswordFile:
                 text = ""
             except (OSError, UnicodeDecodeError) as e:
                 raise PasswordFileError(f"{self.path}: cannot read: {e}")
+            yield text
+        finally:
+            os.close(fd)
+
+    @contextlib.contextmanager
+    def _locked(self) -> Iterator[dict[str, str]]:
+        """Hold the lock beside the file while reading, changing and writing the user table."""
+        with self._lock() as text:
+            # Lines an older version told apart and that now are one user:
+            # rewriting would keep one hash for both; the admin decides.
+            collisions = find_collisions(passwd_entries(text))
+            if collisions:
+                raise PasswordFileError(f"{self.path}: {collisions[0]}")
             lines = text.splitlines()
             users, _ = parse_lines(text)
             before = dict(users)
             yield users
             if users != before:
                 self._write(_render(lines, before, users))
-        finally:
-            os.close(fd)
 
     def _write(self, text: str) -> None:
         """Replace the file atomically: temp file (0600), fsync, rename, fsync folder."""
@@ -310,6 +322,29 @@ class PasswordFile:
                 raise KeyError(address)
             del users[stored]
         return stored
+
+    def respell(self, spellings: Mapping[str, str]) -> list[int]:
+        """
+        Under the file's lock (blocking): write the address of each line
+        whose address field is a key of C{spellings} as its value instead,
+        the rest of the line kept; return the numbers of the lines changed. For
+        the start-up upgrade of addresses stored as an older version wrote
+        them (L{mailsrv.store.upgrade}).
+        """
+        with self._lock() as text:
+            lines = text.splitlines()
+            changed = []
+            for n, line in enumerate(lines, 1):
+                s = line.strip()
+                fields = s.split(":")
+                if s.startswith("#") or len(fields) < 2 or fields[0] not in spellings:
+                    continue
+                fields[0] = spellings[fields[0]]
+                lines[n - 1] = ":".join(fields)
+                changed.append(n)
+            if changed:
+                self._write("".join(f"{line}\n" for line in lines))
+        return changed
 
 
 def _render(lines: list[str], before: dict[str, str], after: dict[str, str]) -> str:
