@@ -24,7 +24,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import Config, endpoint_port
 from mailsrv.interfaces import IMailStore
 from mailsrv.outbound.process import logs_to_stdout
-from mailsrv.store.upgrade import SpellingCollision, upgrade_user_names
+from mailsrv.store.upgrade import OldNames, SpellingCollision, check_user_names
 
 
 class StartupError(Exception):
@@ -67,20 +67,21 @@ def make_data_dirs(config: Config) -> None:
 
 def upgrade_data(config: Config) -> None:
     """
-    Before the store opens anything: move each user's folders from the name
-    an older version gave them to today's (L{mailsrv.store.upgrade}). Two
-    password-file lines that are now one user, or a move the system refuses,
-    end start-up: serving an empty mailbox would hide the user's mail.
+    Before the store opens anything: folders an older version named with
+    another spelling of their user's address end start-up, with the
+    commands that settle them (L{mailsrv.store.upgrade}), as do two
+    password-file lines that are now one user: serving the new name would
+    hide the user's mail. Folders under an old spelling of nobody are logged.
     """
     passwd = config.auth.passwd_file
     try:
-        upgrade_user_names(config.server.data_dir, PasswordFile(passwd))
+        orphans = check_user_names(config.server.data_dir, PasswordFile(passwd))
     except SpellingCollision as e:
         raise StartupError(config.path, "auth.passwd_file", passwd, str(e))
-    except OSError as e:
-        data_dir = config.server.data_dir
-        reason = f"moving a user's folders to their new name: {os_reason(e, data_dir)}"
-        raise StartupError(config.path, "server.data_dir", data_dir, reason)
+    except OldNames as e:
+        raise StartupError(config.path, "server.data_dir", config.server.data_dir, str(e))
+    for orphan in orphans:
+        Logger().warn("{orphan}", orphan=orphan)
 
 
 class StartGate:

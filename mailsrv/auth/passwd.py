@@ -25,7 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -322,29 +322,6 @@ class PasswordFile:
                 raise KeyError(address)
             del users[stored]
         return stored
-
-    def respell(self, spellings: Mapping[str, str]) -> list[int]:
-        """
-        Under the file's lock (blocking): write the address of each line
-        whose address field is a key of C{spellings} as its value instead,
-        the rest of the line kept; return the numbers of the lines changed. For
-        the start-up upgrade of addresses stored as an older version wrote
-        them (L{mailsrv.store.upgrade}).
-        """
-        with self._lock() as text:
-            lines = text.splitlines()
-            changed = []
-            for n, line in enumerate(lines, 1):
-                s = line.strip()
-                fields = s.split(":")
-                if s.startswith("#") or len(fields) < 2 or fields[0] not in spellings:
-                    continue
-                fields[0] = spellings[fields[0]]
-                lines[n - 1] = ":".join(fields)
-                changed.append(n)
-            if changed:
-                self._write("".join(f"{line}\n" for line in lines))
-        return changed
 
 
 def _render(lines: list[str], before: dict[str, str], after: dict[str, str]) -> str:

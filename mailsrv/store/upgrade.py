@@ -1,27 +1,32 @@
 """
-The start-up upgrade of user names on disk: each user's folders moved from
-the name an older mailsrv gave them to the one it has now.
+The start-up check of user names on disk: folders an older mailsrv named
+with a spelling of the user's address that today's rules write differently.
 
 Before international addresses (RFC 6531), a user's name was the password
 file's address with its domain lower-cased (L{old_split}), and it named the
 user's folders: ``data_dir/mail/bücher.example/anna/``. Now the domain is
 lower-case A-labels and a UTF-8 local part is in Unicode NFC
 (L{mailsrv.store.names.split_user}): ``data_dir/mail/xn--bcher-kva.example/anna/``.
-At start-up, before the store opens anything and before a listener accepts,
-L{upgrade_user_names} moves every folder and file named by a user's old
-name (L{user_paths}) to the new one, by C{os.rename} within the data folder
-(atomic; both parents fsynced), one log line per move. It never merges:
-where both names exist it moves nothing of that user, logs an error naming
-both paths and how to settle it, and the server keeps using the new one.
-Once a user's old names are gone, their password-file line is rewritten
-with the new spelling (L{PasswordFile.respell}), so that the file says what
-the server uses and an older version would find the moved folders.
+
+Such folders are never moved by the server: a move done for the admin can
+mix two users' mail (a folder left by a deleted user under the other
+spelling), lose a race with a program still writing the old path, or be
+cut short half way. Instead, at start-up, before the store opens anything,
+L{check_user_names} finds them, from the password file and from the
+folders on disk (a line may already be in the new spelling), and the server
+refuses to start with the exact commands that move them (or, where both
+names exist, that set one aside): serving the new name would hide the
+user's mail. Folders under an old spelling that no user has any more are
+only reported.
 
 Two lines that were two users and are now one (``anna@bücher.example`` and
 ``anna@xn--bcher-kva.example``; ``jose\\u0301@…`` and ``josé@…``) are
-refused (L{SpellingCollision}) before anything is moved: the server would
-give one user the other's mail. The password file's own writer refuses such
-a file too (one hash would be kept for both): the admin edits it by hand.
+refused too (L{SpellingCollision}): the server would give one user the
+other's mail. The password file's own writer refuses such a file as well.
+
+The old server took mail by SMTP for ASCII addresses only, so these cases
+need a U-label domain in C{server.domains} or a non-ASCII local part, with
+mail put there by IMAP APPEND or by hand: rare, and worth a stop.
 
 Everything here runs once, before the reactor: it is blocking disk work.
 """
@@ -35,15 +40,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from twisted.logger import Logger
-
-from mailsrv.atomic import fsync_dir, make_dirs
 from mailsrv.store.names import split_user
 
 if TYPE_CHECKING:  # the password file checks its lines with this module
     from mailsrv.auth.passwd import PasswordFile
-
-log = Logger()
 
 
 def old_split(address: str) -> tuple[str, str] | None:
@@ -155,118 +155,106 @@ def _new_name(address: str) -> str:
     return f"{local}@{domain}"
 
 
-def upgrade_user_names(data_dir: Path, passwords: PasswordFile) -> None:
+class OldNames(Exception):
+    """Folders named with an old spelling of a user: the commands that settle them."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__(problems)
+        self.problems = problems
+
+    def __str__(self) -> str:
+        return (
+            "folders named by an older mailsrv with another spelling of their user's "
+            "address would be hidden; stop and settle them, then start again:\n  "
+            + "\n  ".join(self.problems)
+        )
+
+
+def check_user_names(data_dir: Path, passwords: PasswordFile) -> list[str]:
     """
-    Move every user's folders from their old name to their new one, then
-    rewrite the password file's old spellings (see the module docstring).
-    L{SpellingCollision} (the first found) if two lines are now one user:
-    nothing is moved then.
+    Raise L{SpellingCollision} (two lines now one user) or L{OldNames} (a
+    user's folders under an old spelling); return what is only reported:
+    folders under an old spelling that no user has.
     """
     try:
         text = passwords.path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        return
+        text = ""
     except (OSError, UnicodeDecodeError) as problem:
-        log.error(
-            "cannot read {path} to upgrade user names: {error}",
-            path=str(passwords.path),
-            error=str(problem),
-        )
-        return
+        return [f"cannot read {passwords.path} to check user names: {problem}"]
     entries = passwd_entries(text)
     collisions = find_collisions(entries)
     if collisions:
         raise collisions[0]
-    respell: dict[str, str] = {}
+    users: dict[tuple[str, str], str] = {}  # (lower-case local part, domain) -> address
     for e in entries:
-        old = old_split(e.address)
-        if old is None:
-            continue
         try:
-            new = split_user(e.address)
+            local, domain = split_user(e.address)
+        except ValueError:
+            continue
+        users.setdefault((local.lower(), domain), e.address)
+    problems: list[str] = []
+    orphans: list[str] = []
+    for old in _old_names(data_dir, entries):
+        try:
+            new = split_user(f"{old[0]}@{old[1]}")
         except ValueError as error:
-            _unusable(data_dir, passwords.path, e, old, error)
+            orphans.append(f"{data_dir / 'mail' / old[1] / old[0]}: not a usable name ({error})")
             continue
         if new == old:
             continue
-        if _move_user(data_dir, _new_name(e.address), old, new):
-            respell[e.address] = _new_name(e.address)
-    if respell:
-        changed = passwords.respell(respell)
-        log.info(
-            "{path}: wrote {count} addresses in their new form (lines {lines})",
-            path=str(passwords.path),
-            count=len(changed),
-            lines=", ".join(map(str, changed)),
-        )
+        user = users.get((new[0].lower(), new[1]))
+        pairs = list(zip(user_paths(data_dir, *old), user_paths(data_dir, *new), strict=True))
+        pairs.pop()  # the subscriptions' lock file: a lock, not data
+        for o, n in pairs:
+            if not os.path.lexists(o) or (os.path.lexists(n) and _same(o, n)):
+                continue
+            if user is None:
+                orphans.append(f"{ascii(str(o))}: no user is named so now")
+                continue
+            q_old, q_new = shlex.quote(str(o)), shlex.quote(str(n))
+            if os.path.lexists(n):
+                problems.append(
+                    f"{ascii(str(o))} and {ascii(str(n))} both belong to {user}: keep one, "
+                    f"e.g. `mv -- {q_new} {q_new}.aside && mv -- {q_old} {q_new}`, or "
+                    f"`mv -- {q_old} {q_old}.aside`"
+                )
+            else:
+                problems.append(
+                    f"{ascii(str(o))} belongs to {user}: "
+                    f"`mkdir -p -- {shlex.quote(str(n.parent))} && mv -- {q_old} {q_new}`"
+                )
+    if problems:
+        raise OldNames(problems)
+    return orphans
 
 
-def _unusable(
-    data_dir: Path, path: Path, e: Entry, old: tuple[str, str], error: ValueError
-) -> None:
-    kept = [p for p in user_paths(data_dir, *old) if os.path.lexists(p)]
-    log.error(
-        "{path}:{line}: {address} is no longer a usable address ({error}); "
-        "that user cannot log in or get mail, and their folders stay where they are: {kept}",
-        path=str(path),
-        line=e.line,
-        address=e.address,
-        error=str(error),
-        kept=", ".join(map(str, kept)) or "none",
-    )
+def _old_names(data_dir: Path, entries: list[Entry]) -> list[tuple[str, str]]:
+    """Every (local, domain) an older version may have named folders with."""
+    names: dict[tuple[str, str], None] = {}
+    for e in entries:
+        old = old_split(e.address)
+        if old is not None:
+            names[old] = None
+    mail = data_dir / "mail"
+    try:
+        domains = [d for d in os.listdir(mail) if (mail / d).is_dir()]
+    except OSError:
+        domains = []
+    for domain in domains:
+        try:
+            locals_ = os.listdir(mail / domain)
+        except OSError:
+            continue
+        for local in locals_:
+            if not local.isascii() or not domain.isascii():
+                names[(local, domain)] = None
+    return list(names)
 
 
-def _move_user(data_dir: Path, user: str, old: tuple[str, str], new: tuple[str, str]) -> bool:
-    """
-    Move C{user}'s paths from C{old} (local, domain) to C{new}; whether no old
-    one is left. Where an old and a new one both exist nothing of the user is
-    moved (a mailbox and its index go together, or not at all).
-    """
-    pairs = list(zip(user_paths(data_dir, *old), user_paths(data_dir, *new), strict=True))
-    lock = pairs.pop()  # the subscriptions' lock file: a lock, not data
-    both = [(o, n) for o, n in pairs if os.path.lexists(o) and os.path.lexists(n)]
-    for o, n in both:
-        q_old, q_new = shlex.quote(str(o)), shlex.quote(str(n))
-        log.error(
-            "both {old} and {new} exist for {user}: not merged, the server uses {new}. "
-            "Stop mailsrv and keep one: `rm -r -- {q_old}` drops the old one; "
-            "`mv -- {q_new} {q_new}.aside && mv -- {q_old} {q_new}` serves it instead",
-            old=str(o),
-            new=str(n),
-            user=user,
-            q_old=q_old,
-            q_new=q_new,
-        )
-    if both:
+def _same(a: Path, b: Path) -> bool:
+    """Whether two names are one file (a file system that normalises names)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
         return False
-    for o, n in pairs:
-        if os.path.lexists(o):
-            _rename(o, n, user)
-    o, n = lock
-    if os.path.lexists(o):
-        if os.path.lexists(n):
-            os.unlink(o)
-        else:
-            os.rename(o, n)
-    for o, _ in pairs:
-        if old[1] != new[1]:
-            try:
-                o.parent.rmdir()  # the old domain's folder, once empty
-            except OSError:
-                pass
-    return True
-
-
-def _rename(old: Path, new: Path, user: str) -> None:
-    """Rename C{old} to C{new} (same file system), its new parent made as the old one is owned."""
-    parent = new.parent
-    if not parent.is_dir():
-        make_dirs(parent)
-        if os.geteuid() == 0:  # a root start-up makes folders the server, later, must enter
-            st = os.stat(old.parent)
-            os.chown(parent, st.st_uid, st.st_gid)
-    os.rename(old, new)
-    fsync_dir(parent)
-    if old.parent != parent:
-        fsync_dir(old.parent)
-    log.info("moved {old} to {new} for {user}", old=str(old), new=str(new), user=user)
