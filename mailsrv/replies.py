@@ -129,6 +129,10 @@ ALIAS_LOOP = Reply(550, "5.4.6", "Alias expansion loop or too deep")
 # 550 (RFC 5321 4.2.2), 5.1.1 bad destination mailbox address (RFC 3463 3.2):
 # an SRS address whose hash is not ours, or whose time stamp is too old.
 BAD_SRS_ADDRESS = Reply(550, "5.1.1", "Invalid or expired SRS address")
+# 550 (RFC 5321 4.2.2), 5.7.1 delivery not authorized (RFC 3463 3.8): mail to
+# an SRS address of ours from a sender other than <>. Bounces (RFC 5321 4.5.5;
+# RFC 3464 2) and auto-replies (RFC 3834 5.1) come from the null sender.
+SRS_BOUNCES_ONLY = Reply(550, "5.7.1", "SRS addresses take only bounces (MAIL FROM:<>)")
 # 554 (RFC 5321 6.3: loops), 5.4.6 routing loop detected (RFC 3463 3.5)
 TOO_MANY_HOPS = Reply(554, "5.4.6", "Too many hops, mail loop detected")
 # 554 transaction failed (RFC 5321 4.2.2), 5.0.0 other (RFC 3463 3.1)

@@ -225,6 +225,10 @@ class Router:
             return address.lower().rstrip(".") == user.lower().rstrip(".")
         return self.addresses.owned_by(address, user, self.passwords)
 
+    def is_srs_address(self, address: str) -> bool:
+        """Whether C{address} has the form of one of our SRS addresses (genuine or not)."""
+        return self.addresses is not None and self.addresses.is_srs_address(address)
+
     def forward_sender(self, sender: str) -> str:
         """The envelope sender of a copy forwarded to another server (SRS)."""
         if self.addresses is None:

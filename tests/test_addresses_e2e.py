@@ -45,7 +45,7 @@ LIST_ID = "Announcements <announce.example.test>"
 # Each domain's MX at its own loopback address.
 DOMAINS = {d: f"127.0.0.{i}" for i, d in enumerate([*REMOTE_DOMAINS, "sender.test"], start=2)}
 SRS0 = re.compile(
-    r"SRS0=(?P<hash>[A-Za-z0-9+/]{4})=(?P<stamp>[A-Za-z2-7]{2})=sender\.test=dave@"
+    r"SRS0=(?P<hash>[A-Za-z0-9+/]{8})=(?P<stamp>[A-Za-z2-7]{2})=sender\.test=dave@"
     + re.escape(HOSTNAME)
 )
 WAIT = 30.0  # seconds to wait for a relayed copy

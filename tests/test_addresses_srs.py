@@ -6,12 +6,16 @@ malformed addresses refused, and the secret in the data folder.
 
 from __future__ import annotations
 
+import random
 import stat
+import string
 
 import pytest
+import srslib
 from twisted.internet.task import Clock
 
 from mailsrv.addresses.srs import (
+    HASH_LENGTH,
     MAX_AGE_DAYS,
     SECRET_BYTES,
     ExpiredSRSAddress,
@@ -144,6 +148,117 @@ def test_garbage_is_refused(garbage):
         rewriter().reverse(garbage)
 
 
+def _hash(address: str) -> str:
+    """The hash field of an SRS0 or SRS1 address."""
+    return address.split("=")[1]
+
+
+def _with_hash(address: str, new: str) -> str:
+    tag, _, rest = address.split("=", 2)
+    return f"{tag}={new}={rest}"
+
+
+def test_the_hash_is_eight_characters_and_only_that_length_is_accepted():
+    srs = rewriter()
+    out = srs.forward("alice@origin.test")
+    full = _hash(out)
+    assert len(full) == HASH_LENGTH == 8
+    # A prefix of our hash (a forger's one-character guess is right 1 time in
+    # 32) or a longer one is not our hash.
+    for n in range(1, HASH_LENGTH):
+        with pytest.raises(ForgedSRSAddress, match="bad hash"):
+            srs.reverse(_with_hash(out, full[:n]))
+    with pytest.raises(ForgedSRSAddress, match="bad hash"):
+        srs.reverse(_with_hash(out, full + "A"))
+    assert srs.reverse(_with_hash(out, full.swapcase())) == "alice@origin.test"
+
+
+def test_a_one_character_hash_is_never_accepted():
+    # Every base64 character: one of them is our hash's first character.
+    srs = rewriter()
+    stamp = _stamp()
+    for c in string.ascii_letters + string.digits + "+/":
+        with pytest.raises(ForgedSRSAddress):
+            srs.reverse(f"SRS0={c}={stamp}=victim.example=anyone@srs.example.test")
+        with pytest.raises(ForgedSRSAddress):
+            srs.reverse(
+                f"SRS1={c}=victim.example==abcd={stamp}=victim.example=anyone@srs.example.test"
+            )
+
+
+def test_four_character_hashes_of_earlier_builds_are_refused():
+    old = srslib.SRS(b"k" * 32, hash_length=4)
+    old._time_fn = lambda: T0
+    with pytest.raises(ForgedSRSAddress):
+        rewriter().reverse(old.forward("alice@origin.test", "srs.example.test"))
+
+
+def test_random_guesses_of_a_hash_are_all_refused():
+    # Only our full length counts, and at that length a guess is right once in
+    # 2**40 (module docstring): 10,000 guesses of 1 to 12 characters find nothing.
+    srs = rewriter()
+    stamp = _stamp()
+    guess = random.Random(10)
+    alphabet = string.ascii_letters + string.digits + "+/"
+    for _ in range(10_000):
+        h = "".join(guess.choices(alphabet, k=guess.randint(1, 12)))
+        with pytest.raises(ForgedSRSAddress):
+            srs.reverse(f"SRS0={h}={stamp}=victim.example=anyone@srs.example.test")
+
+
+def _stamp(t: float = T0) -> str:
+    return srslib.SRS(b"x").generate_ts(t)
+
+
+def test_srs1_expires_with_the_first_hops_time_stamp():
+    clock = _clock()
+    first = rewriter(b"a" * 32, "a.test", clock=clock)
+    ours = rewriter(b"b" * 32, "b.test", clock=clock)
+    srs1 = ours.forward(first.forward("alice@origin.test"))
+    clock.advance((MAX_AGE_DAYS - 1) * DAY)
+    assert ours.reverse(srs1).startswith("SRS0=")
+    clock.advance(DAY)
+    with pytest.raises(ExpiredSRSAddress, match=f"older than {MAX_AGE_DAYS} days"):
+        ours.reverse(srs1)
+
+
+def test_srs1_with_our_hash_over_an_old_first_hop_address_is_refused():
+    # Made with our secret (a hop forwarded it), but its first hop's address
+    # was 30 days old: a bounce to it is refused like an old SRS0 one.
+    first = rewriter(b"a" * 32, "a.test", clock=_clock(T0 - 30 * DAY))
+    ours = rewriter()
+    with pytest.raises(ExpiredSRSAddress):
+        ours.reverse(ours.forward(first.forward("alice@origin.test")))
+
+
+def test_srs1_with_our_hash_but_no_first_hop_time_stamp_is_refused():
+    maker = srslib.SRS(b"k" * 32, hash_length=HASH_LENGTH)
+    address = maker.generate_srs1_address("victim.example", "=x", "srs.example.test")
+    assert address.startswith("SRS1=") and address.endswith("=victim.example==x@srs.example.test")
+    with pytest.raises(MalformedSRSAddress):
+        rewriter().reverse(address)
+
+
+def test_the_tag_takes_any_case_and_each_separator():
+    srs = rewriter()
+    out = srs.forward("alice@origin.test")
+    for tag in ("SRS0=", "srs0+", "Srs0-"):
+        assert srs.reverse(tag + out[5:]) == "alice@origin.test"
+    # Another host's SRS0 with "-" keeps it through our SRS1 and back.
+    theirs = "SRS0-" + rewriter(b"a" * 32, "a.test").forward("bob@origin.test")[5:]
+    srs1 = srs.forward(theirs)
+    assert srs1.startswith("SRS1=") and "=a.test=-" in srs1
+    assert srs.reverse(srs1) == theirs
+    assert srs.reverse(srs1.replace("SRS1=", "srs1+", 1)) == theirs
+
+
+def test_an_address_that_only_looks_like_srs_is_forwarded_as_srs0():
+    srs = rewriter()
+    out = srs.forward("SRS0+nothing@other.test")
+    assert out.startswith("SRS0=")
+    assert srs.reverse(out) == "SRS0+nothing@other.test"
+
+
 def test_is_srs():
     srs = rewriter()
     out = srs.forward("alice@origin.test")
@@ -152,7 +267,8 @@ def test_is_srs():
     assert srs.is_srs(rewriter(b"z" * 32, "b.test").forward(out))
     # Genuine or not is for reverse to say.
     assert srs.is_srs("SRS0=xxxx=AB=origin.test=alice@srs.example.test")
-    for address in ("alice@origin.test", "srs0@origin.test", "garbage", ""):
+    assert srs.is_srs("srs1+anything@srs.example.test")
+    for address in ("alice@origin.test", "srs0@origin.test", "SRS0x@a.test", "garbage", ""):
         assert not srs.is_srs(address)
 
 

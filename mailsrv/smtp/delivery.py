@@ -458,6 +458,9 @@ class BaseDelivery:
         to (a single local user's stored spelling; else C{address}), or
         raise L{SMTPReplyError} with the reply the routing step gave.
         """
+        if self.sender and self.router.is_srs_address(address):
+            # Our SRS addresses are for bounces, sent from <> (RFC 3464 2; RFC 5321 4.5.5).
+            raise SMTPReplyError(replies.SRS_BOUNCES_ONLY, cause=f"from <{self.sender}>")
         resolution = self.router.resolve(address, may_relay=self.may_relay, budget=self._budget)
         if isinstance(resolution, routing.Refused):
             raise SMTPReplyError(resolution.reply, cause=resolution.cause)
