@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import unicodedata
 from pathlib import Path
 from urllib.parse import quote
@@ -65,12 +66,15 @@ def canonical_folder(name: str) -> str:
     return DELIMITER.join(parts)
 
 
+@functools.lru_cache(maxsize=4096)
 def split_user(address: str) -> tuple[str, str]:
     """
     Split C{local@domain} into its parts; ValueError if unusable. The domain
     comes back in lower-case A-labels (an IDN is one user whether written
     with U-labels or A-labels, RFC 5890), a UTF-8 local part in Unicode NFC
-    (RFC 6530 10.1), so each user has one name, and one folder on disk.
+    (RFC 6530 10.1), so each user has one name, and one folder on disk. A
+    pure function, remembered for the last 4,096 addresses (every lookup of
+    a user and every routing step calls it; a refused one is not kept).
     """
     if not isinstance(address, str) or address.count("@") < 1:
         raise ValueError(f"not an address: {address!r}")
