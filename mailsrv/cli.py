@@ -1,7 +1,7 @@
 """
 The ``mailsrv`` admin command: mailbox owners (``user``), the aliases file
-(``alias``) and, when the outbound part is installed, the mail queue
-(``queue``).
+(``alias``), DKIM signing keys (``dkim keygen``) and, when the outbound
+part is installed, the mail queue (``queue``).
 
 Exit codes: 0 done, 1 refused (unknown user, bad address, ...), 2 bad
 command line or configuration.
@@ -31,6 +31,7 @@ from mailsrv.addresses.resolver import (
 from mailsrv.addresses.srs import SECRET_FILE, SRSSecretError
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
+from mailsrv.dkim.admin import KeygenError, add_dkim_commands
 from mailsrv.store.names import split_user, user_dir
 
 HANDLER = "handler"  # the argparse default naming a subcommand's handler(args, config) -> int
@@ -346,6 +347,7 @@ def build_parser() -> argparse.ArgumentParser:
         pass
     else:
         add_queue_commands(commands)
+    add_dkim_commands(commands)
     return parser
 
 
@@ -383,7 +385,7 @@ def main(
         if handler in _OWN_HANDLERS:
             return handler(args, config, io)
         return _call_external(handler, args, config, io)
-    except CommandError as e:
+    except (CommandError, KeygenError) as e:
         print(f"mailsrv: {e}", file=io.stderr)
         return 1
     except PasswordFileError as e:

@@ -130,6 +130,14 @@ class AddressesConfig:
 
 
 @dataclass(frozen=True)
+class DkimConfig:
+    """The [dkim] section: the signing keys of local domains (RFC 6376)."""
+
+    keys: Mapping[str, Path]  # domain -> its private key file (relative to the config's folder)
+    selector: str  # the s= tag: the key is published at SELECTOR._domainkey.DOMAIN
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -141,6 +149,7 @@ class Config:
     relay: RelayConfig
     dns: DNSConfig
     addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
+    dkim: DkimConfig = field(default=None)  # type: ignore[assignment]
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -295,6 +304,26 @@ def _domain_table(v: Any) -> dict[str, str]:
     if not isinstance(v, dict):
         raise ValueError('must be a table of "alias domain" = "domain"')
     return {_domain(k): _domain(_str(d)) for k, d in v.items()}
+
+
+def _key_table(v: Any) -> dict[str, str]:
+    """A table of domain = key file."""
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of "domain" = "key file"')
+    return {_domain(k): _nonempty_str(f) for k, f in v.items()}
+
+
+# RFC 6376 3.1: selector = sub-domain *( "." sub-domain )
+_SELECTOR = re.compile(
+    r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?)*"
+)
+
+
+def _selector(v: Any) -> str:
+    s = _nonempty_str(v)
+    if not _SELECTOR.fullmatch(s):
+        raise ValueError(f"{s!r} is not a DKIM selector (RFC 6376 3.1: dot-separated labels)")
+    return s
 
 
 def _list_table(v: Any) -> dict[str, str]:
@@ -498,6 +527,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "srs_domain": (_domain, None),
         "lists": (_list_table, {}),
     },
+    "dkim": {
+        "keys": (_key_table, {}),
+        "selector": (_selector, "mail"),
+    },
 }
 
 
@@ -619,6 +652,10 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             domain_aliases=addresses["domain_aliases"],
             srs_domain=addresses["srs_domain"] or _srs_default(v["server"]["hostname"]),
             lists=addresses["lists"],
+        ),
+        dkim=DkimConfig(
+            keys={d: rel(f, base) for d, f in v["dkim"]["keys"].items()},  # type: ignore[misc]
+            selector=v["dkim"]["selector"],
         ),
         raw=raw,
         source=text,

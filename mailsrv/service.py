@@ -16,6 +16,7 @@ from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore, IReactorTime
+from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
@@ -26,6 +27,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
+from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
@@ -73,6 +75,8 @@ class ServerContext:
     pop3_locks: MaildropLocks = field(default_factory=MaildropLocks)
     # The address rules (aliases, domain aliases, SRS...); None: users only.
     addresses: AddressRules | None = None
+    # Signs submitted mail from the local domains with [dkim] keys; None: none.
+    dkim: DkimSigner | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -142,6 +146,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
+        dkim=load_signer(config, lambda f: deferToThreadPool(reactor, pool, f)),
     )
 
 

@@ -16,6 +16,7 @@ from twisted.internet import defer
 
 from mailsrv import routing
 from mailsrv.config import Config
+from mailsrv.dkim.signer import DkimSigner
 from mailsrv.outbound import dsn
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.local import LocalRecipients
@@ -36,10 +37,13 @@ class Bounces:
         results: Results,
         local: LocalRecipients | None,
         router: routing.Router,
+        signer: DkimSigner | None = None,
     ) -> None:
         """
         C{local} None: no local mailboxes here, every DSN goes through the
         queue. C{router}: the routing step, which says where the sender is.
+        C{signer}: DKIM-signs the DSNs that go through the queue (RFC 6376),
+        by the key of their From: domain (the server's host name).
         """
         self.config = config
         self.queue = queue
@@ -47,6 +51,7 @@ class Bounces:
         self.results = results
         self.local = local
         self.router = router
+        self.signer = signer
         self.log = relayer_logger(self)
 
     @defer.inlineCallbacks
@@ -101,6 +106,8 @@ class Bounces:
                 # Where routing sends it: the sender, or the original sender
                 # behind an SRS address of ours. RFC 6533: a DSN naming a UTF-8
                 # address needs SMTPUTF8 on its way.
+                if self.signer is not None:
+                    source = yield self.signer.sign(source)
                 where = yield self.queue.enqueue(
                     "", [route.address], source, smtputf8=dsn.is_international(env, rcpts)
                 )

@@ -15,6 +15,7 @@ from zope.interface import implementer
 
 from mailsrv.addresses.resolver import AddressRules
 from mailsrv.config import Config
+from mailsrv.dkim.signer import load_signer
 from mailsrv.interfaces import IPasswordDatabase
 from mailsrv.outbound.bounces import Bounces
 from mailsrv.outbound.local import LocalRecipients, Mailboxes
@@ -144,6 +145,7 @@ def build_relayer(
             results=results,
             local=local,
             router=router,
+            signer=load_signer(config, results.in_pool),
         ),
         schedule=schedule,
         scan_interval=scan_interval,

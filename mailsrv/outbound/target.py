@@ -23,14 +23,19 @@ class QueueTarget:
     """
     An L{IOutboundQueue}. C{smtputf8}: the messages were received with
     SMTPUTF8 (RFC 6531), which their queue envelopes keep for the relayer.
+    C{signer}: a L{mailsrv.dkim.signer.DkimSigner} that DKIM-signs each
+    message as it is queued (None: queued as it is).
     """
 
-    def __init__(self, queue: IOutboundQueue, *, smtputf8: bool = False) -> None:
+    def __init__(
+        self, queue: IOutboundQueue, *, smtputf8: bool = False, signer: Any = None
+    ) -> None:
         self.queue = queue
         self.smtputf8 = smtputf8
+        self.signer = signer
 
     def start(self, sender: str) -> QueueDelivery:
-        return QueueDelivery(self.queue, sender or "", smtputf8=self.smtputf8)
+        return QueueDelivery(self.queue, sender or "", smtputf8=self.smtputf8, signer=self.signer)
 
 
 @implementer(IDelivery)
@@ -40,10 +45,13 @@ class QueueDelivery:
     rename) only at L{commit}, so L{abort} leaves nothing behind.
     """
 
-    def __init__(self, queue: IOutboundQueue, sender: str, *, smtputf8: bool = False) -> None:
+    def __init__(
+        self, queue: IOutboundQueue, sender: str, *, smtputf8: bool = False, signer: Any = None
+    ) -> None:
         self.queue = queue
         self.sender = sender
         self.smtputf8 = smtputf8
+        self.signer = signer
         self.recipients: dict[str, None] = {}
         self.source: Any = None
         self.state = "open"
@@ -71,13 +79,16 @@ class QueueDelivery:
             return defer.succeed(None)
         if self.source is None:
             return defer.fail(ValueError("commit before body"))
-        return defer.maybeDeferred(
-            self.queue.enqueue,
-            self.sender,
-            list(self.recipients),
-            self.source,
-            smtputf8=self.smtputf8,
-        )
+        recipients = list(self.recipients)
+
+        def enqueue(source: Any) -> defer.Deferred:
+            return defer.maybeDeferred(
+                self.queue.enqueue, self.sender, recipients, source, smtputf8=self.smtputf8
+            )
+
+        if self.signer is None:
+            return enqueue(self.source)
+        return self.signer.sign(self.source).addCallback(enqueue)
 
     def abort(self) -> None:
         if self.state == "open":

@@ -262,13 +262,21 @@ class IncomingMessage:
             else:
                 sender = self.router.forward_sender(self.sender) if forwarded else self.sender
                 source = self._source_for(mailing_list)
-                target = QueueTarget(self.ctx.queue, smtputf8=self.smtputf8)
+                target = QueueTarget(self.ctx.queue, smtputf8=self.smtputf8, signer=self._signer())
                 attempts.append(self._commit(target, routes, source, sender))
             labels.append("queue:" + ",".join(r.address for r in routes))
         d = defer.DeferredList(attempts, consumeErrors=True)
         d.addCallback(self._delivered, labels)
         d.addBoth(self._cleanup)
         return d
+
+    def _signer(self) -> Any:
+        """
+        The DKIM signer for this message's queued copies: only mail an
+        authenticated user submitted is signed here, never mail merely
+        relayed or forwarded (it keeps its own signatures).
+        """
+        return getattr(self.ctx, "dkim", None) if self.user is not None else None
 
     def _source_for(self, mailing_list: str | None) -> Any:
         """The message as a copy through C{mailing_list} is sent: with its List-Id."""
