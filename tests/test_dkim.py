@@ -24,13 +24,14 @@ from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 
 from mailsrv.cli import main
-from mailsrv.config import parse
+from mailsrv.config import load, parse
 from mailsrv.dkim.keys import SigningKey, load_key
 from mailsrv.dkim.signer import DkimSigner, load_signer, signature
 from mailsrv.localdelivery import LocalDelivery
 from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
+from mailsrv.service import build_context
 from mailsrv.spool import BytesSource
 from mailsrv.startup import StartupError
 from mailsrv.store.memory import MemoryMailStore
@@ -119,6 +120,15 @@ def test_an_unusable_key_stops_the_start_naming_the_key(tmp_path):
     with pytest.raises(StartupError) as e:
         load_signer(config, defer.maybeDeferred)
     assert 'dkim.keys."example.test"' in str(e.value)
+
+
+def test_the_server_context_signs_with_the_configured_keys(tmp_path):
+    cfg = config_file(tmp_path, '[dkim]\nkeys = { "example.test" = "dkim/example.test.key" }\n')
+    assert keygen(cfg, "example.test")[0] == 0
+    ctx = build_context(load(cfg), MemoryReactorClock())
+    assert isinstance(ctx.dkim, DkimSigner)
+    assert list(ctx.dkim.keys) == ["example.test"]
+    assert ctx.dkim.keys["example.test"].kind == "rsa"  # the default type
 
 
 # --- signing submitted mail -----------------------------------------------------------

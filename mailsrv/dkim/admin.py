@@ -34,7 +34,8 @@ def add_dkim_commands(subparsers: Any) -> argparse.ArgumentParser:
     )
     keygen.add_argument("domain")
     keygen.add_argument("--selector", help="the s= selector (default: [dkim] selector)")
-    keygen.add_argument("--type", choices=KEY_TYPES, default="ed25519", dest="key_type")
+    # RSA by default: not every receiver verifies ed25519 (RFC 8463) yet.
+    keygen.add_argument("--type", choices=KEY_TYPES, default="rsa", dest="key_type")
     keygen.add_argument("--force", action="store_true", help="replace an existing key file")
     keygen.set_defaults(**{HANDLER: keygen_command})
     return p
