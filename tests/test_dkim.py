@@ -22,6 +22,7 @@ import dkim
 import pytest
 from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
+from twisted.logger import formatEvent, globalLogPublisher
 
 from mailsrv.cli import main
 from mailsrv.config import load, parse
@@ -319,3 +320,21 @@ def test_opendkim_signs_with_our_key_file_what_our_txt_record_verifies(tmp_path)
     assert signed.startswith(b"DKIM-Signature:")
     lookup = dnsfunc("mail._domainkey.example.test", published(out)[1])
     assert dkim.verify(signed, dnsfunc=lookup)
+
+
+def test_a_message_that_cannot_be_signed_is_queued_unsigned_and_logged(tmp_path):
+    srv, _ = signing_server(tmp_path, "ed25519")
+    signer = srv.ctx.dkim
+    assert signer is not None
+    broken = dataclasses.replace(signer.keys["example.test"], private=b"not a key")
+    srv.ctx = dataclasses.replace(srv.ctx, dkim=DkimSigner({"example.test": broken}, inline))
+    seen: list[dict] = []
+    globalLogPublisher.addObserver(seen.append)
+    try:
+        replies = send(srv.submission(), ALICE, ["dave@remote.test"], SUBMITTED)
+    finally:
+        globalLogPublisher.removeObserver(seen.append)
+    assert replies[-1].startswith("250 2.0.0 ")
+    [(_, data)] = srv.queued()
+    assert data.startswith(b"Received: ") and b"DKIM-Signature" not in data
+    assert any("DKIM signing failed" in formatEvent(e) for e in seen)

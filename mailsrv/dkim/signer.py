@@ -27,6 +27,7 @@ from mailsrv.addresses.domains import DomainError, ascii_domain
 from mailsrv.dkim.keys import DkimKeyError, SigningKey, load_key
 from mailsrv.logsafe import SafeLogger
 from mailsrv.returnpath import PrefixSource
+from mailsrv.spool import BytesSource
 from mailsrv.startup import StartupError
 
 SMALL = 256 * 1024  # the spool's in-memory size: signed without waiting for the others
@@ -124,18 +125,21 @@ class DkimSigner:
         return self._large.run(self._signed, source)
 
     def _signed(self, source: Any) -> defer.Deferred:
-        def read_and_sign() -> bytes | None:
+        def read_and_sign() -> Any:
             with source.open() as f:
-                return signature(f.read(), self.keys)
+                data = f.read()
+            field = signature(data, self.keys)
+            if field is None:
+                return source
+            if len(data) <= SMALL:
+                return BytesSource(field + data)  # in memory already: the queue keeps it so
+            return PrefixSource(field, source)  # the rest stays in the spool file
 
-        def failed(failure: Any) -> None:
+        def failed(failure: Any) -> Any:
             self.log.error("DKIM signing failed, queued unsigned: {why}", why=str(failure.value))
-            return None
+            return source
 
-        d = self._in_pool(read_and_sign)
-        d.addErrback(failed)
-        d.addCallback(lambda field: source if field is None else PrefixSource(field, source))
-        return d
+        return self._in_pool(read_and_sign).addErrback(failed)
 
 
 def load_signer(
