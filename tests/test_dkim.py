@@ -25,7 +25,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mailsrv.cli import main
-from mailsrv.config import load, parse
+from mailsrv.config import ConfigError, load, parse
 from mailsrv.dkim.keys import SigningKey, load_key
 from mailsrv.dkim.signer import DkimSigner, load_signer, signature
 from mailsrv.localdelivery import LocalDelivery
@@ -338,3 +338,14 @@ def test_a_message_that_cannot_be_signed_is_queued_unsigned_and_logged(tmp_path)
     [(_, data)] = srv.queued()
     assert data.startswith(b"Received: ") and b"DKIM-Signature" not in data
     assert any("DKIM signing failed" in formatEvent(e) for e in seen)
+
+
+def test_the_dkim_section_is_checked_and_key_paths_are_relative_to_the_config(tmp_path):
+    config = parse('[dkim]\nkeys = { "Example.TEST" = "dkim/ex.key" }\n', "<test>", tmp_path)
+    assert config.dkim.keys == {"example.test": tmp_path / "dkim" / "ex.key"}
+    assert config.dkim.selector == "mail"
+    with pytest.raises(ConfigError) as e:
+        parse('[dkim]\nkeys = "dkim/ex.key"\nselector = "a_b"\n', "<test>", tmp_path)
+    assert len(e.value.errors) == 2
+    assert any(err.startswith("dkim.keys:") for err in e.value.errors)
+    assert any(err.startswith("dkim.selector:") for err in e.value.errors)
