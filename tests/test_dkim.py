@@ -349,3 +349,15 @@ def test_the_dkim_section_is_checked_and_key_paths_are_relative_to_the_config(tm
     assert len(e.value.errors) == 2
     assert any(err.startswith("dkim.keys:") for err in e.value.errors)
     assert any(err.startswith("dkim.selector:") for err in e.value.errors)
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
+def test_keygen_run_as_root_gives_the_key_to_the_data_folders_owner(tmp_path):
+    cfg = config_file(tmp_path)
+    (tmp_path / "data").mkdir()
+    os.chown(tmp_path / "data", 4321, 4321)  # the server's user
+    assert keygen(cfg, "example.test")[0] == 0
+    folder = tmp_path / "data" / "dkim"
+    key = folder / "example.test.mail.key"
+    assert (os.stat(folder).st_uid, os.stat(key).st_uid) == (4321, 4321)
+    assert stat.S_IMODE(os.stat(key).st_mode) == 0o600

@@ -9,6 +9,7 @@ Key files hold what C{dkimpy} (and opendkim) read: an RSA key as PEM
 from __future__ import annotations
 
 import base64
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -75,9 +76,15 @@ def write_key(path: Path, data: bytes, *, force: bool = False) -> None:
     """
     Write a key file atomically with mode 0600 (its folder 0700 if made);
     an existing file is replaced only when C{force}, else L{FileExistsError}.
+    Run as root, the file (and a folder made for it) gets the owner of the
+    folder above, as the password file does: the server's user reads it.
     """
-    make_dirs(path.parent)
-    write_atomic(path, data, 0o600, replace=force)
+    if not path.parent.is_dir():
+        make_dirs(path.parent)
+        if os.geteuid() == 0:
+            st = os.stat(path.parent.parent)
+            os.chown(path.parent, st.st_uid, st.st_gid)
+    write_atomic(path, data, 0o600, replace=force, keep_owner=True)
 
 
 def load_key(path: Path, domain: str, selector: str) -> SigningKey:
