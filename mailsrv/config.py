@@ -130,6 +130,52 @@ class AddressesConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """The [filter] section: the spam filter step at the end of DATA (mailsrv.filter)."""
+
+    rspamd: str | None  # rspamd's URL (its normal worker)
+    spamd: tuple[str, int] | None  # spamd's host and port
+    command: tuple[str, ...] | None  # a filter command and its arguments
+    timeout: int
+    on_failure: str  # accept | defer
+    reject_score: float | None  # None: the daemon's own action
+    junk_score: float | None
+
+
+def _score(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"must be a number, not {_tname(v)}")
+    return float(v)
+
+
+def _url(v: Any) -> str:
+    s = _nonempty_str(v).strip()
+    if not re.fullmatch(r"https?://[^/\s]+/?", s):
+        raise ValueError(f'must be a URL such as "http://127.0.0.1:11333", not {v!r}')
+    return s
+
+
+def _argv(v: Any) -> tuple[str, ...]:
+    argv = _str_list(v)
+    if not argv or not os.path.isabs(argv[0]):
+        raise ValueError('must be a list: an absolute path, then its arguments ["/path", "arg"]')
+    return argv
+
+
+def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
+    given = [k for k in ("rspamd", "spamd", "command") if v[k] is not None]
+    if len(given) > 1:
+        errors.append(f"filter: give one of rspamd, spamd and command, not {' and '.join(given)}")
+    spamd = None
+    if v["spamd"] is not None:
+        try:
+            spamd = _hostport(783)(v["spamd"])
+        except ValueError as e:
+            errors.append(f"filter.spamd: {e}")
+    return FilterConfig(**{**v, "spamd": spamd})
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -141,6 +187,7 @@ class Config:
     relay: RelayConfig
     dns: DNSConfig
     addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
+    filter: FilterConfig | None = None  # None: no spam filter
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -498,6 +545,15 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "srs_domain": (_domain, None),
         "lists": (_list_table, {}),
     },
+    "filter": {
+        "rspamd": (_url, None),
+        "spamd": (_nonempty_str, None),
+        "command": (_argv, None),
+        "timeout": (_duration, 30),
+        "on_failure": (_choice("accept", "defer"), "accept"),
+        "reject_score": (_score, None),
+        "junk_score": (_score, None),
+    },
 }
 
 
@@ -581,6 +637,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
     for address in addresses["lists"]:
         if address.rpartition("@")[2] not in local_domains:
             errors.append(f"addresses.lists: {address} is not in a local domain")
+    filter_config = _filter_config(v["filter"], errors)
     if errors:
         raise ConfigError(path, errors)
 
@@ -620,6 +677,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             srs_domain=addresses["srs_domain"] or _srs_default(v["server"]["hostname"]),
             lists=addresses["lists"],
         ),
+        filter=filter_config,
         raw=raw,
         source=text,
         base_dir=base,

@@ -26,6 +26,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
+from mailsrv.filter.step import FilterStep, build_filter
 from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
@@ -73,6 +74,8 @@ class ServerContext:
     pop3_locks: MaildropLocks = field(default_factory=MaildropLocks)
     # The address rules (aliases, domain aliases, SRS...); None: users only.
     addresses: AddressRules | None = None
+    # The spam filter step at the end of DATA; None: no filter.
+    filter: FilterStep | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -142,6 +145,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
+        filter=build_filter(config.filter, reactor),
     )
 
 
