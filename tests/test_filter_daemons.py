@@ -23,6 +23,7 @@ from twisted.internet import defer, reactor, task
 from twisted.trial import unittest
 
 from mailsrv.filter.command import CommandFilter
+from mailsrv.filter.rspamd import RspamdFilter
 from mailsrv.filter.spamd import SpamdFilter
 from mailsrv.filter.step import FilterStep
 from mailsrv.filter.verdict import DEFER, Envelope, Thresholds
@@ -232,4 +233,106 @@ class SpamdTests(unittest.TestCase):
     def test_startup_time(self):
         """How long spamd took to listen (printed with -s)."""
         print(f"spamd listened after {self.startup:.1f}s")
+        self.assertLess(self.startup, START_TIMEOUT)
+
+
+RSPAMD_CONF = """\
+.include "$CONFDIR/common.conf"
+options {
+    pidfile = "$RUNDIR/rspamd.pid";
+    .include "$CONFDIR/options.inc"
+    disable_hyperscan = true;  # compiling its rule cache takes longer than the tests
+    dns { nameserver = ["127.0.0.1:9"]; }  # no Internet DNS in the tests
+}
+logging {
+    type = "file";
+    filename = "$LOGDIR/rspamd.log";
+    level = "warning";
+}
+worker "normal" {
+    bind_socket = "127.0.0.1:%(port)d";
+    .include "$CONFDIR/worker-normal.inc"
+    count = 1;
+}
+"""
+
+
+class RspamdTests(unittest.TestCase):
+    """rspamd's normal worker alone, started on a loopback port from a config in a temp folder."""
+
+    proc: subprocess.Popen | None = None
+
+    @classmethod
+    def setUpClass(cls) -> None:
+        rspamd = shutil.which("rspamd")
+        if rspamd is None or not os.path.isdir("/etc/rspamd"):
+            raise unittest.SkipTest("rspamd is not installed (Debian package rspamd)")
+        cls.dir = Path(tempfile.mkdtemp(prefix="rspamd-"))
+        cls.port = free_port()
+        conf = cls.dir / "rspamd.conf"
+        conf.write_text(RSPAMD_CONF % {"port": cls.port})
+        (cls.dir / "local").mkdir()
+        user = ["-u", "root", "-g", "root"] if os.getuid() == 0 else []
+        cls.proc = subprocess.Popen(
+            [rspamd, "-f", "-c", str(conf), *user]
+            + [f"--var={v}={cls.dir}" for v in ("RUNDIR", "DBDIR", "LOGDIR")]
+            + ["--var=CONFDIR=/etc/rspamd", f"--var=LOCAL_CONFDIR={cls.dir / 'local'}"],
+            stdout=subprocess.DEVNULL,
+            stderr=open(cls.dir / "err", "wb"),
+        )
+        try:
+            cls.startup = wait_for_port(cls.port, cls.proc, START_TIMEOUT)
+        except RuntimeError:
+            cls.tearDownClass()
+            raise
+
+    @classmethod
+    def tearDownClass(cls) -> None:
+        if cls.proc is not None:
+            cls.proc.send_signal(signal.SIGTERM)
+            cls.proc.wait(30)
+            cls.proc = None
+        shutil.rmtree(cls.dir, ignore_errors=True)
+
+    def client(self, **thresholds: float) -> RspamdFilter:
+        return RspamdFilter(reactor, f"http://127.0.0.1:{self.port}", Thresholds(**thresholds))
+
+    @defer.inlineCallbacks
+    def test_gtube_is_refused_by_rspamds_own_action(self):
+        s = session(self.client())
+        reply = yield smtp_send(s, SPAM)
+        self.assertEqual(reply, ["550 5.7.1 Gtube pattern"])
+        self.assertEqual(read_inbox(s.ctx, ALICE), [])
+
+    @defer.inlineCallbacks
+    def test_gtube_is_filed_into_junk_with_a_higher_reject_score(self):
+        s = session(self.client(reject=1000))
+        _result(s.ctx.store.create_folder(ALICE, "Junk"))
+        reply = yield smtp_send(s, SPAM)
+        self.assertTrue(reply[0].startswith("250 "), reply)
+        [stored] = read_folder(s.ctx, ALICE, "Junk")
+        self.assertIn(b"X-Rspamd-Action: reject\n", stored)
+        self.assertIn(b"X-Spam-Flag: YES\n", stored)
+
+    @defer.inlineCallbacks
+    def test_a_clean_message_passes(self):
+        # Without DNS rspamd adds a few points (RDNS_NONE...): junk from 10 on.
+        s = session(self.client(junk=10))
+        reply = yield smtp_send(s, CLEAN)
+        self.assertTrue(reply[0].startswith("250 "), reply)
+        [stored] = read_inbox(s.ctx, ALICE)
+        self.assertIn(b"X-Spam-Status: No, score=", stored)
+        self.assertIn(b"X-Rspamd-Action: ", stored)
+
+    @defer.inlineCallbacks
+    def test_a_stopped_daemon_gives_the_fallback(self):
+        stopped = RspamdFilter(reactor, f"http://127.0.0.1:{free_port()}", Thresholds())
+        reply = yield smtp_send(session(stopped, on_failure="defer"), CLEAN)
+        self.assertEqual([line[:9] for line in reply], ["451 4.7.1"])
+        reply = yield smtp_send(session(stopped, on_failure="accept"), CLEAN)
+        self.assertTrue(reply[0].startswith("250 "), reply)
+
+    def test_startup_time(self):
+        """How long rspamd took to listen (printed with -s)."""
+        print(f"rspamd listened after {self.startup:.1f}s")
         self.assertLess(self.startup, START_TIMEOUT)
