@@ -1,14 +1,16 @@
 """
 The spam filter step against real filters on loopback: a filter command
-(a shell script), and SpamAssassin's spamd started by the test (skipped with
-a reason where it is not installed; CI installs it). GTUBE is refused or
-filed into Junk, a clean message passes, a stopped daemon gives the
-configured fallback.
+(a shell script), SpamAssassin's spamd and rspamd started by the tests
+(skipped with a reason where not installed; CI installs them), and the
+rspamd client's request as a recording HTTP server sees it. GTUBE is
+refused or filed into Junk, a clean message passes, a stopped daemon gives
+the configured fallback.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import shutil
 import signal
@@ -26,7 +28,7 @@ from mailsrv.filter.command import CommandFilter
 from mailsrv.filter.rspamd import RspamdFilter
 from mailsrv.filter.spamd import SpamdFilter
 from mailsrv.filter.step import FilterStep
-from mailsrv.filter.verdict import DEFER, Envelope, Thresholds
+from mailsrv.filter.verdict import DEFER, JUNK, Envelope, Thresholds
 
 from .test_filter import ALICE, GTUBE, read_folder
 from .test_smtp_helpers import Session, _result, make_context, read_inbox
@@ -336,3 +338,50 @@ class RspamdTests(unittest.TestCase):
         """How long rspamd took to listen (printed with -s)."""
         print(f"rspamd listened after {self.startup:.1f}s")
         self.assertLess(self.startup, START_TIMEOUT)
+
+
+class RspamdWireTests(unittest.TestCase):
+    """The rspamd client's request on a real loopback socket, to a recording HTTP server."""
+
+    def setUp(self) -> None:
+        from twisted.web import resource, server
+
+        self.requests: list[tuple[bytes, bytes, Any, bytes]] = []
+        self.code = 200
+        test = self
+
+        class CheckV2(resource.Resource):
+            isLeaf = True
+
+            def render_POST(self, request):
+                body = request.content.read()
+                test.requests.append((request.method, request.path, request.requestHeaders, body))
+                request.setResponseCode(test.code)
+                return json.dumps({"action": "add header", "score": 7.5}).encode()
+
+        self.port = reactor.listenTCP(0, server.Site(CheckV2()), interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+        self.client = RspamdFilter(
+            reactor, f"http://127.0.0.1:{self.port.getHost().port}/", Thresholds()
+        )
+
+    @defer.inlineCallbacks
+    def test_the_message_is_posted_with_the_envelope(self):
+        message = CLEAN.replace("\r\n", "\n").encode()
+        env = Envelope("Q7", "bob@remote.test", (ALICE,), "192.0.2.7", user="carol")
+        verdict = yield self.client.check(_source(CLEAN), env)
+        [(method, path, headers, body)] = self.requests
+        self.assertEqual((method, path, body), (b"POST", b"/checkv2", message))
+        self.assertEqual(headers.getRawHeaders(b"IP"), [b"192.0.2.7"])
+        self.assertEqual(headers.getRawHeaders(b"From"), [b"bob@remote.test"])
+        self.assertEqual(headers.getRawHeaders(b"Rcpt"), [ALICE.encode()])
+        self.assertEqual(headers.getRawHeaders(b"User"), [b"carol"])
+        self.assertEqual(headers.getRawHeaders(b"Queue-Id"), [b"Q7"])
+        self.assertEqual((verdict.action, verdict.score), (JUNK, 7.5))
+
+    @defer.inlineCallbacks
+    def test_an_http_error_is_a_failure(self):
+        self.code = 500
+        step = FilterStep(self.client, reactor, 5, "defer")
+        verdict = yield step.check(_source(CLEAN), ENVELOPE)
+        self.assertEqual(verdict.action, DEFER)

@@ -12,7 +12,7 @@ from typing import Any
 
 from twisted.internet import defer, protocol
 from twisted.python.failure import Failure
-from twisted.web.client import Agent, FileBodyProducer, readBody
+from twisted.web.client import Agent, FileBodyProducer, ResponseDone
 from twisted.web.http_headers import Headers
 from zope.interface import implementer
 
@@ -98,7 +98,9 @@ class RspamdFilter:
             if response.code != 200:
                 response.deliverBody(protocol.Protocol())
                 raise FilterError(f"rspamd answered HTTP {response.code}")
-            return readBody(response)
+            body = _Body()
+            response.deliverBody(body)
+            return body.done
 
         def closed(result: Any) -> Any:
             f.close()
@@ -109,6 +111,28 @@ class RspamdFilter:
         d.addErrback(_unreachable)
         d.addBoth(closed)
         return d
+
+
+class _Body(protocol.Protocol):
+    """Collects a response body, at most 1 MiB (rspamd's answers are a few kB)."""
+
+    def __init__(self) -> None:
+        self.done: defer.Deferred = defer.Deferred()
+        self._parts: list[bytes] = []
+        self._size = 0
+
+    def dataReceived(self, data: bytes) -> None:
+        self._size += len(data)
+        if self._size <= 1024 * 1024:
+            self._parts.append(data)
+
+    def connectionLost(self, reason: Failure = protocol.connectionDone) -> None:
+        if self._size > 1024 * 1024:
+            self.done.errback(FilterError("rspamd's answer is over 1 MiB"))
+        elif reason.check(ResponseDone):
+            self.done.callback(b"".join(self._parts))
+        else:
+            self.done.errback(reason)
 
 
 def _unreachable(failure: Failure) -> Failure:
