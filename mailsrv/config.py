@@ -138,6 +138,52 @@ class DkimConfig:
 
 
 @dataclass(frozen=True)
+class FilterConfig:
+    """The [filter] section: the spam filter step at the end of DATA (mailsrv.filter)."""
+
+    rspamd: str | None  # rspamd's URL (its normal worker)
+    spamd: tuple[str, int] | None  # spamd's host and port
+    command: tuple[str, ...] | None  # a filter command and its arguments
+    timeout: int
+    on_failure: str  # accept | defer
+    reject_score: float | None  # None: the daemon's own action
+    junk_score: float | None
+
+
+def _score(v: Any) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        raise ValueError(f"must be a number, not {_tname(v)}")
+    return float(v)
+
+
+def _url(v: Any) -> str:
+    s = _nonempty_str(v).strip()
+    if not re.fullmatch(r"https?://[^/\s]+/?", s):
+        raise ValueError(f'must be a URL such as "http://127.0.0.1:11333", not {v!r}')
+    return s
+
+
+def _argv(v: Any) -> tuple[str, ...]:
+    argv = _str_list(v)
+    if not argv or not os.path.isabs(argv[0]):
+        raise ValueError('must be a list: an absolute path, then its arguments ["/path", "arg"]')
+    return argv
+
+
+def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
+    given = [k for k in ("rspamd", "spamd", "command") if v[k] is not None]
+    if len(given) > 1:
+        errors.append(f"filter: give one of rspamd, spamd and command, not {' and '.join(given)}")
+    spamd = None
+    if v["spamd"] is not None:
+        try:
+            spamd = _hostport(783)(v["spamd"])
+        except ValueError as e:
+            errors.append(f"filter.spamd: {e}")
+    return FilterConfig(**{**v, "spamd": spamd})
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -150,6 +196,7 @@ class Config:
     dns: DNSConfig
     addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
     dkim: DkimConfig = field(default=None)  # type: ignore[assignment]
+    filter: FilterConfig | None = None  # None: no spam filter
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -531,6 +578,15 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "keys": (_key_table, {}),
         "selector": (_selector, "mail"),
     },
+    "filter": {
+        "rspamd": (_url, None),
+        "spamd": (_nonempty_str, None),
+        "command": (_argv, None),
+        "timeout": (_duration, 30),
+        "on_failure": (_choice("accept", "defer"), "accept"),
+        "reject_score": (_score, None),
+        "junk_score": (_score, None),
+    },
 }
 
 
@@ -614,6 +670,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
     for address in addresses["lists"]:
         if address.rpartition("@")[2] not in local_domains:
             errors.append(f"addresses.lists: {address} is not in a local domain")
+    filter_config = _filter_config(v["filter"], errors)
     if errors:
         raise ConfigError(path, errors)
 
@@ -657,6 +714,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             keys={d: rel(f, base) for d, f in v["dkim"]["keys"].items()},  # type: ignore[misc]
             selector=v["dkim"]["selector"],
         ),
+        filter=filter_config,
         raw=raw,
         source=text,
         base_dir=base,

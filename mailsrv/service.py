@@ -28,6 +28,7 @@ from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
+from mailsrv.filter.step import FilterStep, build_filter
 from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
@@ -77,6 +78,8 @@ class ServerContext:
     addresses: AddressRules | None = None
     # Signs submitted mail from the local domains with [dkim] keys; None: none.
     dkim: DkimSigner | None = None
+    # The spam filter step at the end of DATA; None: no filter.
+    filter: FilterStep | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -147,6 +150,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
         dkim=load_signer(config, lambda f: deferToThreadPool(reactor, pool, f)),
+        filter=build_filter(config.filter, reactor),
     )
 
 

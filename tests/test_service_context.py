@@ -17,6 +17,8 @@ from zope.interface.verify import verifyObject
 
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import DEFAULT_CONFIG, Config, parse
+from mailsrv.filter.spamd import SpamdFilter
+from mailsrv.filter.step import FilterStep
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.pop3 import MaildropLocks
@@ -48,7 +50,22 @@ def test_every_part_is_built_and_typed(ctx, tmp_path):
     assert verifyObject(IOutboundQueue, ctx.queue)
     assert isinstance(ctx.pop3_locks, MaildropLocks)
     assert ctx.dkim is None  # no [dkim] keys: nothing is signed
-    assert all(value is not None for name, value in parts(ctx).items() if name != "dkim")
+    assert ctx.filter is None  # no [filter] configured: no spam filter step
+    assert all(
+        value is not None for name, value in parts(ctx).items() if name not in ("dkim", "filter")
+    )
+
+
+def test_a_filter_is_built_from_the_config(tmp_path):
+    text = DEFAULT_CONFIG + '[filter]\nspamd = "127.0.0.1:7830"\non_failure = "defer"\n'
+    ctx = build_context(parse(text, "<test>", tmp_path), MemoryReactorClock())
+    assert isinstance(ctx.filter, FilterStep)
+    assert isinstance(ctx.filter.client, SpamdFilter)
+    assert (ctx.filter.client.port, ctx.filter.on_failure, ctx.filter.timeout) == (
+        7830,
+        "defer",
+        30,
+    )
 
 
 def test_the_context_is_frozen(ctx):

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from mailsrv import replies, routing
 from mailsrv.addresses.resolver import ExpansionBudget
+from mailsrv.filter import step as filter_step
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
@@ -96,6 +97,9 @@ class IncomingMessage:
         self._in_from = False
         self._trace_size = len(trace)
         self._source.write(trace)
+        # The spam filter step (not for submission clients: README, [filter]).
+        self._filter = None if submission else getattr(ctx, "filter", None)
+        self._verdict = filter_step.ACCEPTED  # its verdict, at the end of DATA
 
     # IMessage
 
@@ -141,6 +145,19 @@ class IncomingMessage:
                 error=str(self._source.error),
             )
             return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
+        if self._filter is not None:
+            envelope = filter_step.Envelope(
+                self.queue_id, self.sender, tuple(self.recipients), self.client, user=self.user
+            )
+            return self._filter.check(self._source, envelope).addCallback(self._screened)
+        return self._deliver()
+
+    def _screened(self, verdict: filter_step.Verdict) -> defer.Deferred:
+        """Deliver as the spam filter's verdict says, or refuse."""
+        self._verdict = verdict
+        if verdict.reply is not None:
+            self._source.discard()
+            raise SMTPReplyError(verdict.reply, cause=f"spam filter: {verdict.action}")
         return self._deliver()
 
     def connectionLost(self) -> None:
@@ -175,7 +192,9 @@ class IncomingMessage:
             self._seen.add(lname)
             # RFC 5321 4.4: Return-Path is added at final delivery only; one
             # from the client is dropped, as Postfix's message_drop_headers does.
-            self._dropping = lname == b"return-path"
+            self._dropping = lname == b"return-path" or (
+                self._filter is not None and filter_step.is_filter_field(lname)
+            )
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
                 self._from.add(line.partition(b":")[2])
@@ -243,6 +262,7 @@ class IncomingMessage:
                 if key in users:
                     continue  # one copy for a user reached twice
                 users.add(key)
+                route = filter_step.filed(route, self._verdict)
                 source = self._source_for(route.mailing_list)
                 attempts.append(self._commit(mailboxes, [route], source, self.sender))
                 labels.append(route.user)
@@ -281,11 +301,13 @@ class IncomingMessage:
     def _source_for(self, mailing_list: str | None) -> Any:
         """The message as a copy through C{mailing_list} is sent: with its List-Id."""
         list_id = self.router.list_id(mailing_list)
-        if list_id is None or b"list-id" in self._seen:
+        fields = self._verdict.headers  # the spam filter's
+        if list_id is not None and b"list-id" not in self._seen:
+            fields = f"List-Id: {list_id}\n".encode() + fields  # RFC 2919
+        if not fields:
             return self._source
-        # RFC 2919; below our Received field, which stays with the trace block.
-        field = f"List-Id: {list_id}\n".encode()
-        return PrefixSource(field, self._source, after=self._trace_size)
+        # Below our Received field, which stays with the trace block.
+        return PrefixSource(fields, self._source, after=self._trace_size)
 
     def _commit(
         self,
