@@ -130,6 +130,14 @@ class AddressesConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The [policy] section: defences against abuse (0 = no limit)."""
+
+    messages_per_hour: int = 0  # MAIL FROMs per user and per client address
+    recipients_per_hour: int = 0  # RCPT TOs per user and per client address
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -141,6 +149,7 @@ class Config:
     relay: RelayConfig
     dns: DNSConfig
     addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -498,6 +507,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "srs_domain": (_domain, None),
         "lists": (_list_table, {}),
     },
+    "policy": {
+        # Rate limits, as Postfix's anvil: 0 (its default) is no limit.
+        "messages_per_hour": (_int(0), 0),
+        "recipients_per_hour": (_int(0), 0),
+    },
 }
 
 
@@ -619,6 +633,10 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             domain_aliases=addresses["domain_aliases"],
             srs_domain=addresses["srs_domain"] or _srs_default(v["server"]["hostname"]),
             lists=addresses["lists"],
+        ),
+        policy=PolicyConfig(
+            messages_per_hour=v["policy"]["messages_per_hour"],
+            recipients_per_hour=v["policy"]["recipients_per_hour"],
         ),
         raw=raw,
         source=text,

@@ -31,6 +31,7 @@ from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
 from mailsrv.smtp.server import smtp_factory
 from mailsrv.startup import (
@@ -73,6 +74,8 @@ class ServerContext:
     pop3_locks: MaildropLocks = field(default_factory=MaildropLocks)
     # The address rules (aliases, domain aliases, SRS...); None: users only.
     addresses: AddressRules | None = None
+    # The message and recipient rate limits ([policy]); None: no limits.
+    rates: RateLimits | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -142,6 +145,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
+        rates=RateLimits(
+            reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
+        ),
     )
 
 
