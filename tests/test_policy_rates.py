@@ -124,6 +124,11 @@ def test_a_user_and_an_address_are_counted_apart():
     over = limits.message_refusal(rate_keys("192.0.2.1", "carol@example.test"))
     assert over is not None and "your address" in over.reply.text
     assert limits.recipient_refusal(alice_at_home) is None  # 0: no recipient limit
+    clock.advance(64 * 60 + 30)
+    over = limits.message_refusal(alice_at_home)
+    assert over is not None and over.reply.text.endswith("try again in 1 minute")
+    clock.advance(30)
+    assert limits.message_refusal(alice_at_home) is None
 
 
 def test_an_ipv6_client_is_counted_by_its_64():
@@ -303,10 +308,9 @@ def test_a_negative_limit_is_refused_naming_the_key():
 
 def test_the_server_refuses_over_the_rate_on_loopback(tmp_path):
     extra = "[policy]\nmessages_per_hour = 2\nrecipients_per_hour = 3\n"
-    with MailServer(tmp_path, extra=extra) as server:
+    with MailServer(tmp_path, extra=extra) as server:  # started; stopped even if a step fails
         server.add_user("alice@example.test")
         server.add_user("bob@example.test")
-        server.start()
         with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=20) as client:
             client.ehlo("client.example")
             message = b"Subject: hi\r\n\r\nbody\r\n"

@@ -198,7 +198,8 @@ def _refusal(counter: SlidingCounter, keys: list[str], what: str) -> RateRefusal
     wait, key = max(waits)
     minutes = max(1, math.ceil(wait / 60))
     who = "your account" if key.startswith("user:") else "your address"
-    text = f"Too many {what} from {who} this hour, try again in {minutes} minutes"
+    when = "1 minute" if minutes == 1 else f"{minutes} minutes"
+    text = f"Too many {what} from {who} this hour, try again in {when}"
     cause = f"{what}_per_hour {counter.limit} reached by {key}"
     return RateRefusal(Reply(_CODE, _ENHANCED, text), cause)
 
