@@ -34,8 +34,10 @@ from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any
 
+from twisted.internet import defer
+
 from mailsrv.auth.throttle import account_key, client_key
-from mailsrv.replies import Reply
+from mailsrv.replies import Reply, SMTPReplyError
 
 HOUR = 3600.0
 SLICES = 12  # an hour in five-minute slices
@@ -204,4 +206,69 @@ def _refusal(counter: SlidingCounter, keys: list[str], what: str) -> RateRefusal
     return RateRefusal(Reply(_CODE, _ENHANCED, text), cause)
 
 
-__all__ = ["RateLimits", "RateRefusal", "SlidingCounter", "rate_keys"]
+class SessionRates:
+    """
+    One SMTP session's side of the limits: MAIL and RCPT pass through it
+    to the delivery's own checks (L{mail}, L{rcpt}); it refuses what is
+    over a limit with L{SMTPReplyError} (451 4.7.1, the limit in the cause
+    for the session's log line) and counts what the delivery accepts.
+    """
+
+    def __init__(self, ctx: Any, client: str) -> None:
+        self._limits: RateLimits | None = getattr(ctx, "rates", None)
+        self._is_local_domain = ctx.config.is_local_domain
+        self._client = client
+        self._keys: list[str] = []
+        self._bounce = False  # this transaction is from <>
+        self._hold: RateRefusal | None = None  # a bounce over the message limit
+
+    def mail(self, delivery: Any, helo: Any, sender: str) -> Any:
+        """C{delivery.validateFrom(helo, sender)} if the message limit allows."""
+        if self._limits is None:
+            return delivery.validateFrom(helo, sender)
+        self._keys = rate_keys(self._client, getattr(delivery, "user", None))
+        self._bounce = not sender
+        over = self._limits.message_refusal(self._keys)
+        if over is not None and not self._bounce:
+            raise SMTPReplyError(over.reply, cause=over.cause)
+        # A bounce over the limit may still reach postmaster: held to that at RCPT.
+        self._hold = over
+        return _then(delivery.validateFrom(helo, sender), self._mail_taken)
+
+    def rcpt(self, delivery: Any, address: str) -> Any:
+        """C{delivery.validateTo(address)} if the recipient limit allows."""
+        if self._limits is None or self._exempt(address):
+            return delivery.validateTo(address)
+        over = self._hold or self._limits.recipient_refusal(self._keys)
+        if over is not None:
+            raise SMTPReplyError(over.reply, cause=over.cause)
+        return _then(delivery.validateTo(address), self._rcpt_taken)
+
+    def _exempt(self, address: str) -> bool:
+        """RFC 5321 4.5.1: a bounce to our postmaster is never held back by a rate."""
+        local, _, domain = address.rpartition("@")
+        return self._bounce and local.lower() == "postmaster" and self._is_local_domain(domain)
+
+    def _mail_taken(self) -> None:
+        if self._hold is None and self._limits is not None:
+            self._limits.count_message(self._keys)
+
+    def _rcpt_taken(self) -> None:
+        if self._limits is not None:
+            self._limits.count_recipient(self._keys)
+
+
+def _then(result: Any, taken: Any) -> Any:
+    """C{result} (a Deferred or a value), calling C{taken} once it is a success."""
+    if isinstance(result, defer.Deferred):
+
+        def counted(value: Any) -> Any:
+            taken()
+            return value
+
+        return result.addCallback(counted)
+    taken()
+    return result
+
+
+__all__ = ["RateLimits", "RateRefusal", "SessionRates", "SlidingCounter", "rate_keys"]

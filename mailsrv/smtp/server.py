@@ -26,7 +26,7 @@ from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
-from mailsrv.policy.rates import RateRefusal, rate_keys
+from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
     BYE,
     CANNOT_VRFY,
@@ -122,8 +122,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._sender: str | None = None
         self._smtputf8 = False  # this transaction's MAIL had SMTPUTF8 (RFC 6531 3.4)
         self._recipients: list[str] = []
-        # Over the message rate with MAIL FROM:<>: only postmaster is taken (RFC 5321 4.5.1).
-        self._rate_hold: RateRefusal | None = None
         self._message: IncomingMessage | None = None
         self._auth_step: Any = None
 
@@ -140,6 +138,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             pass
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
         self._tls.connected(self.transport)
+        self._rates = SessionRates(self.context, self._client_ip)  # [policy] rate limits
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -270,7 +269,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._sender = None
         self._smtputf8 = False
         self._recipients = []
-        self._rate_hold = None
 
     def _do_logout(self) -> None:
         logout, self._logout = self._logout, None
@@ -368,15 +366,10 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if refusal is not None:
             self._reply(refusal)
             return None
-        over = self._rate_refusal(message=True)
-        if over is not None and arg.address:
-            self._over_rate(over, "sender", arg.address)
-            return None
         delivery = self._delivery
         assert delivery is not None
-        self._rate_hold = over  # a bounce over the limit may still reach postmaster
         return self._check(
-            lambda: delivery.validateFrom(self._helo, arg.address),
+            lambda: self._rates.mail(delivery, self._helo, arg.address),
             lambda _: self._sender_ok(_, arg.address, arg.smtputf8),
             lambda f: self._refused(f, "sender", arg.address),
         )
@@ -386,8 +379,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._sender = address if sender is None else sender
         self._smtputf8 = smtputf8
         self._recipients = []
-        if self._rate_hold is None and self.context.rates is not None:
-            self.context.rates.count_message(self._rate_keys())
         self._reply(replies.SENDER_OK)
 
     def _refused(self, failure: Failure, what: str, address: str | None = None) -> None:
@@ -434,15 +425,10 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if len(self._recipients) >= self.context.config.limits.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
             return None
-        if not self._rate_exempt(arg.address):
-            over = self._rate_hold or self._rate_refusal(message=False)
-            if over is not None:
-                self._over_rate(over, "recipient", arg.address)
-                return None
         delivery = self._delivery
         assert delivery is not None
         return self._check(
-            lambda: delivery.validateTo(arg.address),
+            lambda: self._rates.rcpt(delivery, arg.address),
             lambda _: self._recipient_ok(_, arg.address),
             lambda f: self._refused(f, "recipient", arg.address),
         )
@@ -463,40 +449,11 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
     def _recipient_ok(self, accepted: Any, address: str) -> None:
         if self._sender is None:
             return  # the transaction was reset meanwhile
-        exempt = self._rate_exempt(address)
         # A local user's stored spelling: Alice@ and alice@ are one mailbox.
         address = getattr(accepted, "address", address)
         if address not in self._recipients:
             self._recipients.append(address)
-            if not exempt and self.context.rates is not None:
-                self.context.rates.count_recipient(self._rate_keys())
         self._reply(replies.RECIPIENT_OK)
-
-    # rate limits (mailsrv.policy.rates)
-
-    def _rate_keys(self) -> list[str]:
-        return rate_keys(self._client_ip, self._user if self.submission else None)
-
-    def _rate_refusal(self, message: bool) -> RateRefusal | None:
-        """Whether another message (or recipient) from this session is over its rate."""
-        rates = self.context.rates
-        if rates is None:
-            return None
-        keys = self._rate_keys()
-        return rates.message_refusal(keys) if message else rates.recipient_refusal(keys)
-
-    def _rate_exempt(self, recipient: str) -> bool:
-        """RFC 5321 4.5.1: a bounce to our postmaster is never held back by a rate."""
-        local, _, domain = recipient.rpartition("@")
-        return (
-            self._sender == ""
-            and local.lower() == "postmaster"
-            and self.context.config.is_local_domain(domain)
-        )
-
-    def _over_rate(self, over: RateRefusal, what: str, address: str) -> None:
-        """Refuse with 451 4.7.1 and log it (one line, with the limit reached)."""
-        self._refused(Failure(SMTPReplyError(over.reply, cause=over.cause)), what, address)
 
     def do_DATA(self, rest: bytes) -> None:
         if self._sender is None:
