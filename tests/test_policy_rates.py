@@ -229,6 +229,19 @@ def test_mx_refuses_recipients_over_the_rate_and_takes_the_rest_later(tmp_path, 
     assert deliver(s, "carol@origin.test", ["postmaster"])[-1].startswith("250 ")
 
 
+def test_pipelined_recipients_are_counted_one_by_one(tmp_path):
+    ctx = limited(tmp_path, recipients=2)
+    s = Session(ctx)
+    s.cmd("EHLO client.example")
+    codes = s.codes(
+        "MAIL FROM:<carol@origin.test>\r\n"  # RFC 2920: one send, the replies in order
+        "RCPT TO:<alice@example.test>\r\n"
+        "RCPT TO:<bob@example.test>\r\n"
+        "RCPT TO:<postmaster@example.test>\r\n"
+    )
+    assert codes == ["250 2.1.0", "250 2.1.5", "250 2.1.5", "451 4.7.1"]
+
+
 def test_a_bounce_to_postmaster_is_never_held_back_by_a_rate(tmp_path):
     ctx = limited(tmp_path, messages=1, recipients=1)
     s = Session(ctx)
