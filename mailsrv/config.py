@@ -184,6 +184,14 @@ def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
 
 
 @dataclass(frozen=True)
+class PolicyConfig:
+    """The [policy] section: defences against abuse (0 = no limit)."""
+
+    messages_per_hour: int = 0  # MAIL FROMs per user and per client address
+    recipients_per_hour: int = 0  # RCPT TOs per user and per client address
+
+
+@dataclass(frozen=True)
 class Config:
     path: str
     server: ServerConfig
@@ -197,6 +205,7 @@ class Config:
     addresses: AddressesConfig = field(default=None)  # type: ignore[assignment]
     dkim: DkimConfig = field(default=None)  # type: ignore[assignment]
     filter: FilterConfig | None = None  # None: no spam filter
+    policy: PolicyConfig = field(default_factory=PolicyConfig)
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -587,6 +596,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "reject_score": (_score, None),
         "junk_score": (_score, None),
     },
+    "policy": {
+        # Rate limits, as Postfix's anvil: 0 (its default) is no limit.
+        "messages_per_hour": (_int(0), 0),
+        "recipients_per_hour": (_int(0), 0),
+    },
 }
 
 
@@ -715,6 +729,10 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             selector=v["dkim"]["selector"],
         ),
         filter=filter_config,
+        policy=PolicyConfig(
+            messages_per_hour=v["policy"]["messages_per_hour"],
+            recipients_per_hour=v["policy"]["recipients_per_hour"],
+        ),
         raw=raw,
         source=text,
         base_dir=base,

@@ -34,6 +34,7 @@ from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
 from mailsrv.smtp.server import smtp_factory
 from mailsrv.startup import (
@@ -80,6 +81,8 @@ class ServerContext:
     dkim: DkimSigner | None = None
     # The spam filter step at the end of DATA; None: no filter.
     filter: FilterStep | None = None
+    # The message and recipient rate limits ([policy]); None: no limits.
+    rates: RateLimits | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -151,6 +154,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         addresses=_address_rules(config, reactor),
         dkim=load_signer(config, lambda f: deferToThreadPool(reactor, pool, f)),
         filter=build_filter(config.filter, reactor),
+        rates=RateLimits(
+            reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
+        ),
     )
 
 

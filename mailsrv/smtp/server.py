@@ -26,6 +26,7 @@ from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
+from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
     BYE,
     CANNOT_VRFY,
@@ -137,6 +138,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             pass
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
         self._tls.connected(self.transport)
+        self._rates = SessionRates(self.context, self._client_ip)  # [policy] rate limits
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -367,7 +369,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         delivery = self._delivery
         assert delivery is not None
         return self._check(
-            lambda: delivery.validateFrom(self._helo, arg.address),
+            lambda: self._rates.mail(delivery, self._helo, arg.address),
             lambda _: self._sender_ok(_, arg.address, arg.smtputf8),
             lambda f: self._refused(f, "sender", arg.address),
         )
@@ -426,7 +428,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         delivery = self._delivery
         assert delivery is not None
         return self._check(
-            lambda: delivery.validateTo(arg.address),
+            lambda: self._rates.rcpt(delivery, arg.address),
             lambda _: self._recipient_ok(_, arg.address),
             lambda f: self._refused(f, "recipient", arg.address),
         )
