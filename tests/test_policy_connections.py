@@ -32,7 +32,7 @@ from mailsrv.policy.connections import (
     Verdict,
     connection_gate,
 )
-from mailsrv.policy.listener import GateFactory, refusal_line
+from mailsrv.policy.listener import MAX_REFUSALS_OPEN, GateFactory, refusal_line
 from mailsrv.policy.networks import (
     NetworkError,
     NetworkList,
@@ -430,3 +430,22 @@ def test_the_end_of_a_starttls_handshake_reaches_the_protocol():
     assert IHandshakeListener.providedBy(p)
     p.handshakeCompleted()
     assert p.inner.handshakes == 1
+
+
+def test_refusals_still_being_told_are_bounded():
+    # A flood of clients that never take their refusal (nor finish the TLS
+    # handshake it is sent over) must not hold file descriptors: past the
+    # bound, a refused connection is closed at once (no protocol).
+    clock = Clock()
+    factory, _ = listener("imaps", gate(clock, max_connections_per_ip=1), clock)
+    connect_to(factory)
+    told = [connect_to(factory)[0] for _ in range(MAX_REFUSALS_OPEN)]
+    assert factory.buildProtocol(IPv4Address("TCP", A, 40001)) is None
+    told[0].connectionLost(None)
+    told[0].connectionLost(None)  # once only
+    assert factory.buildProtocol(IPv4Address("TCP", A, 40002)) is not None
+    assert factory.buildProtocol(IPv4Address("TCP", A, 40003)) is None
+    clock.advance(5)  # the rest are cut off, and counted out when they close
+    for p in told[1:]:
+        p.connectionLost(None)
+    assert factory.refusals_open == 1

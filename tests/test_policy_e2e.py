@@ -173,30 +173,45 @@ def test_a_client_that_talks_before_the_greeting_is_refused(tmp_path):
 
 FLOOD = 5000
 SERVER_FILES = 1024  # the server's RLIMIT_NOFILE: far fewer than the flood
+TLS_FLOOD = 2000
 FLOOD_BUDGET = 60.0  # seconds: without the gate, attempts past the server's files hang
+
+
+def flood_of(port: int, attempts: int, budget: float) -> tuple[int, list[socket.socket]]:
+    """Connect from 127.0.0.2 C{attempts} times, keeping every connection made open."""
+    held: list[socket.socket] = []
+    made = 0
+    deadline = time.monotonic() + budget
+    while made < attempts and time.monotonic() < deadline:
+        made += 1
+        s = socket.socket()
+        s.settimeout(0.02)  # a SYN the full accept queue drops: one attempt, not a wait
+        try:
+            s.bind(("127.0.0.2", 0))
+            s.connect(("127.0.0.1", port))
+        except OSError:
+            s.close()
+            continue
+        held.append(s)
+    return made, held
 
 
 def test_a_flood_from_one_address_leaves_the_server_serving_others(tmp_path):
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if hard != resource.RLIM_INFINITY and hard < FLOOD + 200:
-        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {FLOOD + 200}")
+    need = FLOOD + TLS_FLOOD + 200
+    if hard != resource.RLIM_INFINITY and hard < need:
+        pytest.skip(f"RLIMIT_NOFILE hard limit {hard} is below {need}")
     flood: list[socket.socket] = []
-    attempts = 0
     with server_with(tmp_path, "", nofile=SERVER_FILES) as srv:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, FLOOD + 200), hard))
+        resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, need), hard))
         try:
-            deadline = time.monotonic() + FLOOD_BUDGET
-            while attempts < FLOOD and time.monotonic() < deadline:
-                attempts += 1
-                s = socket.socket()
-                s.settimeout(0.02)  # a SYN the full accept queue drops: one attempt, not a wait
-                try:
-                    s.bind(("127.0.0.2", 0))
-                    s.connect(("127.0.0.1", srv.ports["smtp"]))
-                except OSError:
-                    s.close()
-                    continue
-                flood.append(s)  # every connection made is kept open by the client
+            attempts, flood = flood_of(srv.ports["smtp"], FLOOD, FLOOD_BUDGET)
+            assert attempts == FLOOD
+            assert len(flood) > SERVER_FILES, len(flood)
+            # Clients that never start the TLS their refusal is sent over.
+            tls_attempts, tls_flood = flood_of(srv.ports["pop3s"], TLS_FLOOD, FLOOD_BUDGET)
+            flood += tls_flood
+            assert tls_attempts == TLS_FLOOD and len(tls_flood) > SERVER_FILES
             # The server still greets and serves another address.
             with smtplib.SMTP(timeout=TIMEOUT) as other:
                 assert other.connect("127.0.0.1", srv.ports["smtp"])[0] == 220
@@ -205,11 +220,10 @@ def test_a_flood_from_one_address_leaves_the_server_serving_others(tmp_path):
             p = poplib.POP3("127.0.0.1", srv.ports["pop3"], timeout=TIMEOUT)
             assert p.getwelcome().startswith(b"+OK")
             p.quit()
+            assert tls_first_line(srv.ports["pop3s"]).startswith(b"+OK")
             with imaplib.IMAP4("127.0.0.1", srv.ports["imap"], timeout=TIMEOUT) as m:
                 assert m.noop()[0] == "OK"
         finally:
             for s in flood:
                 s.close()
             resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-    assert attempts == FLOOD
-    assert len(flood) > SERVER_FILES, len(flood)

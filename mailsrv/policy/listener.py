@@ -25,6 +25,11 @@ from mailsrv.policy.connections import IConnectionGate, Verdict
 # Seconds a refused client has to take its last line (and, on an implicit
 # TLS listener, to finish the handshake it is sent over) before it is cut off.
 REFUSAL_TIMEOUT = 5.0
+# Refused connections of one listener still being told; past this many (a
+# flood, or clients that never finish the TLS handshake their refusal is sent
+# over) a refused connection is closed at once, without a word, so that
+# refusals never hold many file descriptors.
+MAX_REFUSALS_OPEN = 32
 
 # SMTP: 421 service not available, closing the channel (RFC 5321 3.8, 4.2.2)
 # with 4.7.0 other security or policy status (RFC 3463 3.8); 554 as the
@@ -78,9 +83,10 @@ class Refusal(protocol.Protocol):
 
     transport: Any
 
-    def __init__(self, line: bytes, clock: Any) -> None:
+    def __init__(self, line: bytes, clock: Any, on_lost: Any = None) -> None:
         self.line = line
         self.clock = clock
+        self.on_lost = on_lost
         self._cutoff: IDelayedCall | None = None
 
     def connectionMade(self) -> None:
@@ -101,15 +107,19 @@ class Refusal(protocol.Protocol):
         if self._cutoff is not None and self._cutoff.active():
             self._cutoff.cancel()
         self._cutoff = None
+        if self.on_lost is not None:
+            on_lost, self.on_lost = self.on_lost, None
+            on_lost()
 
 
 class _RefusalFactory(protocol.Factory):
-    def __init__(self, line: bytes, clock: Any) -> None:
+    def __init__(self, line: bytes, clock: Any, on_lost: Any) -> None:
         self.line = line
         self.clock = clock
+        self.on_lost = on_lost
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol:
-        p = Refusal(self.line, self.clock)
+        p = Refusal(self.line, self.clock, self.on_lost)
         p.factory = self
         return p
 
@@ -216,6 +226,7 @@ class GateFactory(protocol.Factory):
         self.hostname = hostname
         self.pregreet_wait = pregreet_wait
         self.refusal_tls = refusal_tls  # callable: refusal factory -> TLS factory
+        self.refusals_open = 0
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -230,7 +241,15 @@ class GateFactory(protocol.Factory):
             p = Gated(self, addr, host, counted=verdict is Verdict.ADMIT)
             p.factory = self
             return p
-        refusals: Any = _RefusalFactory(refusal_line(self.kind, verdict, self.hostname), self.clock)
+        if self.refusals_open >= MAX_REFUSALS_OPEN:
+            return None  # closed at once by the listening port
+        self.refusals_open += 1
+        refusals: Any = _RefusalFactory(
+            refusal_line(self.kind, verdict, self.hostname), self.clock, self._refusal_closed
+        )
         if self.refusal_tls is not None:
             refusals = self.refusal_tls(refusals)
         return refusals.buildProtocol(addr)
+
+    def _refusal_closed(self) -> None:
+        self.refusals_open -= 1
