@@ -145,7 +145,10 @@ class PolicyConfig:
     deny_file: Path | None = None  # more networks, one a line, re-read when changed
     allow_file: Path | None = None
     pregreet: bool = True  # refuse an SMTP client that talks before the greeting
-    pregreet_wait: float = 0.3  # seconds the MX listener waits before it greets
+    # Seconds the MX listener waits before it greets (the pregreet test needs a
+    # wait); 0 by default, so that nothing waits unless asked (etc/mailsrv.toml
+    # asks for 300 ms).
+    pregreet_wait: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -562,7 +565,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "deny_file": (_nonempty_str, None),
         "allow_file": (_nonempty_str, None),
         "pregreet": (_bool, True),
-        "pregreet_wait": (_seconds, 0.3),
+        "pregreet_wait": (_seconds, 0.0),
     },
 }
 

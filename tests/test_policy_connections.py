@@ -184,7 +184,7 @@ def test_policy_config_defaults_and_keys(tmp_path):
     assert (policy.max_connections, policy.max_connections_per_ip) == (1000, 20)
     assert policy.connections_per_ip_per_minute == 60
     assert (policy.deny, policy.allow, policy.deny_file, policy.allow_file) == ((), (), None, None)
-    assert policy.pregreet is True and policy.pregreet_wait == 0.3
+    assert policy.pregreet is True and policy.pregreet_wait == 0.0
     (tmp_path / "etc").mkdir()
     (tmp_path / "etc" / "deny").write_text("198.51.100.0/24\n")
     text = (
