@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
@@ -185,10 +186,27 @@ def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
 
 @dataclass(frozen=True)
 class PolicyConfig:
-    """The [policy] section: defences against abuse (0 = no limit)."""
+    """
+    The [policy] section: the connection gate of every listener (limits per
+    client address, allowed and denied networks), the pregreet test and
+    the message and recipient rate limits.
+    """
 
-    messages_per_hour: int = 0  # MAIL FROMs per user and per client address
-    recipients_per_hour: int = 0  # RCPT TOs per user and per client address
+    max_connections: int = 1000  # open connections of the whole server; 0: no limit
+    max_connections_per_ip: int = 20  # open connections of one client address
+    connections_per_ip_per_minute: int = 60  # new connections of one address a minute
+    deny: tuple[Any, ...] = ()  # networks refused at connect (ipaddress networks)
+    allow: tuple[Any, ...] = ()  # networks that skip the limits
+    deny_file: Path | None = None  # more networks, one a line, re-read when changed
+    allow_file: Path | None = None
+    pregreet: bool = True  # refuse an SMTP client that talks before the greeting
+    # Seconds the MX listener waits before it greets (the pregreet test needs a
+    # wait); 0 by default, so that nothing waits unless asked (etc/mailsrv.toml
+    # asks for 300 ms).
+    pregreet_wait: float = 0.0
+    # Rate limits, as Postfix's anvil (0: no limit), per user and per client address.
+    messages_per_hour: int = 0  # MAIL FROMs
+    recipients_per_hour: int = 0  # RCPT TOs
 
 
 @dataclass(frozen=True)
@@ -513,6 +531,41 @@ def _tls_policy(v: Any) -> dict[str, str]:
     return out
 
 
+def _networks(v: Any) -> tuple[Any, ...]:
+    nets = []
+    for text in _str_list(v):
+        try:
+            nets.append(parse_network(text))
+        except NetworkError as e:
+            raise ValueError(str(e)) from None
+    return tuple(nets)
+
+
+def _bool(v: Any) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError(f"must be true or false, not {_tname(v)}")
+    return v
+
+
+def _seconds(v: Any) -> float:
+    """Seconds as a number or a string such as "300ms", "0.5s", "2s"; 0 is none."""
+    if isinstance(v, int | float) and not isinstance(v, bool):
+        if v < 0:
+            raise ValueError("must not be negative")
+        return float(v)
+    if isinstance(v, str):
+        s = v.strip().lower()
+        for unit, scale in (("ms", 0.001), ("s", 1.0)):
+            if s.endswith(unit):
+                try:
+                    n = float(s[: -len(unit)])
+                except ValueError:
+                    break
+                if n >= 0:
+                    return n * scale
+    raise ValueError(f'must be seconds like 0.3, "300ms" or "1s", not {v!r}')
+
+
 def _tname(v: Any) -> str:
     return {
         str: "a string",
@@ -600,6 +653,15 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         # Rate limits, as Postfix's anvil: 0 (its default) is no limit.
         "messages_per_hour": (_int(0), 0),
         "recipients_per_hour": (_int(0), 0),
+        "max_connections": (_int(0), 1000),
+        "max_connections_per_ip": (_int(0), 20),
+        "connections_per_ip_per_minute": (_int(0), 60),
+        "deny": (_networks, []),
+        "allow": (_networks, []),
+        "deny_file": (_nonempty_str, None),
+        "allow_file": (_nonempty_str, None),
+        "pregreet": (_bool, True),
+        "pregreet_wait": (_seconds, 0.0),
     },
 }
 
@@ -685,6 +747,11 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         if address.rpartition("@")[2] not in local_domains:
             errors.append(f"addresses.lists: {address} is not in a local domain")
     filter_config = _filter_config(v["filter"], errors)
+    policy = v["policy"]
+    for key in ("deny_file", "allow_file"):
+        policy[key] = rel(policy[key], base)
+        if policy[key] is not None:
+            errors.extend(_network_file_errors(f"policy.{key}", policy[key]))
     if errors:
         raise ConfigError(path, errors)
 
@@ -729,14 +796,22 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             selector=v["dkim"]["selector"],
         ),
         filter=filter_config,
-        policy=PolicyConfig(
-            messages_per_hour=v["policy"]["messages_per_hour"],
-            recipients_per_hour=v["policy"]["recipients_per_hour"],
-        ),
+        policy=PolicyConfig(**policy),
         raw=raw,
         source=text,
         base_dir=base,
     )
+
+
+def _network_file_errors(key: str, path: Path) -> list[str]:
+    """The problems of a deny or allow file, each naming file:line."""
+    try:
+        read_network_file(path)
+    except OSError as e:
+        return [f"{key}: cannot read {path}: {e.strerror}"]
+    except NetworkError as e:
+        return [f"{key}: {problem}" for problem in e.problems]
+    return []
 
 
 def _srs_default(hostname: str) -> str:

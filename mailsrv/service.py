@@ -34,6 +34,9 @@ from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.policy.connections import connection_gate
+from mailsrv.policy.listener import GateFactory
+from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
 from mailsrv.smtp.server import smtp_factory
@@ -213,6 +216,11 @@ def serve(ctx: ServerContext) -> service.MultiService:
     GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
         users
     )
+    policy = ctx.config.policy
+    connections = connection_gate(policy, ctx.reactor)
+    NetworkWatcher(
+        [connections.allow, connections.deny], ctx.reactor, ctx.threadpool
+    ).setServiceParent(users)
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in ctx.config.listen.items():
@@ -226,14 +234,33 @@ def serve(ctx: ServerContext) -> service.MultiService:
             )
             continue
         factory = factories[name]
+        refusal_tls = None
         if name in IMPLICIT_TLS:
             factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
+            refusal_tls = _tls_wrapper(ctx)
+        # Every listener: the connection gate first (limits, allowed and
+        # denied networks), then the pregreet wait on the MX listener only.
+        wait = policy.pregreet_wait if name == "smtp" and policy.pregreet else 0.0
+        factory = GateFactory(
+            factory,
+            connections,
+            name,
+            ctx.reactor,
+            ctx.config.server.hostname,
+            pregreet_wait=wait,
+            refusal_tls=refusal_tls,
+        )
         for description in endpoints:
             svc = strports.service(description, factory, reactor=cast(IReactorCore, ctx.reactor))
             svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
     return top
+
+
+def _tls_wrapper(ctx: ServerContext) -> Any:
+    """Wraps a factory in the server's TLS (a refusal on an implicit TLS listener)."""
+    return lambda factory: TLSMemoryBIOFactory(ctx.tls, False, factory)
 
 
 __all__ = [

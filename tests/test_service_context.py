@@ -90,11 +90,18 @@ def test_building_the_services_changes_nothing_in_the_context(ctx):
         assert {f"{listener} {d}" for d in descriptions} <= names
 
 
+def _innermost(factory):
+    """The protocol factory inside the gate and TLS wrappers of a listener."""
+    while hasattr(factory, "wrappedFactory"):
+        factory = factory.wrappedFactory
+    return factory
+
+
 def test_pop3_listeners_share_the_context_maildrop_locks(ctx):
     top = serve(ctx)
     (users,) = [s for s in top if isinstance(s, ThreadPoolService)]
     factories = [s.factory for s in users if s.name and s.name.startswith("pop3")]
     assert len(factories) == 2
-    locks = [getattr(f, "wrappedFactory", f).locks for f in factories]
+    locks = [_innermost(f).locks for f in factories]
     assert locks == [ctx.pop3_locks, ctx.pop3_locks]
     assert all(lock is ctx.pop3_locks for lock in locks)

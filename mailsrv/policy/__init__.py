@@ -1,0 +1,1 @@
+"""Defences: the connection gate, network lists, and the checks a session acts on."""
