@@ -168,7 +168,8 @@ def _logical_lines(text: str) -> Iterable[tuple[int, str]]:
 FileSignature = tuple[int, int, int] | None
 
 
-def _signature(path: Path) -> FileSignature:
+def file_signature(path: Path) -> FileSignature:
+    """What tells a changed file: its inode, size and modification time (None: absent)."""
     try:
         st = os.stat(path)
     except OSError:
@@ -195,7 +196,7 @@ def settled(parsed: ParsedAliases, now: float, quiet: float) -> bool:
     seconds before (an editor that rewrites a file in place may be half way).
     """
     for path, before in parsed.files.items():
-        if _signature(path) != before:
+        if file_signature(path) != before:
             return False
         if before is not None and 0 <= now - before[2] / 1e9 < quiet:
             return False
@@ -211,7 +212,7 @@ class _Parser:
 
     def _read(self, path: Path) -> str:
         if path not in self.result.files:
-            self.result.files[path] = _signature(path)
+            self.result.files[path] = file_signature(path)
         return path.read_text(encoding="utf-8")
 
     def parse(self) -> ParsedAliases:
@@ -343,7 +344,7 @@ class AliasTable:
 
     def changed(self) -> bool:
         """Whether a file read last time changed since (reads the disk)."""
-        return not all(_signature(p) == sig for p, sig in self._signatures.items())
+        return not all(file_signature(p) == sig for p, sig in self._signatures.items())
 
     def install(self, parsed: ParsedAliases) -> list[str]:
         """Use the aliases C{parsed} (from L{parse_aliases}) from now on."""

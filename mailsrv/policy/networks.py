@@ -10,7 +10,6 @@ reports for an IPv4 client) is compared as the IPv4 address it stands for.
 from __future__ import annotations
 
 import ipaddress
-import os
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass, field
@@ -21,6 +20,7 @@ from twisted.application import internet
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 
+from mailsrv.addresses.aliases import file_signature
 from mailsrv.logsafe import SafeLogger
 
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -96,14 +96,6 @@ def read_network_file(path: Path) -> tuple[Network, ...]:
     return tuple(nets)
 
 
-def _signature(path: Path) -> tuple[int, int, int] | None:
-    try:
-        st = os.stat(path)
-    except OSError:
-        return None
-    return (st.st_ino, st.st_size, st.st_mtime_ns)
-
-
 @dataclass
 class NetworkList:
     """
@@ -121,13 +113,13 @@ class NetworkList:
         """Read the file now (at start: errors are raised, not logged)."""
         if self.path is None:
             return
-        signature = _signature(self.path)
+        signature = file_signature(self.path)
         self.from_file = read_network_file(self.path)
         self.signature = signature
 
     def changed(self) -> bool:
         """Whether the file looks different from when it was last read."""
-        return self.path is not None and _signature(self.path) != self.signature
+        return self.path is not None and file_signature(self.path) != self.signature
 
     def __contains__(self, addr: Address) -> bool:
         return _contains(self.inline, addr) or _contains(self.from_file, addr)
@@ -183,7 +175,7 @@ class NetworkWatcher(internet.TimerService):
             if not nl.changed():
                 continue
             assert nl.path is not None
-            signature = _signature(nl.path)
+            signature = file_signature(nl.path)
             if signature is not None and 0 <= self.now() - signature[2] / 1e9 < SETTLE_TIME:
                 continue  # being written: read at a later look
             try:
