@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.policy.duplicates import classify_entry
 from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
@@ -207,6 +208,13 @@ class PolicyConfig:
     # Rate limits, as Postfix's anvil (0: no limit), per user and per client address.
     messages_per_hour: int = 0  # MAIL FROMs
     recipients_per_hour: int = 0  # RCPT TOs
+    # Mass duplicate mail (mailsrv.policy.duplicates): the same body to more than
+    # this many distinct recipients within the window, by one sender or client,
+    # is deferred, then refused; 0: no check. mailing_lists: senders ("a@b",
+    # "@domain"), client networks (CIDR) and List-Ids that are never counted.
+    duplicate_recipients: int = 50
+    duplicate_window: int = 3600
+    mailing_lists: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -566,6 +574,22 @@ def _seconds(v: Any) -> float:
     raise ValueError(f'must be seconds like 0.3, "300ms" or "1s", not {v!r}')
 
 
+def _positive_duration(v: Any) -> int:
+    seconds = _duration(v)
+    if seconds <= 0:
+        raise ValueError(f"must be a duration longer than 0, not {v!r}")
+    return seconds
+
+
+def _mailing_lists(v: Any) -> tuple[str, ...]:
+    """Mailing list senders, networks and List-Ids (L{MailingLists}), each checked."""
+    entries = _str_list(v)
+    problems = [text for kind, text in map(classify_entry, entries) if kind == "error"]
+    if problems:
+        raise ValueError("; ".join(problems))
+    return entries
+
+
 def _tname(v: Any) -> str:
     return {
         str: "a string",
@@ -662,6 +686,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "allow_file": (_nonempty_str, None),
         "pregreet": (_bool, True),
         "pregreet_wait": (_seconds, 0.0),
+        # Mass duplicate mail (mailsrv.policy.duplicates).
+        "duplicate_recipients": (_int(0), 50),
+        "duplicate_window": (_positive_duration, 3600),
+        "mailing_lists": (_mailing_lists, []),
     },
 }
 

@@ -35,6 +35,7 @@ from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.policy.connections import connection_gate
+from mailsrv.policy.duplicates import DuplicateMail, build_duplicates
 from mailsrv.policy.listener import GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
@@ -86,6 +87,8 @@ class ServerContext:
     filter: FilterStep | None = None
     # The message and recipient rate limits ([policy]); None: no limits.
     rates: RateLimits | None = None
+    # The mass duplicate mail check ([policy] duplicate_recipients); None: none.
+    duplicates: DuplicateMail | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -160,6 +163,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         rates=RateLimits(
             reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
         ),
+        duplicates=build_duplicates(config.policy, reactor),
     )
 
 

@@ -55,10 +55,15 @@ class Verdict:
     headers: bytes = b""
     reason: str = ""  # shown to the client after a reject (printable ASCII)
     score: float | None = None
+    # The reply for a defer or a reject, when the check has its own words
+    # (say, the duplicate mail check's); None: the filter's.
+    refusal: Reply | None = None
 
     @property
     def reply(self) -> Reply | None:
         """The reply that refuses the message, or None when it is delivered."""
+        if self.refusal is not None and self.action in (DEFER, REJECT):
+            return self.refusal
         if self.action == DEFER:
             return FILTER_DEFER
         if self.action == REJECT:

@@ -21,6 +21,7 @@ from mailsrv.filter import step as filter_step
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
+from mailsrv.policy.duplicates import BodyDigest
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.returnpath import PrefixSource
 from mailsrv.smtp import received
@@ -65,6 +66,7 @@ class IncomingMessage:
         routes: Sequence[routing.Route] | None = None,
         user: str | None = None,
         router: routing.Router | None = None,
+        list_recipients: Sequence[str] = (),
     ) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
@@ -100,6 +102,11 @@ class IncomingMessage:
         # The spam filter step (not for submission clients: README, [filter]).
         self._filter = None if submission else getattr(ctx, "filter", None)
         self._verdict = filter_step.ACCEPTED  # its verdict, at the end of DATA
+        # [policy] duplicate mail: the body hashed as it streams in.
+        duplicates = getattr(ctx, "duplicates", None)
+        self._duplicates = None if duplicates is None else duplicates.message(list_recipients)
+        self._body = None if self._duplicates is None else self._duplicates.body
+        self._list_id_to: BodyDigest | None = None  # in a List-Id field: where its value goes
 
     # IMessage
 
@@ -114,6 +121,8 @@ class IncomingMessage:
             return
         if self._in_headers and not self._header_line(line):
             return
+        if self._body is not None and not self._in_headers:
+            self._body.update(line + b"\n")
         self._source.write(line + b"\n")
 
     def body_received(self, data: bytes, octets: int) -> None:
@@ -124,6 +133,8 @@ class IncomingMessage:
         if self.octets > self._max_size:
             self.fail(replies.MESSAGE_TOO_BIG)
             return
+        if self._body is not None:
+            self._body.update(data)
         self._source.write(data)
 
     @property
@@ -145,10 +156,22 @@ class IncomingMessage:
                 error=str(self._source.error),
             )
             return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
+        envelope = filter_step.Envelope(
+            self.queue_id, self.sender, tuple(self.recipients), self.client, user=self.user
+        )
+        if self._duplicates is not None:
+            d = self._duplicates.check(self._source, envelope)
+            return d.addCallback(self._unduplicated, envelope)
+        return self._unduplicated(filter_step.ACCEPTED, envelope)
+
+    def _unduplicated(
+        self, verdict: filter_step.Verdict, envelope: filter_step.Envelope
+    ) -> defer.Deferred:
+        """After the duplicate mail check: refuse, or go on to the spam filter."""
+        if verdict.reply is not None:
+            self._source.discard()
+            raise SMTPReplyError(verdict.reply, cause=f"duplicate mail: {verdict.action}")
         if self._filter is not None:
-            envelope = filter_step.Envelope(
-                self.queue_id, self.sender, tuple(self.recipients), self.client, user=self.user
-            )
             return self._filter.check(self._source, envelope).addCallback(self._screened)
         return self._deliver()
 
@@ -183,6 +206,8 @@ class IncomingMessage:
         if line[:1] in (b" ", b"\t") and self._in_field:
             if self._in_from:
                 self._from.add(line)
+            if self._list_id_to is not None:
+                self._list_id_to.list_id_field(line)
             return not self._dropping  # RFC 5322 2.2.3 folded continuation
         name, colon, _ = line.partition(b":")
         name = name.rstrip(b" \t")  # RFC 5322 4.5.3 obsolete WSP before ':'
@@ -198,6 +223,9 @@ class IncomingMessage:
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
                 self._from.add(line.partition(b":")[2])
+            self._list_id_to = self._body if lname == b"list-id" else None
+            if self._list_id_to is not None:
+                self._list_id_to.list_id_field(line.partition(b":")[2])
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
@@ -515,13 +543,11 @@ class BaseDelivery:
         """Start receiving a message for C{recipients}."""
         if queue_id is None:
             queue_id = received.new_queue_id(self.ctx.reactor.seconds())
-        routes = [
-            route
+        resolved = [
+            (r, _routes(self._routes.get(r) or self.router.resolve(r, may_relay=self.may_relay)))
             for r in recipients
-            for route in _routes(
-                self._routes.get(r) or self.router.resolve(r, may_relay=self.may_relay)
-            )
         ]
+        routes = [route for _, rs in resolved for route in rs]
         return IncomingMessage(
             self.ctx,
             queue_id=queue_id,
@@ -533,6 +559,7 @@ class BaseDelivery:
             routes=routes,
             user=self.user if self.submission else None,
             router=self.router,
+            list_recipients=[r for r, rs in resolved if _through_lists(rs)],
         )
 
 
@@ -581,6 +608,11 @@ def _router(ctx: Any) -> routing.Router:
 def _routes(resolution: routing.Resolution) -> Sequence[routing.Route]:
     """A resolution as a list of routes (a refusal is one)."""
     return [resolution] if isinstance(resolution, routing.Refused) else resolution
+
+
+def _through_lists(routes: Sequence[routing.Route]) -> bool:
+    """Whether a recipient is a list alias: each of its routes goes through a list."""
+    return bool(routes) and all(getattr(r, "mailing_list", None) for r in routes)
 
 
 def _queue_ids(results: list[tuple[bool, Any]], labels: list[str]) -> str | None:
