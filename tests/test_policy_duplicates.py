@@ -13,18 +13,23 @@ import dataclasses
 import pytest
 from twisted.internet import task
 from twisted.logger import formatEvent, globalLogPublisher
+from zope.interface.verify import verifyObject
 
 from mailsrv.config import PolicyConfig
-from mailsrv.filter.verdict import ACCEPT, DEFER, REJECT, Envelope
+from mailsrv.filter.step import FilterStep
+from mailsrv.filter.verdict import ACCEPT, DEFER, REJECT, Envelope, Verdict
 from mailsrv.policy.duplicates import (
     BodyDigest,
     DistinctCounter,
+    DuplicateCheck,
     DuplicateMail,
     MailingLists,
     build_duplicates,
 )
+from mailsrv.smtp.checks import IMessageCheck, message_checks
 
 from .test_addresses_smtp import Server
+from .test_filter import ScriptedFilter
 from .test_smtp_helpers import PASSWORD, Session, make_context, read_inbox
 
 HOUR = 3600.0
@@ -322,7 +327,7 @@ def test_mx_defers_then_refuses_the_message_that_crosses_the_limit(tmp_path, eve
     assert read_inbox(ctx, "postmaster@example.test") == []
     assert len(read_inbox(ctx, "alice@example.test")) == 1
     rejects = [formatEvent(e) for e in events if "reject message" in formatEvent(e)]
-    assert len(rejects) == 2 and "(duplicate mail: defer)" in rejects[0]
+    assert len(rejects) == 2 and "(message checks: defer)" in rejects[0]
 
 
 def test_submission_defers_then_refuses_and_queues_nothing(tmp_path):
@@ -351,3 +356,23 @@ def test_list_aliases_are_not_counted(tmp_path):
     assert len(server.inbox("bob@example.test")) == 1  # through both lists: one copy
     assert len(server.inbox("alice@example.test")) == 1
     assert transaction(s, "news@origin.test", ["team@example.test"])[0].startswith("451 4.7.1")
+
+
+def test_the_check_runs_on_both_listeners_before_the_spam_filter(tmp_path):
+    dup = DuplicateMail(task.Clock(), 1, HOUR)
+    check = dup.message()
+    verifyObject(IMessageCheck, check)
+    assert isinstance(check, DuplicateCheck)
+    spam = ScriptedFilter(Verdict(ACCEPT))
+    base = make_context(tmp_path / "data")
+    ctx = dataclasses.replace(
+        base, duplicates=dup, filter=FilterStep(spam, base.reactor, 30, "accept")
+    )
+    assert message_checks(ctx, submission=False, duplicates=check) == [check, ctx.filter]
+    assert message_checks(ctx, submission=True, duplicates=check) == [check]
+    s = Session(ctx)
+    s.cmd("EHLO client.example")
+    assert transaction(s, "a@origin.test", ["alice@example.test"])[0].startswith("250 ")
+    to = ["bob@example.test"]
+    assert transaction(s, "a@origin.test", to)[0].startswith("451 4.7.1 The same message")
+    assert len(spam.seen) == 1  # the filter was not asked about the deferred message

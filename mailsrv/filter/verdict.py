@@ -45,6 +45,7 @@ class Envelope:
     client_ip: str
     helo: str | None = None
     user: str | None = None  # the logged-in user of a submission client
+    client_name: str | None = None  # the client's forward-confirmed reverse DNS name
 
 
 @dataclass(frozen=True)
@@ -55,14 +56,15 @@ class Verdict:
     headers: bytes = b""
     reason: str = ""  # shown to the client after a reject (printable ASCII)
     score: float | None = None
-    # The reply for a defer or a reject, when the check has its own words
-    # (say, the duplicate mail check's); None: the filter's.
+    # The reply for a deferral or a rejection when not the filter's own.
     refusal: Reply | None = None
 
     @property
     def reply(self) -> Reply | None:
         """The reply that refuses the message, or None when it is delivered."""
-        if self.refusal is not None and self.action in (DEFER, REJECT):
+        if self.action not in (DEFER, REJECT):
+            return None
+        if self.refusal is not None:
             return self.refusal
         if self.action == DEFER:
             return FILTER_DEFER

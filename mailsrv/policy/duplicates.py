@@ -78,12 +78,14 @@ from typing import Any
 
 from twisted.internet import defer
 from twisted.logger import Logger
+from zope.interface import implementer
 
 from mailsrv.auth.throttle import account_key, client_key
 from mailsrv.filter.verdict import ACCEPTED, DEFER, REJECT, Envelope, Verdict
 from mailsrv.policy.networks import Network, NetworkError, client_address, parse_network
 from mailsrv.policy.rates import MAX_TRACKED, SLICES
 from mailsrv.replies import Reply
+from mailsrv.smtp.checks import IMessageCheck
 
 MAX_MEMBERS = 500_000  # recipients kept in all: bounds memory under a spray of messages
 SWEEP_PER_COUNT = 2  # expired keys looked at, at most, per message counted (amortised)
@@ -427,11 +429,15 @@ class DuplicateMail:
         return len(self._deferred)
 
 
+@implementer(IMessageCheck)
 class DuplicateCheck:
     """
-    The check of one message at the end of DATA: its body hash is fed as
-    the message streams in (L{body}), its recipients that are list aliases
-    were known at RCPT; L{check} has the end-of-DATA checks' signature.
+    The check of one message at the end of DATA (one of
+    L{mailsrv.smtp.checks}): its body hash is fed as the message streams in
+    (L{body}), its recipients that are list aliases were known at RCPT. A
+    check per message rather than one per server, because what it needs
+    (the hash, the routes) is the message's own and is known before the
+    end of DATA; the server-wide counts are L{DuplicateMail}'s.
     """
 
     def __init__(self, duplicates: DuplicateMail, list_recipients: frozenset[str]) -> None:

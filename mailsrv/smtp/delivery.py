@@ -24,6 +24,7 @@ from mailsrv.outbound.target import QueueTarget
 from mailsrv.policy.duplicates import BodyDigest
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.returnpath import PrefixSource
+from mailsrv.smtp import checks as message_checks
 from mailsrv.smtp import received
 from mailsrv.smtp.sendas import FromField
 from mailsrv.spool import SpooledSource, disk_full
@@ -66,6 +67,8 @@ class IncomingMessage:
         routes: Sequence[routing.Route] | None = None,
         user: str | None = None,
         router: routing.Router | None = None,
+        helo: str | None = None,
+        client_name: str | None = None,
         list_recipients: Sequence[str] = (),
     ) -> None:
         self.ctx = ctx
@@ -84,6 +87,8 @@ class IncomingMessage:
         self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
+        self.helo = helo  # the name the client gave in HELO/EHLO
+        self.client_name = client_name  # its forward-confirmed reverse DNS name
         self.smtputf8 = False  # received with SMTPUTF8 (RFC 6531): kept in the queue
         self.octets = 0
         self.error: Reply | None = None
@@ -101,12 +106,14 @@ class IncomingMessage:
         self._source.write(trace)
         # The spam filter step (not for submission clients: README, [filter]).
         self._filter = None if submission else getattr(ctx, "filter", None)
-        self._verdict = filter_step.ACCEPTED  # its verdict, at the end of DATA
-        # [policy] duplicate mail: the body hashed as it streams in.
+        # [policy] duplicate mail: this message's check, its body hashed as it streams in.
         duplicates = getattr(ctx, "duplicates", None)
         self._duplicates = None if duplicates is None else duplicates.message(list_recipients)
         self._body = None if self._duplicates is None else self._duplicates.body
         self._list_id_to: BodyDigest | None = None  # in a List-Id field: where its value goes
+        # The checks at the end of DATA (mailsrv.smtp.checks), in order.
+        self._checks = message_checks.message_checks(ctx, submission, self._duplicates)
+        self._verdict = filter_step.ACCEPTED  # what they said together
 
     # IMessage
 
@@ -156,31 +163,26 @@ class IncomingMessage:
                 error=str(self._source.error),
             )
             return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
-        envelope = filter_step.Envelope(
-            self.queue_id, self.sender, tuple(self.recipients), self.client, user=self.user
-        )
-        if self._duplicates is not None:
-            d = self._duplicates.check(self._source, envelope)
-            return d.addCallback(self._unduplicated, envelope)
-        return self._unduplicated(filter_step.ACCEPTED, envelope)
-
-    def _unduplicated(
-        self, verdict: filter_step.Verdict, envelope: filter_step.Envelope
-    ) -> defer.Deferred:
-        """After the duplicate mail check: refuse, or go on to the spam filter."""
-        if verdict.reply is not None:
-            self._source.discard()
-            raise SMTPReplyError(verdict.reply, cause=f"duplicate mail: {verdict.action}")
-        if self._filter is not None:
-            return self._filter.check(self._source, envelope).addCallback(self._screened)
+        if self._checks:
+            envelope = filter_step.Envelope(
+                self.queue_id,
+                self.sender,
+                tuple(self.recipients),
+                self.client,
+                helo=self.helo,
+                user=self.user,
+                client_name=self.client_name,
+            )
+            d = message_checks.run_checks(self._checks, self._source, envelope)
+            return d.addCallback(self._screened)
         return self._deliver()
 
     def _screened(self, verdict: filter_step.Verdict) -> defer.Deferred:
-        """Deliver as the spam filter's verdict says, or refuse."""
+        """Deliver as the checks' verdict says, or refuse."""
         self._verdict = verdict
         if verdict.reply is not None:
             self._source.discard()
-            raise SMTPReplyError(verdict.reply, cause=f"spam filter: {verdict.action}")
+            raise SMTPReplyError(verdict.reply, cause=f"message checks: {verdict.action}")
         return self._deliver()
 
     def connectionLost(self) -> None:
@@ -329,7 +331,7 @@ class IncomingMessage:
     def _source_for(self, mailing_list: str | None) -> Any:
         """The message as a copy through C{mailing_list} is sent: with its List-Id."""
         list_id = self.router.list_id(mailing_list)
-        fields = self._verdict.headers  # the spam filter's
+        fields = self._verdict.headers  # the checks' (mailsrv.smtp.checks)
         if list_id is not None and b"list-id" not in self._seen:
             fields = f"List-Id: {list_id}\n".encode() + fields  # RFC 2919
         if not fields:
@@ -539,6 +541,8 @@ class BaseDelivery:
         trace: bytes,
         client: str,
         queue_id: str | None = None,
+        helo: str | None = None,
+        client_name: str | None = None,
     ) -> IncomingMessage:
         """Start receiving a message for C{recipients}."""
         if queue_id is None:
@@ -559,6 +563,8 @@ class BaseDelivery:
             routes=routes,
             user=self.user if self.submission else None,
             router=self.router,
+            helo=helo,
+            client_name=client_name,
             list_recipients=[r for r, rs in resolved if _through_lists(rs)],
         )
 
