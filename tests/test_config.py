@@ -360,3 +360,47 @@ def test_the_special_use_folders_are_closed_to_sub_addresses():
 
     settings = AddressSettings.from_config(parse(""))
     assert {"sent", "drafts", "trash", "junk"} <= settings.protected_folders
+
+
+# --- [policy] mass duplicate mail ------------------------------------------------------
+
+
+def test_duplicate_recipients_defaults_to_50_and_0_turns_it_off():
+    assert parse("").policy.duplicate_recipients == 50
+    assert parse("[policy]\nduplicate_recipients = 0\n").policy.duplicate_recipients == 0
+    assert parse("[policy]\nduplicate_recipients = 200\n").policy.duplicate_recipients == 200
+    for bad in ("-1", '"50"', "true"):
+        with pytest.raises(ConfigError, match=r"policy\.duplicate_recipients: must be"):
+            parse(f"[policy]\nduplicate_recipients = {bad}\n")
+
+
+def test_duplicate_window_is_a_duration_longer_than_0():
+    assert parse("").policy.duplicate_window == 3600
+    assert parse('[policy]\nduplicate_window = "30m"\n').policy.duplicate_window == 1800
+    assert parse("[policy]\nduplicate_window = 7200\n").policy.duplicate_window == 7200
+    for bad in ('"0s"', "0", '"soon"', "[]"):
+        with pytest.raises(ConfigError, match=r"policy\.duplicate_window: must be"):
+            parse(f"[policy]\nduplicate_window = {bad}\n")
+
+
+def test_mailing_lists_take_senders_networks_and_list_ids_and_name_every_bad_entry():
+    entries = [
+        "news@lists.example.org",
+        "@bounces.example.net",
+        "198.51.100.0/24",
+        "2001:db8::/32",
+        "Staff <staff.example.org>",
+        "announce.example.com",
+    ]
+    text = "[policy]\nmailing_lists = [" + ", ".join(f'"{e}"' for e in entries) + "]\n"
+    assert parse(text).policy.mailing_lists == tuple(entries)
+    assert parse("").policy.mailing_lists == ()
+    with pytest.raises(ConfigError) as e:
+        parse('[policy]\nmailing_lists = ["nolist", "10.0.0.1/8", "a b@c.d", "<x>"]\n')
+    [error] = e.value.errors
+    assert error.startswith("policy.mailing_lists: 'nolist' is not an address, a network")
+    assert "10.0.0.1/8 has host bits set" in error
+    assert "'a b@c.d' is not an address" in error
+    assert "'<x>' is not a List-Id" in error
+    with pytest.raises(ConfigError, match="policy.mailing_lists: must be a list of strings"):
+        parse('[policy]\nmailing_lists = "news@lists.example.org"\n')
