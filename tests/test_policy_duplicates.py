@@ -12,10 +12,11 @@ import dataclasses
 
 import pytest
 from twisted.internet import task
+from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 from zope.interface.verify import verifyObject
 
-from mailsrv.config import PolicyConfig
+from mailsrv.config import DEFAULT_CONFIG, PolicyConfig, parse
 from mailsrv.filter.step import FilterStep
 from mailsrv.filter.verdict import ACCEPT, DEFER, REJECT, Envelope, Verdict
 from mailsrv.policy.duplicates import (
@@ -26,6 +27,7 @@ from mailsrv.policy.duplicates import (
     MailingLists,
     build_duplicates,
 )
+from mailsrv.service import build_context
 from mailsrv.smtp.checks import IMessageCheck, message_checks
 
 from .test_addresses_smtp import Server
@@ -376,3 +378,11 @@ def test_the_check_runs_on_both_listeners_before_the_spam_filter(tmp_path):
     to = ["bob@example.test"]
     assert transaction(s, "a@origin.test", to)[0].startswith("451 4.7.1 The same message")
     assert len(spam.seen) == 1  # the filter was not asked about the deferred message
+
+
+def test_the_server_context_builds_the_check_from_the_config(tmp_path):
+    ctx = build_context(parse(DEFAULT_CONFIG, "<default>", tmp_path), MemoryReactorClock())
+    assert ctx.duplicates is not None
+    assert (ctx.duplicates.limit, ctx.duplicates.window) == (50, 3600)
+    off = DEFAULT_CONFIG + "[policy]\nduplicate_recipients = 0\n"
+    assert build_context(parse(off, "<default>", tmp_path), MemoryReactorClock()).duplicates is None
