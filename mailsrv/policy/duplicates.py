@@ -90,6 +90,7 @@ from mailsrv.replies import Reply
 from mailsrv.smtp.checks import IMessageCheck
 
 MAX_MEMBERS = 500_000  # recipients kept in all: bounds memory under a spray of messages
+MAX_LIST_FIELD = 998  # octets of List-Id kept (RFC 5322 2.1.1: a line's length)
 SWEEP_PER_COUNT = 2  # expired keys looked at, at most, per message counted (amortised)
 
 # 451 (RFC 5321 4.2.2: requested action aborted), 4.7.1 delivery not
@@ -134,7 +135,8 @@ class BodyDigest:
 
     def list_id_field(self, value: bytes) -> None:
         """A C{List-Id:} field's value, or a folded continuation of it."""
-        self._list_field += value
+        if len(self._list_field) < MAX_LIST_FIELD:  # a field repeated without end is cut
+            self._list_field += value
 
     @property
     def list_id(self) -> str | None:
