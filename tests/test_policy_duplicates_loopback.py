@@ -123,15 +123,25 @@ def test_the_message_past_50_recipients_is_deferred_then_refused_lists_pass(tmp_
         assert log.count("duplicate mail refused: 60 distinct recipients") == 2
 
 
-@pytest.mark.parametrize("entry", ['"seller@origin.test"', '"127.0.0.0/8"'])
-def test_a_mailing_list_entry_is_never_held_back(tmp_path, entry):
+@pytest.mark.parametrize(
+    "entry, others",
+    [
+        # Another sender from the same client is counted as usual.
+        ('"seller@origin.test"', [250, 250, 451, 550]),
+        # Everything from the network passes.
+        ('"127.0.0.0/8"', [250, 250, 250]),
+    ],
+)
+def test_a_mailing_list_entry_is_never_held_back(tmp_path, entry, others):
     extra = config(tmp_path).replace("[policy]\n", f"[policy]\nmailing_lists = [{entry}]\n")
     with MailServer(tmp_path, extra=extra) as server:
         server.add_user(BOB)
+        rcpts = [f"u{i}@example.test" for i in range(60)]
         with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as client:
             client.ehlo("client.origin.test")
-            rcpts = [f"u{i}@example.test" for i in range(60)]
-            assert [c for c, _ in send_in_batches(client, "seller@origin.test", rcpts, 20)] == [
-                250
-            ] * 3
-        assert server.inbox(BOB).read_bytes().count(b"\nSubject: part") == 3
+            replies = send_in_batches(client, "seller@origin.test", rcpts, 20)
+            assert [code for code, _ in replies] == [250] * 3
+            replies = send_in_batches(client, "other@origin.test", rcpts, 20)
+            assert [code for code, _ in replies] == others
+        mbox = server.inbox(BOB).read_bytes()
+        assert mbox.count(b"\nSubject: part") == 3 + others.count(250)
