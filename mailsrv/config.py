@@ -87,6 +87,12 @@ class AuthConfig:
     failure_delay: float
     max_failures: int  # per client address, within failure_window
     failure_window: int
+    # Per account, within failure_window, from any address (mailsrv.auth.accounts); 0: off.
+    account_slow_after: int = 20  # failures before attempts on the account wait (doubling)
+    account_max_delay: float = 15.0  # the longest such wait, seconds
+    account_max_failures: int = 100  # failures before it is refused but from known addresses
+    account_known_clients: int = 8  # addresses kept per account after a successful login
+    account_known_time: int = 30 * 86400  # how long such an address stays known
 
 
 @dataclass(frozen=True)
@@ -604,6 +610,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "failure_delay": (_float(0.0), 2.0),
         "max_failures": (_int(1), 10),
         "failure_window": (_duration, 600),
+        "account_slow_after": (_int(0), 20),
+        "account_max_delay": (_float(0.0), 15.0),
+        "account_max_failures": (_int(0), 100),
+        "account_known_clients": (_int(0), 8),
+        "account_known_time": (_duration, 30 * 86400),
     },
     "imap": {
         "max_literal_size": (_int(1024), 50 * _MiB),
@@ -774,6 +785,11 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             failure_delay=v["auth"]["failure_delay"],
             max_failures=v["auth"]["max_failures"],
             failure_window=v["auth"]["failure_window"],
+            account_slow_after=v["auth"]["account_slow_after"],
+            account_max_delay=v["auth"]["account_max_delay"],
+            account_max_failures=v["auth"]["account_max_failures"],
+            account_known_clients=v["auth"]["account_known_clients"],
+            account_known_time=v["auth"]["account_known_time"],
         ),
         imap=IMAPConfig(
             max_literal_size=v["imap"]["max_literal_size"],

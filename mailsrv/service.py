@@ -22,6 +22,7 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailsrv.addresses.resolver import AddressRules, AliasWatcher, address_rules
+from mailsrv.auth.accounts import account_limits
 from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
@@ -151,7 +152,13 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         passwords=passwords,
         portal=portal,
         tls=server_tls,
-        throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
+        throttle=LoginThrottle(
+            reactor,
+            config.auth.max_failures,
+            config.auth.failure_window,
+            account_limits(config.auth),
+            config.auth.failure_delay,
+        ),
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
