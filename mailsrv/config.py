@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
@@ -155,6 +156,11 @@ class FilterConfig:
     on_failure: str  # accept | defer
     reject_score: float | None  # None: the daemon's own action
     junk_score: float | None
+    # Training from IMAP moves into and out of Junk (mailsrv.filter.learn).
+    learn: bool = False
+    rspamd_controller: str | None = None  # rspamd's controller URL (port 11334)
+    rspamd_password: str | None = None  # the controller's password (its Password field)
+    learn_command: tuple[str, ...] | None = None  # learns from stdin; {class}: spam | ham
 
 
 def _score(v: Any) -> float:
@@ -187,7 +193,15 @@ def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
             spamd = _hostport(783)(v["spamd"])
         except ValueError as e:
             errors.append(f"filter.spamd: {e}")
-    return FilterConfig(**{**v, "spamd": spamd})
+    controller = v["rspamd_controller"]
+    if controller is None and v["rspamd"] is not None:
+        # The controller worker, which learns, listens on 11334 beside the normal worker.
+        url = urlsplit(v["rspamd"])
+        host = url.hostname or "127.0.0.1"
+        controller = f"{url.scheme}://{f'[{host}]' if ':' in host else host}:11334"
+    if v["learn"] and v["learn_command"] is None and v["rspamd"] is None and v["spamd"] is None:
+        errors.append("filter.learn: needs rspamd, spamd or learn_command to learn with")
+    return FilterConfig(**{**v, "spamd": spamd, "rspamd_controller": controller})
 
 
 @dataclass(frozen=True)
@@ -659,6 +673,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "on_failure": (_choice("accept", "defer"), "accept"),
         "reject_score": (_score, None),
         "junk_score": (_score, None),
+        "learn": (_bool, False),
+        "rspamd_controller": (_url, None),
+        "rspamd_password": (_str, None),
+        "learn_command": (_argv, None),
     },
     "policy": {
         # Rate limits, as Postfix's anvil: 0 (its default) is no limit.

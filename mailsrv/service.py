@@ -29,7 +29,9 @@ from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
+from mailsrv.filter.learn import TrainingQueue
 from mailsrv.filter.step import FilterStep, build_filter
+from mailsrv.filter.trainers import training_queue
 from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
@@ -87,6 +89,8 @@ class ServerContext:
     filter: FilterStep | None = None
     # The message and recipient rate limits ([policy]); None: no limits.
     rates: RateLimits | None = None
+    # Spam filter training from IMAP moves into and out of Junk; None: none.
+    training: TrainingQueue | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -166,6 +170,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         filter=build_filter(config.filter, reactor),
         rates=RateLimits(
             reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
+        ),
+        training=training_queue(
+            config.filter, reactor, store, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
         ),
     )
 
