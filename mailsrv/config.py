@@ -15,6 +15,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
@@ -88,6 +89,12 @@ class AuthConfig:
     failure_delay: float
     max_failures: int  # per client address, within failure_window
     failure_window: int
+    # Per account, within failure_window, from any address (mailsrv.auth.accounts); 0: off.
+    account_slow_after: int = 20  # failures before attempts on the account wait (doubling)
+    account_max_delay: float = 15.0  # the longest such wait, seconds
+    account_max_failures: int = 100  # failures before it is refused but from known addresses
+    account_known_clients: int = 8  # addresses kept per account after a successful login
+    account_known_time: int = 30 * 86400  # how long such an address stays known
 
 
 @dataclass(frozen=True)
@@ -150,6 +157,11 @@ class FilterConfig:
     on_failure: str  # accept | defer
     reject_score: float | None  # None: the daemon's own action
     junk_score: float | None
+    # Training from IMAP moves into and out of Junk (mailsrv.filter.learn).
+    learn: bool = False
+    rspamd_controller: str | None = None  # rspamd's controller URL (port 11334)
+    rspamd_password: str | None = None  # the controller's password (its Password field)
+    learn_command: tuple[str, ...] | None = None  # learns from stdin; {class}: spam | ham
 
 
 def _score(v: Any) -> float:
@@ -182,7 +194,15 @@ def _filter_config(v: dict[str, Any], errors: list[str]) -> FilterConfig:
             spamd = _hostport(783)(v["spamd"])
         except ValueError as e:
             errors.append(f"filter.spamd: {e}")
-    return FilterConfig(**{**v, "spamd": spamd})
+    controller = v["rspamd_controller"]
+    if controller is None and v["rspamd"] is not None:
+        # The controller worker, which learns, listens on 11334 beside the normal worker.
+        url = urlsplit(v["rspamd"])
+        host = url.hostname or "127.0.0.1"
+        controller = f"{url.scheme}://{f'[{host}]' if ':' in host else host}:11334"
+    if v["learn"] and v["learn_command"] is None and v["rspamd"] is None and v["spamd"] is None:
+        errors.append("filter.learn: needs rspamd, spamd or learn_command to learn with")
+    return FilterConfig(**{**v, "spamd": spamd, "rspamd_controller": controller})
 
 
 @dataclass(frozen=True)
@@ -628,6 +648,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "failure_delay": (_float(0.0), 2.0),
         "max_failures": (_int(1), 10),
         "failure_window": (_duration, 600),
+        "account_slow_after": (_int(0), 20),
+        "account_max_delay": (_float(0.0), 15.0),
+        "account_max_failures": (_int(0), 100),
+        "account_known_clients": (_int(0), 8),
+        "account_known_time": (_duration, 30 * 86400),
     },
     "imap": {
         "max_literal_size": (_int(1024), 50 * _MiB),
@@ -672,6 +697,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "on_failure": (_choice("accept", "defer"), "accept"),
         "reject_score": (_score, None),
         "junk_score": (_score, None),
+        "learn": (_bool, False),
+        "rspamd_controller": (_url, None),
+        "rspamd_password": (_str, None),
+        "learn_command": (_argv, None),
     },
     "policy": {
         # Rate limits, as Postfix's anvil: 0 (its default) is no limit.
@@ -802,6 +831,11 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             failure_delay=v["auth"]["failure_delay"],
             max_failures=v["auth"]["max_failures"],
             failure_window=v["auth"]["failure_window"],
+            account_slow_after=v["auth"]["account_slow_after"],
+            account_max_delay=v["auth"]["account_max_delay"],
+            account_max_failures=v["auth"]["account_max_failures"],
+            account_known_clients=v["auth"]["account_known_clients"],
+            account_known_time=v["auth"]["account_known_time"],
         ),
         imap=IMAPConfig(
             max_literal_size=v["imap"]["max_literal_size"],

@@ -22,13 +22,16 @@ from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
 from mailsrv.addresses.resolver import AddressRules, AliasWatcher, address_rules
+from mailsrv.auth.accounts import account_limits
 from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
+from mailsrv.filter.learn import TrainingQueue
 from mailsrv.filter.step import FilterStep, build_filter
+from mailsrv.filter.trainers import training_queue
 from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
@@ -89,6 +92,8 @@ class ServerContext:
     rates: RateLimits | None = None
     # The mass duplicate mail check ([policy] duplicate_recipients); None: none.
     duplicates: DuplicateMail | None = None
+    # Spam filter training from IMAP moves into and out of Junk; None: none.
+    training: TrainingQueue | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -154,7 +159,13 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         passwords=passwords,
         portal=portal,
         tls=server_tls,
-        throttle=LoginThrottle(reactor, config.auth.max_failures, config.auth.failure_window),
+        throttle=LoginThrottle(
+            reactor,
+            config.auth.max_failures,
+            config.auth.failure_window,
+            account_limits(config.auth),
+            config.auth.failure_delay,
+        ),
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
@@ -164,6 +175,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
             reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
         ),
         duplicates=build_duplicates(config.policy, reactor),
+        training=training_queue(
+            config.filter, reactor, store, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
+        ),
     )
 
 

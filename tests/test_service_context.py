@@ -17,8 +17,11 @@ from zope.interface.verify import verifyObject
 
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import DEFAULT_CONFIG, Config, parse
+from mailsrv.filter.learn import TrainingQueue
 from mailsrv.filter.spamd import SpamdFilter
 from mailsrv.filter.step import FilterStep
+from mailsrv.filter.trainers import SpamdTrainer
+from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.pop3 import MaildropLocks
@@ -51,8 +54,11 @@ def test_every_part_is_built_and_typed(ctx, tmp_path):
     assert isinstance(ctx.pop3_locks, MaildropLocks)
     assert ctx.dkim is None  # no [dkim] keys: nothing is signed
     assert ctx.filter is None  # no [filter] configured: no spam filter step
+    assert ctx.training is None  # no [filter] learn: no training from IMAP
     assert all(
-        value is not None for name, value in parts(ctx).items() if name not in ("dkim", "filter")
+        value is not None
+        for name, value in parts(ctx).items()
+        if name not in ("dkim", "filter", "training")
     )
 
 
@@ -66,6 +72,15 @@ def test_a_filter_is_built_from_the_config(tmp_path):
         "defer",
         30,
     )
+
+
+def test_training_is_built_from_the_config(tmp_path):
+    text = DEFAULT_CONFIG + '[filter]\nspamd = "127.0.0.1:7830"\nlearn = true\ntimeout = "9s"\n'
+    ctx = build_context(parse(text, "<test>", tmp_path), MemoryReactorClock())
+    assert isinstance(ctx.training, TrainingQueue)
+    assert isinstance(ctx.training.trainer, SpamdTrainer)
+    assert (ctx.training.trainer.port, ctx.training.timeout) == (7830, 9)
+    assert imap_factory(ctx).training is ctx.training  # the IMAP hook's queue
 
 
 def test_the_context_is_frozen(ctx):

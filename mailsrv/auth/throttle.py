@@ -18,10 +18,13 @@ with the account it was for, so that:
     other accounts. Logging in to an account of one's own buys no more
     guesses at someone else's.
 
-There is no lock per account across addresses: anyone could then lock a
-user out by guessing wrong on purpose (Dovecot has none either). Guessing
-from many addresses is slowed by each address's own limit and the delay
-before each failure is answered.
+Failures are also counted per account, whatever the address
+(L{mailsrv.auth.accounts}): past a first threshold every attempt on the
+account waits longer before its check (doubling, capped), past a second
+one it is refused, except from the addresses that logged in to that
+account successfully before. That is no lockout: anyone could otherwise
+lock a user out by guessing wrong on purpose, and the owner keeps logging
+in from the usual places.
 
 When it is answered, the same in all three protocols: a password that was
 checked and found wrong is answered after C{failure_delay}
@@ -60,8 +63,10 @@ from collections.abc import Callable
 from typing import Any
 
 from twisted.cred.error import UnauthorizedLogin
-from twisted.internet import defer
+from twisted.internet import defer, task
 from twisted.python.failure import Failure
+
+from mailsrv.auth.accounts import AccountFailures, AccountLimits
 
 MAX_TRACKED = 100_000  # client addresses kept; bounds memory under a spray of addresses
 MAX_ACCOUNT_LENGTH = 320  # RFC 5321 4.5.3.1: 64 + 1 + 255, with room
@@ -102,10 +107,15 @@ class LoginAttempt:
     """One reserved login; ended exactly once by L{succeeded}, L{failed} or L{abandoned}."""
 
     def __init__(
-        self, host: str, account: str, on_end: Callable[[LoginAttempt, str], None]
+        self,
+        host: str,
+        account: str,
+        on_end: Callable[[LoginAttempt, str], None],
+        delay: float = 0.0,
     ) -> None:
         self.host = host
         self.account = account
+        self.delay = delay  # seconds to wait before the password is checked
         self._on_end: Callable[[LoginAttempt, str], None] | None = on_end
 
     def _end(self, outcome: str) -> None:
@@ -127,10 +137,24 @@ class LoginAttempt:
 
 
 class LoginThrottle:
-    """Failed and unfinished logins per client address, each kept with its account."""
+    """
+    Failed and unfinished logins per client address, each kept with its
+    account, and per account (when C{accounts} is given; C{failure_delay}
+    is where its growing delay starts).
+    """
 
-    def __init__(self, clock: Any, max_failures: int, window: float) -> None:
+    def __init__(
+        self,
+        clock: Any,
+        max_failures: int,
+        window: float,
+        accounts: AccountLimits | None = None,
+        failure_delay: float = 2.0,
+    ) -> None:
         self._clock = clock
+        self._accounts = (
+            None if accounts is None else AccountFailures(clock, accounts, window, failure_delay)
+        )
         self._max = max_failures
         self._window = window
         self._failures: dict[str, bytes] = {}  # client -> its failures (_FAILURE, packed)
@@ -153,7 +177,13 @@ class LoginThrottle:
         attempt = self.reserve(host, credentials.username)
         if attempt is None:
             return defer.fail(LoginThrottled(host))
-        d = defer.maybeDeferred(portal.login, credentials, mind, *interfaces)
+        if attempt.delay > 0:
+            # The account is being guessed at: this attempt waits before its check.
+            d = task.deferLater(
+                self._clock, attempt.delay, portal.login, credentials, mind, *interfaces
+            )
+        else:
+            d = defer.maybeDeferred(portal.login, credentials, mind, *interfaces)
 
         def ok(result: Any) -> Any:
             attempt.succeeded()
@@ -169,12 +199,22 @@ class LoginThrottle:
         return d.addCallbacks(ok, failed)
 
     def reserve(self, host: str, username: str | bytes) -> LoginAttempt | None:
-        """Reserve a login attempt by C{host} for C{username}, or None if refused."""
+        """
+        Reserve a login attempt by C{host} for C{username}, or None if
+        refused; its C{delay} is how long to wait before checking it.
+        """
         if self.blocked(host):
             return None
         client = client_key(host)
+        account = account_key(username)
+        delay = 0.0
+        if self._accounts is not None:
+            wait = self._accounts.begin(account, client, username)
+            if wait is None:
+                return None
+            delay = wait
         self._pending[client] += 1
-        return LoginAttempt(client, account_key(username), self._ended)
+        return LoginAttempt(client, account, self._ended, delay)
 
     def blocked(self, host: str) -> bool:
         """Whether C{host} must be refused without a check."""
@@ -184,6 +224,10 @@ class LoginThrottle:
     def tracked(self) -> tuple[int, int]:
         """How many clients and failures are kept: what bounds the memory used."""
         return len(self._failures), sum(len(p) for p in self._failures.values()) // _FAILURE.size
+
+    def tracked_accounts(self) -> tuple[int, int, int]:
+        """Accounts with failures, their failures, accounts with known clients (0s if off)."""
+        return (0, 0, 0) if self._accounts is None else self._accounts.tracked()
 
     # --- bookkeeping -------------------------------------------------------------
 
@@ -210,6 +254,8 @@ class LoginThrottle:
         self._pending[client] -= 1
         if self._pending[client] <= 0:
             del self._pending[client]
+        if self._accounts is not None:
+            self._accounts.end(attempt.account, client, outcome == FAILED, outcome == SUCCEEDED)
         if outcome == FAILED:
             self._failed(client, attempt.account)
         elif outcome == SUCCEEDED:

@@ -338,8 +338,10 @@ class IMAPServerFactory(protocol.Factory):
         throttle: Any = None,
         implicit_tls: bool = False,
         cooperate: Callable[[], defer.Deferred] | None = None,
+        training: Any = None,
     ) -> None:
         self.config = config
+        self.training = training  # a TrainingQueue (mailsrv.filter.learn), or None
         self.store = store
         self.portal = portal
         self.reactor = reactor
@@ -389,4 +391,5 @@ def imap_factory(ctx: Any, implicit_tls: bool = False) -> IMAPServerFactory:
         tls=ctx.tls,
         throttle=ctx.throttle,
         implicit_tls=implicit_tls,
+        training=ctx.training,
     )

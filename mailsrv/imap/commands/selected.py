@@ -190,10 +190,17 @@ class SelectedCommands(CommandBase):
             if folder_name == mbox.folder.name:
                 yield self._sync()  # the copies: EXISTS before the client may name them
             self.sendPositiveResponse(tag, b"MOVE completed")
-            return
-        if folder_name == mbox.folder.name:
-            yield self._sync()
-        self.sendPositiveResponse(tag, code + b"COPY completed")
+        else:
+            if folder_name == mbox.folder.name:
+                yield self._sync()
+            self.sendPositiveResponse(tag, code + b"COPY completed")
+        self._filed(mbox.folder.name, folder_name, dst_uids)
+
+    def _filed(self, source: str, target: str, uids: list[int]) -> None:
+        """After the answer: into or out of Junk trains the spam filter (mailsrv.filter.learn)."""
+        training = self.factory.training
+        if training is not None and uids and self._user is not None:
+            training.filed(self._user, source, target, uids)
 
     def do_MOVE(self, tag: bytes, messages: SeqSet, name: bytes, uid: int = 0) -> None:
         self.do_COPY(tag, messages, name, uid, True)
