@@ -20,6 +20,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.policy.greylist import GreylistAllow, parse_allow
 from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
@@ -207,6 +208,13 @@ class PolicyConfig:
     # Rate limits, as Postfix's anvil (0: no limit), per user and per client address.
     messages_per_hour: int = 0  # MAIL FROMs
     recipients_per_hour: int = 0  # RCPT TOs
+    # Greylisting (mailsrv.policy.greylist), as postgrey: off by default.
+    greylist: bool = False
+    greylist_delay: int = 300  # seconds before a retry is taken
+    greylist_retry_window: int = 2 * 86400  # seconds a first sighting waits for its retry
+    greylist_max_age: int = 35 * 86400  # seconds a passed triplet or client stays known
+    greylist_auto_allow: int = 5  # passes (in different hours) that allow a client; 0: never
+    greylist_allow: GreylistAllow = GreylistAllow()  # never greylisted
 
 
 @dataclass(frozen=True)
@@ -566,6 +574,10 @@ def _seconds(v: Any) -> float:
     raise ValueError(f'must be seconds like 0.3, "300ms" or "1s", not {v!r}')
 
 
+def _greylist_allow(v: Any) -> GreylistAllow:
+    return parse_allow(_str_list(v))
+
+
 def _tname(v: Any) -> str:
     return {
         str: "a string",
@@ -662,6 +674,14 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "allow_file": (_nonempty_str, None),
         "pregreet": (_bool, True),
         "pregreet_wait": (_seconds, 0.0),
+        # Greylisting: postgrey's defaults (--delay, --retry-window, --max-age,
+        # --auto-whitelist-clients).
+        "greylist": (_bool, False),
+        "greylist_delay": (_duration, "5m"),
+        "greylist_retry_window": (_duration, "2d"),
+        "greylist_max_age": (_duration, "35d"),
+        "greylist_auto_allow": (_int(0), 5),
+        "greylist_allow": (_greylist_allow, []),
     },
 }
 
@@ -752,6 +772,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         policy[key] = rel(policy[key], base)
         if policy[key] is not None:
             errors.extend(_network_file_errors(f"policy.{key}", policy[key]))
+    errors.extend(_greylist_errors(policy))
     if errors:
         raise ConfigError(path, errors)
 
@@ -801,6 +822,19 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         source=text,
         base_dir=base,
     )
+
+
+def _greylist_errors(policy: Mapping[str, Any]) -> list[str]:
+    """The greylist's times must make sense together (RFC 6647 4.2: a retry must fit)."""
+    errors = []
+    delay, window = policy["greylist_delay"], policy["greylist_retry_window"]
+    if delay < 1:
+        errors.append("policy.greylist_delay: must be at least 1 second")
+    if window <= delay:
+        errors.append("policy.greylist_retry_window: must be longer than policy.greylist_delay")
+    if policy["greylist_max_age"] < 1:
+        errors.append("policy.greylist_max_age: must be at least 1 second")
+    return errors
 
 
 def _network_file_errors(key: str, path: Path) -> list[str]:

@@ -35,6 +35,7 @@ from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.policy.connections import connection_gate
+from mailsrv.policy.greylist import Greylist, build_greylist, greylist_service
 from mailsrv.policy.listener import GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
@@ -86,6 +87,8 @@ class ServerContext:
     filter: FilterStep | None = None
     # The message and recipient rate limits ([policy]); None: no limits.
     rates: RateLimits | None = None
+    # Greylisting at RCPT ([policy] greylist); None: off.
+    greylist: Greylist | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -160,6 +163,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         rates=RateLimits(
             reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
         ),
+        greylist=build_greylist(config, reactor, pool),
     )
 
 
@@ -218,9 +222,13 @@ def serve(ctx: ServerContext) -> service.MultiService:
     )
     policy = ctx.config.policy
     connections = connection_gate(policy, ctx.reactor)
-    NetworkWatcher(
-        [connections.allow, connections.deny], ctx.reactor, ctx.threadpool
-    ).setServiceParent(users)
+    watched = [connections.allow, connections.deny]
+    greylisting = greylist_service(ctx)
+    if greylisting is not None:
+        assert ctx.greylist is not None
+        watched.append(ctx.greylist.allowed_networks)  # [policy] allow_file, for the greylist too
+        greylisting.setServiceParent(users)
+    NetworkWatcher(watched, ctx.reactor, ctx.threadpool).setServiceParent(users)
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in ctx.config.listen.items():
