@@ -825,7 +825,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
 
 
 def _greylist_errors(policy: Mapping[str, Any]) -> list[str]:
-    """The greylist's times must make sense together (RFC 6647 4.2: a retry must fit)."""
+    """The greylist's times must make sense together: a retry after the delay must fit the window."""
     errors = []
     delay, window = policy["greylist_delay"], policy["greylist_retry_window"]
     if delay < 1:

@@ -35,7 +35,8 @@ from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.policy.connections import connection_gate
-from mailsrv.policy.greylist import Greylist, build_greylist, greylist_service
+from mailsrv.policy.greylist import Greylist
+from mailsrv.policy.greylist_store import build_greylist, greylist_service
 from mailsrv.policy.listener import GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits

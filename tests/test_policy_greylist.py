@@ -19,13 +19,12 @@ from twisted.logger import formatEvent, globalLogPublisher
 from mailsrv.config import PolicyConfig
 from mailsrv.policy.greylist import (
     Greylist,
-    GreylistFile,
-    GreylistService,
     GreylistSettings,
     SessionGreylist,
     client_network,
     parse_allow,
 )
+from mailsrv.policy.greylist_store import GreylistFile, GreylistService
 from mailsrv.policy.networks import NetworkList, parse_network
 from mailsrv.replies import SMTPReplyError
 

@@ -7,7 +7,7 @@ client keeps the message queued and tries again (RFC 5321 4.5.4.1), and a
 retry once C{greylist_delay} has passed is accepted. Most spamware never
 tries again.
 
-The triplet (RFC 6647 2.2, 4.2.1): the client network (an IPv4 client by its
+The triplet (RFC 6647 4.2.1): the client network (an IPv4 client by its
 /24 and an IPv6 one by its /64, as postgrey's C{--lookup-by-subnet} does, so
 that a pool of outbound servers that retries from another address of its
 network is not delayed again), the envelope sender lower-cased (the null
@@ -21,7 +21,7 @@ C{greylist_auto_allow} different hours (postgrey's
 C{--auto-whitelist-clients=5}) is not greylisted any more, for as long as it
 keeps sending within C{greylist_max_age}.
 
-Never greylisted (RFC 6647 4.3: a greylisting system offers exceptions):
+Never greylisted (RFC 6647 recommends allow lists beside the delay):
 authenticated submission clients, the networks of C{[policy] allow}, the
 entries of C{greylist_allow}, and mail to postmaster@ and abuse@ of the local
 domains: RFC 5321 4.5.1 asks that mail to postmaster be taken, and postgrey's
@@ -34,47 +34,26 @@ counted) keeps at most C{MAX_ENTRIES}; past that the oldest is dropped (a
 spray of new triplets only ever pushes out other triplets still waiting,
 never those that passed). Expired entries are swept on a timer.
 
-The state survives a restart (otherwise every correspondent would be delayed
-again after each one), in C{data_dir/greylist/state.json}:
-
-    {"format": "mailsrv-greylist 1",
-     "pending": [[network, sender, recipient, first_seen, last_seen], ...],
-     "passed": [[network, sender, recipient, passed_at, last_seen], ...],
-     "clients": [[network, passes, last_counted, last_seen], ...]}
-
-times in seconds since the epoch. A snapshot, written whole (L{write_atomic})
-on the disk thread pool every C{SNAPSHOT_INTERVAL} seconds when something
-changed, and once more at stop; read once at start. Why a snapshot rather
-than a database: the check at RCPT is an in-memory look-up that never waits
-on the disk, and what a crash can lose (at most a minute of first sightings)
-costs an honest client one more retry, nothing else. A file that cannot be
-read is set aside (C{state.json.corrupt}), logged, and the server starts
-empty.
+The state is kept on disk across restarts: L{mailsrv.policy.greylist_store}.
 """
 
 from __future__ import annotations
 
 import ipaddress
-import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
-from twisted.application import service
-from twisted.internet import defer, task
+from twisted.internet import defer
 
-from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.logsafe import SafeLogger
 from mailsrv.policy.networks import NetworkError, NetworkList, client_address, parse_network
 from mailsrv.replies import Reply, SMTPReplyError
 
 MAX_ENTRIES = 100_000  # per table: triplets waiting, triplets passed, clients counted
-SNAPSHOT_INTERVAL = 60.0  # seconds between sweeps (and snapshots, when something changed)
 AUTO_ALLOW_EVERY = 3600.0  # a client's passes are counted at most once an hour
-FORMAT = "mailsrv-greylist 1"
+FORMAT = "mailsrv-greylist 1"  # of the snapshot (mailsrv.policy.greylist_store)
 IPV4_PREFIX, IPV6_PREFIX = 24, 64  # RFC 6647 4.2.1
 EXEMPT_LOCAL_PARTS = frozenset({"postmaster", "abuse"})  # RFC 5321 4.5.1; postgrey's default
 
@@ -326,7 +305,7 @@ class Greylist:
     # the snapshot
 
     def snapshot(self) -> dict[str, Any]:
-        """The state, for L{GreylistFile.save}: copies, safe to serialise on another thread."""
+        """The state, for L{greylist_store.GreylistFile.save}: copies, safe to serialise on another thread."""
         self.dirty = False
         return {
             "format": FORMAT,
@@ -374,114 +353,11 @@ def _client_row(row: Any) -> tuple[str, tuple[int, float, float]]:
     return net, (passes, float(counted), float(seen))
 
 
-# --- on disk --------------------------------------------------------------------------
-
-
-class GreylistFile:
-    """
-    Where the greylist is kept between runs: read at start (on the
-    reactor thread, before anything listens), written on the disk thread
-    pool through C{run_in_thread} (a function to Deferred).
-    """
-
-    log = SafeLogger()
-
-    def __init__(self, path: Path, run_in_thread: Callable[[Callable[[], Any]], Any]) -> None:
-        self.path = path
-        self._run = run_in_thread
-        self._lock = defer.DeferredLock()  # one write at a time, in order
-
-    def load_into(self, greylist: Greylist) -> None:
-        """Fill C{greylist} from the file, if there is one; a bad file is set aside."""
-        try:
-            text = self.path.read_bytes()
-        except FileNotFoundError:
-            return
-        except OSError as e:
-            self.log.warn(
-                "greylist: cannot read {path}: {error}; starting empty",
-                path=str(self.path),
-                error=e.strerror,
-            )
-            return
-        try:
-            greylist.restore(json.loads(text))
-        except (ValueError, TypeError, KeyError) as e:
-            aside = self.path.with_name(self.path.name + ".corrupt")
-            try:
-                os.replace(self.path, aside)
-            except OSError:
-                aside = self.path
-            self.log.warn(
-                "greylist: {path} is not a greylist snapshot ({error}); set aside as {aside},"
-                " starting empty",
-                path=str(self.path),
-                error=str(e)[:200],
-                aside=str(aside),
-            )
-            return
-        self.log.info(
-            "greylist: read {path}: {pending} waiting, {passed} passed, {clients} clients",
-            path=str(self.path),
-            pending=len(greylist.pending),
-            passed=len(greylist.passed),
-            clients=len(greylist.clients),
-        )
-
-    def save(self, greylist: Greylist) -> defer.Deferred:
-        """Write C{greylist}'s snapshot (one write at a time); fires when written or logged."""
-        data = greylist.snapshot()
-
-        def write() -> None:
-            make_dirs(self.path.parent)
-            write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
-
-        def failed(failure: Any) -> None:
-            greylist.dirty = True  # tried again at the next tick
-            self.log.warn(
-                "greylist: cannot write {path}: {error}",
-                path=str(self.path),
-                error=failure.getErrorMessage(),
-            )
-
-        return self._lock.run(lambda: self._run(write)).addErrback(failed)
-
-
-class GreylistService(service.Service):
-    """Sweeps and snapshots the greylist on the clock, and writes it once more at stop."""
-
-    def __init__(
-        self, greylist: Greylist, file: GreylistFile, interval: float = SNAPSHOT_INTERVAL
-    ) -> None:
-        self.greylist = greylist
-        self.file = file
-        self._loop = task.LoopingCall(self.tick)
-        self._loop.clock = greylist.clock
-        self.interval = interval
-
-    def tick(self) -> defer.Deferred | None:
-        """Forget what expired; write the state if it changed."""
-        self.greylist.sweep()
-        if self.greylist.dirty:
-            return self.file.save(self.greylist)
-        return None
-
-    def startService(self) -> None:
-        super().startService()
-        self._loop.start(self.interval, now=False)
-
-    def stopService(self) -> defer.Deferred:
-        super().stopService()
-        if self._loop.running:
-            self._loop.stop()
-        return self.file.save(self.greylist)
-
-
 # --- the SMTP session's side ----------------------------------------------------------
 
 
 def greylisted_reply(wait: float) -> Reply:
-    """What a greylisted client is told (RFC 6647 2.2: a temporary failure, with a hint)."""
+    """What a greylisted client is told (RFC 6647 2.1, 4.2: a temporary failure, and when)."""
     seconds = max(1, int(wait + 0.999))
     unit = "second" if seconds == 1 else "seconds"
     return Reply(_CODE, _ENHANCED, f"Greylisted, please try again in {seconds} {unit}")
@@ -550,56 +426,13 @@ class _GreylistedDelivery:
         return greylisted(result)
 
 
-def greylist_file(config: Any, reactor: Any, pool: Any) -> GreylistFile:
-    """Where C{config}'s greylist is kept: C{data_dir/greylist/state.json}."""
-    from twisted.internet.threads import deferToThreadPool
-
-    return GreylistFile(
-        config.server.data_dir / "greylist" / "state.json",
-        lambda f: deferToThreadPool(reactor, pool, f),
-    )
-
-
-def build_greylist(config: Any, reactor: Any, pool: Any) -> Greylist | None:
-    """The greylist of C{config} ([policy] greylist), its saved state read; None when off."""
-    policy = config.policy
-    if not policy.greylist:
-        return None
-    settings = GreylistSettings(
-        delay=float(policy.greylist_delay),
-        retry_window=float(policy.greylist_retry_window),
-        max_age=float(policy.greylist_max_age),
-        auto_allow=policy.greylist_auto_allow,
-        allow=policy.greylist_allow,
-    )
-    # [policy] allow: the same networks as the connection gate's (the file is
-    # re-read by the network watcher, L{greylist_service}'s caller).
-    allowed = NetworkList(tuple(policy.allow), policy.allow_file)
-    allowed.load()
-    greylist = Greylist(reactor, settings, allowed)
-    greylist_file(config, reactor, pool).load_into(greylist)
-    return greylist
-
-
-def greylist_service(ctx: Any) -> GreylistService | None:
-    """The service that sweeps and keeps C{ctx}'s greylist; None when it is off."""
-    if getattr(ctx, "greylist", None) is None:
-        return None
-    return GreylistService(ctx.greylist, greylist_file(ctx.config, ctx.reactor, ctx.threadpool))
-
-
 __all__ = [
     "Greylist",
     "GreylistAllow",
-    "GreylistFile",
-    "GreylistService",
     "GreylistSettings",
     "SessionGreylist",
     "Verdict",
-    "build_greylist",
     "client_network",
-    "greylist_file",
-    "greylist_service",
     "greylisted_reply",
     "parse_allow",
 ]
