@@ -425,3 +425,26 @@ def test_greylisting_is_off_by_default(tmp_path):
     s = Session(ctx)
     s.cmd("EHLO client.example")
     assert send(s, SENDER, [RCPT])[-1].startswith("250 ")
+
+
+def test_the_server_builds_its_greylist_from_the_config_with_the_saved_state(tmp_path):
+    from mailsrv.config import DEFAULT_CONFIG, parse
+    from mailsrv.service import build_context
+
+    text = DEFAULT_CONFIG + (
+        '[policy]\ngreylist = true\ngreylist_delay = "1m"\nallow = ["203.0.113.0/24"]\n'
+        'greylist_allow = ["to:sales@"]\n'
+    )
+    config = parse(text, "<test>", tmp_path)
+    state = config.server.data_dir / "greylist" / "state.json"
+    state.parent.mkdir(parents=True)
+    saved = greylist()
+    saved.check("192.0.2.7", SENDER, RCPT)
+    state.write_text(json.dumps(saved.snapshot()))
+    reactor = MemoryReactorClock()
+    ctx = build_context(config, reactor)
+    g = ctx.greylist
+    assert isinstance(g, Greylist)
+    assert (g.settings.delay, g.settings.allow.recipients) == (60.0, {"sales@"})
+    assert list(g.pending) == [("192.0.2.0/24", SENDER, RCPT)]
+    assert g.check("203.0.113.5", SENDER, RCPT).why == "allowed network"
