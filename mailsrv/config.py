@@ -22,6 +22,7 @@ from twisted.internet.endpoints import serverFromString
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
 from mailsrv.policy.duplicates import classify_entry
+from mailsrv.policy.greylist import GreylistAllow, parse_allow
 from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
@@ -235,6 +236,13 @@ class PolicyConfig:
     duplicate_recipients: int = 50
     duplicate_window: int = 3600
     mailing_lists: tuple[str, ...] = ()
+    # Greylisting (mailsrv.policy.greylist), as postgrey: off by default.
+    greylist: bool = False
+    greylist_delay: int = 300  # seconds before a retry is taken
+    greylist_retry_window: int = 2 * 86400  # seconds a first sighting waits for its retry
+    greylist_max_age: int = 35 * 86400  # seconds a passed triplet or client stays known
+    greylist_auto_allow: int = 5  # passes (in different hours) that allow a client; 0: never
+    greylist_allow: GreylistAllow = GreylistAllow()  # never greylisted
 
 
 @dataclass(frozen=True)
@@ -608,6 +616,8 @@ def _mailing_lists(v: Any) -> tuple[str, ...]:
     if problems:
         raise ValueError("; ".join(problems))
     return entries
+def _greylist_allow(v: Any) -> GreylistAllow:
+    return parse_allow(_str_list(v))
 
 
 def _tname(v: Any) -> str:
@@ -719,6 +729,14 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "duplicate_recipients": (_int(0), 50),
         "duplicate_window": (_positive_duration, 3600),
         "mailing_lists": (_mailing_lists, []),
+        # Greylisting: postgrey's defaults (--delay, --retry-window, --max-age,
+        # --auto-whitelist-clients).
+        "greylist": (_bool, False),
+        "greylist_delay": (_duration, "5m"),
+        "greylist_retry_window": (_duration, "2d"),
+        "greylist_max_age": (_duration, "35d"),
+        "greylist_auto_allow": (_int(0), 5),
+        "greylist_allow": (_greylist_allow, []),
     },
 }
 
@@ -809,6 +827,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         policy[key] = rel(policy[key], base)
         if policy[key] is not None:
             errors.extend(_network_file_errors(f"policy.{key}", policy[key]))
+    errors.extend(_greylist_errors(policy))
     if errors:
         raise ConfigError(path, errors)
 
@@ -863,6 +882,19 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         source=text,
         base_dir=base,
     )
+
+
+def _greylist_errors(policy: Mapping[str, Any]) -> list[str]:
+    """The greylist's times must make sense together: a retry after the delay must fit the window."""
+    errors = []
+    delay, window = policy["greylist_delay"], policy["greylist_retry_window"]
+    if delay < 1:
+        errors.append("policy.greylist_delay: must be at least 1 second")
+    if window <= delay:
+        errors.append("policy.greylist_retry_window: must be longer than policy.greylist_delay")
+    if policy["greylist_max_age"] < 1:
+        errors.append("policy.greylist_max_age: must be at least 1 second")
+    return errors
 
 
 def _network_file_errors(key: str, path: Path) -> list[str]:

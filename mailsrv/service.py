@@ -39,6 +39,8 @@ from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.policy.connections import connection_gate
 from mailsrv.policy.duplicates import DuplicateMail, build_duplicates
+from mailsrv.policy.greylist import Greylist
+from mailsrv.policy.greylist_store import build_greylist, greylist_service
 from mailsrv.policy.listener import GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
@@ -94,6 +96,8 @@ class ServerContext:
     duplicates: DuplicateMail | None = None
     # Spam filter training from IMAP moves into and out of Junk; None: none.
     training: TrainingQueue | None = None
+    # Greylisting at RCPT ([policy] greylist); None: off.
+    greylist: Greylist | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -178,6 +182,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         training=training_queue(
             config.filter, reactor, store, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
         ),
+        greylist=build_greylist(config, reactor, pool),
     )
 
 
@@ -236,9 +241,13 @@ def serve(ctx: ServerContext) -> service.MultiService:
     )
     policy = ctx.config.policy
     connections = connection_gate(policy, ctx.reactor)
-    NetworkWatcher(
-        [connections.allow, connections.deny], ctx.reactor, ctx.threadpool
-    ).setServiceParent(users)
+    watched = [connections.allow, connections.deny]
+    greylisting = greylist_service(ctx)
+    if greylisting is not None:
+        assert ctx.greylist is not None
+        watched.append(ctx.greylist.allowed_networks)  # [policy] allow_file, for the greylist too
+        greylisting.setServiceParent(users)
+    NetworkWatcher(watched, ctx.reactor, ctx.threadpool).setServiceParent(users)
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in ctx.config.listen.items():

@@ -404,3 +404,93 @@ def test_mailing_lists_take_senders_networks_and_list_ids_and_name_every_bad_ent
     assert "'<x>' is not a List-Id" in error
     with pytest.raises(ConfigError, match="policy.mailing_lists: must be a list of strings"):
         parse('[policy]\nmailing_lists = "news@lists.example.org"\n')
+# --- [policy] greylisting -----------------------------------------------------------------
+
+
+def test_greylisting_is_off_by_default_with_postgreys_times():
+    p = parse("").policy
+    assert p.greylist is False
+    assert (p.greylist_delay, p.greylist_retry_window, p.greylist_max_age) == (
+        300,
+        2 * 86400,
+        35 * 86400,
+    )
+    assert p.greylist_auto_allow == 5
+    assert not p.greylist_allow.networks and not p.greylist_allow.recipients
+
+
+def test_the_example_file_documents_every_greylist_key():
+    text = (ROOT / "etc" / "mailsrv.toml").read_text()
+    for key in (
+        "greylist",
+        "greylist_delay",
+        "greylist_retry_window",
+        "greylist_max_age",
+        "greylist_auto_allow",
+        "greylist_allow",
+    ):
+        assert f"# {key} = " in text, key
+    # Uncommented, the example's values load.
+    block = [
+        line.lstrip("# ")
+        for line in text.splitlines()
+        if line.startswith("# greylist") or line.startswith('#   "')
+    ]
+    p = parse("[policy]\n" + "\n".join(block) + "\n]\n").policy
+    assert p.greylist is True and p.greylist_allow.recipients == {
+        "sales@example.test",
+        "hostmaster@",
+    }
+
+
+@pytest.mark.parametrize(
+    ("line", "field", "value"),
+    [
+        ("greylist = true", "greylist", True),
+        ('greylist_delay = "1s"', "greylist_delay", 1),
+        ("greylist_delay = 90", "greylist_delay", 90),
+        ('greylist_retry_window = "12h"', "greylist_retry_window", 12 * 3600),
+        ('greylist_max_age = "7d"', "greylist_max_age", 7 * 86400),
+        ("greylist_auto_allow = 0", "greylist_auto_allow", 0),
+    ],
+)
+def test_each_greylist_key_is_read(line, field, value):
+    assert getattr(parse(f"[policy]\n{line}\n").policy, field) == value
+
+
+def test_greylist_allow_is_parsed_by_kind():
+    allow = parse(
+        '[policy]\ngreylist_allow = ["192.0.2.0/24", "2001:db8::1", "MX.Partner.test", '
+        '"from:News@Shop.test", "from:bank.test", "to:@example.test", "to:sales@"]\n'
+    ).policy.greylist_allow
+    assert [str(n) for n in allow.networks] == ["192.0.2.0/24", "2001:db8::1/128"]
+    assert allow.names == {"mx.partner.test"}
+    assert allow.senders == {"news@shop.test", "@bank.test"}
+    assert allow.recipients == {"@example.test", "sales@"}
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("greylist = 1", "policy.greylist: must be true or false"),
+        ('greylist_delay = "soon"', "policy.greylist_delay: must be a duration"),
+        ("greylist_delay = 0", "policy.greylist_delay: must be at least 1 second"),
+        (
+            'greylist_delay = "3d"',
+            "policy.greylist_retry_window: must be longer than policy.greylist_delay",
+        ),
+        ('greylist_retry_window = "1m"', "policy.greylist_retry_window: must be longer"),
+        ("greylist_max_age = 0", "policy.greylist_max_age: must be at least 1 second"),
+        ("greylist_max_age = -5", "policy.greylist_max_age: must not be negative"),
+        ("greylist_auto_allow = -1", "policy.greylist_auto_allow: must be at least 0"),
+        ('greylist_allow = "10.0.0.0/8"', "policy.greylist_allow: must be a list of strings"),
+        ('greylist_allow = ["10.0.0.0/33"]', "policy.greylist_allow: bad entries: '10.0.0.0/33'"),
+        ('greylist_allow = ["from:a b@x.test"]', "policy.greylist_allow: bad entries: 'from:a b"),
+        ('greylist_allow = ["localhost"]', "policy.greylist_allow: bad entries: 'localhost'"),
+    ],
+)
+def test_a_bad_greylist_key_is_refused_naming_it(text, message):
+    with pytest.raises(ConfigError) as e:
+        parse(f"[policy]\n{text}\n", "m.toml")
+    assert message in str(e.value), str(e.value)
+    assert "m.toml" in str(e.value)

@@ -55,11 +55,9 @@ def test_every_part_is_built_and_typed(ctx, tmp_path):
     assert ctx.dkim is None  # no [dkim] keys: nothing is signed
     assert ctx.filter is None  # no [filter] configured: no spam filter step
     assert ctx.training is None  # no [filter] learn: no training from IMAP
-    assert all(
-        value is not None
-        for name, value in parts(ctx).items()
-        if name not in ("dkim", "filter", "training")
-    )
+    assert ctx.greylist is None  # greylisting is off by default
+    optional = ("dkim", "filter", "training", "greylist")
+    assert all(value is not None for name, value in parts(ctx).items() if name not in optional)
 
 
 def test_a_filter_is_built_from_the_config(tmp_path):

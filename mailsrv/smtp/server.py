@@ -26,6 +26,7 @@ from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
+from mailsrv.policy.greylist import SessionGreylist
 from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
     BYE,
@@ -139,6 +140,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
         self._tls.connected(self.transport)
         self._rates = SessionRates(self.context, self._client_ip)  # [policy] rate limits
+        self._greylist = SessionGreylist(  # [policy] greylist, after the recipient's checks
+            self.context, self._client_ip, lambda: getattr(self, "client_name", None)
+        )
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -428,7 +432,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         delivery = self._delivery
         assert delivery is not None
         return self._check(
-            lambda: self._rates.rcpt(delivery, arg.address),
+            lambda: self._rates.rcpt(self._greylist.delivery(delivery, self._sender), arg.address),
             lambda _: self._recipient_ok(_, arg.address),
             lambda f: self._refused(f, "recipient", arg.address),
         )
