@@ -34,8 +34,9 @@ from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.policy.client import client_checks
 from mailsrv.policy.connections import connection_gate
-from mailsrv.policy.listener import GateFactory
+from mailsrv.policy.listener import PROTOCOLS, GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
@@ -221,6 +222,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
     NetworkWatcher(
         [connections.allow, connections.deny], ctx.reactor, ctx.threadpool
     ).setServiceParent(users)
+    checks = client_checks(ctx.config, ctx.reactor)  # reverse DNS, DNS lists
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in ctx.config.listen.items():
@@ -249,6 +251,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
             ctx.config.server.hostname,
             pregreet_wait=wait,
             refusal_tls=refusal_tls,
+            client_checks=checks if PROTOCOLS.get(name) == "smtp" else None,
         )
         for description in endpoints:
             svc = strports.service(description, factory, reactor=cast(IReactorCore, ctx.reactor))

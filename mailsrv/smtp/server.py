@@ -20,12 +20,14 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv import replies
 from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
+from mailsrv.policy.client import ClientReport, IClientChecked
 from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
     BYE,
@@ -84,6 +86,7 @@ _VERBS = frozenset(
 )
 
 
+@implementer(IClientChecked)
 class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
@@ -124,6 +127,11 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._recipients: list[str] = []
         self._message: IncomingMessage | None = None
         self._auth_step: Any = None
+        # What the checks at connect found (L{mailsrv.policy.client}): the
+        # client's forward-confirmed name (None: unknown), for Received: and
+        # later checks; the whole report (exempt: allowed network or DNSWL).
+        self.client_name: str | None = None
+        self.client: ClientReport | None = None
 
     # connection
 
@@ -149,6 +157,11 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         super().connectionMade()  # 220 greeting, idle timer
         if self.implicit_tls:
             self.start_handshake_deadline(self.timeout)
+
+    def client_checked(self, report: ClientReport) -> None:
+        """L{IClientChecked}: told before the greeting."""
+        self.client = report
+        self.client_name = report.name
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailsrv"
@@ -425,6 +438,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if len(self._recipients) >= self.context.config.limits.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
             return None
+        if self.client is not None and self.client.rcpt_refusal is not None:
+            self._refused(Failure(self.client.rcpt_refusal), "recipient", arg.address)
+            return None  # [policy] reject_unknown_client
         delivery = self._delivery
         assert delivery is not None
         return self._check(
@@ -472,7 +488,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         trace = received.received_header(
             helo=self._helo_name or "unknown",
             client_ip=self._client_ip,
-            client_name=None,
+            client_name=self.client_name,
             hostname=self.context.config.server.hostname,
             protocol=received.with_protocol(
                 self._esmtp, self.tls_active, self._user is not None, self._smtputf8
