@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from zope.interface import Interface
+from zope.interface import Interface, implementer
 
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.mx import make_resolver
@@ -58,6 +58,24 @@ class IClientChecked(Interface):
 
     def client_checked(report: ClientReport) -> None:  # noqa: N805 (zope.interface)
         """Called once, before the session's connectionMade."""
+
+
+@implementer(IClientChecked)
+class ClientChecked:
+    """
+    The part of an SMTP session that keeps what the checks at connect found:
+    C{client_name}, the client's forward-confirmed name (None: unknown, or
+    not looked up), for C{Received:} and later checks; C{client}, the whole
+    report (C{client.exempt}: an allowed network or a DNSWL listing), None
+    when no checks ran.
+    """
+
+    client: ClientReport | None = None
+    client_name: str | None = None
+
+    def client_checked(self, report: ClientReport) -> None:
+        self.client = report
+        self.client_name = report.name
 
 
 class ClientChecks:

@@ -20,14 +20,13 @@ from typing import Any
 from twisted.internet import defer, protocol
 from twisted.mail import smtp
 from twisted.python.failure import Failure
-from zope.interface import implementer
 
 from mailsrv import replies
 from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
-from mailsrv.policy.client import ClientReport, IClientChecked
+from mailsrv.policy.client import ClientChecked
 from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
     BYE,
@@ -86,8 +85,7 @@ _VERBS = frozenset(
 )
 
 
-@implementer(IClientChecked)
-class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
+class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
     log = SafeLogger()
@@ -127,11 +125,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._recipients: list[str] = []
         self._message: IncomingMessage | None = None
         self._auth_step: Any = None
-        # What the checks at connect found (L{mailsrv.policy.client}): the
-        # client's forward-confirmed name (None: unknown), for Received: and
-        # later checks; the whole report (exempt: allowed network or DNSWL).
-        self.client_name: str | None = None
-        self.client: ClientReport | None = None
 
     # connection
 
@@ -157,11 +150,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         super().connectionMade()  # 220 greeting, idle timer
         if self.implicit_tls:
             self.start_handshake_deadline(self.timeout)
-
-    def client_checked(self, report: ClientReport) -> None:
-        """L{IClientChecked}: told before the greeting."""
-        self.client = report
-        self.client_name = report.name
 
     def greeting(self) -> bytes:
         return self.host + b" ESMTP mailsrv"
