@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import smtplib
+import socket
 import tempfile
 import time
 from pathlib import Path
@@ -64,6 +65,12 @@ def send(port: int, source: str = "127.0.0.1") -> tuple[int, bytes] | dict:
             return client.sendmail("bob@client.test", [ALICE], MESSAGE)
         except smtplib.SMTPRecipientsRefused as e:
             return e.recipients
+
+
+def first_line(port: int, source: str) -> bytes:
+    """The first line a server sends a client from C{source} (blocking)."""
+    with socket.create_connection(("127.0.0.1", port), TIMEOUT, (source, 0)) as s:
+        return s.makefile("rb").readline()
 
 
 class Silent(protocol.DatagramProtocol):
@@ -180,6 +187,10 @@ class DaemonEndToEnd(unittest.TestCase):
         self.assertEqual(
             refused, (554, b"5.7.1 Service unavailable; client [127.0.0.2] blocked using bl.test")
         )
+        # Only the MX listener asks the lists: submission and POP3 serve the client.
+        for name, greeting in [("submission", b"220 "), ("pop3", b"+OK")]:
+            line = yield threads.deferToThread(first_line, srv.ports[name], "127.0.0.2")
+            self.assertTrue(line.startswith(greeting), (name, line))
         self.assertEqual((yield threads.deferToThread(send, port, "127.0.0.3")), {})
         self.assertEqual((yield threads.deferToThread(send, port, "127.0.0.1")), {})
         inbox = srv.inbox(ALICE).read_bytes()
