@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.policy.dnsbl import DNSListEntry, EntryError, parse_entry
 from mailsrv.policy.duplicates import classify_entry
 from mailsrv.policy.greylist import GreylistAllow, parse_allow
 from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
@@ -243,6 +244,13 @@ class PolicyConfig:
     greylist_max_age: int = 35 * 86400  # seconds a passed triplet or client stays known
     greylist_auto_allow: int = 5  # passes (in different hours) that allow a client; 0: never
     greylist_allow: GreylistAllow = GreylistAllow()  # never greylisted
+    # DNS block and allow lists (postscreen_dnsbl_sites entries) and reverse
+    # DNS, looked up at connect; empty lists: off (they need Internet DNS).
+    dnsbl: tuple[DNSListEntry, ...] = ()
+    dnswl: tuple[DNSListEntry, ...] = ()  # a client listed here skips the per-client checks
+    dnsbl_threshold: int = 1  # summed DNSBL weight that refuses a client
+    dnsbl_timeout: float = 5.0  # seconds for the DNS lists and reverse DNS at connect
+    reject_unknown_client: bool = False  # 450 at RCPT without a forward-confirmed name
 
 
 @dataclass(frozen=True)
@@ -577,6 +585,24 @@ def _networks(v: Any) -> tuple[Any, ...]:
     return tuple(nets)
 
 
+def _dns_lists(v: Any) -> tuple[DNSListEntry, ...]:
+    """DNSBL/DNSWL entries: "zone", "zone=127.0.0.2", "zone=127.0.0.[2..11]*3"."""
+    out = []
+    for text in _str_list(v):
+        try:
+            out.append(parse_entry(text))
+        except EntryError as e:
+            raise ValueError(str(e)) from None
+    return tuple(out)
+
+
+def _positive_seconds(v: Any) -> float:
+    seconds = _seconds(v)
+    if seconds <= 0:
+        raise ValueError(f"must be more than 0 seconds, not {v!r}")
+    return seconds
+
+
 def _bool(v: Any) -> bool:
     if not isinstance(v, bool):
         raise ValueError(f"must be true or false, not {_tname(v)}")
@@ -616,6 +642,8 @@ def _mailing_lists(v: Any) -> tuple[str, ...]:
     if problems:
         raise ValueError("; ".join(problems))
     return entries
+
+
 def _greylist_allow(v: Any) -> GreylistAllow:
     return parse_allow(_str_list(v))
 
@@ -737,6 +765,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "greylist_max_age": (_duration, "35d"),
         "greylist_auto_allow": (_int(0), 5),
         "greylist_allow": (_greylist_allow, []),
+        "dnsbl": (_dns_lists, []),
+        "dnswl": (_dns_lists, []),
+        "dnsbl_threshold": (_int(1), 1),
+        "dnsbl_timeout": (_positive_seconds, 5.0),
+        "reject_unknown_client": (_bool, False),
     },
 }
 

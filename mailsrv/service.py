@@ -37,11 +37,12 @@ from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
 from mailsrv.outbound.process import open_queue, relay_process_service
+from mailsrv.policy.client import client_checks
 from mailsrv.policy.connections import connection_gate
 from mailsrv.policy.duplicates import DuplicateMail, build_duplicates
 from mailsrv.policy.greylist import Greylist
 from mailsrv.policy.greylist_store import build_greylist, greylist_service
-from mailsrv.policy.listener import GateFactory
+from mailsrv.policy.listener import PROTOCOLS, GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
@@ -248,6 +249,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
         watched.append(ctx.greylist.allowed_networks)  # [policy] allow_file, for the greylist too
         greylisting.setServiceParent(users)
     NetworkWatcher(watched, ctx.reactor, ctx.threadpool).setServiceParent(users)
+    checks = client_checks(ctx.config, ctx.reactor)  # reverse DNS, DNS lists
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     for name, endpoints in ctx.config.listen.items():
@@ -276,6 +278,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
             ctx.config.server.hostname,
             pregreet_wait=wait,
             refusal_tls=refusal_tls,
+            client_checks=checks if PROTOCOLS.get(name) == "smtp" else None,
         )
         for description in endpoints:
             svc = strports.service(description, factory, reactor=cast(IReactorCore, ctx.reactor))

@@ -404,6 +404,8 @@ def test_mailing_lists_take_senders_networks_and_list_ids_and_name_every_bad_ent
     assert "'<x>' is not a List-Id" in error
     with pytest.raises(ConfigError, match="policy.mailing_lists: must be a list of strings"):
         parse('[policy]\nmailing_lists = "news@lists.example.org"\n')
+
+
 # --- [policy] greylisting -----------------------------------------------------------------
 
 
@@ -494,3 +496,52 @@ def test_a_bad_greylist_key_is_refused_naming_it(text, message):
         parse(f"[policy]\n{text}\n", "m.toml")
     assert message in str(e.value), str(e.value)
     assert "m.toml" in str(e.value)
+
+
+# [policy] DNS lists and reverse DNS
+
+
+def test_dns_lists_default_off():
+    p = parse("").policy
+    assert p.dnsbl == () and p.dnswl == ()
+    assert p.dnsbl_threshold == 1 and p.dnsbl_timeout == 5.0
+    assert p.reject_unknown_client is False
+
+
+def test_dns_list_keys():
+    p = parse(
+        "[policy]\n"
+        'dnsbl = ["zen.example=127.0.0.[2..11]*3", "Bl.Example."]\n'
+        'dnswl = ["list.dnswl.example=127.0.[0..255].[1..3]"]\n'
+        "dnsbl_threshold = 3\n"
+        'dnsbl_timeout = "300ms"\n'
+        "reject_unknown_client = true\n"
+    ).policy
+    assert [(e.zone, e.weight) for e in p.dnsbl] == [("zen.example", 3), ("bl.example", 1)]
+    assert p.dnsbl[0].counts("127.0.0.11") and not p.dnsbl[0].counts("127.0.0.12")
+    assert p.dnswl[0].zone == "list.dnswl.example" and p.dnswl[0].counts("127.0.9.2")
+    assert p.dnsbl_threshold == 3 and p.dnsbl_timeout == 0.3
+    assert p.reject_unknown_client is True
+    assert parse('[policy]\ndnsbl_timeout = "2s"\n').policy.dnsbl_timeout == 2.0
+
+
+def test_dns_list_key_errors_name_the_key_and_the_entry():
+    with pytest.raises(ConfigError) as e:
+        parse(
+            "[policy]\n"
+            'dnsbl = ["bl..example"]\n'
+            'dnswl = ["wl.example=127.0.0"]\n'
+            "dnsbl_threshold = 0\n"
+            'dnsbl_timeout = "soon"\n'
+            'reject_unknown_client = "yes"\n'
+        )
+    errs = "\n".join(e.value.errors)
+    assert "policy.dnsbl: 'bl..example' is not a DNS zone name" in errs
+    assert "policy.dnswl: 'wl.example=127.0.0': the answer must be an IPv4 address" in errs
+    assert "policy.dnsbl_threshold: must be at least 1" in errs
+    assert "policy.dnsbl_timeout: must be seconds" in errs
+    assert "policy.reject_unknown_client: must be true or false" in errs
+    for bad in ['dnsbl = ["bl.example*heavy"]', 'dnsbl = "bl.example"', "dnsbl_timeout = 0"]:
+        with pytest.raises(ConfigError) as e:
+            parse(f"[policy]\n{bad}\n")
+        assert e.value.errors[0].startswith("policy.dnsbl"), bad

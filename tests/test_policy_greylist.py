@@ -385,11 +385,24 @@ def test_mail_to_postmaster_and_abuse_is_never_greylisted(tmp_path):
     assert ctx.greylist is not None
     assert {k[2] for k in ctx.greylist.pending} == {RCPT}
     # abuse@ of a local domain too; the same local parts elsewhere are not exempt.
-    session = SessionGreylist(ctx, "192.0.2.7", lambda: None)
+    session = SessionGreylist(ctx, "192.0.2.7")
     session.check(SENDER, "abuse@other.test")
     for address in ("postmaster@remote.test", "abuse@remote.test"):
         with pytest.raises(SMTPReplyError):
             session.check(SENDER, address)
+
+
+def test_a_client_a_dnswl_lists_is_never_greylisted(tmp_path):
+    from mailsrv.policy.client import ClientChecked, ClientReport
+
+    ctx = greylisting(tmp_path)
+    listed = ClientChecked()
+    listed.client_checked(ClientReport("192.0.2.7", exempt="dnswl wl.test"))
+    SessionGreylist(ctx, "192.0.2.7", listed).check(SENDER, RCPT)  # taken at once
+    unlisted = ClientChecked()
+    unlisted.client_checked(ClientReport("192.0.2.8"))
+    with pytest.raises(SMTPReplyError):
+        SessionGreylist(ctx, "192.0.2.8", unlisted).check(SENDER, RCPT)
 
 
 def test_submission_clients_are_never_greylisted(tmp_path):

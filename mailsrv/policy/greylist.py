@@ -372,11 +372,16 @@ class SessionGreylist:
     for the session's log line).
     """
 
-    def __init__(self, ctx: Any, client: str, client_name: Callable[[], str | None]) -> None:
+    def __init__(self, ctx: Any, client: str, session: Any = None) -> None:
+        """
+        C{session}: the SMTP session, whose C{client_name} (the client's
+        confirmed name) and C{client.exempt} (an allowed network or a DNSWL
+        listing: L{mailsrv.policy.client.ClientChecked}) are read at RCPT.
+        """
         self._greylist: Greylist | None = getattr(ctx, "greylist", None)
         self._is_local_domain = ctx.config.is_local_domain
         self._client = client
-        self._client_name = client_name
+        self._session = session
 
     def delivery(self, delivery: Any, sender: str | None) -> Any:
         """C{delivery}, or one whose C{validateTo} greylists what it accepts."""
@@ -390,7 +395,11 @@ class SessionGreylist:
         local, _, domain = address.rpartition("@")
         if local.lower() in EXEMPT_LOCAL_PARTS and self._is_local_domain(domain):
             return
-        verdict = self._greylist.check(self._client, sender, address, self._client_name())
+        report = getattr(self._session, "client", None)
+        if getattr(report, "exempt", None):
+            return  # an allowed network or one a DNSWL lists (as postgrey's whitelists)
+        client_name = getattr(self._session, "client_name", None)
+        verdict = self._greylist.check(self._client, sender, address, client_name)
         if verdict.wait is not None:
             net = client_network(self._client)
             cause = f"greylisted {net} <{sender.lower()}> <{address.lower()}>: {verdict.why}"

@@ -8,6 +8,10 @@ transport (STARTTLS and the TLS checks see the socket itself).
 
 On the MX listener the forwarder also runs postscreen's pregreet test: the
 greeting waits a short moment, and a client that talks before it is refused.
+On SMTP listeners the checks of the client at connect (reverse DNS, DNS
+lists: L{mailsrv.policy.client}) start when the connection is accepted, in
+parallel with that wait; the greeting waits for both, and a client the DNS
+lists block is refused instead.
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from twisted.python import failure
 from zope.interface import implementer
 
 from mailsrv.logsafe import SafeLogger
+from mailsrv.policy.client import ClientChecks, ClientReport, IClientChecked
 from mailsrv.policy.connections import IConnectionGate, Verdict
 
 # Seconds a refused client has to take its last line (and, on an implicit
@@ -30,6 +35,9 @@ REFUSAL_TIMEOUT = 5.0
 # over) a refused connection is closed at once, without a word, so that
 # refusals never hold many file descriptors.
 MAX_REFUSALS_OPEN = 32
+# What a client without a pregreet test may send while its greeting waits
+# for the checks at connect, kept for the session; past it, it is dropped.
+MAX_EARLY = 65536
 
 # SMTP: 421 service not available, closing the channel (RFC 5321 3.8, 4.2.2)
 # with 4.7.0 other security or policy status (RFC 3463 3.8); 554 as the
@@ -137,14 +145,22 @@ class Gated(protocol.Protocol):
     log = SafeLogger()
     transport: Any
 
-    def __init__(self, gate: GateFactory, addr: Any, host: str, counted: bool) -> None:
+    def __init__(
+        self, gate: GateFactory, addr: Any, host: str, counted: bool, allowed: bool = False
+    ) -> None:
         self.gate = gate
         self.addr = addr
         self.host = host
         self.counted = counted
+        self.allowed = allowed  # in an allowed network
         self.inner: protocol.Protocol | None = None
         self._wait: IDelayedCall | None = None
         self._refused = False
+        self._lost = False
+        self._waited = False  # the pregreet wait is over
+        self._checking = False  # the checks at connect are under way
+        self._report: ClientReport | None = None
+        self._early = b""  # sent before the greeting, without a pregreet test
 
     def logPrefix(self) -> str:
         if self.inner is not None:
@@ -153,24 +169,62 @@ class Gated(protocol.Protocol):
 
     def connectionMade(self) -> None:
         if self.gate.pregreet_wait > 0:
-            self._wait = self.gate.clock.callLater(self.gate.pregreet_wait, self._greet)
-        else:
-            self._greet()
+            self._wait = self.gate.clock.callLater(self.gate.pregreet_wait, self._pregreet_over)
+        checks = self.gate.client_checks
+        if checks is not None:
+            self._checking = True
+            checks.check(self.gate.listener, self.host, self.allowed).addCallback(self._checked)
+        if self.gate.pregreet_wait <= 0:
+            self._pregreet_over()
+
+    def _pregreet_over(self) -> None:
+        self._wait = None
+        self._waited = True
+        self._greet()
+
+    def _checked(self, report: ClientReport) -> None:
+        self._checking = False
+        self._report = report
+        self._greet()
 
     def _greet(self) -> None:
-        self._wait = None
+        """Once both the pregreet wait and the checks are over: greet, or refuse."""
+        if not self._waited or self._checking or self._refused or self._lost:
+            return
+        report = self._report
+        if report is not None and report.refusal is not None:
+            self._refused = True  # logged by the checks, with the list's answer
+            self.transport.write(report.refusal)
+            self.transport.loseConnection()
+            return
         inner = self.gate.wrappedFactory.buildProtocol(self.addr)
         if inner is None:
             self.transport.loseConnection()
             return
         self.inner = inner
+        if report is not None:
+            session: Any = inner  # under an implicit TLS listener's wrapper
+            while session is not None and not IClientChecked.providedBy(session):
+                session = getattr(session, "wrappedProtocol", None)
+            if session is not None:
+                session.client_checked(report)
         inner.makeConnection(self.transport)
+        early, self._early = self._early, b""
+        if early and not self._lost:
+            inner.dataReceived(early)
 
     def dataReceived(self, data: bytes) -> None:
         if self.inner is not None:
             self.inner.dataReceived(data)
             return
         if self._refused:
+            return
+        if self.gate.pregreet_wait <= 0:
+            # No pregreet test: kept for the session the checks still hold up.
+            self._early += data
+            if len(self._early) > MAX_EARLY:
+                self._refused = True
+                self.transport.loseConnection()
             return
         # RFC 5321 4.3.1: the client waits for the greeting before it talks.
         self._refused = True
@@ -191,6 +245,7 @@ class Gated(protocol.Protocol):
             self.inner.handshakeCompleted()  # type: ignore[union-attr]
 
     def connectionLost(self, reason: failure.Failure = protocol.connectionDone) -> None:
+        self._lost = True
         if self._wait is not None and self._wait.active():
             self._wait.cancel()
         self._wait = None
@@ -206,6 +261,7 @@ class GateFactory(protocol.Factory):
     Wraps the factory of one listener: C{wrapped} builds the protocol of an
     admitted connection; a refused one gets L{refusal_line} (over TLS when
     C{refusal_tls} wraps the refusal, for an implicit TLS listener).
+    C{client_checks}, on an SMTP listener, looks the client up at connect.
     """
 
     def __init__(
@@ -217,6 +273,7 @@ class GateFactory(protocol.Factory):
         hostname: str,
         pregreet_wait: float = 0.0,
         refusal_tls: Any = None,
+        client_checks: ClientChecks | None = None,
     ) -> None:
         self.wrappedFactory = wrapped
         self.gate = gate
@@ -227,6 +284,7 @@ class GateFactory(protocol.Factory):
         self.pregreet_wait = pregreet_wait
         self.refusal_tls = refusal_tls  # callable: refusal factory -> TLS factory
         self.refusals_open = 0
+        self.client_checks = client_checks
 
     def doStart(self) -> None:
         self.wrappedFactory.doStart()
@@ -238,7 +296,8 @@ class GateFactory(protocol.Factory):
         host = str(getattr(addr, "host", "") or "local")
         verdict = self.gate.admit(self.listener, host)
         if verdict.admitted:
-            p = Gated(self, addr, host, counted=verdict is Verdict.ADMIT)
+            allowed = verdict is Verdict.ALLOWED
+            p = Gated(self, addr, host, counted=verdict is Verdict.ADMIT, allowed=allowed)
             p.factory = self
             return p
         if self.refusals_open >= MAX_REFUSALS_OPEN:

@@ -22,6 +22,7 @@ from mailsrv.replies import (
     AUTH_OK,
     AUTH_THROTTLED,
 )
+from mailsrv.smtp.delivery import SubmissionDelivery
 
 COMMAND, AUTH = smtp.COMMAND, smtp.AUTH
 
@@ -147,3 +148,10 @@ class AuthCommand:
             client=self._client_ip,
         )
         self._reply(replies.AUTH_FAILED)
+
+
+def register_avatars(context: Any) -> None:
+    """Serve L{SubmissionDelivery} avatars for logins on the submission listeners."""
+    realm = getattr(context.portal, "realm", None)
+    if realm is not None and hasattr(realm, "register"):
+        realm.register(smtp.IMessageDelivery, lambda user: SubmissionDelivery(context, user))

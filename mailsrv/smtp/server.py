@@ -26,6 +26,7 @@ from mailsrv.auth import sasl
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.eager import send_now
 from mailsrv.logsafe import SafeLogger
+from mailsrv.policy.client import ClientChecked
 from mailsrv.policy.greylist import SessionGreylist
 from mailsrv.policy.rates import SessionRates
 from mailsrv.replies import (
@@ -49,12 +50,11 @@ from mailsrv.smtp.address import (
     parse_mail_from,
     parse_rcpt_to,
 )
-from mailsrv.smtp.auth import AuthCommand
+from mailsrv.smtp.auth import AuthCommand, register_avatars
 from mailsrv.smtp.delivery import (
     BaseDelivery,
     InboundDelivery,
     IncomingMessage,
-    SubmissionDelivery,
 )
 from mailsrv.smtp.lines import LineReader
 
@@ -85,7 +85,7 @@ _VERBS = frozenset(
 )
 
 
-class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
+class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked, smtp.ESMTP):
     """One SMTP session on the MX or on submission."""
 
     log = SafeLogger()
@@ -140,9 +140,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
         self._tls.connected(self.transport)
         self._rates = SessionRates(self.context, self._client_ip)  # [policy] rate limits
-        self._greylist = SessionGreylist(  # [policy] greylist, after the recipient's checks
-            self.context, self._client_ip, lambda: getattr(self, "client_name", None)
-        )
+        self._greylist = SessionGreylist(self.context, self._client_ip, self)  # after RCPT checks
         if not self.submission:
             self._delivery = InboundDelivery(self.context)
         # Stop reading while the client does not read our replies.
@@ -429,6 +427,9 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         if len(self._recipients) >= self.context.config.limits.max_recipients:
             self._reply(replies.TOO_MANY_RECIPIENTS)  # RFC 5321 4.5.3.1.10
             return None
+        if self.client is not None and self.client.rcpt_refusal is not None:
+            self._refused(Failure(self.client.rcpt_refusal), "recipient", arg.address)
+            return None  # [policy] reject_unknown_client
         delivery = self._delivery
         assert delivery is not None
         return self._check(
@@ -476,7 +477,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         trace = received.received_header(
             helo=self._helo_name or "unknown",
             client_ip=self._client_ip,
-            client_name=None,
+            client_name=self.client_name,
             hostname=self.context.config.server.hostname,
             protocol=received.with_protocol(
                 self._esmtp, self.tls_active, self._user is not None, self._smtputf8
@@ -493,6 +494,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             self._client_ip,
             queue_id,
             helo=self._helo_name,
+            client_name=self.client_name,
         )
         # Kept with the message through to the queue (RFC 6531 3.4: the next hop
         # must offer SMTPUTF8 for it).
@@ -584,13 +586,6 @@ class SMTPFactory(smtp.SMTPFactory):
         timer = reactor.callLater(grace, cut)
         d = defer.DeferredList([p.ended for p in sessions])
         return d.addBoth(lambda _: timer.cancel() if timer.active() else None)
-
-
-def register_avatars(context: Any) -> None:
-    """Serve L{SubmissionDelivery} avatars for logins on the submission listeners."""
-    realm = getattr(context.portal, "realm", None)
-    if realm is not None and hasattr(realm, "register"):
-        realm.register(smtp.IMessageDelivery, lambda user: SubmissionDelivery(context, user))
 
 
 def smtp_factory(context: Any, submission: bool = False, implicit_tls: bool = False) -> SMTPFactory:

@@ -1,0 +1,182 @@
+"""
+Reverse DNS on a task.Clock, answered by a twisted.names authority in
+memory: a forward-confirmed name, a PTR name whose A records do not agree,
+no PTR, IPv6, the bounded number of names, a DNS server that never answers.
+Then the SMTP session behind the gate: the name in C{Received:} and
+C{[policy] reject_unknown_client} at RCPT.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from twisted.internet import defer
+from twisted.internet.address import IPv4Address
+from twisted.internet.task import Clock
+from twisted.internet.testing import StringTransport
+from twisted.names import dns
+
+from mailsrv.policy.client import ClientChecks
+from mailsrv.policy.connections import ConnectionGate, ConnectionLimits
+from mailsrv.policy.listener import GateFactory
+from mailsrv.policy.rdns import ReverseDNS
+from mailsrv.smtp.server import smtp_factory
+from tests.test_outbound_support import MemoryAuthority
+from tests.test_policy_dnsbl import Counting, Silent, result
+from tests.test_smtp_helpers import make_context, read_inbox
+
+HOST = "192.0.2.7"
+PTR = "7.2.0.192.in-addr.arpa"
+
+
+def authority(*records: tuple[str, Any]) -> Counting:
+    return Counting(MemoryAuthority("", list(records)))
+
+
+def name_of(resolver: Any, host: str = HOST, **kw: Any) -> Any:
+    return result(ReverseDNS(resolver, Clock(), 5.0, **kw).name(host))
+
+
+def test_a_forward_confirmed_name():
+    dns_ = authority(
+        (PTR, dns.Record_PTR("Other.Test")),
+        (PTR, dns.Record_PTR("mail.client.test.")),
+        ("other.test", dns.Record_A("192.0.2.8")),
+        ("mail.client.test", dns.Record_A("192.0.2.9")),
+        ("mail.client.test", dns.Record_A(HOST)),
+    )
+    assert name_of(dns_) == "mail.client.test"
+
+
+def test_a_name_whose_addresses_do_not_agree_is_unknown():
+    dns_ = authority(
+        (PTR, dns.Record_PTR("forged.bank.test")),
+        ("forged.bank.test", dns.Record_A("198.51.100.1")),
+    )
+    assert name_of(dns_) is None
+
+
+def test_no_ptr_is_unknown():
+    assert name_of(authority()) is None
+    assert name_of(authority(), "local") is None  # no IP address
+
+
+def test_ipv6_names_and_aaaa_records():
+    host = "2001:db8::25"
+    ptr = "5.2.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.0.8.b.d.0.1.0.0.2.ip6.arpa"
+    dns_ = authority(
+        (ptr, dns.Record_PTR("mx6.client.test")),
+        ("mx6.client.test", dns.Record_AAAA("2001:db8::25")),
+    )
+    assert name_of(dns_, host) == "mx6.client.test"
+    assert dns_.asked == [ptr, "mx6.client.test"]
+
+
+def test_only_the_first_names_are_looked_up():
+    records: list[tuple[str, Any]] = [(PTR, dns.Record_PTR(f"n{i}.test")) for i in range(8)]
+    records.append(("n6.test", dns.Record_A(HOST)))  # the seventh name would agree
+    dns_ = authority(*records)
+    assert name_of(dns_, max_names=5) is None
+    assert dns_.asked == [PTR] + [f"n{i}.test" for i in range(5)]
+    assert name_of(authority(*records), max_names=7) == "n6.test"
+
+
+def test_no_answer_in_time_is_unknown():
+    clock = Clock()
+    d = ReverseDNS(Silent(), clock, 2.0).name(HOST)
+    clock.advance(1.9)
+    assert not d.called
+    clock.advance(0.1)
+    assert result(d) is None
+
+
+def test_a_ptr_answer_then_silence_is_unknown_in_time():
+    class PtrOnly:
+        def lookupPointer(self, name: str, timeout: Any = None) -> defer.Deferred:
+            rr = dns.RRHeader(name, dns.PTR, dns.IN, 60, dns.Record_PTR("slow.test"))
+            return defer.succeed(([rr], [], []))
+
+        def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:
+            return defer.Deferred()
+
+    clock = Clock()
+    d = ReverseDNS(PtrOnly(), clock, 2.0).name(HOST)
+    clock.advance(2.0)
+    assert result(d) is None
+
+
+# The SMTP session behind the gate, on a StringTransport.
+
+
+class Client:
+    """An SMTP client of the MX listener with the checks at connect."""
+
+    def __init__(self, resolver: Any, reject_unknown: bool = False, listener: str = "smtp"):
+        self.ctx = make_context()
+        clock = self.ctx.reactor
+        checks = ClientChecks(ReverseDNS(resolver, clock, 5.0), None, reject_unknown)
+        factory = GateFactory(
+            smtp_factory(self.ctx, submission=listener != "smtp"),
+            ConnectionGate(clock, ConnectionLimits()),
+            listener,
+            clock,
+            "mx.example.test",
+            client_checks=checks,
+        )
+        addr = IPv4Address("TCP", HOST, 40000)
+        self.proto = factory.buildProtocol(addr)
+        self.transport = StringTransport(peerAddress=addr)
+        self.proto.makeConnection(self.transport)
+        self.session: Any = self.proto.inner  # type: ignore[attr-defined]
+
+    def cmd(self, line: str) -> list[str]:
+        self.transport.clear()
+        self.proto.dataReceived(line.encode() + b"\r\n")
+        return self.transport.value().decode().splitlines()
+
+
+CONFIRMED = (
+    (PTR, dns.Record_PTR("mail.client.test")),
+    ("mail.client.test", dns.Record_A(HOST)),
+)
+
+
+def test_the_received_field_names_the_confirmed_client():
+    c = Client(authority(*CONFIRMED))
+    assert c.session.client_name == "mail.client.test"
+    for line in ["EHLO helo.test", "MAIL FROM:<a@client.test>", "RCPT TO:<alice@example.test>"]:
+        assert c.cmd(line)[-1].startswith("250")
+    c.cmd("DATA")
+    assert c.cmd("Subject: hi\r\n\r\nbody\r\n.")[-1].startswith("250")
+    [message] = read_inbox(c.ctx, "alice@example.test")
+    assert message.startswith(
+        b"Return-Path: <a@client.test>\nReceived: from helo.test (mail.client.test [192.0.2.7])\n"
+    )
+
+
+def test_the_received_field_says_unknown_without_a_confirmed_name():
+    c = Client(authority((PTR, dns.Record_PTR("liar.test"))))
+    assert c.session.client_name is None
+    for line in ["HELO helo.test", "MAIL FROM:<a@client.test>", "RCPT TO:<alice@example.test>"]:
+        assert c.cmd(line)[-1].startswith("250")
+    c.cmd("DATA")
+    c.cmd("Subject: hi\r\n\r\nbody\r\n.")
+    [message] = read_inbox(c.ctx, "alice@example.test")
+    assert b"Received: from helo.test (unknown [192.0.2.7])\n" in message
+
+
+def test_reject_unknown_client_at_rcpt():
+    c = Client(authority(), reject_unknown=True)
+    c.cmd("EHLO helo.test")
+    assert c.cmd("MAIL FROM:<a@client.test>")[-1].startswith("250")
+    # RFC 7372 3.3: 4.7.25; 450 as Postfix's unknown_client_reject_code.
+    assert c.cmd("RCPT TO:<alice@example.test>") == [
+        "450 4.7.25 Client host rejected: cannot find your hostname, [192.0.2.7]"
+    ]
+    # A confirmed client passes; submission is not held to it.
+    c = Client(authority(*CONFIRMED), reject_unknown=True)
+    c.cmd("EHLO helo.test")
+    c.cmd("MAIL FROM:<a@client.test>")
+    assert c.cmd("RCPT TO:<alice@example.test>")[-1].startswith("250 ")
+    c = Client(authority(), reject_unknown=True, listener="submission")
+    assert c.session.client.rcpt_refusal is None and c.session.client_name is None
