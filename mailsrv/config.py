@@ -207,6 +207,10 @@ class PolicyConfig:
     # Rate limits, as Postfix's anvil (0: no limit), per user and per client address.
     messages_per_hour: int = 0  # MAIL FROMs
     recipients_per_hour: int = 0  # RCPT TOs
+    # Sender authentication of inbound mail (mailsrv.authres): SPF, DKIM, DMARC, ARC.
+    authentication_checks: bool = True  # false: none, and no Authentication-Results field
+    spf_reject: bool = False  # refuse MAIL when SPF fails (550 5.7.23) or errs (451 4.7.24)
+    dmarc_reject: bool = True  # refuse a DMARC failure under p=reject (550 5.7.1)
 
 
 @dataclass(frozen=True)
@@ -662,6 +666,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "allow_file": (_nonempty_str, None),
         "pregreet": (_bool, True),
         "pregreet_wait": (_seconds, 0.0),
+        # Sender authentication (SPF, DKIM, DMARC, ARC) of inbound mail.
+        "authentication_checks": (_bool, True),
+        "spf_reject": (_bool, False),
+        "dmarc_reject": (_bool, True),
     },
 }
 

@@ -27,6 +27,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.config import IMPLICIT_TLS, Config
+from mailsrv.authres.step import SenderAuthentication, build_authentication
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import FilterStep, build_filter
 from mailsrv.hangup import HangupService
@@ -86,6 +87,8 @@ class ServerContext:
     filter: FilterStep | None = None
     # The message and recipient rate limits ([policy]); None: no limits.
     rates: RateLimits | None = None
+    # SPF, DKIM, DMARC and ARC of inbound mail ([policy]); None: not checked.
+    authentication: SenderAuthentication | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -159,6 +162,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         filter=build_filter(config.filter, reactor),
         rates=RateLimits(
             reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
+        ),
+        authentication=build_authentication(
+            config, reactor, lambda f: deferToThreadPool(reactor, pool, f)
         ),
     )
 
