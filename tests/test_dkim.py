@@ -89,6 +89,13 @@ def test_keygen_writes_a_private_key_and_prints_its_txt_record(tmp_path, kind):
     assert re.fullmatch(rf"v=DKIM1; k={kind}; p=[A-Za-z0-9+/]+=*", record)
     # The key read back is the one published.
     assert load_key(path, "example.test", "mail").txt_record() == record
+    # The zone file line: the same record in strings a zone file takes.
+    zone = re.search(r"^mail\._domainkey\.example\.test\. IN TXT \( (.*) \)$", out, re.M)
+    assert zone is not None, out
+    strings = re.findall(r'"([^"]*)"', zone.group(1))
+    assert "".join(strings) == record
+    assert all(len(s) <= 255 for s in strings)
+    assert len(strings) == (2 if kind == "rsa" else 1)
 
 
 def test_keygen_writes_where_the_config_names_the_key_and_never_overwrites(tmp_path):

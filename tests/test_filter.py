@@ -119,6 +119,9 @@ def test_rspamd_envelope_fields():
     assert h.getRawHeaders(b"Rcpt") == [b"a@x.test", b"b@x.test"]
     assert h.getRawHeaders(b"User") == [b"u"]
     assert h.getRawHeaders(b"Queue-Id") == [b"Q9"]
+    assert not h.hasHeader(b"Hostname")  # no confirmed reverse name: rspamd looks it up
+    named = rspamd.request_headers(dataclasses.replace(env, client_name="mx.remote.test"))
+    assert named.getRawHeaders(b"Hostname") == [b"mx.remote.test"]
 
 
 def test_rspamd_answers_parsed():

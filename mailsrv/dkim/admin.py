@@ -62,9 +62,22 @@ def keygen_command(args: argparse.Namespace, config: Config) -> int:
         print(f'add to [dkim] in {config.path}: keys = {{ "{domain}" = "{path}" }}')
     if selector != config.dkim.selector:
         print(f'set [dkim] selector = "{selector}" in {config.path} (one for all domains)')
+    record = txt_record(args.key_type, public)
+    print("as a line of a zone file (RFC 1035 5.1; strings of at most 255 octets):")
+    print(zone_line(f"{selector}._domainkey.{domain}.", record))
     print(f"publish this TXT record at {selector}._domainkey.{domain}:")
-    print(txt_record(args.key_type, public))
+    print(record)
     return 0
+
+
+def zone_line(name: str, record: str) -> str:
+    """
+    C{record} as a TXT line of a zone file: an RSA key is longer than the
+    255 octets one character-string holds (RFC 1035 3.3.14), so it is cut
+    into several, which resolvers give back joined (RFC 6376 3.6.2.2).
+    """
+    strings = " ".join(f'"{record[i : i + 255]}"' for i in range(0, len(record), 255))
+    return f"{name} IN TXT ( {strings} )"
 
 
 def key_path(config: Config, domain: str, selector: str) -> Path:

@@ -47,6 +47,8 @@ def request_headers(envelope: Envelope) -> Headers:
     h.addRawHeader(b"IP", envelope.client_ip.encode("ascii", "replace"))
     if envelope.helo:
         h.addRawHeader(b"Helo", envelope.helo.encode("ascii", "replace"))
+    if envelope.client_name:
+        h.addRawHeader(b"Hostname", envelope.client_name.encode("ascii", "replace"))
     h.addRawHeader(b"From", envelope.sender.encode("utf-8"))
     for rcpt in envelope.recipients:
         h.addRawHeader(b"Rcpt", rcpt.encode("utf-8"))

@@ -13,6 +13,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.logger import Logger
 from twisted.python.failure import Failure
+from zope.interface import implementer
 
 from mailsrv.filter.verdict import (
     ACCEPTED,
@@ -24,12 +25,14 @@ from mailsrv.filter.verdict import (
     Thresholds,
     Verdict,
 )
+from mailsrv.smtp.checks import IMessageCheck
 from mailsrv.store.names import INBOX
 
 JUNK_FOLDER = "Junk"  # Dovecot's and Thunderbird's name; a special folder of IMAP
 __all__ = ["ACCEPTED", "Envelope", "FilterStep", "Verdict", "build_filter", "filed"]
 
 
+@implementer(IMessageCheck)
 class FilterStep:
     """Runs C{client} on each message; always fires with a L{Verdict}."""
 

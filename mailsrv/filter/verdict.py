@@ -45,6 +45,7 @@ class Envelope:
     client_ip: str
     helo: str | None = None
     user: str | None = None  # the logged-in user of a submission client
+    client_name: str | None = None  # the client's forward-confirmed reverse DNS name
 
 
 @dataclass(frozen=True)
@@ -55,10 +56,16 @@ class Verdict:
     headers: bytes = b""
     reason: str = ""  # shown to the client after a reject (printable ASCII)
     score: float | None = None
+    # The reply for a deferral or a rejection when not the filter's own.
+    refusal: Reply | None = None
 
     @property
     def reply(self) -> Reply | None:
         """The reply that refuses the message, or None when it is delivered."""
+        if self.action not in (DEFER, REJECT):
+            return None
+        if self.refusal is not None:
+            return self.refusal
         if self.action == DEFER:
             return FILTER_DEFER
         if self.action == REJECT:

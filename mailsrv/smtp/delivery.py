@@ -23,6 +23,7 @@ from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.target import QueueTarget
 from mailsrv.replies import Reply, SMTPReplyError
 from mailsrv.returnpath import PrefixSource
+from mailsrv.smtp import checks as message_checks
 from mailsrv.smtp import received
 from mailsrv.smtp.sendas import FromField
 from mailsrv.spool import SpooledSource, disk_full
@@ -65,6 +66,8 @@ class IncomingMessage:
         routes: Sequence[routing.Route] | None = None,
         user: str | None = None,
         router: routing.Router | None = None,
+        helo: str | None = None,
+        client_name: str | None = None,
     ) -> None:
         self.ctx = ctx
         self.queue_id = queue_id
@@ -82,6 +85,8 @@ class IncomingMessage:
         self._mailboxes: dict[str, routing.Mailbox] = {}  # the local copies, by label
         self.submission = submission
         self.client = client
+        self.helo = helo  # the name the client gave in HELO/EHLO
+        self.client_name = client_name  # its forward-confirmed reverse DNS name
         self.smtputf8 = False  # received with SMTPUTF8 (RFC 6531): kept in the queue
         self.octets = 0
         self.error: Reply | None = None
@@ -99,7 +104,9 @@ class IncomingMessage:
         self._source.write(trace)
         # The spam filter step (not for submission clients: README, [filter]).
         self._filter = None if submission else getattr(ctx, "filter", None)
-        self._verdict = filter_step.ACCEPTED  # its verdict, at the end of DATA
+        # The checks at the end of DATA (mailsrv.smtp.checks), in order.
+        self._checks = message_checks.message_checks(ctx, submission)
+        self._verdict = filter_step.ACCEPTED  # what they said together
 
     # IMessage
 
@@ -145,19 +152,26 @@ class IncomingMessage:
                 error=str(self._source.error),
             )
             return defer.fail(SMTPReplyError(_disk_error_reply(self._source.error)))
-        if self._filter is not None:
+        if self._checks:
             envelope = filter_step.Envelope(
-                self.queue_id, self.sender, tuple(self.recipients), self.client, user=self.user
+                self.queue_id,
+                self.sender,
+                tuple(self.recipients),
+                self.client,
+                helo=self.helo,
+                user=self.user,
+                client_name=self.client_name,
             )
-            return self._filter.check(self._source, envelope).addCallback(self._screened)
+            d = message_checks.run_checks(self._checks, self._source, envelope)
+            return d.addCallback(self._screened)
         return self._deliver()
 
     def _screened(self, verdict: filter_step.Verdict) -> defer.Deferred:
-        """Deliver as the spam filter's verdict says, or refuse."""
+        """Deliver as the checks' verdict says, or refuse."""
         self._verdict = verdict
         if verdict.reply is not None:
             self._source.discard()
-            raise SMTPReplyError(verdict.reply, cause=f"spam filter: {verdict.action}")
+            raise SMTPReplyError(verdict.reply, cause=f"message checks: {verdict.action}")
         return self._deliver()
 
     def connectionLost(self) -> None:
@@ -301,7 +315,7 @@ class IncomingMessage:
     def _source_for(self, mailing_list: str | None) -> Any:
         """The message as a copy through C{mailing_list} is sent: with its List-Id."""
         list_id = self.router.list_id(mailing_list)
-        fields = self._verdict.headers  # the spam filter's
+        fields = self._verdict.headers  # the checks' (mailsrv.smtp.checks)
         if list_id is not None and b"list-id" not in self._seen:
             fields = f"List-Id: {list_id}\n".encode() + fields  # RFC 2919
         if not fields:
@@ -511,6 +525,8 @@ class BaseDelivery:
         trace: bytes,
         client: str,
         queue_id: str | None = None,
+        helo: str | None = None,
+        client_name: str | None = None,
     ) -> IncomingMessage:
         """Start receiving a message for C{recipients}."""
         if queue_id is None:
@@ -533,6 +549,8 @@ class BaseDelivery:
             routes=routes,
             user=self.user if self.submission else None,
             router=self.router,
+            helo=helo,
+            client_name=client_name,
         )
 
 

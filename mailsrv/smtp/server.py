@@ -483,7 +483,12 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
             now=now,
         )
         self._message = delivery.new_message(
-            self._sender, list(self._recipients), trace, self._client_ip, queue_id
+            self._sender,
+            list(self._recipients),
+            trace,
+            self._client_ip,
+            queue_id,
+            helo=self._helo_name,
         )
         # Kept with the message through to the queue (RFC 6531 3.4: the next hop
         # must offer SMTPUTF8 for it).
