@@ -26,8 +26,8 @@ from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
-from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.authres.step import SenderAuthentication, build_authentication
+from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import FilterStep, build_filter
 from mailsrv.hangup import HangupService

@@ -121,7 +121,9 @@ class Dmarc:
         for name, inherited in ((domain, False), (org, True)):
             if inherited and org == domain:
                 break
-            records = [parse_record(t.decode("utf-8", "replace")) for t in resolver.txt(f"_dmarc.{name}")]
+            records = [
+                parse_record(t.decode("utf-8", "replace")) for t in resolver.txt(f"_dmarc.{name}")
+            ]
             found = [r for r in records if r is not None]
             if len(found) == 1:
                 return found[0], inherited

@@ -85,6 +85,10 @@ def message_checks(ctx: Any, submission: bool) -> list[Any]:
     client (C{submission}) or from anyone at the MX.
     """
     checks: list[Any] = []
+    # SPF, DKIM, DMARC and ARC (mailsrv.authres): MX mail only, first.
+    authentication = getattr(ctx, "authentication", None)
+    if authentication is not None and not submission:
+        checks.append(authentication)
     # The spam filter: MX mail only (README, [filter]).
     spam_filter = getattr(ctx, "filter", None)
     if spam_filter is not None and not submission:

@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from mailsrv import replies, routing
 from mailsrv.addresses.resolver import ExpansionBudget
+from mailsrv.authres import header as authres_header
 from mailsrv.filter import step as filter_step
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
@@ -106,6 +107,8 @@ class IncomingMessage:
         self._filter = None if submission else getattr(ctx, "filter", None)
         # The checks at the end of DATA (mailsrv.smtp.checks), in order.
         self._checks = message_checks.message_checks(ctx, submission)
+        # Authentication-Results fields from outside go when ours is added (RFC 8601 5).
+        self._authenticating = not submission and getattr(ctx, "authentication", None) is not None
         self._verdict = filter_step.ACCEPTED  # what they said together
 
     # IMessage
@@ -206,8 +209,10 @@ class IncomingMessage:
             self._seen.add(lname)
             # RFC 5321 4.4: Return-Path is added at final delivery only; one
             # from the client is dropped, as Postfix's message_drop_headers does.
-            self._dropping = lname == b"return-path" or (
-                self._filter is not None and filter_step.is_filter_field(lname)
+            self._dropping = (
+                lname == b"return-path"
+                or (self._filter is not None and filter_step.is_filter_field(lname))
+                or (self._authenticating and authres_header.dropped_field(lname))
             )
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
