@@ -360,3 +360,19 @@ def test_the_special_use_folders_are_closed_to_sub_addresses():
 
     settings = AddressSettings.from_config(parse(""))
     assert {"sent", "drafts", "trash", "junk"} <= settings.protected_folders
+
+
+def test_sender_authentication_keys():
+    # [policy] authentication_checks, spf_reject, dmarc_reject (mailsrv.authres).
+    p = parse("").policy
+    assert (p.authentication_checks, p.spf_reject, p.dmarc_reject) == (True, False, True)
+    p = parse(
+        "[policy]\nauthentication_checks = false\nspf_reject = true\ndmarc_reject = false\n"
+    ).policy
+    assert (p.authentication_checks, p.spf_reject, p.dmarc_reject) == (False, True, False)
+    with pytest.raises(ConfigError) as e:
+        parse('[policy]\nspf_reject = "yes"\ndmarc_reject = 1\n', "m.toml")
+    assert "m.toml: policy.spf_reject" in str(e.value)
+    assert "m.toml: policy.dmarc_reject" in str(e.value)
+    c = load(ROOT / "etc" / "mailsrv.toml")
+    assert (c.policy.spf_reject, c.policy.dmarc_reject) == (False, True)

@@ -8,6 +8,7 @@ Blocking: run it in a pool thread.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -42,8 +43,9 @@ class _Query(spf.query):
     def __init__(self, resolver: Resolver, **kw: Any) -> None:
         super().__init__(**kw)
         self._resolver = resolver
+        self._deadline = time.monotonic() + self.timeout  # RFC 7208 4.6.4: the whole check
 
-    def dns(self, name, qtype, cnames=None, ignore_void=False):  # noqa: ANN001
+    def dns(self, name, qtype, cnames=None, ignore_void=False):
         # pyspf's own dns(), but through our resolver (which follows CNAMEs itself).
         if not name:
             raise spf.PermError("empty domain name")
@@ -53,6 +55,8 @@ class _Query(spf.query):
         key = (name, qtype)
         result = self.cache.get(key)
         if result is None:
+            if time.monotonic() > self._deadline:
+                raise spf.TempError("DNS: the SPF check took too long")
             try:
                 result = [_value(qtype, r) for r in self._resolver.answers(name, qtype)]
             except DnsTempError as e:

@@ -562,6 +562,16 @@ class BaseDelivery:
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
 
+    def validateFrom(self, helo, origin):
+        """The sender; SPF starts now, and may refuse it (C{[policy] spf_reject}, mailsrv.authres)."""
+        origin = super().validateFrom(helo, origin)
+        authentication = getattr(self.ctx, "authentication", None)
+        if authentication is None:
+            return origin
+        name, ip = (_text(part) for part in (helo or (b"", b"")))
+        refusal = authentication.mail(ip, name, self.sender or "")
+        return origin if refusal is None else refusal.addCallback(lambda _: origin)
+
 
 class SubmissionDelivery(BaseDelivery):
     """
@@ -589,6 +599,13 @@ class SubmissionDelivery(BaseDelivery):
         self._routes.clear()
         self._budget = ExpansionBudget.for_transaction()
         return origin
+
+
+def _text(value: Any) -> str:
+    """A HELO name or client address as Twisted keeps it (bytes or None) as text."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return "" if value is None else str(value)
 
 
 def _router(ctx: Any) -> routing.Router:

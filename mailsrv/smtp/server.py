@@ -369,23 +369,10 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, smtp.ESMTP):
         delivery = self._delivery
         assert delivery is not None
         return self._check(
-            lambda: self._sender_checks(delivery, arg.address),
+            lambda: self._rates.mail(delivery, self._helo, arg.address),
             lambda _: self._sender_ok(_, arg.address, arg.smtputf8),
             lambda f: self._refused(f, "sender", arg.address),
         )
-
-    def _sender_checks(self, delivery: BaseDelivery, address: str) -> Any:
-        """The rate limits, then SPF on the MX (mailsrv.authres): a refusal raised or failed."""
-        result = self._rates.mail(delivery, self._helo, address)
-        authentication = getattr(self.context, "authentication", None)
-        if authentication is None or self.submission:
-            return result
-
-        def spf(result: Any) -> Any:
-            refusal = authentication.mail(self._client_ip, self._helo_name or "", address)
-            return result if refusal is None else refusal.addCallback(lambda _: result)
-
-        return result.addCallback(spf) if isinstance(result, defer.Deferred) else spf(result)
 
     def _sender_ok(self, _: Any, address: str, smtputf8: bool = False) -> None:
         sender = getattr(self._delivery, "sender", None)
