@@ -50,6 +50,13 @@ class SenderKey:
         return field + message
 
 
+def arc_sealed(key: SenderKey, data: bytes) -> bytes:
+    """C{data} with the ARC set lists.test adds as it forwards it (RFC 8617 5.1)."""
+    received = b"Authentication-Results: lists.test; dkim=pass header.d=good.test\r\n" + data
+    sets = dkim.arc_sign(received, SELECTOR.encode(), b"lists.test", key.private, b"lists.test")
+    return b"".join(sets) + received
+
+
 def message(sender: str, subject: str, body: str = "Hello.\r\n", extra: str = "") -> bytes:
     """A plain message from C{sender} (CRLF line ends)."""
     return (
@@ -84,6 +91,8 @@ def records(key: SenderKey) -> list[tuple[str, Any]]:
         ("_dmarc.quarantine.test", txt("v=DMARC1; p=quarantine")),
         # No SPF record, no DMARC record (a name with an address only).
         ("none.test", dns.Record_A("192.0.2.9", ttl=1)),
+        # A mailing list that seals what it forwards with ARC (RFC 8617).
+        (f"{SELECTOR}._domainkey.lists.test", txt(key.record)),
         # SPF pass, DKIM key, p=reject: mail from here may be signed by good.test only.
         ("other.test", spf_pass),
         ("_dmarc.other.test", txt("v=DMARC1; p=reject")),

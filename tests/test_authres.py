@@ -17,7 +17,7 @@ from twisted.internet import defer, task
 from zope.interface.verify import verifyObject
 
 from mailsrv import config as configmod
-from mailsrv.authres.dkimverify import DkimResult, verify_dkim
+from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
 from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domain, parse_record
 from mailsrv.authres.header import authentication_results, dropped_field
 from mailsrv.authres.resolver import DnsTempError, Resolver
@@ -27,7 +27,7 @@ from mailsrv.filter.verdict import ACCEPT, JUNK, REJECT, Envelope
 from mailsrv.smtp.checks import IMessageCheck, message_checks
 from mailsrv.spool import BytesSource
 
-from .authres_support import SenderKey, message
+from .authres_support import SenderKey, arc_sealed, message
 from .test_smtp_helpers import PASSWORD, Session, make_context, read_inbox
 
 ALICE = "alice@example.test"
@@ -176,6 +176,15 @@ def test_an_identity_without_a_domain_is_none():
     assert check_spf(resolver, "127.0.0.1", "localhost", "", "mx").result == "none"
 
 
+def test_arc_chains_pass_and_fail():
+    key = SenderKey()
+    zone = ZoneResolver({"sel._domainkey.lists.test": [key.record]})
+    sealed = arc_sealed(key, message("bob@good.test", "x"))
+    assert verify_arc(sealed, zone)[0] == "pass"
+    assert verify_arc(sealed.replace(b"Hello.", b"Changed."), zone)[0] == "fail"
+    assert verify_arc(message("bob@good.test", "x"), zone)[0] == "none"
+
+
 # the step, on a task.Clock
 
 
@@ -184,10 +193,12 @@ class Pool:
 
     def __init__(self) -> None:
         self.work: list[tuple[Any, defer.Deferred]] = []
+        self.calls = 0
 
     def __call__(self, f: Any) -> defer.Deferred:
         d: defer.Deferred = defer.Deferred()
         self.work.append((f, d))
+        self.calls += 1
         return d
 
     def run_all(self) -> None:
@@ -298,6 +309,17 @@ def test_mail_is_answered_at_once_when_spf_is_only_reported():
     s.cmd("EHLO client.test")
     assert s.codes("MAIL FROM:<bob@good.test>\r\n") == ["250 2.1.0"]
     assert len(pool.work) == 1  # SPF started, not waited for
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    forged = "Authentication-Results: mx.example.test; dmarc=pass\r\n"
+    assert s.send(f"From: bob@good.test\r\n{forged}Subject: x\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()  # SPF (its DNS fails here: temperror), then DKIM, ARC, DMARC
+    [reply] = s.take()
+    assert reply.startswith("250 ")
+    assert pool.calls == 2  # the SPF result of MAIL was used at the end of DATA
+    [stored] = read_inbox(s.ctx, ALICE)
+    assert stored.count(b"Authentication-Results:") == 1
+    assert b"Authentication-Results: mx.example.test;\n\tspf=temperror" in stored
 
 
 def test_mail_waits_for_spf_when_it_may_refuse():

@@ -21,7 +21,7 @@ from typing import Any
 from twisted.internet import threads
 from twisted.trial import unittest
 
-from tests.authres_support import SenderKey, message, start_zone
+from tests.authres_support import SenderKey, arc_sealed, message, start_zone
 from tests.e2e import PASSWORD, MailServer
 
 ALICE = "alice@example.test"
@@ -220,6 +220,15 @@ class DefaultPolicy(_Authentication):
         self.assertIn("spf=softfail", value)
         self.assertNotIn("header.d=soft.test", value)
         self.assertNotIn(b"elsewhere.test", msg.as_bytes())
+
+    async def test_an_arc_chain_is_verified_and_kept(self) -> None:
+        data = arc_sealed(self.key, self.key.sign(message("bob@good.test", "arc"), "good.test"))
+        code, _ = await self.deliver("bob@good.test", data)
+        self.assertEqual(code, 250)
+        self.assertIn("arc=pass", self.field("arc"))
+        msg = self.one("arc")
+        self.assertEqual(len(msg.get_all("ARC-Seal")), 1)
+        self.assertEqual(len(msg.get_all("ARC-Authentication-Results")), 1)
 
 
 class RejectOnSpf(_Authentication):
