@@ -295,6 +295,12 @@ def test_a_message_over_the_cap_is_not_verified_nor_refused():
     assert b"dmarc=fail" in verdict.headers
 
 
+def test_a_header_that_cannot_be_parsed_gives_permerror():
+    verdict = _verdict_for(b"no colon here\r\n\r\nbody\r\n", {}, "pass")
+    assert verdict.action == ACCEPT
+    assert b"dkim=permerror" in verdict.headers and b"dmarc=permerror" in verdict.headers
+
+
 # the SMTP server
 
 

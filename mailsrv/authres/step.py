@@ -163,7 +163,7 @@ class SenderAuthentication:
             message = _LINE_END.sub(b"\r\n", data)
             if len(data) > self.max_verify:
                 head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
-                headers, _ = dkim.rfc822_parse(head)
+                headers = _headers(head)
                 dkims = [DkimResult("neutral", reason="message too large to verify")]
                 dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
                 if dmarc.result == "fail":
@@ -172,7 +172,7 @@ class SenderAuthentication:
                         "fail", dmarc.from_domain, dmarc.policy, "none", "DKIM not verified"
                     )
                 return spf, dkims, ("none", "message too large to verify"), dmarc
-            headers, _ = dkim.rfc822_parse(message)
+            headers = _headers(message)
             dkims = verify_dkim(message, self.resolver)
             arc = verify_arc(message, self.resolver)
             dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
@@ -246,6 +246,15 @@ class _SpfLookup:
         d: defer.Deferred = defer.Deferred()
         self._waiting.append(d)
         return d
+
+
+def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields of C{message} (CRLF), or none when they cannot be parsed."""
+    try:
+        headers, _ = dkim.rfc822_parse(message)
+    except dkim.DKIMException:
+        return []  # DMARC: no From: domain, permerror
+    return headers
 
 
 def build_authentication(config: Any, clock: Any, in_pool: Any) -> SenderAuthentication | None:
