@@ -251,6 +251,11 @@ class PolicyConfig:
     dnsbl_threshold: int = 1  # summed DNSBL weight that refuses a client
     dnsbl_timeout: float = 5.0  # seconds for the DNS lists and reverse DNS at connect
     reject_unknown_client: bool = False  # 450 at RCPT without a forward-confirmed name
+    reverse_dns: bool = True  # false: no PTR lookup, every client "unknown" (smtpd_peername_lookup)
+    # Sender authentication of inbound mail (mailsrv.authres): SPF, DKIM, DMARC, ARC.
+    authentication_checks: bool = True  # false: none, and no Authentication-Results field
+    spf_reject: bool = False  # refuse MAIL when SPF fails (550 5.7.23) or errs (451 4.7.24)
+    dmarc_reject: bool = True  # refuse a DMARC failure under p=reject (550 5.7.1)
 
 
 @dataclass(frozen=True)
@@ -770,6 +775,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "dnsbl_threshold": (_int(1), 1),
         "dnsbl_timeout": (_positive_seconds, 5.0),
         "reject_unknown_client": (_bool, False),
+        "reverse_dns": (_bool, True),
+        # Sender authentication (SPF, DKIM, DMARC, ARC) of inbound mail.
+        "authentication_checks": (_bool, True),
+        "spf_reject": (_bool, False),
+        "dmarc_reject": (_bool, True),
     },
 }
 
@@ -861,6 +871,11 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         if policy[key] is not None:
             errors.extend(_network_file_errors(f"policy.{key}", policy[key]))
     errors.extend(_greylist_errors(policy))
+    if policy["reject_unknown_client"] and not policy["reverse_dns"]:
+        errors.append(
+            "policy.reject_unknown_client: needs reverse_dns = true (without the lookup every"
+            " client is unknown)"
+        )
     if errors:
         raise ConfigError(path, errors)
 

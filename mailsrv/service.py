@@ -27,6 +27,7 @@ from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
+from mailsrv.authres.step import SenderAuthentication, build_authentication
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.learn import TrainingQueue
@@ -99,6 +100,8 @@ class ServerContext:
     training: TrainingQueue | None = None
     # Greylisting at RCPT ([policy] greylist); None: off.
     greylist: Greylist | None = None
+    # SPF, DKIM, DMARC and ARC of inbound mail ([policy]); None: not checked.
+    authentication: SenderAuthentication | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -184,6 +187,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
             config.filter, reactor, store, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
         ),
         greylist=build_greylist(config, reactor, pool),
+        authentication=build_authentication(
+            config, reactor, lambda f: deferToThreadPool(reactor, pool, f)
+        ),
     )
 
 

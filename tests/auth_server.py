@@ -82,6 +82,10 @@ class RealServer:
             'hostname = "mx.example.test"',
             'domains = ["example.test"]',
             f'data_dir = "{self.base / "data"}"',
+            # No lookups through the machine's own resolver (loopback only).
+            "[policy]",
+            "authentication_checks = false",
+            "reverse_dns = false",
             "[tls]",
             f'certificate = "{cert}"',
             f'key = "{key}"',

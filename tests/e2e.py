@@ -123,6 +123,26 @@ def _read_from(path: Path, offset: int) -> str:
         return ""
 
 
+# The lookups a server makes of every client and message, which would go to
+# this machine's own resolver: tests talk to loopback only, so they are off
+# unless the test names its own DNS server on loopback ([dns] nameservers).
+SYSTEM_DNS_LOOKUPS = {"reverse_dns": "false", "authentication_checks": "false"}
+
+
+def loopback_dns_only(extra: str) -> str:
+    """C{extra} (config lines) with the lookups of the system's resolver turned off."""
+    if re.search(r"^nameservers\s*=", extra, re.M):
+        return extra
+    lines = "".join(
+        f"{key} = {value}\n"
+        for key, value in SYSTEM_DNS_LOOKUPS.items()
+        if not re.search(rf"^{key}\s*=", extra, re.M)
+    )
+    if re.search(r"^\[policy\]\s*$", extra, re.M):
+        return re.sub(r"^\[policy\]\s*$\n?", "[policy]\n" + lines, extra, count=1, flags=re.M)
+    return f"{extra}\n[policy]\n{lines}"
+
+
 class MailServer:
     """
     A mailsrv daemon for one test. Use it as a context manager, or call
@@ -162,7 +182,7 @@ class MailServer:
             'data_dir = "data"\n'
             "[auth]\n"
             "failure_delay = 0.2\n"
-            f"[listen]\n{listen}\n{extra}\n"
+            f"[listen]\n{listen}\n{loopback_dns_only(extra)}\n"
         )
         self.log_path = base / "twistd.log"
         self.proc: subprocess.Popen | None = None

@@ -545,3 +545,19 @@ def test_dns_list_key_errors_name_the_key_and_the_entry():
         with pytest.raises(ConfigError) as e:
             parse(f"[policy]\n{bad}\n")
         assert e.value.errors[0].startswith("policy.dnsbl"), bad
+
+
+def test_sender_authentication_keys():
+    # [policy] authentication_checks, spf_reject, dmarc_reject (mailsrv.authres).
+    p = parse("").policy
+    assert (p.authentication_checks, p.spf_reject, p.dmarc_reject) == (True, False, True)
+    p = parse(
+        "[policy]\nauthentication_checks = false\nspf_reject = true\ndmarc_reject = false\n"
+    ).policy
+    assert (p.authentication_checks, p.spf_reject, p.dmarc_reject) == (False, True, False)
+    with pytest.raises(ConfigError) as e:
+        parse('[policy]\nspf_reject = "yes"\ndmarc_reject = 1\n', "m.toml")
+    assert "m.toml: policy.spf_reject" in str(e.value)
+    assert "m.toml: policy.dmarc_reject" in str(e.value)
+    c = load(ROOT / "etc" / "mailsrv.toml")
+    assert (c.policy.spf_reject, c.policy.dmarc_reject) == (False, True)

@@ -180,3 +180,28 @@ def test_reject_unknown_client_at_rcpt():
     assert c.cmd("RCPT TO:<alice@example.test>")[-1].startswith("250 ")
     c = Client(authority(), reject_unknown=True, listener="submission")
     assert c.session.client.rcpt_refusal is None and c.session.client_name is None
+
+
+def test_reverse_dns_off_asks_nothing_and_names_nobody():
+    from mailsrv.config import ConfigError, parse
+    from mailsrv.policy.client import client_checks
+
+    resolver = authority(*CONFIRMED)
+    off = parse("[policy]\nreverse_dns = false\n")
+    assert off.policy.reverse_dns is False and parse("").policy.reverse_dns is True
+    # Nothing to look up at all: the greeting never waits on DNS.
+    assert client_checks(off, Clock(), resolver) is None
+    # With the DNS lists on, they are asked, the PTR is not.
+    lists = parse('[policy]\nreverse_dns = false\ndnsbl = ["bl.test"]\n')
+    checks = client_checks(lists, Clock(), resolver)
+    assert checks is not None
+    report = result(checks.check("smtp", HOST))
+    assert report.name is None
+    assert resolver.asked == ["7.2.0.192.bl.test"]
+    # reject_unknown_client would refuse everyone without the lookup.
+    try:
+        parse("[policy]\nreverse_dns = false\nreject_unknown_client = true\n")
+    except ConfigError as e:
+        assert "policy.reject_unknown_client: needs reverse_dns = true" in str(e)
+    else:
+        raise AssertionError("accepted reject_unknown_client without reverse_dns")

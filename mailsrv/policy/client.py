@@ -85,7 +85,7 @@ class ClientChecks:
 
     def __init__(
         self,
-        rdns: ReverseDNS,
+        rdns: ReverseDNS | None,
         lists: DNSBLCheck | None = None,
         reject_unknown_client: bool = False,
     ) -> None:
@@ -99,7 +99,7 @@ class ClientChecks:
         (C{allowed}: in an allowed network), within the timeout; never fails.
         """
         mx = listener == MX
-        lookups = [self.rdns.name(host)]
+        lookups = [defer.succeed(None) if self.rdns is None else self.rdns.name(host)]
         if mx and not allowed and self.lists is not None:
             lookups.append(self.lists.check(host))
         d = defer.gatherResults(lookups)
@@ -164,15 +164,18 @@ class _LazyResolver:
         return getattr(self._resolver, name)
 
 
-def client_checks(config: Any, reactor: Any, resolver: Any = None) -> ClientChecks:
+def client_checks(config: Any, reactor: Any, resolver: Any = None) -> ClientChecks | None:
     """
     The checks of C{config}'s [policy] section, asking C{resolver} (by
-    default the relay's kind: C{[dns] nameservers}, else the system's).
+    default the relay's kind: C{[dns] nameservers}, else the system's);
+    None when there is nothing to look up (no lists, C{reverse_dns} off).
     """
+    policy = config.policy
+    if not (policy.reverse_dns or policy.dnsbl or policy.dnswl):
+        return None
     if resolver is None:
         nameservers = config.dns.nameservers
         resolver = _LazyResolver(lambda: make_resolver(nameservers, reactor))
-    policy = config.policy
     timeout = policy.dnsbl_timeout
     lists = None
     if policy.dnsbl or policy.dnswl:
@@ -182,7 +185,7 @@ def client_checks(config: Any, reactor: Any, resolver: Any = None) -> ClientChec
             policy.dnsbl_threshold,
         )
     return ClientChecks(
-        ReverseDNS(resolver, reactor, timeout),
+        ReverseDNS(resolver, reactor, timeout) if policy.reverse_dns else None,
         lists,
         reject_unknown_client=policy.reject_unknown_client,
     )

@@ -87,6 +87,10 @@ def message_checks(ctx: Any, submission: bool, duplicates: Any = None) -> list[A
     per message, fed its body hash as DATA streams in), or None.
     """
     checks: list[Any] = []
+    # SPF, DKIM, DMARC and ARC (mailsrv.authres): MX mail only, first.
+    authentication = getattr(ctx, "authentication", None)
+    if authentication is not None and not submission:
+        checks.append(authentication)
     # The sender's behaviour: mass duplicate mail, on the MX and on submission.
     if duplicates is not None:
         checks.append(duplicates)

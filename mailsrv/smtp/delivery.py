@@ -17,6 +17,7 @@ from zope.interface import implementer
 
 from mailsrv import replies, routing
 from mailsrv.addresses.resolver import ExpansionBudget
+from mailsrv.authres import header as authres_header
 from mailsrv.filter import step as filter_step
 from mailsrv.interfaces import PasswordDatabaseError
 from mailsrv.logsafe import SafeLogger
@@ -113,6 +114,8 @@ class IncomingMessage:
         self._list_id_to: BodyDigest | None = None  # in a List-Id field: where its value goes
         # The checks at the end of DATA (mailsrv.smtp.checks), in order.
         self._checks = message_checks.message_checks(ctx, submission, self._duplicates)
+        # Authentication-Results fields from outside go when ours is added (RFC 8601 5).
+        self._authenticating = not submission and getattr(ctx, "authentication", None) is not None
         self._verdict = filter_step.ACCEPTED  # what they said together
 
     # IMessage
@@ -219,8 +222,10 @@ class IncomingMessage:
             self._seen.add(lname)
             # RFC 5321 4.4: Return-Path is added at final delivery only; one
             # from the client is dropped, as Postfix's message_drop_headers does.
-            self._dropping = lname == b"return-path" or (
-                self._filter is not None and filter_step.is_filter_field(lname)
+            self._dropping = (
+                lname == b"return-path"
+                or (self._filter is not None and filter_step.is_filter_field(lname))
+                or (self._authenticating and authres_header.dropped_field(lname))
             )
             self._in_from = lname == b"from" and self.user is not None
             if self._in_from:
@@ -572,6 +577,16 @@ class BaseDelivery:
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
 
+    def validateFrom(self, helo, origin):
+        """The sender; SPF starts now, and may refuse it (C{[policy] spf_reject}, mailsrv.authres)."""
+        origin = super().validateFrom(helo, origin)
+        authentication = getattr(self.ctx, "authentication", None)
+        if authentication is None:
+            return origin
+        name, ip = (_text(part) for part in (helo or (b"", b"")))
+        refusal = authentication.mail(ip, name, self.sender or "")
+        return origin if refusal is None else refusal.addCallback(lambda _: origin)
+
 
 class SubmissionDelivery(BaseDelivery):
     """
@@ -599,6 +614,13 @@ class SubmissionDelivery(BaseDelivery):
         self._routes.clear()
         self._budget = ExpansionBudget.for_transaction()
         return origin
+
+
+def _text(value: Any) -> str:
+    """A HELO name or client address as Twisted keeps it (bytes or None) as text."""
+    if isinstance(value, bytes):
+        return value.decode("ascii", "replace")
+    return "" if value is None else str(value)
 
 
 def _router(ctx: Any) -> routing.Router:

@@ -1,0 +1,56 @@
+"""
+The DNS the sender authentication checks ask: the configured C{[dns]
+nameservers} (each with its port; none: the system's resolv.conf), each
+query bounded by a timeout. Blocking (dnspython): used in pool threads only.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import dns.exception
+import dns.name
+import dns.nameserver
+import dns.rdatatype
+import dns.resolver
+
+QUERY_TIMEOUT = 5.0  # seconds one query may take, retries included
+
+
+class DnsTempError(Exception):
+    """No answer could be had (timeout, SERVFAIL, refused): a temporary error (RFC 7208 2.6.6)."""
+
+
+class Resolver:
+    """TXT and address lookups through one dnspython resolver."""
+
+    def __init__(
+        self, nameservers: tuple[tuple[str, int], ...] = (), timeout: float = QUERY_TIMEOUT
+    ) -> None:
+        self._resolver = dns.resolver.Resolver(configure=not nameservers)
+        if nameservers:
+            self._resolver.nameservers = [
+                dns.nameserver.Do53Nameserver(host, port) for host, port in nameservers
+            ]
+        self._resolver.timeout = timeout
+        self._resolver.lifetime = timeout
+        self._resolver.cache = dns.resolver.LRUCache(4096)  # thread-safe; kept for each TTL
+
+    def answers(self, name: str, qtype: str) -> list[Any]:
+        """
+        The records of type C{qtype} at C{name} (CNAMEs followed); [] when
+        the name or the type does not exist; L{DnsTempError} when no server answered.
+        """
+        try:
+            answer = self._resolver.resolve(
+                dns.name.from_text(name), qtype, raise_on_no_answer=False, search=False
+            )
+        except dns.resolver.NXDOMAIN:
+            return []
+        except (dns.exception.DNSException, OSError) as e:
+            raise DnsTempError(f"DNS {qtype} {name}: {e.__class__.__name__}") from e
+        return list(answer.rrset) if answer.rrset is not None else []
+
+    def txt(self, name: str) -> list[bytes]:
+        """The TXT records at C{name}, each one string (RFC 7208 3.3: the strings joined)."""
+        return [b"".join(r.strings) for r in self.answers(name, "TXT")]

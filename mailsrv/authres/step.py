@@ -1,0 +1,275 @@
+"""
+Sender authentication as the SMTP server runs it: SPF from MAIL on, DKIM,
+ARC and DMARC at the end
+of DATA on the spooled message, all in pool threads with an overall timeout
+on the clock passed in; the result is one C{Authentication-Results:} field
+and a verdict (L{mailsrv.filter.verdict.Verdict}): DMARC p=reject refuses
+(when C{[policy] dmarc_reject}; else the field alone tells it, as
+opendmarc's RejectFailures=false does), p=quarantine files into Junk.
+
+Messages over L{MAX_VERIFY} octets are not read whole: DKIM (dkimpy needs
+the message in memory, some four times over) gives neutral for them, and a
+DMARC failure that a DKIM pass might have prevented is reported but not
+acted on (a large legitimate message is never refused for a check skipped).
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Callable
+from typing import Any
+
+import dkim
+from twisted.internet import defer
+from twisted.logger import Logger
+from zope.interface import implementer
+
+from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
+from mailsrv.authres.dmarc import Dmarc, DmarcResult
+from mailsrv.authres.header import authentication_results
+from mailsrv.authres.resolver import Resolver
+from mailsrv.authres.spf import SpfResult, check_spf
+from mailsrv.filter.verdict import ACCEPT, JUNK, REJECT, Envelope, Verdict
+from mailsrv.replies import Reply, ReplyError
+from mailsrv.smtp.checks import IMessageCheck
+
+# RFC 7372 3.2 / RFC 7208 8.4: 550 5.7.23 when SPF fails and the server refuses.
+SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
+# RFC 7372 3.2 (X.7.24 SPF validation error) / RFC 7208 8.6: 451 on temperror.
+SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
+# RFC 7489 6.7 / RFC 3463 3.8 (5.7.1 delivery not authorized); opendmarc's text.
+DMARC_REJECT = Reply(550, "5.7.1", "Email rejected per DMARC policy for {domain}")
+
+MAX_VERIFY = 10 * 1024 * 1024  # octets read for DKIM; larger messages: dkim=neutral
+MAX_JOBS = 4  # verifications at once: the pool (shared with the disk) keeps threads free
+TIMEOUT = 30.0  # seconds one step (SPF; DKIM, ARC and DMARC) may take in all
+SPF_MEMO = 300.0  # seconds an SPF result started at MAIL waits for its DATA
+MAX_MEMO = 10_000  # SPF results kept at most (the oldest forgotten first)
+_LINE_END = re.compile(rb"\r?\n")
+
+
+@implementer(IMessageCheck)
+class SenderAuthentication:
+    """
+    The checks the MX runs on every inbound transaction (not on submission:
+    that mail is ours), the first of the end-of-DATA checks
+    (L{mailsrv.smtp.checks}). C{in_pool} runs a blocking function in a
+    thread pool and returns a Deferred of its result.
+
+    SPF starts at MAIL (L{mail}); its result waits for the end of DATA in
+    a memo keyed by what it depends on (client address, HELO name, sender),
+    kept L{SPF_MEMO} seconds: a session that sends several messages from
+    one sender asks DNS once, and the end-of-DATA check needs nothing but
+    its envelope to find it.
+    """
+
+    log = Logger()
+
+    def __init__(
+        self,
+        *,
+        resolver: Resolver,
+        in_pool: Callable[[Callable[[], Any]], defer.Deferred],
+        clock: Any,
+        authserv_id: str,
+        spf_reject: bool = False,
+        dmarc_reject: bool = True,
+        timeout: float = TIMEOUT,
+        max_verify: int = MAX_VERIFY,
+        dmarc: Dmarc | None = None,
+    ) -> None:
+        self.resolver = resolver
+        self.clock = clock
+        self.authserv_id = authserv_id
+        self.spf_reject = spf_reject
+        self.dmarc_reject = dmarc_reject
+        self.timeout = timeout
+        self.max_verify = max_verify
+        self.dmarc = dmarc if dmarc is not None else Dmarc()
+        self._in_pool = in_pool
+        self._jobs = defer.DeferredSemaphore(MAX_JOBS)
+        self._spf: OrderedDict[tuple[str, str, str], tuple[float, _SpfLookup]] = OrderedDict()
+
+    # SPF, from MAIL on
+
+    def spf(self, client_ip: str, helo: str, sender: str) -> _SpfLookup:
+        """The SPF evaluation for this envelope: the one under way or known, else a new one."""
+        now = self.clock.seconds()
+        while self._spf:
+            # Forget what is older than SPF_MEMO (the oldest first), and beyond MAX_MEMO.
+            started, _ = next(iter(self._spf.values()))
+            if now - started < SPF_MEMO and len(self._spf) < MAX_MEMO:
+                break
+            self._spf.popitem(last=False)
+        key = (client_ip, helo, sender.lower())
+        known = self._spf.get(key)
+        if known is not None:
+            return known[1]
+        lookup = _SpfLookup(self, client_ip, helo, sender)
+        self._spf[key] = (now, lookup)
+        return lookup
+
+    def mail(self, client_ip: str, helo: str, sender: str) -> defer.Deferred | None:
+        """
+        Start SPF for a MAIL command. With C{[policy] spf_reject}: a Deferred
+        that fails with the reply refusing MAIL when SPF fails (550 5.7.23,
+        RFC 7208 8.4) or cannot be evaluated (451 4.7.24, 8.6), else fires;
+        None when SPF refuses nothing (MAIL is answered at once).
+        """
+        lookup = self.spf(client_ip, helo, sender)
+        if not self.spf_reject:
+            return None
+
+        def decide(spf: SpfResult) -> None:
+            if spf.result == "fail":
+                text = f"SPF validation failed: {spf.domain} does not permit this client"
+                raise ReplyError(SPF_FAIL, text=text, cause=f"spf=fail {spf.reason}")
+            if spf.result == "temperror":
+                text = f"SPF validation error for {spf.domain}, try again later"
+                raise ReplyError(SPF_TEMPERROR, text=text, cause=f"spf=temperror {spf.reason}")
+
+        return lookup.result().addCallback(decide)
+
+    def run(self, work: Callable[[], Any], on_timeout: Callable[[], Any]) -> defer.Deferred:
+        """
+        C{work} in a pool thread, at most L{MAX_JOBS} at once, within the
+        timeout; C{on_timeout()} gives the result otherwise (and after an
+        unexpected error, which is logged).
+        """
+        d = self._jobs.run(self._in_pool, work)
+        d.addTimeout(self.timeout, self.clock)
+
+        def failed(failure: Any) -> Any:
+            if not failure.check(defer.TimeoutError, defer.CancelledError):
+                self.log.failure("sender authentication failed", failure=failure)
+            return on_timeout()
+
+        return d.addErrback(failed)
+
+    # DKIM, ARC, DMARC at the end of DATA
+
+    def check(self, message_source: Any, envelope: Envelope) -> defer.Deferred:
+        """The verdict on the message (a L{Verdict}; never a failure)."""
+        d = self.spf(envelope.client_ip, envelope.helo or "", envelope.sender).result()
+        d.addCallback(self._verify, message_source)
+        d.addCallback(self._verdict, envelope)
+        return d
+
+    def _verify(self, spf: SpfResult, source: Any) -> defer.Deferred:
+        def work() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
+            with source.open() as f:
+                data = f.read(self.max_verify + 1)
+            message = _LINE_END.sub(b"\r\n", data)
+            if len(data) > self.max_verify:
+                head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+                headers = _headers(head)
+                dkims = [DkimResult("neutral", reason="message too large to verify")]
+                dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
+                if dmarc.result == "fail":
+                    # A DKIM pass might have passed it: reported, not acted on.
+                    dmarc = DmarcResult(
+                        "fail", dmarc.from_domain, dmarc.policy, "none", "DKIM not verified"
+                    )
+                return spf, dkims, ("none", "message too large to verify"), dmarc
+            headers = _headers(message)
+            dkims = verify_dkim(message, self.resolver)
+            arc = verify_arc(message, self.resolver)
+            dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
+            return spf, dkims, arc, dmarc
+
+        def timed_out() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
+            return (
+                spf,
+                [DkimResult("temperror", reason="no answer in time")],
+                ("none", "not verified in time"),
+                DmarcResult("temperror", reason="no answer in time"),
+            )
+
+        return self.run(work, timed_out)
+
+    def _verdict(self, results: tuple, envelope: Envelope) -> Verdict:
+        spf, dkims, arc, dmarc = results
+        field = authentication_results(self.authserv_id, spf, dkims, dmarc, arc)
+        action, refusal = ACCEPT, None
+        if dmarc.result == "fail":
+            if dmarc.disposition == "reject" and self.dmarc_reject:
+                action = REJECT
+                refusal = Reply(
+                    DMARC_REJECT.code,
+                    DMARC_REJECT.enhanced,
+                    DMARC_REJECT.text.format(domain=dmarc.from_domain),
+                )
+            elif dmarc.disposition == "quarantine":
+                action = JUNK  # RFC 7489 6.3: "treat as suspicious"
+        self.log.info(
+            "{queue_id}: spf={spf} dkim={dkim} dmarc={dmarc} arc={arc} action={action}",
+            queue_id=envelope.queue_id,
+            spf=spf.result,
+            dkim=",".join(f"{r.result}:{r.domain}" for r in dkims),
+            dmarc=f"{dmarc.result}:{dmarc.from_domain}:{dmarc.disposition}",
+            arc=arc[0],
+            action=action,
+        )
+        return Verdict(
+            action, headers=field, reason=refusal.text if refusal else "", refusal=refusal
+        )
+
+
+class _SpfLookup:
+    """One SPF evaluation, started at once in a pool thread; its result for any number of waiters."""
+
+    def __init__(self, auth: SenderAuthentication, client_ip: str, helo: str, sender: str) -> None:
+        self._result: SpfResult | None = None
+        self._waiting: list[defer.Deferred] = []
+        identity, value = ("mailfrom", sender) if sender else ("helo", helo)
+
+        def timed_out() -> SpfResult:
+            domain = (sender.rpartition("@")[2] if sender else helo).lower()
+            return SpfResult("temperror", identity, value, domain, "no answer in time")
+
+        auth.run(
+            lambda: check_spf(auth.resolver, client_ip, helo, sender, auth.authserv_id),
+            timed_out,
+        ).addCallback(self._done)
+
+    def _done(self, result: SpfResult) -> None:
+        self._result = result
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(result)
+
+    def result(self) -> defer.Deferred:
+        """A Deferred of the L{SpfResult}; it never fails."""
+        if self._result is not None:
+            return defer.succeed(self._result)
+        d: defer.Deferred = defer.Deferred()
+        self._waiting.append(d)
+        return d
+
+
+def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields of C{message} (CRLF), or none when they cannot be parsed."""
+    try:
+        headers, _ = dkim.rfc822_parse(message)
+    except dkim.DKIMException:
+        return []  # DMARC: no From: domain, permerror
+    return headers
+
+
+def build_authentication(config: Any, clock: Any, in_pool: Any) -> SenderAuthentication | None:
+    """The checks C{config} asks for (C{[policy] authentication_checks}), or None."""
+    policy = config.policy
+    if not policy.authentication_checks:
+        return None
+    return SenderAuthentication(
+        resolver=Resolver(config.dns.nameservers),
+        in_pool=in_pool,
+        clock=clock,
+        authserv_id=config.server.hostname,
+        spf_reject=policy.spf_reject,
+        dmarc_reject=policy.dmarc_reject,
+    )
+
+
+__all__ = ["SenderAuthentication", "build_authentication"]
