@@ -18,7 +18,7 @@ from zope.interface.verify import verifyObject
 
 from mailsrv import config as configmod
 from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
-from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domain, parse_record
+from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domains, parse_record
 from mailsrv.authres.header import authentication_results, dropped_field
 from mailsrv.authres.resolver import DnsTempError, Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
@@ -69,11 +69,13 @@ def test_dmarc_records_parsed_as_rfc_7489_6_3_says():
     assert parse_record("v=spf1 -all") is None
 
 
-def test_from_domain_needs_exactly_one_domain():
-    assert from_domain(headers("Bob <Bob@Good.Test>")) == "good.test"
-    assert from_domain(headers("a@x.test, b@y.test")) is None
-    assert from_domain(headers("a@x.test") + headers("b@x.test")) is None
-    assert from_domain([(b"Subject", b"no from")]) is None
+def test_from_domains_are_every_author_domain():
+    assert from_domains(headers("Bob <Bob@Good.Test>")) == ["good.test"]
+    assert from_domains(headers("a@x.test, b@y.test")) == ["x.test", "y.test"]
+    assert from_domains(headers("a@x.test") + headers("b@x.test")) == ["x.test"]
+    assert from_domains(headers("a@x.test, undisclosed-recipients:;")) == ["x.test"]
+    assert from_domains(headers("nobody")) == []
+    assert from_domains([(b"Subject", b"no from")]) == []
 
 
 def test_alignment_uses_the_public_suffix_list():
@@ -114,6 +116,12 @@ def test_subdomains_take_sp_and_unknown_domains_none():
     assert d.evaluate(headers("b@twice.test"), spf("fail"), [], zone).result == "none"
     assert d.evaluate(headers("b@broken.test"), spf("fail"), [], zone).result == "temperror"
     assert d.evaluate([], spf("pass"), [], zone).result == "permerror"
+
+
+def test_a_from_naming_too_many_domains_is_quarantined_unlooked_up():
+    many = ", ".join(f"a@d{i}.test" for i in range(6)) + ", b@good.test"
+    result = Dmarc().evaluate(headers(many), spf("pass"), [], ZoneResolver({}))
+    assert (result.result, result.disposition) == ("fail", "quarantine")
 
 
 def test_pct_samples_and_steps_down_the_others():
@@ -369,3 +377,31 @@ def test_the_checks_are_built_unless_turned_off(tmp_path):
     assert built.authserv_id == "mx.example.test"
     off = configmod.parse(base + "[policy]\nauthentication_checks = false\n", "<test>", tmp_path)
     assert build_authentication(off, task.Clock(), Pool()) is None
+
+
+@pytest.mark.parametrize(
+    "from_fields",
+    [
+        "From: bob@good.test, undisclosed-recipients:;\r\n",  # a group with no address
+        "From: Bob <bob@good.test>>\r\n",  # a stray '>' parses as a second, empty address
+        "From: bob@good.test, x\r\n",  # a second address without a domain
+        "From: bob@good.test\r\nFrom: eve@elsewhere.test\r\n",  # two From fields
+        "From: eve@elsewhere.test, bob@good.test\r\n",  # two domains, the second p=reject
+    ],
+)
+def test_odd_from_fields_do_not_escape_dmarc_reject(from_fields):
+    # RFC 7489 6.6.1: every author domain is evaluated and the strictest
+    # failing policy applies; a malformed From: must not turn a p=reject
+    # failure into permerror (and a 250) while the MUA shows good.test.
+    pool = Pool()
+    zone = ZoneResolver({"_dmarc.good.test": ["v=DMARC1; p=reject"]})
+    s = Session(_context(pool, resolver=zone))
+    s.cmd("EHLO client.test")
+    assert s.codes("MAIL FROM:<bob@good.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send(f"{from_fields}Subject: spoofed\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("550 5.7.1 Email rejected per DMARC policy for good.test"), reply
+    assert read_inbox(s.ctx, ALICE) == []
