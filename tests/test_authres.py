@@ -397,7 +397,8 @@ def test_odd_from_fields_do_not_escape_dmarc_reject(from_fields):
     zone = ZoneResolver({"_dmarc.good.test": ["v=DMARC1; p=reject"]})
     s = Session(_context(pool, resolver=zone))
     s.cmd("EHLO client.test")
-    assert s.codes("MAIL FROM:<bob@good.test>\r\n") == ["250 2.1.0"]
+    # An envelope sender not aligned with good.test: its SPF cannot pass DMARC.
+    assert s.codes("MAIL FROM:<eve@spoofer.test>\r\n") == ["250 2.1.0"]
     assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
     assert s.cmd("DATA")[0].startswith("354")
     assert s.send(f"{from_fields}Subject: spoofed\r\n\r\nhi\r\n.\r\n") == []
@@ -405,3 +406,34 @@ def test_odd_from_fields_do_not_escape_dmarc_reject(from_fields):
     [reply] = s.take()
     assert reply.startswith("550 5.7.1 Email rejected per DMARC policy for good.test"), reply
     assert read_inbox(s.ctx, ALICE) == []
+
+
+def test_an_aligned_check_that_could_not_be_made_defers_rather_than_refuses():
+    # SPF of the aligned envelope sender has no answer (temperror) and the
+    # message is unsigned: DMARC cannot tell, so p=reject is a 451, never a 550.
+    pool = Pool()
+    zone = ZoneResolver({"_dmarc.good.test": ["v=DMARC1; p=reject"]})
+    s = Session(_context(pool, resolver=zone))
+    s.cmd("EHLO client.test")
+    assert s.codes("MAIL FROM:<bob@good.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send("From: bob@good.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("451 4.7.0 DMARC policy for good.test could not be checked"), reply
+    assert read_inbox(s.ctx, ALICE) == []
+    # With dmarc_reject false, only the field tells it.
+    reported = _verdict_for(message("bob@good.test", "x"), ZONE, "temperror", dmarc_reject=False)
+    assert reported.action == ACCEPT and b"dmarc=temperror" in reported.headers
+
+
+def test_a_selector_that_is_no_domain_name_is_not_a_temporary_error():
+    # A made-up s= (an empty label, a name over 255 octets) cannot be looked
+    # up: the signature fails; it must not pass for a DNS error (temperror).
+    resolver = Resolver((("127.0.0.1", 9),), timeout=0.3)
+    assert resolver.txt("a..b._domainkey.good.test") == []
+    assert resolver.txt("x" * 300 + "._domainkey.good.test") == []
+    signed = SenderKey().sign(message("bob@good.test", "x"), "good.test")
+    [result] = verify_dkim(signed.replace(b"s=sel", b"s=a..b"), resolver)
+    assert result.result != "temperror", result

@@ -189,4 +189,16 @@ class Dmarc:
         if record.pct < 100 and self._chance() * 100 >= record.pct:
             # RFC 7489 6.6.4: a message not sampled gets the next policy down.
             disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
+        # An aligned identifier that could not be checked (RFC 7208 2.6.6, RFC
+        # 6376 6.1.2: a DNS error, no answer in time) might have passed: not a failure.
+        unchecked = (
+            spf is not None
+            and spf.result == "temperror"
+            and self.aligned(spf.domain, domain, record.aspf)
+        ) or any(
+            r.result == "temperror" and self.aligned(r.domain, domain, record.adkim) for r in dkim
+        )
+        if unchecked:
+            reason = "an aligned SPF or DKIM result could not be had"
+            return DmarcResult("temperror", domain, policy, disposition, reason)
         return DmarcResult("fail", domain, policy, disposition, "no aligned SPF or DKIM pass")

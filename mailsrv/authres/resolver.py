@@ -42,9 +42,13 @@ class Resolver:
         the name or the type does not exist; L{DnsTempError} when no server answered.
         """
         try:
-            answer = self._resolver.resolve(
-                dns.name.from_text(name), qtype, raise_on_no_answer=False, search=False
-            )
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException:
+            # Not a domain name (an empty or over-long label, a name a sender
+            # made up in a selector): it has no records; never a temporary error.
+            return []
+        try:
+            answer = self._resolver.resolve(qname, qtype, raise_on_no_answer=False, search=False)
         except dns.resolver.NXDOMAIN:
             return []
         except (dns.exception.DNSException, OSError) as e:

@@ -30,7 +30,7 @@ from mailsrv.authres.dmarc import Dmarc, DmarcResult
 from mailsrv.authres.header import authentication_results
 from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
-from mailsrv.filter.verdict import ACCEPT, JUNK, REJECT, Envelope, Verdict
+from mailsrv.filter.verdict import ACCEPT, DEFER, JUNK, REJECT, Envelope, Verdict
 from mailsrv.replies import Reply, ReplyError
 from mailsrv.smtp.checks import IMessageCheck
 
@@ -40,6 +40,9 @@ SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
 # RFC 7489 6.7 / RFC 3463 3.8 (5.7.1 delivery not authorized); opendmarc's text.
 DMARC_REJECT = Reply(550, "5.7.1", "Email rejected per DMARC policy for {domain}")
+# RFC 3463 3.8 (4.7.0 other security status): a p=reject failure that an
+# aligned check with a temporary error might have passed; the sender retries.
+DMARC_TEMPERROR = Reply(451, "4.7.0", "DMARC policy for {domain} could not be checked, try later")
 
 MAX_VERIFY = 10 * 1024 * 1024  # octets read for DKIM; larger messages: dkim=neutral
 MAX_JOBS = 4  # verifications at once: the pool (shared with the disk) keeps threads free
@@ -202,6 +205,14 @@ class SenderAuthentication:
                 )
             elif dmarc.disposition == "quarantine":
                 action = JUNK  # RFC 7489 6.3: "treat as suspicious"
+        elif dmarc.result == "temperror" and dmarc.disposition == "reject" and self.dmarc_reject:
+            # Neither refused for good nor let through: the sender's retry decides.
+            action = DEFER
+            refusal = Reply(
+                DMARC_TEMPERROR.code,
+                DMARC_TEMPERROR.enhanced,
+                DMARC_TEMPERROR.text.format(domain=dmarc.from_domain),
+            )
         self.log.info(
             "{queue_id}: spf={spf} dkim={dkim} dmarc={dmarc} arc={arc} action={action}",
             queue_id=envelope.queue_id,
