@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -437,3 +438,29 @@ def test_a_selector_that_is_no_domain_name_is_not_a_temporary_error():
     signed = SenderKey().sign(message("bob@good.test", "x"), "good.test")
     [result] = verify_dkim(signed.replace(b"s=sel", b"s=a..b"), resolver)
     assert result.result != "temperror", result
+
+
+def test_lookups_a_sender_chose_hold_no_thread_past_the_step():
+    # Five signatures whose keys a name server never answers for: the pool
+    # thread was held five query timeouts (and DMARC's after them), long
+    # after the step had timed out; now it stops within the step's time.
+    key = SenderKey()
+    data = message("bob@good.test", "slow")
+    for domain in ("a.test", "b.test", "c.test", "d.test", "e.test"):
+        data = key.sign(data, domain)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        resolver = Resolver((silent.getsockname(),), timeout=0.4)
+        pool = Pool()
+        auth = authentication(pool, resolver=resolver, timeout=1.0)
+        lookup = auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)
+        pool.work.clear()
+        lookup._done(spf("softfail"))
+        d = auth.check(BytesSource(data), ENVELOPE)
+        start = time.monotonic()
+        pool.run_all()
+        held = time.monotonic() - start
+    verdict = _result(d)
+    assert held < 1.5, held  # 5 x 0.4 s for the keys, 2 x 0.4 s for DMARC before
+    assert verdict.headers.count(b"dkim=temperror") == 5
+    assert b"dmarc=temperror" in verdict.headers
