@@ -464,3 +464,24 @@ def test_lookups_a_sender_chose_hold_no_thread_past_the_step():
     assert held < 1.5, held  # 5 x 0.4 s for the keys, 2 x 0.4 s for DMARC before
     assert verdict.headers.count(b"dkim=temperror") == 5
     assert b"dmarc=temperror" in verdict.headers
+
+
+def test_mail_after_mail_starts_one_spf_evaluation_at_a_time():
+    # MAIL, RSET, MAIL... answered at once each started an SPF evaluation: a
+    # client could queue them without end before every other message's checks.
+    pool = Pool()
+    s = Session(_context(pool))
+    s.cmd("EHLO client.test")
+    for i in range(10):
+        assert s.codes(f"MAIL FROM:<bob{i}@good.test>\r\nRSET\r\n") == ["250 2.1.0", "250 2.0.0"]
+    assert len(pool.work) == 1
+    # A message that gets to the end of DATA has its own sender's SPF then.
+    assert s.codes("MAIL FROM:<carol@good.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send("From: carol@good.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("250 ")
+    [stored] = read_inbox(s.ctx, ALICE)
+    assert b"smtp.mailfrom=carol@good.test" in stored

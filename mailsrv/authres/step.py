@@ -257,6 +257,11 @@ class _SpfLookup:
         for d in waiting:
             d.callback(result)
 
+    @property
+    def done(self) -> bool:
+        """Whether the result is known."""
+        return self._result is not None
+
     def result(self) -> defer.Deferred:
         """A Deferred of the L{SpfResult}; it never fails."""
         if self._result is not None:
