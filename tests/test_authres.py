@@ -10,6 +10,7 @@ from __future__ import annotations
 import base64
 import dataclasses
 import socket
+import time
 from typing import Any
 
 import pytest
@@ -18,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailsrv import config as configmod
 from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
-from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domain, parse_record
+from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domains, parse_record
 from mailsrv.authres.header import authentication_results, dropped_field
 from mailsrv.authres.resolver import DnsTempError, Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
@@ -69,11 +70,13 @@ def test_dmarc_records_parsed_as_rfc_7489_6_3_says():
     assert parse_record("v=spf1 -all") is None
 
 
-def test_from_domain_needs_exactly_one_domain():
-    assert from_domain(headers("Bob <Bob@Good.Test>")) == "good.test"
-    assert from_domain(headers("a@x.test, b@y.test")) is None
-    assert from_domain(headers("a@x.test") + headers("b@x.test")) is None
-    assert from_domain([(b"Subject", b"no from")]) is None
+def test_from_domains_are_every_author_domain():
+    assert from_domains(headers("Bob <Bob@Good.Test>")) == ["good.test"]
+    assert from_domains(headers("a@x.test, b@y.test")) == ["x.test", "y.test"]
+    assert from_domains(headers("a@x.test") + headers("b@x.test")) == ["x.test"]
+    assert from_domains(headers("a@x.test, undisclosed-recipients:;")) == ["x.test"]
+    assert from_domains(headers("nobody")) == []
+    assert from_domains([(b"Subject", b"no from")]) == []
 
 
 def test_alignment_uses_the_public_suffix_list():
@@ -114,6 +117,12 @@ def test_subdomains_take_sp_and_unknown_domains_none():
     assert d.evaluate(headers("b@twice.test"), spf("fail"), [], zone).result == "none"
     assert d.evaluate(headers("b@broken.test"), spf("fail"), [], zone).result == "temperror"
     assert d.evaluate([], spf("pass"), [], zone).result == "permerror"
+
+
+def test_a_from_naming_too_many_domains_is_quarantined_unlooked_up():
+    many = ", ".join(f"a@d{i}.test" for i in range(6)) + ", b@good.test"
+    result = Dmarc().evaluate(headers(many), spf("pass"), [], ZoneResolver({}))
+    assert (result.result, result.disposition) == ("fail", "quarantine")
 
 
 def test_pct_samples_and_steps_down_the_others():
@@ -369,3 +378,110 @@ def test_the_checks_are_built_unless_turned_off(tmp_path):
     assert built.authserv_id == "mx.example.test"
     off = configmod.parse(base + "[policy]\nauthentication_checks = false\n", "<test>", tmp_path)
     assert build_authentication(off, task.Clock(), Pool()) is None
+
+
+@pytest.mark.parametrize(
+    "from_fields",
+    [
+        "From: bob@good.test, undisclosed-recipients:;\r\n",  # a group with no address
+        "From: Bob <bob@good.test>>\r\n",  # a stray '>' parses as a second, empty address
+        "From: bob@good.test, x\r\n",  # a second address without a domain
+        "From: bob@good.test\r\nFrom: eve@elsewhere.test\r\n",  # two From fields
+        "From: eve@elsewhere.test, bob@good.test\r\n",  # two domains, the second p=reject
+    ],
+)
+def test_odd_from_fields_do_not_escape_dmarc_reject(from_fields):
+    # RFC 7489 6.6.1: every author domain is evaluated and the strictest
+    # failing policy applies; a malformed From: must not turn a p=reject
+    # failure into permerror (and a 250) while the MUA shows good.test.
+    pool = Pool()
+    zone = ZoneResolver({"_dmarc.good.test": ["v=DMARC1; p=reject"]})
+    s = Session(_context(pool, resolver=zone))
+    s.cmd("EHLO client.test")
+    # An envelope sender not aligned with good.test: its SPF cannot pass DMARC.
+    assert s.codes("MAIL FROM:<eve@spoofer.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send(f"{from_fields}Subject: spoofed\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("550 5.7.1 Email rejected per DMARC policy for good.test"), reply
+    assert read_inbox(s.ctx, ALICE) == []
+
+
+def test_an_aligned_check_that_could_not_be_made_defers_rather_than_refuses():
+    # SPF of the aligned envelope sender has no answer (temperror) and the
+    # message is unsigned: DMARC cannot tell, so p=reject is a 451, never a 550.
+    pool = Pool()
+    zone = ZoneResolver({"_dmarc.good.test": ["v=DMARC1; p=reject"]})
+    s = Session(_context(pool, resolver=zone))
+    s.cmd("EHLO client.test")
+    assert s.codes("MAIL FROM:<bob@good.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send("From: bob@good.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("451 4.7.0 DMARC policy for good.test could not be checked"), reply
+    assert read_inbox(s.ctx, ALICE) == []
+    # With dmarc_reject false, only the field tells it.
+    reported = _verdict_for(message("bob@good.test", "x"), ZONE, "temperror", dmarc_reject=False)
+    assert reported.action == ACCEPT and b"dmarc=temperror" in reported.headers
+
+
+def test_a_selector_that_is_no_domain_name_is_not_a_temporary_error():
+    # A made-up s= (an empty label, a name over 255 octets) cannot be looked
+    # up: the signature fails; it must not pass for a DNS error (temperror).
+    resolver = Resolver((("127.0.0.1", 9),), timeout=0.3)
+    assert resolver.txt("a..b._domainkey.good.test") == []
+    assert resolver.txt("x" * 300 + "._domainkey.good.test") == []
+    signed = SenderKey().sign(message("bob@good.test", "x"), "good.test")
+    [result] = verify_dkim(signed.replace(b"s=sel", b"s=a..b"), resolver)
+    assert result.result != "temperror", result
+
+
+def test_lookups_a_sender_chose_hold_no_thread_past_the_step():
+    # Five signatures whose keys a name server never answers for: the pool
+    # thread was held five query timeouts (and DMARC's after them), long
+    # after the step had timed out; now it stops within the step's time.
+    key = SenderKey()
+    data = message("bob@good.test", "slow")
+    for domain in ("a.test", "b.test", "c.test", "d.test", "e.test"):
+        data = key.sign(data, domain)
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as silent:
+        silent.bind(("127.0.0.1", 0))
+        resolver = Resolver((silent.getsockname(),), timeout=0.4)
+        pool = Pool()
+        auth = authentication(pool, resolver=resolver, timeout=1.0)
+        lookup = auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)
+        pool.work.clear()
+        lookup._done(spf("softfail"))
+        d = auth.check(BytesSource(data), ENVELOPE)
+        start = time.monotonic()
+        pool.run_all()
+        held = time.monotonic() - start
+    verdict = _result(d)
+    assert held < 1.5, held  # 5 x 0.4 s for the keys, 2 x 0.4 s for DMARC before
+    assert verdict.headers.count(b"dkim=temperror") == 5
+    assert b"dmarc=temperror" in verdict.headers
+
+
+def test_mail_after_mail_starts_one_spf_evaluation_at_a_time():
+    # MAIL, RSET, MAIL... answered at once each started an SPF evaluation: a
+    # client could queue them without end before every other message's checks.
+    pool = Pool()
+    s = Session(_context(pool))
+    s.cmd("EHLO client.test")
+    for i in range(10):
+        assert s.codes(f"MAIL FROM:<bob{i}@good.test>\r\nRSET\r\n") == ["250 2.1.0", "250 2.0.0"]
+    assert len(pool.work) == 1
+    # A message that gets to the end of DATA has its own sender's SPF then.
+    assert s.codes("MAIL FROM:<carol@good.test>\r\n") == ["250 2.1.0"]
+    assert s.codes(f"RCPT TO:<{ALICE}>\r\n") == ["250 2.1.5"]
+    assert s.cmd("DATA")[0].startswith("354")
+    assert s.send("From: carol@good.test\r\nSubject: x\r\n\r\nhi\r\n.\r\n") == []
+    pool.run_all()
+    [reply] = s.take()
+    assert reply.startswith("250 ")
+    [stored] = read_inbox(s.ctx, ALICE)
+    assert b"smtp.mailfrom=carol@good.test" in stored

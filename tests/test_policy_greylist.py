@@ -17,6 +17,7 @@ from twisted.internet.testing import MemoryReactorClock
 from twisted.logger import formatEvent, globalLogPublisher
 
 from mailsrv.config import PolicyConfig
+from mailsrv.policy import greylist_store
 from mailsrv.policy.greylist import (
     Greylist,
     GreylistSettings,
@@ -309,6 +310,28 @@ def test_a_failed_write_is_logged_and_tried_again(tmp_path, events):
     assert d.called and d.result is None
     assert g.dirty  # written again at the next tick
     assert any("greylist: cannot write" in formatEvent(e) for e in events)
+
+
+def test_a_save_builds_the_snapshot_in_the_disk_thread(tmp_path, monkeypatch):
+    # Full tables made a snapshot that held the reactor for most of a second:
+    # the reactor copies the tables; rows and JSON are made in the disk thread.
+    built: list[int] = []
+    real = greylist_store.snapshot_of
+    monkeypatch.setattr(greylist_store, "snapshot_of", lambda t: built.append(1) or real(t))
+    g = greylist()
+    for i in range(1000):
+        g.pending[(f"198.51.{i % 256}.0/24", f"s{i}@x.test", f"r{i}@example.test")] = (1.0, 2.0)
+    g.dirty = True
+    work: list = []
+    file = GreylistFile(tmp_path / "state.json", lambda f: work.append(f) or defer.succeed(None))
+    file.save(g)
+    assert built == []  # only a copy, on the reactor
+    g.check("192.0.2.7", SENDER, RCPT)  # after the save: not in this snapshot
+    [write] = work
+    write()
+    assert built == [1]
+    saved = json.loads((tmp_path / "state.json").read_bytes())
+    assert len(saved["pending"]) == 1000
 
 
 # --- SMTP sessions ----------------------------------------------------------------------

@@ -20,6 +20,7 @@ from mailsrv.authres.resolver import DnsTempError, Resolver
 from mailsrv.authres.spf import SpfResult
 
 POLICIES = ("none", "quarantine", "reject")
+MAX_AUTHOR_DOMAINS = 5  # From: domains evaluated; a message naming more is quarantined
 
 
 @dataclass(frozen=True)
@@ -75,22 +76,23 @@ def parse_record(text: str) -> DmarcRecord | None:
     return DmarcRecord(p=p, sp=sp, adkim=adkim, aspf=aspf, pct=pct)
 
 
-def from_domain(headers: Sequence[tuple[bytes, bytes]]) -> str | None:
+def from_domains(headers: Sequence[tuple[bytes, bytes]]) -> list[str]:
     """
-    The RFC5322.From domain (RFC 7489 6.6.1), lower case, or None when the
-    message has not exactly one From: field naming exactly one domain.
+    The RFC5322.From domains (RFC 7489 6.6.1) of every From: field, lower
+    case, each once, in order; entries without a domain (an empty group, a
+    stray bracket) are left out, so that they cannot hide the others.
     """
-    values = [v for name, v in headers if name.strip().lower() == b"from"]
-    if len(values) != 1:
-        return None
-    text = values[0].decode("utf-8", "replace").replace("\r", "").replace("\n", "")
-    domains = set()
-    for _, address in getaddresses([text]):
-        local, at, domain = address.rpartition("@")
-        if not at or not domain:
-            return None
-        domains.add(domain.rstrip(".").lower())
-    return domains.pop() if len(domains) == 1 else None
+    domains: list[str] = []
+    for name, value in headers:
+        if name.strip().lower() != b"from":
+            continue
+        text = value.decode("utf-8", "replace").replace("\r", "").replace("\n", "")
+        for _, address in getaddresses([text]):
+            local, at, domain = address.rpartition("@")
+            domain = domain.rstrip(".").lower()
+            if at and domain and domain not in domains:
+                domains.append(domain)
+    return domains
 
 
 class Dmarc:
@@ -139,9 +141,31 @@ class Dmarc:
         resolver: Resolver,
     ) -> DmarcResult:
         """The DMARC result for a message with C{headers}, given its SPF and DKIM results."""
-        domain = from_domain(headers)
-        if domain is None:
-            return DmarcResult("permerror", reason="not exactly one From: domain")
+        domains = from_domains(headers)
+        if not domains:
+            return DmarcResult("permerror", reason="no From: domain")
+        if len(domains) > MAX_AUTHOR_DOMAINS:
+            # Not looked up (each costs DNS in a pool thread); treated as suspicious.
+            reason = f"more than {MAX_AUTHOR_DOMAINS} From: domains"
+            return DmarcResult("fail", domains[0], "none", "quarantine", reason)
+        # RFC 7489 6.6.1: several author domains (several From: fields or
+        # addresses, which RFC 5322 3.6 forbids or MUAs show one of): each is
+        # evaluated and the strictest failing policy applies.
+        results = [self._evaluate(d, spf, dkim, resolver) for d in domains]
+        failed = [r for r in results if r.result == "fail"]
+        if failed:
+            return max(failed, key=lambda r: POLICIES.index(r.disposition))
+        errors = [r for r in results if r.result == "temperror"]
+        return errors[0] if errors else results[0]
+
+    def _evaluate(
+        self,
+        domain: str,
+        spf: SpfResult | None,
+        dkim: Sequence[DkimResult],
+        resolver: Resolver,
+    ) -> DmarcResult:
+        """The DMARC result for one RFC5322.From domain."""
         try:
             found = self.find_record(domain, resolver)
         except DnsTempError as e:
@@ -165,4 +189,16 @@ class Dmarc:
         if record.pct < 100 and self._chance() * 100 >= record.pct:
             # RFC 7489 6.6.4: a message not sampled gets the next policy down.
             disposition = {"reject": "quarantine", "quarantine": "none"}.get(policy, "none")
+        # An aligned identifier that could not be checked (RFC 7208 2.6.6, RFC
+        # 6376 6.1.2: a DNS error, no answer in time) might have passed: not a failure.
+        unchecked = (
+            spf is not None
+            and spf.result == "temperror"
+            and self.aligned(spf.domain, domain, record.aspf)
+        ) or any(
+            r.result == "temperror" and self.aligned(r.domain, domain, record.adkim) for r in dkim
+        )
+        if unchecked:
+            reason = "an aligned SPF or DKIM result could not be had"
+            return DmarcResult("temperror", domain, policy, disposition, reason)
         return DmarcResult("fail", domain, policy, disposition, "no aligned SPF or DKIM pass")

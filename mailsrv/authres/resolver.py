@@ -6,6 +6,9 @@ query bounded by a timeout. Blocking (dnspython): used in pool threads only.
 
 from __future__ import annotations
 
+import copy
+import math
+import time
 from typing import Any
 
 import dns.exception
@@ -24,6 +27,8 @@ class DnsTempError(Exception):
 class Resolver:
     """TXT and address lookups through one dnspython resolver."""
 
+    _deadline = math.inf  # time.monotonic() past which no lookup is made (L{until})
+
     def __init__(
         self, nameservers: tuple[tuple[str, int], ...] = (), timeout: float = QUERY_TIMEOUT
     ) -> None:
@@ -36,14 +41,38 @@ class Resolver:
         self._resolver.lifetime = timeout
         self._resolver.cache = dns.resolver.LRUCache(4096)  # thread-safe; kept for each TTL
 
+    def until(self, deadline: float) -> Resolver:
+        """
+        This resolver (its cache too) for work that must be over by
+        C{deadline} (a C{time.monotonic()}): a lookup that would end later
+        is a temporary error, so that a pool thread is never held past it
+        by names a sender chose (DKIM selectors, ARC sets).
+        """
+        bounded = copy.copy(self)
+        bounded._deadline = deadline
+        return bounded
+
     def answers(self, name: str, qtype: str) -> list[Any]:
         """
         The records of type C{qtype} at C{name} (CNAMEs followed); [] when
         the name or the type does not exist; L{DnsTempError} when no server answered.
         """
         try:
+            qname = dns.name.from_text(name)
+        except dns.exception.DNSException:
+            # Not a domain name (an empty or over-long label, a name a sender
+            # made up in a selector): it has no records; never a temporary error.
+            return []
+        left = self._deadline - time.monotonic()
+        if left <= 0:
+            raise DnsTempError(f"DNS {qtype} {name}: out of time")
+        try:
             answer = self._resolver.resolve(
-                dns.name.from_text(name), qtype, raise_on_no_answer=False, search=False
+                qname,
+                qtype,
+                raise_on_no_answer=False,
+                search=False,
+                lifetime=min(self._resolver.lifetime, left),
             )
         except dns.resolver.NXDOMAIN:
             return []

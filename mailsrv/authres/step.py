@@ -16,6 +16,7 @@ acted on (a large legitimate message is never refused for a check skipped).
 from __future__ import annotations
 
 import re
+import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
@@ -30,7 +31,7 @@ from mailsrv.authres.dmarc import Dmarc, DmarcResult
 from mailsrv.authres.header import authentication_results
 from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
-from mailsrv.filter.verdict import ACCEPT, JUNK, REJECT, Envelope, Verdict
+from mailsrv.filter.verdict import ACCEPT, DEFER, JUNK, REJECT, Envelope, Verdict
 from mailsrv.replies import Reply, ReplyError
 from mailsrv.smtp.checks import IMessageCheck
 
@@ -40,10 +41,14 @@ SPF_FAIL = Reply(550, "5.7.23", "SPF validation failed")
 SPF_TEMPERROR = Reply(451, "4.7.24", "SPF validation error, try again later")
 # RFC 7489 6.7 / RFC 3463 3.8 (5.7.1 delivery not authorized); opendmarc's text.
 DMARC_REJECT = Reply(550, "5.7.1", "Email rejected per DMARC policy for {domain}")
+# RFC 3463 3.8 (4.7.0 other security status): a p=reject failure that an
+# aligned check with a temporary error might have passed; the sender retries.
+DMARC_TEMPERROR = Reply(451, "4.7.0", "DMARC policy for {domain} could not be checked, try later")
 
 MAX_VERIFY = 10 * 1024 * 1024  # octets read for DKIM; larger messages: dkim=neutral
 MAX_JOBS = 4  # verifications at once: the pool (shared with the disk) keeps threads free
 TIMEOUT = 30.0  # seconds one step (SPF; DKIM, ARC and DMARC) may take in all
+DKIM_SHARE, DMARC_SHARE = 0.6, 0.9  # of TIMEOUT: when DKIM and ARC, then DMARC lookups stop
 SPF_MEMO = 300.0  # seconds an SPF result started at MAIL waits for its DATA
 MAX_MEMO = 10_000  # SPF results kept at most (the oldest forgotten first)
 _LINE_END = re.compile(rb"\r?\n")
@@ -158,6 +163,11 @@ class SenderAuthentication:
 
     def _verify(self, spf: SpfResult, source: Any) -> defer.Deferred:
         def work() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
+            # Within the step's timeout: DKIM and ARC (whose names the sender
+            # chooses) first, then DMARC (the From: domain's) with time kept for it.
+            start = time.monotonic()
+            signatures = self.resolver.until(start + self.timeout * DKIM_SHARE)
+            policies = self.resolver.until(start + self.timeout * DMARC_SHARE)
             with source.open() as f:
                 data = f.read(self.max_verify + 1)
             message = _LINE_END.sub(b"\r\n", data)
@@ -165,7 +175,7 @@ class SenderAuthentication:
                 head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
                 headers = _headers(head)
                 dkims = [DkimResult("neutral", reason="message too large to verify")]
-                dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
+                dmarc = self.dmarc.evaluate(headers, spf, dkims, policies)
                 if dmarc.result == "fail":
                     # A DKIM pass might have passed it: reported, not acted on.
                     dmarc = DmarcResult(
@@ -173,9 +183,9 @@ class SenderAuthentication:
                     )
                 return spf, dkims, ("none", "message too large to verify"), dmarc
             headers = _headers(message)
-            dkims = verify_dkim(message, self.resolver)
-            arc = verify_arc(message, self.resolver)
-            dmarc = self.dmarc.evaluate(headers, spf, dkims, self.resolver)
+            dkims = verify_dkim(message, signatures)
+            arc = verify_arc(message, signatures)
+            dmarc = self.dmarc.evaluate(headers, spf, dkims, policies)
             return spf, dkims, arc, dmarc
 
         def timed_out() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
@@ -202,6 +212,14 @@ class SenderAuthentication:
                 )
             elif dmarc.disposition == "quarantine":
                 action = JUNK  # RFC 7489 6.3: "treat as suspicious"
+        elif dmarc.result == "temperror" and dmarc.disposition == "reject" and self.dmarc_reject:
+            # Neither refused for good nor let through: the sender's retry decides.
+            action = DEFER
+            refusal = Reply(
+                DMARC_TEMPERROR.code,
+                DMARC_TEMPERROR.enhanced,
+                DMARC_TEMPERROR.text.format(domain=dmarc.from_domain),
+            )
         self.log.info(
             "{queue_id}: spf={spf} dkim={dkim} dmarc={dmarc} arc={arc} action={action}",
             queue_id=envelope.queue_id,
@@ -238,6 +256,11 @@ class _SpfLookup:
         waiting, self._waiting = self._waiting, []
         for d in waiting:
             d.callback(result)
+
+    @property
+    def done(self) -> bool:
+        """Whether the result is known."""
+        return self._result is not None
 
     def result(self) -> defer.Deferred:
         """A Deferred of the L{SpfResult}; it never fails."""

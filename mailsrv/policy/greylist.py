@@ -62,6 +62,12 @@ EXEMPT_LOCAL_PARTS = frozenset({"postmaster", "abuse"})  # RFC 5321 4.5.1; postg
 _CODE, _ENHANCED = 451, "4.7.1"
 
 Triplet = tuple[str, str, str]  # (client network, sender, recipient)
+# Copies of the tables' items: pending, passed, clients (L{Greylist.tables}).
+Tables = tuple[
+    list[tuple[Triplet, tuple[float, float]]],
+    list[tuple[Triplet, tuple[float, float]]],
+    list[tuple[str, tuple[int, float, float]]],
+]
 
 
 def client_network(host: str) -> str:
@@ -305,14 +311,18 @@ class Greylist:
     # the snapshot
 
     def snapshot(self) -> dict[str, Any]:
-        """The state, for L{greylist_store.GreylistFile.save}: copies, safe to serialise on another thread."""
+        """The state as L{greylist_store} writes it."""
+        return snapshot_of(self.tables())
+
+    def tables(self) -> Tables:
+        """
+        Copies of the tables' items (tuples: immutable), for
+        L{snapshot_of} on another thread; a copy is some 30 times cheaper
+        than the snapshot itself, which would hold the reactor up to a
+        second when the tables are full.
+        """
         self.dirty = False
-        return {
-            "format": FORMAT,
-            "pending": [[*k, *v] for k, v in self.pending.items()],
-            "passed": [[*k, *v] for k, v in self.passed.items()],
-            "clients": [[k, *v] for k, v in self.clients.items()],
-        }
+        return list(self.pending.items()), list(self.passed.items()), list(self.clients.items())
 
     def restore(self, data: dict[str, Any]) -> None:
         """Take the state of a L{snapshot}; raise ValueError if it is not one."""
@@ -326,6 +336,17 @@ class Greylist:
         self.clients = OrderedDict(clients[-self.max_entries :])
         self.sweep()
         self.dirty = False
+
+
+def snapshot_of(tables: Tables) -> dict[str, Any]:
+    """The snapshot of L{Greylist.tables}: what is written to disk (in the disk thread)."""
+    pending, passed, clients = tables
+    return {
+        "format": FORMAT,
+        "pending": [[*k, *v] for k, v in pending],
+        "passed": [[*k, *v] for k, v in passed],
+        "clients": [[k, *v] for k, v in clients],
+    }
 
 
 def _sweep(table: OrderedDict[Any, Any], expired: Callable[[Any], bool]) -> int:

@@ -32,7 +32,7 @@ from twisted.internet import defer, task
 
 from mailsrv.atomic import make_dirs, write_atomic
 from mailsrv.logsafe import SafeLogger
-from mailsrv.policy.greylist import Greylist, GreylistSettings
+from mailsrv.policy.greylist import Greylist, GreylistSettings, snapshot_of
 from mailsrv.policy.networks import NetworkList
 
 SNAPSHOT_INTERVAL = 60.0  # seconds between sweeps (and snapshots, when something changed)
@@ -91,11 +91,12 @@ class GreylistFile:
 
     def save(self, greylist: Greylist) -> defer.Deferred:
         """Write C{greylist}'s snapshot (one write at a time); fires when written or logged."""
-        data = greylist.snapshot()
+        tables = greylist.tables()  # a copy now; the snapshot is made in the thread
 
         def write() -> None:
+            data = json.dumps(snapshot_of(tables), separators=(",", ":")).encode()
             make_dirs(self.path.parent)
-            write_atomic(self.path, json.dumps(data, separators=(",", ":")).encode())
+            write_atomic(self.path, data)
 
         def failed(failure: Any) -> None:
             greylist.dirty = True  # tried again at the next tick

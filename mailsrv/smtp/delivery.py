@@ -577,6 +577,8 @@ class BaseDelivery:
 class InboundDelivery(BaseDelivery):
     """The MX: mail for local users only, from anyone; never a relay."""
 
+    _spf: Any = None  # the SPF evaluation the last MAIL started
+
     def validateFrom(self, helo, origin):
         """The sender; SPF starts now, and may refuse it (C{[policy] spf_reject}, mailsrv.authres)."""
         origin = super().validateFrom(helo, origin)
@@ -584,6 +586,12 @@ class InboundDelivery(BaseDelivery):
         if authentication is None:
             return origin
         name, ip = (_text(part) for part in (helo or (b"", b"")))
+        if not authentication.spf_reject and self._spf is not None and not self._spf.done:
+            # One evaluation at a time per session: MAIL after RSET without
+            # end must not queue lookups without end (before every message's
+            # checks); this sender's starts at the end of DATA, if it gets there.
+            return origin
+        self._spf = authentication.spf(ip, name, self.sender or "")
         refusal = authentication.mail(ip, name, self.sender or "")
         return origin if refusal is None else refusal.addCallback(lambda _: origin)
 
