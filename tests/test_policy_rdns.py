@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -103,6 +104,35 @@ def test_a_ptr_answer_then_silence_is_unknown_in_time():
     d = ReverseDNS(PtrOnly(), clock, 2.0).name(HOST)
     clock.advance(2.0)
     assert result(d) is None
+
+
+@pytest.mark.parametrize(
+    "ptr",
+    [
+        "mail\r\nX-Forged: yes.client.test",  # CR LF: a header or log line of its own
+        "mail client.test",
+        "mail(x).client.test",
+        "-mail.client.test",
+        "x" * 64 + ".client.test",  # RFC 1035 2.3.4: 63 octets a label
+        "192.0.2.7",  # RFC 1123 2.1: all numeric, it would pass for an address
+        "localhost",
+    ],
+)
+def test_a_ptr_name_that_is_no_host_name_is_unknown(ptr):
+    # Whoever owns the address's reverse zone writes any bytes as its PTR
+    # name, and can make them resolve back to the address: a forward match
+    # does not make them a host name (RFC 1123 2.1; Postfix's valid_hostname).
+    dns_ = authority((PTR, dns.Record_PTR(ptr.encode())), (ptr, dns.Record_A(HOST)))
+    assert name_of(dns_) is None
+
+
+def test_a_ptr_name_with_octets_outside_ascii_does_not_hide_the_others():
+    dns_ = authority(
+        (PTR, dns.Record_PTR(b"caf\xc3\xa9.client.test")),
+        (PTR, dns.Record_PTR("mail.client.test")),
+        ("mail.client.test", dns.Record_A(HOST)),
+    )
+    assert name_of(dns_) == "mail.client.test"
 
 
 # The SMTP session behind the gate, on a StringTransport.
