@@ -235,3 +235,37 @@ def test_reverse_dns_off_asks_nothing_and_names_nobody():
         assert "policy.reject_unknown_client: needs reverse_dns = true" in str(e)
     else:
         raise AssertionError("accepted reject_unknown_client without reverse_dns")
+
+
+def test_commands_sent_before_the_greeting_and_after_starttls_are_dropped():
+    # Without a pregreet test (submission) what a client sends while its
+    # greeting waits for the lookups is kept for the session; what follows
+    # STARTTLS in it was sent in the clear and must not be run as if it came
+    # over TLS (RFC 3207 4.2, CVE-2011-0411).
+    from tests.test_smtp_helpers import TLSStringTransport
+
+    ctx = make_context()
+    clock = ctx.reactor
+    checks = ClientChecks(ReverseDNS(Silent(), clock, 1.0), None)
+    factory = GateFactory(
+        smtp_factory(ctx, submission=True),
+        ConnectionGate(clock, ConnectionLimits()),
+        "submission",
+        clock,
+        "mx.example.test",
+        client_checks=checks,
+    )
+    addr = IPv4Address("TCP", HOST, 40000)
+    proto = factory.buildProtocol(addr)
+    transport = TLSStringTransport(peerAddress=addr)
+    proto.makeConnection(transport)
+    proto.dataReceived(b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<forged@c.test>\r\n")
+    assert transport.value() == b""
+    clock.advance(1.0)
+    codes = [line[:4] for line in transport.value().decode().splitlines()]
+    assert codes[0] == "220 " and codes[-1] == "220 "  # greeting ... ready to start TLS
+    assert "250 " in codes and len([c for c in codes if c == "250 "]) == 1  # EHLO only
+    assert transport.tls_started is not None
+    transport.clear()
+    proto.dataReceived(b"MAIL FROM:<a@c.test>\r\n")
+    assert transport.value().startswith(b"503")  # a new EHLO is needed: nothing was kept
