@@ -444,3 +444,42 @@ def test_an_allowed_network_skips_the_lists():
     assert report is not None
     assert report.exempt == "allow" and report.blocked_by is None
     assert rev(LISTED, "bl.test") not in dns_.asked
+
+
+def test_dns_lookups_at_connect_in_flight_are_bounded():
+    # Each DNS query holds a UDP socket until it is answered or times out:
+    # clients from ever new addresses (an IPv6 network) whose DNS never
+    # answers, connecting and leaving at once, must not pile them up until
+    # the server runs out of file descriptors. Past the bound, a client
+    # passes unchecked at once, as when the lookups time out.
+    from twisted.internet.address import IPv6Address
+
+    from mailsrv.config import parse
+    from mailsrv.policy.client import MAX_LOOKUPS, client_checks
+
+    clock = Clock()
+    silent = Silent()
+    config = parse('[policy]\ndnsbl = ["bl.test"]\n')
+    checks = client_checks(config, clock, silent)
+    assert checks is not None
+    assert checks.rdns is not None
+    events = logged(checks.rdns.resolver)  # the lookups of the reverse DNS and the lists
+    gate = ConnectionGate(clock, ConnectionLimits(), allow=None)
+    inner = GreeterFactory()
+    factory = GateFactory(inner, gate, "smtp", clock, "mx.example.test", client_checks=checks)
+    for i in range(3 * MAX_LOOKUPS):
+        addr = IPv6Address("TCP", f"2001:db8:{i:x}::25", 40000)
+        p = factory.buildProtocol(addr)
+        p.makeConnection(StringTransport(peerAddress=addr))
+        p.connectionLost(None)
+    assert len(silent.asked) <= MAX_LOOKUPS
+    p, t = connect(factory, CLEAN)
+    assert t.value() == b"220 hello\r\n"  # not held up
+    assert inner.built[-1].client.name is None  # type: ignore[union-attr]
+    busy = [e for e in events if "under way" in e["log_format"]]
+    assert len(busy) == 1  # once for the whole flood
+    # The lookups time out: clients are looked up again.
+    clock.advance(config.policy.dnsbl_timeout)
+    asked = len(silent.asked)
+    p, t = connect(factory, LISTED)
+    assert len(silent.asked) == asked + 2 and t.value() == b""

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
@@ -103,6 +104,35 @@ def test_a_ptr_answer_then_silence_is_unknown_in_time():
     d = ReverseDNS(PtrOnly(), clock, 2.0).name(HOST)
     clock.advance(2.0)
     assert result(d) is None
+
+
+@pytest.mark.parametrize(
+    "ptr",
+    [
+        "mail\r\nX-Forged: yes.client.test",  # CR LF: a header or log line of its own
+        "mail client.test",
+        "mail(x).client.test",
+        "-mail.client.test",
+        "x" * 64 + ".client.test",  # RFC 1035 2.3.4: 63 octets a label
+        "192.0.2.7",  # RFC 1123 2.1: all numeric, it would pass for an address
+        "localhost",
+    ],
+)
+def test_a_ptr_name_that_is_no_host_name_is_unknown(ptr):
+    # Whoever owns the address's reverse zone writes any bytes as its PTR
+    # name, and can make them resolve back to the address: a forward match
+    # does not make them a host name (RFC 1123 2.1; Postfix's valid_hostname).
+    dns_ = authority((PTR, dns.Record_PTR(ptr.encode())), (ptr, dns.Record_A(HOST)))
+    assert name_of(dns_) is None
+
+
+def test_a_ptr_name_with_octets_outside_ascii_does_not_hide_the_others():
+    dns_ = authority(
+        (PTR, dns.Record_PTR(b"caf\xc3\xa9.client.test")),
+        (PTR, dns.Record_PTR("mail.client.test")),
+        ("mail.client.test", dns.Record_A(HOST)),
+    )
+    assert name_of(dns_) == "mail.client.test"
 
 
 # The SMTP session behind the gate, on a StringTransport.
@@ -205,3 +235,37 @@ def test_reverse_dns_off_asks_nothing_and_names_nobody():
         assert "policy.reject_unknown_client: needs reverse_dns = true" in str(e)
     else:
         raise AssertionError("accepted reject_unknown_client without reverse_dns")
+
+
+def test_commands_sent_before_the_greeting_and_after_starttls_are_dropped():
+    # Without a pregreet test (submission) what a client sends while its
+    # greeting waits for the lookups is kept for the session; what follows
+    # STARTTLS in it was sent in the clear and must not be run as if it came
+    # over TLS (RFC 3207 4.2, CVE-2011-0411).
+    from tests.test_smtp_helpers import TLSStringTransport
+
+    ctx = make_context()
+    clock = ctx.reactor
+    checks = ClientChecks(ReverseDNS(Silent(), clock, 1.0), None)
+    factory = GateFactory(
+        smtp_factory(ctx, submission=True),
+        ConnectionGate(clock, ConnectionLimits()),
+        "submission",
+        clock,
+        "mx.example.test",
+        client_checks=checks,
+    )
+    addr = IPv4Address("TCP", HOST, 40000)
+    proto = factory.buildProtocol(addr)
+    transport = TLSStringTransport(peerAddress=addr)
+    proto.makeConnection(transport)
+    proto.dataReceived(b"EHLO c.test\r\nSTARTTLS\r\nMAIL FROM:<forged@c.test>\r\n")
+    assert transport.value() == b""
+    clock.advance(1.0)
+    codes = [line[:4] for line in transport.value().decode().splitlines()]
+    assert codes[0] == "220 " and codes[-1] == "220 "  # greeting ... ready to start TLS
+    assert "250 " in codes and len([c for c in codes if c == "250 "]) == 1  # EHLO only
+    assert transport.tls_started is not None
+    transport.clear()
+    proto.dataReceived(b"MAIL FROM:<a@c.test>\r\n")
+    assert transport.value().startswith(b"503")  # a new EHLO is needed: nothing was kept

@@ -33,6 +33,13 @@ UNKNOWN_CLIENT = Reply(450, "4.7.25", "Client host rejected: cannot find your ho
 
 MX = "smtp"  # the listener the lists and reject_unknown_client apply to
 
+# DNS lookups at connect under way at once. Each holds a UDP socket until
+# it is answered or times out, and clients from ever new addresses (an IPv6
+# network) whose DNS never answers could otherwise start them faster than
+# they end, until the server has no file descriptor left. Past the bound a
+# lookup fails at once: the client passes unchecked, as on a timeout.
+MAX_LOOKUPS = 256
+
 
 def _literal(host: str) -> str:
     addr = client_address(host)
@@ -147,6 +154,56 @@ class ClientChecks:
         )
 
 
+class LookupsBusy(Exception):
+    """Not looked up: L{MAX_LOOKUPS} lookups are under way."""
+
+
+class BoundedResolver:
+    """
+    The lookups of the checks at connect, at most C{limit} under way at
+    once (see L{MAX_LOOKUPS}); one log line when the bound is reached, and
+    again only once it has come down to half.
+    """
+
+    log = SafeLogger()
+
+    def __init__(self, resolver: Any, limit: int = MAX_LOOKUPS) -> None:
+        self.resolver = resolver
+        self.limit = limit
+        self.in_flight = 0
+        self._full = False
+
+    def lookupAddress(self, name: str, timeout: Any = None) -> defer.Deferred:  # noqa: N802
+        return self._lookup("lookupAddress", name, timeout)
+
+    def lookupIPV6Address(self, name: str, timeout: Any = None) -> defer.Deferred:  # noqa: N802
+        return self._lookup("lookupIPV6Address", name, timeout)
+
+    def lookupPointer(self, name: str, timeout: Any = None) -> defer.Deferred:  # noqa: N802
+        return self._lookup("lookupPointer", name, timeout)
+
+    def _lookup(self, method: str, name: str, timeout: Any) -> defer.Deferred:
+        if self.in_flight >= self.limit:
+            if not self._full:
+                self._full = True
+                self.log.warn(
+                    "{count} DNS lookups at connect under way: clients pass unchecked"
+                    " until some end",
+                    count=self.in_flight,
+                )
+            return defer.fail(LookupsBusy(f"{self.in_flight} DNS lookups under way"))
+        self.in_flight += 1
+        d = defer.maybeDeferred(getattr(self.resolver, method), name, timeout=timeout)
+        d.addBoth(self._ended)
+        return d
+
+    def _ended(self, result: Any) -> Any:
+        self.in_flight -= 1
+        if self._full and self.in_flight <= self.limit // 2:
+            self._full = False
+        return result
+
+
 class _LazyResolver:
     """
     A resolver built at its first lookup: the system's reads resolv.conf
@@ -176,6 +233,7 @@ def client_checks(config: Any, reactor: Any, resolver: Any = None) -> ClientChec
     if resolver is None:
         nameservers = config.dns.nameservers
         resolver = _LazyResolver(lambda: make_resolver(nameservers, reactor))
+    resolver = BoundedResolver(resolver)
     timeout = policy.dnsbl_timeout
     lists = None
     if policy.dnsbl or policy.dnswl:

@@ -12,6 +12,7 @@ any DNS failure, is "unknown" (None).
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Any
 
 from twisted.internet import defer
@@ -21,6 +22,7 @@ from mailsrv.policy.networks import client_address
 
 MAX_NAMES = 5  # PTR names whose forward records are looked up (the first few)
 _MAX_NAME = 253  # RFC 1035 2.3.4
+_LABEL = re.compile(r"(?!-)[a-z0-9_-]{1,63}(?<!-)")
 
 
 def _forward_addresses(result: Any, rtype: int) -> set[Any]:
@@ -36,8 +38,23 @@ def _forward_addresses(result: Any, rtype: int) -> set[Any]:
 
 
 def _hostname(name: Any) -> str | None:
-    text = str(name).lower().rstrip(".")
-    if not text or len(text) > _MAX_NAME or not text.isascii() or "." not in text:
+    """
+    A PTR name as a host name, or None if it is none: its owner may publish
+    any octets (CR, LF, spaces, non-ASCII) and make them resolve back.
+    RFC 1123 2.1: letters, digits and hyphens (with "_", as Postfix's
+    valid_hostname), labels of 1 to 63 octets (RFC 1035 2.3.4), and not all
+    numeric, which would pass for an address.
+    """
+    raw = getattr(name, "name", name)
+    try:
+        text = raw.decode("ascii") if isinstance(raw, bytes) else str(raw)
+    except UnicodeDecodeError:
+        return None
+    text = text.lower().rstrip(".")
+    labels = text.split(".")
+    if len(text) > _MAX_NAME or len(labels) < 2 or labels[-1].isdigit():
+        return None
+    if not all(_LABEL.fullmatch(label) for label in labels):
         return None
     return text
 
