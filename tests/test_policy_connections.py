@@ -136,6 +136,19 @@ def test_mapped_and_plain_ipv4_count_as_one_address():
     assert g.admit("smtp", "::ffff:192.0.2.1") is Verdict.ADMIT
 
 
+def test_the_addresses_of_one_ipv6_64_count_as_one_client():
+    # One end site has a /64 (RFC 6177): new addresses from it get no new allowance.
+    g = gate(max_connections_per_ip=2, connections_per_ip_per_minute=3)
+    assert g.admit("smtp", "2001:db8:1:2::1") is Verdict.ADMIT
+    assert g.admit("smtp", "2001:db8:1:2::2") is Verdict.ADMIT
+    assert g.admit("smtp", "2001:db8:1:2:ffff::3") is Verdict.TOO_MANY
+    assert g.admit("smtp", "2001:db8:1:3::1") is Verdict.ADMIT  # another /64
+    g.release("smtp", "2001:db8:1:2::1")
+    assert g.admit("smtp", "2001:db8:1:2::9") is Verdict.ADMIT
+    g.release("smtp", "2001:db8:1:2::2")
+    assert g.admit("smtp", "2001:db8:1:2::7") is Verdict.TOO_FAST  # 3 new this minute
+
+
 def test_refusals_are_logged_once_a_minute_per_address_with_a_count():
     clock = Clock()
     g = gate(clock, max_connections_per_ip=1, connections_per_ip_per_minute=0)

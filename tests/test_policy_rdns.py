@@ -15,6 +15,7 @@ from twisted.internet import defer
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
+from twisted.logger import capturedLogs
 from twisted.names import dns
 
 from mailsrv.policy.client import ClientChecks
@@ -269,3 +270,30 @@ def test_commands_sent_before_the_greeting_and_after_starttls_are_dropped():
     transport.clear()
     proto.dataReceived(b"MAIL FROM:<a@c.test>\r\n")
     assert transport.value().startswith(b"503")  # a new EHLO is needed: nothing was kept
+
+
+def test_checks_at_connect_that_break_let_the_client_in_unchecked():
+    class Broken(ClientChecks):
+        def check(self, listener: str, host: str, allowed: bool = False) -> defer.Deferred:
+            return defer.fail(RuntimeError("a bug in a check"))
+
+    ctx = make_context()
+    clock = ctx.reactor
+    factory = GateFactory(
+        smtp_factory(ctx),
+        ConnectionGate(clock, ConnectionLimits()),
+        "smtp",
+        clock,
+        "mx.example.test",
+        client_checks=Broken(ReverseDNS(authority(), clock, 5.0)),
+    )
+    addr = IPv4Address("TCP", HOST, 40000)
+    proto = factory.buildProtocol(addr)
+    transport = StringTransport(peerAddress=addr)
+    with capturedLogs() as events:
+        proto.makeConnection(transport)
+    # Greeted, not left waiting with no timer; the failure is logged.
+    assert transport.value().startswith(b"220 ")
+    assert proto.inner.client_name is None  # type: ignore[attr-defined]
+    [failed] = [e for e in events if "log_failure" in e]
+    assert failed["log_failure"].check(RuntimeError)

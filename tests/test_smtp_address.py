@@ -218,3 +218,10 @@ def test_queue_ids_are_distinct_and_fixed_length():
     ids = {received.new_queue_id(1_700_000_000.0) for _ in range(1000)}
     assert len(ids) == 1000
     assert {len(i) for i in ids} == {12}
+
+
+def test_an_ipv4_client_of_a_dual_stack_listener_is_shown_as_ipv4():
+    # A listener on :: sees IPv4 clients as ::ffff:a.b.c.d; Received shows the IPv4 literal.
+    assert received.address_literal("::ffff:192.0.2.7") == "[192.0.2.7]"
+    assert received.address_literal("2001:db8::1") == "[IPv6:2001:db8::1]"
+    assert received.address_literal("192.0.2.7") == "[192.0.2.7]"

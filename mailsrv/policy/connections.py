@@ -15,6 +15,7 @@ number refused since the line before, so that a flood does not flood the log.
 from __future__ import annotations
 
 import enum
+import ipaddress
 from collections import deque
 from dataclasses import dataclass
 from typing import Any
@@ -94,7 +95,7 @@ class ConnectionGate:
                 return self._refuse(listener, host, Verdict.DENIED)
             if addr in self.allow:
                 return Verdict.ALLOWED
-        client = str(addr) if addr is not None else host
+        client = limited_client(addr, host)
         key = (listener, client)
         now = self.clock.seconds()
         times = self.recent.get(key)
@@ -117,8 +118,7 @@ class ConnectionGate:
         return Verdict.ADMIT
 
     def release(self, listener: str, host: str) -> None:
-        addr = client_address(host)
-        key = (listener, str(addr) if addr is not None else host)
+        key = (listener, limited_client(client_address(host), host))
         n = self.open.get(key, 0)
         if n <= 0:
             return
@@ -154,6 +154,17 @@ class ConnectionGate:
         self._logged[host] = (now, 0)
         self._forget_old(now)
         return verdict
+
+
+def limited_client(addr: Any, host: str) -> str:
+    """
+    What the per-client limits count: an IPv4 address, or an IPv6 client's
+    /64 (an end site gets a /64 at least, RFC 6177, so each of its addresses
+    is the same client; the rate limits and the login throttle count so too).
+    """
+    if isinstance(addr, ipaddress.IPv6Address):
+        return str(ipaddress.IPv6Network((addr, 64), strict=False))
+    return str(addr) if addr is not None else host
 
 
 def connection_gate(policy: Any, clock: Any) -> ConnectionGate:

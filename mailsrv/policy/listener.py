@@ -173,7 +173,8 @@ class Gated(protocol.Protocol):
         checks = self.gate.client_checks
         if checks is not None:
             self._checking = True
-            checks.check(self.gate.listener, self.host, self.allowed).addCallback(self._checked)
+            d = checks.check(self.gate.listener, self.host, self.allowed)
+            d.addCallbacks(self._checked, self._check_failed)
         if self.gate.pregreet_wait <= 0:
             self._pregreet_over()
 
@@ -186,6 +187,11 @@ class Gated(protocol.Protocol):
         self._checking = False
         self._report = report
         self._greet()
+
+    def _check_failed(self, reason: failure.Failure) -> None:
+        """A check that broke lets the client pass unchecked, as a DNS timeout does."""
+        self.log.failure("checks at connect of {client} failed", reason, client=self.host)
+        self._checked(ClientReport(self.host, exempt="allow" if self.allowed else None))
 
     def _greet(self) -> None:
         """Once both the pregreet wait and the checks are over: greet, or refuse."""

@@ -62,6 +62,8 @@ def address_literal(ip: str) -> str:
         addr = ipaddress.ip_address(ip.split("%")[0])
     except ValueError:
         return f"[{_clean(ip)}]"
+    if isinstance(addr, ipaddress.IPv6Address) and addr.ipv4_mapped is not None:
+        return f"[{addr.ipv4_mapped}]"  # an IPv4 client of a dual-stack listener
     if addr.version == 6:
         return f"[IPv6:{addr.compressed}]"
     return f"[{addr}]"
