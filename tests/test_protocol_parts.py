@@ -24,6 +24,8 @@ PARTS = [
     "smtp/server.py",
     "smtp/lines.py",
     "smtp/auth.py",
+    "smtp/delivery.py",
+    "smtp/message.py",
     "session.py",
     "imap/server.py",
     "imap/twistedcompat.py",
