@@ -1,0 +1,62 @@
+"""
+DKIM, ARC and DMARC of one message, as the end of DATA runs them: a pure,
+blocking function of the message's octets, the SPF result and a resolver,
+run in a pool thread of the server or in a verifier process
+(L{mailsrv.authres.workers}); its results pickle.
+
+Messages over C{max_verify} octets are not verified whole: DKIM (dkimpy
+needs the message in memory, some four times over) gives neutral for them,
+and a DMARC failure that a DKIM pass might have prevented is reported but
+not acted on (a large legitimate message is never refused for a check skipped).
+"""
+
+from __future__ import annotations
+
+import re
+
+import dkim
+
+from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
+from mailsrv.authres.dmarc import Dmarc, DmarcResult
+from mailsrv.authres.resolver import Resolver
+from mailsrv.authres.spf import SpfResult
+
+_LINE_END = re.compile(rb"\r?\n")
+
+# Each DKIM signature's result, the ARC chain's (status, why), the DMARC result.
+Results = tuple[list[DkimResult], tuple[str, str], DmarcResult]
+
+
+def verify_message(
+    data: bytes, spf: SpfResult, resolver: Resolver, dmarc: Dmarc, max_verify: int
+) -> Results:
+    """
+    The results for C{data}: the message's first C{max_verify} + 1 octets
+    (more than C{max_verify}: too large to verify).
+    """
+    message = _LINE_END.sub(b"\r\n", data)
+    if len(data) > max_verify:
+        head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
+        dkims = [DkimResult("neutral", reason="message too large to verify")]
+        result = dmarc.evaluate(headers_of(head), spf, dkims, resolver)
+        if result.result == "fail":
+            # A DKIM pass might have passed it: reported, not acted on.
+            result = DmarcResult(
+                "fail", result.from_domain, result.policy, "none", "DKIM not verified"
+            )
+        return dkims, ("none", "message too large to verify"), result
+    dkims = verify_dkim(message, resolver)
+    arc = verify_arc(message, resolver)
+    return dkims, arc, dmarc.evaluate(headers_of(message), spf, dkims, resolver)
+
+
+def headers_of(message: bytes) -> list[tuple[bytes, bytes]]:
+    """The header fields of C{message} (CRLF), or none when they cannot be parsed."""
+    try:
+        headers, _ = dkim.rfc822_parse(message)
+    except dkim.DKIMException:
+        return []  # DMARC: no From: domain, permerror
+    return headers
+
+
+__all__ = ["Results", "headers_of", "verify_message"]
