@@ -248,7 +248,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
         users
     )
     if ctx.authentication is not None and ctx.authentication.workers is not None:
-        # Added before the listeners: stopped with them, its processes gone when it has.
+        # Its processes (started by the first message) gone when it has stopped.
         VerifierService(ctx.authentication.workers).setServiceParent(users)
     policy = ctx.config.policy
     connections = connection_gate(policy, ctx.reactor)

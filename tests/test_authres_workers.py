@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import queue
 import signal
+import smtplib
 import socket
 import tempfile
 import threading
@@ -37,6 +38,7 @@ from mailsrv.spool import BytesSource
 from .authres_support import message
 from .e2e import MailServer, _alive, _children
 
+ALICE = "alice@example.test"
 ENVELOPE = Envelope("Q1", "bob@good.test", ("alice@example.test",), "192.0.2.7", helo="c.test")
 SOFTFAIL = SpfResult("softfail", "mailfrom", "bob@good.test", "good.test")
 SLOW = SpfResult("softfail", "mailfrom", "bob@slow.test", "slow.test")
@@ -115,14 +117,19 @@ def workers_of(pid: int) -> set[int]:
     return {p for p, cmd in _children(pid).items() if b"spawn_main" in cmd}
 
 
-def started_workers(pid: int) -> set[int]:
-    """The verifier processes of a server: they start a moment after it listens."""
-    deadline = time.monotonic() + 30
-    started = workers_of(pid)
-    while not started and time.monotonic() < deadline:
-        time.sleep(0.05)
-        started = workers_of(pid)
-    return started
+def started_workers(server: MailServer) -> set[int]:
+    """The verifier processes of a server, started by a message it takes."""
+    assert server.proc is not None
+    assert workers_of(server.proc.pid) == set()  # none before the first message
+    server.add_user(ALICE)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
+        s.ehlo("client.test")
+        s.mail("bob@good.test")
+        s.rcpt(ALICE)
+        code, text = s.data(message("bob@good.test", "first"))
+    # Verified in a process of its own, asking the zone: good.test has p=reject.
+    assert (code, text) == (550, b"5.7.1 Email rejected per DMARC policy for good.test")
+    return workers_of(server.proc.pid)
 
 
 @pytest.fixture(scope="module")
@@ -231,8 +238,7 @@ def test_twistd_leaves_no_verifier_process_when_it_stops(zone):
         server = MailServer(Path(tmp), extra=config)
         try:
             server.start()
-            assert server.proc is not None
-            started = started_workers(server.proc.pid)
+            started = started_workers(server)
             assert len(started) == max(1, (os.cpu_count() or 1) - 1)
             assert server.stop() is not None  # it ended by itself on SIGTERM
             assert not any(_alive(pid) for pid in started)
@@ -246,8 +252,7 @@ def test_verifier_processes_end_when_twistd_is_killed(zone):
         server = MailServer(Path(tmp), extra=config)
         try:
             server.start()
-            assert server.proc is not None
-            started = started_workers(server.proc.pid)
+            started = started_workers(server)
             assert started
             server.kill()  # SIGKILL: no stopService
             deadline = time.monotonic() + 10

@@ -263,7 +263,7 @@ def build_authentication(config: Any, clock: Any, in_pool: Any) -> SenderAuthent
         resolver=Resolver(config.dns.nameservers),
         in_pool=in_pool,
         clock=clock,
-        # Started by the server's VerifierService (else at the first message).
+        # Started by the first message, stopped by the server's VerifierService.
         workers=VerifierPool(clock, workers, config.dns.nameservers) if workers else None,
         authserv_id=config.server.hostname,
         spf_reject=policy.spf_reject,

@@ -193,14 +193,14 @@ class VerifierPool:
 
 
 class VerifierService(service.Service):
-    """Starts the verifier processes with the server and stops them with it."""
+    """
+    Stops the verifier processes with the server. They start with the first
+    message (some half a second, once), not with the server: a server that
+    gets no MX mail, or one built on a fake reactor in a test, starts none.
+    """
 
     def __init__(self, pool: VerifierPool) -> None:
         self.pool = pool
-
-    def startService(self) -> None:
-        super().startService()
-        self.pool.start()
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
