@@ -183,9 +183,14 @@ class SenderAuthentication:
                 timed_out,
             )
         else:
+
+            def read_off_reactor() -> defer.Deferred:
+                if getattr(source, "in_memory", False):
+                    return defer.succeed(read())  # a spool held in memory: no disk to wait on
+                return self._in_pool(read)
+
             d = self._bounded(
-                lambda: workers.verify(lambda: self._in_pool(read), spf, self.max_verify),
-                timed_out,
+                lambda: workers.verify(read_off_reactor, spf, self.max_verify), timed_out
             )
         return d.addCallback(lambda results: (spf, *results))
 
