@@ -256,6 +256,8 @@ class PolicyConfig:
     authentication_checks: bool = True  # false: none, and no Authentication-Results field
     spf_reject: bool = False  # refuse MAIL when SPF fails (550 5.7.23) or errs (451 4.7.24)
     dmarc_reject: bool = True  # refuse a DMARC failure under p=reject (550 5.7.1)
+    # Processes verifying DKIM, ARC and DMARC; 0: in the server's threads.
+    authentication_workers: int = 1
 
 
 @dataclass(frozen=True)
@@ -780,6 +782,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "authentication_checks": (_bool, True),
         "spf_reject": (_bool, False),
         "dmarc_reject": (_bool, True),
+        # Verifier processes: one per core but one (at least one); 0: threads.
+        "authentication_workers": (_int(0), max(1, (os.cpu_count() or 1) - 1)),
     },
 }
 

@@ -28,6 +28,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.authres.step import SenderAuthentication, build_authentication
+from mailsrv.authres.workers import VerifierService
 from mailsrv.config import IMPLICIT_TLS, Config
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.learn import TrainingQueue
@@ -246,6 +247,9 @@ def serve(ctx: ServerContext) -> service.MultiService:
     GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
         users
     )
+    if ctx.authentication is not None and ctx.authentication.workers is not None:
+        # Its processes (started by the first message) gone when it has stopped.
+        VerifierService(ctx.authentication.workers).setServiceParent(users)
     policy = ctx.config.policy
     connections = connection_gate(policy, ctx.reactor)
     watched = [connections.allow, connections.deny]

@@ -1,5 +1,6 @@
 """Tests for mailsrv.config: TOML to typed settings, every error at once."""
 
+import os
 from pathlib import Path
 
 import pytest
@@ -561,3 +562,14 @@ def test_sender_authentication_keys():
     assert "m.toml: policy.dmarc_reject" in str(e.value)
     c = load(ROOT / "etc" / "mailsrv.toml")
     assert (c.policy.spf_reject, c.policy.dmarc_reject) == (False, True)
+
+
+def test_authentication_workers():
+    # [policy] authentication_workers: one process per core but one, at least one; 0: threads.
+    assert parse("").policy.authentication_workers == max(1, (os.cpu_count() or 1) - 1)
+    assert parse("[policy]\nauthentication_workers = 0\n").policy.authentication_workers == 0
+    assert parse("[policy]\nauthentication_workers = 3\n").policy.authentication_workers == 3
+    for bad in ("-1", '"2"', "1.5", "true"):
+        with pytest.raises(ConfigError) as e:
+            parse(f"[policy]\nauthentication_workers = {bad}\n", "m.toml")
+        assert "m.toml: policy.authentication_workers" in str(e.value), bad

@@ -7,30 +7,30 @@ and a verdict (L{mailsrv.filter.verdict.Verdict}): DMARC p=reject refuses
 (when C{[policy] dmarc_reject}; else the field alone tells it, as
 opendmarc's RejectFailures=false does), p=quarantine files into Junk.
 
-Messages over L{MAX_VERIFY} octets are not read whole: DKIM (dkimpy needs
-the message in memory, some four times over) gives neutral for them, and a
-DMARC failure that a DKIM pass might have prevented is reported but not
-acted on (a large legitimate message is never refused for a check skipped).
+The end-of-DATA work (L{mailsrv.authres.verify}) runs in verifier
+processes (L{mailsrv.authres.workers}, C{[policy] authentication_workers})
+when given, so that its pure Python work does not contend with the reactor
+for the GIL; else in the pool threads, as SPF does. Messages over
+L{MAX_VERIFY} octets are not read whole (L{verify_message}).
 """
 
 from __future__ import annotations
 
-import re
-import time
 from collections import OrderedDict
 from collections.abc import Callable
 from typing import Any
 
-import dkim
 from twisted.internet import defer
 from twisted.logger import Logger
 from zope.interface import implementer
 
-from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
+from mailsrv.authres.dkimverify import DkimResult
 from mailsrv.authres.dmarc import Dmarc, DmarcResult
 from mailsrv.authres.header import authentication_results
 from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
+from mailsrv.authres.verify import Results, verify_message
+from mailsrv.authres.workers import VerifierPool, WorkerDied
 from mailsrv.filter.verdict import ACCEPT, DEFER, JUNK, REJECT, Envelope, Verdict
 from mailsrv.replies import Reply, ReplyError
 from mailsrv.smtp.checks import IMessageCheck
@@ -48,10 +48,8 @@ DMARC_TEMPERROR = Reply(451, "4.7.0", "DMARC policy for {domain} could not be ch
 MAX_VERIFY = 10 * 1024 * 1024  # octets read for DKIM; larger messages: dkim=neutral
 MAX_JOBS = 4  # verifications at once: the pool (shared with the disk) keeps threads free
 TIMEOUT = 30.0  # seconds one step (SPF; DKIM, ARC and DMARC) may take in all
-DKIM_SHARE, DMARC_SHARE = 0.6, 0.9  # of TIMEOUT: when DKIM and ARC, then DMARC lookups stop
 SPF_MEMO = 300.0  # seconds an SPF result started at MAIL waits for its DATA
 MAX_MEMO = 10_000  # SPF results kept at most (the oldest forgotten first)
-_LINE_END = re.compile(rb"\r?\n")
 
 
 @implementer(IMessageCheck)
@@ -83,6 +81,7 @@ class SenderAuthentication:
         timeout: float = TIMEOUT,
         max_verify: int = MAX_VERIFY,
         dmarc: Dmarc | None = None,
+        workers: VerifierPool | None = None,
     ) -> None:
         self.resolver = resolver
         self.clock = clock
@@ -92,6 +91,7 @@ class SenderAuthentication:
         self.timeout = timeout
         self.max_verify = max_verify
         self.dmarc = dmarc if dmarc is not None else Dmarc()
+        self.workers = workers  # None: DKIM, ARC and DMARC in the pool threads
         self._in_pool = in_pool
         self._jobs = defer.DeferredSemaphore(MAX_JOBS)
         self._spf: OrderedDict[tuple[str, str, str], tuple[float, _SpfLookup]] = OrderedDict()
@@ -142,11 +142,17 @@ class SenderAuthentication:
         timeout; C{on_timeout()} gives the result otherwise (and after an
         unexpected error, which is logged).
         """
-        d = self._jobs.run(self._in_pool, work)
+        return self._bounded(lambda: self._jobs.run(self._in_pool, work), on_timeout)
+
+    def _bounded(self, start: Callable[[], defer.Deferred], on_timeout: Callable[[], Any]) -> Any:
+        """The Deferred C{start()} gives, within the timeout; else C{on_timeout()}."""
+        d = start()
         d.addTimeout(self.timeout, self.clock)
 
         def failed(failure: Any) -> Any:
-            if not failure.check(defer.TimeoutError, defer.CancelledError):
+            if failure.check(WorkerDied):
+                self.log.warn("sender authentication not verified: {why}", why=failure.value)
+            elif not failure.check(defer.TimeoutError, defer.CancelledError):
                 self.log.failure("sender authentication failed", failure=failure)
             return on_timeout()
 
@@ -162,41 +168,37 @@ class SenderAuthentication:
         return d
 
     def _verify(self, spf: SpfResult, source: Any) -> defer.Deferred:
-        def work() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
-            # Within the step's timeout: DKIM and ARC (whose names the sender
-            # chooses) first, then DMARC (the From: domain's) with time kept for it.
-            start = time.monotonic()
-            signatures = self.resolver.until(start + self.timeout * DKIM_SHARE)
-            policies = self.resolver.until(start + self.timeout * DMARC_SHARE)
+        def read() -> bytes:
             with source.open() as f:
-                data = f.read(self.max_verify + 1)
-            message = _LINE_END.sub(b"\r\n", data)
-            if len(data) > self.max_verify:
-                head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
-                headers = _headers(head)
-                dkims = [DkimResult("neutral", reason="message too large to verify")]
-                dmarc = self.dmarc.evaluate(headers, spf, dkims, policies)
-                if dmarc.result == "fail":
-                    # A DKIM pass might have passed it: reported, not acted on.
-                    dmarc = DmarcResult(
-                        "fail", dmarc.from_domain, dmarc.policy, "none", "DKIM not verified"
-                    )
-                return spf, dkims, ("none", "message too large to verify"), dmarc
-            headers = _headers(message)
-            dkims = verify_dkim(message, signatures)
-            arc = verify_arc(message, signatures)
-            dmarc = self.dmarc.evaluate(headers, spf, dkims, policies)
-            return spf, dkims, arc, dmarc
+                return f.read(self.max_verify + 1)
 
-        def timed_out() -> tuple[SpfResult, list[DkimResult], tuple[str, str], DmarcResult]:
+        def timed_out() -> Results:
             return (
-                spf,
                 [DkimResult("temperror", reason="no answer in time")],
                 ("none", "not verified in time"),
                 DmarcResult("temperror", reason="no answer in time"),
             )
 
-        return self.run(work, timed_out)
+        workers = self.workers
+        if workers is None:
+            d = self.run(
+                lambda: verify_message(
+                    read(), spf, self.resolver, self.dmarc, self.max_verify, self.timeout
+                ),
+                timed_out,
+            )
+        else:
+
+            def read_off_reactor() -> defer.Deferred:
+                if getattr(source, "in_memory", False):
+                    return defer.succeed(read())  # a spool held in memory: no disk to wait on
+                return self._in_pool(read)
+
+            d = self._bounded(
+                lambda: workers.verify(read_off_reactor, spf, self.max_verify, self.timeout),
+                timed_out,
+            )
+        return d.addCallback(lambda results: (spf, *results))
 
     def _verdict(self, results: tuple, envelope: Envelope) -> Verdict:
         spf, dkims, arc, dmarc = results
@@ -271,24 +273,22 @@ class _SpfLookup:
         return d
 
 
-def _headers(message: bytes) -> list[tuple[bytes, bytes]]:
-    """The header fields of C{message} (CRLF), or none when they cannot be parsed."""
-    try:
-        headers, _ = dkim.rfc822_parse(message)
-    except dkim.DKIMException:
-        return []  # DMARC: no From: domain, permerror
-    return headers
-
-
 def build_authentication(config: Any, clock: Any, in_pool: Any) -> SenderAuthentication | None:
-    """The checks C{config} asks for (C{[policy] authentication_checks}), or None."""
+    """
+    The checks C{config} asks for (C{[policy] authentication_checks}), or
+    None; C{clock} is the reactor (its C{callFromThread} too, for the
+    verifier processes of C{[policy] authentication_workers}).
+    """
     policy = config.policy
     if not policy.authentication_checks:
         return None
+    workers = policy.authentication_workers
     return SenderAuthentication(
         resolver=Resolver(config.dns.nameservers),
         in_pool=in_pool,
         clock=clock,
+        # Started by the first message, stopped by the server's VerifierService.
+        workers=VerifierPool(clock, workers, config.dns.nameservers) if workers else None,
         authserv_id=config.server.hostname,
         spf_reject=policy.spf_reject,
         dmarc_reject=policy.dmarc_reject,

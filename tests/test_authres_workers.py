@@ -1,0 +1,273 @@
+"""
+The verifier processes (mailsrv.authres.workers) on real processes: a job's
+round trip (its DNS asked of a real DNS server on loopback, its results
+pickled back), a worker killed in the middle of a job (temperror, and the
+next job works), the step's timeout, and shutdown leaving no process, of a
+pool and of a real ``twistd -n mailsrv``. The pool's thread-to-reactor
+calls are run by the test (L{ThreadCalls}); one pool serves the module.
+"""
+
+from __future__ import annotations
+
+import os
+import queue
+import signal
+import smtplib
+import socket
+import tempfile
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rcode
+import dns.rdatatype
+import dns.rrset
+import pytest
+from twisted.internet import defer, task
+
+from mailsrv import config as configmod
+from mailsrv.authres.spf import SpfResult
+from mailsrv.authres.step import TIMEOUT, SenderAuthentication, build_authentication
+from mailsrv.authres.workers import VerifierPool, WorkerDied
+from mailsrv.filter.verdict import ACCEPT, REJECT, Envelope
+from mailsrv.spool import BytesSource
+
+from .authres_support import message
+from .e2e import MailServer, _alive, _children
+
+ALICE = "alice@example.test"
+ENVELOPE = Envelope("Q1", "bob@good.test", ("alice@example.test",), "192.0.2.7", helo="c.test")
+SOFTFAIL = SpfResult("softfail", "mailfrom", "bob@good.test", "good.test")
+SLOW = SpfResult("softfail", "mailfrom", "bob@slow.test", "slow.test")
+
+
+class ThreadCalls:
+    """The reactor's C{callFromThread} for the pool: the calls wait until the test runs them."""
+
+    def __init__(self) -> None:
+        self.calls: queue.Queue = queue.Queue()
+
+    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
+        self.calls.put((f, args, kw))
+
+    def result_of(self, d: defer.Deferred, timeout: float = 60) -> Any:
+        """Run the calls until C{d} has fired; its result (or failure)."""
+        out: list[Any] = []
+        d.addBoth(out.append)
+        while not out:
+            f, args, kw = self.calls.get(timeout=timeout)
+            f(*args, **kw)
+        return out[0]
+
+
+class Zone:
+    """
+    A DNS server on loopback (dnspython, in a thread): _dmarc.good.test has
+    p=reject, names under slow.test get no answer until L{answer_slow},
+    the rest NXDOMAIN. C{asked_slow} is set when a slow name is asked.
+    """
+
+    def __init__(self) -> None:
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port = self.sock.getsockname()[1]
+        self.asked_slow = threading.Event()
+        self._held: list[tuple[Any, Any]] = []
+        self._thread = threading.Thread(target=self._serve, daemon=True)
+        self._thread.start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                data, peer = self.sock.recvfrom(4096)
+            except OSError:
+                return  # closed
+            query = dns.message.from_wire(data)
+            name = query.question[0].name.to_text().rstrip(".")
+            if name.endswith("slow.test"):
+                self._held.append((query, peer))
+                self.asked_slow.set()
+                continue
+            self._answer(query, peer)
+
+    def _answer(self, query: Any, peer: Any) -> None:
+        reply = dns.message.make_response(query)
+        name = query.question[0].name
+        if name.to_text() == "_dmarc.good.test." and query.question[0].rdtype == dns.rdatatype.TXT:
+            reply.answer.append(dns.rrset.from_text(name, 60, "IN", "TXT", '"v=DMARC1; p=reject"'))
+        else:
+            reply.set_rcode(dns.rcode.NXDOMAIN)
+        self.sock.sendto(reply.to_wire(), peer)
+
+    def answer_slow(self) -> None:
+        """Answer (NXDOMAIN) what was held, and whatever is asked from now on."""
+        held, self._held = self._held, []
+        for query, peer in held:
+            self._answer(query, peer)
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+def workers_of(pid: int) -> set[int]:
+    """The live verifier processes started by C{pid}."""
+    return {p for p, cmd in _children(pid).items() if b"spawn_main" in cmd}
+
+
+def started_workers(server: MailServer) -> set[int]:
+    """The verifier processes of a server, started by a message it takes."""
+    assert server.proc is not None
+    assert workers_of(server.proc.pid) == set()  # none before the first message
+    server.add_user(ALICE)
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
+        s.ehlo("client.test")
+        s.mail("bob@good.test")
+        s.rcpt(ALICE)
+        code, text = s.data(message("bob@good.test", "first"))
+    # Verified in a process of its own, asking the zone: good.test has p=reject.
+    assert (code, text) == (550, b"5.7.1 Email rejected per DMARC policy for good.test")
+    return workers_of(server.proc.pid)
+
+
+@pytest.fixture(scope="module")
+def zone() -> Iterator[Zone]:
+    z = Zone()
+    yield z
+    z.close()
+
+
+@pytest.fixture(scope="module")
+def pool(zone: Zone) -> Iterator[tuple[VerifierPool, ThreadCalls]]:
+    calls = ThreadCalls()
+    p = VerifierPool(calls, 1, (("127.0.0.1", zone.port),))
+    p.start()
+    yield p, calls
+    calls.result_of(p.stop())
+
+
+def read(data: bytes) -> Any:
+    return lambda: defer.succeed(data)
+
+
+def test_a_job_is_verified_in_another_process(pool):
+    p, calls = pool
+    data = message("bob@good.test", "x")
+    dkims, arc, dmarc = calls.result_of(p.verify(read(data), SOFTFAIL, 10_000))
+    assert [r.result for r in dkims] == ["none"]
+    assert arc[0] == "none"
+    # The worker asked the configured DNS server: good.test's p=reject.
+    assert (dmarc.result, dmarc.from_domain, dmarc.disposition) == ("fail", "good.test", "reject")
+    assert workers_of(os.getpid())  # a process of its own
+    assert os.getpid() not in workers_of(os.getpid())
+
+
+def test_a_worker_killed_mid_job_gives_temperror_and_the_next_job_works(pool, zone):
+    p, calls = pool
+    auth = SenderAuthentication(
+        resolver=None,  # type: ignore[arg-type]  # the workers have their own
+        in_pool=lambda f: defer.succeed(f()),
+        clock=task.Clock(),
+        authserv_id="mx.example.test",
+        workers=p,
+    )
+    auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
+    zone.asked_slow.clear()
+    d = auth.check(BytesSource(message("bob@slow.test", "x")), ENVELOPE)
+    assert zone.asked_slow.wait(30)  # the job is running in the worker
+    [worker] = workers_of(os.getpid())
+    os.kill(worker, signal.SIGKILL)
+    verdict = calls.result_of(d)
+    assert verdict.action == ACCEPT
+    assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
+    assert worker not in workers_of(os.getpid())
+    # A new process takes the next message.
+    good = ENVELOPE
+    auth.spf(good.client_ip, good.helo or "", good.sender)._done(SOFTFAIL)
+    verdict = calls.result_of(auth.check(BytesSource(message("bob@good.test", "y")), good))
+    assert verdict.action == REJECT and b"dmarc=fail" in verdict.headers
+
+
+def test_a_job_that_does_not_finish_in_time_gives_temperror(pool, zone):
+    p, calls = pool
+    clock = task.Clock()
+    auth = SenderAuthentication(
+        resolver=None,  # type: ignore[arg-type]
+        in_pool=lambda f: defer.succeed(f()),
+        clock=clock,
+        authserv_id="mx.example.test",
+        workers=p,
+    )
+    auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
+    zone.asked_slow.clear()
+    out: list[Any] = []
+    auth.check(BytesSource(message("bob@slow.test", "late")), ENVELOPE).addBoth(out.append)
+    assert zone.asked_slow.wait(30)
+    assert out == []
+    clock.advance(TIMEOUT)
+    [verdict] = out
+    assert verdict.action == ACCEPT
+    assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
+    # The late job ends in its worker (its DNS answered), and the pool goes on.
+    zone.answer_slow()
+    again = calls.result_of(p.verify(read(message("bob@good.test", "z")), SOFTFAIL, 10_000))
+    assert again[2].result == "fail"
+
+
+def test_stopping_the_pool_leaves_no_process(zone):
+    calls = ThreadCalls()
+    p = VerifierPool(calls, 2, (("127.0.0.1", zone.port),))
+    before = workers_of(os.getpid())
+    p.start()
+    result = calls.result_of(p.verify(read(message("bob@good.test", "x")), SOFTFAIL, 10_000))
+    assert result[2].result == "fail"
+    started = workers_of(os.getpid()) - before
+    assert started
+    assert calls.result_of(p.stop()) is None
+    assert not any(_alive(pid) for pid in started)
+    # A job after the stop is not verified: the caller gives temperror.
+    failure = calls.result_of(p.verify(read(b"x"), SOFTFAIL, 10_000))
+    assert failure.check(WorkerDied)
+
+
+def test_twistd_leaves_no_verifier_process_when_it_stops(zone):
+    config = f'[dns]\nnameservers = ["127.0.0.1:{zone.port}"]\n[policy]\nreverse_dns = false\n'
+    with tempfile.TemporaryDirectory(prefix="verifier-e2e-") as tmp:
+        server = MailServer(Path(tmp), extra=config)
+        try:
+            server.start()
+            started = started_workers(server)
+            assert len(started) == max(1, (os.cpu_count() or 1) - 1)
+            assert server.stop() is not None  # it ended by itself on SIGTERM
+            assert not any(_alive(pid) for pid in started)
+        finally:
+            server.close()
+
+
+def test_verifier_processes_end_when_twistd_is_killed(zone):
+    config = f'[dns]\nnameservers = ["127.0.0.1:{zone.port}"]\n[policy]\nreverse_dns = false\n'
+    with tempfile.TemporaryDirectory(prefix="verifier-e2e-") as tmp:
+        server = MailServer(Path(tmp), extra=config)
+        try:
+            server.start()
+            started = started_workers(server)
+            assert started
+            server.kill()  # SIGKILL: no stopService
+            deadline = time.monotonic() + 10
+            while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
+                time.sleep(0.05)  # each looks for its server every PARENT_CHECK seconds
+            assert not any(_alive(pid) for pid in started)
+        finally:
+            server.close()
+
+
+def test_the_processes_are_built_unless_zero(tmp_path):
+    base = '[server]\nhostname = "mx.example.test"\ndomains = ["example.test"]\n'
+    built = build_authentication(configmod.parse(base, "<test>", tmp_path), task.Clock(), None)
+    assert built is not None and built.workers is not None
+    assert built.workers.workers == max(1, (os.cpu_count() or 1) - 1)
+    zero = base + "[policy]\nauthentication_workers = 0\n"
+    threads = build_authentication(configmod.parse(zero, "<test>", tmp_path), task.Clock(), None)
+    assert threads is not None and threads.workers is None
