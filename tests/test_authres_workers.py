@@ -3,21 +3,21 @@ The verifier processes (mailsrv.authres.workers) on real processes: a job's
 round trip (its DNS asked of a real DNS server on loopback, its results
 pickled back), a worker killed in the middle of a job (temperror, and the
 next job works), the step's timeout, and shutdown leaving no process, of a
-pool and of a real ``twistd -n mailsrv``. The pool's thread-to-reactor
-calls are run by the test (L{ThreadCalls}); one pool serves the module.
+pool and of a real ``twistd -n mailsrv``. The pool's processes are
+spawned by the reactor and read by it: the pool tests run on trial's
+reactor, a pool of their own each.
 """
 
 from __future__ import annotations
 
 import os
-import queue
 import signal
 import smtplib
 import socket
 import tempfile
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,8 @@ import dns.rcode
 import dns.rdatatype
 import dns.rrset
 import pytest
-from twisted.internet import defer, task
+from twisted.internet import defer, reactor, task
+from twisted.trial import unittest
 
 from mailsrv import config as configmod
 from mailsrv.authres.spf import SpfResult
@@ -42,25 +43,6 @@ ALICE = "alice@example.test"
 ENVELOPE = Envelope("Q1", "bob@good.test", ("alice@example.test",), "192.0.2.7", helo="c.test")
 SOFTFAIL = SpfResult("softfail", "mailfrom", "bob@good.test", "good.test")
 SLOW = SpfResult("softfail", "mailfrom", "bob@slow.test", "slow.test")
-
-
-class ThreadCalls:
-    """The reactor's C{callFromThread} for the pool: the calls wait until the test runs them."""
-
-    def __init__(self) -> None:
-        self.calls: queue.Queue = queue.Queue()
-
-    def callFromThread(self, f: Any, *args: Any, **kw: Any) -> None:
-        self.calls.put((f, args, kw))
-
-    def result_of(self, d: defer.Deferred, timeout: float = 60) -> Any:
-        """Run the calls until C{d} has fired; its result (or failure)."""
-        out: list[Any] = []
-        d.addBoth(out.append)
-        while not out:
-            f, args, kw = self.calls.get(timeout=timeout)
-            f(*args, **kw)
-        return out[0]
 
 
 class Zone:
@@ -114,7 +96,7 @@ class Zone:
 
 def workers_of(pid: int) -> set[int]:
     """The live verifier processes started by C{pid}."""
-    return {p for p, cmd in _children(pid).items() if b"spawn_main" in cmd}
+    return {p for p, cmd in _children(pid).items() if b"mailsrv.authres.worker_main" in cmd}
 
 
 def started_workers(server: MailServer) -> set[int]:
@@ -139,97 +121,112 @@ def zone() -> Iterator[Zone]:
     z.close()
 
 
-@pytest.fixture(scope="module")
-def pool(zone: Zone) -> Iterator[tuple[VerifierPool, ThreadCalls]]:
-    calls = ThreadCalls()
-    p = VerifierPool(calls, 1, (("127.0.0.1", zone.port),))
-    p.start()
-    yield p, calls
-    calls.result_of(p.stop())
-
-
 def read(data: bytes) -> Any:
     return lambda: defer.succeed(data)
 
 
-def test_a_job_is_verified_in_another_process(pool):
-    p, calls = pool
-    data = message("bob@good.test", "x")
-    dkims, arc, dmarc = calls.result_of(p.verify(read(data), SOFTFAIL, 10_000))
-    assert [r.result for r in dkims] == ["none"]
-    assert arc[0] == "none"
-    # The worker asked the configured DNS server: good.test's p=reject.
-    assert (dmarc.result, dmarc.from_domain, dmarc.disposition) == ("fail", "good.test", "reject")
-    assert workers_of(os.getpid())  # a process of its own
-    assert os.getpid() not in workers_of(os.getpid())
+def until(reactor: Any, ready: Callable[[], bool], timeout: float = 30) -> defer.Deferred:
+    """A Deferred that fires once C{ready()} is true, the reactor running meanwhile."""
+
+    @defer.inlineCallbacks
+    def poll() -> Any:
+        deadline = time.monotonic() + timeout
+        while not ready():
+            if time.monotonic() > deadline:
+                raise AssertionError(f"not ready within {timeout} s")
+            yield task.deferLater(reactor, 0.02, lambda: None)
+
+    return poll()
 
 
-def test_a_worker_killed_mid_job_gives_temperror_and_the_next_job_works(pool, zone):
-    p, calls = pool
-    auth = SenderAuthentication(
-        resolver=None,  # type: ignore[arg-type]  # the workers have their own
-        in_pool=lambda f: defer.succeed(f()),
-        clock=task.Clock(),
-        authserv_id="mx.example.test",
-        workers=p,
-    )
-    auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
-    zone.asked_slow.clear()
-    d = auth.check(BytesSource(message("bob@slow.test", "x")), ENVELOPE)
-    assert zone.asked_slow.wait(30)  # the job is running in the worker
-    [worker] = workers_of(os.getpid())
-    os.kill(worker, signal.SIGKILL)
-    verdict = calls.result_of(d)
-    assert verdict.action == ACCEPT
-    assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
-    assert worker not in workers_of(os.getpid())
-    # A new process takes the next message.
-    good = ENVELOPE
-    auth.spf(good.client_ip, good.helo or "", good.sender)._done(SOFTFAIL)
-    verdict = calls.result_of(auth.check(BytesSource(message("bob@good.test", "y")), good))
-    assert verdict.action == REJECT and b"dmarc=fail" in verdict.headers
+class PoolTests(unittest.TestCase):
+    """A pool of real verifier processes on the real reactor, asking a DNS server on loopback."""
 
+    timeout = 120
 
-def test_a_job_that_does_not_finish_in_time_gives_temperror(pool, zone):
-    p, calls = pool
-    clock = task.Clock()
-    auth = SenderAuthentication(
-        resolver=None,  # type: ignore[arg-type]
-        in_pool=lambda f: defer.succeed(f()),
-        clock=clock,
-        authserv_id="mx.example.test",
-        workers=p,
-    )
-    auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
-    zone.asked_slow.clear()
-    out: list[Any] = []
-    auth.check(BytesSource(message("bob@slow.test", "late")), ENVELOPE).addBoth(out.append)
-    assert zone.asked_slow.wait(30)
-    assert out == []
-    clock.advance(TIMEOUT)
-    [verdict] = out
-    assert verdict.action == ACCEPT
-    assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
-    # The late job ends in its worker (its DNS answered), and the pool goes on.
-    zone.answer_slow()
-    again = calls.result_of(p.verify(read(message("bob@good.test", "z")), SOFTFAIL, 10_000))
-    assert again[2].result == "fail"
+    def setUp(self) -> None:
+        self.zone = Zone()
+        self.addCleanup(self.zone.close)
+        self.before = workers_of(os.getpid())
+        self.pool = VerifierPool(reactor, 1, (("127.0.0.1", self.zone.port),))
+        self.pool.start()
+        self.addCleanup(self.pool.stop)
 
+    def auth(self, clock: Any = None) -> SenderAuthentication:
+        return SenderAuthentication(
+            resolver=None,  # type: ignore[arg-type]  # the workers have their own
+            in_pool=lambda f: defer.succeed(f()),
+            clock=clock or task.Clock(),
+            authserv_id="mx.example.test",
+            workers=self.pool,
+        )
 
-def test_stopping_the_pool_leaves_no_process(zone):
-    calls = ThreadCalls()
-    p = VerifierPool(calls, 2, (("127.0.0.1", zone.port),))
-    before = workers_of(os.getpid())
-    p.start()
-    result = calls.result_of(p.verify(read(message("bob@good.test", "x")), SOFTFAIL, 10_000))
-    assert result[2].result == "fail"
-    started = workers_of(os.getpid()) - before
-    assert started
-    assert calls.result_of(p.stop()) is None
-    assert not any(_alive(pid) for pid in started)
-    # A job after the stop is not verified: the caller gives temperror.
-    failure = calls.result_of(p.verify(read(b"x"), SOFTFAIL, 10_000))
-    assert failure.check(WorkerDied)
+    @defer.inlineCallbacks
+    def test_a_job_is_verified_in_another_process(self):
+        data = message("bob@good.test", "x")
+        dkims, arc, dmarc = yield self.pool.verify(read(data), SOFTFAIL, 10_000)
+        assert [r.result for r in dkims] == ["none"]
+        assert arc[0] == "none"
+        # The worker asked the configured DNS server: good.test's p=reject.
+        assert (dmarc.result, dmarc.from_domain, dmarc.disposition) == (
+            "fail",
+            "good.test",
+            "reject",
+        )
+        assert workers_of(os.getpid()) - self.before  # a process of its own
+        assert os.getpid() not in workers_of(os.getpid())
+
+    @defer.inlineCallbacks
+    def test_a_worker_killed_mid_job_gives_temperror_and_the_next_job_works(self):
+        auth = self.auth()
+        auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
+        d = auth.check(BytesSource(message("bob@slow.test", "x")), ENVELOPE)
+        yield until(reactor, self.zone.asked_slow.is_set)  # the job is running in the worker
+        [worker] = workers_of(os.getpid()) - self.before
+        os.kill(worker, signal.SIGKILL)
+        verdict = yield d
+        assert verdict.action == ACCEPT
+        assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
+        assert worker not in workers_of(os.getpid())
+        # A new process takes the next message.
+        good = ENVELOPE
+        auth.spf(good.client_ip, good.helo or "", good.sender)._done(SOFTFAIL)
+        verdict = yield auth.check(BytesSource(message("bob@good.test", "y")), good)
+        assert verdict.action == REJECT and b"dmarc=fail" in verdict.headers
+        assert len(workers_of(os.getpid()) - self.before) == 1
+
+    @defer.inlineCallbacks
+    def test_a_job_that_does_not_finish_in_time_gives_temperror(self):
+        clock = task.Clock()
+        auth = self.auth(clock)
+        auth.spf(ENVELOPE.client_ip, ENVELOPE.helo or "", ENVELOPE.sender)._done(SLOW)
+        out: list[Any] = []
+        auth.check(BytesSource(message("bob@slow.test", "late")), ENVELOPE).addBoth(out.append)
+        yield until(reactor, self.zone.asked_slow.is_set)
+        assert out == []
+        clock.advance(TIMEOUT)
+        [verdict] = out
+        assert verdict.action == ACCEPT
+        assert b"dkim=temperror" in verdict.headers and b"dmarc=temperror" in verdict.headers
+        # The late job ends in its worker (its DNS answered), and the pool goes on.
+        self.zone.answer_slow()
+        again = yield self.pool.verify(read(message("bob@good.test", "z")), SOFTFAIL, 10_000)
+        assert again[2].result == "fail"
+
+    @defer.inlineCallbacks
+    def test_stopping_the_pool_leaves_no_process(self):
+        p = VerifierPool(reactor, 2, (("127.0.0.1", self.zone.port),))
+        before = workers_of(os.getpid())
+        p.start()
+        result = yield p.verify(read(message("bob@good.test", "x")), SOFTFAIL, 10_000)
+        assert result[2].result == "fail"
+        started = workers_of(os.getpid()) - before
+        assert len(started) == 2
+        assert (yield p.stop()) is None
+        assert not any(_alive(pid) for pid in started)
+        # A job after the stop is not verified: the caller gives temperror.
+        with pytest.raises(WorkerDied):
+            yield p.verify(read(b"x"), SOFTFAIL, 10_000)
 
 
 def test_twistd_leaves_no_verifier_process_when_it_stops(zone):
@@ -257,7 +254,7 @@ def test_verifier_processes_end_when_twistd_is_killed(zone):
             server.kill()  # SIGKILL: no stopService
             deadline = time.monotonic() + 10
             while any(_alive(pid) for pid in started) and time.monotonic() < deadline:
-                time.sleep(0.05)  # each looks for its server every PARENT_CHECK seconds
+                time.sleep(0.05)  # each ends at the end of its input (the server's pipe)
             assert not any(_alive(pid) for pid in started)
         finally:
             server.close()

@@ -4,53 +4,103 @@ L{mailsrv.authres.verify}) run in a pool of worker processes, so that its
 pure Python work (dkimpy) neither holds the server's GIL against the
 reactor thread nor stays on one core.
 
-The processes are started with the "spawn" method (a fresh interpreter;
-never a fork of a threaded server) and each builds, once, its own
-L{Resolver} (the configured C{[dns] nameservers}, with its cache) and
-L{Dmarc} evaluator. A job takes the message's octets (read from the spool
-in a pool thread by the caller; the spool file is unnamed, so no path can
-be handed over) and the SPF result, and returns the results, pickled.
+Each process is L{mailsrv.authres.worker_main}, started with the reactor's
+C{spawnProcess} (a fresh interpreter; never a fork of a threaded server),
+the configured C{[dns] nameservers} on its command line. Jobs and results
+travel over its standard input and output as length-prefixed pickles
+(L{worker_main.frame}): the octets of the message (read by the caller; the
+spool file is unnamed, so no path can be handed over) and the SPF result
+out, the L{Results} back. Only our own child's answers are unpickled, over
+a pipe only it holds: trusted data.
 
-On the server's side nothing blocks: a job's completion comes back to the
-reactor with C{callFromThread}. At most C{max_jobs} jobs are in flight (read,
-queued or running), so a flood cannot queue unbounded octets. A worker that
-dies fails its jobs with L{WorkerDied} (the caller gives temperror) and the
-pool is built anew for the next job. L{VerifierService} shuts the pool down
-with the server, its processes gone when its C{stopService} has fired.
+The server side has no thread of its own: the pipes are read by the
+reactor (L{_Worker}, a process protocol per process). A job goes to the
+least busy process, at most L{PER_WORKER} in flight each, the rest wait in
+order; at most C{max_jobs} jobs are in flight (read, waiting or running), so
+a flood cannot queue unbounded octets. A process that dies fails its jobs
+with L{WorkerDied} (the caller gives temperror), is logged once, and is
+started anew after a back-off. A process ends at the end of its input, so
+the server's death (its pipes closed by the kernel) ends it too.
+L{VerifierService} stops the pool with the server: input closed, the exits
+awaited for a bounded time, then SIGKILL.
 """
 
 from __future__ import annotations
 
-import multiprocessing
+import itertools
 import os
-import signal
-import threading
-import time
+import pickle
+import sys
+from collections import deque
 from collections.abc import Callable
-from concurrent.futures import CancelledError, Future, ProcessPoolExecutor
-from concurrent.futures.process import BrokenProcessPool
 from typing import Any
 
 from twisted.application import service
-from twisted.internet import defer
+from twisted.internet import defer, error, protocol
 from twisted.logger import Logger
+from twisted.python.failure import Failure
 
-from mailsrv.authres.dmarc import Dmarc
-from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.spf import SpfResult
-from mailsrv.authres.verify import Results, verify_message
+from mailsrv.authres.worker_main import FRAME, frame
 
-PARENT_CHECK = 1.0  # seconds between a verifier process's looks for its server
+PER_WORKER = 2  # jobs in flight in one process: one running, the next already in its pipe
+STOP_WAIT = 10.0  # seconds a stopping process has to finish its jobs before SIGKILL
+RESPAWN_FIRST = 0.1  # seconds before a dead process is replaced, doubled per death in a row
+RESPAWN_MAX = 30.0
 
 
 class WorkerDied(Exception):
     """A verifier process ended (killed, out of memory) before it answered."""
 
 
+class _Worker(protocol.ProcessProtocol):
+    """One verifier process: its jobs in flight, the answers read from its output."""
+
+    def __init__(self, pool: VerifierPool) -> None:
+        self.pool = pool
+        self.jobs: dict[int, Callable[[bool, Any], None]] = {}
+        self.buffer = bytearray()
+        self.pid: int | None = None
+        self.ended: defer.Deferred = defer.Deferred()
+        self.alive = True
+
+    def connectionMade(self) -> None:
+        self.pid = self.transport.pid  # type: ignore[union-attr]
+
+    def send(self, job_id: int, payload: bytes, done: Callable[[bool, Any], None]) -> None:
+        self.jobs[job_id] = done
+        self.transport.write(frame(payload))  # type: ignore[union-attr]
+
+    def outReceived(self, data: bytes) -> None:
+        self.buffer += data
+        answered = False
+        while len(self.buffer) >= FRAME.size:
+            (size,) = FRAME.unpack_from(self.buffer)
+            if len(self.buffer) < FRAME.size + size:
+                break
+            payload = bytes(self.buffer[FRAME.size : FRAME.size + size])
+            del self.buffer[: FRAME.size + size]
+            job_id, ok, value = pickle.loads(payload)  # our own child's: trusted
+            answered = True
+            done = self.jobs.pop(job_id, None)
+            if done is not None:
+                done(ok, value)
+        if answered:
+            self.pool._answered()
+
+    def processEnded(self, reason: Failure) -> None:
+        self.alive = False
+        jobs, self.jobs = self.jobs, {}
+        self.pool._ended(self, reason, bool(jobs))
+        for done in jobs.values():
+            done(False, WorkerDied(f"the verifier process ended: {reason.value}"))
+        self.ended.callback(None)
+
+
 class VerifierPool:
     """
     C{workers} verifier processes, started at the first job or by L{start},
-    asking C{nameservers}; C{reactor} provides C{callFromThread}.
+    asking C{nameservers}; C{reactor} provides C{spawnProcess} and C{callLater}.
     """
 
     log = Logger()
@@ -65,18 +115,25 @@ class VerifierPool:
         if workers < 1:
             raise ValueError("a verifier pool needs at least one process")
         self.workers = workers
-        self.max_jobs = max_jobs if max_jobs is not None else 2 * workers
+        self.max_jobs = max_jobs if max_jobs is not None else PER_WORKER * workers
         self._reactor = reactor
         self._nameservers = nameservers
         self._slots = defer.DeferredSemaphore(self.max_jobs)
-        self._executor: ProcessPoolExecutor | None = None
+        self._running: list[_Worker] = []
+        self._waiting: deque[tuple[int, bytes, Callable[[bool, Any], None]]] = deque()
+        self._job_ids = itertools.count()
+        self._respawns: list[Any] = []  # the delayed calls that start a process anew
+        self._deaths = 0  # in a row, for the back-off
+        self._started = False
         self._stopped = False
 
     def start(self) -> None:
         """Start the processes now (each builds its resolver) rather than at the first job."""
-        executor = self._current()
+        if self._started:
+            return
+        self._started, self._stopped = True, False
         for _ in range(self.workers):
-            executor.submit(_ready)
+            self._spawn()
 
     def verify(
         self,
@@ -88,16 +145,15 @@ class VerifierPool:
         """
         A Deferred of the L{Results} for the message C{read()} gives (a
         Deferred of its first C{max_verify} + 1 octets), read once a slot is
-        free, its lookups ending within C{timeout} seconds of the job's start. It fails with L{WorkerDied} when the process died, with the
-        job's error otherwise; cancelling it cancels the job if not yet begun.
+        free, its lookups ending within C{timeout} seconds of the job's
+        start. It fails with L{WorkerDied} when the process died or the pool
+        is stopped, with the job's error otherwise; cancelling it drops the
+        job if no process has it yet.
         """
-        futures: list[Future] = []
-
-        def cancel(_: defer.Deferred) -> None:
-            for future in futures:
-                future.cancel()
-
-        out: defer.Deferred = defer.Deferred(cancel)
+        job_id = next(self._job_ids)
+        out: defer.Deferred = defer.Deferred(lambda _: self._drop(job_id))
+        if not self._started and not self._stopped:
+            self.start()
 
         def acquired(_: Any) -> None:
             if out.called:  # cancelled (timed out) while waiting
@@ -105,7 +161,7 @@ class VerifierPool:
                 return
             read().addCallbacks(submit, read_failed)
 
-        def read_failed(failure: Any) -> None:
+        def read_failed(failure: Failure) -> None:
             self._slots.release()
             if not out.called:
                 out.errback(failure)
@@ -116,84 +172,122 @@ class VerifierPool:
                 if not out.called:
                     out.errback(WorkerDied("the verifier processes are stopped"))
                 return
-            executor = self._current()
-            try:
-                try:
-                    future = executor.submit(_verify_job, data, spf, max_verify, timeout)
-                except BrokenProcessPool:
-                    # It broke before its jobs told us: a new pool, once.
-                    self._broken(executor)
-                    executor = self._current()
-                    future = executor.submit(_verify_job, data, spf, max_verify, timeout)
-            except (BrokenProcessPool, RuntimeError, OSError) as e:
-                self._slots.release()
-                out.errback(WorkerDied(f"no verifier process: {e}"))
-                return
-            futures.append(future)
-            future.add_done_callback(lambda f: self._reactor.callFromThread(done, executor, f))
+            payload = pickle.dumps(
+                (job_id, data, spf, max_verify, timeout), pickle.HIGHEST_PROTOCOL
+            )
+            self._waiting.append((job_id, payload, done))
+            self._dispatch()
 
-        def done(executor: ProcessPoolExecutor, future: Future) -> None:
+        def done(ok: bool, value: Any) -> None:
             self._slots.release()
-            try:
-                results = future.result()
-            except CancelledError:
-                if not out.called:  # dropped by a pool that broke or stopped
-                    out.errback(WorkerDied("the job was dropped"))
+            if out.called:
                 return
-            except BrokenProcessPool as e:
-                self._broken(executor)
-                if not out.called:
-                    out.errback(WorkerDied(str(e)))
-                return
-            except BaseException as e:
-                if not out.called:
-                    out.errback(e)
-                return
-            if not out.called:
-                out.callback(results)
+            if ok:
+                out.callback(value)
+            else:
+                out.errback(value)
 
         self._slots.acquire().addCallback(acquired)
         return out
 
     def stop(self) -> defer.Deferred:
         """
-        Stop the processes: queued jobs cancelled, running ones finished; a
-        Deferred that fires once every process has exited.
+        Stop the processes: waiting jobs fail with L{WorkerDied}, running
+        ones finish; a Deferred that fires once every process has exited
+        (killed if it has not within L{STOP_WAIT} seconds).
         """
-        self._stopped = True
-        executor, self._executor = self._executor, None
-        if executor is None:
-            return defer.succeed(None)
-        d: defer.Deferred = defer.Deferred()
+        self._stopped, self._started = True, False
+        for call in self._respawns:
+            if call.active():
+                call.cancel()
+        self._respawns = []
+        waiting, self._waiting = self._waiting, deque()
+        for _, _, done in waiting:
+            done(False, WorkerDied("the verifier processes are stopped"))
+        running, self._running = self._running, []
+        ends = []
+        for worker in running:
+            if not worker.alive:
+                continue
+            worker.transport.closeStdin()  # type: ignore[union-attr]
+            kill = self._reactor.callLater(STOP_WAIT, _kill, worker)
+            worker.ended.addBoth(_cancel, kill)
+            ends.append(worker.ended)
+        return defer.gatherResults(ends).addCallback(lambda _: None)
 
-        def shut_down() -> None:
-            executor.shutdown(wait=True, cancel_futures=True)
-            self._reactor.callFromThread(d.callback, None)
-
-        # shutdown(wait=True) joins the processes: a thread of its own, not the reactor's.
-        threading.Thread(target=shut_down, name="verifier-shutdown", daemon=True).start()
-        return d
-
-    def _current(self) -> ProcessPoolExecutor:
-        if self._executor is None:
-            self._stopped = False
-            self._executor = ProcessPoolExecutor(
-                max_workers=self.workers,
-                mp_context=multiprocessing.get_context("spawn"),
-                initializer=_start_worker,
-                initargs=(self._nameservers, os.getpid()),
+    def _spawn(self) -> None:
+        if self._stopped:
+            return
+        worker = _Worker(self)
+        argv = [sys.executable, "-m", "mailsrv.authres.worker_main"]
+        for host, port in self._nameservers:
+            argv += [host, str(port)]
+        try:
+            self._reactor.spawnProcess(
+                worker, sys.executable, argv, env=dict(os.environ), childFDs={0: "w", 1: "r", 2: 2}
             )
-        return self._executor
+        except OSError as e:
+            self.log.error("cannot start a sender verification process: {error}", error=e)
+            self._respawn_later()
+            return
+        self._running.append(worker)
+        self._dispatch()
 
-    def _broken(self, executor: ProcessPoolExecutor) -> None:
-        """C{executor} lost a process: logged once, and the next job gets a new pool."""
-        if self._executor is not executor:
-            return  # already replaced
-        self._executor = None
+    def _dispatch(self) -> None:
+        """Hand the waiting jobs to the least busy processes with room."""
+        while self._waiting:
+            free = [w for w in self._running if w.alive and len(w.jobs) < PER_WORKER]
+            if not free:
+                return
+            worker = min(free, key=lambda w: len(w.jobs))
+            job_id, payload, done = self._waiting.popleft()
+            worker.send(job_id, payload, done)
+
+    def _drop(self, job_id: int) -> None:
+        """A cancelled job: out of the queue if no process has it yet."""
+        for job in self._waiting:
+            if job[0] == job_id:
+                self._waiting.remove(job)
+                job[2](False, defer.CancelledError())
+                return
+
+    def _answered(self) -> None:
+        """A process answered: it works (the back-off starts over), and has room for more."""
+        self._deaths = 0
+        self._dispatch()
+
+    def _ended(self, worker: _Worker, reason: Failure, had_jobs: bool) -> None:
+        if worker not in self._running:
+            return  # stopped
+        self._running.remove(worker)
+        self._deaths += 1
         self.log.warn(
-            "a sender verification process died: its messages get temperror; starting new processes"
+            "a sender verification process ({pid}) ended: {why}; {jobs}starting a new one",
+            pid=worker.pid,
+            why=reason.value,
+            jobs="its messages get temperror; " if had_jobs else "",
         )
-        executor.shutdown(wait=False, cancel_futures=True)
+        self._respawn_later()
+
+    def _respawn_later(self) -> None:
+        delay = min(RESPAWN_MAX, RESPAWN_FIRST * 2 ** max(0, self._deaths - 1))
+        self._respawns = [c for c in self._respawns if c.active()]
+        self._respawns.append(self._reactor.callLater(delay, self._spawn))
+
+
+def _cancel(result: Any, call: Any) -> Any:
+    """Cancel the delayed C{call} if still due; C{result} unchanged."""
+    if call.active():
+        call.cancel()
+    return result
+
+
+def _kill(worker: _Worker) -> None:
+    """SIGKILL a process that did not stop in time (by its pid, through its transport)."""
+    try:
+        worker.transport.signalProcess("KILL")  # type: ignore[union-attr]
+    except error.ProcessExitedAlready:
+        pass
 
 
 class VerifierService(service.Service):
@@ -209,40 +303,6 @@ class VerifierService(service.Service):
     def stopService(self) -> defer.Deferred:
         super().stopService()
         return self.pool.stop()
-
-
-# In a verifier process only: its resolver and DMARC evaluator, built once
-# by the pool's initializer (a process's own state; never set in the server).
-_verifier: tuple[Resolver, Dmarc] | None = None
-
-
-def _start_worker(nameservers: tuple[tuple[str, int], ...], server: int) -> None:
-    global _verifier
-    # The server's own signal handlers stop it; a ^C on its terminal must not
-    # break the pool under it (the process group gets the SIGINT too).
-    signal.signal(signal.SIGINT, signal.SIG_IGN)
-    threading.Thread(target=_end_with, args=(server,), name="server-watch", daemon=True).start()
-    _verifier = (Resolver(nameservers), Dmarc())
-
-
-def _end_with(server: int) -> None:
-    """
-    End this process when the server has gone without stopping it (killed):
-    a worker holds both ends of its job queue, so it would wait forever.
-    """
-    while os.getppid() == server:  # (once the server is gone, another process adopts us)
-        time.sleep(PARENT_CHECK)
-    os._exit(0)
-
-
-def _ready() -> None:
-    """A job that does nothing: it makes the pool start a process."""
-
-
-def _verify_job(data: bytes, spf: SpfResult, max_verify: int, timeout: float) -> Results:
-    assert _verifier is not None, "not in a verifier process"
-    resolver, dmarc = _verifier
-    return verify_message(data, spf, resolver, dmarc, max_verify, timeout)
 
 
 __all__ = ["VerifierPool", "VerifierService", "WorkerDied"]
