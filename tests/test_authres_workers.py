@@ -11,6 +11,7 @@ reactor, a pool of their own each.
 from __future__ import annotations
 
 import os
+import pickle
 import signal
 import smtplib
 import socket
@@ -27,12 +28,15 @@ import dns.rdatatype
 import dns.rrset
 import pytest
 from twisted.internet import defer, reactor, task
+from twisted.internet.error import ProcessTerminated
+from twisted.python.failure import Failure
 from twisted.trial import unittest
 
 from mailsrv import config as configmod
 from mailsrv.authres.spf import SpfResult
 from mailsrv.authres.step import TIMEOUT, SenderAuthentication, build_authentication
-from mailsrv.authres.workers import VerifierPool, WorkerDied
+from mailsrv.authres.worker_main import frame
+from mailsrv.authres.workers import RESPAWN_FIRST, STOP_WAIT, VerifierPool, WorkerDied
 from mailsrv.filter.verdict import ACCEPT, REJECT, Envelope
 from mailsrv.spool import BytesSource
 
@@ -268,3 +272,97 @@ def test_the_processes_are_built_unless_zero(tmp_path):
     zero = base + "[policy]\nauthentication_workers = 0\n"
     threads = build_authentication(configmod.parse(zero, "<test>", tmp_path), task.Clock(), None)
     assert threads is not None and threads.workers is None
+
+
+class FakeProcess:
+    """A spawned process's transport: what was written to it, its stdin closed, signals sent."""
+
+    def __init__(self, pid: int) -> None:
+        self.pid = pid
+        self.written = b""
+        self.stdin_closed = False
+        self.signals: list[str] = []
+
+    def write(self, data: bytes) -> None:
+        self.written += data
+
+    def closeStdin(self) -> None:
+        self.stdin_closed = True
+
+    def signalProcess(self, name: str) -> None:
+        self.signals.append(name)
+
+
+class ProcessClock(task.Clock):
+    """A clock whose C{spawnProcess} records the process protocols it is given."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.spawned: list[tuple[Any, FakeProcess, list[str]]] = []
+
+    def spawnProcess(self, proto: Any, executable: str, args: list[str], **kw: Any) -> FakeProcess:
+        transport = FakeProcess(1000 + len(self.spawned))
+        proto.makeConnection(transport)
+        self.spawned.append((proto, transport, args))
+        return transport
+
+
+def ended(signal_number: int | None = signal.SIGKILL) -> Failure:
+    return Failure(ProcessTerminated(signal=signal_number))
+
+
+def test_a_dead_process_is_replaced_after_a_back_off_that_doubles_until_one_answers():
+    clock = ProcessClock()
+    pool = VerifierPool(clock, 1, (("127.0.0.1", 5353),))
+    out: list[Any] = []
+    pool.verify(read(b"message"), SOFTFAIL, 10_000).addBoth(out.append)
+    [(proto, process, args)] = clock.spawned  # started by the first job
+    assert args[1:] == ["-m", "mailsrv.authres.worker_main", "127.0.0.1", "5353"]
+    assert process.written  # the job, framed
+    proto.processEnded(ended())
+    [failure] = out
+    assert failure.check(WorkerDied)
+    # Replaced after 0.1 s, then 0.2 s after a second death in a row.
+    assert len(clock.spawned) == 1
+    clock.advance(RESPAWN_FIRST)
+    assert len(clock.spawned) == 2
+    clock.spawned[1][0].processEnded(ended())
+    clock.advance(RESPAWN_FIRST)
+    assert len(clock.spawned) == 2
+    clock.advance(RESPAWN_FIRST)
+    assert len(clock.spawned) == 3
+    # A process that answers resets the back-off.
+    proto, process, _ = clock.spawned[2]
+    out.clear()
+    pool.verify(read(b"message"), SOFTFAIL, 10_000).addBoth(out.append)
+    [job_id] = [pickle.loads(process.written[4:])[0]]
+    results = ([], ("none", ""), None)
+    proto.outReceived(frame(pickle.dumps((job_id, True, results))))
+    assert out == [results]
+    proto.processEnded(ended())
+    clock.advance(RESPAWN_FIRST)
+    assert len(clock.spawned) == 4
+
+
+def test_a_job_waits_for_a_process_with_room_and_the_stop_kills_a_process_that_lingers():
+    clock = ProcessClock()
+    pool = VerifierPool(clock, 2, max_jobs=10)
+    pool.start()
+    (a, pa, _), (b, pb, _) = clock.spawned
+    for _ in range(5):
+        pool.verify(read(b"message"), SOFTFAIL, 10_000)
+    # Two in flight in each process; the fifth waits for room.
+    assert (len(a.jobs), len(b.jobs)) == (2, 2)
+    job_id = next(iter(a.jobs))
+    a.outReceived(frame(pickle.dumps((job_id, True, ([], ("none", ""), None)))))
+    assert (len(a.jobs), len(b.jobs)) == (2, 2)
+    stopped: list[Any] = []
+    pool.stop().addBoth(stopped.append)
+    assert pa.stdin_closed and pb.stdin_closed
+    a.processEnded(ended(None))
+    assert stopped == [] and pb.signals == []
+    clock.advance(STOP_WAIT)
+    assert pb.signals == ["KILL"]
+    b.processEnded(ended())
+    assert stopped == [None]
+    assert pa.signals == []
