@@ -238,7 +238,7 @@ def verifier_cpu_seconds(pid: int) -> float:
                 cmdline = c.read()
         except OSError:
             continue
-        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+        if int(fields[1]) == pid and b"mailsrv.authres.worker_main" in cmdline:
             total += (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
     return total
 
