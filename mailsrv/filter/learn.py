@@ -164,14 +164,7 @@ class TrainingQueue:
         except Exception:
             self._failed(Failure(), job)
             return
-        self.log.info(
-            "learn {message_class} {user} {folder} uid {uid}: {outcome}",
-            message_class=job.message_class,
-            user=job.user,
-            folder=job.folder,
-            uid=job.uid,
-            outcome=outcome,
-        )
+        self._note(self.log.info, job, outcome)
 
     @defer.inlineCallbacks
     def _read(self, job: _Job) -> Any:
@@ -182,23 +175,9 @@ class TrainingQueue:
         finally:
             folder.close()
         if message is None:
-            self.log.info(
-                "learn {message_class} {user} {folder} uid {uid}: skipped, {why}",
-                message_class=job.message_class,
-                user=job.user,
-                folder=job.folder,
-                uid=job.uid,
-                why="gone",
-            )
+            self._note(self.log.info, job, "skipped, gone")
         elif len(message) > MAX_MESSAGE_SIZE:
-            self.log.info(
-                "learn {message_class} {user} {folder} uid {uid}: skipped, {why}",
-                message_class=job.message_class,
-                user=job.user,
-                folder=job.folder,
-                uid=job.uid,
-                why=f"over {MAX_MESSAGE_SIZE} octets",
-            )
+            self._note(self.log.info, job, f"skipped, over {MAX_MESSAGE_SIZE} octets")
             return None
         return message
 
@@ -207,13 +186,18 @@ class TrainingQueue:
             why = f"no answer within {self.timeout:g}s"
         else:
             why = failure.getErrorMessage()
-        self.log.warn(
-            "learn {message_class} {user} {folder} uid {uid}: failed ({why})",
+        self._note(self.log.warn, job, f"failed ({why})")
+
+    @staticmethod
+    def _note(emit: Any, job: _Job, outcome: str) -> None:
+        """One log line on C{job}: what became of it."""
+        emit(
+            "learn {message_class} {user} {folder} uid {uid}: {outcome}",
             message_class=job.message_class,
             user=job.user,
             folder=job.folder,
             uid=job.uid,
-            why=why,
+            outcome=outcome,
         )
 
 
