@@ -19,7 +19,7 @@ from zope.interface.verify import verifyObject
 
 from mailsrv import config as configmod
 from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
-from mailsrv.authres.dmarc import Dmarc, DmarcRecord, from_domains, parse_record
+from mailsrv.authres.dmarc import Dmarc, DmarcRecord, DmarcResult, from_domains, parse_record
 from mailsrv.authres.header import authentication_results, dropped_field
 from mailsrv.authres.resolver import DnsTempError, Resolver
 from mailsrv.authres.spf import SpfResult, check_spf
@@ -28,6 +28,7 @@ from mailsrv.filter.verdict import ACCEPT, JUNK, REJECT, Envelope
 from mailsrv.smtp.checks import IMessageCheck, message_checks
 from mailsrv.spool import BytesSource
 
+from . import authres_reference as reference
 from .authres_support import SenderKey, arc_sealed, message
 from .test_smtp_helpers import PASSWORD, Session, make_context, read_inbox
 
@@ -485,3 +486,28 @@ def test_mail_after_mail_starts_one_spf_evaluation_at_a_time():
     assert reply.startswith("250 ")
     [stored] = read_inbox(s.ctx, ALICE)
     assert b"smtp.mailfrom=carol@good.test" in stored
+
+
+def test_the_field_is_what_the_authres_package_writes() -> None:
+    # The field is written without the package's objects (for speed); the
+    # package stays the judge of its form, for odd values too.
+    odd = ['a"b\\c', "sp ace", "semi;colon", "x=y", "", "ok-token", "@", "(p)", "é"]
+    cases = [
+        ("h", spf("pass"), [], None, None),
+        ("h", SpfResult("none", "mailfrom", "", "x.test"), [], None, ("pass", "")),
+        ("h", SpfResult("pass", "helo", "mx.good.test", "mx.good.test", "why"), [], None, None),
+    ]
+    for value in odd:
+        cases.append(
+            (
+                "mx.test",
+                SpfResult("fail", "mailfrom", value, "d", value),
+                [DkimResult("fail", value, value, value, value)],
+                DmarcResult("fail", value, "reject", "reject", value),
+                ("fail", value),
+            )
+        )
+        cases.append(("mx.test", None, [], DmarcResult("none", value, reason=value), None))
+    cases.append(("mx.test", None, [], None, None))
+    for case in cases:
+        assert authentication_results(*case) == reference.authentication_results(*case), case

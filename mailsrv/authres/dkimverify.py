@@ -49,10 +49,24 @@ class _KeyLookup:
 
 def verify_dkim(message: bytes, resolver: Resolver) -> list[DkimResult]:
     """Each DKIM signature's result; [dkim=none] when there is none."""
+    return verify_parsed(parse(message), resolver)
+
+
+def parse(message: bytes) -> dkim.DKIM | dkim.DKIMException:
+    """
+    The message parsed once for its DKIM signatures (C{.headers}: its header
+    fields, for DMARC and ARC too), or why it cannot be.
+    """
     try:
-        verifier = dkim.DKIM(message, logger=_QUIET)
+        return dkim.DKIM(message, logger=_QUIET)
     except dkim.DKIMException as e:
-        return [DkimResult("permerror", reason=str(e))]
+        return e
+
+
+def verify_parsed(verifier: dkim.DKIM | dkim.DKIMException, resolver: Resolver) -> list[DkimResult]:
+    """L{verify_dkim} of a message L{parse} gave."""
+    if isinstance(verifier, dkim.DKIMException):
+        return [DkimResult("permerror", reason=str(verifier))]
     count = sum(1 for name, _ in verifier.headers if name.lower() == b"dkim-signature")
     if count == 0:
         return [DkimResult("none")]
@@ -88,6 +102,15 @@ def _tags(verifier: dkim.DKIM) -> tuple[str, str, str]:
 
     b = "".join(text(b"b").split())[:8]
     return text(b"d").lower(), text(b"s"), b
+
+
+_ARC_FIELDS = frozenset({b"arc-seal", b"arc-message-signature", b"arc-authentication-results"})
+NOT_ARC_SIGNED = ("none", "Message is not ARC signed")  # as dkimpy says it
+
+
+def has_arc(headers: list[tuple[bytes, bytes]]) -> bool:
+    """Whether any ARC field is among C{headers}: else the chain is none, with no more work."""
+    return any(name.lower() in _ARC_FIELDS for name, _ in headers)
 
 
 def verify_arc(message: bytes, resolver: Resolver) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from mailsrv.authres.spf import SpfResult
 
 POLICIES = ("none", "quarantine", "reject")
 MAX_AUTHOR_DOMAINS = 5  # From: domains evaluated; a message naming more is quarantined
+MAX_ORGS = 10_000  # organizational domains kept (the oldest forgotten first)
 
 
 @dataclass(frozen=True)
@@ -101,10 +102,19 @@ class Dmarc:
     def __init__(self, chance: Callable[[], float] = random.random) -> None:
         self._psl = PublicSuffixList()  # its bundled copy: no network at run time
         self._chance = chance  # in [0, 1): pct= sampling (RFC 7489 6.6.4)
+        # The list's answers, kept: a message asks for its From: domain's,
+        # SPF's and each DKIM domain's (some 10 us each), mostly the same few.
+        self._orgs: dict[str, str] = {}
 
     def organizational_domain(self, domain: str) -> str:
         """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
-        return self._psl.privatesuffix(domain) or domain
+        org = self._orgs.get(domain)
+        if org is None:
+            org = self._psl.privatesuffix(domain) or domain
+            if len(self._orgs) >= MAX_ORGS:
+                self._orgs.pop(next(iter(self._orgs)), None)  # the oldest entry
+            self._orgs[domain] = org
+        return org
 
     def aligned(self, a: str, b: str, mode: str) -> bool:
         """RFC 7489 3.1.1, 3.1.2: strict means equal; relaxed, the same organizational domain."""

@@ -12,17 +12,22 @@ not acted on (a large legitimate message is never refused for a check skipped).
 
 from __future__ import annotations
 
-import re
 import time
 
 import dkim
 
-from mailsrv.authres.dkimverify import DkimResult, verify_arc, verify_dkim
+from mailsrv.authres.dkimverify import (
+    NOT_ARC_SIGNED,
+    DkimResult,
+    has_arc,
+    parse,
+    verify_arc,
+    verify_parsed,
+)
 from mailsrv.authres.dmarc import Dmarc, DmarcResult
 from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.spf import SpfResult
 
-_LINE_END = re.compile(rb"\r?\n")
 # Of the step's time: when the DKIM and ARC lookups (whose names the sender
 # chooses) stop, then DMARC's (the From: domain's), so that the From: domain
 # is still judged when a sender's key servers hang.
@@ -48,7 +53,8 @@ def verify_message(
     start = time.monotonic()
     signatures = resolver.until(start + timeout * DKIM_SHARE)
     policies = resolver.until(start + timeout * DMARC_SHARE)
-    message = _LINE_END.sub(b"\r\n", data)
+    # Every line end CRLF (two passes in C: a regular expression costs ten times more).
+    message = data.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
     if len(data) > max_verify:
         head = message.partition(b"\r\n\r\n")[0] + b"\r\n\r\n"
         dkims = [DkimResult("neutral", reason="message too large to verify")]
@@ -59,9 +65,12 @@ def verify_message(
                 "fail", result.from_domain, result.policy, "none", "DKIM not verified"
             )
         return dkims, ("none", "message too large to verify"), result
-    dkims = verify_dkim(message, signatures)
-    arc = verify_arc(message, signatures)
-    return dkims, arc, dmarc.evaluate(headers_of(message), spf, dkims, policies)
+    # Parsed once: the DKIM verifier's header fields serve ARC's test and DMARC.
+    parsed = parse(message)
+    headers = [] if isinstance(parsed, dkim.DKIMException) else parsed.headers
+    dkims = verify_parsed(parsed, signatures)
+    arc = verify_arc(message, signatures) if has_arc(headers) else NOT_ARC_SIGNED
+    return dkims, arc, dmarc.evaluate(headers, spf, dkims, policies)
 
 
 def headers_of(message: bytes) -> list[tuple[bytes, bytes]]:

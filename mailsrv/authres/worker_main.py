@@ -28,6 +28,7 @@ import struct
 import sys
 from typing import BinaryIO
 
+from mailsrv.authres import rsaverify
 from mailsrv.authres.dmarc import Dmarc
 from mailsrv.authres.resolver import Resolver
 from mailsrv.authres.verify import verify_message
@@ -80,6 +81,7 @@ def main(argv: list[str]) -> None:
     # Standard output carries the frames only: whatever else prints goes to stderr.
     answers = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)
+    rsaverify.install()  # RSA by OpenSSL: this process verifies and does nothing else
     resolver = Resolver(parse_nameservers(argv))
     try:
         serve(sys.stdin.buffer, answers, resolver, Dmarc())
