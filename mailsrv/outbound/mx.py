@@ -14,9 +14,10 @@ from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import defer
-from twisted.names import cache, client, dns, error, resolve
+from twisted.names import client, dns, error
 
 from mailsrv.addresses.domains import DomainError, ascii_domain
+from mailsrv.dnscache import FillingCache
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.errors import DeliveryError
 
@@ -41,7 +42,7 @@ def make_resolver(nameservers: Iterable[tuple[str, int]], reactor: Any) -> Any:
         upstream = client.Resolver(servers=servers, reactor=reactor)
     else:
         upstream = client.Resolver(resolv="/etc/resolv.conf", reactor=reactor)
-    return resolve.ResolverChain([cache.CacheResolver(reactor=reactor), upstream])
+    return FillingCache(upstream, reactor)  # answers kept for their TTL
 
 
 def _unescape_split(description: str) -> list[str]:
