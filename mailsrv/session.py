@@ -171,3 +171,53 @@ class IdleClose:
         cut, self._cut = self._cut, None
         if cut is not None and cut.active():
             cut.cancel()
+
+
+# Seconds the sessions have at shutdown to finish the command under way.
+SHUTDOWN_GRACE = 10.0
+
+
+class OpenSessions:
+    """
+    The open sessions of one listener, told goodbye when the server stops
+    (POP3 C{-ERR}, IMAP C{* BYE}, RFC 3501 7.1.5; SMTP has its own, with
+    its transactions). A session registers as its connection opens and
+    leaves as it closes; at shutdown each gets C{shut_down()}, which says
+    goodbye now or once the command under way is answered, and the
+    connections still open after C{grace} seconds are cut.
+    """
+
+    def __init__(self, clock: Any, grace: float = SHUTDOWN_GRACE) -> None:
+        self.clock = clock
+        self.grace = grace
+        self._open: dict[Any, defer.Deferred] = {}
+
+    def __len__(self) -> int:
+        return len(self._open)
+
+    def opened(self, session: Any) -> None:
+        self._open[session] = defer.Deferred()
+
+    def closed(self, session: Any) -> None:
+        ended = self._open.pop(session, None)
+        if ended is not None:
+            ended.callback(None)
+
+    def shut_down(self) -> defer.Deferred:
+        """Say goodbye to every session; fire once all have closed (or were cut)."""
+        sessions = dict(self._open)
+        for session in sessions:
+            session.shut_down()
+        if not sessions:
+            return defer.succeed(None)
+
+        def cut() -> None:
+            for session in list(self._open):
+                abort = getattr(session.transport, "abortConnection", None)
+                if abort is not None:
+                    abort()
+                self.closed(session)
+
+        timer = self.clock.callLater(self.grace, cut)
+        d = defer.DeferredList(list(sessions.values()))
+        return d.addBoth(lambda _: timer.cancel() if timer.active() else None)

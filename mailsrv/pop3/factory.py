@@ -10,6 +10,7 @@ from twisted.mail.interfaces import IMailboxPOP3
 
 from mailsrv.pop3.maildrop import MaildropLocks, open_maildrop
 from mailsrv.pop3.server import POP3Server
+from mailsrv.session import OpenSessions
 
 
 class POP3Factory(protocol.ServerFactory):
@@ -21,6 +22,11 @@ class POP3Factory(protocol.ServerFactory):
         self.ctx = ctx
         self.locks = locks
         self.implicit_tls = implicit_tls
+        self.open_sessions = OpenSessions(ctx.reactor)
+
+    def shut_down(self) -> Any:
+        """The server stops: every session hears C{-ERR} and closes (a Deferred)."""
+        return self.open_sessions.shut_down()
 
     def buildProtocol(self, addr: Any) -> POP3Server:
         p = POP3Server(self.ctx, self.locks, self.implicit_tls)

@@ -8,6 +8,8 @@ IN_USE = b"-ERR [IN-USE] Mailbox is locked by another POP3 session."
 SYS_TEMP = b"-ERR [SYS/TEMP] Internal error occurred. Refer to server log for more information."
 TOO_MANY_ERRORS = b"-ERR Too many invalid commands."
 TIMED_OUT = b"-ERR Disconnected for inactivity."
+# RFC 3206 4: SYS/TEMP, a temporary failure: the client tries again later.
+SHUTTING_DOWN = b"-ERR [SYS/TEMP] Server shutting down."
 NO_SUCH_MESSAGE = b"-ERR There's no message %d."
 DELETED = b"-ERR Message is deleted."
 GONE = b"-ERR Message no longer exists."

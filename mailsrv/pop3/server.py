@@ -28,6 +28,7 @@ from mailsrv.pop3.replies import (
     IN_USE,
     NO_SUCH_MESSAGE,
     PLAINTEXT_DISALLOWED,
+    SHUTTING_DOWN,
     SYS_TEMP,
     THROTTLED,
     TIMED_OUT,
@@ -70,6 +71,7 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
         self._discarding = False  # the rest of an over-long line
         self._tls_started = False  # ignore the rest of the packet that carried STLS
         self._closed = False
+        self._shutting_down = False
         self._sasl: Callable[[bytes], None] | None = None
         self._method = ""
         # Read-ahead for sequential RETR: message index -> bytes, and the batch being read.
@@ -94,6 +96,9 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
             except Exception:  # not a TCP socket underneath
                 pass
         self.peer = peer_host(self.transport)
+        sessions = getattr(self.factory, "open_sessions", None)
+        if sessions is not None:
+            sessions.opened(self)
         self._tls.connected(self.transport)
         self.transport.write(GREETING + b"\r\n")
         self.setTimeout(self.timeOut)
@@ -107,6 +112,25 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
         self._cache.clear()
         self._opened = []
         super().connectionLost(reason)
+        sessions = getattr(self.factory, "open_sessions", None)
+        if sessions is not None:
+            sessions.closed(self)
+
+    def shut_down(self) -> None:
+        """
+        The server is stopping: C{-ERR} and close, now or once the command
+        under way has been answered. Messages marked with DELE stay: only
+        QUIT removes them (RFC 1939 6).
+        """
+        self._shutting_down = True
+        if self.blocked is None:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        if self._closed or self.transport.disconnecting:
+            return
+        self.send(SHUTTING_DOWN)
+        self.transport.loseConnection()
 
     def timeoutConnection(self) -> None:
         self.log.info(
@@ -206,12 +230,14 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
         lines, self.blocked = self.blocked or [], None
         if len(lines) >= MAX_PIPELINED and not self._closed:
             self.transport.resumeProducing()
-        while lines and self.blocked is None and not self._closed:
+        while lines and self.blocked is None and not self._closed and not self._shutting_down:
             self._handle(lines.pop(0))
             if self._tls_started:
                 lines.clear()  # RFC 2595 4: sent in the clear before the handshake
         if self.blocked is not None:
             self.blocked.extend(lines)
+        elif self._shutting_down:
+            self._goodbye()
 
     def _long(self, d: defer.Deferred) -> defer.Deferred:
         """Hold further commands until C{d} fires; the idle timeout keeps running."""
