@@ -34,7 +34,7 @@ from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
-from mailsrv.session import BadCommands, IdleClose, TLSGate
+from mailsrv.session import BadCommands, IdleClose, OpenSessions, TLSGate
 
 # Literal octets that restart the idle timer: a literal must arrive at 16 KiB
 # per idle timeout (55 bytes/s with the default 5 minutes) or better.
@@ -88,6 +88,7 @@ class IMAPServer(
         self._sync_again = False
         self._user: str | None = None
         self._literal_progress = 0  # literal bytes since the idle timer last restarted
+        self._shutting_down = False
 
     # --- connection --------------------------------------------------------
 
@@ -97,6 +98,7 @@ class IMAPServer(
         except Exception:
             pass  # not TCP (tests), or TLS wrapping without the method
         self._tls.connected(self.transport)
+        self.factory.open_sessions.opened(self)
         super().connectionMade()
         if self.factory.implicit_tls:
             self.start_handshake_deadline(self.timeOut)
@@ -108,6 +110,7 @@ class IMAPServer(
         self._idle.connection_lost()
         self._close_mailbox()
         super().connectionLost(reason)
+        self.factory.open_sessions.closed(self)
         pending = twistedcompat.pending_literal(self)
         if isinstance(pending, _SpoolLiteral):
             pending.source.discard()
@@ -185,8 +188,26 @@ class IMAPServer(
             self._bad.good()
         if tag and tag != b"*" and tag == self._busy and state in (b"OK", b"NO", b"BAD"):
             self._busy = None
-            if self.paused and not self._lost:
+            if self._shutting_down:
+                self._goodbye()
+            elif self.paused and not self._lost:
                 self.callLater(0, self._resume)
+
+    def shut_down(self) -> None:
+        """
+        The server is stopping: C{* BYE} and close (RFC 3501 7.1.5), now
+        (between commands, or in IDLE) or once the command under way has
+        been answered (an APPEND being stored gets its OK first).
+        """
+        self._shutting_down = True
+        if self._busy is None or self._idle_tag is not None:
+            self._goodbye()
+
+    def _goodbye(self) -> None:
+        if self._lost or self.transport.disconnecting:
+            return
+        self.sendLine(b"* BYE Server shutting down.")
+        self.transport.loseConnection()
 
     def _resume(self) -> None:
         if self.paused and self._busy is None and not self._lost:
@@ -356,6 +377,11 @@ class IMAPServerFactory(protocol.Factory):
         self.envelopes = BoundedCache(100_000)  # ~45 MB at most
         self.structures = BoundedCache(5_000)
         self.cooperate = cooperate or (lambda: task.deferLater(reactor, 0, lambda: None))
+        self.open_sessions = OpenSessions(reactor)
+
+    def shut_down(self) -> defer.Deferred:
+        """The server stops: every session hears C{* BYE} and closes (a Deferred)."""
+        return self.open_sessions.shut_down()
 
     def buildProtocol(self, addr: Any) -> IMAPServer:
         p = IMAPServer(self)
