@@ -19,6 +19,8 @@ from twisted.internet import defer
 from twisted.names import common, dns
 
 MAX_ENTRIES = 10_000  # answers kept at most (the least recently used dropped first)
+MAX_RECORDS = 32  # records an answer may hold (all sections) to be kept
+MAX_TTL = 86_400  # seconds an answer is kept at most, whatever its TTL says
 
 Result = tuple[list[Any], list[Any], list[Any]]  # answers, authority, additional
 
@@ -53,9 +55,17 @@ class FillingCache(common.ResolverBase):
 
     def _keep(self, result: Result, query: dns.Query) -> Result:
         records = [r for section in result for r in section]
-        # An answer without records (NODATA) is not kept: its only TTL is its
-        # SOA's (RFC 2308), which the client resolver does not give; asked again.
-        ttl = min((r.ttl for r in records), default=0)
+        # An answer without records is not kept. A NODATA answer carries its
+        # zone's SOA in the authority section and is kept for that record's
+        # TTL (RFC 2308 5). Large answers are not kept (a client's PTR names
+        # are its own to choose, and each could point at a 64 KiB answer), and
+        # no answer is kept longer than MAX_TTL.
+        if not records or len(records) > MAX_RECORDS:
+            return result
+        ttl = min(r.ttl for r in records)
+        if ttl >= 2**31:
+            ttl = 0  # RFC 2181 8: a TTL with the top bit set is zero
+        ttl = min(ttl, MAX_TTL)
         if ttl > 0:
             now = self.clock.seconds()
             self.cache[query] = (now, now + ttl, result)

@@ -511,3 +511,13 @@ def test_the_field_is_what_the_authres_package_writes() -> None:
     cases.append(("mx.test", None, [], None, None))
     for case in cases:
         assert authentication_results(*case) == reference.authentication_results(*case), case
+
+
+def test_a_header_dkimpy_cannot_parse_is_a_failed_arc_chain() -> None:
+    from mailsrv.authres.verify import verify_message
+
+    broken = b"From: a@good.test\r\nthis line has no colon\r\n\r\nbody\r\n"
+    dkims, arc, dmarc = verify_message(broken, spf("pass"), ZoneResolver({}), Dmarc(), 10**6, 5)
+    assert dkims[0].result == "permerror"
+    assert arc[0] == "fail"  # as dkimpy's ARC verification says, not "none"
+    assert dmarc.result == "permerror"  # no From: domain could be read

@@ -126,3 +126,26 @@ def test_dkim_signed_messages_verify_through_it(monkeypatch: pytest.MonkeyPatch)
     assert dkim.verify(sig + message, dnsfunc=dns)
     assert not dkim.verify(sig + message.replace(b"hi", b"ho"), dnsfunc=dns)
     assert calls == [True, False]
+
+
+def test_keys_openssl_refuses_are_verified_as_dkimpy_does() -> None:
+    # A 4096-bit key with a 101-bit public exponent: valid RSA, which OpenSSL
+    # will not use (an exponent over 64 bits with a modulus over 3072 bits).
+    big = rsa.generate_private_key(public_exponent=65537, key_size=4096)
+    numbers = big.private_numbers()
+    p, q = numbers.p, numbers.q
+    phi = (p - 1) * (q - 1)
+    e = (1 << 100) + 1
+    while True:
+        try:
+            d = pow(e, -1, phi)
+            break
+        except ValueError:
+            e += 2
+    n = p * q
+    public = {"modulus": n, "publicExponent": e}
+    digest = hashlib.sha256(b"message")
+    encoded = dkim.crypto.EMSA_PKCS1_v1_5_encode(digest, 512)
+    signature = pow(int.from_bytes(encoded, "big"), d, n).to_bytes(512, "big")
+    assert both(digest, signature, public) == (True, True)
+    assert both(hashlib.sha256(b"massage"), signature, public) == (False, False)

@@ -30,6 +30,9 @@ class FillingCacheTests(unittest.TestCase):
                 ("kept.test", dns.Record_A("192.0.2.1", ttl=300)),
                 ("now.test", dns.Record_A("192.0.2.1", ttl=0)),
                 ("1.2.0.192.in-addr.arpa", dns.Record_PTR(b"kept.test", ttl=300)),
+                ("forever.test", dns.Record_A("192.0.2.1", ttl=2**31 - 1)),
+                ("negative.test", dns.Record_A("192.0.2.1", ttl=2**32 - 1)),
+                *[("many.test", dns.Record_A(f"192.0.2.{i}", ttl=300)) for i in range(1, 41)],
             ],
         )
         self.addCleanup(self.port.stopListening)
@@ -81,3 +84,15 @@ class FillingCacheTests(unittest.TestCase):
         self.zone.records[b"1.2.0.192.in-addr.arpa"] = [dns.Record_PTR(b"other.test", ttl=0)]
         answers, _, _ = await resolver.lookupPointer("1.2.0.192.in-addr.arpa", timeout=(2,))
         self.assertEqual(answers[0].payload.name.name, b"kept.test")
+
+    async def test_large_answers_and_long_ttls_are_bounded(self) -> None:
+        # A client's PTR names are its own to choose: what it points at must
+        # not fill the memory, or stay for ever.
+        answers, _, _ = await self.resolver.lookupAddress("many.test", timeout=(2,))
+        self.assertEqual(len(answers), 40)
+        await self.address("forever.test")
+        await self.address("negative.test")
+        kept = {
+            q.name.name: expires - stored for q, (stored, expires, _) in self.resolver.cache.items()
+        }
+        self.assertEqual(kept, {b"forever.test": 86_400})  # capped to a day; the others not kept

@@ -9,6 +9,8 @@ alignment of the SPF and DKIM results, and the disposition (pct= honoured,
 from __future__ import annotations
 
 import random
+import threading
+from collections import OrderedDict
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from email.utils import getaddresses
@@ -104,16 +106,18 @@ class Dmarc:
         self._chance = chance  # in [0, 1): pct= sampling (RFC 7489 6.6.4)
         # The list's answers, kept: a message asks for its From: domain's,
         # SPF's and each DKIM domain's (some 10 us each), mostly the same few.
-        self._orgs: dict[str, str] = {}
+        self._orgs: OrderedDict[str, str] = OrderedDict()
+        self._orgs_lock = threading.Lock()
 
     def organizational_domain(self, domain: str) -> str:
         """RFC 7489 3.2: the public suffix plus one label (the domain itself if it is a suffix)."""
         org = self._orgs.get(domain)
         if org is None:
             org = self._psl.privatesuffix(domain) or domain
-            if len(self._orgs) >= MAX_ORGS:
-                self._orgs.pop(next(iter(self._orgs)), None)  # the oldest entry
-            self._orgs[domain] = org
+            with self._orgs_lock:  # pool threads may share this evaluator
+                if len(self._orgs) >= MAX_ORGS:
+                    self._orgs.popitem(last=False)  # the oldest entry
+                self._orgs[domain] = org
         return org
 
     def aligned(self, a: str, b: str, mode: str) -> bool:

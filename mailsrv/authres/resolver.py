@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import copy
 import math
+import threading
 import time
+from collections import OrderedDict
 from typing import Any
 
 import dns.exception
@@ -45,7 +47,8 @@ class Resolver:
         # expire: a hit costs a dictionary lookup, where dnspython's cache is
         # reached through its name parsing and resolution objects (some 20 us,
         # and every message asks for its DKIM key and DMARC record).
-        self._known: dict[tuple[str, str], tuple[float, list[Any]]] = {}
+        self._known: OrderedDict[tuple[str, str], tuple[float, list[Any]]] = OrderedDict()
+        self._known_lock = threading.Lock()
 
     def until(self, deadline: float) -> Resolver:
         """
@@ -89,9 +92,10 @@ class Resolver:
             raise DnsTempError(f"DNS {qtype} {name}: {e.__class__.__name__}") from e
         records = list(answer.rrset) if answer.rrset is not None else []
         if answer.rrset is not None:
-            if len(self._known) >= KNOWN:
-                self._known.pop(next(iter(self._known)), None)  # the oldest entry
-            self._known[(name, qtype)] = (answer.expiration, records)
+            with self._known_lock:  # pool threads share this resolver
+                if len(self._known) >= KNOWN:
+                    self._known.popitem(last=False)  # the oldest entry
+                self._known[(name, qtype)] = (answer.expiration, records)
         return records
 
     def txt(self, name: str) -> list[bytes]:

@@ -25,6 +25,8 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives.asymmetric import padding, rsa
 
 MAX_KEYS = 256  # public keys kept built (a key is some 10 us to build)
+MAX_EXPONENT_BITS = 64  # OpenSSL's limit for a modulus over 3072 bits (the one used here for all)
+MAX_MODULUS_BITS = 16_384  # OpenSSL's OPENSSL_RSA_MAX_MODULUS_BITS
 
 
 class Verifier:
@@ -47,8 +49,15 @@ class Verifier:
         digest_info = encoded[encoded.index(b"\x00", 1) + 1 :]
         if len(signature) > modlen:
             return False  # RFC 8017 8.2.2 step 1 (dkimpy: an integer out of range)
+        if e.bit_length() > MAX_EXPONENT_BITS or n.bit_length() > MAX_MODULUS_BITS:
+            # Keys OpenSSL refuses to use (an exponent over 64 bits with a
+            # modulus over 3072, a modulus over 16384 bits): dkimpy's arithmetic.
+            return bool(dkim.crypto.RSASSA_PKCS1_v1_5_verify(hash, signature, public_key))
         try:
             key = self._key(n, e)
+        except ValueError:
+            return bool(dkim.crypto.RSASSA_PKCS1_v1_5_verify(hash, signature, public_key))
+        try:
             # RSAVP1 and the padding check by OpenSSL (signature < n, type 1
             # padding across the whole modulus); what remains is the DigestInfo.
             recovered = key.recover_data_from_signature(

@@ -67,9 +67,11 @@ def verify_message(
         return dkims, ("none", "message too large to verify"), result
     # Parsed once: the DKIM verifier's header fields serve ARC's test and DMARC.
     parsed = parse(message)
-    headers = [] if isinstance(parsed, dkim.DKIMException) else parsed.headers
+    unparsed = isinstance(parsed, dkim.DKIMException)
+    headers = [] if unparsed else parsed.headers
     dkims = verify_parsed(parsed, signatures)
-    arc = verify_arc(message, signatures) if has_arc(headers) else NOT_ARC_SIGNED
+    # A header dkimpy cannot parse is ARC's to judge (a failed chain), as before.
+    arc = verify_arc(message, signatures) if unparsed or has_arc(headers) else NOT_ARC_SIGNED
     return dkims, arc, dmarc.evaluate(headers, spf, dkims, policies)
 
 
