@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import functools
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 from mailsrv.imap.imapstring import nstring
@@ -241,6 +242,12 @@ _ENVELOPE_FIELDS_RE = re.compile(
     re.M | re.I,
 )
 _FOLD = re.compile(rb"\r?\n(?=[ \t])")
+_WSP = b" \t\r\n"
+_WSP_RUN = re.compile(rb"[ \t\r\n]+")
+_ENVELOPE_NAMES = frozenset(
+    (b"date", b"subject", b"from", b"sender", b"reply-to", b"to", b"cc", b"bcc")
+    + (b"in-reply-to", b"message-id")
+)
 
 
 def envelope(block: bytes) -> bytes:
@@ -250,30 +257,47 @@ def envelope(block: bytes) -> bytes:
         end = block.find(b"\n\n")
     if end >= 0:
         block = block[: end + 1]
-    h: dict[bytes, bytes] = {}
+    values: dict[bytes, bytes] = {}
     for name, value in _ENVELOPE_FIELDS_RE.findall(block):
         name = name.lower()
-        if name not in h:
+        if name not in values:
             # RFC 5322 2.2.3: unfolding removes the CRLF before white space.
-            h[name] = (_FOLD.sub(b"", value) if b"\n" in value else value).strip(b" \t\r\n")
-    frm = address_list(h.get(b"from"))
-    # RFC 3501 7.4.2: an absent or empty Sender or Reply-To is the From.
-    sender = address_list(h.get(b"sender"))
-    reply_to = address_list(h.get(b"reply-to"))
-    subject = h.get(b"subject")
-    return b"(%s %s %s %s %s %s %s %s %s %s)" % (
-        nstring(h.get(b"date")),
-        b"NIL" if subject is None else nstring(_subject(subject)),
-        frm,
-        frm if sender == b"NIL" else sender,
-        frm if reply_to == b"NIL" else reply_to,
-        address_list(h.get(b"to")),
-        address_list(h.get(b"cc")),
-        address_list(h.get(b"bcc")),
-        nstring(h.get(b"in-reply-to")),
-        nstring(h.get(b"message-id")),
+            values[name] = (_FOLD.sub(b"", value) if b"\n" in value else value).strip(_WSP)
+    return _envelope(values)
+
+
+def envelope_of_fields(fields: Mapping[bytes, bytes]) -> bytes:
+    """
+    The ENVELOPE from the first raw value (after the colon, folds and all)
+    of each header field, keyed by lower-case name.
+    """
+    return _envelope(
+        {
+            name: (_FOLD.sub(b"", value) if b"\n" in value else value).strip(_WSP)
+            for name, value in fields.items()
+            if name in _ENVELOPE_NAMES
+        }
     )
 
 
-def _subject(value: bytes) -> bytes:
-    return re.sub(rb"[ \t\r\n]+", b" ", value).strip(b" ")
+def _envelope(values: dict[bytes, bytes]) -> bytes:
+    get = values.get
+    frm = address_list(get(b"from"))
+    # RFC 3501 7.4.2: an absent or empty Sender or Reply-To is the From.
+    sender = address_list(get(b"sender"))
+    reply_to = address_list(get(b"reply-to"))
+    subject = get(b"subject")
+    if subject is not None and (b"  " in subject or b"\t" in subject or b"\n" in subject):
+        subject = _WSP_RUN.sub(b" ", subject)  # as Dovecot: white space runs made one space
+    return b"(%s %s %s %s %s %s %s %s %s %s)" % (
+        nstring(get(b"date")),
+        nstring(subject),
+        frm,
+        frm if sender == b"NIL" else sender,
+        frm if reply_to == b"NIL" else reply_to,
+        address_list(get(b"to")),
+        address_list(get(b"cc")),
+        address_list(get(b"bcc")),
+        nstring(get(b"in-reply-to")),
+        nstring(get(b"message-id")),
+    )

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 from typing import BinaryIO
 
 from mailsrv.imap.envelope import envelope as envelope
+from mailsrv.imap.envelope import envelope_of_fields
 from mailsrv.imap.imapstring import astring as astring
 from mailsrv.imap.imapstring import nstring
 
@@ -48,8 +49,8 @@ def split_header_fields(block: bytes) -> list[tuple[bytes, bytes]]:
 _FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
 
 
-def header_values(block: bytes) -> dict[bytes, bytes]:
-    """The first value of each field, unfolded and stripped, keyed by lower-case name."""
+def raw_values(block: bytes) -> dict[bytes, bytes]:
+    """The first value of each field as it stands (folds and all), keyed by lower-case name."""
     end = block.find(b"\n\r\n")
     if end < 0:
         end = block.find(b"\n\n")
@@ -57,11 +58,20 @@ def header_values(block: bytes) -> dict[bytes, bytes]:
         block = block[: end + 1]
     out: dict[bytes, bytes] = {}
     for m in _FIELD_RE.finditer(block):
-        name = m.group(1).lower()
-        if name not in out:
-            value = m.group(2)
-            out[name] = b" ".join(value.split()) if b"\n" in value else value.strip()
+        out.setdefault(m.group(1).lower(), m.group(2))
     return out
+
+
+def _cleaned(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {
+        name: b" ".join(value.split()) if b"\n" in value else value.strip()
+        for name, value in raw.items()
+    }
+
+
+def header_values(block: bytes) -> dict[bytes, bytes]:
+    """The first value of each field, unfolded and stripped, keyed by lower-case name."""
+    return _cleaned(raw_values(block))
 
 
 def select_fields(block: bytes, names: list[bytes], negate: bool) -> bytes:
@@ -152,20 +162,20 @@ class _Lines:
         if self._back is not None:
             item, self._back = self._back, None
             self.pos = item[0] + len(item[1])
-            if item[1][-1:] == b"\n":
+            if item[1] and item[1][-1] == 10:  # a line feed
                 self.count += 1
             return item
         start = self.pos
         line = self._f.readline(_MAX_LINE)
         self.pos += len(line)
-        if line[-1:] == b"\n":
+        if line and line[-1] == 10:
             self.count += 1
         return start, line
 
     def push(self, item: tuple[int, bytes]) -> None:
         self._back = item
         self.pos = item[0]
-        if item[1][-1:] == b"\n":
+        if item[1] and item[1][-1] == 10:
             self.count -= 1
 
     def lines_since(self, first: int, part: Part) -> int:
@@ -218,9 +228,10 @@ def _parse_entity(
             break
     part.body_start = r.pos
     first_body_line = r.count
-    h = part.headers = header_values(bytes(header))
+    raw = raw_values(bytes(header))
+    h = part.headers = _cleaned(raw)
     if message:
-        part.envelope = envelope(bytes(header))
+        part.envelope = envelope_of_fields(raw)
     ctype, params = parse_params(h.get(b"content-type", default))
     if b"/" not in ctype:
         ctype, params = (default, []) if b"content-type" not in h else (b"text/plain", params)
@@ -249,22 +260,19 @@ def _parse_entity(
 
 
 def _parse_leaf(r: _Lines, part: Part, boundaries: list[bytes]) -> None:
-    last_eol = 0
-    end = part.body_start
+    prev = b""  # the line before the current one
     while True:
         item = r.next()
         line = item[1]
         if not line:
-            end = r.pos
-            break
+            part.body_end = r.pos
+            return
         if boundaries and line[:2] == b"--" and _delimiter(line, boundaries) is not None:
             r.push(item)
             # RFC 2046 5.1.1: the CRLF before a boundary belongs to the boundary.
-            end = max(part.body_start, item[0] - last_eol)
-            break
-        last_eol = _eol_len(line)
-        end = r.pos
-    part.body_end = end
+            part.body_end = max(part.body_start, item[0] - _eol_len(prev))
+            return
+        prev = line
 
 
 def _parse_multipart(
