@@ -138,7 +138,7 @@ class _Reader:
             kind = self.peek()
             if not kind:
                 break
-            if kind == ",":
+            if kind in (",", ">"):  # an empty item, or a stray ">"
                 self.take()
                 continue
             if kind == ";":
