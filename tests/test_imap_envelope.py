@@ -56,8 +56,8 @@ CASES = [
         b'(("Joe \\"Q\\" Public" NIL "joe" "example.org"))',
     ),
     (b"J\xc3\xb6rg <j@example.org>", b'(({5}\r\nJ\xc3\xb6rg NIL "j" "example.org"))'),
-    # A stray ">" is passed over (it once made the reader loop for ever).
-    (b"a@b>, c@d>", b'((NIL NIL "a" "b")(NIL NIL "c" "d"))'),
+    # A stray ">" ends the list (it once made the reader loop for ever).
+    (b"a@b>, c@d>", b'((NIL NIL "a" "b"))'),
     (b"", b"NIL"),
     (b" , ,", b"NIL"),
 ]

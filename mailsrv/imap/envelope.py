@@ -138,7 +138,9 @@ class _Reader:
             kind = self.peek()
             if not kind:
                 break
-            if kind in (",", ">"):  # an empty item, or a stray ">"
+            if kind == ">":  # a stray ">" ends what can be read, as in Dovecot
+                break
+            if kind == ",":
                 self.take()
                 continue
             if kind == ";":
