@@ -101,7 +101,7 @@ def test_envelope_address_shapes():
     assert env == (
         b'(NIL "=?utf-8?q?x?=" (("Doe, John" NIL "j" "d.test")) (("Doe, John" NIL "j" "d.test")) '
         b'(("Doe, John" NIL "j" "d.test")) ((NIL NIL "a" "b.test")("Ann" NIL "ann" "c.test")) '
-        b"NIL NIL NIL NIL)"
+        b'((NIL NIL "undisclosed-recipients" NIL)(NIL NIL NIL NIL)) NIL NIL NIL)'
     )
 
 

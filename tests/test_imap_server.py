@@ -206,7 +206,8 @@ def test_fetch_sections_of_multipart(h):
     c = logged_in(h)
     c.select()
     out = c.cmd(b"f FETCH 1 (BODYSTRUCTURE)")
-    assert b'("TEXT" "PLAIN" ("charset" "utf-8") NIL NIL "7BIT" 10 1' in out
+    # RFC 2046 5.1.1: the line end before "--B1" is the delimiter's: no line feed left.
+    assert b'("TEXT" "PLAIN" ("charset" "utf-8") NIL NIL "7BIT" 10 0' in out
     assert b'("MESSAGE" "RFC822" NIL NIL NIL "7BIT"' in out
     assert b'"ALTERNATIVE"' in out and b'"MIXED"' in out
     out = c.cmd(

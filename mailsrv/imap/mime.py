@@ -1,7 +1,8 @@
 """
 The MIME structure of a stored message, found by scanning it once in
-chunks, and the IMAP renderings built on it: ENVELOPE, BODY and
-BODYSTRUCTURE (RFC 3501 7.4.2), and the byte ranges of BODY[section].
+chunks, and the IMAP renderings built on it: BODY and BODYSTRUCTURE
+(RFC 3501 7.4.2, with the ENVELOPE of L{mailsrv.imap.envelope} for each
+message/rfc822), and the byte ranges of BODY[section].
 
 Nothing here holds a whole message in memory: the scanner reads lines, so a
 50 MB attachment costs one pass over the file and a few small objects.
@@ -10,41 +11,16 @@ Malformed MIME is served as well as it can be, never raised.
 
 from __future__ import annotations
 
-import email.utils
-import functools
 import re
 from dataclasses import dataclass, field
 from typing import BinaryIO
 
-# RFC 3501 9: atom-specials that force a quoted string.
-_ATOM_SAFE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|}~]+$")
+from mailsrv.imap.envelope import envelope as envelope
+from mailsrv.imap.envelope import envelope_of_fields
+from mailsrv.imap.imapstring import astring as astring
+from mailsrv.imap.imapstring import nstring
+
 _MAX_LINE = 64 * 1024
-_LITERAL_ONLY = re.compile(rb"[\r\n\0\x7f-\xff]")
-
-
-# --- IMAP string output ------------------------------------------------------
-
-
-def nstring(value: bytes | str | None) -> bytes:
-    """An IMAP nstring: NIL, a quoted string, or a literal when it must be."""
-    if value is None:
-        return b"NIL"
-    if isinstance(value, str):
-        value = value.encode("utf-8", "surrogateescape")
-    if _LITERAL_ONLY.search(value):
-        return b"{%d}\r\n%s" % (len(value), value)
-    if b"\\" in value or b'"' in value:
-        value = value.replace(b"\\", b"\\\\").replace(b'"', b'\\"')
-    return b'"' + value + b'"'
-
-
-def astring(value: bytes | str) -> bytes:
-    """An IMAP astring: an atom when safe, else a quoted string or literal."""
-    if isinstance(value, str):
-        value = value.encode("utf-8", "surrogateescape")
-    if _ATOM_SAFE.match(value) and value.upper() != b"NIL":
-        return value
-    return nstring(value)
 
 
 # --- headers -----------------------------------------------------------------
@@ -73,8 +49,8 @@ def split_header_fields(block: bytes) -> list[tuple[bytes, bytes]]:
 _FIELD_RE = re.compile(rb"^([!-9;-~]+)[ \t]*:(.*(?:\r?\n[ \t].*)*)", re.M)
 
 
-def header_values(block: bytes) -> dict[bytes, bytes]:
-    """The first value of each field, unfolded and stripped, keyed by lower-case name."""
+def raw_values(block: bytes) -> dict[bytes, bytes]:
+    """The first value of each field as it stands (folds and all), keyed by lower-case name."""
     end = block.find(b"\n\r\n")
     if end < 0:
         end = block.find(b"\n\n")
@@ -82,11 +58,20 @@ def header_values(block: bytes) -> dict[bytes, bytes]:
         block = block[: end + 1]
     out: dict[bytes, bytes] = {}
     for m in _FIELD_RE.finditer(block):
-        name = m.group(1).lower()
-        if name not in out:
-            value = m.group(2)
-            out[name] = b" ".join(value.split()) if b"\n" in value else value.strip()
+        out.setdefault(m.group(1).lower(), m.group(2))
     return out
+
+
+def _cleaned(raw: dict[bytes, bytes]) -> dict[bytes, bytes]:
+    return {
+        name: b" ".join(value.split()) if b"\n" in value else value.strip()
+        for name, value in raw.items()
+    }
+
+
+def header_values(block: bytes) -> dict[bytes, bytes]:
+    """The first value of each field, unfolded and stripped, keyed by lower-case name."""
+    return _cleaned(raw_values(block))
 
 
 def select_fields(block: bytes, names: list[bytes], negate: bool) -> bytes:
@@ -94,90 +79,6 @@ def select_fields(block: bytes, names: list[bytes], negate: bool) -> bytes:
     wanted = {n.lower() for n in names}
     kept = [raw for name, raw in split_header_fields(block) if (name in wanted) != negate and name]
     return b"".join(r if r.endswith(b"\n") else r + b"\r\n" for r in kept) + b"\r\n"
-
-
-def _text(value: bytes) -> str:
-    return value.decode("utf-8", "surrogateescape")
-
-
-_ITEM_RE = re.compile(r'(?:"[^"]*"|[^,"])+')
-_HARD = re.compile(r"[():;\\\[]")
-
-
-def _parse_addresses(text: str) -> list[tuple[str, str]]:
-    """
-    (name, address) pairs. The common shapes (``a@b``, ``Name <a@b>``,
-    ``"Name, Jr" <a@b>``, lists of them) are split here; anything with
-    comments, groups, routes or escapes goes to the stdlib parser.
-    """
-    if _HARD.search(text):
-        return email.utils.getaddresses([text])
-    out = []
-    for item in _ITEM_RE.findall(text):
-        lt = item.find("<")
-        if lt >= 0:
-            gt = item.find(">", lt)
-            if gt < 0:
-                return email.utils.getaddresses([text])
-            name = item[:lt].strip()
-            if name.startswith('"') and name.endswith('"') and len(name) > 1:
-                name = name[1:-1]
-            out.append((name, item[lt + 1 : gt].strip()))
-        else:
-            addr = item.strip()
-            if addr:
-                if '"' in addr or " " in addr:
-                    return email.utils.getaddresses([text])
-                out.append(("", addr))
-    return out
-
-
-@functools.lru_cache(maxsize=8192)  # correspondents repeat across a folder
-def _address_list(value: bytes | None) -> bytes:
-    """RFC 3501 7.4.2: a parenthesised list of (name adl mailbox host), or NIL."""
-    if value is None:
-        return b"NIL"
-    try:
-        pairs = _parse_addresses(_text(value))
-    except Exception:
-        return b"NIL"
-    items = []
-    for name, addr in pairs:
-        if not addr and not name:
-            continue
-        local, at, host = addr.rpartition("@")
-        if not at:
-            local, host = addr, ""
-        items.append(
-            b"("
-            + nstring(name or None)
-            + b" NIL "
-            + nstring(local or None)
-            + b" "
-            + nstring(host or None)
-            + b")"
-        )
-    return b"(" + b"".join(items) + b")" if items else b"NIL"
-
-
-_ENVELOPE_FIELDS_RE = re.compile(
-    rb"^(date|subject|from|sender|reply-to|to|cc|bcc|in-reply-to|message-id)[ \t]*:"
-    rb"(.*(?:\r?\n[ \t].*)*)",
-    re.M | re.I,
-)
-
-
-def envelope(block: bytes) -> bytes:
-    """The ENVELOPE structure for a header block (RFC 3501 7.4.2)."""
-    end = block.find(b"\n\r\n")
-    if end >= 0:
-        block = block[: end + 1]
-    h: dict[bytes, bytes] = {}
-    for name, value in _ENVELOPE_FIELDS_RE.findall(block):
-        name = name.lower()
-        if name not in h:
-            h[name] = b" ".join(value.split()) if b"\n" in value else value.strip()
-    return _envelope_from_values(h)
 
 
 def parse_params(value: bytes) -> tuple[bytes, list[tuple[bytes, bytes]]]:
@@ -254,28 +155,39 @@ class _Lines:
     def __init__(self, f: BinaryIO) -> None:
         self._f = f
         self.pos = 0
-        self.count = 0  # lines read
+        self.count = 0  # line feeds read (RFC 3501 body-fld-lines counts them)
         self._back: tuple[int, bytes] | None = None
 
     def next(self) -> tuple[int, bytes]:
         if self._back is not None:
             item, self._back = self._back, None
             self.pos = item[0] + len(item[1])
-            if item[1]:
+            if item[1] and item[1][-1] == 10:  # a line feed
                 self.count += 1
             return item
         start = self.pos
         line = self._f.readline(_MAX_LINE)
         self.pos += len(line)
-        if line:
+        if line and line[-1] == 10:
             self.count += 1
         return start, line
 
     def push(self, item: tuple[int, bytes]) -> None:
         self._back = item
         self.pos = item[0]
-        if item[1]:
+        if item[1] and item[1][-1] == 10:
             self.count -= 1
+
+    def lines_since(self, first: int, part: Part) -> int:
+        """
+        The line feeds in C{part}'s body, C{first} being the count at its
+        start: RFC 2046 5.1.1, the line end before a delimiter is the
+        delimiter's, not the body's.
+        """
+        n = self.count - first
+        if part.body_end < self.pos and n > 0:
+            n -= 1
+        return n
 
 
 def _delimiter(line: bytes, boundaries: list[bytes]) -> bytes | None:
@@ -297,7 +209,10 @@ def _eol_len(line: bytes) -> int:
     return 1 if line.endswith(b"\n") else 0
 
 
-def _parse_entity(r: _Lines, boundaries: list[bytes], default: bytes, depth: int) -> Part:
+def _parse_entity(
+    r: _Lines, boundaries: list[bytes], default: bytes, depth: int, message: bool = False
+) -> Part:
+    """One entity from the reader's position; C{message} for a whole message (with an ENVELOPE)."""
     part = Part(header_start=r.pos)
     header = bytearray()
     while True:
@@ -313,75 +228,51 @@ def _parse_entity(r: _Lines, boundaries: list[bytes], default: bytes, depth: int
             break
     part.body_start = r.pos
     first_body_line = r.count
-    h = part.headers = header_values(bytes(header))
+    raw = raw_values(bytes(header))
+    h = part.headers = _cleaned(raw)
+    if message:
+        part.envelope = envelope_of_fields(raw)
     ctype, params = parse_params(h.get(b"content-type", default))
     if b"/" not in ctype:
         ctype, params = (default, []) if b"content-type" not in h else (b"text/plain", params)
     mtype, _, subtype = ctype.partition(b"/")
     part.mtype, part.subtype, part.params = mtype.strip(), subtype.strip(), params
     boundary = _param(params, b"boundary")
-    encoding = h.get(b"content-transfer-encoding", b"7bit").lower()
 
     if part.mtype == b"multipart" and boundary and depth < 50:
         _parse_multipart(r, part, boundaries, boundary, depth)
         if not part.children:  # no parts at all: serve it as text
             part.mtype, part.subtype = b"text", b"plain"
-            part.lines = r.count - first_body_line
+            part.lines = r.lines_since(first_body_line, part)
         return part
-    elif (
-        part.mtype == b"message"
-        and part.subtype in (b"rfc822", b"global")
-        and encoding in (b"7bit", b"8bit", b"binary")
-        and depth < 50
-    ):
-        inner = _parse_entity(r, boundaries, b"text/plain", depth + 1)
-        inner.envelope = _envelope_from_values(inner.headers)
+    elif part.mtype == b"message" and part.subtype in (b"rfc822", b"global") and depth < 50:
+        # RFC 3501 7.4.2 wants an ENVELOPE, BODY and line count for every
+        # message/rfc822, so one in a (forbidden, RFC 2046 5.2.1) base64 or
+        # quoted-printable encoding is read as it is, as Dovecot does.
+        inner = _parse_entity(r, boundaries, b"text/plain", depth + 1, message=True)
         part.message = inner
         part.body_end = inner.body_end
-        part.lines = r.count - first_body_line
+        part.lines = r.lines_since(first_body_line, part)
         return part
     _parse_leaf(r, part, boundaries)
+    part.lines = r.lines_since(first_body_line, part)
     return part
 
 
-def _envelope_from_values(h: dict[bytes, bytes]) -> bytes:
-    frm = _address_list(h.get(b"from"))
-    sender = _address_list(h[b"sender"]) if b"sender" in h else frm
-    reply_to = _address_list(h[b"reply-to"]) if b"reply-to" in h else frm
-    return b"(%s %s %s %s %s %s %s %s %s %s)" % (
-        nstring(h.get(b"date")),
-        nstring(h.get(b"subject")),
-        frm,
-        sender,
-        reply_to,
-        _address_list(h.get(b"to")),
-        _address_list(h.get(b"cc")),
-        _address_list(h.get(b"bcc")),
-        nstring(h.get(b"in-reply-to")),
-        nstring(h.get(b"message-id")),
-    )
-
-
 def _parse_leaf(r: _Lines, part: Part, boundaries: list[bytes]) -> None:
-    lines = 0
-    last_eol = 0
-    end = part.body_start
+    prev = b""  # the line before the current one
     while True:
         item = r.next()
         line = item[1]
         if not line:
-            end = r.pos
-            break
+            part.body_end = r.pos
+            return
         if boundaries and line[:2] == b"--" and _delimiter(line, boundaries) is not None:
             r.push(item)
             # RFC 2046 5.1.1: the CRLF before a boundary belongs to the boundary.
-            end = max(part.body_start, item[0] - last_eol)
-            break
-        lines += 1
-        last_eol = _eol_len(line)
-        end = r.pos
-    part.body_end = end
-    part.lines = lines
+            part.body_end = max(part.body_start, item[0] - _eol_len(prev))
+            return
+        prev = line
 
 
 def _parse_multipart(
@@ -444,11 +335,13 @@ def _epilogue(r: _Lines, part: Part, boundaries: list[bytes], item: tuple[int, b
 def scan(f: BinaryIO) -> Part:
     """Scan a message (CRLF line ends) from C{f}, read once from the start; return its L{Part}."""
     r = _Lines(f)
-    root = _parse_entity(r, [], b"text/plain", 0)
+    root = _parse_entity(r, [], b"text/plain", 0, message=True)
+    first = r.count
     while r.next()[1]:  # whatever follows belongs to the message too
         pass
-    root.body_end = r.pos
-    root.envelope = _envelope_from_values(root.headers)
+    if r.pos > root.body_end:
+        root.body_end = r.pos
+        root.lines += r.count - first
     return root
 
 
@@ -526,17 +419,22 @@ def body_structure(part: Part, extended: bool = True) -> bytes:
 
 
 def find_part(root: Part, path: list[int]) -> Part | None:
-    """The part a section number names (RFC 3501 6.4.5), or None."""
+    """
+    The part a section number names (RFC 3501 6.4.5), or None. A message's
+    parts are its multipart's children, or its body alone as part 1 (so
+    part 1 of a top-level message/rfc822 is the whole encapsulated message);
+    a number after a message/rfc822 part counts the encapsulated message's parts.
+    """
     node = root
-    for n in path:
-        if node.message is not None:
+    for i, n in enumerate(path):
+        if i and node.message is not None:
             node = node.message
         if node.children:
             if not 1 <= n <= len(node.children):
                 return None
             node = node.children[n - 1]
-        elif n != 1:
-            return None
+        elif n != 1 or (i + 1 < len(path) and node.message is None):
+            return None  # only a message/rfc822 part has parts below its part 1
     return node
 
 
