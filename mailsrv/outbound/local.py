@@ -23,6 +23,7 @@ from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.queue import FileSource, OutboundQueue
 from mailsrv.outbound.results import Results
+from mailsrv.store.quota import QuotaExceeded
 
 
 def recipient_domain(address: str) -> str:
@@ -65,6 +66,9 @@ class LocalRecipients:
                 continue
             try:
                 yield self.mailboxes.deliver(route.user, source, env.sender)
+            except QuotaExceeded as e:  # deferred, as Postfix's local does for a full mailbox
+                reply = RemoteReply(e.reply.code, e.reply.line().decode())
+                self.results.record(env, r, reply, "", "local")
             except Exception as e:
                 self.results.record(
                     env, r, RemoteReply(451, f"4.3.0 local delivery failed: {e}"), "", "local"

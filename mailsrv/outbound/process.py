@@ -53,9 +53,10 @@ class ServerSide(ipc.QuietAMP):
 
     log = SafeLogger()
 
-    def __init__(self, store: Any, queue_dir: Path) -> None:
+    def __init__(self, store: Any, queue_dir: Path, quotas: Any = None) -> None:
         super().__init__()
         self.store = store
+        self.quotas = quotas  # the users' storage limits (mailsrv.store.quota), or None
         self.queue_dirs = {os.path.normpath(queue_dir), os.path.normpath(queue_dir / "tmp")}
         self._loggers: dict[str, Logger] = {}
 
@@ -89,9 +90,9 @@ class ServerSide(ipc.QuietAMP):
         route = routing.queued_mailbox(recipient)
         if not isinstance(route, routing.Mailbox):
             return defer.fail(ipc.LocalDeliveryFailed(f"not routed to a mailbox: {route}"))
-        return localdelivery.deliver(MailboxTarget(self.store), route, source, sender).addCallbacks(
-            lambda _: {}, failed
-        )
+        return localdelivery.deliver(
+            MailboxTarget(self.store, self.quotas), route, source, sender
+        ).addCallbacks(lambda _: {}, failed)
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:
@@ -222,7 +223,8 @@ class RelayProcessService(service.Service):
         if not self.running:
             return
         proto = RelayProcessProtocol(
-            ServerSide(self.ctx.store, self.config.queue_dir), self.reactor
+            ServerSide(self.ctx.store, self.config.queue_dir, getattr(self.ctx, "quota", None)),
+            self.reactor,
         )
         try:
             self.reactor.spawnProcess(
