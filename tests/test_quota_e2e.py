@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import smtplib
 import socket
+import time
 
 import pytest
 
@@ -91,6 +92,18 @@ def smtp_send(srv: MailServer, rcpts: list[str], data: bytes) -> dict:
         return s.sendmail("carol@remote.test", rcpts, crlf(data))
 
 
+def wait_for_line(srv: MailServer, text: str, timeout: float = 30.0) -> str:
+    """The first line of the server's log holding C{text}, once there is one."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        log = srv.base / "server.log"
+        found = [line for line in log.read_text().splitlines() if text in line]
+        if found:
+            return found[0]
+        time.sleep(0.1)
+    raise AssertionError(f"no {text!r} in the log:\n{srv.output()}")
+
+
 def count_messages(srv: MailServer, address: str) -> int:
     path = srv.inbox(address)
     return path.read_bytes().count(b"\nFrom ") + 1 if path.exists() and path.stat().st_size else 0
@@ -107,6 +120,10 @@ def test_smtp_refuses_a_message_that_does_not_fit_and_a_user_over_quota_at_rcpt(
     assert smtp_send(server, [ALICE, BOB], message(12_000, "both")) == {}
     assert count_messages(server, BOB) == 1
     assert count_messages(server, ALICE) == 1
+    # The relay process tries alice's copy: deferred (retried, bounced after max_lifetime).
+    deferral = "to=<alice@example.test>, relay=local, delay="
+    line = wait_for_line(server, deferral)
+    assert line.endswith("dsn=4.2.2, status=deferred (452 4.2.2 Mailbox full)"), line
     # Another program fills the mailbox: RCPT is refused at once (usage >= limit).
     outside_append(server, ALICE, message(9_000, "outside"))
     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=30) as s:

@@ -38,6 +38,7 @@ from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 from mailsrv.replies import cause_of
 from mailsrv.spool import BytesSource
+from mailsrv.store.quota import OVER_QUOTA, QuotaExceeded
 from mailsrv.store.target import MailboxTarget
 
 RESTART_MIN = 1.0  # seconds before a relay process that died is started again
@@ -85,6 +86,8 @@ class ServerSide(ipc.QuietAMP):
             return defer.fail(ipc.LocalDeliveryFailed("no local mailboxes"))
 
         def failed(f: Failure) -> None:
+            if f.check(QuotaExceeded):  # recorded as 452 4.2.2 (mailsrv.outbound.local)
+                raise ipc.LocalDeliveryFailed(OVER_QUOTA)
             raise ipc.LocalDeliveryFailed(cause_of(f.value) if f.value else f.getErrorMessage())
 
         route = routing.queued_mailbox(recipient)

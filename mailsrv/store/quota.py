@@ -37,6 +37,7 @@ from mailsrv.store.quotalimits import QuotaConfig
 # Dovecot's quota root name (RFC 9208 3.2: the names are the server's choice).
 ROOT = "User quota"
 _RESERVED_SUFFIXES = (".lock",)  # dotlock files (mailsrv.store.mbox.folders)
+OVER_QUOTA = replies.MAILBOX_FULL.line().decode()  # "4.2.2 Mailbox full"
 
 
 class QuotaExceeded(ReplyError):
@@ -130,6 +131,14 @@ class Quotas:
             return result
 
         return self.usage(user).addCallback(decide)
+
+
+def over_quota(error: BaseException) -> bool:
+    """
+    Whether a local delivery failed for want of room: L{QuotaExceeded}, or
+    its text as it crosses the relay process's pipe (L{OVER_QUOTA}).
+    """
+    return isinstance(error, QuotaExceeded) or str(error) == OVER_QUOTA
 
 
 def check(quotas: Quotas | None, user: str, size: int) -> defer.Deferred:
