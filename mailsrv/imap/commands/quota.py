@@ -4,10 +4,14 @@ the STORAGE resource (QUOTA=RES-STORAGE), and the check that APPEND and
 COPY make before storing (L{quota_refuses}).
 
 Each user with a limit has one quota root, Dovecot's "User quota", over all
-of the user's folders; a user without a limit has none (GETQUOTAROOT lists
-no root, as Dovecot does). Limits are the administrator's ([quota] in the
-config): SETQUOTA is refused, and QUOTASET is not advertised (RFC 9208 4.1.3).
-Usage and limits are in units of 1024 octets (RFC 9208 5.1), rounded down.
+of the user's folders; a user without a limit has none. Limits are the
+administrator's ([quota] in the config): SETQUOTA is refused, and QUOTASET
+is not advertised (RFC 9208 4.1.3). Usage and limits are in units of 1024
+octets (RFC 9208 5.1), rounded down. Responses and texts are Dovecot 2.3's
+(compared on loopback), except that a user without a limit gets
+C{* QUOTAROOT INBOX} with no root (RFC 9208 4.1.2 wants the response;
+Dovecot sends none) and C{GETQUOTA} of a root that is not the user's a NO
+(Dovecot: an OK with no QUOTA response).
 """
 
 from __future__ import annotations
@@ -63,11 +67,9 @@ class QuotaCommands(CommandBase):
 
     @command
     def do_GETQUOTAROOT(self, tag: bytes, name: bytes) -> Any:
+        # Any name of the user's, existing or not, as Dovecot answers (RFC 9208 4.1.2
+        # is silent): the one root covers every folder, also one about to be made.
         folder = mailbox_name(name)
-        folders = yield self.factory.store.list_folders(self._user)
-        if not any(n == folder and selectable for n, selectable in folders):
-            self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
-            return
         limit = self._quota_limit()
         if not limit:
             self.sendUntaggedResponse(b"QUOTAROOT " + encode_name(folder))
@@ -93,6 +95,6 @@ class QuotaCommands(CommandBase):
 
     def do_SETQUOTA(self, tag: bytes, root: bytes, limits: Any) -> None:
         # RFC 9208 4.1.3: without QUOTASET; RFC 5530 3: NOPERM.
-        self.sendNegativeResponse(tag, b"[NOPERM] Quotas are set by the administrator")
+        self.sendNegativeResponse(tag, b"[NOPERM] Quota can be changed only by admin")
 
     auth_SETQUOTA = select_SETQUOTA = (do_SETQUOTA, arg_astring, twistedcompat.arg_plist)
