@@ -33,6 +33,8 @@ from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.dkim.admin import KeygenError, add_dkim_commands
 from mailsrv.store.names import split_user, user_dir
+from mailsrv.store.quota import storage_used
+from mailsrv.store.quotalimits import format_size
 
 HANDLER = "handler"  # the argparse default naming a subcommand's handler(args, config) -> int
 
@@ -130,6 +132,28 @@ def _user_del(args: argparse.Namespace, config: Config, io: _IO) -> int:
 def _user_list(args: argparse.Namespace, config: Config, io: _IO) -> int:
     for address in PasswordFile(config.auth.passwd_file).users():
         print(address, file=io.stdout)
+    return 0
+
+
+def _user_quota(args: argparse.Namespace, config: Config, io: _IO) -> int:
+    """Each user's storage (the octets of its mbox files) and [quota] limit, as doveadm quota get."""
+    passwords = PasswordFile(config.auth.passwd_file)
+    addresses = passwords.users()
+    if args.addresses:
+        found = [passwords.lookup(a) for a in args.addresses]
+        unknown = [a for a, f in zip(args.addresses, found, strict=True) if f is None]
+        if unknown:
+            raise CommandError(f"no such user: {', '.join(unknown)}")
+        addresses = [f for f in found if f is not None]
+    rows = []
+    for address in addresses:
+        used, limit = storage_used(config.mail_dir, address), config.quota.limit_of(address)
+        share = f"{100 * used // limit}%" if limit else ""
+        rows.append((address, format_size(used), format_size(limit) if limit else "none", share))
+    width = max((len(r[0]) for r in rows), default=0)
+    for address, used_text, limit_text, share in rows:
+        line = f"{address:<{width}}  used {used_text:>6}  limit {limit_text:>6}  {share}"
+        print(line.rstrip(), file=io.stdout)
     return 0
 
 
@@ -292,7 +316,7 @@ def build_parser() -> argparse.ArgumentParser:
     commands.required = True
 
     user = commands.add_parser("user", help="manage mailbox owners (login: the full address)")
-    sub = user.add_subparsers(dest="user_command", metavar="{add,list,del,passwd}")
+    sub = user.add_subparsers(dest="user_command", metavar="{add,list,del,passwd,quota}")
     sub.required = True
     add = sub.add_parser(
         "add", help="add a user; the password is read from standard input or prompted for"
@@ -306,6 +330,9 @@ def build_parser() -> argparse.ArgumentParser:
     passwd = sub.add_parser("passwd", help="change a user's password")
     passwd.add_argument("address")
     passwd.set_defaults(**{HANDLER: _user_passwd})
+    quota = sub.add_parser("quota", help="show the users' storage use and [quota] limits")
+    quota.add_argument("addresses", nargs="*", metavar="ADDRESS", help="these users only")
+    quota.set_defaults(**{HANDLER: _user_quota})
 
     alias = commands.add_parser(
         "alias",
@@ -405,6 +432,7 @@ _OWN_HANDLERS = frozenset(
         _user_del,
         _user_list,
         _user_passwd,
+        _user_quota,
         _alias_add,
         _alias_del,
         _alias_list,

@@ -25,6 +25,7 @@ from mailsrv.policy.dnsbl import DNSListEntry, EntryError, parse_entry
 from mailsrv.policy.duplicates import classify_entry
 from mailsrv.policy.greylist import GreylistAllow, parse_allow
 from mailsrv.policy.networks import NetworkError, parse_network, read_network_file
+from mailsrv.store.quotalimits import QuotaConfig, parse_size
 
 LISTENERS = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
 IMPLICIT_TLS = frozenset({"submissions", "pop3s", "imaps"})
@@ -275,6 +276,7 @@ class Config:
     dkim: DkimConfig = field(default=None)  # type: ignore[assignment]
     filter: FilterConfig | None = None  # None: no spam filter
     policy: PolicyConfig = field(default_factory=PolicyConfig)
+    quota: QuotaConfig = field(default_factory=QuotaConfig)  # [quota]: storage limits
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -651,6 +653,19 @@ def _mailing_lists(v: Any) -> tuple[str, ...]:
     return entries
 
 
+def _quota_users(v: Any) -> dict[str, int]:
+    """[quota] users: a table of "address" = size (0: no limit for that user)."""
+    if not isinstance(v, dict):
+        raise ValueError('must be a table of "address" = "size"')
+    out = {}
+    for address, size in v.items():
+        try:
+            out[_address(address).lower()] = parse_size(size)
+        except ValueError as e:
+            raise ValueError(f"{address}: {e}") from None
+    return out
+
+
 def _greylist_allow(v: Any) -> GreylistAllow:
     return parse_allow(_str_list(v))
 
@@ -784,6 +799,11 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "dmarc_reject": (_bool, True),
         # Verifier processes: one per core but one (at least one); 0: threads.
         "authentication_workers": (_int(0), max(1, (os.cpu_count() or 1) - 1)),
+    },
+    # Storage quotas (RFC 9208 STORAGE; mailsrv.store.quota): 0 is no limit.
+    "quota": {
+        "storage": (parse_size, 0),
+        "users": (_quota_users, {}),
     },
 }
 
@@ -930,6 +950,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         ),
         filter=filter_config,
         policy=PolicyConfig(**policy),
+        quota=QuotaConfig(**v["quota"]),
         raw=raw,
         source=text,
         base_dir=base,

@@ -18,6 +18,7 @@ from mailsrv import routing
 from mailsrv.interfaces import IDeliveryTarget, IMailStore
 from mailsrv.replies import ReplyError
 from mailsrv.returnpath import ReturnPathSource
+from mailsrv.store.quota import QuotaExceeded, Quotas
 from mailsrv.store.target import MailboxTarget
 
 __all__ = ["LocalDelivery", "ReturnPathSource", "deliver"]
@@ -47,8 +48,8 @@ class LocalDelivery:
     (L{mailsrv.outbound.local.Mailboxes}): a copy for C{user}'s INBOX.
     """
 
-    def __init__(self, store: IMailStore) -> None:
-        self.target = MailboxTarget(store)
+    def __init__(self, store: IMailStore, quotas: Quotas | None = None) -> None:
+        self.target = MailboxTarget(store, quotas)
 
     def deliver(self, user: str, source: Any, sender: str) -> defer.Deferred:
         d = deliver(self.target, routing.queued_mailbox(user), source, sender)
@@ -61,6 +62,6 @@ def _as_store_error(failure: Failure) -> Failure:
     itself fails for it: a ValueError saying why (what the relayer records).
     """
     error = failure.value
-    if isinstance(error, ReplyError) and error.cause:
+    if isinstance(error, ReplyError) and error.cause and not isinstance(error, QuotaExceeded):
         raise ValueError(error.cause)
     return failure

@@ -72,6 +72,8 @@ RELAY_UNAVAILABLE = Reply(451, "4.3.0", "Relaying is not available, try again la
 MAILBOX_BUSY = Reply(450, "4.2.0", "Mailbox busy, try again later")
 # 452 insufficient system storage (RFC 5321 4.2.2), 4.3.1 mail system full (RFC 3463 3.4)
 STORAGE_FULL = Reply(452, "4.3.1", "Insufficient system storage")
+# 452 (RFC 5321 4.2.2), 4.2.2 mailbox full (RFC 3463 3.3): a user over quota (Postfix, Dovecot)
+MAILBOX_FULL = Reply(452, "4.2.2", "Mailbox full")
 # 452 (RFC 5321 4.5.3.1.10), 4.5.3 too many recipients (RFC 3463 3.6)
 TOO_MANY_RECIPIENTS = Reply(452, "4.5.3", "Too many recipients")
 # 454 (RFC 4954 6), 4.7.0 (RFC 3463 3.8; RFC 4954 6)

@@ -57,6 +57,7 @@ from mailsrv.startup import (
     upgrade_data,
 )
 from mailsrv.store.mbox import MboxMailStore
+from mailsrv.store.quota import Quotas
 from mailsrv.tls import ServerTLS, server_options
 
 log = Logger()
@@ -103,6 +104,8 @@ class ServerContext:
     greylist: Greylist | None = None
     # SPF, DKIM, DMARC and ARC of inbound mail ([policy]); None: not checked.
     authentication: SenderAuthentication | None = None
+    # The users' storage limits and usage ([quota]); None: no limits.
+    quota: Quotas | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -190,6 +193,9 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         greylist=build_greylist(config, reactor, pool),
         authentication=build_authentication(
             config, reactor, lambda f: deferToThreadPool(reactor, pool, f)
+        ),
+        quota=Quotas(
+            config.quota, config.mail_dir, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
         ),
     )
 

@@ -29,6 +29,8 @@ from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
 from mailsrv.imap.commands.mailboxes import MailboxCommands
+from mailsrv.imap.commands.quota import CAPABILITIES as QUOTA_CAPABILITIES
+from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
@@ -52,6 +54,7 @@ class IMAPServer(
     SelectedCommands,
     FetchCommand,
     IdleCommand,
+    QuotaCommands,
     CommandParser,
     ResponseHook,
     imap4.IMAP4Server,
@@ -130,6 +133,7 @@ class IMAPServer(
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
         caps += [b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"CHILDREN", b"UNSELECT"]
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
+        caps += QUOTA_CAPABILITIES  # RFC 9208
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
@@ -360,7 +364,9 @@ class IMAPServerFactory(protocol.Factory):
         implicit_tls: bool = False,
         cooperate: Callable[[], defer.Deferred] | None = None,
         training: Any = None,
+        quota: Any = None,
     ) -> None:
+        self.quota = quota  # the users' storage limits (mailsrv.store.quota), or None
         self.config = config
         self.training = training  # a TrainingQueue (mailsrv.filter.learn), or None
         self.store = store
@@ -418,4 +424,5 @@ def imap_factory(ctx: Any, implicit_tls: bool = False) -> IMAPServerFactory:
         throttle=ctx.throttle,
         implicit_tls=implicit_tls,
         training=ctx.training,
+        quota=getattr(ctx, "quota", None),
     )

@@ -23,6 +23,8 @@ from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.queue import FileSource, OutboundQueue
 from mailsrv.outbound.results import Results
+from mailsrv.replies import MAILBOX_FULL
+from mailsrv.store.quota import over_quota
 
 
 def recipient_domain(address: str) -> str:
@@ -66,9 +68,10 @@ class LocalRecipients:
             try:
                 yield self.mailboxes.deliver(route.user, source, env.sender)
             except Exception as e:
-                self.results.record(
-                    env, r, RemoteReply(451, f"4.3.0 local delivery failed: {e}"), "", "local"
-                )
+                reply = RemoteReply(451, f"4.3.0 local delivery failed: {e}")
+                if over_quota(e):  # deferred, as Postfix's local defers to a full mailbox
+                    reply = RemoteReply(MAILBOX_FULL.code, MAILBOX_FULL.line().decode())
+                self.results.record(env, r, reply, "", "local")
             else:
                 self.results.record(
                     env, r, RemoteReply(250, "2.0.0 delivered to mailbox"), "", "local"

@@ -38,6 +38,7 @@ from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
 from mailsrv.replies import cause_of
 from mailsrv.spool import BytesSource
+from mailsrv.store.quota import OVER_QUOTA, QuotaExceeded
 from mailsrv.store.target import MailboxTarget
 
 RESTART_MIN = 1.0  # seconds before a relay process that died is started again
@@ -53,9 +54,10 @@ class ServerSide(ipc.QuietAMP):
 
     log = SafeLogger()
 
-    def __init__(self, store: Any, queue_dir: Path) -> None:
+    def __init__(self, store: Any, queue_dir: Path, quotas: Any = None) -> None:
         super().__init__()
         self.store = store
+        self.quotas = quotas  # the users' storage limits (mailsrv.store.quota), or None
         self.queue_dirs = {os.path.normpath(queue_dir), os.path.normpath(queue_dir / "tmp")}
         self._loggers: dict[str, Logger] = {}
 
@@ -84,14 +86,16 @@ class ServerSide(ipc.QuietAMP):
             return defer.fail(ipc.LocalDeliveryFailed("no local mailboxes"))
 
         def failed(f: Failure) -> None:
+            if f.check(QuotaExceeded):  # recorded as 452 4.2.2 (mailsrv.outbound.local)
+                raise ipc.LocalDeliveryFailed(OVER_QUOTA)
             raise ipc.LocalDeliveryFailed(cause_of(f.value) if f.value else f.getErrorMessage())
 
         route = routing.queued_mailbox(recipient)
         if not isinstance(route, routing.Mailbox):
             return defer.fail(ipc.LocalDeliveryFailed(f"not routed to a mailbox: {route}"))
-        return localdelivery.deliver(MailboxTarget(self.store), route, source, sender).addCallbacks(
-            lambda _: {}, failed
-        )
+        return localdelivery.deliver(
+            MailboxTarget(self.store, self.quotas), route, source, sender
+        ).addCallbacks(lambda _: {}, failed)
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:
@@ -222,7 +226,8 @@ class RelayProcessService(service.Service):
         if not self.running:
             return
         proto = RelayProcessProtocol(
-            ServerSide(self.ctx.store, self.config.queue_dir), self.reactor
+            ServerSide(self.ctx.store, self.config.queue_dir, getattr(self.ctx, "quota", None)),
+            self.reactor,
         )
         try:
             self.reactor.spawnProcess(

@@ -55,7 +55,9 @@ def outbound_service(
         reactor=ctx.reactor,
         threadpool=ctx.threadpool,
         resolver=mx_resolver(config, ctx.reactor, resolver),
-        mailboxes=None if ctx.store is None else LocalDelivery(ctx.store),
+        mailboxes=None
+        if ctx.store is None
+        else LocalDelivery(ctx.store, getattr(ctx, "quota", None)),
         passwords=ctx.passwords,
         addresses=getattr(ctx, "addresses", None),
         scan_interval=scan_interval,

@@ -87,7 +87,11 @@ class BaseDelivery:
         makes its message; its C{address} is the one to deliver to (a local
         user's stored spelling, whatever the case the client sent).
         """
-        return _Recipient(self, self.check_recipient(_address(user)))
+        address = self.check_recipient(_address(user))
+        routes, quotas = routes_of(self.routes_of[address]), getattr(self.ctx, "quota", None)
+        if quotas is not None and len(routes) == 1 and isinstance(routes[0], routing.Mailbox):
+            return quotas.refuse_if_full(routes[0].user, _Recipient(self, address))  # 452 4.2.2
+        return _Recipient(self, address)
 
     def check_recipient(self, address: str) -> str:
         """

@@ -29,6 +29,7 @@ from mailsrv.smtp import checks as message_checks
 from mailsrv.smtp import received
 from mailsrv.smtp.sendas import FromField
 from mailsrv.spool import SpooledSource, disk_full
+from mailsrv.store.quota import QuotaExceeded
 from mailsrv.store.target import MailboxTarget
 
 # RFC 5322 3.6.8 field-name: printable ASCII except ':'.
@@ -283,7 +284,7 @@ class IncomingMessage:
         # queue file per remote domain (each domain retried on its own).
         relayed: dict[tuple[bool, str | None, str | None], dict[str, routing.Relay]] = {}
         addresses: set[str] = set()  # each address at another server once, in any group
-        mailboxes = MailboxTarget(self.ctx.store)
+        mailboxes = MailboxTarget(self.ctx.store, getattr(self.ctx, "quota", None))
         for route in self.routes:
             if isinstance(route, routing.Mailbox):
                 key = route.user  # the stored spelling: one per user
@@ -359,6 +360,9 @@ class IncomingMessage:
         failed = [(label, r) for label, (ok, r) in zip(labels, results, strict=True) if not ok]
         done = [label for label, (ok, _) in zip(labels, results, strict=True) if ok]
         for label, failure in failed:
+            if failure.check(QuotaExceeded):  # the user's doing, not a fault: no traceback
+                self.log.info("{queue_id}: {why}", queue_id=self.queue_id, why=failure.value.cause)
+                continue
             self.log.failure(
                 "delivery of {queue_id} to {target} failed",
                 failure=failure,
@@ -381,6 +385,8 @@ class IncomingMessage:
             reply = replies.LOCAL_ERROR
             if any(disk_full(f.value) for _, f in failed):
                 reply = replies.STORAGE_FULL  # RFC 3463 4.3.1
+            elif all(f.check(QuotaExceeded) for _, f in failed):
+                reply = replies.MAILBOX_FULL  # RFC 3463 3.3: 4.2.2 mailbox full
             raise SMTPReplyError(reply, cause="delivery failed")
         return self._log_accepted(_queue_ids(results, labels))
 

@@ -19,6 +19,7 @@ from mailsrv.interfaces import FolderError, IDelivery, IDeliveryTarget, IMailSto
 from mailsrv.replies import ReplyError
 from mailsrv.returnpath import ReturnPathSource
 from mailsrv.routing import INBOX, Mailbox, Route
+from mailsrv.store import quota
 from mailsrv.store.names import canonical_folder, split_user
 
 
@@ -26,11 +27,12 @@ from mailsrv.store.names import canonical_folder, split_user
 class MailboxTarget:
     """The local mailboxes of an L{IMailStore}."""
 
-    def __init__(self, store: IMailStore) -> None:
+    def __init__(self, store: IMailStore, quotas: quota.Quotas | None = None) -> None:
         self.store = store
+        self.quotas = quotas  # the users' storage limits ([quota]); None: no limits
 
     def start(self, sender: str) -> MailboxDelivery:
-        return MailboxDelivery(self.store, sender or "")
+        return MailboxDelivery(self.store, sender or "", self.quotas)
 
 
 @implementer(IDelivery)
@@ -42,9 +44,10 @@ class MailboxDelivery:
     deliveries to one folder share the store's lock and fsync.
     """
 
-    def __init__(self, store: IMailStore, sender: str) -> None:
+    def __init__(self, store: IMailStore, sender: str, quotas: quota.Quotas | None = None) -> None:
         self.store = store
         self.sender = sender
+        self.quotas = quotas
         self.recipients: dict[Mailbox, None] = {}
         self.source: Any = None
         self.state = "open"
@@ -81,6 +84,11 @@ class MailboxDelivery:
             self.source = None
 
     def _store(self, r: Mailbox) -> defer.Deferred:
+        """A copy for C{r}, unless it would take its user over quota (L{quota.QuotaExceeded})."""
+        d = quota.check(self.quotas, r.user, quota.size_of(self.source))
+        return d.addCallback(lambda _: self._store_copy(r))
+
+    def _store_copy(self, r: Mailbox) -> defer.Deferred:
         source = ReturnPathSource(self.sender, self.source)
         if r.detail is not None and r.folder == INBOX and _unusable(r.user, r.detail) is None:
             # Sub-addressing: alice+lists@ is filed in "lists" when alice has

@@ -13,6 +13,7 @@ from typing import Any
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
+from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import encode_name, flag_list, list_lines
 from mailsrv.interfaces import SEEN, FolderError
@@ -227,6 +228,8 @@ class MailboxCommands(CommandBase):
                     self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
                     return
             try:
+                if (yield quota_refuses(self, tag, source.size)):  # RFC 9208 4.3
+                    return
                 uid = yield target.append(source, frozenset(flag_set), when)
                 validity = target.uid_validity
             finally:

@@ -16,6 +16,7 @@ from twisted.mail import imap4
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
+from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.parsing import (
     CommandParser,
     SeqSet,
@@ -159,6 +160,9 @@ class SelectedCommands(CommandBase):
             return
         src_uids, dst_uids = [], []
         try:
+            size = sum(mbox.infos[seq - 1].size for seq in seqs)
+            if not move and (yield quota_refuses(self, tag, size)):  # RFC 9208 4.3
+                return
             for seq in seqs:
                 info = mbox.infos[seq - 1]
                 try:
