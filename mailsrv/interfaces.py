@@ -208,6 +208,13 @@ class FolderError(Exception):
     """A folder operation that cannot be done; ``str()`` is safe to show a client."""
 
 
+class NotSelectable(FolderError):
+    """The name holds only folders (IMAP's \\Noselect): it cannot be opened or given mail."""
+
+    def __init__(self, text: str = "Mailbox isn't selectable") -> None:
+        super().__init__(text)
+
+
 class IPasswordDatabase(Interface):
     """The users who own mailboxes, and their hashed passwords."""
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore
+from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore, NotSelectable
 from mailsrv.spool import BytesSource
 
 USER = "alice@example.test"
@@ -251,7 +251,8 @@ class StoreContract:
         self.assertIsInstance(self.store.mail_folders_hold_folders, bool)
         self.ok(self.store.create_folder(USER, "Box/"))
         self.assertEqual(self.ok(self.store.list_folders(USER)), [("Box", False), ("INBOX", True)])
-        self.fails(self.store.open_folder(USER, "Box"))
+        self.fails(self.store.open_folder(USER, "Box"), NotSelectable)
+        self.fails(self.store.folder_status(USER, "Box"), NotSelectable)
         for again in ("Box", "Box/", "INBOX/", "a//", "/"):
             self.fails(self.store.create_folder(USER, again))
         self.ok(self.store.create_folder(USER, "Box/In"))

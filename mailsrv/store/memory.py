@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailsrv.interfaces import FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
+from mailsrv.interfaces import (
+    FolderChanges,
+    FolderError,
+    IFolder,
+    IMailStore,
+    MessageInfo,
+    NotSelectable,
+)
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, normalize_user
 
 
@@ -63,6 +70,8 @@ class MemoryMailStore:
         name = canonical_folder(name)
         key = (user, name)
         if key not in self._folders:
+            if not create and key in self._holders:
+                raise NotSelectable()
             if not (create or name == INBOX):
                 raise FolderError("No such folder")
             self._validity += 1

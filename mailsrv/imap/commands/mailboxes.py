@@ -14,7 +14,7 @@ from mailsrv.imap import mutf7, twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import encode_name, flag_list, list_lines
-from mailsrv.interfaces import SEEN, FolderError
+from mailsrv.interfaces import SEEN, FolderError, NotSelectable
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
@@ -44,6 +44,9 @@ class MailboxCommands(CommandBase):
         folder_name = mailbox_name(name)
         try:
             mbox = yield self.account.select(folder_name, rw)
+        except NotSelectable as e:
+            self.sendNegativeResponse(tag, str(e).encode())
+            return
         except FolderError:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -200,6 +203,9 @@ class MailboxCommands(CommandBase):
             return
         try:
             st = yield self.factory.store.folder_status(self._user, folder)
+        except NotSelectable as e:
+            self.sendNegativeResponse(tag, str(e).encode())
+            return
         except FolderError:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -234,6 +240,9 @@ class MailboxCommands(CommandBase):
             else:
                 try:
                     target = yield self.factory.store.open_folder(self._user, folder_name)
+                except NotSelectable as e:
+                    self.sendNegativeResponse(tag, str(e).encode())
+                    return
                 except FolderError:
                     self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
                     return
