@@ -148,6 +148,11 @@ class IFolder(Interface):
 class IMailStore(Interface):
     """All users' folders."""
 
+    mail_folders_hold_folders = Attribute(
+        "bool: whether a folder that holds messages can also hold folders (an mbox "
+        "file cannot: only a folder created to hold folders can, and it holds no mail)"
+    )
+
     def deliver(user, source, sender, folder="INBOX"):
         """
         Append an L{IMessageSource} to a user's folder for SMTP: durably (fsync)
@@ -157,13 +162,23 @@ class IMailStore(Interface):
         """
 
     def list_folders(user):
-        """Fire with a sorted list of (name, selectable) pairs, INBOX included."""
+        """
+        Fire with a sorted list of (name, selectable) pairs, INBOX included; a
+        name that holds only folders is not selectable.
+        """
 
     def create_folder(user, name):
-        """Create a folder (and the hierarchy above it). Fails with FolderError if it exists or is invalid."""
+        """
+        Create a folder (and the hierarchy above it); a name that ends in the
+        delimiter creates one that holds only folders (RFC 3501 6.3.3). Fails
+        with FolderError if it exists or is invalid.
+        """
 
     def delete_folder(user, name):
-        """Delete a folder and its messages. INBOX cannot be deleted."""
+        """
+        Delete a folder and its messages, or a folder that holds only folders
+        once it holds none (RFC 3501 6.3.4). INBOX cannot be deleted.
+        """
 
     def rename_folder(user, old, new):
         """Rename a folder (with its children); renaming INBOX moves its messages."""
@@ -191,6 +206,13 @@ class IMailStore(Interface):
 
 class FolderError(Exception):
     """A folder operation that cannot be done; ``str()`` is safe to show a client."""
+
+
+class NotSelectable(FolderError):
+    """The name holds only folders (IMAP's \\Noselect): it cannot be opened or given mail."""
+
+    def __init__(self, text: str = "Mailbox isn't selectable") -> None:
+        super().__init__(text)
 
 
 class IPasswordDatabase(Interface):

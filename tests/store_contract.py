@@ -11,7 +11,7 @@ from __future__ import annotations
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore
+from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore, NotSelectable
 from mailsrv.spool import BytesSource
 
 USER = "alice@example.test"
@@ -236,10 +236,46 @@ class StoreContract:
         self.fails(self.store.delete_folder(USER, "INBOX"))
         self.fails(self.store.open_folder(USER, "Sent"))
         self.ok(self.store.delete_folder(USER, "Archive/2024"))
+        # RFC 3501 6.3.4: the name above stays, holding no folder, until deleted.
+        self.assertEqual(
+            self.ok(self.store.list_folders(USER)), [("Archive", False), ("INBOX", True)]
+        )
+        self.ok(self.store.delete_folder(USER, "Archive"))
         self.assertEqual(self.ok(self.store.list_folders(USER)), [("INBOX", True)])
         # A re-created folder gets a new UIDVALIDITY.
         self.ok(self.store.create_folder(USER, "Sent"))
         self.assertEqual(self.ok(self.store.folder_status(USER, "Sent"))["messages"], 0)
+
+    def test_folders_that_hold_folders(self):
+        """RFC 3501 6.3.3: a name created with a trailing delimiter holds names, not mail."""
+        self.assertIsInstance(self.store.mail_folders_hold_folders, bool)
+        self.ok(self.store.create_folder(USER, "Box/"))
+        self.assertEqual(self.ok(self.store.list_folders(USER)), [("Box", False), ("INBOX", True)])
+        self.fails(self.store.open_folder(USER, "Box"), NotSelectable)
+        self.fails(self.store.folder_status(USER, "Box"), NotSelectable)
+        for again in ("Box", "Box/", "INBOX/", "a//", "/"):
+            self.fails(self.store.create_folder(USER, again))
+        self.ok(self.store.create_folder(USER, "Box/In"))
+        self.deliver(MSG1, folder="Box/In")
+        self.ok(self.store.create_folder(USER, "P/Q/"))
+        self.assertEqual(
+            self.ok(self.store.list_folders(USER)),
+            [("Box", False), ("Box/In", True), ("INBOX", True), ("P", False), ("P/Q", False)],
+        )
+        # RFC 3501 6.3.4: a name with inferiors that holds no mail is not deleted.
+        self.fails(self.store.delete_folder(USER, "Box"))
+        self.fails(self.store.delete_folder(USER, "P"))
+        self.ok(self.store.rename_folder(USER, "Box", "Crate"))
+        self.ok(self.store.rename_folder(USER, "P/Q", "R"))
+        self.assertEqual(
+            self.ok(self.store.list_folders(USER)),
+            [("Crate", False), ("Crate/In", True), ("INBOX", True), ("P", False), ("R", False)],
+        )
+        self.assertEqual(self.ok(self.store.folder_status(USER, "Crate/In"))["messages"], 1)
+        self.ok(self.store.delete_folder(USER, "Crate/In"))
+        for name in ("Crate", "P", "R"):
+            self.ok(self.store.delete_folder(USER, name))
+        self.assertEqual(self.ok(self.store.list_folders(USER)), [("INBOX", True)])
 
     def test_recreated_folder_new_validity(self):
         self.ok(self.store.create_folder(USER, "X"))

@@ -93,7 +93,7 @@ class ListPatternTest(LoopbackIMAPCase):
         self.assertLess(out["list_after"], 2.0)
         self.assertEqual(
             out["star"],
-            [b'* LIST (\\HasNoChildren) "/" ' + long_name + b"\r\n", b"m OK LIST completed\r\n"],
+            [b'* LIST (\\NoInferiors) "/" ' + long_name + b"\r\n", b"m OK LIST completed\r\n"],
         )
 
 
@@ -152,7 +152,7 @@ class BigListTest(LoopbackIMAPCase):
         self.assertEqual(out["during"][0], b"l")  # B was served while A's LIST was under way
         listed = out["listed"]
         self.assertEqual(listed[-1], b"l OK LIST completed\r\n")
-        self.assertIn(b'* LIST (\\HasNoChildren) "/" d19/' + stem.encode() + b"1999\r\n", listed)
+        self.assertIn(b'* LIST (\\NoInferiors) "/" d19/' + stem.encode() + b"1999\r\n", listed)
         self.assertIn(b'* LIST (\\Noselect \\HasChildren) "/" d07\r\n', listed)
         special = len(self.config.imap.special_folders)
         count = len([x for x in listed if x.startswith(b"* LIST")])

@@ -186,9 +186,8 @@ class Account:
         return self.create(name)
 
     def create(self, pathspec: str) -> defer.Deferred:
-        return defer.maybeDeferred(
-            self.store.create_folder, self.address, pathspec.rstrip(DELIMITER)
-        )
+        """Create a folder; a trailing delimiter makes one that holds only folders (RFC 3501 6.3.3)."""
+        return defer.maybeDeferred(self.store.create_folder, self.address, pathspec)
 
     def select(self, name: str, readwrite: int = 1) -> defer.Deferred:
         d = defer.maybeDeferred(self.store.open_folder, self.address, name, not readwrite)
@@ -243,12 +242,26 @@ class Account:
         """Fire with (name, L{FolderInfo}) for every folder matching C{ref + wildcard}."""
         pattern = list_pattern(ref + wildcard)
         special = {n: use for n in self.special_folders if (use := self.special_use(n))}
+        nested = bool(self.store.mail_folders_hold_folders)
 
         def listed(folders: list[tuple[str, bool]]) -> Any:
             # Tens of thousands of folders are work: done off the reactor thread.
-            return self._run(list_entries, folders, pattern, special)
+            return self._run(list_entries, folders, pattern, special, nested)
 
         return defer.maybeDeferred(self.store.list_folders, self.address).addCallback(listed)
+
+    def lsub_entries(self, ref: str, wildcard: str) -> defer.Deferred:
+        """
+        Fire with the LSUB entries (name, L{FolderInfo}) for C{ref + wildcard},
+        from the subscriptions as the file has them now (other sessions of the
+        user may have changed them since this one last read or wrote it).
+        """
+        pattern = list_pattern(ref + wildcard)
+
+        def loaded(_: Any) -> Any:
+            return self._run(lsub_entries, sorted(self.subscriptions.names), pattern)
+
+        return self.subscriptions.load().addCallback(loaded)
 
     def logout(self) -> None:
         self.logged_out = True
@@ -260,12 +273,18 @@ def list_pattern(pattern: str) -> ListPattern:
 
 
 def list_entries(
-    folders: Sequence[tuple[str, bool]], pattern: ListPattern, special: dict[str, str]
+    folders: Sequence[tuple[str, bool]],
+    pattern: ListPattern,
+    special: dict[str, str],
+    nested: bool = True,
 ) -> list[tuple[str, FolderInfo]]:
     """
     The LIST entries of the folders (name, selectable) that match C{pattern},
     in the order given, with their attributes: \\Noselect, \\HasChildren or
     \\HasNoChildren (RFC 3348), and the special use of C{special} (RFC 6154).
+    Unless C{nested} (the store lets a folder hold messages and folders), a
+    selectable folder is \\NoInferiors (RFC 3501 7.2.2), and no more, as
+    Dovecot shows an mbox file (RFC 3348 3: it implies \\HasNoChildren).
     No name is compared with every other: the time grows with the number
     of folders, not with its square.
     """
@@ -279,13 +298,39 @@ def list_entries(
     for name, selectable in folders:
         if not pattern.match(name):
             continue
-        flags = [] if selectable else ["\\Noselect"]
-        flags.append("\\HasChildren" if name in parents else "\\HasNoChildren")
+        if selectable and not nested and name not in parents:
+            flags = ["\\NoInferiors"]
+        else:
+            flags = [] if selectable else ["\\Noselect"]
+            flags.append("\\HasChildren" if name in parents else "\\HasNoChildren")
         use = special.get(name)
         if use:
             flags.append(use)
         out.append((name, FolderInfo(flags)))
     return out
+
+
+def lsub_entries(subscribed: Sequence[str], pattern: ListPattern) -> list[tuple[str, FolderInfo]]:
+    """
+    The LSUB entries (RFC 3501 6.3.9) of the C{subscribed} names, whether the
+    folders exist or not: each name that matches C{pattern}; for one that does
+    not, its nearest superior name that does (the case of a ``%`` pattern),
+    marked \\Noselect unless it is subscribed itself, as Dovecot does.
+    """
+    names = set(subscribed)
+    out: dict[str, FolderInfo] = {}
+    for name in subscribed:
+        if pattern.match(name):
+            out[name] = FolderInfo([])
+            continue
+        parent = name
+        while DELIMITER in parent:
+            parent = parent.rpartition(DELIMITER)[0]
+            if pattern.match(parent):
+                if parent not in names:
+                    out.setdefault(parent, FolderInfo(["\\Noselect"]))
+                break
+    return sorted(out.items())
 
 
 def _own_list(infos: Sequence[MessageInfo]) -> Sequence[MessageInfo]:

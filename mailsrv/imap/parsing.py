@@ -19,7 +19,7 @@ from twisted.internet import defer
 from twisted.mail import imap4
 from twisted.python.failure import Failure
 
-from mailsrv.imap import twistedcompat
+from mailsrv.imap import mutf7, twistedcompat
 from mailsrv.imap.commands.base import CommandBase
 from mailsrv.imap.fetch import FetchRequest, FetchSyntaxError, parse_fetch
 from mailsrv.imap.search import Literal, SearchError, tokenize
@@ -120,16 +120,16 @@ def resolve(messages: SeqSet, uids: Sequence[int], uid: bool) -> Sequence[int]:
 
 
 def mailbox_name(raw: bytes | str) -> str:
-    """Decode a client's mailbox name (modified UTF-7, RFC 3501 5.1.3; or UTF-8)."""
+    """
+    Decode a client's mailbox name (modified UTF-7, RFC 3501 5.1.3); a name
+    that is not valid modified UTF-7 (8-bit octets among them) is a NO.
+    """
     if isinstance(raw, str):
         raw = raw.encode("utf-8", "surrogateescape")
     try:
-        name = raw.decode("imap4-utf-7")
-    except (UnicodeDecodeError, ValueError):
-        try:
-            name = raw.decode("utf-8")
-        except UnicodeDecodeError:
-            raise FolderError("Invalid mailbox name")
+        name = mutf7.decode(raw)
+    except mutf7.InvalidName as e:
+        raise FolderError(f"Mailbox name is not valid modified UTF-7: {e}") from None
     if not fits_on_disk(name):
         # RFC 5530 3: CANNOT, "the operation violates some invariant of the server".
         raise FolderError("[CANNOT] Mailbox name is too long")

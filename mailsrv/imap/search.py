@@ -17,6 +17,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
+from mailsrv.imap.addrtext import address_text
 from mailsrv.imap.mime import header_values, split_header_fields
 from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN, MessageInfo
 
@@ -234,6 +235,14 @@ def _decode_header(value: bytes) -> str:
         return text.casefold()
 
 
+def _address_text(value: str) -> str:
+    """An address field as SEARCH matches it (L{address_text}), case folded."""
+    try:
+        return address_text(value).casefold()
+    except Exception:  # the parser is lenient; the raw text is the last resort
+        return _decode_header(value.encode("utf-8", "replace"))
+
+
 def _day(ts: float) -> tuple[int, int, int]:
     t = time.gmtime(ts)
     return t.tm_year, t.tm_mon, t.tm_mday
@@ -335,6 +344,16 @@ class Matcher:
             ]
             return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
 
+        def addresses(name: bytes) -> str:
+            # RFC 3501 6.4.4: FROM/TO/CC/BCC match the addresses as parsed
+            # (comments and spacing left out) and the display names decoded.
+            texts = []
+            for n, raw in split_header_fields(hdr_block()):
+                if n and n == name:
+                    value = b" ".join(raw.partition(b":")[2].split()).decode("utf-8", "replace")
+                    texts.append(_address_text(value))
+            return ", ".join(t for t in texts if t)
+
         def in_body(needle: str) -> bool:
             if "body" not in cache:
                 data = body()
@@ -382,8 +401,10 @@ class Matcher:
             if k in ("SENTBEFORE", "SENTON", "SENTSINCE"):
                 sent = _sent_day(hvals())
                 return sent is not None and _cmp(k[4:], sent, t[1])
-            if k in ("FROM", "TO", "CC", "BCC", "SUBJECT"):
-                return t[1] in field(k.lower().encode())
+            if k in ("FROM", "TO", "CC", "BCC"):
+                return t[1] in addresses(k.lower().encode())
+            if k == "SUBJECT":
+                return t[1] in field(b"subject")
             if k == "HEADER":
                 name = t[1].lower()
                 if not name:

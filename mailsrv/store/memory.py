@@ -13,7 +13,14 @@ from dataclasses import dataclass, field, replace
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailsrv.interfaces import FolderChanges, FolderError, IFolder, IMailStore, MessageInfo
+from mailsrv.interfaces import (
+    FolderChanges,
+    FolderError,
+    IFolder,
+    IMailStore,
+    MessageInfo,
+    NotSelectable,
+)
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, normalize_user
 
 
@@ -50,9 +57,12 @@ def _read_source(source) -> bytes:
 class MemoryMailStore:
     """All folders in a dict; UIDVALIDITY from a counter."""
 
+    mail_folders_hold_folders = True
+
     def __init__(self, clock: Callable[[], float] = time.time) -> None:
         self._clock = clock
         self._folders: dict[tuple[str, str], _FolderState] = {}
+        self._holders: set[tuple[str, str]] = set()  # created to hold folders only
         self._validity = int(clock())
 
     def _state(self, user: str, name: str, create: bool = False) -> _FolderState:
@@ -60,6 +70,8 @@ class MemoryMailStore:
         name = canonical_folder(name)
         key = (user, name)
         if key not in self._folders:
+            if not create and key in self._holders:
+                raise NotSelectable()
             if not (create or name == INBOX):
                 raise FolderError("No such folder")
             self._validity += 1
@@ -86,8 +98,8 @@ class MemoryMailStore:
         user = normalize_user(user)
         self._state(user, INBOX)
         names = {n for (u, n) in self._folders if u == user}
-        parents = set()
-        for n in names:
+        parents = {n for (u, n) in self._holders if u == user}
+        for n in names | parents:
             parts = n.split(DELIMITER)
             for i in range(1, len(parts)):
                 parents.add(DELIMITER.join(parts[:i]))
@@ -97,12 +109,17 @@ class MemoryMailStore:
     def create_folder(self, user, name):
         try:
             user = normalize_user(user)
-            name = canonical_folder(name)
+            holder = isinstance(name, str) and name.endswith(DELIMITER)
+            name = canonical_folder(name[:-1] if holder else name)
             if name.startswith(INBOX + DELIMITER):
                 raise FolderError("INBOX cannot have sub-folders")
-            if (user, name) in self._folders or name == INBOX:
+            if (user, name) in self._folders or (user, name) in self._holders or name == INBOX:
                 raise FolderError("Folder already exists")
-            self._state(user, name, create=True)
+            self._hold_superiors(user, name)
+            if holder:
+                self._holders.add((user, name))
+            else:
+                self._state(user, name, create=True)
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -113,6 +130,11 @@ class MemoryMailStore:
             name = canonical_folder(name)
             if name == INBOX:
                 raise FolderError("INBOX cannot be deleted")
+            if (user, name) in self._holders and (user, name) not in self._folders:
+                if any(u == user and n.startswith(name + DELIMITER) for u, n in self._names()):
+                    raise FolderError("Mailbox has children, delete them first")
+                self._holders.discard((user, name))
+                return defer.succeed(None)
             state = self._folders.pop((user, name), None)
             if state is None:
                 raise FolderError("No such folder")
@@ -126,7 +148,7 @@ class MemoryMailStore:
         try:
             user = normalize_user(user)
             old, new = canonical_folder(old), canonical_folder(new)
-            if (user, new) in self._folders:
+            if (user, new) in self._folders or (user, new) in self._holders:
                 raise FolderError("Target folder exists")
             if old == INBOX:
                 src = self._state(user, INBOX)
@@ -136,18 +158,33 @@ class MemoryMailStore:
                 src.messages.clear()
                 src.notify()
             else:
+                self._hold_superiors(user, new)
                 moved = [
                     k
-                    for k in self._folders
+                    for k in self._names()
                     if k[0] == user and (k[1] == old or k[1].startswith(old + DELIMITER))
                 ]
                 if not moved:
                     raise FolderError("No such folder")
                 for k in moved:
-                    self._folders[(user, new + k[1][len(old) :])] = self._folders.pop(k)
+                    to = (user, new + k[1][len(old) :])
+                    if k in self._folders:
+                        self._folders[to] = self._folders.pop(k)
+                    if k in self._holders:
+                        self._holders.discard(k)
+                        self._holders.add(to)
         except Exception:
             return defer.fail()
         return defer.succeed(None)
+
+    def _names(self) -> set[tuple[str, str]]:
+        return set(self._folders) | self._holders
+
+    def _hold_superiors(self, user: str, name: str) -> None:
+        """The names above a folder hold folders until deleted, as the mbox store's directories."""
+        parts = name.split(DELIMITER)
+        for i in range(1, len(parts)):
+            self._holders.add((user, DELIMITER.join(parts[:i])))
 
     def open_folder(self, user, name, read_only=False):
         try:

@@ -10,23 +10,29 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from mailsrv.imap import twistedcompat
-from mailsrv.imap.account import list_pattern
+from mailsrv.imap import mutf7, twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import encode_name, flag_list, list_lines
-from mailsrv.interfaces import SEEN, FolderError
+from mailsrv.interfaces import SEEN, FolderError, NotSelectable
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
 from mailsrv.store.names import DELIMITER, INBOX
 
 _LIST_PIECE = 500  # LIST/LSUB lines written at a time
+# The LIST wildcards (RFC 3501 6.3.8) in a name would make it one that no
+# pattern can name alone: refused, as RFC 3501 5.1 advises.
+_WILDCARD_REFUSED = b"[CANNOT] Mailbox names must not contain the wildcards % and *"
 _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
 arg_astring = CommandParser.arg_astring
 arg_finalastring = CommandParser.arg_finalastring
 arg_literal = CommandParser.arg_literal
+
+
+def _has_wildcard(name: str) -> bool:
+    return "%" in name or "*" in name
 
 
 class MailboxCommands(CommandBase):
@@ -39,6 +45,9 @@ class MailboxCommands(CommandBase):
         folder_name = mailbox_name(name)
         try:
             mbox = yield self.account.select(folder_name, rw)
+        except NotSelectable as e:
+            self.sendNegativeResponse(tag, str(e).encode())
+            return
         except FolderError:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -74,9 +83,15 @@ class MailboxCommands(CommandBase):
 
     @command
     def do_CREATE(self, tag: bytes, name: bytes) -> Any:
-        folder = mailbox_name(name).rstrip(DELIMITER)
-        if folder.upper() == INBOX:
+        folder = mailbox_name(name)
+        # RFC 3501 6.3.3: a trailing delimiter declares that the name is to
+        # hold names below it; the store makes it one that holds only those.
+        base = folder[:-1] if folder.endswith(DELIMITER) else folder
+        if base.upper() == INBOX:
             self.sendNegativeResponse(tag, b"[ALREADYEXISTS] INBOX always exists")
+            return
+        if _has_wildcard(base):
+            self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
             return
         yield self.account.create(folder)
         self.sendPositiveResponse(tag, b"CREATE completed")
@@ -102,6 +117,9 @@ class MailboxCommands(CommandBase):
         src, dst = mailbox_name(old), mailbox_name(new)
         if dst == INBOX:
             self.sendNegativeResponse(tag, b"Cannot rename to INBOX")
+            return
+        if _has_wildcard(dst):
+            self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
             return
         if src != INBOX and (dst == src or dst.startswith(src + DELIMITER)):
             # RFC 3501 6.3.5: a mailbox cannot become its own inferior (INBOX
@@ -131,30 +149,26 @@ class MailboxCommands(CommandBase):
     def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, lsub: bool = False) -> Any:
         cmd = b"LSUB" if lsub else b"LIST"
         try:
-            ref_s, pat_s = ref.decode("imap4-utf-7"), pattern.decode("imap4-utf-7")
-        except (UnicodeDecodeError, ValueError):
-            self.sendBadResponse(tag, b"Invalid mailbox name")
+            ref_s, pat_s = mutf7.decode(ref), mutf7.decode(pattern)
+        except mutf7.InvalidName:
+            # RFC 3501 5.1.3: no mailbox has a name that is not modified
+            # UTF-7, so nothing matches (a legal astring is never a BAD).
+            self.sendPositiveResponse(tag, cmd + b" completed")
             return
         if not pat_s and not lsub:
             # RFC 3501 6.3.8: the delimiter and root name.
             self.sendUntaggedResponse(b'LIST (\\Noselect) "/" ""')
             self.sendPositiveResponse(tag, b"LIST completed")
             return
-        boxes = yield self.account.listMailboxes(ref_s, pat_s)
-        if lsub and not self._lost:
+        if lsub:
             # As the file has them now: other sessions of the user may have
             # changed them since this one last read or wrote it.
-            yield self.account.subscriptions.load()
+            boxes = yield self.account.lsub_entries(ref_s, pat_s)
+        else:
+            boxes = yield self.account.listMailboxes(ref_s, pat_s)
         if self._lost:
             return
-        subscribed = self.account.subscriptions.names
-        lines: Iterable[bytes] = list_lines(cmd, boxes, subscribed if lsub else None)
-        if lsub:
-            # RFC 3501 6.3.9: subscribed names that no longer exist are listed too.
-            existing = {n for n, _ in boxes}
-            rx = list_pattern(ref_s + pat_s)
-            gone = [n for n in sorted(subscribed - existing) if rx.match(n)]
-            lines = itertools.chain(lines, (b'LSUB () "/" ' + encode_name(n) for n in gone))
+        lines: Iterable[bytes] = list_lines(cmd, boxes, None)
         # Tens of thousands of lines go out a piece at a time, as the client reads.
         flow = OutputFlow()
         self.transport.registerProducer(flow, True)
@@ -190,6 +204,9 @@ class MailboxCommands(CommandBase):
             return
         try:
             st = yield self.factory.store.folder_status(self._user, folder)
+        except NotSelectable as e:
+            self.sendNegativeResponse(tag, str(e).encode())
+            return
         except FolderError:
             self.sendNegativeResponse(tag, b"[NONEXISTENT] Mailbox doesn't exist")
             return
@@ -224,6 +241,9 @@ class MailboxCommands(CommandBase):
             else:
                 try:
                     target = yield self.factory.store.open_folder(self._user, folder_name)
+                except NotSelectable as e:
+                    self.sendNegativeResponse(tag, str(e).encode())
+                    return
                 except FolderError:
                     self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
                     return

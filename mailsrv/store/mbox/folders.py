@@ -3,6 +3,12 @@ Folder create, delete, rename and list: the reactor side (the folder's queue,
 letting go of the states of folders that moved) and the file work (disk
 threads). RFC 3501 6.3.3-6.3.5, 6.3.8: a rename of INBOX moves its messages
 and leaves it empty; names ending in .lock are refused (dotlock files).
+
+A folder is an mbox file, which holds no folders, or a directory, which
+holds folders and no mail (listed \\Noselect): the directory of a name
+created with a trailing delimiter, or of the names above a folder. A
+directory stays when the folders in it are deleted or renamed away, until
+it is deleted itself (RFC 3501 6.3.4's example, and Dovecot's mbox).
 """
 
 from __future__ import annotations
@@ -89,26 +95,31 @@ class Folders:
     def create_folder(self, user, name):
         try:
             user = normalize_user(user)
-            name = self._check_new_name(name)
+            # RFC 3501 6.3.3: a trailing delimiter asks for a name to hold names.
+            holder = isinstance(name, str) and name.endswith(DELIMITER)
+            name = self._check_new_name(name[:-1] if holder else name)
             st = self._states.get(user, name)
         except Exception:
             return defer.fail()
 
         def job():
-            return self._states.in_thread(self._create, st)
+            return self._states.in_thread(self._create, st, holder)
 
         return self._states.job(st, job)
 
-    def _create(self, st: FolderState) -> None:
+    def _create(self, st: FolderState, holder: bool) -> None:
         with Refused(self.log, "create", st.user, st.name):
-            self._create_file(st)
+            self._create_file(st, holder)
 
-    def _create_file(self, st: FolderState) -> None:
+    def _create_file(self, st: FolderState, holder: bool) -> None:
         path = st.path
         if os.path.lexists(path):
             raise FolderError("Folder already exists")
         parent = path.parent
         self._check_parents(st.user, path)
+        if holder:
+            make_dirs_synced(path)
+            return
         make_dirs_synced(parent)
         st.close_index()
         st.snap = None
@@ -155,8 +166,9 @@ class Folders:
             try:
                 path.rmdir()
             except OSError:
-                raise FolderError("Folder has sub-folders")
-            self._prune(st.user, path.parent)
+                # RFC 3501 6.3.4: a \\Noselect name with inferiors is not deleted.
+                raise FolderError("Mailbox has children, delete them first")
+            fsync_dir(path.parent)
             return
         if not path.is_file():
             raise FolderError("No such folder")
@@ -165,17 +177,6 @@ class Folders:
             fsync_dir(path.parent)
         st.close_index()
         remove_index(st.index_base)
-        self._prune(st.user, path.parent)
-
-    def _prune(self, user: str, d: Path) -> None:
-        """Remove empty directories from C{d} up to (not including) the user's directory."""
-        root = user_dir(self.mail_dir, user)
-        while d != root and root in d.parents:
-            try:
-                d.rmdir()
-            except OSError:
-                return
-            d = d.parent
 
     def rename_folder(self, user, old, new):
         try:
@@ -251,7 +252,6 @@ class Folders:
                 suffix = f[len(str(index_base(idir, "", "", n).name)) :]
                 target = index_base(self.index_dir, domain, local, new + n[len(old) :])
                 os.replace(idir / f, str(target) + suffix)
-        self._prune(user, src.parent)
 
     def _rename_inbox(self, st: FolderState, new: str) -> Update:
         """RFC 3501 6.3.5: move INBOX's messages to a new folder, leave INBOX empty."""

@@ -10,13 +10,14 @@ are taken over at the rescan.
 from __future__ import annotations
 
 import os
+import stat
 import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import replace
 
 from mailsrv.atomic import make_dirs
-from mailsrv.interfaces import FolderError
+from mailsrv.interfaces import FolderError, NotSelectable
 from mailsrv.store import mboxfmt
 from mailsrv.store.index import FolderIndex, flags_text
 from mailsrv.store.infos import InfoList
@@ -95,7 +96,7 @@ def sync(st: FolderState, create: bool = False) -> Update:
     except NotADirectoryError:  # a level above is a mailbox (a file)
         raise FolderError("No such folder")
     if s is not None and not is_file(s):
-        raise FolderError("No such folder")
+        raise NotSelectable() if stat.S_ISDIR(s.st_mode) else FolderError("No such folder")
     idx = st.open_index()
     snap = load(st, idx)
     if (

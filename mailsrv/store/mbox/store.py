@@ -44,6 +44,7 @@ class MboxMailStore:
     """All users' folders as mbox files under C{mail_dir}, indexes under C{index_dir}."""
 
     log = store_logger()
+    mail_folders_hold_folders = False  # a folder is an mbox file, or a directory of folders
 
     def __init__(
         self,
