@@ -30,8 +30,11 @@ from mailsrv.imap.commands.general import GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
 from mailsrv.imap.commands.mailboxes import MailboxCommands
 from mailsrv.imap.commands.selected import SelectedCommands
+from mailsrv.imap.commands.sort import CAPABILITIES as SORT_CAPABILITIES
+from mailsrv.imap.commands.sort import SORT_CACHE_MESSAGES, SortCommands
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
+from mailsrv.imap.sortfields import SortFieldCache
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
 from mailsrv.session import BadCommands, IdleClose, TLSGate
@@ -49,6 +52,7 @@ class IMAPServer(
     HandshakeDeadlineMixin,
     GeneralCommands,
     MailboxCommands,
+    SortCommands,
     SelectedCommands,
     FetchCommand,
     IdleCommand,
@@ -126,6 +130,7 @@ class IMAPServer(
     def listCapabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
         caps += [b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"CHILDREN", b"UNSELECT"]
+        caps += SORT_CAPABILITIES
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         if self.state == "unauth":
             if self._can_starttls():
@@ -355,6 +360,7 @@ class IMAPServerFactory(protocol.Factory):
         self.spool_dir = config.spool_dir
         self.envelopes = BoundedCache(100_000)  # ~45 MB at most
         self.structures = BoundedCache(5_000)
+        self.sort_fields = SortFieldCache(SORT_CACHE_MESSAGES)  # SORT/THREAD header keys
         self.cooperate = cooperate or (lambda: task.deferLater(reactor, 0, lambda: None))
 
     def buildProtocol(self, addr: Any) -> IMAPServer:

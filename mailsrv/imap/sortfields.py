@@ -102,10 +102,10 @@ def _tokens(text: str) -> list[tuple[str, str]]:
 
 def first_address(raw: bytes) -> tuple[str, str, str]:
     """
-    The first mailbox of an address list field: (display name, addr-mailbox,
-    host). A group's name is skipped for its first member; an address with no
-    display name but a comment takes the comment as its name, as the IMAP
-    envelope of Dovecot and of RFC 822 practice does.
+    The first address of an address list field as the IMAP envelope shows it:
+    (display name, addr-mailbox, host); a group is its name as addr-mailbox.
+    An address with no display name but a comment takes the comment as its
+    name, as Dovecot's envelope does.
     """
     text = raw.decode("utf-8", "replace")
     if "," not in text and "(" not in text and '"' not in text and ":" not in text:
@@ -124,7 +124,9 @@ def first_address(raw: bytes) -> tuple[str, str, str]:
         if kind == "c":
             comment = comment or value
         elif kind == "s" and value == ":":
-            words, comment = [], ""  # a group's display name
+            # RFC 3501 7.4.2: a group starts as (NIL NIL "group name" NIL) in the
+            # envelope; Dovecot sorts on that as the first address.
+            return "", " ".join(v for _, v in words), ""
         elif kind == "s" and value == "<":
             inner: list[tuple[str, str]] = []
             while i < len(toks) and toks[i] != ("s", ">"):
