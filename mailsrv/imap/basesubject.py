@@ -23,7 +23,7 @@ _BLOB_PREFIX = re.compile(_BLOB)
 def _decode_word(charset: str, encoding: str, text: str) -> bytes:
     data = text.encode("ascii", "replace")
     if encoding in "bB":
-        return base64.b64decode(data + b"=" * (-len(data) % 4))
+        return base64.b64decode(data + b"=" * (-len(data) % 4), validate=True)
     # RFC 2047 4.2: "_" is a space in the Q encoding.
     return binascii.a2b_qp(data, header=True)
 

@@ -55,7 +55,11 @@ def ordered_subject(entries: Sequence[Entry]) -> list[Node]:
 
 
 def _is_ancestor(a: Node, b: Node) -> bool:
-    """Whether C{a} is C{b} or one of its ancestors."""
+    """Whether C{a} is C{b} or one of its ancestors (a node without children is no one's)."""
+    if a is b:
+        return True
+    if not a.children:
+        return False
     n: Node | None = b
     while n is not None:
         if n is a:
