@@ -97,6 +97,11 @@ service imap-login {{
 }}
 """
         )
+        self.launch()
+
+    def launch(self) -> None:
+        """Start the master of the configuration written by L{start}; wait until it listens."""
+        d = self.dir
         subprocess.run(["dovecot", "-c", str(d / "dovecot.conf")], check=True)
         pidfile = d / "run" / "master.pid"
         deadline = time.monotonic() + 10
@@ -110,8 +115,21 @@ service imap-login {{
             time.sleep(0.05)
         self.pid = int(pidfile.read_text().strip())
 
+    def restart_cold(self, mbox: Path) -> None:
+        """Stop, put a pristine copy of C{mbox} in place, drop the index, start again."""
+        self.stop_master()
+        shutil.rmtree(self.dir / "index" / USER, True)
+        shutil.copyfile(mbox, self.inbox)
+        os.chown(self.inbox, MAIL_UID, MAIL_UID)
+        self.launch()
+
     def stop(self) -> None:
         """End the master (by its pid) and remove the directory."""
+        self.stop_master()
+        shutil.rmtree(self.dir, True)
+
+    def stop_master(self) -> None:
+        """End the master by its pid and wait until it is gone."""
         if self.pid is not None:
             try:
                 os.kill(self.pid, signal.SIGTERM)
@@ -122,4 +140,4 @@ service imap-login {{
             except ProcessLookupError:
                 pass
             self.pid = None
-        shutil.rmtree(self.dir, True)
+            (self.dir / "run" / "master.pid").unlink(missing_ok=True)

@@ -138,7 +138,9 @@ def generate(n: int, seed: int = 5256) -> list[tuple[float, bytes]]:
     sent: list[tuple[str, str, list[str]]] = []  # (message-id, base subject, references)
     out = []
     t = 1_700_000_000.0
-    for i in range(n):
+    i = -1
+    while len(out) < n:
+        i += 1
         t += rng.choice([0, 30, 60, 120, 600, 3600])
         mid = f"<{i}.{seed}@gen.test>" if rng.random() > 0.003 or not sent else sent[-1][0]
         headers = [("From", _address(rng, i)), ("To", _address(rng, i + 1))]

@@ -14,7 +14,6 @@ from mailsrv.imap.search import SearchError
 from mailsrv.imap.sort import Entry, parse_program, sort_entries
 from mailsrv.imap.sortfields import SortFieldCache, first_address, message_keys
 from mailsrv.imap.thread import ordered_subject, references, thread_list
-from mailsrv.interfaces import MessageInfo
 
 # (raw Subject, base subject, reply or forward) - RFC 5256 2.1 steps 1-6.
 BASE_SUBJECTS = [
@@ -140,7 +139,7 @@ def test_esearch_line():
 
 
 def _entry(seq: int, header: bytes, internal: float = 0.0, size: int = 100) -> Entry:
-    return Entry(seq, MessageInfo(seq * 10, size, frozenset(), internal), message_keys(header))
+    return Entry(seq, seq * 10, size, internal, message_keys(header))
 
 
 def _msg(mid: str, refs: str = "", subject: str = "s", hour: int = 0) -> bytes:

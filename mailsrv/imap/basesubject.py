@@ -98,6 +98,8 @@ def base_subject(raw: bytes) -> tuple[str, bool]:
     """
     # (1) decode, then tabs, continuations and runs of spaces become one space.
     s = _WS.sub(" ", header_text(raw))
+    if "[" not in s and ":" not in s and not s.rstrip(" ").endswith(")"):
+        return s.strip(" "), False  # no leader, blob or trailer but spaces
     reply = False
     while True:
         # (2) remove trailers: subj-trailer = "(fwd)" / WSP, repeatedly.

@@ -12,30 +12,31 @@ from typing import Any, NamedTuple
 
 from mailsrv.imap.search import SearchError
 from mailsrv.imap.sortfields import MessageKeys
-from mailsrv.interfaces import MessageInfo
 
 
 class Entry(NamedTuple):
-    """One message to sort or thread: its sequence number, index data and header keys."""
+    """One message to sort or thread: sequence number, UID, size, INTERNALDATE, header keys."""
 
     seq: int
-    info: MessageInfo
+    uid: int
+    size: int
+    internal_date: float
     keys: MessageKeys
 
 
 def sent_date(e: Entry) -> float:
     """RFC 5256 2.2: the sent date; the INTERNALDATE when the Date field is missing or invalid."""
     sent = e.keys.sent
-    return e.info.internal_date if sent is None else sent
+    return e.internal_date if sent is None else sent
 
 
 # RFC 5256 3 (ARRIVAL ... TO) and RFC 5957 3 (DISPLAYFROM, DISPLAYTO).
 SORT_KEYS: dict[str, Callable[[Entry], Any]] = {
-    "ARRIVAL": lambda e: e.info.internal_date,
+    "ARRIVAL": lambda e: e.internal_date,
     "CC": lambda e: e.keys.cc_mailbox,
     "DATE": sent_date,
     "FROM": lambda e: e.keys.from_mailbox,
-    "SIZE": lambda e: e.info.size,
+    "SIZE": lambda e: e.size,
     "SUBJECT": lambda e: e.keys.subject,
     "TO": lambda e: e.keys.to_mailbox,
     "DISPLAYFROM": lambda e: e.keys.from_display,

@@ -8,6 +8,7 @@ THREAD commands on the folder read nothing from disk.
 
 from __future__ import annotations
 
+import calendar
 import email.utils
 import re
 from collections import OrderedDict
@@ -15,14 +16,45 @@ from typing import Any
 
 from mailsrv.imap.basesubject import base_subject, casemap, header_text
 
-_FIELD = re.compile(
-    rb"^(subject|from|to|cc|date|references|in-reply-to|message-id)[ \t]*:"
-    rb"([^\r\n]*(?:\r?\n[ \t][^\r\n]*)*)",
-    re.I | re.M,
+_WANTED = frozenset(
+    [b"subject", b"from", b"to", b"cc", b"date", b"references", b"in-reply-to", b"message-id"]
 )
 # RFC 5322 3.6.4: msg-id = "<" id-left "@" id-right ">".
 _MSG_ID = re.compile(rb"<([^<>\s@]+@[^<>\s]+)>")
 _SPECIALS = '<>,:;@."()'
+# RFC 5322 3.3: [day-of-week ","] day month year hour ":" minute [":" second] zone.
+_DATE = re.compile(
+    rb"[ \t]*(?:[A-Za-z]{3}[ \t]*,[ \t]*)?(\d{1,2})[ \t]+([A-Za-z]{3})[ \t]+(\d{4})[ \t]+"
+    rb"(\d{1,2}):(\d{2})(?::(\d{2}))?[ \t]+([+-])(\d{2})(\d{2})[ \t]*(?:\([^()]*\)[ \t]*)?$"
+)
+_MONTHS = {
+    m: i
+    for i, m in enumerate(
+        [
+            b"jan",
+            b"feb",
+            b"mar",
+            b"apr",
+            b"may",
+            b"jun",
+            b"jul",
+            b"aug",
+            b"sep",
+            b"oct",
+            b"nov",
+            b"dec",
+        ],
+        1,
+    )
+}
+# The first address in its common forms (RFC 5322 3.4), followed by nothing or a comma:
+# `[phrase] <addr@host>`, `"quoted" <addr@host>`, `addr@host`.
+_ADDR = r'([^\s"<>()\[\],:;@\\]+)@([^\s"<>()\[\],:;@\\]+)'
+_ANGLE_ADDRESS = re.compile(
+    r'[ \t]*(?:"((?:[^"\\]|\\.)*)"|([^"<>()\[\],:;@\\]*?))[ \t]*<' + _ADDR + r">[ \t]*(?:,|$)"
+)
+_BARE_ADDRESS = re.compile(r"[ \t]*" + _ADDR + r"[ \t]*(?:,|$)")
+_QUOTED_PAIR = re.compile(r"\\(.)")
 
 
 class MessageKeys:
@@ -108,12 +140,17 @@ def first_address(raw: bytes) -> tuple[str, str, str]:
     name, as Dovecot's envelope does.
     """
     text = raw.decode("utf-8", "replace")
-    if "," not in text and "(" not in text and '"' not in text and ":" not in text:
-        lt = text.find("<")
-        if lt < 0:
-            addr = text.strip()
-            local, _, host = addr.rpartition("@") if "@" in addr else (addr, "", "")
-            return "", local, host
+    m = _ANGLE_ADDRESS.match(text)
+    if m is not None:  # the common forms, without the tokenizer
+        quoted, phrase, local, host = m.groups()
+        if quoted is not None:
+            name = _QUOTED_PAIR.sub(r"\1", quoted)
+        else:
+            name = " ".join(phrase.split()).replace(" .", ".")
+        return decode_phrase(name), local, host
+    m = _BARE_ADDRESS.match(text)
+    if m is not None:
+        return "", m.group(1), m.group(2)
     words: list[tuple[str, str]] = []
     comment = ""
     toks = _tokens(text)
@@ -136,7 +173,7 @@ def first_address(raw: bytes) -> tuple[str, str, str]:
             if ("s", ":") in inner:  # RFC 5322 4.4: an obsolete source route
                 inner = inner[inner.index(("s", ":")) + 1 :]
             local, host = _addr_spec(inner)
-            name = " ".join(v for k, v in words if k != "s" or v == ".")
+            name = " ".join(v for k, v in words if k != "s" or v == ".").replace(" .", ".")
             return decode_phrase(name), local, host
         elif kind == "s" and value in ",;":
             if words:
@@ -169,6 +206,13 @@ def _display(raw: bytes) -> tuple[bytes, bytes]:
 
 def _sent(raw: bytes) -> float | None:
     """RFC 5256 2.2: the Date field in UTC; None if it is not a valid date."""
+    m = _DATE.match(raw)
+    month = _MONTHS.get(m.group(2).lower()) if m is not None else None
+    if m is not None and month is not None:  # RFC 5322 3.3, the usual form
+        day, _, year, hour, minute, second, sign, zh, zm = m.groups()
+        t = calendar.timegm((int(year), month, int(day), int(hour), int(minute), int(second or 0)))
+        offset = int(zh) * 3600 + int(zm) * 60
+        return float(t - offset if sign == b"+" else t + offset)
     try:
         parsed = email.utils.parsedate_tz(raw.decode("latin-1"))
         return None if parsed is None else float(email.utils.mktime_tz(parsed))
@@ -179,10 +223,19 @@ def _sent(raw: bytes) -> float | None:
 def message_keys(block: bytes, interned: dict[bytes, bytes] | None = None) -> MessageKeys:
     """The L{MessageKeys} of a header block; C{interned} shares equal strings between messages."""
     fields: dict[bytes, bytes] = {}
-    for m in _FIELD.finditer(block):
-        name = m.group(1).lower()
-        if name not in fields:  # the first of each field counts
-            fields[name] = m.group(2).replace(b"\r", b"").replace(b"\n", b"")
+    current = b""
+    for line in block.split(b"\n"):
+        if line[:1] in (b" ", b"\t"):  # RFC 5322 2.2.3: a folded line continues the field
+            if current:
+                fields[current] += line.rstrip(b"\r")
+            continue
+        name, colon, value = line.partition(b":")
+        name = name.rstrip(b" \t").lower()
+        if colon and name in _WANTED and name not in fields:  # the first of each counts
+            fields[name] = value.rstrip(b"\r")
+            current = name
+        else:
+            current = b""
     keys = MessageKeys()
     share = (lambda b: interned.setdefault(b, b)) if interned is not None else (lambda b: b)
     subject = fields.get(b"subject")

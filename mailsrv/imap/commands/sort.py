@@ -25,6 +25,7 @@ from mailsrv.imap.sort import Entry, Program, needs_headers, parse_program, sort
 from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, message_keys
 from mailsrv.imap.thread import ALGORITHMS, ordered_subject, references, thread_list
 from mailsrv.interfaces import MessageInfo
+from mailsrv.store.infos import InfoList
 
 # The capabilities of this module (RFC 5256 6, RFC 5957 4, RFC 5267 3).
 CAPABILITIES = [
@@ -39,10 +40,15 @@ CAPABILITIES = [
 SORT_CACHE_MESSAGES = 500_000
 
 _NO_KEYS = MessageKeys()
+_ALL = ("and", [("ALL",)])
 
 
-def _matches(matcher: Matcher, folder: Any, infos: Sequence[MessageInfo], disk: bool) -> list[int]:
+def _matches(
+    matcher: Matcher, folder: Any, infos: Sequence[MessageInfo], disk: bool
+) -> Sequence[int]:
     """The sequence numbers of the messages C{matcher} accepts. Pool thread when C{disk}."""
+    if matcher.tree == _ALL:
+        return range(1, len(infos) + 1)
     out = []
     for seq, info in enumerate(infos, 1):
         try:
@@ -69,20 +75,30 @@ def _entries(
     Pool thread: an L{Entry} per message, with its keys from C{cached} or read
     from its header; and the keys read (for the cache).
     """
+    uids: Sequence[int]
+    sizes: Sequence[int]
+    dates: Sequence[float]
+    if isinstance(infos, InfoList):  # its columns, without a MessageInfo per message
+        uids, sizes, dates = infos.uids, infos.sizes, infos.dates
+    else:
+        uids = [i.uid for i in infos]
+        sizes = [i.size for i in infos]
+        dates = [i.internal_date for i in infos]
     if not with_keys:
-        return [Entry(s, infos[s - 1], _NO_KEYS) for s in seqs], {}
+        return [Entry(s, uids[s - 1], sizes[s - 1], dates[s - 1], _NO_KEYS) for s in seqs], {}
     out, new = [], {}
     interned: dict[bytes, bytes] = {}
+    get = cached.get
     for seq in seqs:
-        info = infos[seq - 1]
-        keys = cached.get(info.uid)
+        uid = uids[seq - 1]
+        keys = get(uid)
         if keys is None:
             try:
-                keys = message_keys(folder.read_headers(info.uid), interned)
+                keys = message_keys(folder.read_headers(uid), interned)
             except KeyError:
                 continue
-            new[info.uid] = keys
-        out.append(Entry(seq, info, keys))
+            new[uid] = keys
+        out.append(Entry(seq, uid, sizes[seq - 1], dates[seq - 1], keys))
     return out, new
 
 
@@ -175,7 +191,7 @@ class SortCommands(SelectedCommands):
         )
         if self._lost:
             return
-        numbers = [e.info.uid if uid else e.seq for e in entries]
+        numbers = [e.uid if uid else e.seq for e in entries]
         if options is None:
             self.sendUntaggedResponse(b"SORT" + number_list(numbers))
         else:
@@ -197,7 +213,7 @@ class SortCommands(SelectedCommands):
         build = ordered_subject if algorithm == "ORDEREDSUBJECT" else references
 
         def order(entries: list[Entry]) -> bytes:
-            number: Callable[[Entry], int] = (lambda e: e.info.uid) if uid else (lambda e: e.seq)
+            number: Callable[[Entry], int] = (lambda e: e.uid) if uid else (lambda e: e.seq)
             return thread_list(build(entries), number)
 
         threads = yield self._ordered(charset, tokens, True, order)
