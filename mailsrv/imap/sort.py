@@ -7,7 +7,8 @@ mailbox"), REVERSE included.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from operator import attrgetter
 from typing import Any, NamedTuple
 
 from mailsrv.imap.search import SearchError
@@ -31,17 +32,9 @@ def sent_date(e: Entry) -> float:
 
 
 # RFC 5256 3 (ARRIVAL ... TO) and RFC 5957 3 (DISPLAYFROM, DISPLAYTO).
-SORT_KEYS: dict[str, Callable[[Entry], Any]] = {
-    "ARRIVAL": lambda e: e.internal_date,
-    "CC": lambda e: e.keys.cc_mailbox,
-    "DATE": sent_date,
-    "FROM": lambda e: e.keys.from_mailbox,
-    "SIZE": lambda e: e.size,
-    "SUBJECT": lambda e: e.keys.subject,
-    "TO": lambda e: e.keys.to_mailbox,
-    "DISPLAYFROM": lambda e: e.keys.from_display,
-    "DISPLAYTO": lambda e: e.keys.to_display,
-}
+SORT_KEYS = frozenset(
+    {"ARRIVAL", "CC", "DATE", "FROM", "SIZE", "SUBJECT", "TO", "DISPLAYFROM", "DISPLAYTO"}
+)
 
 # The keys that need nothing from the header (the index has them).
 INDEX_KEYS = frozenset({"ARRIVAL", "SIZE"})
@@ -83,10 +76,78 @@ def needs_headers(program: Program) -> bool:
     return any(name not in INDEX_KEYS for name, _ in program)
 
 
-def sort_entries(program: Program, entries: Sequence[Entry]) -> list[Entry]:
-    """The entries (given in mailbox order) in the program's order; ties keep mailbox order."""
-    out = list(entries)
+class Matches:
+    """
+    The messages a command matched, as columns in mailbox order: sequence
+    numbers, UIDs, sizes, INTERNALDATEs and header keys (None when the sort
+    program needs none). Sorting reorders positions in these columns, with C
+    key functions, not objects per message.
+    """
+
+    __slots__ = ("seqs", "uids", "sizes", "dates", "keys")
+
+    def __init__(
+        self,
+        seqs: Sequence[int],
+        uids: Sequence[int],
+        sizes: Sequence[int],
+        dates: Sequence[float],
+        keys: Sequence[MessageKeys] | None,
+    ) -> None:
+        self.seqs = seqs
+        self.uids = uids
+        self.sizes = sizes
+        self.dates = dates
+        self.keys = keys
+
+    def __len__(self) -> int:
+        return len(self.seqs)
+
+    def column(self, name: str) -> Sequence[Any]:
+        """The values of sort key C{name}, one per message."""
+        if name == "ARRIVAL":
+            return self.dates
+        if name == "SIZE":
+            return self.sizes
+        assert self.keys is not None
+        if name == "DATE":  # RFC 5256 2.2: the INTERNALDATE when the Date is not valid
+            return [
+                d if k.sent is None else k.sent for k, d in zip(self.keys, self.dates, strict=True)
+            ]
+        return list(map(attrgetter(_KEY_FIELDS[name]), self.keys))
+
+    def entries(self) -> list[Entry]:
+        """An L{Entry} per message (for THREAD)."""
+        assert self.keys is not None
+        return list(map(Entry, self.seqs, self.uids, self.sizes, self.dates, self.keys))
+
+
+_KEY_FIELDS = {
+    "CC": "cc_mailbox",
+    "FROM": "from_mailbox",
+    "SUBJECT": "subject",
+    "TO": "to_mailbox",
+    "DISPLAYFROM": "from_display",
+    "DISPLAYTO": "to_display",
+}
+
+
+def sort_positions(program: Program, matches: Matches) -> list[int]:
+    """The positions of C{matches} in the program's order; ties keep mailbox order."""
+    order = list(range(len(matches)))
     # Stable sorts from the last key to the first: a later key breaks an earlier one's ties.
     for name, reverse in reversed(program):
-        out.sort(key=SORT_KEYS[name], reverse=reverse)
-    return out
+        order.sort(key=matches.column(name).__getitem__, reverse=reverse)
+    return order
+
+
+def sort_entries(program: Program, entries: Sequence[Entry]) -> list[Entry]:
+    """The entries (given in mailbox order) in the program's order; ties keep mailbox order."""
+    matches = Matches(
+        [e.seq for e in entries],
+        [e.uid for e in entries],
+        [e.size for e in entries],
+        [e.internal_date for e in entries],
+        [e.keys for e in entries],
+    )
+    return [entries[i] for i in sort_positions(program, matches)]

@@ -75,6 +75,15 @@ def _link(parent: Node, child: Node) -> None:
     parent.children.append(child)
 
 
+def _depth(node: Node) -> int:
+    depth = 0
+    parent = node.parent
+    while parent is not None:
+        depth += 1
+        parent = parent.parent
+    return depth
+
+
 def _walk(roots: Sequence[Node]) -> list[Node]:
     """Every node under C{roots}, parents before their children."""
     out = list(roots)
@@ -127,10 +136,11 @@ def references(entries: Sequence[Entry]) -> list[Node]:
             _link(prev, node)
     # (2) the root set; (3) dummies pruned, deepest first.
     roots = [n for n in order if n.parent is None]
-    for node in reversed(_walk(roots)):
-        if node.entry is not None or node.parent is None:
-            continue
+    inner = [n for n in order if n.entry is None and n.parent is not None]
+    inner.sort(key=_depth, reverse=True)
+    for node in inner:
         parent = node.parent
+        assert parent is not None
         i = parent.children.index(node)
         for c in node.children:
             c.parent = parent
@@ -143,8 +153,11 @@ def references(entries: Sequence[Entry]) -> list[Node]:
                 pruned.append(c)
             continue
         pruned.append(node)
-    # (4) the root set by sent date.
-    _sort_all(pruned)
+    # (4) the root set by sent date (a dummy by its first child's).
+    for node in pruned:
+        if node.entry is None:
+            node.children.sort(key=_date_key)
+    pruned.sort(key=_date_key)
     roots = _merge_subjects(pruned)
     # (6) every set of siblings by sent date.
     _sort_all(roots)

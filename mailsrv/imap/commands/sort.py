@@ -19,10 +19,9 @@ from mailsrv.imap.commands.base import command
 from mailsrv.imap.commands.selected import SelectedCommands, _search_body
 from mailsrv.imap.esearch import ReturnSyntaxError, esearch_line, parse_return
 from mailsrv.imap.parsing import CommandParser, SeqSet, SeqSetMembers
-from mailsrv.imap.responses import number_list
 from mailsrv.imap.search import Matcher, SearchError, needs, parse
-from mailsrv.imap.sort import Entry, Program, needs_headers, parse_program, sort_entries
-from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, message_keys
+from mailsrv.imap.sort import Entry, Matches, Program, needs_headers, parse_program, sort_positions
+from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, collector_paused, message_keys
 from mailsrv.imap.thread import ALGORITHMS, ordered_subject, references, thread_list
 from mailsrv.interfaces import MessageInfo
 from mailsrv.store.infos import InfoList
@@ -64,16 +63,16 @@ def _matches(
     return out
 
 
-def _entries(
+def _gather(
     folder: Any,
     infos: Sequence[MessageInfo],
     seqs: Sequence[int],
     cached: dict[int, MessageKeys],
     with_keys: bool,
-) -> tuple[list[Entry], dict[int, MessageKeys]]:
+) -> tuple[Matches, dict[int, MessageKeys]]:
     """
-    Pool thread: an L{Entry} per message, with its keys from C{cached} or read
-    from its header; and the keys read (for the cache).
+    Pool thread: the matched messages as L{Matches}, with their keys from
+    C{cached} or read from their headers; and the keys read (for the cache).
     """
     uids: Sequence[int]
     sizes: Sequence[int]
@@ -84,22 +83,40 @@ def _entries(
         uids = [i.uid for i in infos]
         sizes = [i.size for i in infos]
         dates = [i.internal_date for i in infos]
+    if not (isinstance(seqs, range) and len(seqs) == len(infos)):
+        uids = [uids[s - 1] for s in seqs]
+        sizes = [sizes[s - 1] for s in seqs]
+        dates = [dates[s - 1] for s in seqs]
     if not with_keys:
-        return [Entry(s, uids[s - 1], sizes[s - 1], dates[s - 1], _NO_KEYS) for s in seqs], {}
-    out, new = [], {}
+        return Matches(seqs, uids, sizes, dates, None), {}
+    keys: list[Any] = list(map(cached.get, uids))
+    new: dict[int, MessageKeys] = {}
+    gone = []
     interned: dict[bytes, bytes] = {}
-    get = cached.get
-    for seq in seqs:
-        uid = uids[seq - 1]
-        keys = get(uid)
-        if keys is None:
+    for i, k in enumerate(keys):
+        if k is None:
             try:
-                keys = message_keys(folder.read_headers(uid), interned)
+                keys[i] = new[uids[i]] = message_keys(folder.read_headers(uids[i]), interned)
             except KeyError:
-                continue
-            new[uid] = keys
-        out.append(Entry(seq, uid, sizes[seq - 1], dates[seq - 1], keys))
-    return out, new
+                gone.append(i)  # gone from the disk; the next refresh tells the client
+    if gone:
+        kept = sorted(set(range(len(keys))) - set(gone))
+        return (
+            Matches(
+                [seqs[i] for i in kept],
+                [uids[i] for i in kept],
+                [sizes[i] for i in kept],
+                [dates[i] for i in kept],
+                [keys[i] for i in kept],
+            ),
+            new,
+        )
+    return Matches(seqs, uids, sizes, dates, keys), new
+
+
+def _numbers(numbers: Sequence[int]) -> bytes:
+    """C{b" 3 1 2"}: the numbers of a SORT response (RFC 5256 4), or nothing."""
+    return (" " + " ".join(map(str, numbers))).encode("ascii") if numbers else b""
 
 
 def arg_sort_options(proto: Any, line: bytes | None) -> tuple[frozenset[str] | None, bytes]:
@@ -138,7 +155,7 @@ class SortCommands(SelectedCommands):
         charset: bytes,
         tokens: list[Any],
         with_keys: bool,
-        order: Callable[[list[Entry]], Any],
+        order: Callable[[Matches], Any],
     ) -> Any:
         """
         Search, gather the entries of the matches (reading the keys the cache
@@ -163,8 +180,9 @@ class SortCommands(SelectedCommands):
 
         def job() -> tuple[Any, dict[int, MessageKeys]]:
             seqs = _matches(matcher, folder, infos, disk)
-            entries, new = _entries(folder, infos, seqs, cached, with_keys)
-            return order(entries), new
+            with collector_paused():
+                matches, new = _gather(folder, infos, seqs, cached, with_keys)
+                return order(matches), new
 
         def done(result: tuple[Any, dict[int, MessageKeys]]) -> Any:
             answer, new = result
@@ -183,17 +201,15 @@ class SortCommands(SelectedCommands):
         tokens: list[Any],
         uid: int = 0,
     ) -> Any:
-        entries = yield self._ordered(
-            charset,
-            tokens,
-            needs_headers(program),
-            functools.partial(sort_entries, program),
-        )
+        def order(matches: Matches) -> list[int]:
+            shown = matches.uids if uid else matches.seqs
+            return [shown[i] for i in sort_positions(program, matches)]
+
+        numbers = yield self._ordered(charset, tokens, needs_headers(program), order)
         if self._lost:
             return
-        numbers = [e.uid if uid else e.seq for e in entries]
         if options is None:
-            self.sendUntaggedResponse(b"SORT" + number_list(numbers))
+            self.sendUntaggedResponse(b"SORT" + _numbers(numbers))
         else:
             self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers))
         self.sendPositiveResponse(tag, b"SORT completed")
@@ -212,9 +228,9 @@ class SortCommands(SelectedCommands):
     ) -> Any:
         build = ordered_subject if algorithm == "ORDEREDSUBJECT" else references
 
-        def order(entries: list[Entry]) -> bytes:
+        def order(matches: Matches) -> bytes:
             number: Callable[[Entry], int] = (lambda e: e.uid) if uid else (lambda e: e.seq)
-            return thread_list(build(entries), number)
+            return thread_list(build(matches.entries()), number)
 
         threads = yield self._ordered(charset, tokens, True, order)
         if self._lost:
