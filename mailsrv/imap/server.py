@@ -32,8 +32,11 @@ from mailsrv.imap.commands.mailboxes import MailboxCommands
 from mailsrv.imap.commands.quota import CAPABILITIES as QUOTA_CAPABILITIES
 from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
+from mailsrv.imap.commands.sort import CAPABILITIES as SORT_CAPABILITIES
+from mailsrv.imap.commands.sort import SORT_CACHE_MESSAGES, SortCommands
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
+from mailsrv.imap.sortfields import SortFieldCache
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
 from mailsrv.session import BadCommands, IdleClose, OpenSessions, TLSGate
@@ -51,6 +54,7 @@ class IMAPServer(
     HandshakeDeadlineMixin,
     GeneralCommands,
     MailboxCommands,
+    SortCommands,
     SelectedCommands,
     FetchCommand,
     IdleCommand,
@@ -132,6 +136,7 @@ class IMAPServer(
     def listCapabilities(self) -> list[bytes]:
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
         caps += [b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"CHILDREN", b"UNSELECT"]
+        caps += SORT_CAPABILITIES
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
         if self.state == "unauth":
@@ -382,6 +387,7 @@ class IMAPServerFactory(protocol.Factory):
         self.spool_dir = config.spool_dir
         self.envelopes = BoundedCache(100_000)  # ~45 MB at most
         self.structures = BoundedCache(5_000)
+        self.sort_fields = SortFieldCache(SORT_CACHE_MESSAGES)  # SORT/THREAD header keys
         self.cooperate = cooperate or (lambda: task.deferLater(reactor, 0, lambda: None))
         self.open_sessions = OpenSessions(reactor)
 

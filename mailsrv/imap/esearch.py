@@ -1,0 +1,63 @@
+"""
+The ESEARCH response (RFC 4731 3, RFC 5267 3 for ESORT): the return options
+a client may ask for, and the untagged line that answers them, for SEARCH,
+SORT and their UID forms.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from mailsrv.imap import mime
+from mailsrv.imap.responses import uid_set
+
+# RFC 4731 3.1: search-return-opt; the order the result items are written in.
+RETURN_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
+
+
+class ReturnSyntaxError(Exception):
+    """The RETURN options are malformed or name an option not offered (a BAD)."""
+
+
+def parse_return(line: bytes) -> tuple[frozenset[str] | None, bytes]:
+    """
+    An optional C{RETURN (...)} at the start of C{line}: the options asked
+    for (None without RETURN; RFC 4731 3.1: C{RETURN ()} means ALL) and the
+    rest of the line.
+    """
+    stripped = line.lstrip(b" ")
+    if stripped[:7].upper() != b"RETURN ":
+        return None, line
+    rest = stripped[7:].lstrip(b" ")
+    if rest[:1] != b"(":
+        raise ReturnSyntaxError("RETURN needs a parenthesised list")
+    end = rest.find(b")")
+    if end < 0:
+        raise ReturnSyntaxError("Unbalanced parentheses in RETURN")
+    words = [w.decode("ascii", "replace") for w in rest[1:end].upper().split()]
+    unknown = [w for w in words if w not in RETURN_OPTIONS]
+    if unknown:
+        raise ReturnSyntaxError(f"Unsupported RETURN option {unknown[0]}")
+    return frozenset(words or ["ALL"]), rest[end + 1 :]
+
+
+def esearch_line(tag: bytes, uid: bool, options: frozenset[str], numbers: Sequence[int]) -> bytes:
+    """
+    C{ESEARCH (TAG "t") [UID] MIN a MAX b ALL set COUNT n} without "* ":
+    C{numbers} in the order of the answer (ascending for SEARCH, the sort
+    order for SORT: MIN and MAX are then its first and last, and ALL keeps
+    that order, RFC 5267 3). With no match only COUNT is given (RFC 4731 3.1).
+    """
+    out = [b"ESEARCH (TAG " + mime.nstring(tag) + b")"]
+    if uid:
+        out.append(b"UID")
+    if numbers:
+        if "MIN" in options:
+            out.append(b"MIN %d" % numbers[0])
+        if "MAX" in options:
+            out.append(b"MAX %d" % numbers[-1])
+        if "ALL" in options:
+            out.append(b"ALL " + uid_set(list(numbers)))
+    if "COUNT" in options:
+        out.append(b"COUNT %d" % len(numbers))
+    return b" ".join(out)
