@@ -202,6 +202,8 @@ class FolderState:
         self.sessions = 0
         self.version = 0
         self.mutation_version = 0  # last change other than an append
+        # The index's recent_uid as last read or claimed here (0: not yet); it only grows.
+        self.recent_uid = 0
         self.deliveries: GroupCommit | None = None  # deliveries not yet written (deliver.py)
         self.detached = False
         self.announced_size = -1  # listeners were told of our appends up to here
