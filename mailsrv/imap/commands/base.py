@@ -110,7 +110,11 @@ class CommandBase(imap4.IMAP4Server):
         Take the messages of the session's view no session has had as \\Recent
         (RFC 3501 2.3.2; after EXAMINE, only see them, L{IFolder.claim_recent}).
         """
-        first, upto = yield mbox.folder.claim_recent()
+        try:
+            first, upto = yield mbox.folder.claim_recent()
+        except Exception:  # the session goes on; what it was not given stays for others
+            self.log.failure("claiming \\Recent in {folder} failed", folder=mbox.folder.name)
+            return
         uids = mbox.uids
         i, j = bisect.bisect_left(uids, first), bisect.bisect_left(uids, upto)
         mbox.recent.update(uids[i:j])
@@ -167,7 +171,10 @@ class CommandBase(imap4.IMAP4Server):
 
     @defer.inlineCallbacks
     def _sync(self) -> Any:
-        """Catch up with the folder; tell the client what changed (EXPUNGE, FETCH, EXISTS)."""
+        """
+        Catch up with the folder; tell the client what changed: EXPUNGE, the
+        keywords new to it (FLAGS), FETCH FLAGS, EXISTS and RECENT.
+        """
         mbox = self.mbox
         if mbox is None:
             return
@@ -191,10 +198,7 @@ class CommandBase(imap4.IMAP4Server):
         recent_before = len(mbox.recent)
         mbox.reload()
         if changes.added:
-            try:
-                yield self._claim_recent(mbox)
-            except Exception:
-                self.log.failure("claiming \\Recent failed")
+            yield self._claim_recent(mbox)
             if mbox is not self.mbox or self._lost:
                 return
         lines.append(self._flags_news(i.flags for i in (*changes.added, *changes.flags)))
