@@ -148,7 +148,7 @@ class MboxMailStore:
         def status(result: tuple[Update, int]) -> dict[str, int]:
             upd, recent_uid = result
             self.states.install(upd, st)
-            st.recent_uid = max(st.recent_uid, recent_uid)
+            st.saw_recent_uid(recent_uid)
             infos = upd.snap.infos
             return {
                 "messages": len(infos),

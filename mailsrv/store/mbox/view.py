@@ -257,7 +257,7 @@ class MboxFolder:
             return idx.claim_recent(upto) if take else idx.recent_uid()
 
         def got(first: int) -> tuple[int, int]:
-            st.recent_uid = max(st.recent_uid, first, upto if take else 0)
+            st.saw_recent_uid(max(first, upto if take else 0))
             return (first, upto)
 
         return states.job(st, lambda: states.in_thread(work).addCallback(got))
