@@ -401,3 +401,19 @@ class KeywordAnnouncementTests(SessionCase):
             out["b4"],
             [*self.flags_lines(b"$Appended $Bar $Foo"), b"* 3 EXISTS", b"B4 OK NOOP completed"],
         )
+
+    @defer.inlineCallbacks
+    def test_idle_hears_of_a_new_keyword_before_its_fetch(self):
+        yield self.deliver(1)
+        s = Sessions(self)
+        a, b = yield self.thread(lambda: (s.open(b"SELECT INBOX"), s.open(b"SELECT INBOX")))
+        yield self.thread(a.send, b"I IDLE\r\n")
+        self.assertEqual((yield self.thread(a.file.readline)), b"+ idling\r\n")
+        yield self.thread(b.cmd, b"B1", b"STORE 1 +FLAGS.SILENT ($Idle)")
+        lines = yield self.thread(lambda: [a.file.readline() for _ in range(3)])
+        self.assertEqual(
+            untagged(lines),
+            [*self.flags_lines(b"$Idle"), b"* 1 FETCH (FLAGS ($Idle \\Recent))"],
+        )
+        yield self.thread(a.send, b"DONE\r\n")
+        self.assertEqual((yield self.thread(a.read_until, b"I")), [b"I OK IDLE terminated\r\n"])
