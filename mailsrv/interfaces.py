@@ -115,6 +115,26 @@ class IFolder(Interface):
         the session's view changes at once, the index is written in the pool.
         """
 
+    def change_flags(uids, add=frozenset(), remove=frozenset()):
+        """
+        Add C{add} to and then take C{remove} from the flags of the messages
+        C{uids} as they are now, with every other session's changes (a
+        read-modify-write in the folder's order: none is lost). Fires with a
+        dict UID -> the flags now, for the messages that still exist; the
+        session's view shows those at once. Reactor thread.
+        """
+
+    def claim_recent():
+        """
+        \\Recent (RFC 3501 2.3.2): give this session the messages of its view
+        that no session has been given yet. Fires with C{(first, next)}: the
+        messages of the view with C{first <= uid < next} are recent to this
+        session, and no other session gets them. A read-only folder (EXAMINE)
+        takes nothing away: it fires with those no session has had yet, which
+        stay for the next. The store keeps what was given (across restarts),
+        at O(1) cost. Reactor thread.
+        """
+
     def append(source, flags=frozenset(), internal_date=None):
         """
         Append an L{IMessageSource} durably; fires with the new UID. Reactor
@@ -187,7 +207,10 @@ class IMailStore(Interface):
         """Fire with an L{IFolder}, or fail with FolderError(NO_SUCH_FOLDER)."""
 
     def folder_status(user, name):
-        """Fire with a dict: messages, uid_next, uid_validity, unseen."""
+        """
+        Fire with a dict: messages, uid_next, uid_validity, unseen, recent (the
+        messages no session has been given as \\Recent yet, L{IFolder.claim_recent}).
+        """
 
     def recover_pending():
         """

@@ -11,7 +11,15 @@ from __future__ import annotations
 from twisted.python.failure import Failure
 from zope.interface.verify import verifyObject
 
-from mailsrv.interfaces import DELETED, SEEN, FolderError, IFolder, IMailStore, NotSelectable
+from mailsrv.interfaces import (
+    ANSWERED,
+    DELETED,
+    SEEN,
+    FolderError,
+    IFolder,
+    IMailStore,
+    NotSelectable,
+)
 from mailsrv.spool import BytesSource
 
 USER = "alice@example.test"
@@ -137,6 +145,81 @@ class StoreContract:
         self.assertEqual([m.flags for m in c.messages()], [frozenset(), frozenset({DELETED})])
         status = self.ok(self.store.folder_status(USER, "INBOX"))
         self.assertEqual(status["unseen"], 2)
+
+    def test_change_flags_on_the_flags_as_they_are_now(self):
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        a = self.open()
+        b = self.open()
+        self.ok(a.set_flags({1: {SEEN}}))
+        # b has not caught up: its view still says 1 has no flags; no change is lost
+        now = self.ok(b.change_flags([1, 2, 99], add={ANSWERED}))
+        self.assertEqual(now, {1: frozenset({SEEN, ANSWERED}), 2: frozenset({ANSWERED})})
+        self.assertEqual(
+            [m.flags for m in b.messages()],
+            [frozenset({SEEN, ANSWERED}), frozenset({ANSWERED})],
+        )
+        self.assertEqual(self.ok(a.change_flags([1], remove={SEEN})), {1: frozenset({ANSWERED})})
+        changes = self.ok(b.refresh())
+        self.assertEqual([(i.uid, i.flags) for i in changes.flags], [(1, frozenset({ANSWERED}))])
+        self.assertEqual(
+            [m.flags for m in self.open().messages()],
+            [frozenset({ANSWERED}), frozenset({ANSWERED})],
+        )
+        # Nothing changes: no one is told.
+        calls = []
+        cb = lambda: calls.append(1)  # noqa: E731
+        b.add_listener(cb)
+        self.assertEqual(
+            self.ok(a.change_flags([2], add={ANSWERED}, remove={SEEN})),
+            {2: frozenset({ANSWERED})},
+        )
+        self.assertEqual(calls, [])
+        b.remove_listener(cb)
+        self.fails(self.open(read_only=True).change_flags([1], add={SEEN}))
+
+    def claimed(self, folder):
+        """The UIDs of C{folder}'s view that L{IFolder.claim_recent} gives it."""
+        first, upto = self.ok(folder.claim_recent())
+        return [m.uid for m in folder.messages() if first <= m.uid < upto]
+
+    def recent(self, name="INBOX"):
+        return self.ok(self.store.folder_status(USER, name))["recent"]
+
+    def test_recent_goes_to_the_first_session(self):
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        self.assertEqual(self.recent(), 2)
+        ro = self.open(read_only=True)
+        self.assertEqual(self.claimed(ro), [1, 2])
+        self.assertEqual(self.recent(), 2)  # RFC 3501 6.3.2: EXAMINE takes nothing
+        a = self.open()
+        b = self.open()
+        self.assertEqual(self.claimed(a), [1, 2])
+        self.assertEqual(self.claimed(b), [])
+        self.assertEqual(self.claimed(a), [])
+        self.assertEqual(self.recent(), 0)
+        self.deliver(MSG3)
+        self.assertEqual(self.recent(), 1)
+        # A session is given only what its view shows.
+        self.assertEqual(self.claimed(a), [])
+        self.ok(ro.refresh())
+        self.assertEqual(self.claimed(ro), [3])
+        self.ok(b.refresh())
+        self.assertEqual(self.claimed(b), [3])
+        self.ok(a.refresh())
+        self.assertEqual(self.claimed(a), [])
+        self.assertEqual(self.claimed(ro), [])
+        self.assertEqual(self.recent(), 0)
+        # An expunge gives nothing back; an append is recent.
+        self.ok(a.expunge([3]))
+        self.ok(a.append(BytesSource(MSG1)))
+        self.assertEqual(self.recent(), 1)
+        self.ok(a.refresh())
+        self.assertEqual(self.claimed(a), [4])
+        self.ok(self.store.create_folder(USER, "Empty"))
+        self.assertEqual(self.claimed(self.open("Empty")), [])
+        self.assertEqual(self.recent("Empty"), 0)
 
     def test_expunge(self):
         for m in (MSG1, MSG2, MSG3):
@@ -334,7 +417,14 @@ class StoreContract:
         self.ok(f.set_flags({1: {SEEN}}))
         status = self.ok(self.store.folder_status(USER, "INBOX"))
         self.assertEqual(
-            status, {"messages": 2, "uid_next": 3, "uid_validity": f.uid_validity, "unseen": 1}
+            status,
+            {
+                "messages": 2,
+                "uid_next": 3,
+                "uid_validity": f.uid_validity,
+                "unseen": 1,
+                "recent": 2,
+            },
         )
 
     def test_users_apart(self):

@@ -197,8 +197,9 @@ def test_fetch_body_sets_seen(h):
     c = logged_in(h)
     c.select()
     out = c.cmd(b"f FETCH 1 BODY[TEXT]")
-    assert b"BODY[TEXT] {14}\r\nhello\r\nworld\r\n FLAGS (\\Seen))" in out
-    assert b"FLAGS (\\Seen)" in c.cmd(b"f FETCH 1 FLAGS")
+    # \Recent: the session is the first to see the message (RFC 3501 2.3.2)
+    assert b"BODY[TEXT] {14}\r\nhello\r\nworld\r\n FLAGS (\\Seen \\Recent))" in out
+    assert b"FLAGS (\\Seen \\Recent)" in c.cmd(b"f FETCH 1 FLAGS")
 
 
 def test_fetch_sections_of_multipart(h):
@@ -247,10 +248,15 @@ def test_store_flags_and_keywords(h):
     c = logged_in(h)
     c.select()
     out = c.cmd(b"s STORE 1 +FLAGS (\\Flagged $Important)")
-    assert b"* 1 FETCH (FLAGS ($Important \\Flagged))" in out
+    # RFC 3501 7.2.6: the new keyword is announced before a FETCH shows it
+    assert out.startswith(
+        b"* FLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $Important)\r\n"
+        b"* OK [PERMANENTFLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $Important \\*)]"
+        b" Flags permitted\r\n* 1 FETCH (FLAGS ($Important \\Flagged \\Recent))\r\n"
+    )
     out = c.cmd(b"s UID STORE 1 -FLAGS.SILENT (\\Flagged)")
     assert out == b"s OK STORE completed\r\n"
-    assert b"FLAGS ($Important)" in c.cmd(b"f FETCH 1 FLAGS")
+    assert b"FLAGS ($Important \\Recent)" in c.cmd(b"f FETCH 1 FLAGS")
     assert c.cmd(b"s STORE 1 +FLAGS (\\Bogus)").startswith(b"s BAD")
     assert c.cmd(b"s STORE 1 TWIDDLE (\\Seen)").startswith(b"s BAD")
 
@@ -280,7 +286,7 @@ def test_expunge_and_close_honour_flags_cleared_by_another_session(h):
     a.cmd(b"s STORE 1:2 +FLAGS.SILENT (\\Deleted)")
     b.cmd(b"s UID STORE 1 -FLAGS.SILENT (\\Deleted)")
     out = a.cmd(b"x EXPUNGE")
-    assert out == b"* 1 FETCH (FLAGS ())\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
+    assert out == b"* 1 FETCH (FLAGS (\\Recent))\r\n* 2 EXPUNGE\r\nx OK EXPUNGE completed\r\n"
     a.cmd(b"s UID STORE 3 +FLAGS.SILENT (\\Deleted)")
     b.cmd(b"n NOOP")
     b.cmd(b"s UID STORE 3 -FLAGS.SILENT (\\Deleted)")
@@ -338,7 +344,7 @@ def test_append_with_flags_date_and_appenduid(h):
     assert m, out
     c.select("Drafts")
     out = c.cmd(b"f FETCH 1 (FLAGS INTERNALDATE RFC822.SIZE BODY.PEEK[])")
-    assert b"FLAGS (\\Draft \\Seen)" in out
+    assert b"FLAGS (\\Draft \\Seen \\Recent)" in out
     assert b'INTERNALDATE "05-Mar-2024 11:30:00 +0000"' in out
     assert b"RFC822.SIZE %d" % len(msg) in out and msg in out
     assert c.cmd(b"a APPEND Nope {1+}\r\nx").startswith(b"a NO [TRYCREATE]")
@@ -389,15 +395,16 @@ def test_other_session_changes_and_idle(h):
     b.select()
     assert a.cmd(b"i IDLE") == b"+ idling\r\n"
     h.deliver(SIMPLE)
-    assert a.read() == b"* 3 EXISTS\r\n* 1 RECENT\r\n"
+    assert a.read() == b"* 3 EXISTS\r\n* 3 RECENT\r\n"  # a was the first to see 1 and 2
     b.cmd(b"s STORE 1 +FLAGS (\\Deleted)")
-    assert a.read() == b"* 1 FETCH (FLAGS (\\Deleted))\r\n"
+    assert a.read() == b"* 1 FETCH (FLAGS (\\Deleted \\Recent))\r\n"
     b.cmd(b"x EXPUNGE")
     assert a.read() == b"* 1 EXPUNGE\r\n* 2 EXISTS\r\n"
     assert a.cmd(b"DONE") == b"i OK IDLE terminated\r\n"
     # a session not idling hears of changes at NOOP
     h.deliver(SIMPLE)
-    assert b.cmd(b"n NOOP") == b"* 3 EXISTS\r\n* 2 RECENT\r\nn OK NOOP completed\r\n"
+    # (3 went to a, in its IDLE: b is the first to see only the new one)
+    assert b.cmd(b"n NOOP") == b"* 3 EXISTS\r\n* 1 RECENT\r\nn OK NOOP completed\r\n"
 
 
 def test_pipelined_commands_answered_in_order(h):

@@ -105,8 +105,9 @@ def test_sender_sets_no_flags_over_smtp_and_append(tmp_path):
         mutt_view = [m.get_flags() for m in box]
         box.close()
         raw = inbox.read_bytes()
-    assert _flags(smtp_text) == set()
-    assert _flags(app_text) == {r"\Flagged"}
+    # \Recent: the session is the first to see both (RFC 3501 2.3.2); not a stored flag
+    assert _flags(smtp_text) == {r"\Recent"}
+    assert _flags(app_text) == {r"\Flagged", r"\Recent"}
     for text, lits in ((smtp_text, smtp_lits), (app_text, app_lits)):
         body = lits[0]
         assert int(re.search(r"RFC822.SIZE (\d+)", text).group(1)) == len(body)

@@ -159,7 +159,7 @@ def test_imap_idle_sees_external_append(tmp_path):
         fh.write(EXTERNAL)
     assert c.read() == b""
     clock.advance(POLL_INTERVAL)
-    assert c.read() == b"* 2 EXISTS\r\n* 1 RECENT\r\n"
+    assert c.read() == b"* 2 EXISTS\r\n* 2 RECENT\r\n"  # both first seen by this session
     assert c.cmd(b"DONE") == b"i OK IDLE terminated\r\n"
     out = c.cmd(b"f UID FETCH 2 (BODY[HEADER.FIELDS (SUBJECT)])")
     assert b"Subject: ext" in out

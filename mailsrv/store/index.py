@@ -7,8 +7,10 @@ program rewrote the file, the flags its Status:/X-Status: headers said when
 it was last read (to notice when another program changes them), and whether
 it was written mboxrd-quoted (by us:
 read with one '>' less on ^>+From lines) or by another program (mboxo: read as
-it is). Blocking; used from the disk threads only, one
-thread at a time per folder.
+it is). Its meta row C{recent_uid} is the first UID no IMAP session has been
+given as \\Recent yet (RFC 3501 2.3.2; Dovecot's first_recent_uid): messages
+another program appends get UIDs from UIDNEXT on, so they are recent too.
+Blocking; used from the disk threads only, one thread at a time per folder.
 """
 
 from __future__ import annotations
@@ -111,10 +113,14 @@ class FolderIndex:
                     "size": -1,
                     "mtime_ns": -1,
                     "ino": -1,
+                    "recent_uid": 1,
                 }
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
             elif int(meta.get("version", 0)) != SCHEMA_VERSION:
                 raise sqlite3.DatabaseError("unknown index version")
+            elif "recent_uid" not in meta:
+                # An index from before \Recent was kept: what it holds was seen already.
+                db.execute("INSERT INTO meta VALUES ('recent_uid', ?)", (meta["uid_next"],))
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
@@ -226,6 +232,35 @@ class FolderIndex:
     def set_flags(self, changes: list[tuple[str, int]]) -> None:
         """C{changes}: (flags text, uid) pairs, stored in one transaction."""
         self._tx(lambda db: db.executemany("UPDATE msgs SET flags = ? WHERE uid = ?", changes))
+
+    def recent_uid(self) -> int:
+        """The first UID no session has been given as \\Recent (as the database says now)."""
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'recent_uid'").fetchone()
+        return int(row[0])
+
+    def claim_recent(self, upto: int) -> int:
+        """
+        Give the caller the messages below UID C{upto} that no session has had
+        yet; return the first UID it gets: C{first <= uid < upto} are its own
+        (none if C{first >= upto}). One transaction, so two
+        sessions, also of two processes, never get the same message. It does
+        not wait for the disk: a claim lost in a crash only makes messages
+        recent once more.
+        """
+        got: list[int] = []
+
+        def fn(db):
+            row = db.execute("SELECT value FROM meta WHERE key = 'recent_uid'").fetchone()
+            got.append(int(row[0]))
+            if got[0] < upto:
+                db.execute("UPDATE meta SET value = ? WHERE key = 'recent_uid'", (upto,))
+
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        try:
+            self._tx(fn)
+        finally:
+            self._db.execute("PRAGMA synchronous=FULL")
+        return got[0]
 
     def close(self) -> None:
         try:

@@ -37,6 +37,7 @@ class _FolderState:
     messages: list[_Message] = field(default_factory=list)
     listeners: list[Callable[[], None]] = field(default_factory=list)
     generation: int = 0
+    recent_uid: int = 1  # the first UID no session has been given as \Recent
 
     def notify(self) -> None:
         self.generation += 1
@@ -206,6 +207,7 @@ class MemoryMailStore:
                 "uid_next": state.uid_next,
                 "uid_validity": state.uid_validity,
                 "unseen": sum(1 for m in state.messages if "\\Seen" not in m.info.flags),
+                "recent": sum(1 for m in state.messages if m.info.uid >= state.recent_uid),
             }
         )
 
@@ -275,6 +277,31 @@ class MemoryFolder:
         ]
         self._state.notify()
         return defer.succeed(None)
+
+    def change_flags(self, uids, add=frozenset(), remove=frozenset()):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        wanted = set(uids)
+        now = {}
+        changed = False
+        for m in self._state.messages:
+            if m.info.uid in wanted:
+                flags = now[m.info.uid] = (m.info.flags | frozenset(add)) - frozenset(remove)
+                if flags != m.info.flags:
+                    m.info = replace(m.info, flags=flags)
+                    changed = True
+        self._view = [replace(i, flags=now[i.uid]) if i.uid in now else i for i in self._view]
+        if changed:
+            self._state.notify()
+        return defer.succeed(now)
+
+    def claim_recent(self):
+        state = self._state
+        upto = self._view[-1].uid + 1 if self._view else 0
+        first = state.recent_uid
+        if not self.read_only:
+            state.recent_uid = max(first, upto)
+        return defer.succeed((first, upto))
 
     def append(self, source, flags=frozenset(), internal_date=None):
         date = self._store._clock() if internal_date is None else internal_date

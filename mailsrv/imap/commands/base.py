@@ -2,8 +2,10 @@
 What the IMAP command handlers share: the L{command} wrapper that runs a
 handler and answers its failure, and the selected mailbox's bookkeeping
 (closing it, catching up with changes made by other sessions and telling
-the client: EXPUNGE, FETCH FLAGS, EXISTS). Flow control for long responses
-is L{mailsrv.session.OutputFlow}, shared with SMTP and POP3.
+the client: EXPUNGE, FETCH FLAGS, EXISTS, RECENT; the \\Recent messages it
+is given, RFC 3501 2.3.2; the keywords it was told of, RFC 3501 7.2.6). Flow
+control for long responses is L{mailsrv.session.OutputFlow}, shared with
+SMTP and POP3.
 
 The command groups are mixins over Twisted's L{imap4.IMAP4Server}: Twisted
 supplies the line and literal machinery and the dispatch by state, and
@@ -13,6 +15,7 @@ store calls are asynchronous and responses byte-exact.
 
 from __future__ import annotations
 
+import bisect
 import functools
 import inspect
 from collections.abc import Callable, Iterable
@@ -24,7 +27,7 @@ from twisted.mail import imap4
 from mailsrv.imap.fetch import FetchSyntaxError
 from mailsrv.imap.responses import expunge_lines, flag_list
 from mailsrv.imap.search import BadCharset, SearchError
-from mailsrv.interfaces import FolderError
+from mailsrv.interfaces import SYSTEM_FLAGS, FolderError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import disk_full
 
@@ -64,6 +67,7 @@ class CommandBase(imap4.IMAP4Server):
     _idle_tag: bytes | None
     _sync_d: defer.Deferred | None
     _sync_again: bool
+    _keywords_told: frozenset[str] = frozenset()  # in the FLAGS the client last had
 
     def _command_failed(self, failure: Any, tag: bytes) -> None:
         if self._lost:
@@ -94,7 +98,53 @@ class CommandBase(imap4.IMAP4Server):
                 self.log.failure("closing folder")
 
     def _expunged_lines(self, removed: Iterable[int]) -> bytes:
+        """The EXPUNGE lines for C{removed}; they are no longer recent to the session."""
+        self.mbox.recent.difference_update(removed)
         return expunge_lines(self.mbox.uids, removed)
+
+    # --- \Recent and keywords ----------------------------------------------
+
+    @defer.inlineCallbacks
+    def _claim_recent(self, mbox: Any) -> Any:
+        """
+        Take the messages of the session's view no session has had as \\Recent
+        (RFC 3501 2.3.2; after EXAMINE, only see them, L{IFolder.claim_recent}).
+        """
+        try:
+            first, upto = yield mbox.folder.claim_recent()
+        except Exception:  # the session goes on; what it was not given stays for others
+            self.log.failure("claiming \\Recent in {folder} failed", folder=mbox.folder.name)
+            return
+        uids = mbox.uids
+        i, j = bisect.bisect_left(uids, first), bisect.bisect_left(uids, upto)
+        mbox.recent.update(uids[i:j])
+
+    def _defined_flags(self, mbox: Any) -> list[str]:
+        """The flags of SELECT's FLAGS response; the keywords among them are told."""
+        flags: list[str] = mbox.defined_flags()
+        self._keywords_told = frozenset(flags) - SYSTEM_FLAGS
+        return flags
+
+    def _flags_news(self, flag_sets: Iterable[frozenset[str]]) -> bytes:
+        """
+        The FLAGS and PERMANENTFLAGS responses to send before a FETCH shows any
+        of C{flag_sets}, if they hold a keyword the client was not told of
+        (RFC 3501 7.2.6); else nothing.
+        """
+        told = self._keywords_told
+        new: set[str] = set()
+        for flags in flag_sets:
+            if not flags <= told:
+                new.update(flags - told - SYSTEM_FLAGS)
+        if not new:
+            return b""
+        self._keywords_told = told = told | new
+        defined = [*sorted(SYSTEM_FLAGS), *sorted(told)]
+        permanent = [*defined, "\\*"] if self.mbox.is_writeable() else []
+        return b"* FLAGS %s\r\n* OK [PERMANENTFLAGS %s] Flags permitted\r\n" % (
+            flag_list(defined),
+            flag_list(permanent),
+        )
 
     # --- changes by others -------------------------------------------------
 
@@ -121,7 +171,10 @@ class CommandBase(imap4.IMAP4Server):
 
     @defer.inlineCallbacks
     def _sync(self) -> Any:
-        """Catch up with the folder; tell the client what changed (EXPUNGE, FETCH, EXISTS)."""
+        """
+        Catch up with the folder; tell the client what changed: EXPUNGE, the
+        keywords new to it (FLAGS), FETCH FLAGS, EXISTS and RECENT.
+        """
         mbox = self.mbox
         if mbox is None:
             return
@@ -141,18 +194,22 @@ class CommandBase(imap4.IMAP4Server):
             self.sendLine(b"* BYE [UIDVALIDITY changed] Mailbox changed; reconnect")
             self.transport.loseConnection()
             return
-        lines = [expunge_lines(mbox.uids, changes.expunged)]
+        lines = [self._expunged_lines(changes.expunged)]
+        recent_before = len(mbox.recent)
         mbox.reload()
-        for info in changes.added:
-            mbox.recent.add(info.uid)
+        if changes.added:
+            yield self._claim_recent(mbox)
+            if mbox is not self.mbox or self._lost:
+                return
+        lines.append(self._flags_news(i.flags for i in (*changes.added, *changes.flags)))
         for info in changes.flags:
             seq = mbox.seq_of(info.uid)
             if seq is not None:
                 lines.append(b"* %d FETCH (FLAGS %s)\r\n" % (seq, flag_list(mbox.flags_of(info))))
         if changes.added or changes.expunged:
             lines.append(b"* %d EXISTS\r\n" % mbox.message_count())
-        if changes.added:
-            lines.append(b"* %d RECENT\r\n" % mbox.recent_count())
+        if changes.added and len(mbox.recent) != recent_before:
+            lines.append(b"* %d RECENT\r\n" % len(mbox.recent))
         out = b"".join(lines)
         if out:
             self.transport.write(out)

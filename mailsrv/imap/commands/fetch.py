@@ -70,21 +70,23 @@ class FetchCommand(CommandBase):
             items.insert(0, "UID")
         seen_now: set[int] = set()
         if req.marks_seen and mbox.is_writeable():
-            changes = {}
+            unseen = []
             for seq in seqs:
                 info = mbox.infos[seq - 1]
                 if SEEN not in info.flags:
-                    changes[info.uid] = info.flags | {SEEN}
-            if changes:
+                    unseen.append(info.uid)
+            if unseen:
                 try:
-                    yield mbox.folder.set_flags(changes)
+                    # on the flags as they are now, with other sessions' changes
+                    now = yield mbox.folder.change_flags(unseen, (SEEN,))
                 except Exception as e:
                     if not disk_full(e):
                         raise
                     # The message is still read on a full disk, only not marked \Seen.
                     self.log.warn("FETCH: cannot set \\Seen: {error}", error=str(e))
                 else:
-                    seen_now = set(changes)
+                    seen_now = set(now)
+                    self.transport.write(self._flags_news(now.values()))
                 mbox.reload()
         try:
             missing = yield self._fetch_loop(mbox, seqs, items, req, seen_now)

@@ -56,7 +56,8 @@ class MailboxCommands(CommandBase):
             return
         self.mbox = mbox
         mbox.folder.add_listener(self._folder_changed)
-        flags = mbox.defined_flags()
+        yield self._claim_recent(mbox)
+        flags = self._defined_flags(mbox)
         first_unseen = next(
             (i for i, f in enumerate(flag_sets(mbox.infos), 1) if SEEN not in f), None
         )
@@ -66,7 +67,7 @@ class MailboxCommands(CommandBase):
             b"OK [PERMANENTFLAGS " + flag_list(permanent) + b"] Flags permitted"
         )
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.message_count())
-        self.sendUntaggedResponse(b"0 RECENT")
+        self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
         if first_unseen is not None:
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
@@ -212,7 +213,7 @@ class MailboxCommands(CommandBase):
             return
         values = {
             "MESSAGES": st["messages"],
-            "RECENT": 0,
+            "RECENT": st["recent"],
             "UIDNEXT": st["uid_next"],
             "UIDVALIDITY": st["uid_validity"],
             "UNSEEN": st["unseen"],

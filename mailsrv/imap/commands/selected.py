@@ -113,27 +113,27 @@ class SelectedCommands(CommandBase):
         if not mbox.is_writeable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
-        changes = {}
-        for seq in seqs:
-            info = mbox.infos[seq - 1]
-            if base == b"+FLAGS":
-                changes[info.uid] = info.flags | new
-            elif base == b"-FLAGS":
-                changes[info.uid] = info.flags - new
-            else:
-                changes[info.uid] = frozenset(new)
-        if changes:
-            yield mbox.folder.set_flags(changes)
+        uids = [mbox.uids[seq - 1] for seq in seqs]
+        if not uids:
+            now: dict[int, frozenset[str]] = {}
+        elif base == b"FLAGS":
+            now = {u: frozenset(new) for u in uids}
+            yield mbox.folder.set_flags(now)
+        else:
+            # RFC 3501 6.4.6: on the flags as they are now, with other sessions' changes.
+            add, remove = (new, ()) if base == b"+FLAGS" else ((), new)
+            now = yield mbox.folder.change_flags(uids, add, remove)
+        if uids:
             mbox.reload()
+        out = [self._flags_news(now.values())]
         if not silent:
-            out = []
             for seq in seqs:
                 info = mbox.infos[seq - 1]
                 extra = b" UID %d" % info.uid if uid else b""
                 out.append(
                     b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, flag_list(mbox.flags_of(info)), extra)
                 )
-            self.transport.write(b"".join(out))
+        self.transport.write(b"".join(out))
         self.sendPositiveResponse(tag, b"STORE completed")
 
     select_STORE = (  # type: ignore[assignment]
@@ -178,6 +178,7 @@ class SelectedCommands(CommandBase):
                 src_uids.append(info.uid)
                 dst_uids.append(new_uid)
             validity = target.uid_validity
+            into_selected = target.name == mbox.folder.name
         finally:
             target.close()
         code = b""
@@ -191,11 +192,12 @@ class SelectedCommands(CommandBase):
             mbox.reload()
             if out:
                 self.transport.write(out)
-            if folder_name == mbox.folder.name:
+            if into_selected:
                 yield self._sync()  # the copies: EXISTS before the client may name them
             self.sendPositiveResponse(tag, b"MOVE completed")
         else:
-            if folder_name == mbox.folder.name:
+            if into_selected:
+                # RFC 3501 6.4.7 and 7.3.1: EXISTS (and RECENT) before the client may name them
                 yield self._sync()
             self.sendPositiveResponse(tag, code + b"COPY completed")
         self._filed(mbox.folder.name, folder_name, dst_uids)
@@ -222,7 +224,7 @@ class SelectedCommands(CommandBase):
             tree,
             len(infos),
             last_uid,
-            set(mbox.recent),
+            set(mbox.recent),  # \\Recent: RECENT, NEW, OLD
             lambda raw, last: SeqSetMembers(SeqSet(raw), last),
         )
         folder = mbox.folder

@@ -202,6 +202,7 @@ class FolderState:
         self.sessions = 0
         self.version = 0
         self.mutation_version = 0  # last change other than an append
+        self._recent = (0, 0)  # (UIDVALIDITY, the index's recent_uid) as last read here
         self.deliveries: GroupCommit | None = None  # deliveries not yet written (deliver.py)
         self.detached = False
         self.announced_size = -1  # listeners were told of our appends up to here
@@ -222,6 +223,19 @@ class FolderState:
             or self.queue.pending
             or (self.deliveries is not None and self.deliveries.waiting)
         )
+
+    @property
+    def recent_uid(self) -> int:
+        """
+        A lower bound of the index's recent_uid (it only grows), as last read or
+        claimed here; 0 if not known under the folder's UIDVALIDITY (reactor thread).
+        """
+        validity, uid = self._recent
+        return uid if validity == self.uid_validity else 0
+
+    def saw_recent_uid(self, uid: int) -> None:
+        """The index's recent_uid was read or claimed as C{uid} (reactor thread)."""
+        self._recent = (self.uid_validity, max(self.recent_uid, uid))
 
     def open_index(self) -> FolderIndex:
         """The folder's index, opened on first use (disk threads)."""

@@ -14,6 +14,7 @@ import fcntl
 import os
 import threading
 import time
+from bisect import bisect_left
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -142,17 +143,23 @@ class MboxMailStore:
         except Exception:
             return defer.fail()
 
-        def status(_):
-            snap = st.snap
-            assert snap is not None
+        def work() -> tuple[Update, int]:
+            return scan.sync(st), st.open_index().recent_uid()
+
+        def status(result: tuple[Update, int]) -> dict[str, int]:
+            upd, recent_uid = result
+            self.states.install(upd, st)
+            st.saw_recent_uid(recent_uid)
+            infos = upd.snap.infos
             return {
-                "messages": len(snap.infos),
+                "messages": len(infos),
                 "uid_next": st.uid_next,
                 "uid_validity": st.uid_validity,
-                "unseen": sum(1 for f in snap.infos.flag_sets if SEEN not in f),
+                "unseen": sum(1 for f in infos.flag_sets if SEEN not in f),
+                "recent": len(infos.uids) - bisect_left(infos.uids, recent_uid),
             }
 
-        return self.states.sync_job(st).addCallback(status)
+        return self.states.job(st, lambda: self.states.in_thread(work).addCallback(status))
 
     def write_flags(self, st: FolderState, force: bool = False) -> defer.Deferred:
         """

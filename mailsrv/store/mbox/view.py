@@ -168,48 +168,99 @@ class MboxFolder:
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
         changes = {int(u): frozenset(f) for u, f in changes.items()}
+        self._show_flags(changes)
+        d = self._flag_job(list(changes), lambda uid, old: changes[uid])
+        return d.addCallback(lambda _: None)
+
+    def change_flags(self, uids, add=frozenset(), remove=frozenset()):
+        if self.read_only:
+            return defer.fail(FolderError("Folder is read-only"))
+        add, remove = frozenset(add), frozenset(remove)
+        d = self._flag_job([int(u) for u in uids], lambda uid, old: (old | add) - remove)
+
+        def shown(now: dict[int, frozenset[str]]) -> dict[int, frozenset[str]]:
+            self._show_flags(now)
+            return now
+
+        return d.addCallback(shown)
+
+    def _show_flags(self, flags: dict[int, frozenset[str]]) -> None:
+        """Give the messages of the session's view these flags (the next refresh diffs)."""
+        view = self._view.copy()
+        for uid, fs in flags.items():
+            i = bisect_left(view.uids, uid)
+            if i < len(view.uids) and view.uids[i] == uid:
+                view.set_flags(i, fs)
+        self._view = view
+        self._exact = None
+
+    def _flag_job(
+        self, uids: list[int], new_flags: Callable[[int, frozenset[str]], frozenset[str]]
+    ) -> defer.Deferred:
+        """
+        In the folder's queue: give each message of C{uids} that exists the
+        flags C{new_flags(uid, flags now)}, in the index, then in the shared
+        snapshot; fires with a dict UID -> flags now. Others are told if any changed.
+        """
         st = self._st
         states = self._states
 
         def job():
             snap = st.snap
             assert snap is not None
+            now: dict[int, frozenset[str]] = {}
             pairs = []
-            for uid, flags in changes.items():
+            for uid in uids:
                 try:
-                    snap.find(uid)
+                    i = snap.find(uid)
                 except KeyError:
                     continue
-                pairs.append((flags_text(flags), uid))
+                old = snap.infos.flag_sets[i]
+                now[uid] = new = new_flags(uid, old)
+                if new != old:
+                    pairs.append((flags_text(new), uid))
             if not pairs:
-                return None
+                return now
             idx = st.index
 
             def write():
                 (idx or st.open_index()).set_flags(pairs)
 
-            return states.in_thread(write).addCallback(lambda _: apply(snap))
+            return states.in_thread(write).addCallback(lambda _: apply(snap, now, pairs))
 
-        def apply(snap: Snapshot):
-            for uid, flags in changes.items():
+        def apply(snap: Snapshot, now: dict[int, frozenset[str]], pairs: list) -> dict:
+            for _, uid in pairs:
                 try:
                     i = snap.find(uid)
                 except KeyError:
                     continue
-                snap.infos.set_flags(i, flags)
+                snap.infos.set_flags(i, now[uid])
                 st.dirty.add(uid)
             st.version += 1
             st.mutation_version = st.version
             states.notify(st)
+            return now
 
-        view = self._view.copy()
-        for uid, flags in changes.items():
-            i = bisect_left(view.uids, uid)
-            if i < len(view.uids) and view.uids[i] == uid:
-                view.set_flags(i, flags)
-        self._view = view
-        self._exact = None
         return states.job(st, job)
+
+    def claim_recent(self):
+        st = self._st
+        uids = self._view.uids
+        upto = uids[-1] + 1 if len(uids) else 0
+        if st.detached or st.recent_uid >= upto:
+            return defer.succeed((upto, upto))  # all given already: no disk work
+        states = self._states
+        take = not self.read_only  # RFC 3501 6.3.2: EXAMINE takes \Recent from no one
+
+        def work() -> int:
+            idx = st.open_index()
+            return idx.claim_recent(upto) if take else idx.recent_uid()
+
+        def got(first: int) -> tuple[int, int]:
+            st.saw_recent_uid(max(first, upto if take else 0))
+            return (first, upto)
+
+        return states.job(st, lambda: states.in_thread(work).addCallback(got))
 
     def append(self, source, flags=frozenset(), internal_date=None):
         st = self._st
