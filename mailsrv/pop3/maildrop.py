@@ -129,13 +129,10 @@ class Maildrop:
 
     def _mark_seen(self, removed: list[int], uids: set[int]) -> defer.Deferred:
         def changes(_: Any) -> Any:
-            # Flags as they are now: an IMAP session may have changed them meanwhile.
-            new = {
-                m.uid: m.flags | {SEEN}
-                for m in self.folder.messages()
-                if m.uid in uids and SEEN not in m.flags
-            }
-            return self.folder.set_flags(new) if new else None
+            # On the flags as they are then, in the folder's order: an IMAP
+            # session's change between our reading and our writing is kept.
+            live = {m.uid for m in self.folder.messages() if m.uid in uids and SEEN not in m.flags}
+            return self.folder.change_flags(sorted(live), add=frozenset({SEEN})) if live else None
 
         def failed(f: Failure) -> None:
             # The deletions are done; a flag is not worth an -ERR.
