@@ -85,6 +85,7 @@ class Tally:
     commands: int = 0
     no: int = 0
     errors: list[str] = field(default_factory=list)
+    refusals: list[str] = field(default_factory=list)  # the first few tagged NOs
     times: list[float] = field(default_factory=list)
     lock: threading.Lock = field(default_factory=threading.Lock)
 
@@ -146,6 +147,8 @@ class Client:
                 status = line.split(b" ", 2)[1].upper()
                 if status == b"BAD":
                     self.tally.error(f"BAD to {text[:40]!r}: {line[:100]!r}")
+                elif status == b"NO" and len(self.tally.refusals) < 5:
+                    self.tally.refusals.append(f"NO to {text[:40]!r}: {line[:100]!r}")
                 if count:
                     self.tally.add(time.monotonic() - start, status == b"OK")
                 return status
@@ -262,6 +265,7 @@ def measure(name: str, port: int, login: str, group: str, clients: int, seconds:
         "no": tally.no,
         "errors": len(tally.errors),
         "first_errors": tally.errors[:5],
+        "first_refusals": tally.refusals,
     }
     print(f"  {name}: {result}", file=sys.stderr, flush=True)
     return result
@@ -337,7 +341,7 @@ def main() -> int:
         print(f"| {label} | {spread(us)} | {spread(them)} | {spread(ratios, ratio=True)} |")
     for name, runs in rows.items():
         for r in runs:
-            for e in r["first_errors"]:
+            for e in r["first_errors"] + r["first_refusals"]:
                 print(f"{name}: {e}")
     return 0
 
