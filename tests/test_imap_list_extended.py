@@ -12,8 +12,11 @@ from __future__ import annotations
 import time
 
 from twisted.internet import defer
+from twisted.mail import imap4
 from twisted.trial import unittest
 
+from mailsrv.imap import listext
+from mailsrv.imap.listmatch import ListPattern
 from mailsrv.store import mboxfmt
 from mailsrv.store.names import folder_path
 from tests import dovecot_peer
@@ -53,6 +56,71 @@ def _session(port: int, login: bytes, commands: list[bytes]) -> list[list[bytes]
         ]
     finally:
         c.close()
+
+
+class ParserTests(unittest.TestCase):
+    """The option lists of RFC 5258 6, read without a session."""
+
+    def test_selection_options(self):
+        self.assertEqual(listext.parse_selection(b'"" "*"'), (None, b'"" "*"'))
+        self.assertEqual(listext.parse_selection(b'() "" "*"'), (frozenset(), b'"" "*"'))
+        self.assertEqual(
+            listext.parse_selection(b'(subscribed RecursiveMatch) "" "*"'),
+            (frozenset({"SUBSCRIBED", "RECURSIVEMATCH"}), b'"" "*"'),
+        )
+        for bad in (
+            b"(RECURSIVEMATCH) x",
+            b"(REMOTE RECURSIVEMATCH) x",
+            b"(FOO) x",
+            b"((A)) x",
+            b"(A",
+        ):
+            self.assertRaises(imap4.IllegalClientResponse, listext.parse_selection, bad)
+
+    def test_return_options(self):
+        self.assertIsNone(listext.parse_return(b""))
+        self.assertEqual(listext.parse_return(b" RETURN ()"), (frozenset(), ()))
+        self.assertEqual(
+            listext.parse_return(b" return (children STATUS (UNSEEN MESSAGES unseen) subscribed)"),
+            (frozenset({"CHILDREN", "STATUS", "SUBSCRIBED"}), ("MESSAGES", "UNSEEN")),
+        )
+        # A second STATUS replaces the first, as in Dovecot.
+        self.assertEqual(
+            listext.parse_return(b"RETURN (STATUS (MESSAGES) STATUS (RECENT))")[1], ("RECENT",)
+        )
+        for bad in (
+            b"RETURN",
+            b"RETURN (FOO)",
+            b"RETURN (STATUS ())",
+            b"RETURN (STATUS (SIZE))",
+            b"RETURN (STATUS MESSAGES)",
+            b"RETURN (CHILDREN",
+            b"RETURN () x",
+            b"FOO",
+        ):
+            self.assertRaises(imap4.IllegalClientResponse, listext.parse_return, bad)
+
+    def test_childinfo_for_a_deep_subscription(self):
+        request = listext.ListRequest(
+            ref=b"",
+            patterns=(b"%",),
+            extended=True,
+            selection=frozenset({"SUBSCRIBED", "RECURSIVEMATCH"}),
+        )
+        folders = [("INBOX", True), ("a", False), ("a/b", False), ("a/b/c", True), ("d", True)]
+        entries = listext.select_entries(
+            request, [ListPattern("%")], folders, {"a/b/c", "d", "x/y"}, {}, nested=False
+        )
+        self.assertEqual(
+            [(e.name, e.flags, e.childinfo) for e in entries],
+            [
+                ("a", ("\\Noselect",), ("SUBSCRIBED",)),
+                ("d", ("\\Subscribed", "\\NoInferiors"), ()),
+                ("x", ("\\NonExistent",), ("SUBSCRIBED",)),
+            ],
+        )
+        self.assertEqual(listext.childinfo_data(entries[0]), b' (CHILDINFO ("SUBSCRIBED"))')
+        self.assertFalse(entries[2].selectable)
 
 
 class ListExtendedCase(LoopbackIMAPCase):
