@@ -1,7 +1,8 @@
 """
 Commands on mailboxes, valid once logged in (RFC 3501 6.3): SELECT, EXAMINE,
-CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST, LSUB, STATUS, APPEND
-(with UIDPLUS's APPENDUID, RFC 4315).
+CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST (with LIST-EXTENDED and
+LIST-STATUS, RFC 5258 and 5819: L{mailsrv.imap.listext}), LSUB, STATUS,
+APPEND (with UIDPLUS's APPENDUID, RFC 4315).
 """
 
 from __future__ import annotations
@@ -10,9 +11,13 @@ import itertools
 from collections.abc import Iterable
 from typing import Any
 
-from mailsrv.imap import mutf7, twistedcompat
+from twisted.internet import defer
+
+from mailsrv.imap import listext, mutf7, twistedcompat
+from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
+from mailsrv.imap.listext import ListRequest
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import encode_name, flag_list, list_lines
 from mailsrv.interfaces import SEEN, FolderError, NotSelectable
@@ -147,7 +152,22 @@ class MailboxCommands(CommandBase):
     auth_UNSUBSCRIBE = select_UNSUBSCRIBE = (do_UNSUBSCRIBE, arg_finalastring)  # type: ignore[assignment]
 
     @command
-    def do_LIST(self, tag: bytes, ref: bytes, pattern: bytes, lsub: bool = False) -> Any:
+    def do_LIST(self, tag: bytes, request: ListRequest) -> Any:
+        if request.extended:
+            yield self._list_extended(tag, request)
+        else:
+            yield self._list(tag, request.ref, request.patterns[0], False)
+
+    @command
+    def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> Any:
+        yield self._list(tag, ref, pattern, True)
+
+    auth_LIST = select_LIST = (do_LIST, listext.arg_list)  # type: ignore[assignment]
+    auth_LSUB = select_LSUB = (do_LSUB, arg_astring, arg_finalastring)  # type: ignore[assignment]
+
+    @defer.inlineCallbacks
+    def _list(self, tag: bytes, ref: bytes, pattern: bytes, lsub: bool) -> Any:
+        """LIST and LSUB of RFC 3501 (6.3.8, 6.3.9)."""
         cmd = b"LSUB" if lsub else b"LIST"
         try:
             ref_s, pat_s = mutf7.decode(ref), mutf7.decode(pattern)
@@ -169,28 +189,106 @@ class MailboxCommands(CommandBase):
             boxes = yield self.account.listMailboxes(ref_s, pat_s)
         if self._lost:
             return
-        lines: Iterable[bytes] = list_lines(cmd, boxes, None)
-        # Tens of thousands of lines go out a piece at a time, as the client reads.
+        lines = list_lines(cmd, boxes, None)
+        if (yield self._write_lines(lines)):
+            self.sendPositiveResponse(tag, cmd + b" completed")
+
+    @defer.inlineCallbacks
+    def _write_lines(self, lines: Iterable[bytes], status: Any = None) -> Any:
+        """
+        Write the untagged lines (without "* ") a piece at a time, as the
+        client reads (tens of thousands of them); each piece first goes
+        through C{status} (a piece -> Deferred of the piece), if given.
+        Fires with whether the session is still there to be answered.
+        """
         flow = OutputFlow()
         self.transport.registerProducer(flow, True)
         try:
             it = iter(lines)
             while piece := list(itertools.islice(it, _LIST_PIECE)):
+                if status is not None:
+                    piece = yield status(piece)
+                    if self._lost:
+                        return False
                 self.transport.write(b"".join(b"* " + line + b"\r\n" for line in piece))
                 yield flow.wait()
                 if self._lost or flow.stopped:
-                    return
+                    return False
                 yield self.factory.cooperate()
         finally:
             if not self._lost:
                 self.transport.unregisterProducer()
-        self.sendPositiveResponse(tag, cmd + b" completed")
+        return True
 
-    def do_LSUB(self, tag: bytes, ref: bytes, pattern: bytes) -> None:
-        self.do_LIST(tag, ref, pattern, True)
+    @defer.inlineCallbacks
+    def _list_extended(self, tag: bytes, request: ListRequest) -> Any:
+        """LIST with selection or return options or several patterns (RFC 5258, 5819, 6154)."""
+        patterns = []
+        for raw in request.patterns:
+            try:
+                patterns.append(list_pattern(mutf7.decode(request.ref) + mutf7.decode(raw)))
+            except mutf7.InvalidName:
+                continue  # RFC 3501 5.1.3: no name matches it
+        entries: list[listext.ListEntry] = []
+        if patterns:
+            account = self.account
+            if request.want_subscribed:
+                yield account.subscriptions.load()  # as other sessions left them
+            folders = yield self.factory.store.list_folders(self._user)
+            special = {n: use for n in account.special_folders if (use := account.special_use(n))}
+            entries = yield self._run(
+                listext.select_entries,
+                request,
+                patterns,
+                folders,
+                set(account.subscriptions.names),
+                special,
+                bool(self.factory.store.mail_folders_hold_folders),
+            )
+        if self._lost:
+            return
+        lines = (
+            b"LIST "
+            + flag_list(list(e.flags))
+            + b' "/" '
+            + encode_name(e.name)
+            + listext.childinfo_data(e)
+            for e in entries
+        )
+        by_line = iter(entries)
 
-    auth_LIST = select_LIST = (do_LIST, arg_astring, arg_finalastring)  # type: ignore[assignment]
-    auth_LSUB = select_LSUB = (do_LSUB, arg_astring, arg_finalastring)  # type: ignore[assignment]
+        def with_status(piece: list[bytes]) -> defer.Deferred:
+            return self._with_status(request, piece, [next(by_line) for _ in piece])
+
+        if (yield self._write_lines(lines, with_status if request.status else None)):
+            self.sendPositiveResponse(tag, b"LIST completed")
+
+    @defer.inlineCallbacks
+    def _with_status(
+        self, request: ListRequest, piece: list[bytes], entries: list[listext.ListEntry]
+    ) -> Any:
+        """
+        The LIST lines of C{piece} each followed by its mailbox's STATUS line
+        (RFC 5819 2), from the store's STATUS (the folder's index where it is
+        up to date); none for a name that cannot be selected, or whose status
+        cannot be had now (RFC 5819 2: it MAY be left out).
+        """
+        store = self.factory.store
+
+        def one(entry: listext.ListEntry) -> defer.Deferred:
+            if not entry.selectable:
+                return defer.succeed(None)
+            d = defer.maybeDeferred(store.folder_status, self._user, entry.name)
+            return d.addErrback(lambda f: None if f.check(FolderError) else f)
+
+        found = yield defer.gatherResults([one(e) for e in entries], consumeErrors=True)
+        out = []
+        for line, entry, st in zip(piece, entries, found, strict=True):
+            out.append(line)
+            if st is not None:
+                items = listext.status_items(request, st)
+                out.append(b"STATUS " + encode_name(entry.name) + b" (" + items + b")")
+        return out
 
     @command
     def do_STATUS(self, tag: bytes, name: bytes, names: list[Any]) -> Any:
