@@ -14,7 +14,8 @@ from mailsrv.imap import mutf7, twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
-from mailsrv.imap.responses import encode_name, flag_list, list_lines
+from mailsrv.imap.responses import flag_list, list_lines
+from mailsrv.imap.utf8append import arg_append_data
 from mailsrv.interfaces import SEEN, FolderError, NotSelectable
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
@@ -28,7 +29,6 @@ _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
 arg_astring = CommandParser.arg_astring
 arg_finalastring = CommandParser.arg_finalastring
-arg_literal = CommandParser.arg_literal
 
 
 def _has_wildcard(name: str) -> bool:
@@ -219,7 +219,7 @@ class MailboxCommands(CommandBase):
             "UNSEEN": st["unseen"],
         }
         items = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in wanted)
-        self.sendUntaggedResponse(b"STATUS " + encode_name(folder) + b" (" + items + b")")
+        self.sendUntaggedResponse(b"STATUS " + self.encode_name(folder) + b" (" + items + b")")
         self.sendPositiveResponse(tag, b"STATUS completed")
 
     auth_STATUS = select_STATUS = (do_STATUS, arg_astring, twistedcompat.arg_plist)  # type: ignore[assignment]
@@ -270,5 +270,5 @@ class MailboxCommands(CommandBase):
         arg_astring,
         twistedcompat.opt_plist,
         twistedcompat.opt_datetime,
-        arg_literal,
+        arg_append_data,  # a literal, or RFC 6855 4's UTF8 (literal8)
     )
