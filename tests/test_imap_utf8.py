@@ -89,7 +89,7 @@ class NameTests(Utf8Case):
                 b'STATUS "%s" (MESSAGES)' % CAFE,
                 b'SELECT "%s"' % CAFE,
                 b'APPEND "%s" {%d+}\r\n%s' % (CAFE, len(MESSAGE), MESSAGE),
-                b'LIST "" "caf%%"',
+                b'LIST "" "%s"' % CAFE,
                 b'GETQUOTAROOT "%s"' % CAFE,
             ]
         )
@@ -109,6 +109,31 @@ class NameTests(Utf8Case):
         # A name made in modified UTF-7 is the UTF-8 session's name too.
         again = yield self.run_session([b'STATUS "%s" (MESSAGES)' % TAIPEI])
         self.assertEqual(_untagged(again[0]), [b'* STATUS "%s" (MESSAGES 0)' % TAIPEI])
+
+    @defer.inlineCallbacks
+    def test_every_command_that_names_a_mailbox_takes_a_utf8_name(self):
+        u1, u2 = "ü1".encode(), "ü2".encode()
+        out = yield self.run_session(
+            [
+                b"APPEND INBOX {%d+}\r\n%s" % (len(MESSAGE), MESSAGE),
+                b'CREATE "%s"' % u1,
+                b"SELECT INBOX",
+                b'COPY 1 "%s"' % u1,
+                b'MOVE 1 "%s"' % u1,
+                b'RENAME "%s" "%s"' % (u1, u2),
+                b'SUBSCRIBE "%s"' % u2,
+                b'LSUB "" "\xc3\xbc*"',
+                b'EXAMINE "%s"' % u2,
+                b'STATUS "%s" (MESSAGES)' % u2,
+                b'UNSUBSCRIBE "%s"' % u2,
+                b'DELETE "%s"' % u2,
+                b'STATUS "%s" (MESSAGES)' % u2,
+            ]
+        )
+        self.assertEqual([_tagged(r)[:2] for r in out[:-1]], [b"OK"] * 12)
+        self.assertEqual(len(_untagged(out[7])), 1)
+        self.assertEqual(_untagged(out[9]), [b'* STATUS "%s" (MESSAGES 2)' % u2])
+        self.assertEqual(_tagged(out[12]), b"NO [NONEXISTENT] Mailbox doesn't exist")
 
     @defer.inlineCallbacks
     def test_an_ampersand_is_itself_in_a_utf8_name(self):
