@@ -335,11 +335,11 @@ class CommandParser(CommandBase):
 
     def arg_astring(self, line: bytes | None, final: bool = False) -> Any:
         """
-        An astring. After ENABLE UTF8=ACCEPT (RFC 6855 3), whose astrings in
-        the authenticated and selected states are mailbox names and LIST
-        patterns (or US-ASCII charsets and quota roots), the octets are UTF-8
-        and are given to the command as the same name in modified UTF-7, the
-        one spelling that L{mailbox_name} and the LIST pattern decode.
+        An astring. A session that enabled UTF8=ACCEPT sends UTF-8 (RFC 6855
+        3), and its astrings in the authenticated and selected states are
+        mailbox names and LIST patterns (or US-ASCII charsets and quota
+        roots): each is handed on as the same name in modified UTF-7, the
+        spelling that L{mailbox_name} and LIST's pattern decoding read.
         """
         arg = self._astring(line)
         if not self.utf8_accept:
