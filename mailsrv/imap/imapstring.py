@@ -7,6 +7,8 @@ import re
 # RFC 3501 9: atom-specials that force a quoted string.
 _ATOM_SAFE = re.compile(rb"^[!#$&'+,\-./0-9:;<=>?@A-Z^_`a-z|}~]+$")
 _LITERAL_ONLY = re.compile(rb"[\r\n\0\x7f-\xff]")
+# RFC 6855 3: after ENABLE UTF8=ACCEPT a quoted string may hold UTF-8.
+_LITERAL_ONLY_UTF8 = re.compile(rb"[\r\n\0\x7f]")
 
 
 def nstring(value: bytes | str | None) -> bytes:
@@ -29,3 +31,21 @@ def astring(value: bytes | str) -> bytes:
     if _ATOM_SAFE.match(value) and value.upper() != b"NIL":
         return value
     return nstring(value)
+
+
+def utf8_astring(value: str) -> bytes:
+    """
+    An astring for a session that enabled UTF8=ACCEPT (RFC 6855 3): an atom
+    when safe, else a quoted string that may hold UTF-8, or a literal when
+    it must be (CR, LF, NUL, or octets that are not UTF-8).
+    """
+    raw = value.encode("utf-8", "surrogateescape")
+    if _ATOM_SAFE.match(raw) and raw.upper() != b"NIL":
+        return raw
+    try:
+        raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return b"{%d}\r\n%s" % (len(raw), raw)
+    if _LITERAL_ONLY_UTF8.search(raw):
+        return b"{%d}\r\n%s" % (len(raw), raw)
+    return b'"' + raw.replace(b"\\", b"\\\\").replace(b'"', b'\\"') + b'"'

@@ -21,6 +21,7 @@ from twisted.mail import imap4
 
 from mailsrv.imap.account import list_entries
 from mailsrv.imap.listmatch import ListPattern
+from mailsrv.imap.parsing import utf8_name
 from mailsrv.store.names import DELIMITER
 
 SUBSCRIBED = "SUBSCRIBED"
@@ -215,6 +216,8 @@ def arg_list(proto: Any, line: bytes | None) -> Any:
                 line = line or b""
             else:
                 pattern, line = _list_string(line)
+                if getattr(proto, "utf8_accept", False):
+                    pattern, line = utf8_name((pattern, line))  # RFC 6855 3, as arg_astring
             patterns.append(pattern)
             if line and not line.startswith((b" ", b")")):
                 raise _bad("Garbage after pattern")

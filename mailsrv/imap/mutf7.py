@@ -1,10 +1,13 @@
 """
 Mailbox names in modified UTF-7 (RFC 3501 5.1.3), decoded strictly: a name
 that breaks a rule of the encoding is refused, never guessed at, so that one
-folder has one name on the wire (as Dovecot does).
+folder has one name on the wire (as Dovecot does). Also the one spelling in
+modified UTF-7 of a name a client sent in UTF-8 (RFC 6855 3).
 """
 
 from __future__ import annotations
+
+import base64
 
 _ALPHABET = "ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+,"
 _VALUE = {ord(c): i for i, c in enumerate(_ALPHABET)}
@@ -84,3 +87,41 @@ def decode(raw: bytes) -> str:
         else:
             raise InvalidName("an octet that is not printable US-ASCII")
     return "".join(out)
+
+
+def encode(name: str) -> bytes:
+    """
+    C{name} in modified UTF-7: printable US-ASCII as itself (``&`` as
+    ``&-``), every run of other characters as one shifted run of modified
+    BASE64 of UTF-16BE; the one spelling that L{decode} gives back.
+    """
+    out = bytearray()
+    run: list[str] = []
+
+    def shift() -> None:
+        if run:
+            utf16 = "".join(run).encode("utf-16-be", "surrogatepass")
+            out.extend(b"&" + base64.b64encode(utf16).rstrip(b"=").replace(b"/", b",") + b"-")
+            run.clear()
+
+    for char in name:
+        if _printable(ord(char)):
+            shift()
+            out.extend(b"&-" if char == "&" else char.encode("ascii"))
+        else:
+            run.append(char)
+    shift()
+    return bytes(out)
+
+
+def from_utf8(raw: bytes) -> bytes:
+    """
+    A name sent in UTF-8 (RFC 6855 3) as the same name in modified UTF-7, or
+    L{InvalidName} if the octets are not UTF-8 (RFC 3629).
+    """
+    if raw.isascii() and b"&" not in raw:
+        return raw
+    try:
+        return encode(raw.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise InvalidName("not UTF-8") from None

@@ -140,6 +140,16 @@ def mailbox_name(raw: bytes | str) -> str:
     return name
 
 
+def utf8_name(parsed: tuple[bytes, bytes]) -> tuple[bytes, bytes]:
+    """A parsed UTF-8 astring (RFC 6855 3) as modified UTF-7; BAD if it is not UTF-8."""
+    value, rest = parsed
+    try:
+        return mutf7.from_utf8(value), rest
+    except mutf7.InvalidName:
+        # RFC 6855 3: "MUST reject, with a BAD response" octets that are not UTF-8.
+        raise imap4.IllegalClientResponse("String is not valid UTF-8") from None
+
+
 def parse_date_time(raw: bytes) -> float:
     """
     RFC 3501 date-time ``"dd-Mon-yyyy hh:mm:ss +zzzz"`` to seconds since the
@@ -324,6 +334,21 @@ class CommandParser(CommandBase):
     # --- argument parsers (LITERAL+, quoted strings with escapes) -------------
 
     def arg_astring(self, line: bytes | None, final: bool = False) -> Any:
+        """
+        An astring. A session that enabled UTF8=ACCEPT sends UTF-8 (RFC 6855
+        3), and its astrings in the authenticated and selected states are
+        mailbox names and LIST patterns (or US-ASCII charsets and quota
+        roots): each is handed on as the same name in modified UTF-7, the
+        spelling that L{mailbox_name} and LIST's pattern decoding read.
+        """
+        arg = self._astring(line)
+        if not self.utf8_accept:
+            return arg
+        if isinstance(arg, defer.Deferred):
+            return arg.addCallback(utf8_name)
+        return utf8_name(arg)
+
+    def _astring(self, line: bytes | None) -> Any:
         line = (line or b"").lstrip(b" ")
         if not line:
             raise imap4.IllegalClientResponse("Missing argument")
@@ -409,6 +434,9 @@ class CommandParser(CommandBase):
     def opt_charset(self, line: bytes | None) -> tuple[str, bytes]:
         line = line or b""
         if line[:8].upper() == b"CHARSET ":
+            if self.utf8_accept:
+                # RFC 6855 3: after ENABLE UTF8=ACCEPT, SEARCH with a charset is a BAD.
+                raise imap4.IllegalClientResponse("CHARSET is not allowed after UTF8=ACCEPT")
             charset, _, rest = line[8:].lstrip().partition(b" ")
             return charset.strip(b'"').decode("ascii", "replace"), rest
         return "utf-8", line

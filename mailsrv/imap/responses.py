@@ -8,10 +8,11 @@ formatters are in L{mailsrv.imap.fetchitems}.
 from __future__ import annotations
 
 import bisect
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any
 
 from mailsrv.imap import mime
+from mailsrv.imap.imapstring import utf8_astring
 
 
 def flag_list(flags: Iterable[str]) -> bytes:
@@ -19,8 +20,13 @@ def flag_list(flags: Iterable[str]) -> bytes:
     return b"(" + b" ".join(f.encode("utf-8", "replace") for f in flags) + b")"
 
 
-def encode_name(name: str) -> bytes:
-    """A mailbox name as an astring, in modified UTF-7 (RFC 3501 5.1.3)."""
+def encode_name(name: str, utf8: bool = False) -> bytes:
+    """
+    A mailbox name as an astring: in modified UTF-7 (RFC 3501 5.1.3), or
+    with C{utf8} (a session that enabled UTF8=ACCEPT, RFC 6855 3) in UTF-8.
+    """
+    if utf8:
+        return utf8_astring(name)
     return mime.astring(name.encode("imap4-utf-7"))
 
 
@@ -35,16 +41,22 @@ def literal_head(label: bytes, size: int) -> bytes:
 
 
 def list_lines(
-    cmd: bytes, boxes: Iterable[tuple[str, Any]], subscribed: set[str] | None
+    cmd: bytes,
+    boxes: Iterable[tuple[str, Any]],
+    subscribed: set[str] | None,
+    encode: Callable[[str], bytes] = encode_name,
 ) -> Iterator[bytes]:
-    """The untagged LIST (or, given the subscriptions, LSUB) responses, without "* "."""
+    """
+    The untagged LIST (or, given the subscriptions, LSUB) responses, without
+    "* ", with the names spelled by C{encode} (the session's C{encode_name}).
+    """
     for name, info in boxes:
         flags = info.getFlags()
         if subscribed is not None:
             if name not in subscribed:
                 continue
             flags = [f for f in flags if f == "\\Noselect"]
-        yield cmd + b" " + flag_list(flags) + b' "/" ' + encode_name(name)
+        yield cmd + b" " + flag_list(flags) + b' "/" ' + encode(name)
 
 
 def expunge_lines(uids: Sequence[int], removed: Iterable[int]) -> bytes:

@@ -26,7 +26,7 @@ from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import Account, Subscriptions, subscriptions_path
 from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
-from mailsrv.imap.commands.general import GeneralCommands
+from mailsrv.imap.commands.general import UTF8_ACCEPT, GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
 from mailsrv.imap.commands.mailboxes import MailboxCommands
 from mailsrv.imap.commands.quota import CAPABILITIES as QUOTA_CAPABILITIES
@@ -140,6 +140,7 @@ class IMAPServer(
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819
+        caps.append(UTF8_ACCEPT)  # RFC 6855
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

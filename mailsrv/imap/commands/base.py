@@ -25,7 +25,7 @@ from twisted.internet import defer
 from twisted.mail import imap4
 
 from mailsrv.imap.fetch import FetchSyntaxError
-from mailsrv.imap.responses import expunge_lines, flag_list
+from mailsrv.imap.responses import encode_name, expunge_lines, flag_list
 from mailsrv.imap.search import BadCharset, SearchError
 from mailsrv.interfaces import SYSTEM_FLAGS, FolderError
 from mailsrv.logsafe import SafeLogger
@@ -68,6 +68,12 @@ class CommandBase(imap4.IMAP4Server):
     _sync_d: defer.Deferred | None
     _sync_again: bool
     _keywords_told: frozenset[str] = frozenset()  # in the FLAGS the client last had
+    # RFC 6855 3: after ENABLE UTF8=ACCEPT, names are UTF-8 both ways, not modified UTF-7.
+    utf8_accept = False
+
+    def encode_name(self, name: str) -> bytes:
+        """A mailbox name as this session spells it (L{mailsrv.imap.responses.encode_name})."""
+        return encode_name(name, self.utf8_accept)
 
     def _command_failed(self, failure: Any, tag: bytes) -> None:
         if self._lost:

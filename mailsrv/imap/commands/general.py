@@ -1,6 +1,6 @@
 """
 Commands about the session rather than a mailbox: ID (RFC 2971), NOOP,
-ENABLE (RFC 5161) and NAMESPACE (RFC 2342).
+ENABLE (RFC 5161; UTF8=ACCEPT, RFC 6855) and NAMESPACE (RFC 2342).
 """
 
 from __future__ import annotations
@@ -9,6 +9,8 @@ from typing import Any
 
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
+
+UTF8_ACCEPT = b"UTF8=ACCEPT"  # RFC 6855 3
 
 
 class GeneralCommands(CommandBase):
@@ -36,9 +38,17 @@ class GeneralCommands(CommandBase):
 
     # --- authenticated --------------------------------------------------------
 
-    def do_ENABLE(self, tag: bytes, line: bytes) -> None:
-        # RFC 5161: nothing we offer needs enabling; say so.
-        self.sendUntaggedResponse(b"ENABLED")
+    def do_ENABLE(self, tag: bytes, line: bytes | None) -> None:
+        # RFC 5161 3.1: the ENABLED response names what this command enabled;
+        # what is unknown (or cannot be enabled now) is left out, not refused.
+        enabled = []
+        for name in (line or b"").upper().split():
+            # RFC 6855 3: "ENABLE UTF8=ACCEPT" is only valid in the
+            # authenticated state; once a mailbox is selected it is left out.
+            if name == UTF8_ACCEPT and self.state == twistedcompat.AUTH:
+                self.utf8_accept = True
+                enabled.append(name)
+        self.sendUntaggedResponse(b" ".join([b"ENABLED", *enabled]))
         self.sendPositiveResponse(tag, b"ENABLE completed")
 
     auth_ENABLE = (do_ENABLE, twistedcompat.arg_line)

@@ -19,7 +19,8 @@ from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.listext import ListRequest
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
-from mailsrv.imap.responses import encode_name, flag_list, list_lines
+from mailsrv.imap.responses import flag_list, list_lines
+from mailsrv.imap.utf8append import arg_append_data
 from mailsrv.interfaces import SEEN, FolderError, NotSelectable
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
@@ -33,7 +34,6 @@ _STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
 
 arg_astring = CommandParser.arg_astring
 arg_finalastring = CommandParser.arg_finalastring
-arg_literal = CommandParser.arg_literal
 
 
 def _has_wildcard(name: str) -> bool:
@@ -189,7 +189,7 @@ class MailboxCommands(CommandBase):
             boxes = yield self.account.listMailboxes(ref_s, pat_s)
         if self._lost:
             return
-        lines = list_lines(cmd, boxes, None)
+        lines = list_lines(cmd, boxes, None, self.encode_name)
         if (yield self._write_lines(lines)):
             self.sendPositiveResponse(tag, cmd + b" completed")
 
@@ -251,7 +251,7 @@ class MailboxCommands(CommandBase):
             b"LIST "
             + flag_list(list(e.flags))
             + b' "/" '
-            + encode_name(e.name)
+            + self.encode_name(e.name)
             + listext.childinfo_data(e)
             for e in entries
         )
@@ -287,7 +287,7 @@ class MailboxCommands(CommandBase):
             out.append(line)
             if st is not None:
                 items = listext.status_items(request, st)
-                out.append(b"STATUS " + encode_name(entry.name) + b" (" + items + b")")
+                out.append(b"STATUS " + self.encode_name(entry.name) + b" (" + items + b")")
         return out
 
     @command
@@ -317,7 +317,7 @@ class MailboxCommands(CommandBase):
             "UNSEEN": st["unseen"],
         }
         items = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in wanted)
-        self.sendUntaggedResponse(b"STATUS " + encode_name(folder) + b" (" + items + b")")
+        self.sendUntaggedResponse(b"STATUS " + self.encode_name(folder) + b" (" + items + b")")
         self.sendPositiveResponse(tag, b"STATUS completed")
 
     auth_STATUS = select_STATUS = (do_STATUS, arg_astring, twistedcompat.arg_plist)  # type: ignore[assignment]
@@ -368,5 +368,5 @@ class MailboxCommands(CommandBase):
         arg_astring,
         twistedcompat.opt_plist,
         twistedcompat.opt_datetime,
-        arg_literal,
+        arg_append_data,  # a literal, or RFC 6855 4's UTF8 (literal8)
     )

@@ -23,7 +23,6 @@ from twisted.internet import defer
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.parsing import CommandParser, mailbox_name
-from mailsrv.imap.responses import encode_name
 from mailsrv.store.quota import ROOT, QuotaExceeded
 
 CAPABILITIES = [b"QUOTA", b"QUOTA=RES-STORAGE"]
@@ -72,10 +71,10 @@ class QuotaCommands(CommandBase):
         folder = mailbox_name(name)
         limit = self._quota_limit()
         if not limit:
-            self.sendUntaggedResponse(b"QUOTAROOT " + encode_name(folder))
+            self.sendUntaggedResponse(b"QUOTAROOT " + self.encode_name(folder))
         else:
             used = yield self.factory.quota.usage(self._user)
-            self.sendUntaggedResponse(b"QUOTAROOT " + encode_name(folder) + b" " + _ROOT)
+            self.sendUntaggedResponse(b"QUOTAROOT " + self.encode_name(folder) + b" " + _ROOT)
             self.sendUntaggedResponse(self._quota_line(used, limit))
         self.sendPositiveResponse(tag, b"Getquotaroot completed")
 
