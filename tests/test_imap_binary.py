@@ -215,7 +215,9 @@ def test_a_message_with_nothing_encoded_is_a_plain_literal(ours):
 
 def test_whole_message_of_a_single_base64_part(ours):
     body = b"top level text\r\nline two\r\n"
-    header = b"Subject: top\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    header = (
+        b"Subject: top\r\nContent-Type: text/plain\r\nContent-Transfer-Encoding: binary\r\n\r\n"
+    )
     assert ours[7] == (
         b"* 3 FETCH (BINARY[] ~{%d}\r\n%s%s BINARY.SIZE[] %d BINARY[1] ~{%d}\r\n%s "
         b"BINARY.SIZE[1] %d)\r\nOK"
@@ -277,3 +279,162 @@ def test_answers_are_dovecots_byte_for_byte(ours):
     theirs = dovecot_answers(MESSAGES, COMMANDS)
     for (n, items), mine, dovecot in zip(COMMANDS, ours, theirs, strict=True):
         assert mine == dovecot, (n, items)
+
+
+# --- the decoders, fed in any chunks -------------------------------------------
+
+
+def _decode_in_chunks(dec: object, data: bytes, cuts: list[int]) -> bytes:
+    out = b""
+    prev = 0
+    for cut in sorted({c % (len(data) + 1) for c in cuts}) + [len(data)]:
+        out += dec.feed(data[prev:cut])  # type: ignore[attr-defined]
+        prev = cut
+    return out + dec.finish()  # type: ignore[attr-defined]
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0), max_size=8))
+def test_base64_decoded_in_any_chunks_is_the_data(data, cuts):
+    encoded = base64.encodebytes(data).replace(b"\n", b"\r\n")
+    assert _decode_in_chunks(binary.Base64Decoder(), encoded, cuts) == data
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.binary(max_size=3000), st.lists(st.integers(min_value=0), max_size=8))
+def test_quoted_printable_decoded_in_any_chunks_is_the_one_pass_decoding(data, cuts):
+    import quopri
+
+    encoded = quopri.encodestring(data).replace(b"\n", b"\r\n")
+    one_pass = _decode_in_chunks(binary.QuotedPrintableDecoder(), encoded, [])
+    assert _decode_in_chunks(binary.QuotedPrintableDecoder(), encoded, cuts) == one_pass
+    if b"\r" not in data:
+        assert one_pass == data.replace(b"\n", b"\r\n")
+
+
+def test_base64_with_octets_outside_the_alphabet_is_invalid():
+    with pytest.raises(binary.InvalidData):
+        binary.Base64Decoder().feed(b"aGVs*bG8=")
+
+
+# --- over loopback, the mbox store on disk ---------------------------------------
+
+
+def _read_literal(c: RawClient) -> tuple[bytes, bytes]:
+    """The line announcing a literal, and the literal's octets."""
+    head = c.file.readline()
+    m = re.search(rb"~?\{(\d+)\}\r\n$", head)
+    assert m, head
+    return head, c.file.read(int(m.group(1)))
+
+
+class BinaryLoopbackTest(LoopbackIMAPCase):
+    """BINARY from the mbox store over 127.0.0.1."""
+
+    @defer.inlineCallbacks
+    def test_large_attachment_streams_decoded_while_another_session_is_served(self):
+        payload = os.urandom(6 * 1024 * 1024)
+        message = crlf(
+            'Subject: big\nContent-Type: multipart/mixed; boundary="B"\n\n--B\n\ntext\n--B\n'
+            "Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
+        )
+        message += base64.encodebytes(payload).replace(b"\n", b"\r\n") + b"--B--\r\n"
+        yield self.store.deliver(USER, BytesSource(message), "s@example.test", "INBOX")
+
+        def client() -> dict[str, object]:
+            seen: dict[str, object] = {}
+            slow = RawClient(self.port_number, rcvbuf=16 * 1024)
+            other = RawClient(self.port_number)
+            try:
+                slow.login()
+                select = b"".join(slow.cmd(b"S", b"SELECT INBOX"))
+                seen["validity"] = int(re.search(rb"UIDVALIDITY (\d+)", select).group(1))
+                slow.send(b"F FETCH 1 (BINARY.PEEK[2])\r\n")
+                head = slow.file.readline()
+                seen["head"] = head
+                # The first session does not read its answer: the server still serves others.
+                other.login()
+                seen["other"] = other.cmd(b"N", b"NOOP")[-1]
+                m = re.search(rb"\{(\d+)\}\r\n$", head)
+                assert m, head
+                digest = hashlib.sha256()
+                left = int(m.group(1))
+                while left:
+                    chunk = slow.file.read(min(left, 1 << 20))
+                    assert chunk
+                    digest.update(chunk)
+                    left -= len(chunk)
+                seen["digest"] = digest.digest()
+                seen["tail"] = slow.read_until(b"F")
+                seen["size"] = slow.cmd(b"Z", b"FETCH 1 (BINARY.SIZE[2] BINARY.SIZE[])")
+            finally:
+                slow.close()
+                other.close()
+            return seen
+
+        seen = yield self.in_thread(client)
+        yield self.settle()
+        self.assertEqual(seen["head"], b"* 1 FETCH (BINARY[2] ~{%d}\r\n" % len(payload))
+        self.assertTrue(seen["other"].startswith(b"N OK"))
+        self.assertEqual(seen["digest"], hashlib.sha256(payload).digest())
+        self.assertEqual(seen["tail"], [b")\r\n", b"F OK FETCH completed\r\n"])
+        self.assertIn(b"BINARY.SIZE[2] %d " % len(payload), seen["size"][0])
+        # The decoded sizes are kept with the cached MIME structure, not decoded again.
+        root = self.factory.structures.get((USER, "INBOX", seen["validity"], 1))
+        self.assertEqual(root.binary[(2,)], (len(payload), True))
+        self.assertIn((), root.binary)
+        self.assertEqual(self.failures, [])
+
+    @defer.inlineCallbacks
+    def test_append_of_a_literal8_with_nul_is_stored_as_sent(self):
+        message = crlf(b"Subject: nul\n\nbefore\x00after \xff\nFrom the start\n\x00\n")
+
+        def client() -> list[bytes]:
+            c = RawClient(self.port_number)
+            try:
+                c.login()
+                c.send(b"A APPEND INBOX ~{%d}\r\n" % len(message))
+                cont = c.file.readline()
+                c.send(message + b"\r\n")
+                first = c.read_until(b"A")
+                c.send(b"B APPEND INBOX (\\Seen) ~{%d+}\r\n" % len(message) + message + b"\r\n")
+                second = c.read_until(b"B")
+                c.cmd(b"S", b"SELECT INBOX")
+                c.send(b"F FETCH 1:2 (BINARY.PEEK[] BODY.PEEK[1])\r\n")
+                fetched = []
+                for _ in range(2):
+                    fetched.append(_read_literal(c))
+                    fetched.append(_read_literal(c))
+                    c.file.readline()
+                return [
+                    cont,
+                    first[-1],
+                    second[-1],
+                    *[x for pair in fetched for x in pair],
+                    c.read_until(b"F")[-1],
+                ]
+            finally:
+                c.close()
+
+        out = yield self.in_thread(client)
+        yield self.settle()
+        self.assertTrue(out[0].startswith(b"+ "))
+        self.assertTrue(out[1].startswith(b"A OK [APPENDUID "))
+        self.assertTrue(out[2].startswith(b"B OK [APPENDUID "))
+        for i in (0, 1):
+            head, data, _, part = out[3 + 4 * i : 7 + 4 * i]
+            self.assertEqual(head, b"* %d FETCH (BINARY[] ~{%d}\r\n" % (i + 1, len(message)))
+            self.assertEqual(data, message)
+            self.assertEqual(part, b"before\x00after \xff\r\nFrom the start\r\n\x00\r\n")
+        self.assertTrue(out[-1].startswith(b"F OK"))
+        # On disk: an mbox (LF line ends, "From " quoted) with the NUL octets as they came.
+        mbox = (self.config.mail_dir / "example.test" / "alice" / "INBOX").read_bytes()
+        self.assertEqual(mbox.count(b"\nbefore\x00after \xff\n>From the start\n\x00\n"), 2)
+        self.assertEqual(self.failures, [])
+
+
+def test_binary_is_advertised(tmp_path):
+    c = Harness(tmp_path).connect()
+    c.login()
+    caps = c.cmd("c CAPABILITY").split(b"\r\n")[0].split()
+    assert b"BINARY" in caps

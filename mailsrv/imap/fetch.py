@@ -69,7 +69,9 @@ _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", 
 _SECTION_RE = re.compile(rb"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.I)
 _ATOM_RE = re.compile(rb"[A-Za-z0-9.]+")
 # RFC 3516 4.1: "BINARY" [".PEEK"] section-binary [partial] / "BINARY.SIZE" section-binary
-_BINARY_RE = re.compile(rb"BINARY(\.PEEK|\.SIZE)?\[((?:[1-9]\d*(?:\.[1-9]\d*)*)?)\](?:<(\d+)\.(\d+)>)?", re.I)
+_BINARY_RE = re.compile(
+    rb"BINARY(\.PEEK|\.SIZE)?\[((?:[1-9]\d*(?:\.[1-9]\d*)*)?)\](?:<(\d+)\.(\d+)>)?", re.I
+)
 
 
 def parse_fetch(line: bytes) -> FetchRequest:

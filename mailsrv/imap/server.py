@@ -139,6 +139,7 @@ class IMAPServer(
         caps += SORT_CAPABILITIES
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
+        caps.append(b"BINARY")  # RFC 3516
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
