@@ -65,17 +65,31 @@ class Identity:
 
 
 class Base64Decoder:
-    """RFC 2045 6.8, fed in chunks; line breaks and spaces are skipped, other octets refused."""
+    """
+    RFC 2045 6.8, fed in chunks: line breaks and spaces are skipped; other
+    octets, padding anywhere but at the end, and data after it are refused
+    (as Dovecot refuses them).
+    """
 
     def __init__(self) -> None:
         self._carry = b""
+        self._ended = False  # the padded last quantum was decoded
 
     def feed(self, data: bytes) -> bytes:
         if data.translate(None, _B64_ALPHABET + _WHITESPACE):
             raise InvalidData()
         s = self._carry + data.translate(None, _WHITESPACE)
+        if self._ended and s:
+            raise InvalidData()
+        pad = s.find(b"=")
+        if pad >= 0:
+            quantum_end = pad - pad % 4 + 4
+            if pad % 4 < 2 or len(s) > quantum_end or s[pad:].strip(b"="):
+                raise InvalidData()
         n = len(s) - len(s) % 4
         self._carry = s[n:]
+        if pad >= 0 and n == len(s):
+            self._ended = True
         try:
             return binascii.a2b_base64(s[:n]) if n else b""
         except binascii.Error:
@@ -87,8 +101,15 @@ class Base64Decoder:
         return b""
 
 
+# RFC 2045 6.7: "=" starts a soft line break or two hexadecimal digits; CR only before LF.
+_QP_INVALID = re.compile(rb"=(?![0-9A-Fa-f]{2}|\r?\n)|\r(?!\n)")
+
+
 class QuotedPrintableDecoder:
-    """RFC 2045 6.7, fed in chunks: soft line breaks joined, trailing white space dropped."""
+    """
+    RFC 2045 6.7, fed in chunks: soft line breaks joined, trailing white
+    space dropped; a stray "=" or CR is refused (as Dovecot refuses it).
+    """
 
     def __init__(self) -> None:
         self._carry = b""
@@ -97,7 +118,7 @@ class QuotedPrintableDecoder:
         s = self._carry + data
         end = s.rfind(b"\n") + 1
         if end == 0 and len(s) > CHUNK:
-            # One very long line: cut it where no "=XX" or trailing space is split.
+            # One very long line: cut it where no "=XX", CRLF or trailing space is split.
             end = len(s) - 3
             while end > 0 and s[end - 1 : end] in (b" ", b"\t", b"\r"):
                 end -= 1
@@ -105,12 +126,18 @@ class QuotedPrintableDecoder:
             if eq >= 0:
                 end = eq
         self._carry = s[end:]
-        return binascii.a2b_qp(_TRAILING_SPACE.sub(b"", s[:end])) if end else b""
+        return self._decode(_TRAILING_SPACE.sub(b"", s[:end])) if end else b""
 
     def finish(self) -> bytes:
-        s, self._carry = self._carry.rstrip(b" \t\r"), b""
+        s, self._carry = self._carry.rstrip(b" \t"), b""
         if s.endswith(b"="):
             s = s[:-1]
+        return self._decode(s)
+
+    @staticmethod
+    def _decode(s: bytes) -> bytes:
+        if _QP_INVALID.search(s):
+            raise InvalidData()
         return binascii.a2b_qp(s)
 
 
