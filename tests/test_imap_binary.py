@@ -336,7 +336,7 @@ class BinaryLoopbackTest(LoopbackIMAPCase):
 
     @defer.inlineCallbacks
     def test_large_attachment_streams_decoded_while_another_session_is_served(self):
-        payload = os.urandom(6 * 1024 * 1024)
+        payload = os.urandom(3 * 1024 * 1024)
         message = crlf(
             'Subject: big\nContent-Type: multipart/mixed; boundary="B"\n\n--B\n\ntext\n--B\n'
             "Content-Type: application/octet-stream\nContent-Transfer-Encoding: base64\n\n"
