@@ -32,6 +32,7 @@ class Section:
     text: str = ""  # "", HEADER, HEADER.FIELDS, HEADER.FIELDS.NOT, TEXT, MIME
     fields: tuple[bytes, ...] = ()
     partial: tuple[int, int] | None = None
+    binary: str = ""  # RFC 3516: "BINARY" (decoded content) or "SIZE" (its size)
 
 
 @dataclass
@@ -55,7 +56,7 @@ class FetchRequest:
     @property
     def needs_structure(self) -> bool:
         return any(s in ("BODY", "BODYSTRUCTURE") for s in self.simple) or any(
-            s.path for s in self.sections
+            s.path or s.binary for s in self.sections
         )
 
 
@@ -67,6 +68,10 @@ _MACROS = {
 _SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "UID", "BODY"}
 _SECTION_RE = re.compile(rb"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.I)
 _ATOM_RE = re.compile(rb"[A-Za-z0-9.]+")
+# RFC 3516 4.1: "BINARY" [".PEEK"] section-binary [partial] / "BINARY.SIZE" section-binary
+_BINARY_RE = re.compile(
+    rb"BINARY(\.PEEK|\.SIZE)?\[((?:[1-9]\d*(?:\.[1-9]\d*)*)?)\](?:<(\d+)\.(\d+)>)?", re.I
+)
 
 
 def parse_fetch(line: bytes) -> FetchRequest:
@@ -93,6 +98,11 @@ def parse_fetch(line: bytes) -> FetchRequest:
         m = _SECTION_RE.match(s, i)
         if m:
             _add(req, _section(m))
+            i = m.end()
+            continue
+        m = _BINARY_RE.match(s, i)
+        if m:
+            _add(req, _binary_section(m))
             i = m.end()
             continue
         m = _ATOM_RE.match(s, i)
@@ -168,6 +178,22 @@ def _section(m: re.Match[bytes]) -> Section:
     return Section(b"BODY[" + section_name + b"]", peek, tuple(path), text, fields, partial)
 
 
+def _binary_section(m: re.Match[bytes]) -> Section:
+    kind = (m.group(1) or b"").upper()
+    path = tuple(int(n) for n in m.group(2).split(b".")) if m.group(2) else ()
+    name = b"[" + m.group(2) + b"]"
+    if kind == b".SIZE":
+        if m.group(3) is not None:
+            raise FetchSyntaxError("BINARY.SIZE takes no partial")
+        return Section(b"BINARY.SIZE" + name, True, path, binary="SIZE")
+    partial = None
+    if m.group(3) is not None:
+        if int(m.group(4)) < 1:
+            raise FetchSyntaxError("Bad partial length")
+        partial = (int(m.group(3)), int(m.group(4)))
+    return Section(b"BINARY" + name, kind == b".PEEK", path, partial=partial, binary="BINARY")
+
+
 def internal_date(ts: float) -> bytes:
     """RFC 3501 date-time, in UTC: "17-Jul-1996 09:44:25 +0000"."""
     t = time.gmtime(ts)
@@ -188,6 +214,8 @@ class Stream:
     uid: int
     start: int
     end: int
+    # BINARY: C{start} and C{end} count decoded octets of these blocks (L{binary.Block})
+    blocks: tuple[Any, ...] | None = None
 
 
 def section_bytes(

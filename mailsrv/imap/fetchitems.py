@@ -13,7 +13,7 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from mailsrv.imap import mime
+from mailsrv.imap import binary, mime
 from mailsrv.imap.fetch import (
     STREAM_AT,
     Section,
@@ -21,6 +21,7 @@ from mailsrv.imap.fetch import (
     internal_date,
     read_range,
     section_bytes,
+    skip,
 )
 from mailsrv.imap.responses import literal, literal_head
 from mailsrv.interfaces import MessageInfo
@@ -108,12 +109,54 @@ FETCH_ITEMS: dict[str, Formatter] = {
 }
 
 
+class Refusal:
+    """Ends a message's pieces when a section cannot be answered: the tagged NO to send (RFC 3516 4.2)."""
+
+    def __init__(self, error: binary.BinaryError) -> None:
+        self.text = b"[" + error.code + b"] " + error.text
+
+
+def binary_field(m: MessageFetch, item: Section) -> tuple[bytes, Stream | None]:
+    """
+    The response field of a BINARY[...] or BINARY.SIZE[...] item (RFC 3516
+    4.3): the decoded octets as a literal, or a literal8 when something was
+    decoded or they hold a NUL (as Dovecot); a part that does not exist is
+    empty, as Dovecot answers. Raises L{binary.BinaryError}.
+    """
+    assert m.structure is not None
+    found = binary.section_info(m.folder, m.info.uid, m.structure, item.path)
+    if item.binary == "SIZE":
+        return item.name + b" %d" % (found[1] if found else 0), None
+    label = item.name
+    blocks, size, literal8 = found if found else ([], 0, False)
+    start, end = 0, size
+    if item.partial is not None:
+        off, length = item.partial
+        label += b"<%d>" % off
+        start = min(off, size)
+        end = min(start + length, size)
+    head = label + (b" ~{%d}\r\n" if literal8 else b" {%d}\r\n") % (end - start)
+    if end - start >= STREAM_AT:
+        return head, Stream(m.info.uid, start, end, tuple(blocks))
+    data = b""
+    if end > start:
+        reader = binary.open_section(m.folder, m.info.uid, blocks)
+        try:
+            skip(reader, start)
+            data = reader.read(end - start)
+        finally:
+            reader.close()
+    return head + data.ljust(end - start, b" "), None
+
+
 def section_field(m: MessageFetch, item: Section) -> tuple[bytes, Stream | None]:
     """
     The response field of a BODY[...] (or RFC822*) item: the whole field, or
     its start C{NAME {n}CRLF} and the L{Stream} of the C{n} octets to send
     from the file after it.
     """
+    if item.binary:
+        return binary_field(m, item)
     folder, info = m.folder, m.info
     header = m.header
     if header is None and item.text and not item.path and item.text != "MIME":
@@ -158,13 +201,22 @@ def simple_response(seq: int, m: MessageFetch, fields: Sequence[Formatter]) -> b
 def message_response(seq: int, m: MessageFetch, fields: Sequence[Formatter | Section]) -> list[Any]:
     """
     The FETCH response of one message: bytes, with a L{Stream} wherever
-    section octets are to be sent from the file.
+    section octets are to be sent from the file. A BINARY section that
+    cannot be decoded ends the response there (with C{UID} if nothing came
+    before, as Dovecot) and the pieces with a L{Refusal}.
     """
     segments: list[Any] = []
     parts: list[bytes] = []
+    refusal = None
     for f in fields:
         if isinstance(f, Section):
-            field, stream = section_field(m, f)
+            try:
+                field, stream = section_field(m, f)
+            except binary.BinaryError as e:
+                refusal = Refusal(e)
+                if not parts and not segments:
+                    parts.append(_uid(m))
+                break
             parts.append(field)
             if stream is not None:
                 segments.append(b" ".join(parts))
@@ -194,6 +246,8 @@ def message_response(seq: int, m: MessageFetch, fields: Sequence[Formatter | Sec
         first = False
     body += b")\r\n"
     pieces.append(bytes(body))
+    if refusal is not None:
+        pieces.append(refusal)
     return pieces
 
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 from mailsrv.imap.envelope import envelope as envelope
 from mailsrv.imap.envelope import envelope_of_fields
@@ -143,6 +143,8 @@ class Part:
     children: list[Part] = field(default_factory=list)
     message: Part | None = None  # the encapsulated message of message/rfc822
     envelope: bytes = b""  # ENVELOPE of a message (top level or message/rfc822)
+    # BINARY sections measured (root only): path -> (decoded size, literal8) or the error
+    binary: dict[tuple[int, ...], Any] = field(default_factory=dict)
 
     @property
     def size(self) -> int:

@@ -396,7 +396,10 @@ class CommandParser(CommandBase):
         self.setRawMode()
 
     def arg_literal(self, line: bytes | None) -> Any:
-        m = _LITERAL_RE.match((line or b"").strip())
+        line = (line or b"").strip()
+        if line[:1] == b"~":  # RFC 3516 4.4: APPEND takes a literal8, stored as sent
+            line = line[1:]
+        m = _LITERAL_RE.match(line)
         if not m:
             raise imap4.IllegalClientResponse("Missing literal")
         size, nonsync = int(m.group(1)), bool(m.group(2))

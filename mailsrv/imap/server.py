@@ -141,6 +141,7 @@ class IMAPServer(
         caps += QUOTA_CAPABILITIES  # RFC 9208
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819
         caps.append(UTF8_ACCEPT)  # RFC 6855
+        caps.append(b"BINARY")  # RFC 3516
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

@@ -14,11 +14,13 @@ from typing import Any
 
 from twisted.internet import defer
 
+from mailsrv.imap import binary
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.fetch import FetchRequest, Stream, skip
 from mailsrv.imap.fetchitems import (
     MessageFetch,
+    Refusal,
     prepare_batch,
     simple_formatters,
     simple_response,
@@ -99,7 +101,9 @@ class FetchCommand(CommandBase):
             return
         if self._lost:
             return
-        if missing:
+        if isinstance(missing, Refusal):
+            self.sendNegativeResponse(tag, missing.text)
+        elif missing:
             self.sendNegativeResponse(tag, b"[EXPUNGEISSUED] Some messages no longer exist")
         else:
             self.sendPositiveResponse(tag, b"FETCH completed")
@@ -186,6 +190,10 @@ class FetchCommand(CommandBase):
                     if new_root is not None:
                         factory.structures.put(key + (info.uid,), new_root)
                     for piece in pieces:
+                        if isinstance(piece, Refusal):
+                            # RFC 3516 4.2: the command ends here with a NO.
+                            self.transport.write(b"".join(buf))
+                            return piece
                         if isinstance(piece, Stream):
                             self.transport.write(b"".join(buf))
                             buf = []
@@ -209,7 +217,10 @@ class FetchCommand(CommandBase):
     def _stream(self, folder: Any, s: Stream, flow: OutputFlow) -> Any:
         left = s.end - s.start
         try:
-            f = yield self._run(folder.open_message, s.uid)
+            if s.blocks is not None:
+                f = yield self._run(binary.open_section, folder, s.uid, list(s.blocks))
+            else:
+                f = yield self._run(folder.open_message, s.uid)
         except KeyError:
             f = None
         try:
