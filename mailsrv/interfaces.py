@@ -265,7 +265,8 @@ class IMailStore(Interface):
     def folder_status(user, name):
         """
         Fire with a dict: messages, uid_next, uid_validity, unseen, recent (the
-        messages no session has been given as \\Recent yet, L{IFolder.claim_recent}).
+        messages no session has been given as \\Recent yet, L{IFolder.claim_recent}),
+        highest_modseq (RFC 7162 3.1.2.1 STATUS HIGHESTMODSEQ, L{IFolder.highest_modseq}).
         """
 
     def recover_pending():

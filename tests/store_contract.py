@@ -425,6 +425,7 @@ class StoreContract:
                 "uid_validity": f.uid_validity,
                 "unseen": 1,
                 "recent": 2,
+                "highest_modseq": f.highest_modseq,
             },
         )
 

@@ -231,6 +231,7 @@ class MemoryMailStore:
                 "uid_validity": state.uid_validity,
                 "unseen": sum(1 for m in state.messages if "\\Seen" not in m.info.flags),
                 "recent": sum(1 for m in state.messages if m.info.uid >= state.recent_uid),
+                "highest_modseq": state.highest_modseq,
             }
         )
 
