@@ -19,6 +19,7 @@ from mailsrv.spool import BytesSource
 from mailsrv.store.index import FolderIndex, remove_index
 from mailsrv.store.mbox import MboxMailStore
 from tests.store_contract import NOW, USER, SyncReactor, SyncThreadPool
+from tests.test_store_flags import mutt, needs_mutt
 
 
 def message(i: int) -> bytes:
@@ -141,6 +142,23 @@ class ModseqIndexTests(SynchronousTestCase):
         # and after a restart, the same
         g = self.open(self.store())
         self.assertEqual((self.modseqs(g), g.highest_modseq), (self.modseqs(f), top + 1))
+
+    @needs_mutt
+    def test_mutt_flagging_a_message_gives_it_a_new_modseq(self):
+        store = self.store()
+        self.deliver(store, 1, 2, 3)
+        f = self.open(store)
+        before = self.modseqs(f)
+        mark = f.highest_modseq
+        mutt(self.root, self.inbox, "2<enter><set-flag>!<clear-flag>N<sync-mailbox><quit>")
+        self.successResultOf(f.refresh())
+        top = f.highest_modseq
+        self.assertEqual(top, mark + 1)
+        self.assertEqual(self.modseqs(f), {1: before[1], 2: top, 3: before[3]})
+        self.assertEqual(
+            self.successResultOf(f.changed_since(mark)), [(2, top, frozenset({SEEN, FLAGGED}))]
+        )
+        self.assertEqual(self.successResultOf(f.vanished_since(mark)), [])
 
     def test_a_rebuilt_index_starts_afresh(self):
         first = self.store()
