@@ -32,6 +32,9 @@ class MessageInfo:
     size: int  # octets of the message with CRLF line ends (RFC822.SIZE, POP3 size)
     flags: frozenset[str]  # system flags and keywords; never \\Recent
     internal_date: float  # seconds since the epoch
+    # RFC 7162 3.1: the folder's mod-sequence of the message's last change (arrival or
+    # flags); 0 where a store keeps none
+    modseq: int = 0
 
 
 @dataclass(frozen=True, slots=True)
@@ -45,6 +48,28 @@ class FolderChanges:
 
     def __bool__(self) -> bool:
         return bool(self.added or self.expunged or self.flags or self.uid_validity_changed)
+
+
+class FlagResult(dict):
+    """
+    What L{IFolder.change_flags} did: UID -> the flags now, for each message of
+    the request that still exists (those that failed the condition too), and
+    per message the mod-sequence now (RFC 7162 3.1), which messages got new
+    flags, which were left alone because they changed after C{unchanged_since}
+    (RFC 7162 3.2: the MODIFIED response code).
+    """
+
+    def __init__(
+        self,
+        flags: dict[int, frozenset[str]] | None = None,
+        modseqs: dict[int, int] | None = None,
+        changed: frozenset[int] = frozenset(),
+        failed: frozenset[int] = frozenset(),
+    ) -> None:
+        super().__init__(flags or {})
+        self.modseqs: dict[int, int] = modseqs or {}  # UID -> modseq now (every key)
+        self.changed = frozenset(changed)  # flags changed: each got a new modseq
+        self.failed = frozenset(failed)  # modseq > unchanged_since: not touched
 
 
 class IMessageSource(Interface):
@@ -79,6 +104,12 @@ class IFolder(Interface):
     uid_validity = Attribute("int: UIDVALIDITY, changes only when UIDs were lost")
     uid_next = Attribute("int: the UID the next message will get")
     read_only = Attribute("bool: opened read-only (EXAMINE)")
+    highest_modseq = Attribute(
+        "int: HIGHESTMODSEQ (RFC 7162 3.1.1), the folder's mod-sequence counter: the"
+        " modseq of its last change (a message's flags, a new message, an expunge); it"
+        " only grows under one UIDVALIDITY, starts at 1, and is the folder's as the"
+        " store knows it now (the session's view catches up at refresh)"
+    )
 
     def messages():
         """
@@ -115,13 +146,38 @@ class IFolder(Interface):
         the session's view changes at once, the index is written in the pool.
         """
 
-    def change_flags(uids, add=frozenset(), remove=frozenset()):
+    def change_flags(uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
         """
         Add C{add} to and then take C{remove} from the flags of the messages
         C{uids} as they are now, with every other session's changes (a
         read-modify-write in the folder's order: none is lost). Fires with a
-        dict UID -> the flags now, for the messages that still exist; the
-        session's view shows those at once. Reactor thread.
+        L{FlagResult} (a dict UID -> the flags now, for the messages that
+        still exist); the session's view shows those at once. A message whose
+        flags change gets one new modseq, shared by all changed in this call
+        (RFC 7162 3.1); one whose flags stay as they were keeps its modseq.
+        With C{unchanged_since} (RFC 7162 3.2 UNCHANGEDSINCE), a message whose
+        modseq is greater is left alone and listed in C{failed}; the test and
+        the change are one step in the folder's order. Reactor thread.
+        """
+
+    def changed_since(modseq):
+        """
+        Fire with a list of C{(uid, modseq, flags)}, in UID order, of the
+        messages whose modseq is greater than C{modseq} (RFC 7162 3.3.1
+        CHANGEDSINCE), as the folder is now: messages the session's view does
+        not hold yet may be among them (refresh first, skip UIDs not in the
+        view). Costs work in proportion to the changes, not the folder.
+        Reactor thread.
+        """
+
+    def vanished_since(modseq):
+        """
+        Fire with the sorted UIDs expunged with a modseq greater than
+        C{modseq} (RFC 7162 3.6 VANISHED (EARLIER)), or None when the store no
+        longer knows every such expunge (its history is bounded, oldest
+        dropped first): the caller must then fall back (to the UIDs the client
+        names that are gone). UIDs the client never knew may be among them.
+        Reactor thread.
         """
 
     def claim_recent():
@@ -209,7 +265,8 @@ class IMailStore(Interface):
     def folder_status(user, name):
         """
         Fire with a dict: messages, uid_next, uid_validity, unseen, recent (the
-        messages no session has been given as \\Recent yet, L{IFolder.claim_recent}).
+        messages no session has been given as \\Recent yet, L{IFolder.claim_recent}),
+        highest_modseq (RFC 7162 3.1.2.1 STATUS HIGHESTMODSEQ, L{IFolder.highest_modseq}).
         """
 
     def recover_pending():

@@ -14,6 +14,7 @@ from zope.interface.verify import verifyObject
 from mailsrv.interfaces import (
     ANSWERED,
     DELETED,
+    FLAGGED,
     SEEN,
     FolderError,
     IFolder,
@@ -424,6 +425,7 @@ class StoreContract:
                 "uid_validity": f.uid_validity,
                 "unseen": 1,
                 "recent": 2,
+                "highest_modseq": f.highest_modseq,
             },
         )
 
@@ -432,3 +434,111 @@ class StoreContract:
         self.assertEqual(len(self.open(user="bob@example.test").messages()), 1)
         self.assertEqual(self.open().messages(), [])
         self.fails(self.store.open_folder("not-an-address", "INBOX"), Exception)
+
+    # RFC 7162 mod-sequences (CONDSTORE/QRESYNC)
+
+    def modseqs(self, folder):
+        return {m.uid: m.modseq for m in folder.messages()}
+
+    def test_modseq_grows_with_every_change(self):
+        f = self.open()
+        start = f.highest_modseq
+        self.assertGreaterEqual(start, 1)
+        self.deliver(MSG1)
+        self.deliver(MSG2)
+        self.ok(f.refresh())
+        ms = self.modseqs(f)
+        self.assertTrue(start < ms[1] < ms[2] == f.highest_modseq)
+        # RFC 7162 3.1: a flag change takes a new modseq, one for all messages it changes
+        res = self.ok(f.change_flags([1, 2, 99], add={SEEN}))
+        self.assertEqual(res, {1: frozenset({SEEN}), 2: frozenset({SEEN})})
+        self.assertEqual(res.changed, {1, 2})
+        self.assertEqual(res.failed, frozenset())
+        top = f.highest_modseq
+        self.assertGreater(top, ms[2])
+        self.assertEqual(res.modseqs, {1: top, 2: top})
+        self.assertEqual(self.modseqs(f), {1: top, 2: top})
+        # no change, no new modseq
+        res = self.ok(f.change_flags([1], add={SEEN}))
+        self.assertEqual((res.changed, res.modseqs, f.highest_modseq), (frozenset(), {1: top}, top))
+        # another session sees the modseqs at refresh, and in a new view
+        g = self.open()
+        self.assertEqual((self.modseqs(g), g.highest_modseq), ({1: top, 2: top}, top))
+        self.ok(g.set_flags({2: {SEEN, "$Junk"}}))
+        changes = self.ok(f.refresh())
+        self.assertEqual([(i.uid, i.modseq) for i in changes.flags], [(2, top + 1)])
+        self.assertEqual(f.highest_modseq, top + 1)
+        # an expunge takes one too; a new message another
+        self.ok(f.expunge([1]))
+        self.assertEqual(f.highest_modseq, top + 2)
+        self.ok(f.append(BytesSource(MSG3)))
+        self.ok(f.refresh())
+        self.assertEqual(self.modseqs(f), {2: top + 1, 3: top + 3})
+        self.assertEqual(f.highest_modseq, top + 3)
+
+    def test_changed_since(self):
+        for m in (MSG1, MSG2, MSG3):
+            self.deliver(m)
+        f = self.open()
+        mark = f.highest_modseq
+        self.assertEqual(self.ok(f.changed_since(mark)), [])
+        self.ok(f.change_flags([3, 2], add={"$A"}))
+        self.ok(f.change_flags([2], add={SEEN}))
+        self.deliver(MSG1)  # not in f's view yet: listed all the same
+        got = self.ok(f.changed_since(mark))
+        self.assertEqual(
+            got,
+            [
+                (2, mark + 2, frozenset({"$A", SEEN})),
+                (3, mark + 1, frozenset({"$A"})),
+                (4, mark + 3, frozenset()),
+            ],
+        )
+        self.assertEqual(self.ok(f.changed_since(mark + 2)), [got[2]])
+        self.assertEqual([u for u, _, _ in self.ok(f.changed_since(0))], [1, 2, 3, 4])
+
+    def test_unchanged_since(self):
+        for m in (MSG1, MSG2, MSG3):
+            self.deliver(m)
+        a = self.open()
+        b = self.open()
+        seen = b.highest_modseq  # what a CONDSTORE client of b knows
+        self.ok(a.change_flags([1], add={FLAGGED}))
+        # RFC 7162 3.2: 1 changed after `seen`: left alone; 2 and 3 change
+        res = self.ok(b.change_flags([1, 2, 3, 9], add={DELETED}, unchanged_since=seen))
+        self.assertEqual(res.failed, {1})
+        self.assertEqual(res.changed, {2, 3})
+        self.assertEqual(
+            res,
+            {1: frozenset({FLAGGED}), 2: frozenset({DELETED}), 3: frozenset({DELETED})},
+        )
+        top = b.highest_modseq
+        self.assertEqual(res.modseqs, {1: seen + 1, 2: top, 3: top})
+        self.assertEqual(
+            [(m.uid, m.flags) for m in self.open().messages()],
+            [(1, frozenset({FLAGGED})), (2, frozenset({DELETED})), (3, frozenset({DELETED}))],
+        )
+        # UNCHANGEDSINCE 0 fails for every message (modseqs are at least 1)
+        res = self.ok(b.change_flags([2, 3], remove={DELETED}, unchanged_since=0))
+        self.assertEqual((res.failed, res.changed, b.highest_modseq), ({2, 3}, frozenset(), top))
+        # a passing test that changes nothing changes no modseq
+        res = self.ok(b.change_flags([2], add={DELETED}, unchanged_since=top))
+        self.assertEqual(
+            (res.failed, res.changed, res.modseqs), (frozenset(), frozenset(), {2: top})
+        )
+        self.fails(self.open(read_only=True).change_flags([1], add={SEEN}, unchanged_since=top))
+
+    def test_vanished_since(self):
+        for m in (MSG1, MSG2, MSG3, MSG1):
+            self.deliver(m)
+        f = self.open()
+        mark = f.highest_modseq
+        self.assertEqual(self.ok(f.vanished_since(mark)), [])
+        self.ok(f.expunge([3, 1]))
+        middle = f.highest_modseq
+        self.ok(f.change_flags([2], add={SEEN}))
+        self.ok(f.expunge([4]))
+        self.assertEqual(self.ok(f.vanished_since(mark)), [1, 3, 4])
+        self.assertEqual(self.ok(f.vanished_since(middle)), [4])
+        self.assertEqual(self.ok(f.vanished_since(f.highest_modseq)), [])
+        self.assertEqual(self.ok(f.changed_since(mark)), [(2, middle + 1, frozenset({SEEN}))])

@@ -10,6 +10,15 @@ read with one '>' less on ^>+From lines) or by another program (mboxo: read as
 it is). Its meta row C{recent_uid} is the first UID no IMAP session has been
 given as \\Recent yet (RFC 3501 2.3.2; Dovecot's first_recent_uid): messages
 another program appends get UIDs from UIDNEXT on, so they are recent too.
+
+Mod-sequences (RFC 7162 3.1): meta C{highest_modseq} is the folder's counter
+(HIGHESTMODSEQ); every change takes the next value: the rows a transaction
+adds or whose flags it changes get it in their C{modseq} column (indexed, so
+"changed since" costs what changed), and the UIDs an expunge removes are kept
+with it in table C{vanished} (C{seq} orders them; at most C{vanished_limit},
+the oldest dropped first), so that "expunged since" can be answered; meta
+C{vanished_floor} is the lowest modseq from which that answer is complete.
+An index from before modseqs gets modseq 1 everywhere, HIGHESTMODSEQ 1.
 Blocking; used from the disk threads only, one thread at a time per folder.
 """
 
@@ -27,7 +36,8 @@ from mailsrv.logsafe import SafeLogger
 SCHEMA_VERSION = 1
 SUFFIXES = (".sqlite", ".sqlite-wal", ".sqlite-shm", ".journal", ".rewrite", ".rewrite-save")
 
-Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp, rd, dflags)
+Row = tuple  # (uid, from_off, start, end, size, flags, idate, crc, fp, rd, dflags, modseq)
+VANISHED_LIMIT = 100_000  # expunged UIDs kept per folder for "expunged since" (QRESYNC)
 
 
 def index_base(index_dir: Path, domain: str, local: str, name: str) -> Path:
@@ -61,7 +71,13 @@ class FolderIndex:
 
     log = SafeLogger()
 
-    def __init__(self, base: Path, new_validity: Callable[[], int]) -> None:
+    def __init__(
+        self,
+        base: Path,
+        new_validity: Callable[[], int],
+        vanished_limit: int = VANISHED_LIMIT,
+    ) -> None:
+        self.vanished_limit = vanished_limit
         self.path = Path(str(base) + ".sqlite")
         make_dirs(self.path.parent)
         self.fresh = False
@@ -96,13 +112,22 @@ class FolderIndex:
             db.execute(
                 "CREATE TABLE IF NOT EXISTS msgs (uid INTEGER PRIMARY KEY, from_off INTEGER,"
                 " start INTEGER, stop INTEGER, size INTEGER, flags TEXT, idate REAL,"
-                " crc INTEGER, fp INTEGER, rd INTEGER NOT NULL DEFAULT 1, dflags TEXT)"
+                " crc INTEGER, fp INTEGER, rd INTEGER NOT NULL DEFAULT 1, dflags TEXT,"
+                " modseq INTEGER NOT NULL DEFAULT 1)"
             )
             cols = [r[1] for r in db.execute("PRAGMA table_info(msgs)")]
             if "rd" not in cols:  # an index from before the column: its rows were read as mboxrd
                 db.execute("ALTER TABLE msgs ADD COLUMN rd INTEGER NOT NULL DEFAULT 1")
             if "dflags" not in cols:  # NULL: what the file says is not known
                 db.execute("ALTER TABLE msgs ADD COLUMN dflags TEXT")
+            if "modseq" not in cols:  # an index from before modseqs: all were 1
+                db.execute("ALTER TABLE msgs ADD COLUMN modseq INTEGER NOT NULL DEFAULT 1")
+            db.execute("CREATE INDEX IF NOT EXISTS msgs_modseq ON msgs (modseq)")
+            db.execute(
+                "CREATE TABLE IF NOT EXISTS vanished"
+                " (seq INTEGER PRIMARY KEY, uid INTEGER, modseq INTEGER)"
+            )
+            db.execute("CREATE INDEX IF NOT EXISTS vanished_modseq ON vanished (modseq)")
             meta = dict(db.execute("SELECT key, value FROM meta"))
             if not meta:
                 self.fresh = True
@@ -114,6 +139,8 @@ class FolderIndex:
                     "mtime_ns": -1,
                     "ino": -1,
                     "recent_uid": 1,
+                    "highest_modseq": 1,
+                    "vanished_floor": 1,
                 }
                 db.executemany("INSERT INTO meta VALUES (?, ?)", meta.items())
             elif int(meta.get("version", 0)) != SCHEMA_VERSION:
@@ -121,6 +148,10 @@ class FolderIndex:
             elif "recent_uid" not in meta:
                 # An index from before \Recent was kept: what it holds was seen already.
                 db.execute("INSERT INTO meta VALUES ('recent_uid', ?)", (meta["uid_next"],))
+            for key in ("highest_modseq", "vanished_floor"):
+                if key not in meta:  # an index from before modseqs: everything is at 1
+                    db.execute("INSERT INTO meta VALUES (?, 1)", (key,))
+                    meta[key] = 1
             db.execute("COMMIT")
         except BaseException:
             if db.in_transaction:  # sqlite ends it itself on some errors (a full disk)
@@ -128,13 +159,14 @@ class FolderIndex:
             raise
         self.uid_validity = int(meta["uid_validity"])
         self.uid_next = int(meta["uid_next"])
+        self.highest_modseq = int(meta["highest_modseq"])
         size, mtime, ino = int(meta["size"]), int(meta["mtime_ns"]), int(meta["ino"])
         self.covered: tuple[int, int, int] | None = None if size < 0 else (size, mtime, ino)
 
     def rows(self):
         """All messages, in UID (= file) order (an iterator)."""
         return self._db.execute(
-            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dflags"
+            "SELECT uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dflags, modseq"
             " FROM msgs ORDER BY uid"
         )
 
@@ -149,6 +181,34 @@ class FolderIndex:
             ],
         )
 
+    @property
+    def next_modseq(self) -> int:
+        """The modseq the next change gets (RFC 7162 3.1: the counter only grows)."""
+        return self.highest_modseq + 1
+
+    def _set_modseq(self, db: sqlite3.Connection, modseq: int) -> None:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'highest_modseq'", (modseq,))
+
+    def _add_vanished(self, db: sqlite3.Connection, uids: list[int], modseq: int) -> None:
+        """Keep expunged C{uids} with their modseq; drop the oldest beyond the limit."""
+        db.executemany(
+            "INSERT INTO vanished (uid, modseq) VALUES (?, ?)", [(u, modseq) for u in uids]
+        )
+        top = db.execute("SELECT max(seq) FROM vanished").fetchone()[0]
+        cut = top - self.vanished_limit if top is not None else 0
+        if cut > 0:
+            row = db.execute(
+                "SELECT seq, modseq FROM vanished WHERE seq <= ? ORDER BY seq DESC LIMIT 1",
+                (cut,),
+            ).fetchone()
+            if row is not None:
+                # modseqs grow with seq: what is left is complete above the last one dropped
+                db.execute("DELETE FROM vanished WHERE seq <= ?", (row[0],))
+                db.execute(
+                    "UPDATE meta SET value = max(value, ?) WHERE key = 'vanished_floor'",
+                    (row[1],),
+                )
+
     def _tx(self, fn) -> None:
         db = self._db
         db.execute("BEGIN IMMEDIATE")
@@ -161,17 +221,32 @@ class FolderIndex:
             raise
 
     def replace_all(
-        self, rows: Iterable[Row], uid_next: int, covered: tuple[int, int, int]
+        self,
+        rows: Iterable[Row],
+        uid_next: int,
+        covered: tuple[int, int, int],
+        modseq: int | None = None,
+        vanished: list[int] | None = None,
     ) -> None:
-        """Make the index describe exactly C{rows}, in one transaction."""
+        """
+        Make the index describe exactly C{rows}, in one transaction. C{modseq}:
+        the folder's HIGHESTMODSEQ after (the rows carry theirs), if it grew;
+        C{vanished}: the UIDs that are gone, expunged at C{modseq}.
+        """
 
         def fn(db):
             db.execute("DELETE FROM msgs")
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
+            if modseq is not None:
+                self._set_modseq(db, modseq)
+                if vanished:
+                    self._add_vanished(db, vanished, modseq)
 
         self._tx(fn)
         self.uid_next, self.covered = uid_next, covered
+        if modseq is not None:
+            self.highest_modseq = modseq
 
     def add(
         self, rows: list[Row], uid_next: int, covered: tuple[int, int, int], durable: bool = True
@@ -181,11 +256,16 @@ class FolderIndex:
         without waiting for the disk (synchronous=NORMAL): for messages already
         fsynced in the mbox, whose rows the tail scan rebuilds if a crash loses
         them. A later durable commit makes this one durable too (one WAL).
+
+        Each row carries its modseq (L{next_modseq}); HIGHESTMODSEQ becomes theirs.
         """
+        modseq = max((r[11] for r in rows), default=self.highest_modseq)
 
         def fn(db):
-            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
+            db.executemany("INSERT INTO msgs VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", rows)
             self._set_meta(uid_next, covered)
+            if modseq != self.highest_modseq:
+                self._set_modseq(db, modseq)
 
         if durable:
             self._tx(fn)
@@ -196,6 +276,7 @@ class FolderIndex:
             finally:
                 self._db.execute("PRAGMA synchronous=FULL")
         self.uid_next, self.covered = uid_next, covered
+        self.highest_modseq = modseq
 
     def last_row(self) -> tuple[int, int, int] | None:
         """(from_off, start, crc) of the last message, or None if there is none."""
@@ -213,10 +294,19 @@ class FolderIndex:
         """
         After a rewrite of the file: drop C{removed} UIDs, move others ((from,
         start, stop, uid)), record what Status:/X-Status: now say ((text, uid)).
+        Removing takes a new modseq, kept with the removed UIDs (idempotent:
+        UIDs already gone are not recorded again).
         """
+        modseq = self.next_modseq
+        gone: list[int] = []
 
         def fn(db):
-            db.executemany("DELETE FROM msgs WHERE uid = ?", [(u,) for u in removed])
+            for u in removed:
+                if db.execute("DELETE FROM msgs WHERE uid = ?", (u,)).rowcount:
+                    gone.append(u)
+            if gone:
+                self._set_modseq(db, modseq)
+                self._add_vanished(db, gone, modseq)
             db.executemany("UPDATE msgs SET from_off = ?, start = ?, stop = ? WHERE uid = ?", moved)
             if dflags:
                 db.executemany("UPDATE msgs SET dflags = ? WHERE uid = ?", dflags)
@@ -224,14 +314,49 @@ class FolderIndex:
 
         self._tx(fn)
         self.covered = covered
+        if gone:
+            self.highest_modseq = modseq
 
     def set_covered(self, covered: tuple[int, int, int]) -> None:
         self._tx(lambda db: self._set_meta(self.uid_next, covered))
         self.covered = covered
 
-    def set_flags(self, changes: list[tuple[str, int]]) -> None:
-        """C{changes}: (flags text, uid) pairs, stored in one transaction."""
-        self._tx(lambda db: db.executemany("UPDATE msgs SET flags = ? WHERE uid = ?", changes))
+    def set_flags(self, changes: list[tuple[str, int]]) -> int:
+        """
+        C{changes}: (flags text, uid) pairs, stored in one transaction with one
+        new modseq (RFC 7162 3.1), which is returned.
+        """
+        modseq = self.next_modseq
+
+        def fn(db):
+            db.executemany(
+                "UPDATE msgs SET flags = ?, modseq = ? WHERE uid = ?",
+                [(text, modseq, uid) for text, uid in changes],
+            )
+            self._set_modseq(db, modseq)
+
+        self._tx(fn)
+        self.highest_modseq = modseq
+        return modseq
+
+    def changed_since(self, modseq: int) -> list[tuple[int, int, frozenset[str]]]:
+        """(uid, modseq, flags) of the messages changed after C{modseq}, in UID order."""
+        rows = self._db.execute(
+            "SELECT uid, modseq, flags FROM msgs WHERE modseq > ?", (modseq,)
+        ).fetchall()
+        rows.sort()
+        return [(u, m, frozenset(f.split()) if f else frozenset()) for u, m, f in rows]
+
+    def vanished_since(self, modseq: int) -> list[int] | None:
+        """
+        The UIDs expunged after C{modseq}, sorted; None if older expunges than
+        that were dropped (the history is too short to tell).
+        """
+        row = self._db.execute("SELECT value FROM meta WHERE key = 'vanished_floor'").fetchone()
+        if modseq < int(row[0]):
+            return None
+        got = self._db.execute("SELECT uid FROM vanished WHERE modseq > ?", (modseq,))
+        return sorted(u for (u,) in got)
 
     def recent_uid(self) -> int:
         """The first UID no session has been given as \\Recent (as the database says now)."""

@@ -14,6 +14,7 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailsrv.interfaces import (
+    FlagResult,
     FolderChanges,
     FolderError,
     IFolder,
@@ -38,6 +39,26 @@ class _FolderState:
     listeners: list[Callable[[], None]] = field(default_factory=list)
     generation: int = 0
     recent_uid: int = 1  # the first UID no session has been given as \Recent
+    highest_modseq: int = 1  # RFC 7162 3.1.1 HIGHESTMODSEQ
+    vanished: list[tuple[int, int]] = field(default_factory=list)  # (uid, modseq) expunged
+    vanished_floor: int = 1  # "expunged since" is complete from this modseq on
+    vanished_limit: int = 100_000
+
+    def next_modseq(self) -> int:
+        """Take the next modseq (RFC 7162 3.1: it only grows)."""
+        self.highest_modseq += 1
+        return self.highest_modseq
+
+    def expunged(self, uids: list[int]) -> None:
+        """Keep expunged C{uids} with a new modseq; drop the oldest beyond the limit."""
+        if not uids:
+            return
+        modseq = self.next_modseq()
+        self.vanished.extend((u, modseq) for u in uids)
+        cut = len(self.vanished) - self.vanished_limit
+        if cut > 0:
+            self.vanished_floor = max(self.vanished_floor, self.vanished[cut - 1][1])
+            del self.vanished[:cut]
 
     def notify(self) -> None:
         self.generation += 1
@@ -83,7 +104,8 @@ class MemoryMailStore:
         uid = state.uid_next
         state.uid_next += 1
         size = len(_crlf(data))
-        state.messages.append(_Message(MessageInfo(uid, size, frozenset(flags), date), data))
+        info = MessageInfo(uid, size, frozenset(flags), date, state.next_modseq())
+        state.messages.append(_Message(info, data))
         state.notify()
         return uid
 
@@ -156,6 +178,7 @@ class MemoryMailStore:
                 dst = self._state(user, new, create=True)
                 for m in src.messages:
                     self._add(dst, m.data, m.info.flags, m.info.internal_date)
+                src.expunged([m.info.uid for m in src.messages])
                 src.messages.clear()
                 src.notify()
             else:
@@ -208,6 +231,7 @@ class MemoryMailStore:
                 "uid_validity": state.uid_validity,
                 "unseen": sum(1 for m in state.messages if "\\Seen" not in m.info.flags),
                 "recent": sum(1 for m in state.messages if m.info.uid >= state.recent_uid),
+                "highest_modseq": state.highest_modseq,
             }
         )
 
@@ -239,6 +263,10 @@ class MemoryFolder:
     def uid_next(self):
         return self._state.uid_next
 
+    @property
+    def highest_modseq(self):
+        return self._state.highest_modseq
+
     def messages(self):
         return list(self._view)
 
@@ -247,7 +275,7 @@ class MemoryFolder:
         old = {i.uid: i for i in self._view}
         expunged = tuple(u for u in old if u not in current)
         added = tuple(i for u, i in current.items() if u not in old)
-        flags = tuple(i for u, i in current.items() if u in old and old[u].flags != i.flags)
+        flags = tuple(i for u, i in current.items() if u in old and old[u] != i)
         self._view = [m.info for m in self._state.messages]
         return defer.succeed(FolderChanges(added=added, expunged=expunged, flags=flags))
 
@@ -268,32 +296,63 @@ class MemoryFolder:
     def set_flags(self, changes):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
-        for m in self._state.messages:
-            if m.info.uid in changes:
-                m.info = replace(m.info, flags=frozenset(changes[m.info.uid]))
-        self._view = [
-            replace(i, flags=frozenset(changes[i.uid])) if i.uid in changes else i
-            for i in self._view
-        ]
-        self._state.notify()
+        self._change({int(u): lambda old, f=frozenset(f): f for u, f in changes.items()}, None)
         return defer.succeed(None)
 
-    def change_flags(self, uids, add=frozenset(), remove=frozenset()):
+    def change_flags(self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
-        wanted = set(uids)
-        now = {}
-        changed = False
-        for m in self._state.messages:
-            if m.info.uid in wanted:
-                flags = now[m.info.uid] = (m.info.flags | frozenset(add)) - frozenset(remove)
-                if flags != m.info.flags:
-                    m.info = replace(m.info, flags=flags)
-                    changed = True
-        self._view = [replace(i, flags=now[i.uid]) if i.uid in now else i for i in self._view]
+        add, remove = frozenset(add), frozenset(remove)
+
+        def new(old: frozenset[str]) -> frozenset[str]:
+            return (old | add) - remove
+
+        return defer.succeed(self._change({int(u): new for u in uids}, unchanged_since))
+
+    def _change(self, how: dict, unchanged_since: int | None) -> FlagResult:
+        """Give each message of C{how} (UID -> function of its flags) new flags, at one modseq."""
+        state = self._state
+        now = FlagResult()
+        failed, changed = set(), []
+        for m in state.messages:
+            uid = m.info.uid
+            if uid not in how:
+                continue
+            now.modseqs[uid] = m.info.modseq
+            if unchanged_since is not None and m.info.modseq > unchanged_since:
+                now[uid] = m.info.flags
+                failed.add(uid)
+                continue
+            now[uid] = how[uid](m.info.flags)
+            if now[uid] != m.info.flags:
+                changed.append(m)
         if changed:
-            self._state.notify()
-        return defer.succeed(now)
+            modseq = state.next_modseq()
+            for m in changed:
+                m.info = replace(m.info, flags=now[m.info.uid], modseq=modseq)
+                now.modseqs[m.info.uid] = modseq
+        now.changed = frozenset(m.info.uid for m in changed)
+        now.failed = frozenset(failed)
+        current = {m.info.uid: m.info for m in changed}
+        self._view = [current.get(i.uid, i) for i in self._view]
+        if changed:
+            state.notify()
+        return now
+
+    def changed_since(self, modseq):
+        return defer.succeed(
+            [
+                (m.info.uid, m.info.modseq, m.info.flags)
+                for m in self._state.messages
+                if m.info.modseq > modseq
+            ]
+        )
+
+    def vanished_since(self, modseq):
+        state = self._state
+        if modseq < state.vanished_floor:
+            return defer.succeed(None)
+        return defer.succeed(sorted(u for u, m in state.vanished if m > modseq))
 
     def claim_recent(self):
         state = self._state
@@ -314,6 +373,7 @@ class MemoryFolder:
             return defer.fail(FolderError("Folder is read-only"))
         wanted = set(uids)
         removed = tuple(m.info.uid for m in self._state.messages if m.info.uid in wanted)
+        self._state.expunged(list(removed))
         self._state.messages = [m for m in self._state.messages if m.info.uid not in wanted]
         self._view = [i for i in self._view if i.uid not in wanted]
         if removed:

@@ -123,6 +123,8 @@ class FolderStates:
         validity_changed = st.uid_validity != upd.uid_validity
         st.uid_validity = upd.uid_validity
         st.uid_next = upd.uid_next
+        if upd.highest_modseq:
+            st.highest_modseq = upd.highest_modseq
         if upd.changed or validity_changed:
             st.version += 1
             if not upd.append_only:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import os
 from collections.abc import Callable
 from dataclasses import dataclass
+from itertools import repeat
 from typing import Any
 
 from twisted.internet import defer
@@ -46,6 +47,7 @@ class Indexed:
     flags: list[frozenset[str]]
     uid_next: int
     handle: FileHandle | None  # a handle for a snapshot that had none
+    highest_modseq: int = 0  # the index's HIGHESTMODSEQ after (the rows' modseq)
 
 
 class Deliveries:
@@ -121,6 +123,8 @@ class Deliveries:
     def _apply_indexed(self, st: FolderState, ix: Indexed) -> None:
         """Extend the folder's loaded state with rows a delivery indexed (reactor thread)."""
         st.uid_next = ix.uid_next
+        if ix.highest_modseq:
+            st.highest_modseq = ix.highest_modseq
         snap = st.snap
         if snap is None or snap is not ix.snap:
             return
@@ -231,6 +235,7 @@ def index_delivered(st: FolderState, fd: int, before: os.stat_result, ours: Ours
                 res.fps,
                 rds,
                 texts,
+                repeat(idx.next_modseq, n),  # RFC 7162 3.1: new messages take a modseq
                 strict=True,
             )
         )
@@ -238,7 +243,7 @@ def index_delivered(st: FolderState, fd: int, before: os.stat_result, ours: Ours
         if snap is not None and (snap.handle is None or snap.handle.ino != after.st_ino):
             handle = FileHandle(st.path)
         idx.add(rows, first + n, stat_covered(after), durable=False)
-        return Indexed(snap, rows, flags, first + n, handle)
+        return Indexed(snap, rows, flags, first + n, handle, idx.highest_modseq)
     except Exception:
         log.failure(
             "indexing delivered messages in {path} failed; the next open scans them",

@@ -44,7 +44,14 @@ def store_expunge(st: FolderState, wanted: set[int]) -> Update:
         user=st.user,
         folder=st.name,
     )
-    return Update(new, idx.uid_validity, idx.uid_next, True, result=plan.removed)
+    return Update(
+        new,
+        idx.uid_validity,
+        idx.uid_next,
+        True,
+        result=plan.removed,
+        highest_modseq=idx.highest_modseq,
+    )
 
 
 def _expunge_plan(

@@ -86,7 +86,7 @@ def store_write_flags(st: FolderState, uids: set[int]) -> Update:
             user=st.user,
             folder=st.name,
         )
-    return Update(snap, idx.uid_validity, idx.uid_next, False)
+    return Update(snap, idx.uid_validity, idx.uid_next, False, highest_modseq=idx.highest_modseq)
 
 
 def _new_blocks(snap: Snapshot, fd: int, uids: set[int]) -> dict[int, tuple[int, bytes]]:

@@ -294,16 +294,32 @@ class Folders:
                     snap.fps[i],
                     snap.rds[i],
                     None if snap.dflags[i] is None else flags_text(snap.dflags[i]),
+                    idx.next_modseq,  # a new folder (new UIDVALIDITY): all new
                 )
                 for n, (i, info) in enumerate(enumerate(snap.infos))
             ]
             os.rename(tmp, dst)
             fsync_dir(dst.parent)
-            idx.replace_all(rows, len(rows) + 1, stat_covered(os.stat(dst)))
+            idx.replace_all(
+                rows, len(rows) + 1, stat_covered(os.stat(dst)), idx.next_modseq if rows else None
+            )
             idx.close()
             os.ftruncate(lk.fd, 0)
             os.fsync(lk.fd)
             handle = FileHandle(st.path)
             idx_in = st.open_index()
-            idx_in.replace_all([], idx_in.uid_next, stat_covered(os.fstat(lk.fd)))
-        return Update(Snapshot.empty(handle), idx_in.uid_validity, idx_in.uid_next, True)
+            gone = list(snap.uids)  # expunged from INBOX (RFC 7162 3.6: VANISHED)
+            idx_in.replace_all(
+                [],
+                idx_in.uid_next,
+                stat_covered(os.fstat(lk.fd)),
+                idx_in.next_modseq if gone else None,
+                gone,
+            )
+        return Update(
+            Snapshot.empty(handle),
+            idx_in.uid_validity,
+            idx_in.uid_next,
+            True,
+            highest_modseq=idx_in.highest_modseq,
+        )

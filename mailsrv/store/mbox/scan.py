@@ -4,7 +4,9 @@ index up to date with its mbox file. Unchanged files are not read, grown
 files are scanned from the old end, rewritten files are rescanned and their
 messages matched to the old index by fingerprint, so UIDs and flags survive
 edits by mutt or procmail. Flags another program wrote into Status:/X-Status:
-are taken over at the rescan.
+are taken over at the rescan. Every change found takes one new modseq (RFC
+7162 3.1): new messages, messages whose flags changed, and the UIDs that are
+gone (kept for "expunged since").
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import zlib
 from array import array
 from collections.abc import Sequence
 from dataclasses import replace
+from itertools import repeat
 
 from mailsrv.atomic import make_dirs
 from mailsrv.interfaces import FolderError, NotSelectable
@@ -56,7 +59,8 @@ def load(st: FolderState, idx: FolderIndex) -> Snapshot:
     froms, starts, ends = snap.from_offs.append, snap.starts.append, snap.ends.append
     crcs, fps, rds = snap.crcs.append, snap.fps.append, snap.rds.append
     dflags = snap.dflags.append
-    for uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dfl in idx.rows():
+    i_modseqs = infos.modseqs.append
+    for uid, from_off, start, stop, size, flags, idate, crc, fp, rd, dfl, modseq in idx.rows():
         fs = fcache.get(flags)
         if fs is None:
             fs = fcache[flags] = frozenset(flags.split()) if flags else frozenset()
@@ -64,6 +68,7 @@ def load(st: FolderState, idx: FolderIndex) -> Snapshot:
         i_sizes(size)
         i_dates(idate)
         i_flags(fs)
+        i_modseqs(modseq)
         froms(from_off)
         starts(start)
         ends(stop)
@@ -106,7 +111,9 @@ def sync(st: FolderState, create: bool = False) -> Update:
         and snap.handle is not None
         and snap.handle.ino == s.st_ino
     ):
-        return Update(snap, idx.uid_validity, idx.uid_next, False)
+        return Update(
+            snap, idx.uid_validity, idx.uid_next, False, highest_modseq=idx.highest_modseq
+        )
     try:
         with MboxLock(st.path, st.lock_timeout, create=create, reader=True) as lk:
             return sync_locked(st, lk.fd, snap)
@@ -148,10 +155,11 @@ def _index_changes(
     if handle is None or handle.ino != s.st_ino:
         handle = FileHandle(st.path)
     if idx.covered == covered:
-        if handle is snap.handle:
-            return Update(snap, idx.uid_validity, idx.uid_next, False)
-        snap = replace(snap, handle=handle)
-        return Update(snap, idx.uid_validity, idx.uid_next, False)
+        if handle is not snap.handle:
+            snap = replace(snap, handle=handle)
+        return Update(
+            snap, idx.uid_validity, idx.uid_next, False, highest_modseq=idx.highest_modseq
+        )
     old = idx.covered
     size = s.st_size
     tail_from = -1
@@ -164,6 +172,7 @@ def _index_changes(
         res = mboxfmt.scan(fd, tail_from, size)
         rows = []
         uid = idx.uid_next
+        modseq = idx.next_modseq
         new = copy_snapshot(snap, handle)
         for i in range(len(res.starts)):
             flags, date = res.flags[i], res.dates[i]
@@ -172,11 +181,19 @@ def _index_changes(
                 if new_flags[i][1] is not None:
                     date = new_flags[i][1]
             fmt = read_format(is_ours(res.from_offs[i], res.fps[i]))
-            rows.append(scan_row(res, i, uid, flags, date, fmt))
+            rows.append(scan_row(res, i, uid, flags, date, fmt, modseq))
             append_row(new, rows[-1], flags)
             uid += 1
         idx.add(rows, uid, covered)
-        return Update(new, idx.uid_validity, uid, bool(rows), append_only=True, size=size)
+        return Update(
+            new,
+            idx.uid_validity,
+            uid,
+            bool(rows),
+            append_only=True,
+            size=size,
+            highest_modseq=idx.highest_modseq,
+        )
     # Rewritten by someone else (or a crash between expunge's rename and commit):
     # rescan, and keep UIDs and flags of the messages we recognise.
     if not snap.uids:  # nothing indexed yet: a first look, not a surprise
@@ -191,6 +208,9 @@ def _index_changes(
     rows = []
     new = Snapshot.empty(handle)
     uid_next = idx.uid_next
+    modseq = idx.next_modseq  # for every change this rescan finds
+    bumped = False
+    kept: set[int] = set()  # old UIDs still there
     last = -1
     renumber = False
     for i in range(len(res.starts)):
@@ -206,6 +226,7 @@ def _index_changes(
             info = snap.infos[match]
             flags, date = info.flags, info.internal_date
             rd = snap.rds[match]
+            ms = snap.infos.modseqs[match]
             on_disk = snap.dflags[match]
             if on_disk is not None and on_disk != res.flags[i]:
                 # another program (mutt) changed Status:/X-Status: since we read them
@@ -214,6 +235,9 @@ def _index_changes(
                 uid, uid_next = uid_next, uid_next + 1
             else:
                 uid = info.uid
+                kept.add(uid)
+            if uid != info.uid or flags != info.flags:
+                ms = modseq
         else:
             flags, date = res.flags[i], res.dates[i]
             k = i - (len(res.starts) - len(new_flags or ()))
@@ -224,11 +248,15 @@ def _index_changes(
                     date = new_flags[k][1]
             uid, uid_next = uid_next, uid_next + 1
             renumber = True  # UIDs must keep ascending in file order
-        row = scan_row(res, i, uid, flags, date, rd)
+            ms = modseq
+        bumped = bumped or ms == modseq
+        row = scan_row(res, i, uid, flags, date, rd, ms)
         rows.append(row)
         append_row(new, row, flags)
-    idx.replace_all(rows, uid_next, covered)
-    return Update(new, idx.uid_validity, uid_next, True)
+    gone = [u for u in snap.uids if u not in kept]
+    grew = bumped or bool(gone)
+    idx.replace_all(rows, uid_next, covered, modseq if grew else None, gone)
+    return Update(new, idx.uid_validity, uid_next, True, highest_modseq=idx.highest_modseq)
 
 
 def _index_all_new(
@@ -241,6 +269,7 @@ def _index_all_new(
     """Index a scanned file none of whose messages were known: all get new UIDs."""
     n = len(res.starts)
     first = idx.uid_next
+    modseq = idx.next_modseq
     uids = array("q", range(first, first + n))
     texts = [flags_text(f) if f else "" for f in res.flags]
     rds, sizes = quoting(res, is_ours)
@@ -257,20 +286,35 @@ def _index_all_new(
             res.fps,
             rds,
             texts,
+            repeat(modseq, n),
             strict=True,
         ),
         first + n,
         covered,
+        modseq if n else None,
     )
-    infos = InfoList(uids, sizes, res.dates, res.flags)
+    infos = InfoList(uids, sizes, res.dates, res.flags, modseqs=array("q", repeat(modseq, n)))
     snap = Snapshot(
         res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds, res.flags
     )
-    return Update(snap, idx.uid_validity, first + n, True, size=covered[0])
+    return Update(
+        snap,
+        idx.uid_validity,
+        first + n,
+        True,
+        size=covered[0],
+        highest_modseq=idx.highest_modseq,
+    )
 
 
 def scan_row(
-    res: mboxfmt.ScanResult, i: int, uid: int, flags: frozenset[str], date: float, fmt: int
+    res: mboxfmt.ScanResult,
+    i: int,
+    uid: int,
+    flags: frozenset[str],
+    date: float,
+    fmt: int,
+    modseq: int,
 ) -> tuple:
     """The index row for the C{i}th message a scan found, under C{uid}, read as C{fmt}."""
     return (
@@ -285,6 +329,7 @@ def scan_row(
         res.fps[i],
         fmt,
         flags_text(res.flags[i]),
+        modseq,
     )
 
 

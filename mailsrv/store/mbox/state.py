@@ -107,7 +107,7 @@ class Snapshot:
     ends: array
     crcs: array
     fps: array
-    infos: InfoList  # UIDs, sizes, dates, flags
+    infos: InfoList  # UIDs, sizes, dates, flags, modseqs
     handle: FileHandle | None
     rds: array = field(default_factory=lambda: array("b"))  # 1: mboxrd-quoted (ours), 0: mboxo
     # The flags the file's Status:/X-Status: said when last read (None: not known)
@@ -140,6 +140,7 @@ class Update:
     append_only: bool = False
     result: Any = None
     size: int = -1  # file size the snapshot covers
+    highest_modseq: int = 0  # the index's HIGHESTMODSEQ (0: not read, keep what is known)
 
 
 class SerialQueue:
@@ -198,6 +199,7 @@ class FolderState:
         self.snap: Snapshot | None = None
         self.uid_validity = 0
         self.uid_next = 1
+        self.highest_modseq = 1  # RFC 7162 HIGHESTMODSEQ as the index last said (reactor)
         self.listeners: list[Callable[[], None]] = []
         self.sessions = 0
         self.version = 0
@@ -275,7 +277,7 @@ def copy_snapshot(snap: Snapshot, handle: FileHandle | None) -> Snapshot:
 
 def append_row(snap: Snapshot, row: tuple, flags: frozenset[str]) -> None:
     """Add the message of an index row (L{mailsrv.store.index}) to C{snap}, with C{flags}."""
-    uid, from_off, start, stop, size, _, date, crc, fp, rd, dflags = row
+    uid, from_off, start, stop, size, _, date, crc, fp, rd, dflags, modseq = row
     snap.rds.append(rd)
     snap.dflags.append(None if dflags is None else frozenset(dflags.split()))
     snap.from_offs.append(from_off)
@@ -283,4 +285,4 @@ def append_row(snap: Snapshot, row: tuple, flags: frozenset[str]) -> None:
     snap.ends.append(stop)
     snap.crcs.append(crc)
     snap.fps.append(fp)
-    snap.infos.append(MessageInfo(uid, size, frozenset(flags), date))
+    snap.infos.append(MessageInfo(uid, size, frozenset(flags), date, modseq))

@@ -157,6 +157,7 @@ class MboxMailStore:
                 "uid_validity": st.uid_validity,
                 "unseen": sum(1 for f in infos.flag_sets if SEEN not in f),
                 "recent": len(infos.uids) - bisect_left(infos.uids, recent_uid),
+                "highest_modseq": st.highest_modseq,
             }
 
         return self.states.job(st, lambda: self.states.in_thread(work).addCallback(status))

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from twisted.internet import defer
 from zope.interface import implementer
 
-from mailsrv.interfaces import FolderChanges, FolderError, IFolder, MessageInfo
+from mailsrv.interfaces import FlagResult, FolderChanges, FolderError, IFolder, MessageInfo
 from mailsrv.logsafe import SafeLogger
 from mailsrv.store import mboxfmt
 from mailsrv.store.index import flags_text
@@ -66,6 +66,10 @@ class MboxFolder:
     @property
     def uid_next(self) -> int:
         return self._st.uid_next
+
+    @property
+    def highest_modseq(self) -> int:
+        return self._st.highest_modseq
 
     def messages(self) -> InfoList:
         """The session's view (an L{InfoList}: a list of L{MessageInfo} made on demand)."""
@@ -169,38 +173,74 @@ class MboxFolder:
             return defer.fail(FolderError("Folder is read-only"))
         changes = {int(u): frozenset(f) for u, f in changes.items()}
         self._show_flags(changes)
-        d = self._flag_job(list(changes), lambda uid, old: changes[uid])
-        return d.addCallback(lambda _: None)
+        d = self._flag_job(list(changes), lambda uid, old: changes[uid], None)
+        return d.addCallback(self._show_modseqs).addCallback(lambda _: None)
 
-    def change_flags(self, uids, add=frozenset(), remove=frozenset()):
+    def change_flags(self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
         add, remove = frozenset(add), frozenset(remove)
-        d = self._flag_job([int(u) for u in uids], lambda uid, old: (old | add) - remove)
+        d = self._flag_job(
+            [int(u) for u in uids], lambda uid, old: (old | add) - remove, unchanged_since
+        )
 
-        def shown(now: dict[int, frozenset[str]]) -> dict[int, frozenset[str]]:
-            self._show_flags(now)
+        def shown(now: FlagResult) -> FlagResult:
+            self._show_flags(now, now.modseqs)
             return now
 
         return d.addCallback(shown)
 
-    def _show_flags(self, flags: dict[int, frozenset[str]]) -> None:
+    def _show_modseqs(self, now: FlagResult) -> FlagResult:
+        self._show_flags(now, now.modseqs)
+        return now
+
+    def _show_flags(
+        self, flags: dict[int, frozenset[str]], modseqs: dict[int, int] | None = None
+    ) -> None:
         """Give the messages of the session's view these flags (the next refresh diffs)."""
         view = self._view.copy()
         for uid, fs in flags.items():
             i = bisect_left(view.uids, uid)
             if i < len(view.uids) and view.uids[i] == uid:
-                view.set_flags(i, fs)
+                view.set_flags(i, fs, None if modseqs is None else modseqs.get(uid))
         self._view = view
         self._exact = None
 
+    def changed_since(self, modseq):
+        st = self._st
+        states = self._states
+        if st.detached:
+            return defer.succeed([])
+
+        def work():
+            return st.open_index().changed_since(int(modseq))
+
+        return states.job(st, lambda: states.in_thread(work))
+
+    def vanished_since(self, modseq):
+        st = self._st
+        states = self._states
+        if st.detached:
+            return defer.succeed([])
+
+        def work():
+            return st.open_index().vanished_since(int(modseq))
+
+        return states.job(st, lambda: states.in_thread(work))
+
     def _flag_job(
-        self, uids: list[int], new_flags: Callable[[int, frozenset[str]], frozenset[str]]
+        self,
+        uids: list[int],
+        new_flags: Callable[[int, frozenset[str]], frozenset[str]],
+        unchanged_since: int | None,
     ) -> defer.Deferred:
         """
         In the folder's queue: give each message of C{uids} that exists the
-        flags C{new_flags(uid, flags now)}, in the index, then in the shared
-        snapshot; fires with a dict UID -> flags now. Others are told if any changed.
+        flags C{new_flags(uid, flags now)}, in the index (one new modseq for
+        all that change), then in the shared snapshot; fires with a
+        L{FlagResult}. A message whose modseq is above C{unchanged_since} is
+        left alone (RFC 7162 3.2), tested in the same job that changes the
+        others. Others are told if any changed.
         """
         st = self._st
         states = self._states
@@ -208,34 +248,47 @@ class MboxFolder:
         def job():
             snap = st.snap
             assert snap is not None
-            now: dict[int, frozenset[str]] = {}
+            infos = snap.infos
+            now = FlagResult()
+            failed = set()
             pairs = []
             for uid in uids:
                 try:
                     i = snap.find(uid)
                 except KeyError:
                     continue
-                old = snap.infos.flag_sets[i]
+                old = infos.flag_sets[i]
+                now.modseqs[uid] = infos.modseqs[i]
+                if unchanged_since is not None and infos.modseqs[i] > unchanged_since:
+                    now[uid] = old
+                    failed.add(uid)
+                    continue
                 now[uid] = new = new_flags(uid, old)
                 if new != old:
                     pairs.append((flags_text(new), uid))
+            now.failed = frozenset(failed)
             if not pairs:
                 return now
             idx = st.index
 
-            def write():
-                (idx or st.open_index()).set_flags(pairs)
+            def write() -> int:
+                return (idx or st.open_index()).set_flags(pairs)
 
-            return states.in_thread(write).addCallback(lambda _: apply(snap, now, pairs))
+            return states.in_thread(write).addCallback(apply, snap, now, pairs)
 
-        def apply(snap: Snapshot, now: dict[int, frozenset[str]], pairs: list) -> dict:
+        def apply(modseq: int, snap: Snapshot, now: FlagResult, pairs: list) -> FlagResult:
+            changed = []
             for _, uid in pairs:
+                now.modseqs[uid] = modseq
+                changed.append(uid)
                 try:
                     i = snap.find(uid)
                 except KeyError:
                     continue
-                snap.infos.set_flags(i, now[uid])
+                snap.infos.set_flags(i, now[uid], modseq)
                 st.dirty.add(uid)
+            now.changed = frozenset(changed)
+            st.highest_modseq = max(st.highest_modseq, modseq)
             st.version += 1
             st.mutation_version = st.version
             states.notify(st)
