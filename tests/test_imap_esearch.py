@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import pytest
 from twisted.internet import defer
+from twisted.trial import unittest
 
 from mailsrv.imap.esearch import (
     SEARCH_RETURN_OPTIONS,
@@ -21,7 +22,7 @@ from mailsrv.imap.esearch import (
 from mailsrv.imap.parsing import SavedResult, resolve
 from mailsrv.imap.search import SearchError, parse, tokenize
 from mailsrv.store.names import INBOX, folder_path
-from tests import sort_corpus
+from tests import dovecot_peer, sort_corpus
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
 from tests.test_imap_harness import PASSWORD, USER
 
@@ -278,3 +279,94 @@ class SearchResTest(ESearchCase):
             fetch, search = got[5 + 5 * i], got[6 + 5 * i]
             assert fetch == [b"OK"], (i, fetch)
             assert search == [b"* SEARCH\r\n", b"OK"], (i, search)
+
+
+# --- the same answers as Dovecot's ------------------------------------------------
+
+DOVECOT_SCRIPT = [
+    b"SELECT INBOX",
+    b"FETCH $ (UID)",
+    b"SEARCH $",
+    b"SEARCH RETURN (MIN MAX COUNT ALL) ALL",
+    b"SEARCH RETURN (MIN MAX COUNT ALL) 1:3,7,9:10",
+    b"SEARCH RETURN () 2,4",
+    b"UID SEARCH RETURN (COUNT) ALL",
+    b"UID SEARCH RETURN (ALL) 2,5:6",
+    b"SEARCH RETURN (MIN MAX COUNT ALL) SUBJECT nothing-matches",
+    b"SEARCH RETURN (MIN) SUBJECT nothing-matches",
+    b"UID SEARCH RETURN (MIN MAX ALL) SUBJECT nothing-matches",
+    b"SEARCH RETURN (ALL) CHARSET UTF-8 1:3",
+    b"SEARCH RETURN (all min) FROM ann",
+    b"UID SEARCH RETURN (MIN MAX) NOT SUBJECT hello",
+    b"SEARCH RETURN (COUNT COUNT) 1",
+    b"SEARCH RETURN (FOO) ALL",
+    b"SEARCH RETURN ALL ALL",
+    b"SEARCH RETURN (SAVE) 2:4",
+    b"FETCH $ (UID)",
+    b"UID FETCH $ (UID)",
+    b"SEARCH $",
+    b"UID SEARCH $",
+    b"SEARCH UID $",
+    b"SEARCH OR $ 9",
+    b"SEARCH RETURN (SAVE MIN) 3:5",
+    b"FETCH $ (UID)",
+    b"SEARCH RETURN (SAVE MIN MAX) 3:5",
+    b"FETCH $ (UID)",
+    b"SEARCH RETURN (SAVE MAX COUNT) 3:5",
+    b"FETCH $ (UID)",
+    b"SEARCH RETURN (SAVE ALL) 6",
+    b"SEARCH RETURN (SAVE) FOOBAR",
+    b"FETCH $ (UID)",
+    b"SEARCH RETURN (SAVE) NOT $",
+    b"SEARCH RETURN (COUNT) $",
+    b"FETCH 1,$ (UID)",
+    b"FETCH $,1 (UID)",
+    b"SEARCH RETURN (SAVE) SUBJECT nothing-matches",
+    b"FETCH $ (UID)",
+    b"STORE $ +FLAGS (\\Flagged)",
+    b"SEARCH RETURN (SAVE) 1:2",
+    b"STORE $ +FLAGS (\\Flagged)",
+    b"SEARCH RETURN (SAVE) FLAGGED",
+    b"UID SEARCH RETURN (ALL) $",
+    b"UID SEARCH RETURN (SAVE) 4:6",
+    b"STORE 1 +FLAGS.SILENT (\\Deleted)",
+    b"EXPUNGE",
+    b"FETCH $ (UID)",
+    b"SEARCH RETURN (ALL) $",
+    b"UID SEARCH RETURN (ALL) $",
+    b"UNSELECT",
+    b"SELECT INBOX",
+    b"FETCH $ (UID)",
+]
+
+
+class ESearchLikeDovecotTest(ESearchCase):
+    """Our ESEARCH and SEARCHRES answers equal Dovecot's on the same mailbox."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        reason = dovecot_peer.available()
+        if reason:
+            raise unittest.SkipTest(reason)
+        super().setUp()
+        self.dovecot = dovecot_peer.Dovecot()
+        self.addCleanup(self.dovecot.stop)
+        self.dovecot.start(sort_corpus.mbox())
+
+    @defer.inlineCallbacks
+    def test_same_answers_as_dovecot(self):
+        ours = yield self.in_thread(_session, self.port_number, OURS, DOVECOT_SCRIPT)
+        login = b"LOGIN %s %s" % (dovecot_peer.USER.encode(), dovecot_peer.PASSWORD.encode())
+        theirs = yield self.in_thread(_session, self.dovecot.port, login, DOVECOT_SCRIPT)
+        diffs = [
+            (command, o, t)
+            for command, o, t in zip(DOVECOT_SCRIPT, _results(ours), _results(theirs), strict=True)
+            if o != t
+        ]
+        for command, o, t in diffs:
+            print(command, "\n  ours:   ", o, "\n  dovecot:", t)
+        self.assertEqual(diffs, [])
+        shown = [ln for answer in _results(theirs) for ln in answer]
+        assert sum(ln.startswith(b"* ESEARCH") for ln in shown) >= 15, shown
+        assert sum(b" FETCH (UID" in ln for ln in shown) >= 10, shown
