@@ -99,7 +99,7 @@ def _session(port: int, login: bytes, script: list[bytes]) -> list[list[bytes]]:
 
 def _results(answers: list[list[bytes]]) -> list[list[bytes]]:
     """Only the lines a comparison needs: search results, FETCH lines, the status word."""
-    keep = (b"* SEARCH", b"* ESEARCH")
+    keep = (b"* SEARCH", b"* ESEARCH", b"* SORT", b"* THREAD")
     return [
         [ln for ln in a[:-1] if ln.startswith(keep) or b" FETCH (" in ln] + a[-1:] for a in answers
     ]
@@ -268,6 +268,25 @@ class SearchResTest(ESearchCase):
         assert got[6] == [b"OK"]
         assert got[7] == [b"* STATUS Archive (MESSAGES 2)\r\n", b"OK"]
 
+    def test_sort_and_thread(self):
+        """C{$} in SORT and THREAD keys, and SAVE with ESORT (RFC 5267 3)."""
+        return self.assert_script(
+            [
+                (b"SEARCH RETURN (SAVE) 2:6", [b"OK"]),
+                (b"UID SORT (SUBJECT) UTF-8 UID $", [b"* SORT 2 3 4 5 6\r\n", b"OK"]),
+                (b"THREAD REFERENCES UTF-8 $", [b"* THREAD (2 3)((4 5)(6))\r\n", b"OK"]),
+                (b"SORT RETURN (SAVE) (REVERSE ARRIVAL) UTF-8 1:3", [b"OK"]),
+                (b"SEARCH $", [b"* SEARCH 1 2 3\r\n", b"OK"]),
+                (
+                    b"SORT RETURN (SAVE MIN) (REVERSE ARRIVAL) UTF-8 1:3",
+                    [b'* ESEARCH (TAG "T6") MIN 3\r\n', b"OK"],
+                ),
+                (b"SEARCH $", [b"* SEARCH 3\r\n", b"OK"]),
+                (b"SORT RETURN (SAVE) (ARRIVAL) CHARSET-X 1", [b"NO"]),
+                (b"SEARCH $", [b"* SEARCH\r\n", b"OK"]),
+            ]
+        )
+
     @defer.inlineCallbacks
     def test_reset_by_select_examine_unselect_close(self):
         script = [b"SEARCH RETURN (SAVE) 1:3"]
@@ -321,6 +340,20 @@ DOVECOT_SCRIPT = [
     b"SEARCH RETURN (COUNT) $",
     b"FETCH 1,$ (UID)",
     b"FETCH $,1 (UID)",
+    # SORT and THREAD before any expunge: Dovecot 2.3's mbox THREAD can panic after one.
+    b"SEARCH RETURN (SAVE) 2:6",
+    b"SORT (REVERSE ARRIVAL) UTF-8 $",
+    b"UID SORT (SUBJECT) UTF-8 UID $",
+    b"THREAD REFERENCES UTF-8 $",
+    b"UID THREAD ORDEREDSUBJECT UTF-8 OR $ 1",
+    b"SORT RETURN (SAVE) (REVERSE ARRIVAL) UTF-8 1:3",
+    b"FETCH $ (UID)",
+    b"SORT RETURN (SAVE MIN) (REVERSE ARRIVAL) UTF-8 1:3",
+    b"FETCH $ (UID)",
+    b"UID SORT RETURN (SAVE MAX ALL) (SUBJECT) UTF-8 4:9",
+    b"FETCH $ (UID)",
+    b"SORT RETURN (SAVE FOO) (SUBJECT) UTF-8 4:9",
+    b"FETCH $ (UID)",
     b"SEARCH RETURN (SAVE) SUBJECT nothing-matches",
     b"FETCH $ (UID)",
     b"STORE $ +FLAGS (\\Flagged)",

@@ -291,8 +291,7 @@ class SelectedCommands(CommandBase):
         if self._lost:
             return
         if save and options is not None:
-            # RFC 5182 2.1: "$" holds UIDs, and belongs to this selection of the mailbox.
-            self._saved_search = (weakref.ref(mbox), saved_part(options, hit_uids))
+            self._save_result(options, hit_uids)
         if options is None:
             self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
         elif answers(options):
@@ -305,6 +304,13 @@ class SelectedCommands(CommandBase):
         CommandParser.opt_charset,
         CommandParser.arg_searchkeys,
     )
+
+    def _save_result(self, options: frozenset[str], found: Sequence[int]) -> None:
+        """
+        SAVE (RFC 5182 2.1): keep the UIDs C{found} (or, 2.4, those MIN/MAX
+        name) as "$", for this selection of the mailbox only.
+        """
+        self._saved_search = (weakref.ref(self.mbox), sorted(saved_part(options, found)))
 
     def saved_result(self) -> SavedResult:
         """What C{$} names: the UIDs saved by a SEARCH of the mailbox as now selected."""
