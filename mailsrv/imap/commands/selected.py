@@ -250,7 +250,7 @@ class SelectedCommands(CommandBase):
         mbox = self.mbox
         save = options is not None and "SAVE" in options
         try:
-            tree = parse(tokens, charset, self.saved_result().uids)
+            tree = parse(tokens, charset, self.saved_uids())
         except BadCharset:
             if save:  # RFC 5182 2.1: a SEARCH with SAVE answered NO empties "$"
                 self._saved_search = None
@@ -312,12 +312,16 @@ class SelectedCommands(CommandBase):
         """
         self._saved_search = (weakref.ref(self.mbox), sorted(saved_part(options, found)))
 
-    def saved_result(self) -> SavedResult:
-        """What C{$} names: the UIDs saved by a SEARCH of the mailbox as now selected."""
+    def saved_uids(self) -> Sequence[int]:
+        """The UIDs C{$} names (ascending): those saved in the mailbox as now selected."""
         saved = self._saved_search
         if saved is None or self.mbox is None or saved[0]() is not self.mbox:
-            return SavedResult(())  # RFC 5182 2.1: empty before a SAVE and after SELECT
-        return SavedResult(saved[1])
+            return ()  # RFC 5182 2.1: empty before a SAVE and after SELECT or EXAMINE
+        return saved[1]
+
+    def saved_result(self) -> SavedResult:
+        """C{$} as a sequence set (L{SavedResult})."""
+        return SavedResult(self.saved_uids())
 
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()

@@ -168,7 +168,7 @@ class SortCommands(SelectedCommands):
         lacks) and put them in C{order}, all in the pool; fires with its result.
         """
         mbox = self.mbox
-        tree = parse(tokens, charset.decode("ascii", "replace"), self.saved_result().uids)
+        tree = parse(tokens, charset.decode("ascii", "replace"), self.saved_uids())
         infos = mbox.infos  # replaced, never changed, by a reload: safe to walk in a thread
         last_uid = mbox.uids[-1] if mbox.uids else 0
         matcher = Matcher(
