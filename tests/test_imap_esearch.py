@@ -8,6 +8,8 @@ Dovecot can run here (tests/dovecot_peer.py).
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -67,6 +69,18 @@ def test_saved_result_names_uids_in_either_command():
     assert list(resolve(SavedResult(()), uids, False)) == []
     assert list(resolve(SavedResult([5]), [], False)) == []  # no BAD for an empty mailbox
     assert saved.contains(9, 12) and not saved.contains(8, 12)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    st.lists(st.integers(1, 60), unique=True).map(sorted),
+    st.lists(st.integers(1, 60), unique=True).map(sorted),
+    st.booleans(),
+)
+def test_saved_result_property(saved, present, uid):
+    """C{$} names exactly the saved UIDs still present, by position, in either command."""
+    want = [i + 1 for i, u in enumerate(present) if u in saved]
+    assert list(resolve(SavedResult(saved), present, uid)) == want
 
 
 def test_search_dollar_key():
