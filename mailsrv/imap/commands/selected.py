@@ -291,7 +291,7 @@ class SelectedCommands(CommandBase):
         if self._lost:
             return
         if save and options is not None:
-            self._save_result(options, hit_uids)
+            self._save_result(mbox, options, hit_uids)
         if options is None:
             self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
         elif answers(options):
@@ -305,12 +305,14 @@ class SelectedCommands(CommandBase):
         CommandParser.arg_searchkeys,
     )
 
-    def _save_result(self, options: frozenset[str], found: Sequence[int]) -> None:
+    def _save_result(
+        self, mbox: SessionMailbox, options: frozenset[str], found: Sequence[int]
+    ) -> None:
         """
-        SAVE (RFC 5182 2.1): keep the UIDs C{found} (or, 2.4, those MIN/MAX
-        name) as "$", for this selection of the mailbox only.
+        SAVE (RFC 5182 2.1): keep the UIDs C{found} in C{mbox} (or, 2.4, those
+        MIN/MAX name) as "$", for that selection of the mailbox only.
         """
-        self._saved_search = (weakref.ref(self.mbox), sorted(saved_part(options, found)))
+        self._saved_search = (weakref.ref(mbox), sorted(saved_part(options, found)))
 
     def saved_uids(self) -> Sequence[int]:
         """The UIDs C{$} names (ascending): those saved in the mailbox as now selected."""

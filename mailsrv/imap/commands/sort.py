@@ -208,6 +208,7 @@ class SortCommands(SelectedCommands):
         uid: int = 0,
     ) -> Any:
         save = options is not None and "SAVE" in options
+        mbox = self.mbox
 
         def order(matches: Matches) -> tuple[list[int], list[int]]:
             positions = sort_positions(program, matches)
@@ -227,7 +228,7 @@ class SortCommands(SelectedCommands):
             self.sendUntaggedResponse(b"SORT" + _numbers(numbers))
         else:
             if save:  # RFC 5182 2.4: MIN and MAX as ESORT gives them, in sort order
-                self._save_result(options, found)
+                self._save_result(mbox, options, found)
             if answers(options):
                 self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers))
         self.sendPositiveResponse(tag, b"SORT completed")
