@@ -1,7 +1,8 @@
 """
 The ESEARCH response (RFC 4731 3, RFC 5267 3 for ESORT): the return options
 a client may ask for, and the untagged line that answers them, for SEARCH,
-SORT and their UID forms.
+SORT and their UID forms; and which of the found messages SEARCHRES's SAVE
+keeps (RFC 5182 2.4).
 """
 
 from __future__ import annotations
@@ -13,17 +14,21 @@ from mailsrv.imap.responses import uid_set
 
 # RFC 4731 3.1: search-return-opt; the order the result items are written in.
 RETURN_OPTIONS = ("MIN", "MAX", "ALL", "COUNT")
+# RFC 5182 2.1: SEARCH may also ask for its result to be saved as "$".
+SEARCH_RETURN_OPTIONS = (*RETURN_OPTIONS, "SAVE")
 
 
 class ReturnSyntaxError(Exception):
     """The RETURN options are malformed or name an option not offered (a BAD)."""
 
 
-def parse_return(line: bytes) -> tuple[frozenset[str] | None, bytes]:
+def parse_return(
+    line: bytes, offered: tuple[str, ...] = RETURN_OPTIONS
+) -> tuple[frozenset[str] | None, bytes]:
     """
     An optional C{RETURN (...)} at the start of C{line}: the options asked
-    for (None without RETURN; RFC 4731 3.1: C{RETURN ()} means ALL) and the
-    rest of the line.
+    for, each one of C{offered} (None without RETURN; RFC 4731 3.1: C{RETURN
+    ()} means ALL) and the rest of the line.
     """
     stripped = line.lstrip(b" ")
     if stripped[:7].upper() != b"RETURN ":
@@ -35,7 +40,7 @@ def parse_return(line: bytes) -> tuple[frozenset[str] | None, bytes]:
     if end < 0:
         raise ReturnSyntaxError("Unbalanced parentheses in RETURN")
     words = [w.decode("ascii", "replace") for w in rest[1:end].upper().split()]
-    unknown = [w for w in words if w not in RETURN_OPTIONS]
+    unknown = [w for w in words if w not in offered]
     if unknown:
         raise ReturnSyntaxError(f"Unsupported RETURN option {unknown[0]}")
     return frozenset(words or ["ALL"]), rest[end + 1 :]
@@ -61,3 +66,26 @@ def esearch_line(tag: bytes, uid: bool, options: frozenset[str], numbers: Sequen
     if "COUNT" in options:
         out.append(b"COUNT %d" % len(numbers))
     return b" ".join(out)
+
+
+def answers(options: frozenset[str]) -> bool:
+    """
+    Whether a SEARCH with these RETURN options gets an ESEARCH response: not
+    when SAVE is all it asks for (RFC 5182 2.1).
+    """
+    return bool(options - {"SAVE"})
+
+
+def saved_part(options: frozenset[str], found: Sequence[int]) -> Sequence[int]:
+    """
+    What SAVE keeps of C{found} (ascending), RFC 5182 2.4: with MIN and/or
+    MAX but neither ALL nor COUNT, only the messages they name; else all.
+    """
+    if not found or options & {"ALL", "COUNT"} or not options & {"MIN", "MAX"}:
+        return found
+    ends = []
+    if "MIN" in options:
+        ends.append(found[0])
+    if "MAX" in options and found[-1] not in ends:
+        ends.append(found[-1])
+    return ends

@@ -86,6 +86,25 @@ class SeqSetMembers:
         return any(a <= n <= b for a, b in self._r)
 
 
+class SavedResult(SeqSet):
+    """
+    C{$} (RFC 5182 2.1): the messages the last SEARCH with SAVE found, held
+    as UIDs, so that expunges since do not change what it names; in a
+    command that is not a UID command it names them by sequence number.
+    """
+
+    def __init__(self, uids: Sequence[int]) -> None:
+        self.raw = b"$"
+        self.uids = uids  # ascending
+        self._ranges = []
+        for u in uids:
+            last = self._ranges[-1][1] if self._ranges else None
+            if last is not None and u == last + 1:
+                self._ranges[-1] = (self._ranges[-1][0], u)
+            else:
+                self._ranges.append((u, u))
+
+
 def resolve(messages: SeqSet, uids: Sequence[int], uid: bool) -> Sequence[int]:
     """
     Sequence numbers (ascending, each once) named by a set of sequence numbers
@@ -93,7 +112,7 @@ def resolve(messages: SeqSet, uids: Sequence[int], uid: bool) -> Sequence[int]:
     contiguous (C{1:*} on 100k messages makes no list), else a list.
     """
     spans: list[tuple[int, int]] = []  # [first, last] sequence numbers
-    if uid:
+    if uid or isinstance(messages, SavedResult):  # "$" holds UIDs (RFC 5182 2.1)
         if not uids:
             return []
         for lo, hi in messages.ranges(uids[-1]):
@@ -426,7 +445,13 @@ class CommandParser(CommandBase):
         arg, _, rest = (line or b"").partition(b" ")
         if not arg:
             raise imap4.IllegalClientResponse("Missing message set")
+        if arg == b"$":  # RFC 5182 2.2: the saved search result
+            return self.saved_result(), rest
         return SeqSet(arg), rest
+
+    def saved_result(self) -> SavedResult:
+        """What C{$} names (RFC 5182 2.1); empty until a SEARCH saves (commands.selected)."""
+        return SavedResult(())
 
     def arg_fetchatt(self, line: bytes | None) -> tuple[FetchRequest, bytes]:
         try:

@@ -13,7 +13,7 @@ import email.parser
 import email.policy
 import email.utils
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,8 +114,12 @@ _FLAG_KEYS = {
 MAX_NESTING = 64
 
 
-def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
-    """Parse tokens into a tree: ("and", [...]), ("or", a, b), ("not", a), (key, args...)."""
+def parse(tokens: list[Any], charset: str = "utf-8", saved: Collection[int] | None = None) -> tuple:
+    """
+    Parse tokens into a tree: ("and", [...]), ("or", a, b), ("not", a), (key,
+    args...). C{saved}: the UIDs C{$} names (RFC 5182 2.2), None where C{$}
+    cannot be used.
+    """
     if charset.lower() in ("us-ascii", "ascii"):
         charset = "ascii"
     elif charset.lower() not in ("utf-8", "utf8"):
@@ -146,6 +150,12 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
         finally:
             depth -= 1
 
+    def saved_key() -> tuple:
+        # RFC 5182 2.2: "$" (alone or after UID) is the saved result, by UID.
+        if saved is None:
+            raise SearchError("$ cannot be used here")
+        return ("saved", frozenset(saved))
+
     def key_of(tok: Any) -> tuple:
         if depth > MAX_NESTING:
             raise SearchError("Search keys nested too deeply")
@@ -163,6 +173,8 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
         if isinstance(tok, Literal):
             raise SearchError("Unexpected string")
         key = tok.decode("ascii", "replace").upper()
+        if key == "$":
+            return saved_key()
         if key[:1].isdigit() or key[:1] == "*":
             return ("seqset", tok)
         if key in ("ALL", "NEW", "OLD", "RECENT") or key in _FLAG_KEYS:
@@ -184,7 +196,8 @@ def parse(tokens: list[Any], charset: str = "utf-8") -> tuple:
             except (ValueError, TypeError):
                 raise SearchError("Bad number")
         if key == "UID":
-            return (key, value())
+            t = value()
+            return saved_key() if t == b"$" else (key, t)
         if key == "NOT":
             return ("not", one())
         if key == "OR":
@@ -392,6 +405,8 @@ class Matcher:
                 return info.size < t[1]
             if k == "seqset":
                 return seq in self._set(t[1], self.last_seq)
+            if k == "saved":
+                return info.uid in t[1]
             if k == "UID":
                 raw = t[1].value if isinstance(t[1], Literal) else t[1]
                 return info.uid in self._set(raw, self.last_uid)

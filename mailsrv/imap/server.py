@@ -137,6 +137,7 @@ class IMAPServer(
         caps = [b"IMAP4rev1", b"LITERAL+", b"SASL-IR", b"ID", b"ENABLE", b"IDLE", b"NAMESPACE"]
         caps += [b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"CHILDREN", b"UNSELECT"]
         caps += SORT_CAPABILITIES
+        caps += [b"ESEARCH", b"SEARCHRES"]  # RFC 4731, RFC 5182 (commands.selected)
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819

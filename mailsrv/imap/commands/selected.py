@@ -1,13 +1,16 @@
 """
 Commands on the selected mailbox (RFC 3501 6.4) but FETCH: CHECK, CLOSE,
 UNSELECT (RFC 3691), EXPUNGE, STORE, COPY, MOVE (RFC 6851), SEARCH and UID,
-with UIDPLUS's COPYUID and UID EXPUNGE (RFC 4315).
+with UIDPLUS's COPYUID and UID EXPUNGE (RFC 4315), ESEARCH's RETURN options
+(RFC 4731) and SEARCHRES's saved result C{$} (RFC 5182).
 """
 
 from __future__ import annotations
 
 import functools
+import weakref
 from array import array
+from collections.abc import Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -17,8 +20,17 @@ from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
+from mailsrv.imap.esearch import (
+    SEARCH_RETURN_OPTIONS,
+    ReturnSyntaxError,
+    answers,
+    esearch_line,
+    parse_return,
+    saved_part,
+)
 from mailsrv.imap.parsing import (
     CommandParser,
+    SavedResult,
     SeqSet,
     SeqSetMembers,
     mailbox_name,
@@ -26,7 +38,7 @@ from mailsrv.imap.parsing import (
     resolve,
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
-from mailsrv.imap.search import Matcher, needs, parse
+from mailsrv.imap.search import BadCharset, Matcher, needs, parse
 from mailsrv.interfaces import DELETED, FolderError, MessageInfo
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
@@ -38,8 +50,20 @@ arg_seqset = CommandParser.arg_seqset
 arg_finalastring = CommandParser.arg_finalastring
 
 
+def arg_search_return(proto: Any, line: bytes | None) -> tuple[frozenset[str] | None, bytes]:
+    """SEARCH's optional C{RETURN (...)} (RFC 4731 3.1, SAVE: RFC 5182 2.1)."""
+    try:
+        options, rest = parse_return(line or b"", SEARCH_RETURN_OPTIONS)
+    except ReturnSyntaxError as e:
+        raise imap4.IllegalClientResponse(str(e))
+    return options, rest.lstrip(b" ")
+
+
 class SelectedCommands(CommandBase):
     """CHECK, CLOSE, UNSELECT, EXPUNGE, STORE, COPY, MOVE, SEARCH, UID."""
+
+    # The SEARCHRES result (RFC 5182): the selection it was saved in, and its UIDs.
+    _saved_search: tuple[weakref.ref, Sequence[int]] | None = None
 
     @command
     def do_CHECK(self, tag: bytes) -> Any:
@@ -215,9 +239,22 @@ class SelectedCommands(CommandBase):
     select_MOVE = (do_MOVE, arg_seqset, arg_finalastring)
 
     @command
-    def do_SEARCH(self, tag: bytes, charset: str, tokens: list[Any], uid: int = 0) -> Any:
+    def do_SEARCH(
+        self,
+        tag: bytes,
+        options: frozenset[str] | None,
+        charset: str,
+        tokens: list[Any],
+        uid: int = 0,
+    ) -> Any:
         mbox = self.mbox
-        tree = parse(tokens, charset)
+        save = options is not None and "SAVE" in options
+        try:
+            tree = parse(tokens, charset, self.saved_uids())
+        except BadCharset:
+            if save:  # RFC 5182 2.1: a SEARCH with SAVE answered NO empties "$"
+                self._saved_search = None
+            raise
         infos = mbox.infos  # replaced, never changed, by a reload: safe to walk in a thread
         last_uid = mbox.uids[-1] if mbox.uids else 0
         matcher = Matcher(
@@ -229,8 +266,9 @@ class SelectedCommands(CommandBase):
         )
         folder = mbox.folder
 
-        def run() -> array:
+        def run() -> tuple[array, array]:
             hits = array("q")  # 8 bytes a hit, not an int object each
+            hit_uids = array("q")
             for seq, info in enumerate(infos, 1):
                 try:
                     if matcher.match(
@@ -240,18 +278,52 @@ class SelectedCommands(CommandBase):
                         functools.partial(_search_body, folder, info),
                     ):
                         hits.append(info.uid if uid else seq)
+                        if save:
+                            hit_uids.append(info.uid)
                 except KeyError:
                     continue
-            return hits
+            return hits, hit_uids
 
         if needs(tree):
-            hits = yield self._run(run)
+            hits, hit_uids = yield self._run(run)
         else:
-            hits = run()
-        self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
+            hits, hit_uids = run()
+        if self._lost:
+            return
+        if save and options is not None:
+            self._save_result(mbox, options, hit_uids)
+        if options is None:
+            self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
+        elif answers(options):
+            self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, hits))
         self.sendPositiveResponse(tag, b"SEARCH completed")
 
-    select_SEARCH = (do_SEARCH, CommandParser.opt_charset, CommandParser.arg_searchkeys)  # type: ignore[assignment]
+    select_SEARCH = (  # type: ignore[assignment]
+        do_SEARCH,
+        arg_search_return,
+        CommandParser.opt_charset,
+        CommandParser.arg_searchkeys,
+    )
+
+    def _save_result(
+        self, mbox: SessionMailbox, options: frozenset[str], found: Sequence[int]
+    ) -> None:
+        """
+        SAVE (RFC 5182 2.1): keep the UIDs C{found} in C{mbox} (or, 2.4, those
+        MIN/MAX name) as "$", for that selection of the mailbox only.
+        """
+        self._saved_search = (weakref.ref(mbox), sorted(saved_part(options, found)))
+
+    def saved_uids(self) -> Sequence[int]:
+        """The UIDs C{$} names (ascending): those saved in the mailbox as now selected."""
+        saved = self._saved_search
+        if saved is None or self.mbox is None or saved[0]() is not self.mbox:
+            return ()  # RFC 5182 2.1: empty before a SAVE and after SELECT or EXAMINE
+        return saved[1]
+
+    def saved_result(self) -> SavedResult:
+        """C{$} as a sequence set (L{SavedResult})."""
+        return SavedResult(self.saved_uids())
 
     def do_UID(self, tag: bytes, command: bytes, line: bytes) -> None:
         command = command.upper()

@@ -17,9 +17,15 @@ from twisted.mail import imap4
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.commands.base import command
 from mailsrv.imap.commands.selected import SelectedCommands, _search_body
-from mailsrv.imap.esearch import ReturnSyntaxError, esearch_line, parse_return
+from mailsrv.imap.esearch import (
+    SEARCH_RETURN_OPTIONS,
+    ReturnSyntaxError,
+    answers,
+    esearch_line,
+    parse_return,
+)
 from mailsrv.imap.parsing import CommandParser, SeqSet, SeqSetMembers
-from mailsrv.imap.search import Matcher, SearchError, needs, parse
+from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse
 from mailsrv.imap.sort import Entry, Matches, Program, needs_headers, parse_program, sort_positions
 from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, collector_paused, message_keys
 from mailsrv.imap.thread import ALGORITHMS, ordered_subject, references, thread_list
@@ -122,7 +128,7 @@ def _numbers(numbers: Sequence[int]) -> bytes:
 def arg_sort_options(proto: Any, line: bytes | None) -> tuple[frozenset[str] | None, bytes]:
     """ESORT's optional C{RETURN (...)} (RFC 5267 3)."""
     try:
-        return parse_return(line or b"")
+        return parse_return(line or b"", SEARCH_RETURN_OPTIONS)  # SAVE: RFC 5182 2.1
     except ReturnSyntaxError as e:
         raise imap4.IllegalClientResponse(str(e))
 
@@ -162,7 +168,7 @@ class SortCommands(SelectedCommands):
         lacks) and put them in C{order}, all in the pool; fires with its result.
         """
         mbox = self.mbox
-        tree = parse(tokens, charset.decode("ascii", "replace"))
+        tree = parse(tokens, charset.decode("ascii", "replace"), self.saved_uids())
         infos = mbox.infos  # replaced, never changed, by a reload: safe to walk in a thread
         last_uid = mbox.uids[-1] if mbox.uids else 0
         matcher = Matcher(
@@ -201,17 +207,30 @@ class SortCommands(SelectedCommands):
         tokens: list[Any],
         uid: int = 0,
     ) -> Any:
-        def order(matches: Matches) -> list[int]:
-            shown = matches.uids if uid else matches.seqs
-            return [shown[i] for i in sort_positions(program, matches)]
+        save = options is not None and "SAVE" in options
+        mbox = self.mbox
 
-        numbers = yield self._ordered(charset, tokens, needs_headers(program), order)
+        def order(matches: Matches) -> tuple[list[int], list[int]]:
+            positions = sort_positions(program, matches)
+            shown = matches.uids if uid else matches.seqs
+            found = [matches.uids[i] for i in positions] if save else []
+            return [shown[i] for i in positions], found
+
+        try:
+            numbers, found = yield self._ordered(charset, tokens, needs_headers(program), order)
+        except BadCharset:
+            if save:  # RFC 5182 2.1: a NO empties "$"
+                self._saved_search = None
+            raise
         if self._lost:
             return
         if options is None:
             self.sendUntaggedResponse(b"SORT" + _numbers(numbers))
         else:
-            self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers))
+            if save:  # RFC 5182 2.4: MIN and MAX as ESORT gives them, in sort order
+                self._save_result(mbox, options, found)
+            if answers(options):
+                self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers))
         self.sendPositiveResponse(tag, b"SORT completed")
 
     select_SORT = (  # type: ignore[assignment]
