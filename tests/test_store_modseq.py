@@ -26,7 +26,7 @@ def message(i: int) -> bytes:
     return b"Subject: m%d\nMessage-ID: <%d@modseq>\n\nbody %d\n" % (i, i, i)
 
 
-class ModseqIndexTests(SynchronousTestCase):
+class _StoreFiles(SynchronousTestCase):
     def setUp(self):
         self.root = Path(self.mktemp())
         self.inbox = self.root / "mail" / "example.test" / "alice" / "INBOX"
@@ -65,6 +65,8 @@ class ModseqIndexTests(SynchronousTestCase):
             box.unlock()
             box.close()
 
+
+class ModseqIndexTests(_StoreFiles):
     def test_kept_across_a_restart(self):
         first = self.store()
         self.deliver(first, 1, 2, 3)
@@ -221,3 +223,59 @@ class VanishedHistoryTests(SynchronousTestCase):
         self.assertEqual((again.uid_validity, again.highest_modseq), (7, ms + 3))
         self.assertIsNone(again.vanished_since(marks[0]))
         self.assertEqual(again.changed_since(ms - 1), [(6, ms, frozenset())])
+
+
+class PowerLossTests(_StoreFiles):
+    def test_highestmodseq_never_goes_below_what_clients_were_shown(self):
+        # Deliveries commit their index rows without waiting for the disk:
+        # a power loss can undo the last commits (the messages themselves are
+        # in the fsynced mbox). Rebuilt from the file, HIGHESTMODSEQ must not
+        # fall below what a client saw (RFC 7162 3.1: it only grows).
+        store = self.store()
+        self.deliver(store, 1)
+        f = self.open(store)
+        kept = f.highest_modseq
+        f.close()
+        db = sqlite3.connect(str(self.base) + ".sqlite")
+        meta = db.execute("SELECT key, value FROM meta").fetchall()
+        db.close()
+        self.deliver(store, 2, 3, 4)  # three batches, three modseqs
+        f = self.open(store)
+        shown = f.highest_modseq
+        self.assertEqual(shown, kept + 3)
+        f.close()
+        del store
+        # The power loss: the three commits are gone from the index.
+        db = sqlite3.connect(str(self.base) + ".sqlite")
+        db.execute("DELETE FROM msgs WHERE uid > 1")
+        db.executemany("UPDATE meta SET value = ? WHERE key = ?", [(v, k) for k, v in meta])
+        db.commit()
+        db.close()
+        g = self.open(self.store())
+        self.assertEqual(len(g.messages()), 4)
+        self.assertGreaterEqual(g.highest_modseq, shown)
+        self.successResultOf(g.change_flags([1], add={SEEN}))
+        self.assertGreater(g.highest_modseq, shown)
+
+
+class UpgradeFailureTests(_StoreFiles):
+    def test_an_index_that_cannot_be_written_now_is_not_thrown_away(self):
+        first = self.store()
+        self.deliver(first, 1, 2)
+        f = self.open(first)
+        validity = f.uid_validity
+        f.close()
+        del first
+        # Another connection holds the database: opening it fails for now
+        # ("database is locked"), as a full disk or an I/O error would.
+        path = str(self.base) + ".sqlite"
+        holder = sqlite3.connect(path, isolation_level=None)
+        holder.execute("BEGIN EXCLUSIVE")
+        try:
+            with self.assertRaises(sqlite3.OperationalError):
+                FolderIndex(self.base, lambda: 999)
+        finally:
+            holder.execute("ROLLBACK")
+            holder.close()
+        g = self.open(self.store())
+        self.assertEqual((g.uid_validity, [m.uid for m in g.messages()]), (validity, [1, 2]))

@@ -62,6 +62,14 @@ def remove_index(base: Path) -> None:
             pass
 
 
+def _corrupt(error: sqlite3.DatabaseError) -> bool:
+    """Whether C{error} says the index file is damaged or not an index (then rebuilt)."""
+    name = getattr(error, "sqlite_errorname", "")
+    if name in ("SQLITE_CORRUPT", "SQLITE_NOTADB") or name.startswith("SQLITE_CORRUPT_"):
+        return True
+    return not isinstance(error, sqlite3.OperationalError) and not name
+
+
 def flags_text(flags: Iterable[str]) -> str:
     return " ".join(sorted(flags))
 
@@ -84,6 +92,14 @@ class FolderIndex:
         try:
             self._open(new_validity)
         except sqlite3.DatabaseError as e:
+            if not _corrupt(e):
+                # A full disk, an I/O error, a lock: the index may be sound.
+                # Never thrown away for that (its UIDs are what clients know).
+                try:
+                    self._db.close()
+                except Exception:
+                    pass
+                raise
             self.log.warn(
                 "index {path} unusable ({error}); rebuilding", path=str(self.path), error=str(e)
             )

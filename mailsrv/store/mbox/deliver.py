@@ -235,7 +235,11 @@ def index_delivered(st: FolderState, fd: int, before: os.stat_result, ours: Ours
                 res.fps,
                 rds,
                 texts,
-                repeat(idx.next_modseq, n),  # RFC 7162 3.1: new messages take a modseq
+                # RFC 7162 3.1: new messages take a modseq. HIGHESTMODSEQ grows by
+                # their count: rows of earlier batches whose commit a power loss
+                # undid (one modseq each) are among them, so it never goes below a
+                # value a client was shown.
+                repeat(idx.highest_modseq + n, n),
                 strict=True,
             )
         )

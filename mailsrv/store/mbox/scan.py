@@ -172,7 +172,9 @@ def _index_changes(
         res = mboxfmt.scan(fd, tail_from, size)
         rows = []
         uid = idx.uid_next
-        modseq = idx.next_modseq
+        # As a delivery (deliver.py): HIGHESTMODSEQ grows by the count of the
+        # rows found, among them any whose commit a power loss undid.
+        modseq = idx.highest_modseq + max(1, len(res.starts))
         new = copy_snapshot(snap, handle)
         for i in range(len(res.starts)):
             flags, date = res.flags[i], res.dates[i]
