@@ -105,6 +105,23 @@ class HierarchyTests(NamesCase):
         self.assertEqual(self.on_disk()["a/b"], "file")
 
     @defer.inlineCallbacks
+    def test_copy_or_move_into_a_name_that_holds_names_is_not_trycreate(self):
+        # [TRYCREATE] would send a client to CREATE a name that already exists.
+        answers = yield self.answers(
+            [
+                b"CREATE d/",
+                b"APPEND INBOX {1+}\r\nx",
+                b"SELECT INBOX",
+                b"COPY 1 d",
+                b"MOVE 1 d",
+                b"UID COPY 1 d",
+                b"COPY 1 nowhere",
+            ]
+        )
+        self.assertEqual(answers[3:6], [b"NO Mailbox isn't selectable"] * 3)
+        self.assertEqual(answers[6], b"NO [TRYCREATE] Mailbox doesn't exist")
+
+    @defer.inlineCallbacks
     def test_create_makes_the_names_above_and_delete_keeps_them(self):
         answers = yield self.answers(
             [

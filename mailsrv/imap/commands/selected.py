@@ -39,7 +39,7 @@ from mailsrv.imap.parsing import (
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
 from mailsrv.imap.search import BadCharset, Matcher, needs, parse
-from mailsrv.interfaces import DELETED, FolderError, MessageInfo
+from mailsrv.interfaces import DELETED, FolderError, MessageInfo, NotSelectable
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 
@@ -179,6 +179,9 @@ class SelectedCommands(CommandBase):
         seqs = resolve(messages, mbox.uids, bool(uid))
         try:
             target = yield self.factory.store.open_folder(self._user, folder_name)
+        except NotSelectable as e:  # a name that holds only folders: creating it would not help
+            self.sendNegativeResponse(tag, str(e).encode())
+            return
         except FolderError:
             self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
             return
