@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import weakref
 from array import array
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from twisted.internet import defer
@@ -272,19 +272,10 @@ class SelectedCommands(CommandBase):
         def run() -> tuple[array, array]:
             hits = array("q")  # 8 bytes a hit, not an int object each
             hit_uids = array("q")
-            for seq, info in enumerate(infos, 1):
-                try:
-                    if matcher.match(
-                        seq,
-                        info,
-                        functools.partial(folder.read_headers, info.uid),
-                        functools.partial(_search_body, folder, info),
-                    ):
-                        hits.append(info.uid if uid else seq)
-                        if save:
-                            hit_uids.append(info.uid)
-                except KeyError:
-                    continue
+            for seq, info in matching(matcher, folder, infos):
+                hits.append(info.uid if uid else seq)
+                if save:
+                    hit_uids.append(info.uid)
             return hits, hit_uids
 
         if needs(tree):
@@ -361,6 +352,26 @@ def _crlf_to_lf_source(folder: Any, uid: int, spool_dir: Any) -> SpooledSource:
         source.write(carry)
     source.finish()
     return source
+
+
+def matching(matcher: Any, folder: Any, infos: Sequence[MessageInfo]) -> Iterator[tuple[int, Any]]:
+    """
+    (sequence number, info) of each message C{matcher} accepts, reading its
+    header and body from C{folder} only when the search needs them (a pool
+    thread then); a message gone from the disk is skipped (the next refresh
+    tells the client).
+    """
+    for seq, info in enumerate(infos, 1):
+        try:
+            if matcher.match(
+                seq,
+                info,
+                functools.partial(folder.read_headers, info.uid),
+                functools.partial(_search_body, folder, info),
+            ):
+                yield seq, info
+        except KeyError:
+            continue
 
 
 def _search_body(folder: Any, info: MessageInfo) -> Any:

@@ -8,7 +8,6 @@ the ordering run too: the reactor formats the answer only.
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -16,7 +15,7 @@ from twisted.mail import imap4
 
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.commands.base import command
-from mailsrv.imap.commands.selected import SelectedCommands, _search_body
+from mailsrv.imap.commands.selected import SelectedCommands, matching
 from mailsrv.imap.esearch import (
     SEARCH_RETURN_OPTIONS,
     ReturnSyntaxError,
@@ -54,19 +53,7 @@ def _matches(
     """The sequence numbers of the messages C{matcher} accepts. Pool thread when C{disk}."""
     if matcher.tree == _ALL:
         return range(1, len(infos) + 1)
-    out = []
-    for seq, info in enumerate(infos, 1):
-        try:
-            if matcher.match(
-                seq,
-                info,
-                functools.partial(folder.read_headers, info.uid),
-                functools.partial(_search_body, folder, info),
-            ):
-                out.append(seq)
-        except KeyError:
-            continue  # gone from the disk; the next refresh tells the client
-    return out
+    return [seq for seq, _ in matching(matcher, folder, infos)]
 
 
 def _gather(
