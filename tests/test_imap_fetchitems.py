@@ -23,7 +23,16 @@ MESSAGE = (
     b"From: Ann <ann@example.test>\nTo: bob@example.test\nSubject: Hi\n"
     b"Message-ID: <m1@example.test>\n\nhello\n"
 )
-ITEM_NAMES = ["UID", "FLAGS", "RFC822.SIZE", "INTERNALDATE", "ENVELOPE", "BODYSTRUCTURE", "BODY"]
+ITEM_NAMES = [
+    "UID",
+    "FLAGS",
+    "RFC822.SIZE",
+    "INTERNALDATE",
+    "ENVELOPE",
+    "BODYSTRUCTURE",
+    "BODY",
+    "MODSEQ",
+]
 
 
 def folder_with(*messages: bytes):

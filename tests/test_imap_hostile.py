@@ -205,7 +205,13 @@ class InternalErrorInputsTest(LoopbackIMAPCase):
             out["fetch-after-move"],
             [b"* 2 FETCH (UID 4 FLAGS (\\Recent))\r\n", b"f OK FETCH completed\r\n"],
         )
-        self.assertEqual(out["select-long"], [b"l NO [CANNOT] Mailbox name is too long\r\n"])
+        self.assertEqual(
+            out["select-long"],
+            [
+                b"* OK [CLOSED] Previous mailbox closed.\r\n",
+                b"l NO [CANNOT] Mailbox name is too long\r\n",
+            ],
+        )
         self.assertEqual(out["create-long"], [b"k NO [CANNOT] Mailbox name is too long\r\n"])
         self.assertFalse((self.config.mail_dir / "example.test" / "alice" / ("y" * 200)).exists())
         for key, tag in (("status-nesting", b"t"), ("store-no-list", b"u")):

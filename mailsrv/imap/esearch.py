@@ -46,12 +46,20 @@ def parse_return(
     return frozenset(words or ["ALL"]), rest[end + 1 :]
 
 
-def esearch_line(tag: bytes, uid: bool, options: frozenset[str], numbers: Sequence[int]) -> bytes:
+def esearch_line(
+    tag: bytes,
+    uid: bool,
+    options: frozenset[str],
+    numbers: Sequence[int],
+    modseqs: Sequence[int] | None = None,
+) -> bytes:
     """
     C{ESEARCH (TAG "t") [UID] MIN a MAX b ALL set COUNT n} without "* ":
     C{numbers} in the order of the answer (ascending for SEARCH, the sort
     order for SORT: MIN and MAX are then its first and last, and ALL keeps
     that order, RFC 5267 3). With no match only COUNT is given (RFC 4731 3.1).
+    C{modseqs}: those of the found messages, in the same order, when the
+    search had a MODSEQ key (RFC 7162 3.1.5: C{MODSEQ n} ends the line).
     """
     out = [b"ESEARCH (TAG " + mime.nstring(tag) + b")"]
     if uid:
@@ -65,7 +73,28 @@ def esearch_line(tag: bytes, uid: bool, options: frozenset[str], numbers: Sequen
             out.append(b"ALL " + uid_set(list(numbers)))
     if "COUNT" in options:
         out.append(b"COUNT %d" % len(numbers))
+    top = returned_modseq(options, modseqs) if modseqs else None
+    if top is not None:
+        out.append(b"MODSEQ %d" % top)
     return b" ".join(out)
+
+
+def returned_modseq(options: frozenset[str], modseqs: Sequence[int]) -> int | None:
+    """
+    RFC 7162 3.1.5: the highest mod-sequence of the messages the answer
+    returns: all found with ALL or COUNT, else those MIN and MAX name (as
+    Dovecot); None when it returns none.
+    """
+    if not modseqs:
+        return None
+    if options & {"ALL", "COUNT"}:
+        return max(modseqs)
+    picked = []
+    if "MIN" in options:
+        picked.append(modseqs[0])
+    if "MAX" in options:
+        picked.append(modseqs[-1])
+    return max(picked) if picked else None
 
 
 def answers(options: frozenset[str]) -> bool:

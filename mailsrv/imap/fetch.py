@@ -10,7 +10,9 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from mailsrv.imap import mime
+from twisted.mail import imap4
+
+from mailsrv.imap import condstore, mime
 
 _MONTHS = ["Jan", "Feb", "Mar", "Apr", "May", "Jun", "Jul", "Aug", "Sep", "Oct", "Nov", "Dec"]
 
@@ -42,6 +44,8 @@ class FetchRequest:
     simple: list[str] = field(default_factory=list)  # FLAGS, UID, INTERNALDATE, ...
     sections: list[Section] = field(default_factory=list)
     order: list[Any] = field(default_factory=list)  # str or Section, in request order
+    # RFC 7162 3.1.4 CHANGEDSINCE and 3.2.6 VANISHED (UID FETCH after ENABLE QRESYNC)
+    modifiers: condstore.FetchModifiers = field(default_factory=condstore.FetchModifiers)
 
     @property
     def marks_seen(self) -> bool:
@@ -65,7 +69,16 @@ _MACROS = {
     "FAST": ["FLAGS", "INTERNALDATE", "RFC822.SIZE"],
     "FULL": ["FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODY"],
 }
-_SIMPLE = {"FLAGS", "INTERNALDATE", "RFC822.SIZE", "ENVELOPE", "BODYSTRUCTURE", "UID", "BODY"}
+_SIMPLE = {
+    "FLAGS",
+    "INTERNALDATE",
+    "RFC822.SIZE",
+    "ENVELOPE",
+    "BODYSTRUCTURE",
+    "UID",
+    "BODY",
+    "MODSEQ",  # RFC 7162 3.1.4
+}
 _SECTION_RE = re.compile(rb"(BODY(?:\.PEEK)?)\[([^\]]*)\](?:<(\d+)\.(\d+)>)?", re.I)
 _ATOM_RE = re.compile(rb"[A-Za-z0-9.]+")
 # RFC 3516 4.1: "BINARY" [".PEEK"] section-binary [partial] / "BINARY.SIZE" section-binary
@@ -75,7 +88,23 @@ _BINARY_RE = re.compile(
 
 
 def parse_fetch(line: bytes) -> FetchRequest:
-    """Parse a fetch attribute list; raise L{FetchSyntaxError}."""
+    """
+    Parse a fetch attribute list and its modifiers (RFC 7162: CHANGEDSINCE
+    implies MODSEQ, 3.1.4); raise L{FetchSyntaxError}.
+    """
+    atts, mods = condstore.split_fetch_modifiers(line)
+    req = _parse_atts(atts)
+    if mods is not None:
+        try:
+            req.modifiers = condstore.parse_fetch_modifiers(mods)
+        except imap4.IllegalClientResponse as e:
+            raise FetchSyntaxError(str(e)) from None
+        if req.modifiers.changed_since is not None:
+            _add(req, "MODSEQ")
+    return req
+
+
+def _parse_atts(line: bytes) -> FetchRequest:
     s = line.strip()
     req = FetchRequest()
     if not s:

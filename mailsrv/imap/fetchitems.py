@@ -94,6 +94,10 @@ def _body(m: MessageFetch) -> bytes:
     return b"BODY " + mime.body_structure(m.structure, False)
 
 
+def _modseq(m: MessageFetch) -> bytes:
+    return b"MODSEQ (%d)" % m.info.modseq  # RFC 7162 3.1.4.1
+
+
 Formatter = Callable[[MessageFetch], bytes]
 
 # Every fetch item name other than a section (L{mailsrv.imap.fetch.parse_fetch}
@@ -106,6 +110,7 @@ FETCH_ITEMS: dict[str, Formatter] = {
     "ENVELOPE": _envelope,
     "BODYSTRUCTURE": _body_structure,
     "BODY": _body,
+    "MODSEQ": _modseq,
 }
 
 

@@ -36,7 +36,7 @@ SELECTION_OPTIONS = frozenset({SUBSCRIBED, REMOTE, RECURSIVEMATCH, SPECIAL_USE})
 # RFC 5258 3, RFC 6154 3, RFC 5819 2.
 RETURN_OPTIONS = frozenset({SUBSCRIBED, CHILDREN, SPECIAL_USE, STATUS})
 # The STATUS items (RFC 3501 6.3.10), in the order the answer gives them.
-STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ")
 
 _CHILD_FLAGS = frozenset({"\\HasChildren", "\\HasNoChildren"})
 _NOT_SELECTABLE = frozenset({"\\Noselect", "\\NonExistent"})
@@ -329,5 +329,6 @@ def status_items(request: ListRequest, st: dict[str, int]) -> bytes:
         "UIDNEXT": st["uid_next"],
         "UIDVALIDITY": st["uid_validity"],
         "UNSEEN": st["unseen"],
+        "HIGHESTMODSEQ": st["highest_modseq"],  # RFC 7162 3.1.6
     }
     return b" ".join(b"%s %d" % (n.encode("ascii"), values[n]) for n in request.status)

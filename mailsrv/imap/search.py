@@ -198,6 +198,18 @@ def parse(tokens: list[Any], charset: str = "utf-8", saved: Collection[int] | No
         if key == "UID":
             t = value()
             return saved_key() if t == b"$" else (key, t)
+        if key == "MODSEQ":
+            # RFC 7162 3.1.5: MODSEQ [entry-name entry-type-req] mod-sequence-valzer;
+            # the entry (a flag's own mod-sequence) may be ignored, as the RFC allows.
+            t = value()
+            if isinstance(t, Literal):
+                kind = value()
+                if not isinstance(kind, bytes) or kind.lower() not in (b"priv", b"shared", b"all"):
+                    raise SearchError("Bad MODSEQ entry type")
+                t = value()
+            if isinstance(t, Literal) or not t.isdigit() or len(t) > 19 or int(t) >= 1 << 63:
+                raise SearchError("Bad mod-sequence value")
+            return (key, int(t))
         if key == "NOT":
             return ("not", one())
         if key == "OR":
@@ -210,6 +222,18 @@ def parse(tokens: list[Any], charset: str = "utf-8", saved: Collection[int] | No
     if not items:
         raise SearchError("Missing search key")
     return ("and", items)
+
+
+def uses_modseq(tree: tuple) -> bool:
+    """Whether the tree has a MODSEQ key (RFC 7162 3.1.5: the answer then names the highest)."""
+    kind = tree[0]
+    if kind == "and":
+        return any(uses_modseq(t) for t in tree[1])
+    if kind == "or":
+        return uses_modseq(tree[1]) or uses_modseq(tree[2])
+    if kind == "not":
+        return uses_modseq(tree[1])
+    return bool(kind == "MODSEQ")
 
 
 def needs(tree: tuple) -> set[str]:
@@ -399,6 +423,8 @@ class Matcher:
                 return t[1] in info.flags
             if k == "UNKEYWORD":
                 return t[1] not in info.flags
+            if k == "MODSEQ":
+                return info.modseq >= t[1]
             if k == "LARGER":
                 return info.size > t[1]
             if k == "SMALLER":

@@ -34,6 +34,7 @@ from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
 from mailsrv.imap.commands.sort import CAPABILITIES as SORT_CAPABILITIES
 from mailsrv.imap.commands.sort import SORT_CACHE_MESSAGES, SortCommands
+from mailsrv.imap.condstore import CAPABILITIES as CONDSTORE_CAPABILITIES
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
 from mailsrv.imap.sortfields import SortFieldCache
@@ -143,6 +144,7 @@ class IMAPServer(
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819
         caps.append(UTF8_ACCEPT)  # RFC 6855
         caps.append(b"BINARY")  # RFC 3516
+        caps += CONDSTORE_CAPABILITIES  # RFC 7162 (mailsrv.imap.condstore)
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

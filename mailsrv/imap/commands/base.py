@@ -24,6 +24,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.mail import imap4
 
+from mailsrv.imap import condstore
 from mailsrv.imap.fetch import FetchSyntaxError
 from mailsrv.imap.responses import encode_name, expunge_lines, flag_list
 from mailsrv.imap.search import BadCharset, SearchError
@@ -70,6 +71,11 @@ class CommandBase(imap4.IMAP4Server):
     _keywords_told: frozenset[str] = frozenset()  # in the FLAGS the client last had
     # RFC 6855 3: after ENABLE UTF8=ACCEPT, names are UTF-8 both ways, not modified UTF-7.
     utf8_accept = False
+    # RFC 7162 3.1: after a CONDSTORE enabling command, untagged FETCH carries MODSEQ;
+    # after ENABLE QRESYNC (3.2.3) UID too, and expunges are told by VANISHED.
+    condstore = False
+    qresync = False
+    view_modseq = 0  # the folder's HIGHESTMODSEQ when the session's view last caught up
 
     def encode_name(self, name: str) -> bytes:
         """A mailbox name as this session spells it (L{mailsrv.imap.responses.encode_name})."""
@@ -104,8 +110,13 @@ class CommandBase(imap4.IMAP4Server):
                 self.log.failure("closing folder")
 
     def _expunged_lines(self, removed: Iterable[int]) -> bytes:
-        """The EXPUNGE lines for C{removed}; they are no longer recent to the session."""
+        """
+        The EXPUNGE lines for C{removed} (after ENABLE QRESYNC, the VANISHED
+        line, RFC 7162 3.2.10); they are no longer recent to the session.
+        """
         self.mbox.recent.difference_update(removed)
+        if self.qresync:
+            return condstore.vanished_lines(self.mbox.uids, removed)
         return expunge_lines(self.mbox.uids, removed)
 
     # --- \Recent and keywords ----------------------------------------------
@@ -203,6 +214,7 @@ class CommandBase(imap4.IMAP4Server):
         lines = [self._expunged_lines(changes.expunged)]
         recent_before = len(mbox.recent)
         mbox.reload()
+        self.view_modseq = mbox.folder.highest_modseq
         if changes.added:
             yield self._claim_recent(mbox)
             if mbox is not self.mbox or self._lost:
@@ -211,7 +223,12 @@ class CommandBase(imap4.IMAP4Server):
         for info in changes.flags:
             seq = mbox.seq_of(info.uid)
             if seq is not None:
-                lines.append(b"* %d FETCH (FLAGS %s)\r\n" % (seq, flag_list(mbox.flags_of(info))))
+                flags = flag_list(mbox.flags_of(info))
+                lines.append(
+                    condstore.flags_fetch(
+                        seq, info.uid, info.modseq, flags, self.qresync, self.condstore
+                    )
+                )
         if changes.added or changes.expunged:
             lines.append(b"* %d EXISTS\r\n" % mbox.message_count())
         if changes.added and len(mbox.recent) != recent_before:

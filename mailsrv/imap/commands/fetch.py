@@ -14,7 +14,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mailsrv.imap import binary
+from mailsrv.imap import binary, condstore
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.fetch import FetchRequest, Stream, skip
@@ -70,6 +70,21 @@ class FetchCommand(CommandBase):
         items: list[Any] = list(req.order)
         if uid and "UID" not in items:
             items.insert(0, "UID")
+        mods = req.modifiers
+        if mods.vanished and not uid:
+            self.sendBadResponse(tag, b"VANISHED only with UID FETCH")  # RFC 7162 3.2.6
+            return
+        if mods.vanished and not self.qresync:
+            self.sendBadResponse(tag, b"QRESYNC not enabled")  # as Dovecot
+            return
+        if "MODSEQ" in items:  # RFC 7162 3.1: a CONDSTORE enabling command
+            self.transport.write(condstore.enable(self))
+        if mods.changed_since is not None:
+            seqs = yield self._changed_since(mbox, seqs, mods.changed_since)
+            if mods.vanished:
+                yield self._vanished_since(mbox, messages, mods.changed_since)
+            if mbox is not self.mbox or self._lost:
+                return
         seen_now: set[int] = set()
         if req.marks_seen and mbox.is_writeable():
             unseen = []
@@ -109,6 +124,37 @@ class FetchCommand(CommandBase):
             self.sendPositiveResponse(tag, b"FETCH completed")
 
     @defer.inlineCallbacks
+    def _changed_since(self, mbox: SessionMailbox, seqs: Sequence[int], modseq: int) -> Any:
+        """
+        CHANGEDSINCE (RFC 7162 3.1.4.1): those of C{seqs} whose modseq in the
+        view is above C{modseq}, found from the store's changes (work in
+        proportion to them, not to the folder).
+        """
+        changed = yield mbox.folder.changed_since(modseq)
+        wanted = seqs if isinstance(seqs, range) else set(seqs)
+        out = []
+        for u, _modseq, _flags in changed:
+            seq = mbox.seq_of(u)
+            if seq is not None and seq in wanted and mbox.infos[seq - 1].modseq > modseq:
+                out.append(seq)
+        return sorted(out)
+
+    @defer.inlineCallbacks
+    def _vanished_since(self, mbox: SessionMailbox, messages: SeqSet, modseq: int) -> Any:
+        """
+        UID FETCH's VANISHED modifier (RFC 7162 3.2.6): C{* VANISHED (EARLIER)}
+        for the UIDs of the set expunged since C{modseq}; those the store no
+        longer knows of are all the set's UIDs the view does not hold.
+        """
+        expunged = yield mbox.folder.vanished_since(modseq)
+        uids = mbox.uids
+        top = max(mbox.folder.uid_next - 1, uids[-1] if uids else 0)
+        within = condstore.normal_ranges(messages, top)
+        line = condstore.vanished_line(condstore.vanished_earlier(uids, expunged, within), True)
+        if line and not self._lost:
+            self.transport.write(line)
+
+    @defer.inlineCallbacks
     def _fetch_loop(
         self,
         mbox: SessionMailbox,
@@ -126,7 +172,7 @@ class FetchCommand(CommandBase):
         try:
             if not req.needs_disk:
                 plain = simple_formatters(items)
-                with_flags = simple_formatters(items + ["FLAGS"])
+                with_flags = simple_formatters(items + self._seen_extra(items))
                 has_flags = "FLAGS" in items
                 m: MessageFetch | None = None  # one for all: these formatters keep nothing in it
                 for start in range(0, len(seqs), 2000):
@@ -134,10 +180,10 @@ class FetchCommand(CommandBase):
                     for seq in seqs[start : start + 2000]:
                         info = mbox.infos[seq - 1]
                         fields, flags = plain, b""
-                        if has_flags:
-                            flags = flag_list(mbox.flags_of(info))
-                        elif info.uid in seen_now:
+                        if info.uid in seen_now:
                             fields, flags = with_flags, flag_list(mbox.flags_of(info))
+                        elif has_flags:
+                            flags = flag_list(mbox.flags_of(info))
                         if m is None:
                             m = MessageFetch(None, info, flags)
                         else:
@@ -153,8 +199,8 @@ class FetchCommand(CommandBase):
             need_structure = req.needs_structure
             batch = 200 if need_structure or req.sections else 500
             its = items
-            if seen_now and "FLAGS" not in items:
-                its = items + ["FLAGS"]
+            if seen_now:
+                its = items + self._seen_extra(items)
             memory_only = not need_structure and not req.sections
 
             def submit(start: int) -> tuple[list[Any], defer.Deferred]:
@@ -212,6 +258,18 @@ class FetchCommand(CommandBase):
                 pending[1].addErrback(lambda _: None)  # abandoned read-ahead
             if not self._lost:
                 self.transport.unregisterProducer()
+
+    def _seen_extra(self, items: list[Any]) -> list[str]:
+        """
+        The items a message made \\Seen by this FETCH gets too: FLAGS, and
+        once CONDSTORE is enabled MODSEQ (RFC 7162 3.1), after QRESYNC UID (3.2.4).
+        """
+        extra = [i for i in ("FLAGS",) if i not in items]
+        if self.condstore and "MODSEQ" not in items:
+            extra.append("MODSEQ")
+        if self.qresync and "UID" not in items:
+            extra.insert(0, "UID")
+        return extra
 
     @defer.inlineCallbacks
     def _stream(self, folder: Any, s: Stream, flow: OutputFlow) -> Any:

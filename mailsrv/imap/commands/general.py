@@ -1,13 +1,13 @@
 """
 Commands about the session rather than a mailbox: ID (RFC 2971), NOOP,
-ENABLE (RFC 5161; UTF8=ACCEPT, RFC 6855) and NAMESPACE (RFC 2342).
+ENABLE (RFC 5161; UTF8=ACCEPT, RFC 6855; CONDSTORE and QRESYNC, RFC 7162) and NAMESPACE (RFC 2342).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mailsrv.imap import twistedcompat
+from mailsrv.imap import condstore, twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 
 UTF8_ACCEPT = b"UTF8=ACCEPT"  # RFC 6855 3
@@ -42,12 +42,19 @@ class GeneralCommands(CommandBase):
         # RFC 5161 3.1: the ENABLED response names what this command enabled;
         # what is unknown (or cannot be enabled now) is left out, not refused.
         enabled = []
+        highest = b""
         for name in (line or b"").upper().split():
             # RFC 6855 3: "ENABLE UTF8=ACCEPT" is only valid in the
             # authenticated state; once a mailbox is selected it is left out.
             if name == UTF8_ACCEPT and self.state == twistedcompat.AUTH:
                 self.utf8_accept = True
                 enabled.append(name)
+            elif name in (condstore.CONDSTORE, condstore.QRESYNC) and name not in enabled:
+                # RFC 7162 3.1 (an enabling command) and 3.2.3 (QRESYNC implies CONDSTORE)
+                highest += condstore.enable(self)
+                self.qresync = self.qresync or name == condstore.QRESYNC
+                enabled.append(name)
+        self.transport.write(highest)
         self.sendUntaggedResponse(b" ".join([b"ENABLED", *enabled]))
         self.sendPositiveResponse(tag, b"ENABLE completed")
 

@@ -13,10 +13,11 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mailsrv.imap import listext, mutf7, twistedcompat
+from mailsrv.imap import condstore, listext, mutf7, twistedcompat
 from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
+from mailsrv.imap.condstore import SelectParams
 from mailsrv.imap.listext import ListRequest
 from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
 from mailsrv.imap.responses import flag_list, list_lines
@@ -30,7 +31,7 @@ _LIST_PIECE = 500  # LIST/LSUB lines written at a time
 # The LIST wildcards (RFC 3501 6.3.8) in a name would make it one that no
 # pattern can name alone: refused, as RFC 3501 5.1 advises.
 _WILDCARD_REFUSED = b"[CANNOT] Mailbox names must not contain the wildcards % and *"
-_STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN")
+_STATUS_ITEMS = listext.STATUS_ITEMS
 
 arg_astring = CommandParser.arg_astring
 arg_finalastring = CommandParser.arg_finalastring
@@ -44,9 +45,19 @@ class MailboxCommands(CommandBase):
     """SELECT, EXAMINE, CREATE, DELETE, RENAME, (UN)SUBSCRIBE, LIST, LSUB, STATUS, APPEND."""
 
     @command
-    def do_SELECT(self, tag: bytes, name: bytes, rw: bool = True) -> Any:
-        self._close_mailbox()
+    def do_SELECT(
+        self, tag: bytes, name: bytes, params: SelectParams | None = None, rw: bool = True
+    ) -> Any:
+        if self.mbox is not None:
+            # RFC 7162 3.2.11: what follows is of the mailbox now selected (sent
+            # whenever one is replaced, as Dovecot does, ENABLE QRESYNC or not)
+            self._close_mailbox()
+            self.sendUntaggedResponse(b"OK [CLOSED] Previous mailbox closed.")
         self.state = twistedcompat.AUTH
+        qresync = params.qresync if params is not None else None
+        if qresync is not None and not self.qresync:
+            self.sendBadResponse(tag, b"QRESYNC not enabled")  # RFC 7162 3.2.5
+            return
         folder_name = mailbox_name(name)
         try:
             mbox = yield self.account.select(folder_name, rw)
@@ -66,6 +77,15 @@ class MailboxCommands(CommandBase):
         first_unseen = next(
             (i for i, f in enumerate(flag_sets(mbox.infos), 1) if SEEN not in f), None
         )
+        if params is not None and params.condstore:
+            self.condstore = True  # RFC 7162 3.1.8
+        resync = b""
+        if qresync is not None:
+            resync = yield condstore.resync(
+                mbox, qresync, lambda info: flag_list(mbox.flags_of(info))
+            )
+            if mbox is not self.mbox or self._lost:
+                return
         self.sendUntaggedResponse(b"FLAGS " + flag_list(flags))
         permanent = [*flags, "\\*"] if mbox.is_writeable() else []
         self.sendUntaggedResponse(
@@ -77,15 +97,18 @@ class MailboxCommands(CommandBase):
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.uid_next())
+        # RFC 7162 3.1.2.1: with every successful SELECT or EXAMINE
+        self.view_modseq = mbox.folder.highest_modseq
+        self.transport.write(condstore.highest_line(self.view_modseq) + resync)
         self.state = twistedcompat.SELECTED
         mode = b"[READ-WRITE]" if mbox.is_writeable() else b"[READ-ONLY]"
         self.sendPositiveResponse(tag, mode + (b" SELECT" if rw else b" EXAMINE") + b" completed")
 
-    def do_EXAMINE(self, tag: bytes, name: bytes) -> None:
-        self.do_SELECT(tag, name, False)
+    def do_EXAMINE(self, tag: bytes, name: bytes, params: SelectParams | None = None) -> None:
+        self.do_SELECT(tag, name, params, False)
 
-    auth_SELECT = select_SELECT = (do_SELECT, arg_astring)  # type: ignore[assignment]
-    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, arg_astring)  # type: ignore[assignment]
+    auth_SELECT = select_SELECT = (do_SELECT, arg_astring, condstore.arg_select_params)  # type: ignore[assignment]
+    auth_EXAMINE = select_EXAMINE = (do_EXAMINE, arg_astring, condstore.arg_select_params)  # type: ignore[assignment]
 
     @command
     def do_CREATE(self, tag: bytes, name: bytes) -> Any:
@@ -301,6 +324,8 @@ class MailboxCommands(CommandBase):
         if bad or not wanted:
             self.sendBadResponse(tag, b"Unknown STATUS item")
             return
+        if "HIGHESTMODSEQ" in wanted:  # RFC 7162 3.1: a CONDSTORE enabling command
+            self.transport.write(condstore.enable(self))
         try:
             st = yield self.factory.store.folder_status(self._user, folder)
         except NotSelectable as e:
@@ -315,6 +340,7 @@ class MailboxCommands(CommandBase):
             "UIDNEXT": st["uid_next"],
             "UIDVALIDITY": st["uid_validity"],
             "UNSEEN": st["unseen"],
+            "HIGHESTMODSEQ": st["highest_modseq"],  # RFC 7162 3.1.6
         }
         items = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in wanted)
         self.sendUntaggedResponse(b"STATUS " + self.encode_name(folder) + b" (" + items + b")")

@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.mail import imap4
 
-from mailsrv.imap import twistedcompat
+from mailsrv.imap import condstore, twistedcompat
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
@@ -38,8 +38,8 @@ from mailsrv.imap.parsing import (
     resolve,
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
-from mailsrv.imap.search import BadCharset, Matcher, needs, parse
-from mailsrv.interfaces import DELETED, FolderError, MessageInfo, NotSelectable
+from mailsrv.imap.search import BadCharset, Matcher, needs, parse, uses_modseq
+from mailsrv.interfaces import DELETED, SYSTEM_FLAGS, FolderError, MessageInfo, NotSelectable
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 
@@ -117,13 +117,28 @@ class SelectedCommands(CommandBase):
         if out:
             self.transport.write(out)
         yield self._sync()
-        self.sendPositiveResponse(tag, b"EXPUNGE completed")
+        self.sendPositiveResponse(tag, self._highest_code(mbox) + b"EXPUNGE completed")
+
+    def _highest_code(self, mbox: SessionMailbox) -> bytes:
+        """
+        After ENABLE QRESYNC, the HIGHESTMODSEQ an EXPUNGE or MOVE led to, for
+        its tagged OK (as Dovecot; RFC 7162 3.2.10 lets the client store it).
+        """
+        if not self.qresync or mbox is not self.mbox:
+            return b""
+        return b"[HIGHESTMODSEQ %d] " % self.view_modseq
 
     select_EXPUNGE = (do_EXPUNGE,)
 
     @command
     def do_STORE(
-        self, tag: bytes, messages: SeqSet, mode: bytes, flags: list[bytes], uid: int = 0
+        self,
+        tag: bytes,
+        messages: SeqSet,
+        unchanged_since: int | None,
+        mode: bytes,
+        flags: list[bytes],
+        uid: int = 0,
     ) -> Any:
         mbox = self.mbox
         m = mode.upper()
@@ -137,32 +152,67 @@ class SelectedCommands(CommandBase):
         if not mbox.is_writeable():
             self.sendNegativeResponse(tag, b"[READ-ONLY] Mailbox is read-only")
             return
+        out = []
+        if unchanged_since is not None:  # RFC 7162 3.1: a CONDSTORE enabling command
+            out.append(condstore.enable(self))
         uids = [mbox.uids[seq - 1] for seq in seqs]
+        before = {u: mbox.infos[seq - 1].modseq for u, seq in zip(uids, seqs, strict=True)}
+        failed: frozenset[int] = frozenset()
         if not uids:
             now: dict[int, frozenset[str]] = {}
-        elif base == b"FLAGS":
+        elif base == b"FLAGS" and unchanged_since is None:
             now = {u: frozenset(new) for u in uids}
             yield mbox.folder.set_flags(now)
         else:
             # RFC 3501 6.4.6: on the flags as they are now, with other sessions' changes.
-            add, remove = (new, ()) if base == b"+FLAGS" else ((), new)
-            now = yield mbox.folder.change_flags(uids, add, remove)
+            add, remove = (new, ()) if base != b"-FLAGS" else ((), new)
+            if base == b"FLAGS":
+                # a replacement as a change: every flag the messages have goes but C{new};
+                # a message another session changed fails UNCHANGEDSINCE anyway
+                had = {f for seq in seqs for f in mbox.infos[seq - 1].flags}
+                remove = (had | SYSTEM_FLAGS) - new
+            result = yield mbox.folder.change_flags(uids, add, remove, unchanged_since)
+            now = result
+            failed = result.failed
         if uids:
             mbox.reload()
-        out = [self._flags_news(now.values())]
-        if not silent:
-            for seq in seqs:
-                info = mbox.infos[seq - 1]
-                extra = b" UID %d" % info.uid if uid else b""
-                out.append(
-                    b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, flag_list(mbox.flags_of(info)), extra)
+        out.append(self._flags_news(now.values()))
+        for seq, u in zip(seqs, uids, strict=True):
+            if u in failed:
+                continue
+            info = mbox.infos[seq - 1]
+            if self.condstore:
+                if silent:
+                    # RFC 7162 3.1.3: MODSEQ of the messages changed, even when silent
+                    if info.modseq != before[u]:
+                        out.append(
+                            condstore.modseq_fetch(seq, u, info.modseq, bool(uid) or self.qresync)
+                        )
+                    continue
+            elif silent:
+                continue
+            flags_now = flag_list(mbox.flags_of(info))
+            out.append(
+                condstore.flags_fetch(
+                    seq, u, info.modseq, flags_now, bool(uid) or self.qresync, self.condstore
                 )
+            )
         self.transport.write(b"".join(out))
+        if failed:
+            # RFC 7162 3.1.3: the messages that failed the test, by number or by UID
+            named = sorted(
+                u if uid else seq for seq, u in zip(seqs, uids, strict=True) if u in failed
+            )
+            self.sendPositiveResponse(
+                tag, b"[MODIFIED %s] Conditional store failed" % uid_set(named)
+            )
+            return
         self.sendPositiveResponse(tag, b"STORE completed")
 
     select_STORE = (  # type: ignore[assignment]
         do_STORE,
         arg_seqset,
+        condstore.arg_store_modifiers,
         twistedcompat.arg_atom,
         twistedcompat.arg_flaglist,
     )
@@ -219,9 +269,11 @@ class SelectedCommands(CommandBase):
             mbox.reload()
             if out:
                 self.transport.write(out)
-            if into_selected:
-                yield self._sync()  # the copies: EXISTS before the client may name them
-            self.sendPositiveResponse(tag, b"MOVE completed")
+            if into_selected or self.qresync:
+                # the copies: EXISTS before the client may name them; after QRESYNC,
+                # the view caught up, so that the HIGHESTMODSEQ told covers nothing untold
+                yield self._sync()
+            self.sendPositiveResponse(tag, self._highest_code(mbox) + b"MOVE completed")
         else:
             if into_selected:
                 # RFC 3501 6.4.7 and 7.3.1: EXISTS (and RECENT) before the client may name them
@@ -268,28 +320,36 @@ class SelectedCommands(CommandBase):
             lambda raw, last: SeqSetMembers(SeqSet(raw), last),
         )
         folder = mbox.folder
+        with_modseq = uses_modseq(tree)
+        if with_modseq:  # RFC 7162 3.1: a CONDSTORE enabling command
+            self.transport.write(condstore.enable(self))
 
-        def run() -> tuple[array, array]:
+        def run() -> tuple[array, array, array]:
             hits = array("q")  # 8 bytes a hit, not an int object each
             hit_uids = array("q")
+            modseqs = array("q")
             for seq, info in matching(matcher, folder, infos):
                 hits.append(info.uid if uid else seq)
                 if save:
                     hit_uids.append(info.uid)
-            return hits, hit_uids
+                if with_modseq:
+                    modseqs.append(info.modseq)
+            return hits, hit_uids, modseqs
 
         if needs(tree):
-            hits, hit_uids = yield self._run(run)
+            hits, hit_uids, modseqs = yield self._run(run)
         else:
-            hits, hit_uids = run()
+            hits, hit_uids, modseqs = run()
         if self._lost:
             return
         if save and options is not None:
             self._save_result(mbox, options, hit_uids)
         if options is None:
-            self.sendUntaggedResponse(b"SEARCH" + number_list(hits))
+            # RFC 7162 3.1.5: the highest mod-sequence of the found messages ends it
+            top = b" (MODSEQ %d)" % max(modseqs) if modseqs else b""
+            self.sendUntaggedResponse(b"SEARCH" + number_list(hits) + top)
         elif answers(options):
-            self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, hits))
+            self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, hits, modseqs))
         self.sendPositiveResponse(tag, b"SEARCH completed")
 
     select_SEARCH = (  # type: ignore[assignment]

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.mail import imap4
 
-from mailsrv.imap import twistedcompat
+from mailsrv.imap import condstore, twistedcompat
 from mailsrv.imap.commands.base import command
 from mailsrv.imap.commands.selected import SelectedCommands, matching
 from mailsrv.imap.esearch import (
@@ -24,7 +24,7 @@ from mailsrv.imap.esearch import (
     parse_return,
 )
 from mailsrv.imap.parsing import CommandParser, SeqSet, SeqSetMembers
-from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse
+from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse, uses_modseq
 from mailsrv.imap.sort import Entry, Matches, Program, needs_headers, parse_program, sort_positions
 from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, collector_paused, message_keys
 from mailsrv.imap.thread import ALGORITHMS, ordered_subject, references, thread_list
@@ -211,14 +211,30 @@ class SortCommands(SelectedCommands):
             raise
         if self._lost:
             return
+        modseqs = self._sort_modseqs(charset, tokens, numbers, bool(uid))
         if options is None:
-            self.sendUntaggedResponse(b"SORT" + _numbers(numbers))
+            top = b" (MODSEQ %d)" % max(modseqs) if modseqs else b""  # RFC 7162 3.1.5
+            self.sendUntaggedResponse(b"SORT" + _numbers(numbers) + top)
         else:
             if save:  # RFC 5182 2.4: MIN and MAX as ESORT gives them, in sort order
                 self._save_result(mbox, options, found)
             if answers(options):
-                self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers))
+                self.sendUntaggedResponse(esearch_line(tag, bool(uid), options, numbers, modseqs))
         self.sendPositiveResponse(tag, b"SORT completed")
+
+    def _sort_modseqs(
+        self, charset: bytes, tokens: list[Any], numbers: list[int], uid: bool
+    ) -> list[int]:
+        """
+        With a MODSEQ key (RFC 7162 3.1.5, a CONDSTORE enabling command), the
+        mod-sequences of the sorted messages, in their order; else none.
+        """
+        if not uses_modseq(parse(tokens, charset.decode("ascii", "replace"), self.saved_uids())):
+            return []
+        self.transport.write(condstore.enable(self))
+        mbox = self.mbox
+        seqs = [mbox.seq_of(n) or 0 for n in numbers] if uid else numbers
+        return [mbox.infos[s - 1].modseq for s in seqs if s]
 
     select_SORT = (  # type: ignore[assignment]
         do_SORT,
