@@ -10,8 +10,11 @@ for the mod-sequence numbers) where a private Dovecot can run.
 
 from __future__ import annotations
 
+import os
 import re
+import shutil
 import sqlite3
+import subprocess
 
 from twisted.internet import defer
 from twisted.trial import unittest
@@ -19,6 +22,7 @@ from twisted.trial import unittest
 from tests import dovecot_peer
 from tests.imap_loopback_support import RawClient
 from tests.test_imap_condstore import OURS, THEIRS, CondstoreCase, _normal, highest, mbox
+from tests.test_imap_harness import PASSWORD, USER
 
 
 def validity(lines: list[bytes]) -> int:
@@ -263,3 +267,98 @@ class QresyncLikeDovecotTest(CondstoreCase):
         for i, o, t in diffs:
             print(i, "\n  ours:   ", o, "\n  dovecot:", t)
         self.assertEqual(diffs, [])
+
+
+# --- a real client ---------------------------------------------------------------------
+
+MUTT = shutil.which("mutt")
+SCRIPT = shutil.which("script")
+
+
+class MuttQresyncTest(CondstoreCase):
+    """
+    The real mutt (2.2: imap_qresync, with its header cache) resynchronises
+    INBOX by QRESYNC (SELECT (CONDSTORE), then UID FETCH (CHANGEDSINCE n
+    VANISHED)) and acts on a flag another session set meanwhile.
+    """
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        if MUTT is None or SCRIPT is None:
+            raise unittest.SkipTest("mutt (and script, for its terminal) not installed")
+        super().setUp()
+        self.received: list[bytes] = []
+        build = self.factory.buildProtocol
+
+        def recording(addr):
+            p = build(addr)
+            line_received = p.lineReceived
+
+            def record(line):
+                self.received.append(line)
+                return line_received(line)
+
+            p.lineReceived = record
+            return p
+
+        self.factory.buildProtocol = recording
+
+    def mutt(self, keys: str) -> None:
+        """Run mutt on the IMAP INBOX, typing C{keys} (under a pseudo-terminal, via script)."""
+        home = self.tmp / "mutt-home"
+        home.mkdir(exist_ok=True)
+        url = f"imap://127.0.0.1:{self.port_number}"
+        rc = home / "muttrc"
+        rc.write_text(
+            f"set imap_user={USER}\nset imap_pass={PASSWORD.decode()}\n"
+            f"set folder={url}/\nset spoolfile={url}/INBOX\nset record=\nset postponed=\n"
+            f"set header_cache={home}/hcache\nset imap_condstore=yes\nset imap_qresync=yes\n"
+            "set ssl_starttls=no\nset ssl_force_tls=no\nset move=no\nset confirmappend=no\n"
+            "set quit=yes\nset delete=no\nset wait_key=no\nset check_new=no\nset mark_old=no\n"
+            "set imap_passive=yes\nset mail_check=3600\n"
+        )
+        cmd = f"{MUTT} -n -F {rc} -f {url}/INBOX -e 'push \"{keys}\"'"
+        env = dict(os.environ, TERM="vt100", HOME=str(home))
+        subprocess.run(
+            [SCRIPT, "-qec", cmd, "/dev/null"],
+            env=env,
+            cwd=home,
+            check=True,
+            timeout=60,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
+
+    @defer.inlineCallbacks
+    def test_mutt_resyncs_by_qresync(self):
+        def first(connect):
+            connect().cmd(b"c", b"CREATE Other")
+            self.mutt("q")  # fills the header cache
+
+        yield self.drive(first)
+        assert b"ENABLE QRESYNC" in [ln.partition(b" ")[2].upper() for ln in self.received]
+        self.received.clear()
+
+        def second(connect):
+            b = connect()
+            b.cmd(b"s", b"SELECT INBOX")
+            b.cmd(b"x", b"STORE 3 +FLAGS (\\Flagged)")
+            b.cmd(b"o", b"LOGOUT")
+            # tag the flagged messages (as mutt now knows them) and copy them to Other
+            self.mutt("T~F\\n;C=Other\\nq")
+            c = connect()
+            out = c.cmd(b"s", b"SELECT Other")
+            assert b"* 1 EXISTS\r\n" in out, out
+            out = c.cmd(b"f", b"FETCH 1 (BODY.PEEK[HEADER.FIELDS (SUBJECT)])")
+            assert b"Subject: m3" in b"".join(out), out
+
+        yield self.drive(second)
+        sent = [ln.partition(b" ")[2].upper() for ln in self.received]
+        assert b'SELECT "INBOX" (CONDSTORE)' in sent, sent
+        # the flags came from the resynchronisation (mutt 2.2: CHANGEDSINCE with VANISHED),
+        # not from a FETCH of every message's
+        assert any(re.search(rb"\(FLAGS\) \(CHANGEDSINCE \d+ VANISHED\)$", ln) for ln in sent), sent
+        assert not any(
+            b"FLAGS" in ln and b"CHANGEDSINCE" not in ln for ln in sent if b"FETCH" in ln
+        )
