@@ -34,6 +34,8 @@ from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
 from mailsrv.imap.commands.sort import CAPABILITIES as SORT_CAPABILITIES
 from mailsrv.imap.commands.sort import SORT_CACHE_MESSAGES, SortCommands
+from mailsrv.imap.commands.urlauth import CAPABILITIES as URLAUTH_CAPABILITIES
+from mailsrv.imap.commands.urlauth import UrlauthCommands
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
 from mailsrv.imap.sortfields import SortFieldCache
@@ -59,6 +61,7 @@ class IMAPServer(
     FetchCommand,
     IdleCommand,
     QuotaCommands,
+    UrlauthCommands,
     CommandParser,
     ResponseHook,
     imap4.IMAP4Server,
@@ -143,6 +146,7 @@ class IMAPServer(
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819
         caps.append(UTF8_ACCEPT)  # RFC 6855
         caps.append(b"BINARY")  # RFC 3516
+        caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

@@ -1,0 +1,385 @@
+"""
+URLAUTH (RFC 4467) and URL-PARTIAL (RFC 5550): the INTERNAL token and the
+access rules as pure functions, the key table on disk, and GENURLAUTH,
+URLFETCH and RESETKEY over loopback on the mbox store, with a second user
+reading the first one's message by a URL made for him.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import re
+import stat
+from datetime import UTC, datetime
+
+from twisted.cred.credentials import IUsernamePassword
+from twisted.internet import defer
+from twisted.trial import unittest
+
+from mailsrv.imap import urlauth
+from mailsrv.spool import BytesSource
+from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
+from tests.test_imap_harness import PASSWORD, USER
+
+BOB = "bob@example.test"
+ENC_BOB = "bob%40example.test"
+BOB_PASSWORD = b"bobpw"
+CAROL = "carol@example.test"
+CAROL_PASSWORD = b"carolpw"
+ENC_USER = USER.replace("@", "%40")
+
+MESSAGE = (
+    b"From: Ann <ann@example.test>\r\nSubject: parts\r\n"
+    b'Content-Type: multipart/mixed; boundary="B"\r\n\r\n'
+    b"--B\r\nContent-Type: text/plain\r\n\r\nfirst part\r\n"
+    b"--B\r\nContent-Type: text/plain\r\n\r\nsecond part text\r\n--B--\r\n"
+)
+
+
+class PureFunctions(unittest.TestCase):
+    """The INTERNAL token, the access identifiers, EXPIRE."""
+
+    def test_token_is_hmac_sha1_of_the_rump_in_lower_case_hex(self):
+        key = bytes(range(32))
+        rump = "imap://joe@example.com/INBOX/;uid=20/;section=1.2;urlauth=anonymous"
+        want = hmac.new(key, rump.encode(), hashlib.sha1).hexdigest()
+        self.assertEqual(urlauth.token(key, rump), want)
+        self.assertEqual(urlauth.full_url(rump, key), f"{rump}:internal:{want}")
+        self.assertTrue(urlauth.verifies(key, rump, want.upper()))
+        self.assertFalse(urlauth.verifies(key, rump + "x", want))
+        self.assertFalse(urlauth.verifies(None, rump, want))
+
+    def test_access_identifiers(self):
+        self.assertTrue(urlauth.permits("anonymous", BOB))
+        self.assertTrue(urlauth.permits("authuser", BOB))
+        self.assertTrue(urlauth.permits("user+" + BOB, BOB))
+        self.assertTrue(urlauth.permits("user+Bob@example.test", BOB))  # logins match any case
+        self.assertFalse(urlauth.permits("user+" + BOB, USER))
+        # No session here is a message submission entity (RFC 4467 2.2).
+        self.assertFalse(urlauth.permits("submit+" + BOB, BOB))
+        self.assertFalse(urlauth.permits("anonymous", None))
+
+    def test_expire(self):
+        when = datetime(2030, 1, 1, tzinfo=UTC)
+        self.assertFalse(urlauth.expired(None, 4e9))
+        self.assertFalse(urlauth.expired(when, when.timestamp()))
+        self.assertTrue(urlauth.expired(when, when.timestamp() + 1))
+
+    def test_key_table_on_disk(self):
+        root = self.mktemp()
+        table = urlauth.KeyTable(urlauth.keys_path(__import__("pathlib").Path(root), USER))
+        self.assertIsNone(table.key("INBOX", 7))
+        key = table.key_or_new("INBOX", 7)
+        self.assertEqual(len(key), urlauth.KEY_OCTETS)
+        self.assertEqual(table.key_or_new("INBOX", 7), key)  # kept, not made again
+        self.assertEqual(table.key("INBOX", 7), key)
+        self.assertIsNone(table.key("INBOX", 8))  # the folder made again: no key
+        self.assertEqual(stat.S_IMODE(os.stat(table.path).st_mode), 0o600)
+        self.assertEqual(stat.S_IMODE(os.stat(table.path.parent).st_mode), 0o700)
+        self.assertEqual(json.loads(table.path.read_bytes())["keys"]["INBOX"]["key"], key.hex())
+        table.reset("INBOX", 7)
+        self.assertNotIn(table.key("INBOX", 7), (None, key))
+        table.reset_all()
+        self.assertIsNone(table.key("INBOX", 7))
+
+
+def login(port: int, user: str, password: bytes) -> RawClient:
+    c = RawClient(port)
+    out = c.cmd(b"L", b'LOGIN %s "%s"' % (user.encode(), password))
+    assert out[-1].startswith(b"L OK"), out
+    return c
+
+
+def command(c: RawClient, tag: bytes, rest: bytes) -> list[bytes]:
+    """The answer to a command, each literal read whole and kept in its line."""
+    c.send(tag + b" " + rest + b"\r\n")
+    lines = []
+    while True:
+        line = c.file.readline()
+        if not line:
+            return lines
+        m = re.search(rb"\{(\d+)\}\r\n$", line)
+        if m:
+            line += c.file.read(int(m.group(1)))
+            line += c.file.readline()
+        lines.append(line)
+        if line.startswith(tag + b" "):
+            return lines
+
+
+def quoted(url: str) -> bytes:
+    return b'"' + url.encode() + b'"'
+
+
+class UrlauthLoopback(LoopbackIMAPCase):
+    """GENURLAUTH, URLFETCH and RESETKEY on the mbox store over 127.0.0.1."""
+
+    def setUp(self):
+        super().setUp()
+        checker = self.factory.portal.checkers[IUsernamePassword]
+        checker.addUser(BOB.encode(), BOB_PASSWORD)
+        checker.addUser(CAROL.encode(), CAROL_PASSWORD)
+
+    @defer.inlineCallbacks
+    def deliver(self, data: bytes = MESSAGE, user: str = USER):
+        yield self.store.deliver(user, BytesSource(data), "s@example.test", "INBOX")
+        folder = yield self.store.open_folder(user, "INBOX", True)
+        validity = folder.uid_validity
+        folder.close()
+        return validity
+
+    def rump(self, validity: int, tail: str, access: str = "anonymous") -> str:
+        return f"imap://{ENC_USER}@127.0.0.1/INBOX;UIDVALIDITY={validity}/;UID=1{tail};URLAUTH={access}"
+
+    def generate(self, c: RawClient, rump: str) -> str:
+        out = command(c, b"G", b"GENURLAUTH " + quoted(rump) + b" INTERNAL")
+        assert out[-1].startswith(b"G OK"), out
+        m = re.fullmatch(rb'\* GENURLAUTH "([^"]+)"\r\n', out[0])
+        assert m, out
+        return m.group(1).decode()
+
+    def fetch(self, c: RawClient, *urls: str) -> list[bytes]:
+        return command(c, b"U", b"URLFETCH " + b" ".join(quoted(u) for u in urls))
+
+    def session(self, user: str = USER, password: bytes = PASSWORD) -> RawClient:
+        c = login(self.port_number, user, password)
+        self.addCleanup(c.close)
+        return c
+
+    @defer.inlineCallbacks
+    def test_capabilities(self):
+        def client():
+            return command(self.session(), b"C", b"CAPABILITY")
+
+        out = yield self.in_thread(client)
+        caps = out[0].split()
+        self.assertIn(b"URLAUTH", caps)
+        self.assertIn(b"URL-PARTIAL", caps)
+        self.assertNotIn(b"URLAUTH=BINARY", caps)
+
+    @defer.inlineCallbacks
+    def test_generate_and_fetch_own_message_section_and_partial(self):
+        validity = yield self.deliver()
+        rump = self.rump(validity, "/;SECTION=2")
+
+        def client():
+            c = self.session()
+            url = self.generate(c, rump)
+            whole = self.generate(c, self.rump(validity, ""))
+            part = self.generate(c, self.rump(validity, "/;SECTION=1/;PARTIAL=2.3"))
+            rest = self.generate(c, self.rump(validity, "/;PARTIAL=10"))
+            return url, self.fetch(c, url, whole, part, rest)
+
+        url, out = yield self.in_thread(client)
+        self.assertRegex(url, "^" + re.escape(rump) + ":internal:[0-9a-f]{40}$")
+        # The token is HMAC-SHA1 of the rump under the key in the user's table.
+        keys = json.loads(urlauth.keys_path(self.config.server.data_dir, USER).read_bytes())["keys"]
+        key = bytes.fromhex(keys["INBOX"]["key"])
+        self.assertEqual(keys["INBOX"]["uidvalidity"], validity)
+        self.assertEqual(url.rpartition(":")[2], hmac.new(key, rump.encode(), "sha1").hexdigest())
+        urls = [line.split(b'"')[1].decode() for line in out[:-1]]
+        self.assertEqual(urls[0], url)
+        self.assertEqual(out[0], b'* URLFETCH "%s" {16}\r\nsecond part text\r\n' % url.encode())
+        self.assertEqual(
+            out[1], b'* URLFETCH "%s" {%d}\r\n%s\r\n' % (urls[1].encode(), len(MESSAGE), MESSAGE)
+        )
+        self.assertEqual(out[2], b'* URLFETCH "%s" {3}\r\nrst\r\n' % urls[2].encode())
+        self.assertEqual(
+            out[3],
+            b'* URLFETCH "%s" {%d}\r\n%s\r\n' % (urls[3].encode(), len(MESSAGE) - 10, MESSAGE[10:]),
+        )
+        self.assertEqual(out[-1], b"U OK URLFETCH completed\r\n")
+
+    @defer.inlineCallbacks
+    def test_access_identifiers_decide_who_reads(self):
+        validity = yield self.deliver()
+
+        def client():
+            alice = self.session()
+            made = {
+                access: self.generate(alice, self.rump(validity, "", access))
+                for access in ("anonymous", "authuser", "user+" + ENC_BOB, "submit+" + ENC_BOB)
+            }
+            bob = self.session(BOB, BOB_PASSWORD)
+            carol = self.session(CAROL, CAROL_PASSWORD)
+            command(bob, b"S", b"SELECT INBOX")  # URLFETCH in the selected state too
+            seen = {}
+            for access, url in made.items():
+                seen[access] = (
+                    self.fetch(alice, url)[0],
+                    self.fetch(bob, url)[0],
+                    self.fetch(carol, url)[0],
+                )
+            return made, seen
+
+        made, seen = yield self.in_thread(client)
+        data = b" {%d}\r\n%s\r\n" % (len(MESSAGE), MESSAGE)
+        nil = b" NIL\r\n"
+
+        def line(access, tail):
+            return b'* URLFETCH "%s"%s' % (made[access].encode(), tail)
+
+        for access in ("anonymous", "authuser"):
+            self.assertEqual(seen[access], (line(access, data),) * 3)
+        # user+bob: only bob, not even the owner.
+        user = "user+" + ENC_BOB
+        self.assertEqual(seen[user], (line(user, nil), line(user, data), line(user, nil)))
+        # submit+bob: only a submission server acting for bob, and there is none.
+        submit = "submit+" + ENC_BOB
+        self.assertEqual(seen[submit], (line(submit, nil),) * 3)
+
+    @defer.inlineCallbacks
+    def test_altered_or_foreign_urls_are_nil(self):
+        validity = yield self.deliver()
+        yield self.deliver(b"Subject: two\r\n\r\nsecond message\r\n")
+
+        def client():
+            c = self.session()
+            url = self.generate(c, self.rump(validity, ""))
+            rump, _, token = url.rpartition(":")
+            bad_token = rump + ":" + ("0" if token[0] != "0" else "1") + token[1:]
+            other_uid = url.replace(";UID=1;", ";UID=2;")
+            upper = url.replace("INBOX", "inbox")
+            wrong_validity = url.replace(f"={validity}/", f"={validity + 1}/")
+            expire = url.replace(";URLAUTH=", ";EXPIRE=2000-01-01T00:00:00Z;URLAUTH=")
+            xmech = rump + ":xsample:" + token
+            return url, self.fetch(
+                c, bad_token, other_uid, upper, wrong_validity, expire, xmech, "imap://x", url
+            )
+
+        url, out = yield self.in_thread(client)
+        self.assertEqual(len(out), 9)
+        for line in out[:7]:
+            self.assertTrue(line.endswith(b" NIL\r\n"), line)
+        self.assertTrue(out[7].startswith(b'* URLFETCH "%s" {' % url.encode()), out[7])
+        self.assertEqual(out[8], b"U OK URLFETCH completed\r\n")
+
+    @defer.inlineCallbacks
+    def test_resetkey_revokes(self):
+        validity = yield self.deliver()
+
+        def client():
+            c = self.session()
+            first = self.generate(c, self.rump(validity, ""))
+            before = self.fetch(c, first)[0]
+            reset = command(c, b"R", b"RESETKEY INBOX")
+            after = self.fetch(c, first)[0]
+            second = self.generate(c, self.rump(validity, ""))
+            works = self.fetch(c, second)[0]
+            missing = command(c, b"M", b"RESETKEY nosuch")
+            mech = command(c, b"X", b"RESETKEY INBOX XSAMPLE")
+            everything = command(c, b"A", b"RESETKEY")
+            gone = self.fetch(c, second)[0]
+            return first, second, before, reset, after, works, missing, mech, everything, gone
+
+        (
+            first,
+            second,
+            before,
+            reset,
+            after,
+            works,
+            missing,
+            mech,
+            everything,
+            gone,
+        ) = yield self.in_thread(client)
+        self.assertNotEqual(first, second)
+        self.assertIn(b"{%d}" % len(MESSAGE), before)
+        self.assertEqual(reset, [b"R OK [URLMECH INTERNAL] Key reset\r\n"])
+        self.assertEqual(after, b'* URLFETCH "%s" NIL\r\n' % first.encode())
+        self.assertIn(b"{%d}" % len(MESSAGE), works)
+        self.assertTrue(missing[-1].startswith(b"M NO "), missing)
+        self.assertEqual(mech, [b"X NO Unsupported URLAUTH mechanism\r\n"])
+        self.assertEqual(everything, [b"A OK All keys removed\r\n"])
+        self.assertEqual(gone, b'* URLFETCH "%s" NIL\r\n' % second.encode())
+
+    @defer.inlineCallbacks
+    def test_genurlauth_refusals(self):
+        validity = yield self.deliver()
+        good = self.rump(validity, "")
+
+        def client():
+            c = self.session()
+            answers = {}
+            for name, args in {
+                "other_user": quoted(good.replace(ENC_USER, "bob%40example.test")) + b" INTERNAL",
+                "no_mailbox": quoted(good.replace("INBOX", "nosuch")) + b" INTERNAL",
+                "no_message": quoted(good.replace(";UID=1;", ";UID=9;")) + b" INTERNAL",
+                "mechanism": quoted(good) + b" XSAMPLE",
+                "expired": quoted(good.replace(";URLAUTH", ";EXPIRE=2000-01-01T00:00:00Z;URLAUTH"))
+                + b" INTERNAL",
+                "not_rump": quoted(good.replace(";URLAUTH=anonymous", "")) + b" INTERNAL",
+                "full": quoted(good + ":internal:" + "0" * 40) + b" INTERNAL",
+                "odd": quoted(good),
+            }.items():
+                answers[name] = command(c, b"G", b"GENURLAUTH " + args)
+            return answers
+
+        answers = yield self.in_thread(client)
+        for name in ("other_user", "no_mailbox", "no_message", "mechanism", "expired"):
+            self.assertEqual(len(answers[name]), 1, name)
+            self.assertTrue(answers[name][0].startswith(b"G NO "), (name, answers[name]))
+        for name in ("not_rump", "full", "odd"):
+            self.assertTrue(answers[name][-1].startswith(b"G BAD "), (name, answers[name]))
+
+    @defer.inlineCallbacks
+    def test_plain_urls_read_only_the_users_own_folders(self):
+        yield self.deliver()
+        yield self.deliver(b"Subject: bob's\r\n\r\nfor bob\r\n", user=BOB)
+
+        def client():
+            c = self.session()
+            return self.fetch(
+                c,
+                f"imap://{ENC_USER}@127.0.0.1/INBOX/;UID=1/;SECTION=HEADER.FIELDS%20(SUBJECT)",
+                "imap://127.0.0.1/INBOX/;UID=1/;SECTION=1",
+                "imap://bob%40example.test@127.0.0.1/INBOX/;UID=1",
+                "imap://127.0.0.1/INBOX/;UID=1/;SECTION=9",
+            )
+
+        out = yield self.in_thread(client)
+        self.assertEqual(out[0].split(b" ", 3)[3], b"{18}\r\nSubject: parts\r\n\r\n\r\n")
+        self.assertEqual(out[1].split(b" ", 3)[3], b"{10}\r\nfirst part\r\n")
+        self.assertTrue(out[2].endswith(b" NIL\r\n"))
+        self.assertTrue(out[3].endswith(b" NIL\r\n"))
+
+    @defer.inlineCallbacks
+    def test_large_message_is_streamed_byte_exact_to_another_user(self):
+        body = os.urandom(1536 * 1024).hex().encode()  # 3 MB of text
+        lines = b"\r\n".join(body[i : i + 76] for i in range(0, len(body), 76))
+        big = b"Subject: big\r\n\r\n" + lines + b"\r\n"
+        validity = yield self.deliver(big)
+
+        def client():
+            alice = self.session()
+            url = self.generate(alice, self.rump(validity, "/;SECTION=TEXT", "user+" + ENC_BOB))
+            bob = RawClient(self.port_number, rcvbuf=16 * 1024)
+            self.addCleanup(bob.close)
+            assert command(bob, b"L", b'LOGIN %s "%s"' % (BOB.encode(), BOB_PASSWORD))[
+                -1
+            ].startswith(b"L OK")
+            bob.send(b"U URLFETCH " + quoted(url) + b"\r\n")
+            head = bob.file.readline()
+            # bob does not read on: the server still serves alice meanwhile.
+            noop = command(alice, b"N", b"NOOP")[-1]
+            size = int(re.search(rb"\{(\d+)\}\r\n$", head).group(1))
+            digest = hashlib.sha256()
+            left = size
+            while left:
+                chunk = bob.file.read(min(left, 1 << 20))
+                assert chunk
+                digest.update(chunk)
+                left -= len(chunk)
+            return size, digest.digest(), noop, bob.read_until(b"U")
+
+        size, digest, noop, tail = yield self.in_thread(client)
+        text = big[len(b"Subject: big\r\n\r\n") :]
+        self.assertEqual(size, len(text))
+        self.assertEqual(digest, hashlib.sha256(text).digest())
+        self.assertEqual(noop, b"N OK NOOP completed\r\n")
+        self.assertEqual(tail, [b"\r\n", b"U OK URLFETCH completed\r\n"])
+        self.assertEqual(self.failures, [])
