@@ -246,16 +246,29 @@ class UrlauthLoopback(LoopbackIMAPCase):
             wrong_validity = url.replace(f"={validity}/", f"={validity + 1}/")
             expire = url.replace(";URLAUTH=", ";EXPIRE=2000-01-01T00:00:00Z;URLAUTH=")
             xmech = rump + ":xsample:" + token
+            ghost = url.replace(ENC_USER, "ghost%40example.test")
             return url, self.fetch(
-                c, bad_token, other_uid, upper, wrong_validity, expire, xmech, "imap://x", url
+                c,
+                bad_token,
+                other_uid,
+                upper,
+                wrong_validity,
+                expire,
+                xmech,
+                "imap://x",
+                ghost,
+                url,
             )
 
         url, out = yield self.in_thread(client)
-        self.assertEqual(len(out), 9)
-        for line in out[:7]:
+        self.assertEqual(len(out), 10)
+        for line in out[:8]:
             self.assertTrue(line.endswith(b" NIL\r\n"), line)
-        self.assertTrue(out[7].startswith(b'* URLFETCH "%s" {' % url.encode()), out[7])
-        self.assertEqual(out[8], b"U OK URLFETCH completed\r\n")
+        self.assertTrue(out[8].startswith(b'* URLFETCH "%s" {' % url.encode()), out[8])
+        self.assertEqual(out[9], b"U OK URLFETCH completed\r\n")
+        # A URL naming no user of this server opens no folder: nothing is made on disk.
+        for root in (self.config.mail_dir, self.config.index_dir):
+            self.assertFalse((root / "example.test" / "ghost").exists())
 
     @defer.inlineCallbacks
     def test_resetkey_revokes(self):

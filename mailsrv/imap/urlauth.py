@@ -122,11 +122,16 @@ class KeyTable:
 
     def key(self, folder: str, uid_validity: int) -> bytes | None:
         """The folder's key under this UIDVALIDITY, or None (never made, reset, or stale)."""
+        found = self.entry(folder)
+        return found[1] if found is not None and found[0] == uid_validity else None
+
+    def entry(self, folder: str) -> tuple[int, bytes] | None:
+        """The folder's (UIDVALIDITY, key), or None if it has none."""
         entry = self._read().get(folder)
-        if not isinstance(entry, dict) or entry.get("uidvalidity") != uid_validity:
+        if not isinstance(entry, dict) or not isinstance(entry.get("uidvalidity"), int):
             return None
         try:
-            return bytes.fromhex(entry["key"])
+            return entry["uidvalidity"], bytes.fromhex(entry["key"])
         except (KeyError, TypeError, ValueError):
             return None
 

@@ -48,6 +48,7 @@ from mailsrv.imap.urlfetch import BadSection, Octets, locate, section
 from mailsrv.interfaces import FolderError
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import uids_of
+from mailsrv.store.names import canonical_folder
 
 CAPABILITIES = [b"URLAUTH", b"URL-PARTIAL"]  # RFC 4467 1, RFC 5550 5
 CHUNK = 256 * 1024
@@ -234,10 +235,12 @@ class UrlauthCommands(CommandParser):
         """(folder, L{Octets}) of a URL this session may read, else None."""
         try:
             url = parse(text, relative=False)
-        except InvalidURL:
+            sec = section(url.section)
+        except (InvalidURL, BadSection):
             return None
         if not url.is_message_part or self._user is None:
             return None
+        validity = None
         if url.access is None:
             # A plain URL: the session user's own folders, as FETCH reads them.
             if url.user is not None and not same_user(url.user, self._user):
@@ -254,28 +257,34 @@ class UrlauthCommands(CommandParser):
             ):
                 return None
             owner = self._user if url.user == self._user else url.user
+            # The token is checked before any folder is opened: only a URL
+            # made here opens one (opening a folder of a name that is no
+            # user's would make it on disk).
+            try:
+                table = self._urlauth_keys(owner)
+                name = canonical_folder(url.mailbox or "")
+            except (ValueError, FolderError):
+                found = None
+            else:
+                found = yield self._run(table.entry, name)
+            if not verifies(None if found is None else found[1], url.rump, url.token):
+                return None
+            assert found is not None
+            validity = found[0]
         try:
-            sec = section(url.section)
             folder = yield self.factory.store.open_folder(owner, url.mailbox, True)
-        except (BadSection, FolderError, ValueError):
-            if url.token is not None and url.rump is not None:
-                verifies(None, url.rump, url.token)  # RFC 4467 7: the same time as a bad token
+        except (FolderError, ValueError):
             return None
         try:
-            if url.access is not None:
-                table = self._urlauth_keys(owner)
-                key = yield self._run(table.key, folder.name, folder.uid_validity)
-                assert url.rump is not None and url.token is not None
-                if not verifies(key, url.rump, url.token):
-                    folder.close()
-                    return None
             info = _info(folder, url.uid)
-            if info is None or (
-                url.uidvalidity is not None and url.uidvalidity != folder.uid_validity
+            if (
+                info is None
+                or (validity is not None and validity != folder.uid_validity)
+                or (url.uidvalidity is not None and url.uidvalidity != folder.uid_validity)
             ):
-                folder.close()
-                return None
-            octets = yield self._run(locate, folder, info.uid, info.size, sec, url.partial)
+                octets = None
+            else:
+                octets = yield self._run(locate, folder, info.uid, info.size, sec, url.partial)
         except KeyError:  # expunged meanwhile
             octets = None
         except BaseException:
