@@ -121,7 +121,7 @@ class UrlauthCommands(CommandParser):
             "imap {user}: URLAUTH key of {folder} reset", user=self._user, folder=folder.name
         )
         # RFC 4467 3.1: the mechanisms the mailbox now has keys for.
-        self.sendPositiveResponse(tag, b"[URLMECH INTERNAL] Key reset")
+        self.sendPositiveResponse(tag, b"[URLMECH INTERNAL] Key removed")
 
     auth_RESETKEY = select_RESETKEY = (do_RESETKEY, opt_mailbox, arg_astrings)
 
