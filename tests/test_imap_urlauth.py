@@ -341,6 +341,36 @@ class UrlauthLoopback(LoopbackIMAPCase):
             self.assertTrue(answers[name][-1].startswith(b"G BAD "), (name, answers[name]))
 
     @defer.inlineCallbacks
+    def test_urls_as_literals(self):
+        validity = yield self.deliver()
+        rump = self.rump(validity, "/;SECTION=1").encode()
+
+        def client():
+            c = self.session()
+            c.send(b"G GENURLAUTH {%d+}\r\n%s INTERNAL\r\n" % (len(rump), rump))
+            made = c.read_until(b"G")
+            url = made[0].split(b'"')[1]
+            c.send(b"U URLFETCH {%d}\r\n" % len(url))
+            go_on = c.file.readline()
+            c.send(url + b" {%d+}\r\n%s\r\n" % (len(url), url))
+            out = []
+            while not out or not out[-1].startswith(b"U "):
+                line = c.file.readline()
+                m = re.search(rb"\{(\d+)\}\r\n$", line)
+                if m:
+                    line += c.file.read(int(m.group(1))) + c.file.readline()
+                out.append(line)
+            return made, go_on, out
+
+        made, go_on, out = yield self.in_thread(client)
+        self.assertEqual(made[-1], b"G OK GENURLAUTH completed\r\n")
+        self.assertTrue(go_on.startswith(b"+ "), go_on)
+        self.assertEqual(len(out), 3)
+        self.assertTrue(out[0].endswith(b" {10}\r\nfirst part\r\n"), out[0])
+        self.assertEqual(out[0], out[1])
+        self.assertEqual(out[2], b"U OK URLFETCH completed\r\n")
+
+    @defer.inlineCallbacks
     def test_plain_urls_read_only_the_users_own_folders(self):
         yield self.deliver()
         yield self.deliver(b"Subject: bob's\r\n\r\nfor bob\r\n", user=BOB)
