@@ -176,6 +176,13 @@ class UrlauthCommands(CommandParser):
             key = yield self._run(table.key_or_new, folder.name, folder.uid_validity)
         finally:
             folder.close()
+        self.log.info(
+            "imap {user}: GENURLAUTH {folder} UID {uid} for {access}",
+            user=self._user,
+            folder=folder.name,
+            uid=url.uid,
+            access=url.access,
+        )
         assert url.rump is not None
         return full_url(url.rump, key)
 
@@ -293,6 +300,15 @@ class UrlauthCommands(CommandParser):
         if octets is None:
             folder.close()
             return None
+        if url.access is not None:
+            self.log.info(
+                "imap {user}: URLFETCH {owner} {folder} UID {uid} by URLAUTH {access}",
+                user=self._user,
+                owner=owner,
+                folder=folder.name,
+                uid=info.uid,
+                access=url.access,
+            )
         return folder, octets
 
     @defer.inlineCallbacks
