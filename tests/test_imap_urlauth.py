@@ -470,11 +470,14 @@ def _transcript(port: int, login: bytes, enc_user: str) -> list[bytes]:
             base + "/;PARTIAL=2.3;URLAUTH=authuser",
             base + "/;SECTION=1/;PARTIAL=0.5;URLAUTH=anonymous",
             base + "/;SECTION=HEADER;URLAUTH=anonymous",
+            base + "/;SECTION=HEADER.FIELDS%20(SUBJECT);URLAUTH=anonymous",
+            base + "/;PARTIAL=9999;URLAUTH=anonymous",
+            base + ";URLAUTH=submit+nobody",
         ]
         script = [b"G GENURLAUTH " + b" ".join(quoted(r) + b" INTERNAL" for r in rumps)]
         answers = [command(c, b"G", script[0][2:])]
-        urls = [u.strip(b'"') for u in answers[0][0].split()[2:]]
-        forged = rumps[0].encode() + b":internal:" + b"0" * 40
+        urls = [b'"' + u.strip(b'"') + b'"' for u in answers[0][0].split()[2:]]
+        forged = quoted(rumps[0] + ":internal:" + "0" * 40)
         for tag, rest in [
             (b"U", b"URLFETCH " + b" ".join(urls) + b" " + forged),
             (b"R", b"RESETKEY INBOX"),
@@ -501,7 +504,10 @@ class UrlauthLikeDovecot(LoopbackIMAPCase):
     (L{_transcript}). Where the two differ by choice (Dovecot answers a
     GENURLAUTH it cannot do with BAD, RFC 4467 3.2 says NO; Dovecot's token
     has a version octet before the HMAC; Dovecot does not URLFETCH a plain
-    URL) the loopback tests above pin ours.
+    URL; Dovecot 2.3 lets any login use a ``user+x`` URL, its check reads
+    "not anonymous or x", where RFC 4467 2.2 admits x only; a section that
+    does not exist is NIL here, as FETCH answers it, an empty string there)
+    the loopback tests above pin ours.
     """
 
     timeout = 120
