@@ -537,3 +537,39 @@ class UrlauthLikeDovecot(LoopbackIMAPCase):
         self.maxDiff = None
         self.assertEqual(ours, theirs)
         self.assertIn(b"{16}\r\nsecond part text\r\n", b"".join(ours))
+
+
+class MalformedArguments(LoopbackIMAPCase):
+    """Bad arguments are a BAD (or a NIL for a URL that is no URL here); the session goes on."""
+
+    @defer.inlineCallbacks
+    def test_bad_arguments(self):
+        lines = {
+            b"URLFETCH": b"T BAD ",
+            b"URLFETCH (": b"T BAD ",
+            b'URLFETCH "': b"T BAD ",
+            b"GENURLAUTH": b"T BAD ",
+            b"GENURLAUTH x": b"T BAD ",
+            b"GENURLAUTH x INTERNAL": b"T BAD ",
+            b'GENURLAUTH "imap://a@b/INBOX/;UID=0;URLAUTH=anonymous" INTERNAL': b"T BAD ",
+            b"RESETKEY INBOX (": b"T BAD ",
+            b'RESETKEY ""': b"T NO ",
+            b"RESETKEY INBOX INTERNAL internal": b"T OK [URLMECH INTERNAL] ",
+            b"URLFETCH /INBOX/;UID=1": b"* URLFETCH /INBOX/;UID=1 NIL\r\n",
+            b"URLFETCH imap://127.0.0.1/INBOX?SUBJECT%20x": b'* URLFETCH "imap://127.0.0.1/',
+        }
+
+        def client():
+            c = login(self.port_number, USER, PASSWORD)
+            self.addCleanup(c.close)
+            out = {}
+            for line in lines:
+                out[line] = command(c, b"T", line)
+                command(c, b"N", b"NOOP")  # a run of BADs would end the session
+            return out
+
+        out = yield self.in_thread(client)
+        for line, start in lines.items():
+            self.assertTrue(out[line][0].startswith(start), (line, out[line]))
+            self.assertTrue(out[line][-1].startswith(b"T "), (line, out[line]))
+        self.assertEqual(self.failures, [])
