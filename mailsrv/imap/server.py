@@ -34,6 +34,8 @@ from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
 from mailsrv.imap.commands.sort import CAPABILITIES as SORT_CAPABILITIES
 from mailsrv.imap.commands.sort import SORT_CACHE_MESSAGES, SortCommands
+from mailsrv.imap.commands.urlauth import CAPABILITIES as URLAUTH_CAPABILITIES
+from mailsrv.imap.commands.urlauth import UrlauthCommands
 from mailsrv.imap.condstore import CAPABILITIES as CONDSTORE_CAPABILITIES
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
@@ -60,6 +62,7 @@ class IMAPServer(
     FetchCommand,
     IdleCommand,
     QuotaCommands,
+    UrlauthCommands,
     CommandParser,
     ResponseHook,
     imap4.IMAP4Server,
@@ -145,6 +148,7 @@ class IMAPServer(
         caps.append(UTF8_ACCEPT)  # RFC 6855
         caps.append(b"BINARY")  # RFC 3516
         caps += CONDSTORE_CAPABILITIES  # RFC 7162 (mailsrv.imap.condstore)
+        caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
