@@ -9,13 +9,15 @@ mailsrv/imap/notify.py and mailsrv/imap/commands/notify.py).
 from __future__ import annotations
 
 import re
+import time
 
 from twisted.internet import defer, threads
+from twisted.trial import unittest
 
 from mailsrv.imap.commands import notify as notify_commands
 from mailsrv.spool import BytesSource
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
-from tests.test_imap_harness import USER
+from tests.test_imap_harness import PASSWORD, USER
 
 MSG = b"From: bob@example.test\r\nSubject: hi\r\n\r\nhello\r\n"
 EVENTS = b"(MessageNew MessageExpunge FlagChange MailboxName SubscriptionChange)"
@@ -390,3 +392,87 @@ class NotifyTimingTest(NotifyCase):
         assert overflow == b"* OK [NOTIFICATIONOVERFLOW] Too many notifications\r\n", overflow
         # RFC 5465 5.8: as after NOTIFY NONE.
         assert noop == [b"A2 OK NOOP completed\r\n"], noop
+
+
+MBOX = b"From a@b Thu Jan  1 00:00:00 2024\nSubject: x\n\nhi\n"
+
+
+def _dovecot_script(port: int, login: bytes) -> dict[str, object]:
+    """The same NOTIFY session against a server: what it answers and pushes."""
+    a, b = RawClient(port), RawClient(port)
+    try:
+        for c in (a, b):
+            assert c.cmd(b"L", login)[-1].split()[1] == b"OK"
+        b.cmd(b"B1", b"CREATE foo")
+        b.cmd(b"B2", b"CREATE bar")
+        out: dict[str, object] = {}
+        refusals = [
+            b"NOTIFY FOO",
+            b"NOTIFY SET (selected (MessageNew MessageExpunge)) (selected-delayed NONE)",
+            b"NOTIFY SET (mailboxes foo (MessageNew (UID) MessageExpunge))",
+            b"NOTIFY SET (personal (MessageNew MessageExpunge AnnotationChange))",
+        ]
+        out["refusals"] = [a.cmd(b"R", r)[-1].split()[1] for r in refusals]
+        answer = a.cmd(b"N1", b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge))")
+        # Our test configuration adds special folders (Sent, Trash, ...): left out.
+        out["status"] = sorted(
+            re.sub(rb"UIDVALIDITY \d+", b"UIDVALIDITY v", ln)
+            for ln in answer[:-1]
+            if ln.split()[2] in (b"INBOX", b"foo", b"bar")
+        )
+        a.cmd(b"S", b"SELECT INBOX")
+        a.cmd(b"N2", b"NOTIFY SET (selected (MessageNew (UID FLAGS) MessageExpunge))")
+        # Dovecot watches the selected mailbox from one second after a command ends
+        # (imap-notify.c, IMAP_NOTIFY_WATCH_ADD_DELAY_MSECS); a change before is told later.
+        time.sleep(1.5)
+        append(b, b"B3", b"INBOX")
+        pushed: list[bytes] = []
+        while len(pushed) < 3:
+            line = a.file.readline()
+            if not line.startswith(b"* STATUS"):
+                pushed.append(line)
+        out["pushed"] = pushed
+        return out
+    finally:
+        a.close()
+        b.close()
+
+
+class NotifyLikeDovecotTest(NotifyCase):
+    """Where RFC 5465 leaves a choice, the answers are Dovecot's, byte for byte."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        from tests import dovecot_peer
+
+        reason = dovecot_peer.available()
+        if reason:
+            raise unittest.SkipTest(reason)
+        super().setUp()
+        from mailsrv.store.names import folder_path
+
+        path = folder_path(self.config.mail_dir, USER, "INBOX")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(MBOX)
+        self.dovecot = dovecot_peer.Dovecot()
+        self.addCleanup(self.dovecot.stop)
+        self.dovecot.start(MBOX)
+        self.dovecot_login = b"LOGIN %s %s" % (
+            dovecot_peer.USER.encode(),
+            dovecot_peer.PASSWORD.encode(),
+        )
+
+    @defer.inlineCallbacks
+    def test_same_answers_as_dovecot(self):
+        ours = yield self.in_thread(
+            _dovecot_script, self.port_number, b'LOGIN %s "%s"' % (USER.encode(), PASSWORD)
+        )
+        theirs = yield self.in_thread(_dovecot_script, self.dovecot.port, self.dovecot_login)
+        assert ours == theirs, (ours, theirs)
+        assert len(theirs["status"]) == 3, theirs
+        assert theirs["pushed"] == [
+            b"* 2 EXISTS\r\n",
+            b"* 2 RECENT\r\n",
+            b"* 2 FETCH (UID 2 FLAGS (\\Recent))\r\n",
+        ], theirs
