@@ -260,6 +260,31 @@ class NotifyOtherMailboxesTest(NotifyCase):
         ], got
 
     @defer.inlineCallbacks
+    def test_a_renamed_tree_is_listed_from_one_listing(self):
+        listings = []
+        list_folders = self.store.list_folders
+
+        def counted(user):
+            listings.append(user)
+            return list_folders(user)
+
+        self.patch(self.store, "list_folders", counted)
+
+        def script(a, b):
+            b.cmd(b"B0", b"CREATE Dir/")
+            for i in range(30):
+                b.cmd(b"B%d" % (i + 1), b"CREATE Dir/x%02d" % i)
+            a.cmd(b"N1", b"NOTIFY SET (personal (MailboxName))")
+            del listings[:]
+            b.cmd(b"B99", b"RENAME Dir Top")
+            return [a.file.readline() for _ in range(31)]
+
+        got = yield self.clients(script)
+        assert got[0] == b'* LIST (\\Noselect \\HasChildren) "/" Top ("OLDNAME" (Dir))\r\n', got
+        assert got[-1] == b'* LIST (\\NoInferiors) "/" Top/x29 ("OLDNAME" (Dir/x29))\r\n', got
+        assert len(listings) <= 2, listings
+
+    @defer.inlineCallbacks
     def test_subscription_change(self):
         def script(a, b):
             b.cmd(b"B0", b"CREATE Work")

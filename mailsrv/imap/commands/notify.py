@@ -92,6 +92,10 @@ class NotifyCommands(FetchCommand):
     _notify_known: OrderedDict[str, dict[str, int]] | None = None
     _notify_listening = False
     _notify_subscribed_to: Any = None  # the Subscriptions listened to
+    # The folder list the LIST responses were last made from, and the count of
+    # folder changes heard when it was read: read again only after a change.
+    _notify_folders: tuple[int, list[tuple[str, bool]]] | None = None
+    _notify_folder_changes = 0
 
     def notify_condstore(self) -> bool:
         """
@@ -166,6 +170,7 @@ class NotifyCommands(FetchCommand):
         self._notify_pending = None
         self._notify_ready = None
         self._notify_selected_due = False
+        self._notify_folders = None
         if self._notify_listening:
             self._notify_listening = False
             self.factory.store.remove_user_listener(self._user, self._notify_store_event)
@@ -195,6 +200,7 @@ class NotifyCommands(FetchCommand):
             if spec.events_for(event.name, subs) & MESSAGE_EVENTS:
                 self._notify_queue(("status", event.name))
         elif event.kind in (FOLDER_CREATED, FOLDER_DELETED, FOLDER_RENAMED):
+            self._notify_folder_changes += 1
             old = event.old_name
             if spec.wants(MAILBOX_NAME, event.name, subs) or (
                 old is not None and spec.wants(MAILBOX_NAME, old, subs)
@@ -364,7 +370,13 @@ class NotifyCommands(FetchCommand):
         old name of a rename (OLDNAME), C{\\Subscribed} for a subscription
         change if the name is subscribed now.
         """
-        folders = yield self.factory.store.list_folders(self._user)
+        seen = self._notify_folders
+        if self._notify_listening and seen is not None and seen[0] == self._notify_folder_changes:
+            folders = seen[1]  # a burst of changes (a rename's children): one listing
+        else:
+            changes = self._notify_folder_changes
+            folders = yield self.factory.store.list_folders(self._user)
+            self._notify_folders = (changes, folders)
         account = self.account
         special = {n: use for n in account.special_folders if (use := account.special_use(n))}
         entries = list_entries(
