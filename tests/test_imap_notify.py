@@ -501,3 +501,40 @@ class NotifyLikeDovecotTest(NotifyCase):
             b"* 2 RECENT\r\n",
             b"* 2 FETCH (UID 2 FLAGS (\\Recent))\r\n",
         ], theirs
+
+
+def test_e2e_smtp_delivery_and_pop3_expunge_are_pushed(tmp_path):
+    """The real daemon: SMTP mail and a POP3 DELE reach an IMAP client that asked NOTIFY."""
+    import poplib
+    import smtplib
+
+    from tests.e2e import PASSWORD as E2E_PASSWORD
+    from tests.e2e import MailServer
+
+    alice = "alice@example.test"
+    with MailServer(tmp_path) as srv:
+        srv.add_user(alice)
+        c = RawClient(srv.ports["imap"], timeout=30)
+        try:
+            assert (
+                c.cmd(b"L", b'LOGIN %s "%s"' % (alice.encode(), E2E_PASSWORD.encode()))[-1][:4]
+                == b"L OK"
+            )
+            assert c.cmd(b"N", b"NOTIFY SET (inboxes (MessageNew MessageExpunge))") == [
+                b"N OK NOTIFY completed\r\n"
+            ]
+            with smtplib.SMTP("127.0.0.1", srv.ports["smtp"], timeout=30) as s:
+                s.sendmail("bob@remote.test", [alice], MSG)
+            delivered = c.file.readline()
+            p = poplib.POP3("127.0.0.1", srv.ports["pop3"], timeout=30)
+            p.user(alice)
+            p.pass_(E2E_PASSWORD)
+            p.dele(1)
+            p.quit()
+            expunged = c.file.readline()
+        finally:
+            c.close()
+    assert re.fullmatch(
+        rb"\* STATUS INBOX \(MESSAGES 1 UIDNEXT 2 UIDVALIDITY \d+ UNSEEN 1\)\r\n", delivered
+    ), delivered
+    assert expunged == b"* STATUS INBOX (MESSAGES 0 UIDNEXT 2 UNSEEN 0)\r\n", expunged
