@@ -159,6 +159,21 @@ class NotifyCommandTest(NotifyCase):
         assert self.factory.store.states.user_feed.listening(USER) is False
 
 
+class NotifyDisconnectTest(NotifyCase):
+    """A session that goes leaves no listener behind."""
+
+    @defer.inlineCallbacks
+    def test_listeners_go_with_the_connection(self):
+        def script(a, b):
+            for c in (a, b):
+                c.cmd(b"N", b"NOTIFY SET (personal (MailboxName SubscriptionChange))")
+
+        yield self.clients(script)
+        yield self.settle()
+        assert not self.store.states.user_feed.listening(USER)
+        assert all(p._notify is None and p._notify_subscribed_to is None for p in self.protocols)
+
+
 class NotifyOtherMailboxesTest(NotifyCase):
     """STATUS and LIST for mailboxes other than the selected one, as they change."""
 

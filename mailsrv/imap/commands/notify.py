@@ -131,6 +131,8 @@ class NotifyCommands(FetchCommand):
             self._notify, self._notify_fetch = spec, fetch
             if spec.uses_subscriptions:
                 yield self.account.subscriptions.load()  # as other sessions left them
+            if self._lost:
+                return  # connectionLost has been: nothing to listen for
             self._notify_start(spec)
             if spec.status:
                 yield self._notify_status_all(spec)
