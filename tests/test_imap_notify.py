@@ -229,6 +229,28 @@ class NotifyOtherMailboxesTest(NotifyCase):
         assert unseen == b"* STATUS INBOX (UNSEEN 1)\r\n", unseen
 
     @defer.inlineCallbacks
+    def test_nothing_new_is_not_told(self):
+        def script(a, b):
+            self.deliver()
+            a.cmd(
+                b"N1",
+                b"NOTIFY SET STATUS (personal (MessageNew MessageExpunge FlagChange MailboxName))",
+            )
+            b.cmd(b"B1", b"SELECT INBOX")
+            b.cmd(b"B2", b"STORE 1 +FLAGS (\\Seen)")
+            seen = a.file.readline()
+            b.cmd(b"B3", b"LOGOUT")  # the flags are written into the file now
+            c = RawClient(self.port_number)
+            c.login()
+            c.cmd(b"C1", b"CREATE Marker")
+            c.close()
+            return seen, a.file.readline()
+
+        seen, marker = yield self.clients(script)
+        assert seen == b"* STATUS INBOX (UNSEEN 0)\r\n", seen
+        assert marker == b'* LIST (\\NoInferiors) "/" Marker\r\n', marker
+
+    @defer.inlineCallbacks
     def test_only_the_filtered_mailboxes_and_not_the_selected_one(self):
         def script(a, b):
             for i, name in enumerate((b"Lists/", b"Lists/a", b"Listsx", b"Work")):
