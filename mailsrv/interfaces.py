@@ -269,6 +269,22 @@ class IMailStore(Interface):
         highest_modseq (RFC 7162 3.1.2.1 STATUS HIGHESTMODSEQ, L{IFolder.highest_modseq}).
         """
 
+    # --- the user's change feed (IMAP NOTIFY, RFC 5465) ---------------------
+
+    def add_user_listener(user, callback):
+        """
+        Call C{callback(event)} (a L{FolderEvent}, on the reactor thread) when
+        one of C{user}'s folders changes through this store: its messages
+        (delivered, appended, expunged, flags changed, by any session or
+        protocol), or the folder itself (created, deleted, renamed). Changes
+        other programs make to the files are found only in folders the store
+        is watching anyway (a folder some session has open is polled): the
+        feed polls nothing of its own. In memory; reactor thread.
+        """
+
+    def remove_user_listener(user, callback):
+        """Stop calling C{callback} for C{user}'s changes. In memory; reactor thread."""
+
     def recover_pending():
         """
         At start-up: finish the work a crash left half done in any folder, so
@@ -282,6 +298,22 @@ class IMailStore(Interface):
         what the store holds elsewhere only (flags sessions changed), waiting
         at most C{timeout} seconds. Never fails.
         """
+
+
+# The kinds of L{FolderEvent} (L{IMailStore.add_user_listener}).
+FOLDER_MESSAGES = "messages"  # messages came, went, or had their flags changed
+FOLDER_CREATED = "created"
+FOLDER_DELETED = "deleted"
+FOLDER_RENAMED = "renamed"  # old_name says from where
+
+
+@dataclass(frozen=True, slots=True)
+class FolderEvent:
+    """One change in a user's folders, as the store's user feed tells it."""
+
+    kind: str  # FOLDER_MESSAGES, FOLDER_CREATED, FOLDER_DELETED, FOLDER_RENAMED
+    name: str  # the folder's name (its new name after a rename)
+    old_name: str | None = None  # FOLDER_RENAMED: the name it had
 
 
 class FolderError(Exception):

@@ -14,6 +14,7 @@ import bisect
 import fcntl
 import os
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -31,6 +32,7 @@ from mailsrv.interfaces import (
 )
 from mailsrv.store.infos import InfoList, flag_sets, uids_of
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, split_user
+from mailsrv.store.userfeed import UserFeed
 
 RECENT = "\\Recent"
 
@@ -53,6 +55,14 @@ def subscriptions_path(data_dir: Path, address: str) -> Path:
     return data_dir / "imap" / domain / f"{local}.subscriptions"
 
 
+@dataclass(frozen=True, slots=True)
+class SubscriptionChange:
+    """A name subscribed or unsubscribed, as L{Subscriptions} tell their feed (IMAP NOTIFY)."""
+
+    name: str
+    subscribed: bool
+
+
 class Subscriptions:
     """
     A user's subscribed folder names, one per line in UTF-8.
@@ -62,13 +72,39 @@ class Subscriptions:
     exclusive lock on a file beside it (``<local>.subscriptions.lock``), in
     the thread pool: two sessions that change the list at once both see
     their change kept, whichever saves last.
+
+    With a C{feed} (one L{UserFeed} shared by the server's sessions), each
+    change made through any session is told to the user's listeners as
+    L{SubscriptionChange}s (RFC 5465 5.5); a change made to the file by
+    another program is not.
     """
 
-    def __init__(self, path: Path, run: Runner) -> None:
+    def __init__(
+        self, path: Path, run: Runner, feed: UserFeed | None = None, user: str = ""
+    ) -> None:
         self.path = path
         self._run = run
+        self._feed = feed
+        self._user = user
         self.names: set[str] = set()
         self.existed = False
+
+    def add_listener(self, callback: Callable[[SubscriptionChange], None]) -> None:
+        """Call C{callback(change)} for every change to the user's subscriptions from now on."""
+        if self._feed is not None:
+            self._feed.add(self._user, callback)
+
+    def remove_listener(self, callback: Callable[[SubscriptionChange], None]) -> None:
+        """Stop calling C{callback}."""
+        if self._feed is not None:
+            self._feed.remove(self._user, callback)
+
+    def heard(self, change: SubscriptionChange) -> None:
+        """Another session changed the list: keep the names in step without reading the file."""
+        if change.subscribed:
+            self.names.add(change.name)
+        else:
+            self.names.discard(change.name)
 
     def load(self) -> defer.Deferred:
         """Read the names from the file (none if there is no file yet)."""
@@ -86,8 +122,14 @@ class Subscriptions:
         user's lock and may raise (L{FolderError}) to change nothing.
         """
 
-        def done(names: set[str]) -> set[str]:
+        def done(result: tuple[set[str], set[str]]) -> set[str]:
+            old, names = result
             self.existed, self.names = True, names
+            if self._feed is not None and old != names:
+                for name in sorted(old - names):
+                    self._feed.tell(self._user, SubscriptionChange(name, False))
+                for name in sorted(names - old):
+                    self._feed.tell(self._user, SubscriptionChange(name, True))
             return names
 
         return self._run(_update, self.path, change).addCallback(done)
@@ -101,17 +143,21 @@ def _read(path: Path) -> set[str] | None:
     return {line for line in text.splitlines() if line}
 
 
-def _update(path: Path, change: Callable[[set[str] | None], set[str]]) -> set[str]:
-    """In a thread: read, change and write the subscriptions file under the user's lock."""
+def _update(path: Path, change: Callable[[set[str] | None], set[str]]) -> tuple[set[str], set[str]]:
+    """
+    In a thread: read, change and write the subscriptions file under the
+    user's lock; return the names before and after.
+    """
     make_dirs(path.parent)
     fd = os.open(path.with_name(path.name + ".lock"), os.O_RDWR | os.O_CREAT, 0o600)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX)
         old = _read(path)
         new = change(None if old is None else set(old))
-        if new != (set() if old is None else old):
+        before = set() if old is None else old
+        if new != before:
             write_atomic(path, "".join(n + "\n" for n in sorted(new)).encode("utf-8"))
-        return new
+        return before, new
     finally:
         os.close(fd)  # and the lock with it
 

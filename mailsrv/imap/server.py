@@ -29,6 +29,8 @@ from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import UTF8_ACCEPT, GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
 from mailsrv.imap.commands.mailboxes import MailboxCommands
+from mailsrv.imap.commands.notify import CAPABILITIES as NOTIFY_CAPABILITIES
+from mailsrv.imap.commands.notify import NotifyCommands
 from mailsrv.imap.commands.quota import CAPABILITIES as QUOTA_CAPABILITIES
 from mailsrv.imap.commands.quota import QuotaCommands
 from mailsrv.imap.commands.selected import SelectedCommands
@@ -43,6 +45,7 @@ from mailsrv.imap.sortfields import SortFieldCache
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
 from mailsrv.session import BadCommands, IdleClose, OpenSessions, TLSGate
+from mailsrv.store.userfeed import UserFeed
 
 # Literal octets that restart the idle timer: a literal must arrive at 16 KiB
 # per idle timeout (55 bytes/s with the default 5 minutes) or better.
@@ -59,6 +62,7 @@ class IMAPServer(
     MailboxCommands,
     SortCommands,
     SelectedCommands,
+    NotifyCommands,
     FetchCommand,
     IdleCommand,
     QuotaCommands,
@@ -149,6 +153,7 @@ class IMAPServer(
         caps.append(b"BINARY")  # RFC 3516
         caps += CONDSTORE_CAPABILITIES  # RFC 7162 (mailsrv.imap.condstore)
         caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
+        caps += NOTIFY_CAPABILITIES  # RFC 5465
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
@@ -207,6 +212,7 @@ class IMAPServer(
             self._bad.good()
         if tag and tag != b"*" and tag == self._busy and state in (b"OK", b"NO", b"BAD"):
             self._busy = None
+            self.command_done()  # what NOTIFY held back during the command
             if self._shutting_down:
                 self._goodbye()
             elif self.paused and not self._lost:
@@ -415,9 +421,11 @@ def account_factory(
     config: Any, store: Any, run: Callable[..., defer.Deferred]
 ) -> Callable[[str], defer.Deferred]:
     """The realm's factory for L{imap4.IAccount} avatars."""
+    subscription_feed = UserFeed()  # every session's subscription changes (NOTIFY)
 
     def make(address: str) -> defer.Deferred:
-        subs = Subscriptions(subscriptions_path(config.server.data_dir, address), run)
+        path = subscriptions_path(config.server.data_dir, address)
+        subs = Subscriptions(path, run, subscription_feed, address)
         return Account(address, store, subs, config.imap.special_folders, run).prepare()
 
     return make

@@ -14,15 +14,21 @@ from twisted.internet import defer
 from zope.interface import implementer
 
 from mailsrv.interfaces import (
+    FOLDER_CREATED,
+    FOLDER_DELETED,
+    FOLDER_MESSAGES,
+    FOLDER_RENAMED,
     FlagResult,
     FolderChanges,
     FolderError,
+    FolderEvent,
     IFolder,
     IMailStore,
     MessageInfo,
     NotSelectable,
 )
 from mailsrv.store.names import DELIMITER, INBOX, canonical_folder, normalize_user
+from mailsrv.store.userfeed import UserFeed
 
 
 @dataclass
@@ -43,6 +49,8 @@ class _FolderState:
     vanished: list[tuple[int, int]] = field(default_factory=list)  # (uid, modseq) expunged
     vanished_floor: int = 1  # "expunged since" is complete from this modseq on
     vanished_limit: int = 100_000
+    owner: tuple[str, str] | None = None  # (user, name) while the folder exists
+    feed: UserFeed | None = None  # the store's user feed, told of changes
 
     def next_modseq(self) -> int:
         """Take the next modseq (RFC 7162 3.1: it only grows)."""
@@ -64,6 +72,8 @@ class _FolderState:
         self.generation += 1
         for cb in list(self.listeners):
             cb()
+        if self.feed is not None and self.owner is not None:
+            self.feed.tell(self.owner[0], FolderEvent(FOLDER_MESSAGES, self.owner[1]))
 
 
 def _crlf(data: bytes) -> bytes:
@@ -86,6 +96,7 @@ class MemoryMailStore:
         self._folders: dict[tuple[str, str], _FolderState] = {}
         self._holders: set[tuple[str, str]] = set()  # created to hold folders only
         self._validity = int(clock())
+        self.user_feed = UserFeed()  # IMailStore.add_user_listener
 
     def _state(self, user: str, name: str, create: bool = False) -> _FolderState:
         user = normalize_user(user)
@@ -97,7 +108,9 @@ class MemoryMailStore:
             if not (create or name == INBOX):
                 raise FolderError("No such folder")
             self._validity += 1
-            self._folders[key] = _FolderState(uid_validity=self._validity)
+            self._folders[key] = _FolderState(
+                uid_validity=self._validity, owner=key, feed=self.user_feed
+            )
         return self._folders[key]
 
     def _add(self, state: _FolderState, data: bytes, flags: frozenset[str], date: float) -> int:
@@ -145,6 +158,7 @@ class MemoryMailStore:
                 self._state(user, name, create=True)
         except Exception:
             return defer.fail()
+        self.user_feed.tell(user, FolderEvent(FOLDER_CREATED, name))
         return defer.succeed(None)
 
     def delete_folder(self, user, name):
@@ -157,14 +171,17 @@ class MemoryMailStore:
                 if any(u == user and n.startswith(name + DELIMITER) for u, n in self._names()):
                     raise FolderError("Mailbox has children, delete them first")
                 self._holders.discard((user, name))
+                self.user_feed.tell(user, FolderEvent(FOLDER_DELETED, name))
                 return defer.succeed(None)
             state = self._folders.pop((user, name), None)
             if state is None:
                 raise FolderError("No such folder")
             state.messages.clear()
+            state.owner = None
             state.notify()
         except Exception:
             return defer.fail()
+        self.user_feed.tell(user, FolderEvent(FOLDER_DELETED, name))
         return defer.succeed(None)
 
     def rename_folder(self, user, old, new):
@@ -176,6 +193,7 @@ class MemoryMailStore:
             if old == INBOX:
                 src = self._state(user, INBOX)
                 dst = self._state(user, new, create=True)
+                self.user_feed.tell(user, FolderEvent(FOLDER_CREATED, new))
                 for m in src.messages:
                     self._add(dst, m.data, m.info.flags, m.info.internal_date)
                 src.expunged([m.info.uid for m in src.messages])
@@ -190,13 +208,16 @@ class MemoryMailStore:
                 ]
                 if not moved:
                     raise FolderError("No such folder")
-                for k in moved:
+                for k in sorted(moved):
                     to = (user, new + k[1][len(old) :])
                     if k in self._folders:
                         self._folders[to] = self._folders.pop(k)
+                        self._folders[to].owner = to
                     if k in self._holders:
                         self._holders.discard(k)
                         self._holders.add(to)
+                    # RFC 5465 5.4: each name renamed, the children too
+                    self.user_feed.tell(user, FolderEvent(FOLDER_RENAMED, to[1], k[1]))
         except Exception:
             return defer.fail()
         return defer.succeed(None)
@@ -234,6 +255,12 @@ class MemoryMailStore:
                 "highest_modseq": state.highest_modseq,
             }
         )
+
+    def add_user_listener(self, user, callback):
+        self.user_feed.add(user, callback)
+
+    def remove_user_listener(self, user, callback):
+        self.user_feed.remove(user, callback)
 
     def recover_pending(self):
         return defer.succeed(0)  # nothing survives a crash in memory

@@ -166,8 +166,14 @@ class CommandBase(imap4.IMAP4Server):
     # --- changes by others -------------------------------------------------
 
     def _folder_changed(self) -> None:
+        if self._notify_selected_changed():
+            return  # NOTIFY (RFC 5465) tells the client now (commands.notify)
         if self._idle_tag is not None and not self._lost:
             self._start_sync()
+
+    def _notify_selected_changed(self) -> bool:
+        """Whether NOTIFY takes a change of the selected mailbox (L{commands.notify})."""
+        return False
 
     def _start_sync(self) -> None:
         if self._sync_d is not None:

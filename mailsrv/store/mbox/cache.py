@@ -21,11 +21,12 @@ from twisted.internet.interfaces import IReactorTime
 from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 
-from mailsrv.interfaces import FolderError
+from mailsrv.interfaces import FOLDER_MESSAGES, FolderError, FolderEvent
 from mailsrv.store.mbox import scan
 from mailsrv.store.mbox.files import store_logger
 from mailsrv.store.mbox.state import FolderState, Update
 from mailsrv.store.names import canonical_folder, normalize_user
+from mailsrv.store.userfeed import UserFeed
 
 IDLE_STATES = 16  # folders kept loaded with no session open
 POLL_INTERVAL = 5.0  # seconds between stat()s of a folder someone listens to (IMAP IDLE)
@@ -49,6 +50,7 @@ class FolderStates:
         self.poll_interval = poll_interval
         self.loaded: dict[tuple[str, str], FolderState] = {}
         self._idle: OrderedDict[tuple[str, str], None] = OrderedDict()
+        self.user_feed = UserFeed()  # IMailStore.add_user_listener: told by notify
 
     def in_thread(self, fn: Callable[..., Any], *args: Any) -> defer.Deferred:
         """Run C{fn(*args)} in the store's thread pool."""
@@ -176,9 +178,11 @@ class FolderStates:
         self.sync_job(st).addErrback(failed)
 
     def notify(self, st: FolderState) -> None:
-        """Tell the folder's listeners that it changed."""
+        """Tell the folder's listeners, and its owner's user feed, that it changed."""
         for cb in list(st.listeners):
             try:
                 cb()
             except Exception:
                 self.log.failure("folder listener failed")
+        if not st.detached:
+            self.user_feed.tell(st.user, FolderEvent(FOLDER_MESSAGES, st.name))

@@ -19,7 +19,14 @@ from pathlib import Path
 from twisted.internet import defer
 
 from mailsrv.atomic import fsync_dir, make_dirs
-from mailsrv.interfaces import FolderError
+from mailsrv.interfaces import (
+    FOLDER_CREATED,
+    FOLDER_DELETED,
+    FOLDER_MESSAGES,
+    FOLDER_RENAMED,
+    FolderError,
+    FolderEvent,
+)
 from mailsrv.store.index import FolderIndex, flags_text, index_base, name_of, remove_index
 from mailsrv.store.locking import MboxLock
 from mailsrv.store.mbox import scan
@@ -105,7 +112,10 @@ class Folders:
         def job():
             return self._states.in_thread(self._create, st, holder)
 
-        return self._states.job(st, job)
+        def created(_):
+            self._states.user_feed.tell(user, FolderEvent(FOLDER_CREATED, name))
+
+        return self._states.job(st, job).addCallback(created)
 
     def _create(self, st: FolderState, holder: bool) -> None:
         with Refused(self.log, "create", st.user, st.name):
@@ -153,6 +163,7 @@ class Folders:
             self._states.listeners_changed(st)
             self._states.notify(st)
             self._states.forget(st)
+            self._states.user_feed.tell(user, FolderEvent(FOLDER_DELETED, name))
 
         return self._states.job(st, job)
 
@@ -187,11 +198,18 @@ class Folders:
         except Exception:
             return defer.fail()
         if old == INBOX:
+
+            def moved(upd: Update) -> None:
+                # RFC 3501 6.3.5: a new folder holds INBOX's messages.
+                self._states.user_feed.tell(user, FolderEvent(FOLDER_CREATED, new))
+                first = st.snap is None  # install tells only of a change to a known state
+                self._states.install(upd, st)
+                if first:
+                    self._states.user_feed.tell(user, FolderEvent(FOLDER_MESSAGES, INBOX))
+
             return self._states.job(
                 st,
-                lambda: self._states.in_thread(self._rename_inbox, st, new).addCallback(
-                    self._states.install, st
-                ),
+                lambda: self._states.in_thread(self._rename_inbox, st, new).addCallback(moved),
             )
         affected = [
             s
@@ -199,7 +217,7 @@ class Folders:
             if u == user and (n == old or n.startswith(old + DELIMITER))
         ]
 
-        def renamed(_):
+        def renamed(children: list[str]):
             # Sessions on the old names keep their view; new opens use the new names.
             for s in affected:
                 s.detached = True
@@ -208,6 +226,10 @@ class Folders:
             for u, n in list(self._states.loaded):
                 if u == user and (n == new or n.startswith(new + DELIMITER)):
                     self._states.drop((u, n))
+            # RFC 5465 5.4: each name renamed, the children too
+            feed = self._states.user_feed
+            for rel in ["", *children]:
+                feed.tell(user, FolderEvent(FOLDER_RENAMED, new + rel, old + rel))
 
         def job():
             return self._states.in_thread(self._rename, user, old, new, affected).addCallback(
@@ -225,9 +247,24 @@ class Folders:
             if p.exists() and not p.is_dir():
                 raise FolderError(SUB_FOLDERS_REFUSED)
 
-    def _rename(self, user: str, old: str, new: str, affected: list[FolderState]) -> None:
+    def _rename(self, user: str, old: str, new: str, affected: list[FolderState]) -> list[str]:
+        """Rename the files; return the names below the new one ("/child", ...), for the feed."""
         with Refused(self.log, "rename", user, old):
             self._rename_files(user, old, new, affected)
+        if not self._states.user_feed.listening(user):
+            return []
+        dst = folder_path(self.mail_dir, user, new)
+        children = []
+        for dirpath, dirnames, filenames in os.walk(dst):
+            dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+            rel = os.path.relpath(dirpath, dst)
+            prefix = (
+                DELIMITER if rel == "." else DELIMITER + rel.replace(os.sep, DELIMITER) + DELIMITER
+            )
+            for n in dirnames + sorted(filenames):
+                if not n.startswith(".") and not n.endswith(RESERVED_SUFFIXES):
+                    children.append(prefix + n)
+        return sorted(children)
 
     def _rename_files(self, user: str, old: str, new: str, affected: list[FolderState]) -> None:
         src = folder_path(self.mail_dir, user, old)

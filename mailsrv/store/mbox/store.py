@@ -172,6 +172,12 @@ class MboxMailStore:
         """
         return write_flags(self.states, st, force)
 
+    def add_user_listener(self, user, callback):
+        self.states.user_feed.add(user, callback)
+
+    def remove_user_listener(self, user, callback):
+        self.states.user_feed.remove(user, callback)
+
     def recover_pending(self) -> defer.Deferred:
         """
         Finish every in-place rewrite a crash interrupted (its journal,
