@@ -9,6 +9,8 @@ Dovecot's answers where a private Dovecot can run here.
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from twisted.internet import defer
 from twisted.trial import unittest
 
@@ -17,6 +19,7 @@ from mailsrv.imap.context import (
     LiveResult,
     LiveSortResult,
     ReturnOptions,
+    _Descending,
     parse_return,
     pin_numbers,
 )
@@ -124,6 +127,40 @@ def test_live_sort_result_positions():
     # Message numbers: in sort order, not ranges unless ascending.
     r2 = LiveSortResult(b"S2", False, None, False, [("SIZE", True)], [])
     assert r2.apply([], {1: (1, 1), 2: (2, 2)}, _seq) == b'* ESEARCH (TAG "S2") ADDTO (1 1:2)\r\n'
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.sets(st.integers(1, 400), max_size=150),
+    st.sets(st.integers(1, 400), max_size=120),
+    st.sets(st.integers(401, 600), max_size=120),
+    st.booleans(),
+)
+def test_live_results_follow_a_new_search(members, gone, arrived, reverse):
+    """
+    Whatever is removed and added, one at a time or in bulk, the live result
+    is what a new search would find, and a client that applies the ESEARCH
+    line (RFC 5267 4.3.2) to its copy has the same.
+    """
+
+    def key(u: int) -> tuple:  # a SIZE key with ties, so that the UID breaks them
+        size = (u * 7) % 13
+        return (_Descending(size) if reverse else size, u)
+
+    now = (members - gone) | arrived
+    sort_live = LiveSortResult(
+        b"S", True, None, False, [("SIZE", reverse)], sorted(map(key, members))
+    )
+    search_live = LiveResult(b"T", True, None, False, members)
+    for live, order in (
+        (sort_live, lambda us: [k[-1] for k in sorted(map(key, us))]),
+        (search_live, sorted),
+    ):
+        line = live.apply(sorted(gone), {u: key(u) for u in arrived}, _seq)
+        assert _apply(order(members), [[line]], live.tag) == order(now)
+        assert len(live) == len(now)
+        again = live.apply([], {u: key(u) for u in now}, _seq)
+        assert again == b""
 
 
 # --- over loopback ----------------------------------------------------------------
@@ -344,30 +381,98 @@ class ContextTest(ContextCase):
         assert not any(b"ESEARCH" in ln for ln in got[16]), got[16]
 
     def test_sort_updates(self):
-        """CONTEXT=SORT: ADDTO and REMOVEFROM carry positions in the sort order (RFC 5267 4.3.2)."""
+        """
+        CONTEXT=SORT: ADDTO and REMOVEFROM carry positions in the sort order
+        (RFC 5267 4.3.2), each pair applied in turn; REMOVEFROM before the
+        EXPUNGEs, in the numbers as they were (4.3.4); header keys of new mail read.
+        """
         return self.assert_steps(
             [
                 (
                     A,
                     b"UID SORT RETURN (UPDATE ALL) (REVERSE SUBJECT) UTF-8 1:5",
-                    None,
+                    [b'* ESEARCH (TAG "A0") UID ALL 4:5,1:3\r\n', b"OK"],
                 ),
                 (
                     A,
                     b"SORT RETURN (UPDATE ALL) (REVERSE SUBJECT) UTF-8 1:5",
-                    None,
+                    [b'* ESEARCH (TAG "A1") ALL 4:5,1:3\r\n', b"OK"],
                 ),
-                (B, APPEND_FLAGGED, None),  # no subject: last in reverse order... but not in 1:5
-                (A, b"NOOP", [b"* 25 EXISTS\r\n", b"OK"]),
-                (B, b"STORE 2 +FLAGS.SILENT (\\Deleted)", [b"OK"]),
-                (B, b"EXPUNGE", [b"* 2 EXPUNGE\r\n", b"OK"]),
+                (
+                    A,
+                    b"SORT RETURN (UPDATE COUNT) (DATE) UTF-8 OR SUBJECT hello KEYWORD $Junk",
+                    [b'* ESEARCH (TAG "A2") COUNT 4\r\n', b"OK"],  # 1 2 3 24
+                ),
+                (B, b"APPEND INBOX {24}\r\nSubject: hello\r\n\r\nbody\r\n", None),
+                (
+                    A,
+                    b"NOOP",  # no Date: its INTERNALDATE, now, puts it last
+                    [b"* 25 EXISTS\r\n", b'* ESEARCH (TAG "A2") ADDTO (5 25)\r\n', b"OK"],
+                ),
+                (B, b"STORE 2,4 +FLAGS.SILENT (\\Deleted)", [b"OK"]),
+                (B, b"EXPUNGE", None),
                 (
                     A,
                     b"NOOP",
-                    None,
+                    [
+                        b'* ESEARCH (TAG "A0") UID REMOVEFROM (1 4 3 2)\r\n',
+                        b'* ESEARCH (TAG "A1") REMOVEFROM (1 4 3 2)\r\n',
+                        b'* ESEARCH (TAG "A2") REMOVEFROM (2 2)\r\n',
+                        b"* 2 EXPUNGE\r\n",
+                        b"* 3 EXPUNGE\r\n",
+                        b"* 23 EXISTS\r\n",
+                        b"OK",
+                    ],
+                ),
+                (B, b"STORE 4:5 +FLAGS.SILENT ($Junk)", None),  # UIDs 6 7, no valid Date
+                (
+                    A,
+                    b"NOOP",
+                    [
+                        b"* FLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen $Junk)\r\n",
+                        b"* OK [PERMANENTFLAGS (\\Answered \\Deleted \\Draft \\Flagged \\Seen"
+                        b" $Junk \\*)] Flags permitted\r\n",
+                        b"* 4 FETCH (FLAGS ($Junk \\Recent))\r\n",
+                        b"* 5 FETCH (FLAGS ($Junk \\Recent))\r\n",
+                        b'* ESEARCH (TAG "A2") ADDTO (4 4:5)\r\n',  # INTERNALDATEs in 2024-02
+                        b"OK",
+                    ],
+                ),
+                (
+                    A,
+                    b"SORT RETURN (ALL) (DATE) UTF-8 OR SUBJECT hello KEYWORD $Junk",
+                    [b'* ESEARCH (TAG "A10") ALL 1:2,22,4:5,23\r\n', b"OK"],
                 ),
             ]
         )
+
+    @defer.inlineCallbacks
+    def test_updates_in_idle(self):
+        """RFC 5267 4.3.2: the updates come during IDLE too, as the changes happen."""
+
+        def session(port: int) -> list[bytes]:
+            a, b = RawClient(port), RawClient(port)
+            try:
+                for c in (a, b):
+                    c.login()
+                    c.cmd(b"S", b"SELECT INBOX")
+                a.cmd(b"U", b"UID SEARCH RETURN (UPDATE) UNSEEN")
+                a.send(b"I IDLE\r\n")
+                assert a.file.readline().startswith(b"+ ")
+                b.cmd(b"B", b"STORE 3 +FLAGS (\\Seen)")
+                lines = [a.file.readline(), a.file.readline()]
+                a.send(b"DONE\r\n")
+                return lines + a.read_until(b"I")
+            finally:
+                a.close()
+                b.close()
+
+        got = yield self.in_thread(session, self.port_number)
+        assert got == [
+            b"* 3 FETCH (FLAGS (\\Seen \\Recent))\r\n",
+            b'* ESEARCH (TAG "U") UID REMOVEFROM (0 3)\r\n',
+            b"I OK IDLE terminated\r\n",
+        ]
 
     @defer.inlineCallbacks
     def test_sort_update_positions(self):
@@ -420,7 +525,11 @@ def _apply(result: list[int], answers: list[list[bytes]], tag: bytes) -> list[in
                 while i + 1 < len(words) and words[i].isdigit():
                     pos, numbers = int(words[i]), _all_of(b"ALL " + words[i + 1])
                     i += 2
-                    if item == b"ADDTO":
+                    if pos == 0:  # 4.3.3, 4.3.4: anywhere, the result kept in mailbox order
+                        gone = set(numbers)
+                        kept = [n for n in result if n not in gone]
+                        result[:] = kept if item == b"REMOVEFROM" else sorted(kept + numbers)
+                    elif item == b"ADDTO":
                         result[pos - 1 : pos - 1] = numbers
                     else:
                         assert result[pos - 1 : pos - 1 + len(numbers)] == numbers

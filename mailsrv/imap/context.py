@@ -36,6 +36,9 @@ MAX_LIVE_MESSAGES = 1_000_000
 # RFC 5267 4.1: the return options CONTEXT=SEARCH and CONTEXT=SORT add.
 CONTEXT_OPTIONS = ("CONTEXT", "UPDATE", "PARTIAL")
 
+# Up to this many messages change a live result one at a time; more, in one pass.
+_FEW = 64
+
 _NZ_NUMBER_MAX = 4294967295  # RFC 3501 9: nz-number is a 32-bit number
 
 
@@ -225,11 +228,19 @@ class LiveResult:
     ) -> bytes:
         """Drop C{removed} and add C{added} (UID -> key); the ESEARCH line that says so."""
         gone = sorted(u for u in set(removed) if self.holds(u))
-        for u in reversed(gone):
-            del self._uids[bisect.bisect_left(self._uids, u)]
+        if len(gone) > _FEW:  # one pass, not a move of the array per message
+            dropped = set(gone)
+            self._uids = array("q", (u for u in self._uids if u not in dropped))
+        else:
+            for u in reversed(gone):
+                del self._uids[bisect.bisect_left(self._uids, u)]
         new = sorted(u for u in added if not self.holds(u))
-        for u in new:
-            self._uids.insert(bisect.bisect_left(self._uids, u), u)
+        if len(new) > _FEW:
+            self._uids.extend(new)
+            self._uids = array("q", sorted(self._uids))
+        else:
+            for u in new:
+                self._uids.insert(bisect.bisect_left(self._uids, u), u)
         items = []
         if gone:
             items.append(b"REMOVEFROM (0 %s)" % uid_set(self._numbers(gone, number)))
@@ -286,16 +297,25 @@ class LiveSortResult(LiveResult):
         for run in _runs(gone):
             pairs.append([run[0] - before + 1, *(keys[i][-1] for i in run)])
             before += len(run)
-        for i in reversed(gone):
+        for i in gone:
             del self._key_of[keys[i][-1]]
-            del keys[i]
+        if len(gone) > _FEW:
+            self._keys = keys = [k for k in keys if k[-1] in self._key_of]
+        else:
+            for i in reversed(gone):
+                del keys[i]
         items = []
         if pairs:
             items.append(b"REMOVEFROM (%s)" % self._pairs(pairs, number))
         new = [k for u, k in added.items() if k is not None and not self.holds(u)]
         for k in new:
-            bisect.insort(keys, k)
             self._key_of[k[-1]] = k
+        if len(new) > _FEW:
+            keys.extend(new)
+            keys.sort()  # two sorted runs: merged in linear time
+        else:
+            for k in new:
+                bisect.insort(keys, k)
         at = sorted(bisect.bisect_left(keys, k) for k in new)
         # RFC 5267 4.3.3: inserted in the order given; in ascending positions each
         # one's position is already its final one.
