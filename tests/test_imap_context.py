@@ -15,17 +15,25 @@ from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailsrv.imap.commands.context import _quoted_list
+from mailsrv.imap.commands.selected import matching
 from mailsrv.imap.context import (
     LiveResult,
+    LiveResults,
     LiveSortResult,
     ReturnOptions,
     _Descending,
     parse_return,
     pin_numbers,
+    sort_keys,
 )
 from mailsrv.imap.esearch import SEARCH_RETURN_OPTIONS, ReturnSyntaxError, esearch_line
-from mailsrv.imap.parsing import SeqSet
-from mailsrv.imap.search import parse, tokenize
+from mailsrv.imap.parsing import SeqSet, SeqSetMembers
+from mailsrv.imap.search import Matcher, parse, tokenize
+from mailsrv.imap.sort import Matches
+from mailsrv.imap.sortfields import message_keys
+from mailsrv.interfaces import FLAGGED
+from mailsrv.spool import BytesSource
+from mailsrv.store.memory import MemoryMailStore
 from mailsrv.store.names import INBOX, folder_path
 from tests import dovecot_peer, sort_corpus
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
@@ -161,6 +169,75 @@ def test_live_results_follow_a_new_search(members, gone, arrived, reverse):
         assert len(live) == len(now)
         again = live.apply([], {u: key(u) for u in now}, _seq)
         assert again == b""
+
+
+class _CountingFolder:
+    """A real folder whose header and body reads are counted."""
+
+    def __init__(self, folder) -> None:
+        self.folder = folder
+        self.reads = 0
+
+    def read_headers(self, uid: int) -> bytes:
+        self.reads += 1
+        return self.folder.read_headers(uid)  # type: ignore[no-any-return]
+
+    def open_message(self, uid: int):
+        self.reads += 1
+        return self.folder.open_message(uid)
+
+
+def test_updates_read_only_the_changed_messages():
+    """
+    A live header search and a live SORT on 3,000 messages: a new message
+    and a flag change cost a read or two each, not a search of the folder.
+    """
+    store = MemoryMailStore(clock=lambda: 1_700_000_000.0)
+    for i in range(3000):
+        data = b"Subject: %s %d\nDate: Mon, 1 Jan 2024 10:00:00 +0000\n\nbody\n" % (
+            b"hello" if i % 3 == 0 else b"other",
+            i,
+        )
+        store.deliver(USER, BytesSource(data), "s@example.test")
+    folder = store.open_folder(USER, "INBOX").result
+    infos = folder.messages()
+    uids = [i.uid for i in infos]
+    tree = parse(tokenize(b"OR SUBJECT hello FLAGGED"))
+    matcher = Matcher(
+        tree, len(uids), uids[-1], set(), lambda raw, last: SeqSetMembers(SeqSet(raw), last)
+    )
+    hits = [i.uid for _, i in matching(matcher, folder, infos)]
+    assert len(hits) == 1000
+    program = [("SUBJECT", False)]
+    keyed = Matches(
+        range(1, len(hits) + 1),
+        hits,
+        [0] * len(hits),
+        [0.0] * len(hits),
+        [message_keys(folder.read_headers(u)) for u in hits],
+    )
+    live = LiveResults()
+    live.add(LiveResult(b"S", True, matcher, True, hits))
+    live.add(LiveSortResult(b"T", False, matcher, True, program, sort_keys(program, keyed)))
+    counting = _CountingFolder(folder)
+    run = defer.maybeDeferred
+
+    store.deliver(USER, BytesSource(b"Subject: hello again\n\nnew\n"), "s@example.test")
+    changes = folder.refresh().result
+    d = live.changed(changes.added, counting, lambda u: u, run)
+    assert d.result == (
+        b'* ESEARCH (TAG "S") UID ADDTO (0 3001)\r\n'
+        b'* ESEARCH (TAG "T") ADDTO (1001 3001)\r\n'  # "hello again" after "hello 999"
+    )
+    assert counting.reads <= 4  # per live result: the header, and the sort keys for SORT
+    counting.reads = 0
+    flagged = folder.change_flags([2], {FLAGGED}).result
+    assert flagged
+    d = live.changed([i for i in folder.messages() if i.uid == 2], counting, lambda u: u, run)
+    assert (
+        d.result == b'* ESEARCH (TAG "S") UID ADDTO (0 2)\r\n* ESEARCH (TAG "T") ADDTO (1002 2)\r\n'
+    )
+    assert counting.reads <= 4
 
 
 # --- over loopback ----------------------------------------------------------------
