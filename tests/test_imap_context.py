@@ -614,6 +614,48 @@ def _apply(result: list[int], answers: list[list[bytes]], tag: bytes) -> list[in
     return result
 
 
+class WithinTest(ContextCase):
+    """WITHIN (RFC 5032): OLDER and YOUNGER count seconds back from now."""
+
+    def test_older_younger(self):
+        return self.assert_steps(
+            [
+                (A, b"CAPABILITY", None),
+                (B, b"APPEND INBOX {8}\r\nA: b\r\n\r\n", None),  # now; the others are of 2024
+                (A, b"NOOP", None),
+                (A, b"SEARCH YOUNGER 3600", [b"* SEARCH 25\r\n", b"OK"]),
+                (
+                    A,
+                    b"UID SEARCH RETURN (COUNT MAX) OLDER 3600",
+                    [b'* ESEARCH (TAG "A4") UID MAX 24 COUNT 24\r\n', b"OK"],
+                ),
+                (A, b"SEARCH NOT YOUNGER 1000000000", [b"* SEARCH\r\n", b"OK"]),
+                (
+                    A,
+                    b"SORT (REVERSE ARRIVAL) UTF-8 OR YOUNGER 60 1:2",
+                    [b"* SORT 25 2 1\r\n", b"OK"],
+                ),
+                (A, b"SEARCH YOUNGER 0", [b"BAD"]),
+                (A, b"SEARCH OLDER -5", [b"BAD"]),
+                (A, b"SEARCH OLDER", [b"BAD"]),
+                (
+                    A,
+                    b"SEARCH RETURN (UPDATE COUNT) YOUNGER 60",
+                    [
+                        b'* NO [NOUPDATE "A10"] Search depends on time\r\n',
+                        b'* ESEARCH (TAG "A10") COUNT 1\r\n',
+                        b"OK",
+                    ],
+                ),
+            ]
+        )
+
+    @defer.inlineCallbacks
+    def test_capability(self):
+        got = yield self.run_steps([(A, b"CAPABILITY")])
+        assert b"WITHIN" in got[0][0].split()
+
+
 # --- the same updates as Dovecot's ------------------------------------------------
 
 DOVECOT_STEPS = [
@@ -643,6 +685,10 @@ DOVECOT_STEPS = [
     (B, b"STORE 5:7 +FLAGS.SILENT ($Junk)"),
     (A, b"NOOP"),
     # (Dovecot 2.3.19 crashes, signal 11, telling of new mail that matches SUBJECT.)
+    (A, b"SEARCH RETURN (ALL) YOUNGER 3600"),  # WITHIN (RFC 5032)
+    (A, b"UID SEARCH RETURN (ALL COUNT) OLDER 3600"),
+    (A, b"SEARCH RETURN (ALL) OR YOUNGER 1000000000 OLDER 5"),
+    (A, b"SEARCH RETURN (COUNT) YOUNGER 0"),
     (A, b"STORE 2 +FLAGS.SILENT (\\Deleted)"),
     (A, b"EXPUNGE"),
     (A, b'CANCELUPDATE "A0"'),

@@ -152,6 +152,18 @@ def pin_numbers(tree: tuple, uids: Sequence[int], parse_set: Callable[[bytes], A
     return ("saved", _UidSpan(spans))
 
 
+def depends_on_time(tree: tuple) -> bool:
+    """Whether the search has OLDER or YOUNGER (RFC 5032), whose result time alone changes."""
+    kind = tree[0]
+    if kind == "and":
+        return any(depends_on_time(t) for t in tree[1])
+    if kind == "or":
+        return depends_on_time(tree[1]) or depends_on_time(tree[2])
+    if kind == "not":
+        return depends_on_time(tree[1])
+    return kind in ("OLDER", "YOUNGER")
+
+
 class _Descending:
     """A sort key compared the other way round (REVERSE, RFC 5256 3)."""
 

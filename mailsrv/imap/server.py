@@ -140,6 +140,7 @@ class IMAPServer(
         caps += SORT_CAPABILITIES
         caps += [b"ESEARCH", b"SEARCHRES"]  # RFC 4731, RFC 5182 (commands.selected)
         caps += CONTEXT_CAPABILITIES  # RFC 5267 4 (commands.context)
+        caps.append(b"WITHIN")  # RFC 5032: OLDER, YOUNGER (imap.search)
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819

@@ -14,7 +14,13 @@ from twisted.internet import defer
 
 from mailsrv.imap import mime, twistedcompat
 from mailsrv.imap.commands.base import CommandBase
-from mailsrv.imap.context import LiveResult, LiveResults, LiveSortResult, pin_numbers
+from mailsrv.imap.context import (
+    LiveResult,
+    LiveResults,
+    LiveSortResult,
+    depends_on_time,
+    pin_numbers,
+)
 from mailsrv.imap.parsing import SeqSet, SeqSetMembers
 from mailsrv.imap.search import Matcher, needs
 from mailsrv.imap.sort import Program
@@ -68,6 +74,11 @@ class ContextCommands(CommandBase):
         size = len(keys) if keys is not None else len(members)
         if not live.room_for(size):
             self.sendUntaggedResponse(b"NO [NOUPDATE " + mime.nstring(tag) + b"] Too many contexts")
+            return
+        if depends_on_time(tree):  # its result changes as time passes, with no change to tell
+            self.sendUntaggedResponse(
+                b"NO [NOUPDATE " + mime.nstring(tag) + b"] Search depends on time"
+            )
             return
         uids = mbox.uids
         pinned = pin_numbers(tree, uids, lambda raw: SeqSet(raw).ranges(len(uids)))

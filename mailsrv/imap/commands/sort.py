@@ -170,6 +170,7 @@ class SortCommands(SelectedCommands):
             last_uid,
             set(mbox.recent),
             lambda raw, last: SeqSetMembers(SeqSet(raw), last),
+            now=self.factory.reactor.seconds(),  # OLDER, YOUNGER (RFC 5032)
         )
         folder = mbox.folder
         cache = self._sort_cache()
