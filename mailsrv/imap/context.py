@@ -118,13 +118,23 @@ def parse_return(line: bytes, offered: tuple[str, ...]) -> tuple[ReturnOptions |
 class _UidSpan:
     """Membership in UID ranges: the messages a set of message numbers named then."""
 
-    __slots__ = ("_spans",)
+    __slots__ = ("_starts", "_ends")
 
     def __init__(self, spans: list[tuple[int, int]]) -> None:
-        self._spans = spans
+        merged: list[list[int]] = []
+        for lo, hi in sorted(spans):
+            if merged and lo <= merged[-1][1] + 1:
+                merged[-1][1] = max(merged[-1][1], hi)
+            else:
+                merged.append([lo, hi])
+        self._starts = [lo for lo, _ in merged]
+        self._ends = [hi for _, hi in merged]
 
     def __contains__(self, uid: object) -> bool:
-        return any(a <= uid <= b for a, b in self._spans)  # type: ignore[operator]
+        if not isinstance(uid, int):
+            return False
+        i = bisect.bisect_right(self._starts, uid) - 1
+        return i >= 0 and uid <= self._ends[i]
 
 
 def pin_numbers(tree: tuple, uids: Sequence[int], parse_set: Callable[[bytes], Any]) -> tuple:
@@ -323,7 +333,7 @@ class LiveSortResult(LiveResult):
         for k in new:
             self._key_of[k[-1]] = k
         if len(new) > _FEW:
-            keys.extend(new)
+            keys.extend(sorted(new))
             keys.sort()  # two sorted runs: merged in linear time
         else:
             for k in new:
