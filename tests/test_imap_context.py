@@ -432,6 +432,29 @@ class ContextTest(ContextCase):
         )
 
     @defer.inlineCallbacks
+    def test_move_and_copy(self):
+        """MOVE out of the mailbox: REMOVEFROM before the EXPUNGE; COPY into it: ADDTO after EXISTS."""
+        got = yield self.run_steps(
+            [
+                (A, b"SEARCH RETURN (UPDATE) 1:3"),
+                (A, b"CREATE Archive"),
+                (A, b"MOVE 2 Archive"),
+                (A, b"UID SEARCH RETURN (UPDATE) SUBJECT hello"),
+                (A, b"COPY 1 INBOX"),
+            ]
+        )
+        assert self.failures == []
+        move = got[2]
+        assert move[0].startswith(b"* OK [COPYUID ")
+        assert move[1:] == [b'* ESEARCH (TAG "A0") REMOVEFROM (0 2)\r\n', b"* 2 EXPUNGE\r\n", b"OK"]
+        assert got[4] == [
+            b"* 24 EXISTS\r\n",
+            b"* 24 RECENT\r\n",
+            b'* ESEARCH (TAG "A3") UID ADDTO (0 25)\r\n',
+            b"OK",
+        ]
+
+    @defer.inlineCallbacks
     def test_noupdate_and_reselect(self):
         """RFC 5267 4.3.1: past ten live results, NO [NOUPDATE]; the other options still answer."""
         steps = [(A, b"UID SEARCH RETURN (UPDATE) SEEN") for _ in range(10)]
