@@ -104,11 +104,11 @@ class ContextCommands(CommandBase):
         return live.removed(uids, self._number)
 
     def _context_updates(
-        self, added: Sequence[MessageInfo], changed: Sequence[MessageInfo]
+        self, added: Iterable[MessageInfo], changed: Iterable[MessageInfo]
     ) -> defer.Deferred:
         live = self._live_results()
-        if live is None or not (added or changed):
-            return defer.succeed(b"")
+        if live is None or not len(live):
+            return defer.succeed(b"")  # before C{changed} is walked: it may be long
         mbox = self.mbox
         d = live.changed([*added, *changed], mbox.folder, mbox.seq_of, self._run)
 

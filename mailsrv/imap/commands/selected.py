@@ -164,7 +164,7 @@ class SelectedCommands(ContextCommands):
                 out.append(
                     b"* %d FETCH (FLAGS %s%s)\r\n" % (seq, flag_list(mbox.flags_of(info)), extra)
                 )
-        out.append((yield self._context_updates((), [mbox.infos[s - 1] for s in seqs])))
+        out.append((yield self._context_updates((), (mbox.infos[s - 1] for s in seqs))))
         self.transport.write(b"".join(out))
         self.sendPositiveResponse(tag, b"STORE completed")
 
