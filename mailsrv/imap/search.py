@@ -419,7 +419,7 @@ class Matcher:
             if k == "UID":
                 raw = t[1].value if isinstance(t[1], Literal) else t[1]
                 return info.uid in self._set(raw, self.last_uid)
-            if k == "OLDER":  # RFC 5032 3: whole seconds, as Dovecot counts them
+            if k == "OLDER":  # RFC 5032: whole seconds, as Dovecot counts them
                 return int(info.internal_date) <= self.now - t[1]
             if k == "YOUNGER":
                 return int(info.internal_date) >= self.now - t[1]
