@@ -25,6 +25,8 @@ from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import Account, Subscriptions, subscriptions_path
+from mailsrv.imap.commands.append import CAPABILITIES as APPEND_CAPABILITIES
+from mailsrv.imap.commands.append import AppendCommand
 from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import UTF8_ACCEPT, GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
@@ -54,6 +56,7 @@ class IMAPServer(
     HandshakeDeadlineMixin,
     GeneralCommands,
     MailboxCommands,
+    AppendCommand,
     SortCommands,
     SelectedCommands,
     FetchCommand,
@@ -143,6 +146,7 @@ class IMAPServer(
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819
         caps.append(UTF8_ACCEPT)  # RFC 6855
         caps.append(b"BINARY")  # RFC 3516
+        caps += APPEND_CAPABILITIES  # MULTIAPPEND, CATENATE, URL-PARTIAL (commands.append)
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")
