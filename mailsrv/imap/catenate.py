@@ -136,6 +136,7 @@ def build(session: Any, parts: list[Any], limit: int) -> Any:
                 total += part.wire
                 if total > limit:
                     raise TooBig()
+                writer.close()  # a CR a URL's octets ended with goes first
                 yield session._run(_copy_source, part.source, out)
                 continue
             total += yield _copy_url(session, url, writer, limit - total)

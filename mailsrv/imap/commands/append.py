@@ -39,7 +39,7 @@ from mailsrv.imap.parsing import (
 from mailsrv.interfaces import FolderError, NotSelectable
 from mailsrv.spool import SPILL_AT, SpooledSource
 
-CAPABILITIES = [b"MULTIAPPEND"]  # RFC 3502
+CAPABILITIES = [b"MULTIAPPEND", b"CATENATE", b"URL-PARTIAL"]  # RFC 3502, 4469, 5550
 
 # What one APPEND may hold: every message keeps a spool (a file once large).
 MAX_MESSAGES = 1000
