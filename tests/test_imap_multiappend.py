@@ -8,15 +8,27 @@ the command and stores nothing. And the store's all-or-none append.
 from __future__ import annotations
 
 import io
+import os
+import random
 import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
 
 from twisted.internet import defer
 from twisted.trial import unittest
 
 from mailsrv.imap.commands.append import uid_set
 from mailsrv.spool import BytesSource
+from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.names import user_dir
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
+from tests.store_contract import SyncReactor, SyncThreadPool
+from tests.store_crash_worker import ManualPool, Reactor, body
 from tests.test_imap_harness import USER
 
 ONE = b"Subject: one\r\n\r\nfirst\r\n"
@@ -73,8 +85,8 @@ class MultiappendTests(LoopbackIMAPCase):
         text = b"".join(fetched)
         self.assertIn(b'FLAGS (\\Seen \\Recent) INTERNALDATE "05-Mar-2024 11:30:00 +0000"', text)
         self.assertIn(b"FLAGS ($Label \\Flagged \\Recent)", text)
-        for body in (ONE, TWO, THREE):
-            self.assertIn(b"{%d}\r\n%s" % (len(body), body), text)
+        for message in (ONE, TWO, THREE):
+            self.assertIn(b"{%d}\r\n%s" % (len(message), message), text)
         self.assertEqual(self.mbox().count(b"\nSubject: "), 3)
 
     @defer.inlineCallbacks
@@ -208,3 +220,69 @@ class UidSetTests(unittest.TestCase):
     def test_uid_set(self):
         self.assertEqual(uid_set([4]), b"4")
         self.assertEqual(uid_set([2, 3, 4, 7, 9, 10]), b"2:4,7,9:10")
+
+
+BATCH = 3  # messages per append_many in the kill test: ids 3k, 3k+1, 3k+2
+REPO = Path(__file__).resolve().parent.parent
+CRASH_USER = "crash@example.test"
+
+
+def crash_worker(root: Path) -> None:
+    """Append batches of BATCH big messages with append_many until killed; "ack k" once durable."""
+    pool = ManualPool()
+    store = MboxMailStore(root / "mail", root / "index", Reactor(), pool)
+    opened: list = []
+    store.open_folder(CRASH_USER, "INBOX").addCallback(opened.append)
+    pool.run()
+    folder = opened[0]
+    k = 0
+    while True:
+        items = [(BytesSource(body(BATCH * k + j)), frozenset(), None) for j in range(BATCH)]
+        d = folder.append_many(items)
+        d.addCallback(lambda _, k=k: (sys.stdout.write(f"ack {k}\n"), sys.stdout.flush()))
+        pool.run()
+        k += 1
+
+
+class KillDuringMultiappend(unittest.SynchronousTestCase):
+    """kill -9 while batches are appended: each batch is there whole or not at all."""
+
+    def test_batches_whole_or_absent(self):
+        for seed in range(2):
+            root = Path(tempfile.mkdtemp(prefix="multiappend-kill-"))
+            self.addCleanup(lambda r=root: shutil.rmtree(r, True))
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.test_imap_multiappend", str(root)],
+                cwd=REPO,
+                stdout=subprocess.PIPE,
+                env={**os.environ, "PYTHONPATH": str(REPO)},
+            )
+            try:
+                first = proc.stdout.readline()
+                self.assertTrue(first.startswith(b"ack "), first)
+                time.sleep(random.Random(seed).uniform(0.05, 0.5))
+            finally:
+                proc.send_signal(signal.SIGKILL)
+                rest = proc.stdout.read()
+                proc.stdout.close()
+                proc.wait()
+            acked = {
+                int(w.split()[1]) for w in (first + rest).split(b"\n") if w.startswith(b"ack ")
+            }
+            store = MboxMailStore(root / "mail", root / "index", SyncReactor(), SyncThreadPool())
+            folder = self.successResultOf(store.open_folder(CRASH_USER, "INBOX"))
+            mids = []
+            for info in folder.messages():
+                with folder.open_message(info.uid) as fh:
+                    data = fh.read()
+                mid = int(data.split(b"\r\n", 1)[0].split(b"m", 1)[1])
+                self.assertEqual(data, body(mid).replace(b"\n", b"\r\n"), f"{mid} is damaged")
+                mids.append(mid)
+            folder.close()
+            batches = len(mids) // BATCH
+            self.assertEqual(mids, list(range(batches * BATCH)), "a batch is there in part")
+            self.assertLessEqual(acked, set(range(batches)))
+
+
+if __name__ == "__main__":
+    crash_worker(Path(sys.argv[1]))
