@@ -73,6 +73,28 @@ EXPECTED = (
 )
 
 
+# Bad URLs whose answers are Dovecot's, byte for byte (but its timing).
+SAME_AS_DOVECOT = [
+    b"/INBOX;UIDVALIDITY=1/;UID=1",
+    b"/INBOX/;UID=99",
+    b"/Nope/;UID=1",
+    b"imap://alice@127.0.0.1/INBOX/;UID=1",
+    b"INBOX/;UID=1",
+]
+BAD_URL_ANSWERS = [
+    b"A NO [BADURL /INBOX;UIDVALIDITY=1/;UID=1] Invalid UIDVALIDITY.\r\n",
+    b"A NO [BADURL /INBOX/;UID=99] Message not found.\r\n",
+    b"A NO [BADURL /Nope/;UID=1] Mailbox doesn't exist: Nope.\r\n",
+    b"A NO [BADURL imap://alice@127.0.0.1/INBOX/;UID=1] Invalid IMAP URL: Relative URL required.\r\n",
+    b"A NO [BADURL INBOX/;UID=1] Mailbox doesn't exist: INBOX/INBOX.\r\n",
+]
+
+
+def _untimed(lines: list[bytes]) -> bytes:
+    """Dovecot's tagged answer without its timing, `` (0.001 + 0.000 secs)``."""
+    return re.sub(rb" \(\d+\.\d+ \+ \d+\.\d+(?: \+ \d+\.\d+)? secs\)", b"", lines[-1])
+
+
 def catenate_command(validity: int) -> bytes:
     return (
         b"APPEND Drafts CATENATE ("
@@ -173,13 +195,24 @@ class CatenateTests(LoopbackIMAPCase):
 
         out, status = yield self.session(script)
         for (url, reason), lines in zip(bad, out, strict=False):
-            self.assertEqual(lines, [b"A NO [BADURL %s] %s\r\n" % (url, reason)])
+            self.assertEqual(lines, [b"A NO [BADURL %s] %s.\r\n" % (url, reason)])
         self.assertEqual(
             out[len(bad)],
-            [b"A NO [BADURL ;UID=1] Mailbox-relative IMAP URL, but no mailbox selected\r\n"],
+            [b"A NO [BADURL ;UID=1] Mailbox-relative IMAP URL, but no mailbox selected.\r\n"],
         )
         self.assertEqual(out[-1], [b"N OK NOOP completed\r\n"])
         self.assertEqual(status[0], b"* STATUS Drafts (MESSAGES 0 UIDNEXT 1)\r\n")
+
+    @defer.inlineCallbacks
+    def test_bad_url_answers_are_dovecots(self):
+        def script(c):
+            c.cmd(b"S", b"SELECT INBOX")
+            return [
+                c.cmd(b"A", b'APPEND Drafts CATENATE (URL "%s")' % url)[-1]
+                for url in SAME_AS_DOVECOT
+            ]
+
+        self.assertEqual((yield self.session(script)), BAD_URL_ANSWERS)
 
     @defer.inlineCallbacks
     def test_syntax(self):
@@ -240,7 +273,7 @@ class CatenateTests(LoopbackIMAPCase):
             return out, texts, c.cmd(b"N", b"NOOP"), c.cmd(b"S", b"STATUS Drafts (MESSAGES)")
 
         out, texts, noop, status = yield self.session(script)
-        self.assertEqual(out, [b"A NO [TOOBIG] Composed message grows too big\r\n"])
+        self.assertEqual(out, [b"A NO [TOOBIG] Composed message grows too big.\r\n"])
         self.assertEqual(texts, [b"B NO [TOOBIG] Message too big\r\n"])
         self.assertEqual(noop, [b"N OK NOOP completed\r\n"])
         self.assertEqual(status[0], b"* STATUS Drafts (MESSAGES 0)\r\n")
@@ -295,6 +328,11 @@ class DovecotComparison(unittest.TestCase):
                 )
                 out = c.cmd(b"A", catenate_command(validity))
                 self.assertRegex(_tagged(out), rb"^OK \[APPENDUID \d+ 1\]")
+                c.cmd(b"S", b"SELECT INBOX")
+                refused = [
+                    _untimed(c.cmd(b"A", b'APPEND Drafts CATENATE (URL "%s")' % url))
+                    for url in SAME_AS_DOVECOT
+                ]
                 c.cmd(b"S", b"EXAMINE Drafts")
                 stored = _literal(c.cmd(b"F", b"UID FETCH 1 BODY.PEEK[]"))
             finally:
@@ -302,5 +340,6 @@ class DovecotComparison(unittest.TestCase):
         finally:
             dovecot.stop()
         self.assertEqual(stored, expected)
+        self.assertEqual(refused, BAD_URL_ANSWERS)
         # and the octets ours stores (test_sections_make_one_message):
         self.assertEqual(stored, EXPECTED)

@@ -37,10 +37,13 @@ class BadURL(Exception):
         self.reason = reason
 
     def response(self) -> bytes:
-        """RFC 4469 5: ``[BADURL url-resp-text]``, the URL as sent (any "]" would end it)."""
+        """
+        RFC 4469 5: ``[BADURL url-resp-text]``, the URL as sent (any "]" would
+        end it), and the reason, as Dovecot words it.
+        """
         url = self.url.encode("utf-8", "replace").replace(b"]", b"%5D")
         url = bytes(c for c in url if c >= 0x20 and c != 0x7F)
-        return b"[BADURL " + url + b"] " + self.reason.encode("utf-8", "replace")
+        return b"[BADURL " + url + b"] " + self.reason.encode("utf-8", "replace") + b"."
 
 
 class TooBig(Exception):

@@ -418,7 +418,7 @@ class AppendCommand(CommandBase):
                     self.sendNegativeResponse(tag, e.response())
                     return None
                 except catenate.TooBig:
-                    self.sendNegativeResponse(tag, b"[TOOBIG] Composed message grows too big")
+                    self.sendNegativeResponse(tag, b"[TOOBIG] Composed message grows too big.")
                     return None
                 message.source = source
             if source.error is not None:
