@@ -224,6 +224,8 @@ class CatenateTests(LoopbackIMAPCase):
                 c.cmd(b"C", b"APPEND Drafts CATENATE (TEXT {3+}\r\nabc FOO)"),
                 c.cmd(b"D", b"APPEND Drafts CATENATE (url /INBOX/;UID=1 text {2+}\r\nab)"),
                 c.cmd(b"E", b"APPEND Drafts CATENATE (URL {13+}\r\n/INBOX/;UID=1)"),
+                c.cmd(b"F", b"APPEND Drafts CATENATE (URL {0+}\r\n)"),
+                c.cmd(b"N", b"NOOP"),
             ]
 
         out = yield self.session(script)
@@ -232,6 +234,7 @@ class CatenateTests(LoopbackIMAPCase):
         self.assertEqual(out[2], [b"C BAD Invalid CATENATE part\r\n"])
         self.assertRegex(_tagged(out[3]), rb"^OK \[APPENDUID \d+ 1\]")
         self.assertRegex(_tagged(out[4]), rb"^OK \[APPENDUID \d+ 2\]")
+        self.assertEqual(out[5:], [[b"F BAD Empty URL\r\n"], [b"N OK NOOP completed\r\n"]])
 
     @defer.inlineCallbacks
     def test_multiappend_with_catenate(self):

@@ -233,6 +233,8 @@ class AppendReader:
             size = int(m.group(2))
             if size > STRING_LITERAL_LIMIT:
                 raise _Refused(b"BAD", b"Literal too long")
+            if size == 0:  # names nothing; Twisted's string literal reader needs an octet
+                raise _Refused(b"BAD", b"Empty URL")
             d: defer.Deferred = defer.Deferred()
             d.addCallback(lambda result: got(*result))
             d.addErrback(self._internal_error)
