@@ -395,10 +395,10 @@ class AppendCommand(CommandBase):
         if uids is None:
             return
         self.log.info(
-            "imap append {user} {folder} uids {uids}",
+            "imap append {user} {folder} uid {uid}",  # a UID set after MULTIAPPEND
             user=self._user,
             folder=folder_name,
-            uids=uid_set(uids).decode(),
+            uid=uid_set(uids).decode(),
         )
         if selected:
             yield self._sync()
