@@ -19,17 +19,18 @@ import tempfile
 import time
 from pathlib import Path
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 from twisted.trial import unittest
 
 from mailsrv.imap.commands.append import uid_set
 from mailsrv.spool import BytesSource
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.names import user_dir
+from mailsrv.store.quota import Quotas
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
 from tests.store_contract import SyncReactor, SyncThreadPool
 from tests.store_crash_worker import ManualPool, Reactor, body
-from tests.test_imap_harness import USER
+from tests.test_imap_harness import USER, make_config
 
 ONE = b"Subject: one\r\n\r\nfirst\r\n"
 TWO = b"Subject: two\r\n\r\nsecond\r\n"
@@ -173,6 +174,38 @@ class MultiappendTests(LoopbackIMAPCase):
         self.assertEqual(out[:2], [b"* 2 EXISTS\r\n", b"* 2 RECENT\r\n"])
         self.assertRegex(out[-1], rb"^A OK \[APPENDUID \d+ 1:2\] APPEND completed\r\n$")
         self.assertEqual(nope, [b"B NO [TRYCREATE] Mailbox doesn't exist\r\n"])
+
+
+class QuotaTests(LoopbackIMAPCase):
+    """The quota counts every message of a MULTIAPPEND (RFC 9208 4.3)."""
+
+    def setUp(self):
+        super().setUp()
+        config = make_config(self.tmp, '[quota]\nstorage = "20K"\n')
+
+        def run(f, *a, **kw):
+            return threads.deferToThreadPool(self.reactor, self.pool, f, *a, **kw)
+
+        self.factory.quota = Quotas(config.quota, self.config.mail_dir, run)
+
+    @defer.inlineCallbacks
+    def test_all_messages_count(self):
+        filler = b"Subject: filler\r\n\r\n" + b"x" * 8000 + b"\r\n"
+        three = b"APPEND INBOX" + b" {%d+}\r\n%s" % (len(filler), filler) * 3
+        two = b"APPEND INBOX" + b" {%d+}\r\n%s" % (len(filler), filler) * 2
+
+        def script():
+            c = RawClient(self.port_number)
+            try:
+                c.login()
+                return c.cmd(b"A", three), c.cmd(b"B", two), c.cmd(b"S", b"STATUS INBOX (MESSAGES)")
+            finally:
+                c.close()
+
+        over, fits, status = yield self.in_thread(script)
+        self.assertEqual(over, [b"A NO [OVERQUOTA] Quota exceeded (mailbox for user is full)\r\n"])
+        self.assertRegex(fits[-1], rb"^B OK \[APPENDUID \d+ 1:2\]")
+        self.assertEqual(status[0], b"* STATUS INBOX (MESSAGES 2)\r\n")
 
 
 class _BreaksOnSecondRead:
