@@ -11,9 +11,9 @@ L{mailsrv.imap.fetchitems.simple_response}.
 
 from __future__ import annotations
 
-import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from collections.abc import Set as AbstractSet
+from itertools import chain
 from typing import Any
 
 from mailsrv.imap.account import RECENT
@@ -64,6 +64,11 @@ class FlagTexts(dict):
         return text
 
 
+# A time of day's "HH:MM:" and "SS +0000" (with the closing quote): INTERNALDATE's tail.
+_HOURS_MINUTES = tuple(b"%02d:%02d:" % divmod(m, 60) for m in range(1440))
+_SECONDS = tuple(b'%02d +0000"' % s for s in range(60))
+
+
 class DateTexts:
     """INTERNALDATE values as L{mailsrv.imap.fetch.internal_date} writes them, a day's start cached."""
 
@@ -71,14 +76,23 @@ class DateTexts:
         self._days: dict[int, bytes] = {}
 
     def text(self, ts: float) -> bytes:
-        if not 0.0 <= ts < _LAST:
-            return internal_date(ts)
-        secs = math.floor(ts)  # as time.gmtime rounds
-        day, rest = divmod(secs, _DAY)
-        head = self._days.get(day)
-        if head is None:
-            head = self._days[day] = internal_date(day * _DAY)[:13]
-        return b'%s%02d:%02d:%02d +0000"' % (head, rest // 3600, rest // 60 % 60, rest % 60)
+        return self.texts([ts])[0]
+
+    def texts(self, values: Sequence[float]) -> list[bytes]:
+        """The texts of C{values} (seconds since the epoch), in order."""
+        days = self._days
+        out: list[bytes] = []
+        add = out.append
+        for ts in values:
+            if not 0.0 <= ts < _LAST:
+                add(internal_date(ts))
+                continue
+            day, rest = divmod(int(ts), _DAY)  # as time.gmtime rounds (down: ts >= 0)
+            head = days.get(day)
+            if head is None:
+                head = days[day] = internal_date(day * _DAY)[:13]  # '"17-Jul-1996 '
+            add(head + _HOURS_MINUTES[rest // 60] + _SECONDS[rest % 60])
+        return out
 
 
 class IndexFetch:
@@ -90,6 +104,7 @@ class IndexFetch:
         self._flags = FlagTexts(False)
         self._recent_flags = FlagTexts(True)
         self._dates = DateTexts()
+        self._repeated: dict[int, bytes] = {}
 
     def lines(self, infos: Sequence[Any], seqs: Sequence[int], recent: AbstractSet[int]) -> bytes:
         """
@@ -97,7 +112,11 @@ class IndexFetch:
         C{infos} (the session's view), C{recent} the UIDs recent to it.
         """
         columns = [self._column(item, infos, seqs, recent) for item in self._items]
-        return b"".join(map(self._template.__mod__, zip(seqs, *columns, strict=True)))
+        # One % for the whole batch: the template repeated once per message.
+        template = self._repeated.get(len(seqs))
+        if template is None:
+            template = self._repeated[len(seqs)] = self._template * len(seqs)
+        return template % tuple(chain.from_iterable(zip(seqs, *columns, strict=True)))
 
     def _column(
         self, item: str, infos: Sequence[Any], seqs: Sequence[int], recent: AbstractSet[int]
@@ -113,8 +132,7 @@ class IndexFetch:
                 marked[f] if u in recent else plain[f] for u, f in zip(uids, values, strict=True)
             ]
         if item == "INTERNALDATE":
-            text: Callable[[float], bytes] = self._dates.text
-            return list(map(text, values))
+            return self._dates.texts(values)
         return values
 
 
