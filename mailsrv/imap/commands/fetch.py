@@ -18,18 +18,19 @@ from mailsrv.imap import binary, condstore
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.fetch import FetchRequest, Stream, skip
+from mailsrv.imap.fetchindex import IndexFetch
 from mailsrv.imap.fetchitems import (
-    MessageFetch,
     Refusal,
     prepare_batch,
-    simple_formatters,
-    simple_response,
 )
 from mailsrv.imap.parsing import CommandParser, SeqSet, resolve
 from mailsrv.imap.responses import flag_list
 from mailsrv.interfaces import SEEN
 from mailsrv.session import OutputFlow
 from mailsrv.spool import disk_full
+
+# Messages a FETCH of index items only formats between two turns of the reactor.
+INDEX_BATCH = 2000
 
 
 class BoundedCache:
@@ -171,29 +172,15 @@ class FetchCommand(CommandBase):
         pending: Any = None
         try:
             if not req.needs_disk:
-                plain = simple_formatters(items)
-                with_flags = simple_formatters(items + self._seen_extra(items))
-                has_flags = "FLAGS" in items
-                m: MessageFetch | None = None  # one for all: these formatters keep nothing in it
-                for start in range(0, len(seqs), 2000):
-                    out = []
-                    for seq in seqs[start : start + 2000]:
-                        info = mbox.infos[seq - 1]
-                        fields, flags = plain, b""
-                        if info.uid in seen_now:
-                            fields, flags = with_flags, flag_list(mbox.flags_of(info))
-                        elif has_flags:
-                            flags = flag_list(mbox.flags_of(info))
-                        if m is None:
-                            m = MessageFetch(None, info, flags)
-                        else:
-                            m.info, m.flags = info, flags
-                        out.append(simple_response(seq, m, fields))
-                    self.transport.write(b"".join(out))
+                # Only the index is read (nothing is marked \\Seen: only sections do that).
+                lines = IndexFetch(items)
+                for start in range(0, len(seqs), INDEX_BATCH):
+                    chunk = seqs[start : start + INDEX_BATCH]
+                    self.transport.write(lines.lines(mbox.infos, chunk, mbox.recent))
                     yield flow.wait()
                     if self._lost or flow.stopped:
                         return missing
-                    if start + 2000 < len(seqs):
+                    if start + INDEX_BATCH < len(seqs):
                         yield factory.cooperate()
                 return missing
             need_structure = req.needs_structure
