@@ -1,0 +1,241 @@
+"""
+QRESYNC (RFC 7162 3.2) as a client depends on it, over loopback against the
+mbox store: a client that keeps a cache of UIDs and flags from its last sync
+and resynchronises (SELECT (QRESYNC ...), UID FETCH (CHANGEDSINCE n
+VANISHED), or NOOP in a session that stays selected) after random changes by
+other sessions and by another program rewriting the mbox file must end with
+exactly what a full fetch shows, and HIGHESTMODSEQ never goes backwards;
+plus the edge cases of UNCHANGEDSINCE, MODSEQ values, and VANISHED (EARLIER)
+over huge UID sets.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import sqlite3
+
+from twisted.internet import defer
+
+from mailsrv.store.locking import MboxLock
+from mailsrv.store.names import INBOX, folder_path
+from tests.imap_loopback_support import RawClient
+from tests.test_imap_condstore import CondstoreCase
+from tests.test_imap_harness import USER
+
+_FETCH = re.compile(rb"\* (\d+) FETCH \((.*)\)\r\n")
+_FLAG_POOL = ["\\Seen", "\\Flagged", "\\Answered", "\\Draft", "$Work", "$Later"]
+
+
+def uids_of(text: bytes) -> set[int]:
+    """The UIDs of a (small) uid-set."""
+    out: set[int] = set()
+    for part in text.split(b","):
+        lo, _, hi = part.partition(b":")
+        a, b = int(lo), int(hi or lo)
+        out.update(range(min(a, b), max(a, b) + 1))
+    return out
+
+
+def set_of(uids) -> bytes:
+    return b",".join(b"%d" % u for u in sorted(uids))
+
+
+def fetched(lines: list[bytes]) -> dict[int, frozenset[str]]:
+    """UID -> flags (without \\Recent) of the untagged FETCH lines that carry both."""
+    out = {}
+    for ln in lines:
+        m = _FETCH.match(ln)
+        if not m:
+            continue
+        u = re.search(rb"UID (\d+)", m.group(2))
+        f = re.search(rb"FLAGS \(([^)]*)\)", m.group(2))
+        if u and f:
+            out[int(u.group(1))] = frozenset(f.group(1).decode().split()) - {"\\Recent"}
+    return out
+
+
+class Replica:
+    """A client's cache of INBOX: UIDVALIDITY, HIGHESTMODSEQ and UID -> flags."""
+
+    def __init__(self) -> None:
+        self.validity = 0
+        self.highest = 0
+        self.uid_next = 1
+        self.flags: dict[int, frozenset[str]] = {}
+
+    def apply(self, lines: list[bytes], where: str) -> None:
+        """Take in a resync's answer: VANISHED, FETCH, HIGHESTMODSEQ (never backwards)."""
+        for ln in lines:
+            assert not re.match(rb"\* \d+ EXPUNGE", ln), (where, lines)
+            m = re.match(rb"\* VANISHED (?:\(EARLIER\) )?([\d:,]+)\r\n", ln)
+            if m:
+                for u in uids_of(m.group(1)):
+                    self.flags.pop(u, None)
+            m = re.search(rb"\[HIGHESTMODSEQ (\d+)\]", ln)
+            if m:
+                top = int(m.group(1))
+                assert top >= self.highest, (where, self.highest, lines)
+                self.highest = top
+            m = re.search(rb"\[UIDVALIDITY (\d+)\]", ln)
+            if m:
+                self.validity = int(m.group(1))
+            m = re.search(rb"\[UIDNEXT (\d+)\]", ln)
+            if m:
+                self.uid_next = int(m.group(1))
+        self.flags.update(fetched(lines))
+
+    def check(self, c: RawClient, where: str) -> None:
+        """The cache is what a full fetch in the same session shows."""
+        full = fetched(c.cmd(b"F", b"UID FETCH 1:* (FLAGS)"))
+        assert self.flags == full, (where, self.flags, full)
+
+
+class QresyncPropertyTest(CondstoreCase):
+    timeout = 240
+
+    def mbox_path(self):
+        return folder_path(self.config.mail_dir, USER, INBOX)
+
+    def rewrite(self, rng: random.Random) -> str:
+        """Another program (as mutt) rewrites the file: drops, appends or marks a message."""
+        path = self.mbox_path()
+        with MboxLock(path):
+            data = path.read_bytes()
+            parts = re.split(rb"(?m)^(?=From )", data)
+            parts = [p for p in parts if p]
+            what = rng.choice(["drop", "append", "status"]) if parts else "append"
+            if what == "drop":
+                del parts[rng.randrange(len(parts))]
+            elif what == "append":
+                n = rng.randrange(10**6)
+                parts.append(
+                    b"From x@example.test Sat Jan  1 00:00:00 2022\n"
+                    b"From: x@example.test\nSubject: ext %d\nMessage-ID: <ext%d@t>\n\n"
+                    b"body %d\n\n" % (n, n, n)
+                )
+            else:
+                i = rng.randrange(len(parts))
+                head, sep, body = parts[i].partition(b"\n\n")
+                head = re.sub(rb"(?m)^(Status|X-Status): .*\n?", b"", head).rstrip(b"\n")
+                parts[i] = head + b"\nStatus: RO\nX-Status: F" + sep + body
+            tmp = path.with_name(path.name + ".mutt")
+            tmp.write_bytes(b"".join(parts))
+            tmp.replace(path)
+        return what
+
+    def change(self, rng: random.Random, b: RawClient, other: RawClient) -> None:
+        """One random change by another session (or another program)."""
+        b.cmd(b"n", b"NOOP")
+        count = len(fetched(b.cmd(b"f", b"UID FETCH 1:* (FLAGS)")))
+        what = rng.choice(
+            ["flags", "flags", "expunge", "append", "move", "copyback", "mutt", "forget"]
+        )
+        if what == "mutt":
+            self.rewrite(rng)
+            return
+        if what == "forget":  # the expunge history runs out (as past its limit)
+            db = sqlite3.connect(
+                str(self.config.index_dir / "example.test" / "alice" / "INBOX.sqlite")
+            )
+            with db:
+                db.execute(
+                    "UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'highest_modseq')"
+                    " WHERE key = 'vanished_floor'"
+                )
+                db.execute("DELETE FROM vanished")
+            db.close()
+            return
+        if what == "append" or not count:
+            msg = b"From: a@example.test\r\nSubject: new\r\n\r\nhi\r\n"
+            flag = rng.choice(["", "\\Seen", "$Work"])
+            b.send(b"a APPEND INBOX (%s) {%d}\r\n" % (flag.encode(), len(msg)))
+            assert b.file.readline().startswith(b"+")
+            b.send(msg + b"\r\n")
+            assert b.read_until(b"a")[-1].startswith(b"a OK")
+            return
+        seqs = set_of(rng.sample(range(1, count + 1), rng.randint(1, min(3, count))))
+        if what == "flags":
+            flags = " ".join(rng.sample(_FLAG_POOL, rng.randint(1, 2)))
+            mode = rng.choice([b"+FLAGS", b"-FLAGS", b"FLAGS", b"+FLAGS.SILENT"])
+            b.cmd(b"x", b"STORE %s %s (%s)" % (seqs, mode, flags.encode()))
+        elif what == "expunge":
+            b.cmd(b"x", b"STORE %s +FLAGS.SILENT (\\Deleted)" % seqs)
+            b.cmd(b"x", b"EXPUNGE")
+        elif what == "move":
+            b.cmd(b"m", b"MOVE %s Other" % seqs)
+        else:
+            other.cmd(b"n", b"NOOP")
+            out = other.cmd(b"c", b"MOVE 1 INBOX")
+            assert out[-1].startswith((b"c OK", b"c BAD", b"c NO")), out
+
+    @defer.inlineCallbacks
+    def test_random_changes_then_resync(self):
+        def script(connect):
+            for seed in range(int(os.environ.get("QRESYNC_SEEDS", "6"))):
+                rng = random.Random(seed)
+                b, other = connect(), connect()
+                b.cmd(b"c", b"CREATE Other")
+                b.cmd(b"s", b"SELECT INBOX")
+                other.cmd(b"s", b"SELECT Other")
+                rep = Replica()
+                stay = connect()  # a client that stays selected and syncs by NOOP
+                stay.cmd(b"e", b"ENABLE QRESYNC")
+                stay_rep = Replica()
+                stay_rep.apply(stay.cmd(b"s", b"SELECT INBOX"), "stay select")
+                stay_rep.flags = fetched(stay.cmd(b"f", b"UID FETCH 1:* (FLAGS)"))
+                a = connect()
+                a.cmd(b"e", b"ENABLE QRESYNC")
+                rep.apply(a.cmd(b"s", b"SELECT INBOX"), "first select")
+                rep.flags = fetched(a.cmd(b"f", b"UID FETCH 1:* (FLAGS)"))
+                a.cmd(b"o", b"LOGOUT")
+                for step in range(12):
+                    for _ in range(rng.randint(1, 4)):
+                        self.change(rng, b, other)
+                    where = "seed %d step %d" % (seed, step)
+                    a = connect()
+                    a.cmd(b"e", b"ENABLE QRESYNC")
+                    how = rng.choice(["select", "known", "match", "fetch"])
+                    if how == "fetch":
+                        sel = a.cmd(b"s", b"SELECT INBOX")
+                        out = a.cmd(
+                            b"u", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % rep.highest
+                        )
+                        rep.apply(out, where + " fetch")
+                        rep.apply(sel, where + " select")
+                    else:
+                        extra = b""
+                        if how != "select" and rep.flags:
+                            extra = b" " + set_of(rep.flags)
+                            if how == "match":
+                                known = sorted(rep.flags)
+                                extra += b" (1:%d %s)" % (len(known), set_of(known))
+                        out = a.cmd(
+                            b"s",
+                            b"SELECT INBOX (QRESYNC (%d %d%s))"
+                            % (rep.validity, rep.highest, extra),
+                        )
+                        assert out[-1].startswith(b"s OK"), out
+                        before = rep.uid_next
+                        rep.apply(out, where + " " + how)
+                        if extra:
+                            # RFC 7162 3.2.5.1: told only of the known UIDs; the
+                            # client fetches those above its last UIDNEXT
+                            got = fetched(a.cmd(b"f", b"UID FETCH %d:* (FLAGS)" % before))
+                            rep.flags.update((u, f) for u, f in got.items() if u >= before)
+                    rep.check(a, where + " " + how)
+                    a.cmd(b"o", b"LOGOUT")
+                    stay_rep.apply(stay.cmd(b"n", b"NOOP"), where + " noop")
+                    # new messages are told by EXISTS: a client fetches those above its last UID
+                    top = max(stay_rep.flags, default=0)
+                    got = fetched(stay.cmd(b"f", b"UID FETCH %d:* (FLAGS)" % (top + 1)))
+                    stay_rep.flags.update((u, f) for u, f in got.items() if u > top)
+                    stay_rep.check(stay, where + " noop")
+                for c in (b, other, stay):
+                    c.cmd(b"o", b"LOGOUT")
+                b = connect()
+                b.cmd(b"d", b"DELETE Other")
+                b.cmd(b"o", b"LOGOUT")
+
+        yield self.drive(script)
