@@ -239,3 +239,50 @@ class QresyncPropertyTest(CondstoreCase):
                 b.cmd(b"o", b"LOGOUT")
 
         yield self.drive(script)
+
+
+def forget_history(case: CondstoreCase) -> None:
+    """The store no longer knows which UIDs were expunged (as past its history's limit)."""
+    path = case.config.index_dir / "example.test" / "alice" / "INBOX.sqlite"
+    db = sqlite3.connect(str(path))
+    with db:
+        db.execute(
+            "UPDATE meta SET value = (SELECT value FROM meta WHERE key = 'highest_modseq')"
+            " WHERE key = 'vanished_floor'"
+        )
+        db.execute("DELETE FROM vanished")
+    db.close()
+
+
+class QresyncEdgeTest(CondstoreCase):
+    @defer.inlineCallbacks
+    def test_huge_sequence_match_data_costs_what_the_folder_holds(self):
+        """
+        RFC 7162 3.2.5.2: sequence match data naming every number up to
+        4294967295 is answered at once (work bounded by the folder, not by
+        the ranges' width), as the same data naming only what exists.
+        """
+
+        def script(connect):
+            a = connect()
+            a.cmd(b"e", b"ENABLE QRESYNC")
+            out = a.cmd(b"s", b"SELECT INBOX")
+            v = int(re.search(rb"UIDVALIDITY (\d+)", b"".join(out)).group(1))
+            a.cmd(b"x", b"STORE 2 +FLAGS (\\Deleted)")
+            a.cmd(b"x", b"EXPUNGE")
+            forget_history(self)
+            c = RawClient(self.port_number, timeout=5)
+            try:
+                c.login()
+                c.cmd(b"e", b"ENABLE QRESYNC")
+                out = c.cmd(
+                    b"s",
+                    b"SELECT INBOX (QRESYNC (%d 1 1:4294967295 (1:4294967295 1:4294967295)))" % v,
+                )
+                assert out[-1] == b"s OK [READ-WRITE] SELECT completed\r\n", out
+                # seq 1 is UID 1, seq 2 is no longer UID 2: from UID 2 on, all gaps
+                assert b"* VANISHED (EARLIER) 2,6:4294967295\r\n" in out, out
+            finally:
+                c.close()
+
+        yield self.drive(script)

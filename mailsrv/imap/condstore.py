@@ -376,12 +376,15 @@ def matched_up_to(seq_match: tuple[SeqSet, SeqSet], view_uids: Sequence[int]) ->
     """
     RFC 7162 3.2.5.2: the highest UID the client's sequence match data shows
     unchanged (the message at that sequence number still has that UID; then
-    no message with a lower UID was expunged), or 0.
+    no message with a lower UID was expunged), or 0. The pairs are walked
+    lazily and the walk ends at the first mismatch, so the work is bounded
+    by the folder's size, not by the width of the ranges (C{1:4294967295}).
     """
-    seqs = [n for lo, hi in seq_match[0].ranges(0) for n in range(lo, hi + 1)]
-    uids = [n for lo, hi in seq_match[1].ranges(0) for n in range(lo, hi + 1)]
-    if len(seqs) != len(uids):
+    seq_ranges, uid_ranges = seq_match[0].ranges(0), seq_match[1].ranges(0)
+    if sum(b - a + 1 for a, b in seq_ranges) != sum(b - a + 1 for a, b in uid_ranges):
         return 0
+    seqs = (n for lo, hi in seq_ranges for n in range(lo, hi + 1))
+    uids = (n for lo, hi in uid_ranges for n in range(lo, hi + 1))
     best = 0
     for seq, uid in zip(seqs, uids, strict=True):
         if 0 < seq <= len(view_uids) and view_uids[seq - 1] == uid:
