@@ -21,7 +21,7 @@ from twisted.internet import defer
 from mailsrv.store.locking import MboxLock
 from mailsrv.store.names import INBOX, folder_path
 from tests.imap_loopback_support import RawClient
-from tests.test_imap_condstore import CondstoreCase
+from tests.test_imap_condstore import CondstoreCase, highest
 from tests.test_imap_harness import USER
 
 _FETCH = re.compile(rb"\* (\d+) FETCH \((.*)\)\r\n")
@@ -284,5 +284,32 @@ class QresyncEdgeTest(CondstoreCase):
                 assert b"* VANISHED (EARLIER) 2,6:4294967295\r\n" in out, out
             finally:
                 c.close()
+
+        yield self.drive(script)
+
+    @defer.inlineCallbacks
+    def test_unchangedsince_on_a_message_expunged_meanwhile_fails(self):
+        """
+        RFC 7162 3.1.3: a conditional STORE on a message another session
+        expunged (the client not told yet) cannot have succeeded: it is named
+        in MODIFIED (by number, or by UID for UID STORE), as Dovecot does.
+        """
+
+        def script(connect):
+            a, b = connect(), connect()
+            top = highest(a.cmd(b"s", b"SELECT INBOX"))
+            b.cmd(b"s", b"SELECT INBOX")
+            b.cmd(b"x", b"STORE 3 +FLAGS.SILENT (\\Deleted)")
+            b.cmd(b"x", b"EXPUNGE")
+            out = a.cmd(b"t", b"STORE 2:4 (UNCHANGEDSINCE %d) +FLAGS (\\Flagged)" % top)
+            assert out[-1] == b"t OK [MODIFIED 3] Conditional store failed\r\n", out
+            assert not any(ln.startswith(b"* 3 FETCH") for ln in out), out
+            out = a.cmd(
+                b"u", b"UID STORE 3:5 (UNCHANGEDSINCE 9223372036854775807) +FLAGS.SILENT (\\Seen)"
+            )
+            assert out[-1] == b"u OK [MODIFIED 3] Conditional store failed\r\n", out
+            # without the condition, nothing to fail: as before
+            out = a.cmd(b"p", b"STORE 3 +FLAGS (\\Answered)")
+            assert out[-1] == b"p OK STORE completed\r\n", out
 
         yield self.drive(script)

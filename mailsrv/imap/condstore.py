@@ -220,6 +220,19 @@ def arg_select_params(proto: Any, line: bytes | None) -> tuple[SelectParams | No
 # --- the session ---------------------------------------------------------------
 
 
+def store_failed(uids: Iterable[int], result: Any, unchanged_since: int | None) -> frozenset[int]:
+    """
+    The UIDs a STORE names in MODIFIED (RFC 7162 3.1.3): those whose
+    mod-sequence is above UNCHANGEDSINCE, and, under the condition, those
+    another session expunged meanwhile (the store no longer has them; the
+    change cannot have been made), as Dovecot does.
+    """
+    failed: frozenset[int] = result.failed
+    if unchanged_since is None:
+        return failed
+    return failed | {u for u in uids if u not in result}
+
+
 def highest_line(modseq: int) -> bytes:
     """C{* OK [HIGHESTMODSEQ n]} (RFC 7162 3.1.2.1), as Dovecot words it."""
     return b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % modseq

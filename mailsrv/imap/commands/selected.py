@@ -173,7 +173,7 @@ class SelectedCommands(CommandBase):
                 remove = (had | SYSTEM_FLAGS) - new
             result = yield mbox.folder.change_flags(uids, add, remove, unchanged_since)
             now = result
-            failed = result.failed
+            failed = condstore.store_failed(uids, result, unchanged_since)
         if uids:
             mbox.reload()
         out.append(self._flags_news(now.values()))
