@@ -313,3 +313,49 @@ class QresyncEdgeTest(CondstoreCase):
             assert out[-1] == b"p OK STORE completed\r\n", out
 
         yield self.drive(script)
+
+    @defer.inlineCallbacks
+    def test_modseq_told_past_a_delayed_expunge_comes_with_a_lower_highestmodseq(self):
+        """
+        RFC 7162 3.2: a FETCH MODSEQ sent while an expunge with a lower
+        mod-sequence is not told yet (STORE and FETCH may not send VANISHED)
+        comes with a HIGHESTMODSEQ below that expunge's, so that a client
+        that loses the connection does not resynchronise past it (as Dovecot).
+        """
+
+        def script(connect):
+            a, b = connect(), connect()
+            a.cmd(b"e", b"ENABLE QRESYNC")
+            top = highest(a.cmd(b"s", b"SELECT INBOX"))
+            b.cmd(b"e", b"ENABLE QRESYNC")
+            b.cmd(b"s", b"SELECT INBOX")
+            b.cmd(b"x", b"STORE 3 +FLAGS.SILENT (\\Deleted)")
+            out = b.cmd(b"x", b"EXPUNGE")
+            gone = int(re.search(rb"HIGHESTMODSEQ (\d+)", out[-1]).group(1))
+            out = a.cmd(b"t", b"STORE 1 +FLAGS (\\Seen)")
+            sent = int(re.search(rb"MODSEQ \((\d+)\)", out[0]).group(1))
+            assert sent > gone, out
+            assert out[1:] == [
+                b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % top,
+                b"t OK STORE completed\r\n",
+            ], out
+            assert top < gone
+            out = a.cmd(b"f", b"FETCH 1 (MODSEQ)")
+            assert out[1:] == [
+                b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % top,
+                b"f OK FETCH completed\r\n",
+            ], out
+            # once told (NOOP: VANISHED), nothing is delayed
+            assert b"* VANISHED 3\r\n" in a.cmd(b"n", b"NOOP")
+            out = a.cmd(b"t", b"STORE 1 +FLAGS (\\Answered)")
+            assert len(out) == 2 and out[-1] == b"t OK STORE completed\r\n", out
+            # without QRESYNC, EXPUNGE is never delayed past a FETCH MODSEQ told
+            # (CONDSTORE only, RFC 7162 3.1): no such line
+            c = connect()
+            c.cmd(b"s", b"SELECT INBOX (CONDSTORE)")
+            b.cmd(b"x", b"STORE 1 +FLAGS.SILENT (\\Deleted)")
+            b.cmd(b"x", b"EXPUNGE")
+            out = c.cmd(b"t", b"STORE 2 +FLAGS (\\Seen)")
+            assert len(out) == 2, out
+
+        yield self.drive(script)

@@ -233,6 +233,27 @@ def store_failed(uids: Iterable[int], result: Any, unchanged_since: int | None) 
     return failed | {u for u in uids if u not in result}
 
 
+@defer.inlineCallbacks
+def delayed_expunge_line(session: Any, mbox: Any, told: Iterable[int]) -> Any:
+    """
+    RFC 7162 3.2: after a command that told the mod-sequences C{told} in
+    FETCH (STORE, FETCH: they may not send VANISHED), fires with the
+    C{* OK [HIGHESTMODSEQ n]} to send when an expunge with a lower
+    mod-sequence is not told yet: n is what the session's view caught up
+    to, below every expunge since (as Dovecot). Nothing without QRESYNC or
+    when nothing is delayed; the store is asked only when it moved on.
+    """
+    caught_up = session.view_modseq
+    if not session.qresync or mbox.folder.highest_modseq <= caught_up:
+        return b""
+    if max(told, default=0) <= caught_up:
+        return b""
+    gone = yield mbox.folder.vanished_since(caught_up)
+    if gone is not None and not any(_holds(mbox.uids, u) for u in gone):
+        return b""
+    return highest_line(caught_up)
+
+
 def highest_line(modseq: int) -> bytes:
     """C{* OK [HIGHESTMODSEQ n]} (RFC 7162 3.1.2.1), as Dovecot words it."""
     return b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % modseq

@@ -116,6 +116,12 @@ class FetchCommand(CommandBase):
             return
         if self._lost:
             return
+        # RFC 7162 3.2: MODSEQ told past an expunge not told yet
+        told = (mbox.infos[s - 1].modseq for s in seqs) if "MODSEQ" in items or seen_now else ()
+        delayed = yield condstore.delayed_expunge_line(self, mbox, told)
+        if mbox is not self.mbox or self._lost:
+            return
+        self.transport.write(delayed)
         if isinstance(missing, Refusal):
             self.sendNegativeResponse(tag, missing.text)
         elif missing:

@@ -197,7 +197,13 @@ class SelectedCommands(CommandBase):
                     seq, u, info.modseq, flags_now, bool(uid) or self.qresync, self.condstore
                 )
             )
-        self.transport.write(b"".join(out))
+        told = (
+            mbox.infos[s - 1].modseq for s, u in zip(seqs, uids, strict=True) if u not in failed
+        )
+        delayed = yield condstore.delayed_expunge_line(self, mbox, told)  # RFC 7162 3.2
+        if mbox is not self.mbox or self._lost:
+            return
+        self.transport.write(b"".join(out) + delayed)
         if failed:
             # RFC 7162 3.1.3: the messages that failed the test, by number or by UID
             named = sorted(
