@@ -359,3 +359,26 @@ class QresyncEdgeTest(CondstoreCase):
             assert len(out) == 2, out
 
         yield self.drive(script)
+
+    @defer.inlineCallbacks
+    def test_conditional_flags_replacement_replaces_what_others_added(self):
+        """
+        RFC 3501 6.4.6 under RFC 7162 3.1.3: STORE (UNCHANGEDSINCE n) FLAGS
+        replaces the flags as they are, with a keyword another session added
+        that this session's view has not seen yet (as Dovecot: the message's
+        flags are then exactly those given).
+        """
+
+        def script(connect):
+            a, b = connect(), connect()
+            a.cmd(b"s", b"SELECT INBOX")
+            b.cmd(b"s", b"SELECT INBOX")
+            b.cmd(b"x", b"STORE 1 +FLAGS ($Work \\Flagged)")
+            out = a.cmd(b"t", b"STORE 1 (UNCHANGEDSINCE 9223372036854775807) FLAGS (\\Seen)")
+            assert out[-1] == b"t OK STORE completed\r\n", out
+            assert re.search(rb"\* 1 FETCH \(MODSEQ \(\d+\) FLAGS \(\\Seen\)\)", b"".join(out)), out
+            b.cmd(b"n", b"NOOP")
+            out = b.cmd(b"f", b"FETCH 1 (FLAGS)")
+            assert out[0] == b"* 1 FETCH (FLAGS (\\Seen))\r\n", out
+
+        yield self.drive(script)
