@@ -382,3 +382,51 @@ class QresyncEdgeTest(CondstoreCase):
             assert out[0] == b"* 1 FETCH (FLAGS (\\Seen))\r\n", out
 
         yield self.drive(script)
+
+    @defer.inlineCallbacks
+    def test_select_highestmodseq_covers_only_what_it_told(self):
+        """
+        RFC 7162 3.1.2.1 and 3.2.5: another session's flag change that lands
+        while a SELECT (QRESYNC) is under way (here: while it takes its
+        \\Recent messages) is either told by that SELECT or not covered by
+        the HIGHESTMODSEQ it gives; a client that then disconnects and
+        resynchronises from that HIGHESTMODSEQ ends with the store's flags.
+        """
+        from mailsrv.store.mbox.view import MboxFolder
+
+        real = MboxFolder.claim_recent
+        armed = [True]
+
+        def claim(folder):
+            if not armed:
+                return real(folder)
+            armed.clear()
+
+            def change(other):
+                d = other.change_flags([1], add={"$Work"})
+                return d.addBoth(lambda r: (other.close(), r)[1])
+
+            d = self.store.open_folder(USER, INBOX).addCallback(change)
+            return d.addCallback(lambda _: real(folder))
+
+        def script(connect):
+            a = connect()
+            a.cmd(b"e", b"ENABLE QRESYNC")
+            rep = Replica()
+            rep.apply(a.cmd(b"s", b"SELECT INBOX"), "first")
+            rep.flags = fetched(a.cmd(b"f", b"UID FETCH 1:* (FLAGS)"))
+            a.cmd(b"o", b"LOGOUT")
+            self.patch(MboxFolder, "claim_recent", claim)
+            c = connect()
+            c.cmd(b"e", b"ENABLE QRESYNC")
+            out = c.cmd(b"s", b"SELECT INBOX (QRESYNC (%d %d))" % (rep.validity, rep.highest))
+            assert not armed, "the change did not land during SELECT"
+            rep.apply(out, "during")
+            c.cmd(b"o", b"LOGOUT")  # the connection ends before any NOOP
+            d = connect()
+            d.cmd(b"e", b"ENABLE QRESYNC")
+            out = d.cmd(b"s", b"SELECT INBOX (QRESYNC (%d %d))" % (rep.validity, rep.highest))
+            rep.apply(out, "after")
+            rep.check(d, "after")
+
+        yield self.drive(script)

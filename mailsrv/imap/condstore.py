@@ -458,6 +458,8 @@ def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
         if seq is None:
             continue
         info = mbox.infos[seq - 1]
+        if info.modseq <= request.modseq:
+            continue  # changed after the view was taken: told at the next sync
         out.append(
             b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n"
             % (seq, uid, flags_of(info), info.modseq)
