@@ -281,7 +281,8 @@ class QresyncEdgeTest(CondstoreCase):
                 )
                 assert out[-1] == b"s OK [READ-WRITE] SELECT completed\r\n", out
                 # seq 1 is UID 1, seq 2 is no longer UID 2: from UID 2 on, all gaps
-                assert b"* VANISHED (EARLIER) 2,6:4294967295\r\n" in out, out
+                # below UIDNEXT
+                assert b"* VANISHED (EARLIER) 2\r\n" in out, out
             finally:
                 c.close()
 
@@ -428,5 +429,39 @@ class QresyncEdgeTest(CondstoreCase):
             out = d.cmd(b"s", b"SELECT INBOX (QRESYNC (%d %d))" % (rep.validity, rep.highest))
             rep.apply(out, "after")
             rep.check(d, "after")
+
+        yield self.drive(script)
+
+    @defer.inlineCallbacks
+    def test_vanished_earlier_never_names_a_message_that_exists(self):
+        """
+        RFC 7162 3.2.6 and 3.2.5.2: with the expunge history gone, VANISHED
+        (EARLIER) names the UIDs below the view's UIDNEXT it does not hold,
+        never a message another session appended since the view was taken.
+        """
+
+        def script(connect):
+            a, b = connect(), connect()
+            a.cmd(b"e", b"ENABLE QRESYNC")
+            out = a.cmd(b"s", b"SELECT INBOX")
+            top = highest(out)
+            a.cmd(b"x", b"STORE 2 +FLAGS.SILENT (\\Deleted)")
+            a.cmd(b"x", b"EXPUNGE")
+            forget_history(self)
+            b.cmd(b"s", b"SELECT INBOX")
+            msg = b"From: a@example.test\r\nSubject: new\r\n\r\nhi\r\n"
+            b.send(b"a APPEND INBOX {%d}\r\n" % len(msg))
+            assert b.file.readline().startswith(b"+")
+            b.send(msg + b"\r\n")
+            assert b.read_until(b"a")[-1].startswith(b"a OK")
+            out = a.cmd(b"u", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % top)
+            assert out[0] == b"* VANISHED (EARLIER) 2\r\n", out
+            out = a.cmd(b"u", b"UID FETCH 1:99 (FLAGS) (CHANGEDSINCE %d VANISHED)" % top)
+            assert out[0] == b"* VANISHED (EARLIER) 2\r\n", out
+            out = a.cmd(b"n", b"NOOP")
+            assert b"* 5 EXISTS\r\n" in out, out
+            out = a.cmd(b"u", b"UID FETCH 1:* (FLAGS) (CHANGEDSINCE %d VANISHED)" % top)
+            assert out[0] == b"* VANISHED (EARLIER) 2\r\n", out
+            assert b"UID 6 " in b"".join(out), out
 
         yield self.drive(script)

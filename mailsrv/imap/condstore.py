@@ -390,18 +390,23 @@ def missing(view_uids: Sequence[int], within: Ranges) -> Ranges:
 
 
 def vanished_earlier(
-    view_uids: Sequence[int], known: Iterable[int] | None, within: Ranges, above: int = 0
+    view_uids: Sequence[int],
+    known: Iterable[int] | None,
+    within: Ranges,
+    above: int = 0,
+    below: int = MAX_MODSEQ,
 ) -> Ranges:
     """
     The UIDs of C{within} (above C{above}) to report as VANISHED (EARLIER):
     those the store lists as expunged (C{known}), or, when it no longer
-    knows them all (None), every such UID the view does not hold (RFC 7162
-    3.2.5.2: the client may be told of UIDs it never had).
+    knows them all (None), every such UID below the view's UIDNEXT
+    (C{below}) the view does not hold (RFC 7162 3.2.5.2: the client may be
+    told of UIDs it never had, never of a message appended since).
     """
     if above:
         within = _clip(within, [(above + 1, MAX_MODSEQ)])
     if known is None:
-        return missing(view_uids, within)
+        return missing(view_uids, _clip(within, [(1, below - 1)]))
     gone = [u for u in known if not _holds(view_uids, u)]
     return _clip(ranges_of(sorted(gone)), within)
 
@@ -429,13 +434,14 @@ def matched_up_to(seq_match: tuple[SeqSet, SeqSet], view_uids: Sequence[int]) ->
 
 
 @defer.inlineCallbacks
-def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
+def resync(mbox: Any, request: QResync, flags_of: Any, uid_next: int) -> Any:
     """
     SELECT's QRESYNC (RFC 7162 3.2.5): fires with the bytes to send after
     HIGHESTMODSEQ: C{* VANISHED (EARLIER)} and the FETCH (UID FLAGS MODSEQ)
     of each message changed since the client's mod-sequence, limited to
     its known UIDs, in work proportional to the changes. C{flags_of(info)}
-    formats a message's flags as the session shows them.
+    formats a message's flags as the session shows them; C{uid_next} is the
+    folder's UIDNEXT when the view was taken (a later message is not gone).
     """
     if request.uid_validity != mbox.uid_validity():
         return b""  # RFC 7162 3.2.5: a plain SELECT
@@ -445,12 +451,12 @@ def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
     known = normal_ranges(request.known_uids, last) if request.known_uids else None
     changed = yield folder.changed_since(request.modseq)
     expunged = yield folder.vanished_since(request.modseq)
-    top = max(folder.uid_next - 1, last)
+    top = max(uid_next - 1, last)
     within = known if known is not None else [(1, top)] if top else []
     above = 0
     if expunged is None and request.seq_match is not None:
         above = matched_up_to(request.seq_match, uids)
-    out = [vanished_line(vanished_earlier(uids, expunged, within, above), True)]
+    out = [vanished_line(vanished_earlier(uids, expunged, within, above, uid_next), True)]
     for uid, _modseq, _flags in changed:
         if known is not None and not _inside(known, uid):
             continue

@@ -154,9 +154,11 @@ class FetchCommand(CommandBase):
         """
         expunged = yield mbox.folder.vanished_since(modseq)
         uids = mbox.uids
-        top = max(mbox.folder.uid_next - 1, uids[-1] if uids else 0)
+        # RFC 7162 3.2.6: not a message appended since the view caught up
+        top = max(self.view_uid_next - 1, uids[-1] if uids else 0)
         within = condstore.normal_ranges(messages, top)
-        line = condstore.vanished_line(condstore.vanished_earlier(uids, expunged, within), True)
+        gone = condstore.vanished_earlier(uids, expunged, within, below=top + 1)
+        line = condstore.vanished_line(gone, True)
         if line and not self._lost:
             self.transport.write(line)
 
