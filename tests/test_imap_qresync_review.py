@@ -16,7 +16,7 @@ import random
 import re
 import sqlite3
 
-from twisted.internet import defer
+from twisted.internet import defer, threads
 
 from mailsrv.store.locking import MboxLock
 from mailsrv.store.names import INBOX, folder_path
@@ -95,6 +95,49 @@ class Replica:
 class QresyncPropertyTest(CondstoreCase):
     timeout = 240
 
+    @defer.inlineCallbacks
+    def restart_server(self):
+        """
+        The server stops at once (its connections cut, nothing written back)
+        and a new one starts on the same folders: a new store, a new port.
+        """
+        from twisted.cred.checkers import InMemoryUsernamePasswordDatabaseDontUse
+        from twisted.cred.portal import Portal
+        from twisted.mail import imap4
+
+        from mailsrv.auth.realm import MailRealm
+        from mailsrv.imap.server import IMAPServerFactory, account_factory
+        from mailsrv.store.mbox import MboxMailStore
+        from tests.test_imap_harness import PASSWORD
+
+        for p in self.protocols:
+            if p.transport is not None:
+                p.transport.abortConnection()
+        yield self.port.stopListening()
+        yield self.settle()
+        reactor, pool = self.reactor, self.pool
+        self.store = MboxMailStore(self.config.mail_dir, self.config.index_dir, reactor, pool)
+
+        def run(f, *a, **kw):
+            return threads.deferToThreadPool(reactor, pool, f, *a, **kw)
+
+        realm = MailRealm()
+        realm.register(imap4.IAccount, account_factory(self.config, self.store, run))
+        portal = Portal(realm, [InMemoryUsernamePasswordDatabaseDontUse(**{USER: PASSWORD})])
+        factory = IMAPServerFactory(
+            config=self.config, store=self.store, portal=portal, reactor=reactor, run=run, tls=None
+        )
+        build = factory.buildProtocol
+
+        def tracked(addr):
+            p = build(addr)
+            self.protocols.append(p)
+            return p
+
+        factory.buildProtocol = tracked
+        self.port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+        self.addCleanup(self.port.stopListening)
+
     def mbox_path(self):
         return folder_path(self.config.mail_dir, USER, INBOX)
 
@@ -172,6 +215,8 @@ class QresyncPropertyTest(CondstoreCase):
 
     @defer.inlineCallbacks
     def test_random_changes_then_resync(self):
+        restarts = []
+
         def script(connect):
             for seed in range(int(os.environ.get("QRESYNC_SEEDS", "6"))):
                 rng = random.Random(seed)
@@ -193,6 +238,21 @@ class QresyncPropertyTest(CondstoreCase):
                 for step in range(12):
                     for _ in range(rng.randint(1, 4)):
                         self.change(rng, b, other)
+                    if rng.random() < 0.15:  # the server restarts; the clients reconnect
+                        for c in (b, other, stay):
+                            c.close()
+                        threads.blockingCallFromThread(self.reactor, self.restart_server)
+                        restarts.append(seed)
+                        b, other, stay = connect(), connect(), connect()
+                        b.cmd(b"s", b"SELECT INBOX")
+                        other.cmd(b"s", b"SELECT Other")
+                        stay.cmd(b"e", b"ENABLE QRESYNC")
+                        out = stay.cmd(
+                            b"s",
+                            b"SELECT INBOX (QRESYNC (%d %d))"
+                            % (stay_rep.validity, stay_rep.highest),
+                        )
+                        stay_rep.apply(out, "seed %d step %d restart" % (seed, step))
                     where = "seed %d step %d" % (seed, step)
                     a = connect()
                     a.cmd(b"e", b"ENABLE QRESYNC")
@@ -239,6 +299,7 @@ class QresyncPropertyTest(CondstoreCase):
                 b.cmd(b"o", b"LOGOUT")
 
         yield self.drive(script)
+        self.assertTrue(restarts)
 
 
 def forget_history(case: CondstoreCase) -> None:
