@@ -146,7 +146,9 @@ class IFolder(Interface):
         the session's view changes at once, the index is written in the pool.
         """
 
-    def change_flags(uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
+    def change_flags(
+        uids, add=frozenset(), remove=frozenset(), unchanged_since=None, replace=False
+    ):
         """
         Add C{add} to and then take C{remove} from the flags of the messages
         C{uids} as they are now, with every other session's changes (a
@@ -157,7 +159,9 @@ class IFolder(Interface):
         (RFC 7162 3.1); one whose flags stay as they were keeps its modseq.
         With C{unchanged_since} (RFC 7162 3.2 UNCHANGEDSINCE), a message whose
         modseq is greater is left alone and listed in C{failed}; the test and
-        the change are one step in the folder's order. Reactor thread.
+        the change are one step in the folder's order. With C{replace}, the
+        flags become C{add} whatever they were (STORE FLAGS under UNCHANGEDSINCE,
+        RFC 3501 6.4.6). Reactor thread.
         """
 
     def changed_since(modseq):

@@ -562,6 +562,17 @@ class StoreContract:
         )
         self.fails(self.open(read_only=True).change_flags([1], add={SEEN}, unchanged_since=top))
 
+    def test_replace_under_unchanged_since(self):
+        for m in (MSG1, MSG2):
+            self.deliver(m)
+        a = self.open()
+        b = self.open()
+        self.ok(a.change_flags([1, 2], add={FLAGGED, "$Work"}))
+        # b has not seen a's change: the replacement is of the flags as they are now
+        res = self.ok(b.change_flags([1, 2], add={SEEN}, unchanged_since=1 << 62, replace=True))
+        self.assertEqual(res, {1: frozenset({SEEN}), 2: frozenset({SEEN})})
+        self.assertEqual([m.flags for m in self.open().messages()], [frozenset({SEEN})] * 2)
+
     def test_vanished_since(self):
         for m in (MSG1, MSG2, MSG3, MSG1):
             self.deliver(m)

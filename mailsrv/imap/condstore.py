@@ -220,6 +220,40 @@ def arg_select_params(proto: Any, line: bytes | None) -> tuple[SelectParams | No
 # --- the session ---------------------------------------------------------------
 
 
+def store_failed(uids: Iterable[int], result: Any, unchanged_since: int | None) -> frozenset[int]:
+    """
+    The UIDs a STORE names in MODIFIED (RFC 7162 3.1.3): those whose
+    mod-sequence is above UNCHANGEDSINCE, and, under the condition, those
+    another session expunged meanwhile (the store no longer has them; the
+    change cannot have been made), as Dovecot does.
+    """
+    failed: frozenset[int] = result.failed
+    if unchanged_since is None:
+        return failed
+    return failed | {u for u in uids if u not in result}
+
+
+@defer.inlineCallbacks
+def delayed_expunge_line(session: Any, mbox: Any, told: Iterable[int]) -> Any:
+    """
+    RFC 7162 3.2: after a command that told the mod-sequences C{told} in
+    FETCH (STORE, FETCH: they may not send VANISHED), fires with the
+    C{* OK [HIGHESTMODSEQ n]} to send when an expunge with a lower
+    mod-sequence is not told yet: n is what the session's view caught up
+    to, below every expunge since (as Dovecot). Nothing without QRESYNC or
+    when nothing is delayed; the store is asked only when it moved on.
+    """
+    caught_up = session.view_modseq
+    if not session.qresync or mbox.folder.highest_modseq <= caught_up:
+        return b""
+    if max(told, default=0) <= caught_up:
+        return b""
+    gone = yield mbox.folder.vanished_since(caught_up)
+    if gone is not None and not any(_holds(mbox.uids, u) for u in gone):
+        return b""
+    return highest_line(caught_up)
+
+
 def highest_line(modseq: int) -> bytes:
     """C{* OK [HIGHESTMODSEQ n]} (RFC 7162 3.1.2.1), as Dovecot words it."""
     return b"* OK [HIGHESTMODSEQ %d] Highest\r\n" % modseq
@@ -356,18 +390,23 @@ def missing(view_uids: Sequence[int], within: Ranges) -> Ranges:
 
 
 def vanished_earlier(
-    view_uids: Sequence[int], known: Iterable[int] | None, within: Ranges, above: int = 0
+    view_uids: Sequence[int],
+    known: Iterable[int] | None,
+    within: Ranges,
+    above: int = 0,
+    below: int = MAX_MODSEQ,
 ) -> Ranges:
     """
     The UIDs of C{within} (above C{above}) to report as VANISHED (EARLIER):
     those the store lists as expunged (C{known}), or, when it no longer
-    knows them all (None), every such UID the view does not hold (RFC 7162
-    3.2.5.2: the client may be told of UIDs it never had).
+    knows them all (None), every such UID below the view's UIDNEXT
+    (C{below}) the view does not hold (RFC 7162 3.2.5.2: the client may be
+    told of UIDs it never had, never of a message appended since).
     """
     if above:
         within = _clip(within, [(above + 1, MAX_MODSEQ)])
     if known is None:
-        return missing(view_uids, within)
+        return missing(view_uids, _clip(within, [(1, below - 1)]))
     gone = [u for u in known if not _holds(view_uids, u)]
     return _clip(ranges_of(sorted(gone)), within)
 
@@ -376,12 +415,15 @@ def matched_up_to(seq_match: tuple[SeqSet, SeqSet], view_uids: Sequence[int]) ->
     """
     RFC 7162 3.2.5.2: the highest UID the client's sequence match data shows
     unchanged (the message at that sequence number still has that UID; then
-    no message with a lower UID was expunged), or 0.
+    no message with a lower UID was expunged), or 0. The pairs are walked
+    lazily and the walk ends at the first mismatch, so the work is bounded
+    by the folder's size, not by the width of the ranges (C{1:4294967295}).
     """
-    seqs = [n for lo, hi in seq_match[0].ranges(0) for n in range(lo, hi + 1)]
-    uids = [n for lo, hi in seq_match[1].ranges(0) for n in range(lo, hi + 1)]
-    if len(seqs) != len(uids):
+    seq_ranges, uid_ranges = seq_match[0].ranges(0), seq_match[1].ranges(0)
+    if sum(b - a + 1 for a, b in seq_ranges) != sum(b - a + 1 for a, b in uid_ranges):
         return 0
+    seqs = (n for lo, hi in seq_ranges for n in range(lo, hi + 1))
+    uids = (n for lo, hi in uid_ranges for n in range(lo, hi + 1))
     best = 0
     for seq, uid in zip(seqs, uids, strict=True):
         if 0 < seq <= len(view_uids) and view_uids[seq - 1] == uid:
@@ -392,13 +434,14 @@ def matched_up_to(seq_match: tuple[SeqSet, SeqSet], view_uids: Sequence[int]) ->
 
 
 @defer.inlineCallbacks
-def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
+def resync(mbox: Any, request: QResync, flags_of: Any, uid_next: int) -> Any:
     """
     SELECT's QRESYNC (RFC 7162 3.2.5): fires with the bytes to send after
     HIGHESTMODSEQ: C{* VANISHED (EARLIER)} and the FETCH (UID FLAGS MODSEQ)
     of each message changed since the client's mod-sequence, limited to
     its known UIDs, in work proportional to the changes. C{flags_of(info)}
-    formats a message's flags as the session shows them.
+    formats a message's flags as the session shows them; C{uid_next} is the
+    folder's UIDNEXT when the view was taken (a later message is not gone).
     """
     if request.uid_validity != mbox.uid_validity():
         return b""  # RFC 7162 3.2.5: a plain SELECT
@@ -408,12 +451,12 @@ def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
     known = normal_ranges(request.known_uids, last) if request.known_uids else None
     changed = yield folder.changed_since(request.modseq)
     expunged = yield folder.vanished_since(request.modseq)
-    top = max(folder.uid_next - 1, last)
+    top = max(uid_next - 1, last)
     within = known if known is not None else [(1, top)] if top else []
     above = 0
     if expunged is None and request.seq_match is not None:
         above = matched_up_to(request.seq_match, uids)
-    out = [vanished_line(vanished_earlier(uids, expunged, within, above), True)]
+    out = [vanished_line(vanished_earlier(uids, expunged, within, above, uid_next), True)]
     for uid, _modseq, _flags in changed:
         if known is not None and not _inside(known, uid):
             continue
@@ -421,6 +464,8 @@ def resync(mbox: Any, request: QResync, flags_of: Any) -> Any:
         if seq is None:
             continue
         info = mbox.infos[seq - 1]
+        if info.modseq <= request.modseq:
+            continue  # changed after the view was taken: told at the next sync
         out.append(
             b"* %d FETCH (UID %d FLAGS %s MODSEQ (%d))\r\n"
             % (seq, uid, flags_of(info), info.modseq)

@@ -326,13 +326,15 @@ class MemoryFolder:
         self._change({int(u): lambda old, f=frozenset(f): f for u, f in changes.items()}, None)
         return defer.succeed(None)
 
-    def change_flags(self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
+    def change_flags(
+        self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None, replace=False
+    ):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
         add, remove = frozenset(add), frozenset(remove)
 
         def new(old: frozenset[str]) -> frozenset[str]:
-            return (old | add) - remove
+            return add if replace else (old | add) - remove
 
         return defer.succeed(self._change({int(u): new for u in uids}, unchanged_since))
 

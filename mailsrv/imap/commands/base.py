@@ -76,6 +76,7 @@ class CommandBase(imap4.IMAP4Server):
     condstore = False
     qresync = False
     view_modseq = 0  # the folder's HIGHESTMODSEQ when the session's view last caught up
+    view_uid_next = 1  # and its UIDNEXT then: a UID below it the view lacks was expunged
 
     def encode_name(self, name: str) -> bytes:
         """A mailbox name as this session spells it (L{mailsrv.imap.responses.encode_name})."""
@@ -232,7 +233,7 @@ class CommandBase(imap4.IMAP4Server):
         lines = [self._expunged_lines(changes.expunged)]
         recent_before = len(mbox.recent)
         mbox.reload()
-        self.view_modseq = mbox.folder.highest_modseq
+        self.view_modseq, self.view_uid_next = mbox.folder.highest_modseq, mbox.folder.uid_next
         if changes.added:
             yield self._claim_recent(mbox)
             if mbox is not self.mbox or self._lost:

@@ -117,6 +117,12 @@ class FetchCommand(CommandBase):
             return
         if self._lost:
             return
+        # RFC 7162 3.2: MODSEQ told past an expunge not told yet
+        told = (mbox.infos[s - 1].modseq for s in seqs) if "MODSEQ" in items or seen_now else ()
+        delayed = yield condstore.delayed_expunge_line(self, mbox, told)
+        if mbox is not self.mbox or self._lost:
+            return
+        self.transport.write(delayed)
         if isinstance(missing, Refusal):
             self.sendNegativeResponse(tag, missing.text)
         elif missing:
@@ -149,9 +155,11 @@ class FetchCommand(CommandBase):
         """
         expunged = yield mbox.folder.vanished_since(modseq)
         uids = mbox.uids
-        top = max(mbox.folder.uid_next - 1, uids[-1] if uids else 0)
+        # RFC 7162 3.2.6: not a message appended since the view caught up
+        top = max(self.view_uid_next - 1, uids[-1] if uids else 0)
         within = condstore.normal_ranges(messages, top)
-        line = condstore.vanished_line(condstore.vanished_earlier(uids, expunged, within), True)
+        gone = condstore.vanished_earlier(uids, expunged, within, below=top + 1)
+        line = condstore.vanished_line(gone, True)
         if line and not self._lost:
             self.transport.write(line)
 

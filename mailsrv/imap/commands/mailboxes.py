@@ -69,6 +69,9 @@ class MailboxCommands(CommandBase):
             mbox.close()
             return
         self.mbox = mbox
+        # RFC 7162 3.1.2.1: the HIGHESTMODSEQ of the view just taken, read before
+        # anything waits (the store may move on meanwhile; the view does not)
+        view_modseq, view_uid_next = mbox.folder.highest_modseq, mbox.folder.uid_next
         mbox.folder.add_listener(self._folder_changed)
         yield self._claim_recent(mbox)
         flags = self._defined_flags(mbox)
@@ -80,7 +83,7 @@ class MailboxCommands(CommandBase):
         resync = b""
         if qresync is not None:
             resync = yield condstore.resync(
-                mbox, qresync, lambda info: flag_list(mbox.flags_of(info))
+                mbox, qresync, lambda info: flag_list(mbox.flags_of(info)), view_uid_next
             )
             if mbox is not self.mbox or self._lost:
                 return
@@ -96,7 +99,7 @@ class MailboxCommands(CommandBase):
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.uid_next())
         # RFC 7162 3.1.2.1: with every successful SELECT or EXAMINE
-        self.view_modseq = mbox.folder.highest_modseq
+        self.view_modseq, self.view_uid_next = view_modseq, view_uid_next
         self.transport.write(condstore.highest_line(self.view_modseq) + resync)
         self.state = twistedcompat.SELECTED
         mode = b"[READ-WRITE]" if mbox.is_writeable() else b"[READ-ONLY]"

@@ -41,7 +41,7 @@ from mailsrv.imap.parsing import (
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
 from mailsrv.imap.search import BadCharset, Matcher, needs, parse, uses_modseq
-from mailsrv.interfaces import DELETED, SYSTEM_FLAGS, FolderError, MessageInfo, NotSelectable
+from mailsrv.interfaces import DELETED, FolderError, MessageInfo, NotSelectable
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 
@@ -173,14 +173,13 @@ class SelectedCommands(ContextCommands):
         else:
             # RFC 3501 6.4.6: on the flags as they are now, with other sessions' changes.
             add, remove = (new, ()) if base != b"-FLAGS" else ((), new)
-            if base == b"FLAGS":
-                # a replacement as a change: every flag the messages have goes but C{new};
-                # a message another session changed fails UNCHANGEDSINCE anyway
-                had = {f for seq in seqs for f in mbox.infos[seq - 1].flags}
-                remove = (had | SYSTEM_FLAGS) - new
-            result = yield mbox.folder.change_flags(uids, add, remove, unchanged_since)
+            # FLAGS under UNCHANGEDSINCE: a replacement of the flags as they are, with
+            # the test, in one step of the folder's order
+            result = yield mbox.folder.change_flags(
+                uids, add, remove, unchanged_since, replace=base == b"FLAGS"
+            )
             now = result
-            failed = result.failed
+            failed = condstore.store_failed(uids, result, unchanged_since)
         if uids:
             mbox.reload()
         out.append(self._flags_news(now.values()))
@@ -205,7 +204,13 @@ class SelectedCommands(ContextCommands):
                 )
             )
         out.append((yield self._context_updates((), (mbox.infos[s - 1] for s in seqs))))
-        self.transport.write(b"".join(out))
+        told = (
+            mbox.infos[s - 1].modseq for s, u in zip(seqs, uids, strict=True) if u not in failed
+        )
+        delayed = yield condstore.delayed_expunge_line(self, mbox, told)  # RFC 7162 3.2
+        if mbox is not self.mbox or self._lost:
+            return
+        self.transport.write(b"".join(out) + delayed)
         if failed:
             # RFC 7162 3.1.3: the messages that failed the test, by number or by UID
             named = sorted(

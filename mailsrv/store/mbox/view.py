@@ -176,12 +176,16 @@ class MboxFolder:
         d = self._flag_job(list(changes), lambda uid, old: changes[uid], None)
         return d.addCallback(self._show_modseqs).addCallback(lambda _: None)
 
-    def change_flags(self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None):
+    def change_flags(
+        self, uids, add=frozenset(), remove=frozenset(), unchanged_since=None, replace=False
+    ):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))
         add, remove = frozenset(add), frozenset(remove)
         d = self._flag_job(
-            [int(u) for u in uids], lambda uid, old: (old | add) - remove, unchanged_since
+            [int(u) for u in uids],
+            (lambda uid, old: add) if replace else (lambda uid, old: (old | add) - remove),
+            unchanged_since,
         )
 
         def shown(now: FlagResult) -> FlagResult:
