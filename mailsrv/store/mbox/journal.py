@@ -191,16 +191,26 @@ def unwrite_journal(st: FolderState, length: int) -> None:
         os.truncate(st.journal, length)
 
 
+# Quoted messages one batch keeps in memory, at most; the rest are streamed
+# from their sources by append_locked (a MULTIAPPEND of 1,000 messages).
+PREPARED_IN_MEMORY = 4 * 1024 * 1024
+
+
 def prepare(items: list[tuple[Any, str, float]]) -> tuple[list, dict[int, BaseException]]:
     """Quote each message (before locking); a source that cannot be read fails alone."""
     prepared = []
     errors: dict[int, BaseException] = {}
+    held = 0
     for i, (source, sender, when) in enumerate(items):
         try:
             pieces, qlen = mboxfmt.quoted_message(source)
         except Exception as e:
             errors[i] = e
             continue
+        if pieces is not None:
+            held += qlen
+            if held > PREPARED_IN_MEMORY:
+                pieces = None  # written from the source again, streamed
         prepared.append((mboxfmt.from_line(sender, when), pieces, source, qlen))
     return prepared, errors
 
