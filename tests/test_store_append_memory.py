@@ -49,3 +49,10 @@ class AppendManyMemory(SynchronousTestCase):
         self.assertEqual(uids, list(range(1, COUNT + 1)))
         total = COUNT * SIZE  # 40 MB
         self.assertLess(peak, total // 4, f"peak {peak} bytes for a {total} byte batch")
+
+    def test_nothing_to_append(self):
+        root = self.mktemp()
+        store = MboxMailStore(f"{root}/mail", f"{root}/index", SyncReactor(), SyncThreadPool())
+        folder = self.successResultOf(store.open_folder(USER, "INBOX"))
+        self.addCleanup(folder.close)
+        self.assertEqual(self.successResultOf(folder.append_many([])), [])
