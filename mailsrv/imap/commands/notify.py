@@ -183,6 +183,26 @@ class NotifyCommands(FetchCommand):
         self._notify_stop()
         super().connectionLost(reason)
 
+    def parse_idle(self, line: bytes) -> None:
+        """
+        DONE while a catch-up of the selected mailbox is being pushed (its
+        MessageNew FETCH may be a literal sent over many turns): answered
+        once the push is out, never inside it (RFC 3501 7.5); the input
+        waits meanwhile.
+        """
+        pending = self._sync_d if self._notify_selected_running else None
+        if pending is None or self._lost:
+            super().parse_idle(line)
+            return
+        if not self.paused:
+            self.pauseProducing()  # resumed after the tagged answer (IMAPServer.responded)
+
+        def pushed(result: Any) -> Any:
+            self.parse_idle(line)  # or after the push that came meanwhile
+            return result
+
+        pending.addBoth(pushed)
+
     def _subscribed(self) -> set[str]:
         return self.account.subscriptions.names  # type: ignore[no-any-return]
 
