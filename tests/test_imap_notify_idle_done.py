@@ -1,7 +1,8 @@
 """
-NOTIFY's MessageNew FETCH (RFC 5465 5.2) pushed during IDLE is one response:
-a DONE that comes while its literal is still being sent is answered after
-it, never inside it (RFC 3501 7: a response's literal is its octets only).
+NOTIFY's MessageNew FETCH (RFC 5465 5.2) pushed between commands or during
+IDLE is one response: a command (or DONE) that comes while its literal is
+still being sent is answered after it, never inside it (RFC 3501 7: a
+response's literal is its octets only).
 """
 
 from __future__ import annotations
@@ -49,4 +50,33 @@ class DoneDuringPushedFetch(NotifyCase):
         self.assertEqual(literal, BIG.replace(b"\n", b"\r\n"))
         self.assertEqual(rest, END)
         self.assertEqual(noop, [b"A OK NOOP completed\r\n"])
+        self.assertEqual(self.failures, [])
+
+    @defer.inlineCallbacks
+    def test_command_is_answered_after_the_pushed_literal(self):
+        port = self.port_number
+
+        def script():
+            a = RawClient(port, rcvbuf=4096)
+            try:
+                a.login()
+                a.cmd(b"S", b"SELECT INBOX")
+                a.cmd(b"N", b"NOTIFY SET (selected (MessageNew (UID BODY.PEEK[]) MessageExpunge))")
+                self.deliver(data=BIG)
+                while True:
+                    line = a.file.readline()
+                    assert line, "closed"
+                    if line.startswith(b"* 1 FETCH"):
+                        break
+                a.send(b"C ID NIL\r\n")  # answered at once by the server, not a catch-up
+                size = int(re.search(rb"\{(\d+)\}\r\n$", line).group(1))
+                literal = a.file.read(size)
+                return literal, a.read_until(b"C")
+            finally:
+                a.close()
+
+        literal, rest = yield self.in_thread(script)
+        self.assertEqual(literal, BIG.replace(b"\n", b"\r\n"))
+        self.assertEqual(rest[0], b")\r\n")
+        self.assertEqual(rest[-1], b"C OK ID completed\r\n")
         self.assertEqual(self.failures, [])
