@@ -123,6 +123,7 @@ class AppendReader:
         self.messages: list[AppendMessage] = []
         self.in_memory = 0
         self.done: defer.Deferred = defer.Deferred()
+        proto._append_reader = self  # its spools go if the connection does (connectionLost)
         self._next_message(line)
 
     # --- the grammar -----------------------------------------------------
@@ -258,6 +259,7 @@ class AppendReader:
 
     def _message_done(self, rest: bytes) -> None:
         if not rest:
+            self._let_go()  # the command owns the spools now
             self.done.callback((self.messages, b""))
             return
         if rest[:1] != b" ":
@@ -339,8 +341,13 @@ class AppendReader:
         self.discard()
         self.proto._command_failed(failure, self.proto._current_tag)
 
+    def _let_go(self) -> None:
+        if getattr(self.proto, "_append_reader", None) is self:
+            self.proto._append_reader = None
+
     def discard(self) -> None:
         """Drop every spooled message and part."""
+        self._let_go()
         for message in self.messages:
             for source in message.spools():
                 source.discard()
@@ -366,6 +373,15 @@ def uid_set(uids: Sequence[int]) -> bytes:
 
 class AppendCommand(CommandBase):
     """APPEND, with MULTIAPPEND and CATENATE."""
+
+    _append_reader: AppendReader | None = None  # reading an APPEND's arguments
+
+    def connectionLost(self, reason: Any = None) -> None:
+        # The literals read so far are closed now, not when the collector finds them.
+        reader, self._append_reader = self._append_reader, None
+        if reader is not None:
+            reader.discard()
+        super().connectionLost(reason)
 
     @command
     def do_APPEND(self, tag: bytes, name: bytes, messages: list[AppendMessage]) -> Any:

@@ -183,6 +183,12 @@ class NotifyCommands(FetchCommand):
         self._notify_stop()
         super().connectionLost(reason)
 
+    def resumeProducing(self) -> None:
+        """Read input again, but not while a push is being sent (L{_notify_selected_changed})."""
+        if self._notify_selected_running and not self._lost:
+            return  # the push resumes input when it is out
+        super().resumeProducing()
+
     def _subscribed(self) -> set[str]:
         return self.account.subscriptions.names  # type: ignore[no-any-return]
 
@@ -413,6 +419,11 @@ class NotifyCommands(FetchCommand):
             self._sync_d.addBoth(self._notify_after_sync)
             return True
         self._notify_selected_running = True
+        # The push's FETCH may be a literal sent over many turns: no command
+        # (nor DONE) is read until it is out, so no answer lands inside it.
+        # (resumeProducing waits for it too.)
+        if not self.paused:
+            self.pauseProducing()
         d = self._notify_push_selected()
         if not d.called:
             self._sync_d = d
@@ -421,6 +432,12 @@ class NotifyCommands(FetchCommand):
             if self._sync_d is d:
                 self._sync_d = None
             self._notify_selected_running = False
+            if (
+                self.paused
+                and not self._lost
+                and (self._busy is None or self._idle_tag is not None)
+            ):
+                self.resumeProducing()
             if self._notify_selected_due and self._notify_can_write():
                 self._notify_selected_due = False
                 self._notify_selected_changed()

@@ -49,10 +49,16 @@ def recover(st: FolderState, fd: int) -> Ours:
         a INO PRE POST CRC LEN HEAD   an append under way: the file was PRE
                                       long, LEN bytes before it had CRC, and
                                       it starts with the bytes HEAD (hex)
+        m PRE OFF OFF ...             where each message of the append
+                                      under way at PRE starts (its From line)
         o FP FP ...                   fingerprints of our messages whose
                                       append completed, not indexed yet
     An C{a} line is trusted only if the bytes around PRE are still those:
-    another program (mutt) may have rewritten the file since.
+    another program (mutt) may have rewritten the file since. An append cut
+    short is truncated away only if no other program's message follows it: a
+    crash leaves our dotlock, which Dovecot (by its pid) and everyone after
+    five minutes take as stale, and a message it appended then is kept (our
+    half message stays with it, logged) rather than lost.
     """
     inplace.recover_rewrite(st, fd)
     try:
@@ -61,6 +67,15 @@ def recover(st: FolderState, fd: int) -> Ours:
         return Ours()
     s = os.fstat(fd)
     ours = Ours()
+    starts: dict[int, set[int]] = {}
+    for line in lines:
+        words = line.split()
+        if words[:1] == [b"m"] and len(words) > 2:
+            try:
+                pre, *offs = (int(w) for w in words[1:])
+            except ValueError:
+                continue
+            starts[pre] = set(offs)
     for line in lines:
         words = line.split()
         if words[:1] == [b"o"]:
@@ -85,6 +100,17 @@ def recover(st: FolderState, fd: int) -> Ours:
             seen = os.pread(fd, min(len(head), s.st_size - pre), pre)
             if zlib.crc32(before) != crc or not head.startswith(seen):
                 continue  # the file changed under this line: not ours any more
+        if s.st_size > post or pre < s.st_size < post:
+            foreign = _foreign_start(fd, starts.get(pre), min(post, s.st_size))
+            if foreign is not None:
+                log.error(
+                    "an append to {path} cut short at {pre} is followed by another"
+                    " program's message at {foreign}: both kept",
+                    path=str(st.path),
+                    pre=pre,
+                    foreign=foreign,
+                )
+                continue
         if s.st_size >= post:
             ours.ranges.append((pre, post))
         elif pre < s.st_size:  # cut short by a crash
@@ -99,6 +125,23 @@ def recover(st: FolderState, fd: int) -> Ours:
     return ours
 
 
+def _foreign_start(fd: int, mine: set[int] | None, end: int) -> int | None:
+    """
+    Where, before C{end}, a message starts that is not one of ours (C{mine}:
+    the From lines of an append, its C{m} line); None if there is none, or
+    if the journal does not say where ours start (an older version's).
+    """
+    if not mine:
+        return None
+    first = min(mine)
+    if first >= end:
+        return None
+    for off in mboxfmt.scan(fd, first, end).from_offs:
+        if off not in mine:
+            return int(off)
+    return None
+
+
 def keep_ours(st: FolderState, fd: int, ours: Ours) -> None:
     """
     The index did not take our appended messages: rewrite the journal so it
@@ -111,10 +154,19 @@ def keep_ours(st: FolderState, fd: int, ours: Ours) -> None:
     write_atomic(st.journal, b"o " + b" ".join(b"%d" % fp for fp in sorted(fps)) + b"\n")
 
 
-def write_journal(st: FolderState, fd: int, ino: int, pre: int, post: int, head: bytes) -> int:
+def write_journal(
+    st: FolderState,
+    fd: int,
+    ino: int,
+    pre: int,
+    post: int,
+    head: bytes,
+    starts: Sequence[int] = (),
+) -> int:
     """
-    Add an append under way to the journal (L{recover}); returns the
-    journal's length before, to take the line back with L{unwrite_journal}.
+    Add an append under way to the journal (L{recover}), with where its
+    messages start; returns the journal's length before, to take the lines
+    back with L{unwrite_journal}.
     """
     length = min(pre, 256)
     crc = zlib.crc32(os.pread(fd, length, pre - length))
@@ -123,6 +175,8 @@ def write_journal(st: FolderState, fd: int, ino: int, pre: int, post: int, head:
     try:
         before = os.fstat(jfd).st_size
         line = b"a %d %d %d %d %d %s\n" % (ino, pre, post, crc, length, head.hex().encode())
+        if starts:
+            line += b"m %d " % pre + b" ".join(b"%d" % o for o in starts) + b"\n"
         mboxfmt.write_all(jfd, line)
         os.fdatasync(jfd)
     finally:
@@ -137,16 +191,26 @@ def unwrite_journal(st: FolderState, length: int) -> None:
         os.truncate(st.journal, length)
 
 
+# Quoted messages one batch keeps in memory, at most; the rest are streamed
+# from their sources by append_locked (a MULTIAPPEND of 1,000 messages).
+PREPARED_IN_MEMORY = 4 * 1024 * 1024
+
+
 def prepare(items: list[tuple[Any, str, float]]) -> tuple[list, dict[int, BaseException]]:
     """Quote each message (before locking); a source that cannot be read fails alone."""
     prepared = []
     errors: dict[int, BaseException] = {}
+    held = 0
     for i, (source, sender, when) in enumerate(items):
         try:
             pieces, qlen = mboxfmt.quoted_message(source)
         except Exception as e:
             errors[i] = e
             continue
+        if pieces is not None:
+            held += qlen
+            if held > PREPARED_IN_MEMORY:
+                pieces = None  # written from the source again, streamed
         prepared.append((mboxfmt.from_line(sender, when), pieces, source, qlen))
     return prepared, errors
 
@@ -170,7 +234,12 @@ def append_locked(st: FolderState, fd: int, prepared: list) -> int:
         elif tail != b"\n\n":
             pad = b"\n"
     total += len(pad)
-    jlen = write_journal(st, fd, s.st_ino, pre, pre + total, pad + prepared[0][0])
+    starts = []
+    off = pre + len(pad)
+    for line, _, _, qlen in prepared:
+        starts.append(off)
+        off += len(line) + qlen + 1
+    jlen = write_journal(st, fd, s.st_ino, pre, pre + total, pad + prepared[0][0], starts)
     try:
         os.lseek(fd, pre, os.SEEK_SET)
         written = 0

@@ -328,6 +328,8 @@ class MboxFolder:
         now = self._clock()
         items = list(items)
         count = len(items)
+        if not count:
+            return defer.succeed([])
 
         def work() -> Update:
             upd = scan.sync(st)
