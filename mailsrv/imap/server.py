@@ -41,6 +41,7 @@ from mailsrv.imap.commands.urlauth import UrlauthCommands
 from mailsrv.imap.condstore import CAPABILITIES as CONDSTORE_CAPABILITIES
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
+from mailsrv.imap.rev2 import CAPABILITIES as REV2_CAPABILITIES
 from mailsrv.imap.sortfields import SortFieldCache
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
@@ -154,6 +155,7 @@ class IMAPServer(
         caps += CONDSTORE_CAPABILITIES  # RFC 7162 (mailsrv.imap.condstore)
         caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
         caps += NOTIFY_CAPABILITIES  # RFC 5465
+        caps += REV2_CAPABILITIES  # RFC 9051 (mailsrv.imap.rev2), RFC 8438
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mailsrv.imap import condstore, listext, mutf7, twistedcompat
+from mailsrv.imap import condstore, listext, mutf7, rev2, twistedcompat
 from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.commands.quota import quota_refuses
@@ -92,7 +92,8 @@ class MailboxCommands(CommandBase):
             b"OK [PERMANENTFLAGS " + flag_list(permanent) + b"] Flags permitted"
         )
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.message_count())
-        self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
+        if not self.rev2:  # RFC 9051 7.4: RECENT is obsolete in rev2
+            self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
         if first_unseen is not None:
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
@@ -176,6 +177,7 @@ class MailboxCommands(CommandBase):
 
     @command
     def do_LIST(self, tag: bytes, request: ListRequest) -> Any:
+        request = rev2.list_request(self, request)
         if request.extended:
             yield self._list_extended(tag, request)
         else:
@@ -341,6 +343,8 @@ class MailboxCommands(CommandBase):
             "UIDVALIDITY": st["uid_validity"],
             "UNSEEN": st["unseen"],
             "HIGHESTMODSEQ": st["highest_modseq"],  # RFC 7162 3.1.6
+            "DELETED": st["deleted"],  # RFC 9051 6.3.11
+            "SIZE": st["size"],  # RFC 9051 6.3.11, RFC 8438
         }
         items = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in wanted)
         self.sendUntaggedResponse(b"STATUS " + self.encode_name(folder) + b" (" + items + b")")
