@@ -93,7 +93,7 @@ def test_answers(client, command, answer):
         (b"SORT (DATE) UTF-8", b"t BAD"),
         (b"SORT (DATE)", b"t BAD"),
         (b"SORT (DATE) UTF-8 FOO", b"t BAD"),
-        (b"SORT RETURN (PARTIAL 1:2) (DATE) UTF-8 ALL", b"t BAD"),
+        (b"SORT RETURN (PARTIAL 1:*) (DATE) UTF-8 ALL", b"t BAD"),  # RFC 5267 4.4: no "*"
         (b"THREAD SUBJECT UTF-8 ALL", b"t BAD Illegal syntax: Unknown thread algorithm"),
         (b"UID FROB 1", b"t BAD"),
     ],

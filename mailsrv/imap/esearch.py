@@ -71,6 +71,11 @@ def esearch_line(
             out.append(b"MAX %d" % numbers[-1])
         if "ALL" in options:
             out.append(b"ALL " + uid_set(list(numbers)))
+    partial = getattr(options, "partial", None)  # mailsrv.imap.context.ReturnOptions
+    if partial is not None:  # RFC 5267 4.4: the range asked for, the results in it or NIL
+        lo, hi = partial
+        part = list(numbers[lo - 1 : hi])
+        out.append(b"PARTIAL (%d:%d %s)" % (lo, hi, uid_set(part) if part else b"NIL"))
     if "COUNT" in options:
         out.append(b"COUNT %d" % len(numbers))
     top = returned_modseq(options, modseqs) if modseqs else None

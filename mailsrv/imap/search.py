@@ -210,6 +210,12 @@ def parse(tokens: list[Any], charset: str = "utf-8", saved: Collection[int] | No
             if isinstance(t, Literal) or not t.isdigit() or len(t) > 19 or int(t) >= 1 << 63:
                 raise SearchError("Bad mod-sequence value")
             return (key, int(t))
+        if key in ("OLDER", "YOUNGER"):  # RFC 5032 (WITHIN): an interval in seconds
+            t = value()
+            raw = t.value if isinstance(t, Literal) else t
+            if not (isinstance(raw, bytes) and raw.isdigit() and 0 < int(raw) <= 4294967295):
+                raise SearchError("Invalid search interval parameter")
+            return (key, int(raw))
         if key == "NOT":
             return ("not", one())
         if key == "OR":
@@ -331,7 +337,10 @@ class Matcher:
         last_uid: int,
         recent: set[int],
         parse_set: Callable[[bytes, int], Any],
+        now: float | None = None,
     ) -> None:
+        """C{now}: the time OLDER and YOUNGER count back from (RFC 5032), if not the clock's."""
+        self.now = int(time.time() if now is None else now)
         self.tree = tree
         self.last_seq = last_seq
         self.last_uid = last_uid
@@ -436,6 +445,10 @@ class Matcher:
             if k == "UID":
                 raw = t[1].value if isinstance(t[1], Literal) else t[1]
                 return info.uid in self._set(raw, self.last_uid)
+            if k == "OLDER":  # RFC 5032: whole seconds, as Dovecot counts them
+                return int(info.internal_date) <= self.now - t[1]
+            if k == "YOUNGER":
+                return int(info.internal_date) >= self.now - t[1]
             if k in ("BEFORE", "ON", "SINCE"):
                 day = _day(info.internal_date)
                 return _cmp(k, day, t[1])

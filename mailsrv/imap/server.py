@@ -25,6 +25,7 @@ from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import Account, Subscriptions, subscriptions_path
+from mailsrv.imap.commands.context import CAPABILITIES as CONTEXT_CAPABILITIES
 from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import UTF8_ACCEPT, GeneralCommands
 from mailsrv.imap.commands.idle import IdleCommand
@@ -147,6 +148,8 @@ class IMAPServer(
         caps += [b"UIDPLUS", b"MOVE", b"SPECIAL-USE", b"CHILDREN", b"UNSELECT"]
         caps += SORT_CAPABILITIES
         caps += [b"ESEARCH", b"SEARCHRES"]  # RFC 4731, RFC 5182 (commands.selected)
+        caps += CONTEXT_CAPABILITIES  # RFC 5267 4 (commands.context)
+        caps.append(b"WITHIN")  # RFC 5032: OLDER, YOUNGER (imap.search)
         caps.append(b"APPENDLIMIT=%d" % self.factory.config.imap.max_literal_size)
         caps += QUOTA_CAPABILITIES  # RFC 9208
         caps += [b"LIST-EXTENDED", b"LIST-STATUS"]  # RFC 5258, RFC 5819

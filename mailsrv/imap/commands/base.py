@@ -121,10 +121,22 @@ class CommandBase(imap4.IMAP4Server):
         The EXPUNGE lines for C{removed} (after ENABLE QRESYNC, the VANISHED
         line, RFC 7162 3.2.10); they are no longer recent to the session.
         """
+        removed = list(removed)
         self.mbox.recent.difference_update(removed)
+        context = self._context_removed(removed)
         if self.qresync:
-            return condstore.vanished_lines(self.mbox.uids, removed)
-        return expunge_lines(self.mbox.uids, removed)
+            return context + condstore.vanished_lines(self.mbox.uids, removed)
+        return context + expunge_lines(self.mbox.uids, removed)
+
+    # --- live search results (RFC 5267; commands.context holds them) ---------
+
+    def _context_removed(self, uids: Iterable[int]) -> bytes:
+        """The ESEARCH REMOVEFROM lines for messages about to be told expunged."""
+        return b""
+
+    def _context_updates(self, added: Any, changed: Any) -> defer.Deferred:
+        """Fires with the ESEARCH lines for new messages and messages with new flags."""
+        return defer.succeed(b"")
 
     # --- \Recent and keywords ----------------------------------------------
 
@@ -249,6 +261,7 @@ class CommandBase(imap4.IMAP4Server):
             lines.append(b"* %d EXISTS\r\n" % mbox.message_count())
         if changes.added and len(mbox.recent) != recent_before:
             lines.append(b"* %d RECENT\r\n" % len(mbox.recent))
+        lines.append((yield self._context_updates(changes.added, changes.flags)))
         out = b"".join(lines)
         if out:
             self.transport.write(out)

@@ -18,14 +18,16 @@ from twisted.mail import imap4
 
 from mailsrv.imap import condstore, rev2, twistedcompat
 from mailsrv.imap.account import SessionMailbox
-from mailsrv.imap.commands.base import CommandBase, command
+from mailsrv.imap.commands.base import command
+from mailsrv.imap.commands.context import ContextCommands
 from mailsrv.imap.commands.quota import quota_refuses
+from mailsrv.imap.context import CONTEXT_OPTIONS
+from mailsrv.imap.context import parse_return as parse_context_return
 from mailsrv.imap.esearch import (
     SEARCH_RETURN_OPTIONS,
     ReturnSyntaxError,
     answers,
     esearch_line,
-    parse_return,
     saved_part,
 )
 from mailsrv.imap.parsing import (
@@ -51,15 +53,20 @@ arg_finalastring = CommandParser.arg_finalastring
 
 
 def arg_search_return(proto: Any, line: bytes | None) -> tuple[frozenset[str] | None, bytes]:
-    """SEARCH's optional C{RETURN (...)} (RFC 4731 3.1, SAVE: RFC 5182 2.1)."""
+    """
+    SEARCH's optional C{RETURN (...)} (RFC 4731 3.1, SAVE: RFC 5182 2.1,
+    CONTEXT, UPDATE and PARTIAL: RFC 5267 4).
+    """
     try:
-        options, rest = parse_return(line or b"", SEARCH_RETURN_OPTIONS)
+        options, rest = parse_context_return(line or b"", SEARCH_RETURN_OPTIONS + CONTEXT_OPTIONS)
     except ReturnSyntaxError as e:
         raise imap4.IllegalClientResponse(str(e))
+    if options is not None and "UPDATE" in options and proto.update_tag_in_use(proto._current_tag):
+        raise imap4.IllegalClientResponse("Duplicate search update tag")  # RFC 5267 4.3
     return options, rest.lstrip(b" ")
 
 
-class SelectedCommands(CommandBase):
+class SelectedCommands(ContextCommands):
     """CHECK, CLOSE, UNSELECT, EXPUNGE, STORE, COPY, MOVE, SEARCH, UID."""
 
     # The SEARCHRES result (RFC 5182): the selection it was saved in, and its UIDs.
@@ -197,6 +204,7 @@ class SelectedCommands(CommandBase):
                     seq, u, info.modseq, flags_now, bool(uid) or self.qresync, self.condstore
                 )
             )
+        out.append((yield self._context_updates((), (mbox.infos[s - 1] for s in seqs))))
         self.transport.write(b"".join(out))
         if failed:
             # RFC 7162 3.1.3: the messages that failed the test, by number or by UID
@@ -345,6 +353,10 @@ class SelectedCommands(CommandBase):
             return
         if save and options is not None:
             self._save_result(mbox, options, hit_uids)
+        if options is not None and "UPDATE" in options:  # RFC 5267 4.3
+            self._open_context(
+                tag, bool(uid), tree, hits if uid else [mbox.uids[s - 1] for s in hits]
+            )
         if options is None:
             # RFC 7162 3.1.5: the highest mod-sequence of the found messages ends it
             top = b" (MODSEQ %d)" % max(modseqs) if modseqs else b""

@@ -16,12 +16,12 @@ from twisted.mail import imap4
 from mailsrv.imap import condstore, twistedcompat
 from mailsrv.imap.commands.base import command
 from mailsrv.imap.commands.selected import SelectedCommands, matching
+from mailsrv.imap.context import CONTEXT_OPTIONS, parse_return, sort_keys
 from mailsrv.imap.esearch import (
     SEARCH_RETURN_OPTIONS,
     ReturnSyntaxError,
     answers,
     esearch_line,
-    parse_return,
 )
 from mailsrv.imap.parsing import CommandParser, SeqSet, SeqSetMembers
 from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse, uses_modseq
@@ -113,11 +113,17 @@ def _numbers(numbers: Sequence[int]) -> bytes:
 
 
 def arg_sort_options(proto: Any, line: bytes | None) -> tuple[frozenset[str] | None, bytes]:
-    """ESORT's optional C{RETURN (...)} (RFC 5267 3)."""
+    """
+    ESORT's optional C{RETURN (...)} (RFC 5267 3; SAVE: RFC 5182 2.1;
+    CONTEXT, UPDATE and PARTIAL: RFC 5267 4.1, CONTEXT=SORT).
+    """
     try:
-        return parse_return(line or b"", SEARCH_RETURN_OPTIONS)  # SAVE: RFC 5182 2.1
+        options, rest = parse_return(line or b"", SEARCH_RETURN_OPTIONS + CONTEXT_OPTIONS)
     except ReturnSyntaxError as e:
         raise imap4.IllegalClientResponse(str(e))
+    if options is not None and "UPDATE" in options and proto.update_tag_in_use(proto._current_tag):
+        raise imap4.IllegalClientResponse("Duplicate search update tag")  # RFC 5267 4.3
+    return options, rest
 
 
 def arg_sort_program(proto: Any, line: bytes | None) -> tuple[Program, bytes]:
@@ -164,6 +170,7 @@ class SortCommands(SelectedCommands):
             last_uid,
             set(mbox.recent),
             lambda raw, last: SeqSetMembers(SeqSet(raw), last),
+            now=self.factory.reactor.seconds(),  # OLDER, YOUNGER (RFC 5032)
         )
         folder = mbox.folder
         cache = self._sort_cache()
@@ -195,16 +202,20 @@ class SortCommands(SelectedCommands):
         uid: int = 0,
     ) -> Any:
         save = options is not None and "SAVE" in options
+        update = options is not None and "UPDATE" in options
         mbox = self.mbox
 
-        def order(matches: Matches) -> tuple[list[int], list[int]]:
+        def order(matches: Matches) -> tuple[list[int], list[int], list[tuple] | None]:
             positions = sort_positions(program, matches)
             shown = matches.uids if uid else matches.seqs
             found = [matches.uids[i] for i in positions] if save else []
-            return [shown[i] for i in positions], found
+            live = sort_keys(program, matches) if update else None  # RFC 5267 4.3
+            return [shown[i] for i in positions], found, live
 
         try:
-            numbers, found = yield self._ordered(charset, tokens, needs_headers(program), order)
+            numbers, found, live = yield self._ordered(
+                charset, tokens, needs_headers(program), order
+            )
         except BadCharset:
             if save:  # RFC 5182 2.1: a NO empties "$"
                 self._saved_search = None
@@ -216,6 +227,9 @@ class SortCommands(SelectedCommands):
             top = b" (MODSEQ %d)" % max(modseqs) if modseqs else b""  # RFC 7162 3.1.5
             self.sendUntaggedResponse(b"SORT" + _numbers(numbers) + top)
         else:
+            if live is not None:  # RFC 5267 4.3: UPDATE, on "$" as the search read it
+                tree = parse(tokens, charset.decode("ascii", "replace"), self.saved_uids())
+                self._open_context(tag, bool(uid), tree, (), program, live)
             if save:  # RFC 5182 2.4: MIN and MAX as ESORT gives them, in sort order
                 self._save_result(mbox, options, found)
             if answers(options):
