@@ -12,8 +12,12 @@ folders.
 from __future__ import annotations
 
 from twisted.internet import defer
+from twisted.trial import unittest
 
+from mailsrv.store.names import INBOX, folder_path
+from tests import dovecot_peer, sort_corpus
 from tests.imap_loopback_support import LoopbackIMAPCase, RawClient
+from tests.test_imap_harness import PASSWORD, USER
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody text\r\n"
 CAFE = "café".encode()
@@ -205,7 +209,8 @@ class ResponseCodeTests(Rev2Case):
                 b"SELECT nothere": b"NO [NONEXISTENT] Mailbox doesn't exist",
                 b"APPEND nothere {1+}\r\nx": b"NO [TRYCREATE] Mailbox doesn't exist",
                 b"DELETE INBOX": b"NO [CANNOT] INBOX cannot be deleted",
-                b"RENAME c INBOX": b"NO [CANNOT] Cannot rename to INBOX",
+                b"RENAME c INBOX": b"NO [ALREADYEXISTS] Cannot rename to INBOX",
+                b"GETQUOTA nothere": b"NO [NONEXISTENT] Quota root doesn't exist",
                 b"DELETE a": b"NO [HASCHILDREN] Mailbox has children, delete them first",
                 b"SELECT a": b"NO [CANNOT] Mailbox isn't selectable",
                 b"STATUS a (MESSAGES)": b"NO [CANNOT] Mailbox isn't selectable",
@@ -248,3 +253,71 @@ class DeprecatedTests(Rev2Case):
             assert _tagged(c.cmd(b"T", b"UNSELECT")).startswith(b"BAD")
 
         return self.in_client(client)
+
+
+# Refusals and STATUS SIZE: Dovecot (which offers IMAP4rev1 only, but sends
+# the RFC 5530 codes there) and a rev2 session of ours, on the same mbox.
+DOVECOT_SCRIPT = [
+    b"CREATE a/b",
+    b"CREATE c",
+    b"CREATE a",
+    b"CREATE c",
+    b"RENAME c a/b",
+    b"RENAME c INBOX",
+    b"DELETE nothere",
+    b"RENAME nothere d",
+    b"APPEND nothere {1+}\r\nx",
+    b"STATUS INBOX (MESSAGES UNSEEN SIZE)",
+    b"SELECT INBOX",
+    b"COPY 1 nothere",
+    b"SEARCH RETURN (COUNT) ALL",
+]
+
+
+def _session(port: int, login: bytes, script: list[bytes], enable: bool) -> list[bytes]:
+    """Each command's untagged STATUS/ESEARCH lines and tagged status word and code."""
+    c = RawClient(port)
+    try:
+        assert c.cmd(b"L", login)[-1].startswith(b"L OK")
+        if enable:
+            assert c.cmd(b"E", b"ENABLE IMAP4rev2")[0] == b"* ENABLED IMAP4rev2\r\n"
+        answers = []
+        for command in script:
+            lines = [ln.rstrip(b"\r\n") for ln in c.cmd(b"T", command)]
+            kept = [ln for ln in lines[:-1] if ln.startswith((b"* STATUS", b"* ESEARCH"))]
+            _, word, text = (lines[-1] + b" ").split(b" ", 2)
+            code = text.split(b"]")[0] + b"]" if text.startswith(b"[") else b""
+            answers.append(b" ".join([*kept, word, code]).strip())
+        return answers
+    finally:
+        c.close()
+
+
+class LikeDovecotTest(Rev2Case):
+    """The response codes and STATUS SIZE of a rev2 session equal Dovecot's."""
+
+    timeout = 120
+
+    def setUp(self) -> None:
+        reason = dovecot_peer.available()
+        if reason:
+            raise unittest.SkipTest(reason)
+        super().setUp()
+        path = folder_path(self.config.mail_dir, USER, INBOX)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(sort_corpus.mbox())
+        self.dovecot = dovecot_peer.Dovecot()
+        self.addCleanup(self.dovecot.stop)
+        self.dovecot.start(sort_corpus.mbox())
+
+    @defer.inlineCallbacks
+    def test_same_codes_as_dovecot(self):
+        ours_login = b'LOGIN %s "%s"' % (USER.encode(), PASSWORD)
+        ours = yield self.in_thread(_session, self.port_number, ours_login, DOVECOT_SCRIPT, True)
+        login = b"LOGIN %s %s" % (dovecot_peer.USER.encode(), dovecot_peer.PASSWORD.encode())
+        theirs = yield self.in_thread(_session, self.dovecot.port, login, DOVECOT_SCRIPT, False)
+        self.assertEqual(
+            list(zip(DOVECOT_SCRIPT, ours, strict=True)),
+            list(zip(DOVECOT_SCRIPT, theirs, strict=True)),
+        )
+        assert any(b"SIZE" in a for a in ours) and any(b"[ALREADYEXISTS]" in a for a in ours)
