@@ -85,8 +85,10 @@ class RecentTests(Rev2Case):
             setup.close()
             c = self.client()
             sel = _untagged(c.cmd(b"S", b"SELECT INBOX"))
-            assert not [x for x in sel if b"RECENT" in x], sel
+            assert not [x for x in sel if b"RECENT" in x or b"[UNSEEN" in x], sel
             assert b"* 1 EXISTS" in sel, sel
+            # RFC 9051 6.3.2: the mailbox's LIST response.
+            assert b'* LIST (\\NoInferiors) "/" INBOX' in sel, sel
             out = c.cmd(b"F", b"FETCH 1 (FLAGS UID)")
             assert _untagged(out) == [b"* 1 FETCH (FLAGS () UID 1)"], out
             # Another session's new message: EXISTS, and no RECENT.
@@ -173,6 +175,10 @@ class ListTests(Rev2Case):
             assert _untagged(out) == [
                 b'* LIST (\\Subscribed \\NonExistent \\HasNoChildren) "/" gone'
             ], out
+            out = c.cmd(b"X", b'EXAMINE "%s/x"' % CAFE)
+            assert b'* LIST (\\NoInferiors) "/" "%s/x"' % CAFE in _untagged(out), out
+            assert _tagged(out) == b"OK [READ-ONLY] EXAMINE completed", out
+            c.cmd(b"U", b"UNSELECT")
             out = c.cmd(b"T", b'STATUS "%s/x" (MESSAGES)' % CAFE)
             assert _untagged(out) == [b'* STATUS "%s/x" (MESSAGES 0)' % CAFE], out
             # LSUB is still answered (IMAP4rev1 is offered too).

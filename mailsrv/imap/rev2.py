@@ -5,6 +5,8 @@ C{ENABLE IMAP4rev2} (RFC 9051 Appendix E; the switch is L{CommandBase.rev2}).
 What rev2 changes in what the session sees is decided here:
 
 - no \\Recent flag and no RECENT response (RFC 9051 2.3.2, 7.4: obsolete);
+- SELECT and EXAMINE answer with the mailbox's LIST response and without
+  the UNSEEN response code (RFC 9051 6.3.2);
   such a session takes no message as \\Recent, so they stay recent for the
   IMAP4rev1 sessions that come after it;
 - SEARCH answers with ESEARCH, as if it had C{RETURN (ALL)} (RFC 9051 6.4.4,
@@ -26,6 +28,10 @@ from __future__ import annotations
 
 import dataclasses
 from typing import TYPE_CHECKING, Any
+
+from twisted.internet import defer
+
+from mailsrv.imap.responses import list_lines
 
 if TYPE_CHECKING:  # listext imports the command parsers, which import this module
     from mailsrv.imap.listext import ListRequest
@@ -79,6 +85,18 @@ def refusal(proto: Any, text: bytes) -> bytes:
     if code is None and text.startswith(b"Cannot "):
         code = b"NOPERM"  # the file system refused (mailsrv.store.mbox.files)
     return text if code is None else b"[" + code + b"] " + text
+
+
+@defer.inlineCallbacks
+def select_list(proto: Any, name: str) -> Any:
+    """
+    The untagged LIST response of a rev2 SELECT/EXAMINE (RFC 9051 6.3.2:
+    required, with the mailbox's attributes as LIST gives them); fires with
+    the line (b"" if LIST does not show the name).
+    """
+    boxes = yield proto.account.listMailboxes("", name)
+    lines = list_lines(b"LIST", [b for b in boxes if b[0] == name], None, proto.encode_name)
+    return b"".join(b"* " + line + b"\r\n" for line in lines)
 
 
 def search_options(proto: Any, options: frozenset[str] | None) -> frozenset[str] | None:

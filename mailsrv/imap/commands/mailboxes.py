@@ -79,6 +79,11 @@ class MailboxCommands(CommandBase):
         )
         if params is not None and params.condstore:
             self.condstore = True  # RFC 7162 3.1.8
+        listed = b""
+        if self.rev2:  # RFC 9051 6.3.2
+            listed = yield rev2.select_list(self, mbox.folder.name)
+            if mbox is not self.mbox or self._lost:
+                return
         resync = b""
         if qresync is not None:
             resync = yield condstore.resync(
@@ -94,10 +99,11 @@ class MailboxCommands(CommandBase):
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.message_count())
         if not self.rev2:  # RFC 9051 7.4: RECENT is obsolete in rev2
             self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
-        if first_unseen is not None:
+        if first_unseen is not None and not self.rev2:  # RFC 9051 6.3.2: not in rev2
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.uid_next())
+        self.transport.write(listed)
         # RFC 7162 3.1.2.1: with every successful SELECT or EXAMINE
         self.view_modseq = mbox.folder.highest_modseq
         self.transport.write(condstore.highest_line(self.view_modseq) + resync)
