@@ -21,6 +21,7 @@ from tests.test_imap_harness import PASSWORD, USER
 
 MESSAGE = b"From: a@example.org\r\nSubject: hello\r\n\r\nbody text\r\n"
 CAFE = "café".encode()
+NOT_NFC = b"NO [CANNOT] Mailbox name is not Net-Unicode (NFC, no control characters)"
 
 
 def _untagged(lines: list[bytes]) -> list[bytes]:
@@ -217,6 +218,9 @@ class ResponseCodeTests(Rev2Case):
                 b"DELETE INBOX": b"NO [CANNOT] INBOX cannot be deleted",
                 b"RENAME c INBOX": b"NO [ALREADYEXISTS] Cannot rename to INBOX",
                 b"GETQUOTA nothere": b"NO [NONEXISTENT] Quota root doesn't exist",
+                # RFC 9051 6.3.4: not Net-Unicode ("e" and a combining acute accent)
+                b'CREATE "cafe\xcc\x81"': NOT_NFC,
+                b'RENAME c "cafe\xcc\x81"': NOT_NFC,
                 b"DELETE a": b"NO [HASCHILDREN] Mailbox has children, delete them first",
                 b"SELECT a": b"NO [CANNOT] Mailbox isn't selectable",
                 b"STATUS a (MESSAGES)": b"NO [CANNOT] Mailbox isn't selectable",

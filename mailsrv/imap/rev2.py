@@ -13,7 +13,8 @@ What rev2 changes in what the session sees is decided here:
   7.3.4: the SEARCH response is obsolete);
 - mailbox names in UTF-8 both ways (RFC 9051 5.1; modified UTF-7 is for
   IMAP4rev1 only, Appendix A), without the other rules of UTF8=ACCEPT
-  (a rev2 SEARCH may still name a CHARSET, RFC 9051 6.4.4);
+  (a rev2 SEARCH may still name a CHARSET, RFC 9051 6.4.4); a new name must
+  be Net-Unicode (RFC 9051 6.3.4);
 - LIST shows \\HasChildren / \\HasNoChildren whatever its return options
   (RFC 9051 7.3.1; RFC 5258 4 lets the server add them unasked);
 - NO answers carry the response codes of RFC 9051 7.1 (from RFC 5530).
@@ -27,6 +28,7 @@ IMAP4rev1 is also offered.
 from __future__ import annotations
 
 import dataclasses
+import unicodedata
 from typing import TYPE_CHECKING, Any
 
 from twisted.internet import defer
@@ -61,6 +63,21 @@ _CODES = {
     "Not subscribed": b"NONEXISTENT",
     "Quota root doesn't exist": b"NONEXISTENT",
 }
+
+
+def refused_name(proto: Any, name: str) -> bytes | None:
+    """
+    The NO text for a name a rev2 session may not CREATE or RENAME to, or
+    None: one that is not Net-Unicode (RFC 9051 5.1, 6.3.4; RFC 5198 2: in
+    normalization form C, no control characters). Refused, not normalized.
+    """
+    if not proto.rev2:
+        return None
+    if unicodedata.normalize("NFC", name) != name or any(
+        unicodedata.category(c) == "Cc" for c in name
+    ):
+        return b"[CANNOT] Mailbox name is not Net-Unicode (NFC, no control characters)"
+    return None
 
 
 def enable(proto: Any) -> None:

@@ -129,6 +129,10 @@ class MailboxCommands(CommandBase):
         if _has_wildcard(base):
             self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
             return
+        refused = rev2.refused_name(self, base)
+        if refused is not None:
+            self.sendNegativeResponse(tag, refused)
+            return
         yield self.account.create(folder)
         self.sendPositiveResponse(tag, b"CREATE completed")
 
@@ -156,6 +160,10 @@ class MailboxCommands(CommandBase):
             return
         if _has_wildcard(dst):
             self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
+            return
+        refused = rev2.refused_name(self, dst)
+        if refused is not None:
+            self.sendNegativeResponse(tag, refused)
             return
         if src != INBOX and (dst == src or dst.startswith(src + DELIMITER)):
             # RFC 3501 6.3.5: a mailbox cannot become its own inferior (INBOX
