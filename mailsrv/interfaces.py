@@ -197,6 +197,14 @@ class IFolder(Interface):
         thread; the append runs in the pool.
         """
 
+    def append_many(items):
+        """
+        Append several messages, each C{(source, flags, internal_date)}, as
+        one: all are stored durably or none is (RFC 3502 MULTIAPPEND; a crash
+        part way leaves none). Fires with their new UIDs, in order. Reactor
+        thread; the append runs in the pool.
+        """
+
     def expunge(uids):
         """
         Remove the messages with these UIDs from the folder, durably. Fires

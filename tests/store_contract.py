@@ -274,6 +274,40 @@ class StoreContract:
         with f.open_message(2) as fh:
             self.assertEqual(fh.read(), crlf(MSG1))
 
+    def test_append_after_a_delivery_the_view_has_not_seen(self):
+        # The first scan of a folder, then a delivery the session has not
+        # refreshed for: the appended message keeps its flags.
+        f = self.open()
+        self.deliver(MSG1)
+        self.assertEqual(self.ok(f.append(BytesSource(MSG2), {SEEN})), 2)
+        self.assertEqual(
+            [(i.uid, i.flags) for i in self.open().messages()],
+            [(1, frozenset()), (2, frozenset({SEEN}))],
+        )
+
+    def test_append_many(self):
+        f = self.open()
+        self.deliver(MSG1)
+        uids = self.ok(
+            f.append_many(
+                [
+                    (BytesSource(MSG2), {SEEN}, 1_600_000_000.0),
+                    (BytesSource(MSG3), frozenset(), None),
+                    (BytesSource(MSG1), {"$Label"}, None),
+                ]
+            )
+        )
+        self.assertEqual(uids, [2, 3, 4])
+        self.ok(f.refresh())
+        self.assertEqual(
+            [(i.uid, i.flags) for i in f.messages()],
+            [(1, frozenset()), (2, frozenset({SEEN})), (3, frozenset()), (4, {"$Label"})],
+        )
+        self.assertAlmostEqual(f.messages()[1].internal_date, 1_600_000_000.0, delta=1)
+        for uid, msg in ((2, MSG2), (3, MSG3), (4, MSG1)):
+            with f.open_message(uid) as fh:
+                self.assertEqual(fh.read(), crlf(msg))
+
     def test_read_only(self):
         self.deliver(MSG1)
         f = self.open(read_only=True)

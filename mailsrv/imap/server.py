@@ -25,6 +25,8 @@ from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
 from mailsrv.imap import twistedcompat
 from mailsrv.imap.account import Account, Subscriptions, subscriptions_path
+from mailsrv.imap.commands.append import CAPABILITIES as APPEND_CAPABILITIES
+from mailsrv.imap.commands.append import AppendCommand
 from mailsrv.imap.commands.context import CAPABILITIES as CONTEXT_CAPABILITIES
 from mailsrv.imap.commands.fetch import BoundedCache, FetchCommand
 from mailsrv.imap.commands.general import UTF8_ACCEPT, GeneralCommands
@@ -62,6 +64,7 @@ class IMAPServer(
     HandshakeDeadlineMixin,
     GeneralCommands,
     MailboxCommands,
+    AppendCommand,
     SortCommands,
     SelectedCommands,
     NotifyCommands,
@@ -158,6 +161,7 @@ class IMAPServer(
         caps += CONDSTORE_CAPABILITIES  # RFC 7162 (mailsrv.imap.condstore)
         caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
         caps += NOTIFY_CAPABILITIES  # RFC 5465
+        caps += APPEND_CAPABILITIES  # RFC 3502 MULTIAPPEND, RFC 4469 CATENATE
         caps += REV2_CAPABILITIES  # RFC 9051 (mailsrv.imap.rev2), RFC 8438
         if self.state == "unauth":
             if self._can_starttls():

@@ -397,6 +397,16 @@ class MemoryFolder:
             self._store._add(self._state, _read_source(source), frozenset(flags), date)
         )
 
+    def append_many(self, items):
+        now = self._store._clock()
+        try:
+            read = [
+                (_read_source(src), frozenset(fl), now if d is None else d) for src, fl, d in items
+            ]
+        except Exception:
+            return defer.fail()
+        return defer.succeed([self._store._add(self._state, *one) for one in read])
+
     def expunge(self, uids):
         if self.read_only:
             return defer.fail(FolderError("Folder is read-only"))

@@ -1,8 +1,8 @@
 """
 Commands on mailboxes, valid once logged in (RFC 3501 6.3): SELECT, EXAMINE,
 CREATE, DELETE, RENAME, SUBSCRIBE, UNSUBSCRIBE, LIST (with LIST-EXTENDED and
-LIST-STATUS, RFC 5258 and 5819: L{mailsrv.imap.listext}), LSUB, STATUS,
-APPEND (with UIDPLUS's APPENDUID, RFC 4315).
+LIST-STATUS, RFC 5258 and 5819: L{mailsrv.imap.listext}), LSUB, STATUS
+(APPEND: L{mailsrv.imap.commands.append}).
 """
 
 from __future__ import annotations
@@ -16,12 +16,10 @@ from twisted.internet import defer
 from mailsrv.imap import condstore, listext, mutf7, rev2, twistedcompat
 from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
-from mailsrv.imap.commands.quota import quota_refuses
 from mailsrv.imap.condstore import SelectParams
 from mailsrv.imap.listext import ListRequest
-from mailsrv.imap.parsing import CommandParser, mailbox_name, parse_date_time, parse_flags
+from mailsrv.imap.parsing import CommandParser, mailbox_name
 from mailsrv.imap.responses import flag_list, list_lines
-from mailsrv.imap.utf8append import arg_append_data
 from mailsrv.interfaces import SEEN, FolderError, NotSelectable
 from mailsrv.session import OutputFlow
 from mailsrv.store.infos import flag_sets
@@ -42,7 +40,7 @@ def _has_wildcard(name: str) -> bool:
 
 
 class MailboxCommands(CommandBase):
-    """SELECT, EXAMINE, CREATE, DELETE, RENAME, (UN)SUBSCRIBE, LIST, LSUB, STATUS, APPEND."""
+    """SELECT, EXAMINE, CREATE, DELETE, RENAME, (UN)SUBSCRIBE, LIST, LSUB, STATUS."""
 
     @command
     def do_SELECT(
@@ -365,52 +363,3 @@ class MailboxCommands(CommandBase):
         self.sendPositiveResponse(tag, b"STATUS completed")
 
     auth_STATUS = select_STATUS = (do_STATUS, arg_astring, twistedcompat.arg_plist)  # type: ignore[assignment]
-
-    @command
-    def do_APPEND(
-        self, tag: bytes, name: bytes, flags: list[Any] | None, date: bytes | None, message: Any
-    ) -> Any:
-        source, _ = message if isinstance(message, tuple) else (message, b"")
-        try:
-            error = getattr(source, "error", None)
-            if error is not None:
-                raise error  # the literal could not be spooled (a full disk)
-            folder_name = mailbox_name(name)
-            flag_set = parse_flags(flags or [])
-            when = None if date is None else parse_date_time(date)
-            selected = self.mbox is not None and self.mbox.folder.name == folder_name
-            if selected:
-                target = self.mbox.folder
-            else:
-                try:
-                    target = yield self.factory.store.open_folder(self._user, folder_name)
-                except NotSelectable as e:
-                    self.sendNegativeResponse(tag, str(e).encode())
-                    return
-                except FolderError:
-                    self.sendNegativeResponse(tag, b"[TRYCREATE] Mailbox doesn't exist")
-                    return
-            try:
-                if (yield quota_refuses(self, tag, source.size)):  # RFC 9208 4.3
-                    return
-                uid = yield target.append(source, frozenset(flag_set), when)
-                validity = target.uid_validity
-            finally:
-                if not selected:
-                    target.close()
-        finally:
-            source.discard()
-        self.log.info(
-            "imap append {user} {folder} uid {uid}", user=self._user, folder=folder_name, uid=uid
-        )
-        if selected:
-            yield self._sync()
-        self.sendPositiveResponse(tag, b"[APPENDUID %d %d] APPEND completed" % (validity, uid))
-
-    auth_APPEND = select_APPEND = (  # type: ignore[assignment]
-        do_APPEND,
-        arg_astring,
-        twistedcompat.opt_plist,
-        twistedcompat.opt_datetime,
-        arg_append_data,  # a literal, or RFC 6855 4's UTF8 (literal8)
-    )

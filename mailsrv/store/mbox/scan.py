@@ -296,8 +296,9 @@ def _index_all_new(
         modseq if n else None,
     )
     infos = InfoList(uids, sizes, res.dates, res.flags, modseqs=array("q", repeat(modseq, n)))
+    # dflags is a list of its own: append_row grows it beside infos.flag_sets.
     snap = Snapshot(
-        res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds, res.flags
+        res.from_offs, res.starts, res.ends, res.crcs, res.fps, infos, handle, rds, list(res.flags)
     )
     return Update(
         snap,

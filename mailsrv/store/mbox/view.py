@@ -316,32 +316,41 @@ class MboxFolder:
         return states.job(st, lambda: states.in_thread(work).addCallback(got))
 
     def append(self, source, flags=frozenset(), internal_date=None):
+        return self.append_many([(source, flags, internal_date)]).addCallback(lambda u: u[0])
+
+    def append_many(self, items):
         st = self._st
         states = self._states
-        when = self._clock() if internal_date is None else internal_date
+        now = self._clock()
+        items = list(items)
+        count = len(items)
 
         def work() -> Update:
             upd = scan.sync(st)
             with MboxLock(st.path, st.lock_timeout, create=st.name == INBOX) as lk:
                 upd2 = scan.sync_locked(st, lk.fd, upd.snap)
                 before = len(upd2.snap.uids)
-                prepared, errors = journal.prepare([(source, "", when)])
+                prepared, errors = journal.prepare(
+                    [(src, "", now if when is None else when) for src, _, when in items]
+                )
                 if errors:
-                    raise errors[0]
+                    raise next(iter(errors.values()))
                 pre = os.fstat(lk.fd).st_size
+                # One write and one fsync for all (journal.append_locked): a
+                # crash part way is truncated away whole at the next lock.
                 post = journal.append_locked(st, lk.fd, prepared)
                 upd3 = scan.sync_locked(
                     st,
                     lk.fd,
                     upd2.snap,
-                    new_flags=[(frozenset(flags), internal_date)],
+                    new_flags=[(frozenset(flags), when) for _, flags, when in items],
                     ours=[(pre, post)],
                 )
-            if len(upd3.snap.uids) <= before:
+            if len(upd3.snap.uids) < before + count:
                 raise OSError(errno.EIO, "appended message not found")
             upd3.changed = True
             upd3.append_only = upd2.append_only or not upd2.changed
-            upd3.result = upd3.snap.uids[before]
+            upd3.result = list(upd3.snap.uids[before : before + count])
             return upd3
 
         def job():
