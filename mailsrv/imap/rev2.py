@@ -5,10 +5,10 @@ C{ENABLE IMAP4rev2} (RFC 9051 Appendix E; the switch is L{CommandBase.rev2}).
 What rev2 changes in what the session sees is decided here:
 
 - no \\Recent flag and no RECENT response (RFC 9051 2.3.2, 7.4: obsolete);
-- SELECT and EXAMINE answer with the mailbox's LIST response and without
-  the UNSEEN response code (RFC 9051 6.3.2);
   such a session takes no message as \\Recent, so they stay recent for the
   IMAP4rev1 sessions that come after it;
+- SELECT and EXAMINE answer with the mailbox's LIST response and without
+  the UNSEEN response code (RFC 9051 6.3.2);
 - SEARCH answers with ESEARCH, as if it had C{RETURN (ALL)} (RFC 9051 6.4.4,
   7.3.4: the SEARCH response is obsolete);
 - mailbox names in UTF-8 both ways (RFC 9051 5.1; modified UTF-7 is for
