@@ -278,7 +278,9 @@ class IMailStore(Interface):
         """
         Fire with a dict: messages, uid_next, uid_validity, unseen, recent (the
         messages no session has been given as \\Recent yet, L{IFolder.claim_recent}),
-        highest_modseq (RFC 7162 3.1.2.1 STATUS HIGHESTMODSEQ, L{IFolder.highest_modseq}).
+        highest_modseq (RFC 7162 3.1.2.1 STATUS HIGHESTMODSEQ, L{IFolder.highest_modseq}),
+        deleted (the messages flagged \\Deleted) and size (the sum of their
+        RFC822.SIZE), RFC 9051 6.3.11.
         """
 
     # --- the user's change feed (IMAP NOTIFY, RFC 5465) ---------------------

@@ -460,6 +460,8 @@ class StoreContract:
                 "unseen": 1,
                 "recent": 2,
                 "highest_modseq": f.highest_modseq,
+                "deleted": 0,
+                "size": sum(m.size for m in f.messages()),
             },
         )
 

@@ -92,7 +92,7 @@ class ParserTests(unittest.TestCase):
             b"RETURN",
             b"RETURN (FOO)",
             b"RETURN (STATUS ())",
-            b"RETURN (STATUS (SIZE))",
+            b"RETURN (STATUS (X-UNKNOWN))",
             b"RETURN (STATUS MESSAGES)",
             b"RETURN (CHILDREN",
             b"RETURN () x",

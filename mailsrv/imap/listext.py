@@ -36,7 +36,17 @@ SELECTION_OPTIONS = frozenset({SUBSCRIBED, REMOTE, RECURSIVEMATCH, SPECIAL_USE})
 # RFC 5258 3, RFC 6154 3, RFC 5819 2.
 RETURN_OPTIONS = frozenset({SUBSCRIBED, CHILDREN, SPECIAL_USE, STATUS})
 # The STATUS items (RFC 3501 6.3.10), in the order the answer gives them.
-STATUS_ITEMS = ("MESSAGES", "RECENT", "UIDNEXT", "UIDVALIDITY", "UNSEEN", "HIGHESTMODSEQ")
+# RFC 3501 6.3.10, RFC 7162 3.1.6, RFC 9051 6.3.11 (DELETED, SIZE)
+STATUS_ITEMS = (
+    "MESSAGES",
+    "RECENT",
+    "UIDNEXT",
+    "UIDVALIDITY",
+    "UNSEEN",
+    "HIGHESTMODSEQ",
+    "DELETED",
+    "SIZE",
+)
 
 _CHILD_FLAGS = frozenset({"\\HasChildren", "\\HasNoChildren"})
 _NOT_SELECTABLE = frozenset({"\\Noselect", "\\NonExistent"})
@@ -216,7 +226,7 @@ def arg_list(proto: Any, line: bytes | None) -> Any:
                 line = line or b""
             else:
                 pattern, line = _list_string(line)
-                if getattr(proto, "utf8_accept", False):
+                if getattr(proto, "utf8_names", False):
                     pattern, line = utf8_name((pattern, line))  # RFC 6855 3, as arg_astring
             patterns.append(pattern)
             if line and not line.startswith((b" ", b")")):
@@ -330,5 +340,7 @@ def status_items(request: ListRequest, st: dict[str, int]) -> bytes:
         "UIDVALIDITY": st["uid_validity"],
         "UNSEEN": st["unseen"],
         "HIGHESTMODSEQ": st["highest_modseq"],  # RFC 7162 3.1.6
+        "DELETED": st["deleted"],  # RFC 9051 6.3.11
+        "SIZE": st["size"],  # RFC 9051 6.3.11, RFC 8438
     }
     return b" ".join(b"%s %d" % (n.encode("ascii"), values[n]) for n in request.status)

@@ -361,7 +361,7 @@ class CommandParser(CommandBase):
         spelling that L{mailbox_name} and LIST's pattern decoding read.
         """
         arg = self._astring(line)
-        if not self.utf8_accept:
+        if not self.utf8_names:
             return arg
         if isinstance(arg, defer.Deferred):
             return arg.addCallback(utf8_name)

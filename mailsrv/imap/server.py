@@ -44,6 +44,7 @@ from mailsrv.imap.commands.urlauth import UrlauthCommands
 from mailsrv.imap.condstore import CAPABILITIES as CONDSTORE_CAPABILITIES
 from mailsrv.imap.parsing import CommandParser
 from mailsrv.imap.parsing import SpoolLiteral as _SpoolLiteral
+from mailsrv.imap.rev2 import CAPABILITIES as REV2_CAPABILITIES
 from mailsrv.imap.sortfields import SortFieldCache
 from mailsrv.imap.twistedcompat import PARSE_COMMAND, ResponseHook
 from mailsrv.logsafe import SafeLogger
@@ -161,6 +162,7 @@ class IMAPServer(
         caps += URLAUTH_CAPABILITIES  # RFC 4467, RFC 5550 URL-PARTIAL
         caps += NOTIFY_CAPABILITIES  # RFC 5465
         caps += APPEND_CAPABILITIES  # RFC 3502 MULTIAPPEND, RFC 4469 CATENATE
+        caps += REV2_CAPABILITIES  # RFC 9051 (mailsrv.imap.rev2), RFC 8438
         if self.state == "unauth":
             if self._can_starttls():
                 caps.append(b"STARTTLS")

@@ -251,6 +251,8 @@ class MemoryMailStore:
                 "uid_next": state.uid_next,
                 "uid_validity": state.uid_validity,
                 "unseen": sum(1 for m in state.messages if "\\Seen" not in m.info.flags),
+                "deleted": sum(1 for m in state.messages if "\\Deleted" in m.info.flags),
+                "size": sum(m.info.size for m in state.messages),
                 "recent": sum(1 for m in state.messages if m.info.uid >= state.recent_uid),
                 "highest_modseq": state.highest_modseq,
             }

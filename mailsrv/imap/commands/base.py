@@ -24,7 +24,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.mail import imap4
 
-from mailsrv.imap import condstore
+from mailsrv.imap import condstore, rev2
 from mailsrv.imap.fetch import FetchSyntaxError
 from mailsrv.imap.responses import encode_name, expunge_lines, flag_list
 from mailsrv.imap.search import BadCharset, SearchError
@@ -71,6 +71,9 @@ class CommandBase(imap4.IMAP4Server):
     _keywords_told: frozenset[str] = frozenset()  # in the FLAGS the client last had
     # RFC 6855 3: after ENABLE UTF8=ACCEPT, names are UTF-8 both ways, not modified UTF-7.
     utf8_accept = False
+    utf8_names = False  # names in UTF-8: after UTF8=ACCEPT or IMAP4rev2 (RFC 9051 5.1)
+    # RFC 9051: after ENABLE IMAP4rev2 the session follows rev2 (mailsrv.imap.rev2).
+    rev2 = False
     # RFC 7162 3.1: after a CONDSTORE enabling command, untagged FETCH carries MODSEQ;
     # after ENABLE QRESYNC (3.2.3) UID too, and expunges are told by VANISHED.
     condstore = False
@@ -80,7 +83,11 @@ class CommandBase(imap4.IMAP4Server):
 
     def encode_name(self, name: str) -> bytes:
         """A mailbox name as this session spells it (L{mailsrv.imap.responses.encode_name})."""
-        return encode_name(name, self.utf8_accept)
+        return encode_name(name, self.utf8_names)
+
+    def sendNegativeResponse(self, tag: Any = None, message: bytes = b"") -> None:
+        """A tagged NO; in a rev2 session with its response code (L{rev2.refusal})."""
+        super().sendNegativeResponse(tag, rev2.refusal(self, message))
 
     def _command_failed(self, failure: Any, tag: bytes) -> None:
         if self._lost:
@@ -139,7 +146,10 @@ class CommandBase(imap4.IMAP4Server):
         """
         Take the messages of the session's view no session has had as \\Recent
         (RFC 3501 2.3.2; after EXAMINE, only see them, L{IFolder.claim_recent}).
+        A rev2 session takes none (RFC 9051 2.3.2: \\Recent is obsolete).
         """
+        if self.rev2:
+            return
         try:
             first, upto = yield mbox.folder.claim_recent()
         except Exception:  # the session goes on; what it was not given stays for others

@@ -1,13 +1,14 @@
 """
 Commands about the session rather than a mailbox: ID (RFC 2971), NOOP,
-ENABLE (RFC 5161; UTF8=ACCEPT, RFC 6855; CONDSTORE and QRESYNC, RFC 7162) and NAMESPACE (RFC 2342).
+ENABLE (RFC 5161; UTF8=ACCEPT, RFC 6855; CONDSTORE and QRESYNC, RFC 7162;
+IMAP4rev2, RFC 9051) and NAMESPACE (RFC 2342).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from mailsrv.imap import condstore, twistedcompat
+from mailsrv.imap import condstore, rev2, twistedcompat
 from mailsrv.imap.commands.base import CommandBase, command
 
 UTF8_ACCEPT = b"UTF8=ACCEPT"  # RFC 6855 3
@@ -47,8 +48,11 @@ class GeneralCommands(CommandBase):
             # RFC 6855 3: "ENABLE UTF8=ACCEPT" is only valid in the
             # authenticated state; once a mailbox is selected it is left out.
             if name == UTF8_ACCEPT and self.state == twistedcompat.AUTH:
-                self.utf8_accept = True
+                self.utf8_accept = self.utf8_names = True
                 enabled.append(name)
+            elif name == rev2.IMAP4REV2.upper() and rev2.IMAP4REV2 not in enabled:
+                rev2.enable(self)  # RFC 9051 6.3.1
+                enabled.append(rev2.IMAP4REV2)
             elif name in (condstore.CONDSTORE, condstore.QRESYNC) and name not in enabled:
                 # RFC 7162 3.1 (an enabling command) and 3.2.3 (QRESYNC implies CONDSTORE)
                 highest += condstore.enable(self)

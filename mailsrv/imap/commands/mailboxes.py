@@ -13,7 +13,7 @@ from typing import Any
 
 from twisted.internet import defer
 
-from mailsrv.imap import condstore, listext, mutf7, twistedcompat
+from mailsrv.imap import condstore, listext, mutf7, rev2, twistedcompat
 from mailsrv.imap.account import list_pattern
 from mailsrv.imap.commands.base import CommandBase, command
 from mailsrv.imap.condstore import SelectParams
@@ -80,6 +80,11 @@ class MailboxCommands(CommandBase):
         )
         if params is not None and params.condstore:
             self.condstore = True  # RFC 7162 3.1.8
+        listed = b""
+        if self.rev2:  # RFC 9051 6.3.2
+            listed = yield rev2.select_list(self, mbox.folder.name)
+            if mbox is not self.mbox or self._lost:
+                return
         resync = b""
         if qresync is not None:
             resync = yield condstore.resync(
@@ -93,11 +98,13 @@ class MailboxCommands(CommandBase):
             b"OK [PERMANENTFLAGS " + flag_list(permanent) + b"] Flags permitted"
         )
         self.sendUntaggedResponse(b"%d EXISTS" % mbox.message_count())
-        self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
-        if first_unseen is not None:
+        if not self.rev2:  # RFC 9051 7.4: RECENT is obsolete in rev2
+            self.sendUntaggedResponse(b"%d RECENT" % mbox.recent_count())
+        if first_unseen is not None and not self.rev2:  # RFC 9051 6.3.2: not in rev2
             self.sendUntaggedResponse(b"OK [UNSEEN %d] First unseen" % first_unseen)
         self.sendUntaggedResponse(b"OK [UIDVALIDITY %d] UIDs valid" % mbox.uid_validity())
         self.sendUntaggedResponse(b"OK [UIDNEXT %d] Predicted next UID" % mbox.uid_next())
+        self.transport.write(listed)
         # RFC 7162 3.1.2.1: with every successful SELECT or EXAMINE
         self.view_modseq, self.view_uid_next = view_modseq, view_uid_next
         self.transport.write(condstore.highest_line(self.view_modseq) + resync)
@@ -122,6 +129,10 @@ class MailboxCommands(CommandBase):
             return
         if _has_wildcard(base):
             self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
+            return
+        refused = rev2.refused_name(self, base)
+        if refused is not None:
+            self.sendNegativeResponse(tag, refused)
             return
         yield self.account.create(folder)
         self.sendPositiveResponse(tag, b"CREATE completed")
@@ -151,6 +162,10 @@ class MailboxCommands(CommandBase):
         if _has_wildcard(dst):
             self.sendNegativeResponse(tag, _WILDCARD_REFUSED)
             return
+        refused = rev2.refused_name(self, dst)
+        if refused is not None:
+            self.sendNegativeResponse(tag, refused)
+            return
         if src != INBOX and (dst == src or dst.startswith(src + DELIMITER)):
             # RFC 3501 6.3.5: a mailbox cannot become its own inferior (INBOX
             # can: its messages move, its inferiors stay). RFC 5530 3: CANNOT.
@@ -177,6 +192,7 @@ class MailboxCommands(CommandBase):
 
     @command
     def do_LIST(self, tag: bytes, request: ListRequest) -> Any:
+        request = rev2.list_request(self, request)
         if request.extended:
             yield self._list_extended(tag, request)
         else:
@@ -342,6 +358,8 @@ class MailboxCommands(CommandBase):
             "UIDVALIDITY": st["uid_validity"],
             "UNSEEN": st["unseen"],
             "HIGHESTMODSEQ": st["highest_modseq"],  # RFC 7162 3.1.6
+            "DELETED": st["deleted"],  # RFC 9051 6.3.11
+            "SIZE": st["size"],  # RFC 9051 6.3.11, RFC 8438
         }
         items = b" ".join(b"%s %d" % (n.encode(), values[n]) for n in wanted)
         self.sendUntaggedResponse(b"STATUS " + self.encode_name(folder) + b" (" + items + b")")

@@ -143,7 +143,7 @@ class NotifyCommands(FetchCommand):
     def _notify_name(self, raw: bytes) -> str:
         """A mailbox name of the command, as the session spells names (RFC 6855 3)."""
         try:
-            if self.utf8_accept:
+            if self.utf8_names:
                 raw = mutf7.from_utf8(raw)
             return mailbox_name(raw)
         except (FolderError, mutf7.InvalidName) as e:

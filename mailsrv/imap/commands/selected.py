@@ -16,7 +16,7 @@ from typing import Any
 from twisted.internet import defer
 from twisted.mail import imap4
 
-from mailsrv.imap import condstore, twistedcompat
+from mailsrv.imap import condstore, rev2, twistedcompat
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import command
 from mailsrv.imap.commands.context import ContextCommands
@@ -316,6 +316,7 @@ class SelectedCommands(ContextCommands):
         uid: int = 0,
     ) -> Any:
         mbox = self.mbox
+        options = rev2.search_options(self, options)  # RFC 9051 6.4.4: ESEARCH
         save = options is not None and "SAVE" in options
         try:
             tree = parse(tokens, charset, self.saved_uids())

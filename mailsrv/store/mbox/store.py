@@ -25,7 +25,7 @@ from twisted.python.failure import Failure
 from zope.interface import implementer
 
 from mailsrv.atomic import make_dirs
-from mailsrv.interfaces import SEEN, FolderError, IMailStore
+from mailsrv.interfaces import DELETED, SEEN, FolderError, IMailStore
 from mailsrv.store import rewrite
 from mailsrv.store.index import name_of
 from mailsrv.store.locking import DEFAULT_TIMEOUT, MboxLock
@@ -156,6 +156,8 @@ class MboxMailStore:
                 "uid_next": st.uid_next,
                 "uid_validity": st.uid_validity,
                 "unseen": sum(1 for f in infos.flag_sets if SEEN not in f),
+                "deleted": sum(1 for f in infos.flag_sets if DELETED in f),
+                "size": sum(infos.sizes),
                 "recent": len(infos.uids) - bisect_left(infos.uids, recent_uid),
                 "highest_modseq": st.highest_modseq,
             }
