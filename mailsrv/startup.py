@@ -166,8 +166,12 @@ class StartupGuard(service.MultiService):
     def setServiceParent(self, parent: Any) -> None:
         super().setServiceParent(parent)
         process = service.IProcess(parent, None)
-        if self.run_as is not None and process is not None and process.uid is None:
-            process.uid, process.gid = self.run_as
+        if self.run_as is not None and process is not None:
+            # twistd's --uid and --gid, when given, still come first.
+            if process.uid is None:
+                process.uid = self.run_as[0]
+            if process.gid is None:
+                process.gid = self.run_as[1]
 
     def privilegedStartService(self) -> None:
         try:

@@ -15,6 +15,7 @@ import tempfile
 from pathlib import Path
 
 import pytest
+from twisted.application import service
 
 from mailsrv.config import Config, ConfigError, parse
 from mailsrv.privileges import (
@@ -27,7 +28,7 @@ from mailsrv.privileges import (
     foreign_files,
     switch_to,
 )
-from mailsrv.startup import StartupError
+from mailsrv.startup import StartupError, StartupGuard
 
 try:
     NOBODY = pwd.getpwnam("nobody")
@@ -177,3 +178,17 @@ def _create_as_nobody(tmp_path: Path) -> None:
     assert (os.geteuid(), os.getegid(), os.getgroups()) == (0, 0, groups)
     st = (tmp_path / "made").stat()
     assert (st.st_uid, st.st_gid) == (NOBODY.pw_uid, NOBODY.pw_gid)
+
+
+def test_guard_gives_twistd_the_account(tmp_path: Path) -> None:
+    """twistd switches to the application's IProcess uid and gid after privilegedStartService."""
+    app = service.Application("mailsrv")
+    StartupGuard(config(tmp_path), run_as=(4321, 1234)).setServiceParent(app)
+    process = service.IProcess(app)
+    assert (process.uid, process.gid) == (4321, 1234)
+    given = service.Application("mailsrv", uid=7)
+    StartupGuard(config(tmp_path), run_as=(4321, 1234)).setServiceParent(given)
+    assert (service.IProcess(given).uid, service.IProcess(given).gid) == (7, 1234)
+    plain = service.Application("mailsrv")
+    StartupGuard(config(tmp_path)).setServiceParent(plain)
+    assert (service.IProcess(plain).uid, service.IProcess(plain).gid) == (None, None)
