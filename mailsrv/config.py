@@ -68,6 +68,10 @@ class ServerConfig:
     hostname: str
     domains: tuple[str, ...]
     data_dir: Path
+    # The account the server runs as once its ports are bound (started as
+    # root); None: it stays whoever started it (mailsrv.privileges).
+    user: str | None = None
+    group: str | None = None
 
 
 @dataclass(frozen=True)
@@ -689,6 +693,8 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "hostname": (_nonempty_str, "localhost"),
         "domains": (_domains, ["example.test"]),
         "data_dir": (_nonempty_str, "data"),
+        "user": (_nonempty_str, None),
+        "group": (_nonempty_str, None),
     },
     "listen": {name: (_endpoints, []) for name in LISTENERS},
     "tls": {
@@ -909,6 +915,8 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
             hostname=v["server"]["hostname"],
             domains=v["server"]["domains"],
             data_dir=data_dir,
+            user=v["server"]["user"],
+            group=v["server"]["group"],
         ),
         listen={name: v["listen"][name] for name in LISTENERS},
         tls=TLSConfig(

@@ -151,14 +151,27 @@ class StartupGuard(service.MultiService):
     """
     The server's top service: a listener that cannot listen (port in use,
     no permission for a port below 1024) ends start-up with a L{StartupError}
-    naming its C{listen} key, instead of a traceback.
+    naming its C{listen} key, instead of a traceback. C{run_as}: the uid and
+    gid twistd switches to once every port is bound (L{mailsrv.privileges}),
+    set on the application it joins unless twistd's C{--uid} says otherwise.
     """
 
     log = Logger()
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, run_as: tuple[int, int] | None = None) -> None:
         super().__init__()
         self.config = config
+        self.run_as = run_as
+
+    def setServiceParent(self, parent: Any) -> None:
+        super().setServiceParent(parent)
+        process = service.IProcess(parent, None)
+        if self.run_as is not None and process is not None:
+            # twistd's --uid and --gid, when given, still come first.
+            if process.uid is None:
+                process.uid = self.run_as[0]
+            if process.gid is None:
+                process.gid = self.run_as[1]
 
     def privilegedStartService(self) -> None:
         try:

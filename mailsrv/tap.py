@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -10,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+from mailsrv.privileges import UMASK, acting_as, switch_to
 from mailsrv.service import build_service
 from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 
@@ -58,12 +60,17 @@ def makeService(options: Options) -> StartupGuard:
         origin=options["config_origin"],
         data_dir=str(config.server.data_dir),
     )
+    environ = os.environ if options.environ is None else options.environ
+    twistd = getattr(options, "parent", None) or {}  # twistd's own options: --uid, --gid
     try:
-        server = build_service(config)
+        run_as = switch_to(config, twistd.get("uid"), twistd.get("gid"), environ)
+        os.umask(UMASK)
+        with acting_as(run_as):  # what it creates is the account's from the start
+            server = build_service(config)
     except StartupError as e:
         print(f"mailsrv: cannot start: {e}", file=sys.stderr)
         raise SystemExit(1)
-    guard = StartupGuard(config)
+    guard = StartupGuard(config, run_as=(run_as.uid, run_as.gid) if run_as else None)
     server.setServiceParent(guard)
     report_startup_errors()
     return guard

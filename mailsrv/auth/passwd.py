@@ -257,6 +257,9 @@ class PasswordFile:
         lock_path = self.path.with_name(self.path.name + ".lock")
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
         try:
+            if os.geteuid() == 0:  # the command run as root: the lock stays the server's
+                st = os.stat(self.path.parent)
+                os.fchown(fd, st.st_uid, st.st_gid)
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 text = self.path.read_text(encoding="utf-8")
