@@ -17,12 +17,14 @@ from __future__ import annotations
 
 from typing import Any
 
+from twisted.application.service import Service
 from twisted.logger import (
     FilteringLogObserver,
     ILogFilterPredicate,
     ILogObserver,
     LogLevel,
     PredicateResult,
+    globalLogPublisher,
 )
 from zope.interface import implementer
 
@@ -63,15 +65,26 @@ def local_host(transport: Any) -> str:
         return "unknown"
 
 
-# Lines Twisted writes per DNS query (the resolver re-reads resolv.conf) and
-# per outbound connection ("Starting factory", "Stopping factory").
+# Lines Twisted writes per DNS query (the resolver re-reads resolv.conf, and
+# each query's UDP port starts and stops) and per connection or listener
+# ("Starting factory", "Stopping factory"). A TCP listener's "... starting on
+# PORT" line stays: it says the server listens.
 _NOISE_PREFIXES = (
     "Starting factory",
     "Stopping factory",
     "Resolver added",
     "Resolver removed",
+    "(UDP Port ",
 )
-_NOISE_NAMESPACES = ("twisted.names", "twisted.internet.protocol")
+_NOISE_PROTOCOLS = ("Starting protocol", "Stopping protocol", "DNSDatagramProtocol starting on")
+
+
+def _text(event: dict) -> str:
+    """The event's text before its fields are filled in (a legacy event's whole text)."""
+    text = event.get("log_text")  # twisted.python.log.msg()
+    if text is None:
+        text = event.get("log_format") or ""
+    return str(text)
 
 
 @implementer(ILogFilterPredicate)
@@ -82,14 +95,10 @@ class NoiseFilter:
         level = event.get("log_level")
         if level is not None and level > LogLevel.info:
             return PredicateResult.maybe
-        namespace = str(event.get("log_namespace", ""))
-        text = event.get("log_format") or ""
-        if not text and "message" in event:  # legacy log.msg()
-            text = " ".join(str(m) for m in event.get("message", ()))
-        text = str(text)
-        if namespace.startswith(_NOISE_NAMESPACES) or text.startswith(_NOISE_PREFIXES):
+        text = _text(event)
+        if text.startswith(_NOISE_PREFIXES) or "resolv.conf changed" in text:
             return PredicateResult.no
-        if "resolv.conf changed" in text:
+        if text.startswith(_NOISE_PROTOCOLS) and "DNS" in text:
             return PredicateResult.no
         return PredicateResult.maybe
 
@@ -97,3 +106,34 @@ class NoiseFilter:
 def quiet(observer: ILogObserver) -> ILogObserver:
     """C{observer} without Twisted's per-query and per-connection lines."""
     return FilteringLogObserver(observer, [NoiseFilter()])
+
+
+def quiet_publisher(publisher: Any) -> None:
+    """
+    Put L{NoiseFilter} in front of each observer C{publisher} has now (twistd's
+    text log or syslog, set up before the services start).
+    """
+    for observer in list(getattr(publisher, "_observers", ())):
+        if isinstance(observer, FilteringLogObserver):
+            continue
+        publisher.removeObserver(observer)
+        publisher.addObserver(quiet(observer))
+
+
+def unwrapped(observer: Any) -> Any:
+    """The observer a L{quiet} one passes events to, or C{observer} itself."""
+    return (
+        getattr(observer, "_observer", observer)
+        if isinstance(observer, FilteringLogObserver)
+        else observer
+    )
+
+
+class QuietLogService(Service):
+    """Once twistd's log is set up, keeps Twisted's noise lines out of it."""
+
+    def privilegedStartService(self) -> None:
+        # Before any listener starts (its factory's "Starting factory" line);
+        # twistd has set up its log by then.
+        quiet_publisher(globalLogPublisher)
+        super().privilegedStartService()

@@ -10,6 +10,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+from mailsrv.loglines import QuietLogService
 from mailsrv.service import build_service
 from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 
@@ -64,6 +65,7 @@ def makeService(options: Options) -> StartupGuard:
         print(f"mailsrv: cannot start: {e}", file=sys.stderr)
         raise SystemExit(1)
     guard = StartupGuard(config)
+    QuietLogService().setServiceParent(guard)  # first: no noise lines from the others
     server.setServiceParent(guard)
     report_startup_errors()
     return guard
