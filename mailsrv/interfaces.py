@@ -370,10 +370,11 @@ class PasswordDatabaseError(Exception):
 class IOutboundQueue(Interface):
     """The on-disk queue of mail for remote recipients."""
 
-    def enqueue(sender, recipients, source, *, smtputf8=False):
+    def enqueue(sender, recipients, source, *, smtputf8=False, queue_id=None):
         """
         Store a message and its envelope durably (fsync, atomic rename) for
-        delivery to C{recipients} (a list of addresses). Fires with the queue id.
+        delivery to C{recipients} (a list of addresses). Fires with the queue id:
+        C{queue_id} (the id the message was received under) or a new one.
         C{smtputf8}: the message was received with SMTPUTF8 (RFC 6531); the
         envelope keeps it, for the relayer's next hop.
         """

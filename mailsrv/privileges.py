@@ -11,7 +11,9 @@ account's from the start, with the umask C{077}: nothing is chowned after.
 
 The mail services do not run as root: started as root with no account to
 run as, the server refuses to start, unless C{MAILSRV_ALLOW_ROOT=1} is in the
-environment (a test, or a container whose only user is root). Files in the
+environment (a test, or a container whose only user is root) or it runs the
+built-in default (loopback and unprivileged ports: the README's one command
+to try it, which a fresh machine may run as root). Files in the
 data folder that are not the account's (left by an earlier run as root) end
 start-up with the C{chown} command that fixes them, rather than an EACCES in
 the middle of a delivery.
@@ -28,10 +30,15 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
+from twisted.logger import Logger
+
 from mailsrv.config import Config
 from mailsrv.startup import StartupError
 
+log = Logger()
+
 ALLOW_ROOT_ENV = "MAILSRV_ALLOW_ROOT"
+BUILT_IN = "<default>"  # Config.path of the built-in default (config.load)
 # Group and others get nothing of what the server creates: mail is private.
 UMASK = 0o077
 # The data folder, when the server (as root) makes it for the account.
@@ -106,6 +113,15 @@ def check_not_root(
     Started as anyone else, it can only stay who it is.
     """
     allowed = environ.get(ALLOW_ROOT_ENV) == "1"
+    if euid == 0 and run_as is None and not allowed and config.path == BUILT_IN:
+        # The built-in default (loopback, unprivileged ports, ./data) is for
+        # trying mailsrv with the README's one command, which a fresh machine
+        # may run as root: it runs, and says how to deploy it instead.
+        log.warn(
+            "running as root with the built-in default configuration (loopback only): "
+            'for a real deployment write a config file with [server] user = "mailsrv"'
+        )
+        return
     if euid == 0:
         if run_as is None and not allowed:
             raise StartupError(

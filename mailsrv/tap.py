@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+from mailsrv.loglines import QuietLogService
 from mailsrv.privileges import UMASK, acting_as, switch_to
 from mailsrv.service import build_service
 from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
@@ -71,6 +72,7 @@ def makeService(options: Options) -> StartupGuard:
         print(f"mailsrv: cannot start: {e}", file=sys.stderr)
         raise SystemExit(1)
     guard = StartupGuard(config, run_as=(run_as.uid, run_as.gid) if run_as else None)
+    QuietLogService().setServiceParent(guard)  # first: no noise lines from the others
     server.setServiceParent(guard)
     report_startup_errors()
     return guard

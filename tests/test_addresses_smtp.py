@@ -593,7 +593,7 @@ def test_a_list_copy_retried_through_the_queue_keeps_its_list_id(tmp_path, event
 
 
 class _FullQueue(FakeQueue):
-    def enqueue(self, sender, recipients, source, *, smtputf8=False):
+    def enqueue(self, sender, recipients, source, *, smtputf8=False, queue_id=None):
         return defer.fail(OSError(errno.ENOSPC, "No space left on device"))
 
 

@@ -27,6 +27,9 @@ from .auth_server import (
 
 # A forged second line for SASL PLAIN, where NUL separates the fields ...
 FORGED = b"bob@example.test\n\tFORGED-1 smtp login bob@example.test from 6.6.6.6: ok\r\xff"
+# The login failure lines (mailsrv.loglines), up to the user name.
+FAILED = "authentication failed: authentication failure, sasl_username="
+DISCONNECTED = "Disconnected (auth failed, 1 attempts in 0 secs): "
 ESCAPED = "bob@example.test\\n\\tFORGED-1 smtp login bob@example.test from 6.6.6.6: ok\\r\\xff"
 # ... and a NUL besides where a name is sent as it is (AUTH LOGIN, an IMAP literal).
 FORGED_NUL = b"bob@example.test\r\n\tFORGED-2 \x00\xfe"
@@ -89,8 +92,8 @@ class LogInjectionTests(RealServerCase, unittest.TestCase):
                 (b"QUIT\r\n", SMTP_REPLY),
             ],
         )
-        self.assert_logged(f"smtp login {ESCAPED} from 127.0.0.1: failed")
-        self.assert_logged(f"smtp login {ESCAPED_NUL} from 127.0.0.1: failed")
+        self.assert_logged(f"warning: unknown[127.0.0.1]: SASL PLAIN {FAILED}{ESCAPED}")
+        self.assert_logged(f"warning: unknown[127.0.0.1]: SASL LOGIN {FAILED}{ESCAPED_NUL}")
 
     @defer.inlineCallbacks
     def test_pop3_user_and_auth_plain(self):
@@ -103,8 +106,12 @@ class LogInjectionTests(RealServerCase, unittest.TestCase):
                 (b"QUIT\r\n", POP3_REPLY),
             ],
         )
-        self.assert_logged(f"pop3 login {ESCAPED_USER} from 127.0.0.1: failed")
-        self.assert_logged(f"pop3 login {ESCAPED} from 127.0.0.1: failed")
+        self.assert_logged(
+            f"pop3-login: {DISCONNECTED}user=<{ESCAPED_USER}>, method=USER, rip=127.0.0.1"
+        )
+        self.assert_logged(
+            f"pop3-login: {DISCONNECTED}user=<{ESCAPED}>, method=PLAIN, rip=127.0.0.1"
+        )
 
     @defer.inlineCallbacks
     def test_imap_login_and_authenticate(self):
@@ -119,8 +126,12 @@ class LogInjectionTests(RealServerCase, unittest.TestCase):
                 (b"a3 LOGOUT\r\n", imap_tagged(b"a3")),
             ],
         )
-        self.assert_logged(f"imap login {ESCAPED_NUL} from 127.0.0.1: failed")
-        self.assert_logged(f"imap login {ESCAPED} from 127.0.0.1: failed")
+        self.assert_logged(
+            f"imap-login: {DISCONNECTED}user=<{ESCAPED_NUL}>, method=PLAIN, rip=127.0.0.1"
+        )
+        self.assert_logged(
+            f"imap-login: {DISCONNECTED}user=<{ESCAPED}>, method=PLAIN, rip=127.0.0.1"
+        )
 
     @defer.inlineCallbacks
     def test_imap_mailbox_names(self):

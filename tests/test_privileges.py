@@ -100,6 +100,16 @@ def test_root_without_an_account_is_refused(tmp_path: Path) -> None:
     check_not_root(c, None, 1000, {})  # not root: it stays who it is
 
 
+def test_root_with_the_built_in_default_runs(tmp_path: Path) -> None:
+    # The README's one command on a fresh machine may run as root: the built-in
+    # default (loopback, unprivileged ports) runs; any config file needs an account.
+    from mailsrv.config import load
+
+    check_not_root(load(None), None, 0, {})
+    with pytest.raises(StartupError, match="do not run as root"):
+        check_not_root(config(tmp_path), None, 0, {})
+
+
 def test_root_as_the_account_is_refused(tmp_path: Path) -> None:
     root = Account(0, 0, "root", "root")
     with pytest.raises(StartupError) as e:

@@ -217,7 +217,7 @@ def test_with_protocol():
 def test_queue_ids_are_distinct_and_fixed_length():
     ids = {received.new_queue_id(1_700_000_000.0) for _ in range(1000)}
     assert len(ids) == 1000
-    assert {len(i) for i in ids} == {12}
+    assert {len(i) for i in ids} == {20}
 
 
 def test_an_ipv4_client_of_a_dual_stack_listener_is_shown_as_ipv4():

@@ -66,7 +66,7 @@ class FakeQueue:
         self.smtputf8: list[bool] = []  # each queued message's SMTPUTF8 flag
         self.fail = False
 
-    def enqueue(self, sender, recipients, source, *, smtputf8=False):
+    def enqueue(self, sender, recipients, source, *, smtputf8=False, queue_id=None):
         if self.fail:
             return defer.fail(OSError("disk full"))
         with source.open() as f:

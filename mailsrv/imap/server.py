@@ -20,6 +20,7 @@ from typing import Any
 from twisted.internet import defer, protocol, task, threads
 from twisted.mail import imap4
 
+from mailsrv import loglines
 from mailsrv.auth import sasl
 from mailsrv.auth.policy import peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
@@ -312,7 +313,7 @@ class IMAPServer(
             )
             return
         if isinstance(answer, sasl.Credentials):
-            self._login(tag, answer)
+            self._login(tag, answer, exchange.mechanism.decode("ascii", "replace"))
             return
         self._auth_tag = tag
         self._auth_exchange = exchange
@@ -325,7 +326,7 @@ class IMAPServer(
         self._auth_exchange = None
         self._sasl_step(self._auth_tag, exchange, lambda: exchange.respond(line))
 
-    def _login(self, tag: bytes, creds: sasl.Credentials) -> None:
+    def _login(self, tag: bytes, creds: sasl.Credentials, method: str = "PLAIN") -> None:
         host = peer_host(self.transport)
         user = creds.authcid
         d = self.factory.authenticator.login(host, creds, imap4.IAccount)
@@ -340,7 +341,14 @@ class IMAPServer(
             self._user = avatar.address
             self.state = "auth"
             self.setTimeout(self.POSTAUTH_TIMEOUT)
-            self.log.info("imap login {user} from {host}", user=self._user, host=host)
+            self.log.info(
+                loglines.LOGIN_OK,
+                service="imap",
+                user=loglines.bracketed(self._user),
+                method=method,
+                client=host,
+                local=loglines.local_host(self.transport),
+            )
             self.sendPositiveResponse(
                 tag, b"[CAPABILITY " + b" ".join(self.listCapabilities()) + b"] Logged in"
             )
@@ -349,16 +357,26 @@ class IMAPServer(
             result = sasl.outcome(failure)
             if result == sasl.THROTTLED:
                 self.log.info(
-                    "imap login {user} from {host}: refused, too many failures",
-                    user=user,
-                    host=host,
+                    loglines.LOGIN_THROTTLED,
+                    service="imap",
+                    user=loglines.bracketed(user),
+                    method=method,
+                    client=host,
+                    local=loglines.local_host(self.transport),
                 )
                 if not self._lost:
                     self.sendNegativeResponse(
                         tag, b"[UNAVAILABLE] Too many failed logins; try later"
                     )
             elif result == sasl.FAILED:
-                self.log.info("imap login {user} from {host}: failed", user=user, host=host)
+                self.log.info(
+                    loglines.LOGIN_FAILED,
+                    service="imap",
+                    user=loglines.bracketed(user),
+                    method=method,
+                    client=host,
+                    local=loglines.local_host(self.transport),
+                )
                 if not self._lost:
                     self.sendNegativeResponse(tag, b"[AUTHENTICATIONFAILED] Authentication failed")
             else:

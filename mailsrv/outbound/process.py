@@ -32,7 +32,7 @@ from twisted.logger import (
 from twisted.python.failure import Failure
 from zope.interface import implementer
 
-from mailsrv import localdelivery, routing
+from mailsrv import localdelivery, loglines, routing
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound import ipc
 from mailsrv.outbound.queue import Envelope, FileSource, OutboundQueue
@@ -339,7 +339,7 @@ def logs_to_stdout() -> bool:
     any other set-up (a log file twistd rotates, syslog, several observers)
     its events come here and go through this process's observers.
     """
-    observers = list(getattr(globalLogPublisher, "_observers", ()))
+    observers = [loglines.unwrapped(o) for o in getattr(globalLogPublisher, "_observers", ())]
     if len(observers) != 1 or not isinstance(observers[0], FileLogObserver):
         return False
     out = getattr(observers[0], "_outFile", None)

@@ -424,18 +424,26 @@ class OutboundQueue:
             self._listeners.remove(callback)
 
     def enqueue(
-        self, sender: str, recipients: Iterable[str], source: Any, *, smtputf8: bool = False
+        self,
+        sender: str,
+        recipients: Iterable[str],
+        source: Any,
+        *,
+        smtputf8: bool = False,
+        queue_id: str | None = None,
     ) -> defer.Deferred:
         """
         Store the message and its envelope durably; fire with the queue id.
         C{smtputf8}: received with SMTPUTF8 (RFC 6531), kept in the envelope.
+        C{queue_id}: the id the message was received under (one id in the log
+        from intake to the last delivery), or None for a new one.
         """
         now = self._reactor.seconds()
         rcpts = list(dict.fromkeys(recipients))  # once each, in order
         if not rcpts:
             return defer.fail(ValueError("no recipients"))
         envelope = Envelope(
-            id=new_queue_id(time.time()),
+            id=queue_id if queue_id and _valid_id(queue_id) else new_queue_id(time.time()),
             sender=sender or "",
             recipients=[Recipient(r) for r in rcpts],
             created=now,

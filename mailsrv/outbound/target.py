@@ -28,14 +28,24 @@ class QueueTarget:
     """
 
     def __init__(
-        self, queue: IOutboundQueue, *, smtputf8: bool = False, signer: Any = None
+        self,
+        queue: IOutboundQueue,
+        *,
+        smtputf8: bool = False,
+        signer: Any = None,
+        queue_id: str | None = None,
     ) -> None:
         self.queue = queue
         self.smtputf8 = smtputf8
         self.signer = signer
+        self.queue_id = queue_id  # the id received under, for the log; None: a new one
 
     def start(self, sender: str) -> QueueDelivery:
-        return QueueDelivery(self.queue, sender or "", smtputf8=self.smtputf8, signer=self.signer)
+        delivery = QueueDelivery(
+            self.queue, sender or "", smtputf8=self.smtputf8, signer=self.signer
+        )
+        delivery.queue_id = self.queue_id
+        return delivery
 
 
 @implementer(IDelivery)
@@ -55,6 +65,7 @@ class QueueDelivery:
         self.recipients: dict[str, None] = {}
         self.source: Any = None
         self.state = "open"
+        self.queue_id: str | None = None
 
     def add_recipient(self, recipient: Route) -> None:
         self._check_open()
@@ -82,8 +93,14 @@ class QueueDelivery:
         recipients = list(self.recipients)
 
         def enqueue(source: Any) -> defer.Deferred:
+            extra = {} if self.queue_id is None else {"queue_id": self.queue_id}
             return defer.maybeDeferred(
-                self.queue.enqueue, self.sender, recipients, source, smtputf8=self.smtputf8
+                self.queue.enqueue,
+                self.sender,
+                recipients,
+                source,
+                smtputf8=self.smtputf8,
+                **extra,
             )
 
         if self.signer is None:

@@ -32,6 +32,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 from zope.interface import implementer
 
+from mailsrv import loglines
 from mailsrv.addresses.resolver import AliasWatcher, address_rules
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
@@ -251,16 +252,19 @@ def main() -> None:
     forwarder = LogForwarder(proto, reactor)
     proto.before_exit = forwarder.batch.flush
 
+    # Without Twisted's lines per DNS query and per connection (mailsrv.loglines).
+    quiet_forwarder = loglines.quiet(forwarder)
+
     def log_to_stdout() -> None:
         forwarder.batch.flush()
-        globalLogPublisher.addObserver(textFileLogObserver(sys.stdout))
-        globalLogPublisher.removeObserver(forwarder)
+        globalLogPublisher.addObserver(loglines.quiet(textFileLogObserver(sys.stdout)))
+        globalLogPublisher.removeObserver(quiet_forwarder)
 
     proto.log_to_stdout = log_to_stdout
     stdio.StandardIO(  # type: ignore[call-arg]
         proto, stdin=ipc.CHILD_IN, stdout=ipc.CHILD_OUT, reactor=reactor
     )
-    globalLogBeginner.beginLoggingTo([forwarder], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([quiet_forwarder], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", proto.shutdown)
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()

@@ -15,6 +15,7 @@ from twisted.mail import pop3
 from twisted.mail.interfaces import IMailboxPOP3
 from twisted.python.failure import Failure
 
+from mailsrv import loglines
 from mailsrv.auth import sasl
 from mailsrv.auth.policy import is_tls, peer_host
 from mailsrv.deadline import HandshakeDeadlineMixin
@@ -380,13 +381,25 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
 
     def _log_login(self, user: str | bytes, result: str, count: int | None = None) -> None:
         """The one line per login an administrator greps for (never the password)."""
+        if result in ("failed", "throttled"):
+            # The shape fail2ban's stock dovecot filter matches (mailsrv.loglines).
+            self.log.info(
+                loglines.LOGIN_FAILED if result == "failed" else loglines.LOGIN_THROTTLED,
+                service="pop3",
+                user=loglines.bracketed(user),
+                method=self._method or "PLAIN",
+                client=self.peer,
+                local=loglines.local_host(self.transport),
+            )
+            return
         self.log.info(
-            "pop3 login {user} from {client}: {result} (method={method}, tls={tls}, "
-            "messages={count})",
-            user=user,
+            "pop3-login: {result}: user=<{user}>, method={method}, rip={client}, "
+            "lip={local}, tls={tls}, messages={count}",
+            user=loglines.bracketed(user),
             client=self.peer,
-            result=result,
-            method=self._method,
+            local=loglines.local_host(self.transport),
+            result="Login" if result == "ok" else result,
+            method=self._method or "PLAIN",
             tls=is_tls(self.transport),
             count=count,
         )

@@ -12,7 +12,7 @@ from typing import Any
 from twisted.mail import smtp
 from twisted.python.failure import Failure
 
-from mailsrv import replies
+from mailsrv import loglines, replies
 from mailsrv.auth import sasl
 from mailsrv.replies import (
     AUTH_ABORTED,
@@ -74,6 +74,7 @@ class AuthCommand:
             self._reply(AUTH_BAD_MECHANISM)
             return
         self._auth_step = exchange
+        self._auth_mechanism = exchange.mechanism.decode("ascii", "replace")
         self.mode = AUTH
         self._auth_answer(lambda: exchange.start(parts[1] if len(parts) > 1 else None))
 
@@ -118,7 +119,13 @@ class AuthCommand:
         self._delivery = avatar
         self._user = user
         self._logout = logout
-        self.log.info("smtp login {user} from {client}: ok", user=user, client=self._client_ip)
+        self.log.info(
+            loglines.SMTP_AUTH_OK,
+            client_name="unknown",
+            client=self._client_ip,
+            mechanism=getattr(self, "_auth_mechanism", ""),
+            user=user,
+        )
         self._reply(AUTH_OK)
 
     def _login_failed(self, failure: Failure, username: bytes) -> None:
@@ -143,9 +150,11 @@ class AuthCommand:
 
     def _auth_failed_for(self, username: bytes) -> None:
         self.log.warn(
-            "smtp login {user} from {client}: failed",
-            user=username,
+            loglines.SMTP_AUTH_FAILED,
+            client_name="unknown",
             client=self._client_ip,
+            mechanism=getattr(self, "_auth_mechanism", ""),
+            user=username,
         )
         self._reply(replies.AUTH_FAILED)
 

@@ -95,6 +95,7 @@ class IncomingMessage:
         self._dropping = False  # in a header field that is not kept
         self._received = 0
         self._seen: set[bytes] = set()
+        self._message_id: bytes | None = None  # for the log's "ID: message-id=" line
         self._from = FromField()  # for the send-as check
         self._in_from = False
         self._trace_size = len(trace)
@@ -111,6 +112,7 @@ class IncomingMessage:
         # Authentication-Results fields from outside go when ours is added (RFC 8601 5).
         self._authenticating = not submission and getattr(ctx, "authentication", None) is not None
         self._verdict = filter_step.ACCEPTED  # what they said together
+        self._log_client()
 
     # IMessage
 
@@ -227,6 +229,8 @@ class IncomingMessage:
             self._list_id_to = self._body if lname == b"list-id" else None
             if self._list_id_to is not None:
                 self._list_id_to.list_id_field(line.partition(b":")[2])
+            if lname == b"message-id" and self._message_id is None:
+                self._message_id = line.partition(b":")[2].strip()[:998]
             if lname == b"received":
                 self._received += 1
                 if self._received > self._max_received:
@@ -248,6 +252,13 @@ class IncomingMessage:
             if b"message-id" not in self._seen:
                 mid = received.message_id(now, self.ctx.config.server.hostname)
                 self._source.write(f"Message-ID: {mid}\n".encode())
+                self._message_id = mid.encode()
+        if self._message_id:
+            self.log.info(
+                "{queue_id}: message-id={message_id}",
+                queue_id=self.queue_id,
+                message_id=self._message_id,
+            )
         if not blank_line_follows:
             self._source.write(b"\n")
 
@@ -304,6 +315,7 @@ class IncomingMessage:
                 domain = routing.domain_of(route.address) if route.mailing_list else None
                 group = relayed.setdefault((route.forwarded, route.mailing_list, domain), {})
                 group[route.address] = route
+        queued_one = False
         for (forwarded, mailing_list, _), group in relayed.items():
             routes = list(group.values())
             if self.ctx.queue is None:
@@ -311,7 +323,14 @@ class IncomingMessage:
             else:
                 sender = self.router.forward_sender(self.sender) if forwarded else self.sender
                 source = self._source_for(mailing_list)
-                target = QueueTarget(self.ctx.queue, smtputf8=self.smtputf8, signer=self._signer())
+                # The first queued copy keeps the id the message came in under.
+                target = QueueTarget(
+                    self.ctx.queue,
+                    smtputf8=self.smtputf8,
+                    signer=self._signer(),
+                    queue_id=None if queued_one else self.queue_id,
+                )
+                queued_one = True
                 attempts.append(self._commit(target, routes, source, sender))
             labels.append("queue:" + ",".join(r.address for r in routes))
         d = defer.DeferredList(attempts, consumeErrors=True)
@@ -431,8 +450,28 @@ class IncomingMessage:
 
         return d.addCallbacks(queued, not_queued)
 
+    def _log_client(self) -> None:
+        """Postfix's first line about a message: who sent it (and as which user)."""
+        self.log.info(
+            "{queue_id}: client={client_name}[{client}]"
+            + (", sasl_username={user}" if self.user is not None else ""),
+            queue_id=self.queue_id,
+            client_name=self.client_name or "unknown",
+            client=self.client,
+            user=self.user,
+        )
+
     def _log_accepted(self, outbound: Any) -> str:
         recipients = ",".join(f"<{r}>" for r in self.recipients)
+        self.log.info(
+            "{text}",
+            text=f"{self.queue_id}: from=<{self.sender}>, size={self.octets}, "
+            f"nrcpt={len(self.recipients)} (queue active)",
+            queue_id=self.queue_id,
+            sender=self.sender,
+            size=self.octets,
+            nrcpt=len(self.recipients),
+        )
         # One line per message: the text is built here with an f-string (~1 us)
         # rather than by twisted.logger's formatter in the text observer (~6 us
         # a field); the named fields stay in the event for other observers.

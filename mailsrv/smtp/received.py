@@ -8,27 +8,22 @@ from __future__ import annotations
 
 import functools
 import ipaddress
-import itertools
 import os
 import secrets
 import time
 from datetime import UTC, datetime
 from email.utils import format_datetime
 
-_ID_ALPHABET = "0123456789BCDFGHJKLMNPQRSTVWXYZ"
-
-
-_counter = itertools.count(secrets.randbits(18))
+from mailsrv.outbound.envelope import new_queue_id as _queue_id
 
 
 def new_queue_id(now: float) -> str:
-    """A short id that finds a message in the log: milliseconds and a counter (Postfix style)."""
-    n = int(now * 1000) << 18 | next(_counter) & 0x3FFFF
-    out = []
-    for _ in range(12):
-        n, r = divmod(n, len(_ID_ALPHABET))
-        out.append(_ID_ALPHABET[r])
-    return "".join(reversed(out))
+    """
+    The id that finds a message in the log, from intake to its last delivery:
+    the outbound queue's (microseconds and a counter, in hex), so the first
+    queued copy keeps it (L{mailsrv.outbound.envelope.new_queue_id}).
+    """
+    return _queue_id(now)
 
 
 _last_date: tuple[int, str] = (-1, "")
