@@ -231,6 +231,18 @@ def uses_modseq(tree: tuple) -> bool:
     return bool(kind == "MODSEQ")
 
 
+def uses_recent(tree: tuple) -> bool:
+    """Whether the tree has RECENT, NEW or OLD (which read the session's \\Recent set)."""
+    kind = tree[0]
+    if kind == "and":
+        return any(uses_recent(t) for t in tree[1])
+    if kind == "or":
+        return uses_recent(tree[1]) or uses_recent(tree[2])
+    if kind == "not":
+        return uses_recent(tree[1])
+    return kind in ("RECENT", "NEW", "OLD")
+
+
 def needs(tree: tuple) -> set[str]:
     """Which of "headers" and "body" the tree needs read from disk."""
     out: set[str] = set()

@@ -39,7 +39,7 @@ from mailsrv.imap.parsing import (
     resolve,
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
-from mailsrv.imap.search import BadCharset, Matcher, parse, uses_modseq
+from mailsrv.imap.search import BadCharset, Matcher, parse, uses_modseq, uses_recent
 from mailsrv.imap.searchmask import Spans, columns, pick
 from mailsrv.interfaces import DELETED, SYSTEM_FLAGS, FolderError, MessageInfo, NotSelectable
 from mailsrv.spool import SpooledSource
@@ -328,7 +328,8 @@ class SelectedCommands(ContextCommands):
             tree,
             len(infos),
             last_uid,
-            set(mbox.recent),  # \\Recent: RECENT, NEW, OLD (a copy: the thread reads it)
+            # \\Recent: RECENT, NEW, OLD (a copy: the thread reads it; 100k where all are new)
+            set(mbox.recent) if uses_recent(tree) else set(),
             lambda raw, last: Spans(SeqSet(raw).ranges(last)),
         )
         folder = mbox.folder

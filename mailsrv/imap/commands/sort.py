@@ -25,7 +25,15 @@ from mailsrv.imap.esearch import (
     esearch_line,
 )
 from mailsrv.imap.parsing import CommandParser, SeqSet
-from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse, uses_modseq
+from mailsrv.imap.search import (
+    BadCharset,
+    Matcher,
+    SearchError,
+    needs,
+    parse,
+    uses_modseq,
+    uses_recent,
+)
 from mailsrv.imap.searchmask import Spans
 from mailsrv.imap.sort import Entry, Matches, Program, needs_headers, parse_program, sort_positions
 from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, collector_paused, message_keys
@@ -173,7 +181,7 @@ class SortCommands(SelectedCommands):
             tree,
             len(infos),
             last_uid,
-            set(mbox.recent),
+            set(mbox.recent) if uses_recent(tree) else set(),
             lambda raw, last: Spans(SeqSet(raw).ranges(last)),
             now=self.factory.reactor.seconds(),  # OLDER, YOUNGER (RFC 5032)
         )
