@@ -13,13 +13,15 @@ import email.parser
 import email.policy
 import email.utils
 import time
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from mailsrv.imap import searchmask
 from mailsrv.imap.addrtext import address_text
 from mailsrv.imap.mime import header_values, split_header_fields
-from mailsrv.interfaces import ANSWERED, DELETED, DRAFT, FLAGGED, SEEN, MessageInfo
+from mailsrv.imap.searchmask import FLAG_KEYS
+from mailsrv.interfaces import SEEN, MessageInfo
 
 
 class SearchError(Exception):
@@ -96,19 +98,6 @@ def _string(tok: Any, charset: str) -> str:
         raise BadCharset(charset)
 
 
-_FLAG_KEYS = {
-    "ANSWERED": (ANSWERED, True),
-    "UNANSWERED": (ANSWERED, False),
-    "DELETED": (DELETED, True),
-    "UNDELETED": (DELETED, False),
-    "DRAFT": (DRAFT, True),
-    "UNDRAFT": (DRAFT, False),
-    "FLAGGED": (FLAGGED, True),
-    "UNFLAGGED": (FLAGGED, False),
-    "SEEN": (SEEN, True),
-    "UNSEEN": (SEEN, False),
-}
-
 # How deep parentheses, NOT and OR may nest. RFC 3501 sets no limit; real
 # clients stay within a few levels, and the tree is evaluated recursively.
 MAX_NESTING = 64
@@ -177,7 +166,7 @@ def parse(tokens: list[Any], charset: str = "utf-8", saved: Collection[int] | No
             return saved_key()
         if key[:1].isdigit() or key[:1] == "*":
             return ("seqset", tok)
-        if key in ("ALL", "NEW", "OLD", "RECENT") or key in _FLAG_KEYS:
+        if key in ("ALL", "NEW", "OLD", "RECENT") or key in FLAG_KEYS:
             return (key,)
         if key in ("BCC", "BODY", "CC", "FROM", "SUBJECT", "TEXT", "TO"):
             return (key, _string(take(), charset))
@@ -240,6 +229,18 @@ def uses_modseq(tree: tuple) -> bool:
     if kind == "not":
         return uses_modseq(tree[1])
     return bool(kind == "MODSEQ")
+
+
+def uses_recent(tree: tuple) -> bool:
+    """Whether the tree has RECENT, NEW or OLD (which read the session's \\Recent set)."""
+    kind = tree[0]
+    if kind == "and":
+        return any(uses_recent(t) for t in tree[1])
+    if kind == "or":
+        return uses_recent(tree[1]) or uses_recent(tree[2])
+    if kind == "not":
+        return uses_recent(tree[1])
+    return kind in ("RECENT", "NEW", "OLD")
 
 
 def needs(tree: tuple) -> set[str]:
@@ -327,8 +328,67 @@ def _body_text(data: bytes) -> str:
         return data.decode("utf-8", "replace").casefold()
 
 
+class _Message:
+    """One message's header and body for the keys that read them, each read once."""
+
+    __slots__ = ("_headers", "_body", "_block", "_vals", "_text")
+
+    def __init__(self, headers: Callable[[], bytes], body: Callable[[], Any]) -> None:
+        self._headers = headers
+        self._body = body
+        self._block: bytes | None = None
+        self._vals: dict[bytes, bytes] | None = None
+        self._text: Any = None
+
+    def block(self) -> bytes:
+        if self._block is None:
+            self._block = self._headers()
+        return self._block
+
+    def values(self) -> dict[bytes, bytes]:
+        if self._vals is None:
+            self._vals = header_values(self.block())
+        return self._vals
+
+    def field(self, name: bytes) -> str:
+        # A line without a field name (no colon) is no field (RFC 5322 2.2).
+        parts = [
+            raw.partition(b":")[2]
+            for n, raw in split_header_fields(self.block())
+            if n and n == name
+        ]
+        return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
+
+    def addresses(self, name: bytes) -> str:
+        # RFC 3501 6.4.4: FROM/TO/CC/BCC match the addresses as parsed
+        # (comments and spacing left out) and the display names decoded.
+        texts = []
+        for n, raw in split_header_fields(self.block()):
+            if n and n == name:
+                value = b" ".join(raw.partition(b":")[2].split()).decode("utf-8", "replace")
+                texts.append(_address_text(value))
+        return ", ".join(t for t in texts if t)
+
+    def in_body(self, needle: str) -> bool:
+        if self._text is None:
+            data = self._body()
+            self._text = _body_text(data) if isinstance(data, bytes) else data
+        got = self._text
+        if isinstance(got, str):
+            return needle in got
+        return _search_chunks(got, needle)
+
+
+# A compiled search key: (sequence number, index entry, the message's text or None) -> match.
+Test = Callable[[int, MessageInfo, Any], bool]
+
+
 class Matcher:
-    """Evaluate a search tree for one message at a time."""
+    """
+    Evaluate a search tree: one message at a time (L{match}, the tree
+    compiled once into closures), or for programs that need only the index a
+    whole view at once (L{mask}).
+    """
 
     def __init__(
         self,
@@ -347,6 +407,8 @@ class Matcher:
         self.recent = recent
         self._sets: dict[tuple[bytes, int], Any] = {}
         self._parse_set = parse_set
+        self.index_only = not needs(tree)
+        self._test: Test | None = None
 
     def _set(self, raw: bytes, last: int) -> Any:
         key = (raw, last)
@@ -356,6 +418,12 @@ class Matcher:
             except Exception:
                 raise SearchError("Bad message set")
         return self._sets[key]
+
+    def _seq_set(self, raw: bytes) -> Any:
+        return self._set(raw, self.last_seq)
+
+    def _uid_set(self, arg: Any) -> Any:
+        return self._set(arg.value if isinstance(arg, Literal) else arg, self.last_uid)
 
     def match(
         self,
@@ -369,110 +437,130 @@ class Matcher:
         message as bytes, or for a big message an iterable of chunks, searched
         as raw text without loading it whole.
         """
-        cache: dict[str, Any] = {}
+        return self.test(seq, info, None if self.index_only else _Message(headers, body))
 
-        def hdr_block() -> bytes:
-            if "block" not in cache:
-                cache["block"] = headers()
-            return cache["block"]
+    @property
+    def test(self) -> Test:
+        """The tree compiled: C{test(seq, info, message)}; C{message} may be None if L{index_only}."""
+        if self._test is None:
+            self._test = self._compile(self.tree)
+        return self._test
 
-        def hvals() -> dict[bytes, bytes]:
-            if "vals" not in cache:
-                cache["vals"] = header_values(hdr_block())
-            return cache["vals"]
+    def mask(self, infos: Sequence[MessageInfo]) -> bytes | None:
+        """
+        For a program that needs only the index, which of C{infos} (the view,
+        in sequence order) match: a byte a message, 1 or 0; or None where the
+        program must be evaluated per message (L{match}): a key that reads
+        the message, a message set that does not parse (the per-message
+        evaluation says whether that is an error) or of an unknown kind.
+        """
+        if not self.index_only:
+            return None
+        try:
+            evaluation = searchmask.Evaluation(
+                searchmask.columns(infos), self.recent, self.now, self._seq_set, self._uid_set
+            )
+            for raw, uid in _sets_of(self.tree):
+                searchmask.spans_of(self._uid_set(raw) if uid else self._seq_set(raw))
+            bits = evaluation.mask(self.tree)
+        except (searchmask.NoBulk, SearchError):
+            return None
+        return bits.to_bytes(len(infos), "little")
 
-        def field(name: bytes) -> str:
-            # A line without a field name (no colon) is no field (RFC 5322 2.2).
-            parts = [
-                raw.partition(b":")[2]
-                for n, raw in split_header_fields(hdr_block())
-                if n and n == name
-            ]
-            return " ".join(_decode_header(b" ".join(p.split())) for p in parts)
+    def _compile(self, t: tuple) -> Test:
+        k = t[0]
+        if k == "and":
+            parts = [self._compile(x) for x in t[1]]
+            if len(parts) == 1:
+                return parts[0]
+            if len(parts) == 2:
+                a, b = parts
+                return lambda s, i, m: a(s, i, m) and b(s, i, m)
+            return lambda s, i, m: all(f(s, i, m) for f in parts)
+        if k == "or":
+            a, b = self._compile(t[1]), self._compile(t[2])
+            return lambda s, i, m: a(s, i, m) or b(s, i, m)
+        if k == "not":
+            a = self._compile(t[1])
+            return lambda s, i, m: not a(s, i, m)
+        if k == "ALL":
+            return lambda s, i, m: True
+        if k in FLAG_KEYS:
+            flag, want = FLAG_KEYS[k]
+            if want:
+                return lambda s, i, m: flag in i.flags
+            return lambda s, i, m: flag not in i.flags
+        recent = self.recent
+        if k == "RECENT":
+            return lambda s, i, m: i.uid in recent
+        if k == "NEW":
+            return lambda s, i, m: i.uid in recent and SEEN not in i.flags
+        if k == "OLD":
+            return lambda s, i, m: i.uid not in recent
+        arg = t[1]
+        if k == "KEYWORD":
+            return lambda s, i, m: arg in i.flags
+        if k == "UNKEYWORD":
+            return lambda s, i, m: arg not in i.flags
+        if k == "MODSEQ":
+            return lambda s, i, m: i.modseq >= arg
+        if k == "LARGER":
+            return lambda s, i, m: i.size > arg
+        if k == "SMALLER":
+            return lambda s, i, m: i.size < arg
+        if k == "seqset":  # parsed when first needed: a bad set is an error only then
+            return lambda s, i, m: s in self._seq_set(arg)
+        if k == "saved":
+            return lambda s, i, m: i.uid in arg
+        if k == "UID":
+            return lambda s, i, m: i.uid in self._uid_set(arg)
+        now = self.now
+        if k == "OLDER":  # RFC 5032: whole seconds, as Dovecot counts them
+            return lambda s, i, m: int(i.internal_date) <= now - arg
+        if k == "YOUNGER":
+            return lambda s, i, m: int(i.internal_date) >= now - arg
+        if k in ("BEFORE", "ON", "SINCE"):
+            return lambda s, i, m: _cmp(k, _day(i.internal_date), arg)
+        if k in ("SENTBEFORE", "SENTON", "SENTSINCE"):
 
-        def addresses(name: bytes) -> str:
-            # RFC 3501 6.4.4: FROM/TO/CC/BCC match the addresses as parsed
-            # (comments and spacing left out) and the display names decoded.
-            texts = []
-            for n, raw in split_header_fields(hdr_block()):
-                if n and n == name:
-                    value = b" ".join(raw.partition(b":")[2].split()).decode("utf-8", "replace")
-                    texts.append(_address_text(value))
-            return ", ".join(t for t in texts if t)
+            def sent(s: int, i: MessageInfo, m: _Message) -> bool:
+                day = _sent_day(m.values())
+                return day is not None and _cmp(k[4:], day, arg)
 
-        def in_body(needle: str) -> bool:
-            if "body" not in cache:
-                data = body()
-                cache["body"] = _body_text(data) if isinstance(data, bytes) else data
-            got = cache["body"]
-            if isinstance(got, str):
-                return needle in got
-            return _search_chunks(got, needle)
+            return sent
+        if k in ("FROM", "TO", "CC", "BCC"):
+            name = k.lower().encode()
+            return lambda s, i, m: arg in m.addresses(name)
+        if k == "SUBJECT":
+            return lambda s, i, m: arg in m.field(b"subject")
+        if k == "HEADER":
+            name, text = arg.lower(), t[2]
+            if not name:
+                return lambda s, i, m: False
+            if not text:
+                return lambda s, i, m: any(n == name for n, _ in split_header_fields(m.block()))
+            return lambda s, i, m: text in m.field(name)
+        if k == "BODY":
+            return lambda s, i, m: m.in_body(arg)
+        if k == "TEXT":
+            return lambda s, i, m: m.in_body(arg) or arg in _decode_header(m.block())
+        raise SearchError(f"Unknown key {k}")
 
-        def ev(t: tuple) -> bool:
-            k = t[0]
-            if k == "and":
-                return all(ev(x) for x in t[1])
-            if k == "or":
-                return ev(t[1]) or ev(t[2])
-            if k == "not":
-                return not ev(t[1])
-            if k == "ALL":
-                return True
-            if k in _FLAG_KEYS:
-                flag, want = _FLAG_KEYS[k]
-                return (flag in info.flags) == want
-            if k == "RECENT":
-                return info.uid in self.recent
-            if k == "NEW":
-                return info.uid in self.recent and SEEN not in info.flags
-            if k == "OLD":
-                return info.uid not in self.recent
-            if k == "KEYWORD":
-                return t[1] in info.flags
-            if k == "UNKEYWORD":
-                return t[1] not in info.flags
-            if k == "MODSEQ":
-                return info.modseq >= t[1]
-            if k == "LARGER":
-                return info.size > t[1]
-            if k == "SMALLER":
-                return info.size < t[1]
-            if k == "seqset":
-                return seq in self._set(t[1], self.last_seq)
-            if k == "saved":
-                return info.uid in t[1]
-            if k == "UID":
-                raw = t[1].value if isinstance(t[1], Literal) else t[1]
-                return info.uid in self._set(raw, self.last_uid)
-            if k == "OLDER":  # RFC 5032: whole seconds, as Dovecot counts them
-                return int(info.internal_date) <= self.now - t[1]
-            if k == "YOUNGER":
-                return int(info.internal_date) >= self.now - t[1]
-            if k in ("BEFORE", "ON", "SINCE"):
-                day = _day(info.internal_date)
-                return _cmp(k, day, t[1])
-            if k in ("SENTBEFORE", "SENTON", "SENTSINCE"):
-                sent = _sent_day(hvals())
-                return sent is not None and _cmp(k[4:], sent, t[1])
-            if k in ("FROM", "TO", "CC", "BCC"):
-                return t[1] in addresses(k.lower().encode())
-            if k == "SUBJECT":
-                return t[1] in field(b"subject")
-            if k == "HEADER":
-                name = t[1].lower()
-                if not name:
-                    return False
-                if not t[2]:
-                    return any(n == name for n, _ in split_header_fields(hdr_block()))
-                return t[2] in field(name)
-            if k == "BODY":
-                return in_body(t[1])
-            if k == "TEXT":
-                return in_body(t[1]) or t[1] in _decode_header(hdr_block())
-            raise SearchError(f"Unknown key {k}")
 
-        return ev(self.tree)
+def _sets_of(tree: tuple) -> list[tuple[Any, bool]]:
+    """The message sets of a tree: (argument, whether of UIDs)."""
+    kind = tree[0]
+    if kind == "and":
+        return [s for t in tree[1] for s in _sets_of(t)]
+    if kind == "or":
+        return _sets_of(tree[1]) + _sets_of(tree[2])
+    if kind == "not":
+        return _sets_of(tree[1])
+    if kind == "seqset":
+        return [(tree[1], False)]
+    if kind == "UID":
+        return [(tree[1], True)]
+    return []
 
 
 def _search_chunks(chunks_factory: Callable[[], Any], needle: str) -> bool:

@@ -34,19 +34,23 @@ from mailsrv.imap.parsing import (
     CommandParser,
     SavedResult,
     SeqSet,
-    SeqSetMembers,
     mailbox_name,
     parse_flags,
     resolve,
 )
 from mailsrv.imap.responses import flag_list, number_list, uid_set
-from mailsrv.imap.search import BadCharset, Matcher, needs, parse, uses_modseq
+from mailsrv.imap.search import BadCharset, Matcher, parse, uses_modseq, uses_recent
+from mailsrv.imap.searchmask import Spans, columns, pick
 from mailsrv.interfaces import DELETED, FolderError, MessageInfo, NotSelectable
 from mailsrv.spool import SpooledSource
 from mailsrv.store.infos import flag_sets
 
 # A message up to this size is searched (BODY, TEXT) whole, a bigger one in chunks.
 SEARCH_WHOLE_UP_TO = 4 * 1024 * 1024
+
+# A search of the index over a view this small runs at once; a bigger one in the
+# thread pool, so that other sessions are answered meanwhile.
+SEARCH_INLINE_UP_TO = 1000
 
 arg_seqset = CommandParser.arg_seqset
 arg_finalastring = CommandParser.arg_finalastring
@@ -330,8 +334,9 @@ class SelectedCommands(ContextCommands):
             tree,
             len(infos),
             last_uid,
-            set(mbox.recent),  # \\Recent: RECENT, NEW, OLD
-            lambda raw, last: SeqSetMembers(SeqSet(raw), last),
+            # \\Recent: RECENT, NEW, OLD (a copy: the thread reads it; 100k where all are new)
+            set(mbox.recent) if uses_recent(tree) else set(),
+            lambda raw, last: Spans(SeqSet(raw).ranges(last)),
         )
         folder = mbox.folder
         with_modseq = uses_modseq(tree)
@@ -339,18 +344,10 @@ class SelectedCommands(ContextCommands):
             self.transport.write(condstore.enable(self))
 
         def run() -> tuple[array, array, array]:
-            hits = array("q")  # 8 bytes a hit, not an int object each
-            hit_uids = array("q")
-            modseqs = array("q")
-            for seq, info in matching(matcher, folder, infos):
-                hits.append(info.uid if uid else seq)
-                if save:
-                    hit_uids.append(info.uid)
-                if with_modseq:
-                    modseqs.append(info.modseq)
-            return hits, hit_uids, modseqs
+            return found(matcher, folder, infos, bool(uid), save, with_modseq)
 
-        if needs(tree):
+        if len(infos) > SEARCH_INLINE_UP_TO or not matcher.index_only:
+            # a pool thread: the matcher and C{infos} are this search's own
             hits, hit_uids, modseqs = yield self._run(run)
         else:
             hits, hit_uids, modseqs = run()
@@ -432,6 +429,38 @@ def _crlf_to_lf_source(folder: Any, uid: int, spool_dir: Any) -> SpooledSource:
     return source
 
 
+def found(
+    matcher: Matcher,
+    folder: Any,
+    infos: Sequence[MessageInfo],
+    by_uid: bool,
+    save: bool,
+    with_modseq: bool,
+) -> tuple[array, array, array]:
+    """
+    The numbers (UIDs if C{by_uid}) of the messages of C{infos} that C{matcher}
+    accepts, their UIDs if C{save}, their mod-sequences if C{with_modseq}
+    (8 bytes a hit, not an int object each). A program that needs only the
+    index is evaluated over the whole view at once (L{Matcher.mask}).
+    """
+    mask = matcher.mask(infos)
+    if mask is not None:
+        cols = columns(infos)
+        return (
+            pick(mask, cols.uids if by_uid else None),
+            pick(mask, cols.uids) if save else array("q"),
+            pick(mask, cols.modseqs) if with_modseq else array("q"),
+        )
+    hits, hit_uids, modseqs = array("q"), array("q"), array("q")
+    for seq, info in matching(matcher, folder, infos):
+        hits.append(info.uid if by_uid else seq)
+        if save:
+            hit_uids.append(info.uid)
+        if with_modseq:
+            modseqs.append(info.modseq)
+    return hits, hit_uids, modseqs
+
+
 def matching(matcher: Any, folder: Any, infos: Sequence[MessageInfo]) -> Iterator[tuple[int, Any]]:
     """
     (sequence number, info) of each message C{matcher} accepts, reading its
@@ -439,6 +468,12 @@ def matching(matcher: Any, folder: Any, infos: Sequence[MessageInfo]) -> Iterato
     thread then); a message gone from the disk is skipped (the next refresh
     tells the client).
     """
+    if matcher.index_only:
+        test = matcher.test
+        for seq, info in enumerate(infos, 1):
+            if test(seq, info, None):
+                yield seq, info
+        return
     for seq, info in enumerate(infos, 1):
         try:
             if matcher.match(

@@ -9,6 +9,7 @@ the ordering run too: the reactor formats the answer only.
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
+from itertools import compress
 from typing import Any
 
 from twisted.mail import imap4
@@ -23,8 +24,17 @@ from mailsrv.imap.esearch import (
     answers,
     esearch_line,
 )
-from mailsrv.imap.parsing import CommandParser, SeqSet, SeqSetMembers
-from mailsrv.imap.search import BadCharset, Matcher, SearchError, needs, parse, uses_modseq
+from mailsrv.imap.parsing import CommandParser, SeqSet
+from mailsrv.imap.search import (
+    BadCharset,
+    Matcher,
+    SearchError,
+    needs,
+    parse,
+    uses_modseq,
+    uses_recent,
+)
+from mailsrv.imap.searchmask import Spans
 from mailsrv.imap.sort import Entry, Matches, Program, needs_headers, parse_program, sort_positions
 from mailsrv.imap.sortfields import MessageKeys, SortFieldCache, collector_paused, message_keys
 from mailsrv.imap.thread import ALGORITHMS, ordered_subject, references, thread_list
@@ -50,9 +60,12 @@ _ALL = ("and", [("ALL",)])
 def _matches(
     matcher: Matcher, folder: Any, infos: Sequence[MessageInfo], disk: bool
 ) -> Sequence[int]:
-    """The sequence numbers of the messages C{matcher} accepts. Pool thread when C{disk}."""
+    """The sequence numbers of the messages C{matcher} accepts. Pool thread."""
     if matcher.tree == _ALL:
         return range(1, len(infos) + 1)
+    mask = None if disk else matcher.mask(infos)
+    if mask is not None:
+        return list(compress(range(1, len(infos) + 1), mask))
     return [seq for seq, _ in matching(matcher, folder, infos)]
 
 
@@ -168,8 +181,8 @@ class SortCommands(SelectedCommands):
             tree,
             len(infos),
             last_uid,
-            set(mbox.recent),
-            lambda raw, last: SeqSetMembers(SeqSet(raw), last),
+            set(mbox.recent) if uses_recent(tree) else set(),
+            lambda raw, last: Spans(SeqSet(raw).ranges(last)),
             now=self.factory.reactor.seconds(),  # OLDER, YOUNGER (RFC 5032)
         )
         folder = mbox.folder
