@@ -112,6 +112,7 @@ class IncomingMessage:
         # Authentication-Results fields from outside go when ours is added (RFC 8601 5).
         self._authenticating = not submission and getattr(ctx, "authentication", None) is not None
         self._verdict = filter_step.ACCEPTED  # what they said together
+        self._started = ctx.reactor.seconds()  # for the delivery lines' delay=
         self._log_client()
 
     # IMessage
@@ -378,6 +379,7 @@ class IncomingMessage:
     def _delivered(self, results: list[tuple[bool, Any]], labels: list[str]) -> Any:
         failed = [(label, r) for label, (ok, r) in zip(labels, results, strict=True) if not ok]
         done = [label for label, (ok, _) in zip(labels, results, strict=True) if ok]
+        stored = [label for label in done if label in self._mailboxes]
         for label, failure in failed:
             if failure.check(QuotaExceeded):  # the user's doing, not a fault: no traceback
                 self.log.info("{queue_id}: {why}", queue_id=self.queue_id, why=failure.value.cause)
@@ -393,7 +395,7 @@ class IncomingMessage:
             if done and len(retry) == len(failed) and self.ctx.queue is not None:
                 # Some copies are stored already: a 451 would make the client
                 # send them again. Queue the rest; the relayer retries locally.
-                return self._queue_local_retry(retry, results, labels)
+                return self._queue_local_retry(retry, results, labels, stored)
             if done:
                 self.log.warn(
                     "{queue_id}: delivered to {done} before a failure; the client's retry "
@@ -406,11 +408,16 @@ class IncomingMessage:
                 reply = replies.STORAGE_FULL  # RFC 3463 4.3.1
             elif all(f.check(QuotaExceeded) for _, f in failed):
                 reply = replies.MAILBOX_FULL  # RFC 3463 3.3: 4.2.2 mailbox full
+            self._log_sent(stored)
             raise SMTPReplyError(reply, cause="delivery failed")
-        return self._log_accepted(_queue_ids(results, labels))
+        return self._log_accepted(_queue_ids(results, labels), stored)
 
     def _queue_local_retry(
-        self, retry: list[str], results: list[tuple[bool, Any]], labels: list[str]
+        self,
+        retry: list[str],
+        results: list[tuple[bool, Any]],
+        labels: list[str],
+        stored: list[str],
     ) -> defer.Deferred:
         # The relayer's local delivery adds the Return-Path field. Each copy
         # as it was to be stored: one queue file per list (its List-Id).
@@ -435,7 +442,7 @@ class IncomingMessage:
                 rcpts=retry,
                 retry_id=",".join(retry_ids),
             )
-            return self._log_accepted(_queue_ids(results, labels))
+            return self._log_accepted(_queue_ids(results, labels), stored)
 
         def not_queued(failure: Failure) -> None:
             self.log.failure(
@@ -445,6 +452,7 @@ class IncomingMessage:
                 queue_id=self.queue_id,
                 rcpts=retry,
             )
+            self._log_sent(stored)
             reply = replies.STORAGE_FULL if disk_full(failure.value) else replies.LOCAL_ERROR
             raise SMTPReplyError(reply, cause="delivery failed")
 
@@ -461,7 +469,25 @@ class IncomingMessage:
             user=self.user,
         )
 
-    def _log_accepted(self, outbound: Any) -> str:
+    def _log_sent(self, users: list[str]) -> None:
+        """The relay process's C{to=} line, for each mailbox stored during the session."""
+        delay = self.ctx.reactor.seconds() - self._started
+        for user in users:
+            self.log.info(
+                "{text}",
+                text=f"{self.queue_id}: to=<{user}>, relay=local, delay={delay:.2f}, "
+                "dsn=2.0.0, status=sent (delivered to mailbox)",
+                queue_id=self.queue_id,
+                rcpt=user,
+                relay="local",
+                delay=delay,
+                status="2.0.0",
+                result="sent",
+                reply="delivered to mailbox",
+            )
+
+    def _log_accepted(self, outbound: Any, stored: list[str]) -> str:
+        """The C{from=} and C{accepted} lines, then a C{to=} line per mailbox stored."""
         recipients = ",".join(f"<{r}>" for r in self.recipients)
         self.log.info(
             "{text}",
@@ -486,6 +512,7 @@ class IncomingMessage:
             client=self.client,
             outbound=outbound,
         )
+        self._log_sent(stored)
         return self.queue_id
 
     def _cleanup(self, result: Any) -> Any:

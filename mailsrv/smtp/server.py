@@ -57,6 +57,7 @@ from mailsrv.smtp.delivery import (
     IncomingMessage,
 )
 from mailsrv.smtp.lines import LineReader
+from mailsrv.smtp.sessionlog import SessionLog
 
 COMMAND, DATA = smtp.COMMAND, smtp.DATA
 
@@ -115,6 +116,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
         self._idle = IdleClose(context.reactor)
         self._client_ip = "unknown"
+        self._session_log = SessionLog(self._client_ip, None)  # connect, TLS, disconnect lines
         self._helo_name: str | None = None
         self._esmtp = False
         self._user: str | None = None
@@ -138,6 +140,8 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         except (AttributeError, NotImplementedError, OSError):
             pass
         self._client_ip = str(getattr(self.transport.getPeer(), "host", "local"))
+        self._session_log = SessionLog(self._client_ip, self.client_name)
+        self._session_log.connected()
         self._tls.connected(self.transport)
         self._rates = SessionRates(self.context, self._client_ip)  # [policy] rate limits
         self._greylist = SessionGreylist(self.context, self._client_ip, self)  # after RCPT checks
@@ -167,6 +171,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         sessions = getattr(self.factory, "open_sessions", None)
         if sessions is not None:
             sessions.discard(self)
+        self._session_log.disconnected()
         if not self.ended.called:
             self.ended.callback(None)
 
@@ -196,6 +201,10 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         self._reply(replies.TIMEOUT)  # RFC 5321 4.5.3.2.7
         self.log.info("timeout, closing connection from {client}", client=self._client_ip)
 
+    def handshakeCompleted(self) -> None:
+        super().handshakeCompleted()
+        self._session_log.tls_established(self.transport)
+
     @property
     def tls_active(self) -> bool:
         """Whether this session is encrypted (implicit TLS or STARTTLS)."""
@@ -219,6 +228,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         if verb not in _VERBS:
             self._reply(replies.SYNTAX_ERROR)
             return
+        self._session_log.command(verb)
         method = getattr(self, "do_" + verb.decode(), None) or getattr(self, "ext_" + verb.decode())
         result = method(rest)
         if isinstance(result, defer.Deferred):
@@ -237,6 +247,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         out = [prefix + line for line in lines[:-1]]
         out.append(b"%03d %s" % (code, lines[-1]))
         data = b"\r\n".join(out) + b"\r\n"
+        self._session_log.replied(code)
         if self._draining and self._buffer.find(b"\r\n", self._pos) >= 0:
             self.transport.write(data)
         else:
