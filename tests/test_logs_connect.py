@@ -1,6 +1,6 @@
 """
 Postfix smtpd's per-connection lines over a real loopback SMTP session with
-STARTTLS: C{connect from}, C{Anonymous TLS connection established from},
+STARTTLS (and implicit TLS with AUTH): C{connect from}, C{Anonymous TLS connection established from},
 C{disconnect from ... commands=N}, and the C{to=... relay=local} line for a
 mailbox stored during the session.
 """
@@ -13,12 +13,13 @@ from io import BytesIO
 from pathlib import Path
 
 from twisted.internet import defer
+from twisted.internet.endpoints import TCP4ClientEndpoint, wrapClientTLS
 from twisted.logger import formatEvent, globalLogPublisher
 from twisted.mail import smtp
 from twisted.trial import unittest
 
 from . import test_smtp_loopback as loopback
-from .test_smtp_helpers import make_context, read_inbox
+from .test_smtp_helpers import PASSWORD, make_context, read_inbox
 from .test_smtp_loopback import ALICE, BOB, _client_tls
 
 
@@ -90,3 +91,37 @@ class ConnectLogTests(unittest.TestCase):
             )
         [event] = [e for e in self.events if e.get("rcpt") == ALICE and e.get("relay") == "local"]
         self.assertEqual((event["result"], event["status"]), ("sent", "2.0.0"))
+
+    @defer.inlineCallbacks
+    def test_implicit_tls_and_auth(self):
+        ctx = make_context(self.tmp, reactor=self.reactor)
+        factory, port = self.listen(ctx, submission=True, implicit_tls=True)
+        result: defer.Deferred = defer.Deferred()
+        sender = smtp.ESMTPSenderFactory(
+            ALICE.encode(),
+            PASSWORD.encode(),
+            ALICE,
+            [BOB],
+            BytesIO(b"Subject: 465\n\nhi\n"),
+            result,
+            requireAuthentication=True,
+            requireTransportSecurity=False,
+        )
+        endpoint = wrapClientTLS(_client_tls(), TCP4ClientEndpoint(self.reactor, "127.0.0.1", port))
+        yield endpoint.connect(sender)
+        n, _ = yield result
+        self.assertEqual(n, 1)
+        yield factory.all_closed()
+        session = self.lines("mailsrv.smtp.sessionlog.SessionLog")
+        self.assertEqual(session[0], "connect from unknown[127.0.0.1]")
+        self.assertTrue(
+            session[1].startswith(
+                "Anonymous TLS connection established from unknown[127.0.0.1]: TLSv1."
+            ),
+            session,
+        )
+        self.assertEqual(
+            session[2],
+            "disconnect from unknown[127.0.0.1] ehlo=1 auth=1 mail=1 rcpt=1 data=1 rset=1"
+            " quit=1 commands=7",
+        )
