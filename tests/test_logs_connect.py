@@ -1,8 +1,8 @@
 """
 Postfix smtpd's per-connection lines over a real loopback SMTP session with
-STARTTLS (and implicit TLS with AUTH): C{connect from}, C{Anonymous TLS connection established from},
-C{disconnect from ... commands=N}, and the C{to=... relay=local} line for a
-mailbox stored during the session.
+STARTTLS (and implicit TLS with AUTH): C{connect from}, C{Anonymous TLS
+connection established from}, C{disconnect from ... commands=N}, and the
+C{to=... relay=local} line for a mailbox stored during the session.
 """
 
 from __future__ import annotations
