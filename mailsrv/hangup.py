@@ -13,6 +13,7 @@ from typing import Any
 from twisted.application import service
 from twisted.logger import Logger
 
+from mailsrv.sdnotify import Notifier
 from mailsrv.startup import StartupError
 from mailsrv.tls import ServerTLS
 
@@ -22,9 +23,10 @@ class HangupService(service.Service):
 
     log = Logger()
 
-    def __init__(self, tls: ServerTLS, reactor: Any) -> None:
+    def __init__(self, tls: ServerTLS, reactor: Any, notifier: Notifier | None = None) -> None:
         self.tls = tls
         self.reactor = reactor
+        self.notifier = notifier if notifier is not None else Notifier(None)
         self._previous: Any = None
 
     def startService(self) -> None:
@@ -44,6 +46,13 @@ class HangupService(service.Service):
 
     def reload(self) -> None:
         """Read the TLS certificate and key again, and log what happened."""
+        self.notifier.reloading()
+        try:
+            self._reload()
+        finally:
+            self.notifier.ready("accepting connections")
+
+    def _reload(self) -> None:
         try:
             path = self.tls.reload()
         except Exception as e:

@@ -48,6 +48,7 @@ from mailsrv.policy.listener import PROTOCOLS, GateFactory
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
+from mailsrv.sdnotify import Notifier, NotifyService
 from mailsrv.smtp.server import smtp_factory
 from mailsrv.startup import (
     GatedEndpoint,
@@ -244,7 +245,8 @@ def serve(ctx: ServerContext) -> service.MultiService:
     top = service.MultiService()
     users = ThreadPoolService(ctx.threadpool, ctx.store)
     users.setServiceParent(top)  # everything in users stops before the disk thread pool
-    HangupService(ctx.tls, ctx.reactor).setServiceParent(top)
+    notifier = Notifier.from_environ()  # systemd's Type=notify; nothing without NOTIFY_SOCKET
+    HangupService(ctx.tls, ctx.reactor, notifier).setServiceParent(top)
     if ctx.addresses is not None and ctx.addresses.aliases is not None:
         AliasWatcher(ctx.addresses.aliases, ctx.reactor, ctx.threadpool).setServiceParent(users)
     # The relayer runs in a process of its own, beside this one.
@@ -301,6 +303,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
             svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
+    NotifyService(notifier, gate, ctx.reactor).setServiceParent(users)  # after every listener
     return top
 
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from types import TracebackType
 from typing import Any
 
@@ -95,6 +96,7 @@ class StartGate:
     def __init__(self) -> None:
         self.is_open = False
         self._held: list[IPushProducer] = []
+        self._waiting: list[Callable[[], object]] = []
 
     def hold(self, port: Any) -> Any:
         """Pause C{port} (an L{IListeningPort}) until the gate opens."""
@@ -110,6 +112,16 @@ class StartGate:
         held, self._held = self._held, []
         for producer in held:
             producer.resumeProducing()
+        waiting, self._waiting = self._waiting, []
+        for call in waiting:
+            call()
+
+    def when_open(self, call: Callable[[], object]) -> None:
+        """Call C{call} once the held ports accept (at once if they do already)."""
+        if self.is_open:
+            call()
+        else:
+            self._waiting.append(call)
 
 
 @implementer(IStreamServerEndpoint)
