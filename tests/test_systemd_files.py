@@ -45,7 +45,9 @@ def test_unit_keeps_what_the_privilege_drop_needs():
     assert "AF_UNIX" in unit["RestrictAddressFamilies"].split()  # NOTIFY_SOCKET
 
 
-@pytest.mark.skipif(shutil.which("systemd-analyze") is None, reason="no systemd-analyze")
+@pytest.mark.skipif(
+    shutil.which("systemd-analyze") is None, reason="systemd-analyze is not installed"
+)
 def test_unit_verifies(tmp_path):
     text = UNIT.read_text().replace("/usr/bin/twistd", str(TWISTD))
     (tmp_path / "mailsrv.service").write_text(text)
@@ -58,7 +60,7 @@ def test_unit_verifies(tmp_path):
     assert result.returncode == 0, result.stderr
 
 
-@pytest.mark.skipif(shutil.which("logrotate") is None, reason="no logrotate")
+@pytest.mark.skipif(shutil.which("logrotate") is None, reason="logrotate is not installed")
 def test_logrotate_config_parses(tmp_path):
     result = subprocess.run(
         ["logrotate", "-d", "-s", str(tmp_path / "state"), str(ROOT / "etc/logrotate.d/mailsrv")],

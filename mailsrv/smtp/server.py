@@ -3,14 +3,12 @@ The ESMTP server for the MX (port 25) and for submission (587 with
 STARTTLS, 465 with implicit TLS): Twisted's L{smtp.ESMTP} with the
 extensions, limits, replies and policy a mail server needs.
 
-Twisted's ESMTP advertises only AUTH and STARTTLS, ignores MAIL
-parameters, drops the connection on a long line, and runs pipelined
-commands before the replies to earlier ones are known. This subclass reads
-lines itself, one command at a time, and answers with RFC 3463 codes.
-
-This module is the ESMTP protocol (the session, its commands and the mail
-transaction) and the listener's factory; the reading of lines is
-L{mailsrv.smtp.lines}, the AUTH command L{mailsrv.smtp.auth}.
+Twisted's ESMTP advertises only AUTH and STARTTLS, ignores MAIL parameters,
+drops the connection on a long line, and runs pipelined commands before the
+replies to earlier ones are known. This subclass reads lines itself
+(L{mailsrv.smtp.lines}), one command at a time, and answers with RFC 3463
+codes; AUTH is L{mailsrv.smtp.auth}, the session's log lines
+L{mailsrv.smtp.sessionlog}.
 """
 
 from __future__ import annotations
@@ -40,7 +38,7 @@ from mailsrv.replies import (
     Reply,
     SMTPReplyError,
 )
-from mailsrv.session import BadCommands, IdleClose, TLSGate
+from mailsrv.session import SHUTDOWN_GRACE, BadCommands, IdleClose, TLSGate
 from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
@@ -555,9 +553,6 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
             self.start_handshake_deadline(self.timeout)
 
 
-SHUTDOWN_GRACE = 10.0  # seconds sessions have to finish a command at shutdown
-
-
 class SMTPFactory(smtp.SMTPFactory):
     """Builds L{SMTPServer} sessions for one listener."""
 
@@ -577,10 +572,7 @@ class SMTPFactory(smtp.SMTPFactory):
         return p
 
     def shut_down(self, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
-        """
-        Tell every open session the server is stopping (421); fire once they
-        have all closed, cutting those still open after C{grace} seconds.
-        """
+        """Tell each session we stop (421); fire once all closed or were cut after C{grace}."""
         sessions = list(self.open_sessions)
         for p in sessions:
             p.shut_down()
@@ -604,6 +596,3 @@ def smtp_factory(context: Any, submission: bool = False, implicit_tls: bool = Fa
     if submission:
         register_avatars(context)
     return SMTPFactory(context, submission, implicit_tls)
-
-
-__all__ = ["SMTPServer", "SMTPFactory", "smtp_factory", "register_avatars"]
