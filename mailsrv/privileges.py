@@ -161,7 +161,12 @@ def prepare_data_dir(config: Config, run_as: Account) -> None:
     try:
         data_dir.parent.mkdir(parents=True, exist_ok=True)
         data_dir.mkdir(mode=DATA_DIR_MODE)
-        os.chown(data_dir, run_as.uid, run_as.gid)
+        # the folder just made, never what a name swapped in meanwhile points to
+        fd = os.open(data_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        try:
+            os.fchown(fd, run_as.uid, run_as.gid)
+        finally:
+            os.close(fd)
     except OSError as e:
         raise StartupError(config.path, "server.data_dir", data_dir, e.strerror or str(e))
 

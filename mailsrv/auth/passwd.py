@@ -25,6 +25,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import os
+import stat
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -255,11 +256,26 @@ class PasswordFile:
         """Hold the lock beside the file; yield the file's text (empty if there is none)."""
         make_dirs(self.path.parent)
         lock_path = self.path.with_name(self.path.name + ".lock")
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+        # Never through a symlink or a second name: the folder may be the
+        # server's account's, and this may run as root (which then must not
+        # open, let alone chown, a file the account pointed it to).
+        flags = os.O_RDWR | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            if os.geteuid() == 0:  # the command run as root: the lock stays the server's
-                st = os.stat(self.path.parent)
-                os.fchown(fd, st.st_uid, st.st_gid)
+            fd = os.open(lock_path, flags | os.O_CREAT | os.O_EXCL, 0o600)
+            created = True
+        except FileExistsError:
+            try:
+                fd = os.open(lock_path, flags)
+            except OSError as e:
+                raise PasswordFileError(f"{lock_path}: cannot open the lock: {e}")
+            created = False
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1:
+                raise PasswordFileError(f"{lock_path}: not a plain file; remove it")
+            if created and os.geteuid() == 0:  # run as root: the lock stays the server's
+                owner = os.stat(self.path.parent)
+                os.fchown(fd, owner.st_uid, owner.st_gid)
             fcntl.flock(fd, fcntl.LOCK_EX)
             try:
                 text = self.path.read_text(encoding="utf-8")
