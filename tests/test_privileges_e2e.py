@@ -32,6 +32,8 @@ import pytest
 
 from tests.e2e import PASSWORD, TWISTD, MailServer, _children
 
+ROOT = Path(__file__).resolve().parent.parent
+
 ADDRESS = "127.0.0.77"  # not 127.0.0.1: a system Postfix or Dovecot may listen there
 PORTS = {
     "smtp": 25,
@@ -103,6 +105,17 @@ def _twistd_for_account(folder: Path) -> str | None:
     twistd = venv / "bin" / "twistd"
     twistd.write_text(f"#!{python}\nfrom twisted.scripts.twistd import run\nrun()\n")
     twistd.chmod(0o755)
+    if _runs(python):
+        return str(twistd)
+    # The packages and this checkout lie below a folder the account cannot enter
+    # (a clone in a mkdtemp folder, 0700): a copy of both where it can.
+    site = folder / "site"
+    shutil.copytree(purelib, site, ignore=shutil.ignore_patterns("__pycache__", "__editable__*"))
+    for part in ("mailsrv", "twisted/plugins"):
+        shutil.copytree(ROOT / part, site / part, dirs_exist_ok=True)
+    (Path(sysconfig.get_paths(vars={"base": str(venv)})["purelib"]) / "parent.pth").write_text(
+        f"import site; site.addsitedir({str(site)!r})\n"
+    )
     return str(twistd) if _runs(python) else None
 
 
