@@ -25,12 +25,15 @@ from twisted.internet import defer
 from twisted.mail import imap4
 
 from mailsrv.imap import condstore, rev2
-from mailsrv.imap.fetch import FetchSyntaxError
+from mailsrv.imap.fetch import FetchSyntaxError, skip
 from mailsrv.imap.responses import encode_name, expunge_lines, flag_list
 from mailsrv.imap.search import BadCharset, SearchError
 from mailsrv.interfaces import SYSTEM_FLAGS, FolderError
 from mailsrv.logsafe import SafeLogger
 from mailsrv.spool import disk_full
+
+# Octets read from a message file at a time for a literal (FETCH, URLFETCH).
+LITERAL_CHUNK = 256 * 1024
 
 
 def command(fn: Callable[..., Any]) -> Callable[..., None]:
@@ -138,6 +141,41 @@ class CommandBase(imap4.IMAP4Server):
     def _context_updates(self, added: Any, changed: Any) -> defer.Deferred:
         """Fires with the ESEARCH lines for new messages and messages with new flags."""
         return defer.succeed(b"")
+
+    # --- literals from the message file ------------------------------------
+
+    @defer.inlineCallbacks
+    def _send_file_range(
+        self, open_file: Callable[[], Any], start: int, size: int, flow: Any
+    ) -> Any:
+        """
+        Send C{size} octets from C{start} of the file C{open_file} opens (in the
+        pool; KeyError: the message is gone) as the client reads them (C{flow},
+        an L{OutputFlow}); what cannot be read is sent as spaces, keeping the
+        literal's promised length.
+        """
+        left = size
+        try:
+            f = yield self._run(open_file)
+        except KeyError:
+            f = None
+        try:
+            if f is not None:
+                yield self._run(skip, f, start)
+            while left > 0 and f is not None:
+                chunk = yield self._run(f.read, min(left, LITERAL_CHUNK))
+                if not chunk or self._lost:
+                    break
+                self.transport.write(chunk)
+                left -= len(chunk)
+                yield flow.wait()
+                if flow.stopped:
+                    return
+            if left > 0 and not self._lost:
+                self.transport.write(b" " * left)  # keep the literal's promised length
+        finally:
+            if f is not None:
+                f.close()
 
     # --- \Recent and keywords ----------------------------------------------
 

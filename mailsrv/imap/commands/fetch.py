@@ -17,7 +17,7 @@ from twisted.internet import defer
 from mailsrv.imap import binary, condstore
 from mailsrv.imap.account import SessionMailbox
 from mailsrv.imap.commands.base import CommandBase, command
-from mailsrv.imap.fetch import FetchRequest, Stream, skip
+from mailsrv.imap.fetch import FetchRequest, Stream
 from mailsrv.imap.fetchindex import IndexFetch
 from mailsrv.imap.fetchitems import (
     Refusal,
@@ -266,30 +266,10 @@ class FetchCommand(CommandBase):
             extra.insert(0, "UID")
         return extra
 
-    @defer.inlineCallbacks
-    def _stream(self, folder: Any, s: Stream, flow: OutputFlow) -> Any:
-        left = s.end - s.start
-        try:
-            if s.blocks is not None:
-                f = yield self._run(binary.open_section, folder, s.uid, list(s.blocks))
-            else:
-                f = yield self._run(folder.open_message, s.uid)
-        except KeyError:
-            f = None
-        try:
-            if f is not None:
-                yield self._run(skip, f, s.start)
-            while left > 0 and f is not None:
-                chunk = yield self._run(f.read, min(left, 256 * 1024))
-                if not chunk or self._lost:
-                    break
-                self.transport.write(chunk)
-                left -= len(chunk)
-                yield flow.wait()
-                if flow.stopped:
-                    return
-            if left > 0 and not self._lost:
-                self.transport.write(b" " * left)  # keep the literal's promised length
-        finally:
-            if f is not None:
-                f.close()
+    def _stream(self, folder: Any, s: Stream, flow: OutputFlow) -> defer.Deferred:
+        if s.blocks is not None:
+            blocks = list(s.blocks)
+            opener = lambda: binary.open_section(folder, s.uid, blocks)  # noqa: E731
+        else:
+            opener = lambda: folder.open_message(s.uid)  # noqa: E731
+        return self._send_file_range(opener, s.start, s.end - s.start, flow)  # type: ignore[no-any-return]

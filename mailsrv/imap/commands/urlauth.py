@@ -30,7 +30,6 @@ from twisted.internet import defer
 from twisted.mail import imap4
 
 from mailsrv.imap.commands.base import command
-from mailsrv.imap.fetch import skip
 from mailsrv.imap.imapstring import astring
 from mailsrv.imap.imapurl import ImapUrl, InvalidURL, parse
 from mailsrv.imap.parsing import CommandParser, mailbox_name
@@ -51,7 +50,6 @@ from mailsrv.store.infos import uids_of
 from mailsrv.store.names import canonical_folder
 
 CAPABILITIES = [b"URLAUTH", b"URL-PARTIAL"]  # RFC 4467 1, RFC 5550 5
-CHUNK = 256 * 1024
 
 
 class _Refused(Exception):
@@ -311,31 +309,11 @@ class UrlauthCommands(CommandParser):
             )
         return folder, octets
 
-    @defer.inlineCallbacks
-    def _urlfetch_stream(self, folder: Any, octets: Octets, flow: OutputFlow) -> Any:
+    def _urlfetch_stream(self, folder: Any, octets: Octets, flow: OutputFlow) -> defer.Deferred:
         """Send C{octets}' range of the message file as the client reads it."""
-        left = octets.size
-        try:
-            f = yield self._run(folder.open_message, octets.uid)
-        except KeyError:
-            f = None
-        try:
-            if f is not None:
-                yield self._run(skip, f, octets.start)
-            while left > 0 and f is not None:
-                chunk = yield self._run(f.read, min(left, CHUNK))
-                if not chunk or self._lost:
-                    break
-                self.transport.write(chunk)
-                left -= len(chunk)
-                yield flow.wait()
-                if flow.stopped:
-                    return
-            if left > 0 and not self._lost:
-                self.transport.write(b" " * left)  # keep the literal's promised length
-        finally:
-            if f is not None:
-                f.close()
+        return self._send_file_range(  # type: ignore[no-any-return]
+            lambda: folder.open_message(octets.uid), octets.start, octets.size, flow
+        )
 
 
 def _info(folder: Any, uid: int | None) -> Any:
