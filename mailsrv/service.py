@@ -9,6 +9,7 @@ reads it, and anything shared is built here.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
@@ -44,10 +45,11 @@ from mailsrv.policy.connections import connection_gate
 from mailsrv.policy.duplicates import DuplicateMail, build_duplicates
 from mailsrv.policy.greylist import Greylist
 from mailsrv.policy.greylist_store import build_greylist, greylist_service
-from mailsrv.policy.listener import PROTOCOLS, GateFactory
+from mailsrv.policy.listener import PROTOCOLS, GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkWatcher
 from mailsrv.policy.rates import RateLimits
 from mailsrv.pop3 import MaildropLocks, pop3_factory
+from mailsrv.reload import Listeners, Reloader
 from mailsrv.sdnotify import Notifier, NotifyService
 from mailsrv.smtp.server import smtp_factory
 from mailsrv.startup import (
@@ -146,12 +148,13 @@ class GoodbyeService(service.Service):
     421) and waits for them to close, before the disk thread pool stops.
     """
 
-    def __init__(self, factories: list[Any]) -> None:
-        self.factories = factories
+    def __init__(self, factories: list[Any] | Callable[[], list[Any]]) -> None:
+        self.factories = factories  # or a callable: those of every reload's settings
 
     def stopService(self) -> defer.Deferred:
         super().stopService()
-        return defer.DeferredList([f.shut_down() for f in self.factories])
+        factories = self.factories() if callable(self.factories) else self.factories
+        return defer.DeferredList([f.shut_down() for f in factories])
 
 
 def build_context(config: Config, reactor: Any) -> ServerContext:
@@ -246,57 +249,56 @@ def serve(ctx: ServerContext) -> service.MultiService:
     users = ThreadPoolService(ctx.threadpool, ctx.store)
     users.setServiceParent(top)  # everything in users stops before the disk thread pool
     notifier = Notifier.from_environ()  # systemd's Type=notify; nothing without NOTIFY_SOCKET
-    HangupService(ctx.tls, ctx.reactor, notifier).setServiceParent(top)
+    aliases = None
     if ctx.addresses is not None and ctx.addresses.aliases is not None:
-        AliasWatcher(ctx.addresses.aliases, ctx.reactor, ctx.threadpool).setServiceParent(users)
+        aliases = AliasWatcher(ctx.addresses.aliases, ctx.reactor, ctx.threadpool)
+        aliases.setServiceParent(users)
     # The relayer runs in a process of its own, beside this one.
-    relay_process_service(ctx).setServiceParent(users)
-    factories = _factories(ctx)
-    GoodbyeService([f for f in factories.values() if hasattr(f, "shut_down")]).setServiceParent(
-        users
-    )
+    relay = relay_process_service(ctx)
+    relay.setServiceParent(users)
+    listeners = _listeners(ctx)
+    goodbye = GoodbyeService(list(listeners.sessions))
+    goodbye.setServiceParent(users)
     if ctx.authentication is not None and ctx.authentication.workers is not None:
         # Its processes (started by the first message) gone when it has stopped.
         VerifierService(ctx.authentication.workers).setServiceParent(users)
-    policy = ctx.config.policy
-    connections = connection_gate(policy, ctx.reactor)
-    watched = [connections.allow, connections.deny]
+    connections = connection_gate(ctx.config.policy, ctx.reactor)
+    greylist_networks = []
     greylisting = greylist_service(ctx)
     if greylisting is not None:
         assert ctx.greylist is not None
-        watched.append(ctx.greylist.allowed_networks)  # [policy] allow_file, for the greylist too
+        # [policy] allow_file, for the greylist too
+        greylist_networks.append(ctx.greylist.allowed_networks)
         greylisting.setServiceParent(users)
-    NetworkWatcher(watched, ctx.reactor, ctx.threadpool).setServiceParent(users)
-    checks = client_checks(ctx.config, ctx.reactor)  # reverse DNS, DNS lists
+    networks = NetworkWatcher(
+        [connections.allow, connections.deny, *greylist_networks], ctx.reactor, ctx.threadpool
+    )
+    networks.setServiceParent(users)
     gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
+    gates: dict[str, GateFactory] = {}
     for name, endpoints in ctx.config.listen.items():
         if not endpoints:
             continue
-        if name not in factories:
+        settings = listeners.settings.get(name)
+        if settings is None:
             log.warn(
                 "no server for listener {name}; not listening on {endpoints}",
                 name=name,
                 endpoints=endpoints,
             )
             continue
-        factory = factories[name]
-        refusal_tls = None
-        if name in IMPLICIT_TLS:
-            factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
-            refusal_tls = _tls_wrapper(ctx)
         # Every listener: the connection gate first (limits, allowed and
         # denied networks), then the pregreet wait on the MX listener only.
-        wait = policy.pregreet_wait if name == "smtp" and policy.pregreet else 0.0
-        factory = GateFactory(
-            factory,
+        factory = gates[name] = GateFactory(
+            settings.factory,
             connections,
             name,
             ctx.reactor,
-            ctx.config.server.hostname,
-            pregreet_wait=wait,
-            refusal_tls=refusal_tls,
-            client_checks=checks if PROTOCOLS.get(name) == "smtp" else None,
+            settings.hostname,
+            pregreet_wait=settings.pregreet_wait,
+            refusal_tls=_tls_wrapper(ctx) if name in IMPLICIT_TLS else None,
+            client_checks=settings.client_checks,
         )
         for description in endpoints:
             svc = strports.service(description, factory, reactor=cast(IReactorCore, ctx.reactor))
@@ -304,7 +306,32 @@ def serve(ctx: ServerContext) -> service.MultiService:
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
     NotifyService(notifier, gate, ctx.reactor).setServiceParent(users)  # after every listener
+    # SIGHUP: new connections get the new settings (mailsrv.reload).
+    reloader = Reloader(
+        ctx, _listeners, listeners, gates, connections, networks, greylist_networks, aliases, relay
+    )
+    goodbye.factories = reloader.session_factories
+    HangupService(ctx.tls, ctx.reactor, notifier, gate, reloader).setServiceParent(top)
     return top
+
+
+def _listeners(ctx: ServerContext) -> Listeners:
+    """What each listener serves new connections with, built from C{ctx}."""
+    factories = _factories(ctx)
+    checks = client_checks(ctx.config, ctx.reactor)  # reverse DNS, DNS lists
+    policy = ctx.config.policy
+    settings = {}
+    for name, factory in factories.items():
+        if name in IMPLICIT_TLS:
+            factory = TLSMemoryBIOFactory(ctx.tls, False, factory)
+        settings[name] = ListenerSettings(
+            factory,
+            ctx.config.server.hostname,
+            pregreet_wait=policy.pregreet_wait if name == "smtp" and policy.pregreet else 0.0,
+            client_checks=checks if PROTOCOLS.get(name) == "smtp" else None,
+        )
+    sessions = [f for f in factories.values() if hasattr(f, "shut_down")]
+    return Listeners(settings, sessions)
 
 
 def _tls_wrapper(ctx: ServerContext) -> Any:

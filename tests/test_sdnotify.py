@@ -15,7 +15,10 @@ from pathlib import Path
 
 import pytest
 
-from mailsrv.sdnotify import Notifier, NotifyService
+from twisted.internet.task import Clock
+
+from mailsrv.hangup import HangupService
+from mailsrv.sdnotify import EXTEND_BY, EXTEND_EVERY, Notifier, NotifyService
 from mailsrv.startup import StartGate
 from tests.e2e import MailServer
 
@@ -76,7 +79,7 @@ def test_abstract_socket_and_ready_waits_for_the_gate():
     with datagram_socket("\0" + name[1:]) as s:
         notifier = Notifier(name)
         gate = StartGate()
-        svc = NotifyService(notifier, gate, reactor=None)
+        svc = NotifyService(notifier, gate, reactor=Clock())
         svc.privilegedStartService()
         svc.startService()
         assert [m.get("READY") for m in received(s)] == [None]  # STATUS=starting only
@@ -86,6 +89,68 @@ def test_abstract_socket_and_ready_waits_for_the_gate():
         svc.stopService()
         assert received(s) == [{"STOPPING": "1", "STATUS": "stopping"}]
         notifier.close()
+
+
+def test_more_time_is_asked_while_the_recovery_holds_the_listeners():
+    name = f"@mailsrv-test-{os.getpid()}-{time.monotonic_ns()}"
+    with datagram_socket("\0" + name[1:]) as s:
+        notifier = Notifier(name)
+        gate = StartGate()
+        clock = Clock()
+        svc = NotifyService(notifier, gate, reactor=clock)
+        svc.privilegedStartService()
+        svc.startService()
+        assert received(s) == [{"STATUS": "starting"}]
+        extended = []
+        for _ in range(3):  # a recovery that outlasts TimeoutStartSec
+            clock.advance(EXTEND_EVERY)
+            (message,) = received(s)
+            extended.append(int(message["EXTEND_TIMEOUT_USEC"]))
+        assert extended == [int(EXTEND_BY * 1_000_000)] * 3
+        assert EXTEND_BY > EXTEND_EVERY  # each ask reaches past the next one
+        gate.open()
+        assert [m.get("READY") for m in received(s)] == ["1"]
+        clock.advance(EXTEND_EVERY * 3)
+        assert received(s) == []  # no more asks once ready
+        svc.stopService()
+        notifier.close()
+
+
+class FakeTLS:
+    """A ServerTLS whose files are always read again fine."""
+
+    def __init__(self) -> None:
+        self.reloads = 0
+
+    def reload(self) -> Path:
+        self.reloads += 1
+        return Path("/etc/ssl/cert.pem")
+
+
+def test_sighup_during_the_start_up_waits_for_the_listeners():
+    """READY=1 is never sent before the start-up gate opens, SIGHUP or not."""
+    name = f"@mailsrv-test-{os.getpid()}-{time.monotonic_ns()}"
+    with datagram_socket("\0" + name[1:]) as s:
+        notifier = Notifier(name)
+        gate = StartGate()
+        clock = Clock()
+        tls = FakeTLS()
+        ready = NotifyService(notifier, gate, reactor=clock)
+        hangup = HangupService(tls, clock, notifier, gate)  # type: ignore[arg-type]
+        ready.startService()
+        hangup.startService()
+        try:
+            assert hangup.reload() is None
+            assert hangup.reload() is None  # twice: one reload after the start-up
+            assert received(s) == []
+            assert tls.reloads == 0
+            gate.open()
+            keys = [[k for k in m if k not in ("STATUS", "MAINPID")] for m in received(s)]
+            assert keys == [["READY"], ["RELOADING", "MONOTONIC_USEC"], ["READY"]]
+            assert tls.reloads == 1
+        finally:
+            hangup.stopService()
+            notifier.close()
 
 
 @pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs /proc")

@@ -211,6 +211,7 @@ class RelayProcessService(service.Service):
         if profile and argv is None:  # benchmarks/relay_bench.py --profile-relay
             self.argv = [sys.executable, "-m", "cProfile", "-o", profile] + self.argv[1:]
         self.proto: RelayProcessProtocol | None = None
+        self._retiring: RelayProcessProtocol | None = None  # stopping for a reload
         self._restart: Any = None
         self._delay = RESTART_MIN
         self._started_at = 0.0
@@ -263,11 +264,35 @@ class RelayProcessService(service.Service):
             self.log.failure("the relay process did not start", f)
             proto.transport.signalProcess("TERM")
 
+    def restart(self, ctx: Any) -> None:
+        """
+        Use the settings of C{ctx} (a reload): the running relay process is
+        stopped as at a stop (it records the attempts under way, then exits)
+        and a new one starts with them at once. The new one takes the
+        queue's relay lock only once the old one let it go, and reads the
+        messages queued meanwhile from the queue folder: the queue stays
+        consistent, as across a restart of the server.
+        """
+        self.ctx = ctx
+        self.config = ctx.config
+        proto = self.proto
+        if not self.running or proto is None or self._retiring is not None:
+            return  # the next relay process started gets the new settings
+        self.log.info("restarting the relay process with the new settings")
+        self.proto = None  # notices of mail queued meanwhile: the new one reads the folder
+        self._retiring = proto
+        self._stop(proto)
+
     def _ended(self, _: None, proto: RelayProcessProtocol) -> None:
         reason = proto.reason
         assert reason is not None
         if proto is self.proto:
             self.proto = None
+        if proto is self._retiring:
+            self._retiring = None
+            if self.running:
+                self._spawn()
+            return
         if not self.running:
             self.log.info("relay process stopped")
             return
@@ -305,9 +330,16 @@ class RelayProcessService(service.Service):
         if self._restart is not None and self._restart.active():
             self._restart.cancel()
         self._restart = None
-        proto = self.proto
-        if proto is None:
-            return defer.succeed(None)
+        waits = []
+        retiring = self._retiring
+        if retiring is not None:
+            waits.append(retiring.ended)  # asked to stop already, by a reload
+        if self.proto is not None:
+            waits.append(self._stop(self.proto))
+        return defer.DeferredList(waits)
+
+    def _stop(self, proto: RelayProcessProtocol) -> defer.Deferred:
+        """Ask C{proto}'s process to stop (killed after L{STOP_TIMEOUT}); fires once it ended."""
         ended = proto.ended
 
         def kill() -> None:

@@ -117,6 +117,18 @@ class ConnectionGate:
         self._forget_old(now)
         return Verdict.ADMIT
 
+    def configure(self, limits: ConnectionLimits, allow: NetworkList, deny: NetworkList) -> None:
+        """
+        Apply new settings (a reload): the limits, and the networks of
+        C{allow} and C{deny} (already read) taken into this gate's own lists,
+        which a L{NetworkWatcher} may be watching. The counts of the
+        connections open and recent are kept.
+        """
+        self.limits = limits
+        for mine, new in ((self.allow, allow), (self.deny, deny)):
+            mine.inline, mine.path = new.inline, new.path
+            mine.from_file, mine.signature = new.from_file, new.signature
+
     def release(self, listener: str, host: str) -> None:
         key = (listener, limited_client(client_address(host), host))
         n = self.open.get(key, 0)
@@ -167,15 +179,25 @@ def limited_client(addr: Any, host: str) -> str:
     return str(addr) if addr is not None else host
 
 
-def connection_gate(policy: Any, clock: Any) -> ConnectionGate:
-    """The gate of the [policy] section C{policy}, its network files read now."""
-    allow = NetworkList(tuple(policy.allow), policy.allow_file)
-    deny = NetworkList(tuple(policy.deny), policy.deny_file)
-    allow.load()
-    deny.load()
-    limits = ConnectionLimits(
+def connection_limits(policy: Any) -> ConnectionLimits:
+    """The connection limits of the [policy] section C{policy}."""
+    return ConnectionLimits(
         max_connections=policy.max_connections,
         max_connections_per_ip=policy.max_connections_per_ip,
         connections_per_ip_per_minute=policy.connections_per_ip_per_minute,
     )
-    return ConnectionGate(clock, limits, allow=allow, deny=deny)
+
+
+def network_lists(policy: Any) -> tuple[NetworkList, NetworkList]:
+    """The allowed and the denied networks of C{policy}, their files read now (blocking)."""
+    allow = NetworkList(tuple(policy.allow), policy.allow_file)
+    deny = NetworkList(tuple(policy.deny), policy.deny_file)
+    allow.load()
+    deny.load()
+    return allow, deny
+
+
+def connection_gate(policy: Any, clock: Any) -> ConnectionGate:
+    """The gate of the [policy] section C{policy}, its network files read now."""
+    allow, deny = network_lists(policy)
+    return ConnectionGate(clock, connection_limits(policy), allow=allow, deny=deny)

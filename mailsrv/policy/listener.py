@@ -16,6 +16,7 @@ lists block is refused instead.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet import protocol
@@ -149,6 +150,7 @@ class Gated(protocol.Protocol):
         self, gate: GateFactory, addr: Any, host: str, counted: bool, allowed: bool = False
     ) -> None:
         self.gate = gate
+        self.settings = gate.settings  # the listener's settings when it connected
         self.addr = addr
         self.host = host
         self.counted = counted
@@ -168,14 +170,15 @@ class Gated(protocol.Protocol):
         return self.__class__.__name__
 
     def connectionMade(self) -> None:
-        if self.gate.pregreet_wait > 0:
-            self._wait = self.gate.clock.callLater(self.gate.pregreet_wait, self._pregreet_over)
-        checks = self.gate.client_checks
+        wait = self.settings.pregreet_wait
+        if wait > 0:
+            self._wait = self.gate.clock.callLater(wait, self._pregreet_over)
+        checks = self.settings.client_checks
         if checks is not None:
             self._checking = True
             d = checks.check(self.gate.listener, self.host, self.allowed)
             d.addCallbacks(self._checked, self._check_failed)
-        if self.gate.pregreet_wait <= 0:
+        if wait <= 0:
             self._pregreet_over()
 
     def _pregreet_over(self) -> None:
@@ -203,7 +206,7 @@ class Gated(protocol.Protocol):
             self.transport.write(report.refusal)
             self.transport.loseConnection()
             return
-        inner = self.gate.wrappedFactory.buildProtocol(self.addr)
+        inner = self.settings.factory.buildProtocol(self.addr)
         if inner is None:
             self.transport.loseConnection()
             return
@@ -225,7 +228,7 @@ class Gated(protocol.Protocol):
             return
         if self._refused:
             return
-        if self.gate.pregreet_wait <= 0:
+        if self.settings.pregreet_wait <= 0:
             # No pregreet test: kept for the session the checks still hold up.
             self._early += data
             if len(self._early) > MAX_EARLY:
@@ -242,7 +245,7 @@ class Gated(protocol.Protocol):
             client=self.host,
             listener=self.gate.listener,
         )
-        self.transport.write(PREGREET.format(host=self.gate.hostname).encode())
+        self.transport.write(PREGREET.format(host=self.settings.hostname).encode())
         self.transport.loseConnection()
 
     def handshakeCompleted(self) -> None:
@@ -262,12 +265,30 @@ class Gated(protocol.Protocol):
             self.inner.connectionLost(reason)
 
 
+@dataclass(frozen=True)
+class ListenerSettings:
+    """
+    What a listener's new connections are served with: C{factory} builds
+    the protocol of an admitted connection (under the TLS wrapper of an
+    implicit TLS listener); C{hostname} names the server in refusals.
+    Replaced in one step by L{GateFactory.use} (a reload); a connection keeps
+    the settings it was accepted under.
+    """
+
+    factory: Any
+    hostname: str
+    pregreet_wait: float = 0.0
+    client_checks: ClientChecks | None = None
+
+
 class GateFactory(protocol.Factory):
     """
     Wraps the factory of one listener: C{wrapped} builds the protocol of an
     admitted connection; a refused one gets L{refusal_line} (over TLS when
     C{refusal_tls} wraps the refusal, for an implicit TLS listener).
     C{client_checks}, on an SMTP listener, looks the client up at connect.
+    The listening port keeps this factory for as long as it listens; a
+    reload gives it new L{ListenerSettings} (L{use}).
     """
 
     def __init__(
@@ -281,22 +302,49 @@ class GateFactory(protocol.Factory):
         refusal_tls: Any = None,
         client_checks: ClientChecks | None = None,
     ) -> None:
-        self.wrappedFactory = wrapped
+        self.settings = ListenerSettings(wrapped, hostname, pregreet_wait, client_checks)
         self.gate = gate
         self.listener = listener
         self.kind = PROTOCOLS.get(listener, "smtp")
         self.clock = clock
-        self.hostname = hostname
-        self.pregreet_wait = pregreet_wait
         self.refusal_tls = refusal_tls  # callable: refusal factory -> TLS factory
         self.refusals_open = 0
-        self.client_checks = client_checks
+        self._ports = 0  # listening ports started with this factory
+
+    @property
+    def wrappedFactory(self) -> Any:  # noqa: N802 (Twisted's name for a wrapper's inner factory)
+        return self.settings.factory
+
+    @property
+    def hostname(self) -> str:
+        return self.settings.hostname
+
+    @property
+    def pregreet_wait(self) -> float:
+        return self.settings.pregreet_wait
+
+    @property
+    def client_checks(self) -> ClientChecks | None:
+        return self.settings.client_checks
+
+    def use(self, settings: ListenerSettings) -> ListenerSettings:
+        """
+        Serve new connections with C{settings} from now on; the sessions
+        already open keep theirs. Returns the settings replaced.
+        """
+        old, self.settings = self.settings, settings
+        for _ in range(self._ports):
+            settings.factory.doStart()
+            old.factory.doStop()
+        return old
 
     def doStart(self) -> None:
-        self.wrappedFactory.doStart()
+        self._ports += 1
+        self.settings.factory.doStart()
 
     def doStop(self) -> None:
-        self.wrappedFactory.doStop()
+        self._ports -= 1
+        self.settings.factory.doStop()
 
     def buildProtocol(self, addr: Any) -> protocol.Protocol | None:
         host = str(getattr(addr, "host", "") or "local")
@@ -310,7 +358,9 @@ class GateFactory(protocol.Factory):
             return None  # closed at once by the listening port
         self.refusals_open += 1
         refusals: Any = _RefusalFactory(
-            refusal_line(self.kind, verdict, self.hostname), self.clock, self._refusal_closed
+            refusal_line(self.kind, verdict, self.settings.hostname),
+            self.clock,
+            self._refusal_closed,
         )
         if self.refusal_tls is not None:
             refusals = self.refusal_tls(refusals)
