@@ -14,7 +14,6 @@ import time
 from pathlib import Path
 
 import pytest
-
 from twisted.internet.task import Clock
 
 from mailsrv.hangup import HangupService
