@@ -37,7 +37,8 @@ from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
-from mailsrv.authres.step import build_authentication
+from mailsrv.authres.resolver import Resolver
+from mailsrv.authres.step import SenderAuthentication
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import build_filter
@@ -193,15 +194,25 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
     ):
         duplicates = build_duplicates(config.policy, reactor)
     authentication = ctx.authentication
-    auth_settings = ("spf_reject", "dmarc_reject")
-    auth_same = _same(old.policy, config.policy, *auth_settings) and _same(old, config, "dns")
-    auth_same = auth_same and old.server.hostname == config.server.hostname
-    if not auth_same:
-        if authentication is not None and authentication.workers is not None:
-            # Its verifier processes live as long as the server.
-            restart.append("policy.spf_reject, policy.dmarc_reject, dns (with verifier processes)")
-        else:
-            authentication = build_authentication(config, reactor, in_pool)
+    auth_same = _same(old.policy, config.policy, "spf_reject", "dmarc_reject") and _same(
+        old, config, "dns"
+    )
+    if authentication is not None and not (
+        auth_same and old.server.hostname == config.server.hostname
+    ):
+        # The verifier processes (their own resolver) live as long as the server.
+        workers = authentication.workers
+        if workers is not None and old.dns != config.dns:
+            restart.append("dns (for the verifier processes)")
+        authentication = SenderAuthentication(
+            resolver=Resolver(config.dns.nameservers),
+            in_pool=in_pool,
+            clock=reactor,
+            workers=workers,
+            authserv_id=config.server.hostname,
+            spf_reject=config.policy.spf_reject,
+            dmarc_reject=config.policy.dmarc_reject,
+        )
     quota = ctx.quota
     if quota is None or old.quota != config.quota:
         quota = Quotas(config.quota, config.mail_dir, in_pool)
