@@ -3,8 +3,9 @@ End to end, as root: a real ``twistd -n mailsrv`` started as root binds the
 standard ports (25, 465, 587, 110, 995, 143, 993) on a loopback address of
 its own, then runs as ``nobody:nogroup`` (C{[server] user}/C{group}), its
 relay process and its sender verification process too; mail sent with SMTP
-is read with POP3 and IMAP, and everything in the data folder is nobody's
-with modes no wider than 0700/0600. A file left there by root ends the next
+is read with POP3 and IMAP; SIGHUP, as nobody, makes new TLS connections get
+a renewed certificate and lets a new user log in; and everything in the data
+folder is nobody's with modes no wider than 0700/0600. A file left there by root ends the next
 start with the C{chown} command that fixes it; started as root with no
 account to run as, the server refuses. Skipped unless run as root.
 """
@@ -16,9 +17,12 @@ import imaplib
 import os
 import poplib
 import pwd
+import re
 import shutil
+import signal
 import smtplib
 import socket
+import ssl
 import stat
 import subprocess
 import sys
@@ -30,7 +34,9 @@ from pathlib import Path
 
 import pytest
 
+from tests.certs import make_chain
 from tests.e2e import PASSWORD, TWISTD, MailServer, _children
+from tests.test_hangup import wait_for_log
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -46,6 +52,7 @@ PORTS = {
 }
 USER, GROUP = "nobody", "nogroup"
 ALICE = "alice@example.test"
+DAVE = "dave@example.test"
 
 
 def _account() -> tuple[int, int] | None:
@@ -174,12 +181,12 @@ def base() -> Iterator[Path]:
     shutil.rmtree(path)
 
 
-def _server(base: Path, dns_port: int) -> MailServer:
+def _server(base: Path, dns_port: int, extra: str = "") -> MailServer:
     """A server on the standard ports of L{ADDRESS}, to run as nobody:nogroup."""
     server = MailServer(
         base,
         extra=(
-            f'[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
+            f'{extra}[dns]\nnameservers = ["127.0.0.1:{dns_port}"]\n'
             "[policy]\nreverse_dns = false\nauthentication_workers = 1\n"
         ),
     )
@@ -196,6 +203,29 @@ def _server(base: Path, dns_port: int) -> MailServer:
     return server
 
 
+def _install_certificate(live: Path, folder: Path, ids: tuple[int, int]) -> Path:
+    """A new chain for mx.example.test, written over the files in C{live} (as an ACME
+    client renews them), readable by the account: its root CA."""
+    chain = make_chain(folder)
+    for source, name in ((chain.fullchain, "fullchain.pem"), (chain.key, "privkey.pem")):
+        target = live / name
+        target.write_bytes(source.read_bytes())
+        os.chown(target, *ids)
+        target.chmod(0o600)
+    return chain.root
+
+
+def _served_by(root: Path) -> bool:
+    """Whether a new TLS connection to submissions gets a certificate issued under C{root}."""
+    context = ssl.create_default_context(cafile=str(root))
+    with socket.create_connection((ADDRESS, PORTS["submissions"]), timeout=60) as raw:
+        try:
+            with context.wrap_socket(raw, server_hostname="mx.example.test") as tls:
+                return tls.recv(512).startswith(b"220 ")
+        except ssl.SSLCertVerificationError:
+            return False
+
+
 def test_binds_low_ports_then_runs_as_the_account(
     base: Path, dns: int, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -207,7 +237,11 @@ def test_binds_low_ports_then_runs_as_the_account(
         pytest.skip(f"{USER} cannot run {sys.executable} with mailsrv (its files are root's alone)")
     monkeypatch.setattr("tests.e2e.TWISTD", twistd)
     uid, gid = _account()  # type: ignore[misc]
-    server = _server(base, dns)
+    live = base / "live"  # where an ACME client keeps the current certificate
+    live.mkdir(mode=0o755)
+    first = _install_certificate(live, base / "pki1", (uid, gid))
+    tls = f'[tls]\ncertificate = "{live / "fullchain.pem"}"\nkey = "{live / "privkey.pem"}"\n'
+    server = _server(base, dns, tls)
     try:
         server.start()
         assert server.proc is not None
@@ -248,6 +282,24 @@ def test_binds_low_ports_then_runs_as_the_account(
             assert typ == "OK" and b"Subject: hello" in bytes(data[0][1])  # type: ignore[index]
         finally:
             imap.logout()
+
+        # Reload, as nobody: a renewed certificate and a new user.
+        assert _served_by(first)
+        second = _install_certificate(live, base / "pki2", (uid, gid))
+        server.add_user(DAVE)
+        server.proc.send_signal(signal.SIGHUP)
+        text = wait_for_log(server, r"SIGHUP: reloaded the configuration")
+        assert "SIGHUP: cannot" not in text and "SIGHUP: reloaded the TLS certificate" in text
+        assert _served_by(second)
+        assert not _served_by(first)
+        imap = imaplib.IMAP4(ADDRESS, 143, timeout=60)
+        try:
+            assert imap.login(DAVE, PASSWORD)[0] == "OK"
+        finally:
+            imap.logout()
+        assert re.search(r"relay process started", text)  # and it still runs, as nobody
+        for pid in _children(server.proc.pid):
+            assert _ids(pid)["Uid"] == [uid] * 4
     finally:
         server.close()  # SIGTERM, by pid; then its children
     assert "Server Shut Down." in server.output()
