@@ -117,12 +117,14 @@ class Loaded:
 
 def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
     """
-    Read the config file at C{path} (None: the built-in default) and the
+    Read the config file at C{path} (None: the built-in default, kept) and the
     files it names that a reload reads again: the aliases, the DKIM keys, the
     network lists. Blocking: for the thread pool. L{ConfigError} lists
     every problem found.
     """
-    new = load(path)
+    # The built-in default cannot have changed (and its relative paths
+    # would follow the current folder): the files it names are read again.
+    new = load(path) if path is not None else old
     restart = restart_changes(old, new)
     config = keep_restart_settings(old, new)
     try:
