@@ -246,9 +246,13 @@ def build_service(config: Config, reactor: Any = None) -> service.MultiService:
 def serve(ctx: ServerContext) -> service.MultiService:
     """The services of a server built as C{ctx}: the relay process and the listeners."""
     top = service.MultiService()
+    notifier = Notifier.from_environ()  # systemd's Type=notify; nothing without NOTIFY_SOCKET
+    gate = StartGate()
+    # SIGHUP handled from the first moment (its reloader is set below).
+    hangup = HangupService(ctx.tls, ctx.reactor, notifier, gate)
+    hangup.setServiceParent(top)
     users = ThreadPoolService(ctx.threadpool, ctx.store)
     users.setServiceParent(top)  # everything in users stops before the disk thread pool
-    notifier = Notifier.from_environ()  # systemd's Type=notify; nothing without NOTIFY_SOCKET
     aliases = None
     if ctx.addresses is not None and ctx.addresses.aliases is not None:
         aliases = AliasWatcher(ctx.addresses.aliases, ctx.reactor, ctx.threadpool)
@@ -274,7 +278,6 @@ def serve(ctx: ServerContext) -> service.MultiService:
         [connections.allow, connections.deny, *greylist_networks], ctx.reactor, ctx.threadpool
     )
     networks.setServiceParent(users)
-    gate = StartGate()
     RecoveryService(ctx.store, gate).setServiceParent(users)
     gates: dict[str, GateFactory] = {}
     for name, endpoints in ctx.config.listen.items():
@@ -311,7 +314,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
         ctx, _listeners, listeners, gates, connections, networks, greylist_networks, aliases, relay
     )
     goodbye.factories = reloader.session_factories
-    HangupService(ctx.tls, ctx.reactor, notifier, gate, reloader).setServiceParent(top)
+    hangup.reloader = reloader
     return top
 
 
