@@ -88,6 +88,10 @@ class HangupService(service.Service):
         return d
 
     def _after_start(self) -> None:
+        # In a turn of its own: READY=1 for the start-up comes first.
+        self.reactor.callLater(0, self._reload_put_off)
+
+    def _reload_put_off(self) -> None:
         self._put_off = False
         if self.running:
             self.reload()

@@ -136,14 +136,15 @@ def test_sighup_during_the_start_up_waits_for_the_listeners():
         tls = FakeTLS()
         ready = NotifyService(notifier, gate, reactor=clock)
         hangup = HangupService(tls, clock, notifier, gate)  # type: ignore[arg-type]
-        ready.startService()
         hangup.startService()
+        assert hangup.reload() is None  # before the listeners are even started
+        ready.startService()
         try:
-            assert hangup.reload() is None
             assert hangup.reload() is None  # twice: one reload after the start-up
             assert received(s) == []
             assert tls.reloads == 0
             gate.open()
+            clock.advance(0)
             keys = [[k for k in m if k not in ("STATUS", "MAINPID")] for m in received(s)]
             assert keys == [["READY"], ["RELOADING", "MONOTONIC_USEC"], ["READY"]]
             assert tls.reloads == 1
