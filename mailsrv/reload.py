@@ -152,6 +152,14 @@ def _same(old: Any, new: Any, *names: str) -> bool:
     return all(getattr(old, n) == getattr(new, n) for n in names)
 
 
+def _learning(config: Config) -> tuple[object, ...] | None:
+    """The [filter] settings the training from IMAP moves is built from."""
+    f = config.filter
+    if f is None:
+        return None
+    return (f.learn, f.rspamd_controller, f.rspamd_password, f.learn_command)
+
+
 def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, list[str]]:
     """
     The context new connections get after a reload to C{loaded}: the
@@ -215,6 +223,9 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
             spf_reject=config.policy.spf_reject,
             dmarc_reject=config.policy.dmarc_reject,
         )
+    if _learning(old) != _learning(config):
+        # The training queue (and its trainer) lives as long as the server.
+        restart.append("filter.learn, rspamd_controller, rspamd_password, learn_command")
     quota = ctx.quota
     if quota is None or old.quota != config.quota:
         quota = Quotas(config.quota, config.mail_dir, in_pool)

@@ -92,6 +92,18 @@ def test_a_new_context_keeps_the_state_and_builds_the_settings_again(ctx, tmp_pa
     assert again.rates is new.rates  # unchanged settings: the counters are kept
 
 
+def test_filter_learning_needs_a_restart_the_filter_itself_not(ctx, tmp_path):
+    path = tmp_path / "mailsrv.toml"
+    base = path.read_text()
+    path.write_text(base + '[filter]\nspamd = "127.0.0.1:783"\n')
+    new, restart = next_context(ctx, read_config(path, ctx.config, ctx))
+    assert restart == [] and new.filter is not None and new.training is None
+    path.write_text(base + '[filter]\nspamd = "127.0.0.1:783"\nlearn = true\n')
+    again, restart = next_context(new, read_config(path, new.config, new))
+    assert restart == ["filter.learn, rspamd_controller, rspamd_password, learn_command"]
+    assert again.training is None  # until the restart
+
+
 def test_a_config_that_does_not_load_names_every_problem(ctx, tmp_path):
     path = tmp_path / "mailsrv.toml"
     path.write_text(path.read_text() + '[limits]\nmax_message_size = "big"\n')

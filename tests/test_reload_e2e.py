@@ -88,6 +88,8 @@ def test_new_connections_follow_the_new_settings_open_sessions_keep_theirs(tmp_p
         imap = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=30)
         imap.login(ALICE, PASSWORD)
         assert imap.select("INBOX")[0] == "OK"
+        idle = imaplib.IMAP4("127.0.0.1", ports["imap"], timeout=30)  # told goodbye at the stop
+        idle.login(ALICE, PASSWORD)
 
         edit(srv, 'hostname = "mx.example.test"', 'hostname = "mx2.example.test"')
         edit(srv, "max_message_size = 65536", "max_message_size = 2048")
@@ -116,6 +118,11 @@ def test_new_connections_follow_the_new_settings_open_sessions_keep_theirs(tmp_p
         typ, data = imap.search(None, "ALL")
         assert typ == "OK"
         imap.logout()
+
+        # SIGTERM: a session of the settings before the reload hears the goodbye too.
+        srv.stop()
+        assert idle.readline().startswith(b"* BYE"), srv.output()
+        idle.shutdown()
 
 
 def test_a_broken_config_is_refused_and_a_listener_change_named(tmp_path):
