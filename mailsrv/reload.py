@@ -7,8 +7,8 @@ settings they started with, as Postfix's daemons do after C{postfix reload}.
 A config file that fails to load is refused: every problem is logged and the
 settings in force stay. Settings that only a restart can change (the
 listeners, the data folder, the account, the TLS file names, greylisting,
-the verifier processes) are named in the log when they changed, and keep
-their old values until then. The parts of the server that hold state (the
+the verifier processes, the training of the spam filter) are named in the
+log when they changed, and keep their old values until then. The parts of the server that hold state (the
 store, the queue, the disk thread pool, the POP3 maildrop locks, the
 greylist, the counters of limits whose settings did not change) are kept;
 the parts built from settings are built again (L{next_context}).
