@@ -20,6 +20,12 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 
 # The services a connection or login is counted under (the listeners' protocols).
 SERVICES = ("smtp", "submission", "submissions", "pop3", "pop3s", "imap", "imaps")
+# The services a login line names (mailsrv.loglines; submission: SMTP AUTH).
+LOGIN_SERVICES = ("smtp", "submission", "pop3", "imap")
+# The spam filter's actions (mailsrv.filter.verdict), and "failed": no answer.
+FILTER_ACTIONS = ("accept", "junk", "defer", "reject", "failed")
+# Refusal reasons shown from the start (mailsrv.metrics.events has them all).
+COMMON_REASONS = ("unknown_user", "relay_denied", "auth_required", "policy", "rate_limit")
 # Delivery results, as the log lines' status= words say them.
 SENT, DEFERRED, BOUNCED = "sent", "deferred", "bounced"
 # Seconds: from a small append to a slow fsync on a busy disk.
@@ -159,6 +165,13 @@ class MailMetrics:
             for counter in (self.delivered, self.deferred, self.bounced):
                 counter.labels(relay)
         self.received.labels("smtp")
+        for service in LOGIN_SERVICES:
+            self.logins.labels(service)
+            self.login_failures.labels(service)
+        for action in FILTER_ACTIONS:
+            self.filter_verdicts.labels(action)
+        for reason in COMMON_REASONS:
+            self.rejected.labels(reason)
         if queue_dir is not None and now is not None:
             r.register(QueueCollector(queue_dir, now))  # type: ignore[arg-type]
 
