@@ -13,13 +13,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from prometheus_client import CollectorRegistry
+from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 from twisted.internet.address import IPv4Address
 from twisted.internet.task import Clock
 from twisted.internet.testing import StringTransport
 from twisted.logger import Logger, LogPublisher
-from twisted.web.test.requesthelper import DummyRequest
 from zope.interface.verify import verifyObject
 
 from mailsrv import loglines
@@ -85,6 +84,13 @@ def test_a_local_delivery_counts_received_delivered_and_store_latency(
     assert value(metrics, "mailsrv_messages_received_total", service="smtp") == 1
     assert value(metrics, "mailsrv_messages_delivered_total", relay="local") == 1
     assert value(metrics, "mailsrv_store_delivery_seconds_count") == 1
+
+
+def test_mail_before_auth_on_submission_counts_as_auth_required(metrics: MailMetrics) -> None:
+    s = Session(make_context(), submission=True, peer="127.0.0.1")
+    s.cmd("EHLO client.test")
+    assert s.codes("MAIL FROM:<x@example.test>\r\n") == ["530 5.7.0"]
+    assert value(metrics, "mailsrv_messages_rejected_total", reason="auth_required") == 1
 
 
 def test_a_failed_smtp_login_counts_as_a_login_failure(metrics: MailMetrics) -> None:
@@ -217,19 +223,28 @@ def test_the_relay_process_results_reach_the_server_registry(tmp_path: Path) -> 
     assert value(m, "mailsrv_messages_bounced_total", relay="remote") == 2
 
 
-def test_the_metrics_page_is_prometheus_text(tmp_path: Path) -> None:
-    from mailsrv.metrics.service import metrics_site
-
+def test_every_metric_is_on_the_page_from_the_first_scrape(tmp_path: Path) -> None:
+    # rate() in a dashboard needs the series before the first event.
     m = MailMetrics(CollectorRegistry(), tmp_path, time.time)
-    m.received.labels("smtp").inc()
-    site = metrics_site(m.registry, Clock(), None)
-    resource = site.getResourceFor(DummyRequest([b"metrics"]))
-    assert resource is not None
-    from prometheus_client import generate_latest
-
     text = generate_latest(m.registry).decode()
-    names = {f.name for f in text_string_to_metric_families(text)}
-    assert {"mailsrv_messages_received", "mailsrv_queue_messages"} <= names
+    samples = {
+        (s.name, tuple(sorted(s.labels.items())))
+        for family in text_string_to_metric_families(text)
+        for s in family.samples
+    }
+    for name, labels in [
+        ("mailsrv_messages_received_total", (("service", "smtp"),)),
+        ("mailsrv_messages_delivered_total", (("relay", "remote"),)),
+        ("mailsrv_messages_rejected_total", (("reason", "unknown_user"),)),
+        ("mailsrv_logins_total", (("service", "imap"),)),
+        ("mailsrv_login_failures_total", (("service", "pop3"),)),
+        ("mailsrv_filter_verdicts_total", (("action", "reject"),)),
+        ("mailsrv_connections_open", (("service", "imaps"),)),
+        ("mailsrv_store_delivery_seconds_count", ()),
+        ("mailsrv_queue_messages", ()),
+        ("mailsrv_queue_oldest_age_seconds", ()),
+    ]:
+        assert (name, labels) in samples, name
 
 
 def test_metrics_config() -> None:
