@@ -226,13 +226,14 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
     """``mailsrv status``: 0 when the daemon answered, 1 when it is not running."""
     out = out or sys.stdout
     path = socket_path(config)
+    problem = None
     try:
         doc = query(path)
     except (OSError, ValueError) as e:
-        print(f"mailsrv: no status from {path}: {e}", file=sys.stderr)
         doc = None
+        problem = f"no status from {path}: {e}"
         if isinstance(e, PermissionError):
-            print("mailsrv: run it as root or as the server's account", file=sys.stderr)
+            problem += " (run it as root or as the server's account)"
     if doc is not None:
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n" if args.json else "")
         if not args.json:
@@ -241,11 +242,16 @@ def handle(args: argparse.Namespace, config: Any, out: TextIO | None = None) -> 
     figures = queue_figures(config.queue_dir, time.time())
     if args.json:
         doc = {
-            "running": False,
+            "running": None if problem else False,
             "queue": {"messages": figures.messages, "oldest_age": figures.oldest_age},
         }
+        if problem:
+            doc["error"] = problem
         out.write(json.dumps(doc, indent=2, sort_keys=True) + "\n")
     else:
-        out.write(f"mailsrv is not running (nothing answers on {path})\n")
+        if problem:
+            out.write(f"mailsrv: {problem}\n")
+        else:
+            out.write(f"mailsrv is not running (nothing answers on {path})\n")
         out.write(_queue_line(figures.messages, figures.oldest_age) + " (on disk)\n")
     return 1
