@@ -9,4 +9,5 @@ server, served on C{[metrics] listen}.
     registry.py   the metrics themselves (L{MailMetrics}) and the queue's figures
     events.py     counts from the server's structured log events
     service.py    wiring: the log observer, the listener, hooks at the seams
+    relaycounts.py  in the relay process: its delivery results, sent to the server
 """
