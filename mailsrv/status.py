@@ -22,6 +22,7 @@ import argparse
 import json
 import os
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -100,8 +101,8 @@ class StatusFactory(protocol.Factory):
 class StatusService(service.Service):
     """
     The status socket, made in L{startService}: after twistd's privilege
-    drop, so that it is the server account's. A stale socket of a daemon
-    that died is replaced (its PID lock file says so).
+    drop, so that it is the server account's. The socket of a daemon that
+    died (nothing answers on it) is replaced; one that answers is left alone.
     """
 
     log = Logger()
@@ -115,22 +116,24 @@ class StatusService(service.Service):
     def startService(self) -> None:
         super().startService()
         path = socket_path(self.ctx.config)
-        endpoint = endpoints.UNIXServerEndpoint(
-            self.ctx.reactor, str(path), mode=0o600, wantPID=True
-        )
+        problem = clear_stale_socket(path)
+        if problem is not None:
+            self._cannot_listen(path, problem)
+            return
+        endpoint = endpoints.UNIXServerEndpoint(self.ctx.reactor, str(path), mode=0o600)
         d = endpoint.listen(self.factory)
 
         def listening(port: Any) -> None:
             self.port = port
 
-        def failed(f: Any) -> None:
-            self.log.warn(
-                "mailsrv status will not reach this server: cannot listen on {path}: {why}",
-                path=str(path),
-                why=f.getErrorMessage(),
-            )
+        d.addCallbacks(listening, lambda f: self._cannot_listen(path, f.getErrorMessage()))
 
-        d.addCallbacks(listening, failed)
+    def _cannot_listen(self, path: Path, why: str) -> None:
+        self.log.warn(
+            "mailsrv status will not reach this server: cannot listen on {path}: {why}",
+            path=str(path),
+            why=why,
+        )
 
     def stopService(self) -> defer.Deferred | None:
         super().stopService()
@@ -138,6 +141,28 @@ class StatusService(service.Service):
         if port is None:
             return None
         return defer.maybeDeferred(port.stopListening)
+
+
+def clear_stale_socket(path: Path) -> str | None:
+    """
+    Remove the socket at C{path} if no daemon answers on it; None when the
+    path is free now, else why it is not (another daemon, or not a socket).
+    """
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if not stat.S_ISSOCK(st.st_mode):
+        return "it is not a socket"
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        try:
+            s.connect(str(path))
+        except ConnectionRefusedError:
+            os.unlink(path)  # a daemon that died left it
+            return None
+        except OSError as e:
+            return e.strerror or str(e)
+    return "another mailsrv answers there"
 
 
 # --- the command ---------------------------------------------------------------

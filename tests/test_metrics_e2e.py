@@ -12,6 +12,7 @@ import json
 import re
 import shutil
 import smtplib
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -36,6 +37,9 @@ def server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MailServer]:
     srv = MailServer(base, extra=f'[metrics]\nlisten = ["tcp:{port}:interface=127.0.0.1"]\n')
     srv.metrics_port = port  # type: ignore[attr-defined]
     srv.add_user(USER)
+    # The socket a daemon killed with SIGKILL left: the new one replaces it.
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as stale:
+        stale.bind(str(srv.data / "status.sock"))
     srv.start()
     try:
         yield srv

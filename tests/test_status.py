@@ -9,7 +9,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 from mailsrv.config import parse
-from mailsrv.status import SOCKET_NAME, age, format_status, handle
+from mailsrv.status import SOCKET_NAME, age, clear_stale_socket, format_status, handle
 
 
 def test_a_stale_socket_of_a_dead_daemon_means_not_running(tmp_path: Path) -> None:
@@ -51,3 +51,18 @@ def test_format_status() -> None:
     ]
     assert "  received        5" in text.splitlines()
     assert [age(s) for s in (5, 125, 7300)] == ["5s", "2m", "2h 1m"]
+
+
+def test_only_a_socket_nobody_answers_on_is_removed(tmp_path: Path) -> None:
+    path = tmp_path / SOCKET_NAME
+    assert clear_stale_socket(path) is None  # nothing there
+    path.write_text("not mine")
+    assert clear_stale_socket(path) == "it is not a socket"
+    path.unlink()
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen(1)
+        assert clear_stale_socket(path) == "another mailsrv answers there"
+    assert path.exists()  # closed now, its file left behind
+    assert clear_stale_socket(path) is None
+    assert not path.exists()

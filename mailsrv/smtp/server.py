@@ -355,7 +355,8 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
             self._reply(replies.BAD_SEQUENCE, "Nested MAIL command")
             return None
         if self.submission and self._user is None:  # RFC 4954 6; a reject line, as Postfix's
-            return self._refused(Failure(SMTPReplyError(replies.AUTH_REQUIRED)), "sender", "")
+            self._refused(Failure(SMTPReplyError(replies.AUTH_REQUIRED)), "sender", "")
+            return None
         try:
             arg = parse_mail_from(rest)
         except NonASCIIAddressError:
