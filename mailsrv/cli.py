@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_queue_commands(commands)
     add_dkim_commands(commands)
+    from mailsrv.status import add_status_command  # the running daemon's status
+
+    add_status_command(commands)
     return parser
 
 

@@ -21,6 +21,7 @@ from twisted.internet.endpoints import serverFromString
 
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.metrics.settings import MetricsConfig
 from mailsrv.policy.dnsbl import DNSListEntry, EntryError, parse_entry
 from mailsrv.policy.duplicates import classify_entry
 from mailsrv.policy.greylist import GreylistAllow, parse_allow
@@ -281,6 +282,7 @@ class Config:
     filter: FilterConfig | None = None  # None: no spam filter
     policy: PolicyConfig = field(default_factory=PolicyConfig)
     quota: QuotaConfig = field(default_factory=QuotaConfig)  # [quota]: storage limits
+    metrics: MetricsConfig = field(default_factory=MetricsConfig)  # [metrics]: Prometheus page
     raw: Mapping[str, Any] = field(repr=False, default_factory=dict)
     # The TOML text and the folder relative paths are taken from: what the
     # relay process needs to build the very same settings.
@@ -811,6 +813,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "storage": (parse_size, 0),
         "users": (_quota_users, {}),
     },
+    # The Prometheus metrics page (mailsrv.metrics); no endpoint: not served.
+    "metrics": {
+        "listen": (_endpoints, []),
+    },
 }
 
 
@@ -959,6 +965,7 @@ def parse(text: str, path: str = "<config>", base_dir: Path | None = None) -> Co
         filter=filter_config,
         policy=PolicyConfig(**policy),
         quota=QuotaConfig(**v["quota"]),
+        metrics=MetricsConfig(listen=v["metrics"]["listen"]),
         raw=raw,
         source=text,
         base_dir=base,

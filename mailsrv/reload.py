@@ -56,6 +56,7 @@ if TYPE_CHECKING:
 # The settings only a restart changes: (name in the log, its value in a Config).
 _RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: dict(c.listen)),
+    ("metrics.listen", lambda c: c.metrics.listen),
     ("server.data_dir", lambda c: c.server.data_dir),
     ("server.user", lambda c: c.server.user),
     ("server.group", lambda c: c.server.group),
@@ -86,6 +87,7 @@ def keep_restart_settings(old: Config, new: Config) -> Config:
     return dataclasses.replace(
         new,
         listen=old.listen,
+        metrics=old.metrics,
         server=dataclasses.replace(
             new.server,
             data_dir=old.server.data_dir,

@@ -9,10 +9,12 @@ reads it, and anything shared is built here.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any, cast
 
+from prometheus_client import CollectorRegistry
 from twisted.application import service, strports
 from twisted.cred.portal import Portal
 from twisted.internet import defer
@@ -39,6 +41,8 @@ from mailsrv.hangup import HangupService
 from mailsrv.imap.server import imap_factory
 from mailsrv.interfaces import IMailStore, IOutboundQueue, IPasswordDatabase
 from mailsrv.malloc import tune_malloc
+from mailsrv.metrics.registry import MailMetrics
+from mailsrv.metrics.service import TimedStore, observe_server
 from mailsrv.outbound.process import open_queue, relay_process_service
 from mailsrv.policy.client import client_checks
 from mailsrv.policy.connections import connection_gate
@@ -109,6 +113,8 @@ class ServerContext:
     authentication: SenderAuthentication | None = None
     # The users' storage limits and usage ([quota]); None: no limits.
     quota: Quotas | None = None
+    # The server's metrics (mailsrv.metrics), served on [metrics] listen; None: not counted.
+    metrics: MailMetrics | None = None
 
 
 class ThreadPoolService(service.MultiService):
@@ -163,7 +169,10 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
     pool = ThreadPool(minthreads=1, maxthreads=DISK_THREADS, name="mailsrv-disk")
     make_data_dirs(config)
     upgrade_data(config)
-    store = MboxMailStore(config.mail_dir, config.index_dir, reactor, pool)
+    metrics = MailMetrics(CollectorRegistry(), config.queue_dir, time.time)
+    store = TimedStore(
+        MboxMailStore(config.mail_dir, config.index_dir, reactor, pool), metrics, reactor
+    )
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
     server_tls = server_options(config)
@@ -201,6 +210,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         quota=Quotas(
             config.quota, config.mail_dir, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
         ),
+        metrics=metrics,
     )
 
 
@@ -308,6 +318,7 @@ def serve(ctx: ServerContext) -> service.MultiService:
             svc.endpoint = GatedEndpoint(svc.endpoint, gate)
             svc.setName(f"{name} {description}")
             svc.setServiceParent(users)
+    observe_server(ctx, users)  # metrics: counting, [metrics] listen, the status socket
     NotifyService(notifier, gate, ctx.reactor).setServiceParent(users)  # after every listener
     # SIGHUP: new connections get the new settings (mailsrv.reload).
     reloader = Reloader(

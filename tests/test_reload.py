@@ -66,6 +66,14 @@ def test_listeners_and_data_folder_need_a_restart_and_keep_their_values(tmp_path
     assert restart_changes(old, kept) == []
 
 
+def test_the_metrics_listener_needs_a_restart(tmp_path):
+    old = parse(DEFAULT_CONFIG, "mailsrv.toml", tmp_path)
+    text = DEFAULT_CONFIG + '[metrics]\nlisten = ["tcp:9154:interface=127.0.0.1"]\n'
+    new = parse(text, "mailsrv.toml", tmp_path)
+    assert restart_changes(old, new) == ["metrics.listen"]
+    assert keep_restart_settings(old, new).metrics == old.metrics
+
+
 @pytest.fixture
 def ctx(tmp_path):
     path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", "[policy]\n[listen]"))

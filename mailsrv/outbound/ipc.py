@@ -11,6 +11,8 @@ an AMP protocol speak through a L{ProcessProtocol}'s pipes.
                                local mailbox; only the server writes mailboxes
                       Log      log events, already formatted (no answer),
                                unless it writes them itself (Start's log_direct)
+                      Counted  the results of delivery attempts, for the
+                               server's metrics (no answer)
 
 Queued and Log carry many items each: a L{Batcher} gathers the items of one
 reactor turn and sends them as a JSON list in as few commands as fit (an AMP
@@ -92,6 +94,13 @@ class DeliverLocal(amp.Command):
 
 class Log(amp.Command):
     arguments = [(b"items", amp.String())]  # a JSON list of [namespace, level, text]
+    requiresAnswer = False
+
+
+class Counted(amp.Command):
+    # A JSON list of [relay, result]: relay "local" or the next hop, result
+    # "sent", "deferred" or "bounced" (mailsrv.metrics.relaycounts).
+    arguments = [(b"items", amp.String())]
     requiresAnswer = False
 
 

@@ -54,10 +54,13 @@ class ServerSide(ipc.QuietAMP):
 
     log = SafeLogger()
 
-    def __init__(self, store: Any, queue_dir: Path, quotas: Any = None) -> None:
+    def __init__(
+        self, store: Any, queue_dir: Path, quotas: Any = None, metrics: Any = None
+    ) -> None:
         super().__init__()
         self.store = store
         self.quotas = quotas  # the users' storage limits (mailsrv.store.quota), or None
+        self.metrics = metrics  # mailsrv.metrics.registry.MailMetrics, or None
         self.queue_dirs = {os.path.normpath(queue_dir), os.path.normpath(queue_dir / "tmp")}
         self._loggers: dict[str, Logger] = {}
 
@@ -96,6 +99,13 @@ class ServerSide(ipc.QuietAMP):
         return localdelivery.deliver(
             MailboxTarget(self.store, self.quotas), route, source, sender
         ).addCallbacks(lambda _: {}, failed)
+
+    @ipc.Counted.responder
+    def counted(self, items: bytes) -> dict:
+        if self.metrics is not None:
+            for relay, result in ipc.decode(items):
+                self.metrics.delivery_result(str(relay), str(result))
+        return {}
 
     @ipc.Log.responder
     def log_events(self, items: bytes) -> dict:
@@ -227,7 +237,12 @@ class RelayProcessService(service.Service):
         if not self.running:
             return
         proto = RelayProcessProtocol(
-            ServerSide(self.ctx.store, self.config.queue_dir, getattr(self.ctx, "quota", None)),
+            ServerSide(
+                self.ctx.store,
+                self.config.queue_dir,
+                getattr(self.ctx, "quota", None),
+                getattr(self.ctx, "metrics", None),
+            ),
             self.reactor,
         )
         try:
@@ -372,6 +387,7 @@ def logs_to_stdout() -> bool:
     its events come here and go through this process's observers.
     """
     observers = [loglines.unwrapped(o) for o in getattr(globalLogPublisher, "_observers", ())]
+    observers = [o for o in observers if not getattr(o, "counts_only", False)]  # the metrics
     if len(observers) != 1 or not isinstance(observers[0], FileLogObserver):
         return False
     out = getattr(observers[0], "_outFile", None)

@@ -38,6 +38,7 @@ from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import parse
 from mailsrv.logsafe import SafeLogger
 from mailsrv.malloc import tune_malloc
+from mailsrv.metrics.relaycounts import ResultCounter
 from mailsrv.outbound import ipc
 from mailsrv.outbound.build import build_relayer
 from mailsrv.outbound.envelope import Envelope
@@ -250,7 +251,13 @@ def main() -> None:
 
     proto = RelaySide(reactor)
     forwarder = LogForwarder(proto, reactor)
-    proto.before_exit = forwarder.batch.flush
+    results = ResultCounter(proto, reactor)  # the server's metrics
+
+    def before_exit() -> None:
+        results.batch.flush()
+        forwarder.batch.flush()
+
+    proto.before_exit = before_exit
 
     # Without Twisted's lines per DNS query and per connection (mailsrv.loglines).
     quiet_forwarder = loglines.quiet(forwarder)
@@ -264,7 +271,7 @@ def main() -> None:
     stdio.StandardIO(  # type: ignore[call-arg]
         proto, stdin=ipc.CHILD_IN, stdout=ipc.CHILD_OUT, reactor=reactor
     )
-    globalLogBeginner.beginLoggingTo([quiet_forwarder], redirectStandardIO=False)
+    globalLogBeginner.beginLoggingTo([quiet_forwarder, results], redirectStandardIO=False)
     reactor.addSystemEventTrigger("before", "shutdown", proto.shutdown)
     reactor.callWhenRunning(signal.signal, signal.SIGINT, signal.SIG_IGN)
     reactor.run()

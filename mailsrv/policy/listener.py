@@ -261,6 +261,8 @@ class Gated(protocol.Protocol):
         if self.counted:
             self.counted = False
             self.gate.gate.release(self.gate.listener, self.host)
+        for observer in self.gate.observers:
+            observer.closed(self.gate.listener)
         if self.inner is not None:
             self.inner.connectionLost(reason)
 
@@ -310,6 +312,9 @@ class GateFactory(protocol.Factory):
         self.refusal_tls = refusal_tls  # callable: refusal factory -> TLS factory
         self.refusals_open = 0
         self._ports = 0  # listening ports started with this factory
+        # Told of each connection: opened(listener), closed(listener),
+        # refused(listener, reason) (the metrics, mailsrv.metrics).
+        self.observers: list[Any] = []
 
     @property
     def wrappedFactory(self) -> Any:  # noqa: N802 (Twisted's name for a wrapper's inner factory)
@@ -353,7 +358,11 @@ class GateFactory(protocol.Factory):
             allowed = verdict is Verdict.ALLOWED
             p = Gated(self, addr, host, counted=verdict is Verdict.ADMIT, allowed=allowed)
             p.factory = self
+            for observer in self.observers:
+                observer.opened(self.listener)
             return p
+        for observer in self.observers:
+            observer.refused(self.listener, verdict.name.lower())
         if self.refusals_open >= MAX_REFUSALS_OPEN:
             return None  # closed at once by the listening port
         self.refusals_open += 1

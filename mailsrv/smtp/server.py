@@ -354,8 +354,8 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         if self._sender is not None:
             self._reply(replies.BAD_SEQUENCE, "Nested MAIL command")
             return None
-        if self.submission and self._user is None:
-            self._reply(replies.AUTH_REQUIRED)  # RFC 4954 6
+        if self.submission and self._user is None:  # RFC 4954 6; a reject line, as Postfix's
+            self._refused(Failure(SMTPReplyError(replies.AUTH_REQUIRED)), "sender", "")
             return None
         try:
             arg = parse_mail_from(rest)
