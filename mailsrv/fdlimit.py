@@ -5,7 +5,7 @@ Every connection is a file descriptor, and many systems start a daemon with
 a soft limit of 1024 however high the hard limit is. At start-up the server
 raises its soft limit to the hard one (the relay process inherits it), and
 warns when even that is below what the connection limit
-(C{[policy] max_connections}) needs, as Dovecot warns "fd limit (ulimit -n)
+(C{[policy] max_connections}) may need, as Dovecot warns "fd limit (ulimit -n)
 is lower than required under max. load".
 """
 
@@ -16,8 +16,11 @@ from typing import Any
 
 from twisted.logger import Logger
 
-# Descriptors besides the connections: listeners, the log, the store's open
-# files and locks, the relay process's pipes, DNS sockets, the verifier pipes.
+# A connection's socket, and the files of the mailbox its session may hold
+# open (the mbox file, and the index's database, -wal and -shm files).
+PER_CONNECTION = 5
+# Descriptors besides: listeners, the log, locks, the relay process's and the
+# verifiers' pipes, DNS sockets.
 RESERVED = 128
 
 log = Logger()
@@ -25,7 +28,7 @@ log = Logger()
 
 def needed(max_connections: int) -> int:
     """The descriptors C{max_connections} open connections need (0: no limit, nothing known)."""
-    return max_connections + RESERVED if max_connections > 0 else 0
+    return max_connections * PER_CONNECTION + RESERVED if max_connections > 0 else 0
 
 
 def raise_open_files_limit(max_connections: int, logger: Any = log) -> int:

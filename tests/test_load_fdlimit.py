@@ -12,8 +12,8 @@ from pathlib import Path
 
 import pytest
 
-from tests import e2e
 from tests.e2e import MailServer
+from tests.load_support import twistd_with_open_files_limit
 
 _, HARD = resource.getrlimit(resource.RLIMIT_NOFILE)
 
@@ -26,28 +26,19 @@ def _open_files_limits(pid: int) -> tuple[int, int]:
     return int(m.group(1)), int(m.group(2))
 
 
-def _with_limits(monkeypatch, tmp_path: Path, soft: int, hard: int) -> None:
-    """twistd started with the open files limits C{soft} and C{hard}."""
-    wrapper = tmp_path / "twistd-limited"
-    script = f'#!/bin/sh\nulimit -Sn {soft}\nulimit -Hn {hard}\nexec {e2e.TWISTD} "$@"\n'
-    wrapper.write_text(script)
-    wrapper.chmod(0o755)
-    monkeypatch.setattr(e2e, "TWISTD", str(wrapper))
-
-
-@pytest.mark.skipif(HARD < 4096, reason="needs a hard open files limit of 4096 or more")
+@pytest.mark.skipif(HARD < 8192, reason="needs a hard open files limit of 8192 or more")
 def test_the_soft_limit_is_raised_to_the_hard_limit(monkeypatch, tmp_path):
-    _with_limits(monkeypatch, tmp_path, 256, 4096)
+    twistd_with_open_files_limit(monkeypatch, tmp_path, 256, 8192)
     with MailServer(tmp_path) as server:
-        assert _open_files_limits(server.proc.pid) == (4096, 4096)
+        assert _open_files_limits(server.proc.pid) == (8192, 8192)
         assert "open files limit" not in server.output()
 
 
 def test_a_hard_limit_below_what_max_connections_need_is_logged(monkeypatch, tmp_path):
-    _with_limits(monkeypatch, tmp_path, 256, 512)
+    twistd_with_open_files_limit(monkeypatch, tmp_path, 256, 512)
     with MailServer(tmp_path) as server:
         assert _open_files_limits(server.proc.pid) == (512, 512)
     assert (
-        "open files limit (ulimit -n) is 512, lower than the 1128 needed under"
+        "open files limit (ulimit -n) is 512, lower than the 5128 needed under"
         " [policy] max_connections = 1000" in server.output()
     )
