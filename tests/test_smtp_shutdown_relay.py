@@ -3,12 +3,17 @@ The relayer stopping (SIGTERM of the relay process) while it sends a message
 to a real SMTP peer on loopback that is slow to answer the final dot: the
 reply is still read and recorded, so the message is not sent again after a
 restart; a peer that does not answer within the grace is cut, and the
-message stays queued (nothing lost).
+message stays queued (nothing lost). Both in the relayer alone, and through
+the real daemon's relay process on SIGTERM.
 """
 
 from __future__ import annotations
 
-from twisted.internet import defer, protocol, task
+import signal
+import smtplib
+import ssl as stdlib_ssl
+
+from twisted.internet import defer, protocol, task, threads
 from twisted.names import client
 from twisted.protocols.basic import LineReceiver
 from twisted.python.threadpool import ThreadPool
@@ -21,6 +26,7 @@ from mailsrv.outbound.service import outbound_service
 from mailsrv.service import ServerContext
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
+from tests.e2e import PASSWORD, MailServer
 from tests.test_outbound_support import temp_dir
 
 MESSAGE = b"From: alice@example.test\nSubject: slow\n\nbody\n"
@@ -166,3 +172,61 @@ retry_max = 1
         yield svc.stopService()
         self.assertLess(self.reactor.seconds() - started, 2.0)  # cut after the grace
         self.assertEqual(len(self.queued()), 1)  # still queued: sent again later
+
+
+class DaemonRelayStopTests(unittest.TestCase):
+    """The real daemon: SIGTERM while its relay process waits for the peer's reply."""
+
+    timeout = 120
+
+    def setUp(self):
+        from twisted.internet import reactor
+
+        self.reactor = reactor
+        self.tmp = temp_dir(self)
+        self.peer = SlowPeerFactory(reactor, delay=1.0)
+        port = reactor.listenTCP(0, self.peer, interface="127.0.0.1")
+        self.addCleanup(port.stopListening)
+        self.addCleanup(
+            lambda: self.peer.reply and self.peer.reply.active() and self.peer.reply.cancel()
+        )
+        relay = f'[relay]\nsmarthost = "127.0.0.1:{port.getHost().port}"\nretry_min = 1\n'
+        self.server = MailServer(self.tmp, extra=relay)
+
+    @defer.inlineCallbacks
+    def wait_for(self, condition, timeout=30.0):
+        deadline = self.reactor.seconds() + timeout
+        while not condition():
+            if self.reactor.seconds() > deadline:
+                self.fail(f"timed out\n{self.server.output()}")
+            yield task.deferLater(self.reactor, 0.05, lambda: None)
+
+    def submit(self):
+        def send():
+            with smtplib.SMTP("127.0.0.1", self.server.ports["submission"], timeout=30) as s:
+                s.ehlo("client.test")
+                s.starttls(context=stdlib_ssl._create_unverified_context())
+                s.ehlo("client.test")
+                s.login("alice@example.test", PASSWORD)
+                s.sendmail(
+                    "alice@example.test", ["bob@remote.test"], MESSAGE.replace(b"\n", b"\r\n")
+                )
+
+        return threads.deferToThread(send)
+
+    @defer.inlineCallbacks
+    def test_sigterm_while_the_peer_is_slow_to_answer_the_final_dot(self):
+        yield threads.deferToThread(self.server.start)
+        self.addCleanup(threads.deferToThread, self.server.close)
+        yield threads.deferToThread(self.server.add_user, "alice@example.test")
+        yield self.submit()
+        yield self.wait_for(lambda: self.peer.dots == 1)
+        status = yield threads.deferToThread(self.server.stop, 30.0)
+        self.assertIn(status, (0, -signal.SIGTERM))
+        yield threads.deferToThread(self.server.reap)  # the relay process has ended too
+        self.assertEqual(QueueStore(self.tmp / "data" / "queue").ids(), [])
+        self.assertNotIn("killing it", self.server.output())
+        # Started again: nothing left to send, nothing sent twice.
+        yield threads.deferToThread(self.server.start)
+        yield task.deferLater(self.reactor, 2.0, lambda: None)
+        self.assertEqual(len(self.peer.messages), 1)
