@@ -27,9 +27,10 @@ address) refuse this load from one address, as they should. Dovecot and
 Postfix run as private instances in /tmp/mailsrv-load (configured as
 ../shared/peers does, with their process and client limits raised for
 the load, and Postfix's smtpd_junk_command_limit lifted: past 100 NOOPs it
-counts them as errors and slows down). The passwords are hashed cheaply for all three: logins are set-up
-here, not what is measured. The rounds alternate which server goes first;
-printed: the median [min-max] over the rounds. Needs root; only the
+counts them as errors and slows down). The passwords are hashed cheaply for
+all three: logins are set-up here, not what is measured. The rounds
+alternate which server goes first; printed: the median [min-max] over the
+rounds. Needs root; only the
 processes started here are stopped, by their pid.
 """
 
