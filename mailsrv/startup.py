@@ -23,6 +23,7 @@ from zope.interface import implementer
 from mailsrv.atomic import make_dirs
 from mailsrv.auth.passwd import PasswordFile
 from mailsrv.config import Config, endpoint_port
+from mailsrv.fdlimit import raise_open_files_limit
 from mailsrv.interfaces import IMailStore
 from mailsrv.outbound.process import logs_to_stdout
 from mailsrv.store.upgrade import OldNames, SpellingCollision, check_user_names
@@ -186,6 +187,7 @@ class StartupGuard(service.MultiService):
                 process.gid = self.run_as[1]
 
     def privilegedStartService(self) -> None:
+        raise_open_files_limit(self.config.policy.max_connections)  # before any port opens
         try:
             super().privilegedStartService()
         except CannotListenError as e:

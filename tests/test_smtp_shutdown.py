@@ -10,10 +10,13 @@ from pathlib import Path
 
 from twisted.internet import defer
 
+from mailsrv.smtp.shutdown import DATA_GRACE
 from mailsrv.store.memory import MemoryMailStore
 from tests.e2e import MailServer
 
 from .test_smtp_helpers import Session, make_context, read_inbox
+
+GOODBYE = "421 4.3.2 Service shutting down, try again later"
 
 BOB = "bob@example.test"
 
@@ -48,17 +51,45 @@ def test_an_idle_session_hears_421_and_is_closed():
     assert s.factory.open_sessions == set()
 
 
-def test_a_message_half_sent_is_dropped_not_stored():
-    ctx = make_context()
+def _in_data(ctx):
     s = Session(ctx)
     s.cmd("EHLO client.test")
     s.cmd("MAIL FROM:<x@remote.test>")
     s.cmd(f"RCPT TO:<{BOB}>")
     s.cmd("DATA")
     s.send("Subject: half\r\n\r\nthe first line\r\n")
-    s.factory.shut_down()
-    assert s.take() == ["421 4.3.2 Service shutting down, try again later"]
+    return s
+
+
+def test_a_message_being_sent_is_received_to_its_end_and_answered_250_then_421():
+    ctx = make_context()
+    s = _in_data(ctx)
+    done = s.factory.shut_down()
+    assert s.take() == []  # the client goes on sending
+    assert not s.transport.disconnecting
+    replies = s.send("the second line\r\n.\r\n")
+    assert replies[0].startswith("250 2.0.0")
+    assert replies[1:] == [GOODBYE]
+    assert s.transport.disconnecting
     s.close()
+    assert done.called
+    [message] = read_inbox(ctx, BOB)
+    assert b"the first line\nthe second line\n" in message
+
+
+def test_a_message_not_ended_within_the_data_grace_is_cut_and_not_stored():
+    ctx = make_context()
+    s = _in_data(ctx)
+    aborted = []
+    s.transport.abortConnection = lambda: aborted.append(True)
+    done = s.factory.shut_down(grace=5)
+    ctx.reactor.advance(5)
+    assert aborted == []  # the short grace is for sessions between commands
+    ctx.reactor.advance(DATA_GRACE - 5)
+    assert aborted == [True]
+    assert s.take() == []  # no 250: the client keeps the message
+    s.close()
+    assert done.called
     assert read_inbox(ctx, BOB) == []
 
 

@@ -35,6 +35,7 @@ class ConnectionCache(Generic[C]):
         self.per_key = per_key
         self._idle: dict[Any, list[C]] = {}
         self._keys: dict[C, Any] = {}
+        self._closed = False  # stopping: a transaction that ends now closes its connection
 
     def key_for(self, client: C, key: Any) -> None:
         self._keys[client] = key
@@ -42,7 +43,7 @@ class ConnectionCache(Generic[C]):
     def park(self, client: C) -> None:
         key = self._keys.get(client)
         idle = self._idle.setdefault(key, [])
-        if key is None or len(idle) >= self.per_key:
+        if key is None or self._closed or len(idle) >= self.per_key:
             client.quit_idle()
             return
         idle.append(client)
@@ -63,6 +64,8 @@ class ConnectionCache(Generic[C]):
             idle.remove(client)
 
     def close_all(self) -> None:
+        """Close the idle connections, and every one that becomes idle from now on."""
+        self._closed = True
         for idle in list(self._idle.values()):
             for client in list(idle):
                 client.quit_idle()

@@ -43,7 +43,11 @@ from mailsrv.outbound.schedule import DueMessages, RetrySchedule
 __all__ = ["SMARTHOST", "Relayer", "recipient_domain"]
 
 RECIPIENTS_PER_SESSION = 50  # like Postfix's smtp_destination_recipient_limit
-STOP_GRACE = 5.0  # seconds stopService waits for attempts under way
+# Seconds a session sending a message (DATA sent) has to finish when the relayer
+# stops: cut after its final dot, it may have been accepted and would be sent
+# again. Below the server's wait for the relay process (process.STOP_TIMEOUT).
+SENDING_GRACE = 10.0
+STOP_GRACE = SENDING_GRACE + 2.0  # seconds stop waits for attempts under way
 
 
 class Relayer:
@@ -113,14 +117,18 @@ class Relayer:
         self.due.wake()
 
     def stop(self) -> defer.Deferred:
-        """Stop starting deliveries, abort open sessions, wait for their results to be saved."""
+        """
+        Stop starting deliveries, abort the sessions under way but those
+        sending a message (which get L{SENDING_GRACE}), and wait for their
+        results to be saved.
+        """
         self.results.running = False
         self.queue.remove_listener(self.queued)
         if self._poller is not None and self._poller.running:
             self._poller.stop()
         self.due.stop()
         self.queue.flush_lazy()
-        self.remote.stop()
+        self.remote.stop(SENDING_GRACE)
         # Wait for the attempts under way to record their results, but not for
         # a DNS query to time out: those recipients simply stay pending.
         done: defer.Deferred = defer.Deferred()

@@ -15,7 +15,14 @@ from typing import Any
 from twisted.internet import defer, ssl
 
 from mailsrv.config import Config
-from mailsrv.outbound.client import RelayClient, RemoteReply, Session, SessionResult
+from mailsrv.outbound.client import (
+    DATA,
+    DOT,
+    RelayClient,
+    RemoteReply,
+    Session,
+    SessionResult,
+)
 from mailsrv.outbound.connections import ConnectionCache
 from mailsrv.outbound.envelope import Envelope, Recipient
 from mailsrv.outbound.errors import DeliveryError
@@ -51,19 +58,35 @@ class RemoteDelivery:
         self.trust_root = trust_root
         self.limits = DestinationLimits(config.relay.per_destination_concurrency)
         self._sessions: set[Session] = set()
+        self._cut: Any = None  # stopping: the sessions still sending are cut then
         self._may_context = ssl.CertificateOptions(verify=False)
         self._connections: ConnectionCache[RelayClient] = ConnectionCache(
             CONNECTION_CACHE_TIME, config.relay.per_destination_concurrency
         )
 
-    def stop(self) -> None:
-        """Close the idle connections and abort the sessions under way."""
+    def stop(self, grace: float = 0.0) -> None:
+        """
+        Close the idle connections and abort the sessions under way, but let
+        those sending a message (DATA sent) finish for C{grace} seconds: one
+        whose final dot has gone out may be accepted, and cut before its
+        reply is read it would be sent again after a restart (RFC 5321 6.1).
+        """
         self._connections.close_all()
+        sending = []
         for s in list(self._sessions):
-            p = s.protocol_instance
-            abort = getattr(getattr(p, "transport", None), "abortConnection", None)
-            if abort is not None:  # TCP and TLS transports; a test's may lack it
-                abort()
+            client = s.protocol_instance
+            if grace > 0 and client is not None and client.result.stage in (DATA, DOT):
+                sending.append(s)
+            else:
+                _abort(client)
+        if sending:
+
+            def cut() -> None:
+                for s in sending:
+                    if not s.finished:
+                        _abort(s.protocol_instance)
+
+            self._cut = self.reactor.callLater(grace, cut)
 
     @defer.inlineCallbacks
     def deliver(self, env: Envelope, domain: str, rcpts: Sequence[Recipient]):
@@ -212,9 +235,17 @@ class RemoteDelivery:
 
         def done(result: SessionResult) -> SessionResult:
             self._sessions.discard(s)
+            if not self._sessions and self._cut is not None and self._cut.active():
+                self._cut.cancel()  # stopping, and the last one has ended
             return result
 
         return d.addBoth(done)
+
+
+def _abort(client: Any) -> None:
+    abort = getattr(getattr(client, "transport", None), "abortConnection", None)
+    if abort is not None:  # TCP and TLS transports; a test's may lack it
+        abort()
 
 
 def split_hostport(value: str, default: int) -> tuple[str, int]:

@@ -56,6 +56,7 @@ from mailsrv.smtp.delivery import (
 )
 from mailsrv.smtp.lines import LineReader
 from mailsrv.smtp.sessionlog import SessionLog
+from mailsrv.smtp.shutdown import stop_sessions
 
 COMMAND, DATA = smtp.COMMAND, smtp.DATA
 
@@ -174,15 +175,15 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
             self.ended.callback(None)
 
     def shut_down(self) -> None:
-        """
-        The server is stopping: say 421 and close (RFC 5321 3.8), now, or
-        once the command under way has been answered (a message being
-        stored gets its 250 first). A message half sent is dropped; the
-        client sends it again later.
-        """
+        """The server is stopping: 421 now, or once answered (L{mailsrv.smtp.shutdown})."""
         self._shutting_down = True
-        if not self._waiting:
+        if not (self._waiting or self.receiving_message):
             self._goodbye()
+
+    @property
+    def receiving_message(self) -> bool:
+        """Whether the client is sending a message (after 354, before the final dot)."""
+        return self.mode == DATA and self._message is not None
 
     def _goodbye(self) -> None:
         if self._lost or self.transport.disconnecting:
@@ -572,23 +573,8 @@ class SMTPFactory(smtp.SMTPFactory):
         return p
 
     def shut_down(self, grace: float = SHUTDOWN_GRACE) -> defer.Deferred:
-        """Tell each session we stop (421); fire once all closed or were cut after C{grace}."""
-        sessions = list(self.open_sessions)
-        for p in sessions:
-            p.shut_down()
-        if not sessions:
-            return defer.succeed(None)
-        reactor = self.context.reactor
-
-        def cut() -> None:
-            for p in list(self.open_sessions):
-                abort = getattr(p.transport, "abortConnection", None)
-                if abort is not None:
-                    abort()
-
-        timer = reactor.callLater(grace, cut)
-        d = defer.DeferredList([p.ended for p in sessions])
-        return d.addBoth(lambda _: timer.cancel() if timer.active() else None)
+        """Stop every session (L{mailsrv.smtp.shutdown}); fire once all have closed."""
+        return stop_sessions(self.open_sessions, self.context.reactor, grace)
 
 
 def smtp_factory(context: Any, submission: bool = False, implicit_tls: bool = False) -> SMTPFactory:
