@@ -375,6 +375,9 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_queue_commands(commands)
     add_dkim_commands(commands)
+    from mailsrv.backup import add_backup_command
+
+    add_backup_command(commands)  # mailsrv backup DEST
     return parser
 
 
