@@ -11,6 +11,7 @@ The failing client connects from 127.0.0.2, the one that logs in from
 
 from __future__ import annotations
 
+import imaplib
 import poplib
 import shutil
 import smtplib
@@ -47,6 +48,30 @@ class _POP3(poplib.POP3):
         return socket.create_connection(
             (self.host, self.port), timeout, source_address=(self._source, 0)
         )
+
+
+class _IMAP(imaplib.IMAP4):
+    """An IMAP client whose connection comes from a chosen loopback address."""
+
+    def __init__(self, host: str, port: int, source: str) -> None:
+        self._source = source
+        super().__init__(host, port, timeout=30)
+
+    def _create_socket(self, timeout):  # type: ignore[override]
+        return socket.create_connection(
+            (self.host, self.port), timeout, source_address=(self._source, 0)
+        )
+
+
+def imap_login(port: int, source: str, password: str) -> bool:
+    c = _IMAP("127.0.0.1", port, source)
+    try:
+        c.login(USER, password)
+    except imaplib.IMAP4.error:
+        return False
+    finally:
+        c.shutdown()
+    return True
 
 
 def smtp_auth(port: int, source: str, password: str) -> int:
