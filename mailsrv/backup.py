@@ -45,7 +45,6 @@ from mailsrv.store.quotalimits import format_size
 
 HANDLER = "handler"
 BUFFER = 1024 * 1024  # octets per read while streaming a file
-SKIPPED_DIRS = frozenset({"tmp"})  # the spool and the queue's files being written
 QUEUE_SKIPPED = frozenset({"relay.lock", "flush"})
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
 
@@ -109,6 +108,8 @@ def backup(config: Any, dest: Path) -> Summary:
     data_dir = Path(config.server.data_dir)
     if not data_dir.is_dir():
         raise BackupError(f"{data_dir}: no data folder (server.data_dir in {config.path})")
+    if dest.absolute().is_relative_to(data_dir.absolute()):
+        raise BackupError(f"{dest} is inside the data folder {data_dir}")
     _new_folder(dest)
     out = dest / "data"
     summary = Summary()
@@ -119,7 +120,7 @@ def backup(config: Any, dest: Path) -> Summary:
         summary.users.add((domain, local))
     if queue.is_dir():
         _copy_queue(data_dir, out, queue, summary)
-    for path in _files(data_dir, exclude={mail, index, queue}):
+    for path in _files(data_dir, exclude={mail, index, queue, data_dir / "tmp"}):
         _copy_file(data_dir, out, path, summary)
         summary.files += 1
     for path in _outside_files(config, data_dir):
@@ -188,28 +189,49 @@ def _copy_folder(data_dir: Path, out: Path, mbox: Path, index: Path, summary: Su
 
 
 def _copy_queue(data_dir: Path, out: Path, queue: Path, summary: Summary) -> None:
-    """Each queue entry whole: its queue file opened first, then its newer envelope."""
-    _mirror_dir(queue, out / "queue", data_dir, out)
-    for path in sorted(queue.glob("*.msg")):
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
-        except FileNotFoundError:
-            continue  # delivered meanwhile
-        try:
-            st = os.fstat(fd)
-            env = path.with_suffix(".env")
-            if env.exists():
-                _copy_file(queue, out / "queue", env, summary)
-            _stream(fd, out / "queue" / path.name, st)
-            summary.queued += 1
-        finally:
-            os.close(fd)
+    """
+    Each queue entry whole: its queue file opened first, then its newer
+    envelope read, then the message streamed from the open file. Files being
+    written (C{tmp/}), the relay lock and a flush request are left out.
+    """
+    for here, dirs, files in os.walk(queue):
+        dirs[:] = sorted(d for d in dirs if Path(here, d) != queue / "tmp")
+        folder = Path(here)
+        _mirror_dir(folder, out / folder.relative_to(data_dir), data_dir, out)
+        for name in sorted(files):
+            path = folder / name
+            if name.endswith(".msg"):
+                _copy_entry(data_dir, out, path, summary)
+            elif not (
+                name.endswith(".env")
+                or name in QUEUE_SKIPPED
+                or _is_lock_file(name)
+                or not stat.S_ISREG(path.lstat().st_mode)
+            ):
+                _copy_file(data_dir, out, path, summary)
+                summary.files += 1
+
+
+def _copy_entry(data_dir: Path, out: Path, path: Path, summary: Summary) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except FileNotFoundError:
+        return  # delivered meanwhile
+    try:
+        st = os.fstat(fd)
+        env = path.with_suffix(".env")
+        if env.exists():
+            _copy_file(data_dir, out, env, summary)
+        _stream(fd, out / path.relative_to(data_dir), st)
+        summary.queued += 1
+    finally:
+        os.close(fd)
 
 
 def _files(top: Path, exclude: set[Path]) -> Iterator[Path]:
     """The regular files under C{top} but those in C{exclude}, the spool and lock files."""
     for here, dirs, files in os.walk(top):
-        dirs[:] = sorted(d for d in dirs if Path(here, d) not in exclude and d not in SKIPPED_DIRS)
+        dirs[:] = sorted(d for d in dirs if Path(here, d) not in exclude)
         for f in sorted(files):
             path = Path(here) / f
             if _is_lock_file(f) or f.endswith(SQLITE_SIDE):

@@ -22,6 +22,7 @@ from __future__ import annotations
 import errno
 import os
 import socket
+import threading
 import time
 from collections import deque
 from collections.abc import Callable, Mapping
@@ -68,7 +69,7 @@ SEVERITIES: Mapping[LogLevel, int] = {
     LogLevel.debug: 7,
 }
 MAX_PENDING = 10_000  # lines kept while the syslog daemon is behind or away
-FLUSH_INTERVAL = 0.2  # seconds between attempts to send the lines kept
+FLUSH_INTERVAL = 0.5  # seconds between attempts to send the lines kept
 MAX_LINE = 8192  # octets of text per datagram (rsyslog's default maxMessageSize)
 _RECONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.EDESTADDRREQ)
 
@@ -116,6 +117,8 @@ class SyslogObserver:
         self._pid = pid
         self._sock: socket.socket | None = None
         self._pending: deque[bytes] = deque()
+        # Events come from the disk threads too: one sender at a time.
+        self._lock = threading.Lock()
         self.dropped = 0  # lines lost: more than MAX_PENDING waiting, or unsendable
 
     def __call__(self, event: dict) -> None:
@@ -126,13 +129,14 @@ class SyslogObserver:
         pri = self.facility * 8 + SEVERITIES.get(level, 6)
         head = f"<{pri}>{rfc3164_time(event.get('log_time') or time.time())} "
         head += f"{self.ident}[{self._pid()}]: "
-        for line in text.splitlines():
-            if line.strip():
-                self._send((head + line).encode("utf-8", "replace")[:MAX_LINE])
+        with self._lock:
+            for line in text.splitlines():
+                if line.strip():
+                    self._send((head + line).encode("utf-8", "replace")[:MAX_LINE])
 
     def _send(self, datagram: bytes) -> None:
         """Send C{datagram} after those waiting; keep it when the daemon is behind."""
-        self.flush()
+        self._flush()
         if self._pending:
             self._keep(datagram)
         elif not self._send_one(datagram):
@@ -146,6 +150,10 @@ class SyslogObserver:
 
     def flush(self) -> None:
         """Send the lines kept while the daemon was behind, as far as it takes them."""
+        with self._lock:
+            self._flush()
+
+    def _flush(self) -> None:
         while self._pending:
             if not self._send_one(self._pending[0]):
                 return

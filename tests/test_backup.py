@@ -257,3 +257,30 @@ def test_a_folder_that_is_not_empty_is_refused(tmp_path) -> None:
     assert result.returncode == 1
     assert "is not empty" in result.stderr
     assert sorted(p.name for p in dest.iterdir()) == ["something"]
+    inside = tmp_path / "data" / "copy"
+    result = subprocess.run(
+        [sys.executable, "-m", "mailsrv", "--config", str(config), "backup", str(inside)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "inside the data folder" in result.stderr
+    assert not inside.exists()
+
+
+def test_queued_messages_are_copied_whole(server, tmp_path) -> None:
+    with smtplib.SMTP("127.0.0.1", server.ports["submission"], timeout=60) as s:
+        s.login(USER, PASSWORD)
+        s.sendmail(USER, ["someone@remote.test"], message(2000).replace("sender@remote.test", USER))
+    queue = server.data / "queue"
+    queued = sorted(queue.glob("*.msg"))
+    assert queued, "the message to a remote address waits in the queue"
+    dest = tmp_path / "copy"
+    summary = run_backup(server, dest)
+    assert f", {len(queued)} queued messages" in summary, summary
+    for path in queued:
+        copy = dest / "data" / "queue" / path.name
+        assert filecmp.cmp(path, copy, shallow=False)
+        assert os.stat(copy).st_mode == os.stat(path).st_mode
+    assert not (dest / "data" / "queue" / "tmp").exists()
+    assert not (dest / "data" / "queue" / "relay.lock").exists()
