@@ -106,7 +106,8 @@ def inbox_in(dest: Path) -> Path:
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
     base = tmp_path_factory.mktemp("backup")
-    s = MailServer(base)
+    # Outbound mail goes to a closed port: it is deferred and stays in the queue.
+    s = MailServer(base, extra='[relay]\nsmarthost = "127.0.0.1:1"\n')
     s.add_user(USER)
     s.start()
     try:
