@@ -378,6 +378,9 @@ def build_parser() -> argparse.ArgumentParser:
     from mailsrv.status import add_status_command  # the running daemon's status
 
     add_status_command(commands)
+    from mailsrv.backup import add_backup_command
+
+    add_backup_command(commands)  # mailsrv backup DEST
     return parser
 
 

@@ -19,6 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
+from mailsrv import syslogobserver
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
 from mailsrv.metrics.settings import MetricsConfig
@@ -807,6 +808,12 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "dmarc_reject": (_bool, True),
         # Verifier processes: one per core but one (at least one); 0: threads.
         "authentication_workers": (_int(0), max(1, (os.cpu_count() or 1) - 1)),
+    },
+    # Logging to the local syslog socket too (mailsrv.syslogobserver).
+    "log": {
+        "syslog": (_bool, False),
+        "syslog_socket": (_nonempty_str, syslogobserver.DEFAULT_SOCKET),
+        "facility": (_choice(*syslogobserver.FACILITIES), syslogobserver.DEFAULT_FACILITY),
     },
     # Storage quotas (RFC 9208 STORAGE; mailsrv.store.quota): 0 is no limit.
     "quota": {

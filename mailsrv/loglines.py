@@ -33,6 +33,12 @@ SMTP_AUTH_FAILED = (
     "warning: {client_name}[{client}]: SASL {mechanism} authentication failed: "
     "authentication failure, sasl_username={user}"
 )
+# A login refused by the throttle before its password is checked: Postfix's
+# failure line, so that the stock filter counts it like the failures before it.
+SMTP_AUTH_THROTTLED = (
+    "warning: {client_name}[{client}]: SASL {mechanism} authentication failed: "
+    "too many failures, sasl_username={user}"
+)
 SMTP_AUTH_OK = "{client_name}[{client}]: sasl_method={mechanism}, sasl_username={user}"
 LOGIN_FAILED = (
     "{service}-login: Disconnected (auth failed, 1 attempts in 0 secs): "

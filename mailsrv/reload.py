@@ -48,6 +48,7 @@ from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkError, NetworkList
 from mailsrv.policy.rates import RateLimits
 from mailsrv.startup import StartupError
+from mailsrv.syslogobserver import syslog_settings
 from mailsrv.store.quota import Quotas
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ if TYPE_CHECKING:
 _RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: dict(c.listen)),
     ("metrics.listen", lambda c: c.metrics.listen),
+    ("log", syslog_settings),  # read once, when the log observers start
     ("server.data_dir", lambda c: c.server.data_dir),
     ("server.user", lambda c: c.server.user),
     ("server.group", lambda c: c.server.group),

@@ -15,6 +15,7 @@ from mailsrv.loglines import QuietLogService
 from mailsrv.privileges import UMASK, acting_as, switch_to
 from mailsrv.service import build_service
 from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
+from mailsrv.syslogobserver import syslog_service
 
 log = Logger()
 
@@ -73,6 +74,11 @@ def makeService(options: Options) -> StartupGuard:
         raise SystemExit(1)
     guard = StartupGuard(config, run_as=(run_as.uid, run_as.gid) if run_as else None)
     QuietLogService().setServiceParent(guard)  # first: no noise lines from the others
+    from twisted.internet import reactor  # twistd installed its reactor before this
+
+    syslog = syslog_service(config, reactor)  # [log] syslog = true: the lines to syslog too
+    if syslog is not None:
+        syslog.setServiceParent(guard)
     server.setServiceParent(guard)
     report_startup_errors()
     return guard

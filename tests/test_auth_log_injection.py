@@ -107,7 +107,7 @@ class LogInjectionTests(RealServerCase, unittest.TestCase):
             ],
         )
         self.assert_logged(
-            f"pop3-login: {DISCONNECTED}user=<{ESCAPED_USER}>, method=USER, rip=127.0.0.1"
+            f"pop3-login: {DISCONNECTED}user=<{ESCAPED_USER}>, method=PLAIN, rip=127.0.0.1"
         )
         self.assert_logged(
             f"pop3-login: {DISCONNECTED}user=<{ESCAPED}>, method=PLAIN, rip=127.0.0.1"

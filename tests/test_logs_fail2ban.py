@@ -137,5 +137,5 @@ def test_dovecot_filter_matches_imap_and_pop3_failures(log_file: Path) -> None:
     assert len(ips) >= 2 and set(ips) == {BAD}, log_file.read_text()  # IMAP and POP3
     text = log_file.read_text()
     assert f"imap-login: Login: user=<{USER}>, method=PLAIN, rip={GOOD}, lip=127.0.0.1" in text
-    assert f"pop3-login: Login: user=<{USER}>, method=USER, rip={GOOD}" in text
+    assert f"pop3-login: Login: user=<{USER}>, method=PLAIN, rip={GOOD}" in text
     assert f"[{GOOD}]: sasl_method=PLAIN, sasl_username={USER}" in text

@@ -474,7 +474,7 @@ def test_login_is_logged_without_password(ctx):
     logins = [e for e in seen if e.get("log_format", "").startswith("pop3-login")]
     assert len(logins) == 1
     assert logins[0]["user"] == ALICE and logins[0]["client"] == "127.0.0.1"
-    assert (logins[0]["result"], logins[0]["method"], logins[0]["tls"]) == ("Login", "USER", False)
+    assert (logins[0]["result"], logins[0]["method"], logins[0]["tls"]) == ("Login", "PLAIN", False)
     assert logins[0]["log_level"] == LogLevel.info
     assert all(PASSWORD not in repr(e) for e in seen)
 

@@ -74,6 +74,12 @@ def test_the_metrics_listener_needs_a_restart(tmp_path):
     assert keep_restart_settings(old, new).metrics == old.metrics
 
 
+def test_the_syslog_settings_need_a_restart(tmp_path):
+    old = parse(DEFAULT_CONFIG, "mailsrv.toml", tmp_path)
+    new = parse(DEFAULT_CONFIG + "[log]\nsyslog = true\n", "mailsrv.toml", tmp_path)
+    assert restart_changes(old, new) == ["log"]
+
+
 @pytest.fixture
 def ctx(tmp_path):
     path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", "[policy]\n[listen]"))

@@ -327,7 +327,8 @@ class POP3Server(HandshakeDeadlineMixin, TransactionCommands, pop3.POP3):
         user, self._userIs = self._userIs, None
         if user is None:
             return self.bad(b"No username given.")
-        self._login(sasl.Credentials(b"", user, rest), b"USER")
+        # Dovecot's pop3-login passes USER/PASS on as SASL PLAIN and logs method=PLAIN.
+        self._login(sasl.Credentials(b"", user, rest), b"PLAIN")
 
     def pop3_AUTH(self, rest: bytes) -> None:
         if self.mbox is not None:

@@ -134,9 +134,11 @@ class AuthCommand:
             self._auth_failed_for(username)
         elif result == sasl.THROTTLED:
             self.log.warn(
-                "smtp login {user} from {client}: refused, too many failures",
-                user=username,
+                loglines.SMTP_AUTH_THROTTLED,
+                client_name="unknown",
                 client=self._client_ip,
+                mechanism=getattr(self, "_auth_mechanism", ""),
+                user=username,
             )
             self._reply(AUTH_THROTTLED)
         elif result == sasl.UNAVAILABLE:
