@@ -48,8 +48,8 @@ from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkError, NetworkList
 from mailsrv.policy.rates import RateLimits
 from mailsrv.startup import StartupError
-from mailsrv.syslogobserver import syslog_settings
 from mailsrv.store.quota import Quotas
+from mailsrv.syslogobserver import syslog_settings
 
 if TYPE_CHECKING:
     from mailsrv.service import ServerContext
