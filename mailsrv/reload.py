@@ -22,6 +22,7 @@ L{mailsrv.outbound.process.RelayProcessService.restart}).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -286,12 +287,15 @@ class Reloader:
         self.watched = list(watched)
         self.alias_watcher = alias_watcher
         self.relay = relay
-        self.retired: list[Any] = []  # factories of earlier settings, with sessions open
+        # The factories of earlier settings, for as long as a connection
+        # (a session, or one still in its pregreet wait) holds them: a
+        # reload leaves nothing behind once its sessions have ended.
+        self.retired: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def session_factories(self) -> list[Any]:
         """Every protocol factory that may have sessions open (for the goodbye at a stop)."""
-        self.retired = [f for f in self.retired if len(getattr(f, "open_sessions", ())) > 0]
-        return [*self.retired, *self.listeners.sessions]
+        retired = [f for f in self.retired if len(getattr(f, "open_sessions", ())) > 0]
+        return [*retired, *self.listeners.sessions]
 
     def reload(self) -> defer.Deferred:
         """
@@ -323,7 +327,7 @@ class Reloader:
             settings = listeners.settings.get(name)
             if settings is not None:
                 gate.use(settings)
-        self.retired.extend(self.listeners.sessions)
+        self.retired.update(self.listeners.sessions)
         self.listeners = listeners
         self.connections.configure(connection_limits(ctx.config.policy), loaded.allow, loaded.deny)
         if self.network_watcher is not None:

@@ -9,6 +9,8 @@ the way it stops.
 
 from __future__ import annotations
 
+import gc
+import weakref
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -228,3 +230,23 @@ class RelayRestartTests(unittest.TestCase):
         first.end(error.ProcessDone(0))
         self.successResultOf(d)
         self.assertEqual(len(self.reactor.spawned), 1)  # none started once stopping
+
+
+def test_the_factories_of_earlier_settings_are_freed_once_their_sessions_end(ctx, tmp_path):
+    reloader = serve(ctx).services[0].reloader
+    path = tmp_path / "mailsrv.toml"
+    base = path.read_text()
+    first = [weakref.ref(f) for f in reloader.listeners.sessions]
+    held = reloader.listeners.sessions[0]
+    held.open_sessions.add(object())  # a session of the first settings still open
+    for n in range(5):
+        path.write_text(changed(base, ('hostname = "localhost"', f'hostname = "h{n}.test"')))
+        assert reloader._apply(read_config(path, reloader.ctx.config, reloader.ctx)) is True
+    gc.collect()
+    assert [r() for r in first if r() is not None] == [held]  # only the one with a session
+    assert held in reloader.session_factories()
+    held.open_sessions.clear()
+    del held
+    gc.collect()
+    assert all(r() is None for r in first)
+    assert len(reloader.session_factories()) == len(reloader.listeners.sessions)
