@@ -35,7 +35,8 @@ from twisted.logger import Logger
 from mailsrv.addresses.resolver import AddressRules, address_rules
 from mailsrv.auth.accounts import account_limits
 from mailsrv.auth.checkers import PasswordChecker
-from mailsrv.auth.passwd import PasswordFile
+from mailsrv.addresses.aliases import parse_aliases
+from mailsrv.auth.passwd import PasswordFile, PasswordFileError
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.authres.resolver import Resolver
@@ -114,6 +115,7 @@ class Loaded:
     dkim: DkimSigner | None
     allow: NetworkList
     deny: NetworkList
+    passwords: PasswordFile | None = None  # the users, read already
 
 
 def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
@@ -137,6 +139,14 @@ def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
         dkim = load_signer(config, lambda f: deferToThreadPool(reactor, ctx.threadpool, f))
     except StartupError as e:
         raise ConfigError(config.path, [f"{e.key}: {e.reason}"]) from e
+    problems = _unusable_files(config, old, ctx)
+    if problems:
+        raise ConfigError(config.path, problems)
+    passwords = PasswordFile(config.auth.passwd_file, ctx.reactor, ctx.threadpool)
+    try:
+        passwords.users()  # read now, on this thread
+    except PasswordFileError as e:
+        raise ConfigError(config.path, [f"auth.passwd_file: {e}"]) from e
     addresses = address_rules(config, ctx.reactor)
     return Loaded(
         config=config,
@@ -146,7 +156,29 @@ def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
         dkim=dkim,
         allow=allow,
         deny=deny,
+        passwords=passwords,
     )
+
+
+def _unusable_files(config: Config, old: Config, ctx: ServerContext) -> list[str]:
+    """
+    The users and aliases files that the settings in force can read but
+    C{config} could not: put in force, they would make every user or alias
+    unknown, and mail to them refused for good (RFC 5321 550). A file that is
+    missing both before and after is not a problem (none yet).
+    """
+    problems = []
+    users = config.auth.passwd_file
+    if not users.exists() and old.auth.passwd_file.exists():
+        problems.append(f"auth.passwd_file: {users}: no such file (the users would be unknown)")
+    aliases = config.addresses.aliases
+    before = ctx.addresses.aliases if ctx.addresses is not None else None
+    if not parse_aliases(aliases).readable and (
+        aliases.exists() or (before is not None and before.entries)
+    ):
+        why = "cannot read" if aliases.exists() else "no such file"
+        problems.append(f"addresses.aliases: {aliases}: {why} (the aliases would be unknown)")
+    return problems
 
 
 def _same(old: Any, new: Any, *names: str) -> bool:
@@ -176,9 +208,11 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
     def in_pool(f: Any, *a: Any) -> defer.Deferred:
         return deferToThreadPool(reactor, pool, f, *a)
 
-    # A new password file object reads the file at its first lookup: a
-    # change hidden by the file system's time granularity is seen too.
-    passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
+    # A new password file object, read anew by the reload: a change hidden
+    # by the file system's time granularity is seen too.
+    passwords = loaded.passwords
+    if passwords is None:
+        passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
     throttle = ctx.throttle
     same_auth = dataclasses.replace(

@@ -250,3 +250,43 @@ def test_the_factories_of_earlier_settings_are_freed_once_their_sessions_end(ctx
     gc.collect()
     assert all(r() is None for r in first)
     assert len(reloader.session_factories()) == len(reloader.listeners.sessions)
+
+
+def _users_and_aliases(tmp_path: Path):
+    path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", "[policy]\n[listen]"))
+    (tmp_path / "aliases").write_text("sales: alice@example.test\n")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "passwd").write_text("alice@example.test:{PLAIN}x\n")
+    ctx = build_context(parse(path.read_text(), str(path), tmp_path), MemoryReactorClock())
+    assert ctx.addresses is not None and ctx.addresses.aliases is not None
+    assert ctx.addresses.aliases.entries
+    return path, ctx
+
+
+@pytest.mark.parametrize(
+    "damage, key",
+    [
+        (lambda t: (t / "aliases").write_bytes(b"sales: \xff\xfe\n"), "addresses.aliases"),
+        (lambda t: (t / "aliases").unlink(), "addresses.aliases"),
+        (lambda t: (t / "data" / "passwd").write_bytes(b"\xff\xfe:x\n"), "auth.passwd_file"),
+        (
+            lambda t: (t / "mailsrv.toml").write_text(
+                (t / "mailsrv.toml").read_text() + '[auth]\npasswd_file = "passwd.new"\n'
+            ),
+            "auth.passwd_file",
+        ),
+    ],
+    ids=["aliases not UTF-8", "aliases gone", "users not UTF-8", "users file not there"],
+)
+def test_users_or_aliases_the_reload_cannot_read_refuse_it(tmp_path, damage, key):
+    path, ctx = _users_and_aliases(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        read_config(path, ctx.config, ctx)
+    assert key in str(e.value)
+
+
+def test_users_and_aliases_that_never_existed_are_no_reason_to_refuse(ctx, tmp_path):
+    path = tmp_path / "mailsrv.toml"
+    loaded = read_config(path, ctx.config, ctx)
+    assert loaded.passwords is not None and loaded.passwords.users() == []
