@@ -32,10 +32,10 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailsrv.addresses.aliases import parse_aliases
 from mailsrv.addresses.resolver import AddressRules, address_rules
 from mailsrv.auth.accounts import account_limits
 from mailsrv.auth.checkers import PasswordChecker
-from mailsrv.addresses.aliases import parse_aliases
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
