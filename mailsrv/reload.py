@@ -44,7 +44,12 @@ from mailsrv.authres.step import SenderAuthentication
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import build_filter
-from mailsrv.policy.connections import ConnectionGate, connection_limits, network_lists
+from mailsrv.policy.connections import (
+    ConnectionGate,
+    adopt,
+    connection_limits,
+    network_lists,
+)
 from mailsrv.policy.duplicates import build_duplicates
 from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkError, NetworkList
@@ -293,8 +298,9 @@ class Reloader:
     """
     Puts a new config in force (L{reload}). C{build} makes the listeners'
     settings from a context (L{mailsrv.service}); C{gates} are the factories
-    of the listening ports, which stay; C{watched} are the network lists a
-    L{NetworkWatcher} looks at besides the gate's.
+    of the listening ports, which stay; C{watched} are the other copies of
+    the allowed networks ([policy] allow, allow_file: the greylist's), which a
+    L{NetworkWatcher} looks at besides the gate's lists.
     """
 
     log = Logger()
@@ -364,6 +370,8 @@ class Reloader:
         self.retired.update(self.listeners.sessions)
         self.listeners = listeners
         self.connections.configure(connection_limits(ctx.config.policy), loaded.allow, loaded.deny)
+        for allowed in self.watched:
+            adopt(allowed, loaded.allow)  # [policy] allow: the greylist's exemption too
         if self.network_watcher is not None:
             lists = [self.connections.allow, self.connections.deny, *self.watched]
             self.network_watcher.lists = [nl for nl in lists if nl.path is not None]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import gc
 import weakref
+from ipaddress import ip_address
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -290,3 +291,17 @@ def test_users_and_aliases_that_never_existed_are_no_reason_to_refuse(ctx, tmp_p
     path = tmp_path / "mailsrv.toml"
     loaded = read_config(path, ctx.config, ctx)
     assert loaded.passwords is not None and loaded.passwords.users() == []
+
+
+def test_new_allowed_networks_exempt_from_greylisting_too(tmp_path):
+    policy = '[policy]\ngreylist = true\nallow = ["192.0.2.0/24"]\n'
+    path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", policy + "[listen]"))
+    ctx = build_context(parse(path.read_text(), str(path), tmp_path), MemoryReactorClock())
+    reloader = serve(ctx).services[0].reloader
+    assert ctx.greylist is not None
+    path.write_text(path.read_text().replace("192.0.2.0/24", "198.51.100.0/24"))
+    assert reloader._apply(read_config(path, ctx.config, ctx)) is True
+    assert reloader.ctx.greylist is ctx.greylist  # its triplets are kept
+    allowed = ctx.greylist.allowed_networks
+    assert ip_address("198.51.100.7") in allowed and ip_address("192.0.2.7") not in allowed
+    assert ip_address("198.51.100.7") in reloader.connections.allow  # as the gate's
