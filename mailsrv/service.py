@@ -61,6 +61,7 @@ from mailsrv.startup import (
 )
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.quota import Quotas
+from mailsrv.store.userfeed import UserFeed
 from mailsrv.tls import ServerTLS, server_options
 
 log = Logger()
@@ -109,6 +110,8 @@ class ServerContext:
     authentication: SenderAuthentication | None = None
     # The users' storage limits and usage ([quota]); None: no limits.
     quota: Quotas | None = None
+    # The IMAP sessions' subscription changes (RFC 5465 NOTIFY), across reloads.
+    subscriptions: UserFeed = field(default_factory=UserFeed)
 
 
 class ThreadPoolService(service.MultiService):
