@@ -25,7 +25,8 @@ from twisted.trial import unittest
 
 from mailsrv.config import DEFAULT_CONFIG, ConfigError, parse
 from mailsrv.hangup import HangupService
-from mailsrv.outbound.process import RelayProcessService
+from mailsrv.outbound.ipc import DRAIN_GRACE
+from mailsrv.outbound.process import STOP_TIMEOUT, RelayProcessService
 from mailsrv.policy.connections import ConnectionGate, ConnectionLimits, Verdict
 from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkList, parse_network
@@ -231,6 +232,27 @@ class RelayRestartTests(unittest.TestCase):
         first.end(error.ProcessDone(0))
         self.successResultOf(d)
         self.assertEqual(len(self.reactor.spawned), 1)  # none started once stopping
+
+    def test_the_restart_lets_the_deliveries_under_way_finish_within_a_bound(self):
+        self.service.startService()
+        (first,) = self.reactor.spawned
+        first.answer(b"1")
+        before = len(first.written)
+        self.service.restart(self.ctx)
+        stop = b"".join(d for _, d in first.written[before:])
+        self.assertIn(b"Stop", stop)
+        self.assertIn(b"drain", stop)  # transactions under way finish (ipc.Stop)
+        self.reactor.advance(STOP_TIMEOUT + 1)
+        self.assertEqual(first.signals, [])  # not killed at a stop's timeout
+        self.reactor.advance(DRAIN_GRACE)
+        self.assertEqual(first.signals, ["KILL"])
+        first.end(error.ProcessTerminated(signal=9))
+        self.assertEqual(len(self.reactor.spawned), 2)
+        second = self.reactor.spawned[1]
+        second.answer(b"1")
+        d = self.service.stopService()
+        second.end(error.ProcessDone(0))
+        self.successResultOf(d)
 
 
 def test_the_factories_of_earlier_settings_are_freed_once_their_sessions_end(ctx, tmp_path):
