@@ -24,6 +24,10 @@ from mailsrv.startup import StartGate, StartupError
 from mailsrv.tls import ServerTLS
 
 
+def _stopping(signum: int, frame: Any) -> None:
+    """SIGHUP once the service stopped: nothing to read again, and no reason to die."""
+
+
 class HangupService(service.Service):
     """Handles SIGHUP while the server runs."""
 
@@ -54,7 +58,14 @@ class HangupService(service.Service):
     def stopService(self) -> None:
         super().stopService()
         if self._previous is not None:
-            signal.signal(signal.SIGHUP, self._previous)
+            # The stop may take a while (transactions under way, the relay
+            # process, the store's last writes): a SIGHUP meanwhile (a log
+            # rotation) must not end the process by the signal's default action.
+            # A handler, not SIG_IGN: the programs started later do not inherit it.
+            previous = self._previous
+            if previous in (signal.SIG_DFL, None):
+                previous = _stopping
+            signal.signal(signal.SIGHUP, previous)
             self._previous = None
 
     def _signalled(self, signum: int, frame: Any) -> None:

@@ -22,6 +22,7 @@ L{mailsrv.outbound.process.RelayProcessService.restart}).
 from __future__ import annotations
 
 import dataclasses
+import weakref
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -31,10 +32,11 @@ from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailsrv.addresses.aliases import parse_aliases
 from mailsrv.addresses.resolver import AddressRules, address_rules
 from mailsrv.auth.accounts import account_limits
 from mailsrv.auth.checkers import PasswordChecker
-from mailsrv.auth.passwd import PasswordFile
+from mailsrv.auth.passwd import PasswordFile, PasswordFileError
 from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.authres.resolver import Resolver
@@ -42,7 +44,12 @@ from mailsrv.authres.step import SenderAuthentication
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import build_filter
-from mailsrv.policy.connections import ConnectionGate, connection_limits, network_lists
+from mailsrv.policy.connections import (
+    ConnectionGate,
+    adopt,
+    connection_limits,
+    network_lists,
+)
 from mailsrv.policy.duplicates import build_duplicates
 from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkError, NetworkList
@@ -117,6 +124,7 @@ class Loaded:
     dkim: DkimSigner | None
     allow: NetworkList
     deny: NetworkList
+    passwords: PasswordFile | None = None  # the users, read already
 
 
 def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
@@ -140,6 +148,14 @@ def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
         dkim = load_signer(config, lambda f: deferToThreadPool(reactor, ctx.threadpool, f))
     except StartupError as e:
         raise ConfigError(config.path, [f"{e.key}: {e.reason}"]) from e
+    problems = _unusable_files(config, old, ctx)
+    if problems:
+        raise ConfigError(config.path, problems)
+    passwords = PasswordFile(config.auth.passwd_file, ctx.reactor, ctx.threadpool)
+    try:
+        passwords.users()  # read now, on this thread
+    except PasswordFileError as e:
+        raise ConfigError(config.path, [f"auth.passwd_file: {e}"]) from e
     addresses = address_rules(config, ctx.reactor)
     return Loaded(
         config=config,
@@ -149,7 +165,29 @@ def read_config(path: Path | None, old: Config, ctx: ServerContext) -> Loaded:
         dkim=dkim,
         allow=allow,
         deny=deny,
+        passwords=passwords,
     )
+
+
+def _unusable_files(config: Config, old: Config, ctx: ServerContext) -> list[str]:
+    """
+    The users and aliases files that the settings in force can read but
+    C{config} could not: put in force, they would make every user or alias
+    unknown, and mail to them refused for good (RFC 5321 550). A file that is
+    missing both before and after is not a problem (none yet).
+    """
+    problems = []
+    users = config.auth.passwd_file
+    if not users.exists() and old.auth.passwd_file.exists():
+        problems.append(f"auth.passwd_file: {users}: no such file (the users would be unknown)")
+    aliases = config.addresses.aliases
+    before = ctx.addresses.aliases if ctx.addresses is not None else None
+    if not parse_aliases(aliases).readable and (
+        aliases.exists() or (before is not None and before.entries)
+    ):
+        why = "cannot read" if aliases.exists() else "no such file"
+        problems.append(f"addresses.aliases: {aliases}: {why} (the aliases would be unknown)")
+    return problems
 
 
 def _same(old: Any, new: Any, *names: str) -> bool:
@@ -179,9 +217,11 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
     def in_pool(f: Any, *a: Any) -> defer.Deferred:
         return deferToThreadPool(reactor, pool, f, *a)
 
-    # A new password file object reads the file at its first lookup: a
-    # change hidden by the file system's time granularity is seen too.
-    passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
+    # A new password file object, read anew by the reload: a change hidden
+    # by the file system's time granularity is seen too.
+    passwords = loaded.passwords
+    if passwords is None:
+        passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
     portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
     throttle = ctx.throttle
     same_auth = dataclasses.replace(
@@ -262,8 +302,9 @@ class Reloader:
     """
     Puts a new config in force (L{reload}). C{build} makes the listeners'
     settings from a context (L{mailsrv.service}); C{gates} are the factories
-    of the listening ports, which stay; C{watched} are the network lists a
-    L{NetworkWatcher} looks at besides the gate's.
+    of the listening ports, which stay; C{watched} are the other copies of
+    the allowed networks ([policy] allow, allow_file: the greylist's), which a
+    L{NetworkWatcher} looks at besides the gate's lists.
     """
 
     log = Logger()
@@ -290,12 +331,15 @@ class Reloader:
         self.watched = list(watched)
         self.alias_watcher = alias_watcher
         self.relay = relay
-        self.retired: list[Any] = []  # factories of earlier settings, with sessions open
+        # The factories of earlier settings, for as long as a connection
+        # (a session, or one still in its pregreet wait) holds them: a
+        # reload leaves nothing behind once its sessions have ended.
+        self.retired: weakref.WeakSet[Any] = weakref.WeakSet()
 
     def session_factories(self) -> list[Any]:
         """Every protocol factory that may have sessions open (for the goodbye at a stop)."""
-        self.retired = [f for f in self.retired if len(getattr(f, "open_sessions", ())) > 0]
-        return [*self.retired, *self.listeners.sessions]
+        retired = [f for f in self.retired if len(getattr(f, "open_sessions", ())) > 0]
+        return [*retired, *self.listeners.sessions]
 
     def reload(self) -> defer.Deferred:
         """
@@ -327,9 +371,11 @@ class Reloader:
             settings = listeners.settings.get(name)
             if settings is not None:
                 gate.use(settings)
-        self.retired.extend(self.listeners.sessions)
+        self.retired.update(self.listeners.sessions)
         self.listeners = listeners
         self.connections.configure(connection_limits(ctx.config.policy), loaded.allow, loaded.deny)
+        for allowed in self.watched:
+            adopt(allowed, loaded.allow)  # [policy] allow: the greylist's exemption too
         if self.network_watcher is not None:
             lists = [self.connections.allow, self.connections.deny, *self.watched]
             self.network_watcher.lists = [nl for nl in lists if nl.path is not None]

@@ -65,6 +65,7 @@ from mailsrv.startup import (
 )
 from mailsrv.store.mbox import MboxMailStore
 from mailsrv.store.quota import Quotas
+from mailsrv.store.userfeed import UserFeed
 from mailsrv.tls import ServerTLS, server_options
 
 log = Logger()
@@ -115,6 +116,8 @@ class ServerContext:
     quota: Quotas | None = None
     # The server's metrics (mailsrv.metrics), served on [metrics] listen; None: not counted.
     metrics: MailMetrics | None = None
+    # The IMAP sessions' subscription changes (RFC 5465 NOTIFY), across reloads.
+    subscriptions: UserFeed = field(default_factory=UserFeed)
 
 
 class ThreadPoolService(service.MultiService):

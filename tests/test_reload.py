@@ -9,6 +9,9 @@ the way it stops.
 
 from __future__ import annotations
 
+import gc
+import weakref
+from ipaddress import ip_address
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -22,7 +25,8 @@ from twisted.trial import unittest
 
 from mailsrv.config import DEFAULT_CONFIG, ConfigError, parse
 from mailsrv.hangup import HangupService
-from mailsrv.outbound.process import RelayProcessService
+from mailsrv.outbound.ipc import DRAIN_GRACE
+from mailsrv.outbound.process import STOP_TIMEOUT, RelayProcessService
 from mailsrv.policy.connections import ConnectionGate, ConnectionLimits, Verdict
 from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkList, parse_network
@@ -242,3 +246,98 @@ class RelayRestartTests(unittest.TestCase):
         first.end(error.ProcessDone(0))
         self.successResultOf(d)
         self.assertEqual(len(self.reactor.spawned), 1)  # none started once stopping
+
+    def test_the_restart_lets_the_deliveries_under_way_finish_within_a_bound(self):
+        self.service.startService()
+        (first,) = self.reactor.spawned
+        first.answer(b"1")
+        before = len(first.written)
+        self.service.restart(self.ctx)
+        stop = b"".join(d for _, d in first.written[before:])
+        self.assertIn(b"Stop", stop)
+        self.assertIn(b"drain", stop)  # transactions under way finish (ipc.Stop)
+        self.reactor.advance(STOP_TIMEOUT + 1)
+        self.assertEqual(first.signals, [])  # not killed at a stop's timeout
+        self.reactor.advance(DRAIN_GRACE)
+        self.assertEqual(first.signals, ["KILL"])
+        first.end(error.ProcessTerminated(signal=9))
+        self.assertEqual(len(self.reactor.spawned), 2)
+        second = self.reactor.spawned[1]
+        second.answer(b"1")
+        d = self.service.stopService()
+        second.end(error.ProcessDone(0))
+        self.successResultOf(d)
+
+
+def test_the_factories_of_earlier_settings_are_freed_once_their_sessions_end(ctx, tmp_path):
+    reloader = serve(ctx).services[0].reloader
+    path = tmp_path / "mailsrv.toml"
+    base = path.read_text()
+    first = [weakref.ref(f) for f in reloader.listeners.sessions]
+    held = reloader.listeners.sessions[0]
+    held.open_sessions.add(object())  # a session of the first settings still open
+    for n in range(5):
+        path.write_text(changed(base, ('hostname = "localhost"', f'hostname = "h{n}.test"')))
+        assert reloader._apply(read_config(path, reloader.ctx.config, reloader.ctx)) is True
+    gc.collect()
+    assert [r() for r in first if r() is not None] == [held]  # only the one with a session
+    assert held in reloader.session_factories()
+    held.open_sessions.clear()
+    del held
+    gc.collect()
+    assert all(r() is None for r in first)
+    assert len(reloader.session_factories()) == len(reloader.listeners.sessions)
+
+
+def _users_and_aliases(tmp_path: Path):
+    path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", "[policy]\n[listen]"))
+    (tmp_path / "aliases").write_text("sales: alice@example.test\n")
+    (tmp_path / "data").mkdir(exist_ok=True)
+    (tmp_path / "data" / "passwd").write_text("alice@example.test:{PLAIN}x\n")
+    ctx = build_context(parse(path.read_text(), str(path), tmp_path), MemoryReactorClock())
+    assert ctx.addresses is not None and ctx.addresses.aliases is not None
+    assert ctx.addresses.aliases.entries
+    return path, ctx
+
+
+@pytest.mark.parametrize(
+    "damage, key",
+    [
+        (lambda t: (t / "aliases").write_bytes(b"sales: \xff\xfe\n"), "addresses.aliases"),
+        (lambda t: (t / "aliases").unlink(), "addresses.aliases"),
+        (lambda t: (t / "data" / "passwd").write_bytes(b"\xff\xfe:x\n"), "auth.passwd_file"),
+        (
+            lambda t: (t / "mailsrv.toml").write_text(
+                (t / "mailsrv.toml").read_text() + '[auth]\npasswd_file = "passwd.new"\n'
+            ),
+            "auth.passwd_file",
+        ),
+    ],
+    ids=["aliases not UTF-8", "aliases gone", "users not UTF-8", "users file not there"],
+)
+def test_users_or_aliases_the_reload_cannot_read_refuse_it(tmp_path, damage, key):
+    path, ctx = _users_and_aliases(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(ConfigError) as e:
+        read_config(path, ctx.config, ctx)
+    assert key in str(e.value)
+
+
+def test_users_and_aliases_that_never_existed_are_no_reason_to_refuse(ctx, tmp_path):
+    path = tmp_path / "mailsrv.toml"
+    loaded = read_config(path, ctx.config, ctx)
+    assert loaded.passwords is not None and loaded.passwords.users() == []
+
+
+def test_new_allowed_networks_exempt_from_greylisting_too(tmp_path):
+    policy = '[policy]\ngreylist = true\nallow = ["192.0.2.0/24"]\n'
+    path = config_file(tmp_path, DEFAULT_CONFIG.replace("[listen]", policy + "[listen]"))
+    ctx = build_context(parse(path.read_text(), str(path), tmp_path), MemoryReactorClock())
+    reloader = serve(ctx).services[0].reloader
+    assert ctx.greylist is not None
+    path.write_text(path.read_text().replace("192.0.2.0/24", "198.51.100.0/24"))
+    assert reloader._apply(read_config(path, ctx.config, ctx)) is True
+    assert reloader.ctx.greylist is ctx.greylist  # its triplets are kept
+    allowed = ctx.greylist.allowed_networks
+    assert ip_address("198.51.100.7") in allowed and ip_address("192.0.2.7") not in allowed
+    assert ip_address("198.51.100.7") in reloader.connections.allow  # as the gate's

@@ -445,10 +445,14 @@ class IMAPServerFactory(protocol.Factory):
 
 
 def account_factory(
-    config: Any, store: Any, run: Callable[..., defer.Deferred]
+    config: Any, store: Any, run: Callable[..., defer.Deferred], feed: UserFeed | None = None
 ) -> Callable[[str], defer.Deferred]:
-    """The realm's factory for L{imap4.IAccount} avatars."""
-    subscription_feed = UserFeed()  # every session's subscription changes (NOTIFY)
+    """
+    The realm's factory for L{imap4.IAccount} avatars; C{feed} carries every
+    session's subscription changes (NOTIFY), the server's for as long as it
+    runs (across reloads), or one of this factory's own.
+    """
+    subscription_feed = feed if feed is not None else UserFeed()
 
     def make(address: str) -> defer.Deferred:
         path = subscriptions_path(config.server.data_dir, address)
@@ -464,7 +468,8 @@ def imap_factory(ctx: Any, implicit_tls: bool = False) -> IMAPServerFactory:
     def run(f: Callable[..., Any], *args: Any, **kw: Any) -> defer.Deferred:
         return threads.deferToThreadPool(ctx.reactor, ctx.threadpool, f, *args, **kw)
 
-    ctx.portal.realm.register(imap4.IAccount, account_factory(ctx.config, ctx.store, run))
+    feed = getattr(ctx, "subscriptions", None)
+    ctx.portal.realm.register(imap4.IAccount, account_factory(ctx.config, ctx.store, run, feed))
     return IMAPServerFactory(
         config=ctx.config,
         store=ctx.store,

@@ -59,8 +59,18 @@ class Queued(amp.Command):
     requiresAnswer = False
 
 
+DRAIN_GRACE = 30.0  # seconds a drain (a reload) lets the SMTP transactions under way finish
+
+
 class Stop(amp.Command):
-    arguments = []  # type: ignore[var-annotated]
+    """
+    Stop relaying, the attempts under way recording their results. With
+    C{drain} (a reload), the SMTP transactions under way may finish first,
+    within L{DRAIN_GRACE}: one aborted after its final dot could
+    reach the remote server twice.
+    """
+
+    arguments = [(b"drain", amp.Boolean(optional=True))]
     response = []  # type: ignore[var-annotated]
 
 

@@ -296,7 +296,7 @@ class RelayProcessService(service.Service):
         self.log.info("restarting the relay process with the new settings")
         self.proto = None  # notices of mail queued meanwhile: the new one reads the folder
         self._retiring = proto
-        self._stop(proto)
+        self._stop(proto, drain=True)
 
     def _ended(self, _: None, proto: RelayProcessProtocol) -> None:
         reason = proto.reason
@@ -353,21 +353,28 @@ class RelayProcessService(service.Service):
             waits.append(self._stop(self.proto))
         return defer.DeferredList(waits)
 
-    def _stop(self, proto: RelayProcessProtocol) -> defer.Deferred:
-        """Ask C{proto}'s process to stop (killed after L{STOP_TIMEOUT}); fires once it ended."""
+    def _stop(self, proto: RelayProcessProtocol, drain: bool = False) -> defer.Deferred:
+        """
+        Ask C{proto}'s process to stop (killed after L{STOP_TIMEOUT}); fires
+        once it ended. With C{drain} (a reload), its SMTP transactions under
+        way finish first (L{ipc.Stop}), within L{ipc.DRAIN_GRACE} more.
+        """
         ended = proto.ended
+        timeout = STOP_TIMEOUT + (ipc.DRAIN_GRACE if drain else 0.0)
 
         def kill() -> None:
-            self.log.warn("relay process did not stop in {t:.0f}s; killing it", t=STOP_TIMEOUT)
+            self.log.warn("relay process did not stop in {t:.0f}s; killing it", t=timeout)
             try:
                 if proto.transport is not None:
                     proto.transport.signalProcess("KILL")
             except error.ProcessExitedAlready:
                 pass
 
-        timer = self.reactor.callLater(STOP_TIMEOUT, kill)
+        timer = self.reactor.callLater(timeout, kill)
         proto.notices.flush()
-        stopped = defer.maybeDeferred(proto.amp.callRemote, ipc.Stop)
+        stopped = defer.maybeDeferred(
+            proto.amp.callRemote, ipc.Stop, **({"drain": True} if drain else {})
+        )
 
         # Once it has recorded its last results, closing its pipe lets it exit.
         def close(_: Any) -> None:

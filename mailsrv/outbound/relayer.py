@@ -34,6 +34,7 @@ from mailsrv.outbound import dsn
 from mailsrv.outbound.bounces import Bounces
 from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import FAILED, Envelope, Recipient
+from mailsrv.outbound.ipc import DRAIN_GRACE
 from mailsrv.outbound.local import LocalRecipients, LocalRoute, recipient_domain
 from mailsrv.outbound.queue import OutboundQueue
 from mailsrv.outbound.remote import SMARTHOST, RemoteDelivery
@@ -116,11 +117,13 @@ class Relayer:
         )
         self.due.wake()
 
-    def stop(self) -> defer.Deferred:
+    def stop(self, drain: bool = False) -> defer.Deferred:
         """
         Stop starting deliveries, abort the sessions under way but those
         sending a message (which get L{SENDING_GRACE}), and wait for their
-        results to be saved.
+        results to be saved. With C{drain} (a reload), the sessions under way
+        are aborted only if they have not finished within L{DRAIN_GRACE}: one
+        aborted after its final dot was sent is delivered again on a retry.
         """
         self.results.running = False
         self.queue.remove_listener(self.queued)
@@ -128,16 +131,19 @@ class Relayer:
             self._poller.stop()
         self.due.stop()
         self.queue.flush_lazy()
-        self.remote.stop(SENDING_GRACE)
+        if not drain:
+            self.remote.stop(SENDING_GRACE)
         # Wait for the attempts under way to record their results, but not for
         # a DNS query to time out: those recipients simply stay pending.
         done: defer.Deferred = defer.Deferred()
 
         def fire(_: Any = None) -> None:
+            if drain:
+                self.remote.stop()  # the idle connections; the sessions still under way
             if not done.called:
                 done.callback(None)
 
-        timer = self.reactor.callLater(STOP_GRACE, fire)
+        timer = self.reactor.callLater(DRAIN_GRACE if drain else STOP_GRACE, fire)
         defer.DeferredList(list(self.due.active.values()), consumeErrors=True).addBoth(fire)
         return done.addBoth(lambda _: timer.cancel() if timer.active() else None)
 

@@ -149,13 +149,16 @@ class RelaySide(ipc.QuietAMP):
             self.queue.take_recent(env.id)  # known already: do not keep the bytes
 
     @ipc.Stop.responder
-    def stop(self) -> defer.Deferred:
-        return self.shutdown().addCallback(lambda _: {})
+    def stop(self, drain: bool | None = None) -> defer.Deferred:
+        return self.shutdown(bool(drain)).addCallback(lambda _: {})
 
     # --- stopping -----------------------------------------------------------
 
-    def shutdown(self) -> defer.Deferred:
-        """Stop relaying: the attempts under way record their results; then let go of the lock."""
+    def shutdown(self, drain: bool = False) -> defer.Deferred:
+        """
+        Stop relaying: the attempts under way record their results (with
+        C{drain}, once their SMTP transactions finished); then let go of the lock.
+        """
         d: defer.Deferred = defer.Deferred()
         if self._stopped:
             d.callback(None)
@@ -169,7 +172,7 @@ class RelaySide(ipc.QuietAMP):
             self.aliases.stopService()
         relayer = self.relayer
         if self._started is not None and relayer is not None:
-            stopping = self._started.addBoth(lambda _: relayer.stop())
+            stopping = self._started.addBoth(lambda _: relayer.stop(drain))
         else:
             stopping = defer.succeed(None)
 

@@ -125,9 +125,8 @@ class ConnectionGate:
         connections open and recent are kept.
         """
         self.limits = limits
-        for mine, new in ((self.allow, allow), (self.deny, deny)):
-            mine.inline, mine.path = new.inline, new.path
-            mine.from_file, mine.signature = new.from_file, new.signature
+        adopt(self.allow, allow)
+        adopt(self.deny, deny)
 
     def release(self, listener: str, host: str) -> None:
         key = (listener, limited_client(client_address(host), host))
@@ -177,6 +176,15 @@ def limited_client(addr: Any, host: str) -> str:
     if isinstance(addr, ipaddress.IPv6Address):
         return str(ipaddress.IPv6Network((addr, 64), strict=False))
     return str(addr) if addr is not None else host
+
+
+def adopt(mine: NetworkList, new: NetworkList) -> None:
+    """
+    Make C{mine} hold the networks of C{new} (already read), in place: the
+    object a L{NetworkWatcher} watches and the policies ask stays the same.
+    """
+    mine.inline, mine.path = new.inline, new.path
+    mine.from_file, mine.signature = new.from_file, new.signature
 
 
 def connection_limits(policy: Any) -> ConnectionLimits:
