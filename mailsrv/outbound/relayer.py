@@ -35,7 +35,7 @@ from mailsrv.outbound.bounces import Bounces
 from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import FAILED, Envelope, Recipient
 from mailsrv.outbound.local import LocalRecipients, LocalRoute, recipient_domain
-from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.outbound.queue import FolderState, OutboundQueue
 from mailsrv.outbound.remote import SMARTHOST, RemoteDelivery
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DueMessages, RetrySchedule
@@ -148,15 +148,17 @@ class Relayer:
 
     def _poll(self) -> defer.Deferred:
         """
-        Notice ``queue flush`` and ``queue delete`` done by the admin command,
-        and messages on disk nobody told us of (a notice from the server lost
-        or held back: they are an optimisation, the queue folder is the truth).
+        Notice ``queue flush``, ``delete``, ``hold``, ``release`` and
+        ``requeue`` done by the admin command, and messages on disk nobody
+        told us of (a notice from the server lost or held back: they are an
+        optimisation, the queue folder is the truth).
         """
         d = self.queue.poll()
 
-        def polled(result: tuple[list[str], bool]) -> Any:
-            ids, flush = result
+        def polled(state: FolderState) -> Any:
+            ids, flush = state.ids, state.flush
             on_disk = set(ids)
+            self._marks(state)
             unknown = [i for i in ids if not self.due.known(i) and i not in self._unreadable]
             for queue_id in list(self.entries):
                 if queue_id not in on_disk and queue_id not in self.due.active:
@@ -174,6 +176,21 @@ class Relayer:
             return None
 
         return d.addCallback(polled).addErrback(lambda f: self.log.failure("queue poll failed", f))
+
+    def _marks(self, state: FolderState) -> None:
+        """Follow the administrator's hold, release and requeue marks."""
+        for queue_id in self.entries:
+            if queue_id in state.held and queue_id not in self.due.held:
+                self.log.info("{queue_id}: on hold", queue_id=queue_id)
+                self.due.hold(queue_id)
+        for queue_id in list(self.due.held):
+            if queue_id not in state.held and queue_id not in state.requeue:
+                self.log.info("{queue_id}: released from hold", queue_id=queue_id)
+                self.due.release(queue_id)
+        for queue_id in state.requeue:
+            if queue_id in self.entries:
+                self.log.info("{queue_id}: requeued", queue_id=queue_id)
+                self.due.requeue(queue_id)
 
     def _load(self, ids: list[str]) -> tuple[list[Envelope], list[str]]:
         """In a thread: the envelopes of C{ids}; the ids that are there but unreadable."""
@@ -200,6 +217,14 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _attempt(self, env: Envelope):
+        # The hold mark is read right before each attempt: a message put on
+        # hold is never attempted again, even before the next folder scan.
+        held = yield self.results.in_pool(self.queue.is_held, env.id)
+        if held:
+            if env.id not in self.due.held:
+                self.log.info("{queue_id}: on hold, not attempted", queue_id=env.id)
+                self.due.hold(env.id)
+            return
         groups: dict[str, list[Recipient]] = defaultdict(list)
         local: list[tuple[Recipient, LocalRoute]] = []
         for r in env.pending():
