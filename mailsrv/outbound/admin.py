@@ -14,7 +14,7 @@ relayer follows whether it runs now or starts later, as Postfix's
 ``postsuper -h``, ``-H`` and ``-r``. A message on hold is never attempted,
 so never expires or bounces, while held (``list`` marks it with ``!`` after
 its id, as mailq does); the relayer reads the mark right before each
-attempt, so an attempt under way when the hold is made finishes (what it
+retry, so an attempt under way when the hold is made finishes (what it
 delivered is recorded) and no other starts. ``release`` gives the message
 back its retry schedule (past its lifetime: one more attempt, then the
 bounce); ``requeue`` makes the next attempt now with the back-off from the

@@ -16,7 +16,7 @@ message: a move would be two renames (the queue file and the newer
 envelope) that a crash could split.
 
 The relayer reads the marks: it checks the hold mark (in its thread pool)
-right before each attempt, and looks at every mark at each scan of the
+right before each retry and at its start, and looks at every mark at each scan of the
 folder, so hold, release and requeue take effect without a restart, and a
 mark made while the server is stopped takes effect when it starts.
 """

@@ -532,6 +532,10 @@ class OutboundQueue:
         """Whether the message is on hold now (L{mailsrv.outbound.marks})."""
         return self.store.marks.is_held(queue_id)
 
+    def held(self) -> set[str]:
+        """The ids of the messages on hold now."""
+        return self.store.marks.held()
+
     def load_envelope(self, queue_id: str) -> Envelope:
         """The message's envelope as last written (FileNotFoundError: it is gone)."""
         return self.store.load_envelope(queue_id)

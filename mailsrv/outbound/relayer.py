@@ -98,10 +98,13 @@ class Relayer:
         self.results.running = True
         self.due.start()
         envelopes, bad = yield self.queue.scan()
+        held = yield self.results.in_pool(self.queue.held)
         for queue_id in bad:
             self._unreadable.add(queue_id)
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in envelopes:
+            if env.id in held:
+                self.due.hold(env.id)
             self.due.add(env)
         self.log.info("relayer started with {n} queued message(s)", n=len(self.entries))
         self.queue.add_listener(self.queued)
@@ -172,7 +175,8 @@ class Relayer:
                 self.log.info("queue flush requested")
                 self.flush()
             if unknown:
-                return self.results.in_pool(self._load, unknown).addCallback(self._found)
+                d = self.results.in_pool(self._load, unknown)
+                return d.addCallback(self._found, state.held)
             return None
 
         return d.addCallback(polled).addErrback(lambda f: self.log.failure("queue poll failed", f))
@@ -204,12 +208,14 @@ class Relayer:
                 bad.append(queue_id)
         return found, bad
 
-    def _found(self, result: tuple[list[Envelope], list[str]]) -> None:
+    def _found(self, result: tuple[list[Envelope], list[str]], held: set[str]) -> None:
         found, bad = result
         for queue_id in bad:
             self._unreadable.add(queue_id)
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in found:
+            if env.id in held:
+                self.due.hold(env.id)
             if self.queued(env):
                 self.log.info("{queue_id}: found in the queue folder", queue_id=env.id)
 
@@ -217,14 +223,16 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _attempt(self, env: Envelope):
-        # The hold mark is read right before each attempt: a message put on
-        # hold is never attempted again, even before the next folder scan.
-        held = yield self.results.in_pool(self.queue.is_held, env.id)
-        if held:
-            if env.id not in self.due.held:
-                self.log.info("{queue_id}: on hold, not attempted", queue_id=env.id)
-                self.due.hold(env.id)
-            return
+        if env.attempts:
+            # Before a retry the hold mark is read again: a message put on hold
+            # is not retried, even before the next folder scan. (A first
+            # attempt follows its queuing at once: no thread hop for it.)
+            held = yield self.results.in_pool(self.queue.is_held, env.id)
+            if held or not self.results.running:
+                if held and env.id not in self.due.held:
+                    self.log.info("{queue_id}: on hold, not attempted", queue_id=env.id)
+                    self.due.hold(env.id)
+                return
         groups: dict[str, list[Recipient]] = defaultdict(list)
         local: list[tuple[Recipient, LocalRoute]] = []
         for r in env.pending():
