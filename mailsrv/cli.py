@@ -1,7 +1,8 @@
 """
 The ``mailsrv`` admin command: mailbox owners (``user``), the aliases file
-(``alias``), DKIM signing keys (``dkim keygen``) and, when the outbound
-part is installed, the mail queue (``queue``).
+(``alias``), DKIM signing keys (``dkim keygen``), the config check
+(``check-config``) and, when the outbound part is installed, the mail queue
+(``queue``).
 
 Exit codes: 0 done, 1 refused (unknown user, bad address, ...), 2 bad
 command line or configuration.
@@ -30,6 +31,7 @@ from mailsrv.addresses.resolver import (
 )
 from mailsrv.addresses.srs import SECRET_FILE, SRSSecretError
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
+from mailsrv.checkconfig import add_check_config_command, problem_lines, source_of
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.dkim.admin import KeygenError, add_dkim_commands
 from mailsrv.store.names import split_user, user_dir
@@ -375,6 +377,7 @@ def build_parser() -> argparse.ArgumentParser:
     else:
         add_queue_commands(commands)
     add_dkim_commands(commands)
+    add_check_config_command(commands)
     return parser
 
 
@@ -394,11 +397,12 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
-    path, _ = find_config(args.config, environ, system_config)
+    path, origin = find_config(args.config, environ, system_config)
+    args.config_origin = origin  # where the config came from, for check-config --all
     try:
         config = load(path)
     except ConfigError as e:
-        for line in str(e).splitlines():
+        for line in problem_lines(e, source_of(path)):
             print(f"mailsrv: {line}", file=io.stderr)
         return 2
     if path is None:

@@ -5,9 +5,10 @@ a L{Config}; every problem is collected and reported together.
 
 from __future__ import annotations
 
+import difflib
 import os
 import tomllib
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -57,11 +58,29 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
 }
 
 
+def _near(name: str, known: Iterable[str]) -> str:
+    """", did you mean X?" for the known name closest to a typo'd one, else ""."""
+    match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
+    return f", did you mean {match[0]}?" if match else ""
+
+
+def schema() -> Mapping[str, Mapping[str, tuple[Callable[[Any], Any], Any]]]:
+    """Every section and key: (validator, built-in default; None: not set)."""
+    return _SCHEMA
+
+
+def validate(raw: Mapping[str, Any]) -> tuple[dict[str, dict[str, Any]], list[str]]:
+    """Each section's keys checked and converted, defaults filled in; and the problems."""
+    errors: list[str] = []
+    return _validate(raw, errors), errors
+
+
 def _validate(raw: Mapping[str, Any], errors: list[str]) -> dict[str, dict[str, Any]]:
     out: dict[str, dict[str, Any]] = {}
     for section in raw:
         if section not in _SCHEMA:
-            errors.append(f"[{section}]: unknown section (known: {', '.join(_SCHEMA)})")
+            hint = _near(section, _SCHEMA)
+            errors.append(f"[{section}]: unknown section{hint} (known: {', '.join(_SCHEMA)})")
         elif not isinstance(raw[section], dict):
             errors.append(f"[{section}]: must be a table")
     for section, keys in _SCHEMA.items():
@@ -71,7 +90,8 @@ def _validate(raw: Mapping[str, Any], errors: list[str]) -> dict[str, dict[str, 
         values: dict[str, Any] = {}
         for key in given:
             if key not in keys:
-                errors.append(f"{section}.{key}: unknown key (known: {', '.join(keys)})")
+                hint = _near(key, keys)
+                errors.append(f"{section}.{key}: unknown key{hint} (known: {', '.join(keys)})")
         for key, (check, default) in keys.items():
             if key in given:
                 try:
