@@ -59,7 +59,7 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
 
 
 def _near(name: str, known: Iterable[str]) -> str:
-    """", did you mean X?" for the known name closest to a typo'd one, else ""."""
+    """The hint ", did you mean X?" for the known name nearest a typo'd one, else ""."""
     match = difflib.get_close_matches(name, list(known), n=1, cutoff=0.6)
     return f", did you mean {match[0]}?" if match else ""
 
