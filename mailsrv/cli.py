@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -30,10 +31,12 @@ from mailsrv.addresses.resolver import (
     address_rules,
 )
 from mailsrv.addresses.srs import SECRET_FILE, SRSSecretError
+from mailsrv.adminaccount import admin_account, become
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
 from mailsrv.checkconfig import add_check_config_command, problem_lines, source_of
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.dkim.admin import KeygenError, add_dkim_commands
+from mailsrv.startup import StartupError
 from mailsrv.store.names import split_user, user_dir
 from mailsrv.store.quota import storage_used
 from mailsrv.store.quotalimits import format_size
@@ -404,6 +407,13 @@ def main(
     except ConfigError as e:
         for line in problem_lines(e, source_of(path)):
             print(f"mailsrv: {line}", file=io.stderr)
+        return 2
+    try:  # run as root: the server's account from here on (mailsrv.adminaccount)
+        run_as = admin_account(config, os.geteuid())
+        if run_as is not None:
+            become(config, run_as)
+    except (StartupError, OSError) as e:
+        print(f"mailsrv: cannot become the server's account: {e}", file=io.stderr)
         return 2
     if path is None:
         print(
