@@ -13,7 +13,11 @@ server derives from ``data_dir``. Passwords are shown as a comment unless
 
 A config that cannot be used prints every problem, one a line, as
 ``FILE:LINE: key: problem`` where the key's line is found, and exits 2 (the
-exit code of every ``mailsrv`` command given a bad config).
+exit code of every ``mailsrv`` command given a bad config). Beyond what
+loading checks, ``check-config`` also checks what the server would stop on
+at its start: the account of ``[server] user`` and ``group``, and the TLS
+certificate, key and DKIM key files; problems of the aliases file are
+printed as warnings, as the server logs them.
 """
 
 from __future__ import annotations
@@ -27,8 +31,11 @@ from collections.abc import Callable, Iterable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
+from mailsrv.addresses.edit import AliasEditError, list_aliases
 from mailsrv.config import Config, ConfigError
 from mailsrv.config.loading import DEFAULT_CONFIG, schema, validate
+from mailsrv.privileges import account
+from mailsrv.startup import StartupError
 
 HANDLER = "handler"
 
@@ -180,6 +187,13 @@ def check_config(args: argparse.Namespace, config: Config, out: TextIO | None = 
     errors, with L{problem_lines}); 0.
     """
     out = out or sys.stdout
+    problems = start_problems(config)
+    if problems:
+        for line in problem_lines(ConfigError(config.path, problems), config_text(config)):
+            print(f"mailsrv: {line}", file=sys.stderr)
+        return 2
+    for warning in alias_warnings(config):
+        print(f"mailsrv: warning: {warning}", file=sys.stderr)
     raw = tomllib.loads(config_text(config))
     if args.all:
         origin = getattr(args, "config_origin", None) or "?"
@@ -206,3 +220,31 @@ def source_of(path: Path | None) -> str | None:
         return path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError):
         return None
+
+
+def start_problems(config: Config) -> list[str]:
+    """What the server would refuse to start with, though the config loads."""
+    problems = []
+    try:
+        account(config)
+    except StartupError as e:
+        problems.append(f"{e.key}: {e.value}: {e.reason}")
+    files = [("tls.certificate", config.tls.certificate), ("tls.key", config.tls.key)]
+    files += [("dkim.keys", path) for path in config.dkim.keys.values()]
+    for key, path in files:
+        if path is None:
+            continue
+        try:
+            with open(path, "rb"):
+                pass
+        except OSError as e:
+            problems.append(f"{key}: cannot read {path}: {e.strerror}")
+    return problems
+
+
+def alias_warnings(config: Config) -> list[str]:
+    """The problems of the aliases file, each naming its file and line."""
+    try:
+        return list(list_aliases(config.addresses.aliases).problems)
+    except AliasEditError as e:
+        return [str(e)]

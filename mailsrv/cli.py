@@ -412,7 +412,12 @@ def main(
         run_as = admin_account(config, os.geteuid())
         if run_as is not None:
             become(config, run_as)
-    except (StartupError, OSError) as e:
+    except StartupError as e:
+        problem = ConfigError(config.path, [f"{e.key}: {e.value}: {e.reason}"])
+        for line in problem_lines(problem, source_of(path)):
+            print(f"mailsrv: {line}", file=io.stderr)
+        return 2
+    except OSError as e:
         print(f"mailsrv: cannot become the server's account: {e}", file=io.stderr)
         return 2
     if path is None:
@@ -458,6 +463,6 @@ _OWN_HANDLERS = frozenset(
 def _call_external(
     handler: Callable[..., int], args: argparse.Namespace, config: Config, io: _IO
 ) -> Any:
-    """Another part's subcommand: C{handler(args, config) -> int}, its output to our stdout."""
-    with contextlib.redirect_stdout(io.stdout):
+    """Another part's subcommand: C{handler(args, config) -> int}, its output to ours."""
+    with contextlib.redirect_stdout(io.stdout), contextlib.redirect_stderr(io.stderr):
         return handler(args, config)

@@ -64,6 +64,15 @@ def settings(config: Config) -> Config:
     return dataclasses.replace(config, path="", raw={}, source="", base_dir=None)
 
 
+def busy(folder: Path) -> Path:
+    """L{BUSY} in C{folder}, with the DKIM key file it names."""
+    (folder / "dkim").mkdir()
+    (folder / "dkim" / "example.key").write_text("")
+    path = folder / "mailsrv.toml"
+    path.write_text(BUSY)
+    return path
+
+
 def run(*argv, environ=None, system=Path("/nonexistent/mailsrv.toml")):
     out, err = io.StringIO(), io.StringIO()
     code = main(list(argv), stdout=out, stderr=err, environ=environ or {}, system_config=system)
@@ -71,8 +80,7 @@ def run(*argv, environ=None, system=Path("/nonexistent/mailsrv.toml")):
 
 
 def test_non_default_settings_load_again_to_the_same_config(tmp_path):
-    original = tmp_path / "mailsrv.toml"
-    original.write_text(BUSY)
+    original = busy(tmp_path)
     code, out, err = run("--config", str(original), "check-config", "--show-secrets")
     assert (code, err) == (0, "")
     assert out.startswith('[server]\nhostname = "mail.example.test"\n')
@@ -86,8 +94,7 @@ def test_non_default_settings_load_again_to_the_same_config(tmp_path):
 
 
 def test_passwords_are_hidden_unless_asked(tmp_path):
-    path = tmp_path / "mailsrv.toml"
-    path.write_text(BUSY)
+    path = busy(tmp_path)
     out = run("--config", str(path), "check-config")[1]
     assert "s3cret" not in out
     assert "# smarthost_password = (hidden; --show-secrets prints it)" in out
@@ -104,7 +111,7 @@ def test_the_shipped_example_round_trips(tmp_path):
 
 
 def test_all_prints_every_setting_and_where_the_config_came_from(tmp_path):
-    path = tmp_path / "mailsrv.toml"
+    path = busy(tmp_path)
     path.write_text(
         BUSY.replace('smarthost_username = "me"\n', "").replace(
             'smarthost_password = "s3cret \\"quoted\\""\n', ""
@@ -174,3 +181,37 @@ def test_the_command_exit_codes(tmp_path):
         )
         assert r.returncode == expected, r.stderr
     assert r.stderr == f"mailsrv: {bad}:2: limits.max_errors: must be at least 1, not 0\n"
+
+
+def test_what_the_server_would_stop_on_at_its_start(tmp_path):
+    path = tmp_path / "mailsrv.toml"
+    path.write_text('[server]\nhostname = "a.test"\nuser = "no-such-user-here"\n')
+    code, out, err = run("--config", str(path), "check-config")
+    assert (code, out) == (2, "")
+    assert (
+        err == f"mailsrv: {path}:3: server.user: no-such-user-here: no such user on this system\n"
+    )
+
+    path.write_text(
+        '[tls]\ncertificate = "cert.pem"\nkey = "key.pem"\n'
+        '[dkim]\nkeys = { "example.test" = "dkim/example.key" }\n'
+    )
+    (tmp_path / "cert.pem").write_text("")
+    code, out, err = run("--config", str(path), "check-config")
+    assert (code, out) == (2, "")
+    assert err.splitlines() == [
+        f"mailsrv: {path}:3: tls.key: cannot read {tmp_path / 'key.pem'}: No such file or "
+        "directory",
+        f"mailsrv: {path}:5: dkim.keys: cannot read {tmp_path / 'dkim' / 'example.key'}: No "
+        "such file or directory",
+    ]
+
+
+def test_problems_of_the_aliases_file_are_warnings(tmp_path):
+    path = tmp_path / "mailsrv.toml"
+    path.write_text('[addresses]\naliases = "aliases"\n')
+    (tmp_path / "aliases").write_text("postmaster: root\nbroken line\n")
+    code, out, err = run("--config", str(path), "check-config")
+    assert code == 0
+    assert out == ""  # "aliases" is the default
+    assert err.startswith(f"mailsrv: warning: {tmp_path / 'aliases'}:2: ")

@@ -131,6 +131,7 @@ def test_an_unknown_account_is_refused_before_anything_is_touched(base: Path) ->
     config = write_config(base, server='user = "no-such-user-here"\n')
     r = mailsrv(config, "user", "add", "alice@example.test", stdin="a good password\n")
     assert r.returncode == 2
-    assert 'server.user = "no-such-user-here"' in r.stderr
-    assert "no such user on this system" in r.stderr
+    assert r.stderr == (
+        f"mailsrv: {config}:5: server.user: no-such-user-here: no such user on this system\n"
+    )
     assert not (base / "data").exists()
