@@ -125,6 +125,21 @@ delay_warning = "0"
         self.assertEqual(env.next_attempt, self.clock.seconds() + 300)  # retry_min again
         self.successResultOf(self.relayer.stop())
 
+    def test_a_hold_after_a_requeue_wins(self):
+        qid = self.deferred_message()
+        self.relayer.flush()
+        self.assertEqual(self.relayer.entries[qid].attempts, 2)
+        self.assertEqual(queue_cli(self.config, "requeue", qid)[0], 0)
+        self.assertEqual(queue_cli(self.config, "hold", qid)[0], 0)  # before the next scan
+        self.clock.advance(5)
+        self.assertEqual(len(self.resolver.calls), 2)  # held: not attempted
+        self.assertEqual(self.relayer.entries[qid].attempts, 0)  # the back-off is reset
+        self.assertEqual(queue_cli(self.config, "release", qid)[0], 0)
+        self.clock.advance(5)
+        self.assertEqual(len(self.resolver.calls), 3)
+        self.assertEqual(self.relayer.entries[qid].next_attempt, self.clock.seconds() + 300)
+        self.successResultOf(self.relayer.stop())
+
     def test_marks_outlive_a_restart_and_go_with_the_message(self):
         qid = self.deferred_message()
         self.successResultOf(self.relayer.stop())

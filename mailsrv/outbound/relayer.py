@@ -182,19 +182,22 @@ class Relayer:
         return d.addCallback(polled).addErrback(lambda f: self.log.failure("queue poll failed", f))
 
     def _marks(self, state: FolderState) -> None:
-        """Follow the administrator's hold, release and requeue marks."""
+        """
+        Follow the administrator's marks: holds, then requeues (a message
+        held again since keeps only the back-off reset), then releases.
+        """
         for queue_id in self.entries:
             if queue_id in state.held and queue_id not in self.due.held:
                 self.log.info("{queue_id}: on hold", queue_id=queue_id)
                 self.due.hold(queue_id)
-        for queue_id in list(self.due.held):
-            if queue_id not in state.held and queue_id not in state.requeue:
-                self.log.info("{queue_id}: released from hold", queue_id=queue_id)
-                self.due.release(queue_id)
         for queue_id in state.requeue:
             if queue_id in self.entries:
                 self.log.info("{queue_id}: requeued", queue_id=queue_id)
                 self.due.requeue(queue_id)
+        for queue_id in list(self.due.held):
+            if queue_id not in state.held:
+                self.log.info("{queue_id}: released from hold", queue_id=queue_id)
+                self.due.release(queue_id)
 
     def _load(self, ids: list[str]) -> tuple[list[Envelope], list[str]]:
         """In a thread: the envelopes of C{ids}; the ids that are there but unreadable."""

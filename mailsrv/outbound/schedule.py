@@ -158,11 +158,10 @@ class DueMessages:
 
     def requeue(self, queue_id: str) -> None:
         """
-        The next attempt now, with the back-off from the start (the hold is
-        off too); a message under way is requeued when its attempt is over.
+        The next attempt now (unless on hold), with the back-off from the
+        start; a message under way is requeued when its attempt is over.
         """
         env = self.entries.get(queue_id)
-        self.held.discard(queue_id)
         if env is None:
             return
         if queue_id in self.active:
