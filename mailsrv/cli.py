@@ -1,7 +1,8 @@
 """
 The ``mailsrv`` admin command: mailbox owners (``user``), the aliases file
-(``alias``), DKIM signing keys (``dkim keygen``) and, when the outbound
-part is installed, the mail queue (``queue``).
+(``alias``), DKIM signing keys (``dkim keygen``), the config check
+(``check-config``) and, when the outbound part is installed, the mail queue
+(``queue``).
 
 Exit codes: 0 done, 1 refused (unknown user, bad address, ...), 2 bad
 command line or configuration.
@@ -12,6 +13,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import getpass
+import os
 import sys
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -29,9 +31,12 @@ from mailsrv.addresses.resolver import (
     address_rules,
 )
 from mailsrv.addresses.srs import SECRET_FILE, SRSSecretError
+from mailsrv.adminaccount import admin_account, become
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError, check_address
+from mailsrv.checkconfig import add_check_config_command, problem_lines, source_of
 from mailsrv.config import CONFIG_ENV, SYSTEM_CONFIG, Config, ConfigError, find_config, load
 from mailsrv.dkim.admin import KeygenError, add_dkim_commands
+from mailsrv.startup import StartupError
 from mailsrv.store.names import split_user, user_dir
 from mailsrv.store.quota import storage_used
 from mailsrv.store.quotalimits import format_size
@@ -381,6 +386,7 @@ def build_parser() -> argparse.ArgumentParser:
     from mailsrv.backup import add_backup_command
 
     add_backup_command(commands)  # mailsrv backup DEST
+    add_check_config_command(commands)
     return parser
 
 
@@ -400,12 +406,25 @@ def main(
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help, or a usage error already printed by argparse
         return int(e.code or 0)
-    path, _ = find_config(args.config, environ, system_config)
+    path, origin = find_config(args.config, environ, system_config)
+    args.config_origin = origin  # where the config came from, for check-config --all
     try:
         config = load(path)
     except ConfigError as e:
-        for line in str(e).splitlines():
+        for line in problem_lines(e, source_of(path)):
             print(f"mailsrv: {line}", file=io.stderr)
+        return 2
+    try:  # run as root: the server's account from here on (mailsrv.adminaccount)
+        run_as = admin_account(config, os.geteuid())
+        if run_as is not None:
+            become(config, run_as)
+    except StartupError as e:
+        problem = ConfigError(config.path, [f"{e.key}: {e.value}: {e.reason}"])
+        for line in problem_lines(problem, source_of(path)):
+            print(f"mailsrv: {line}", file=io.stderr)
+        return 2
+    except OSError as e:
+        print(f"mailsrv: cannot become the server's account: {e}", file=io.stderr)
         return 2
     if path is None:
         print(
@@ -450,6 +469,6 @@ _OWN_HANDLERS = frozenset(
 def _call_external(
     handler: Callable[..., int], args: argparse.Namespace, config: Config, io: _IO
 ) -> Any:
-    """Another part's subcommand: C{handler(args, config) -> int}, its output to our stdout."""
-    with contextlib.redirect_stdout(io.stdout):
+    """Another part's subcommand: C{handler(args, config) -> int}, its output to ours."""
+    with contextlib.redirect_stdout(io.stdout), contextlib.redirect_stderr(io.stderr):
         return handler(args, config)

@@ -325,7 +325,7 @@ def test_addresses_unknown_key_and_every_error_at_once():
     with pytest.raises(ConfigError) as e:
         _addresses('alias = "x"\npostmaster = "x"\ncatch_all = { "remote.test" = "a@b.test" }\n')
     assert e.value.errors == [
-        "addresses.alias: unknown key (known: aliases, recipient_delimiter, postmaster, "
+        "addresses.alias: unknown key, did you mean aliases? (known: aliases, recipient_delimiter, postmaster, "
         "catch_all, domain_aliases, srs_domain, lists)",
         "addresses.postmaster: 'x' is not an address (local@domain)",
         "addresses.catch_all: remote.test is not a local domain",

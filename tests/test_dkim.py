@@ -15,6 +15,8 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -359,11 +361,28 @@ def test_the_dkim_section_is_checked_and_key_paths_are_relative_to_the_config(tm
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="changing a file's owner needs root")
-def test_keygen_run_as_root_gives_the_key_to_the_data_folders_owner(tmp_path):
+def test_keygen_run_as_root_gives_the_key_to_the_data_folders_owner():
+    # Run as root, the command becomes the data folder's owner (mailsrv.adminaccount):
+    # in a process of its own, in a folder that user can enter.
+    tmp_path = Path(tempfile.mkdtemp(prefix="mailsrv-dkim-"))
+    try:
+        tmp_path.chmod(0o755)
+        _keygen_as_the_owner(tmp_path)
+    finally:
+        shutil.rmtree(tmp_path)
+
+
+def _keygen_as_the_owner(tmp_path: Path) -> None:
     cfg = config_file(tmp_path)
     (tmp_path / "data").mkdir()
     os.chown(tmp_path / "data", 4321, 4321)  # the server's user
-    assert keygen(cfg, "example.test")[0] == 0
+    r = subprocess.run(
+        [sys.executable, "-m", "mailsrv", "--config", str(cfg), "dkim", "keygen", "example.test"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode == 0, r.stderr
     folder = tmp_path / "data" / "dkim"
     key = folder / "example.test.mail.key"
     assert (os.stat(folder).st_uid, os.stat(key).st_uid) == (4321, 4321)

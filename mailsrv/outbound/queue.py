@@ -11,6 +11,8 @@ envelope and the message, under the queue folder.
     <queue_dir>/tmp/        files being written
     <queue_dir>/flush       present: the running relayer retries everything now
     <queue_dir>/relay.lock  locked (flock) by the one process that relays
+    <queue_dir>/<id>.hold, <id>.requeue
+                            the administrator's marks (mailsrv.outbound.marks)
 
 Every file is written under tmp/, fsynced, renamed into place, and the folder
 fsynced: a queue file on disk is whole, and queuing a message costs one file
@@ -47,6 +49,7 @@ from mailsrv.groupcommit import GroupCommit
 from mailsrv.interfaces import IMessageSource, IOutboundQueue
 from mailsrv.logsafe import SafeLogger
 from mailsrv.outbound.envelope import FAILED, PENDING, SENT, Envelope, Recipient, new_queue_id
+from mailsrv.outbound.marks import QueueMarks
 from mailsrv.spool import BytesSource
 
 # The envelope's names, long imported from here.
@@ -56,6 +59,7 @@ __all__ = [
     "SENT",
     "Envelope",
     "FileSource",
+    "FolderState",
     "OutboundQueue",
     "QueueJob",
     "QueueStore",
@@ -126,6 +130,16 @@ QueueJob = StoreMessage | SaveEnvelope | RemoveMessage
 """A write L{QueueStore.run_batch} runs in a batch."""
 
 
+@dataclass(frozen=True)
+class FolderState:
+    """What the relayer learns at each scan of the queue folder."""
+
+    ids: list[str]  # every queued message
+    flush: bool  # ``queue flush`` asked for a retry of everything now
+    held: set[str]  # the messages on hold
+    requeue: list[str]  # the messages ``queue requeue`` asked to be tried now
+
+
 class QueueStore:
     """
     The blocking file operations of the queue. Every method here runs in a
@@ -135,6 +149,7 @@ class QueueStore:
     def __init__(self, queue_dir: Path | str) -> None:
         self.dir = Path(queue_dir)
         self.tmp_dir = self.dir / "tmp"
+        self.marks = QueueMarks(self.dir)
 
     def ensure(self) -> None:
         make_dirs(self.tmp_dir)
@@ -286,6 +301,7 @@ class QueueStore:
                 found = True
             except FileNotFoundError:
                 pass
+        self.marks.forget(queue_id)
         if found and sync:
             self._fsync_dir()
         return found
@@ -321,6 +337,7 @@ class QueueStore:
         for n in names:
             if n.endswith(ENV_SUFFIX) and (n[: -len(ENV_SUFFIX)] + MSG_SUFFIX) not in names:
                 (self.dir / n).unlink(missing_ok=True)
+        self.marks.cleanup(names)
         for n in os.listdir(self.tmp_dir):
             (self.tmp_dir / n).unlink(missing_ok=True)
 
@@ -353,6 +370,15 @@ class QueueStore:
     def request_flush(self) -> None:
         make_dirs(self.dir)
         (self.dir / FLUSH_FILE).touch()
+
+    def folder_state(self) -> FolderState:
+        """The queue folder as the relayer scans it; consumes the flush and requeue requests."""
+        return FolderState(
+            self.ids(),
+            self.take_flush_request(),
+            self.marks.held(),
+            self.marks.take_requeue_requests(),
+        )
 
 
 @implementer(IOutboundQueue)
@@ -487,8 +513,8 @@ class OutboundQueue:
         return self._in_pool(self.store.scan)
 
     def poll(self) -> defer.Deferred:
-        """Fire with (ids on disk, whether ``queue flush`` asked for a retry now)."""
-        return self._in_pool(lambda: (self.store.ids(), self.store.take_flush_request()))
+        """Fire with the L{FolderState}: the ids on disk and the administrator's requests."""
+        return self._in_pool(self.store.folder_state)
 
     # --- blocking calls, for a thread (or for start-up and shutdown) --------
     # What the relayer, the relay process and the server need of the disk
@@ -501,6 +527,14 @@ class OutboundQueue:
     def try_lock_relay(self) -> int | None:
         """Take the relayer's lock without waiting: see L{QueueStore.try_lock_relay}."""
         return self.store.try_lock_relay()
+
+    def is_held(self, queue_id: str) -> bool:
+        """Whether the message is on hold now (L{mailsrv.outbound.marks})."""
+        return self.store.marks.is_held(queue_id)
+
+    def held(self) -> set[str]:
+        """The ids of the messages on hold now."""
+        return self.store.marks.held()
 
     def load_envelope(self, queue_id: str) -> Envelope:
         """The message's envelope as last written (FileNotFoundError: it is gone)."""

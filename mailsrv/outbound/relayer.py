@@ -36,7 +36,7 @@ from mailsrv.outbound.client import RemoteReply
 from mailsrv.outbound.envelope import FAILED, Envelope, Recipient
 from mailsrv.outbound.ipc import DRAIN_GRACE
 from mailsrv.outbound.local import LocalRecipients, LocalRoute, recipient_domain
-from mailsrv.outbound.queue import OutboundQueue
+from mailsrv.outbound.queue import FolderState, OutboundQueue
 from mailsrv.outbound.remote import SMARTHOST, RemoteDelivery
 from mailsrv.outbound.results import Results
 from mailsrv.outbound.schedule import DueMessages, RetrySchedule
@@ -103,10 +103,13 @@ class Relayer:
         self.results.running = True
         self.due.start()
         envelopes, bad = yield self.queue.scan()
+        held = yield self.results.in_pool(self.queue.held)
         for queue_id in bad:
             self._unreadable.add(queue_id)
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in envelopes:
+            if env.id in held:
+                self.due.hold(env.id)
             self.due.add(env)
         self.log.info("relayer started with {n} queued message(s)", n=len(self.entries))
         self.queue.add_listener(self.queued)
@@ -162,15 +165,17 @@ class Relayer:
 
     def _poll(self) -> defer.Deferred:
         """
-        Notice ``queue flush`` and ``queue delete`` done by the admin command,
-        and messages on disk nobody told us of (a notice from the server lost
-        or held back: they are an optimisation, the queue folder is the truth).
+        Notice ``queue flush``, ``delete``, ``hold``, ``release`` and
+        ``requeue`` done by the admin command, and messages on disk nobody
+        told us of (a notice from the server lost or held back: they are an
+        optimisation, the queue folder is the truth).
         """
         d = self.queue.poll()
 
-        def polled(result: tuple[list[str], bool]) -> Any:
-            ids, flush = result
+        def polled(state: FolderState) -> Any:
+            ids, flush = state.ids, state.flush
             on_disk = set(ids)
+            self._marks(state)
             unknown = [i for i in ids if not self.due.known(i) and i not in self._unreadable]
             for queue_id in list(self.entries):
                 if queue_id not in on_disk and queue_id not in self.due.active:
@@ -184,10 +189,29 @@ class Relayer:
                 self.log.info("queue flush requested")
                 self.flush()
             if unknown:
-                return self.results.in_pool(self._load, unknown).addCallback(self._found)
+                d = self.results.in_pool(self._load, unknown)
+                return d.addCallback(self._found, state.held)
             return None
 
         return d.addCallback(polled).addErrback(lambda f: self.log.failure("queue poll failed", f))
+
+    def _marks(self, state: FolderState) -> None:
+        """
+        Follow the administrator's marks: holds, then requeues (a message
+        held again since keeps only the back-off reset), then releases.
+        """
+        for queue_id in self.entries:
+            if queue_id in state.held and queue_id not in self.due.held:
+                self.log.info("{queue_id}: on hold", queue_id=queue_id)
+                self.due.hold(queue_id)
+        for queue_id in state.requeue:
+            if queue_id in self.entries:
+                self.log.info("{queue_id}: requeued", queue_id=queue_id)
+                self.due.requeue(queue_id)
+        for queue_id in list(self.due.held):
+            if queue_id not in state.held:
+                self.log.info("{queue_id}: released from hold", queue_id=queue_id)
+                self.due.release(queue_id)
 
     def _load(self, ids: list[str]) -> tuple[list[Envelope], list[str]]:
         """In a thread: the envelopes of C{ids}; the ids that are there but unreadable."""
@@ -201,12 +225,14 @@ class Relayer:
                 bad.append(queue_id)
         return found, bad
 
-    def _found(self, result: tuple[list[Envelope], list[str]]) -> None:
+    def _found(self, result: tuple[list[Envelope], list[str]], held: set[str]) -> None:
         found, bad = result
         for queue_id in bad:
             self._unreadable.add(queue_id)
             self.log.error("{queue_id}: unreadable envelope left in the queue", queue_id=queue_id)
         for env in found:
+            if env.id in held:
+                self.due.hold(env.id)
             if self.queued(env):
                 self.log.info("{queue_id}: found in the queue folder", queue_id=env.id)
 
@@ -214,6 +240,16 @@ class Relayer:
 
     @defer.inlineCallbacks
     def _attempt(self, env: Envelope):
+        if env.attempts:
+            # Before a retry the hold mark is read again: a message put on hold
+            # is not retried, even before the next folder scan. (A first
+            # attempt follows its queuing at once: no thread hop for it.)
+            held = yield self.results.in_pool(self.queue.is_held, env.id)
+            if held or not self.results.running:
+                if held and env.id not in self.due.held:
+                    self.log.info("{queue_id}: on hold, not attempted", queue_id=env.id)
+                    self.due.hold(env.id)
+                return
         groups: dict[str, list[Recipient]] = defaultdict(list)
         local: list[tuple[Recipient, LocalRoute]] = []
         for r in env.pending():

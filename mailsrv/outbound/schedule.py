@@ -100,6 +100,9 @@ class DueMessages:
         # (the relay process hears of a message it may have found on disk first)
         # must not start it again.
         self._finished: dict[str, None] = {}
+        # On hold (mailsrv.outbound.marks): known, never started until released.
+        self.held: set[str] = set()
+        self._requeued: set[str] = set()  # asked while under way: requeued after it
 
     def start(self) -> None:
         """From the next L{wake} on, start each message when it is due."""
@@ -128,10 +131,10 @@ class DueMessages:
         return True
 
     def flush(self) -> None:
-        """Make every queued message due now (those under way keep their turn)."""
+        """Make every queued message due now (those under way or on hold keep their turn)."""
         now = self.reactor.seconds()
         for env in self.entries.values():
-            if env.id not in self.active and env.next_attempt > now:
+            if env.id not in self.active and env.id not in self.held and env.next_attempt > now:
                 env.next_attempt = now
                 self._push(env)
         self.wake()
@@ -139,10 +142,41 @@ class DueMessages:
     def dropped(self, queue_id: str) -> None:
         """The message was removed from the queue by someone else: forget it."""
         del self.entries[queue_id]
+        self.held.discard(queue_id)
+
+    def hold(self, queue_id: str) -> None:
+        """The message is on hold: start no attempt of it (one under way goes on)."""
+        self.held.add(queue_id)
+
+    def release(self, queue_id: str) -> None:
+        """The hold is off: the message is due again at its C{next_attempt}."""
+        self.held.discard(queue_id)
+        env = self.entries.get(queue_id)
+        if env is not None and queue_id not in self.active:
+            self._push(env)
+            self.wake()
+
+    def requeue(self, queue_id: str) -> None:
+        """
+        The next attempt now (unless on hold), with the back-off from the
+        start; a message under way is requeued when its attempt is over.
+        """
+        env = self.entries.get(queue_id)
+        if env is None:
+            return
+        if queue_id in self.active:
+            self._requeued.add(queue_id)
+            return
+        env.attempts = 0
+        env.next_attempt = self.reactor.seconds()
+        self._push(env)
+        self.wake()
 
     def finished(self, queue_id: str) -> None:
         """The message is done and removed: forget it, but remember it was here."""
         self.entries.pop(queue_id, None)
+        self.held.discard(queue_id)
+        self._requeued.discard(queue_id)
         self._finished[queue_id] = None
         if len(self._finished) > FINISHED_KEPT:
             del self._finished[next(iter(self._finished))]
@@ -158,8 +192,14 @@ class DueMessages:
         while self._due and self._due[0][0] <= now:
             when, _, queue_id = heapq.heappop(self._due)
             env = self.entries.get(queue_id)
-            # Entries left behind by a reschedule or a removal are skipped.
-            if env is None or queue_id in self.active or env.next_attempt != when:
+            # Entries left behind by a reschedule or a removal are skipped,
+            # and so are messages on hold (a release pushes them again).
+            if (
+                env is None
+                or queue_id in self.active
+                or queue_id in self.held
+                or env.next_attempt != when
+            ):
                 continue
             self._start(env)
         if not self._due:
@@ -185,7 +225,10 @@ class DueMessages:
 
         def done(_: Any) -> None:
             self.active.pop(env.id, None)
-            if env.id in self.entries:
+            if env.id in self._requeued:
+                self._requeued.discard(env.id)
+                self.requeue(env.id)
+            elif env.id in self.entries:
                 self._push(env)
             self.wake()
 

@@ -1,0 +1,73 @@
+"""
+Who the ``mailsrv`` admin command runs as. Run as root, it becomes the
+server's account (C{[server] user} and C{group}, else the owner of the data
+folder when that is not root) for good, before it touches the data folder:
+setgroups (the account's own groups), setgid, setuid, and the server's
+umask 077. So every file it creates there (the passwd file and its lock,
+queue marks, DKIM keys, aliases) is the account's from the start, and a
+symlink the account planted in its own folder gets only the account's
+rights, never root's. No command needs root after that: the config is
+read before the switch; files outside the data folder that a command
+writes (an aliases file or a DKIM key under /etc) must be writable by the
+account, as the server must be able to read them.
+
+A data folder that does not exist yet is made for the account first, as
+the server makes it (L{mailsrv.privileges.prepare_data_dir}). Run as
+anyone else, the command stays who it is.
+"""
+
+from __future__ import annotations
+
+import grp
+import os
+import pwd
+
+from mailsrv.config import Config
+from mailsrv.privileges import UMASK, Account, account, prepare_data_dir
+
+
+def admin_account(config: Config, euid: int) -> Account | None:
+    """
+    The account the command becomes when run as root (C{euid} 0), or None:
+    not root, or neither C{[server] user} nor a data folder owned by another
+    user names one. An unknown user or group is a L{mailsrv.startup.StartupError}.
+    """
+    if euid != 0:
+        return None
+    run_as = account(config)
+    if run_as is None:
+        try:
+            st = os.stat(config.server.data_dir)
+        except FileNotFoundError:
+            return None
+        if st.st_uid == 0:
+            return None
+        run_as = Account(st.st_uid, st.st_gid, _user_name(st.st_uid), _group_name(st.st_gid))
+    return None if run_as.uid == 0 else run_as
+
+
+def become(config: Config, run_as: Account) -> None:
+    """For good: C{run_as}'s groups, group and user, and the server's umask."""
+    prepare_data_dir(config, run_as)
+    try:
+        groups = os.getgrouplist(run_as.user, run_as.gid)
+    except (KeyError, OSError):
+        groups = [run_as.gid]  # a uid without a passwd entry: its group alone
+    os.setgroups(groups)
+    os.setgid(run_as.gid)
+    os.setuid(run_as.uid)
+    os.umask(UMASK)
+
+
+def _user_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return str(uid)
+
+
+def _group_name(gid: int) -> str:
+    try:
+        return grp.getgrgid(gid).gr_name
+    except KeyError:
+        return str(gid)
