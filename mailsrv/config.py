@@ -19,7 +19,7 @@ from urllib.parse import urlsplit
 
 from twisted.internet.endpoints import serverFromString
 
-from mailsrv import syslogobserver
+from mailsrv import journal, syslogobserver
 from mailsrv.addresses.aliases import normalise_domain, split_address
 from mailsrv.addresses.domains import ascii_domain
 from mailsrv.metrics.settings import MetricsConfig
@@ -814,6 +814,10 @@ _SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "syslog": (_bool, False),
         "syslog_socket": (_nonempty_str, syslogobserver.DEFAULT_SOCKET),
         "facility": (_choice(*syslogobserver.FACILITIES), syslogobserver.DEFAULT_FACILITY),
+        # Entries to the journal's native socket (mailsrv.journal): true, false or
+        # "auto" (when standard output is the journal's stream, as under systemd).
+        "journal": (journal.journal_mode, "auto"),
+        "journal_socket": (_nonempty_str, journal.DEFAULT_SOCKET),
     },
     # Storage quotas (RFC 9208 STORAGE; mailsrv.store.quota): 0 is no limit.
     "quota": {
