@@ -56,7 +56,6 @@ from mailsrv.policy.networks import NetworkError, NetworkList
 from mailsrv.policy.rates import RateLimits
 from mailsrv.startup import StartupError
 from mailsrv.store.quota import Quotas
-from mailsrv.syslogobserver import syslog_settings
 
 if TYPE_CHECKING:
     from mailsrv.service import ServerContext
@@ -65,7 +64,7 @@ if TYPE_CHECKING:
 _RESTART: tuple[tuple[str, Callable[[Config], object]], ...] = (
     ("listen", lambda c: dict(c.listen)),
     ("metrics.listen", lambda c: c.metrics.listen),
-    ("log", syslog_settings),  # read once, when the log observers start
+    ("log", lambda c: dict(c.raw.get("log", {}))),  # read once, when the log observers start
     ("server.data_dir", lambda c: c.server.data_dir),
     ("server.user", lambda c: c.server.user),
     ("server.group", lambda c: c.server.group),

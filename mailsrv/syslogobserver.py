@@ -11,10 +11,12 @@ standard output) is kept as it is.
 
 The socket is non-blocking: when the syslog daemon does not keep up (a Unix
 datagram socket queues only net.unix.max_dgram_qlen datagrams, 10 by
-default) or is away, lines wait in memory (at most L{MAX_PENDING}, then new
-ones are dropped and counted) and are sent again with the next line or
-every L{FLUSH_INTERVAL} seconds, so the reactor is never held; a restarted
-daemon's socket is connected again.
+default) or is away, lines wait in memory (at most L{MAX_PENDING}, then the
+oldest are dropped, counted, and told in a warning line once the rest is
+sent) and are sent again with the next line or every L{FLUSH_INTERVAL}
+seconds, so the reactor is never held; a restarted daemon's socket is
+connected again. L{DatagramSender} is that sending, shared with the
+journal (L{mailsrv.journal}).
 """
 
 from __future__ import annotations
@@ -68,7 +70,7 @@ SEVERITIES: Mapping[LogLevel, int] = {
     LogLevel.info: 6,
     LogLevel.debug: 7,
 }
-MAX_PENDING = 10_000  # lines kept while the syslog daemon is behind or away
+MAX_PENDING = 10_000  # lines kept while the reader (syslog, journal) is behind or away
 FLUSH_INTERVAL = 0.5  # seconds between attempts to send the lines kept
 MAX_LINE = 8192  # octets of text per datagram (rsyslog's default maxMessageSize)
 _RECONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.EDESTADDRREQ)
@@ -101,55 +103,53 @@ def rfc3164_time(when: float) -> str:
 
 
 @implementer(ILogObserver)
-class SyslogObserver:
-    """Sends each event's lines to a syslog datagram socket."""
+class DatagramSender:
+    """
+    Sends datagrams to a Unix datagram socket without ever blocking: what the
+    reader does not take now waits (at most L{MAX_PENDING}, then the oldest
+    go, counted in C{dropped}) and goes with the next datagram or L{flush};
+    once the backlog is sent, a notice (L{dropped_notice}) says how many were
+    lost. Shared by syslog and the journal (L{mailsrv.journal}).
+    """
 
-    def __init__(
-        self,
-        path: str,
-        facility: str = DEFAULT_FACILITY,
-        ident: str = IDENT,
-        pid: Callable[[], int] = os.getpid,
-    ) -> None:
+    def __init__(self, path: str, max_pending: int = MAX_PENDING) -> None:
         self.path = path
-        self.facility = FACILITIES[facility]
-        self.ident = ident
-        self._pid = pid
+        self.max_pending = max_pending
         self._sock: socket.socket | None = None
         self._pending: deque[bytes] = deque()
         # Events come from the disk threads too: one sender at a time.
         self._lock = threading.Lock()
-        self.dropped = 0  # lines lost: more than MAX_PENDING waiting, or unsendable
+        self.dropped = 0  # datagrams lost: the oldest while too many waited, or unsendable
+        self._unreported = 0  # of those, not yet told in a notice
 
     def __call__(self, event: dict) -> None:
-        text = eventAsText(event, includeTimestamp=False, includeSystem=False)
-        if not text:
-            return
-        level = event.get("log_level", LogLevel.info)
-        pri = self.facility * 8 + SEVERITIES.get(level, 6)
-        head = f"<{pri}>{rfc3164_time(event.get('log_time') or time.time())} "
-        head += f"{self.ident}[{self._pid()}]: "
-        with self._lock:
-            for line in text.splitlines():
-                if line.strip():
-                    self._send((head + line).encode("utf-8", "replace")[:MAX_LINE])
+        """Send C{event} (a log observer: its subclasses say in which form)."""
+        raise NotImplementedError
 
-    def _send(self, datagram: bytes) -> None:
-        """Send C{datagram} after those waiting; keep it when the daemon is behind."""
-        self._flush()
-        if self._pending:
-            self._keep(datagram)
-        elif not self._send_one(datagram):
-            self._keep(datagram)
+    def dropped_notice(self, count: int) -> bytes:
+        """The datagram that says C{count} earlier ones were lost."""
+        raise NotImplementedError
+
+    def send(self, datagrams: list[bytes]) -> None:
+        """Send C{datagrams} after those waiting; keep them when the reader is behind."""
+        with self._lock:
+            for datagram in datagrams:
+                self._flush()
+                if self._pending or not self._send_one(datagram):
+                    self._keep(datagram)
 
     def _keep(self, datagram: bytes) -> None:
-        if len(self._pending) >= MAX_PENDING:
-            self.dropped += 1
-        else:
-            self._pending.append(datagram)
+        if len(self._pending) >= self.max_pending:
+            self._pending.popleft()
+            self._lost()
+        self._pending.append(datagram)
+
+    def _lost(self) -> None:
+        self.dropped += 1
+        self._unreported += 1
 
     def flush(self) -> None:
-        """Send the lines kept while the daemon was behind, as far as it takes them."""
+        """Send the datagrams kept while the reader was behind, as far as it takes them."""
         with self._lock:
             self._flush()
 
@@ -158,6 +158,10 @@ class SyslogObserver:
             if not self._send_one(self._pending[0]):
                 return
             self._pending.popleft()
+        if self._unreported:
+            count, self._unreported = self._unreported, 0
+            if not self._send_one(self.dropped_notice(count)):
+                self._unreported += count  # told with the next notice
 
     def _send_one(self, datagram: bytes) -> bool:
         """True: sent, or dropped for good; False: try again later (socket full or absent)."""
@@ -166,20 +170,20 @@ class SyslogObserver:
                 self._connected().send(datagram)
                 return True
             except (BlockingIOError, InterruptedError):
-                return False  # EAGAIN: the daemon is behind
+                return False  # EAGAIN: the reader is behind
             except OSError as e:
                 self.close()
                 if e.errno == errno.ENOBUFS:
                     return False
                 if e.errno not in _RECONNECT:
-                    self.dropped += 1  # EMSGSIZE and the like: this line never fits
+                    self._lost()  # EMSGSIZE and the like: this one never fits
                     return True
                 if attempt == 2:
-                    return False  # no daemon listening yet
+                    return False  # no reader listening yet
         return False
 
     def connect(self) -> bool:
-        """Connect now (before the privileges are dropped); False: at the next line."""
+        """Connect now (before the privileges are dropped); False: at the next datagram."""
         try:
             self._connected()
         except OSError:
@@ -204,17 +208,68 @@ class SyslogObserver:
             self._sock = None
 
 
-class SyslogService(Service):
+def event_text(event: dict) -> str:
+    """An event's own text, without twistd's time stamp and namespace."""
+    return eventAsText(event, includeTimestamp=False, includeSystem=False)
+
+
+@implementer(ILogObserver)
+class SyslogObserver(DatagramSender):
+    """Sends each event's lines to a syslog datagram socket."""
+
+    def __init__(
+        self,
+        path: str,
+        facility: str = DEFAULT_FACILITY,
+        ident: str = IDENT,
+        pid: Callable[[], int] = os.getpid,
+    ) -> None:
+        super().__init__(path)
+        self.facility = FACILITIES[facility]
+        self.ident = ident
+        self._pid = pid
+
+    def _head(self, level: LogLevel, when: float) -> str:
+        pri = self.facility * 8 + SEVERITIES.get(level, 6)
+        return f"<{pri}>{rfc3164_time(when)} {self.ident}[{self._pid()}]: "
+
+    def __call__(self, event: dict) -> None:
+        text = event_text(event)
+        if not text:
+            return
+        head = self._head(
+            event.get("log_level", LogLevel.info), event.get("log_time") or time.time()
+        )
+        self.send(
+            [
+                (head + line).encode("utf-8", "replace")[:MAX_LINE]
+                for line in text.splitlines()
+                if line.strip()
+            ]
+        )
+
+    def dropped_notice(self, count: int) -> bytes:
+        head = self._head(LogLevel.warn, time.time())
+        return (head + dropped_text(count, "syslog")).encode()
+
+
+def dropped_text(count: int, where: str) -> str:
+    """The warning that C{count} log lines did not reach C{where}."""
+    return f"warning: {count} log lines lost: the {where} socket was full or absent"
+
+
+class LogSocketService(Service):
     """
-    While running, also sends the log to syslog. Started before the
-    listeners (privilegedStartService, as root: the socket is connected
-    before the privileges are dropped) and stopped after them.
+    While running, also sends the log to a local socket (syslog, the
+    journal). Started before the listeners (privilegedStartService, as root:
+    the socket is connected before the privileges are dropped) and stopped
+    after them.
     """
 
     def __init__(
-        self, settings: SyslogSettings, clock: Any, publisher: Any = globalLogPublisher
+        self, observer: DatagramSender, clock: Any, publisher: Any = globalLogPublisher
     ) -> None:
-        self.observer = SyslogObserver(settings.socket, settings.facility)
+        self.observer = observer
         self._filtered = quiet(self.observer)
         self._publisher = publisher
         self._flush = LoopingCall(self.observer.flush)
@@ -229,13 +284,28 @@ class SyslogService(Service):
         super().startService()
         self._flush.start(FLUSH_INTERVAL, now=False)
 
+    # True: the log stays on after stop (it is the only log, and the lines
+    # of the stop itself belong there).
+    keeps_logging = False
+
     def stopService(self) -> Any:
         if self._flush.running:
             self._flush.stop()
-        self._publisher.removeObserver(self._filtered)
+        if not self.keeps_logging:
+            self._publisher.removeObserver(self._filtered)
         self.observer.flush()
-        self.observer.close()
+        if not self.keeps_logging:
+            self.observer.close()
         return super().stopService()
+
+
+class SyslogService(LogSocketService):
+    """While running, also sends the log to syslog."""
+
+    def __init__(
+        self, settings: SyslogSettings, clock: Any, publisher: Any = globalLogPublisher
+    ) -> None:
+        super().__init__(SyslogObserver(settings.socket, settings.facility), clock, publisher)
 
 
 def syslog_service(config: Any, clock: Any) -> SyslogService | None:

@@ -11,6 +11,7 @@ from twisted.logger import Logger
 from twisted.python import usage
 
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
+from mailsrv.journal import journal_service
 from mailsrv.loglines import QuietLogService
 from mailsrv.privileges import UMASK, acting_as, switch_to
 from mailsrv.service import build_service
@@ -79,6 +80,9 @@ def makeService(options: Options) -> StartupGuard:
     syslog = syslog_service(config, reactor)  # [log] syslog = true: the lines to syslog too
     if syslog is not None:
         syslog.setServiceParent(guard)
+    journal = journal_service(config, reactor, environ)  # under systemd: native journal entries
+    if journal is not None:
+        journal.setServiceParent(guard)
     server.setServiceParent(guard)
     report_startup_errors()
     return guard

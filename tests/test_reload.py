@@ -82,6 +82,8 @@ def test_the_syslog_settings_need_a_restart(tmp_path):
     old = parse(DEFAULT_CONFIG, "mailsrv.toml", tmp_path)
     new = parse(DEFAULT_CONFIG + "[log]\nsyslog = true\n", "mailsrv.toml", tmp_path)
     assert restart_changes(old, new) == ["log"]
+    journal = parse(DEFAULT_CONFIG + "[log]\njournal = false\n", "mailsrv.toml", tmp_path)
+    assert restart_changes(old, journal) == ["log"]
 
 
 @pytest.fixture

@@ -1,11 +1,11 @@
-"""The settings for operating the server: [log] (syslog) and [metrics] (Prometheus)."""
+"""The settings for operating the server: [log] (syslog, the journal) and [metrics] (Prometheus)."""
 
 from __future__ import annotations
 
 from collections.abc import Callable
 from typing import Any
 
-from mailsrv import syslogobserver
+from mailsrv import journal, syslogobserver
 from mailsrv.config.server import _endpoints
 from mailsrv.config.values import _bool, _choice, _nonempty_str
 
@@ -15,6 +15,10 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "syslog": (_bool, False),
         "syslog_socket": (_nonempty_str, syslogobserver.DEFAULT_SOCKET),
         "facility": (_choice(*syslogobserver.FACILITIES), syslogobserver.DEFAULT_FACILITY),
+        # Entries to the journal's native socket (mailsrv.journal): true, false or
+        # "auto" (when standard output is the journal's stream, as under systemd).
+        "journal": (journal.journal_mode, "auto"),
+        "journal_socket": (_nonempty_str, journal.DEFAULT_SOCKET),
     },
     # The Prometheus metrics page (mailsrv.metrics); no endpoint: not served.
     "metrics": {

@@ -1,7 +1,8 @@
 """
 Counts from the log events the server writes anyway, as postfix_exporter
 counts from Postfix's log: the events of L{mailsrv.loglines}, the SMTP
-server's C{reject ...}, C{accepted ...} and C{to=<...>, relay=local}
+server's C{reject ...} and C{NOQUEUE: reject: ...} (L{mailsrv.smtp.refusallog}),
+C{accepted ...} and C{to=<...>, relay=local}
 events, the spam filter's verdicts and the refusals at connect carry named
 fields, so the protocols need no code of their own for these metrics.
 
@@ -19,6 +20,7 @@ from zope.interface import implementer
 
 from mailsrv import loglines
 from mailsrv.metrics.registry import MailMetrics
+from mailsrv.smtp.refusallog import NOQUEUE_REJECT
 
 # The RCPT/MAIL/DATA refusal of the SMTP server (mailsrv.smtp.server._refused).
 _REJECT_PREFIX = "reject {what} <{address}> from {client}"
@@ -115,6 +117,11 @@ class MetricsObserver:
             m.delivery_result("none", "bounced")
         elif fmt.startswith(_REJECT_PREFIX):
             m.rejected.labels(reject_reason(str(event.get("reply", "")))).inc()
+        elif fmt == NOQUEUE_REJECT:  # MAIL/RCPT refused before its checks: size, syntax
+            reason = event.get("reason")
+            if not isinstance(reason, str):
+                reason = reject_reason(str(event.get("reply", "")))
+            m.rejected.labels(reason).inc()
         elif fmt.startswith(_BLOCKED_PREFIX):
             m.rejected.labels("policy").inc()
         elif fmt.startswith(_PREGREET_PREFIX):

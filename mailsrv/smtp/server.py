@@ -43,7 +43,6 @@ from mailsrv.smtp import received
 from mailsrv.smtp.address import (
     AddressError,
     ArgumentError,
-    NonASCIIAddressError,
     mail_parameters_refusal,
     parse_mail_from,
     parse_rcpt_to,
@@ -55,6 +54,7 @@ from mailsrv.smtp.delivery import (
     IncomingMessage,
 )
 from mailsrv.smtp.lines import LineReader
+from mailsrv.smtp.refusallog import log_rejected, syntax_refusal
 from mailsrv.smtp.sessionlog import SessionLog
 from mailsrv.smtp.shutdown import stop_sessions
 
@@ -360,23 +360,16 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
             return None
         try:
             arg = parse_mail_from(rest)
-        except NonASCIIAddressError:
-            self._reply(replies.NON_ASCII_SENDER)
-            return None
-        except AddressError:
-            self._reply(replies.BAD_SENDER_SYNTAX)
-            return None
-        except ArgumentError:
-            self._reply(replies.BAD_ARGUMENTS)
-            return None
-        if arg.params and not self._esmtp:
-            self._reply(replies.BAD_PARAMETER)  # RFC 1869 6: only after EHLO
+        except (AddressError, ArgumentError) as e:
+            self._reject(syntax_refusal(e, "MAIL"), "MAIL")
             return None
         refusal = mail_parameters_refusal(
             arg.params, self.context.config.limits.max_message_size, self.submission
         )
+        if arg.params and not self._esmtp:
+            refusal = replies.BAD_PARAMETER  # RFC 1869 6: only after EHLO
         if refusal is not None:
-            self._reply(refusal)
+            self._reject(refusal, "MAIL")
             return None
         delivery = self._delivery
         assert delivery is not None
@@ -392,6 +385,12 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         self._smtputf8 = smtputf8
         self._recipients = []
         self._reply(replies.SENDER_OK)
+
+    def _reject(self, reply: Reply, where: str) -> None:
+        """Refuse MAIL or RCPT before its checks, with Postfix's C{NOQUEUE: reject:} line."""
+        sender, helo = self._sender, self._helo_name
+        log_rejected(self._session_log, where, reply, sender, helo, self._esmtp)
+        self._reply(reply)
 
     def _refused(self, failure: Failure, what: str, address: str | None = None) -> None:
         error = failure.value
@@ -419,17 +418,11 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
             return None
         try:
             arg = parse_rcpt_to(rest, self.context.config.server.domains[0], self._smtputf8)
-        except NonASCIIAddressError:
-            self._reply(replies.NON_ASCII_RECIPIENT)
-            return None
-        except AddressError:
-            self._reply(replies.BAD_DESTINATION_SYNTAX)
-            return None
-        except ArgumentError:
-            self._reply(replies.BAD_ARGUMENTS)
+        except (AddressError, ArgumentError) as e:
+            self._reject(syntax_refusal(e, "RCPT"), "RCPT")
             return None
         if arg.params:
-            self._reply(replies.BAD_PARAMETER)
+            self._reject(replies.BAD_PARAMETER, "RCPT")
             return None
         if arg.address in self._recipients:
             self._reply(replies.RECIPIENT_OK)
