@@ -73,7 +73,7 @@ def test_every_error_reported_at_once_with_key_and_file(tmp_path):
     assert any(x.startswith("server.hostnme: unknown key") for x in errors)
     assert any(x.startswith("server.domains: must be a list") for x in errors)
     assert any(x.startswith("listen.smtp:") and "tcpx:25" in x for x in errors)
-    assert any(x.startswith("limits.max_message_size: must be an integer") for x in errors)
+    assert any(x.startswith("limits.max_message_size: must be a size such as") for x in errors)
     assert any(x.startswith("limits.timeout:") for x in errors)
     assert any(x.startswith("[bogus]: unknown section") for x in errors)
     assert len(errors) == 6
@@ -573,3 +573,15 @@ def test_authentication_workers():
         with pytest.raises(ConfigError) as e:
             parse(f"[policy]\nauthentication_workers = {bad}\n", "m.toml")
         assert "m.toml: policy.authentication_workers" in str(e.value), bad
+
+
+def test_message_and_literal_sizes_take_units_as_quota_sizes_do(tmp_path):
+    f = tmp_path / "sizes.toml"
+    f.write_text('[limits]\nmax_message_size = "10M"\n[imap]\nmax_literal_size = "1.5G"\n')
+    c = load(f)
+    assert c.limits.max_message_size == 10 * 1024 * 1024
+    assert c.imap.max_literal_size == 1536 * 1024 * 1024
+    f.write_text("[limits]\nmax_message_size = 100\n")
+    with pytest.raises(ConfigError) as e:
+        load(f)
+    assert e.value.errors == ["limits.max_message_size: must be at least 1024, not 100"]

@@ -22,6 +22,7 @@ from mailsrv.config.values import (
     _int,
     _MiB,
     _nonempty_str,
+    _size,
     _str,
     _str_list,
 )
@@ -176,7 +177,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
         "key": (_nonempty_str, None),
     },
     "limits": {
-        "max_message_size": (_int(1024), 50 * _MiB),
+        "max_message_size": (_size(1024), 50 * _MiB),
         "max_recipients": (_int(1), 1000),
         "max_errors": (_int(1), 10),
         "timeout": (_duration, 300),
@@ -188,7 +189,7 @@ SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
 # section -> key -> (validator, default); a default of None: not set
 IMAP_RELAY_DNS_SCHEMA: dict[str, dict[str, tuple[Callable[[Any], Any], Any]]] = {
     "imap": {
-        "max_literal_size": (_int(1024), 50 * _MiB),
+        "max_literal_size": (_size(1024), 50 * _MiB),
         "idle_timeout": (_duration, 1800),
         "special_folders": (_str_list, ["Sent", "Drafts", "Trash", "Junk", "Archive"]),
     },

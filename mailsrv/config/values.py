@@ -10,6 +10,7 @@ from typing import Any
 
 from mailsrv.addresses.aliases import split_address
 from mailsrv.addresses.domains import ascii_domain
+from mailsrv.store.quotalimits import parse_size
 
 _MiB = 1024 * 1024
 
@@ -35,6 +36,18 @@ def _int(minimum: int = 0, maximum: int | None = None) -> Callable[[Any], int]:
             hi = "" if maximum is None else f" and at most {maximum}"
             raise ValueError(f"must be at least {minimum}{hi}, not {v}")
         return v
+
+    return check
+
+
+def _size(minimum: int = 0) -> Callable[[Any], int]:
+    """Octets, as an integer or a string such as "10M", "1.5G" (as [quota] sizes)."""
+
+    def check(v: Any) -> int:
+        octets = parse_size(v)
+        if octets < minimum:
+            raise ValueError(f"must be at least {minimum}, not {v!r}")
+        return octets
 
     return check
 
