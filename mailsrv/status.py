@@ -69,6 +69,10 @@ class StatusFactory(protocol.Factory):
     protocol = StatusProtocol  # type: ignore[assignment]
     noisy = False
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """The port's "status starting on '<socket>'" line."""
+        return "status"
+
     def __init__(self, ctx: Any, metrics: MailMetrics, listeners: Any) -> None:
         self.ctx = ctx
         self.metrics = metrics

@@ -36,3 +36,7 @@ def test_no_noise_lines(tmp_path: Path, to_stdout: bool) -> None:
     assert "accepted" in text and "Server Shut Down" in text, text
     noisy = [line for line in text.splitlines() if any(n in line for n in NOISE)]
     assert noisy == [], text
+    # Each listening line names its service, not a factory class.
+    for name in ("smtp", "submission", "imap", "pop3s"):
+        assert f"] {name} starting on {server.ports[name]}" in text, text
+    assert "GateFactory" not in text, text

@@ -50,6 +50,10 @@ class QuietSite(Site):
     def log(self, request: Any) -> None:
         pass
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """The port's "metrics starting on 9154" line."""
+        return "metrics"
+
 
 @dataclass
 class BoundListeners:

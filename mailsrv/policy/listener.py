@@ -343,6 +343,10 @@ class GateFactory(protocol.Factory):
             old.factory.doStop()
         return old
 
+    def logPrefix(self) -> str:  # noqa: N802 (Twisted's name)
+        """The listener's name, in the port's "smtp starting on 25" line."""
+        return self.listener
+
     def doStart(self) -> None:
         self._ports += 1
         self.settings.factory.doStart()
