@@ -233,6 +233,22 @@ def check_owner(config: Config, run_as: Account) -> None:
     )
 
 
+def unreadable_config(config: Config) -> str | None:
+    """
+    Called while acting as the account (L{acting_as}): why a SIGHUP could not
+    read the config file again, since the server reads it then as the account
+    (None: it can). A file only root may read starts the server, read as root,
+    and would refuse every reload.
+    """
+    if config.path.startswith("<"):  # the built-in default: nothing to read again
+        return None
+    try:
+        with open(config.path, "rb"):
+            return None
+    except OSError as e:
+        return e.strerror or str(e)
+
+
 @contextmanager
 def acting_as(run_as: Account | None) -> Iterator[None]:
     """

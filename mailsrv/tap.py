@@ -13,7 +13,7 @@ from twisted.python import usage
 from mailsrv.config import SYSTEM_CONFIG, ConfigError, find_config, load
 from mailsrv.journal import journal_service
 from mailsrv.loglines import QuietLogService
-from mailsrv.privileges import UMASK, acting_as, switch_to
+from mailsrv.privileges import UMASK, acting_as, switch_to, unreadable_config
 from mailsrv.service import build_service
 from mailsrv.startup import StartupError, StartupGuard, report_startup_errors
 from mailsrv.syslogobserver import syslog_service
@@ -70,6 +70,17 @@ def makeService(options: Options) -> StartupGuard:
         os.umask(UMASK)
         with acting_as(run_as):  # what it creates is the account's from the start
             server = build_service(config)
+            unreadable = unreadable_config(config) if run_as is not None else None
+        if unreadable is not None:
+            assert run_as is not None
+            log.warn(
+                "{path} cannot be read by {user} ({why}), who the server runs as: a SIGHUP "
+                "will not reload it; fix with: chgrp {group} {path} && chmod g+r {path}",
+                path=config.path,
+                user=run_as.user,
+                group=run_as.group,
+                why=unreadable,
+            )
     except StartupError as e:
         print(f"mailsrv: cannot start: {e}", file=sys.stderr)
         raise SystemExit(1)

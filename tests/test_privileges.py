@@ -27,6 +27,7 @@ from mailsrv.privileges import (
     check_owner,
     foreign_files,
     switch_to,
+    unreadable_config,
 )
 from mailsrv.startup import StartupError, StartupGuard
 
@@ -173,6 +174,25 @@ def test_acting_as_creates_as_the_account_then_is_root_again(tmp_path: Path) -> 
     os.chown(folder, NOBODY.pw_uid, NOBODY.pw_gid)
     try:
         _create_as_nobody(folder)
+    finally:
+        shutil.rmtree(folder)
+
+
+@needs_root
+@needs_nobody
+def test_a_config_file_the_account_cannot_read_is_reported(tmp_path: Path) -> None:
+    folder = Path(tempfile.mkdtemp(dir="/tmp"))  # pytest's tmp_path is root's alone
+    try:
+        folder.chmod(0o755)
+        c = config(folder, 'user = "nobody"\n')
+        path = Path(c.path)
+        run_as = Account(NOBODY.pw_uid, NOBODY.pw_gid, "nobody", NOGROUP.gr_name)
+        path.chmod(0o600)
+        with acting_as(run_as):
+            assert unreadable_config(c) == "Permission denied"
+        path.chmod(0o644)
+        with acting_as(run_as):
+            assert unreadable_config(c) is None
     finally:
         shutil.rmtree(folder)
 
