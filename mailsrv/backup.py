@@ -24,12 +24,17 @@ Lock files, SQLite's -wal/-shm and the spool (C{tmp/}, messages still being
 received) are left out. Files are streamed through a fixed buffer: memory
 does not grow with a mailbox. Modes, owners and modification times are kept.
 
+The last file written is C{DEST/BACKUP-COMPLETE} (the summary line), after
+everything else is on disk: a copy without it (a full disk, a file that could
+not be read) is not a backup to restore from, and the command says so.
+
 Restoring is copying back with the server stopped (README: Deployment).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
 import sqlite3
 import stat
@@ -47,6 +52,7 @@ HANDLER = "handler"
 BUFFER = 1024 * 1024  # octets per read while streaming a file
 QUEUE_SKIPPED = frozenset({"relay.lock", "flush"})
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
+COMPLETE = "BACKUP-COMPLETE"  # written last: the copy is whole
 
 
 class BackupError(Exception):
@@ -111,6 +117,21 @@ def backup(config: Any, dest: Path) -> Summary:
     if dest.absolute().is_relative_to(data_dir.absolute()):
         raise BackupError(f"{dest} is inside the data folder {data_dir}")
     _new_folder(dest)
+    try:
+        summary = _copy_all(config, data_dir, dest)
+        os.sync()  # the copy is on disk before it is marked complete
+        _mark_complete(dest, summary.line(data_dir, dest))
+    except (OSError, sqlite3.Error) as e:
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        raise BackupError(
+            f"{where}: the backup in {dest} is NOT complete (no {COMPLETE} file): "
+            "do not restore from it"
+        ) from e
+    return summary
+
+
+def _copy_all(config: Any, data_dir: Path, dest: Path) -> Summary:
+    """Everything but the mark of completion."""
     out = dest / "data"
     summary = Summary()
     _mirror_dir(data_dir, out)
@@ -128,8 +149,24 @@ def backup(config: Any, dest: Path) -> Summary:
         _mirror_dir(path.parent, target.parent, Path(path.anchor), dest / "root")
         _copy_file(path.parent, target.parent, path, summary)
         summary.outside += 1
-    os.sync()  # the copy is on disk before the summary says it is taken
     return summary
+
+
+def _mark_complete(dest: Path, line: str) -> None:
+    """Write C{DEST/BACKUP-COMPLETE} durably: the copy beside it is whole."""
+    fd = os.open(dest / COMPLETE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        data = (line + "\n").encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest / COMPLETE))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _new_folder(dest: Path) -> None:
@@ -296,6 +333,9 @@ def _stream(fd: int, target: Path, st: os.stat_result) -> None:
                 written += os.write(out, view[written:n])
             left -= n
         _keep_attributes(out, st)
+    except OSError as e:
+        e.filename = e.filename or str(target)  # which file the disk refused
+        raise
     finally:
         os.close(out)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
