@@ -14,8 +14,8 @@ import imaplib
 import mailbox
 import os
 import poplib
-import resource
 import re
+import resource
 import shutil
 import signal
 import smtplib
