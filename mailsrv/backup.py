@@ -114,7 +114,7 @@ def backup(config: Any, dest: Path) -> Summary:
     data_dir = Path(config.server.data_dir)
     if not data_dir.is_dir():
         raise BackupError(f"{data_dir}: no data folder (server.data_dir in {config.path})")
-    if dest.absolute().is_relative_to(data_dir.absolute()):
+    if dest.resolve().is_relative_to(data_dir.resolve()):  # symlinks on the way too
         raise BackupError(f"{dest} is inside the data folder {data_dir}")
     _new_folder(dest)
     try:

@@ -79,6 +79,10 @@ class DeliveryLoop(threading.Thread):
         assert self.error is None, self.error
 
 
+def command_of(config: Path) -> list[str]:
+    return [sys.executable, "-m", "mailsrv", "--config", str(config)]
+
+
 def run_backup(server: MailServer, dest: Path) -> str:
     result = server.cli("backup", str(dest))
     assert result.returncode == 0, result.stderr
@@ -263,6 +267,15 @@ def test_a_folder_that_is_not_empty_is_refused(tmp_path) -> None:
     inside = tmp_path / "data" / "copy"
     result = subprocess.run(
         [sys.executable, "-m", "mailsrv", "--config", str(config), "backup", str(inside)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "inside the data folder" in result.stderr
+    assert not inside.exists()
+    (tmp_path / "backups").symlink_to(tmp_path / "data")  # a path that leads inside it
+    result = subprocess.run(
+        [*command_of(config), "backup", str(tmp_path / "backups" / "copy")],
         capture_output=True,
         text=True,
         timeout=60,
