@@ -36,6 +36,7 @@ from __future__ import annotations
 import argparse
 import errno
 import os
+import pwd
 import sqlite3
 import stat
 import sys
@@ -120,7 +121,8 @@ def backup(config: Any, dest: Path) -> Summary:
     try:
         summary = _copy_all(config, data_dir, dest)
         os.sync()  # the copy is on disk before it is marked complete
-        _mark_complete(dest, summary.line(data_dir, dest))
+        notes = "".join(f"\nskipped {note}" for note in summary.skipped)
+        _mark_complete(dest, summary.line(data_dir, dest) + notes)
     except (OSError, sqlite3.Error) as e:
         where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
         raise BackupError(
@@ -146,8 +148,12 @@ def _copy_all(config: Any, data_dir: Path, dest: Path) -> Summary:
         summary.files += 1
     for path in _outside_files(config, data_dir):
         target = dest / "root" / path.relative_to(path.anchor)
-        _mirror_dir(path.parent, target.parent, Path(path.anchor), dest / "root")
-        _copy_file(path.parent, target.parent, path, summary)
+        try:
+            _mirror_dir(path.parent, target.parent, Path(path.anchor), dest / "root")
+            _copy_file(path.parent, target.parent, path, summary)
+        except PermissionError:  # a root-only file under /etc: copy it as root yourself
+            summary.skipped.append(f"{path}: not readable by {_user_name()}")
+            continue
         summary.outside += 1
     return summary
 
@@ -179,7 +185,14 @@ def _new_folder(dest: Path) -> None:
             raise BackupError(f"{dest} is not empty: give a new or empty folder")
         os.chmod(dest, 0o700)  # the copy holds passwords and keys
     except OSError as e:
-        raise BackupError(f"{dest}: {e.strerror}")
+        hint = ""
+        if e.errno in (errno.EACCES, errno.EPERM):
+            me = _user_name()  # run as root, the command is the server's account by now
+            hint = (
+                f" (the backup runs as {me}, the server's account when run as root: give it "
+                f"a folder of its own for backups, e.g. install -d -o {me} -m 700 {dest.parent})"
+            )
+        raise BackupError(f"{dest}: {e.strerror}{hint}")
 
 
 def _mboxes(mail: Path) -> Iterator[tuple[Path, str, str, str]]:
@@ -294,7 +307,11 @@ def _outside_files(config: Any, data_dir: Path) -> list[Path]:
         if p is None:
             continue
         path = Path(p).absolute()
-        if path.is_file() and not path.is_relative_to(data_dir) and path not in found:
+        try:
+            is_file = path.is_file()
+        except PermissionError:
+            is_file = True  # in a folder this account cannot enter: said as skipped
+        if is_file and not path.is_relative_to(data_dir) and path not in found:
             found.append(path)
     return found
 
@@ -367,6 +384,13 @@ def _copy_sqlite(src: Path, target: Path) -> None:
         _keep_attributes(fd, st)
     finally:
         os.close(fd)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _keep_attributes(fd: int, st: os.stat_result) -> None:
