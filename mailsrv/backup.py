@@ -24,13 +24,19 @@ Lock files, SQLite's -wal/-shm and the spool (C{tmp/}, messages still being
 received) are left out. Files are streamed through a fixed buffer: memory
 does not grow with a mailbox. Modes, owners and modification times are kept.
 
+The last file written is C{DEST/BACKUP-COMPLETE} (the summary line), after
+everything else is on disk: a copy without it (a full disk, a file that could
+not be read) is not a backup to restore from, and the command says so.
+
 Restoring is copying back with the server stopped (README: Deployment).
 """
 
 from __future__ import annotations
 
 import argparse
+import errno
 import os
+import pwd
 import sqlite3
 import stat
 import sys
@@ -47,6 +53,7 @@ HANDLER = "handler"
 BUFFER = 1024 * 1024  # octets per read while streaming a file
 QUEUE_SKIPPED = frozenset({"relay.lock", "flush"})
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
+COMPLETE = "BACKUP-COMPLETE"  # written last: the copy is whole
 
 
 class BackupError(Exception):
@@ -108,9 +115,25 @@ def backup(config: Any, dest: Path) -> Summary:
     data_dir = Path(config.server.data_dir)
     if not data_dir.is_dir():
         raise BackupError(f"{data_dir}: no data folder (server.data_dir in {config.path})")
-    if dest.absolute().is_relative_to(data_dir.absolute()):
+    if dest.resolve().is_relative_to(data_dir.resolve()):  # symlinks on the way too
         raise BackupError(f"{dest} is inside the data folder {data_dir}")
     _new_folder(dest)
+    try:
+        summary = _copy_all(config, data_dir, dest)
+        os.sync()  # the copy is on disk before it is marked complete
+        notes = "".join(f"\nskipped {note}" for note in summary.skipped)
+        _mark_complete(dest, summary.line(data_dir, dest) + notes)
+    except (OSError, sqlite3.Error) as e:
+        where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
+        raise BackupError(
+            f"{where}: the backup in {dest} is NOT complete (no {COMPLETE} file): "
+            "do not restore from it"
+        ) from e
+    return summary
+
+
+def _copy_all(config: Any, data_dir: Path, dest: Path) -> Summary:
+    """Everything but the mark of completion."""
     out = dest / "data"
     summary = Summary()
     _mirror_dir(data_dir, out)
@@ -125,11 +148,31 @@ def backup(config: Any, dest: Path) -> Summary:
         summary.files += 1
     for path in _outside_files(config, data_dir):
         target = dest / "root" / path.relative_to(path.anchor)
-        _mirror_dir(path.parent, target.parent, Path(path.anchor), dest / "root")
-        _copy_file(path.parent, target.parent, path, summary)
+        try:
+            _mirror_dir(path.parent, target.parent, Path(path.anchor), dest / "root")
+            _copy_file(path.parent, target.parent, path, summary)
+        except PermissionError:  # a root-only file under /etc: copy it as root yourself
+            summary.skipped.append(f"{path}: not readable by {_user_name()}")
+            continue
         summary.outside += 1
-    os.sync()  # the copy is on disk before the summary says it is taken
     return summary
+
+
+def _mark_complete(dest: Path, line: str) -> None:
+    """Write C{DEST/BACKUP-COMPLETE} durably: the copy beside it is whole."""
+    fd = os.open(dest / COMPLETE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    try:
+        data = (line + "\n").encode()
+        if os.write(fd, data) != len(data):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), str(dest / COMPLETE))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    dir_fd = os.open(dest, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
 
 
 def _new_folder(dest: Path) -> None:
@@ -142,7 +185,14 @@ def _new_folder(dest: Path) -> None:
             raise BackupError(f"{dest} is not empty: give a new or empty folder")
         os.chmod(dest, 0o700)  # the copy holds passwords and keys
     except OSError as e:
-        raise BackupError(f"{dest}: {e.strerror}")
+        hint = ""
+        if e.errno in (errno.EACCES, errno.EPERM):
+            me = _user_name()  # run as root, the command is the server's account by now
+            hint = (
+                f" (the backup runs as {me}, the server's account when run as root: give it "
+                f"a folder of its own for backups, e.g. install -d -o {me} -m 700 {dest.parent})"
+            )
+        raise BackupError(f"{dest}: {e.strerror}{hint}")
 
 
 def _mboxes(mail: Path) -> Iterator[tuple[Path, str, str, str]]:
@@ -257,7 +307,11 @@ def _outside_files(config: Any, data_dir: Path) -> list[Path]:
         if p is None:
             continue
         path = Path(p).absolute()
-        if path.is_file() and not path.is_relative_to(data_dir) and path not in found:
+        try:
+            is_file = path.is_file()
+        except PermissionError:
+            is_file = True  # in a folder this account cannot enter: said as skipped
+        if is_file and not path.is_relative_to(data_dir) and path not in found:
             found.append(path)
     return found
 
@@ -296,6 +350,9 @@ def _stream(fd: int, target: Path, st: os.stat_result) -> None:
                 written += os.write(out, view[written:n])
             left -= n
         _keep_attributes(out, st)
+    except OSError as e:
+        e.filename = e.filename or str(target)  # which file the disk refused
+        raise
     finally:
         os.close(out)
     os.utime(target, ns=(st.st_atime_ns, st.st_mtime_ns))
@@ -327,6 +384,13 @@ def _copy_sqlite(src: Path, target: Path) -> None:
         _keep_attributes(fd, st)
     finally:
         os.close(fd)
+
+
+def _user_name() -> str:
+    try:
+        return pwd.getpwuid(os.geteuid()).pw_name
+    except KeyError:
+        return str(os.geteuid())
 
 
 def _keep_attributes(fd: int, st: os.stat_result) -> None:

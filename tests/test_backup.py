@@ -15,7 +15,9 @@ import mailbox
 import os
 import poplib
 import re
+import resource
 import shutil
+import signal
 import smtplib
 import subprocess
 import sys
@@ -75,6 +77,10 @@ class DeliveryLoop(threading.Thread):
                 lambda: len(self.delivered) >= count or self.error is not None, timeout=60
             )
         assert self.error is None, self.error
+
+
+def command_of(config: Path) -> list[str]:
+    return [sys.executable, "-m", "mailsrv", "--config", str(config)]
 
 
 def run_backup(server: MailServer, dest: Path) -> str:
@@ -267,6 +273,15 @@ def test_a_folder_that_is_not_empty_is_refused(tmp_path) -> None:
     )
     assert result.returncode == 1 and "inside the data folder" in result.stderr
     assert not inside.exists()
+    (tmp_path / "backups").symlink_to(tmp_path / "data")  # a path that leads inside it
+    result = subprocess.run(
+        [*command_of(config), "backup", str(tmp_path / "backups" / "copy")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1 and "inside the data folder" in result.stderr
+    assert not inside.exists()
 
 
 def test_queued_messages_are_copied_whole(server, tmp_path) -> None:
@@ -285,3 +300,43 @@ def test_queued_messages_are_copied_whole(server, tmp_path) -> None:
         assert os.stat(copy).st_mode == os.stat(path).st_mode
     assert not (dest / "data" / "queue" / "tmp").exists()
     assert not (dest / "data" / "queue" / "relay.lock").exists()
+
+
+def _file_size_limit(octets: int):
+    """For preexec_fn: files the child writes stop at C{octets} (EFBIG, as a full disk would)."""
+
+    def limit() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (octets, octets))
+
+    return limit
+
+
+def test_a_copy_cut_short_says_so_and_is_not_marked_complete(tmp_path) -> None:
+    data = tmp_path / "data"
+    inbox = data / "mail" / "example.test" / "bob" / "INBOX"
+    inbox.parent.mkdir(parents=True)
+    inbox.write_bytes(
+        b"From sender@remote.test Mon Dec  7 01:00:00 2026\nSubject: big\n\n" + b"z" * 4_000_000
+    )
+    config = tmp_path / "mailsrv.toml"
+    config.write_text('[server]\ndomains = ["example.test"]\ndata_dir = "data"\n')
+    command = [sys.executable, "-m", "mailsrv", "--config", str(config), "backup"]
+    cut = tmp_path / "cut"
+    result = subprocess.run(
+        [*command, str(cut)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_file_size_limit(1_000_000),
+    )
+    assert result.returncode == 1, result
+    assert "Traceback" not in result.stderr
+    assert "NOT complete" in result.stderr and "do not restore" in result.stderr, result.stderr
+    assert str(inbox.relative_to(data)) in result.stderr  # names the file
+    assert not (cut / "BACKUP-COMPLETE").exists()
+
+    whole = tmp_path / "whole"
+    result = subprocess.run([*command, str(whole)], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert (whole / "BACKUP-COMPLETE").read_text() == result.stdout

@@ -135,3 +135,29 @@ def test_an_unknown_account_is_refused_before_anything_is_touched(base: Path) ->
         f"mailsrv: {config}:5: server.user: no-such-user-here: no such user on this system\n"
     )
     assert not (base / "data").exists()
+
+
+def test_backup_as_root_runs_as_the_account_and_says_where_it_may_write(base: Path) -> None:
+    config = write_config(base)
+    data = base / "data"
+    data.mkdir(mode=0o700)
+    os.chown(data, NOBODY.pw_uid, NOBODY.pw_gid)
+    secret = base / "etc"  # a root-only folder named by the config, as /etc/mailsrv may be
+    secret.mkdir(mode=0o700)
+    (secret / "tls.key").write_text("root's key\n")
+    with open(config, "a") as f:
+        f.write(f'[tls]\ncertificate = "{secret}/tls.crt"\nkey = "{secret}/tls.key"\n')
+    (secret / "tls.crt").write_text("cert\n")
+    backups = base / "backups"  # root's, as /var/backups
+    backups.mkdir(mode=0o755)
+    r = mailsrv(config, "backup", str(backups / "one"))
+    assert r.returncode == 1
+    assert f"runs as {NOBODY.pw_name}" in r.stderr, r.stderr
+    assert f"install -d -o {NOBODY.pw_name} -m 700 {backups}" in r.stderr, r.stderr
+    os.chown(backups, NOBODY.pw_uid, NOBODY.pw_gid)
+    r = mailsrv(config, "backup", str(backups / "one"))
+    assert r.returncode == 0, r.stderr
+    assert f"skipped {secret}/tls.key: not readable by {NOBODY.pw_name}" in r.stderr
+    assert "skipped" in (backups / "one" / "BACKUP-COMPLETE").read_text()
+    assert (backups / "one" / "root" / str(config).lstrip("/")).exists()
+    assert os.stat(backups / "one").st_uid == NOBODY.pw_uid

@@ -10,12 +10,14 @@ from __future__ import annotations
 import argparse
 import io
 
+from twisted.internet import defer
 from twisted.internet.testing import MemoryReactorClock
 from twisted.trial import unittest
 
 from mailsrv.config import parse
 from mailsrv.outbound import admin
 from mailsrv.outbound.build import build_relayer
+from mailsrv.outbound.errors import DeliveryError
 from mailsrv.outbound.queue import OutboundQueue, QueueStore
 from mailsrv.spool import BytesSource
 from mailsrv.store.memory import MemoryMailStore
@@ -138,6 +140,32 @@ delay_warning = "0"
         self.clock.advance(5)
         self.assertEqual(len(self.resolver.calls), 3)
         self.assertEqual(self.relayer.entries[qid].next_attempt, self.clock.seconds() + 300)
+        self.successResultOf(self.relayer.stop())
+
+    def slow_dns(self):
+        """From now on each MX lookup waits: the list of its answers, to fire by hand."""
+        answers = []
+
+        def resolve(domain):
+            self.resolver.calls.append(domain)
+            answers.append(defer.Deferred())
+            return answers[-1]
+
+        self.resolver.resolve = resolve
+        return answers
+
+    def test_a_hold_during_an_attempt_requeued_under_way_is_obeyed(self):
+        qid = self.deferred_message()
+        answers = self.slow_dns()
+        self.relayer.flush()  # the second attempt, under way
+        self.assertIn(qid, self.relayer.due.active)
+        self.assertEqual(queue_cli(self.config, "requeue", qid)[0], 0)
+        self.clock.advance(5)  # the scan: requeued once the attempt is over
+        self.assertEqual(queue_cli(self.config, "hold", qid)[0], 0)  # before the next scan
+        answers[0].errback(DeliveryError(False, "4.4.3", "MX lookup timed out"))
+        self.assertEqual(len(self.resolver.calls), 2)  # held: no attempt after the requeue
+        self.assertIn(qid, self.relayer.due.held)
+        self.assertEqual(self.store.ids(), [qid])
         self.successResultOf(self.relayer.stop())
 
     def test_marks_outlive_a_restart_and_go_with_the_message(self):

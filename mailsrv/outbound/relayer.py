@@ -88,6 +88,9 @@ class Relayer:
         self.scan_interval = scan_interval
         self.due = DueMessages(reactor, self._attempt, schedule, self.log)
         self._unreadable: set[str] = set()  # logged once, then left to the administrator
+        # Messages just queued (the server's notice), whose first attempt follows
+        # at once and is the one that skips the read of the hold mark.
+        self._fresh: set[str] = set()
         self._poller: task.LoopingCall | None = None
 
     @property
@@ -156,6 +159,7 @@ class Relayer:
         """A message was queued: deliver it (False: it is known already, or done)."""
         if not self.due.add(env):
             return False
+        self._fresh.add(env.id)
         self.due.wake()
         return True
 
@@ -183,6 +187,7 @@ class Relayer:
                         "{queue_id}: removed from the queue by the administrator", queue_id=queue_id
                     )
                     self.due.dropped(queue_id)
+                    self._fresh.discard(queue_id)
                     self.results.forget(queue_id)
                     self.queue.take_recent(queue_id)
             if flush:
@@ -204,6 +209,7 @@ class Relayer:
             if queue_id in state.held and queue_id not in self.due.held:
                 self.log.info("{queue_id}: on hold", queue_id=queue_id)
                 self.due.hold(queue_id)
+                self._fresh.discard(queue_id)
         for queue_id in state.requeue:
             if queue_id in self.entries:
                 self.log.info("{queue_id}: requeued", queue_id=queue_id)
@@ -233,17 +239,22 @@ class Relayer:
         for env in found:
             if env.id in held:
                 self.due.hold(env.id)
-            if self.queued(env):
+            if self.due.add(env):  # not fresh: its hold mark is read before its attempt
+                self.due.wake()
                 self.log.info("{queue_id}: found in the queue folder", queue_id=env.id)
 
     # --- one delivery attempt of one message -------------------------------
 
     @defer.inlineCallbacks
     def _attempt(self, env: Envelope):
-        if env.attempts:
-            # Before a retry the hold mark is read again: a message put on hold
-            # is not retried, even before the next folder scan. (A first
-            # attempt follows its queuing at once: no thread hop for it.)
+        fresh = env.id in self._fresh
+        self._fresh.discard(env.id)
+        if not (fresh and env.attempts == 0):
+            # Before every other attempt the hold mark is read again: a message
+            # put on hold is not attempted, even before the next folder scan
+            # (a requeue, which resets the attempts, included). The first
+            # attempt of a message just queued follows its queuing at once, as
+            # Postfix's does from the incoming queue: no thread hop for it.
             held = yield self.results.in_pool(self.queue.is_held, env.id)
             if held or not self.results.running:
                 if held and env.id not in self.due.held:
