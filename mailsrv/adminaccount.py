@@ -21,9 +21,11 @@ from __future__ import annotations
 import grp
 import os
 import pwd
+import shlex
 
 from mailsrv.config import Config
 from mailsrv.privileges import UMASK, Account, account, prepare_data_dir
+from mailsrv.startup import StartupError
 
 
 def admin_account(config: Config, euid: int) -> Account | None:
@@ -47,8 +49,22 @@ def admin_account(config: Config, euid: int) -> Account | None:
 
 
 def become(config: Config, run_as: Account) -> None:
-    """For good: C{run_as}'s groups, group and user, and the server's umask."""
+    """
+    For good: C{run_as}'s groups, group and user, and the server's umask. A
+    data folder that is not C{run_as}'s (made by an earlier run as root) is a
+    L{StartupError} naming the fix, as at the server's start, rather than a
+    bare "Permission denied" from whatever the command touches first.
+    """
     prepare_data_dir(config, run_as)
+    data_dir = config.server.data_dir
+    if os.lstat(data_dir).st_uid != run_as.uid:
+        raise StartupError(
+            config.path,
+            "server.data_dir",
+            data_dir,
+            f"not owned by {run_as.user}, who the server and this command run as; fix with: "
+            f"chown -R {run_as.owner} {shlex.quote(str(data_dir))}",
+        )
     try:
         groups = os.getgrouplist(run_as.user, run_as.gid)
     except (KeyError, OSError):

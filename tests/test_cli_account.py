@@ -127,6 +127,19 @@ def test_a_root_data_folder_without_a_user_stays_root(base: Path) -> None:
     assert os.stat(base / "data" / "passwd").st_uid == 0
 
 
+def test_a_data_folder_left_by_root_names_the_fix(base: Path) -> None:
+    (base / "data").mkdir(mode=0o700)  # an earlier run as root, before [server] user
+    config = write_config(base)
+    r = mailsrv(config, "user", "add", "alice@example.test", stdin="a good password\n")
+    assert r.returncode == 2
+    assert r.stderr == (
+        f"mailsrv: {config}:4: server.data_dir: {base / 'data'}: not owned by nobody, who the "
+        f"server and this command run as; fix with: chown -R nobody:{NOGROUP.gr_name} "
+        f"{base / 'data'}\n"
+    )
+    assert not (base / "data" / "passwd").exists()
+
+
 def test_an_unknown_account_is_refused_before_anything_is_touched(base: Path) -> None:
     config = write_config(base, server='user = "no-such-user-here"\n')
     r = mailsrv(config, "user", "add", "alice@example.test", stdin="a good password\n")
