@@ -12,8 +12,8 @@ What makes each part consistent:
     take (dotlock, then fcntl: L{mailsrv.store.locking.MboxLock}), so no
     append or rewrite is half done in the copy; its index (UIDVALIDITY, the
     UIDs, flags) is copied under the same lock, through SQLite's backup API
-    (a snapshot, its WAL folded in), so that a restored copy serves the same
-    UIDs: without it, clients would see every message as new;
+    (a snapshot, its WAL folded in), so that a restored copy keeps the UIDs
+    and flags (under a new UIDVALIDITY, see below);
   - a queue entry (C{ID.msg}, and a newer C{ID.env}) is written whole and
     renamed into place by the server: its file is opened, then the newer
     envelope read, then the message streamed from the open file;
