@@ -12,8 +12,8 @@ What makes each part consistent:
     take (dotlock, then fcntl: L{mailsrv.store.locking.MboxLock}), so no
     append or rewrite is half done in the copy; its index (UIDVALIDITY, the
     UIDs, flags) is copied under the same lock, through SQLite's backup API
-    (a snapshot, its WAL folded in), so that a restored copy serves the same
-    UIDs: without it, clients would see every message as new;
+    (a snapshot, its WAL folded in), so that a restored copy keeps the UIDs
+    and flags (under a new UIDVALIDITY, see below);
   - a queue entry (C{ID.msg}, and a newer C{ID.env}) is written whole and
     renamed into place by the server: its file is opened, then the newer
     envelope read, then the message streamed from the open file;
@@ -28,6 +28,10 @@ The last file written is C{DEST/BACKUP-COMPLETE} (the summary line), after
 everything else is on disk: a copy without it (a full disk, a file that could
 not be read) is not a backup to restore from, and the command says so.
 
+C{DEST/data/BACKUP-COMPLETE}, written just before, travels back with the
+data folder: the next start gives every folder a new UIDVALIDITY, since UIDs
+given after the backup would be given again (L{mailsrv.store.restored}).
+
 Restoring is copying back with the server stopped (README: Deployment).
 """
 
@@ -37,9 +41,11 @@ import argparse
 import errno
 import os
 import pwd
+import secrets
 import sqlite3
 import stat
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,12 +54,13 @@ from typing import Any
 from mailsrv.store.index import SUFFIXES, index_base
 from mailsrv.store.locking import MboxLock
 from mailsrv.store.quotalimits import format_size
+from mailsrv.store.restored import ID_PREFIX, MARK
 
 HANDLER = "handler"
 BUFFER = 1024 * 1024  # octets per read while streaming a file
 QUEUE_SKIPPED = frozenset({"relay.lock", "flush"})
 SQLITE_SIDE = ("-wal", "-shm", "-journal")
-COMPLETE = "BACKUP-COMPLETE"  # written last: the copy is whole
+COMPLETE = MARK  # written last: the copy is whole
 
 
 class BackupError(Exception):
@@ -122,7 +129,11 @@ def backup(config: Any, dest: Path) -> Summary:
         summary = _copy_all(config, data_dir, dest)
         os.sync()  # the copy is on disk before it is marked complete
         notes = "".join(f"\nskipped {note}" for note in summary.skipped)
-        _mark_complete(dest, summary.line(data_dir, dest) + notes)
+        line = summary.line(data_dir, dest) + notes
+        # The copy of the data folder carries the mark too: put back, it tells the
+        # server to renew every UIDVALIDITY (mailsrv.store.restored).
+        _mark_complete(dest / "data", f"{line}\n{ID_PREFIX}{time.time_ns()}-{secrets.token_hex(8)}")
+        _mark_complete(dest, line)
     except (OSError, sqlite3.Error) as e:
         where = f"{e.filename}: {e.strerror}" if isinstance(e, OSError) and e.filename else e
         raise BackupError(
@@ -143,7 +154,8 @@ def _copy_all(config: Any, data_dir: Path, dest: Path) -> Summary:
         summary.users.add((domain, local))
     if queue.is_dir():
         _copy_queue(data_dir, out, queue, summary)
-    for path in _files(data_dir, exclude={mail, index, queue, data_dir / "tmp"}):
+    skip = {mail, index, queue, data_dir / "tmp", data_dir / COMPLETE}
+    for path in _files(data_dir, exclude=skip):
         _copy_file(data_dir, out, path, summary)
         summary.files += 1
     for path in _outside_files(config, data_dir):
@@ -159,7 +171,7 @@ def _copy_all(config: Any, data_dir: Path, dest: Path) -> Summary:
 
 
 def _mark_complete(dest: Path, line: str) -> None:
-    """Write C{DEST/BACKUP-COMPLETE} durably: the copy beside it is whole."""
+    """Write C{DEST/BACKUP-COMPLETE} (or C{DEST/data/...}) durably: the copy is whole."""
     fd = os.open(dest / COMPLETE, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     try:
         data = (line + "\n").encode()
@@ -284,7 +296,7 @@ def _files(top: Path, exclude: set[Path]) -> Iterator[Path]:
         dirs[:] = sorted(d for d in dirs if Path(here, d) not in exclude)
         for f in sorted(files):
             path = Path(here) / f
-            if _is_lock_file(f) or f.endswith(SQLITE_SIDE):
+            if _is_lock_file(f) or f.endswith(SQLITE_SIDE) or path in exclude:
                 continue
             if stat.S_ISREG(path.lstat().st_mode):
                 yield path

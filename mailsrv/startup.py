@@ -7,6 +7,7 @@ that find such problems before a client would.
 from __future__ import annotations
 
 import os
+import sqlite3
 import sys
 import tempfile
 from collections.abc import Callable
@@ -26,6 +27,7 @@ from mailsrv.config import Config, endpoint_port
 from mailsrv.fdlimit import raise_open_files_limit
 from mailsrv.interfaces import IMailStore
 from mailsrv.outbound.process import logs_to_stdout
+from mailsrv.store.restored import MARK, renew_after_restore
 from mailsrv.store.upgrade import OldNames, SpellingCollision, check_user_names
 
 
@@ -74,6 +76,8 @@ def upgrade_data(config: Config) -> None:
     commands that settle them (L{mailsrv.store.upgrade}), as do two
     password-file lines that are now one user: serving the new name would
     hide the user's mail. Folders under an old spelling of nobody are logged.
+    A data folder restored from a backup gets new UIDVALIDITYs
+    (L{mailsrv.store.restored}).
     """
     passwd = config.auth.passwd_file
     try:
@@ -84,6 +88,31 @@ def upgrade_data(config: Config) -> None:
         raise StartupError(config.path, "server.data_dir", config.server.data_dir, str(e))
     for orphan in orphans:
         Logger().warn("{orphan}", orphan=orphan)
+    _renew_restored(config)
+
+
+def _renew_restored(config: Config) -> None:
+    """The restore step: new UIDVALIDITYs if the data folder holds a backup's mark."""
+    data_dir = config.server.data_dir
+    try:
+        renewed = renew_after_restore(data_dir, config.index_dir)
+    except (OSError, sqlite3.Error) as e:
+        reason = os_reason(e, data_dir) if isinstance(e, OSError) else str(e)
+        raise StartupError(
+            config.path,
+            "server.data_dir",
+            data_dir,
+            f"renewing UIDVALIDITY after a restore: {reason}",
+        )
+    if renewed is not None:
+        Logger().info(
+            "data folder restored from a backup ({mark} in {data_dir}): {count} folders got a new"
+            " UIDVALIDITY (RFC 3501 2.3.1.1: UIDs given since the backup are given again);"
+            " IMAP and POP3 clients download them once again",
+            mark=MARK,
+            data_dir=str(data_dir),
+            count=renewed,
+        )
 
 
 class StartGate:

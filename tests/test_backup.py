@@ -186,28 +186,47 @@ def _uidls(port: int) -> list[bytes]:
         c.quit()
 
 
-def test_restored_copy_serves_the_same_uids(server, tmp_path) -> None:
+def test_a_restored_copy_serves_its_messages_under_a_greater_uidvalidity(server, tmp_path) -> None:
+    # RFC 3501 2.3.1.1: the UIDs given after the backup are given again after a
+    # restore, so the restored folders must have a greater UIDVALIDITY.
     with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
-        for seq in range(1000, 1004):
+        for seq in range(1000, 1002):
             s.sendmail("sender@remote.test", [USER], message(seq))
-    validity, state = _imap_state(server.ports["imap"])
-    assert len(state) >= 3
-    flagged = sorted(state)[1]
+    _, state = _imap_state(server.ports["imap"])
+    flagged = max(state)
     _flag(server.ports["imap"], flagged)
-    validity, state = _imap_state(server.ports["imap"])
-    assert state[flagged][1]
-    uidls = _uidls(server.ports["pop3"])
+    validity, in_copy = _imap_state(server.ports["imap"])
+    assert in_copy[flagged][1]
     dest = tmp_path / "copy"
     run_backup(server, dest)
-    _flag(server.ports["imap"], sorted(state)[2])  # after the backup: not in the copy
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
+        for seq in range(1002, 1004):
+            s.sendmail("sender@remote.test", [USER], message(seq))
+    _, before = _imap_state(server.ports["imap"])
+    later = {uid: seq for uid, (seq, _) in before.items() if seq in (1002, 1003)}
+    assert len(later) == 2
+    uidls = _uidls(server.ports["pop3"])
 
     # Restoring as the README says: stop, copy the data folder back, start.
     server.stop()
     shutil.rmtree(server.data)
     shutil.copytree(dest / "data", server.data, symlinks=True)
     server.start()
-    assert _imap_state(server.ports["imap"]) == (validity, state)
-    assert _uidls(server.ports["pop3"]) == uidls
+    with smtplib.SMTP("127.0.0.1", server.ports["smtp"], timeout=60) as s:
+        s.sendmail("sender@remote.test", [USER], message(1004))
+    new_validity, after = _imap_state(server.ports["imap"])
+    assert int(new_validity) > int(validity)
+    restored = {uid: v for uid, v in after.items() if v[0] != 1004}
+    assert restored == in_copy  # every message of the copy, same UIDs and flags
+    assert [uid for uid, (seq, _) in after.items() if seq == 1004] == [max(in_copy) + 1]
+    assert set(_uidls(server.ports["pop3"])).isdisjoint(uidls)
+    assert not (server.data / "BACKUP-COMPLETE").exists()
+    assert "1 folders got a new UIDVALIDITY" in server.output()
+
+    # The next start is an ordinary one: the UIDVALIDITY stays.
+    server.stop()
+    server.start()
+    assert _imap_state(server.ports["imap"]) == (new_validity, after)
 
 
 def _peak_memory(argv: list[str]) -> tuple[int, str]:

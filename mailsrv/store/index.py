@@ -408,3 +408,38 @@ class FolderIndex:
             self._db.close()
         except sqlite3.Error:
             pass
+
+
+def renew_validity(path: Path, restore: str, now: int) -> int | None:
+    """
+    Give the index at C{path} (a C{.sqlite} file) a new UIDVALIDITY, greater
+    than its own and at least C{now}, once per C{restore} (an id kept in meta
+    C{restored}, in the same transaction): a data folder put back from a
+    backup serves UIDs that clients saw given to other messages since, and
+    RFC 3501 2.3.1.1 says UIDVALIDITY MUST then be greater. The messages,
+    their UIDs and flags stay. The new value, or None if this restore was
+    done already (an interrupted start-up run again).
+    """
+    db = sqlite3.connect(str(path), isolation_level=None)
+    try:
+        db.execute("PRAGMA synchronous=FULL")
+        db.execute("BEGIN IMMEDIATE")
+        try:
+            meta = dict(db.execute("SELECT key, value FROM meta"))
+            if meta.get("restored") == restore or "uid_validity" not in meta:
+                # done already; or an index with no meta, which gets a fresh one at open
+                db.execute("ROLLBACK")
+                return None
+            validity = max(int(meta["uid_validity"]) + 1, now)
+            if validity > 0xFFFFFFFF:  # RFC 3501 2.3.1.1: a non-zero 32-bit number
+                validity = 1
+            db.execute("UPDATE meta SET value = ? WHERE key = 'uid_validity'", (validity,))
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('restored', ?)", (restore,))
+            db.execute("COMMIT")
+        except BaseException:
+            if db.in_transaction:
+                db.execute("ROLLBACK")
+            raise
+    finally:
+        db.close()
+    return validity
