@@ -114,6 +114,49 @@ def test_a_message_being_stored_gets_its_250_first():
     assert len(read_inbox(ctx, BOB)) == 1
 
 
+def test_a_message_ended_just_before_the_data_grace_is_not_cut_while_stored():
+    # Cut while its store runs, the message would be stored without the
+    # client hearing 250: the client would send it again.
+    store = HeldStore()
+    ctx = make_context(store=store)
+    s = _in_data(ctx)
+    aborted = []
+    s.transport.abortConnection = lambda: aborted.append(True)
+    done = s.factory.shut_down(grace=5)
+    ctx.reactor.advance(DATA_GRACE - 1)
+    assert s.send("the end\r\n.\r\n") == []  # being stored
+    ctx.reactor.advance(2)
+    assert aborted == []
+    store.release()
+    replies = s.take()
+    assert replies[0].startswith("250 2.0.0")
+    assert replies[1:] == [GOODBYE]
+    assert len(read_inbox(ctx, BOB)) == 1
+    ctx.reactor.advance(5)  # a client that does not close on its 421 is cut then
+    assert aborted == [True]
+    s.close()
+    assert done.called
+
+
+def test_a_message_stored_beyond_the_grace_gets_its_250_before_the_cut():
+    store = HeldStore()
+    ctx = make_context(store=store)
+    s = Session(ctx)
+    s.cmd("EHLO client.test")
+    s.cmd("MAIL FROM:<x@remote.test>")
+    s.cmd(f"RCPT TO:<{BOB}>")
+    s.cmd("DATA")
+    assert s.send("Subject: slow disk\r\n\r\nbody\r\n.\r\n") == []
+    aborted = []
+    s.transport.abortConnection = lambda: aborted.append(True)
+    s.factory.shut_down(grace=5)
+    ctx.reactor.advance(DATA_GRACE + 5)
+    assert aborted == []
+    store.release()
+    assert s.take()[0].startswith("250 2.0.0")
+    assert len(read_inbox(ctx, BOB)) == 1
+
+
 def test_sessions_still_open_after_the_grace_are_cut():
     ctx = make_context()
     s = Session(ctx)

@@ -110,6 +110,7 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         self._write_blocked = False
         self._lost = False
         self._shutting_down = False
+        self._storing = False
         self.ended: defer.Deferred = defer.Deferred()  # fires at connectionLost
         self._bad = BadCommands(context.config.limits.max_errors)
         self._tls = TLSGate(context.tls, context.config.auth.cleartext, implicit_tls)
@@ -184,6 +185,11 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
     def receiving_message(self) -> bool:
         """Whether the client is sending a message (after 354, before the final dot)."""
         return self.mode == DATA and self._message is not None
+
+    @property
+    def storing(self) -> bool:
+        """Whether a message the client ended is being stored (its 250 not sent yet)."""
+        return self._storing
 
     def _goodbye(self) -> None:
         if self._lost or self.transport.disconnecting:
@@ -510,9 +516,15 @@ class SMTPServer(HandshakeDeadlineMixin, LineReader, AuthCommand, ClientChecked,
         self.mode = COMMAND
         message, self._message = self._message, None
         assert message is not None
+        self._storing = True
         d = message.eomReceived()
         d.addCallbacks(self._accepted, self._not_accepted, errbackArgs=(message,))
+        d.addBoth(self._stored)
         self._wait(d)
+
+    def _stored(self, result: Any) -> Any:
+        self._storing = False
+        return result
 
     def _accepted(self, queue_id: str) -> None:
         self._reply(replies.QUEUED, f"Ok: queued as {queue_id}")

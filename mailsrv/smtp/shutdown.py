@@ -8,7 +8,10 @@ answered first (a message being stored gets its 250). A message being sent
 250, then 421: the client is not made to send it again, provided it ends
 within L{DATA_GRACE} seconds. A session still open after that is cut; its
 client got no 250 and keeps the message (RFC 5321 4.1.1.4, 6.1), so nothing
-is lost, at worst sent twice.
+is lost, at worst sent twice. A session whose message is being stored when
+its time is up is not cut then: the store would go on without the client
+hearing its 250, and the client would send the message again. It is cut a
+grace after that, if its client has not closed on its 250 and 421 by then.
 
 Why 30 s: a message at the default size limit (50 MiB) on a link of a few
 MB/s, or any ordinary message on a slow one, ends well within it, and it
@@ -40,6 +43,10 @@ class StoppingSession(Protocol):
     def receiving_message(self) -> bool:
         """Whether the client is sending a message (after 354, before the final dot)."""
 
+    @property
+    def storing(self) -> bool:
+        """Whether a message the client ended is being stored (its 250 not sent yet)."""
+
     def shut_down(self) -> None:
         """421 and close now, or after the command under way or the message being sent."""
 
@@ -64,13 +71,21 @@ def stop_sessions(
         s.shut_down()
 
     def cut(which: Any) -> None:
+        spared = set()
         for s in list(sessions):
-            if which(s):
-                abort = getattr(s.transport, "abortConnection", None)
-                if abort is not None:
-                    abort()
+            if not which(s):
+                continue
+            if s.storing:
+                spared.add(s)  # its 250 first
+                continue
+            abort = getattr(s.transport, "abortConnection", None)
+            if abort is not None:
+                abort()
+        if spared:
+            timers.append(clock.callLater(grace, cut, lambda s: s in spared))
 
-    timers = [
+    timers: list[Any] = []
+    timers += [
         clock.callLater(grace, cut, lambda s: s not in sending),
         clock.callLater(max(grace, data_grace), cut, lambda s: True),
     ]
