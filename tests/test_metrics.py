@@ -25,7 +25,7 @@ from mailsrv import loglines
 from mailsrv.config import parse
 from mailsrv.interfaces import IMailStore
 from mailsrv.metrics.events import reject_reason
-from mailsrv.metrics.registry import MailMetrics, queue_figures
+from mailsrv.metrics.registry import QUEUE_SCAN_MAX_AGE, MailMetrics, queue_figures
 from mailsrv.metrics.relaycounts import ResultCounter
 from mailsrv.metrics.service import MetricsService, TimedStore
 from mailsrv.outbound import ipc
@@ -177,8 +177,11 @@ def test_connections_open_and_total_and_refusals_by_service() -> None:
 
 def test_queue_gauges_read_the_queue_folder(tmp_path: Path) -> None:
     queue = tmp_path / "queue"
-    m = MailMetrics(CollectorRegistry(), queue, lambda: 10_000.0)
+    clock = Clock()
+    clock.advance(10_000.0 - QUEUE_SCAN_MAX_AGE)
+    m = MailMetrics(CollectorRegistry(), queue, clock.seconds)
     assert value(m, "mailsrv_queue_messages") == 0  # no folder yet
+    clock.advance(QUEUE_SCAN_MAX_AGE)
     queue.mkdir()
     for name, mtime in (("A.msg", 9_000.0), ("B.msg", 9_900.0), ("A.env", 1.0)):
         (queue / name).write_text("x")
@@ -187,6 +190,25 @@ def test_queue_gauges_read_the_queue_folder(tmp_path: Path) -> None:
     assert value(m, "mailsrv_queue_messages") == 2
     assert value(m, "mailsrv_queue_oldest_age_seconds") == 1000.0
     assert queue_figures(queue, 10_000.0).messages == 2
+
+
+def test_scrapes_in_a_row_share_one_scan_of_a_big_queue(tmp_path: Path) -> None:
+    # A scan stats every queue file: a scrape each second, or many at once,
+    # must not hold a disk thread for each.
+    queue = tmp_path / "queue"
+    queue.mkdir()
+    (queue / "A.msg").write_text("x")
+    os.utime(queue / "A.msg", (9_000.0, 9_000.0))
+    clock = Clock()
+    clock.advance(10_000.0)
+    m = MailMetrics(CollectorRegistry(), queue, clock.seconds)
+    assert value(m, "mailsrv_queue_messages") == 1
+    (queue / "B.msg").write_text("x")
+    clock.advance(QUEUE_SCAN_MAX_AGE - 1)
+    assert value(m, "mailsrv_queue_messages") == 1  # not scanned again
+    assert value(m, "mailsrv_queue_oldest_age_seconds") == 1000.0 + QUEUE_SCAN_MAX_AGE - 1
+    clock.advance(1)
+    assert value(m, "mailsrv_queue_messages") == 2
 
 
 class _Pipe:
