@@ -11,8 +11,8 @@ standard output) is kept as it is.
 
 The socket is non-blocking: when the syslog daemon does not keep up (a Unix
 datagram socket queues only net.unix.max_dgram_qlen datagrams, 10 by
-default) or is away, lines wait in memory (at most L{MAX_PENDING}, then the
-oldest are dropped, counted, and told in a warning line once the rest is
+default) or is away, lines wait in memory (at most L{MAX_PENDING} of them and
+L{MAX_PENDING_BYTES} octets, then the oldest are dropped, counted, and told in a warning line once the rest is
 sent) and are sent again with the next line or every L{FLUSH_INTERVAL}
 seconds, so the reactor is never held; a restarted daemon's socket is
 connected again. L{DatagramSender} is that sending, shared with the
@@ -71,6 +71,9 @@ SEVERITIES: Mapping[LogLevel, int] = {
     LogLevel.debug: 7,
 }
 MAX_PENDING = 10_000  # lines kept while the reader (syslog, journal) is behind or away
+# Octets kept likewise: journal entries are up to 64 KiB (a client's long
+# name), and 10,000 of those would be 640 MiB of memory.
+MAX_PENDING_BYTES = 8 << 20
 FLUSH_INTERVAL = 0.5  # seconds between attempts to send the lines kept
 MAX_LINE = 8192  # octets of text per datagram (rsyslog's default maxMessageSize)
 _RECONNECT = (errno.ENOENT, errno.ECONNREFUSED, errno.ENOTCONN, errno.EDESTADDRREQ)
@@ -106,15 +109,19 @@ def rfc3164_time(when: float) -> str:
 class DatagramSender:
     """
     Sends datagrams to a Unix datagram socket without ever blocking: what the
-    reader does not take now waits (at most L{MAX_PENDING}, then the oldest
-    go, counted in C{dropped}) and goes with the next datagram or L{flush};
+    reader does not take now waits (at most L{MAX_PENDING} datagrams and
+    L{MAX_PENDING_BYTES} octets, then the oldest go, counted in C{dropped}) and goes with the next datagram or L{flush};
     once the backlog is sent, a notice (L{dropped_notice}) says how many were
     lost. Shared by syslog and the journal (L{mailsrv.journal}).
     """
 
-    def __init__(self, path: str, max_pending: int = MAX_PENDING) -> None:
+    def __init__(
+        self, path: str, max_pending: int = MAX_PENDING, max_pending_bytes: int = MAX_PENDING_BYTES
+    ) -> None:
         self.path = path
         self.max_pending = max_pending
+        self.max_pending_bytes = max_pending_bytes
+        self.pending_bytes = 0  # octets of the datagrams waiting
         self._sock: socket.socket | None = None
         self._pending: deque[bytes] = deque()
         # Events come from the disk threads too: one sender at a time.
@@ -139,10 +146,13 @@ class DatagramSender:
                     self._keep(datagram)
 
     def _keep(self, datagram: bytes) -> None:
-        if len(self._pending) >= self.max_pending:
-            self._pending.popleft()
-            self._lost()
         self._pending.append(datagram)
+        self.pending_bytes += len(datagram)
+        while len(self._pending) > 1 and (
+            len(self._pending) > self.max_pending or self.pending_bytes > self.max_pending_bytes
+        ):
+            self.pending_bytes -= len(self._pending.popleft())
+            self._lost()
 
     def _lost(self) -> None:
         self.dropped += 1
@@ -157,7 +167,7 @@ class DatagramSender:
         while self._pending:
             if not self._send_one(self._pending[0]):
                 return
-            self._pending.popleft()
+            self.pending_bytes -= len(self._pending.popleft())
         if self._unreported:
             count, self._unreported = self._unreported, 0
             if not self._send_one(self.dropped_notice(count)):

@@ -30,7 +30,7 @@ from mailsrv.journal import (
     journal_settings,
     journal_stream,
 )
-from mailsrv.syslogobserver import rfc3164_time
+from mailsrv.syslogobserver import MAX_PENDING_BYTES, rfc3164_time
 from tests.e2e import LISTENING, PASSWORD, START_TIMEOUT, MailServer
 from tests.test_logs_login_shapes import (
     BAD,
@@ -140,6 +140,34 @@ def test_a_full_or_missing_socket_keeps_the_newest_and_says_how_many_were_lost()
         assert got[-1]["PRIORITY"] == "4"
         log.info("later")
         assert [e["MESSAGE"] for e in received(sock)] == ["later"]
+    finally:
+        sock.close()
+        os.unlink(path)
+        os.rmdir(folder)
+
+
+def test_the_entries_kept_for_a_missing_journal_are_bounded_in_octets() -> None:
+    # Long lines (a client's 64 KiB name, escaped) while journald is away:
+    # 10,000 of them would be 640 MiB kept in memory.
+    folder = tempfile.mkdtemp(prefix="journal-", dir="/tmp")
+    path = os.path.join(folder, "socket")
+    publisher = LogPublisher()
+    observer = JournalObserver(path)
+    publisher.addObserver(observer)
+    log = Logger(observer=publisher)
+    long_name = "x" * 60_000
+    for n in range(200):
+        log.info("{n} {name}", n=n, name=long_name)
+    assert 0 < observer.dropped < 200  # the oldest went
+    assert observer.pending_bytes <= MAX_PENDING_BYTES
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    sock.bind(path)
+    sock.setblocking(False)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 1 << 24)
+    try:
+        observer.flush()
+        got = [e["MESSAGE"].split(" ")[0] for e in received(sock)]
+        assert got[0] == str(observer.dropped)  # the newest were kept
     finally:
         sock.close()
         os.unlink(path)
