@@ -38,6 +38,10 @@ from mailsrv.metrics.registry import MailMetrics, queue_figures
 SOCKET_NAME = "status.sock"
 HANDLER = "handler"
 CLIENT_TIMEOUT = 5.0  # seconds the command waits for the daemon's answer
+# Seconds the start waits to learn whether a daemon listens on the socket
+# found there: one whose backlog is full (busy, or hung) does not take the
+# connection, and a blocking connect would wait for it for ever.
+STALE_CHECK_TIMEOUT = 2.0
 MAX_DOCUMENT = 1 << 20
 
 
@@ -147,10 +151,12 @@ class StatusService(service.Service):
         return defer.maybeDeferred(port.stopListening)
 
 
-def clear_stale_socket(path: Path) -> str | None:
+def clear_stale_socket(path: Path, timeout: float = STALE_CHECK_TIMEOUT) -> str | None:
     """
     Remove the socket at C{path} if no daemon answers on it; None when the
     path is free now, else why it is not (another daemon, or not a socket).
+    A daemon that does not take the connection within C{timeout} seconds is
+    taken to be alive: its socket is left.
     """
     try:
         st = os.lstat(path)
@@ -159,11 +165,14 @@ def clear_stale_socket(path: Path) -> str | None:
     if not stat.S_ISSOCK(st.st_mode):
         return "it is not a socket"
     with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(timeout)
         try:
             s.connect(str(path))
         except ConnectionRefusedError:
             os.unlink(path)  # a daemon that died left it
             return None
+        except (TimeoutError, BlockingIOError):  # a full backlog: EAGAIN
+            return "another mailsrv listens there (it does not answer)"
         except OSError as e:
             return e.strerror or str(e)
     return "another mailsrv answers there"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import json
 import socket
+import threading
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -66,3 +67,31 @@ def test_only_a_socket_nobody_answers_on_is_removed(tmp_path: Path) -> None:
     assert path.exists()  # closed now, its file left behind
     assert clear_stale_socket(path) is None
     assert not path.exists()
+
+
+def test_a_daemon_too_busy_to_take_the_check_keeps_its_socket(tmp_path: Path) -> None:
+    # Its backlog full, a live daemon's socket takes no connection: the start
+    # of a second daemon must neither wait for it for ever nor remove it.
+    path = tmp_path / SOCKET_NAME
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as live:
+        live.bind(str(path))
+        live.listen(0)
+        waiting = []
+        while True:
+            c = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            c.setblocking(False)
+            waiting.append(c)
+            try:
+                c.connect(str(path))
+            except BlockingIOError:
+                break
+        answer: list[str | None] = []
+        check = threading.Thread(
+            target=lambda: answer.append(clear_stale_socket(path, timeout=0.2)), daemon=True
+        )
+        check.start()
+        check.join(5)
+        for c in waiting:
+            c.close()
+        assert answer == ["another mailsrv listens there (it does not answer)"]
+        assert path.exists()
