@@ -6,8 +6,9 @@ a record of what each listener bound (for C{mailsrv status}).
 
 The page is prometheus_client's WSGI application on twisted.web: what
 C{prometheus_client.twisted.MetricsResource} builds, but with the reactor
-and thread pool we are given rather than the global reactor's. It renders
-in the disk thread pool, where the queue's gauges read the queue folder.
+we are given and a thread pool of its own (one thread), where the queue's
+gauges read the queue folder: never the disk pool's threads, which the
+deliveries need.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from twisted.application.internet import StreamServerEndpointService
 from twisted.internet import defer
 from twisted.internet.interfaces import IReactorCore
 from twisted.logger import globalLogPublisher
+from twisted.python.threadpool import ThreadPool
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 from twisted.web.wsgi import WSGIResource
@@ -148,6 +150,7 @@ def observe_server(ctx: Any, users: service.MultiService) -> BoundListeners:
     status socket beside them; return the record of what is bound.
     """
     from mailsrv.policy.listener import GateFactory
+    from mailsrv.service import ThreadPoolService
     from mailsrv.status import StatusService
 
     listeners = BoundListeners()
@@ -165,11 +168,15 @@ def observe_server(ctx: Any, users: service.MultiService) -> BoundListeners:
     top.setServiceParent(users)
     endpoints = ctx.config.metrics.listen if hasattr(ctx.config, "metrics") else ()
     if endpoints:
-        site = metrics_site(metrics.registry, ctx.reactor, ctx.threadpool)
+        # Its own thread: scrapes, however many, never wait ahead of the
+        # deliveries in the disk pool.
+        pool = ThreadPoolService(ThreadPool(minthreads=0, maxthreads=1, name="mailsrv-metrics"))
+        pool.setServiceParent(top)
+        site = metrics_site(metrics.registry, ctx.reactor, pool.pool)
         for description in endpoints:
             svc = strports.service(description, site, reactor=cast(IReactorCore, ctx.reactor))
             svc.endpoint = RecordedEndpoint(svc.endpoint, "metrics", description, listeners)
             svc.setName(f"metrics {description}")
-            svc.setServiceParent(top)
+            svc.setServiceParent(pool)
     StatusService(ctx, metrics, listeners).setServiceParent(users)
     return listeners
