@@ -72,9 +72,9 @@ class QueueCollector:
     """
     The queue's gauges, computed at each scrape (in the web server's thread
     pool) from a scan of the queue folder at most L{QUEUE_SCAN_MAX_AGE} old:
-    a scan stats every queue file (about 0.4 s for 100,000 of them), so
-    scrapes in a row, or many at once, do not each hold a disk thread for
-    one. Those at once wait for the one scan under way.
+    a scan stats every queue file (about 0.4 s for 100,000 of them, disk
+    reads the deliveries wait behind), so scrapes in a row, or many at
+    once, do not each make one. Those at once wait for the scan under way.
     """
 
     def __init__(
