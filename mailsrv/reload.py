@@ -27,20 +27,15 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from twisted.cred.portal import Portal
 from twisted.internet import defer
 from twisted.internet.threads import deferToThreadPool
 from twisted.logger import Logger
 
+from mailsrv import settingsparts
 from mailsrv.addresses.aliases import parse_aliases
 from mailsrv.addresses.resolver import AddressRules, address_rules
-from mailsrv.auth.accounts import account_limits
-from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile, PasswordFileError
-from mailsrv.auth.realm import MailRealm
-from mailsrv.auth.throttle import LoginThrottle
-from mailsrv.authres.resolver import Resolver
-from mailsrv.authres.step import SenderAuthentication
+from mailsrv.authres.step import sender_authentication
 from mailsrv.config import Config, ConfigError, load
 from mailsrv.dkim.signer import DkimSigner, load_signer
 from mailsrv.filter.step import build_filter
@@ -53,9 +48,7 @@ from mailsrv.policy.connections import (
 from mailsrv.policy.duplicates import build_duplicates
 from mailsrv.policy.listener import GateFactory, ListenerSettings
 from mailsrv.policy.networks import NetworkError, NetworkList
-from mailsrv.policy.rates import RateLimits
 from mailsrv.startup import StartupError
-from mailsrv.store.quota import Quotas
 
 if TYPE_CHECKING:
     from mailsrv.service import ServerContext
@@ -221,26 +214,17 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
     passwords = loaded.passwords
     if passwords is None:
         passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
-    portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
     throttle = ctx.throttle
     same_auth = dataclasses.replace(
         config.auth, passwd_file=old.auth.passwd_file, cleartext=old.auth.cleartext
     )
     if throttle is None or same_auth != old.auth:
-        throttle = LoginThrottle(
-            reactor,
-            config.auth.max_failures,
-            config.auth.failure_window,
-            account_limits(config.auth),
-            config.auth.failure_delay,
-        )
+        throttle = settingsparts.login_throttle(config, reactor)
     rates = ctx.rates
     if rates is None or not _same(
         old.policy, config.policy, "messages_per_hour", "recipients_per_hour"
     ):
-        rates = RateLimits(
-            reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
-        )
+        rates = settingsparts.rate_limits(config, reactor)
     duplicates = ctx.duplicates
     if not _same(
         old.policy, config.policy, "duplicate_recipients", "duplicate_window", "mailing_lists"
@@ -257,26 +241,18 @@ def next_context(ctx: ServerContext, loaded: Loaded) -> tuple[ServerContext, lis
         workers = authentication.workers
         if workers is not None and old.dns != config.dns:
             restart.append("dns (for the verifier processes)")
-        authentication = SenderAuthentication(
-            resolver=Resolver(config.dns.nameservers),
-            in_pool=in_pool,
-            clock=reactor,
-            workers=workers,
-            authserv_id=config.server.hostname,
-            spf_reject=config.policy.spf_reject,
-            dmarc_reject=config.policy.dmarc_reject,
-        )
+        authentication = sender_authentication(config, reactor, in_pool, workers)
     if _learning(old) != _learning(config):
         # The training queue (and its trainer) lives as long as the server.
         restart.append("filter.learn, rspamd_controller, rspamd_password, learn_command")
     quota = ctx.quota
     if quota is None or old.quota != config.quota:
-        quota = Quotas(config.quota, config.mail_dir, in_pool)
+        quota = settingsparts.quotas(config, in_pool)
     next_ctx = dataclasses.replace(
         ctx,
         config=config,
         passwords=passwords,
-        portal=portal,
+        portal=settingsparts.portal(config, passwords, reactor),
         throttle=throttle,
         addresses=loaded.addresses,
         dkim=loaded.dkim,

@@ -24,11 +24,9 @@ from twisted.logger import Logger
 from twisted.protocols.tls import TLSMemoryBIOFactory
 from twisted.python.threadpool import ThreadPool
 
+from mailsrv import settingsparts
 from mailsrv.addresses.resolver import AddressRules, AliasWatcher, address_rules
-from mailsrv.auth.accounts import account_limits
-from mailsrv.auth.checkers import PasswordChecker
 from mailsrv.auth.passwd import PasswordFile
-from mailsrv.auth.realm import MailRealm
 from mailsrv.auth.throttle import LoginThrottle
 from mailsrv.authres.step import SenderAuthentication, build_authentication
 from mailsrv.authres.workers import VerifierService
@@ -177,7 +175,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         MboxMailStore(config.mail_dir, config.index_dir, reactor, pool), metrics, reactor
     )
     passwords = PasswordFile(config.auth.passwd_file, reactor, pool)
-    portal = Portal(MailRealm(), [PasswordChecker(passwords, reactor, config.auth.failure_delay)])
+    portal = settingsparts.portal(config, passwords, reactor)
     server_tls = server_options(config)
     return ServerContext(
         config=config,
@@ -187,21 +185,13 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         passwords=passwords,
         portal=portal,
         tls=server_tls,
-        throttle=LoginThrottle(
-            reactor,
-            config.auth.max_failures,
-            config.auth.failure_window,
-            account_limits(config.auth),
-            config.auth.failure_delay,
-        ),
+        throttle=settingsparts.login_throttle(config, reactor),
         queue=open_queue(config, reactor, pool),
         pop3_locks=MaildropLocks(),
         addresses=_address_rules(config, reactor),
         dkim=load_signer(config, lambda f: deferToThreadPool(reactor, pool, f)),
         filter=build_filter(config.filter, reactor),
-        rates=RateLimits(
-            reactor, config.policy.messages_per_hour, config.policy.recipients_per_hour
-        ),
+        rates=settingsparts.rate_limits(config, reactor),
         duplicates=build_duplicates(config.policy, reactor),
         training=training_queue(
             config.filter, reactor, store, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
@@ -210,9 +200,7 @@ def build_context(config: Config, reactor: Any) -> ServerContext:
         authentication=build_authentication(
             config, reactor, lambda f: deferToThreadPool(reactor, pool, f)
         ),
-        quota=Quotas(
-            config.quota, config.mail_dir, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)
-        ),
+        quota=settingsparts.quotas(config, lambda f, *a: deferToThreadPool(reactor, pool, f, *a)),
         metrics=metrics,
     )
 

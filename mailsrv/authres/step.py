@@ -290,16 +290,25 @@ def build_authentication(config: Any, clock: Any, in_pool: Any) -> SenderAuthent
     if not policy.authentication_checks:
         return None
     workers = policy.authentication_workers
+    # Started by the first message, stopped by the server's VerifierService.
+    pool = VerifierPool(clock, workers, config.dns.nameservers) if workers else None
+    return sender_authentication(config, clock, in_pool, pool)
+
+
+def sender_authentication(
+    config: Any, clock: Any, in_pool: Any, workers: VerifierPool | None
+) -> SenderAuthentication:
+    """The checks with C{config}'s settings, on C{workers} (None: threads); a reload keeps them."""
+    policy = config.policy
     return SenderAuthentication(
         resolver=Resolver(config.dns.nameservers),
         in_pool=in_pool,
         clock=clock,
-        # Started by the first message, stopped by the server's VerifierService.
-        workers=VerifierPool(clock, workers, config.dns.nameservers) if workers else None,
+        workers=workers,
         authserv_id=config.server.hostname,
         spf_reject=policy.spf_reject,
         dmarc_reject=policy.dmarc_reject,
     )
 
 
-__all__ = ["SenderAuthentication", "build_authentication"]
+__all__ = ["SenderAuthentication", "build_authentication", "sender_authentication"]
